@@ -1,0 +1,3 @@
+from awsomefsd.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,150 @@
+"""Command line: thin wrappers that parse flags into settings and hand over to the services.
+
+Every command takes the same settings (`--config`, `--state`, `--device`, `--mount`, ...) so that
+`run`, `fsck` and `status` agree on where a node keeps its state.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from awsomefsd import __version__
+
+DEV_DEFAULT_STATE = Path("/var/lib/awsomefs-dev")
+DEV_DEFAULT_MOUNT = Path("/mnt/awsomefs")
+DEV_DEFAULT_SIZE = "4G"
+
+
+class CliError(Exception):
+    """A user-facing error: printed as one line, exit status 1, no traceback."""
+
+
+def _add_settings_flags(parser: argparse.ArgumentParser, *, device: bool = True, mount: bool = True) -> None:
+    parser.add_argument("--config", type=Path, help="TOML settings file (default /etc/awsomefs/awsomefsd.toml)")
+    parser.add_argument("--state", type=Path, help="node-local state directory (metadata)")
+    if device:
+        parser.add_argument("--device", type=Path, help="shared block device or image file")
+    if mount:
+        parser.add_argument("--mount", type=Path, help="mount point")
+    parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+
+
+def _settings_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    overrides: dict[str, dict[str, Any]] = {}
+
+    def put(section: str, key: str, value: Any) -> None:
+        if value is not None:
+            overrides.setdefault(section, {})[key] = value
+
+    put("node", "state_dir", getattr(args, "state", None))
+    put("device", "path", getattr(args, "device", None))
+    put("mount", "path", getattr(args, "mount", None))
+    put("log", "level", getattr(args, "log_level", None))
+    put("csi", "socket", getattr(args, "csi_socket", None))
+    if getattr(args, "metrics_port", None) is not None:
+        put("metrics", "port", max(args.metrics_port, 0))
+        put("metrics", "enabled", args.metrics_port >= 0)
+    return overrides
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="awsomefsd",
+        description="AwsomeFS node daemon: a cluster filesystem on a shared block device.",
+    )
+    parser.add_argument("--version", action="version", version=f"awsomefsd {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    dev = sub.add_parser(
+        "dev",
+        help="single-node instance on a sparse image file (development, demos)",
+        description="Create (if needed) and format an image file under --state, mount the filesystem at "
+        "--mount and serve until Ctrl-C, which unmounts cleanly.",
+    )
+    dev.add_argument("--mount", type=Path, default=DEV_DEFAULT_MOUNT, help=f"mount point (default {DEV_DEFAULT_MOUNT})")
+    dev.add_argument("--state", type=Path, default=DEV_DEFAULT_STATE, help=f"state directory (default {DEV_DEFAULT_STATE})")
+    dev.add_argument("--size", default=DEV_DEFAULT_SIZE, help=f"image size for a new image (default {DEV_DEFAULT_SIZE})")
+    dev.add_argument("--csi-socket", type=Path, help="serve the CSI endpoint on this unix socket")
+    dev.add_argument("--metrics-port", type=int, help="Prometheus port (0: any free port, -1: off; default 9337)")
+    dev.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+
+    run = sub.add_parser("run", help="run the node daemon with its configured settings")
+    _add_settings_flags(run)
+    run.add_argument("--csi-socket", type=Path, help="serve the CSI endpoint on this unix socket")
+    run.add_argument("--metrics-port", type=int, help="Prometheus port (0: any free port, -1: off)")
+
+    fmt = sub.add_parser(
+        "format",
+        help="format a device or image file for a new cluster",
+        description="Write a fresh superblock. Refuses a device that carries another cluster's "
+        "superblock unless --force is given.",
+    )
+    fmt.add_argument("device", type=Path, help="block device or image file")
+    fmt.add_argument("--force", action="store_true", help="overwrite another cluster's superblock")
+    fmt.add_argument("--size", help="create the image file with this size if it does not exist (e.g. 8G)")
+    fmt.add_argument("--label", default="", help="a human label stored in the superblock")
+    _add_settings_flags(fmt, device=False, mount=False)
+
+    fsck = sub.add_parser(
+        "fsck",
+        help="check metadata against the device; exit 0 only when clean",
+        description="Check the superblock, the namespace and the space map. With --repair, reclaim "
+        "leaked extents and remove dangling records. Run it while the daemon is stopped.",
+    )
+    _add_settings_flags(fsck, mount=False)
+    fsck.add_argument("--repair", action="store_true", help="fix what is found")
+    fsck.add_argument("--verify-data", action="store_true", help="also read every extent and check its checksums")
+
+    status = sub.add_parser("status", help="show the node, device, space and mounts")
+    _add_settings_flags(status)
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+
+    sub.add_parser("self-test", help="touch every bundled dependency (checks a compiled binary)")
+    return parser
+
+
+def _configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _configure_logging(getattr(args, "log_level", None) or "info")
+    try:
+        return _dispatch(args)
+    except CliError as exc:
+        print(f"awsomefsd: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    from awsomefsd import commands
+
+    overrides = _settings_overrides(args)
+    if args.command == "self-test":
+        from awsomefsd.selftest import run_self_test
+
+        return run_self_test()
+    if args.command == "dev":
+        return commands.dev(args.state, args.mount, args.size, overrides)
+    settings = commands.settings_from(getattr(args, "config", None), overrides)
+    if args.command == "run":
+        return commands.run(settings)
+    if args.command == "format":
+        return commands.format_device(settings, args.device, force=args.force, size=args.size, label=args.label)
+    if args.command == "fsck":
+        return commands.fsck(settings, repair=args.repair, verify_data=args.verify_data)
+    if args.command == "status":
+        return commands.status(settings, as_json=args.json)
+    raise CliError(f"unknown command {args.command}")

@@ -1,0 +1,184 @@
+"""What each CLI command does, in terms of settings and services (the parsing lives in cli.py)."""
+
+from __future__ import annotations
+
+import fcntl
+import functools
+import json
+import logging
+import os
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from awsomefsd.cli import CliError
+from awsomefsd.config import Settings, load_settings, parse_size_bytes
+
+log = logging.getLogger(__name__)
+DEV_IMAGE_NAME = "device.img"
+
+
+def settings_from(config: Path | None, overrides: dict[str, Any], *, read_default_file: bool = True) -> Settings:
+    try:
+        return load_settings(config, read_default_file=read_default_file, **overrides)
+    except FileNotFoundError as exc:
+        raise CliError(str(exc)) from None
+    except ValueError as exc:
+        raise CliError(f"invalid settings: {exc}") from None
+
+
+@contextmanager
+def state_lock(state_dir: Path) -> Iterator[None]:
+    """One process at a time owns a node's state: a second daemon or an fsck of a live node would
+    see a half-committed batch."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(state_dir / "daemon.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise CliError(f"{state_dir} is in use by a running awsomefsd (stop it first)") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        yield
+    finally:
+        os.close(fd)
+
+
+def state_in_use(state_dir: Path) -> bool:
+    try:
+        fd = os.open(state_dir / "daemon.lock", os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
+def _device_errors() -> tuple[type[BaseException], ...]:
+    from awsomefsd.io.errors import DeviceError
+    from awsomefsd.node import NodeError
+
+    return (DeviceError, NodeError)
+
+
+def dev(state: Path, mount: Path, size: str, overrides: dict[str, Any]) -> int:
+    """The embedded default: an image file under `state`, formatted on first use, then mounted."""
+    from awsomefsd.io.device import BlockDevice, create_image
+    from awsomefsd.io.errors import NotFormattedError
+    from awsomefsd.io.superblock import format_device, read_superblock
+
+    state = state.resolve()
+    image = state / DEV_IMAGE_NAME
+    with state_lock(state):
+        try:
+            size_bytes = parse_size_bytes(size)
+        except ValueError as exc:
+            raise CliError(str(exc)) from None
+        try:
+            if not image.exists():
+                create_image(image, size_bytes)
+            device = BlockDevice.open(image)
+            try:
+                try:
+                    read_superblock(device)
+                except NotFormattedError:
+                    sb = format_device(device, cluster_id=uuid.uuid4(), label="dev")
+                    print(f"awsomefsd: formatted {image} ({size_bytes} bytes, cluster {sb.cluster_id})", flush=True)
+            finally:
+                device.close()
+        except _device_errors() as exc:
+            raise CliError(str(exc)) from None
+        overrides = {**overrides}
+        overrides["node"] = {**overrides.get("node", {}), "state_dir": state}
+        overrides["device"] = {"path": image}
+        overrides["mount"] = {"path": mount.resolve()}
+        settings = settings_from(None, overrides, read_default_file=False)
+        return _serve(settings)
+
+
+def run(settings: Settings) -> int:
+    with state_lock(settings.node.state_dir):
+        return _serve(settings)
+
+
+def _serve(settings: Settings) -> int:
+    from awsomefsd.fuse.mount import MountError
+    from awsomefsd.node import open_core, print_ready, serve
+
+    logging.getLogger().setLevel(settings.log.level.upper())
+    try:
+        core = open_core(settings)
+    except _device_errors() as exc:
+        raise CliError(str(exc)) from None
+    try:
+        trio.run(functools.partial(serve, core, settings, ready=print_ready))
+    except MountError as exc:
+        raise CliError(str(exc)) from None
+    finally:
+        core.close()
+    print("awsomefsd: unmounted", flush=True)
+    return 0
+
+
+def format_device(settings: Settings, device_path: Path, *, force: bool, size: str | None, label: str) -> int:
+    from awsomefsd.io.device import BlockDevice, create_image
+    from awsomefsd.io.superblock import format_device as do_format
+
+    try:
+        if size is not None and not device_path.exists():
+            create_image(device_path, parse_size_bytes(size))
+        if not device_path.exists():
+            raise CliError(f"{device_path} does not exist (give --size to create an image file)")
+        device = BlockDevice.open(device_path)
+        try:
+            sb = do_format(device, cluster_id=uuid.uuid4(), label=label, force=force)
+        finally:
+            device.close()
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    except _device_errors() as exc:
+        raise CliError(str(exc)) from None
+    layout = sb.layout
+    print(f"awsomefsd: formatted {device_path}: cluster {sb.cluster_id}, device {sb.device_id}, "
+          f"{layout.data_blocks} data blocks of {sb.block_size} bytes in {layout.ag_count} allocation groups")
+    meta = settings.node.state_dir / "meta"
+    if (meta / "data.mdb").exists():
+        print(f"awsomefsd: note: {meta} holds metadata of an earlier format; use a fresh --state for this device")
+    return 0
+
+
+def fsck(settings: Settings, *, repair: bool, verify_data: bool) -> int:
+    from awsomefsd.fsck import run_fsck
+
+    if state_in_use(settings.node.state_dir):
+        raise CliError(f"{settings.node.state_dir} is in use by a running awsomefsd: stop it before fsck")
+    with state_lock(settings.node.state_dir):
+        if settings.device.path is None:
+            image = settings.node.state_dir / DEV_IMAGE_NAME
+            if not image.exists():
+                raise CliError("no device configured: give --device (or --state of a dev instance)")
+            settings = settings.model_copy(update={"device": settings.device.model_copy(update={"path": image})})
+        try:
+            return run_fsck(settings, repair=repair, verify_data=verify_data)
+        except _device_errors() as exc:
+            raise CliError(str(exc)) from None
+
+
+def status(settings: Settings, *, as_json: bool) -> int:
+    from awsomefsd.status import collect_status, render_status
+
+    if settings.device.path is None and (settings.node.state_dir / DEV_IMAGE_NAME).exists():
+        image = settings.node.state_dir / DEV_IMAGE_NAME
+        settings = settings.model_copy(update={"device": settings.device.model_copy(update={"path": image})})
+    info = collect_status(settings, running=state_in_use(settings.node.state_dir))
+    print(json.dumps(info, indent=2, sort_keys=True) if as_json else render_status(info))
+    return 0 if info.get("healthy", False) else 1

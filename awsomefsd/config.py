@@ -1,0 +1,134 @@
+"""Settings: one TOML file, overridable by `AWSOMEFS_*` environment variables and flags.
+
+Precedence, highest first: command-line flags, environment (`AWSOMEFS_SECTION__KEY`, e.g.
+`AWSOMEFS_CSI__SOCKET`), the TOML file (`/etc/awsomefs/awsomefsd.toml` or `--config`), defaults.
+Every default is safe: nothing is formatted, exposed on the network or mounted for other users
+unless the operator asked for it.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+from pydantic import BaseModel, Field, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+DEFAULT_CONFIG_PATH = Path("/etc/awsomefs/awsomefsd.toml")
+SIZE_SUFFIXES = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_size_bytes(text: str | int) -> int:
+    """Parse `4G`, `512M`, `1048576` or `2GiB` into bytes; a clear ValueError otherwise."""
+    if isinstance(text, int):
+        return text
+    raw = text.strip().upper().removesuffix("IB").removesuffix("B")
+    number, suffix = (raw[:-1], raw[-1]) if raw and raw[-1] in SIZE_SUFFIXES else (raw, "")
+    try:
+        value = int(float(number) * SIZE_SUFFIXES[suffix])
+    except ValueError:
+        raise ValueError(f"not a size: {text!r} (use e.g. 512M, 4G)") from None
+    if value <= 0:
+        raise ValueError(f"size must be positive: {text!r}")
+    return value
+
+
+class NodeSettings(BaseModel):
+    state_dir: Path = Field(Path("/var/lib/awsomefs"), description="node-local metadata (LMDB) and state")
+    name: str = Field("", description="node name shown by status; defaults to the host name")
+
+
+class DeviceSettings(BaseModel):
+    path: Path | None = Field(None, description="shared block device or image file")
+    shared: bool = Field(False, description="several nodes use this device: O_DIRECT is mandatory")
+    direct_io: bool = Field(True, description="use O_DIRECT (falls back, logged, when unsupported)")
+
+
+class MountSettings(BaseModel):
+    path: Path | None = Field(None, description="where to mount the filesystem; empty: do not mount")
+    allow_other: bool = Field(True, description="let users other than root use the mount")
+    entry_timeout_s: float = Field(60.0, ge=0, le=3600)
+    attr_timeout_s: float = Field(60.0, ge=0, le=3600)
+
+
+class MetricsSettings(BaseModel):
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = Field(9337, ge=0, le=65535, description="0 picks a free port")
+
+
+class CsiSettings(BaseModel):
+    socket: Path | None = Field(None, description="unix socket for the CSI endpoint; empty: off")
+    node_id: str = Field("", description="CSI node id; defaults to the node name")
+
+
+class DataSettings(BaseModel):
+    write_buffer_bytes: int = Field(64 << 20, ge=1 << 20, description="dirty data kept before flushing")
+    file_buffer_bytes: int = Field(8 << 20, ge=1 << 20, description="dirty data per file before flushing")
+    flush_interval_ms: int = Field(1000, ge=10, le=60_000, description="dirty data older than this is written")
+    commit_interval_ms: int = Field(1000, ge=1, le=60_000, description="metadata group-commit interval")
+    delayed_free_ms: int = Field(5000, ge=0, description="grace before superseded extents are reused")
+
+
+class LogSettings(BaseModel):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+class Settings(BaseSettings):
+    """All of a node's configuration; see packaging/awsomefsd.toml for the commented defaults."""
+
+    node: NodeSettings = NodeSettings()
+    device: DeviceSettings = DeviceSettings()
+    mount: MountSettings = MountSettings()
+    metrics: MetricsSettings = MetricsSettings()
+    csi: CsiSettings = CsiSettings()
+    data: DataSettings = DataSettings()
+    log: LogSettings = LogSettings()
+
+    model_config = SettingsConfigDict(
+        env_prefix="AWSOMEFS_", env_nested_delimiter="__", extra="forbid", toml_file=None
+    )
+    config_path: ClassVar[Path | None] = None
+
+    @field_validator("node")
+    @classmethod
+    def _node_name(cls, node: NodeSettings) -> NodeSettings:
+        if not node.name:
+            node = node.model_copy(update={"name": os.uname().nodename})
+        return node
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if cls.config_path is not None and cls.config_path.exists():
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=cls.config_path))
+        return tuple(sources)
+
+
+def load_settings(config_path: Path | None = None, *, read_default_file: bool = True, **overrides: Any) -> Settings:
+    """Build settings from file, environment and `overrides` (nested dicts, from flags).
+
+    A missing explicitly named file is an error; a missing default file is not (a dev instance or a
+    container configured only by environment needs none).
+    """
+    if config_path is not None and not config_path.exists():
+        raise FileNotFoundError(f"config file not found: {config_path}")
+    path = config_path if config_path is not None else (DEFAULT_CONFIG_PATH if read_default_file else None)
+    Settings.config_path = path
+    try:
+        return Settings(**{k: v for k, v in overrides.items() if v})
+    finally:
+        Settings.config_path = None

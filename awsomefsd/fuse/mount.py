@@ -1,0 +1,68 @@
+"""Mount points: find a stale FUSE mount left by a crash and clear it before mounting again.
+
+A daemon killed with SIGKILL leaves its mount behind; every access then fails with ENOTCONN
+("Transport endpoint is not connected"). The next start detects that and lazily unmounts it, but
+refuses to touch a mount that still answers: that one belongs to a live daemon.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import subprocess
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+FSTYPE = "fuse.awsomefs"
+
+
+class MountError(Exception):
+    pass
+
+
+def mounts_at(path: Path) -> list[tuple[str, str]]:
+    """(source, fstype) of every mount at `path`, innermost last."""
+    target = os.path.realpath(path)
+    found = []
+    with open("/proc/self/mounts", encoding="utf-8") as fh:
+        for line in fh:
+            fields = line.split()
+            if len(fields) >= 3 and _unescape(fields[1]) == target:
+                found.append((fields[0], fields[2]))
+    return found
+
+
+def _unescape(field: str) -> str:
+    return field.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n").replace("\\134", "\\")
+
+
+def is_stale(path: Path) -> bool:
+    try:
+        os.stat(path)
+    except OSError as exc:
+        return exc.errno in (errno.ENOTCONN, errno.ECONNABORTED)
+    return False
+
+
+def prepare_mount_point(path: Path) -> None:
+    """Create the mount point, clearing a stale mount of ours; refuse a live mount."""
+    if is_stale(path):
+        log.warning("clearing stale mount at %s (left by a daemon that did not unmount)", path)
+        lazy_unmount(path)
+    path.mkdir(parents=True, exist_ok=True)
+    current = mounts_at(path)
+    if any(fstype == FSTYPE for _, fstype in current):
+        raise MountError(f"{path} is already mounted by a running awsomefsd; stop it first")
+
+
+def lazy_unmount(path: Path) -> None:
+    for cmd in (["fusermount3", "-u", "-z", str(path)], ["umount", "-l", str(path)]):
+        try:
+            result = subprocess.run(cmd, capture_output=True, text=True, timeout=30, check=False)
+        except FileNotFoundError:
+            continue
+        if result.returncode == 0:
+            return
+    if is_stale(path):
+        raise MountError(f"cannot clear the stale mount at {path}; run: umount -l {path}")

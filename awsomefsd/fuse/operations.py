@@ -1,0 +1,286 @@
+"""POSIX operations on the metadata log and the file data service, independent of any FUSE binding.
+
+The adapter (adapter.py) translates pyfuse3's requests into calls here; a raw /dev/fuse transport
+can replace it without touching this module. Everything runs on the trio thread; a method keeps no
+LMDB transaction across an await (the log may commit and start a new one meanwhile).
+
+Permissions are enforced by the kernel (`default_permissions`: it holds the caller's full
+credentials, including supplementary groups); what the kernel cannot know — setgid inheritance,
+quotas, read-only snapshots, name limits — is enforced by the state machine.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from awsomefsd.io.filedata import FileData
+from awsomefsd.io.layout import BLOCK_SIZE
+from awsomefsd.meta import commands as c
+from awsomefsd.meta.errors import FsError
+from awsomefsd.meta.log import LocalLog
+from awsomefsd.meta.namespace import check_name
+from awsomefsd.meta.records import MAX_NAME_BYTES, MAX_SYMLINK_BYTES, ROOT_INO, Inode
+from awsomefsd.meta.state_machine import StateMachine
+
+INODE_RESERVATION = 1024
+MAX_OPEN_FILES = 1 << 20
+FILES_ADVERTISED = 1 << 32
+
+
+@dataclass(slots=True)
+class Handle:
+    ino: int
+    flags: int
+
+
+@dataclass(frozen=True, slots=True)
+class FsStats:
+    block_size: int
+    total_blocks: int
+    free_blocks: int
+    total_inodes: int
+    free_inodes: int
+    name_max: int
+
+
+class Operations:
+    def __init__(self, log: LocalLog, sm: StateMachine, data: FileData, *, total_blocks: int) -> None:
+        self.log = log
+        self.sm = sm
+        self.ns = sm.ns
+        self.data = data
+        self.total_blocks = total_blocks
+        self.handles: dict[int, Handle] = {}
+        self.lookups: dict[int, int] = {}
+        self._next_fh = 1
+        self._ino_next = 0
+        self._ino_end = 0
+
+    # -- helpers --------------------------------------------------------------------------------
+    def _now(self) -> int:
+        return time.time_ns()
+
+    def inode(self, ino: int) -> Inode:
+        inode = self.ns.require_inode(self.log.read_txn(), ino)
+        if inode.is_reg:
+            inode.size = self.data.effective_size(ino, inode.size)
+        return inode
+
+    def _new_ino(self) -> int:
+        if self._ino_next >= self._ino_end:
+            self._ino_next, self._ino_end = self.log.apply_now(c.ReserveInodes(INODE_RESERVATION))
+        ino = self._ino_next
+        self._ino_next += 1
+        return ino
+
+    def remember(self, ino: int) -> None:
+        """The kernel now holds one more reference (an entry reply was sent for `ino`)."""
+        self.lookups[ino] = self.lookups.get(ino, 0) + 1
+
+    async def forget(self, items: list[tuple[int, int]]) -> None:
+        for ino, count in items:
+            left = self.lookups.get(ino, 0) - count
+            if left > 0:
+                self.lookups[ino] = left
+                continue
+            self.lookups.pop(ino, None)
+            await self._purge_if_orphan(ino)
+
+    async def _purge_if_orphan(self, ino: int) -> None:
+        if ino in self.lookups or any(h.ino == ino for h in self.handles.values()):
+            return
+        inode = self.ns.get_inode(self.log.read_txn(), ino)
+        if inode is not None and inode.nlink == 0:
+            self.data.forget(ino)
+            await self.log.propose(c.Purge(ino, self._now()))
+
+    async def purge_orphans(self) -> int:
+        """At start no kernel holds any inode: every orphan left by a crash can go."""
+        txn = self.log.read_txn()
+        orphans = [int.from_bytes(k, "big") for k, _ in txn.cursor(self.sm.db["orphans"])]
+        for ino in orphans:
+            await self.log.propose(c.Purge(ino, self._now()))
+        return len(orphans)
+
+    # -- namespace ------------------------------------------------------------------------------
+    async def lookup(self, parent: int, name: bytes) -> Inode:
+        if len(name) > MAX_NAME_BYTES:
+            raise FsError(errno.ENAMETOOLONG)
+        txn = self.log.read_txn()
+        if name == b".":
+            child = parent
+        elif name == b"..":
+            child = self.ns.require_inode(txn, parent).parent or ROOT_INO
+        else:
+            found = self.ns.lookup(txn, parent, name)
+            if found is None:
+                raise FsError(errno.ENOENT)
+            child = found
+        return self.inode(child)
+
+    async def getattr(self, ino: int) -> Inode:
+        return self.inode(ino)
+
+    async def mknod(self, parent: int, name: bytes, mode: int, rdev: int, uid: int, gid: int,
+                    target: bytes = b"") -> Inode:
+        check_name(name)
+        cmd = c.Mknod(parent, name, self._new_ino(), mode, uid, gid, self._now(), rdev, target)
+        return await self.log.propose(cmd)
+
+    async def symlink(self, parent: int, name: bytes, target: bytes, uid: int, gid: int) -> Inode:
+        if len(target) > MAX_SYMLINK_BYTES:
+            raise FsError(errno.ENAMETOOLONG)
+        if not target:
+            raise FsError(errno.ENOENT)
+        return await self.mknod(parent, name, stat.S_IFLNK | 0o777, 0, uid, gid, target)
+
+    async def readlink(self, ino: int) -> bytes:
+        return self.ns.symlink_target(self.log.read_txn(), ino)
+
+    async def link(self, ino: int, new_parent: int, new_name: bytes) -> Inode:
+        inode: Inode = await self.log.propose(c.Link(ino, new_parent, new_name, self._now()))
+        inode.size = self.data.effective_size(ino, inode.size)
+        return inode
+
+    async def unlink(self, parent: int, name: bytes, *, is_dir: bool) -> None:
+        child = await self.log.propose(c.Unlink(parent, name, is_dir, self._now()))
+        if child not in self.lookups:
+            await self._purge_if_orphan(child)
+
+    async def rename(self, old_parent: int, old_name: bytes, new_parent: int, new_name: bytes, flags: int) -> None:
+        replaced = await self.log.propose(c.Rename(old_parent, old_name, new_parent, new_name, flags, self._now()))
+        if replaced and replaced not in self.lookups:
+            await self._purge_if_orphan(replaced)
+
+    async def setattr(self, ino: int, *, mode: int | None = None, uid: int | None = None, gid: int | None = None,
+                      size: int | None = None, atime_ns: int | None = None, mtime_ns: int | None = None) -> Inode:
+        cmd = c.SetAttr(ino, self._now(), mode=mode, uid=uid, gid=gid, atime_ns=atime_ns, mtime_ns=mtime_ns)
+        if size is not None:
+            inode = self.inode(ino)
+            if inode.is_dir:
+                raise FsError(errno.EISDIR)
+            if not inode.is_reg:
+                raise FsError(errno.EINVAL)
+            if size > inode.size and inode.volume:
+                self.data._check_quota(inode, self.data.state(ino, inode.volume), 0)
+            result = await self.data.truncate(ino, size, cmd)
+        else:
+            result = await self.log.propose(cmd)
+        if result.is_reg:
+            result.size = self.data.effective_size(ino, result.size)
+        return result
+
+    # -- files ----------------------------------------------------------------------------------
+    def _open_handle(self, ino: int, flags: int) -> int:
+        if len(self.handles) >= MAX_OPEN_FILES:
+            raise FsError(errno.ENFILE)
+        fh = self._next_fh
+        self._next_fh += 1
+        self.handles[fh] = Handle(ino, flags)
+        return fh
+
+    async def open(self, ino: int, flags: int) -> int:
+        inode = self.inode(ino)
+        if inode.is_dir and flags & os.O_ACCMODE != os.O_RDONLY:
+            raise FsError(errno.EISDIR)
+        if flags & os.O_TRUNC and flags & os.O_ACCMODE != os.O_RDONLY and inode.is_reg and inode.size:
+            await self.setattr(ino, size=0)
+        return self._open_handle(ino, flags)
+
+    async def create(self, parent: int, name: bytes, mode: int, flags: int, uid: int, gid: int) -> tuple[int, Inode]:
+        inode = await self.mknod(parent, name, stat.S_IFREG | (mode & 0o7777), 0, uid, gid)
+        return self._open_handle(inode.ino, flags), inode
+
+    def handle(self, fh: int) -> Handle:
+        h = self.handles.get(fh)
+        if h is None:
+            raise FsError(errno.EBADF)
+        return h
+
+    async def read(self, fh: int, offset: int, size: int) -> bytes:
+        h = self.handle(fh)
+        inode = self.ns.require_inode(self.log.read_txn(), h.ino)
+        return await self.data.read(inode, offset, size)
+
+    async def write(self, fh: int, offset: int, buf: bytes) -> int:
+        h = self.handle(fh)
+        inode = self.ns.require_inode(self.log.read_txn(), h.ino)
+        if inode.volume:
+            self.sm.volumes.check_writable(self.log.read_txn(), inode.volume)
+        return await self.data.write(inode, offset, buf)
+
+    async def flush(self, fh: int) -> None:
+        """close(2): the file's data reaches the device and its mapping the metadata (close-to-open)."""
+        await self.data.flush(self.handle(fh).ino)
+
+    async def release(self, fh: int) -> None:
+        h = self.handles.pop(fh, None)
+        if h is not None and h.ino not in self.lookups:
+            await self._purge_if_orphan(h.ino)
+
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        await self.data.flush(self.handle(fh).ino)
+        await self.log.barrier()
+
+    async def sync_all(self) -> None:
+        await self.data.flush_all()
+        await self.log.barrier()
+
+    # -- directories ----------------------------------------------------------------------------
+    async def opendir(self, ino: int) -> int:
+        if not self.inode(ino).is_dir:
+            raise FsError(errno.ENOTDIR)
+        return self._open_handle(ino, os.O_RDONLY)
+
+    def readdir(self, fh: int, start_id: int) -> Iterator[tuple[int, bytes, Inode]]:
+        """(next id, name, attributes) from `start_id` on; ids 1 and 2 are `.` and `..`."""
+        ino = self.handle(fh).ino
+        txn = self.log.read_txn()
+        this = self.ns.require_inode(txn, ino)
+        if start_id < 1:
+            yield 1, b".", this
+        if start_id < 2:
+            parent = self.ns.get_inode(txn, this.parent or ROOT_INO) or this
+            yield 2, b"..", parent
+        for cookie, name, child in self.ns.entries(txn, ino, max(start_id, 2)):
+            inode = self.ns.get_inode(txn, child)
+            if inode is None:
+                continue
+            if inode.is_reg:
+                inode.size = self.data.effective_size(child, inode.size)
+            yield cookie, name, inode
+
+    async def releasedir(self, fh: int) -> None:
+        self.handles.pop(fh, None)
+
+    # -- extended attributes --------------------------------------------------------------------
+    async def getxattr(self, ino: int, name: bytes) -> bytes:
+        value = self.ns.get_xattr(self.log.read_txn(), ino, name)
+        if value is None:
+            self.ns.require_inode(self.log.read_txn(), ino)
+            raise FsError(errno.ENODATA)
+        return bytes(value)
+
+    async def setxattr(self, ino: int, name: bytes, value: bytes, flags: int) -> None:
+        await self.log.propose(c.SetXattr(ino, name, value, flags, self._now()))
+
+    async def listxattr(self, ino: int) -> list[bytes]:
+        self.ns.require_inode(self.log.read_txn(), ino)
+        return [key[8:] for key, _ in self.ns.xattrs(self.log.read_txn(), ino)]
+
+    async def removexattr(self, ino: int, name: bytes) -> None:
+        await self.log.propose(c.RemoveXattr(ino, name, self._now()))
+
+    # -- filesystem -----------------------------------------------------------------------------
+    def statfs(self) -> FsStats:
+        txn = self.log.read_txn()
+        deferred = sum(n for _, _, pairs in self.sm.space.deferred(txn) for _, n in pairs)
+        free = max(0, self.sm.space.mirror.free_blocks + deferred - self.data.dirty_blocks())
+        used_inodes = int(txn.stat(self.sm.db["inodes"])["entries"])
+        return FsStats(BLOCK_SIZE, self.total_blocks, free, FILES_ADVERTISED,
+                       FILES_ADVERTISED - used_inodes, MAX_NAME_BYTES)

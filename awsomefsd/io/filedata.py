@@ -1,0 +1,430 @@
+"""File contents: buffered copy-on-write writes and checksum-verified reads on the shared device.
+
+Concurrency (everything here runs on the trio thread unless it says otherwise):
+- A write only copies bytes into the file's DirtyRanges: no await, so it is atomic under trio.
+- A flush takes the file's dirty runs (they become `inflight`, still visible to reads), allocates
+  fresh extents, writes them and their checksums (in a worker thread for large runs), then proposes
+  one WriteData command. A per-file lock serialises flushes of the same file; a truncate takes the
+  same lock, so it never races a flush.
+- A read looks up the file map on the trio thread, then reads the device inline for small requests
+  (a thread hop costs more than a 4 KiB pread from a fast device) or in a worker thread for large
+  ones, verifies every block's CRC32C and overlays the in-flight and dirty bytes.
+- Superseded extents are freed only after a grace period (state machine), so a read that looked up
+  an old mapping just before a flush replaced it still reads intact blocks.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import stat
+import time
+from collections.abc import Callable
+
+import trio
+
+from awsomefsd.io.allocator import NodeAllocator
+from awsomefsd.io.checksum import block_checksums, first_bad_block
+from awsomefsd.io.device import BlockDevice, BufferPool
+from awsomefsd.io.dirty import MAX_RUNS, DirtyRanges
+from awsomefsd.io.errors import NoSpaceError
+from awsomefsd.io.layout import BLOCK_SIZE
+from awsomefsd.meta import commands as c
+from awsomefsd.meta.errors import FsError
+from awsomefsd.meta.filemap import extents_in
+from awsomefsd.meta.log import LocalLog
+from awsomefsd.meta.records import MAX_EXTENT_BLOCKS, Extent, Inode
+from awsomefsd.meta.state_machine import StateMachine
+
+log = logging.getLogger(__name__)
+
+INLINE_IO_MAX_BYTES = 128 * 1024  # larger device requests go to a worker thread
+IO_THREADS = 8
+FLUSH_CONCURRENCY = 4
+FLUSHER_TICK_S = 0.1
+
+
+class FileState:
+    """Per-inode buffered state on this node."""
+
+    __slots__ = ("dirty", "dirty_since", "error", "inflight", "ino", "lock", "volume")
+
+    def __init__(self, ino: int, volume: int) -> None:
+        self.ino = ino
+        self.volume = volume
+        self.dirty = DirtyRanges()
+        self.inflight: list[tuple[int, bytearray]] = []
+        self.lock = trio.Lock()
+        self.dirty_since = 0.0
+        self.error = 0  # a deferred write error, reported by the next flush/fsync
+
+    def end_offset(self) -> int:
+        end = self.dirty.end_offset
+        for start, data in self.inflight:
+            end = max(end, start + len(data))
+        return end
+
+
+class FileData:
+    def __init__(
+        self,
+        device: BlockDevice,
+        allocator: NodeAllocator,
+        log_: LocalLog,
+        sm: StateMachine,
+        *,
+        file_buffer_bytes: int = 8 << 20,
+        write_buffer_bytes: int = 64 << 20,
+        flush_interval_ms: int = 1000,
+        clock_ns: Callable[[], int] = time.time_ns,
+        on_checksum_error: Callable[[int], None] | None = None,
+    ) -> None:
+        self.device = device
+        self.allocator = allocator
+        self.log = log_
+        self.sm = sm
+        self.fmap = sm.db["fmap"]
+        self.file_buffer_bytes = file_buffer_bytes
+        self.write_buffer_bytes = write_buffer_bytes
+        self.flush_interval_s = flush_interval_ms / 1000
+        self.clock_ns = clock_ns
+        self.on_checksum_error = on_checksum_error
+        self.pool = BufferPool(MAX_EXTENT_BLOCKS * BLOCK_SIZE, 32)
+        self.io_limiter = trio.CapacityLimiter(IO_THREADS)
+        self.files: dict[int, FileState] = {}
+        self.total_dirty_bytes = 0
+        self.written_since_sync = False
+        self._flush_send, self._flush_recv = trio.open_memory_channel[int](1024)
+
+    # -- bookkeeping ----------------------------------------------------------------------------
+    def state(self, ino: int, volume: int = 0) -> FileState:
+        st = self.files.get(ino)
+        if st is None:
+            st = self.files[ino] = FileState(ino, volume)
+        return st
+
+    def effective_size(self, ino: int, size: int) -> int:
+        """The size a reader sees: the committed size or the end of buffered data, if further."""
+        st = self.files.get(ino)
+        return size if st is None else max(size, st.end_offset())
+
+    def dirty_blocks(self) -> int:
+        return self.total_dirty_bytes // BLOCK_SIZE + 2 * len(self.files)
+
+    def forget(self, ino: int) -> None:
+        """Drop buffers of an inode that no longer exists (purged): nothing will read them."""
+        st = self.files.pop(ino, None)
+        if st is not None:
+            self.total_dirty_bytes -= st.dirty.dirty_bytes
+
+    def sync_device(self) -> None:
+        """Before-commit hook of the metadata log: data reaches the device before metadata does."""
+        if self.written_since_sync:
+            self.device.sync()
+            self.written_since_sync = False
+
+    # -- reads ----------------------------------------------------------------------------------
+    async def read(self, inode: Inode, offset: int, size: int) -> bytes:
+        st = self.files.get(inode.ino)
+        file_size = inode.size if st is None else max(inode.size, st.end_offset())
+        if offset >= file_size or size <= 0:
+            return b""
+        size = min(size, file_size - offset)
+        if st is not None and not st.inflight and st.dirty.covers(offset, size):
+            out = bytearray(size)
+            st.dirty.overlay(offset, out)
+            return bytes(out)
+        first = offset // BLOCK_SIZE
+        end = (offset + size + BLOCK_SIZE - 1) // BLOCK_SIZE
+        extents = list(extents_in(self.log.read_txn(), self.fmap, inode.ino, first, end))
+        clean = st is None or (not st.inflight and not st.dirty)
+        if clean and len(extents) == 1 and extents[0].file_block <= first and extents[0].end_block >= end:
+            return await self._read_piece(extents[0], first, end, offset, offset + size)
+        out = bytearray(size)
+        for ext in extents:
+            lo, hi = max(ext.file_block, first), min(ext.end_block, end)
+            a, b = max(lo * BLOCK_SIZE, offset), min(hi * BLOCK_SIZE, offset + size)
+            out[a - offset : b - offset] = await self._read_piece(ext, lo, hi, a, b)
+        if st is not None:
+            for start, data in st.inflight:
+                _overlay(out, offset, start, data)
+            st.dirty.overlay(offset, out)
+        return bytes(out)
+
+    async def _read_piece(self, ext: Extent, lo: int, hi: int, a: int, b: int) -> bytes:
+        """Bytes [a, b) of the file from blocks [lo, hi) of `ext`, checksums verified."""
+        piece = ext.slice(lo, hi)
+        n = piece.count * BLOCK_SIZE
+        buf = self.pool.acquire()
+        try:
+            view = memoryview(buf)[:n]
+            if n > INLINE_IO_MAX_BYTES:
+                await trio.to_thread.run_sync(self.device.read_into, view, piece.dev_block * BLOCK_SIZE,
+                                              limiter=self.io_limiter)
+            else:
+                self.device.read_into(view, piece.dev_block * BLOCK_SIZE)
+            bad = first_bad_block(view, piece.checksums)
+            if bad >= 0:
+                self._checksum_failure(piece.dev_block + bad)
+            base = lo * BLOCK_SIZE
+            return bytes(view[a - base : b - base])
+        finally:
+            self.pool.release(buf)
+
+    def _checksum_failure(self, dev_block: int) -> None:
+        log.error("checksum mismatch at device block %d (%s): returning EIO", dev_block, self.device.path)
+        if self.on_checksum_error is not None:
+            self.on_checksum_error(dev_block)
+        raise FsError(errno.EIO, f"checksum mismatch at device block {dev_block}")
+
+    async def read_block(self, ino: int, file_block: int) -> bytes:
+        """One whole committed block (zeros for a hole): the old data around a partial write."""
+        for ext in extents_in(self.log.read_txn(), self.fmap, ino, file_block, file_block + 1):
+            start = file_block * BLOCK_SIZE
+            return await self._read_piece(ext, file_block, file_block + 1, start, start + BLOCK_SIZE)
+        return bytes(BLOCK_SIZE)
+
+    # -- writes ---------------------------------------------------------------------------------
+    async def write(self, inode: Inode, offset: int, data: bytes) -> int:
+        if offset + len(data) > (1 << 60):
+            raise FsError(errno.EFBIG)
+        st = self.state(inode.ino, inode.volume)
+        end = offset + len(data)
+        grow_blocks = max(0, -(-end // BLOCK_SIZE) - -(-max(inode.size, st.end_offset()) // BLOCK_SIZE))
+        await self._check_room(inode, st, len(data) // BLOCK_SIZE + 2, grow_blocks)
+        before = st.dirty.dirty_bytes
+        if not st.dirty:
+            st.dirty_since = time.monotonic()
+        st.dirty.write(offset, data)
+        self.total_dirty_bytes += st.dirty.dirty_bytes - before
+        if st.dirty.dirty_bytes >= 2 * self.file_buffer_bytes or st.dirty.run_count >= MAX_RUNS:
+            await self.flush(inode.ino)  # the background flusher is behind: push back on the writer
+        elif st.dirty.dirty_bytes >= self.file_buffer_bytes or self.total_dirty_bytes >= self.write_buffer_bytes:
+            try:
+                self._flush_send.send_nowait(inode.ino)
+            except trio.WouldBlock:
+                await self.flush(inode.ino)
+        return len(data)
+
+    async def _check_room(self, inode: Inode, st: FileState, need_blocks: int, grow_blocks: int) -> None:
+        """Refuse a write up front when the device or the volume's quota cannot take it: an error
+        at write() is one the application sees, one at a later flush may go unnoticed."""
+        if inode.volume and grow_blocks:
+            self._check_quota(inode, st, grow_blocks)
+        if self.allocator.free_blocks - self.dirty_blocks() >= need_blocks:
+            return
+        await self.flush_all()
+        await self.wait_for_frees(need_blocks)
+        if self.allocator.free_blocks - self.dirty_blocks() < need_blocks:
+            raise FsError(errno.ENOSPC)
+
+    def _check_quota(self, inode: Inode, st: FileState, grow_blocks: int) -> None:
+        record = self.sm.volumes.get(self.log.read_txn(), inode.volume)
+        if record is None:
+            return
+        if record["kind"] == "snapshot":
+            raise FsError(errno.EROFS)
+        if not record["capacity"]:
+            return
+        pending = sum(f.dirty.dirty_bytes for f in self.files.values() if f.volume == inode.volume)
+        if (record["used_blocks"] + grow_blocks) * BLOCK_SIZE + pending > record["capacity"]:
+            raise FsError(errno.EDQUOT)
+
+    async def wait_for_frees(self, need_blocks: int) -> None:
+        """Space superseded or deleted a moment ago comes back after its grace period: wait for it
+        (bounded by that period) rather than fail a write that would fit a few seconds later."""
+        txn = self.log.read_txn()
+        due = [(nb, sum(n for _, n in pairs)) for _, nb, pairs in self.sm.space.deferred(txn)]
+        if not due:
+            return
+        got = 0
+        deadline_ns = due[0][0]
+        for not_before, count in due:
+            got += count
+            deadline_ns = not_before
+            if self.allocator.free_blocks + got - self.dirty_blocks() >= need_blocks:
+                break
+        await trio.sleep(max(0.0, (deadline_ns - self.clock_ns()) / 1e9) + 0.001)
+        await self.log.propose(c.ReclaimFrees(now_ns=self.clock_ns()))
+
+    async def flush(self, ino: int) -> None:
+        """Write the file's dirty bytes and commit their mapping; raise a deferred write error."""
+        st = self.files.get(ino)
+        if st is None:
+            return
+        async with st.lock:
+            if st.dirty:
+                runs = st.dirty.take()
+                taken = sum(len(d) for _, d in runs)
+                self.total_dirty_bytes -= taken
+                st.inflight = runs
+                try:
+                    for start, data in runs:
+                        await self._write_run(st, start, data)
+                except FsError as exc:
+                    st.error = exc.errno
+                finally:
+                    st.inflight = []
+            if st.error:
+                err, st.error = st.error, 0
+                raise FsError(err)
+            if not st.dirty and self.files.get(ino) is st and not st.lock.statistics().tasks_waiting:
+                del self.files[ino]
+
+    async def flush_all(self) -> None:
+        errors = []
+        for ino in list(self.files):
+            try:
+                await self.flush(ino)
+            except FsError as exc:
+                errors.append(exc)
+        if errors:
+            raise errors[0]
+
+    async def _write_run(self, st: FileState, start: int, data: bytearray) -> None:
+        inode = self.sm.ns.get_inode(self.log.read_txn(), st.ino)
+        if inode is None:
+            return  # deleted meanwhile: nothing to write
+        end = start + len(data)
+        first_block = start // BLOCK_SIZE
+        head = start - first_block * BLOCK_SIZE
+        tail = -(head + len(data)) % BLOCK_SIZE
+        if head or tail:
+            # pad to whole blocks with the bytes around the run (a copy: `data` stays visible to
+            # readers as in-flight bytes at its own offset)
+            padded = bytearray()
+            if head:
+                padded += (await self.read_block(st.ino, first_block))[:head]
+            padded += data
+            if tail:
+                last_block = first_block + len(padded) // BLOCK_SIZE
+                old = await self.read_block(st.ino, last_block) if last_block * BLOCK_SIZE < inode.size else bytes(BLOCK_SIZE)
+                padded += old[BLOCK_SIZE - tail :]
+            data = padded
+        nblocks = len(data) // BLOCK_SIZE
+        try:
+            extents = self.allocator.allocate(nblocks, hint=self._hint(st.ino, first_block))
+        except NoSpaceError:
+            await self.wait_for_frees(nblocks)
+            try:
+                extents = self.allocator.allocate(nblocks, hint=self._hint(st.ino, first_block))
+            except NoSpaceError:
+                raise FsError(errno.ENOSPC) from None
+        pieces: list[tuple[int, int, int]] = []  # (file block, device block, count)
+        pos = 0
+        for dev, count in extents:
+            done = 0
+            while done < count:
+                n = min(MAX_EXTENT_BLOCKS, count - done)
+                pieces.append((first_block + pos, dev + done, n))
+                done += n
+                pos += n
+        try:
+            if len(data) > INLINE_IO_MAX_BYTES:
+                checksums = await trio.to_thread.run_sync(self._write_pieces, data, first_block, pieces,
+                                                          limiter=self.io_limiter)
+            else:
+                checksums = self._write_pieces(data, first_block, pieces)
+            self.written_since_sync = True
+            records = tuple(Extent(fb, dev, n, cs) for (fb, dev, n), cs in zip(pieces, checksums))
+            await self.log.propose(c.WriteData(st.ino, records, end, self.clock_ns()))
+        except BaseException:
+            self.allocator.release(extents)
+            raise
+
+    def _write_pieces(self, data: bytearray, first_block: int, pieces: list[tuple[int, int, int]]) -> list[bytes]:
+        """Copy into aligned buffers, checksum and write; runs in a worker thread for big runs."""
+        view = memoryview(data)
+        out = []
+        buf = self.pool.acquire()
+        try:
+            for file_block, dev, n in pieces:
+                length = n * BLOCK_SIZE
+                src = (file_block - first_block) * BLOCK_SIZE
+                target = memoryview(buf)[:length]
+                target[:] = view[src : src + length]
+                out.append(block_checksums(target))
+                self.device.write_from(target, dev * BLOCK_SIZE)
+        finally:
+            self.pool.release(buf)
+        return out
+
+    def _hint(self, ino: int, first_block: int) -> int | None:
+        """Where the previous block of the file lives: allocating right after keeps files contiguous."""
+        if first_block == 0:
+            return None
+        for ext in extents_in(self.log.read_txn(), self.fmap, ino, first_block - 1, first_block):
+            return ext.dev_block + (first_block - ext.file_block)
+        return None
+
+    # -- truncate -------------------------------------------------------------------------------
+    async def truncate(self, ino: int, size: int, setattr: c.SetAttr) -> Inode:
+        """Apply a SetAttr that changes the size, after settling buffered data of the file."""
+        st = self.state(ino)
+        await self.flush(ino)
+        async with st.lock:
+            inode = self.sm.ns.require_inode(self.log.read_txn(), ino)
+            tail_ext = None
+            extents: list[tuple[int, int]] = []
+            if size < inode.size and size % BLOCK_SIZE:
+                block = size // BLOCK_SIZE
+                mapped = list(extents_in(self.log.read_txn(), self.fmap, ino, block, block + 1))
+                if mapped:
+                    old = bytearray(await self.read_block(ino, block))
+                    old[size % BLOCK_SIZE :] = bytes(BLOCK_SIZE - size % BLOCK_SIZE)
+                    extents = self.allocator.allocate(1, hint=mapped[0].dev_block + 1)
+                    (dev, _), = extents
+                    checksums = self._write_pieces(old, block, [(block, dev, 1)])
+                    self.written_since_sync = True
+                    tail_ext = Extent(block, dev, 1, checksums[0])
+            cmd = c.SetAttr(**{**_setattr_fields(setattr), "size": size, "tail": tail_ext})
+            try:
+                result: Inode = await self.log.propose(cmd)
+            except BaseException:
+                self.allocator.release(extents)
+                raise
+        if not st.dirty and not st.inflight and self.files.get(ino) is st:
+            del self.files[ino]
+        return result
+
+    # -- background flushing --------------------------------------------------------------------
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Flush files whose buffers are full or older than the flush interval."""
+        limiter = trio.CapacityLimiter(FLUSH_CONCURRENCY)
+        async with trio.open_nursery() as nursery:
+            task_status.started()
+            nursery.start_soon(self._timer, nursery, limiter)
+            async for ino in self._flush_recv:
+                nursery.start_soon(self._flush_quietly, ino, limiter)
+
+    async def _timer(self, nursery: trio.Nursery, limiter: trio.CapacityLimiter) -> None:
+        while True:
+            await trio.sleep(FLUSHER_TICK_S)
+            now = time.monotonic()
+            for ino, st in list(self.files.items()):
+                if st.dirty and now - st.dirty_since >= self.flush_interval_s:
+                    nursery.start_soon(self._flush_quietly, ino, limiter)
+
+    async def _flush_quietly(self, ino: int, limiter: trio.CapacityLimiter) -> None:
+        async with limiter:
+            try:
+                await self.flush(ino)
+            except FsError as exc:
+                st = self.files.get(ino)
+                if st is not None:
+                    st.error = exc.errno  # reported to the application by its next fsync/close
+                log.warning("background flush of inode %d failed: %s", ino, exc)
+
+
+def _overlay(out: bytearray, offset: int, start: int, data: bytearray) -> None:
+    lo, hi = max(offset, start), min(offset + len(out), start + len(data))
+    if lo < hi:
+        out[lo - offset : hi - offset] = data[lo - start : hi - start]
+
+
+def _setattr_fields(cmd: c.SetAttr) -> dict[str, object]:
+    return {name: getattr(cmd, name) for name in cmd.__slots__}  # type: ignore[attr-defined]
+
+
+def is_regular(mode: int) -> bool:
+    return stat.S_ISREG(mode)

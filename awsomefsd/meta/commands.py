@@ -1,0 +1,196 @@
+"""Metadata commands: the only way the namespace changes.
+
+A command is built by the proposer with everything non-deterministic already fixed — inode
+numbers, timestamps, device extents — so every replica that applies the same command to the same
+state reaches the same state. The state machine validates each command against the state it finds
+(the proposer's view may be stale) and either applies all of it or none of it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from awsomefsd.meta.records import Extent
+
+
+@dataclass(frozen=True, slots=True)
+class Mknod:
+    """Create a file, directory, symlink, fifo, socket or device node (`mode` carries the type)."""
+
+    parent: int
+    name: bytes
+    ino: int
+    mode: int
+    uid: int
+    gid: int
+    now_ns: int
+    rdev: int = 0
+    target: bytes = b""  # symlinks only
+
+
+@dataclass(frozen=True, slots=True)
+class Link:
+    ino: int
+    new_parent: int
+    new_name: bytes
+    now_ns: int
+
+
+@dataclass(frozen=True, slots=True)
+class Unlink:
+    """unlink(2) or, with `is_dir`, rmdir(2). The last link of an inode makes it an orphan."""
+
+    parent: int
+    name: bytes
+    is_dir: bool
+    now_ns: int
+    uid: int = 0  # the caller, for the sticky-bit rule
+
+
+@dataclass(frozen=True, slots=True)
+class Rename:
+    old_parent: int
+    old_name: bytes
+    new_parent: int
+    new_name: bytes
+    flags: int  # RENAME_NOREPLACE | RENAME_EXCHANGE
+    now_ns: int
+
+
+@dataclass(frozen=True, slots=True)
+class SetAttr:
+    """chmod/chown/utimens/truncate. `None` leaves a field alone.
+
+    A shrink to a size that is not block aligned comes with `tail`: a freshly written copy of the
+    new last block whose bytes past the end are zero, keeping the invariant that mapped bytes past
+    EOF read as zeros.
+    """
+
+    ino: int
+    now_ns: int
+    mode: int | None = None
+    uid: int | None = None
+    gid: int | None = None
+    size: int | None = None
+    atime_ns: int | None = None
+    mtime_ns: int | None = None
+    tail: Extent | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class WriteData:
+    """Map freshly written extents into a file (copy-on-write: never overwrites in place).
+
+    `extents` are ordered and contiguous in file blocks. `size` is the file size the write reaches
+    (the file grows to it, never shrinks). What they replace goes to the delayed-free list.
+    """
+
+    ino: int
+    extents: tuple[Extent, ...]
+    size: int
+    now_ns: int
+    kill_suid: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class SetXattr:
+    ino: int
+    name: bytes
+    value: bytes
+    flags: int  # XATTR_CREATE | XATTR_REPLACE
+    now_ns: int
+
+
+@dataclass(frozen=True, slots=True)
+class RemoveXattr:
+    ino: int
+    name: bytes
+    now_ns: int
+
+
+@dataclass(frozen=True, slots=True)
+class ReserveInodes:
+    """Hand the proposer a range of fresh inode numbers so creates need no extra round trip."""
+
+    count: int
+
+
+@dataclass(frozen=True, slots=True)
+class Purge:
+    """Delete an orphan (nlink 0) once no node holds it open; frees its data (delayed)."""
+
+    ino: int
+    now_ns: int
+
+
+@dataclass(frozen=True, slots=True)
+class ReclaimFrees:
+    """Return delayed-free extents whose grace period ended before `now_ns` to free space."""
+
+    now_ns: int
+
+
+@dataclass(frozen=True, slots=True)
+class GrantGroups:
+    node: int
+    groups: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ReleaseLeaked:
+    """fsck --repair: return extents that nothing references to free space."""
+
+    extents: tuple[tuple[int, int], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class CreateVolume:
+    volume: int
+    name: str
+    ino: int
+    capacity_bytes: int
+    inode_limit: int
+    now_ns: int
+    source_kind: str = ""
+    source_id: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class DeleteVolume:
+    volume: int
+    now_ns: int
+
+
+@dataclass(frozen=True, slots=True)
+class ResizeVolume:
+    volume: int
+    capacity_bytes: int
+    now_ns: int
+
+
+@dataclass(frozen=True, slots=True)
+class CreateSnapshot:
+    snapshot: int
+    name: str
+    volume: int
+    now_ns: int
+
+
+@dataclass(frozen=True, slots=True)
+class DeleteSnapshot:
+    snapshot: int
+    now_ns: int
+
+
+@dataclass(frozen=True, slots=True)
+class Batch:
+    """Several commands applied atomically (e.g. one flush of many files). Results are per command."""
+
+    commands: tuple[object, ...] = field(default_factory=tuple)
+
+
+Command = (
+    Mknod | Link | Unlink | Rename | SetAttr | WriteData | SetXattr | RemoveXattr | ReserveInodes | Purge
+    | ReclaimFrees | GrantGroups | ReleaseLeaked | CreateVolume | DeleteVolume | ResizeVolume
+    | CreateSnapshot | DeleteSnapshot | Batch
+)

@@ -1,0 +1,189 @@
+"""The replicated-log interface every namespace mutation goes through, and its one-member form.
+
+propose → commit → apply: a mutation is visible (linearizable) when `propose` returns, and durable
+after the next `barrier()` (fsync, fdatasync, syncfs) or group commit, whichever comes first — the
+contract of a local filesystem, where a crash may lose un-synced operations but never reorders
+them. The Raft log (awsomefsd/meta/raft) implements the same interface for several members.
+
+LocalLog's group commit: all commands since the last commit are applied inside one open LMDB write
+transaction, which every metadata read also uses (everything runs on the trio thread, so reads see
+every acknowledged mutation). A commit — one device flush, then one LMDB commit with its fsync —
+makes the whole batch durable atomically: a crash loses a suffix of operations, never a middle one.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import lmdb
+import trio
+
+from awsomefsd.meta.errors import FsError
+from awsomefsd.meta.records import u64
+from awsomefsd.meta.state_machine import StateMachine
+from awsomefsd.meta.store import MetaStore
+
+log = logging.getLogger(__name__)
+
+MAX_BATCH_COMMANDS = 50_000
+BATCH_HEADROOM_BYTES = 128 << 20
+
+
+class ReplicatedLog(Protocol):
+    """What the filesystem needs from the metadata log, whatever its membership."""
+
+    async def propose(self, command: object) -> Any:
+        """Order, commit and apply `command`; its result, or the FsError it was refused with."""
+        ...
+
+    async def barrier(self) -> None:
+        """Return once everything proposed before the call is durable."""
+        ...
+
+    def read_txn(self) -> lmdb.Transaction:
+        """A transaction that sees every mutation acknowledged so far (for reads only)."""
+        ...
+
+    @property
+    def applied_index(self) -> int: ...
+
+
+class LocalLog:
+    def __init__(
+        self,
+        store: MetaStore,
+        sm: StateMachine,
+        *,
+        commit_interval_ms: int = 1000,
+        max_batch_commands: int = MAX_BATCH_COMMANDS,
+        before_commit: Callable[[], None] | None = None,
+    ) -> None:
+        assert 0 < max_batch_commands <= MAX_BATCH_COMMANDS
+        self.store = store
+        self.sm = sm
+        self.commit_interval_ms = commit_interval_ms
+        self.max_batch_commands = max_batch_commands
+        self.before_commit = before_commit
+        self._txn: lmdb.Transaction | None = None
+        self._batch: list[object] = []
+        self._batch_started = 0.0
+        self._applied = 0
+        self._committed = 0
+        self.commits = 0
+        self.batch_sizes: list[int] = []  # drained by metrics
+        self._wake = trio.Event()
+        with store.env.begin() as txn:
+            raw = txn.get(b"applied", db=store.db["meta"])
+            self._applied = self._committed = 0 if raw is None else int.from_bytes(raw, "big")
+
+    @property
+    def applied_index(self) -> int:
+        return self._applied
+
+    @property
+    def committed_index(self) -> int:
+        return self._committed
+
+    def read_txn(self) -> lmdb.Transaction:
+        if self._txn is None:
+            self.store.grow_if_needed(BATCH_HEADROOM_BYTES)
+            self._txn = self.store.env.begin(write=True)
+        return self._txn
+
+    async def propose(self, command: object) -> Any:
+        return self.apply_now(command)
+
+    def apply_now(self, command: object) -> Any:
+        """Apply in the open batch; synchronous, for callers that hold no await point."""
+        txn = self.read_txn()
+        try:
+            result = self.sm.apply(txn, command)
+        except FsError:
+            raise
+        except lmdb.MapFullError:
+            txn = self._replay_after_growth()
+            result = self.sm.apply(txn, command)
+        except BaseException:
+            log.critical("applying %r failed; dropping the uncommitted batch", command, exc_info=True)
+            self._abort()
+            raise
+        self._batch.append(command)
+        self._applied += 1
+        if len(self._batch) == 1:
+            self._batch_started = time.monotonic()
+            self._wake.set()
+        if len(self._batch) >= self.max_batch_commands:
+            self.commit()
+        return result
+
+    def _replay_after_growth(self) -> lmdb.Transaction:
+        """The batch outgrew the map: abort, grow, and apply the same commands again."""
+        assert self._txn is not None
+        self._txn.abort()
+        self._txn = None
+        self.store.env.set_mapsize(self.store.map_size_bytes * 2)
+        txn = self.read_txn()
+        self.sm.load(txn)
+        self.sm.quiet = True
+        try:
+            for command in self._batch:
+                self.sm.apply(txn, command)
+        finally:
+            self.sm.quiet = False
+        return txn
+
+    def _abort(self) -> None:
+        if self._txn is not None:
+            self._txn.abort()
+            self._txn = None
+        self._applied -= len(self._batch)
+        self._batch.clear()
+        with self.store.env.begin() as txn:
+            self.sm.load(txn)
+
+    def commit(self) -> None:
+        """Make the batch durable: device data first, then the metadata that points at it."""
+        if self._txn is None:
+            return
+        if not self._batch:
+            self._txn.abort()
+            self._txn = None
+            return
+        if self.before_commit is not None:
+            self.before_commit()
+        self._txn.put(b"applied", u64(self._applied), db=self.store.db["meta"])
+        self._txn.commit()
+        self._txn = None
+        self.batch_sizes.append(len(self._batch))
+        del self.batch_sizes[:-1024]
+        self._batch.clear()
+        self._committed = self._applied
+        self.commits += 1
+
+    async def barrier(self) -> None:
+        self.commit()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Group commit: a batch is committed at most `commit_interval_ms` after it started."""
+        task_status.started()
+        try:
+            while True:
+                await self._wake.wait()
+                self._wake = trio.Event()
+                if not self._batch:
+                    continue
+                deadline = self._batch_started + self.commit_interval_ms / 1000
+                await trio.sleep(max(0.0, deadline - time.monotonic()))
+                self.commit()
+        finally:
+            with trio.CancelScope(shield=True):
+                self.commit()
+
+    def close(self) -> None:
+        self.commit()
+        if self._txn is not None:
+            self._txn.abort()
+            self._txn = None

@@ -1,0 +1,157 @@
+"""Reading and writing the namespace tables: inodes, directory entries, readdir cookies, xattrs.
+
+These are the primitive table operations shared by the state machine (which writes) and the
+metadata reader used by FUSE (which only reads); they enforce no POSIX rules beyond name validity.
+"""
+
+from __future__ import annotations
+
+import errno
+from collections.abc import Iterator
+
+import lmdb
+
+from awsomefsd.meta.errors import FsError
+from awsomefsd.meta.records import (
+    MAX_NAME_BYTES,
+    U64,
+    U64_PAIR,
+    Inode,
+    cookie_key,
+    dentry_key,
+    dentry_value,
+    read_dentry_value,
+    u64,
+    xattr_key,
+)
+
+
+def check_name(name: bytes) -> None:
+    if len(name) > MAX_NAME_BYTES:
+        raise FsError(errno.ENAMETOOLONG)
+    if not name or b"/" in name or b"\0" in name:
+        raise FsError(errno.EINVAL, "invalid file name")
+    if name in (b".", b".."):
+        raise FsError(errno.EEXIST)
+
+
+class Namespace:
+    def __init__(self, store: object) -> None:
+        db = store.db  # type: ignore[attr-defined]
+        self.inodes = db["inodes"]
+        self.dentries = db["dentries"]
+        self.cookies = db["cookies"]
+        self.xattr_db = db["xattrs"]
+        self.symlinks = db["symlinks"]
+
+    # -- inodes ---------------------------------------------------------------------------------
+    def get_inode(self, txn: lmdb.Transaction, ino: int) -> Inode | None:
+        data = txn.get(u64(ino), db=self.inodes)
+        return None if data is None else Inode.unpack(ino, data)
+
+    def require_inode(self, txn: lmdb.Transaction, ino: int) -> Inode:
+        data = txn.get(u64(ino), db=self.inodes)
+        if data is None:
+            raise FsError(errno.ENOENT)
+        return Inode.unpack(ino, data)
+
+    def put_inode(self, txn: lmdb.Transaction, inode: Inode) -> None:
+        txn.put(u64(inode.ino), inode.pack(), db=self.inodes)
+
+    def delete_inode(self, txn: lmdb.Transaction, ino: int) -> None:
+        txn.delete(u64(ino), db=self.inodes)
+
+    def dir_for_entry(self, txn: lmdb.Transaction, parent_ino: int, name: bytes) -> Inode:
+        """The parent directory of a new or existing entry, after checking the name is valid."""
+        if len(name) > MAX_NAME_BYTES:
+            raise FsError(errno.ENAMETOOLONG)
+        parent = self.require_inode(txn, parent_ino)
+        if not parent.is_dir:
+            raise FsError(errno.ENOTDIR)
+        if parent.nlink == 0:
+            raise FsError(errno.ENOENT, "directory was removed")
+        check_name(name)
+        return parent
+
+    # -- directory entries ----------------------------------------------------------------------
+    def lookup(self, txn: lmdb.Transaction, parent: int, name: bytes) -> int | None:
+        data = txn.get(dentry_key(parent, name), db=self.dentries)
+        return None if data is None else read_dentry_value(data)[0]
+
+    def lookup_entry(self, txn: lmdb.Transaction, parent: int, name: bytes) -> tuple[int, int] | None:
+        """(child, cookie) of an entry."""
+        data = txn.get(dentry_key(parent, name), db=self.dentries)
+        return None if data is None else read_dentry_value(data)
+
+    def add_entry(self, txn: lmdb.Transaction, parent: int, name: bytes, child: int, cookie: int) -> None:
+        txn.put(dentry_key(parent, name), dentry_value(child, cookie), db=self.dentries)
+        txn.put(cookie_key(parent, cookie), name, db=self.cookies)
+
+    def remove_entry(self, txn: lmdb.Transaction, parent: int, name: bytes) -> int:
+        key = dentry_key(parent, name)
+        data = txn.get(key, db=self.dentries)
+        assert data is not None, (parent, name)
+        child, cookie = read_dentry_value(data)
+        txn.delete(key, db=self.dentries)
+        txn.delete(cookie_key(parent, cookie), db=self.cookies)
+        return child
+
+    def replace_entry(self, txn: lmdb.Transaction, parent: int, name: bytes, child: int) -> None:
+        """Point an existing entry at another inode, keeping its readdir position."""
+        key = dentry_key(parent, name)
+        _, cookie = read_dentry_value(txn.get(key, db=self.dentries))
+        txn.put(key, dentry_value(child, cookie), db=self.dentries)
+
+    def has_entries(self, txn: lmdb.Transaction, parent: int) -> bool:
+        cursor = txn.cursor(self.dentries)
+        prefix = u64(parent)
+        return cursor.set_range(prefix) and cursor.key()[:8] == prefix
+
+    def entries(self, txn: lmdb.Transaction, parent: int, after_cookie: int = 0) -> Iterator[tuple[int, bytes, int]]:
+        """(cookie, name, child) in cookie order, strictly after `after_cookie`: stable offsets for
+        readdir, unaffected by entries added or removed elsewhere in the directory."""
+        cursor = txn.cursor(self.cookies)
+        if not cursor.set_range(cookie_key(parent, after_cookie + 1)):
+            return
+        for key, name in cursor:
+            p, cookie = U64_PAIR.unpack(key)
+            if p != parent:
+                return
+            child = self.lookup(txn, parent, name)
+            assert child is not None, (parent, name)
+            yield cookie, bytes(name), child
+
+    def names(self, txn: lmdb.Transaction, parent: int) -> Iterator[tuple[bytes, int]]:
+        """(name, child) in name order (for fsck and tree walks)."""
+        cursor = txn.cursor(self.dentries)
+        prefix = u64(parent)
+        if not cursor.set_range(prefix):
+            return
+        for key, value in cursor:
+            if key[:8] != prefix:
+                return
+            yield bytes(key[8:]), read_dentry_value(value)[0]
+
+    # -- xattrs and symlinks --------------------------------------------------------------------
+    def xattrs(self, txn: lmdb.Transaction, ino: int) -> Iterator[tuple[bytes, bytes]]:
+        """(key, value) pairs; the name is key[8:]."""
+        cursor = txn.cursor(self.xattr_db)
+        prefix = u64(ino)
+        if not cursor.set_range(prefix):
+            return
+        for key, value in cursor:
+            if key[:8] != prefix:
+                return
+            yield bytes(key), bytes(value)
+
+    def get_xattr(self, txn: lmdb.Transaction, ino: int, name: bytes) -> bytes | None:
+        return txn.get(xattr_key(ino, name), db=self.xattr_db)
+
+    def symlink_target(self, txn: lmdb.Transaction, ino: int) -> bytes:
+        target = txn.get(u64(ino), db=self.symlinks)
+        if target is None:
+            raise FsError(errno.EINVAL)
+        return bytes(target)
+
+
+__all__ = ["U64", "Namespace", "check_name"]

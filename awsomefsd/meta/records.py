@@ -1,0 +1,141 @@
+"""Binary layout of metadata records and keys (the on-disk format of the LMDB tables).
+
+Keys are big-endian so that LMDB's byte order is numeric order: a cursor walks a directory's
+entries, or a file's extents, as one contiguous range. docs/on-disk-format.md describes every table.
+"""
+
+from __future__ import annotations
+
+import stat
+import struct
+from dataclasses import dataclass
+
+from awsomefsd.io.layout import BLOCK_SIZE
+
+U64 = struct.Struct(">Q")
+U64_PAIR = struct.Struct(">QQ")
+ROOT_INO = 1
+MAX_NAME_BYTES = 255
+MAX_SYMLINK_BYTES = 4095
+MAX_XATTR_NAME_BYTES = 255
+MAX_XATTR_VALUE_BYTES = 64 * 1024
+MAX_XATTR_TOTAL_BYTES = 1024 * 1024
+MAX_FILE_SIZE_BYTES = 1 << 60
+MAX_EXTENT_BLOCKS = 256  # one file-map record covers at most 1 MiB: keeps values and rewrites small
+MAX_HARD_LINKS = 65000
+
+_INODE = struct.Struct("<IIIIQqqqQQQQQ")
+
+
+def u64(value: int) -> bytes:
+    return U64.pack(value)
+
+
+def read_u64(data: bytes, offset: int = 0) -> int:
+    return U64.unpack_from(data, offset)[0]
+
+
+@dataclass(slots=True)
+class Inode:
+    """A file's attributes. `blocks` counts allocated data blocks (what quotas and st_blocks use)."""
+
+    ino: int
+    mode: int
+    uid: int
+    gid: int
+    nlink: int
+    size: int
+    atime_ns: int
+    mtime_ns: int
+    ctime_ns: int
+    rdev: int = 0
+    volume: int = 0
+    blocks: int = 0
+    parent: int = 0  # directories only: the one parent, for `..` and rename cycle checks
+    generation: int = 0
+
+    def pack(self) -> bytes:
+        return _INODE.pack(
+            self.mode, self.uid, self.gid, self.nlink, self.size, self.atime_ns, self.mtime_ns,
+            self.ctime_ns, self.rdev, self.volume, self.blocks, self.parent, self.generation,
+        )
+
+    @classmethod
+    def unpack(cls, ino: int, data: bytes) -> Inode:
+        return cls(ino, *_INODE.unpack(data))
+
+    @property
+    def is_dir(self) -> bool:
+        return stat.S_ISDIR(self.mode)
+
+    @property
+    def is_reg(self) -> bool:
+        return stat.S_ISREG(self.mode)
+
+    @property
+    def is_symlink(self) -> bool:
+        return stat.S_ISLNK(self.mode)
+
+
+def dentry_key(parent: int, name: bytes) -> bytes:
+    return U64.pack(parent) + name
+
+
+def dentry_value(child: int, cookie: int) -> bytes:
+    return U64_PAIR.pack(child, cookie)
+
+
+def read_dentry_value(data: bytes) -> tuple[int, int]:
+    """(child inode, readdir cookie)."""
+    return U64_PAIR.unpack(data)  # type: ignore[return-value]
+
+
+def cookie_key(parent: int, cookie: int) -> bytes:
+    return U64_PAIR.pack(parent, cookie)
+
+
+def xattr_key(ino: int, name: bytes) -> bytes:
+    return U64.pack(ino) + name
+
+
+def fmap_key(ino: int, file_block: int) -> bytes:
+    return U64_PAIR.pack(ino, file_block)
+
+
+_FMAP_HEAD = struct.Struct(">QI")
+
+
+@dataclass(frozen=True, slots=True)
+class Extent:
+    """`count` file blocks starting at `file_block` stored at device block `dev_block`.
+
+    `checksums` holds one little-endian CRC32C per block. Records never overlap within a file and
+    never exceed MAX_EXTENT_BLOCKS.
+    """
+
+    file_block: int
+    dev_block: int
+    count: int
+    checksums: bytes
+
+    def pack_value(self) -> bytes:
+        return _FMAP_HEAD.pack(self.dev_block, self.count) + self.checksums
+
+    @classmethod
+    def unpack(cls, file_block: int, value: bytes) -> Extent:
+        dev_block, count = _FMAP_HEAD.unpack_from(value)
+        return cls(file_block, dev_block, count, bytes(value[_FMAP_HEAD.size :]))
+
+    @property
+    def end_block(self) -> int:
+        return self.file_block + self.count
+
+    def slice(self, first: int, end: int) -> Extent:
+        """The part of this extent covering file blocks [first, end)."""
+        assert self.file_block <= first < end <= self.end_block, (self, first, end)
+        skip = first - self.file_block
+        return Extent(first, self.dev_block + skip, end - first, self.checksums[4 * skip : 4 * (end - self.file_block)])
+
+
+def blocks_for(size_bytes: int) -> int:
+    return (size_bytes + BLOCK_SIZE - 1) // BLOCK_SIZE

@@ -1,0 +1,424 @@
+"""The replicated state machine: applies metadata commands to the LMDB tables.
+
+Rules every handler follows:
+- Validate everything first, write second: a command that fails leaves no trace, so one failed
+  command never poisons the batch it shares a transaction with.
+- Depend only on the state and the command (no clock, no randomness, no node-local facts): every
+  replica computes the same result from the same log.
+- Keep the in-memory mirrors (free space, counters) in step with the tables; `load()` rebuilds them.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import stat
+from collections.abc import Callable
+from typing import Any
+
+import lmdb
+
+from awsomefsd.meta import commands as c
+from awsomefsd.meta import filemap
+from awsomefsd.meta.errors import FsError
+from awsomefsd.meta.namespace import Namespace
+from awsomefsd.meta.records import (
+    MAX_FILE_SIZE_BYTES,
+    MAX_XATTR_NAME_BYTES,
+    MAX_XATTR_TOTAL_BYTES,
+    MAX_XATTR_VALUE_BYTES,
+    ROOT_INO,
+    Extent,
+    Inode,
+    blocks_for,
+    u64,
+    xattr_key,
+)
+from awsomefsd.meta.space import SpaceCorruption, SpaceMap
+from awsomefsd.meta.store import FORMAT_VERSION, MetaStore
+from awsomefsd.meta.volumes_sm import SNAPSHOTS_INO, VOLUMES_INO, VolumeTables
+
+log = logging.getLogger(__name__)
+
+XATTR_CREATE = 1
+XATTR_REPLACE = 2
+FIRST_USER_INO = 16  # below: reserved (1 = root, 2 = volumes container, 3 = snapshots container)
+MAX_RESERVE_INODES = 1 << 20
+
+FreedListener = Callable[[list[tuple[int, int]]], None]
+
+
+class StateMachine:
+    """Owns the tables' semantics; the replicated log owns ordering and durability."""
+
+    def __init__(self, store: MetaStore, *, delayed_free_ns: int = 5_000_000_000) -> None:
+        self.store = store
+        self.db = store.db
+        self.space = SpaceMap(store)
+        self.ns = Namespace(store)
+        self.volumes = VolumeTables(store, self.ns, self.space)
+        self.delayed_free_ns = delayed_free_ns
+        self.freed_listeners: list[FreedListener] = []
+        self.quiet = False  # replaying a batch: listeners already heard these events
+        self._counters: dict[bytes, int] = {}
+        self._handlers: dict[type, Callable[[lmdb.Transaction, Any], Any]] = {
+            c.Mknod: self._mknod,
+            c.Link: self._link,
+            c.Unlink: self._unlink,
+            c.Rename: self._rename,
+            c.SetAttr: self._setattr,
+            c.WriteData: self._write_data,
+            c.SetXattr: self._setxattr,
+            c.RemoveXattr: self._removexattr,
+            c.ReserveInodes: self._reserve_inodes,
+            c.Purge: self._purge,
+            c.ReclaimFrees: self._reclaim,
+            c.GrantGroups: self._grant_groups,
+            c.ReleaseLeaked: self._release_leaked,
+            c.CreateVolume: self._create_volume,
+            c.DeleteVolume: self._delete_volume,
+            c.ResizeVolume: self._resize_volume,
+            c.CreateSnapshot: self._create_snapshot,
+            c.DeleteSnapshot: self._delete_snapshot,
+            c.Batch: self._batch,
+        }
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    def bootstrap(
+        self, txn: lmdb.Transaction, *, cluster_id: str, device_id: str, data_extent: tuple[int, int], now_ns: int
+    ) -> None:
+        """Initial state of a new filesystem: the root directory and all data blocks free."""
+        meta = self.db["meta"]
+        assert txn.get(b"format", db=meta) is None, "bootstrap of an initialised store"
+        txn.put(b"format", str(FORMAT_VERSION).encode(), db=meta)
+        txn.put(b"cluster_id", cluster_id.encode(), db=meta)
+        txn.put(b"device_id", device_id.encode(), db=meta)
+        for name, value in ((b"ino_next", FIRST_USER_INO), (b"cookie_next", 3), (b"dfree_seq", 1)):
+            txn.put(name, u64(value), db=meta)
+        root = Inode(ROOT_INO, stat.S_IFDIR | 0o755, 0, 0, 2, 0, now_ns, now_ns, now_ns, parent=ROOT_INO)
+        self.ns.put_inode(txn, root)
+        for ino, name in ((VOLUMES_INO, b".volumes"), (SNAPSHOTS_INO, b".snapshots")):
+            node = Inode(ino, stat.S_IFDIR | 0o711, 0, 0, 2, 0, now_ns, now_ns, now_ns, parent=ROOT_INO)
+            self.ns.put_inode(txn, node)
+            root.nlink += 1
+            self.ns.add_entry(txn, ROOT_INO, name, ino, self._next(txn, b"cookie_next"))
+        self.ns.put_inode(txn, root)
+        self.space.load(txn)
+        self.space.give(txn, *data_extent)
+
+    def load(self, txn: lmdb.Transaction) -> None:
+        version = txn.get(b"format", db=self.db["meta"])
+        if version is None:
+            raise RuntimeError("metadata store is not initialised")
+        if int(version) != FORMAT_VERSION:
+            raise RuntimeError(f"metadata format {int(version)} is not supported (want {FORMAT_VERSION})")
+        self._counters.clear()
+        self.space.load(txn)
+
+    def meta_value(self, txn: lmdb.Transaction, key: bytes) -> bytes | None:
+        return txn.get(key, db=self.db["meta"])
+
+    # -- dispatch -------------------------------------------------------------------------------
+    def apply(self, txn: lmdb.Transaction, command: object) -> Any:
+        handler = self._handlers.get(type(command))
+        if handler is None:
+            raise FsError(errno.EINVAL, f"unknown command {type(command).__name__}")
+        return handler(txn, command)
+
+    def _next(self, txn: lmdb.Transaction, name: bytes, count: int = 1) -> int:
+        value = self._counters.get(name)
+        if value is None:
+            value = int.from_bytes(txn.get(name, db=self.db["meta"]), "big")
+        self._counters[name] = value + count
+        txn.put(name, u64(value + count), db=self.db["meta"])
+        return value
+
+    def _emit_freed(self, freed: list[tuple[int, int]]) -> None:
+        if freed and not self.quiet:
+            for listener in self.freed_listeners:
+                listener(freed)
+
+    def _defer_free(self, txn: lmdb.Transaction, extents: list[tuple[int, int]], now_ns: int) -> None:
+        if extents:
+            self.space.defer(txn, self._next(txn, b"dfree_seq"), extents, now_ns + self.delayed_free_ns)
+
+    # -- namespace ------------------------------------------------------------------------------
+    def _mknod(self, txn: lmdb.Transaction, cmd: c.Mknod) -> Inode:
+        ns = self.ns
+        parent = ns.dir_for_entry(txn, cmd.parent, cmd.name)
+        if ns.lookup(txn, cmd.parent, cmd.name) is not None:
+            raise FsError(errno.EEXIST)
+        if ns.get_inode(txn, cmd.ino) is not None:
+            raise FsError(errno.EIO, f"inode {cmd.ino} proposed twice")
+        is_dir = stat.S_ISDIR(cmd.mode)
+        if is_dir and parent.nlink >= 65000:
+            raise FsError(errno.EMLINK)
+        self.volumes.charge(txn, parent.volume, blocks=0, inodes=1)
+        mode, gid = cmd.mode, cmd.gid
+        if parent.mode & stat.S_ISGID:
+            gid = parent.gid
+            if is_dir:
+                mode |= stat.S_ISGID
+        inode = Inode(
+            cmd.ino, mode, cmd.uid, gid, 2 if is_dir else 1, len(cmd.target), cmd.now_ns, cmd.now_ns, cmd.now_ns,
+            rdev=cmd.rdev, volume=parent.volume, parent=cmd.parent if is_dir else 0,
+        )
+        ns.put_inode(txn, inode)
+        if stat.S_ISLNK(mode):
+            txn.put(u64(cmd.ino), cmd.target, db=self.db["symlinks"])
+        ns.add_entry(txn, cmd.parent, cmd.name, cmd.ino, self._next(txn, b"cookie_next"))
+        if is_dir:
+            parent.nlink += 1
+        parent.mtime_ns = parent.ctime_ns = cmd.now_ns
+        ns.put_inode(txn, parent)
+        return inode
+
+    def _link(self, txn: lmdb.Transaction, cmd: c.Link) -> Inode:
+        ns = self.ns
+        inode = ns.require_inode(txn, cmd.ino)
+        if inode.is_dir:
+            raise FsError(errno.EPERM)
+        if inode.nlink == 0:
+            raise FsError(errno.ENOENT)
+        self.volumes.check_writable(txn, inode.volume)
+        parent = ns.dir_for_entry(txn, cmd.new_parent, cmd.new_name)
+        if ns.lookup(txn, cmd.new_parent, cmd.new_name) is not None:
+            raise FsError(errno.EEXIST)
+        if parent.volume != inode.volume:
+            raise FsError(errno.EXDEV)
+        if inode.nlink >= 65000:
+            raise FsError(errno.EMLINK)
+        ns.add_entry(txn, cmd.new_parent, cmd.new_name, cmd.ino, self._next(txn, b"cookie_next"))
+        inode.nlink += 1
+        inode.ctime_ns = cmd.now_ns
+        ns.put_inode(txn, inode)
+        parent.mtime_ns = parent.ctime_ns = cmd.now_ns
+        ns.put_inode(txn, parent)
+        return inode
+
+    def _unlink(self, txn: lmdb.Transaction, cmd: c.Unlink) -> int:
+        """Returns the inode whose link went away (the caller may purge it once nothing holds it)."""
+        ns = self.ns
+        parent = ns.dir_for_entry(txn, cmd.parent, cmd.name)
+        child_ino = ns.lookup(txn, cmd.parent, cmd.name)
+        if child_ino is None:
+            raise FsError(errno.ENOENT)
+        child = ns.require_inode(txn, child_ino)
+        self.volumes.check_writable(txn, parent.volume)
+        if cmd.is_dir:
+            if not child.is_dir:
+                raise FsError(errno.ENOTDIR)
+            if child_ino in (ROOT_INO, VOLUMES_INO, SNAPSHOTS_INO) or self.volumes.is_volume_root(txn, child):
+                raise FsError(errno.EBUSY)
+            if ns.has_entries(txn, child_ino):
+                raise FsError(errno.ENOTEMPTY)
+        elif child.is_dir:
+            raise FsError(errno.EISDIR)
+        ns.remove_entry(txn, cmd.parent, cmd.name)
+        if child.is_dir:
+            parent.nlink -= 1
+        parent.mtime_ns = parent.ctime_ns = cmd.now_ns
+        ns.put_inode(txn, parent)
+        self._drop_link(txn, child, cmd.now_ns)
+        return child_ino
+
+    def _drop_link(self, txn: lmdb.Transaction, child: Inode, now_ns: int) -> None:
+        child.nlink = 0 if child.is_dir else child.nlink - 1
+        child.ctime_ns = now_ns
+        self.ns.put_inode(txn, child)
+        if child.nlink == 0:
+            txn.put(u64(child.ino), b"", db=self.db["orphans"])
+
+    def _rename(self, txn: lmdb.Transaction, cmd: c.Rename) -> int:
+        """Returns the inode that lost its name to the rename (0 when none)."""
+        from awsomefsd.meta.rename import apply_rename
+
+        return apply_rename(self, txn, cmd)
+
+    # -- attributes -----------------------------------------------------------------------------
+    def _setattr(self, txn: lmdb.Transaction, cmd: c.SetAttr) -> Inode:
+        inode = self.ns.require_inode(txn, cmd.ino)
+        self.volumes.check_writable(txn, inode.volume)
+        if cmd.size is not None:
+            if not inode.is_reg:
+                raise FsError(errno.EISDIR if inode.is_dir else errno.EINVAL)
+            if cmd.size < 0 or cmd.size > MAX_FILE_SIZE_BYTES:
+                raise FsError(errno.EFBIG)
+        if cmd.mode is not None:
+            inode.mode = stat.S_IFMT(inode.mode) | (cmd.mode & 0o7777)
+        if cmd.uid is not None:
+            inode.uid = cmd.uid
+        if cmd.gid is not None:
+            inode.gid = cmd.gid
+        if cmd.atime_ns is not None:
+            inode.atime_ns = cmd.atime_ns
+        if cmd.mtime_ns is not None:
+            inode.mtime_ns = cmd.mtime_ns
+        if cmd.size is not None:
+            self._truncate(txn, inode, cmd.size, cmd.tail, cmd.now_ns)
+            if cmd.mtime_ns is None:
+                inode.mtime_ns = cmd.now_ns
+        inode.ctime_ns = cmd.now_ns
+        self.ns.put_inode(txn, inode)
+        return inode
+
+    def _truncate(self, txn: lmdb.Transaction, inode: Inode, size: int, tail: Extent | None, now_ns: int) -> None:
+        if size < inode.size:
+            keep_blocks = blocks_for(size)
+            fmap = self.db["fmap"]
+            first_cut = keep_blocks - 1 if tail is not None else keep_blocks
+            if tail is not None:
+                assert tail.file_block == keep_blocks - 1 and tail.count == 1, tail
+                self.space_check_new(txn, [tail])
+            superseded = filemap.unmap_range(txn, fmap, inode.ino, first_cut, 1 << 62)
+            removed = sum(n for _, n in superseded)
+            added = 0
+            if tail is not None:
+                self.space.take(txn, tail.dev_block, tail.count)
+                filemap.map_extent(txn, fmap, inode.ino, tail)
+                added = tail.count
+            self._defer_free(txn, superseded, now_ns)
+            self.volumes.charge(txn, inode.volume, blocks=added - removed, inodes=0, enforce=False)
+            inode.blocks += added - removed
+        inode.size = size
+
+    def space_check_new(self, txn: lmdb.Transaction, extents: list[Extent] | tuple[Extent, ...]) -> None:
+        for ext in extents:
+            if not self.space.mirror.contains_free(ext.dev_block, ext.count):
+                log.error("refusing a write: blocks %d+%d are not free", ext.dev_block, ext.count)
+                raise FsError(errno.EIO, "allocation conflict")
+
+    def _write_data(self, txn: lmdb.Transaction, cmd: c.WriteData) -> Inode:
+        inode = self.ns.require_inode(txn, cmd.ino)
+        if not inode.is_reg:
+            raise FsError(errno.EINVAL)
+        if not cmd.extents:
+            raise FsError(errno.EINVAL, "empty write")
+        if cmd.size > MAX_FILE_SIZE_BYTES:
+            raise FsError(errno.EFBIG)
+        first, end = cmd.extents[0].file_block, cmd.extents[-1].end_block
+        fmap = self.db["fmap"]
+        for prev, nxt in zip(cmd.extents, cmd.extents[1:]):
+            assert prev.end_block == nxt.file_block, "WriteData extents must be contiguous"
+        self.space_check_new(txn, cmd.extents)
+        replaced = filemap.mapped_blocks(txn, fmap, inode.ino, first, end)
+        delta = (end - first) - replaced
+        self.volumes.charge(txn, inode.volume, blocks=delta, inodes=0)
+        superseded = filemap.unmap_range(txn, fmap, inode.ino, first, end)
+        for ext in cmd.extents:
+            self.space.take(txn, ext.dev_block, ext.count)
+            filemap.map_extent(txn, fmap, inode.ino, ext)
+        self._defer_free(txn, superseded, cmd.now_ns)
+        inode.blocks += delta
+        inode.size = max(inode.size, cmd.size)
+        inode.mtime_ns = inode.ctime_ns = cmd.now_ns
+        if cmd.kill_suid:
+            inode.mode &= ~stat.S_ISUID
+            if inode.mode & stat.S_IXGRP:
+                inode.mode &= ~stat.S_ISGID
+        self.ns.put_inode(txn, inode)
+        return inode
+
+    def _setxattr(self, txn: lmdb.Transaction, cmd: c.SetXattr) -> None:
+        inode = self.ns.require_inode(txn, cmd.ino)
+        self.volumes.check_writable(txn, inode.volume)
+        if not cmd.name or len(cmd.name) > MAX_XATTR_NAME_BYTES:
+            raise FsError(errno.ERANGE if cmd.name else errno.EINVAL)
+        if len(cmd.value) > MAX_XATTR_VALUE_BYTES:
+            raise FsError(errno.E2BIG)
+        key = xattr_key(cmd.ino, cmd.name)
+        existing = txn.get(key, db=self.db["xattrs"])
+        if cmd.flags & XATTR_CREATE and existing is not None:
+            raise FsError(errno.EEXIST)
+        if cmd.flags & XATTR_REPLACE and existing is None:
+            raise FsError(errno.ENODATA)
+        total = sum(len(k) + len(v) for k, v in self.ns.xattrs(txn, cmd.ino)) - (len(key) + len(existing or b""))
+        if total + len(key) + len(cmd.value) > MAX_XATTR_TOTAL_BYTES:
+            raise FsError(errno.ENOSPC)
+        txn.put(key, cmd.value, db=self.db["xattrs"])
+        inode.ctime_ns = cmd.now_ns
+        self.ns.put_inode(txn, inode)
+
+    def _removexattr(self, txn: lmdb.Transaction, cmd: c.RemoveXattr) -> None:
+        inode = self.ns.require_inode(txn, cmd.ino)
+        self.volumes.check_writable(txn, inode.volume)
+        if not txn.delete(xattr_key(cmd.ino, cmd.name), db=self.db["xattrs"]):
+            raise FsError(errno.ENODATA)
+        inode.ctime_ns = cmd.now_ns
+        self.ns.put_inode(txn, inode)
+
+    # -- inode lifecycle and space --------------------------------------------------------------
+    def _reserve_inodes(self, txn: lmdb.Transaction, cmd: c.ReserveInodes) -> tuple[int, int]:
+        if not 0 < cmd.count <= MAX_RESERVE_INODES:
+            raise FsError(errno.EINVAL)
+        start = self._next(txn, b"ino_next", cmd.count)
+        return start, start + cmd.count
+
+    def _purge(self, txn: lmdb.Transaction, cmd: c.Purge) -> bool:
+        inode = self.ns.get_inode(txn, cmd.ino)
+        if inode is None or inode.nlink > 0:
+            txn.delete(u64(cmd.ino), db=self.db["orphans"])
+            return False
+        self.delete_inode(txn, inode, cmd.now_ns)
+        return True
+
+    def delete_inode(self, txn: lmdb.Transaction, inode: Inode, now_ns: int) -> None:
+        """Remove an inode with its data (freed after the grace period), xattrs and orphan mark."""
+        superseded = filemap.unmap_range(txn, self.db["fmap"], inode.ino, 0, 1 << 62)
+        self._defer_free(txn, superseded, now_ns)
+        self.volumes.charge(txn, inode.volume, blocks=-inode.blocks, inodes=-1, enforce=False)
+        for key, _ in list(self.ns.xattrs(txn, inode.ino)):
+            txn.delete(key, db=self.db["xattrs"])
+        txn.delete(u64(inode.ino), db=self.db["symlinks"])
+        txn.delete(u64(inode.ino), db=self.db["orphans"])
+        self.ns.delete_inode(txn, inode.ino)
+
+    def _reclaim(self, txn: lmdb.Transaction, cmd: c.ReclaimFrees) -> list[tuple[int, int]]:
+        try:
+            freed = self.space.reclaim(txn, cmd.now_ns)
+        except SpaceCorruption as exc:
+            log.error("delayed free refused: %s", exc)
+            raise FsError(errno.EIO, str(exc)) from exc
+        self._emit_freed(freed)
+        return freed
+
+    def _release_leaked(self, txn: lmdb.Transaction, cmd: c.ReleaseLeaked) -> int:
+        for start, count in cmd.extents:
+            if self.space.mirror.overlaps_free(start, count):
+                raise FsError(errno.EINVAL, f"blocks {start}+{count} are already free")
+        for start, count in cmd.extents:
+            self.space.give(txn, start, count)
+        self._emit_freed(list(cmd.extents))
+        return sum(n for _, n in cmd.extents)
+
+    def _grant_groups(self, txn: lmdb.Transaction, cmd: c.GrantGroups) -> None:
+        for group in cmd.groups:
+            txn.put(group.to_bytes(4, "big"), u64(cmd.node), db=self.db["groups"])
+
+    def group_owners(self, txn: lmdb.Transaction) -> dict[int, int]:
+        return {int.from_bytes(k, "big"): int.from_bytes(v, "big") for k, v in txn.cursor(self.db["groups"])}
+
+    # -- volumes and snapshots (semantics in volumes_sm) ----------------------------------------
+    def _create_volume(self, txn: lmdb.Transaction, cmd: c.CreateVolume) -> Any:
+        return self.volumes.create_volume(txn, cmd, self._next)
+
+    def _delete_volume(self, txn: lmdb.Transaction, cmd: c.DeleteVolume) -> Any:
+        return self.volumes.delete_volume(txn, cmd, self.delete_inode)
+
+    def _resize_volume(self, txn: lmdb.Transaction, cmd: c.ResizeVolume) -> Any:
+        return self.volumes.resize_volume(txn, cmd)
+
+    def _create_snapshot(self, txn: lmdb.Transaction, cmd: c.CreateSnapshot) -> Any:
+        return self.volumes.create_snapshot(txn, cmd, self._next)
+
+    def _delete_snapshot(self, txn: lmdb.Transaction, cmd: c.DeleteSnapshot) -> Any:
+        return self.volumes.delete_snapshot(txn, cmd, self.delete_inode)
+
+    def _batch(self, txn: lmdb.Transaction, cmd: c.Batch) -> list[Any]:
+        results: list[Any] = []
+        for sub in cmd.commands:
+            try:
+                results.append(self.apply(txn, sub))
+            except FsError as exc:
+                results.append(exc)
+        return results

@@ -1,0 +1,97 @@
+"""The node-local LMDB environment that holds the metadata tables.
+
+LMDB gives us atomic multi-table transactions and crash safety for free, but it has a fixed map
+size: a write that needs more room fails with MapFullError. The store grows the map between
+transactions, well before it fills, so that error never reaches a user (the log additionally
+replays a batch after growing if a single batch outruns the headroom).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import lmdb
+
+log = logging.getLogger(__name__)
+
+TABLES = (
+    "meta",  # format version, cluster id, counters, applied index
+    "inodes",  # ino -> Inode
+    "dentries",  # (parent, name) -> (child, cookie)
+    "cookies",  # (parent, cookie) -> name: stable readdir offsets
+    "xattrs",  # (ino, name) -> value
+    "symlinks",  # ino -> target
+    "fmap",  # (ino, file block) -> Extent
+    "free",  # device block -> free block count (authoritative free space)
+    "dfree",  # sequence -> (not before ns, extents): superseded extents waiting out the grace period
+    "refs",  # device block -> (count, extra references): extents shared by snapshots and clones
+    "orphans",  # ino -> b"": unlinked inodes that may still be open
+    "volumes",  # volume or snapshot id -> record (kind, name, root, quota, usage)
+    "volnames",  # "v:name" / "s:name" -> id
+    "groups",  # allocation group -> owner node
+)
+FORMAT_VERSION = 1
+INITIAL_MAP_BYTES = 1 << 30
+MAX_MAP_BYTES = 1 << 40
+GROW_WHEN_USED_FRACTION = 0.5
+
+
+class MetaStore:
+    """Opens the environment and its named tables; owns map growth.
+
+    Single-writer by construction: one process, and within it the trio thread, writes. Readers in
+    other processes (fsck --dry-run, status) see the last committed transaction.
+    """
+
+    def __init__(self, path: Path, *, readonly: bool = False, map_size_bytes: int | None = None) -> None:
+        self.path = path
+        path.mkdir(parents=True, exist_ok=True)
+        existing = (path / "data.mdb").exists()
+        size = map_size_bytes or max(INITIAL_MAP_BYTES, _file_size(path / "data.mdb") * 2)
+        self.env = lmdb.open(
+            str(path),
+            map_size=size,
+            max_dbs=len(TABLES) + 4,
+            readonly=readonly,
+            lock=True,
+            sync=True,
+            metasync=True,
+            readahead=False,
+            max_readers=126,
+            create=not readonly,
+        )
+        self.readonly = readonly
+        self.created = not existing
+        self.db = {name: self.env.open_db(name.encode(), create=not readonly) for name in TABLES}
+
+    @property
+    def map_size_bytes(self) -> int:
+        return int(self.env.info()["map_size"])
+
+    def used_bytes(self) -> int:
+        info = self.env.info()
+        return (int(info["last_pgno"]) + 1) * int(self.env.stat()["psize"])
+
+    def grow_if_needed(self, headroom_bytes: int = 0) -> bool:
+        """Double the map while it is more than half used (plus headroom). Call with no txn open."""
+        grew = False
+        while self.used_bytes() + headroom_bytes > self.map_size_bytes * GROW_WHEN_USED_FRACTION:
+            new_size = min(self.map_size_bytes * 2, MAX_MAP_BYTES)
+            if new_size == self.map_size_bytes:
+                break
+            log.info("growing metadata map from %d to %d bytes", self.map_size_bytes, new_size)
+            self.env.set_mapsize(new_size)
+            grew = True
+        return grew
+
+    def close(self) -> None:
+        self.env.close()
+
+
+def _file_size(path: Path) -> int:
+    try:
+        return os.stat(path).st_size
+    except FileNotFoundError:
+        return 0

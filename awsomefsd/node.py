@@ -1,0 +1,238 @@
+"""Service composition: open the device and the metadata, then serve FUSE, metrics and CSI.
+
+`open_core` wires the storage parts (device, superblock, LMDB state, log, allocator, file data,
+operations) and is shared by the daemon, fsck and the tests; `serve` runs the long-lived services
+in one trio nursery and shuts them down in order: unmount, flush buffered data, commit metadata.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import trio
+
+from awsomefsd.config import Settings
+from awsomefsd.fuse.operations import Operations
+from awsomefsd.io.allocator import FreeSpaceMap, NodeAllocator
+from awsomefsd.io.device import BlockDevice
+from awsomefsd.io.errors import DeviceError
+from awsomefsd.io.filedata import FileData
+from awsomefsd.io.superblock import Superblock, read_superblock
+from awsomefsd.meta import commands as c
+from awsomefsd.meta.log import LocalLog
+from awsomefsd.meta.state_machine import StateMachine
+from awsomefsd.meta.store import MetaStore
+from awsomefsd.metrics import Metrics, counter, gauge
+
+log = logging.getLogger(__name__)
+NODE_ID = 1  # a single-node cluster; the cluster layer assigns ids to joining nodes
+RECLAIM_TICK_S = 0.5
+
+
+class NodeError(Exception):
+    """A start-up problem the operator must fix; the message says how."""
+
+
+@dataclass
+class Core:
+    device: BlockDevice
+    superblock: Superblock
+    store: MetaStore
+    sm: StateMachine
+    log: LocalLog
+    allocator: NodeAllocator
+    data: FileData
+    ops: Operations
+    metrics: Metrics
+
+    def close(self) -> None:
+        self.log.close()
+        self.store.close()
+        self.device.close()
+
+
+def open_core(settings: Settings, *, metrics: Metrics | None = None) -> Core:
+    """Open device and metadata; initialise the metadata of a freshly formatted device."""
+    if settings.device.path is None:
+        raise NodeError("no device configured: set [device] path, AWSOMEFS_DEVICE__PATH or --device")
+    metrics = metrics or Metrics()
+    try:
+        device = BlockDevice.open(settings.device.path, shared=settings.device.shared,
+                                  direct=settings.device.direct_io)
+    except FileNotFoundError:
+        raise NodeError(f"device {settings.device.path} does not exist") from None
+    try:
+        sb = read_superblock(device).superblock
+        store = MetaStore(settings.node.state_dir / "meta")
+    except BaseException:
+        device.close()
+        raise
+    sm = StateMachine(store, delayed_free_ns=settings.data.delayed_free_ms * 1_000_000)
+    try:
+        _init_or_check_meta(store, sm, sb)
+    except BaseException:
+        store.close()
+        device.close()
+        raise
+    meta_log = LocalLog(store, sm, commit_interval_ms=settings.data.commit_interval_ms)
+    layout = sb.layout
+    txn = meta_log.read_txn()
+    owned = [g for g, owner in sm.group_owners(txn).items() if owner == NODE_ID]
+    allocator = NodeAllocator(layout, owned, FreeSpaceMap(list(sm.space.mirror)))
+    sm.freed_listeners.append(allocator.on_freed)
+    data = FileData(
+        device, allocator, meta_log, sm,
+        file_buffer_bytes=settings.data.file_buffer_bytes,
+        write_buffer_bytes=settings.data.write_buffer_bytes,
+        flush_interval_ms=settings.data.flush_interval_ms,
+        on_checksum_error=lambda _block: metrics.checksum_failures.inc(),
+    )
+    meta_log.before_commit = data.sync_device
+    ops = Operations(meta_log, sm, data, total_blocks=layout.data_blocks)
+    core = Core(device, sb, store, sm, meta_log, allocator, data, ops, metrics)
+    metrics.add_collector(lambda: _collect(core))
+    return core
+
+
+def _init_or_check_meta(store: MetaStore, sm: StateMachine, sb: Superblock) -> None:
+    with store.env.begin(write=True) as txn:
+        cluster = sm.meta_value(txn, b"cluster_id")
+        if cluster is None:
+            layout = sb.layout
+            sm.bootstrap(txn, cluster_id=str(sb.cluster_id), device_id=str(sb.device_id),
+                         data_extent=(layout.data_start_block, layout.data_blocks), now_ns=time.time_ns())
+            sm.apply(txn, c.GrantGroups(NODE_ID, tuple(range(layout.ag_count))))
+            log.info("initialised metadata for cluster %s", sb.cluster_id)
+            return
+    if bytes(cluster).decode() != str(sb.cluster_id):
+        raise NodeError(
+            f"metadata in {store.path} belongs to cluster {bytes(cluster).decode()}, but the device holds "
+            f"cluster {sb.cluster_id}; point --state at this device's metadata or reformat"
+        )
+    with store.env.begin() as txn:
+        device_id = sm.meta_value(txn, b"device_id")
+        sm.load(txn)
+    if device_id is not None and bytes(device_id).decode() != str(sb.device_id):
+        raise NodeError(f"metadata in {store.path} was made for another device of cluster {sb.cluster_id}")
+
+
+def _collect(core: Core) -> Iterator[object]:
+    dev = core.device
+    yield counter("awsomefs_device_read_bytes", "bytes read from the device", dev.bytes_read)
+    yield counter("awsomefs_device_written_bytes", "bytes written to the device", dev.bytes_written)
+    yield counter("awsomefs_device_reads", "device read requests", dev.reads)
+    yield counter("awsomefs_device_writes", "device write requests", dev.writes)
+    yield gauge("awsomefs_free_blocks", "free data blocks (authoritative)", core.sm.space.mirror.free_blocks)
+    yield gauge("awsomefs_dirty_bytes", "buffered bytes not yet written", core.data.total_dirty_bytes)
+    yield gauge("awsomefs_meta_applied_index", "last applied metadata command", core.log.applied_index)
+    yield gauge("awsomefs_meta_committed_index", "last durable metadata command", core.log.committed_index)
+    sizes, core.log.batch_sizes[:] = list(core.log.batch_sizes), []
+    for size in sizes:
+        core.metrics.commit_batch.observe(size)
+
+
+async def _reclaimer(core: Core) -> None:
+    """Return superseded extents to the allocator once their grace period has passed."""
+    while True:
+        await trio.sleep(RECLAIM_TICK_S)
+        now_ns = time.time_ns()
+        first = next(core.sm.space.deferred(core.log.read_txn()), None)
+        if first is not None and first[1] <= now_ns:
+            await core.log.propose(c.ReclaimFrees(now_ns))
+
+
+async def _watch_signals(cancel: trio.CancelScope, stopping: Callable[[], None]) -> None:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for signum in signals:
+            log.info("received %s: unmounting", signal.Signals(signum).name)
+            stopping()
+            cancel.cancel()
+            return
+
+
+def _notify(message: str) -> None:
+    try:
+        from awsomefsd import sdnotify
+    except ImportError:
+        return
+    sdnotify.notify(message)
+
+
+async def serve(core: Core, settings: Settings, *, ready: Callable[[str], None] | None = None) -> None:
+    """Mount and serve until unmounted or signalled; then flush, commit and unmount."""
+    import pyfuse3
+
+    from awsomefsd.fuse.adapter import FuseAdapter
+    from awsomefsd.fuse.mount import prepare_mount_point
+
+    mount = settings.mount.path
+    if mount is None:
+        raise NodeError("no mount point configured: set [mount] path or --mount")
+    prepare_mount_point(mount)
+    purged = await core.ops.purge_orphans()
+    if purged:
+        log.info("removed %d orphaned inodes left by an unclean stop", purged)
+    adapter = FuseAdapter(core.ops, entry_timeout_s=settings.mount.entry_timeout_s,
+                          attr_timeout_s=settings.mount.attr_timeout_s, observe=core.metrics.observe_fuse)
+    options = {"fsname=awsomefs", "subtype=awsomefs", "default_permissions", "noatime"}
+    if settings.mount.allow_other:
+        options.add("allow_other")
+    pyfuse3.init(adapter, str(mount), options)
+    mounted = True
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(core.log.run)
+            await nursery.start(core.data.run)
+            nursery.start_soon(_reclaimer, core)
+            nursery.start_soon(_watch_signals, nursery.cancel_scope, lambda: _notify("STOPPING=1"))
+            if settings.metrics.enabled:
+                port = core.metrics.serve(settings.metrics.host, settings.metrics.port)
+                log.info("metrics on http://%s:%d/metrics", settings.metrics.host, port)
+            if settings.csi.socket is not None:
+                from awsomefsd.volumes import start_csi
+
+                await start_csi(nursery, core, settings)
+            nursery.start_soon(_watchdog)
+
+            async def fuse_main() -> None:
+                await pyfuse3.main()
+                nursery.cancel_scope.cancel()  # unmounted from outside (fusermount -u)
+
+            nursery.start_soon(fuse_main)
+            _notify("READY=1")
+            if ready is not None:
+                ready(str(mount))
+    finally:
+        with trio.CancelScope(shield=True):
+            if mounted:
+                pyfuse3.close(unmount=True)
+            try:
+                await core.ops.sync_all()
+            except Exception:
+                log.exception("flushing buffered data at shutdown failed")
+
+
+async def _watchdog() -> None:
+    try:
+        from awsomefsd import sdnotify
+    except ImportError:
+        return
+    interval = sdnotify.watchdog_interval_s()
+    if not interval:
+        return
+    while True:
+        sdnotify.notify("WATCHDOG=1")
+        await trio.sleep(interval / 2)
+
+
+def print_ready(mount: str) -> None:
+    print(f"awsomefsd: mounted {mount}", flush=True)
+    sys.stdout.flush()
+
+
+__all__ = ["Core", "DeviceError", "NodeError", "open_core", "print_ready", "serve"]

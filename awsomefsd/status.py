@@ -1,0 +1,152 @@
+"""`awsomefsd status`: what an operator needs at a glance, as a table or as JSON.
+
+It reads the last committed metadata (LMDB allows a reader beside the running daemon), the
+superblock and the kernel's mount table; it never writes.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import lmdb
+
+from awsomefsd import __version__
+from awsomefsd.config import Settings
+from awsomefsd.fuse.mount import FSTYPE
+from awsomefsd.io.layout import BLOCK_SIZE
+
+
+def _mounts() -> list[str]:
+    out = []
+    with open("/proc/self/mounts", encoding="utf-8") as fh:
+        for line in fh:
+            fields = line.split()
+            if len(fields) >= 3 and fields[2] == FSTYPE:
+                out.append(fields[1])
+    return out
+
+
+def collect_status(settings: Settings, *, running: bool) -> dict[str, Any]:
+    info: dict[str, Any] = {
+        "version": __version__,
+        "node": settings.node.name,
+        "state_dir": str(settings.node.state_dir),
+        "daemon_running": running,
+        "mounts": _mounts(),
+        "role": "leader (single member)",
+        "healthy": True,
+        "problems": [],
+    }
+    info["device"] = _device_status(settings.device.path, info)
+    info["metadata"] = _meta_status(settings.node.state_dir / "meta", info)
+    return info
+
+
+def _device_status(path: Path | None, info: dict[str, Any]) -> dict[str, Any]:
+    from awsomefsd.io.device import BlockDevice
+    from awsomefsd.io.errors import DeviceError
+    from awsomefsd.io.superblock import read_superblock
+
+    if path is None:
+        info["problems"].append("no device configured")
+        info["healthy"] = False
+        return {}
+    try:
+        device = BlockDevice.open(path)
+    except (OSError, DeviceError) as exc:
+        info["problems"].append(f"device {path}: {exc}")
+        info["healthy"] = False
+        return {"path": str(path)}
+    try:
+        reading = read_superblock(device)
+    except DeviceError as exc:
+        info["problems"].append(f"device {path}: {exc}")
+        info["healthy"] = False
+        return {"path": str(path)}
+    finally:
+        device.close()
+    sb = reading.superblock
+    if not (reading.primary_ok and reading.copy_ok):
+        info["problems"].append("a superblock copy is damaged: run fsck --repair")
+        info["healthy"] = False
+    return {
+        "path": str(path), "cluster_id": str(sb.cluster_id), "device_id": str(sb.device_id),
+        "size_bytes": sb.size_bytes, "block_size": sb.block_size, "allocation_groups": sb.layout.ag_count,
+        "direct_io": device.direct, "superblock_primary_ok": reading.primary_ok,
+        "superblock_copy_ok": reading.copy_ok,
+    }
+
+
+def _meta_status(path: Path, info: dict[str, Any]) -> dict[str, Any]:
+    if not (path / "data.mdb").exists():
+        info["problems"].append(f"no metadata in {path}")
+        info["healthy"] = False
+        return {}
+    env = lmdb.open(str(path), readonly=True, lock=True, max_dbs=32)
+    try:
+        with env.begin() as txn:
+            def db(name: str) -> Any:
+                return env.open_db(name.encode(), txn=txn, create=False)
+
+            meta = db("meta")
+            free_blocks = sum(int.from_bytes(v, "big") for _, v in txn.cursor(db("free")))
+            volumes = []
+            import json
+
+            for key, value in txn.cursor(db("volumes")):
+                record = json.loads(value)
+                volumes.append({
+                    "id": int.from_bytes(key, "big"), "kind": record["kind"], "name": record["name"],
+                    "capacity_bytes": record["capacity"], "used_bytes": record["used_blocks"] * BLOCK_SIZE,
+                    "used_inodes": record["used_inodes"],
+                })
+            applied = txn.get(b"applied", db=meta)
+            return {
+                "path": str(path),
+                "applied_index": int.from_bytes(applied, "big") if applied else 0,
+                "inodes": int(txn.stat(db("inodes"))["entries"]),
+                "free_bytes": free_blocks * BLOCK_SIZE,
+                "orphans": int(txn.stat(db("orphans"))["entries"]),
+                "pending_free_records": int(txn.stat(db("dfree"))["entries"]),
+                "volumes": volumes,
+                "map_size_bytes": int(env.info()["map_size"]),
+            }
+    finally:
+        env.close()
+
+
+def render_status(info: dict[str, Any]) -> str:
+    dev = info.get("device", {})
+    meta = info.get("metadata", {})
+    size = dev.get("size_bytes", 0)
+    free = meta.get("free_bytes", 0)
+    rows = [
+        ("awsomefsd", info["version"]),
+        ("node", f"{info['node']} ({'running' if info['daemon_running'] else 'stopped'}, {info['role']})"),
+        ("cluster", dev.get("cluster_id", "-")),
+        ("device", f"{dev.get('path', '-')}  {_human(size)}  direct I/O: {dev.get('direct_io', '-')}"),
+        ("space", f"{_human(free)} free of {_human(size)}" if size else "-"),
+        ("metadata", f"{meta.get('inodes', '-')} inodes, applied index {meta.get('applied_index', '-')}, "
+                     f"{meta.get('orphans', 0)} orphans"),
+        ("mounts", ", ".join(info["mounts"]) or "none"),
+        ("volumes", str(len(meta.get("volumes", [])))),
+    ]
+    width = max(len(k) for k, _ in rows)
+    lines = [f"{k.ljust(width)}  {v}" for k, v in rows]
+    for vol in meta.get("volumes", []):
+        lines.append(f"{'':{width}}  {vol['kind']} {vol['name']}: {_human(vol['used_bytes'])} used"
+                     + (f" of {_human(vol['capacity_bytes'])}" if vol["capacity_bytes"] else ""))
+    lines.append(f"{'health'.ljust(width)}  " + ("OK" if info["healthy"] else "; ".join(info["problems"])))
+    lines.append(f"{'as of'.ljust(width)}  {time.strftime('%Y-%m-%d %H:%M:%S')}")
+    return "\n".join(lines)
+
+
+def _human(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{value:.1f} {unit}" if unit != "B" else f"{int(value)} B"
+        value /= 1024
+    return str(n)

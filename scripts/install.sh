@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Installs everything AwsomeFS needs on a fresh Debian/Ubuntu machine (run as root):
+# system packages, a virtualenv in .venv and the package itself. Safe to run again.
+#   scripts/install.sh          runtime only
+#   scripts/install.sh test     plus what the tests and benchmarks need
+set -euo pipefail
+cd "$(dirname "$0")/.."
+extras="${1:-}"
+
+need_root() { [ "$(id -u)" -eq 0 ] || { echo "install.sh: run as root (FUSE mounts and loop devices need it)" >&2; exit 1; }; }
+need_root
+
+packages=(fuse3 libfuse3-dev pkg-config gcc python3 python3-dev python3-venv ca-certificates kmod util-linux e2fsprogs)
+if [ "$extras" = "test" ]; then
+    packages+=(iproute2 sqlite3 git tar fio procps psmisc attr acl xfsprogs)
+fi
+missing=()
+for p in "${packages[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+    echo "install.sh: installing system packages: ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -q
+    apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi
+# /dev/fuse exists on any kernel with FUSE built in; load the module where it is one.
+[ -e /dev/fuse ] || modprobe fuse || true
+[ -e /dev/fuse ] || { echo "install.sh: /dev/fuse is missing and the fuse module cannot be loaded" >&2; exit 1; }
+
+python=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+    "$python" -m venv .venv
+fi
+.venv/bin/python -m pip install -q --upgrade pip
+if [ "$extras" = "test" ]; then
+    .venv/bin/python -m pip install -q -e ".[test]"
+else
+    .venv/bin/python -m pip install -q -e .
+fi
+echo "install.sh: ready (.venv/bin/awsomefsd)"

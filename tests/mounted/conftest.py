@@ -1,0 +1,36 @@
+"""Mounted tests share one real daemon per module (start-up costs seconds); each test works in
+its own directory on the mount."""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support.daemon import Daemon
+
+_counter = itertools.count()
+
+
+@pytest.fixture(scope="module")
+def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
+    base = tmp_path_factory.mktemp("awsomefs")
+    d = Daemon(base / "state", base / "mnt", size="8G").start()
+    try:
+        yield d
+    finally:
+        if d.proc is not None and d.proc.poll() is None:
+            assert d.stop() == 0, d.logs()
+        d.stop_hard()
+
+
+@pytest.fixture
+def mnt(daemon: Daemon) -> Path:
+    """A fresh directory on the shared mount for one test."""
+    path = daemon.mount / f"t{next(_counter)}"
+    path.mkdir()
+    os.chmod(path, 0o777)
+    return path

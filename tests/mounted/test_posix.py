@@ -1,0 +1,391 @@
+"""POSIX behaviour on a real FUSE mount served by a real daemon process, clause by clause."""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import fcntl
+import os
+import socket
+import stat
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from tests.support.daemon import Daemon
+
+pytestmark = pytest.mark.mounted
+libc = ctypes.CDLL(None, use_errno=True)
+AT_FDCWD = -100
+RENAME_NOREPLACE, RENAME_EXCHANGE = 1, 2
+NOBODY = 65534
+
+
+def renameat2(old: Path, new: Path, flags: int) -> None:
+    if libc.renameat2(AT_FDCWD, bytes(old), AT_FDCWD, bytes(new), flags) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+def as_user(uid: int, gid: int, code: str, groups: tuple[int, ...] = ()) -> subprocess.CompletedProcess[str]:
+    def drop() -> None:
+        os.setgroups(list(groups))
+        os.setgid(gid)
+        os.setuid(uid)
+
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
+                          preexec_fn=drop, timeout=60, check=False)
+
+
+def test_write_read_truncate(mnt: Path) -> None:
+    f = mnt / "f"
+    data = os.urandom(3 * 1024 * 1024 + 123)
+    f.write_bytes(data)
+    assert f.read_bytes() == data
+    assert f.stat().st_size == len(data)
+    with open(f, "r+b") as fh:
+        fh.seek(1000)
+        fh.write(b"hello")
+        fh.truncate(5000)
+    expected = data[:1000] + b"hello" + data[1005:5000]
+    assert f.read_bytes() == expected
+    os.truncate(f, 10000)
+    assert f.read_bytes() == expected + bytes(5000), "bytes past an earlier EOF read as zeros"
+    with open(f, "wb"):
+        pass
+    assert f.stat().st_size == 0 and f.read_bytes() == b""
+
+
+def test_unaligned_overwrites_keep_neighbours(mnt: Path) -> None:
+    f = mnt / "f"
+    model = bytearray(os.urandom(50_000))
+    f.write_bytes(model)
+    fd = os.open(f, os.O_RDWR)
+    try:
+        for offset, size in ((1, 7), (4095, 2), (8190, 5000), (49_999, 10), (30_000, 1)):
+            chunk = os.urandom(size)
+            os.pwrite(fd, chunk, offset)
+            model[offset : offset + size] = chunk
+            if offset % 2:
+                os.fsync(fd)
+        assert os.pread(fd, 100_000, 0) == bytes(model)
+    finally:
+        os.close(fd)
+    assert f.read_bytes() == bytes(model)
+
+
+def test_sparse_file_over_4gib(mnt: Path) -> None:
+    f = mnt / "sparse"
+    with open(f, "wb") as fh:
+        fh.seek(5 * 1024**3)
+        fh.write(b"tail")
+    st = f.stat()
+    assert st.st_size == 5 * 1024**3 + 4
+    assert st.st_blocks <= 16, "a hole allocates nothing"
+    with open(f, "rb") as fh:
+        fh.seek(4 * 1024**3 - 10)
+        assert fh.read(20) == bytes(20)
+        fh.seek(5 * 1024**3)
+        assert fh.read() == b"tail"
+
+
+def test_append_mode(mnt: Path) -> None:
+    f = mnt / "log"
+    for i in range(20):
+        with open(f, "ab") as fh:
+            fh.write(b"line %d\n" % i)
+    assert f.read_bytes() == b"".join(b"line %d\n" % i for i in range(20))
+
+
+def test_mkdir_readdir_rmdir(mnt: Path) -> None:
+    d = mnt / "d"
+    d.mkdir()
+    names = {f"file-{i:04d}" for i in range(1500)}
+    for n in names:
+        (d / n).touch()
+    assert set(os.listdir(d)) == names
+    assert d.stat().st_nlink == 2
+    (d / "sub").mkdir()
+    assert d.stat().st_nlink == 3
+    with pytest.raises(OSError) as info:
+        d.rmdir()
+    assert info.value.errno == errno.ENOTEMPTY
+    for n in names:
+        (d / n).unlink()
+    (d / "sub").rmdir()
+    d.rmdir()
+    assert not d.exists()
+
+
+def test_readdir_while_deleting_sees_every_survivor_once(mnt: Path) -> None:
+    d = mnt / "d"
+    d.mkdir()
+    for i in range(600):
+        (d / f"{i:04d}").touch()
+    seen = []
+    with os.scandir(d) as it:
+        for n, entry in enumerate(it):
+            seen.append(entry.name)
+            if n == 100:
+                for j in range(300, 400):
+                    (d / f"{j:04d}").unlink()
+    assert len(seen) == len(set(seen)), "no entry twice"
+    assert {f"{i:04d}" for i in range(600) if not 300 <= i < 400} <= set(seen)
+
+
+def test_rename_overwrite_noreplace_exchange(mnt: Path) -> None:
+    a, b = mnt / "a", mnt / "b"
+    a.write_bytes(b"A")
+    b.write_bytes(b"B")
+    with pytest.raises(OSError) as info:
+        renameat2(a, b, RENAME_NOREPLACE)
+    assert info.value.errno == errno.EEXIST
+    renameat2(a, b, RENAME_EXCHANGE)
+    assert a.read_bytes() == b"B" and b.read_bytes() == b"A"
+    os.rename(a, b)
+    assert not a.exists() and b.read_bytes() == b"B"
+    (mnt / "dir").mkdir()
+    with pytest.raises(OSError) as info:
+        os.rename(mnt / "dir", mnt / "dir" / "inside")
+    assert info.value.errno == errno.EINVAL
+    (mnt / "full").mkdir()
+    (mnt / "full" / "x").touch()
+    with pytest.raises(OSError) as info:
+        os.rename(mnt / "dir", mnt / "full")
+    assert info.value.errno == errno.ENOTEMPTY
+
+
+def test_hard_links_and_symlinks(mnt: Path) -> None:
+    f = mnt / "f"
+    f.write_bytes(b"data")
+    os.link(f, mnt / "g")
+    assert f.stat().st_nlink == 2 and (mnt / "g").stat().st_ino == f.stat().st_ino
+    f.unlink()
+    assert (mnt / "g").read_bytes() == b"data" and (mnt / "g").stat().st_nlink == 1
+    os.symlink("g", mnt / "link")
+    assert os.readlink(mnt / "link") == "g"
+    assert (mnt / "link").read_bytes() == b"data"
+    assert stat.S_ISLNK(os.lstat(mnt / "link").st_mode)
+    with pytest.raises(OSError) as info:
+        os.link(mnt, mnt / "dirlink")
+    assert info.value.errno == errno.EPERM
+
+
+def test_unlinked_open_file_stays_readable(mnt: Path) -> None:
+    f = mnt / "f"
+    f.write_bytes(b"x" * 100_000)
+    with open(f, "rb") as fh:
+        f.unlink()
+        assert not f.exists()
+        assert fh.read() == b"x" * 100_000
+
+
+def test_chmod_chown_utimens_ns(mnt: Path) -> None:
+    f = mnt / "f"
+    f.touch()
+    os.chmod(f, 0o4751)
+    assert stat.S_IMODE(f.stat().st_mode) == 0o4751
+    os.chown(f, 1234, 5678)
+    st = f.stat()
+    assert (st.st_uid, st.st_gid) == (1234, 5678)
+    os.utime(f, ns=(1_234_567_890_123_456_789, 1_111_111_111_222_333_444))
+    st = f.stat()
+    assert st.st_atime_ns == 1_234_567_890_123_456_789
+    assert st.st_mtime_ns == 1_111_111_111_222_333_444
+    before = f.stat().st_ctime_ns
+    os.chmod(f, 0o600)
+    assert f.stat().st_ctime_ns >= before
+
+
+def test_mtime_advances_on_write(mnt: Path) -> None:
+    f = mnt / "f"
+    f.write_bytes(b"1")
+    os.utime(f, ns=(0, 0))
+    with open(f, "ab") as fh:
+        fh.write(b"2")
+    assert f.stat().st_mtime_ns > 0
+
+
+def test_permissions_for_other_users(mnt: Path) -> None:
+    secret = mnt / "secret"
+    secret.write_bytes(b"s")
+    os.chmod(secret, 0o600)
+    r = as_user(NOBODY, NOBODY, f"open({str(secret)!r}).read()")
+    assert r.returncode != 0 and "PermissionError" in r.stderr
+    private = mnt / "private"
+    private.mkdir(mode=0o700)
+    r = as_user(NOBODY, NOBODY, f"open({str(private / 'x')!r}, 'w')")
+    assert "PermissionError" in r.stderr
+    shared = mnt / "group"
+    shared.mkdir()
+    os.chown(shared, 0, 4000)
+    os.chmod(shared, 0o770)
+    r = as_user(NOBODY, NOBODY, f"open({str(shared / 'x')!r}, 'w').write('ok')", groups=(4000,))
+    assert r.returncode == 0, r.stderr
+
+
+def test_sticky_directory(mnt: Path) -> None:
+    tmp = mnt / "tmp"
+    tmp.mkdir()
+    os.chmod(tmp, 0o1777)
+    theirs = tmp / "theirs"
+    theirs.touch()
+    os.chown(theirs, 4321, 4321)
+    r = as_user(NOBODY, NOBODY, f"import os; os.unlink({str(theirs)!r})")
+    assert r.returncode != 0 and "PermissionError" in r.stderr
+    r = as_user(NOBODY, NOBODY, f"import os; open({str(tmp / 'mine')!r}, 'w'); os.unlink({str(tmp / 'mine')!r})")
+    assert r.returncode == 0, r.stderr
+
+
+def test_setgid_directory_inherits_group(mnt: Path) -> None:
+    d = mnt / "sgid"
+    d.mkdir()
+    os.chown(d, 0, 4242)
+    os.chmod(d, 0o2775)
+    (d / "f").touch()
+    (d / "sub").mkdir()
+    assert (d / "f").stat().st_gid == 4242
+    assert (d / "sub").stat().st_gid == 4242 and (d / "sub").stat().st_mode & stat.S_ISGID
+
+
+def test_xattrs(mnt: Path) -> None:
+    f = mnt / "f"
+    f.touch()
+    os.setxattr(f, "user.colour", b"blue")
+    assert os.getxattr(f, "user.colour") == b"blue"
+    assert "user.colour" in os.listxattr(f)
+    with pytest.raises(OSError) as info:
+        os.setxattr(f, "user.colour", b"red", os.XATTR_CREATE)
+    assert info.value.errno == errno.EEXIST
+    with pytest.raises(OSError) as info:
+        os.setxattr(f, "user.size", b"1", os.XATTR_REPLACE)
+    assert info.value.errno == errno.ENODATA
+    buf = ctypes.create_string_buffer(2)
+    n = libc.getxattr(bytes(f), b"user.colour", buf, 2)
+    assert n == -1 and ctypes.get_errno() == errno.ERANGE
+    os.removexattr(f, "user.colour")
+    with pytest.raises(OSError) as info:
+        os.getxattr(f, "user.colour")
+    assert info.value.errno == errno.ENODATA
+
+
+def test_fifo_and_socket_nodes(mnt: Path) -> None:
+    os.mkfifo(mnt / "fifo")
+    assert stat.S_ISFIFO((mnt / "fifo").stat().st_mode)
+    sock_path = mnt / "sock"
+    s = socket.socket(socket.AF_UNIX)
+    try:
+        s.bind(str(sock_path))
+        assert stat.S_ISSOCK(sock_path.stat().st_mode)
+    finally:
+        s.close()
+
+
+def test_advisory_locks_between_processes(mnt: Path) -> None:
+    f = mnt / "lock"
+    f.touch()
+    with open(f, "r+") as fh:
+        fcntl.lockf(fh, fcntl.LOCK_EX)
+        r = subprocess.run(
+            [sys.executable, "-c", f"import fcntl; fh = open({str(f)!r}, 'r+'); fcntl.lockf(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)"],
+            capture_output=True, text=True, timeout=30, check=False)
+        assert r.returncode != 0 and ("BlockingIOError" in r.stderr or "PermissionError" in r.stderr)
+        fcntl.flock(fh, fcntl.LOCK_EX)
+
+
+def test_error_numbers(mnt: Path) -> None:
+    cases = [
+        (lambda: (mnt / ("n" * 256)).touch(), errno.ENAMETOOLONG),
+        (lambda: (mnt / "missing" / "x").touch(), errno.ENOENT),
+        (lambda: os.mkdir(mnt), errno.EEXIST),
+        (lambda: os.rename(mnt / "f", Path("/tmp") / "awsomefs-xdev"), errno.EXDEV),
+        (lambda: os.rmdir(mnt / "f"), errno.ENOTDIR),
+        (lambda: os.unlink(mnt / "d"), errno.EISDIR),
+    ]
+    (mnt / "f").touch()
+    (mnt / "d").mkdir()
+    for action, expected in cases:
+        with pytest.raises(OSError) as info:
+            action()
+        assert info.value.errno == expected, (action, info.value)
+
+
+def test_fsync_fdatasync_syncfs(mnt: Path) -> None:
+    f = mnt / "f"
+    fd = os.open(f, os.O_CREAT | os.O_WRONLY)
+    try:
+        os.write(fd, b"x" * 10_000)
+        os.fsync(fd)
+        os.write(fd, b"y")
+        os.fdatasync(fd)
+        assert libc.syncfs(fd) == 0
+    finally:
+        os.close(fd)
+    dfd = os.open(mnt, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+def test_statfs_tracks_allocation(mnt: Path, daemon: Daemon) -> None:
+    before = os.statvfs(mnt)
+    assert before.f_bsize == 4096 and before.f_namemax == 255
+    f = mnt / "big"
+    with open(f, "wb") as fh:
+        fh.write(b"z" * (32 << 20))
+        fh.flush()
+        os.fsync(fh.fileno())
+    during = os.statvfs(mnt)
+    used = (before.f_bfree - during.f_bfree) * during.f_frsize
+    assert 31 << 20 <= used <= 34 << 20
+    f.unlink()
+    after = os.statvfs(mnt)
+    assert after.f_bfree >= before.f_bfree - 16, "deleted space counts as free at once"
+
+
+def test_posix_fallocate_extends(mnt: Path) -> None:
+    f = mnt / "f"
+    fd = os.open(f, os.O_CREAT | os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, 100_000)
+        assert os.fstat(fd).st_size == 100_000
+        assert os.pread(fd, 100_000, 0) == bytes(100_000)
+    finally:
+        os.close(fd)
+
+
+def test_tempfile_sqlite_tar_git(mnt: Path) -> None:
+    import sqlite3
+    import tempfile
+
+    with tempfile.TemporaryDirectory(dir=mnt) as tmp, tempfile.NamedTemporaryFile(dir=tmp) as fh:
+        fh.write(b"temp")
+        fh.flush()
+        assert Path(fh.name).read_bytes() == b"temp"
+    db = sqlite3.connect(mnt / "db.sqlite")
+    db.execute("create table t (k integer primary key, v text)")
+    with db:
+        db.executemany("insert into t (v) values (?)", [(f"value {i}",) for i in range(2000)])
+    assert db.execute("select count(*), sum(length(v)) from t").fetchone() == (2000, sum(len(f"value {i}") for i in range(2000)))
+    assert db.execute("pragma integrity_check").fetchone() == ("ok",)
+    db.close()
+    src = mnt / "src"
+    for i in range(50):
+        (src / f"d{i % 5}").mkdir(parents=True, exist_ok=True)
+        (src / f"d{i % 5}" / f"f{i}.txt").write_text(f"content {i}\n" * (i + 1))
+    subprocess.run(["tar", "-C", str(mnt), "-cf", str(mnt / "src.tar"), "src"], check=True)
+    (mnt / "out").mkdir()
+    subprocess.run(["tar", "-C", str(mnt / "out"), "-xf", str(mnt / "src.tar")], check=True)
+    subprocess.run(["diff", "-r", str(src), str(mnt / "out" / "src")], check=True)
+    git = ["git", "-c", "user.email=t@example.invalid", "-c", "user.name=t", "-c", "safe.directory=*", "-C", str(src)]
+    subprocess.run([*git, "init", "-q"], check=True)
+    subprocess.run([*git, "add", "-A"], check=True)
+    subprocess.run([*git, "commit", "-q", "-m", "init"], check=True)
+    (src / "d0" / "f0.txt").write_text("changed\n")
+    out = subprocess.run([*git, "status", "--porcelain"], check=True, capture_output=True, text=True).stdout
+    assert out.strip() == "M d0/f0.txt"
+    subprocess.run([*git, "fsck", "--strict"], check=True, capture_output=True)

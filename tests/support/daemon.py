@@ -1,0 +1,103 @@
+"""Start `awsomefsd dev` as a real separate process and wait for its mount, with deadlines."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+AWSOMEFSD = [sys.executable, "-m", "awsomefsd"]
+START_DEADLINE_S = 60.0
+STOP_DEADLINE_S = 60.0
+
+
+def wait_for(condition: Callable[[], bool], timeout_s: float, what: str, interval_s: float = 0.02) -> None:
+    """Poll `condition` until true or fail after `timeout_s` (never a bare sleep-and-hope)."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout_s:.0f}s waiting for {what}")
+        time.sleep(interval_s)
+
+
+def is_mounted(path: Path) -> bool:
+    target = os.path.realpath(path)
+    with open("/proc/self/mounts", encoding="utf-8") as fh:
+        return any(line.split()[1] == target and line.split()[2] == "fuse.awsomefs" for line in fh)
+
+
+class Daemon:
+    """One `awsomefsd dev` process; its output is collected for failure messages."""
+
+    def __init__(self, state: Path, mount: Path, size: str = "1G", extra: list[str] | None = None,
+                 env: dict[str, str] | None = None) -> None:
+        self.state = state
+        self.mount = mount
+        self.size = size
+        self.extra = extra or []
+        self.env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
+        self.proc: subprocess.Popen[str] | None = None
+        self.output: list[str] = []
+        self._ready = threading.Event()
+
+    def command(self) -> list[str]:
+        return [*AWSOMEFSD, "dev", "--state", str(self.state), "--mount", str(self.mount), "--size", self.size,
+                "--metrics-port", "-1", *self.extra]
+
+    def start(self) -> Daemon:
+        self._ready.clear()
+        self.output = []
+        self.proc = subprocess.Popen(self.command(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                     env=self.env, cwd="/")
+        threading.Thread(target=self._pump, args=(self.proc,), daemon=True).start()
+        deadline = time.monotonic() + START_DEADLINE_S
+        while not self._ready.wait(0.05):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop_hard()
+                raise RuntimeError("awsomefsd did not mount:\n" + "".join(self.output[-60:]))
+        return self
+
+    def _pump(self, proc: subprocess.Popen[str]) -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            self.output.append(line)
+            if line.startswith("awsomefsd: mounted"):
+                self._ready.set()
+
+    def stop(self) -> int:
+        """SIGINT: the clean shutdown path (unmount, flush, commit)."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGINT)
+        try:
+            code = self.proc.wait(STOP_DEADLINE_S)
+        except subprocess.TimeoutExpired:
+            self.stop_hard()
+            raise RuntimeError("awsomefsd did not stop on SIGINT:\n" + "".join(self.output[-60:])) from None
+        wait_for(lambda: not is_mounted(self.mount), 10, "unmount")
+        return code
+
+    def kill(self) -> None:
+        """SIGKILL: a crash. The mount is left stale, as after a real crash."""
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait(STOP_DEADLINE_S)
+
+    def stop_hard(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(STOP_DEADLINE_S)
+        subprocess.run(["umount", "-l", str(self.mount)], capture_output=True, check=False)
+
+    def logs(self) -> str:
+        return "".join(self.output)
+
+
+def run_cli(*args: str, timeout_s: float = 120.0) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*AWSOMEFSD, *args], capture_output=True, text=True, timeout=timeout_s,
+                          env={**os.environ, "PYTHONPATH": str(REPO)}, cwd="/", check=False)

@@ -1,0 +1,279 @@
+"""The metadata state machine on a real LMDB store: POSIX namespace rules, data mapping, space,
+volumes and snapshots, and determinism (the same commands give byte-identical state)."""
+
+from __future__ import annotations
+
+import errno
+import stat
+from pathlib import Path
+
+import lmdb
+import pytest
+
+from awsomefsd.meta import commands as c
+from awsomefsd.meta.errors import FsError
+from awsomefsd.meta.filemap import all_extents
+from awsomefsd.meta.records import ROOT_INO, Extent
+from awsomefsd.meta.rename import RENAME_EXCHANGE, RENAME_NOREPLACE
+from awsomefsd.meta.state_machine import FIRST_USER_INO, StateMachine
+from awsomefsd.meta.store import TABLES, MetaStore
+
+DATA_START, DATA_BLOCKS = 256, 10_000
+GRACE_NS = 1000
+
+
+class Harness:
+    """A state machine over a real LMDB store, applying each command in its own transaction."""
+
+    def __init__(self, path: Path) -> None:
+        self.store = MetaStore(path)
+        self.sm = StateMachine(self.store, delayed_free_ns=GRACE_NS)
+        self.freed: list[tuple[int, int]] = []
+        self.sm.freed_listeners.append(self.freed.extend)
+        with self.store.env.begin(write=True) as txn:
+            self.sm.bootstrap(txn, cluster_id="c", device_id="d", data_extent=(DATA_START, DATA_BLOCKS), now_ns=1)
+        self.ino, self.ino_end = self.apply(c.ReserveInodes(100_000))
+        assert self.ino == FIRST_USER_INO
+        self.now = 10
+
+    def apply(self, cmd: object) -> object:
+        with self.store.env.begin(write=True) as txn:
+            return self.sm.apply(txn, cmd)
+
+    def error(self, cmd: object) -> int:
+        with pytest.raises(FsError) as info:
+            self.apply(cmd)
+        return info.value.errno
+
+    def tick(self) -> int:
+        self.now += 1
+        return self.now
+
+    def new_ino(self) -> int:
+        ino = self.ino
+        self.ino += 1
+        assert ino < self.ino_end
+        return ino
+
+    def mk(self, parent: int, name: bytes, mode: int = stat.S_IFREG | 0o644, target: bytes = b"") -> int:
+        ino = self.new_ino()
+        self.apply(c.Mknod(parent, name, ino, mode, 1000, 1000, self.tick(), 0, target))
+        return ino
+
+    def inode(self, ino: int):
+        with self.store.env.begin() as txn:
+            return self.sm.ns.get_inode(txn, ino)
+
+    def lookup(self, parent: int, name: bytes) -> int | None:
+        with self.store.env.begin() as txn:
+            return self.sm.ns.lookup(txn, parent, name)
+
+    def names(self, parent: int) -> list[bytes]:
+        with self.store.env.begin() as txn:
+            return [name for _, name, _ in self.sm.ns.entries(txn, parent)]
+
+    def extents(self, ino: int) -> list[Extent]:
+        with self.store.env.begin() as txn:
+            return list(all_extents(txn, self.store.db["fmap"], ino))
+
+    def free_blocks(self) -> int:
+        return self.sm.space.mirror.free_blocks
+
+    def dump(self) -> dict[str, list[tuple[bytes, bytes]]]:
+        out = {}
+        with self.store.env.begin() as txn:
+            for name in TABLES:
+                out[name] = [(bytes(k), bytes(v)) for k, v in txn.cursor(self.store.db[name])]
+        return out
+
+
+@pytest.fixture
+def h(tmp_path: Path) -> Harness:
+    return Harness(tmp_path / "meta")
+
+
+def ext(file_block: int, dev_block: int, count: int) -> Extent:
+    return Extent(file_block, dev_block, count, b"\0\0\0\0" * count)
+
+
+def test_create_lookup_and_errors(h: Harness) -> None:
+    d = h.mk(ROOT_INO, b"dir", stat.S_IFDIR | 0o755)
+    f = h.mk(d, b"file")
+    assert h.lookup(d, b"file") == f
+    assert h.inode(d).nlink == 2 and h.inode(ROOT_INO).nlink == 5  # . .. .volumes .snapshots dir
+    assert h.error(c.Mknod(d, b"file", 999, stat.S_IFREG, 0, 0, 1)) == errno.EEXIST
+    assert h.error(c.Mknod(d, b"x" * 256, 999, stat.S_IFREG, 0, 0, 1)) == errno.ENAMETOOLONG
+    assert h.error(c.Mknod(f, b"y", 999, stat.S_IFREG, 0, 0, 1)) == errno.ENOTDIR
+    assert h.error(c.Mknod(424242, b"y", 999, stat.S_IFREG, 0, 0, 1)) == errno.ENOENT
+    assert h.error(c.Unlink(ROOT_INO, b"dir", True, 5)) == errno.ENOTEMPTY
+    assert h.error(c.Unlink(ROOT_INO, b"dir", False, 5)) == errno.EISDIR
+    assert h.error(c.Unlink(d, b"file", True, 5)) == errno.ENOTDIR
+    assert h.error(c.Unlink(d, b"nope", False, 5)) == errno.ENOENT
+
+
+def test_setgid_directory_is_inherited(h: Harness) -> None:
+    d = h.mk(ROOT_INO, b"shared", stat.S_IFDIR | 0o2775)
+    h.apply(c.SetAttr(d, h.tick(), gid=4242))
+    f = h.mk(d, b"f")
+    sub = h.mk(d, b"sub", stat.S_IFDIR | 0o755)
+    assert h.inode(f).gid == 4242 and not h.inode(f).mode & stat.S_ISGID
+    assert h.inode(sub).gid == 4242 and h.inode(sub).mode & stat.S_ISGID
+
+
+def test_unlink_last_link_makes_orphan_until_purge(h: Harness) -> None:
+    f = h.mk(ROOT_INO, b"f")
+    h.apply(c.Link(f, ROOT_INO, b"g", h.tick()))
+    assert h.inode(f).nlink == 2
+    h.apply(c.Unlink(ROOT_INO, b"f", False, h.tick()))
+    assert h.inode(f).nlink == 1
+    h.apply(c.WriteData(f, (ext(0, DATA_START, 4),), 4 * 4096, h.tick()))
+    h.apply(c.Unlink(ROOT_INO, b"g", False, h.tick()))
+    assert h.inode(f).nlink == 0, "still there while open"
+    assert h.apply(c.Purge(f, h.tick())) is True
+    assert h.inode(f) is None
+    assert h.extents(f) == []
+
+
+def test_rename_cases(h: Harness) -> None:
+    a = h.mk(ROOT_INO, b"a", stat.S_IFDIR | 0o755)
+    b = h.mk(ROOT_INO, b"b", stat.S_IFDIR | 0o755)
+    f = h.mk(a, b"f")
+    g = h.mk(b, b"g")
+    h.apply(c.Rename(a, b"f", b, b"g", 0, h.tick()))  # replace g
+    assert h.lookup(b, b"g") == f and h.lookup(a, b"f") is None
+    assert h.inode(g).nlink == 0
+    f2 = h.mk(a, b"f2")
+    assert h.error(c.Rename(a, b"f2", b, b"g", RENAME_NOREPLACE, h.tick())) == errno.EEXIST
+    h.apply(c.Rename(a, b"f2", b, b"g", RENAME_EXCHANGE, h.tick()))
+    assert h.lookup(b, b"g") == f2 and h.lookup(a, b"f2") == f
+    sub = h.mk(a, b"sub", stat.S_IFDIR | 0o755)
+    assert h.error(c.Rename(ROOT_INO, b"a", sub, b"x", 0, h.tick())) == errno.EINVAL
+    assert h.error(c.Rename(a, b"f2", ROOT_INO, b"b", 0, h.tick())) == errno.EISDIR
+    assert h.error(c.Rename(a, b"sub", b, b"g", 0, h.tick())) == errno.ENOTDIR
+    h.apply(c.Rename(a, b"sub", b, b"sub", 0, h.tick()))
+    assert h.inode(sub).parent == b and h.inode(a).nlink == 2 and h.inode(b).nlink == 3
+    assert sorted(h.names(b)) == [b"g", b"sub"]
+
+
+def test_readdir_cookies_are_stable(h: Harness) -> None:
+    d = h.mk(ROOT_INO, b"d", stat.S_IFDIR | 0o755)
+    for i in range(20):
+        h.mk(d, b"f%02d" % i)
+    with h.store.env.begin() as txn:
+        first = list(h.sm.ns.entries(txn, d))[:10]
+    h.apply(c.Unlink(d, b"f03", False, h.tick()))
+    h.mk(d, b"new")
+    with h.store.env.begin() as txn:
+        rest = [name for _, name, _ in h.sm.ns.entries(txn, d, first[-1][0])]
+    assert rest == [b"f%02d" % i for i in range(10, 20)] + [b"new"]
+
+
+def test_write_replaces_copy_on_write_and_frees_after_grace(h: Harness) -> None:
+    f = h.mk(ROOT_INO, b"f")
+    free0 = h.free_blocks()
+    h.apply(c.WriteData(f, (ext(0, DATA_START, 8),), 8 * 4096, h.tick()))
+    assert h.free_blocks() == free0 - 8 and h.inode(f).blocks == 8
+    h.apply(c.WriteData(f, (ext(2, DATA_START + 100, 2),), 8 * 4096, h.tick()))
+    assert [(e.file_block, e.dev_block, e.count) for e in h.extents(f)] == [
+        (0, DATA_START, 2), (2, DATA_START + 100, 2), (4, DATA_START + 4, 4)]
+    assert h.inode(f).blocks == 8 and h.free_blocks() == free0 - 10, "old blocks wait out the grace"
+    assert h.error(c.WriteData(f, (ext(0, DATA_START + 100, 1),), 4096, h.tick())) == errno.EIO
+    h.apply(c.ReclaimFrees(h.now))
+    assert h.free_blocks() == free0 - 10, "grace not over"
+    h.apply(c.ReclaimFrees(h.now + GRACE_NS))
+    assert h.free_blocks() == free0 - 8
+    assert h.freed == [(DATA_START + 2, 2)]
+
+
+def test_appends_merge_into_one_extent(h: Harness) -> None:
+    f = h.mk(ROOT_INO, b"f")
+    for i in range(4):
+        h.apply(c.WriteData(f, (ext(i, DATA_START + i, 1),), (i + 1) * 4096, h.tick()))
+    assert [(e.file_block, e.dev_block, e.count) for e in h.extents(f)] == [(0, DATA_START, 4)]
+
+
+def test_truncate_shrinks_and_keeps_tail_block(h: Harness) -> None:
+    f = h.mk(ROOT_INO, b"f")
+    h.apply(c.WriteData(f, (ext(0, DATA_START, 10),), 10 * 4096, h.tick()))
+    h.apply(c.SetAttr(f, h.tick(), size=3 * 4096 + 10, tail=ext(3, DATA_START + 50, 1)))
+    assert [(e.file_block, e.dev_block, e.count) for e in h.extents(f)] == [(0, DATA_START, 3), (3, DATA_START + 50, 1)]
+    assert h.inode(f).size == 3 * 4096 + 10 and h.inode(f).blocks == 4
+    h.apply(c.SetAttr(f, h.tick(), size=0))
+    assert h.extents(f) == [] and h.inode(f).blocks == 0
+
+
+def test_xattrs(h: Harness) -> None:
+    f = h.mk(ROOT_INO, b"f")
+    h.apply(c.SetXattr(f, b"user.a", b"1", 0, h.tick()))
+    assert h.error(c.SetXattr(f, b"user.a", b"2", 1, h.tick())) == errno.EEXIST
+    assert h.error(c.SetXattr(f, b"user.b", b"2", 2, h.tick())) == errno.ENODATA
+    assert h.error(c.RemoveXattr(f, b"user.b", h.tick())) == errno.ENODATA
+    assert h.error(c.SetXattr(f, b"user.big", b"x" * 70000, 0, h.tick())) == errno.E2BIG
+
+
+def test_volume_quota_snapshot_and_clone(h: Harness) -> None:
+    v1 = h.new_ino()
+    vol = h.apply(c.CreateVolume(v1, "pvc-1", v1, 16 * 4096, 0, h.tick()))
+    root = vol["root"]
+    f = h.mk(root, b"data")
+    h.apply(c.WriteData(f, (ext(0, DATA_START, 16),), 16 * 4096, h.tick()))
+    assert h.error(c.WriteData(f, (ext(16, DATA_START + 16, 1),), 17 * 4096, h.tick())) == errno.EDQUOT
+    assert h.apply(c.CreateVolume(v1 + 10**6, "pvc-1", v1 + 10**6, 1, 0, h.tick()))["id"] == v1, "same name"
+    s1 = h.new_ino()
+    snap = h.apply(c.CreateSnapshot(s1, "snap-1", v1, h.tick()))
+    assert snap["used_blocks"] == 16
+    free_before = h.free_blocks()
+    v2 = h.new_ino()
+    clone = h.apply(c.CreateVolume(v2, "pvc-2", v2, 32 * 4096, 0, h.tick(), source_kind="snapshot", source_id=s1))
+    assert clone["used_blocks"] == 16 and h.free_blocks() == free_before, "clone shares extents"
+    snap_file = h.lookup(snap["root"], b"data")
+    assert h.error(c.Unlink(snap["root"], b"data", False, h.tick())) == errno.EROFS
+    assert h.error(c.SetAttr(snap_file, h.tick(), mode=0o600)) == errno.EROFS
+    h.apply(c.DeleteVolume(v1, h.tick()))
+    h.apply(c.DeleteSnapshot(s1, h.tick()))
+    h.apply(c.ReclaimFrees(h.now + GRACE_NS))
+    assert h.free_blocks() == free_before, "the clone still references the extents"
+    h.apply(c.DeleteVolume(v2, h.tick()))
+    h.apply(c.ReclaimFrees(h.now + GRACE_NS))
+    assert h.free_blocks() == free_before + 16
+
+
+def test_same_commands_same_state(tmp_path: Path) -> None:
+    dumps = []
+    for name in ("one", "two"):
+        hh = Harness(tmp_path / name)
+        d = hh.mk(ROOT_INO, b"d", stat.S_IFDIR | 0o755)
+        f = hh.mk(d, b"f")
+        hh.apply(c.WriteData(f, (ext(0, DATA_START, 3),), 3 * 4096, hh.tick()))
+        hh.apply(c.Rename(d, b"f", ROOT_INO, b"g", 0, hh.tick()))
+        hh.apply(c.SetXattr(f, b"user.k", b"v", 0, hh.tick()))
+        try:
+            hh.apply(c.Unlink(ROOT_INO, b"missing", False, hh.tick()))
+        except FsError:
+            pass
+        dumps.append(hh.dump())
+    assert dumps[0] == dumps[1]
+
+
+def test_failed_command_leaves_no_trace(h: Harness) -> None:
+    d = h.mk(ROOT_INO, b"d", stat.S_IFDIR | 0o755)
+    h.mk(d, b"f")
+    before = h.dump()
+    with h.store.env.begin(write=True) as txn:
+        for bad in (c.Rename(d, b"f", d, b"f", RENAME_EXCHANGE | RENAME_NOREPLACE, 99),
+                    c.Mknod(d, b"f", 5000, stat.S_IFREG, 0, 0, 99),
+                    c.Unlink(ROOT_INO, b"d", True, 99)):
+            with pytest.raises(FsError):
+                h.sm.apply(txn, bad)
+    assert h.dump() == before
+
+
+def test_map_growth_is_transparent(tmp_path: Path) -> None:
+    store = MetaStore(tmp_path / "m", map_size_bytes=1 << 20)
+    with pytest.raises(lmdb.MapFullError), store.env.begin(write=True) as txn:
+        for i in range(10_000):
+            txn.put(b"%d" % i, b"x" * 500, db=store.db["meta"])
+    assert store.grow_if_needed(8 << 20)
+    with store.env.begin(write=True) as txn:
+        for i in range(10_000):
+            txn.put(b"%d" % i, b"x" * 500, db=store.db["meta"])
