@@ -8,6 +8,7 @@ in one trio nursery and shuts them down in order: unmount, flush buffered data, 
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 import time
@@ -168,7 +169,7 @@ async def serve(core: Core, settings: Settings, *, ready: Callable[[str], None] 
     import pyfuse3
 
     from awsomefsd.fuse.adapter import FuseAdapter
-    from awsomefsd.fuse.mount import prepare_mount_point
+    from awsomefsd.fuse.mount import prepare_mount_point, tune_bdi
 
     mount = settings.mount.path
     if mount is None:
@@ -204,6 +205,9 @@ async def serve(core: Core, settings: Settings, *, ready: Callable[[str], None] 
                 nursery.cancel_scope.cancel()  # unmounted from outside (fusermount -u)
 
             nursery.start_soon(fuse_main)
+            # a stat of the root is answered only once the kernel's INIT is done: then we serve
+            await trio.to_thread.run_sync(os.stat, mount)
+            tune_bdi(mount)  # after INIT, which clamps read-ahead to what libfuse asked for
             _notify("READY=1")
             if ready is not None:
                 ready(str(mount))

@@ -15,6 +15,8 @@ mkdir -p "$out"
 # protoc emits a top-level `import csi_pb2`; make it package-relative so the package imports cleanly.
 sed -i 's/^import csi_pb2 as csi__pb2$/from . import csi_pb2 as csi__pb2/' "$out/csi_pb2_grpc.py"
 grep -q '^from . import csi_pb2 as csi__pb2$' "$out/csi_pb2_grpc.py"
+# protoc's .pyi declares module-level extension numbers as ClassVar, which mypy rejects.
+sed -i 's/^\([A-Z_]*_FIELD_NUMBER\): _ClassVar\[int\]$/\1: int/' "$out/csi_pb2.pyi"
 cat > "$out/__init__.py" <<'PY'
 """Generated from awsomefsd/csi/csi.proto by scripts/gen_proto.sh; do not edit."""
 PY

@@ -38,7 +38,7 @@ from awsomefsd.meta.state_machine import StateMachine
 
 log = logging.getLogger(__name__)
 
-INLINE_IO_MAX_BYTES = 128 * 1024  # larger device requests go to a worker thread
+INLINE_IO_MAX_BYTES = 64 * 1024  # larger device requests go to a worker thread
 IO_THREADS = 8
 FLUSH_CONCURRENCY = 4
 FLUSHER_TICK_S = 0.1

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import itertools
 import os
+import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,8 +18,10 @@ _counter = itertools.count()
 
 
 @pytest.fixture(scope="module")
-def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
-    base = tmp_path_factory.mktemp("awsomefs")
+def daemon() -> Iterator[Daemon]:
+    # not under pytest's tmp dir: that is private to root, and tests act as other users too
+    base = Path(tempfile.mkdtemp(prefix="awsomefs-test-", dir="/var/tmp"))
+    os.chmod(base, 0o755)
     d = Daemon(base / "state", base / "mnt", size="8G").start()
     try:
         yield d
@@ -25,6 +29,7 @@ def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
         if d.proc is not None and d.proc.poll() is None:
             assert d.stop() == 0, d.logs()
         d.stop_hard()
+        shutil.rmtree(base, ignore_errors=True)
 
 
 @pytest.fixture

@@ -1,0 +1,298 @@
+"""The one bridge between grpcio (threads) and the daemon's trio event loop.
+
+grpcio's server is thread-based: each RPC runs a handler in a worker thread of a
+`ThreadPoolExecutor`. The daemon is a single trio loop. This module lets servicers be written as
+plain `async def Method(self, request, context)` coroutines that run *on the trio loop*, so they may
+use the same trio locks, nurseries and metadata client as the rest of the daemon.
+
+Concurrency notes (what callers may rely on):
+
+- A handler thread calls `trio.from_thread.run(...)` and blocks until the coroutine finishes; the
+  event loop itself never blocks on gRPC. Starting and stopping the grpc server (both blocking
+  calls) happen in `trio.to_thread` threads.
+- Three limits bound the work: `max_workers` threads accept RPCs, `max_concurrent_rpcs` is the
+  grpc-level admission limit (beyond it clients get RESOURCE_EXHAUSTED at once instead of queueing
+  without bound), and a `trio.CapacityLimiter(max_inflight)` bounds how many handler coroutines run
+  on the loop at the same time. Every call also runs under `trio.fail_after` with the smaller of
+  the client's deadline and `max_call_s`, so no RPC holds loop resources forever.
+- Coroutines started this way are trio system tasks: cancelling the nursery that runs
+  `serve_grpc` does not cancel RPCs in flight; shutdown instead stops accepting, gives in-flight
+  RPCs `grace_s` to finish, then cancels the rest through grpc (their threads return UNAVAILABLE
+  once the loop is gone).
+- A handler reports an error by raising `RpcAbort(code, message)`; any other exception becomes
+  INTERNAL with the exception's class name only (no internal details leak to clients) and is logged.
+- Only unary-unary methods are bridged; a servicer method that is missing answers UNIMPLEMENTED.
+- Unix-socket addresses (`unix:///abs/path`) get mode 0600 with no window where the socket is
+  reachable with a wider mode: it is bound inside a private 0700 directory, chmod-ed, then renamed
+  into place. A stale socket file left by a crashed daemon is removed; a live one (something accepts
+  connections on it) or a non-socket file at that path is an error, never silently replaced.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import inspect
+import logging
+import os
+import socket
+import stat
+import tempfile
+from collections.abc import Awaitable, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import grpc
+import trio
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+UNIX_PREFIX = "unix://"
+UNIX_PATH_MAX_BYTES = 107  # sun_path is 108 bytes including the terminating NUL
+SOCKET_MODE = 0o600
+STOP_SLACK_S = 5.0  # beyond the grace period, how long to wait for grpc's own shutdown
+
+
+class RpcAbort(Exception):
+    """Raised by an async handler to end its RPC with `code` and a human-readable `message`."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(f"{code.name}: {message}")
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True)
+class Binding:
+    """One servicer to serve: the generated `add_XServicer_to_server` and the async implementation."""
+
+    add_to_server: Callable[[Any, grpc.Server], None]
+    servicer: object
+
+
+@dataclass(frozen=True)
+class BridgeLimits:
+    max_workers: int = 8
+    max_concurrent_rpcs: int = 64
+    max_inflight: int = 16
+    max_call_s: float = 60.0
+    grace_s: float = 2.0
+    max_message_bytes: int = 4 << 20
+
+    def __post_init__(self) -> None:
+        assert 1 <= self.max_workers <= 256, self.max_workers
+        assert self.max_workers <= self.max_concurrent_rpcs <= 4096, self.max_concurrent_rpcs
+        assert 1 <= self.max_inflight <= self.max_concurrent_rpcs, self.max_inflight
+        assert 0 < self.max_call_s <= 3600, self.max_call_s
+        assert 0 <= self.grace_s <= 600, self.grace_s
+        assert 1024 <= self.max_message_bytes <= 64 << 20, self.max_message_bytes
+
+
+class TrioBridge:
+    """Runs async handlers on one trio loop on behalf of grpc worker threads."""
+
+    def __init__(self, token: trio.lowlevel.TrioToken, limits: BridgeLimits) -> None:
+        self._token = token
+        self._limits = limits
+        self._limiter = trio.CapacityLimiter(limits.max_inflight)
+
+    def handle(
+        self,
+        method: Callable[[Any, grpc.ServicerContext], Awaitable[T]],
+        request: Any,
+        context: grpc.ServicerContext,
+    ) -> T:
+        """Called in a grpc worker thread: run `method` on the loop and translate its outcome."""
+        remaining = context.time_remaining()
+        timeout_s = self._limits.max_call_s
+        if remaining is not None:
+            timeout_s = min(timeout_s, max(remaining, 0.0))
+        try:
+            return trio.from_thread.run(
+                self._run, method, request, context, timeout_s, trio_token=self._token
+            )
+        except RpcAbort as abort:
+            context.abort(abort.code, abort.message)
+        except trio.TooSlowError:
+            context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, f"no answer within {timeout_s:.1f}s")
+        except (trio.RunFinishedError, trio.Cancelled):
+            context.abort(grpc.StatusCode.UNAVAILABLE, "the daemon is shutting down")
+        except Exception as exc:
+            if _is_grpc_abort(context):
+                raise
+            log.exception("unhandled error in %s", getattr(method, "__qualname__", method))
+            context.abort(grpc.StatusCode.INTERNAL, f"internal error ({type(exc).__name__})")
+        raise AssertionError("context.abort returned")  # pragma: no cover - abort always raises
+
+    async def _run(
+        self,
+        method: Callable[[Any, grpc.ServicerContext], Awaitable[T]],
+        request: Any,
+        context: grpc.ServicerContext,
+        timeout_s: float,
+    ) -> T:
+        async with self._limiter:
+            with trio.fail_after(timeout_s):
+                return await method(request, context)
+
+
+def _is_grpc_abort(context: grpc.ServicerContext) -> bool:
+    """True when the handler already called context.abort itself (grpc raised to unwind)."""
+    code = getattr(context, "code", None)
+    return callable(code) and code() not in (None, grpc.StatusCode.OK)
+
+
+def _unimplemented(request: Any, context: grpc.ServicerContext) -> Any:
+    context.abort(grpc.StatusCode.UNIMPLEMENTED, "method not implemented by this plugin")
+
+
+class _SyncServicer:
+    """What grpc sees: each attribute lookup yields a sync handler that defers to the async method."""
+
+    def __init__(self, impl: object, bridge: TrioBridge) -> None:
+        self._impl = impl
+        self._bridge = bridge
+
+    def __getattr__(self, name: str) -> Callable[[Any, grpc.ServicerContext], Any]:
+        method = getattr(self._impl, name, None)
+        if method is None:
+            return _unimplemented
+        if not inspect.iscoroutinefunction(method):
+            raise TypeError(f"{type(self._impl).__name__}.{name} must be `async def`")
+        bridge = self._bridge
+
+        def handler(request: Any, context: grpc.ServicerContext) -> Any:
+            return bridge.handle(method, request, context)
+
+        return handler
+
+
+def unix_socket_path(address: str) -> Path | None:
+    """The filesystem path of a `unix:///abs/path` address, None for other addresses."""
+    if not address.startswith(UNIX_PREFIX):
+        return None
+    path = Path(address[len(UNIX_PREFIX) :])
+    if not path.is_absolute():
+        raise ValueError(f"unix socket address must be absolute (unix:///path): {address!r}")
+    if len(os.fsencode(path)) > UNIX_PATH_MAX_BYTES:
+        raise ValueError(f"unix socket path longer than {UNIX_PATH_MAX_BYTES} bytes: {path}")
+    return path
+
+
+def remove_stale_socket(path: Path) -> None:
+    """Remove a socket file nobody listens on; refuse a live socket or a file of another kind."""
+    try:
+        st = path.lstat()
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise FileExistsError(f"{path} exists and is not a socket; refusing to replace it")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.settimeout(1.0)
+        probe.connect(os.fspath(path))
+    except OSError as exc:
+        if exc.errno not in (errno.ECONNREFUSED, errno.ENOENT):
+            raise
+        path.unlink(missing_ok=True)
+        log.info("removed stale socket %s", path)
+        return
+    finally:
+        probe.close()
+    raise FileExistsError(f"{path} is served by another process; is a daemon already running?")
+
+
+def _bind_unix_private(server: grpc.Server, path: Path, credentials: grpc.ServerCredentials | None) -> None:
+    """Bind in a fresh 0700 directory, chmod 0600, then rename onto `path` (no exposure window)."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
+    private = Path(tempfile.mkdtemp(prefix=".sock-", dir=path.parent))
+    try:
+        staged = private / "s"
+        if len(os.fsencode(staged)) > UNIX_PATH_MAX_BYTES:
+            raise ValueError(f"socket directory path too long to stage a socket in: {path.parent}")
+        _add_port(server, UNIX_PREFIX + os.fspath(staged), credentials)
+        os.chmod(staged, SOCKET_MODE)
+        os.rename(staged, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            for leftover in private.iterdir():
+                leftover.unlink()
+        with contextlib.suppress(FileNotFoundError):
+            private.rmdir()
+
+
+def _add_port(server: grpc.Server, address: str, credentials: grpc.ServerCredentials | None) -> int:
+    port = (
+        server.add_secure_port(address, credentials)
+        if credentials is not None
+        else server.add_insecure_port(address)
+    )
+    if port == 0:
+        raise OSError(f"grpc could not bind {address}")
+    return port
+
+
+def _bound_address(address: str, port: int) -> str:
+    """`host:0` becomes `host:<port>`; other addresses are returned unchanged."""
+    if address.startswith(UNIX_PREFIX) or not address.endswith(":0"):
+        return address
+    return f"{address[:-2]}:{port}"
+
+
+async def serve_grpc(
+    bindings: Sequence[Binding],
+    address: str,
+    *,
+    limits: BridgeLimits = BridgeLimits(),
+    credentials: grpc.ServerCredentials | None = None,
+    task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve `bindings` on `address` until cancelled; `task_status.started(bound_address)`.
+
+    `address` is `unix:///abs/path` (mode 0600) or `host:port` (`:0` picks a port; the started
+    value carries the real one). `credentials` turns on TLS for TCP listeners (the Raft transport).
+    On cancellation the server stops accepting, in-flight RPCs get `limits.grace_s` to finish,
+    and a unix socket file is removed.
+    """
+    assert bindings, "nothing to serve"
+    sock_path = unix_socket_path(address)
+    bridge = TrioBridge(trio.lowlevel.current_trio_token(), limits)
+    executor = ThreadPoolExecutor(max_workers=limits.max_workers, thread_name_prefix="grpc")
+    options = [
+        ("grpc.max_receive_message_length", limits.max_message_bytes),
+        ("grpc.max_send_message_length", limits.max_message_bytes),
+        ("grpc.so_reuseport", 0),
+    ]
+    server = grpc.server(executor, options=options, maximum_concurrent_rpcs=limits.max_concurrent_rpcs)
+    for binding in bindings:
+        binding.add_to_server(_SyncServicer(binding.servicer, bridge), server)
+
+    def bind_and_start() -> str:
+        if sock_path is not None:
+            remove_stale_socket(sock_path)
+            _bind_unix_private(server, sock_path, credentials)
+            bound = address
+        else:
+            bound = _bound_address(address, _add_port(server, address, credentials))
+        server.start()
+        return bound
+
+    try:
+        bound = await trio.to_thread.run_sync(bind_and_start)
+        log.info("grpc serving on %s", bound)
+        task_status.started(bound)
+        await trio.sleep_forever()
+    finally:
+        with trio.CancelScope(shield=True):
+            stopped = server.stop(limits.grace_s)
+            # The loop keeps running while we wait, so handlers blocked in from_thread can finish.
+            await trio.to_thread.run_sync(stopped.wait, limits.grace_s + STOP_SLACK_S)
+            executor.shutdown(wait=False, cancel_futures=True)
+            if sock_path is not None:
+                with contextlib.suppress(FileNotFoundError):
+                    if stat.S_ISSOCK(sock_path.lstat().st_mode):
+                        sock_path.unlink()

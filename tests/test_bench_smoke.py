@@ -1,0 +1,61 @@
+"""Smoke test of the filesystem benchmark harness (bench/fsbench.py).
+
+It runs `--quick` against ext4 and the raw loop device only, so it checks the harness itself
+(setup, workloads, table, JSON, teardown) without depending on the AwsomeFS daemon working.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+FSBENCH = REPO / "bench" / "fsbench.py"
+WORKDIR = Path("/var/tmp/awsomefs-bench-smoke")
+
+
+def _can_run() -> str | None:
+    """Why the smoke test cannot run here, or None."""
+    if os.geteuid() != 0:
+        return "needs root (losetup, mount, drop_caches)"
+    missing = [tool for tool in ("fio", "losetup", "mkfs.ext4", "git", "tar") if not shutil.which(tool)]
+    return f"missing {', '.join(missing)}" if missing else None
+
+
+def _leftovers() -> list[str]:
+    """Loop devices or mounts of the smoke work dir that teardown should have removed."""
+    found = [line for line in Path("/proc/mounts").read_text().splitlines() if str(WORKDIR) in line]
+    loops = subprocess.run(["losetup", "-a"], capture_output=True, text=True).stdout
+    return found + [line for line in loops.splitlines() if str(WORKDIR) in line]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_quick_run_reports_numbers_for_ext4_and_raw(tmp_path: Path) -> None:
+    if reason := _can_run():
+        pytest.skip(reason)
+    out_json = tmp_path / "bench.json"
+    cmd = [sys.executable, str(FSBENCH), "--quick", "--targets", "ext4,raw", "--workdir", str(WORKDIR)]
+    proc = subprocess.run([*cmd, "--json", str(out_json)], capture_output=True, text=True, timeout=850)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert not _leftovers()
+
+    table = proc.stdout.splitlines()
+    header = next(line for line in table if line.startswith("metric")).split()
+    assert "ext4" in header and "raw" in header and "awsomefs" not in header
+    assert any(line.startswith("seq write") and any(ch.isdigit() for ch in line) for line in table)
+
+    doc = json.loads(out_json.read_text())
+    rows = doc["comparison"]
+    assert {row["workload"] for row in rows} == {"seq", "rand", "meta", "untar"}
+    for row in rows:
+        assert row["median"]["ext4"] > 0, row
+        if row["workload"] in ("seq", "rand"):
+            assert row["median"]["raw"] > 0, row
+            assert row["ext4_vs_raw"] > 0, row
