@@ -10,7 +10,9 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import queue
 import subprocess
+import threading
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -37,11 +39,33 @@ def _unescape(field: str) -> str:
     return field.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n").replace("\\134", "\\")
 
 
+PROBE_TIMEOUT_S = 5.0
+
+
 def is_stale(path: Path) -> bool:
+    """True when `path` is a FUSE mount whose daemon is gone.
+
+    statvfs, because the kernel answers stat() of a mount root from its attribute cache even for a
+    dead connection; statfs always reaches the daemon. Probed in a thread with a timeout: a hung
+    (stopped) daemon must not hang us too.
+    """
+    outcome: queue.Queue[BaseException | None] = queue.Queue()
+
+    def probe() -> None:
+        try:
+            os.statvfs(path)
+        except BaseException as exc:
+            outcome.put(exc)
+        else:
+            outcome.put(None)
+
+    threading.Thread(target=probe, daemon=True, name="mount-probe").start()
     try:
-        os.stat(path)
-    except OSError as exc:
-        return exc.errno in (errno.ENOTCONN, errno.ECONNABORTED)
+        result = outcome.get(timeout=PROBE_TIMEOUT_S)
+    except queue.Empty:
+        raise MountError(f"{path} does not answer: a stopped awsomefsd still holds it") from None
+    if isinstance(result, OSError):
+        return result.errno in (errno.ENOTCONN, errno.ECONNABORTED)
     return False
 
 
