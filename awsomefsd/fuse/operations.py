@@ -92,9 +92,18 @@ class Operations:
             await self._purge_if_orphan(ino)
 
     async def _purge_if_orphan(self, ino: int) -> None:
-        if ino in self.lookups or any(h.ino == ino for h in self.handles.values()):
+        """Delete an unlinked inode once nothing can reach its data any more.
+
+        An open handle keeps a file (POSIX: an unlinked open file stays readable). A kernel lookup
+        reference alone does not: with no name and no open file nothing can read it, so unlink
+        frees space at once, as a local filesystem does, instead of waiting for FORGET. A removed
+        directory may still be some process's working directory: it waits for FORGET.
+        """
+        if any(h.ino == ino for h in self.handles.values()):
             return
         inode = self.ns.get_inode(self.log.read_txn(), ino)
+        if inode is not None and inode.is_dir and ino in self.lookups:
+            return
         if inode is not None and inode.nlink == 0:
             self.data.forget(ino)
             await self.log.propose(c.Purge(ino, self._now()))
@@ -149,12 +158,11 @@ class Operations:
 
     async def unlink(self, parent: int, name: bytes, *, is_dir: bool) -> None:
         child = await self.log.propose(c.Unlink(parent, name, is_dir, self._now()))
-        if child not in self.lookups:
-            await self._purge_if_orphan(child)
+        await self._purge_if_orphan(child)
 
     async def rename(self, old_parent: int, old_name: bytes, new_parent: int, new_name: bytes, flags: int) -> None:
         replaced = await self.log.propose(c.Rename(old_parent, old_name, new_parent, new_name, flags, self._now()))
-        if replaced and replaced not in self.lookups:
+        if replaced:
             await self._purge_if_orphan(replaced)
 
     async def setattr(self, ino: int, *, mode: int | None = None, uid: int | None = None, gid: int | None = None,
@@ -220,7 +228,7 @@ class Operations:
 
     async def release(self, fh: int) -> None:
         h = self.handles.pop(fh, None)
-        if h is not None and h.ino not in self.lookups:
+        if h is not None:
             await self._purge_if_orphan(h.ino)
 
     async def fsync(self, fh: int, datasync: bool) -> None:
