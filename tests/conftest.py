@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import trio.testing
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -16,3 +17,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip_slow)
+
+
+@pytest.fixture
+def autojump_clock() -> trio.testing.MockClock:
+    import trio.testing
+
+    return trio.testing.MockClock(autojump_threshold=0)

@@ -56,7 +56,7 @@ def _fuse_op(name: str) -> Callable[[F], F]:
 
 class FuseAdapter(pyfuse3.Operations):
     supports_dot_lookup = True
-    enable_writeback_cache = False
+    enable_writeback_cache = False  # single-writer safe, but the cluster needs leases first
     enable_acl = False
 
     def __init__(self, ops: Operations, *, entry_timeout_s: float = 60.0, attr_timeout_s: float = 60.0,

@@ -1,0 +1,81 @@
+"""The one-member replicated log: group commit, what a crash keeps, and map growth."""
+
+from __future__ import annotations
+
+import stat
+from pathlib import Path
+
+import trio
+import trio.testing
+
+from awsomefsd.meta import commands as c
+from awsomefsd.meta.log import LocalLog
+from awsomefsd.meta.records import ROOT_INO
+from awsomefsd.meta.state_machine import StateMachine
+from awsomefsd.meta.store import MetaStore
+
+
+def open_log(path: Path, **kwargs: object) -> tuple[MetaStore, StateMachine, LocalLog]:
+    store = MetaStore(path, map_size_bytes=kwargs.pop("map_size_bytes", None))  # type: ignore[arg-type]
+    sm = StateMachine(store)
+    with store.env.begin(write=True) as txn:
+        if sm.meta_value(txn, b"format") is None:
+            sm.bootstrap(txn, cluster_id="c", device_id="d", data_extent=(256, 10_000), now_ns=1)
+    with store.env.begin() as txn:
+        sm.load(txn)
+    return store, sm, LocalLog(store, sm, **kwargs)  # type: ignore[arg-type]
+
+
+def mknod(ino: int, name: bytes) -> c.Mknod:
+    return c.Mknod(ROOT_INO, name, ino, stat.S_IFREG | 0o644, 0, 0, 5)
+
+
+def committed_names(store: MetaStore, sm: StateMachine) -> set[bytes]:
+    with store.env.begin() as txn:  # a separate reader sees only committed batches
+        return {name for name, _ in sm.ns.names(txn, ROOT_INO)}
+
+
+async def test_visible_at_once_durable_at_barrier(tmp_path: Path) -> None:
+    store, sm, log = open_log(tmp_path / "m")
+    await log.propose(mknod(100, b"a"))
+    assert log.applied_index == 1 and log.committed_index == 0
+    assert sm.ns.lookup(log.read_txn(), ROOT_INO, b"a") == 100
+    assert b"a" not in committed_names(store, sm)
+    await log.barrier()
+    assert b"a" in committed_names(store, sm) and log.committed_index == 1
+
+
+async def test_crash_keeps_the_committed_prefix(tmp_path: Path) -> None:
+    store, sm, log = open_log(tmp_path / "m")
+    await log.propose(mknod(100, b"kept"))
+    await log.barrier()
+    await log.propose(mknod(101, b"lost"))
+    store.env.close()  # the process dies: the open batch is never committed
+    store, sm, log = open_log(tmp_path / "m")
+    assert committed_names(store, sm) >= {b"kept"} and b"lost" not in committed_names(store, sm)
+    assert log.applied_index == 1, "replay position survives with the data it describes"
+
+
+async def test_map_growth_replays_the_batch(tmp_path: Path) -> None:
+    store, sm, log = open_log(tmp_path / "m", map_size_bytes=1 << 20, max_batch_commands=50_000,
+                              batch_headroom_bytes=0)
+    for i in range(5000):
+        await log.propose(mknod(1000 + i, b"%04d-" % i + b"x" * 200))
+    assert store.map_size_bytes > 1 << 20
+    assert log.replays >= 1, "the batch outgrew the map and was applied again, invisibly"
+    await log.barrier()
+    assert len(committed_names(store, sm)) == 5000 + 2  # and .volumes, .snapshots
+
+
+async def test_group_commit_interval(tmp_path: Path, autojump_clock: trio.testing.MockClock) -> None:
+    _, _, log = open_log(tmp_path / "m", commit_interval_ms=1000)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(log.run)
+        for i in range(10):
+            await log.propose(mknod(100 + i, b"f%d" % i))
+        start = trio.current_time()
+        while log.committed_index < 10:
+            await trio.sleep(0.01)
+        assert 0.99 <= trio.current_time() - start <= 1.1
+        assert log.commits == 1, "ten commands, one commit"
+        nursery.cancel_scope.cancel()
