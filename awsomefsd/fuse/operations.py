@@ -229,6 +229,7 @@ class Operations:
     async def release(self, fh: int) -> None:
         h = self.handles.pop(fh, None)
         if h is not None:
+            self.data.closed(h.ino)
             await self._purge_if_orphan(h.ino)
 
     async def fsync(self, fh: int, datasync: bool) -> None:

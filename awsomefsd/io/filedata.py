@@ -16,6 +16,7 @@ Concurrency (everything here runs on the trio thread unless it says otherwise):
 from __future__ import annotations
 
 import errno
+import itertools
 import logging
 import stat
 import time
@@ -42,6 +43,9 @@ INLINE_IO_MAX_BYTES = 64 * 1024  # larger device requests go to a worker thread
 IO_THREADS = 8
 FLUSH_CONCURRENCY = 4
 FLUSHER_TICK_S = 0.1
+SMALL_RUN_BYTES = 64 * 1024  # a flushed run smaller than this may fragment its file
+COMPACT_AFTER_SMALL_RUNS = 32  # check a file for fragmentation after this many small runs
+COMPACT_MIN_EXTENTS = 4  # file-contiguous extents in a row worth merging into one
 
 
 class FileState:
@@ -95,6 +99,9 @@ class FileData:
         self.total_dirty_bytes = 0
         self.written_since_sync = False
         self._flush_send, self._flush_recv = trio.open_memory_channel[int](1024)
+        self._compact_send, self._compact_recv = trio.open_memory_channel[int](256)
+        self.small_runs: dict[int, int] = {}  # inode -> small runs flushed since its last check
+        self.compactions = 0
 
     # -- bookkeeping ----------------------------------------------------------------------------
     def state(self, ino: int, volume: int = 0) -> FileState:
@@ -113,6 +120,7 @@ class FileData:
 
     def forget(self, ino: int) -> None:
         """Drop buffers of an inode that no longer exists (purged): nothing will read them."""
+        self.small_runs.pop(ino, None)
         st = self.files.pop(ino, None)
         if st is not None:
             self.total_dirty_bytes -= st.dirty.dirty_bytes
@@ -258,6 +266,9 @@ class FileData:
                 taken = sum(len(d) for _, d in runs)
                 self.total_dirty_bytes -= taken
                 st.inflight = runs
+                small = sum(1 for _, data in runs if len(data) < SMALL_RUN_BYTES)
+                if small:
+                    self._note_small_runs(ino, small)
                 try:
                     for start, data in runs:
                         await self._write_run(st, start, data)
@@ -271,6 +282,64 @@ class FileData:
             if not st.dirty and self.files.get(ino) is st and not st.lock.statistics().tasks_waiting:
                 del self.files[ino]
 
+    def _note_small_runs(self, ino: int, count: int) -> None:
+        total = self.small_runs.get(ino, 0) + count
+        if total < COMPACT_AFTER_SMALL_RUNS:
+            self.small_runs[ino] = total
+            return
+        self._request_compaction(ino)
+
+    def closed(self, ino: int) -> None:
+        """A handle was released: a file left fragmented by its last writes is checked now."""
+        if self.small_runs.get(ino, 0) >= COMPACT_MIN_EXTENTS:
+            self._request_compaction(ino)
+
+    def _request_compaction(self, ino: int) -> None:
+        self.small_runs.pop(ino, None)
+        try:
+            self._compact_send.send_nowait(ino)
+        except trio.WouldBlock:
+            pass  # the compactor is busy; the file gets another chance after more small writes
+
+    async def compact(self, ino: int) -> int:
+        """Rewrite runs of small, file-contiguous extents as large ones; returns extents removed.
+
+        Copy-on-write like any write: the merged data goes to fresh extents and one WriteData per
+        MiB replaces the fragments, which are freed after the grace period. Holes stay holes. Runs
+        only while the file has no buffered data (under its lock, so no flush interleaves).
+        """
+        st = self.state(ino)
+        removed = 0
+        async with st.lock:
+            if st.dirty or st.inflight:
+                return 0
+            inode = self.sm.ns.get_inode(self.log.read_txn(), ino)
+            if inode is None or not inode.is_reg:
+                return 0
+            extents = list(extents_in(self.log.read_txn(), self.fmap, ino, 0, 1 << 62))
+            for run in _fragmented_runs(extents):
+                first, end = run[0].file_block, run[-1].end_block
+                for lo in range(first, end, MAX_EXTENT_BLOCKS):
+                    hi = min(lo + MAX_EXTENT_BLOCKS, end)
+                    pieces = [e for e in run if e.end_block > lo and e.file_block < hi]
+                    if len(pieces) < 2:
+                        continue
+                    data = bytearray()
+                    for ext in pieces:
+                        a, b = max(ext.file_block, lo), min(ext.end_block, hi)
+                        data += await self._read_piece(ext, a, b, a * BLOCK_SIZE, b * BLOCK_SIZE)
+                    current = self.sm.ns.get_inode(self.log.read_txn(), ino)
+                    if current is None:
+                        return removed
+                    await self._write_run(st, lo * BLOCK_SIZE, data, size=current.size, keep_mtime=True)
+                    removed += len(pieces) - 1
+        if not st.dirty and not st.inflight and self.files.get(ino) is st:
+            del self.files[ino]
+        if removed:
+            self.compactions += 1
+            log.debug("compacted inode %d: %d fewer extents", ino, removed)
+        return removed
+
     async def flush_all(self) -> None:
         errors = []
         for ino in list(self.files):
@@ -281,11 +350,12 @@ class FileData:
         if errors:
             raise errors[0]
 
-    async def _write_run(self, st: FileState, start: int, data: bytearray) -> None:
+    async def _write_run(self, st: FileState, start: int, data: bytearray, *, size: int | None = None,
+                         keep_mtime: bool = False) -> None:
         inode = self.sm.ns.get_inode(self.log.read_txn(), st.ino)
         if inode is None:
             return  # deleted meanwhile: nothing to write
-        end = start + len(data)
+        end = start + len(data) if size is None else min(size, start + len(data))
         first_block = start // BLOCK_SIZE
         head = start - first_block * BLOCK_SIZE
         tail = -(head + len(data)) % BLOCK_SIZE
@@ -327,7 +397,7 @@ class FileData:
                 checksums = self._write_pieces(data, first_block, pieces)
             self.written_since_sync = True
             records = tuple(Extent(fb, dev, n, cs) for (fb, dev, n), cs in zip(pieces, checksums))
-            await self.log.propose(c.WriteData(st.ino, records, end, self.clock_ns()))
+            await self.log.propose(c.WriteData(st.ino, records, end, self.clock_ns(), touch=not keep_mtime))
         except BaseException:
             self.allocator.release(extents)
             raise
@@ -394,6 +464,7 @@ class FileData:
         async with trio.open_nursery() as nursery:
             task_status.started()
             nursery.start_soon(self._timer, nursery, limiter)
+            nursery.start_soon(self._compactor)
             async for ino in self._flush_recv:
                 nursery.start_soon(self._flush_quietly, ino, limiter)
 
@@ -405,6 +476,13 @@ class FileData:
                 if st.dirty and now - st.dirty_since >= self.flush_interval_s:
                     nursery.start_soon(self._flush_quietly, ino, limiter)
 
+    async def _compactor(self) -> None:
+        async for ino in self._compact_recv:
+            try:
+                await self.compact(ino)
+            except FsError as exc:
+                log.warning("compaction of inode %d failed: %s", ino, exc)
+
     async def _flush_quietly(self, ino: int, limiter: trio.CapacityLimiter) -> None:
         async with limiter:
             try:
@@ -414,6 +492,21 @@ class FileData:
                 if st is not None:
                     st.error = exc.errno  # reported to the application by its next fsync/close
                 log.warning("background flush of inode %d failed: %s", ino, exc)
+
+
+def _fragmented_runs(extents: list[Extent]) -> list[list[Extent]]:
+    """Maximal runs of file-contiguous extents that hold at least COMPACT_MIN_EXTENTS pieces and
+    are not already device-contiguous (those are as good as one extent)."""
+    runs: list[list[Extent]] = []
+    current: list[Extent] = []
+    for ext in extents:
+        if current and current[-1].end_block == ext.file_block:
+            current.append(ext)
+        else:
+            current = [ext]
+            runs.append(current)
+    return [r for r in runs if len(r) >= COMPACT_MIN_EXTENTS
+            and any(a.dev_block + a.count != b.dev_block for a, b in itertools.pairwise(r))]
 
 
 def _overlay(out: bytearray, offset: int, start: int, data: bytearray) -> None:

@@ -90,6 +90,7 @@ class WriteData:
     size: int
     now_ns: int
     kill_suid: bool = False
+    touch: bool = True  # False for compaction: the content did not change, nor do the times
 
 
 @dataclass(frozen=True, slots=True)

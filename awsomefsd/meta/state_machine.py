@@ -311,7 +311,8 @@ class StateMachine:
         self._defer_free(txn, superseded, cmd.now_ns)
         inode.blocks += delta
         inode.size = max(inode.size, cmd.size)
-        inode.mtime_ns = inode.ctime_ns = cmd.now_ns
+        if cmd.touch:
+            inode.mtime_ns = inode.ctime_ns = cmd.now_ns
         if cmd.kill_suid:
             inode.mode &= ~stat.S_ISUID
             if inode.mode & stat.S_IXGRP:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.daemon import Daemon
+from tests.support.daemon import Daemon, wait_for
 
 pytestmark = pytest.mark.mounted
 libc = ctypes.CDLL(None, use_errno=True)
@@ -399,3 +399,38 @@ def test_tempfile_sqlite_tar_git(mnt: Path) -> None:
     out = subprocess.run([*git, "status", "--porcelain"], check=True, capture_output=True, text=True).stdout
     assert out.strip() == "M d0/f0.txt"
     subprocess.run([*git, "fsck", "--strict"], check=True, capture_output=True)
+
+
+def test_fragmented_file_is_compacted(mnt: Path, daemon: Daemon) -> None:
+    import lmdb
+
+    from awsomefsd.meta.filemap import all_extents
+
+    f = mnt / "frag"
+    f.write_bytes(bytes(4 << 20))
+    model = bytearray(4 << 20)
+    fd = os.open(f, os.O_RDWR)
+    try:
+        for i in range(200):  # scattered small writes, each flushed on its own
+            offset = (i * 7919 % 1024) * 4096
+            chunk = bytes([i % 251 + 1]) * 4096
+            os.pwrite(fd, chunk, offset)
+            model[offset : offset + 4096] = chunk
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+    ino = f.stat().st_ino
+    mtime = f.stat().st_mtime_ns
+
+    def extent_count() -> int:
+        os.fsync(os.open(mnt, os.O_RDONLY))  # commit, so a reader outside the daemon sees it
+        env = lmdb.open(str(daemon.state / "meta"), readonly=True, lock=True, max_dbs=32)
+        try:
+            with env.begin() as txn:
+                return len(list(all_extents(txn, env.open_db(b"fmap", txn=txn, create=False), ino)))
+        finally:
+            env.close()
+
+    wait_for(lambda: extent_count() <= 8, 30, "the compactor to merge the fragments")
+    assert f.read_bytes() == bytes(model)
+    assert f.stat().st_mtime_ns == mtime, "compaction changes no timestamps"
