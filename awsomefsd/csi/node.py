@@ -79,7 +79,9 @@ class NodeServicer:
                 grpc.StatusCode.UNAVAILABLE, "this node's AwsomeFS mount does not answer; retry later"
             )
         directory = self._volumes.volume_path(volume_id)
-        if not os.path.isabs(directory) or not within(directory, self._volumes.mount_point()):
+        # `within` resolves symlinks, i.e. lstat()s below the mount: in the daemon that is a FUSE
+        # request this very thread must answer, so it runs in a worker thread like every mount call
+        if not os.path.isabs(directory) or not await self._blocking(within, directory, self._volumes.mount_point()):
             raise RpcAbort(grpc.StatusCode.INTERNAL, f"volume {volume_id} resolves outside the mount")
         return info, directory
 
@@ -116,7 +118,7 @@ class NodeServicer:
             request.readonly or cap.access_mode.mode in READ_ONLY_MODES or "ro" in cap.mount.mount_flags
         )
         flags = (frozenset(cap.mount.mount_flags) - {"rw", "ro"}) | ({"ro"} if readonly else set())
-        if within(target, self._volumes.mount_point()):
+        if await self._blocking(within, target, self._volumes.mount_point()):  # lstat()s: see above
             raise invalid("target_path must not lie inside the AwsomeFS mount itself")
         _info, directory = await self._healthy_volume(volume_id)
         async with self._locks.hold("target:" + target):

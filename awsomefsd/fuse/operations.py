@@ -288,8 +288,8 @@ class Operations:
     # -- filesystem -----------------------------------------------------------------------------
     def statfs(self) -> FsStats:
         txn = self.log.read_txn()
-        deferred = sum(n for _, _, pairs in self.sm.space.deferred(txn) for _, n in pairs)
-        free = max(0, self.sm.space.mirror.free_blocks + deferred - self.data.dirty_blocks())
+        pending = self.sm.space.pending_free_blocks(txn)
+        free = min(self.total_blocks, max(0, self.sm.space.mirror.free_blocks + pending - self.data.dirty_blocks()))
         used_inodes = int(txn.stat(self.sm.db["inodes"])["entries"])
         return FsStats(BLOCK_SIZE, self.total_blocks, free, FILES_ADVERTISED,
                        FILES_ADVERTISED - used_inodes, MAX_NAME_BYTES)

@@ -109,6 +109,17 @@ class SpaceMap:
             pairs = [_PAIR.unpack_from(value, _DFREE_HEAD.size + i * _PAIR.size) for i in range(n)]
             yield U64.unpack(key)[0], not_before, pairs
 
+    def pending_free_blocks(self, txn: lmdb.Transaction) -> int:
+        """Blocks the delayed-free list will return to free space: those no snapshot or clone
+        still references (a shared range only loses a reference)."""
+        total = 0
+        for _seq, _not_before, pairs in self.deferred(txn):
+            for start, count in pairs:
+                shared = sum(min(r_start + r_count, start + count) - max(r_start, start)
+                             for r_start, r_count, _ in self._ref_records(txn, start, start + count))
+                total += count - shared
+        return total
+
     def reclaim(self, txn: lmdb.Transaction, now_ns: int, limit: int = 4096) -> list[tuple[int, int]]:
         """Release deferred extents that are due; returns what became free."""
         freed: list[tuple[int, int]] = []

@@ -1,12 +1,20 @@
 """Fixtures for the CSI tests: a real CSI endpoint on a real unix socket, driven over real gRPC.
 
-`volume_service` is the single place that chooses the backend. Today it is the directory-backed
-fake (tests/csi/fake_backend.py); once the core's VolumeService lands, point that fixture at it
-(or at a running `awsomefsd dev --csi-socket`) and every test here runs unchanged, because the tests
-only use the `VolumeService` protocol methods (plus `healthy`, a fault-injection hook).
+`volume_service` is the single place that chooses the backend, parametrized by `csi_backend`:
 
-The gRPC stubs are blocking, and the server's handlers run on this same trio loop, so the client
-side always calls through `trio.to_thread` (`Csi.call`); calling a stub directly would deadlock.
+- "fake": the directory-backed stand-in (tests/csi/fake_backend.py) served in this process; fast,
+  and it has a fault-injection hook (`healthy`).
+- "daemon": the real thing, a separate `awsomefsd dev --csi-socket` process (one per session,
+  started on first use) with its FUSE mount; CoreVolumes (awsomefsd/volumes.py) behind the same
+  servicers. Each test gets a clean slate: its volumes and snapshots are deleted afterwards.
+
+Every test using `csi_endpoint` runs against both, except those marked `fake_only` (they rely on
+the fake's fault injection or its thick-provisioning arithmetic) or `daemon_only`
+(test_daemon_e2e.py: quota, copy-on-write, restarts — what only the real core does). The tests use only the
+`VolumeService` protocol's path and capacity methods (plus `total_bytes` and the fake's `healthy`).
+
+The gRPC stubs are blocking, and the fake's handlers run on this same trio loop, so the client side
+always calls through `trio.to_thread` (`Csi.call`); calling a stub directly would deadlock.
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ import trio
 from awsomefsd.csi import mounts
 from awsomefsd.csi.generated import csi_pb2, csi_pb2_grpc
 from awsomefsd.csi.server import serve_csi
+from tests.csi.daemon_backend import DaemonVolumes, RunningDaemon, delete_everything, start_daemon
 from tests.csi.fake_backend import DirectoryVolumes
 
 NODE_ID = "node-a"
@@ -110,19 +119,62 @@ def workdir(tmp_path: Path) -> Iterator[Path]:
     assert _mounts_below(tmp_path) == []
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "fake_only: runs only against the in-process fake backend (say why in a comment)"
+    )
+    config.addinivalue_line("markers", "daemon_only: runs only against the real daemon")
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Run each endpoint test against both backends, unless it is marked for one of them."""
+    if "csi_backend" in metafunc.fixturenames:
+        backends = ["fake", "daemon"]
+        if metafunc.definition.get_closest_marker("fake_only") is not None:
+            backends = ["fake"]
+        elif metafunc.definition.get_closest_marker("daemon_only") is not None:
+            backends = ["daemon"]
+        metafunc.parametrize("csi_backend", backends, indirect=True)
+
+
 @pytest.fixture
-def volume_service(workdir: Path) -> DirectoryVolumes:
+def csi_backend(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture(scope="session")
+def awsomefsd_daemon() -> Iterator[RunningDaemon]:
+    """One real daemon for the session (started on first use), stopped and removed at the end."""
+    with start_daemon(node_id=NODE_ID) as running:
+        yield running
+
+
+@pytest.fixture
+def volume_service(csi_backend: str, workdir: Path, request: pytest.FixtureRequest) -> Any:
     """THE backend choice for every CSI test (see the module docstring)."""
+    if csi_backend == "daemon":
+        running: RunningDaemon = request.getfixturevalue("awsomefsd_daemon")
+        return DaemonVolumes(running)
     return DirectoryVolumes(workdir / "fs")
 
 
 @pytest.fixture
 async def csi_endpoint(nursery: trio.Nursery, volume_service: Any, workdir: Path) -> AsyncIterator[Csi]:
-    """A served CSI endpoint and a connected client; the server stops with the test's nursery."""
-    socket_path = workdir / "csi.sock"
-    await nursery.start(serve_csi, volume_service, socket_path, NODE_ID)
+    """A served CSI endpoint and a connected client; the fake's server stops with the test's
+    nursery, the daemon's volumes and snapshots are deleted after the test."""
+    if isinstance(volume_service, DaemonVolumes):
+        socket_path = volume_service.daemon.socket
+    else:
+        socket_path = workdir / "csi.sock"
+        await nursery.start(serve_csi, volume_service, socket_path, NODE_ID)
     channel = grpc.insecure_channel("unix://" + os.fspath(socket_path))
+    csi = Csi(channel=channel, socket_path=socket_path, volumes=volume_service, workdir=workdir)
     try:
-        yield Csi(channel=channel, socket_path=socket_path, volumes=volume_service, workdir=workdir)
+        yield csi
     finally:
-        channel.close()
+        try:
+            if isinstance(volume_service, DaemonVolumes):
+                with trio.fail_after(CLIENT_TIMEOUT_S):
+                    await trio.to_thread.run_sync(delete_everything, csi.controller, CLIENT_TIMEOUT_S)
+        finally:
+            channel.close()

@@ -1,8 +1,8 @@
 """A test-only `VolumeService`: volumes are real directories under a temporary root.
 
-This stands in for the filesystem core (awsomefsd/volumes.py, replicated through Raft) until the
-lead's real implementation lands; the `volume_service` fixture in conftest.py is the one place to
-switch the CSI tests over to it. It keeps the contract's semantics that the servicers rely on:
+This stands in for the filesystem core (awsomefsd/volumes.py) so the gRPC layer's tests run fast and
+in-process, with fault injection; the same tests also run against the real daemon (see the
+`volume_service` fixture in conftest.py). It keeps the contract's semantics the servicers rely on:
 
 - idempotent create by name (same capacity and source: the same volume; otherwise
   VolumeAlreadyExists), idempotent deletes, ids in the `ids.py` shape, lists ordered by id;

@@ -277,3 +277,22 @@ def test_map_growth_is_transparent(tmp_path: Path) -> None:
     with store.env.begin(write=True) as txn:
         for i in range(10_000):
             txn.put(b"%d" % i, b"x" * 500, db=store.db["meta"])
+
+
+def test_pending_frees_exclude_shared_blocks(h: Harness) -> None:
+    v = h.new_ino()
+    root = h.apply(c.CreateVolume(v, "p", v, 0, 0, h.tick()))["root"]
+    f = h.mk(root, b"f")
+    h.apply(c.WriteData(f, (ext(0, DATA_START, 10),), 10 * 4096, h.tick()))
+    s = h.new_ino()
+    h.apply(c.CreateSnapshot(s, "s", v, h.tick()))
+    h.apply(c.DeleteVolume(v, h.tick()))
+    with h.store.env.begin() as txn:
+        assert h.sm.space.pending_free_blocks(txn) == 0, "the snapshot still holds all ten blocks"
+    h.apply(c.DeleteSnapshot(s, h.tick()))
+    with h.store.env.begin() as txn:
+        assert h.sm.space.pending_free_blocks(txn) == 0, "conservative: shared until a release is processed"
+    h.apply(c.ReclaimFrees(h.now + GRACE_NS))
+    with h.store.env.begin() as txn:
+        assert h.sm.space.pending_free_blocks(txn) == 0
+    assert h.free_blocks() == DATA_BLOCKS
