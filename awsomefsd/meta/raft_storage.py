@@ -1,0 +1,270 @@
+"""Durable Raft storage in LMDB on node-local disk, and the apply contract for the state machine.
+
+Log layout (one environment, two named databases):
+  raft_log   8-byte big-endian index -> codec.encode_entry(entry)
+  raft_meta  b"hard_state" -> <term, vote, commit> (u64 each); b"snapshot" -> snapshot metadata;
+             b"format" -> FORMAT_VERSION
+Everything one Ready asks to persist goes into one write transaction (`save`), committed with fsync
+before any message of that Ready is sent: group commit, one fsync per Ready. LMDB commits are
+atomic, so a crash leaves either the whole Ready or none of it.
+
+The apply contract (`apply_entries`): the state machine lives in its own environment (the metadata
+tables); applying entries and recording the last applied index happen in the same write
+transaction, so after a crash replaying committed entries skips exactly those already applied.
+
+Snapshots: the state-machine environment *is* the snapshot. `snapshot_chunks` streams a compacted
+copy of it in bounded chunks and `SnapshotReceiver` reassembles one on the follower; the log keeps
+only the snapshot's metadata (index, term, membership).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import struct
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import lmdb
+
+from awsomefsd.meta.raft.codec import decode_entry, decode_snapshot_meta, encode_entry, encode_snapshot_meta
+from awsomefsd.meta.raft.messages import ConfState, Entry, HardState, Snapshot, SnapshotMeta
+from awsomefsd.meta.raft.storage import LogCompacted, LogUnavailable, limit_size
+
+FORMAT_VERSION = 1
+DEFAULT_MAP_BYTES = 1 << 30
+DEFAULT_CHUNK_BYTES = 1 << 20
+MAX_CHUNK_BYTES = 64 << 20
+MAX_SNAPSHOT_BYTES = 1 << 40
+APPLIED_KEY = b"raft_applied_index"
+
+_INDEX = struct.Struct(">Q")
+_HARD_STATE = struct.Struct("<QQQ")
+_U64 = struct.Struct("<Q")
+
+
+def _key(index: int) -> bytes:
+    return _INDEX.pack(index)
+
+
+class LmdbRaftStorage:
+    """Implements `awsomefsd.meta.raft.storage.Storage` plus the write side used per Ready.
+
+    Single writer (the node's Raft driver). Reads of indexes and terms hit small in-memory copies
+    of the log bounds and snapshot metadata, kept in step with every committed write.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        map_size_bytes: int = DEFAULT_MAP_BYTES,
+        snapshot_data: Callable[[SnapshotMeta], bytes] | None = None,
+    ) -> None:
+        path.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self.env = lmdb.open(str(path), map_size=map_size_bytes, max_dbs=4, sync=True, metasync=True)
+        self._log = self.env.open_db(b"raft_log")
+        self._meta = self.env.open_db(b"raft_meta")
+        self._snapshot_data = snapshot_data
+        with self.env.begin(write=True) as txn:
+            fmt = txn.get(b"format", db=self._meta)
+            if fmt is None:
+                txn.put(b"format", _U64.pack(FORMAT_VERSION), db=self._meta)
+            elif _U64.unpack(fmt)[0] != FORMAT_VERSION:
+                raise RuntimeError(f"raft log format {_U64.unpack(fmt)[0]} is not {FORMAT_VERSION}")
+            raw_hs = txn.get(b"hard_state", db=self._meta)
+            self.hard_state = HardState(*_HARD_STATE.unpack(raw_hs)) if raw_hs else HardState()
+            raw_snap = txn.get(b"snapshot", db=self._meta)
+            self.snap_meta = decode_snapshot_meta(raw_snap) if raw_snap else SnapshotMeta()
+            cur = txn.cursor(db=self._log)
+            self._last = _INDEX.unpack(cur.key())[0] if cur.last() else self.snap_meta.index
+        assert self._last >= self.snap_meta.index, "log ends below its snapshot"
+
+    # --- Storage (read side) ----------------------------------------------------------------------
+    def initial_state(self) -> tuple[HardState, ConfState]:
+        return self.hard_state, self.snap_meta.conf_state
+
+    def first_index(self) -> int:
+        return self.snap_meta.index + 1
+
+    def last_index(self) -> int:
+        return self._last
+
+    def term(self, index: int) -> int:
+        if index < self.snap_meta.index:
+            raise LogCompacted(index)
+        if index == self.snap_meta.index:
+            return self.snap_meta.term
+        if index > self._last:
+            raise LogUnavailable(index)
+        with self.env.begin() as txn:
+            raw = txn.get(_key(index), db=self._log)
+        assert raw is not None, f"entry {index} missing inside the log bounds"
+        return decode_entry(raw).term
+
+    def entries(self, lo: int, hi: int, max_size_bytes: int) -> list[Entry]:
+        if lo <= self.snap_meta.index:
+            raise LogCompacted(lo)
+        if hi > self._last + 1:
+            raise LogUnavailable(hi)
+        out: list[Entry] = []
+        size = 0
+        with self.env.begin() as txn:
+            cur = txn.cursor(db=self._log)
+            if lo < hi and cur.set_key(_key(lo)):
+                for k, v in cur:
+                    i = _INDEX.unpack(k)[0]
+                    if i >= hi:
+                        break
+                    e = decode_entry(v)
+                    assert e.index == i, (e.index, i)
+                    size += e.size_bytes()
+                    if out and size > max_size_bytes:
+                        break
+                    out.append(e)
+        assert len(out) == hi - lo or size > max_size_bytes, f"hole in the log between {lo} and {hi}"
+        return limit_size(out, max_size_bytes)
+
+    def snapshot(self) -> Snapshot:
+        data = self._snapshot_data(self.snap_meta) if self._snapshot_data and self.snap_meta.index else b""
+        return Snapshot(self.snap_meta, data)
+
+    # --- write side -------------------------------------------------------------------------------
+    def save(
+        self, hard_state: HardState | None, entries: list[Entry], snapshot: SnapshotMeta | None = None
+    ) -> None:
+        """Persist one Ready (snapshot metadata, entries, hard state) in one fsynced transaction."""
+        if hard_state is None and not entries and snapshot is None:
+            return
+        snap_meta, last = self.snap_meta, self._last
+        with self.env.begin(write=True) as txn:
+            if snapshot is not None and snapshot.index > snap_meta.index:
+                self._delete_from(txn, 0)  # a leader's snapshot replaces the whole log
+                txn.put(b"snapshot", encode_snapshot_meta(snapshot), db=self._meta)
+                snap_meta, last = snapshot, snapshot.index
+            if entries:
+                first = entries[0].index
+                assert snap_meta.index < first <= last + 1, f"append at {first} leaves a hole after {last}"
+                if first <= last:
+                    self._delete_from(txn, first)  # the core decided this suffix conflicts
+                for e in entries:
+                    txn.put(_key(e.index), encode_entry(e), db=self._log, append=True)
+                last = entries[-1].index
+            if hard_state is not None:
+                txn.put(
+                    b"hard_state",
+                    _HARD_STATE.pack(hard_state.term, hard_state.vote, hard_state.commit),
+                    db=self._meta,
+                )
+        # Only after the commit returned (durable) does memory follow.
+        self.snap_meta, self._last = snap_meta, last
+        if hard_state is not None:
+            self.hard_state = hard_state
+
+    def create_snapshot(self, index: int, conf_state: ConfState) -> SnapshotMeta:
+        """Record that the state machine has a snapshot at `index` (it must be applied and stored)."""
+        if index <= self.snap_meta.index:
+            return self.snap_meta
+        meta = SnapshotMeta(index, self.term(index), conf_state)
+        with self.env.begin(write=True) as txn:
+            txn.put(b"snapshot", encode_snapshot_meta(meta), db=self._meta)
+            self._delete_range(txn, 0, index + 1)
+        self.snap_meta = meta
+        return meta
+
+    def _delete_from(self, txn: lmdb.Transaction, lo: int) -> None:
+        self._delete_range(txn, lo, None)
+
+    def _delete_range(self, txn: lmdb.Transaction, lo: int, hi: int | None) -> None:
+        cur = txn.cursor(db=self._log)
+        if not cur.set_range(_key(lo)):
+            return
+        while True:
+            k = cur.key()
+            if not k or (hi is not None and _INDEX.unpack(k)[0] >= hi):
+                return
+            if not cur.delete():
+                return
+
+    def close(self) -> None:
+        self.env.close()
+
+
+# --- the apply contract ------------------------------------------------------------------------------
+def read_applied_index(txn: lmdb.Transaction, db: lmdb._Database) -> int:
+    raw = txn.get(APPLIED_KEY, db=db)
+    return _U64.unpack(raw)[0] if raw else 0
+
+
+def apply_entries(
+    env: lmdb.Environment,
+    db: lmdb._Database,
+    entries: list[Entry],
+    apply_fn: Callable[[lmdb.Transaction, Entry], None],
+) -> int:
+    """Apply committed entries and record the applied index in the same write transaction.
+
+    Entries at or below the recorded index are skipped, so handing the same committed entries over
+    again after a crash is harmless. Returns the applied index after the transaction.
+    """
+    with env.begin(write=True) as txn:
+        applied = read_applied_index(txn, db)
+        for e in entries:
+            if e.index <= applied:
+                continue
+            assert e.index == applied + 1, f"apply {e.index} after {applied}: a committed entry is missing"
+            apply_fn(txn, e)
+            applied = e.index
+        txn.put(APPLIED_KEY, _U64.pack(applied), db=db)
+    return applied
+
+
+# --- snapshots as environment copies -----------------------------------------------------------------
+def snapshot_chunks(env: lmdb.Environment, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Iterator[bytes]:
+    """A compacted, consistent copy of `env` (one read transaction) as a stream of bounded chunks."""
+    assert 0 < chunk_bytes <= MAX_CHUNK_BYTES
+    with tempfile.TemporaryDirectory(prefix="raft-snap-") as tmp:
+        env.copy(tmp, compact=True)
+        with open(os.path.join(tmp, "data.mdb"), "rb") as f:
+            while chunk := f.read(chunk_bytes):
+                yield chunk
+
+
+class SnapshotReceiver:
+    """Reassembles a streamed environment copy; only `finish()` makes it visible at the target."""
+
+    def __init__(self, staging_dir: Path, max_bytes: int = MAX_SNAPSHOT_BYTES) -> None:
+        staging_dir.mkdir(parents=True, exist_ok=True)
+        self._dir = Path(tempfile.mkdtemp(prefix="incoming-", dir=staging_dir))
+        self._file = open(self._dir / "data.mdb", "wb")  # noqa: SIM115 - closed in finish/abort
+        self._max_bytes = max_bytes
+        self.received_bytes = 0
+
+    def write(self, chunk: bytes) -> None:
+        assert len(chunk) <= MAX_CHUNK_BYTES, "chunk over bound"
+        self.received_bytes += len(chunk)
+        if self.received_bytes > self._max_bytes:
+            self.abort()
+            raise ValueError(f"snapshot larger than {self._max_bytes} bytes")
+        self._file.write(chunk)
+
+    def finish(self, target_dir: Path) -> Path:
+        """fsync the copy and rename it into place (atomic on one filesystem)."""
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        if target_dir.exists():
+            shutil.rmtree(target_dir)
+        os.replace(self._dir, target_dir)
+        dir_fd = os.open(target_dir.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+        return target_dir
+
+    def abort(self) -> None:
+        self._file.close()
+        shutil.rmtree(self._dir, ignore_errors=True)
