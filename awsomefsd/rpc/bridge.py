@@ -21,7 +21,13 @@ Concurrency notes (what callers may rely on):
   once the loop is gone).
 - A handler reports an error by raising `RpcAbort(code, message)`; any other exception becomes
   INTERNAL with the exception's class name only (no internal details leak to clients) and is logged.
-- Only unary-unary methods are bridged; a servicer method that is missing answers UNIMPLEMENTED.
+- Unary-unary methods are bridged as above. A method decorated with `@client_stream` serves a
+  client-streaming RPC: it runs once per call as a trio system task and reads the requests from a
+  bounded `trio.MemoryReceiveChannel` that the grpc worker thread fills (back-pressure: the thread
+  blocks while the channel is full, so a fast sender is slowed by TCP flow control, never buffered
+  without bound). Its return value is the single response. A stream occupies one worker thread for
+  its lifetime, so `max_workers` bounds concurrent streams too.
+- A servicer method that is missing answers UNIMPLEMENTED.
 - Unix-socket addresses (`unix:///abs/path`) get mode 0600 with no window where the socket is
   reachable with a wider mode: it is bound inside a private 0700 directory, chmod-ed, then renamed
   into place. A stale socket file left by a crashed daemon is removed; a live one (something accepts
@@ -50,10 +56,12 @@ import trio
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+F = TypeVar("F", bound=Callable[..., Any])
 
 UNIX_PREFIX = "unix://"
 UNIX_PATH_MAX_BYTES = 107  # sun_path is 108 bytes including the terminating NUL
 SOCKET_MODE = 0o600
+STREAM_BUFFER_ITEMS = 16  # requests of one client stream buffered between grpc's thread and trio
 STOP_SLACK_S = 5.0  # beyond the grace period, how long to wait for grpc's own shutdown
 
 
@@ -140,6 +148,76 @@ class TrioBridge:
                 return await method(request, context)
 
 
+    def handle_stream(
+        self,
+        method: Callable[[trio.MemoryReceiveChannel[Any], grpc.ServicerContext], Awaitable[T]],
+        requests: Any,
+        context: grpc.ServicerContext,
+    ) -> T:
+        """Called in a grpc worker thread for a client stream: feed `method` item by item."""
+        token = self._token
+        try:
+            send, done, outcome = trio.from_thread.run(
+                self._start_stream, method, context, trio_token=token
+            )
+        except (trio.RunFinishedError, trio.Cancelled):
+            context.abort(grpc.StatusCode.UNAVAILABLE, "the daemon is shutting down")
+        try:
+            try:
+                for item in requests:
+                    trio.from_thread.run(_send_or_drop, send, item, trio_token=token)
+            except grpc.RpcError:
+                pass  # the client went away: the handler sees the end of its stream
+            finally:
+                trio.from_thread.run(send.aclose, trio_token=token)
+            trio.from_thread.run(done.wait, trio_token=token)
+        except (trio.RunFinishedError, trio.Cancelled):
+            context.abort(grpc.StatusCode.UNAVAILABLE, "the daemon is shutting down")
+        if isinstance(outcome.get("error"), RpcAbort):
+            abort = outcome["error"]
+            context.abort(abort.code, abort.message)
+        if "error" in outcome:
+            context.abort(grpc.StatusCode.INTERNAL, f"internal error ({type(outcome['error']).__name__})")
+        return outcome["value"]
+
+    async def _start_stream(
+        self,
+        method: Callable[[trio.MemoryReceiveChannel[Any], grpc.ServicerContext], Awaitable[T]],
+        context: grpc.ServicerContext,
+    ) -> tuple[trio.MemorySendChannel[Any], trio.Event, dict[str, Any]]:
+        send, recv = trio.open_memory_channel[Any](STREAM_BUFFER_ITEMS)
+        done = trio.Event()
+        outcome: dict[str, Any] = {}
+
+        async def run() -> None:
+            try:
+                async with recv:
+                    outcome["value"] = await method(recv, context)
+            except Exception as exc:  # a system task must not raise: it would crash the loop
+                if not isinstance(exc, RpcAbort):
+                    log.exception("unhandled error in %s", getattr(method, "__qualname__", method))
+                outcome["error"] = exc
+            finally:
+                done.set()
+
+        trio.lowlevel.spawn_system_task(run)
+        return send, done, outcome
+
+
+async def _send_or_drop(send: trio.MemorySendChannel[Any], item: Any) -> None:
+    """Hand one streamed request to the handler; if it stopped reading, discard the rest."""
+    try:
+        await send.send(item)
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        pass
+
+
+def client_stream(method: F) -> F:
+    """Mark an `async def M(self, requests: MemoryReceiveChannel, context)` as a client stream."""
+    method.__awsomefs_client_stream__ = True  # type: ignore[attr-defined]
+    return method
+
+
 def _is_grpc_abort(context: grpc.ServicerContext) -> bool:
     """True when the handler already called context.abort itself (grpc raised to unwind)."""
     code = getattr(context, "code", None)
@@ -164,6 +242,12 @@ class _SyncServicer:
         if not inspect.iscoroutinefunction(method):
             raise TypeError(f"{type(self._impl).__name__}.{name} must be `async def`")
         bridge = self._bridge
+        if getattr(method, "__awsomefs_client_stream__", False):
+
+            def stream_handler(requests: Any, context: grpc.ServicerContext) -> Any:
+                return bridge.handle_stream(method, requests, context)
+
+            return stream_handler
 
         def handler(request: Any, context: grpc.ServicerContext) -> Any:
             return bridge.handle(method, request, context)
@@ -249,12 +333,14 @@ async def serve_grpc(
     *,
     limits: BridgeLimits = BridgeLimits(),
     credentials: grpc.ServerCredentials | None = None,
+    options: Sequence[tuple[str, Any]] = (),
     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve `bindings` on `address` until cancelled; `task_status.started(bound_address)`.
 
     `address` is `unix:///abs/path` (mode 0600) or `host:port` (`:0` picks a port; the started
-    value carries the real one). `credentials` turns on TLS for TCP listeners (the Raft transport).
+    value carries the real one). `credentials` turns on TLS for TCP listeners (the Raft transport);
+    `options` adds grpc channel arguments (e.g. the keepalive policy a peer-to-peer service needs).
     On cancellation the server stops accepting, in-flight RPCs get `limits.grace_s` to finish,
     and a unix socket file is removed.
     """
@@ -262,12 +348,13 @@ async def serve_grpc(
     sock_path = unix_socket_path(address)
     bridge = TrioBridge(trio.lowlevel.current_trio_token(), limits)
     executor = ThreadPoolExecutor(max_workers=limits.max_workers, thread_name_prefix="grpc")
-    options = [
+    channel_args = [
         ("grpc.max_receive_message_length", limits.max_message_bytes),
         ("grpc.max_send_message_length", limits.max_message_bytes),
         ("grpc.so_reuseport", 0),
+        *options,
     ]
-    server = grpc.server(executor, options=options, maximum_concurrent_rpcs=limits.max_concurrent_rpcs)
+    server = grpc.server(executor, options=channel_args, maximum_concurrent_rpcs=limits.max_concurrent_rpcs)
     for binding in bindings:
         binding.add_to_server(_SyncServicer(binding.servicer, bridge), server)
 
