@@ -39,7 +39,7 @@ import workloads as wl
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_DAEMON = REPO / ".venv" / "bin" / "awsomefsd"
-ALL_TARGETS = ("ext4", "raw", "awsomefs")
+ALL_TARGETS = ("ext4", "raw", "awsomefs", "fusefloor")
 ALL_WORKLOADS = ("seq", "rand", "meta", "untar")
 RAW_WORKLOADS = ("seq", "rand")
 EXIT_PARTIAL = 3
@@ -114,7 +114,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--runs", type=int, help="repetitions of each workload (default 3, --quick: 1)")
     p.add_argument("--size", help="size of each device image (default 4G, --quick: 1G)")
     p.add_argument("--only", default=",".join(ALL_WORKLOADS), help="workloads: seq,rand,meta,untar")
-    p.add_argument("--targets", default=",".join(ALL_TARGETS), help="targets: ext4,raw,awsomefs")
+    p.add_argument("--targets", default=",".join(ALL_TARGETS), help="targets: ext4,raw,awsomefs,fusefloor")
     p.add_argument("--json", type=Path, help="also write the results as JSON here")
     p.add_argument("--awsomefsd", default=str(DEFAULT_DAEMON), help="daemon command (default: %(default)s)")
     p.add_argument("--awsomefsd-timeout", type=float, default=60, help="seconds to wait for the ready line")
@@ -214,6 +214,7 @@ def start_targets(
         "awsomefs": lambda: tg.awsomefs_target(
             args.workdir, args.size, shlex.split(args.awsomefsd), args.awsomefsd_timeout
         ),
+        "fusefloor": lambda: tg.fusefloor_target(args.workdir, sys.executable, args.awsomefsd_timeout),
     }
     up: list[tg.Target] = []
     results: dict[str, TargetResult] = {}
@@ -349,6 +350,7 @@ def comparison_rows(args: argparse.Namespace, results: dict[str, TargetResult]) 
                     "awsomefs_vs_ext4": aw_ext4,
                     "awsomefs_vs_raw": _ratio(results, m.key, "awsomefs", "raw") if m.raw else None,
                     "ext4_vs_raw": _ratio(results, m.key, "ext4", "raw") if m.raw else None,
+                    "awsomefs_vs_floor": _ratio(results, m.key, "awsomefs", "fusefloor"),
                     "goal": goal.text if goal else None,
                     "goal_met": goal.met(aw, aw_ext4) if goal else None,
                 }
@@ -367,6 +369,7 @@ def print_table(
             ("awsomefs_vs_ext4", "aws/ext4", ("awsomefs", "ext4")),
             ("awsomefs_vs_raw", "aws/raw", ("awsomefs", "raw")),
             ("ext4_vs_raw", "ext4/raw", ("ext4", "raw")),
+            ("awsomefs_vs_floor", "aws/floor", ("awsomefs", "fusefloor")),
         )
         if set(pair) <= set(names)
     ]

@@ -1,4 +1,5 @@
-"""Benchmark targets: ext4 on a loop device, the raw loop device, and an AwsomeFS dev mount.
+"""Benchmark targets: ext4 on a loop device, the raw loop device, an AwsomeFS dev mount, and the
+pyfuse3 floor (bench/nullfs.py, an in-memory filesystem on the same binding and mount options).
 
 Each target is a context manager so that `fsbench.py` can stack them in one `ExitStack` and be sure
 that loop devices are detached and mounts are gone even when a workload fails or the user presses
@@ -158,9 +159,9 @@ def _log_tail(log: Path, lines: int = 2) -> str:
     return f"{tail} (log: {log})" if tail else f"no output (log: {log})"
 
 
-def _wait_ready(daemon: Daemon, deadline_s: float) -> None:
+def _wait_ready(daemon: Daemon, deadline_s: float, ready_prefix: str = READY_PREFIX) -> None:
     """Poll the log for the ready line; fail on exit, on timeout, or if the mount is missing."""
-    want = READY_PREFIX + str(daemon.mount)
+    want = ready_prefix + str(daemon.mount)
     end = time.monotonic() + deadline_s
     while time.monotonic() < end:
         text = daemon.log.read_text(errors="replace") if daemon.log.exists() else ""
@@ -216,3 +217,33 @@ def awsomefs_target(workdir: Path, size: str, command: list[str], deadline_s: fl
     finally:
         _stop_daemon(daemon)
         run(["rm", "-rf", str(state)], check=False)
+
+
+NULLFS = Path(__file__).with_name("nullfs.py")
+NULLFS_READY_PREFIX = "nullfs: mounted "
+
+
+@contextlib.contextmanager
+def fusefloor_target(workdir: Path, python: str, deadline_s: float) -> Iterator[Target]:
+    """bench/nullfs.py: what pyfuse3 alone allows, request for request, on this machine and load.
+
+    A ceiling, not a competitor: it keeps everything in memory and checks nothing, so AwsomeFS at
+    this target's figure would mean the binding is the bottleneck, and a figure above it is
+    impossible without a different FUSE transport.
+    """
+    mount = workdir / "mnt-fusefloor"
+    lazy_unmount(mount)
+    mount.mkdir(parents=True, exist_ok=True)
+    log = workdir / "nullfs.log"
+    argv = [python, str(NULLFS), str(mount)]
+    with open(log, "wb") as out:
+        try:
+            proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        except OSError as err:
+            raise TargetError(f"cannot run {shlex.join(argv)}: {err}") from err
+    daemon = Daemon(proc, mount, log)
+    try:
+        _wait_ready(daemon, deadline_s, NULLFS_READY_PREFIX)
+        yield Target("fusefloor", mount)
+    finally:
+        _stop_daemon(daemon)

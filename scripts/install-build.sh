@@ -13,7 +13,7 @@ cd "$(dirname "$0")/.."
 [ "$(id -u)" -eq 0 ] || { echo "install-build.sh: run as root" >&2; exit 1; }
 [ -x .venv/bin/python ] || scripts/install.sh test
 
-packages=(ccache patchelf systemd lintian rpm dpkg-dev fakeroot gcc python3-dev fuse3 libfuse3-3 file)
+packages=(ccache patchelf binutils systemd lintian rpm dpkg-dev fakeroot gcc python3-dev fuse3 libfuse3-3 file)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

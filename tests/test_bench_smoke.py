@@ -1,7 +1,8 @@
 """Smoke test of the filesystem benchmark harness (bench/fsbench.py).
 
-It runs `--quick` against ext4 and the raw loop device only, so it checks the harness itself
-(setup, workloads, table, JSON, teardown) without depending on the AwsomeFS daemon working.
+It runs `--quick` against every target (ext4, the raw loop device, an AwsomeFS dev mount and the
+pyfuse3 floor of bench/nullfs.py), so it checks the harness itself (setup, workloads, table, ratios,
+JSON, teardown) and that the figures the closing notes quote can be produced from a fresh clone.
 """
 
 from __future__ import annotations
@@ -37,25 +38,27 @@ def _leftovers() -> list[str]:
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_quick_run_reports_numbers_for_ext4_and_raw(tmp_path: Path) -> None:
+def test_quick_run_reports_numbers_for_every_target(tmp_path: Path) -> None:
     if reason := _can_run():
         pytest.skip(reason)
     out_json = tmp_path / "bench.json"
-    cmd = [sys.executable, str(FSBENCH), "--quick", "--targets", "ext4,raw", "--workdir", str(WORKDIR)]
+    cmd = [sys.executable, str(FSBENCH), "--quick", "--targets", "ext4,raw,awsomefs,fusefloor", "--workdir", str(WORKDIR)]
     proc = subprocess.run([*cmd, "--json", str(out_json)], capture_output=True, text=True, timeout=850)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert not _leftovers()
 
     table = proc.stdout.splitlines()
     header = next(line for line in table if line.startswith("metric")).split()
-    assert "ext4" in header and "raw" in header and "awsomefs" not in header
+    assert {"ext4", "raw", "awsomefs", "fusefloor", "aws/ext4", "aws/floor"} <= set(header)
     assert any(line.startswith("seq write") and any(ch.isdigit() for ch in line) for line in table)
 
     doc = json.loads(out_json.read_text())
     rows = doc["comparison"]
     assert {row["workload"] for row in rows} == {"seq", "rand", "meta", "untar"}
     for row in rows:
-        assert row["median"]["ext4"] > 0, row
+        for target in ("ext4", "awsomefs", "fusefloor"):
+            assert row["median"][target] > 0, row
+        assert row["awsomefs_vs_ext4"] > 0 and row["awsomefs_vs_floor"] > 0, row
         if row["workload"] in ("seq", "rand"):
             assert row["median"]["raw"] > 0, row
             assert row["ext4_vs_raw"] > 0, row
