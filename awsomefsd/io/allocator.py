@@ -283,7 +283,7 @@ class FreeSpaceMap:
                 break
             start = key & mask
             if lo <= start and start + n <= hi:
-                return start, n
+                return (start, n) if n >= min_count else None  # the largest in range: none fits
         if largest is not None and largest_n >= min_count:
             return largest[0], largest_n
         return None

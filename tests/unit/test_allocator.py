@@ -104,6 +104,16 @@ def test_within_on_a_fragmented_range_uses_the_size_index(monkeypatch: pytest.Mo
     m.check()
 
 
+def test_size_index_never_returns_less_than_min_count(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found by the stateful model: the largest in-range extent is too small, so nothing fits."""
+    monkeypatch.setattr(allocator_module, "RANGE_SCAN_EXTENTS", 2)
+    monkeypatch.setattr(allocator_module, "NEXT_FIT_SCAN_EXTENTS", 1)
+    m = FreeSpaceMap([(1, 1), (25, 1), (27, 1), (40, 5)])
+    assert m.allocate(2, min_count=2, within=(0, 30)) is None
+    assert m.allocate(2, min_count=1, within=(0, 30)) is not None
+    m.check()
+
+
 def test_extents_within_clips() -> None:
     m = FreeSpaceMap([(0, 10), (20, 10), (40, 10)])
     assert list(m.extents_within(5, 45)) == [(5, 5), (20, 10), (40, 5)]
