@@ -76,6 +76,15 @@ class DataSettings(BaseModel):
     delayed_free_ms: int = Field(5000, ge=0, description="grace before superseded extents are reused")
 
 
+class MetaSettings(BaseModel):
+    log: Literal["local", "raft"] = Field(
+        "local",
+        description="metadata log: 'local' acknowledges from memory and group-commits every "
+        "commit_interval_ms (fast, a crash may lose the last interval); 'raft' runs the Raft engine "
+        "as a one-member group and acknowledges after an fsync (durable, slower; see docs/raft.md)",
+    )
+
+
 class LogSettings(BaseModel):
     level: Literal["debug", "info", "warning", "error"] = "info"
 
@@ -89,6 +98,7 @@ class Settings(BaseSettings):
     metrics: MetricsSettings = MetricsSettings()
     csi: CsiSettings = CsiSettings()
     data: DataSettings = DataSettings()
+    meta: MetaSettings = MetaSettings()
     log: LogSettings = LogSettings()
 
     model_config = SettingsConfigDict(

@@ -47,7 +47,7 @@ def run_fsck(settings: Settings, *, repair: bool, verify_data: bool) -> int:
 
     report = Report()
     _check_superblocks(settings, report, repair)
-    core = open_core(settings)
+    core = open_core(settings, log_kind="local")
     try:
         print("checking namespace", flush=True)
         _check_namespace(core, report, repair)

@@ -26,6 +26,7 @@ from awsomefsd.io.filedata import FileData
 from awsomefsd.io.superblock import Superblock, read_superblock
 from awsomefsd.meta import commands as c
 from awsomefsd.meta.log import LocalLog
+from awsomefsd.meta.raft_log import RaftLog
 from awsomefsd.meta.state_machine import StateMachine
 from awsomefsd.meta.store import MetaStore
 from awsomefsd.metrics import Metrics, counter, gauge
@@ -45,7 +46,7 @@ class Core:
     superblock: Superblock
     store: MetaStore
     sm: StateMachine
-    log: LocalLog
+    log: LocalLog | RaftLog
     allocator: NodeAllocator
     data: FileData
     ops: Operations
@@ -57,8 +58,11 @@ class Core:
         self.device.close()
 
 
-def open_core(settings: Settings, *, metrics: Metrics | None = None) -> Core:
-    """Open device and metadata; initialise the metadata of a freshly formatted device."""
+def open_core(settings: Settings, *, metrics: Metrics | None = None, log_kind: str | None = None) -> Core:
+    """Open device and metadata; initialise the metadata of a freshly formatted device.
+
+    `log_kind` overrides `[meta] log` (fsck works offline on the state as committed: "local").
+    """
     if settings.device.path is None:
         raise NodeError("no device configured: set [device] path, AWSOMEFS_DEVICE__PATH or --device")
     metrics = metrics or Metrics()
@@ -80,7 +84,11 @@ def open_core(settings: Settings, *, metrics: Metrics | None = None) -> Core:
         store.close()
         device.close()
         raise
-    meta_log = LocalLog(store, sm, commit_interval_ms=settings.data.commit_interval_ms)
+    meta_log: LocalLog | RaftLog
+    if (log_kind or settings.meta.log) == "raft":
+        meta_log = RaftLog(store, sm, node_id=NODE_ID)
+    else:
+        meta_log = LocalLog(store, sm, commit_interval_ms=settings.data.commit_interval_ms)
     layout = sb.layout
     txn = meta_log.read_txn()
     owned = [g for g, owner in sm.group_owners(txn).items() if owner == NODE_ID]
@@ -175,9 +183,6 @@ async def serve(core: Core, settings: Settings, *, ready: Callable[[str], None] 
     if mount is None:
         raise NodeError("no mount point configured: set [mount] path or --mount")
     prepare_mount_point(mount)
-    purged = await core.ops.purge_orphans()
-    if purged:
-        log.info("removed %d orphaned inodes left by an unclean stop", purged)
     adapter = FuseAdapter(core.ops, entry_timeout_s=settings.mount.entry_timeout_s,
                           attr_timeout_s=settings.mount.attr_timeout_s, observe=core.metrics.observe_fuse)
     options = {"fsname=awsomefs", "subtype=awsomefs", "default_permissions", "noatime"}
@@ -189,6 +194,11 @@ async def serve(core: Core, settings: Settings, *, ready: Callable[[str], None] 
         async with trio.open_nursery() as nursery:
             await nursery.start(core.log.run)
             await nursery.start(core.data.run)
+            # Before pyfuse3.main runs no request is served, so this still precedes any access;
+            # it needs the log running (a Raft log orders commands only once it leads).
+            purged = await core.ops.purge_orphans()
+            if purged:
+                log.info("removed %d orphaned inodes left by an unclean stop", purged)
             nursery.start_soon(_reclaimer, core)
             nursery.start_soon(_watch_signals, nursery.cancel_scope, lambda: _notify("STOPPING=1"))
             if settings.metrics.enabled:

@@ -103,7 +103,9 @@ def _meta_status(path: Path, info: dict[str, Any]) -> dict[str, Any]:
                     "used_inodes": record["used_inodes"],
                 })
             applied = txn.get(b"applied", db=meta)
+            raft = _raft_status(env, txn, info)
             return {
+                "raft": raft,
                 "path": str(path),
                 "applied_index": int.from_bytes(applied, "big") if applied else 0,
                 "inodes": int(txn.stat(db("inodes"))["entries"]),
@@ -115,6 +117,26 @@ def _meta_status(path: Path, info: dict[str, Any]) -> dict[str, Any]:
             }
     finally:
         env.close()
+
+
+def _raft_status(env: lmdb.Environment, txn: lmdb.Transaction, info: dict[str, Any]) -> dict[str, Any] | None:
+    """Term, leader, commit/applied index and match indexes when the metadata runs on Raft.
+
+    What is durable is read from LMDB. Leadership and match indexes live in the daemon's memory;
+    for a one-member group they follow from the durable state: the only voter leads while the
+    daemon runs, and its match index is its last log index.
+    """
+    from awsomefsd.meta.raft_storage import describe_log
+
+    raft = describe_log(env, txn)
+    if raft is None:
+        return None
+    voters = raft["voters"]
+    one_member = isinstance(voters, list) and len(voters) == 1
+    raft["leader"] = voters[0] if one_member and info["daemon_running"] else None  # type: ignore[index]
+    raft["match_index"] = {str(voters[0]): raft["last_index"]} if one_member else {}  # type: ignore[index]
+    info["role"] = "leader (raft, one member)" if raft["leader"] else info["role"]
+    return raft
 
 
 def render_status(info: dict[str, Any]) -> str:
@@ -130,6 +152,7 @@ def render_status(info: dict[str, Any]) -> str:
         ("space", f"{_human(free)} free of {_human(size)}" if size else "-"),
         ("metadata", f"{meta.get('inodes', '-')} inodes, applied index {meta.get('applied_index', '-')}, "
                      f"{meta.get('orphans', 0)} orphans"),
+        *_raft_rows(meta.get("raft")),
         ("mounts", ", ".join(info["mounts"]) or "none"),
         ("volumes", str(len(meta.get("volumes", [])))),
     ]
@@ -141,6 +164,14 @@ def render_status(info: dict[str, Any]) -> str:
     lines.append(f"{'health'.ljust(width)}  " + ("OK" if info["healthy"] else "; ".join(info["problems"])))
     lines.append(f"{'as of'.ljust(width)}  {time.strftime('%Y-%m-%d %H:%M:%S')}")
     return "\n".join(lines)
+
+
+def _raft_rows(raft: dict[str, Any] | None) -> list[tuple[str, str]]:
+    if not raft:
+        return []
+    matches = ", ".join(f"{k}:{v}" for k, v in raft["match_index"].items()) or "-"
+    return [("raft", f"term {raft['term']}, leader {raft['leader'] or '-'}, commit {raft['commit_index']}, "
+                     f"applied {raft['applied_index']}, last {raft['last_index']}, match {matches}")]
 
 
 def _human(n: int) -> str:

@@ -249,7 +249,7 @@ class CoreVolumes:
                     f"{source_kind} {source_id} holds {source['used_blocks'] * BLOCK_SIZE} bytes, "
                     f"more than {capacity_bytes}"
                 )
-        number = self.core.ops._new_ino()
+        number = await self.core.ops._new_ino()
         command = c.CreateVolume(
             number, name, number, capacity_bytes, inode_limit, time.time_ns(),
             source_kind=source_kind, source_id=source_number,
@@ -324,7 +324,7 @@ class CoreVolumes:
         if found is None:
             raise VolumeNotFound(f"volume {source_volume_id} does not exist")
         await self._flush_volume(found[0])
-        number = self.core.ops._new_ino()
+        number = await self.core.ops._new_ino()
         result = await self._propose(c.CreateSnapshot(number, name, found[0], time.time_ns()))
         if result["id"] == number:
             self._entry_changed(SNAPSHOTS_INO, snapshot_dir_name(number))

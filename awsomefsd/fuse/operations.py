@@ -71,9 +71,11 @@ class Operations:
             inode.size = self.data.effective_size(ino, inode.size)
         return inode
 
-    def _new_ino(self) -> int:
+    async def _new_ino(self) -> int:
         if self._ino_next >= self._ino_end:
-            self._ino_next, self._ino_end = self.log.apply_now(c.ReserveInodes(INODE_RESERVATION))
+            # Nothing between the assignment and the increment awaits, so concurrent callers that
+            # both reserved still hand out distinct numbers (the loser's range is simply unused).
+            self._ino_next, self._ino_end = await self.log.propose(c.ReserveInodes(INODE_RESERVATION))
         ino = self._ino_next
         self._ino_next += 1
         return ino
@@ -138,7 +140,7 @@ class Operations:
     async def mknod(self, parent: int, name: bytes, mode: int, rdev: int, uid: int, gid: int,
                     target: bytes = b"") -> Inode:
         check_name(name)
-        cmd = c.Mknod(parent, name, self._new_ino(), mode, uid, gid, self._now(), rdev, target)
+        cmd = c.Mknod(parent, name, await self._new_ino(), mode, uid, gid, self._now(), rdev, target)
         return await self.log.propose(cmd)
 
     async def symlink(self, parent: int, name: bytes, target: bytes, uid: int, gid: int) -> Inode:

@@ -57,17 +57,32 @@ class LmdbRaftStorage:
 
     def __init__(
         self,
-        path: Path,
+        path: Path | None = None,
         *,
+        env: lmdb.Environment | None = None,
         map_size_bytes: int = DEFAULT_MAP_BYTES,
         snapshot_data: Callable[[SnapshotMeta], bytes] | None = None,
     ) -> None:
-        path.mkdir(parents=True, exist_ok=True)
-        self.path = path
-        self.env = lmdb.open(str(path), map_size=map_size_bytes, max_dbs=4, sync=True, metasync=True)
+        """Open the log in its own environment at `path`, or inside the caller's `env`.
+
+        Sharing the state machine's environment lets one write transaction persist a Ready and
+        apply its committed entries (one fsync per Ready instead of two); the caller then owns the
+        environment and closes it.
+        """
+        assert (path is None) != (env is None), "give a path or an environment"
+        self._owns_env = env is None
+        if env is None:
+            assert path is not None
+            path.mkdir(parents=True, exist_ok=True)
+            env = lmdb.open(str(path), map_size=map_size_bytes, max_dbs=4, sync=True, metasync=True)
+        self.path = Path(env.path())
+        self._snapshot_data = snapshot_data
+        self._open(env)
+
+    def _open(self, env: lmdb.Environment) -> None:
+        self.env = env
         self._log = self.env.open_db(b"raft_log")
         self._meta = self.env.open_db(b"raft_meta")
-        self._snapshot_data = snapshot_data
         with self.env.begin(write=True) as txn:
             fmt = txn.get(b"format", db=self._meta)
             if fmt is None:
@@ -132,11 +147,34 @@ class LmdbRaftStorage:
         return Snapshot(self.snap_meta, data)
 
     # --- write side -------------------------------------------------------------------------------
+    def reopen(self, env: lmdb.Environment) -> None:
+        """Continue on `env` (an installed snapshot replaced the shared environment)."""
+        assert not self._owns_env, "only a shared environment is replaced from outside"
+        self._open(env)
+
+    @property
+    def meta_db(self) -> lmdb._Database:
+        """Where the applied index lives when the state machine shares this environment."""
+        return self._meta
+
+    def applied_index(self) -> int:
+        with self.env.begin() as txn:
+            return read_applied_index(txn, self._meta)
+
     def save(
-        self, hard_state: HardState | None, entries: list[Entry], snapshot: SnapshotMeta | None = None
+        self,
+        hard_state: HardState | None,
+        entries: list[Entry],
+        snapshot: SnapshotMeta | None = None,
+        *,
+        also: Callable[[lmdb.Transaction], None] | None = None,
     ) -> None:
-        """Persist one Ready (snapshot metadata, entries, hard state) in one fsynced transaction."""
-        if hard_state is None and not entries and snapshot is None:
+        """Persist one Ready (snapshot metadata, entries, hard state) in one fsynced transaction.
+
+        `also` runs inside the same transaction before it commits (applying committed entries in
+        a shared environment); if it raises, nothing of the Ready is persisted.
+        """
+        if hard_state is None and not entries and snapshot is None and also is None:
             return
         snap_meta, last = self.snap_meta, self._last
         with self.env.begin(write=True) as txn:
@@ -158,6 +196,8 @@ class LmdbRaftStorage:
                     _HARD_STATE.pack(hard_state.term, hard_state.vote, hard_state.commit),
                     db=self._meta,
                 )
+            if also is not None:
+                also(txn)
         # Only after the commit returned (durable) does memory follow.
         self.snap_meta, self._last = snap_meta, last
         if hard_state is not None:
@@ -189,7 +229,27 @@ class LmdbRaftStorage:
                 return
 
     def close(self) -> None:
-        self.env.close()
+        if self._owns_env:
+            self.env.close()
+
+
+def adopt_snapshot_env(path: Path, meta: SnapshotMeta, hard_state: HardState) -> None:
+    """Turn a received copy of a leader's shared environment into this node's: the leader's log
+    and hard state in it are replaced by an empty log starting at the snapshot and our own hard
+    state (our vote must survive the install). Done before the copy is moved into place."""
+    env = lmdb.open(str(path), map_size=DEFAULT_MAP_BYTES, max_dbs=32, sync=True, metasync=True)
+    try:
+        log_db = env.open_db(b"raft_log")
+        meta_db = env.open_db(b"raft_meta")
+        with env.begin(write=True) as txn:
+            txn.drop(log_db, delete=False)
+            txn.put(b"format", _U64.pack(FORMAT_VERSION), db=meta_db)
+            txn.put(b"snapshot", encode_snapshot_meta(meta), db=meta_db)
+            txn.put(b"hard_state", _HARD_STATE.pack(hard_state.term, hard_state.vote, hard_state.commit),
+                    db=meta_db)
+            assert read_applied_index(txn, meta_db) >= meta.index, "snapshot copy older than its metadata"
+    finally:
+        env.close()
 
 
 # --- the apply contract ------------------------------------------------------------------------------
@@ -268,3 +328,29 @@ class SnapshotReceiver:
     def abort(self) -> None:
         self._file.close()
         shutil.rmtree(self._dir, ignore_errors=True)
+
+
+def describe_log(env: lmdb.Environment, txn: lmdb.Transaction) -> dict[str, object] | None:
+    """The durable Raft state for `awsomefsd status` (a reader beside the running daemon), or None
+    when this environment holds no Raft log."""
+    try:
+        meta_db = env.open_db(b"raft_meta", txn=txn, create=False)
+        log_db = env.open_db(b"raft_log", txn=txn, create=False)
+    except lmdb.NotFoundError:
+        return None
+    raw_hs = txn.get(b"hard_state", db=meta_db)
+    hs = HardState(*_HARD_STATE.unpack(raw_hs)) if raw_hs else HardState()
+    raw_snap = txn.get(b"snapshot", db=meta_db)
+    snap = decode_snapshot_meta(raw_snap) if raw_snap else SnapshotMeta()
+    cur = txn.cursor(db=log_db)
+    last = _INDEX.unpack(cur.key())[0] if cur.last() else snap.index
+    return {
+        "term": hs.term,
+        "vote": hs.vote,
+        "commit_index": hs.commit,
+        "applied_index": read_applied_index(txn, meta_db),
+        "last_index": last,
+        "snapshot_index": snap.index,
+        "voters": list(snap.conf_state.voters),
+        "learners": list(snap.conf_state.learners),
+    }

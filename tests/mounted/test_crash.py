@@ -60,11 +60,11 @@ def verify(mount: Path, acked: dict[int, int], max_version: dict[int, int]) -> i
     return verified
 
 
-def crash_cycles(cycles: int, seed: int) -> None:
+def crash_cycles(cycles: int, seed: int, env: dict[str, str] | None = None) -> None:
     rng = random.Random(seed)
     base = Path(tempfile.mkdtemp(prefix="awsomefs-crash-", dir="/var/tmp"))
     ack_log = base / "acks"
-    daemon = Daemon(base / "state", base / "mnt", size="2G")
+    daemon = Daemon(base / "state", base / "mnt", size="2G", env=env)
     max_version: dict[int, int] = {}
     try:
         first = 0
@@ -95,6 +95,11 @@ def crash_cycles(cycles: int, seed: int) -> None:
 
 def test_kill_9_under_write_load() -> None:
     crash_cycles(cycles=3, seed=1)
+
+
+def test_kill_9_under_write_load_on_the_raft_log() -> None:
+    """The same crash cycles with the metadata on the Raft engine (one-member group)."""
+    crash_cycles(cycles=3, seed=3, env={"AWSOMEFS_META__LOG": "raft"})
 
 
 @pytest.mark.slow

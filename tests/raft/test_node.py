@@ -1,0 +1,114 @@
+"""The node driver's answers to its callers, on three real members in one trio loop (LMDB storage,
+gRPC transport on loopback): NotLeader with a hint, a proposal overwritten by a new leader
+(ProposalLost), one whose fate is unknown (ProposalTimeout), a read on a cut-off leader.
+
+The partition is fault injection in the test: messages from or to an isolated node are dropped
+where the node hands them to its transport."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+import trio
+
+from awsomefsd.meta.raft import Message
+from awsomefsd.meta.raft_node import NodeSettings, NotLeader, ProposalLost, ProposalTimeout, RaftNode
+from awsomefsd.rpc.raft_transport import RaftTransport, TransportLimits
+from awsomefsd.testing.raft_cluster import free_port
+from awsomefsd.testing.raft_kv import KVStateMachine, encode_put
+
+SETTINGS = NodeSettings(tick_ms=20, election_ticks=10, heartbeat_ticks=2)
+DEADLINE_S = 15.0
+
+
+class Cluster:
+    def __init__(self, root: Path) -> None:
+        self.addrs = {i: f"127.0.0.1:{free_port('127.0.0.1')}" for i in (1, 2, 3)}
+        self.isolated: set[int] = set()
+        self.sms = {i: KVStateMachine(root / f"n{i}") for i in self.addrs}
+        self.nodes = {
+            i: RaftNode(i, self.sms[i].env, self.sms[i], settings=SETTINGS, bootstrap_voters=(1, 2, 3), seed=i)
+            for i in self.addrs
+        }
+        self.transports = {
+            i: RaftTransport(i, {j: a for j, a in self.addrs.items() if j != i}, self.nodes[i],
+                             staging_dir=root / f"n{i}" / "incoming", insecure=True,
+                             limits=TransportLimits(backoff_min_s=0.02, backoff_max_s=0.2))
+            for i in self.addrs
+        }
+        for i, node in self.nodes.items():
+            node.send = self._sender(i)
+
+    def _sender(self, i: int) -> object:
+        transport = self.transports[i]
+
+        def send(messages: Sequence[Message]) -> None:
+            if i in self.isolated:
+                return
+            transport.send([m for m in messages if m.to not in self.isolated])
+
+        return send
+
+    async def leader(self, exclude: frozenset[int] = frozenset()) -> RaftNode:
+        with trio.fail_after(DEADLINE_S):
+            while True:
+                leads = [n for i, n in self.nodes.items() if i not in exclude and n.raw.is_leader]
+                if len(leads) == 1:
+                    return leads[0]
+                await trio.sleep(SETTINGS.tick_ms / 1000)
+
+
+@asynccontextmanager
+async def cluster(root: Path) -> AsyncIterator[Cluster]:
+    c = Cluster(root)
+    async with trio.open_nursery() as nursery:
+        for i in c.addrs:
+            await nursery.start(c.transports[i].run, c.addrs[i])
+            await nursery.start(c.nodes[i].run)
+        yield c
+        nursery.cancel_scope.cancel()
+    for sm in c.sms.values():
+        sm.env.close()
+
+
+async def test_follower_refuses_with_the_leader_hint(tmp_path: Path) -> None:
+    async with cluster(tmp_path) as c:
+        leader = await c.leader()
+        assert await leader.propose(encode_put("k", "v")) > 0
+        follower = next(n for n in c.nodes.values() if n is not leader)
+        with pytest.raises(NotLeader) as err:
+            await follower.propose(encode_put("k", "w"))
+        assert err.value.leader_id == leader.id
+        await follower.read_barrier()  # forwarded to the leader, answered, applied locally
+        assert c.sms[follower.id].get("k") == "v"
+
+
+async def test_cut_off_leader_times_out_loses_and_refuses_reads(tmp_path: Path) -> None:
+    async with cluster(tmp_path) as c:
+        old = await c.leader()
+        await old.propose(encode_put("k", "before"))
+        c.isolated.add(old.id)
+        outcomes: dict[str, BaseException] = {}
+
+        async def propose(name: str, timeout_s: float) -> None:
+            try:
+                await old.propose(encode_put("k", name), timeout_s=timeout_s)
+            except (ProposalLost, ProposalTimeout) as exc:
+                outcomes[name] = exc
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(propose, "short", 0.2)
+            nursery.start_soon(propose, "long", DEADLINE_S)
+            with pytest.raises(NotLeader):
+                await old.read_barrier(timeout_s=0.3)  # no quorum confirms the read
+            new = await c.leader(exclude=frozenset({old.id}))
+            for n in range(5):  # take the indexes the cut-off leader had appended at
+                await new.propose(encode_put("k", f"new{n}"))
+            c.isolated.clear()
+        assert isinstance(outcomes["short"], ProposalTimeout), outcomes
+        assert isinstance(outcomes["long"], ProposalLost), outcomes
+        await old.read_barrier()
+        assert c.sms[old.id].get("k") == "new4"

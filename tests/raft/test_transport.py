@@ -1,0 +1,244 @@
+"""The gRPC Raft transport between two in-process endpoints: batching, order, drops, reconnects,
+malformed input, chunked snapshots and mutual TLS. Real grpc, real sockets on loopback."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+import trio
+
+from awsomefsd.cluster.ca import ClusterCA, Revocations, make_csr, new_node_key
+from awsomefsd.cluster.tls import (
+    NodeCredentials,
+    authenticated_peer,
+    channel_credentials,
+    channel_options,
+    server_credentials,
+)
+from awsomefsd.meta.raft import (
+    CodecError,
+    ConfState,
+    Message,
+    MessageType,
+    Snapshot,
+    SnapshotMeta,
+    encode_message,
+)
+from awsomefsd.rpc.raft_transport import (
+    SERVICE,
+    RaftTransport,
+    TransportLimits,
+    decode_frame,
+    encode_frame,
+)
+from awsomefsd.testing.raft_cluster import free_port
+
+DEADLINE_S = 10.0
+FAST = TransportLimits(backoff_min_s=0.02, backoff_max_s=0.2)
+
+
+class Recorder:
+    """The node side of a transport, recording what arrives."""
+
+    def __init__(self, chunks: list[bytes] | None = None) -> None:
+        self.got: list[Message] = []
+        self.unreachable: list[int] = []
+        self.snapshots: list[tuple[int, bool]] = []
+        self.chunks = chunks or [b"a" * 1000, b"b" * 10]
+        self.changed = trio.Event()
+
+    def deliver(self, messages: list[Message]) -> None:
+        self.got.extend(messages)
+        self._poke()
+
+    def report_unreachable(self, peer_id: int) -> None:
+        self.unreachable.append(peer_id)
+        self._poke()
+
+    def report_snapshot(self, peer_id: int, delivered: bool) -> None:
+        self.snapshots.append((peer_id, delivered))
+        self._poke()
+
+    def snapshot_chunks(self) -> Iterator[bytes]:
+        yield from self.chunks
+
+    def _poke(self) -> None:
+        self.changed.set()
+        self.changed = trio.Event()
+
+    async def until(self, cond: object) -> None:
+        with trio.fail_after(DEADLINE_S):
+            while not cond():  # type: ignore[operator]
+                await self.changed.wait()
+
+
+def heartbeat(i: int, to: int = 2) -> Message:
+    return Message(MessageType.HEARTBEAT, to=to, frm=1, term=3, index=i)
+
+
+def addresses() -> dict[int, str]:
+    return {1: f"127.0.0.1:{free_port('127.0.0.1')}", 2: f"127.0.0.1:{free_port('127.0.0.1')}"}
+
+
+def pair(tmp_path: Path, addrs: dict[int, str], **kw: object) -> tuple[RaftTransport, Recorder, RaftTransport, Recorder]:
+    ra, rb = Recorder(), Recorder()
+    a = RaftTransport(1, {2: addrs[2]}, ra, staging_dir=tmp_path / "a", limits=FAST, **kw)  # type: ignore[arg-type]
+    b = RaftTransport(2, {1: addrs[1]}, rb, staging_dir=tmp_path / "b", limits=FAST, **kw)  # type: ignore[arg-type]
+    return a, ra, b, rb
+
+
+def test_plaintext_only_when_asked(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="TLS"):
+        RaftTransport(1, {2: "127.0.0.1:1"}, Recorder(), staging_dir=tmp_path)
+
+
+def test_frames_round_trip_and_refuse_malformed_bytes() -> None:
+    msgs = [heartbeat(i) for i in range(5)]
+    assert decode_frame(encode_frame(msgs)) == msgs
+    frame = encode_frame(msgs)
+    for bad in (b"", frame[:-1], frame + b"x", b"\x00\x00\x00\x00", b"\xff\xff\xff\xff" + frame[4:]):
+        with pytest.raises(CodecError):
+            decode_frame(bad)
+
+
+def test_full_queue_drops_instead_of_blocking(tmp_path: Path) -> None:
+    rec = Recorder()
+    t = RaftTransport(1, {2: "127.0.0.1:1"}, rec, staging_dir=tmp_path, insecure=True,
+                      limits=TransportLimits(queue_messages=10))
+    t.send([heartbeat(i) for i in range(100)])  # not running: nothing drains the queue
+    t.send([heartbeat(0, to=9)])  # unknown peer: dropped, no error
+    assert t.stats()[2]["dropped"] == 90
+
+
+async def test_messages_arrive_in_order_batched_into_few_frames(tmp_path: Path) -> None:
+    addrs = addresses()
+    a, _, b, rb = pair(tmp_path, addrs, insecure=True)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(b.run, addrs[2])
+        await nursery.start(a.run, addrs[1])
+        a.send([heartbeat(i) for i in range(2000)])
+        await rb.until(lambda: len(rb.got) >= 2000)
+        assert [m.index for m in rb.got] == list(range(2000))
+        assert a.stats()[2]["sent_frames"] < 2000 / 4, a.stats()
+        nursery.cancel_scope.cancel()
+
+
+async def test_unreachable_peer_is_reported_and_reconnected(tmp_path: Path) -> None:
+    addrs = addresses()
+    a, ra, b, rb = pair(tmp_path, addrs, insecure=True)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(a.run, addrs[1])
+        a.send([heartbeat(0)])
+        await ra.until(lambda: 2 in ra.unreachable)
+        await nursery.start(b.run, addrs[2])
+        # Messages queued while the stream was down are discarded; keep sending until one arrives.
+        with trio.fail_after(DEADLINE_S):
+            while not rb.got:
+                a.send([heartbeat(1)])
+                await trio.sleep(0.05)
+        assert rb.got[0].index == 1
+        nursery.cancel_scope.cancel()
+
+
+async def test_malformed_frame_is_refused_and_nothing_delivered(tmp_path: Path) -> None:
+    addrs = addresses()
+    _, _, b, rb = pair(tmp_path, addrs, insecure=True)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(b.run, addrs[2])
+
+        def send_garbage() -> grpc.StatusCode:
+            with grpc.insecure_channel(addrs[2]) as ch:
+                try:
+                    ch.stream_unary(f"/{SERVICE}/Send")(iter([b"\x05\x00\x00\x00junk"]), timeout=5)
+                except grpc.RpcError as exc:
+                    return exc.code()
+            return grpc.StatusCode.OK
+
+        assert await trio.to_thread.run_sync(send_garbage) == grpc.StatusCode.INVALID_ARGUMENT
+        assert b.rejected_frames == 1 and not rb.got
+        nursery.cancel_scope.cancel()
+
+
+def snap_message() -> Message:
+    return Message(MessageType.SNAP, to=2, frm=1, term=3,
+                   snapshot=Snapshot(SnapshotMeta(40, 3, ConfState((1, 2))), b""))
+
+
+async def test_snapshot_is_streamed_in_chunks_and_staged(tmp_path: Path) -> None:
+    addrs = addresses()
+    a, ra, b, rb = pair(tmp_path, addrs, insecure=True)
+    ra.chunks = [bytes([i]) * 100_000 for i in range(7)]
+    async with trio.open_nursery() as nursery:
+        await nursery.start(b.run, addrs[2])
+        await nursery.start(a.run, addrs[1])
+        a.send([snap_message()])
+        await ra.until(lambda: ra.snapshots)
+        assert ra.snapshots == [(2, True)]
+        (m,) = rb.got
+        assert m.type == MessageType.SNAP and m.snapshot is not None and m.snapshot.meta.index == 40
+        staged = Path(m.snapshot.data.decode())
+        assert (staged / "data.mdb").read_bytes() == b"".join(ra.chunks)
+        nursery.cancel_scope.cancel()
+
+
+async def test_truncated_snapshot_stream_is_discarded(tmp_path: Path) -> None:
+    addrs = addresses()
+    _, _, b, rb = pair(tmp_path, addrs, insecure=True)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(b.run, addrs[2])
+
+        def send_truncated() -> grpc.StatusCode:
+            frames = [encode_message(snap_message()), b"C" + b"x" * 1000]  # no end frame
+            with grpc.insecure_channel(addrs[2]) as ch:
+                try:
+                    ch.stream_unary(f"/{SERVICE}/Snapshot")(iter(frames), timeout=5)
+                except grpc.RpcError as exc:
+                    return exc.code()
+            return grpc.StatusCode.OK
+
+        assert await trio.to_thread.run_sync(send_truncated) == grpc.StatusCode.DATA_LOSS
+        assert not rb.got
+        assert not list((tmp_path / "b").iterdir()), "a partial snapshot was left behind"
+        nursery.cancel_scope.cancel()
+
+
+def _node(ca: ClusterCA, node_id: int) -> NodeCredentials:
+    key = new_node_key()
+    return NodeCredentials(key, ca.issue(make_csr(key), node_id), ca.cert)
+
+
+async def test_mutual_tls_between_cluster_members(tmp_path: Path) -> None:
+    """Over mutual TLS, and a member's certificate cannot speak for another member."""
+    ca = ClusterCA.create(uuid.uuid4())
+    creds = {i: _node(ca, i) for i in (1, 2)}
+    revoked = Revocations()
+    addrs = addresses()
+    recs = {1: Recorder(), 2: Recorder()}
+    ts = {
+        i: RaftTransport(
+            i, {3 - i: addrs[3 - i]}, recs[i], staging_dir=tmp_path / str(i), limits=FAST,
+            server_credentials=server_credentials(creds[i]), channel_credentials=channel_credentials(creds[i]),
+            channel_options=lambda peer: channel_options(ca.cluster_id, peer),
+            peer_identity=lambda ctx: authenticated_peer(ctx, ca.cert, revoked).node_id,
+        )
+        for i in (1, 2)
+    }
+    async with trio.open_nursery() as nursery:
+        for i in (1, 2):
+            await nursery.start(ts[i].run, addrs[i])
+        with trio.fail_after(DEADLINE_S):  # the first stream may still be in its handshake
+            while not recs[2].got:
+                ts[1].send([heartbeat(7)])
+                await trio.sleep(0.05)
+        assert recs[2].got[0].index == 7 and recs[2].got[0].frm == 1
+        forged = Message(MessageType.HEARTBEAT, to=2, frm=3, term=3, index=8)
+        with trio.fail_after(DEADLINE_S):
+            while not ts[2].spoofed_messages:
+                ts[1].send([forged])
+                await trio.sleep(0.05)
+        assert all(m.frm == 1 for m in recs[2].got)
+        nursery.cancel_scope.cancel()

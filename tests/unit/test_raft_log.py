@@ -1,0 +1,124 @@
+"""The filesystem's metadata on the Raft engine (one-member group): durable on acknowledgement,
+refusals replicated as outcomes, crash replay without double application."""
+
+from __future__ import annotations
+
+import errno
+import stat
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+import trio
+
+from awsomefsd.meta import codec
+from awsomefsd.meta import commands as c
+from awsomefsd.meta.errors import FsError
+from awsomefsd.meta.raft import Entry, HardState
+from awsomefsd.meta.raft_log import RaftLog
+from awsomefsd.meta.raft_node import HEADER, NotLeader
+from awsomefsd.meta.raft_storage import LmdbRaftStorage
+from awsomefsd.meta.records import ROOT_INO
+from awsomefsd.meta.state_machine import StateMachine
+from awsomefsd.meta.store import MetaStore
+
+
+def open_raft_log(path: Path) -> tuple[MetaStore, StateMachine, RaftLog]:
+    store = MetaStore(path)
+    sm = StateMachine(store)
+    with store.env.begin(write=True) as txn:
+        if sm.meta_value(txn, b"format") is None:
+            sm.bootstrap(txn, cluster_id="c", device_id="d", data_extent=(256, 10_000), now_ns=1)
+    with store.env.begin() as txn:
+        sm.load(txn)
+    return store, sm, RaftLog(store, sm)
+
+
+@asynccontextmanager
+async def running(log: RaftLog) -> AsyncIterator[RaftLog]:
+    async with trio.open_nursery() as nursery:
+        await nursery.start(log.run)
+        yield log
+        nursery.cancel_scope.cancel()
+
+
+def mknod(ino: int, name: bytes) -> c.Mknod:
+    return c.Mknod(ROOT_INO, name, ino, stat.S_IFREG | 0o644, 0, 0, 5)
+
+
+def committed_names(store: MetaStore, sm: StateMachine) -> set[bytes]:
+    with store.env.begin() as txn:
+        return {name for name, _ in sm.ns.names(txn, ROOT_INO)}
+
+
+async def test_proposals_wait_for_the_leader(tmp_path: Path) -> None:
+    _, _, log = open_raft_log(tmp_path / "m")
+    with pytest.raises(NotLeader):
+        await log.propose(mknod(100, b"early"))
+
+
+async def test_durable_and_visible_when_acknowledged(tmp_path: Path) -> None:
+    store, sm, log = open_raft_log(tmp_path / "m")
+    flushed: list[int] = []
+    log.before_commit = lambda: flushed.append(log.applied_index)
+    async with running(log):
+        inode = await log.propose(mknod(100, b"a"))
+        assert inode.ino == 100
+        assert sm.ns.lookup(log.read_txn(), ROOT_INO, b"a") == 100
+        assert b"a" in committed_names(store, sm), "acknowledged means committed to LMDB"
+        assert flushed, "the device is flushed before metadata entries are persisted"
+        start, end = await log.propose(c.ReserveInodes(10))
+        assert end - start == 10
+
+
+async def test_refusal_is_the_replicated_outcome(tmp_path: Path) -> None:
+    store, sm, log = open_raft_log(tmp_path / "m")
+    async with running(log):
+        await log.propose(mknod(100, b"a"))
+        with pytest.raises(FsError) as err:
+            await log.propose(mknod(101, b"a"))
+        assert err.value.errno == errno.EEXIST
+        await log.propose(mknod(102, b"b"))
+    assert committed_names(store, sm) >= {b"a", b"b"}
+
+
+async def test_restart_applies_a_persisted_tail_exactly_once(tmp_path: Path) -> None:
+    store, sm, log = open_raft_log(tmp_path / "m")
+    async with running(log):
+        await log.propose(mknod(100, b"a"))
+        applied = log.applied_index
+    term = log.node.raw.raft.term
+    log.close()
+    # Crash after persisting an entry but before it was committed and applied.
+    raw = LmdbRaftStorage(env=store.env)
+    tail = Entry(term, raw.last_index() + 1, data=HEADER.pack(7, 7) + codec.encode(mknod(101, b"tail")))
+    raw.save(HardState(term, 1, raw.hard_state.commit), [tail])
+    store.close()
+    store, sm, log = open_raft_log(tmp_path / "m")
+    assert log.applied_index == applied
+    async with running(log):
+        await log.propose(mknod(102, b"after"))
+        names = committed_names(store, sm)
+    assert {b"a", b"tail", b"after"} <= names
+    with store.env.begin() as txn:
+        assert sm.ns.lookup(txn, ROOT_INO, b"tail") == 101
+    store.close()
+
+
+async def test_status_shows_term_leader_indexes_and_match(tmp_path: Path) -> None:
+    from awsomefsd.status import _meta_status, _raft_rows
+
+    store, _, log = open_raft_log(tmp_path / "m")
+    async with running(log):
+        await log.propose(mknod(100, b"a"))
+    store.close()  # one process may open an environment once; status runs in another process
+    info: dict[str, object] = {"daemon_running": True, "role": "?", "problems": [], "healthy": True}
+    meta = _meta_status(tmp_path / "m", info)
+    raft = meta["raft"]
+    assert raft["term"] >= 2 and raft["leader"] == 1 and raft["voters"] == [1]
+    assert raft["commit_index"] == raft["applied_index"] == raft["last_index"] == log.applied_index
+    assert raft["match_index"] == {"1": raft["last_index"]}
+    assert meta["applied_index"] == log.applied_index
+    (row,) = _raft_rows(raft)
+    assert row[1].startswith(f"term {raft['term']}, leader 1, commit {raft['commit_index']}")
