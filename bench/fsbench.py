@@ -38,7 +38,8 @@ import targets as tg
 import workloads as wl
 
 REPO = Path(__file__).resolve().parent.parent
-DEFAULT_DAEMON = REPO / ".venv" / "bin" / "awsomefsd"
+# The daemon of the interpreter running the harness: the checkout's own code under its .venv.
+DEFAULT_DAEMON = f"{shlex.quote(sys.executable)} -m awsomefsd"
 ALL_TARGETS = ("ext4", "raw", "awsomefs", "fusefloor")
 ALL_WORKLOADS = ("seq", "rand", "meta", "untar")
 RAW_WORKLOADS = ("seq", "rand")
@@ -116,7 +117,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--only", default=",".join(ALL_WORKLOADS), help="workloads: seq,rand,meta,untar")
     p.add_argument("--targets", default=",".join(ALL_TARGETS), help="targets: ext4,raw,awsomefs,fusefloor")
     p.add_argument("--json", type=Path, help="also write the results as JSON here")
-    p.add_argument("--awsomefsd", default=str(DEFAULT_DAEMON), help="daemon command (default: %(default)s)")
+    p.add_argument("--awsomefsd", default=DEFAULT_DAEMON, help="daemon command (default: %(default)s)")
     p.add_argument("--awsomefsd-timeout", type=float, default=60, help="seconds to wait for the ready line")
     p.add_argument("--workdir", type=Path, default=Path("/var/tmp/awsomefs-bench"), help="images (not tmpfs)")
     p.add_argument("--quick", action="store_true", help="small sizes, 1 run: a smoke test")

@@ -41,11 +41,13 @@ def test_simulation_seeds(raft_seed: int | None, raft_seed_count: int | None) ->
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # ~6 min alone on 2 cores; more when the machine is shared
 def test_simulation_many_seeds() -> None:
     _run_seeds(range(SLOW_FIRST_SEED, SLOW_FIRST_SEED + SLOW_SEEDS))
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)
 def test_simulation_long_runs() -> None:
     """Fewer seeds, each ten times longer: more snapshots, membership churn and leader changes."""
     for seed in range(2_000_000, 2_000_100):
