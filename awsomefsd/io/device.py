@@ -10,6 +10,10 @@ O_DIRECT needs page-aligned memory: Python `bytes` fail with EINVAL, so I/O goes
 mmap buffers (`aligned_buffer`, reused through a `BufferPool`) and os.preadv/os.pwritev. Offsets and
 lengths are whole blocks. The methods are blocking system calls; async callers run big ones in a
 worker thread. Counters are updated under a lock, so a device may be shared by worker threads.
+
+Small reads from trio tasks go through `read_into_async`: while `serve_async_reads` runs (and the
+device uses O_DIRECT) they are submitted with Linux native AIO (`awsomefsd.io.aio`) and other tasks
+run while the device works; otherwise they are the same inline `read_into`.
 """
 
 from __future__ import annotations
@@ -26,6 +30,9 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import trio
+
+from awsomefsd.io.aio import AioReader
 from awsomefsd.io.errors import (
     CorruptSuperblockError,
     DeviceError,
@@ -57,7 +64,7 @@ MAX_IO_BYTES = 64 << 20
 # Short reads/writes are retried; this bounds the loop (each round moves at least one byte or fails).
 MAX_IO_ROUNDS = 1024
 
-_warned_paths: set[str] = set()
+_warned_paths: set[tuple[str, str]] = set()
 _warned_lock = threading.Lock()
 
 
@@ -156,6 +163,7 @@ class BlockDevice:
         self.writes = 0
         self._fd = fd
         self._lock = threading.Lock()
+        self._aio: AioReader | None = None
 
     @classmethod
     def open(cls, path: str | os.PathLike[str], *, shared: bool = False, direct: bool = True) -> BlockDevice:
@@ -204,10 +212,7 @@ class BlockDevice:
         fd = self._fd_or_raise()
         with memoryview(buf) as view:
             length = view.nbytes
-            self._check_range(offset_bytes, length)
-            if offset_bytes + length > self.size_bytes:
-                raise OSError(errno.EIO, f"{self.path}: read of {length} bytes at {offset_bytes} "
-                                         f"past the end of the device ({self.size_bytes} bytes)")
+            self._check_read(offset_bytes, length)
             done = 0
             for _ in range(MAX_IO_ROUNDS):
                 if done == length:
@@ -219,9 +224,59 @@ class BlockDevice:
                                              f"device ended {length - done} bytes early")
                 done += n
             assert done == length, f"read of {length} bytes stalled at {done}"
-        with self._lock:
-            self.reads += 1
-            self.bytes_read += length
+        self._count_read(length)
+
+    async def read_into_async(self, buf: mmap.mmap | memoryview, offset_bytes: int) -> None:
+        """`read_into` for trio tasks: with AIO serving (see `serve_async_reads`) other tasks run
+        while the device works; otherwise exactly the inline `read_into`. `buf` must be aligned
+        memory. A short read or a failed one is OSError(EIO), logged."""
+        aio = self._aio
+        if aio is None or not aio.accepting or not aio.worth_submitting():
+            self.read_into(buf, offset_bytes)
+            return
+        fd = self._fd_or_raise()
+        with memoryview(buf) as view:
+            length = view.nbytes
+            self._check_read(offset_bytes, length)
+            try:
+                got = await aio.read_into(fd, view, offset_bytes)
+            except trio.ClosedResourceError:
+                got = -1  # the reader is shutting down: read inline below
+            except OSError as exc:
+                raise OSError(errno.EIO, f"{self.path}: {exc.strerror}") from exc
+            if got < 0:
+                self.read_into(view, offset_bytes)
+                return
+            if got != length:
+                log.error("%s: short read at %d: %d of %d bytes", self.path, offset_bytes, got, length)
+                raise OSError(errno.EIO, f"{self.path}: short read at {offset_bytes}: device returned "
+                                         f"{got} of {length} bytes")
+        self._count_read(length)
+
+    async def serve_async_reads(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Serve `read_into_async` with native AIO until cancelled, then drain and stop.
+
+        Without O_DIRECT (the buffered fallback) or when the kernel refuses an AIO context, reads
+        stay inline; that is logged once per device and this returns at once.
+        """
+        if not self.direct:
+            _warn_once(self.path, f"{self.path}: no direct I/O, so device reads stay synchronous (no AIO)",
+                       topic="aio", level=logging.INFO)
+            task_status.started()
+            return
+        try:
+            reader = AioReader()
+        except OSError as exc:
+            _warn_once(self.path, f"{self.path}: native AIO unavailable ({exc.strerror}); device reads "
+                                  "stay synchronous and serialise small random reads", topic="aio")
+            task_status.started()
+            return
+        assert self._aio is None, "serve_async_reads is already running for this device"
+        self._aio = reader
+        try:
+            await reader.run(task_status=task_status)
+        finally:
+            self._aio = None
 
     def write_from(self, buf: mmap.mmap | memoryview | bytearray | bytes, offset_bytes: int) -> None:
         """Write all of `buf` at `offset_bytes`. Durable only after `sync()`."""
@@ -293,6 +348,17 @@ class BlockDevice:
             raise ValueError(f"{self.path}: device is closed")
         return self._fd
 
+    def _check_read(self, offset_bytes: int, length: int) -> None:
+        self._check_range(offset_bytes, length)
+        if offset_bytes + length > self.size_bytes:
+            raise OSError(errno.EIO, f"{self.path}: read of {length} bytes at {offset_bytes} "
+                                     f"past the end of the device ({self.size_bytes} bytes)")
+
+    def _count_read(self, length: int) -> None:
+        with self._lock:
+            self.reads += 1
+            self.bytes_read += length
+
     @staticmethod
     def _check_range(offset_bytes: int, length_bytes: int) -> None:
         assert offset_bytes >= 0 and offset_bytes % BLOCK_SIZE == 0, f"unaligned offset {offset_bytes}"
@@ -348,13 +414,14 @@ def _try_direct(fd: int, size_bytes: int) -> str | None:
     return None
 
 
-def _warn_once(path: Path, message: str) -> None:
-    key = str(path.resolve())
+def _warn_once(path: Path, message: str, *, topic: str = "direct", level: int = logging.WARNING) -> None:
+    """Log `message` the first time `topic` comes up for `path` in this process."""
+    key = (str(path.resolve()), topic)
     with _warned_lock:
         if key in _warned_paths:
             return
         _warned_paths.add(key)
-    log.warning("%s", message)
+    log.log(level, "%s", message)
 
 
 def create_image(path: str | os.PathLike[str], size_bytes: int) -> None:

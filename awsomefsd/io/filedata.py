@@ -6,9 +6,10 @@ Concurrency (everything here runs on the trio thread unless it says otherwise):
   fresh extents, writes them and their checksums (in a worker thread for large runs), then proposes
   one WriteData command. A per-file lock serialises flushes of the same file; a truncate takes the
   same lock, so it never races a flush.
-- A read looks up the file map on the trio thread, then reads the device inline for small requests
-  (a thread hop costs more than a 4 KiB pread from a fast device) or in a worker thread for large
-  ones, verifies every block's CRC32C and overlays the in-flight and dirty bytes.
+- A read looks up the file map on the trio thread, then reads the device with native AIO for small
+  requests while `run` serves it (other requests proceed meanwhile; a thread hop per 4 KiB costs
+  more than the read), inline when AIO is unavailable, or in a worker thread for large ones; it
+  verifies every block's CRC32C and overlays the in-flight and dirty bytes.
 - Superseded extents are freed only after a grace period (state machine), so a read that looked up
   an old mapping just before a flush replaced it still reads intact blocks.
 """
@@ -39,7 +40,7 @@ from awsomefsd.meta.state_machine import StateMachine
 
 log = logging.getLogger(__name__)
 
-INLINE_IO_MAX_BYTES = 64 * 1024  # larger device requests go to a worker thread
+INLINE_IO_MAX_BYTES = 64 * 1024  # larger device requests go to a worker thread, smaller ones to AIO
 IO_THREADS = 8
 FLUSH_CONCURRENCY = 4
 FLUSHER_TICK_S = 0.1
@@ -170,7 +171,7 @@ class FileData:
                 await trio.to_thread.run_sync(self.device.read_into, view, piece.dev_block * BLOCK_SIZE,
                                               limiter=self.io_limiter)
             else:
-                self.device.read_into(view, piece.dev_block * BLOCK_SIZE)
+                await self.device.read_into_async(view, piece.dev_block * BLOCK_SIZE)
             bad = first_bad_block(view, piece.checksums)
             if bad >= 0:
                 self._checksum_failure(piece.dev_block + bad)
@@ -459,9 +460,11 @@ class FileData:
 
     # -- background flushing --------------------------------------------------------------------
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Flush files whose buffers are full or older than the flush interval."""
+        """Flush files whose buffers are full or older than the flush interval; serve small device
+        reads with AIO meanwhile (they are inline while this is not running)."""
         limiter = trio.CapacityLimiter(FLUSH_CONCURRENCY)
         async with trio.open_nursery() as nursery:
+            await nursery.start(self.device.serve_async_reads)
             task_status.started()
             nursery.start_soon(self._timer, nursery, limiter)
             nursery.start_soon(self._compactor)
