@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import trio
+from prometheus_client.metrics_core import Metric
 
 from awsomefsd.config import Settings
 from awsomefsd.fuse.operations import Operations
@@ -130,7 +131,7 @@ def _init_or_check_meta(store: MetaStore, sm: StateMachine, sb: Superblock) -> N
         raise NodeError(f"metadata in {store.path} was made for another device of cluster {sb.cluster_id}")
 
 
-def _collect(core: Core) -> Iterator[object]:
+def _collect(core: Core) -> Iterator[Metric]:
     dev = core.device
     yield counter("awsomefs_device_read_bytes", "bytes read from the device", dev.bytes_read)
     yield counter("awsomefs_device_written_bytes", "bytes written to the device", dev.bytes_written)

@@ -22,7 +22,7 @@ from awsomefsd.io.filedata import FileData
 from awsomefsd.io.layout import BLOCK_SIZE
 from awsomefsd.meta import commands as c
 from awsomefsd.meta.errors import FsError
-from awsomefsd.meta.log import LocalLog
+from awsomefsd.meta.log import ReplicatedLog
 from awsomefsd.meta.namespace import check_name
 from awsomefsd.meta.records import MAX_NAME_BYTES, MAX_SYMLINK_BYTES, ROOT_INO, Inode
 from awsomefsd.meta.state_machine import StateMachine
@@ -49,7 +49,7 @@ class FsStats:
 
 
 class Operations:
-    def __init__(self, log: LocalLog, sm: StateMachine, data: FileData, *, total_blocks: int) -> None:
+    def __init__(self, log: ReplicatedLog, sm: StateMachine, data: FileData, *, total_blocks: int) -> None:
         self.log = log
         self.sm = sm
         self.ns = sm.ns

@@ -34,7 +34,7 @@ from awsomefsd.io.layout import BLOCK_SIZE
 from awsomefsd.meta import commands as c
 from awsomefsd.meta.errors import FsError
 from awsomefsd.meta.filemap import extents_in
-from awsomefsd.meta.log import LocalLog
+from awsomefsd.meta.log import ReplicatedLog
 from awsomefsd.meta.records import MAX_EXTENT_BLOCKS, Extent, Inode
 from awsomefsd.meta.state_machine import StateMachine
 
@@ -75,7 +75,7 @@ class FileData:
         self,
         device: BlockDevice,
         allocator: NodeAllocator,
-        log_: LocalLog,
+        log_: ReplicatedLog,
         sm: StateMachine,
         *,
         file_buffer_bytes: int = 8 << 20,
