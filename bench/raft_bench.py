@@ -15,6 +15,7 @@ durable on a quorum and applied on the leader.
 
     .venv/bin/python bench/raft_bench.py [--mode core|processes] [--proposals N] [--batch B]
                                          [--proposers P] [--seconds S] [--payload-bytes P]
+                                         [--load in-process remote] [--members 1 3] [--batching yes no]
 """
 
 from __future__ import annotations
@@ -128,6 +129,24 @@ def fsync_latency_ms(samples: int = 100) -> tuple[float, float]:
     return times[len(times) // 2], times[int(len(times) * 0.99)]
 
 
+def _us(value: float) -> str:
+    return "" if value != value else f"{value:,.0f}us"  # NaN: not measured
+
+
+def _members_cpu_s(cluster: object) -> float:
+    """CPU seconds (user + system) the member processes used so far (Linux /proc)."""
+    import os
+
+    total = 0.0
+    for m in cluster.members.values():  # type: ignore[attr-defined]
+        if m.proc is None:
+            continue
+        with open(f"/proc/{m.proc.pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
 def run_processes(n_nodes: int, proposers: int, max_batch: int, seconds: float, payload_bytes: int,
                   load: str) -> dict[str, float]:
     """Closed loop: each proposer keeps one command outstanding for `seconds`; `load` is
@@ -141,10 +160,13 @@ def run_processes(n_nodes: int, proposers: int, max_batch: int, seconds: float, 
             cluster.start()
             leader = cluster.leader()
             if load == "in-process":
+                cpu0 = _members_cpu_s(cluster)
                 r = leader.call("Bench", timeout_s=seconds + 30, proposers=proposers, seconds=seconds,
                                 payload_bytes=payload_bytes)
+                cpu_s = _members_cpu_s(cluster) - cpu0
                 return {"proposals_per_s": r["count"] / r["elapsed_s"], "p50_us": r["p50_us"],
-                        "p99_us": r["p99_us"], "errors": r["errors"], "mean_batch": r["mean_batch"]}
+                        "p99_us": r["p99_us"], "errors": r["errors"], "mean_batch": r["mean_batch"],
+                        "cpu_us": cpu_s * 1e6 / max(r["count"], 1)}
             put = leader.channel.unary_unary("/awsomefs.raftkv.v1.KV/Put")
             value = "x" * payload_bytes
             latencies_us: list[float] = []
@@ -185,7 +207,7 @@ def run_processes(n_nodes: int, proposers: int, max_batch: int, seconds: float, 
             measured_s = seconds
             qs = statistics.quantiles(latencies_us, n=100) if len(latencies_us) > 1 else [0.0] * 99
             return {"proposals_per_s": len(latencies_us) / measured_s, "p50_us": qs[49], "p99_us": qs[98],
-                    "errors": errors[0], "mean_batch": float("nan")}
+                    "errors": errors[0], "mean_batch": float("nan"), "cpu_us": float("nan")}
         finally:
             cluster.close()
 
@@ -200,20 +222,26 @@ def main() -> None:
     ap.add_argument("--payload-bytes", type=int, default=128)
     ap.add_argument("--load", nargs="+", choices=("in-process", "remote"), default=["in-process", "remote"],
                     help="where the proposers run (processes mode)")
+    ap.add_argument("--members", nargs="+", type=int, choices=(1, 3), default=[1, 3],
+                    help="group sizes to measure (processes mode)")
+    ap.add_argument("--batching", nargs="+", choices=("yes", "no"), default=["yes", "no"],
+                    help="driver batching on, off or both (processes mode)")
     args = ap.parse_args()
     if args.mode == "processes":
         p50, p99 = fsync_latency_ms()
         print(f"fsync of 4 KiB on {FSYNC_PROBE_DIR}: p50 {p50:.2f} ms, p99 {p99:.2f} ms (varies with the disk's load)")
         print(f"{'load':<10} {'members':>7} {'batching':<9} {'proposers':>9} {'proposals/s':>12} "
-              f"{'p50 commit':>12} {'p99 commit':>12} {'batch':>6} {'errors':>6}")
+              f"{'p50 commit':>12} {'p99 commit':>12} {'batch':>6} {'errors':>6} {'cpu/cmd':>9}")
         for load in args.load:
-            for n in (1, 3):
+            for n in args.members:
                 for mode, max_batch in (("yes", 1024), ("no", 1)):
+                    if mode not in args.batching:
+                        continue
                     for proposers in (1, args.proposers):
                         r = run_processes(n, proposers, max_batch, args.seconds, args.payload_bytes, load)
                         print(f"{load:<10} {n:>7} {mode:<9} {proposers:>9} {r['proposals_per_s']:>12,.0f} "
                               f"{r['p50_us'] / 1000:>10,.2f}ms {r['p99_us'] / 1000:>10,.2f}ms "
-                              f"{r['mean_batch']:>6.1f} {r['errors']:>6}", flush=True)
+                              f"{r['mean_batch']:>6.1f} {r['errors']:>6} {_us(r['cpu_us']):>9}", flush=True)
         return
     print(f"{'members':>7} {'mode':<12} {'proposals/s':>12} {'p50 commit':>12} {'p99 commit':>12}")
     for n in (1, 3):

@@ -11,6 +11,13 @@ What it does for each Ready, in order (the durability order docs/raft.md argues 
 Two relaxations, argued in docs/raft.md: a leader's appends and heartbeats leave before step 2
 (its fsync overlaps the followers'), and committed entries this node persisted in an earlier
 Ready are answered from inside step 2's transaction, before its fsync.
+Two reorderings for a Ready that only applies (no entries, no snapshot, no change of term, vote,
+role or membership; its entries were made durable by earlier Readys): on the leader its
+transaction runs behind the loop, so the next Ready's appends leave during that fsync (the next
+transaction waits for it: transactions stay in Ready order); on a follower it is folded into the
+next Ready's transaction (within DEFER_APPLY_S), one fsync per round instead of two. Either way its
+late messages, answers and reads still wait for the fsync of the transaction that applied it, and
+apply + applied index stay in one transaction. A Ready with nothing to write skips the transaction.
 Because step 2 is one transaction, a crash leaves either the whole Ready or none of it; on restart
 the core hands out committed entries after the recorded applied index again, and applying skips
 anything at or below it, so replay is idempotent.
@@ -28,14 +35,16 @@ Reads: `read_barrier()` runs ReadIndex (confirmed by a heartbeat quorum, or the 
 configured) and returns once the local state machine has applied the read point; any read
 transaction opened after that sees every write acknowledged before the call.
 
-Threads: with `persist_in_thread` the write transaction (and its fsync) runs in a worker thread so
-the loop keeps accepting messages and proposals meanwhile (they form the next batch). Only the
+Threads: with `persist_in_thread` a leader's write transaction (and its fsync) runs in a worker
+thread so the loop keeps accepting messages and proposals meanwhile (they form the next batch); a
+follower persists on its loop (nothing it serves waits, and the hops would lengthen the round). Only the
 driver loop touches the RawNode and the storage; other tasks only append to queues.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import random
 import struct
@@ -80,6 +89,9 @@ _U64 = struct.Struct("<Q")
 MAX_QUEUED_PROPOSALS = 100_000
 MAX_INBOX_MESSAGES = 100_000
 GATHER_S = 0.002
+DEFER_APPLY_S = 0.01
+"""How long a follower may keep committed entries unapplied, waiting to apply them in the
+transaction of its next append (one fsync instead of two per replication round)."""
 
 
 class NotLeader(Exception):
@@ -127,6 +139,17 @@ class _Read:
     done: trio.Event = field(default_factory=trio.Event)
     index: int = -1
     error: BaseException | None = None
+
+
+@dataclass
+class _Deferred:
+    """A follower's apply-only Ready whose transaction waits for the next one (see DEFER_APPLY_S)."""
+
+    rd: Ready
+    apply: Callable[[lmdb.Transaction], None]
+    late: list[Message]
+    outcome: list[tuple[int, Any, tuple[int, int] | None]]
+    skipped: set[int]
 
 
 @dataclass(frozen=True)
@@ -204,6 +227,11 @@ class RaftNode:
         self.snapshots_taken = 0
         self.readies = 0
         self.dropped_messages = 0
+        self.pipelined_applies = 0
+        self._nursery: trio.Nursery | None = None
+        self._apply_done: trio.Event | None = None  # set when the apply-only Ready in flight is done
+        self._deferred: list[_Deferred] = []  # a follower's apply-only Readys, not yet persisted
+        self._deferred_until = math.inf
 
     def _bootstrap(self, voters: tuple[int, ...]) -> None:
         """A brand-new group: every founding member starts from the same snapshot at index 1."""
@@ -280,8 +308,13 @@ class RaftNode:
         tick_s = self.settings.tick_ms / 1000
         next_tick = trio.current_time() + tick_s
         task_status.started()
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            await self._loop(next_tick, tick_s)
+
+    async def _loop(self, next_tick: float, tick_s: float) -> None:
         while True:
-            with trio.move_on_at(next_tick):
+            with trio.move_on_at(min(next_tick, self._deferred_until)):
                 await self._wake.wait()
             self._wake = trio.Event()
             now = trio.current_time()
@@ -301,6 +334,9 @@ class RaftNode:
                 await self._handle_ready()
                 await self._gather()
                 self._feed()
+            if self._deferred and trio.current_time() >= self._deferred_until:
+                await self._flush_deferred()
+                await self._maybe_snapshot()
 
     async def _gather(self) -> None:
         """With a blocking fsync, first let every task that can make progress now (requests just
@@ -346,10 +382,17 @@ class RaftNode:
             self._reads_by_ctx[r.ctx] = r
             self.raw.read_index(r.ctx)
 
+    async def _wait_applies(self) -> None:
+        """Wait for the apply-only Ready in flight, if any: LMDB transactions stay in Ready order."""
+        if self._apply_done is not None:
+            await self._apply_done.wait()
+            self._apply_done = None
+
     async def _handle_ready(self) -> None:
         rd = self.raw.ready()
         self.readies += 1
         if rd.snapshot is not None:
+            await self._flush_deferred()
             await self._install_snapshot(rd)
         outcome: list[tuple[int, Any, tuple[int, int] | None]] = []
         added: list[tuple[int, str]] = []
@@ -380,9 +423,10 @@ class RaftNode:
                 # (replay from the log recreates them), so their proposers learn the results now,
                 # not after this transaction's fsync. Entries appended by this very Ready (a
                 # one-member group commits them at once) wait for the fsync like everything else.
-                trio.from_thread.run_sync(self._resolve, rd, outcome, skipped, durable_last, trio_token=token)
+                # Without waiting for the loop to run it: the commit need not wait for a thread hop.
+                token.run_sync_soon(self._resolve, rd, outcome, skipped, durable_last)
 
-        resolve_early = self.settings.persist_in_thread
+        resolve_early = self.settings.persist_in_thread and self.raw.is_leader
         durable_last = self.storage.last_index()
         token = trio.lowlevel.current_trio_token()
         # A leader's appends and heartbeats promise nothing about its own disk: they may leave
@@ -390,16 +434,50 @@ class RaftNode:
         # is done, because peers' answers are stepped after it). Everything else waits.
         early, late = _split_early(rd, self.storage.hard_state.term)
         self.send(early)
+        if self._apply_only(rd):
+            # Nothing in this Ready is new to the log: it only applies entries that earlier Readys
+            # made durable. The rest of the order is unchanged: late messages, answers and reads
+            # follow the fsync of the transaction that applies them.
+            if not self.raw.is_leader and len(self._deferred) < 64:
+                # A follower's applies answer nobody: they wait (DEFER_APPLY_S at most) for the
+                # transaction of the next append, so a round costs a follower one fsync, not two.
+                if not self._deferred:
+                    self._deferred_until = trio.current_time() + DEFER_APPLY_S
+                self._deferred.append(_Deferred(rd, apply, late, outcome, skipped))
+                self.raw.advance(rd)
+                return
+            # On the leader its transaction runs behind the loop, which goes on to the next Ready
+            # (whose appends leave at once; its own transaction waits for this one).
+            await self._wait_applies()
+            hard_state, also, deferred = self._take_deferred(rd.hard_state, apply)
+            self._apply_done = trio.Event()
+            self.pipelined_applies += 1
+            self.raw.advance(rd)
+            assert self._nursery is not None
+            self._nursery.start_soon(self._finish_apply, rd, hard_state, also, deferred, late, outcome, skipped,
+                                     self._apply_done)
+            return
+        await self._wait_applies()
         entries = rd.entries
+        writes = rd.hard_state is not None or bool(entries) or bool(rd.committed_entries)
+        # A Ready with nothing to write (messages only) skips the transaction and its thread hop;
+        # deferred applies keep waiting for one that writes.
+        hard_state, also, deferred = self._take_deferred(rd.hard_state, apply) if writes else (None, None, [])
         if self.before_persist is not None:
             self.before_persist(rd)
         if entries:
             self.batch_sizes.append(len(entries))
             del self.batch_sizes[:-1024]
-        if self.settings.persist_in_thread:
-            await trio.to_thread.run_sync(partial(self.storage.save, rd.hard_state, entries, None, also=apply))
+        if not writes:
+            pass
+        elif self.settings.persist_in_thread and self.raw.is_leader:
+            # Only a leader has proposers and reads to serve meanwhile. A follower's loop only
+            # waits for its leader's next messages (they queue in the transport), so it persists
+            # here, two thread hops shorter on the round trip its acknowledgement is part of.
+            await trio.to_thread.run_sync(partial(self.storage.save, hard_state, entries, None, also=also))
         else:
-            self.storage.save(rd.hard_state, entries, None, also=apply)
+            self.storage.save(hard_state, entries, None, also=also)
+        self._finish_deferred(deferred)
         self.send(late)
         if rd.committed_entries:
             self.applied = max(self.applied, rd.committed_entries[-1].index)
@@ -417,6 +495,89 @@ class RaftNode:
         if rd.soft_state is not None and rd.soft_state.state != StateType.LEADER:
             self._fail_queued()
         await self._maybe_snapshot()
+
+    def _apply_only(self, rd: Ready) -> bool:
+        """A Ready that appends nothing, changes no term, vote, role or membership, and applies
+        entries already durable here: the one kind whose transaction may run behind the loop."""
+        hs, durable = rd.hard_state, self.storage.hard_state
+        return (
+            self.settings.persist_in_thread
+            and self._nursery is not None
+            and bool(rd.committed_entries)
+            and not rd.entries
+            and rd.snapshot is None
+            and rd.soft_state is None
+            and (hs is None or (hs.term, hs.vote) == (durable.term, durable.vote))
+            and rd.committed_entries[-1].index <= self.storage.last_index()
+            and all(e.type != EntryType.CONF_CHANGE for e in rd.committed_entries)
+        )
+
+    def _take_deferred(
+        self, hard_state: HardState | None, apply: Callable[[lmdb.Transaction], None] | None
+    ) -> tuple[HardState | None, Callable[[lmdb.Transaction], None] | None, list[_Deferred]]:
+        """Fold the deferred applies into the next transaction: they run first, in order, and the
+        newest hard state is written (a deferred Ready's differs from the durable one only in its
+        commit index)."""
+        deferred, self._deferred = self._deferred, []
+        self._deferred_until = math.inf
+        if not deferred:
+            return hard_state, apply, []
+        if hard_state is None:
+            hard_state = next((d.rd.hard_state for d in reversed(deferred) if d.rd.hard_state is not None), None)
+
+        def also(txn: lmdb.Transaction) -> None:
+            for d in deferred:
+                d.apply(txn)
+            if apply is not None:
+                apply(txn)
+
+        return hard_state, also, deferred
+
+    def _finish_deferred(self, deferred: list[_Deferred]) -> None:
+        """After the transaction that applied them: what the deferred Readys still owe."""
+        for d in deferred:
+            self.send(d.late)
+            self.applied = max(self.applied, d.rd.committed_entries[-1].index)
+            self._resolve(d.rd, d.outcome, d.skipped)
+            for rs in d.rd.read_states:
+                r = self._reads_by_ctx.pop(rs.request_ctx, None)
+                if r is not None:
+                    r.index = rs.index
+                    self._waiting_reads.append(r)
+        if deferred:
+            self.on_applied(self.applied)
+
+    async def _flush_deferred(self) -> None:
+        """Apply the deferred Readys in a transaction of their own (nothing else came in time)."""
+        await self._wait_applies()
+        hard_state, also, deferred = self._take_deferred(None, None)
+        if not deferred:
+            return
+        await trio.to_thread.run_sync(partial(self.storage.save, hard_state, [], None, also=also))
+        self._finish_deferred(deferred)
+        self._serve_reads()  # no snapshot here: this may run between ready() and advance()
+
+    async def _finish_apply(self, rd: Ready, hard_state: HardState | None,
+                            also: Callable[[lmdb.Transaction], None] | None, deferred: list[_Deferred],
+                            late: list[Message], outcome: list[tuple[int, Any, tuple[int, int] | None]],
+                            skipped: set[int], done: trio.Event) -> None:
+        """The rest of an apply-only Ready, behind the loop (see _handle_ready)."""
+        try:
+            await trio.to_thread.run_sync(partial(self.storage.save, hard_state, [], None, also=also))
+            self._finish_deferred(deferred)
+            self.send(late)
+            self.applied = max(self.applied, rd.committed_entries[-1].index)
+            self.on_applied(self.applied)
+            self._resolve(rd, outcome, skipped)
+            for rs in rd.read_states:
+                r = self._reads_by_ctx.pop(rs.request_ctx, None)
+                if r is not None:
+                    r.index = rs.index
+                    self._waiting_reads.append(r)
+            self._serve_reads()  # snapshots are taken by the loop, never beside this transaction
+        finally:
+            done.set()
+        self._wake.set()
 
     def _resolve(self, rd: Ready, outcome: list[tuple[int, Any, tuple[int, int] | None]], skipped: set[int],
                  up_to: int | None = None) -> None:
@@ -473,7 +634,11 @@ class RaftNode:
         snap_index = self.storage.first_index() - 1
         if self.applied - snap_index < s.snapshot_entries + s.catch_up_entries:
             return
-        index = self.applied - s.catch_up_entries
+        # An installed snapshot's environment may have applied past the snapshot's index, hence
+        # past this log's end: a snapshot needs its index's entry (its term) in the log.
+        index = min(self.applied - s.catch_up_entries, self.storage.last_index())
+        if index <= snap_index:
+            return
         conf = self.raw.conf_state_at(index)
         if s.persist_in_thread:
             await trio.to_thread.run_sync(self.storage.create_snapshot, index, conf)

@@ -23,9 +23,10 @@ Concurrency notes (what callers may rely on):
   INTERNAL with the exception's class name only (no internal details leak to clients) and is logged.
 - Unary-unary methods are bridged as above. A method decorated with `@client_stream` serves a
   client-streaming RPC: it runs once per call as a trio system task and reads the requests from a
-  bounded `trio.MemoryReceiveChannel` that the grpc worker thread fills (back-pressure: the thread
-  blocks while the channel is full, so a fast sender is slowed by TCP flow control, never buffered
-  without bound). Its return value is the single response. A stream occupies one worker thread for
+  bounded `trio.MemoryReceiveChannel` that the grpc worker thread fills. The thread hands each
+  request over with `run_sync_soon` and goes back to reading (no round trip to the loop per
+  request); back-pressure: it blocks while `STREAM_BUFFER_ITEMS` requests wait for room in the
+  full channel, so a fast sender is slowed by TCP flow control, never buffered without bound. Its return value is the single response. A stream occupies one worker thread for
   its lifetime, so `max_workers` bounds concurrent streams too.
 - A servicer method that is missing answers UNIMPLEMENTED.
 - Unix-socket addresses (`unix:///abs/path`) get mode 0600 with no window where the socket is
@@ -36,6 +37,7 @@ Concurrency notes (what callers may rely on):
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import errno
 import inspect
@@ -44,6 +46,7 @@ import os
 import socket
 import stat
 import tempfile
+import threading
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -162,14 +165,15 @@ class TrioBridge:
             )
         except (trio.RunFinishedError, trio.Cancelled):
             context.abort(grpc.StatusCode.UNAVAILABLE, "the daemon is shutting down")
+        feed = _StreamFeed(token, send, STREAM_BUFFER_ITEMS)
         try:
             try:
                 for item in requests:
-                    trio.from_thread.run(_send_or_drop, send, item, trio_token=token)
+                    feed.put(item)
             except grpc.RpcError:
                 pass  # the client went away: the handler sees the end of its stream
             finally:
-                trio.from_thread.run(send.aclose, trio_token=token)
+                feed.close()
             trio.from_thread.run(done.wait, trio_token=token)
         except (trio.RunFinishedError, trio.Cancelled):
             context.abort(grpc.StatusCode.UNAVAILABLE, "the daemon is shutting down")
@@ -204,12 +208,68 @@ class TrioBridge:
         return send, done, outcome
 
 
-async def _send_or_drop(send: trio.MemorySendChannel[Any], item: Any) -> None:
-    """Hand one streamed request to the handler; if it stopped reading, discard the rest."""
-    try:
-        await send.send(item)
-    except (trio.BrokenResourceError, trio.ClosedResourceError):
-        pass
+class _StreamFeed:
+    """Hands one client stream's requests from its grpc thread to the loop without a round trip
+    per request: the thread schedules each item with `run_sync_soon` and goes back to reading.
+    At most `limit` items are on their way (scheduled, or waiting for room in the handler's
+    channel); beyond that the thread blocks, so back-pressure still reaches the sender."""
+
+    def __init__(self, token: trio.lowlevel.TrioToken, send: trio.MemorySendChannel[Any], limit: int) -> None:
+        self._token = token
+        self._send = send
+        self._room = threading.Semaphore(limit)
+        self._waiting: collections.deque[Any] = collections.deque()  # loop only: no room yet
+        self._pumping = False
+        self._eof = False
+
+    # --- the grpc thread ---
+    def put(self, item: Any) -> None:
+        while not self._room.acquire(timeout=1.0):
+            self._token.run_sync_soon(_nothing)  # raises RunFinishedError once the loop is gone
+        self._token.run_sync_soon(self._arrive, item)
+
+    def close(self) -> None:
+        self._token.run_sync_soon(self._arrive_eof)
+
+    # --- the loop (run_sync_soon callbacks must not raise) ---
+    def _arrive(self, item: Any) -> None:
+        if not self._pumping:
+            try:
+                self._send.send_nowait(item)
+            except trio.WouldBlock:
+                pass
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                self._room.release()  # the handler stopped reading: discard the rest
+                return
+            else:
+                self._room.release()
+                return
+            self._pumping = True
+            trio.lowlevel.spawn_system_task(self._pump)
+        self._waiting.append(item)
+
+    def _arrive_eof(self) -> None:
+        self._eof = True
+        if not self._pumping:
+            self._send.close()
+
+    async def _pump(self) -> None:
+        try:
+            while self._waiting:
+                try:
+                    await self._send.send(self._waiting[0])
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    pass
+                self._waiting.popleft()
+                self._room.release()
+        finally:
+            self._pumping = False
+        if self._eof:
+            self._send.close()
+
+
+def _nothing() -> None:
+    pass
 
 
 def client_stream(method: F) -> F:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -28,6 +29,7 @@ from awsomefsd.meta.raft import (
     SnapshotMeta,
     encode_message,
 )
+from awsomefsd.rpc.bridge import Binding, client_stream, serve_grpc
 from awsomefsd.rpc.raft_transport import (
     SERVICE,
     RaftTransport,
@@ -242,3 +244,47 @@ async def test_mutual_tls_between_cluster_members(tmp_path: Path) -> None:
                 await trio.sleep(0.05)
         assert all(m.frm == 1 for m in recs[2].got)
         nursery.cancel_scope.cancel()
+
+
+class _Reader:
+    """A client-streaming servicer for the bridge: reads slowly, or stops after `stop_after`."""
+
+    def __init__(self, stop_after: int | None = None) -> None:
+        self.got: list[bytes] = []
+        self.stop_after = stop_after
+
+    @client_stream
+    async def Send(self, requests: trio.MemoryReceiveChannel[bytes], context: grpc.ServicerContext) -> bytes:
+        async for item in requests:
+            self.got.append(item)
+            if len(self.got) % 97 == 0:
+                await trio.sleep(0.01)  # a slow reader: the feeding thread must wait, in order
+            if self.stop_after is not None and len(self.got) >= self.stop_after:
+                return b"stopped"
+        return str(len(self.got)).encode()
+
+
+def _add_reader(servicer: Any, server: grpc.Server) -> None:
+    handlers = {"Send": grpc.stream_unary_rpc_method_handler(servicer.Send)}
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("test.Reader", handlers),))
+
+
+@pytest.mark.parametrize("stop_after", [None, 5])
+async def test_bridge_client_stream_keeps_order_and_survives_a_handler_that_stops(stop_after: int | None) -> None:
+    reader = _Reader(stop_after)
+    address = f"127.0.0.1:{free_port('127.0.0.1')}"
+    items = [str(i).encode() for i in range(1500)]
+    async with trio.open_nursery() as nursery:
+        bound = await nursery.start(lambda task_status: serve_grpc(
+            [Binding(_add_reader, reader)], address, task_status=task_status))
+
+        def call() -> bytes:
+            with grpc.insecure_channel(bound) as channel:
+                return channel.stream_unary("/test.Reader/Send")(iter(items), timeout=DEADLINE_S)
+
+        reply = await trio.to_thread.run_sync(call)
+        nursery.cancel_scope.cancel()
+    if stop_after is None:
+        assert reply == b"1500" and reader.got == items
+    else:
+        assert reply == b"stopped" and reader.got == items[:stop_after]
