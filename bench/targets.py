@@ -149,6 +149,21 @@ class Daemon:
     log: Path
 
 
+def _spawn(argv: list[str], mount: Path, log: Path) -> Daemon:
+    """Start a FUSE daemon in its own session with its output in `log`.
+
+    Its own session, so a Ctrl-C in the terminal reaches only the harness, which then stops
+    workloads first and the daemon last instead of racing the daemon's unmount; a log file rather
+    than a pipe, so a chatty daemon can never block on a full pipe.
+    """
+    with open(log, "wb") as out:
+        try:
+            proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        except OSError as err:
+            raise TargetError(f"cannot run {shlex.join(argv)}: {err}") from err
+    return Daemon(proc, mount, log)
+
+
 def _log_tail(log: Path, lines: int = 2) -> str:
     """The last lines of the daemon log (usually the exception), to say why it did not come up."""
     try:
@@ -190,12 +205,7 @@ def _stop_daemon(daemon: Daemon, grace_s: float = 30) -> None:
 
 @contextlib.contextmanager
 def awsomefs_target(workdir: Path, size: str, command: list[str], deadline_s: float) -> Iterator[Target]:
-    """Start `awsomefsd dev` on a fresh state dir and yield its mount once it printed the ready line.
-
-    The daemon gets its own session so a Ctrl-C in the terminal reaches only the harness, which then
-    stops workloads first and the daemon last, instead of racing the daemon's unmount. Its stdout and
-    stderr go to a log file rather than a pipe, so a chatty daemon can never block on a full pipe.
-    """
+    """Start `awsomefsd dev` on a fresh state dir and yield its mount once it printed the ready line."""
     mount = workdir / "mnt-awsomefs"
     state = workdir / "awsomefs-state"
     lazy_unmount(mount)
@@ -203,14 +213,8 @@ def awsomefs_target(workdir: Path, size: str, command: list[str], deadline_s: fl
     run(["rm", "-rf", str(state)], check=False)
     mount.mkdir(parents=True, exist_ok=True)
     state.mkdir(parents=True)
-    log = workdir / "awsomefsd.log"
     argv = [*command, "dev", "--mount", str(mount), "--state", str(state), "--size", size]
-    with open(log, "wb") as out:
-        try:
-            proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-        except OSError as err:
-            raise TargetError(f"cannot run {shlex.join(argv)}: {err}") from err
-    daemon = Daemon(proc, mount, log)
+    daemon = _spawn(argv, mount, workdir / "awsomefsd.log")
     try:
         _wait_ready(daemon, deadline_s)
         yield Target("awsomefs", mount)
@@ -234,14 +238,7 @@ def fusefloor_target(workdir: Path, python: str, deadline_s: float) -> Iterator[
     mount = workdir / "mnt-fusefloor"
     lazy_unmount(mount)
     mount.mkdir(parents=True, exist_ok=True)
-    log = workdir / "nullfs.log"
-    argv = [python, str(NULLFS), str(mount)]
-    with open(log, "wb") as out:
-        try:
-            proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-        except OSError as err:
-            raise TargetError(f"cannot run {shlex.join(argv)}: {err}") from err
-    daemon = Daemon(proc, mount, log)
+    daemon = _spawn([python, str(NULLFS), str(mount)], mount, workdir / "nullfs.log")
     try:
         _wait_ready(daemon, deadline_s, NULLFS_READY_PREFIX)
         yield Target("fusefloor", mount)

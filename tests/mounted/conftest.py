@@ -3,6 +3,7 @@ its own directory on the mount."""
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import shutil
@@ -17,12 +18,15 @@ from tests.support.daemon import Daemon
 _counter = itertools.count()
 
 
-@pytest.fixture(scope="module")
-def daemon() -> Iterator[Daemon]:
-    # not under pytest's tmp dir: that is private to root, and tests act as other users too
-    base = Path(tempfile.mkdtemp(prefix="awsomefs-test-", dir="/var/tmp"))
+@contextlib.contextmanager
+def running_daemon(prefix: str, env: dict[str, str] | None = None) -> Iterator[Daemon]:
+    """A daemon on an 8 GiB image under /var/tmp, stopped cleanly (exit 0) and removed after.
+
+    Not under pytest's tmp dir: that is private to root, and tests act as other users too.
+    """
+    base = Path(tempfile.mkdtemp(prefix=prefix, dir="/var/tmp"))
     os.chmod(base, 0o755)
-    d = Daemon(base / "state", base / "mnt", size="8G").start()
+    d = Daemon(base / "state", base / "mnt", size="8G", env=env).start()
     try:
         yield d
     finally:
@@ -30,6 +34,12 @@ def daemon() -> Iterator[Daemon]:
             assert d.stop() == 0, d.logs()
         d.stop_hard()
         shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def daemon() -> Iterator[Daemon]:
+    with running_daemon("awsomefs-test-") as d:
+        yield d
 
 
 @pytest.fixture

@@ -4,14 +4,12 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from tests.mounted.conftest import running_daemon
 from tests.mounted.test_posix import (  # noqa: F401 - collected here against the raft daemon
     test_error_numbers,
     test_fsync_fdatasync_syncfs,
@@ -31,16 +29,8 @@ RAFT_ENV = {"AWSOMEFS_META__LOG": "raft"}
 
 @pytest.fixture(scope="module")
 def daemon() -> Iterator[Daemon]:
-    base = Path(tempfile.mkdtemp(prefix="awsomefs-raft-", dir="/var/tmp"))
-    os.chmod(base, 0o755)
-    d = Daemon(base / "state", base / "mnt", size="8G", env=RAFT_ENV).start()
-    try:
+    with running_daemon("awsomefs-raft-", env=RAFT_ENV) as d:
         yield d
-    finally:
-        if d.proc is not None and d.proc.poll() is None:
-            assert d.stop() == 0, d.logs()
-        d.stop_hard()
-        shutil.rmtree(base, ignore_errors=True)
 
 
 def test_daemon_runs_the_raft_log(daemon: Daemon) -> None:
