@@ -7,11 +7,13 @@ every replica (survivors, and the killed node after its restart).
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import random
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -116,9 +118,10 @@ def _verify_replica(member: Member, acked: dict[str, str], commit_index: int) ->
     assert not missing, f"node {member.id} lost acknowledged writes: {sorted(missing)[:10]}"
 
 
-@pytest.fixture
-def cluster(tmp_path: Path) -> Any:
-    c = KVCluster(tmp_path, 3, snapshot_entries=200, catch_up_entries=50)
+@contextlib.contextmanager
+def kv_cluster(tmp_path: Path, **settings: int) -> Iterator[KVCluster]:
+    """Three members, closed whatever happens; their logs are printed when the test fails."""
+    c = KVCluster(tmp_path, 3, **settings)
     try:
         yield c
     except BaseException:
@@ -126,6 +129,12 @@ def cluster(tmp_path: Path) -> Any:
         raise
     finally:
         c.close()
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[KVCluster]:
+    with kv_cluster(tmp_path, snapshot_entries=200, catch_up_entries=50) as c:
+        yield c
 
 
 def test_kill_leader_during_proposals(cluster: KVCluster) -> None:
@@ -168,8 +177,7 @@ def test_kill_leader_during_proposals(cluster: KVCluster) -> None:
 
 
 def test_paused_follower_catches_up_by_snapshot(tmp_path: Path) -> None:
-    cluster = KVCluster(tmp_path, 3, snapshot_entries=20, catch_up_entries=0)
-    try:
+    with kv_cluster(tmp_path, snapshot_entries=20, catch_up_entries=0) as cluster:
         cluster.start()
         leader = cluster.leader()
         follower = next(m for m in cluster.members.values() if m.id != leader.id)
@@ -201,11 +209,6 @@ def test_paused_follower_catches_up_by_snapshot(tmp_path: Path) -> None:
         assert after["role"] == "leader" and after["term"] == term, (
             f"the resumed follower disrupted the leader: {after}"
         )
-    except BaseException:
-        print(cluster.logs())
-        raise
-    finally:
-        cluster.close()
 
 
 def test_whole_cluster_killed_and_restarted_keeps_acknowledged_writes(cluster: KVCluster) -> None:

@@ -1,1 +1,1 @@
-"""Generated from awsomefsd/cluster/join.proto by awsomefsd/cluster/gen_proto.sh; do not edit."""
+"""Generated from awsomefsd/cluster/join.proto by scripts/gen_proto.sh; do not edit."""
