@@ -33,6 +33,11 @@ def _add_settings_flags(parser: argparse.ArgumentParser, *, device: bool = True,
     parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
 
 
+def _add_cluster_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--listen", metavar="HOST:PORT",
+                        help="this node's cluster listener (mTLS; the join listener is on port + 1)")
+
+
 def _settings_overrides(args: argparse.Namespace) -> dict[str, Any]:
     overrides: dict[str, dict[str, Any]] = {}
 
@@ -45,6 +50,9 @@ def _settings_overrides(args: argparse.Namespace) -> dict[str, Any]:
     put("mount", "path", getattr(args, "mount", None))
     put("log", "level", getattr(args, "log_level", None))
     put("csi", "socket", getattr(args, "csi_socket", None))
+    put("cluster", "listen", getattr(args, "listen", None))
+    put("cluster", "peers", getattr(args, "peer", None) or None)
+    put("cluster", "voters", getattr(args, "voters", None))
     if getattr(args, "metrics_port", None) is not None:
         put("metrics", "port", max(args.metrics_port, 0))
         put("metrics", "enabled", args.metrics_port >= 0)
@@ -74,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="run the node daemon with its configured settings")
     _add_settings_flags(run)
+    _add_cluster_flags(run)
     run.add_argument("--csi-socket", type=Path, help="serve the CSI endpoint on this unix socket")
     run.add_argument("--metrics-port", type=int, help="Prometheus port (0: any free port, -1: off)")
 
@@ -102,6 +111,43 @@ def build_parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="show the node, device, space and mounts")
     _add_settings_flags(status)
     status.add_argument("--json", action="store_true", help="machine-readable output")
+
+    init = sub.add_parser(
+        "init",
+        help="create a cluster on a shared device, mount it and print a join token",
+        description="Format the device for a new cluster (refuses one that holds a cluster unless --force), "
+        "make the cluster CA and a join token, start a one-member metadata group and mount. Other nodes "
+        "join with `awsomefsd join TOKEN`.",
+    )
+    _add_settings_flags(init)
+    _add_cluster_flags(init)
+    init.add_argument("--metrics-port", type=int, help="Prometheus port (0: any free port, -1: off)")
+    init.add_argument("--size", help="create the device as an image file of this size if it does not exist")
+    init.add_argument("--force", action="store_true", help="format a device that holds another cluster")
+    init.add_argument("--label", default="", help="a human label stored in the superblock")
+    init.add_argument("--voters", type=int, choices=[1, 3, 5], help="voters the cluster aims for (default 3)")
+
+    join = sub.add_parser(
+        "join",
+        help="join a cluster with its token, then mount",
+        description="Find a member by zeroconf (or --peer), check the cluster CA pinned by the token, prove "
+        "the token, receive a node certificate, join the metadata group and mount the same file system.",
+    )
+    join.add_argument("token", help="the join token printed by `awsomefsd init` or `awsomefsd token`")
+    _add_settings_flags(join)
+    _add_cluster_flags(join)
+    join.add_argument("--metrics-port", type=int, help="Prometheus port (0: any free port, -1: off)")
+    join.add_argument("--peer", action="append", metavar="HOST:PORT",
+                      help="a member's cluster address, when zeroconf multicast is not available (repeatable)")
+
+    token = sub.add_parser("token", help="print this cluster's join token (`token rotate` replaces it)")
+    token.add_argument("action", nargs="?", choices=["rotate"], help="rotate: make a new token; the old one stops working")
+    _add_settings_flags(token, device=False, mount=False)
+
+    node = sub.add_parser("node", help="manage members: `node remove ID` removes a node and revokes its certificate")
+    node.add_argument("action", choices=["remove"])
+    node.add_argument("node_id", type=int, help="the node id (see `awsomefsd status`)")
+    _add_settings_flags(node, device=False, mount=False)
 
     sub.add_parser("self-test", help="touch every bundled dependency (checks a compiled binary)")
     return parser
@@ -140,7 +186,24 @@ def _dispatch(args: argparse.Namespace) -> int:
         return commands.dev(args.state, args.mount, args.size, overrides)
     settings = commands.settings_from(getattr(args, "config", None), overrides)
     if args.command == "run":
+        from awsomefsd.cluster.state import MemberState
+
+        member = MemberState.load(settings.node.state_dir)
+        if member is not None:
+            from awsomefsd.cluster import commands as cluster
+
+            return cluster.run_member_command(settings, member)
         return commands.run(settings)
+    if args.command in ("init", "join", "token", "node"):
+        from awsomefsd.cluster import commands as cluster
+
+        if args.command == "init":
+            return cluster.init(settings, size=args.size, force=args.force, label=args.label)
+        if args.command == "join":
+            return cluster.join(settings, args.token)
+        if args.command == "token":
+            return cluster.token_rotate(settings) if args.action == "rotate" else cluster.token(settings)
+        return cluster.node_remove(settings, args.node_id)
     if args.command == "format":
         return commands.format_device(settings, args.device, force=args.force, size=args.size, label=args.label)
     if args.command == "fsck":

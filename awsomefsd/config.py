@@ -85,6 +85,21 @@ class MetaSettings(BaseModel):
     )
 
 
+class ClusterSettings(BaseModel):
+    listen: str = Field("", description="host:port of this node's cluster (mTLS) listener; the join "
+                        "listener is on port + 1. Needed by init, join and a member's run")
+    peers: list[str] = Field(default_factory=list, description="seed members (host:port) for join when "
+                             "zeroconf multicast is not available")
+    voters: int = Field(3, ge=1, le=7, description="voters the cluster aims for (3 or 5; odd)")
+    advertise: bool = Field(True, description="announce this member by zeroconf (_awsomefs._tcp)")
+    lease_s: float = Field(10.0, ge=1, le=600, description="liveness lease: a node that cannot renew it "
+                           "stops writing the device before it ends")
+    renew_s: float = Field(2.0, gt=0, le=60, description="how often the lease is renewed")
+    lease_margin_s: float = Field(2.0, gt=0, le=60, description="the leader waits lease + margin before "
+                                  "giving a silent node's allocation groups and write leases to others")
+    discovery_timeout_s: float = Field(5.0, gt=0, le=120)
+
+
 class LogSettings(BaseModel):
     level: Literal["debug", "info", "warning", "error"] = "info"
 
@@ -99,6 +114,7 @@ class Settings(BaseSettings):
     csi: CsiSettings = CsiSettings()
     data: DataSettings = DataSettings()
     meta: MetaSettings = MetaSettings()
+    cluster: ClusterSettings = ClusterSettings()
     log: LogSettings = LogSettings()
 
     model_config = SettingsConfigDict(

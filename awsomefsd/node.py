@@ -59,14 +59,27 @@ class Core:
         self.device.close()
 
 
-def open_core(settings: Settings, *, metrics: Metrics | None = None, log_kind: str | None = None) -> Core:
-    """Open device and metadata; initialise the metadata of a freshly formatted device.
+@dataclass
+class Storage:
+    """The device and the node-local metadata, open; what every way of running a node starts from."""
 
-    `log_kind` overrides `[meta] log` (fsck works offline on the state as committed: "local").
-    """
+    device: BlockDevice
+    superblock: Superblock
+    store: MetaStore
+    sm: StateMachine
+
+    def close(self) -> None:
+        self.store.close()
+        self.device.close()
+
+
+def open_storage(settings: Settings, *, bootstrap: bool = True, grant_all_to: int | None = NODE_ID) -> Storage:
+    """Open the device and the metadata store; initialise the metadata of a freshly formatted
+    device when `bootstrap` (a joining cluster member instead waits for a snapshot: its store stays
+    empty until then). `grant_all_to` owns every allocation group of a new single-node filesystem;
+    a cluster grants groups through Raft instead (None)."""
     if settings.device.path is None:
         raise NodeError("no device configured: set [device] path, AWSOMEFS_DEVICE__PATH or --device")
-    metrics = metrics or Metrics()
     try:
         device = BlockDevice.open(settings.device.path, shared=settings.device.shared,
                                   direct=settings.device.direct_io)
@@ -80,19 +93,36 @@ def open_core(settings: Settings, *, metrics: Metrics | None = None, log_kind: s
         raise
     sm = StateMachine(store, delayed_free_ns=settings.data.delayed_free_ms * 1_000_000)
     try:
-        _init_or_check_meta(store, sm, sb)
+        _init_or_check_meta(store, sm, sb, bootstrap=bootstrap, grant_all_to=grant_all_to)
     except BaseException:
         store.close()
         device.close()
         raise
+    return Storage(device, sb, store, sm)
+
+
+def open_core(settings: Settings, *, metrics: Metrics | None = None, log_kind: str | None = None) -> Core:
+    """A single node: storage, its metadata log, and the file system on top.
+
+    `log_kind` overrides `[meta] log` (fsck works offline on the state as committed: "local").
+    """
+    storage = open_storage(settings)
     meta_log: LocalLog | RaftLog
     if (log_kind or settings.meta.log) == "raft":
-        meta_log = RaftLog(store, sm, node_id=NODE_ID)
+        meta_log = RaftLog(storage.store, storage.sm, node_id=NODE_ID)
     else:
-        meta_log = LocalLog(store, sm, commit_interval_ms=settings.data.commit_interval_ms)
+        meta_log = LocalLog(storage.store, storage.sm, commit_interval_ms=settings.data.commit_interval_ms)
+    return build_core(settings, storage, meta_log, node_id=NODE_ID, metrics=metrics)
+
+
+def build_core(settings: Settings, storage: Storage, meta_log: LocalLog | RaftLog, *, node_id: int,
+               metrics: Metrics | None = None) -> Core:
+    """Allocator, file data and operations over open storage whose metadata is initialised."""
+    metrics = metrics or Metrics()
+    device, sb, store, sm = storage.device, storage.superblock, storage.store, storage.sm
     layout = sb.layout
     txn = meta_log.read_txn()
-    owned = [g for g, owner in sm.group_owners(txn).items() if owner == NODE_ID]
+    owned = [g for g, owner in sm.group_owners(txn).items() if owner == node_id]
     allocator = NodeAllocator(layout, owned, FreeSpaceMap(list(sm.space.mirror)))
     sm.freed_listeners.append(allocator.on_freed)
     data = FileData(
@@ -109,14 +139,18 @@ def open_core(settings: Settings, *, metrics: Metrics | None = None, log_kind: s
     return core
 
 
-def _init_or_check_meta(store: MetaStore, sm: StateMachine, sb: Superblock) -> None:
+def _init_or_check_meta(store: MetaStore, sm: StateMachine, sb: Superblock, *, bootstrap: bool,
+                        grant_all_to: int | None) -> None:
     with store.env.begin(write=True) as txn:
         cluster = sm.meta_value(txn, b"cluster_id")
         if cluster is None:
+            if not bootstrap:
+                return
             layout = sb.layout
             sm.bootstrap(txn, cluster_id=str(sb.cluster_id), device_id=str(sb.device_id),
                          data_extent=(layout.data_start_block, layout.data_blocks), now_ns=time.time_ns())
-            sm.apply(txn, c.GrantGroups(NODE_ID, tuple(range(layout.ag_count))))
+            if grant_all_to is not None:
+                sm.apply(txn, c.GrantGroups(grant_all_to, tuple(range(layout.ag_count))))
             log.info("initialised metadata for cluster %s", sb.cluster_id)
             return
     if bytes(cluster).decode() != str(sb.cluster_id):
@@ -173,8 +207,14 @@ def _notify(message: str) -> None:
     sdnotify.notify(message)
 
 
-async def serve(core: Core, settings: Settings, *, ready: Callable[[str], None] | None = None) -> None:
-    """Mount and serve until unmounted or signalled; then flush, commit and unmount."""
+async def serve(core: Core, settings: Settings, *, ready: Callable[[str], None] | None = None,
+                log_running: bool = False, purge_orphans: bool = True) -> None:
+    """Mount and serve until unmounted or signalled; then flush, commit and unmount.
+
+    `log_running`: the metadata log is already driven by the caller (a cluster member starts it
+    before the file system exists, to receive its state). `purge_orphans`: delete the inodes an
+    unclean stop left unlinked but unfreed; only a node that knows no other node may hold them open
+    does that (a cluster member does not)."""
     import pyfuse3
 
     from awsomefsd.fuse.adapter import FuseAdapter
@@ -193,11 +233,12 @@ async def serve(core: Core, settings: Settings, *, ready: Callable[[str], None] 
     mounted = True
     try:
         async with trio.open_nursery() as nursery:
-            await nursery.start(core.log.run)
+            if not log_running:
+                await nursery.start(core.log.run)
             await nursery.start(core.data.run)
             # Before pyfuse3.main runs no request is served, so this still precedes any access;
             # it needs the log running (a Raft log orders commands only once it leads).
-            purged = await core.ops.purge_orphans()
+            purged = await core.ops.purge_orphans() if purge_orphans else 0
             if purged:
                 log.info("removed %d orphaned inodes left by an unclean stop", purged)
             nursery.start_soon(_reclaimer, core)
@@ -250,4 +291,5 @@ def print_ready(mount: str) -> None:
     sys.stdout.flush()
 
 
-__all__ = ["Core", "DeviceError", "NodeError", "open_core", "print_ready", "serve"]
+__all__ = ["Core", "DeviceError", "NodeError", "Storage", "build_core", "open_core", "open_storage", "print_ready",
+           "serve"]

@@ -216,6 +216,21 @@ class ClusterCA:
         write_private(directory / "ca.key", key_pem)
         write_private(directory / "ca.crt", self.cert_pem)
 
+    @property
+    def key_pem(self) -> bytes:
+        return self.key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+
+    @classmethod
+    def from_pem(cls, cert_pem: bytes, key_pem: bytes) -> ClusterCA:
+        """The CA as the cluster's replicated state holds it (`InitCluster`)."""
+        cert = x509.load_pem_x509_certificate(cert_pem)
+        key = serialization.load_pem_private_key(key_pem, password=None)
+        if not isinstance(key, ec.EllipticCurvePrivateKey) or key.public_key() != cert.public_key():
+            raise CertificateError("the CA key does not belong to the CA certificate")
+        return cls(ca_cluster_id(cert), cert, key)
+
     @classmethod
     def load(cls, directory: Path) -> ClusterCA:
         """Read what `save` wrote; the cluster id comes from the certificate itself."""

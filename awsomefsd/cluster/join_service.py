@@ -61,7 +61,8 @@ class JoinRefused(JoinError):
     """The cluster answered and said no (wrong or rotated token, wrong cluster)."""
 
 
-AssignNodeId = Callable[[], Awaitable[int]]
+AssignNodeId = Callable[[join_pb2.JoinRequest], Awaitable[int]]
+"""Admit the joiner (its name and address are in the request) and return its new node id."""
 RecordIssued = Callable[[NodeIdentity, str], Awaitable[None]]
 
 
@@ -75,6 +76,7 @@ class JoinService:
         assign_node_id: AssignNodeId,
         record_issued: RecordIssued | None = None,
         *,
+        peers: Callable[[], dict[int, str]] = dict,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if verifier.cluster_id != ca.cluster_id:
@@ -83,6 +85,7 @@ class JoinService:
         self._verifier = verifier
         self._assign_node_id = assign_node_id
         self._record_issued = record_issued
+        self._peers = peers
         self._clock = clock
         self._nonces: dict[bytes, float] = {}
 
@@ -132,7 +135,7 @@ class JoinService:
         except (ValueError, CertificateError) as exc:
             log.warning("refused join from %s: bad CSR: %s", peer, exc)
             raise RpcAbort(grpc.StatusCode.INVALID_ARGUMENT, f"bad CSR: {exc}") from None
-        node_id = await self._assign_node_id()
+        node_id = await self._assign_node_id(request)
         cert = self._ca.issue(csr, node_id)
         identity = NodeIdentity(self._ca.cluster_id, node_id, cert.serial_number)
         if self._record_issued is not None:
@@ -142,6 +145,7 @@ class JoinService:
             node_id=node_id,
             certificate_der=cert.public_bytes(serialization.Encoding.DER),
             ca_certificate_der=self._ca.cert.public_bytes(serialization.Encoding.DER),
+            peers=self._peers(),
         )
 
 
@@ -193,8 +197,13 @@ def join_cluster(
     *,
     timeout_s: float = 10.0,
     key: ec.EllipticCurvePrivateKey | None = None,
+    name: str = "",
+    listen_address: str = "",
+    peers_out: dict[int, str] | None = None,
 ) -> NodeCredentials:
     """Join through the join listener at `address`; the caller saves the returned credentials.
+    `name` and `listen_address` tell the cluster who we are and where members reach us; the
+    current members' addresses are put into `peers_out`.
 
     Raises JoinRefused when the cluster says no and JoinError when it cannot be reached or answers
     with something that does not check out.
@@ -218,6 +227,8 @@ def join_cluster(
                     nonce=challenge.nonce,
                     csr_der=csr_der,
                     proof=token.prove(challenge.nonce, csr_der),
+                    name=name,
+                    address=listen_address,
                 ),
                 timeout=max(deadline - time.monotonic(), 0.1),
             )
@@ -226,6 +237,8 @@ def join_cluster(
             if code == grpc.StatusCode.PERMISSION_DENIED:
                 raise JoinRefused(f"the cluster refused to join us: {details}") from None
             raise JoinError(f"join via {address} failed: {code.name}: {details}") from None
+    if peers_out is not None:
+        peers_out.update(dict(reply.peers))
     return _accept_reply(token, reply, key, ca_cert)
 
 

@@ -17,6 +17,7 @@ import stat
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Protocol
 
 from awsomefsd.io.filedata import FileData
 from awsomefsd.io.layout import BLOCK_SIZE
@@ -48,6 +49,21 @@ class FsStats:
     name_max: int
 
 
+class Coherence(Protocol):
+    """What a cluster adds to the single-node operations (awsomefsd/cluster/coherence.py);
+    docs/coherence.md states the contract each hook implements."""
+
+    async def catch_up(self) -> None:
+        """Return once this node has applied everything committed before the call, and the kernel
+        caches it made stale are invalidated (open, and a lookup that found nothing)."""
+        ...
+
+    async def write_lease(self, ino: int) -> None:
+        """Return once this node holds the file's write lease (before buffering a write or
+        truncating)."""
+        ...
+
+
 class Operations:
     def __init__(self, log: ReplicatedLog, sm: StateMachine, data: FileData, *, total_blocks: int) -> None:
         self.log = log
@@ -60,6 +76,7 @@ class Operations:
         self._next_fh = 1
         self._ino_next = 0
         self._ino_end = 0
+        self.coherence: Coherence | None = None
 
     # -- helpers --------------------------------------------------------------------------------
     def _now(self) -> int:
@@ -129,6 +146,10 @@ class Operations:
             child = self.ns.require_inode(txn, parent).parent or ROOT_INO
         else:
             found = self.ns.lookup(txn, parent, name)
+            if found is None and self.coherence is not None:
+                await self.coherence.catch_up()  # it may have been created elsewhere a moment ago
+                txn = self.log.read_txn()
+                found = self.ns.lookup(txn, parent, name)
             if found is None:
                 raise FsError(errno.ENOENT)
             child = found
@@ -171,6 +192,8 @@ class Operations:
                       size: int | None = None, atime_ns: int | None = None, mtime_ns: int | None = None) -> Inode:
         cmd = c.SetAttr(ino, self._now(), mode=mode, uid=uid, gid=gid, atime_ns=atime_ns, mtime_ns=mtime_ns)
         if size is not None:
+            if self.coherence is not None:
+                await self.coherence.write_lease(ino)
             inode = self.inode(ino)
             if inode.is_dir:
                 raise FsError(errno.EISDIR)
@@ -195,6 +218,8 @@ class Operations:
         return fh
 
     async def open(self, ino: int, flags: int) -> int:
+        if self.coherence is not None:
+            await self.coherence.catch_up()  # close-to-open: see what was closed elsewhere before
         inode = self.inode(ino)
         if inode.is_dir and flags & os.O_ACCMODE != os.O_RDONLY:
             raise FsError(errno.EISDIR)
@@ -219,6 +244,8 @@ class Operations:
 
     async def write(self, fh: int, offset: int, buf: bytes) -> int:
         h = self.handle(fh)
+        if self.coherence is not None:
+            await self.coherence.write_lease(h.ino)
         inode = self.ns.require_inode(self.log.read_txn(), h.ino)
         if inode.volume:
             self.sm.volumes.check_writable(self.log.read_txn(), inode.volume)

@@ -14,6 +14,13 @@ worker thread. Counters are updated under a lock, so a device may be shared by w
 Small reads from trio tasks go through `read_into_async`: while `serve_async_reads` runs (and the
 device uses O_DIRECT) they are submitted with Linux native AIO (`awsomefsd.io.aio`) and other tasks
 run while the device works; otherwise they are the same inline `read_into`.
+
+Writes are fenced (`awsomefsd.io.fence`): `write_from` asks `fence` right before each write system
+call, on the thread that makes it, so the only gap between the check and the write is that thread
+being paused; the fence module explains how the margins bound that gap and what they cannot.
+The default fence is always open (single node, formatting). Reads and `sync` are never fenced:
+they move no new bytes to the device (a shared device writes through O_DIRECT, so a cache flush
+only makes durable what was written while the lease held).
 """
 
 from __future__ import annotations
@@ -41,6 +48,7 @@ from awsomefsd.io.errors import (
     ForeignClusterError,
     NotFormattedError,
 )
+from awsomefsd.io.fence import WriteFence
 from awsomefsd.io.layout import BLOCK_SIZE
 
 log = logging.getLogger(__name__)
@@ -164,6 +172,7 @@ class BlockDevice:
         self._fd = fd
         self._lock = threading.Lock()
         self._aio: AioReader | None = None
+        self.fence = WriteFence.always_open()  # the node's lease replaces it in a cluster
 
     @classmethod
     def open(cls, path: str | os.PathLike[str], *, shared: bool = False, direct: bool = True) -> BlockDevice:
@@ -279,7 +288,9 @@ class BlockDevice:
             self._aio = None
 
     def write_from(self, buf: mmap.mmap | memoryview | bytearray | bytes, offset_bytes: int) -> None:
-        """Write all of `buf` at `offset_bytes`. Durable only after `sync()`."""
+        """Write all of `buf` at `offset_bytes`. Durable only after `sync()`. WriteFencedError (an
+        OSError EIO) when the node's lease no longer allows writes; bytes of earlier rounds of a
+        short write may then be on the device, as with any failed write."""
         fd = self._fd_or_raise()
         with memoryview(buf) as view:
             length = view.nbytes
@@ -292,6 +303,7 @@ class BlockDevice:
                 if done == length:
                     break
                 with view[done:] as rest:
+                    self.fence.check(rest.nbytes)  # last thing before the system call: see fence.py
                     n = self._io(os.pwritev, fd, rest, offset_bytes + done)
                 if n == 0:
                     raise OSError(errno.EIO, f"{self.path}: device accepted no bytes at {offset_bytes + done}")

@@ -12,6 +12,10 @@ Concurrency (everything here runs on the trio thread unless it says otherwise):
   verifies every block's CRC32C and overlays the in-flight and dirty bytes.
 - Superseded extents are freed only after a grace period (state machine), so a read that looked up
   an old mapping just before a flush replaced it still reads intact blocks.
+- A flush refused by the device's write fence (this node's lease lapsed) fails with EIO but keeps
+  the runs it could not write buffered, under any bytes written meanwhile: a flush after the lease
+  is renewed writes them. While fenced, new writes are refused once the write buffer is full, and
+  the timer does not retry.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from awsomefsd.io.checksum import block_checksums, first_bad_block
 from awsomefsd.io.device import BlockDevice, BufferPool
 from awsomefsd.io.dirty import MAX_RUNS, DirtyRanges
 from awsomefsd.io.errors import NoSpaceError
+from awsomefsd.io.fence import WriteFencedError
 from awsomefsd.io.layout import BLOCK_SIZE
 from awsomefsd.meta import commands as c
 from awsomefsd.meta.errors import FsError
@@ -197,6 +202,9 @@ class FileData:
     async def write(self, inode: Inode, offset: int, data: bytes) -> int:
         if offset + len(data) > (1 << 60):
             raise FsError(errno.EFBIG)
+        if self.total_dirty_bytes + len(data) > self.write_buffer_bytes and not self.device.fence.is_open():
+            # the buffers cannot drain while fenced: keep memory bounded
+            raise FsError(errno.EIO, "device writes fenced (node lease lapsed) and the write buffer is full")
         st = self.state(inode.ino, inode.volume)
         end = offset + len(data)
         grow_blocks = max(0, -(-end // BLOCK_SIZE) - -(-max(inode.size, st.end_offset()) // BLOCK_SIZE))
@@ -270,11 +278,16 @@ class FileData:
                 small = sum(1 for _, data in runs if len(data) < SMALL_RUN_BYTES)
                 if small:
                     self._note_small_runs(ino, small)
+                written = 0
                 try:
                     for start, data in runs:
                         await self._write_run(st, start, data)
+                        written += 1
                 except FsError as exc:
                     st.error = exc.errno
+                except WriteFencedError as exc:
+                    self._keep_unwritten(st, runs[written:])
+                    raise FsError(errno.EIO, exc.strerror or "") from exc
                 finally:
                     st.inflight = []
             if st.error:
@@ -282,6 +295,17 @@ class FileData:
                 raise FsError(err)
             if not st.dirty and self.files.get(ino) is st and not st.lock.statistics().tasks_waiting:
                 del self.files[ino]
+
+    def _keep_unwritten(self, st: FileState, runs: list[tuple[int, bytearray]]) -> None:
+        """Buffer again the runs a fenced flush could not write (their extents were released and no
+        mapping was proposed), under the bytes written since the flush took them: those are newer."""
+        if self.files.get(st.ino) is not st:
+            return  # forgotten meanwhile: the inode is gone
+        newer = st.dirty.take()
+        newer_bytes = sum(len(data) for _, data in newer)
+        for start, data in itertools.chain(runs, newer):
+            st.dirty.write(start, memoryview(data))
+        self.total_dirty_bytes += st.dirty.dirty_bytes - newer_bytes
 
     def _note_small_runs(self, ino: int, count: int) -> None:
         total = self.small_runs.get(ino, 0) + count
@@ -445,7 +469,11 @@ class FileData:
                     old[size % BLOCK_SIZE :] = bytes(BLOCK_SIZE - size % BLOCK_SIZE)
                     extents = self.allocator.allocate(1, hint=mapped[0].dev_block + 1)
                     (dev, _), = extents
-                    checksums = self._write_pieces(old, block, [(block, dev, 1)])
+                    try:
+                        checksums = self._write_pieces(old, block, [(block, dev, 1)])
+                    except WriteFencedError as exc:
+                        self.allocator.release(extents)
+                        raise FsError(errno.EIO, exc.strerror or "") from exc
                     self.written_since_sync = True
                     tail_ext = Extent(block, dev, 1, checksums[0])
             cmd = c.SetAttr(**{**_setattr_fields(setattr), "size": size, "tail": tail_ext})
@@ -474,6 +502,8 @@ class FileData:
     async def _timer(self, nursery: trio.Nursery, limiter: trio.CapacityLimiter) -> None:
         while True:
             await trio.sleep(FLUSHER_TICK_S)
+            if not self.device.fence.is_open():
+                continue  # flushes would only fail; the data stays buffered until the lease is renewed
             now = time.monotonic()
             for ino, st in list(self.files.items()):
                 if st.dirty and now - st.dirty_since >= self.flush_interval_s:
@@ -483,7 +513,7 @@ class FileData:
         async for ino in self._compact_recv:
             try:
                 await self.compact(ino)
-            except FsError as exc:
+            except (FsError, WriteFencedError) as exc:  # fenced: the committed fragments stay as they are
                 log.warning("compaction of inode %d failed: %s", ino, exc)
 
     async def _flush_quietly(self, ino: int, limiter: trio.CapacityLimiter) -> None:
@@ -491,6 +521,10 @@ class FileData:
             try:
                 await self.flush(ino)
             except FsError as exc:
+                if isinstance(exc.__cause__, WriteFencedError):
+                    # the data is still buffered and the next flush retries it: no deferred error
+                    log.debug("background flush of inode %d deferred: %s", ino, exc)
+                    return
                 st = self.files.get(ino)
                 if st is not None:
                     st.error = exc.errno  # reported to the application by its next fsync/close

@@ -25,7 +25,10 @@ COMMAND_TAGS: dict[type, int] = {
     c.Mknod: 1, c.Link: 2, c.Unlink: 3, c.Rename: 4, c.SetAttr: 5, c.WriteData: 6, c.SetXattr: 7,
     c.RemoveXattr: 8, c.ReserveInodes: 9, c.Purge: 10, c.ReclaimFrees: 11, c.GrantGroups: 12,
     c.ReleaseLeaked: 13, c.CreateVolume: 14, c.DeleteVolume: 15, c.ResizeVolume: 16,
-    c.CreateSnapshot: 17, c.DeleteSnapshot: 18, c.Batch: 19,
+    c.CreateSnapshot: 17, c.DeleteSnapshot: 18, c.Batch: 19, c.InitCluster: 20, c.AddMember: 21,
+    c.SetMemberCert: 22, c.UpdateMemberAddress: 23, c.RemoveMember: 24, c.SetJoinVerifier: 25,
+    c.RenewLease: 26, c.ExpireNode: 27, c.ClaimGroups: 28, c.AcquireWriteLease: 29, c.ReleaseWriteLease: 30,
+    c.Fenced: 31,
 }
 TAG_COMMANDS = {tag: cls for cls, tag in COMMAND_TAGS.items()}
 _I64 = struct.Struct(">q")

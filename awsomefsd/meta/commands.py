@@ -183,6 +183,121 @@ class DeleteSnapshot:
     now_ns: int
 
 
+# --- the cluster (semantics in meta/cluster_sm.py) ----------------------------------------------
+@dataclass(frozen=True, slots=True)
+class InitCluster:
+    """Once, by `awsomefsd init`: the CA every member can issue certificates with, the join token's
+    verifier, and how many voters the cluster aims for. Replicated so that any member answers joins."""
+
+    ca_cert_pem: bytes
+    ca_key_pem: bytes
+    verifier: bytes
+    voters_target: int
+    ag_first_block: int
+    ag_blocks: int
+    ag_count: int
+    founder: int
+    name: str
+    address: str
+    join_address: str
+    now_ns: int
+
+
+@dataclass(frozen=True, slots=True)
+class AddMember:
+    """A node proved the join token: give it the next node id (the result)."""
+
+    name: str
+    address: str
+    join_address: str
+    now_ns: int
+
+
+@dataclass(frozen=True, slots=True)
+class SetMemberCert:
+    node: int
+    serial_hex: str
+
+
+@dataclass(frozen=True, slots=True)
+class UpdateMemberAddress:
+    """A member restarted with another listen address."""
+
+    node: int
+    address: str
+    join_address: str
+
+
+@dataclass(frozen=True, slots=True)
+class RemoveMember:
+    """`awsomefsd node remove`: revoke its certificate now; its groups and write leases follow by
+    ExpireNode once its liveness lease has certainly ended."""
+
+    node: int
+    now_ns: int
+
+
+@dataclass(frozen=True, slots=True)
+class SetJoinVerifier:
+    """`awsomefsd token rotate`: proofs made with the previous token stop verifying."""
+
+    verifier: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class RenewLease:
+    """A node's liveness lease, renewed through the leader; refused (False) after ExpireNode."""
+
+    node: int
+    epoch: int
+
+
+@dataclass(frozen=True, slots=True)
+class ExpireNode:
+    """Proposed by the leader after the node's lease ended plus a margin: its allocation groups and
+    write leases are free for others, and its lease epoch moves on (a renewal with the old epoch
+    is refused, so a node that wakes up must start again)."""
+
+    node: int
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimGroups:
+    """Grant `count` unowned allocation groups to `node` (lowest numbers first); result: the groups."""
+
+    node: int
+    epoch: int
+    count: int
+
+
+@dataclass(frozen=True, slots=True)
+class AcquireWriteLease:
+    """Result: the holder after the command. Equal to `node`: granted. Another node: that node holds
+    it and is asked (by this very command, which it applies too) to flush and release it."""
+
+    ino: int
+    node: int
+    epoch: int
+
+
+@dataclass(frozen=True, slots=True)
+class ReleaseWriteLease:
+    ino: int
+    node: int
+
+
+@dataclass(frozen=True, slots=True)
+class Fenced:
+    """Every command a cluster member proposes, wrapped with who proposed it and under which lease
+    epoch: refused with EIO once that epoch has expired, and new extents must lie in the
+    proposer's own allocation groups. This is what keeps a node that slept through its lease from
+    committing anything, even a command it had already sent."""
+
+    node: int
+    epoch: int
+    commands: tuple[object, ...]
+
+
 @dataclass(frozen=True, slots=True)
 class Batch:
     """Several commands applied atomically (e.g. one flush of many files). Results are per command."""
@@ -193,5 +308,7 @@ class Batch:
 Command = (
     Mknod | Link | Unlink | Rename | SetAttr | WriteData | SetXattr | RemoveXattr | ReserveInodes | Purge
     | ReclaimFrees | GrantGroups | ReleaseLeaked | CreateVolume | DeleteVolume | ResizeVolume
-    | CreateSnapshot | DeleteSnapshot | Batch
+    | CreateSnapshot | DeleteSnapshot | Batch | InitCluster | AddMember | SetMemberCert | UpdateMemberAddress
+    | RemoveMember | SetJoinVerifier | RenewLease | ExpireNode | ClaimGroups | AcquireWriteLease
+    | ReleaseWriteLease | Fenced
 )

@@ -14,13 +14,26 @@ Differences from LocalLog a caller may rely on:
 - refused commands: the state machine's FsError is part of the replicated outcome (every replica
   refuses the same command the same way); it is re-raised to the proposer.
 
-Today this runs as a one-member group: the node campaigns at start and is its own quorum. Joining
-members (snapshot install into the metadata environment) comes with the cluster layer.
+On a single node this is a one-member group that campaigns at start and is its own quorum. In a
+cluster (awsomefsd/cluster/member.py) the same class runs one member of a 3- or 5-voter group:
+- proposals from a follower are forwarded to the leader (RaftNode.forward) and wrapped in
+  `Fenced(node, epoch, ...)` so that the state machine refuses them once this node's liveness
+  lease has expired (docs/cluster.md);
+- a proposal that meets no leader (an election in progress) waits for one and is retried, for up
+  to `stall_s`: the "short stall" a mount sees when the leader dies. Only outcomes that prove the
+  command was not appended (NotLeader, ProposalLost) are retried;
+- a lagging or new member receives a snapshot: a copy of the leader's metadata environment that
+  replaces this one's contents in one transaction (`MetaStore.replace_contents`);
+- `observers` see every applied command with its result, and whether this node proposed it: the
+  cluster layer learns about members, leases and other nodes' changes (kernel cache invalidation)
+  from them. They run inside the apply transaction and must only queue work.
 """
 
 from __future__ import annotations
 
 import logging
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,9 +41,10 @@ import lmdb
 import trio
 
 from awsomefsd.meta import codec
+from awsomefsd.meta import commands as c
 from awsomefsd.meta.errors import FsError
 from awsomefsd.meta.raft import Ready
-from awsomefsd.meta.raft_node import NodeSettings, RaftNode
+from awsomefsd.meta.raft_node import NodeSettings, NotLeader, ProposalLost, RaftNode
 from awsomefsd.meta.records import u64
 from awsomefsd.meta.state_machine import StateMachine
 from awsomefsd.meta.store import MetaStore
@@ -39,15 +53,22 @@ log = logging.getLogger(__name__)
 
 GROW_HEADROOM_BYTES = 128 << 20
 LEADER_WAIT_S = 30.0
+STALL_S = 30.0
+Observer = Callable[[object, Any, bool], None]
+"""(command, result or FsError, proposed by this node) after each apply, inside its transaction."""
 
 
 class FsCommands:
     """Adapts the metadata StateMachine to the driver: bytes in, (ok, result-or-FsError) out."""
 
-    def __init__(self, store: MetaStore, sm: StateMachine) -> None:
+    def __init__(self, store: MetaStore, sm: StateMachine, node_id: int = 1) -> None:
         self.store = store
         self.sm = sm
+        self.node_id = node_id
         self.applied_commands = 0
+        self.observers: list[Observer] = []
+        self.before_snapshot: list[Callable[[], None]] = []
+        self.on_snapshot: list[Callable[[], None]] = []
 
     def apply(self, txn: lmdb.Transaction, index: int, command: bytes) -> Any:
         cmd = codec.decode(command)
@@ -55,30 +76,53 @@ class FsCommands:
         # LocalLog's counter, so `awsomefsd status` reads one applied index whichever log runs.
         txn.put(b"applied", u64(index), db=self.store.db["meta"])
         try:
-            return True, self.sm.apply(txn, cmd)
+            outcome: tuple[bool, Any] = True, self.sm.apply(txn, cmd)
         except FsError as exc:
-            return False, exc
+            outcome = False, exc
+        if self.observers:
+            mine = isinstance(cmd, c.Fenced) and cmd.node == self.node_id
+            inner = cmd.commands[0] if isinstance(cmd, c.Fenced) and len(cmd.commands) == 1 else cmd
+            for observe in self.observers:
+                observe(inner, outcome[1], mine)
+        return outcome
 
     def install_snapshot(self, staged: Path) -> lmdb.Environment:
-        raise AssertionError("a one-member metadata group never receives a snapshot")
+        """Copy the leader's environment into ours (one transaction), then rebuild the mirrors."""
+        for hook in self.before_snapshot:
+            hook()  # e.g. close read transactions: the map may have to grow
+        self.store.replace_contents(staged)
+        shutil.rmtree(staged, ignore_errors=True)
+        with self.store.env.begin() as txn:
+            if self.sm.meta_value(txn, b"format") is not None:
+                self.sm.load(txn)
+        for hook in self.on_snapshot:
+            hook()
+        return self.store.env
 
 
 class RaftLog:
     """ReplicatedLog over a one-member Raft group; see the module docstring."""
 
     def __init__(self, store: MetaStore, sm: StateMachine, *, node_id: int = 1,
-                 settings: NodeSettings | None = None) -> None:
+                 settings: NodeSettings | None = None, bootstrap_voters: tuple[int, ...] | None = None,
+                 stall_s: float = STALL_S) -> None:
         self.store = store
         self.sm = sm
-        self.commands = FsCommands(store, sm)
+        self.commands = FsCommands(store, sm, node_id)
         settings = settings or NodeSettings(persist_in_thread=False, tick_ms=100)
         assert not settings.persist_in_thread, "the state machine's memory is owned by the trio thread"
         store.grow_if_needed(GROW_HEADROOM_BYTES)
-        self.node = RaftNode(node_id, store.env, self.commands, settings=settings, bootstrap_voters=(node_id,))
+        voters = (node_id,) if bootstrap_voters is None else bootstrap_voters
+        self.node = RaftNode(node_id, store.env, self.commands, settings=settings, bootstrap_voters=voters)
         self.node.before_persist = self._before_persist
         self.node.on_applied = self._renew_reads
+        self.commands.before_snapshot.append(self._drop_reads)
         self.before_commit: Any = None
         """Set by open_core: flush the device before metadata that points at new data is durable."""
+        self.fence_epoch: Callable[[], int] | None = None
+        """Set by a cluster member: the liveness-lease epoch every proposal is fenced with."""
+        self.stall_s = stall_s
+        self.stalls = 0
         self._read: lmdb.Transaction | None = None
         self.replays = 0
 
@@ -101,10 +145,31 @@ class RaftLog:
         return self._read
 
     async def propose(self, command: object) -> Any:
-        ok, result = await self.node.propose(codec.encode(command))
+        ok, result = await self.propose_outcome(command)
         if not ok:
             raise result
         return result
+
+    async def propose_outcome(self, command: object, *, fenced: bool = True) -> tuple[bool, Any]:
+        """(ok, result or FsError); waits out an election (up to `stall_s`) when there is no leader.
+        `fenced=False` is for the leader's own housekeeping (ExpireNode), which no lease guards."""
+        if self.fence_epoch is not None and fenced:
+            command = c.Fenced(self.node.id, self.fence_epoch(), (command,))
+        data = codec.encode(command)
+        deadline = trio.current_time() + self.stall_s
+        stalled = False
+        while True:
+            try:
+                result: tuple[bool, Any] = await self.node.propose(data)
+                return result
+            except (NotLeader, ProposalLost) as exc:
+                if trio.current_time() >= deadline:
+                    raise FsError(5, f"metadata unavailable: {exc}") from None  # EIO
+                if not stalled:
+                    stalled = True
+                    self.stalls += 1
+                    log.info("metadata proposal waits for a leader (%s)", exc)
+                await trio.sleep(self.node.settings.tick_ms / 1000)
 
     async def barrier(self) -> None:
         """Nothing to wait for: `propose` returns only after the log entry is fsynced."""
@@ -113,15 +178,23 @@ class RaftLog:
         """Nothing buffered: every acknowledged command is already durable."""
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Drive the group; started() once this node leads (a one-member group elects itself)."""
+        """Drive the group. A single node (the only voter) campaigns and is started() once it leads;
+        a cluster member is started() at once (`wait_for_leader` tells when proposals can go)."""
         async with trio.open_nursery() as nursery:
             await nursery.start(self.node.run)
+            if self.node.raw.status().conf_state.voters != (self.node.id,):
+                task_status.started()
+                return
             self.node.campaign()
-            with trio.fail_after(LEADER_WAIT_S):
-                while not self.node.raw.is_leader:
-                    await trio.sleep(self.node.settings.tick_ms / 1000)
+            await self.wait_for_leader(LEADER_WAIT_S)
             log.info("metadata log: raft, one member, leader at term %d", self.node.raw.raft.term)
             task_status.started()
+
+    async def wait_for_leader(self, timeout_s: float) -> int:
+        with trio.fail_after(timeout_s):
+            while self.node.raw.leader_id == 0:
+                await trio.sleep(self.node.settings.tick_ms / 1000)
+        return self.node.raw.leader_id
 
     def close(self) -> None:
         self._read = None
@@ -135,4 +208,7 @@ class RaftLog:
             self.store.grow_if_needed(GROW_HEADROOM_BYTES)
 
     def _renew_reads(self, _index: int) -> None:
+        self._read = None
+
+    def _drop_reads(self) -> None:
         self._read = None

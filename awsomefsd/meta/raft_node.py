@@ -26,10 +26,11 @@ Proposals: `propose(command)` queues the command; the loop hands every queued co
 in one batch before asking for the next Ready, so concurrent proposers share appends and fsyncs.
 Each command is prefixed with (boot nonce, sequence) so that the proposer recognises its own
 entry when it is applied; if a different entry is applied at the index it was given, the proposal
-was certainly lost (a new leader overwrote it) and `ProposalLost` says retrying is safe. A node
-that is not the leader raises `NotLeader` with the leader it knows of (no forwarding: the caller
-retries there). A proposal not applied within its timeout raises `ProposalTimeout`: its fate is
-unknown.
+was certainly lost (a new leader overwrote it) and `ProposalLost` says retrying is safe. A
+follower with a `forward` hook sends the entry, header included, to the leader
+(`propose_forwarded` there) and answers its caller from its own apply of that entry; without the
+hook, or with no leader known, it raises `NotLeader` with the leader it knows of. A proposal not
+applied within its timeout raises `ProposalTimeout`: its fate is unknown.
 
 Reads: `read_barrier()` runs ReadIndex (confirmed by a heartbeat quorum, or the lease when
 configured) and returns once the local state machine has applied the read point; any read
@@ -48,7 +49,7 @@ import math
 import os
 import random
 import struct
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -59,6 +60,7 @@ import trio
 import trio.testing
 
 from awsomefsd.meta.raft import (
+    ConfChange,
     ConfChangeType,
     Config,
     ConfState,
@@ -211,6 +213,10 @@ class RaftNode:
         self.before_persist: Callable[[Ready], None] | None = None
         """Runs before a Ready is persisted (e.g. flush the device: data before the metadata)."""
         self.on_applied: Callable[[int], None] = lambda _index: None
+        self.forward: Callable[[int, bytes], Awaitable[int]] | None = None
+        """Set by a cluster member: hand an entry (header included) to the leader with this id; returns
+        once the leader applied it (its index), raises NotLeader when that node does not lead."""
+        self._forwarded: dict[tuple[int, int], _Proposal] = {}
         self.batch_sizes: list[int] = []  # entries per Ready, drained by metrics
         self._nonce = self._rng.getrandbits(63) or 1
         self._seq = 0
@@ -221,6 +227,7 @@ class RaftNode:
         self._reads_by_ctx: dict[bytes, _Read] = {}
         self._waiting_reads: list[_Read] = []
         self._reports: list[tuple[str, int, bool]] = []
+        self._conf_changes: list[ConfChange] = []
         self._wake = trio.Event()
         self.applied = self.storage.applied_index()
         self.snapshots_installed = 0
@@ -271,11 +278,47 @@ class RaftNode:
     async def propose(self, command: bytes, *, timeout_s: float | None = None) -> Any:
         """Order, commit and apply `command`; the state machine's result. See the module docstring."""
         if not self.raw.is_leader:
+            if self.forward is not None and self.raw.leader_id not in (0, self.id):
+                return await self._propose_via_leader(command, timeout_s or self.settings.proposal_timeout_s)
             raise NotLeader(self.raw.leader_id)
-        if len(self._queued) >= MAX_QUEUED_PROPOSALS:
-            raise NotLeader(self.id)  # overloaded: the caller backs off and retries
+        self._seq += 1
+        return await self._propose_here(_Proposal((self._nonce, self._seq), command), timeout_s)
+
+    async def propose_forwarded(self, entry: bytes, *, timeout_s: float | None = None) -> int:
+        """On the leader, for a follower's `forward`: order an entry that already carries its
+        proposer's header; returns its index once applied here (the follower reads its result
+        from its own apply of the same entry)."""
+        if not self.raw.is_leader:
+            raise NotLeader(self.raw.leader_id)
+        if len(entry) < HEADER.size:
+            raise ValueError("a forwarded entry without its header")
+        p = _Proposal(HEADER.unpack_from(entry), entry[HEADER.size :])
+        await self._propose_here(p, timeout_s)
+        return p.index
+
+    async def _propose_via_leader(self, command: bytes, timeout_s: float) -> Any:
+        """Follower side of forwarding: the leader appends our entry under our own header, and we
+        answer from our own apply of it (`_resolve` matches the header), so the result needs no
+        encoding and the caller's next read here already sees the effect."""
+        assert self.forward is not None
         self._seq += 1
         p = _Proposal((self._nonce, self._seq), command)
+        self._forwarded[p.pid] = p
+        try:
+            with trio.move_on_after(timeout_s):
+                p.index = await self.forward(self.raw.leader_id, HEADER.pack(*p.pid) + command)
+                await p.done.wait()
+        finally:
+            self._forwarded.pop(p.pid, None)
+        if not p.done.is_set():
+            raise ProposalTimeout(f"forwarded entry {p.index or '?'} not applied here in time")
+        if p.error is not None:
+            raise p.error
+        return p.result
+
+    async def _propose_here(self, p: _Proposal, timeout_s: float | None) -> Any:
+        if len(self._queued) >= MAX_QUEUED_PROPOSALS:
+            raise NotLeader(self.id)  # overloaded: the caller backs off and retries
         self._queued.append(p)
         self._wake.set()
         with trio.move_on_after(timeout_s or self.settings.proposal_timeout_s):
@@ -288,6 +331,13 @@ class RaftNode:
         if p.error is not None:
             raise p.error
         return p.result
+
+    def change_membership(self, cc: ConfChange) -> None:
+        """Leader only: queue one membership change for the loop to append. The core refuses it
+        (silently, here) while another is uncommitted; the caller watches the configuration and
+        asks again, which is how the cluster's reconciler works anyway."""
+        self._conf_changes.append(cc)
+        self._wake.set()
 
     async def read_barrier(self, *, timeout_s: float | None = None) -> int:
         """Linearizable read point: returns the applied index once it covers the read index."""
@@ -361,6 +411,12 @@ class RaftNode:
         inbox, self._inbox = self._inbox, []
         for m in inbox:
             self.raw.step(m)
+        changes, self._conf_changes = self._conf_changes, []
+        for cc in changes[:1]:
+            try:
+                self.raw.propose_conf_change(cc)
+            except ProposalDropped as exc:
+                log.debug("membership change %s refused: %s", cc, exc)
         if self._queued:  # one batch per Ready: max_batch bounds what one fsync carries
             batch = self._queued[: self.settings.max_batch]
             del self._queued[: len(batch)]
@@ -583,6 +639,12 @@ class RaftNode:
                  up_to: int | None = None) -> None:
         """Answer the proposals at the applied indexes (those up to `up_to` only, if given)."""
         results = {index: (result, pid) for index, result, pid in outcome}
+        if self._forwarded:
+            for index, result, pid in outcome:
+                fwd = self._forwarded.pop(pid, None) if pid is not None and (up_to is None or index <= up_to) else None
+                if fwd is not None:
+                    fwd.result = result
+                    fwd.done.set()
         for e in rd.committed_entries:
             if up_to is not None and e.index > up_to:
                 break

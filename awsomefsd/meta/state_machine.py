@@ -20,6 +20,7 @@ import lmdb
 
 from awsomefsd.meta import commands as c
 from awsomefsd.meta import filemap
+from awsomefsd.meta.cluster_sm import ClusterTables
 from awsomefsd.meta.errors import FsError
 from awsomefsd.meta.namespace import Namespace
 from awsomefsd.meta.records import (
@@ -57,6 +58,7 @@ class StateMachine:
         self.space = SpaceMap(store)
         self.ns = Namespace(store)
         self.volumes = VolumeTables(store, self.ns, self.space)
+        self.cluster = ClusterTables(store)
         self.delayed_free_ns = delayed_free_ns
         self.freed_listeners: list[FreedListener] = []
         self.quiet = False  # replaying a batch: listeners already heard these events
@@ -81,6 +83,18 @@ class StateMachine:
             c.CreateSnapshot: self._create_snapshot,
             c.DeleteSnapshot: self._delete_snapshot,
             c.Batch: self._batch,
+            c.InitCluster: self.cluster.init_cluster,
+            c.AddMember: self.cluster.add_member,
+            c.SetMemberCert: self.cluster.set_member_cert,
+            c.UpdateMemberAddress: self.cluster.update_address,
+            c.RemoveMember: self.cluster.remove_member,
+            c.SetJoinVerifier: self.cluster.set_verifier,
+            c.RenewLease: self.cluster.renew_lease,
+            c.ExpireNode: self.cluster.expire_node,
+            c.ClaimGroups: self._claim_groups,
+            c.AcquireWriteLease: self.cluster.acquire_lease,
+            c.ReleaseWriteLease: self.cluster.release_lease,
+            c.Fenced: self._fenced,
         }
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -372,6 +386,7 @@ class StateMachine:
             txn.delete(key, db=self.db["xattrs"])
         txn.delete(u64(inode.ino), db=self.db["symlinks"])
         txn.delete(u64(inode.ino), db=self.db["orphans"])
+        self.cluster.drop_leases_of_inode(txn, inode.ino)
         self.ns.delete_inode(txn, inode.ino)
 
     def _reclaim(self, txn: lmdb.Transaction, cmd: c.ReclaimFrees) -> list[tuple[int, int]]:
@@ -395,6 +410,18 @@ class StateMachine:
     def _grant_groups(self, txn: lmdb.Transaction, cmd: c.GrantGroups) -> None:
         for group in cmd.groups:
             txn.put(group.to_bytes(4, "big"), u64(cmd.node), db=self.db["groups"])
+
+    def _claim_groups(self, txn: lmdb.Transaction, cmd: c.ClaimGroups) -> tuple[int, ...]:
+        count = self.cluster.value(txn, b"ag_count")
+        if count is None:
+            raise FsError(errno.EINVAL, "not a cluster")
+        return self.cluster.claim_groups(txn, cmd, int.from_bytes(count, "big"))
+
+    def _fenced(self, txn: lmdb.Transaction, cmd: c.Fenced) -> Any:
+        self.cluster.check_fenced(txn, cmd)
+        if len(cmd.commands) == 1:
+            return self.apply(txn, cmd.commands[0])
+        return self._batch(txn, c.Batch(cmd.commands))
 
     def group_owners(self, txn: lmdb.Transaction) -> dict[int, int]:
         return {int.from_bytes(k, "big"): int.from_bytes(v, "big") for k, v in txn.cursor(self.db["groups"])}

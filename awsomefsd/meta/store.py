@@ -31,6 +31,8 @@ TABLES = (
     "volumes",  # volume or snapshot id -> record (kind, name, root, quota, usage)
     "volnames",  # "v:name" / "s:name" -> id
     "groups",  # allocation group -> owner node
+    "members",  # node id -> member record (JSON): name, addresses, certificate serial, state, epoch
+    "wleases",  # ino -> node holding the file's write lease
 )
 FORMAT_VERSION = 1
 INITIAL_MAP_BYTES = 1 << 30
@@ -85,6 +87,28 @@ class MetaStore:
             self.env.set_mapsize(new_size)
             grew = True
         return grew
+
+    def replace_contents(self, source: Path) -> None:
+        """Make this environment a copy of the one at `source` (a received snapshot), in one write
+        transaction: a crash leaves the old state or the new one, and every open table handle stays
+        valid, so the state machine and the Raft storage keep working on the same environment."""
+        src = lmdb.open(str(source), readonly=True, lock=False, max_dbs=64)
+        try:
+            self.grow_if_needed(_file_size(source / "data.mdb") * 2)
+            with src.begin() as rtxn:
+                names = [bytes(k) for k, _ in rtxn.cursor()]
+            with src.begin() as rtxn, self.env.begin(write=True) as wtxn:
+                mine = {name.encode() for name in TABLES} | set(names)
+                for name in sorted(mine):
+                    dst_db = self.env.open_db(name, txn=wtxn)
+                    wtxn.drop(dst_db, delete=False)
+                    if name not in names:
+                        continue
+                    src_db = src.open_db(name, txn=rtxn, create=False)
+                    cursor = wtxn.cursor(dst_db)
+                    cursor.putmulti(rtxn.cursor(src_db).iternext(), append=True)
+        finally:
+            src.close()
 
     def close(self) -> None:
         self.env.close()

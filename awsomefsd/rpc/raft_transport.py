@@ -137,6 +137,7 @@ class _Peer:
         self.sent_frames = 0
         self.failures = 0
         self.snapshot_in_flight = False
+        self.removed = False
         self.channel: grpc.Channel | None = None
         self.wake = trio.Event()
 
@@ -156,13 +157,15 @@ class RaftTransport:
         insecure: bool = False,
         channel_options: Callable[[int], Sequence[tuple[str, Any]]] | None = None,
         peer_identity: Callable[[grpc.ServicerContext], int] | None = None,
+        guard: Callable[[object], object] | None = None,
         limits: TransportLimits = TransportLimits(),
     ) -> None:
         """`channel_options(peer_id)` adds per-peer channel arguments, e.g. the TLS target name
         that makes the dialled server prove it is that node (awsomefsd.cluster.tls).
         `peer_identity(context)` names the node whose verified certificate opened a stream (e.g.
         `authenticated_peer(...).node_id`); messages on it claiming another sender are dropped,
-        so one member's key cannot speak for another. It raises to refuse the stream."""
+        so one member's key cannot speak for another. It raises to refuse the stream.
+        `guard(servicer)` wraps every servicer served on the listener (e.g. a RevocationGuard)."""
         if insecure:
             assert server_credentials is None and channel_credentials is None, "insecure with credentials"
         elif server_credentials is None or channel_credentials is None:
@@ -176,6 +179,7 @@ class RaftTransport:
         self._channel_credentials = channel_credentials
         self._channel_options = channel_options
         self._peer_identity = peer_identity
+        self._guard = guard or (lambda servicer: servicer)
         self.spoofed_messages = 0
         self._peers: dict[int, _Peer] = {}
         self._nursery: trio.Nursery | None = None
@@ -204,8 +208,13 @@ class RaftTransport:
     def add_peer(self, peer_id: int, address: str) -> None:
         """Learn a new member's address (membership change); starts its sender when running."""
         assert peer_id != self.node_id
-        if peer_id in self._peers:
-            self._peers[peer_id].address = address
+        known = self._peers.get(peer_id)
+        if known is not None:
+            if known.address != address:
+                known.address = address
+                if known.channel is not None:
+                    known.channel.close()  # the stream fails and reopens on the new address
+                    known.channel = None
             return
         peer = _Peer(peer_id, address, self.limits.queue_messages)
         self._peers[peer_id] = peer
@@ -219,12 +228,31 @@ class RaftTransport:
             for p in self._peers.values()
         }
 
-    async def run(self, listen: str, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
-        """Serve on `listen` and keep one stream per peer open until cancelled; started(bound address)."""
+    def remove_peer(self, peer_id: int) -> None:
+        """Forget a removed member: stop dialling it and drop what is queued for it."""
+        peer = self._peers.pop(peer_id, None)
+        if peer is not None:
+            peer.removed = True
+            if peer.channel is not None:
+                peer.channel.close()
+
+    def channel_to(self, peer_id: int) -> grpc.Channel | None:
+        """The (mTLS) channel to a member, shared with its Raft stream; None for an unknown one."""
+        peer = self._peers.get(peer_id)
+        return None if peer is None else self._channel(peer)
+
+    def peer_address(self, peer_id: int) -> str | None:
+        peer = self._peers.get(peer_id)
+        return None if peer is None else peer.address
+
+    async def run(self, listen: str, *, extra_bindings: Sequence[Binding] = (),
+                  task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
+        """Serve on `listen` (the Raft service and `extra_bindings`, each wrapped by the guard) and
+        keep one stream per peer open until cancelled; started(bound address)."""
         self.staging_dir.mkdir(parents=True, exist_ok=True)
         try:
             async with trio.open_nursery() as nursery:
-                bound = await nursery.start(self._serve, listen)
+                bound = await nursery.start(self._serve, listen, extra_bindings)
                 self._nursery = nursery
                 for peer in self._peers.values():
                     nursery.start_soon(self._run_peer, peer)
@@ -235,7 +263,8 @@ class RaftTransport:
                 if peer.channel is not None:
                     peer.channel.close()
 
-    async def _serve(self, listen: str, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
+    async def _serve(self, listen: str, extra_bindings: Sequence[Binding] = (), *,
+                     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
         limits = BridgeLimits(
             max_workers=16, max_concurrent_rpcs=64, max_inflight=16, max_call_s=self.limits.snapshot_timeout_s,
             grace_s=0.5, max_message_bytes=MAX_MESSAGE_BYTES,
@@ -246,7 +275,9 @@ class RaftTransport:
             ("grpc.keepalive_permit_without_calls", 1),
         ]
         await serve_grpc(
-            [Binding(_add_raft_service, _RaftService(self))], listen, limits=limits,
+            [Binding(b.add_to_server, self._guard(b.servicer))
+             for b in (Binding(_add_raft_service, _RaftService(self)), *extra_bindings)],
+            listen, limits=limits,
             credentials=self._server_credentials, options=options, task_status=task_status,
         )
 
@@ -274,11 +305,11 @@ class RaftTransport:
     async def _run_peer(self, peer: _Peer) -> None:
         """Keep a stream to `peer` open; after a failure report it, drop the backlog, back off."""
         backoff_s = self.limits.backoff_min_s
-        while not self._closing:
+        while not self._closing and not peer.removed:
             started = time.monotonic()
             frames_before = peer.sent_frames
             error = await trio.to_thread.run_sync(self._stream_once, peer, abandon_on_cancel=True)
-            if self._closing:
+            if self._closing or peer.removed:
                 return
             peer.failures += 1
             if peer.sent_frames > frames_before or time.monotonic() - started > self.limits.backoff_max_s:

@@ -58,7 +58,7 @@ async def serve_join(args: argparse.Namespace) -> None:
     verifier = TokenVerifier.from_bytes((state / "verifier").read_bytes())
     ids = itertools.count(node.identity.node_id + 1)
 
-    async def assign() -> int:
+    async def assign(_request: object) -> int:
         return next(ids)
 
     service = JoinService(ca, verifier, assign)

@@ -37,7 +37,7 @@ def make_service(ca: ClusterCA, token: JoinToken) -> tuple[JoinService, list[int
     issued: list[int] = []
     ids = itertools.count(2)
 
-    async def assign() -> int:
+    async def assign(_request: object) -> int:
         return next(ids)
 
     async def record(identity: object, peer: str) -> None:
@@ -146,7 +146,7 @@ async def test_expired_challenge_is_refused(ca: ClusterCA) -> None:
     now = [1000.0]
     issued: list[int] = []
 
-    async def assign() -> int:
+    async def assign(_request: object) -> int:
         issued.append(2)
         return 2
 

@@ -11,13 +11,14 @@ from pathlib import Path
 
 import pytest
 import trio
+import trio.testing
 
 from awsomefsd.meta import codec
 from awsomefsd.meta import commands as c
 from awsomefsd.meta.errors import FsError
 from awsomefsd.meta.raft import Entry, HardState
 from awsomefsd.meta.raft_log import RaftLog
-from awsomefsd.meta.raft_node import HEADER, NotLeader
+from awsomefsd.meta.raft_node import HEADER
 from awsomefsd.meta.raft_storage import LmdbRaftStorage
 from awsomefsd.meta.records import ROOT_INO
 from awsomefsd.meta.state_machine import StateMachine
@@ -52,10 +53,34 @@ def committed_names(store: MetaStore, sm: StateMachine) -> set[bytes]:
         return {name for name, _ in sm.ns.names(txn, ROOT_INO)}
 
 
-async def test_proposals_wait_for_the_leader(tmp_path: Path) -> None:
+async def test_a_proposal_waits_out_an_election(tmp_path: Path) -> None:
+    """No leader yet: the proposal stalls (a mount sees a pause, not an error) and goes through
+    once the group has elected one."""
+    _, sm, log = open_raft_log(tmp_path / "m")
+    async with trio.open_nursery() as nursery:
+        result: list[object] = []
+
+        async def propose_early() -> None:
+            result.append(await log.propose(mknod(100, b"early")))
+
+        nursery.start_soon(propose_early)
+        await trio.testing.wait_all_tasks_blocked()
+        assert not result and log.node.raw.leader_id == 0
+        await nursery.start(log.run)
+        with trio.fail_after(10):
+            while not result:
+                await trio.sleep(0.01)
+        nursery.cancel_scope.cancel()
+    assert log.stalls == 1
+    assert sm.ns.lookup(log.read_txn(), ROOT_INO, b"early") == 100
+
+
+async def test_no_leader_within_the_stall_budget_is_eio(tmp_path: Path) -> None:
     _, _, log = open_raft_log(tmp_path / "m")
-    with pytest.raises(NotLeader):
+    log.stall_s = 0.3
+    with pytest.raises(FsError) as err:
         await log.propose(mknod(100, b"early"))
+    assert err.value.errno == errno.EIO and "metadata unavailable" in str(err.value)
 
 
 async def test_durable_and_visible_when_acknowledged(tmp_path: Path) -> None:

@@ -1,0 +1,162 @@
+"""Cross-node coherence: close-to-open, per-file write leases, kernel cache invalidation.
+
+The contract is in docs/coherence.md; this module implements its three mechanisms.
+
+1. Every member applies every committed command. Commands another node proposed go through
+   `awsomefsd.fuse.invalidate.targets` to the Invalidator, which drops the kernel's dentries,
+   attributes and page cache they made stale (on a worker thread: the kernel may be waiting on the
+   trio thread).
+2. `catch_up()` (open, and a lookup that found nothing): a ReadIndex barrier makes this node apply
+   everything committed before the call, then the invalidator is drained, so an open that starts
+   after a close elsewhere sees that close's data and no stale cache.
+3. Write leases: a node buffers writes to a file only while it holds the file's write lease
+   (`AcquireWriteLease` through the log). Asking for a lease someone else holds is itself the
+   request to give it up: the holder sees that command applied, flushes the file (data on the
+   device, mapping committed) and proposes `ReleaseWriteLease`; the asker sees the release and
+   asks again. So writes from different nodes are serialised, and each writer starts from the
+   previous writer's flushed data. A dead holder's leases go with `ExpireNode` (lease + margin).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import trio
+
+from awsomefsd.fuse.invalidate import Invalidator, targets
+from awsomefsd.meta import commands as c
+from awsomefsd.meta.errors import FsError
+from awsomefsd.meta.raft_log import RaftLog
+from awsomefsd.meta.state_machine import StateMachine
+
+log = logging.getLogger(__name__)
+
+CATCH_UP_TRY_S = 0.5
+CATCH_UP_BUDGET_S = 10.0
+
+LEASE_WAIT_S = 60.0
+"""How long a writer waits for another node to give up a file's write lease before EIO. A live
+holder releases within one flush; a dead one loses its leases after its liveness lease expires."""
+
+
+class ClusterCoherence:
+    """The `Coherence` hooks of awsomefsd.fuse.operations for one member."""
+
+    def __init__(self, node_id: int, log_: RaftLog, sm: StateMachine, invalidator: Invalidator,
+                 epoch: Any) -> None:
+        self.node_id = node_id
+        self.log = log_
+        self.sm = sm
+        self.invalidator = invalidator
+        self.epoch = epoch
+        """Callable returning this node's liveness-lease epoch."""
+        self.flush: Any = None
+        """Set once the file system exists: `async flush(ino)` of this node's buffered data."""
+        self.held: set[int] = set()
+        self._releasing: set[int] = set()
+        self._released: dict[int, trio.Event] = {}
+        self._to_release: trio.MemorySendChannel[int]
+        self._release_queue: trio.MemoryReceiveChannel[int]
+        self._to_release, self._release_queue = trio.open_memory_channel(4096)
+        self.catch_ups = 0
+        self.stale_reads = 0
+        self.leases_acquired = 0
+        self.leases_released = 0
+        self.lease_waits = 0
+
+    def reload(self) -> None:
+        """Rebuild what this node holds from the state (start, snapshot install)."""
+        self.held = set(self.sm.cluster.leases_of(self.log.read_txn(), self.node_id))
+
+    # --- Coherence ----------------------------------------------------------------------------------
+    async def catch_up(self) -> None:
+        """Short tries: a ReadIndex sent to a leader that just died is lost, and a new leader is
+        elected within a couple of seconds; after CATCH_UP_BUDGET_S serve the local state (a
+        partitioned minority still reads what it has; its writes fail on their own)."""
+        self.catch_ups += 1
+        deadline = trio.current_time() + CATCH_UP_BUDGET_S
+        while True:
+            try:
+                await self.log.node.read_barrier(timeout_s=CATCH_UP_TRY_S)
+                break
+            except Exception as exc:
+                if trio.current_time() >= deadline:
+                    self.stale_reads += 1
+                    log.warning("no leader confirmed a read point in %.0fs (%s); serving the local state",
+                                CATCH_UP_BUDGET_S, exc)
+                    break
+                await trio.sleep(0.05)
+        await self.invalidator.drain()
+
+    async def write_lease(self, ino: int) -> None:
+        if ino in self.held:
+            return
+        with trio.move_on_after(LEASE_WAIT_S):
+            while True:
+                released = self._released.setdefault(ino, trio.Event())
+                if ino in self._releasing:  # our own hand-over is under way: wait for it first
+                    await released.wait()
+                    continue
+                holder = await self.log.propose(c.AcquireWriteLease(ino, self.node_id, self.epoch()))
+                if holder == self.node_id:
+                    self.held.add(ino)
+                    self.leases_acquired += 1
+                    return
+                self.lease_waits += 1
+                await released.wait()
+        raise FsError(5, f"node {self.node_id} waited {LEASE_WAIT_S:.0f}s for the write lease of inode {ino}")
+
+    # --- observing applied commands (inside the apply transaction: queue only) -----------------
+    def observe(self, command: object, result: Any, mine: bool) -> None:
+        if isinstance(result, FsError):
+            return
+        if isinstance(command, c.AcquireWriteLease):
+            if result == self.node_id and command.node != self.node_id:
+                try:
+                    self._to_release.send_nowait(command.ino)
+                except trio.WouldBlock:
+                    log.warning("release queue full; inode %d's lease is handed over on the next request",
+                                command.ino)
+            elif result == command.node == self.node_id:
+                self.held.add(command.ino)
+        elif isinstance(command, c.ReleaseWriteLease) and result:
+            if command.node == self.node_id:
+                self.held.discard(command.ino)
+            self._wake(command.ino)
+        elif isinstance(command, c.ExpireNode):
+            if command.node == self.node_id:
+                self.held.clear()
+            for ino in list(self._released):
+                self._wake(ino)
+        elif isinstance(command, c.Purge):
+            self.held.discard(command.ino)
+            self._wake(command.ino)
+        if not mine:
+            self.invalidator.submit(targets(command, result))
+
+    def _wake(self, ino: int) -> None:
+        event = self._released.pop(ino, None)
+        if event is not None:
+            event.set()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Give up leases other nodes asked for: flush first, then release."""
+        task_status.started()
+        async for ino in self._release_queue:
+            if ino not in self.held or ino in self._releasing:
+                continue
+            self._releasing.add(ino)
+            self.held.discard(ino)  # from here no new write starts under it (they wait above)
+            try:
+                if self.flush is not None:
+                    await self.flush(ino)
+                await self.log.propose(c.ReleaseWriteLease(ino, self.node_id))
+                self.leases_released += 1
+            except FsError as exc:
+                # The flush failed (fenced, device error): keep the lease, the data is still ours.
+                log.warning("could not hand over the write lease of inode %d: %s", ino, exc)
+                self.held.add(ino)
+            finally:
+                self._releasing.discard(ino)
+                self._wake(ino)

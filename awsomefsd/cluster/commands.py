@@ -1,0 +1,295 @@
+"""The cluster's CLI commands: init, join, token, token rotate, node remove, and `run` of a member.
+
+`init`, `join` and `run` take the same settings as a single node (`--device`, `--state`, `--mount`,
+`--listen`, the config file), so several members can run side by side on one machine, each in its
+own network namespace. What a member needs to restart (cluster id, node id, addresses, device,
+mount) is in `<state>/cluster.json`; `awsomefsd run --state DIR` is enough.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import uuid
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from awsomefsd.cli import CliError
+from awsomefsd.cluster.ca import CertificateError, ClusterCA, make_csr, new_node_key
+from awsomefsd.cluster.discovery import browse, find_join_peers
+from awsomefsd.cluster.join_service import JoinError, JoinRefused, join_cluster, split_host_port
+from awsomefsd.cluster.rpc import control_call
+from awsomefsd.cluster.state import MemberState, control_socket, load_token, save_token, tls_dir
+from awsomefsd.cluster.tls import NodeCredentials
+from awsomefsd.cluster.token import JoinToken, TokenError
+from awsomefsd.commands import state_lock
+from awsomefsd.config import Settings, parse_size_bytes
+
+log = logging.getLogger(__name__)
+CLUSTER_AG_COUNT = 64
+"""`init` formats with about this many allocation groups (at least 16 MiB each), so that every
+member of a cluster gets groups of its own and claims more as it fills them."""
+MIN_CLUSTER_AG_BYTES = 16 << 20
+
+
+def _listen(settings: Settings) -> str:
+    listen = settings.cluster.listen
+    if not listen:
+        raise CliError("give --listen host:port (or [cluster] listen): where the other members reach this node")
+    try:
+        _host, port = split_host_port(listen)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    if not 1 <= port < 65535:
+        raise CliError(f"--listen {listen}: port out of range")
+    return listen
+
+
+def _device(settings: Settings, size: str | None) -> Path:
+    from awsomefsd.io.device import create_image
+
+    path = settings.device.path
+    if path is None:
+        raise CliError("give --device (a shared block device, or an image file with --size to create it)")
+    if not path.exists():
+        if size is None:
+            raise CliError(f"{path} does not exist (give --size to create an image file)")
+        try:
+            create_image(path, parse_size_bytes(size))
+        except ValueError as exc:
+            raise CliError(str(exc)) from None
+    return path
+
+
+def _member_settings(settings: Settings, state: MemberState) -> Settings:
+    """Fill in what `cluster.json` remembers and the flags did not say."""
+    update: dict[str, Any] = {}
+    if settings.device.path is None and state.device:
+        update["device"] = settings.device.model_copy(update={"path": Path(state.device)})
+    if settings.mount.path is None and state.mount:
+        update["mount"] = settings.mount.model_copy(update={"path": Path(state.mount)})
+    if not settings.cluster.listen:
+        update["cluster"] = settings.cluster.model_copy(update={"listen": state.listen})
+    # a cluster device is shared: O_DIRECT on every node, so no node reads its own stale page cache
+    update["device"] = update.get("device", settings.device).model_copy(update={"shared": True})
+    return settings.model_copy(update=update)
+
+
+def init(settings: Settings, *, size: str | None, force: bool, label: str) -> int:
+    from awsomefsd.cluster.member import Founding
+    from awsomefsd.io.device import BlockDevice
+    from awsomefsd.io.errors import DeviceError, NotFormattedError
+    from awsomefsd.io.superblock import format_device, read_superblock
+
+    state_dir = settings.node.state_dir
+    with state_lock(state_dir):
+        existing = MemberState.load(state_dir)
+        if existing is not None:
+            raise CliError(f"{state_dir} already belongs to node {existing.node_id} of cluster "
+                           f"{existing.cluster_id}: start it with `awsomefsd run --state {state_dir}`")
+        listen = _listen(settings)
+        path = _device(settings, size)
+        try:
+            device = BlockDevice.open(path)
+            try:
+                try:
+                    found = read_superblock(device).superblock
+                    if not force:
+                        raise CliError(f"{path} already holds cluster {found.cluster_id} (label {found.label!r}): "
+                                       "give --force to format it for a new cluster (destroys its data)")
+                except NotFormattedError:
+                    pass
+                ag_bytes = max(MIN_CLUSTER_AG_BYTES, device.size_bytes // CLUSTER_AG_COUNT)
+                sb = format_device(device, cluster_id=uuid.uuid4(), label=label, force=True, ag_size_bytes=ag_bytes)
+            finally:
+                device.close()
+        except (DeviceError, ValueError) as exc:
+            raise CliError(str(exc)) from None
+        cluster_id = sb.cluster_id
+        ca = ClusterCA.create(cluster_id)
+        key = new_node_key()
+        creds = NodeCredentials(key, ca.issue(make_csr(key), 1), ca.cert)
+        creds.save(tls_dir(state_dir))
+        ca.save(tls_dir(state_dir) / "ca")  # to resume founding after a crash; the same key is in the metadata
+        seeds = () if split_host_port(listen)[0] in ("0.0.0.0", "::") else (listen,)
+        token = JoinToken.generate(cluster_id, ca.fingerprint, seeds=seeds)
+        save_token(state_dir, token.encode())
+        mount = settings.mount.path
+        state = MemberState(str(cluster_id), 1, listen, founder=True, device=str(path.resolve()),
+                            mount=str(mount.resolve()) if mount else "")
+        state.save(state_dir)
+        print(f"awsomefsd: formatted {path} for new cluster {cluster_id}; this is node 1", flush=True)
+        print("awsomefsd: join other nodes with `awsomefsd join TOKEN`; the token:", flush=True)
+        print(token.encode(), flush=True)
+        settings = _member_settings(settings, state)
+        founding = Founding(ca, token, settings.cluster.voters)
+        return _run(settings, state, founding=founding)
+
+
+def join(settings: Settings, token_text: str) -> int:
+    from awsomefsd.io.device import BlockDevice
+    from awsomefsd.io.errors import DeviceError
+    from awsomefsd.io.superblock import read_superblock
+
+    state_dir = settings.node.state_dir
+    with state_lock(state_dir):
+        existing = MemberState.load(state_dir)
+        if existing is not None:
+            raise CliError(f"{state_dir} already belongs to node {existing.node_id} of cluster "
+                           f"{existing.cluster_id}: start it with `awsomefsd run --state {state_dir}`")
+        try:
+            token = JoinToken.parse(token_text)
+        except TokenError as exc:
+            raise CliError(f"bad join token: {exc}") from None
+        listen = _listen(settings)
+        path = _device(settings, None)
+        try:
+            device = BlockDevice.open(path)
+            try:
+                sb = read_superblock(device).superblock
+            finally:
+                device.close()
+        except DeviceError as exc:
+            raise CliError(f"{path}: {exc}") from None
+        if sb.cluster_id != token.cluster_id:
+            raise CliError(f"{path} holds cluster {sb.cluster_id}, but the token is for cluster {token.cluster_id}: "
+                           "give the shared device of that cluster")
+        peers = _find_members(settings, token)
+        peer_map: dict[int, str] = {}
+        creds = None
+        errors = []
+        for peer in peers:
+            try:
+                creds = join_cluster(token, peer.join_address, name=settings.node.name, listen_address=listen,
+                                     peers_out=peer_map)
+                break
+            except JoinRefused as exc:
+                raise CliError(str(exc)) from None
+            except (JoinError, CertificateError) as exc:
+                errors.append(f"{peer.join_address}: {exc}")
+        if creds is None:
+            raise CliError("could not join through any member: " + "; ".join(errors))
+        creds.save(tls_dir(state_dir))
+        mount = settings.mount.path
+        state = MemberState(str(token.cluster_id), creds.identity.node_id, listen, device=str(path.resolve()),
+                            mount=str(mount.resolve()) if mount else "")
+        state.save(state_dir)
+        print(f"awsomefsd: joined cluster {token.cluster_id} as node {state.node_id}", flush=True)
+        return _run(_member_settings(settings, state), state, peers=peer_map)
+
+
+def _find_members(settings: Settings, token: JoinToken) -> list[Any]:
+    if settings.cluster.peers:
+        try:
+            return find_join_peers(token.cluster_id, settings.cluster.peers)
+        except ValueError as exc:
+            raise CliError(str(exc)) from None
+    found = browse(token.cluster_id, settings.cluster.discovery_timeout_s).members
+    if not found and token.seeds:
+        found = find_join_peers(token.cluster_id, token.seeds)
+    if not found:
+        raise CliError(f"no member of cluster {token.cluster_id} answered zeroconf within "
+                       f"{settings.cluster.discovery_timeout_s:.0f}s; give --peer host:port of a member")
+    return found
+
+
+def run_member_command(settings: Settings, state: MemberState) -> int:
+    """`awsomefsd run` of a state directory that belongs to a cluster member."""
+    with state_lock(settings.node.state_dir):
+        settings = _member_settings(settings, state)
+        if settings.cluster.listen != state.listen:
+            state = MemberState(state.cluster_id, state.node_id, settings.cluster.listen, state.founder,
+                                state.device, state.mount)
+            state.save(settings.node.state_dir)
+        founding = None
+        if state.founder:
+            from awsomefsd.cluster.member import Founding
+
+            token_text = load_token(settings.node.state_dir)
+            ca_dir = tls_dir(settings.node.state_dir) / "ca"
+            if token_text is not None and (ca_dir / "ca.key").exists():
+                founding = Founding(ClusterCA.load(ca_dir), JoinToken.parse(token_text), settings.cluster.voters)
+        return _run(settings, state, founding=founding)
+
+
+def _run(settings: Settings, state: MemberState, *, founding: Any = None, peers: dict[int, str] | None = None) -> int:
+    from awsomefsd.cluster.member import open_member, run_member
+    from awsomefsd.commands import _device_errors
+    from awsomefsd.fuse.mount import MountError
+    from awsomefsd.node import print_ready
+
+    logging.getLogger().setLevel(settings.log.level.upper())
+    creds = NodeCredentials.load(tls_dir(settings.node.state_dir))
+    try:
+        member = open_member(settings, state, creds, founding=founding is not None, peers=peers)
+    except _device_errors() as exc:
+        raise CliError(str(exc)) from None
+    try:
+        trio.run(functools.partial(run_member, member, founding=founding, ready=print_ready))
+    except MountError as exc:
+        raise CliError(str(exc)) from None
+    finally:
+        if member.core is not None:
+            member.core.close()
+        else:
+            member.raft.close()
+            member.storage.close()
+    print("awsomefsd: unmounted", flush=True)
+    return 0
+
+
+# --- commands that talk to the running daemon --------------------------------------------------------
+def _control(settings: Settings, request: dict[str, Any]) -> dict[str, Any]:
+    state_dir = settings.node.state_dir
+    if MemberState.load(state_dir) is None:
+        raise CliError(f"{state_dir} is not the state directory of a cluster member (give --state)")
+    try:
+        reply = control_call(str(control_socket(state_dir)), request)
+    except ConnectionError as exc:
+        raise CliError(f"{exc}: is the daemon running?") from None
+    if "error" in reply:
+        raise CliError(str(reply["error"]))
+    return reply
+
+
+def token(settings: Settings) -> int:
+    state_dir = settings.node.state_dir
+    if MemberState.load(state_dir) is None:
+        raise CliError(f"{state_dir} is not the state directory of a cluster member (give --state)")
+    text = load_token(state_dir)
+    if text is None:
+        raise CliError("this node holds no join token (it was printed on another node); "
+                       "`awsomefsd token rotate` makes a new one")
+    print(text)
+    return 0
+
+
+def token_rotate(settings: Settings) -> int:
+    reply = _control(settings, {"op": "rotate"})
+    print("awsomefsd: join token rotated; the previous token no longer admits anyone")
+    print(reply["token"])
+    return 0
+
+
+def node_remove(settings: Settings, node: int) -> int:
+    _control(settings, {"op": "remove", "node": node})
+    print(f"awsomefsd: node {node} removed; its certificate is revoked")
+    return 0
+
+
+def cluster_status(settings: Settings) -> dict[str, Any] | None:
+    """The running member's view of the cluster, or None when this is no member or it is stopped."""
+    state_dir = settings.node.state_dir
+    if MemberState.load(state_dir) is None or not control_socket(state_dir).exists():
+        return None
+    try:
+        reply = control_call(str(control_socket(state_dir)), {"op": "status"}, timeout_s=5)
+    except ConnectionError:
+        return None
+    return None if "error" in reply else reply
+
+
+__all__ = ["cluster_status", "init", "join", "node_remove", "run_member_command", "token",
+           "token_rotate"]

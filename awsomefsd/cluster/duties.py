@@ -1,0 +1,248 @@
+"""A member's background duties: its liveness lease, its allocation groups, and — on the leader —
+membership and expiry of nodes that stopped renewing.
+
+Timing of the liveness lease (docs/cluster.md has the argument):
+- a member proposes `RenewLease(node, epoch)` every `renew_s`; when it is applied, the member's write
+  fence opens until `sent + lease_s` on its own monotonic clock (`sent` = when the proposal left,
+  so the lease never starts later than the leader could believe);
+- the leader notes, on its own monotonic clock, when it applied each member's last renewal, and
+  proposes `ExpireNode` once `lease_s + margin_s` have passed without one. Only then are the
+  member's groups and write leases free for others;
+- a new leader starts every member's clock at its own election: it can only expire later, never
+  earlier, than the old leader would have.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+
+from awsomefsd.io.allocator import FreeSpaceMap, NodeAllocator
+from awsomefsd.io.fence import WriteFence
+from awsomefsd.meta import commands as c
+from awsomefsd.meta.errors import FsError
+from awsomefsd.meta.raft import ConfChange, ConfChangeType
+from awsomefsd.meta.raft_log import RaftLog
+from awsomefsd.meta.state_machine import StateMachine
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LeaseSettings:
+    lease_s: float = 10.0
+    renew_s: float = 2.0
+    margin_s: float = 2.0
+    """The leader waits lease + margin before expiring a node; the node's fence closes `fence
+    margin` (WriteFence.margin_s) before its lease ends."""
+
+    def __post_init__(self) -> None:
+        assert 0 < self.renew_s * 2 < self.lease_s, "at least two renewals per lease"
+        assert self.margin_s > 0
+
+
+class LivenessLease:
+    """Renews this node's lease and keeps the device's write fence in step with it."""
+
+    def __init__(self, node_id: int, log_: RaftLog, sm: StateMachine, fence: WriteFence,
+                 settings: LeaseSettings, on_expired: Callable[[], None]) -> None:
+        self.node_id = node_id
+        self.log = log_
+        self.sm = sm
+        self.fence = fence
+        self.settings = settings
+        self.on_expired = on_expired
+        self.epoch = 0
+        self.renewals = 0
+        self.refusals = 0
+        self.first_renewal = trio.Event()
+
+    def load_epoch(self) -> None:
+        record = self.sm.cluster.member(self.log.read_txn(), self.node_id)
+        self.epoch = 0 if record is None else int(record["epoch"])
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        while True:
+            sent = time.monotonic()
+            if not self.epoch:
+                self.load_epoch()
+            ok: Any = False
+            with trio.move_on_after(self.settings.renew_s):
+                try:
+                    ok, result = await self.log.propose_outcome(c.RenewLease(self.node_id, self.epoch), fenced=False)
+                    ok = ok and result
+                except FsError as exc:
+                    log.warning("lease renewal failed: %s", exc)
+            if ok:
+                self.fence.renewed(sent + self.settings.lease_s)
+                self.renewals += 1
+                self.first_renewal.set()
+            elif self.epoch:
+                self._maybe_expired()
+            await trio.sleep_until(_trio_deadline(sent + self.settings.renew_s))
+
+    def _maybe_expired(self) -> None:
+        """A refused renewal: the leader expired us (or we were removed). Our groups and write
+        leases are gone; start again with the current epoch."""
+        record = self.sm.cluster.member(self.log.read_txn(), self.node_id)
+        if record is None or record["epoch"] == self.epoch:
+            return
+        self.refusals += 1
+        log.warning("node %d's lease epoch %d expired (now %d): groups and write leases were taken back",
+                    self.node_id, self.epoch, record["epoch"])
+        self.epoch = int(record["epoch"])
+        self.on_expired()
+
+
+def _trio_deadline(monotonic_s: float) -> float:
+    return trio.current_time() + (monotonic_s - time.monotonic())
+
+
+class GroupKeeper:
+    """Claims allocation groups for this node when its free space runs low (ClaimGroups through the
+    log); applies grants and expiries to the node's allocator as they are applied."""
+
+    def __init__(self, node_id: int, log_: RaftLog, sm: StateMachine, allocator: NodeAllocator,
+                 epoch: Callable[[], int], low_blocks: int) -> None:
+        self.node_id = node_id
+        self.log = log_
+        self.sm = sm
+        self.allocator = allocator
+        self.epoch = epoch
+        self.low_blocks = low_blocks
+        self.claims = 0
+        self._wake = trio.Event()
+
+    def observe(self, command: object, result: Any, _mine: bool) -> None:
+        if isinstance(command, c.ClaimGroups) and command.node == self.node_id and isinstance(result, tuple):
+            self._grant(result)
+        elif isinstance(command, c.ExpireNode) and command.node == self.node_id and isinstance(result, list):
+            for group in result:
+                self.allocator.revoke(group)
+            self._wake.set()
+
+    def _grant(self, groups: tuple[int, ...]) -> None:
+        free = FreeSpaceMap(list(self.sm.space.mirror))
+        for group in groups:
+            if group not in self.allocator.owned_ags:
+                self.allocator.grant(group, free.extents_within(*self.allocator.layout.ag_range(group)))
+
+    def reload(self) -> None:
+        owned = set(self.sm.cluster.groups_of(self.log.read_txn(), self.node_id))
+        for group in self.allocator.owned_ags - owned:
+            self.allocator.revoke(group)
+        self._grant(tuple(sorted(owned - self.allocator.owned_ags)))
+
+    def poke(self) -> None:
+        self._wake.set()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        while True:
+            if self.allocator.free_blocks < self.low_blocks:
+                try:
+                    granted = await self.log.propose(c.ClaimGroups(self.node_id, self.epoch(), 1))
+                    self.claims += 1
+                    if not granted:
+                        log.info("no unowned allocation group left to claim")
+                        await trio.sleep(5)
+                    continue
+                except FsError as exc:
+                    log.warning("claiming an allocation group failed: %s", exc)
+                    await trio.sleep(1)
+                    continue
+            with trio.move_on_after(1.0):
+                await self._wake.wait()
+            self._wake = trio.Event()
+
+
+class LeaderDuties:
+    """While this node leads: keep the Raft configuration equal to the member table (add new
+    members as learners, promote caught-up learners while voters are below target, remove removed
+    members) and expire members whose liveness lease ran out."""
+
+    def __init__(self, node_id: int, log_: RaftLog, sm: StateMachine, settings: LeaseSettings,
+                 tick_s: float = 0.25) -> None:
+        self.node_id = node_id
+        self.log = log_
+        self.sm = sm
+        self.settings = settings
+        self.tick_s = tick_s
+        self.last_renewal: dict[int, float] = {}
+        self.leading_since: float | None = None
+        self.expired = 0
+        self.conf_changes = 0
+
+    def observe(self, command: object, result: Any, _mine: bool) -> None:
+        if isinstance(command, c.RenewLease) and result is True:
+            self.last_renewal[command.node] = time.monotonic()
+        elif isinstance(command, c.AddMember) and isinstance(result, int):
+            self.last_renewal[result] = time.monotonic()  # a new member's clock starts at its admission
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        while True:
+            await trio.sleep(self.tick_s)
+            if not self.log.node.raw.is_leader:
+                self.leading_since = None
+                continue
+            now = time.monotonic()
+            if self.leading_since is None:
+                self.leading_since = now
+                self.last_renewal = {}
+            try:
+                self._reconcile_membership()
+                await self._expire_silent(now)
+            except FsError as exc:
+                log.warning("leader duties: %s", exc)
+
+    def _reconcile_membership(self) -> None:
+        node = self.log.node
+        status = node.raw.status()
+        conf = status.conf_state
+        voters, learners = set(conf.voters), set(conf.learners)
+        txn = self.log.read_txn()
+        members = self.sm.cluster.members(txn)
+        target_raw = self.sm.cluster.value(txn, b"voters_target")
+        target = 3 if target_raw is None else int.from_bytes(target_raw, "big")
+        active = {n for n, m in members.items() if m["state"] == "active"}
+        for n in sorted((voters | learners) - active):
+            if n in members:  # removed: take it out (one change at a time; the core refuses more)
+                node.change_membership(ConfChange(ConfChangeType.REMOVE_NODE, n))
+                self.conf_changes += 1
+                return
+        for n in sorted(active - voters - learners):
+            node.change_membership(ConfChange(ConfChangeType.ADD_LEARNER, n, members[n]["address"].encode()))
+            self.conf_changes += 1
+            return
+        if len(voters) < target:
+            last = status.last_index
+            for n in sorted(learners & active):
+                progress = status.progress.get(n)
+                if progress is not None and progress.match + 64 >= last and not members[n]["expired"]:
+                    node.change_membership(ConfChange(ConfChangeType.ADD_NODE, n))
+                    self.conf_changes += 1
+                    return
+
+    async def _expire_silent(self, now: float) -> None:
+        assert self.leading_since is not None
+        deadline = self.settings.lease_s + self.settings.margin_s
+        members = self.sm.cluster.members(self.log.read_txn())
+        for n, record in members.items():
+            if n == self.node_id or record["expired"]:
+                continue
+            seen = max(self.last_renewal.get(n, self.leading_since), self.leading_since)
+            if record["state"] == "removed" and not self.sm.cluster.groups_of(self.log.read_txn(), n) \
+                    and not self.sm.cluster.leases_of(self.log.read_txn(), n):
+                continue
+            if now - seen > deadline:
+                log.warning("node %d has not renewed its lease for %.1fs: expiring it (its groups and "
+                            "write leases go back to the cluster)", n, now - seen)
+                await self.log.propose_outcome(c.ExpireNode(n), fenced=False)
+                self.expired += 1

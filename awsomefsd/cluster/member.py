@@ -1,0 +1,395 @@
+"""A cluster member: the same file system as a single node, with its metadata on a replicated
+Raft group, its device writes fenced by a liveness lease, and coherence across nodes.
+
+Start-up order (each step needs the previous one):
+  1. storage (device + node-local LMDB); a joining node's store stays empty until step 4;
+  2. the Raft log, the transport (mTLS listener: Raft + Member.Forward) and the control socket;
+  3. founder's first start only: elect itself, `InitCluster` (CA, token verifier, the member table)
+     and claim its first allocation group;
+  4. wait until this node holds the cluster's state (a joiner: the leader adds it as a learner and
+     sends a snapshot) and has caught up (ReadIndex);
+  5. the file system (allocator over the node's own groups, FileData, Operations), the liveness
+     lease (write fence), group keeper, coherence, leader duties, join listener, zeroconf;
+  6. mount and serve (node.serve) until signalled.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from awsomefsd.cluster.ca import ClusterCA, Revocations, fingerprint
+from awsomefsd.cluster.coherence import ClusterCoherence
+from awsomefsd.cluster.discovery import JOIN_PORT_OFFSET, Advertisement
+from awsomefsd.cluster.duties import GroupKeeper, LeaderDuties, LeaseSettings, LivenessLease
+from awsomefsd.cluster.join_service import JoinService, split_host_port
+from awsomefsd.cluster.rpc import ControlError, ControlService, Forwarder, MemberService
+from awsomefsd.cluster.state import MemberState, control_socket, load_token, save_token
+from awsomefsd.cluster.tls import (
+    NodeCredentials,
+    RevocationGuard,
+    authenticated_peer,
+    channel_credentials,
+    channel_options,
+    join_server_credentials,
+    server_credentials,
+)
+from awsomefsd.cluster.token import JoinToken, TokenVerifier
+from awsomefsd.config import Settings
+from awsomefsd.fuse.invalidate import Invalidator
+from awsomefsd.io.fence import WriteFence
+from awsomefsd.meta import commands as c
+from awsomefsd.meta.raft_log import RaftLog
+from awsomefsd.meta.raft_node import NodeSettings
+from awsomefsd.node import Core, NodeError, Storage, build_core, open_storage, serve
+from awsomefsd.rpc.bridge import serve_grpc
+from awsomefsd.rpc.raft_transport import RaftTransport
+
+log = logging.getLogger(__name__)
+
+CATCH_UP_TIMEOUT_S = 120.0
+FIRST_LEASE_TIMEOUT_S = 60.0
+RAFT_SETTINGS = NodeSettings(tick_ms=50, election_ticks=20, heartbeat_ticks=2, persist_in_thread=False)
+"""Election timeout 1-2 s (20 ticks of 50 ms, randomised up to twice that): a loaded 2-core test
+machine must not depose a leader for a slow fsync; a dead leader is replaced within ~2 s."""
+
+
+@dataclass
+class Founding:
+    """What `awsomefsd init` decided, applied once the founder leads its one-member group."""
+
+    ca: ClusterCA
+    token: JoinToken
+    voters_target: int
+
+
+@dataclass
+class Member:
+    settings: Settings
+    state: MemberState
+    creds: NodeCredentials
+    storage: Storage
+    raft: RaftLog
+    transport: RaftTransport
+    revocations: Revocations
+    invalidator: Invalidator = field(default_factory=Invalidator)
+    core: Core | None = None
+    lease: LivenessLease | None = None
+    groups: GroupKeeper | None = None
+    coherence: ClusterCoherence | None = None
+    duties: LeaderDuties | None = None
+    join_service: JoinService | None = None
+    started_ns: int = field(default_factory=time.time_ns)
+
+    @property
+    def node_id(self) -> int:
+        return self.state.node_id
+
+    @property
+    def state_dir(self) -> Path:
+        return self.settings.node.state_dir
+
+    # --- peers and revocations follow the member table ------------------------------------------
+    def sync_peers(self) -> None:
+        txn = self.raft.read_txn()
+        members = self.storage.sm.cluster.members(txn)
+        for n, record in members.items():
+            if n == self.node_id:
+                continue
+            if record["state"] == "active":
+                self.transport.add_peer(n, record["address"])
+            else:
+                self.transport.remove_peer(n)
+        self.revocations.replace(self.storage.sm.cluster.revoked_serials(txn))
+        verifier = self.storage.sm.cluster.value(txn, b"join_verifier")
+        if self.join_service is not None and verifier is not None and verifier != self._verifier:
+            self.join_service.rotate(TokenVerifier.from_bytes(verifier))
+        self._verifier = verifier
+
+    def observe(self, command: object, result: Any, _mine: bool) -> None:
+        if isinstance(command, (c.InitCluster, c.AddMember, c.UpdateMemberAddress, c.RemoveMember,
+                                c.SetJoinVerifier)):
+            self._membership_changed = True
+
+    _membership_changed: bool = False
+    _verifier: bytes | None = None
+
+    def after_apply(self, _index: int) -> None:
+        if self._membership_changed:
+            self._membership_changed = False
+            self.sync_peers()
+
+    # --- the join service's callbacks --------------------------------------------------------------
+    async def admit(self, request: Any) -> int:
+        if not request.address:
+            raise ControlError("the joiner did not say where it listens")
+        split_host_port(request.address)
+        join_host, join_port = split_host_port(request.address)
+        node: int = await self.raft.propose(c.AddMember(
+            request.name or "", request.address, f"{join_host}:{join_port + JOIN_PORT_OFFSET}", time.time_ns()))
+        log.info("admitted %s at %s as node %d", request.name or "a node", request.address, node)
+        return node
+
+    async def record_issued(self, identity: Any, _peer: str) -> None:
+        await self.raft.propose(c.SetMemberCert(identity.node_id, format(identity.serial, "x")))
+
+    def member_addresses(self) -> dict[int, str]:
+        members = self.storage.sm.cluster.members(self.raft.read_txn())
+        return {n: m["address"] for n, m in members.items() if m["state"] == "active"}
+
+    # --- the control socket ----------------------------------------------------------------------
+    def control_handlers(self) -> dict[str, Any]:
+        async def token(_body: dict[str, Any]) -> dict[str, Any]:
+            text = load_token(self.state_dir)
+            if text is None:
+                raise ControlError("this node holds no join token; run `awsomefsd token rotate` to make one")
+            return {"token": text}
+
+        async def rotate(_body: dict[str, Any]) -> dict[str, Any]:
+            ca_pem = self.storage.sm.cluster.value(self.raft.read_txn(), b"ca_cert")
+            if ca_pem is None:
+                raise ControlError("this node has not received the cluster's state yet")
+            from cryptography import x509
+
+            ca_cert = x509.load_pem_x509_certificate(ca_pem)
+            new = JoinToken.generate(self.state.cluster_uuid, fingerprint(ca_cert), seeds=self.seeds())
+            await self.raft.propose(c.SetJoinVerifier(new.verifier().to_bytes()))
+            save_token(self.state_dir, new.encode())
+            log.info("join token rotated")
+            return {"token": new.encode()}
+
+        async def remove(body: dict[str, Any]) -> dict[str, Any]:
+            node = int(body["node"])
+            if self.storage.sm.cluster.member(self.raft.read_txn(), node) is None:
+                raise ControlError(f"no node {node} in this cluster")
+            try:
+                await self.raft.propose(c.RemoveMember(node, time.time_ns()))
+            except Exception as exc:
+                raise ControlError(f"removing node {node} failed: {exc}") from None
+            return {"removed": node}
+
+        async def status(_body: dict[str, Any]) -> dict[str, Any]:
+            return self.status()
+
+        return {"token": token, "rotate": rotate, "remove": remove, "status": status}
+
+    def seeds(self) -> tuple[str, ...]:
+        host, _ = split_host_port(self.state.listen)
+        return () if host in ("0.0.0.0", "::", "") else (self.state.listen,)
+
+    def status(self) -> dict[str, Any]:
+        raft = self.raft.node.status()
+        txn = self.raft.read_txn()
+        members = self.storage.sm.cluster.members(txn)
+        groups = self.storage.sm.group_owners(txn)
+        nodes = []
+        last = raft["last_index"]
+        for n, record in sorted(members.items()):
+            role = ("leader" if raft["leader"] == n else "voter" if n in raft["voters"]
+                    else "learner" if n in raft["learners"] else "none")
+            match = raft["match_index"].get(str(n))
+            nodes.append({
+                "id": n, "name": record["name"], "address": record["address"], "state": record["state"],
+                "role": role, "lease_epoch": record["epoch"], "expired": record["expired"],
+                "groups": sum(1 for owner in groups.values() if owner == n),
+                "lag": None if match is None else max(0, last - match),
+            })
+        return {
+            "cluster_id": self.state.cluster_id, "node_id": self.node_id, "listen": self.state.listen,
+            "raft": raft, "nodes": nodes,
+            "lease": None if self.lease is None else {
+                "epoch": self.lease.epoch, "renewals": self.lease.renewals,
+                "fence_open": self.storage.device.fence.is_open(),
+                "remaining_s": round(self.storage.device.fence.remaining_s(), 3),
+            },
+            "mount": str(self.settings.mount.path) if self.settings.mount.path else None,
+            "device": str(self.settings.device.path),
+            "stalls": self.raft.stalls,
+            "invalidations": self.invalidator.invalidations,
+        }
+
+
+def open_member(settings: Settings, state: MemberState, creds: NodeCredentials, *, founding: bool,
+                peers: dict[int, str] | None = None) -> Member:
+    storage = open_storage(settings, bootstrap=founding, grant_all_to=None)
+    if str(storage.superblock.cluster_id) != state.cluster_id:
+        storage.close()
+        raise NodeError(f"the device {settings.device.path} belongs to cluster {storage.superblock.cluster_id}, "
+                        f"not to this node's cluster {state.cluster_id}")
+    raft = RaftLog(storage.store, storage.sm, node_id=state.node_id, settings=RAFT_SETTINGS,
+                   bootstrap_voters=(state.node_id,) if founding else ())
+    revocations = Revocations()
+    cluster_id = state.cluster_uuid
+    transport = RaftTransport(
+        state.node_id, {n: a for n, a in (peers or {}).items() if n != state.node_id}, raft.node,
+        staging_dir=settings.node.state_dir / "raft-staging",
+        server_credentials=server_credentials(creds),
+        channel_credentials=channel_credentials(creds),
+        channel_options=lambda peer: channel_options(cluster_id, peer),
+        peer_identity=lambda ctx: authenticated_peer(ctx, creds.ca_cert, revocations).node_id,
+        guard=lambda servicer: RevocationGuard(servicer, lambda: creds.ca_cert, revocations),
+    )
+    raft.node.send = transport.send
+    raft.node.forward = Forwarder(transport.channel_to)
+    member = Member(settings, state, creds, storage, raft, transport, revocations)
+    raft.commands.observers.append(member.observe)
+    previous = raft.node.on_applied
+
+    def on_applied(index: int) -> None:
+        previous(index)
+        member.after_apply(index)
+
+    raft.node.on_applied = on_applied
+    raft.commands.on_snapshot.append(lambda: setattr(member, "_membership_changed", True))
+    if storage.sm.cluster.initialised(raft.read_txn()):
+        member.sync_peers()
+    return member
+
+
+async def run_member(member: Member, *, founding: Founding | None = None,
+                     ready: Callable[[str], None] | None = None,
+                     on_listening: Callable[[Member], None] | None = None) -> None:
+    settings = member.settings
+    async with trio.open_nursery() as nursery:
+        bound = await nursery.start(
+            lambda task_status=trio.TASK_STATUS_IGNORED: member.transport.run(
+                member.state.listen, extra_bindings=[MemberService(member.raft.node).binding()], task_status=task_status))
+        log.info("node %d: cluster listener on %s", member.node_id, bound)
+        control = control_socket(member.state_dir)
+        await nursery.start(lambda task_status=trio.TASK_STATUS_IGNORED: serve_grpc(
+            [ControlService(member.control_handlers()).binding()], f"unix://{control}", task_status=task_status))
+        await nursery.start(member.raft.run)
+        if founding is not None:
+            await _found(member, founding)
+        await _wait_for_state(member)
+        if on_listening is not None:
+            on_listening(member)
+        core = _assemble(member)
+        nursery.start_soon(member.invalidator.run)
+        assert member.lease is not None and member.groups is not None and member.coherence is not None
+        assert member.duties is not None
+        await nursery.start(member.lease.run)
+        with trio.move_on_after(FIRST_LEASE_TIMEOUT_S):
+            await member.lease.first_renewal.wait()
+        if not member.lease.first_renewal.is_set():
+            log.warning("no lease renewal yet: writes fail with EIO until one succeeds")
+        await nursery.start(member.groups.run)
+        await nursery.start(member.coherence.run)
+        await nursery.start(member.duties.run)
+        await _update_address(member)
+        await nursery.start(_serve_joins, member)
+        if settings.cluster.advertise:
+            nursery.start_soon(_advertise, member)
+        await serve(core, settings, ready=ready, log_running=True, purge_orphans=False)
+        nursery.cancel_scope.cancel()
+
+
+async def _found(member: Member, founding: Founding) -> None:
+    """The founder's first start: it leads its one-member group; record the cluster in it."""
+    if member.storage.sm.cluster.initialised(member.raft.read_txn()):
+        return
+    await member.raft.wait_for_leader(30)
+    layout = member.storage.superblock.layout
+    host = socket.gethostname()
+    await member.raft.propose_outcome(c.InitCluster(
+        founding.ca.cert_pem, founding.ca.key_pem, founding.token.verifier().to_bytes(), founding.voters_target,
+        layout.data_start_block, layout.ag_blocks, layout.ag_count, member.node_id,
+        member.settings.node.name or host, member.state.listen, _join_address(member.state.listen),
+        time.time_ns()), fenced=False)
+    member.sync_peers()
+
+
+async def _wait_for_state(member: Member) -> None:
+    """Until this node holds the cluster's state and has applied everything committed so far."""
+    sm = member.storage.sm
+    with trio.fail_after(CATCH_UP_TIMEOUT_S):
+        while sm.cluster.member(member.raft.read_txn(), member.node_id) is None:
+            await trio.sleep(0.05)
+        while True:
+            try:
+                await member.raft.node.read_barrier()
+                return
+            except Exception as exc:
+                log.debug("catching up: %s", exc)
+                await trio.sleep(0.1)
+
+
+def _assemble(member: Member) -> Core:
+    settings, sm = member.settings, member.storage.sm
+    core = build_core(settings, member.storage, member.raft, node_id=member.node_id)
+    member.core = core
+    fence = WriteFence(margin_s=min(0.5, settings.cluster.lease_margin_s))
+    member.storage.device.fence = fence
+    leases = LeaseSettings(settings.cluster.lease_s, settings.cluster.renew_s, settings.cluster.lease_margin_s)
+    layout = member.storage.superblock.layout
+    coherence = ClusterCoherence(member.node_id, member.raft, sm, member.invalidator, lambda: lease.epoch)
+    coherence.flush = core.data.flush
+    groups = GroupKeeper(member.node_id, member.raft, sm, core.allocator, lambda: lease.epoch,
+                         low_blocks=max(layout.ag_blocks // 4, 1))
+    lease = LivenessLease(member.node_id, member.raft, sm, fence, leases, on_expired=groups.reload)
+    lease.load_epoch()
+    duties = LeaderDuties(member.node_id, member.raft, sm, leases)
+    member.raft.fence_epoch = lambda: lease.epoch
+    member.raft.commands.observers.extend([coherence.observe, groups.observe, duties.observe])
+
+    def after_snapshot() -> None:
+        coherence.reload()
+        groups.reload()
+
+    member.raft.commands.on_snapshot.append(after_snapshot)
+    coherence.reload()
+    core.ops.coherence = coherence
+    member.lease, member.groups, member.coherence, member.duties = lease, groups, coherence, duties
+    return core
+
+
+async def _update_address(member: Member) -> None:
+    record = member.storage.sm.cluster.member(member.raft.read_txn(), member.node_id)
+    if record is not None and record["address"] != member.state.listen:
+        log.info("node %d now listens on %s (was %s)", member.node_id, member.state.listen, record["address"])
+        await member.raft.propose(c.UpdateMemberAddress(member.node_id, member.state.listen,
+                                                        _join_address(member.state.listen)))
+
+
+def _join_address(listen: str) -> str:
+    host, port = split_host_port(listen)
+    return f"[{host}]:{port + JOIN_PORT_OFFSET}" if ":" in host else f"{host}:{port + JOIN_PORT_OFFSET}"
+
+
+async def _serve_joins(member: Member, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    """The join listener (server-only TLS; see docs/cluster-security.md), with the CA from the
+    replicated state: any member can admit a node."""
+    txn = member.raft.read_txn()
+    cluster = member.storage.sm.cluster
+    ca_pem, key_pem, verifier = (cluster.value(txn, k) for k in (b"ca_cert", b"ca_key", b"join_verifier"))
+    assert ca_pem is not None and key_pem is not None and verifier is not None
+    service = JoinService(ClusterCA.from_pem(ca_pem, key_pem), TokenVerifier.from_bytes(verifier),
+                          member.admit, member.record_issued, peers=member.member_addresses)
+    member.join_service = service
+    await serve_grpc([service.binding()], _join_address(member.state.listen),
+                     credentials=join_server_credentials(member.creds), task_status=task_status)
+
+
+async def _advertise(member: Member) -> None:
+    host, port = split_host_port(member.state.listen)
+    addresses = None if host in ("0.0.0.0", "") else [host]
+    instance = f"awsomefs-{member.state.cluster_id[:8]}-n{member.node_id}"
+    try:
+        ad = Advertisement(uuid.UUID(member.state.cluster_id), instance, port, addresses=addresses)
+        await trio.to_thread.run_sync(ad.__enter__)
+    except OSError as exc:
+        log.warning("zeroconf advertisement failed (%s); joiners need --peer", exc)
+        return
+    try:
+        await trio.sleep_forever()
+    finally:
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(ad.__exit__, None, None, None)

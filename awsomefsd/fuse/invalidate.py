@@ -1,0 +1,335 @@
+"""Kernel cache invalidation: what a committed command makes stale, and a worker that tells the kernel.
+
+Every node applies every committed command, but only the proposer's kernel saw the request. The
+others still hold dentries (positive and negative) and attributes for up to their timeouts, and page
+cache with `keep_cache` until told otherwise. `targets()` names the cache entries a command changed;
+`Invalidator` hands them to the kernel on one worker thread.
+
+Why a thread: a notification is a write to /dev/fuse that the kernel may hold until a related
+request (a lookup in the same directory, a setattr of the same inode) is answered, and those
+requests are answered on the trio thread. Called there, it would wait for itself.
+
+Order does not matter for correctness: every target is submitted after its command applied, so
+processing it at any later time makes the kernel ask again and see the new state.
+"""
+
+from __future__ import annotations
+
+import enum
+import errno
+import itertools
+import logging
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import pyfuse3
+import trio
+
+from awsomefsd.meta import commands as c
+from awsomefsd.meta.errors import FsError
+from awsomefsd.meta.volumes_sm import SNAPSHOTS_INO, VOLUMES_INO, snapshot_dir_name, volume_dir_name
+
+log = logging.getLogger(__name__)
+
+MAX_PENDING_TARGETS = 65_536
+BATCH_TARGETS = 1_024  # per worker-thread trip: bounds how stale `drain()` progress can be
+
+
+class Kind(enum.Enum):
+    INODE = "inode"  # attributes and page cache
+    ATTR = "attr"  # attributes only
+    ENTRY = "entry"  # the dentry `name` in directory `ino`
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """One kernel cache entry to forget. For an entry, `ino` is the parent directory."""
+
+    kind: Kind
+    ino: int
+    name: bytes = b""
+
+    @classmethod
+    def inode(cls, ino: int) -> Target:
+        return cls(Kind.INODE, ino)
+
+    @classmethod
+    def attr_only(cls, ino: int) -> Target:
+        return cls(Kind.ATTR, ino)
+
+    @classmethod
+    def entry(cls, parent: int, name: bytes) -> Target:
+        return cls(Kind.ENTRY, parent, name)
+
+
+def compact(items: Iterable[Target]) -> list[Target]:
+    """Drop repeats, keeping first positions; attributes-only of an inode also invalidated in full
+    become the full invalidation (it drops the attributes too)."""
+    items = list(items)
+    full = {t.ino for t in items if t.kind is Kind.INODE}
+    return list(dict.fromkeys(Target.inode(t.ino) if t.kind is Kind.ATTR and t.ino in full else t for t in items))
+
+
+# -- what each command makes stale --------------------------------------------------------------
+Rule = Callable[[Any, Any], list[Target]]
+
+
+def _nothing(cmd: Any, result: Any) -> list[Target]:
+    return []
+
+
+def _changed_ino(result: Any) -> list[Target]:
+    """Unlink and rename return the inode that lost a link (0: none): its nlink and ctime moved."""
+    return [Target.attr_only(result)] if isinstance(result, int) and not isinstance(result, bool) and result else []
+
+
+def _mknod(cmd: c.Mknod, result: Any) -> list[Target]:
+    # the name may be cached as a negative dentry; the parent gains mtime (and nlink for a dir)
+    return [Target.entry(cmd.parent, cmd.name), Target.attr_only(cmd.parent)]
+
+
+def _link(cmd: c.Link, result: Any) -> list[Target]:
+    return [Target.entry(cmd.new_parent, cmd.new_name), Target.attr_only(cmd.new_parent), Target.attr_only(cmd.ino)]
+
+
+def _unlink(cmd: c.Unlink, result: Any) -> list[Target]:
+    return [Target.entry(cmd.parent, cmd.name), Target.attr_only(cmd.parent), *_changed_ino(result)]
+
+
+def _rename(cmd: c.Rename, result: Any) -> list[Target]:
+    """Both names now point elsewhere (or nowhere); an exchange needs the same two entries. The moved
+    inode's ctime is not knowable from the command: it lags by at most the attribute timeout."""
+    return [
+        Target.entry(cmd.old_parent, cmd.old_name), Target.entry(cmd.new_parent, cmd.new_name),
+        Target.attr_only(cmd.old_parent), Target.attr_only(cmd.new_parent), *_changed_ino(result),
+    ]
+
+
+def _setattr(cmd: c.SetAttr, result: Any) -> list[Target]:
+    return [Target.inode(cmd.ino) if cmd.size is not None else Target.attr_only(cmd.ino)]
+
+
+def _write_data(cmd: c.WriteData, result: Any) -> list[Target]:
+    """Compaction (`touch=False`) moves bytes without changing them, their size or the times."""
+    return [Target.inode(cmd.ino)] if cmd.touch else []
+
+
+def _xattr(cmd: c.SetXattr | c.RemoveXattr, result: Any) -> list[Target]:
+    return [Target.attr_only(cmd.ino)]  # ctime; FUSE does not cache xattr values
+
+
+def _purge(cmd: c.Purge, result: Any) -> list[Target]:
+    return [] if result is False else [Target.inode(cmd.ino)]  # False: still linked, nothing deleted
+
+
+def _volume_dir(cmd: c.CreateVolume | c.DeleteVolume, result: Any) -> list[Target]:
+    """A volume is the directory /.volumes/vol-<id>: it appears or goes (with its whole subtree,
+    which the kernel drops with the dentry)."""
+    return [Target.entry(VOLUMES_INO, volume_dir_name(cmd.volume)), Target.attr_only(VOLUMES_INO)]
+
+
+def _snapshot_dir(cmd: c.CreateSnapshot | c.DeleteSnapshot, result: Any) -> list[Target]:
+    return [Target.entry(SNAPSHOTS_INO, snapshot_dir_name(cmd.snapshot)), Target.attr_only(SNAPSHOTS_INO)]
+
+
+def _batch(cmd: c.Batch, result: Any) -> list[Target]:
+    results = result if isinstance(result, list) and len(result) == len(cmd.commands) else [None] * len(cmd.commands)
+    return [t for sub, res in zip(cmd.commands, results) for t in targets(sub, res)]
+
+
+def _fenced(cmd: c.Fenced, result: Any) -> list[Target]:
+    """The state machine applies one wrapped command as itself and several as a Batch."""
+    if len(cmd.commands) == 1:
+        return targets(cmd.commands[0], result)
+    return _batch(c.Batch(cmd.commands), result)
+
+
+RULES: dict[type, Rule] = {
+    c.Mknod: _mknod,
+    c.Link: _link,
+    c.Unlink: _unlink,
+    c.Rename: _rename,
+    c.SetAttr: _setattr,
+    c.WriteData: _write_data,
+    c.SetXattr: _xattr,
+    c.RemoveXattr: _xattr,
+    c.Purge: _purge,
+    c.CreateVolume: _volume_dir,
+    c.DeleteVolume: _volume_dir,
+    c.CreateSnapshot: _snapshot_dir,
+    c.DeleteSnapshot: _snapshot_dir,
+    c.Batch: _batch,
+    c.Fenced: _fenced,
+    # space, allocation, membership and leases: tables the kernel never caches (nor statfs). A
+    # write lease moving on changes no cached bytes; the holder's flush arrives as WriteData.
+    c.ReserveInodes: _nothing,
+    c.ReclaimFrees: _nothing,
+    c.GrantGroups: _nothing,
+    c.ReleaseLeaked: _nothing,
+    c.ResizeVolume: _nothing,
+    c.InitCluster: _nothing,
+    c.AddMember: _nothing,
+    c.SetMemberCert: _nothing,
+    c.UpdateMemberAddress: _nothing,
+    c.RemoveMember: _nothing,
+    c.SetJoinVerifier: _nothing,
+    c.RenewLease: _nothing,
+    c.ExpireNode: _nothing,
+    c.ClaimGroups: _nothing,
+    c.AcquireWriteLease: _nothing,
+    c.ReleaseWriteLease: _nothing,
+}
+"""Every command type, with what it makes stale; a unit test checks it covers codec.COMMAND_TAGS."""
+
+
+def targets(command: object, result: object | None = None) -> list[Target]:
+    """The kernel cache entries `command` made stale, deduplicated, in a stable order.
+
+    `result` is what the state machine's apply returned (None when unknown): it names inodes the
+    command does not (the inode an unlink or rename took a link from). A failed command (`result`
+    an FsError) changed nothing. An unknown command type gives [] (RULES must list it).
+    """
+    if isinstance(result, FsError):
+        return []
+    rule = RULES.get(type(command))
+    return compact(rule(command, result)) if rule is not None else []
+
+
+# -- telling the kernel -------------------------------------------------------------------------
+class Kernel(Protocol):
+    """The two FUSE notifications; raise OSError like pyfuse3 (ENOENT: nothing cached)."""
+
+    def invalidate_inode(self, ino: int, attr_only: bool) -> None: ...
+
+    def invalidate_entry(self, parent: int, name: bytes) -> None: ...
+
+
+class Pyfuse3Kernel:
+    """The mounted session's notifications (pyfuse3 must be initialised)."""
+
+    def invalidate_inode(self, ino: int, attr_only: bool) -> None:
+        pyfuse3.invalidate_inode(ino, attr_only)
+
+    def invalidate_entry(self, parent: int, name: bytes) -> None:
+        pyfuse3.invalidate_entry(parent, name)
+
+
+class Invalidator:
+    """A bounded queue of targets, drained on one worker thread.
+
+    `submit()` never blocks: it is called from the apply path, which must not wait on the kernel (the
+    kernel may be waiting on us). The queue coalesces a target already waiting. It holds
+    `max_pending` distinct targets only when the worker is wedged in the kernel or the apply loop
+    ran through a long stretch of log without a checkpoint; then new targets are dropped,
+    counted in `dropped` and logged once per overflow: the kernel then sees the change when its
+    entry or attribute timeout runs out (and drops page cache when it sees the new mtime or size),
+    the same staleness as without invalidation. Blocking would risk a deadlock, and FUSE has no
+    "forget everything" notification that could stand in for what was dropped.
+
+    Counters: `invalidations` (done, ENOENT included: nothing was cached), `errors` (other OSError,
+    logged), `dropped`. Use from the trio thread only. Cancel `run()` while FUSE is still served: a
+    notification in flight can wait for a request about the same entry, and `run()` waits for it
+    (abandoning the thread could race pyfuse3.close()).
+    """
+
+    def __init__(self, kernel: Kernel | None = None, *, max_pending: int = MAX_PENDING_TARGETS,
+                 batch_targets: int = BATCH_TARGETS) -> None:
+        assert max_pending > 0 and batch_targets > 0
+        self.kernel: Kernel = kernel if kernel is not None else Pyfuse3Kernel()
+        self.max_pending = max_pending
+        self.batch_targets = batch_targets
+        self.invalidations = 0
+        self.errors = 0
+        self.dropped = 0
+        self._pending: dict[Target, None] = {}  # an ordered set
+        self._submitted = 0  # one ticket per submit() that left something pending
+        self._done = 0  # every ticket up to this one is processed
+        self._wakeup = trio.Event()
+        self._progress = trio.Event()
+        self._started = False
+        self._closed = False
+        self._overflowing = False
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
+    def submit(self, items: Iterable[Target]) -> None:
+        """Queue targets for the worker. After run() ended (the mount is gone) this does nothing."""
+        if self._closed:
+            return
+        for t in items:
+            if t in self._pending:
+                continue  # the queued one is processed after this call: it covers this one
+            if len(self._pending) >= self.max_pending:
+                self.dropped += 1
+                if not self._overflowing:
+                    self._overflowing = True
+                    log.warning("kernel invalidation queue full (%d targets): dropping; caches may be "
+                                "stale until their timeouts", self.max_pending)
+                continue
+            self._pending[t] = None
+        if self._pending:
+            self._submitted += 1
+            self._wakeup.set()
+
+    async def drain(self) -> None:
+        """Return once everything submitted before the call is processed (or run() has ended).
+
+        Cancelling it only stops the wait.
+        """
+        await trio.lowlevel.checkpoint()
+        goal = self._submitted
+        while self._done < goal and not self._closed:
+            await self._progress.wait()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Process batches until cancelled; call once. Targets left when it ends are discarded."""
+        assert not self._started, "Invalidator.run() is called once"
+        self._started = True
+        task_status.started()
+        try:
+            while True:
+                if not self._pending:
+                    self._wakeup = trio.Event()
+                    await self._wakeup.wait()
+                    continue
+                batch = list(itertools.islice(self._pending, self.batch_targets))
+                for t in batch:
+                    del self._pending[t]
+                covered = self._submitted if not self._pending else None
+                if len(self._pending) < self.max_pending:
+                    self._overflowing = False
+                done, errors = await trio.to_thread.run_sync(self._process, compact(batch))
+                self.invalidations += done
+                self.errors += errors
+                if covered is not None:
+                    self._done = covered
+                self._progress.set()
+                self._progress = trio.Event()
+        finally:
+            self._closed = True
+            self._pending.clear()
+            self._progress.set()
+
+    def _process(self, batch: list[Target]) -> tuple[int, int]:
+        """On the worker thread: (done, failed). Checks for cancellation between notifications."""
+        done = failed = 0
+        first: tuple[Target, OSError] | None = None
+        for t in batch:
+            trio.from_thread.check_cancelled()
+            try:
+                if t.kind is Kind.ENTRY:
+                    self.kernel.invalidate_entry(t.ino, t.name)
+                else:
+                    self.kernel.invalidate_inode(t.ino, t.kind is Kind.ATTR)
+            except OSError as exc:
+                if exc.errno != errno.ENOENT:
+                    failed += 1
+                    first = first or (t, exc)
+                    continue
+            done += 1
+        if first is not None:
+            log.warning("%d of %d kernel cache invalidations failed; first %s: %s", failed, len(batch), *first)
+        return done, failed

@@ -1,0 +1,211 @@
+"""The cluster in the state machine: members, the CA, the join verifier, liveness leases,
+allocation groups and per-file write leases.
+
+Everything a member must agree on lives here, replicated by the same log as the namespace, so any
+member can answer a join, every member knows every other's address, and fencing decisions are
+ordered with the writes they fence. Time never enters: the leader measures lease expiry on its own
+clock and proposes `ExpireNode`; applying it is then deterministic everywhere.
+
+A member record (JSON in table `members`): name, address, join_address, serial (hex, "" until the
+certificate is issued), state ("active" | "removed"), epoch (liveness-lease generation), expired
+(bool: the leader declared its lease over; it must renew with the current epoch to come back),
+joined_ns.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+from typing import Any
+
+import lmdb
+
+from awsomefsd.meta import commands as c
+from awsomefsd.meta.errors import FsError
+from awsomefsd.meta.records import Extent, u64
+
+MAX_MEMBERS = 1024
+MAX_CLAIM_GROUPS = 64
+CLUSTER_KEYS = (b"ca_cert", b"ca_key", b"join_verifier", b"voters_target", b"ag_first_block", b"ag_blocks",
+                b"ag_count")
+
+
+class ClusterTables:
+    def __init__(self, store: Any) -> None:
+        self.store = store
+        self.members_db = store.db["members"]
+        self.groups_db = store.db["groups"]
+        self.leases_db = store.db["wleases"]
+        self.meta_db = store.db["meta"]
+
+    # -- reading (any node, any transaction) -----------------------------------------------------
+    def initialised(self, txn: lmdb.Transaction) -> bool:
+        return txn.get(b"ca_cert", db=self.meta_db) is not None
+
+    def value(self, txn: lmdb.Transaction, key: bytes) -> bytes | None:
+        raw = txn.get(key, db=self.meta_db)
+        return None if raw is None else bytes(raw)
+
+    def member(self, txn: lmdb.Transaction, node: int) -> dict[str, Any] | None:
+        raw = txn.get(u64(node), db=self.members_db)
+        return None if raw is None else json.loads(bytes(raw))
+
+    def members(self, txn: lmdb.Transaction) -> dict[int, dict[str, Any]]:
+        return {int.from_bytes(k, "big"): json.loads(bytes(v)) for k, v in txn.cursor(self.members_db)}
+
+    def revoked_serials(self, txn: lmdb.Transaction) -> set[int]:
+        return {int(m["serial"], 16) for m in self.members(txn).values() if m["state"] == "removed" and m["serial"]}
+
+    def lease_holder(self, txn: lmdb.Transaction, ino: int) -> int:
+        raw = txn.get(u64(ino), db=self.leases_db)
+        return 0 if raw is None else int.from_bytes(raw, "big")
+
+    def leases_of(self, txn: lmdb.Transaction, node: int) -> list[int]:
+        want = u64(node)
+        return [int.from_bytes(k, "big") for k, v in txn.cursor(self.leases_db) if bytes(v) == want]
+
+    def groups_of(self, txn: lmdb.Transaction, node: int) -> list[int]:
+        want = u64(node)
+        return [int.from_bytes(k, "big") for k, v in txn.cursor(self.groups_db) if bytes(v) == want]
+
+    # -- applying --------------------------------------------------------------------------------
+    def _put(self, txn: lmdb.Transaction, node: int, record: dict[str, Any]) -> None:
+        txn.put(u64(node), json.dumps(record, sort_keys=True).encode(), db=self.members_db)
+
+    def _require(self, txn: lmdb.Transaction, node: int) -> dict[str, Any]:
+        record = self.member(txn, node)
+        if record is None:
+            raise FsError(errno.ENOENT, f"no member {node}")
+        return record
+
+    def init_cluster(self, txn: lmdb.Transaction, cmd: c.InitCluster) -> int:
+        if self.initialised(txn):
+            raise FsError(errno.EEXIST, "the cluster is already initialised")
+        if not 1 <= cmd.voters_target <= 7 or cmd.ag_blocks <= 0 or cmd.founder <= 0:
+            raise FsError(errno.EINVAL, "bad cluster parameters")
+        for key, value in zip(CLUSTER_KEYS, (cmd.ca_cert_pem, cmd.ca_key_pem, cmd.verifier,
+                                             u64(cmd.voters_target), u64(cmd.ag_first_block), u64(cmd.ag_blocks),
+                                             u64(cmd.ag_count))):
+            txn.put(key, value, db=self.meta_db)
+        txn.put(b"member_next", u64(cmd.founder + 1), db=self.meta_db)
+        self._put(txn, cmd.founder, _record(cmd.name, cmd.address, cmd.join_address, cmd.now_ns))
+        return cmd.founder
+
+    def add_member(self, txn: lmdb.Transaction, cmd: c.AddMember) -> int:
+        if not self.initialised(txn):
+            raise FsError(errno.EINVAL, "not a cluster")
+        if sum(1 for _ in txn.cursor(self.members_db)) >= MAX_MEMBERS:
+            raise FsError(errno.ENOSPC, f"the cluster already has {MAX_MEMBERS} members")
+        node = int.from_bytes(txn.get(b"member_next", db=self.meta_db), "big")
+        txn.put(b"member_next", u64(node + 1), db=self.meta_db)
+        self._put(txn, node, _record(cmd.name, cmd.address, cmd.join_address, cmd.now_ns))
+        return node
+
+    def set_member_cert(self, txn: lmdb.Transaction, cmd: c.SetMemberCert) -> None:
+        record = self._require(txn, cmd.node)
+        int(cmd.serial_hex, 16)  # ValueError is a bug in the proposer, not a user error
+        record["serial"] = cmd.serial_hex
+        self._put(txn, cmd.node, record)
+
+    def update_address(self, txn: lmdb.Transaction, cmd: c.UpdateMemberAddress) -> None:
+        record = self._require(txn, cmd.node)
+        record["address"], record["join_address"] = cmd.address, cmd.join_address
+        self._put(txn, cmd.node, record)
+
+    def remove_member(self, txn: lmdb.Transaction, cmd: c.RemoveMember) -> None:
+        record = self._require(txn, cmd.node)
+        if record["state"] == "removed":
+            raise FsError(errno.ENOENT, f"node {cmd.node} was already removed")
+        record["state"] = "removed"
+        self._put(txn, cmd.node, record)
+
+    def set_verifier(self, txn: lmdb.Transaction, cmd: c.SetJoinVerifier) -> None:
+        if not self.initialised(txn):
+            raise FsError(errno.EINVAL, "not a cluster")
+        txn.put(b"join_verifier", cmd.verifier, db=self.meta_db)
+
+    def renew_lease(self, txn: lmdb.Transaction, cmd: c.RenewLease) -> bool:
+        record = self.member(txn, cmd.node)
+        if record is None or record["state"] != "active" or record["epoch"] != cmd.epoch:
+            return False
+        if record["expired"]:
+            record["expired"] = False
+            self._put(txn, cmd.node, record)
+        return True
+
+    def expire_node(self, txn: lmdb.Transaction, cmd: c.ExpireNode) -> list[int]:
+        """Free the node's groups and write leases; its next renewal must use the next epoch."""
+        record = self._require(txn, cmd.node)
+        record["epoch"] += 1
+        record["expired"] = True
+        self._put(txn, cmd.node, record)
+        groups = self.groups_of(txn, cmd.node)
+        for group in groups:
+            txn.delete(group.to_bytes(4, "big"), db=self.groups_db)
+        for ino in self.leases_of(txn, cmd.node):
+            txn.delete(u64(ino), db=self.leases_db)
+        return groups
+
+    def claim_groups(self, txn: lmdb.Transaction, cmd: c.ClaimGroups, ag_count: int) -> tuple[int, ...]:
+        self._check_epoch(txn, cmd.node, cmd.epoch)
+        if not 0 < cmd.count <= MAX_CLAIM_GROUPS:
+            raise FsError(errno.EINVAL, f"claim of {cmd.count} groups")
+        owned = {int.from_bytes(k, "big") for k, _ in txn.cursor(self.groups_db)}
+        granted = tuple(g for g in range(ag_count) if g not in owned)[: cmd.count]
+        for group in granted:
+            txn.put(group.to_bytes(4, "big"), u64(cmd.node), db=self.groups_db)
+        return granted
+
+    def acquire_lease(self, txn: lmdb.Transaction, cmd: c.AcquireWriteLease) -> int:
+        self._check_epoch(txn, cmd.node, cmd.epoch)
+        holder = self.lease_holder(txn, cmd.ino)
+        if holder == 0:
+            txn.put(u64(cmd.ino), u64(cmd.node), db=self.leases_db)
+            return cmd.node
+        return holder
+
+    def release_lease(self, txn: lmdb.Transaction, cmd: c.ReleaseWriteLease) -> bool:
+        if self.lease_holder(txn, cmd.ino) != cmd.node:
+            return False
+        txn.delete(u64(cmd.ino), db=self.leases_db)
+        return True
+
+    def drop_leases_of_inode(self, txn: lmdb.Transaction, ino: int) -> None:
+        txn.delete(u64(ino), db=self.leases_db)
+
+    def check_fenced(self, txn: lmdb.Transaction, cmd: c.Fenced) -> None:
+        """Refuse a command from an expired epoch, or one whose new extents lie outside the
+        proposer's allocation groups (space another node may already be writing)."""
+        self._check_epoch(txn, cmd.node, cmd.epoch)
+        extents = [e for inner in cmd.commands for e in _new_extents(inner)]
+        if not extents:
+            return
+        first = int.from_bytes(txn.get(b"ag_first_block", db=self.meta_db), "big")
+        size = int.from_bytes(txn.get(b"ag_blocks", db=self.meta_db), "big")
+        mine = set(self.groups_of(txn, cmd.node))
+        for ext in extents:
+            groups = range((ext.dev_block - first) // size, (ext.dev_block + ext.count - 1 - first) // size + 1)
+            if not mine.issuperset(groups):
+                raise FsError(errno.EIO, f"extent {ext.dev_block}+{ext.count} is outside node {cmd.node}'s groups")
+
+    def _check_epoch(self, txn: lmdb.Transaction, node: int, epoch: int) -> None:
+        record = self.member(txn, node)
+        if record is None or record["state"] != "active":
+            raise FsError(errno.EIO, f"node {node} is not a member")
+        if record["epoch"] != epoch or record["expired"]:
+            raise FsError(errno.EIO, f"node {node}'s lease epoch {epoch} has expired")
+
+
+def _record(name: str, address: str, join_address: str, now_ns: int) -> dict[str, Any]:
+    return {"name": name, "address": address, "join_address": join_address, "serial": "", "state": "active",
+            "epoch": 1, "expired": False, "joined_ns": now_ns}
+
+
+def _new_extents(command: object) -> list[Extent]:
+    if isinstance(command, c.WriteData):
+        return list(command.extents)
+    if isinstance(command, c.SetAttr) and command.tail is not None:
+        return [command.tail]
+    if isinstance(command, c.Batch):
+        return [e for inner in command.commands for e in _new_extents(inner)]
+    return []

@@ -1,0 +1,244 @@
+"""Fencing of device writes: the fence on a fake clock, then a real image file, then FileData.
+
+The story: a node writes while its lease holds; once fewer than `margin_s` seconds of lease are
+left every device write fails with EIO (reads go on), and data a flush could not write stays
+buffered until the lease is renewed. No sleeps: the clock is a number the test moves.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+import threading
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import trio
+
+from awsomefsd.config import DeviceSettings, NodeSettings, Settings
+from awsomefsd.io.device import BlockDevice, DeviceError, create_image
+from awsomefsd.io.fence import MAX_WRITE_S, WriteFence, WriteFencedError
+from awsomefsd.io.filedata import INLINE_IO_MAX_BYTES
+from awsomefsd.io.layout import BLOCK_SIZE, MiB
+from awsomefsd.io.superblock import format_device
+from awsomefsd.meta.errors import FsError
+from awsomefsd.meta.records import ROOT_INO
+from awsomefsd.node import Core, open_core
+
+MARGIN_S = 0.5
+
+
+class FakeClock:
+    """A monotonic clock the test sets; `hold` makes calls from worker threads wait (see below)."""
+
+    def __init__(self, now_s: float = 100.0) -> None:
+        self.now_s = now_s
+        self.hold: tuple[threading.Event, threading.Event] | None = None
+
+    def __call__(self) -> float:
+        if self.hold is not None and threading.current_thread() is not threading.main_thread():
+            entered, release = self.hold
+            entered.set()
+            assert release.wait(10), "test never released the worker thread"
+        return self.now_s
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def fence(clock: FakeClock) -> WriteFence:
+    return WriteFence(margin_s=MARGIN_S, clock=clock)
+
+
+def expect_fenced(fence: WriteFence, size_bytes: int = BLOCK_SIZE) -> WriteFencedError:
+    with pytest.raises(WriteFencedError) as info:
+        fence.check(size_bytes)
+    return info.value
+
+
+# -- the fence on its own -------------------------------------------------------------------------
+def test_open_until_margin_before_lease_end_then_eio(fence: WriteFence, clock: FakeClock) -> None:
+    fence.renewed(clock.now_s + 10)
+    clock.now_s += 10 - MARGIN_S - 0.001
+    assert fence.is_open()
+    fence.check(BLOCK_SIZE)
+    assert fence.remaining_s() == pytest.approx(MARGIN_S + 0.001)
+    clock.now_s += 0.001  # exactly margin_s before the lease ends: a write might outlive it
+    assert not fence.is_open()
+    exc = expect_fenced(fence)
+    assert isinstance(exc, DeviceError) and isinstance(exc, OSError)
+    assert exc.errno == errno.EIO
+    assert "within the 0.5s write margin" in str(exc)
+    clock.now_s += MARGIN_S + 2.25
+    exc = expect_fenced(fence)
+    assert "node lease expired 2.250s ago: device writes fenced" in str(exc)
+    assert fence.fenced_writes == 2
+    assert fence.remaining_s() == pytest.approx(-2.25)
+
+
+def test_new_fence_is_closed_until_the_first_renewal(fence: WriteFence, clock: FakeClock) -> None:
+    assert not fence.is_open()
+    assert "node holds no lease yet" in str(expect_fenced(fence))
+    assert fence.renewed(clock.now_s + 5)
+    assert fence.is_open()
+
+
+def test_renewal_reopens_an_expired_fence_and_older_renewals_are_ignored(fence: WriteFence,
+                                                                         clock: FakeClock) -> None:
+    fence.renewed(clock.now_s + 5)
+    clock.now_s += 6
+    expect_fenced(fence)
+    assert not fence.renewed(clock.now_s - 1), "an expired lease end reopens nothing"
+    assert not fence.is_open()
+    assert fence.renewed(clock.now_s + 5)
+    fence.check(BLOCK_SIZE)
+    late = clock.now_s + 3  # a reply to an older renewal arriving after a newer one
+    assert not fence.renewed(late)
+    assert fence.valid_until_s == clock.now_s + 5
+    clock.now_s += 4
+    assert fence.is_open(), "the older renewal did not move the deadline backwards"
+
+
+def test_always_open_never_fences(clock: FakeClock) -> None:
+    fence = WriteFence.always_open()
+    for _ in range(3):
+        fence.check(64 * MiB)
+    assert fence.is_open() and fence.remaining_s() == float("inf") and fence.fenced_writes == 0
+
+
+def test_margin_must_cover_the_longest_write() -> None:
+    WriteFence(margin_s=MAX_WRITE_S)
+    with pytest.raises(ValueError, match="longest device write"):
+        WriteFence(margin_s=MAX_WRITE_S / 2)
+
+
+# -- a block device on an image file --------------------------------------------------------------
+def test_fenced_device_refuses_writes_with_eio_while_reads_go_on(tmp_path: Path, fence: WriteFence,
+                                                                 clock: FakeClock) -> None:
+    image = tmp_path / "device.img"
+    create_image(image, 4 * MiB)
+    with BlockDevice.open(image) as dev:
+        assert dev.fence.is_open(), "a device without a lease (formatting, one node) is never fenced"
+        dev.write(0, b"a" * BLOCK_SIZE)
+        dev.fence = fence
+        fence.renewed(clock.now_s + 10)
+        dev.write(BLOCK_SIZE, b"b" * BLOCK_SIZE)
+        clock.now_s += 10
+        before = dev.writes, dev.bytes_written
+        for attempt in (lambda: dev.write(2 * BLOCK_SIZE, b"c" * BLOCK_SIZE),
+                        lambda: dev.write(0, b"x" * 2 * BLOCK_SIZE)):
+            with pytest.raises(OSError) as info:
+                attempt()
+            assert info.value.errno == errno.EIO and isinstance(info.value, WriteFencedError)
+        assert (dev.writes, dev.bytes_written) == before
+        assert fence.fenced_writes == 2
+        assert dev.read(0, 3 * BLOCK_SIZE) == b"a" * BLOCK_SIZE + b"b" * BLOCK_SIZE + bytes(BLOCK_SIZE)
+        dev.sync()  # moves no new bytes: not fenced
+        fence.renewed(clock.now_s + 10)
+        dev.write(2 * BLOCK_SIZE, b"c" * BLOCK_SIZE)
+        assert dev.read(2 * BLOCK_SIZE, BLOCK_SIZE) == b"c" * BLOCK_SIZE
+
+
+# -- FileData on a real core: a fenced flush keeps its data ----------------------------------------
+@pytest.fixture
+def core(tmp_path: Path, fence: WriteFence, clock: FakeClock) -> Iterator[Core]:
+    image = tmp_path / "device.img"
+    create_image(image, 64 * MiB)
+    with BlockDevice.open(image, direct=False) as dev:
+        format_device(dev, cluster_id=uuid.uuid4(), label="fence")
+    settings = Settings(node=NodeSettings(state_dir=tmp_path / "state", name="test"),
+                        device=DeviceSettings(path=image, shared=False, direct_io=False))
+    core = open_core(settings)
+    core.device.fence = fence
+    fence.renewed(clock.now_s + 10)
+    try:
+        yield core
+    finally:
+        core.close()
+
+
+async def read_all(core: Core, ino: int) -> bytes:
+    inode = core.sm.ns.require_inode(core.log.read_txn(), ino)
+    return await core.data.read(inode, 0, 1 << 30)
+
+
+async def test_fenced_flush_fails_with_eio_and_keeps_the_data_buffered(core: Core, clock: FakeClock,
+                                                                        fence: WriteFence) -> None:
+    fh, inode = await core.ops.create(ROOT_INO, b"f", stat.S_IFREG | 0o644, os.O_WRONLY, 0, 0)
+    await core.ops.write(fh, 0, b"1" * 3 * BLOCK_SIZE)
+    await core.ops.flush(fh)
+    free_before = core.allocator.free_blocks
+    await core.ops.write(fh, BLOCK_SIZE, b"2" * 100)  # a partial block: the flush reads around it
+    await core.ops.write(fh, 5 * BLOCK_SIZE, b"3" * BLOCK_SIZE)
+    expected = b"1" * BLOCK_SIZE + b"2" * 100 + b"1" * (2 * BLOCK_SIZE - 100) + bytes(2 * BLOCK_SIZE) + b"3" * BLOCK_SIZE
+    dirty = core.data.total_dirty_bytes
+    clock.now_s += 10
+
+    for attempt in (lambda: core.ops.flush(fh), lambda: core.ops.fsync(fh, False), core.data.flush_all):
+        with pytest.raises(FsError) as info:
+            await attempt()
+        assert info.value.errno == errno.EIO and "node lease expired" in str(info.value)
+        assert core.data.total_dirty_bytes == dirty, "nothing was dropped"
+        assert core.allocator.free_blocks == free_before, "the refused write's extents were released"
+        assert await read_all(core, inode.ino) == expected, "readers still see the buffered bytes"
+
+    fence.renewed(clock.now_s + 10)
+    await core.ops.flush(fh)
+    assert core.data.total_dirty_bytes == 0 and inode.ino not in core.data.files
+    assert await read_all(core, inode.ino) == expected, "the retried flush wrote it all"
+    await core.ops.release(fh)
+
+
+async def test_bytes_written_during_a_fenced_flush_stay_on_top(core: Core, clock: FakeClock,
+                                                               fence: WriteFence) -> None:
+    """The flush's run is big enough to be written from a worker thread; the fence's clock holds
+    that thread inside `check` while the application overwrites part of the run."""
+    size = 2 * INLINE_IO_MAX_BYTES
+    fh, inode = await core.ops.create(ROOT_INO, b"g", stat.S_IFREG | 0o644, os.O_WRONLY, 0, 0)
+    await core.ops.write(fh, 0, b"o" * size)
+    clock.now_s += 10
+    entered, release = threading.Event(), threading.Event()
+    clock.hold = (entered, release)
+    failures: list[FsError] = []
+
+    async def flush() -> None:
+        try:
+            await core.ops.flush(fh)
+        except FsError as exc:
+            failures.append(exc)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(flush)
+        assert await trio.to_thread.run_sync(entered.wait, 10)
+        assert core.data.files[inode.ino].inflight and not core.data.files[inode.ino].dirty
+        await core.ops.write(fh, BLOCK_SIZE, b"n" * BLOCK_SIZE)
+        clock.hold = None
+        release.set()
+    assert [exc.errno for exc in failures] == [errno.EIO]
+    expected = b"o" * BLOCK_SIZE + b"n" * BLOCK_SIZE + b"o" * (size - 2 * BLOCK_SIZE)
+    assert core.data.total_dirty_bytes == size
+    assert await read_all(core, inode.ino) == expected
+
+    fence.renewed(clock.now_s + 10)
+    await core.ops.flush(fh)
+    assert core.data.total_dirty_bytes == 0
+    assert await read_all(core, inode.ino) == expected
+    await core.ops.release(fh)
+
+
+async def test_fenced_node_refuses_writes_once_the_buffer_is_full(core: Core, clock: FakeClock) -> None:
+    core.data.write_buffer_bytes = 4 * BLOCK_SIZE
+    fh, _ = await core.ops.create(ROOT_INO, b"h", stat.S_IFREG | 0o644, os.O_WRONLY, 0, 0)
+    clock.now_s += 10
+    await core.ops.write(fh, 0, b"a" * 4 * BLOCK_SIZE)  # fits: buffered
+    with pytest.raises(FsError) as info:
+        await core.ops.write(fh, 4 * BLOCK_SIZE, b"b")
+    assert info.value.errno == errno.EIO
+    assert core.data.total_dirty_bytes == 4 * BLOCK_SIZE
+    await core.ops.release(fh)
