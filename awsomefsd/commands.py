@@ -174,11 +174,31 @@ def fsck(settings: Settings, *, repair: bool, verify_data: bool) -> int:
 
 
 def status(settings: Settings, *, as_json: bool) -> int:
+    from awsomefsd.cluster.state import MemberState
     from awsomefsd.status import collect_status, render_status
 
+    member = MemberState.load(settings.node.state_dir)
+    if settings.device.path is None and member is not None and member.device:
+        settings = settings.model_copy(update={"device": settings.device.model_copy(update={"path": Path(member.device)})})
     if settings.device.path is None and (settings.node.state_dir / DEV_IMAGE_NAME).exists():
         image = settings.node.state_dir / DEV_IMAGE_NAME
         settings = settings.model_copy(update={"device": settings.device.model_copy(update={"path": image})})
-    info = collect_status(settings, running=state_in_use(settings.node.state_dir))
+    running = state_in_use(settings.node.state_dir)
+    info = collect_status(settings, running=running)
+    if member is not None:
+        from awsomefsd.cluster.commands import cluster_status
+
+        info["cluster"] = cluster_status(settings) if running else None
+        info["role"] = _member_role(member.node_id, info["cluster"])
+        if running and info["cluster"] is None:
+            info["problems"].append("the daemon does not answer on its control socket")
+            info["healthy"] = False
     print(json.dumps(info, indent=2, sort_keys=True) if as_json else render_status(info))
     return 0 if info.get("healthy", False) else 1
+
+
+def _member_role(node_id: int, cluster: dict[str, Any] | None) -> str:
+    if cluster is None:
+        return f"cluster member {node_id}"
+    me = next((n for n in cluster["nodes"] if n["id"] == node_id), None)
+    return f"node {node_id}, {me['role'] if me else 'unknown role'}"

@@ -55,6 +55,13 @@ class MountSettings(BaseModel):
     allow_other: bool = Field(True, description="let users other than root use the mount")
     entry_timeout_s: float = Field(60.0, ge=0, le=3600)
     attr_timeout_s: float = Field(60.0, ge=0, le=3600)
+    coherence: Literal["close-to-open", "strict"] = Field(
+        "close-to-open",
+        description="cluster mounts only (docs/coherence.md): 'close-to-open' caches names and attributes "
+        "in the kernel and catches up with the cluster at open; 'strict' caches nothing and catches up at "
+        "every lookup and stat, so every operation sees every change completed anywhere before it began "
+        "(a round trip to the leader per lookup)",
+    )
 
 
 class MetricsSettings(BaseModel):
@@ -98,6 +105,8 @@ class ClusterSettings(BaseModel):
     lease_margin_s: float = Field(2.0, gt=0, le=60, description="the leader waits lease + margin before "
                                   "giving a silent node's allocation groups and write leases to others")
     discovery_timeout_s: float = Field(5.0, gt=0, le=120)
+    stall_s: float = Field(30.0, gt=0, le=3600, description="how long a metadata operation waits for a "
+                           "leader (an election, a partition) before it fails with EIO")
 
 
 class LogSettings(BaseModel):

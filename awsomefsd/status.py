@@ -152,7 +152,7 @@ def render_status(info: dict[str, Any]) -> str:
         ("space", f"{_human(free)} free of {_human(size)}" if size else "-"),
         ("metadata", f"{meta.get('inodes', '-')} inodes, applied index {meta.get('applied_index', '-')}, "
                      f"{meta.get('orphans', 0)} orphans"),
-        *_raft_rows(meta.get("raft")),
+        *(_raft_rows(meta.get("raft")) if not info.get("cluster") else _cluster_rows(info["cluster"])),
         ("mounts", ", ".join(info["mounts"]) or "none"),
         ("volumes", str(len(meta.get("volumes", [])))),
     ]
@@ -172,6 +172,23 @@ def _raft_rows(raft: dict[str, Any] | None) -> list[tuple[str, str]]:
     matches = ", ".join(f"{k}:{v}" for k, v in raft["match_index"].items()) or "-"
     return [("raft", f"term {raft['term']}, leader {raft['leader'] or '-'}, commit {raft['commit_index']}, "
                      f"applied {raft['applied_index']}, last {raft['last_index']}, match {matches}")]
+
+
+def _cluster_rows(cluster: dict[str, Any]) -> list[tuple[str, str]]:
+    """The running member's view: the group, then one row per node (role, lag, lease, groups)."""
+    raft = cluster["raft"]
+    rows = [("raft", f"term {raft['term']}, leader {raft['leader'] or 'none'}, commit {raft['commit_index']}, "
+                     f"applied {raft['applied_index']}, last {raft['last_index']}")]
+    for node in cluster["nodes"]:
+        lag = "-" if node["lag"] is None else f"lag {node['lag']}"
+        alive = "removed" if node["state"] == "removed" else ("lease EXPIRED" if node["expired"] else "lease ok")
+        rows.append((f"node {node['id']}", f"{node['name']} {node['address']}  {node['role']}, {lag}, {alive} "
+                                           f"(epoch {node['lease_epoch']}), {node['groups']} groups"))
+    lease = cluster.get("lease")
+    if lease:
+        rows.append(("this node", f"lease {'valid' if lease['fence_open'] else 'EXPIRED: writes fenced'}, "
+                                  f"{lease['remaining_s']:.1f}s left, epoch {lease['epoch']}"))
+    return rows
 
 
 def _human(n: int) -> str:

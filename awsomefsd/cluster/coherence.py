@@ -44,8 +44,9 @@ class ClusterCoherence:
     """The `Coherence` hooks of awsomefsd.fuse.operations for one member."""
 
     def __init__(self, node_id: int, log_: RaftLog, sm: StateMachine, invalidator: Invalidator,
-                 epoch: Any) -> None:
+                 epoch: Any, *, strict: bool = False) -> None:
         self.node_id = node_id
+        self.strict = strict
         self.log = log_
         self.sm = sm
         self.invalidator = invalidator

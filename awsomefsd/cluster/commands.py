@@ -74,6 +74,9 @@ def _member_settings(settings: Settings, state: MemberState) -> Settings:
         update["cluster"] = settings.cluster.model_copy(update={"listen": state.listen})
     # a cluster device is shared: O_DIRECT on every node, so no node reads its own stale page cache
     update["device"] = update.get("device", settings.device).model_copy(update={"shared": True})
+    if settings.mount.coherence == "strict":  # the kernel must ask us every time (docs/coherence.md)
+        update["mount"] = update.get("mount", settings.mount).model_copy(
+            update={"entry_timeout_s": 0.0, "attr_timeout_s": 0.0})
     return settings.model_copy(update=update)
 
 

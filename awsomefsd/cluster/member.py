@@ -225,7 +225,7 @@ def open_member(settings: Settings, state: MemberState, creds: NodeCredentials, 
         raise NodeError(f"the device {settings.device.path} belongs to cluster {storage.superblock.cluster_id}, "
                         f"not to this node's cluster {state.cluster_id}")
     raft = RaftLog(storage.store, storage.sm, node_id=state.node_id, settings=RAFT_SETTINGS,
-                   bootstrap_voters=(state.node_id,) if founding else ())
+                   bootstrap_voters=(state.node_id,) if founding else (), stall_s=settings.cluster.stall_s)
     revocations = Revocations()
     cluster_id = state.cluster_uuid
     transport = RaftTransport(
@@ -330,11 +330,19 @@ def _assemble(member: Member) -> Core:
     member.storage.device.fence = fence
     leases = LeaseSettings(settings.cluster.lease_s, settings.cluster.renew_s, settings.cluster.lease_margin_s)
     layout = member.storage.superblock.layout
-    coherence = ClusterCoherence(member.node_id, member.raft, sm, member.invalidator, lambda: lease.epoch)
+    strict = settings.mount.coherence == "strict"
+    coherence = ClusterCoherence(member.node_id, member.raft, sm, member.invalidator, lambda: lease.epoch,
+                                 strict=strict)
     coherence.flush = core.data.flush
     groups = GroupKeeper(member.node_id, member.raft, sm, core.allocator, lambda: lease.epoch,
                          low_blocks=max(layout.ag_blocks // 4, 1))
-    lease = LivenessLease(member.node_id, member.raft, sm, fence, leases, on_expired=groups.reload)
+    def expired() -> None:
+        """The cluster expired our lease while we could not renew it (paused, partitioned)."""
+        groups.reload()
+        coherence.reload()
+        core.data.lose_buffers("this node's liveness lease expired; other nodes may have written since")
+
+    lease = LivenessLease(member.node_id, member.raft, sm, fence, leases, on_expired=expired)
     lease.load_epoch()
     duties = LeaderDuties(member.node_id, member.raft, sm, leases)
     member.raft.fence_epoch = lambda: lease.epoch

@@ -63,6 +63,11 @@ class Coherence(Protocol):
         truncating)."""
         ...
 
+    @property
+    def strict(self) -> bool:
+        """Catch up before every lookup and getattr too (the kernel then caches nothing)."""
+        ...
+
 
 class Operations:
     def __init__(self, log: ReplicatedLog, sm: StateMachine, data: FileData, *, total_blocks: int) -> None:
@@ -139,6 +144,9 @@ class Operations:
     async def lookup(self, parent: int, name: bytes) -> Inode:
         if len(name) > MAX_NAME_BYTES:
             raise FsError(errno.ENAMETOOLONG)
+        strict = self.coherence is not None and self.coherence.strict
+        if strict:
+            await self.coherence.catch_up()  # type: ignore[union-attr]
         txn = self.log.read_txn()
         if name == b".":
             child = parent
@@ -146,7 +154,7 @@ class Operations:
             child = self.ns.require_inode(txn, parent).parent or ROOT_INO
         else:
             found = self.ns.lookup(txn, parent, name)
-            if found is None and self.coherence is not None:
+            if found is None and self.coherence is not None and not strict:
                 await self.coherence.catch_up()  # it may have been created elsewhere a moment ago
                 txn = self.log.read_txn()
                 found = self.ns.lookup(txn, parent, name)
@@ -156,6 +164,8 @@ class Operations:
         return self.inode(child)
 
     async def getattr(self, ino: int) -> Inode:
+        if self.coherence is not None and self.coherence.strict:
+            await self.coherence.catch_up()
         return self.inode(ino)
 
     async def mknod(self, parent: int, name: bytes, mode: int, rdev: int, uid: int, gid: int,

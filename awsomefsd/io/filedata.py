@@ -131,6 +131,22 @@ class FileData:
         if st is not None:
             self.total_dirty_bytes -= st.dirty.dirty_bytes
 
+    def lose_buffers(self, reason: str) -> int:
+        """This node lost its right to write (its liveness lease expired and the cluster took back
+        its groups and write leases): buffered writes must never reach the device now, since others
+        may have written the same files since. Drop them; the next flush, fsync or close of each
+        such file reports EIO, so the application learns its writes were lost. Returns the files hit."""
+        hit = 0
+        for st in self.files.values():
+            if st.dirty:
+                self.total_dirty_bytes -= st.dirty.dirty_bytes
+                st.dirty = DirtyRanges()
+                st.error = errno.EIO
+                hit += 1
+        if hit:
+            log.error("dropped the buffered writes of %d files: %s", hit, reason)
+        return hit
+
     def sync_device(self) -> None:
         """Before-commit hook of the metadata log: data reaches the device before metadata does."""
         if self.written_since_sync:

@@ -1,0 +1,112 @@
+"""Real clusters: `awsomefsd init` and `join` as separate processes, each in its own network
+namespace, all on one shared image file, each with its own FUSE mount.
+
+What is checked here is what a user does and sees (docs/cluster.md): forming a cluster from one
+token by zeroconf and by --peer, the same namespace and bytes on every node, refusals of a wrong
+token, the status an operator reads, restart with the state on disk, node removal.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support.cluster import Cluster, cluster_in
+from tests.support.daemon import wait_for
+from tests.support.netns import TestNetwork
+
+
+@pytest.fixture
+def cluster3(netns_network: Callable[[int], TestNetwork], tmp_path: Path) -> Iterator[Cluster]:
+    with cluster_in(netns_network(3), tmp_path) as cluster:
+        yield cluster
+
+
+def read(path: Path) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def test_three_nodes_by_zeroconf_share_one_namespace(cluster3: Cluster) -> None:
+    a, b, c = cluster3.form(3)
+    payload = os.urandom(3 * 1024 * 1024 + 123)
+    (a.mount / "dir").mkdir()
+    with open(a.mount / "dir" / "f", "wb") as f:
+        f.write(payload)
+    for node in (b, c):
+        assert read(node.mount / "dir" / "f") == payload, f"node {node.index} reads other bytes"
+    # and the other way round, through a follower (forwarded to the leader)
+    (c.mount / "dir" / "from-c").write_bytes(b"hello from c")
+    assert read(a.mount / "dir" / "from-c") == b"hello from c"
+    assert sorted(os.listdir(b.mount / "dir")) == ["f", "from-c"]
+    status = a.status()
+    cluster = status["cluster"]
+    assert sorted(cluster["raft"]["voters"]) == [1, 2, 3]
+    assert {n["role"] for n in cluster["nodes"]} == {"leader", "voter"}
+    assert all(not n["expired"] and n["groups"] >= 1 for n in cluster["nodes"])
+    text = a.cli("status").stdout
+    assert "node 3" in text and "lease ok" in text, text
+
+
+def test_three_nodes_by_peer_address(cluster3: Cluster) -> None:
+    cluster3.env["AWSOMEFS_CLUSTER__ADVERTISE"] = "false"  # no zeroconf at all: --peer only
+    for node in cluster3.nodes:
+        node.env = cluster3.env
+    a, b, c = cluster3.form(3, by_peer=True)
+    (b.mount / "x").write_bytes(b"1" * 10_000)
+    assert read(c.mount / "x") == b"1" * 10_000
+    assert read(a.mount / "x") == b"1" * 10_000
+
+
+def test_wrong_token_is_refused_and_logged(cluster3: Cluster) -> None:
+    a = cluster3.init()
+    forged = a.token()[:-12] + ("A" if a.token()[-12] != "A" else "B") + a.token()[-11:]
+    b = cluster3.nodes[1]
+    bad = cluster3.join(b, peer=a, token=forged, wait=False)
+    assert bad.wait_exit() == 1
+    assert "token" in bad.logs()  # damaged token: refused before anything is sent
+    # a well-formed token of the same cluster with another secret: the cluster says no
+    rotated = a.cli("token", "rotate")
+    assert rotated.returncode == 0, rotated.stderr
+    stale = cluster3.join(b, peer=a, wait=False)  # cluster3.token is the one printed by init
+    assert stale.wait_exit() == 1
+    assert "refused" in stale.logs(), stale.logs()
+    wait_for(lambda: "refused join" in a.logs(), 10, "the refusal in the member's log")
+    assert not (b.state / "cluster.json").exists(), "a refused node must keep no cluster state"
+    new_token = rotated.stdout.strip().splitlines()[-1]
+    assert a.cli("token").stdout.strip().splitlines()[-1] == new_token
+    cluster3.join(b, peer=a, token=new_token)
+    (b.mount / "ok").write_bytes(b"joined with the rotated token")
+    assert read(a.mount / "ok") == b"joined with the rotated token"
+
+
+def test_restarted_member_rejoins_with_its_state(cluster3: Cluster) -> None:
+    a, b, c = cluster3.form(3)
+    (a.mount / "before").write_bytes(b"b" * 5000)
+    c.stop()
+    (a.mount / "while-down").write_bytes(b"w" * 5000)
+    c.start("run")  # everything else comes from its state directory
+    assert read(c.mount / "while-down") == b"w" * 5000
+    assert read(c.mount / "before") == b"b" * 5000
+    (c.mount / "after").write_bytes(b"a")
+    assert read(b.mount / "after") == b"a"
+
+
+def test_removed_node_cannot_reconnect(cluster3: Cluster) -> None:
+    a, b, c = cluster3.form(3)
+    removed = a.cli("node", "remove", str(c.node_id))
+    assert removed.returncode == 0, removed.stderr
+
+    def gone() -> bool:
+        nodes = {n["id"]: n for n in a.status()["cluster"]["nodes"]}
+        return nodes[c.node_id]["state"] == "removed" and c.node_id not in a.status()["cluster"]["raft"]["voters"]
+
+    wait_for(gone, 30, "node 3 out of the configuration")
+    c.kill()
+    c.start("run", wait=False)
+    wait_for(lambda: "is revoked" in a.logs() + b.logs(), 30, "the removed node's certificate refused")
+    (a.mount / "still").write_bytes(b"fine")
+    assert read(b.mount / "still") == b"fine"
