@@ -55,6 +55,8 @@ class MountSettings(BaseModel):
     allow_other: bool = Field(True, description="let users other than root use the mount")
     entry_timeout_s: float = Field(60.0, ge=0, le=3600)
     attr_timeout_s: float = Field(60.0, ge=0, le=3600)
+    negative_timeout_s: float | None = Field(None, ge=0, le=3600, description="how long the kernel caches "
+                                             "'no such file'; default: entry_timeout_s (0 on cluster members)")
     coherence: Literal["close-to-open", "strict"] = Field(
         "close-to-open",
         description="cluster mounts only (docs/coherence.md): 'close-to-open' caches names and attributes "

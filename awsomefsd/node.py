@@ -225,7 +225,8 @@ async def serve(core: Core, settings: Settings, *, ready: Callable[[str], None] 
         raise NodeError("no mount point configured: set [mount] path or --mount")
     prepare_mount_point(mount)
     adapter = FuseAdapter(core.ops, entry_timeout_s=settings.mount.entry_timeout_s,
-                          attr_timeout_s=settings.mount.attr_timeout_s, observe=core.metrics.observe_fuse)
+                          attr_timeout_s=settings.mount.attr_timeout_s,
+                          negative_timeout_s=settings.mount.negative_timeout_s, observe=core.metrics.observe_fuse)
     options = {"fsname=awsomefs", "subtype=awsomefs", "default_permissions", "noatime"}
     if settings.mount.allow_other:
         options.add("allow_other")

@@ -19,12 +19,14 @@ The contract is in docs/coherence.md; this module implements its three mechanism
 
 from __future__ import annotations
 
+import json
 import logging
+import time
 from typing import Any
 
 import trio
 
-from awsomefsd.fuse.invalidate import Invalidator, targets
+from awsomefsd.fuse.invalidate import Invalidator, Kind, Target, targets
 from awsomefsd.meta import commands as c
 from awsomefsd.meta.errors import FsError
 from awsomefsd.meta.raft_log import RaftLog
@@ -32,6 +34,10 @@ from awsomefsd.meta.state_machine import StateMachine
 
 log = logging.getLogger(__name__)
 
+MAX_STALE_TRACKED = 1 << 20
+ORPHAN_BATCH_S = 0.02
+ORPHAN_RETRY_S = 2.5
+MAX_ORPHANS_PER_COMMAND = 4096
 CATCH_UP_TRY_S = 0.5
 CATCH_UP_BUDGET_S = 10.0
 
@@ -54,8 +60,15 @@ class ClusterCoherence:
         """Callable returning this node's liveness-lease epoch."""
         self.flush: Any = None
         """Set once the file system exists: `async flush(ino)` of this node's buffered data."""
+        self.holds: Any = lambda _ino: False
+        """Set once the file system exists: does anything here still reach this inode?"""
+        self._orphans: set[int] = set()  # unlinked inodes to look at: release those we do not hold
+        self._orphans_wake = trio.Event()
+        self.orphans_released = 0
         self.held: set[int] = set()
         self._releasing: set[int] = set()
+        self._stale_data: set[int] = set()
+        self._all_stale = False
         self._released: dict[int, trio.Event] = {}
         self._to_release: trio.MemorySendChannel[int]
         self._release_queue: trio.MemoryReceiveChannel[int]
@@ -71,10 +84,14 @@ class ClusterCoherence:
         self.held = set(self.sm.cluster.leases_of(self.log.read_txn(), self.node_id))
 
     # --- Coherence ----------------------------------------------------------------------------------
-    async def catch_up(self) -> None:
+    async def catch_up(self, *, drain: bool = True) -> None:
         """Short tries: a ReadIndex sent to a leader that just died is lost, and a new leader is
         elected within a couple of seconds; after CATCH_UP_BUDGET_S serve the local state (a
-        partitioned minority still reads what it has; its writes fail on their own)."""
+        partitioned minority still reads what it has; its writes fail on their own).
+
+        `drain=False` for lookups: an entry invalidation of the directory being looked up waits in
+        the kernel until that very lookup is answered, so a lookup that waited for the drain would
+        deadlock. The lookup's own answer comes from the caught-up state anyway."""
         self.catch_ups += 1
         deadline = trio.current_time() + CATCH_UP_BUDGET_S
         while True:
@@ -88,7 +105,8 @@ class ClusterCoherence:
                                 CATCH_UP_BUDGET_S, exc)
                     break
                 await trio.sleep(0.05)
-        await self.invalidator.drain()
+        if drain:
+            await self.invalidator.drain()
 
     async def write_lease(self, ino: int) -> None:
         if ino in self.held:
@@ -133,8 +151,89 @@ class ClusterCoherence:
         elif isinstance(command, c.Purge):
             self.held.discard(command.ino)
             self._wake(command.ino)
+        elif isinstance(command, c.Unlink) and isinstance(result, int):
+            self.release_orphan(result)  # checked later: only an orphan we do not hold is released
+        elif isinstance(command, c.Rename) and isinstance(result, int) and result:
+            self.release_orphan(result)
         if not mine:
-            self.invalidator.submit(targets(command, result))
+            self.invalidator.submit(self._safe(targets(command, result)))
+
+    def _safe(self, stale: list[Target]) -> list[Target]:
+        """Only attribute invalidations go to the kernel: they never wait for anything there. Stale
+        data is dropped at the next open instead (keep_cache), and stale names expire by their short
+        timeout: entry and page-cache invalidations wait in the kernel for pending requests on the
+        directory or the pages, and a daemon SIGKILLed during such a wait can never exit."""
+        safe = []
+        for target in stale:
+            if target.kind == Kind.INODE:
+                if len(self._stale_data) >= MAX_STALE_TRACKED:
+                    self._all_stale = True  # too many to track: no page cache survives an open
+                    self._stale_data.clear()
+                self._stale_data.add(target.ino)
+                safe.append(Target.attr_only(target.ino))
+            elif target.kind == Kind.ATTR:
+                safe.append(target)
+        return safe
+
+    def release_orphan(self, ino: int) -> None:
+        self._orphans.add(ino)
+        self._orphans_wake.set()
+
+    def pending_orphans(self) -> None:
+        """At start nothing here holds anything: every orphan waiting for us can be released."""
+        txn = self.log.read_txn()
+        for key, value in txn.cursor(self.sm.db["orphans"]):
+            if value and self.node_id in json.loads(bytes(value)):
+                self._orphans.add(int.from_bytes(key, "big"))
+        self._orphans_wake.set()
+
+    async def run_orphans(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Release, in batches, the orphans nothing here holds (one command per batch); look again
+        later at those something still holds."""
+        async with trio.open_nursery() as nursery:
+            self._nursery_start = nursery.start_soon
+            task_status.started()
+            await self._release_orphans()
+
+    async def _release_orphans(self) -> None:
+        while True:
+            await self._orphans_wake.wait()
+            self._orphans_wake = trio.Event()
+            await trio.sleep(ORPHAN_BATCH_S)
+            batch, self._orphans = self._orphans, set()
+            txn = self.log.read_txn()
+            mine, later = [], []
+            for ino in sorted(batch):
+                raw = txn.get(ino.to_bytes(8, "big"), db=self.sm.db["orphans"])
+                if raw is None or (raw and self.node_id not in json.loads(bytes(raw))):
+                    continue
+                if self.holds(ino):
+                    later.append(ino)  # an open handle releases it at close; a recent lookup expires
+                    continue
+                mine.append(ino)
+            if later:
+                self._nursery_start(self._retry_later, later)
+            for start in range(0, len(mine), MAX_ORPHANS_PER_COMMAND):
+                chunk = tuple(mine[start : start + MAX_ORPHANS_PER_COMMAND])
+                try:
+                    await self.log.propose(c.ReleaseOrphans(self.node_id, chunk, time.time_ns()))
+                    self.orphans_released += len(chunk)
+                except FsError as exc:
+                    log.warning("releasing %d unlinked inodes failed (%s); retrying later", len(chunk), exc)
+                    self._orphans.update(chunk)
+
+    async def _retry_later(self, inos: list[int]) -> None:
+        await trio.sleep(ORPHAN_RETRY_S)
+        for ino in inos:
+            self.release_orphan(ino)
+
+    def keep_cache(self, ino: int) -> bool:
+        if self._all_stale:
+            return False
+        if ino in self._stale_data:
+            self._stale_data.discard(ino)
+            return False
+        return True
 
     def _wake(self, ino: int) -> None:
         event = self._released.pop(ino, None)

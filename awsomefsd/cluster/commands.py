@@ -32,6 +32,7 @@ CLUSTER_AG_COUNT = 64
 """`init` formats with about this many allocation groups (at least 16 MiB each), so that every
 member of a cluster gets groups of its own and claims more as it fills them."""
 MIN_CLUSTER_AG_BYTES = 16 << 20
+CLUSTER_ENTRY_TIMEOUT_S = 1.0
 
 
 def _listen(settings: Settings) -> str:
@@ -74,9 +75,16 @@ def _member_settings(settings: Settings, state: MemberState) -> Settings:
         update["cluster"] = settings.cluster.model_copy(update={"listen": state.listen})
     # a cluster device is shared: O_DIRECT on every node, so no node reads its own stale page cache
     update["device"] = update.get("device", settings.device).model_copy(update={"shared": True})
+    mount = update.get("mount", settings.mount)
     if settings.mount.coherence == "strict":  # the kernel must ask us every time (docs/coherence.md)
-        update["mount"] = update.get("mount", settings.mount).model_copy(
-            update={"entry_timeout_s": 0.0, "attr_timeout_s": 0.0})
+        update["mount"] = mount.model_copy(update={"entry_timeout_s": 0.0, "attr_timeout_s": 0.0,
+                                                   "negative_timeout_s": 0.0})
+    else:
+        # Names another node changes cannot be invalidated safely (a kernel entry invalidation waits
+        # for the directory's pending requests: a daemon killed meanwhile can never exit), so cached
+        # names expire quickly and "no such file" is never cached (docs/coherence.md).
+        update["mount"] = mount.model_copy(update={
+            "entry_timeout_s": min(mount.entry_timeout_s, CLUSTER_ENTRY_TIMEOUT_S), "negative_timeout_s": 0.0})
     return settings.model_copy(update=update)
 
 

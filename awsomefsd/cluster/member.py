@@ -283,6 +283,8 @@ async def run_member(member: Member, *, founding: Founding | None = None,
             log.warning("no lease renewal yet: writes fail with EIO until one succeeds")
         await nursery.start(member.groups.run)
         await nursery.start(member.coherence.run)
+        await nursery.start(member.coherence.run_orphans)
+        member.coherence.pending_orphans()
         await nursery.start(member.duties.run)
         await _update_address(member)
         await nursery.start(_serve_joins, member)
@@ -334,6 +336,7 @@ def _assemble(member: Member) -> Core:
     coherence = ClusterCoherence(member.node_id, member.raft, sm, member.invalidator, lambda: lease.epoch,
                                  strict=strict)
     coherence.flush = core.data.flush
+    coherence.holds = core.ops.holds
     groups = GroupKeeper(member.node_id, member.raft, sm, core.allocator, lambda: lease.epoch,
                          low_blocks=max(layout.ag_blocks // 4, 1))
     def expired() -> None:

@@ -3,9 +3,10 @@
 `Member.Forward` (on the mTLS cluster listener): a follower hands the leader a metadata entry,
 header included; the leader appends and applies it and answers with its index. The follower takes
 the command's result from its own apply of that entry (RaftNode._propose_via_leader), so nothing but
-the index crosses the wire. Error mapping, chosen so the caller retries only when the entry was
-certainly not appended: FAILED_PRECONDITION "leader=N" (not the leader: NotLeader), ABORTED
-(ProposalLost), DEADLINE_EXCEEDED (fate unknown: ProposalTimeout).
+the index crosses the wire. Error mapping: FAILED_PRECONDITION "leader=N" (not the leader:
+NotLeader, certainly not appended), ABORTED (ProposalLost), anything else (fate unknown:
+ProposalTimeout). The follower sends the same entry again in every case; de-duplication by the
+entry's id makes that safe (RaftNode._propose_via_leader).
 
 `Control` (on `<state>/control.sock`, mode 0600, so root or the daemon's user only): what the CLI
 asks a running daemon — the join token, token rotation, node removal, the cluster's status. JSON in,
@@ -80,8 +81,6 @@ class Forwarder:
                 raise NotLeader(int(details.removeprefix("leader="))) from None
             if code == grpc.StatusCode.ABORTED:
                 raise ProposalLost(details) from None
-            if code == grpc.StatusCode.UNAVAILABLE:
-                raise NotLeader(0) from None  # not reached: look for the leader again
             raise ProposalTimeout(f"forwarding to node {leader}: {code.name}: {details}") from None
         return int(_U64.unpack(reply)[0])
 

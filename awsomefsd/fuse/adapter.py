@@ -60,11 +60,12 @@ class FuseAdapter(pyfuse3.Operations):
     enable_acl = False
 
     def __init__(self, ops: Operations, *, entry_timeout_s: float = 60.0, attr_timeout_s: float = 60.0,
-                 observe: ObserveFn | None = None) -> None:
+                 negative_timeout_s: float | None = None, observe: ObserveFn | None = None) -> None:
         super().__init__()
         self.ops = ops
         self.entry_timeout_s = entry_timeout_s
         self.attr_timeout_s = attr_timeout_s
+        self.negative_timeout_s = entry_timeout_s if negative_timeout_s is None else negative_timeout_s
         self.observe = observe
 
     def entry(self, inode: Inode) -> pyfuse3.EntryAttributes:
@@ -100,7 +101,7 @@ class FuseAdapter(pyfuse3.Operations):
                 raise
             negative = pyfuse3.EntryAttributes()  # cached "does not exist" for entry_timeout
             negative.st_ino = 0
-            negative.entry_timeout = self.entry_timeout_s
+            negative.entry_timeout = self.negative_timeout_s
             return negative
         return self._entry_ref(inode)
 
@@ -165,7 +166,7 @@ class FuseAdapter(pyfuse3.Operations):
     @_fuse_op("open")
     async def open(self, inode: int, flags: int, ctx: Any) -> pyfuse3.FileInfo:
         fh = await self.ops.open(inode, flags)
-        return pyfuse3.FileInfo(fh=fh, keep_cache=True)
+        return pyfuse3.FileInfo(fh=fh, keep_cache=self.ops.keep_cache(inode))
 
     @_fuse_op("read")
     async def read(self, fh: int, off: int, size: int) -> bytes:

@@ -119,6 +119,11 @@ def _xattr(cmd: c.SetXattr | c.RemoveXattr, result: Any) -> list[Target]:
     return [Target.attr_only(cmd.ino)]  # ctime; FUSE does not cache xattr values
 
 
+def _release_orphans(cmd: c.ReleaseOrphans, result: Any) -> list[Target]:
+    """Some of the inodes may have been deleted (result: how many); which ones is not returned."""
+    return [Target.inode(ino) for ino in cmd.inos] if result else []
+
+
 def _purge(cmd: c.Purge, result: Any) -> list[Target]:
     return [] if result is False else [Target.inode(cmd.ino)]  # False: still linked, nothing deleted
 
@@ -155,6 +160,7 @@ RULES: dict[type, Rule] = {
     c.SetXattr: _xattr,
     c.RemoveXattr: _xattr,
     c.Purge: _purge,
+    c.ReleaseOrphans: _release_orphans,
     c.CreateVolume: _volume_dir,
     c.DeleteVolume: _volume_dir,
     c.CreateSnapshot: _snapshot_dir,

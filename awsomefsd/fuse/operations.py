@@ -29,6 +29,8 @@ from awsomefsd.meta.records import MAX_NAME_BYTES, MAX_SYMLINK_BYTES, ROOT_INO, 
 from awsomefsd.meta.state_machine import StateMachine
 
 INODE_RESERVATION = 1024
+LOOKUP_HOLD_S = 2.0
+MAX_LOOKED_UP = 1 << 16
 MAX_OPEN_FILES = 1 << 20
 FILES_ADVERTISED = 1 << 32
 
@@ -53,14 +55,24 @@ class Coherence(Protocol):
     """What a cluster adds to the single-node operations (awsomefsd/cluster/coherence.py);
     docs/coherence.md states the contract each hook implements."""
 
-    async def catch_up(self) -> None:
-        """Return once this node has applied everything committed before the call, and the kernel
-        caches it made stale are invalidated (open, and a lookup that found nothing)."""
+    async def catch_up(self, *, drain: bool = True) -> None:
+        """Return once this node has applied everything committed before the call and, with
+        `drain`, the kernel caches that made stale are invalidated. Lookups pass drain=False: the
+        kernel holds an entry invalidation of a directory until a lookup in it is answered."""
         ...
 
     async def write_lease(self, ino: int) -> None:
         """Return once this node holds the file's write lease (before buffering a write or
         truncating)."""
+        ...
+
+    def release_orphan(self, ino: int) -> None:
+        """Nothing on this node reaches the unlinked inode any more (queued, batched)."""
+        ...
+
+    def keep_cache(self, ino: int) -> bool:
+        """May the kernel keep the file's page cache at this open? No, once another node changed
+        its data since the last open here (the one invalidation that cannot block the kernel)."""
         ...
 
     @property
@@ -82,13 +94,19 @@ class Operations:
         self._ino_next = 0
         self._ino_end = 0
         self.coherence: Coherence | None = None
+        self.looked_up: dict[int, float] = {}  # cluster only: when each inode was last looked up
 
     # -- helpers --------------------------------------------------------------------------------
     def _now(self) -> int:
         return time.time_ns()
 
     def inode(self, ino: int) -> Inode:
-        inode = self.ns.require_inode(self.log.read_txn(), ino)
+        """An inode the kernel named. If it is gone (its last name was removed or replaced, here or
+        on another node, and nothing here held it open) that is ESTALE, not ENOENT: the VFS then
+        looks the path up again (LOOKUP_REVAL) and finds what the name means now."""
+        inode = self.ns.get_inode(self.log.read_txn(), ino)
+        if inode is None:
+            raise FsError(errno.ESTALE)
         if inode.is_reg:
             inode.size = self.data.effective_size(ino, inode.size)
         return inode
@@ -105,6 +123,11 @@ class Operations:
     def remember(self, ino: int) -> None:
         """The kernel now holds one more reference (an entry reply was sent for `ino`)."""
         self.lookups[ino] = self.lookups.get(ino, 0) + 1
+        if self.coherence is not None:
+            if len(self.looked_up) >= MAX_LOOKED_UP:
+                cutoff = time.monotonic() - LOOKUP_HOLD_S
+                self.looked_up = {i: t for i, t in self.looked_up.items() if t > cutoff}
+            self.looked_up[ino] = time.monotonic()
 
     async def forget(self, items: list[tuple[int, int]]) -> None:
         for ino, count in items:
@@ -130,7 +153,22 @@ class Operations:
             return
         if inode is not None and inode.nlink == 0:
             self.data.forget(ino)
-            await self.log.propose(c.Purge(ino, self._now()))
+            if self.coherence is not None:
+                self.coherence.release_orphan(ino)  # other nodes may still hold it open
+            else:
+                await self.log.propose(c.Purge(ino, self._now()))
+
+    def holds(self, ino: int) -> bool:
+        """Does anything on this node still reach the inode: an open handle; for a directory, a
+        kernel reference (it may be a working directory); for anything, a lookup answered within
+        LOOKUP_HOLD_S (an open of that lookup's answer may be on its way: purging under it would
+        turn a read of a file another node just replaced into ESTALE)."""
+        if any(h.ino == ino for h in self.handles.values()):
+            return True
+        if time.monotonic() - self.looked_up.get(ino, -LOOKUP_HOLD_S) < LOOKUP_HOLD_S:
+            return True
+        inode = self.ns.get_inode(self.log.read_txn(), ino)
+        return inode is not None and inode.is_dir and ino in self.lookups
 
     async def purge_orphans(self) -> int:
         """At start no kernel holds any inode: every orphan left by a crash can go."""
@@ -146,7 +184,7 @@ class Operations:
             raise FsError(errno.ENAMETOOLONG)
         strict = self.coherence is not None and self.coherence.strict
         if strict:
-            await self.coherence.catch_up()  # type: ignore[union-attr]
+            await self.coherence.catch_up(drain=False)  # type: ignore[union-attr]
         txn = self.log.read_txn()
         if name == b".":
             child = parent
@@ -155,13 +193,17 @@ class Operations:
         else:
             found = self.ns.lookup(txn, parent, name)
             if found is None and self.coherence is not None and not strict:
-                await self.coherence.catch_up()  # it may have been created elsewhere a moment ago
+                await self.coherence.catch_up(drain=False)  # it may have been created elsewhere a moment ago
                 txn = self.log.read_txn()
                 found = self.ns.lookup(txn, parent, name)
             if found is None:
                 raise FsError(errno.ENOENT)
             child = found
         return self.inode(child)
+
+    def keep_cache(self, ino: int) -> bool:
+        """For the adapter's open reply: keep the page cache unless the cluster says it is stale."""
+        return self.coherence is None or self.coherence.keep_cache(ino)
 
     async def getattr(self, ino: int) -> Inode:
         if self.coherence is not None and self.coherence.strict:

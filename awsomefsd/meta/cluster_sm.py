@@ -53,6 +53,11 @@ class ClusterTables:
     def members(self, txn: lmdb.Transaction) -> dict[int, dict[str, Any]]:
         return {int.from_bytes(k, "big"): json.loads(bytes(v)) for k, v in txn.cursor(self.members_db)}
 
+    def active_members(self, txn: lmdb.Transaction) -> list[int]:
+        """Members in the cluster now (empty on a single node: no cluster)."""
+        return sorted(int.from_bytes(k, "big") for k, v in txn.cursor(self.members_db)
+                      if json.loads(bytes(v))["state"] == "active")
+
     def revoked_serials(self, txn: lmdb.Transaction) -> set[int]:
         return {int(m["serial"], 16) for m in self.members(txn).values() if m["state"] == "removed" and m["serial"]}
 

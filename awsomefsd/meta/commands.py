@@ -259,6 +259,7 @@ class ExpireNode:
     is refused, so a node that wakes up must start again)."""
 
     node: int
+    now_ns: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -287,6 +288,17 @@ class ReleaseWriteLease:
 
 
 @dataclass(frozen=True, slots=True)
+class ReleaseOrphans:
+    """`node` holds none of these unlinked inodes open. In a cluster an orphan is deleted once every
+    member that was active when it lost its last name has said so (POSIX: an unlinked file stays
+    readable through the handles open on it, on whichever node)."""
+
+    node: int
+    inos: tuple[int, ...]
+    now_ns: int
+
+
+@dataclass(frozen=True, slots=True)
 class Fenced:
     """Every command a cluster member proposes, wrapped with who proposed it and under which lease
     epoch: refused with EIO once that epoch has expired, and new extents must lie in the
@@ -310,5 +322,5 @@ Command = (
     | ReclaimFrees | GrantGroups | ReleaseLeaked | CreateVolume | DeleteVolume | ResizeVolume
     | CreateSnapshot | DeleteSnapshot | Batch | InitCluster | AddMember | SetMemberCert | UpdateMemberAddress
     | RemoveMember | SetJoinVerifier | RenewLease | ExpireNode | ClaimGroups | AcquireWriteLease
-    | ReleaseWriteLease | Fenced
+    | ReleaseWriteLease | ReleaseOrphans | Fenced
 )

@@ -87,6 +87,9 @@ from awsomefsd.meta.raft_storage import (
 log = logging.getLogger(__name__)
 
 HEADER = struct.Struct("<QQ")  # boot nonce, sequence number of the proposing process
+FORWARDED = 1 << 63
+"""Sequence bit of entries a follower forwarded: they may arrive twice and are de-duplicated."""
+DUPLICATE: Any = type("Duplicate", (), {"__repr__": lambda self: "DUPLICATE"})()
 _U64 = struct.Struct("<Q")
 MAX_QUEUED_PROPOSALS = 100_000
 MAX_INBOX_MESSAGES = 100_000
@@ -217,6 +220,7 @@ class RaftNode:
         """Set by a cluster member: hand an entry (header included) to the leader with this id; returns
         once the leader applied it (its index), raises NotLeader when that node does not lead."""
         self._forwarded: dict[tuple[int, int], _Proposal] = {}
+        self.forward_retries = 0
         self.batch_sizes: list[int] = []  # entries per Ready, drained by metrics
         self._nonce = self._rng.getrandbits(63) or 1
         self._seq = 0
@@ -299,15 +303,40 @@ class RaftNode:
     async def _propose_via_leader(self, command: bytes, timeout_s: float) -> Any:
         """Follower side of forwarding: the leader appends our entry under our own header, and we
         answer from our own apply of it (`_resolve` matches the header), so the result needs no
-        encoding and the caller's next read here already sees the effect."""
+        encoding and the caller's next read here already sees the effect.
+
+        When a call fails we cannot always tell whether the leader appended the entry (it may have
+        died mid-call), so the same entry (same id) is sent again, to whichever node leads next,
+        until it is applied here or the timeout ends; the id makes a second copy a no-op
+        (`LmdbRaftStorage.first_application`)."""
         assert self.forward is not None
         self._seq += 1
-        p = _Proposal((self._nonce, self._seq), command)
+        p = _Proposal((self._nonce, self._seq | FORWARDED), command)
+        entry = HEADER.pack(*p.pid) + command
         self._forwarded[p.pid] = p
         try:
             with trio.move_on_after(timeout_s):
-                p.index = await self.forward(self.raw.leader_id, HEADER.pack(*p.pid) + command)
-                await p.done.wait()
+                while not p.done.is_set():
+                    leader = self.raw.leader_id
+                    if leader == self.id:  # we lead now: append it here, under the same id
+                        result = await self._propose_here(_Proposal(p.pid, command), timeout_s)
+                        if result is DUPLICATE:  # an earlier copy was applied: its result is ours
+                            await p.done.wait()
+                            result = p.result
+                        return result
+                    if leader == 0:
+                        await _wait_or(p.done, self.settings.tick_ms / 1000)
+                        continue
+                    try:
+                        p.index = await self.forward(leader, entry)
+                        await p.done.wait()
+                    except NotLeader as exc:  # certainly not appended there; try where it points
+                        self.forward_retries += 1
+                        await _wait_or(p.done, 0.0 if exc.leader_id not in (0, leader) else 0.05)
+                    except (ProposalLost, ProposalTimeout, OSError) as exc:
+                        self.forward_retries += 1
+                        log.debug("forwarding to node %d: %s; sending it again", leader, exc)
+                        await _wait_or(p.done, 0.05)
         finally:
             self._forwarded.pop(p.pid, None)
         if not p.done.is_set():
@@ -470,6 +499,9 @@ class RaftNode:
                 if len(e.data) < HEADER.size:
                     continue  # the empty entry a new leader appends
                 pid = HEADER.unpack_from(e.data)
+                if pid[1] & FORWARDED and not self.storage.first_application(txn, e.data[: HEADER.size], e.index):
+                    outcome.append((e.index, DUPLICATE, pid))  # a resent copy: applied once already
+                    continue
                 outcome.append((e.index, self.sm.apply(txn, e.index, e.data[HEADER.size :]), pid))
             if rd.committed_entries:
                 txn.put(APPLIED_KEY, _U64.pack(applied), db=self.storage.meta_db)
@@ -641,6 +673,8 @@ class RaftNode:
         results = {index: (result, pid) for index, result, pid in outcome}
         if self._forwarded:
             for index, result, pid in outcome:
+                if result is DUPLICATE:
+                    continue
                 fwd = self._forwarded.pop(pid, None) if pid is not None and (up_to is None or index <= up_to) else None
                 if fwd is not None:
                     fwd.result = result
@@ -728,6 +762,11 @@ class RaftNode:
             "snapshots_installed": self.snapshots_installed,
             "snapshots_taken": self.snapshots_taken,
         }
+
+
+async def _wait_or(event: trio.Event, timeout_s: float) -> None:
+    with trio.move_on_after(timeout_s):
+        await event.wait()
 
 
 _EARLY_TYPES = frozenset({MessageType.APP, MessageType.HEARTBEAT, MessageType.SNAP})

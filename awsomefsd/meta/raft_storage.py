@@ -35,6 +35,8 @@ from awsomefsd.meta.raft.storage import LogCompacted, LogUnavailable, limit_size
 FORMAT_VERSION = 1
 DEFAULT_MAP_BYTES = 1 << 30
 DEFAULT_CHUNK_BYTES = 1 << 20
+SEEN_WINDOW = 65_536
+"""Proposal ids remembered for de-duplication: far more than a resend can lag behind."""
 MAX_CHUNK_BYTES = 64 << 20
 MAX_SNAPSHOT_BYTES = 1 << 40
 APPLIED_KEY = b"raft_applied_index"
@@ -74,7 +76,7 @@ class LmdbRaftStorage:
         if env is None:
             assert path is not None
             path.mkdir(parents=True, exist_ok=True)
-            env = lmdb.open(str(path), map_size=map_size_bytes, max_dbs=4, sync=True, metasync=True)
+            env = lmdb.open(str(path), map_size=map_size_bytes, max_dbs=8, sync=True, metasync=True)
         self.path = Path(env.path())
         self._snapshot_data = snapshot_data
         self._open(env)
@@ -83,6 +85,8 @@ class LmdbRaftStorage:
         self.env = env
         self._log = self.env.open_db(b"raft_log")
         self._meta = self.env.open_db(b"raft_meta")
+        self._seen = self.env.open_db(b"raft_seen")
+        self._seen_order = self.env.open_db(b"raft_seen_order")
         with self.env.begin(write=True) as txn:
             fmt = txn.get(b"format", db=self._meta)
             if fmt is None:
@@ -96,6 +100,27 @@ class LmdbRaftStorage:
             cur = txn.cursor(db=self._log)
             self._last = _INDEX.unpack(cur.key())[0] if cur.last() else self.snap_meta.index
         assert self._last >= self.snap_meta.index, "log ends below its snapshot"
+
+    def first_application(self, txn: lmdb.Transaction, proposal_id: bytes, index: int) -> bool:
+        """Record that the proposal `proposal_id` is applied at `index`; False if it already was.
+
+        A follower resends a forwarded entry under the same id when it cannot tell whether the
+        leader appended it (the leader died mid-call); this makes the second copy a no-op on every
+        replica alike. The record is part of the state (same transaction as the apply, copied in
+        snapshots), bounded to the last SEEN_WINDOW proposals."""
+        if txn.get(proposal_id, db=self._seen) is not None:
+            return False
+        key = _INDEX.pack(index)
+        txn.put(proposal_id, key, db=self._seen)
+        txn.put(key, proposal_id, db=self._seen_order)
+        count = txn.stat(self._seen_order)["entries"]
+        if count > SEEN_WINDOW:
+            cur = txn.cursor(db=self._seen_order)
+            cur.first()
+            for _ in range(count - SEEN_WINDOW):
+                txn.delete(cur.value(), db=self._seen)
+                cur.delete()
+        return True
 
     # --- Storage (read side) ----------------------------------------------------------------------
     def initial_state(self) -> tuple[HardState, ConfState]:

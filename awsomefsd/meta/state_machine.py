@@ -11,6 +11,7 @@ Rules every handler follows:
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import stat
 from collections.abc import Callable
@@ -90,11 +91,12 @@ class StateMachine:
             c.RemoveMember: self.cluster.remove_member,
             c.SetJoinVerifier: self.cluster.set_verifier,
             c.RenewLease: self.cluster.renew_lease,
-            c.ExpireNode: self.cluster.expire_node,
+            c.ExpireNode: self._expire_node,
             c.ClaimGroups: self._claim_groups,
             c.AcquireWriteLease: self.cluster.acquire_lease,
             c.ReleaseWriteLease: self.cluster.release_lease,
             c.Fenced: self._fenced,
+            c.ReleaseOrphans: self._release_orphans,
         }
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -241,7 +243,9 @@ class StateMachine:
         child.ctime_ns = now_ns
         self.ns.put_inode(txn, child)
         if child.nlink == 0:
-            txn.put(u64(child.ino), b"", db=self.db["orphans"])
+            # In a cluster every active member may hold it open: each must release it (ReleaseOrphans).
+            holders = self.cluster.active_members(txn)
+            txn.put(u64(child.ino), json.dumps(holders).encode() if holders else b"", db=self.db["orphans"])
 
     def _rename(self, txn: lmdb.Transaction, cmd: c.Rename) -> int:
         """Returns the inode that lost its name to the rename (0 when none)."""
@@ -416,6 +420,31 @@ class StateMachine:
         if count is None:
             raise FsError(errno.EINVAL, "not a cluster")
         return self.cluster.claim_groups(txn, cmd, int.from_bytes(count, "big"))
+
+    def _release_orphans(self, txn: lmdb.Transaction, cmd: c.ReleaseOrphans) -> int:
+        """Returns how many of the inodes were deleted (nobody holds them any more)."""
+        if len(cmd.inos) > MAX_RESERVE_INODES:
+            raise FsError(errno.EINVAL, "too many inodes in one release")
+        return sum(self.release_orphan(txn, ino, cmd.node, cmd.now_ns) for ino in cmd.inos)
+
+    def release_orphan(self, txn: lmdb.Transaction, ino: int, node: int, now_ns: int) -> bool:
+        raw = txn.get(u64(ino), db=self.db["orphans"])
+        if raw is None:
+            return False
+        holders = [n for n in (json.loads(bytes(raw)) if raw else []) if n != node]
+        if holders:
+            txn.put(u64(ino), json.dumps(holders).encode(), db=self.db["orphans"])
+            return False
+        return self._purge(txn, c.Purge(ino, now_ns))
+
+    def _expire_node(self, txn: lmdb.Transaction, cmd: c.ExpireNode) -> list[int]:
+        """A node that is gone holds nothing open any more: its orphan holds go with its groups."""
+        groups = self.cluster.expire_node(txn, cmd)
+        held = [int.from_bytes(k, "big") for k, v in txn.cursor(self.db["orphans"])
+                if v and cmd.node in json.loads(bytes(v))]
+        for ino in held:
+            self.release_orphan(txn, ino, cmd.node, cmd.now_ns)
+        return groups
 
     def _fenced(self, txn: lmdb.Transaction, cmd: c.Fenced) -> Any:
         self.cluster.check_fenced(txn, cmd)

@@ -28,6 +28,22 @@ FAST_LEASES = {"AWSOMEFS_CLUSTER__LEASE_S": "3", "AWSOMEFS_CLUSTER__RENEW_S": "0
                "AWSOMEFS_CLUSTER__LEASE_MARGIN_S": "1"}
 
 
+def detach(mount: Path) -> None:
+    """Abort the mount's FUSE connection (requests still waiting fail with ENOTCONN instead of
+    blocking forever in the kernel), then detach it. Never touches the mount itself, which may hang."""
+    target = os.path.abspath(mount)  # realpath would lstat the mount, which may hang
+    with open("/proc/self/mountinfo", encoding="utf-8") as fh:
+        for line in fh:
+            fields = line.split()
+            if fields[4] == target and " - fuse.awsomefs " in line:
+                minor = fields[2].split(":")[1]
+                try:
+                    Path(f"/sys/fs/fuse/connections/{minor}/abort").write_text("1")
+                except OSError:
+                    pass
+    subprocess.run(["umount", "-l", target], capture_output=True, check=False)
+
+
 class Node:
     """One member: its namespace, state directory, mount point and daemon process."""
 
@@ -49,13 +65,15 @@ class Node:
         self.output = []
         argv = [*AWSOMEFSD, *args, "--state", str(self.state), "--metrics-port", "-1"]
         self.proc = self.ns.popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                  env=self.env, cwd="/")
+                                  errors="replace", env=self.env, cwd="/")
         threading.Thread(target=self._pump, args=(self.proc,), daemon=True).start()
         if wait:
             self.wait_mounted()
         return self
 
     def _pump(self, proc: subprocess.Popen[str]) -> None:
+        """Drain the daemon's output for as long as it runs: a daemon whose pipe fills up blocks
+        on its next log line, and with it every request its mount holds."""
         assert proc.stdout is not None
         for line in proc.stdout:
             self.output.append(line)
@@ -94,8 +112,12 @@ class Node:
         """SIGKILL (a crash); the stale mount is lazily detached so the test can go on."""
         if self.proc is not None and self.proc.poll() is None:
             self.signal(signal.SIGKILL)
-            self.proc.wait(30)
-        subprocess.run(["umount", "-l", str(self.mount)], capture_output=True, check=False)
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:  # a thread stuck in the kernel on its own mount
+                detach(self.mount)
+                self.proc.wait(30)
+        detach(self.mount)
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -108,6 +130,20 @@ class Node:
 
     def logs(self, last: int = 200) -> str:
         return "".join(self.output[-last:])
+
+    def blocked_threads(self) -> list[str]:
+        """The daemon's threads in uninterruptible sleep, as "name@kernel function" (a hint where it hangs)."""
+        if self.proc is None:
+            return []
+        found = []
+        for task in Path(f"/proc/{self.proc.pid}/task").glob("*"):
+            try:
+                state = (task / "stat").read_text().rsplit(")", 1)[1].split()[0]
+                if state == "D":
+                    found.append(f"{(task / 'comm').read_text().strip()}@{(task / 'wchan').read_text().strip()}")
+            except (OSError, IndexError):
+                continue
+        return found
 
 
 class Cluster:
@@ -165,9 +201,9 @@ class Cluster:
 
     def close(self) -> None:
         for node in self.nodes:
+            detach(node.mount)  # first: no request of the test may stay blocked on a daemon
             if node.proc is not None and node.proc.poll() is None:
                 node.kill()
-            subprocess.run(["umount", "-l", str(node.mount)], capture_output=True, check=False)
 
 
 @contextmanager

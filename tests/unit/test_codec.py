@@ -31,8 +31,8 @@ EXAMPLES = [
     c.InitCluster(b"cert", b"key", b"v" * 48, 3, 256, 4096, 64, 1, "n1", "10.0.0.1:7470", "10.0.0.1:7471", 20),
     c.AddMember("n2", "10.0.0.2:7470", "10.0.0.2:7471", 21), c.SetMemberCert(2, "1be1"),
     c.UpdateMemberAddress(2, "10.0.0.3:7470", "10.0.0.3:7471"), c.RemoveMember(2, 22),
-    c.SetJoinVerifier(b"w" * 48), c.RenewLease(2, 1), c.ExpireNode(2), c.ClaimGroups(2, 1, 4),
-    c.AcquireWriteLease(17, 2, 1), c.ReleaseWriteLease(17, 2),
+    c.SetJoinVerifier(b"w" * 48), c.RenewLease(2, 1), c.ExpireNode(2, 24), c.ClaimGroups(2, 1, 4),
+    c.AcquireWriteLease(17, 2, 1), c.ReleaseWriteLease(17, 2), c.ReleaseOrphans(2, (17, 18), 25),
     c.Fenced(2, 1, (c.WriteData(17, (Extent(0, 300, 1, b"abcd"),), 4096, 23),)),
 ]
 

@@ -1,0 +1,629 @@
+"""Faults in a real three-node cluster (tests/support/cluster.py: separate `awsomefsd` processes in
+network namespaces, one shared image file, short leases: 3 s lease, 0.5 s renewal, 1 s margin, 8 s
+stall budget).
+
+What is checked:
+- the leader is SIGKILLed during a create storm from every node: every acknowledged create survives
+  with its bytes on both survivors, a new leader is elected, creates resume; the stall is measured;
+- a paused (SIGSTOP) writer is expired, another node writes the file, and the woken writer's buffered
+  writes are dropped (close reports EIO) instead of landing on the device; it then works again;
+- a partitioned node's writes fail with EIO within lease + stall budget while the majority keeps
+  working; after healing it catches up and writes again;
+- appends (O_APPEND + fsync) and renames from three nodes at once: every acknowledged record exactly
+  once, whole, in each node's order; the same file and the same directory on every node;
+- the cluster listener refuses a client without a certificate and one with a self-signed or foreign
+  certificate; the members go on working.
+
+A file operation on a mount that may hang (its node stopped or cut off) runs on a thread with a
+bounded wait (`bounded`), so a failure is reported, never a hung test run.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import datetime
+import errno
+import itertools
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from awsomefsd.cluster.ca import ClusterCA, make_csr, new_node_key, node_dns_name
+from awsomefsd.cluster.rpc import control_call
+from awsomefsd.cluster.state import MemberState, control_socket
+from tests.support.cluster import PORT, Cluster, Node, cluster_in
+from tests.support.daemon import wait_for
+from tests.support.netns import TestNetwork
+
+T = TypeVar("T")
+OP_TIMEOUT_S = 30.0  # one file operation on a healthy node (a lease hand-over, an election)
+LEASE_S, STALL_S = 3.0, 8.0  # tests.support.cluster.FAST_LEASES
+
+
+@pytest.fixture
+def cluster3(netns_network: Callable[[int], TestNetwork], tmp_path: Path) -> Iterator[Cluster]:
+    with cluster_in(netns_network(3), tmp_path) as cluster:
+        yield cluster
+
+
+# --- helpers ---------------------------------------------------------------------------------------
+def bounded(fn: Callable[[], T], timeout_s: float = OP_TIMEOUT_S, what: str = "file operation") -> T:
+    """fn() on a daemon thread: its result or its exception, or TimeoutError after `timeout_s` (the
+    thread is abandoned: a stopped node's mount may never answer; teardown kills the node)."""
+    box: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            box["result"] = fn()
+        except BaseException as exc:
+            box["error"] = exc
+
+    thread = threading.Thread(target=target, daemon=True, name=what)
+    thread.start()
+    thread.join(timeout_s)
+    if thread.is_alive():
+        raise TimeoutError(f"{what} did not finish within {timeout_s:.0f}s")
+    if "error" in box:
+        box["error"].add_note(f"(in: {what})")
+        raise box["error"]
+    return box["result"]  # type: ignore[no-any-return]
+
+
+def hung(nodes: list[Node]) -> str:
+    """Threads waiting in the kernel: the daemons' in uninterruptible sleep, and this process's in a
+    FUSE request (a file operation waiting for a daemon)."""
+    ours = []
+    for task in Path("/proc/self/task").glob("*"):
+        try:
+            wchan = (task / "wchan").read_text().strip()
+            if "fuse" in wchan or wchan == "request_wait_answer":
+                ours.append(f"{(task / 'comm').read_text().strip()}@{wchan}")
+        except OSError:
+            continue
+    parts = [f"node {n.index}: {n.blocked_threads()}" for n in nodes if n.blocked_threads()]
+    return "; ".join([*parts, f"test threads: {ours}"] if ours else parts) or "none"
+
+
+def wait_or_explain(condition: Callable[[], bool], timeout_s: float, what: str, nodes: list[Node]) -> None:
+    """wait_for, with the threads stuck in the kernel in the failure message."""
+    try:
+        wait_for(condition, timeout_s, what, interval_s=0.05)
+    except TimeoutError as exc:
+        raise TimeoutError(f"{exc}; threads waiting in the kernel: {hung(nodes)}") from None
+
+
+def read(path: Path) -> bytes:
+    """The whole file; open, read and close each raise on their own line (close reports write errors)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        chunks = []
+        while chunk := os.read(fd, 1 << 20):
+            chunks.append(chunk)
+    finally:
+        try:
+            os.close(fd)
+        except OSError as exc:
+            raise OSError(exc.errno, f"closing {path} after reading it: {exc.strerror}") from None
+    return b"".join(chunks)
+
+
+def write(path: Path, data: bytes) -> None:
+    """Create or replace the contents, fsync, close (every step may raise)."""
+    fd = os.open(path, os.O_CREAT | os.O_TRUNC | os.O_WRONLY, 0o644)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def cluster_view(node: Node) -> dict[str, Any]:
+    """What `status --json` shows under "cluster", asked on the control socket from this process.
+    Not through the CLI: a forked child closes every descriptor it inherited, and closing one open
+    on a FUSE file sends FLUSH, which waits for ever when that file's node is stopped."""
+    return control_call(str(control_socket(node.state)), {"op": "status"}, timeout_s=10)
+
+
+def member(observer: Node, node: Node) -> dict[str, Any]:
+    """`node`'s record in `observer`'s status (expired, lease epoch, role...)."""
+    return next(n for n in cluster_view(observer)["nodes"] if n["id"] == node.node_id)
+
+
+def alive(node: Node) -> bool:
+    return node.proc is not None and node.proc.poll() is None
+
+
+def wait_leader(cluster: Cluster, among: list[Node], timeout_s: float = 30.0) -> Node:
+    found: list[Node] = []
+
+    def elected() -> bool:
+        try:
+            found[:] = [cluster.leader(among)]
+        except (LookupError, ValueError, KeyError):
+            return False
+        return True
+
+    wait_for(elected, timeout_s, "a leader among " + ", ".join(str(n.index) for n in among), interval_s=0.2)
+    return found[0]
+
+
+def wait_renewed(node: Node, observers: list[Node], timeout_s: float = 30.0) -> None:
+    """Until `node` holds a live lease again (its fence open) and no observer counts it expired."""
+    def renewed() -> bool:
+        lease = cluster_view(node).get("lease") or {}
+        return bool(lease.get("fence_open")) and not any(member(o, node)["expired"] for o in observers)
+
+    wait_for(renewed, timeout_s, f"node {node.index} renewing its lease", interval_s=0.2)
+
+
+# --- 1. the leader dies during a create storm ---------------------------------------------------------
+class CreateStorm(threading.Thread):
+    """Creates n<index>-<seq> files in `directory` as fast as it can: O_CREAT|O_EXCL, a few bytes,
+    close. A create counts as acknowledged when close returned."""
+
+    def __init__(self, node: Node, directory: Path) -> None:
+        super().__init__(daemon=True, name=f"storm-{node.index}")
+        self.node = node
+        self.directory = directory
+        self.halt = threading.Event()
+        self.acked: list[tuple[str, float, float]] = []  # name, started, acknowledged (monotonic)
+        self.errors: list[tuple[str, float, str]] = []  # name, when, "step: errno name"
+
+    @staticmethod
+    def payload(name: str) -> bytes:
+        return f"{name} was here\n".encode() * 3
+
+    def run(self) -> None:
+        seq = 0
+        while not self.halt.is_set():
+            name = f"n{self.node.index}-{seq:06d}"
+            seq += 1
+            started = time.monotonic()
+            step = "create"
+            try:
+                fd = os.open(self.directory / name, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                try:
+                    step = "write"
+                    os.write(fd, self.payload(name))
+                finally:
+                    step = "close" if step == "write" else step
+                    os.close(fd)
+            except OSError as exc:
+                self.errors.append((name, time.monotonic(), f"{step}: {errno.errorcode.get(exc.errno or 0, exc)}"))
+                self.halt.wait(0.05)  # a dead mount fails at once: do not spin
+                continue
+            self.acked.append((name, started, time.monotonic()))
+
+    def acked_after(self, t: float) -> int:
+        return sum(1 for _, _, done in self.acked if done > t)
+
+
+def test_leader_killed_during_create_storm(cluster3: Cluster, record_property: Callable[[str, object], None]) -> None:
+    nodes = cluster3.form(3)
+    storm_dir = nodes[0].mount / "storm"
+    storm_dir.mkdir()
+    storms = {n.index: CreateStorm(n, n.mount / "storm") for n in nodes}
+    began = time.monotonic()
+    for storm in storms.values():
+        storm.start()
+    wait_or_explain(lambda: time.monotonic() - began >= 1.5 and all(s.acked for s in storms.values()), 30,
+                    "every node acknowledging creates", nodes)
+
+    leader = cluster3.leader(nodes)
+    survivors = [n for n in nodes if n is not leader]
+    killed = storms[leader.index]
+    killed.halt.set()
+    killed_at = time.monotonic()
+    try:
+        leader.kill()
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"SIGKILL did not end the leader; threads waiting in the kernel: {hung(nodes)}")
+    surviving = [storms[n.index] for n in survivors]
+    wait_or_explain(lambda: time.monotonic() - killed_at >= 4.0 and all(s.acked_after(killed_at) >= 5 for s in surviving),
+                    60, "creates resuming on both survivors", survivors)
+    for storm in storms.values():
+        storm.halt.set()
+    for storm in storms.values():
+        storm.join(OP_TIMEOUT_S)
+        assert not storm.is_alive(), f"node {storm.node.index}'s storm hangs in a file operation"
+
+    new_leader = wait_leader(cluster3, survivors)
+    assert new_leader in survivors
+
+    # the stall: the longest gap between consecutive acknowledged creates on the survivors around the kill
+    acks = sorted(done for s in surviving for _, _, done in s.acked)
+    before = [t for t in acks if t <= killed_at]
+    window = [before[-1] if before else killed_at] + [t for t in acks if t > killed_at]
+    stall_s = max(b - a for a, b in itertools.pairwise(window))
+    slowest_s = max((done - start for s in surviving for _, start, done in s.acked if done > killed_at - 1),
+                    default=0.0)
+    counts = {f"node {s.node.index}": len(s.acked) for s in storms.values()}
+    errors = {f"node {s.node.index}": s.errors[:5] for s in surviving if s.errors}
+    print(f"\nleader kill: stall {stall_s:.2f}s (longest single create {slowest_s:.2f}s); creates {counts}; "
+          f"survivor errors {errors}")
+    record_property("stall_after_leader_kill_s", round(stall_s, 3))
+    record_property("slowest_create_after_kill_s", round(slowest_s, 3))
+
+    expected = {name: CreateStorm.payload(name) for s in storms.values() for name, _, _ in s.acked}
+    assert any(name.startswith(f"n{leader.index}-") for name in expected)
+    for node in survivors:
+        def check(node: Node = node) -> list[str]:
+            base = node.mount / "storm"
+            wrong = []
+            for name, data in expected.items():
+                try:
+                    if read(base / name) != data:
+                        wrong.append(f"{name}: other bytes")
+                except OSError as exc:
+                    wrong.append(f"{name}: {errno.errorcode.get(exc.errno or 0)}")
+            return wrong
+
+        wrong = bounded(check, 120, f"reading every acknowledged file on node {node.index}")
+        assert not wrong, f"node {node.index} lost acknowledged creates: {wrong[:10]} ({len(wrong)} in all)"
+    listings = [bounded(lambda n=n: sorted(os.listdir(n.mount / "storm"))) for n in survivors]
+    assert listings[0] == listings[1], "the survivors list different directories"
+    assert stall_s < 15.0, f"creates stalled {stall_s:.1f}s after the leader died"
+    # The stall budget (8 s) is far longer than the stall: no create on a survivor may fail. EEXIST on a
+    # fresh name means one create was applied twice; "blocks ... are not free" in a log, a data write.
+    failed = [e for s in surviving for e in s.errors]
+    complaints = [line.strip() for n in survivors for line in n.output if " ERROR " in line]
+    assert not failed, f"creates failed on the survivors: {failed}; their logged errors: {complaints[:6]}"
+
+
+# --- 2. a paused writer wakes up after the cluster expired it -----------------------------------------
+def test_stale_writer_after_sigstop_gets_eio(netns_network: Callable[[int], TestNetwork], tmp_path: Path) -> None:
+    # a long flush interval keeps B's unsynced write in its buffer until it is paused
+    with cluster_in(netns_network(3), tmp_path, env={"AWSOMEFS_DATA__FLUSH_INTERVAL_MS": "60000"}) as cluster:
+        nodes = cluster.form(3)
+        leader = cluster.leader(nodes)
+        b = next(n for n in nodes if n is not leader)
+        a, c = (n for n in nodes if n is not b)
+        v1 = b"version 1\n" * 100
+        unsynced = b"U" * 5000
+        v2 = b"version 2 from the other node\n" * 100
+        # from here until the close no subprocess may be started (see cluster_view)
+        fd = os.open(b.mount / "f", os.O_CREAT | os.O_RDWR, 0o644)
+        try:
+            os.pwrite(fd, v1, 0)
+            os.fsync(fd)
+            os.pwrite(fd, unsynced, len(v1))  # buffered in B's daemon, not on the device
+            b.signal(signal.SIGSTOP)
+            paused_at = time.monotonic()
+            try:
+                wait_for(lambda: member(a, b)["expired"], 30, f"node {b.index} expired in node {a.index}'s status",
+                         interval_s=0.2)
+                print(f"\nnode {b.index} expired {time.monotonic() - paused_at:.1f}s after SIGSTOP")
+                bounded(lambda: write(a.mount / "f", v2), what="writing version 2 on A")
+            finally:
+                b.signal(signal.SIGCONT)
+            with pytest.raises(OSError) as closed:
+                bounded(lambda: os.close(fd), what="close on the woken node")
+            fd = -1
+            assert closed.value.errno == errno.EIO, closed.value
+        finally:
+            if fd >= 0:
+                try:
+                    bounded(lambda: os.close(fd), what="close on B (cleanup)")
+                except (OSError, TimeoutError):
+                    pass
+        wait_for(lambda: "dropped the buffered writes" in b.logs(), 30, "B logging its dropped writes")
+        wait_renewed(b, [a, c])
+        problems = []  # every check below runs; all that fail are reported together
+
+        def expect(node: Node, want: bytes, what: str) -> None:
+            try:
+                got = bounded(lambda: read(node.mount / "f"), what=f"reading f on node {node.index}")
+            except OSError as exc:
+                problems.append(f"{what}: reading on node {node.index}: {exc}")
+                return
+            if got != want:
+                problems.append(f"{what}: node {node.index} reads {len(got)} bytes: {got[:32]!r}...")
+
+        for node in (a, c, b):
+            expect(node, v2, "version 2")
+        # B works again: it takes the file's write lease back from A
+        v3 = b"version 3 from the woken node\n" * 50
+        bounded(lambda: write(b.mount / "f", v3), what="writing version 3 on B")
+        for node in (a, c, b):
+            expect(node, v3, "version 3, written on B after it recovered (write, fsync and close succeeded)")
+        assert not problems, "\n".join(problems)
+
+
+# --- 3. a partitioned node is fenced, then rejoins ----------------------------------------------------
+def test_partitioned_node_is_fenced_and_rejoins(cluster3: Cluster) -> None:
+    nodes = cluster3.form(3)
+    a = cluster3.leader(nodes)
+    b, c = (n for n in nodes if n is not a)
+    write(c.mount / "cfile", b"before the partition\n")
+    fd = os.open(c.mount / "cfile", os.O_WRONLY)  # C holds the file's write lease
+    # until this descriptor is closed, no subprocess may start once C is cut off (see cluster_view)
+    cut_at = time.monotonic()
+    cluster3.network.set_link(c.ns, False)
+    try:
+        def write_and_fsync() -> None:
+            os.pwrite(fd, b"during the partition\n", 0)
+            os.fsync(fd)
+
+        bound_s = LEASE_S + STALL_S + 10.0
+        with pytest.raises(OSError) as failed:
+            bounded(write_and_fsync, bound_s + 30, "write+fsync on the cut-off node")
+        fenced_after_s = time.monotonic() - cut_at
+        print(f"\npartitioned node's write+fsync failed after {fenced_after_s:.1f}s: {failed.value}")
+        assert failed.value.errno == errno.EIO, failed.value
+        assert fenced_after_s < bound_s, f"the cut-off node kept a write pending for {fenced_after_s:.1f}s"
+
+        # the majority keeps working, and expires C
+        bounded(lambda: write(a.mount / "during", b"written during the partition\n"), what="write on A")
+        assert bounded(lambda: read(b.mount / "during")) == b"written during the partition\n"
+        bounded(lambda: write(b.mount / "during-b", b"from B\n"), what="write on B")
+        assert bounded(lambda: read(a.mount / "during-b")) == b"from B\n"
+        wait_for(lambda: member(a, c)["expired"], 30, f"node {c.index} expired in the leader's status", interval_s=0.2)
+    finally:
+        try:
+            bounded(lambda: os.close(fd), what="closing the fenced descriptor")
+        except OSError:
+            pass  # its write was refused; what close says about that is not the point here
+        finally:
+            cluster3.network.set_link(c.ns, True)
+
+    def catches_up() -> bool:
+        try:
+            return bounded(lambda: read(c.mount / "during"), 20, "read on C") == b"written during the partition\n"
+        except (OSError, TimeoutError):
+            return False
+
+    wait_for(catches_up, 90, "node C reading what A wrote during the partition", interval_s=0.5)
+    wait_renewed(c, [a, b], 60)
+    bounded(lambda: write(c.mount / "after", b"C writes again\n"), what="write on C after healing")
+    assert bounded(lambda: read(a.mount / "after")) == b"C writes again\n"
+    bounded(lambda: write(c.mount / "cfile", b"rewritten after the partition\n"), what="rewrite on C")
+    assert bounded(lambda: read(b.mount / "cfile")) == b"rewritten after the partition\n"
+
+
+# --- 4. appends and renames from three nodes at once --------------------------------------------------
+RECORD_BYTES = 64
+APPENDS_PER_NODE = 20
+RENAMES_PER_NODE = 8
+CONTESTED = 4
+RENAME_NOREPLACE = 1
+AT_FDCWD = -100
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def rename_noreplace(old: Path, new: Path) -> None:
+    if _libc.renameat2(AT_FDCWD, os.fsencode(old), AT_FDCWD, os.fsencode(new), RENAME_NOREPLACE) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), str(new))
+
+
+def record(node: int, seq: int) -> bytes:
+    head = f"node={node} seq={seq:05d} "
+    return (head + "." * (RECORD_BYTES - len(head) - 1) + "\n").encode()
+
+
+class Appender(threading.Thread):
+    def __init__(self, node: Node, path: Path, start: threading.Barrier) -> None:
+        super().__init__(daemon=True, name=f"append-{node.index}")
+        self.node, self.path, self.start_barrier = node, path, start
+        self.acked: list[int] = []
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
+            try:
+                self.start_barrier.wait(OP_TIMEOUT_S)
+                for seq in range(APPENDS_PER_NODE):
+                    rec = record(self.node.index, seq)
+                    assert os.write(fd, rec) == len(rec)
+                    os.fsync(fd)
+                    self.acked.append(seq)
+            finally:
+                os.close(fd)
+        except BaseException as exc:
+            self.error = exc
+
+
+class Renamer(threading.Thread):
+    """Its own files k-i.a -> .b -> .c; k-o<j> over the shared over-<j> (replacing); k-x<j> onto
+    excl-<j> with RENAME_NOREPLACE (exactly one node may win each)."""
+
+    def __init__(self, node: Node, directory: Path, start: threading.Barrier) -> None:
+        super().__init__(daemon=True, name=f"rename-{node.index}")
+        self.node, self.dir, self.start_barrier = node, directory, start
+        self.moved: list[int] = []  # i whose a->b->c both returned
+        self.replaced: list[int] = []  # j whose rename over over-<j> returned
+        self.won: list[int] = []  # j whose RENAME_NOREPLACE onto excl-<j> returned
+        self.lost: list[int] = []  # ... and those refused with EEXIST
+        self.error: BaseException | None = None
+
+    def prepare(self) -> None:
+        k = self.node.index
+        for i in range(RENAMES_PER_NODE):
+            (self.dir / f"{k}-{i}.a").write_bytes(f"{k}-{i}".encode())
+        for j in range(CONTESTED):
+            (self.dir / f"{k}-o{j}").write_bytes(f"{k}-o{j}".encode())
+            (self.dir / f"{k}-x{j}").write_bytes(f"{k}-x{j}".encode())
+
+    def run(self) -> None:
+        k = self.node.index
+        try:
+            self.start_barrier.wait(OP_TIMEOUT_S)
+            for i in range(RENAMES_PER_NODE):
+                os.rename(self.dir / f"{k}-{i}.a", self.dir / f"{k}-{i}.b")
+                os.rename(self.dir / f"{k}-{i}.b", self.dir / f"{k}-{i}.c")
+                self.moved.append(i)
+                j = i % CONTESTED
+                if i < CONTESTED:
+                    os.rename(self.dir / f"{k}-o{j}", self.dir / f"over-{j}")
+                    self.replaced.append(j)
+                    try:
+                        rename_noreplace(self.dir / f"{k}-x{j}", self.dir / f"excl-{j}")
+                        self.won.append(j)
+                    except OSError as exc:
+                        if exc.errno != errno.EEXIST:
+                            raise
+                        self.lost.append(j)
+        except BaseException as exc:
+            self.error = exc
+
+
+def test_concurrent_appends_and_renames_from_three_nodes(cluster3: Cluster) -> None:
+    nodes = cluster3.form(3)
+    first = nodes[0]
+    (first.mount / "ren").mkdir()
+    (first.mount / "log").write_bytes(b"")
+    start = threading.Barrier(2 * len(nodes))
+    appenders = [Appender(n, n.mount / "log", start) for n in nodes]
+    renamers = [Renamer(n, n.mount / "ren", start) for n in nodes]
+    for r in renamers:
+        bounded(r.prepare, what=f"creating node {r.node.index}'s files")
+    began = time.monotonic()
+    for t in [*appenders, *renamers]:
+        t.start()
+    wait_or_explain(lambda: not any(t.is_alive() for t in [*appenders, *renamers]), 120,
+                    "the appenders and renamers to finish", nodes)
+    print(f"\n{len(nodes) * APPENDS_PER_NODE} appends and {len(nodes) * (2 * RENAMES_PER_NODE + 2 * CONTESTED)} "
+          f"renames in {time.monotonic() - began:.1f}s")
+    for t in [*appenders, *renamers]:
+        assert t.error is None, f"{t.name}: {t.error!r}"
+
+    # the appended file: the same bytes everywhere, every acknowledged record once, whole, in order
+    contents = [bounded(lambda n=n: read(n.mount / "log")) for n in nodes]
+    for node, data in zip(nodes[1:], contents[1:]):
+        assert data == contents[0], f"node {node.index} reads another log ({len(data)} vs {len(contents[0])} bytes)"
+    data = contents[0]
+    acked = {(a.node.index, seq) for a in appenders for seq in a.acked}
+    assert len(data) % RECORD_BYTES == 0, f"log of {len(data)} bytes: a torn record"
+    found = [data[i : i + RECORD_BYTES] for i in range(0, len(data), RECORD_BYTES)]
+    valid = {record(k, seq): (k, seq) for k in (n.index for n in nodes) for seq in range(APPENDS_PER_NODE)}
+    torn = [rec for rec in found if rec not in valid]
+    assert not torn, f"torn or interleaved records: {torn[:3]}"
+    seen = [valid[rec] for rec in found]
+    assert len(seen) == len(set(seen)), "a record appears twice"
+    missing = acked - set(seen)
+    per_node = {k: sum(1 for node, _ in seen if node == k) for k in (n.index for n in nodes)}
+    assert not missing, (f"{len(missing)} of {len(acked)} acknowledged records missing from the log "
+                         f"({len(data)} bytes, records per node {per_node}), e.g. {sorted(missing)[:5]}")
+    for k in (n.index for n in nodes):
+        mine = [seq for node, seq in seen if node == k]
+        assert mine == sorted(mine), f"node {k}'s records out of order: {mine}"
+
+    # the renamed directory: what the acknowledged renames say, the same on every node
+    expected: dict[str, bytes | None] = {}
+    for r in renamers:
+        k = r.node.index
+        assert r.moved == list(range(RENAMES_PER_NODE))
+        for i in r.moved:
+            expected[f"{k}-{i}.c"] = f"{k}-{i}".encode()
+        for j in r.lost:
+            expected[f"{k}-x{j}"] = f"{k}-x{j}".encode()
+    for j in range(CONTESTED):
+        winners = [r.node.index for r in renamers if j in r.won]
+        assert len(winners) == 1, f"excl-{j}: RENAME_NOREPLACE succeeded on nodes {winners}"
+        assert sum(j in r.lost for r in renamers) == len(nodes) - 1
+        expected[f"excl-{j}"] = f"{winners[0]}-x{j}".encode()
+        expected[f"over-{j}"] = None  # the last of the three replacing renames: any node's file
+
+    def listing(node: Node) -> list[str]:
+        return bounded(lambda: sorted(os.listdir(node.mount / "ren")))
+
+    wait_for(lambda: all(listing(n) == sorted(expected) for n in nodes), 10,
+             "every node listing exactly the acknowledged renames", interval_s=0.2)
+    for node in nodes:
+        for name, want in expected.items():
+            got = bounded(lambda node=node, name=name: read(node.mount / "ren" / name))
+            if want is None:
+                assert got in {f"{k}-o{name[5:]}".encode() for k in (n.index for n in nodes)}, (name, got)
+            else:
+                assert got == want, f"node {node.index}: {name} holds {got!r}, not {want!r}"
+    overs = [[bounded(lambda n=n, j=j: read(n.mount / "ren" / f"over-{j}")) for j in range(CONTESTED)] for n in nodes]
+    assert overs[0] == overs[1] == overs[2], "nodes disagree about who renamed last"
+
+
+# --- 5. the cluster listener wants a cluster certificate ----------------------------------------------
+PROBE = r"""
+import sys, grpc
+target, name, ca, key, cert = sys.argv[1:6]
+pem = lambda p: open(p, "rb").read() if p != "-" else None
+creds = grpc.ssl_channel_credentials(root_certificates=pem(ca), private_key=pem(key), certificate_chain=pem(cert))
+options = [("grpc.ssl_target_name_override", name), ("grpc.default_authority", name)]
+with grpc.secure_channel(target, creds, options=options) as channel:
+    try:
+        channel.unary_unary("/awsomefs.cluster.v1.Member/Forward")(b"", timeout=10)
+        print("OK")
+    except grpc.RpcError as exc:
+        print(exc.code().name, (exc.details() or "").replace("\n", " "))
+"""
+
+
+def self_signed_like(real: x509.Certificate) -> tuple[bytes, bytes]:
+    """A certificate with the real node's subject and names, signed by its own new key."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.UTC)
+    san = real.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    cert = (x509.CertificateBuilder().subject_name(real.subject).issuer_name(real.subject)
+            .public_key(key.public_key()).serial_number(real.serial_number)
+            .not_valid_before(now - datetime.timedelta(hours=1)).not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(san, critical=False).sign(key, hashes.SHA256()))
+    return pem_key(key), cert.public_bytes(serialization.Encoding.PEM)
+
+
+def pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption())
+
+
+def test_no_certificate_is_refused(cluster3: Cluster, tmp_path: Path) -> None:
+    a, b, c = cluster3.form(3)
+    state = MemberState.load(b.state)
+    assert state is not None
+    name = node_dns_name(state.cluster_uuid, b.node_id)
+    tls_a = a.state / "tls"
+    creds = tmp_path / "creds"
+    creds.mkdir()
+    fake_key, fake_cert = self_signed_like(x509.load_pem_x509_certificate((tls_a / "node.crt").read_bytes()))
+    (creds / "self.key").write_bytes(fake_key)
+    (creds / "self.crt").write_bytes(fake_cert)
+    foreign_ca = ClusterCA.create(uuid.uuid4())
+    foreign_key = new_node_key()
+    (creds / "foreign.key").write_bytes(pem_key(foreign_key))
+    (creds / "foreign.crt").write_bytes(
+        foreign_ca.issue(make_csr(foreign_key), a.node_id).public_bytes(serialization.Encoding.PEM))
+
+    def probe(key: Path | str, cert: Path | str) -> str:
+        """From A's namespace to B's cluster listener: the gRPC status of one Forward call."""
+        proc = a.ns.run([sys.executable, "-c", PROBE, f"{b.ns.address}:{PORT}", name, str(tls_a / "ca.crt"),
+                         str(key), str(cert)], capture_output=True, text=True, env=cluster3.env, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout.strip()
+
+    # control: A's own credentials get through the handshake to the handler (which refuses the empty entry)
+    with_member_cert = probe(tls_a / "node.key", tls_a / "node.crt")
+    assert with_member_cert.split()[0] in ("FAILED_PRECONDITION", "INVALID_ARGUMENT"), with_member_cert
+    refused = {
+        "no client certificate": probe("-", "-"),
+        "self-signed certificate": probe(creds / "self.key", creds / "self.crt"),
+        "another cluster's certificate": probe(creds / "foreign.key", creds / "foreign.crt"),
+    }
+    print(f"\nmember certificate: {with_member_cert}; " + "; ".join(f"{k}: {v}" for k, v in refused.items()))
+    for what, outcome in refused.items():
+        assert outcome.split()[0] == "UNAVAILABLE", f"{what}: {outcome}"
+
+    assert all(alive(n) for n in (a, b, c))
+    bounded(lambda: write(a.mount / "after-probes", b"still fine\n"), what="write on A")
+    for node in (b, c):
+        assert bounded(lambda node=node: read(node.mount / "after-probes")) == b"still fine\n"
+    assert not any(n["expired"] for n in b.status()["cluster"]["nodes"])
