@@ -31,6 +31,7 @@ from awsomefsd.meta.raft_log import RaftLog
 from awsomefsd.meta.state_machine import StateMachine
 
 log = logging.getLogger(__name__)
+MAX_CLAIM_AT_ONCE = 16
 
 
 @dataclass(frozen=True)
@@ -142,12 +143,24 @@ class GroupKeeper:
     def poke(self) -> None:
         self._wake.set()
 
+    async def claim_now(self, need_blocks: int) -> bool:
+        """A writer needs more space than this node's groups hold: claim enough groups for it."""
+        size = self.allocator.layout.ag_blocks
+        count = min(max(-(-(need_blocks - self.allocator.free_blocks) // size), 1) + 1, MAX_CLAIM_AT_ONCE)
+        try:
+            granted = await self.log.propose(c.ClaimGroups(self.node_id, self.epoch(), count))
+        except FsError as exc:
+            log.warning("claiming %d allocation groups failed: %s", count, exc)
+            return False
+        self.claims += 1
+        return bool(granted)
+
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
         while True:
             if self.allocator.free_blocks < self.low_blocks:
                 try:
-                    granted = await self.log.propose(c.ClaimGroups(self.node_id, self.epoch(), 1))
+                    granted = await self.log.propose(c.ClaimGroups(self.node_id, self.epoch(), 2))
                     self.claims += 1
                     if not granted:
                         log.info("no unowned allocation group left to claim")

@@ -338,7 +338,8 @@ def _assemble(member: Member) -> Core:
     coherence.flush = core.data.flush
     coherence.holds = core.ops.holds
     groups = GroupKeeper(member.node_id, member.raft, sm, core.allocator, lambda: lease.epoch,
-                         low_blocks=max(layout.ag_blocks // 4, 1))
+                         low_blocks=layout.ag_blocks)
+    core.data.claim_space = groups.claim_now
     def expired() -> None:
         """The cluster expired our lease while we could not renew it (paused, partitioned)."""
         groups.reload()

@@ -25,7 +25,7 @@ import itertools
 import logging
 import stat
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import trio
 
@@ -107,6 +107,8 @@ class FileData:
         self._flush_send, self._flush_recv = trio.open_memory_channel[int](1024)
         self._compact_send, self._compact_recv = trio.open_memory_channel[int](256)
         self.small_runs: dict[int, int] = {}  # inode -> small runs flushed since its last check
+        self.claim_space: Callable[[int], Awaitable[bool]] | None = None
+        """Set by a cluster member: get more allocation groups for this node (True if it got any)."""
         self.compactions = 0
 
     # -- bookkeeping ----------------------------------------------------------------------------
@@ -245,6 +247,9 @@ class FileData:
         if inode.volume and grow_blocks:
             self._check_quota(inode, st, grow_blocks)
         if self.allocator.free_blocks - self.dirty_blocks() >= need_blocks:
+            return
+        if (self.claim_space is not None and await self.claim_space(need_blocks + self.dirty_blocks())
+                and self.allocator.free_blocks - self.dirty_blocks() >= need_blocks):
             return
         await self.flush_all()
         await self.wait_for_frees(need_blocks)

@@ -61,7 +61,7 @@ def cluster3(netns_network: Callable[[int], TestNetwork], tmp_path: Path) -> Ite
 # --- helpers ---------------------------------------------------------------------------------------
 def bounded(fn: Callable[[], T], timeout_s: float = OP_TIMEOUT_S, what: str = "file operation") -> T:
     """fn() on a daemon thread: its result or its exception, or TimeoutError after `timeout_s` (the
-    thread is abandoned: a stopped node's mount may never answer; teardown kills the node)."""
+    thread is abandoned: a stopped node's mount may never answer; teardown aborts the mount)."""
     box: dict[str, Any] = {}
 
     def target() -> None:
@@ -123,7 +123,7 @@ def write(path: Path, data: bytes) -> None:
     """Create or replace the contents, fsync, close (every step may raise)."""
     fd = os.open(path, os.O_CREAT | os.O_TRUNC | os.O_WRONLY, 0o644)
     try:
-        os.write(fd, data)
+        assert os.write(fd, data) == len(data)
         os.fsync(fd)
     finally:
         os.close(fd)
@@ -191,20 +191,32 @@ class CreateStorm(threading.Thread):
             name = f"n{self.node.index}-{seq:06d}"
             seq += 1
             started = time.monotonic()
-            step = "create"
-            try:
-                fd = os.open(self.directory / name, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-                try:
-                    step = "write"
-                    os.write(fd, self.payload(name))
-                finally:
-                    step = "close" if step == "write" else step
-                    os.close(fd)
-            except OSError as exc:
-                self.errors.append((name, time.monotonic(), f"{step}: {errno.errorcode.get(exc.errno or 0, exc)}"))
+            failure = self.create(name)
+            if failure:
+                self.errors.append((name, time.monotonic(), failure))
                 self.halt.wait(0.05)  # a dead mount fails at once: do not spin
-                continue
-            self.acked.append((name, started, time.monotonic()))
+            else:
+                self.acked.append((name, started, time.monotonic()))
+
+    def create(self, name: str) -> str:
+        """One create: "" once close returned, else the failed step and its errno."""
+        try:
+            fd = os.open(self.directory / name, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except OSError as exc:
+            return f"create: {errno.errorcode.get(exc.errno or 0, exc)}"
+        try:
+            os.write(fd, self.payload(name))
+        except OSError as exc:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+            return f"write: {errno.errorcode.get(exc.errno or 0, exc)}"
+        try:
+            os.close(fd)
+        except OSError as exc:
+            return f"close: {errno.errorcode.get(exc.errno or 0, exc)}"
+        return ""
 
     def acked_after(self, t: float) -> int:
         return sum(1 for _, _, done in self.acked if done > t)
@@ -257,7 +269,7 @@ def test_leader_killed_during_create_storm(cluster3: Cluster, record_property: C
     record_property("slowest_create_after_kill_s", round(slowest_s, 3))
 
     expected = {name: CreateStorm.payload(name) for s in storms.values() for name, _, _ in s.acked}
-    assert any(name.startswith(f"n{leader.index}-") for name in expected)
+    assert any(name.startswith(f"n{leader.index}-") for name in expected), "the leader acknowledged no create"
     for node in survivors:
         def check(node: Node = node) -> list[str]:
             base = node.mount / "storm"
@@ -386,10 +398,17 @@ def test_partitioned_node_is_fenced_and_rejoins(cluster3: Cluster) -> None:
 
     wait_for(catches_up, 90, "node C reading what A wrote during the partition", interval_s=0.5)
     wait_renewed(c, [a, b], 60)
-    bounded(lambda: write(c.mount / "after", b"C writes again\n"), what="write on C after healing")
-    assert bounded(lambda: read(a.mount / "after")) == b"C writes again\n"
-    bounded(lambda: write(c.mount / "cfile", b"rewritten after the partition\n"), what="rewrite on C")
-    assert bounded(lambda: read(b.mount / "cfile")) == b"rewritten after the partition\n"
+    problems = []  # both writes are tried; what fails is reported together
+    for name, data, reader in (("after", b"C writes again\n", a), ("cfile", b"rewritten after the partition\n", b)):
+        try:
+            bounded(lambda name=name, data=data: write(c.mount / name, data), what=f"writing {name} on C")
+            got = bounded(lambda name=name, reader=reader: read(reader.mount / name))
+        except OSError as exc:
+            problems.append(f"{name}: {exc}")
+            continue
+        if got != data:
+            problems.append(f"{name} written on C reads {got!r} on node {reader.index}")
+    assert not problems, "after healing, C cannot write: " + "; ".join(problems)
 
 
 # --- 4. appends and renames from three nodes at once --------------------------------------------------
@@ -500,7 +519,17 @@ def test_concurrent_appends_and_renames_from_three_nodes(cluster3: Cluster) -> N
     for t in [*appenders, *renamers]:
         assert t.error is None, f"{t.name}: {t.error!r}"
 
-    # the appended file: the same bytes everywhere, every acknowledged record once, whole, in order
+    failures = []  # both halves are checked; what fails in either is reported together
+    for check in (check_appended_log, check_renamed_directory):
+        try:
+            check(nodes, appenders, renamers)
+        except (AssertionError, TimeoutError) as exc:
+            failures.append(f"{check.__name__}: {exc}")
+    assert not failures, "\n".join(failures)
+
+
+def check_appended_log(nodes: list[Node], appenders: list[Appender], _renamers: list[Renamer]) -> None:
+    """The same bytes on every node; every acknowledged record once, whole, in each node's order."""
     contents = [bounded(lambda n=n: read(n.mount / "log")) for n in nodes]
     for node, data in zip(nodes[1:], contents[1:]):
         assert data == contents[0], f"node {node.index} reads another log ({len(data)} vs {len(contents[0])} bytes)"
@@ -521,7 +550,9 @@ def test_concurrent_appends_and_renames_from_three_nodes(cluster3: Cluster) -> N
         mine = [seq for node, seq in seen if node == k]
         assert mine == sorted(mine), f"node {k}'s records out of order: {mine}"
 
-    # the renamed directory: what the acknowledged renames say, the same on every node
+
+def check_renamed_directory(nodes: list[Node], _appenders: list[Appender], renamers: list[Renamer]) -> None:
+    """What the acknowledged renames say, the same on every node."""
     expected: dict[str, bytes | None] = {}
     for r in renamers:
         k = r.node.index
@@ -537,11 +568,17 @@ def test_concurrent_appends_and_renames_from_three_nodes(cluster3: Cluster) -> N
         expected[f"excl-{j}"] = f"{winners[0]}-x{j}".encode()
         expected[f"over-{j}"] = None  # the last of the three replacing renames: any node's file
 
-    def listing(node: Node) -> list[str]:
-        return bounded(lambda: sorted(os.listdir(node.mount / "ren")))
+    listings: dict[int, list[str]] = {}
 
-    wait_for(lambda: all(listing(n) == sorted(expected) for n in nodes), 10,
-             "every node listing exactly the acknowledged renames", interval_s=0.2)
+    def listed_as_expected() -> bool:
+        listings.update({n.index: bounded(lambda n=n: sorted(os.listdir(n.mount / "ren"))) for n in nodes})
+        return all(names == sorted(expected) for names in listings.values())
+
+    try:
+        wait_for(listed_as_expected, 10, "every node listing exactly the acknowledged renames", interval_s=0.2)
+    except TimeoutError as exc:
+        diffs = {k: sorted(set(names) ^ set(expected)) for k, names in listings.items()}
+        raise AssertionError(f"{exc}; names differing from the expected, per node: {diffs}") from None
     for node in nodes:
         for name, want in expected.items():
             got = bounded(lambda node=node, name=name: read(node.mount / "ren" / name))

@@ -1,0 +1,116 @@
+"""The cluster's part of the state machine (meta/cluster_sm.py): members, allocation groups,
+liveness-lease epochs and fencing, write leases, orphans held by several members."""
+
+from __future__ import annotations
+
+import errno
+import stat
+from pathlib import Path
+
+import pytest
+
+from awsomefsd.meta import commands as c
+from awsomefsd.meta.errors import FsError
+from awsomefsd.meta.records import ROOT_INO, Extent
+from tests.unit.test_state_machine import DATA_START, Harness
+
+AG_BLOCKS = 1000  # the harness's 10,000 data blocks make 10 groups
+
+
+@pytest.fixture
+def h(tmp_path: Path) -> Harness:
+    harness = Harness(tmp_path / "meta")
+    founder = harness.apply(c.InitCluster(b"cert", b"key", b"v" * 48, 3, DATA_START, AG_BLOCKS, 10, 1, "n1",
+                                          "10.0.0.1:7470", "10.0.0.1:7471", 5))
+    assert founder == 1
+    return harness
+
+
+def fenced(node: int, epoch: int, cmd: object) -> c.Fenced:
+    return c.Fenced(node, epoch, (cmd,))
+
+
+def members(h: Harness) -> dict[int, dict[str, object]]:
+    with h.store.env.begin() as txn:
+        return h.sm.cluster.members(txn)
+
+
+def test_members_get_consecutive_ids_and_removal_revokes(h: Harness) -> None:
+    assert h.apply(c.AddMember("n2", "10.0.0.2:7470", "10.0.0.2:7471", 6)) == 2
+    assert h.apply(c.AddMember("n3", "10.0.0.3:7470", "10.0.0.3:7471", 7)) == 3
+    h.apply(c.SetMemberCert(3, "abc123"))
+    h.apply(c.RemoveMember(3, 8))
+    with h.store.env.begin() as txn:
+        assert h.sm.cluster.revoked_serials(txn) == {0xABC123}
+        assert h.sm.cluster.active_members(txn) == [1, 2]
+    with pytest.raises(FsError):
+        h.apply(c.RemoveMember(3, 9))  # twice: a clear refusal, nothing changes
+    with pytest.raises(FsError) as err:
+        h.apply(c.InitCluster(b"x", b"y", b"z" * 48, 3, 0, 1, 1, 1, "n", "a:1", "a:2", 1))
+    assert err.value.errno == errno.EEXIST
+
+
+def test_groups_are_claimed_lowest_first_and_never_twice(h: Harness) -> None:
+    h.apply(c.AddMember("n2", "b:1", "b:2", 6))
+    assert h.apply(c.ClaimGroups(1, 1, 2)) == (0, 1)
+    assert h.apply(c.ClaimGroups(2, 1, 3)) == (2, 3, 4)
+    assert h.apply(c.ClaimGroups(1, 1, 64)) == (5, 6, 7, 8, 9)
+    assert h.apply(c.ClaimGroups(2, 1, 1)) == ()  # all owned: nothing, and no error
+
+
+def test_an_expired_epoch_is_refused_everything(h: Harness) -> None:
+    h.apply(c.AddMember("n2", "b:1", "b:2", 6))
+    h.apply(c.ClaimGroups(2, 1, 1))  # group 0: blocks 256..1255
+    ino = h.ino
+    h.apply(fenced(2, 1, c.Mknod(ROOT_INO, b"f", ino, stat.S_IFREG | 0o644, 0, 0, 10)))
+    assert h.apply(c.AcquireWriteLease(ino, 2, 1)) == 2
+    assert h.apply(c.ExpireNode(2, 11)) == [0]
+    with h.store.env.begin() as txn:
+        assert h.sm.cluster.groups_of(txn, 2) == []
+        assert h.sm.cluster.lease_holder(txn, ino) == 0, "an expired node's write leases are free"
+    assert h.apply(c.RenewLease(2, 1)) is False, "the old epoch may not renew"
+    with pytest.raises(FsError) as err:
+        h.apply(fenced(2, 1, c.WriteData(ino, (Extent(0, DATA_START, 1, b"\0" * 4),), 4096, 12)))
+    assert err.value.errno == errno.EIO
+    assert h.apply(c.RenewLease(2, 2)) is True, "the node comes back under the new epoch"
+    assert members(h)[2]["expired"] is False
+
+
+def test_new_extents_must_lie_in_the_proposers_groups(h: Harness) -> None:
+    h.apply(c.AddMember("n2", "b:1", "b:2", 6))
+    h.apply(c.ClaimGroups(1, 1, 1))  # group 0
+    h.apply(c.ClaimGroups(2, 1, 1))  # group 1: blocks 1256..2255
+    ino = h.ino
+    h.apply(fenced(1, 1, c.Mknod(ROOT_INO, b"f", ino, stat.S_IFREG | 0o644, 0, 0, 10)))
+    with pytest.raises(FsError) as err:
+        h.apply(fenced(1, 1, c.WriteData(ino, (Extent(0, DATA_START + AG_BLOCKS, 1, b"\0" * 4),), 4096, 12)))
+    assert err.value.errno == errno.EIO and "outside" in str(err.value)
+    with pytest.raises(FsError):  # straddling the end of its own group into the next one
+        h.apply(fenced(1, 1, c.WriteData(ino, (Extent(0, DATA_START + AG_BLOCKS - 1, 2, b"\0" * 8),), 8192, 12)))
+    inode = h.apply(fenced(1, 1, c.WriteData(ino, (Extent(0, DATA_START, 1, b"\0" * 4),), 4096, 12)))
+    assert inode.size == 4096
+
+
+def test_write_lease_goes_to_the_first_asker_until_released(h: Harness) -> None:
+    h.apply(c.AddMember("n2", "b:1", "b:2", 6))
+    assert h.apply(c.AcquireWriteLease(50, 1, 1)) == 1
+    assert h.apply(c.AcquireWriteLease(50, 2, 1)) == 1, "held: the answer names the holder"
+    assert h.apply(c.ReleaseWriteLease(50, 2)) is False, "only the holder releases"
+    assert h.apply(c.ReleaseWriteLease(50, 1)) is True
+    assert h.apply(c.AcquireWriteLease(50, 2, 1)) == 2
+
+
+def test_an_orphan_is_deleted_when_every_member_released_it(h: Harness) -> None:
+    h.apply(c.AddMember("n2", "b:1", "b:2", 6))
+    h.apply(c.AddMember("n3", "c:1", "c:2", 6))
+    ino = h.ino
+    h.apply(c.Mknod(ROOT_INO, b"f", ino, stat.S_IFREG | 0o644, 0, 0, 10))
+    h.apply(c.Unlink(ROOT_INO, b"f", False, 11))
+    assert h.apply(c.ReleaseOrphans(1, (ino,), 12)) == 0
+    assert h.apply(c.ReleaseOrphans(1, (ino,), 12)) == 0, "releasing twice counts once"
+    assert h.apply(c.ReleaseOrphans(3, (ino,), 13)) == 0
+    with h.store.env.begin() as txn:
+        assert h.sm.ns.get_inode(txn, ino) is not None, "node 2 may still read it"
+    assert h.apply(c.ExpireNode(2, 14)) == [], "a node that is gone holds nothing open"
+    with h.store.env.begin() as txn:
+        assert h.sm.ns.get_inode(txn, ino) is None
