@@ -175,6 +175,9 @@ class ClusterCoherence:
                 safe.append(target)
         return safe
 
+    def appended(self, ino: int) -> None:
+        self.invalidator.submit([Target.attr_only(ino)])
+
     def release_orphan(self, ino: int) -> None:
         self._orphans.add(ino)
         self._orphans_wake.set()

@@ -166,7 +166,7 @@ class FuseAdapter(pyfuse3.Operations):
     @_fuse_op("open")
     async def open(self, inode: int, flags: int, ctx: Any) -> pyfuse3.FileInfo:
         fh = await self.ops.open(inode, flags)
-        return pyfuse3.FileInfo(fh=fh, keep_cache=self.ops.keep_cache(inode))
+        return pyfuse3.FileInfo(fh=fh, keep_cache=self.ops.keep_cache(inode), direct_io=self.ops.direct_io(flags))
 
     @_fuse_op("read")
     async def read(self, fh: int, off: int, size: int) -> bytes:
@@ -245,4 +245,4 @@ class FuseAdapter(pyfuse3.Operations):
                      ctx: Any) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         mode = mode & ~ctx.umask
         fh, inode = await self.ops.create(parent_inode, name, mode, flags, ctx.uid, ctx.gid)
-        return pyfuse3.FileInfo(fh=fh, keep_cache=True), self._entry_ref(inode)
+        return pyfuse3.FileInfo(fh=fh, keep_cache=True, direct_io=self.ops.direct_io(flags)), self._entry_ref(inode)

@@ -39,6 +39,7 @@ FILES_ADVERTISED = 1 << 32
 class Handle:
     ino: int
     flags: int
+    seen_loss: int = 0  # FileData.losses when opened or when a loss was last reported here
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +69,10 @@ class Coherence(Protocol):
 
     def release_orphan(self, ino: int) -> None:
         """Nothing on this node reaches the unlinked inode any more (queued, batched)."""
+        ...
+
+    def appended(self, ino: int) -> None:
+        """This node appended at the cluster's end of file, not the kernel's: its cached size is stale."""
         ...
 
     def keep_cache(self, ino: int) -> bool:
@@ -201,6 +206,11 @@ class Operations:
             child = found
         return self.inode(child)
 
+    def direct_io(self, flags: int) -> bool:
+        """For the adapter's open reply: a cluster member's O_APPEND descriptors bypass the page
+        cache, because their writes land where the daemon, not the kernel, says the file ends."""
+        return self.coherence is not None and bool(flags & os.O_APPEND)
+
     def keep_cache(self, ino: int) -> bool:
         """For the adapter's open reply: keep the page cache unless the cluster says it is stale."""
         return self.coherence is None or self.coherence.keep_cache(ino)
@@ -266,7 +276,7 @@ class Operations:
             raise FsError(errno.ENFILE)
         fh = self._next_fh
         self._next_fh += 1
-        self.handles[fh] = Handle(ino, flags)
+        self.handles[fh] = Handle(ino, flags, self.data.losses)
         return fh
 
     async def open(self, ino: int, flags: int) -> int:
@@ -296,16 +306,33 @@ class Operations:
 
     async def write(self, fh: int, offset: int, buf: bytes) -> int:
         h = self.handle(fh)
+        append = False
         if self.coherence is not None:
             await self.coherence.write_lease(h.ino)
+            # The kernel's O_APPEND offset is its cached size, which another node's appends have
+            # made stale; with the lease held, the end of file known here is the real one.
+            append = bool(h.flags & os.O_APPEND)
         inode = self.ns.require_inode(self.log.read_txn(), h.ino)
+        if append:
+            offset = self.data.effective_size(inode.ino, inode.size)
         if inode.volume:
             self.sm.volumes.check_writable(self.log.read_txn(), inode.volume)
-        return await self.data.write(inode, offset, buf)
+        written = await self.data.write(inode, offset, buf)
+        if append and self.coherence is not None:
+            self.coherence.appended(h.ino)
+        return written
 
     async def flush(self, fh: int) -> None:
         """close(2): the file's data reaches the device and its mapping the metadata (close-to-open)."""
-        await self.data.flush(self.handle(fh).ino)
+        h = self.handle(fh)
+        await self.data.flush(h.ino)
+        self._report_loss(h)
+
+    def _report_loss(self, h: Handle) -> None:
+        """Writes this descriptor may have made were dropped (the node's lease expired): EIO, once."""
+        if self.data.unreported_loss(h.ino, h.seen_loss):
+            h.seen_loss = self.data.losses
+            raise FsError(errno.EIO, "buffered writes were lost: this node's lease expired before they were flushed")
 
     async def release(self, fh: int) -> None:
         h = self.handles.pop(fh, None)
@@ -314,7 +341,9 @@ class Operations:
             await self._purge_if_orphan(h.ino)
 
     async def fsync(self, fh: int, datasync: bool) -> None:
-        await self.data.flush(self.handle(fh).ino)
+        h = self.handle(fh)
+        await self.data.flush(h.ino)
+        self._report_loss(h)
         await self.log.barrier()
 
     async def sync_all(self) -> None:

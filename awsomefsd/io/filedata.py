@@ -107,6 +107,8 @@ class FileData:
         self._flush_send, self._flush_recv = trio.open_memory_channel[int](1024)
         self._compact_send, self._compact_recv = trio.open_memory_channel[int](256)
         self.small_runs: dict[int, int] = {}  # inode -> small runs flushed since its last check
+        self.losses = 0  # buffered writes dropped (lose_buffers), counted per file
+        self.lost_at: dict[int, int] = {}  # inode -> `losses` when its buffers were last dropped
         self.claim_space: Callable[[int], Awaitable[bool]] | None = None
         """Set by a cluster member: get more allocation groups for this node (True if it got any)."""
         self.compactions = 0
@@ -136,18 +138,26 @@ class FileData:
     def lose_buffers(self, reason: str) -> int:
         """This node lost its right to write (its liveness lease expired and the cluster took back
         its groups and write leases): buffered writes must never reach the device now, since others
-        may have written the same files since. Drop them; the next flush, fsync or close of each
-        such file reports EIO, so the application learns its writes were lost. Returns the files hit."""
+        may have written the same files since. Drop them; every descriptor that was open on such a
+        file when this happened reports EIO once, at its next flush, fsync or close
+        (`unreported_loss`), so the application learns its writes were lost and descriptors opened
+        later are not blamed. Returns the files hit."""
         hit = 0
         for st in self.files.values():
             if st.dirty:
                 self.total_dirty_bytes -= st.dirty.dirty_bytes
                 st.dirty = DirtyRanges()
-                st.error = errno.EIO
+                self.losses += 1
+                self.lost_at[st.ino] = self.losses
                 hit += 1
         if hit:
             log.error("dropped the buffered writes of %d files: %s", hit, reason)
         return hit
+
+    def unreported_loss(self, ino: int, seen: int) -> bool:
+        """Did `ino` lose buffered writes after the loss count `seen` (taken when a descriptor
+        opened, or when it last reported one)?"""
+        return self.lost_at.get(ino, 0) > seen
 
     def sync_device(self) -> None:
         """Before-commit hook of the metadata log: data reaches the device before metadata does."""
@@ -227,6 +237,9 @@ class FileData:
         end = offset + len(data)
         grow_blocks = max(0, -(-end // BLOCK_SIZE) - -(-max(inode.size, st.end_offset()) // BLOCK_SIZE))
         await self._check_room(inode, st, len(data) // BLOCK_SIZE + 2, grow_blocks)
+        # _check_room may have flushed everything, which drops file states left empty: buffer
+        # into the state that is registered now, never into one that was dropped meanwhile.
+        st = self.state(inode.ino, inode.volume)
         before = st.dirty.dirty_bytes
         if not st.dirty:
             st.dirty_since = time.monotonic()
