@@ -19,12 +19,13 @@ import logging
 import socket
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import trio
+from prometheus_client.metrics_core import Metric
 
 from awsomefsd.cluster.ca import ClusterCA, Revocations, fingerprint
 from awsomefsd.cluster.coherence import ClusterCoherence
@@ -49,6 +50,7 @@ from awsomefsd.io.fence import WriteFence
 from awsomefsd.meta import commands as c
 from awsomefsd.meta.raft_log import RaftLog
 from awsomefsd.meta.raft_node import NodeSettings
+from awsomefsd.metrics import counter, gauge
 from awsomefsd.node import Core, NodeError, Storage, build_core, open_storage, serve
 from awsomefsd.rpc.bridge import serve_grpc
 from awsomefsd.rpc.raft_transport import RaftTransport
@@ -360,7 +362,38 @@ def _assemble(member: Member) -> Core:
     coherence.reload()
     core.ops.coherence = coherence
     member.lease, member.groups, member.coherence, member.duties = lease, groups, coherence, duties
+    core.metrics.add_collector(lambda: _collect(member))
     return core
+
+
+def _collect(member: Member) -> Iterator[Metric]:
+    """What an operator alerts on in a cluster: leadership, lease, stalls, fencing, hand-overs."""
+    node = member.raft.node
+    raw = node.raw
+    yield gauge("awsomefs_raft_term", "current Raft term", raw.raft.term)
+    yield gauge("awsomefs_raft_is_leader", "1 while this node leads the metadata group", float(raw.is_leader))
+    yield gauge("awsomefs_raft_leader_id", "the leader this node knows of (0: none)", raw.leader_id)
+    yield counter("awsomefs_raft_forward_retries", "forwarded proposals sent again", node.forward_retries)
+    yield counter("awsomefs_meta_stalls", "metadata operations that waited for a leader", member.raft.stalls)
+    fence = member.storage.device.fence
+    yield gauge("awsomefs_lease_remaining_seconds", "time left on this node's liveness lease", fence.remaining_s())
+    yield gauge("awsomefs_lease_fenced", "1 while device writes are fenced", float(not fence.is_open()))
+    yield counter("awsomefs_fenced_writes", "device writes refused by the fence", fence.fenced_writes)
+    if member.lease is not None:
+        yield counter("awsomefs_lease_renewals", "liveness lease renewals", member.lease.renewals)
+        yield counter("awsomefs_lease_expiries", "times this node found its lease expired", member.lease.refusals)
+    if member.coherence is not None:
+        co = member.coherence
+        yield counter("awsomefs_write_leases_acquired", "file write leases acquired", co.leases_acquired)
+        yield counter("awsomefs_write_leases_released", "file write leases handed to another node",
+                      co.leases_released)
+        yield counter("awsomefs_write_lease_waits", "writes that waited for another node's lease", co.lease_waits)
+        yield counter("awsomefs_catch_ups", "ReadIndex catch-ups (open, lookup)", co.catch_ups)
+        yield counter("awsomefs_stale_reads", "catch-ups that found no leader and served local state",
+                      co.stale_reads)
+    yield counter("awsomefs_kernel_invalidations", "kernel cache invalidations", member.invalidator.invalidations)
+    if member.duties is not None:
+        yield counter("awsomefs_nodes_expired", "nodes this node expired as leader", member.duties.expired)
 
 
 async def _update_address(member: Member) -> None:

@@ -31,6 +31,7 @@ def read(path: Path) -> bytes:
 
 
 def test_three_nodes_by_zeroconf_share_one_namespace(cluster3: Cluster) -> None:
+    cluster3.nodes[0].metrics = True
     a, b, c = cluster3.form(3)
     payload = os.urandom(3 * 1024 * 1024 + 123)
     (a.mount / "dir").mkdir()
@@ -49,6 +50,11 @@ def test_three_nodes_by_zeroconf_share_one_namespace(cluster3: Cluster) -> None:
     assert all(not n["expired"] and n["groups"] >= 1 for n in cluster["nodes"])
     text = a.cli("status").stdout
     assert "node 3" in text and "lease ok" in text, text
+    metrics = a.scrape()
+    assert "awsomefs_raft_is_leader 1.0" in metrics or "awsomefs_raft_is_leader 0.0" in metrics
+    assert "awsomefs_lease_fenced 0.0" in metrics, "a live member's writes are not fenced"
+    renewals = next(line for line in metrics.splitlines() if line.startswith("awsomefs_lease_renewals_total"))
+    assert float(renewals.split()[1]) >= 1
 
 
 def test_three_nodes_by_peer_address(cluster3: Cluster) -> None:

@@ -12,6 +12,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -57,13 +58,14 @@ class Node:
         self.proc: subprocess.Popen[str] | None = None
         self.output: list[str] = []
         self.node_id = 0
+        self.metrics = False  # serve Prometheus metrics (on a free port inside the namespace)
         self._mounted = threading.Event()
 
     def start(self, *args: str, wait: bool = True) -> Node:
         """Run `awsomefsd ARGS` in the namespace; wait for its mount unless told not to."""
         self._mounted.clear()
         self.output = []
-        argv = [*AWSOMEFSD, *args, "--state", str(self.state), "--metrics-port", "-1"]
+        argv = [*AWSOMEFSD, *args, "--state", str(self.state), "--metrics-port", "0" if self.metrics else "-1"]
         self.proc = self.ns.popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                   errors="replace", env=self.env, cwd="/")
         threading.Thread(target=self._pump, args=(self.proc,), daemon=True).start()
@@ -91,6 +93,13 @@ class Node:
     def wait_exit(self, timeout_s: float = 60.0) -> int:
         assert self.proc is not None
         return self.proc.wait(timeout_s)
+
+    def scrape(self) -> str:
+        """The node's Prometheus metrics, fetched from inside its namespace."""
+        url = next(line.split("metrics on ")[1].strip() for line in self.output if "metrics on http" in line)
+        proc = self.ns.run([sys.executable, "-c", f"import urllib.request; print(urllib.request.urlopen({url!r}).read().decode())"],
+                           capture_output=True, text=True, check=True)
+        return str(proc.stdout)
 
     def token(self) -> str:
         return next(line.strip() for line in self.output if line.startswith("awfs1_"))
