@@ -48,6 +48,14 @@ def _listen(settings: Settings) -> str:
     return listen
 
 
+def _refuse_member(state_dir: Path) -> None:
+    """init and join start a new member: never over the state of an existing one."""
+    existing = MemberState.load(state_dir)
+    if existing is not None:
+        raise CliError(f"{state_dir} already belongs to node {existing.node_id} of cluster "
+                       f"{existing.cluster_id}: start it with `awsomefsd run --state {state_dir}`")
+
+
 def _device(settings: Settings, size: str | None) -> Path:
     from awsomefsd.io.device import create_image
 
@@ -96,10 +104,7 @@ def init(settings: Settings, *, size: str | None, force: bool, label: str) -> in
 
     state_dir = settings.node.state_dir
     with state_lock(state_dir):
-        existing = MemberState.load(state_dir)
-        if existing is not None:
-            raise CliError(f"{state_dir} already belongs to node {existing.node_id} of cluster "
-                           f"{existing.cluster_id}: start it with `awsomefsd run --state {state_dir}`")
+        _refuse_member(state_dir)
         listen = _listen(settings)
         path = _device(settings, size)
         try:
@@ -146,10 +151,7 @@ def join(settings: Settings, token_text: str) -> int:
 
     state_dir = settings.node.state_dir
     with state_lock(state_dir):
-        existing = MemberState.load(state_dir)
-        if existing is not None:
-            raise CliError(f"{state_dir} already belongs to node {existing.node_id} of cluster "
-                           f"{existing.cluster_id}: start it with `awsomefsd run --state {state_dir}`")
+        _refuse_member(state_dir)
         try:
             token = JoinToken.parse(token_text)
         except TokenError as exc:
