@@ -29,10 +29,22 @@ FAST_LEASES = {"AWSOMEFS_CLUSTER__LEASE_S": "3", "AWSOMEFS_CLUSTER__RENEW_S": "0
                "AWSOMEFS_CLUSTER__LEASE_MARGIN_S": "1"}
 
 
+FUSECTL = Path("/sys/fs/fuse/connections")
+
+
+def _fusectl_mounted() -> None:
+    """The FUSE control filesystem (where connections are aborted) is not mounted everywhere."""
+    with open("/proc/self/mounts", encoding="utf-8") as fh:
+        mounted = any(line.split()[2] == "fusectl" for line in fh)
+    if not mounted and FUSECTL.is_dir():
+        subprocess.run(["mount", "-t", "fusectl", "fusectl", str(FUSECTL)], capture_output=True, check=False)
+
+
 def detach(mount: Path) -> None:
     """Abort the mount's FUSE connection (requests still waiting fail with ENOTCONN instead of
     blocking forever in the kernel), then detach it. Never touches the mount itself, which may hang."""
     target = os.path.abspath(mount)  # realpath would lstat the mount, which may hang
+    _fusectl_mounted()
     with open("/proc/self/mountinfo", encoding="utf-8") as fh:
         for line in fh:
             fields = line.split()
