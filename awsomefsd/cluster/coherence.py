@@ -22,6 +22,8 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import trio
@@ -67,6 +69,8 @@ class ClusterCoherence:
         self.orphans_released = 0
         self.held: set[int] = set()
         self._releasing: set[int] = set()
+        self._writers: dict[int, int] = {}  # inode -> writes in progress under its lease
+        self._idle: dict[int, trio.Event] = {}  # set when an inode's last write in progress ends
         self._stale_data: set[int] = set()
         self._all_stale = False
         self._released: dict[int, trio.Event] = {}
@@ -108,20 +112,42 @@ class ClusterCoherence:
         if drain:
             await self.invalidator.drain()
 
-    async def write_lease(self, ino: int) -> None:
-        if ino in self.held:
-            return
+    @asynccontextmanager
+    async def writing(self, ino: int) -> AsyncIterator[None]:
+        """Hold the write lease across a whole write (see Coherence.writing): a hand-over that
+        starts meanwhile waits for the block to end, so no byte is buffered, and no append
+        offset computed, under a lease that is already someone else's."""
+        await self._acquire(ino)
+        self._writers[ino] = self._writers.get(ino, 0) + 1
+        try:
+            yield
+        finally:
+            left = self._writers[ino] - 1
+            if left:
+                self._writers[ino] = left
+            else:
+                del self._writers[ino]
+                idle = self._idle.pop(ino, None)
+                if idle is not None:
+                    idle.set()
+
+    async def _acquire(self, ino: int) -> None:
+        """Return once the lease is ours and no hand-over of it has begun. The caller counts
+        itself as a writer right after, with no await in between, so a hand-over that starts
+        later waits for it; one that started while our request was on its way is waited out
+        here first (the loop checks again after every await)."""
         with trio.move_on_after(LEASE_WAIT_S):
             while True:
                 released = self._released.setdefault(ino, trio.Event())
                 if ino in self._releasing:  # our own hand-over is under way: wait for it first
                     await released.wait()
                     continue
+                if ino in self.held:  # `observe` adds it when our request is applied
+                    return
                 holder = await self.log.propose(c.AcquireWriteLease(ino, self.node_id, self.epoch()))
                 if holder == self.node_id:
-                    self.held.add(ino)
                     self.leases_acquired += 1
-                    return
+                    continue
                 self.lease_waits += 1
                 await released.wait()
         raise FsError(5, f"node {self.node_id} waited {LEASE_WAIT_S:.0f}s for the write lease of inode {ino}")
@@ -252,6 +278,9 @@ class ClusterCoherence:
             self._releasing.add(ino)
             self.held.discard(ino)  # from here no new write starts under it (they wait above)
             try:
+                while ino in self._writers:  # writes already under the lease finish first
+                    idle = self._idle.setdefault(ino, trio.Event())
+                    await idle.wait()
                 if self.flush is not None:
                     await self.flush(ino)
                 await self.log.propose(c.ReleaseWriteLease(ino, self.node_id))

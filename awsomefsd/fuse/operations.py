@@ -16,6 +16,7 @@ import os
 import stat
 import time
 from collections.abc import Iterator
+from contextlib import AbstractAsyncContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -62,9 +63,9 @@ class Coherence(Protocol):
         kernel holds an entry invalidation of a directory until a lookup in it is answered."""
         ...
 
-    async def write_lease(self, ino: int) -> None:
-        """Return once this node holds the file's write lease (before buffering a write or
-        truncating)."""
+    def writing(self, ino: int) -> AbstractAsyncContextManager[None]:
+        """Hold the file's write lease for the whole of a write or truncate: entered once this
+        node holds it; the lease is not handed to another node until every such block is left."""
         ...
 
     def release_orphan(self, ino: int) -> None:
@@ -254,16 +255,15 @@ class Operations:
                       size: int | None = None, atime_ns: int | None = None, mtime_ns: int | None = None) -> Inode:
         cmd = c.SetAttr(ino, self._now(), mode=mode, uid=uid, gid=gid, atime_ns=atime_ns, mtime_ns=mtime_ns)
         if size is not None:
-            if self.coherence is not None:
-                await self.coherence.write_lease(ino)
-            inode = self.inode(ino)
-            if inode.is_dir:
-                raise FsError(errno.EISDIR)
-            if not inode.is_reg:
-                raise FsError(errno.EINVAL)
-            if size > inode.size and inode.volume:
-                self.data._check_quota(inode, self.data.state(ino, inode.volume), 0)
-            result = await self.data.truncate(ino, size, cmd)
+            async with self._writing(ino):
+                inode = self.inode(ino)
+                if inode.is_dir:
+                    raise FsError(errno.EISDIR)
+                if not inode.is_reg:
+                    raise FsError(errno.EINVAL)
+                if size > inode.size and inode.volume:
+                    self.data._check_quota(inode, self.data.state(ino, inode.volume), 0)
+                result = await self.data.truncate(ino, size, cmd)
         else:
             result = await self.log.propose(cmd)
         if result.is_reg:
@@ -306,21 +306,22 @@ class Operations:
 
     async def write(self, fh: int, offset: int, buf: bytes) -> int:
         h = self.handle(fh)
-        append = False
-        if self.coherence is not None:
-            await self.coherence.write_lease(h.ino)
-            # The kernel's O_APPEND offset is its cached size, which another node's appends have
-            # made stale; with the lease held, the end of file known here is the real one.
-            append = bool(h.flags & os.O_APPEND)
-        inode = self.ns.require_inode(self.log.read_txn(), h.ino)
-        if append:
-            offset = self.data.effective_size(inode.ino, inode.size)
-        if inode.volume:
-            self.sm.volumes.check_writable(self.log.read_txn(), inode.volume)
-        written = await self.data.write(inode, offset, buf)
+        async with self._writing(h.ino):
+            inode = self.ns.require_inode(self.log.read_txn(), h.ino)
+            # A cluster member's O_APPEND: the kernel's offset is its cached size, which another
+            # node's appends have made stale; with the lease held, the end of file here is the real one.
+            append = self.coherence is not None and bool(h.flags & os.O_APPEND)
+            if append:
+                offset = self.data.effective_size(inode.ino, inode.size)
+            if inode.volume:
+                self.sm.volumes.check_writable(self.log.read_txn(), inode.volume)
+            written = await self.data.write(inode, offset, buf)
         if append and self.coherence is not None:
             self.coherence.appended(h.ino)
         return written
+
+    def _writing(self, ino: int) -> AbstractAsyncContextManager[None]:
+        return nullcontext() if self.coherence is None else self.coherence.writing(ino)
 
     async def flush(self, fh: int) -> None:
         """close(2): the file's data reaches the device and its mapping the metadata (close-to-open)."""
