@@ -434,6 +434,9 @@ class FileData:
         try:
             extents = self.allocator.allocate(nblocks, hint=self._hint(st.ino, first_block))
         except NoSpaceError:
+            # A fenced node has lost its groups (or is about to): that is why there is no space
+            # here, so say so (EIO, the data stays buffered), not ENOSPC.
+            self.device.fence.check(len(data))
             await self.wait_for_frees(nblocks)
             try:
                 extents = self.allocator.allocate(nblocks, hint=self._hint(st.ino, first_block))
