@@ -19,6 +19,7 @@ The contract is in docs/coherence.md; this module implements its three mechanism
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import time
@@ -150,7 +151,7 @@ class ClusterCoherence:
                     continue
                 self.lease_waits += 1
                 await released.wait()
-        raise FsError(5, f"node {self.node_id} waited {LEASE_WAIT_S:.0f}s for the write lease of inode {ino}")
+        raise FsError(errno.EIO, f"node {self.node_id} waited {LEASE_WAIT_S:.0f}s for the write lease of inode {ino}")
 
     # --- observing applied commands (inside the apply transaction: queue only) -----------------
     def observe(self, command: object, result: Any, mine: bool) -> None:

@@ -21,7 +21,7 @@ from awsomefsd.cluster.ca import CertificateError, ClusterCA, make_csr, new_node
 from awsomefsd.cluster.discovery import browse, find_join_peers
 from awsomefsd.cluster.join_service import JoinError, JoinRefused, join_cluster, split_host_port
 from awsomefsd.cluster.rpc import control_call
-from awsomefsd.cluster.state import MemberState, control_socket, load_token, save_token, tls_dir
+from awsomefsd.cluster.state import MemberState, control_socket, load_token, save_token, tls_dir, token_seeds
 from awsomefsd.cluster.tls import NodeCredentials
 from awsomefsd.cluster.token import JoinToken, TokenError
 from awsomefsd.commands import state_lock
@@ -129,8 +129,7 @@ def init(settings: Settings, *, size: str | None, force: bool, label: str) -> in
         creds = NodeCredentials(key, ca.issue(make_csr(key), 1), ca.cert)
         creds.save(tls_dir(state_dir))
         ca.save(tls_dir(state_dir) / "ca")  # to resume founding after a crash; the same key is in the metadata
-        seeds = () if split_host_port(listen)[0] in ("0.0.0.0", "::") else (listen,)
-        token = JoinToken.generate(cluster_id, ca.fingerprint, seeds=seeds)
+        token = JoinToken.generate(cluster_id, ca.fingerprint, seeds=token_seeds(listen))
         save_token(state_dir, token.encode())
         mount = settings.mount.path
         state = MemberState(str(cluster_id), 1, listen, founder=True, device=str(path.resolve()),

@@ -29,11 +29,18 @@ from prometheus_client.metrics_core import Metric
 
 from awsomefsd.cluster.ca import ClusterCA, Revocations, fingerprint
 from awsomefsd.cluster.coherence import ClusterCoherence
-from awsomefsd.cluster.discovery import JOIN_PORT_OFFSET, Advertisement
+from awsomefsd.cluster.discovery import Advertisement, Peer
 from awsomefsd.cluster.duties import GroupKeeper, LeaderDuties, LeaseSettings, LivenessLease
 from awsomefsd.cluster.join_service import JoinService, split_host_port
 from awsomefsd.cluster.rpc import ControlError, ControlService, Forwarder, MemberService
-from awsomefsd.cluster.state import MemberState, control_socket, load_token, save_token
+from awsomefsd.cluster.state import (
+    MemberState,
+    control_socket,
+    listens_everywhere,
+    load_token,
+    save_token,
+    token_seeds,
+)
 from awsomefsd.cluster.tls import (
     NodeCredentials,
     RevocationGuard,
@@ -90,6 +97,8 @@ class Member:
     duties: LeaderDuties | None = None
     join_service: JoinService | None = None
     started_ns: int = field(default_factory=time.time_ns)
+    _membership_changed: bool = False  # set inside an apply, acted on after it (after_apply)
+    _verifier: bytes | None = None  # the join verifier the join service was last given
 
     @property
     def node_id(self) -> int:
@@ -119,10 +128,10 @@ class Member:
     def observe(self, command: object, result: Any, _mine: bool) -> None:
         if isinstance(command, (c.InitCluster, c.AddMember, c.UpdateMemberAddress, c.RemoveMember,
                                 c.SetJoinVerifier)):
-            self._membership_changed = True
+            self.mark_membership_changed()
 
-    _membership_changed: bool = False
-    _verifier: bytes | None = None
+    def mark_membership_changed(self) -> None:
+        self._membership_changed = True
 
     def after_apply(self, _index: int) -> None:
         if self._membership_changed:
@@ -133,10 +142,8 @@ class Member:
     async def admit(self, request: Any) -> int:
         if not request.address:
             raise ControlError("the joiner did not say where it listens")
-        split_host_port(request.address)
-        join_host, join_port = split_host_port(request.address)
         node: int = await self.raft.propose(c.AddMember(
-            request.name or "", request.address, f"{join_host}:{join_port + JOIN_PORT_OFFSET}", time.time_ns()))
+            request.name or "", request.address, _join_address(request.address), time.time_ns()))
         log.info("admitted %s at %s as node %d", request.name or "a node", request.address, node)
         return node
 
@@ -162,7 +169,7 @@ class Member:
             from cryptography import x509
 
             ca_cert = x509.load_pem_x509_certificate(ca_pem)
-            new = JoinToken.generate(self.state.cluster_uuid, fingerprint(ca_cert), seeds=self.seeds())
+            new = JoinToken.generate(self.state.cluster_uuid, fingerprint(ca_cert), seeds=token_seeds(self.state.listen))
             await self.raft.propose(c.SetJoinVerifier(new.verifier().to_bytes()))
             save_token(self.state_dir, new.encode())
             log.info("join token rotated")
@@ -182,10 +189,6 @@ class Member:
             return self.status()
 
         return {"token": token, "rotate": rotate, "remove": remove, "status": status}
-
-    def seeds(self) -> tuple[str, ...]:
-        host, _ = split_host_port(self.state.listen)
-        return () if host in ("0.0.0.0", "::", "") else (self.state.listen,)
 
     def status(self) -> dict[str, Any]:
         raft = self.raft.node.status()
@@ -250,7 +253,7 @@ def open_member(settings: Settings, state: MemberState, creds: NodeCredentials, 
         member.after_apply(index)
 
     raft.node.on_applied = on_applied
-    raft.commands.on_snapshot.append(lambda: setattr(member, "_membership_changed", True))
+    raft.commands.on_snapshot.append(member.mark_membership_changed)
     if storage.sm.cluster.initialised(raft.read_txn()):
         member.sync_peers()
     return member
@@ -405,8 +408,7 @@ async def _update_address(member: Member) -> None:
 
 
 def _join_address(listen: str) -> str:
-    host, port = split_host_port(listen)
-    return f"[{host}]:{port + JOIN_PORT_OFFSET}" if ":" in host else f"{host}:{port + JOIN_PORT_OFFSET}"
+    return Peer.from_seed(listen).join_address
 
 
 async def _serve_joins(member: Member, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -425,7 +427,7 @@ async def _serve_joins(member: Member, *, task_status: trio.TaskStatus[None] = t
 
 async def _advertise(member: Member) -> None:
     host, port = split_host_port(member.state.listen)
-    addresses = None if host in ("0.0.0.0", "") else [host]
+    addresses = None if listens_everywhere(member.state.listen) else [host]
     instance = f"awsomefs-{member.state.cluster_id[:8]}-n{member.node_id}"
     try:
         ad = Advertisement(uuid.UUID(member.state.cluster_id), instance, port, addresses=addresses)

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from awsomefsd.cluster.ca import write_private
+from awsomefsd.cluster.join_service import split_host_port
 
 CLUSTER_FILE = "cluster.json"
 TLS_DIR = "tls"
@@ -56,6 +57,19 @@ class MemberState:
         except FileNotFoundError:
             return None
         return cls(**raw)
+
+
+WILDCARD_HOSTS = frozenset({"", "0.0.0.0", "::"})
+
+
+def listens_everywhere(listen: str) -> bool:
+    """A wildcard listen address names no host another node could dial."""
+    return split_host_port(listen)[0] in WILDCARD_HOSTS
+
+
+def token_seeds(listen: str) -> tuple[str, ...]:
+    """The seeds a join token made on this node carries: its own address, if it is dialable."""
+    return () if listens_everywhere(listen) else (listen,)
 
 
 def save_token(state_dir: Path, token_text: str) -> None:

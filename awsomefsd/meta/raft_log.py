@@ -31,6 +31,7 @@ cluster (awsomefsd/cluster/member.py) the same class runs one member of a 3- or 
 
 from __future__ import annotations
 
+import errno
 import logging
 import shutil
 from collections.abc import Callable
@@ -164,7 +165,7 @@ class RaftLog:
                 return result
             except (NotLeader, ProposalLost) as exc:
                 if trio.current_time() >= deadline:
-                    raise FsError(5, f"metadata unavailable: {exc}") from None  # EIO
+                    raise FsError(errno.EIO, f"metadata unavailable: {exc}") from None
                 if not stalled:
                     stalled = True
                     self.stalls += 1
