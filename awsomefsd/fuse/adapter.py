@@ -157,7 +157,7 @@ class FuseAdapter(pyfuse3.Operations):
     @_fuse_op("rename")
     async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int, name_new: bytes,
                      flags: int, ctx: Any) -> None:
-        await self.ops.rename(parent_inode_old, name_old, parent_inode_new, name_new, flags)
+        await self.ops.rename(parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx.uid, ctx.gid)
 
     @_fuse_op("link")
     async def link(self, inode: int, new_parent_inode: int, new_name: bytes, ctx: Any) -> pyfuse3.EntryAttributes:

@@ -27,6 +27,7 @@ from awsomefsd.meta.errors import FsError
 from awsomefsd.meta.log import ReplicatedLog
 from awsomefsd.meta.namespace import check_name
 from awsomefsd.meta.records import MAX_NAME_BYTES, MAX_SYMLINK_BYTES, ROOT_INO, Inode
+from awsomefsd.meta.rename import RENAME_WHITEOUT
 from awsomefsd.meta.state_machine import StateMachine
 
 INODE_RESERVATION = 1024
@@ -113,9 +114,7 @@ class Operations:
         inode = self.ns.get_inode(self.log.read_txn(), ino)
         if inode is None:
             raise FsError(errno.ESTALE)
-        if inode.is_reg:
-            inode.size = self.data.effective_size(ino, inode.size)
-        return inode
+        return self.data.with_buffered(inode)
 
     async def _new_ino(self) -> int:
         if self._ino_next >= self._ino_end:
@@ -239,20 +238,26 @@ class Operations:
 
     async def link(self, ino: int, new_parent: int, new_name: bytes) -> Inode:
         inode: Inode = await self.log.propose(c.Link(ino, new_parent, new_name, self._now()))
-        inode.size = self.data.effective_size(ino, inode.size)
-        return inode
+        return self.data.with_buffered(inode)
 
     async def unlink(self, parent: int, name: bytes, *, is_dir: bool) -> None:
         child = await self.log.propose(c.Unlink(parent, name, is_dir, self._now()))
         await self._purge_if_orphan(child)
 
-    async def rename(self, old_parent: int, old_name: bytes, new_parent: int, new_name: bytes, flags: int) -> None:
-        replaced = await self.log.propose(c.Rename(old_parent, old_name, new_parent, new_name, flags, self._now()))
+    async def rename(self, old_parent: int, old_name: bytes, new_parent: int, new_name: bytes, flags: int,
+                     uid: int = 0, gid: int = 0) -> None:
+        whiteout_ino = await self._new_ino() if flags & RENAME_WHITEOUT else 0
+        replaced = await self.log.propose(c.Rename(old_parent, old_name, new_parent, new_name, flags, self._now(),
+                                                   whiteout_ino, uid, gid))
         if replaced:
             await self._purge_if_orphan(replaced)
 
     async def setattr(self, ino: int, *, mode: int | None = None, uid: int | None = None, gid: int | None = None,
                       size: int | None = None, atime_ns: int | None = None, mtime_ns: int | None = None) -> Inode:
+        if size is None and mtime_ns is not None:
+            # futimens after writes (tar, cp -p, rsync): the buffered data is committed first, so
+            # its flush cannot stamp its own write time over the one the application sets now.
+            await self.data.flush(ino)
         cmd = c.SetAttr(ino, self._now(), mode=mode, uid=uid, gid=gid, atime_ns=atime_ns, mtime_ns=mtime_ns)
         if size is not None:
             async with self._writing(ino):
@@ -266,9 +271,7 @@ class Operations:
                 result = await self.data.truncate(ino, size, cmd)
         else:
             result = await self.log.propose(cmd)
-        if result.is_reg:
-            result.size = self.data.effective_size(ino, result.size)
-        return result
+        return self.data.with_buffered(result)
 
     # -- files ----------------------------------------------------------------------------------
     def _open_handle(self, ino: int, flags: int) -> int:
@@ -290,7 +293,16 @@ class Operations:
         return self._open_handle(ino, flags)
 
     async def create(self, parent: int, name: bytes, mode: int, flags: int, uid: int, gid: int) -> tuple[int, Inode]:
-        inode = await self.mknod(parent, name, stat.S_IFREG | (mode & 0o7777), 0, uid, gid)
+        """open(O_CREAT) of a name the kernel just looked up and did not find. Another node may
+        have created it since: without O_EXCL that is no error (POSIX opens the existing file).
+        ESTALE makes the kernel walk the path again with LOOKUP_REVAL, find the file and open it
+        itself, with the permission checks and O_TRUNC an open of an existing file gets."""
+        try:
+            inode = await self.mknod(parent, name, stat.S_IFREG | (mode & 0o7777), 0, uid, gid)
+        except FsError as exc:
+            if exc.errno == errno.EEXIST and not flags & os.O_EXCL:
+                raise FsError(errno.ESTALE, "created elsewhere since the lookup: look it up again") from None
+            raise
         return self._open_handle(inode.ino, flags), inode
 
     def handle(self, fh: int) -> Handle:
@@ -371,9 +383,7 @@ class Operations:
             inode = self.ns.get_inode(txn, child)
             if inode is None:
                 continue
-            if inode.is_reg:
-                inode.size = self.data.effective_size(child, inode.size)
-            yield cookie, name, inode
+            yield cookie, name, self.data.with_buffered(inode)
 
     async def releasedir(self, fh: int) -> None:
         self.handles.pop(fh, None)

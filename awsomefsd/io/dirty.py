@@ -88,6 +88,19 @@ class DirtyRanges:
                 buf[lo - offset : hi - offset] = runs[i][lo - run_start : hi - run_start]
             i += 1
 
+    def copies(self, offset: int, end: int) -> list[tuple[int, bytes]]:
+        """(start, copy of the bytes) of every dirty piece in [offset, end), in order."""
+        out = []
+        starts, runs = self._starts, self._runs
+        i = max(bisect.bisect_right(starts, offset) - 1, 0)
+        while i < len(runs) and starts[i] < end:
+            run_start = starts[i]
+            lo, hi = max(offset, run_start), min(end, run_start + len(runs[i]))
+            if lo < hi:
+                out.append((lo, bytes(runs[i][lo - run_start : hi - run_start])))
+            i += 1
+        return out
+
     def covers(self, offset: int, length: int) -> bool:
         """True when one run holds all of [offset, offset+length): a read needs no device I/O."""
         i = bisect.bisect_right(self._starts, offset) - 1

@@ -1,15 +1,21 @@
 """File contents: buffered copy-on-write writes and checksum-verified reads on the shared device.
 
-Concurrency (everything here runs on the trio thread unless it says otherwise):
-- A write only copies bytes into the file's DirtyRanges: no await, so it is atomic under trio.
+Concurrency (everything here runs on the trio thread unless it says otherwise); the section
+"Concurrency" of docs/design-notes.md states the protocol and why each step is safe:
+- A write only copies bytes into the file's DirtyRanges and notes the time it happened: no await,
+  so it is atomic under trio.
 - A flush takes the file's dirty runs (they become `inflight`, still visible to reads), allocates
   fresh extents, writes them and their checksums (in a worker thread for large runs), then proposes
-  one WriteData command. A per-file lock serialises flushes of the same file; a truncate takes the
-  same lock, so it never races a flush.
-- A read looks up the file map on the trio thread, then reads the device with native AIO for small
-  requests while `run` serves it (other requests proceed meanwhile; a thread hop per 4 KiB costs
-  more than the read), inline when AIO is unavailable, or in a worker thread for large ones; it
-  verifies every block's CRC32C and overlays the in-flight and dirty bytes.
+  one WriteData command per run, stamped with the time of the last write it carries. A per-file
+  lock serialises flushes, truncates and compactions of the same file.
+- A file's state lives while anything uses it: every holder of its lock pins it, so two tasks never
+  hold the locks of two different states of one file (a state dropped and made anew meanwhile).
+- A read looks up the file map and copies the in-flight and dirty bytes of its range in one step
+  (no await between): the buffered bytes it will overlay are exactly those the map it read does
+  not hold yet. Then it reads the device with native AIO for small requests while `run` serves it
+  (a thread hop per 4 KiB costs more than the read), inline when AIO is unavailable, or in a worker
+  thread for large ones; it verifies every block's CRC32C and overlays the copies. A flush that
+  commits meanwhile cannot make it return older bytes.
 - Superseded extents are freed only after a grace period (state machine), so a read that looked up
   an old mapping just before a flush replaced it still reads intact blocks.
 - A flush refused by the device's write fence (this node's lease lapsed) fails with EIO but keeps
@@ -25,7 +31,8 @@ import itertools
 import logging
 import stat
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 
 import trio
 
@@ -57,7 +64,7 @@ COMPACT_MIN_EXTENTS = 4  # file-contiguous extents in a row worth merging into o
 class FileState:
     """Per-inode buffered state on this node."""
 
-    __slots__ = ("dirty", "dirty_since", "error", "inflight", "ino", "lock", "volume")
+    __slots__ = ("dirty", "dirty_since", "error", "inflight", "ino", "lock", "users", "volume", "written_ns")
 
     def __init__(self, ino: int, volume: int) -> None:
         self.ino = ino
@@ -65,14 +72,33 @@ class FileState:
         self.dirty = DirtyRanges()
         self.inflight: list[tuple[int, bytearray]] = []
         self.lock = trio.Lock()
+        self.users = 0  # tasks that pinned this state (FileData._pinned): it stays registered
         self.dirty_since = 0.0
         self.error = 0  # a deferred write error, reported by the next flush/fsync
+        self.written_ns = 0  # when the last write not yet committed happened: the file's mtime
 
     def end_offset(self) -> int:
         end = self.dirty.end_offset
         for start, data in self.inflight:
             end = max(end, start + len(data))
         return end
+
+    def idle(self) -> bool:
+        """Nothing buffered, pending or in use: the state may be dropped."""
+        return not (self.users or self.dirty or self.inflight or self.error or self.written_ns)
+
+    def buffered_copies(self, offset: int, size: int) -> list[tuple[int, bytes]]:
+        """Copies of the buffered bytes in [offset, offset+size), oldest first (in-flight, then
+        dirty): what a read overlays on the committed bytes it reads from the device. Copies, so
+        writes and flushes after this call cannot change what the read returns."""
+        end = offset + size
+        out = []
+        for start, data in self.inflight:
+            lo, hi = max(offset, start), min(end, start + len(data))
+            if lo < hi:
+                out.append((lo, bytes(data[lo - start : hi - start])))
+        out.extend(self.dirty.copies(offset, end))
+        return out
 
 
 class FileData:
@@ -120,10 +146,42 @@ class FileData:
             st = self.files[ino] = FileState(ino, volume)
         return st
 
+    @asynccontextmanager
+    async def _pinned(self, ino: int, volume: int = 0) -> AsyncIterator[FileState]:
+        """The file's state, kept registered until the block is left (then dropped if idle)."""
+        st = self.state(ino, volume)
+        st.users += 1
+        try:
+            yield st
+        finally:
+            st.users -= 1
+            self._drop_if_idle(st)
+
+    @asynccontextmanager
+    async def _locked(self, ino: int, volume: int = 0) -> AsyncIterator[FileState]:
+        """The file's state, pinned and locked: no flush, truncate or compaction of it meanwhile."""
+        async with self._pinned(ino, volume) as st, st.lock:
+            yield st
+
+    def _drop_if_idle(self, st: FileState) -> None:
+        if st.idle() and self.files.get(st.ino) is st:
+            del self.files[st.ino]
+
     def effective_size(self, ino: int, size: int) -> int:
         """The size a reader sees: the committed size or the end of buffered data, if further."""
         st = self.files.get(ino)
         return size if st is None else max(size, st.end_offset())
+
+    def with_buffered(self, inode: Inode) -> Inode:
+        """`inode` as this node's applications see it: buffered writes count in its size and times
+        (a write changes mtime and ctime when it happens, not when its data is committed)."""
+        st = self.files.get(inode.ino)
+        if st is not None and inode.is_reg:
+            inode.size = max(inode.size, st.end_offset())
+            if st.written_ns:
+                inode.mtime_ns = st.written_ns
+                inode.ctime_ns = max(inode.ctime_ns, st.written_ns)
+        return inode
 
     def dirty_blocks(self) -> int:
         return self.total_dirty_bytes // BLOCK_SIZE + 2 * len(self.files)
@@ -147,6 +205,7 @@ class FileData:
             if st.dirty:
                 self.total_dirty_bytes -= st.dirty.dirty_bytes
                 st.dirty = DirtyRanges()
+                st.written_ns = 0
                 self.losses += 1
                 self.lost_at[st.ino] = self.losses
                 hit += 1
@@ -178,19 +237,18 @@ class FileData:
             return bytes(out)
         first = offset // BLOCK_SIZE
         end = (offset + size + BLOCK_SIZE - 1) // BLOCK_SIZE
+        # One step, no await: the map and the buffered bytes are taken at the same instant.
         extents = list(extents_in(self.log.read_txn(), self.fmap, inode.ino, first, end))
-        clean = st is None or (not st.inflight and not st.dirty)
-        if clean and len(extents) == 1 and extents[0].file_block <= first and extents[0].end_block >= end:
+        buffered = [] if st is None else st.buffered_copies(offset, size)
+        if not buffered and len(extents) == 1 and extents[0].file_block <= first and extents[0].end_block >= end:
             return await self._read_piece(extents[0], first, end, offset, offset + size)
         out = bytearray(size)
         for ext in extents:
             lo, hi = max(ext.file_block, first), min(ext.end_block, end)
             a, b = max(lo * BLOCK_SIZE, offset), min(hi * BLOCK_SIZE, offset + size)
             out[a - offset : b - offset] = await self._read_piece(ext, lo, hi, a, b)
-        if st is not None:
-            for start, data in st.inflight:
-                _overlay(out, offset, start, data)
-            st.dirty.overlay(offset, out)
+        for start, data in buffered:
+            out[start - offset : start - offset + len(data)] = data
         return bytes(out)
 
     async def _read_piece(self, ext: Extent, lo: int, hi: int, a: int, b: int) -> bytes:
@@ -233,25 +291,25 @@ class FileData:
         if self.total_dirty_bytes + len(data) > self.write_buffer_bytes and not self.device.fence.is_open():
             # the buffers cannot drain while fenced: keep memory bounded
             raise FsError(errno.EIO, "device writes fenced (node lease lapsed) and the write buffer is full")
-        st = self.state(inode.ino, inode.volume)
-        end = offset + len(data)
-        grow_blocks = max(0, -(-end // BLOCK_SIZE) - -(-max(inode.size, st.end_offset()) // BLOCK_SIZE))
-        await self._check_room(inode, st, len(data) // BLOCK_SIZE + 2, grow_blocks)
-        # _check_room may have flushed everything, which drops file states left empty: buffer
-        # into the state that is registered now, never into one that was dropped meanwhile.
-        st = self.state(inode.ino, inode.volume)
-        before = st.dirty.dirty_bytes
-        if not st.dirty:
-            st.dirty_since = time.monotonic()
-        st.dirty.write(offset, data)
-        self.total_dirty_bytes += st.dirty.dirty_bytes - before
-        if st.dirty.dirty_bytes >= 2 * self.file_buffer_bytes or st.dirty.run_count >= MAX_RUNS:
-            await self.flush(inode.ino)  # the background flusher is behind: push back on the writer
-        elif st.dirty.dirty_bytes >= self.file_buffer_bytes or self.total_dirty_bytes >= self.write_buffer_bytes:
-            try:
-                self._flush_send.send_nowait(inode.ino)
-            except trio.WouldBlock:
-                await self.flush(inode.ino)
+        async with self._pinned(inode.ino, inode.volume) as st:
+            end = offset + len(data)
+            grow_blocks = max(0, -(-end // BLOCK_SIZE) - -(-max(inode.size, st.end_offset()) // BLOCK_SIZE))
+            await self._check_room(inode, st, len(data) // BLOCK_SIZE + 2, grow_blocks)
+            if self.files.get(inode.ino) is not st:
+                raise FsError(errno.ESTALE, "the file was deleted during the write")
+            before = st.dirty.dirty_bytes
+            if not st.dirty:
+                st.dirty_since = time.monotonic()
+            st.dirty.write(offset, data)
+            st.written_ns = self.clock_ns()
+            self.total_dirty_bytes += st.dirty.dirty_bytes - before
+            if st.dirty.dirty_bytes >= 2 * self.file_buffer_bytes or st.dirty.run_count >= MAX_RUNS:
+                await self._flush_pinned(st)  # the background flusher is behind: push back on the writer
+            elif st.dirty.dirty_bytes >= self.file_buffer_bytes or self.total_dirty_bytes >= self.write_buffer_bytes:
+                try:
+                    self._flush_send.send_nowait(inode.ino)
+                except trio.WouldBlock:
+                    await self._flush_pinned(st)
         return len(data)
 
     async def _check_room(self, inode: Inode, st: FileState, need_blocks: int, grow_blocks: int) -> None:
@@ -300,35 +358,43 @@ class FileData:
 
     async def flush(self, ino: int) -> None:
         """Write the file's dirty bytes and commit their mapping; raise a deferred write error."""
-        st = self.files.get(ino)
-        if st is None:
+        if ino not in self.files:
             return
+        async with self._locked(ino) as st:
+            await self._flush_held(st)
+
+    async def _flush_pinned(self, st: FileState) -> None:
         async with st.lock:
-            if st.dirty:
-                runs = st.dirty.take()
-                taken = sum(len(d) for _, d in runs)
-                self.total_dirty_bytes -= taken
-                st.inflight = runs
-                small = sum(1 for _, data in runs if len(data) < SMALL_RUN_BYTES)
-                if small:
-                    self._note_small_runs(ino, small)
-                written = 0
-                try:
-                    for start, data in runs:
-                        await self._write_run(st, start, data)
-                        written += 1
-                except FsError as exc:
-                    st.error = exc.errno
-                except WriteFencedError as exc:
-                    self._keep_unwritten(st, runs[written:])
-                    raise FsError(errno.EIO, exc.strerror or "") from exc
-                finally:
-                    st.inflight = []
-            if st.error:
-                err, st.error = st.error, 0
-                raise FsError(err)
-            if not st.dirty and self.files.get(ino) is st and not st.lock.statistics().tasks_waiting:
-                del self.files[ino]
+            await self._flush_held(st)
+
+    async def _flush_held(self, st: FileState) -> None:
+        """`flush` with the file's state pinned and its lock held."""
+        if st.dirty:
+            runs = st.dirty.take()
+            written_ns = st.written_ns
+            taken = sum(len(d) for _, d in runs)
+            self.total_dirty_bytes -= taken
+            st.inflight = runs
+            small = sum(1 for _, data in runs if len(data) < SMALL_RUN_BYTES)
+            if small:
+                self._note_small_runs(st.ino, small)
+            written = 0
+            try:
+                for start, data in runs:
+                    await self._write_run(st, start, data, mtime_ns=written_ns)
+                    written += 1
+            except FsError as exc:
+                st.error = exc.errno
+            except WriteFencedError as exc:
+                self._keep_unwritten(st, runs[written:])
+                raise FsError(errno.EIO, exc.strerror or "") from exc
+            finally:
+                st.inflight = []
+            if st.written_ns == written_ns and not st.dirty:
+                st.written_ns = 0  # committed (or failed for good): the inode holds the time now
+        if st.error:
+            err, st.error = st.error, 0
+            raise FsError(err)
 
     def _keep_unwritten(self, st: FileState, runs: list[tuple[int, bytearray]]) -> None:
         """Buffer again the runs a fenced flush could not write (their extents were released and no
@@ -365,11 +431,10 @@ class FileData:
 
         Copy-on-write like any write: the merged data goes to fresh extents and one WriteData per
         MiB replaces the fragments, which are freed after the grace period. Holes stay holes. Runs
-        only while the file has no buffered data (under its lock, so no flush interleaves).
+        only while the file has no buffered data, under its lock: no flush or truncate interleaves.
         """
-        st = self.state(ino)
         removed = 0
-        async with st.lock:
+        async with self._locked(ino) as st:
             if st.dirty or st.inflight:
                 return 0
             inode = self.sm.ns.get_inode(self.log.read_txn(), ino)
@@ -392,8 +457,6 @@ class FileData:
                         return removed
                     await self._write_run(st, lo * BLOCK_SIZE, data, size=current.size, keep_mtime=True)
                     removed += len(pieces) - 1
-        if not st.dirty and not st.inflight and self.files.get(ino) is st:
-            del self.files[ino]
         if removed:
             self.compactions += 1
             log.debug("compacted inode %d: %d fewer extents", ino, removed)
@@ -410,7 +473,7 @@ class FileData:
             raise errors[0]
 
     async def _write_run(self, st: FileState, start: int, data: bytearray, *, size: int | None = None,
-                         keep_mtime: bool = False) -> None:
+                         keep_mtime: bool = False, mtime_ns: int = 0) -> None:
         inode = self.sm.ns.get_inode(self.log.read_txn(), st.ino)
         if inode is None:
             return  # deleted meanwhile: nothing to write
@@ -459,7 +522,8 @@ class FileData:
                 checksums = self._write_pieces(data, first_block, pieces)
             self.written_since_sync = True
             records = tuple(Extent(fb, dev, n, cs) for (fb, dev, n), cs in zip(pieces, checksums))
-            await self.log.propose(c.WriteData(st.ino, records, end, self.clock_ns(), touch=not keep_mtime))
+            await self.log.propose(c.WriteData(st.ino, records, end, self.clock_ns(), touch=not keep_mtime,
+                                               mtime_ns=mtime_ns))
         except BaseException:
             self.allocator.release(extents)
             raise
@@ -491,10 +555,12 @@ class FileData:
 
     # -- truncate -------------------------------------------------------------------------------
     async def truncate(self, ino: int, size: int, setattr: c.SetAttr) -> Inode:
-        """Apply a SetAttr that changes the size, after settling buffered data of the file."""
-        st = self.state(ino)
-        await self.flush(ino)
-        async with st.lock:
+        """Apply a SetAttr that changes the size, after settling buffered data of the file.
+
+        Flush, tail rewrite and commit under one hold of the file's lock: a compaction or a
+        background flush that read the file before the truncate cannot commit after it."""
+        async with self._locked(ino) as st:
+            await self._flush_held(st)
             inode = self.sm.ns.require_inode(self.log.read_txn(), ino)
             tail_ext = None
             extents: list[tuple[int, int]] = []
@@ -519,8 +585,6 @@ class FileData:
             except BaseException:
                 self.allocator.release(extents)
                 raise
-        if not st.dirty and not st.inflight and self.files.get(ino) is st:
-            del self.files[ino]
         return result
 
     # -- background flushing --------------------------------------------------------------------
@@ -550,7 +614,12 @@ class FileData:
         async for ino in self._compact_recv:
             try:
                 await self.compact(ino)
-            except (FsError, WriteFencedError) as exc:  # fenced: the committed fragments stay as they are
+            except FsError as exc:
+                if exc.errno in (errno.ENOENT, errno.ESTALE):
+                    log.debug("inode %d was deleted before its compaction", ino)
+                else:
+                    log.warning("compaction of inode %d failed: %s", ino, exc)
+            except WriteFencedError as exc:  # fenced: the committed fragments stay as they are
                 log.warning("compaction of inode %d failed: %s", ino, exc)
 
     async def _flush_quietly(self, ino: int, limiter: trio.CapacityLimiter) -> None:
@@ -581,12 +650,6 @@ def _fragmented_runs(extents: list[Extent]) -> list[list[Extent]]:
             runs.append(current)
     return [r for r in runs if len(r) >= COMPACT_MIN_EXTENTS
             and any(a.dev_block + a.count != b.dev_block for a, b in itertools.pairwise(r))]
-
-
-def _overlay(out: bytearray, offset: int, start: int, data: bytearray) -> None:
-    lo, hi = max(offset, start), min(offset + len(out), start + len(data))
-    if lo < hi:
-        out[lo - offset : hi - offset] = data[lo - start : hi - start]
 
 
 def _setattr_fields(cmd: c.SetAttr) -> dict[str, object]:

@@ -16,7 +16,10 @@ from typing import Any
 from awsomefsd.meta import commands as c
 from awsomefsd.meta.records import Extent
 
-FORMAT = 1
+FORMAT = 2
+"""2: WriteData gained `mtime_ns` (a flush stamps the time of its writes, not its own). Format 1
+commands still decode, with the fields added since at their defaults: a log written before an
+upgrade replays."""
 MAX_BYTES_FIELD = 16 << 20
 MAX_TUPLE_ITEMS = 1 << 20
 MAX_NESTING = 4
@@ -45,6 +48,11 @@ def _hints(cls: type) -> dict[str, Any]:
 
 
 _FIELDS = {cls: [(f.name, _hints(cls)[f.name]) for f in dataclasses.fields(cls)] for cls in COMMAND_TAGS}
+_ADDED_IN_FORMAT_2 = {c.WriteData: {"mtime_ns"}, c.Rename: {"whiteout_ino", "uid", "gid"}}
+_FIELDS_BY_FORMAT = {
+    FORMAT: _FIELDS,
+    1: {cls: [(n, h) for n, h in fields if n not in _ADDED_IN_FORMAT_2.get(cls, ())] for cls, fields in _FIELDS.items()},
+}
 
 
 def encode(command: object) -> bytes:
@@ -54,9 +62,10 @@ def encode(command: object) -> bytes:
 
 
 def decode(data: bytes) -> object:
-    if not data or data[0] != FORMAT:
+    fields = _FIELDS_BY_FORMAT.get(data[0]) if data else None
+    if fields is None:
         raise CodecError(f"unknown command format {data[:1]!r}")
-    value, pos = _decode_command(memoryview(data), 1, 0)
+    value, pos = _decode_command(memoryview(data), 1, 0, fields)
     if pos != len(data):
         raise CodecError(f"{len(data) - pos} trailing bytes")
     return value
@@ -71,7 +80,10 @@ def _encode_command(out: bytearray, command: object, depth: int) -> None:
         _encode_value(out, getattr(command, name), hint, depth)
 
 
-def _decode_command(data: memoryview, pos: int, depth: int) -> tuple[object, int]:
+Fields = dict[type, list[tuple[str, Any]]]
+
+
+def _decode_command(data: memoryview, pos: int, depth: int, fields: Fields) -> tuple[object, int]:
     if pos >= len(data) or depth > MAX_NESTING:
         raise CodecError("truncated command")
     cls = TAG_COMMANDS.get(data[pos])
@@ -79,8 +91,8 @@ def _decode_command(data: memoryview, pos: int, depth: int) -> tuple[object, int
         raise CodecError(f"unknown command tag {data[pos]}")
     pos += 1
     values = {}
-    for name, hint in _FIELDS[cls]:
-        values[name], pos = _decode_value(data, pos, hint, depth)
+    for name, hint in fields[cls]:
+        values[name], pos = _decode_value(data, pos, hint, depth, fields)
     return cls(**values), pos
 
 
@@ -116,7 +128,7 @@ def _encode_value(out: bytearray, value: Any, hint: Any, depth: int) -> None:
         raise CodecError(f"no encoding for {hint!r}")
 
 
-def _decode_value(data: memoryview, pos: int, hint: Any, depth: int) -> tuple[Any, int]:
+def _decode_value(data: memoryview, pos: int, hint: Any, depth: int, fields: Fields) -> tuple[Any, int]:
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
     try:
@@ -126,7 +138,7 @@ def _decode_value(data: memoryview, pos: int, hint: Any, depth: int) -> tuple[An
                 return None, pos + 1
             if flag != 1:
                 raise CodecError("bad optional flag")
-            return _decode_value(data, pos + 1, next(a for a in args if a is not type(None)), depth)
+            return _decode_value(data, pos + 1, next(a for a in args if a is not type(None)), depth, fields)
         if hint is bool:
             if data[pos] > 1:
                 raise CodecError("bad boolean")
@@ -152,9 +164,9 @@ def _decode_value(data: memoryview, pos: int, hint: Any, depth: int) -> tuple[An
             items = []
             for _ in range(n):
                 if args[0] is object:
-                    item, pos = _decode_command(data, pos, depth + 1)
+                    item, pos = _decode_command(data, pos, depth + 1, fields)
                 else:
-                    item, pos = _decode_value(data, pos, args[0], depth)
+                    item, pos = _decode_value(data, pos, args[0], depth, fields)
                 items.append(item)
             return tuple(items), pos
     except (struct.error, IndexError, UnicodeDecodeError) as exc:

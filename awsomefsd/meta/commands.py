@@ -53,8 +53,11 @@ class Rename:
     old_name: bytes
     new_parent: int
     new_name: bytes
-    flags: int  # RENAME_NOREPLACE | RENAME_EXCHANGE
+    flags: int  # RENAME_NOREPLACE | RENAME_EXCHANGE | RENAME_WHITEOUT
     now_ns: int
+    whiteout_ino: int = 0  # RENAME_WHITEOUT: the inode of the whiteout left at the old name
+    uid: int = 0  # the whiteout's owner (the caller)
+    gid: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,7 +85,10 @@ class WriteData:
     """Map freshly written extents into a file (copy-on-write: never overwrites in place).
 
     `extents` are ordered and contiguous in file blocks. `size` is the file size the write reaches
-    (the file grows to it, never shrinks). What they replace goes to the delayed-free list.
+    (the file grows to it, never shrinks). What they replace goes to the delayed-free list, whose
+    grace period starts at `now_ns` (the commit). With `touch`, mtime becomes `mtime_ns` (0: now_ns):
+    the time of the last write(2) the flush carries, since a write changes the times when it
+    happens, not when its data reaches the device.
     """
 
     ino: int
@@ -91,6 +97,7 @@ class WriteData:
     now_ns: int
     kill_suid: bool = False
     touch: bool = True  # False for compaction: the content did not change, nor do the times
+    mtime_ns: int = 0
 
 
 @dataclass(frozen=True, slots=True)

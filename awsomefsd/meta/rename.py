@@ -1,12 +1,15 @@
-"""rename(2) with RENAME_NOREPLACE and RENAME_EXCHANGE: the hardest namespace command.
+"""rename(2) with RENAME_NOREPLACE, RENAME_EXCHANGE and RENAME_WHITEOUT: the hardest namespace command.
 
 Kept apart from the other handlers because of its many cases: replace or not, file or directory,
 same or different parent, exchange, moving a directory under itself, crossing a volume boundary.
+A whiteout (overlayfs' mark of a deleted lower file, used when the mount is an upper layer) is a
+character device 0:0 created at the old name in the same command.
 """
 
 from __future__ import annotations
 
 import errno
+import stat
 from typing import TYPE_CHECKING
 
 import lmdb
@@ -20,6 +23,7 @@ if TYPE_CHECKING:
 
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
+RENAME_WHITEOUT = 4
 MAX_TREE_DEPTH = 4096
 
 
@@ -37,8 +41,11 @@ def _is_ancestor(sm: StateMachine, txn: lmdb.Transaction, ancestor: int, ino: in
 
 def apply_rename(sm: StateMachine, txn: lmdb.Transaction, cmd: c.Rename) -> int:
     ns = sm.ns
-    if cmd.flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE) or cmd.flags == RENAME_NOREPLACE | RENAME_EXCHANGE:
+    if cmd.flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE | RENAME_WHITEOUT) or (
+            cmd.flags & RENAME_EXCHANGE and cmd.flags & (RENAME_NOREPLACE | RENAME_WHITEOUT)):
         raise FsError(errno.EINVAL)
+    if cmd.flags & RENAME_WHITEOUT and not cmd.whiteout_ino:
+        raise FsError(errno.EINVAL, "a whiteout needs an inode number")
     old_parent = ns.dir_for_entry(txn, cmd.old_parent, cmd.old_name)
     new_parent = old_parent if cmd.new_parent == cmd.old_parent else ns.dir_for_entry(txn, cmd.new_parent, cmd.new_name)
     src_ino = ns.lookup(txn, cmd.old_parent, cmd.old_name)
@@ -88,6 +95,9 @@ def apply_rename(sm: StateMachine, txn: lmdb.Transaction, cmd: c.Rename) -> int:
     for parent in {id(old_parent): old_parent, id(new_parent): new_parent}.values():
         parent.mtime_ns = parent.ctime_ns = cmd.now_ns
         ns.put_inode(txn, parent)
+    if cmd.flags & RENAME_WHITEOUT:
+        sm._mknod(txn, c.Mknod(cmd.old_parent, cmd.old_name, cmd.whiteout_ino, stat.S_IFCHR, cmd.uid, cmd.gid,
+                               cmd.now_ns, 0, b""))
     return dst.ino if dst is not None else 0
 
 

@@ -26,6 +26,7 @@ from awsomefsd.meta.errors import FsError
 from awsomefsd.meta.namespace import Namespace
 from awsomefsd.meta.records import (
     MAX_FILE_SIZE_BYTES,
+    MAX_XATTR_LIST_BYTES,
     MAX_XATTR_NAME_BYTES,
     MAX_XATTR_TOTAL_BYTES,
     MAX_XATTR_VALUE_BYTES,
@@ -330,7 +331,8 @@ class StateMachine:
         inode.blocks += delta
         inode.size = max(inode.size, cmd.size)
         if cmd.touch:
-            inode.mtime_ns = inode.ctime_ns = cmd.now_ns
+            inode.mtime_ns = cmd.mtime_ns or cmd.now_ns
+            inode.ctime_ns = max(inode.ctime_ns, inode.mtime_ns)  # a chmod since the write stays visible
         if cmd.kill_suid:
             inode.mode &= ~stat.S_ISUID
             if inode.mode & stat.S_IXGRP:
@@ -351,18 +353,27 @@ class StateMachine:
             raise FsError(errno.EEXIST)
         if cmd.flags & XATTR_REPLACE and existing is None:
             raise FsError(errno.ENODATA)
-        total = sum(len(k) + len(v) for k, v in self.ns.xattrs(txn, cmd.ino)) - (len(key) + len(existing or b""))
-        if total + len(key) + len(cmd.value) > MAX_XATTR_TOTAL_BYTES:
+        total, names = self.ns.xattr_usage(txn, cmd.ino)
+        if existing is None:
+            names += len(cmd.name) + 1
+        total += len(key) + len(cmd.value) - (0 if existing is None else len(key) + len(existing))
+        if total > MAX_XATTR_TOTAL_BYTES or names > MAX_XATTR_LIST_BYTES:
             raise FsError(errno.ENOSPC)
         txn.put(key, cmd.value, db=self.db["xattrs"])
+        self.ns.put_xattr_usage(txn, cmd.ino, total, names)
         inode.ctime_ns = cmd.now_ns
         self.ns.put_inode(txn, inode)
 
     def _removexattr(self, txn: lmdb.Transaction, cmd: c.RemoveXattr) -> None:
         inode = self.ns.require_inode(txn, cmd.ino)
         self.volumes.check_writable(txn, inode.volume)
-        if not txn.delete(xattr_key(cmd.ino, cmd.name), db=self.db["xattrs"]):
+        key = xattr_key(cmd.ino, cmd.name)
+        value = txn.get(key, db=self.db["xattrs"]) if cmd.name else None
+        if value is None:
             raise FsError(errno.ENODATA)
+        total, names = self.ns.xattr_usage(txn, cmd.ino)
+        txn.delete(key, db=self.db["xattrs"])
+        self.ns.put_xattr_usage(txn, cmd.ino, total - len(key) - len(value), names - len(cmd.name) - 1)
         inode.ctime_ns = cmd.now_ns
         self.ns.put_inode(txn, inode)
 
@@ -386,8 +397,7 @@ class StateMachine:
         superseded = filemap.unmap_range(txn, self.db["fmap"], inode.ino, 0, 1 << 62)
         self._defer_free(txn, superseded, now_ns)
         self.volumes.charge(txn, inode.volume, blocks=-inode.blocks, inodes=-1, enforce=False)
-        for key, _ in list(self.ns.xattrs(txn, inode.ino)):
-            txn.delete(key, db=self.db["xattrs"])
+        self.ns.delete_xattrs(txn, inode.ino)
         txn.delete(u64(inode.ino), db=self.db["symlinks"])
         txn.delete(u64(inode.ino), db=self.db["orphans"])
         self.cluster.drop_leases_of_inode(txn, inode.ino)

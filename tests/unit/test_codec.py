@@ -69,4 +69,15 @@ def test_corrupt_or_truncated_bytes_are_refused() -> None:
 
 def test_field_order_is_part_of_the_format() -> None:
     # a new field must be appended with a default, never inserted: pin today's layout
-    assert [f.name for f in dataclasses.fields(c.WriteData)] == ["ino", "extents", "size", "now_ns", "kill_suid", "touch"]
+    assert [f.name for f in dataclasses.fields(c.WriteData)] == [
+        "ino", "extents", "size", "now_ns", "kill_suid", "touch", "mtime_ns"]
+
+
+def test_format_1_write_data_still_decodes() -> None:
+    """A log written before WriteData gained mtime_ns replays after an upgrade (mtime = now_ns)."""
+    command = c.WriteData(7, (Extent(0, 100, 1, b"\x01\x02\x03\x04"),), 4096, 1234, touch=True, mtime_ns=999)
+    v2 = encode(command)
+    assert v2[0] == 2 and decode(v2) == command
+    v1 = bytes([1]) + v2[1:-8]  # format 1 had no mtime_ns: the same bytes without the last field
+    assert decode(v1) == c.WriteData(7, command.extents, 4096, 1234, touch=True)
+

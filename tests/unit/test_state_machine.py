@@ -13,8 +13,8 @@ import pytest
 from awsomefsd.meta import commands as c
 from awsomefsd.meta.errors import FsError
 from awsomefsd.meta.filemap import all_extents
-from awsomefsd.meta.records import ROOT_INO, Extent
-from awsomefsd.meta.rename import RENAME_EXCHANGE, RENAME_NOREPLACE
+from awsomefsd.meta.records import MAX_XATTR_LIST_BYTES, ROOT_INO, Extent
+from awsomefsd.meta.rename import RENAME_EXCHANGE, RENAME_NOREPLACE, RENAME_WHITEOUT
 from awsomefsd.meta.state_machine import FIRST_USER_INO, StateMachine
 from awsomefsd.meta.store import TABLES, MetaStore
 
@@ -209,6 +209,72 @@ def test_xattrs(h: Harness) -> None:
     assert h.error(c.SetXattr(f, b"user.b", b"2", 2, h.tick())) == errno.ENODATA
     assert h.error(c.RemoveXattr(f, b"user.b", h.tick())) == errno.ENODATA
     assert h.error(c.SetXattr(f, b"user.big", b"x" * 70000, 0, h.tick())) == errno.E2BIG
+
+
+def test_xattr_usage_is_kept_per_inode_and_bounds_the_name_list(h: Harness) -> None:
+    """A set reads one usage record instead of every attribute of the inode (it used to slow down
+    as the inode gained attributes); the record always equals a fresh count, and the names must fit
+    the kernel's listxattr buffer."""
+    f = h.mk(ROOT_INO, b"f")
+
+    def counted() -> tuple[int, int]:
+        with h.store.env.begin() as txn:
+            pairs = list(h.sm.ns.xattrs(txn, f))
+            return sum(len(k) + len(v) for k, v in pairs), sum(len(k) - 8 + 1 for k, _ in pairs)
+
+    def recorded() -> tuple[int, int]:
+        with h.store.env.begin() as txn:
+            return h.sm.ns.xattr_usage(txn, f)
+
+    for i in range(50):
+        h.apply(c.SetXattr(f, b"user.n%03d" % i, b"v" * i, 0, h.tick()))
+    h.apply(c.SetXattr(f, b"user.n007", b"longer value", 0, h.tick()))  # replace
+    h.apply(c.RemoveXattr(f, b"user.n010", h.tick()))
+    assert recorded() == counted()
+    with h.store.env.begin() as txn:
+        assert b"" not in [k[8:] for k, _ in h.sm.ns.xattrs(txn, f)], "the usage record is no attribute"
+    name = b"user." + b"x" * 250
+    i = 0
+    while True:
+        i += 1
+        err = None
+        try:
+            h.apply(c.SetXattr(f, name[:-8] + b"%08d" % i, b"", 0, h.tick()))
+        except FsError as exc:
+            err = exc.errno
+        if err is not None:
+            break
+    assert err == errno.ENOSPC and counted()[1] <= MAX_XATTR_LIST_BYTES < counted()[1] + len(name) + 1
+    assert recorded() == counted()
+    h.apply(c.Unlink(ROOT_INO, b"f", False, h.tick()))
+    h.apply(c.Purge(f, h.tick()))
+    with h.store.env.begin() as txn:
+        assert not [k for k, _ in txn.cursor(h.store.db["xattrs"]) if k[:8] == f.to_bytes(8, "big")]
+
+
+def test_rename_whiteout_leaves_a_whiteout_at_the_old_name(h: Harness) -> None:
+    d = h.mk(ROOT_INO, b"d", stat.S_IFDIR | 0o755)
+    f = h.mk(d, b"f")
+    wh = h.new_ino()
+    h.apply(c.Rename(d, b"f", d, b"g", RENAME_WHITEOUT, h.tick(), wh, 7, 8))
+    assert h.lookup(d, b"g") == f and h.lookup(d, b"f") == wh
+    whiteout = h.inode(wh)
+    assert stat.S_ISCHR(whiteout.mode) and whiteout.rdev == 0 and (whiteout.uid, whiteout.gid) == (7, 8)
+    assert h.error(c.Rename(d, b"g", d, b"f", RENAME_WHITEOUT | RENAME_EXCHANGE, h.tick(), h.new_ino())) == errno.EINVAL
+    assert h.error(c.Rename(d, b"g", d, b"h", RENAME_WHITEOUT, h.tick())) == errno.EINVAL
+
+
+def test_write_data_stamps_the_time_of_the_write(h: Harness) -> None:
+    """A flush commits later than the write(2) it carries: the write's time is the mtime; a chmod
+    between write and flush keeps its later ctime."""
+    f = h.mk(ROOT_INO, b"f")
+    h.apply(c.SetAttr(f, 500, mode=0o600))
+    h.apply(c.WriteData(f, (ext(0, DATA_START, 1),), 4096, 900, mtime_ns=400))
+    assert (h.inode(f).mtime_ns, h.inode(f).ctime_ns) == (400, 500)
+    h.apply(c.WriteData(f, (ext(1, DATA_START + 1, 1),), 8192, 1000, mtime_ns=950))
+    assert (h.inode(f).mtime_ns, h.inode(f).ctime_ns) == (950, 950)
+    h.apply(c.WriteData(f, (ext(1, DATA_START + 2, 1),), 8192, 1100))
+    assert h.inode(f).mtime_ns == 1100, "no write time given: the commit's"
 
 
 def test_volume_quota_snapshot_and_clone(h: Harness) -> None:
