@@ -42,7 +42,7 @@ class Metrics:
         if child is None:
             child = self._latency_children[op] = self.fuse_latency.labels(op)
         child.observe(seconds)
-        if err and err != errno_mod.ENOENT:
+        if err and err not in (errno_mod.ENOENT, errno_mod.ENODATA):  # answers, not failures
             self.fuse_errors.labels(op, errno_mod.errorcode.get(err, str(err))).inc()
 
     def add_collector(self, collect: Callable[[], Iterator[Metric]]) -> None:

@@ -1,4 +1,5 @@
-"""The workloads: fio sequential and random I/O, an mdtest-like metadata run, untar + git status.
+"""The workloads: fio sequential and random I/O, an mdtest-like metadata run, untar + git status,
+SQLite in WAL mode from two processes.
 
 Every workload takes a `Target` and the shared `Params` and returns `{metric: value}` for one run,
 so that the driver can repeat it, interleave targets, and compare like with like. Choices that
@@ -46,6 +47,7 @@ class Params:
     meta_procs: int = 4
     meta_dirs: int = 16
     tree_files: int = 4_000
+    sqlite_txns: int = 2_000  # per process
     seed: int = 20240601
     timeout_s: float = 900
 
@@ -69,7 +71,12 @@ METRICS: dict[str, list[Metric]] = {
         Metric("seq_write", "seq write 1M", "MiB/s", True, raw=True),
         Metric("seq_read", "seq read 1M (cold)", "MiB/s", True, raw=True),
     ],
-    "rand": [Metric("rand_read", "rand read 4K x16 direct", "IOPS", True, raw=True)],
+    "rand": [
+        Metric("rand_read", "rand read 4K x16 direct", "IOPS", True, raw=True),
+        Metric("rand_write_direct", "rand write 4K x16 direct", "IOPS", True, raw=True),
+        Metric("rand_write_buffered", "rand write 4K x16 buffered+fsync", "IOPS", True),
+    ],
+    "sqlite": [Metric("sqlite_tps", "sqlite WAL 2 procs", "tx/s", True)],
     "meta": [
         Metric(
             f"meta_{layout}_{phase}",
@@ -187,23 +194,33 @@ def prepare_rand(target: Target, params: Params) -> None:
 
 
 def run_rand(target: Target, params: Params, run_index: int) -> dict[str, float]:
-    """4 KiB random reads at queue depth 16: 16 psync jobs, O_DIRECT, on every target.
+    """4 KiB random reads, then writes, at queue depth 16: 16 psync jobs, on every target.
 
     FUSE has no asynchronous direct I/O path for libaio (it completes synchronously), so queue
-    depth comes from 16 threads doing pread; the same engine everywhere keeps ext4 and raw honest.
-    O_DIRECT keeps the page cache out of it: a warm cache would measure memory, not the filesystem.
+    depth comes from 16 threads doing pread/pwrite; the same engine everywhere keeps ext4 and raw
+    honest. O_DIRECT keeps the page cache out of reads (a warm cache would measure memory, not the
+    filesystem) and out of the direct writes; buffered writes end with an fsync, so every target
+    has put the data on its device when the clock stops.
     """
     filename, _ = _fio_file(target, "fsbench-rand")
     drop_caches()
+    out = {"rand_read": _fio_rand(filename, "randread", True, params)["read"]["iops"]}
+    out["rand_write_direct"] = _fio_rand(filename, "randwrite", True, params)["write"]["iops"]
+    if not target.is_block_device:
+        out["rand_write_buffered"] = _fio_rand(filename, "randwrite", False, params)["write"]["iops"]
+    return out
+
+
+def _fio_rand(filename: str, rw: str, direct: bool, params: Params) -> dict[str, Any]:
     out = _fio(
         [
-            "--name=randread",
+            f"--name={rw}",
             f"--filename={filename}",
-            "--rw=randread",
+            f"--rw={rw}",
             "--bs=4k",
             f"--size={params.rand_size}",
             "--ioengine=psync",
-            "--direct=1",
+            f"--direct={int(direct)}",
             "--thread",
             f"--numjobs={params.rand_jobs}",
             "--group_reporting=1",
@@ -213,10 +230,11 @@ def run_rand(target: Target, params: Params, run_index: int) -> dict[str, float]
             "--norandommap",
             "--randrepeat=1",
             "--invalidate=1",
+            *([] if direct else ["--end_fsync=1"]),
         ],
         params.timeout_s + params.rand_runtime_s,
     )
-    return {"rand_read": out["jobs"][0]["read"]["iops"]}
+    return out["jobs"][0]  # type: ignore[no-any-return]
 
 
 def cleanup_fio_files(target: Target) -> None:
@@ -504,3 +522,65 @@ def run_untar(target: Target, params: Params, run_index: int, tarball: Path) -> 
         "git_status": warm,
         "untar_git": untar + warm,
     }
+
+
+# ---------------------------------------------------------------------------------------------
+# SQLite in WAL mode from two processes (what corrupted databases before the read/flush fix)
+
+
+def _sqlite_worker(db: str, txns: int, worker: int) -> None:
+    import sqlite3
+
+    conn = sqlite3.connect(db, timeout=60, isolation_level=None)
+    conn.execute("PRAGMA busy_timeout=60000")
+    for i in range(txns):
+        conn.execute("BEGIN IMMEDIATE")
+        conn.execute("UPDATE counter SET n = n + 1 WHERE id = 1")
+        conn.execute("INSERT INTO rows(worker, seq, body) VALUES (?, ?, ?)", (worker, i, os.urandom(200)))
+        conn.execute("COMMIT")
+    conn.close()
+
+
+def run_sqlite(target: Target, params: Params, run_index: int) -> dict[str, float]:
+    """Two processes each commit `sqlite_txns` transactions (a counter update and an insert) to
+    one database in WAL mode with SQLite's default synchronous=FULL and automatic checkpoints.
+    The result is checked: integrity_check, the exact counter and row count; a wrong answer is
+    a failed run, not a number."""
+    import sqlite3
+
+    db = target.path / f"fsbench-sqlite-{run_index}.db"
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{db}{suffix}").unlink(missing_ok=True)
+    conn = sqlite3.connect(db, isolation_level=None)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("CREATE TABLE counter(id INTEGER PRIMARY KEY, n INTEGER)")
+    conn.execute("CREATE TABLE rows(id INTEGER PRIMARY KEY, worker INTEGER, seq INTEGER, body BLOB)")
+    conn.execute("INSERT INTO counter VALUES (1, 0)")
+    conn.close()
+    ctx = multiprocessing.get_context("fork")
+    workers = [ctx.Process(target=_sqlite_worker, args=(str(db), params.sqlite_txns, w)) for w in range(2)]
+    start = time.perf_counter()
+    for w in workers:
+        w.start()
+    deadline = time.monotonic() + params.timeout_s
+    for w in workers:
+        w.join(max(0.0, deadline - time.monotonic()))
+    elapsed = time.perf_counter() - start
+    if any(w.is_alive() for w in workers):
+        for w in workers:
+            w.kill()
+        raise WorkloadError(f"sqlite workers still running after {params.timeout_s:.0f}s")
+    if any(w.exitcode for w in workers):
+        raise WorkloadError(f"sqlite workers failed: exit codes {[w.exitcode for w in workers]}")
+    conn = sqlite3.connect(db)
+    check = conn.execute("PRAGMA integrity_check").fetchone()[0]
+    counter = conn.execute("SELECT n FROM counter WHERE id = 1").fetchone()[0]
+    rows = conn.execute("SELECT count(*) FROM rows").fetchone()[0]
+    conn.close()
+    expected = 2 * params.sqlite_txns
+    if check != "ok" or counter != expected or rows != expected:
+        raise WorkloadError(f"sqlite database wrong: integrity {check!r}, counter {counter}, rows {rows}, "
+                            f"expected {expected}")
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{db}{suffix}").unlink(missing_ok=True)
+    return {"sqlite_tps": expected / elapsed}

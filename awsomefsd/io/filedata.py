@@ -26,6 +26,7 @@ Concurrency (everything here runs on the trio thread unless it says otherwise); 
 
 from __future__ import annotations
 
+import bisect
 import errno
 import itertools
 import logging
@@ -59,18 +60,23 @@ FLUSHER_TICK_S = 0.1
 SMALL_RUN_BYTES = 64 * 1024  # a flushed run smaller than this may fragment its file
 COMPACT_AFTER_SMALL_RUNS = 32  # check a file for fragmentation after this many small runs
 COMPACT_MIN_EXTENTS = 4  # file-contiguous extents in a row worth merging into one
+FLUSH_BATCH_BYTES = 8 << 20  # runs written and committed together by one WriteData
+FLUSH_BATCH_RUNS = 1024
+Piece = tuple[int, int, int, memoryview]  # (file block, device block, blocks, their bytes)
 
 
 class FileState:
     """Per-inode buffered state on this node."""
 
-    __slots__ = ("dirty", "dirty_since", "error", "inflight", "ino", "lock", "users", "volume", "written_ns")
+    __slots__ = ("dirty", "dirty_since", "error", "inflight", "inflight_end", "ino", "lock", "users", "volume",
+                 "written_ns")
 
     def __init__(self, ino: int, volume: int) -> None:
         self.ino = ino
         self.volume = volume
         self.dirty = DirtyRanges()
         self.inflight: list[tuple[int, bytearray]] = []
+        self.inflight_end = 0  # one past the last in-flight byte (runs are in offset order)
         self.lock = trio.Lock()
         self.users = 0  # tasks that pinned this state (FileData._pinned): it stays registered
         self.dirty_since = 0.0
@@ -78,10 +84,11 @@ class FileState:
         self.written_ns = 0  # when the last write not yet committed happened: the file's mtime
 
     def end_offset(self) -> int:
-        end = self.dirty.end_offset
-        for start, data in self.inflight:
-            end = max(end, start + len(data))
-        return end
+        return max(self.dirty.end_offset, self.inflight_end)
+
+    def set_inflight(self, runs: list[tuple[int, bytearray]]) -> None:
+        self.inflight = runs
+        self.inflight_end = runs[-1][0] + len(runs[-1][1]) if runs else 0
 
     def idle(self) -> bool:
         """Nothing buffered, pending or in use: the state may be dropped."""
@@ -93,10 +100,14 @@ class FileState:
         writes and flushes after this call cannot change what the read returns."""
         end = offset + size
         out = []
-        for start, data in self.inflight:
+        runs = self.inflight
+        i = max(bisect.bisect_right(runs, offset, key=_run_start) - 1, 0)  # disjoint, in offset order
+        while i < len(runs) and runs[i][0] < end:
+            start, data = runs[i]
             lo, hi = max(offset, start), min(end, start + len(data))
             if lo < hi:
                 out.append((lo, bytes(data[lo - start : hi - start])))
+            i += 1
         out.extend(self.dirty.copies(offset, end))
         return out
 
@@ -291,7 +302,9 @@ class FileData:
         if self.total_dirty_bytes + len(data) > self.write_buffer_bytes and not self.device.fence.is_open():
             # the buffers cannot drain while fenced: keep memory bounded
             raise FsError(errno.EIO, "device writes fenced (node lease lapsed) and the write buffer is full")
-        async with self._pinned(inode.ino, inode.volume) as st:
+        st = self.state(inode.ino, inode.volume)
+        st.users += 1  # pinned, as _pinned does (inline: this is the hottest path)
+        try:
             end = offset + len(data)
             grow_blocks = max(0, -(-end // BLOCK_SIZE) - -(-max(inode.size, st.end_offset()) // BLOCK_SIZE))
             await self._check_room(inode, st, len(data) // BLOCK_SIZE + 2, grow_blocks)
@@ -310,6 +323,9 @@ class FileData:
                     self._flush_send.send_nowait(inode.ino)
                 except trio.WouldBlock:
                     await self._flush_pinned(st)
+        finally:
+            st.users -= 1
+            self._drop_if_idle(st)
         return len(data)
 
     async def _check_room(self, inode: Inode, st: FileState, need_blocks: int, grow_blocks: int) -> None:
@@ -374,22 +390,22 @@ class FileData:
             written_ns = st.written_ns
             taken = sum(len(d) for _, d in runs)
             self.total_dirty_bytes -= taken
-            st.inflight = runs
+            st.set_inflight(runs)
             small = sum(1 for _, data in runs if len(data) < SMALL_RUN_BYTES)
             if small:
                 self._note_small_runs(st.ino, small)
             written = 0
             try:
-                for start, data in runs:
-                    await self._write_run(st, start, data, mtime_ns=written_ns)
-                    written += 1
+                for batch in _flush_batches(runs):
+                    await self._write_runs(st, batch, mtime_ns=written_ns)
+                    written += len(batch)
             except FsError as exc:
                 st.error = exc.errno
             except WriteFencedError as exc:
                 self._keep_unwritten(st, runs[written:])
                 raise FsError(errno.EIO, exc.strerror or "") from exc
             finally:
-                st.inflight = []
+                st.set_inflight([])
             if st.written_ns == written_ns and not st.dirty:
                 st.written_ns = 0  # committed (or failed for good): the inode holds the time now
         if st.error:
@@ -455,7 +471,7 @@ class FileData:
                     current = self.sm.ns.get_inode(self.log.read_txn(), ino)
                     if current is None:
                         return removed
-                    await self._write_run(st, lo * BLOCK_SIZE, data, size=current.size, keep_mtime=True)
+                    await self._write_runs(st, [(lo * BLOCK_SIZE, data)], size=current.size, keep_mtime=True)
                     removed += len(pieces) - 1
         if removed:
             self.compactions += 1
@@ -472,75 +488,94 @@ class FileData:
         if errors:
             raise errors[0]
 
-    async def _write_run(self, st: FileState, start: int, data: bytearray, *, size: int | None = None,
-                         keep_mtime: bool = False, mtime_ns: int = 0) -> None:
+    async def _write_runs(self, st: FileState, runs: list[tuple[int, bytearray]], *, size: int | None = None,
+                          keep_mtime: bool = False, mtime_ns: int = 0) -> None:
+        """Write byte runs of one file (in offset order, disjoint) to fresh extents and commit them
+        with one WriteData: scattered small writes cost one allocation, a few device writes (the
+        runs lie side by side on the device) and one command, not one of each per run."""
         inode = self.sm.ns.get_inode(self.log.read_txn(), st.ino)
         if inode is None:
             return  # deleted meanwhile: nothing to write
-        end = start + len(data) if size is None else min(size, start + len(data))
-        first_block = start // BLOCK_SIZE
-        head = start - first_block * BLOCK_SIZE
-        tail = -(head + len(data)) % BLOCK_SIZE
-        if head or tail:
-            # pad to whole blocks with the bytes around the run (a copy: `data` stays visible to
-            # readers as in-flight bytes at its own offset)
-            padded = bytearray()
-            if head:
-                padded += (await self.read_block(st.ino, first_block))[:head]
-            padded += data
-            if tail:
-                last_block = first_block + len(padded) // BLOCK_SIZE
-                old = await self.read_block(st.ino, last_block) if last_block * BLOCK_SIZE < inode.size else bytes(BLOCK_SIZE)
-                padded += old[BLOCK_SIZE - tail :]
-            data = padded
-        nblocks = len(data) // BLOCK_SIZE
+        end = max(start + len(data) for start, data in runs)
+        if size is not None:
+            end = min(size, end)
+        block_runs = await self._block_runs(st.ino, inode.size, runs)
+        nblocks = sum(len(data) for _, data in block_runs) // BLOCK_SIZE
+        extents = await self._allocate(nblocks, self._hint(st.ino, block_runs[0][0]))
+        pieces = _lay_out(block_runs, extents)
         try:
-            extents = self.allocator.allocate(nblocks, hint=self._hint(st.ino, first_block))
-        except NoSpaceError:
-            # A fenced node has lost its groups (or is about to): that is why there is no space
-            # here, so say so (EIO, the data stays buffered), not ENOSPC.
-            self.device.fence.check(len(data))
-            await self.wait_for_frees(nblocks)
-            try:
-                extents = self.allocator.allocate(nblocks, hint=self._hint(st.ino, first_block))
-            except NoSpaceError:
-                raise FsError(errno.ENOSPC) from None
-        pieces: list[tuple[int, int, int]] = []  # (file block, device block, count)
-        pos = 0
-        for dev, count in extents:
-            done = 0
-            while done < count:
-                n = min(MAX_EXTENT_BLOCKS, count - done)
-                pieces.append((first_block + pos, dev + done, n))
-                done += n
-                pos += n
-        try:
-            if len(data) > INLINE_IO_MAX_BYTES:
-                checksums = await trio.to_thread.run_sync(self._write_pieces, data, first_block, pieces,
-                                                          limiter=self.io_limiter)
+            if nblocks * BLOCK_SIZE > INLINE_IO_MAX_BYTES:
+                checksums = await trio.to_thread.run_sync(self._write_pieces, pieces, limiter=self.io_limiter)
             else:
-                checksums = self._write_pieces(data, first_block, pieces)
+                checksums = self._write_pieces(pieces)
             self.written_since_sync = True
-            records = tuple(Extent(fb, dev, n, cs) for (fb, dev, n), cs in zip(pieces, checksums))
+            records = tuple(Extent(fb, dev, n, cs) for (fb, dev, n, _), cs in zip(pieces, checksums))
             await self.log.propose(c.WriteData(st.ino, records, end, self.clock_ns(), touch=not keep_mtime,
                                                mtime_ns=mtime_ns))
         except BaseException:
             self.allocator.release(extents)
             raise
 
-    def _write_pieces(self, data: bytearray, first_block: int, pieces: list[tuple[int, int, int]]) -> list[bytes]:
-        """Copy into aligned buffers, checksum and write; runs in a worker thread for big runs."""
-        view = memoryview(data)
+    async def _block_runs(self, ino: int, size: int, runs: list[tuple[int, bytearray]]) -> list[tuple[int, bytearray]]:
+        """The runs as (first block, whole blocks): partial blocks are completed with the committed
+        bytes around them, and runs that share a block become one. Copies: the runs stay visible
+        to readers as in-flight bytes at their own offsets."""
+        out: list[tuple[int, bytearray]] = []
+        for start, data in runs:
+            first, end = start // BLOCK_SIZE, start + len(data)
+            end_block = -(-end // BLOCK_SIZE)
+            if out and out[-1][0] + len(out[-1][1]) // BLOCK_SIZE > first:
+                base, buf = out[-1]  # its last block is this run's first: extend it
+                grown_from = base + len(buf) // BLOCK_SIZE
+            else:
+                base, buf = first, bytearray()
+                out.append((base, buf))
+                grown_from = first
+                if start % BLOCK_SIZE:
+                    buf += (await self.read_block(ino, first))[: start % BLOCK_SIZE]
+            if end_block > grown_from:
+                buf += bytes((end_block - base) * BLOCK_SIZE - len(buf))
+                last = end_block - 1
+                if end % BLOCK_SIZE and last * BLOCK_SIZE < size:
+                    old = await self.read_block(ino, last)
+                    buf[end - base * BLOCK_SIZE :] = old[end % BLOCK_SIZE :]
+            buf[start - base * BLOCK_SIZE : end - base * BLOCK_SIZE] = data
+        return out
+
+    async def _allocate(self, nblocks: int, hint: int | None) -> list[tuple[int, int]]:
+        try:
+            return self.allocator.allocate(nblocks, hint=hint)
+        except NoSpaceError:
+            # A fenced node has lost its groups (or is about to): that is why there is no space
+            # here, so say so (EIO, the data stays buffered), not ENOSPC.
+            self.device.fence.check(nblocks * BLOCK_SIZE)
+            await self.wait_for_frees(nblocks)
+            try:
+                return self.allocator.allocate(nblocks, hint=hint)
+            except NoSpaceError:
+                raise FsError(errno.ENOSPC) from None
+
+    def _write_pieces(self, pieces: list[Piece]) -> list[bytes]:
+        """Checksum every piece and write it; pieces that follow each other on the device go out
+        in one write of up to a pool buffer. Runs in a worker thread for big flushes."""
         out = []
         buf = self.pool.acquire()
         try:
-            for file_block, dev, n in pieces:
+            view = memoryview(buf)
+            group_dev, used = -1, 0
+            for _, dev, n, data in pieces:
                 length = n * BLOCK_SIZE
-                src = (file_block - first_block) * BLOCK_SIZE
-                target = memoryview(buf)[:length]
-                target[:] = view[src : src + length]
+                if used and (group_dev + used // BLOCK_SIZE != dev or used + length > len(buf)):
+                    self.device.write_from(view[:used], group_dev * BLOCK_SIZE)
+                    used = 0
+                if not used:
+                    group_dev = dev
+                target = view[used : used + length]
+                target[:] = data
                 out.append(block_checksums(target))
-                self.device.write_from(target, dev * BLOCK_SIZE)
+                used += length
+            if used:
+                self.device.write_from(view[:used], group_dev * BLOCK_SIZE)
         finally:
             self.pool.release(buf)
         return out
@@ -573,13 +608,14 @@ class FileData:
                     extents = self.allocator.allocate(1, hint=mapped[0].dev_block + 1)
                     (dev, _), = extents
                     try:
-                        checksums = self._write_pieces(old, block, [(block, dev, 1)])
+                        checksums = self._write_pieces([(block, dev, 1, memoryview(old))])
                     except WriteFencedError as exc:
                         self.allocator.release(extents)
                         raise FsError(errno.EIO, exc.strerror or "") from exc
                     self.written_since_sync = True
                     tail_ext = Extent(block, dev, 1, checksums[0])
-            cmd = c.SetAttr(**{**_setattr_fields(setattr), "size": size, "tail": tail_ext})
+            # now_ns starts the grace period of the extents it cuts off: the commit's time, not the request's
+            cmd = c.SetAttr(**{**_setattr_fields(setattr), "size": size, "tail": tail_ext, "now_ns": self.clock_ns()})
             try:
                 result: Inode = await self.log.propose(cmd)
             except BaseException:
@@ -635,6 +671,42 @@ class FileData:
                 if st is not None:
                     st.error = exc.errno  # reported to the application by its next fsync/close
                 log.warning("background flush of inode %d failed: %s", ino, exc)
+
+
+def _run_start(run: tuple[int, bytearray]) -> int:
+    return run[0]
+
+
+def _flush_batches(runs: list[tuple[int, bytearray]]) -> list[list[tuple[int, bytearray]]]:
+    """Runs grouped for one WriteData each: bounded in bytes and in extents per command."""
+    batches: list[list[tuple[int, bytearray]]] = []
+    size = 0
+    for run in runs:
+        if not batches or size + len(run[1]) > FLUSH_BATCH_BYTES or len(batches[-1]) >= FLUSH_BATCH_RUNS:
+            batches.append([])
+            size = 0
+        batches[-1].append(run)
+        size += len(run[1])
+    return batches
+
+
+def _lay_out(block_runs: list[tuple[int, bytearray]], extents: list[tuple[int, int]]) -> list[Piece]:
+    """Place whole-block runs, in order, into the allocated device extents: pieces of at most one
+    file-map record, each within one run and one extent."""
+    pieces: list[Piece] = []
+    free = iter(extents)
+    dev, left = 0, 0
+    for first, data in block_runs:
+        view = memoryview(data)
+        total, pos = len(data) // BLOCK_SIZE, 0
+        while pos < total:
+            if not left:
+                dev, left = next(free)
+            n = min(total - pos, left, MAX_EXTENT_BLOCKS)
+            pieces.append((first + pos, dev, n, view[pos * BLOCK_SIZE : (pos + n) * BLOCK_SIZE]))
+            pos, dev, left = pos + n, dev + n, left - n
+    assert next(free, None) is None and not left, "allocation and runs differ in size"
+    return pieces
 
 
 def _fragmented_runs(extents: list[Extent]) -> list[list[Extent]]:

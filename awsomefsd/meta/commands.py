@@ -84,7 +84,8 @@ class SetAttr:
 class WriteData:
     """Map freshly written extents into a file (copy-on-write: never overwrites in place).
 
-    `extents` are ordered and contiguous in file blocks. `size` is the file size the write reaches
+    `extents` are in file order and disjoint (one flush of scattered writes is one command).
+    `size` is the file size the write reaches
     (the file grows to it, never shrinks). What they replace goes to the delayed-free list, whose
     grace period starts at `now_ns` (the commit). With `touch`, mtime becomes `mtime_ns` (0: now_ns):
     the time of the last write(2) the flush carries, since a write changes the times when it

@@ -315,15 +315,16 @@ class StateMachine:
             raise FsError(errno.EINVAL, "empty write")
         if cmd.size > MAX_FILE_SIZE_BYTES:
             raise FsError(errno.EFBIG)
-        first, end = cmd.extents[0].file_block, cmd.extents[-1].end_block
         fmap = self.db["fmap"]
         for prev, nxt in zip(cmd.extents, cmd.extents[1:]):
-            assert prev.end_block == nxt.file_block, "WriteData extents must be contiguous"
+            if prev.end_block > nxt.file_block:
+                raise FsError(errno.EINVAL, "WriteData extents must be in file order and disjoint")
         self.space_check_new(txn, cmd.extents)
-        replaced = filemap.mapped_blocks(txn, fmap, inode.ino, first, end)
-        delta = (end - first) - replaced
+        ranges = _file_ranges(cmd.extents)
+        replaced = sum(filemap.mapped_blocks(txn, fmap, inode.ino, first, end) for first, end in ranges)
+        delta = sum(ext.count for ext in cmd.extents) - replaced
         self.volumes.charge(txn, inode.volume, blocks=delta, inodes=0)
-        superseded = filemap.unmap_range(txn, fmap, inode.ino, first, end)
+        superseded = [piece for first, end in ranges for piece in filemap.unmap_range(txn, fmap, inode.ino, first, end)]
         for ext in cmd.extents:
             self.space.take(txn, ext.dev_block, ext.count)
             filemap.map_extent(txn, fmap, inode.ino, ext)
@@ -489,3 +490,14 @@ class StateMachine:
             except FsError as exc:
                 results.append(exc)
         return results
+
+
+def _file_ranges(extents: tuple[Extent, ...]) -> list[tuple[int, int]]:
+    """The file block ranges [first, end) that ordered, disjoint extents cover, adjacent ones joined."""
+    ranges: list[tuple[int, int]] = []
+    for ext in extents:
+        if ranges and ranges[-1][1] == ext.file_block:
+            ranges[-1] = (ranges[-1][0], ext.end_block)
+        else:
+            ranges.append((ext.file_block, ext.end_block))
+    return ranges

@@ -185,6 +185,22 @@ def test_write_replaces_copy_on_write_and_frees_after_grace(h: Harness) -> None:
     assert h.freed == [(DATA_START + 2, 2)]
 
 
+def test_one_write_maps_scattered_runs(h: Harness) -> None:
+    """A flush of scattered writes is one WriteData with extents in file order and gaps between."""
+    f = h.mk(ROOT_INO, b"f")
+    h.apply(c.WriteData(f, (ext(0, DATA_START, 10),), 10 * 4096, h.tick()))
+    free0 = h.free_blocks()
+    h.apply(c.WriteData(f, (ext(1, DATA_START + 20, 1), ext(2, DATA_START + 21, 1), ext(5, DATA_START + 22, 1),
+                            ext(12, DATA_START + 23, 2)), 14 * 4096, h.tick()))
+    assert [(e.file_block, e.dev_block, e.count) for e in h.extents(f)] == [
+        (0, DATA_START, 1), (1, DATA_START + 20, 2), (3, DATA_START + 3, 2), (5, DATA_START + 22, 1),
+        (6, DATA_START + 6, 4), (12, DATA_START + 23, 2)]
+    assert h.inode(f).blocks == 12 and h.inode(f).size == 14 * 4096
+    assert h.free_blocks() == free0 - 5, "3 blocks superseded wait out the grace, 2 new"
+    assert h.error(c.WriteData(f, (ext(3, DATA_START + 30, 2), ext(4, DATA_START + 40, 1)), 4096, h.tick())) == errno.EINVAL
+    assert h.error(c.WriteData(f, (ext(6, DATA_START + 30, 1), ext(4, DATA_START + 40, 1)), 4096, h.tick())) == errno.EINVAL
+
+
 def test_appends_merge_into_one_extent(h: Harness) -> None:
     f = h.mk(ROOT_INO, b"f")
     for i in range(4):
