@@ -5,9 +5,10 @@ Concurrency (everything here runs on the trio thread unless it says otherwise); 
 - A write only copies bytes into the file's DirtyRanges and notes the time it happened: no await,
   so it is atomic under trio.
 - A flush takes the file's dirty runs (they become `inflight`, still visible to reads), allocates
-  fresh extents, writes them and their checksums (in a worker thread for large runs), then proposes
-  one WriteData command per run, stamped with the time of the last write it carries. A per-file
-  lock serialises flushes, truncates and compactions of the same file.
+  fresh extents for a batch of them at once, writes them side by side with their checksums (in a
+  worker thread for large batches), then proposes one WriteData per batch, stamped with the time
+  of the last write it carries. A per-file lock serialises flushes, truncates and compactions of
+  the same file.
 - A file's state lives while anything uses it: every holder of its lock pins it, so two tasks never
   hold the locks of two different states of one file (a state dropped and made anew meanwhile).
 - A read looks up the file map and copies the in-flight and dirty bytes of its range in one step
