@@ -27,6 +27,8 @@ from typing import Any
 
 from targets import Target, drop_caches
 
+from awsomefsd.testing.sqlite_wal import run_wal_writers
+
 FIO = shutil.which("fio") or "/usr/bin/fio"
 MIB = 1 << 20
 
@@ -528,59 +530,14 @@ def run_untar(target: Target, params: Params, run_index: int, tarball: Path) -> 
 # SQLite in WAL mode from two processes (what corrupted databases before the read/flush fix)
 
 
-def _sqlite_worker(db: str, txns: int, worker: int) -> None:
-    import sqlite3
-
-    conn = sqlite3.connect(db, timeout=60, isolation_level=None)
-    conn.execute("PRAGMA busy_timeout=60000")
-    for i in range(txns):
-        conn.execute("BEGIN IMMEDIATE")
-        conn.execute("UPDATE counter SET n = n + 1 WHERE id = 1")
-        conn.execute("INSERT INTO rows(worker, seq, body) VALUES (?, ?, ?)", (worker, i, os.urandom(200)))
-        conn.execute("COMMIT")
-    conn.close()
-
-
 def run_sqlite(target: Target, params: Params, run_index: int) -> dict[str, float]:
-    """Two processes each commit `sqlite_txns` transactions (a counter update and an insert) to
-    one database in WAL mode with SQLite's default synchronous=FULL and automatic checkpoints.
-    The result is checked: integrity_check, the exact counter and row count; a wrong answer is
-    a failed run, not a number."""
-    import sqlite3
-
+    """Two processes each commit `sqlite_txns` transactions to one WAL database (SQLite's defaults:
+    synchronous=FULL, automatic checkpoints); awsomefsd/testing/sqlite_wal.py checks the result,
+    and a wrong database is a failed run, not a number."""
     db = target.path / f"fsbench-sqlite-{run_index}.db"
+    outcome = run_wal_writers(db, params.sqlite_txns, timeout_s=params.timeout_s)
+    if not outcome.ok:
+        raise WorkloadError(f"sqlite database wrong: {outcome.describe()}")
     for suffix in ("", "-wal", "-shm"):
         Path(f"{db}{suffix}").unlink(missing_ok=True)
-    conn = sqlite3.connect(db, isolation_level=None)
-    conn.execute("PRAGMA journal_mode=WAL")
-    conn.execute("CREATE TABLE counter(id INTEGER PRIMARY KEY, n INTEGER)")
-    conn.execute("CREATE TABLE rows(id INTEGER PRIMARY KEY, worker INTEGER, seq INTEGER, body BLOB)")
-    conn.execute("INSERT INTO counter VALUES (1, 0)")
-    conn.close()
-    ctx = multiprocessing.get_context("fork")
-    workers = [ctx.Process(target=_sqlite_worker, args=(str(db), params.sqlite_txns, w)) for w in range(2)]
-    start = time.perf_counter()
-    for w in workers:
-        w.start()
-    deadline = time.monotonic() + params.timeout_s
-    for w in workers:
-        w.join(max(0.0, deadline - time.monotonic()))
-    elapsed = time.perf_counter() - start
-    if any(w.is_alive() for w in workers):
-        for w in workers:
-            w.kill()
-        raise WorkloadError(f"sqlite workers still running after {params.timeout_s:.0f}s")
-    if any(w.exitcode for w in workers):
-        raise WorkloadError(f"sqlite workers failed: exit codes {[w.exitcode for w in workers]}")
-    conn = sqlite3.connect(db)
-    check = conn.execute("PRAGMA integrity_check").fetchone()[0]
-    counter = conn.execute("SELECT n FROM counter WHERE id = 1").fetchone()[0]
-    rows = conn.execute("SELECT count(*) FROM rows").fetchone()[0]
-    conn.close()
-    expected = 2 * params.sqlite_txns
-    if check != "ok" or counter != expected or rows != expected:
-        raise WorkloadError(f"sqlite database wrong: integrity {check!r}, counter {counter}, rows {rows}, "
-                            f"expected {expected}")
-    for suffix in ("", "-wal", "-shm"):
-        Path(f"{db}{suffix}").unlink(missing_ok=True)
-    return {"sqlite_tps": expected / elapsed}
+    return {"sqlite_tps": outcome.expected / outcome.seconds}

@@ -12,7 +12,7 @@ need_root
 
 packages=(fuse3 libfuse3-dev pkg-config gcc python3 python3-dev python3-venv ca-certificates kmod util-linux e2fsprogs)
 if [ "$extras" = "test" ]; then
-    packages+=(iproute2 sqlite3 git tar fio procps psmisc attr acl xfsprogs)
+    packages+=(iproute2 sqlite3 git tar rsync fio procps psmisc attr acl xfsprogs)
 fi
 missing=()
 for p in "${packages[@]}"; do

@@ -31,6 +31,7 @@ from awsomefsd.meta.rename import RENAME_WHITEOUT
 from awsomefsd.meta.state_machine import StateMachine
 
 INODE_RESERVATION = 1024
+POSIX_ACL_XATTRS = (b"system.posix_acl_access", b"system.posix_acl_default")
 LOOKUP_HOLD_S = 2.0
 MAX_LOOKED_UP = 1 << 16
 MAX_OPEN_FILES = 1 << 20
@@ -397,6 +398,10 @@ class Operations:
         return bytes(value)
 
     async def setxattr(self, ino: int, name: bytes, value: bytes, flags: int) -> None:
+        if name in POSIX_ACL_XATTRS:
+            # Stored as a plain attribute it would not change the mode, and cp -p, tar and rsync
+            # set modes through it when it is accepted; refused, they fall back to chmod.
+            raise FsError(errno.EOPNOTSUPP, "POSIX ACLs are not supported")
         await self.log.propose(c.SetXattr(ino, name, value, flags, self._now()))
 
     async def listxattr(self, ino: int) -> list[bytes]:

@@ -1,0 +1,162 @@
+"""Real programs on the mount, their results compared with the archive or source they came from and
+with the same program's result on ext4 (the host filesystem under /var/tmp): SQLite in WAL mode
+from two processes, tar, cp -p and rsync -a. Each comparison is made again after the daemon was
+stopped and started, so that what is checked is what the daemon committed, not the kernel's cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import random
+import shutil
+import stat
+import subprocess
+import tarfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from awsomefsd.testing.sqlite_wal import run_wal_writers
+from tests.mounted.conftest import running_daemon
+from tests.support.daemon import Daemon
+
+pytestmark = pytest.mark.mounted
+SEED = 20261122
+
+
+@pytest.fixture(scope="module")
+def restartable() -> Iterator[Daemon]:
+    """A daemon of this module's own: the tests stop and start it."""
+    with running_daemon("awsomefs-workloads-") as d:
+        yield d
+
+
+def _restart(d: Daemon) -> None:
+    assert d.stop() == 0, d.logs()
+    d.start()
+
+
+def _fresh_dir(d: Daemon, name: str) -> Path:
+    path = d.mount / name
+    path.mkdir()
+    return path
+
+
+@pytest.mark.parametrize("txns", [400])
+def test_sqlite_wal_two_processes_with_checkpoints(restartable: Daemon, txns: int, tmp_path: Path) -> None:
+    """Checkpoints read and rewrite the database while the other process commits: a read that
+    returned a page older than a completed write corrupted it ("Rowid out of order", lost updates)."""
+    control = run_wal_writers(tmp_path / "ext4.db", txns, autocheckpoint=16)
+    assert control.ok, f"the control on ext4 failed, so the test is wrong: {control.describe()}"
+    outcome = run_wal_writers(_fresh_dir(restartable, "sqlite") / "wal.db", txns, autocheckpoint=16,
+                              evict_every_s=0.002)
+    assert outcome.ok, outcome.describe()
+
+
+@pytest.mark.slow
+def test_sqlite_wal_repeated(restartable: Daemon) -> None:
+    where = _fresh_dir(restartable, "sqlite-repeated")
+    for run in range(6):
+        outcome = run_wal_writers(where / f"wal{run}.db", 1500, autocheckpoint=16, evict_every_s=0.002)
+        assert outcome.ok, f"run {run}: {outcome.describe()}"
+
+
+def _make_tree(root: Path, files: int) -> None:
+    """A source-like tree: nested directories, sizes from 0 to over 1 MiB, modes, symlinks, hard
+    links, and times spread over years with nanoseconds."""
+    rng = random.Random(SEED)
+    dirs = [root]
+    for i in range(files // 20):
+        d = rng.choice(dirs) / f"d{i}"
+        d.mkdir()
+        dirs.append(d)
+    os.chmod(dirs[1], 0o2775)
+    made = []
+    for i in range(files):
+        path = rng.choice(dirs) / f"f{i}.c"
+        size = rng.choice([0, 1, 100, 4095, 4096, 4097, 30_000, rng.randrange(1 << 20, 3 << 20)])
+        path.write_bytes(rng.randbytes(size))
+        os.chmod(path, rng.choice([0o644, 0o600, 0o755, 0o444]))
+        t = rng.randrange(300_000_000, 1_700_000_000) * 10**9 + rng.randrange(10**9)
+        os.utime(path, ns=(t, t))
+        made.append(path)
+    for i in range(10):
+        link = rng.choice(dirs) / f"link{i}"
+        link.symlink_to(f"target-{i}")
+        t = rng.randrange(300_000_000, 1_700_000_000) * 10**9 + rng.randrange(10**9)
+        os.utime(link, ns=(t, t), follow_symlinks=False)  # rsync skips times equal to the second
+        os.link(made[i], rng.choice(dirs) / f"hard{i}")
+    for d in reversed(dirs):
+        t = rng.randrange(300_000_000, 1_700_000_000) * 10**9
+        os.utime(d, ns=(t, t))
+
+
+def _listing(root: Path, *, ns: bool) -> dict[str, tuple[object, ...]]:
+    """Every entry's type, mode, mtime, size, content hash or link target, and link count."""
+    out: dict[str, tuple[object, ...]] = {}
+    for path in sorted(root.rglob("*")):
+        st = os.lstat(path)
+        mtime = st.st_mtime_ns if ns else st.st_mtime_ns // 10**9
+        if stat.S_ISLNK(st.st_mode):
+            what: object = os.readlink(path)
+        elif stat.S_ISREG(st.st_mode):
+            what = hashlib.sha256(path.read_bytes()).hexdigest()
+        else:
+            what = None
+        mtime_of_dir = None if stat.S_ISDIR(st.st_mode) else mtime  # entries made inside change it
+        out[str(path.relative_to(root))] = (stat.S_IFMT(st.st_mode), stat.S_IMODE(st.st_mode), mtime_of_dir,
+                                            st.st_size if not stat.S_ISDIR(st.st_mode) else None, what,
+                                            st.st_nlink if not stat.S_ISDIR(st.st_mode) else None)
+    return out
+
+
+def _archive_listing(tarball: bytes) -> dict[str, tuple[int, int]]:
+    with tarfile.open(fileobj=io.BytesIO(tarball)) as tar:
+        return {m.name.removeprefix("./"): (m.mode & 0o7777, int(m.mtime)) for m in tar.getmembers() if m.name != "."}
+
+
+def test_tar_extract_keeps_content_modes_and_times(restartable: Daemon, tmp_path: Path) -> None:
+    """tar sets each file's time with futimens after writing it: the time must survive the flush."""
+    source = tmp_path / "src"
+    source.mkdir()
+    _make_tree(source, 600)
+    tarball = subprocess.run(["tar", "-C", str(source), "-cf", "-", "."], check=True, capture_output=True).stdout
+    archive = _archive_listing(tarball)
+    on_ext4 = tmp_path / "x"
+    on_ext4.mkdir()
+    subprocess.run(["tar", "-C", str(on_ext4), "-xpf", "-"], input=tarball, check=True)
+    on_mount = _fresh_dir(restartable, "tar")
+    subprocess.run(["tar", "-C", str(on_mount), "-xpf", "-"], input=tarball, check=True)
+    want = _listing(on_ext4, ns=False)
+    assert _listing(on_mount, ns=False) == want
+    _restart(restartable)
+    got = _listing(on_mount, ns=False)
+    assert got == want, [k for k in want if got.get(k) != want[k]][:10]
+    for name, (mode, mtime) in archive.items():
+        kind, got_mode, got_mtime = got[name][:3]
+        assert got_mode == mode, name
+        if kind != stat.S_IFDIR:
+            assert got_mtime == mtime, name
+
+
+@pytest.mark.parametrize("tool", [["cp", "-a"], ["rsync", "-a"]], ids=["cp-p", "rsync-a"])
+def test_copies_keep_times(restartable: Daemon, tmp_path: Path, tool: list[str]) -> None:
+    """cp -p and rsync -t set the times after writing (futimens or utimensat); nanoseconds are
+    kept where the tool keeps them, exactly as on ext4."""
+    if not shutil.which(tool[0]):
+        pytest.skip(f"{tool[0]} is not installed (scripts/install.sh test installs it)")
+    source = tmp_path / "src"
+    source.mkdir()
+    _make_tree(source, 200)
+    on_ext4, on_mount = tmp_path / "copy", _fresh_dir(restartable, f"copy-{tool[0]}")
+    on_ext4.mkdir()
+    subprocess.run([*tool, f"{source}/.", str(on_ext4)], check=True)
+    subprocess.run([*tool, f"{source}/.", str(on_mount)], check=True)
+    want = _listing(on_ext4, ns=True)
+    assert _listing(on_mount, ns=True) == want
+    _restart(restartable)
+    got = _listing(on_mount, ns=True)
+    assert got == want, [k for k in want if got.get(k) != want[k]][:10]
