@@ -14,7 +14,7 @@ from awsomefsd.meta.records import MAX_EXTENT_BLOCKS, U64_PAIR, Extent, fmap_key
 from awsomefsd.meta.space import seek_floor
 
 
-def extents_in(txn: lmdb.Transaction, db: object, ino: int, first_block: int, end_block: int) -> Iterator[Extent]:
+def extents_in(txn: lmdb.Transaction[bytes], db: lmdb._Database, ino: int, first_block: int, end_block: int) -> Iterator[Extent]:
     """Extents of `ino` that overlap file blocks [first_block, end_block), in order (unclipped)."""
     if first_block >= end_block:
         return
@@ -37,11 +37,11 @@ def extents_in(txn: lmdb.Transaction, db: object, ino: int, first_block: int, en
             return
 
 
-def all_extents(txn: lmdb.Transaction, db: object, ino: int) -> Iterator[Extent]:
+def all_extents(txn: lmdb.Transaction[bytes], db: lmdb._Database, ino: int) -> Iterator[Extent]:
     return extents_in(txn, db, ino, 0, 1 << 62)
 
 
-def unmap_range(txn: lmdb.Transaction, db: object, ino: int, first_block: int, end_block: int) -> list[tuple[int, int]]:
+def unmap_range(txn: lmdb.Transaction[bytes], db: lmdb._Database, ino: int, first_block: int, end_block: int) -> list[tuple[int, int]]:
     """Remove the mapping of file blocks [first_block, end_block); return superseded (dev, count)."""
     superseded: list[tuple[int, int]] = []
     for ext in list(extents_in(txn, db, ino, first_block, end_block)):
@@ -58,7 +58,7 @@ def unmap_range(txn: lmdb.Transaction, db: object, ino: int, first_block: int, e
     return superseded
 
 
-def map_extent(txn: lmdb.Transaction, db: object, ino: int, ext: Extent) -> None:
+def map_extent(txn: lmdb.Transaction[bytes], db: lmdb._Database, ino: int, ext: Extent) -> None:
     """Insert `ext` (its range must be unmapped), merging with a device-contiguous predecessor.
 
     Merging keeps a file written by many small appends from fragmenting into one record per write.
@@ -77,7 +77,7 @@ def map_extent(txn: lmdb.Transaction, db: object, ino: int, ext: Extent) -> None
     txn.put(fmap_key(ino, ext.file_block), ext.pack_value(), db=db)
 
 
-def mapped_blocks(txn: lmdb.Transaction, db: object, ino: int, first_block: int, end_block: int) -> int:
+def mapped_blocks(txn: lmdb.Transaction[bytes], db: lmdb._Database, ino: int, first_block: int, end_block: int) -> int:
     """How many of file blocks [first_block, end_block) are mapped (not holes)."""
     total = 0
     for ext in extents_in(txn, db, ino, first_block, end_block):

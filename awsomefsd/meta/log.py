@@ -50,7 +50,7 @@ class ReplicatedLog(Protocol):
         """Return once everything proposed before the call is durable."""
         ...
 
-    def read_txn(self) -> lmdb.Transaction:
+    def read_txn(self) -> lmdb.Transaction[bytes]:
         """A transaction that sees every mutation acknowledged so far (for reads only)."""
         ...
 
@@ -77,7 +77,7 @@ class LocalLog:
         self.before_commit = before_commit
         self.batch_headroom_bytes = batch_headroom_bytes
         self.replays = 0
-        self._txn: lmdb.Transaction | None = None
+        self._txn: lmdb.Transaction[bytes] | None = None
         self._batch: list[object] = []
         self._batch_started = 0.0
         self._applied = 0
@@ -97,7 +97,7 @@ class LocalLog:
     def committed_index(self) -> int:
         return self._committed
 
-    def read_txn(self) -> lmdb.Transaction:
+    def read_txn(self) -> lmdb.Transaction[bytes]:
         if self._txn is None:
             self.store.grow_if_needed(self.batch_headroom_bytes)
             self._txn = self.store.env.begin(write=True)
@@ -129,7 +129,7 @@ class LocalLog:
             self.commit()
         return result
 
-    def _replay_after_growth(self) -> lmdb.Transaction:
+    def _replay_after_growth(self) -> lmdb.Transaction[bytes]:
         """The batch outgrew the map: abort, grow, and apply the same commands again."""
         assert self._txn is not None
         self._txn.abort()

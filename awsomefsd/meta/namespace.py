@@ -46,23 +46,23 @@ class Namespace:
         self.symlinks = db["symlinks"]
 
     # -- inodes ---------------------------------------------------------------------------------
-    def get_inode(self, txn: lmdb.Transaction, ino: int) -> Inode | None:
+    def get_inode(self, txn: lmdb.Transaction[bytes], ino: int) -> Inode | None:
         data = txn.get(u64(ino), db=self.inodes)
         return None if data is None else Inode.unpack(ino, data)
 
-    def require_inode(self, txn: lmdb.Transaction, ino: int) -> Inode:
+    def require_inode(self, txn: lmdb.Transaction[bytes], ino: int) -> Inode:
         data = txn.get(u64(ino), db=self.inodes)
         if data is None:
             raise FsError(errno.ENOENT)
         return Inode.unpack(ino, data)
 
-    def put_inode(self, txn: lmdb.Transaction, inode: Inode) -> None:
+    def put_inode(self, txn: lmdb.Transaction[bytes], inode: Inode) -> None:
         txn.put(u64(inode.ino), inode.pack(), db=self.inodes)
 
-    def delete_inode(self, txn: lmdb.Transaction, ino: int) -> None:
+    def delete_inode(self, txn: lmdb.Transaction[bytes], ino: int) -> None:
         txn.delete(u64(ino), db=self.inodes)
 
-    def dir_for_entry(self, txn: lmdb.Transaction, parent_ino: int, name: bytes) -> Inode:
+    def dir_for_entry(self, txn: lmdb.Transaction[bytes], parent_ino: int, name: bytes) -> Inode:
         """The parent directory of a new or existing entry, after checking the name is valid."""
         if len(name) > MAX_NAME_BYTES:
             raise FsError(errno.ENAMETOOLONG)
@@ -75,20 +75,20 @@ class Namespace:
         return parent
 
     # -- directory entries ----------------------------------------------------------------------
-    def lookup(self, txn: lmdb.Transaction, parent: int, name: bytes) -> int | None:
+    def lookup(self, txn: lmdb.Transaction[bytes], parent: int, name: bytes) -> int | None:
         data = txn.get(dentry_key(parent, name), db=self.dentries)
         return None if data is None else read_dentry_value(data)[0]
 
-    def lookup_entry(self, txn: lmdb.Transaction, parent: int, name: bytes) -> tuple[int, int] | None:
+    def lookup_entry(self, txn: lmdb.Transaction[bytes], parent: int, name: bytes) -> tuple[int, int] | None:
         """(child, cookie) of an entry."""
         data = txn.get(dentry_key(parent, name), db=self.dentries)
         return None if data is None else read_dentry_value(data)
 
-    def add_entry(self, txn: lmdb.Transaction, parent: int, name: bytes, child: int, cookie: int) -> None:
+    def add_entry(self, txn: lmdb.Transaction[bytes], parent: int, name: bytes, child: int, cookie: int) -> None:
         txn.put(dentry_key(parent, name), dentry_value(child, cookie), db=self.dentries)
         txn.put(cookie_key(parent, cookie), name, db=self.cookies)
 
-    def remove_entry(self, txn: lmdb.Transaction, parent: int, name: bytes) -> int:
+    def remove_entry(self, txn: lmdb.Transaction[bytes], parent: int, name: bytes) -> int:
         key = dentry_key(parent, name)
         data = txn.get(key, db=self.dentries)
         assert data is not None, (parent, name)
@@ -97,18 +97,20 @@ class Namespace:
         txn.delete(cookie_key(parent, cookie), db=self.cookies)
         return child
 
-    def replace_entry(self, txn: lmdb.Transaction, parent: int, name: bytes, child: int) -> None:
+    def replace_entry(self, txn: lmdb.Transaction[bytes], parent: int, name: bytes, child: int) -> None:
         """Point an existing entry at another inode, keeping its readdir position."""
         key = dentry_key(parent, name)
-        _, cookie = read_dentry_value(txn.get(key, db=self.dentries))
+        data = txn.get(key, db=self.dentries)
+        assert data is not None, "replace_entry: callers looked the entry up in this transaction"
+        _, cookie = read_dentry_value(data)
         txn.put(key, dentry_value(child, cookie), db=self.dentries)
 
-    def has_entries(self, txn: lmdb.Transaction, parent: int) -> bool:
+    def has_entries(self, txn: lmdb.Transaction[bytes], parent: int) -> bool:
         cursor = txn.cursor(self.dentries)
         prefix = u64(parent)
         return cursor.set_range(prefix) and cursor.key()[:8] == prefix
 
-    def entries(self, txn: lmdb.Transaction, parent: int, after_cookie: int = 0) -> Iterator[tuple[int, bytes, int]]:
+    def entries(self, txn: lmdb.Transaction[bytes], parent: int, after_cookie: int = 0) -> Iterator[tuple[int, bytes, int]]:
         """(cookie, name, child) in cookie order, strictly after `after_cookie`: stable offsets for
         readdir, unaffected by entries added or removed elsewhere in the directory."""
         cursor = txn.cursor(self.cookies)
@@ -122,7 +124,7 @@ class Namespace:
             assert child is not None, (parent, name)
             yield cookie, bytes(name), child
 
-    def names(self, txn: lmdb.Transaction, parent: int) -> Iterator[tuple[bytes, int]]:
+    def names(self, txn: lmdb.Transaction[bytes], parent: int) -> Iterator[tuple[bytes, int]]:
         """(name, child) in name order (for fsck and tree walks)."""
         cursor = txn.cursor(self.dentries)
         prefix = u64(parent)
@@ -134,13 +136,13 @@ class Namespace:
             yield bytes(key[8:]), read_dentry_value(value)[0]
 
     # -- xattrs and symlinks --------------------------------------------------------------------
-    def xattrs(self, txn: lmdb.Transaction, ino: int) -> Iterator[tuple[bytes, bytes]]:
+    def xattrs(self, txn: lmdb.Transaction[bytes], ino: int) -> Iterator[tuple[bytes, bytes]]:
         """(key, value) pairs; the name is key[8:]."""
         for key, value in self._xattr_records(txn, ino):
             if len(key) > 8:  # the empty name is the usage record, not an attribute
                 yield key, value
 
-    def _xattr_records(self, txn: lmdb.Transaction, ino: int) -> Iterator[tuple[bytes, bytes]]:
+    def _xattr_records(self, txn: lmdb.Transaction[bytes], ino: int) -> Iterator[tuple[bytes, bytes]]:
         cursor = txn.cursor(self.xattr_db)
         prefix = u64(ino)
         if not cursor.set_range(prefix):
@@ -150,7 +152,7 @@ class Namespace:
                 return
             yield bytes(key), bytes(value)
 
-    def xattr_usage(self, txn: lmdb.Transaction, ino: int) -> tuple[int, int]:
+    def xattr_usage(self, txn: lmdb.Transaction[bytes], ino: int) -> tuple[int, int]:
         """(bytes of keys and values, bytes of the name list listxattr returns) of the inode's
         xattrs: kept in a record of their own so that a set costs the same with 10 or 10,000
         attributes; counted once where the record is missing (a clone, an older filesystem)."""
@@ -163,17 +165,17 @@ class Namespace:
             names += len(key) - 8 + 1
         return total, names
 
-    def put_xattr_usage(self, txn: lmdb.Transaction, ino: int, total: int, names: int) -> None:
+    def put_xattr_usage(self, txn: lmdb.Transaction[bytes], ino: int, total: int, names: int) -> None:
         txn.put(xattr_key(ino, b""), XATTR_USAGE.pack(total, names), db=self.xattr_db)
 
-    def delete_xattrs(self, txn: lmdb.Transaction, ino: int) -> None:
+    def delete_xattrs(self, txn: lmdb.Transaction[bytes], ino: int) -> None:
         for key, _ in list(self._xattr_records(txn, ino)):
             txn.delete(key, db=self.xattr_db)
 
-    def get_xattr(self, txn: lmdb.Transaction, ino: int, name: bytes) -> bytes | None:
+    def get_xattr(self, txn: lmdb.Transaction[bytes], ino: int, name: bytes) -> bytes | None:
         return txn.get(xattr_key(ino, name), db=self.xattr_db)
 
-    def symlink_target(self, txn: lmdb.Transaction, ino: int) -> bytes:
+    def symlink_target(self, txn: lmdb.Transaction[bytes], ino: int) -> bytes:
         target = txn.get(u64(ino), db=self.symlinks)
         if target is None:
             raise FsError(errno.EINVAL)

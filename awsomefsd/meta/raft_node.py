@@ -118,7 +118,7 @@ class ProposalTimeout(Exception):
 class ReplicatedStateMachine(Protocol):
     """The application side. Applying must be deterministic: same bytes, same effect everywhere."""
 
-    def apply(self, txn: lmdb.Transaction, index: int, command: bytes) -> Any:
+    def apply(self, txn: lmdb.Transaction[bytes], index: int, command: bytes) -> Any:
         """Apply one committed command inside the driver's write transaction; returns its result
         (handed to the proposer). Raising aborts the whole Ready: reserve it for bugs."""
         ...
@@ -151,7 +151,7 @@ class _Deferred:
     """A follower's apply-only Ready whose transaction waits for the next one (see DEFER_APPLY_S)."""
 
     rd: Ready
-    apply: Callable[[lmdb.Transaction], None]
+    apply: Callable[[lmdb.Transaction[bytes]], None]
     late: list[Message]
     outcome: list[tuple[int, Any, tuple[int, int] | None]]
     skipped: set[int]
@@ -248,7 +248,7 @@ class RaftNode:
         """A brand-new group: every founding member starts from the same snapshot at index 1."""
         meta = SnapshotMeta(1, 1, ConfState(tuple(sorted(voters))))
 
-        def mark_applied(txn: lmdb.Transaction) -> None:
+        def mark_applied(txn: lmdb.Transaction[bytes]) -> None:
             txn.put(APPLIED_KEY, _U64.pack(1), db=self.storage.meta_db)
 
         self.storage.save(HardState(1, 0, 1), [], meta, also=mark_applied)
@@ -483,7 +483,7 @@ class RaftNode:
         added: list[tuple[int, str]] = []
         skipped: set[int] = set()
 
-        def apply(txn: lmdb.Transaction) -> None:
+        def apply(txn: lmdb.Transaction[bytes]) -> None:
             applied = read_applied_index(txn, self.storage.meta_db)
             for e in rd.committed_entries:
                 if e.index <= applied:
@@ -601,8 +601,8 @@ class RaftNode:
         )
 
     def _take_deferred(
-        self, hard_state: HardState | None, apply: Callable[[lmdb.Transaction], None] | None
-    ) -> tuple[HardState | None, Callable[[lmdb.Transaction], None] | None, list[_Deferred]]:
+        self, hard_state: HardState | None, apply: Callable[[lmdb.Transaction[bytes]], None] | None
+    ) -> tuple[HardState | None, Callable[[lmdb.Transaction[bytes]], None] | None, list[_Deferred]]:
         """Fold the deferred applies into the next transaction: they run first, in order, and the
         newest hard state is written (a deferred Ready's differs from the durable one only in its
         commit index)."""
@@ -613,7 +613,7 @@ class RaftNode:
         if hard_state is None:
             hard_state = next((d.rd.hard_state for d in reversed(deferred) if d.rd.hard_state is not None), None)
 
-        def also(txn: lmdb.Transaction) -> None:
+        def also(txn: lmdb.Transaction[bytes]) -> None:
             for d in deferred:
                 d.apply(txn)
             if apply is not None:
@@ -646,7 +646,7 @@ class RaftNode:
         self._serve_reads()  # no snapshot here: this may run between ready() and advance()
 
     async def _finish_apply(self, rd: Ready, hard_state: HardState | None,
-                            also: Callable[[lmdb.Transaction], None] | None, deferred: list[_Deferred],
+                            also: Callable[[lmdb.Transaction[bytes]], None] | None, deferred: list[_Deferred],
                             late: list[Message], outcome: list[tuple[int, Any, tuple[int, int] | None]],
                             skipped: set[int], done: trio.Event) -> None:
         """The rest of an apply-only Ready, behind the loop (see _handle_ready)."""

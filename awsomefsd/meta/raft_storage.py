@@ -101,7 +101,7 @@ class LmdbRaftStorage:
             self._last = _INDEX.unpack(cur.key())[0] if cur.last() else self.snap_meta.index
         assert self._last >= self.snap_meta.index, "log ends below its snapshot"
 
-    def first_application(self, txn: lmdb.Transaction, proposal_id: bytes, index: int) -> bool:
+    def first_application(self, txn: lmdb.Transaction[bytes], proposal_id: bytes, index: int) -> bool:
         """Record that the proposal `proposal_id` is applied at `index`; False if it already was.
 
         A follower resends a forwarded entry under the same id when it cannot tell whether the
@@ -192,7 +192,7 @@ class LmdbRaftStorage:
         entries: list[Entry],
         snapshot: SnapshotMeta | None = None,
         *,
-        also: Callable[[lmdb.Transaction], None] | None = None,
+        also: Callable[[lmdb.Transaction[bytes]], None] | None = None,
     ) -> None:
         """Persist one Ready (snapshot metadata, entries, hard state) in one fsynced transaction.
 
@@ -239,10 +239,10 @@ class LmdbRaftStorage:
         self.snap_meta = meta
         return meta
 
-    def _delete_from(self, txn: lmdb.Transaction, lo: int) -> None:
+    def _delete_from(self, txn: lmdb.Transaction[bytes], lo: int) -> None:
         self._delete_range(txn, lo, None)
 
-    def _delete_range(self, txn: lmdb.Transaction, lo: int, hi: int | None) -> None:
+    def _delete_range(self, txn: lmdb.Transaction[bytes], lo: int, hi: int | None) -> None:
         cur = txn.cursor(db=self._log)
         if not cur.set_range(_key(lo)):
             return
@@ -287,7 +287,7 @@ def apply_entries(
     env: lmdb.Environment,
     db: lmdb._Database,
     entries: list[Entry],
-    apply_fn: Callable[[lmdb.Transaction, Entry], None],
+    apply_fn: Callable[[lmdb.Transaction[bytes], Entry], None],
 ) -> int:
     """Apply committed entries and record the applied index in the same write transaction.
 

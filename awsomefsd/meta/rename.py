@@ -27,7 +27,7 @@ RENAME_WHITEOUT = 4
 MAX_TREE_DEPTH = 4096
 
 
-def _is_ancestor(sm: StateMachine, txn: lmdb.Transaction, ancestor: int, ino: int) -> bool:
+def _is_ancestor(sm: StateMachine, txn: lmdb.Transaction[bytes], ancestor: int, ino: int) -> bool:
     """True when `ancestor` is `ino` or one of its parents (walks `..` up to the root)."""
     for _ in range(MAX_TREE_DEPTH):
         if ino == ancestor:
@@ -39,7 +39,7 @@ def _is_ancestor(sm: StateMachine, txn: lmdb.Transaction, ancestor: int, ino: in
     raise FsError(errno.ELOOP, "directory tree deeper than the limit")
 
 
-def apply_rename(sm: StateMachine, txn: lmdb.Transaction, cmd: c.Rename) -> int:
+def apply_rename(sm: StateMachine, txn: lmdb.Transaction[bytes], cmd: c.Rename) -> int:
     ns = sm.ns
     if cmd.flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE | RENAME_WHITEOUT) or (
             cmd.flags & RENAME_EXCHANGE and cmd.flags & (RENAME_NOREPLACE | RENAME_WHITEOUT)):
@@ -102,7 +102,7 @@ def apply_rename(sm: StateMachine, txn: lmdb.Transaction, cmd: c.Rename) -> int:
 
 
 def _exchange(
-    sm: StateMachine, txn: lmdb.Transaction, cmd: c.Rename, old_parent: Inode, new_parent: Inode, a: Inode, b: Inode
+    sm: StateMachine, txn: lmdb.Transaction[bytes], cmd: c.Rename, old_parent: Inode, new_parent: Inode, a: Inode, b: Inode
 ) -> int:
     ns = sm.ns
     if a.volume != b.volume or sm.volumes.is_volume_root(txn, b):

@@ -50,15 +50,15 @@ class SpaceMap:
         self.mirror = FreeSpaceMap()
 
     # -- free space -----------------------------------------------------------------------------
-    def load(self, txn: lmdb.Transaction) -> None:
+    def load(self, txn: lmdb.Transaction[bytes]) -> None:
         """Rebuild the in-memory mirror from the table (at start, and after an aborted batch)."""
         self.mirror = FreeSpaceMap(self.free_extents(txn))
 
-    def free_extents(self, txn: lmdb.Transaction) -> Iterator[tuple[int, int]]:
+    def free_extents(self, txn: lmdb.Transaction[bytes]) -> Iterator[tuple[int, int]]:
         for key, value in txn.cursor(self.free_db):
             yield U64.unpack(key)[0], _FREE_VALUE.unpack(value)[0]
 
-    def take(self, txn: lmdb.Transaction, start: int, count: int) -> None:
+    def take(self, txn: lmdb.Transaction[bytes], start: int, count: int) -> None:
         """Mark [start, start+count) used; it must be entirely free."""
         if not self.mirror.contains_free(start, count):
             raise SpaceCorruption(f"blocks {start}+{count} are not free")
@@ -75,7 +75,7 @@ class SpaceMap:
             txn.put(u64(start + count), _FREE_VALUE.pack(free_start + free_count - start - count), db=self.free_db)
         self.mirror.remove(start, count)
 
-    def give(self, txn: lmdb.Transaction, start: int, count: int) -> None:
+    def give(self, txn: lmdb.Transaction[bytes], start: int, count: int) -> None:
         """Mark [start, start+count) free, merging with free neighbours; none of it may be free."""
         if self.mirror.overlaps_free(start, count):
             raise SpaceCorruption(f"blocks {start}+{count} are already free (double free)")
@@ -95,21 +95,21 @@ class SpaceMap:
         self.mirror.add(start, count)
 
     # -- delayed frees --------------------------------------------------------------------------
-    def defer(self, txn: lmdb.Transaction, seq: int, extents: Iterable[tuple[int, int]], not_before_ns: int) -> None:
+    def defer(self, txn: lmdb.Transaction[bytes], seq: int, extents: Iterable[tuple[int, int]], not_before_ns: int) -> None:
         pairs = [e for e in extents if e[1] > 0]
         if not pairs:
             return
         value = _DFREE_HEAD.pack(not_before_ns, len(pairs)) + b"".join(_PAIR.pack(*e) for e in pairs)
         txn.put(u64(seq), value, db=self.dfree_db)
 
-    def deferred(self, txn: lmdb.Transaction) -> Iterator[tuple[int, int, list[tuple[int, int]]]]:
+    def deferred(self, txn: lmdb.Transaction[bytes]) -> Iterator[tuple[int, int, list[tuple[int, int]]]]:
         """(seq, not_before_ns, extents) in sequence order."""
         for key, value in txn.cursor(self.dfree_db):
             not_before, n = _DFREE_HEAD.unpack_from(value)
             pairs = [_PAIR.unpack_from(value, _DFREE_HEAD.size + i * _PAIR.size) for i in range(n)]
             yield U64.unpack(key)[0], not_before, pairs
 
-    def pending_free_blocks(self, txn: lmdb.Transaction) -> int:
+    def pending_free_blocks(self, txn: lmdb.Transaction[bytes]) -> int:
         """Blocks the delayed-free list will return to free space: those no snapshot or clone
         still references (a shared range only loses a reference)."""
         total = 0
@@ -120,10 +120,10 @@ class SpaceMap:
                 total += count - shared
         return total
 
-    def reclaim(self, txn: lmdb.Transaction, now_ns: int, limit: int = 4096) -> list[tuple[int, int]]:
+    def reclaim(self, txn: lmdb.Transaction[bytes], now_ns: int, limit: int = 4096) -> list[tuple[int, int]]:
         """Release deferred extents that are due; returns what became free."""
         freed: list[tuple[int, int]] = []
-        due = []
+        due: list[tuple[int, list[tuple[int, int]]]] = []
         for seq, not_before, pairs in self.deferred(txn):
             if not_before > now_ns or len(due) >= limit:
                 break
@@ -135,9 +135,9 @@ class SpaceMap:
         return freed
 
     # -- shared extents -------------------------------------------------------------------------
-    def _ref_records(self, txn: lmdb.Transaction, start: int, end: int) -> list[tuple[int, int, int]]:
+    def _ref_records(self, txn: lmdb.Transaction[bytes], start: int, end: int) -> list[tuple[int, int, int]]:
         """(start, count, extra) of reference records overlapping [start, end)."""
-        out = []
+        out: list[tuple[int, int, int]] = []
         cursor = txn.cursor(self.refs_db)
         if not seek_floor(cursor, u64(start)):
             return out
@@ -150,13 +150,13 @@ class SpaceMap:
                 out.append((r_start, r_count, extra))
         return out
 
-    def _split_refs_at(self, txn: lmdb.Transaction, at: int) -> None:
+    def _split_refs_at(self, txn: lmdb.Transaction[bytes], at: int) -> None:
         for r_start, r_count, extra in self._ref_records(txn, at, at + 1):
             if r_start < at < r_start + r_count:
                 txn.put(u64(r_start), _REF.pack(at - r_start, extra), db=self.refs_db)
                 txn.put(u64(at), _REF.pack(r_start + r_count - at, extra), db=self.refs_db)
 
-    def share(self, txn: lmdb.Transaction, start: int, count: int) -> None:
+    def share(self, txn: lmdb.Transaction[bytes], start: int, count: int) -> None:
         """One more reference to [start, start+count) (a snapshot or clone now points at it)."""
         end = start + count
         self._split_refs_at(txn, start)
@@ -170,7 +170,7 @@ class SpaceMap:
         if pos < end:
             txn.put(u64(pos), _REF.pack(end - pos, 1), db=self.refs_db)
 
-    def release(self, txn: lmdb.Transaction, start: int, count: int) -> list[tuple[int, int]]:
+    def release(self, txn: lmdb.Transaction[bytes], start: int, count: int) -> list[tuple[int, int]]:
         """Drop one reference to [start, start+count); return the parts that became free."""
         end = start + count
         self._split_refs_at(txn, start)

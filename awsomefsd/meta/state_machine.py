@@ -65,7 +65,7 @@ class StateMachine:
         self.freed_listeners: list[FreedListener] = []
         self.quiet = False  # replaying a batch: listeners already heard these events
         self._counters: dict[bytes, int] = {}
-        self._handlers: dict[type, Callable[[lmdb.Transaction, Any], Any]] = {
+        self._handlers: dict[type, Callable[[lmdb.Transaction[bytes], Any], Any]] = {
             c.Mknod: self._mknod,
             c.Link: self._link,
             c.Unlink: self._unlink,
@@ -102,7 +102,7 @@ class StateMachine:
 
     # -- lifecycle ------------------------------------------------------------------------------
     def bootstrap(
-        self, txn: lmdb.Transaction, *, cluster_id: str, device_id: str, data_extent: tuple[int, int], now_ns: int
+        self, txn: lmdb.Transaction[bytes], *, cluster_id: str, device_id: str, data_extent: tuple[int, int], now_ns: int
     ) -> None:
         """Initial state of a new filesystem: the root directory and all data blocks free."""
         meta = self.db["meta"]
@@ -123,7 +123,7 @@ class StateMachine:
         self.space.load(txn)
         self.space.give(txn, *data_extent)
 
-    def load(self, txn: lmdb.Transaction) -> None:
+    def load(self, txn: lmdb.Transaction[bytes]) -> None:
         version = txn.get(b"format", db=self.db["meta"])
         if version is None:
             raise RuntimeError("metadata store is not initialised")
@@ -132,20 +132,22 @@ class StateMachine:
         self._counters.clear()
         self.space.load(txn)
 
-    def meta_value(self, txn: lmdb.Transaction, key: bytes) -> bytes | None:
+    def meta_value(self, txn: lmdb.Transaction[bytes], key: bytes) -> bytes | None:
         return txn.get(key, db=self.db["meta"])
 
     # -- dispatch -------------------------------------------------------------------------------
-    def apply(self, txn: lmdb.Transaction, command: object) -> Any:
+    def apply(self, txn: lmdb.Transaction[bytes], command: object) -> Any:
         handler = self._handlers.get(type(command))
         if handler is None:
             raise FsError(errno.EINVAL, f"unknown command {type(command).__name__}")
         return handler(txn, command)
 
-    def _next(self, txn: lmdb.Transaction, name: bytes, count: int = 1) -> int:
+    def _next(self, txn: lmdb.Transaction[bytes], name: bytes, count: int = 1) -> int:
         value = self._counters.get(name)
         if value is None:
-            value = int.from_bytes(txn.get(name, db=self.db["meta"]), "big")
+            raw = txn.get(name, db=self.db["meta"])
+            assert raw is not None, name  # every counter is written by bootstrap()
+            value = int.from_bytes(raw, "big")
         self._counters[name] = value + count
         txn.put(name, u64(value + count), db=self.db["meta"])
         return value
@@ -155,12 +157,12 @@ class StateMachine:
             for listener in self.freed_listeners:
                 listener(freed)
 
-    def _defer_free(self, txn: lmdb.Transaction, extents: list[tuple[int, int]], now_ns: int) -> None:
+    def _defer_free(self, txn: lmdb.Transaction[bytes], extents: list[tuple[int, int]], now_ns: int) -> None:
         if extents:
             self.space.defer(txn, self._next(txn, b"dfree_seq"), extents, now_ns + self.delayed_free_ns)
 
     # -- namespace ------------------------------------------------------------------------------
-    def _mknod(self, txn: lmdb.Transaction, cmd: c.Mknod) -> Inode:
+    def _mknod(self, txn: lmdb.Transaction[bytes], cmd: c.Mknod) -> Inode:
         ns = self.ns
         parent = ns.dir_for_entry(txn, cmd.parent, cmd.name)
         if ns.lookup(txn, cmd.parent, cmd.name) is not None:
@@ -190,7 +192,7 @@ class StateMachine:
         ns.put_inode(txn, parent)
         return inode
 
-    def _link(self, txn: lmdb.Transaction, cmd: c.Link) -> Inode:
+    def _link(self, txn: lmdb.Transaction[bytes], cmd: c.Link) -> Inode:
         ns = self.ns
         inode = ns.require_inode(txn, cmd.ino)
         if inode.is_dir:
@@ -213,7 +215,7 @@ class StateMachine:
         ns.put_inode(txn, parent)
         return inode
 
-    def _unlink(self, txn: lmdb.Transaction, cmd: c.Unlink) -> int:
+    def _unlink(self, txn: lmdb.Transaction[bytes], cmd: c.Unlink) -> int:
         """Returns the inode whose link went away (the caller may purge it once nothing holds it)."""
         ns = self.ns
         parent = ns.dir_for_entry(txn, cmd.parent, cmd.name)
@@ -239,7 +241,7 @@ class StateMachine:
         self._drop_link(txn, child, cmd.now_ns)
         return child_ino
 
-    def _drop_link(self, txn: lmdb.Transaction, child: Inode, now_ns: int) -> None:
+    def _drop_link(self, txn: lmdb.Transaction[bytes], child: Inode, now_ns: int) -> None:
         child.nlink = 0 if child.is_dir else child.nlink - 1
         child.ctime_ns = now_ns
         self.ns.put_inode(txn, child)
@@ -248,14 +250,14 @@ class StateMachine:
             holders = self.cluster.active_members(txn)
             txn.put(u64(child.ino), json.dumps(holders).encode() if holders else b"", db=self.db["orphans"])
 
-    def _rename(self, txn: lmdb.Transaction, cmd: c.Rename) -> int:
+    def _rename(self, txn: lmdb.Transaction[bytes], cmd: c.Rename) -> int:
         """Returns the inode that lost its name to the rename (0 when none)."""
         from awsomefsd.meta.rename import apply_rename
 
         return apply_rename(self, txn, cmd)
 
     # -- attributes -----------------------------------------------------------------------------
-    def _setattr(self, txn: lmdb.Transaction, cmd: c.SetAttr) -> Inode:
+    def _setattr(self, txn: lmdb.Transaction[bytes], cmd: c.SetAttr) -> Inode:
         inode = self.ns.require_inode(txn, cmd.ino)
         self.volumes.check_writable(txn, inode.volume)
         if cmd.size is not None:
@@ -281,7 +283,7 @@ class StateMachine:
         self.ns.put_inode(txn, inode)
         return inode
 
-    def _truncate(self, txn: lmdb.Transaction, inode: Inode, size: int, tail: Extent | None, now_ns: int) -> None:
+    def _truncate(self, txn: lmdb.Transaction[bytes], inode: Inode, size: int, tail: Extent | None, now_ns: int) -> None:
         if size < inode.size:
             keep_blocks = blocks_for(size)
             fmap = self.db["fmap"]
@@ -301,13 +303,13 @@ class StateMachine:
             inode.blocks += added - removed
         inode.size = size
 
-    def space_check_new(self, txn: lmdb.Transaction, extents: list[Extent] | tuple[Extent, ...]) -> None:
+    def space_check_new(self, txn: lmdb.Transaction[bytes], extents: list[Extent] | tuple[Extent, ...]) -> None:
         for ext in extents:
             if not self.space.mirror.contains_free(ext.dev_block, ext.count):
                 log.error("refusing a write: blocks %d+%d are not free", ext.dev_block, ext.count)
                 raise FsError(errno.EIO, "allocation conflict")
 
-    def _write_data(self, txn: lmdb.Transaction, cmd: c.WriteData) -> Inode:
+    def _write_data(self, txn: lmdb.Transaction[bytes], cmd: c.WriteData) -> Inode:
         inode = self.ns.require_inode(txn, cmd.ino)
         if not inode.is_reg:
             raise FsError(errno.EINVAL)
@@ -341,7 +343,7 @@ class StateMachine:
         self.ns.put_inode(txn, inode)
         return inode
 
-    def _setxattr(self, txn: lmdb.Transaction, cmd: c.SetXattr) -> None:
+    def _setxattr(self, txn: lmdb.Transaction[bytes], cmd: c.SetXattr) -> None:
         inode = self.ns.require_inode(txn, cmd.ino)
         self.volumes.check_writable(txn, inode.volume)
         if not cmd.name or len(cmd.name) > MAX_XATTR_NAME_BYTES:
@@ -365,7 +367,7 @@ class StateMachine:
         inode.ctime_ns = cmd.now_ns
         self.ns.put_inode(txn, inode)
 
-    def _removexattr(self, txn: lmdb.Transaction, cmd: c.RemoveXattr) -> None:
+    def _removexattr(self, txn: lmdb.Transaction[bytes], cmd: c.RemoveXattr) -> None:
         inode = self.ns.require_inode(txn, cmd.ino)
         self.volumes.check_writable(txn, inode.volume)
         key = xattr_key(cmd.ino, cmd.name)
@@ -379,13 +381,13 @@ class StateMachine:
         self.ns.put_inode(txn, inode)
 
     # -- inode lifecycle and space --------------------------------------------------------------
-    def _reserve_inodes(self, txn: lmdb.Transaction, cmd: c.ReserveInodes) -> tuple[int, int]:
+    def _reserve_inodes(self, txn: lmdb.Transaction[bytes], cmd: c.ReserveInodes) -> tuple[int, int]:
         if not 0 < cmd.count <= MAX_RESERVE_INODES:
             raise FsError(errno.EINVAL)
         start = self._next(txn, b"ino_next", cmd.count)
         return start, start + cmd.count
 
-    def _purge(self, txn: lmdb.Transaction, cmd: c.Purge) -> bool:
+    def _purge(self, txn: lmdb.Transaction[bytes], cmd: c.Purge) -> bool:
         inode = self.ns.get_inode(txn, cmd.ino)
         if inode is None or inode.nlink > 0:
             txn.delete(u64(cmd.ino), db=self.db["orphans"])
@@ -393,7 +395,7 @@ class StateMachine:
         self.delete_inode(txn, inode, cmd.now_ns)
         return True
 
-    def delete_inode(self, txn: lmdb.Transaction, inode: Inode, now_ns: int) -> None:
+    def delete_inode(self, txn: lmdb.Transaction[bytes], inode: Inode, now_ns: int) -> None:
         """Remove an inode with its data (freed after the grace period), xattrs and orphan mark."""
         superseded = filemap.unmap_range(txn, self.db["fmap"], inode.ino, 0, 1 << 62)
         self._defer_free(txn, superseded, now_ns)
@@ -404,7 +406,7 @@ class StateMachine:
         self.cluster.drop_leases_of_inode(txn, inode.ino)
         self.ns.delete_inode(txn, inode.ino)
 
-    def _reclaim(self, txn: lmdb.Transaction, cmd: c.ReclaimFrees) -> list[tuple[int, int]]:
+    def _reclaim(self, txn: lmdb.Transaction[bytes], cmd: c.ReclaimFrees) -> list[tuple[int, int]]:
         try:
             freed = self.space.reclaim(txn, cmd.now_ns)
         except SpaceCorruption as exc:
@@ -413,7 +415,7 @@ class StateMachine:
         self._emit_freed(freed)
         return freed
 
-    def _release_leaked(self, txn: lmdb.Transaction, cmd: c.ReleaseLeaked) -> int:
+    def _release_leaked(self, txn: lmdb.Transaction[bytes], cmd: c.ReleaseLeaked) -> int:
         for start, count in cmd.extents:
             if self.space.mirror.overlaps_free(start, count):
                 raise FsError(errno.EINVAL, f"blocks {start}+{count} are already free")
@@ -422,23 +424,23 @@ class StateMachine:
         self._emit_freed(list(cmd.extents))
         return sum(n for _, n in cmd.extents)
 
-    def _grant_groups(self, txn: lmdb.Transaction, cmd: c.GrantGroups) -> None:
+    def _grant_groups(self, txn: lmdb.Transaction[bytes], cmd: c.GrantGroups) -> None:
         for group in cmd.groups:
             txn.put(group.to_bytes(4, "big"), u64(cmd.node), db=self.db["groups"])
 
-    def _claim_groups(self, txn: lmdb.Transaction, cmd: c.ClaimGroups) -> tuple[int, ...]:
+    def _claim_groups(self, txn: lmdb.Transaction[bytes], cmd: c.ClaimGroups) -> tuple[int, ...]:
         count = self.cluster.value(txn, b"ag_count")
         if count is None:
             raise FsError(errno.EINVAL, "not a cluster")
         return self.cluster.claim_groups(txn, cmd, int.from_bytes(count, "big"))
 
-    def _release_orphans(self, txn: lmdb.Transaction, cmd: c.ReleaseOrphans) -> int:
+    def _release_orphans(self, txn: lmdb.Transaction[bytes], cmd: c.ReleaseOrphans) -> int:
         """Returns how many of the inodes were deleted (nobody holds them any more)."""
         if len(cmd.inos) > MAX_RESERVE_INODES:
             raise FsError(errno.EINVAL, "too many inodes in one release")
         return sum(self.release_orphan(txn, ino, cmd.node, cmd.now_ns) for ino in cmd.inos)
 
-    def release_orphan(self, txn: lmdb.Transaction, ino: int, node: int, now_ns: int) -> bool:
+    def release_orphan(self, txn: lmdb.Transaction[bytes], ino: int, node: int, now_ns: int) -> bool:
         raw = txn.get(u64(ino), db=self.db["orphans"])
         if raw is None:
             return False
@@ -448,7 +450,7 @@ class StateMachine:
             return False
         return self._purge(txn, c.Purge(ino, now_ns))
 
-    def _expire_node(self, txn: lmdb.Transaction, cmd: c.ExpireNode) -> list[int]:
+    def _expire_node(self, txn: lmdb.Transaction[bytes], cmd: c.ExpireNode) -> list[int]:
         """A node that is gone holds nothing open any more: its orphan holds go with its groups."""
         groups = self.cluster.expire_node(txn, cmd)
         held = [int.from_bytes(k, "big") for k, v in txn.cursor(self.db["orphans"])
@@ -457,32 +459,32 @@ class StateMachine:
             self.release_orphan(txn, ino, cmd.node, cmd.now_ns)
         return groups
 
-    def _fenced(self, txn: lmdb.Transaction, cmd: c.Fenced) -> Any:
+    def _fenced(self, txn: lmdb.Transaction[bytes], cmd: c.Fenced) -> Any:
         self.cluster.check_fenced(txn, cmd)
         if len(cmd.commands) == 1:
             return self.apply(txn, cmd.commands[0])
         return self._batch(txn, c.Batch(cmd.commands))
 
-    def group_owners(self, txn: lmdb.Transaction) -> dict[int, int]:
+    def group_owners(self, txn: lmdb.Transaction[bytes]) -> dict[int, int]:
         return {int.from_bytes(k, "big"): int.from_bytes(v, "big") for k, v in txn.cursor(self.db["groups"])}
 
     # -- volumes and snapshots (semantics in volumes_sm) ----------------------------------------
-    def _create_volume(self, txn: lmdb.Transaction, cmd: c.CreateVolume) -> Any:
+    def _create_volume(self, txn: lmdb.Transaction[bytes], cmd: c.CreateVolume) -> Any:
         return self.volumes.create_volume(txn, cmd, self._next)
 
-    def _delete_volume(self, txn: lmdb.Transaction, cmd: c.DeleteVolume) -> Any:
+    def _delete_volume(self, txn: lmdb.Transaction[bytes], cmd: c.DeleteVolume) -> Any:
         return self.volumes.delete_volume(txn, cmd, self.delete_inode)
 
-    def _resize_volume(self, txn: lmdb.Transaction, cmd: c.ResizeVolume) -> Any:
+    def _resize_volume(self, txn: lmdb.Transaction[bytes], cmd: c.ResizeVolume) -> Any:
         return self.volumes.resize_volume(txn, cmd)
 
-    def _create_snapshot(self, txn: lmdb.Transaction, cmd: c.CreateSnapshot) -> Any:
+    def _create_snapshot(self, txn: lmdb.Transaction[bytes], cmd: c.CreateSnapshot) -> Any:
         return self.volumes.create_snapshot(txn, cmd, self._next)
 
-    def _delete_snapshot(self, txn: lmdb.Transaction, cmd: c.DeleteSnapshot) -> Any:
+    def _delete_snapshot(self, txn: lmdb.Transaction[bytes], cmd: c.DeleteSnapshot) -> Any:
         return self.volumes.delete_snapshot(txn, cmd, self.delete_inode)
 
-    def _batch(self, txn: lmdb.Transaction, cmd: c.Batch) -> list[Any]:
+    def _batch(self, txn: lmdb.Transaction[bytes], cmd: c.Batch) -> list[Any]:
         results: list[Any] = []
         for sub in cmd.commands:
             try:

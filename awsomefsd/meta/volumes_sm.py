@@ -28,7 +28,7 @@ from awsomefsd.meta.space import SpaceMap
 VOLUMES_INO = 2
 SNAPSHOTS_INO = 3
 MAX_TREE_INODES = 1_000_000
-Counter = Callable[[lmdb.Transaction, bytes, int], int]
+Counter = Callable[["lmdb.Transaction[bytes]", bytes, int], int]  # quoted: not subscriptable at runtime
 
 
 def volume_dir_name(volume: int) -> bytes:
@@ -48,31 +48,31 @@ class VolumeTables:
         self.space = space
 
     # -- records --------------------------------------------------------------------------------
-    def get(self, txn: lmdb.Transaction, volume: int) -> dict[str, Any] | None:
+    def get(self, txn: lmdb.Transaction[bytes], volume: int) -> dict[str, Any] | None:
         data = txn.get(u64(volume), db=self.db)
         return None if data is None else json.loads(data)
 
-    def put(self, txn: lmdb.Transaction, volume: int, record: dict[str, Any]) -> None:
+    def put(self, txn: lmdb.Transaction[bytes], volume: int, record: dict[str, Any]) -> None:
         txn.put(u64(volume), json.dumps(record, sort_keys=True).encode(), db=self.db)
 
-    def by_name(self, txn: lmdb.Transaction, kind: str, name: str) -> int | None:
+    def by_name(self, txn: lmdb.Transaction[bytes], kind: str, name: str) -> int | None:
         data = txn.get(f"{kind}:{name}".encode(), db=self.names)
         return None if data is None else int.from_bytes(data, "big")
 
-    def all(self, txn: lmdb.Transaction) -> list[tuple[int, dict[str, Any]]]:
+    def all(self, txn: lmdb.Transaction[bytes]) -> list[tuple[int, dict[str, Any]]]:
         return [(int.from_bytes(k, "big"), json.loads(v)) for k, v in txn.cursor(self.db)]
 
-    def is_volume_root(self, txn: lmdb.Transaction, inode: Inode) -> bool:
+    def is_volume_root(self, txn: lmdb.Transaction[bytes], inode: Inode) -> bool:
         return inode.is_dir and inode.parent in (VOLUMES_INO, SNAPSHOTS_INO) and inode.volume != 0
 
-    def check_writable(self, txn: lmdb.Transaction, volume: int) -> None:
+    def check_writable(self, txn: lmdb.Transaction[bytes], volume: int) -> None:
         if volume == 0:
             return
         record = self.get(txn, volume)
         if record is not None and record["kind"] == "snapshot":
             raise FsError(errno.EROFS)
 
-    def charge(self, txn: lmdb.Transaction, volume: int, *, blocks: int, inodes: int, enforce: bool = True) -> None:
+    def charge(self, txn: lmdb.Transaction[bytes], volume: int, *, blocks: int, inodes: int, enforce: bool = True) -> None:
         """Account blocks and inodes to a volume; past its quota, EDQUOT (only for growth)."""
         if volume == 0:
             return
@@ -92,7 +92,7 @@ class VolumeTables:
         self.put(txn, volume, record)
 
     # -- commands -------------------------------------------------------------------------------
-    def create_volume(self, txn: lmdb.Transaction, cmd: c.CreateVolume, counter: Counter) -> dict[str, Any]:
+    def create_volume(self, txn: lmdb.Transaction[bytes], cmd: c.CreateVolume, counter: Counter) -> dict[str, Any]:
         existing = self.by_name(txn, "v", cmd.name)
         if existing is not None:
             record = self.get(txn, existing)
@@ -123,7 +123,7 @@ class VolumeTables:
         txn.put(f"v:{cmd.name}".encode(), u64(cmd.volume), db=self.names)
         return {"id": cmd.volume, **record}
 
-    def resize_volume(self, txn: lmdb.Transaction, cmd: c.ResizeVolume) -> dict[str, Any]:
+    def resize_volume(self, txn: lmdb.Transaction[bytes], cmd: c.ResizeVolume) -> dict[str, Any]:
         record = self.get(txn, cmd.volume)
         if record is None or record["kind"] != "volume":
             raise FsError(errno.ENOENT)
@@ -133,7 +133,7 @@ class VolumeTables:
         self.put(txn, cmd.volume, record)
         return {"id": cmd.volume, **record}
 
-    def create_snapshot(self, txn: lmdb.Transaction, cmd: c.CreateSnapshot, counter: Counter) -> dict[str, Any]:
+    def create_snapshot(self, txn: lmdb.Transaction[bytes], cmd: c.CreateSnapshot, counter: Counter) -> dict[str, Any]:
         existing = self.by_name(txn, "s", cmd.name)
         if existing is not None:
             record = self.get(txn, existing)
@@ -160,15 +160,15 @@ class VolumeTables:
         txn.put(f"s:{cmd.name}".encode(), u64(cmd.snapshot), db=self.names)
         return {"id": cmd.snapshot, **record}
 
-    def delete_volume(self, txn: lmdb.Transaction, cmd: c.DeleteVolume, delete_inode: Callable[..., None]) -> bool:
+    def delete_volume(self, txn: lmdb.Transaction[bytes], cmd: c.DeleteVolume, delete_inode: Callable[..., None]) -> bool:
         return self._delete(txn, cmd.volume, "volume", cmd.now_ns, delete_inode)
 
-    def delete_snapshot(self, txn: lmdb.Transaction, cmd: c.DeleteSnapshot, delete_inode: Callable[..., None]) -> bool:
+    def delete_snapshot(self, txn: lmdb.Transaction[bytes], cmd: c.DeleteSnapshot, delete_inode: Callable[..., None]) -> bool:
         return self._delete(txn, cmd.snapshot, "snapshot", cmd.now_ns, delete_inode)
 
     # -- trees ----------------------------------------------------------------------------------
     def _attach_root(
-        self, txn: lmdb.Transaction, container: int, name: bytes, root: Inode, now_ns: int, counter: Counter
+        self, txn: lmdb.Transaction[bytes], container: int, name: bytes, root: Inode, now_ns: int, counter: Counter
     ) -> None:
         parent = self.ns.require_inode(txn, container)
         self.ns.put_inode(txn, root)
@@ -178,7 +178,7 @@ class VolumeTables:
         self.ns.put_inode(txn, parent)
 
     def _copy_tree(
-        self, txn: lmdb.Transaction, src_root: int, dst_root: Inode, volume: int, counter: Counter
+        self, txn: lmdb.Transaction[bytes], src_root: int, dst_root: Inode, volume: int, counter: Counter
     ) -> tuple[int, int]:
         """Copy the tree below src_root under dst_root, sharing data; returns (blocks, inodes)."""
         fmap = self.store.db["fmap"]
@@ -221,7 +221,7 @@ class VolumeTables:
         return blocks, inodes
 
     def _delete(
-        self, txn: lmdb.Transaction, volume: int, kind: str, now_ns: int, delete_inode: Callable[..., None]
+        self, txn: lmdb.Transaction[bytes], volume: int, kind: str, now_ns: int, delete_inode: Callable[..., None]
     ) -> bool:
         record = self.get(txn, volume)
         if record is None:

@@ -65,7 +65,7 @@ class KVStateMachine:
         self.env = _open_env(self.dir)
         self.db = self.env.open_db(b"kv")
 
-    def apply(self, txn: lmdb.Transaction, index: int, command: bytes) -> Any:
+    def apply(self, txn: lmdb.Transaction[bytes], index: int, command: bytes) -> Any:
         (n,) = _KEY_LEN.unpack_from(command)
         key = command[2 : 2 + n]
         txn.put(key, command[2 + n :], db=self.db)

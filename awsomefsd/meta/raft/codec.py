@@ -53,7 +53,7 @@ def _u64(x: int, what: str) -> int:
 class _Reader:
     __slots__ = ("buf", "pos")
 
-    def __init__(self, buf: bytes) -> None:
+    def __init__(self, buf: bytes | memoryview) -> None:
         self.buf = memoryview(buf)
         self.pos = 0
 
@@ -149,7 +149,7 @@ def encode_snapshot_meta(meta: SnapshotMeta) -> bytes:
     return b"".join(out)
 
 
-def decode_snapshot_meta(buf: bytes) -> SnapshotMeta:
+def decode_snapshot_meta(buf: bytes | memoryview) -> SnapshotMeta:
     r = _Reader(buf)
     (version,) = r.take(1)
     if version != VERSION:
