@@ -172,6 +172,34 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        return _stdout_closed()
+    except OSError as exc:  # a path that is not what it should be, a permission: one line, no traceback
+        print(f"awsomefsd: error: {exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else ""),
+              file=sys.stderr)
+        return 1
+
+
+def _stdout_closed() -> int:
+    """The reader of our output went away (`status --json | head`): no traceback, and none at exit
+    either (Python flushes stdout once more then); the status a process killed by SIGPIPE has."""
+    import os
+
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except OSError:
+        pass
+    return 128 + 13
+
+
+def _check_paths(args: argparse.Namespace, settings: Any) -> None:
+    """A bad path named on the command line is refused with the flag's name, before anything runs."""
+    device = getattr(settings, "device", None)
+    path = getattr(device, "path", None)
+    if path is not None and Path(path).is_dir():
+        flag = "" if args.command == "format" else "--device "
+        raise CliError(f"{flag}{path}: a directory, not a block device or an image file")
 
 
 def _dispatch(args: argparse.Namespace) -> int:
@@ -185,6 +213,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "dev":
         return commands.dev(args.state, args.mount, args.size, overrides)
     settings = commands.settings_from(getattr(args, "config", None), overrides)
+    _check_paths(args, settings)
     if args.command == "run":
         from awsomefsd.cluster.state import MemberState
 

@@ -63,6 +63,18 @@ def state_in_use(state_dir: Path) -> bool:
     return False
 
 
+def daemon_failure(exc: BaseException) -> str:
+    """The one line the daemon leaves with after a fault it cannot go on from (awsomefsd/duty.py):
+    a `Fatal` reason as is; anything else also logs its traceback (a bug to report)."""
+    from awsomefsd.duty import fatal_reason, one_line
+
+    reason = fatal_reason(exc)
+    if reason is None:
+        log.error("the daemon stopped on an unexpected error", exc_info=exc)
+        reason = one_line(exc)
+    return f"stopped: {reason}"
+
+
 def _device_errors() -> tuple[type[BaseException], ...]:
     from awsomefsd.io.errors import DeviceError
     from awsomefsd.node import NodeError
@@ -110,11 +122,23 @@ def run(settings: Settings) -> int:
         return _serve(settings)
 
 
+def preflight(settings: Settings, *, cluster_listen: str | None = None, control: Path | None = None) -> None:
+    """Refuse, before anything is formatted, joined or opened, to start with a listener address
+    that is taken (awsomefsd/preflight.py): one line naming the setting."""
+    from awsomefsd.preflight import PortInUse, check_listeners
+
+    try:
+        check_listeners(settings, cluster_listen=cluster_listen, control=control)
+    except PortInUse as exc:
+        raise CliError(str(exc)) from None
+
+
 def _serve(settings: Settings) -> int:
     from awsomefsd.fuse.mount import MountError
     from awsomefsd.node import open_core, print_ready, serve
 
     logging.getLogger().setLevel(settings.log.level.upper())
+    preflight(settings)
     try:
         core = open_core(settings)
     except _device_errors() as exc:
@@ -123,6 +147,8 @@ def _serve(settings: Settings) -> int:
         trio.run(functools.partial(serve, core, settings, ready=print_ready))
     except MountError as exc:
         raise CliError(str(exc)) from None
+    except Exception as exc:
+        raise CliError(daemon_failure(exc)) from None
     finally:
         core.close()
     print("awsomefsd: unmounted", flush=True)
@@ -163,14 +189,36 @@ def fsck(settings: Settings, *, repair: bool, verify_data: bool) -> int:
         raise CliError(f"{settings.node.state_dir} is in use by a running awsomefsd: stop it before fsck")
     with state_lock(settings.node.state_dir):
         if settings.device.path is None:
-            image = settings.node.state_dir / DEV_IMAGE_NAME
-            if not image.exists():
-                raise CliError("no device configured: give --device (or --state of a dev instance)")
-            settings = settings.model_copy(update={"device": settings.device.model_copy(update={"path": image})})
+            settings = _device_of_state(settings)
         try:
             return run_fsck(settings, repair=repair, verify_data=verify_data)
         except _device_errors() as exc:
             raise CliError(str(exc)) from None
+
+
+def _device_of_state(settings: Settings) -> Settings:
+    """No --device: the device a cluster member was set up with (its cluster.json), or a dev
+    instance's image file."""
+    settings = _with_state_defaults(settings)
+    if settings.device.path is None:
+        raise CliError("no device configured: give --device (or --state of a cluster member or a dev instance)")
+    return settings
+
+
+def _with_state_defaults(settings: Settings) -> Settings:
+    """Fill in what the state directory knows and the settings do not: a cluster member's device
+    and mount point (its cluster.json), or a dev instance's image file."""
+    from awsomefsd.cluster.state import MemberState
+
+    member = MemberState.load(settings.node.state_dir)
+    device, mount = settings.device.path, settings.mount.path
+    if member is not None:
+        device = device or (Path(member.device) if member.device else None)
+        mount = mount or (Path(member.mount) if member.mount else None)
+    if device is None and (settings.node.state_dir / DEV_IMAGE_NAME).exists():
+        device = settings.node.state_dir / DEV_IMAGE_NAME
+    return settings.model_copy(update={"device": settings.device.model_copy(update={"path": device}),
+                                       "mount": settings.mount.model_copy(update={"path": mount})})
 
 
 def status(settings: Settings, *, as_json: bool) -> int:
@@ -178,11 +226,7 @@ def status(settings: Settings, *, as_json: bool) -> int:
     from awsomefsd.status import collect_status, render_status
 
     member = MemberState.load(settings.node.state_dir)
-    if settings.device.path is None and member is not None and member.device:
-        settings = settings.model_copy(update={"device": settings.device.model_copy(update={"path": Path(member.device)})})
-    if settings.device.path is None and (settings.node.state_dir / DEV_IMAGE_NAME).exists():
-        image = settings.node.state_dir / DEV_IMAGE_NAME
-        settings = settings.model_copy(update={"device": settings.device.model_copy(update={"path": image})})
+    settings = _with_state_defaults(settings)
     running = state_in_use(settings.node.state_dir)
     info = collect_status(settings, running=running)
     if member is not None:

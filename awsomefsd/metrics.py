@@ -28,6 +28,10 @@ class Metrics:
             "awsomefs_fuse_errors_total", "FUSE requests answered with an error", ["op", "errno"],
             registry=self.registry,
         )
+        self.eio = Counter(
+            "awsomefs_eio_total", "EIO answers a fault explains, by cause (the log names node, file and reason)",
+            ["cause"], registry=self.registry,
+        )
         self.checksum_failures = Counter(
             "awsomefs_checksum_failures_total", "blocks whose CRC32C did not match on read", registry=self.registry
         )
@@ -44,6 +48,9 @@ class Metrics:
         child.observe(seconds)
         if err and err not in (errno_mod.ENOENT, errno_mod.ENODATA):  # answers, not failures
             self.fuse_errors.labels(op, errno_mod.errorcode.get(err, str(err))).inc()
+
+    def count_eio(self, cause: str) -> None:
+        self.eio.labels(cause).inc()
 
     def add_collector(self, collect: Callable[[], Iterator[Metric]]) -> None:
         class _Adapter(Collector):

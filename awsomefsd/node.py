@@ -7,18 +7,20 @@ in one trio nursery and shuts them down in order: unmount, flush buffered data, 
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import signal
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import trio
 from prometheus_client.metrics_core import Metric
 
 from awsomefsd.config import Settings
+from awsomefsd.duty import DutyBook, run_duty, supervise
 from awsomefsd.fuse.operations import Operations
 from awsomefsd.io.allocator import FreeSpaceMap, NodeAllocator
 from awsomefsd.io.device import BlockDevice
@@ -35,6 +37,8 @@ from awsomefsd.metrics import Metrics, counter, gauge
 log = logging.getLogger(__name__)
 NODE_ID = 1  # a single-node cluster; the cluster layer assigns ids to joining nodes
 RECLAIM_TICK_S = 0.5
+MOUNT_RECORD = "mounted-at"
+"""In the state directory while the daemon has its file system mounted: where (for `status`)."""
 
 
 class NodeError(Exception):
@@ -52,6 +56,8 @@ class Core:
     data: FileData
     ops: Operations
     metrics: Metrics
+    duties: DutyBook = field(default_factory=DutyBook)
+    """Errors of this node's background duties (awsomefsd/duty.py): logged once per kind, counted."""
 
     def close(self) -> None:
         self.log.close()
@@ -134,8 +140,9 @@ def build_core(settings: Settings, storage: Storage, meta_log: LocalLog | RaftLo
     )
     meta_log.before_commit = data.sync_device
     ops = Operations(meta_log, sm, data, total_blocks=layout.data_blocks)
-    core = Core(device, sb, store, sm, meta_log, allocator, data, ops, metrics)
+    core = Core(device, sb, store, sm, meta_log, allocator, data, ops, metrics, DutyBook(f"node {node_id}"))
     metrics.add_collector(lambda: _collect(core))
+    metrics.add_collector(core.duties.collect)
     return core
 
 
@@ -180,14 +187,14 @@ def _collect(core: Core) -> Iterator[Metric]:
         core.metrics.commit_batch.observe(size)
 
 
-async def _reclaimer(core: Core) -> None:
-    """Return superseded extents to the allocator once their grace period has passed."""
-    while True:
-        await trio.sleep(RECLAIM_TICK_S)
-        now_ns = time.time_ns()
-        first = next(core.sm.space.deferred(core.log.read_txn()), None)
-        if first is not None and first[1] <= now_ns:
-            await core.log.propose(c.ReclaimFrees(now_ns))
+async def _reclaim_step(core: Core) -> None:
+    """Return superseded extents to the allocator once their grace period has passed. A duty
+    (awsomefsd/duty.py): a refusal (this node's lease epoch expired while it was paused, no
+    leader) is logged and retried, never the end of the daemon."""
+    now_ns = time.time_ns()
+    first = next(core.sm.space.deferred(core.log.read_txn()), None)
+    if first is not None and first[1] <= now_ns:
+        await core.log.propose(c.ReclaimFrees(now_ns))
 
 
 async def _watch_signals(cancel: trio.CancelScope, stopping: Callable[[], None]) -> None:
@@ -218,6 +225,7 @@ async def serve(core: Core, settings: Settings, *, ready: Callable[[str], None] 
     import pyfuse3
 
     from awsomefsd.fuse.adapter import FuseAdapter
+    from awsomefsd.fuse.eio import EioReporter
     from awsomefsd.fuse.mount import prepare_mount_point, tune_bdi
 
     mount = settings.mount.path
@@ -226,23 +234,28 @@ async def serve(core: Core, settings: Settings, *, ready: Callable[[str], None] 
     prepare_mount_point(mount)
     adapter = FuseAdapter(core.ops, entry_timeout_s=settings.mount.entry_timeout_s,
                           attr_timeout_s=settings.mount.attr_timeout_s,
-                          negative_timeout_s=settings.mount.negative_timeout_s, observe=core.metrics.observe_fuse)
+                          negative_timeout_s=settings.mount.negative_timeout_s, observe=core.metrics.observe_fuse,
+                          report_eio=EioReporter(core.duties.node, core.metrics.count_eio))
     options = {"fsname=awsomefs", "subtype=awsomefs", "default_permissions", "noatime"}
     if settings.mount.allow_other:
         options.add("allow_other")
     pyfuse3.init(adapter, str(mount), options)
     mounted = True
+    record = settings.node.state_dir / MOUNT_RECORD
+    record.write_text(f"{mount.resolve()}\n")
     try:
         async with trio.open_nursery() as nursery:
             if not log_running:
                 await nursery.start(core.log.run)
-            await nursery.start(core.data.run)
+            # the flusher (FileData.run: timer, background flushes, compactor) restarts after an error
+            await nursery.start(functools.partial(supervise, "flusher", core.data.run, book=core.duties))
             # Before pyfuse3.main runs no request is served, so this still precedes any access;
             # it needs the log running (a Raft log orders commands only once it leads).
             purged = await core.ops.purge_orphans() if purge_orphans else 0
             if purged:
                 log.info("removed %d orphaned inodes left by an unclean stop", purged)
-            nursery.start_soon(_reclaimer, core)
+            nursery.start_soon(functools.partial(run_duty, "delayed-free reclaimer", functools.partial(_reclaim_step, core),
+                                                 book=core.duties, period_s=RECLAIM_TICK_S))
             nursery.start_soon(_watch_signals, nursery.cancel_scope, lambda: _notify("STOPPING=1"))
             if settings.metrics.enabled:
                 port = core.metrics.serve(settings.metrics.host, settings.metrics.port)
@@ -268,6 +281,7 @@ async def serve(core: Core, settings: Settings, *, ready: Callable[[str], None] 
         with trio.CancelScope(shield=True):
             if mounted:
                 pyfuse3.close(unmount=True)
+                record.unlink(missing_ok=True)
             try:
                 await core.ops.sync_all()
             except Exception:

@@ -18,14 +18,28 @@ from awsomefsd.fuse.mount import FSTYPE
 from awsomefsd.io.layout import BLOCK_SIZE
 
 
-def _mounts() -> list[str]:
-    out = []
-    with open("/proc/self/mounts", encoding="utf-8") as fh:
-        for line in fh:
-            fields = line.split()
-            if len(fields) >= 3 and fields[2] == FSTYPE:
-                out.append(fields[1])
-    return out
+def _mounts(own: Path | None) -> list[str]:
+    """This node's mounts: its mount point and the bind mounts of it (CSI volumes), which share its
+    device number. Other nodes' mounts on the same machine (a test cluster in network namespaces)
+    are not this node's. Without a known mount point: every AwsomeFS mount here."""
+    from awsomefsd.csi.mounts import mount_table
+
+    ours = [m for m in mount_table() if m.fs_type == FSTYPE]
+    if own is not None:
+        devices = {m.device for m in ours if m.mount_point == str(own)}
+        ours = [m for m in ours if m.device in devices]
+    return [m.mount_point for m in ours]
+
+
+def _own_mount(settings: Settings, running: bool) -> Path | None:
+    """Where this node's daemon mounted its file system (it records that in its state directory),
+    else where the settings say it would."""
+    from awsomefsd.node import MOUNT_RECORD
+
+    record = settings.node.state_dir / MOUNT_RECORD
+    if running and record.exists():
+        return Path(record.read_text().strip())
+    return settings.mount.path.resolve() if settings.mount.path else None
 
 
 def collect_status(settings: Settings, *, running: bool) -> dict[str, Any]:
@@ -34,7 +48,7 @@ def collect_status(settings: Settings, *, running: bool) -> dict[str, Any]:
         "node": settings.node.name,
         "state_dir": str(settings.node.state_dir),
         "daemon_running": running,
-        "mounts": _mounts(),
+        "mounts": _mounts(_own_mount(settings, running)),
         "role": "leader (single member)",
         "healthy": True,
         "problems": [],
@@ -184,6 +198,10 @@ def _cluster_rows(cluster: dict[str, Any]) -> list[tuple[str, str]]:
         alive = "removed" if node["state"] == "removed" else ("lease EXPIRED" if node["expired"] else "lease ok")
         rows.append((f"node {node['id']}", f"{node['name']} {node['address']}  {node['role']}, {lag}, {alive} "
                                            f"(epoch {node['lease_epoch']}), {node['groups']} groups"))
+    if cluster.get("lag_error"):
+        rows.append(("lag", f"unknown: {cluster['lag_error']}"))
+    elif cluster.get("lag_from") and cluster["lag_from"] != "this node":
+        rows.append(("lag", f"as the leader ({cluster['lag_from']}) sees it"))
     lease = cluster.get("lease")
     if lease:
         rows.append(("this node", f"lease {'valid' if lease['fence_open'] else 'EXPIRED: writes fenced'}, "

@@ -13,4 +13,5 @@ for a in "$@"; do
 done
 [ "$slow" -eq 1 ] && args+=("--slow")
 .venv/bin/ruff check awsomefsd tests bench build.py
+.venv/bin/mypy awsomefsd
 exec .venv/bin/python -m pytest "${args[@]}"

@@ -11,10 +11,19 @@ The contract is in docs/coherence.md; this module implements its three mechanism
    after a close elsewhere sees that close's data and no stale cache.
 3. Write leases: a node buffers writes to a file only while it holds the file's write lease
    (`AcquireWriteLease` through the log). Asking for a lease someone else holds is itself the
-   request to give it up: the holder sees that command applied, flushes the file (data on the
-   device, mapping committed) and proposes `ReleaseWriteLease`; the asker sees the release and
-   asks again. So writes from different nodes are serialised, and each writer starts from the
-   previous writer's flushed data. A dead holder's leases go with `ExpireNode` (lease + margin).
+   request to give it up. So writes from different nodes are serialised, and each writer starts
+   from the previous writer's flushed data. A dead holder's leases go with `ExpireNode`.
+
+   Fairness (a writer's wait is bounded; docs/coherence.md, "Write-lease hand-over"): every node
+   applies every request, so every node keeps the same first-come queue of the nodes waiting for
+   each file (`_waiting`, in log order). The holder keeps the lease at least `MIN_HOLD_S` after it
+   got it (each turn does some work), then waits for its writes in progress, flushes the file and
+   hands the lease to the node at the head of the queue in one command (`Batch(Release, Acquire
+   for that node)`), so the lease never goes back to the fastest asker (the leader, whose requests
+   reach the log first). Waiters need not ask again after each hand-over (their place is kept);
+   they repeat their request every `REREQUEST_S` all the same, in case the holder restarted or
+   installed a snapshot and so lost the queue. A write that waited `LEASE_WAIT_S` gives up with
+   EIO, and logs why (node, inode, holder, place in the queue, last error).
 """
 
 from __future__ import annotations
@@ -22,13 +31,15 @@ from __future__ import annotations
 import errno
 import json
 import logging
+import math
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
 import trio
 
+from awsomefsd.duty import is_fatal, one_line
 from awsomefsd.fuse.invalidate import Invalidator, Kind, Target, targets
 from awsomefsd.meta import commands as c
 from awsomefsd.meta.errors import FsError
@@ -46,7 +57,15 @@ CATCH_UP_BUDGET_S = 10.0
 
 LEASE_WAIT_S = 60.0
 """How long a writer waits for another node to give up a file's write lease before EIO. A live
-holder releases within one flush; a dead one loses its leases after its liveness lease expires."""
+holder hands over within MIN_HOLD_S plus one flush per node ahead in the queue; a dead one loses
+its leases after its liveness lease expires."""
+MIN_HOLD_S = 0.2
+"""A holder keeps a lease it got at least this long before handing it on: every turn writes
+something, and two writers do not spend their time handing the lease back and forth."""
+REREQUEST_S = 2.0
+"""A waiter repeats its request this often: a holder that restarted (or installed a snapshot) has
+lost the queue, and sees the repeated request as a new one."""
+HANDOVER_RETRY_S = 0.5
 
 
 class ClusterCoherence:
@@ -68,25 +87,42 @@ class ClusterCoherence:
         self._orphans: set[int] = set()  # unlinked inodes to look at: release those we do not hold
         self._orphans_wake = trio.Event()
         self.orphans_released = 0
+        self.wait_lease: Callable[[], Awaitable[None]] | None = None
+        """Set by the member: until this node's liveness lease is renewed (a writer that finds its
+        epoch expired, after a pause, waits for the new one instead of failing at once)."""
         self.held: set[int] = set()
-        self._releasing: set[int] = set()
+        self._acquired_at: dict[int, float] = {}  # inode -> when we got its lease (trio clock)
+        self._waiting: dict[int, dict[int, int]] = {}  # inode -> {waiting node: its epoch}, first come first
+        self._requested_at: dict[int, float] = {}  # inode -> our last request (trio clock)
+        self._releasing: set[int] = set()  # hand-over under way: new writes here wait
+        self._handing: set[int] = set()  # hand-over task scheduled or running
         self._writers: dict[int, int] = {}  # inode -> writes in progress under its lease
         self._idle: dict[int, trio.Event] = {}  # set when an inode's last write in progress ends
         self._stale_data: set[int] = set()
         self._all_stale = False
-        self._released: dict[int, trio.Event] = {}
+        self._changed: dict[int, trio.Event] = {}  # set when an inode's lease changes hands
         self._to_release: trio.MemorySendChannel[int]
         self._release_queue: trio.MemoryReceiveChannel[int]
         self._to_release, self._release_queue = trio.open_memory_channel(4096)
+        self._nursery: trio.Nursery | None = None
         self.catch_ups = 0
         self.stale_reads = 0
         self.leases_acquired = 0
         self.leases_released = 0
         self.lease_waits = 0
+        self.lease_timeouts = 0
+        self.handover_failures = 0
+        self.lease_wait_s = 0.0  # total time writes waited for a lease
+        self.lease_wait_max_s = 0.0
 
     def reload(self) -> None:
-        """Rebuild what this node holds from the state (start, snapshot install)."""
+        """Rebuild what this node holds from the state (start, snapshot install, expiry). The
+        queues are forgotten (commands were skipped): waiters repeat their requests."""
         self.held = set(self.sm.cluster.leases_of(self.log.read_txn(), self.node_id))
+        self._acquired_at = {ino: -math.inf for ino in self.held}
+        self._waiting.clear()
+        for ino in list(self._changed):
+            self._wake(ino)
 
     # --- Coherence ----------------------------------------------------------------------------------
     async def catch_up(self, *, drain: bool = True) -> None:
@@ -137,53 +173,142 @@ class ClusterCoherence:
         itself as a writer right after, with no await in between, so a hand-over that starts
         later waits for it; one that started while our request was on its way is waited out
         here first (the loop checks again after every await)."""
-        with trio.move_on_after(LEASE_WAIT_S):
-            while True:
-                released = self._released.setdefault(ino, trio.Event())
-                if ino in self._releasing:  # our own hand-over is under way: wait for it first
-                    await released.wait()
+        if ino in self.held and ino not in self._releasing:
+            return
+        began = trio.current_time()
+        deadline = began + LEASE_WAIT_S
+        waited = False
+        last_error: BaseException | None = None
+        while True:
+            now = trio.current_time()
+            if now >= deadline:
+                self._give_up(ino, now - began, last_error)
+            changed = self._changed.setdefault(ino, trio.Event())
+            if ino in self._releasing:  # our own hand-over is under way: wait for it first
+                with trio.move_on_at(deadline):
+                    await changed.wait()
+                continue
+            if ino in self.held:  # `observe` adds it when the lease is granted to us
+                if waited:
+                    spent = trio.current_time() - began
+                    self.lease_wait_s += spent
+                    self.lease_wait_max_s = max(self.lease_wait_max_s, spent)
+                return
+            holder = self.sm.cluster.lease_holder(self.log.read_txn(), ino)
+            asked = self._requested_at.get(ino, -math.inf)
+            queued = self.node_id in self._waiting.get(ino, ())
+            if holder in (0, self.node_id) or not queued or now - asked >= REREQUEST_S:
+                self._requested_at[ino] = now
+                try:
+                    holder = await self.log.propose(c.AcquireWriteLease(ino, self.node_id, self.epoch()))
+                except FsError as exc:
+                    last_error = exc
+                    if not await self._renewed_in_time(deadline):
+                        raise
                     continue
-                if ino in self.held:  # `observe` adds it when our request is applied
-                    return
-                holder = await self.log.propose(c.AcquireWriteLease(ino, self.node_id, self.epoch()))
                 if holder == self.node_id:
                     self.leases_acquired += 1
                     continue
-                self.lease_waits += 1
-                await released.wait()
-        raise FsError(errno.EIO, f"node {self.node_id} waited {LEASE_WAIT_S:.0f}s for the write lease of inode {ino}")
+                if not waited:
+                    waited = True
+                    self.lease_waits += 1
+            with trio.move_on_at(min(deadline, self._requested_at.get(ino, now) + REREQUEST_S)):
+                await changed.wait()
+
+    async def _renewed_in_time(self, deadline: float) -> bool:
+        """After a refused request: if this node's lease epoch is what the cluster expired (it was
+        paused or cut off), wait for the renewal under the new epoch and say so; else False."""
+        record = self.sm.cluster.member(self.log.read_txn(), self.node_id)
+        stale = record is not None and (int(record["epoch"]) != self.epoch() or bool(record["expired"]))
+        if not stale or self.wait_lease is None:
+            return False
+        with trio.move_on_at(deadline):
+            await self.wait_lease()
+            return True
+        return False
+
+    def _give_up(self, ino: int, waited_s: float, last_error: BaseException | None) -> None:
+        """A write waited LEASE_WAIT_S: say why in the log (an EIO alone explains nothing)."""
+        self.lease_timeouts += 1
+        txn = self.log.read_txn()
+        holder = self.sm.cluster.lease_holder(txn, ino)
+        queue = list(self._waiting.get(ino, {}))
+        ahead = queue.index(self.node_id) if self.node_id in queue else len(queue)
+        if holder == 0:
+            why = "the lease was free each time it was asked for, and others got it first"
+        else:
+            record = self.sm.cluster.member(txn, holder)
+            state = ("gone" if record is None else "expired" if record["expired"] else
+                     f"{record['state']}, epoch {record['epoch']}")
+            why = f"node {holder} ({state}) held it and did not hand it over"
+        if last_error is not None:
+            why += f"; the last request failed: {one_line(last_error)}"
+        log.warning("node %d: a write to inode %d gave up after %.1fs waiting for the file's write lease: %s "
+                    "(%d nodes ahead in the queue %s)", self.node_id, ino, waited_s, why, ahead, queue)
+        raise FsError(errno.EIO, f"node {self.node_id} waited {waited_s:.0f}s for the write lease of inode {ino}: {why}",
+                      cause="lease")
 
     # --- observing applied commands (inside the apply transaction: queue only) -----------------
     def observe(self, command: object, result: Any, mine: bool) -> None:
         if isinstance(result, FsError):
             return
+        if isinstance(command, c.Batch) and isinstance(result, list):
+            for inner, outcome in zip(command.commands, result):
+                if not isinstance(outcome, FsError):
+                    self._observe_one(inner, outcome)
+        else:
+            self._observe_one(command, result)
+        if not mine:
+            self.invalidator.submit(self._safe(targets(command, result)))
+
+    def _observe_one(self, command: object, result: Any) -> None:
         if isinstance(command, c.AcquireWriteLease):
-            if result == self.node_id and command.node != self.node_id:
-                try:
-                    self._to_release.send_nowait(command.ino)
-                except trio.WouldBlock:
-                    log.warning("release queue full; inode %d's lease is handed over on the next request",
-                                command.ino)
-            elif result == command.node == self.node_id:
-                self.held.add(command.ino)
+            ino = command.ino
+            waiting = self._waiting.setdefault(ino, {})
+            if result == command.node:  # granted (asked while free, or handed over by the holder)
+                waiting.pop(command.node, None)
+                if not waiting:
+                    del self._waiting[ino]
+                if command.node == self.node_id:
+                    self.held.add(ino)
+                    self._acquired_at[ino] = trio.current_time()
+                    self._wake(ino)
+                    if waiting:
+                        self._hand_over_later(ino)
+            else:  # a request: `result` holds it; first come, first served (a repeat keeps its place)
+                waiting[command.node] = command.epoch
+                if result == self.node_id:
+                    self._hand_over_later(ino)
         elif isinstance(command, c.ReleaseWriteLease) and result:
             if command.node == self.node_id:
                 self.held.discard(command.ino)
+                self._acquired_at.pop(command.ino, None)
             self._wake(command.ino)
         elif isinstance(command, c.ExpireNode):
             if command.node == self.node_id:
                 self.held.clear()
-            for ino in list(self._released):
+                self._acquired_at.clear()
+            for ino, waiting in list(self._waiting.items()):
+                waiting.pop(command.node, None)  # its next request carries its new epoch
+                if not waiting:
+                    del self._waiting[ino]
+            for ino in list(self._changed):
                 self._wake(ino)
         elif isinstance(command, c.Purge):
             self.held.discard(command.ino)
+            self._acquired_at.pop(command.ino, None)
+            self._waiting.pop(command.ino, None)
             self._wake(command.ino)
         elif isinstance(command, c.Unlink) and isinstance(result, int):
             self.release_orphan(result)  # checked later: only an orphan we do not hold is released
         elif isinstance(command, c.Rename) and isinstance(result, int) and result:
             self.release_orphan(result)
-        if not mine:
-            self.invalidator.submit(self._safe(targets(command, result)))
+
+    def _hand_over_later(self, ino: int) -> None:
+        try:
+            self._to_release.send_nowait(ino)
+        except trio.WouldBlock:
+            log.warning("hand-over queue full; inode %d's lease is handed over on the next request", ino)
 
     def _safe(self, stale: list[Target]) -> list[Target]:
         """Only attribute invalidations go to the kernel: they never wait for anything there. Stale
@@ -266,30 +391,94 @@ class ClusterCoherence:
         return True
 
     def _wake(self, ino: int) -> None:
-        event = self._released.pop(ino, None)
+        event = self._changed.pop(ino, None)
         if event is not None:
             event.set()
 
+    # --- handing leases over ---------------------------------------------------------------------
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Give up leases other nodes asked for: flush first, then release."""
-        task_status.started()
-        async for ino in self._release_queue:
-            if ino not in self.held or ino in self._releasing:
-                continue
+        """Hand over the leases other nodes wait for (one task per file: a slow flush of one file
+        does not hold up the others)."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            async for ino in self._release_queue:
+                if ino in self._handing or ino not in self.held:
+                    continue
+                self._handing.add(ino)
+                nursery.start_soon(self._hand_over, ino)
+
+    def _next_waiter(self, ino: int) -> tuple[int, int] | None:
+        """The first node in the file's queue that can still take the lease: (node, its epoch)."""
+        waiting = self._waiting.get(ino)
+        if not waiting:
+            return None
+        txn = self.log.read_txn()
+        for node in list(waiting):
+            record = self.sm.cluster.member(txn, node)
+            if node != self.node_id and record is not None and record["state"] == "active" and not record["expired"]:
+                return node, int(record["epoch"])
+            del waiting[node]  # gone or expired: its next request puts it back, at the end
+        return None
+
+    async def _hand_over(self, ino: int) -> None:
+        """Give the lease to the first waiter: after MIN_HOLD_S, once the writes in progress ended
+        and the file is flushed, in one command (release + acquire for that node)."""
+        retry = False
+        try:
+            await trio.sleep_until(self._acquired_at.get(ino, -math.inf) + MIN_HOLD_S)
+            if ino not in self.held or ino in self._releasing or self._next_waiter(ino) is None:
+                return
             self._releasing.add(ino)
-            self.held.discard(ino)  # from here no new write starts under it (they wait above)
+            self.held.discard(ino)  # from here no new write starts under it (they wait in _acquire)
             try:
                 while ino in self._writers:  # writes already under the lease finish first
                     idle = self._idle.setdefault(ino, trio.Event())
                     await idle.wait()
                 if self.flush is not None:
                     await self.flush(ino)
-                await self.log.propose(c.ReleaseWriteLease(ino, self.node_id))
+                release = c.ReleaseWriteLease(ino, self.node_id)
+                nxt = self._next_waiter(ino)
+                if nxt is None:
+                    await self.log.propose(release)
+                else:
+                    await self.log.propose(c.Batch((release, c.AcquireWriteLease(ino, *nxt))))
                 self.leases_released += 1
-            except FsError as exc:
-                # The flush failed (fenced, device error): keep the lease, the data is still ours.
-                log.warning("could not hand over the write lease of inode %d: %s", ino, exc)
-                self.held.add(ino)
+            except Exception as exc:
+                if is_fatal(exc):
+                    raise
+                # The flush failed (fenced, device error) or the metadata group is unreachable: the
+                # lease stays ours if the state says so (its data is still here); tried again later.
+                self.handover_failures += 1
+                still_ours = self.sm.cluster.lease_holder(self.log.read_txn(), ino) == self.node_id
+                log.warning("node %d could not hand over the write lease of inode %d: %s%s", self.node_id, ino,
+                            one_line(exc), "; trying again" if still_ours else "")
+                if still_ours:
+                    self.held.add(ino)
+                    retry = True
             finally:
                 self._releasing.discard(ino)
                 self._wake(ino)
+        finally:
+            self._handing.discard(ino)
+        if retry and self._nursery is not None:
+            self._nursery.start_soon(self._retry_hand_over, ino)
+
+    async def _retry_hand_over(self, ino: int) -> None:
+        await trio.sleep(HANDOVER_RETRY_S)
+        if ino in self.held and self._waiting.get(ino):
+            self._hand_over_later(ino)
+
+    async def release_all(self) -> int:
+        """Give back every write lease this node holds (a clean stop, after everything is flushed;
+        no write can be in progress): nobody waits for a node that is not running."""
+        released = 0
+        for ino in sorted(self.held):
+            self.held.discard(ino)
+            try:
+                await self.log.propose(c.ReleaseWriteLease(ino, self.node_id))
+                released += 1
+            except FsError as exc:
+                log.info("node %d: the write lease of inode %d goes back when its lease expires (%s)",
+                         self.node_id, ino, exc)
+        return released

@@ -24,7 +24,7 @@ from awsomefsd.cluster.rpc import control_call
 from awsomefsd.cluster.state import MemberState, control_socket, load_token, save_token, tls_dir, token_seeds
 from awsomefsd.cluster.tls import NodeCredentials
 from awsomefsd.cluster.token import JoinToken, TokenError
-from awsomefsd.commands import state_lock
+from awsomefsd.commands import preflight, state_lock
 from awsomefsd.config import Settings, parse_size_bytes
 
 log = logging.getLogger(__name__)
@@ -99,26 +99,20 @@ def _member_settings(settings: Settings, state: MemberState) -> Settings:
 def init(settings: Settings, *, size: str | None, force: bool, label: str) -> int:
     from awsomefsd.cluster.member import Founding
     from awsomefsd.io.device import BlockDevice
-    from awsomefsd.io.errors import DeviceError, NotFormattedError
-    from awsomefsd.io.superblock import format_device, read_superblock
+    from awsomefsd.io.errors import DeviceError
+    from awsomefsd.io.superblock import format_device
 
     state_dir = settings.node.state_dir
     with state_lock(state_dir):
         _refuse_member(state_dir)
         listen = _listen(settings)
+        preflight(settings, cluster_listen=listen, control=control_socket(state_dir))
         path = _device(settings, size)
         try:
             device = BlockDevice.open(path)
             try:
-                try:
-                    found = read_superblock(device).superblock
-                    if not force:
-                        raise CliError(f"{path} already holds cluster {found.cluster_id} (label {found.label!r}): "
-                                       "give --force to format it for a new cluster (destroys its data)")
-                except NotFormattedError:
-                    pass
                 ag_bytes = max(MIN_CLUSTER_AG_BYTES, device.size_bytes // CLUSTER_AG_COUNT)
-                sb = format_device(device, cluster_id=uuid.uuid4(), label=label, force=True, ag_size_bytes=ag_bytes)
+                sb = format_device(device, cluster_id=uuid.uuid4(), label=label, force=force, ag_size_bytes=ag_bytes)
             finally:
                 device.close()
         except (DeviceError, ValueError) as exc:
@@ -156,6 +150,7 @@ def join(settings: Settings, token_text: str) -> int:
         except TokenError as exc:
             raise CliError(f"bad join token: {exc}") from None
         listen = _listen(settings)
+        preflight(settings, cluster_listen=listen, control=control_socket(state_dir))
         path = _device(settings, None)
         try:
             device = BlockDevice.open(path)
@@ -211,6 +206,7 @@ def run_member_command(settings: Settings, state: MemberState) -> int:
     """`awsomefsd run` of a state directory that belongs to a cluster member."""
     with state_lock(settings.node.state_dir):
         settings = _member_settings(settings, state)
+        preflight(settings, cluster_listen=settings.cluster.listen, control=control_socket(settings.node.state_dir))
         if settings.cluster.listen != state.listen:
             state = MemberState(state.cluster_id, state.node_id, settings.cluster.listen, state.founder,
                                 state.device, state.mount)
@@ -228,7 +224,7 @@ def run_member_command(settings: Settings, state: MemberState) -> int:
 
 def _run(settings: Settings, state: MemberState, *, founding: Any = None, peers: dict[int, str] | None = None) -> int:
     from awsomefsd.cluster.member import open_member, run_member
-    from awsomefsd.commands import _device_errors
+    from awsomefsd.commands import _device_errors, daemon_failure
     from awsomefsd.fuse.mount import MountError
     from awsomefsd.node import print_ready
 
@@ -242,6 +238,8 @@ def _run(settings: Settings, state: MemberState, *, founding: Any = None, peers:
         trio.run(functools.partial(run_member, member, founding=founding, ready=print_ready))
     except MountError as exc:
         raise CliError(str(exc)) from None
+    except Exception as exc:
+        raise CliError(daemon_failure(exc)) from None
     finally:
         if member.core is not None:
             member.core.close()

@@ -10,6 +10,10 @@ Timing of the liveness lease (docs/cluster.md has the argument):
   member's groups and write leases free for others;
 - a new leader starts every member's clock at its own election: it can only expire later, never
   earlier, than the old leader would have.
+
+Each loop here is a duty (awsomefsd/duty.py): an error in one step — a refused proposal after this
+node's lease expired while it was paused, no leader, a broken stream — is logged once per kind,
+counted and retried; it never ends the daemon.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from typing import Any
 
 import trio
 
+from awsomefsd.duty import DutyBook, run_duty
 from awsomefsd.io.allocator import FreeSpaceMap, NodeAllocator
 from awsomefsd.io.fence import WriteFence
 from awsomefsd.meta import commands as c
@@ -51,58 +56,65 @@ class LivenessLease:
     """Renews this node's lease and keeps the device's write fence in step with it."""
 
     def __init__(self, node_id: int, log_: RaftLog, sm: StateMachine, fence: WriteFence,
-                 settings: LeaseSettings, on_expired: Callable[[], None]) -> None:
+                 settings: LeaseSettings, on_expired: Callable[[], None], book: DutyBook | None = None) -> None:
         self.node_id = node_id
         self.log = log_
         self.sm = sm
         self.fence = fence
         self.settings = settings
         self.on_expired = on_expired
+        self.book = book or DutyBook(f"node {node_id}")
         self.epoch = 0
         self.renewals = 0
         self.refusals = 0
         self.first_renewal = trio.Event()
+        self._renewed = trio.Event()
 
     def load_epoch(self) -> None:
         record = self.sm.cluster.member(self.log.read_txn(), self.node_id)
         self.epoch = 0 if record is None else int(record["epoch"])
 
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        task_status.started()
-        while True:
-            sent = time.monotonic()
-            if not self.epoch:
-                self.load_epoch()
-            ok: Any = False
-            with trio.move_on_after(self.settings.renew_s):
-                try:
-                    ok, result = await self.log.propose_outcome(c.RenewLease(self.node_id, self.epoch), fenced=False)
-                    ok = ok and result
-                except FsError as exc:
-                    log.warning("lease renewal failed: %s", exc)
-            if ok:
-                self.fence.renewed(sent + self.settings.lease_s)
-                self.renewals += 1
-                self.first_renewal.set()
-            elif self.epoch:
-                self._maybe_expired()
-            await trio.sleep_until(_trio_deadline(sent + self.settings.renew_s))
+    async def wait_renewed(self) -> None:
+        """Until the next renewal is applied (the write fence is open again after it)."""
+        await self._renewed.wait()
 
-    def _maybe_expired(self) -> None:
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Renew every `renew_s` whatever happens: a failed renewal is retried at the same cadence
+        (no growing back-off: the lease runs out meanwhile)."""
+        await run_duty("lease renewal", self._renew_once, book=self.book, period_s=self.settings.renew_s,
+                       max_backoff_s=self.settings.renew_s, task_status=task_status)
+
+    async def _renew_once(self) -> float:
+        """One renewal; returns how long to wait before the next one."""
+        sent = time.monotonic()
+        if not self.epoch:
+            self.load_epoch()
+        ok: Any = False
+        with trio.move_on_after(self.settings.renew_s):
+            ok, result = await self.log.propose_outcome(c.RenewLease(self.node_id, self.epoch), fenced=False)
+            ok = ok and result is True
+        if ok:
+            self.fence.renewed(sent + self.settings.lease_s)
+            self.renewals += 1
+            self.first_renewal.set()
+            self._renewed.set()
+            self._renewed = trio.Event()
+        elif self.epoch and self._maybe_expired():
+            return 0.0  # renew at once under the new epoch: until then every write of ours fails
+        return sent + self.settings.renew_s - time.monotonic()
+
+    def _maybe_expired(self) -> bool:
         """A refused renewal: the leader expired us (or we were removed). Our groups and write
-        leases are gone; start again with the current epoch."""
+        leases are gone; start again with the current epoch. True when a new epoch was learned."""
         record = self.sm.cluster.member(self.log.read_txn(), self.node_id)
         if record is None or record["epoch"] == self.epoch:
-            return
+            return False
         self.refusals += 1
-        log.warning("node %d's lease epoch %d expired (now %d): groups and write leases were taken back",
-                    self.node_id, self.epoch, record["epoch"])
+        log.warning("node %d's lease epoch %d expired (now %d): groups and write leases were taken back; "
+                    "rejoining under the new epoch", self.node_id, self.epoch, record["epoch"])
         self.epoch = int(record["epoch"])
         self.on_expired()
-
-
-def _trio_deadline(monotonic_s: float) -> float:
-    return trio.current_time() + (monotonic_s - time.monotonic())
+        return True
 
 
 class GroupKeeper:
@@ -110,13 +122,14 @@ class GroupKeeper:
     log); applies grants and expiries to the node's allocator as they are applied."""
 
     def __init__(self, node_id: int, log_: RaftLog, sm: StateMachine, allocator: NodeAllocator,
-                 epoch: Callable[[], int], low_blocks: int) -> None:
+                 epoch: Callable[[], int], low_blocks: int, book: DutyBook | None = None) -> None:
         self.node_id = node_id
         self.log = log_
         self.sm = sm
         self.allocator = allocator
         self.epoch = epoch
         self.low_blocks = low_blocks
+        self.book = book or DutyBook(f"node {node_id}")
         self.claims = 0
         self._wake = trio.Event()
 
@@ -156,23 +169,21 @@ class GroupKeeper:
         return bool(granted)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        task_status.started()
-        while True:
-            if self.allocator.free_blocks < self.low_blocks:
-                try:
-                    granted = await self.log.propose(c.ClaimGroups(self.node_id, self.epoch(), 2))
-                    self.claims += 1
-                    if not granted:
-                        log.info("no unowned allocation group left to claim")
-                        await trio.sleep(5)
-                    continue
-                except FsError as exc:
-                    log.warning("claiming an allocation group failed: %s", exc)
-                    await trio.sleep(1)
-                    continue
-            with trio.move_on_after(1.0):
-                await self._wake.wait()
-            self._wake = trio.Event()
+        await run_duty("allocation group claims", self._claim_step, book=self.book, period_s=0.0,
+                       task_status=task_status)
+
+    async def _claim_step(self) -> float:
+        if self.allocator.free_blocks < self.low_blocks:
+            granted = await self.log.propose(c.ClaimGroups(self.node_id, self.epoch(), 2))
+            self.claims += 1
+            if not granted:
+                log.info("no unowned allocation group left to claim")
+                return 5.0
+            return 0.0
+        with trio.move_on_after(1.0):
+            await self._wake.wait()
+        self._wake = trio.Event()
+        return 0.0
 
 
 class LeaderDuties:
@@ -181,16 +192,19 @@ class LeaderDuties:
     members) and expire members whose liveness lease ran out."""
 
     def __init__(self, node_id: int, log_: RaftLog, sm: StateMachine, settings: LeaseSettings,
-                 tick_s: float = 0.25) -> None:
+                 tick_s: float = 0.25, book: DutyBook | None = None) -> None:
         self.node_id = node_id
         self.log = log_
         self.sm = sm
         self.settings = settings
         self.tick_s = tick_s
+        self.book = book or DutyBook(f"node {node_id}")
         self.last_renewal: dict[int, float] = {}
         self.leading_since: float | None = None
         self.expired = 0
         self.conf_changes = 0
+        self.leader_seen = 0
+        self.leader_changes = 0
 
     def observe(self, command: object, result: Any, _mine: bool) -> None:
         if isinstance(command, c.RenewLease) and result is True:
@@ -199,21 +213,34 @@ class LeaderDuties:
             self.last_renewal[result] = time.monotonic()  # a new member's clock starts at its admission
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        task_status.started()
-        while True:
-            await trio.sleep(self.tick_s)
-            if not self.log.node.raw.is_leader:
-                self.leading_since = None
-                continue
-            now = time.monotonic()
-            if self.leading_since is None:
-                self.leading_since = now
-                self.last_renewal = {}
-            try:
-                self._reconcile_membership()
-                await self._expire_silent(now)
-            except FsError as exc:
-                log.warning("leader duties: %s", exc)
+        await run_duty("leader duties", self._tick, book=self.book, period_s=self.tick_s, max_backoff_s=1.0,
+                       task_status=task_status)
+
+    async def _tick(self) -> None:
+        self._note_leader()
+        if not self.log.node.raw.is_leader:
+            self.leading_since = None
+            return
+        now = time.monotonic()
+        if self.leading_since is None:
+            self.leading_since = now
+            self.last_renewal = {}
+        self._reconcile_membership()
+        await self._expire_silent(now)
+
+    def _note_leader(self) -> None:
+        """Log a change of leader once (INFO, on every member): the first thing an operator looks
+        for after a stall."""
+        raw = self.log.node.raw
+        leader = raw.leader_id
+        if leader and leader != self.leader_seen:
+            if self.leader_seen:
+                self.leader_changes += 1
+                log.info("node %d: node %d leads now (term %d; was node %d)", self.node_id, leader,
+                         raw.raft.term, self.leader_seen)
+            else:
+                log.info("node %d: node %d leads (term %d)", self.node_id, leader, raw.raft.term)
+            self.leader_seen = leader
 
     def _reconcile_membership(self) -> None:
         node = self.log.node

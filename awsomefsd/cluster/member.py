@@ -10,11 +10,16 @@ Start-up order (each step needs the previous one):
      sends a snapshot) and has caught up (ReadIndex);
   5. the file system (allocator over the node's own groups, FileData, Operations), the liveness
      lease (write fence), group keeper, coherence, leader duties, join listener, zeroconf;
-  6. mount and serve (node.serve) until signalled.
+  6. mount and serve (node.serve) until signalled; then give back the write leases (nobody waits
+     for a stopped node) and log the clean stop.
+
+Every background task here is a duty (awsomefsd/duty.py): its errors are logged once per kind,
+counted and retried; only an operator's signal or an unrecoverable local fault stops the daemon.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import socket
 import time
@@ -32,7 +37,7 @@ from awsomefsd.cluster.coherence import ClusterCoherence
 from awsomefsd.cluster.discovery import Advertisement, Peer
 from awsomefsd.cluster.duties import GroupKeeper, LeaderDuties, LeaseSettings, LivenessLease
 from awsomefsd.cluster.join_service import JoinService, split_host_port
-from awsomefsd.cluster.rpc import ControlError, ControlService, Forwarder, MemberService
+from awsomefsd.cluster.rpc import ControlError, ControlService, Forwarder, MemberService, ask_progress
 from awsomefsd.cluster.state import (
     MemberState,
     control_socket,
@@ -52,6 +57,7 @@ from awsomefsd.cluster.tls import (
 )
 from awsomefsd.cluster.token import JoinToken, TokenVerifier
 from awsomefsd.config import Settings
+from awsomefsd.duty import is_fatal, one_line, retry_until_done, supervise
 from awsomefsd.fuse.invalidate import Invalidator
 from awsomefsd.io.fence import WriteFence
 from awsomefsd.meta import commands as c
@@ -66,6 +72,8 @@ log = logging.getLogger(__name__)
 
 CATCH_UP_TIMEOUT_S = 120.0
 FIRST_LEASE_TIMEOUT_S = 60.0
+STATUS_ASK_S = 3.0
+STOP_RELEASE_S = 5.0
 RAFT_SETTINGS = NodeSettings(tick_ms=50, election_ticks=20, heartbeat_ticks=2, persist_in_thread=False)
 """Election timeout 1-2 s (20 ticks of 50 ms, randomised up to twice that): a loaded 2-core test
 machine must not depose a leader for a slow fsync; a dead leader is replaced within ~2 s."""
@@ -185,22 +193,46 @@ class Member:
                 raise ControlError(f"removing node {node} failed: {exc}") from None
             return {"removed": node}
 
-        async def status(_body: dict[str, Any]) -> dict[str, Any]:
-            return self.status()
+        async def status(body: dict[str, Any]) -> dict[str, Any]:
+            # {"lag": false}: this node's view only, at once (no question to the leader)
+            return await self.status_with_lag() if body.get("lag", True) else self.status()
 
         return {"token": token, "rotate": rotate, "remove": remove, "status": status}
 
-    def status(self) -> dict[str, Any]:
+    def progress(self) -> dict[str, Any]:
+        """What only the leader knows: how far each member's log matches its own (Member.Progress)."""
+        raft = self.raft.node.status()
+        return {"leader": raft["leader"], "term": raft["term"], "last_index": raft["last_index"],
+                "match_index": raft["match_index"] if raft["leader"] == self.node_id else {}}
+
+    async def status_with_lag(self) -> dict[str, Any]:
+        """`status`; on a follower the members' lag comes from the leader (only it tracks it)."""
+        raft = self.raft.node.status()
+        leader = raft["leader"]
+        if not leader or leader == self.node_id:
+            return self.status()
+        try:
+            with trio.fail_after(STATUS_ASK_S):
+                progress = await ask_progress(self.transport.channel_to, leader)
+        except Exception as exc:  # any failure: the status shows lag as unknown, and why
+            if is_fatal(exc):
+                raise
+            return self.status(lag_error=f"the leader (node {leader}) did not say: {one_line(exc)}")
+        return self.status(progress=progress)
+
+    def status(self, *, progress: dict[str, Any] | None = None, lag_error: str | None = None) -> dict[str, Any]:
         raft = self.raft.node.status()
         txn = self.raft.read_txn()
         members = self.storage.sm.cluster.members(txn)
         groups = self.storage.sm.group_owners(txn)
         nodes = []
-        last = raft["last_index"]
+        last, matches = raft["last_index"], raft["match_index"]
+        if progress is not None and progress.get("match_index"):
+            last, matches = int(progress["last_index"]), progress["match_index"]
         for n, record in sorted(members.items()):
             role = ("leader" if raft["leader"] == n else "voter" if n in raft["voters"]
                     else "learner" if n in raft["learners"] else "none")
-            match = raft["match_index"].get(str(n))
+            match = matches.get(str(n)) if raft["leader"] == self.node_id or progress is not None else None
             nodes.append({
                 "id": n, "name": record["name"], "address": record["address"], "state": record["state"],
                 "role": role, "lease_epoch": record["epoch"], "expired": record["expired"],
@@ -219,6 +251,14 @@ class Member:
             "device": str(self.settings.device.path),
             "stalls": self.raft.stalls,
             "invalidations": self.invalidator.invalidations,
+            "lag_from": "this node" if raft["leader"] == self.node_id else
+                        f"node {raft['leader']}" if progress is not None else None,
+            "lag_error": lag_error,
+            "duty_errors": None if self.core is None else self.core.duties.total(),
+            "write_leases": None if self.coherence is None else {
+                "held": len(self.coherence.held), "waits": self.coherence.lease_waits,
+                "timeouts": self.coherence.lease_timeouts, "longest_wait_s": round(self.coherence.lease_wait_max_s, 3),
+            },
         }
 
 
@@ -264,9 +304,10 @@ async def run_member(member: Member, *, founding: Founding | None = None,
                      on_listening: Callable[[Member], None] | None = None) -> None:
     settings = member.settings
     async with trio.open_nursery() as nursery:
+        service = MemberService(member.raft.node, progress=member.progress)
         bound = await nursery.start(
             lambda task_status=trio.TASK_STATUS_IGNORED: member.transport.run(
-                member.state.listen, extra_bindings=[MemberService(member.raft.node).binding()], task_status=task_status))
+                member.state.listen, extra_bindings=[service.binding()], task_status=task_status))
         log.info("node %d: cluster listener on %s", member.node_id, bound)
         control = control_socket(member.state_dir)
         await nursery.start(lambda task_status=trio.TASK_STATUS_IGNORED: serve_grpc(
@@ -286,16 +327,22 @@ async def run_member(member: Member, *, founding: Founding | None = None,
             await member.lease.first_renewal.wait()
         if not member.lease.first_renewal.is_set():
             log.warning("no lease renewal yet: writes fail with EIO until one succeeds")
+        book = core.duties
         await nursery.start(member.groups.run)
-        await nursery.start(member.coherence.run)
-        await nursery.start(member.coherence.run_orphans)
+        await nursery.start(functools.partial(supervise, "write-lease hand-over", member.coherence.run, book=book))
+        await nursery.start(functools.partial(supervise, "orphan release", member.coherence.run_orphans, book=book))
         member.coherence.pending_orphans()
         await nursery.start(member.duties.run)
-        await _update_address(member)
+        nursery.start_soon(functools.partial(retry_until_done, "address update", functools.partial(_update_address, member),
+                                             book=book))
         await nursery.start(_serve_joins, member)
         if settings.cluster.advertise:
             nursery.start_soon(_advertise, member)
         await serve(core, settings, ready=ready, log_running=True, purge_orphans=False)
+        with trio.move_on_after(STOP_RELEASE_S):
+            released = await member.coherence.release_all()
+            log.info("node %d stopped cleanly: data flushed, unmounted, %d write leases given back",
+                     member.node_id, released)
         nursery.cancel_scope.cancel()
 
 
@@ -338,12 +385,13 @@ def _assemble(member: Member) -> Core:
     leases = LeaseSettings(settings.cluster.lease_s, settings.cluster.renew_s, settings.cluster.lease_margin_s)
     layout = member.storage.superblock.layout
     strict = settings.mount.coherence == "strict"
+    lease: LivenessLease  # made below; the epoch callbacks read it only once it exists
     coherence = ClusterCoherence(member.node_id, member.raft, sm, member.invalidator, lambda: lease.epoch,
                                  strict=strict)
     coherence.flush = core.data.flush
     coherence.holds = core.ops.holds
     groups = GroupKeeper(member.node_id, member.raft, sm, core.allocator, lambda: lease.epoch,
-                         low_blocks=layout.ag_blocks)
+                         low_blocks=layout.ag_blocks, book=core.duties)
     core.data.claim_space = groups.claim_now
     def expired() -> None:
         """The cluster expired our lease while we could not renew it (paused, partitioned)."""
@@ -351,9 +399,10 @@ def _assemble(member: Member) -> Core:
         coherence.reload()
         core.data.lose_buffers("this node's liveness lease expired; other nodes may have written since")
 
-    lease = LivenessLease(member.node_id, member.raft, sm, fence, leases, on_expired=expired)
+    lease = LivenessLease(member.node_id, member.raft, sm, fence, leases, on_expired=expired, book=core.duties)
     lease.load_epoch()
-    duties = LeaderDuties(member.node_id, member.raft, sm, leases)
+    coherence.wait_lease = lease.wait_renewed
+    duties = LeaderDuties(member.node_id, member.raft, sm, leases, book=core.duties)
     member.raft.fence_epoch = lambda: lease.epoch
     member.raft.commands.observers.extend([coherence.observe, groups.observe, duties.observe])
 
@@ -391,12 +440,21 @@ def _collect(member: Member) -> Iterator[Metric]:
         yield counter("awsomefs_write_leases_released", "file write leases handed to another node",
                       co.leases_released)
         yield counter("awsomefs_write_lease_waits", "writes that waited for another node's lease", co.lease_waits)
+        yield counter("awsomefs_write_lease_timeouts", "writes that gave up waiting for a write lease (EIO; "
+                      "the log says why)", co.lease_timeouts)
+        yield counter("awsomefs_write_lease_wait_seconds", "time writes spent waiting for write leases",
+                      co.lease_wait_s)
+        yield gauge("awsomefs_write_lease_wait_max_seconds", "the longest wait of a write for a write lease",
+                    co.lease_wait_max_s)
+        yield counter("awsomefs_write_lease_handover_failures", "hand-overs that failed (flush or proposal) "
+                      "and were tried again", co.handover_failures)
         yield counter("awsomefs_catch_ups", "ReadIndex catch-ups (open, lookup)", co.catch_ups)
         yield counter("awsomefs_stale_reads", "catch-ups that found no leader and served local state",
                       co.stale_reads)
     yield counter("awsomefs_kernel_invalidations", "kernel cache invalidations", member.invalidator.invalidations)
     if member.duties is not None:
         yield counter("awsomefs_nodes_expired", "nodes this node expired as leader", member.duties.expired)
+        yield counter("awsomefs_leader_changes", "changes of leader this node saw", member.duties.leader_changes)
 
 
 async def _update_address(member: Member) -> None:
@@ -411,7 +469,7 @@ def _join_address(listen: str) -> str:
     return Peer.from_seed(listen).join_address
 
 
-async def _serve_joins(member: Member, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+async def _serve_joins(member: Member, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
     """The join listener (server-only TLS; see docs/cluster-security.md), with the CA from the
     replicated state: any member can admit a node."""
     txn = member.raft.read_txn()

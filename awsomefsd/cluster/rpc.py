@@ -31,6 +31,8 @@ log = logging.getLogger(__name__)
 
 MEMBER_SERVICE = "awsomefs.cluster.v1.Member"
 FORWARD_METHOD = f"/{MEMBER_SERVICE}/Forward"
+PROGRESS_METHOD = f"/{MEMBER_SERVICE}/Progress"
+PROGRESS_TIMEOUT_S = 3.0
 CONTROL_SERVICE = "awsomefs.cluster.v1.Control"
 FORWARD_TIMEOUT_S = 10.0
 CONTROL_TIMEOUT_S = 30.0
@@ -38,8 +40,9 @@ _U64 = struct.Struct("<Q")
 
 
 class MemberService:
-    def __init__(self, node: RaftNode) -> None:
+    def __init__(self, node: RaftNode, progress: Callable[[], dict[str, Any]] | None = None) -> None:
         self.node = node
+        self.progress = progress
         self.forwarded = 0
 
     async def Forward(self, request: bytes, context: grpc.ServicerContext) -> bytes:
@@ -56,8 +59,29 @@ class MemberService:
         self.forwarded += 1
         return _U64.pack(index)
 
+    async def Progress(self, request: bytes, context: grpc.ServicerContext) -> bytes:
+        """The leader's view of replication (each member's match index), for `status` on a follower."""
+        if self.progress is None:
+            raise RpcAbort(grpc.StatusCode.UNIMPLEMENTED, "no progress here")
+        return json.dumps(self.progress(), sort_keys=True).encode()
+
     def binding(self) -> Binding:
-        return Binding(_generic_adder(MEMBER_SERVICE, ("Forward",)), self)
+        return Binding(_generic_adder(MEMBER_SERVICE, ("Forward", "Progress")), self)
+
+
+async def ask_progress(channel_to: Callable[[int], grpc.Channel | None], leader: int,
+                       timeout_s: float = PROGRESS_TIMEOUT_S) -> dict[str, Any]:
+    """Member.Progress of `leader` (raises ConnectionError when it cannot be asked)."""
+    channel = channel_to(leader)
+    if channel is None:
+        raise ConnectionError(f"no address for node {leader}")
+    try:
+        future = channel.unary_unary(PROGRESS_METHOD).future(b"", timeout=timeout_s)
+        reply = await await_future(future)
+    except (grpc.RpcError, ValueError) as exc:
+        raise ConnectionError(str(exc)) from None
+    result: dict[str, Any] = json.loads(reply)
+    return result
 
 
 class Forwarder:
@@ -74,7 +98,11 @@ class Forwarder:
             raise NotLeader(0)  # no address for it yet: wait for the next leader or address
         call = channel.unary_unary(FORWARD_METHOD)
         try:
-            reply = await await_future(call.future(entry, timeout=self.timeout_s))
+            future = call.future(entry, timeout=self.timeout_s)
+        except ValueError:  # the channel was closed under us (the leader's address changed): not sent
+            raise NotLeader(0) from None
+        try:
+            reply = await await_future(future)
         except grpc.RpcError as exc:
             code, details = exc.code(), exc.details() or ""  # type: ignore[attr-defined]
             if code == grpc.StatusCode.FAILED_PRECONDITION and details.startswith("leader="):

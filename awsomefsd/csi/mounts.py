@@ -63,6 +63,7 @@ class MountEntry:
     options: frozenset[str]  # per-mount options (ro/rw, nosuid, ...)
     fs_type: str
     source: str
+    device: str = ""  # "major:minor" of the file system: a bind mount shares its source's
 
 
 def _unescape(field: str) -> str:
@@ -97,6 +98,7 @@ def mount_table(mountinfo: str = "/proc/self/mountinfo") -> list[MountEntry]:
                     options=frozenset(fields[5].split(",")),
                     fs_type=fields[sep + 1],
                     source=_unescape(fields[sep + 2]),
+                    device=fields[2],
                 )
             )
     return entries

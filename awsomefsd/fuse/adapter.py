@@ -23,6 +23,8 @@ from awsomefsd.meta.records import Inode
 log = logging.getLogger(__name__)
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 ObserveFn = Callable[[str, float, int], None]
+ReportEioFn = Callable[[str, str, FsError], None]
+_BY_HANDLE = frozenset({"read", "write", "flush", "release", "fsync"})
 
 
 def _fuse_op(name: str) -> Callable[[F], F]:
@@ -37,6 +39,8 @@ def _fuse_op(name: str) -> Callable[[F], F]:
                 return await fn(self, *args)
             except FsError as exc:
                 err = exc.errno
+                if err == errno.EIO and self.report_eio is not None:
+                    self.report_eio(name, self._target(name, args), exc)
                 raise pyfuse3.FUSEError(exc.errno) from None
             except pyfuse3.FUSEError as exc:
                 err = exc.errno
@@ -60,13 +64,25 @@ class FuseAdapter(pyfuse3.Operations):
     enable_acl = False
 
     def __init__(self, ops: Operations, *, entry_timeout_s: float = 60.0, attr_timeout_s: float = 60.0,
-                 negative_timeout_s: float | None = None, observe: ObserveFn | None = None) -> None:
+                 negative_timeout_s: float | None = None, observe: ObserveFn | None = None,
+                 report_eio: ReportEioFn | None = None) -> None:
         super().__init__()
         self.ops = ops
         self.entry_timeout_s = entry_timeout_s
         self.attr_timeout_s = attr_timeout_s
         self.negative_timeout_s = entry_timeout_s if negative_timeout_s is None else negative_timeout_s
         self.observe = observe
+        self.report_eio = report_eio
+
+    def _target(self, op: str, args: tuple[Any, ...]) -> str:
+        """The file a failed request was about, for the log (its first argument: an inode, or a
+        file handle for I/O requests)."""
+        if not args or not isinstance(args[0], int):
+            return "the file system"
+        if op not in _BY_HANDLE:
+            return f"inode {args[0]}"
+        handle = self.ops.handles.get(args[0])
+        return f"inode {handle.ino}" if handle is not None else f"file handle {args[0]}"
 
     def entry(self, inode: Inode) -> pyfuse3.EntryAttributes:
         e = pyfuse3.EntryAttributes()

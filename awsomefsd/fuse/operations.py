@@ -346,7 +346,8 @@ class Operations:
         """Writes this descriptor may have made were dropped (the node's lease expired): EIO, once."""
         if self.data.unreported_loss(h.ino, h.seen_loss):
             h.seen_loss = self.data.losses
-            raise FsError(errno.EIO, "buffered writes were lost: this node's lease expired before they were flushed")
+            raise FsError(errno.EIO, "buffered writes were lost: this node's lease expired before they were flushed",
+                          cause="lost-writes")
 
     async def release(self, fh: int) -> None:
         h = self.handles.pop(fh, None)

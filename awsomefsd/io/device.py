@@ -21,6 +21,11 @@ being paused; the fence module explains how the margins bound that gap and what 
 The default fence is always open (single node, formatting). Reads and `sync` are never fenced:
 they move no new bytes to the device (a shared device writes through O_DIRECT, so a cache flush
 only makes durable what was written while the lease held).
+
+Every open takes a shared advisory lock (flock) on the device, and formatting takes it exclusively
+while it writes (`claim_exclusive`): so `format` refuses a device a daemon on this machine is using, and names the
+process, instead of destroying a live file system under it. Nodes on other machines are not seen
+this way (a SAN has no lock to share); their superblock check is what protects them.
 """
 
 from __future__ import annotations
@@ -64,6 +69,7 @@ __all__ = [
     "NotFormattedError",
     "aligned_buffer",
     "create_image",
+    "lock_holders",
 ]
 
 BLKGETSIZE64 = 0x80081272
@@ -194,6 +200,11 @@ class BlockDevice:
             is_block_device = stat.S_ISBLK(st.st_mode)
             if not (is_block_device or stat.S_ISREG(st.st_mode)):
                 raise DeviceError(f"{path} is neither a block device nor a regular image file")
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise DeviceError(f"{path} is being formatted by another process (pid "
+                                  f"{', '.join(map(str, lock_holders(fd))) or '?'}): try again when it is done") from None
             raw_size_bytes = _block_device_size(fd) if is_block_device else st.st_size
             using_direct = False
             if direct:
@@ -335,6 +346,22 @@ class BlockDevice:
         """fdatasync: written data (and a sparse image's new allocations) reach stable storage."""
         os.fdatasync(self._fd_or_raise())
 
+    def claim_exclusive(self) -> list[int]:
+        """Take the device's lock exclusively (for formatting): [] when done, else the other
+        processes on this machine that have the device open (their shared lock), which keep it."""
+        fd = self._fd_or_raise()
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holders = lock_holders(fd)
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # as before the attempt
+            return holders or [0]
+        return []
+
+    def release_exclusive(self) -> None:
+        """Back to the shared lock every open holds (formatting is done)."""
+        fcntl.flock(self._fd_or_raise(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+
     def close(self) -> None:
         """Close the descriptor; idempotent."""
         fd, self._fd = self._fd, -1
@@ -434,6 +461,25 @@ def _warn_once(path: Path, message: str, *, topic: str = "direct", level: int = 
             return
         _warned_paths.add(key)
     log.log(level, "%s", message)
+
+
+def lock_holders(fd: int) -> list[int]:
+    """The other processes holding a flock on the file `fd` refers to (from /proc/locks)."""
+    st = os.fstat(fd)
+    wanted = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    pids: set[int] = set()
+    try:
+        with open("/proc/locks", encoding="ascii", errors="replace") as fh:
+            for line in fh:
+                fields = line.split()
+                # "1: FLOCK  ADVISORY  READ  1234 fd:01:5678 0 EOF" ("->" marks a blocked waiter)
+                if "->" in fields or len(fields) < 6 or fields[1] != "FLOCK" or fields[5] != wanted:
+                    continue
+                if fields[4].isdigit() and int(fields[4]) != os.getpid():
+                    pids.add(int(fields[4]))
+    except OSError:
+        pass
+    return sorted(pids)
 
 
 def create_image(path: str | os.PathLike[str], size_bytes: int) -> None:

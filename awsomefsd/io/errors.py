@@ -34,6 +34,11 @@ class ForeignClusterError(DeviceError):
     """The device belongs to another cluster. Using it would corrupt that cluster's data."""
 
 
+class DeviceInUseError(DeviceError):
+    """A running daemon on this machine uses the device: formatting it would destroy a live file
+    system under it (refused even with --force)."""
+
+
 class DeviceSizeMismatchError(DeviceError):
     """The device is now smaller than when it was formatted: blocks the metadata points to are gone."""
 

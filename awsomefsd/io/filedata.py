@@ -28,6 +28,7 @@ Concurrency (everything here runs on the trio thread unless it says otherwise); 
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import errno
 import itertools
 import logging
@@ -287,7 +288,7 @@ class FileData:
         log.error("checksum mismatch at device block %d (%s): returning EIO", dev_block, self.device.path)
         if self.on_checksum_error is not None:
             self.on_checksum_error(dev_block)
-        raise FsError(errno.EIO, f"checksum mismatch at device block {dev_block}")
+        raise FsError(errno.EIO, f"checksum mismatch at device block {dev_block}", cause="checksum")
 
     async def read_block(self, ino: int, file_block: int) -> bytes:
         """One whole committed block (zeros for a hole): the old data around a partial write."""
@@ -302,7 +303,8 @@ class FileData:
             raise FsError(errno.EFBIG)
         if self.total_dirty_bytes + len(data) > self.write_buffer_bytes and not self.device.fence.is_open():
             # the buffers cannot drain while fenced: keep memory bounded
-            raise FsError(errno.EIO, "device writes fenced (node lease lapsed) and the write buffer is full")
+            raise FsError(errno.EIO, "device writes fenced (node lease lapsed) and the write buffer is full",
+                          cause="fence")
         st = self.state(inode.ino, inode.volume)
         st.users += 1  # pinned, as _pinned does (inline: this is the hottest path)
         try:
@@ -404,7 +406,7 @@ class FileData:
                 st.error = exc.errno
             except WriteFencedError as exc:
                 self._keep_unwritten(st, runs[written:])
-                raise FsError(errno.EIO, exc.strerror or "") from exc
+                raise FsError(errno.EIO, exc.strerror or "", cause="fence") from exc
             finally:
                 st.set_inflight([])
             if st.written_ns == written_ns and not st.dirty:
@@ -612,11 +614,11 @@ class FileData:
                         checksums = self._write_pieces([(block, dev, 1, memoryview(old))])
                     except WriteFencedError as exc:
                         self.allocator.release(extents)
-                        raise FsError(errno.EIO, exc.strerror or "") from exc
+                        raise FsError(errno.EIO, exc.strerror or "", cause="fence") from exc
                     self.written_since_sync = True
                     tail_ext = Extent(block, dev, 1, checksums[0])
             # now_ns starts the grace period of the extents it cuts off: the commit's time, not the request's
-            cmd = c.SetAttr(**{**_setattr_fields(setattr), "size": size, "tail": tail_ext, "now_ns": self.clock_ns()})
+            cmd = dataclasses.replace(setattr, size=size, tail=tail_ext, now_ns=self.clock_ns())
             try:
                 result: Inode = await self.log.propose(cmd)
             except BaseException:
@@ -723,10 +725,6 @@ def _fragmented_runs(extents: list[Extent]) -> list[list[Extent]]:
             runs.append(current)
     return [r for r in runs if len(r) >= COMPACT_MIN_EXTENTS
             and any(a.dev_block + a.count != b.dev_block for a, b in itertools.pairwise(r))]
-
-
-def _setattr_fields(cmd: c.SetAttr) -> dict[str, object]:
-    return {name: getattr(cmd, name) for name in cmd.__slots__}  # type: ignore[attr-defined]
 
 
 def is_regular(mode: int) -> bool:

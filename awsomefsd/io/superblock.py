@@ -17,6 +17,7 @@ from awsomefsd.io.checksum import crc32c
 from awsomefsd.io.device import BlockDevice
 from awsomefsd.io.errors import (
     CorruptSuperblockError,
+    DeviceInUseError,
     DeviceSizeMismatchError,
     ForeignClusterError,
     NotFormattedError,
@@ -218,35 +219,47 @@ def format_device(
 ) -> Superblock:
     """Write a fresh superblock (new device id) for `cluster_id`, both copies, synced.
 
-    Refuses (ForeignClusterError) a device that holds an intact superblock of another cluster, in
-    either slot, unless `force`; reformatting for the same cluster is allowed. Data blocks are not
-    touched: metadata lives off the device, so a fresh superblock is a fresh filesystem.
+    Refuses (DeviceInUseError) a device that a running daemon on this machine has open, even with
+    `force`: that file system is live. Refuses (ForeignClusterError) a device that holds an intact
+    superblock of another cluster, in either slot, unless `force`; reformatting for the same
+    cluster is allowed. Data blocks are not touched: metadata lives off the device, so a fresh
+    superblock is a fresh filesystem.
     """
     if not isinstance(cluster_id, uuid.UUID):
         raise TypeError(f"cluster_id must be a uuid.UUID, got {type(cluster_id).__name__}")
     layout = plan_layout(dev.size_bytes, ag_size_bytes)
-    if not force:
-        offsets = {0, dev.size_bytes - BLOCK_SIZE}
-        primary = _read_at(dev, 0)
-        if isinstance(primary, Superblock) and primary.size_bytes <= dev.size_bytes:
-            offsets.add(primary.layout.superblock_copy_offset_bytes)
-        for offset in sorted(offsets):
-            found = primary if offset == 0 else _read_at(dev, offset)
-            if isinstance(found, Superblock) and found.cluster_id != cluster_id:
-                raise ForeignClusterError(
-                    f"{dev.path} holds a superblock of cluster {found.cluster_id} (label {found.label!r}, "
-                    f"device {found.device_id}), not of cluster {cluster_id}: use --force to overwrite it "
-                    "(this destroys that cluster's data)"
-                )
-    sb = Superblock(
-        format_version=FORMAT_VERSION,
-        cluster_id=cluster_id,
-        device_id=uuid.uuid4(),
-        block_size=BLOCK_SIZE,
-        size_bytes=layout.size_bytes,
-        ag_blocks=layout.ag_blocks,
-        created_ns=time.time_ns() if now_ns is None else now_ns,
-        label=label,
-    )
-    write_superblocks(dev, sb)
+    offsets = {0, dev.size_bytes - BLOCK_SIZE}
+    primary = _read_at(dev, 0)
+    if isinstance(primary, Superblock) and primary.size_bytes <= dev.size_bytes:
+        offsets.add(primary.layout.superblock_copy_offset_bytes)
+    found = [sb for sb in (primary if offset == 0 else _read_at(dev, offset) for offset in sorted(offsets))
+             if isinstance(sb, Superblock)]
+    users = dev.claim_exclusive()
+    if users:
+        whose = (f"cluster {found[0].cluster_id} (label {found[0].label!r})" if found else "a file system")
+        pids = ", ".join(str(p) for p in users if p) or "unknown"
+        raise DeviceInUseError(f"{dev.path} is live: {whose} is in use by a running awsomefsd on this machine "
+                               f"(pid {pids}); stop it before formatting (--force does not override this)")
+    try:
+        if not force:
+            for other in found:
+                if other.cluster_id != cluster_id:
+                    raise ForeignClusterError(
+                        f"{dev.path} holds a superblock of cluster {other.cluster_id} (label {other.label!r}, "
+                        f"device {other.device_id}), not of cluster {cluster_id}; no daemon on this machine uses "
+                        "it, but nodes elsewhere may: use --force to overwrite it (this destroys that cluster's data)"
+                    )
+        sb = Superblock(
+            format_version=FORMAT_VERSION,
+            cluster_id=cluster_id,
+            device_id=uuid.uuid4(),
+            block_size=BLOCK_SIZE,
+            size_bytes=layout.size_bytes,
+            ag_blocks=layout.ag_blocks,
+            created_ns=time.time_ns() if now_ns is None else now_ns,
+            label=label,
+        )
+        write_superblocks(dev, sb)
+    finally:
+        dev.release_exclusive()
     return sb

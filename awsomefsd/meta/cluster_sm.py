@@ -39,51 +39,57 @@ class ClusterTables:
         self.meta_db = store.db["meta"]
 
     # -- reading (any node, any transaction) -----------------------------------------------------
-    def initialised(self, txn: lmdb.Transaction) -> bool:
+    def initialised(self, txn: lmdb.Transaction[bytes]) -> bool:
         return txn.get(b"ca_cert", db=self.meta_db) is not None
 
-    def value(self, txn: lmdb.Transaction, key: bytes) -> bytes | None:
+    def value(self, txn: lmdb.Transaction[bytes], key: bytes) -> bytes | None:
         raw = txn.get(key, db=self.meta_db)
         return None if raw is None else bytes(raw)
 
-    def member(self, txn: lmdb.Transaction, node: int) -> dict[str, Any] | None:
+    def number(self, txn: lmdb.Transaction[bytes], key: bytes) -> int:
+        """A counter or parameter every initialised cluster has (written by InitCluster)."""
+        raw = txn.get(key, db=self.meta_db)
+        assert raw is not None, f"cluster parameter {key!r} missing"
+        return int.from_bytes(raw, "big")
+
+    def member(self, txn: lmdb.Transaction[bytes], node: int) -> dict[str, Any] | None:
         raw = txn.get(u64(node), db=self.members_db)
         return None if raw is None else json.loads(bytes(raw))
 
-    def members(self, txn: lmdb.Transaction) -> dict[int, dict[str, Any]]:
+    def members(self, txn: lmdb.Transaction[bytes]) -> dict[int, dict[str, Any]]:
         return {int.from_bytes(k, "big"): json.loads(bytes(v)) for k, v in txn.cursor(self.members_db)}
 
-    def active_members(self, txn: lmdb.Transaction) -> list[int]:
+    def active_members(self, txn: lmdb.Transaction[bytes]) -> list[int]:
         """Members in the cluster now (empty on a single node: no cluster)."""
         return sorted(int.from_bytes(k, "big") for k, v in txn.cursor(self.members_db)
                       if json.loads(bytes(v))["state"] == "active")
 
-    def revoked_serials(self, txn: lmdb.Transaction) -> set[int]:
+    def revoked_serials(self, txn: lmdb.Transaction[bytes]) -> set[int]:
         return {int(m["serial"], 16) for m in self.members(txn).values() if m["state"] == "removed" and m["serial"]}
 
-    def lease_holder(self, txn: lmdb.Transaction, ino: int) -> int:
+    def lease_holder(self, txn: lmdb.Transaction[bytes], ino: int) -> int:
         raw = txn.get(u64(ino), db=self.leases_db)
         return 0 if raw is None else int.from_bytes(raw, "big")
 
-    def leases_of(self, txn: lmdb.Transaction, node: int) -> list[int]:
+    def leases_of(self, txn: lmdb.Transaction[bytes], node: int) -> list[int]:
         want = u64(node)
         return [int.from_bytes(k, "big") for k, v in txn.cursor(self.leases_db) if bytes(v) == want]
 
-    def groups_of(self, txn: lmdb.Transaction, node: int) -> list[int]:
+    def groups_of(self, txn: lmdb.Transaction[bytes], node: int) -> list[int]:
         want = u64(node)
         return [int.from_bytes(k, "big") for k, v in txn.cursor(self.groups_db) if bytes(v) == want]
 
     # -- applying --------------------------------------------------------------------------------
-    def _put(self, txn: lmdb.Transaction, node: int, record: dict[str, Any]) -> None:
+    def _put(self, txn: lmdb.Transaction[bytes], node: int, record: dict[str, Any]) -> None:
         txn.put(u64(node), json.dumps(record, sort_keys=True).encode(), db=self.members_db)
 
-    def _require(self, txn: lmdb.Transaction, node: int) -> dict[str, Any]:
+    def _require(self, txn: lmdb.Transaction[bytes], node: int) -> dict[str, Any]:
         record = self.member(txn, node)
         if record is None:
             raise FsError(errno.ENOENT, f"no member {node}")
         return record
 
-    def init_cluster(self, txn: lmdb.Transaction, cmd: c.InitCluster) -> int:
+    def init_cluster(self, txn: lmdb.Transaction[bytes], cmd: c.InitCluster) -> int:
         if self.initialised(txn):
             raise FsError(errno.EEXIST, "the cluster is already initialised")
         if not 1 <= cmd.voters_target <= 7 or cmd.ag_blocks <= 0 or cmd.founder <= 0:
@@ -93,43 +99,54 @@ class ClusterTables:
                                              u64(cmd.ag_count))):
             txn.put(key, value, db=self.meta_db)
         txn.put(b"member_next", u64(cmd.founder + 1), db=self.meta_db)
-        self._put(txn, cmd.founder, _record(cmd.name, cmd.address, cmd.join_address, cmd.now_ns))
+        self._put(txn, cmd.founder, _record(self._unique_name(txn, cmd.name, cmd.founder), cmd.address,
+                                            cmd.join_address, cmd.now_ns))
         return cmd.founder
 
-    def add_member(self, txn: lmdb.Transaction, cmd: c.AddMember) -> int:
+    def add_member(self, txn: lmdb.Transaction[bytes], cmd: c.AddMember) -> int:
         if not self.initialised(txn):
             raise FsError(errno.EINVAL, "not a cluster")
         if sum(1 for _ in txn.cursor(self.members_db)) >= MAX_MEMBERS:
             raise FsError(errno.ENOSPC, f"the cluster already has {MAX_MEMBERS} members")
-        node = int.from_bytes(txn.get(b"member_next", db=self.meta_db), "big")
+        node = self.number(txn, b"member_next")
         txn.put(b"member_next", u64(node + 1), db=self.meta_db)
-        self._put(txn, node, _record(cmd.name, cmd.address, cmd.join_address, cmd.now_ns))
+        self._put(txn, node, _record(self._unique_name(txn, cmd.name, node), cmd.address, cmd.join_address,
+                                     cmd.now_ns))
         return node
 
-    def set_member_cert(self, txn: lmdb.Transaction, cmd: c.SetMemberCert) -> None:
+    def _unique_name(self, txn: lmdb.Transaction[bytes], wanted: str, node: int) -> str:
+        """The name a new member is shown by: its own (the host name by default) unless an active
+        member has it already (two nodes on one host, cloned machines), then `name-<node id>`; an
+        unnamed node is `node-<id>`. Decided at apply, so every member shows the same names."""
+        taken = {record["name"] for record in self.members(txn).values() if record["state"] == "active"}
+        if wanted and wanted not in taken:
+            return wanted
+        return f"{wanted or 'node'}-{node}"
+
+    def set_member_cert(self, txn: lmdb.Transaction[bytes], cmd: c.SetMemberCert) -> None:
         record = self._require(txn, cmd.node)
         int(cmd.serial_hex, 16)  # ValueError is a bug in the proposer, not a user error
         record["serial"] = cmd.serial_hex
         self._put(txn, cmd.node, record)
 
-    def update_address(self, txn: lmdb.Transaction, cmd: c.UpdateMemberAddress) -> None:
+    def update_address(self, txn: lmdb.Transaction[bytes], cmd: c.UpdateMemberAddress) -> None:
         record = self._require(txn, cmd.node)
         record["address"], record["join_address"] = cmd.address, cmd.join_address
         self._put(txn, cmd.node, record)
 
-    def remove_member(self, txn: lmdb.Transaction, cmd: c.RemoveMember) -> None:
+    def remove_member(self, txn: lmdb.Transaction[bytes], cmd: c.RemoveMember) -> None:
         record = self._require(txn, cmd.node)
         if record["state"] == "removed":
             raise FsError(errno.ENOENT, f"node {cmd.node} was already removed")
         record["state"] = "removed"
         self._put(txn, cmd.node, record)
 
-    def set_verifier(self, txn: lmdb.Transaction, cmd: c.SetJoinVerifier) -> None:
+    def set_verifier(self, txn: lmdb.Transaction[bytes], cmd: c.SetJoinVerifier) -> None:
         if not self.initialised(txn):
             raise FsError(errno.EINVAL, "not a cluster")
         txn.put(b"join_verifier", cmd.verifier, db=self.meta_db)
 
-    def renew_lease(self, txn: lmdb.Transaction, cmd: c.RenewLease) -> bool:
+    def renew_lease(self, txn: lmdb.Transaction[bytes], cmd: c.RenewLease) -> bool:
         record = self.member(txn, cmd.node)
         if record is None or record["state"] != "active" or record["epoch"] != cmd.epoch:
             return False
@@ -138,7 +155,7 @@ class ClusterTables:
             self._put(txn, cmd.node, record)
         return True
 
-    def expire_node(self, txn: lmdb.Transaction, cmd: c.ExpireNode) -> list[int]:
+    def expire_node(self, txn: lmdb.Transaction[bytes], cmd: c.ExpireNode) -> list[int]:
         """Free the node's groups and write leases; its next renewal must use the next epoch."""
         record = self._require(txn, cmd.node)
         record["epoch"] += 1
@@ -151,7 +168,7 @@ class ClusterTables:
             txn.delete(u64(ino), db=self.leases_db)
         return groups
 
-    def claim_groups(self, txn: lmdb.Transaction, cmd: c.ClaimGroups, ag_count: int) -> tuple[int, ...]:
+    def claim_groups(self, txn: lmdb.Transaction[bytes], cmd: c.ClaimGroups, ag_count: int) -> tuple[int, ...]:
         self._check_epoch(txn, cmd.node, cmd.epoch)
         if not 0 < cmd.count <= MAX_CLAIM_GROUPS:
             raise FsError(errno.EINVAL, f"claim of {cmd.count} groups")
@@ -161,7 +178,7 @@ class ClusterTables:
             txn.put(group.to_bytes(4, "big"), u64(cmd.node), db=self.groups_db)
         return granted
 
-    def acquire_lease(self, txn: lmdb.Transaction, cmd: c.AcquireWriteLease) -> int:
+    def acquire_lease(self, txn: lmdb.Transaction[bytes], cmd: c.AcquireWriteLease) -> int:
         self._check_epoch(txn, cmd.node, cmd.epoch)
         holder = self.lease_holder(txn, cmd.ino)
         if holder == 0:
@@ -169,36 +186,36 @@ class ClusterTables:
             return cmd.node
         return holder
 
-    def release_lease(self, txn: lmdb.Transaction, cmd: c.ReleaseWriteLease) -> bool:
+    def release_lease(self, txn: lmdb.Transaction[bytes], cmd: c.ReleaseWriteLease) -> bool:
         if self.lease_holder(txn, cmd.ino) != cmd.node:
             return False
         txn.delete(u64(cmd.ino), db=self.leases_db)
         return True
 
-    def drop_leases_of_inode(self, txn: lmdb.Transaction, ino: int) -> None:
+    def drop_leases_of_inode(self, txn: lmdb.Transaction[bytes], ino: int) -> None:
         txn.delete(u64(ino), db=self.leases_db)
 
-    def check_fenced(self, txn: lmdb.Transaction, cmd: c.Fenced) -> None:
+    def check_fenced(self, txn: lmdb.Transaction[bytes], cmd: c.Fenced) -> None:
         """Refuse a command from an expired epoch, or one whose new extents lie outside the
         proposer's allocation groups (space another node may already be writing)."""
         self._check_epoch(txn, cmd.node, cmd.epoch)
         extents = [e for inner in cmd.commands for e in _new_extents(inner)]
         if not extents:
             return
-        first = int.from_bytes(txn.get(b"ag_first_block", db=self.meta_db), "big")
-        size = int.from_bytes(txn.get(b"ag_blocks", db=self.meta_db), "big")
+        first = self.number(txn, b"ag_first_block")
+        size = self.number(txn, b"ag_blocks")
         mine = set(self.groups_of(txn, cmd.node))
         for ext in extents:
             groups = range((ext.dev_block - first) // size, (ext.dev_block + ext.count - 1 - first) // size + 1)
             if not mine.issuperset(groups):
                 raise FsError(errno.EIO, f"extent {ext.dev_block}+{ext.count} is outside node {cmd.node}'s groups")
 
-    def _check_epoch(self, txn: lmdb.Transaction, node: int, epoch: int) -> None:
+    def _check_epoch(self, txn: lmdb.Transaction[bytes], node: int, epoch: int) -> None:
         record = self.member(txn, node)
         if record is None or record["state"] != "active":
             raise FsError(errno.EIO, f"node {node} is not a member")
         if record["epoch"] != epoch or record["expired"]:
-            raise FsError(errno.EIO, f"node {node}'s lease epoch {epoch} has expired")
+            raise FsError(errno.EIO, f"node {node}'s lease epoch {epoch} has expired", cause="lease")
 
 
 def _record(name: str, address: str, join_address: str, now_ns: int) -> dict[str, Any]:

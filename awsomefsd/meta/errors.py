@@ -5,13 +5,20 @@ from __future__ import annotations
 import errno
 import os
 
+CAUSES = ("lease", "fence", "stall", "lost-writes", "checksum")
+"""Why an EIO happened, where the code knows it (FsError.cause): the FUSE adapter logs such an EIO
+with the node, the file and the reason, and counts it by cause (awsomefs_eio_total)."""
+
 
 class FsError(Exception):
-    """A POSIX error for the caller: `errno` goes back to the application unchanged."""
+    """A POSIX error for the caller: `errno` goes back to the application unchanged. An EIO that a
+    fault explains names its `cause` (one of CAUSES)."""
 
-    def __init__(self, err: int, message: str = "") -> None:
+    def __init__(self, err: int, message: str = "", *, cause: str = "") -> None:
         super().__init__(err, message or os.strerror(err))
+        assert not cause or cause in CAUSES, cause
         self.errno = err
+        self.cause = cause
 
     def __repr__(self) -> str:
         return f"FsError({errno.errorcode.get(self.errno, self.errno)}, {self.args[1]!r})"

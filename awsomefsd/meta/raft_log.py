@@ -45,7 +45,7 @@ from awsomefsd.meta import codec
 from awsomefsd.meta import commands as c
 from awsomefsd.meta.errors import FsError
 from awsomefsd.meta.raft import Ready
-from awsomefsd.meta.raft_node import NodeSettings, NotLeader, ProposalLost, RaftNode
+from awsomefsd.meta.raft_node import NodeSettings, NotLeader, ProposalLost, ProposalTimeout, RaftNode
 from awsomefsd.meta.records import u64
 from awsomefsd.meta.state_machine import StateMachine
 from awsomefsd.meta.store import MetaStore
@@ -71,7 +71,7 @@ class FsCommands:
         self.before_snapshot: list[Callable[[], None]] = []
         self.on_snapshot: list[Callable[[], None]] = []
 
-    def apply(self, txn: lmdb.Transaction, index: int, command: bytes) -> Any:
+    def apply(self, txn: lmdb.Transaction[bytes], index: int, command: bytes) -> Any:
         cmd = codec.decode(command)
         self.applied_commands += 1
         # LocalLog's counter, so `awsomefsd status` reads one applied index whichever log runs.
@@ -124,7 +124,7 @@ class RaftLog:
         """Set by a cluster member: the liveness-lease epoch every proposal is fenced with."""
         self.stall_s = stall_s
         self.stalls = 0
-        self._read: lmdb.Transaction | None = None
+        self._read: lmdb.Transaction[bytes] | None = None
         self.replays = 0
 
     # --- ReplicatedLog ----------------------------------------------------------------------------
@@ -140,7 +140,7 @@ class RaftLog:
     def batch_sizes(self) -> list[int]:
         return self.node.batch_sizes
 
-    def read_txn(self) -> lmdb.Transaction:
+    def read_txn(self) -> lmdb.Transaction[bytes]:
         if self._read is None:
             self._read = self.store.env.begin()
         return self._read
@@ -153,7 +153,12 @@ class RaftLog:
 
     async def propose_outcome(self, command: object, *, fenced: bool = True) -> tuple[bool, Any]:
         """(ok, result or FsError); waits out an election (up to `stall_s`) when there is no leader.
-        `fenced=False` is for the leader's own housekeeping (ExpireNode), which no lease guards."""
+        `fenced=False` is for the leader's own housekeeping (ExpireNode), which no lease guards.
+
+        Every failure reaches the caller as FsError (EIO when the metadata group could not be
+        reached or the outcome is unknown): callers, background duties included, handle one
+        exception type, and a proposal that timed out (ProposalTimeout: it may still be applied)
+        is not mistaken for a bug."""
         if self.fence_epoch is not None and fenced:
             command = c.Fenced(self.node.id, self.fence_epoch(), (command,))
         data = codec.encode(command)
@@ -163,9 +168,12 @@ class RaftLog:
             try:
                 result: tuple[bool, Any] = await self.node.propose(data)
                 return result
+            except ProposalTimeout as exc:
+                raise FsError(errno.EIO, f"metadata proposal not applied in time (its outcome is unknown): {exc}",
+                              cause="stall") from None
             except (NotLeader, ProposalLost) as exc:
                 if trio.current_time() >= deadline:
-                    raise FsError(errno.EIO, f"metadata unavailable: {exc}") from None
+                    raise FsError(errno.EIO, f"metadata unavailable: {exc}", cause="stall") from None
                 if not stalled:
                     stalled = True
                     self.stalls += 1

@@ -324,13 +324,15 @@ class RaftTransport:
         """In a worker thread: one client stream that lives until it fails; returns why it ended."""
         peer.generation += 1
         generation = peer.generation
-        call = self._channel(peer).stream_unary(SEND_METHOD)
         try:
+            call = self._channel(peer).stream_unary(SEND_METHOD)
             call(self._frames(peer, generation), wait_for_ready=False)
             return "closed"
         except grpc.RpcError as exc:
             code = exc.code() if hasattr(exc, "code") else None
             return str(code)
+        except ValueError as exc:  # the channel was closed under us (the peer's address changed)
+            return f"channel closed: {exc}"
         finally:
             peer.generation += 1  # stops the frame generator if grpc still holds it
 
@@ -384,12 +386,12 @@ class RaftTransport:
                 yield _TAG_CHUNK + chunk
             yield _TAG_END + _U64.pack(total)
 
-        call = self._channel(peer).stream_unary(SNAPSHOT_METHOD)
         try:
+            call = self._channel(peer).stream_unary(SNAPSHOT_METHOD)
             call(frames(), timeout=self.limits.snapshot_timeout_s, wait_for_ready=False)
             log.info("sent snapshot at %d to node %d", m.snapshot.meta.index, peer.id)
             return True
-        except grpc.RpcError as exc:
+        except (grpc.RpcError, ValueError) as exc:  # ValueError: the channel was closed under us
             log.warning("snapshot to node %d failed: %s", peer.id, exc)
             return False
 

@@ -116,3 +116,31 @@ def test_removed_node_cannot_reconnect(cluster3: Cluster) -> None:
     wait_for(lambda: "is revoked" in a.logs() + b.logs(), 30, "the removed node's certificate refused")
     (a.mount / "still").write_bytes(b"fine")
     assert read(b.mount / "still") == b"fine"
+
+
+def test_status_on_a_follower_shows_every_lag_and_changes_are_logged(cluster3: Cluster) -> None:
+    """Only the leader tracks how far each member's log matches: a follower's `status` asks it. A
+    change of leader (every member) and a clean stop (the member itself) are logged at INFO."""
+    nodes = cluster3.form(3)
+    leader = cluster3.leader(nodes)
+    follower, other = (n for n in nodes if n is not leader)
+    for node in (leader, follower):
+        view = node.status()["cluster"]
+        assert all(n["lag"] is not None for n in view["nodes"]), (node.index, view["nodes"])
+        assert view["lag_error"] is None
+    assert follower.status()["cluster"]["lag_from"] == f"node {leader.node_id}"
+    assert "as the leader (node" in follower.cli("status").stdout
+    # every node runs on this one host, so all have its host name: status must tell them apart,
+    # and show each node its own mount only
+    names = [n["name"] for n in leader.status()["cluster"]["nodes"]]
+    assert len(set(names)) == 3, names
+    for node in nodes:
+        shown = node.status()["mounts"]
+        assert shown == [str(node.mount.resolve())], (node.index, shown)
+
+    leader.stop()  # a clean stop
+    assert "stopped cleanly" in leader.logs(), leader.logs(20)
+    wait_for(lambda: any("leads now" in line for line in follower.output + other.output), 30,
+             "a survivor logging the new leader", interval_s=0.2)
+    changed = next(line for line in follower.output + other.output if "leads now" in line)
+    assert " INFO " in changed and f"was node {leader.node_id}" in changed, changed

@@ -12,7 +12,9 @@ What is checked:
 - appends (O_APPEND + fsync) and renames from three nodes at once: every acknowledged record exactly
   once, whole, in each node's order; the same file and the same directory on every node;
 - the cluster listener refuses a client without a certificate and one with a self-signed or foreign
-  certificate; the members go on working.
+  certificate; the members go on working;
+- a follower paused past its lease while appending wakes up, rejoins under a new epoch by itself
+  and appends again (its daemon used to exit: a background proposal refused for the old epoch).
 
 A file operation on a mount that may hang (its node stopped or cut off) runs on a thread with a
 bounded wait (`bounded`), so a failure is reported, never a hung test run.
@@ -45,6 +47,7 @@ from awsomefsd.cluster.rpc import control_call
 from awsomefsd.cluster.state import MemberState, control_socket
 from tests.support.cluster import PORT, Cluster, Node, cluster_in
 from tests.support.daemon import wait_for
+from tests.support.nemesis import Workers, load_history
 from tests.support.netns import TestNetwork
 
 T = TypeVar("T")
@@ -664,3 +667,64 @@ def test_no_certificate_is_refused(cluster3: Cluster, tmp_path: Path) -> None:
     for node in (b, c):
         assert bounded(lambda node=node: read(node.mount / "after-probes")) == b"still fine\n"
     assert not any(n["expired"] for n in b.status()["cluster"]["nodes"])
+
+
+# --- 6. a writer paused past its lease wakes up, rejoins and appends again ----------------------------
+def test_paused_appender_wakes_rejoins_and_appends_again(netns_network: Callable[[int], TestNetwork],
+                                                        tmp_path: Path) -> None:
+    """SIGSTOP a follower while it appends (fsync after each record), past its lease, then SIGCONT,
+    twice: the daemon must not exit (a background proposal refused for the expired epoch used to end
+    it: the delayed-free reclaimer's, which finds frees due at once on waking, hence the short grace
+    period here); it renews under the new epoch by itself and its writer's appends go through again."""
+    with cluster_in(netns_network(3), tmp_path, env={"AWSOMEFS_DATA__DELAYED_FREE_MS": "100"}) as cluster:
+        paused_appender_round_trips(cluster, tmp_path, rounds=2)
+
+
+def lease_open(node: Node) -> bool:
+    try:
+        return bool((cluster_view(node).get("lease") or {}).get("fence_open"))
+    except ConnectionError:
+        return False
+
+
+def paused_appender_round_trips(cluster3: Cluster, tmp_path: Path, rounds: int) -> None:
+    nodes = cluster3.form(3)
+    leader = cluster3.leader(nodes)
+    b = next(n for n in nodes if n is not leader)
+    others = [n for n in nodes if n is not b]
+    for directory in ("ns", "tmp", "logs"):
+        (leader.mount / directory).mkdir()
+    (leader.mount / "logs" / "s0").write_bytes(b"")
+    # the appender runs in its own process: this one forks (status) while B is stopped
+    workers = Workers([b], tmp_path, seed=11, clients=1, t0=time.monotonic(), until=time.monotonic() + 600,
+                      env=cluster3.env)
+    history = workers.paths[0]
+
+    def acked_after(t: float) -> int:
+        return sum(1 for e in load_history([history]) if e["op"] == "append" and e["output"] == "ok" and e["t0"] > t)
+
+    try:
+        workers.wait_ready()
+        wait_for(lambda: acked_after(0) >= 5, 60, "the appender on B acknowledging records", interval_s=0.2)
+        for _ in range(rounds):
+            b.signal(signal.SIGSTOP)
+            try:
+                wait_for(lambda: member(others[0], b)["expired"], 30, "B expired while paused", interval_s=0.2)
+            finally:
+                b.signal(signal.SIGCONT)
+            woke = time.monotonic()
+            wait_for(lambda: not alive(b) or lease_open(b), 30, "B renewing its lease (or exiting)", interval_s=0.2)
+            assert alive(b), f"node {b.index} exited after waking up:\n{b.logs(40)}"
+            wait_renewed(b, others, 30)
+            wait_for(lambda woke=woke: acked_after(woke) >= 5, 60, "B's appender acknowledging records after the wake",
+                     interval_s=0.2)
+            assert alive(b), f"node {b.index} exited after waking up:\n{b.logs(40)}"
+    finally:
+        problems = workers.stop()
+    assert not problems, problems
+    assert "rejoining under the new epoch" in b.logs(400), b.logs(60)
+    entries = load_history([history])
+    failures = [e for e in entries if e["output"] not in ("ok", "EIO")]
+    assert not failures, failures[:5]
+    if any(e["output"] == "EIO" for e in entries):  # each EIO says on its node why (and which file)
+        assert "EIO to " in b.logs(2000), b.logs(60)

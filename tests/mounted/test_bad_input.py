@@ -4,6 +4,7 @@ a full device, corrupt data blocks, and a stale mount point."""
 from __future__ import annotations
 
 import errno
+import json
 import os
 import re
 import shutil
@@ -44,6 +45,26 @@ def test_foreign_cluster_needs_force(base: Path) -> None:
     r = run_cli("format", str(img))
     assert r.returncode == 1 and "--force" in r.stderr, r.stderr
     assert run_cli("format", str(img), "--force").returncode == 0
+
+
+def test_a_live_device_is_not_formatted_even_with_force(base: Path) -> None:
+    """`format` of the device a running daemon uses names the cluster, says it is live and the
+    process, and changes nothing; once the daemon stopped, --force formats it."""
+    d = Daemon(base / "state", base / "mnt", size="256M").start()
+    image = base / "state" / "device.img"
+    try:
+        (d.mount / "kept").write_bytes(b"still here")
+        cluster = json.loads(run_cli("status", "--json", "--state", str(base / "state")).stdout)["device"]["cluster_id"]
+        for args in ((), ("--force",)):
+            r = run_cli("format", str(image), *args)
+            assert r.returncode == 1, r.stdout + r.stderr
+            line = r.stderr.strip().splitlines()[-1]
+            assert "is live" in line and cluster in line and f"pid {d.proc.pid}" in line, line
+            assert "Traceback" not in r.stderr
+        assert (d.mount / "kept").read_bytes() == b"still here"
+    finally:
+        assert d.stop() == 0
+    assert run_cli("format", str(image), "--force").returncode == 0
 
 
 def test_metadata_of_another_cluster_is_refused(base: Path) -> None:

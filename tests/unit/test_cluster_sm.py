@@ -50,6 +50,17 @@ def test_members_get_consecutive_ids_and_removal_revokes(h: Harness) -> None:
     assert err.value.errno == errno.EEXIST
 
 
+def test_member_names_are_unique_in_the_cluster(h: Harness) -> None:
+    """Nodes on one host (or cloned machines) share a host name; `status` must tell them apart."""
+    assert h.apply(c.AddMember("n1", "b:1", "b:2", 6)) == 2
+    assert h.apply(c.AddMember("", "c:1", "c:2", 7)) == 3
+    assert h.apply(c.AddMember("n4", "d:1", "d:2", 8)) == 4
+    h.apply(c.RemoveMember(4, 9))
+    assert h.apply(c.AddMember("n4", "e:1", "e:2", 10)) == 5  # a removed member's name is free again
+    names = {node: record["name"] for node, record in members(h).items()}
+    assert names == {1: "n1", 2: "n1-2", 3: "node-3", 4: "n4", 5: "n4"}
+
+
 def test_groups_are_claimed_lowest_first_and_never_twice(h: Harness) -> None:
     h.apply(c.AddMember("n2", "b:1", "b:2", 6))
     assert h.apply(c.ClaimGroups(1, 1, 2)) == (0, 1)

@@ -1,0 +1,169 @@
+"""The cluster under faults, Jepsen style (issue 11): a real three-node cluster (separate daemons in
+network namespaces on one shared image, short leases: tests.support.cluster.FAST_LEASES), clients
+on every node running a mixed workload, and a nemesis that kills, pauses, cuts off and restarts
+nodes — the leader or not — one at a time, chosen by a seeded random generator.
+
+What is checked afterwards (tests/support/nemesis.py has the details):
+- no daemon exited without being told to (a node woken from a pause past its lease used to exit);
+- every result is one POSIX allows: no EEXIST for O_CREAT without O_EXCL (three nodes creating one
+  name at once used to get it), fault errors only around faults, nothing hangs;
+- the namespace history is linearizable (strict coherence mode: the one where that is promised);
+- every acknowledged (fsynced) record is in its log, whole, once, in order, on every node;
+- in every quiet window every client makes progress and no operation takes more than a few seconds;
+  the nonstop appenders of the three nodes, all on one shared log, each get a fair share of it (a
+  writer starved by the leader's appends used to wait 60 s for EIO);
+- fsck of every member is clean after a clean stop.
+
+Runs:
+- `test_nemesis_short` (default suite, about two minutes): every kind of fault once, in a seeded
+  random order;
+- `test_nemesis_long` (marked slow; `--slow`): random faults for AWSOMEFS_NEMESIS_MINUTES (30).
+Seeded: AWSOMEFS_NEMESIS_SEED=N replays the same schedule and workload choices (timing differs);
+a failure prints the seed and the command.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from tests.support.cluster import Node, cluster_in
+from tests.support.nemesis import (
+    KINDS,
+    Nemesis,
+    Run,
+    Workers,
+    check_fairness,
+    check_linearizable,
+    check_logs,
+    check_progress,
+    check_results,
+    load_history,
+    namespace_operations,
+    read_logs,
+    summarize,
+)
+from tests.support.nemesis_client import SHARED_LOGS
+from tests.support.netns import TestNetwork
+
+CLIENTS_PER_NODE = 2
+QUIET_S = (4.0, 6.0)
+LONG_MINUTES = float(os.environ.get("AWSOMEFS_NEMESIS_MINUTES", "30"))
+
+
+def nemesis_seed() -> int:
+    text = os.environ.get("AWSOMEFS_NEMESIS_SEED")
+    return int(text) if text else random.SystemRandom().randrange(1, 1 << 31)
+
+
+def replay(seed: int, test: str) -> str:
+    slow = " --slow" if test == "test_nemesis_long" else ""
+    return f"AWSOMEFS_NEMESIS_SEED={seed} .venv/bin/python -m pytest 'tests/cluster/test_nemesis.py::{test}'{slow} -s"
+
+
+def run_nemesis(network: TestNetwork, root: Path, seed: int, test: str,
+                schedule: Callable[[Nemesis], None]) -> None:
+    print(f"\nnemesis seed {seed}; replay: {replay(seed, test)}", flush=True)
+    run = Run(seed)
+    with cluster_in(network, root, env={"AWSOMEFS_MOUNT__COHERENCE": "strict"}) as cluster:
+        nodes = cluster.form(3)
+        first = nodes[0].mount
+        for directory in ("ns", "tmp", "logs"):
+            (first / directory).mkdir()
+        for k in range(SHARED_LOGS):
+            (first / "logs" / f"s{k}").write_bytes(b"")
+        # From here on this process opens nothing on the mounts until the run is over: it forks
+        # (ip, nsenter) while nodes are stopped (tests/support/nemesis_client.py says why).
+        t0 = time.monotonic()
+        workers = Workers(nodes, root, seed=seed, clients=CLIENTS_PER_NODE, t0=t0, until=t0 + 7 * 24 * 3600,
+                          env=cluster.env)
+        nemesis = Nemesis(cluster, nodes, run)
+        try:
+            workers.wait_ready()
+            nemesis.wait_healthy("the start")
+            nemesis.quiet(nemesis.rng.uniform(*QUIET_S))
+            schedule(nemesis)
+        finally:
+            for problem in workers.stop():
+                run.violation(problem)
+        nemesis.wait_healthy("the run")
+        entries = load_history(workers.paths)
+        # the shared logs, and every private log with an acknowledged record (one whose creation
+        # never succeeded need not exist)
+        logs = sorted({e["key"] for e in entries if e["op"] == "append" and e["output"] == "ok"}
+                      | {f"s{k}" for k in range(SHARED_LOGS)})
+        contents, unreadable = read_logs(nodes, logs)
+        for problem in unreadable:
+            run.violation(problem)
+        stop_all(nodes, run)
+        for node in nodes:
+            fsck = node.cli("fsck", "--verify-data", "--device", str(cluster.device), timeout_s=300)
+            if fsck.returncode != 0:
+                run.violation(f"fsck of node {node.index}'s state: exit status {fsck.returncode}:\n"
+                              f"{fsck.stdout[-3000:]}{fsck.stderr[-2000:]}")
+    for problem in check_results(entries, run):
+        run.violation(problem)
+    lin_problems, keys, undecided = check_linearizable(namespace_operations(entries, run))
+    for problem in lin_problems:
+        run.violation(problem)
+    log_problems, records = check_logs(entries, contents)
+    for problem in log_problems:
+        run.violation(problem)
+    clients = [10 * n.index + k for n in nodes for k in range(CLIENTS_PER_NODE)]
+    for problem in check_progress(entries, run, clients):
+        run.violation(problem)
+    fairness, _shares = check_fairness(entries, run, [10 * n.index for n in nodes])  # client 0 of each node
+    for problem in fairness:
+        run.violation(problem)
+    summary = summarize(entries, run, records=records, keys=keys, undecided=undecided)
+    print(summary, flush=True)
+    if run.violations:
+        shown = "\n".join(f"- {v}" for v in run.violations[:40])
+        more = f"\n... and {len(run.violations) - 40} more" if len(run.violations) > 40 else ""
+        pytest.fail(f"{summary}\n{len(run.violations)} violations:\n{shown}{more}\nreplay: {replay(seed, test)}",
+                    pytrace=False)
+
+
+def stop_all(nodes: list[Node], run: Run) -> None:
+    """A clean stop of every member (at once): each must exit 0 and unmount."""
+    for node in nodes:
+        node.signal(signal.SIGINT)
+    for node in nodes:
+        assert node.proc is not None
+        try:
+            code = node.proc.wait(90)
+        except Exception:
+            run.violation(f"node {node.index} did not stop within 90s of SIGINT")
+            node.kill()
+            continue
+        if code != 0:
+            run.violation(f"node {node.index} stopped with exit status {code} on SIGINT:\n{node.logs(30)}")
+        node.stop()
+
+
+def test_nemesis_short(netns_network: Callable[[int], TestNetwork], tmp_path: Path) -> None:
+    seed = nemesis_seed()
+
+    def every_kind_once(nemesis: Nemesis) -> None:
+        nemesis.play(nemesis.rng.sample(KINDS, len(KINDS)), QUIET_S)
+
+    run_nemesis(netns_network(3), tmp_path, seed, "test_nemesis_short", every_kind_once)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(int(LONG_MINUTES * 60 + 900))
+def test_nemesis_long(netns_network: Callable[[int], TestNetwork], tmp_path: Path) -> None:
+    seed = nemesis_seed()
+
+    def random_faults(nemesis: Nemesis) -> None:
+        end = time.monotonic() + LONG_MINUTES * 60
+        while time.monotonic() < end:
+            nemesis.play([nemesis.rng.choice(KINDS)], QUIET_S)
+
+    run_nemesis(netns_network(3), tmp_path, seed, "test_nemesis_long", random_faults)
