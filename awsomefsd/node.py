@@ -239,10 +239,11 @@ async def serve(core: Core, settings: Settings, *, ready: Callable[[str], None] 
     options = {"fsname=awsomefs", "subtype=awsomefs", "default_permissions", "noatime"}
     if settings.mount.allow_other:
         options.add("allow_other")
+    where = mount.resolve()  # before mounting: once mounted, a stat waits for the FUSE INIT we serve below
     pyfuse3.init(adapter, str(mount), options)
     mounted = True
     record = settings.node.state_dir / MOUNT_RECORD
-    record.write_text(f"{mount.resolve()}\n")
+    record.write_text(f"{where}\n")
     try:
         async with trio.open_nursery() as nursery:
             if not log_running:
