@@ -53,6 +53,19 @@ on every node contending for one file's write lease (a starved writer shows here
 JOIN_S = 60.0
 
 
+def _write_synced(fd: int, rec: bytes) -> tuple[str, str]:
+    """One record written whole and fsynced: ("ok", "") or (what went wrong, at which call)."""
+    stage = "write"
+    try:
+        if os.write(fd, rec) != len(rec):
+            return "short", stage
+        stage = "fsync"
+        os.fsync(fd)
+    except OSError as exc:
+        return _name(exc), stage
+    return "ok", ""
+
+
 def record(writer: int, seq: int, log: str) -> bytes:
     """One fixed-size, self-checking record: a torn, foreign or misplaced one fails `parse_record`."""
     crc = zlib.crc32(f"{writer}:{seq}:{log}".encode())
@@ -159,16 +172,7 @@ class Client(threading.Thread):
             fd = os.open(self.mount / "logs" / log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         except OSError as exc:
             return _name(exc), "open"
-        stage, out = "", "ok"
-        try:
-            if os.write(fd, rec) != len(rec):
-                stage, out = "write", "short"
-            else:
-                stage = "fsync"
-                os.fsync(fd)
-                stage = ""
-        except OSError as exc:
-            out = _name(exc)
+        out, stage = _write_synced(fd, rec)
         try:
             os.close(fd)
         except OSError as exc:
@@ -188,16 +192,7 @@ class Client(threading.Thread):
                 return _name(exc), "open"
             self.session = (log, fd, self.rng.randint(5, 40))
         name, fd, left = self.session
-        stage, out = "write", "ok"
-        try:
-            if os.write(fd, rec) != len(rec):
-                out = "short"
-            else:
-                stage = "fsync"
-                os.fsync(fd)
-                stage = ""
-        except OSError as exc:
-            out = _name(exc)
+        out, stage = _write_synced(fd, rec)
         self.session = (name, fd, left - 1)
         if out != "ok" or left <= 1:
             closed = self.end_session()
