@@ -159,14 +159,31 @@ class ClusterCoherence:
         try:
             yield
         finally:
-            left = self._writers[ino] - 1
-            if left:
-                self._writers[ino] = left
-            else:
-                del self._writers[ino]
-                idle = self._idle.pop(ino, None)
-                if idle is not None:
-                    idle.set()
+            self._writer_done(ino)
+
+    @asynccontextmanager
+    async def rewriting(self, ino: int) -> AsyncIterator[bool]:
+        """For work this node does on its own to a file's committed blocks (compaction): allowed
+        (True) only while this node holds the file's write lease, which it then keeps until the
+        block is left, as for a write. It never asks for the lease: False when it is not ours."""
+        if ino not in self.held or ino in self._releasing:
+            yield False
+            return
+        self._writers[ino] = self._writers.get(ino, 0) + 1
+        try:
+            yield True
+        finally:
+            self._writer_done(ino)
+
+    def _writer_done(self, ino: int) -> None:
+        left = self._writers[ino] - 1
+        if left:
+            self._writers[ino] = left
+        else:
+            del self._writers[ino]
+            idle = self._idle.pop(ino, None)
+            if idle is not None:
+                idle.set()
 
     async def _acquire(self, ino: int) -> None:
         """Return once the lease is ours and no hand-over of it has begun. The caller counts

@@ -390,6 +390,7 @@ def _assemble(member: Member) -> Core:
                                  strict=strict)
     coherence.flush = core.data.flush
     coherence.holds = core.ops.holds
+    core.data.may_rewrite = coherence.rewriting
     groups = GroupKeeper(member.node_id, member.raft, sm, core.allocator, lambda: lease.epoch,
                          low_blocks=layout.ag_blocks, book=core.duties)
     core.data.claim_space = groups.claim_now

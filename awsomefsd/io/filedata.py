@@ -35,7 +35,7 @@ import logging
 import stat
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 
 import trio
 
@@ -150,6 +150,11 @@ class FileData:
         self.lost_at: dict[int, int] = {}  # inode -> `losses` when its buffers were last dropped
         self.claim_space: Callable[[int], Awaitable[bool]] | None = None
         """Set by a cluster member: get more allocation groups for this node (True if it got any)."""
+        self.may_rewrite: Callable[[int], AbstractAsyncContextManager[bool]] = _always
+        """Set by a cluster member: compaction rewrites a file's committed blocks, so it may run
+        only while this node holds the file's write lease, and keeps it meanwhile (yields False:
+        skip). Another node appending meanwhile would otherwise have its committed records
+        replaced by the older copy the compaction read (found by the nemesis test)."""
         self.compactions = 0
 
     # -- bookkeeping ----------------------------------------------------------------------------
@@ -215,16 +220,19 @@ class FileData:
         later are not blamed. Returns the files hit."""
         hit = 0
         for st in self.files.values():
-            if st.dirty:
+            if st.dirty or st.inflight:  # in flight: its flush fails at the fence and drops it
                 self.total_dirty_bytes -= st.dirty.dirty_bytes
                 st.dirty = DirtyRanges()
-                st.written_ns = 0
-                self.losses += 1
-                self.lost_at[st.ino] = self.losses
+                self._mark_lost(st)
                 hit += 1
         if hit:
             log.error("dropped the buffered writes of %d files: %s", hit, reason)
         return hit
+
+    def _mark_lost(self, st: FileState) -> None:
+        st.written_ns = 0
+        self.losses += 1
+        self.lost_at[st.ino] = self.losses
 
     def unreported_loss(self, ino: int, seen: int) -> bool:
         """Did `ino` lose buffered writes after the loss count `seen` (taken when a descriptor
@@ -391,6 +399,7 @@ class FileData:
         if st.dirty:
             runs = st.dirty.take()
             written_ns = st.written_ns
+            losses = self.losses
             taken = sum(len(d) for _, d in runs)
             self.total_dirty_bytes -= taken
             st.set_inflight(runs)
@@ -405,7 +414,10 @@ class FileData:
             except FsError as exc:
                 st.error = exc.errno
             except WriteFencedError as exc:
-                self._keep_unwritten(st, runs[written:])
+                if self.losses == losses:
+                    self._keep_unwritten(st, runs[written:])
+                else:  # the lease was lost while this flush ran: its runs are lost with the rest
+                    self._mark_lost(st)
                 raise FsError(errno.EIO, exc.strerror or "", cause="fence") from exc
             finally:
                 st.set_inflight([])
@@ -453,8 +465,8 @@ class FileData:
         only while the file has no buffered data, under its lock: no flush or truncate interleaves.
         """
         removed = 0
-        async with self._locked(ino) as st:
-            if st.dirty or st.inflight:
+        async with self.may_rewrite(ino) as allowed, self._locked(ino) as st:
+            if not allowed or st.dirty or st.inflight:
                 return 0
             inode = self.sm.ns.get_inode(self.log.read_txn(), ino)
             if inode is None or not inode.is_reg:
@@ -674,6 +686,12 @@ class FileData:
                 if st is not None:
                     st.error = exc.errno  # reported to the application by its next fsync/close
                 log.warning("background flush of inode %d failed: %s", ino, exc)
+
+
+@asynccontextmanager
+async def _always(_ino: int) -> AsyncIterator[bool]:
+    """A single node rewrites its files whenever it likes."""
+    yield True
 
 
 def _run_start(run: tuple[int, bytearray]) -> int:

@@ -238,3 +238,36 @@ async def test_a_write_that_gives_up_says_why(tmp_path: Path, autojump_clock: tr
 
 async def _never(_ino: int) -> None:
     await trio.sleep_forever()
+
+
+async def test_a_rewrite_runs_only_under_the_lease_and_holds_it(tmp_path: Path,
+                                                                autojump_clock: trio.testing.MockClock) -> None:
+    """Compaction rewrites committed blocks: on a node without the file's lease it must not run (it
+    would put back the older copy it read over another node's newer records: acknowledged appends
+    lost, found by the nemesis test); on the holder it keeps the lease until it is done."""
+    cluster = Cluster(tmp_path)
+    events: list[str] = []
+
+    async def body(nursery: trio.Nursery) -> None:
+        async with cluster.co(2).rewriting(INO) as allowed:
+            assert not allowed, "node 2 does not hold the lease"
+        async with cluster.co(1).writing(INO):
+            pass
+        async with cluster.co(1).rewriting(INO) as allowed:
+            assert allowed
+
+            async def other_writer() -> None:
+                async with cluster.co(2).writing(INO):
+                    events.append("node 2 writes")
+
+            nursery.start_soon(other_writer)
+            await trio.sleep(coherence_mod.MIN_HOLD_S + 1.0)  # node 2 asked long ago
+            events.append("node 1's rewrite ends")
+        with trio.fail_after(5):
+            while "node 2 writes" not in events:
+                await trio.sleep(0.05)
+        async with cluster.co(1).rewriting(INO) as allowed:
+            assert not allowed, "handed over: node 1 holds it no more"
+
+    await run_members(cluster, body)
+    assert events == ["node 1's rewrite ends", "node 2 writes"], events

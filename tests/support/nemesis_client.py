@@ -36,6 +36,7 @@ import random
 import sys
 import threading
 import time
+import traceback
 import zlib
 from pathlib import Path
 from typing import Any
@@ -108,6 +109,7 @@ class Client(threading.Thread):
         self.seq = 0
         self.current: dict[str, Any] | None = None
         self.session: tuple[str, int, int] | None = None  # an appender's open log: (name, fd, appends left)
+        self.crashed = ""
 
     # --- one operation each; each returns (output, stage) -----------------------------------------
     def create(self, path: Path, excl: bool) -> tuple[str, str]:
@@ -213,6 +215,16 @@ class Client(threading.Thread):
 
     # --- the loop ---------------------------------------------------------------------------------
     def run(self) -> None:
+        """The workload; a client that fails (a bug here, or an answer no system call should give)
+        says so on stdout and the process exits non-zero: a client that silently stopped would look
+        like a starved one."""
+        try:
+            self._run()
+        except BaseException:
+            self.crashed = traceback.format_exc()
+            print(f"client {self.client} crashed:\n{self.crashed}", flush=True)
+
+    def _run(self) -> None:
         kinds, weights = zip(*(APPENDER_WEIGHTS if self.appender else WEIGHTS).items())
         shared_share = 0.9 if self.appender else 0.7
         while not self.stop.is_set() and time.monotonic() < self.until:
@@ -251,9 +263,10 @@ class Client(threading.Thread):
             self.current = entry
             output, stage = call()
             entry.update(t1=time.monotonic(), output=output, stage=stage)
-            self.current = None
+            # still `current` while the mount is looked at: a stat that hangs is a hung operation
             if output not in ("ok", "EEXIST") and not output.startswith("=") and not self.mounted():
                 entry["unmounted"] = True  # the daemon's mount was gone: the name was looked up in the empty mount point
+            self.current = None
             self.rec.write(entry)
             if output in ("ENOTCONN", "ECONNABORTED") or entry.get("unmounted"):
                 self.stop.wait(0.2)  # the node is down: do not spin
@@ -305,9 +318,10 @@ def main() -> int:
         current = client.current
         if client.is_alive() and current is not None:
             rec.write({**current, "stuck": True, "t1": None, "output": None, "stage": "stuck"})
-    print("done", flush=True)
+    crashed = [client.client for client in clients if client.crashed]
+    print(f"done; crashed clients: {crashed}" if crashed else "done", flush=True)
     sys.stdout.flush()
-    os._exit(0)  # threads stuck in a request on a hung mount must not keep the process
+    os._exit(3 if crashed else 0)  # threads stuck in a request on a hung mount must not keep the process
 
 
 if __name__ == "__main__":

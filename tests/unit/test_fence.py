@@ -232,6 +232,43 @@ async def test_bytes_written_during_a_fenced_flush_stay_on_top(core: Core, clock
     await core.ops.release(fh)
 
 
+async def test_a_flush_fenced_after_the_lease_was_lost_keeps_nothing(core: Core, clock: FakeClock,
+                                                                      fence: WriteFence) -> None:
+    """The cluster expires the node (its buffers are dropped) while a flush is in the device
+    thread; the flush then meets the fence. Its runs must not be buffered again: after the renewal
+    they would be written over what other nodes wrote meanwhile. The loss is reported once."""
+    size = 2 * INLINE_IO_MAX_BYTES
+    fh, inode = await core.ops.create(ROOT_INO, b"l", stat.S_IFREG | 0o644, os.O_WRONLY, 0, 0)
+    await core.ops.write(fh, 0, b"o" * size)
+    clock.now_s += 10
+    entered, release = threading.Event(), threading.Event()
+    clock.hold = (entered, release)
+    failures: list[FsError] = []
+
+    async def flush() -> None:
+        try:
+            await core.ops.flush(fh)
+        except FsError as exc:
+            failures.append(exc)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(flush)
+        assert await trio.to_thread.run_sync(entered.wait, 10)
+        assert core.data.lose_buffers("expired while paused") == 1, "the in-flight file counts as hit"
+        clock.hold = None
+        release.set()
+    assert [exc.errno for exc in failures] == [errno.EIO]
+    state = core.data.files.get(inode.ino)
+    assert core.data.total_dirty_bytes == 0 and (state is None or not state.dirty), "nothing buffered again"
+    fence.renewed(clock.now_s + 10)
+    with pytest.raises(FsError) as info:
+        await core.ops.flush(fh)
+    assert info.value.errno == errno.EIO and "lost" in str(info.value), "the loss is reported to the descriptor"
+    await core.ops.flush(fh)  # once
+    assert await read_all(core, inode.ino) == b"", "none of the dropped bytes reached the file"
+    await core.ops.release(fh)
+
+
 async def test_fenced_node_refuses_writes_once_the_buffer_is_full(core: Core, clock: FakeClock) -> None:
     core.data.write_buffer_bytes = 4 * BLOCK_SIZE
     fh, _ = await core.ops.create(ROOT_INO, b"h", stat.S_IFREG | 0o644, os.O_WRONLY, 0, 0)
