@@ -154,7 +154,10 @@ class Client(threading.Thread):
             while chunk := os.read(fd, 1 << 16):
                 chunks.append(chunk)
         except OSError as exc:
-            os.close(fd)
+            try:
+                os.close(fd)
+            except OSError:
+                pass  # the read's error is the one to report (a dead node fails both)
             return _name(exc), "read"
         try:
             os.close(fd)
