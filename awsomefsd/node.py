@@ -239,10 +239,13 @@ async def serve(core: Core, settings: Settings, *, ready: Callable[[str], None] 
     options = {"fsname=awsomefs", "subtype=awsomefs", "default_permissions", "noatime"}
     if settings.mount.allow_other:
         options.add("allow_other")
+    # Resolved before mounting: once mounted, a stat of the mount point waits for the kernel's
+    # INIT, which only pyfuse3.main (below) answers.
+    resolved = mount.resolve()
     pyfuse3.init(adapter, str(mount), options)
     mounted = True
     record = settings.node.state_dir / MOUNT_RECORD
-    record.write_text(f"{mount.resolve()}\n")
+    record.write_text(f"{resolved}\n")
     try:
         async with trio.open_nursery() as nursery:
             if not log_running:
