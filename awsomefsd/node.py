@@ -22,12 +22,14 @@ from prometheus_client.metrics_core import Metric
 from awsomefsd.config import Settings
 from awsomefsd.duty import DutyBook, run_duty, supervise
 from awsomefsd.fuse.operations import Operations
-from awsomefsd.io.allocator import FreeSpaceMap, NodeAllocator
+from awsomefsd.io.allocator import NodeAllocator
 from awsomefsd.io.device import BlockDevice
 from awsomefsd.io.errors import DeviceError
 from awsomefsd.io.filedata import FileData
 from awsomefsd.io.superblock import Superblock, read_superblock
 from awsomefsd.meta import commands as c
+from awsomefsd.meta.bootstrap import initialise_metadata, load_metadata, open_metadata, stored_identity
+from awsomefsd.meta.client import MetaClient
 from awsomefsd.meta.log import LocalLog
 from awsomefsd.meta.raft_log import RaftLog
 from awsomefsd.meta.state_machine import StateMachine
@@ -52,6 +54,7 @@ class Core:
     store: MetaStore
     sm: StateMachine
     log: LocalLog | RaftLog
+    meta: MetaClient
     allocator: NodeAllocator
     data: FileData
     ops: Operations
@@ -93,13 +96,13 @@ def open_storage(settings: Settings, *, bootstrap: bool = True, grant_all_to: in
         raise NodeError(f"device {settings.device.path} does not exist") from None
     try:
         sb = read_superblock(device).superblock
-        store = MetaStore(settings.node.state_dir / "meta")
+        store, sm = open_metadata(settings.node.state_dir / "meta",
+                                  delayed_free_ns=settings.data.delayed_free_ms * 1_000_000)
     except BaseException:
         device.close()
         raise
-    sm = StateMachine(store, delayed_free_ns=settings.data.delayed_free_ms * 1_000_000)
     try:
-        _init_or_check_meta(store, sm, sb, bootstrap=bootstrap, grant_all_to=grant_all_to)
+        _init_or_check_meta(store, sm, sb, init=bootstrap, grant_all_to=grant_all_to)
     except BaseException:
         store.close()
         device.close()
@@ -127,48 +130,44 @@ def build_core(settings: Settings, storage: Storage, meta_log: LocalLog | RaftLo
     metrics = metrics or Metrics()
     device, sb, store, sm = storage.device, storage.superblock, storage.store, storage.sm
     layout = sb.layout
-    txn = meta_log.read_txn()
-    owned = [g for g, owner in sm.group_owners(txn).items() if owner == node_id]
-    allocator = NodeAllocator(layout, owned, FreeSpaceMap(list(sm.space.mirror)))
-    sm.freed_listeners.append(allocator.on_freed)
+    meta = MetaClient(meta_log, sm)
+    allocator = NodeAllocator(layout, meta.groups_of(node_id), meta.free_space())
+    meta.on_freed(allocator.on_freed)
     data = FileData(
-        device, allocator, meta_log, sm,
+        device, allocator, meta,
         file_buffer_bytes=settings.data.file_buffer_bytes,
         write_buffer_bytes=settings.data.write_buffer_bytes,
         flush_interval_ms=settings.data.flush_interval_ms,
         on_checksum_error=lambda _block: metrics.checksum_failures.inc(),
     )
     meta_log.before_commit = data.sync_device
-    ops = Operations(meta_log, sm, data, total_blocks=layout.data_blocks)
-    core = Core(device, sb, store, sm, meta_log, allocator, data, ops, metrics, DutyBook(f"node {node_id}"))
+    ops = Operations(meta, data, total_blocks=layout.data_blocks)
+    core = Core(device, sb, store, sm, meta_log, meta, allocator, data, ops, metrics, DutyBook(f"node {node_id}"))
     metrics.add_collector(lambda: _collect(core))
     metrics.add_collector(core.duties.collect)
     return core
 
 
-def _init_or_check_meta(store: MetaStore, sm: StateMachine, sb: Superblock, *, bootstrap: bool,
+def _init_or_check_meta(store: MetaStore, sm: StateMachine, sb: Superblock, *, init: bool,
                         grant_all_to: int | None) -> None:
-    with store.env.begin(write=True) as txn:
-        cluster = sm.meta_value(txn, b"cluster_id")
-        if cluster is None:
-            if not bootstrap:
-                return
-            layout = sb.layout
-            sm.bootstrap(txn, cluster_id=str(sb.cluster_id), device_id=str(sb.device_id),
-                         data_extent=(layout.data_start_block, layout.data_blocks), now_ns=time.time_ns())
-            if grant_all_to is not None:
-                sm.apply(txn, c.GrantGroups(grant_all_to, tuple(range(layout.ag_count))))
-            log.info("initialised metadata for cluster %s", sb.cluster_id)
+    identity = stored_identity(store)
+    if identity is None:
+        if not init:
             return
-    if bytes(cluster).decode() != str(sb.cluster_id):
+        layout = sb.layout
+        initialise_metadata(store, sm, cluster_id=str(sb.cluster_id), device_id=str(sb.device_id),
+                            data_extent=(layout.data_start_block, layout.data_blocks), now_ns=time.time_ns(),
+                            groups_to=grant_all_to, group_count=layout.ag_count)
+        log.info("initialised metadata for cluster %s", sb.cluster_id)
+        return
+    cluster, device_id = identity
+    if cluster != str(sb.cluster_id):
         raise NodeError(
-            f"metadata in {store.path} belongs to cluster {bytes(cluster).decode()}, but the device holds "
+            f"metadata in {store.path} belongs to cluster {cluster}, but the device holds "
             f"cluster {sb.cluster_id}; point --state at this device's metadata or reformat"
         )
-    with store.env.begin() as txn:
-        device_id = sm.meta_value(txn, b"device_id")
-        sm.load(txn)
-    if device_id is not None and bytes(device_id).decode() != str(sb.device_id):
+    load_metadata(store, sm)
+    if device_id is not None and device_id != str(sb.device_id):
         raise NodeError(f"metadata in {store.path} was made for another device of cluster {sb.cluster_id}")
 
 
@@ -178,7 +177,7 @@ def _collect(core: Core) -> Iterator[Metric]:
     yield counter("awsomefs_device_written_bytes", "bytes written to the device", dev.bytes_written)
     yield counter("awsomefs_device_reads", "device read requests", dev.reads)
     yield counter("awsomefs_device_writes", "device write requests", dev.writes)
-    yield gauge("awsomefs_free_blocks", "free data blocks (authoritative)", core.sm.space.mirror.free_blocks)
+    yield gauge("awsomefs_free_blocks", "free data blocks (authoritative)", core.meta.free_blocks())
     yield gauge("awsomefs_dirty_bytes", "buffered bytes not yet written", core.data.total_dirty_bytes)
     yield gauge("awsomefs_meta_applied_index", "last applied metadata command", core.log.applied_index)
     yield gauge("awsomefs_meta_committed_index", "last durable metadata command", core.log.committed_index)
@@ -192,9 +191,9 @@ async def _reclaim_step(core: Core) -> None:
     (awsomefsd/duty.py): a refusal (this node's lease epoch expired while it was paused, no
     leader) is logged and retried, never the end of the daemon."""
     now_ns = time.time_ns()
-    first = next(core.sm.space.deferred(core.log.read_txn()), None)
-    if first is not None and first[1] <= now_ns:
-        await core.log.propose(c.ReclaimFrees(now_ns))
+    first = core.meta.next_deferred_free()
+    if first is not None and first.not_before_ns <= now_ns:
+        await core.meta.propose(c.ReclaimFrees(now_ns))
 
 
 async def _watch_signals(cancel: trio.CancelScope, stopping: Callable[[], None]) -> None:

@@ -51,20 +51,9 @@ def check_stdlib() -> str:
 
 def check_lmdb() -> str:
     """Open an environment, write and read back in two transactions: the C extension and liblmdb."""
-    import lmdb
+    from awsomefsd.meta.inspect import store_round_trip
 
-    with tempfile.TemporaryDirectory(prefix="awsomefsd-selftest-") as tmp:
-        env = lmdb.open(tmp, map_size=1 << 20, max_dbs=2, subdir=True)
-        try:
-            db = env.open_db(b"selftest")
-            with env.begin(write=True, db=db) as txn:
-                txn.put(b"key", b"value")
-            with env.begin(db=db) as txn:
-                got = txn.get(b"key")
-        finally:
-            env.close()
-    assert got == b"value", f"LMDB round trip returned {got!r}"
-    return f"lmdb {lmdb.version()}, round trip ok"
+    return store_round_trip()
 
 
 def check_trio() -> str:

@@ -61,6 +61,7 @@ from awsomefsd.duty import is_fatal, one_line, retry_until_done, supervise
 from awsomefsd.fuse.invalidate import Invalidator
 from awsomefsd.io.fence import WriteFence
 from awsomefsd.meta import commands as c
+from awsomefsd.meta.client import MetaClient
 from awsomefsd.meta.raft_log import RaftLog
 from awsomefsd.meta.raft_node import NodeSettings
 from awsomefsd.metrics import counter, gauge
@@ -95,6 +96,7 @@ class Member:
     creds: NodeCredentials
     storage: Storage
     raft: RaftLog
+    meta: MetaClient
     transport: RaftTransport
     revocations: Revocations
     invalidator: Invalidator = field(default_factory=Invalidator)
@@ -118,17 +120,15 @@ class Member:
 
     # --- peers and revocations follow the member table ------------------------------------------
     def sync_peers(self) -> None:
-        txn = self.raft.read_txn()
-        members = self.storage.sm.cluster.members(txn)
-        for n, record in members.items():
+        for n, record in self.meta.members().items():
             if n == self.node_id:
                 continue
-            if record["state"] == "active":
-                self.transport.add_peer(n, record["address"])
+            if record.active:
+                self.transport.add_peer(n, record.address)
             else:
                 self.transport.remove_peer(n)
-        self.revocations.replace(self.storage.sm.cluster.revoked_serials(txn))
-        verifier = self.storage.sm.cluster.value(txn, b"join_verifier")
+        self.revocations.replace(self.meta.revoked_serials())
+        verifier = self.meta.join_verifier()
         if self.join_service is not None and verifier is not None and verifier != self._verifier:
             self.join_service.rotate(TokenVerifier.from_bytes(verifier))
         self._verifier = verifier
@@ -159,8 +159,7 @@ class Member:
         await self.raft.propose(c.SetMemberCert(identity.node_id, format(identity.serial, "x")))
 
     def member_addresses(self) -> dict[int, str]:
-        members = self.storage.sm.cluster.members(self.raft.read_txn())
-        return {n: m["address"] for n, m in members.items() if m["state"] == "active"}
+        return {n: m.address for n, m in self.meta.members().items() if m.active}
 
     # --- the control socket ----------------------------------------------------------------------
     def control_handlers(self) -> dict[str, Any]:
@@ -171,12 +170,12 @@ class Member:
             return {"token": text}
 
         async def rotate(_body: dict[str, Any]) -> dict[str, Any]:
-            ca_pem = self.storage.sm.cluster.value(self.raft.read_txn(), b"ca_cert")
-            if ca_pem is None:
+            info = self.meta.cluster_info()
+            if info is None:
                 raise ControlError("this node has not received the cluster's state yet")
             from cryptography import x509
 
-            ca_cert = x509.load_pem_x509_certificate(ca_pem)
+            ca_cert = x509.load_pem_x509_certificate(info.ca_cert_pem)
             new = JoinToken.generate(self.state.cluster_uuid, fingerprint(ca_cert), seeds=token_seeds(self.state.listen))
             await self.raft.propose(c.SetJoinVerifier(new.verifier().to_bytes()))
             save_token(self.state_dir, new.encode())
@@ -185,7 +184,7 @@ class Member:
 
         async def remove(body: dict[str, Any]) -> dict[str, Any]:
             node = int(body["node"])
-            if self.storage.sm.cluster.member(self.raft.read_txn(), node) is None:
+            if self.meta.member(node) is None:
                 raise ControlError(f"no node {node} in this cluster")
             try:
                 await self.raft.propose(c.RemoveMember(node, time.time_ns()))
@@ -222,9 +221,8 @@ class Member:
 
     def status(self, *, progress: dict[str, Any] | None = None, lag_error: str | None = None) -> dict[str, Any]:
         raft = self.raft.node.status()
-        txn = self.raft.read_txn()
-        members = self.storage.sm.cluster.members(txn)
-        groups = self.storage.sm.group_owners(txn)
+        members = self.meta.members()
+        groups = self.meta.group_owners()
         nodes = []
         last, matches = raft["last_index"], raft["match_index"]
         if progress is not None and progress.get("match_index"):
@@ -234,8 +232,8 @@ class Member:
                     else "learner" if n in raft["learners"] else "none")
             match = matches.get(str(n)) if raft["leader"] == self.node_id or progress is not None else None
             nodes.append({
-                "id": n, "name": record["name"], "address": record["address"], "state": record["state"],
-                "role": role, "lease_epoch": record["epoch"], "expired": record["expired"],
+                "id": n, "name": record.name, "address": record.address, "state": record.state,
+                "role": role, "lease_epoch": record.epoch, "expired": record.expired,
                 "groups": sum(1 for owner in groups.values() if owner == n),
                 "lag": None if match is None else max(0, last - match),
             })
@@ -284,7 +282,7 @@ def open_member(settings: Settings, state: MemberState, creds: NodeCredentials, 
     )
     raft.node.send = transport.send
     raft.node.forward = Forwarder(transport.channel_to)
-    member = Member(settings, state, creds, storage, raft, transport, revocations)
+    member = Member(settings, state, creds, storage, raft, MetaClient(raft, storage.sm), transport, revocations)
     raft.commands.observers.append(member.observe)
     previous = raft.node.on_applied
 
@@ -294,7 +292,7 @@ def open_member(settings: Settings, state: MemberState, creds: NodeCredentials, 
 
     raft.node.on_applied = on_applied
     raft.commands.on_snapshot.append(member.mark_membership_changed)
-    if storage.sm.cluster.initialised(raft.read_txn()):
+    if member.meta.cluster_info() is not None:
         member.sync_peers()
     return member
 
@@ -348,7 +346,7 @@ async def run_member(member: Member, *, founding: Founding | None = None,
 
 async def _found(member: Member, founding: Founding) -> None:
     """The founder's first start: it leads its one-member group; record the cluster in it."""
-    if member.storage.sm.cluster.initialised(member.raft.read_txn()):
+    if member.meta.cluster_info() is not None:
         return
     await member.raft.wait_for_leader(30)
     layout = member.storage.superblock.layout
@@ -363,9 +361,8 @@ async def _found(member: Member, founding: Founding) -> None:
 
 async def _wait_for_state(member: Member) -> None:
     """Until this node holds the cluster's state and has applied everything committed so far."""
-    sm = member.storage.sm
     with trio.fail_after(CATCH_UP_TIMEOUT_S):
-        while sm.cluster.member(member.raft.read_txn(), member.node_id) is None:
+        while member.meta.member(member.node_id) is None:
             await trio.sleep(0.05)
         while True:
             try:
@@ -377,7 +374,7 @@ async def _wait_for_state(member: Member) -> None:
 
 
 def _assemble(member: Member) -> Core:
-    settings, sm = member.settings, member.storage.sm
+    settings = member.settings
     core = build_core(settings, member.storage, member.raft, node_id=member.node_id)
     member.core = core
     fence = WriteFence(margin_s=min(0.5, settings.cluster.lease_margin_s))
@@ -386,11 +383,11 @@ def _assemble(member: Member) -> Core:
     layout = member.storage.superblock.layout
     strict = settings.mount.coherence == "strict"
     lease: LivenessLease  # made below; the epoch callbacks read it only once it exists
-    coherence = ClusterCoherence(member.node_id, member.raft, sm, member.invalidator, lambda: lease.epoch,
-                                 strict=strict)
+    coherence = ClusterCoherence(member.node_id, member.meta, member.invalidator, lambda: lease.epoch,
+                                 read_barrier=member.raft.node.read_barrier, strict=strict)
     coherence.flush = core.data.flush
     coherence.holds = core.ops.holds
-    groups = GroupKeeper(member.node_id, member.raft, sm, core.allocator, lambda: lease.epoch,
+    groups = GroupKeeper(member.node_id, member.meta, core.allocator, lambda: lease.epoch,
                          low_blocks=layout.ag_blocks, book=core.duties)
     core.data.claim_space = groups.claim_now
     def expired() -> None:
@@ -399,10 +396,10 @@ def _assemble(member: Member) -> Core:
         coherence.reload()
         core.data.lose_buffers("this node's liveness lease expired; other nodes may have written since")
 
-    lease = LivenessLease(member.node_id, member.raft, sm, fence, leases, on_expired=expired, book=core.duties)
+    lease = LivenessLease(member.node_id, member.raft, member.meta, fence, leases, on_expired=expired, book=core.duties)
     lease.load_epoch()
     coherence.wait_lease = lease.wait_renewed
-    duties = LeaderDuties(member.node_id, member.raft, sm, leases, book=core.duties)
+    duties = LeaderDuties(member.node_id, member.raft, member.meta, leases, book=core.duties)
     member.raft.fence_epoch = lambda: lease.epoch
     member.raft.commands.observers.extend([coherence.observe, groups.observe, duties.observe])
 
@@ -458,9 +455,9 @@ def _collect(member: Member) -> Iterator[Metric]:
 
 
 async def _update_address(member: Member) -> None:
-    record = member.storage.sm.cluster.member(member.raft.read_txn(), member.node_id)
-    if record is not None and record["address"] != member.state.listen:
-        log.info("node %d now listens on %s (was %s)", member.node_id, member.state.listen, record["address"])
+    record = member.meta.member(member.node_id)
+    if record is not None and record.address != member.state.listen:
+        log.info("node %d now listens on %s (was %s)", member.node_id, member.state.listen, record.address)
         await member.raft.propose(c.UpdateMemberAddress(member.node_id, member.state.listen,
                                                         _join_address(member.state.listen)))
 
@@ -472,11 +469,10 @@ def _join_address(listen: str) -> str:
 async def _serve_joins(member: Member, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
     """The join listener (server-only TLS; see docs/cluster-security.md), with the CA from the
     replicated state: any member can admit a node."""
-    txn = member.raft.read_txn()
-    cluster = member.storage.sm.cluster
-    ca_pem, key_pem, verifier = (cluster.value(txn, k) for k in (b"ca_cert", b"ca_key", b"join_verifier"))
-    assert ca_pem is not None and key_pem is not None and verifier is not None
-    service = JoinService(ClusterCA.from_pem(ca_pem, key_pem), TokenVerifier.from_bytes(verifier),
+    info = member.meta.cluster_info()
+    assert info is not None, "a member serves joins once it holds the cluster's state"
+    service = JoinService(ClusterCA.from_pem(info.ca_cert_pem, info.ca_key_pem),
+                          TokenVerifier.from_bytes(info.join_verifier),
                           member.admit, member.record_issued, peers=member.member_addresses)
     member.join_service = service
     await serve_grpc([service.binding()], _join_address(member.state.listen),

@@ -23,12 +23,10 @@ from typing import Protocol
 from awsomefsd.io.filedata import FileData
 from awsomefsd.io.layout import BLOCK_SIZE
 from awsomefsd.meta import commands as c
+from awsomefsd.meta.client import MetaClient
+from awsomefsd.meta.commands import RENAME_WHITEOUT
 from awsomefsd.meta.errors import FsError
-from awsomefsd.meta.log import ReplicatedLog
-from awsomefsd.meta.namespace import check_name
-from awsomefsd.meta.records import MAX_NAME_BYTES, MAX_SYMLINK_BYTES, ROOT_INO, Inode
-from awsomefsd.meta.rename import RENAME_WHITEOUT
-from awsomefsd.meta.state_machine import StateMachine
+from awsomefsd.meta.records import MAX_NAME_BYTES, MAX_SYMLINK_BYTES, ROOT_INO, Inode, check_name
 
 INODE_RESERVATION = 1024
 POSIX_ACL_XATTRS = (b"system.posix_acl_access", b"system.posix_acl_default")
@@ -90,10 +88,8 @@ class Coherence(Protocol):
 
 
 class Operations:
-    def __init__(self, log: ReplicatedLog, sm: StateMachine, data: FileData, *, total_blocks: int) -> None:
-        self.log = log
-        self.sm = sm
-        self.ns = sm.ns
+    def __init__(self, meta: MetaClient, data: FileData, *, total_blocks: int) -> None:
+        self.meta = meta
         self.data = data
         self.total_blocks = total_blocks
         self.handles: dict[int, Handle] = {}
@@ -112,16 +108,16 @@ class Operations:
         """An inode the kernel named. If it is gone (its last name was removed or replaced, here or
         on another node, and nothing here held it open) that is ESTALE, not ENOENT: the VFS then
         looks the path up again (LOOKUP_REVAL) and finds what the name means now."""
-        inode = self.ns.get_inode(self.log.read_txn(), ino)
+        inode = self.meta.inode(ino)
         if inode is None:
             raise FsError(errno.ESTALE)
         return self.data.with_buffered(inode)
 
-    async def _new_ino(self) -> int:
+    async def new_ino(self) -> int:
         if self._ino_next >= self._ino_end:
             # Nothing between the assignment and the increment awaits, so concurrent callers that
             # both reserved still hand out distinct numbers (the loser's range is simply unused).
-            self._ino_next, self._ino_end = await self.log.propose(c.ReserveInodes(INODE_RESERVATION))
+            self._ino_next, self._ino_end = await self.meta.propose(c.ReserveInodes(INODE_RESERVATION))
         ino = self._ino_next
         self._ino_next += 1
         return ino
@@ -154,7 +150,7 @@ class Operations:
         """
         if any(h.ino == ino for h in self.handles.values()):
             return
-        inode = self.ns.get_inode(self.log.read_txn(), ino)
+        inode = self.meta.inode(ino)
         if inode is not None and inode.is_dir and ino in self.lookups:
             return
         if inode is not None and inode.nlink == 0:
@@ -162,7 +158,7 @@ class Operations:
             if self.coherence is not None:
                 self.coherence.release_orphan(ino)  # other nodes may still hold it open
             else:
-                await self.log.propose(c.Purge(ino, self._now()))
+                await self.meta.propose(c.Purge(ino, self._now()))
 
     def holds(self, ino: int) -> bool:
         """Does anything on this node still reach the inode: an open handle; for a directory, a
@@ -173,15 +169,14 @@ class Operations:
             return True
         if time.monotonic() - self.looked_up.get(ino, -LOOKUP_HOLD_S) < LOOKUP_HOLD_S:
             return True
-        inode = self.ns.get_inode(self.log.read_txn(), ino)
+        inode = self.meta.inode(ino)
         return inode is not None and inode.is_dir and ino in self.lookups
 
     async def purge_orphans(self) -> int:
         """At start no kernel holds any inode: every orphan left by a crash can go."""
-        txn = self.log.read_txn()
-        orphans = [int.from_bytes(k, "big") for k, _ in txn.cursor(self.sm.db["orphans"])]
+        orphans = [orphan.ino for orphan in self.meta.orphans()]
         for ino in orphans:
-            await self.log.propose(c.Purge(ino, self._now()))
+            await self.meta.propose(c.Purge(ino, self._now()))
         return len(orphans)
 
     # -- namespace ------------------------------------------------------------------------------
@@ -191,17 +186,15 @@ class Operations:
         strict = self.coherence is not None and self.coherence.strict
         if strict:
             await self.coherence.catch_up(drain=False)  # type: ignore[union-attr]
-        txn = self.log.read_txn()
         if name == b".":
             child = parent
         elif name == b"..":
-            child = self.ns.require_inode(txn, parent).parent or ROOT_INO
+            child = self.meta.require_inode(parent).parent or ROOT_INO
         else:
-            found = self.ns.lookup(txn, parent, name)
+            found = self.meta.lookup(parent, name)
             if found is None and self.coherence is not None and not strict:
                 await self.coherence.catch_up(drain=False)  # it may have been created elsewhere a moment ago
-                txn = self.log.read_txn()
-                found = self.ns.lookup(txn, parent, name)
+                found = self.meta.lookup(parent, name)
             if found is None:
                 raise FsError(errno.ENOENT)
             child = found
@@ -224,8 +217,8 @@ class Operations:
     async def mknod(self, parent: int, name: bytes, mode: int, rdev: int, uid: int, gid: int,
                     target: bytes = b"") -> Inode:
         check_name(name)
-        cmd = c.Mknod(parent, name, await self._new_ino(), mode, uid, gid, self._now(), rdev, target)
-        return await self.log.propose(cmd)
+        cmd = c.Mknod(parent, name, await self.new_ino(), mode, uid, gid, self._now(), rdev, target)
+        return await self.meta.propose(cmd)
 
     async def symlink(self, parent: int, name: bytes, target: bytes, uid: int, gid: int) -> Inode:
         if len(target) > MAX_SYMLINK_BYTES:
@@ -235,20 +228,20 @@ class Operations:
         return await self.mknod(parent, name, stat.S_IFLNK | 0o777, 0, uid, gid, target)
 
     async def readlink(self, ino: int) -> bytes:
-        return self.ns.symlink_target(self.log.read_txn(), ino)
+        return self.meta.symlink_target(ino)
 
     async def link(self, ino: int, new_parent: int, new_name: bytes) -> Inode:
-        inode: Inode = await self.log.propose(c.Link(ino, new_parent, new_name, self._now()))
+        inode: Inode = await self.meta.propose(c.Link(ino, new_parent, new_name, self._now()))
         return self.data.with_buffered(inode)
 
     async def unlink(self, parent: int, name: bytes, *, is_dir: bool) -> None:
-        child = await self.log.propose(c.Unlink(parent, name, is_dir, self._now()))
+        child = await self.meta.propose(c.Unlink(parent, name, is_dir, self._now()))
         await self._purge_if_orphan(child)
 
     async def rename(self, old_parent: int, old_name: bytes, new_parent: int, new_name: bytes, flags: int,
                      uid: int = 0, gid: int = 0) -> None:
-        whiteout_ino = await self._new_ino() if flags & RENAME_WHITEOUT else 0
-        replaced = await self.log.propose(c.Rename(old_parent, old_name, new_parent, new_name, flags, self._now(),
+        whiteout_ino = await self.new_ino() if flags & RENAME_WHITEOUT else 0
+        replaced = await self.meta.propose(c.Rename(old_parent, old_name, new_parent, new_name, flags, self._now(),
                                                    whiteout_ino, uid, gid))
         if replaced:
             await self._purge_if_orphan(replaced)
@@ -271,7 +264,7 @@ class Operations:
                     self.data._check_quota(inode, self.data.state(ino, inode.volume), 0)
                 result = await self.data.truncate(ino, size, cmd)
         else:
-            result = await self.log.propose(cmd)
+            result = await self.meta.propose(cmd)
         return self.data.with_buffered(result)
 
     # -- files ----------------------------------------------------------------------------------
@@ -314,20 +307,20 @@ class Operations:
 
     async def read(self, fh: int, offset: int, size: int) -> bytes:
         h = self.handle(fh)
-        inode = self.ns.require_inode(self.log.read_txn(), h.ino)
+        inode = self.meta.require_inode(h.ino)
         return await self.data.read(inode, offset, size)
 
     async def write(self, fh: int, offset: int, buf: bytes) -> int:
         h = self.handle(fh)
         async with self._writing(h.ino):
-            inode = self.ns.require_inode(self.log.read_txn(), h.ino)
+            inode = self.meta.require_inode(h.ino)
             # A cluster member's O_APPEND: the kernel's offset is its cached size, which another
             # node's appends have made stale; with the lease held, the end of file here is the real one.
             append = self.coherence is not None and bool(h.flags & os.O_APPEND)
             if append:
                 offset = self.data.effective_size(inode.ino, inode.size)
             if inode.volume:
-                self.sm.volumes.check_writable(self.log.read_txn(), inode.volume)
+                self.meta.check_writable(inode.volume)
             written = await self.data.write(inode, offset, buf)
         if append and self.coherence is not None:
             self.coherence.appended(h.ino)
@@ -359,11 +352,11 @@ class Operations:
         h = self.handle(fh)
         await self.data.flush(h.ino)
         self._report_loss(h)
-        await self.log.barrier()
+        await self.meta.barrier()
 
     async def sync_all(self) -> None:
         await self.data.flush_all()
-        await self.log.barrier()
+        await self.meta.barrier()
 
     # -- directories ----------------------------------------------------------------------------
     async def opendir(self, ino: int) -> int:
@@ -374,49 +367,44 @@ class Operations:
     def readdir(self, fh: int, start_id: int) -> Iterator[tuple[int, bytes, Inode]]:
         """(next id, name, attributes) from `start_id` on; ids 1 and 2 are `.` and `..`."""
         ino = self.handle(fh).ino
-        txn = self.log.read_txn()
-        this = self.ns.require_inode(txn, ino)
+        this = self.meta.require_inode(ino)
         if start_id < 1:
             yield 1, b".", this
         if start_id < 2:
-            parent = self.ns.get_inode(txn, this.parent or ROOT_INO) or this
+            parent = self.meta.inode(this.parent or ROOT_INO) or this
             yield 2, b"..", parent
-        for cookie, name, child in self.ns.entries(txn, ino, max(start_id, 2)):
-            inode = self.ns.get_inode(txn, child)
-            if inode is None:
-                continue
-            yield cookie, name, self.data.with_buffered(inode)
+        for entry, inode in self.meta.entries(ino, max(start_id, 2)):
+            yield entry.cookie, entry.name, self.data.with_buffered(inode)
 
     async def releasedir(self, fh: int) -> None:
         self.handles.pop(fh, None)
 
     # -- extended attributes --------------------------------------------------------------------
     async def getxattr(self, ino: int, name: bytes) -> bytes:
-        value = self.ns.get_xattr(self.log.read_txn(), ino, name)
+        value = self.meta.xattr(ino, name)
         if value is None:
-            self.ns.require_inode(self.log.read_txn(), ino)
+            self.meta.require_inode(ino)
             raise FsError(errno.ENODATA)
-        return bytes(value)
+        return value
 
     async def setxattr(self, ino: int, name: bytes, value: bytes, flags: int) -> None:
         if name in POSIX_ACL_XATTRS:
             # Stored as a plain attribute it would not change the mode, and cp -p, tar and rsync
             # set modes through it when it is accepted; refused, they fall back to chmod.
             raise FsError(errno.EOPNOTSUPP, "POSIX ACLs are not supported")
-        await self.log.propose(c.SetXattr(ino, name, value, flags, self._now()))
+        await self.meta.propose(c.SetXattr(ino, name, value, flags, self._now()))
 
     async def listxattr(self, ino: int) -> list[bytes]:
-        self.ns.require_inode(self.log.read_txn(), ino)
-        return [key[8:] for key, _ in self.ns.xattrs(self.log.read_txn(), ino)]
+        self.meta.require_inode(ino)
+        return self.meta.xattr_names(ino)
 
     async def removexattr(self, ino: int, name: bytes) -> None:
-        await self.log.propose(c.RemoveXattr(ino, name, self._now()))
+        await self.meta.propose(c.RemoveXattr(ino, name, self._now()))
 
     # -- filesystem -----------------------------------------------------------------------------
     def statfs(self) -> FsStats:
-        txn = self.log.read_txn()
-        pending = self.sm.space.pending_free_blocks(txn)
-        free = min(self.total_blocks, max(0, self.sm.space.mirror.free_blocks + pending - self.data.dirty_blocks()))
-        used_inodes = int(txn.stat(self.sm.db["inodes"])["entries"])
+        pending = self.meta.pending_free_blocks()
+        free = min(self.total_blocks, max(0, self.meta.free_blocks() + pending - self.data.dirty_blocks()))
+        used_inodes = self.meta.inode_count()
         return FsStats(BLOCK_SIZE, self.total_blocks, free, FILES_ADVERTISED,
                        FILES_ADVERTISED - used_inodes, MAX_NAME_BYTES)

@@ -47,11 +47,9 @@ from awsomefsd.io.errors import NoSpaceError
 from awsomefsd.io.fence import WriteFencedError
 from awsomefsd.io.layout import BLOCK_SIZE
 from awsomefsd.meta import commands as c
+from awsomefsd.meta.client import MetaClient
 from awsomefsd.meta.errors import FsError
-from awsomefsd.meta.filemap import extents_in
-from awsomefsd.meta.log import ReplicatedLog
 from awsomefsd.meta.records import MAX_EXTENT_BLOCKS, Extent, Inode
-from awsomefsd.meta.state_machine import StateMachine
 
 log = logging.getLogger(__name__)
 
@@ -119,8 +117,7 @@ class FileData:
         self,
         device: BlockDevice,
         allocator: NodeAllocator,
-        log_: ReplicatedLog,
-        sm: StateMachine,
+        meta: MetaClient,
         *,
         file_buffer_bytes: int = 8 << 20,
         write_buffer_bytes: int = 64 << 20,
@@ -130,9 +127,7 @@ class FileData:
     ) -> None:
         self.device = device
         self.allocator = allocator
-        self.log = log_
-        self.sm = sm
-        self.fmap = sm.db["fmap"]
+        self.meta = meta
         self.file_buffer_bytes = file_buffer_bytes
         self.write_buffer_bytes = write_buffer_bytes
         self.flush_interval_s = flush_interval_ms / 1000
@@ -206,6 +201,33 @@ class FileData:
         if st is not None:
             self.total_dirty_bytes -= st.dirty.dirty_bytes
 
+    def pending_bytes(self, volume: int) -> int:
+        """Bytes written into files of `volume` but still buffered here (not yet in its usage)."""
+        return sum(st.dirty.dirty_bytes + sum(len(data) for _, data in st.inflight)
+                   for st in self.files.values() if st.volume == volume)
+
+    async def flush_volume(self, volume: int) -> None:
+        """Push this node's buffered writes into `volume` into the metadata, so a snapshot or clone
+        taken now contains every write that returned before it (as `sync` would).
+
+        A write error found on the way is handed back to the file (the application's next close
+        or fsync still reports it) and raised: a snapshot would silently miss data."""
+        for ino, st in list(self.files.items()):
+            if st.volume != volume or not (st.dirty or st.inflight):
+                continue
+            try:
+                await self.flush(ino)
+            except FsError as exc:
+                again = self.files.get(ino)
+                if again is not None and not again.error:
+                    again.error = exc.errno
+                raise FsError(exc.errno, f"flushing inode {ino} of volume {volume} failed") from exc
+
+    def forget_volume(self, volume: int) -> None:
+        """Drop the buffers of every file of a deleted volume: they would only fail to flush."""
+        for ino in [ino for ino, st in self.files.items() if st.volume == volume]:
+            self.forget(ino)
+
     def lose_buffers(self, reason: str) -> int:
         """This node lost its right to write (its liveness lease expired and the cluster took back
         its groups and write leases): buffered writes must never reach the device now, since others
@@ -251,7 +273,7 @@ class FileData:
         first = offset // BLOCK_SIZE
         end = (offset + size + BLOCK_SIZE - 1) // BLOCK_SIZE
         # One step, no await: the map and the buffered bytes are taken at the same instant.
-        extents = list(extents_in(self.log.read_txn(), self.fmap, inode.ino, first, end))
+        extents = self.meta.extents(inode.ino, first, end)
         buffered = [] if st is None else st.buffered_copies(offset, size)
         if not buffered and len(extents) == 1 and extents[0].file_block <= first and extents[0].end_block >= end:
             return await self._read_piece(extents[0], first, end, offset, offset + size)
@@ -292,10 +314,11 @@ class FileData:
 
     async def read_block(self, ino: int, file_block: int) -> bytes:
         """One whole committed block (zeros for a hole): the old data around a partial write."""
-        for ext in extents_in(self.log.read_txn(), self.fmap, ino, file_block, file_block + 1):
-            start = file_block * BLOCK_SIZE
-            return await self._read_piece(ext, file_block, file_block + 1, start, start + BLOCK_SIZE)
-        return bytes(BLOCK_SIZE)
+        ext = self.meta.extent_at(ino, file_block)
+        if ext is None:
+            return bytes(BLOCK_SIZE)
+        start = file_block * BLOCK_SIZE
+        return await self._read_piece(ext, file_block, file_block + 1, start, start + BLOCK_SIZE)
 
     # -- writes ---------------------------------------------------------------------------------
     async def write(self, inode: Inode, offset: int, data: bytes) -> int:
@@ -347,22 +370,21 @@ class FileData:
             raise FsError(errno.ENOSPC)
 
     def _check_quota(self, inode: Inode, st: FileState, grow_blocks: int) -> None:
-        record = self.sm.volumes.get(self.log.read_txn(), inode.volume)
-        if record is None:
+        volume = self.meta.volume(inode.volume)
+        if volume is None:
             return
-        if record["kind"] == "snapshot":
+        if volume.kind == "snapshot":
             raise FsError(errno.EROFS)
-        if not record["capacity"]:
+        if not volume.capacity_bytes:
             return
         pending = sum(f.dirty.dirty_bytes for f in self.files.values() if f.volume == inode.volume)
-        if (record["used_blocks"] + grow_blocks) * BLOCK_SIZE + pending > record["capacity"]:
+        if (volume.used_blocks + grow_blocks) * BLOCK_SIZE + pending > volume.capacity_bytes:
             raise FsError(errno.EDQUOT)
 
     async def wait_for_frees(self, need_blocks: int) -> None:
         """Space superseded or deleted a moment ago comes back after its grace period: wait for it
         (bounded by that period) rather than fail a write that would fit a few seconds later."""
-        txn = self.log.read_txn()
-        due = [(nb, sum(n for _, n in pairs)) for _, nb, pairs in self.sm.space.deferred(txn)]
+        due = [(free.not_before_ns, free.blocks) for free in self.meta.deferred_frees()]
         if not due:
             return
         got = 0
@@ -373,7 +395,7 @@ class FileData:
             if self.allocator.free_blocks + got - self.dirty_blocks() >= need_blocks:
                 break
         await trio.sleep(max(0.0, (deadline_ns - self.clock_ns()) / 1e9) + 0.001)
-        await self.log.propose(c.ReclaimFrees(now_ns=self.clock_ns()))
+        await self.meta.propose(c.ReclaimFrees(now_ns=self.clock_ns()))
 
     async def flush(self, ino: int) -> None:
         """Write the file's dirty bytes and commit their mapping; raise a deferred write error."""
@@ -456,10 +478,10 @@ class FileData:
         async with self._locked(ino) as st:
             if st.dirty or st.inflight:
                 return 0
-            inode = self.sm.ns.get_inode(self.log.read_txn(), ino)
+            inode = self.meta.inode(ino)
             if inode is None or not inode.is_reg:
                 return 0
-            extents = list(extents_in(self.log.read_txn(), self.fmap, ino, 0, 1 << 62))
+            extents = self.meta.all_extents(ino)
             for run in _fragmented_runs(extents):
                 first, end = run[0].file_block, run[-1].end_block
                 for lo in range(first, end, MAX_EXTENT_BLOCKS):
@@ -471,7 +493,7 @@ class FileData:
                     for ext in pieces:
                         a, b = max(ext.file_block, lo), min(ext.end_block, hi)
                         data += await self._read_piece(ext, a, b, a * BLOCK_SIZE, b * BLOCK_SIZE)
-                    current = self.sm.ns.get_inode(self.log.read_txn(), ino)
+                    current = self.meta.inode(ino)
                     if current is None:
                         return removed
                     await self._write_runs(st, [(lo * BLOCK_SIZE, data)], size=current.size, keep_mtime=True)
@@ -496,7 +518,7 @@ class FileData:
         """Write byte runs of one file (in offset order, disjoint) to fresh extents and commit them
         with one WriteData: scattered small writes cost one allocation, a few device writes (the
         runs lie side by side on the device) and one command, not one of each per run."""
-        inode = self.sm.ns.get_inode(self.log.read_txn(), st.ino)
+        inode = self.meta.inode(st.ino)
         if inode is None:
             return  # deleted meanwhile: nothing to write
         end = max(start + len(data) for start, data in runs)
@@ -513,7 +535,7 @@ class FileData:
                 checksums = self._write_pieces(pieces)
             self.written_since_sync = True
             records = tuple(Extent(fb, dev, n, cs) for (fb, dev, n, _), cs in zip(pieces, checksums))
-            await self.log.propose(c.WriteData(st.ino, records, end, self.clock_ns(), touch=not keep_mtime,
+            await self.meta.propose(c.WriteData(st.ino, records, end, self.clock_ns(), touch=not keep_mtime,
                                                mtime_ns=mtime_ns))
         except BaseException:
             self.allocator.release(extents)
@@ -587,9 +609,8 @@ class FileData:
         """Where the previous block of the file lives: allocating right after keeps files contiguous."""
         if first_block == 0:
             return None
-        for ext in extents_in(self.log.read_txn(), self.fmap, ino, first_block - 1, first_block):
-            return ext.dev_block + (first_block - ext.file_block)
-        return None
+        ext = self.meta.extent_at(ino, first_block - 1)
+        return None if ext is None else ext.dev_block + (first_block - ext.file_block)
 
     # -- truncate -------------------------------------------------------------------------------
     async def truncate(self, ino: int, size: int, setattr: c.SetAttr) -> Inode:
@@ -599,12 +620,12 @@ class FileData:
         background flush that read the file before the truncate cannot commit after it."""
         async with self._locked(ino) as st:
             await self._flush_held(st)
-            inode = self.sm.ns.require_inode(self.log.read_txn(), ino)
+            inode = self.meta.require_inode(ino)
             tail_ext = None
             extents: list[tuple[int, int]] = []
             if size < inode.size and size % BLOCK_SIZE:
                 block = size // BLOCK_SIZE
-                mapped = list(extents_in(self.log.read_txn(), self.fmap, ino, block, block + 1))
+                mapped = self.meta.extents(ino, block, block + 1)
                 if mapped:
                     old = bytearray(await self.read_block(ino, block))
                     old[size % BLOCK_SIZE :] = bytes(BLOCK_SIZE - size % BLOCK_SIZE)
@@ -620,7 +641,7 @@ class FileData:
             # now_ns starts the grace period of the extents it cuts off: the commit's time, not the request's
             cmd = dataclasses.replace(setattr, size=size, tail=tail_ext, now_ns=self.clock_ns())
             try:
-                result: Inode = await self.log.propose(cmd)
+                result: Inode = await self.meta.propose(cmd)
             except BaseException:
                 self.allocator.release(extents)
                 raise
