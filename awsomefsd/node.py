@@ -21,11 +21,12 @@ from prometheus_client.metrics_core import Metric
 
 from awsomefsd.config import Settings
 from awsomefsd.duty import DutyBook, run_duty, supervise
-from awsomefsd.fuse.operations import Operations
+from awsomefsd.fs.data import FileData
+from awsomefsd.fs.handles import Handles
+from awsomefsd.fs.operations import Operations
 from awsomefsd.io.allocator import NodeAllocator
 from awsomefsd.io.device import BlockDevice
 from awsomefsd.io.errors import DeviceError
-from awsomefsd.io.filedata import FileData
 from awsomefsd.io.superblock import Superblock, read_superblock
 from awsomefsd.meta import commands as c
 from awsomefsd.meta.bootstrap import initialise_metadata, load_metadata, open_metadata, stored_identity
@@ -140,8 +141,8 @@ def build_core(settings: Settings, storage: Storage, meta_log: LocalLog | RaftLo
         flush_interval_ms=settings.data.flush_interval_ms,
         on_checksum_error=lambda _block: metrics.checksum_failures.inc(),
     )
-    meta_log.before_commit = data.sync_device
-    ops = Operations(meta, data, total_blocks=layout.data_blocks)
+    meta_log.before_commit = device.sync_written
+    ops = Operations(meta, data, Handles(meta), total_blocks=layout.data_blocks)
     core = Core(device, sb, store, sm, meta_log, meta, allocator, data, ops, metrics, DutyBook(f"node {node_id}"))
     metrics.add_collector(lambda: _collect(core))
     metrics.add_collector(core.duties.collect)

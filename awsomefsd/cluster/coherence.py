@@ -67,7 +67,7 @@ HANDOVER_RETRY_S = 0.5
 
 
 class ClusterCoherence:
-    """The `Coherence` hooks of awsomefsd.fuse.operations for one member."""
+    """The `Coherence` hooks (awsomefsd/fs/coherence.py) of one member."""
 
     def __init__(self, node_id: int, meta: MetaClient, invalidator: Invalidator, epoch: Callable[[], int], *,
                  flush: Callable[[int], Awaitable[None]] | None = None,

@@ -386,10 +386,11 @@ def _assemble(member: Member) -> Core:
     coherence = ClusterCoherence(member.node_id, member.meta, member.invalidator, lambda: lease.epoch,
                                  read_barrier=member.raft.node.read_barrier, strict=strict)
     coherence.flush = core.data.flush
-    coherence.holds = core.ops.holds
+    coherence.holds = core.ops.handles.holds
+    core.ops.handles.track_lookups = True
     groups = GroupKeeper(member.node_id, member.meta, core.allocator, lambda: lease.epoch,
                          low_blocks=layout.ag_blocks, book=core.duties)
-    core.data.claim_space = groups.claim_now
+    core.data.space.claim_space = groups.claim_now
     def expired() -> None:
         """The cluster expired our lease while we could not renew it (paused, partitioned)."""
         groups.reload()

@@ -178,6 +178,7 @@ class BlockDevice:
         self._fd = fd
         self._lock = threading.Lock()
         self._aio: AioReader | None = None
+        self._written_since_sync = False
         self.fence = WriteFence.always_open()  # the node's lease replaces it in a cluster
 
     @classmethod
@@ -323,6 +324,7 @@ class BlockDevice:
         with self._lock:
             self.writes += 1
             self.bytes_written += length
+            self._written_since_sync = True
 
     def read(self, offset_bytes: int, length_bytes: int) -> bytes:
         """Read into a fresh aligned buffer and copy out (cold paths: superblock, fsck, tests)."""
@@ -345,6 +347,21 @@ class BlockDevice:
     def sync(self) -> None:
         """fdatasync: written data (and a sparse image's new allocations) reach stable storage."""
         os.fdatasync(self._fd_or_raise())
+
+    def sync_written(self) -> None:
+        """`sync` if anything was written since the last `sync_written`: the metadata log's
+        before-commit hook, so data reaches stable storage before the metadata that points at it
+        (and a commit that follows no write costs no device flush)."""
+        with self._lock:
+            if not self._written_since_sync:
+                return
+            self._written_since_sync = False
+        try:
+            self.sync()
+        except BaseException:
+            with self._lock:
+                self._written_since_sync = True  # the next commit must try again
+            raise
 
     def claim_exclusive(self) -> list[int]:
         """Take the device's lock exclusively (for formatting): [] when done, else the other

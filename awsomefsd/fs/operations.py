@@ -1,7 +1,7 @@
-"""POSIX operations on the metadata log and the file data service, independent of any FUSE binding.
+"""POSIX operations on the metadata client and the file data, independent of any FUSE binding.
 
-The adapter (adapter.py) translates pyfuse3's requests into calls here; a raw /dev/fuse transport
-can replace it without touching this module. Everything runs on the trio thread; a method keeps no
+The binding (awsomefsd/fuse/adapter.py) translates pyfuse3's requests into calls here; a raw
+/dev/fuse transport can replace it without touching this module. Everything runs on the trio thread; a method keeps no
 LMDB transaction across an await (the log may commit and start a new one meanwhile).
 
 Permissions are enforced by the kernel (`default_permissions`: it holds the caller's full
@@ -18,9 +18,10 @@ import time
 from collections.abc import Iterator
 from contextlib import AbstractAsyncContextManager, nullcontext
 from dataclasses import dataclass
-from typing import Protocol
 
-from awsomefsd.io.filedata import FileData
+from awsomefsd.fs.coherence import Coherence
+from awsomefsd.fs.data import FileData
+from awsomefsd.fs.handles import Handle, Handles
 from awsomefsd.io.layout import BLOCK_SIZE
 from awsomefsd.meta import commands as c
 from awsomefsd.meta.client import MetaClient
@@ -30,17 +31,7 @@ from awsomefsd.meta.records import MAX_NAME_BYTES, MAX_SYMLINK_BYTES, ROOT_INO, 
 
 INODE_RESERVATION = 1024
 POSIX_ACL_XATTRS = (b"system.posix_acl_access", b"system.posix_acl_default")
-LOOKUP_HOLD_S = 2.0
-MAX_LOOKED_UP = 1 << 16
-MAX_OPEN_FILES = 1 << 20
 FILES_ADVERTISED = 1 << 32
-
-
-@dataclass(slots=True)
-class Handle:
-    ino: int
-    flags: int
-    seen_loss: int = 0  # FileData.losses when opened or when a loss was last reported here
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,52 +44,19 @@ class FsStats:
     name_max: int
 
 
-class Coherence(Protocol):
-    """What a cluster adds to the single-node operations (awsomefsd/cluster/coherence.py);
-    docs/coherence.md states the contract each hook implements."""
-
-    async def catch_up(self, *, drain: bool = True) -> None:
-        """Return once this node has applied everything committed before the call and, with
-        `drain`, the kernel caches that made stale are invalidated. Lookups pass drain=False: the
-        kernel holds an entry invalidation of a directory until a lookup in it is answered."""
-        ...
-
-    def writing(self, ino: int) -> AbstractAsyncContextManager[None]:
-        """Hold the file's write lease for the whole of a write or truncate: entered once this
-        node holds it; the lease is not handed to another node until every such block is left."""
-        ...
-
-    def release_orphan(self, ino: int) -> None:
-        """Nothing on this node reaches the unlinked inode any more (queued, batched)."""
-        ...
-
-    def appended(self, ino: int) -> None:
-        """This node appended at the cluster's end of file, not the kernel's: its cached size is stale."""
-        ...
-
-    def keep_cache(self, ino: int) -> bool:
-        """May the kernel keep the file's page cache at this open? No, once another node changed
-        its data since the last open here (the one invalidation that cannot block the kernel)."""
-        ...
-
-    @property
-    def strict(self) -> bool:
-        """Catch up before every lookup and getattr too (the kernel then caches nothing)."""
-        ...
-
-
 class Operations:
-    def __init__(self, meta: MetaClient, data: FileData, *, total_blocks: int) -> None:
+    """The POSIX operations of one node. `coherence` is a cluster member's (None on a single
+    node); `handles` is shared with it (its `holds` decides when an unlinked inode can go)."""
+
+    def __init__(self, meta: MetaClient, data: FileData, handles: Handles, *, total_blocks: int,
+                 coherence: Coherence | None = None) -> None:
         self.meta = meta
         self.data = data
+        self.handles = handles
         self.total_blocks = total_blocks
-        self.handles: dict[int, Handle] = {}
-        self.lookups: dict[int, int] = {}
-        self._next_fh = 1
+        self.coherence = coherence
         self._ino_next = 0
         self._ino_end = 0
-        self.coherence: Coherence | None = None
-        self.looked_up: dict[int, float] = {}  # cluster only: when each inode was last looked up
 
     # -- helpers --------------------------------------------------------------------------------
     def _now(self) -> int:
@@ -124,21 +82,12 @@ class Operations:
 
     def remember(self, ino: int) -> None:
         """The kernel now holds one more reference (an entry reply was sent for `ino`)."""
-        self.lookups[ino] = self.lookups.get(ino, 0) + 1
-        if self.coherence is not None:
-            if len(self.looked_up) >= MAX_LOOKED_UP:
-                cutoff = time.monotonic() - LOOKUP_HOLD_S
-                self.looked_up = {i: t for i, t in self.looked_up.items() if t > cutoff}
-            self.looked_up[ino] = time.monotonic()
+        self.handles.remember(ino)
 
     async def forget(self, items: list[tuple[int, int]]) -> None:
         for ino, count in items:
-            left = self.lookups.get(ino, 0) - count
-            if left > 0:
-                self.lookups[ino] = left
-                continue
-            self.lookups.pop(ino, None)
-            await self._purge_if_orphan(ino)
+            if self.handles.forget(ino, count):
+                await self._purge_if_orphan(ino)
 
     async def _purge_if_orphan(self, ino: int) -> None:
         """Delete an unlinked inode once nothing can reach its data any more.
@@ -148,10 +97,10 @@ class Operations:
         frees space at once, as a local filesystem does, instead of waiting for FORGET. A removed
         directory may still be some process's working directory: it waits for FORGET.
         """
-        if any(h.ino == ino for h in self.handles.values()):
+        if self.handles.is_open(ino):
             return
         inode = self.meta.inode(ino)
-        if inode is not None and inode.is_dir and ino in self.lookups:
+        if inode is not None and inode.is_dir and ino in self.handles.lookups:
             return
         if inode is not None and inode.nlink == 0:
             self.data.forget(ino)
@@ -159,18 +108,6 @@ class Operations:
                 self.coherence.release_orphan(ino)  # other nodes may still hold it open
             else:
                 await self.meta.propose(c.Purge(ino, self._now()))
-
-    def holds(self, ino: int) -> bool:
-        """Does anything on this node still reach the inode: an open handle; for a directory, a
-        kernel reference (it may be a working directory); for anything, a lookup answered within
-        LOOKUP_HOLD_S (an open of that lookup's answer may be on its way: purging under it would
-        turn a read of a file another node just replaced into ESTALE)."""
-        if any(h.ino == ino for h in self.handles.values()):
-            return True
-        if time.monotonic() - self.looked_up.get(ino, -LOOKUP_HOLD_S) < LOOKUP_HOLD_S:
-            return True
-        inode = self.meta.inode(ino)
-        return inode is not None and inode.is_dir and ino in self.lookups
 
     async def purge_orphans(self) -> int:
         """At start no kernel holds any inode: every orphan left by a crash can go."""
@@ -261,7 +198,7 @@ class Operations:
                 if not inode.is_reg:
                     raise FsError(errno.EINVAL)
                 if size > inode.size and inode.volume:
-                    self.data._check_quota(inode, self.data.state(ino, inode.volume), 0)
+                    self.data.check_quota(inode, 0)
                 result = await self.data.truncate(ino, size, cmd)
         else:
             result = await self.meta.propose(cmd)
@@ -269,12 +206,7 @@ class Operations:
 
     # -- files ----------------------------------------------------------------------------------
     def _open_handle(self, ino: int, flags: int) -> int:
-        if len(self.handles) >= MAX_OPEN_FILES:
-            raise FsError(errno.ENFILE)
-        fh = self._next_fh
-        self._next_fh += 1
-        self.handles[fh] = Handle(ino, flags, self.data.losses)
-        return fh
+        return self.handles.add(ino, flags, self.data.losses)
 
     async def open(self, ino: int, flags: int) -> int:
         if self.coherence is not None:
@@ -300,10 +232,7 @@ class Operations:
         return self._open_handle(inode.ino, flags), inode
 
     def handle(self, fh: int) -> Handle:
-        h = self.handles.get(fh)
-        if h is None:
-            raise FsError(errno.EBADF)
-        return h
+        return self.handles.require(fh)
 
     async def read(self, fh: int, offset: int, size: int) -> bytes:
         h = self.handle(fh)
@@ -343,7 +272,7 @@ class Operations:
                           cause="lost-writes")
 
     async def release(self, fh: int) -> None:
-        h = self.handles.pop(fh, None)
+        h = self.handles.pop(fh)
         if h is not None:
             self.data.closed(h.ino)
             await self._purge_if_orphan(h.ino)
@@ -377,7 +306,7 @@ class Operations:
             yield entry.cookie, entry.name, self.data.with_buffered(inode)
 
     async def releasedir(self, fh: int) -> None:
-        self.handles.pop(fh, None)
+        self.handles.pop(fh)
 
     # -- extended attributes --------------------------------------------------------------------
     async def getxattr(self, ino: int, name: bytes) -> bytes:
