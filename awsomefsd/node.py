@@ -24,9 +24,12 @@ from awsomefsd.duty import DutyBook, run_duty, supervise
 from awsomefsd.fs.data import FileData
 from awsomefsd.fs.handles import Handles
 from awsomefsd.fs.operations import Operations
+from awsomefsd.fs.space import ClaimSpace
 from awsomefsd.io.allocator import NodeAllocator
 from awsomefsd.io.device import BlockDevice
 from awsomefsd.io.errors import DeviceError
+from awsomefsd.io.fence import WriteFence
+from awsomefsd.io.layout import DeviceLayout
 from awsomefsd.io.superblock import Superblock, read_superblock
 from awsomefsd.meta import commands as c
 from awsomefsd.meta.bootstrap import initialise_metadata, load_metadata, open_metadata, stored_identity
@@ -83,16 +86,18 @@ class Storage:
         self.device.close()
 
 
-def open_storage(settings: Settings, *, bootstrap: bool = True, grant_all_to: int | None = NODE_ID) -> Storage:
+def open_storage(settings: Settings, *, bootstrap: bool = True, grant_all_to: int | None = NODE_ID,
+                 fence: WriteFence | None = None) -> Storage:
     """Open the device and the metadata store; initialise the metadata of a freshly formatted
     device when `bootstrap` (a joining cluster member instead waits for a snapshot: its store stays
     empty until then). `grant_all_to` owns every allocation group of a new single-node filesystem;
-    a cluster grants groups through Raft instead (None)."""
+    a cluster grants groups through Raft instead (None). `fence` guards device writes (a cluster
+    member's follows its liveness lease; a single node's is always open)."""
     if settings.device.path is None:
         raise NodeError("no device configured: set [device] path, AWSOMEFS_DEVICE__PATH or --device")
     try:
         device = BlockDevice.open(settings.device.path, shared=settings.device.shared,
-                                  direct=settings.device.direct_io)
+                                  direct=settings.device.direct_io, fence=fence)
     except FileNotFoundError:
         raise NodeError(f"device {settings.device.path} does not exist") from None
     try:
@@ -120,30 +125,49 @@ def open_core(settings: Settings, *, metrics: Metrics | None = None, log_kind: s
     meta_log: LocalLog | RaftLog
     if (log_kind or settings.meta.log) == "raft":
         meta_log = RaftLog(storage.store, storage.sm, node_id=NODE_ID)
+        meta_log.before_commit = storage.device.sync_written  # RaftLog takes no such argument (yet)
     else:
-        meta_log = LocalLog(storage.store, storage.sm, commit_interval_ms=settings.data.commit_interval_ms)
+        meta_log = LocalLog(storage.store, storage.sm, commit_interval_ms=settings.data.commit_interval_ms,
+                            before_commit=storage.device.sync_written)
     return build_core(settings, storage, meta_log, node_id=NODE_ID, metrics=metrics)
 
 
 def build_core(settings: Settings, storage: Storage, meta_log: LocalLog | RaftLog, *, node_id: int,
                metrics: Metrics | None = None) -> Core:
-    """Allocator, file data and operations over open storage whose metadata is initialised."""
+    """A single node's file system over open storage whose metadata is initialised. (A cluster
+    member builds the same parts with its cluster's between them: cluster/member.py.)"""
     metrics = metrics or Metrics()
-    device, sb, store, sm = storage.device, storage.superblock, storage.store, storage.sm
-    layout = sb.layout
-    meta = MetaClient(meta_log, sm)
+    meta = MetaClient(meta_log, storage.sm)
+    allocator = node_allocator(meta, storage.superblock.layout, node_id)
+    data = file_data(settings, storage.device, meta, allocator, metrics)
+    ops = Operations(meta, data, Handles(meta), total_blocks=storage.superblock.layout.data_blocks)
+    return assemble_core(storage, meta_log, meta, allocator, data, ops, metrics, DutyBook(f"node {node_id}"))
+
+
+def node_allocator(meta: MetaClient, layout: DeviceLayout, node_id: int) -> NodeAllocator:
+    """This node's allocator over the groups granted to it, told of every free as it applies."""
     allocator = NodeAllocator(layout, meta.groups_of(node_id), meta.free_space())
     meta.on_freed(allocator.on_freed)
-    data = FileData(
+    return allocator
+
+
+def file_data(settings: Settings, device: BlockDevice, meta: MetaClient, allocator: NodeAllocator,
+              metrics: Metrics, *, claim_space: ClaimSpace | None = None) -> FileData:
+    return FileData(
         device, allocator, meta,
         file_buffer_bytes=settings.data.file_buffer_bytes,
         write_buffer_bytes=settings.data.write_buffer_bytes,
         flush_interval_ms=settings.data.flush_interval_ms,
         on_checksum_error=lambda _block: metrics.checksum_failures.inc(),
+        claim_space=claim_space,
     )
-    meta_log.before_commit = device.sync_written
-    ops = Operations(meta, data, Handles(meta), total_blocks=layout.data_blocks)
-    core = Core(device, sb, store, sm, meta_log, meta, allocator, data, ops, metrics, DutyBook(f"node {node_id}"))
+
+
+def assemble_core(storage: Storage, meta_log: LocalLog | RaftLog, meta: MetaClient, allocator: NodeAllocator,
+                  data: FileData, ops: Operations, metrics: Metrics, duties: DutyBook) -> Core:
+    """The Core of built parts, its metrics registered."""
+    core = Core(storage.device, storage.superblock, storage.store, storage.sm, meta_log, meta, allocator, data, ops,
+                metrics, duties)
     metrics.add_collector(lambda: _collect(core))
     metrics.add_collector(core.duties.collect)
     return core

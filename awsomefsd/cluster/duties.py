@@ -52,31 +52,56 @@ class LeaseSettings:
         assert self.margin_s > 0
 
 
+class LeaseEpoch:
+    """This node's liveness-lease epoch: every proposal is fenced with it, and write-lease and
+    group requests carry it. Made before everything that reads it (the lease renews it, and
+    learns a new one when the cluster expired the old)."""
+
+    def __init__(self, node_id: int, meta: MetaClient) -> None:
+        self.node_id = node_id
+        self.meta = meta
+        self.value = 0
+        self._renewed = trio.Event()
+        self.load()
+
+    def load(self) -> None:
+        """The epoch the member table holds for this node (0 before it is a member)."""
+        record = self.meta.member(self.node_id)
+        self.value = 0 if record is None else record.epoch
+
+    def current(self) -> int:
+        return self.value
+
+    def renewed(self) -> None:
+        """A renewal was applied: wake the writers waiting for one."""
+        self._renewed.set()
+        self._renewed = trio.Event()
+
+    async def wait_renewed(self) -> None:
+        """Until the next renewal is applied (the write fence is open again after it)."""
+        await self._renewed.wait()
+
+
 class LivenessLease:
     """Renews this node's lease and keeps the device's write fence in step with it."""
 
-    def __init__(self, node_id: int, log_: RaftLog, meta: MetaClient, fence: WriteFence,
+    def __init__(self, node_id: int, log_: RaftLog, meta: MetaClient, fence: WriteFence, epoch: LeaseEpoch,
                  settings: LeaseSettings, on_expired: Callable[[], None], book: DutyBook | None = None) -> None:
         self.node_id = node_id
         self.log = log_
         self.meta = meta
         self.fence = fence
+        self.lease_epoch = epoch
         self.settings = settings
         self.on_expired = on_expired
         self.book = book or DutyBook(f"node {node_id}")
-        self.epoch = 0
         self.renewals = 0
         self.refusals = 0
         self.first_renewal = trio.Event()
-        self._renewed = trio.Event()
 
-    def load_epoch(self) -> None:
-        record = self.meta.member(self.node_id)
-        self.epoch = 0 if record is None else record.epoch
-
-    async def wait_renewed(self) -> None:
-        """Until the next renewal is applied (the write fence is open again after it)."""
-        await self._renewed.wait()
+    @property
+    def epoch(self) -> int:
+        return self.lease_epoch.value
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Renew every `renew_s` whatever happens: a failed renewal is retried at the same cadence
@@ -88,7 +113,7 @@ class LivenessLease:
         """One renewal; returns how long to wait before the next one."""
         sent = time.monotonic()
         if not self.epoch:
-            self.load_epoch()
+            self.lease_epoch.load()
         ok: Any = False
         with trio.move_on_after(self.settings.renew_s):
             ok, result = await self.log.propose_outcome(c.RenewLease(self.node_id, self.epoch), fenced=False)
@@ -97,8 +122,7 @@ class LivenessLease:
             self.fence.renewed(sent + self.settings.lease_s)
             self.renewals += 1
             self.first_renewal.set()
-            self._renewed.set()
-            self._renewed = trio.Event()
+            self.lease_epoch.renewed()
         elif self.epoch and self._maybe_expired():
             return 0.0  # renew at once under the new epoch: until then every write of ours fails
         return sent + self.settings.renew_s - time.monotonic()
@@ -112,7 +136,7 @@ class LivenessLease:
         self.refusals += 1
         log.warning("node %d's lease epoch %d expired (now %d): groups and write leases were taken back; "
                     "rejoining under the new epoch", self.node_id, self.epoch, record.epoch)
-        self.epoch = record.epoch
+        self.lease_epoch.value = record.epoch
         self.on_expired()
         return True
 

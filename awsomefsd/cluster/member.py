@@ -35,7 +35,7 @@ from prometheus_client.metrics_core import Metric
 from awsomefsd.cluster.ca import ClusterCA, Revocations, fingerprint
 from awsomefsd.cluster.coherence import ClusterCoherence
 from awsomefsd.cluster.discovery import Advertisement, Peer
-from awsomefsd.cluster.duties import GroupKeeper, LeaderDuties, LeaseSettings, LivenessLease
+from awsomefsd.cluster.duties import GroupKeeper, LeaderDuties, LeaseEpoch, LeaseSettings, LivenessLease
 from awsomefsd.cluster.join_service import JoinService, split_host_port
 from awsomefsd.cluster.rpc import ControlError, ControlService, Forwarder, MemberService, ask_progress
 from awsomefsd.cluster.state import (
@@ -57,15 +57,27 @@ from awsomefsd.cluster.tls import (
 )
 from awsomefsd.cluster.token import JoinToken, TokenVerifier
 from awsomefsd.config import Settings
-from awsomefsd.duty import is_fatal, one_line, retry_until_done, supervise
+from awsomefsd.duty import DutyBook, is_fatal, one_line, retry_until_done, supervise
+from awsomefsd.fs.data import FileData
+from awsomefsd.fs.handles import Handles
+from awsomefsd.fs.operations import Operations
 from awsomefsd.fuse.invalidate import Invalidator
 from awsomefsd.io.fence import WriteFence
 from awsomefsd.meta import commands as c
 from awsomefsd.meta.client import MetaClient
 from awsomefsd.meta.raft_log import RaftLog
 from awsomefsd.meta.raft_node import NodeSettings
-from awsomefsd.metrics import counter, gauge
-from awsomefsd.node import Core, NodeError, Storage, build_core, open_storage, serve
+from awsomefsd.metrics import Metrics, counter, gauge
+from awsomefsd.node import (
+    Core,
+    NodeError,
+    Storage,
+    assemble_core,
+    file_data,
+    node_allocator,
+    open_storage,
+    serve,
+)
 from awsomefsd.rpc.bridge import serve_grpc
 from awsomefsd.rpc.raft_transport import RaftTransport
 
@@ -262,13 +274,16 @@ class Member:
 
 def open_member(settings: Settings, state: MemberState, creds: NodeCredentials, *, founding: bool,
                 peers: dict[int, str] | None = None) -> Member:
-    storage = open_storage(settings, bootstrap=founding, grant_all_to=None)
+    # Closed until the liveness lease is first renewed (LivenessLease keeps it in step).
+    fence = WriteFence(margin_s=min(0.5, settings.cluster.lease_margin_s))
+    storage = open_storage(settings, bootstrap=founding, grant_all_to=None, fence=fence)
     if str(storage.superblock.cluster_id) != state.cluster_id:
         storage.close()
         raise NodeError(f"the device {settings.device.path} belongs to cluster {storage.superblock.cluster_id}, "
                         f"not to this node's cluster {state.cluster_id}")
     raft = RaftLog(storage.store, storage.sm, node_id=state.node_id, settings=RAFT_SETTINGS,
                    bootstrap_voters=(state.node_id,) if founding else (), stall_s=settings.cluster.stall_s)
+    raft.before_commit = storage.device.sync_written  # RaftLog takes no such argument (yet)
     revocations = Revocations()
     cluster_id = state.cluster_uuid
     transport = RaftTransport(
@@ -374,46 +389,49 @@ async def _wait_for_state(member: Member) -> None:
 
 
 def _assemble(member: Member) -> Core:
-    settings = member.settings
-    core = build_core(settings, member.storage, member.raft, node_id=member.node_id)
-    member.core = core
-    fence = WriteFence(margin_s=min(0.5, settings.cluster.lease_margin_s))
-    member.storage.device.fence = fence
-    leases = LeaseSettings(settings.cluster.lease_s, settings.cluster.renew_s, settings.cluster.lease_margin_s)
+    """The file system with the cluster's parts between its own, each built after what it needs:
+    the lease epoch, the allocator and the group keeper (which claims space for it), the file data,
+    the handles, the coherence (which flushes files and asks what this node holds), the POSIX
+    operations over them, then the lease (which, when the cluster expired it, reloads the groups
+    and the coherence and drops the buffered writes) and the leader's duties."""
+    settings, meta, raft = member.settings, member.meta, member.raft
+    node_id = member.node_id
     layout = member.storage.superblock.layout
-    strict = settings.mount.coherence == "strict"
-    lease: LivenessLease  # made below; the epoch callbacks read it only once it exists
-    coherence = ClusterCoherence(member.node_id, member.meta, member.invalidator, lambda: lease.epoch,
-                                 read_barrier=member.raft.node.read_barrier, strict=strict)
-    coherence.flush = core.data.flush
-    coherence.holds = core.ops.handles.holds
-    core.ops.handles.track_lookups = True
-    groups = GroupKeeper(member.node_id, member.meta, core.allocator, lambda: lease.epoch,
-                         low_blocks=layout.ag_blocks, book=core.duties)
-    core.data.space.claim_space = groups.claim_now
-    def expired() -> None:
-        """The cluster expired our lease while we could not renew it (paused, partitioned)."""
-        groups.reload()
-        coherence.reload()
-        core.data.lose_buffers("this node's liveness lease expired; other nodes may have written since")
-
-    lease = LivenessLease(member.node_id, member.raft, member.meta, fence, leases, on_expired=expired, book=core.duties)
-    lease.load_epoch()
-    coherence.wait_lease = lease.wait_renewed
-    duties = LeaderDuties(member.node_id, member.raft, member.meta, leases, book=core.duties)
-    member.raft.fence_epoch = lambda: lease.epoch
-    member.raft.commands.observers.extend([coherence.observe, groups.observe, duties.observe])
-
-    def after_snapshot() -> None:
-        coherence.reload()
-        groups.reload()
-
-    member.raft.commands.on_snapshot.append(after_snapshot)
+    book = DutyBook(f"node {node_id}")
+    metrics = Metrics()
+    epoch = LeaseEpoch(node_id, meta)
+    raft.fence_epoch = epoch.current  # every proposal from here on is fenced (RaftLog has no argument for it yet)
+    allocator = node_allocator(meta, layout, node_id)
+    groups = GroupKeeper(node_id, meta, allocator, epoch.current, low_blocks=layout.ag_blocks, book=book)
+    data = file_data(settings, member.storage.device, meta, allocator, metrics, claim_space=groups.claim_now)
+    handles = Handles(meta, track_lookups=True)
+    coherence = ClusterCoherence(node_id, meta, member.invalidator, epoch.current, flush=data.flush,
+                                 holds=handles.holds, wait_lease=epoch.wait_renewed,
+                                 read_barrier=raft.node.read_barrier, strict=settings.mount.coherence == "strict")
+    ops = Operations(meta, data, handles, coherence=coherence, total_blocks=layout.data_blocks)
+    core = assemble_core(member.storage, raft, meta, allocator, data, ops, metrics, book)
+    leases = LeaseSettings(settings.cluster.lease_s, settings.cluster.renew_s, settings.cluster.lease_margin_s)
+    lease = LivenessLease(node_id, raft, meta, member.storage.device.fence, epoch, leases,
+                          on_expired=functools.partial(_expired, groups, coherence, data), book=book)
+    duties = LeaderDuties(node_id, raft, meta, leases, book=book)
+    raft.commands.observers.extend([coherence.observe, groups.observe, duties.observe])
+    raft.commands.on_snapshot.append(functools.partial(_after_snapshot, groups, coherence))
     coherence.reload()
-    core.ops.coherence = coherence
-    member.lease, member.groups, member.coherence, member.duties = lease, groups, coherence, duties
-    core.metrics.add_collector(lambda: _collect(member))
+    member.core, member.lease, member.groups, member.coherence, member.duties = core, lease, groups, coherence, duties
+    metrics.add_collector(lambda: _collect(member))
     return core
+
+
+def _expired(groups: GroupKeeper, coherence: ClusterCoherence, data: FileData) -> None:
+    """The cluster expired our lease while we could not renew it (paused, partitioned)."""
+    groups.reload()
+    coherence.reload()
+    data.lose_buffers("this node's liveness lease expired; other nodes may have written since")
+
+
+def _after_snapshot(groups: GroupKeeper, coherence: ClusterCoherence) -> None:
+    coherence.reload()
+    groups.reload()
 
 
 def _collect(member: Member) -> Iterator[Metric]:
