@@ -39,6 +39,7 @@ from typing import Any
 import trio
 
 from awsomefsd.duty import is_fatal, one_line
+from awsomefsd.fs.coherence import FlushFile, HoldsInode
 from awsomefsd.fuse.invalidate import Invalidator, Kind, Target, targets
 from awsomefsd.meta import commands as c
 from awsomefsd.meta.client import MetaClient
@@ -70,8 +71,8 @@ class ClusterCoherence:
     """The `Coherence` hooks (awsomefsd/fs/coherence.py) of one member."""
 
     def __init__(self, node_id: int, meta: MetaClient, invalidator: Invalidator, epoch: Callable[[], int], *,
-                 flush: Callable[[int], Awaitable[None]] | None = None,
-                 holds: Callable[[int], bool] = lambda _ino: False,
+                 flush: FlushFile | None = None,
+                 holds: HoldsInode = lambda _ino: False,
                  wait_lease: Callable[[], Awaitable[None]] | None = None,
                  read_barrier: Callable[..., Awaitable[object]] | None = None,
                  strict: bool = False) -> None:
