@@ -12,7 +12,7 @@ was a way for the daemon to exit. So a duty is
 - an error in it is logged once per kind (duty, exception type and errno) with the node and the
   reason, counted (`awsomefs_duty_errors_total{duty,kind}`), and followed by a back-off that grows
   to `MAX_BACKOFF_S` while the error persists; the first success after errors is logged once;
-- only an unrecoverable local fault ends the daemon: the metadata store failing (lmdb.Error), no
+- only an unrecoverable local fault ends the daemon: the metadata store failing (STORE_FAILURES), no
   memory, or an explicit `Fatal`. It leaves as `Fatal` with a one-line reason, which the command
   line prints (`fatal_reason`) instead of a traceback.
 """
@@ -59,9 +59,9 @@ def kind_of(exc: BaseException) -> str:
 
 def is_fatal(exc: BaseException) -> bool:
     """Faults of this node itself that no retry repairs: the daemon has to stop."""
-    import lmdb
+    from awsomefsd.meta.errors import STORE_FAILURES
 
-    return any(isinstance(leaf, (Fatal, lmdb.Error, MemoryError)) for leaf in _leaves(exc))
+    return any(isinstance(leaf, (Fatal, *STORE_FAILURES, MemoryError)) for leaf in _leaves(exc))
 
 
 def fatal_reason(exc: BaseException) -> str | None:

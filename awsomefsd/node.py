@@ -21,13 +21,19 @@ from prometheus_client.metrics_core import Metric
 
 from awsomefsd.config import Settings
 from awsomefsd.duty import DutyBook, run_duty, supervise
-from awsomefsd.fuse.operations import Operations
-from awsomefsd.io.allocator import FreeSpaceMap, NodeAllocator
+from awsomefsd.fs.data import FileData
+from awsomefsd.fs.handles import Handles
+from awsomefsd.fs.operations import Operations
+from awsomefsd.fs.space import ClaimSpace
+from awsomefsd.io.allocator import NodeAllocator
 from awsomefsd.io.device import BlockDevice
 from awsomefsd.io.errors import DeviceError
-from awsomefsd.io.filedata import FileData
+from awsomefsd.io.fence import WriteFence
+from awsomefsd.io.layout import DeviceLayout
 from awsomefsd.io.superblock import Superblock, read_superblock
 from awsomefsd.meta import commands as c
+from awsomefsd.meta.bootstrap import initialise_metadata, load_metadata, open_metadata, stored_identity
+from awsomefsd.meta.client import MetaClient
 from awsomefsd.meta.log import LocalLog
 from awsomefsd.meta.raft_log import RaftLog
 from awsomefsd.meta.state_machine import StateMachine
@@ -52,6 +58,7 @@ class Core:
     store: MetaStore
     sm: StateMachine
     log: LocalLog | RaftLog
+    meta: MetaClient
     allocator: NodeAllocator
     data: FileData
     ops: Operations
@@ -79,27 +86,29 @@ class Storage:
         self.device.close()
 
 
-def open_storage(settings: Settings, *, bootstrap: bool = True, grant_all_to: int | None = NODE_ID) -> Storage:
+def open_storage(settings: Settings, *, bootstrap: bool = True, grant_all_to: int | None = NODE_ID,
+                 fence: WriteFence | None = None) -> Storage:
     """Open the device and the metadata store; initialise the metadata of a freshly formatted
     device when `bootstrap` (a joining cluster member instead waits for a snapshot: its store stays
     empty until then). `grant_all_to` owns every allocation group of a new single-node filesystem;
-    a cluster grants groups through Raft instead (None)."""
+    a cluster grants groups through Raft instead (None). `fence` guards device writes (a cluster
+    member's follows its liveness lease; a single node's is always open)."""
     if settings.device.path is None:
         raise NodeError("no device configured: set [device] path, AWSOMEFS_DEVICE__PATH or --device")
     try:
         device = BlockDevice.open(settings.device.path, shared=settings.device.shared,
-                                  direct=settings.device.direct_io)
+                                  direct=settings.device.direct_io, fence=fence)
     except FileNotFoundError:
         raise NodeError(f"device {settings.device.path} does not exist") from None
     try:
         sb = read_superblock(device).superblock
-        store = MetaStore(settings.node.state_dir / "meta")
+        store, sm = open_metadata(settings.node.state_dir / "meta",
+                                  delayed_free_ns=settings.data.delayed_free_ms * 1_000_000)
     except BaseException:
         device.close()
         raise
-    sm = StateMachine(store, delayed_free_ns=settings.data.delayed_free_ms * 1_000_000)
     try:
-        _init_or_check_meta(store, sm, sb, bootstrap=bootstrap, grant_all_to=grant_all_to)
+        _init_or_check_meta(store, sm, sb, init=bootstrap, grant_all_to=grant_all_to)
     except BaseException:
         store.close()
         device.close()
@@ -116,59 +125,74 @@ def open_core(settings: Settings, *, metrics: Metrics | None = None, log_kind: s
     meta_log: LocalLog | RaftLog
     if (log_kind or settings.meta.log) == "raft":
         meta_log = RaftLog(storage.store, storage.sm, node_id=NODE_ID)
+        meta_log.before_commit = storage.device.sync_written  # RaftLog takes no such argument (yet)
     else:
-        meta_log = LocalLog(storage.store, storage.sm, commit_interval_ms=settings.data.commit_interval_ms)
+        meta_log = LocalLog(storage.store, storage.sm, commit_interval_ms=settings.data.commit_interval_ms,
+                            before_commit=storage.device.sync_written)
     return build_core(settings, storage, meta_log, node_id=NODE_ID, metrics=metrics)
 
 
 def build_core(settings: Settings, storage: Storage, meta_log: LocalLog | RaftLog, *, node_id: int,
                metrics: Metrics | None = None) -> Core:
-    """Allocator, file data and operations over open storage whose metadata is initialised."""
+    """A single node's file system over open storage whose metadata is initialised. (A cluster
+    member builds the same parts with its cluster's between them: cluster/member.py.)"""
     metrics = metrics or Metrics()
-    device, sb, store, sm = storage.device, storage.superblock, storage.store, storage.sm
-    layout = sb.layout
-    txn = meta_log.read_txn()
-    owned = [g for g, owner in sm.group_owners(txn).items() if owner == node_id]
-    allocator = NodeAllocator(layout, owned, FreeSpaceMap(list(sm.space.mirror)))
-    sm.freed_listeners.append(allocator.on_freed)
-    data = FileData(
-        device, allocator, meta_log, sm,
+    meta = MetaClient(meta_log, storage.sm)
+    allocator = node_allocator(meta, storage.superblock.layout, node_id)
+    data = file_data(settings, storage.device, meta, allocator, metrics)
+    ops = Operations(meta, data, Handles(meta), total_blocks=storage.superblock.layout.data_blocks)
+    return assemble_core(storage, meta_log, meta, allocator, data, ops, metrics, DutyBook(f"node {node_id}"))
+
+
+def node_allocator(meta: MetaClient, layout: DeviceLayout, node_id: int) -> NodeAllocator:
+    """This node's allocator over the groups granted to it, told of every free as it applies."""
+    allocator = NodeAllocator(layout, meta.groups_of(node_id), meta.free_space())
+    meta.on_freed(allocator.on_freed)
+    return allocator
+
+
+def file_data(settings: Settings, device: BlockDevice, meta: MetaClient, allocator: NodeAllocator,
+              metrics: Metrics, *, claim_space: ClaimSpace | None = None) -> FileData:
+    return FileData(
+        device, allocator, meta,
         file_buffer_bytes=settings.data.file_buffer_bytes,
         write_buffer_bytes=settings.data.write_buffer_bytes,
         flush_interval_ms=settings.data.flush_interval_ms,
         on_checksum_error=lambda _block: metrics.checksum_failures.inc(),
+        claim_space=claim_space,
     )
-    meta_log.before_commit = data.sync_device
-    ops = Operations(meta_log, sm, data, total_blocks=layout.data_blocks)
-    core = Core(device, sb, store, sm, meta_log, allocator, data, ops, metrics, DutyBook(f"node {node_id}"))
+
+
+def assemble_core(storage: Storage, meta_log: LocalLog | RaftLog, meta: MetaClient, allocator: NodeAllocator,
+                  data: FileData, ops: Operations, metrics: Metrics, duties: DutyBook) -> Core:
+    """The Core of built parts, its metrics registered."""
+    core = Core(storage.device, storage.superblock, storage.store, storage.sm, meta_log, meta, allocator, data, ops,
+                metrics, duties)
     metrics.add_collector(lambda: _collect(core))
     metrics.add_collector(core.duties.collect)
     return core
 
 
-def _init_or_check_meta(store: MetaStore, sm: StateMachine, sb: Superblock, *, bootstrap: bool,
+def _init_or_check_meta(store: MetaStore, sm: StateMachine, sb: Superblock, *, init: bool,
                         grant_all_to: int | None) -> None:
-    with store.env.begin(write=True) as txn:
-        cluster = sm.meta_value(txn, b"cluster_id")
-        if cluster is None:
-            if not bootstrap:
-                return
-            layout = sb.layout
-            sm.bootstrap(txn, cluster_id=str(sb.cluster_id), device_id=str(sb.device_id),
-                         data_extent=(layout.data_start_block, layout.data_blocks), now_ns=time.time_ns())
-            if grant_all_to is not None:
-                sm.apply(txn, c.GrantGroups(grant_all_to, tuple(range(layout.ag_count))))
-            log.info("initialised metadata for cluster %s", sb.cluster_id)
+    identity = stored_identity(store)
+    if identity is None:
+        if not init:
             return
-    if bytes(cluster).decode() != str(sb.cluster_id):
+        layout = sb.layout
+        initialise_metadata(store, sm, cluster_id=str(sb.cluster_id), device_id=str(sb.device_id),
+                            data_extent=(layout.data_start_block, layout.data_blocks), now_ns=time.time_ns(),
+                            groups_to=grant_all_to, group_count=layout.ag_count)
+        log.info("initialised metadata for cluster %s", sb.cluster_id)
+        return
+    cluster, device_id = identity
+    if cluster != str(sb.cluster_id):
         raise NodeError(
-            f"metadata in {store.path} belongs to cluster {bytes(cluster).decode()}, but the device holds "
+            f"metadata in {store.path} belongs to cluster {cluster}, but the device holds "
             f"cluster {sb.cluster_id}; point --state at this device's metadata or reformat"
         )
-    with store.env.begin() as txn:
-        device_id = sm.meta_value(txn, b"device_id")
-        sm.load(txn)
-    if device_id is not None and bytes(device_id).decode() != str(sb.device_id):
+    load_metadata(store, sm)
+    if device_id is not None and device_id != str(sb.device_id):
         raise NodeError(f"metadata in {store.path} was made for another device of cluster {sb.cluster_id}")
 
 
@@ -178,7 +202,7 @@ def _collect(core: Core) -> Iterator[Metric]:
     yield counter("awsomefs_device_written_bytes", "bytes written to the device", dev.bytes_written)
     yield counter("awsomefs_device_reads", "device read requests", dev.reads)
     yield counter("awsomefs_device_writes", "device write requests", dev.writes)
-    yield gauge("awsomefs_free_blocks", "free data blocks (authoritative)", core.sm.space.mirror.free_blocks)
+    yield gauge("awsomefs_free_blocks", "free data blocks (authoritative)", core.meta.free_blocks())
     yield gauge("awsomefs_dirty_bytes", "buffered bytes not yet written", core.data.total_dirty_bytes)
     yield gauge("awsomefs_meta_applied_index", "last applied metadata command", core.log.applied_index)
     yield gauge("awsomefs_meta_committed_index", "last durable metadata command", core.log.committed_index)
@@ -192,9 +216,9 @@ async def _reclaim_step(core: Core) -> None:
     (awsomefsd/duty.py): a refusal (this node's lease epoch expired while it was paused, no
     leader) is logged and retried, never the end of the daemon."""
     now_ns = time.time_ns()
-    first = next(core.sm.space.deferred(core.log.read_txn()), None)
-    if first is not None and first[1] <= now_ns:
-        await core.log.propose(c.ReclaimFrees(now_ns))
+    first = core.meta.next_deferred_free()
+    if first is not None and first.not_before_ns <= now_ns:
+        await core.meta.propose(c.ReclaimFrees(now_ns))
 
 
 async def _watch_signals(cancel: trio.CancelScope, stopping: Callable[[], None]) -> None:
@@ -239,11 +263,13 @@ async def serve(core: Core, settings: Settings, *, ready: Callable[[str], None] 
     options = {"fsname=awsomefs", "subtype=awsomefs", "default_permissions", "noatime"}
     if settings.mount.allow_other:
         options.add("allow_other")
-    where = mount.resolve()  # before mounting: once mounted, a stat waits for the FUSE INIT we serve below
+    # Resolved before mounting: once mounted, a stat of the mount point waits for the kernel's
+    # INIT, which only pyfuse3.main (below) answers.
+    resolved = mount.resolve()
     pyfuse3.init(adapter, str(mount), options)
     mounted = True
     record = settings.node.state_dir / MOUNT_RECORD
-    record.write_text(f"{where}\n")
+    record.write_text(f"{resolved}\n")
     try:
         async with trio.open_nursery() as nursery:
             if not log_running:

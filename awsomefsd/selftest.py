@@ -28,6 +28,9 @@ import awsomefsd
 
 # Modules whose import has side effects (running the command line) rather than definitions.
 IMPORT_WALK_SKIP = frozenset({"awsomefsd.__main__"})
+TEST_ONLY_PACKAGE = "awsomefsd.testing"
+"""Test harnesses (tests/, bench/): left out of the built binary (build.py), never imported by the
+daemon (tests/unit/test_layers.py)."""
 GRPC_DEADLINE_S = 10.0
 
 
@@ -51,20 +54,9 @@ def check_stdlib() -> str:
 
 def check_lmdb() -> str:
     """Open an environment, write and read back in two transactions: the C extension and liblmdb."""
-    import lmdb
+    from awsomefsd.meta.inspect import store_round_trip
 
-    with tempfile.TemporaryDirectory(prefix="awsomefsd-selftest-") as tmp:
-        env = lmdb.open(tmp, map_size=1 << 20, max_dbs=2, subdir=True)
-        try:
-            db = env.open_db(b"selftest")
-            with env.begin(write=True, db=db) as txn:
-                txn.put(b"key", b"value")
-            with env.begin(db=db) as txn:
-                got = txn.get(b"key")
-        finally:
-            env.close()
-    assert got == b"value", f"LMDB round trip returned {got!r}"
-    return f"lmdb {lmdb.version()}, round trip ok"
+    return store_round_trip()
 
 
 def check_trio() -> str:
@@ -205,11 +197,10 @@ def check_crc32c() -> str:
 
 def check_awsomefsd_modules() -> str:
     """Import every module of the project, so any third-party import anywhere is exercised."""
-    names = [
-        info.name
-        for info in pkgutil.walk_packages(awsomefsd.__path__, prefix="awsomefsd.")
-        if info.name not in IMPORT_WALK_SKIP
-    ]
+    found = [info.name for info in pkgutil.walk_packages(awsomefsd.__path__, prefix="awsomefsd.")]
+    test_only = [name for name in found if name == TEST_ONLY_PACKAGE or name.startswith(TEST_ONLY_PACKAGE + ".")]
+    assert not (test_only and "__compiled__" in globals()), f"test-only modules were built in: {test_only}"
+    names = [name for name in found if name not in IMPORT_WALK_SKIP and name not in test_only]
     assert len(names) > 1, f"found only {names}: the package walk does not see the bundled modules"
     for name in names:
         importlib.import_module(name)

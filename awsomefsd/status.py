@@ -1,7 +1,7 @@
 """`awsomefsd status`: what an operator needs at a glance, as a table or as JSON.
 
-It reads the last committed metadata (LMDB allows a reader beside the running daemon), the
-superblock and the kernel's mount table; it never writes.
+It reads the last committed metadata (awsomefsd.meta.inspect: a reader beside the running daemon),
+the superblock and the kernel's mount table; it never writes.
 """
 
 from __future__ import annotations
@@ -9,8 +9,6 @@ from __future__ import annotations
 import time
 from pathlib import Path
 from typing import Any
-
-import lmdb
 
 from awsomefsd import __version__
 from awsomefsd.config import Settings
@@ -94,61 +92,42 @@ def _device_status(path: Path | None, info: dict[str, Any]) -> dict[str, Any]:
 
 
 def _meta_status(path: Path, info: dict[str, Any]) -> dict[str, Any]:
+    from awsomefsd.meta.inspect import read_summary
+
     if not (path / "data.mdb").exists():
         info["problems"].append(f"no metadata in {path}")
         info["healthy"] = False
         return {}
-    env = lmdb.open(str(path), readonly=True, lock=True, max_dbs=32)
-    try:
-        with env.begin() as txn:
-            def db(name: str) -> Any:
-                return env.open_db(name.encode(), txn=txn, create=False)
-
-            meta = db("meta")
-            free_blocks = sum(int.from_bytes(v, "big") for _, v in txn.cursor(db("free")))
-            volumes = []
-            import json
-
-            for key, value in txn.cursor(db("volumes")):
-                record = json.loads(value)
-                volumes.append({
-                    "id": int.from_bytes(key, "big"), "kind": record["kind"], "name": record["name"],
-                    "capacity_bytes": record["capacity"], "used_bytes": record["used_blocks"] * BLOCK_SIZE,
-                    "used_inodes": record["used_inodes"],
-                })
-            applied = txn.get(b"applied", db=meta)
-            raft = _raft_status(env, txn, info)
-            return {
-                "raft": raft,
-                "path": str(path),
-                "applied_index": int.from_bytes(applied, "big") if applied else 0,
-                "inodes": int(txn.stat(db("inodes"))["entries"]),
-                "free_bytes": free_blocks * BLOCK_SIZE,
-                "orphans": int(txn.stat(db("orphans"))["entries"]),
-                "pending_free_records": int(txn.stat(db("dfree"))["entries"]),
-                "volumes": volumes,
-                "map_size_bytes": int(env.info()["map_size"]),
-            }
-    finally:
-        env.close()
+    summary = read_summary(path)
+    return {
+        "raft": _raft_status(summary.raft, info),
+        "path": str(path),
+        "applied_index": summary.applied_index,
+        "inodes": summary.inodes,
+        "free_bytes": summary.free_blocks * BLOCK_SIZE,
+        "orphans": summary.orphans,
+        "pending_free_records": summary.pending_free_records,
+        "volumes": [{
+            "id": vol.id, "kind": vol.kind, "name": vol.name, "capacity_bytes": vol.capacity_bytes,
+            "used_bytes": vol.used_bytes, "used_inodes": vol.used_inodes,
+        } for vol in summary.volumes],
+        "map_size_bytes": summary.map_size_bytes,
+    }
 
 
-def _raft_status(env: lmdb.Environment, txn: lmdb.Transaction, info: dict[str, Any]) -> dict[str, Any] | None:
+def _raft_status(raft: dict[str, Any] | None, info: dict[str, Any]) -> dict[str, Any] | None:
     """Term, leader, commit/applied index and match indexes when the metadata runs on Raft.
 
-    What is durable is read from LMDB. Leadership and match indexes live in the daemon's memory;
-    for a one-member group they follow from the durable state: the only voter leads while the
-    daemon runs, and its match index is its last log index.
+    What is durable is read from the store. Leadership and match indexes live in the daemon's
+    memory; for a one-member group they follow from the durable state: the only voter leads while
+    the daemon runs, and its match index is its last log index.
     """
-    from awsomefsd.meta.raft_storage import describe_log
-
-    raft = describe_log(env, txn)
     if raft is None:
         return None
     voters = raft["voters"]
     one_member = isinstance(voters, list) and len(voters) == 1
-    raft["leader"] = voters[0] if one_member and info["daemon_running"] else None  # type: ignore[index]
-    raft["match_index"] = {str(voters[0]): raft["last_index"]} if one_member else {}  # type: ignore[index]
+    raft["leader"] = voters[0] if one_member and info["daemon_running"] else None
+    raft["match_index"] = {str(voters[0]): raft["last_index"]} if one_member else {}
     info["role"] = "leader (raft, one member)" if raft["leader"] else info["role"]
     return raft
 

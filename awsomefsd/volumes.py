@@ -28,7 +28,7 @@ import os
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Literal
 
 import trio
 
@@ -45,8 +45,14 @@ from awsomefsd.csi.ids import ID_HEX_CHARS, SNAPSHOT_PREFIX, VOLUME_PREFIX, is_s
 from awsomefsd.io.layout import BLOCK_SIZE
 from awsomefsd.meta import commands as c
 from awsomefsd.meta.errors import FsError
-from awsomefsd.meta.records import ROOT_INO
-from awsomefsd.meta.volumes_sm import SNAPSHOTS_INO, VOLUMES_INO, snapshot_dir_name, volume_dir_name
+from awsomefsd.meta.records import (
+    ROOT_INO,
+    SNAPSHOTS_INO,
+    VOLUMES_INO,
+    Volume,
+    snapshot_dir_name,
+    volume_dir_name,
+)
 
 if TYPE_CHECKING:
     from awsomefsd.config import Settings
@@ -124,48 +130,40 @@ class CoreVolumes:
     def _number(self, kind: Kind, value: str) -> int | None:
         return parse_csi_id(self.cluster_id, kind, value)
 
-    def _record(self, kind: Kind, value: str) -> tuple[int, dict[str, Any]] | None:
-        """(number, record) of the volume or snapshot a CSI id names, or None."""
+    def _record(self, kind: Kind, value: str) -> Volume | None:
+        """The volume or snapshot a CSI id names, or None."""
         number = self._number(kind, value)
         if number is None:
             return None
-        record = self.core.sm.volumes.get(self.core.log.read_txn(), number)
-        if record is None or record["kind"] != kind:
+        record = self.core.meta.volume(number)
+        if record is None or record.kind != kind:
             return None
-        return number, record
+        return record
 
-    def _pending_bytes(self, number: int) -> int:
-        """Bytes written into the volume but still buffered on this node (not yet in used_blocks)."""
-        return sum(
-            st.dirty.dirty_bytes + sum(len(data) for _, data in st.inflight)
-            for st in self.core.data.files.values()
-            if st.volume == number
-        )
-
-    def _volume_info(self, number: int, record: dict[str, Any]) -> VolumeInfo:
-        source_kind: SourceKind = record["source_kind"] or ""
-        source_id = csi_id(self.cluster_id, source_kind, record["source_id"]) if source_kind else ""
+    def _volume_info(self, record: Volume) -> VolumeInfo:
+        source_kind: SourceKind = record.source_kind
+        source_id = csi_id(self.cluster_id, source_kind, record.source_id) if source_kind else ""
         return VolumeInfo(
-            volume_id=csi_id(self.cluster_id, "volume", number),
-            name=record["name"],
-            capacity_bytes=record["capacity"],
+            volume_id=csi_id(self.cluster_id, "volume", record.id),
+            name=record.name,
+            capacity_bytes=record.capacity_bytes,
             # what the quota check counts too, so `capacity - used` is what a writer can still add
-            used_bytes=record["used_blocks"] * BLOCK_SIZE + self._pending_bytes(number),
-            used_inodes=record["used_inodes"],
-            inode_limit=record["inode_limit"],
+            used_bytes=record.used_bytes + self.core.data.pending_bytes(record.id),
+            used_inodes=record.used_inodes,
+            inode_limit=record.inode_limit,
             source_kind=source_kind,
             source_id=source_id,
-            created_ns=record["created_ns"],
+            created_ns=record.created_ns,
         )
 
-    def _snapshot_info(self, number: int, record: dict[str, Any]) -> SnapshotInfo:
+    def _snapshot_info(self, record: Volume) -> SnapshotInfo:
         return SnapshotInfo(
-            snapshot_id=csi_id(self.cluster_id, "snapshot", number),
-            name=record["name"],
-            source_volume_id=csi_id(self.cluster_id, "volume", record["source_id"]),
+            snapshot_id=csi_id(self.cluster_id, "snapshot", record.id),
+            name=record.name,
+            source_volume_id=csi_id(self.cluster_id, "volume", record.source_id),
             # the data it holds: the least capacity a volume restored from it needs
-            size_bytes=record["used_blocks"] * BLOCK_SIZE,
-            created_ns=record["created_ns"],
+            size_bytes=record.used_bytes,
+            created_ns=record.created_ns,
             ready=True,  # a snapshot is complete when its command has applied
         )
 
@@ -185,28 +183,21 @@ class CoreVolumes:
         except Exception:  # a stale cache entry is cosmetic; the command has applied
             log.exception("invalidating the kernel entry %r failed", name)
 
-    async def _flush_volume(self, number: int) -> None:
-        """Push this node's buffered writes into volume `number` into the metadata, so a snapshot
-        or clone taken now contains every write that returned before it (as `sync` would).
-
-        A write error found on the way is handed back to the file (the application's next
-        close or fsync still reports it) and fails the snapshot: it would silently miss data.
-        """
-        for ino, st in list(self.core.data.files.items()):
-            if st.volume != number or not (st.dirty or st.inflight):
-                continue
-            try:
-                await self.core.data.flush(ino)
-            except FsError as exc:
-                again = self.core.data.files.get(ino)
-                if again is not None and not again.error:
-                    again.error = exc.errno
-                raise FsError(exc.errno, f"flushing inode {ino} of volume {number} failed") from exc
-
-    async def _propose(self, command: object) -> Any:
-        """Propose and translate the state machine's refusals into the CSI layer's errors."""
+    async def _propose(self, command: object) -> Volume:
+        """Propose a command that leaves a volume or snapshot record (create, resize, snapshot)
+        and translate the state machine's refusals into the CSI layer's errors."""
         try:
-            return await self.core.log.propose(command)
+            return await self.core.meta.propose_volume(command)
+        except FsError as exc:
+            mapped = _volume_error(exc)
+            if mapped is exc:
+                raise
+            raise mapped from exc
+
+    async def _propose_delete(self, command: object) -> None:
+        """`_propose` for a deletion (it leaves no record)."""
+        try:
+            await self.core.meta.propose(command)
         except FsError as exc:
             mapped = _volume_error(exc)
             if mapped is exc:
@@ -228,28 +219,24 @@ class CoreVolumes:
         if inode_limit < 0:
             raise CapacityOutOfRange(f"inode limit {inode_limit} must not be negative")
         wanted = (capacity_bytes, inode_limit, source_kind, source_id)
-        txn = self.core.log.read_txn()
-        existing = self.core.sm.volumes.by_name(txn, "v", name)
+        existing = self.core.meta.volume_by_name("volume", name)
         if existing is not None:
-            record = self.core.sm.volumes.get(txn, existing)
-            assert record is not None
             # checked before the source: a retry after the source snapshot was deleted still succeeds
-            return self._compatible(name, existing, record, wanted)
+            return self._compatible(name, existing, wanted)
         source_number = 0
         if source_kind == "snapshot" or source_kind == "volume":
-            found = self._record(source_kind, source_id)
-            if found is None:
+            source = self._record(source_kind, source_id)
+            if source is None:
                 raise VolumeNotFound(f"{source_kind} {source_id} does not exist")
-            source_number, source = found
+            source_number = source.id
             if source_kind == "volume":
-                await self._flush_volume(source_number)
-                source = self.core.sm.volumes.get(self.core.log.read_txn(), source_number) or source
-            if source["used_blocks"] * BLOCK_SIZE > capacity_bytes:
+                await self.core.data.flush_volume(source_number)
+                source = self.core.meta.volume(source_number) or source
+            if source.used_bytes > capacity_bytes:
                 raise CapacityOutOfRange(
-                    f"{source_kind} {source_id} holds {source['used_blocks'] * BLOCK_SIZE} bytes, "
-                    f"more than {capacity_bytes}"
+                    f"{source_kind} {source_id} holds {source.used_bytes} bytes, more than {capacity_bytes}"
                 )
-        number = await self.core.ops._new_ino()
+        number = await self.core.ops.new_ino()
         command = c.CreateVolume(
             number, name, number, capacity_bytes, inode_limit, time.time_ns(),
             source_kind=source_kind, source_id=source_number,
@@ -257,15 +244,13 @@ class CoreVolumes:
         # A racing proposal of the same name (another node) makes the state machine answer with
         # that volume's record, which is then checked for compatibility like any other.
         result = await self._propose(command)
-        if result["id"] == number:
+        if result.id == number:
             self._entry_changed(VOLUMES_INO, volume_dir_name(number))
-        return self._compatible(name, result["id"], _record_of(result), wanted)
+        return self._compatible(name, result, wanted)
 
-    def _compatible(
-        self, name: str, number: int, record: dict[str, Any], wanted: tuple[int, int, str, str]
-    ) -> VolumeInfo:
+    def _compatible(self, name: str, record: Volume, wanted: tuple[int, int, str, str]) -> VolumeInfo:
         """The existing volume `name` if it is what was asked for, else VolumeAlreadyExists."""
-        info = self._volume_info(number, record)
+        info = self._volume_info(record)
         have = (info.capacity_bytes, info.inode_limit, info.source_kind, info.source_id)
         if have != wanted:
             raise VolumeAlreadyExists(
@@ -279,73 +264,65 @@ class CoreVolumes:
         found = self._record("volume", volume_id)
         if found is None:
             return
-        number = found[0]
-        await self._propose(c.DeleteVolume(number, time.time_ns()))
+        number = found.id
+        await self._propose_delete(c.DeleteVolume(number, time.time_ns()))
         # buffered writes into the deleted files would only fail at their next flush: drop them
-        for ino in [ino for ino, st in self.core.data.files.items() if st.volume == number]:
-            self.core.data.forget(ino)
+        self.core.data.forget_volume(number)
         self._entry_changed(VOLUMES_INO, volume_dir_name(number))
 
     async def get_volume(self, volume_id: str) -> VolumeInfo | None:
         found = self._record("volume", volume_id)
-        return None if found is None else self._volume_info(*found)
+        return None if found is None else self._volume_info(found)
 
     async def list_volumes(self) -> list[VolumeInfo]:
         """All volumes by id (the number leads the id, so this is creation order too)."""
-        records = self.core.sm.volumes.all(self.core.log.read_txn())
-        infos = [self._volume_info(n, r) for n, r in records if r["kind"] == "volume"]
+        infos = [self._volume_info(r) for r in self.core.meta.volumes() if r.kind == "volume"]
         return sorted(infos, key=lambda info: info.volume_id)
 
     async def expand_volume(self, volume_id: str, capacity_bytes: int) -> VolumeInfo:
         """Raise the quota; the same size again is a no-op, a smaller one CapacityOutOfRange."""
-        found = self._record("volume", volume_id)
-        if found is None:
+        record = self._record("volume", volume_id)
+        if record is None:
             raise VolumeNotFound(f"volume {volume_id} does not exist")
-        number, record = found
-        if capacity_bytes < record["capacity"]:
-            raise CapacityOutOfRange(f"volume {volume_id} has {record['capacity']} bytes; volumes do not shrink")
+        if capacity_bytes < record.capacity_bytes:
+            raise CapacityOutOfRange(f"volume {volume_id} has {record.capacity_bytes} bytes; volumes do not shrink")
         self._check_fits(capacity_bytes)
-        if capacity_bytes != record["capacity"]:
-            result = await self._propose(c.ResizeVolume(number, capacity_bytes, time.time_ns()))
-            record = _record_of(result)
-        return self._volume_info(number, record)
+        if capacity_bytes != record.capacity_bytes:
+            record = await self._propose(c.ResizeVolume(record.id, capacity_bytes, time.time_ns()))
+        return self._volume_info(record)
 
     async def create_snapshot(self, name: str, source_volume_id: str) -> SnapshotInfo:
         """Snapshot `source_volume_id` as `name`; the name taken for another volume is ALREADY_EXISTS."""
-        txn = self.core.log.read_txn()
-        existing = self.core.sm.volumes.by_name(txn, "s", name)
+        existing = self.core.meta.volume_by_name("snapshot", name)
         if existing is not None:
-            record = self.core.sm.volumes.get(txn, existing)
-            assert record is not None
-            if csi_id(self.cluster_id, "volume", record["source_id"]) != source_volume_id:
+            if csi_id(self.cluster_id, "volume", existing.source_id) != source_volume_id:
                 raise VolumeAlreadyExists(f"snapshot {name!r} exists for another volume")
-            return self._snapshot_info(existing, record)
+            return self._snapshot_info(existing)
         found = self._record("volume", source_volume_id)
         if found is None:
             raise VolumeNotFound(f"volume {source_volume_id} does not exist")
-        await self._flush_volume(found[0])
-        number = await self.core.ops._new_ino()
-        result = await self._propose(c.CreateSnapshot(number, name, found[0], time.time_ns()))
-        if result["id"] == number:
+        await self.core.data.flush_volume(found.id)
+        number = await self.core.ops.new_ino()
+        result = await self._propose(c.CreateSnapshot(number, name, found.id, time.time_ns()))
+        if result.id == number:
             self._entry_changed(SNAPSHOTS_INO, snapshot_dir_name(number))
-        if result["source_id"] != found[0]:  # a racing proposal of the name for another volume
+        if result.source_id != found.id:  # a racing proposal of the name for another volume
             raise VolumeAlreadyExists(f"snapshot {name!r} exists for another volume")
-        return self._snapshot_info(result["id"], _record_of(result))
+        return self._snapshot_info(result)
 
     async def delete_snapshot(self, snapshot_id: str) -> None:
         found = self._record("snapshot", snapshot_id)
         if found is None:
             return
-        await self._propose(c.DeleteSnapshot(found[0], time.time_ns()))
-        self._entry_changed(SNAPSHOTS_INO, snapshot_dir_name(found[0]))
+        await self._propose_delete(c.DeleteSnapshot(found.id, time.time_ns()))
+        self._entry_changed(SNAPSHOTS_INO, snapshot_dir_name(found.id))
 
     async def get_snapshot(self, snapshot_id: str) -> SnapshotInfo | None:
         found = self._record("snapshot", snapshot_id)
-        return None if found is None else self._snapshot_info(*found)
+        return None if found is None else self._snapshot_info(found)
 
     async def list_snapshots(self) -> list[SnapshotInfo]:
-        records = self.core.sm.volumes.all(self.core.log.read_txn())
-        infos = [self._snapshot_info(n, r) for n, r in records if r["kind"] == "snapshot"]
+        infos = [self._snapshot_info(r) for r in self.core.meta.volumes() if r.kind == "snapshot"]
         return sorted(infos, key=lambda info: info.snapshot_id)
 
     async def capacity(self) -> tuple[int, int]:
@@ -389,11 +366,6 @@ class CoreVolumes:
 def _stat_root(mount: Path) -> os.stat_result:
     """The blocking half of the health check (a module function so tests can hang it)."""
     return os.stat(mount)
-
-
-def _record_of(result: dict[str, Any]) -> dict[str, Any]:
-    """A command's result is the record plus its "id"; the record alone."""
-    return {k: v for k, v in result.items() if k != "id"}
 
 
 def _volume_error(exc: FsError) -> VolumeError | FsError:

@@ -29,7 +29,6 @@ The contract is in docs/coherence.md; this module implements its three mechanism
 from __future__ import annotations
 
 import errno
-import json
 import logging
 import math
 import time
@@ -40,11 +39,11 @@ from typing import Any
 import trio
 
 from awsomefsd.duty import is_fatal, one_line
+from awsomefsd.fs.coherence import FlushFile, HoldsInode
 from awsomefsd.fuse.invalidate import Invalidator, Kind, Target, targets
 from awsomefsd.meta import commands as c
+from awsomefsd.meta.client import MetaClient
 from awsomefsd.meta.errors import FsError
-from awsomefsd.meta.raft_log import RaftLog
-from awsomefsd.meta.state_machine import StateMachine
 
 log = logging.getLogger(__name__)
 
@@ -69,27 +68,33 @@ HANDOVER_RETRY_S = 0.5
 
 
 class ClusterCoherence:
-    """The `Coherence` hooks of awsomefsd.fuse.operations for one member."""
+    """The `Coherence` hooks (awsomefsd/fs/coherence.py) of one member."""
 
-    def __init__(self, node_id: int, log_: RaftLog, sm: StateMachine, invalidator: Invalidator,
-                 epoch: Any, *, strict: bool = False) -> None:
+    def __init__(self, node_id: int, meta: MetaClient, invalidator: Invalidator, epoch: Callable[[], int], *,
+                 flush: FlushFile | None = None,
+                 holds: HoldsInode = lambda _ino: False,
+                 wait_lease: Callable[[], Awaitable[None]] | None = None,
+                 read_barrier: Callable[..., Awaitable[object]] | None = None,
+                 strict: bool = False) -> None:
         self.node_id = node_id
         self.strict = strict
-        self.log = log_
-        self.sm = sm
+        self.meta = meta
         self.invalidator = invalidator
         self.epoch = epoch
-        """Callable returning this node's liveness-lease epoch."""
-        self.flush: Any = None
-        """Set once the file system exists: `async flush(ino)` of this node's buffered data."""
-        self.holds: Any = lambda _ino: False
-        """Set once the file system exists: does anything here still reach this inode?"""
+        """This node's liveness-lease epoch, now."""
+        self.flush = flush
+        """`async flush(ino)`: this node's buffered data of the file to the device and the log."""
+        self.holds = holds
+        """Does anything on this node still reach this inode (a handle, a recent lookup)?"""
+        self.wait_lease = wait_lease
+        """Until this node's liveness lease is renewed (a writer that finds its epoch expired,
+        after a pause, waits for the new one instead of failing at once)."""
+        self.read_barrier = read_barrier
+        """`async read_barrier(timeout_s=...)`: apply everything committed before the call
+        (ReadIndex); without it `catch_up` only drains the invalidations."""
         self._orphans: set[int] = set()  # unlinked inodes to look at: release those we do not hold
         self._orphans_wake = trio.Event()
         self.orphans_released = 0
-        self.wait_lease: Callable[[], Awaitable[None]] | None = None
-        """Set by the member: until this node's liveness lease is renewed (a writer that finds its
-        epoch expired, after a pause, waits for the new one instead of failing at once)."""
         self.held: set[int] = set()
         self._acquired_at: dict[int, float] = {}  # inode -> when we got its lease (trio clock)
         self._waiting: dict[int, dict[int, int]] = {}  # inode -> {waiting node: its epoch}, first come first
@@ -118,7 +123,7 @@ class ClusterCoherence:
     def reload(self) -> None:
         """Rebuild what this node holds from the state (start, snapshot install, expiry). The
         queues are forgotten (commands were skipped): waiters repeat their requests."""
-        self.held = set(self.sm.cluster.leases_of(self.log.read_txn(), self.node_id))
+        self.held = set(self.meta.leases_of(self.node_id))
         self._acquired_at = {ino: -math.inf for ino in self.held}
         self._waiting.clear()
         for ino in list(self._changed):
@@ -135,9 +140,9 @@ class ClusterCoherence:
         deadlock. The lookup's own answer comes from the caught-up state anyway."""
         self.catch_ups += 1
         deadline = trio.current_time() + CATCH_UP_BUDGET_S
-        while True:
+        while self.read_barrier is not None:
             try:
-                await self.log.node.read_barrier(timeout_s=CATCH_UP_TRY_S)
+                await self.read_barrier(timeout_s=CATCH_UP_TRY_S)
                 break
             except Exception as exc:
                 if trio.current_time() >= deadline:
@@ -211,13 +216,13 @@ class ClusterCoherence:
                     self.lease_wait_s += spent
                     self.lease_wait_max_s = max(self.lease_wait_max_s, spent)
                 return
-            holder = self.sm.cluster.lease_holder(self.log.read_txn(), ino)
+            holder = self.meta.lease_holder(ino)
             asked = self._requested_at.get(ino, -math.inf)
             queued = self.node_id in self._waiting.get(ino, ())
             if holder in (0, self.node_id) or not queued or now - asked >= REREQUEST_S:
                 self._requested_at[ino] = now
                 try:
-                    holder = await self.log.propose(c.AcquireWriteLease(ino, self.node_id, self.epoch()))
+                    holder = await self.meta.propose(c.AcquireWriteLease(ino, self.node_id, self.epoch()))
                 except FsError as exc:
                     last_error = exc
                     if not await self._renewed_in_time(deadline):
@@ -235,8 +240,8 @@ class ClusterCoherence:
     async def _renewed_in_time(self, deadline: float) -> bool:
         """After a refused request: if this node's lease epoch is what the cluster expired (it was
         paused or cut off), wait for the renewal under the new epoch and say so; else False."""
-        record = self.sm.cluster.member(self.log.read_txn(), self.node_id)
-        stale = record is not None and (int(record["epoch"]) != self.epoch() or bool(record["expired"]))
+        record = self.meta.member(self.node_id)
+        stale = record is not None and (record.epoch != self.epoch() or record.expired)
         if not stale or self.wait_lease is None:
             return False
         with trio.move_on_at(deadline):
@@ -247,16 +252,15 @@ class ClusterCoherence:
     def _give_up(self, ino: int, waited_s: float, last_error: BaseException | None) -> None:
         """A write waited LEASE_WAIT_S: say why in the log (an EIO alone explains nothing)."""
         self.lease_timeouts += 1
-        txn = self.log.read_txn()
-        holder = self.sm.cluster.lease_holder(txn, ino)
+        holder = self.meta.lease_holder(ino)
         queue = list(self._waiting.get(ino, {}))
         ahead = queue.index(self.node_id) if self.node_id in queue else len(queue)
         if holder == 0:
             why = "the lease was free each time it was asked for, and others got it first"
         else:
-            record = self.sm.cluster.member(txn, holder)
-            state = ("gone" if record is None else "expired" if record["expired"] else
-                     f"{record['state']}, epoch {record['epoch']}")
+            record = self.meta.member(holder)
+            state = ("gone" if record is None else "expired" if record.expired else
+                     f"{record.state}, epoch {record.epoch}")
             why = f"node {holder} ({state}) held it and did not hand it over"
         if last_error is not None:
             why += f"; the last request failed: {one_line(last_error)}"
@@ -353,10 +357,9 @@ class ClusterCoherence:
 
     def pending_orphans(self) -> None:
         """At start nothing here holds anything: every orphan waiting for us can be released."""
-        txn = self.log.read_txn()
-        for key, value in txn.cursor(self.sm.db["orphans"]):
-            if value and self.node_id in json.loads(bytes(value)):
-                self._orphans.add(int.from_bytes(key, "big"))
+        for orphan in self.meta.orphans():
+            if self.node_id in orphan.holders:
+                self._orphans.add(orphan.ino)
         self._orphans_wake.set()
 
     async def run_orphans(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -373,11 +376,10 @@ class ClusterCoherence:
             self._orphans_wake = trio.Event()
             await trio.sleep(ORPHAN_BATCH_S)
             batch, self._orphans = self._orphans, set()
-            txn = self.log.read_txn()
             mine, later = [], []
             for ino in sorted(batch):
-                raw = txn.get(ino.to_bytes(8, "big"), db=self.sm.db["orphans"])
-                if raw is None or (raw and self.node_id not in json.loads(bytes(raw))):
+                orphan = self.meta.orphan(ino)
+                if orphan is None or (orphan.holders and self.node_id not in orphan.holders):
                     continue
                 if self.holds(ino):
                     later.append(ino)  # an open handle releases it at close; a recent lookup expires
@@ -388,7 +390,7 @@ class ClusterCoherence:
             for start in range(0, len(mine), MAX_ORPHANS_PER_COMMAND):
                 chunk = tuple(mine[start : start + MAX_ORPHANS_PER_COMMAND])
                 try:
-                    await self.log.propose(c.ReleaseOrphans(self.node_id, chunk, time.time_ns()))
+                    await self.meta.propose(c.ReleaseOrphans(self.node_id, chunk, time.time_ns()))
                     self.orphans_released += len(chunk)
                 except FsError as exc:
                     log.warning("releasing %d unlinked inodes failed (%s); retrying later", len(chunk), exc)
@@ -430,11 +432,10 @@ class ClusterCoherence:
         waiting = self._waiting.get(ino)
         if not waiting:
             return None
-        txn = self.log.read_txn()
         for node in list(waiting):
-            record = self.sm.cluster.member(txn, node)
-            if node != self.node_id and record is not None and record["state"] == "active" and not record["expired"]:
-                return node, int(record["epoch"])
+            record = self.meta.member(node)
+            if node != self.node_id and record is not None and record.active and not record.expired:
+                return node, record.epoch
             del waiting[node]  # gone or expired: its next request puts it back, at the end
         return None
 
@@ -457,9 +458,9 @@ class ClusterCoherence:
                 release = c.ReleaseWriteLease(ino, self.node_id)
                 nxt = self._next_waiter(ino)
                 if nxt is None:
-                    await self.log.propose(release)
+                    await self.meta.propose(release)
                 else:
-                    await self.log.propose(c.Batch((release, c.AcquireWriteLease(ino, *nxt))))
+                    await self.meta.propose(c.Batch((release, c.AcquireWriteLease(ino, *nxt))))
                 self.leases_released += 1
             except Exception as exc:
                 if is_fatal(exc):
@@ -467,7 +468,7 @@ class ClusterCoherence:
                 # The flush failed (fenced, device error) or the metadata group is unreachable: the
                 # lease stays ours if the state says so (its data is still here); tried again later.
                 self.handover_failures += 1
-                still_ours = self.sm.cluster.lease_holder(self.log.read_txn(), ino) == self.node_id
+                still_ours = self.meta.lease_holder(ino) == self.node_id
                 log.warning("node %d could not hand over the write lease of inode %d: %s%s", self.node_id, ino,
                             one_line(exc), "; trying again" if still_ours else "")
                 if still_ours:
@@ -493,7 +494,7 @@ class ClusterCoherence:
         for ino in sorted(self.held):
             self.held.discard(ino)
             try:
-                await self.log.propose(c.ReleaseWriteLease(ino, self.node_id))
+                await self.meta.propose(c.ReleaseWriteLease(ino, self.node_id))
                 released += 1
             except FsError as exc:
                 log.info("node %d: the write lease of inode %d goes back when its lease expires (%s)",

@@ -27,13 +27,13 @@ from typing import Any
 import trio
 
 from awsomefsd.duty import DutyBook, run_duty
-from awsomefsd.io.allocator import FreeSpaceMap, NodeAllocator
+from awsomefsd.io.allocator import NodeAllocator
 from awsomefsd.io.fence import WriteFence
 from awsomefsd.meta import commands as c
+from awsomefsd.meta.client import MetaClient
 from awsomefsd.meta.errors import FsError
 from awsomefsd.meta.raft import ConfChange, ConfChangeType
 from awsomefsd.meta.raft_log import RaftLog
-from awsomefsd.meta.state_machine import StateMachine
 
 log = logging.getLogger(__name__)
 MAX_CLAIM_AT_ONCE = 16
@@ -52,31 +52,56 @@ class LeaseSettings:
         assert self.margin_s > 0
 
 
-class LivenessLease:
-    """Renews this node's lease and keeps the device's write fence in step with it."""
+class LeaseEpoch:
+    """This node's liveness-lease epoch: every proposal is fenced with it, and write-lease and
+    group requests carry it. Made before everything that reads it (the lease renews it, and
+    learns a new one when the cluster expired the old)."""
 
-    def __init__(self, node_id: int, log_: RaftLog, sm: StateMachine, fence: WriteFence,
-                 settings: LeaseSettings, on_expired: Callable[[], None], book: DutyBook | None = None) -> None:
+    def __init__(self, node_id: int, meta: MetaClient) -> None:
         self.node_id = node_id
-        self.log = log_
-        self.sm = sm
-        self.fence = fence
-        self.settings = settings
-        self.on_expired = on_expired
-        self.book = book or DutyBook(f"node {node_id}")
-        self.epoch = 0
-        self.renewals = 0
-        self.refusals = 0
-        self.first_renewal = trio.Event()
+        self.meta = meta
+        self.value = 0
         self._renewed = trio.Event()
+        self.load()
 
-    def load_epoch(self) -> None:
-        record = self.sm.cluster.member(self.log.read_txn(), self.node_id)
-        self.epoch = 0 if record is None else int(record["epoch"])
+    def load(self) -> None:
+        """The epoch the member table holds for this node (0 before it is a member)."""
+        record = self.meta.member(self.node_id)
+        self.value = 0 if record is None else record.epoch
+
+    def current(self) -> int:
+        return self.value
+
+    def renewed(self) -> None:
+        """A renewal was applied: wake the writers waiting for one."""
+        self._renewed.set()
+        self._renewed = trio.Event()
 
     async def wait_renewed(self) -> None:
         """Until the next renewal is applied (the write fence is open again after it)."""
         await self._renewed.wait()
+
+
+class LivenessLease:
+    """Renews this node's lease and keeps the device's write fence in step with it."""
+
+    def __init__(self, node_id: int, log_: RaftLog, meta: MetaClient, fence: WriteFence, epoch: LeaseEpoch,
+                 settings: LeaseSettings, on_expired: Callable[[], None], book: DutyBook | None = None) -> None:
+        self.node_id = node_id
+        self.log = log_
+        self.meta = meta
+        self.fence = fence
+        self.lease_epoch = epoch
+        self.settings = settings
+        self.on_expired = on_expired
+        self.book = book or DutyBook(f"node {node_id}")
+        self.renewals = 0
+        self.refusals = 0
+        self.first_renewal = trio.Event()
+
+    @property
+    def epoch(self) -> int:
+        return self.lease_epoch.value
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Renew every `renew_s` whatever happens: a failed renewal is retried at the same cadence
@@ -88,7 +113,7 @@ class LivenessLease:
         """One renewal; returns how long to wait before the next one."""
         sent = time.monotonic()
         if not self.epoch:
-            self.load_epoch()
+            self.lease_epoch.load()
         ok: Any = False
         with trio.move_on_after(self.settings.renew_s):
             ok, result = await self.log.propose_outcome(c.RenewLease(self.node_id, self.epoch), fenced=False)
@@ -97,8 +122,7 @@ class LivenessLease:
             self.fence.renewed(sent + self.settings.lease_s)
             self.renewals += 1
             self.first_renewal.set()
-            self._renewed.set()
-            self._renewed = trio.Event()
+            self.lease_epoch.renewed()
         elif self.epoch and self._maybe_expired():
             return 0.0  # renew at once under the new epoch: until then every write of ours fails
         return sent + self.settings.renew_s - time.monotonic()
@@ -106,13 +130,13 @@ class LivenessLease:
     def _maybe_expired(self) -> bool:
         """A refused renewal: the leader expired us (or we were removed). Our groups and write
         leases are gone; start again with the current epoch. True when a new epoch was learned."""
-        record = self.sm.cluster.member(self.log.read_txn(), self.node_id)
-        if record is None or record["epoch"] == self.epoch:
+        record = self.meta.member(self.node_id)
+        if record is None or record.epoch == self.epoch:
             return False
         self.refusals += 1
         log.warning("node %d's lease epoch %d expired (now %d): groups and write leases were taken back; "
-                    "rejoining under the new epoch", self.node_id, self.epoch, record["epoch"])
-        self.epoch = int(record["epoch"])
+                    "rejoining under the new epoch", self.node_id, self.epoch, record.epoch)
+        self.lease_epoch.value = record.epoch
         self.on_expired()
         return True
 
@@ -121,11 +145,10 @@ class GroupKeeper:
     """Claims allocation groups for this node when its free space runs low (ClaimGroups through the
     log); applies grants and expiries to the node's allocator as they are applied."""
 
-    def __init__(self, node_id: int, log_: RaftLog, sm: StateMachine, allocator: NodeAllocator,
+    def __init__(self, node_id: int, meta: MetaClient, allocator: NodeAllocator,
                  epoch: Callable[[], int], low_blocks: int, book: DutyBook | None = None) -> None:
         self.node_id = node_id
-        self.log = log_
-        self.sm = sm
+        self.meta = meta
         self.allocator = allocator
         self.epoch = epoch
         self.low_blocks = low_blocks
@@ -142,13 +165,13 @@ class GroupKeeper:
             self._wake.set()
 
     def _grant(self, groups: tuple[int, ...]) -> None:
-        free = FreeSpaceMap(list(self.sm.space.mirror))
+        free = self.meta.free_space()
         for group in groups:
             if group not in self.allocator.owned_ags:
                 self.allocator.grant(group, free.extents_within(*self.allocator.layout.ag_range(group)))
 
     def reload(self) -> None:
-        owned = set(self.sm.cluster.groups_of(self.log.read_txn(), self.node_id))
+        owned = set(self.meta.groups_of(self.node_id))
         for group in self.allocator.owned_ags - owned:
             self.allocator.revoke(group)
         self._grant(tuple(sorted(owned - self.allocator.owned_ags)))
@@ -161,7 +184,7 @@ class GroupKeeper:
         size = self.allocator.layout.ag_blocks
         count = min(max(-(-(need_blocks - self.allocator.free_blocks) // size), 1) + 1, MAX_CLAIM_AT_ONCE)
         try:
-            granted = await self.log.propose(c.ClaimGroups(self.node_id, self.epoch(), count))
+            granted = await self.meta.propose(c.ClaimGroups(self.node_id, self.epoch(), count))
         except FsError as exc:
             log.warning("claiming %d allocation groups failed: %s", count, exc)
             return False
@@ -174,7 +197,7 @@ class GroupKeeper:
 
     async def _claim_step(self) -> float:
         if self.allocator.free_blocks < self.low_blocks:
-            granted = await self.log.propose(c.ClaimGroups(self.node_id, self.epoch(), 2))
+            granted = await self.meta.propose(c.ClaimGroups(self.node_id, self.epoch(), 2))
             self.claims += 1
             if not granted:
                 log.info("no unowned allocation group left to claim")
@@ -191,11 +214,11 @@ class LeaderDuties:
     members as learners, promote caught-up learners while voters are below target, remove removed
     members) and expire members whose liveness lease ran out."""
 
-    def __init__(self, node_id: int, log_: RaftLog, sm: StateMachine, settings: LeaseSettings,
+    def __init__(self, node_id: int, log_: RaftLog, meta: MetaClient, settings: LeaseSettings,
                  tick_s: float = 0.25, book: DutyBook | None = None) -> None:
         self.node_id = node_id
         self.log = log_
-        self.sm = sm
+        self.meta = meta
         self.settings = settings
         self.tick_s = tick_s
         self.book = book or DutyBook(f"node {node_id}")
@@ -247,25 +270,24 @@ class LeaderDuties:
         status = node.raw.status()
         conf = status.conf_state
         voters, learners = set(conf.voters), set(conf.learners)
-        txn = self.log.read_txn()
-        members = self.sm.cluster.members(txn)
-        target_raw = self.sm.cluster.value(txn, b"voters_target")
-        target = 3 if target_raw is None else int.from_bytes(target_raw, "big")
-        active = {n for n, m in members.items() if m["state"] == "active"}
+        members = self.meta.members()
+        info = self.meta.cluster_info()
+        target = 3 if info is None else info.voters_target
+        active = {n for n, m in members.items() if m.active}
         for n in sorted((voters | learners) - active):
             if n in members:  # removed: take it out (one change at a time; the core refuses more)
                 node.change_membership(ConfChange(ConfChangeType.REMOVE_NODE, n))
                 self.conf_changes += 1
                 return
         for n in sorted(active - voters - learners):
-            node.change_membership(ConfChange(ConfChangeType.ADD_LEARNER, n, members[n]["address"].encode()))
+            node.change_membership(ConfChange(ConfChangeType.ADD_LEARNER, n, members[n].address.encode()))
             self.conf_changes += 1
             return
         if len(voters) < target:
             last = status.last_index
             for n in sorted(learners & active):
                 progress = status.progress.get(n)
-                if progress is not None and progress.match + 64 >= last and not members[n]["expired"]:
+                if progress is not None and progress.match + 64 >= last and not members[n].expired:
                     node.change_membership(ConfChange(ConfChangeType.ADD_NODE, n))
                     self.conf_changes += 1
                     return
@@ -273,13 +295,12 @@ class LeaderDuties:
     async def _expire_silent(self, now: float) -> None:
         assert self.leading_since is not None
         deadline = self.settings.lease_s + self.settings.margin_s
-        members = self.sm.cluster.members(self.log.read_txn())
+        members = self.meta.members()
         for n, record in members.items():
-            if n == self.node_id or record["expired"]:
+            if n == self.node_id or record.expired:
                 continue
             seen = max(self.last_renewal.get(n, self.leading_since), self.leading_since)
-            if record["state"] == "removed" and not self.sm.cluster.groups_of(self.log.read_txn(), n) \
-                    and not self.sm.cluster.leases_of(self.log.read_txn(), n):
+            if not record.active and not self.meta.groups_of(n) and not self.meta.leases_of(n):
                 continue
             if now - seen > deadline:
                 log.warning("node %d has not renewed its lease for %.1fs: expiring it (its groups and "

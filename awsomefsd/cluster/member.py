@@ -35,7 +35,7 @@ from prometheus_client.metrics_core import Metric
 from awsomefsd.cluster.ca import ClusterCA, Revocations, fingerprint
 from awsomefsd.cluster.coherence import ClusterCoherence
 from awsomefsd.cluster.discovery import Advertisement, Peer
-from awsomefsd.cluster.duties import GroupKeeper, LeaderDuties, LeaseSettings, LivenessLease
+from awsomefsd.cluster.duties import GroupKeeper, LeaderDuties, LeaseEpoch, LeaseSettings, LivenessLease
 from awsomefsd.cluster.join_service import JoinService, split_host_port
 from awsomefsd.cluster.rpc import ControlError, ControlService, Forwarder, MemberService, ask_progress
 from awsomefsd.cluster.state import (
@@ -57,14 +57,27 @@ from awsomefsd.cluster.tls import (
 )
 from awsomefsd.cluster.token import JoinToken, TokenVerifier
 from awsomefsd.config import Settings
-from awsomefsd.duty import is_fatal, one_line, retry_until_done, supervise
+from awsomefsd.duty import DutyBook, is_fatal, one_line, retry_until_done, supervise
+from awsomefsd.fs.data import FileData
+from awsomefsd.fs.handles import Handles
+from awsomefsd.fs.operations import Operations
 from awsomefsd.fuse.invalidate import Invalidator
 from awsomefsd.io.fence import WriteFence
 from awsomefsd.meta import commands as c
+from awsomefsd.meta.client import MetaClient
 from awsomefsd.meta.raft_log import RaftLog
 from awsomefsd.meta.raft_node import NodeSettings
-from awsomefsd.metrics import counter, gauge
-from awsomefsd.node import Core, NodeError, Storage, build_core, open_storage, serve
+from awsomefsd.metrics import Metrics, counter, gauge
+from awsomefsd.node import (
+    Core,
+    NodeError,
+    Storage,
+    assemble_core,
+    file_data,
+    node_allocator,
+    open_storage,
+    serve,
+)
 from awsomefsd.rpc.bridge import serve_grpc
 from awsomefsd.rpc.raft_transport import RaftTransport
 
@@ -95,6 +108,7 @@ class Member:
     creds: NodeCredentials
     storage: Storage
     raft: RaftLog
+    meta: MetaClient
     transport: RaftTransport
     revocations: Revocations
     invalidator: Invalidator = field(default_factory=Invalidator)
@@ -118,17 +132,15 @@ class Member:
 
     # --- peers and revocations follow the member table ------------------------------------------
     def sync_peers(self) -> None:
-        txn = self.raft.read_txn()
-        members = self.storage.sm.cluster.members(txn)
-        for n, record in members.items():
+        for n, record in self.meta.members().items():
             if n == self.node_id:
                 continue
-            if record["state"] == "active":
-                self.transport.add_peer(n, record["address"])
+            if record.active:
+                self.transport.add_peer(n, record.address)
             else:
                 self.transport.remove_peer(n)
-        self.revocations.replace(self.storage.sm.cluster.revoked_serials(txn))
-        verifier = self.storage.sm.cluster.value(txn, b"join_verifier")
+        self.revocations.replace(self.meta.revoked_serials())
+        verifier = self.meta.join_verifier()
         if self.join_service is not None and verifier is not None and verifier != self._verifier:
             self.join_service.rotate(TokenVerifier.from_bytes(verifier))
         self._verifier = verifier
@@ -159,8 +171,7 @@ class Member:
         await self.raft.propose(c.SetMemberCert(identity.node_id, format(identity.serial, "x")))
 
     def member_addresses(self) -> dict[int, str]:
-        members = self.storage.sm.cluster.members(self.raft.read_txn())
-        return {n: m["address"] for n, m in members.items() if m["state"] == "active"}
+        return {n: m.address for n, m in self.meta.members().items() if m.active}
 
     # --- the control socket ----------------------------------------------------------------------
     def control_handlers(self) -> dict[str, Any]:
@@ -171,12 +182,12 @@ class Member:
             return {"token": text}
 
         async def rotate(_body: dict[str, Any]) -> dict[str, Any]:
-            ca_pem = self.storage.sm.cluster.value(self.raft.read_txn(), b"ca_cert")
-            if ca_pem is None:
+            info = self.meta.cluster_info()
+            if info is None:
                 raise ControlError("this node has not received the cluster's state yet")
             from cryptography import x509
 
-            ca_cert = x509.load_pem_x509_certificate(ca_pem)
+            ca_cert = x509.load_pem_x509_certificate(info.ca_cert_pem)
             new = JoinToken.generate(self.state.cluster_uuid, fingerprint(ca_cert), seeds=token_seeds(self.state.listen))
             await self.raft.propose(c.SetJoinVerifier(new.verifier().to_bytes()))
             save_token(self.state_dir, new.encode())
@@ -185,7 +196,7 @@ class Member:
 
         async def remove(body: dict[str, Any]) -> dict[str, Any]:
             node = int(body["node"])
-            if self.storage.sm.cluster.member(self.raft.read_txn(), node) is None:
+            if self.meta.member(node) is None:
                 raise ControlError(f"no node {node} in this cluster")
             try:
                 await self.raft.propose(c.RemoveMember(node, time.time_ns()))
@@ -222,9 +233,8 @@ class Member:
 
     def status(self, *, progress: dict[str, Any] | None = None, lag_error: str | None = None) -> dict[str, Any]:
         raft = self.raft.node.status()
-        txn = self.raft.read_txn()
-        members = self.storage.sm.cluster.members(txn)
-        groups = self.storage.sm.group_owners(txn)
+        members = self.meta.members()
+        groups = self.meta.group_owners()
         nodes = []
         last, matches = raft["last_index"], raft["match_index"]
         if progress is not None and progress.get("match_index"):
@@ -234,8 +244,8 @@ class Member:
                     else "learner" if n in raft["learners"] else "none")
             match = matches.get(str(n)) if raft["leader"] == self.node_id or progress is not None else None
             nodes.append({
-                "id": n, "name": record["name"], "address": record["address"], "state": record["state"],
-                "role": role, "lease_epoch": record["epoch"], "expired": record["expired"],
+                "id": n, "name": record.name, "address": record.address, "state": record.state,
+                "role": role, "lease_epoch": record.epoch, "expired": record.expired,
                 "groups": sum(1 for owner in groups.values() if owner == n),
                 "lag": None if match is None else max(0, last - match),
             })
@@ -264,13 +274,16 @@ class Member:
 
 def open_member(settings: Settings, state: MemberState, creds: NodeCredentials, *, founding: bool,
                 peers: dict[int, str] | None = None) -> Member:
-    storage = open_storage(settings, bootstrap=founding, grant_all_to=None)
+    # Closed until the liveness lease is first renewed (LivenessLease keeps it in step).
+    fence = WriteFence(margin_s=min(0.5, settings.cluster.lease_margin_s))
+    storage = open_storage(settings, bootstrap=founding, grant_all_to=None, fence=fence)
     if str(storage.superblock.cluster_id) != state.cluster_id:
         storage.close()
         raise NodeError(f"the device {settings.device.path} belongs to cluster {storage.superblock.cluster_id}, "
                         f"not to this node's cluster {state.cluster_id}")
     raft = RaftLog(storage.store, storage.sm, node_id=state.node_id, settings=RAFT_SETTINGS,
                    bootstrap_voters=(state.node_id,) if founding else (), stall_s=settings.cluster.stall_s)
+    raft.before_commit = storage.device.sync_written  # RaftLog takes no such argument (yet)
     revocations = Revocations()
     cluster_id = state.cluster_uuid
     transport = RaftTransport(
@@ -284,7 +297,7 @@ def open_member(settings: Settings, state: MemberState, creds: NodeCredentials, 
     )
     raft.node.send = transport.send
     raft.node.forward = Forwarder(transport.channel_to)
-    member = Member(settings, state, creds, storage, raft, transport, revocations)
+    member = Member(settings, state, creds, storage, raft, MetaClient(raft, storage.sm), transport, revocations)
     raft.commands.observers.append(member.observe)
     previous = raft.node.on_applied
 
@@ -294,7 +307,7 @@ def open_member(settings: Settings, state: MemberState, creds: NodeCredentials, 
 
     raft.node.on_applied = on_applied
     raft.commands.on_snapshot.append(member.mark_membership_changed)
-    if storage.sm.cluster.initialised(raft.read_txn()):
+    if member.meta.cluster_info() is not None:
         member.sync_peers()
     return member
 
@@ -348,7 +361,7 @@ async def run_member(member: Member, *, founding: Founding | None = None,
 
 async def _found(member: Member, founding: Founding) -> None:
     """The founder's first start: it leads its one-member group; record the cluster in it."""
-    if member.storage.sm.cluster.initialised(member.raft.read_txn()):
+    if member.meta.cluster_info() is not None:
         return
     await member.raft.wait_for_leader(30)
     layout = member.storage.superblock.layout
@@ -363,9 +376,8 @@ async def _found(member: Member, founding: Founding) -> None:
 
 async def _wait_for_state(member: Member) -> None:
     """Until this node holds the cluster's state and has applied everything committed so far."""
-    sm = member.storage.sm
     with trio.fail_after(CATCH_UP_TIMEOUT_S):
-        while sm.cluster.member(member.raft.read_txn(), member.node_id) is None:
+        while member.meta.member(member.node_id) is None:
             await trio.sleep(0.05)
         while True:
             try:
@@ -377,46 +389,50 @@ async def _wait_for_state(member: Member) -> None:
 
 
 def _assemble(member: Member) -> Core:
-    settings, sm = member.settings, member.storage.sm
-    core = build_core(settings, member.storage, member.raft, node_id=member.node_id)
-    member.core = core
-    fence = WriteFence(margin_s=min(0.5, settings.cluster.lease_margin_s))
-    member.storage.device.fence = fence
-    leases = LeaseSettings(settings.cluster.lease_s, settings.cluster.renew_s, settings.cluster.lease_margin_s)
+    """The file system with the cluster's parts between its own, each built after what it needs:
+    the lease epoch, the allocator and the group keeper (which claims space for it), the file data,
+    the handles, the coherence (which flushes files and asks what this node holds), the POSIX
+    operations over them, then the lease (which, when the cluster expired it, reloads the groups
+    and the coherence and drops the buffered writes) and the leader's duties."""
+    settings, meta, raft = member.settings, member.meta, member.raft
+    node_id = member.node_id
     layout = member.storage.superblock.layout
-    strict = settings.mount.coherence == "strict"
-    lease: LivenessLease  # made below; the epoch callbacks read it only once it exists
-    coherence = ClusterCoherence(member.node_id, member.raft, sm, member.invalidator, lambda: lease.epoch,
-                                 strict=strict)
-    coherence.flush = core.data.flush
-    coherence.holds = core.ops.holds
-    core.data.may_rewrite = coherence.rewriting
-    groups = GroupKeeper(member.node_id, member.raft, sm, core.allocator, lambda: lease.epoch,
-                         low_blocks=layout.ag_blocks, book=core.duties)
-    core.data.claim_space = groups.claim_now
-    def expired() -> None:
-        """The cluster expired our lease while we could not renew it (paused, partitioned)."""
-        groups.reload()
-        coherence.reload()
-        core.data.lose_buffers("this node's liveness lease expired; other nodes may have written since")
-
-    lease = LivenessLease(member.node_id, member.raft, sm, fence, leases, on_expired=expired, book=core.duties)
-    lease.load_epoch()
-    coherence.wait_lease = lease.wait_renewed
-    duties = LeaderDuties(member.node_id, member.raft, sm, leases, book=core.duties)
-    member.raft.fence_epoch = lambda: lease.epoch
-    member.raft.commands.observers.extend([coherence.observe, groups.observe, duties.observe])
-
-    def after_snapshot() -> None:
-        coherence.reload()
-        groups.reload()
-
-    member.raft.commands.on_snapshot.append(after_snapshot)
+    book = DutyBook(f"node {node_id}")
+    metrics = Metrics()
+    epoch = LeaseEpoch(node_id, meta)
+    raft.fence_epoch = epoch.current  # every proposal from here on is fenced (RaftLog has no argument for it yet)
+    allocator = node_allocator(meta, layout, node_id)
+    groups = GroupKeeper(node_id, meta, allocator, epoch.current, low_blocks=layout.ag_blocks, book=book)
+    data = file_data(settings, member.storage.device, meta, allocator, metrics, claim_space=groups.claim_now)
+    handles = Handles(meta, track_lookups=True)
+    coherence = ClusterCoherence(node_id, meta, member.invalidator, epoch.current, flush=data.flush,
+                                 holds=handles.holds, wait_lease=epoch.wait_renewed,
+                                 read_barrier=raft.node.read_barrier, strict=settings.mount.coherence == "strict")
+    data.compactor.may_rewrite = coherence.rewriting  # the one cycle: coherence flushes through data
+    ops = Operations(meta, data, handles, coherence=coherence, total_blocks=layout.data_blocks)
+    core = assemble_core(member.storage, raft, meta, allocator, data, ops, metrics, book)
+    leases = LeaseSettings(settings.cluster.lease_s, settings.cluster.renew_s, settings.cluster.lease_margin_s)
+    lease = LivenessLease(node_id, raft, meta, member.storage.device.fence, epoch, leases,
+                          on_expired=functools.partial(_expired, groups, coherence, data), book=book)
+    duties = LeaderDuties(node_id, raft, meta, leases, book=book)
+    raft.commands.observers.extend([coherence.observe, groups.observe, duties.observe])
+    raft.commands.on_snapshot.append(functools.partial(_after_snapshot, groups, coherence))
     coherence.reload()
-    core.ops.coherence = coherence
-    member.lease, member.groups, member.coherence, member.duties = lease, groups, coherence, duties
-    core.metrics.add_collector(lambda: _collect(member))
+    member.core, member.lease, member.groups, member.coherence, member.duties = core, lease, groups, coherence, duties
+    metrics.add_collector(lambda: _collect(member))
     return core
+
+
+def _expired(groups: GroupKeeper, coherence: ClusterCoherence, data: FileData) -> None:
+    """The cluster expired our lease while we could not renew it (paused, partitioned)."""
+    groups.reload()
+    coherence.reload()
+    data.lose_buffers("this node's liveness lease expired; other nodes may have written since")
+
+
+def _after_snapshot(groups: GroupKeeper, coherence: ClusterCoherence) -> None:
+    coherence.reload()
+    groups.reload()
 
 
 def _collect(member: Member) -> Iterator[Metric]:
@@ -459,9 +475,9 @@ def _collect(member: Member) -> Iterator[Metric]:
 
 
 async def _update_address(member: Member) -> None:
-    record = member.storage.sm.cluster.member(member.raft.read_txn(), member.node_id)
-    if record is not None and record["address"] != member.state.listen:
-        log.info("node %d now listens on %s (was %s)", member.node_id, member.state.listen, record["address"])
+    record = member.meta.member(member.node_id)
+    if record is not None and record.address != member.state.listen:
+        log.info("node %d now listens on %s (was %s)", member.node_id, member.state.listen, record.address)
         await member.raft.propose(c.UpdateMemberAddress(member.node_id, member.state.listen,
                                                         _join_address(member.state.listen)))
 
@@ -473,11 +489,10 @@ def _join_address(listen: str) -> str:
 async def _serve_joins(member: Member, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
     """The join listener (server-only TLS; see docs/cluster-security.md), with the CA from the
     replicated state: any member can admit a node."""
-    txn = member.raft.read_txn()
-    cluster = member.storage.sm.cluster
-    ca_pem, key_pem, verifier = (cluster.value(txn, k) for k in (b"ca_cert", b"ca_key", b"join_verifier"))
-    assert ca_pem is not None and key_pem is not None and verifier is not None
-    service = JoinService(ClusterCA.from_pem(ca_pem, key_pem), TokenVerifier.from_bytes(verifier),
+    info = member.meta.cluster_info()
+    assert info is not None, "a member serves joins once it holds the cluster's state"
+    service = JoinService(ClusterCA.from_pem(info.ca_cert_pem, info.ca_key_pem),
+                          TokenVerifier.from_bytes(info.join_verifier),
                           member.admit, member.record_issued, peers=member.member_addresses)
     member.join_service = service
     await serve_grpc([service.binding()], _join_address(member.state.listen),

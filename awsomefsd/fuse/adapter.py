@@ -15,8 +15,7 @@ from typing import Any, TypeVar
 
 import pyfuse3
 
-from awsomefsd.fuse.operations import Operations
-from awsomefsd.io.layout import BLOCK_SIZE
+from awsomefsd.fs.operations import BLOCK_SIZE, Operations
 from awsomefsd.meta.errors import FsError
 from awsomefsd.meta.records import Inode
 
@@ -81,7 +80,7 @@ class FuseAdapter(pyfuse3.Operations):
             return "the file system"
         if op not in _BY_HANDLE:
             return f"inode {args[0]}"
-        handle = self.ops.handles.get(args[0])
+        handle = self.ops.handles.find(args[0])
         return f"inode {handle.ino}" if handle is not None else f"file handle {args[0]}"
 
     def entry(self, inode: Inode) -> pyfuse3.EntryAttributes:

@@ -28,7 +28,7 @@ import trio
 
 from awsomefsd.meta import commands as c
 from awsomefsd.meta.errors import FsError
-from awsomefsd.meta.volumes_sm import SNAPSHOTS_INO, VOLUMES_INO, snapshot_dir_name, volume_dir_name
+from awsomefsd.meta.records import SNAPSHOTS_INO, VOLUMES_INO, snapshot_dir_name, volume_dir_name
 
 log = logging.getLogger(__name__)
 

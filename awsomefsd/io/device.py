@@ -164,7 +164,8 @@ class BufferPool:
 class BlockDevice:
     """An open device or image file. Use `BlockDevice.open`; close with `close()` or `with`."""
 
-    def __init__(self, path: Path, fd: int, *, size_bytes: int, direct: bool, shared: bool, is_block_device: bool):
+    def __init__(self, path: Path, fd: int, *, size_bytes: int, direct: bool, shared: bool, is_block_device: bool,
+                 fence: WriteFence | None = None):
         assert size_bytes >= 0 and size_bytes % BLOCK_SIZE == 0
         self.path = path
         self.size_bytes = size_bytes
@@ -178,11 +179,15 @@ class BlockDevice:
         self._fd = fd
         self._lock = threading.Lock()
         self._aio: AioReader | None = None
-        self.fence = WriteFence.always_open()  # the node's lease replaces it in a cluster
+        self._written_since_sync = False
+        self.fence = fence if fence is not None else WriteFence.always_open()
+        """Asked before every write: a cluster member's follows its liveness lease."""
 
     @classmethod
-    def open(cls, path: str | os.PathLike[str], *, shared: bool = False, direct: bool = True) -> BlockDevice:
-        """Open `path` read-write. `size_bytes` is its size rounded down to whole blocks.
+    def open(cls, path: str | os.PathLike[str], *, shared: bool = False, direct: bool = True,
+             fence: WriteFence | None = None) -> BlockDevice:
+        """Open `path` read-write. `size_bytes` is its size rounded down to whole blocks. Writes
+        pass `fence` (a cluster member's follows its liveness lease; default: always open).
 
         A `shared` device (other nodes write it too) must use O_DIRECT: DeviceError if direct is off
         or the backing store refuses it. A private one falls back to buffered I/O with a WARNING.
@@ -224,7 +229,7 @@ class BlockDevice:
             raise
         size_bytes = raw_size_bytes - raw_size_bytes % BLOCK_SIZE
         return cls(path, fd, size_bytes=size_bytes, direct=using_direct, shared=shared,
-                   is_block_device=is_block_device)
+                   is_block_device=is_block_device, fence=fence)
 
     # -- I/O -------------------------------------------------------------------------------------
     def read_into(self, buf: mmap.mmap | memoryview | bytearray, offset_bytes: int) -> None:
@@ -323,6 +328,7 @@ class BlockDevice:
         with self._lock:
             self.writes += 1
             self.bytes_written += length
+            self._written_since_sync = True
 
     def read(self, offset_bytes: int, length_bytes: int) -> bytes:
         """Read into a fresh aligned buffer and copy out (cold paths: superblock, fsck, tests)."""
@@ -345,6 +351,21 @@ class BlockDevice:
     def sync(self) -> None:
         """fdatasync: written data (and a sparse image's new allocations) reach stable storage."""
         os.fdatasync(self._fd_or_raise())
+
+    def sync_written(self) -> None:
+        """`sync` if anything was written since the last `sync_written`: the metadata log's
+        before-commit hook, so data reaches stable storage before the metadata that points at it
+        (and a commit that follows no write costs no device flush)."""
+        with self._lock:
+            if not self._written_since_sync:
+                return
+            self._written_since_sync = False
+        try:
+            self.sync()
+        except BaseException:
+            with self._lock:
+                self._written_since_sync = True  # the next commit must try again
+            raise
 
     def claim_exclusive(self) -> list[int]:
         """Take the device's lock exclusively (for formatting): [] when done, else the other

@@ -22,7 +22,7 @@ import lmdb
 
 from awsomefsd.meta import commands as c
 from awsomefsd.meta.errors import FsError
-from awsomefsd.meta.records import Extent, u64
+from awsomefsd.meta.records import Extent, Member, u64
 
 MAX_MEMBERS = 1024
 MAX_CLAIM_GROUPS = 64
@@ -231,3 +231,12 @@ def _new_extents(command: object) -> list[Extent]:
     if isinstance(command, c.Batch):
         return [e for inner in command.commands for e in _new_extents(inner)]
     return []
+
+
+def member_from_record(node: int, record: dict[str, Any]) -> Member:
+    """The typed form of a member record (JSON in table `members`)."""
+    return Member(
+        node=node, name=record["name"], address=record["address"], join_address=record["join_address"],
+        serial=record["serial"], state=record["state"], epoch=int(record["epoch"]), expired=bool(record["expired"]),
+        joined_ns=record["joined_ns"],
+    )

@@ -12,6 +12,11 @@ from dataclasses import dataclass, field
 
 from awsomefsd.meta.records import Extent
 
+RENAME_NOREPLACE = 1
+RENAME_EXCHANGE = 2
+RENAME_WHITEOUT = 4
+"""Rename's `flags` (the values of renameat2(2))."""
+
 
 @dataclass(frozen=True, slots=True)
 class Mknod:

@@ -1,9 +1,16 @@
-"""The one error type that crosses from metadata and data code to the FUSE adapter."""
+"""The one error type that crosses from metadata and data code to the FUSE adapter, and the
+store's own failures (which no retry repairs)."""
 
 from __future__ import annotations
 
 import errno
 import os
+
+import lmdb
+
+STORE_FAILURES: tuple[type[BaseException], ...] = (lmdb.Error,)
+"""The node-local metadata store failing (its disk full or failing, a corrupt environment): a
+background duty that meets one stops the daemon (awsomefsd/duty.py) instead of retrying."""
 
 CAUSES = ("lease", "fence", "stall", "lost-writes", "checksum")
 """Why an EIO happened, where the code knows it (FsError.cause): the FUSE adapter logs such an EIO

@@ -18,6 +18,7 @@ from awsomefsd.meta.records import (
     U64,
     U64_PAIR,
     Inode,
+    check_name,
     cookie_key,
     dentry_key,
     dentry_value,
@@ -25,15 +26,6 @@ from awsomefsd.meta.records import (
     u64,
     xattr_key,
 )
-
-
-def check_name(name: bytes) -> None:
-    if len(name) > MAX_NAME_BYTES:
-        raise FsError(errno.ENAMETOOLONG)
-    if not name or b"/" in name or b"\0" in name:
-        raise FsError(errno.EINVAL, "invalid file name")
-    if name in (b".", b".."):
-        raise FsError(errno.EEXIST)
 
 
 class Namespace:

@@ -1,16 +1,23 @@
-"""Binary layout of metadata records and keys (the on-disk format of the LMDB tables).
+"""Metadata records: the typed values the metadata client hands out, and the binary layout of
+the LMDB tables' keys and values (which only `meta/` uses).
 
 Keys are big-endian so that LMDB's byte order is numeric order: a cursor walks a directory's
 entries, or a file's extents, as one contiguous range. docs/on-disk-format.md describes every table.
+
+Outside `meta/` only the dataclasses, the limits and the namespace's fixed inodes are used: code
+there never sees a key, a packed value or a JSON record.
 """
 
 from __future__ import annotations
 
+import errno
 import stat
 import struct
 from dataclasses import dataclass
+from typing import Literal
 
 from awsomefsd.io.layout import BLOCK_SIZE
+from awsomefsd.meta.errors import FsError
 
 U64 = struct.Struct(">Q")
 U64_PAIR = struct.Struct(">QQ")
@@ -24,6 +31,8 @@ MAX_XATTR_LIST_BYTES = 64 * 1024  # its names as listxattr returns them (the ker
 MAX_FILE_SIZE_BYTES = 1 << 60
 MAX_EXTENT_BLOCKS = 256  # one file-map record covers at most 1 MiB: keeps values and rewrites small
 MAX_HARD_LINKS = 65000
+VOLUMES_INO = 2  # /.volumes: one directory per volume
+SNAPSHOTS_INO = 3  # /.snapshots: one read-only directory per snapshot
 
 _INODE = struct.Struct("<IIIIQqqqQQQQQ")
 
@@ -140,3 +149,113 @@ class Extent:
 
 def blocks_for(size_bytes: int) -> int:
     return (size_bytes + BLOCK_SIZE - 1) // BLOCK_SIZE
+
+
+def check_name(name: bytes) -> None:
+    """A valid new directory entry name, or the FsError mknod/link/rename answer."""
+    if len(name) > MAX_NAME_BYTES:
+        raise FsError(errno.ENAMETOOLONG)
+    if not name or b"/" in name or b"\0" in name:
+        raise FsError(errno.EINVAL, "invalid file name")
+    if name in (b".", b".."):
+        raise FsError(errno.EEXIST)
+
+
+def volume_dir_name(volume: int) -> bytes:
+    """The volume's directory in /.volumes."""
+    return b"vol-%016x" % volume
+
+
+def snapshot_dir_name(snapshot: int) -> bytes:
+    """The snapshot's directory in /.snapshots."""
+    return b"snap-%016x" % snapshot
+
+
+# -- what the metadata client returns (awsomefsd/meta/client.py) ------------------------------------
+@dataclass(frozen=True, slots=True)
+class DirEntry:
+    """A name in a directory; `cookie` is its stable readdir offset."""
+
+    cookie: int
+    name: bytes
+    ino: int
+
+
+VolumeKind = Literal["volume", "snapshot"]
+
+
+@dataclass(frozen=True, slots=True)
+class Volume:
+    """A volume (quota'd tree under /.volumes) or a snapshot (read-only copy under /.snapshots).
+
+    `capacity_bytes` 0 is no quota (snapshots); `source_kind`/`source_id` name what a clone or a
+    snapshot was made from ("" and 0 for a new, empty volume)."""
+
+    id: int
+    kind: VolumeKind
+    name: str
+    root: int
+    capacity_bytes: int
+    inode_limit: int
+    used_blocks: int
+    used_inodes: int
+    created_ns: int
+    source_kind: Literal["", "volume", "snapshot"]
+    source_id: int
+
+    @property
+    def used_bytes(self) -> int:
+        return self.used_blocks * BLOCK_SIZE
+
+
+@dataclass(frozen=True, slots=True)
+class Member:
+    """A cluster member. `epoch` is its liveness-lease generation; `expired` means the leader
+    declared that lease over (it must renew under the current epoch to come back)."""
+
+    node: int
+    name: str
+    address: str
+    join_address: str
+    serial: str  # its certificate's serial (hex), "" until issued
+    state: Literal["active", "removed"]
+    epoch: int
+    expired: bool
+    joined_ns: int
+
+    @property
+    def active(self) -> bool:
+        return self.state == "active"
+
+
+@dataclass(frozen=True, slots=True)
+class Orphan:
+    """An unlinked inode that may still be open. In a cluster `holders` are the members that must
+    each release it before it is deleted (empty on a single node)."""
+
+    ino: int
+    holders: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class DeferredFree:
+    """Superseded extents `(device block, count)` that return to free space at `not_before_ns`."""
+
+    seq: int
+    not_before_ns: int
+    extents: tuple[tuple[int, int], ...]
+
+    @property
+    def blocks(self) -> int:
+        return sum(n for _, n in self.extents)
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterInfo:
+    """What InitCluster recorded: the CA (certificate and key, PEM), the join token's verifier and
+    how many voters the cluster aims for."""
+
+    ca_cert_pem: bytes
+    ca_key_pem: bytes
+    join_verifier: bytes
+    voters_target: int

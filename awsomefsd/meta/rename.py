@@ -15,15 +15,13 @@ from typing import TYPE_CHECKING
 import lmdb
 
 from awsomefsd.meta import commands as c
+from awsomefsd.meta.commands import RENAME_EXCHANGE, RENAME_NOREPLACE, RENAME_WHITEOUT
 from awsomefsd.meta.errors import FsError
 from awsomefsd.meta.records import ROOT_INO, Inode
 
 if TYPE_CHECKING:
     from awsomefsd.meta.state_machine import StateMachine
 
-RENAME_NOREPLACE = 1
-RENAME_EXCHANGE = 2
-RENAME_WHITEOUT = 4
 MAX_TREE_DEPTH = 4096
 
 

@@ -22,21 +22,21 @@ from awsomefsd.meta import commands as c
 from awsomefsd.meta import filemap
 from awsomefsd.meta.errors import FsError
 from awsomefsd.meta.namespace import Namespace
-from awsomefsd.meta.records import Inode, fmap_key, u64, xattr_key
+from awsomefsd.meta.records import (
+    SNAPSHOTS_INO,
+    VOLUMES_INO,
+    Inode,
+    Volume,
+    fmap_key,
+    snapshot_dir_name,
+    u64,
+    volume_dir_name,
+    xattr_key,
+)
 from awsomefsd.meta.space import SpaceMap
 
-VOLUMES_INO = 2
-SNAPSHOTS_INO = 3
 MAX_TREE_INODES = 1_000_000
 Counter = Callable[["lmdb.Transaction[bytes]", bytes, int], int]  # quoted: not subscriptable at runtime
-
-
-def volume_dir_name(volume: int) -> bytes:
-    return b"vol-%016x" % volume
-
-
-def snapshot_dir_name(snapshot: int) -> bytes:
-    return b"snap-%016x" % snapshot
 
 
 class VolumeTables:
@@ -254,3 +254,13 @@ class VolumeTables:
         self.ns.put_inode(txn, parent)
         txn.delete(f"{kind[0]}:{record['name']}".encode(), db=self.names)
         return True
+
+
+def volume_from_record(number: int, record: dict[str, Any]) -> Volume:
+    """The typed form of a volume record (JSON in table `volumes`, or a command's result)."""
+    return Volume(
+        id=number, kind=record["kind"], name=record["name"], root=record["root"],
+        capacity_bytes=record["capacity"], inode_limit=record["inode_limit"], used_blocks=record["used_blocks"],
+        used_inodes=record["used_inodes"], created_ns=record["created_ns"], source_kind=record["source_kind"] or "",
+        source_id=record["source_id"],
+    )

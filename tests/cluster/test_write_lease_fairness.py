@@ -28,6 +28,7 @@ from awsomefsd.cluster import coherence as coherence_mod
 from awsomefsd.cluster.coherence import ClusterCoherence
 from awsomefsd.fuse.invalidate import Invalidator
 from awsomefsd.meta import commands as c
+from awsomefsd.meta.client import MetaClient
 from awsomefsd.meta.errors import FsError
 from tests.unit.test_state_machine import DATA_START, Harness
 
@@ -95,8 +96,8 @@ class Cluster:
         self.flushes: Counter[int] = Counter()
         for k in range(1, n + 1):
             log = NodeLog(self.sim, k, self.epochs[k])
-            co = ClusterCoherence(k, log, self.h.sm, Invalidator(kernel=_NoKernel()), lambda k=k: self.epochs[k][0])  # type: ignore[arg-type]
-            co.flush = self._flusher(k)
+            co = ClusterCoherence(k, MetaClient(log, self.h.sm), Invalidator(kernel=_NoKernel()),  # type: ignore[arg-type]
+                                  lambda k=k: self.epochs[k][0], flush=self._flusher(k))
             self.sim.members[k] = co
 
     def _flusher(self, node: int) -> Any:

@@ -8,6 +8,7 @@ tools through scripts/install-build.sh and needs root (dpkg, a FUSE mount).
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -24,7 +25,7 @@ import pytest
 import trio
 import trio.testing
 
-from awsomefsd import __version__, sdnotify
+from awsomefsd import __version__, sdnotify, selftest
 from awsomefsd.config import Settings, load_settings
 from tests.support.daemon import AWSOMEFSD, Daemon, is_mounted
 
@@ -354,6 +355,23 @@ def check_rpm(rpm: Path) -> None:
     assert "fuse3-libs" in requires and "glibc >=" in requires, requires
     scripts = run("rpm", "-qp", "--scripts", rpm).stdout
     assert "daemon-reload" in scripts and "postuninstall" in scripts, scripts
+
+
+def test_test_only_code_stays_out_of_the_build() -> None:
+    """awsomefsd/testing/ (harnesses for tests/ and bench/) is not compiled in: build.py tells
+    Nuitka not to follow it, which overrides --include-package, and a built binary's self-test
+    fails if its import walk finds it anyway (selftest.check_awsomefsd_modules). No production
+    module imports it (tests/unit/test_layers.py, rule 9)."""
+    spec = importlib.util.spec_from_file_location("build_script", REPO / "build.py")
+    assert spec is not None and spec.loader is not None
+    build = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = build  # its dataclasses look their module up
+    try:
+        spec.loader.exec_module(build)
+    finally:
+        del sys.modules[spec.name]
+    assert f"--nofollow-import-to={selftest.TEST_ONLY_PACKAGE}" in build.NUITKA_FLAGS
+    assert selftest.check_awsomefsd_modules().startswith("imported ")
 
 
 @pytest.mark.slow

@@ -7,7 +7,7 @@ import itertools
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from awsomefsd.io.dirty import DirtyRanges
+from awsomefsd.fs.dirty import DirtyRanges
 
 writes = st.lists(st.tuples(st.integers(0, 5000), st.binary(min_size=1, max_size=700)), max_size=40)
 

@@ -20,8 +20,8 @@ import trio
 
 from awsomefsd.config import DeviceSettings, NodeSettings, Settings
 from awsomefsd.io.device import BlockDevice, DeviceError, create_image
+from awsomefsd.io.extent_io import INLINE_IO_MAX_BYTES
 from awsomefsd.io.fence import MAX_WRITE_S, WriteFence, WriteFencedError
-from awsomefsd.io.filedata import INLINE_IO_MAX_BYTES
 from awsomefsd.io.layout import BLOCK_SIZE, MiB
 from awsomefsd.io.superblock import format_device
 from awsomefsd.meta.errors import FsError

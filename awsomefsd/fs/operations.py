@@ -1,7 +1,7 @@
-"""POSIX operations on the metadata log and the file data service, independent of any FUSE binding.
+"""POSIX operations on the metadata client and the file data, independent of any FUSE binding.
 
-The adapter (adapter.py) translates pyfuse3's requests into calls here; a raw /dev/fuse transport
-can replace it without touching this module. Everything runs on the trio thread; a method keeps no
+The binding (awsomefsd/fuse/adapter.py) translates pyfuse3's requests into calls here; a raw
+/dev/fuse transport can replace it without touching this module. Everything runs on the trio thread; a method keeps no
 LMDB transaction across an await (the log may commit and start a new one meanwhile).
 
 Permissions are enforced by the kernel (`default_permissions`: it holds the caller's full
@@ -18,31 +18,20 @@ import time
 from collections.abc import Iterator
 from contextlib import AbstractAsyncContextManager, nullcontext
 from dataclasses import dataclass
-from typing import Protocol
 
-from awsomefsd.io.filedata import FileData
+from awsomefsd.fs.coherence import Coherence
+from awsomefsd.fs.data import FileData
+from awsomefsd.fs.handles import Handle, Handles
 from awsomefsd.io.layout import BLOCK_SIZE
 from awsomefsd.meta import commands as c
+from awsomefsd.meta.client import MetaClient
+from awsomefsd.meta.commands import RENAME_WHITEOUT
 from awsomefsd.meta.errors import FsError
-from awsomefsd.meta.log import ReplicatedLog
-from awsomefsd.meta.namespace import check_name
-from awsomefsd.meta.records import MAX_NAME_BYTES, MAX_SYMLINK_BYTES, ROOT_INO, Inode
-from awsomefsd.meta.rename import RENAME_WHITEOUT
-from awsomefsd.meta.state_machine import StateMachine
+from awsomefsd.meta.records import MAX_NAME_BYTES, MAX_SYMLINK_BYTES, ROOT_INO, Inode, check_name
 
 INODE_RESERVATION = 1024
 POSIX_ACL_XATTRS = (b"system.posix_acl_access", b"system.posix_acl_default")
-LOOKUP_HOLD_S = 2.0
-MAX_LOOKED_UP = 1 << 16
-MAX_OPEN_FILES = 1 << 20
 FILES_ADVERTISED = 1 << 32
-
-
-@dataclass(slots=True)
-class Handle:
-    ino: int
-    flags: int
-    seen_loss: int = 0  # FileData.losses when opened or when a loss was last reported here
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,54 +44,19 @@ class FsStats:
     name_max: int
 
 
-class Coherence(Protocol):
-    """What a cluster adds to the single-node operations (awsomefsd/cluster/coherence.py);
-    docs/coherence.md states the contract each hook implements."""
-
-    async def catch_up(self, *, drain: bool = True) -> None:
-        """Return once this node has applied everything committed before the call and, with
-        `drain`, the kernel caches that made stale are invalidated. Lookups pass drain=False: the
-        kernel holds an entry invalidation of a directory until a lookup in it is answered."""
-        ...
-
-    def writing(self, ino: int) -> AbstractAsyncContextManager[None]:
-        """Hold the file's write lease for the whole of a write or truncate: entered once this
-        node holds it; the lease is not handed to another node until every such block is left."""
-        ...
-
-    def release_orphan(self, ino: int) -> None:
-        """Nothing on this node reaches the unlinked inode any more (queued, batched)."""
-        ...
-
-    def appended(self, ino: int) -> None:
-        """This node appended at the cluster's end of file, not the kernel's: its cached size is stale."""
-        ...
-
-    def keep_cache(self, ino: int) -> bool:
-        """May the kernel keep the file's page cache at this open? No, once another node changed
-        its data since the last open here (the one invalidation that cannot block the kernel)."""
-        ...
-
-    @property
-    def strict(self) -> bool:
-        """Catch up before every lookup and getattr too (the kernel then caches nothing)."""
-        ...
-
-
 class Operations:
-    def __init__(self, log: ReplicatedLog, sm: StateMachine, data: FileData, *, total_blocks: int) -> None:
-        self.log = log
-        self.sm = sm
-        self.ns = sm.ns
+    """The POSIX operations of one node. `coherence` is a cluster member's (None on a single
+    node); `handles` is shared with it (its `holds` decides when an unlinked inode can go)."""
+
+    def __init__(self, meta: MetaClient, data: FileData, handles: Handles, *, total_blocks: int,
+                 coherence: Coherence | None = None) -> None:
+        self.meta = meta
         self.data = data
+        self.handles = handles
         self.total_blocks = total_blocks
-        self.handles: dict[int, Handle] = {}
-        self.lookups: dict[int, int] = {}
-        self._next_fh = 1
+        self.coherence = coherence
         self._ino_next = 0
         self._ino_end = 0
-        self.coherence: Coherence | None = None
-        self.looked_up: dict[int, float] = {}  # cluster only: when each inode was last looked up
 
     # -- helpers --------------------------------------------------------------------------------
     def _now(self) -> int:
@@ -112,37 +66,28 @@ class Operations:
         """An inode the kernel named. If it is gone (its last name was removed or replaced, here or
         on another node, and nothing here held it open) that is ESTALE, not ENOENT: the VFS then
         looks the path up again (LOOKUP_REVAL) and finds what the name means now."""
-        inode = self.ns.get_inode(self.log.read_txn(), ino)
+        inode = self.meta.inode(ino)
         if inode is None:
             raise FsError(errno.ESTALE)
         return self.data.with_buffered(inode)
 
-    async def _new_ino(self) -> int:
+    async def new_ino(self) -> int:
         if self._ino_next >= self._ino_end:
             # Nothing between the assignment and the increment awaits, so concurrent callers that
             # both reserved still hand out distinct numbers (the loser's range is simply unused).
-            self._ino_next, self._ino_end = await self.log.propose(c.ReserveInodes(INODE_RESERVATION))
+            self._ino_next, self._ino_end = await self.meta.propose(c.ReserveInodes(INODE_RESERVATION))
         ino = self._ino_next
         self._ino_next += 1
         return ino
 
     def remember(self, ino: int) -> None:
         """The kernel now holds one more reference (an entry reply was sent for `ino`)."""
-        self.lookups[ino] = self.lookups.get(ino, 0) + 1
-        if self.coherence is not None:
-            if len(self.looked_up) >= MAX_LOOKED_UP:
-                cutoff = time.monotonic() - LOOKUP_HOLD_S
-                self.looked_up = {i: t for i, t in self.looked_up.items() if t > cutoff}
-            self.looked_up[ino] = time.monotonic()
+        self.handles.remember(ino)
 
     async def forget(self, items: list[tuple[int, int]]) -> None:
         for ino, count in items:
-            left = self.lookups.get(ino, 0) - count
-            if left > 0:
-                self.lookups[ino] = left
-                continue
-            self.lookups.pop(ino, None)
-            await self._purge_if_orphan(ino)
+            if self.handles.forget(ino, count):
+                await self._purge_if_orphan(ino)
 
     async def _purge_if_orphan(self, ino: int) -> None:
         """Delete an unlinked inode once nothing can reach its data any more.
@@ -152,36 +97,23 @@ class Operations:
         frees space at once, as a local filesystem does, instead of waiting for FORGET. A removed
         directory may still be some process's working directory: it waits for FORGET.
         """
-        if any(h.ino == ino for h in self.handles.values()):
+        if self.handles.is_open(ino):
             return
-        inode = self.ns.get_inode(self.log.read_txn(), ino)
-        if inode is not None and inode.is_dir and ino in self.lookups:
+        inode = self.meta.inode(ino)
+        if inode is not None and inode.is_dir and ino in self.handles.lookups:
             return
         if inode is not None and inode.nlink == 0:
             self.data.forget(ino)
             if self.coherence is not None:
                 self.coherence.release_orphan(ino)  # other nodes may still hold it open
             else:
-                await self.log.propose(c.Purge(ino, self._now()))
-
-    def holds(self, ino: int) -> bool:
-        """Does anything on this node still reach the inode: an open handle; for a directory, a
-        kernel reference (it may be a working directory); for anything, a lookup answered within
-        LOOKUP_HOLD_S (an open of that lookup's answer may be on its way: purging under it would
-        turn a read of a file another node just replaced into ESTALE)."""
-        if any(h.ino == ino for h in self.handles.values()):
-            return True
-        if time.monotonic() - self.looked_up.get(ino, -LOOKUP_HOLD_S) < LOOKUP_HOLD_S:
-            return True
-        inode = self.ns.get_inode(self.log.read_txn(), ino)
-        return inode is not None and inode.is_dir and ino in self.lookups
+                await self.meta.propose(c.Purge(ino, self._now()))
 
     async def purge_orphans(self) -> int:
         """At start no kernel holds any inode: every orphan left by a crash can go."""
-        txn = self.log.read_txn()
-        orphans = [int.from_bytes(k, "big") for k, _ in txn.cursor(self.sm.db["orphans"])]
+        orphans = [orphan.ino for orphan in self.meta.orphans()]
         for ino in orphans:
-            await self.log.propose(c.Purge(ino, self._now()))
+            await self.meta.propose(c.Purge(ino, self._now()))
         return len(orphans)
 
     # -- namespace ------------------------------------------------------------------------------
@@ -191,17 +123,15 @@ class Operations:
         strict = self.coherence is not None and self.coherence.strict
         if strict:
             await self.coherence.catch_up(drain=False)  # type: ignore[union-attr]
-        txn = self.log.read_txn()
         if name == b".":
             child = parent
         elif name == b"..":
-            child = self.ns.require_inode(txn, parent).parent or ROOT_INO
+            child = self.meta.require_inode(parent).parent or ROOT_INO
         else:
-            found = self.ns.lookup(txn, parent, name)
+            found = self.meta.lookup(parent, name)
             if found is None and self.coherence is not None and not strict:
                 await self.coherence.catch_up(drain=False)  # it may have been created elsewhere a moment ago
-                txn = self.log.read_txn()
-                found = self.ns.lookup(txn, parent, name)
+                found = self.meta.lookup(parent, name)
             if found is None:
                 raise FsError(errno.ENOENT)
             child = found
@@ -224,8 +154,8 @@ class Operations:
     async def mknod(self, parent: int, name: bytes, mode: int, rdev: int, uid: int, gid: int,
                     target: bytes = b"") -> Inode:
         check_name(name)
-        cmd = c.Mknod(parent, name, await self._new_ino(), mode, uid, gid, self._now(), rdev, target)
-        return await self.log.propose(cmd)
+        cmd = c.Mknod(parent, name, await self.new_ino(), mode, uid, gid, self._now(), rdev, target)
+        return await self.meta.propose(cmd)
 
     async def symlink(self, parent: int, name: bytes, target: bytes, uid: int, gid: int) -> Inode:
         if len(target) > MAX_SYMLINK_BYTES:
@@ -235,20 +165,20 @@ class Operations:
         return await self.mknod(parent, name, stat.S_IFLNK | 0o777, 0, uid, gid, target)
 
     async def readlink(self, ino: int) -> bytes:
-        return self.ns.symlink_target(self.log.read_txn(), ino)
+        return self.meta.symlink_target(ino)
 
     async def link(self, ino: int, new_parent: int, new_name: bytes) -> Inode:
-        inode: Inode = await self.log.propose(c.Link(ino, new_parent, new_name, self._now()))
+        inode: Inode = await self.meta.propose(c.Link(ino, new_parent, new_name, self._now()))
         return self.data.with_buffered(inode)
 
     async def unlink(self, parent: int, name: bytes, *, is_dir: bool) -> None:
-        child = await self.log.propose(c.Unlink(parent, name, is_dir, self._now()))
+        child = await self.meta.propose(c.Unlink(parent, name, is_dir, self._now()))
         await self._purge_if_orphan(child)
 
     async def rename(self, old_parent: int, old_name: bytes, new_parent: int, new_name: bytes, flags: int,
                      uid: int = 0, gid: int = 0) -> None:
-        whiteout_ino = await self._new_ino() if flags & RENAME_WHITEOUT else 0
-        replaced = await self.log.propose(c.Rename(old_parent, old_name, new_parent, new_name, flags, self._now(),
+        whiteout_ino = await self.new_ino() if flags & RENAME_WHITEOUT else 0
+        replaced = await self.meta.propose(c.Rename(old_parent, old_name, new_parent, new_name, flags, self._now(),
                                                    whiteout_ino, uid, gid))
         if replaced:
             await self._purge_if_orphan(replaced)
@@ -268,20 +198,15 @@ class Operations:
                 if not inode.is_reg:
                     raise FsError(errno.EINVAL)
                 if size > inode.size and inode.volume:
-                    self.data._check_quota(inode, self.data.state(ino, inode.volume), 0)
+                    self.data.check_quota(inode, 0)
                 result = await self.data.truncate(ino, size, cmd)
         else:
-            result = await self.log.propose(cmd)
+            result = await self.meta.propose(cmd)
         return self.data.with_buffered(result)
 
     # -- files ----------------------------------------------------------------------------------
     def _open_handle(self, ino: int, flags: int) -> int:
-        if len(self.handles) >= MAX_OPEN_FILES:
-            raise FsError(errno.ENFILE)
-        fh = self._next_fh
-        self._next_fh += 1
-        self.handles[fh] = Handle(ino, flags, self.data.losses)
-        return fh
+        return self.handles.add(ino, flags, self.data.losses)
 
     async def open(self, ino: int, flags: int) -> int:
         if self.coherence is not None:
@@ -307,27 +232,24 @@ class Operations:
         return self._open_handle(inode.ino, flags), inode
 
     def handle(self, fh: int) -> Handle:
-        h = self.handles.get(fh)
-        if h is None:
-            raise FsError(errno.EBADF)
-        return h
+        return self.handles.require(fh)
 
     async def read(self, fh: int, offset: int, size: int) -> bytes:
         h = self.handle(fh)
-        inode = self.ns.require_inode(self.log.read_txn(), h.ino)
+        inode = self.meta.require_inode(h.ino)
         return await self.data.read(inode, offset, size)
 
     async def write(self, fh: int, offset: int, buf: bytes) -> int:
         h = self.handle(fh)
         async with self._writing(h.ino):
-            inode = self.ns.require_inode(self.log.read_txn(), h.ino)
+            inode = self.meta.require_inode(h.ino)
             # A cluster member's O_APPEND: the kernel's offset is its cached size, which another
             # node's appends have made stale; with the lease held, the end of file here is the real one.
             append = self.coherence is not None and bool(h.flags & os.O_APPEND)
             if append:
                 offset = self.data.effective_size(inode.ino, inode.size)
             if inode.volume:
-                self.sm.volumes.check_writable(self.log.read_txn(), inode.volume)
+                self.meta.check_writable(inode.volume)
             written = await self.data.write(inode, offset, buf)
         if append and self.coherence is not None:
             self.coherence.appended(h.ino)
@@ -350,7 +272,7 @@ class Operations:
                           cause="lost-writes")
 
     async def release(self, fh: int) -> None:
-        h = self.handles.pop(fh, None)
+        h = self.handles.pop(fh)
         if h is not None:
             self.data.closed(h.ino)
             await self._purge_if_orphan(h.ino)
@@ -359,11 +281,11 @@ class Operations:
         h = self.handle(fh)
         await self.data.flush(h.ino)
         self._report_loss(h)
-        await self.log.barrier()
+        await self.meta.barrier()
 
     async def sync_all(self) -> None:
         await self.data.flush_all()
-        await self.log.barrier()
+        await self.meta.barrier()
 
     # -- directories ----------------------------------------------------------------------------
     async def opendir(self, ino: int) -> int:
@@ -374,49 +296,44 @@ class Operations:
     def readdir(self, fh: int, start_id: int) -> Iterator[tuple[int, bytes, Inode]]:
         """(next id, name, attributes) from `start_id` on; ids 1 and 2 are `.` and `..`."""
         ino = self.handle(fh).ino
-        txn = self.log.read_txn()
-        this = self.ns.require_inode(txn, ino)
+        this = self.meta.require_inode(ino)
         if start_id < 1:
             yield 1, b".", this
         if start_id < 2:
-            parent = self.ns.get_inode(txn, this.parent or ROOT_INO) or this
+            parent = self.meta.inode(this.parent or ROOT_INO) or this
             yield 2, b"..", parent
-        for cookie, name, child in self.ns.entries(txn, ino, max(start_id, 2)):
-            inode = self.ns.get_inode(txn, child)
-            if inode is None:
-                continue
-            yield cookie, name, self.data.with_buffered(inode)
+        for entry, inode in self.meta.entries(ino, max(start_id, 2)):
+            yield entry.cookie, entry.name, self.data.with_buffered(inode)
 
     async def releasedir(self, fh: int) -> None:
-        self.handles.pop(fh, None)
+        self.handles.pop(fh)
 
     # -- extended attributes --------------------------------------------------------------------
     async def getxattr(self, ino: int, name: bytes) -> bytes:
-        value = self.ns.get_xattr(self.log.read_txn(), ino, name)
+        value = self.meta.xattr(ino, name)
         if value is None:
-            self.ns.require_inode(self.log.read_txn(), ino)
+            self.meta.require_inode(ino)
             raise FsError(errno.ENODATA)
-        return bytes(value)
+        return value
 
     async def setxattr(self, ino: int, name: bytes, value: bytes, flags: int) -> None:
         if name in POSIX_ACL_XATTRS:
             # Stored as a plain attribute it would not change the mode, and cp -p, tar and rsync
             # set modes through it when it is accepted; refused, they fall back to chmod.
             raise FsError(errno.EOPNOTSUPP, "POSIX ACLs are not supported")
-        await self.log.propose(c.SetXattr(ino, name, value, flags, self._now()))
+        await self.meta.propose(c.SetXattr(ino, name, value, flags, self._now()))
 
     async def listxattr(self, ino: int) -> list[bytes]:
-        self.ns.require_inode(self.log.read_txn(), ino)
-        return [key[8:] for key, _ in self.ns.xattrs(self.log.read_txn(), ino)]
+        self.meta.require_inode(ino)
+        return self.meta.xattr_names(ino)
 
     async def removexattr(self, ino: int, name: bytes) -> None:
-        await self.log.propose(c.RemoveXattr(ino, name, self._now()))
+        await self.meta.propose(c.RemoveXattr(ino, name, self._now()))
 
     # -- filesystem -----------------------------------------------------------------------------
     def statfs(self) -> FsStats:
-        txn = self.log.read_txn()
-        pending = self.sm.space.pending_free_blocks(txn)
-        free = min(self.total_blocks, max(0, self.sm.space.mirror.free_blocks + pending - self.data.dirty_blocks()))
-        used_inodes = int(txn.stat(self.sm.db["inodes"])["entries"])
+        pending = self.meta.pending_free_blocks()
+        free = min(self.total_blocks, max(0, self.meta.free_blocks() + pending - self.data.dirty_blocks()))
+        used_inodes = self.meta.inode_count()
         return FsStats(BLOCK_SIZE, self.total_blocks, free, FILES_ADVERTISED,
                        FILES_ADVERTISED - used_inodes, MAX_NAME_BYTES)

@@ -1,0 +1,53 @@
+"""The interfaces between the filesystem layer and a cluster's coherence (awsomefsd/cluster/).
+
+`Coherence` is what a cluster adds to the single-node operations; the filesystem layer calls it
+and never knows how it is done (docs/coherence.md states the contract of each hook). In the other
+direction the cluster reaches this node's files only through the two callables below, which the
+composition root (awsomefsd/cluster/member.py) hands it at construction: `FileData.flush` and
+`Handles.holds`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
+from typing import Protocol
+
+FlushFile = Callable[[int], Awaitable[None]]
+"""`await flush(ino)`: this node's buffered data of the file to the device, its mapping to the log."""
+HoldsInode = Callable[[int], bool]
+"""`holds(ino)`: does anything on this node still reach the inode (a handle, a kernel reference to
+a directory, a lookup answered moments ago)?"""
+
+
+class Coherence(Protocol):
+    """What a cluster adds to the single-node operations (awsomefsd/cluster/coherence.py)."""
+
+    async def catch_up(self, *, drain: bool = True) -> None:
+        """Return once this node has applied everything committed before the call and, with
+        `drain`, the kernel caches that made stale are invalidated. Lookups pass drain=False: the
+        kernel holds an entry invalidation of a directory until a lookup in it is answered."""
+        ...
+
+    def writing(self, ino: int) -> AbstractAsyncContextManager[None]:
+        """Hold the file's write lease for the whole of a write or truncate: entered once this
+        node holds it; the lease is not handed to another node until every such block is left."""
+        ...
+
+    def release_orphan(self, ino: int) -> None:
+        """Nothing on this node reaches the unlinked inode any more (queued, batched)."""
+        ...
+
+    def appended(self, ino: int) -> None:
+        """This node appended at the cluster's end of file, not the kernel's: its cached size is stale."""
+        ...
+
+    def keep_cache(self, ino: int) -> bool:
+        """May the kernel keep the file's page cache at this open? No, once another node changed
+        its data since the last open here (the one invalidation that cannot block the kernel)."""
+        ...
+
+    @property
+    def strict(self) -> bool:
+        """Catch up before every lookup and getattr too (the kernel then caches nothing)."""
+        ...

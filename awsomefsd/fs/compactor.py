@@ -1,0 +1,142 @@
+"""Compaction: a file fragmented by small random writes is rewritten as large extents.
+
+The flusher counts the small runs it writes per file; after COMPACT_AFTER_SMALL_RUNS of them, or
+when the last handle of a file that has some closes, the file is queued here. Compaction is
+copy-on-write like any write: the merged data goes to fresh extents and one WriteData per MiB
+(with `touch=False`: the bytes, the size and the times do not change) replaces the fragments,
+which are freed after the grace period. Holes stay holes. It runs only while the file has no
+buffered data, under the file's lock, so no flush or truncate interleaves.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import logging
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+
+import trio
+
+from awsomefsd.fs.buffer import WriteBuffer
+from awsomefsd.fs.reader import Reader
+from awsomefsd.fs.writer import RunWriter
+from awsomefsd.io.fence import WriteFencedError
+from awsomefsd.io.layout import BLOCK_SIZE
+from awsomefsd.meta.client import MetaClient
+from awsomefsd.meta.errors import FsError
+from awsomefsd.meta.records import MAX_EXTENT_BLOCKS, Extent
+
+log = logging.getLogger(__name__)
+
+SMALL_RUN_BYTES = 64 * 1024  # a flushed run smaller than this may fragment its file
+COMPACT_AFTER_SMALL_RUNS = 32  # check a file for fragmentation after this many small runs
+COMPACT_MIN_EXTENTS = 4  # file-contiguous extents in a row worth merging into one
+QUEUE_FILES = 256
+
+
+class Compactor:
+    def __init__(self, meta: MetaClient, buffer: WriteBuffer, reader: Reader, writer: RunWriter) -> None:
+        self.meta = meta
+        self.buffer = buffer
+        self.reader = reader
+        self.writer = writer
+        self.small_runs: dict[int, int] = {}  # inode -> small runs flushed since its last check
+        self.compactions = 0
+        self.may_rewrite: Callable[[int], AbstractAsyncContextManager[bool]] = _always
+        """A cluster member's coherence (set once it exists: it needs this FileData's flush):
+        compaction rewrites committed blocks, so it may run only while this node holds the file's
+        write lease, and keeps it meanwhile (yields False: skip). Another node appending meanwhile
+        would otherwise have its acknowledged records replaced by the older copy read here."""
+        self._send, self._receive = trio.open_memory_channel[int](QUEUE_FILES)
+
+    def note_runs(self, ino: int, runs: list[tuple[int, bytearray]]) -> None:
+        """A flush is writing `runs` of the file: count the small ones; enough of them queue it."""
+        small = sum(1 for _, data in runs if len(data) < SMALL_RUN_BYTES)
+        if not small:
+            return
+        total = self.small_runs.get(ino, 0) + small
+        if total < COMPACT_AFTER_SMALL_RUNS:
+            self.small_runs[ino] = total
+            return
+        self._request(ino)
+
+    def closed(self, ino: int) -> None:
+        """A handle was released: a file left fragmented by its last writes is checked now."""
+        if self.small_runs.get(ino, 0) >= COMPACT_MIN_EXTENTS:
+            self._request(ino)
+
+    def forget(self, ino: int) -> None:
+        self.small_runs.pop(ino, None)
+
+    def _request(self, ino: int) -> None:
+        self.small_runs.pop(ino, None)
+        try:
+            self._send.send_nowait(ino)
+        except trio.WouldBlock:
+            pass  # the compactor is busy; the file gets another chance after more small writes
+
+    async def compact(self, ino: int) -> int:
+        """Rewrite runs of small, file-contiguous extents as large ones; returns extents removed."""
+        removed = 0
+        async with self.may_rewrite(ino) as allowed, self.buffer.locked(ino) as st:
+            if not allowed or st.dirty or st.inflight:
+                return 0
+            inode = self.meta.inode(ino)
+            if inode is None or not inode.is_reg:
+                return 0
+            extents = self.meta.all_extents(ino)
+            for run in _fragmented_runs(extents):
+                first, end = run[0].file_block, run[-1].end_block
+                for lo in range(first, end, MAX_EXTENT_BLOCKS):
+                    hi = min(lo + MAX_EXTENT_BLOCKS, end)
+                    pieces = [e for e in run if e.end_block > lo and e.file_block < hi]
+                    if len(pieces) < 2:
+                        continue
+                    data = bytearray()
+                    for ext in pieces:
+                        a, b = max(ext.file_block, lo), min(ext.end_block, hi)
+                        data += await self.reader.read_extent(ext, a, b, a * BLOCK_SIZE, b * BLOCK_SIZE)
+                    current = self.meta.inode(ino)
+                    if current is None:
+                        return removed
+                    await self.writer.write_runs(st, [(lo * BLOCK_SIZE, data)], size=current.size, keep_mtime=True)
+                    removed += len(pieces) - 1
+        if removed:
+            self.compactions += 1
+            log.debug("compacted inode %d: %d fewer extents", ino, removed)
+        return removed
+
+    async def run(self) -> None:
+        """Compact the files queued, one at a time, until cancelled."""
+        async for ino in self._receive:
+            try:
+                await self.compact(ino)
+            except FsError as exc:
+                if exc.errno in (errno.ENOENT, errno.ESTALE):
+                    log.debug("inode %d was deleted before its compaction", ino)
+                else:
+                    log.warning("compaction of inode %d failed: %s", ino, exc)
+            except WriteFencedError as exc:  # fenced: the committed fragments stay as they are
+                log.warning("compaction of inode %d failed: %s", ino, exc)
+
+
+@asynccontextmanager
+async def _always(_ino: int) -> AsyncIterator[bool]:
+    """A single node rewrites its files whenever it likes."""
+    yield True
+
+
+def _fragmented_runs(extents: list[Extent]) -> list[list[Extent]]:
+    """Maximal runs of file-contiguous extents that hold at least COMPACT_MIN_EXTENTS pieces and
+    are not already device-contiguous (those are as good as one extent)."""
+    runs: list[list[Extent]] = []
+    current: list[Extent] = []
+    for ext in extents:
+        if current and current[-1].end_block == ext.file_block:
+            current.append(ext)
+        else:
+            current = [ext]
+            runs.append(current)
+    return [r for r in runs if len(r) >= COMPACT_MIN_EXTENTS
+            and any(a.dev_block + a.count != b.dev_block for a, b in itertools.pairwise(r))]

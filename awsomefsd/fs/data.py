@@ -1,0 +1,212 @@
+"""File contents on this node: what the POSIX operations (fs/operations.py), a cluster's
+coherence and the volume service call for data, built from one part per job:
+
+    buffer.py     the write buffer: per-file state, dirty runs, limits, pinning and the file lock
+    reader.py     reads: block map and buffered bytes in one step, device blocks verified
+    space.py      room for a write: the node's groups, quotas, claims, waiting for delayed frees
+    writer.py     copy-on-write of byte runs: allocate, write with checksums, one WriteData
+    flusher.py    flushing buffered runs, in the foreground and in the background
+    compactor.py  rewriting files fragmented by small writes
+    truncate.py   size changes, settled with the buffered data under the file's lock
+    losses.py     buffered writes a fenced node dropped, reported once per descriptor
+
+The write path itself lives here, because it ties the parts together: check the room, buffer,
+and push back on a writer whose buffer is full. docs/design-notes.md ("Concurrency") states the
+protocol the parts share.
+"""
+
+from __future__ import annotations
+
+import errno
+import time
+from collections.abc import Callable
+
+import trio
+
+from awsomefsd.fs.buffer import FileState, WriteBuffer
+from awsomefsd.fs.compactor import Compactor
+from awsomefsd.fs.flusher import Flusher
+from awsomefsd.fs.losses import LossLedger
+from awsomefsd.fs.reader import Reader
+from awsomefsd.fs.space import ClaimSpace, SpaceGuard
+from awsomefsd.fs.truncate import Truncator
+from awsomefsd.fs.writer import RunWriter
+from awsomefsd.io.allocator import NodeAllocator
+from awsomefsd.io.device import BlockDevice
+from awsomefsd.io.extent_io import ExtentIO
+from awsomefsd.io.layout import BLOCK_SIZE
+from awsomefsd.meta import commands as c
+from awsomefsd.meta.client import MetaClient
+from awsomefsd.meta.errors import FsError
+from awsomefsd.meta.records import MAX_EXTENT_BLOCKS, MAX_FILE_SIZE_BYTES, Inode
+
+
+class FileData:
+    def __init__(
+        self,
+        device: BlockDevice,
+        allocator: NodeAllocator,
+        meta: MetaClient,
+        *,
+        file_buffer_bytes: int = 8 << 20,
+        write_buffer_bytes: int = 64 << 20,
+        flush_interval_ms: int = 1000,
+        clock_ns: Callable[[], int] = time.time_ns,
+        on_checksum_error: Callable[[int], None] | None = None,
+        claim_space: ClaimSpace | None = None,
+    ) -> None:
+        self.device = device
+        io = ExtentIO(device, max_run_bytes=MAX_EXTENT_BLOCKS * BLOCK_SIZE)
+        self.buffer = WriteBuffer(file_buffer_bytes=file_buffer_bytes, write_buffer_bytes=write_buffer_bytes,
+                                  clock_ns=clock_ns)
+        self.space = SpaceGuard(meta, allocator, self.buffer, device, clock_ns=clock_ns, claim_space=claim_space)
+        self.reader = Reader(meta, self.buffer, io, on_checksum_error=on_checksum_error)
+        writer = RunWriter(meta, self.reader, self.space, io, clock_ns=clock_ns)
+        self.compactor = Compactor(meta, self.buffer, self.reader, writer)
+        self.lost_writes = LossLedger(self.buffer)
+        self.flusher = Flusher(self.buffer, writer, self.compactor, device, self.lost_writes,
+                               flush_interval_ms=flush_interval_ms)
+        self.truncator = Truncator(meta, self.buffer, self.flusher, self.reader, allocator, io, clock_ns=clock_ns)
+
+    # -- the write buffer, as callers and tests see it --------------------------------------------
+    @property
+    def files(self) -> dict[int, FileState]:
+        return self.buffer.files
+
+    @property
+    def total_dirty_bytes(self) -> int:
+        return self.buffer.total_dirty_bytes
+
+    @property
+    def write_buffer_bytes(self) -> int:
+        return self.buffer.write_buffer_bytes
+
+    @write_buffer_bytes.setter
+    def write_buffer_bytes(self, value: int) -> None:
+        self.buffer.write_buffer_bytes = value
+
+    def effective_size(self, ino: int, size: int) -> int:
+        return self.buffer.effective_size(ino, size)
+
+    def with_buffered(self, inode: Inode) -> Inode:
+        return self.buffer.with_buffered(inode)
+
+    def dirty_blocks(self) -> int:
+        return self.buffer.dirty_blocks()
+
+    def pending_bytes(self, volume: int) -> int:
+        return self.buffer.pending_bytes(volume)
+
+    def forget(self, ino: int) -> None:
+        """Drop buffers of an inode that no longer exists (purged): nothing will read them."""
+        self.compactor.forget(ino)
+        self.buffer.forget(ino)
+
+    def forget_volume(self, volume: int) -> None:
+        """Drop the buffers of every file of a deleted volume: they would only fail to flush."""
+        for ino in [ino for ino, st in self.buffer.files.items() if st.volume == volume]:
+            self.forget(ino)
+
+    # -- reads and writes -------------------------------------------------------------------------
+    async def read(self, inode: Inode, offset: int, size: int) -> bytes:
+        return await self.reader.read(inode, offset, size)
+
+    async def write(self, inode: Inode, offset: int, data: bytes) -> int:
+        if offset + len(data) > MAX_FILE_SIZE_BYTES:
+            raise FsError(errno.EFBIG)
+        buffer = self.buffer
+        if buffer.total_dirty_bytes + len(data) > buffer.write_buffer_bytes and not self.device.fence.is_open():
+            # the buffers cannot drain while fenced: keep memory bounded
+            raise FsError(errno.EIO, "device writes fenced (node lease lapsed) and the write buffer is full",
+                          cause="fence")
+        st = buffer.state(inode.ino, inode.volume)
+        st.users += 1  # pinned, as WriteBuffer.pinned does (inline: this is the hottest path)
+        try:
+            end = offset + len(data)
+            grow_blocks = max(0, -(-end // BLOCK_SIZE) - -(-max(inode.size, st.end_offset()) // BLOCK_SIZE))
+            await self._check_room(inode, len(data) // BLOCK_SIZE + 2, grow_blocks)
+            if buffer.files.get(inode.ino) is not st:
+                raise FsError(errno.ESTALE, "the file was deleted during the write")
+            buffer.put(st, offset, data)
+            if buffer.must_flush(st):
+                await self.flusher.flush_pinned(st)  # the background flusher is behind: push back on the writer
+            elif buffer.should_flush(st) and not self.flusher.request(inode.ino):
+                await self.flusher.flush_pinned(st)
+        finally:
+            st.users -= 1
+            buffer.drop_if_idle(st)
+        return len(data)
+
+    async def _check_room(self, inode: Inode, need_blocks: int, grow_blocks: int) -> None:
+        """Refuse a write up front when the device or the volume's quota cannot take it: an error
+        at write() is one the application sees, one at a later flush may go unnoticed."""
+        if inode.volume and grow_blocks:
+            self.space.check_quota(inode, grow_blocks)
+        if self.space.fits(need_blocks) or await self.space.claim(need_blocks):
+            return
+        await self.flusher.flush_all()
+        await self.space.wait_for_frees(need_blocks)
+        if not self.space.fits(need_blocks):
+            raise FsError(errno.ENOSPC)
+
+    def check_quota(self, inode: Inode, grow_blocks: int) -> None:
+        """EDQUOT/EROFS as a write growing the file by `grow_blocks` would get."""
+        self.space.check_quota(inode, grow_blocks)
+
+    # -- flushing, truncating, compacting ---------------------------------------------------------
+    async def flush(self, ino: int) -> None:
+        """Write the file's dirty bytes and commit their mapping; raise a deferred write error."""
+        await self.flusher.flush(ino)
+
+    async def flush_all(self) -> None:
+        await self.flusher.flush_all()
+
+    async def flush_volume(self, volume: int) -> None:
+        """Push this node's buffered writes into `volume` into the metadata, so a snapshot or clone
+        taken now contains every write that returned before it (as `sync` would).
+
+        A write error found on the way is handed back to the file (the application's next close
+        or fsync still reports it) and raised: a snapshot would silently miss data."""
+        for ino, st in list(self.buffer.files.items()):
+            if st.volume != volume or not (st.dirty or st.inflight):
+                continue
+            try:
+                await self.flusher.flush(ino)
+            except FsError as exc:
+                again = self.buffer.files.get(ino)
+                if again is not None and not again.error:
+                    again.error = exc.errno
+                raise FsError(exc.errno, f"flushing inode {ino} of volume {volume} failed") from exc
+
+    async def truncate(self, ino: int, size: int, setattr: c.SetAttr) -> Inode:
+        return await self.truncator.truncate(ino, size, setattr)
+
+    async def compact(self, ino: int) -> int:
+        return await self.compactor.compact(ino)
+
+    def closed(self, ino: int) -> None:
+        """A handle was released: a file left fragmented by its last writes is checked now."""
+        self.compactor.closed(ino)
+
+    # -- lost writes ------------------------------------------------------------------------------
+    def lose_buffers(self, reason: str) -> int:
+        return self.lost_writes.lose_buffers(reason)
+
+    def unreported_loss(self, ino: int, seen: int) -> bool:
+        return self.lost_writes.unreported_loss(ino, seen)
+
+    @property
+    def losses(self) -> int:
+        """Buffered writes dropped so far: a descriptor remembers it to know what it was told."""
+        return self.lost_writes.losses
+
+    # -- background -------------------------------------------------------------------------------
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Flush files whose buffers are full or older than the flush interval, compact fragmented
+        files; serve small device reads with AIO meanwhile (they are inline while this is not
+        running)."""
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self.device.serve_async_reads)
+            await nursery.start(self.flusher.run)
+            task_status.started()
+            nursery.start_soon(self.compactor.run)

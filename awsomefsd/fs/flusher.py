@@ -1,0 +1,156 @@
+"""Flushing: buffered writes to the device and their mapping into the metadata.
+
+A flush takes the file's dirty runs (they become in flight, still seen by reads: fs/buffer.py),
+writes them in batches of at most FLUSH_BATCH_BYTES with one WriteData each (fs/writer.py),
+stamped with the time of the last write they carry, and reports a write error the file kept
+from an earlier background flush. Flush, truncate and compaction of one file share its lock.
+
+In the background, files are flushed when their buffer is full (the writer asks, `request`) or
+older than the flush interval (a timer); at most FLUSH_CONCURRENCY at once. A background flush
+that fails keeps its error for the application's next fsync or close.
+
+A flush refused by the device's write fence (this node's lease lapsed) fails with EIO but keeps
+the runs it could not write buffered, under any bytes written meanwhile: a flush after the lease
+is renewed writes them. While fenced the timer does not retry.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import time
+
+import trio
+
+from awsomefsd.fs.buffer import FileState, Run, WriteBuffer
+from awsomefsd.fs.compactor import Compactor
+from awsomefsd.fs.losses import LossLedger
+from awsomefsd.fs.writer import RunWriter
+from awsomefsd.io.device import BlockDevice
+from awsomefsd.io.fence import WriteFencedError
+from awsomefsd.meta.errors import FsError
+
+log = logging.getLogger(__name__)
+
+FLUSH_CONCURRENCY = 4
+FLUSHER_TICK_S = 0.1
+FLUSH_BATCH_BYTES = 8 << 20  # runs written and committed together by one WriteData
+FLUSH_BATCH_RUNS = 1024
+QUEUE_FILES = 1024
+
+
+class Flusher:
+    def __init__(self, buffer: WriteBuffer, writer: RunWriter, compactor: Compactor, device: BlockDevice,
+                 lost_writes: LossLedger, *, flush_interval_ms: int) -> None:
+        self.buffer = buffer
+        self.lost_writes = lost_writes
+        self.writer = writer
+        self.compactor = compactor
+        self.device = device
+        self.flush_interval_s = flush_interval_ms / 1000
+        self._send, self._receive = trio.open_memory_channel[int](QUEUE_FILES)
+
+    async def flush(self, ino: int) -> None:
+        """Write the file's dirty bytes and commit their mapping; raise a deferred write error."""
+        if ino not in self.buffer.files:
+            return
+        async with self.buffer.locked(ino) as st:
+            await self.flush_held(st)
+
+    async def flush_pinned(self, st: FileState) -> None:
+        """`flush` of a state the caller holds pinned."""
+        async with st.lock:
+            await self.flush_held(st)
+
+    async def flush_held(self, st: FileState) -> None:
+        """`flush` with the file's state pinned and its lock held."""
+        if st.dirty:
+            written_ns = st.written_ns
+            losses = self.lost_writes.losses
+            runs = self.buffer.take(st)
+            self.compactor.note_runs(st.ino, runs)
+            written = 0
+            try:
+                for batch in _flush_batches(runs):
+                    await self.writer.write_runs(st, batch, mtime_ns=written_ns)
+                    written += len(batch)
+            except FsError as exc:
+                st.error = exc.errno
+            except WriteFencedError as exc:
+                if self.lost_writes.losses == losses:  # the lease may still be renewed: retried then
+                    self.buffer.keep_unwritten(st, runs[written:])
+                else:  # the lease was lost while this flush ran: after the renewal these runs
+                    st.written_ns = 0  # would be written over what other nodes wrote meanwhile
+                    self.lost_writes.mark_lost(st.ino)
+                raise FsError(errno.EIO, exc.strerror or "", cause="fence") from exc
+            finally:
+                st.set_inflight([])
+            if st.written_ns == written_ns and not st.dirty:
+                st.written_ns = 0  # committed (or failed for good): the inode holds the time now
+        if st.error:
+            err, st.error = st.error, 0
+            raise FsError(err)
+
+    async def flush_all(self) -> None:
+        errors = []
+        for ino in list(self.buffer.files):
+            try:
+                await self.flush(ino)
+            except FsError as exc:
+                errors.append(exc)
+        if errors:
+            raise errors[0]
+
+    def request(self, ino: int) -> bool:
+        """Ask the background flusher to flush the file soon; False when its queue is full."""
+        try:
+            self._send.send_nowait(ino)
+        except trio.WouldBlock:
+            return False
+        return True
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Flush files whose buffers are full (asked) or older than the flush interval."""
+        limiter = trio.CapacityLimiter(FLUSH_CONCURRENCY)
+        async with trio.open_nursery() as nursery:
+            task_status.started()
+            nursery.start_soon(self._timer, nursery, limiter)
+            async for ino in self._receive:
+                nursery.start_soon(self._flush_quietly, ino, limiter)
+
+    async def _timer(self, nursery: trio.Nursery, limiter: trio.CapacityLimiter) -> None:
+        while True:
+            await trio.sleep(FLUSHER_TICK_S)
+            if not self.device.fence.is_open():
+                continue  # flushes would only fail; the data stays buffered until the lease is renewed
+            now = time.monotonic()
+            for ino, st in list(self.buffer.files.items()):
+                if st.dirty and now - st.dirty_since >= self.flush_interval_s:
+                    nursery.start_soon(self._flush_quietly, ino, limiter)
+
+    async def _flush_quietly(self, ino: int, limiter: trio.CapacityLimiter) -> None:
+        async with limiter:
+            try:
+                await self.flush(ino)
+            except FsError as exc:
+                if isinstance(exc.__cause__, WriteFencedError):
+                    # the data is still buffered and the next flush retries it: no deferred error
+                    log.debug("background flush of inode %d deferred: %s", ino, exc)
+                    return
+                st = self.buffer.files.get(ino)
+                if st is not None:
+                    st.error = exc.errno  # reported to the application by its next fsync/close
+                log.warning("background flush of inode %d failed: %s", ino, exc)
+
+
+def _flush_batches(runs: list[Run]) -> list[list[Run]]:
+    """Runs grouped for one WriteData each: bounded in bytes and in extents per command."""
+    batches: list[list[Run]] = []
+    size = 0
+    for run in runs:
+        if not batches or size + len(run[1]) > FLUSH_BATCH_BYTES or len(batches[-1]) >= FLUSH_BATCH_RUNS:
+            batches.append([])
+            size = 0
+        batches[-1].append(run)
+        size += len(run[1])
+    return batches

@@ -1,0 +1,44 @@
+"""Buffered writes this node had to drop, and which descriptors still have to hear about it.
+
+A cluster member whose liveness lease expired (it was paused or cut off) has lost its allocation
+groups and write leases: other nodes may have written the same files since, so its buffered
+writes must never reach the device. They are dropped, and every descriptor that was open on such
+a file when that happened reports EIO once (at its next flush, fsync or close), so the
+application learns its writes were lost and descriptors opened later are not blamed.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from awsomefsd.fs.buffer import WriteBuffer
+
+log = logging.getLogger(__name__)
+
+
+class LossLedger:
+    def __init__(self, buffer: WriteBuffer) -> None:
+        self.buffer = buffer
+        self.losses = 0  # buffered writes dropped (lose_buffers), counted per file
+        self.lost_at: dict[int, int] = {}  # inode -> `losses` when its buffers were last dropped
+
+    def lose_buffers(self, reason: str) -> int:
+        """Drop every file's dirty bytes (see the module docstring); returns the files hit."""
+        hit = 0
+        for st in self.buffer.files.values():
+            if st.dirty or st.inflight:  # in flight: its flush fails at the fence and drops it (Flusher)
+                self.buffer.drop_dirty(st)
+                self.mark_lost(st.ino)
+                hit += 1
+        if hit:
+            log.error("dropped the buffered writes of %d files: %s", hit, reason)
+        return hit
+
+    def mark_lost(self, ino: int) -> None:
+        self.losses += 1
+        self.lost_at[ino] = self.losses
+
+    def unreported_loss(self, ino: int, seen: int) -> bool:
+        """Did `ino` lose buffered writes after the loss count `seen` (taken when a descriptor
+        opened, or when it last reported one)?"""
+        return self.lost_at.get(ino, 0) > seen

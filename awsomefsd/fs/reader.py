@@ -1,0 +1,81 @@
+"""Reads of file contents: the committed blocks from the device, verified, with the buffered
+bytes laid over them.
+
+The rule that makes a read safe against a flush committing meanwhile (docs/design-notes.md,
+"Concurrency"): the block map and the copies of the buffered (in-flight, then dirty) bytes of
+the range are taken in one step, with no await between, so the buffered bytes it overlays are
+exactly those the map it read does not hold yet. Then the device is read (awaits) and the copies
+laid over. Superseded extents are freed only after a grace period, so the blocks an old map
+points to are intact for that long.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+from collections.abc import Callable
+
+from awsomefsd.fs.buffer import WriteBuffer
+from awsomefsd.io.extent_io import ChecksumMismatch, ExtentIO
+from awsomefsd.io.layout import BLOCK_SIZE
+from awsomefsd.meta.client import MetaClient
+from awsomefsd.meta.errors import FsError
+from awsomefsd.meta.records import Extent, Inode
+
+log = logging.getLogger(__name__)
+
+
+class Reader:
+    def __init__(self, meta: MetaClient, buffer: WriteBuffer, io: ExtentIO, *,
+                 on_checksum_error: Callable[[int], None] | None = None) -> None:
+        self.meta = meta
+        self.buffer = buffer
+        self.io = io
+        self.on_checksum_error = on_checksum_error
+
+    async def read(self, inode: Inode, offset: int, size: int) -> bytes:
+        st = self.buffer.files.get(inode.ino)
+        file_size = inode.size if st is None else max(inode.size, st.end_offset())
+        if offset >= file_size or size <= 0:
+            return b""
+        size = min(size, file_size - offset)
+        if st is not None and not st.inflight and st.dirty.covers(offset, size):
+            out = bytearray(size)
+            st.dirty.overlay(offset, out)
+            return bytes(out)
+        first = offset // BLOCK_SIZE
+        end = (offset + size + BLOCK_SIZE - 1) // BLOCK_SIZE
+        # One step, no await: the map and the buffered bytes are taken at the same instant.
+        extents = self.meta.extents(inode.ino, first, end)
+        buffered = [] if st is None else st.buffered_copies(offset, size)
+        if not buffered and len(extents) == 1 and extents[0].file_block <= first and extents[0].end_block >= end:
+            return await self.read_extent(extents[0], first, end, offset, offset + size)
+        out = bytearray(size)
+        for ext in extents:
+            lo, hi = max(ext.file_block, first), min(ext.end_block, end)
+            a, b = max(lo * BLOCK_SIZE, offset), min(hi * BLOCK_SIZE, offset + size)
+            out[a - offset : b - offset] = await self.read_extent(ext, lo, hi, a, b)
+        for start, data in buffered:
+            out[start - offset : start - offset + len(data)] = data
+        return bytes(out)
+
+    async def read_extent(self, ext: Extent, lo: int, hi: int, a: int, b: int) -> bytes:
+        """Bytes [a, b) of the file from blocks [lo, hi) of `ext`, checksums verified (EIO, cause
+        "checksum", when one does not match: never garbage)."""
+        piece = ext.slice(lo, hi)
+        base = lo * BLOCK_SIZE
+        try:
+            return await self.io.read(piece.dev_block, piece.checksums, a - base, b - base)
+        except ChecksumMismatch as exc:
+            log.error("checksum mismatch at device block %d (%s): returning EIO", exc.dev_block, self.io.device.path)
+            if self.on_checksum_error is not None:
+                self.on_checksum_error(exc.dev_block)
+            raise FsError(errno.EIO, f"checksum mismatch at device block {exc.dev_block}", cause="checksum") from None
+
+    async def read_block(self, ino: int, file_block: int) -> bytes:
+        """One whole committed block (zeros for a hole): the old data around a partial write."""
+        ext = self.meta.extent_at(ino, file_block)
+        if ext is None:
+            return bytes(BLOCK_SIZE)
+        start = file_block * BLOCK_SIZE
+        return await self.read_extent(ext, file_block, file_block + 1, start, start + BLOCK_SIZE)

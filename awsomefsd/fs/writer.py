@@ -1,0 +1,111 @@
+"""Copy-on-write of byte runs: fresh extents, the data and its checksums on the device, then one
+WriteData command that maps them (and supersedes what they replace).
+
+Shared by the flusher (buffered writes), the compactor (fragmented files) and nothing else: every
+path that puts file data on the device ends in `write_runs` or in a truncate's tail block. The
+caller holds the file's lock, so no flush, truncate or compaction of the same file interleaves.
+Scattered small runs cost one allocation, a few device writes (the runs lie side by side on the
+device) and one command, not one of each per run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from awsomefsd.fs.buffer import FileState, Run
+from awsomefsd.fs.reader import Reader
+from awsomefsd.fs.space import SpaceGuard
+from awsomefsd.io.extent_io import ExtentIO
+from awsomefsd.io.layout import BLOCK_SIZE
+from awsomefsd.meta import commands as c
+from awsomefsd.meta.client import MetaClient
+from awsomefsd.meta.records import MAX_EXTENT_BLOCKS, Extent
+
+Piece = tuple[int, int, int, memoryview]  # (file block, device block, blocks, their bytes)
+
+
+class RunWriter:
+    def __init__(self, meta: MetaClient, reader: Reader, space: SpaceGuard, io: ExtentIO, *,
+                 clock_ns: Callable[[], int]) -> None:
+        self.meta = meta
+        self.reader = reader
+        self.space = space
+        self.io = io
+        self.clock_ns = clock_ns
+
+    async def write_runs(self, st: FileState, runs: list[Run], *, size: int | None = None,
+                         keep_mtime: bool = False, mtime_ns: int = 0) -> None:
+        """Write byte runs of one file (in offset order, disjoint) to fresh extents and commit them
+        with one WriteData. `size` caps the file size the command may set (a compaction must not
+        grow the file); `keep_mtime` leaves the times alone (compaction); `mtime_ns` is when the
+        writes happened (their mtime)."""
+        inode = self.meta.inode(st.ino)
+        if inode is None:
+            return  # deleted meanwhile: nothing to write
+        end = max(start + len(data) for start, data in runs)
+        if size is not None:
+            end = min(size, end)
+        block_runs = await self._block_runs(st.ino, inode.size, runs)
+        nblocks = sum(len(data) for _, data in block_runs) // BLOCK_SIZE
+        extents = await self.space.allocate(nblocks, self._hint(st.ino, block_runs[0][0]))
+        pieces = _lay_out(block_runs, extents)
+        try:
+            checksums = await self.io.write_async([(dev, data) for _, dev, _, data in pieces])
+            records = tuple(Extent(fb, dev, n, cs) for (fb, dev, n, _), cs in zip(pieces, checksums))
+            await self.meta.propose(c.WriteData(st.ino, records, end, self.clock_ns(), touch=not keep_mtime,
+                                                mtime_ns=mtime_ns))
+        except BaseException:
+            self.space.release(extents)
+            raise
+
+    async def _block_runs(self, ino: int, size: int, runs: list[Run]) -> list[tuple[int, bytearray]]:
+        """The runs as (first block, whole blocks): partial blocks are completed with the committed
+        bytes around them, and runs that share a block become one. Copies: the runs stay visible
+        to readers as in-flight bytes at their own offsets."""
+        out: list[tuple[int, bytearray]] = []
+        for start, data in runs:
+            first, end = start // BLOCK_SIZE, start + len(data)
+            end_block = -(-end // BLOCK_SIZE)
+            if out and out[-1][0] + len(out[-1][1]) // BLOCK_SIZE > first:
+                base, buf = out[-1]  # its last block is this run's first: extend it
+                grown_from = base + len(buf) // BLOCK_SIZE
+            else:
+                base, buf = first, bytearray()
+                out.append((base, buf))
+                grown_from = first
+                if start % BLOCK_SIZE:
+                    buf += (await self.reader.read_block(ino, first))[: start % BLOCK_SIZE]
+            if end_block > grown_from:
+                buf += bytes((end_block - base) * BLOCK_SIZE - len(buf))
+                last = end_block - 1
+                if end % BLOCK_SIZE and last * BLOCK_SIZE < size:
+                    old = await self.reader.read_block(ino, last)
+                    buf[end - base * BLOCK_SIZE :] = old[end % BLOCK_SIZE :]
+            buf[start - base * BLOCK_SIZE : end - base * BLOCK_SIZE] = data
+        return out
+
+    def _hint(self, ino: int, first_block: int) -> int | None:
+        """Where the previous block of the file lives: allocating right after keeps files contiguous."""
+        if first_block == 0:
+            return None
+        ext = self.meta.extent_at(ino, first_block - 1)
+        return None if ext is None else ext.dev_block + (first_block - ext.file_block)
+
+
+def _lay_out(block_runs: list[tuple[int, bytearray]], extents: list[tuple[int, int]]) -> list[Piece]:
+    """Place whole-block runs, in order, into the allocated device extents: pieces of at most one
+    file-map record, each within one run and one extent."""
+    pieces: list[Piece] = []
+    free = iter(extents)
+    dev, left = 0, 0
+    for first, data in block_runs:
+        view = memoryview(data)
+        total, pos = len(data) // BLOCK_SIZE, 0
+        while pos < total:
+            if not left:
+                dev, left = next(free)
+            n = min(total - pos, left, MAX_EXTENT_BLOCKS)
+            pieces.append((first + pos, dev, n, view[pos * BLOCK_SIZE : (pos + n) * BLOCK_SIZE]))
+            pos, dev, left = pos + n, dev + n, left - n
+    assert next(free, None) is None and not left, "allocation and runs differ in size"
+    return pieces

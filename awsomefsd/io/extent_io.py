@@ -1,0 +1,98 @@
+"""File data on the device: runs of whole blocks read with their checksums verified, and written
+with their checksums computed, through a pool of aligned buffers.
+
+How a request travels (measured in docs/design-notes.md, "Limits of the pyfuse3 binding"): up to
+`INLINE_IO_MAX_BYTES` a read goes through the device's native AIO (`BlockDevice.read_into_async`:
+other tasks run while the device works) and a write is made inline on the trio thread, because a
+thread hop per 4 KiB costs more than the I/O; larger requests go to at most `IO_THREADS` worker
+threads. Everything here is in device blocks; what the blocks mean (files, extents) is the
+filesystem layer's business (awsomefsd/fs/).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import trio
+
+from awsomefsd.io.checksum import block_checksums, first_bad_block
+from awsomefsd.io.device import BlockDevice, BufferPool
+from awsomefsd.io.errors import DeviceError
+from awsomefsd.io.layout import BLOCK_SIZE
+
+INLINE_IO_MAX_BYTES = 64 * 1024  # larger device requests go to a worker thread, smaller ones to AIO
+IO_THREADS = 8
+POOL_BUFFERS = 32
+
+BlockRun = tuple[int, memoryview]
+"""(first device block, the bytes of whole blocks to write there)."""
+
+
+class ChecksumMismatch(DeviceError):
+    """A block read back does not match its checksum: the device returned other bytes than were
+    written (bit rot, a torn or misdirected write). Never returned as data."""
+
+    def __init__(self, dev_block: int) -> None:
+        super().__init__(f"checksum mismatch at device block {dev_block}")
+        self.dev_block = dev_block
+
+
+class ExtentIO:
+    """Block runs of at most `max_run_bytes` (one pool buffer) to and from one device."""
+
+    def __init__(self, device: BlockDevice, *, max_run_bytes: int) -> None:
+        assert max_run_bytes > 0 and max_run_bytes % BLOCK_SIZE == 0
+        self.device = device
+        self.pool = BufferPool(max_run_bytes, POOL_BUFFERS)
+        self.limiter = trio.CapacityLimiter(IO_THREADS)
+
+    async def read(self, dev_block: int, checksums: bytes, start: int, end: int) -> bytes:
+        """Bytes [start, end) of the run of blocks at `dev_block` that `checksums` (one CRC32C per
+        block) cover, every block verified; ChecksumMismatch names the first bad one."""
+        n = len(checksums) // 4 * BLOCK_SIZE
+        assert 0 <= start < end <= n, (start, end, n)
+        buf = self.pool.acquire()
+        try:
+            view = memoryview(buf)[:n]
+            if n > INLINE_IO_MAX_BYTES:
+                await trio.to_thread.run_sync(self.device.read_into, view, dev_block * BLOCK_SIZE, limiter=self.limiter)
+            else:
+                await self.device.read_into_async(view, dev_block * BLOCK_SIZE)
+            bad = first_bad_block(view, checksums)
+            if bad >= 0:
+                raise ChecksumMismatch(dev_block + bad)
+            return bytes(view[start:end])
+        finally:
+            self.pool.release(buf)
+
+    def write(self, runs: Sequence[BlockRun]) -> list[bytes]:
+        """Write each run and return its checksums; runs that follow each other on the device go
+        out in one write of up to a pool buffer. Blocking: `write_async` picks the thread."""
+        out = []
+        buf = self.pool.acquire()
+        try:
+            view = memoryview(buf)
+            group_dev, used = -1, 0
+            for dev, data in runs:
+                length = len(data)
+                assert length and length % BLOCK_SIZE == 0 and length <= len(buf), length
+                if used and (group_dev + used // BLOCK_SIZE != dev or used + length > len(buf)):
+                    self.device.write_from(view[:used], group_dev * BLOCK_SIZE)
+                    used = 0
+                if not used:
+                    group_dev = dev
+                target = view[used : used + length]
+                target[:] = data
+                out.append(block_checksums(target))
+                used += length
+            if used:
+                self.device.write_from(view[:used], group_dev * BLOCK_SIZE)
+        finally:
+            self.pool.release(buf)
+        return out
+
+    async def write_async(self, runs: Sequence[BlockRun]) -> list[bytes]:
+        """`write`, in a worker thread when the runs are large."""
+        if sum(len(data) for _, data in runs) > INLINE_IO_MAX_BYTES:
+            return await trio.to_thread.run_sync(self.write, runs, limiter=self.limiter)
+        return self.write(runs)

@@ -1,0 +1,226 @@
+"""The metadata client: how the rest of the daemon reads and changes metadata.
+
+Everything outside `meta/` goes through one `MetaClient`: typed reads (inodes, directory entries,
+extents, volumes, members, orphans, space) and `propose`/`barrier` on the replicated log, whatever
+log that is (the local group-commit log or Raft: both implement `meta.log.ReplicatedLog`). Only
+`meta/` knows that the state lives in LMDB tables and how each record is encoded.
+
+What a caller may rely on:
+- A read sees every mutation acknowledged before it (the log's `read_txn()` contract).
+- A read takes no await and returns values, not handles: nothing it returns is invalidated by a
+  later commit, and no transaction outlives the call. The one lazy result, `entries()`, must be
+  consumed without awaiting (readdir fills its reply in one step); it reads one directory slice.
+- `propose` returns the command's result or raises the FsError the state machine refused it with;
+  `barrier` returns once everything proposed before it is durable (fsync).
+
+Listeners of state-machine events (`on_freed`) are registered when the listening object is built
+(awsomefsd/node.py): the state machine calls them inside its apply, so they must only update
+memory.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+from awsomefsd.io.allocator import FreeSpaceMap
+from awsomefsd.meta.cluster_sm import member_from_record
+from awsomefsd.meta.filemap import all_extents, extents_in
+from awsomefsd.meta.log import ReplicatedLog
+from awsomefsd.meta.records import (
+    ClusterInfo,
+    DeferredFree,
+    DirEntry,
+    Extent,
+    Inode,
+    Member,
+    Orphan,
+    Volume,
+    u64,
+)
+from awsomefsd.meta.state_machine import StateMachine
+from awsomefsd.meta.volumes_sm import volume_from_record
+
+FreedListener = Callable[[list[tuple[int, int]]], None]
+
+
+class MetaClient:
+    def __init__(self, log: ReplicatedLog, sm: StateMachine) -> None:
+        self._log = log
+        self._sm = sm
+        self._ns = sm.ns
+        self._fmap = sm.db["fmap"]
+
+    # -- the replicated log -----------------------------------------------------------------------
+    async def propose(self, command: object) -> Any:
+        """Order, commit and apply `command` (meta/commands.py); its result, or its FsError."""
+        return await self._log.propose(command)
+
+    async def barrier(self) -> None:
+        """Return once everything proposed before the call is durable."""
+        await self._log.barrier()
+
+    @property
+    def applied_index(self) -> int:
+        return self._log.applied_index
+
+    # -- namespace --------------------------------------------------------------------------------
+    def inode(self, ino: int) -> Inode | None:
+        return self._ns.get_inode(self._log.read_txn(), ino)
+
+    def require_inode(self, ino: int) -> Inode:
+        """The inode, or FsError(ENOENT)."""
+        return self._ns.require_inode(self._log.read_txn(), ino)
+
+    def lookup(self, parent: int, name: bytes) -> int | None:
+        """The inode `name` in directory `parent` names, if any."""
+        return self._ns.lookup(self._log.read_txn(), parent, name)
+
+    def entries(self, parent: int, after_cookie: int = 0) -> Iterator[tuple[DirEntry, Inode]]:
+        """The directory's entries with their inodes, in cookie (readdir) order, strictly after
+        `after_cookie`. Lazy: consume it without awaiting (it reads one open transaction)."""
+        txn = self._log.read_txn()
+        for cookie, name, child in self._ns.entries(txn, parent, after_cookie):
+            inode = self._ns.get_inode(txn, child)
+            if inode is not None:
+                yield DirEntry(cookie, name, child), inode
+
+    def symlink_target(self, ino: int) -> bytes:
+        return self._ns.symlink_target(self._log.read_txn(), ino)
+
+    def xattr(self, ino: int, name: bytes) -> bytes | None:
+        value = self._ns.get_xattr(self._log.read_txn(), ino, name)
+        return None if value is None else bytes(value)
+
+    def xattr_names(self, ino: int) -> list[bytes]:
+        return [key[8:] for key, _ in self._ns.xattrs(self._log.read_txn(), ino)]
+
+    def inode_count(self) -> int:
+        return int(self._log.read_txn().stat(self._sm.db["inodes"])["entries"])
+
+    def inode_numbers(self) -> list[int]:
+        """Every inode, in number order (fsck)."""
+        return [int.from_bytes(key, "big") for key, _ in self._log.read_txn().cursor(self._sm.db["inodes"])]
+
+    def orphans(self) -> list[Orphan]:
+        """Unlinked inodes not deleted yet, in inode order."""
+        return [_orphan(key, value) for key, value in self._log.read_txn().cursor(self._sm.db["orphans"])]
+
+    def orphan(self, ino: int) -> Orphan | None:
+        raw = self._log.read_txn().get(u64(ino), db=self._sm.db["orphans"])
+        return None if raw is None else _orphan(u64(ino), raw)
+
+    # -- file data --------------------------------------------------------------------------------
+    def extents(self, ino: int, first_block: int, end_block: int) -> list[Extent]:
+        """The extents of `ino` overlapping file blocks [first_block, end_block), in order, unclipped."""
+        return list(extents_in(self._log.read_txn(), self._fmap, ino, first_block, end_block))
+
+    def extent_at(self, ino: int, file_block: int) -> Extent | None:
+        """The extent holding `file_block`, or None for a hole."""
+        for ext in extents_in(self._log.read_txn(), self._fmap, ino, file_block, file_block + 1):
+            return ext
+        return None
+
+    def all_extents(self, ino: int) -> list[Extent]:
+        return list(all_extents(self._log.read_txn(), self._fmap, ino))
+
+    # -- space ------------------------------------------------------------------------------------
+    def free_blocks(self) -> int:
+        """Free data blocks in the replicated free map (delayed frees not counted)."""
+        return self._sm.space.mirror.free_blocks
+
+    def free_space(self) -> FreeSpaceMap:
+        """A copy of the replicated free map (to seed a node's allocator)."""
+        return self._sm.space.mirror.copy()
+
+    def pending_free_blocks(self) -> int:
+        """Blocks the delayed-free list will return to free space."""
+        return self._sm.space.pending_free_blocks(self._log.read_txn())
+
+    def deferred_frees(self) -> list[DeferredFree]:
+        """The delayed-free list in order (the earliest due first)."""
+        return [DeferredFree(seq, not_before, tuple(pairs))
+                for seq, not_before, pairs in self._sm.space.deferred(self._log.read_txn())]
+
+    def next_deferred_free(self) -> DeferredFree | None:
+        """The delayed free due first, if any."""
+        for seq, not_before, pairs in self._sm.space.deferred(self._log.read_txn()):
+            return DeferredFree(seq, not_before, tuple(pairs))
+        return None
+
+    def group_owners(self) -> dict[int, int]:
+        """Allocation group -> the node it is granted to."""
+        return self._sm.group_owners(self._log.read_txn())
+
+    def groups_of(self, node: int) -> list[int]:
+        return [group for group, owner in self.group_owners().items() if owner == node]
+
+    def on_freed(self, listener: FreedListener) -> None:
+        """Call `listener(extents)` whenever applying a command returns extents to free space
+        (inside the apply: it must only update memory)."""
+        self._sm.freed_listeners.append(listener)
+
+    # -- volumes ----------------------------------------------------------------------------------
+    def volume(self, volume: int) -> Volume | None:
+        record = self._sm.volumes.get(self._log.read_txn(), volume)
+        return None if record is None else volume_from_record(volume, record)
+
+    def volume_by_name(self, kind: str, name: str) -> Volume | None:
+        """The volume ("volume") or snapshot ("snapshot") called `name`."""
+        txn = self._log.read_txn()
+        number = self._sm.volumes.by_name(txn, "v" if kind == "volume" else "s", name)
+        record = None if number is None else self._sm.volumes.get(txn, number)
+        return None if number is None or record is None else volume_from_record(number, record)
+
+    def volumes(self) -> list[Volume]:
+        """Every volume and snapshot, by id."""
+        return [volume_from_record(number, record) for number, record in self._sm.volumes.all(self._log.read_txn())]
+
+    def check_writable(self, volume: int) -> None:
+        """FsError(EROFS) for a snapshot's inodes."""
+        self._sm.volumes.check_writable(self._log.read_txn(), volume)
+
+    async def propose_volume(self, command: object) -> Volume:
+        """Propose a volume or snapshot command (create, resize, snapshot); the record it left."""
+        result = await self._log.propose(command)
+        return volume_from_record(result["id"], result)
+
+    # -- the cluster ------------------------------------------------------------------------------
+    def cluster_info(self) -> ClusterInfo | None:
+        """What InitCluster recorded; None before (a single node, or a joiner without state)."""
+        txn = self._log.read_txn()
+        cluster = self._sm.cluster
+        if not cluster.initialised(txn):
+            return None
+        cert, key, verifier = (cluster.value(txn, k) for k in (b"ca_cert", b"ca_key", b"join_verifier"))
+        target = cluster.value(txn, b"voters_target")
+        assert cert is not None and key is not None and verifier is not None, "InitCluster writes them together"
+        return ClusterInfo(cert, key, verifier, 3 if target is None else int.from_bytes(target, "big"))
+
+    def join_verifier(self) -> bytes | None:
+        return self._sm.cluster.value(self._log.read_txn(), b"join_verifier")
+
+    def member(self, node: int) -> Member | None:
+        record = self._sm.cluster.member(self._log.read_txn(), node)
+        return None if record is None else member_from_record(node, record)
+
+    def members(self) -> dict[int, Member]:
+        return {node: member_from_record(node, record) for node, record in self._sm.cluster.members(self._log.read_txn()).items()}
+
+    def revoked_serials(self) -> set[int]:
+        return self._sm.cluster.revoked_serials(self._log.read_txn())
+
+    def lease_holder(self, ino: int) -> int:
+        """The node holding the file's write lease (0: none)."""
+        return self._sm.cluster.lease_holder(self._log.read_txn(), ino)
+
+    def leases_of(self, node: int) -> list[int]:
+        """The files whose write lease `node` holds."""
+        return self._sm.cluster.leases_of(self._log.read_txn(), node)
+
+
+def _orphan(key: bytes, value: bytes) -> Orphan:
+    holders: Iterable[int] = json.loads(bytes(value)) if value else ()
+    return Orphan(int.from_bytes(key, "big"), tuple(holders))
+

@@ -1,0 +1,258 @@
+"""The filesystem layer in-process, without a mount (S3QL's t3_fs_api shape): POSIX operations
+(awsomefsd/fs/operations.py) over the file data parts and the metadata client, on an image file
+and the local group-commit log. Fast, no root, no /dev/fuse.
+
+Each test says what it checks; the data checks compare with a model of the file (a bytearray)
+before the flush (bytes from the write buffer), after it (from the device) and after the commit
+and a restart (from the image and the log alone).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import random
+import stat
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+import trio
+
+from awsomefsd.config import DataSettings, DeviceSettings, NodeSettings, Settings
+from awsomefsd.io.device import BlockDevice, create_image
+from awsomefsd.io.layout import BLOCK_SIZE, MiB
+from awsomefsd.io.superblock import format_device
+from awsomefsd.meta import commands as c
+from awsomefsd.meta.errors import FsError
+from awsomefsd.meta.records import ROOT_INO, Inode
+from awsomefsd.node import Core, open_core
+
+IMAGE_BYTES = 64 * MiB
+GRACE_MS = 200
+
+
+def settings_for(tmp_path: Path, *, delayed_free_ms: int = GRACE_MS) -> Settings:
+    image = tmp_path / "device.img"
+    if not image.exists():
+        create_image(image, IMAGE_BYTES)
+        with BlockDevice.open(image, direct=False) as device:
+            format_device(device, cluster_id=uuid.uuid4(), label="fs-api")
+    return Settings(node=NodeSettings(state_dir=tmp_path / "state", name="fs-api"),
+                    device=DeviceSettings(path=image, shared=False, direct_io=False),
+                    data=DataSettings(delayed_free_ms=delayed_free_ms))
+
+
+@pytest.fixture
+def core(tmp_path: Path) -> Iterator[Core]:
+    core = open_core(settings_for(tmp_path))
+    try:
+        yield core
+    finally:
+        core.close()
+
+
+@pytest.fixture
+async def running(core: Core) -> AsyncIterator[Core]:
+    """The core with its background flusher and compactor (FileData.run) going."""
+    async with trio.open_nursery() as nursery:
+        await nursery.start(core.data.run)
+        yield core
+        nursery.cancel_scope.cancel()
+
+
+class File:
+    """An open file of the core, and the model of its bytes."""
+
+    def __init__(self, core: Core, fh: int, ino: int) -> None:
+        self.core, self.fh, self.ino = core, fh, ino
+        self.model = bytearray()
+
+    @classmethod
+    async def create(cls, core: Core, name: bytes, parent: int = ROOT_INO) -> File:
+        fh, inode = await core.ops.create(parent, name, stat.S_IFREG | 0o644, os.O_RDWR, 0, 0)
+        return cls(core, fh, inode.ino)
+
+    async def write(self, offset: int, data: bytes) -> None:
+        assert await self.core.ops.write(self.fh, offset, data) == len(data)
+        if offset > len(self.model):
+            self.model.extend(bytes(offset - len(self.model)))
+        self.model[offset : offset + len(data)] = data
+
+    async def truncate(self, size: int) -> None:
+        await self.core.ops.setattr(self.ino, size=size)
+        del self.model[size:]
+        self.model.extend(bytes(size - len(self.model)))
+
+    async def read_all(self) -> bytes:
+        size = (await self.core.ops.getattr(self.ino)).size
+        return await self.core.ops.read(self.fh, 0, size + BLOCK_SIZE)
+
+    async def stat(self) -> Inode:
+        return await self.core.ops.getattr(self.ino)
+
+    async def check(self) -> None:
+        assert (await self.stat()).size == len(self.model)
+        assert await self.read_all() == bytes(self.model)
+
+
+async def test_unaligned_writes_read_back_from_the_buffer_the_device_and_after_a_restart(tmp_path: Path) -> None:
+    """Writes at odd offsets and lengths, overlapping each other and block boundaries: each
+    partial block is completed with the committed bytes around it when flushed."""
+    core = open_core(settings_for(tmp_path))
+    rng = random.Random(12)
+    try:
+        f = await File.create(core, b"unaligned")
+        for round_ in range(4):
+            for _ in range(25):
+                offset = rng.randrange(0, 6 * BLOCK_SIZE)
+                await f.write(offset, bytes([rng.randrange(256)]) * rng.randrange(1, 3 * BLOCK_SIZE))
+            await f.check()  # from the write buffer, over whatever was flushed before
+            if round_ % 2:
+                await core.ops.flush(f.fh)
+                assert f.ino not in core.data.files
+                await f.check()  # from the device
+        await core.ops.fsync(f.fh, False)
+        await core.ops.release(f.fh)
+        model = bytes(f.model)
+    finally:
+        core.close()
+    core = open_core(settings_for(tmp_path))
+    try:
+        ino = core.meta.lookup(ROOT_INO, b"unaligned")
+        assert ino is not None
+        fh = await core.ops.open(ino, os.O_RDONLY)
+        assert await core.ops.read(fh, 0, len(model) + 1) == model
+        await core.ops.release(fh)
+    finally:
+        core.close()
+
+
+async def test_a_truncate_zeroes_the_tail_of_its_block_and_drops_buffered_bytes_past_it(core: Core) -> None:
+    """Shrinking into the middle of a block rewrites that block with its tail zeroed; growing
+    again reads zeros there, never the old bytes, whether they were committed or still buffered."""
+    f = await File.create(core, b"tail")
+    await f.write(0, b"x" * 3 * BLOCK_SIZE)
+    await core.ops.flush(f.fh)
+    await f.write(3 * BLOCK_SIZE, b"y" * 100)  # buffered, past the new size
+    await f.truncate(BLOCK_SIZE + 5)
+    await f.check()
+    await f.truncate(4 * BLOCK_SIZE)
+    await f.check()
+    assert (await f.read_all())[BLOCK_SIZE + 5 : 2 * BLOCK_SIZE] == bytes(BLOCK_SIZE - 5)
+    await f.write(BLOCK_SIZE + 1, b"z")  # buffered inside the rewritten tail block
+    await f.truncate(BLOCK_SIZE + 3)
+    await f.check()
+    await core.ops.flush(f.fh)
+    await f.check()
+    assert (await f.stat()).blocks == 2
+    await core.ops.release(f.fh)
+
+
+async def test_holes_read_as_zeros_and_take_no_space(core: Core) -> None:
+    f = await File.create(core, b"sparse")
+    free_before = core.ops.statfs().free_blocks
+    await f.write(0, b"a" * BLOCK_SIZE)
+    await f.write(1000 * BLOCK_SIZE + 17, b"b" * 10)  # one partial block, a thousand blocks on
+    await core.ops.flush(f.fh)
+    await f.check()
+    assert (await f.stat()).blocks == 2
+    assert core.ops.statfs().free_blocks == free_before - 2
+    assert await core.ops.read(f.fh, 500 * BLOCK_SIZE, BLOCK_SIZE) == bytes(BLOCK_SIZE)
+    assert [ext.file_block for ext in core.meta.all_extents(f.ino)] == [0, 1000]
+    await core.ops.release(f.fh)
+
+
+async def test_compaction_merges_fragments_and_keeps_bytes_size_and_times(running: Core) -> None:
+    """Small writes flushed one by one, back to front, leave one extent per block; compaction
+    rewrites them as one extent without changing what a reader or stat sees."""
+    core = running
+    f = await File.create(core, b"fragmented")
+    for block in reversed(range(16)):
+        await f.write(block * BLOCK_SIZE, bytes([block]) * BLOCK_SIZE)
+        await core.ops.flush(f.fh)
+    assert len(core.meta.all_extents(f.ino)) == 16
+    before = await f.stat()
+    assert await core.data.compact(f.ino) == 15
+    assert len(core.meta.all_extents(f.ino)) == 1
+    after = await f.stat()
+    assert (after.size, after.mtime_ns, after.blocks) == (before.size, before.mtime_ns, before.blocks)
+    await f.check()
+    await core.ops.release(f.fh)
+
+
+async def test_a_write_past_the_quota_fails_at_write_time(core: Core) -> None:
+    """EDQUOT at write(), not at a later flush the application may never see; the refused write
+    leaves nothing buffered, and bytes still buffered count against the quota. A write into a hole
+    does not grow the file, so only its flush finds the volume full: that flush reports EDQUOT."""
+    number = await core.ops.new_ino()
+    volume = await core.meta.propose_volume(c.CreateVolume(number, "q", number, 8 * BLOCK_SIZE, 0, time.time_ns()))
+    f = await File.create(core, b"f", parent=volume.root)
+    await f.write(0, b"q" * 6 * BLOCK_SIZE)  # buffered
+    with pytest.raises(FsError) as info:
+        await core.ops.write(f.fh, 6 * BLOCK_SIZE, b"q" * 3 * BLOCK_SIZE)
+    assert info.value.errno == errno.EDQUOT
+    assert core.data.total_dirty_bytes == 6 * BLOCK_SIZE
+    await f.write(6 * BLOCK_SIZE, b"q" * BLOCK_SIZE)  # still fits
+    await core.ops.flush(f.fh)
+    used = core.meta.volume(number)
+    assert used is not None and used.used_blocks == 7
+    await f.truncate(20 * BLOCK_SIZE)  # a hole: no blocks, no quota
+    await core.ops.write(f.fh, 10 * BLOCK_SIZE, b"h" * 2 * BLOCK_SIZE)
+    with pytest.raises(FsError) as info:
+        await core.ops.flush(f.fh)
+    assert info.value.errno == errno.EDQUOT
+    await f.check()  # the refused bytes never landed
+    await core.ops.release(f.fh)
+
+
+async def test_a_full_device_fails_writes_with_enospc_and_frees_come_back_after_the_grace(running: Core) -> None:
+    """Writes are refused up front once the node's space (less what is buffered) is gone; space
+    an unlink freed returns after the delayed-free grace period, and a write that needs it waits
+    for it instead of failing."""
+    core = running
+    chunk = b"F" * (1 * MiB)
+    f = await File.create(core, b"fill")
+    written = 0
+    with pytest.raises(FsError) as info:
+        while written < IMAGE_BYTES:
+            await f.write(written, chunk)
+            written += len(chunk)
+    assert info.value.errno == errno.ENOSPC
+    assert written > IMAGE_BYTES // 2
+    await core.ops.flush(f.fh)
+    assert await core.ops.read(f.fh, written - len(chunk), len(chunk)) == chunk
+    await core.ops.release(f.fh)
+    await core.ops.unlink(ROOT_INO, b"fill", is_dir=False)  # freed after the grace period
+    g = await File.create(core, b"again")
+    started = trio.current_time()
+    for offset in range(0, written // 2, len(chunk)):
+        await g.write(offset, chunk)
+    await core.ops.flush(g.fh)
+    assert trio.current_time() - started < 10 * GRACE_MS / 1000 + 5
+    assert await core.ops.read(g.fh, 0, len(chunk)) == chunk
+    await core.ops.release(g.fh)
+
+
+async def test_lost_buffered_writes_are_reported_once_to_the_descriptors_open_then(core: Core) -> None:
+    """A node that lost its lease drops its buffered writes (fs/losses.py): each descriptor open on
+    the file at that moment gets EIO once, at its next flush or fsync; one opened later does not."""
+    f = await File.create(core, b"lost")
+    await f.write(0, b"kept")
+    await core.ops.flush(f.fh)
+    await core.ops.write(f.fh, 0, b"gone")
+    other = await core.ops.open(f.ino, os.O_RDWR)
+    assert core.data.lose_buffers("test: the lease expired") == 1
+    assert core.data.total_dirty_bytes == 0
+    later = await core.ops.open(f.ino, os.O_RDWR)
+    for fh in (f.fh, other):
+        with pytest.raises(FsError) as info:
+            await core.ops.flush(fh)
+        assert info.value.errno == errno.EIO and info.value.cause == "lost-writes"
+        await core.ops.fsync(fh, False)  # reported once
+    await core.ops.fsync(later, False)
+    assert await core.ops.read(later, 0, 10) == b"kept"
+    for fh in (f.fh, other, later):
+        await core.ops.release(fh)
