@@ -29,7 +29,7 @@ from awsomefsd.io.filedata import FileData
 from awsomefsd.io.superblock import Superblock, read_superblock
 from awsomefsd.meta import commands as c
 from awsomefsd.meta.log import LocalLog
-from awsomefsd.meta.raft_log import RaftLog
+from awsomefsd.meta.replication.fs_log import ReplicatedFsLog
 from awsomefsd.meta.state_machine import StateMachine
 from awsomefsd.meta.store import MetaStore
 from awsomefsd.metrics import Metrics, counter, gauge
@@ -51,7 +51,7 @@ class Core:
     superblock: Superblock
     store: MetaStore
     sm: StateMachine
-    log: LocalLog | RaftLog
+    log: LocalLog | ReplicatedFsLog
     allocator: NodeAllocator
     data: FileData
     ops: Operations
@@ -113,15 +113,15 @@ def open_core(settings: Settings, *, metrics: Metrics | None = None, log_kind: s
     `log_kind` overrides `[meta] log` (fsck works offline on the state as committed: "local").
     """
     storage = open_storage(settings)
-    meta_log: LocalLog | RaftLog
+    meta_log: LocalLog | ReplicatedFsLog
     if (log_kind or settings.meta.log) == "raft":
-        meta_log = RaftLog(storage.store, storage.sm, node_id=NODE_ID)
+        meta_log = ReplicatedFsLog(storage.store, storage.sm, node_id=NODE_ID)
     else:
         meta_log = LocalLog(storage.store, storage.sm, commit_interval_ms=settings.data.commit_interval_ms)
     return build_core(settings, storage, meta_log, node_id=NODE_ID, metrics=metrics)
 
 
-def build_core(settings: Settings, storage: Storage, meta_log: LocalLog | RaftLog, *, node_id: int,
+def build_core(settings: Settings, storage: Storage, meta_log: LocalLog | ReplicatedFsLog, *, node_id: int,
                metrics: Metrics | None = None) -> Core:
     """Allocator, file data and operations over open storage whose metadata is initialised."""
     metrics = metrics or Metrics()

@@ -43,7 +43,7 @@ from awsomefsd.duty import is_fatal, one_line
 from awsomefsd.fuse.invalidate import Invalidator, Kind, Target, targets
 from awsomefsd.meta import commands as c
 from awsomefsd.meta.errors import FsError
-from awsomefsd.meta.raft_log import RaftLog
+from awsomefsd.meta.replication.fs_log import ReplicatedFsLog
 from awsomefsd.meta.state_machine import StateMachine
 
 log = logging.getLogger(__name__)
@@ -71,7 +71,7 @@ HANDOVER_RETRY_S = 0.5
 class ClusterCoherence:
     """The `Coherence` hooks of awsomefsd.fuse.operations for one member."""
 
-    def __init__(self, node_id: int, log_: RaftLog, sm: StateMachine, invalidator: Invalidator,
+    def __init__(self, node_id: int, log_: ReplicatedFsLog, sm: StateMachine, invalidator: Invalidator,
                  epoch: Any, *, strict: bool = False) -> None:
         self.node_id = node_id
         self.strict = strict

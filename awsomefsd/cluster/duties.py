@@ -32,7 +32,7 @@ from awsomefsd.io.fence import WriteFence
 from awsomefsd.meta import commands as c
 from awsomefsd.meta.errors import FsError
 from awsomefsd.meta.raft import ConfChange, ConfChangeType
-from awsomefsd.meta.raft_log import RaftLog
+from awsomefsd.meta.replication.fs_log import ReplicatedFsLog
 from awsomefsd.meta.state_machine import StateMachine
 
 log = logging.getLogger(__name__)
@@ -55,7 +55,7 @@ class LeaseSettings:
 class LivenessLease:
     """Renews this node's lease and keeps the device's write fence in step with it."""
 
-    def __init__(self, node_id: int, log_: RaftLog, sm: StateMachine, fence: WriteFence,
+    def __init__(self, node_id: int, log_: ReplicatedFsLog, sm: StateMachine, fence: WriteFence,
                  settings: LeaseSettings, on_expired: Callable[[], None], book: DutyBook | None = None) -> None:
         self.node_id = node_id
         self.log = log_
@@ -121,7 +121,7 @@ class GroupKeeper:
     """Claims allocation groups for this node when its free space runs low (ClaimGroups through the
     log); applies grants and expiries to the node's allocator as they are applied."""
 
-    def __init__(self, node_id: int, log_: RaftLog, sm: StateMachine, allocator: NodeAllocator,
+    def __init__(self, node_id: int, log_: ReplicatedFsLog, sm: StateMachine, allocator: NodeAllocator,
                  epoch: Callable[[], int], low_blocks: int, book: DutyBook | None = None) -> None:
         self.node_id = node_id
         self.log = log_
@@ -191,7 +191,7 @@ class LeaderDuties:
     members as learners, promote caught-up learners while voters are below target, remove removed
     members) and expire members whose liveness lease ran out."""
 
-    def __init__(self, node_id: int, log_: RaftLog, sm: StateMachine, settings: LeaseSettings,
+    def __init__(self, node_id: int, log_: ReplicatedFsLog, sm: StateMachine, settings: LeaseSettings,
                  tick_s: float = 0.25, book: DutyBook | None = None) -> None:
         self.node_id = node_id
         self.log = log_

@@ -61,12 +61,12 @@ from awsomefsd.duty import is_fatal, one_line, retry_until_done, supervise
 from awsomefsd.fuse.invalidate import Invalidator
 from awsomefsd.io.fence import WriteFence
 from awsomefsd.meta import commands as c
-from awsomefsd.meta.raft_log import RaftLog
-from awsomefsd.meta.raft_node import NodeSettings
+from awsomefsd.meta.replication.driver import NodeSettings
+from awsomefsd.meta.replication.fs_log import ReplicatedFsLog
+from awsomefsd.meta.replication.transport import RaftTransport
 from awsomefsd.metrics import counter, gauge
 from awsomefsd.node import Core, NodeError, Storage, build_core, open_storage, serve
 from awsomefsd.rpc.bridge import serve_grpc
-from awsomefsd.rpc.raft_transport import RaftTransport
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +94,7 @@ class Member:
     state: MemberState
     creds: NodeCredentials
     storage: Storage
-    raft: RaftLog
+    raft: ReplicatedFsLog
     transport: RaftTransport
     revocations: Revocations
     invalidator: Invalidator = field(default_factory=Invalidator)
@@ -269,7 +269,7 @@ def open_member(settings: Settings, state: MemberState, creds: NodeCredentials, 
         storage.close()
         raise NodeError(f"the device {settings.device.path} belongs to cluster {storage.superblock.cluster_id}, "
                         f"not to this node's cluster {state.cluster_id}")
-    raft = RaftLog(storage.store, storage.sm, node_id=state.node_id, settings=RAFT_SETTINGS,
+    raft = ReplicatedFsLog(storage.store, storage.sm, node_id=state.node_id, settings=RAFT_SETTINGS,
                    bootstrap_voters=(state.node_id,) if founding else (), stall_s=settings.cluster.stall_s)
     revocations = Revocations()
     cluster_id = state.cluster_uuid

@@ -24,7 +24,7 @@ from typing import Any
 import grpc
 import trio
 
-from awsomefsd.meta.raft_node import NotLeader, ProposalLost, ProposalTimeout, RaftNode
+from awsomefsd.meta.replication.driver import NotLeader, ProposalLost, ProposalTimeout, RaftNode
 from awsomefsd.rpc.bridge import Binding, RpcAbort
 
 log = logging.getLogger(__name__)

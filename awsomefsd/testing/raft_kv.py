@@ -30,9 +30,9 @@ import grpc
 import lmdb
 import trio
 
-from awsomefsd.meta.raft_node import NodeSettings, NotLeader, ProposalLost, ProposalTimeout, RaftNode
+from awsomefsd.meta.replication.driver import NodeSettings, NotLeader, ProposalLost, ProposalTimeout, RaftNode
+from awsomefsd.meta.replication.transport import RaftTransport
 from awsomefsd.rpc.bridge import Binding, BridgeLimits, serve_grpc
-from awsomefsd.rpc.raft_transport import RaftTransport
 
 log = logging.getLogger(__name__)
 

@@ -15,8 +15,8 @@ import pytest
 import trio
 
 from awsomefsd.meta.raft import Message
-from awsomefsd.meta.raft_node import NodeSettings, NotLeader, ProposalLost, ProposalTimeout, RaftNode
-from awsomefsd.rpc.raft_transport import RaftTransport, TransportLimits
+from awsomefsd.meta.replication.driver import NodeSettings, NotLeader, ProposalLost, ProposalTimeout, RaftNode
+from awsomefsd.meta.replication.transport import RaftTransport, TransportLimits
 from awsomefsd.testing.raft_cluster import free_port
 from awsomefsd.testing.raft_kv import KVStateMachine, encode_put
 

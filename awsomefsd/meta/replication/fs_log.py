@@ -45,8 +45,8 @@ from awsomefsd.meta import codec
 from awsomefsd.meta import commands as c
 from awsomefsd.meta.errors import FsError
 from awsomefsd.meta.raft import Ready
-from awsomefsd.meta.raft_node import NodeSettings, NotLeader, ProposalLost, ProposalTimeout, RaftNode
 from awsomefsd.meta.records import u64
+from awsomefsd.meta.replication.driver import NodeSettings, NotLeader, ProposalLost, ProposalTimeout, RaftNode
 from awsomefsd.meta.state_machine import StateMachine
 from awsomefsd.meta.store import MetaStore
 
@@ -101,7 +101,7 @@ class FsCommands:
         return self.store.env
 
 
-class RaftLog:
+class ReplicatedFsLog:
     """ReplicatedLog over a one-member Raft group; see the module docstring."""
 
     def __init__(self, store: MetaStore, sm: StateMachine, *, node_id: int = 1,

@@ -75,7 +75,7 @@ from awsomefsd.meta.raft import (
     StateType,
 )
 from awsomefsd.meta.raft.codec import decode_conf_change
-from awsomefsd.meta.raft_storage import (
+from awsomefsd.meta.replication.storage import (
     APPLIED_KEY,
     DEFAULT_CHUNK_BYTES,
     LmdbRaftStorage,

@@ -51,7 +51,7 @@ def _key(index: int) -> bytes:
 
 
 class LmdbRaftStorage:
-    """Implements `awsomefsd.meta.raft.storage.Storage` plus the write side used per Ready.
+    """Implements `awsomefsd.meta.raft.storage.RaftStorage` plus the write side used per Ready.
 
     Single writer (the node's Raft driver). Reads of indexes and terms hit small in-memory copies
     of the log bounds and snapshot metadata, kept in step with every committed write.
