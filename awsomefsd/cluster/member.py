@@ -61,8 +61,8 @@ from awsomefsd.duty import is_fatal, one_line, retry_until_done, supervise
 from awsomefsd.fuse.invalidate import Invalidator
 from awsomefsd.io.fence import WriteFence
 from awsomefsd.meta import commands as c
-from awsomefsd.meta.replication.driver import NodeSettings
 from awsomefsd.meta.replication.fs_log import ReplicatedFsLog
+from awsomefsd.meta.replication.settings import NodeSettings
 from awsomefsd.meta.replication.transport import RaftTransport
 from awsomefsd.metrics import counter, gauge
 from awsomefsd.node import Core, NodeError, Storage, build_core, open_storage, serve

@@ -24,7 +24,8 @@ from typing import Any
 import grpc
 import trio
 
-from awsomefsd.meta.replication.driver import NotLeader, ProposalLost, ProposalTimeout, RaftNode
+from awsomefsd.meta.replication.driver import RaftNode
+from awsomefsd.meta.replication.errors import NotLeader, ProposalLost, ProposalTimeout
 from awsomefsd.rpc.bridge import Binding, RpcAbort
 
 log = logging.getLogger(__name__)

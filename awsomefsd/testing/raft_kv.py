@@ -30,7 +30,9 @@ import grpc
 import lmdb
 import trio
 
-from awsomefsd.meta.replication.driver import NodeSettings, NotLeader, ProposalLost, ProposalTimeout, RaftNode
+from awsomefsd.meta.replication.driver import RaftNode
+from awsomefsd.meta.replication.errors import NotLeader, ProposalLost, ProposalTimeout
+from awsomefsd.meta.replication.settings import NodeSettings
 from awsomefsd.meta.replication.transport import RaftTransport
 from awsomefsd.rpc.bridge import Binding, BridgeLimits, serve_grpc
 

@@ -15,7 +15,9 @@ import pytest
 import trio
 
 from awsomefsd.meta.raft import Message
-from awsomefsd.meta.replication.driver import NodeSettings, NotLeader, ProposalLost, ProposalTimeout, RaftNode
+from awsomefsd.meta.replication.driver import RaftNode
+from awsomefsd.meta.replication.errors import NotLeader, ProposalLost, ProposalTimeout
+from awsomefsd.meta.replication.settings import NodeSettings
 from awsomefsd.meta.replication.transport import RaftTransport, TransportLimits
 from awsomefsd.testing.raft_cluster import free_port
 from awsomefsd.testing.raft_kv import KVStateMachine, encode_put

@@ -22,13 +22,8 @@ from awsomefsd.meta.raft import (
     RawNode,
     SnapshotMeta,
 )
-from awsomefsd.meta.replication.storage import (
-    LmdbRaftStorage,
-    SnapshotReceiver,
-    apply_entries,
-    read_applied_index,
-    snapshot_chunks,
-)
+from awsomefsd.meta.replication.snapshots import SnapshotReceiver, snapshot_chunks
+from awsomefsd.meta.replication.storage import LmdbRaftStorage, apply_entries, read_applied_index
 
 MAP_BYTES = 64 << 20
 

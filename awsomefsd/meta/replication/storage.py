@@ -12,18 +12,14 @@ The apply contract (`apply_entries`): the state machine lives in its own environ
 tables); applying entries and recording the last applied index happen in the same write
 transaction, so after a crash replaying committed entries skips exactly those already applied.
 
-Snapshots: the state-machine environment *is* the snapshot. `snapshot_chunks` streams a compacted
-copy of it in bounded chunks and `SnapshotReceiver` reassembles one on the follower; the log keeps
-only the snapshot's metadata (index, term, membership).
+Snapshots: the state-machine environment *is* the snapshot (snapshots.py ships and installs
+copies of it); the log keeps only the snapshot's metadata (index, term, membership).
 """
 
 from __future__ import annotations
 
-import os
-import shutil
 import struct
-import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import lmdb
@@ -34,11 +30,8 @@ from awsomefsd.meta.raft.storage import LogCompacted, LogUnavailable, limit_size
 
 FORMAT_VERSION = 1
 DEFAULT_MAP_BYTES = 1 << 30
-DEFAULT_CHUNK_BYTES = 1 << 20
 SEEN_WINDOW = 65_536
 """Proposal ids remembered for de-duplication: far more than a resend can lag behind."""
-MAX_CHUNK_BYTES = 64 << 20
-MAX_SNAPSHOT_BYTES = 1 << 40
 APPLIED_KEY = b"raft_applied_index"
 
 _INDEX = struct.Struct(">Q")
@@ -186,6 +179,14 @@ class LmdbRaftStorage:
         with self.env.begin() as txn:
             return read_applied_index(txn, self._meta)
 
+    def read_applied(self, txn: lmdb.Transaction[bytes]) -> int:
+        """The applied index as of `txn` (inside the transaction that applies more)."""
+        return read_applied_index(txn, self._meta)
+
+    def write_applied(self, txn: lmdb.Transaction[bytes], index: int) -> None:
+        """Record `index` as applied, in the transaction that applied it."""
+        txn.put(APPLIED_KEY, _U64.pack(index), db=self._meta)
+
     def save(
         self,
         hard_state: HardState | None,
@@ -304,55 +305,6 @@ def apply_entries(
             applied = e.index
         txn.put(APPLIED_KEY, _U64.pack(applied), db=db)
     return applied
-
-
-# --- snapshots as environment copies -----------------------------------------------------------------
-def snapshot_chunks(env: lmdb.Environment, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Iterator[bytes]:
-    """A compacted, consistent copy of `env` (one read transaction) as a stream of bounded chunks."""
-    assert 0 < chunk_bytes <= MAX_CHUNK_BYTES
-    with tempfile.TemporaryDirectory(prefix="raft-snap-") as tmp:
-        env.copy(tmp, compact=True)
-        with open(os.path.join(tmp, "data.mdb"), "rb") as f:
-            while chunk := f.read(chunk_bytes):
-                yield chunk
-
-
-class SnapshotReceiver:
-    """Reassembles a streamed environment copy; only `finish()` makes it visible at the target."""
-
-    def __init__(self, staging_dir: Path, max_bytes: int = MAX_SNAPSHOT_BYTES) -> None:
-        staging_dir.mkdir(parents=True, exist_ok=True)
-        self._dir = Path(tempfile.mkdtemp(prefix="incoming-", dir=staging_dir))
-        self._file = open(self._dir / "data.mdb", "wb")  # noqa: SIM115 - closed in finish/abort
-        self._max_bytes = max_bytes
-        self.received_bytes = 0
-
-    def write(self, chunk: bytes) -> None:
-        assert len(chunk) <= MAX_CHUNK_BYTES, "chunk over bound"
-        self.received_bytes += len(chunk)
-        if self.received_bytes > self._max_bytes:
-            self.abort()
-            raise ValueError(f"snapshot larger than {self._max_bytes} bytes")
-        self._file.write(chunk)
-
-    def finish(self, target_dir: Path) -> Path:
-        """fsync the copy and rename it into place (atomic on one filesystem)."""
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
-        if target_dir.exists():
-            shutil.rmtree(target_dir)
-        os.replace(self._dir, target_dir)
-        dir_fd = os.open(target_dir.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-        return target_dir
-
-    def abort(self) -> None:
-        self._file.close()
-        shutil.rmtree(self._dir, ignore_errors=True)
 
 
 def describe_log(env: lmdb.Environment, txn: lmdb.Transaction) -> dict[str, object] | None:

@@ -1,0 +1,91 @@
+"""Forwarding: a follower's proposals ordered by the leader.
+
+A follower with a `forward` hook (RaftNode.forward) sends the entry, header included, to the
+leader, which appends it under the follower's own proposal id (`accept_forwarded`) and answers
+with its index once applied there. The follower answers its caller from its own apply of that
+entry (proposals.py matches the id), so the result needs no encoding and the caller's next read
+on the follower already sees the effect. Without the hook, or with no leader known, a follower
+raises NotLeader with the leader it knows of.
+
+When a call fails we cannot always tell whether the leader appended the entry (it may have died
+mid-call), so the same entry (same id) is sent again, to whichever node leads next, until it is
+applied here or the timeout ends; the id makes a second copy a no-op on every replica alike
+(de-duplication, proposals.py).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from awsomefsd.meta.replication.errors import NotLeader, ProposalLost, ProposalTimeout
+from awsomefsd.meta.replication.proposals import DUPLICATE, HEADER, Proposal
+
+if TYPE_CHECKING:
+    from awsomefsd.meta.replication.driver import RaftNode
+
+log = logging.getLogger(__name__)
+
+RESEND_PAUSE_S = 0.05
+
+Forward = Callable[[int, bytes], Awaitable[int]]
+"""Hand an entry (header included) to the leader with this id; returns once the leader applied it
+(its index). Raises NotLeader when that node does not lead (certainly not appended there),
+ProposalLost when it was certainly not applied, anything else when its fate is unknown."""
+
+
+async def propose_via_leader(node: RaftNode, forward: Forward, command: bytes, timeout_s: float) -> Any:
+    """Follower side: see the module docstring."""
+    p = Proposal(node.proposals.next_id(forwarded=True), command)
+    entry = p.entry()
+    node.proposals.forwarded[p.pid] = p
+    try:
+        with trio.move_on_after(timeout_s):
+            while not p.done.is_set():
+                leader = node.raw.leader_id
+                if leader == node.id:  # we lead now: append it here, under the same id
+                    result = await node.submit(Proposal(p.pid, command), timeout_s)
+                    if result is DUPLICATE:  # an earlier copy was applied: its result is ours
+                        await p.done.wait()
+                        result = p.result
+                    return result
+                if leader == 0:
+                    await _wait_or(p.done, node.settings.tick_ms / 1000)
+                    continue
+                try:
+                    p.index = await forward(leader, entry)
+                    await p.done.wait()
+                except NotLeader as exc:  # certainly not appended there; try where it points
+                    node.forward_retries += 1
+                    await _wait_or(p.done, 0.0 if exc.leader_id not in (0, leader) else RESEND_PAUSE_S)
+                except (ProposalLost, ProposalTimeout, OSError) as exc:
+                    node.forward_retries += 1
+                    log.debug("forwarding to node %d: %s; sending it again", leader, exc)
+                    await _wait_or(p.done, RESEND_PAUSE_S)
+    finally:
+        node.proposals.forwarded.pop(p.pid, None)
+    if not p.done.is_set():
+        raise ProposalTimeout(f"forwarded entry {p.index or '?'} not applied here in time")
+    if p.error is not None:
+        raise p.error
+    return p.result
+
+
+async def accept_forwarded(node: RaftNode, entry: bytes, timeout_s: float | None = None) -> int:
+    """Leader side: order an entry that already carries its proposer's header; returns its index
+    once applied here (the follower reads its result from its own apply of the same entry)."""
+    if not node.raw.is_leader:
+        raise NotLeader(node.raw.leader_id)
+    if len(entry) < HEADER.size:
+        raise ValueError("a forwarded entry without its header")
+    p = Proposal(HEADER.unpack_from(entry), entry[HEADER.size :])
+    await node.submit(p, timeout_s)
+    return p.index
+
+
+async def _wait_or(event: trio.Event, timeout_s: float) -> None:
+    with trio.move_on_after(timeout_s):
+        await event.wait()
