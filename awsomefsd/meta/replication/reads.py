@@ -35,6 +35,11 @@ class ReadBarriers:
         self._by_ctx: dict[bytes, _Read] = {}
         self._waiting: list[_Read] = []
 
+    @property
+    def queued(self) -> int:
+        """Barriers not yet handed to the core."""
+        return len(self._queue)
+
     async def barrier(self, timeout_s: float, leader_id: Callable[[], int]) -> None:
         r = _Read(os.urandom(16))
         self._queue.append(r)
