@@ -37,7 +37,7 @@ from awsomefsd.cluster.coherence import ClusterCoherence
 from awsomefsd.cluster.discovery import Advertisement, Peer
 from awsomefsd.cluster.duties import GroupKeeper, LeaderDuties, LeaseSettings, LivenessLease
 from awsomefsd.cluster.join_service import JoinService, split_host_port
-from awsomefsd.cluster.rpc import ControlError, ControlService, Forwarder, MemberService, ask_progress
+from awsomefsd.cluster.rpc import ControlError, ControlService, MemberService, ask_progress
 from awsomefsd.cluster.state import (
     MemberState,
     control_socket,
@@ -61,6 +61,7 @@ from awsomefsd.duty import is_fatal, one_line, retry_until_done, supervise
 from awsomefsd.fuse.invalidate import Invalidator
 from awsomefsd.io.fence import WriteFence
 from awsomefsd.meta import commands as c
+from awsomefsd.meta.replication.forwarding import Forwarder
 from awsomefsd.meta.replication.fs_log import ReplicatedFsLog
 from awsomefsd.meta.replication.settings import NodeSettings
 from awsomefsd.meta.replication.transport import RaftTransport

@@ -61,7 +61,7 @@ from awsomefsd.meta.replication.apply import (
     applies_only,
 )
 from awsomefsd.meta.replication.errors import NotLeader
-from awsomefsd.meta.replication.forwarding import Forward, accept_forwarded, propose_via_leader
+from awsomefsd.meta.replication.forwarding import Forward, propose_via_leader
 from awsomefsd.meta.replication.proposals import Proposal, Proposals
 from awsomefsd.meta.replication.reads import ReadBarriers
 from awsomefsd.meta.replication.settings import NodeSettings
@@ -175,10 +175,6 @@ class RaftNode:
                                                 timeout_s or self.settings.proposal_timeout_s)
             raise NotLeader(self.raw.leader_id)
         return await self.submit(Proposal(self.proposals.next_id(), command), timeout_s)
-
-    async def propose_forwarded(self, entry: bytes, *, timeout_s: float | None = None) -> int:
-        """On the leader, for a follower's `forward`: see forwarding.accept_forwarded."""
-        return await accept_forwarded(self, entry, timeout_s)
 
     async def submit(self, p: Proposal, timeout_s: float | None = None) -> Any:
         """Queue a proposal whose id is already set, for the loop to hand to the core."""

@@ -11,18 +11,28 @@ When a call fails we cannot always tell whether the leader appended the entry (i
 mid-call), so the same entry (same id) is sent again, to whichever node leads next, until it is
 applied here or the timeout ends; the id makes a second copy a no-op on every replica alike
 (de-duplication, proposals.py).
+
+On the wire (mutual-TLS gRPC between members), Forward is a unary call of the cluster's Member
+service: the entry in, the leader's index of it out (u64); nothing but the index crosses back.
+`Forwarder` is the follower's side, `serve_forward` the leader's (cluster/rpc.py serves it). Errors
+travel as statuses: FAILED_PRECONDITION "leader=N" (NotLeader: certainly not appended, N is where
+to go), ABORTED (ProposalLost), INVALID_ARGUMENT (no header), anything else (fate unknown:
+ProposalTimeout). The follower sends the same entry again in every case.
 """
 
 from __future__ import annotations
 
 import logging
+import struct
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
+import grpc
 import trio
 
 from awsomefsd.meta.replication.errors import NotLeader, ProposalLost, ProposalTimeout
 from awsomefsd.meta.replication.proposals import DUPLICATE, HEADER, Proposal
+from awsomefsd.rpc.bridge import RpcAbort, unary_call
 
 if TYPE_CHECKING:
     from awsomefsd.meta.replication.driver import RaftNode
@@ -30,6 +40,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 RESEND_PAUSE_S = 0.05
+FORWARD_METHOD = "/awsomefs.cluster.v1.Member/Forward"
+FORWARD_TIMEOUT_S = 10.0
+_INDEX = struct.Struct("<Q")
 
 Forward = Callable[[int, bytes], Awaitable[int]]
 """Hand an entry (header included) to the leader with this id; returns once the leader applied it
@@ -89,3 +102,46 @@ async def accept_forwarded(node: RaftNode, entry: bytes, timeout_s: float | None
 async def _wait_or(event: trio.Event, timeout_s: float) -> None:
     with trio.move_on_after(timeout_s):
         await event.wait()
+
+
+# --- on the wire ----------------------------------------------------------------------------------
+class Forwarder:
+    """The follower's side of Forward: one unary call on the channel the transport keeps to the
+    leader, awaited on trio through the bridge (no thread)."""
+
+    def __init__(self, channel_to: Callable[[int], grpc.Channel | None], timeout_s: float = FORWARD_TIMEOUT_S) -> None:
+        self.channel_to = channel_to
+        self.timeout_s = timeout_s
+
+    async def __call__(self, leader: int, entry: bytes) -> int:
+        channel = self.channel_to(leader)
+        if channel is None:
+            raise NotLeader(0)  # no address for it yet: wait for the next leader or address
+        try:
+            reply = await unary_call(channel, FORWARD_METHOD, entry, self.timeout_s)
+        except ValueError:  # the channel was closed under us (the leader's address changed): not sent
+            raise NotLeader(0) from None
+        except grpc.RpcError as exc:
+            code, details = exc.code(), exc.details() or ""  # type: ignore[attr-defined]
+            if code == grpc.StatusCode.FAILED_PRECONDITION and details.startswith("leader="):
+                raise NotLeader(int(details.removeprefix("leader="))) from None
+            if code == grpc.StatusCode.ABORTED:
+                raise ProposalLost(details) from None
+            raise ProposalTimeout(f"forwarding to node {leader}: {code.name}: {details}") from None
+        return int(_INDEX.unpack(reply)[0])
+
+
+async def serve_forward(node: RaftNode, request: bytes) -> bytes:
+    """The leader's side of Forward, for the gRPC servicer: the entry's index, or a status."""
+    try:
+        index = await accept_forwarded(node, request)
+    except NotLeader as exc:
+        raise RpcAbort(grpc.StatusCode.FAILED_PRECONDITION, f"leader={exc.leader_id}") from None
+    except ProposalLost as exc:
+        raise RpcAbort(grpc.StatusCode.ABORTED, str(exc)) from None
+    except ProposalTimeout as exc:
+        raise RpcAbort(grpc.StatusCode.DEADLINE_EXCEEDED, str(exc)) from None
+    except ValueError as exc:
+        raise RpcAbort(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
+    return _INDEX.pack(index)
+

@@ -16,9 +16,9 @@ Differences from LocalLog a caller may rely on:
 
 On a single node this is a one-member group that campaigns at start and is its own quorum. In a
 cluster (awsomefsd/cluster/member.py) the same class runs one member of a 3- or 5-voter group:
-- proposals from a follower are forwarded to the leader (RaftNode.forward) and wrapped in
-  `Fenced(node, epoch, ...)` so that the state machine refuses them once this node's liveness
-  lease has expired (docs/cluster.md);
+- proposals are wrapped in `Fenced(node, epoch, ...)` so that the state machine refuses them once
+  this node's liveness lease has expired (docs/cluster.md); a follower's are forwarded to the
+  leader (forwarding.py);
 - a proposal that meets no leader (an election in progress) waits for one and is retried, for up
   to `stall_s`: the "short stall" a mount sees when the leader dies. Only outcomes that prove the
   command was not appended (NotLeader, ProposalLost) are retried;
