@@ -140,7 +140,7 @@ def _raft_status(env: lmdb.Environment, txn: lmdb.Transaction, info: dict[str, A
     for a one-member group they follow from the durable state: the only voter leads while the
     daemon runs, and its match index is its last log index.
     """
-    from awsomefsd.meta.replication.storage import describe_log
+    from awsomefsd.meta.replication.lmdb_storage import describe_log
 
     raft = describe_log(env, txn)
     if raft is None:

@@ -21,6 +21,7 @@ from awsomefsd.meta.raft import Message
 from awsomefsd.meta.replication.driver import RaftNode
 from awsomefsd.meta.replication.errors import NotLeader, ProposalLost, ProposalTimeout
 from awsomefsd.meta.replication.forwarding import Forwarder
+from awsomefsd.meta.replication.lmdb_storage import LmdbRaftStorage
 from awsomefsd.meta.replication.proposals import FORWARDED, HEADER
 from awsomefsd.meta.replication.settings import NodeSettings
 from awsomefsd.meta.replication.transport import RaftTransport, TransportLimits
@@ -37,7 +38,8 @@ class Cluster:
         self.isolated: set[int] = set()
         self.sms = {i: KVStateMachine(root / f"n{i}") for i in self.addrs}
         self.nodes = {
-            i: RaftNode(i, self.sms[i].env, self.sms[i], settings=SETTINGS, bootstrap_voters=(1, 2, 3), seed=i)
+            i: RaftNode(i, LmdbRaftStorage(env=self.sms[i].env), self.sms[i], settings=SETTINGS,
+                        bootstrap_voters=(1, 2, 3), seed=i)
             for i in self.addrs
         }
         self.transports = {

@@ -22,8 +22,13 @@ from awsomefsd.meta.raft import (
     RawNode,
     SnapshotMeta,
 )
-from awsomefsd.meta.replication.snapshots import SnapshotReceiver, snapshot_chunks
-from awsomefsd.meta.replication.storage import LmdbRaftStorage, apply_entries, read_applied_index
+from awsomefsd.meta.replication.lmdb_storage import (
+    LmdbRaftStorage,
+    SnapshotReceiver,
+    apply_entries,
+    read_applied_index,
+    snapshot_chunks,
+)
 
 MAP_BYTES = 64 << 20
 
@@ -96,7 +101,7 @@ def test_process_killed_mid_transaction_keeps_synced_state(tmp_path: Path) -> No
         import os
         from pathlib import Path
         from awsomefsd.meta.raft import Entry, HardState
-        from awsomefsd.meta.replication.storage import LmdbRaftStorage
+        from awsomefsd.meta.replication.lmdb_storage import LmdbRaftStorage
         st = LmdbRaftStorage(Path({str(tmp_path)!r}), map_size_bytes={MAP_BYTES})
         st.save(HardState(1, 1, 3), [Entry(1, i, data=b"ok") for i in range(1, 4)])
         txn = st.env.begin(write=True)

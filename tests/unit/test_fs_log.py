@@ -19,8 +19,8 @@ from awsomefsd.meta.errors import FsError
 from awsomefsd.meta.raft import Entry, HardState
 from awsomefsd.meta.records import ROOT_INO
 from awsomefsd.meta.replication.fs_log import ReplicatedFsLog
+from awsomefsd.meta.replication.lmdb_storage import LmdbRaftStorage
 from awsomefsd.meta.replication.proposals import HEADER
-from awsomefsd.meta.replication.storage import LmdbRaftStorage
 from awsomefsd.meta.state_machine import StateMachine
 from awsomefsd.meta.store import MetaStore
 

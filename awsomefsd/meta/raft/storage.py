@@ -2,7 +2,7 @@
 
 The core only ever *reads* storage; the caller writes to it while handling a Ready (append entries,
 set hard state, apply snapshots) and compacts it after taking snapshots. `MemoryStorage` serves the
-simulator and the benchmarks; `awsomefsd.meta.replication.storage.LmdbRaftStorage` is the durable one.
+simulator and the benchmarks; `awsomefsd.meta.replication.lmdb_storage.LmdbRaftStorage` is the durable one.
 """
 
 from __future__ import annotations

@@ -20,45 +20,44 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Protocol
-
-import lmdb
+from typing import Any, Generic, Protocol, TypeVar
 
 from awsomefsd.meta.raft import ConfChangeType, EntryType, HardState, Message, Ready
 from awsomefsd.meta.raft.codec import decode_conf_change
 from awsomefsd.meta.replication.proposals import DUPLICATE, HEADER, Outcome, is_forwarded, proposal_id
-from awsomefsd.meta.replication.storage import LmdbRaftStorage
+from awsomefsd.meta.replication.storage import ReplicaStorage, TxnT
 
 DEFER_APPLY_S = 0.01
 """How long a follower may keep committed entries unapplied, waiting to apply them in the
 transaction of its next append (one fsync instead of two per replication round)."""
 MAX_DEFERRED_READIES = 64
 
-Apply = Callable[["lmdb.Transaction[bytes]"], None]
+TxnC = TypeVar("TxnC", contravariant=True)
 
 
-class ReplicatedStateMachine(Protocol):
+class ReplicatedStateMachine(Protocol[TxnC]):
     """The application side. Applying must be deterministic: same bytes, same effect everywhere."""
 
-    def apply(self, txn: lmdb.Transaction[bytes], index: int, command: bytes) -> Any:
-        """Apply one committed command inside the driver's write transaction; returns its result
-        (handed to the proposer). Raising aborts the whole Ready: reserve it for bugs."""
+    def apply(self, txn: TxnC, index: int, command: bytes) -> Any:
+        """Apply one committed command inside the driver's write transaction (the storage's
+        kind); returns its result (handed to the proposer). Raising aborts the whole Ready:
+        reserve it for bugs."""
         ...
 
-    def install_snapshot(self, staged: Path) -> lmdb.Environment:
-        """Replace the state machine's environment by the staged one; return the new one open."""
+    def install_snapshot(self, staged: Any) -> Any:
+        """Replace the state machine's state by a staged copy (`ReplicaStorage.stage_snapshot`);
+        returns what the storage continues on (`ReplicaStorage.reopen`)."""
         ...
 
 
 @dataclass
-class ReadyApply:
+class ReadyApply(Generic[TxnT]):
     """The apply half of one Ready: called inside a write transaction, it applies the committed
     entries and collects what the proposers and the membership need to hear afterwards."""
 
     rd: Ready
-    storage: LmdbRaftStorage
-    sm: ReplicatedStateMachine
+    storage: ReplicaStorage[TxnT]
+    sm: ReplicatedStateMachine[TxnT]
     outcome: list[Outcome] = field(default_factory=list)
     skipped: set[int] = field(default_factory=set)
     """Indexes applied before (replay, or covered by an installed snapshot)."""
@@ -67,7 +66,7 @@ class ReadyApply:
     answer_early: Callable[[], None] | None = None
     """Runs at the end of the transaction, before its commit (see the driver's resolve_early)."""
 
-    def __call__(self, txn: lmdb.Transaction[bytes]) -> None:
+    def __call__(self, txn: TxnT) -> None:
         committed = self.rd.committed_entries
         applied = self.storage.read_applied(txn)
         for e in committed:
@@ -111,30 +110,30 @@ def applies_only(rd: Ready, durable: HardState, durable_last: int) -> bool:
 
 
 @dataclass
-class Deferred:
+class Deferred(Generic[TxnT]):
     """A follower's apply-only Ready whose transaction waits for the next one."""
 
-    work: ReadyApply
+    work: ReadyApply[TxnT]
     late: list[Message]
 
 
-class DeferredApplies:
+class DeferredApplies(Generic[TxnT]):
     """A follower's apply-only Readys, not yet persisted; `until` is when they must be, at latest."""
 
     def __init__(self) -> None:
-        self.items: list[Deferred] = []
+        self.items: list[Deferred[TxnT]] = []
         self.until = math.inf
 
     def __len__(self) -> int:
         return len(self.items)
 
-    def add(self, work: ReadyApply, late: list[Message], now: float) -> None:
+    def add(self, work: ReadyApply[TxnT], late: list[Message], now: float) -> None:
         if not self.items:
             self.until = now + DEFER_APPLY_S
         self.items.append(Deferred(work, late))
 
-    def take(self, hard_state: HardState | None, apply: Apply | None
-             ) -> tuple[HardState | None, Apply | None, list[Deferred]]:
+    def take(self, hard_state: HardState | None, apply: Callable[[TxnT], None] | None
+             ) -> tuple[HardState | None, Callable[[TxnT], None] | None, list[Deferred[TxnT]]]:
         """Fold the deferred applies into the next transaction: they run first, in order, and the
         newest hard state is written (a deferred Ready's differs from the durable one only in its
         commit index)."""
@@ -146,7 +145,7 @@ class DeferredApplies:
             hard_state = next((d.work.rd.hard_state for d in reversed(deferred) if d.work.rd.hard_state is not None),
                               None)
 
-        def also(txn: lmdb.Transaction[bytes]) -> None:
+        def also(txn: TxnT) -> None:
             for d in deferred:
                 d.work(txn)
             if apply is not None:

@@ -2,7 +2,7 @@
 
 What it does for each Ready, in order (the durability order docs/raft.md argues for):
   1. install a received snapshot, if any (the state-machine environment is replaced whole);
-  2. in ONE LMDB write transaction: append the entries, write the hard state, apply the committed
+  2. in ONE write transaction of the storage: append the entries, write the hard state, apply the committed
      entries and record the last applied index; commit with fsync (group commit: one fsync per
      Ready on every member);
   3. only then send the messages (votes and append acknowledgements promise durable state) and
@@ -25,6 +25,11 @@ Threads: with `persist_in_thread` a leader's write transaction (and its fsync) r
 thread so the loop keeps accepting messages and proposals meanwhile (they form the next batch); a
 follower persists on its loop (nothing it serves waits, and the hops would lengthen the round).
 Only the driver loop touches the RawNode and the storage; other tasks only append to queues.
+
+Everything outside the loop is injected, so the simulator runs this very code
+(tests/raft/driver_sim.py): the storage (`ReplicaStorage`), how its blocking calls run
+(`DiskCalls`), the transport (`send`, `deliver`, the `report_*` calls, `forward`), randomness
+(`seed`) and time (trio's clock; the simulator's is virtual).
 """
 
 from __future__ import annotations
@@ -33,9 +38,8 @@ import logging
 import random
 from collections.abc import Callable, Iterator
 from functools import partial
-from typing import Any
+from typing import Any, Generic
 
-import lmdb
 import trio
 
 from awsomefsd.meta.raft import (
@@ -53,7 +57,6 @@ from awsomefsd.meta.raft import (
 )
 from awsomefsd.meta.replication.apply import (
     MAX_DEFERRED_READIES,
-    Apply,
     Deferred,
     DeferredApplies,
     ReadyApply,
@@ -65,8 +68,8 @@ from awsomefsd.meta.replication.forwarding import Forward, propose_via_leader
 from awsomefsd.meta.replication.proposals import Proposal, Proposals
 from awsomefsd.meta.replication.reads import ReadBarriers
 from awsomefsd.meta.replication.settings import NodeSettings
-from awsomefsd.meta.replication.snapshots import DEFAULT_CHUNK_BYTES, Snapshots, snapshot_chunks
-from awsomefsd.meta.replication.storage import LmdbRaftStorage
+from awsomefsd.meta.replication.snapshots import Snapshots
+from awsomefsd.meta.replication.storage import DiskCalls, ReplicaStorage, ThreadedDiskCalls, TxnT
 
 log = logging.getLogger(__name__)
 
@@ -75,23 +78,25 @@ GATHER_S = 0.002
 GATHER_QUIET_ROUNDS = 3
 
 
-class RaftNode:
+class RaftNode(Generic[TxnT]):
     """Drives one member; see the module docstring for the contract."""
 
     def __init__(
         self,
         node_id: int,
-        env: lmdb.Environment,
-        sm: ReplicatedStateMachine,
+        storage: ReplicaStorage[TxnT],
+        sm: ReplicatedStateMachine[TxnT],
         *,
         settings: NodeSettings | None = None,
         bootstrap_voters: tuple[int, ...] = (),
         seed: int | None = None,
+        disk: DiskCalls | None = None,
     ) -> None:
         self.id = node_id
         self.settings = settings = settings or NodeSettings()
         self.sm = sm
-        self.storage = LmdbRaftStorage(env=env)
+        self.storage = storage
+        self.disk = disk or ThreadedDiskCalls()
         self._rng = random.Random(seed)
         if self.storage.last_index() == 0 and bootstrap_voters:
             self._bootstrap(bootstrap_voters)
@@ -118,9 +123,10 @@ class RaftNode:
         self.forward_retries = 0
         self.batch_sizes: list[int] = []  # entries per Ready, drained by metrics
         self._wake = trio.Event()
-        self.proposals = Proposals(node_id, self._rng.getrandbits(63) or 1, self._poke)
-        self.reads = ReadBarriers(self._poke)
-        self.snapshots = Snapshots(self.storage, sm, settings)
+        nonce = self._rng.getrandbits(63) or 1
+        self.proposals = Proposals(node_id, nonce, self._poke)
+        self.reads = ReadBarriers(nonce, self._poke)
+        self.snapshots = Snapshots(storage, sm, settings, self.disk)
         self._inbox: list[Message] = []
         self._reports: list[tuple[str, int, bool]] = []
         self._conf_changes: list[ConfChange] = []
@@ -130,7 +136,7 @@ class RaftNode:
         self.pipelined_applies = 0
         self._nursery: trio.Nursery | None = None
         self._apply_done: trio.Event | None = None  # set when the apply-only Ready in flight is done
-        self._deferred = DeferredApplies()  # a follower's apply-only Readys, not yet persisted
+        self._deferred: DeferredApplies[TxnT] = DeferredApplies()  # a follower's apply-only Readys
 
     def _bootstrap(self, voters: tuple[int, ...]) -> None:
         """A brand-new group: every founding member starts from the same snapshot at index 1."""
@@ -163,8 +169,8 @@ class RaftNode:
         self._wake.set()
 
     def snapshot_chunks(self) -> Iterator[bytes]:
-        """For the transport (worker thread): a compacted copy of the shared environment."""
-        return snapshot_chunks(self.storage.env, DEFAULT_CHUNK_BYTES)
+        """For the transport (worker thread): a copy of the state for a peer's snapshot."""
+        return self.storage.snapshot_chunks()
 
     async def propose(self, command: bytes, *, timeout_s: float | None = None) -> Any:
         """Order, commit and apply `command`; the state machine's result (proposals.py says how
@@ -340,9 +346,9 @@ class RaftNode:
             # Only a leader has proposers and reads to serve meanwhile. A follower's loop only
             # waits for its leader's next messages (they queue in the transport), so it persists
             # here, two thread hops shorter on the round trip its acknowledgement is part of.
-            await trio.to_thread.run_sync(partial(self.storage.save, hard_state, entries, None, also=also))
+            await self.disk.in_thread(partial(self.storage.save, hard_state, entries, None, also=also))
         else:
-            self.storage.save(hard_state, entries, None, also=also)
+            await self.disk.on_loop(partial(self.storage.save, hard_state, entries, None, also=also))
         self._settle_deferred(deferred)
         self._settle(work, late)
         if rd.committed_entries:
@@ -355,7 +361,7 @@ class RaftNode:
             self.proposals.fail_queued(self.raw.leader_id)
         await self._maybe_snapshot()
 
-    def _settle(self, work: ReadyApply, late: list[Message]) -> None:
+    def _settle(self, work: ReadyApply[TxnT], late: list[Message]) -> None:
         """What a Ready still owes once the transaction that applied it is durable: its late
         messages, the answers to its proposals, and its confirmed reads."""
         self.send(late)
@@ -365,7 +371,7 @@ class RaftNode:
         self.proposals.resolve(committed, work.outcome, work.skipped)
         self.reads.confirmed(work.rd.read_states)
 
-    def _settle_deferred(self, deferred: list[Deferred]) -> None:
+    def _settle_deferred(self, deferred: list[Deferred[TxnT]]) -> None:
         for d in deferred:
             self._settle(d.work, d.late)
         if deferred:
@@ -377,15 +383,16 @@ class RaftNode:
         hard_state, also, deferred = self._deferred.take(None, None)
         if not deferred:
             return
-        await trio.to_thread.run_sync(partial(self.storage.save, hard_state, [], None, also=also))
+        await self.disk.in_thread(partial(self.storage.save, hard_state, [], None, also=also))
         self._settle_deferred(deferred)
         self.reads.serve(self.applied)  # no snapshot here: this may run between ready() and advance()
 
-    async def _finish_apply(self, work: ReadyApply, late: list[Message], hard_state: HardState | None,
-                            also: Apply | None, deferred: list[Deferred], done: trio.Event) -> None:
+    async def _finish_apply(self, work: ReadyApply[TxnT], late: list[Message], hard_state: HardState | None,
+                            also: Callable[[TxnT], None] | None, deferred: list[Deferred[TxnT]],
+                            done: trio.Event) -> None:
         """The rest of a leader's apply-only Ready, behind the loop (see _handle_ready)."""
         try:
-            await trio.to_thread.run_sync(partial(self.storage.save, hard_state, [], None, also=also))
+            await self.disk.in_thread(partial(self.storage.save, hard_state, [], None, also=also))
             self._settle_deferred(deferred)
             self._settle(work, late)
             self.on_applied(self.applied)

@@ -48,6 +48,7 @@ from awsomefsd.meta.raft import Ready
 from awsomefsd.meta.records import u64
 from awsomefsd.meta.replication.driver import RaftNode
 from awsomefsd.meta.replication.errors import NotLeader, ProposalLost, ProposalTimeout
+from awsomefsd.meta.replication.lmdb_storage import LmdbRaftStorage
 from awsomefsd.meta.replication.settings import NodeSettings
 from awsomefsd.meta.state_machine import StateMachine
 from awsomefsd.meta.store import MetaStore
@@ -116,7 +117,8 @@ class ReplicatedFsLog:
         assert not settings.persist_in_thread, "the state machine's memory is owned by the trio thread"
         store.grow_if_needed(GROW_HEADROOM_BYTES)
         voters = (node_id,) if bootstrap_voters is None else bootstrap_voters
-        self.node = RaftNode(node_id, store.env, self.commands, settings=settings, bootstrap_voters=voters)
+        self.node = RaftNode(node_id, LmdbRaftStorage(env=store.env), self.commands, settings=settings,
+                             bootstrap_voters=voters)
         self.node.before_persist = self._before_persist
         self.node.on_applied = self._renew_reads
         self.commands.before_snapshot.append(self._drop_reads)

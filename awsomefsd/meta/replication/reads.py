@@ -8,7 +8,7 @@ its timeout raises NotLeader (with the leader this node knows of): the read may 
 
 from __future__ import annotations
 
-import os
+import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -16,6 +16,8 @@ import trio
 
 from awsomefsd.meta.raft import RawNode, ReadState
 from awsomefsd.meta.replication.errors import NotLeader
+
+_CTX = struct.Struct("<QQ")  # boot nonce, sequence: unique to this process, no randomness needed
 
 
 @dataclass
@@ -29,7 +31,9 @@ class ReadBarriers:
     """Reads on their way: queued for the core, waiting for their read index, then for the apply.
     Only the driver loop hands them to the core and serves them; any task may wait on one."""
 
-    def __init__(self, wake: Callable[[], None]) -> None:
+    def __init__(self, nonce: int, wake: Callable[[], None]) -> None:
+        self._nonce = nonce
+        self._seq = 0
         self._wake = wake
         self._queue: list[_Read] = []
         self._by_ctx: dict[bytes, _Read] = {}
@@ -41,7 +45,8 @@ class ReadBarriers:
         return len(self._queue)
 
     async def barrier(self, timeout_s: float, leader_id: Callable[[], int]) -> None:
-        r = _Read(os.urandom(16))
+        self._seq += 1
+        r = _Read(_CTX.pack(self._nonce, self._seq))
         self._queue.append(r)
         self._wake()
         with trio.move_on_after(timeout_s):

@@ -1,333 +1,101 @@
-"""Durable Raft storage in LMDB on node-local disk, and the apply contract for the state machine.
+"""What the driver needs from a replica's storage, and how it runs the calls that wait for a disk.
 
-Log layout (one environment, two named databases):
-  raft_log   8-byte big-endian index -> codec.encode_entry(entry)
-  raft_meta  b"hard_state" -> <term, vote, commit> (u64 each); b"snapshot" -> snapshot metadata;
-             b"format" -> FORMAT_VERSION
-Everything one Ready asks to persist goes into one write transaction (`save`), committed with fsync
-before any message of that Ready is sent: group commit, one fsync per Ready. LMDB commits are
-atomic, so a crash leaves either the whole Ready or none of it.
+`ReplicaStorage` extends the core's read side (`RaftStorage`) with the writes one Ready asks for
+and the apply contract. `LmdbRaftStorage` (lmdb_storage.py) is the durable implementation; the
+simulator has an in-memory one that can crash (tests/raft/memory_replica.py). What an
+implementation must guarantee:
+- `save` is atomic and durable when it returns: after a crash the storage holds all of one `save`
+  or none of it (entries, hard state, snapshot metadata, and whatever `also` wrote in its
+  transaction);
+- the applied index is written in the transaction that applied the entries (`write_applied`),
+  so replay after a crash skips exactly what was applied;
+- `first_application` records proposal ids as part of the applied state: the record commits with
+  the apply and travels in snapshots.
 
-The apply contract (`apply_entries`): the state machine lives in its own environment (the metadata
-tables); applying entries and recording the last applied index happen in the same write
-transaction, so after a crash replaying committed entries skips exactly those already applied.
+Transactions are the storage's own (an `lmdb.Transaction`, or the simulator's); the state machine
+is typed against the same kind (apply.ReplicatedStateMachine).
 
-Snapshots: the state-machine environment *is* the snapshot (snapshots.py ships and installs
-copies of it); the log keeps only the snapshot's metadata (index, term, membership).
+`DiskCalls` is how the driver runs storage calls that may block on an fsync: in a worker thread
+(`in_thread`), or on the loop, blocking it (`on_loop`). Production runs them for real
+(`ThreadedDiskCalls`); the simulator makes each take virtual time and lets a crash land in it.
 """
 
 from __future__ import annotations
 
-import struct
-from collections.abc import Callable
-from pathlib import Path
+from collections.abc import Callable, Iterator
+from typing import Any, Protocol, TypeVar
 
-import lmdb
+import trio
 
-from awsomefsd.meta.raft.codec import decode_entry, decode_snapshot_meta, encode_entry, encode_snapshot_meta
-from awsomefsd.meta.raft.messages import ConfState, Entry, HardState, Snapshot, SnapshotMeta
-from awsomefsd.meta.raft.storage import LogCompacted, LogUnavailable, limit_size
+from awsomefsd.meta.raft import ConfState, Entry, HardState, Snapshot, SnapshotMeta
+from awsomefsd.meta.raft.storage import RaftStorage
 
-FORMAT_VERSION = 1
-DEFAULT_MAP_BYTES = 1 << 30
-SEEN_WINDOW = 65_536
-"""Proposal ids remembered for de-duplication: far more than a resend can lag behind."""
-APPLIED_KEY = b"raft_applied_index"
-
-_INDEX = struct.Struct(">Q")
-_HARD_STATE = struct.Struct("<QQQ")
-_U64 = struct.Struct("<Q")
+TxnT = TypeVar("TxnT")
+T = TypeVar("T")
 
 
-def _key(index: int) -> bytes:
-    return _INDEX.pack(index)
+class ReplicaStorage(RaftStorage, Protocol[TxnT]):
+    """The durable state of one member: the log, the hard state, the applied index, the proposal
+    ids applied (de-duplication), snapshots. Single writer: the driver."""
 
+    hard_state: HardState
+    """The hard state as of the last `save` (what a crash would leave)."""
 
-class LmdbRaftStorage:
-    """Implements `awsomefsd.meta.raft.storage.RaftStorage` plus the write side used per Ready.
+    def applied_index(self) -> int: ...
 
-    Single writer (the node's Raft driver). Reads of indexes and terms hit small in-memory copies
-    of the log bounds and snapshot metadata, kept in step with every committed write.
-    """
-
-    def __init__(
-        self,
-        path: Path | None = None,
-        *,
-        env: lmdb.Environment | None = None,
-        map_size_bytes: int = DEFAULT_MAP_BYTES,
-        snapshot_data: Callable[[SnapshotMeta], bytes] | None = None,
-    ) -> None:
-        """Open the log in its own environment at `path`, or inside the caller's `env`.
-
-        Sharing the state machine's environment lets one write transaction persist a Ready and
-        apply its committed entries (one fsync per Ready instead of two); the caller then owns the
-        environment and closes it.
-        """
-        assert (path is None) != (env is None), "give a path or an environment"
-        self._owns_env = env is None
-        if env is None:
-            assert path is not None
-            path.mkdir(parents=True, exist_ok=True)
-            env = lmdb.open(str(path), map_size=map_size_bytes, max_dbs=8, sync=True, metasync=True)
-        self.path = Path(env.path())
-        self._snapshot_data = snapshot_data
-        self._open(env)
-
-    def _open(self, env: lmdb.Environment) -> None:
-        self.env = env
-        self._log = self.env.open_db(b"raft_log")
-        self._meta = self.env.open_db(b"raft_meta")
-        self._seen = self.env.open_db(b"raft_seen")
-        self._seen_order = self.env.open_db(b"raft_seen_order")
-        with self.env.begin(write=True) as txn:
-            fmt = txn.get(b"format", db=self._meta)
-            if fmt is None:
-                txn.put(b"format", _U64.pack(FORMAT_VERSION), db=self._meta)
-            elif _U64.unpack(fmt)[0] != FORMAT_VERSION:
-                raise RuntimeError(f"raft log format {_U64.unpack(fmt)[0]} is not {FORMAT_VERSION}")
-            raw_hs = txn.get(b"hard_state", db=self._meta)
-            self.hard_state = HardState(*_HARD_STATE.unpack(raw_hs)) if raw_hs else HardState()
-            raw_snap = txn.get(b"snapshot", db=self._meta)
-            self.snap_meta = decode_snapshot_meta(raw_snap) if raw_snap else SnapshotMeta()
-            cur = txn.cursor(db=self._log)
-            self._last = _INDEX.unpack(cur.key())[0] if cur.last() else self.snap_meta.index
-        assert self._last >= self.snap_meta.index, "log ends below its snapshot"
-
-    def first_application(self, txn: lmdb.Transaction[bytes], proposal_id: bytes, index: int) -> bool:
-        """Record that the proposal `proposal_id` is applied at `index`; False if it already was.
-
-        A follower resends a forwarded entry under the same id when it cannot tell whether the
-        leader appended it (the leader died mid-call); this makes the second copy a no-op on every
-        replica alike. The record is part of the state (same transaction as the apply, copied in
-        snapshots), bounded to the last SEEN_WINDOW proposals."""
-        if txn.get(proposal_id, db=self._seen) is not None:
-            return False
-        key = _INDEX.pack(index)
-        txn.put(proposal_id, key, db=self._seen)
-        txn.put(key, proposal_id, db=self._seen_order)
-        count = txn.stat(self._seen_order)["entries"]
-        if count > SEEN_WINDOW:
-            cur = txn.cursor(db=self._seen_order)
-            cur.first()
-            for _ in range(count - SEEN_WINDOW):
-                txn.delete(cur.value(), db=self._seen)
-                cur.delete()
-        return True
-
-    # --- Storage (read side) ----------------------------------------------------------------------
-    def initial_state(self) -> tuple[HardState, ConfState]:
-        return self.hard_state, self.snap_meta.conf_state
-
-    def first_index(self) -> int:
-        return self.snap_meta.index + 1
-
-    def last_index(self) -> int:
-        return self._last
-
-    def term(self, index: int) -> int:
-        if index < self.snap_meta.index:
-            raise LogCompacted(index)
-        if index == self.snap_meta.index:
-            return self.snap_meta.term
-        if index > self._last:
-            raise LogUnavailable(index)
-        with self.env.begin() as txn:
-            raw = txn.get(_key(index), db=self._log)
-        assert raw is not None, f"entry {index} missing inside the log bounds"
-        return decode_entry(raw).term
-
-    def entries(self, lo: int, hi: int, max_size_bytes: int) -> list[Entry]:
-        if lo <= self.snap_meta.index:
-            raise LogCompacted(lo)
-        if hi > self._last + 1:
-            raise LogUnavailable(hi)
-        out: list[Entry] = []
-        size = 0
-        with self.env.begin() as txn:
-            cur = txn.cursor(db=self._log)
-            if lo < hi and cur.set_key(_key(lo)):
-                for k, v in cur:
-                    i = _INDEX.unpack(k)[0]
-                    if i >= hi:
-                        break
-                    e = decode_entry(v)
-                    assert e.index == i, (e.index, i)
-                    size += e.size_bytes()
-                    if out and size > max_size_bytes:
-                        break
-                    out.append(e)
-        assert len(out) == hi - lo or size > max_size_bytes, f"hole in the log between {lo} and {hi}"
-        return limit_size(out, max_size_bytes)
-
-    def snapshot(self) -> Snapshot:
-        data = self._snapshot_data(self.snap_meta) if self._snapshot_data and self.snap_meta.index else b""
-        return Snapshot(self.snap_meta, data)
-
-    # --- write side -------------------------------------------------------------------------------
-    def reopen(self, env: lmdb.Environment) -> None:
-        """Continue on `env` (an installed snapshot replaced the shared environment)."""
-        assert not self._owns_env, "only a shared environment is replaced from outside"
-        self._open(env)
-
-    @property
-    def meta_db(self) -> lmdb._Database:
-        """Where the applied index lives when the state machine shares this environment."""
-        return self._meta
-
-    def applied_index(self) -> int:
-        with self.env.begin() as txn:
-            return read_applied_index(txn, self._meta)
-
-    def read_applied(self, txn: lmdb.Transaction[bytes]) -> int:
+    def read_applied(self, txn: TxnT) -> int:
         """The applied index as of `txn` (inside the transaction that applies more)."""
-        return read_applied_index(txn, self._meta)
+        ...
 
-    def write_applied(self, txn: lmdb.Transaction[bytes], index: int) -> None:
+    def write_applied(self, txn: TxnT, index: int) -> None:
         """Record `index` as applied, in the transaction that applied it."""
-        txn.put(APPLIED_KEY, _U64.pack(index), db=self._meta)
+        ...
 
-    def save(
-        self,
-        hard_state: HardState | None,
-        entries: list[Entry],
-        snapshot: SnapshotMeta | None = None,
-        *,
-        also: Callable[[lmdb.Transaction[bytes]], None] | None = None,
-    ) -> None:
-        """Persist one Ready (snapshot metadata, entries, hard state) in one fsynced transaction.
+    def first_application(self, txn: TxnT, proposal_id: bytes, index: int) -> bool:
+        """Record that `proposal_id` is applied at `index`; False if it already was."""
+        ...
 
-        `also` runs inside the same transaction before it commits (applying committed entries in
-        a shared environment); if it raises, nothing of the Ready is persisted.
-        """
-        if hard_state is None and not entries and snapshot is None and also is None:
-            return
-        snap_meta, last = self.snap_meta, self._last
-        with self.env.begin(write=True) as txn:
-            if snapshot is not None and snapshot.index > snap_meta.index:
-                self._delete_from(txn, 0)  # a leader's snapshot replaces the whole log
-                txn.put(b"snapshot", encode_snapshot_meta(snapshot), db=self._meta)
-                snap_meta, last = snapshot, snapshot.index
-            if entries:
-                first = entries[0].index
-                assert snap_meta.index < first <= last + 1, f"append at {first} leaves a hole after {last}"
-                if first <= last:
-                    self._delete_from(txn, first)  # the core decided this suffix conflicts
-                for e in entries:
-                    txn.put(_key(e.index), encode_entry(e), db=self._log, append=True)
-                last = entries[-1].index
-            if hard_state is not None:
-                txn.put(
-                    b"hard_state",
-                    _HARD_STATE.pack(hard_state.term, hard_state.vote, hard_state.commit),
-                    db=self._meta,
-                )
-            if also is not None:
-                also(txn)
-        # Only after the commit returned (durable) does memory follow.
-        self.snap_meta, self._last = snap_meta, last
-        if hard_state is not None:
-            self.hard_state = hard_state
+    def save(self, hard_state: HardState | None, entries: list[Entry], snapshot: SnapshotMeta | None = None,
+             *, also: Callable[[TxnT], None] | None = None) -> None:
+        """Persist one Ready in one durable transaction; `also` runs inside it before it commits
+        (applying committed entries); if it raises, nothing is persisted."""
+        ...
 
     def create_snapshot(self, index: int, conf_state: ConfState) -> SnapshotMeta:
-        """Record that the state machine has a snapshot at `index` (it must be applied and stored)."""
-        if index <= self.snap_meta.index:
-            return self.snap_meta
-        meta = SnapshotMeta(index, self.term(index), conf_state)
-        with self.env.begin(write=True) as txn:
-            txn.put(b"snapshot", encode_snapshot_meta(meta), db=self._meta)
-            self._delete_range(txn, 0, index + 1)
-        self.snap_meta = meta
-        return meta
+        """Record that the state machine has a snapshot at `index` and compact the log up to it."""
+        ...
 
-    def _delete_from(self, txn: lmdb.Transaction[bytes], lo: int) -> None:
-        self._delete_range(txn, lo, None)
+    def snapshot_chunks(self) -> Iterator[bytes]:
+        """A consistent copy of the state (it holds the state machine) in bounded chunks, for a
+        peer that needs a snapshot; may run in a worker thread."""
+        ...
 
-    def _delete_range(self, txn: lmdb.Transaction[bytes], lo: int, hi: int | None) -> None:
-        cur = txn.cursor(db=self._log)
-        if not cur.set_range(_key(lo)):
-            return
-        while True:
-            k = cur.key()
-            if not k or (hi is not None and _INDEX.unpack(k)[0] >= hi):
-                return
-            if not cur.delete():
-                return
+    def stage_snapshot(self, snap: Snapshot, hard_state: HardState) -> Any:
+        """Turn a received copy (`snap.data`, as the transport delivered it) into this node's: an
+        empty log starting at the snapshot and `hard_state`. Returns what the state machine's
+        `install_snapshot` takes; nothing live changes yet."""
+        ...
 
-    def close(self) -> None:
-        if self._owns_env:
-            self.env.close()
+    def reopen(self, env: Any) -> None:
+        """Continue on `env`, what the state machine's `install_snapshot` returned."""
+        ...
 
 
-def adopt_snapshot_env(path: Path, meta: SnapshotMeta, hard_state: HardState) -> None:
-    """Turn a received copy of a leader's shared environment into this node's: the leader's log
-    and hard state in it are replaced by an empty log starting at the snapshot and our own hard
-    state (our vote must survive the install). Done before the copy is moved into place."""
-    env = lmdb.open(str(path), map_size=DEFAULT_MAP_BYTES, max_dbs=32, sync=True, metasync=True)
-    try:
-        log_db = env.open_db(b"raft_log")
-        meta_db = env.open_db(b"raft_meta")
-        with env.begin(write=True) as txn:
-            txn.drop(log_db, delete=False)
-            txn.put(b"format", _U64.pack(FORMAT_VERSION), db=meta_db)
-            txn.put(b"snapshot", encode_snapshot_meta(meta), db=meta_db)
-            txn.put(b"hard_state", _HARD_STATE.pack(hard_state.term, hard_state.vote, hard_state.commit),
-                    db=meta_db)
-            assert read_applied_index(txn, meta_db) >= meta.index, "snapshot copy older than its metadata"
-    finally:
-        env.close()
+class DiskCalls(Protocol):
+    async def in_thread(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run `fn(*args)` off the loop: other tasks run meanwhile."""
+        ...
+
+    async def on_loop(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run `fn(*args)` on the loop: nothing else runs until it returns."""
+        ...
 
 
-# --- the apply contract ------------------------------------------------------------------------------
-def read_applied_index(txn: lmdb.Transaction, db: lmdb._Database) -> int:
-    raw = txn.get(APPLIED_KEY, db=db)
-    return _U64.unpack(raw)[0] if raw else 0
+class ThreadedDiskCalls:
+    """The real thing: a worker thread, or a plain call."""
 
+    async def in_thread(self, fn: Callable[..., T], *args: Any) -> T:
+        return await trio.to_thread.run_sync(fn, *args)
 
-def apply_entries(
-    env: lmdb.Environment,
-    db: lmdb._Database,
-    entries: list[Entry],
-    apply_fn: Callable[[lmdb.Transaction[bytes], Entry], None],
-) -> int:
-    """Apply committed entries and record the applied index in the same write transaction.
-
-    Entries at or below the recorded index are skipped, so handing the same committed entries over
-    again after a crash is harmless. Returns the applied index after the transaction.
-    """
-    with env.begin(write=True) as txn:
-        applied = read_applied_index(txn, db)
-        for e in entries:
-            if e.index <= applied:
-                continue
-            assert e.index == applied + 1, f"apply {e.index} after {applied}: a committed entry is missing"
-            apply_fn(txn, e)
-            applied = e.index
-        txn.put(APPLIED_KEY, _U64.pack(applied), db=db)
-    return applied
-
-
-def describe_log(env: lmdb.Environment, txn: lmdb.Transaction) -> dict[str, object] | None:
-    """The durable Raft state for `awsomefsd status` (a reader beside the running daemon), or None
-    when this environment holds no Raft log."""
-    try:
-        meta_db = env.open_db(b"raft_meta", txn=txn, create=False)
-        log_db = env.open_db(b"raft_log", txn=txn, create=False)
-    except lmdb.NotFoundError:
-        return None
-    raw_hs = txn.get(b"hard_state", db=meta_db)
-    hs = HardState(*_HARD_STATE.unpack(raw_hs)) if raw_hs else HardState()
-    raw_snap = txn.get(b"snapshot", db=meta_db)
-    snap = decode_snapshot_meta(raw_snap) if raw_snap else SnapshotMeta()
-    cur = txn.cursor(db=log_db)
-    last = _INDEX.unpack(cur.key())[0] if cur.last() else snap.index
-    return {
-        "term": hs.term,
-        "vote": hs.vote,
-        "commit_index": hs.commit,
-        "applied_index": read_applied_index(txn, meta_db),
-        "last_index": last,
-        "snapshot_index": snap.index,
-        "voters": list(snap.conf_state.voters),
-        "learners": list(snap.conf_state.learners),
-    }
+    async def on_loop(self, fn: Callable[..., T], *args: Any) -> T:
+        return fn(*args)
