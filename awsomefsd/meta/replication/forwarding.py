@@ -10,7 +10,9 @@ raises NotLeader with the leader it knows of.
 When a call fails we cannot always tell whether the leader appended the entry (it may have died
 mid-call), so the same entry (same id) is sent again, to whichever node leads next, until it is
 applied here or the timeout ends; the id makes a second copy a no-op on every replica alike
-(de-duplication, proposals.py).
+(de-duplication, proposals.py). For the same reason no refusal of one copy is final: when this
+node leads for a while and its own copy is refused (NotLeader, ProposalLost), an earlier copy may
+still be committed, so the loop goes on; a caller only ever hears the result or ProposalTimeout.
 
 On the wire (mutual-TLS gRPC between members), Forward is a unary call of the cluster's Member
 service: the entry in, the leader's index of it out (u64); nothing but the index crosses back.
@@ -60,7 +62,14 @@ async def propose_via_leader(node: RaftNode, forward: Forward, command: bytes, t
             while not p.done.is_set():
                 leader = node.raw.leader_id
                 if leader == node.id:  # we lead now: append it here, under the same id
-                    result = await node.submit(Proposal(p.pid, command), timeout_s)
+                    try:
+                        result = await node.submit(Proposal(p.pid, command), timeout_s)
+                    except (NotLeader, ProposalLost) as exc:
+                        # Certain for this copy only: one sent before may still be applied.
+                        node.forward_retries += 1
+                        log.debug("our own copy of a forwarded entry: %s; sending it again", exc)
+                        await _wait_or(p.done, RESEND_PAUSE_S)
+                        continue
                     if result is DUPLICATE:  # an earlier copy was applied: its result is ours
                         await p.done.wait()
                         result = p.result
