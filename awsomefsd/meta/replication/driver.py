@@ -2,9 +2,9 @@
 
 What it does for each Ready, in order (the durability order docs/raft.md argues for):
   1. install a received snapshot, if any (the state-machine environment is replaced whole);
-  2. in ONE write transaction of the storage: append the entries, write the hard state, apply the committed
-     entries and record the last applied index; commit with fsync (group commit: one fsync per
-     Ready on every member);
+  2. in ONE write transaction of the storage: append the entries, write the hard state, apply
+     the committed entries and record the last applied index; commit with fsync (group commit:
+     one fsync per Ready on every member);
   3. only then send the messages (votes and append acknowledgements promise durable state) and
      resolve the proposals and reads that the applied entries answer;
   4. advance().
@@ -282,7 +282,7 @@ class RaftNode(Generic[TxnT]):
         self.reads.hand_to(self.raw)
 
     async def _wait_applies(self) -> None:
-        """Wait for the apply-only Ready in flight, if any: LMDB transactions stay in Ready order."""
+        """Wait for the apply-only Ready in flight, if any: write transactions stay in Ready order."""
         if self._apply_done is not None:
             await self._apply_done.wait()
             self._apply_done = None
