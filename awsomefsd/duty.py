@@ -120,7 +120,7 @@ def _expected(exc: BaseException) -> bool:
     import grpc
 
     from awsomefsd.meta.errors import FsError
-    from awsomefsd.meta.raft_node import NotLeader, ProposalLost, ProposalTimeout
+    from awsomefsd.meta.replication.errors import NotLeader, ProposalLost, ProposalTimeout
 
     expected = (FsError, OSError, trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError,
                 grpc.RpcError, NotLeader, ProposalLost, ProposalTimeout, TimeoutError)

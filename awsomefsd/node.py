@@ -35,7 +35,7 @@ from awsomefsd.meta import commands as c
 from awsomefsd.meta.bootstrap import initialise_metadata, load_metadata, open_metadata, stored_identity
 from awsomefsd.meta.client import MetaClient
 from awsomefsd.meta.log import LocalLog
-from awsomefsd.meta.raft_log import RaftLog
+from awsomefsd.meta.replication.fs_log import ReplicatedFsLog
 from awsomefsd.meta.state_machine import StateMachine
 from awsomefsd.meta.store import MetaStore
 from awsomefsd.metrics import Metrics, counter, gauge
@@ -57,7 +57,7 @@ class Core:
     superblock: Superblock
     store: MetaStore
     sm: StateMachine
-    log: LocalLog | RaftLog
+    log: LocalLog | ReplicatedFsLog
     meta: MetaClient
     allocator: NodeAllocator
     data: FileData
@@ -122,17 +122,17 @@ def open_core(settings: Settings, *, metrics: Metrics | None = None, log_kind: s
     `log_kind` overrides `[meta] log` (fsck works offline on the state as committed: "local").
     """
     storage = open_storage(settings)
-    meta_log: LocalLog | RaftLog
+    meta_log: LocalLog | ReplicatedFsLog
     if (log_kind or settings.meta.log) == "raft":
-        meta_log = RaftLog(storage.store, storage.sm, node_id=NODE_ID)
-        meta_log.before_commit = storage.device.sync_written  # RaftLog takes no such argument (yet)
+        meta_log = ReplicatedFsLog(storage.store, storage.sm, node_id=NODE_ID)
+        meta_log.before_commit = storage.device.sync_written  # ReplicatedFsLog takes no such argument (yet)
     else:
         meta_log = LocalLog(storage.store, storage.sm, commit_interval_ms=settings.data.commit_interval_ms,
                             before_commit=storage.device.sync_written)
     return build_core(settings, storage, meta_log, node_id=NODE_ID, metrics=metrics)
 
 
-def build_core(settings: Settings, storage: Storage, meta_log: LocalLog | RaftLog, *, node_id: int,
+def build_core(settings: Settings, storage: Storage, meta_log: LocalLog | ReplicatedFsLog, *, node_id: int,
                metrics: Metrics | None = None) -> Core:
     """A single node's file system over open storage whose metadata is initialised. (A cluster
     member builds the same parts with its cluster's between them: cluster/member.py.)"""
@@ -163,7 +163,7 @@ def file_data(settings: Settings, device: BlockDevice, meta: MetaClient, allocat
     )
 
 
-def assemble_core(storage: Storage, meta_log: LocalLog | RaftLog, meta: MetaClient, allocator: NodeAllocator,
+def assemble_core(storage: Storage, meta_log: LocalLog | ReplicatedFsLog, meta: MetaClient, allocator: NodeAllocator,
                   data: FileData, ops: Operations, metrics: Metrics, duties: DutyBook) -> Core:
     """The Core of built parts, its metrics registered."""
     core = Core(storage.device, storage.superblock, storage.store, storage.sm, meta_log, meta, allocator, data, ops,

@@ -33,7 +33,7 @@ from awsomefsd.meta import commands as c
 from awsomefsd.meta.client import MetaClient
 from awsomefsd.meta.errors import FsError
 from awsomefsd.meta.raft import ConfChange, ConfChangeType
-from awsomefsd.meta.raft_log import RaftLog
+from awsomefsd.meta.replication.fs_log import ReplicatedFsLog
 
 log = logging.getLogger(__name__)
 MAX_CLAIM_AT_ONCE = 16
@@ -85,7 +85,7 @@ class LeaseEpoch:
 class LivenessLease:
     """Renews this node's lease and keeps the device's write fence in step with it."""
 
-    def __init__(self, node_id: int, log_: RaftLog, meta: MetaClient, fence: WriteFence, epoch: LeaseEpoch,
+    def __init__(self, node_id: int, log_: ReplicatedFsLog, meta: MetaClient, fence: WriteFence, epoch: LeaseEpoch,
                  settings: LeaseSettings, on_expired: Callable[[], None], book: DutyBook | None = None) -> None:
         self.node_id = node_id
         self.log = log_
@@ -214,7 +214,7 @@ class LeaderDuties:
     members as learners, promote caught-up learners while voters are below target, remove removed
     members) and expire members whose liveness lease ran out."""
 
-    def __init__(self, node_id: int, log_: RaftLog, meta: MetaClient, settings: LeaseSettings,
+    def __init__(self, node_id: int, log_: ReplicatedFsLog, meta: MetaClient, settings: LeaseSettings,
                  tick_s: float = 0.25, book: DutyBook | None = None) -> None:
         self.node_id = node_id
         self.log = log_

@@ -37,7 +37,7 @@ from awsomefsd.cluster.coherence import ClusterCoherence
 from awsomefsd.cluster.discovery import Advertisement, Peer
 from awsomefsd.cluster.duties import GroupKeeper, LeaderDuties, LeaseEpoch, LeaseSettings, LivenessLease
 from awsomefsd.cluster.join_service import JoinService, split_host_port
-from awsomefsd.cluster.rpc import ControlError, ControlService, Forwarder, MemberService, ask_progress
+from awsomefsd.cluster.rpc import ControlError, ControlService, MemberService, ask_progress
 from awsomefsd.cluster.state import (
     MemberState,
     control_socket,
@@ -65,8 +65,10 @@ from awsomefsd.fuse.invalidate import Invalidator
 from awsomefsd.io.fence import WriteFence
 from awsomefsd.meta import commands as c
 from awsomefsd.meta.client import MetaClient
-from awsomefsd.meta.raft_log import RaftLog
-from awsomefsd.meta.raft_node import NodeSettings
+from awsomefsd.meta.replication.forwarding import Forwarder
+from awsomefsd.meta.replication.fs_log import ReplicatedFsLog
+from awsomefsd.meta.replication.settings import NodeSettings
+from awsomefsd.meta.replication.transport import RaftTransport
 from awsomefsd.metrics import Metrics, counter, gauge
 from awsomefsd.node import (
     Core,
@@ -79,7 +81,6 @@ from awsomefsd.node import (
     serve,
 )
 from awsomefsd.rpc.bridge import serve_grpc
-from awsomefsd.rpc.raft_transport import RaftTransport
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +108,7 @@ class Member:
     state: MemberState
     creds: NodeCredentials
     storage: Storage
-    raft: RaftLog
+    raft: ReplicatedFsLog
     meta: MetaClient
     transport: RaftTransport
     revocations: Revocations
@@ -281,9 +282,9 @@ def open_member(settings: Settings, state: MemberState, creds: NodeCredentials, 
         storage.close()
         raise NodeError(f"the device {settings.device.path} belongs to cluster {storage.superblock.cluster_id}, "
                         f"not to this node's cluster {state.cluster_id}")
-    raft = RaftLog(storage.store, storage.sm, node_id=state.node_id, settings=RAFT_SETTINGS,
+    raft = ReplicatedFsLog(storage.store, storage.sm, node_id=state.node_id, settings=RAFT_SETTINGS,
                    bootstrap_voters=(state.node_id,) if founding else (), stall_s=settings.cluster.stall_s)
-    raft.before_commit = storage.device.sync_written  # RaftLog takes no such argument (yet)
+    raft.before_commit = storage.device.sync_written  # ReplicatedFsLog takes no such argument (yet)
     revocations = Revocations()
     cluster_id = state.cluster_uuid
     transport = RaftTransport(
@@ -400,7 +401,7 @@ def _assemble(member: Member) -> Core:
     book = DutyBook(f"node {node_id}")
     metrics = Metrics()
     epoch = LeaseEpoch(node_id, meta)
-    raft.fence_epoch = epoch.current  # every proposal from here on is fenced (RaftLog has no argument for it yet)
+    raft.fence_epoch = epoch.current  # every proposal from here on is fenced (ReplicatedFsLog has no argument for it yet)
     allocator = node_allocator(meta, layout, node_id)
     groups = GroupKeeper(node_id, meta, allocator, epoch.current, low_blocks=layout.ag_blocks, book=book)
     data = file_data(settings, member.storage.device, meta, allocator, metrics, claim_space=groups.claim_now)

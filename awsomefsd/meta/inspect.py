@@ -14,8 +14,8 @@ from typing import Any
 
 import lmdb
 
-from awsomefsd.meta.raft_storage import describe_log
 from awsomefsd.meta.records import Volume
+from awsomefsd.meta.replication.lmdb_storage import describe_log
 from awsomefsd.meta.store import TABLES
 from awsomefsd.meta.volumes_sm import volume_from_record
 

@@ -55,7 +55,7 @@ class MetaStore:
         self.env = lmdb.open(
             str(path),
             map_size=size,
-            max_dbs=len(TABLES) + 8,  # + the Raft log's tables (raft_storage.py)
+            max_dbs=len(TABLES) + 8,  # + the Raft log's tables (replication/lmdb_storage.py)
             readonly=readonly,
             lock=True,
             sync=True,

@@ -29,6 +29,9 @@ Concurrency notes (what callers may rely on):
   full channel, so a fast sender is slowed by TCP flow control, never buffered without bound. Its return value is the single response. A stream occupies one worker thread for
   its lifetime, so `max_workers` bounds concurrent streams too.
 - A servicer method that is missing answers UNIMPLEMENTED.
+- The client side, for calls the daemon makes to its peers from the loop: `unary_call` awaits a
+  grpc call's future on trio without a thread (grpc's completion callback only schedules the
+  wake-up with `run_sync_soon`); cancelling the wait cancels the call.
 - Unix-socket addresses (`unix:///abs/path`) get mode 0600 with no window where the socket is
   reachable with a wider mode: it is bound inside a private 0700 directory, chmod-ed, then renamed
   into place. A stale socket file left by a crashed daemon is removed; a live one (something accepts
@@ -443,3 +446,28 @@ async def serve_grpc(
                 with contextlib.suppress(FileNotFoundError):
                     if stat.S_ISSOCK(sock_path.lstat().st_mode):
                         sock_path.unlink()
+
+
+# --- the client side ---------------------------------------------------------------------------------
+async def unary_call(channel: grpc.Channel, method: str, request: bytes, timeout_s: float) -> bytes:
+    """Call the unary `method` (raw bytes both ways) on `channel` from the trio loop and return the
+    reply. Raises grpc.RpcError when the call fails, ValueError when the channel was closed before
+    the request could be sent."""
+    future = channel.unary_unary(method).future(request, timeout=timeout_s)
+    token = trio.lowlevel.current_trio_token()
+    done = trio.Event()
+
+    def wake(_f: grpc.Future) -> None:
+        try:
+            token.run_sync_soon(done.set)
+        except trio.RunFinishedError:
+            pass
+
+    future.add_done_callback(wake)
+    try:
+        await done.wait()
+    except BaseException:
+        future.cancel()
+        raise
+    reply: bytes = future.result()
+    return reply

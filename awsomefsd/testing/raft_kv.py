@@ -30,9 +30,12 @@ import grpc
 import lmdb
 import trio
 
-from awsomefsd.meta.raft_node import NodeSettings, NotLeader, ProposalLost, ProposalTimeout, RaftNode
+from awsomefsd.meta.replication.driver import RaftNode
+from awsomefsd.meta.replication.errors import NotLeader, ProposalLost, ProposalTimeout
+from awsomefsd.meta.replication.lmdb_storage import LmdbRaftStorage
+from awsomefsd.meta.replication.settings import NodeSettings
+from awsomefsd.meta.replication.transport import RaftTransport
 from awsomefsd.rpc.bridge import Binding, BridgeLimits, serve_grpc
-from awsomefsd.rpc.raft_transport import RaftTransport
 
 log = logging.getLogger(__name__)
 
@@ -199,7 +202,8 @@ async def serve(args: argparse.Namespace) -> None:
         snapshot_entries=args.snapshot_entries, catch_up_entries=args.catch_up_entries,
         max_batch=args.max_batch,
     )
-    node = RaftNode(args.id, sm.env, sm, settings=settings, bootstrap_voters=tuple(sorted(peers)))
+    node = RaftNode(args.id, LmdbRaftStorage(env=sm.env), sm, settings=settings,
+                    bootstrap_voters=tuple(sorted(peers)))
     others = {i: a for i, a in peers.items() if i != args.id}
     shutil.rmtree(data_dir / "incoming", ignore_errors=True)
     transport = RaftTransport(args.id, others, node, staging_dir=data_dir / "incoming", insecure=args.insecure)

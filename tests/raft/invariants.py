@@ -13,13 +13,48 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Mapping
+from typing import Protocol
 
-from awsomefsd.meta.raft import Entry, HardState, Ready, Snapshot, StateType
+from awsomefsd.meta.raft import Entry, HardState, RawNode, Ready, Snapshot, StateType
 from awsomefsd.meta.raft.storage import LogCompacted
 
-if TYPE_CHECKING:
-    from .sim import SimNode, Simulation
+
+class _Applied(Protocol):
+    @property
+    def applied(self) -> int: ...
+
+
+class _Terms(Protocol):
+    def term(self, index: int) -> int: ...
+
+
+class ObservedNode(Protocol):
+    """What the checks read of a simulated node: the core's simulator (sim.py) and the driver's
+    (driver_sim.py) both provide it."""
+
+    @property
+    def id(self) -> int: ...
+
+    @property
+    def kv(self) -> _Applied:
+        """The durable state machine: `applied` is its applied index."""
+        ...
+
+    @property
+    def storage(self) -> _Terms:
+        """The durable log."""
+        ...
+
+    @property
+    def raw(self) -> RawNode | None:
+        """The running core, None while the node is down."""
+        ...
+
+
+class ObservedCluster(Protocol):
+    @property
+    def nodes(self) -> Mapping[int, ObservedNode]: ...
 
 
 class SimFailure(AssertionError):
@@ -41,7 +76,7 @@ class Invariants:
         self.applied_floor: dict[int, int] = {}
         self.checks = 0
 
-    def on_boot(self, node: SimNode) -> None:
+    def on_boot(self, node: ObservedNode) -> None:
         floor = self.applied_floor.get(node.id, 0)
         _check(
             node.kv.applied >= floor,
@@ -49,7 +84,7 @@ class Invariants:
         )
         self.applied_floor[node.id] = node.kv.applied
 
-    def on_hard_state(self, node: SimNode, old: HardState, new: HardState) -> None:
+    def on_hard_state(self, node: ObservedNode, old: HardState, new: HardState) -> None:
         _check(new.term >= old.term, f"node {node.id}: term went back {old} -> {new}")
         if new.term == old.term and old.vote:
             _check(
@@ -58,7 +93,7 @@ class Invariants:
             )
         _check(new.commit >= old.commit, f"node {node.id}: persisted commit went back {old} -> {new}")
 
-    def on_persist(self, node: SimNode, entries: list[Entry]) -> None:
+    def on_persist(self, node: ObservedNode, entries: list[Entry]) -> None:
         st = node.storage
         for e in entries:
             try:
@@ -78,7 +113,7 @@ class Invariants:
                     f"but term {seen[1]} elsewhere",
                 )
 
-    def on_apply(self, node: SimNode, e: Entry) -> None:
+    def on_apply(self, node: ObservedNode, e: Entry) -> None:
         self.checks += 1
         _check(e.index == node.kv.applied + 1, f"node {node.id} applies {e.index} after {node.kv.applied}")
         seen = self.applied.get(e.index)
@@ -96,7 +131,7 @@ class Invariants:
         )
         self.applied_floor[node.id] = e.index
 
-    def on_snapshot_applied(self, node: SimNode, snap: Snapshot) -> None:
+    def on_snapshot_applied(self, node: ObservedNode, snap: Snapshot) -> None:
         i = snap.meta.index
         t = self.committed.get(i)
         _check(
@@ -105,7 +140,7 @@ class Invariants:
         )
         self.applied_floor[node.id] = i
 
-    def after_ready(self, node: SimNode, rd: Ready) -> None:
+    def after_ready(self, node: ObservedNode, rd: Ready) -> None:
         raw = node.raw
         assert raw is not None
         r = raw.raft
@@ -133,7 +168,7 @@ class Invariants:
         if rd.soft_state is not None and rd.soft_state.state == StateType.LEADER:
             self._check_leader_completeness(node)
 
-    def _check_leader_completeness(self, node: SimNode) -> None:
+    def _check_leader_completeness(self, node: ObservedNode) -> None:
         assert node.raw is not None
         log = node.raw.raft.log
         _check(
@@ -147,7 +182,7 @@ class Invariants:
                     log.term(i) == t, f"leader completeness: leader {node.id} lacks committed entry {i}/{t}"
                 )
 
-    def after_event(self, sim: Simulation) -> None:
+    def after_event(self, sim: ObservedCluster) -> None:
         leaders: dict[int, int] = {}
         for n in sim.nodes.values():
             if n.raw is not None and n.raw.raft.state == StateType.LEADER:

@@ -1,6 +1,7 @@
 """The node driver's answers to its callers, on three real members in one trio loop (LMDB storage,
 gRPC transport on loopback): NotLeader with a hint, a proposal overwritten by a new leader
-(ProposalLost), one whose fate is unknown (ProposalTimeout), a read on a cut-off leader.
+(ProposalLost), one whose fate is unknown (ProposalTimeout), a read on a cut-off leader, and a
+follower's proposal forwarded to the leader over gRPC (Member.Forward), resends applied once.
 
 The partition is fault injection in the test: messages from or to an isolated node are dropped
 where the node hands them to its transport."""
@@ -9,14 +10,21 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
+from functools import partial
 from pathlib import Path
 
 import pytest
 import trio
 
+from awsomefsd.cluster.rpc import MemberService
 from awsomefsd.meta.raft import Message
-from awsomefsd.meta.raft_node import NodeSettings, NotLeader, ProposalLost, ProposalTimeout, RaftNode
-from awsomefsd.rpc.raft_transport import RaftTransport, TransportLimits
+from awsomefsd.meta.replication.driver import RaftNode
+from awsomefsd.meta.replication.errors import NotLeader, ProposalLost, ProposalTimeout
+from awsomefsd.meta.replication.forwarding import Forwarder
+from awsomefsd.meta.replication.lmdb_storage import LmdbRaftStorage
+from awsomefsd.meta.replication.proposals import FORWARDED, HEADER
+from awsomefsd.meta.replication.settings import NodeSettings
+from awsomefsd.meta.replication.transport import RaftTransport, TransportLimits
 from awsomefsd.testing.raft_cluster import free_port
 from awsomefsd.testing.raft_kv import KVStateMachine, encode_put
 
@@ -25,12 +33,13 @@ DEADLINE_S = 15.0
 
 
 class Cluster:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, *, forwarding: bool = False) -> None:
         self.addrs = {i: f"127.0.0.1:{free_port('127.0.0.1')}" for i in (1, 2, 3)}
         self.isolated: set[int] = set()
         self.sms = {i: KVStateMachine(root / f"n{i}") for i in self.addrs}
         self.nodes = {
-            i: RaftNode(i, self.sms[i].env, self.sms[i], settings=SETTINGS, bootstrap_voters=(1, 2, 3), seed=i)
+            i: RaftNode(i, LmdbRaftStorage(env=self.sms[i].env), self.sms[i], settings=SETTINGS,
+                        bootstrap_voters=(1, 2, 3), seed=i)
             for i in self.addrs
         }
         self.transports = {
@@ -41,6 +50,8 @@ class Cluster:
         }
         for i, node in self.nodes.items():
             node.send = self._sender(i)
+            if forwarding:
+                node.forward = Forwarder(self.transports[i].channel_to)
 
     def _sender(self, i: int) -> object:
         transport = self.transports[i]
@@ -62,11 +73,12 @@ class Cluster:
 
 
 @asynccontextmanager
-async def cluster(root: Path) -> AsyncIterator[Cluster]:
-    c = Cluster(root)
+async def cluster(root: Path, *, forwarding: bool = False) -> AsyncIterator[Cluster]:
+    c = Cluster(root, forwarding=forwarding)
     async with trio.open_nursery() as nursery:
         for i in c.addrs:
-            await nursery.start(c.transports[i].run, c.addrs[i])
+            bindings = [MemberService(c.nodes[i]).binding()] if forwarding else []
+            await nursery.start(partial(c.transports[i].run, c.addrs[i], extra_bindings=bindings))
             await nursery.start(c.nodes[i].run)
         yield c
         nursery.cancel_scope.cancel()
@@ -137,3 +149,29 @@ async def test_concurrent_proposals_apply_everywhere_with_pipelined_and_deferred
                 await trio.sleep(0.005)
         for i in c.nodes:
             assert [c.sms[i].get(f"p{slot}") for slot in range(16)] == ["39"] * 16
+
+
+async def test_a_follower_forwards_to_the_leader_and_a_resent_entry_applies_once(tmp_path: Path) -> None:
+    """Member.Forward on real gRPC: a follower's proposal is ordered by the leader and answered
+    from the follower's own apply; a Forward that reaches a follower comes back as NotLeader
+    with the hint; an entry sent again after a newer write to the same key is not applied again."""
+    async with cluster(tmp_path, forwarding=True) as c:
+        leader = await c.leader()
+        follower = next(n for n in c.nodes.values() if n is not leader)
+        index = await follower.propose(encode_put("k", "via-follower"))
+        assert c.sms[follower.id].get("k") == "via-follower"  # answered from its own apply
+        assert index > 0
+
+        to_leader = Forwarder(c.transports[follower.id].channel_to)
+        entry = HEADER.pack(7, FORWARDED | 1) + encode_put("dup", "old")
+        first = await to_leader(leader.id, entry)
+        await leader.propose(encode_put("dup", "new"))
+        second = await to_leader(leader.id, entry)  # the resend a lost reply would cause
+        assert second > first
+        await follower.read_barrier()
+        assert c.sms[follower.id].get("dup") == c.sms[leader.id].get("dup") == "new"
+
+        to_follower = Forwarder(c.transports[leader.id].channel_to)
+        with pytest.raises(NotLeader) as err:
+            await to_follower(follower.id, entry)
+        assert err.value.leader_id == leader.id

@@ -1,5 +1,6 @@
-"""The LMDB Raft log: what a Ready persists survives a crash, nothing half-written does, and the
-apply contract makes replay after a crash idempotent."""
+"""The LMDB Raft log beyond the contract both storages share (test_replica_storage.py): nothing
+half-written survives a crash (an abandoned transaction, a process killed mid-write), the apply
+contract makes replay idempotent, snapshots stream in bounded chunks, a RawNode restarts from it."""
 
 from __future__ import annotations
 
@@ -18,11 +19,10 @@ from awsomefsd.meta.raft import (
     Entry,
     HardState,
     LogCompacted,
-    LogUnavailable,
     RawNode,
     SnapshotMeta,
 )
-from awsomefsd.meta.raft_storage import (
+from awsomefsd.meta.replication.lmdb_storage import (
     LmdbRaftStorage,
     SnapshotReceiver,
     apply_entries,
@@ -35,31 +35,6 @@ MAP_BYTES = 64 << 20
 
 def ents(lo: int, hi: int, term: int) -> list[Entry]:
     return [Entry(term, i, data=f"e{i}".encode()) for i in range(lo, hi)]
-
-
-def test_save_and_reopen(tmp_path: Path) -> None:
-    st = LmdbRaftStorage(tmp_path, map_size_bytes=MAP_BYTES)
-    st.save(HardState(3, 2, 4), ents(1, 6, 3))
-    st.close()
-    st = LmdbRaftStorage(tmp_path, map_size_bytes=MAP_BYTES)
-    assert st.initial_state() == (HardState(3, 2, 4), ConfState())
-    assert (st.first_index(), st.last_index()) == (1, 5)
-    assert st.entries(2, 5, 1 << 20) == ents(2, 5, 3)
-    assert st.term(5) == 3
-    with pytest.raises(LogUnavailable):
-        st.term(6)
-    # Size-bounded reads return at least one entry.
-    assert len(st.entries(1, 6, 1)) == 1
-
-
-def test_conflicting_append_truncates_the_suffix(tmp_path: Path) -> None:
-    st = LmdbRaftStorage(tmp_path, map_size_bytes=MAP_BYTES)
-    st.save(None, ents(1, 6, 1))
-    st.save(HardState(2, 0, 0), ents(3, 4, 2))
-    assert st.last_index() == 3
-    assert [e.term for e in st.entries(1, 4, 1 << 20)] == [1, 1, 2]
-    st.close()
-    assert LmdbRaftStorage(tmp_path, map_size_bytes=MAP_BYTES).last_index() == 3
 
 
 def test_snapshot_and_compaction(tmp_path: Path) -> None:
@@ -101,7 +76,7 @@ def test_process_killed_mid_transaction_keeps_synced_state(tmp_path: Path) -> No
         import os
         from pathlib import Path
         from awsomefsd.meta.raft import Entry, HardState
-        from awsomefsd.meta.raft_storage import LmdbRaftStorage
+        from awsomefsd.meta.replication.lmdb_storage import LmdbRaftStorage
         st = LmdbRaftStorage(Path({str(tmp_path)!r}), map_size_bytes={MAP_BYTES})
         st.save(HardState(1, 1, 3), [Entry(1, i, data=b"ok") for i in range(1, 4)])
         txn = st.env.begin(write=True)

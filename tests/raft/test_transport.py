@@ -29,14 +29,14 @@ from awsomefsd.meta.raft import (
     SnapshotMeta,
     encode_message,
 )
-from awsomefsd.rpc.bridge import Binding, client_stream, serve_grpc
-from awsomefsd.rpc.raft_transport import (
+from awsomefsd.meta.replication.transport import (
     SERVICE,
     RaftTransport,
     TransportLimits,
     decode_frame,
     encode_frame,
 )
+from awsomefsd.rpc.bridge import Binding, client_stream, serve_grpc
 from awsomefsd.testing.raft_cluster import free_port
 
 DEADLINE_S = 10.0

@@ -18,7 +18,7 @@ import trio.testing
 from awsomefsd.duty import DutyBook, Fatal, fatal_reason, kind_of, retry_until_done, run_duty, supervise
 from awsomefsd.io.fence import WriteFencedError
 from awsomefsd.meta.errors import FsError
-from awsomefsd.meta.raft_node import ProposalTimeout
+from awsomefsd.meta.replication.errors import ProposalTimeout
 
 FAULTS: list[BaseException] = [
     FsError(errno.EIO, "node 2's lease epoch 1 has expired"),

@@ -16,8 +16,8 @@ imports count: they are dependencies too). The rules:
 4. Outside `meta/`, only its public modules are imported: `client` (reads, propose, barrier),
    `records` (the typed records, limits, fixed inodes), `commands`, `errors`, `log` (the
    ReplicatedLog protocol and the local log), `bootstrap` (open and initialise a store), `check`
-   (fsck's table checks), `inspect` (status's read-only summary) and the Raft runtime (`raft`,
-   `raft_log`, `raft_node`, `raft_storage`: moving to a package of its own). The one exception is
+   (fsck's table checks), `inspect` (status's read-only summary), the Raft core (`raft`) and the
+   Raft runtime (`replication`: driver, storage, transport, forwarding, the log on Raft). The one exception is
    the composition root `node.py`, which names the store and state machine types it opens.
 5. `fs/` imports from `meta/` only `client`, `records`, `commands` and `errors`; anything from
    `io/`; nothing from `fuse/`, `cluster/`, `csi/` or the composition.
@@ -45,7 +45,7 @@ import awsomefsd
 
 PACKAGE_ROOT = Path(awsomefsd.__file__).resolve().parent
 META_PUBLIC = frozenset({"client", "records", "commands", "errors", "log", "bootstrap", "check", "inspect",
-                         "raft", "raft_log", "raft_node", "raft_storage"})
+                         "raft", "replication"})
 FS_META_ALLOWED = frozenset({"client", "records", "commands", "errors"})
 FUSE_META_ALLOWED = frozenset({"errors", "records", "commands"})
 META_IO_ALLOWED = frozenset({"awsomefsd.io.layout", "awsomefsd.io.allocator"})

@@ -25,7 +25,7 @@ from .messages import (
     StateType,
 )
 from .rawnode import RawNode, Status
-from .storage import LogCompacted, LogUnavailable, MemoryStorage, SnapshotTemporarilyUnavailable, Storage
+from .storage import LogCompacted, LogUnavailable, MemoryStorage, RaftStorage, SnapshotTemporarilyUnavailable
 
 __all__ = [
     "NONE",
@@ -43,6 +43,7 @@ __all__ = [
     "Message",
     "MessageType",
     "ProposalDropped",
+    "RaftStorage",
     "RawNode",
     "ReadOnlyOption",
     "ReadState",
@@ -53,7 +54,6 @@ __all__ = [
     "SoftState",
     "StateType",
     "Status",
-    "Storage",
     "decode_message",
     "encode_message",
 ]

@@ -31,7 +31,7 @@ class Config:
     heartbeat_tick: int = 1
     applied: int = 0
     """Last index the state machine applied (after a restart); committed entries after it are
-    handed out again, so applying must be idempotent by index (see raft_storage.apply_entries)."""
+    handed out again, so applying must be idempotent by index (see replication.apply)."""
     max_size_per_msg_bytes: int = 1 << 20
     max_committed_size_per_ready_bytes: int = 8 << 20
     max_inflight_msgs: int = 256

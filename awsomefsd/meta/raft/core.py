@@ -35,13 +35,13 @@ from .messages import MessageType as MT
 from .progress import Progress
 from .quorum import VoteResult, quorum_size, vote_result
 from .readonly import ReadOnly
-from .storage import Storage
+from .storage import RaftStorage
 
 CAMPAIGN_TRANSFER = b"CampaignTransfer"
 
 
 class Raft(Leader):
-    def __init__(self, config: Config, storage: Storage) -> None:
+    def __init__(self, config: Config, storage: RaftStorage) -> None:
         config.validate()
         self.id = config.id
         self.cfg = config

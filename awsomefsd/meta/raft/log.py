@@ -1,4 +1,4 @@
-"""The Raft log as the core sees it: stable entries in Storage, followed by an unstable tail.
+"""The Raft log as the core sees it: stable entries in RaftStorage, followed by an unstable tail.
 
 The unstable tail holds entries (and possibly a snapshot) the caller has not persisted yet. The
 caller learns about them through Ready and reports them stable in advance(); only then are they
@@ -8,7 +8,7 @@ dropped from memory. Commit and applied indexes live here too; both only ever gr
 from __future__ import annotations
 
 from .messages import Entry, Snapshot
-from .storage import LogCompacted, LogUnavailable, Storage, limit_size
+from .storage import LogCompacted, LogUnavailable, RaftStorage, limit_size
 
 NO_LIMIT = 1 << 62
 
@@ -75,7 +75,7 @@ class Unstable:
 
 
 class RaftLog:
-    def __init__(self, storage: Storage, max_committed_size_per_ready_bytes: int = NO_LIMIT) -> None:
+    def __init__(self, storage: RaftStorage, max_committed_size_per_ready_bytes: int = NO_LIMIT) -> None:
         self.storage = storage
         first = storage.first_index()
         last = storage.last_index()

@@ -31,7 +31,7 @@ from .messages import (
     StateType,
 )
 from .progress import ProgressState
-from .storage import Storage
+from .storage import RaftStorage
 
 
 @dataclass(frozen=True)
@@ -55,7 +55,7 @@ class Status:
 
 
 class RawNode:
-    def __init__(self, config: Config, storage: Storage) -> None:
+    def __init__(self, config: Config, storage: RaftStorage) -> None:
         self.raft = Raft(config, storage)
         self._prev_soft = self.raft.soft_state()
         self._prev_hard = self.raft.hard_state()

@@ -2,7 +2,7 @@
 
 The core only ever *reads* storage; the caller writes to it while handling a Ready (append entries,
 set hard state, apply snapshots) and compacts it after taking snapshots. `MemoryStorage` serves the
-simulator and the benchmarks; `awsomefsd.meta.raft_storage.LmdbRaftStorage` is the durable one.
+simulator and the benchmarks; `awsomefsd.meta.replication.lmdb_storage.LmdbRaftStorage` is the durable one.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ class SnapshotTemporarilyUnavailable(Exception):
     """No snapshot can be produced right now; the leader retries later."""
 
 
-class Storage(Protocol):
+class RaftStorage(Protocol):
     """Read side of the durable Raft log, with etcd-raft's semantics.
 
     Indexes up to and including the snapshot index are compacted; `first_index()` is snapshot index
@@ -59,7 +59,7 @@ def limit_size(entries: list[Entry], max_size_bytes: int) -> list[Entry]:
 
 
 class MemoryStorage:
-    """Storage kept in a list; `ents[0]` is a dummy holding the snapshot's index and term."""
+    """A RaftStorage kept in a list; `ents[0]` is a dummy holding the snapshot's index and term."""
 
     def __init__(self) -> None:
         self.hard_state = EMPTY_HARD_STATE

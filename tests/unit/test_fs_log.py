@@ -17,15 +17,15 @@ from awsomefsd.meta import codec
 from awsomefsd.meta import commands as c
 from awsomefsd.meta.errors import FsError
 from awsomefsd.meta.raft import Entry, HardState
-from awsomefsd.meta.raft_log import RaftLog
-from awsomefsd.meta.raft_node import HEADER
-from awsomefsd.meta.raft_storage import LmdbRaftStorage
 from awsomefsd.meta.records import ROOT_INO
+from awsomefsd.meta.replication.fs_log import ReplicatedFsLog
+from awsomefsd.meta.replication.lmdb_storage import LmdbRaftStorage
+from awsomefsd.meta.replication.proposals import HEADER
 from awsomefsd.meta.state_machine import StateMachine
 from awsomefsd.meta.store import MetaStore
 
 
-def open_raft_log(path: Path) -> tuple[MetaStore, StateMachine, RaftLog]:
+def open_fs_log(path: Path) -> tuple[MetaStore, StateMachine, ReplicatedFsLog]:
     store = MetaStore(path)
     sm = StateMachine(store)
     with store.env.begin(write=True) as txn:
@@ -33,11 +33,11 @@ def open_raft_log(path: Path) -> tuple[MetaStore, StateMachine, RaftLog]:
             sm.bootstrap(txn, cluster_id="c", device_id="d", data_extent=(256, 10_000), now_ns=1)
     with store.env.begin() as txn:
         sm.load(txn)
-    return store, sm, RaftLog(store, sm)
+    return store, sm, ReplicatedFsLog(store, sm)
 
 
 @asynccontextmanager
-async def running(log: RaftLog) -> AsyncIterator[RaftLog]:
+async def running(log: ReplicatedFsLog) -> AsyncIterator[ReplicatedFsLog]:
     async with trio.open_nursery() as nursery:
         await nursery.start(log.run)
         yield log
@@ -56,7 +56,7 @@ def committed_names(store: MetaStore, sm: StateMachine) -> set[bytes]:
 async def test_a_proposal_waits_out_an_election(tmp_path: Path) -> None:
     """No leader yet: the proposal stalls (a mount sees a pause, not an error) and goes through
     once the group has elected one."""
-    _, sm, log = open_raft_log(tmp_path / "m")
+    _, sm, log = open_fs_log(tmp_path / "m")
     async with trio.open_nursery() as nursery:
         result: list[object] = []
 
@@ -76,7 +76,7 @@ async def test_a_proposal_waits_out_an_election(tmp_path: Path) -> None:
 
 
 async def test_no_leader_within_the_stall_budget_is_eio(tmp_path: Path) -> None:
-    _, _, log = open_raft_log(tmp_path / "m")
+    _, _, log = open_fs_log(tmp_path / "m")
     log.stall_s = 0.3
     with pytest.raises(FsError) as err:
         await log.propose(mknod(100, b"early"))
@@ -84,7 +84,7 @@ async def test_no_leader_within_the_stall_budget_is_eio(tmp_path: Path) -> None:
 
 
 async def test_durable_and_visible_when_acknowledged(tmp_path: Path) -> None:
-    store, sm, log = open_raft_log(tmp_path / "m")
+    store, sm, log = open_fs_log(tmp_path / "m")
     flushed: list[int] = []
     log.before_commit = lambda: flushed.append(log.applied_index)
     async with running(log):
@@ -98,7 +98,7 @@ async def test_durable_and_visible_when_acknowledged(tmp_path: Path) -> None:
 
 
 async def test_refusal_is_the_replicated_outcome(tmp_path: Path) -> None:
-    store, sm, log = open_raft_log(tmp_path / "m")
+    store, sm, log = open_fs_log(tmp_path / "m")
     async with running(log):
         await log.propose(mknod(100, b"a"))
         with pytest.raises(FsError) as err:
@@ -109,7 +109,7 @@ async def test_refusal_is_the_replicated_outcome(tmp_path: Path) -> None:
 
 
 async def test_restart_applies_a_persisted_tail_exactly_once(tmp_path: Path) -> None:
-    store, sm, log = open_raft_log(tmp_path / "m")
+    store, sm, log = open_fs_log(tmp_path / "m")
     async with running(log):
         await log.propose(mknod(100, b"a"))
         applied = log.applied_index
@@ -120,7 +120,7 @@ async def test_restart_applies_a_persisted_tail_exactly_once(tmp_path: Path) -> 
     tail = Entry(term, raw.last_index() + 1, data=HEADER.pack(7, 7) + codec.encode(mknod(101, b"tail")))
     raw.save(HardState(term, 1, raw.hard_state.commit), [tail])
     store.close()
-    store, sm, log = open_raft_log(tmp_path / "m")
+    store, sm, log = open_fs_log(tmp_path / "m")
     assert log.applied_index == applied
     async with running(log):
         await log.propose(mknod(102, b"after"))
@@ -134,7 +134,7 @@ async def test_restart_applies_a_persisted_tail_exactly_once(tmp_path: Path) -> 
 async def test_status_shows_term_leader_indexes_and_match(tmp_path: Path) -> None:
     from awsomefsd.status import _meta_status, _raft_rows
 
-    store, _, log = open_raft_log(tmp_path / "m")
+    store, _, log = open_fs_log(tmp_path / "m")
     async with running(log):
         await log.propose(mknod(100, b"a"))
     store.close()  # one process may open an environment once; status runs in another process

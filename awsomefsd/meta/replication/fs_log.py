@@ -16,9 +16,9 @@ Differences from LocalLog a caller may rely on:
 
 On a single node this is a one-member group that campaigns at start and is its own quorum. In a
 cluster (awsomefsd/cluster/member.py) the same class runs one member of a 3- or 5-voter group:
-- proposals from a follower are forwarded to the leader (RaftNode.forward) and wrapped in
-  `Fenced(node, epoch, ...)` so that the state machine refuses them once this node's liveness
-  lease has expired (docs/cluster.md);
+- proposals are wrapped in `Fenced(node, epoch, ...)` so that the state machine refuses them once
+  this node's liveness lease has expired (docs/cluster.md); a follower's are forwarded to the
+  leader (forwarding.py);
 - a proposal that meets no leader (an election in progress) waits for one and is retried, for up
   to `stall_s`: the "short stall" a mount sees when the leader dies. Only outcomes that prove the
   command was not appended (NotLeader, ProposalLost) are retried;
@@ -45,8 +45,11 @@ from awsomefsd.meta import codec
 from awsomefsd.meta import commands as c
 from awsomefsd.meta.errors import FsError
 from awsomefsd.meta.raft import Ready
-from awsomefsd.meta.raft_node import NodeSettings, NotLeader, ProposalLost, ProposalTimeout, RaftNode
 from awsomefsd.meta.records import u64
+from awsomefsd.meta.replication.driver import RaftNode
+from awsomefsd.meta.replication.errors import NotLeader, ProposalLost, ProposalTimeout
+from awsomefsd.meta.replication.lmdb_storage import LmdbRaftStorage
+from awsomefsd.meta.replication.settings import NodeSettings
 from awsomefsd.meta.state_machine import StateMachine
 from awsomefsd.meta.store import MetaStore
 
@@ -101,7 +104,7 @@ class FsCommands:
         return self.store.env
 
 
-class RaftLog:
+class ReplicatedFsLog:
     """ReplicatedLog over a one-member Raft group; see the module docstring."""
 
     def __init__(self, store: MetaStore, sm: StateMachine, *, node_id: int = 1,
@@ -114,7 +117,8 @@ class RaftLog:
         assert not settings.persist_in_thread, "the state machine's memory is owned by the trio thread"
         store.grow_if_needed(GROW_HEADROOM_BYTES)
         voters = (node_id,) if bootstrap_voters is None else bootstrap_voters
-        self.node = RaftNode(node_id, store.env, self.commands, settings=settings, bootstrap_voters=voters)
+        self.node = RaftNode(node_id, LmdbRaftStorage(env=store.env), self.commands, settings=settings,
+                             bootstrap_voters=voters)
         self.node.before_persist = self._before_persist
         self.node.on_applied = self._renew_reads
         self.commands.before_snapshot.append(self._drop_reads)

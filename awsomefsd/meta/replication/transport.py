@@ -38,7 +38,7 @@ import grpc
 import trio
 
 from awsomefsd.meta.raft import CodecError, Message, MessageType, Snapshot, decode_message, encode_message
-from awsomefsd.meta.raft_storage import SnapshotReceiver
+from awsomefsd.meta.replication.lmdb_storage import SnapshotReceiver
 from awsomefsd.rpc.bridge import Binding, BridgeLimits, RpcAbort, client_stream, serve_grpc
 
 log = logging.getLogger(__name__)

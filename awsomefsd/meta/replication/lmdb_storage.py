@@ -1,4 +1,4 @@
-"""Durable Raft storage in LMDB on node-local disk, and the apply contract for the state machine.
+"""The replica's storage in LMDB on node-local disk (implements storage.ReplicaStorage).
 
 Log layout (one environment, two named databases):
   raft_log   8-byte big-endian index -> codec.encode_entry(entry)
@@ -12,9 +12,10 @@ The apply contract (`apply_entries`): the state machine lives in its own environ
 tables); applying entries and recording the last applied index happen in the same write
 transaction, so after a crash replaying committed entries skips exactly those already applied.
 
-Snapshots: the state-machine environment *is* the snapshot. `snapshot_chunks` streams a compacted
-copy of it in bounded chunks and `SnapshotReceiver` reassembles one on the follower; the log keeps
-only the snapshot's metadata (index, term, membership).
+Snapshots: the state-machine environment *is* the snapshot; the log keeps only the snapshot's
+metadata (index, term, membership). `snapshot_chunks` streams a compacted copy of the environment
+in bounded chunks and `SnapshotReceiver` reassembles one on the follower (the transport drives
+both); `stage_snapshot` turns a received copy into this node's before the state machine adopts it.
 """
 
 from __future__ import annotations
@@ -35,10 +36,10 @@ from awsomefsd.meta.raft.storage import LogCompacted, LogUnavailable, limit_size
 FORMAT_VERSION = 1
 DEFAULT_MAP_BYTES = 1 << 30
 DEFAULT_CHUNK_BYTES = 1 << 20
-SEEN_WINDOW = 65_536
-"""Proposal ids remembered for de-duplication: far more than a resend can lag behind."""
 MAX_CHUNK_BYTES = 64 << 20
 MAX_SNAPSHOT_BYTES = 1 << 40
+SEEN_WINDOW = 65_536
+"""Proposal ids remembered for de-duplication: far more than a resend can lag behind."""
 APPLIED_KEY = b"raft_applied_index"
 
 _INDEX = struct.Struct(">Q")
@@ -51,7 +52,7 @@ def _key(index: int) -> bytes:
 
 
 class LmdbRaftStorage:
-    """Implements `awsomefsd.meta.raft.storage.Storage` plus the write side used per Ready.
+    """Implements `storage.ReplicaStorage`: the core's read side plus the write side used per Ready.
 
     Single writer (the node's Raft driver). Reads of indexes and terms hit small in-memory copies
     of the log bounds and snapshot metadata, kept in step with every committed write.
@@ -186,6 +187,14 @@ class LmdbRaftStorage:
         with self.env.begin() as txn:
             return read_applied_index(txn, self._meta)
 
+    def read_applied(self, txn: lmdb.Transaction[bytes]) -> int:
+        """The applied index as of `txn` (inside the transaction that applies more)."""
+        return read_applied_index(txn, self._meta)
+
+    def write_applied(self, txn: lmdb.Transaction[bytes], index: int) -> None:
+        """Record `index` as applied, in the transaction that applied it."""
+        txn.put(APPLIED_KEY, _U64.pack(index), db=self._meta)
+
     def save(
         self,
         hard_state: HardState | None,
@@ -227,6 +236,18 @@ class LmdbRaftStorage:
         self.snap_meta, self._last = snap_meta, last
         if hard_state is not None:
             self.hard_state = hard_state
+
+    def snapshot_chunks(self) -> Iterator[bytes]:
+        """A compacted copy of the environment (it holds the state machine) for a lagging peer."""
+        return snapshot_chunks(self.env, DEFAULT_CHUNK_BYTES)
+
+    def stage_snapshot(self, snap: Snapshot, hard_state: HardState) -> Path:
+        """The copy the transport staged at the path in `snap.data`, made this node's (see
+        adopt_snapshot_env); the state machine then installs it and we `reopen` on its result."""
+        staged = Path(snap.data.decode())
+        assert staged.is_dir(), f"snapshot at {snap.meta.index} without its staged copy"
+        adopt_snapshot_env(staged, snap.meta, hard_state)
+        return staged
 
     def create_snapshot(self, index: int, conf_state: ConfState) -> SnapshotMeta:
         """Record that the state machine has a snapshot at `index` (it must be applied and stored)."""
@@ -306,7 +327,7 @@ def apply_entries(
     return applied
 
 
-# --- snapshots as environment copies -----------------------------------------------------------------
+# --- snapshots as environment copies ---------------------------------------------------------------
 def snapshot_chunks(env: lmdb.Environment, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Iterator[bytes]:
     """A compacted, consistent copy of `env` (one read transaction) as a stream of bounded chunks."""
     assert 0 < chunk_bytes <= MAX_CHUNK_BYTES

@@ -1,0 +1,442 @@
+"""The node driver: a trio loop around one RawNode, its storage and a transport.
+
+What it does for each Ready, in order (the durability order docs/raft.md argues for):
+  1. install a received snapshot, if any (the state-machine environment is replaced whole);
+  2. in ONE write transaction of the storage: append the entries, write the hard state, apply
+     the committed entries and record the last applied index; commit with fsync (group commit:
+     one fsync per Ready on every member);
+  3. only then send the messages (votes and append acknowledgements promise durable state) and
+     resolve the proposals and reads that the applied entries answer;
+  4. advance().
+Two relaxations, argued in docs/raft.md: a leader's appends and heartbeats leave before step 2
+(its fsync overlaps the followers'), and committed entries this node persisted in an earlier
+Ready are answered from inside step 2's transaction, before its fsync. A Ready that only applies
+may run behind the loop (leader) or wait for the next Ready's transaction (follower): apply.py.
+A Ready with nothing to write skips the transaction.
+Because step 2 is one transaction, a crash leaves either the whole Ready or none of it; on restart
+the core hands out committed entries after the recorded applied index again, and applying skips
+anything at or below it, so replay is idempotent.
+
+The jobs around the loop each have a module: proposals (ids, batches, answers, de-duplication),
+forwarding (a follower's proposals), reads (ReadIndex), apply (the apply contract, pipelined and
+deferred applies), snapshots.
+
+Threads: with `persist_in_thread` a leader's write transaction (and its fsync) runs in a worker
+thread so the loop keeps accepting messages and proposals meanwhile (they form the next batch); a
+follower persists on its loop (nothing it serves waits, and the hops would lengthen the round).
+Only the driver loop touches the RawNode and the storage; other tasks only append to queues.
+
+Everything outside the loop is injected, so the simulator runs this very code
+(tests/raft/driver_sim.py): the storage (`ReplicaStorage`), how its blocking calls run
+(`DiskCalls`), the transport (`send`, `deliver`, the `report_*` calls, `forward`), randomness
+(`seed`) and time (trio's clock; the simulator's is virtual).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Callable, Iterator
+from functools import partial
+from typing import Any, Generic
+
+import trio
+
+from awsomefsd.meta.raft import (
+    ConfChange,
+    Config,
+    ConfState,
+    HardState,
+    Message,
+    MessageType,
+    ProposalDropped,
+    RawNode,
+    Ready,
+    SnapshotMeta,
+    StateType,
+)
+from awsomefsd.meta.replication.apply import (
+    MAX_DEFERRED_READIES,
+    Deferred,
+    DeferredApplies,
+    ReadyApply,
+    ReplicatedStateMachine,
+    applies_only,
+)
+from awsomefsd.meta.replication.errors import NotLeader
+from awsomefsd.meta.replication.forwarding import Forward, propose_via_leader
+from awsomefsd.meta.replication.proposals import Proposal, Proposals
+from awsomefsd.meta.replication.reads import ReadBarriers
+from awsomefsd.meta.replication.settings import NodeSettings
+from awsomefsd.meta.replication.snapshots import Snapshots
+from awsomefsd.meta.replication.storage import DiskCalls, ReplicaStorage, ThreadedDiskCalls, TxnT
+
+log = logging.getLogger(__name__)
+
+MAX_INBOX_MESSAGES = 100_000
+GATHER_S = 0.002
+GATHER_QUIET_ROUNDS = 3
+
+
+class RaftNode(Generic[TxnT]):
+    """Drives one member; see the module docstring for the contract."""
+
+    def __init__(
+        self,
+        node_id: int,
+        storage: ReplicaStorage[TxnT],
+        sm: ReplicatedStateMachine[TxnT],
+        *,
+        settings: NodeSettings | None = None,
+        bootstrap_voters: tuple[int, ...] = (),
+        seed: int | None = None,
+        disk: DiskCalls | None = None,
+    ) -> None:
+        self.id = node_id
+        self.settings = settings = settings or NodeSettings()
+        self.sm = sm
+        self.storage = storage
+        self.disk = disk or ThreadedDiskCalls()
+        self._rng = random.Random(seed)
+        if self.storage.last_index() == 0 and bootstrap_voters:
+            self._bootstrap(bootstrap_voters)
+        hs, _ = self.storage.initial_state()
+        applied = min(self.storage.applied_index(), hs.commit)
+        config = Config(
+            id=node_id,
+            random_below=self._rng.randrange,
+            election_tick=settings.election_ticks,
+            heartbeat_tick=settings.heartbeat_ticks,
+            applied=max(applied, self.storage.first_index() - 1),
+            max_proposal_batch=settings.max_batch,
+            check_quorum=True,
+            pre_vote=True,
+        )
+        self.raw = RawNode(config, self.storage)
+        self.send: Callable[[list[Message]], None] = self._no_peers
+        self.on_member_added: Callable[[int, str], None] = lambda _id, _addr: None
+        self.before_persist: Callable[[Ready], None] | None = None
+        """Runs before a Ready is persisted (e.g. flush the device: data before the metadata)."""
+        self.on_applied: Callable[[int], None] = lambda _index: None
+        self.forward: Forward | None = None
+        """Set by a cluster member: how a follower hands its entries to the leader (forwarding.py)."""
+        self.forward_retries = 0
+        self.batch_sizes: list[int] = []  # entries per Ready, drained by metrics
+        self._wake = trio.Event()
+        nonce = self._rng.getrandbits(63) or 1
+        self.proposals = Proposals(node_id, nonce, self._poke)
+        self.reads = ReadBarriers(nonce, self._poke)
+        self.snapshots = Snapshots(storage, sm, settings, self.disk)
+        self._inbox: list[Message] = []
+        self._reports: list[tuple[str, int, bool]] = []
+        self._conf_changes: list[ConfChange] = []
+        self.applied = self.storage.applied_index()
+        self.readies = 0
+        self.dropped_messages = 0
+        self.pipelined_applies = 0
+        self._nursery: trio.Nursery | None = None
+        self._apply_done: trio.Event | None = None  # set when the apply-only Ready in flight is done
+        self._deferred: DeferredApplies[TxnT] = DeferredApplies()  # a follower's apply-only Readys
+
+    def _bootstrap(self, voters: tuple[int, ...]) -> None:
+        """A brand-new group: every founding member starts from the same snapshot at index 1."""
+        meta = SnapshotMeta(1, 1, ConfState(tuple(sorted(voters))))
+        self.storage.save(HardState(1, 0, 1), [], meta, also=partial(self.storage.write_applied, index=1))
+
+    @staticmethod
+    def _no_peers(messages: list[Message]) -> None:
+        assert not messages, f"a one-member group sent {messages[0].type.name} to node {messages[0].to}"
+
+    def _poke(self) -> None:
+        self._wake.set()
+
+    # --- inputs from other tasks (never block, never touch the core) ------------------------------
+    def deliver(self, messages: list[Message]) -> None:
+        """From the transport: queue peer messages for the loop."""
+        room = MAX_INBOX_MESSAGES - len(self._inbox)
+        if room < len(messages):
+            self.dropped_messages += len(messages) - max(room, 0)
+            messages = messages[: max(room, 0)]
+        self._inbox.extend(messages)
+        self._wake.set()
+
+    def report_unreachable(self, peer_id: int) -> None:
+        self._reports.append(("unreachable", peer_id, False))
+        self._wake.set()
+
+    def report_snapshot(self, peer_id: int, delivered: bool) -> None:
+        self._reports.append(("snapshot", peer_id, delivered))
+        self._wake.set()
+
+    def snapshot_chunks(self) -> Iterator[bytes]:
+        """For the transport (worker thread): a copy of the state for a peer's snapshot."""
+        return self.storage.snapshot_chunks()
+
+    async def propose(self, command: bytes, *, timeout_s: float | None = None) -> Any:
+        """Order, commit and apply `command`; the state machine's result (proposals.py says how
+        it can fail). A follower forwards it to the leader when it can (forwarding.py)."""
+        if not self.raw.is_leader:
+            if self.forward is not None and self.raw.leader_id not in (0, self.id):
+                return await propose_via_leader(self, self.forward, command,
+                                                timeout_s or self.settings.proposal_timeout_s)
+            raise NotLeader(self.raw.leader_id)
+        return await self.submit(Proposal(self.proposals.next_id(), command), timeout_s)
+
+    async def submit(self, p: Proposal, timeout_s: float | None = None) -> Any:
+        """Queue a proposal whose id is already set, for the loop to hand to the core."""
+        return await self.proposals.submit(p, timeout_s or self.settings.proposal_timeout_s)
+
+    def change_membership(self, cc: ConfChange) -> None:
+        """Leader only: queue one membership change for the loop to append. The core refuses it
+        (silently, here) while another is uncommitted; the caller watches the configuration and
+        asks again, which is how the cluster's reconciler works anyway."""
+        self._conf_changes.append(cc)
+        self._wake.set()
+
+    async def read_barrier(self, *, timeout_s: float | None = None) -> int:
+        """Linearizable read point (reads.py): returns the applied index once it covers the read
+        index."""
+        await self.reads.barrier(timeout_s or self.settings.read_timeout_s, lambda: self.raw.leader_id)
+        return self.applied
+
+    def campaign(self) -> None:
+        """Start an election now (bootstrap of a one-member group, tests)."""
+        self.raw.campaign()
+        self._wake.set()
+
+    # --- the loop ---------------------------------------------------------------------------------
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        tick_s = self.settings.tick_ms / 1000
+        next_tick = trio.current_time() + tick_s
+        task_status.started()
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            await self._loop(next_tick, tick_s)
+
+    async def _loop(self, next_tick: float, tick_s: float) -> None:
+        while True:
+            with trio.move_on_at(min(next_tick, self._deferred.until)):
+                await self._wake.wait()
+            self._wake = trio.Event()
+            now = trio.current_time()
+            due = 0
+            while now >= next_tick:
+                due += 1
+                next_tick += tick_s
+            await self._gather()
+            self._feed()
+            # After a stall, step what arrived first (heartbeat answers keep a leader's quorum
+            # alive), then count every missed tick: ticks must never run slower than real time,
+            # or a leader's lease would outlast the followers' promises (docs/raft.md). Beyond
+            # two election timeouts more ticks change nothing, so that bounds the work.
+            for _ in range(min(due, 2 * self.settings.election_ticks)):
+                self.raw.tick()
+            while self.raw.has_ready():
+                await self._handle_ready()
+                await self._gather()
+                self._feed()
+            if self._deferred and trio.current_time() >= self._deferred.until:
+                await self._flush_deferred()
+                await self._maybe_snapshot()
+
+    async def _gather(self) -> None:
+        """With a blocking fsync, first let every task that can make progress now (requests just
+        read, proposers just resumed) queue its command, so they share the next fsync.
+
+        The loop yields to the scheduler until GATHER_QUIET_ROUNDS rounds in a row found no other
+        task runnable and brought no new input (trio runs every task that is runnable, and polls
+        I/O, between two of our turns), or GATHER_S passed. A heuristic for throughput only:
+        whatever comes later goes into the next batch."""
+        if self.settings.persist_in_thread:
+            return
+        deadline = trio.current_time() + GATHER_S
+        quiet = 0
+        arrived = self._arrivals()
+        while quiet < GATHER_QUIET_ROUNDS and trio.current_time() < deadline:
+            await trio.lowlevel.checkpoint()
+            now_arrived = self._arrivals()
+            busy = trio.lowlevel.current_statistics().tasks_runnable > 0 or now_arrived != arrived
+            quiet = 0 if busy else quiet + 1
+            arrived = now_arrived
+
+    def _arrivals(self) -> tuple[int, int, int]:
+        return len(self.proposals.queued), self.reads.queued, len(self._inbox)
+
+    def _feed(self) -> None:
+        reports, self._reports = self._reports, []
+        for kind, peer, ok in reports:
+            if kind == "unreachable":
+                self.raw.report_unreachable(peer)
+            else:
+                self.raw.report_snapshot(peer, ok)
+        inbox, self._inbox = self._inbox, []
+        for m in inbox:
+            self.raw.step(m)
+        changes, self._conf_changes = self._conf_changes, []
+        for cc in changes[:1]:
+            try:
+                self.raw.propose_conf_change(cc)
+            except ProposalDropped as exc:
+                log.debug("membership change %s refused: %s", cc, exc)
+        self.proposals.hand_to(self.raw, self.settings.max_batch)
+        self.reads.hand_to(self.raw)
+
+    async def _wait_applies(self) -> None:
+        """Wait for the apply-only Ready in flight, if any: write transactions stay in Ready order."""
+        if self._apply_done is not None:
+            await self._apply_done.wait()
+            self._apply_done = None
+
+    async def _handle_ready(self) -> None:
+        rd = self.raw.ready()
+        self.readies += 1
+        if rd.snapshot is not None:
+            await self._flush_deferred()
+            self.applied = await self.snapshots.install(rd.snapshot, rd.hard_state or self.storage.hard_state)
+        work = ReadyApply(rd, self.storage, self.sm)
+        durable_last = self.storage.last_index()
+        if (self.settings.persist_in_thread and self.raw.is_leader and rd.committed_entries
+                and rd.committed_entries[0].index <= durable_last):
+            # Committed entries this node persisted in an earlier Ready are durable in the logs
+            # of a quorum, us included. Their effects need not be durable before answering
+            # (replay from the log recreates them), so their proposers learn the results now,
+            # from inside the transaction, not after its fsync. Entries appended by this very
+            # Ready (a one-member group commits them at once) wait for the fsync like everything
+            # else. Without waiting for the loop to run it: the commit need not wait for a hop.
+            token = trio.lowlevel.current_trio_token()
+            work.answer_early = partial(token.run_sync_soon, self.proposals.resolve, rd.committed_entries,
+                                        work.outcome, work.skipped, durable_last)
+        # A leader's appends and heartbeats promise nothing about its own disk: they may leave
+        # while it persists the same entries (its own acknowledgement counts only once this Ready
+        # is done, because peers' answers are stepped after it). Everything else waits.
+        early, late = _split_early(rd, self.storage.hard_state.term)
+        self.send(early)
+        if (self.settings.persist_in_thread and self._nursery is not None
+                and applies_only(rd, self.storage.hard_state, durable_last)):
+            # Nothing in this Ready is new to the log. The rest of the order is unchanged: late
+            # messages, answers and reads follow the fsync of the transaction that applies them.
+            if not self.raw.is_leader and len(self._deferred) < MAX_DEFERRED_READIES:
+                # A follower's applies answer nobody: they wait for its next append's transaction.
+                self._deferred.add(work, late, trio.current_time())
+                self.raw.advance(rd)
+                return
+            # On the leader its transaction runs behind the loop, which goes on to the next Ready
+            # (whose appends leave at once; its own transaction waits for this one).
+            await self._wait_applies()
+            hard_state, also, deferred = self._deferred.take(rd.hard_state, work)
+            self._apply_done = trio.Event()
+            self.pipelined_applies += 1
+            self.raw.advance(rd)
+            self._nursery.start_soon(self._finish_apply, work, late, hard_state, also, deferred, self._apply_done)
+            return
+        await self._wait_applies()
+        entries = rd.entries
+        writes = rd.hard_state is not None or bool(entries) or bool(rd.committed_entries)
+        # A Ready with nothing to write (messages only) skips the transaction and its thread hop;
+        # deferred applies keep waiting for one that writes.
+        hard_state, also, deferred = self._deferred.take(rd.hard_state, work) if writes else (None, None, [])
+        if self.before_persist is not None:
+            self.before_persist(rd)
+        if entries:
+            self.batch_sizes.append(len(entries))
+            del self.batch_sizes[:-1024]
+        if not writes:
+            pass
+        elif self.settings.persist_in_thread and self.raw.is_leader:
+            # Only a leader has proposers and reads to serve meanwhile. A follower's loop only
+            # waits for its leader's next messages (they queue in the transport), so it persists
+            # here, two thread hops shorter on the round trip its acknowledgement is part of.
+            await self.disk.in_thread(partial(self.storage.save, hard_state, entries, None, also=also))
+        else:
+            await self.disk.on_loop(partial(self.storage.save, hard_state, entries, None, also=also))
+        self._settle_deferred(deferred)
+        self._settle(work, late)
+        if rd.committed_entries:
+            self.on_applied(self.applied)
+        for node_id, address in work.added:
+            self.on_member_added(node_id, address)
+        self.raw.advance(rd)
+        self.reads.serve(self.applied)
+        if rd.soft_state is not None and rd.soft_state.state != StateType.LEADER:
+            self.proposals.fail_queued(self.raw.leader_id)
+        await self._maybe_snapshot()
+
+    def _settle(self, work: ReadyApply[TxnT], late: list[Message]) -> None:
+        """What a Ready still owes once the transaction that applied it is durable: its late
+        messages, the answers to its proposals, and its confirmed reads."""
+        self.send(late)
+        committed = work.rd.committed_entries
+        if committed:
+            self.applied = max(self.applied, committed[-1].index)
+        self.proposals.resolve(committed, work.outcome, work.skipped)
+        self.reads.confirmed(work.rd.read_states)
+
+    def _settle_deferred(self, deferred: list[Deferred[TxnT]]) -> None:
+        for d in deferred:
+            self._settle(d.work, d.late)
+        if deferred:
+            self.on_applied(self.applied)
+
+    async def _flush_deferred(self) -> None:
+        """Apply the deferred Readys in a transaction of their own (nothing else came in time)."""
+        await self._wait_applies()
+        hard_state, also, deferred = self._deferred.take(None, None)
+        if not deferred:
+            return
+        await self.disk.in_thread(partial(self.storage.save, hard_state, [], None, also=also))
+        self._settle_deferred(deferred)
+        self.reads.serve(self.applied)  # no snapshot here: this may run between ready() and advance()
+
+    async def _finish_apply(self, work: ReadyApply[TxnT], late: list[Message], hard_state: HardState | None,
+                            also: Callable[[TxnT], None] | None, deferred: list[Deferred[TxnT]],
+                            done: trio.Event) -> None:
+        """The rest of a leader's apply-only Ready, behind the loop (see _handle_ready)."""
+        try:
+            await self.disk.in_thread(partial(self.storage.save, hard_state, [], None, also=also))
+            self._settle_deferred(deferred)
+            self._settle(work, late)
+            self.on_applied(self.applied)
+            self.reads.serve(self.applied)  # snapshots are taken by the loop, never beside this transaction
+        finally:
+            done.set()
+        self._wake.set()
+
+    async def _maybe_snapshot(self) -> None:
+        await self.snapshots.maybe_take(self.applied, self.raw.conf_state_at)
+
+    # --- observation ------------------------------------------------------------------------------
+    def status(self) -> dict[str, Any]:
+        """Term, leader, commit/applied index and, on the leader, each peer's match index."""
+        st = self.raw.status()
+        return {
+            "id": self.id,
+            "term": st.hard_state.term,
+            "vote": st.hard_state.vote,
+            "leader": st.soft_state.lead,
+            "role": st.soft_state.state.name.lower(),
+            "commit_index": st.hard_state.commit,
+            "applied_index": self.applied,
+            "last_index": st.last_index,
+            "snapshot_index": self.storage.first_index() - 1,
+            "voters": list(st.conf_state.voters),
+            "learners": list(st.conf_state.learners),
+            "match_index": {str(i): p.match for i, p in st.progress.items()},
+            "snapshots_installed": self.snapshots.installed,
+            "snapshots_taken": self.snapshots.taken,
+        }
+
+
+_EARLY_TYPES = frozenset({MessageType.APP, MessageType.HEARTBEAT, MessageType.SNAP})
+
+
+def _split_early(rd: Ready, durable_term: int) -> tuple[list[Message], list[Message]]:
+    """Messages that may be sent before the Ready is persisted, and those that must wait."""
+    if rd.hard_state is not None and rd.hard_state.term != durable_term:
+        return [], rd.messages
+    early = [m for m in rd.messages if m.type in _EARLY_TYPES]
+    if not early:
+        return [], rd.messages
+    return early, [m for m in rd.messages if m.type not in _EARLY_TYPES]
+
+
+__all__ = ["NodeSettings", "RaftNode"]
