@@ -72,6 +72,7 @@ class ClusterCoherence:
 
     def __init__(self, node_id: int, meta: MetaClient, invalidator: Invalidator, epoch: Callable[[], int], *,
                  flush: FlushFile | None = None,
+                 lose_file: Callable[[int, str], None] | None = None,
                  holds: HoldsInode = lambda _ino: False,
                  wait_lease: Callable[[], Awaitable[None]] | None = None,
                  read_barrier: Callable[..., Awaitable[object]] | None = None,
@@ -85,6 +86,9 @@ class ClusterCoherence:
         self.flush = flush
         """`async flush(ino)`: this node's buffered data of the file to the device and the log."""
         self.holds = holds
+        self.lose_file = lose_file
+        """`lose_file(ino, reason)`: drop the file's buffered bytes; its descriptors report EIO."""
+        self.expiries = 0  # times the cluster expired this node's liveness lease (ExpireNode applied)
         """Does anything on this node still reach this inode (a handle, a recent lookup)?"""
         self.wait_lease = wait_lease
         """Until this node's liveness lease is renewed (a writer that finds its epoch expired,
@@ -158,13 +162,26 @@ class ClusterCoherence:
     async def writing(self, ino: int) -> AsyncIterator[None]:
         """Hold the write lease across a whole write (see Coherence.writing): a hand-over that
         starts meanwhile waits for the block to end, so no byte is buffered, and no append
-        offset computed, under a lease that is already someone else's."""
+        offset computed, under a lease that is already someone else's.
+
+        An expiry is not a hand-over: it takes the lease without waiting. A write that was inside
+        the block when this node was expired (paused or cut off while the write awaited room, say)
+        may have computed its offset under the old lease and buffered after the buffers were
+        dropped; it fails with EIO and its file's buffered bytes are dropped and reported lost
+        (another node may have written the same offsets since: an acknowledged record was lost
+        that way in a 20-minute nemesis run)."""
         await self._acquire(ino)
+        expiries = self.expiries
         self._writers[ino] = self._writers.get(ino, 0) + 1
         try:
             yield
         finally:
             self._writer_done(ino)
+        if self.expiries != expiries:
+            reason = f"node {self.node_id}'s lease expired during a write to inode {ino}"
+            if self.lose_file is not None:
+                self.lose_file(ino, reason)
+            raise FsError(errno.EIO, reason, cause="lease")
 
     @asynccontextmanager
     async def rewriting(self, ino: int) -> AsyncIterator[bool]:
@@ -307,6 +324,7 @@ class ClusterCoherence:
             self._wake(command.ino)
         elif isinstance(command, c.ExpireNode):
             if command.node == self.node_id:
+                self.expiries += 1
                 self.held.clear()
                 self._acquired_at.clear()
             for ino, waiting in list(self._waiting.items()):

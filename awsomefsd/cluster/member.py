@@ -407,6 +407,7 @@ def _assemble(member: Member) -> Core:
     data = file_data(settings, member.storage.device, meta, allocator, metrics, claim_space=groups.claim_now)
     handles = Handles(meta, track_lookups=True)
     coherence = ClusterCoherence(node_id, meta, member.invalidator, epoch.current, flush=data.flush,
+                                 lose_file=data.lose_file,
                                  holds=handles.holds, wait_lease=epoch.wait_renewed,
                                  read_barrier=raft.node.read_barrier, strict=settings.mount.coherence == "strict")
     data.compactor.may_rewrite = coherence.rewriting  # the one cycle: coherence flushes through data

@@ -192,6 +192,9 @@ class FileData:
     def lose_buffers(self, reason: str) -> int:
         return self.lost_writes.lose_buffers(reason)
 
+    def lose_file(self, ino: int, reason: str) -> None:
+        self.lost_writes.lose_file(ino, reason)
+
     def unreported_loss(self, ino: int, seen: int) -> bool:
         return self.lost_writes.unreported_loss(ino, seen)
 

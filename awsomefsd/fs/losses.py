@@ -34,6 +34,15 @@ class LossLedger:
             log.error("dropped the buffered writes of %d files: %s", hit, reason)
         return hit
 
+    def lose_file(self, ino: int, reason: str) -> None:
+        """Drop one file's dirty bytes (written under a write lease since lost: see
+        ClusterCoherence.writing); every descriptor open on it reports EIO once."""
+        st = self.buffer.files.get(ino)
+        if st is not None and st.dirty:
+            self.buffer.drop_dirty(st)
+        self.mark_lost(ino)
+        log.error("dropped the buffered writes of inode %d: %s", ino, reason)
+
     def mark_lost(self, ino: int) -> None:
         self.losses += 1
         self.lost_at[ino] = self.losses
