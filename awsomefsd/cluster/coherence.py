@@ -168,8 +168,7 @@ class ClusterCoherence:
         the block when this node was expired (paused or cut off while the write awaited room, say)
         may have computed its offset under the old lease and buffered after the buffers were
         dropped; it fails with EIO and its file's buffered bytes are dropped and reported lost
-        (another node may have written the same offsets since: an acknowledged record was lost
-        that way in a 20-minute nemesis run)."""
+        (another node may have written the same offsets since)."""
         await self._acquire(ino)
         expiries = self.expiries
         self._writers[ino] = self._writers.get(ino, 0) + 1

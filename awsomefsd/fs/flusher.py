@@ -75,7 +75,12 @@ class Flusher:
                     await self.writer.write_runs(st, batch, mtime_ns=written_ns)
                     written += len(batch)
             except FsError as exc:
+                # The runs are gone with the failed flush. Every descriptor open on the file must
+                # hear it (as Linux reports a writeback error to each open file), not only the one
+                # that takes `st.error`: appends from two descriptors share these runs, and the
+                # other's fsync would otherwise succeed with its record lost (a nemesis run).
                 st.error = exc.errno
+                self.lost_writes.mark_lost(st.ino)
             except WriteFencedError as exc:
                 if self.lost_writes.losses == losses:  # the lease may still be renewed: retried then
                     self.buffer.keep_unwritten(st, runs[written:])

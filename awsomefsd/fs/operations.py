@@ -261,15 +261,23 @@ class Operations:
     async def flush(self, fh: int) -> None:
         """close(2): the file's data reaches the device and its mapping the metadata (close-to-open)."""
         h = self.handle(fh)
-        await self.data.flush(h.ino)
+        await self._flush_reporting(h)
+
+    async def _flush_reporting(self, h: Handle) -> None:
+        """Flush the file; a write error or a loss is reported to this descriptor once."""
+        try:
+            await self.data.flush(h.ino)
+        except FsError:
+            h.seen_loss = self.data.losses  # this error is the report of the loss it recorded
+            raise
         self._report_loss(h)
 
     def _report_loss(self, h: Handle) -> None:
         """Writes this descriptor may have made were dropped (the node's lease expired): EIO, once."""
         if self.data.unreported_loss(h.ino, h.seen_loss):
             h.seen_loss = self.data.losses
-            raise FsError(errno.EIO, "buffered writes were lost: this node's lease expired before they were flushed",
-                          cause="lost-writes")
+            raise FsError(errno.EIO, "buffered writes were lost (a flush of them failed, or this node's lease "
+                          "expired before they were flushed)", cause="lost-writes")
 
     async def release(self, fh: int) -> None:
         h = self.handles.pop(fh)
@@ -279,8 +287,7 @@ class Operations:
 
     async def fsync(self, fh: int, datasync: bool) -> None:
         h = self.handle(fh)
-        await self.data.flush(h.ino)
-        self._report_loss(h)
+        await self._flush_reporting(h)
         await self.meta.barrier()
 
     async def sync_all(self) -> None:

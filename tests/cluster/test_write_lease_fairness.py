@@ -278,8 +278,7 @@ async def test_a_write_under_a_lease_expired_meanwhile_fails_and_its_bytes_go(
         tmp_path: Path, autojump_clock: trio.testing.MockClock) -> None:
     """An expiry takes the lease without waiting for writes in progress. A write that was inside
     the lease's block when its node was expired (it computed its append offset under the old lease,
-    then awaited) must not buffer for later: another node may have written that offset since. In a
-    20-minute nemesis run an acknowledged record of another writer was lost that way."""
+    then awaited) must not buffer for later: another node may have written that offset since."""
     cluster = Cluster(tmp_path)
     lost: list[tuple[int, str]] = []
     cluster.co(2).lose_file = lambda ino, reason: lost.append((ino, reason))

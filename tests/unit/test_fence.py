@@ -24,6 +24,7 @@ from awsomefsd.io.extent_io import INLINE_IO_MAX_BYTES
 from awsomefsd.io.fence import MAX_WRITE_S, WriteFence, WriteFencedError
 from awsomefsd.io.layout import BLOCK_SIZE, MiB
 from awsomefsd.io.superblock import format_device
+from awsomefsd.meta import commands as c
 from awsomefsd.meta.errors import FsError
 from awsomefsd.meta.records import ROOT_INO
 from awsomefsd.node import Core, open_core
@@ -236,7 +237,8 @@ async def test_a_flush_fenced_after_the_lease_was_lost_keeps_nothing(core: Core,
                                                                       fence: WriteFence) -> None:
     """The cluster expires the node (its buffers are dropped) while a flush is in the device
     thread; the flush then meets the fence. Its runs must not be buffered again: after the renewal
-    they would be written over what other nodes wrote meanwhile. The loss is reported once."""
+    they would be written over what other nodes wrote meanwhile. The loss is reported once (the
+    flush's own EIO)."""
     size = 2 * INLINE_IO_MAX_BYTES
     fh, inode = await core.ops.create(ROOT_INO, b"l", stat.S_IFREG | 0o644, os.O_WRONLY, 0, 0)
     await core.ops.write(fh, 0, b"o" * size)
@@ -261,10 +263,7 @@ async def test_a_flush_fenced_after_the_lease_was_lost_keeps_nothing(core: Core,
     state = core.data.files.get(inode.ino)
     assert core.data.total_dirty_bytes == 0 and (state is None or not state.dirty), "nothing buffered again"
     fence.renewed(clock.now_s + 10)
-    with pytest.raises(FsError) as info:
-        await core.ops.flush(fh)
-    assert info.value.errno == errno.EIO and "lost" in str(info.value), "the loss is reported to the descriptor"
-    await core.ops.flush(fh)  # once
+    await core.ops.flush(fh)  # the fenced flush's EIO was this descriptor's report of the loss: once
     assert await read_all(core, inode.ino) == b"", "none of the dropped bytes reached the file"
     await core.ops.release(fh)
 
@@ -279,3 +278,29 @@ async def test_fenced_node_refuses_writes_once_the_buffer_is_full(core: Core, cl
     assert info.value.errno == errno.EIO
     assert core.data.total_dirty_bytes == 4 * BLOCK_SIZE
     await core.ops.release(fh)
+
+
+async def test_a_failed_flush_is_reported_to_every_descriptor(core: Core, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two descriptors append to one file; a flush fails and its runs are gone. Each descriptor
+    hears it once at its next fsync (as Linux reports a writeback error to each open file): the
+    second one's fsync used to succeed with its record lost (a nemesis run)."""
+    fh1, inode = await core.ops.create(ROOT_INO, b"two", stat.S_IFREG | 0o644, os.O_WRONLY, 0, 0)
+    fh2 = await core.ops.open(inode.ino, os.O_WRONLY)
+    await core.ops.write(fh1, 0, b"a" * 64)
+    await core.ops.write(fh2, 64, b"b" * 64)
+    real_propose = core.meta.propose
+
+    async def failing(command: object) -> object:
+        if isinstance(command, c.WriteData):
+            raise FsError(errno.EIO, "the metadata group refused it")
+        return await real_propose(command)
+
+    monkeypatch.setattr(core.meta, "propose", failing)
+    for fh in (fh1, fh2):
+        with pytest.raises(FsError) as info:
+            await core.ops.fsync(fh, False)
+        assert info.value.errno == errno.EIO
+    monkeypatch.setattr(core.meta, "propose", real_propose)
+    for fh in (fh1, fh2):
+        await core.ops.fsync(fh, False)  # once each
+        await core.ops.release(fh)
