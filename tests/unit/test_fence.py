@@ -12,7 +12,7 @@ import os
 import stat
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -196,13 +196,10 @@ async def test_fenced_flush_fails_with_eio_and_keeps_the_data_buffered(core: Cor
     await core.ops.release(fh)
 
 
-async def test_bytes_written_during_a_fenced_flush_stay_on_top(core: Core, clock: FakeClock,
-                                                               fence: WriteFence) -> None:
-    """The flush's run is big enough to be written from a worker thread; the fence's clock holds
-    that thread inside `check` while the application overwrites part of the run."""
-    size = 2 * INLINE_IO_MAX_BYTES
-    fh, inode = await core.ops.create(ROOT_INO, b"g", stat.S_IFREG | 0o644, os.O_WRONLY, 0, 0)
-    await core.ops.write(fh, 0, b"o" * size)
+async def flush_held_in_the_fence(core: Core, clock: FakeClock, fh: int,
+                                  meanwhile: Callable[[], Awaitable[None]]) -> list[FsError]:
+    """Flush `fh` with the lease over: the fence's clock holds the flush's worker thread inside
+    `check` while `meanwhile` runs; returns the errors the flush raised."""
     clock.now_s += 10
     entered, release = threading.Event(), threading.Event()
     clock.hold = (entered, release)
@@ -217,10 +214,24 @@ async def test_bytes_written_during_a_fenced_flush_stay_on_top(core: Core, clock
     async with trio.open_nursery() as nursery:
         nursery.start_soon(flush)
         assert await trio.to_thread.run_sync(entered.wait, 10)
-        assert core.data.files[inode.ino].inflight and not core.data.files[inode.ino].dirty
-        await core.ops.write(fh, BLOCK_SIZE, b"n" * BLOCK_SIZE)
+        await meanwhile()
         clock.hold = None
         release.set()
+    return failures
+
+
+async def test_bytes_written_during_a_fenced_flush_stay_on_top(core: Core, clock: FakeClock,
+                                                               fence: WriteFence) -> None:
+    """The flush's run is big enough to be written from a worker thread; the fence's clock holds
+    that thread inside `check` while the application overwrites part of the run."""
+    size = 2 * INLINE_IO_MAX_BYTES
+    fh, inode = await core.ops.create(ROOT_INO, b"g", stat.S_IFREG | 0o644, os.O_WRONLY, 0, 0)
+    await core.ops.write(fh, 0, b"o" * size)
+    async def overwrite() -> None:
+        assert core.data.files[inode.ino].inflight and not core.data.files[inode.ino].dirty
+        await core.ops.write(fh, BLOCK_SIZE, b"n" * BLOCK_SIZE)
+
+    failures = await flush_held_in_the_fence(core, clock, fh, overwrite)
     assert [exc.errno for exc in failures] == [errno.EIO]
     expected = b"o" * BLOCK_SIZE + b"n" * BLOCK_SIZE + b"o" * (size - 2 * BLOCK_SIZE)
     assert core.data.total_dirty_bytes == size
@@ -242,23 +253,10 @@ async def test_a_flush_fenced_after_the_lease_was_lost_keeps_nothing(core: Core,
     size = 2 * INLINE_IO_MAX_BYTES
     fh, inode = await core.ops.create(ROOT_INO, b"l", stat.S_IFREG | 0o644, os.O_WRONLY, 0, 0)
     await core.ops.write(fh, 0, b"o" * size)
-    clock.now_s += 10
-    entered, release = threading.Event(), threading.Event()
-    clock.hold = (entered, release)
-    failures: list[FsError] = []
-
-    async def flush() -> None:
-        try:
-            await core.ops.flush(fh)
-        except FsError as exc:
-            failures.append(exc)
-
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(flush)
-        assert await trio.to_thread.run_sync(entered.wait, 10)
+    async def expire() -> None:
         assert core.data.lose_buffers("expired while paused") == 1, "the in-flight file counts as hit"
-        clock.hold = None
-        release.set()
+
+    failures = await flush_held_in_the_fence(core, clock, fh, expire)
     assert [exc.errno for exc in failures] == [errno.EIO]
     state = core.data.files.get(inode.ino)
     assert core.data.total_dirty_bytes == 0 and (state is None or not state.dirty), "nothing buffered again"
