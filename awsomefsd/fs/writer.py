@@ -39,6 +39,7 @@ class RunWriter:
         with one WriteData. `size` caps the file size the command may set (a compaction must not
         grow the file); `keep_mtime` leaves the times alone (compaction); `mtime_ns` is when the
         writes happened (their mtime)."""
+        epoch = self.meta.lease_epoch()  # the device write happens under it: mapped only under it
         inode = self.meta.inode(st.ino)
         if inode is None:
             return  # deleted meanwhile: nothing to write
@@ -53,7 +54,7 @@ class RunWriter:
             checksums = await self.io.write_async([(dev, data) for _, dev, _, data in pieces])
             records = tuple(Extent(fb, dev, n, cs) for (fb, dev, n, _), cs in zip(pieces, checksums))
             await self.meta.propose(c.WriteData(st.ino, records, end, self.clock_ns(), touch=not keep_mtime,
-                                                mtime_ns=mtime_ns))
+                                                mtime_ns=mtime_ns), epoch=epoch)
         except BaseException:
             self.space.release(extents)
             raise

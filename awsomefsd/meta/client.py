@@ -53,9 +53,16 @@ class MetaClient:
         self._fmap = sm.db["fmap"]
 
     # -- the replicated log -----------------------------------------------------------------------
-    async def propose(self, command: object) -> Any:
-        """Order, commit and apply `command` (meta/commands.py); its result, or its FsError."""
-        return await self._log.propose(command)
+    async def propose(self, command: object, *, epoch: int | None = None) -> Any:
+        """Order, commit and apply `command` (meta/commands.py); its result, or its FsError.
+        `epoch`: the lease epoch the work it commits was done under (`lease_epoch`)."""
+        return await self._log.propose(command, epoch=epoch)
+
+    def lease_epoch(self) -> int | None:
+        """This node's liveness-lease epoch now (None on a single node): taken before writing data
+        to the shared device and passed to the `propose` that maps it, so that a lease lost and
+        renewed in between refuses the mapping (others may have written the file meanwhile)."""
+        return self._log.lease_epoch()
 
     async def barrier(self) -> None:
         """Return once everything proposed before the call is durable."""

@@ -42,8 +42,16 @@ def _now() -> float:
 class ReplicatedLog(Protocol):
     """What the filesystem needs from the metadata log, whatever its membership."""
 
-    async def propose(self, command: object) -> Any:
-        """Order, commit and apply `command`; its result, or the FsError it was refused with."""
+    async def propose(self, command: object, *, epoch: int | None = None) -> Any:
+        """Order, commit and apply `command`; its result, or the FsError it was refused with.
+        `epoch`: fence it with this liveness-lease epoch, not the current one (see `lease_epoch`)."""
+        ...
+
+    def lease_epoch(self) -> int | None:
+        """The liveness-lease epoch proposals are fenced with now; None where nothing is fenced
+        (one node). Work that a later proposal commits (data written to the shared device) takes
+        it when it starts and proposes with it: if the lease was lost and renewed in between,
+        the proposal is refused instead of committing work done under the lost lease."""
         ...
 
     async def barrier(self) -> None:
@@ -103,8 +111,11 @@ class LocalLog:
             self._txn = self.store.env.begin(write=True)
         return self._txn
 
-    async def propose(self, command: object) -> Any:
+    async def propose(self, command: object, *, epoch: int | None = None) -> Any:
         return self.apply_now(command)
+
+    def lease_epoch(self) -> int | None:
+        return None
 
     def apply_now(self, command: object) -> Any:
         """Apply in the open batch; synchronous, for callers that hold no await point."""

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from awsomefsd.config import DeviceSettings, NodeSettings, Settings
+from awsomefsd.config import DeviceSettings, MetaSettings, NodeSettings, Settings
 from awsomefsd.io.device import BlockDevice, DeviceError, create_image
 from awsomefsd.io.extent_io import INLINE_IO_MAX_BYTES
 from awsomefsd.io.fence import MAX_WRITE_S, WriteFence, WriteFencedError
@@ -27,7 +27,8 @@ from awsomefsd.io.superblock import format_device
 from awsomefsd.meta import commands as c
 from awsomefsd.meta.errors import FsError
 from awsomefsd.meta.records import ROOT_INO
-from awsomefsd.node import Core, open_core
+from awsomefsd.meta.replication.fs_log import ReplicatedFsLog
+from awsomefsd.node import NODE_ID, Core, open_core
 
 MARGIN_S = 0.5
 
@@ -288,10 +289,10 @@ async def test_a_failed_flush_is_reported_to_every_descriptor(core: Core, monkey
     await core.ops.write(fh2, 64, b"b" * 64)
     real_propose = core.meta.propose
 
-    async def failing(command: object) -> object:
+    async def failing(command: object, *, epoch: int | None = None) -> object:
         if isinstance(command, c.WriteData):
             raise FsError(errno.EIO, "the metadata group refused it")
-        return await real_propose(command)
+        return await real_propose(command, epoch=epoch)
 
     monkeypatch.setattr(core.meta, "propose", failing)
     for fh in (fh1, fh2):
@@ -302,3 +303,68 @@ async def test_a_failed_flush_is_reported_to_every_descriptor(core: Core, monkey
     for fh in (fh1, fh2):
         await core.ops.fsync(fh, False)  # once each
         await core.ops.release(fh)
+
+
+# -- a flush across a lost and renewed lease (a cluster member) -----------------------------------
+@pytest.fixture
+def raft_core(tmp_path: Path, fence: WriteFence, clock: FakeClock) -> Iterator[Core]:
+    """A one-member Raft group made a cluster whose founder owns every allocation group, so that
+    its proposals are fenced (epoch checks and group checks) as a cluster member's are."""
+    image = tmp_path / "device.img"
+    create_image(image, 64 * MiB)
+    with BlockDevice.open(image, direct=False) as dev:
+        format_device(dev, cluster_id=uuid.uuid4(), label="fence")
+    settings = Settings(node=NodeSettings(state_dir=tmp_path / "state", name="test"),
+                        device=DeviceSettings(path=image, shared=False, direct_io=False),
+                        meta=MetaSettings(log="raft"))
+    core = open_core(settings)
+    core.device.fence = fence
+    fence.renewed(clock.now_s + 10)
+    try:
+        yield core
+    finally:
+        core.close()
+
+
+async def test_data_written_under_a_lost_lease_is_not_mapped_after_the_renewal(
+        raft_core: Core, clock: FakeClock, fence: WriteFence) -> None:
+    """A flush is held at the fence while the cluster expires this node (its groups and write
+    leases go to others; its buffers are dropped) and the node comes back: renewed under the next
+    epoch, its groups claimed again, the fence open. The flush then writes its runs and proposes
+    their mapping. It must be refused: those bytes were buffered under the lost lease, and other
+    nodes may have written the file since. (Fenced with the epoch current at the proposal, as it
+    once was, the mapping was accepted.)"""
+    core = raft_core
+    assert isinstance(core.log, ReplicatedFsLog)
+    raft = core.log
+    layout = core.superblock.layout
+    epoch = [1]
+    async with trio.open_nursery() as nursery:
+        await nursery.start(raft.run)
+        await raft.propose_outcome(c.InitCluster(b"cert", b"key", b"v" * 48, 1, layout.data_start_block,
+                                                 layout.ag_blocks, layout.ag_count, NODE_ID, "n1",
+                                                 "127.0.0.1:1", "127.0.0.1:2", 1), fenced=False)
+        raft.fence_epoch = lambda: epoch[0]
+        await core.meta.propose(c.ClaimGroups(NODE_ID, 1, layout.ag_count))
+        size = 2 * INLINE_IO_MAX_BYTES
+        fh, inode = await core.ops.create(ROOT_INO, b"e", stat.S_IFREG | 0o644, os.O_WRONLY, 0, 0)
+        await core.ops.write(fh, 0, b"x" * size)
+
+        async def expire_and_come_back() -> None:
+            # The flush's worker thread, parked in the fence check, holds the device's lock: a
+            # commit's device flush would wait for it. Nothing written here needs one.
+            raft.before_commit = None
+            freed = await raft.propose_outcome(c.ExpireNode(NODE_ID, 2), fenced=False)
+            assert freed == (True, list(range(layout.ag_count))), "its groups are free for others"
+            core.data.lose_buffers("expired while paused")
+            assert await raft.propose_outcome(c.RenewLease(NODE_ID, 2), fenced=False) == (True, True)
+            epoch[0] = 2
+            await core.meta.propose(c.ClaimGroups(NODE_ID, 2, layout.ag_count))
+            fence.renewed(clock.now_s + 10)
+
+        failures = await flush_held_in_the_fence(core, clock, fh, expire_and_come_back)
+        assert [exc.errno for exc in failures] == [errno.EIO]
+        assert core.meta.require_inode(inode.ino).size == 0, "the mapping was refused"
+        assert await read_all(core, inode.ino) == b""
+        await core.ops.release(fh)
+        nursery.cancel_scope.cancel()

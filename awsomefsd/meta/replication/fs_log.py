@@ -149,22 +149,27 @@ class ReplicatedFsLog:
             self._read = self.store.env.begin()
         return self._read
 
-    async def propose(self, command: object) -> Any:
-        ok, result = await self.propose_outcome(command)
+    async def propose(self, command: object, *, epoch: int | None = None) -> Any:
+        ok, result = await self.propose_outcome(command, epoch=epoch)
         if not ok:
             raise result
         return result
 
-    async def propose_outcome(self, command: object, *, fenced: bool = True) -> tuple[bool, Any]:
+    def lease_epoch(self) -> int | None:
+        return None if self.fence_epoch is None else self.fence_epoch()
+
+    async def propose_outcome(self, command: object, *, fenced: bool = True,
+                              epoch: int | None = None) -> tuple[bool, Any]:
         """(ok, result or FsError); waits out an election (up to `stall_s`) when there is no leader.
-        `fenced=False` is for the leader's own housekeeping (ExpireNode), which no lease guards.
+        `fenced=False` is for the leader's own housekeeping (ExpireNode), which no lease guards;
+        `epoch` fences with an epoch taken earlier (`lease_epoch`), else the current one.
 
         Every failure reaches the caller as FsError (EIO when the metadata group could not be
         reached or the outcome is unknown): callers, background duties included, handle one
         exception type, and a proposal that timed out (ProposalTimeout: it may still be applied)
         is not mistaken for a bug."""
         if self.fence_epoch is not None and fenced:
-            command = c.Fenced(self.node.id, self.fence_epoch(), (command,))
+            command = c.Fenced(self.node.id, self.fence_epoch() if epoch is None else epoch, (command,))
         data = codec.encode(command)
         deadline = trio.current_time() + self.stall_s
         stalled = False
