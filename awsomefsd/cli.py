@@ -203,7 +203,7 @@ def _check_paths(args: argparse.Namespace, settings: Any) -> None:
 
 
 def _dispatch(args: argparse.Namespace) -> int:
-    from awsomefsd import commands
+    from awsomefsd import actions
 
     overrides = _settings_overrides(args)
     if args.command == "self-test":
@@ -211,20 +211,20 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         return run_self_test()
     if args.command == "dev":
-        return commands.dev(args.state, args.mount, args.size, overrides)
-    settings = commands.settings_from(getattr(args, "config", None), overrides)
+        return actions.dev(args.state, args.mount, args.size, overrides)
+    settings = actions.settings_from(getattr(args, "config", None), overrides)
     _check_paths(args, settings)
     if args.command == "run":
         from awsomefsd.cluster.state import MemberState
 
         member = MemberState.load(settings.node.state_dir)
         if member is not None:
-            from awsomefsd.cluster import commands as cluster
+            from awsomefsd.cluster import actions as cluster
 
             return cluster.run_member_command(settings, member)
-        return commands.run(settings)
+        return actions.run(settings)
     if args.command in ("init", "join", "token", "node"):
-        from awsomefsd.cluster import commands as cluster
+        from awsomefsd.cluster import actions as cluster
 
         if args.command == "init":
             return cluster.init(settings, size=args.size, force=args.force, label=args.label)
@@ -234,9 +234,9 @@ def _dispatch(args: argparse.Namespace) -> int:
             return cluster.token_rotate(settings) if args.action == "rotate" else cluster.token(settings)
         return cluster.node_remove(settings, args.node_id)
     if args.command == "format":
-        return commands.format_device(settings, args.device, force=args.force, size=args.size, label=args.label)
+        return actions.format_device(settings, args.device, force=args.force, size=args.size, label=args.label)
     if args.command == "fsck":
-        return commands.fsck(settings, repair=args.repair, verify_data=args.verify_data)
+        return actions.fsck(settings, repair=args.repair, verify_data=args.verify_data)
     if args.command == "status":
-        return commands.status(settings, as_json=args.json)
+        return actions.status(settings, as_json=args.json)
     raise CliError(f"unknown command {args.command}")

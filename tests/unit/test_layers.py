@@ -50,7 +50,7 @@ FS_META_ALLOWED = frozenset({"client", "records", "commands", "errors"})
 FUSE_META_ALLOWED = frozenset({"errors", "records", "commands"})
 META_IO_ALLOWED = frozenset({"awsomefsd.io.layout", "awsomefsd.io.allocator"})
 COMPOSITION = ("awsomefsd.node", "awsomefsd.volumes", "awsomefsd.cluster", "awsomefsd.csi", "awsomefsd.cli",
-               "awsomefsd.commands")
+               "awsomefsd.actions")
 COMPOSITION_ROOTS = frozenset({"awsomefsd.node"})
 MEMBER_ROOT = "awsomefsd.cluster.member"
 

@@ -1,4 +1,6 @@
-"""What each CLI command does, in terms of settings and services (the parsing lives in cli.py)."""
+"""What each CLI command of a node does, in terms of settings and services (the parsing lives in
+cli.py; a cluster member's commands in cluster/actions.py). Named actions, not commands: the
+state machine's commands are meta/commands.py."""
 
 from __future__ import annotations
 
@@ -75,7 +77,9 @@ def daemon_failure(exc: BaseException) -> str:
     return f"stopped: {reason}"
 
 
-def _device_errors() -> tuple[type[BaseException], ...]:
+def device_errors() -> tuple[type[BaseException], ...]:
+    """What opening a device or a node's state raises for bad input: one line for the user.
+    Imported when called, so that `--help` does not load the storage stack."""
     from awsomefsd.io.errors import DeviceError
     from awsomefsd.node import NodeError
 
@@ -107,7 +111,7 @@ def dev(state: Path, mount: Path, size: str, overrides: dict[str, Any]) -> int:
                     print(f"awsomefsd: formatted {image} ({size_bytes} bytes, cluster {sb.cluster_id})", flush=True)
             finally:
                 device.close()
-        except _device_errors() as exc:
+        except device_errors() as exc:
             raise CliError(str(exc)) from None
         overrides = {**overrides}
         overrides["node"] = {**overrides.get("node", {}), "state_dir": state}
@@ -141,7 +145,7 @@ def _serve(settings: Settings) -> int:
     preflight(settings)
     try:
         core = open_core(settings)
-    except _device_errors() as exc:
+    except device_errors() as exc:
         raise CliError(str(exc)) from None
     try:
         trio.run(functools.partial(serve, core, settings, ready=print_ready))
@@ -171,7 +175,7 @@ def format_device(settings: Settings, device_path: Path, *, force: bool, size: s
             device.close()
     except ValueError as exc:
         raise CliError(str(exc)) from None
-    except _device_errors() as exc:
+    except device_errors() as exc:
         raise CliError(str(exc)) from None
     layout = sb.layout
     print(f"awsomefsd: formatted {device_path}: cluster {sb.cluster_id}, device {sb.device_id}, "
@@ -192,7 +196,7 @@ def fsck(settings: Settings, *, repair: bool, verify_data: bool) -> int:
             settings = _device_of_state(settings)
         try:
             return run_fsck(settings, repair=repair, verify_data=verify_data)
-        except _device_errors() as exc:
+        except device_errors() as exc:
             raise CliError(str(exc)) from None
 
 
@@ -230,7 +234,7 @@ def status(settings: Settings, *, as_json: bool) -> int:
     running = state_in_use(settings.node.state_dir)
     info = collect_status(settings, running=running)
     if member is not None:
-        from awsomefsd.cluster.commands import cluster_status
+        from awsomefsd.cluster.actions import cluster_status
 
         info["cluster"] = cluster_status(settings) if running else None
         info["role"] = _member_role(member.node_id, info["cluster"])

@@ -16,6 +16,7 @@ from typing import Any
 
 import trio
 
+from awsomefsd.actions import preflight, state_lock
 from awsomefsd.cli import CliError
 from awsomefsd.cluster.ca import CertificateError, ClusterCA, make_csr, new_node_key
 from awsomefsd.cluster.discovery import browse, find_join_peers
@@ -24,7 +25,6 @@ from awsomefsd.cluster.rpc import control_call
 from awsomefsd.cluster.state import MemberState, control_socket, load_token, save_token, tls_dir, token_seeds
 from awsomefsd.cluster.tls import NodeCredentials
 from awsomefsd.cluster.token import JoinToken, TokenError
-from awsomefsd.commands import preflight, state_lock
 from awsomefsd.config import Settings, parse_size_bytes
 
 log = logging.getLogger(__name__)
@@ -223,8 +223,8 @@ def run_member_command(settings: Settings, state: MemberState) -> int:
 
 
 def _run(settings: Settings, state: MemberState, *, founding: Any = None, peers: dict[int, str] | None = None) -> int:
+    from awsomefsd.actions import daemon_failure, device_errors
     from awsomefsd.cluster.member import open_member, run_member
-    from awsomefsd.commands import _device_errors, daemon_failure
     from awsomefsd.fuse.mount import MountError
     from awsomefsd.node import print_ready
 
@@ -232,7 +232,7 @@ def _run(settings: Settings, state: MemberState, *, founding: Any = None, peers:
     creds = NodeCredentials.load(tls_dir(settings.node.state_dir))
     try:
         member = open_member(settings, state, creds, founding=founding is not None, peers=peers)
-    except _device_errors() as exc:
+    except device_errors() as exc:
         raise CliError(str(exc)) from None
     try:
         trio.run(functools.partial(run_member, member, founding=founding, ready=print_ready))
