@@ -21,11 +21,11 @@ from prometheus_client.metrics_core import Metric
 
 from awsomefsd.config import Settings
 from awsomefsd.duty import DutyBook, run_duty, supervise
+from awsomefsd.fs.allocator import NodeAllocator
 from awsomefsd.fs.data import FileData
 from awsomefsd.fs.handles import Handles
 from awsomefsd.fs.operations import Operations
 from awsomefsd.fs.space import ClaimSpace
-from awsomefsd.io.allocator import NodeAllocator
 from awsomefsd.io.device import BlockDevice
 from awsomefsd.io.errors import DeviceError
 from awsomefsd.io.fence import WriteFence

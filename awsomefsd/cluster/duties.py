@@ -27,7 +27,7 @@ from typing import Any
 import trio
 
 from awsomefsd.duty import DutyBook, run_duty
-from awsomefsd.io.allocator import NodeAllocator
+from awsomefsd.fs.allocator import NodeAllocator
 from awsomefsd.io.fence import WriteFence
 from awsomefsd.meta import commands as c
 from awsomefsd.meta.client import MetaClient

@@ -23,6 +23,7 @@ from collections.abc import Callable
 
 import trio
 
+from awsomefsd.fs.allocator import NodeAllocator
 from awsomefsd.fs.buffer import FileState, WriteBuffer
 from awsomefsd.fs.compactor import Compactor
 from awsomefsd.fs.flusher import Flusher
@@ -31,7 +32,6 @@ from awsomefsd.fs.reader import Reader
 from awsomefsd.fs.space import ClaimSpace, SpaceGuard
 from awsomefsd.fs.truncate import Truncator
 from awsomefsd.fs.writer import RunWriter
-from awsomefsd.io.allocator import NodeAllocator
 from awsomefsd.io.device import BlockDevice
 from awsomefsd.io.extent_io import ExtentIO
 from awsomefsd.io.layout import BLOCK_SIZE

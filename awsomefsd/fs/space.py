@@ -16,10 +16,9 @@ from collections.abc import Awaitable, Callable
 
 import trio
 
+from awsomefsd.fs.allocator import NodeAllocator, NoSpaceError
 from awsomefsd.fs.buffer import WriteBuffer
-from awsomefsd.io.allocator import NodeAllocator
 from awsomefsd.io.device import BlockDevice
-from awsomefsd.io.errors import NoSpaceError
 from awsomefsd.io.layout import BLOCK_SIZE
 from awsomefsd.meta import commands as c
 from awsomefsd.meta.client import MetaClient

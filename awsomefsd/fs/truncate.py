@@ -12,10 +12,10 @@ import dataclasses
 import errno
 from collections.abc import Callable
 
+from awsomefsd.fs.allocator import NodeAllocator
 from awsomefsd.fs.buffer import WriteBuffer
 from awsomefsd.fs.flusher import Flusher
 from awsomefsd.fs.reader import Reader
-from awsomefsd.io.allocator import NodeAllocator
 from awsomefsd.io.extent_io import ExtentIO
 from awsomefsd.io.fence import WriteFencedError
 from awsomefsd.io.layout import BLOCK_SIZE

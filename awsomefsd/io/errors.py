@@ -1,12 +1,10 @@
 """Errors of the io layer, each with a message that tells the operator what to do next.
 
-They live in one small module so that `layout`, `superblock`, `device` and `allocator` can raise
+They live in one small module so that `layout`, `superblock` and `device` can raise
 them without importing each other; `awsomefsd.io.device` re-exports them.
 """
 
 from __future__ import annotations
-
-import errno
 
 
 class DeviceError(Exception):
@@ -41,10 +39,3 @@ class DeviceInUseError(DeviceError):
 
 class DeviceSizeMismatchError(DeviceError):
     """The device is now smaller than when it was formatted: blocks the metadata points to are gone."""
-
-
-class NoSpaceError(OSError):
-    """No free extents left in the node's allocation groups (errno ENOSPC, so FUSE passes it on)."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(errno.ENOSPC, message)

@@ -11,9 +11,9 @@ from typing import Protocol
 
 import lmdb
 
-from awsomefsd.io.allocator import FreeSpaceMap
 from awsomefsd.meta import commands as c
 from awsomefsd.meta.filemap import all_extents
+from awsomefsd.meta.freespace import FreeSpaceMap
 from awsomefsd.meta.log import LocalLog
 from awsomefsd.meta.records import ROOT_INO, U64, U64_PAIR, Inode, cookie_key, read_dentry_value, u64
 from awsomefsd.meta.state_machine import StateMachine

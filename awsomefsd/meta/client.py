@@ -24,9 +24,9 @@ import json
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-from awsomefsd.io.allocator import FreeSpaceMap
 from awsomefsd.meta.cluster_sm import member_from_record
 from awsomefsd.meta.filemap import all_extents, extents_in
+from awsomefsd.meta.freespace import FreeSpaceMap
 from awsomefsd.meta.log import ReplicatedLog
 from awsomefsd.meta.records import (
     ClusterInfo,

@@ -17,7 +17,7 @@ from collections.abc import Iterable, Iterator
 
 import lmdb
 
-from awsomefsd.io.allocator import FreeSpaceMap
+from awsomefsd.meta.freespace import FreeSpaceMap
 from awsomefsd.meta.records import U64, u64
 from awsomefsd.meta.store import MetaStore
 

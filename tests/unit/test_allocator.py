@@ -10,11 +10,11 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from awsomefsd.io import allocator as allocator_module
-from awsomefsd.io.allocator import FreeSpaceMap, NodeAllocator
-from awsomefsd.io.errors import NoSpaceError
+from awsomefsd.fs.allocator import NodeAllocator, NoSpaceError
 from awsomefsd.io.layout import MiB, plan_layout
-from awsomefsd.io.sortedints import SortedInts
+from awsomefsd.meta import freespace as freespace_module
+from awsomefsd.meta.freespace import FreeSpaceMap
+from awsomefsd.meta.sortedints import SortedInts
 
 # -- FreeSpaceMap: examples --------------------------------------------------------------------------
 
@@ -91,8 +91,8 @@ def test_within_restricts_allocation_to_a_range() -> None:
 
 
 def test_within_on_a_fragmented_range_uses_the_size_index(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(allocator_module, "RANGE_SCAN_EXTENTS", 8)
-    monkeypatch.setattr(allocator_module, "NEXT_FIT_SCAN_EXTENTS", 2)
+    monkeypatch.setattr(freespace_module, "RANGE_SCAN_EXTENTS", 8)
+    monkeypatch.setattr(freespace_module, "NEXT_FIT_SCAN_EXTENTS", 2)
     m = FreeSpaceMap([(2 * i, 1) for i in range(100)] + [(1000, 50), (300, 30)])
     # range [0, 1010): 1-block extents, (300, 30), and (1000, 50) straddling its end
     assert m.allocate(20, within=(0, 1010)) == (300, 20)
@@ -106,8 +106,8 @@ def test_within_on_a_fragmented_range_uses_the_size_index(monkeypatch: pytest.Mo
 
 def test_size_index_never_returns_less_than_min_count(monkeypatch: pytest.MonkeyPatch) -> None:
     """Found by the stateful model: the largest in-range extent is too small, so nothing fits."""
-    monkeypatch.setattr(allocator_module, "RANGE_SCAN_EXTENTS", 2)
-    monkeypatch.setattr(allocator_module, "NEXT_FIT_SCAN_EXTENTS", 1)
+    monkeypatch.setattr(freespace_module, "RANGE_SCAN_EXTENTS", 2)
+    monkeypatch.setattr(freespace_module, "NEXT_FIT_SCAN_EXTENTS", 1)
     m = FreeSpaceMap([(1, 1), (25, 1), (27, 1), (40, 5)])
     assert m.allocate(2, min_count=2, within=(0, 30)) is None
     assert m.allocate(2, min_count=1, within=(0, 30)) is not None
@@ -222,11 +222,11 @@ class FreeSpaceModelShortScans(FreeSpaceModel):
 
     def __init__(self) -> None:
         super().__init__()
-        self.saved = allocator_module.RANGE_SCAN_EXTENTS, allocator_module.NEXT_FIT_SCAN_EXTENTS
-        allocator_module.RANGE_SCAN_EXTENTS, allocator_module.NEXT_FIT_SCAN_EXTENTS = 2, 1
+        self.saved = freespace_module.RANGE_SCAN_EXTENTS, freespace_module.NEXT_FIT_SCAN_EXTENTS
+        freespace_module.RANGE_SCAN_EXTENTS, freespace_module.NEXT_FIT_SCAN_EXTENTS = 2, 1
 
     def teardown(self) -> None:
-        allocator_module.RANGE_SCAN_EXTENTS, allocator_module.NEXT_FIT_SCAN_EXTENTS = self.saved
+        freespace_module.RANGE_SCAN_EXTENTS, freespace_module.NEXT_FIT_SCAN_EXTENTS = self.saved
 
 
 TestFreeSpaceModelShortScans = FreeSpaceModelShortScans.TestCase
@@ -362,4 +362,4 @@ def test_allocation_limits() -> None:
     with pytest.raises(ValueError):
         alloc.allocate(0)
     with pytest.raises(ValueError):
-        alloc.allocate(allocator_module.MAX_ALLOCATION_BLOCKS + 1)
+        alloc.allocate(freespace_module.MAX_ALLOCATION_BLOCKS + 1)

@@ -5,26 +5,28 @@ imports count: they are dependencies too). The rules:
 
 1. Only `meta/` imports lmdb, or knows a table or a record's encoding: everything else reads and
    changes metadata through the metadata client (`meta.client`) and its typed records.
-2. `io/` (device, AIO, superblock, layout, checksums, fence, the in-memory allocator, extent I/O)
-   imports nothing outside `io/`: it knows blocks, not files or metadata.
+2. `io/` (device, AIO, superblock, layout, checksums, fence, extent I/O) imports nothing outside
+   `io/`: it knows blocks, not files, metadata or free space.
 3. `meta/` imports nothing from `fs/`, `fuse/`, `cluster/` or the daemon's composition, and from
-   `io/` only `io.layout` (the block size and device layout the records count in) and
-   `io.allocator` (FreeSpaceMap, the in-memory extent set that mirrors the free table). Both are
-   pure: no device access. Data reaches metadata only as commands; the state machine reaches the
+   `io/` only `io.layout` (the block size and device layout the records count in; pure, no
+   device access). Data reaches metadata only as commands; the state machine reaches the
    allocator only through listeners registered when the allocator is built (`on_freed`), and the
    log reaches the device only through the before-commit hook it is constructed with.
 4. Outside `meta/`, only its public modules are imported: `client` (reads, propose, barrier),
    `records` (the typed records, limits, fixed inodes), `commands`, `errors`, `log` (the
    ReplicatedLog protocol and the local log), `bootstrap` (open and initialise a store), `check`
    (fsck's table checks), `inspect` (status's read-only summary), the Raft core (`raft`) and the
-   Raft runtime (`replication`: driver, storage, transport, forwarding, the log on Raft). The one exception is
-   the composition root `node.py`, which names the store and state machine types it opens.
-5. `fs/` imports from `meta/` only `client`, `records`, `commands` and `errors`; anything from
-   `io/`; nothing from `fuse/`, `cluster/`, `csi/` or the composition.
+   Raft runtime (`replication`: driver, storage, transport, forwarding, the log on Raft), and
+   `freespace` (the free-extent set). The one exception is the composition root `node.py`,
+   which names the store and state machine types it opens.
+5. `fs/` imports from `meta/` only `client`, `records`, `commands`, `errors` and `freespace`
+   (the extent set its allocator is made of); anything from `io/`; nothing from `fuse/`,
+   `cluster/`, `csi/` or the composition.
 6. `fuse/` is the binding: it imports `fs/` and the metadata vocabulary (`meta.errors`,
    `meta.records`, `meta.commands`), never the metadata client, the log or `io/`.
 7. `cluster/` reaches this node's files only through `fs.coherence` (the Coherence protocol it
-   implements and the callables it is given); only `cluster/member.py`, which builds a member's
+   implements and the callables it is given) and its space only through `fs.allocator` (the
+   group keeper grants and revokes groups); only `cluster/member.py`, which builds a member's
    parts in dependency order, names the other `fs/` modules.
 8. Nothing under `io/`, `meta/`, `fs/` or `fuse/` imports the composition (`node`, `volumes`,
    `cluster/`, `csi/`, `cli`, `commands`).
@@ -45,10 +47,10 @@ import awsomefsd
 
 PACKAGE_ROOT = Path(awsomefsd.__file__).resolve().parent
 META_PUBLIC = frozenset({"client", "records", "commands", "errors", "log", "bootstrap", "check", "inspect",
-                         "raft", "replication"})
-FS_META_ALLOWED = frozenset({"client", "records", "commands", "errors"})
+                         "raft", "replication", "freespace"})
+FS_META_ALLOWED = frozenset({"client", "records", "commands", "errors", "freespace"})
 FUSE_META_ALLOWED = frozenset({"errors", "records", "commands"})
-META_IO_ALLOWED = frozenset({"awsomefsd.io.layout", "awsomefsd.io.allocator"})
+META_IO_ALLOWED = frozenset({"awsomefsd.io.layout"})
 COMPOSITION = ("awsomefsd.node", "awsomefsd.volumes", "awsomefsd.cluster", "awsomefsd.csi", "awsomefsd.cli",
                "awsomefsd.actions")
 COMPOSITION_ROOTS = frozenset({"awsomefsd.node"})
@@ -108,14 +110,14 @@ RULES = [
          lambda m, i: under(i, "lmdb") and not under(m, "awsomefsd.meta") and not under(m, "awsomefsd.testing")),
     Rule("2: io/ imports nothing outside io/",
          lambda m, i: under(m, "awsomefsd.io") and under(i, "awsomefsd") and not under(i, "awsomefsd.io")),
-    Rule("3: meta/ imports from io/ only io.layout and io.allocator, and nothing above it",
+    Rule("3: meta/ imports from io/ only io.layout, and nothing above it",
          lambda m, i: under(m, "awsomefsd.meta") and (
              (under(i, "awsomefsd.io") and i not in META_IO_ALLOWED)
              or any(under(i, p) for p in ("awsomefsd.fs", "awsomefsd.fuse", *COMPOSITION)))),
     Rule("4: outside meta/, only meta's public modules are imported",
          lambda m, i: under(i, "awsomefsd.meta") and i != "awsomefsd.meta" and not under(m, "awsomefsd.meta")
          and meta_part(i) not in META_PUBLIC and m not in COMPOSITION_ROOTS),
-    Rule("5: fs/ imports from meta/ only client, records, commands, errors; nothing above it",
+    Rule("5: fs/ imports from meta/ only client, records, commands, errors, freespace; nothing above it",
          lambda m, i: under(m, "awsomefsd.fs") and (
              (under(i, "awsomefsd.meta") and i != "awsomefsd.meta" and meta_part(i) not in FS_META_ALLOWED)
              or any(under(i, p) for p in ("awsomefsd.fuse", *COMPOSITION)))),
@@ -123,9 +125,9 @@ RULES = [
          lambda m, i: under(m, "awsomefsd.fuse") and (
              (under(i, "awsomefsd.meta") and i != "awsomefsd.meta" and meta_part(i) not in FUSE_META_ALLOWED)
              or under(i, "awsomefsd.io"))),
-    Rule("7: cluster/ reaches fs/ only through fs.coherence (member.py builds the parts)",
+    Rule("7: cluster/ reaches fs/ only through fs.coherence and fs.allocator (member.py builds the parts)",
          lambda m, i: under(m, "awsomefsd.cluster") and m != MEMBER_ROOT and under(i, "awsomefsd.fs")
-         and i != "awsomefsd.fs.coherence"),
+         and i not in ("awsomefsd.fs.coherence", "awsomefsd.fs.allocator")),
     Rule("8: io/, meta/, fs/ and fuse/ never import the composition",
          lambda m, i: any(under(m, p) for p in ("awsomefsd.io", "awsomefsd.meta", "awsomefsd.fs", "awsomefsd.fuse"))
          and any(under(i, p) for p in COMPOSITION)),
