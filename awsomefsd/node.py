@@ -124,8 +124,7 @@ def open_core(settings: Settings, *, metrics: Metrics | None = None, log_kind: s
     storage = open_storage(settings)
     meta_log: LocalLog | ReplicatedFsLog
     if (log_kind or settings.meta.log) == "raft":
-        meta_log = ReplicatedFsLog(storage.store, storage.sm, node_id=NODE_ID)
-        meta_log.before_commit = storage.device.sync_written  # ReplicatedFsLog takes no such argument (yet)
+        meta_log = ReplicatedFsLog(storage.store, storage.sm, node_id=NODE_ID, before_commit=storage.device.sync_written)
     else:
         meta_log = LocalLog(storage.store, storage.sm, commit_interval_ms=settings.data.commit_interval_ms,
                             before_commit=storage.device.sync_written)

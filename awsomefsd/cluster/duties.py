@@ -54,23 +54,27 @@ class LeaseSettings:
 
 class LeaseEpoch:
     """This node's liveness-lease epoch: every proposal is fenced with it, and write-lease and
-    group requests carry it. Made before everything that reads it (the lease renews it, and
-    learns a new one when the cluster expired the old)."""
+    group requests carry it. Made before the metadata log, which fences with it; 0 (and no
+    fencing) until `load` reads it from the member table, once this node holds the cluster's
+    state. The lease renews it, and learns a new one when the cluster expired the old."""
 
-    def __init__(self, node_id: int, meta: MetaClient) -> None:
+    def __init__(self, node_id: int) -> None:
         self.node_id = node_id
-        self.meta = meta
         self.value = 0
         self._renewed = trio.Event()
-        self.load()
 
-    def load(self) -> None:
+    def load(self, meta: MetaClient) -> None:
         """The epoch the member table holds for this node (0 before it is a member)."""
-        record = self.meta.member(self.node_id)
+        record = meta.member(self.node_id)
         self.value = 0 if record is None else record.epoch
 
     def current(self) -> int:
         return self.value
+
+    def fencing(self) -> int | None:
+        """What the metadata log fences proposals with: None before the epoch is loaded (a
+        joining node's first proposals, made before it is a member, are not fenced)."""
+        return self.value or None
 
     def renewed(self) -> None:
         """A renewal was applied: wake the writers waiting for one."""
@@ -113,7 +117,7 @@ class LivenessLease:
         """One renewal; returns how long to wait before the next one."""
         sent = time.monotonic()
         if not self.epoch:
-            self.lease_epoch.load()
+            self.lease_epoch.load(self.meta)
         ok: Any = False
         with trio.move_on_after(self.settings.renew_s):
             ok, result = await self.log.propose_outcome(c.RenewLease(self.node_id, self.epoch), fenced=False)

@@ -112,6 +112,7 @@ class Member:
     meta: MetaClient
     transport: RaftTransport
     revocations: Revocations
+    epoch: LeaseEpoch
     invalidator: Invalidator = field(default_factory=Invalidator)
     core: Core | None = None
     lease: LivenessLease | None = None
@@ -282,13 +283,10 @@ def open_member(settings: Settings, state: MemberState, creds: NodeCredentials, 
         storage.close()
         raise NodeError(f"the device {settings.device.path} belongs to cluster {storage.superblock.cluster_id}, "
                         f"not to this node's cluster {state.cluster_id}")
-    raft = ReplicatedFsLog(storage.store, storage.sm, node_id=state.node_id, settings=RAFT_SETTINGS,
-                   bootstrap_voters=(state.node_id,) if founding else (), stall_s=settings.cluster.stall_s)
-    raft.before_commit = storage.device.sync_written  # ReplicatedFsLog takes no such argument (yet)
     revocations = Revocations()
     cluster_id = state.cluster_uuid
     transport = RaftTransport(
-        state.node_id, {n: a for n, a in (peers or {}).items() if n != state.node_id}, raft.node,
+        state.node_id, {n: a for n, a in (peers or {}).items() if n != state.node_id},
         staging_dir=settings.node.state_dir / "raft-staging",
         server_credentials=server_credentials(creds),
         channel_credentials=channel_credentials(creds),
@@ -296,17 +294,15 @@ def open_member(settings: Settings, state: MemberState, creds: NodeCredentials, 
         peer_identity=lambda ctx: authenticated_peer(ctx, creds.ca_cert, revocations).node_id,
         guard=lambda servicer: RevocationGuard(servicer, lambda: creds.ca_cert, revocations),
     )
-    raft.node.send = transport.send
-    raft.node.forward = Forwarder(transport.channel_to)
-    member = Member(settings, state, creds, storage, raft, MetaClient(raft, storage.sm), transport, revocations)
+    epoch = LeaseEpoch(state.node_id)
+    raft = ReplicatedFsLog(storage.store, storage.sm, node_id=state.node_id, settings=RAFT_SETTINGS,
+                           bootstrap_voters=(state.node_id,) if founding else (), stall_s=settings.cluster.stall_s,
+                           before_commit=storage.device.sync_written, fence_epoch=epoch.fencing,
+                           send=transport.send, forward=Forwarder(transport.channel_to))
+    member = Member(settings, state, creds, storage, raft, MetaClient(raft, storage.sm), transport, revocations,
+                    epoch)
     raft.commands.observers.append(member.observe)
-    previous = raft.node.on_applied
-
-    def on_applied(index: int) -> None:
-        previous(index)
-        member.after_apply(index)
-
-    raft.node.on_applied = on_applied
+    raft.applied_listeners.append(member.after_apply)
     raft.commands.on_snapshot.append(member.mark_membership_changed)
     if member.meta.cluster_info() is not None:
         member.sync_peers()
@@ -321,7 +317,7 @@ async def run_member(member: Member, *, founding: Founding | None = None,
         service = MemberService(member.raft.node, progress=member.progress)
         bound = await nursery.start(
             lambda task_status=trio.TASK_STATUS_IGNORED: member.transport.run(
-                member.state.listen, extra_bindings=[service.binding()], task_status=task_status))
+                member.raft.node, member.state.listen, extra_bindings=[service.binding()], task_status=task_status))
         log.info("node %d: cluster listener on %s", member.node_id, bound)
         control = control_socket(member.state_dir)
         await nursery.start(lambda task_status=trio.TASK_STATUS_IGNORED: serve_grpc(
@@ -400,8 +396,8 @@ def _assemble(member: Member) -> Core:
     layout = member.storage.superblock.layout
     book = DutyBook(f"node {node_id}")
     metrics = Metrics()
-    epoch = LeaseEpoch(node_id, meta)
-    raft.fence_epoch = epoch.current  # every proposal from here on is fenced (ReplicatedFsLog has no argument for it yet)
+    epoch = member.epoch
+    epoch.load(meta)  # every proposal from here on is fenced
     allocator = node_allocator(meta, layout, node_id)
     groups = GroupKeeper(node_id, meta, allocator, epoch.current, low_blocks=layout.ag_blocks, book=book)
     data = file_data(settings, member.storage.device, meta, allocator, metrics, claim_space=groups.claim_now)

@@ -202,15 +202,13 @@ async def serve(args: argparse.Namespace) -> None:
         snapshot_entries=args.snapshot_entries, catch_up_entries=args.catch_up_entries,
         max_batch=args.max_batch,
     )
-    node = RaftNode(args.id, LmdbRaftStorage(env=sm.env), sm, settings=settings,
-                    bootstrap_voters=tuple(sorted(peers)))
     others = {i: a for i, a in peers.items() if i != args.id}
     shutil.rmtree(data_dir / "incoming", ignore_errors=True)
-    transport = RaftTransport(args.id, others, node, staging_dir=data_dir / "incoming", insecure=args.insecure)
-    node.send = transport.send
-    node.on_member_added = transport.add_peer
+    transport = RaftTransport(args.id, others, staging_dir=data_dir / "incoming", insecure=args.insecure)
+    node = RaftNode(args.id, LmdbRaftStorage(env=sm.env), sm, settings=settings,
+                    bootstrap_voters=tuple(sorted(peers)), send=transport.send, on_member_added=transport.add_peer)
     async with trio.open_nursery() as nursery:
-        await nursery.start(transport.run, peers[args.id])
+        await nursery.start(transport.run, node, peers[args.id])
         await nursery.start(node.run)
         limits = BridgeLimits(max_workers=64, max_concurrent_rpcs=256, max_inflight=256, max_call_s=30)
         bound = await nursery.start(

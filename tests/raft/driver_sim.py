@@ -414,11 +414,11 @@ class Simulation:
         member.storage = MemoryReplicaStorage(member.disk, observer=member)
         member.sm = SimKV(member)
         member.disk_calls = SimDiskCalls(member.disk, member.disk_rng, self.sc.disk_latency_s)
-        node = RaftNode(member.id, member.storage, member.sm, settings=self.settings, bootstrap_voters=self.voters,
-                        seed=self.rng.getrandbits(32), disk=member.disk_calls)
         incarnation = member.incarnation
-        node.send = lambda messages: self.net.send(member.id, incarnation, messages)
-        node.forward = lambda leader, entry: self.net.forward(member.id, leader, entry)
+        node = RaftNode(member.id, member.storage, member.sm, settings=self.settings, bootstrap_voters=self.voters,
+                        seed=self.rng.getrandbits(32), disk=member.disk_calls,
+                        send=lambda messages: self.net.send(member.id, incarnation, messages),
+                        forward=lambda leader, entry: self.net.forward(member.id, leader, entry))
         self._observe_readys(member, node)
         member.node = node
         member.applied = member.storage.applied_index()

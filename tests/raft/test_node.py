@@ -8,7 +8,7 @@ where the node hands them to its transport."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from functools import partial
 from pathlib import Path
@@ -37,23 +37,20 @@ class Cluster:
         self.addrs = {i: f"127.0.0.1:{free_port('127.0.0.1')}" for i in (1, 2, 3)}
         self.isolated: set[int] = set()
         self.sms = {i: KVStateMachine(root / f"n{i}") for i in self.addrs}
-        self.nodes = {
-            i: RaftNode(i, LmdbRaftStorage(env=self.sms[i].env), self.sms[i], settings=SETTINGS,
-                        bootstrap_voters=(1, 2, 3), seed=i)
-            for i in self.addrs
-        }
         self.transports = {
-            i: RaftTransport(i, {j: a for j, a in self.addrs.items() if j != i}, self.nodes[i],
+            i: RaftTransport(i, {j: a for j, a in self.addrs.items() if j != i},
                              staging_dir=root / f"n{i}" / "incoming", insecure=True,
                              limits=TransportLimits(backoff_min_s=0.02, backoff_max_s=0.2))
             for i in self.addrs
         }
-        for i, node in self.nodes.items():
-            node.send = self._sender(i)
-            if forwarding:
-                node.forward = Forwarder(self.transports[i].channel_to)
+        self.nodes = {
+            i: RaftNode(i, LmdbRaftStorage(env=self.sms[i].env), self.sms[i], settings=SETTINGS,
+                        bootstrap_voters=(1, 2, 3), seed=i, send=self._sender(i),
+                        forward=Forwarder(self.transports[i].channel_to) if forwarding else None)
+            for i in self.addrs
+        }
 
-    def _sender(self, i: int) -> object:
+    def _sender(self, i: int) -> Callable[[Sequence[Message]], None]:
         transport = self.transports[i]
 
         def send(messages: Sequence[Message]) -> None:
@@ -78,7 +75,7 @@ async def cluster(root: Path, *, forwarding: bool = False) -> AsyncIterator[Clus
     async with trio.open_nursery() as nursery:
         for i in c.addrs:
             bindings = [MemberService(c.nodes[i]).binding()] if forwarding else []
-            await nursery.start(partial(c.transports[i].run, c.addrs[i], extra_bindings=bindings))
+            await nursery.start(partial(c.transports[i].run, c.nodes[i], c.addrs[i], extra_bindings=bindings))
             await nursery.start(c.nodes[i].run)
         yield c
         nursery.cancel_scope.cancel()

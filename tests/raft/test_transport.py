@@ -88,14 +88,14 @@ def addresses() -> dict[int, str]:
 
 def pair(tmp_path: Path, addrs: dict[int, str], **kw: object) -> tuple[RaftTransport, Recorder, RaftTransport, Recorder]:
     ra, rb = Recorder(), Recorder()
-    a = RaftTransport(1, {2: addrs[2]}, ra, staging_dir=tmp_path / "a", limits=FAST, **kw)  # type: ignore[arg-type]
-    b = RaftTransport(2, {1: addrs[1]}, rb, staging_dir=tmp_path / "b", limits=FAST, **kw)  # type: ignore[arg-type]
+    a = RaftTransport(1, {2: addrs[2]}, staging_dir=tmp_path / "a", limits=FAST, **kw)  # type: ignore[arg-type]
+    b = RaftTransport(2, {1: addrs[1]}, staging_dir=tmp_path / "b", limits=FAST, **kw)  # type: ignore[arg-type]
     return a, ra, b, rb
 
 
 def test_plaintext_only_when_asked(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="TLS"):
-        RaftTransport(1, {2: "127.0.0.1:1"}, Recorder(), staging_dir=tmp_path)
+        RaftTransport(1, {2: "127.0.0.1:1"}, staging_dir=tmp_path)
 
 
 def test_frames_round_trip_and_refuse_malformed_bytes() -> None:
@@ -108,8 +108,7 @@ def test_frames_round_trip_and_refuse_malformed_bytes() -> None:
 
 
 def test_full_queue_drops_instead_of_blocking(tmp_path: Path) -> None:
-    rec = Recorder()
-    t = RaftTransport(1, {2: "127.0.0.1:1"}, rec, staging_dir=tmp_path, insecure=True,
+    t = RaftTransport(1, {2: "127.0.0.1:1"}, staging_dir=tmp_path, insecure=True,
                       limits=TransportLimits(queue_messages=10))
     t.send([heartbeat(i) for i in range(100)])  # not running: nothing drains the queue
     t.send([heartbeat(0, to=9)])  # unknown peer: dropped, no error
@@ -118,10 +117,10 @@ def test_full_queue_drops_instead_of_blocking(tmp_path: Path) -> None:
 
 async def test_messages_arrive_in_order_batched_into_few_frames(tmp_path: Path) -> None:
     addrs = addresses()
-    a, _, b, rb = pair(tmp_path, addrs, insecure=True)
+    a, ra, b, rb = pair(tmp_path, addrs, insecure=True)
     async with trio.open_nursery() as nursery:
-        await nursery.start(b.run, addrs[2])
-        await nursery.start(a.run, addrs[1])
+        await nursery.start(b.run, rb, addrs[2])
+        await nursery.start(a.run, ra, addrs[1])
         a.send([heartbeat(i) for i in range(2000)])
         await rb.until(lambda: len(rb.got) >= 2000)
         assert [m.index for m in rb.got] == list(range(2000))
@@ -133,10 +132,10 @@ async def test_unreachable_peer_is_reported_and_reconnected(tmp_path: Path) -> N
     addrs = addresses()
     a, ra, b, rb = pair(tmp_path, addrs, insecure=True)
     async with trio.open_nursery() as nursery:
-        await nursery.start(a.run, addrs[1])
+        await nursery.start(a.run, ra, addrs[1])
         a.send([heartbeat(0)])
         await ra.until(lambda: 2 in ra.unreachable)
-        await nursery.start(b.run, addrs[2])
+        await nursery.start(b.run, rb, addrs[2])
         # Messages queued while the stream was down are discarded; keep sending until one arrives.
         with trio.fail_after(DEADLINE_S):
             while not rb.got:
@@ -150,7 +149,7 @@ async def test_malformed_frame_is_refused_and_nothing_delivered(tmp_path: Path) 
     addrs = addresses()
     _, _, b, rb = pair(tmp_path, addrs, insecure=True)
     async with trio.open_nursery() as nursery:
-        await nursery.start(b.run, addrs[2])
+        await nursery.start(b.run, rb, addrs[2])
 
         def send_garbage() -> grpc.StatusCode:
             with grpc.insecure_channel(addrs[2]) as ch:
@@ -175,8 +174,8 @@ async def test_snapshot_is_streamed_in_chunks_and_staged(tmp_path: Path) -> None
     a, ra, b, rb = pair(tmp_path, addrs, insecure=True)
     ra.chunks = [bytes([i]) * 100_000 for i in range(7)]
     async with trio.open_nursery() as nursery:
-        await nursery.start(b.run, addrs[2])
-        await nursery.start(a.run, addrs[1])
+        await nursery.start(b.run, rb, addrs[2])
+        await nursery.start(a.run, ra, addrs[1])
         a.send([snap_message()])
         await ra.until(lambda: ra.snapshots)
         assert ra.snapshots == [(2, True)]
@@ -191,7 +190,7 @@ async def test_truncated_snapshot_stream_is_discarded(tmp_path: Path) -> None:
     addrs = addresses()
     _, _, b, rb = pair(tmp_path, addrs, insecure=True)
     async with trio.open_nursery() as nursery:
-        await nursery.start(b.run, addrs[2])
+        await nursery.start(b.run, rb, addrs[2])
 
         def send_truncated() -> grpc.StatusCode:
             frames = [encode_message(snap_message()), b"C" + b"x" * 1000]  # no end frame
@@ -222,7 +221,7 @@ async def test_mutual_tls_between_cluster_members(tmp_path: Path) -> None:
     recs = {1: Recorder(), 2: Recorder()}
     ts = {
         i: RaftTransport(
-            i, {3 - i: addrs[3 - i]}, recs[i], staging_dir=tmp_path / str(i), limits=FAST,
+            i, {3 - i: addrs[3 - i]}, staging_dir=tmp_path / str(i), limits=FAST,
             server_credentials=server_credentials(creds[i]), channel_credentials=channel_credentials(creds[i]),
             channel_options=lambda peer: channel_options(ca.cluster_id, peer),
             peer_identity=lambda ctx: authenticated_peer(ctx, ca.cert, revoked).node_id,
@@ -231,7 +230,7 @@ async def test_mutual_tls_between_cluster_members(tmp_path: Path) -> None:
     }
     async with trio.open_nursery() as nursery:
         for i in (1, 2):
-            await nursery.start(ts[i].run, addrs[i])
+            await nursery.start(ts[i].run, recs[i], addrs[i])
         with trio.fail_after(DEADLINE_S):  # the first stream may still be in its handshake
             while not recs[2].got:
                 ts[1].send([heartbeat(7)])

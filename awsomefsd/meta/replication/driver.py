@@ -91,7 +91,17 @@ class RaftNode(Generic[TxnT]):
         bootstrap_voters: tuple[int, ...] = (),
         seed: int | None = None,
         disk: DiskCalls | None = None,
+        send: Callable[[list[Message]], None] | None = None,
+        forward: Forward | None = None,
+        before_persist: Callable[[Ready], None] | None = None,
+        on_applied: Callable[[int], None] | None = None,
+        on_member_added: Callable[[int, str], None] | None = None,
     ) -> None:
+        """`send` queues messages for peers (the transport's; none: a group of one);
+        `forward` hands a follower's proposals to the leader (forwarding.py; none: a follower
+        answers NotLeader); `before_persist` runs before a Ready is persisted (e.g. flush the
+        device: data before the metadata that points at it); `on_applied(index)` after each
+        applied batch; `on_member_added(node, address)` when a ConfChange adds a node."""
         self.id = node_id
         self.settings = settings = settings or NodeSettings()
         self.sm = sm
@@ -113,13 +123,11 @@ class RaftNode(Generic[TxnT]):
             pre_vote=True,
         )
         self.raw = RawNode(config, self.storage)
-        self.send: Callable[[list[Message]], None] = self._no_peers
-        self.on_member_added: Callable[[int, str], None] = lambda _id, _addr: None
-        self.before_persist: Callable[[Ready], None] | None = None
-        """Runs before a Ready is persisted (e.g. flush the device: data before the metadata)."""
-        self.on_applied: Callable[[int], None] = lambda _index: None
-        self.forward: Forward | None = None
-        """Set by a cluster member: how a follower hands its entries to the leader (forwarding.py)."""
+        self.send: Callable[[list[Message]], None] = send or self._no_peers
+        self.on_member_added: Callable[[int, str], None] = on_member_added or (lambda _id, _addr: None)
+        self.before_persist = before_persist
+        self.on_applied: Callable[[int], None] = on_applied or (lambda _index: None)
+        self.forward = forward
         self.forward_retries = 0
         self.batch_sizes: list[int] = []  # entries per Ready, drained by metrics
         self._wake = trio.Event()

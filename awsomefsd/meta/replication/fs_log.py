@@ -44,10 +44,11 @@ import trio
 from awsomefsd.meta import codec
 from awsomefsd.meta import commands as c
 from awsomefsd.meta.errors import FsError
-from awsomefsd.meta.raft import Ready
+from awsomefsd.meta.raft import Message, Ready
 from awsomefsd.meta.records import u64
 from awsomefsd.meta.replication.driver import RaftNode
 from awsomefsd.meta.replication.errors import NotLeader, ProposalLost, ProposalTimeout
+from awsomefsd.meta.replication.forwarding import Forward
 from awsomefsd.meta.replication.lmdb_storage import LmdbRaftStorage
 from awsomefsd.meta.replication.settings import NodeSettings
 from awsomefsd.meta.state_machine import StateMachine
@@ -109,7 +110,13 @@ class ReplicatedFsLog:
 
     def __init__(self, store: MetaStore, sm: StateMachine, *, node_id: int = 1,
                  settings: NodeSettings | None = None, bootstrap_voters: tuple[int, ...] | None = None,
-                 stall_s: float = STALL_S) -> None:
+                 stall_s: float = STALL_S, before_commit: Callable[[], None] | None = None,
+                 fence_epoch: Callable[[], int | None] | None = None,
+                 send: Callable[[list[Message]], None] | None = None, forward: Forward | None = None) -> None:
+        """`before_commit` flushes the device before metadata that points at new data is durable;
+        `fence_epoch` is the liveness-lease epoch every proposal is fenced with (a cluster member's;
+        None from it: not fenced yet, before the member holds the cluster's state); `send` and
+        `forward` connect the group to its peers (RaftNode)."""
         self.store = store
         self.sm = sm
         self.commands = FsCommands(store, sm, node_id)
@@ -117,15 +124,14 @@ class ReplicatedFsLog:
         assert not settings.persist_in_thread, "the state machine's memory is owned by the trio thread"
         store.grow_if_needed(GROW_HEADROOM_BYTES)
         voters = (node_id,) if bootstrap_voters is None else bootstrap_voters
+        self.before_commit = before_commit
+        self.fence_epoch = fence_epoch
+        self.applied_listeners: list[Callable[[int], None]] = []
+        """Called with the applied index after each applied batch (on the trio thread)."""
         self.node = RaftNode(node_id, LmdbRaftStorage(env=store.env), self.commands, settings=settings,
-                             bootstrap_voters=voters)
-        self.node.before_persist = self._before_persist
-        self.node.on_applied = self._renew_reads
+                             bootstrap_voters=voters, send=send, forward=forward,
+                             before_persist=self._before_persist, on_applied=self._on_applied)
         self.commands.before_snapshot.append(self._drop_reads)
-        self.before_commit: Any = None
-        """Set by open_core: flush the device before metadata that points at new data is durable."""
-        self.fence_epoch: Callable[[], int] | None = None
-        """Set by a cluster member: the liveness-lease epoch every proposal is fenced with."""
         self.stall_s = stall_s
         self.stalls = 0
         self._read: lmdb.Transaction[bytes] | None = None
@@ -168,8 +174,10 @@ class ReplicatedFsLog:
         reached or the outcome is unknown): callers, background duties included, handle one
         exception type, and a proposal that timed out (ProposalTimeout: it may still be applied)
         is not mistaken for a bug."""
-        if self.fence_epoch is not None and fenced:
-            command = c.Fenced(self.node.id, self.fence_epoch() if epoch is None else epoch, (command,))
+        if fenced:
+            epoch = self.lease_epoch() if epoch is None else epoch
+            if epoch is not None:
+                command = c.Fenced(self.node.id, epoch, (command,))
         data = codec.encode(command)
         deadline = trio.current_time() + self.stall_s
         stalled = False
@@ -225,8 +233,10 @@ class ReplicatedFsLog:
             self._read = None  # no transaction may be open while the map grows
             self.store.grow_if_needed(GROW_HEADROOM_BYTES)
 
-    def _renew_reads(self, _index: int) -> None:
-        self._read = None
+    def _on_applied(self, index: int) -> None:
+        self._read = None  # the next read sees what was applied
+        for listener in self.applied_listeners:
+            listener(index)
 
     def _drop_reads(self) -> None:
         self._read = None

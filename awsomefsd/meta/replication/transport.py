@@ -149,7 +149,6 @@ class RaftTransport:
         self,
         node_id: int,
         peers: Mapping[int, str],
-        handler: RaftPeerHandler,
         *,
         staging_dir: Path,
         server_credentials: grpc.ServerCredentials | None = None,
@@ -172,7 +171,7 @@ class RaftTransport:
             raise ValueError("the Raft transport needs TLS credentials (or insecure=True for tests)")
         assert node_id not in peers, "a node is not its own peer"
         self.node_id = node_id
-        self.handler = handler
+        self._handler: RaftPeerHandler | None = None
         self.staging_dir = staging_dir
         self.limits = limits
         self._server_credentials = server_credentials
@@ -188,6 +187,12 @@ class RaftTransport:
         self.rejected_frames = 0
         for peer_id, address in peers.items():
             self._peers[peer_id] = _Peer(peer_id, address, limits.queue_messages)
+
+    @property
+    def handler(self) -> RaftPeerHandler:
+        """The node this transport serves (given to `run`)."""
+        assert self._handler is not None, "the transport serves a node only while it runs"
+        return self._handler
 
     # --- sending (trio thread) --------------------------------------------------------------------
     def send(self, messages: Sequence[Message]) -> None:
@@ -245,10 +250,14 @@ class RaftTransport:
         peer = self._peers.get(peer_id)
         return None if peer is None else peer.address
 
-    async def run(self, listen: str, *, extra_bindings: Sequence[Binding] = (),
+    async def run(self, handler: RaftPeerHandler, listen: str, *, extra_bindings: Sequence[Binding] = (),
                   task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
-        """Serve on `listen` (the Raft service and `extra_bindings`, each wrapped by the guard) and
-        keep one stream per peer open until cancelled; started(bound address)."""
+        """Serve `handler` (the node) on `listen` (the Raft service and `extra_bindings`, each
+        wrapped by the guard) and keep one stream per peer open until cancelled; started(bound
+        address). The node is given here, not when the transport is built: the node is built
+        with the transport's `send`, so the transport comes first."""
+        assert self._handler is None, "a transport serves one node, once"
+        self._handler = handler
         self.staging_dir.mkdir(parents=True, exist_ok=True)
         try:
             async with trio.open_nursery() as nursery:
