@@ -81,6 +81,8 @@ def run_nemesis(network: TestNetwork, root: Path, seed: int, test: str,
         # From here on this process opens nothing on the mounts until the run is over: it forks
         # (ip, nsenter) while nodes are stopped (tests/support/nemesis_client.py says why).
         t0 = time.monotonic()
+        print(f"nemesis times are seconds after monotonic {t0:.3f} (the histories' t0/t1 are monotonic); "
+              f"histories and daemon logs (node*.log) in {root}", flush=True)
         workers = Workers(nodes, root, seed=seed, clients=CLIENTS_PER_NODE, t0=t0, until=t0 + 7 * 24 * 3600,
                           env=cluster.env)
         nemesis = Nemesis(cluster, nodes, run)

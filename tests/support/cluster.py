@@ -65,6 +65,8 @@ class Node:
         self.index = index
         self.state = root / f"state{index}"
         self.mount = root / f"mnt{index}"
+        self.log_path = root / f"node{index}.log"
+        """Every line the daemon printed, across its restarts: kept for a failed run's post-mortem."""
         self.listen = f"{ns.address}:{PORT}"
         self.env = env
         self.proc: subprocess.Popen[str] | None = None
@@ -89,12 +91,19 @@ class Node:
         """Drain the daemon's output for as long as it runs: a daemon whose pipe fills up blocks
         on its next log line, and with it every request its mount holds."""
         assert proc.stdout is not None
-        for line in proc.stdout:
-            self.output.append(line)
-            if line.startswith("awsomefsd: mounted"):
-                self._mounted.set()
-            elif line.startswith("awsomefsd: joined cluster"):
-                self.node_id = int(line.split()[-1])
+        with self.log_path.open("a", encoding="utf-8") as log_file:
+            log_file.write(f"--- awsomefsd started (pid {proc.pid}) at monotonic {time.monotonic():.3f}\n")
+            for line in proc.stdout:
+                self.output.append(line)
+                log_file.write(line)
+                log_file.flush()
+                self._note(line)
+
+    def _note(self, line: str) -> None:
+        if line.startswith("awsomefsd: mounted"):
+            self._mounted.set()
+        elif line.startswith("awsomefsd: joined cluster"):
+            self.node_id = int(line.split()[-1])
 
     def wait_mounted(self, timeout_s: float = START_DEADLINE_S) -> None:
         deadline = time.monotonic() + timeout_s
