@@ -13,6 +13,7 @@ import stat
 import threading
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -148,14 +149,15 @@ def test_fenced_device_refuses_writes_with_eio_while_reads_go_on(tmp_path: Path,
 
 
 # -- FileData on a real core: a fenced flush keeps its data ----------------------------------------
-@pytest.fixture
-def core(tmp_path: Path, fence: WriteFence, clock: FakeClock) -> Iterator[Core]:
+@contextmanager
+def fenced_core(tmp_path: Path, fence: WriteFence, clock: FakeClock, meta: MetaSettings) -> Iterator[Core]:
+    """A core on a fresh image whose device writes go through `fence`, renewed for 10 s."""
     image = tmp_path / "device.img"
     create_image(image, 64 * MiB)
     with BlockDevice.open(image, direct=False) as dev:
         format_device(dev, cluster_id=uuid.uuid4(), label="fence")
     settings = Settings(node=NodeSettings(state_dir=tmp_path / "state", name="test"),
-                        device=DeviceSettings(path=image, shared=False, direct_io=False))
+                        device=DeviceSettings(path=image, shared=False, direct_io=False), meta=meta)
     core = open_core(settings)
     core.device.fence = fence
     fence.renewed(clock.now_s + 10)
@@ -163,6 +165,12 @@ def core(tmp_path: Path, fence: WriteFence, clock: FakeClock) -> Iterator[Core]:
         yield core
     finally:
         core.close()
+
+
+@pytest.fixture
+def core(tmp_path: Path, fence: WriteFence, clock: FakeClock) -> Iterator[Core]:
+    with fenced_core(tmp_path, fence, clock, MetaSettings()) as opened:
+        yield opened
 
 
 async def read_all(core: Core, ino: int) -> bytes:
@@ -308,22 +316,10 @@ async def test_a_failed_flush_is_reported_to_every_descriptor(core: Core, monkey
 # -- a flush across a lost and renewed lease (a cluster member) -----------------------------------
 @pytest.fixture
 def raft_core(tmp_path: Path, fence: WriteFence, clock: FakeClock) -> Iterator[Core]:
-    """A one-member Raft group made a cluster whose founder owns every allocation group, so that
-    its proposals are fenced (epoch checks and group checks) as a cluster member's are."""
-    image = tmp_path / "device.img"
-    create_image(image, 64 * MiB)
-    with BlockDevice.open(image, direct=False) as dev:
-        format_device(dev, cluster_id=uuid.uuid4(), label="fence")
-    settings = Settings(node=NodeSettings(state_dir=tmp_path / "state", name="test"),
-                        device=DeviceSettings(path=image, shared=False, direct_io=False),
-                        meta=MetaSettings(log="raft"))
-    core = open_core(settings)
-    core.device.fence = fence
-    fence.renewed(clock.now_s + 10)
-    try:
-        yield core
-    finally:
-        core.close()
+    """A one-member Raft group; the test makes it a cluster whose founder owns every allocation
+    group, so that its proposals are fenced (epoch and group checks) as a cluster member's are."""
+    with fenced_core(tmp_path, fence, clock, MetaSettings(log="raft")) as opened:
+        yield opened
 
 
 async def test_data_written_under_a_lost_lease_is_not_mapped_after_the_renewal(
