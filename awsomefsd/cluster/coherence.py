@@ -266,7 +266,8 @@ class ClusterCoherence:
         return False
 
     def _give_up(self, ino: int, waited_s: float, last_error: BaseException | None) -> None:
-        """A write waited LEASE_WAIT_S: say why in the log (an EIO alone explains nothing)."""
+        """A write waited LEASE_WAIT_S: its EIO says why (an EIO alone explains nothing). The
+        binding's EIO reporter logs it once with the node and the file (fuse/eio.py)."""
         self.lease_timeouts += 1
         holder = self.meta.lease_holder(ino)
         queue = list(self._waiting.get(ino, {}))
@@ -280,10 +281,8 @@ class ClusterCoherence:
             why = f"node {holder} ({state}) held it and did not hand it over"
         if last_error is not None:
             why += f"; the last request failed: {one_line(last_error)}"
-        log.warning("node %d: a write to inode %d gave up after %.1fs waiting for the file's write lease: %s "
-                    "(%d nodes ahead in the queue %s)", self.node_id, ino, waited_s, why, ahead, queue)
-        raise FsError(errno.EIO, f"node {self.node_id} waited {waited_s:.0f}s for the write lease of inode {ino}: {why}",
-                      cause="lease")
+        raise FsError(errno.EIO, f"a write gave up after {waited_s:.1f}s waiting for the write lease of inode {ino}: "
+                      f"{why} ({ahead} nodes ahead in the queue {queue})", cause="lease")
 
     # --- observing applied commands (inside the apply transaction: queue only) -----------------
     def observe(self, command: object, result: Any, mine: bool) -> None:
