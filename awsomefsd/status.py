@@ -19,14 +19,15 @@ from awsomefsd.io.layout import BLOCK_SIZE
 def _mounts(own: Path | None) -> list[str]:
     """This node's mounts: its mount point and the bind mounts of it (CSI volumes), which share its
     device number. Other nodes' mounts on the same machine (a test cluster in network namespaces)
-    are not this node's. Without a known mount point: every AwsomeFS mount here."""
+    are not this node's. Without a known mount point (no daemon running and none configured) no
+    mount can be told to be this node's: none is listed."""
     from awsomefsd.csi.mounts import mount_table
 
+    if own is None:
+        return []
     ours = [m for m in mount_table() if m.fs_type == FSTYPE]
-    if own is not None:
-        devices = {m.device for m in ours if m.mount_point == str(own)}
-        ours = [m for m in ours if m.device in devices]
-    return [m.mount_point for m in ours]
+    devices = {m.device for m in ours if m.mount_point == str(own)}
+    return [m.mount_point for m in ours if m.device in devices]
 
 
 def _own_mount(settings: Settings, running: bool) -> Path | None:
