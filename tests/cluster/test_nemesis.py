@@ -160,12 +160,6 @@ def test_nemesis_short(netns_network: Callable[[int], TestNetwork], tmp_path: Pa
 
 @pytest.mark.slow
 @pytest.mark.timeout(int(LONG_MINUTES * 60 + 900))
-@pytest.mark.xfail(strict=False, reason=(
-    "known, open (issue 11): a long run can lose one acknowledged O_APPEND record on the shared "
-    "log across a fault (seeds 458796455, 608458524: 'log s0: 1 acknowledged records missing'). "
-    "The likely cause, a failed flush reported to only one of the descriptors whose writes it "
-    "dropped, is fixed (39d38a0) but not yet proven by long runs. The run still reports every "
-    "violation."))
 def test_nemesis_long(netns_network: Callable[[int], TestNetwork], tmp_path: Path) -> None:
     seed = nemesis_seed()
 
