@@ -309,5 +309,5 @@ class LeaderDuties:
             if now - seen > deadline:
                 log.warning("node %d has not renewed its lease for %.1fs: expiring it (its groups and "
                             "write leases go back to the cluster)", n, now - seen)
-                await self.log.propose_outcome(c.ExpireNode(n, time.time_ns()), fenced=False)
+                await self.log.propose_outcome(c.ExpireNode(n, time.time_ns()), fenced=False, leader_only=True)
                 self.expired += 1

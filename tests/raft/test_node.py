@@ -60,6 +60,15 @@ class Cluster:
 
         return send
 
+    async def follower_of(self, leader: RaftNode) -> RaftNode:
+        """A follower that knows `leader` (it learns it from its first heartbeat; before that its
+        proposals cannot be forwarded and fail with NotLeader)."""
+        follower = next(n for n in self.nodes.values() if n is not leader)
+        with trio.fail_after(DEADLINE_S):
+            while follower.raw.leader_id != leader.id:
+                await trio.sleep(SETTINGS.tick_ms / 1000)
+        return follower
+
     async def leader(self, exclude: frozenset[int] = frozenset()) -> RaftNode:
         with trio.fail_after(DEADLINE_S):
             while True:
@@ -87,7 +96,7 @@ async def test_follower_refuses_with_the_leader_hint(tmp_path: Path) -> None:
     async with cluster(tmp_path) as c:
         leader = await c.leader()
         assert await leader.propose(encode_put("k", "v")) > 0
-        follower = next(n for n in c.nodes.values() if n is not leader)
+        follower = await c.follower_of(leader)
         with pytest.raises(NotLeader) as err:
             await follower.propose(encode_put("k", "w"))
         assert err.value.leader_id == leader.id
@@ -154,7 +163,7 @@ async def test_a_follower_forwards_to_the_leader_and_a_resent_entry_applies_once
     with the hint; an entry sent again after a newer write to the same key is not applied again."""
     async with cluster(tmp_path, forwarding=True) as c:
         leader = await c.leader()
-        follower = next(n for n in c.nodes.values() if n is not leader)
+        follower = await c.follower_of(leader)
         index = await follower.propose(encode_put("k", "via-follower"))
         assert c.sms[follower.id].get("k") == "via-follower"  # answered from its own apply
         assert index > 0
@@ -172,3 +181,21 @@ async def test_a_follower_forwards_to_the_leader_and_a_resent_entry_applies_once
         with pytest.raises(NotLeader) as err:
             await to_follower(follower.id, entry)
         assert err.value.leader_id == leader.id
+
+
+async def test_a_leader_only_proposal_is_never_forwarded(tmp_path: Path) -> None:
+    """`forward=False` (a leader's own decision, e.g. expiring a member by its clock): on a node
+    that does not lead it fails with NotLeader and reaches no log, though forwarding is on. A
+    paused leader that woke up and forwarded its stale expiry to the new leader expired a healthy
+    member (a nemesis run)."""
+    async with cluster(tmp_path, forwarding=True) as c:
+        leader = await c.leader()
+        follower = await c.follower_of(leader)
+        with pytest.raises(NotLeader) as err:
+            await follower.propose(encode_put("stale", "decision"), forward=False)
+        assert err.value.leader_id == leader.id
+        await leader.propose(encode_put("after", "it"))  # everything before this is applied everywhere
+        for node in c.nodes.values():
+            await node.read_barrier()
+            assert c.sms[node.id].get("after") == "it" and c.sms[node.id].get("stale") is None
+        assert await leader.propose(encode_put("own", "decision"), forward=False) > 0  # the leader's own: fine

@@ -180,11 +180,13 @@ class RaftNode(Generic[TxnT]):
         """For the transport (worker thread): a copy of the state for a peer's snapshot."""
         return self.storage.snapshot_chunks()
 
-    async def propose(self, command: bytes, *, timeout_s: float | None = None) -> Any:
+    async def propose(self, command: bytes, *, timeout_s: float | None = None, forward: bool = True) -> Any:
         """Order, commit and apply `command`; the state machine's result (proposals.py says how
-        it can fail). A follower forwards it to the leader when it can (forwarding.py)."""
+        it can fail). A follower forwards it to the leader when it can (forwarding.py), unless
+        `forward` is False: a leader's own decision, taken from what it saw while it led, must
+        not be carried out by a later leader that saw more (it raises NotLeader instead)."""
         if not self.raw.is_leader:
-            if self.forward is not None and self.raw.leader_id not in (0, self.id):
+            if forward and self.forward is not None and self.raw.leader_id not in (0, self.id):
                 return await propose_via_leader(self, self.forward, command,
                                                 timeout_s or self.settings.proposal_timeout_s)
             raise NotLeader(self.raw.leader_id)

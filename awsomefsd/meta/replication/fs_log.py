@@ -164,11 +164,18 @@ class ReplicatedFsLog:
     def lease_epoch(self) -> int | None:
         return None if self.fence_epoch is None else self.fence_epoch()
 
-    async def propose_outcome(self, command: object, *, fenced: bool = True,
-                              epoch: int | None = None) -> tuple[bool, Any]:
+    async def propose_outcome(self, command: object, *, fenced: bool = True, epoch: int | None = None,
+                              leader_only: bool = False) -> tuple[bool, Any]:
         """(ok, result or FsError); waits out an election (up to `stall_s`) when there is no leader.
-        `fenced=False` is for the leader's own housekeeping (ExpireNode), which no lease guards;
-        `epoch` fences with an epoch taken earlier (`lease_epoch`), else the current one.
+        `fenced=False` is for commands no liveness lease guards (RenewLease, ExpireNode); `epoch`
+        fences with an epoch taken earlier (`lease_epoch`), else the current one.
+
+        `leader_only`: a leader's decision from its own clock (ExpireNode): proposed here, at this
+        term, once: never forwarded, never proposed again after an election. A leader that wakes
+        from a pause still believes it leads and that members stopped renewing (its clock ran
+        on, their renewals went to the new leader); carried out by the new leader, its expiry
+        would take the groups of a member whose fence is open. If this node no longer leads, its
+        entry cannot commit (a majority moved to a later term): the answer is FsError(EIO).
 
         Every failure reaches the caller as FsError (EIO when the metadata group could not be
         reached or the outcome is unknown): callers, background duties included, handle one
@@ -183,12 +190,14 @@ class ReplicatedFsLog:
         stalled = False
         while True:
             try:
-                result: tuple[bool, Any] = await self.node.propose(data)
+                result: tuple[bool, Any] = await self.node.propose(data, forward=not leader_only)
                 return result
             except ProposalTimeout as exc:
                 raise FsError(errno.EIO, f"metadata proposal not applied in time (its outcome is unknown): {exc}",
                               cause="stall") from None
             except (NotLeader, ProposalLost) as exc:
+                if leader_only:
+                    raise FsError(errno.EIO, f"not proposed: this node no longer leads ({exc})", cause="stall") from None
                 if trio.current_time() >= deadline:
                     raise FsError(errno.EIO, f"metadata unavailable: {exc}", cause="stall") from None
                 if not stalled:
