@@ -24,6 +24,7 @@ import trio
 
 from awsomefsd.fs.dirty import MAX_RUNS, DirtyRanges
 from awsomefsd.io.layout import BLOCK_SIZE
+from awsomefsd.meta.errors import FsError
 from awsomefsd.meta.records import Inode
 
 Run = tuple[int, bytearray]
@@ -45,7 +46,7 @@ class FileState:
         self.lock = trio.Lock()
         self.users = 0  # tasks that pinned this state (WriteBuffer.pinned): it stays registered
         self.dirty_since = 0.0
-        self.error = 0  # a deferred write error, reported by the next flush/fsync
+        self.error: FsError | None = None  # a deferred write error, reported by the next flush/fsync
         self.written_ns = 0  # when the last write not yet committed happened: the file's mtime
 
     def end_offset(self) -> int:
@@ -57,7 +58,7 @@ class FileState:
 
     def idle(self) -> bool:
         """Nothing buffered, pending or in use: the state may be dropped."""
-        return not (self.users or self.dirty or self.inflight or self.error or self.written_ns)
+        return not (self.users or self.dirty or self.inflight or self.error is not None or self.written_ns)
 
     def buffered_copies(self, offset: int, size: int) -> list[tuple[int, bytes]]:
         """Copies of the buffered bytes in [offset, offset+size), oldest first (in-flight, then

@@ -174,8 +174,8 @@ class FileData:
                 await self.flusher.flush(ino)
             except FsError as exc:
                 again = self.buffer.files.get(ino)
-                if again is not None and not again.error:
-                    again.error = exc.errno
+                if again is not None and again.error is None:
+                    again.error = exc
                 raise FsError(exc.errno, f"flushing inode {ino} of volume {volume} failed") from exc
 
     async def truncate(self, ino: int, size: int, setattr: c.SetAttr) -> Inode:

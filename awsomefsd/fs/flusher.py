@@ -79,7 +79,7 @@ class Flusher:
                 # hear it (as Linux reports a writeback error to each open file), not only the one
                 # that takes `st.error`: appends from two descriptors share these runs, and the
                 # other's fsync would otherwise succeed with its record lost (a nemesis run).
-                st.error = exc.errno
+                st.error = exc
                 self.lost_writes.mark_lost(st.ino)
             except WriteFencedError as exc:
                 if self.lost_writes.losses == losses:  # the lease may still be renewed: retried then
@@ -92,9 +92,10 @@ class Flusher:
                 st.set_inflight([])
             if st.written_ns == written_ns and not st.dirty:
                 st.written_ns = 0  # committed (or failed for good): the inode holds the time now
-        if st.error:
-            err, st.error = st.error, 0
-            raise FsError(err)
+        if st.error is not None:
+            error, st.error = st.error, None
+            raise FsError(error.errno, f"a flush of the file's buffered writes failed: {error.args[1]}",
+                          cause=error.cause)
 
     async def flush_all(self) -> None:
         errors = []
@@ -144,7 +145,7 @@ class Flusher:
                     return
                 st = self.buffer.files.get(ino)
                 if st is not None:
-                    st.error = exc.errno  # reported to the application by its next fsync/close
+                    st.error = exc  # reported to the application by its next fsync/close
                 log.warning("background flush of inode %d failed: %s", ino, exc)
 
 

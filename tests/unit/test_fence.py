@@ -303,10 +303,13 @@ async def test_a_failed_flush_is_reported_to_every_descriptor(core: Core, monkey
         return await real_propose(command, epoch=epoch)
 
     monkeypatch.setattr(core.meta, "propose", failing)
+    reasons = []
     for fh in (fh1, fh2):
         with pytest.raises(FsError) as info:
             await core.ops.fsync(fh, False)
         assert info.value.errno == errno.EIO
+        reasons.append(str(info.value.args[1]))
+    assert "refused it" in reasons[0], "the flush's own reason reaches the report (the EIO log names it)"
     monkeypatch.setattr(core.meta, "propose", real_propose)
     for fh in (fh1, fh2):
         await core.ops.fsync(fh, False)  # once each
