@@ -1,0 +1,93 @@
+#!/usr/bin/env python3
+"""Before/after: `fsbench.py` on two commits, alternately, in both orders, with medians side by side.
+
+    sudo .venv/bin/python bench/compare_commits.py BEFORE AFTER [--rounds 4] [-- fsbench args]
+
+e.g. `bench/compare_commits.py 908347c HEAD --rounds 4 -- --quick --targets ext4,awsomefs --only meta,untar`.
+
+Each commit is checked out in a temporary git worktree and measured with its own bench/ and its
+own daemon (this checkout's .venv). Why alternate, and in both orders: on a shared machine the
+first of two back-to-back runs is often faster than the second, whichever commit it is (measured
+while checking issue 12), so one order alone shows a difference that is only the order. Odd
+rounds run BEFORE first, even rounds AFTER first. The table gives, per metric, the median of each
+side's AwsomeFS figures, their ratio, and the ratio within each order; a change that is real shows
+in both orders.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def worktree(commit: str, where: Path) -> Path:
+    subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", "-f", str(where), commit],
+                   check=True, capture_output=True)
+    return where
+
+
+def run_fsbench(tree: Path, out: Path, fsbench_args: list[str]) -> dict[str, float]:
+    """AwsomeFS's first figure of each metric from one fsbench run in `tree`."""
+    env = {**os.environ, "PYTHONPATH": str(tree)}
+    subprocess.run([sys.executable, "bench/fsbench.py", *fsbench_args, "--json", str(out),
+                    "--workdir", str(out.parent / "work")], cwd=tree, env=env, check=False)
+    values = json.loads(out.read_text())["targets"]["awsomefs"]["values"]
+    return {metric: figures[0] for metric, figures in values.items() if figures}
+
+
+def _ratio(before: list[tuple[int, float]], after: list[tuple[int, float]], rounds: set[int]) -> str:
+    """after/before of the medians over `rounds` (one order of the pairs)."""
+    b = [v for r, v in before if r in rounds]
+    a = [v for r, v in after if r in rounds]
+    return f"{statistics.median(a) / statistics.median(b):.2f}" if a and b and statistics.median(b) else "-"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("before")
+    parser.add_argument("after")
+    parser.add_argument("--rounds", type=int, default=4, help="before/after pairs (default 4: two in each order)")
+    args, rest = parser.parse_known_args()
+    fsbench_args = [a for a in rest if a != "--"] or ["--quick", "--targets", "ext4,awsomefs"]
+    results: dict[str, dict[str, list[tuple[int, float]]]] = {"before": {}, "after": {}}
+    with tempfile.TemporaryDirectory(prefix="awsomefs-compare-", dir="/var/tmp") as tmp:
+        trees = {side: worktree(commit, Path(tmp) / side)
+                 for side, commit in (("before", args.before), ("after", args.after))}
+        try:
+            for round_ in range(args.rounds):
+                order = ("before", "after") if round_ % 2 == 0 else ("after", "before")
+                for side in order:
+                    print(f"compare: round {round_ + 1}/{args.rounds}: {side}", flush=True)
+                    figures = run_fsbench(trees[side], Path(tmp) / f"{side}-{round_}.json", fsbench_args)
+                    for metric, value in figures.items():
+                        results[side].setdefault(metric, []).append((round_, value))
+        finally:
+            for tree in trees.values():
+                subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(tree)],
+                               check=False, capture_output=True)
+    print(f"\n{'metric':24} {'before':>12} {'after':>12} {'after/before':>12} "
+          f"{'before first':>13} {'after first':>12}")
+    for metric in results["before"]:
+        before, after = results["before"][metric], results["after"].get(metric, [])
+        if not after:
+            continue
+
+        mb, ma = statistics.median(v for _, v in before), statistics.median(v for _, v in after)
+        evens = {r for r in range(args.rounds) if r % 2 == 0}
+        odds = set(range(args.rounds)) - evens
+        print(f"{metric:24} {mb:>12.4g} {ma:>12.4g} {ma / mb if mb else float('nan'):>12.2f} "
+              f"{_ratio(before, after, evens):>13} {_ratio(before, after, odds):>12}")
+    print("\n(ratios of AwsomeFS figures: above 1 is more of the metric after; for times, more is slower)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
