@@ -79,7 +79,8 @@ class Flusher:
                 # hear it (as Linux reports a writeback error to each open file), not only the one
                 # that takes `st.error`: appends from two descriptors share these runs, and the
                 # other's fsync would otherwise succeed with its record lost (a nemesis run).
-                st.error = exc
+                st.error = FsError(exc.errno, f"a flush of the file's buffered writes failed: {exc.args[1]}",
+                                   cause=exc.cause)
                 self.lost_writes.mark_lost(st.ino)
             except WriteFencedError as exc:
                 if self.lost_writes.losses == losses:  # the lease may still be renewed: retried then
@@ -94,8 +95,7 @@ class Flusher:
                 st.written_ns = 0  # committed (or failed for good): the inode holds the time now
         if st.error is not None:
             error, st.error = st.error, None
-            raise FsError(error.errno, f"a flush of the file's buffered writes failed: {error.args[1]}",
-                          cause=error.cause)
+            raise error
 
     async def flush_all(self) -> None:
         errors = []
@@ -136,17 +136,20 @@ class Flusher:
 
     async def _flush_quietly(self, ino: int, limiter: trio.CapacityLimiter) -> None:
         async with limiter:
-            try:
-                await self.flush(ino)
-            except FsError as exc:
-                if isinstance(exc.__cause__, WriteFencedError):
-                    # the data is still buffered and the next flush retries it: no deferred error
-                    log.debug("background flush of inode %d deferred: %s", ino, exc)
-                    return
-                st = self.buffer.files.get(ino)
-                if st is not None:
-                    st.error = exc  # reported to the application by its next fsync/close
-                log.warning("background flush of inode %d failed: %s", ino, exc)
+            if ino not in self.buffer.files:
+                return
+            async with self.buffer.locked(ino) as st:
+                try:
+                    await self.flush_held(st)
+                except FsError as exc:
+                    if isinstance(exc.__cause__, WriteFencedError):
+                        # the data is still buffered and the next flush retries it: no deferred error
+                        log.debug("background flush of inode %d deferred: %s", ino, exc)
+                        return
+                    # Kept for the application's next fsync or close, stored while the state is
+                    # pinned: a state holding an error is not idle, so it is not dropped with it.
+                    st.error = exc
+                    log.warning("background flush of inode %d failed: %s", ino, exc)
 
 
 def _flush_batches(runs: list[Run]) -> list[list[Run]]:

@@ -316,6 +316,32 @@ async def test_a_failed_flush_is_reported_to_every_descriptor(core: Core, monkey
         await core.ops.release(fh)
 
 
+async def test_a_background_flush_failure_is_reported_with_its_reason(core: Core,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """The flusher's own flush fails (nobody waits for it); the application's next fsync reports
+    the EIO with the reason, said once."""
+    fh, inode = await core.ops.create(ROOT_INO, b"bg", stat.S_IFREG | 0o644, os.O_WRONLY, 0, 0)
+    await core.ops.write(fh, 0, b"a" * 64)
+
+    async def failing(command: object, *, epoch: int | None = None) -> object:
+        raise FsError(errno.EIO, "the metadata group refused it")
+
+    monkeypatch.setattr(core.meta, "propose", failing)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(core.data.run)
+        assert core.data.flusher.request(inode.ino)
+        with trio.fail_after(10):
+            while (st := core.data.files.get(inode.ino)) is None or st.error is None:
+                await trio.sleep(0.01)
+        nursery.cancel_scope.cancel()
+    with pytest.raises(FsError) as info:
+        await core.ops.fsync(fh, False)
+    said = str(info.value.args[1])
+    assert info.value.errno == errno.EIO and "refused it" in said
+    assert said.count("flush of the file's buffered writes failed") == 1, said
+    await core.ops.release(fh)
+
+
 # -- a flush across a lost and renewed lease (a cluster member) -----------------------------------
 @pytest.fixture
 def raft_core(tmp_path: Path, fence: WriteFence, clock: FakeClock) -> Iterator[Core]:
