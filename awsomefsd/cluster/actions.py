@@ -109,12 +109,9 @@ def init(settings: Settings, *, size: str | None, force: bool, label: str) -> in
         preflight(settings, cluster_listen=listen, control=control_socket(state_dir))
         path = _device(settings, size)
         try:
-            device = BlockDevice.open(path)
-            try:
+            with BlockDevice.open(path) as device:
                 ag_bytes = max(MIN_CLUSTER_AG_BYTES, device.size_bytes // CLUSTER_AG_COUNT)
                 sb = format_device(device, cluster_id=uuid.uuid4(), label=label, force=force, ag_size_bytes=ag_bytes)
-            finally:
-                device.close()
         except (DeviceError, ValueError) as exc:
             raise CliError(str(exc)) from None
         cluster_id = sb.cluster_id
@@ -153,11 +150,8 @@ def join(settings: Settings, token_text: str) -> int:
         preflight(settings, cluster_listen=listen, control=control_socket(state_dir))
         path = _device(settings, None)
         try:
-            device = BlockDevice.open(path)
-            try:
+            with BlockDevice.open(path) as device:
                 sb = read_superblock(device).superblock
-            finally:
-                device.close()
         except DeviceError as exc:
             raise CliError(f"{path}: {exc}") from None
         if sb.cluster_id != token.cluster_id:
