@@ -8,29 +8,48 @@ Figures (issue "The cluster"): creates per second from one node and from three n
 leader is killed (and how long a writer on a surviving node stalls), sequential write throughput
 from two nodes at once compared with one node. The machine is shared and noisy: compare ratios
 within one run, not absolute figures across runs.
+
+    sudo .venv/bin/python bench/cluster_bench.py --metadata [--seconds 5] [--meta-rounds 3] [--json F]
+
+Only the figures of issue 13 ("cluster metadata at local speed"), each next to a single-node
+AwsomeFS and ext4 measured in the same run: creates per second of a lone creator on a follower and
+of three creators on three nodes (own directories, one shared directory), untar of the 4,000-file
+tree and git status on a follower, and fsync latency after 1,000 creates. See bench/README.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
+import datetime
+import functools
 import itertools
 import json
+import math
 import multiprocessing
 import os
+import platform
+import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+sys.path[:0] = [str(REPO / "bench"), str(REPO)]  # bench's modules import each other by bare name
 
-from bench.targets import ext4_target, raw_target  # noqa: E402
+import fsbench  # noqa: E402
+import targets as tg  # noqa: E402
+import workloads as wl  # noqa: E402
+
 from tests.support.cluster import Cluster, Node, cluster_in  # noqa: E402
+from tests.support.daemon import AWSOMEFSD  # noqa: E402
 from tests.support.netns import TestNetwork  # noqa: E402
 
 MiB = 1 << 20
@@ -40,30 +59,35 @@ MiB = 1 << 20
 MAX_CREATES_PER_WORKER = 40_000  # ext4 would run out of inodes long before the clock
 
 
-def _create_worker(args: tuple[str, float, Any]) -> tuple[int, float]:
-    directory, seconds, start = args
+def _create_worker(args: tuple[str, str, float, int, Any]) -> tuple[int, float]:
+    """Empty files `<directory>/<name>.<n>` (O_CREAT|O_EXCL, then close) until `seconds` have
+    passed or `max_files` are made; returns (files made, seconds taken)."""
+    directory, name, seconds, max_files, start = args
     os.makedirs(directory, exist_ok=True)
     start.wait()
     t0 = time.monotonic()
     deadline = t0 + seconds
     n = 0
-    while time.monotonic() < deadline and n < MAX_CREATES_PER_WORKER:
-        for _ in range(50):
-            fd = os.open(f"{directory}/f{n}", os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            os.close(fd)
-            n += 1
+    while n < max_files and time.monotonic() < deadline:
+        wl.create_file(f"{directory}/{name}.{n}")
+        n += 1
     return n, time.monotonic() - t0
 
 
-def creates_per_s(dirs: list[Path], seconds: float) -> float:
-    """All `dirs` at once, one worker process each; total creates per second."""
+def creates_per_s(dirs: list[Path], seconds: float, max_files: int = MAX_CREATES_PER_WORKER) -> float:
+    """All `dirs` at once, one worker process each (names differ per worker, so a directory may be
+    listed more than once: creators sharing it); total creates per second."""
     with multiprocessing.Manager() as manager:
         start = manager.Event()
         with multiprocessing.Pool(len(dirs)) as pool:
-            result = pool.map_async(_create_worker, [(str(d), seconds, start) for d in dirs])
+            work = [(str(d), f"w{k}", seconds, max_files, start) for k, d in enumerate(dirs)]
+            result = pool.map_async(_create_worker, work)
             time.sleep(0.5)  # workers are up and waiting
             start.set()
-            done = result.get(seconds * 10 + 120)
+            try:
+                done = result.get(seconds * 10 + 120)
+            except multiprocessing.TimeoutError as err:
+                raise wl.WorkloadError(f"creators not done {seconds * 10 + 120:.0f}s after the start") from err
     return sum(n / elapsed for n, elapsed in done)
 
 
@@ -156,6 +180,205 @@ def failover(cluster: Cluster, nodes: list[Node]) -> dict[str, float]:
     return {"new_leader_s": new_leader_s or float("nan"), "writer_stall_s": max(gaps) if gaps else float("nan")}
 
 
+# --- --metadata: issue 13, "cluster metadata at local speed" ---------------------------------------
+# Each figure is measured on ext4 (a loop device), on a single-node AwsomeFS (`awsomefsd dev`, started
+# as fsbench starts it) and on the cluster, the three taking turns within each round (fsbench's order)
+# so that drift on the shared machine hits all alike. On the cluster the lone creator, the untar and
+# the fsync run on a follower: its metadata goes through the leader, which is what issue 13 is about.
+
+META_PLACES = ("ext4", "single", "cluster")
+META_ARGS = ("only", "seconds", "max_creates", "meta_rounds", "untar_rounds", "tree_files", "fsync_rounds",
+             "fsync_files")
+CREATE_MEASUREMENTS = ("creates_lone", "creates_spread", "creates_shared")  # see creator_dirs
+META_METRICS: dict[str, list[wl.Metric]] = {  # figure (--only) -> its rows
+    "creates": [
+        wl.Metric("creates_lone", "creates, 1 creator (cluster: a follower)", "1/s", True),
+        wl.Metric("creates_spread", "creates, 3 creators, own dirs", "1/s", True),
+        wl.Metric("creates_shared", "creates, 3 creators, one dir", "1/s", True),
+    ],
+    "untar": wl.METRICS["untar"],
+    "fsync": [wl.Metric(f"fsync_{what}_{q}_ms", f"fsync({what}) after creates, {q}", "ms", False)
+              for what in ("file", "dir") for q in ("p50", "p99")],
+}
+META_GOALS: dict[str, tuple[fsbench.Goal, ...]] = {  # judged on the cluster; ratios are cluster/single
+    "creates_lone": (fsbench.Goal(">=2000/s", min_value=2000), fsbench.Goal(">=0.8x single", min_ratio=0.8)),
+    "creates_spread": (fsbench.Goal(">=4000/s", min_value=4000),),
+    "creates_shared": (fsbench.Goal(">=1000/s", min_value=1000),),
+    "untar": (fsbench.Goal("<=1.5x single", max_ratio=1.5),),
+    "git_status": (fsbench.Goal("<=1.5x single", max_ratio=1.5),),
+    "untar_git": (fsbench.Goal("<=1.5x single", max_ratio=1.5),),
+}
+
+
+def creator_dirs(measurement: str, round_index: int) -> list[Path]:
+    """Each creator's directory, relative to its mount: one creator alone, three in their own
+    directories, three in one shared directory."""
+    base = Path(f"{measurement}-{round_index}")
+    if measurement == "creates_lone":
+        return [base]
+    if measurement == "creates_spread":
+        return [base / f"c{k}" for k in range(3)]
+    return [base] * 3  # creates_shared
+
+
+def measure_creates(measurement: str, args: argparse.Namespace, name: str, roots: list[Path],
+                    round_index: int) -> dict[str, float]:
+    """Creates per second of one layout. `roots` holds one mount per creator: the same one thrice on
+    ext4 and the single node, the three nodes' mounts (a follower's first) on the cluster. The
+    directories are made first, untimed, through the first mount: creators on other nodes meet an
+    existing directory."""
+    relative = creator_dirs(measurement, round_index)
+    for d in relative:
+        (roots[0] / d).mkdir(parents=True, exist_ok=True)
+    rate = creates_per_s([root / d for root, d in zip(roots, relative)], args.seconds, args.max_creates)
+    if name == "ext4":  # it would run out of inodes: its creators reach --max-creates within seconds
+        shutil.rmtree(roots[0] / relative[0].parts[0])
+    return {measurement: rate}
+
+
+def fsync_after_creates_ms(directory: Path, files: int) -> dict[str, float]:
+    """Create `files` empty files in a fresh directory, then time fsync() of the last one; again in
+    a second fresh directory, timing fsync() of the directory instead (each fsync finds the creates
+    still to make durable, not what the other fsync left)."""
+    out = {}
+    for what in ("file", "dir"):
+        d = directory / what
+        d.mkdir(parents=True)
+        for i in range(files):
+            wl.create_file(f"{d}/f{i}")
+        fd = os.open(d / f"f{files - 1}", os.O_WRONLY) if what == "file" else os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            t0 = time.perf_counter()
+            os.fsync(fd)
+            out[f"fsync_{what}_ms"] = (time.perf_counter() - t0) * 1000
+        finally:
+            os.close(fd)
+    return out
+
+
+def percentile(samples: list[float], q: float) -> float:
+    """Nearest rank: the smallest sample with at least q of all samples at or below it (with fewer
+    than 100 samples, p99 is the maximum)."""
+    ordered = sorted(samples)
+    return ordered[max(math.ceil(q * len(ordered)), 1) - 1]
+
+
+def run_metadata_rounds(args: argparse.Namespace, places: dict[str, list[Path]], workdir: Path,
+                        results: dict[str, fsbench.TargetResult]) -> None:
+    """Every measurement of the figures in --only, each round in turn on every place (the tarball
+    is made in `workdir`)."""
+    def each_round(measurement: str, rounds: int, action: Callable[[str, list[Path], int], dict[str, float]]) -> None:
+        for r in range(rounds):
+            for name, roots in places.items():
+                before = {k: len(v) for k, v in results[name].values.items()}
+                fsbench._record(results[name], measurement, functools.partial(action, name, roots, r))
+                new = {k: v[-1] for k, v in results[name].values.items() if len(v) > before.get(k, 0)}
+                log(f"{measurement} round {r + 1}/{rounds} on {name}: {fsbench._summary(new)}")
+
+    if "creates" in args.only:
+        for measurement in CREATE_MEASUREMENTS:
+            each_round(measurement, args.meta_rounds, functools.partial(measure_creates, measurement, args))
+    if "untar" in args.only:
+        params = wl.Params(tree_files=args.tree_files)
+        tarball = wl.ensure_tarball(workdir, params.tree_files, params.seed)
+        each_round("untar", args.untar_rounds,
+                   lambda name, roots, r: wl.run_untar(tg.Target(name, roots[0]), params, r, tarball))
+    if "fsync" in args.only:
+        each_round("fsync", args.fsync_rounds,
+                   lambda name, roots, r: fsync_after_creates_ms(roots[0] / f"fsync-{r}", args.fsync_files))
+    for result in results.values():
+        for what in ("file", "dir"):
+            if samples := result.values.get(f"fsync_{what}_ms"):
+                for q in (50, 99):
+                    result.values[f"fsync_{what}_p{q}_ms"] = [percentile(samples, q / 100)]
+
+
+def metadata_rows(args: argparse.Namespace, results: dict[str, fsbench.TargetResult]) -> list[dict[str, Any]]:
+    """One row per metric: medians per place, cluster/single, the goals and whether they are met."""
+    rows = []
+    for m in (m for figure in args.only for m in META_METRICS[figure]):
+        cluster = results["cluster"].median(m.key)
+        ratio = fsbench._ratio(results, m.key, "cluster", "single")
+        goals = META_GOALS.get(m.key, ())
+        verdicts = [g.met(cluster, ratio) for g in goals]
+        rows.append({
+            "metric": m.key, "label": m.label, "unit": m.unit,
+            "median": {name: r.median(m.key) for name, r in results.items()},
+            "cluster_vs_single": ratio, "cluster_vs_ext4": fsbench._ratio(results, m.key, "cluster", "ext4"),
+            "goal": ", ".join(g.text for g in goals) or None,
+            "goal_met": None if None in verdicts else all(verdicts) if verdicts else None,
+        })
+    return rows
+
+
+def print_metadata_table(args: argparse.Namespace, results: dict[str, fsbench.TargetResult],
+                         rows: list[dict[str, Any]], follower: dict[str, Any]) -> None:
+    head = ["metric", "unit", *META_PLACES, "cluster/single", "target (cluster)", "met"]
+    table = [head]
+    for row in rows:
+        met = {True: "met", False: "not met", None: "-"}[row["goal_met"]] if row["goal"] else ""
+        table.append([row["label"], row["unit"], *(fsbench._cell(results[n], row["metric"]) for n in META_PLACES),
+                      fsbench._fmt(row["cluster_vs_single"]), row["goal"] or "", met])
+    setup = {"creates": f"creates: {args.meta_rounds} round(s) of {args.seconds:g} s (3 creators on ext4 and single: "
+                        "3 processes on the one mount)",
+             "untar": f"untar: {args.untar_rounds} round(s), {args.tree_files:,} files",
+             "fsync": f"fsync after {args.fsync_files:,} creates: {args.fsync_rounds} round(s)"}
+    print(f"\ncluster metadata (issue 13), median (min-max); single = a 1-node AwsomeFS; "
+          f"{'; '.join(setup[f] for f in args.only)}")
+    print("\n".join(fsbench.format_table(table)))
+    print(f"cluster: lone creator, untar and fsync on node {follower['node']}, a follower (leader: node "
+          f"{follower['leader_at_start']} at the start, node {follower['leader_at_end']} at the end)")
+    for name in META_PLACES:
+        if results[name].error:
+            print(f"{name}: not measured: {results[name].error}")
+        for what, err in results[name].errors.items():
+            print(f"{name}: {what} failed: {err}")
+
+
+def log(msg: str) -> None:
+    """Progress on stderr; stdout holds only the table."""
+    print(f"cluster_bench: {msg}", file=sys.stderr, flush=True)
+
+
+def metadata_main(args: argparse.Namespace) -> int:
+    results = {name: fsbench.TargetResult(name) for name in META_PLACES}
+    with tempfile.TemporaryDirectory(prefix="awsomefs-cluster-bench-") as tmp, contextlib.ExitStack() as stack:
+        root = Path(tmp)
+        log("setting up ext4, a single-node AwsomeFS and a 3-node cluster")
+        ext4 = stack.enter_context(tg.ext4_target(root, 4 << 30))
+        single = stack.enter_context(tg.awsomefs_target(root, "8G", AWSOMEFSD, 90))
+        network = stack.enter_context(TestNetwork(3))
+        (root / "cluster").mkdir()
+        cluster = stack.enter_context(cluster_in(network, root / "cluster", size="8G"))
+        nodes = cluster.form(3)
+        leader = cluster.leader(nodes)
+        followers = [n for n in nodes if n is not leader]
+        places = {"ext4": [ext4.path] * 3, "single": [single.path] * 3,
+                  "cluster": [n.mount for n in [*followers, leader]]}
+        log(f"cluster formed: leader node {leader.index}; node {followers[0].index}, a follower, goes first")
+        run_metadata_rounds(args, places, root, results)
+        follower = {"node": followers[0].index, "leader_at_start": leader.index,
+                    "leader_at_end": _leader_index(cluster, nodes)}
+        log("tearing down")
+    rows = metadata_rows(args, results)
+    print_metadata_table(args, results, rows, follower)
+    if args.json:
+        doc = {"date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+               "host": {"kernel": platform.release(), "cpus": os.cpu_count()},
+               "args": {k: getattr(args, k) for k in META_ARGS},
+               "follower": follower, "places": {n: dataclasses.asdict(r) for n, r in results.items()},
+               "rows": rows}
+        args.json.write_text(json.dumps(doc, indent=2) + "\n")
+    return fsbench.exit_status(results)
+
+
+def _leader_index(cluster: Cluster, nodes: list[Node]) -> int | None:
+    try:
+        return cluster.leader(nodes).index
+    except (LookupError, OSError, ValueError, subprocess.SubprocessError):
+        return None
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=5.0, help="duration of each create run")
@@ -163,27 +386,41 @@ def main() -> int:
     parser.add_argument("--seq-mib", type=int, default=256, help="MiB written per writer in the sequential test")
     parser.add_argument("--rounds", type=int, default=100, help="read-after-close samples")
     parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument("--max-creates", type=int, default=MAX_CREATES_PER_WORKER,
+                        help="files per creator at most (a create run ends at --seconds or here)")
+    meta = parser.add_argument_group("--metadata (issue 13: cluster metadata at local speed)")
+    meta.add_argument("--metadata", action="store_true",
+                      help="run only these figures, next to a single-node AwsomeFS and ext4")
+    meta.add_argument("--only", default=",".join(META_METRICS), help="figures: %(default)s")
+    meta.add_argument("--meta-rounds", type=int, default=3, help="rounds of each create figure")
+    meta.add_argument("--untar-rounds", type=int, default=1, help="rounds of untar + git status")
+    meta.add_argument("--tree-files", type=int, default=wl.Params().tree_files, help="files in the untar tree")
+    meta.add_argument("--fsync-rounds", type=int, default=5, help="fsync samples (each after fresh creates)")
+    meta.add_argument("--fsync-files", type=int, default=1000, help="files created before each fsync")
     args = parser.parse_args()
     if os.geteuid() != 0:
         print("needs root (network namespaces, loop devices, FUSE)", file=sys.stderr)
         return 2
+    if args.metadata:
+        args.only = fsbench._choices(parser, args.only, tuple(META_METRICS), "--only")
+        return metadata_main(args)
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="awsomefs-cluster-bench-") as tmp:
         root = Path(tmp)
-        with ext4_target(root, 4 << 30) as ext4:
+        with tg.ext4_target(root, 4 << 30) as ext4:
             results["ext4_creates_per_s"] = creates_per_s(
-                [ext4.path / f"w{k}" for k in range(args.workers)], args.seconds)
+                [ext4.path / f"w{k}" for k in range(args.workers)], args.seconds, args.max_creates)
             results["ext4_seq_write_mib_s"] = seq_write_mib_s([ext4.path / "seq"], args.seq_mib * MiB)
-        with raw_target(root, (args.seq_mib + 64) * MiB) as raw:
+        with tg.raw_target(root, (args.seq_mib + 64) * MiB) as raw:
             results["raw_seq_write_mib_s"] = raw_seq_write_mib_s(raw.path, args.seq_mib * MiB)
         with TestNetwork(3) as network, cluster_in(network, root / "cluster", size="8G") as cluster:
             (root / "cluster").mkdir(exist_ok=True)
             nodes = cluster.form(3)
             a, b, _c = nodes
             results["creates_per_s_one_node"] = creates_per_s(
-                [a.mount / "one" / f"w{k}" for k in range(args.workers)], args.seconds)
+                [a.mount / "one" / f"w{k}" for k in range(args.workers)], args.seconds, args.max_creates)
             results["creates_per_s_three_nodes"] = creates_per_s(
-                [n.mount / "three" / f"n{n.index}w{k}" for n in nodes for k in range(args.workers)], args.seconds)
+                [n.mount / "three" / f"n{n.index}w{k}" for n in nodes for k in range(args.workers)], args.seconds, args.max_creates)
             results["read_after_close"] = read_after_close_ms(a, b, args.rounds)
             results["seq_write_mib_s_one_node"] = seq_write_mib_s([a.mount / "seq-a"], args.seq_mib * MiB)
             results["seq_write_mib_s_two_nodes"] = seq_write_mib_s(

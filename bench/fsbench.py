@@ -397,21 +397,29 @@ def print_table(
                 verdict,
             ]
         )
-    widths = [max(len(r[i]) for r in table) for i in range(len(head))]
     print(f"\nfsbench: {args.runs} run(s), median (min-max); aws = awsomefs", file=out)
-    for i, r in enumerate(table):
-        print(
-            "  ".join(c.ljust(w) if j < 2 else c.rjust(w) for j, (c, w) in enumerate(zip(r, widths))),
-            file=out,
-        )
-        if i == 0:
-            print("  ".join("-" * w for w in widths), file=out)
+    for line in format_table(table):
+        print(line, file=out)
     for name in names:
         res = results[name]
         if res.error:
             print(f"{name}: not measured: {res.error}", file=out)
         for workload, err in res.errors.items():
             print(f"{name}: {workload} failed: {err}", file=out)
+
+
+def format_table(table: list[list[str]]) -> list[str]:
+    """Fixed-width lines, a rule under the first row; the first two columns (name, unit) are
+    left-aligned, the figures right-aligned."""
+    widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
+    lines = []
+    for i, r in enumerate(table):
+        lines.append(
+            "  ".join(c.ljust(w) if j < 2 else c.rjust(w) for j, (c, w) in enumerate(zip(r, widths)))
+        )
+        if i == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return lines
 
 
 def write_json(

@@ -266,7 +266,8 @@ def _init_worker(barrier: Any) -> None:
         signal.signal(sig, signal.SIG_DFL)
 
 
-def _create(path: str) -> None:
+def create_file(path: str) -> None:
+    """An empty file, made the way every create workload makes one: O_CREAT|O_EXCL, then close."""
     os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
 
 
@@ -278,7 +279,7 @@ def _readdir(path: str) -> int:
 def _meta_task(phase: str, items: Sequence[str]) -> tuple[float, float, int]:
     """One worker's share of a phase, started together with the others at the barrier."""
     actions: dict[str, Callable[[str], Any]] = {
-        "create": _create,
+        "create": create_file,
         "stat": os.stat,
         "stat_hot": os.stat,
         "unlink": os.unlink,
