@@ -32,7 +32,7 @@ import errno
 import logging
 import math
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -65,6 +65,10 @@ REREQUEST_S = 2.0
 """A waiter repeats its request this often: a holder that restarted (or installed a snapshot) has
 lost the queue, and sees the repeated request as a new one."""
 HANDOVER_RETRY_S = 0.5
+MAX_FRESH_TRACKED = 1 << 16
+DELEGATION_IDLE_S = 2.0
+"""A directory delegation unused here this long goes back to the log: lookups in the directory on
+other nodes then need no hand-over (docs/delegations.md)."""
 
 
 class ClusterCoherence:
@@ -106,6 +110,9 @@ class ClusterCoherence:
         self._releasing: set[int] = set()  # hand-over under way: new writes here wait
         self._handing: set[int] = set()  # hand-over task scheduled or running
         self._writers: dict[int, int] = {}  # inode -> writes in progress under its lease
+        self._delegated: set[int] = set()  # directories whose delegation this node asked for
+        self._fresh: dict[int, int] = {}  # file created ahead -> its directory (`fresh`)
+        self._touched: dict[int, float] = {}  # inode -> when the last change under its lease ended
         self._idle: dict[int, trio.Event] = {}  # set when an inode's last write in progress ends
         self._stale_data: set[int] = set()
         self._all_stale = False
@@ -121,6 +128,7 @@ class ClusterCoherence:
         self.lease_waits = 0
         self.lease_timeouts = 0
         self.handover_failures = 0
+        self.delegations_returned = 0
         self.lease_wait_s = 0.0  # total time writes waited for a lease
         self.lease_wait_max_s = 0.0
 
@@ -129,6 +137,7 @@ class ClusterCoherence:
         queues are forgotten (commands were skipped): waiters repeat their requests."""
         self.held = set(self.meta.leases_of(self.node_id))
         self._acquired_at = {ino: -math.inf for ino in self.held}
+        self._fresh.clear()
         self._waiting.clear()
         for ino in list(self._changed):
             self._wake(ino)
@@ -183,10 +192,12 @@ class ClusterCoherence:
             raise FsError(errno.EIO, reason, cause="lease")
 
     @asynccontextmanager
-    async def rewriting(self, ino: int) -> AsyncIterator[bool]:
-        """For work this node does on its own to a file's committed blocks (compaction): allowed
-        (True) only while this node holds the file's write lease, which it then keeps until the
-        block is left, as for a write. It never asks for the lease: False when it is not ours."""
+    async def holding(self, ino: int) -> AsyncIterator[bool]:
+        """For work that needs the lease only if this node has it anyway: True while this node
+        holds the inode's write lease (or directory's delegation), which it then keeps until the
+        block is left, as for a write. It never asks for the lease: False when it is not ours.
+        Compaction rewrites a file's committed blocks only then; an attribute change runs ahead of
+        the log only then (docs/delegations.md)."""
         if ino not in self.held or ino in self._releasing:
             yield False
             return
@@ -195,6 +206,73 @@ class ClusterCoherence:
             yield True
         finally:
             self._writer_done(ino)
+            if ino in self._delegated:
+                self._touched[ino] = trio.current_time()
+
+    @asynccontextmanager
+    async def changing(self, dirs: Iterable[int]) -> AsyncIterator[bool]:
+        """Hold the delegation of each directory for a whole namespace change in them
+        (docs/delegations.md): acquired in inode order (two changes that need the same two
+        directories never wait for each other in a cycle), then kept until the block is left, as
+        a write keeps a file's lease. True: the change may run ahead of the log. False in strict
+        mode, where every change goes through the log in its turn and nothing is delegated."""
+        if self.strict:
+            yield False
+            return
+        entered: list[int] = []
+        try:
+            for ino in sorted(set(dirs)):
+                await self._acquire(ino)
+                self._writers[ino] = self._writers.get(ino, 0) + 1
+                entered.append(ino)
+            yield True
+        finally:
+            now = trio.current_time()
+            for ino in entered:
+                self._writer_done(ino)
+                self._touched[ino] = now
+                self._delegated.add(ino)
+
+    async def created_ahead(self, ino: int, parent: int) -> None:
+        """A file this node just created ahead of the log, in a directory it holds: its write lease
+        is this node's too, taken in the same order (nobody else can know the file before the
+        directory's delegation moves, and that hand-over commits after this). Until then the file
+        is *fresh*: its data mappings may run ahead too (`fresh`)."""
+        await self.meta.run_ahead(c.AcquireWriteLease(ino, self.node_id, self.epoch()))
+        self.held.add(ino)
+        self._acquired_at[ino] = trio.current_time()
+        if len(self._fresh) < MAX_FRESH_TRACKED:
+            self._fresh[ino] = parent
+
+    def fresh(self, ino: int) -> bool:
+        """May the file's data mapping be acknowledged ahead of the log? Only while no other node
+        can reach the file: created ahead here, reachable only through the directory it was created
+        in, whose delegation has not begun to move since. (Close-to-open: an open elsewhere
+        of a file it already knows only catches up with the log.)"""
+        return ino in self._fresh and ino in self.held and ino not in self._releasing
+
+    def published(self, ino: int) -> None:
+        """The file is now reachable another way (a link, a rename into another directory): its
+        mappings wait for the log from now on."""
+        self._fresh.pop(ino, None)
+
+    def _unfresh_directory(self, ino: int) -> None:
+        """The directory's delegation begins to move: what was created in it is no longer fresh."""
+        if ino in self._fresh.values():
+            self._fresh = {f: d for f, d in self._fresh.items() if d != ino}
+
+    async def looking(self, ino: int) -> bool:
+        """Before a lookup that found nothing, or a readdir: True when this node holds the
+        directory's delegation (its own view is then complete: no other node changes it). When
+        another node holds it, that node may have acknowledged changes the log has not committed:
+        ask for the delegation (its hand-over commits them first) and wait for it. Else False:
+        the caller catches up with the log as usual."""
+        if ino in self.held and ino not in self._releasing:
+            return True
+        if self.strict or self.meta.lease_holder(ino) in (0, self.node_id):
+            return False
+        async with self.changing([ino]):
+            return True
 
     def _writer_done(self, ino: int) -> None:
         left = self._writers[ino] - 1
@@ -332,6 +410,7 @@ class ClusterCoherence:
             for ino in list(self._changed):
                 self._wake(ino)
         elif isinstance(command, c.Purge):
+            self._fresh.pop(command.ino, None)
             self.held.discard(command.ino)
             self._acquired_at.pop(command.ino, None)
             self._waiting.pop(command.ino, None)
@@ -436,6 +515,7 @@ class ClusterCoherence:
         does not hold up the others)."""
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
+            nursery.start_soon(self._release_idle_delegations)
             task_status.started()
             async for ino in self._release_queue:
                 if ino in self._handing or ino not in self.held:
@@ -465,6 +545,8 @@ class ClusterCoherence:
                 return
             self._releasing.add(ino)
             self.held.discard(ino)  # from here no new write starts under it (they wait in _acquire)
+            self._fresh.pop(ino, None)  # another node knows the file
+            self._unfresh_directory(ino)
             try:
                 while ino in self._writers:  # writes already under the lease finish first
                     idle = self._idle.setdefault(ino, trio.Event())
@@ -502,6 +584,40 @@ class ClusterCoherence:
         await trio.sleep(HANDOVER_RETRY_S)
         if ino in self.held and self._waiting.get(ino):
             self._hand_over_later(ino)
+
+    async def _release_idle_delegations(self) -> None:
+        while True:
+            await trio.sleep(DELEGATION_IDLE_S / 2)
+            now = trio.current_time()
+            for ino in sorted(self._delegated):
+                if ino not in self.held:
+                    self._forget_delegation(ino)
+                elif (ino not in self._writers and ino not in self._releasing and ino not in self._handing
+                      and not self._waiting.get(ino) and now - self._touched.get(ino, now) >= DELEGATION_IDLE_S):
+                    await self._give_back(ino)
+
+    def _forget_delegation(self, ino: int) -> None:
+        self._delegated.discard(ino)
+        self._touched.pop(ino, None)
+
+    async def _give_back(self, ino: int) -> None:
+        """Release an idle delegation: ordered after every change made under it (meta/ahead.py)."""
+        self._forget_delegation(ino)
+        self._handing.add(ino)
+        self._releasing.add(ino)
+        self.held.discard(ino)
+        self._unfresh_directory(ino)
+        try:
+            await self.meta.propose(c.ReleaseWriteLease(ino, self.node_id))
+            self.delegations_returned += 1
+        except FsError as exc:
+            if self.meta.lease_holder(ino) == self.node_id:
+                self.held.add(ino)
+            log.info("node %d keeps the delegation of directory %d for now: %s", self.node_id, ino, one_line(exc))
+        finally:
+            self._releasing.discard(ino)
+            self._handing.discard(ino)
+            self._wake(ino)
 
     async def release_all(self) -> int:
         """Give back every write lease this node holds (a clean stop, after everything is flushed;

@@ -323,6 +323,7 @@ async def run_member(member: Member, *, founding: Founding | None = None,
         await nursery.start(lambda task_status=trio.TASK_STATUS_IGNORED: serve_grpc(
             [ControlService(member.control_handlers()).binding()], f"unix://{control}", task_status=task_status))
         await nursery.start(member.raft.run)
+        await nursery.start(member.meta.run_pipeline)
         if founding is not None:
             await _found(member, founding)
         await _wait_for_state(member)
@@ -406,7 +407,9 @@ def _assemble(member: Member) -> Core:
                                  lose_file=data.lose_file,
                                  holds=handles.holds, wait_lease=epoch.wait_renewed,
                                  read_barrier=raft.node.read_barrier, strict=settings.mount.coherence == "strict")
-    data.compactor.may_rewrite = coherence.rewriting  # the one cycle: coherence flushes through data
+    # the one cycle: coherence flushes through data, and data asks coherence what it may do
+    data.compactor.may_rewrite = coherence.holding
+    data.writer.may_run_ahead = coherence.fresh
     ops = Operations(meta, data, handles, coherence=coherence, total_blocks=layout.data_blocks)
     core = assemble_core(member.storage, raft, meta, allocator, data, ops, metrics, book)
     leases = LeaseSettings(settings.cluster.lease_s, settings.cluster.renew_s, settings.cluster.lease_margin_s)
@@ -442,6 +445,13 @@ def _collect(member: Member) -> Iterator[Metric]:
     yield gauge("awsomefs_raft_leader_id", "the leader this node knows of (0: none)", raw.leader_id)
     yield counter("awsomefs_raft_forward_retries", "forwarded proposals sent again", node.forward_retries)
     yield counter("awsomefs_meta_stalls", "metadata operations that waited for a leader", member.raft.stalls)
+    ahead = member.meta.ahead
+    yield counter("awsomefs_meta_ran_ahead", "metadata changes acknowledged ahead of the log (directory delegations)",
+                  ahead.ran_ahead)
+    yield counter("awsomefs_meta_ahead_lost", "changes acknowledged ahead that the log then refused (each reported "
+                  "by the next fsync)", ahead.losses)
+    yield counter("awsomefs_meta_pipeline_proposals", "proposals carrying changes acknowledged ahead", ahead.proposals)
+    yield gauge("awsomefs_meta_pipeline_pending", "changes acknowledged ahead and not decided yet", ahead.pending)
     fence = member.storage.device.fence
     yield gauge("awsomefs_lease_remaining_seconds", "time left on this node's liveness lease", fence.remaining_s())
     yield gauge("awsomefs_lease_fenced", "1 while device writes are fenced", float(not fence.is_open()))
@@ -454,6 +464,7 @@ def _collect(member: Member) -> Iterator[Metric]:
         yield counter("awsomefs_write_leases_acquired", "file write leases acquired", co.leases_acquired)
         yield counter("awsomefs_write_leases_released", "file write leases handed to another node",
                       co.leases_released)
+        yield counter("awsomefs_delegations_returned", "idle directory delegations given back", co.delegations_returned)
         yield counter("awsomefs_write_lease_waits", "writes that waited for another node's lease", co.lease_waits)
         yield counter("awsomefs_write_lease_timeouts", "writes that gave up waiting for a write lease (EIO; "
                       "the log says why)", co.lease_timeouts)

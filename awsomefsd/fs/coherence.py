@@ -9,7 +9,7 @@ composition root (awsomefsd/cluster/member.py) hands it at construction: `FileDa
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from contextlib import AbstractAsyncContextManager
 from typing import Protocol
 
@@ -32,6 +32,33 @@ class Coherence(Protocol):
     def writing(self, ino: int) -> AbstractAsyncContextManager[None]:
         """Hold the file's write lease for the whole of a write or truncate: entered once this
         node holds it; the lease is not handed to another node until every such block is left."""
+        ...
+
+    def changing(self, dirs: Iterable[int]) -> AbstractAsyncContextManager[bool]:
+        """Hold the delegation of each directory for a whole namespace change in them; entered once
+        this node holds them all. True: the change may run ahead of the log (MetaClient.run_ahead);
+        False: it goes through the log in its turn (docs/delegations.md)."""
+        ...
+
+    def holding(self, ino: int) -> AbstractAsyncContextManager[bool]:
+        """True while this node holds the inode's write lease (or directory's delegation), which
+        it then keeps until the block is left; never asks for it. A change to the inode's
+        attributes may run ahead of the log only then."""
+        ...
+
+    async def created_ahead(self, ino: int, parent: int) -> None:
+        """A regular file was just created ahead of the log in `parent`: its write lease is this
+        node's too, and until another node can reach it its data mappings may run ahead as well."""
+        ...
+
+    def published(self, ino: int) -> None:
+        """The file is now reachable other than through the directory it was created in."""
+        ...
+
+    async def looking(self, ino: int) -> bool:
+        """Before a lookup that found nothing, or a readdir: True when this node holds the
+        directory's delegation (its view is complete: no catch-up needed); when another node holds
+        it, its acknowledged changes are committed first (the delegation moves here)."""
         ...
 
     def release_orphan(self, ino: int) -> None:

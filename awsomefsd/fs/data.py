@@ -61,7 +61,7 @@ class FileData:
                                   clock_ns=clock_ns)
         self.space = SpaceGuard(meta, allocator, self.buffer, device, clock_ns=clock_ns, claim_space=claim_space)
         self.reader = Reader(meta, self.buffer, io, on_checksum_error=on_checksum_error)
-        writer = RunWriter(meta, self.reader, self.space, io, clock_ns=clock_ns)
+        self.writer = writer = RunWriter(meta, self.reader, self.space, io, clock_ns=clock_ns)
         self.compactor = Compactor(meta, self.buffer, self.reader, writer)
         self.lost_writes = LossLedger(self.buffer)
         self.flusher = Flusher(self.buffer, writer, self.compactor, device, self.lost_writes,

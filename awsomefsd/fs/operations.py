@@ -18,6 +18,7 @@ import time
 from collections.abc import Iterator
 from contextlib import AbstractAsyncContextManager, nullcontext
 from dataclasses import dataclass
+from typing import Any
 
 from awsomefsd.fs.coherence import Coherence
 from awsomefsd.fs.data import FileData
@@ -30,6 +31,9 @@ from awsomefsd.meta.errors import FsError
 from awsomefsd.meta.records import MAX_NAME_BYTES, MAX_SYMLINK_BYTES, ROOT_INO, Inode, check_name
 
 INODE_RESERVATION = 1024
+MAX_DELEGATION_TRIES = 8
+"""A change whose target moved while its delegations were being acquired tries again, then goes
+through the log without running ahead."""
 POSIX_ACL_XATTRS = (b"system.posix_acl_access", b"system.posix_acl_default")
 FILES_ADVERTISED = 1 << 32
 
@@ -129,13 +133,41 @@ class Operations:
             child = self.meta.require_inode(parent).parent or ROOT_INO
         else:
             found = self.meta.lookup(parent, name)
-            if found is None and self.coherence is not None and not strict:
-                await self.coherence.catch_up(drain=False)  # it may have been created elsewhere a moment ago
-                found = self.meta.lookup(parent, name)
+            if self.coherence is not None and not strict:
+                if found is None:
+                    found = await self._look_again(parent, name)
+                elif await self.coherence.looking(parent):
+                    # Ours now: another node's acknowledged changes to it (an unlink, a rename
+                    # away) are committed, and nobody else changes it while we answer.
+                    found = self.meta.lookup(parent, name)
             if found is None:
                 raise FsError(errno.ENOENT)
             child = found
         return self.inode(child)
+
+    async def _look_again(self, parent: int, name: bytes) -> int | None:
+        """A name not found here may have been created elsewhere a moment ago: unless this node
+        holds the directory's delegation (nobody else changes it), catch up with the log, and if
+        another node holds the delegation, let it commit what it acknowledged first."""
+        assert self.coherence is not None
+        if await self.coherence.looking(parent):
+            return self.meta.lookup(parent, name)
+        await self.coherence.catch_up(drain=False)
+        found = self.meta.lookup(parent, name)
+        if found is None and await self.coherence.looking(parent):
+            found = self.meta.lookup(parent, name)
+        return found
+
+    def _changing(self, *dirs: int) -> AbstractAsyncContextManager[bool]:
+        """The delegations a namespace change needs (a cluster member's); True: it may run ahead."""
+        return nullcontext(False) if self.coherence is None else self.coherence.changing(dirs)
+
+    def _holding(self, ino: int) -> AbstractAsyncContextManager[bool]:
+        """True while this node holds the inode's lease: a change to its attributes may run ahead."""
+        return nullcontext(False) if self.coherence is None else self.coherence.holding(ino)
+
+    async def _propose(self, command: object, ahead: bool) -> Any:
+        return await (self.meta.run_ahead(command) if ahead else self.meta.propose(command))
 
     def direct_io(self, flags: int) -> bool:
         """For the adapter's open reply: a cluster member's O_APPEND descriptors bypass the page
@@ -154,8 +186,15 @@ class Operations:
     async def mknod(self, parent: int, name: bytes, mode: int, rdev: int, uid: int, gid: int,
                     target: bytes = b"") -> Inode:
         check_name(name)
-        cmd = c.Mknod(parent, name, await self.new_ino(), mode, uid, gid, self._now(), rdev, target)
-        return await self.meta.propose(cmd)
+        async with self._changing(parent) as ahead:
+            ino = await self.new_ino()
+            cmd = c.Mknod(parent, name, ino, mode, uid, gid, self._now(), rdev, target,
+                          cookie=c.delegated_cookie(ino) if ahead else 0)
+            inode: Inode = await self._propose(cmd, ahead)
+            if ahead and stat.S_ISREG(mode):
+                assert self.coherence is not None
+                await self.coherence.created_ahead(ino, parent)
+        return inode
 
     async def symlink(self, parent: int, name: bytes, target: bytes, uid: int, gid: int) -> Inode:
         if len(target) > MAX_SYMLINK_BYTES:
@@ -168,20 +207,60 @@ class Operations:
         return self.meta.symlink_target(ino)
 
     async def link(self, ino: int, new_parent: int, new_name: bytes) -> Inode:
-        inode: Inode = await self.meta.propose(c.Link(ino, new_parent, new_name, self._now()))
+        async with self._changing(new_parent) as ahead:
+            cookie = c.delegated_cookie(await self.new_ino()) if ahead else 0
+            inode: Inode = await self._propose(c.Link(ino, new_parent, new_name, self._now(), cookie), ahead)
+        if self.coherence is not None:
+            self.coherence.published(ino)
         return self.data.with_buffered(inode)
 
     async def unlink(self, parent: int, name: bytes, *, is_dir: bool) -> None:
-        child = await self.meta.propose(c.Unlink(parent, name, is_dir, self._now()))
-        await self._purge_if_orphan(child)
+        """rmdir also needs the removed directory's delegation: whether it is empty is decided by
+        the changes its holder acknowledged, not only by what the log has."""
+        for _ in range(MAX_DELEGATION_TRIES):
+            child = self.meta.lookup(parent, name) if is_dir else None
+            async with self._changing(parent, *([child] if child else [])) as ahead:
+                if is_dir and self.meta.lookup(parent, name) != child:
+                    continue  # renamed or replaced meanwhile: the delegations to hold changed
+                removed = await self._propose(c.Unlink(parent, name, is_dir, self._now()), ahead)
+                break
+        else:
+            removed = await self.meta.propose(c.Unlink(parent, name, is_dir, self._now()))
+        await self._purge_if_orphan(removed)
 
     async def rename(self, old_parent: int, old_name: bytes, new_parent: int, new_name: bytes, flags: int,
                      uid: int = 0, gid: int = 0) -> None:
-        whiteout_ino = await self.new_ino() if flags & RENAME_WHITEOUT else 0
-        replaced = await self.meta.propose(c.Rename(old_parent, old_name, new_parent, new_name, flags, self._now(),
-                                                   whiteout_ino, uid, gid))
+        """Runs ahead only when no directory changes parent (the loop check reads the parents of
+        directories that other nodes may be moving) and every directory whose entries it reads or
+        changes is held: both parents and a directory it replaces."""
+        for _ in range(MAX_DELEGATION_TRIES):
+            replaced_dir = self._directory_at(new_parent, new_name)
+            async with self._changing(old_parent, new_parent, *([replaced_dir] if replaced_dir else [])) as ahead:
+                if self._directory_at(new_parent, new_name) != replaced_dir:
+                    continue  # the target changed meanwhile: the delegations to hold changed
+                ahead = ahead and not flags & RENAME_WHITEOUT and not (
+                    old_parent != new_parent and (self._directory_at(old_parent, old_name) or replaced_dir))
+                whiteout_ino = await self.new_ino() if flags & RENAME_WHITEOUT else 0
+                cookie = c.delegated_cookie(await self.new_ino()) if ahead else 0
+                if self.coherence is not None and old_parent != new_parent:
+                    for moved in (self.meta.lookup(old_parent, old_name), self.meta.lookup(new_parent, new_name)):
+                        if moved is not None:  # an exchange moves both
+                            self.coherence.published(moved)
+                replaced = await self._propose(c.Rename(old_parent, old_name, new_parent, new_name, flags, self._now(),
+                                                        whiteout_ino, uid, gid, cookie), ahead)
+                break
+        else:
+            whiteout_ino = await self.new_ino() if flags & RENAME_WHITEOUT else 0
+            replaced = await self.meta.propose(c.Rename(old_parent, old_name, new_parent, new_name, flags,
+                                                        self._now(), whiteout_ino, uid, gid))
         if replaced:
             await self._purge_if_orphan(replaced)
+
+    def _directory_at(self, parent: int, name: bytes) -> int:
+        """The directory `name` names in `parent` (0: none, or not a directory)."""
+        ino = self.meta.lookup(parent, name)
+        inode = None if ino is None else self.meta.inode(ino)
+        return inode.ino if inode is not None and inode.is_dir else 0
 
     async def setattr(self, ino: int, *, mode: int | None = None, uid: int | None = None, gid: int | None = None,
                       size: int | None = None, atime_ns: int | None = None, mtime_ns: int | None = None) -> Inode:
@@ -201,7 +280,8 @@ class Operations:
                     self.data.check_quota(inode, 0)
                 result = await self.data.truncate(ino, size, cmd)
         else:
-            result = await self.meta.propose(cmd)
+            async with self._holding(ino) as ahead:
+                result = await self._propose(cmd, ahead)
         return self.data.with_buffered(result)
 
     # -- files ----------------------------------------------------------------------------------
@@ -298,6 +378,8 @@ class Operations:
     async def opendir(self, ino: int) -> int:
         if not self.inode(ino).is_dir:
             raise FsError(errno.ENOTDIR)
+        if self.coherence is not None:
+            await self.coherence.looking(ino)  # another node's acknowledged entries are committed first
         return self._open_handle(ino, os.O_RDONLY)
 
     def readdir(self, fh: int, start_id: int) -> Iterator[tuple[int, bytes, Inode]]:
@@ -328,14 +410,16 @@ class Operations:
             # Stored as a plain attribute it would not change the mode, and cp -p, tar and rsync
             # set modes through it when it is accepted; refused, they fall back to chmod.
             raise FsError(errno.EOPNOTSUPP, "POSIX ACLs are not supported")
-        await self.meta.propose(c.SetXattr(ino, name, value, flags, self._now()))
+        async with self._holding(ino) as ahead:
+            await self._propose(c.SetXattr(ino, name, value, flags, self._now()), ahead)
 
     async def listxattr(self, ino: int) -> list[bytes]:
         self.meta.require_inode(ino)
         return self.meta.xattr_names(ino)
 
     async def removexattr(self, ino: int, name: bytes) -> None:
-        await self.meta.propose(c.RemoveXattr(ino, name, self._now()))
+        async with self._holding(ino) as ahead:
+            await self._propose(c.RemoveXattr(ino, name, self._now()), ahead)
 
     # -- filesystem -----------------------------------------------------------------------------
     def statfs(self) -> FsStats:

@@ -32,6 +32,10 @@ class RunWriter:
         self.space = space
         self.io = io
         self.clock_ns = clock_ns
+        self.may_run_ahead: Callable[[int], bool] = lambda _ino: False
+        """`may_run_ahead(ino)`: may the file's mapping be acknowledged ahead of the log? Only for
+        a file no other node can know yet (a cluster member's coherence decides:
+        docs/delegations.md); elsewhere a flush waits for its mapping to commit."""
 
     async def write_runs(self, st: FileState, runs: list[Run], *, size: int | None = None,
                          keep_mtime: bool = False, mtime_ns: int = 0) -> None:
@@ -53,8 +57,11 @@ class RunWriter:
         try:
             checksums = await self.io.write_async([(dev, data) for _, dev, _, data in pieces])
             records = tuple(Extent(fb, dev, n, cs) for (fb, dev, n, _), cs in zip(pieces, checksums))
-            await self.meta.propose(c.WriteData(st.ino, records, end, self.clock_ns(), touch=not keep_mtime,
-                                                mtime_ns=mtime_ns), epoch=epoch)
+            command = c.WriteData(st.ino, records, end, self.clock_ns(), touch=not keep_mtime, mtime_ns=mtime_ns)
+            if self.may_run_ahead(st.ino):
+                await self.meta.run_ahead(command, epoch=epoch, still=lambda: self.may_run_ahead(st.ino))
+            else:
+                await self.meta.propose(command, epoch=epoch)
         except BaseException:
             self.space.release(extents)
             raise

@@ -6,7 +6,8 @@ log that is (the local group-commit log or Raft: both implement `meta.log.Replic
 `meta/` knows that the state lives in LMDB tables and how each record is encoded.
 
 What a caller may rely on:
-- A read sees every mutation acknowledged before it (the log's `read_txn()` contract).
+- A read sees every mutation acknowledged before it: the log's `read_txn()` contract, with the
+  changes this node acknowledged ahead of the log (`run_ahead`, meta/ahead.py) on top.
 - A read takes no await and returns values, not handles: nothing it returns is invalidated by a
   later commit, and no transaction outlives the call. The one lazy result, `entries()`, must be
   consumed without awaiting (readdir fills its reply in one step); it reads one directory slice.
@@ -24,6 +25,9 @@ import json
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
+import trio
+
+from awsomefsd.meta.ahead import AheadLog
 from awsomefsd.meta.cluster_sm import member_from_record
 from awsomefsd.meta.filemap import all_extents, extents_in
 from awsomefsd.meta.freespace import FreeSpaceMap
@@ -51,12 +55,29 @@ class MetaClient:
         self._sm = sm
         self._ns = sm.ns
         self._fmap = sm.db["fmap"]
+        self.ahead = AheadLog(log, sm)
+        self._view = self.ahead.view
 
     # -- the replicated log -----------------------------------------------------------------------
     async def propose(self, command: object, *, epoch: int | None = None) -> Any:
         """Order, commit and apply `command` (meta/commands.py); its result, or its FsError.
-        `epoch`: the lease epoch the work it commits was done under (`lease_epoch`)."""
-        return await self._log.propose(command, epoch=epoch)
+        `epoch`: the lease epoch the work it commits was done under (`lease_epoch`). Ordered after
+        every change this node acknowledged ahead of the log (`run_ahead`)."""
+        return await self.ahead.propose(command, epoch=epoch)
+
+    async def run_ahead(self, command: object, *, epoch: int | None = None,
+                        still: Callable[[], bool] | None = None) -> Any:
+        """Apply `command` to this node's view and acknowledge it now; the log commits it later, in
+        order (meta/ahead.py). Only for a caller that holds the delegations the command needs
+        (docs/delegations.md), and only for commands `can_run_ahead` accepts. `epoch` as for
+        `propose` (default: the current one); `still()`: is running ahead still allowed (asked again
+        when the call had to wait for room in the pipeline; if not, the command is proposed)."""
+        epoch = self._log.lease_epoch() if epoch is None else epoch
+        return await self.ahead.run_ahead(command, epoch=epoch, still=still)
+
+    async def run_pipeline(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """The task that commits what was acknowledged ahead (a cluster member runs it)."""
+        await self.ahead.run(task_status=task_status)
 
     def lease_epoch(self) -> int | None:
         """This node's liveness-lease epoch now (None on a single node): taken before writing data
@@ -65,7 +86,10 @@ class MetaClient:
         return self._log.lease_epoch()
 
     async def barrier(self) -> None:
-        """Return once everything proposed before the call is durable."""
+        """Return once everything proposed or acknowledged ahead before the call is durable; EIO
+        if changes acknowledged ahead were lost since the last barrier (a durability point reports
+        them, as fsync reports lost writes)."""
+        await self.ahead.drain(report=True)
         await self._log.barrier()
 
     @property
@@ -74,63 +98,63 @@ class MetaClient:
 
     # -- namespace --------------------------------------------------------------------------------
     def inode(self, ino: int) -> Inode | None:
-        return self._ns.get_inode(self._log.read_txn(), ino)
+        return self._ns.get_inode(self._view(), ino)
 
     def require_inode(self, ino: int) -> Inode:
         """The inode, or FsError(ENOENT)."""
-        return self._ns.require_inode(self._log.read_txn(), ino)
+        return self._ns.require_inode(self._view(), ino)
 
     def lookup(self, parent: int, name: bytes) -> int | None:
         """The inode `name` in directory `parent` names, if any."""
-        return self._ns.lookup(self._log.read_txn(), parent, name)
+        return self._ns.lookup(self._view(), parent, name)
 
     def entries(self, parent: int, after_cookie: int = 0) -> Iterator[tuple[DirEntry, Inode]]:
         """The directory's entries with their inodes, in cookie (readdir) order, strictly after
         `after_cookie`. Lazy: consume it without awaiting (it reads one open transaction)."""
-        txn = self._log.read_txn()
+        txn = self._view()
         for cookie, name, child in self._ns.entries(txn, parent, after_cookie):
             inode = self._ns.get_inode(txn, child)
             if inode is not None:
                 yield DirEntry(cookie, name, child), inode
 
     def symlink_target(self, ino: int) -> bytes:
-        return self._ns.symlink_target(self._log.read_txn(), ino)
+        return self._ns.symlink_target(self._view(), ino)
 
     def xattr(self, ino: int, name: bytes) -> bytes | None:
-        value = self._ns.get_xattr(self._log.read_txn(), ino, name)
+        value = self._ns.get_xattr(self._view(), ino, name)
         return None if value is None else bytes(value)
 
     def xattr_names(self, ino: int) -> list[bytes]:
-        return [key[8:] for key, _ in self._ns.xattrs(self._log.read_txn(), ino)]
+        return [key[8:] for key, _ in self._ns.xattrs(self._view(), ino)]
 
     def inode_count(self) -> int:
-        return int(self._log.read_txn().stat(self._sm.db["inodes"])["entries"])
+        return int(self._view().stat(self._sm.db["inodes"])["entries"])
 
     def inode_numbers(self) -> list[int]:
         """Every inode, in number order (fsck)."""
-        return [int.from_bytes(key, "big") for key, _ in self._log.read_txn().cursor(self._sm.db["inodes"])]
+        return [int.from_bytes(key, "big") for key, _ in self._view().cursor(self._sm.db["inodes"])]
 
     def orphans(self) -> list[Orphan]:
         """Unlinked inodes not deleted yet, in inode order."""
-        return [_orphan(key, value) for key, value in self._log.read_txn().cursor(self._sm.db["orphans"])]
+        return [_orphan(key, value) for key, value in self._view().cursor(self._sm.db["orphans"])]
 
     def orphan(self, ino: int) -> Orphan | None:
-        raw = self._log.read_txn().get(u64(ino), db=self._sm.db["orphans"])
+        raw = self._view().get(u64(ino), db=self._sm.db["orphans"])
         return None if raw is None else _orphan(u64(ino), raw)
 
     # -- file data --------------------------------------------------------------------------------
     def extents(self, ino: int, first_block: int, end_block: int) -> list[Extent]:
         """The extents of `ino` overlapping file blocks [first_block, end_block), in order, unclipped."""
-        return list(extents_in(self._log.read_txn(), self._fmap, ino, first_block, end_block))
+        return list(extents_in(self._view(), self._fmap, ino, first_block, end_block))
 
     def extent_at(self, ino: int, file_block: int) -> Extent | None:
         """The extent holding `file_block`, or None for a hole."""
-        for ext in extents_in(self._log.read_txn(), self._fmap, ino, file_block, file_block + 1):
+        for ext in extents_in(self._view(), self._fmap, ino, file_block, file_block + 1):
             return ext
         return None
 
     def all_extents(self, ino: int) -> list[Extent]:
-        return list(all_extents(self._log.read_txn(), self._fmap, ino))
+        return list(all_extents(self._view(), self._fmap, ino))
 
     # -- space ------------------------------------------------------------------------------------
     def free_blocks(self) -> int:
@@ -143,22 +167,22 @@ class MetaClient:
 
     def pending_free_blocks(self) -> int:
         """Blocks the delayed-free list will return to free space."""
-        return self._sm.space.pending_free_blocks(self._log.read_txn())
+        return self._sm.space.pending_free_blocks(self._view())
 
     def deferred_frees(self) -> list[DeferredFree]:
         """The delayed-free list in order (the earliest due first)."""
         return [DeferredFree(seq, not_before, tuple(pairs))
-                for seq, not_before, pairs in self._sm.space.deferred(self._log.read_txn())]
+                for seq, not_before, pairs in self._sm.space.deferred(self._view())]
 
     def next_deferred_free(self) -> DeferredFree | None:
         """The delayed free due first, if any."""
-        for seq, not_before, pairs in self._sm.space.deferred(self._log.read_txn()):
+        for seq, not_before, pairs in self._sm.space.deferred(self._view()):
             return DeferredFree(seq, not_before, tuple(pairs))
         return None
 
     def group_owners(self) -> dict[int, int]:
         """Allocation group -> the node it is granted to."""
-        return self._sm.group_owners(self._log.read_txn())
+        return self._sm.group_owners(self._view())
 
     def groups_of(self, node: int) -> list[int]:
         return [group for group, owner in self.group_owners().items() if owner == node]
@@ -170,33 +194,33 @@ class MetaClient:
 
     # -- volumes ----------------------------------------------------------------------------------
     def volume(self, volume: int) -> Volume | None:
-        record = self._sm.volumes.get(self._log.read_txn(), volume)
+        record = self._sm.volumes.get(self._view(), volume)
         return None if record is None else volume_from_record(volume, record)
 
     def volume_by_name(self, kind: str, name: str) -> Volume | None:
         """The volume ("volume") or snapshot ("snapshot") called `name`."""
-        txn = self._log.read_txn()
+        txn = self._view()
         number = self._sm.volumes.by_name(txn, "v" if kind == "volume" else "s", name)
         record = None if number is None else self._sm.volumes.get(txn, number)
         return None if number is None or record is None else volume_from_record(number, record)
 
     def volumes(self) -> list[Volume]:
         """Every volume and snapshot, by id."""
-        return [volume_from_record(number, record) for number, record in self._sm.volumes.all(self._log.read_txn())]
+        return [volume_from_record(number, record) for number, record in self._sm.volumes.all(self._view())]
 
     def check_writable(self, volume: int) -> None:
         """FsError(EROFS) for a snapshot's inodes."""
-        self._sm.volumes.check_writable(self._log.read_txn(), volume)
+        self._sm.volumes.check_writable(self._view(), volume)
 
     async def propose_volume(self, command: object) -> Volume:
         """Propose a volume or snapshot command (create, resize, snapshot); the record it left."""
-        result = await self._log.propose(command)
+        result = await self.propose(command)
         return volume_from_record(result["id"], result)
 
     # -- the cluster ------------------------------------------------------------------------------
     def cluster_info(self) -> ClusterInfo | None:
         """What InitCluster recorded; None before (a single node, or a joiner without state)."""
-        txn = self._log.read_txn()
+        txn = self._view()
         cluster = self._sm.cluster
         if not cluster.initialised(txn):
             return None
@@ -206,20 +230,22 @@ class MetaClient:
         return ClusterInfo(cert, key, verifier, 3 if target is None else int.from_bytes(target, "big"))
 
     def join_verifier(self) -> bytes | None:
-        return self._sm.cluster.value(self._log.read_txn(), b"join_verifier")
+        return self._sm.cluster.value(self._view(), b"join_verifier")
 
     def member(self, node: int) -> Member | None:
-        record = self._sm.cluster.member(self._log.read_txn(), node)
+        record = self._sm.cluster.member(self._view(), node)
         return None if record is None else member_from_record(node, record)
 
     def members(self) -> dict[int, Member]:
-        return {node: member_from_record(node, record) for node, record in self._sm.cluster.members(self._log.read_txn()).items()}
+        return {node: member_from_record(node, record) for node, record in self._sm.cluster.members(self._view()).items()}
 
     def revoked_serials(self) -> set[int]:
-        return self._sm.cluster.revoked_serials(self._log.read_txn())
+        return self._sm.cluster.revoked_serials(self._view())
 
     def lease_holder(self, ino: int) -> int:
-        """The node holding the file's write lease (0: none)."""
+        """The node holding the file's write lease or directory's delegation (0: none). Leases are
+        read as committed: a grant acknowledged ahead counts once the log has it (the coherence
+        layer keeps what it was granted ahead itself), and one that the log refuses never counts."""
         return self._sm.cluster.lease_holder(self._log.read_txn(), ino)
 
     def leases_of(self, node: int) -> list[int]:

@@ -16,10 +16,11 @@ from typing import Any
 from awsomefsd.meta import commands as c
 from awsomefsd.meta.records import Extent
 
-FORMAT = 2
-"""2: WriteData gained `mtime_ns` (a flush stamps the time of its writes, not its own). Format 1
-commands still decode, with the fields added since at their defaults: a log written before an
-upgrade replays."""
+FORMAT = 3
+"""3: Mknod, Link and Rename gained `cookie` (chosen by a node that changes a directory ahead of
+the log). 2: WriteData gained `mtime_ns` (a flush stamps the time of its writes, not its own).
+Commands of earlier formats still decode, with the fields added since at their defaults: a log
+written before an upgrade replays."""
 MAX_BYTES_FIELD = 16 << 20
 MAX_TUPLE_ITEMS = 1 << 20
 MAX_NESTING = 4
@@ -48,11 +49,16 @@ def _hints(cls: type) -> dict[str, Any]:
 
 
 _FIELDS = {cls: [(f.name, _hints(cls)[f.name]) for f in dataclasses.fields(cls)] for cls in COMMAND_TAGS}
+_ADDED_IN_FORMAT_3 = {c.Mknod: {"cookie"}, c.Link: {"cookie"}, c.Rename: {"cookie"}}
 _ADDED_IN_FORMAT_2 = {c.WriteData: {"mtime_ns"}, c.Rename: {"whiteout_ino", "uid", "gid"}}
-_FIELDS_BY_FORMAT = {
-    FORMAT: _FIELDS,
-    1: {cls: [(n, h) for n, h in fields if n not in _ADDED_IN_FORMAT_2.get(cls, ())] for cls, fields in _FIELDS.items()},
-}
+
+
+def _without(fields: dict[type, list[tuple[str, Any]]], added: dict[type, set[str]]) -> dict[type, list[tuple[str, Any]]]:
+    return {cls: [(n, h) for n, h in names if n not in added.get(cls, ())] for cls, names in fields.items()}
+
+
+_FIELDS_BY_FORMAT = {FORMAT: _FIELDS, 2: _without(_FIELDS, _ADDED_IN_FORMAT_3)}
+_FIELDS_BY_FORMAT[1] = _without(_FIELDS_BY_FORMAT[2], _ADDED_IN_FORMAT_2)
 
 
 def encode(command: object) -> bytes:

@@ -12,6 +12,15 @@ from dataclasses import dataclass, field
 
 from awsomefsd.meta.records import Extent
 
+DELEGATED_COOKIE_BIT = 1 << 62
+"""Cookies chosen by proposers have this bit set; the log's cookie counter never reaches it."""
+
+
+def delegated_cookie(reserved: int) -> int:
+    """The readdir cookie a proposer uses for a number from its ReserveInodes range."""
+    return DELEGATED_COOKIE_BIT | reserved
+
+
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
 RENAME_WHITEOUT = 4
@@ -20,7 +29,11 @@ RENAME_WHITEOUT = 4
 
 @dataclass(frozen=True, slots=True)
 class Mknod:
-    """Create a file, directory, symlink, fifo, socket or device node (`mode` carries the type)."""
+    """Create a file, directory, symlink, fifo, socket or device node (`mode` carries the type).
+
+    `cookie`: a node that changes a directory ahead of the log (docs/delegations.md) predicts the
+    entry's readdir cookie, so it chooses it: from its reserved inode numbers (`delegated_cookie`),
+    a range no other proposer and no counter ever hands out."""
 
     parent: int
     name: bytes
@@ -31,6 +44,7 @@ class Mknod:
     now_ns: int
     rdev: int = 0
     target: bytes = b""  # symlinks only
+    cookie: int = 0  # the entry's readdir cookie when the proposer chose it (delegations); 0: the log's next
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,6 +53,7 @@ class Link:
     new_parent: int
     new_name: bytes
     now_ns: int
+    cookie: int = 0  # as Mknod's
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +78,7 @@ class Rename:
     whiteout_ino: int = 0  # RENAME_WHITEOUT: the inode of the whiteout left at the old name
     uid: int = 0  # the whiteout's owner (the caller)
     gid: int = 0
+    cookie: int = 0  # as Mknod's, for the new name (a replaced entry keeps its cookie)
 
 
 @dataclass(frozen=True, slots=True)

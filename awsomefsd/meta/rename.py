@@ -74,6 +74,8 @@ def apply_rename(sm: StateMachine, txn: lmdb.Transaction[bytes], cmd: c.Rename) 
             raise FsError(errno.EBUSY)
     if src.is_dir and cmd.new_parent != cmd.old_parent and _is_ancestor(sm, txn, src.ino, cmd.new_parent):
         raise FsError(errno.EINVAL, "cannot move a directory into itself")
+    if dst is None:
+        sm.check_cookie(txn, cmd.new_parent, cmd.cookie)
 
     # all checks done: write
     ns.remove_entry(txn, cmd.old_parent, cmd.old_name)
@@ -83,7 +85,7 @@ def apply_rename(sm: StateMachine, txn: lmdb.Transaction[bytes], cmd: c.Rename) 
             new_parent.nlink -= 1
         sm._drop_link(txn, dst, cmd.now_ns)
     else:
-        ns.add_entry(txn, cmd.new_parent, cmd.new_name, src.ino, sm._next(txn, b"cookie_next"))
+        ns.add_entry(txn, cmd.new_parent, cmd.new_name, src.ino, sm.new_cookie(txn, cmd.cookie))
     if src.is_dir and cmd.new_parent != cmd.old_parent:
         old_parent.nlink -= 1
         new_parent.nlink += 1

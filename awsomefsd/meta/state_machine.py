@@ -34,6 +34,7 @@ from awsomefsd.meta.records import (
     Extent,
     Inode,
     blocks_for,
+    cookie_key,
     u64,
     xattr_key,
 )
@@ -152,6 +153,17 @@ class StateMachine:
         txn.put(name, u64(value + count), db=self.db["meta"])
         return value
 
+    def check_cookie(self, txn: lmdb.Transaction[bytes], parent: int, chosen: int) -> None:
+        """A cookie the proposer chose must be in the delegated range and unused in the directory
+        (checked with the command's other checks, before anything is written)."""
+        if chosen and (not chosen & c.DELEGATED_COOKIE_BIT
+                       or txn.get(cookie_key(parent, chosen), db=self.db["cookies"]) is not None):
+            raise FsError(errno.EIO, f"readdir cookie {chosen:#x} proposed twice in directory {parent}")
+
+    def new_cookie(self, txn: lmdb.Transaction[bytes], chosen: int) -> int:
+        """The readdir cookie of a new entry: the proposer's (`check_cookie`), else the log's next."""
+        return chosen or self._next(txn, b"cookie_next")
+
     def _emit_freed(self, freed: list[tuple[int, int]]) -> None:
         if freed and not self.quiet:
             for listener in self.freed_listeners:
@@ -172,6 +184,7 @@ class StateMachine:
         is_dir = stat.S_ISDIR(cmd.mode)
         if is_dir and parent.nlink >= 65000:
             raise FsError(errno.EMLINK)
+        self.check_cookie(txn, cmd.parent, cmd.cookie)
         self.volumes.charge(txn, parent.volume, blocks=0, inodes=1)
         mode, gid = cmd.mode, cmd.gid
         if parent.mode & stat.S_ISGID:
@@ -185,7 +198,7 @@ class StateMachine:
         ns.put_inode(txn, inode)
         if stat.S_ISLNK(mode):
             txn.put(u64(cmd.ino), cmd.target, db=self.db["symlinks"])
-        ns.add_entry(txn, cmd.parent, cmd.name, cmd.ino, self._next(txn, b"cookie_next"))
+        ns.add_entry(txn, cmd.parent, cmd.name, cmd.ino, self.new_cookie(txn, cmd.cookie))
         if is_dir:
             parent.nlink += 1
         parent.mtime_ns = parent.ctime_ns = cmd.now_ns
@@ -207,7 +220,8 @@ class StateMachine:
             raise FsError(errno.EXDEV)
         if inode.nlink >= 65000:
             raise FsError(errno.EMLINK)
-        ns.add_entry(txn, cmd.new_parent, cmd.new_name, cmd.ino, self._next(txn, b"cookie_next"))
+        self.check_cookie(txn, cmd.new_parent, cmd.cookie)
+        ns.add_entry(txn, cmd.new_parent, cmd.new_name, cmd.ino, self.new_cookie(txn, cmd.cookie))
         inode.nlink += 1
         inode.ctime_ns = cmd.now_ns
         ns.put_inode(txn, inode)

@@ -255,11 +255,11 @@ async def test_a_rewrite_runs_only_under_the_lease_and_holds_it(tmp_path: Path,
     events: list[str] = []
 
     async def body(nursery: trio.Nursery) -> None:
-        async with cluster.co(2).rewriting(INO) as allowed:
+        async with cluster.co(2).holding(INO) as allowed:
             assert not allowed, "node 2 does not hold the lease"
         async with cluster.co(1).writing(INO):
             pass
-        async with cluster.co(1).rewriting(INO) as allowed:
+        async with cluster.co(1).holding(INO) as allowed:
             assert allowed
 
             async def other_writer() -> None:
@@ -272,7 +272,7 @@ async def test_a_rewrite_runs_only_under_the_lease_and_holds_it(tmp_path: Path,
         with trio.fail_after(5):
             while "node 2 writes" not in events:
                 await trio.sleep(0.05)
-        async with cluster.co(1).rewriting(INO) as allowed:
+        async with cluster.co(1).holding(INO) as allowed:
             assert not allowed, "handed over: node 1 holds it no more"
 
     await run_members(cluster, body)

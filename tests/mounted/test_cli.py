@@ -87,7 +87,7 @@ def test_run_from_config_file_and_environment(base: Path) -> None:
 def test_run_without_device_is_a_clear_error(base: Path) -> None:
     config = base / "c.toml"
     config.write_text(f'[node]\nstate_dir = "{base / "state"}"\n[mount]\npath = "{base / "mnt"}"\n')
-    r = run_cli("run", "--config", str(config))
+    r = run_cli("run", "--config", str(config), "--metrics-port", "-1")  # the default port may be taken
     assert r.returncode == 1 and "no device configured" in r.stderr
 
 

@@ -76,8 +76,22 @@ def test_field_order_is_part_of_the_format() -> None:
 def test_format_1_write_data_still_decodes() -> None:
     """A log written before WriteData gained mtime_ns replays after an upgrade (mtime = now_ns)."""
     command = c.WriteData(7, (Extent(0, 100, 1, b"\x01\x02\x03\x04"),), 4096, 1234, touch=True, mtime_ns=999)
-    v2 = encode(command)
-    assert v2[0] == 2 and decode(v2) == command
+    v3 = encode(command)
+    assert v3[0] == 3 and decode(v3) == command
+    v2 = bytes([2]) + v3[1:]  # format 3 changed nothing in WriteData
+    assert decode(v2) == command
     v1 = bytes([1]) + v2[1:-8]  # format 1 had no mtime_ns: the same bytes without the last field
     assert decode(v1) == c.WriteData(7, command.extents, 4096, 1234, touch=True)
 
+
+
+def test_format_2_namespace_commands_decode_without_a_cookie() -> None:
+    """A log written before Mknod, Link and Rename gained `cookie` replays (cookie 0: the log's own)."""
+    for command in (c.Mknod(1, b"n", 20, 0o100644, 0, 0, 5, 0, b"", cookie=0),
+                    c.Link(20, 1, b"m", 6, cookie=0),
+                    c.Rename(1, b"n", 1, b"o", 0, 7, 0, 0, 0, cookie=0)):
+        v3 = encode(command)
+        assert v3[-8:] == bytes(8), "the cookie is the last field"
+        assert decode(bytes([2]) + v3[1:-8]) == command
+    chosen = c.Mknod(1, b"n", 20, 0o100644, 0, 0, 5, cookie=c.delegated_cookie(20))
+    assert decode(encode(chosen)) == chosen

@@ -1,0 +1,250 @@
+"""Commands acknowledged ahead of the log, and the ordered pipeline that commits them.
+
+A node that holds a directory's delegation (docs/delegations.md) answers a change to it at once:
+`run_ahead` applies the command to an overlay of the committed state (meta/overlay.py) with the
+state machine's own code, which gives the exact result the log will give, and queues it. One task
+(`run`) proposes the queue in order, in batches (one `Batch` per proposal, so one Raft round
+carries many commands), and never lets a later batch go before an earlier one is decided:
+
+- **Order.** Batches go one at a time; a command proposed the usual way (`propose`) while others are
+  queued joins the queue behind them, so what a caller does after an acknowledged change is
+  ordered after it, on every node.
+- **Prefix loss only.** When a batch fails as a whole (its node's lease epoch was expired, the log
+  was unreachable past its stall, the outcome is unknown), it and everything queued after it fail
+  together: what survives a fault is a prefix of what was acknowledged, never a middle piece
+  (the contract a crash of a local filesystem keeps). Nothing queued after a failed batch is sent.
+- **Reported.** A command acknowledged ahead that the log then refused is a lost change: it is
+  logged and counted, and the next durability point (`drain` with `report=True`: fsync, fsyncdir,
+  syncfs) fails with EIO, as a lost write does.
+- **Durability.** `drain()` returns once everything queued before the call is decided: an fsync
+  after it has the log's usual meaning (committed on a majority).
+
+What may run ahead is decided by the caller (it holds the delegation); what can be predicted is
+decided here (`can_run_ahead`): the commands whose handlers touch only tables, not the state
+machine's counters, run by a `Predictor` (the state machine's code without free-space tracking).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import lmdb
+import trio
+
+from awsomefsd.meta import commands as c
+from awsomefsd.meta.errors import FsError
+from awsomefsd.meta.log import ReplicatedLog
+from awsomefsd.meta.overlay import Overlay, OverlayTxn
+from awsomefsd.meta.state_machine import StateMachine
+from awsomefsd.meta.store import MetaStore
+
+log = logging.getLogger(__name__)
+
+MAX_BATCH_COMMANDS = 512
+"""Commands per proposal: bounds one log entry (and the apply transaction every member runs)."""
+MAX_QUEUED = 8192
+"""Commands acknowledged and not yet decided: past it `run_ahead` callers wait for room (the log
+sets the pace when it is slower than the node), which also bounds what a crash can lose."""
+MAX_LOSSES_KEPT = 64
+GATHER_S = 0.005
+"""How long the pipeline lets changes accumulate before proposing them, unless someone waits (a
+durability point, a command that needs its result): every proposal costs each member a round of
+messages and a transaction, so a lone creator's changes share them (a batch per few ms, not one per
+change). It delays only what nobody waits for."""
+
+
+def can_run_ahead(command: object) -> bool:
+    """Is the command's result predictable from the overlay (its handler writes tables only, or
+    free space, which a prediction leaves to the real apply: `Predictor`)?"""
+    if isinstance(command, (c.Mknod, c.Link)):
+        return command.cookie != 0  # the log's cookie counter is not the node's to predict
+    if isinstance(command, c.Rename):
+        return command.cookie != 0 and not command.flags & c.RENAME_WHITEOUT
+    if isinstance(command, c.SetAttr):
+        return command.size is None
+    return isinstance(command, (c.Unlink, c.SetXattr, c.RemoveXattr, c.AcquireWriteLease, c.WriteData))
+
+
+class _UntrackedSpace:
+    """Free space as a prediction sees it: not at all."""
+
+    def take(self, txn: object, start: int, count: int) -> None:
+        pass
+
+
+class Predictor(StateMachine):
+    """The state machine's handlers, for predictions: a second instance over the same tables,
+    whose in-memory state the real apply never sees.
+
+    Free space is not tracked: the extents a WriteData maps are the node's own, allocated from its
+    groups and written already; the real apply checks that they are free and takes them (and
+    defers what they supersede). The log's counters must not be used: a prediction of a cookie or
+    a sequence number would differ from the log's (an assertion, not an error: `can_run_ahead`
+    rules such commands out)."""
+
+    def __init__(self, store: MetaStore) -> None:
+        super().__init__(store)
+        self.space = _UntrackedSpace()  # type: ignore[assignment]
+
+    def space_check_new(self, txn: lmdb.Transaction[bytes], extents: Any) -> None:
+        pass
+
+    def _defer_free(self, txn: lmdb.Transaction[bytes], extents: list[tuple[int, int]], now_ns: int) -> None:
+        pass
+
+    def _next(self, txn: lmdb.Transaction[bytes], name: bytes, count: int = 1) -> int:
+        raise AssertionError(f"a prediction used the log's counter {name!r}")
+
+
+@dataclass(eq=False)
+class _Entry:
+    seq: int
+    command: object
+    epoch: int | None
+    ahead: bool  # acknowledged already; else a caller waits for `outcome`
+    done: trio.Event | None = None
+    outcome: Any = None  # the result, or the FsError the log refused it with
+
+
+class AheadLog:
+    """The node's pipeline in front of the replicated log; see the module docstring."""
+
+    def __init__(self, log: ReplicatedLog, sm: StateMachine) -> None:
+        self._log = log
+        self._predictor = Predictor(sm.store)
+        self._overlay = Overlay()
+        self._queue: deque[_Entry] = deque()
+        self._in_flight: list[_Entry] = []
+        self._seq = 0
+        self._decided = 0  # every entry up to this seq is decided
+        self._wake = trio.Event()
+        self._urgent = trio.Event()  # someone waits: propose what is queued without gathering
+        self._progress = trio.Event()
+        self.proposals = 0
+        self.ran_ahead = 0
+        self.losses = 0
+        self.recent_losses: deque[str] = deque(maxlen=MAX_LOSSES_KEPT)
+        self._reported = 0
+        self.on_lost: list[Callable[[object, FsError], None]] = []
+        """Called with each command acknowledged ahead that the log refused (on the trio thread)."""
+
+    # -- reading ------------------------------------------------------------------------------------
+    def view(self) -> lmdb.Transaction[bytes]:
+        """What this node reads: the committed state, with what it acknowledged ahead on top."""
+        base = self._log.read_txn()
+        if not len(self._overlay):
+            return base
+        return OverlayTxn(base, self._overlay)  # type: ignore[return-value]
+
+    @property
+    def pending(self) -> int:
+        return len(self._queue) + len(self._in_flight)
+
+    # -- writing ------------------------------------------------------------------------------------
+    async def run_ahead(self, command: object, *, epoch: int | None = None,
+                        still: Callable[[], bool] | None = None) -> Any:
+        """Apply `command` to this node's view now, queue it for the log and return its result
+        (or raise its FsError: then nothing is queued). The caller holds every delegation the
+        command needs (no other node changes what it reads), or says with `still` whether it may
+        still run ahead after a wait for room (if not, it is proposed and waited for)."""
+        assert can_run_ahead(command), command
+        if self.pending >= MAX_QUEUED:
+            while self.pending >= MAX_QUEUED:
+                await self._wait_progress()
+            if still is not None and not still():
+                return await self.propose(command, epoch=epoch)
+        scratch: dict[tuple[Any, bytes], bytes | None] = {}
+        result = self._predictor.apply(OverlayTxn(self._log.read_txn(), self._overlay, scratch), command)  # type: ignore[arg-type]
+        self._seq += 1
+        self._overlay.record(self._seq, scratch)
+        self._queue.append(_Entry(self._seq, command, epoch, ahead=True))
+        self.ran_ahead += 1
+        self._wake.set()
+        return result
+
+    async def propose(self, command: object, *, epoch: int | None = None) -> Any:
+        """Propose and wait for the result, after everything acknowledged before (directly when
+        nothing is queued)."""
+        if not self.pending:
+            return await self._log.propose(command, epoch=epoch)
+        self._seq += 1
+        entry = _Entry(self._seq, command, epoch, ahead=False, done=trio.Event())
+        self._queue.append(entry)
+        self._wake.set()
+        self._urgent.set()
+        assert entry.done is not None
+        await entry.done.wait()
+        if isinstance(entry.outcome, FsError):
+            raise entry.outcome
+        return entry.outcome
+
+    async def drain(self, *, report: bool = False) -> None:
+        """Return once everything queued before the call is decided. With `report` (a durability
+        point), raise EIO if changes acknowledged ahead were lost since the last report."""
+        target = self._seq
+        while self._decided < target:
+            self._urgent.set()
+            await self._wait_progress()
+        if report and self.losses > self._reported:
+            lost, self._reported = self.losses - self._reported, self.losses
+            raise FsError(errno.EIO, f"{lost} metadata changes acknowledged earlier were lost "
+                          f"(the last: {self.recent_losses[-1]})", cause="lost-writes")
+
+    async def _wait_progress(self) -> None:
+        await self._progress.wait()
+
+    def _decide(self, entry: _Entry, outcome: Any) -> None:
+        entry.outcome = outcome
+        self._overlay.resolve(entry.seq)
+        self._decided = max(self._decided, entry.seq)
+        if entry.ahead and isinstance(outcome, FsError):
+            self.losses += 1
+            what = f"{type(entry.command).__name__} refused: {outcome}"
+            self.recent_losses.append(what)
+            log.warning("a metadata change acknowledged ahead of the log was lost: %s (%s)", what, entry.command)
+            for listener in self.on_lost:
+                listener(entry.command, outcome)
+        if entry.done is not None:
+            entry.done.set()
+
+    # -- the pipeline task --------------------------------------------------------------------------
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        while True:
+            await self._wake.wait()
+            self._wake = trio.Event()
+            while self._queue:
+                if len(self._queue) < MAX_BATCH_COMMANDS and not self._urgent.is_set():
+                    with trio.move_on_after(GATHER_S):
+                        await self._urgent.wait()
+                self._urgent = trio.Event()
+                await self._send_one_batch()
+
+    async def _send_one_batch(self) -> None:
+        epoch = self._queue[0].epoch
+        batch = self._in_flight
+        while self._queue and len(batch) < MAX_BATCH_COMMANDS and self._queue[0].epoch == epoch:
+            batch.append(self._queue.popleft())
+        self.proposals += 1
+        try:
+            results = await self._log.propose(c.Batch(tuple(e.command for e in batch)), epoch=epoch)
+        except FsError as exc:
+            # The whole batch failed (or its fate is unknown): nothing after it may go, or a later
+            # change could commit without an earlier one it was acknowledged after.
+            failed = [*batch, *self._queue]
+            self._queue.clear()
+            for entry in failed:
+                self._decide(entry, exc)
+        else:
+            assert len(results) == len(batch), (len(results), len(batch))
+            for entry, result in zip(batch, results):
+                self._decide(entry, result)
+        finally:
+            self._in_flight = []
+            self._progress.set()
+            self._progress = trio.Event()

@@ -1,0 +1,264 @@
+"""Records a node has changed ahead of the log, layered over the committed tables.
+
+A delegation (docs/delegations.md) lets a node acknowledge a metadata command before the log has
+committed it. The node's own reads must then see the command's effect at once: the state machine
+runs the command against an `OverlayTxn`, which reads through to the committed read transaction and
+keeps every write in memory, keyed by table and record, tagged with the pending entry that wrote it.
+When that entry is resolved (applied, or refused), its writes leave the overlay: the committed
+tables now hold them, or they never happened.
+
+Why the state machine's own code and not a model of it: the predicted result (EEXIST, the new
+inode's attributes, its readdir cookie) is then the one the real apply computes from the same
+state, by construction. What the overlay cannot model it must not be asked to run: commands whose
+handlers touch in-memory mirrors (free space, counters) are not run ahead (`SPECULATIVE`).
+
+An `OverlayTxn` offers the part of `lmdb.Transaction` the state machine and the metadata client
+use: get, put, delete, cursor (positioning, stepping, iteration) and stat (of the committed table).
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import lmdb
+
+TOMBSTONE = None
+"""An overlay value meaning: deleted ahead of the log."""
+_MAX_KEY = b"\xff" * 512  # above every key LMDB can store (511 bytes at most)
+
+
+@dataclass
+class _Table:
+    values: dict[bytes, tuple[bytes | None, int]] = field(default_factory=dict)
+    """key -> (value or TOMBSTONE, the pending entry that wrote it last)"""
+    keys: list[bytes] = field(default_factory=list)  # sorted
+
+    def set(self, key: bytes, value: bytes | None, entry: int) -> None:
+        if key not in self.values:
+            bisect.insort(self.keys, key)
+        self.values[key] = (value, entry)
+
+    def drop(self, key: bytes) -> None:
+        del self.values[key]
+        self.keys.pop(bisect.bisect_left(self.keys, key))
+
+
+class Overlay:
+    """Every record written ahead of the log, by table. Owned by the metadata client."""
+
+    def __init__(self) -> None:
+        self._tables: dict[Any, _Table] = {}
+        self._written: dict[int, list[tuple[Any, bytes]]] = {}  # entry -> (table, key) it wrote
+
+    def __len__(self) -> int:
+        return sum(len(t.values) for t in self._tables.values())
+
+    def table(self, db: Any) -> _Table | None:
+        return self._tables.get(db)
+
+    def record(self, entry: int, writes: dict[tuple[Any, bytes], bytes | None]) -> None:
+        """Keep `writes` ((table, key) -> value or TOMBSTONE) as those of pending entry `entry`."""
+        for (db, key), value in writes.items():
+            self._tables.setdefault(db, _Table()).set(key, value, entry)
+        self._written.setdefault(entry, []).extend(writes)
+
+    def resolve(self, entry: int) -> None:
+        """Entry `entry` was applied or refused: its writes leave, unless a later entry rewrote them."""
+        for db, key in self._written.pop(entry, ()):
+            table = self._tables[db]
+            got = table.values.get(key)
+            if got is not None and got[1] == entry:
+                table.drop(key)
+
+    def clear(self) -> None:
+        self._tables.clear()
+        self._written.clear()
+
+
+class OverlayTxn:
+    """Reads: the overlay's writes over `base`. Writes: into `scratch` (a dict), which the caller
+    hands to `Overlay.record` once the command succeeded, so a refused command leaves no trace."""
+
+    def __init__(self, base: lmdb.Transaction[bytes], overlay: Overlay,
+                 scratch: dict[tuple[Any, bytes], bytes | None] | None = None) -> None:
+        self.base = base
+        self.overlay = overlay
+        self.scratch = scratch
+
+    # -- point reads and writes ---------------------------------------------------------------------
+    def _lookup(self, db: Any, key: bytes) -> tuple[bool, bytes | None]:
+        """(found in a layer above the base, its value or TOMBSTONE)."""
+        if self.scratch is not None and (db, key) in self.scratch:
+            return True, self.scratch[(db, key)]
+        table = self.overlay.table(db)
+        if table is not None:
+            got = table.values.get(key)
+            if got is not None:
+                return True, got[0]
+        return False, None
+
+    def get(self, key: bytes, default: Any = None, db: Any = None) -> Any:
+        key = bytes(key)
+        above, value = self._lookup(db, key)
+        if above:
+            return default if value is TOMBSTONE else value
+        return self.base.get(key, default, db=db)
+
+    def put(self, key: bytes, value: bytes, db: Any = None) -> bool:
+        assert self.scratch is not None, "a read-only overlay view"
+        self.scratch[(db, bytes(key))] = bytes(value)
+        return True
+
+    def delete(self, key: bytes, value: bytes = b"", db: Any = None) -> bool:
+        assert self.scratch is not None, "a read-only overlay view"
+        existed = self.get(key, db=db) is not None
+        self.scratch[(db, bytes(key))] = TOMBSTONE
+        return existed
+
+    def stat(self, db: Any) -> Any:
+        """The committed table's statistics (entry counts are approximate while entries are pending)."""
+        return self.base.stat(db)
+
+    def cursor(self, db: Any = None) -> MergedCursor:
+        return MergedCursor(self, db)
+
+    # -- ordered access for MergedCursor ------------------------------------------------------------
+    def _above(self, db: Any) -> list[tuple[bytes, bytes | None]]:
+        """The layers above the base for `db`, merged (scratch wins), sorted by key."""
+        table = self.overlay.table(db)
+        merged: dict[bytes, bytes | None] = {}
+        if table is not None:
+            merged.update((key, value) for key, (value, _) in table.values.items())
+        if self.scratch:
+            merged.update((key, value) for (d, key), value in self.scratch.items() if d == db)
+        return sorted(merged.items())
+
+
+class MergedCursor:
+    """An LMDB-like cursor over an OverlayTxn: the committed records and the overlay's, in key
+    order, tombstones hidden. It keeps only its current key; each step seeks afresh (the overlay
+    is small, and the base cursor is positioned by key each time)."""
+
+    def __init__(self, txn: OverlayTxn, db: Any) -> None:
+        self._txn = txn
+        self._db = db
+        self._base = txn.base.cursor(db)
+        above = txn._above(db)
+        self._keys = [key for key, _ in above]
+        self._values = dict(above)
+        self._key: bytes | None = None
+        self._value: bytes | None = None
+
+    # -- positioning ---------------------------------------------------------------------------------
+    def _base_ge(self, key: bytes) -> tuple[bytes, bytes] | None:
+        """The first committed record at or after `key` that no layer above hides or replaces."""
+        found = self._base.set_range(key)
+        while found:
+            k = bytes(self._base.key())
+            if k not in self._values:
+                return k, bytes(self._base.value())
+            found = self._base.next()
+        return None
+
+    def _base_le(self, key: bytes) -> tuple[bytes, bytes] | None:
+        """The last committed record at or before `key` that no layer above hides or replaces."""
+        if self._base.set_range(key):
+            found = bytes(self._base.key()) == key or self._base.prev()
+        else:
+            found = self._base.last()
+        while found:
+            k = bytes(self._base.key())
+            if k not in self._values:
+                return k, bytes(self._base.value())
+            found = self._base.prev()
+        return None
+
+    def _above_ge(self, key: bytes) -> tuple[bytes, bytes] | None:
+        for i in range(bisect.bisect_left(self._keys, key), len(self._keys)):
+            value = self._values[self._keys[i]]
+            if value is not TOMBSTONE:
+                return self._keys[i], value
+        return None
+
+    def _above_le(self, key: bytes) -> tuple[bytes, bytes] | None:
+        for i in range(bisect.bisect_right(self._keys, key) - 1, -1, -1):
+            value = self._values[self._keys[i]]
+            if value is not TOMBSTONE:
+                return self._keys[i], value
+        return None
+
+    def _land(self, a: tuple[bytes, bytes] | None, b: tuple[bytes, bytes] | None, *, lowest: bool) -> bool:
+        candidates = [x for x in (a, b) if x is not None]
+        if not candidates:
+            self._key = self._value = None
+            return False
+        chosen = (min if lowest else max)(candidates, key=lambda kv: kv[0])
+        self._key, self._value = chosen
+        return True
+
+    def set_range(self, key: bytes) -> bool:
+        key = bytes(key)
+        return self._land(self._base_ge(key), self._above_ge(key), lowest=True)
+
+    def set_key(self, key: bytes) -> bool:
+        return self.set_range(key) and self._key == bytes(key)
+
+    def first(self) -> bool:
+        return self.set_range(b"")
+
+    def last(self) -> bool:
+        return self._land(self._base_le(_MAX_KEY), self._above_le(_MAX_KEY), lowest=False)
+
+    def next(self) -> bool:
+        if self._key is None:
+            return self.first()
+        successor = self._key + b"\x00"
+        return self._land(self._base_ge(successor), self._above_ge(successor), lowest=True)
+
+    def prev(self) -> bool:
+        if self._key is None:
+            return self.last()
+        return self._land(self._base_lt(self._key), self._above_lt(self._key), lowest=False)
+
+    def _base_lt(self, key: bytes) -> tuple[bytes, bytes] | None:
+        """The last committed record strictly before `key` that no layer above hides or replaces."""
+        found = self._base.prev() if self._base.set_range(key) else self._base.last()
+        while found:
+            k = bytes(self._base.key())
+            if k not in self._values:
+                return k, bytes(self._base.value())
+            found = self._base.prev()
+        return None
+
+    def _above_lt(self, key: bytes) -> tuple[bytes, bytes] | None:
+        for i in range(bisect.bisect_left(self._keys, key) - 1, -1, -1):
+            value = self._values[self._keys[i]]
+            if value is not TOMBSTONE:
+                return self._keys[i], value
+        return None
+
+    # -- reading -------------------------------------------------------------------------------------
+    def key(self) -> bytes:
+        return b"" if self._key is None else self._key
+
+    def value(self) -> bytes:
+        return b"" if self._value is None else self._value
+
+    def item(self) -> tuple[bytes, bytes]:
+        return self.key(), self.value()
+
+    def iternext(self) -> Iterator[tuple[bytes, bytes]]:
+        """From the current record on (from the first when unpositioned), like LMDB's."""
+        if self._key is None and not self.first():
+            return
+        while self._key is not None:
+            yield self._key, self.value()
+            if not self.next():
+                return
+
+    def __iter__(self) -> Iterator[tuple[bytes, bytes]]:
+        return self.iternext()
+
