@@ -19,7 +19,8 @@ use: get, put, delete, cursor (positioning, stepping, iteration) and stat (of th
 from __future__ import annotations
 
 import bisect
-from collections.abc import Iterator
+import functools
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,6 +28,8 @@ import lmdb
 
 TOMBSTONE = None
 """An overlay value meaning: deleted ahead of the log."""
+_ABSENT: Any = object()
+"""What a layer's `value_of` returns for a key it does not have."""
 _MAX_KEY = b"\xff" * 512  # above every key LMDB can store (511 bytes at most)
 
 
@@ -40,6 +43,10 @@ class _Table:
         if key not in self.values:
             bisect.insort(self.keys, key)
         self.values[key] = (value, entry)
+
+    def value_of(self, key: bytes) -> Any:
+        got = self.values.get(key)
+        return _ABSENT if got is None else got[0]
 
     def drop(self, key: bytes) -> None:
         del self.values[key]
@@ -126,31 +133,51 @@ class OverlayTxn:
         return MergedCursor(self, db)
 
     # -- ordered access for MergedCursor ------------------------------------------------------------
-    def _above(self, db: Any) -> list[tuple[bytes, bytes | None]]:
-        """The layers above the base for `db`, merged (scratch wins), sorted by key."""
-        table = self.overlay.table(db)
-        merged: dict[bytes, bytes | None] = {}
-        if table is not None:
-            merged.update((key, value) for key, (value, _) in table.values.items())
+    def layers(self, db: Any) -> list[Layer]:
+        """The layers above the base for `db`, top first."""
+        layers: list[Layer] = []
         if self.scratch:
-            merged.update((key, value) for (d, key), value in self.scratch.items() if d == db)
-        return sorted(merged.items())
+            mine = {key: value for (d, key), value in self.scratch.items() if d == db}
+            if mine:
+                layers.append(Layer(sorted(mine), functools.partial(_get, mine)))
+        table = self.overlay.table(db)
+        if table is not None and table.keys:
+            layers.append(Layer(table.keys, table.value_of))
+        return layers
+
+
+def _get(values: dict[bytes, bytes | None], key: bytes) -> Any:
+    return values.get(key, _ABSENT)
+
+
+@dataclass(frozen=True)
+class Layer:
+    """One layer above the base: its keys in order, and `value_of(key)`: the value, TOMBSTONE, or
+    `_ABSENT` when the layer does not have the key."""
+
+    keys: list[bytes]
+    value_of: Callable[[bytes], Any]
 
 
 class MergedCursor:
     """An LMDB-like cursor over an OverlayTxn: the committed records and the overlay's, in key
-    order, tombstones hidden. It keeps only its current key; each step seeks afresh (the overlay
-    is small, and the base cursor is positioned by key each time)."""
+    order, tombstones hidden. It keeps only its current key; each step seeks afresh in every layer
+    (bisection in the overlay's sorted keys, `set_range` in the base), so making one costs nothing
+    however large the overlay is."""
 
     def __init__(self, txn: OverlayTxn, db: Any) -> None:
-        self._txn = txn
-        self._db = db
         self._base = txn.base.cursor(db)
-        above = txn._above(db)
-        self._keys = [key for key, _ in above]
-        self._values = dict(above)
+        self._layers = txn.layers(db)
         self._key: bytes | None = None
         self._value: bytes | None = None
+
+    def _above(self, key: bytes) -> tuple[bool, bytes | None]:
+        """(some layer above the base has `key`, the top one's value or TOMBSTONE)."""
+        for layer in self._layers:
+            value = layer.value_of(key)
+            if value is not _ABSENT:
+                return True, value
+        return False, None
 
     # -- positioning ---------------------------------------------------------------------------------
     def _base_ge(self, key: bytes) -> tuple[bytes, bytes] | None:
@@ -158,7 +185,7 @@ class MergedCursor:
         found = self._base.set_range(key)
         while found:
             k = bytes(self._base.key())
-            if k not in self._values:
+            if not self._above(k)[0]:
                 return k, bytes(self._base.value())
             found = self._base.next()
         return None
@@ -169,26 +196,44 @@ class MergedCursor:
             found = bytes(self._base.key()) == key or self._base.prev()
         else:
             found = self._base.last()
+        return self._base_back(found)
+
+    def _base_lt(self, key: bytes) -> tuple[bytes, bytes] | None:
+        """The last committed record strictly before `key` that no layer above hides or replaces."""
+        return self._base_back(self._base.prev() if self._base.set_range(key) else self._base.last())
+
+    def _base_back(self, found: bool) -> tuple[bytes, bytes] | None:
         while found:
             k = bytes(self._base.key())
-            if k not in self._values:
+            if not self._above(k)[0]:
                 return k, bytes(self._base.value())
             found = self._base.prev()
         return None
 
     def _above_ge(self, key: bytes) -> tuple[bytes, bytes] | None:
-        for i in range(bisect.bisect_left(self._keys, key), len(self._keys)):
-            value = self._values[self._keys[i]]
+        """The first live record at or after `key` in the layers above the base."""
+        while True:
+            heads = [layer.keys[i] for layer in self._layers if (i := bisect.bisect_left(layer.keys, key)) < len(layer.keys)]
+            if not heads:
+                return None
+            first = min(heads)
+            value = self._above(first)[1]
             if value is not TOMBSTONE:
-                return self._keys[i], value
-        return None
+                return first, value
+            key = first + b"\x00"
 
-    def _above_le(self, key: bytes) -> tuple[bytes, bytes] | None:
-        for i in range(bisect.bisect_right(self._keys, key) - 1, -1, -1):
-            value = self._values[self._keys[i]]
+    def _above_le(self, key: bytes, *, strictly: bool = False) -> tuple[bytes, bytes] | None:
+        """The last live record at or before (strictly: before) `key` in the layers above the base."""
+        cut = bisect.bisect_left if strictly else bisect.bisect_right
+        while True:
+            tails = [layer.keys[i - 1] for layer in self._layers if (i := cut(layer.keys, key)) > 0]
+            if not tails:
+                return None
+            last = max(tails)
+            value = self._above(last)[1]
             if value is not TOMBSTONE:
-                return self._keys[i], value
-        return None
+                return last, value
+            key, cut = last, bisect.bisect_left
 
     def _land(self, a: tuple[bytes, bytes] | None, b: tuple[bytes, bytes] | None, *, lowest: bool) -> bool:
         candidates = [x for x in (a, b) if x is not None]
@@ -221,24 +266,7 @@ class MergedCursor:
     def prev(self) -> bool:
         if self._key is None:
             return self.last()
-        return self._land(self._base_lt(self._key), self._above_lt(self._key), lowest=False)
-
-    def _base_lt(self, key: bytes) -> tuple[bytes, bytes] | None:
-        """The last committed record strictly before `key` that no layer above hides or replaces."""
-        found = self._base.prev() if self._base.set_range(key) else self._base.last()
-        while found:
-            k = bytes(self._base.key())
-            if k not in self._values:
-                return k, bytes(self._base.value())
-            found = self._base.prev()
-        return None
-
-    def _above_lt(self, key: bytes) -> tuple[bytes, bytes] | None:
-        for i in range(bisect.bisect_left(self._keys, key) - 1, -1, -1):
-            value = self._values[self._keys[i]]
-            if value is not TOMBSTONE:
-                return self._keys[i], value
-        return None
+        return self._land(self._base_lt(self._key), self._above_le(self._key, strictly=True), lowest=False)
 
     # -- reading -------------------------------------------------------------------------------------
     def key(self) -> bytes:
@@ -261,4 +289,3 @@ class MergedCursor:
 
     def __iter__(self) -> Iterator[tuple[bytes, bytes]]:
         return self.iternext()
-

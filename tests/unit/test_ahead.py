@@ -239,3 +239,20 @@ def test_merged_cursor_walks_committed_and_overlay_records_in_key_order(tmp_path
                     assert cursor.item() == before[-1]
         assert cursor.last() and cursor.item() == ordered[-1]
         assert [view.get(k, db=db) for k, _ in ordered] == [v for _, v in ordered]
+        # a command's own writes, not recorded yet, on top of the overlay (what a prediction reads)
+        scratch: dict[tuple[Any, bytes], bytes | None] = {}
+        speculating = OverlayTxn(base, overlay, scratch)
+        for key, _ in ordered[::3]:
+            speculating.delete(key, db=db)
+            model.pop(key)
+        for i in range(0, 40, 7):
+            speculating.put(bytes([i, 9]), b"new", db=db)
+            model[bytes([i, 9])] = b"new"
+        ordered = sorted(model.items())
+        assert list(speculating.cursor(db)) == ordered
+        cursor = speculating.cursor(db)
+        assert cursor.last() and cursor.item() == ordered[-1]
+        walked_back = [cursor.item()]
+        while cursor.prev():
+            walked_back.append(cursor.item())
+        assert walked_back == ordered[::-1]
