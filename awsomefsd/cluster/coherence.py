@@ -66,6 +66,7 @@ REREQUEST_S = 2.0
 lost the queue, and sees the repeated request as a new one."""
 HANDOVER_RETRY_S = 0.5
 MAX_FRESH_TRACKED = 1 << 16
+MAX_RELEASES_PER_COMMAND = 1024
 DELEGATION_IDLE_S = 2.0
 """A directory delegation unused here this long goes back to the log: lookups in the directory on
 other nodes then need no hand-over (docs/delegations.md)."""
@@ -112,6 +113,7 @@ class ClusterCoherence:
         self._writers: dict[int, int] = {}  # inode -> writes in progress under its lease
         self._delegated: set[int] = set()  # directories whose delegation this node asked for
         self._fresh: dict[int, int] = {}  # file created ahead -> its directory (`fresh`)
+        self._fresh_in: dict[int, set[int]] = {}  # directory -> the fresh files created in it
         self._touched: dict[int, float] = {}  # inode -> when the last change under its lease ended
         self._idle: dict[int, trio.Event] = {}  # set when an inode's last write in progress ends
         self._stale_data: set[int] = set()
@@ -138,6 +140,7 @@ class ClusterCoherence:
         self.held = set(self.meta.leases_of(self.node_id))
         self._acquired_at = {ino: -math.inf for ino in self.held}
         self._fresh.clear()
+        self._fresh_in.clear()
         self._waiting.clear()
         for ino in list(self._changed):
             self._wake(ino)
@@ -243,6 +246,7 @@ class ClusterCoherence:
         self._acquired_at[ino] = trio.current_time()
         if len(self._fresh) < MAX_FRESH_TRACKED:
             self._fresh[ino] = parent
+            self._fresh_in.setdefault(parent, set()).add(ino)
 
     def fresh(self, ino: int) -> bool:
         """May the file's data mapping be acknowledged ahead of the log? Only while no other node
@@ -254,12 +258,15 @@ class ClusterCoherence:
     def published(self, ino: int) -> None:
         """The file is now reachable another way (a link, a rename into another directory): its
         mappings wait for the log from now on."""
-        self._fresh.pop(ino, None)
+        directory = self._fresh.pop(ino, None)
+        if directory is not None:
+            self._fresh_in[directory].discard(ino)
 
-    def _unfresh_directory(self, ino: int) -> None:
-        """The directory's delegation begins to move: what was created in it is no longer fresh."""
-        if ino in self._fresh.values():
-            self._fresh = {f: d for f, d in self._fresh.items() if d != ino}
+    def _unfresh_directories(self, dirs: set[int]) -> None:
+        """These directories' delegations begin to move: what was created in them is no longer fresh."""
+        for directory in dirs:
+            for ino in self._fresh_in.pop(directory, ()):
+                self._fresh.pop(ino, None)
 
     async def looking(self, ino: int) -> bool:
         """Before a lookup that found nothing, or a readdir: True when this node holds the
@@ -410,7 +417,7 @@ class ClusterCoherence:
             for ino in list(self._changed):
                 self._wake(ino)
         elif isinstance(command, c.Purge):
-            self._fresh.pop(command.ino, None)
+            self.published(command.ino)
             self.held.discard(command.ino)
             self._acquired_at.pop(command.ino, None)
             self._waiting.pop(command.ino, None)
@@ -545,8 +552,8 @@ class ClusterCoherence:
                 return
             self._releasing.add(ino)
             self.held.discard(ino)  # from here no new write starts under it (they wait in _acquire)
-            self._fresh.pop(ino, None)  # another node knows the file
-            self._unfresh_directory(ino)
+            self.published(ino)  # another node knows the file
+            self._unfresh_directories({ino})
             try:
                 while ino in self._writers:  # writes already under the lease finish first
                     idle = self._idle.setdefault(ino, trio.Event())
@@ -589,35 +596,42 @@ class ClusterCoherence:
         while True:
             await trio.sleep(DELEGATION_IDLE_S / 2)
             now = trio.current_time()
+            idle = []
             for ino in sorted(self._delegated):
                 if ino not in self.held:
                     self._forget_delegation(ino)
                 elif (ino not in self._writers and ino not in self._releasing and ino not in self._handing
                       and not self._waiting.get(ino) and now - self._touched.get(ino, now) >= DELEGATION_IDLE_S):
-                    await self._give_back(ino)
+                    idle.append(ino)
+            for start in range(0, len(idle), MAX_RELEASES_PER_COMMAND):
+                await self._give_back(idle[start : start + MAX_RELEASES_PER_COMMAND])
 
     def _forget_delegation(self, ino: int) -> None:
         self._delegated.discard(ino)
         self._touched.pop(ino, None)
 
-    async def _give_back(self, ino: int) -> None:
-        """Release an idle delegation: ordered after every change made under it (meta/ahead.py)."""
-        self._forget_delegation(ino)
-        self._handing.add(ino)
-        self._releasing.add(ino)
-        self.held.discard(ino)
-        self._unfresh_directory(ino)
+    async def _give_back(self, inos: list[int]) -> None:
+        """Release idle delegations, in one command ordered after every change made under them
+        (meta/ahead.py)."""
+        for ino in inos:
+            self._forget_delegation(ino)
+            self._handing.add(ino)
+            self._releasing.add(ino)
+            self.held.discard(ino)
+        self._unfresh_directories(set(inos))
         try:
-            await self.meta.propose(c.ReleaseWriteLease(ino, self.node_id))
-            self.delegations_returned += 1
+            await self.meta.propose(c.Batch(tuple(c.ReleaseWriteLease(ino, self.node_id) for ino in inos)))
+            self.delegations_returned += len(inos)
         except FsError as exc:
-            if self.meta.lease_holder(ino) == self.node_id:
-                self.held.add(ino)
-            log.info("node %d keeps the delegation of directory %d for now: %s", self.node_id, ino, one_line(exc))
+            for ino in inos:
+                if self.meta.lease_holder(ino) == self.node_id:
+                    self.held.add(ino)
+            log.info("node %d keeps %d directory delegations for now: %s", self.node_id, len(inos), one_line(exc))
         finally:
-            self._releasing.discard(ino)
-            self._handing.discard(ino)
-            self._wake(ino)
+            for ino in inos:
+                self._releasing.discard(ino)
+                self._handing.discard(ino)
+                self._wake(ino)
 
     async def release_all(self) -> int:
         """Give back every write lease this node holds (a clean stop, after everything is flushed;
