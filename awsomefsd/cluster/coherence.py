@@ -67,6 +67,10 @@ lost the queue, and sees the repeated request as a new one."""
 HANDOVER_RETRY_S = 0.5
 MAX_FRESH_TRACKED = 1 << 16
 MAX_RELEASES_PER_COMMAND = 1024
+MIN_HOLD_DIRECTORY_S = 0.5
+"""MIN_HOLD_S for a directory's delegation: a turn of changes at local speed is worth a longer
+wait for the others (nodes creating in one directory take turns; each hand-over costs the holder
+a drain of its pipeline and one round of the log)."""
 DELEGATION_IDLE_S = 2.0
 """A directory delegation unused here this long goes back to the log: lookups in the directory on
 other nodes then need no hand-over (docs/delegations.md)."""
@@ -547,7 +551,8 @@ class ClusterCoherence:
         and the file is flushed, in one command (release + acquire for that node)."""
         retry = False
         try:
-            await trio.sleep_until(self._acquired_at.get(ino, -math.inf) + MIN_HOLD_S)
+            hold = MIN_HOLD_DIRECTORY_S if ino in self._delegated else MIN_HOLD_S
+            await trio.sleep_until(self._acquired_at.get(ino, -math.inf) + hold)
             if ino not in self.held or ino in self._releasing or self._next_waiter(ino) is None:
                 return
             self._releasing.add(ino)

@@ -51,7 +51,7 @@ MAX_QUEUED = 8192
 """Commands acknowledged and not yet decided: past it `run_ahead` callers wait for room (the log
 sets the pace when it is slower than the node), which also bounds what a crash can lose."""
 MAX_LOSSES_KEPT = 64
-GATHER_S = 0.005
+GATHER_S = 0.02
 """How long the pipeline lets changes accumulate before proposing them, unless someone waits (a
 durability point, a command that needs its result): every proposal costs each member a round of
 messages and a transaction, so a lone creator's changes share them (a batch per few ms, not one per
