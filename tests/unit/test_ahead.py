@@ -256,3 +256,71 @@ def test_merged_cursor_walks_committed_and_overlay_records_in_key_order(tmp_path
         while cursor.prev():
             walked_back.append(cursor.item())
         assert walked_back == ordered[::-1]
+
+
+class ScriptedLog:
+    """A log that commits through a real state machine and fails the proposals it is told to:
+    what the pipeline sends, and in which order, is what is checked."""
+
+    def __init__(self, path: Path, fail_batches: set[int]) -> None:
+        self.reference = Reference(path)
+        self.fail_batches = fail_batches
+        self.batches: list[tuple[object, ...]] = []
+        self.release = trio.Event()
+        self.proposing = trio.Event()  # a proposal waits for `release`
+
+    def read_txn(self) -> lmdb.Transaction[bytes]:
+        return self.reference.store.env.begin()
+
+    def lease_epoch(self) -> int | None:
+        return None
+
+    @property
+    def applied_index(self) -> int:
+        return len(self.batches)
+
+    async def barrier(self) -> None:
+        pass
+
+    async def propose(self, command: object, *, epoch: int | None = None) -> Any:
+        self.proposing.set()
+        await self.release.wait()
+        self.proposing = trio.Event()
+        assert isinstance(command, c.Batch), "the pipeline proposes batches"
+        self.batches.append(command.commands)
+        if len(self.batches) in self.fail_batches:
+            raise FsError(errno.EIO, "the log refused the batch (fenced)")
+        return self.reference.apply(command)
+
+
+async def test_a_failed_batch_fails_everything_queued_after_it_and_nothing_after_it_is_sent(tmp_path: Path) -> None:
+    log = ScriptedLog(tmp_path / "log", fail_batches={2})
+    first, _ = log.reference.apply(c.ReserveInodes(1000))
+    meta = MetaClient(log, log.reference.sm)  # type: ignore[arg-type]
+
+    def mk(i: int) -> c.Mknod:
+        return c.Mknod(ROOT_INO, b"f%d" % i, first + i, stat.S_IFREG | 0o644, 0, 0, 5, cookie=c.delegated_cookie(first + i))
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(meta.run_pipeline)
+        await meta.run_ahead(mk(0))
+        log.release.set()
+        await meta.ahead.drain()  # batch 1: f0
+        log.release = trio.Event()
+        for i in range(1, 4):
+            await meta.run_ahead(mk(i))  # all three go in batch 2, which fails
+        with trio.fail_after(5):
+            await log.proposing.wait()  # batch 2 is on its way
+        for i in range(4, 6):
+            await meta.run_ahead(mk(i))  # queued while batch 2 is decided: failed with it, never sent
+        log.release.set()
+        with pytest.raises(FsError) as info:
+            await meta.barrier()
+        assert info.value.errno == errno.EIO
+        assert meta.ahead.losses == 5
+        assert [len(b) for b in log.batches] == [1, 3], "nothing queued behind the failed batch was sent"
+        assert meta.lookup(ROOT_INO, b"f0") == first and meta.lookup(ROOT_INO, b"f4") is None
+        await meta.run_ahead(mk(6))  # a change after the failure goes on normally
+        await meta.barrier()
+        assert [len(b) for b in log.batches] == [1, 3, 1] and meta.lookup(ROOT_INO, b"f6") == first + 6
+        nursery.cancel_scope.cancel()
