@@ -182,6 +182,11 @@ def _cluster_rows(cluster: dict[str, Any]) -> list[tuple[str, str]]:
         rows.append(("lag", f"unknown: {cluster['lag_error']}"))
     elif cluster.get("lag_from") and cluster["lag_from"] != "this node":
         rows.append(("lag", f"as the leader ({cluster['lag_from']}) sees it"))
+    ahead = cluster.get("ahead")
+    if ahead:
+        held = "" if ahead["delegations"] is None else f", {ahead['delegations']} directory delegations held"
+        rows.append(("ahead", f"{ahead['pending']} changes waiting for the log, {ahead['acknowledged']} acknowledged "
+                              f"ahead since start, {ahead['lost']} lost{held}"))
     lease = cluster.get("lease")
     if lease:
         rows.append(("this node", f"lease {'valid' if lease['fence_open'] else 'EXPIRED: writes fenced'}, "

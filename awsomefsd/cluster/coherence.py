@@ -240,17 +240,20 @@ class ClusterCoherence:
                 self._touched[ino] = now
                 self._delegated.add(ino)
 
-    async def created_ahead(self, ino: int, parent: int) -> None:
-        """A file this node just created ahead of the log, in a directory it holds: its write lease
-        is this node's too, taken in the same order (nobody else can know the file before the
-        directory's delegation moves, and that hand-over commits after this). Until then the file
-        is *fresh*: its data mappings may run ahead too (`fresh`)."""
-        await self.meta.run_ahead(c.AcquireWriteLease(ino, self.node_id, self.epoch()))
+    def created_ahead(self, ino: int, parent: int) -> None:
+        """A file this node just created ahead of the log, in a directory it holds, with its write
+        lease (`Mknod.lease_to`: nobody else can know the file before the directory's delegation
+        moves, and that hand-over commits after the create). Until then the file is *fresh*: its
+        data mappings may run ahead too (`fresh`)."""
         self.held.add(ino)
         self._acquired_at[ino] = trio.current_time()
         if len(self._fresh) < MAX_FRESH_TRACKED:
             self._fresh[ino] = parent
             self._fresh_in.setdefault(parent, set()).add(ino)
+
+    def delegations_held(self) -> int:
+        """Directory delegations this node holds now (those it asked for and still has)."""
+        return len(self._delegated & self.held)
 
     def fresh(self, ino: int) -> bool:
         """May the file's data mapping be acknowledged ahead of the log? Only while no other node
@@ -639,15 +642,17 @@ class ClusterCoherence:
                 self._wake(ino)
 
     async def release_all(self) -> int:
-        """Give back every write lease this node holds (a clean stop, after everything is flushed;
-        no write can be in progress): nobody waits for a node that is not running."""
+        """Give back every write lease and delegation this node holds (a clean stop, after
+        everything is flushed; no write can be in progress), in one command per 1,024: nobody
+        waits for a node that is not running (a node that created thousands of files holds
+        thousands of leases)."""
+        held, self.held = sorted(self.held), set()
         released = 0
-        for ino in sorted(self.held):
-            self.held.discard(ino)
+        for start in range(0, len(held), MAX_RELEASES_PER_COMMAND):
+            chunk = held[start : start + MAX_RELEASES_PER_COMMAND]
             try:
-                await self.meta.propose(c.ReleaseWriteLease(ino, self.node_id))
-                released += 1
+                await self.meta.propose(c.Batch(tuple(c.ReleaseWriteLease(ino, self.node_id) for ino in chunk)))
+                released += len(chunk)
             except FsError as exc:
-                log.info("node %d: the write lease of inode %d goes back when its lease expires (%s)",
-                         self.node_id, ino, exc)
+                log.info("node %d: %d write leases go back when its lease expires (%s)", self.node_id, len(chunk), exc)
         return released

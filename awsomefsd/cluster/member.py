@@ -271,6 +271,11 @@ class Member:
                 "held": len(self.coherence.held), "waits": self.coherence.lease_waits,
                 "timeouts": self.coherence.lease_timeouts, "longest_wait_s": round(self.coherence.lease_wait_max_s, 3),
             },
+            "ahead": {
+                "pending": self.meta.ahead.pending, "acknowledged": self.meta.ahead.ran_ahead,
+                "lost": self.meta.ahead.losses,
+                "delegations": None if self.coherence is None else self.coherence.delegations_held(),
+            },
         }
 
 

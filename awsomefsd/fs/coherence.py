@@ -46,9 +46,14 @@ class Coherence(Protocol):
         attributes may run ahead of the log only then."""
         ...
 
-    async def created_ahead(self, ino: int, parent: int) -> None:
-        """A regular file was just created ahead of the log in `parent`: its write lease is this
-        node's too, and until another node can reach it its data mappings may run ahead as well."""
+    @property
+    def node_id(self) -> int:
+        """This member's id: a file it creates ahead of the log takes its write lease with it."""
+        ...
+
+    def created_ahead(self, ino: int, parent: int) -> None:
+        """A regular file was just created ahead of the log in `parent`, with this node's write
+        lease; until another node can reach it, its data mappings may run ahead as well."""
         ...
 
     def published(self, ino: int) -> None:

@@ -186,6 +186,12 @@ class ClusterTables:
             return cmd.node
         return holder
 
+    def grant_new_lease(self, txn: lmdb.Transaction[bytes], ino: int, node: int) -> None:
+        """The write lease of a file created this moment (Mknod's `lease_to`; inside a Fenced command,
+        whose epoch check covers the node)."""
+        assert self.lease_holder(txn, ino) == 0, f"a new inode {ino} already has a lease holder"
+        txn.put(u64(ino), u64(node), db=self.leases_db)
+
     def release_lease(self, txn: lmdb.Transaction[bytes], cmd: c.ReleaseWriteLease) -> bool:
         if self.lease_holder(txn, cmd.ino) != cmd.node:
             return False

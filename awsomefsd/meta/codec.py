@@ -18,7 +18,7 @@ from awsomefsd.meta.records import Extent
 
 FORMAT = 3
 """3: Mknod, Link and Rename gained `cookie` (chosen by a node that changes a directory ahead of
-the log). 2: WriteData gained `mtime_ns` (a flush stamps the time of its writes, not its own).
+the log), Mknod `lease_to`. 2: WriteData gained `mtime_ns` (a flush stamps the time of its writes, not its own).
 Commands of earlier formats still decode, with the fields added since at their defaults: a log
 written before an upgrade replays."""
 MAX_BYTES_FIELD = 16 << 20
@@ -49,7 +49,7 @@ def _hints(cls: type) -> dict[str, Any]:
 
 
 _FIELDS = {cls: [(f.name, _hints(cls)[f.name]) for f in dataclasses.fields(cls)] for cls in COMMAND_TAGS}
-_ADDED_IN_FORMAT_3 = {c.Mknod: {"cookie"}, c.Link: {"cookie"}, c.Rename: {"cookie"}}
+_ADDED_IN_FORMAT_3 = {c.Mknod: {"cookie", "lease_to"}, c.Link: {"cookie"}, c.Rename: {"cookie"}}
 _ADDED_IN_FORMAT_2 = {c.WriteData: {"mtime_ns"}, c.Rename: {"whiteout_ino", "uid", "gid"}}
 
 

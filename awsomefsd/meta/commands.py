@@ -33,7 +33,8 @@ class Mknod:
 
     `cookie`: a node that changes a directory ahead of the log (docs/delegations.md) predicts the
     entry's readdir cookie, so it chooses it: from its reserved inode numbers (`delegated_cookie`),
-    a range no other proposer and no counter ever hands out."""
+    a range no other proposer and no counter ever hands out. `lease_to`: such a node also takes the
+    new file's write lease in the same command (nobody else can know the file yet)."""
 
     parent: int
     name: bytes
@@ -45,6 +46,7 @@ class Mknod:
     rdev: int = 0
     target: bytes = b""  # symlinks only
     cookie: int = 0  # the entry's readdir cookie when the proposer chose it (delegations); 0: the log's next
+    lease_to: int = 0  # a regular file's write lease goes to this node with the create (0: nobody)
 
 
 @dataclass(frozen=True, slots=True)

@@ -64,6 +64,9 @@ def test_a_lone_creator_runs_ahead_and_others_see_every_acknowledged_change(clus
     assert metric(creator, "awsomefs_meta_ran_ahead_total") >= len(names)
     assert metric(creator, "awsomefs_meta_ahead_lost_total") == 0
     assert metric(creator, "awsomefs_meta_pipeline_proposals_total") < len(names), "changes were not batched"
+    ahead = creator.status()["cluster"]["ahead"]
+    assert ahead["acknowledged"] >= len(names) and ahead["lost"] == 0, ahead
+    assert " 0 lost" in creator.cli("status").stdout
 
 
 def test_fsync_makes_what_ran_ahead_survive_the_creator_being_killed(cluster3: Cluster) -> None:

@@ -29,7 +29,7 @@ from awsomefsd.meta.state_machine import StateMachine
 from awsomefsd.meta.store import TABLES, MetaStore
 
 NAMES = [b"a", b"b", b"c", b"d", b"e", b"f"]
-COMPARED_TABLES = ("inodes", "dentries", "cookies", "xattrs", "symlinks", "orphans", "fmap")
+COMPARED_TABLES = ("inodes", "dentries", "cookies", "xattrs", "symlinks", "orphans", "fmap", "wleases")
 assert set(COMPARED_TABLES) <= set(TABLES)
 
 
@@ -112,7 +112,8 @@ class Workload:
             self.known.append(ino)
             mode = rng.choice([stat.S_IFREG | 0o644, stat.S_IFDIR | 0o755, stat.S_IFLNK | 0o777])
             return c.Mknod(parent, name, ino, mode, 1000, 1000, self.now,
-                           target=b"t" if stat.S_ISLNK(mode) else b"", cookie=c.delegated_cookie(ino))
+                           target=b"t" if stat.S_ISLNK(mode) else b"", cookie=c.delegated_cookie(ino),
+                           lease_to=rng.choice([0, 7]))
         if kind < 0.55:
             return c.Unlink(parent, name, rng.random() < 0.3, self.now)
         if kind < 0.75:

@@ -86,12 +86,13 @@ def test_format_1_write_data_still_decodes() -> None:
 
 
 def test_format_2_namespace_commands_decode_without_a_cookie() -> None:
-    """A log written before Mknod, Link and Rename gained `cookie` replays (cookie 0: the log's own)."""
-    for command in (c.Mknod(1, b"n", 20, 0o100644, 0, 0, 5, 0, b"", cookie=0),
-                    c.Link(20, 1, b"m", 6, cookie=0),
-                    c.Rename(1, b"n", 1, b"o", 0, 7, 0, 0, 0, cookie=0)):
+    """A log written before Mknod, Link and Rename gained `cookie` (and Mknod `lease_to`) replays,
+    with those fields at 0: the log's own cookie, no lease."""
+    for command, added in ((c.Mknod(1, b"n", 20, 0o100644, 0, 0, 5, 0, b""), 2),
+                           (c.Link(20, 1, b"m", 6), 1),
+                           (c.Rename(1, b"n", 1, b"o", 0, 7, 0, 0, 0), 1)):
         v3 = encode(command)
-        assert v3[-8:] == bytes(8), "the cookie is the last field"
-        assert decode(bytes([2]) + v3[1:-8]) == command
-    chosen = c.Mknod(1, b"n", 20, 0o100644, 0, 0, 5, cookie=c.delegated_cookie(20))
+        assert v3[-8 * added:] == bytes(8 * added), "the fields added in format 3 are the last ones"
+        assert decode(bytes([2]) + v3[1 : -8 * added]) == command
+    chosen = c.Mknod(1, b"n", 20, 0o100644, 0, 0, 5, cookie=c.delegated_cookie(20), lease_to=3)
     assert decode(encode(chosen)) == chosen
