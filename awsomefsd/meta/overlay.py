@@ -182,13 +182,7 @@ class MergedCursor:
     # -- positioning ---------------------------------------------------------------------------------
     def _base_ge(self, key: bytes) -> tuple[bytes, bytes] | None:
         """The first committed record at or after `key` that no layer above hides or replaces."""
-        found = self._base.set_range(key)
-        while found:
-            k = bytes(self._base.key())
-            if not self._above(k)[0]:
-                return k, bytes(self._base.value())
-            found = self._base.next()
-        return None
+        return self._base_walk(self._base.set_range(key), self._base.next)
 
     def _base_le(self, key: bytes) -> tuple[bytes, bytes] | None:
         """The last committed record at or before `key` that no layer above hides or replaces."""
@@ -196,18 +190,20 @@ class MergedCursor:
             found = bytes(self._base.key()) == key or self._base.prev()
         else:
             found = self._base.last()
-        return self._base_back(found)
+        return self._base_walk(found, self._base.prev)
 
     def _base_lt(self, key: bytes) -> tuple[bytes, bytes] | None:
         """The last committed record strictly before `key` that no layer above hides or replaces."""
-        return self._base_back(self._base.prev() if self._base.set_range(key) else self._base.last())
+        return self._base_walk(self._base.prev() if self._base.set_range(key) else self._base.last(), self._base.prev)
 
-    def _base_back(self, found: bool) -> tuple[bytes, bytes] | None:
+    def _base_walk(self, found: bool, step: Callable[[], bool]) -> tuple[bytes, bytes] | None:
+        """From where the base cursor stands (if `found`), stepping with `step`: the first committed
+        record that no layer above hides or replaces."""
         while found:
             k = bytes(self._base.key())
             if not self._above(k)[0]:
                 return k, bytes(self._base.value())
-            found = self._base.prev()
+            found = step()
         return None
 
     def _above_ge(self, key: bytes) -> tuple[bytes, bytes] | None:
