@@ -72,8 +72,10 @@ MIN_HOLD_DIRECTORY_S = 0.5
 wait for the others (nodes creating in one directory take turns; each hand-over costs the holder
 a drain of its pipeline and one round of the log)."""
 DELEGATION_IDLE_S = 2.0
-"""A directory delegation unused here this long goes back to the log: lookups in the directory on
-other nodes then need no hand-over (docs/delegations.md)."""
+"""Once this node has changed nothing under its delegations for this long, it gives back those
+nobody asked for: lookups in those directories on other nodes then need no hand-over. While it
+is busy it keeps them all: an untar or a build comes back to its directories in any order, and
+each return to a given-back directory would cost a round of the log (docs/delegations.md)."""
 
 
 class ClusterCoherence:
@@ -240,14 +242,19 @@ class ClusterCoherence:
                 self._touched[ino] = now
                 self._delegated.add(ino)
 
-    def created_ahead(self, ino: int, parent: int) -> None:
-        """A file this node just created ahead of the log, in a directory it holds, with its write
-        lease (`Mknod.lease_to`: nobody else can know the file before the directory's delegation
-        moves, and that hand-over commits after the create). Until then the file is *fresh*: its
-        data mappings may run ahead too (`fresh`)."""
+    def created_ahead(self, ino: int, parent: int, *, is_dir: bool) -> None:
+        """A file or directory this node just created ahead of the log, in a directory it holds,
+        with its write lease or delegation (`Mknod.lease_to`: nobody else can know it before the
+        parent's delegation moves, and that hand-over commits after the create). A new file is
+        *fresh* until then: its data mappings may run ahead too (`fresh`). A new directory's
+        attributes and entries change ahead from the start (mkdir, then its files and chmod)."""
         self.held.add(ino)
-        self._acquired_at[ino] = trio.current_time()
-        if len(self._fresh) < MAX_FRESH_TRACKED:
+        now = trio.current_time()
+        self._acquired_at[ino] = now
+        if is_dir:
+            self._delegated.add(ino)
+            self._touched[ino] = now
+        elif len(self._fresh) < MAX_FRESH_TRACKED:
             self._fresh[ino] = parent
             self._fresh_in.setdefault(parent, set()).add(ino)
 
@@ -604,6 +611,8 @@ class ClusterCoherence:
         while True:
             await trio.sleep(DELEGATION_IDLE_S / 2)
             now = trio.current_time()
+            if now - max(self._touched.values(), default=-math.inf) < DELEGATION_IDLE_S:
+                continue  # still changing here: keep them all (an untar visits its directories in any order)
             idle = []
             for ino in sorted(self._delegated):
                 if ino not in self.held:

@@ -51,9 +51,10 @@ class Coherence(Protocol):
         """This member's id: a file it creates ahead of the log takes its write lease with it."""
         ...
 
-    def created_ahead(self, ino: int, parent: int) -> None:
-        """A regular file was just created ahead of the log in `parent`, with this node's write
-        lease; until another node can reach it, its data mappings may run ahead as well."""
+    def created_ahead(self, ino: int, parent: int, *, is_dir: bool) -> None:
+        """A file or directory was just created ahead of the log in `parent`, with this node's
+        write lease or delegation; until another node can reach a file, its data mappings may run
+        ahead as well."""
         ...
 
     def published(self, ino: int) -> None:

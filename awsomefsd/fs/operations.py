@@ -188,12 +188,13 @@ class Operations:
         check_name(name)
         async with self._changing(parent) as ahead:
             ino = await self.new_ino()
-            lease_to = self.coherence.node_id if ahead and stat.S_ISREG(mode) and self.coherence else 0
+            leased = ahead and (stat.S_ISREG(mode) or stat.S_ISDIR(mode))
+            lease_to = self.coherence.node_id if leased and self.coherence is not None else 0
             cmd = c.Mknod(parent, name, ino, mode, uid, gid, self._now(), rdev, target,
                           cookie=c.delegated_cookie(ino) if ahead else 0, lease_to=lease_to)
             inode: Inode = await self._propose(cmd, ahead)
             if lease_to and self.coherence is not None:
-                self.coherence.created_ahead(ino, parent)
+                self.coherence.created_ahead(ino, parent, is_dir=stat.S_ISDIR(mode))
         return inode
 
     async def symlink(self, parent: int, name: bytes, target: bytes, uid: int, gid: int) -> Inode:

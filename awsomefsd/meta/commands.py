@@ -34,7 +34,8 @@ class Mknod:
     `cookie`: a node that changes a directory ahead of the log (docs/delegations.md) predicts the
     entry's readdir cookie, so it chooses it: from its reserved inode numbers (`delegated_cookie`),
     a range no other proposer and no counter ever hands out. `lease_to`: such a node also takes the
-    new file's write lease in the same command (nobody else can know the file yet)."""
+    new file's write lease, or the new directory's delegation, in the same command (nobody else
+    can know it yet)."""
 
     parent: int
     name: bytes
@@ -46,7 +47,7 @@ class Mknod:
     rdev: int = 0
     target: bytes = b""  # symlinks only
     cookie: int = 0  # the entry's readdir cookie when the proposer chose it (delegations); 0: the log's next
-    lease_to: int = 0  # a regular file's write lease goes to this node with the create (0: nobody)
+    lease_to: int = 0  # a file's write lease (a directory's delegation) goes to this node with the create
 
 
 @dataclass(frozen=True, slots=True)

@@ -198,7 +198,7 @@ class StateMachine:
         ns.put_inode(txn, inode)
         if stat.S_ISLNK(mode):
             txn.put(u64(cmd.ino), cmd.target, db=self.db["symlinks"])
-        if cmd.lease_to and stat.S_ISREG(mode):
+        if cmd.lease_to and (stat.S_ISREG(mode) or is_dir):
             self.cluster.grant_new_lease(txn, cmd.ino, cmd.lease_to)
         ns.add_entry(txn, cmd.parent, cmd.name, cmd.ino, self.new_cookie(txn, cmd.cookie))
         if is_dir:
