@@ -561,7 +561,8 @@ class ClusterCoherence:
         and the file is flushed, in one command (release + acquire for that node)."""
         retry = False
         try:
-            hold = MIN_HOLD_DIRECTORY_S if ino in self._delegated else MIN_HOLD_S
+            inode = self.meta.inode(ino)
+            hold = MIN_HOLD_DIRECTORY_S if inode is not None and inode.is_dir else MIN_HOLD_S
             await trio.sleep_until(self._acquired_at.get(ino, -math.inf) + hold)
             if ino not in self.held or ino in self._releasing or self._next_waiter(ino) is None:
                 return
