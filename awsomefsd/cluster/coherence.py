@@ -638,7 +638,7 @@ class ClusterCoherence:
             self.held.discard(ino)
         self._unfresh_directories(set(inos))
         try:
-            await self.meta.propose(c.Batch(tuple(c.ReleaseWriteLease(ino, self.node_id) for ino in inos)))
+            await self.meta.propose(self._releases(inos))
             self.delegations_returned += len(inos)
         except FsError as exc:
             for ino in inos:
@@ -651,6 +651,11 @@ class ClusterCoherence:
                 self._handing.discard(ino)
                 self._wake(ino)
 
+    def _releases(self, inos: list[int]) -> c.Batch:
+        """One command giving back several leases (at most MAX_RELEASES_PER_COMMAND)."""
+        assert len(inos) <= MAX_RELEASES_PER_COMMAND
+        return c.Batch(tuple(c.ReleaseWriteLease(ino, self.node_id) for ino in inos))
+
     async def release_all(self) -> int:
         """Give back every write lease and delegation this node holds (a clean stop, after
         everything is flushed; no write can be in progress), in one command per 1,024: nobody
@@ -661,7 +666,7 @@ class ClusterCoherence:
         for start in range(0, len(held), MAX_RELEASES_PER_COMMAND):
             chunk = held[start : start + MAX_RELEASES_PER_COMMAND]
             try:
-                await self.meta.propose(c.Batch(tuple(c.ReleaseWriteLease(ino, self.node_id) for ino in chunk)))
+                await self.meta.propose(self._releases(chunk))
                 released += len(chunk)
             except FsError as exc:
                 log.info("node %d: %d write leases go back when its lease expires (%s)", self.node_id, len(chunk), exc)

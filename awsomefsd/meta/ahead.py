@@ -50,7 +50,6 @@ MAX_BATCH_COMMANDS = 512
 MAX_QUEUED = 8192
 """Commands acknowledged and not yet decided: past it `run_ahead` callers wait for room (the log
 sets the pace when it is slower than the node), which also bounds what a crash can lose."""
-MAX_LOSSES_KEPT = 64
 GATHER_S = 0.02
 """How long the pipeline lets changes accumulate before proposing them, unless someone waits (a
 durability point, a command that needs its result): every proposal costs each member a round of
@@ -67,7 +66,7 @@ def can_run_ahead(command: object) -> bool:
         return command.cookie != 0 and not command.flags & c.RENAME_WHITEOUT
     if isinstance(command, c.SetAttr):
         return command.size is None
-    return isinstance(command, (c.Unlink, c.SetXattr, c.RemoveXattr, c.AcquireWriteLease, c.WriteData))
+    return isinstance(command, (c.Unlink, c.SetXattr, c.RemoveXattr, c.WriteData))
 
 
 class _UntrackedSpace:
@@ -128,16 +127,14 @@ class AheadLog:
         self.proposals = 0
         self.ran_ahead = 0
         self.losses = 0
-        self.recent_losses: deque[str] = deque(maxlen=MAX_LOSSES_KEPT)
+        self.last_loss = ""
         self._reported = 0
-        self.on_lost: list[Callable[[object, FsError], None]] = []
-        """Called with each command acknowledged ahead that the log refused (on the trio thread)."""
 
     # -- reading ------------------------------------------------------------------------------------
     def view(self) -> lmdb.Transaction[bytes]:
         """What this node reads: the committed state, with what it acknowledged ahead on top."""
         base = self._log.read_txn()
-        if not len(self._overlay):
+        if not self._overlay:
             return base
         return OverlayTxn(base, self._overlay)  # type: ignore[return-value]
 
@@ -155,7 +152,7 @@ class AheadLog:
         assert can_run_ahead(command), command
         if self.pending >= MAX_QUEUED:
             while self.pending >= MAX_QUEUED:
-                await self._wait_progress()
+                await self._progress.wait()
             if still is not None and not still():
                 return await self.propose(command, epoch=epoch)
         scratch: dict[tuple[Any, bytes], bytes | None] = {}
@@ -189,14 +186,11 @@ class AheadLog:
         target = self._seq
         while self._decided < target:
             self._urgent.set()
-            await self._wait_progress()
+            await self._progress.wait()
         if report and self.losses > self._reported:
             lost, self._reported = self.losses - self._reported, self.losses
             raise FsError(errno.EIO, f"{lost} metadata changes acknowledged earlier were lost "
-                          f"(the last: {self.recent_losses[-1]})", cause="lost-writes")
-
-    async def _wait_progress(self) -> None:
-        await self._progress.wait()
+                          f"(the last: {self.last_loss})", cause="lost-writes")
 
     def _decide(self, entry: _Entry, outcome: Any) -> None:
         entry.outcome = outcome
@@ -205,10 +199,8 @@ class AheadLog:
         if entry.ahead and isinstance(outcome, FsError):
             self.losses += 1
             what = f"{type(entry.command).__name__} refused: {outcome}"
-            self.recent_losses.append(what)
+            self.last_loss = what
             log.warning("a metadata change acknowledged ahead of the log was lost: %s (%s)", what, entry.command)
-            for listener in self.on_lost:
-                listener(entry.command, outcome)
         if entry.done is not None:
             entry.done.set()
 

@@ -60,8 +60,9 @@ class Overlay:
         self._tables: dict[Any, _Table] = {}
         self._written: dict[int, list[tuple[Any, bytes]]] = {}  # entry -> (table, key) it wrote
 
-    def __len__(self) -> int:
-        return sum(len(t.values) for t in self._tables.values())
+    def __bool__(self) -> bool:
+        """Is any change's write still pending (reads need the overlay)?"""
+        return bool(self._written)
 
     def table(self, db: Any) -> _Table | None:
         return self._tables.get(db)
@@ -79,10 +80,6 @@ class Overlay:
             got = table.values.get(key)
             if got is not None and got[1] == entry:
                 table.drop(key)
-
-    def clear(self) -> None:
-        self._tables.clear()
-        self._written.clear()
 
 
 class OverlayTxn:
@@ -243,9 +240,6 @@ class MergedCursor:
     def set_range(self, key: bytes) -> bool:
         key = bytes(key)
         return self._land(self._base_ge(key), self._above_ge(key), lowest=True)
-
-    def set_key(self, key: bytes) -> bool:
-        return self.set_range(key) and self._key == bytes(key)
 
     def first(self) -> bool:
         return self.set_range(b"")
