@@ -43,7 +43,7 @@ from awsomefsd.fs.coherence import FlushFile, HoldsInode
 from awsomefsd.fuse.invalidate import Invalidator, Kind, Target, targets
 from awsomefsd.meta import commands as c
 from awsomefsd.meta.client import MetaClient
-from awsomefsd.meta.errors import FsError
+from awsomefsd.meta.errors import Delegated, FsError
 
 log = logging.getLogger(__name__)
 
@@ -137,6 +137,8 @@ class ClusterCoherence:
         self.lease_timeouts = 0
         self.handover_failures = 0
         self.delegations_returned = 0
+        self.delegation_refusals = 0
+        """Changes of ours the log refused because another node held a directory's delegation."""
         self.lease_wait_s = 0.0  # total time writes waited for a lease
         self.lease_wait_max_s = 0.0
 
@@ -228,13 +230,22 @@ class ClusterCoherence:
         if self.strict:
             yield False
             return
+        async with self.taking(dirs):
+            yield True
+
+    @asynccontextmanager
+    async def taking(self, dirs: Iterable[int]) -> AsyncIterator[None]:
+        """Take and hold these directories' delegations for the block (in inode order), in any
+        mode: `changing`'s acquisition, and what a change proposed through the log does when the
+        state machine refused it because another node holds one (`Delegated`). They are kept
+        afterwards like any delegation: until asked for, or idle."""
         entered: list[int] = []
         try:
             for ino in sorted(set(dirs)):
                 await self._acquire(ino)
                 self._writers[ino] = self._writers.get(ino, 0) + 1
                 entered.append(ino)
-            yield True
+            yield
         finally:
             now = trio.current_time()
             for ino in entered:
@@ -290,9 +301,9 @@ class ClusterCoherence:
         the caller catches up with the log as usual."""
         if ino in self.held and ino not in self._releasing:
             return True
-        if self.strict or self.meta.lease_holder(ino) in (0, self.node_id):
+        if self.meta.lease_holder(ino) in (0, self.node_id):
             return False
-        async with self.changing([ino]):
+        async with self.taking([ino]):
             return True
 
     def _writer_done(self, ino: int) -> None:
@@ -386,15 +397,22 @@ class ClusterCoherence:
     # --- observing applied commands (inside the apply transaction: queue only) -----------------
     def observe(self, command: object, result: Any, mine: bool) -> None:
         if isinstance(result, FsError):
+            self._count_refusal(result, mine)
             return
         if isinstance(command, c.Batch) and isinstance(result, list):
             for inner, outcome in zip(command.commands, result):
-                if not isinstance(outcome, FsError):
+                if isinstance(outcome, FsError):
+                    self._count_refusal(outcome, mine)
+                else:
                     self._observe_one(inner, outcome)
         else:
             self._observe_one(command, result)
         if not mine:
             self.invalidator.submit(self._safe(targets(command, result)))
+
+    def _count_refusal(self, error: FsError, mine: bool) -> None:
+        if mine and isinstance(error, Delegated):
+            self.delegation_refusals += 1  # the operation takes the delegation and goes again
 
     def _observe_one(self, command: object, result: Any) -> None:
         if isinstance(command, c.AcquireWriteLease):
@@ -562,7 +580,10 @@ class ClusterCoherence:
         retry = False
         try:
             inode = self.meta.inode(ino)
-            hold = MIN_HOLD_DIRECTORY_S if inode is not None and inode.is_dir else MIN_HOLD_S
+            hold = MIN_HOLD_S
+            if inode is not None and inode.is_dir:
+                # A strict node changes nothing ahead of the log: a turn would buy it nothing.
+                hold = 0.0 if self.strict else MIN_HOLD_DIRECTORY_S
             await trio.sleep_until(self._acquired_at.get(ino, -math.inf) + hold)
             if ino not in self.held or ino in self._releasing or self._next_waiter(ino) is None:
                 return

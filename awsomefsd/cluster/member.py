@@ -470,6 +470,9 @@ def _collect(member: Member) -> Iterator[Metric]:
         yield counter("awsomefs_write_leases_released", "file write leases handed to another node",
                       co.leases_released)
         yield counter("awsomefs_delegations_returned", "idle directory delegations given back", co.delegations_returned)
+        yield counter("awsomefs_delegation_refusals", "changes proposed through the log that the state machine "
+                      "refused because another node held the directory's delegation (then proposed again, holding it)",
+                      co.delegation_refusals)
         yield counter("awsomefs_write_lease_waits", "writes that waited for another node's lease", co.lease_waits)
         yield counter("awsomefs_write_lease_timeouts", "writes that gave up waiting for a write lease (EIO; "
                       "the log says why)", co.lease_timeouts)

@@ -40,6 +40,11 @@ class Coherence(Protocol):
         False: it goes through the log in its turn (docs/delegations.md)."""
         ...
 
+    def taking(self, dirs: Iterable[int]) -> AbstractAsyncContextManager[None]:
+        """Hold these directories' delegations for the block, in any coherence mode: a change the
+        state machine refused because another node holds one (`Delegated`) goes again inside."""
+        ...
+
     def holding(self, ino: int) -> AbstractAsyncContextManager[bool]:
         """True while this node holds the inode's write lease (or directory's delegation), which
         it then keeps until the block is left; never asks for it. A change to the inode's

@@ -27,7 +27,7 @@ from awsomefsd.io.layout import BLOCK_SIZE
 from awsomefsd.meta import commands as c
 from awsomefsd.meta.client import MetaClient
 from awsomefsd.meta.commands import RENAME_WHITEOUT
-from awsomefsd.meta.errors import FsError
+from awsomefsd.meta.errors import Delegated, FsError
 from awsomefsd.meta.records import MAX_NAME_BYTES, MAX_SYMLINK_BYTES, ROOT_INO, Inode, check_name
 
 INODE_RESERVATION = 1024
@@ -132,6 +132,8 @@ class Operations:
         elif name == b"..":
             child = self.meta.require_inode(parent).parent or ROOT_INO
         else:
+            if strict:
+                await self.coherence.looking(parent)  # type: ignore[union-attr]
             found = self.meta.lookup(parent, name)
             if self.coherence is not None and not strict:
                 if found is None:
@@ -146,17 +148,20 @@ class Operations:
         return self.inode(child)
 
     async def _look_again(self, parent: int, name: bytes) -> int | None:
-        """A name not found here may have been created elsewhere a moment ago: unless this node
-        holds the directory's delegation (nobody else changes it), catch up with the log, and if
-        another node holds the delegation, let it commit what it acknowledged first."""
+        """A name not found here may have been created elsewhere a moment ago."""
+        await self._look_at_directory(parent)
+        return self.meta.lookup(parent, name)
+
+    async def _look_at_directory(self, directory: int) -> None:
+        """Before a look that must see every change acknowledged before it began (a lookup that
+        found nothing, a readdir): unless this node holds the directory's delegation (nobody else
+        changes it), catch up with the log; if another node holds the delegation (known now, or
+        from the caught-up log), let it commit what it acknowledged first."""
         assert self.coherence is not None
-        if await self.coherence.looking(parent):
-            return self.meta.lookup(parent, name)
+        if await self.coherence.looking(directory):
+            return
         await self.coherence.catch_up(drain=False)
-        found = self.meta.lookup(parent, name)
-        if found is None and await self.coherence.looking(parent):
-            found = self.meta.lookup(parent, name)
-        return found
+        await self.coherence.looking(directory)
 
     def _changing(self, *dirs: int) -> AbstractAsyncContextManager[bool]:
         """The delegations a namespace change needs (a cluster member's); True: it may run ahead."""
@@ -167,7 +172,25 @@ class Operations:
         return nullcontext(False) if self.coherence is None else self.coherence.holding(ino)
 
     async def _propose(self, command: object, ahead: bool) -> Any:
-        return await (self.meta.run_ahead(command) if ahead else self.meta.propose(command))
+        """Run a namespace change ahead, or propose it through the log. A proposal the state
+        machine refused because another node holds a directory's delegation (`Delegated`: strict
+        mode delegates nothing of its own, and a change whose delegations kept moving goes
+        without) is proposed again holding that delegation: its hand-over first commits what the
+        holder acknowledged, so the change applies to the directory as every node will see it."""
+        if ahead:
+            return await self.meta.run_ahead(command)
+        taken: set[int] = set()
+        while True:
+            try:
+                if not taken:
+                    return await self.meta.propose(command)
+                assert self.coherence is not None
+                async with self.coherence.taking(taken):
+                    return await self.meta.propose(command)
+            except Delegated as exc:
+                if self.coherence is None or exc.directory in taken or len(taken) >= MAX_DELEGATION_TRIES:
+                    raise
+                taken.add(exc.directory)
 
     def direct_io(self, flags: int) -> bool:
         """For the adapter's open reply: a cluster member's O_APPEND descriptors bypass the page
@@ -226,7 +249,7 @@ class Operations:
                 removed = await self._propose(c.Unlink(parent, name, is_dir, self._now()), ahead)
                 break
         else:
-            removed = await self.meta.propose(c.Unlink(parent, name, is_dir, self._now()))
+            removed = await self._propose(c.Unlink(parent, name, is_dir, self._now()), False)
         await self._purge_if_orphan(removed)
 
     async def rename(self, old_parent: int, old_name: bytes, new_parent: int, new_name: bytes, flags: int,
@@ -252,8 +275,8 @@ class Operations:
                 break
         else:
             whiteout_ino = await self.new_ino() if flags & RENAME_WHITEOUT else 0
-            replaced = await self.meta.propose(c.Rename(old_parent, old_name, new_parent, new_name, flags,
-                                                        self._now(), whiteout_ino, uid, gid))
+            replaced = await self._propose(c.Rename(old_parent, old_name, new_parent, new_name, flags,
+                                                    self._now(), whiteout_ino, uid, gid), False)
         if replaced:
             await self._purge_if_orphan(replaced)
 
@@ -379,8 +402,8 @@ class Operations:
     async def opendir(self, ino: int) -> int:
         if not self.inode(ino).is_dir:
             raise FsError(errno.ENOTDIR)
-        if self.coherence is not None:
-            await self.coherence.looking(ino)  # another node's acknowledged entries are committed first
+        if self.coherence is not None and not self.coherence.strict:
+            await self._look_at_directory(ino)
         return self._open_handle(ino, os.O_RDONLY)
 
     def readdir(self, fh: int, start_id: int) -> Iterator[tuple[int, bytes, Inode]]:

@@ -29,3 +29,16 @@ class FsError(Exception):
 
     def __repr__(self) -> str:
         return f"FsError({errno.errorcode.get(self.errno, self.errno)}, {self.args[1]!r})"
+
+
+class Delegated(FsError):
+    """A namespace change in a directory whose delegation another node holds, proposed through
+    the log by a node that does not hold it: the state machine refuses it, because the holder may
+    have acknowledged changes to that directory the log has not seen yet (docs/delegations.md).
+    Not for applications: the proposer takes the delegation (its hand-over commits the holder's
+    changes first) and proposes again."""
+
+    def __init__(self, directory: int, holder: int) -> None:
+        super().__init__(errno.EAGAIN, f"directory {directory} is delegated to node {holder}")
+        self.directory = directory
+        self.holder = holder

@@ -44,6 +44,7 @@ def apply_rename(sm: StateMachine, txn: lmdb.Transaction[bytes], cmd: c.Rename) 
         raise FsError(errno.EINVAL)
     if cmd.flags & RENAME_WHITEOUT and not cmd.whiteout_ino:
         raise FsError(errno.EINVAL, "a whiteout needs an inode number")
+    sm.check_delegated(txn, cmd.old_parent, cmd.new_parent)
     old_parent = ns.dir_for_entry(txn, cmd.old_parent, cmd.old_name)
     new_parent = old_parent if cmd.new_parent == cmd.old_parent else ns.dir_for_entry(txn, cmd.new_parent, cmd.new_name)
     src_ino = ns.lookup(txn, cmd.old_parent, cmd.old_name)
@@ -64,6 +65,8 @@ def apply_rename(sm: StateMachine, txn: lmdb.Transaction[bytes], cmd: c.Rename) 
         return 0  # two links to one file: POSIX says do nothing
     dst = ns.require_inode(txn, dst_ino) if dst_ino is not None else None
     if dst is not None:
+        if dst.is_dir:
+            sm.check_delegated(txn, dst.ino)  # its emptiness is its holder's to know
         if src.is_dir and not dst.is_dir:
             raise FsError(errno.ENOTDIR)
         if not src.is_dir and dst.is_dir:

@@ -22,7 +22,7 @@ import lmdb
 from awsomefsd.meta import commands as c
 from awsomefsd.meta import filemap
 from awsomefsd.meta.cluster_sm import ClusterTables
-from awsomefsd.meta.errors import FsError
+from awsomefsd.meta.errors import Delegated, FsError
 from awsomefsd.meta.namespace import Namespace
 from awsomefsd.meta.records import (
     MAX_FILE_SIZE_BYTES,
@@ -65,6 +65,7 @@ class StateMachine:
         self.delayed_free_ns = delayed_free_ns
         self.freed_listeners: list[FreedListener] = []
         self.quiet = False  # replaying a batch: listeners already heard these events
+        self._proposer = 0  # the member whose Fenced command is being applied (check_delegated)
         self._counters: dict[bytes, int] = {}
         self._handlers: dict[type, Callable[[lmdb.Transaction[bytes], Any], Any]] = {
             c.Mknod: self._mknod,
@@ -160,6 +161,19 @@ class StateMachine:
                        or txn.get(cookie_key(parent, chosen), db=self.db["cookies"]) is not None):
             raise FsError(errno.EIO, f"readdir cookie {chosen:#x} proposed twice in directory {parent}")
 
+    def check_delegated(self, txn: lmdb.Transaction[bytes], *dirs: int) -> None:
+        """A member may change a directory's entries only if no other member holds its delegation
+        (docs/delegations.md): the holder may have acknowledged changes to it that the log has not
+        seen, and its predictions of them must stay the log's results. Checked first, before the
+        command's other checks: the proposer's view of the directory may be incomplete. Commands
+        no member proposed (one node; a prediction, which runs bare) are not checked."""
+        if not self._proposer:
+            return
+        for directory in dirs:
+            holder = self.cluster.lease_holder(txn, directory) if directory else 0
+            if holder and holder != self._proposer:
+                raise Delegated(directory, holder)
+
     def new_cookie(self, txn: lmdb.Transaction[bytes], chosen: int) -> int:
         """The readdir cookie of a new entry: the proposer's (`check_cookie`), else the log's next."""
         return chosen or self._next(txn, b"cookie_next")
@@ -176,6 +190,7 @@ class StateMachine:
     # -- namespace ------------------------------------------------------------------------------
     def _mknod(self, txn: lmdb.Transaction[bytes], cmd: c.Mknod) -> Inode:
         ns = self.ns
+        self.check_delegated(txn, cmd.parent)
         parent = ns.dir_for_entry(txn, cmd.parent, cmd.name)
         if ns.lookup(txn, cmd.parent, cmd.name) is not None:
             raise FsError(errno.EEXIST)
@@ -209,6 +224,7 @@ class StateMachine:
 
     def _link(self, txn: lmdb.Transaction[bytes], cmd: c.Link) -> Inode:
         ns = self.ns
+        self.check_delegated(txn, cmd.new_parent)
         inode = ns.require_inode(txn, cmd.ino)
         if inode.is_dir:
             raise FsError(errno.EPERM)
@@ -234,11 +250,14 @@ class StateMachine:
     def _unlink(self, txn: lmdb.Transaction[bytes], cmd: c.Unlink) -> int:
         """Returns the inode whose link went away (the caller may purge it once nothing holds it)."""
         ns = self.ns
+        self.check_delegated(txn, cmd.parent)
         parent = ns.dir_for_entry(txn, cmd.parent, cmd.name)
         child_ino = ns.lookup(txn, cmd.parent, cmd.name)
         if child_ino is None:
             raise FsError(errno.ENOENT)
         child = ns.require_inode(txn, child_ino)
+        if child.is_dir:
+            self.check_delegated(txn, child_ino)  # its emptiness is its holder's to know
         self.volumes.check_writable(txn, parent.volume)
         if cmd.is_dir:
             if not child.is_dir:
@@ -477,9 +496,13 @@ class StateMachine:
 
     def _fenced(self, txn: lmdb.Transaction[bytes], cmd: c.Fenced) -> Any:
         self.cluster.check_fenced(txn, cmd)
-        if len(cmd.commands) == 1:
-            return self.apply(txn, cmd.commands[0])
-        return self._batch(txn, c.Batch(cmd.commands))
+        self._proposer = cmd.node
+        try:
+            if len(cmd.commands) == 1:
+                return self.apply(txn, cmd.commands[0])
+            return self._batch(txn, c.Batch(cmd.commands))
+        finally:
+            self._proposer = 0
 
     def group_owners(self, txn: lmdb.Transaction[bytes]) -> dict[int, int]:
         return {int.from_bytes(k, "big"): int.from_bytes(v, "big") for k, v in txn.cursor(self.db["groups"])}

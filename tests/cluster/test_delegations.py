@@ -1,11 +1,15 @@
 """Directory delegations on a real three-node cluster (docs/delegations.md): a node that is the only
 one changing a directory answers at once, and what it acknowledged is what others see and what
 survives: another node that looks finds every acknowledged change, an fsync'd change survives the
-creator's SIGKILL, and two nodes taking turns in one directory each see the other's changes."""
+creator's SIGKILL, nothing acknowledged is lost when the leader is killed under a running pipeline
+(the forwarded batches are sent again to the next leader), and two nodes taking turns in one
+directory each see the other's changes, also when one of them runs in strict coherence mode (which
+delegates nothing but must respect others' delegations)."""
 
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -69,6 +73,20 @@ def test_a_lone_creator_runs_ahead_and_others_see_every_acknowledged_change(clus
     assert " 0 lost" in creator.cli("status").stdout
 
 
+def test_a_readdir_elsewhere_lists_every_acknowledged_change(cluster3: Cluster) -> None:
+    nodes = cluster3.form(3)
+    creator, other = followers(cluster3, nodes)
+    (creator.mount / "listed").mkdir()
+    wait_for(lambda: (other.mount / "listed").is_dir(), 10, "the directory on the other node")
+    for round_ in range(3):
+        names = {f"r{round_}-{i}" for i in range(150)}
+        for name in names:
+            create(creator.mount / "listed" / name)
+        # The readdir comes first: no lookup of these names has moved the delegation before it.
+        listed = {n for n in os.listdir(other.mount / "listed") if n.startswith(f"r{round_}-")}
+        assert listed == names, (round_, len(listed))
+
+
 def test_fsync_makes_what_ran_ahead_survive_the_creator_being_killed(cluster3: Cluster) -> None:
     nodes = cluster3.form(3)
     creator, other = followers(cluster3, nodes)
@@ -88,6 +106,29 @@ def test_fsync_makes_what_ran_ahead_survive_the_creator_being_killed(cluster3: C
     assert all((other.mount / "durable" / name).read_bytes() == b"x" * 100 for name in names[::29])
 
 
+def test_killing_the_leader_loses_nothing_a_follower_acknowledged(cluster3: Cluster) -> None:
+    nodes = cluster3.form(3)
+    leader = cluster3.leader(nodes)
+    creator, other = [n for n in nodes if n is not leader]
+    directory = creator.mount / "through-an-election"
+    directory.mkdir()
+    names = [f"e{i}" for i in range(600)]
+    for name in names[:300]:
+        create(directory / name, name.encode())
+    leader.kill()  # batches are queued or in flight to it now: nothing was synced
+    for name in names[300:]:
+        create(directory / name, name.encode())
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)  # no EIO: every batch reached the next leader
+    finally:
+        os.close(fd)
+    assert metric(creator, "awsomefs_meta_ahead_lost_total") == 0
+    assert sorted(os.listdir(other.mount / "through-an-election")) == sorted(names)
+    for name in names[::41]:
+        assert (other.mount / "through-an-election" / name).read_bytes() == name.encode()
+
+
 def test_two_nodes_taking_turns_in_one_directory_see_each_others_changes(cluster3: Cluster) -> None:
     a, b, _c = cluster3.form(3)
     (a.mount / "shared").mkdir()
@@ -105,3 +146,79 @@ def test_two_nodes_taking_turns_in_one_directory_see_each_others_changes(cluster
     assert sorted(os.listdir(b.mount / "shared")) == expected
     for node in (a, b):
         assert metric(node, "awsomefs_meta_ahead_lost_total") == 0
+
+
+def test_a_strict_node_respects_the_delegations_of_others(cluster3: Cluster) -> None:
+    strict = cluster3.nodes[1]
+    strict.env = {**strict.env, "AWSOMEFS_MOUNT__COHERENCE": "strict"}
+    ahead, strict, _third = cluster3.form(3)
+    (ahead.mount / "mixed").mkdir()
+    wait_for(lambda: (strict.mount / "mixed").is_dir(), 10, "the directory on the strict node")
+    for i in range(8):
+        # Acknowledged ahead of the log on one node; the strict node's exclusive create of the
+        # same name must fail, and its own names must not break the other node's predictions.
+        create(ahead.mount / "mixed" / f"x{i}", b"ahead")
+        with pytest.raises(FileExistsError):
+            create(strict.mount / "mixed" / f"x{i}", b"strict")
+        create(strict.mount / "mixed" / f"s{i}", b"strict")
+        create(ahead.mount / "mixed" / f"y{i}", b"ahead")
+        os.unlink(strict.mount / "mixed" / f"y{i}")
+        with pytest.raises(FileNotFoundError):
+            os.unlink(ahead.mount / "mixed" / f"y{i}")
+    fd = os.open(ahead.mount / "mixed", os.O_RDONLY)
+    try:
+        os.fsync(fd)  # no EIO: nothing the node acknowledged ahead was refused by the log
+    finally:
+        os.close(fd)
+    expected = sorted([f"x{i}" for i in range(8)] + [f"s{i}" for i in range(8)])
+    assert sorted(os.listdir(strict.mount / "mixed")) == expected
+    assert sorted(os.listdir(ahead.mount / "mixed")) == expected
+    assert all((strict.mount / "mixed" / f"x{i}").read_bytes() == b"ahead" for i in range(8))
+    assert metric(ahead, "awsomefs_meta_ahead_lost_total") == 0
+
+
+def test_exclusive_creates_racing_a_strict_node_have_one_winner(cluster3: Cluster) -> None:
+    """Both nodes create the same name with O_EXCL at once, each time after the directory's
+    delegation went back idle: one wins each name, and nothing the other node acknowledged ahead is
+    lost. The strict node's lookup takes the delegation when the other holds it; when its create
+    races the other's taking the delegation instead, the state machine refuses it (Delegated) and
+    it goes again holding the delegation (EEXIST, not a second winner). Without the lookup's
+    recall, this test fails when the refusal or the second try is planted away."""
+    strict = cluster3.nodes[1]
+    strict.env = {**strict.env, "AWSOMEFS_MOUNT__COHERENCE": "strict"}
+    ahead, strict, _third = cluster3.form(3)
+    (ahead.mount / "race").mkdir()
+    wait_for(lambda: (strict.mount / "race").is_dir(), 10, "the directory on the strict node")
+    names = [f"n{i}" for i in range(5)]
+    won: dict[str, list[int]] = {name: [] for name in names}
+
+    def nobody_holds_it() -> bool:
+        # Idle delegations go back after 2 s: then the strict node's lookup has nothing to
+        # recall, and its create races the other node's taking the delegation in the log.
+        return all(node.status()["cluster"]["ahead"]["delegations"] == 0 for node in (ahead, strict))
+
+    start_together = threading.Barrier(2, timeout=60, action=lambda: wait_for(nobody_holds_it, 30, "idle"))
+
+    def creator(node: Node) -> None:
+        for name in names:
+            start_together.wait()
+            try:
+                create(node.mount / "race" / name, str(node.index).encode())
+            except FileExistsError:
+                continue
+            won[name].append(node.index)
+
+    threads = [threading.Thread(target=creator, args=(node,)) for node in (ahead, strict)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    fd = os.open(ahead.mount / "race", os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    assert {name: len(winners) for name, winners in won.items() if len(winners) != 1} == {}
+    for name in names:
+        assert (strict.mount / "race" / name).read_bytes() == str(won[name][0]).encode(), name
+    assert metric(ahead, "awsomefs_meta_ahead_lost_total") == 0

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from awsomefsd.meta import commands as c
-from awsomefsd.meta.errors import FsError
+from awsomefsd.meta.errors import Delegated, FsError
 from awsomefsd.meta.records import ROOT_INO, Extent
 from tests.unit.test_state_machine import DATA_START, Harness
 
@@ -125,3 +125,34 @@ def test_an_orphan_is_deleted_when_every_member_released_it(h: Harness) -> None:
     assert h.apply(c.ExpireNode(2, 14)) == [], "a node that is gone holds nothing open"
     with h.store.env.begin() as txn:
         assert h.sm.ns.get_inode(txn, ino) is None
+
+
+def test_a_delegated_directory_is_changed_only_by_its_holder(h: Harness) -> None:
+    """A member that does not hold a directory's delegation may not change its entries while
+    another does: the holder may have acknowledged changes the log has not seen (Delegated)."""
+    h.apply(c.AddMember("n2", "b:1", "b:2", 6))
+    h.apply(c.AddMember("n3", "c:1", "c:2", 7))
+    held, other = h.ino, h.ino + 1
+    h.apply(fenced(2, 1, c.Mknod(ROOT_INO, b"held", held, stat.S_IFDIR | 0o755, 0, 0, 10, lease_to=2)))
+    h.apply(fenced(2, 1, c.Mknod(ROOT_INO, b"other", other, stat.S_IFDIR | 0o755, 0, 0, 10)))
+    h.apply(fenced(2, 1, c.Mknod(held, b"sub", other + 1, stat.S_IFDIR | 0o755, 0, 0, 11)))
+    h.apply(fenced(2, 1, c.Mknod(other, b"f", other + 2, stat.S_IFREG | 0o644, 0, 0, 11)))
+    refused = [
+        c.Mknod(held, b"g", other + 3, stat.S_IFREG | 0o644, 0, 0, 12),
+        c.Link(other + 2, held, b"l", 12),
+        c.Unlink(held, b"sub", True, 12),
+        c.Unlink(ROOT_INO, b"held", True, 12),  # its emptiness is its holder's to know
+        c.Rename(other, b"f", held, b"f", 0, 12),
+        c.Rename(held, b"sub", other, b"sub", 0, 12),
+    ]
+    for cmd in refused:
+        with pytest.raises(Delegated) as err:
+            h.apply(fenced(3, 1, cmd))
+        assert (err.value.directory, err.value.holder, err.value.errno) in ((held, 2, errno.EAGAIN),), cmd
+    with h.store.env.begin() as txn:
+        assert sorted(name for _, name, _ in h.sm.ns.entries(txn, held)) == [b"sub"]
+    h.apply(fenced(2, 1, c.Mknod(held, b"g", other + 3, stat.S_IFREG | 0o644, 0, 0, 12)))  # the holder's
+    h.apply(fenced(3, 1, c.Mknod(other, b"h", other + 4, stat.S_IFREG | 0o644, 0, 0, 12)))  # not delegated
+    h.apply(c.Mknod(held, b"unfenced", other + 5, stat.S_IFREG | 0o644, 0, 0, 12))  # no member proposed it
+    h.apply(c.ReleaseWriteLease(held, 2))
+    h.apply(fenced(3, 1, c.Mknod(held, b"now", other + 6, stat.S_IFREG | 0o644, 0, 0, 13)))
