@@ -74,9 +74,15 @@ class FsCommands:
         self.observers: list[Observer] = []
         self.before_snapshot: list[Callable[[], None]] = []
         self.on_snapshot: list[Callable[[], None]] = []
+        self.proposed: dict[bytes, object] = {}
+        """This node's commands in flight, by their encoding: their apply here need not decode
+        what was just encoded (a batch's decoding costs as much as its apply). Commands are
+        immutable values, so equal bytes are an equal command."""
 
     def apply(self, txn: lmdb.Transaction[bytes], index: int, command: bytes) -> Any:
-        cmd = codec.decode(command)
+        cmd = self.proposed.get(command)
+        if cmd is None:
+            cmd = codec.decode(command)
         self.applied_commands += 1
         # LocalLog's counter, so `awsomefsd status` reads one applied index whichever log runs.
         txn.put(b"applied", u64(index), db=self.store.db["meta"])
@@ -186,6 +192,13 @@ class ReplicatedFsLog:
             if epoch is not None:
                 command = c.Fenced(self.node.id, epoch, (command,))
         data = codec.encode(command)
+        self.commands.proposed[data] = command
+        try:
+            return await self._propose_encoded(data, leader_only)
+        finally:
+            self.commands.proposed.pop(data, None)
+
+    async def _propose_encoded(self, data: bytes, leader_only: bool) -> tuple[bool, Any]:
         deadline = trio.current_time() + self.stall_s
         stalled = False
         while True:
