@@ -63,15 +63,18 @@ def nemesis_seed() -> int:
 
 
 def replay(seed: int, test: str) -> str:
-    slow = " --slow" if test == "test_nemesis_long" else ""
+    slow = " --slow" if test in ("test_nemesis_long", "test_nemesis_delegations") else ""
     return f"AWSOMEFS_NEMESIS_SEED={seed} .venv/bin/python -m pytest 'tests/cluster/test_nemesis.py::{test}'{slow} -s"
 
 
 def run_nemesis(network: TestNetwork, root: Path, seed: int, test: str,
-                schedule: Callable[[Nemesis], None]) -> None:
-    print(f"\nnemesis seed {seed}; replay: {replay(seed, test)}", flush=True)
+                schedule: Callable[[Nemesis], None], *, coherence: str = "strict") -> None:
+    """`coherence`: the mounts' mode. Strict (no kernel caches) is where the namespace history is
+    promised to be linearizable, and it is checked; in the default mode (close-to-open), nodes
+    change directories under delegations, ahead of the log, and every other check applies."""
+    print(f"\nnemesis seed {seed}, coherence {coherence}; replay: {replay(seed, test)}", flush=True)
     run = Run(seed)
-    with cluster_in(network, root, env={"AWSOMEFS_MOUNT__COHERENCE": "strict"}) as cluster:
+    with cluster_in(network, root, env={"AWSOMEFS_MOUNT__COHERENCE": coherence}) as cluster:
         nodes = cluster.form(3)
         first = nodes[0].mount
         for directory in ("ns", "tmp", "logs"):
@@ -111,9 +114,11 @@ def run_nemesis(network: TestNetwork, root: Path, seed: int, test: str,
                               f"{fsck.stdout[-3000:]}{fsck.stderr[-2000:]}")
     for problem in check_results(entries, run):
         run.violation(problem)
-    lin_problems, keys, undecided = check_linearizable(namespace_operations(entries, run))
-    for problem in lin_problems:
-        run.violation(problem)
+    keys = undecided = 0
+    if coherence == "strict":
+        lin_problems, keys, undecided = check_linearizable(namespace_operations(entries, run))
+        for problem in lin_problems:
+            run.violation(problem)
     log_problems, records = check_logs(entries, contents)
     for problem in log_problems:
         run.violation(problem)
@@ -169,3 +174,23 @@ def test_nemesis_long(netns_network: Callable[[int], TestNetwork], tmp_path: Pat
             nemesis.play([nemesis.rng.choice(KINDS)], QUIET_S)
 
     run_nemesis(netns_network(3), tmp_path, seed, "test_nemesis_long", random_faults)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(int(LONG_MINUTES * 60 + 900))
+@pytest.mark.xfail(reason="known stall: in the default mode, appenders on shared logs wait seconds for write leases "
+                          "and delegations moving between three nodes (docs/delegations.md, Known problems); the "
+                          "data checks pass", strict=False)
+def test_nemesis_delegations(netns_network: Callable[[int], TestNetwork], tmp_path: Path) -> None:
+    """The long run in the default coherence mode: directories change under delegations, ahead of
+    the log, while nodes are killed, paused and cut off (a delegation recalled from a paused or
+    partitioned node must lose or reorder nothing it acknowledged and synced)."""
+    seed = nemesis_seed()
+
+    def random_faults(nemesis: Nemesis) -> None:
+        end = time.monotonic() + LONG_MINUTES * 60
+        while time.monotonic() < end:
+            nemesis.play([nemesis.rng.choice(KINDS)], QUIET_S)
+
+    run_nemesis(netns_network(3), tmp_path, seed, "test_nemesis_delegations", random_faults,
+                coherence="close-to-open")
