@@ -181,11 +181,9 @@ class Operations:
             return await self.meta.run_ahead(command)
         taken: set[int] = set()
         while True:
+            held = nullcontext() if self.coherence is None or not taken else self.coherence.taking(taken)
             try:
-                if not taken:
-                    return await self.meta.propose(command)
-                assert self.coherence is not None
-                async with self.coherence.taking(taken):
+                async with held:
                     return await self.meta.propose(command)
             except Delegated as exc:
                 if self.coherence is None or exc.directory in taken or len(taken) >= MAX_DELEGATION_TRIES:

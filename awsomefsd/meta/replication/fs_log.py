@@ -80,7 +80,7 @@ class FsCommands:
         immutable values, so equal bytes are an equal command."""
 
     def apply(self, txn: lmdb.Transaction[bytes], index: int, command: bytes) -> Any:
-        cmd = self.proposed.get(command)
+        cmd = self.proposed.get(command) if self.proposed else None
         if cmd is None:
             cmd = codec.decode(command)
         self.applied_commands += 1
