@@ -202,6 +202,8 @@ def _collect(core: Core) -> Iterator[Metric]:
     yield counter("awsomefs_device_reads", "device read requests", dev.reads)
     yield counter("awsomefs_device_writes", "device write requests", dev.writes)
     yield gauge("awsomefs_free_blocks", "free data blocks (authoritative)", core.meta.free_blocks())
+    yield counter("awsomefs_withheld_blocks", "blocks reserved for changes whose outcome stayed unknown, kept from "
+                  "reuse until the allocator is rebuilt", core.allocator.withheld_blocks)
     yield gauge("awsomefs_dirty_bytes", "buffered bytes not yet written", core.data.total_dirty_bytes)
     yield gauge("awsomefs_meta_applied_index", "last applied metadata command", core.log.applied_index)
     yield gauge("awsomefs_meta_committed_index", "last durable metadata command", core.log.committed_index)

@@ -12,6 +12,7 @@ import errno
 from collections.abc import Iterable
 
 from awsomefsd.io.layout import DeviceLayout
+from awsomefsd.meta.errors import certainly_not_applied
 from awsomefsd.meta.freespace import MAX_ALLOCATION_BLOCKS, Extent, FreeSpaceMap, check_extent
 
 
@@ -42,6 +43,8 @@ class NodeAllocator:
         self.layout = layout
         self._groups: dict[int, FreeSpaceMap] = {}
         self._last_ag = 0
+        self.withheld_blocks = 0
+        """Blocks reserved for changes whose outcome stayed unknown (`release_after_failure`)."""
         for ag in owned_ags:
             self.grant(ag, free.extents_within(*layout.ag_range(ag)))
 
@@ -100,6 +103,18 @@ class NodeAllocator:
         """Give back reserved extents that were not committed (parts outside the node's groups,
         e.g. of a group revoked meanwhile, are dropped: they were never taken from the state)."""
         self._give(extents)
+
+    def release_after_failure(self, extents: list[Extent], failure: BaseException) -> None:
+        """Settle extents reserved for a change whose proposal raised `failure`: give them back
+        when the change certainly did not commit; otherwise withhold them (counted in
+        `withheld_blocks`). A change whose outcome is unknown may still commit, mapping these
+        blocks: handed out again, they would be overwritten under a committed checksum. Withheld
+        blocks that stayed free in the authoritative map come back when the node rebuilds its
+        allocator (a restart, or its groups granted again)."""
+        if certainly_not_applied(failure):
+            self.release(extents)
+        else:
+            self.withheld_blocks += sum(count for _, count in extents)
 
     def on_freed(self, extents: Iterable[Extent]) -> None:
         """Extents the state machine freed; those in the node's groups become allocatable."""

@@ -96,3 +96,8 @@ class SpaceGuard:
     def release(self, extents: list[tuple[int, int]]) -> None:
         """Give back reserved extents that were not committed."""
         self.allocator.release(extents)
+
+    def release_after_failure(self, extents: list[tuple[int, int]], failure: BaseException) -> None:
+        """Give back extents reserved for a change whose proposal failed, unless it may still
+        commit (`NodeAllocator.release_after_failure`)."""
+        self.allocator.release_after_failure(extents, failure)

@@ -61,7 +61,7 @@ class Truncator:
             cmd = dataclasses.replace(setattr, size=size, tail=tail_ext, now_ns=self.clock_ns())
             try:
                 result: Inode = await self.meta.propose(cmd)
-            except BaseException:
-                self.allocator.release(extents)
+            except BaseException as exc:
+                self.allocator.release_after_failure(extents, exc)
                 raise
         return result

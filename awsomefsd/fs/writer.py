@@ -56,14 +56,18 @@ class RunWriter:
         pieces = _lay_out(block_runs, extents)
         try:
             checksums = await self.io.write_async([(dev, data) for _, dev, _, data in pieces])
-            records = tuple(Extent(fb, dev, n, cs) for (fb, dev, n, _), cs in zip(pieces, checksums))
-            command = c.WriteData(st.ino, records, end, self.clock_ns(), touch=not keep_mtime, mtime_ns=mtime_ns)
+        except BaseException:
+            self.space.release(extents)  # nothing refers to them
+            raise
+        records = tuple(Extent(fb, dev, n, cs) for (fb, dev, n, _), cs in zip(pieces, checksums))
+        command = c.WriteData(st.ino, records, end, self.clock_ns(), touch=not keep_mtime, mtime_ns=mtime_ns)
+        try:
             if self.may_run_ahead(st.ino):
                 await self.meta.run_ahead(command, epoch=epoch, still=lambda: self.may_run_ahead(st.ino))
             else:
                 await self.meta.propose(command, epoch=epoch)
-        except BaseException:
-            self.space.release(extents)
+        except BaseException as exc:
+            self.space.release_after_failure(extents, exc)  # a mapping that may commit keeps them
             raise
 
     async def _block_runs(self, ino: int, size: int, runs: list[Run]) -> list[tuple[int, bytearray]]:

@@ -227,11 +227,14 @@ class AheadLog:
             results = await self._log.propose(c.Batch(tuple(e.command for e in batch)), epoch=epoch)
         except FsError as exc:
             # The whole batch failed (or its fate is unknown): nothing after it may go, or a later
-            # change could commit without an earlier one it was acknowledged after.
-            failed = [*batch, *self._queue]
-            self._queue.clear()
-            for entry in failed:
+            # change could commit without an earlier one it was acknowledged after. Those were
+            # never sent: they certainly failed, whatever the batch's fate.
+            unsent = FsError(errno.EIO, f"not proposed: an earlier change failed ({exc.args[1]})", cause=exc.cause)
+            for entry in batch:
                 self._decide(entry, exc)
+            for entry in self._queue:
+                self._decide(entry, unsent)
+            self._queue.clear()
         else:
             assert len(results) == len(batch), (len(results), len(batch))
             for entry, result in zip(batch, results):

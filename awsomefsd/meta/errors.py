@@ -31,6 +31,23 @@ class FsError(Exception):
         return f"FsError({errno.errorcode.get(self.errno, self.errno)}, {self.args[1]!r})"
 
 
+class OutcomeUnknown(FsError):
+    """EIO for a change whose fate is unknown: the log may still commit it (its proposal timed
+    out, or the node it went through died mid-call). Whatever the change references must be
+    treated as committed: the extents reserved for its data must not go back to the allocator,
+    or a later write could overwrite them after all (`certainly_not_applied`)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(errno.EIO, message, cause="stall")
+
+
+def certainly_not_applied(failure: BaseException) -> bool:
+    """Did the change whose proposal raised `failure` certainly not commit? True for the state
+    machine's refusals and for failures that prove the command never reached the log; False for
+    an unknown outcome and for anything that interrupted the wait (a cancellation)."""
+    return isinstance(failure, FsError) and not isinstance(failure, OutcomeUnknown)
+
+
 class Delegated(FsError):
     """A namespace change in a directory whose delegation another node holds, proposed through
     the log by a node that does not hold it: the state machine refuses it, because the holder may

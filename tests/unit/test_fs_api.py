@@ -26,7 +26,7 @@ from awsomefsd.io.device import BlockDevice, create_image
 from awsomefsd.io.layout import BLOCK_SIZE, MiB
 from awsomefsd.io.superblock import format_device
 from awsomefsd.meta import commands as c
-from awsomefsd.meta.errors import FsError
+from awsomefsd.meta.errors import FsError, OutcomeUnknown
 from awsomefsd.meta.records import ROOT_INO, Inode
 from awsomefsd.node import Core, open_core
 
@@ -256,3 +256,31 @@ async def test_lost_buffered_writes_are_reported_once_to_the_descriptors_open_th
     assert await core.ops.read(later, 0, 10) == b"kept"
     for fh in (f.fh, other, later):
         await core.ops.release(fh)
+
+
+async def test_a_mapping_whose_outcome_is_unknown_keeps_its_blocks_from_the_next_write(core: Core) -> None:
+    """A flush whose WriteData times out may still commit (a cluster's log): its blocks must not be
+    handed out again. If they were, the next append would be written over the block the log then
+    maps, under its checksum, and the file would read EIO for good (a nemesis run found this: the
+    append's tail block is allocated next to the block before it, where the lost one was)."""
+    f = await File.create(core, b"unknown")
+    await f.write(0, b"a" * BLOCK_SIZE)
+    await core.ops.flush(f.fh)
+    propose = core.meta.propose
+
+    async def commit_then_time_out(command: object, *, epoch: int | None = None) -> object:
+        result = await propose(command, epoch=epoch)
+        if isinstance(command, c.WriteData):
+            raise OutcomeUnknown("test: the proposal timed out after it committed")
+        return result
+
+    core.meta.propose = commit_then_time_out  # type: ignore[method-assign]
+    await f.write(BLOCK_SIZE, b"b" * 100)
+    with pytest.raises(FsError) as info:
+        await core.ops.flush(f.fh)
+    assert info.value.errno == errno.EIO
+    core.meta.propose = propose  # type: ignore[method-assign]
+    await f.write(BLOCK_SIZE + 100, b"c" * 100)
+    await core.ops.flush(f.fh)
+    await f.check()  # the mapping that timed out committed: its bytes are the file's
+    assert core.allocator.withheld_blocks == 1

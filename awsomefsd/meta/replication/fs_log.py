@@ -43,7 +43,7 @@ import trio
 
 from awsomefsd.meta import codec
 from awsomefsd.meta import commands as c
-from awsomefsd.meta.errors import FsError
+from awsomefsd.meta.errors import FsError, OutcomeUnknown
 from awsomefsd.meta.raft import Message, Ready
 from awsomefsd.meta.records import u64
 from awsomefsd.meta.replication.driver import RaftNode
@@ -206,8 +206,7 @@ class ReplicatedFsLog:
                 result: tuple[bool, Any] = await self.node.propose(data, forward=not leader_only)
                 return result
             except ProposalTimeout as exc:
-                raise FsError(errno.EIO, f"metadata proposal not applied in time (its outcome is unknown): {exc}",
-                              cause="stall") from None
+                raise OutcomeUnknown(f"metadata proposal not applied in time (its outcome is unknown): {exc}") from None
             except (NotLeader, ProposalLost) as exc:
                 if leader_only:
                     raise FsError(errno.EIO, f"not proposed: this node no longer leads ({exc})", cause="stall") from None
