@@ -396,17 +396,11 @@ class ClusterCoherence:
 
     # --- observing applied commands (inside the apply transaction: queue only) -----------------
     def observe(self, command: object, result: Any, mine: bool) -> None:
+        """One applied command (the log unwraps batches: `commands.applied`)."""
         if isinstance(result, FsError):
             self._count_refusal(result, mine)
             return
-        if isinstance(command, c.Batch) and isinstance(result, list):
-            for inner, outcome in zip(command.commands, result):
-                if isinstance(outcome, FsError):
-                    self._count_refusal(outcome, mine)
-                else:
-                    self._observe_one(inner, outcome)
-        else:
-            self._observe_one(command, result)
+        self._observe_one(command, result)
         if not mine:
             self.invalidator.submit(self._safe(targets(command, result)))
 

@@ -138,16 +138,8 @@ def _snapshot_dir(cmd: c.CreateSnapshot | c.DeleteSnapshot, result: Any) -> list
     return [Target.entry(SNAPSHOTS_INO, snapshot_dir_name(cmd.snapshot)), Target.attr_only(SNAPSHOTS_INO)]
 
 
-def _batch(cmd: c.Batch, result: Any) -> list[Target]:
-    results = result if isinstance(result, list) and len(result) == len(cmd.commands) else [None] * len(cmd.commands)
-    return [t for sub, res in zip(cmd.commands, results) for t in targets(sub, res)]
-
-
-def _fenced(cmd: c.Fenced, result: Any) -> list[Target]:
-    """The state machine applies one wrapped command as itself and several as a Batch."""
-    if len(cmd.commands) == 1:
-        return targets(cmd.commands[0], result)
-    return _batch(c.Batch(cmd.commands), result)
+def _carried(cmd: c.Batch | c.Fenced, result: Any) -> list[Target]:
+    return [t for sub, res in c.applied(cmd, result) for t in targets(sub, res)]
 
 
 RULES: dict[type, Rule] = {
@@ -165,8 +157,8 @@ RULES: dict[type, Rule] = {
     c.DeleteVolume: _volume_dir,
     c.CreateSnapshot: _snapshot_dir,
     c.DeleteSnapshot: _snapshot_dir,
-    c.Batch: _batch,
-    c.Fenced: _fenced,
+    c.Batch: _carried,
+    c.Fenced: _carried,
     # space, allocation, membership and leases: tables the kernel never caches (nor statfs). A
     # write lease moving on changes no cached bytes; the holder's flush arrives as WriteData.
     c.ReserveInodes: _nothing,

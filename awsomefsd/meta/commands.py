@@ -8,7 +8,9 @@ state reaches the same state. The state machine validates each command against t
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 from awsomefsd.meta.records import Extent
 
@@ -356,3 +358,22 @@ Command = (
     | RemoveMember | SetJoinVerifier | RenewLease | ExpireNode | ClaimGroups | AcquireWriteLease
     | ReleaseWriteLease | ReleaseOrphans | Fenced
 )
+
+
+def applied(command: object, result: Any) -> Iterator[tuple[object, Any]]:
+    """Each command that `command` carries, with its own result: Batch and Fenced unwrapped at any
+    depth. The state machine applies one wrapped command as itself and several as a Batch (a list
+    of results, an FsError in place of each refused one); a wrapper refused as a whole (an expired
+    lease epoch) refuses everything it carries. Observers of the log see commands this way: a
+    hand-over proposed while changes wait in the pipeline arrives nested in the pipeline's Batch."""
+    if isinstance(command, Fenced) and len(command.commands) == 1:
+        yield from applied(command.commands[0], result)
+    elif isinstance(command, (Batch, Fenced)):
+        if isinstance(result, list) and len(result) == len(command.commands):
+            for sub, outcome in zip(command.commands, result):
+                yield from applied(sub, outcome)
+        else:
+            for sub in command.commands:
+                yield from applied(sub, result)
+    else:
+        yield command, result

@@ -60,8 +60,9 @@ class SimLog:
         except FsError as exc:
             result = exc
         self.applied.append((command, result))
-        for n, member in self.members.items():
-            member.observe(command, result, n == node)
+        for one, outcome in c.applied(command, result):  # as the log hands them to observers
+            for n, member in self.members.items():
+                member.observe(one, outcome, n == node)
         return result
 
 

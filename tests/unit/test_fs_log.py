@@ -147,3 +147,20 @@ async def test_status_shows_term_leader_indexes_and_match(tmp_path: Path) -> Non
     assert meta["applied_index"] == log.applied_index
     (row,) = _raft_rows(raft)
     assert row[1].startswith(f"term {raft['term']}, leader 1, commit {raft['commit_index']}")
+
+
+async def test_observers_see_each_command_a_nested_batch_carries(tmp_path: Path) -> None:
+    """A command proposed while others wait in the pipeline (a write lease's hand-over, a claim of
+    allocation groups) reaches the log inside the pipeline's Batch: observers must still see it,
+    with its own result. (Unseen, a hand-over left its new holder waiting for its next request,
+    2 s later, and a claim's groups never reached the allocator.)"""
+    _, _, log = open_fs_log(tmp_path / "m")
+    seen: list[tuple[object, object]] = []
+    log.commands.observers.append(lambda command, result, _mine: seen.append((command, result)))
+    inner = c.Batch((mknod(100, b"a"), mknod(101, b"a")))
+    async with running(log):
+        result = await log.propose(c.Batch((mknod(102, b"b"), inner)))
+    assert [type(r) for r in result] == [type(result[0]), list]
+    assert [command for command, _ in seen] == [mknod(102, b"b"), mknod(100, b"a"), mknod(101, b"a")]
+    assert seen[1][1].ino == 100
+    assert isinstance(seen[2][1], FsError) and seen[2][1].errno == errno.EEXIST

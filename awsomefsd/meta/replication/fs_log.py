@@ -60,7 +60,8 @@ GROW_HEADROOM_BYTES = 128 << 20
 LEADER_WAIT_S = 30.0
 STALL_S = 30.0
 Observer = Callable[[object, Any, bool], None]
-"""(command, result or FsError, proposed by this node) after each apply, inside its transaction."""
+"""(command, result or FsError, proposed by this node) after each apply, inside its transaction:
+each command a Batch or Fenced carried, one by one (`commands.applied`)."""
 
 
 class FsCommands:
@@ -92,9 +93,9 @@ class FsCommands:
             outcome = False, exc
         if self.observers:
             mine = isinstance(cmd, c.Fenced) and cmd.node == self.node_id
-            inner = cmd.commands[0] if isinstance(cmd, c.Fenced) and len(cmd.commands) == 1 else cmd
-            for observe in self.observers:
-                observe(inner, outcome[1], mine)
+            for one, result in c.applied(cmd, outcome[1]):
+                for observe in self.observers:
+                    observe(one, result, mine)
         return outcome
 
     def install_snapshot(self, staged: Path) -> lmdb.Environment:
