@@ -178,9 +178,6 @@ def test_nemesis_long(netns_network: Callable[[int], TestNetwork], tmp_path: Pat
 
 @pytest.mark.slow
 @pytest.mark.timeout(int(LONG_MINUTES * 60 + 900))
-@pytest.mark.xfail(reason="known stall: in the default mode, appenders on shared logs wait seconds for write leases "
-                          "and delegations moving between three nodes (docs/delegations.md, Known problems); the "
-                          "data checks pass", strict=False)
 def test_nemesis_delegations(netns_network: Callable[[int], TestNetwork], tmp_path: Path) -> None:
     """The long run in the default coherence mode: directories change under delegations, ahead of
     the log, while nodes are killed, paused and cut off (a delegation recalled from a paused or
