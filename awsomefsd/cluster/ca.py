@@ -338,16 +338,30 @@ def verify_node_cert(
     The TLS handshake already checks the chain; this is the same judgement for callers that hold a
     certificate outside a handshake (tests, `awsomefsd status`, the revocation guard).
     """
+    identity = issued_node_identity(cert, ca_cert)
+    check_current(cert, revocations, now=now)
+    return identity
+
+
+def issued_node_identity(cert: x509.Certificate, ca_cert: x509.Certificate) -> NodeIdentity:
+    """The node `cert` names, once its signature is `ca_cert`'s and it names that CA's cluster:
+    the part of `verify_node_cert` that never changes for one certificate and one CA (a caller
+    may remember it; see tls.authenticated_peer)."""
     try:
         cert.verify_directly_issued_by(ca_cert)
     except (ValueError, TypeError, InvalidSignature) as exc:
         raise CertificateError(f"not issued by this cluster's CA ({type(exc).__name__})") from exc
-    at = now or _now()
-    if not cert.not_valid_before_utc <= at <= cert.not_valid_after_utc:
-        raise CertificateError("certificate is not valid at this time")
     identity = identity_of(cert)
     if identity.cluster_id != ca_cluster_id(ca_cert):
         raise CertificateError(f"certificate names cluster {identity.cluster_id}, not this one")
+    return identity
+
+
+def check_current(cert: x509.Certificate, revocations: Revocations | None = None, *,
+                  now: datetime.datetime | None = None) -> None:
+    """The part of `verify_node_cert` that changes with time: valid now, and not revoked."""
+    at = now or _now()
+    if not cert.not_valid_before_utc <= at <= cert.not_valid_after_utc:
+        raise CertificateError("certificate is not valid at this time")
     if revocations is not None and revocations.is_revoked(cert.serial_number):
         raise CertificateError(f"certificate serial {cert.serial_number:x} is revoked")
-    return identity

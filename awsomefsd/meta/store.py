@@ -67,19 +67,23 @@ class MetaStore:
         self.readonly = readonly
         self.created = not existing
         self.db = {name: self.env.open_db(name.encode(), create=not readonly) for name in TABLES}
+        self._page_bytes = int(self.env.stat()["psize"])
 
     @property
     def map_size_bytes(self) -> int:
         return int(self.env.info()["map_size"])
 
-    def used_bytes(self) -> int:
+    def needs_growth(self, headroom_bytes: int = 0) -> bool:
+        """Is the map more than half used (plus headroom)? One `env.info()`: cheap enough to ask
+        before every transaction (the Raft log does)."""
         info = self.env.info()
-        return (int(info["last_pgno"]) + 1) * int(self.env.stat()["psize"])
+        used = (int(info["last_pgno"]) + 1) * self._page_bytes
+        return used + headroom_bytes > int(info["map_size"]) * GROW_WHEN_USED_FRACTION
 
     def grow_if_needed(self, headroom_bytes: int = 0) -> bool:
         """Double the map while it is more than half used (plus headroom). Call with no txn open."""
         grew = False
-        while self.used_bytes() + headroom_bytes > self.map_size_bytes * GROW_WHEN_USED_FRACTION:
+        while self.needs_growth(headroom_bytes):
             new_size = min(self.map_size_bytes * 2, MAX_MAP_BYTES)
             if new_size == self.map_size_bytes:
                 break

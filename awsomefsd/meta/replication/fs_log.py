@@ -251,7 +251,7 @@ class ReplicatedFsLog:
     def _before_persist(self, rd: Ready) -> None:
         if self.before_commit is not None and rd.entries:
             self.before_commit()
-        if self.store.used_bytes() + GROW_HEADROOM_BYTES > self.store.map_size_bytes / 2:
+        if self.store.needs_growth(GROW_HEADROOM_BYTES):
             self._read = None  # no transaction may be open while the map grows
             self.store.grow_if_needed(GROW_HEADROOM_BYTES)
 
