@@ -213,7 +213,8 @@ def awsomefs_target(workdir: Path, size: str, command: list[str], deadline_s: fl
     run(["rm", "-rf", str(state)], check=False)
     mount.mkdir(parents=True, exist_ok=True)
     state.mkdir(parents=True)
-    argv = [*command, "dev", "--mount", str(mount), "--state", str(state), "--size", size]
+    # Any free metrics port: the default (9337) may be held by another daemon on this machine.
+    argv = [*command, "dev", "--mount", str(mount), "--state", str(state), "--size", size, "--metrics-port", "0"]
     daemon = _spawn(argv, mount, workdir / "awsomefsd.log")
     try:
         _wait_ready(daemon, deadline_s)
