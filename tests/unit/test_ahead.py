@@ -21,7 +21,7 @@ import trio
 from awsomefsd.meta import commands as c
 from awsomefsd.meta.ahead import can_run_ahead
 from awsomefsd.meta.client import MetaClient
-from awsomefsd.meta.errors import FsError
+from awsomefsd.meta.errors import FsError, OutcomeUnknown, certainly_not_applied
 from awsomefsd.meta.overlay import Overlay, OverlayTxn
 from awsomefsd.meta.records import ROOT_INO, Extent
 from awsomefsd.meta.replication.fs_log import ReplicatedFsLog
@@ -263,9 +263,10 @@ class ScriptedLog:
     """A log that commits through a real state machine and fails the proposals it is told to:
     what the pipeline sends, and in which order, is what is checked."""
 
-    def __init__(self, path: Path, fail_batches: set[int]) -> None:
+    def __init__(self, path: Path, fail_batches: set[int], *, failure: FsError | None = None) -> None:
         self.reference = Reference(path)
         self.fail_batches = fail_batches
+        self.failure = failure or FsError(errno.EIO, "the log refused the batch (fenced)")
         self.batches: list[tuple[object, ...]] = []
         self.release = trio.Event()
         self.proposing = trio.Event()  # a proposal waits for `release`
@@ -290,7 +291,7 @@ class ScriptedLog:
         assert isinstance(command, c.Batch), "the pipeline proposes batches"
         self.batches.append(command.commands)
         if len(self.batches) in self.fail_batches:
-            raise FsError(errno.EIO, "the log refused the batch (fenced)")
+            raise self.failure
         return self.reference.apply(command)
 
 
@@ -325,3 +326,43 @@ async def test_a_failed_batch_fails_everything_queued_after_it_and_nothing_after
         await meta.barrier()
         assert [len(b) for b in log.batches] == [1, 3, 1] and meta.lookup(ROOT_INO, b"f6") == first + 6
         nursery.cancel_scope.cancel()
+
+
+async def test_only_the_batch_whose_outcome_is_unknown_may_have_committed(tmp_path: Path) -> None:
+    """A batch whose proposal timed out may still commit: its own changes hear OutcomeUnknown (a
+    flush then keeps its blocks from reuse). What was queued behind it was never sent: those hear
+    a failure that is certain, and may give back what they reserved."""
+    log = ScriptedLog(tmp_path / "log", fail_batches={1}, failure=OutcomeUnknown("test: timed out"))
+    first, _ = log.reference.apply(c.ReserveInodes(1000))
+    meta = MetaClient(log, log.reference.sm)  # type: ignore[arg-type]
+    outcomes: dict[str, BaseException] = {}
+
+    async def propose(name: str, command: object) -> None:
+        try:
+            await meta.propose(command)
+        except FsError as exc:
+            outcomes[name] = exc
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(meta.run_pipeline)
+        await meta.run_ahead(c.Mknod(ROOT_INO, b"a", first, stat.S_IFREG | 0o644, 0, 0, 5,
+                                     cookie=c.delegated_cookie(first)))
+        with trio.fail_after(5):
+            await log.proposing.wait()  # batch 1 is on its way
+        nursery.start_soon(propose, "queued", c.SetAttr(ROOT_INO, 6, mode=0o755))
+        await wait_until_one_is_queued_behind(meta)
+        log.release.set()
+        with trio.fail_after(5):
+            while "queued" not in outcomes:
+                await trio.sleep(0.001)
+        assert not certainly_not_applied(OutcomeUnknown("x"))
+        assert certainly_not_applied(outcomes["queued"]), outcomes["queued"]
+        assert [len(b) for b in log.batches] == [1], "the queued change was never sent"
+        nursery.cancel_scope.cancel()
+
+
+async def wait_until_one_is_queued_behind(meta: MetaClient) -> None:
+    """Until the pipeline holds a change besides the one in flight."""
+    with trio.fail_after(5):
+        while meta.ahead.pending < 2:
+            await trio.sleep(0.001)
