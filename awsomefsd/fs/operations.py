@@ -400,7 +400,7 @@ class Operations:
     async def opendir(self, ino: int) -> int:
         if not self.inode(ino).is_dir:
             raise FsError(errno.ENOTDIR)
-        if self.coherence is not None and not self.coherence.strict:
+        if self.coherence is not None:
             await self._look_at_directory(ino)
         return self._open_handle(ino, os.O_RDONLY)
 
