@@ -57,6 +57,11 @@ class MountSettings(BaseModel):
     attr_timeout_s: float = Field(60.0, ge=0, le=3600)
     negative_timeout_s: float | None = Field(None, ge=0, le=3600, description="how long the kernel caches "
                                              "'no such file'; default: entry_timeout_s (0 on cluster members)")
+    transport: Literal["kernel", "pyfuse3"] = Field(
+        "kernel",
+        description="how requests reach the daemon: 'kernel', our own session on /dev/fuse (needs root); "
+        "'pyfuse3', libfuse through pyfuse3 (mounts through fusermount3; the fallback)",
+    )
     coherence: Literal["close-to-open", "strict"] = Field(
         "close-to-open",
         description="cluster mounts only (docs/coherence.md): 'close-to-open' caches names and attributes "

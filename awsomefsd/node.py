@@ -247,27 +247,24 @@ async def serve(core: Core, settings: Settings, *, ready: Callable[[str], None] 
     before the file system exists, to receive its state). `purge_orphans`: delete the inodes an
     unclean stop left unlinked but unfreed; only a node that knows no other node may hold them open
     does that (a cluster member does not)."""
-    import pyfuse3
-
-    from awsomefsd.fuse.adapter import FuseAdapter
     from awsomefsd.fuse.eio import EioReporter
     from awsomefsd.fuse.mount import prepare_mount_point, tune_bdi
+    from awsomefsd.fuse.transport import make_transport
 
     mount = settings.mount.path
     if mount is None:
         raise NodeError("no mount point configured: set [mount] path or --mount")
     prepare_mount_point(mount)
-    adapter = FuseAdapter(core.ops, entry_timeout_s=settings.mount.entry_timeout_s,
-                          attr_timeout_s=settings.mount.attr_timeout_s,
-                          negative_timeout_s=settings.mount.negative_timeout_s, observe=core.metrics.observe_fuse,
-                          report_eio=EioReporter(core.duties.node, core.metrics.count_eio))
-    options = {"fsname=awsomefs", "subtype=awsomefs", "default_permissions", "noatime"}
-    if settings.mount.allow_other:
-        options.add("allow_other")
+    transport = make_transport(settings.mount.transport, core.ops, mount, allow_other=settings.mount.allow_other,
+                               entry_timeout_s=settings.mount.entry_timeout_s,
+                               attr_timeout_s=settings.mount.attr_timeout_s,
+                               negative_timeout_s=settings.mount.negative_timeout_s,
+                               observe=core.metrics.observe_fuse,
+                               report_eio=EioReporter(core.duties.node, core.metrics.count_eio))
     # Resolved before mounting: once mounted, a stat of the mount point waits for the kernel's
-    # INIT, which only pyfuse3.main (below) answers.
+    # INIT, which only the transport's serve (below) answers.
     resolved = mount.resolve()
-    pyfuse3.init(adapter, str(mount), options)
+    transport.mount()
     mounted = True
     record = settings.node.state_dir / MOUNT_RECORD
     record.write_text(f"{resolved}\n")
@@ -277,7 +274,7 @@ async def serve(core: Core, settings: Settings, *, ready: Callable[[str], None] 
                 await nursery.start(core.log.run)
             # the flusher (FileData.run: timer, background flushes, compactor) restarts after an error
             await nursery.start(functools.partial(supervise, "flusher", core.data.run, book=core.duties))
-            # Before pyfuse3.main runs no request is served, so this still precedes any access;
+            # Before the transport serves no request is served, so this still precedes any access;
             # it needs the log running (a Raft log orders commands only once it leads).
             purged = await core.ops.purge_orphans() if purge_orphans else 0
             if purged:
@@ -295,8 +292,8 @@ async def serve(core: Core, settings: Settings, *, ready: Callable[[str], None] 
             nursery.start_soon(_watchdog)
 
             async def fuse_main() -> None:
-                await pyfuse3.main()
-                nursery.cancel_scope.cancel()  # unmounted from outside (fusermount -u)
+                await transport.serve()
+                nursery.cancel_scope.cancel()  # unmounted from outside (umount, fusermount -u)
 
             nursery.start_soon(fuse_main)
             # a stat of the root is answered only once the kernel's INIT is done: then we serve
@@ -308,7 +305,7 @@ async def serve(core: Core, settings: Settings, *, ready: Callable[[str], None] 
     finally:
         with trio.CancelScope(shield=True):
             if mounted:
-                pyfuse3.close(unmount=True)
+                transport.close()
                 record.unlink(missing_ok=True)
             try:
                 await core.ops.sync_all()

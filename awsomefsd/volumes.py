@@ -25,6 +25,7 @@ import errno
 import hashlib
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -96,10 +97,19 @@ def parse_csi_id(cluster_id: str, kind: Kind, value: str) -> int | None:
 
 def _invalidate_kernel_entry(parent_ino: int, name: bytes) -> None:
     """Drop the kernel's cached dentry (positive or negative) for a directory the state machine
-    created or removed behind the kernel's back; otherwise it lingers for the entry timeout."""
-    import pyfuse3
+    created or removed behind the kernel's back; otherwise it lingers for the entry timeout.
+    On a thread of its own: the kernel may hold the notification until a request about the same
+    directory is answered, and requests are answered on the caller's thread."""
+    from awsomefsd.fuse.invalidate import MOUNTED
 
-    pyfuse3.invalidate_entry_async(parent_ino, name, ignore_enoent=True)
+    def notify() -> None:
+        try:
+            MOUNTED.invalidate_entry(parent_ino, name)
+        except OSError as exc:
+            if exc.errno != errno.ENOENT:
+                log.warning("cannot drop the kernel's entry %r in inode %d: %s", name, parent_ino, exc)
+
+    threading.Thread(target=notify, name="invalidate-entry", daemon=True).start()
 
 
 class CoreVolumes:

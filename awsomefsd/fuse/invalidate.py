@@ -23,7 +23,6 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-import pyfuse3
 import trio
 
 from awsomefsd.meta import commands as c
@@ -196,21 +195,37 @@ def targets(command: object, result: object | None = None) -> list[Target]:
 
 # -- telling the kernel -------------------------------------------------------------------------
 class Kernel(Protocol):
-    """The two FUSE notifications; raise OSError like pyfuse3 (ENOENT: nothing cached)."""
+    """The two FUSE notifications; raise OSError like the kernel (ENOENT: nothing cached)."""
 
     def invalidate_inode(self, ino: int, attr_only: bool) -> None: ...
 
     def invalidate_entry(self, parent: int, name: bytes) -> None: ...
 
 
-class Pyfuse3Kernel:
-    """The mounted session's notifications (pyfuse3 must be initialised)."""
+class MountedKernel:
+    """The notifications of whichever transport serves this process's mount (`attach`); none
+    while nothing is mounted (ENOENT: the kernel caches nothing of ours then). One per process,
+    `MOUNTED`: a daemon serves one mount, and the invalidator exists before the mount does."""
+
+    def __init__(self) -> None:
+        self.target: Kernel | None = None
+
+    def attach(self, target: Kernel | None) -> None:
+        self.target = target
+
+    def _require(self) -> Kernel:
+        if self.target is None:
+            raise OSError(errno.ENOENT, "nothing is mounted")
+        return self.target
 
     def invalidate_inode(self, ino: int, attr_only: bool) -> None:
-        pyfuse3.invalidate_inode(ino, attr_only)
+        self._require().invalidate_inode(ino, attr_only)
 
     def invalidate_entry(self, parent: int, name: bytes) -> None:
-        pyfuse3.invalidate_entry(parent, name)
+        self._require().invalidate_entry(parent, name)
+
+
+MOUNTED = MountedKernel()
 
 
 class Invalidator:
@@ -228,13 +243,13 @@ class Invalidator:
     Counters: `invalidations` (done, ENOENT included: nothing was cached), `errors` (other OSError,
     logged), `dropped`. Use from the trio thread only. Cancel `run()` while FUSE is still served: a
     notification in flight can wait for a request about the same entry, and `run()` waits for it
-    (abandoning the thread could race pyfuse3.close()).
+    (abandoning the thread could race the unmount).
     """
 
     def __init__(self, kernel: Kernel | None = None, *, max_pending: int = MAX_PENDING_TARGETS,
                  batch_targets: int = BATCH_TARGETS) -> None:
         assert max_pending > 0 and batch_targets > 0
-        self.kernel: Kernel = kernel if kernel is not None else Pyfuse3Kernel()
+        self.kernel: Kernel = kernel if kernel is not None else MOUNTED
         self.max_pending = max_pending
         self.batch_targets = batch_targets
         self.invalidations = 0

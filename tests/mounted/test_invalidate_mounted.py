@@ -17,6 +17,7 @@ import pytest
 import trio
 
 from awsomefsd.fuse.invalidate import Invalidator, Target
+from awsomefsd.fuse.transport import Pyfuse3Kernel
 from bench.nullfs import Node, NullFs
 
 pytestmark = [
@@ -54,7 +55,7 @@ async def mounted() -> AsyncIterator[Mounted]:
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(pyfuse3.main)
-            invalidator = Invalidator()
+            invalidator = Invalidator(Pyfuse3Kernel())
             await nursery.start(invalidator.run)
             yield Mounted(fs, base, invalidator)
             nursery.cancel_scope.cancel()

@@ -1,0 +1,290 @@
+"""The raw transport's binding: FUSE requests decoded, calls on `Operations`, answers encoded.
+
+The counterpart of the pyfuse3 adapter (awsomefsd/fuse/adapter.py), with nothing in between:
+each handler takes the request header and its body, calls the filesystem layer and returns the
+answer's payload. Like the adapter it decides no filesystem semantics; it keeps the kernel's
+lookup counts honest (every entry it sends, readdirplus entries included, is one reference the
+kernel forgets later) and converts types.
+"""
+
+from __future__ import annotations
+
+import errno
+import stat
+import time
+
+from awsomefsd.fs.operations import BLOCK_SIZE, Operations
+from awsomefsd.fuse.kernel import abi
+from awsomefsd.fuse.kernel.abi import Body, Fattr, Fopen, Header, Op
+from awsomefsd.fuse.kernel.session import NO_REPLY, Handler, Payload
+from awsomefsd.meta.errors import FsError
+from awsomefsd.meta.records import Inode
+
+SECTORS_PER_BLOCK = BLOCK_SIZE // 512
+XATTR_SIZE_MAX = 65536
+
+
+class KernelHandlers:
+    """Handlers for every opcode we serve, by opcode (`table`)."""
+
+    def __init__(self, ops: Operations, *, entry_timeout_s: float = 60.0, attr_timeout_s: float = 60.0,
+                 negative_timeout_s: float | None = None, cache_dirs: bool = False) -> None:
+        self.ops = ops
+        self.entry_valid = abi.split_seconds(entry_timeout_s)
+        self.attr_valid = abi.split_seconds(attr_timeout_s)
+        self.negative_valid = abi.split_seconds(entry_timeout_s if negative_timeout_s is None else negative_timeout_s)
+        self.cache_dirs = cache_dirs
+        """Let the kernel keep directory listings (FOPEN_CACHE_DIR): only where no other node
+        changes directories behind its back (a single node)."""
+
+    @property
+    def table(self) -> dict[int, Handler]:
+        return {
+            Op.LOOKUP: self.lookup, Op.FORGET: self.forget, Op.BATCH_FORGET: self.batch_forget,
+            Op.GETATTR: self.getattr, Op.SETATTR: self.setattr, Op.READLINK: self.readlink,
+            Op.SYMLINK: self.symlink, Op.MKNOD: self.mknod, Op.MKDIR: self.mkdir, Op.UNLINK: self.unlink,
+            Op.RMDIR: self.rmdir, Op.RENAME: self.rename, Op.RENAME2: self.rename2, Op.LINK: self.link,
+            Op.OPEN: self.open, Op.READ: self.read, Op.WRITE: self.write, Op.STATFS: self.statfs,
+            Op.RELEASE: self.release, Op.FSYNC: self.fsync, Op.SETXATTR: self.setxattr,
+            Op.GETXATTR: self.getxattr, Op.LISTXATTR: self.listxattr, Op.REMOVEXATTR: self.removexattr,
+            Op.FLUSH: self.flush, Op.OPENDIR: self.opendir, Op.READDIR: self.readdir,
+            Op.READDIRPLUS: self.readdirplus, Op.RELEASEDIR: self.releasedir, Op.FSYNCDIR: self.fsyncdir,
+            Op.CREATE: self.create, Op.DESTROY: self.destroy, Op.SYNCFS: self.syncfs,
+        }
+
+    # -- encoding --------------------------------------------------------------------------------
+    def attr(self, inode: Inode) -> bytes:
+        a_s, a_ns = divmod(inode.atime_ns, 1_000_000_000)
+        m_s, m_ns = divmod(inode.mtime_ns, 1_000_000_000)
+        c_s, c_ns = divmod(inode.ctime_ns, 1_000_000_000)
+        return abi.ATTR.pack(inode.ino, inode.size, inode.blocks * SECTORS_PER_BLOCK, a_s, m_s, c_s, a_ns, m_ns, c_ns,
+                             inode.mode, inode.nlink, inode.uid, inode.gid, inode.rdev, BLOCK_SIZE, 0)
+
+    def entry(self, inode: Inode) -> bytes:
+        return abi.ENTRY_OUT.pack(inode.ino, inode.generation, self.entry_valid[0], self.attr_valid[0],
+                                  self.entry_valid[1], self.attr_valid[1]) + self.attr(inode)
+
+    def entry_ref(self, inode: Inode) -> bytes:
+        """An entry answer: the kernel takes a reference it will forget later."""
+        self.ops.remember(inode.ino)
+        return self.entry(inode)
+
+    def attr_out(self, inode: Inode) -> bytes:
+        return abi.ATTR_OUT.pack(self.attr_valid[0], self.attr_valid[1], 0) + self.attr(inode)
+
+    def _negative_entry(self) -> bytes:
+        """'No such name', cached for the negative timeout (nodeid 0)."""
+        return abi.ENTRY_OUT.pack(0, 0, self.negative_valid[0], 0, self.negative_valid[1], 0) + bytes(abi.ATTR.size)
+
+    # -- namespace -------------------------------------------------------------------------------
+    async def lookup(self, h: Header, body: Body) -> Payload:
+        name = body.name()
+        try:
+            inode = await self.ops.lookup(h.nodeid, name)
+        except FsError as exc:
+            if exc.errno != errno.ENOENT or (not self.negative_valid[0] and not self.negative_valid[1]):
+                raise
+            return self._negative_entry()
+        return self.entry_ref(inode)
+
+    async def forget(self, h: Header, body: Body) -> Payload:
+        (count,) = body.take(abi.U64)
+        await self.ops.forget([(h.nodeid, count)])
+        return NO_REPLY
+
+    async def batch_forget(self, h: Header, body: Body) -> Payload:
+        count, _ = body.take(abi.BATCH_FORGET_IN)
+        items = [body.take(abi.FORGET_ONE) for _ in range(count)]
+        await self.ops.forget([(ino, n) for ino, n in items])
+        return NO_REPLY
+
+    async def getattr(self, h: Header, body: Body) -> Payload:
+        return self.attr_out(await self.ops.getattr(h.nodeid))
+
+    async def setattr(self, h: Header, body: Body) -> Payload:
+        (valid, _, _fh, size, _owner, atime, mtime, _ctime, atimensec, mtimensec, _ctimensec, mode,
+         _u4, uid, gid, _u5) = body.take(abi.SETATTR_IN)
+        now = time.time_ns()
+        atime_ns = now if valid & Fattr.ATIME_NOW else atime * 1_000_000_000 + atimensec if valid & Fattr.ATIME else None
+        mtime_ns = now if valid & Fattr.MTIME_NOW else mtime * 1_000_000_000 + mtimensec if valid & Fattr.MTIME else None
+        inode = await self.ops.setattr(
+            h.nodeid,
+            mode=mode if valid & Fattr.MODE else None,
+            uid=uid if valid & Fattr.UID else None,
+            gid=gid if valid & Fattr.GID else None,
+            size=size if valid & Fattr.SIZE else None,
+            atime_ns=atime_ns,
+            mtime_ns=mtime_ns,
+        )
+        return self.attr_out(inode)
+
+    async def readlink(self, h: Header, body: Body) -> Payload:
+        return await self.ops.readlink(h.nodeid)
+
+    async def mknod(self, h: Header, body: Body) -> Payload:
+        mode, rdev, umask, _ = body.take(abi.MKNOD_IN)
+        name = body.name()
+        mode = (mode & ~umask & 0o7777) | (mode & 0o170000)
+        return self.entry_ref(await self.ops.mknod(h.nodeid, name, mode, rdev, h.uid, h.gid))
+
+    async def mkdir(self, h: Header, body: Body) -> Payload:
+        mode, umask = body.take(abi.MKDIR_IN)
+        name = body.name()
+        mode = stat.S_IFDIR | (mode & ~umask & 0o7777)
+        return self.entry_ref(await self.ops.mknod(h.nodeid, name, mode, 0, h.uid, h.gid))
+
+    async def unlink(self, h: Header, body: Body) -> Payload:
+        await self.ops.unlink(h.nodeid, body.name(), is_dir=False)
+        return None
+
+    async def rmdir(self, h: Header, body: Body) -> Payload:
+        await self.ops.unlink(h.nodeid, body.name(), is_dir=True)
+        return None
+
+    async def symlink(self, h: Header, body: Body) -> Payload:
+        name = body.name()
+        target = body.name()
+        return self.entry_ref(await self.ops.symlink(h.nodeid, name, target, h.uid, h.gid))
+
+    async def rename(self, h: Header, body: Body) -> Payload:
+        (new_parent,) = body.take(abi.U64)
+        return await self._rename(h, new_parent, 0, body)
+
+    async def rename2(self, h: Header, body: Body) -> Payload:
+        new_parent, flags, _ = body.take(abi.RENAME2_IN)
+        return await self._rename(h, new_parent, flags, body)
+
+    async def _rename(self, h: Header, new_parent: int, flags: int, body: Body) -> Payload:
+        old_name = body.name()
+        new_name = body.name()
+        await self.ops.rename(h.nodeid, old_name, new_parent, new_name, flags, h.uid, h.gid)
+        return None
+
+    async def link(self, h: Header, body: Body) -> Payload:
+        (old,) = body.take(abi.U64)
+        return self.entry_ref(await self.ops.link(old, h.nodeid, body.name()))
+
+    # -- files -----------------------------------------------------------------------------------
+    def _open_out(self, fh: int, *, keep_cache: bool, direct_io: bool) -> bytes:
+        flags = (Fopen.KEEP_CACHE if keep_cache else 0) | (Fopen.DIRECT_IO if direct_io else 0)
+        return abi.OPEN_OUT.pack(fh, flags, 0)
+
+    async def open(self, h: Header, body: Body) -> Payload:
+        flags, _ = body.take(abi.OPEN_IN)
+        fh = await self.ops.open(h.nodeid, flags)
+        return self._open_out(fh, keep_cache=self.ops.keep_cache(h.nodeid), direct_io=self.ops.direct_io(flags))
+
+    async def create(self, h: Header, body: Body) -> Payload:
+        flags, mode, umask, _ = body.take(abi.CREATE_IN)
+        name = body.name()
+        fh, inode = await self.ops.create(h.nodeid, name, mode & ~umask, flags, h.uid, h.gid)
+        return [self.entry_ref(inode), self._open_out(fh, keep_cache=True, direct_io=self.ops.direct_io(flags))]
+
+    async def read(self, h: Header, body: Body) -> Payload:
+        fh, offset, size, *_ = body.take(abi.READ_IN)
+        return await self.ops.read(fh, offset, size)
+
+    async def write(self, h: Header, body: Body) -> Payload:
+        fh, offset, size, *_ = body.take(abi.WRITE_IN)
+        written = await self.ops.write(fh, offset, body.rest(size))
+        return abi.WRITE_OUT.pack(written, 0)
+
+    async def flush(self, h: Header, body: Body) -> Payload:
+        fh, *_ = body.take(abi.FLUSH_IN)
+        await self.ops.flush(fh)
+        return None
+
+    async def release(self, h: Header, body: Body) -> Payload:
+        fh, *_ = body.take(abi.RELEASE_IN)
+        await self.ops.release(fh)
+        return None
+
+    async def fsync(self, h: Header, body: Body) -> Payload:
+        fh, flags, _ = body.take(abi.FSYNC_IN)
+        await self.ops.fsync(fh, bool(flags & abi.FSYNC_FDATASYNC))
+        return None
+
+    # -- directories -----------------------------------------------------------------------------
+    async def opendir(self, h: Header, body: Body) -> Payload:
+        fh = await self.ops.opendir(h.nodeid)
+        cached = Fopen.CACHE_DIR | Fopen.KEEP_CACHE if self.cache_dirs else 0
+        return abi.OPEN_OUT.pack(fh, cached, 0)
+
+    async def readdir(self, h: Header, body: Body) -> Payload:
+        fh, offset, size, *_ = body.take(abi.READ_IN)
+        records: list[bytes] = []
+        used = 0
+        for next_id, name, inode in self.ops.readdir(fh, offset):
+            record = abi.dirent(inode.ino, next_id, stat.S_IFMT(inode.mode) >> 12, name)
+            if used + len(record) > size:
+                break
+            records.append(record)
+            used += len(record)
+        return b"".join(records)
+
+    async def readdirplus(self, h: Header, body: Body) -> Payload:
+        fh, offset, size, *_ = body.take(abi.READ_IN)
+        records: list[bytes] = []
+        used = 0
+        for next_id, name, inode in self.ops.readdir(fh, offset):
+            record = self.entry(inode) + abi.dirent(inode.ino, next_id, stat.S_IFMT(inode.mode) >> 12, name)
+            if used + len(record) > size:
+                break
+            records.append(record)
+            used += len(record)
+            if name not in (b".", b".."):  # the kernel takes no reference for these
+                self.ops.remember(inode.ino)
+        return b"".join(records)
+
+    async def releasedir(self, h: Header, body: Body) -> Payload:
+        fh, *_ = body.take(abi.RELEASE_IN)
+        await self.ops.releasedir(fh)
+        return None
+
+    async def fsyncdir(self, h: Header, body: Body) -> Payload:
+        await self.ops.sync_all()
+        return None
+
+    async def syncfs(self, h: Header, body: Body) -> Payload:
+        await self.ops.sync_all()
+        return None
+
+    # -- extended attributes -----------------------------------------------------------------------
+    async def setxattr(self, h: Header, body: Body) -> Payload:
+        size, flags = body.take(abi.SETXATTR_IN_COMPAT)  # we do not ask for SETXATTR_EXT
+        name = body.name()
+        await self.ops.setxattr(h.nodeid, name, body.rest(size), flags)
+        return None
+
+    async def getxattr(self, h: Header, body: Body) -> Payload:
+        size, _ = body.take(abi.GETXATTR_IN)
+        return self._sized(await self.ops.getxattr(h.nodeid, body.name()), size)
+
+    async def listxattr(self, h: Header, body: Body) -> Payload:
+        size, _ = body.take(abi.GETXATTR_IN)
+        names = await self.ops.listxattr(h.nodeid)
+        return self._sized(b"".join(n + b"\0" for n in names), size)
+
+    @staticmethod
+    def _sized(value: bytes, size: int) -> bytes:
+        """getxattr/listxattr: size 0 asks for the length; a smaller buffer is ERANGE."""
+        if size == 0:
+            return abi.GETXATTR_OUT.pack(len(value), 0)
+        if len(value) > size:
+            raise FsError(errno.ERANGE)
+        return value
+
+    async def removexattr(self, h: Header, body: Body) -> Payload:
+        await self.ops.removexattr(h.nodeid, body.name())
+        return None
+
+    # -- the filesystem ----------------------------------------------------------------------------
+    async def statfs(self, h: Header, body: Body) -> Payload:
+        s = self.ops.statfs()
+        return abi.STATFS_OUT.pack(s.total_blocks, s.free_blocks, s.free_blocks, s.total_inodes, s.free_inodes,
+                                   s.block_size, s.name_max, s.block_size, 0)
+
+    async def destroy(self, h: Header, body: Body) -> Payload:
+        await self.ops.sync_all()
+        return None
+

@@ -1,0 +1,272 @@
+"""One FUSE session on /dev/fuse: INIT, then requests read and answered concurrently on trio.
+
+How requests are served (the reasons, measured, are in docs/design-notes.md):
+- **One reader, a task per request.** The descriptor is non-blocking; the reader reads until
+  EAGAIN and starts a task for each request, so a request that waits (a lease, the log, the
+  device) does not hold up the others. At most `max_in_flight` run at once; past that the reader
+  stops reading and the kernel keeps the rest queued.
+- **Answers** are one writev each (header and payload, no copy of a read's data). An answer the
+  kernel no longer wants (the request was aborted: ENOENT) is dropped silently.
+- **Bad requests** (shorter than their structures, a name without its NUL) are answered EINVAL
+  and logged; an opcode we do not serve is answered ENOSYS and logged once. Nothing a request
+  carries can end the session.
+- **INTERRUPT** cancels the request it names if that request only reads (its handler holds no
+  state a cancellation could tear; `INTERRUPTIBLE`); the request then answers EINTR. Others finish.
+- **The end**: the kernel answers a read with ENODEV once the filesystem is unmounted (by us or
+  by `umount`); `serve` then returns.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+
+from awsomefsd.fuse.kernel import abi
+from awsomefsd.fuse.kernel.abi import Body, Header, Init, Malformed, Op
+from awsomefsd.meta.errors import FsError
+
+log = logging.getLogger(__name__)
+
+MAX_PAGES = 256
+"""Pages per request: 1 MiB reads and writes."""
+PAGE = 4096
+MAX_WRITE = MAX_PAGES * PAGE
+READ_BUFFER = MAX_WRITE + PAGE  # the kernel wants room for a full write and its headers
+MAX_IN_FLIGHT = 256
+MAX_BACKGROUND = 64
+"""Asynchronous requests (read-ahead, direct I/O) the kernel keeps in flight to us."""
+READS_PER_CHECKPOINT = 64
+INTERRUPTIBLE = frozenset({Op.LOOKUP, Op.GETATTR, Op.READLINK, Op.READ, Op.READDIR, Op.READDIRPLUS,
+                           Op.GETXATTR, Op.LISTXATTR, Op.STATFS, Op.ACCESS, Op.LSEEK})
+
+NO_REPLY: Any = type("NoReply", (), {"__repr__": lambda self: "NO_REPLY"})()
+"""What a handler returns for a request the kernel expects no answer to (FORGET)."""
+Payload = bytes | list[bytes] | None
+Handler = Callable[[Header, Body], Awaitable[Payload]]
+ObserveFn = Callable[[str, float, int], None]
+ReportEioFn = Callable[[str, Header, FsError], None]
+
+WANTED = (Init.ASYNC_READ | Init.ATOMIC_O_TRUNC | Init.EXPORT_SUPPORT | Init.BIG_WRITES
+          | Init.AUTO_INVAL_DATA | Init.DO_READDIRPLUS | Init.READDIRPLUS_AUTO | Init.ASYNC_DIO
+          | Init.PARALLEL_DIROPS | Init.MAX_PAGES | Init.ABORT_ERROR)
+"""Capabilities we ask for when the kernel offers them (docs/fuse-transport.md says why each)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Negotiated:
+    """What INIT settled: the kernel's protocol minor and the capabilities both sides have."""
+
+    minor: int
+    flags: int
+    max_write: int
+
+    def has(self, flag: int) -> bool:
+        return bool(self.flags & flag)
+
+
+class ProtocolError(Exception):
+    """The kernel speaks a protocol we cannot (too old), or did not start with INIT."""
+
+
+class Session:
+    """Serves `handlers` (opcode -> handler) on the /dev/fuse descriptor `fd` (non-blocking)."""
+
+    def __init__(self, fd: int, handlers: dict[int, Handler], *, observe: ObserveFn | None = None,
+                 report_eio: ReportEioFn | None = None, max_in_flight: int = MAX_IN_FLIGHT) -> None:
+        self.fd = fd
+        self.handlers = handlers
+        self.observe = observe
+        self.report_eio = report_eio
+        self.negotiated: Negotiated | None = None
+        self._buffer = bytearray(READ_BUFFER)
+        self._slots = trio.Semaphore(max_in_flight)
+        self._in_flight: dict[int, tuple[int, trio.CancelScope]] = {}  # unique -> (opcode, scope)
+        self._unsupported: set[int] = set()
+        self.requests = 0
+        self.malformed = 0
+        self.interrupted = 0
+
+    # -- reading -------------------------------------------------------------------------------
+    def _read(self) -> bytes | None:
+        """One request, or None when none is queued. Raises EOFError once unmounted."""
+        while True:
+            try:
+                n = os.readv(self.fd, [self._buffer])
+            except BlockingIOError:
+                return None
+            except OSError as exc:
+                if exc.errno in (errno.ENOENT, errno.EINTR):  # aborted before we read it
+                    continue
+                if exc.errno == errno.ENODEV:
+                    raise EOFError from None
+                raise
+            if n == 0:
+                raise EOFError
+            return bytes(memoryview(self._buffer)[:n])
+
+    async def _next(self) -> bytes:
+        while True:
+            data = self._read()
+            if data is not None:
+                return data
+            await trio.lowlevel.wait_readable(self.fd)
+
+    # -- INIT ----------------------------------------------------------------------------------
+    async def negotiate(self) -> Negotiated:
+        """Answer the kernel's INIT (the first request after mount)."""
+        while True:
+            data = await self._next()
+            header = abi.parse_header(data)
+            if header.opcode != Op.INIT:
+                raise ProtocolError(f"the kernel's first request was {abi.OP_NAMES.get(header.opcode, header.opcode)}, not INIT")
+            body = Body(data)
+            major, minor, max_readahead, flags = body.take(abi.INIT_IN)
+            if major > abi.MAJOR:  # a newer major: tell it ours, it asks again
+                self._write([abi.reply(header.unique, abi.INIT_OUT.pack(abi.MAJOR, abi.MINOR, 0, 0, 0, 0, 0, 0, 0, 0, 0))])
+                continue
+            if major < abi.MAJOR or minor < abi.MIN_MINOR:
+                self._write([abi.error_reply(header.unique, errno.EPROTO)])
+                raise ProtocolError(f"the kernel speaks FUSE {major}.{minor}; we need {abi.MAJOR}.{abi.MIN_MINOR} or later")
+            agreed = flags & WANTED
+            minor = min(minor, abi.MINOR)
+            self.negotiated = Negotiated(minor, agreed, MAX_WRITE)
+            out = abi.INIT_OUT.pack(abi.MAJOR, minor, max_readahead, agreed, MAX_BACKGROUND,
+                                    MAX_BACKGROUND * 3 // 4, MAX_WRITE, 1, MAX_PAGES, 0, 0)
+            self._write([abi.reply(header.unique, out)])
+            log.info("FUSE session: protocol 7.%d, capabilities %#x, requests up to %d KiB", minor, agreed, MAX_WRITE >> 10)
+            return self.negotiated
+
+    # -- serving -------------------------------------------------------------------------------
+    async def serve(self, *, task_status: trio.TaskStatus[Negotiated] = trio.TASK_STATUS_IGNORED) -> None:
+        """INIT, then serve until the filesystem is unmounted. Requests in flight then finish
+        (their answers go nowhere; a change half made is worse than one made unheard)."""
+        negotiated = await self.negotiate()
+        task_status.started(negotiated)
+        async with trio.open_nursery() as nursery:
+            await self._read_requests(nursery)
+        log.info("FUSE session ended: the filesystem was unmounted")
+
+    async def _read_requests(self, nursery: trio.Nursery) -> None:
+        read_since_checkpoint = 0
+        while True:
+            await self._slots.acquire()
+            try:
+                data = self._read()
+                if data is None:
+                    read_since_checkpoint = 0
+                    data = await self._next()
+            except EOFError:
+                self._slots.release()
+                return
+            except BaseException:
+                self._slots.release()
+                raise
+            self.requests += 1
+            self._dispatch(nursery, data)
+            read_since_checkpoint += 1
+            if read_since_checkpoint >= READS_PER_CHECKPOINT:
+                read_since_checkpoint = 0
+                await trio.lowlevel.checkpoint()
+
+    def _dispatch(self, nursery: trio.Nursery, data: bytes) -> None:
+        try:
+            header = abi.parse_header(data)
+        except Malformed as exc:
+            self.malformed += 1
+            log.warning("FUSE: dropped a malformed request: %s", exc)
+            self._slots.release()
+            if len(data) >= abi.IN_HEADER.size:
+                self._write([abi.error_reply(abi.IN_HEADER.unpack_from(data)[2], errno.EINVAL)])
+            return
+        if header.opcode == Op.INTERRUPT:
+            self._slots.release()
+            self._interrupt(header, data)
+            return
+        nursery.start_soon(self._handle, header, data)
+
+    def _interrupt(self, header: Header, data: bytes) -> None:
+        try:
+            (unique,) = Body(data).take(abi.U64)
+        except Malformed:
+            return
+        target = self._in_flight.get(unique)
+        if target is not None and target[0] in INTERRUPTIBLE:
+            self.interrupted += 1
+            target[1].cancel()
+
+    async def _handle(self, header: Header, data: bytes) -> None:
+        handler = self.handlers.get(header.opcode)
+        name = abi.OP_NAMES.get(header.opcode, str(header.opcode))
+        start = time.perf_counter()
+        err = 0
+        payload: Payload = None
+        scope = trio.CancelScope()
+        self._in_flight[header.unique] = (header.opcode, scope)
+        try:
+            if handler is None:
+                err = errno.ENOSYS
+                if header.opcode not in self._unsupported:
+                    self._unsupported.add(header.opcode)
+                    log.info("FUSE: %s is not served (ENOSYS)", name)
+            else:
+                with scope:
+                    payload = await handler(header, Body(data))
+                if scope.cancelled_caught:
+                    err = errno.EINTR
+        except FsError as exc:
+            err = exc.errno
+            if err == errno.EIO and self.report_eio is not None:
+                self.report_eio(name, header, exc)
+        except Malformed as exc:
+            err = errno.EINVAL
+            self.malformed += 1
+            log.warning("FUSE: malformed %s request: %s", name, exc)
+        except Exception:
+            err = errno.EIO
+            log.exception("FUSE %s failed", name)
+        finally:
+            del self._in_flight[header.unique]
+            self._slots.release()
+        if payload is NO_REPLY:
+            return
+        if err:
+            self._write([abi.error_reply(header.unique, err)])
+        elif payload is None:
+            self._write([abi.reply(header.unique)])
+        elif isinstance(payload, list):
+            size = abi.OUT_HEADER.size + sum(len(p) for p in payload)
+            self._write([abi.OUT_HEADER.pack(size, 0, header.unique), *payload])
+        else:
+            self._write([abi.OUT_HEADER.pack(abi.OUT_HEADER.size + len(payload), 0, header.unique), payload])
+        if self.observe is not None:
+            self.observe(name, time.perf_counter() - start, err)
+
+    # -- writing -------------------------------------------------------------------------------
+    def _write(self, parts: list[bytes]) -> None:
+        try:
+            os.writev(self.fd, parts)
+        except OSError as exc:
+            if exc.errno == errno.ENOENT:  # the request was aborted (its caller was killed)
+                return
+            if exc.errno == errno.ENODEV:  # unmounted meanwhile
+                return
+            log.error("FUSE: the kernel refused an answer (%d bytes): %s", sum(len(p) for p in parts), exc)
+
+    def notify(self, code: int, payload: bytes) -> None:
+        """Send a notification (any thread). Raises OSError like the kernel (ENOENT: nothing cached)."""
+        os.write(self.fd, abi.notification(code, payload))
+
+    def invalidate_inode(self, ino: int, attr_only: bool) -> None:
+        """Drop the kernel's attributes of `ino` and, unless `attr_only`, its page cache."""
+        self.notify(abi.Notify.INVAL_INODE, abi.INVAL_INODE_OUT.pack(ino, -1 if attr_only else 0, 0))
+
+    def invalidate_entry(self, parent: int, name: bytes) -> None:
+        """Drop the kernel's dentry `name` in `parent` (positive or negative)."""
+        self.notify(abi.Notify.INVAL_ENTRY, abi.INVAL_ENTRY_OUT.pack(parent, len(name), 0) + name + b"\0")
