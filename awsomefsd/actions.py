@@ -9,6 +9,7 @@ import functools
 import json
 import logging
 import os
+import sys
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -116,7 +117,7 @@ def dev(state: Path, mount: Path, size: str, overrides: dict[str, Any]) -> int:
         overrides = {**overrides}
         overrides["node"] = {**overrides.get("node", {}), "state_dir": state}
         overrides["device"] = {"path": image}
-        overrides["mount"] = {"path": mount.resolve()}
+        overrides["mount"] = {"path": mount.absolute().parent.resolve() / mount.name}  # a stat of a kept mount waits
         settings = settings_from(None, overrides, read_default_file=False)
         return _serve(settings)
 
@@ -148,14 +149,35 @@ def _serve(settings: Settings) -> int:
     except device_errors() as exc:
         raise CliError(str(exc)) from None
     try:
-        trio.run(functools.partial(serve, core, settings, ready=print_ready))
+        handed_over = trio.run(functools.partial(serve, core, settings, ready=print_ready))
     except MountError as exc:
         raise CliError(str(exc)) from None
     except Exception as exc:
         raise CliError(daemon_failure(exc)) from None
     finally:
         core.close()
+    if handed_over:
+        print("awsomefsd: left the mount to the next daemon", flush=True)
+        return EXIT_HANDED_OVER
     print("awsomefsd: unmounted", flush=True)
+    return 0
+
+
+EXIT_HANDED_OVER = 75
+"""Exit status after SIGUSR2 handed the mount over: the unit restarts on it at once
+(RestartForceExitStatus=75)."""
+
+
+def fd_keeper(socket_path: Path) -> int:
+    import signal
+
+    from awsomefsd.fuse.kernel.keeper import serve_keeper
+
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    try:
+        serve_keeper(socket_path, ready=lambda: print(f"awsomefsd: keeping descriptors on {socket_path}", flush=True))
+    except OSError as exc:
+        raise CliError(f"cannot serve {socket_path}: {exc.strerror or exc}") from None
     return 0
 
 

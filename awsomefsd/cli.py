@@ -150,6 +150,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_settings_flags(node, device=False, mount=False)
 
     sub.add_parser("self-test", help="touch every bundled dependency (checks a compiled binary)")
+    keeper = sub.add_parser(
+        "fd-keeper",
+        help="keep mounts' /dev/fuse descriptors while their daemons restart (where systemd does not)",
+        description="Hold the /dev/fuse descriptors daemons give it, so their mounts survive a restart or an "
+        "upgrade of the daemon; a daemon with [mount] fd_keeper set to this socket uses it. Runs until killed.",
+    )
+    keeper.add_argument("--socket", type=Path, default=Path("/run/awsomefs/fd-keeper.sock"),
+                        help="unix socket to serve (default %(default)s)")
     return parser
 
 
@@ -212,6 +220,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return run_self_test()
     if args.command == "dev":
         return actions.dev(args.state, args.mount, args.size, overrides)
+    if args.command == "fd-keeper":
+        return actions.fd_keeper(args.socket)
     settings = actions.settings_from(getattr(args, "config", None), overrides)
     _check_paths(args, settings)
     if args.command == "run":

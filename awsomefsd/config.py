@@ -62,6 +62,12 @@ class MountSettings(BaseModel):
         description="how requests reach the daemon: 'kernel', our own session on /dev/fuse (needs root); "
         "'pyfuse3', libfuse through pyfuse3 (mounts through fusermount3; the fallback)",
     )
+    fd_keeper: Path | None = Field(
+        None,
+        description="unix socket of an `awsomefsd fd-keeper` that keeps the mount's /dev/fuse descriptor, so the "
+        "mount outlives a restart of this daemon (Kubernetes: the keeper's own pod); under systemd its file "
+        "descriptor store does that without it",
+    )
     coherence: Literal["close-to-open", "strict"] = Field(
         "close-to-open",
         description="cluster mounts only (docs/coherence.md): 'close-to-open' caches names and attributes "

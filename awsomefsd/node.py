@@ -222,9 +222,17 @@ async def _reclaim_step(core: Core) -> None:
         await core.meta.propose(c.ReclaimFrees(now_ns))
 
 
-async def _watch_signals(cancel: trio.CancelScope, stopping: Callable[[], None]) -> None:
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+async def _watch_signals(cancel: trio.CancelScope, stopping: Callable[[], None],
+                         hand_over: Callable[[], None] | None = None) -> None:
+    """SIGINT, SIGTERM: unmount and stop. SIGUSR2: stop serving and leave the mount to the next
+    daemon (`systemctl reload`, a package upgrade)."""
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGUSR2) as signals:
         async for signum in signals:
+            if signum == signal.SIGUSR2:
+                if hand_over is not None:
+                    log.info("received SIGUSR2: handing the mount over")
+                    hand_over()
+                continue
             log.info("received %s: unmounting", signal.Signals(signum).name)
             stopping()
             cancel.cancel()
@@ -240,34 +248,52 @@ def _notify(message: str) -> None:
 
 
 async def serve(core: Core, settings: Settings, *, ready: Callable[[str], None] | None = None,
-                log_running: bool = False, purge_orphans: bool = True) -> None:
-    """Mount and serve until unmounted or signalled; then flush, commit and unmount.
+                log_running: bool = False, purge_orphans: bool = True) -> bool:
+    """Mount (or continue a kept mount) and serve until unmounted or signalled; then flush,
+    commit and unmount, or, on SIGUSR2, hand the mount over to the next daemon: True then.
 
     `log_running`: the metadata log is already driven by the caller (a cluster member starts it
     before the file system exists, to receive its state). `purge_orphans`: delete the inodes an
     unclean stop left unlinked but unfreed; only a node that knows no other node may hold them open
     does that (a cluster member does not)."""
     from awsomefsd.fuse.eio import EioReporter
+    from awsomefsd.fuse.kernel.keeper import descriptor_store
     from awsomefsd.fuse.mount import prepare_mount_point, tune_bdi
     from awsomefsd.fuse.transport import make_transport
 
     mount = settings.mount.path
     if mount is None:
         raise NodeError("no mount point configured: set [mount] path or --mount")
-    prepare_mount_point(mount)
+    store = descriptor_store(settings.mount.fd_keeper) if settings.mount.transport == "kernel" else None
     transport = make_transport(settings.mount.transport, core.ops, mount, allow_other=settings.mount.allow_other,
                                entry_timeout_s=settings.mount.entry_timeout_s,
                                attr_timeout_s=settings.mount.attr_timeout_s,
                                negative_timeout_s=settings.mount.negative_timeout_s,
                                observe=core.metrics.observe_fuse,
-                               report_eio=EioReporter(core.duties.node, core.metrics.count_eio))
-    # Resolved before mounting: once mounted, a stat of the mount point waits for the kernel's
-    # INIT, which only the transport's serve (below) answers.
-    resolved = mount.resolve()
-    transport.mount()
+                               report_eio=EioReporter(core.duties.node, core.metrics.count_eio),
+                               state_dir=settings.node.state_dir, store=store)
+    # Only the parent is resolved: a stat of the mount point itself waits for a daemon to answer
+    # it (the kernel's INIT, or a mount this daemon is about to continue).
+    resolved = mount.parent.resolve() / mount.name
+    adopted = transport.adopt()
+    if not adopted:
+        prepare_mount_point(mount)
+        transport.mount()
     mounted = True
+    handing_over = False
     record = settings.node.state_dir / MOUNT_RECORD
     record.write_text(f"{resolved}\n")
+
+    def hand_over() -> None:
+        nonlocal handing_over
+        if not transport.can_hand_over():
+            log.warning("SIGUSR2: no descriptor store keeps this mount ([mount] fd_keeper, or systemd's "
+                        "FileDescriptorStoreMax): not handing it over")
+            return
+        handing_over = True
+        _notify("STOPPING=1")
+        transport.stop_serving()
+
     try:
         async with trio.open_nursery() as nursery:
             if not log_running:
@@ -276,12 +302,12 @@ async def serve(core: Core, settings: Settings, *, ready: Callable[[str], None] 
             await nursery.start(functools.partial(supervise, "flusher", core.data.run, book=core.duties))
             # Before the transport serves no request is served, so this still precedes any access;
             # it needs the log running (a Raft log orders commands only once it leads).
-            purged = await core.ops.purge_orphans() if purge_orphans else 0
+            purged = await core.ops.purge_orphans() if purge_orphans and not adopted else 0
             if purged:
                 log.info("removed %d orphaned inodes left by an unclean stop", purged)
             nursery.start_soon(functools.partial(run_duty, "delayed-free reclaimer", functools.partial(_reclaim_step, core),
                                                  book=core.duties, period_s=RECLAIM_TICK_S))
-            nursery.start_soon(_watch_signals, nursery.cancel_scope, lambda: _notify("STOPPING=1"))
+            nursery.start_soon(_watch_signals, nursery.cancel_scope, lambda: _notify("STOPPING=1"), hand_over)
             if settings.metrics.enabled:
                 port = core.metrics.serve(settings.metrics.host, settings.metrics.port)
                 log.info("metrics on http://%s:%d/metrics", settings.metrics.host, port)
@@ -293,7 +319,7 @@ async def serve(core: Core, settings: Settings, *, ready: Callable[[str], None] 
 
             async def fuse_main() -> None:
                 await transport.serve()
-                nursery.cancel_scope.cancel()  # unmounted from outside (umount, fusermount -u)
+                nursery.cancel_scope.cancel()  # unmounted from outside (umount, fusermount -u), or handed over
 
             nursery.start_soon(fuse_main)
             # a stat of the root is answered only once the kernel's INIT is done: then we serve
@@ -304,13 +330,21 @@ async def serve(core: Core, settings: Settings, *, ready: Callable[[str], None] 
                 ready(str(mount))
     finally:
         with trio.CancelScope(shield=True):
-            if mounted:
+            if handing_over:
+                # Every request read is answered; what this daemon acknowledged becomes durable
+                # before the next one serves the mount (docs/fuse-transport.md, Restarts).
+                await core.ops.sync_all()
+                transport.hand_over(core.ops.handles.export())
+                log.info("handed the mount at %s over to the next daemon", mount)
+            elif mounted:
                 transport.close()
                 record.unlink(missing_ok=True)
-            try:
-                await core.ops.sync_all()
-            except Exception:
-                log.exception("flushing buffered data at shutdown failed")
+            if not handing_over:
+                try:
+                    await core.ops.sync_all()
+                except Exception:
+                    log.exception("flushing buffered data at shutdown failed")
+    return handing_over
 
 
 async def _watchdog() -> None:

@@ -18,6 +18,7 @@ accepts a `WATCHDOG_PID` naming that bootstrap (`$NUITKA_ONEFILE_PARENT`).
 
 from __future__ import annotations
 
+import array
 import logging
 import os
 import socket
@@ -45,6 +46,11 @@ def notify(*fields: str) -> bool:
     watchdog ping every few seconds), and holding no socket means nothing to clean up or leak
     into child processes.
     """
+    return notify_fds([], *fields)
+
+
+def notify_fds(fds: list[int], *fields: str) -> bool:
+    """`notify` with descriptors attached (SCM_RIGHTS): `FDSTORE=1` keeps them in systemd's store."""
     raw = os.environ.get(NOTIFY_SOCKET_ENV, "")
     if not raw:
         return False
@@ -57,7 +63,10 @@ def notify(*fields: str) -> bool:
     message = "\n".join(fields).encode()
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
-            sock.sendto(message, address)
+            if fds:
+                sock.sendmsg([message], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))], 0, address)
+            else:
+                sock.sendto(message, address)
     except OSError as exc:
         log.warning("sd_notify to %s failed: %s", raw, exc)
         return False

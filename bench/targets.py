@@ -149,7 +149,7 @@ class Daemon:
     log: Path
 
 
-def _spawn(argv: list[str], mount: Path, log: Path) -> Daemon:
+def _spawn(argv: list[str], mount: Path, log: Path, env: dict[str, str] | None = None) -> Daemon:
     """Start a FUSE daemon in its own session with its output in `log`.
 
     Its own session, so a Ctrl-C in the terminal reaches only the harness, which then stops
@@ -158,7 +158,8 @@ def _spawn(argv: list[str], mount: Path, log: Path) -> Daemon:
     """
     with open(log, "wb") as out:
         try:
-            proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+            proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                    env=None if env is None else {**os.environ, **env})
         except OSError as err:
             raise TargetError(f"cannot run {shlex.join(argv)}: {err}") from err
     return Daemon(proc, mount, log)
@@ -204,10 +205,14 @@ def _stop_daemon(daemon: Daemon, grace_s: float = 30) -> None:
 
 
 @contextlib.contextmanager
-def awsomefs_target(workdir: Path, size: str, command: list[str], deadline_s: float) -> Iterator[Target]:
-    """Start `awsomefsd dev` on a fresh state dir and yield its mount once it printed the ready line."""
-    mount = workdir / "mnt-awsomefs"
-    state = workdir / "awsomefs-state"
+def awsomefs_target(workdir: Path, size: str, command: list[str], deadline_s: float, *,
+                    transport: str = "kernel") -> Iterator[Target]:
+    """Start `awsomefsd dev` on a fresh state dir and yield its mount once it printed the ready line.
+    `transport`: how it serves FUSE ([mount] transport); the target is named "awsomefs" for the
+    default one and "awsomefs-<transport>" for another."""
+    name = "awsomefs" if transport == "kernel" else f"awsomefs-{transport}"
+    mount = workdir / f"mnt-{name}"
+    state = workdir / f"{name}-state"
     lazy_unmount(mount)
     detach_loops_for(state / "device.img")
     run(["rm", "-rf", str(state)], check=False)
@@ -215,33 +220,38 @@ def awsomefs_target(workdir: Path, size: str, command: list[str], deadline_s: fl
     state.mkdir(parents=True)
     # Any free metrics port: the default (9337) may be held by another daemon on this machine.
     argv = [*command, "dev", "--mount", str(mount), "--state", str(state), "--size", size, "--metrics-port", "0"]
-    daemon = _spawn(argv, mount, workdir / "awsomefsd.log")
+    daemon = _spawn(argv, mount, workdir / f"{name}.log", env={"AWSOMEFS_MOUNT__TRANSPORT": transport})
     try:
         _wait_ready(daemon, deadline_s)
-        yield Target("awsomefs", mount)
+        yield Target(name, mount)
     finally:
         _stop_daemon(daemon)
         run(["rm", "-rf", str(state)], check=False)
 
 
-NULLFS = Path(__file__).with_name("nullfs.py")
-NULLFS_READY_PREFIX = "nullfs: mounted "
+FLOORS = {
+    "fusefloor": (Path(__file__).with_name("nullfs.py"), "nullfs: mounted "),
+    "kernelfloor": (Path(__file__).with_name("kernelfloor.py"), "kernelfloor: mounted "),
+}
 
 
 @contextlib.contextmanager
-def fusefloor_target(workdir: Path, python: str, deadline_s: float) -> Iterator[Target]:
-    """bench/nullfs.py: what pyfuse3 alone allows, request for request, on this machine and load.
+def floor_target(name: str, workdir: Path, python: str, deadline_s: float) -> Iterator[Target]:
+    """A do-nothing filesystem: what a FUSE transport alone allows, request for request, on this
+    machine and load. `fusefloor` is pyfuse3's (bench/nullfs.py), `kernelfloor` our own
+    transport's (bench/kernelfloor.py, the default transport's handlers and session).
 
     A ceiling, not a competitor: it keeps everything in memory and checks nothing, so AwsomeFS at
-    this target's figure would mean the binding is the bottleneck, and a figure above it is
-    impossible without a different FUSE transport.
+    this target's figure would mean the transport is the bottleneck, and a figure above it is
+    impossible without a different one.
     """
-    mount = workdir / "mnt-fusefloor"
+    script, ready = FLOORS[name]
+    mount = workdir / f"mnt-{name}"
     lazy_unmount(mount)
     mount.mkdir(parents=True, exist_ok=True)
-    daemon = _spawn([python, str(NULLFS), str(mount)], mount, workdir / "nullfs.log")
+    daemon = _spawn([python, str(script), str(mount)], mount, workdir / f"{name}.log")
     try:
-        _wait_ready(daemon, deadline_s, NULLFS_READY_PREFIX)
-        yield Target("fusefloor", mount)
+        _wait_ready(daemon, deadline_s, ready)
+        yield Target(name, mount)
     finally:
         _stop_daemon(daemon)

@@ -2,7 +2,7 @@
 # One command from a fresh machine to a test run: installs what the tests need, then runs them.
 #   scripts/test.sh            default suite plus the slow checks (what CI runs)
 #   scripts/test.sh --fast     default suite only
-# Other arguments go to pytest.
+# Other arguments go to pytest (and skip the fallback-transport run below).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install.sh test
@@ -11,7 +11,13 @@ slow=1
 for a in "$@"; do
     if [ "$a" = "--fast" ]; then slow=0; else args+=("$a"); fi
 done
+whole=$(( ${#args[@]} == 0 ))
 [ "$slow" -eq 1 ] && args+=("--slow")
 .venv/bin/ruff check awsomefsd tests bench build.py
 .venv/bin/mypy awsomefsd
+if [ "$whole" -eq 1 ]; then
+    # The fallback FUSE transport (pyfuse3 on libfuse) against the same mounted suite, without its
+    # slow tests; everything after this runs on the default transport (docs/fuse-transport.md).
+    AWSOMEFS_MOUNT__TRANSPORT=pyfuse3 .venv/bin/python -m pytest -q tests/mounted
+fi
 exec .venv/bin/python -m pytest "${args[@]}"

@@ -42,23 +42,23 @@ def test_quick_run_reports_numbers_for_every_target(tmp_path: Path) -> None:
     if reason := _can_run():
         pytest.skip(reason)
     out_json = tmp_path / "bench.json"
-    cmd = [sys.executable, str(FSBENCH), "--quick", "--targets", "ext4,raw,awsomefs,fusefloor", "--workdir", str(WORKDIR)]
+    cmd = [sys.executable, str(FSBENCH), "--quick", "--targets", "ext4,raw,awsomefs,awsomefs-pyfuse3,kernelfloor", "--workdir", str(WORKDIR)]
     proc = subprocess.run([*cmd, "--json", str(out_json)], capture_output=True, text=True, timeout=850)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert not _leftovers()
 
     table = proc.stdout.splitlines()
     header = next(line for line in table if line.startswith("metric")).split()
-    assert {"ext4", "raw", "awsomefs", "fusefloor", "aws/ext4", "aws/floor"} <= set(header)
+    assert {"ext4", "raw", "awsomefs", "awsomefs-pyfuse3", "kernelfloor", "aws/ext4", "aws/floor", "aws/pyfuse3"} <= set(header)
     assert any(line.startswith("seq write") and any(ch.isdigit() for ch in line) for line in table)
 
     doc = json.loads(out_json.read_text())
     rows = doc["comparison"]
     assert {row["workload"] for row in rows} == {"seq", "rand", "meta", "untar", "sqlite"}
     for row in rows:
-        for target in ("ext4", "awsomefs", "fusefloor"):
+        for target in ("ext4", "awsomefs", "awsomefs-pyfuse3", "kernelfloor"):
             assert row["median"][target] > 0, row
-        assert row["awsomefs_vs_ext4"] > 0 and row["awsomefs_vs_floor"] > 0, row
+        assert row["awsomefs_vs_ext4"] > 0 and row["awsomefs_vs_floor"] > 0 and row["awsomefs_vs_pyfuse3"] > 0, row
         if row["workload"] in ("seq", "rand") and row["metric"] != "rand_write_buffered":  # raw: direct only
             assert row["median"]["raw"] > 0, row
             assert row["ext4_vs_raw"] > 0, row

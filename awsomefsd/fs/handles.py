@@ -4,13 +4,21 @@ The kernel takes a reference to an inode with every entry reply and gives it bac
 an open handle keeps an unlinked file readable (POSIX). Together they decide when an unlinked
 inode may be deleted here (`holds`): a cluster member also counts a lookup answered moments ago,
 since an open of its answer may be on its way.
+
+Handle numbers describe their handle: the inode, the open flags that matter (access mode,
+O_APPEND) and a serial (`encode_fh`). A daemon that takes over a mount after a crash of the one
+before (docs/fuse-transport.md, Restarts) knows no handle the kernel holds; it rebuilds each from
+its number the first time the kernel uses it (`adopted`). It cannot know which unlinked inodes
+such a handle keeps alive, so after a crash nothing is purged (`may_purge`) until the mount ends.
 """
 
 from __future__ import annotations
 
 import errno
+import os
 import time
 from dataclasses import dataclass
+from typing import Any
 
 from awsomefsd.meta.client import MetaClient
 from awsomefsd.meta.errors import FsError
@@ -18,6 +26,28 @@ from awsomefsd.meta.errors import FsError
 LOOKUP_HOLD_S = 2.0
 MAX_LOOKED_UP = 1 << 16
 MAX_OPEN_FILES = 1 << 20
+SERIAL_BITS = 21
+FLAG_BITS = 3  # access mode (2 bits), O_APPEND
+INO_SHIFT = SERIAL_BITS + FLAG_BITS
+MAX_INO = (1 << (64 - INO_SHIFT)) - 1
+
+
+def encode_fh(ino: int, flags: int, serial: int) -> int:
+    """A handle number naming the inode, the flags a handle keeps and a serial."""
+    assert 0 < ino <= MAX_INO, ino
+    kept = (flags & os.O_ACCMODE) | (4 if flags & os.O_APPEND else 0)
+    return ino << INO_SHIFT | (serial & ((1 << SERIAL_BITS) - 1)) << FLAG_BITS | kept
+
+
+def decode_fh(fh: int) -> tuple[int, int]:
+    """(inode, flags) of a handle number made by `encode_fh`."""
+    kept = fh & ((1 << FLAG_BITS) - 1)
+    return fh >> INO_SHIFT, (kept & os.O_ACCMODE) | (os.O_APPEND if kept & 4 else 0)
+
+
+CRASH_UNREPORTED = -1
+"""`Handle.seen_loss` of a writable handle rebuilt after a crash: its writes the crashed daemon had
+not made durable are gone, and its next flush or fsync says so (EIO, once)."""
 
 
 @dataclass(slots=True)
@@ -38,26 +68,65 @@ class Handles:
         self.open: dict[int, Handle] = {}
         self.lookups: dict[int, int] = {}
         self.looked_up: dict[int, float] = {}  # when each inode was last looked up (track_lookups)
-        self._next_fh = 1
+        self._serial = 0
+        self.adopted = False
+        """This process took over a mount whose handles it was not told about (a crash before)."""
+        self.may_purge = True
+        """False once handles this process does not know of may keep unlinked inodes alive."""
 
     def add(self, ino: int, flags: int, seen_loss: int) -> int:
         """A new handle of `ino`; ENFILE past MAX_OPEN_FILES."""
         if len(self.open) >= MAX_OPEN_FILES:
             raise FsError(errno.ENFILE)
-        fh = self._next_fh
-        self._next_fh += 1
+        while True:
+            self._serial += 1
+            fh = encode_fh(ino, flags, self._serial)
+            if fh not in self.open:
+                break
         self.open[fh] = Handle(ino, flags, seen_loss)
         return fh
 
     def find(self, fh: int) -> Handle | None:
-        return self.open.get(fh)
+        return self.open.get(fh) or self._rebuild(fh)
 
     def require(self, fh: int) -> Handle:
         """The handle, or EBADF."""
-        h = self.open.get(fh)
+        h = self.open.get(fh) or self._rebuild(fh)
         if h is None:
             raise FsError(errno.EBADF)
         return h
+
+    def _rebuild(self, fh: int) -> Handle | None:
+        """After a takeover from a crashed daemon: a handle the kernel opened before, from its number."""
+        if not self.adopted:
+            return None
+        ino, flags = decode_fh(fh)
+        if ino == 0 or self.meta.inode(ino) is None:
+            return None  # created and not yet durable when the daemon crashed: gone with it
+        writable = flags & os.O_ACCMODE != os.O_RDONLY
+        h = self.open[fh] = Handle(ino, flags, CRASH_UNREPORTED if writable else 0)
+        return h
+
+    # -- taking over a mount ------------------------------------------------------------------
+    def export(self) -> dict[str, Any]:
+        """What a daemon taking over this mount needs: every open handle and kernel reference."""
+        return {"open": [[fh, h.ino, h.flags, h.seen_loss] for fh, h in self.open.items()],
+                "lookups": [[ino, n] for ino, n in self.lookups.items()],
+                "serial": self._serial, "may_purge": self.may_purge}
+
+    def take_over(self, state: dict[str, Any] | None) -> None:
+        """Continue the mount a daemon before this one served: with its exported state (a planned
+        hand-over), or without (it crashed: handles are rebuilt from their numbers, nothing is
+        purged, and references the kernel gives back for inodes not known here are ignored)."""
+        if state is None:
+            self.adopted = True
+            self.may_purge = False
+            return
+        self.open = {fh: Handle(ino, flags, seen) for fh, ino, flags, seen in state["open"]}
+        self.lookups = {ino: n for ino, n in state["lookups"]}
+        self._serial = state["serial"]
+        self.may_purge = state["may_purge"]
+        self.adopted = not self.may_purge
 
     def pop(self, fh: int) -> Handle | None:
         return self.open.pop(fh, None)
@@ -75,20 +144,21 @@ class Handles:
             self.looked_up[ino] = time.monotonic()
 
     def forget(self, ino: int, count: int) -> bool:
-        """The kernel gave back `count` references; True when it holds none any more."""
+        """The kernel gave back `count` references; True when it holds none any more (never
+        after a crash: references taken before it were not counted here)."""
         left = self.lookups.get(ino, 0) - count
         if left > 0:
             self.lookups[ino] = left
             return False
         self.lookups.pop(ino, None)
-        return True
+        return self.may_purge
 
     def holds(self, ino: int) -> bool:
         """Does anything on this node still reach the inode: an open handle; for a directory, a
         kernel reference (it may be a working directory); for anything, a lookup answered within
         LOOKUP_HOLD_S (an open of that lookup's answer may be on its way: purging under it would
         turn a read of a file another node just replaced into ESTALE)."""
-        if self.is_open(ino):
+        if not self.may_purge or self.is_open(ino):
             return True
         if time.monotonic() - self.looked_up.get(ino, -LOOKUP_HOLD_S) < LOOKUP_HOLD_S:
             return True

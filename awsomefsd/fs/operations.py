@@ -22,7 +22,7 @@ from typing import Any
 
 from awsomefsd.fs.coherence import Coherence
 from awsomefsd.fs.data import FileData
-from awsomefsd.fs.handles import Handle, Handles
+from awsomefsd.fs.handles import CRASH_UNREPORTED, Handle, Handles
 from awsomefsd.io.layout import BLOCK_SIZE
 from awsomefsd.meta import commands as c
 from awsomefsd.meta.client import MetaClient
@@ -101,6 +101,8 @@ class Operations:
         frees space at once, as a local filesystem does, instead of waiting for FORGET. A removed
         directory may still be some process's working directory: it waits for FORGET.
         """
+        if not self.handles.may_purge:
+            return  # a crash before this process: unknown handles may still reach it
         if self.handles.is_open(ino):
             return
         inode = self.meta.inode(ino)
@@ -375,7 +377,12 @@ class Operations:
         self._report_loss(h)
 
     def _report_loss(self, h: Handle) -> None:
-        """Writes this descriptor may have made were dropped (the node's lease expired): EIO, once."""
+        """Writes this descriptor may have made were dropped (the node's lease expired, or the
+        daemon crashed and this one rebuilt the handle): EIO, once."""
+        if h.seen_loss == CRASH_UNREPORTED:
+            h.seen_loss = self.data.losses
+            raise FsError(errno.EIO, "writes through this descriptor that were not yet synced may be lost: "
+                          "the daemon serving the mount crashed", cause="lost-writes")
         if self.data.unreported_loss(h.ino, h.seen_loss):
             h.seen_loss = self.data.losses
             raise FsError(errno.EIO, "buffered writes were lost (a flush of them failed, or this node's lease "

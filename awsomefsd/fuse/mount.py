@@ -30,12 +30,12 @@ def mounts_at(path: Path) -> list[tuple[str, str]]:
     with open("/proc/self/mounts", encoding="utf-8") as fh:
         for line in fh:
             fields = line.split()
-            if len(fields) >= 3 and _unescape(fields[1]) == target:
+            if len(fields) >= 3 and unescape_mount_field(fields[1]) == target:
                 found.append((fields[0], fields[2]))
     return found
 
 
-def _unescape(field: str) -> str:
+def unescape_mount_field(field: str) -> str:
     return field.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n").replace("\\134", "\\")
 
 
@@ -92,22 +92,29 @@ def lazy_unmount(path: Path) -> None:
         raise MountError(f"cannot clear the stale mount at {path}; run: umount -l {path}")
 
 
-def tune_bdi(path: Path, *, read_ahead_kb: int = 4096) -> bool:
-    """Raise the kernel read-ahead of our mount so sequential reads arrive as 1 MiB requests.
-
-    Found through /proc/self/mountinfo, because a stat of the mount point (realpath does one)
-    would wait for the FUSE session we have not started serving yet.
-    """
+def mount_device(path: Path) -> str | None:
+    """major:minor of our mount at `path` (the innermost), from /proc/self/mountinfo: one per FUSE
+    connection. Read, not stat()ed: a stat of a mount nobody serves yet (before INIT, or while
+    its daemon is replaced) waits."""
     target = os.path.abspath(path)
+    found = None
     with open("/proc/self/mountinfo", encoding="utf-8") as fh:
         for line in fh:
             fields = line.split()
-            if len(fields) > 4 and _unescape(fields[4]) == target and f" - {FSTYPE} " in line:
-                bdi = Path("/sys/class/bdi") / fields[2]
-                try:
-                    (bdi / "read_ahead_kb").write_text(str(read_ahead_kb))
-                except OSError as exc:
-                    log.info("cannot tune read-ahead of %s: %s", bdi, exc)
-                    return False
-                return True
-    return False
+            if len(fields) > 4 and unescape_mount_field(fields[4]) == target and f" - {FSTYPE} " in line:
+                found = fields[2]
+    return found
+
+
+def tune_bdi(path: Path, *, read_ahead_kb: int = 4096) -> bool:
+    """Raise the kernel read-ahead of our mount so sequential reads arrive as 1 MiB requests."""
+    device = mount_device(path)
+    if device is None:
+        return False
+    bdi = Path("/sys/class/bdi") / device
+    try:
+        (bdi / "read_ahead_kb").write_text(str(read_ahead_kb))
+    except OSError as exc:
+        log.info("cannot tune read-ahead of %s: %s", bdi, exc)
+        return False
+    return True

@@ -7,15 +7,24 @@ Both mount, serve until unmounted from outside or cancelled, attach their notifi
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
+
+import trio
 
 from awsomefsd.fs.operations import Operations
 from awsomefsd.fuse.invalidate import MOUNTED
+from awsomefsd.fuse.kernel.keeper import DescriptorStore, descriptor_name
+from awsomefsd.fuse.mount import mount_device
 from awsomefsd.meta.errors import FsError
+
+if TYPE_CHECKING:
+    from awsomefsd.fuse.kernel.abi import Header
+    from awsomefsd.fuse.kernel.session import Negotiated, Session
 
 log = logging.getLogger(__name__)
 TransportName = Literal["kernel", "pyfuse3"]
@@ -26,36 +35,104 @@ ReportEioFn = Callable[[str, str, FsError], None]
 
 
 class Transport(Protocol):
+    def adopt(self) -> bool:
+        """Continue a mount a daemon before this one left (its descriptor kept for us); False:
+        there is none, mount afresh."""
+
     def mount(self) -> None:
         """Mount; requests queue in the kernel until `serve` runs."""
 
     async def serve(self) -> None:
-        """Serve requests; returns when the filesystem was unmounted from outside."""
+        """Serve requests; returns when the filesystem was unmounted from outside, or when
+        `stop_serving` was called and the requests in flight are answered."""
+
+    def stop_serving(self) -> None:
+        """Read no more requests (a hand-over: the next daemon answers them)."""
+
+    def hand_over(self, handles: dict[str, Any]) -> None:
+        """Leave the mount to the next daemon: record the session with `handles`, let go of the
+        descriptor without unmounting."""
+
+    def can_hand_over(self) -> bool:
+        """Is there a descriptor store the next daemon can take the mount from?"""
 
     def close(self) -> None:
         """Unmount (if still mounted) and let go of the kernel."""
 
 
 class KernelTransport:
-    """Our own session on /dev/fuse (awsomefsd/fuse/kernel/)."""
+    """Our own session on /dev/fuse (awsomefsd/fuse/kernel/). With a descriptor `store` the mount
+    outlives this process (keeper.py): the descriptor is kept there once mounted, and `adopt`
+    takes it back."""
 
     def __init__(self, ops: Operations, mountpoint: Path, *, allow_other: bool, entry_timeout_s: float,
-                 attr_timeout_s: float, negative_timeout_s: float | None, observe: ObserveFn, report_eio: ReportEioFn) -> None:
+                 attr_timeout_s: float, negative_timeout_s: float | None, observe: ObserveFn, report_eio: ReportEioFn,
+                 state_dir: Path | None = None, store: DescriptorStore | None = None) -> None:
         from awsomefsd.fuse.kernel.handlers import KernelHandlers
 
+        self.ops = ops
         self.mountpoint = mountpoint
         self.allow_other = allow_other
         self.handlers = KernelHandlers(ops, entry_timeout_s=entry_timeout_s, attr_timeout_s=attr_timeout_s,
                                        negative_timeout_s=negative_timeout_s, cache_dirs=ops.coherence is None)
         self.observe = observe
         self.report_eio = report_eio
+        self.state_dir = state_dir
+        self.store = store if state_dir is not None else None
+        self.name = descriptor_name(mountpoint)
         self.fd = -1
         self.mounted = False
+        self.adopted: str | None = None
+        """How this process came to serve the mount: None (it mounted), "handed over", "crash"."""
+        self.session: Session | None = None
+
+    def _session(self, negotiated: Negotiated | None) -> Session:
+        from awsomefsd.fuse.kernel.session import Session
+
+        def report(op: str, header: Header, exc: FsError) -> None:
+            self.report_eio(op, f"inode {header.nodeid}" if header.nodeid else "the file system", exc)
+
+        session = Session(self.fd, self.handlers.table, observe=self.observe, report_eio=report,
+                          negotiated=negotiated)
+        MOUNTED.attach(session)
+        return session
+
+    def adopt(self) -> bool:
+        from awsomefsd.fuse.kernel import takeover
+        from awsomefsd.fuse.kernel.session import Negotiated
+
+        if self.store is None or self.state_dir is None:
+            return False
+        try:
+            fd = self.store.take(self.name)
+        except OSError as exc:
+            log.warning("no kept FUSE descriptor to continue the mount with: %s", exc)
+            return False
+        if fd is None:
+            return False
+        record = takeover.load(self.state_dir)
+        device = mount_device(self.mountpoint)
+        if record is None or record.mountpoint != str(self.mountpoint) or device is None or device != record.device:
+            log.warning("a kept FUSE descriptor does not match the mount at %s (record %s, mounted %s): mounting afresh",
+                        self.mountpoint, record and record.device, device)
+            os.close(fd)
+            self._drop_kept()
+            return False
+        os.set_blocking(fd, False)
+        self.fd = fd
+        self.mounted = True
+        self.adopted = "handed over" if record.handles is not None else "crash"
+        self.ops.handles.take_over(record.handles)
+        self.record = dataclasses.replace(record, handles=None)
+        takeover.save(self.state_dir, self.record)  # a crash from now on is a crash of this daemon
+        self.session = self._session(Negotiated(record.minor, record.flags, record.max_write))
+        if record.handles is None:
+            self.session.resend()  # what the crashed daemon had read and not answered
+        log.info("continuing the mount at %s (%s; protocol 7.%d)", self.mountpoint, self.adopted, record.minor)
+        return True
 
     def mount(self) -> None:
         from awsomefsd.fuse.kernel import channel
-        from awsomefsd.fuse.kernel.abi import Header
-        from awsomefsd.fuse.kernel.session import Session
 
         self.fd = channel.open_device()
         try:
@@ -65,23 +142,61 @@ class KernelTransport:
             self.fd = -1
             raise
         self.mounted = True
-
-        def report(op: str, header: Header, exc: FsError) -> None:
-            self.report_eio(op, f"inode {header.nodeid}" if header.nodeid else "the file system", exc)
-
-        self.session = Session(self.fd, self.handlers.table, observe=self.observe, report_eio=report)
-        MOUNTED.attach(self.session)
+        self.session = self._session(None)
+        if self.store is not None:
+            try:
+                self.store.put(self.name, self.fd)
+            except OSError as exc:
+                log.warning("the mount will not survive a restart of this daemon: %s", exc)
+                self.store = None
 
     async def serve(self) -> None:
-        await self.session.serve()
+        from awsomefsd.fuse.kernel import takeover
+
+        assert self.session is not None
+        async with trio.open_nursery() as nursery:
+            negotiated = await nursery.start(self.session.serve)
+            if self.state_dir is not None and self.adopted is None:
+                device = mount_device(self.mountpoint) or ""
+                self.record = takeover.SessionRecord(str(self.mountpoint), device, negotiated.minor,
+                                                     negotiated.flags, negotiated.max_write)
+                takeover.save(self.state_dir, self.record)
+
+    def stop_serving(self) -> None:
+        if self.session is not None:
+            self.session.stop_reading()
+
+    def hand_over(self, handles: dict[str, Any]) -> None:
+        from awsomefsd.fuse.kernel import takeover
+
+        assert self.state_dir is not None and self.store is not None, "a hand-over needs a descriptor store"
+        takeover.save(self.state_dir, dataclasses.replace(self.record, handles=handles))
+        MOUNTED.attach(None)
+        self.mounted = False
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def can_hand_over(self) -> bool:
+        return self.store is not None and self.mounted and hasattr(self, "record")
+
+    def _drop_kept(self) -> None:
+        if self.store is not None:
+            try:
+                self.store.drop(self.name)
+            except OSError as exc:
+                log.warning("could not drop the kept FUSE descriptor: %s", exc)
 
     def close(self) -> None:
-        from awsomefsd.fuse.kernel import channel
+        from awsomefsd.fuse.kernel import channel, takeover
 
         MOUNTED.attach(None)
         if self.mounted:
             self.mounted = False
             channel.unmount(self.mountpoint)
+            self._drop_kept()
+            if self.state_dir is not None:
+                takeover.forget(self.state_dir)
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
@@ -102,6 +217,18 @@ class Pyfuse3Transport:
         if allow_other:
             self.options.add("allow_other")
         self.mounted = False
+
+    def adopt(self) -> bool:
+        return False
+
+    def stop_serving(self) -> None:
+        raise AssertionError("pyfuse3 cannot hand a mount over")
+
+    def hand_over(self, handles: dict[str, Any]) -> None:
+        raise AssertionError("pyfuse3 cannot hand a mount over")
+
+    def can_hand_over(self) -> bool:
+        return False
 
     def mount(self) -> None:
         import pyfuse3
@@ -138,7 +265,8 @@ class Pyfuse3Kernel:
         pyfuse3.invalidate_entry(parent, name)
 
 
-def make_transport(name: TransportName, ops: Operations, mountpoint: Path, **kwargs: Any) -> Transport:
+def make_transport(name: TransportName, ops: Operations, mountpoint: Path, *, state_dir: Path | None = None,
+                   store: DescriptorStore | None = None, **kwargs: Any) -> Transport:
     if name == "kernel":
-        return KernelTransport(ops, mountpoint, **kwargs)
+        return KernelTransport(ops, mountpoint, state_dir=state_dir, store=store, **kwargs)
     return Pyfuse3Transport(ops, mountpoint, **kwargs)

@@ -27,7 +27,9 @@ def wait_for(condition: Callable[[], bool], timeout_s: float, what: str, interva
 
 
 def is_mounted(path: Path) -> bool:
-    target = os.path.realpath(path)
+    # The parent resolved, not the mount point: a stat of a mount nobody serves (while its daemon
+    # is replaced) waits for the next daemon.
+    target = os.path.join(os.path.realpath(os.path.dirname(os.path.abspath(path))), os.path.basename(path))
     with open("/proc/self/mounts", encoding="utf-8") as fh:
         return any(line.split()[1] == target and line.split()[2] == "fuse.awsomefs" for line in fh)
 

@@ -131,6 +131,7 @@ class Notify:
     INVAL_ENTRY = 3
     STORE = 4
     DELETE = 6
+    RESEND = 7
 
 
 FSYNC_FDATASYNC = 1

@@ -79,12 +79,16 @@ class Session:
     """Serves `handlers` (opcode -> handler) on the /dev/fuse descriptor `fd` (non-blocking)."""
 
     def __init__(self, fd: int, handlers: dict[int, Handler], *, observe: ObserveFn | None = None,
-                 report_eio: ReportEioFn | None = None, max_in_flight: int = MAX_IN_FLIGHT) -> None:
+                 report_eio: ReportEioFn | None = None, max_in_flight: int = MAX_IN_FLIGHT,
+                 negotiated: Negotiated | None = None) -> None:
+        """`negotiated`: the session continues one a daemon before this one began (its INIT is
+        answered already: docs/fuse-transport.md, Restarts)."""
         self.fd = fd
         self.handlers = handlers
         self.observe = observe
         self.report_eio = report_eio
-        self.negotiated: Negotiated | None = None
+        self.negotiated = negotiated
+        self._reading = trio.CancelScope()
         self._buffer = bytearray(READ_BUFFER)
         self._slots = trio.Semaphore(max_in_flight)
         self._in_flight: dict[int, tuple[int, trio.CancelScope]] = {}  # unique -> (opcode, scope)
@@ -147,11 +151,31 @@ class Session:
     async def serve(self, *, task_status: trio.TaskStatus[Negotiated] = trio.TASK_STATUS_IGNORED) -> None:
         """INIT, then serve until the filesystem is unmounted. Requests in flight then finish
         (their answers go nowhere; a change half made is worse than one made unheard)."""
-        negotiated = await self.negotiate()
+        negotiated = self.negotiated or await self.negotiate()
         task_status.started(negotiated)
         async with trio.open_nursery() as nursery:
-            await self._read_requests(nursery)
-        log.info("FUSE session ended: the filesystem was unmounted")
+            with self._reading:
+                await self._read_requests(nursery)
+        if self._reading.cancel_called:
+            log.info("FUSE session: stopped reading, every request read is answered")
+        else:
+            log.info("FUSE session ended: the filesystem was unmounted")
+
+    def stop_reading(self) -> None:
+        """Read no more requests (the kernel keeps them for the next daemon); `serve` returns once
+        the requests in flight are answered."""
+        self._reading.cancel()
+
+    def resend(self) -> bool:
+        """Ask the kernel to send again every request it sent and saw no answer to (those a
+        crashed daemon had read): FUSE_NOTIFY_RESEND, Linux 6.9 and later. False if refused."""
+        try:
+            self.notify(abi.Notify.RESEND, b"")
+        except OSError as exc:
+            log.warning("the kernel cannot resend requests the daemon before read (%s): their callers "
+                        "wait until interrupted", exc)
+            return False
+        return True
 
     async def _read_requests(self, nursery: trio.Nursery) -> None:
         read_since_checkpoint = 0

@@ -1,0 +1,61 @@
+"""What a daemon taking over a live mount needs besides its descriptor: the session record.
+
+Written to the node's state directory when the kernel's INIT is answered (what was negotiated,
+which mount: its device number in /proc/self/mountinfo) and again at a planned hand-over, then
+with every open handle and kernel reference (`Handles.export`). A daemon that finds a kept
+descriptor (keeper.py) checks the record against the mount that is there now before it serves
+the descriptor: a record of another mount, or a mount gone meanwhile, means a fresh mount.
+A record without handles means the daemon before did not hand over: it crashed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+SESSION_FILE = "fuse-session.json"
+
+
+@dataclass(frozen=True)
+class SessionRecord:
+    mountpoint: str
+    device: str
+    """major:minor of the mount, as /proc/self/mountinfo shows it (one per FUSE connection)."""
+    minor: int
+    flags: int
+    max_write: int
+    handles: dict[str, Any] | None = None
+    """`Handles.export()` of a planned hand-over; None while a daemon serves the mount."""
+
+
+def save(state_dir: Path, record: SessionRecord) -> None:
+    """Replace the record atomically and durably (a crash leaves the old one or the new one)."""
+    path = state_dir / SESSION_FILE
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        json.dump(asdict(record), fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def load(state_dir: Path) -> SessionRecord | None:
+    path = state_dir / SESSION_FILE
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        return SessionRecord(**data)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, TypeError) as exc:
+        log.warning("ignoring the FUSE session record %s: %s", path, exc)
+        return None
+
+
+def forget(state_dir: Path) -> None:
+    (state_dir / SESSION_FILE).unlink(missing_ok=True)

@@ -1,0 +1,291 @@
+"""Mounts survive the daemon: a hand-over (SIGUSR2, what `systemctl reload` and a package upgrade
+send) and a crash (SIGKILL), with the mount's descriptor kept by `awsomefsd fd-keeper` (what
+systemd's file descriptor store does for the unit; systemd itself does not run here).
+
+While the daemon is replaced, real processes keep working through it: a writer and a reader with
+descriptors opened before, and a shell whose working directory is inside the mount. Every byte
+the writer was told is written (after a hand-over) or synced (after a crash) is checked.
+
+The test process itself holds nothing open in the mount: it starts the next daemon, and a fork
+closes inherited descriptors, each close a FLUSH that waits for a daemon (as it would for any
+process that forks while the mount has none)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.support.daemon import AWSOMEFSD, REPO, Daemon, is_mounted, wait_for
+
+pytestmark = [
+    pytest.mark.mounted,
+    pytest.mark.skipif(os.geteuid() != 0 or not os.path.exists("/dev/fuse"), reason="needs root and /dev/fuse"),
+]
+
+EXIT_HANDED_OVER = 75
+LINES = 400
+LINE = b"%06d the quick brown fox jumps over the lazy dog\n"
+
+WRITER = r"""
+import os, sys, time
+path, lines, sync_at = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+fd = os.open(path, os.O_CREAT | os.O_WRONLY | os.O_APPEND, 0o644)
+os.fsync(fd)
+parent = os.open(os.path.dirname(path), os.O_RDONLY)
+os.fsync(parent)
+print("open", flush=True)
+worst = 0.0
+for i in range(lines):
+    start = time.monotonic()
+    os.write(fd, b"%06d the quick brown fox jumps over the lazy dog\n" % i)
+    worst = max(worst, time.monotonic() - start)
+    if i == sync_at:
+        os.fsync(fd)
+        print("synced", i, flush=True)
+    print("wrote", i, flush=True)
+    time.sleep(0.005)
+errors = []
+for attempt in range(2):  # a crash before: the first sync reports the loss once, the next succeeds
+    try:
+        os.fsync(fd)
+        break
+    except OSError as exc:
+        errors.append(exc.errno)
+os.close(fd)
+print("done", worst, errors, flush=True)
+"""
+
+
+@dataclass
+class Rig:
+    base: Path
+    keeper_socket: Path
+    keeper: subprocess.Popen[str]
+    env: dict[str, str]
+
+    def daemon(self) -> Daemon:
+        return Daemon(self.base / "state", self.base / "mnt", size="2G", env=self.env)
+
+
+@pytest.fixture
+def rig() -> Iterator[Rig]:
+    base = Path(tempfile.mkdtemp(prefix="awsomefs-restart-", dir="/var/tmp"))
+    os.chmod(base, 0o755)
+    socket_path = base / "keeper.sock"
+    with open(base / "keeper.log", "w") as keeper_log:
+        keeper = subprocess.Popen([*AWSOMEFSD, "fd-keeper", "--socket", str(socket_path)], stdout=subprocess.PIPE,
+                                  stderr=keeper_log, text=True, env={**os.environ, "PYTHONPATH": str(REPO)}, cwd="/")
+    assert keeper.stdout is not None
+    assert keeper.stdout.readline().startswith("awsomefsd: keeping descriptors on"), "the keeper did not start"
+    try:
+        yield Rig(base, socket_path, keeper, {"AWSOMEFS_MOUNT__FD_KEEPER": str(socket_path)})
+    finally:
+        keeper.send_signal(signal.SIGTERM)
+        keeper.wait(30)
+        subprocess.run(["umount", "-l", str(base / "mnt")], capture_output=True, check=False)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+class Lines:
+    """A child process's stdout, read on a thread of its own, so a test waits on what it printed."""
+
+    def __init__(self, proc: subprocess.Popen[str]) -> None:
+        import threading
+
+        self.proc = proc
+        self.lines: list[str] = []
+        threading.Thread(target=self._pump, daemon=True).start()
+
+    def _pump(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.append(line.strip())
+
+    def has(self, prefix: str) -> bool:
+        return any(line.startswith(prefix) for line in self.lines)
+
+    def wrote(self) -> int:
+        return sum(1 for line in self.lines if line.startswith("wrote"))
+
+
+READER = r"""
+import os, sys
+fd = os.open(sys.argv[1], os.O_RDONLY)
+print("open", flush=True)
+for line in sys.stdin:
+    print("read", len(os.pread(fd, 1 << 20, 0)), flush=True)
+"""
+
+
+class Reader:
+    """A process holding a descriptor opened before the daemon changes; reads when asked."""
+
+    def __init__(self, path: Path) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-c", READER, str(path)], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True, cwd="/")
+        self.lines = Lines(self.proc)
+        wait_for(lambda: self.lines.has("open") or self.proc.poll() is not None, 30, "the reader to open")
+
+    def read_size(self) -> int:
+        assert self.proc.stdin is not None
+        before = len(self.lines.lines)
+        self.proc.stdin.write("\n")
+        self.proc.stdin.flush()
+        wait_for(lambda: len(self.lines.lines) > before, 60, "the reader's read")
+        return int(self.lines.lines[-1].split()[1])
+
+    def close(self) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.close()
+        assert self.proc.wait(30) == 0
+
+
+def start_writer(path: Path, sync_at: int) -> Lines:
+    proc = subprocess.Popen([sys.executable, "-c", WRITER, str(path), str(LINES), str(sync_at)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd="/")
+    lines = Lines(proc)
+    wait_for(lambda: lines.has("open") or proc.poll() is not None, 30, "the writer to open its file")
+    assert lines.has("open"), lines.lines
+    return lines
+
+
+def start_shell(directory: Path) -> subprocess.Popen[str]:
+    """A shell whose working directory is in the mount, answering each command line it reads."""
+    return subprocess.Popen(["sh", "-c", "while read cmd; do eval \"$cmd\"; echo END; done"], cwd=directory,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def shell_run(shell: subprocess.Popen[str], command: str) -> list[str]:
+    assert shell.stdin is not None and shell.stdout is not None
+    shell.stdin.write(command + "\n")
+    shell.stdin.flush()
+    out = []
+    for line in shell.stdout:
+        if line.strip() == "END":
+            return out
+        out.append(line.strip())
+    raise AssertionError(f"the shell ended during {command!r}: {out}")
+
+
+def expected(count: int) -> bytes:
+    return b"".join(LINE % i for i in range(count))
+
+
+def test_a_hand_over_keeps_descriptors_working_directories_and_every_byte(rig: Rig) -> None:
+    first = rig.daemon().start()
+    second = None
+    try:
+        work = first.mount / "work"
+        work.mkdir()
+        (work / "read-me").write_bytes(b"r" * 100_000)
+        reader = Reader(work / "read-me")
+        shell = start_shell(work)
+        assert shell_run(shell, "echo hello > from-shell && cat from-shell") == ["hello"]
+        writer = start_writer(work / "log", sync_at=LINES)  # no sync before the end: a hand-over loses nothing
+        wait_for(lambda: writer.wrote() >= LINES // 4, 60, "the writer to be under way")
+
+        first.proc.send_signal(signal.SIGUSR2)  # type: ignore[union-attr]
+        assert first.proc.wait(60) == EXIT_HANDED_OVER, first.logs()  # type: ignore[union-attr]
+        assert is_mounted(first.mount), "a hand-over leaves the mount in place"
+        second = rig.daemon().start()
+        assert "continuing the mount" in second.logs() and "handed over" in second.logs(), second.logs()
+
+        wait_for(lambda: writer.has("done") or writer.proc.poll() is not None, 120, "the writer to finish")
+        assert writer.proc.wait(30) == 0, writer.lines
+        done = next(line for line in writer.lines if line.startswith("done"))
+        assert done.endswith("[]"), f"no fsync error after a hand-over: {done}"
+        assert (work / "log").read_bytes() == expected(LINES)
+        assert reader.read_size() == 100_000, "a descriptor opened before reads on"
+        reader.close()
+        assert shell_run(shell, "cat from-shell && ls") == ["hello", "from-shell", "log", "read-me"]
+        shell.stdin.close()  # type: ignore[union-attr]
+        assert shell.wait(30) == 0
+        worst = float(done.split()[1])
+        print(f"longest write during the hand-over: {worst * 1000:.0f} ms")
+
+        assert second.stop() == 0, second.logs()
+        assert not is_mounted(second.mount)
+    finally:
+        for d in (first, second):
+            if d is not None:
+                d.stop_hard()
+
+
+def test_after_a_crash_synced_bytes_survive_and_descriptors_keep_working(rig: Rig) -> None:
+    first = rig.daemon().start()
+    second = None
+    try:
+        work = first.mount / "work"
+        work.mkdir()
+        (work / "read-me").write_bytes(b"r" * 10_000)
+        os.sync()  # the setup is durable: the crash below tests the writer's bytes, not these
+        reader = Reader(work / "read-me")
+        shell = start_shell(work)
+        synced_at = LINES // 4
+        writer = start_writer(work / "log", sync_at=synced_at)
+        wait_for(lambda: writer.has("synced"), 60, "the writer's fsync")
+
+        first.kill()
+        assert is_mounted(first.mount), "the keeper holds the mount's descriptor: it is not stale"
+        second = rig.daemon().start()
+        assert "continuing the mount" in second.logs() and "crash" in second.logs(), second.logs()
+
+        wait_for(lambda: writer.has("done") or writer.proc.poll() is not None, 120, "the writer to finish")
+        assert writer.proc.wait(30) == 0, writer.lines
+        done = next(line for line in writer.lines if line.startswith("done"))
+        assert done.endswith("[5]"), f"one EIO reports the unsynced writes the crash may have lost: {done}"
+        content = (work / "log").read_bytes()
+        assert content[: len(expected(synced_at + 1))] == expected(synced_at + 1), "every synced byte survives"
+        assert reader.read_size() == 10_000
+        reader.close()
+        assert shell_run(shell, "echo again > after && cat after") == ["again"]
+        shell.stdin.close()  # type: ignore[union-attr]
+        assert shell.wait(30) == 0
+        assert second.stop() == 0, second.logs()
+    finally:
+        for d in (first, second):
+            if d is not None:
+                d.stop_hard()
+
+
+def test_without_a_keeper_sigusr2_leaves_the_daemon_serving() -> None:
+    base = Path(tempfile.mkdtemp(prefix="awsomefs-restart-", dir="/var/tmp"))
+    daemon = Daemon(base / "state", base / "mnt", size="1G").start()
+    try:
+        daemon.proc.send_signal(signal.SIGUSR2)  # type: ignore[union-attr]
+        wait_for(lambda: "not handing it over" in daemon.logs(), 30, "the refusal")
+        (daemon.mount / "still").write_text("served")
+        assert (daemon.mount / "still").read_text() == "served"
+        assert daemon.stop() == 0
+    finally:
+        daemon.stop_hard()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def test_a_kept_descriptor_of_another_mount_is_not_served(rig: Rig) -> None:
+    """The record names the mount the descriptor served; after an unmount behind the keeper's back
+    the next daemon mounts afresh instead of serving a dead connection."""
+    first = rig.daemon().start()
+    try:
+        first.proc.send_signal(signal.SIGUSR2)  # type: ignore[union-attr]
+        assert first.proc.wait(60) == EXIT_HANDED_OVER  # type: ignore[union-attr]
+        subprocess.run(["umount", "-l", str(first.mount)], check=True)
+        wait_for(lambda: not is_mounted(first.mount), 10, "the unmount")
+        started = time.monotonic()
+        second = rig.daemon().start()
+        assert "mounting afresh" in second.logs(), second.logs()
+        assert time.monotonic() - started < 30
+        (second.mount / "fresh").write_text("yes")
+        assert second.stop() == 0, second.logs()
+    finally:
+        first.stop_hard()
