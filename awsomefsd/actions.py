@@ -168,6 +168,33 @@ EXIT_HANDED_OVER = 75
 (RestartForceExitStatus=75)."""
 
 
+HAND_OVER_DEADLINE_S = 120.0
+
+
+def hand_over(settings: Settings) -> int:
+    """Ask the daemon that owns this node's state to hand its mount over (SIGUSR2) and wait until
+    it has exited; its service manager starts the next one, which continues the mount."""
+    import signal
+    import time
+
+    state_dir = settings.node.state_dir
+    if not state_in_use(state_dir):
+        raise CliError(f"no awsomefsd runs on {state_dir}")
+    try:
+        pid = int((state_dir / "daemon.lock").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        raise CliError(f"cannot tell which process owns {state_dir}") from None
+    os.kill(pid, signal.SIGUSR2)
+    deadline = time.monotonic() + HAND_OVER_DEADLINE_S
+    while state_in_use(state_dir):
+        if time.monotonic() > deadline:
+            raise CliError(f"awsomefsd (pid {pid}) is still running {HAND_OVER_DEADLINE_S:.0f} s later: it keeps the "
+                           "mount when no descriptor store is set up (its log says why)")
+        time.sleep(0.05)
+    print(f"awsomefsd: pid {pid} left the mount to the next daemon", flush=True)
+    return 0
+
+
 def fd_keeper(socket_path: Path) -> int:
     import signal
 

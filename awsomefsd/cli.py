@@ -150,6 +150,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_settings_flags(node, device=False, mount=False)
 
     sub.add_parser("self-test", help="touch every bundled dependency (checks a compiled binary)")
+    hand = sub.add_parser(
+        "hand-over",
+        help="replace the running daemon without unmounting: it answers what it read, syncs, leaves the mount "
+        "to the next start and exits 75 (systemctl reload does this)",
+    )
+    _add_settings_flags(hand, device=False, mount=False)
     keeper = sub.add_parser(
         "fd-keeper",
         help="keep mounts' /dev/fuse descriptors while their daemons restart (where systemd does not)",
@@ -243,6 +249,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         if args.command == "token":
             return cluster.token_rotate(settings) if args.action == "rotate" else cluster.token(settings)
         return cluster.node_remove(settings, args.node_id)
+    if args.command == "hand-over":
+        return actions.hand_over(settings)
     if args.command == "format":
         return actions.format_device(settings, args.device, force=args.force, size=args.size, label=args.label)
     if args.command == "fsck":

@@ -115,6 +115,10 @@ def test_unit_contract() -> None:
     assert service["ExecStart"].startswith("/usr/bin/awsomefsd run ")
     assert service["StateDirectory"] == "awsomefs"
     assert service["Restart"] == "on-failure"
+    # the mount outlives the daemon: its descriptor in the store, reload hands over, 75 restarts
+    assert int(service["FileDescriptorStoreMax"]) >= 1
+    assert service["ExecReload"].startswith("/usr/bin/awsomefsd hand-over ")
+    assert "75" in service["RestartForceExitStatus"].split()
     assert float(service["WatchdogSec"].removesuffix("s")) > 0
     assert "NoNewPrivileges" in service and "SystemCallFilter" in service
     assert MOUNT_NAMESPACE_OPTIONS.isdisjoint(service), MOUNT_NAMESPACE_OPTIONS & service.keys()

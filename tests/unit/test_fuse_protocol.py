@@ -89,7 +89,7 @@ def pair() -> tuple[FakeKernel, int]:
 
 @pytest.fixture
 async def served() -> AsyncIterator[tuple[FakeKernel, Session, dict[int, trio.Event]]]:
-    """A session serving a few test handlers: GETATTR answers 8 bytes, LOOKUP waits for the event
+    """A session serving a few test handlers: GETATTR answers 8 bytes, READ waits for the event
     named by its nodeid (interruptible), WRITE waits the same way (not interruptible), FORGET
     records its count."""
     kernel, fd = pair()
@@ -100,8 +100,6 @@ async def served() -> AsyncIterator[tuple[FakeKernel, Session, dict[int, trio.Ev
         return struct.pack("<Q", h.nodeid)
 
     async def wait_gate(h: Header, body: Body) -> Payload:
-        if h.opcode == Op.LOOKUP:
-            body.name()
         await gates.setdefault(h.nodeid, trio.Event()).wait()
         return b"done"
 
@@ -113,7 +111,7 @@ async def served() -> AsyncIterator[tuple[FakeKernel, Session, dict[int, trio.Ev
         body.take(abi.MKNOD_IN)
         return body.name()
 
-    session = Session(fd, {Op.GETATTR: getattr_, Op.LOOKUP: wait_gate, Op.WRITE: wait_gate,
+    session = Session(fd, {Op.GETATTR: getattr_, Op.READ: wait_gate, Op.WRITE: wait_gate,
                            Op.FORGET: forget, Op.MKNOD: mknod})
     session.forgotten = forgotten  # type: ignore[attr-defined]
     async with trio.open_nursery() as nursery:
@@ -221,7 +219,7 @@ async def test_forget_is_not_answered(served) -> None:  # type: ignore[no-untype
 
 async def test_a_waiting_request_does_not_hold_up_the_others(served) -> None:  # type: ignore[no-untyped-def]
     kernel, _, gates = served
-    waiting = kernel.send(Op.LOOKUP, 50, b"name\0")
+    waiting = kernel.send(Op.READ, 50)
     for ino in range(2, 20):
         assert await kernel.call(Op.GETATTR, ino) == (0, struct.pack("<Q", ino))
     gates.setdefault(50, trio.Event()).set()
@@ -230,7 +228,7 @@ async def test_a_waiting_request_does_not_hold_up_the_others(served) -> None:  #
 
 async def test_interrupt_cancels_a_read_only_request_with_eintr(served) -> None:  # type: ignore[no-untyped-def]
     kernel, session, _ = served
-    waiting = kernel.send(Op.LOOKUP, 60, b"name\0")
+    waiting = kernel.send(Op.READ, 60)
     await kernel.call(Op.GETATTR, 2)  # the lookup is in flight now
     kernel.send(Op.INTERRUPT, 0, abi.U64.pack(waiting))
     assert (await kernel.answer(waiting))[0] == errno.EINTR

@@ -10,8 +10,8 @@ How requests are served (the reasons, measured, are in docs/design-notes.md):
 - **Bad requests** (shorter than their structures, a name without its NUL) are answered EINVAL
   and logged; an opcode we do not serve is answered ENOSYS and logged once. Nothing a request
   carries can end the session.
-- **INTERRUPT** cancels the request it names if that request only reads (its handler holds no
-  state a cancellation could tear; `INTERRUPTIBLE`); the request then answers EINTR. Others finish.
+- **INTERRUPT** cancels the request it names if that request only reads and waits for nothing a
+  cancellation could tear (`INTERRUPTIBLE`); the request then answers EINTR. Others finish.
 - **The end**: the kernel answers a read with ENODEV once the filesystem is unmounted (by us or
   by `umount`); `serve` then returns.
 """
@@ -43,8 +43,11 @@ MAX_IN_FLIGHT = 256
 MAX_BACKGROUND = 64
 """Asynchronous requests (read-ahead, direct I/O) the kernel keeps in flight to us."""
 READS_PER_CHECKPOINT = 64
-INTERRUPTIBLE = frozenset({Op.LOOKUP, Op.GETATTR, Op.READLINK, Op.READ, Op.READDIR, Op.READDIRPLUS,
-                           Op.GETXATTR, Op.LISTXATTR, Op.STATFS, Op.ACCESS, Op.LSEEK})
+INTERRUPTIBLE = frozenset({Op.READLINK, Op.READ, Op.READDIR, Op.READDIRPLUS, Op.GETXATTR, Op.LISTXATTR,
+                           Op.STATFS, Op.ACCESS, Op.LSEEK})
+"""Requests an INTERRUPT cancels: they only read, and wait for nothing a cancellation could leave
+half done. Not lookup and getattr: on a cluster member they may queue for a directory's
+delegation, and a request left in that queue would be granted to nobody."""
 
 NO_REPLY: Any = type("NoReply", (), {"__repr__": lambda self: "NO_REPLY"})()
 """What a handler returns for a request the kernel expects no answer to (FORGET)."""
