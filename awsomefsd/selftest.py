@@ -147,6 +147,19 @@ def check_pyfuse3() -> str:
     return f"pyfuse3 {pyfuse3.__version__}, {', '.join(libfuse)}"
 
 
+def check_fuse_transport() -> str:
+    """Our FUSE transport: libc's mount(2) found through ctypes, a request decoded, an answer built."""
+    from awsomefsd.fuse.kernel import abi, channel
+
+    assert channel._libc.mount is not None and channel._libc.umount2 is not None
+    request = abi.IN_HEADER.pack(abi.IN_HEADER.size + 5, abi.Op.LOOKUP, 7, 1, 0, 0, 0, 0, 0) + b"name\0"
+    header = abi.parse_header(request)
+    assert (header.opcode, abi.Body(request).name()) == (abi.Op.LOOKUP, b"name")
+    answer = abi.reply(header.unique, abi.WRITE_OUT.pack(5, 0))
+    assert abi.OUT_HEADER.unpack_from(answer) == (len(answer), 0, 7)
+    return f"FUSE protocol 7.{abi.MINOR}, libc mount(2) via ctypes"
+
+
 def check_zeroconf() -> str:
     """Encode a service announcement and decode it again: zeroconf's compiled DNS modules, no network."""
     import socket
@@ -215,6 +228,7 @@ CHECKS: tuple[tuple[str, Callable[[], str]], ...] = (
     ("prometheus", check_prometheus),
     ("settings", check_settings),
     ("pyfuse3", check_pyfuse3),
+    ("fuse transport", check_fuse_transport),
     ("zeroconf", check_zeroconf),
     ("cryptography", check_cryptography),
     ("crc32c", check_crc32c),
