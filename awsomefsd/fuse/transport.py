@@ -25,6 +25,7 @@ from awsomefsd.meta.errors import FsError
 if TYPE_CHECKING:
     from awsomefsd.fuse.kernel.abi import Header
     from awsomefsd.fuse.kernel.session import Negotiated, Session
+    from awsomefsd.fuse.kernel.takeover import SessionRecord
 
 log = logging.getLogger(__name__)
 TransportName = Literal["kernel", "pyfuse3"]
@@ -85,6 +86,8 @@ class KernelTransport:
         self.adopted: str | None = None
         """How this process came to serve the mount: None (it mounted), "handed over", "crash"."""
         self.session: Session | None = None
+        self.record: SessionRecord | None = None
+        """The session record this daemon keeps (written at INIT or when it continued a mount)."""
 
     def _session(self, negotiated: Negotiated | None) -> Session:
         from awsomefsd.fuse.kernel.session import Session
@@ -169,7 +172,7 @@ class KernelTransport:
     def hand_over(self, handles: dict[str, Any]) -> None:
         from awsomefsd.fuse.kernel import takeover
 
-        assert self.state_dir is not None and self.store is not None, "a hand-over needs a descriptor store"
+        assert self.state_dir is not None and self.record is not None, "a hand-over needs a descriptor store"
         takeover.save(self.state_dir, dataclasses.replace(self.record, handles=handles))
         MOUNTED.attach(None)
         self.mounted = False
@@ -178,7 +181,7 @@ class KernelTransport:
             self.fd = -1
 
     def can_hand_over(self) -> bool:
-        return self.store is not None and self.mounted and hasattr(self, "record")
+        return self.store is not None and self.mounted and self.record is not None
 
     def _drop_kept(self) -> None:
         if self.store is not None:

@@ -11,7 +11,7 @@ we negotiate at least `MIN_MINOR`, where they all have it.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
+from typing import NamedTuple
 
 MAJOR = 7
 MINOR = 38
@@ -157,8 +157,9 @@ class Malformed(ValueError):
     """A request shorter than its structures, or with a name that is not NUL-terminated."""
 
 
-@dataclass(frozen=True, slots=True)
-class Header:
+class Header(NamedTuple):
+    """fuse_in_header. A tuple: one is made per request, and a tuple is the cheapest record."""
+
     length: int
     opcode: int
     unique: int
@@ -166,16 +167,18 @@ class Header:
     uid: int
     gid: int
     pid: int
+    total_extlen: int
+    padding: int
 
 
 def parse_header(buf: bytes | memoryview) -> Header:
     """The request header; `Malformed` if `buf` is shorter than it or than the length it states."""
     if len(buf) < IN_HEADER.size:
         raise Malformed(f"request of {len(buf)} bytes, shorter than its header")
-    length, opcode, unique, nodeid, uid, gid, pid, _extlen, _pad = IN_HEADER.unpack_from(buf)
-    if length != len(buf):
-        raise Malformed(f"request says {length} bytes, {len(buf)} arrived")
-    return Header(length, opcode, unique, nodeid, uid, gid, pid)
+    header = Header._make(IN_HEADER.unpack_from(buf))
+    if header.length != len(buf):
+        raise Malformed(f"request says {header.length} bytes, {len(buf)} arrived")
+    return header
 
 
 class Body:

@@ -93,8 +93,10 @@ class Session:
         self.negotiated = negotiated
         self._reading = trio.CancelScope()
         self._buffer = bytearray(READ_BUFFER)
-        self._slots = trio.Semaphore(max_in_flight)
-        self._in_flight: dict[int, tuple[int, trio.CancelScope]] = {}  # unique -> (opcode, scope)
+        self.max_in_flight = max_in_flight
+        self._running = 0  # requests being handled
+        self._room = trio.Event()  # set when a request ends while the reader waits for room
+        self._interruptible: dict[int, trio.CancelScope] = {}  # unique -> its handler's scope
         self._unsupported: set[int] = set()
         self.requests = 0
         self.malformed = 0
@@ -183,18 +185,16 @@ class Session:
     async def _read_requests(self, nursery: trio.Nursery) -> None:
         read_since_checkpoint = 0
         while True:
-            await self._slots.acquire()
+            while self._running >= self.max_in_flight:
+                self._room = trio.Event()
+                await self._room.wait()
             try:
                 data = self._read()
                 if data is None:
                     read_since_checkpoint = 0
                     data = await self._next()
             except EOFError:
-                self._slots.release()
                 return
-            except BaseException:
-                self._slots.release()
-                raise
             self.requests += 1
             self._dispatch(nursery, data)
             read_since_checkpoint += 1
@@ -208,14 +208,13 @@ class Session:
         except Malformed as exc:
             self.malformed += 1
             log.warning("FUSE: dropped a malformed request: %s", exc)
-            self._slots.release()
             if len(data) >= abi.IN_HEADER.size:
                 self._write([abi.error_reply(abi.IN_HEADER.unpack_from(data)[2], errno.EINVAL)])
             return
         if header.opcode == Op.INTERRUPT:
-            self._slots.release()
             self._interrupt(header, data)
             return
+        self._running += 1
         nursery.start_soon(self._handle, header, data)
 
     def _interrupt(self, header: Header, data: bytes) -> None:
@@ -223,44 +222,46 @@ class Session:
             (unique,) = Body(data).take(abi.U64)
         except Malformed:
             return
-        target = self._in_flight.get(unique)
-        if target is not None and target[0] in INTERRUPTIBLE:
+        scope = self._interruptible.get(unique)
+        if scope is not None:
             self.interrupted += 1
-            target[1].cancel()
+            scope.cancel()
 
     async def _handle(self, header: Header, data: bytes) -> None:
-        handler = self.handlers.get(header.opcode)
-        name = abi.OP_NAMES.get(header.opcode, str(header.opcode))
+        opcode = header.opcode
+        handler = self.handlers.get(opcode)
         start = time.perf_counter()
         err = 0
         payload: Payload = None
-        scope = trio.CancelScope()
-        self._in_flight[header.unique] = (header.opcode, scope)
         try:
             if handler is None:
                 err = errno.ENOSYS
-                if header.opcode not in self._unsupported:
-                    self._unsupported.add(header.opcode)
-                    log.info("FUSE: %s is not served (ENOSYS)", name)
-            else:
-                with scope:
+                if opcode not in self._unsupported:
+                    self._unsupported.add(opcode)
+                    log.info("FUSE: %s is not served (ENOSYS)", abi.OP_NAMES.get(opcode, opcode))
+            elif opcode in INTERRUPTIBLE:
+                with trio.CancelScope() as scope:
+                    self._interruptible[header.unique] = scope
                     payload = await handler(header, Body(data))
                 if scope.cancelled_caught:
                     err = errno.EINTR
+            else:
+                payload = await handler(header, Body(data))
         except FsError as exc:
             err = exc.errno
             if err == errno.EIO and self.report_eio is not None:
-                self.report_eio(name, header, exc)
+                self.report_eio(abi.OP_NAMES.get(opcode, str(opcode)), header, exc)
         except Malformed as exc:
             err = errno.EINVAL
             self.malformed += 1
-            log.warning("FUSE: malformed %s request: %s", name, exc)
+            log.warning("FUSE: malformed %s request: %s", abi.OP_NAMES.get(opcode, opcode), exc)
         except Exception:
             err = errno.EIO
-            log.exception("FUSE %s failed", name)
+            log.exception("FUSE %s failed", abi.OP_NAMES.get(opcode, opcode))
         finally:
-            del self._in_flight[header.unique]
-            self._slots.release()
+            self._interruptible.pop(header.unique, None)
+            self._running -= 1
+            self._room.set()
         if payload is NO_REPLY:
             return
         if err:
@@ -273,7 +274,7 @@ class Session:
         else:
             self._write([abi.OUT_HEADER.pack(abi.OUT_HEADER.size + len(payload), 0, header.unique), payload])
         if self.observe is not None:
-            self.observe(name, time.perf_counter() - start, err)
+            self.observe(abi.OP_NAMES.get(opcode, str(opcode)), time.perf_counter() - start, err)
 
     # -- writing -------------------------------------------------------------------------------
     def _write(self, parts: list[bytes]) -> None:
