@@ -25,7 +25,7 @@ import trio
 from awsomefsd.fs.operations import FsStats
 from awsomefsd.fuse.kernel import channel
 from awsomefsd.fuse.kernel.handlers import KernelHandlers
-from awsomefsd.fuse.kernel.session import Session
+from awsomefsd.fuse.kernel.session import INLINE_SINGLE_NODE, Session
 from awsomefsd.fuse.mount import tune_bdi
 from awsomefsd.meta.errors import FsError
 from awsomefsd.meta.records import ROOT_INO, Inode
@@ -218,7 +218,8 @@ async def serve(mount: Path) -> None:
     fd = channel.open_device()
     channel.mount(fd, mount, allow_other=True)
     try:
-        session = Session(fd, KernelHandlers(NullOperations(), cache_dirs=True).table)  # type: ignore[arg-type]
+        session = Session(fd, KernelHandlers(NullOperations(), cache_dirs=True).table,  # type: ignore[arg-type]
+                          inline=INLINE_SINGLE_NODE)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(session.serve)
             await trio.to_thread.run_sync(os.stat, mount)  # answered once INIT is done

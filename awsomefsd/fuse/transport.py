@@ -90,13 +90,14 @@ class KernelTransport:
         """The session record this daemon keeps (written at INIT or when it continued a mount)."""
 
     def _session(self, negotiated: Negotiated | None) -> Session:
-        from awsomefsd.fuse.kernel.session import Session
+        from awsomefsd.fuse.kernel.session import INLINE_SINGLE_NODE, Session
 
         def report(op: str, header: Header, exc: FsError) -> None:
             self.report_eio(op, f"inode {header.nodeid}" if header.nodeid else "the file system", exc)
 
+        inline = INLINE_SINGLE_NODE if self.ops.coherence is None else frozenset()
         session = Session(self.fd, self.handlers.table, observe=self.observe, report_eio=report,
-                          negotiated=negotiated)
+                          negotiated=negotiated, inline=inline)
         MOUNTED.attach(session)
         return session
 

@@ -22,6 +22,7 @@ from awsomefsd.fuse.kernel import abi
 from awsomefsd.fuse.kernel.abi import Body, Header, Init, Op
 from awsomefsd.fuse.kernel.handlers import KernelHandlers
 from awsomefsd.fuse.kernel.session import (
+    INLINE_SINGLE_NODE,
     MAX_PAGES,
     MAX_WRITE,
     NO_REPLY,
@@ -272,7 +273,7 @@ def core(tmp_path: Path) -> Iterator[Core]:
 async def fs(core: Core) -> AsyncIterator[FakeKernel]:
     kernel, fd = pair()
     handlers = KernelHandlers(core.ops, cache_dirs=True)
-    session = Session(fd, handlers.table)
+    session = Session(fd, handlers.table, inline=INLINE_SINGLE_NODE)  # as the daemon serves a single node
     async with trio.open_nursery() as nursery:
         nursery.start_soon(core.log.run)
         nursery.start_soon(session.serve)

@@ -49,6 +49,17 @@ INTERRUPTIBLE = frozenset({Op.READLINK, Op.READ, Op.READDIR, Op.READDIRPLUS, Op.
 half done. Not lookup and getattr: on a cluster member they may queue for a directory's
 delegation, and a request left in that queue would be granted to nobody."""
 
+INLINE_SINGLE_NODE = frozenset({
+    Op.LOOKUP, Op.GETATTR, Op.READLINK, Op.OPENDIR, Op.READDIR, Op.READDIRPLUS, Op.RELEASEDIR, Op.STATFS,
+    Op.GETXATTR, Op.LISTXATTR, Op.SETXATTR, Op.REMOVEXATTR, Op.MKNOD, Op.MKDIR, Op.SYMLINK, Op.LINK,
+    Op.UNLINK, Op.RMDIR, Op.RENAME, Op.RENAME2, Op.CREATE, Op.FORGET, Op.BATCH_FORGET,
+})
+"""Requests the reader answers itself on a single node, where they wait for nothing: the metadata
+log applies at once and no other node is asked. A task costs more than such a request (measured
+in docs/fuse-transport.md). Reads, writes, flushes and syncs wait for the device: they get tasks.
+On a cluster member everything gets a task: a lookup may wait for a delegation, and a catch-up for
+the invalidator, whose notifications may wait for a request the reader must be free to read."""
+
 NO_REPLY: Any = type("NoReply", (), {"__repr__": lambda self: "NO_REPLY"})()
 """What a handler returns for a request the kernel expects no answer to (FORGET)."""
 Payload = bytes | list[bytes] | None
@@ -83,9 +94,11 @@ class Session:
 
     def __init__(self, fd: int, handlers: dict[int, Handler], *, observe: ObserveFn | None = None,
                  report_eio: ReportEioFn | None = None, max_in_flight: int = MAX_IN_FLIGHT,
-                 negotiated: Negotiated | None = None) -> None:
+                 negotiated: Negotiated | None = None, inline: frozenset[int] = frozenset()) -> None:
         """`negotiated`: the session continues one a daemon before this one began (its INIT is
-        answered already: docs/fuse-transport.md, Restarts)."""
+        answered already: docs/fuse-transport.md, Restarts). `inline`: opcodes the reader handles
+        itself instead of starting a task (`INLINE_SINGLE_NODE`)."""
+        self.inline = inline
         self.fd = fd
         self.handlers = handlers
         self.observe = observe
@@ -196,13 +209,20 @@ class Session:
             except EOFError:
                 return
             self.requests += 1
-            self._dispatch(nursery, data)
+            header = self._dispatch(nursery, data)
+            if header is not None:
+                self._running += 1
+                if header.opcode in self.inline:
+                    await self._handle(header, data)
+                else:
+                    nursery.start_soon(self._handle, header, data)
             read_since_checkpoint += 1
             if read_since_checkpoint >= READS_PER_CHECKPOINT:
                 read_since_checkpoint = 0
                 await trio.lowlevel.checkpoint()
 
-    def _dispatch(self, nursery: trio.Nursery, data: bytes) -> None:
+    def _dispatch(self, nursery: trio.Nursery, data: bytes) -> Header | None:
+        """The request's header if it is to be handled; malformed ones and INTERRUPT end here."""
         try:
             header = abi.parse_header(data)
         except Malformed as exc:
@@ -210,12 +230,11 @@ class Session:
             log.warning("FUSE: dropped a malformed request: %s", exc)
             if len(data) >= abi.IN_HEADER.size:
                 self._write([abi.error_reply(abi.IN_HEADER.unpack_from(data)[2], errno.EINVAL)])
-            return
+            return None
         if header.opcode == Op.INTERRUPT:
             self._interrupt(header, data)
-            return
-        self._running += 1
-        nursery.start_soon(self._handle, header, data)
+            return None
+        return header
 
     def _interrupt(self, header: Header, data: bytes) -> None:
         try:
