@@ -13,12 +13,13 @@ from __future__ import annotations
 import errno
 import itertools
 import logging
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 
 import trio
 
-from awsomefsd.fs.buffer import WriteBuffer
+from awsomefsd.fs.buffer import RECENT_WRITE_S, WriteBuffer
 from awsomefsd.fs.reader import Reader
 from awsomefsd.fs.writer import RunWriter
 from awsomefsd.io.fence import WriteFencedError
@@ -48,7 +49,7 @@ class Compactor:
         compaction rewrites committed blocks, so it may run only while this node holds the file's
         write lease, and keeps it meanwhile (yields False: skip). Another node appending meanwhile
         would otherwise have its acknowledged records replaced by the older copy read here."""
-        self._send, self._receive = trio.open_memory_channel[int](QUEUE_FILES)
+        self._send, self._receive = trio.open_memory_channel[tuple[int, bool]](QUEUE_FILES)
 
     def note_runs(self, ino: int, runs: list[tuple[int, bytearray]]) -> None:
         """A flush is writing `runs` of the file: count the small ones; enough of them queue it."""
@@ -59,7 +60,7 @@ class Compactor:
         if total < COMPACT_AFTER_SMALL_RUNS:
             self.small_runs[ino] = total
             return
-        self._request(ino)
+        self._request(ino, wait_for_quiet=True)
 
     def closed(self, ino: int) -> None:
         """A handle was released: a file left fragmented by its last writes is checked now."""
@@ -69,12 +70,22 @@ class Compactor:
     def forget(self, ino: int) -> None:
         self.small_runs.pop(ino, None)
 
-    def _request(self, ino: int) -> None:
+    def _request(self, ino: int, *, wait_for_quiet: bool = False) -> None:
+        """Queue a check of `ino`. `wait_for_quiet`: it is still being written; skip it if it was
+        written within `RECENT_WRITE_S` when its turn comes: its writer would wait on the file's
+        lock while the compactor reads and rewrites, and its next small writes would fragment it
+        again (16 threads of 4 KiB random writes went from 12.9k to 1.7k IOPS when compaction
+        kept catching the file between two flushes). It gets another check after more small
+        runs, and at its last close."""
         self.small_runs.pop(ino, None)
         try:
-            self._send.send_nowait(ino)
+            self._send.send_nowait((ino, wait_for_quiet))
         except trio.WouldBlock:
             pass  # the compactor is busy; the file gets another chance after more small writes
+
+    def _still_written(self, ino: int) -> bool:
+        st = self.buffer.files.get(ino)
+        return st is not None and time.monotonic() - st.last_put < RECENT_WRITE_S
 
     async def compact(self, ino: int) -> int:
         """Rewrite runs of small, file-contiguous extents as large ones; returns extents removed."""
@@ -109,7 +120,9 @@ class Compactor:
 
     async def run(self) -> None:
         """Compact the files queued, one at a time, until cancelled."""
-        async for ino in self._receive:
+        async for ino, wait_for_quiet in self._receive:
+            if wait_for_quiet and self._still_written(ino):
+                continue
             try:
                 await self.compact(ino)
             except FsError as exc:
