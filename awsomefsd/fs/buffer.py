@@ -31,16 +31,11 @@ Run = tuple[int, bytearray]
 """(file offset, bytes): a contiguous run of buffered bytes."""
 
 
-RECENT_WRITE_S = 1.0
-"""A file written within this long is still being written (the compactor leaves it alone). Known
-only while its state is registered, which a file being written keeps."""
-
-
 class FileState:
     """Per-inode buffered state on this node."""
 
-    __slots__ = ("dirty", "dirty_since", "error", "inflight", "inflight_end", "ino", "last_put", "lock", "users",
-                 "volume", "written_ns")
+    __slots__ = ("dirty", "dirty_since", "error", "inflight", "inflight_end", "ino", "lock", "users", "volume",
+                 "written_ns")
 
     def __init__(self, ino: int, volume: int) -> None:
         self.ino = ino
@@ -51,7 +46,6 @@ class FileState:
         self.lock = trio.Lock()
         self.users = 0  # tasks that pinned this state (WriteBuffer.pinned): it stays registered
         self.dirty_since = 0.0
-        self.last_put = 0.0  # time.monotonic() of the last write buffered (the compactor waits for quiet)
         self.error: FsError | None = None  # a deferred write error, reported by the next flush/fsync
         self.written_ns = 0  # when the last write not yet committed happened: the file's mtime
 
@@ -162,10 +156,8 @@ class WriteBuffer:
     def put(self, st: FileState, offset: int, data: bytes) -> None:
         """Buffer a write (no await: atomic) and note when it happened."""
         before = st.dirty.dirty_bytes
-        now = time.monotonic()
         if not st.dirty:
-            st.dirty_since = now
-        st.last_put = now
+            st.dirty_since = time.monotonic()
         st.dirty.write(offset, data)
         st.written_ns = self.clock_ns()
         self.total_dirty_bytes += st.dirty.dirty_bytes - before

@@ -183,6 +183,25 @@ async def test_compaction_merges_fragments_and_keeps_bytes_size_and_times(runnin
     await core.ops.release(f.fh)
 
 
+async def test_a_file_still_being_written_is_compacted_only_once_quiet(running: Core) -> None:
+    """A check queued by the small-run count waits for quiet: compacting a file its writer is still
+    writing makes the writer wait on the file's lock and is undone by its next small writes. A
+    check at the last close, or once the file has been quiet, compacts."""
+    core = running
+    f = await File.create(core, b"busy")
+    for block in reversed(range(8)):
+        await f.write(block * BLOCK_SIZE, bytes([block]) * BLOCK_SIZE)
+        await core.ops.flush(f.fh)
+    compactor = core.data.compactor
+    assert await compactor.check(f.ino, wait_for_quiet=True) == 0, "written just now: not yet"
+    assert len(core.meta.all_extents(f.ino)) == 8
+    compactor.small_written[f.ino] -= 2.0  # as if quiet for two seconds
+    assert await compactor.check(f.ino, wait_for_quiet=True) == 7
+    assert len(core.meta.all_extents(f.ino)) == 1
+    await f.check()
+    await core.ops.release(f.fh)
+
+
 async def test_a_write_past_the_quota_fails_at_write_time(core: Core) -> None:
     """EDQUOT at write(), not at a later flush the application may never see; the refused write
     leaves nothing buffered, and bytes still buffered count against the quota. A write into a hole
