@@ -1,7 +1,8 @@
 """Compaction: a file fragmented by small random writes is rewritten as large extents.
 
 The flusher counts the small runs it writes per file; after COMPACT_AFTER_SMALL_RUNS of them, or
-when the last handle of a file that has some closes, the file is queued here. Compaction is
+when the last handle of a file that has some closes, the file is queued here; one queued by the
+count waits until the file has been quiet for RECENT_WRITE_S (`check`). Compaction is
 copy-on-write like any write: the merged data goes to fresh extents and one WriteData per MiB
 (with `touch=False`: the bytes, the size and the times do not change) replaces the fragments,
 which are freed after the grace period. Holes stay holes. It runs only while the file has no
