@@ -46,6 +46,31 @@ def one(kind: str) -> dict[str, Any]:
     return found[0]
 
 
+def node_plugin() -> dict[str, Any]:
+    """The node plugin's DaemonSet (the other one is the descriptor keeper)."""
+    (found,) = [o for o in objects() if o["kind"] == "DaemonSet" and o["metadata"]["name"] == "awsomefs-node"]
+    return found
+
+
+def test_the_keeper_holds_mounts_through_the_node_plugins_updates() -> None:
+    """docs/fuse-transport.md, Restarts: the node plugin hands its mount over when its pod ends, and
+    the keeper (never rolled with it) holds the descriptor meanwhile, on a socket both see."""
+    (keeper,) = [o for o in objects() if o["kind"] == "DaemonSet" and o["metadata"]["name"] == "awsomefs-fd-keeper"]
+    assert keeper["spec"]["updateStrategy"]["type"] == "OnDelete"
+    keeper_container = keeper["spec"]["template"]["spec"]["containers"][0]
+    socket = keeper_container["args"][keeper_container["args"].index("--socket") + 1]
+    plugin = node_plugin()["spec"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e.get("value") for e in plugin["env"]}
+    assert env["AWSOMEFS_MOUNT__FD_KEEPER"] == socket
+    assert plugin["lifecycle"]["preStop"]["exec"]["command"][:2] == ["/usr/bin/awsomefsd", "hand-over"]
+    socket_dir = str(Path(socket).parent)
+    for spec, container in ((keeper["spec"]["template"]["spec"], keeper_container),
+                            (node_plugin()["spec"]["template"]["spec"], plugin)):
+        mounted = {m["name"] for m in container["volumeMounts"] if m["mountPath"] == socket_dir}
+        host = {v["name"] for v in spec["volumes"] if v.get("hostPath", {}).get("path") == socket_dir}
+        assert mounted & host, "both reach the keeper's socket on the host"
+
+
 def test_every_yaml_file_parses_and_is_accounted_for() -> None:
     files = sorted(p.name for p in K8S_DIR.glob("*.yaml"))
     resources = kustomization()["resources"]
@@ -59,7 +84,7 @@ def test_kustomization_fields() -> None:
     assert k["apiVersion"] == "kustomize.config.k8s.io/v1beta1" and k["kind"] == "Kustomization"
     assert k["namespace"] == NAMESPACE
     images = {i["name"] for i in k["images"]}
-    daemon = one("DaemonSet")["spec"]["template"]["spec"]["containers"][0]
+    daemon = node_plugin()["spec"]["template"]["spec"]["containers"][0]
     assert daemon["image"].rsplit(":", 1)[0] in images
 
 
@@ -70,7 +95,7 @@ def test_objects_match_the_kubernetes_schema(index: int) -> None:
 
 
 def test_the_validator_catches_mistakes() -> None:
-    broken = copy.deepcopy(one("DaemonSet"))
+    broken = copy.deepcopy(node_plugin())
     broken["spec"]["template"]["spec"]["containers"][0]["securityContex"] = {"privileged": True}
     with pytest.raises(kubernetes_validate.ValidationError):
         kubernetes_validate.validate(broken, K8S_VERSION, strict=True)
@@ -95,7 +120,7 @@ def test_storage_and_snapshot_classes_name_the_driver() -> None:
 
 
 def test_daemonset_runs_a_privileged_node_plugin() -> None:
-    ds = one("DaemonSet")
+    ds = node_plugin()
     pod = ds["spec"]["template"]["spec"]
     assert (
         ds["spec"]["selector"]["matchLabels"].items() <= ds["spec"]["template"]["metadata"]["labels"].items()
@@ -137,7 +162,7 @@ def test_daemonset_runs_a_privileged_node_plugin() -> None:
 
 def test_rbac_binds_the_daemonsets_service_account() -> None:
     account = one("ServiceAccount")["metadata"]["name"]
-    assert one("DaemonSet")["spec"]["template"]["spec"]["serviceAccountName"] == account
+    assert node_plugin()["spec"]["template"]["spec"]["serviceAccountName"] == account
     for kind, role_kind in (("ClusterRoleBinding", "ClusterRole"), ("RoleBinding", "Role")):
         binding = one(kind)
         assert binding["roleRef"]["kind"] == role_kind
