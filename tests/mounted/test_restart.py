@@ -33,6 +33,8 @@ pytestmark = [
 ]
 
 EXIT_HANDED_OVER = 75
+KERNEL = {"AWSOMEFS_MOUNT__TRANSPORT": "kernel"}  # only our transport hands mounts over (CI also runs
+# this directory on the pyfuse3 fallback)
 LINES = 400
 LINE = b"%06d the quick brown fox jumps over the lazy dog\n"
 
@@ -88,7 +90,7 @@ def rig() -> Iterator[Rig]:
     assert keeper.stdout is not None
     assert keeper.stdout.readline().startswith("awsomefsd: keeping descriptors on"), "the keeper did not start"
     try:
-        yield Rig(base, socket_path, keeper, {"AWSOMEFS_MOUNT__FD_KEEPER": str(socket_path)})
+        yield Rig(base, socket_path, keeper, {"AWSOMEFS_MOUNT__FD_KEEPER": str(socket_path), **KERNEL})
     finally:
         keeper.send_signal(signal.SIGTERM)
         keeper.wait(30)
@@ -260,7 +262,7 @@ def test_after_a_crash_synced_bytes_survive_and_descriptors_keep_working(rig: Ri
 
 def test_without_a_keeper_sigusr2_leaves_the_daemon_serving() -> None:
     base = Path(tempfile.mkdtemp(prefix="awsomefs-restart-", dir="/var/tmp"))
-    daemon = Daemon(base / "state", base / "mnt", size="1G").start()
+    daemon = Daemon(base / "state", base / "mnt", size="1G", env=KERNEL).start()
     try:
         daemon.proc.send_signal(signal.SIGUSR2)  # type: ignore[union-attr]
         wait_for(lambda: "not handing it over" in daemon.logs(), 30, "the refusal")
