@@ -15,7 +15,7 @@ import random
 import stat
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -43,15 +43,6 @@ def settings_for(tmp_path: Path, *, delayed_free_ms: int = GRACE_MS) -> Settings
     return Settings(node=NodeSettings(state_dir=tmp_path / "state", name="fs-api"),
                     device=DeviceSettings(path=image, shared=False, direct_io=False),
                     data=DataSettings(delayed_free_ms=delayed_free_ms))
-
-
-@pytest.fixture
-def core(tmp_path: Path) -> Iterator[Core]:
-    core = open_core(settings_for(tmp_path))
-    try:
-        yield core
-    finally:
-        core.close()
 
 
 @pytest.fixture

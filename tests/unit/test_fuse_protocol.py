@@ -12,8 +12,7 @@ import os
 import socket
 import stat
 import struct
-from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
+from collections.abc import AsyncIterator
 
 import pytest
 import trio
@@ -31,8 +30,7 @@ from awsomefsd.fuse.kernel.session import (
     ProtocolError,
     Session,
 )
-from awsomefsd.node import Core, open_core
-from tests.unit.test_fs_api import settings_for
+from awsomefsd.node import Core
 
 KERNEL_FLAGS = (1 << 31) - 1  # a kernel that offers every capability
 UID, GID, PID = 1000, 1000, 4242
@@ -260,15 +258,6 @@ async def test_the_session_ends_when_the_kernel_goes_away() -> None:
 
 
 # -- the filesystem layer behind the handlers ------------------------------------------------------
-@pytest.fixture
-def core(tmp_path: Path) -> Iterator[Core]:
-    core = open_core(settings_for(tmp_path))
-    try:
-        yield core
-    finally:
-        core.close()
-
-
 @pytest.fixture
 async def fs(core: Core) -> AsyncIterator[FakeKernel]:
     kernel, fd = pair()
