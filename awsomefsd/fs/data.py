@@ -154,6 +154,10 @@ class FileData:
         self.space.check_quota(inode, grow_blocks)
 
     # -- flushing, truncating, compacting ---------------------------------------------------------
+    def has_buffered(self, ino: int) -> bool:
+        """Does this node hold any state for the file's data (dirty, in flight, a deferred error)?"""
+        return ino in self.buffer.files
+
     async def flush(self, ino: int) -> None:
         """Write the file's dirty bytes and commit their mapping; raise a deferred write error."""
         await self.flusher.flush(ino)

@@ -362,6 +362,12 @@ class Operations:
     def _writing(self, ino: int) -> AbstractAsyncContextManager[None]:
         return nullcontext() if self.coherence is None else self.coherence.writing(ino)
 
+    def flush_is_immediate(self, fh: int) -> bool:
+        """Would `flush(fh)` return without waiting: a known handle of a file with nothing
+        buffered, on a single node (a transport may answer it without a task of its own)."""
+        h = self.handles.find(fh)
+        return self.coherence is None and h is not None and not self.data.has_buffered(h.ino)
+
     async def flush(self, fh: int) -> None:
         """close(2): the file's data reaches the device and its mapping the metadata (close-to-open)."""
         h = self.handle(fh)

@@ -95,9 +95,10 @@ class KernelTransport:
         def report(op: str, header: Header, exc: FsError) -> None:
             self.report_eio(op, f"inode {header.nodeid}" if header.nodeid else "the file system", exc)
 
-        inline = INLINE_SINGLE_NODE if self.ops.coherence is None else frozenset()
+        single = self.ops.coherence is None
         session = Session(self.fd, self.handlers.table, observe=self.observe, report_eio=report,
-                          negotiated=negotiated, inline=inline)
+                          negotiated=negotiated, inline=INLINE_SINGLE_NODE if single else frozenset(),
+                          inline_when=self.handlers.quick if single else None)
         MOUNTED.attach(session)
         return session
 

@@ -262,7 +262,7 @@ async def test_the_session_ends_when_the_kernel_goes_away() -> None:
 async def fs(core: Core) -> AsyncIterator[FakeKernel]:
     kernel, fd = pair()
     handlers = KernelHandlers(core.ops, cache_dirs=True)
-    session = Session(fd, handlers.table, inline=INLINE_SINGLE_NODE)  # as the daemon serves a single node
+    session = Session(fd, handlers.table, inline=INLINE_SINGLE_NODE, inline_when=handlers.quick)  # as on a single node
     async with trio.open_nursery() as nursery:
         nursery.start_soon(core.log.run)
         nursery.start_soon(session.serve)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import stat
 import time
+from collections.abc import Callable
 
 from awsomefsd.fs.operations import BLOCK_SIZE, Operations
 from awsomefsd.fuse.kernel import abi
@@ -51,6 +52,19 @@ class KernelHandlers:
             Op.READDIRPLUS: self.readdirplus, Op.RELEASEDIR: self.releasedir, Op.FSYNCDIR: self.fsyncdir,
             Op.CREATE: self.create, Op.DESTROY: self.destroy, Op.SYNCFS: self.syncfs,
         }
+
+    @property
+    def quick(self) -> dict[int, Callable[[bytes], bool]]:
+        """Requests that wait for nothing in some cases, and how to tell from their bytes (the
+        session answers those inline on a single node)."""
+        return {Op.FLUSH: self._flush_is_quick}
+
+    def _flush_is_quick(self, data: bytes) -> bool:
+        try:
+            (fh, *_) = Body(data).take(abi.FLUSH_IN)
+        except abi.Malformed:
+            return False
+        return self.ops.flush_is_immediate(fh)
 
     # -- encoding --------------------------------------------------------------------------------
     def attr(self, inode: Inode) -> bytes:

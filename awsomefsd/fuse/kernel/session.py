@@ -52,11 +52,12 @@ delegation, and a request left in that queue would be granted to nobody."""
 INLINE_SINGLE_NODE = frozenset({
     Op.LOOKUP, Op.GETATTR, Op.READLINK, Op.OPENDIR, Op.READDIR, Op.READDIRPLUS, Op.RELEASEDIR, Op.STATFS,
     Op.GETXATTR, Op.LISTXATTR, Op.SETXATTR, Op.REMOVEXATTR, Op.MKNOD, Op.MKDIR, Op.SYMLINK, Op.LINK,
-    Op.UNLINK, Op.RMDIR, Op.RENAME, Op.RENAME2, Op.CREATE, Op.FORGET, Op.BATCH_FORGET,
+    Op.UNLINK, Op.RMDIR, Op.RENAME, Op.RENAME2, Op.CREATE, Op.FORGET, Op.BATCH_FORGET, Op.RELEASE,
 })
 """Requests the reader answers itself on a single node, where they wait for nothing: the metadata
 log applies at once and no other node is asked. A task costs more than such a request (measured
-in docs/fuse-transport.md). Reads, writes, flushes and syncs wait for the device: they get tasks.
+in docs/fuse-transport.md). Reads, writes and syncs wait for the device: they get tasks; so does a
+flush of a file with buffered data (`KernelHandlers.quick`).
 On a cluster member everything gets a task: a lookup may wait for a delegation, and a catch-up for
 the invalidator, whose notifications may wait for a request the reader must be free to read."""
 
@@ -94,11 +95,14 @@ class Session:
 
     def __init__(self, fd: int, handlers: dict[int, Handler], *, observe: ObserveFn | None = None,
                  report_eio: ReportEioFn | None = None, max_in_flight: int = MAX_IN_FLIGHT,
-                 negotiated: Negotiated | None = None, inline: frozenset[int] = frozenset()) -> None:
+                 negotiated: Negotiated | None = None, inline: frozenset[int] = frozenset(),
+                 inline_when: dict[int, Callable[[bytes], bool]] | None = None) -> None:
         """`negotiated`: the session continues one a daemon before this one began (its INIT is
         answered already: docs/fuse-transport.md, Restarts). `inline`: opcodes the reader handles
-        itself instead of starting a task (`INLINE_SINGLE_NODE`)."""
+        itself instead of starting a task (`INLINE_SINGLE_NODE`); `inline_when`: opcodes it
+        handles itself when the request (its bytes) says it will not wait."""
         self.inline = inline
+        self.inline_when = inline_when or {}
         self.fd = fd
         self.handlers = handlers
         self.observe = observe
@@ -212,7 +216,8 @@ class Session:
             header = self._dispatch(nursery, data)
             if header is not None:
                 self._running += 1
-                if header.opcode in self.inline:
+                quick = self.inline_when.get(header.opcode)
+                if header.opcode in self.inline or (quick is not None and quick(data)):
                     await self._handle(header, data)
                 else:
                     nursery.start_soon(self._handle, header, data)
