@@ -90,7 +90,7 @@ class KernelTransport:
         """The session record this daemon keeps (written at INIT or when it continued a mount)."""
 
     def _session(self, negotiated: Negotiated | None) -> Session:
-        from awsomefsd.fuse.kernel.session import INLINE_SINGLE_NODE, Session
+        from awsomefsd.fuse.kernel.session import INLINE_SINGLE_NODE, WANTED, WANTED_SINGLE_NODE, Session
 
         def report(op: str, header: Header, exc: FsError) -> None:
             self.report_eio(op, f"inode {header.nodeid}" if header.nodeid else "the file system", exc)
@@ -98,7 +98,8 @@ class KernelTransport:
         single = self.ops.coherence is None
         session = Session(self.fd, self.handlers.table, observe=self.observe, report_eio=report,
                           negotiated=negotiated, inline=INLINE_SINGLE_NODE if single else frozenset(),
-                          inline_when=self.handlers.quick if single else None)
+                          inline_when=self.handlers.quick if single else None,
+                          wanted=WANTED_SINGLE_NODE if single else WANTED)
         MOUNTED.attach(session)
         return session
 

@@ -27,7 +27,9 @@ from tests.support.daemon import Daemon
 pytestmark = pytest.mark.mounted
 
 SHORT = fsx.Settings(duration_s=20.0, ops=3000, model_workers=2, trunc_workers=2, pairs=1)
-LONG = fsx.Settings(duration_s=180.0, ops=100_000, model_workers=3, trunc_workers=3, pairs=2)
+READ_AFTER_WRITE = fsx.Settings(duration_s=15.0, ops=100_000, model_workers=0, trunc_workers=0, pairs=2, readers=3)
+"""Only writer/reader pairs, many readers: the page cache against a write in flight."""
+LONG = fsx.Settings(duration_s=180.0, ops=100_000, model_workers=3, trunc_workers=3, pairs=2, readers=2)
 
 
 def _run(profile: fsx.Settings, directory: Path, request: pytest.FixtureRequest, daemon: Daemon) -> None:
@@ -40,6 +42,13 @@ def _run(profile: fsx.Settings, directory: Path, request: pytest.FixtureRequest,
 
 def test_fsx_short(daemon: Daemon, mnt: Path, request: pytest.FixtureRequest) -> None:
     _run(SHORT, mnt, request, daemon)
+
+
+def test_fsx_read_after_write(daemon: Daemon, mnt: Path, request: pytest.FixtureRequest) -> None:
+    """Readers in other processes, buffered and O_DIRECT, never see a block older than one whose
+    write had returned. (The kernel unlocks a written page before it sends the WRITE, so a READ
+    of that page can reach the daemon while the WRITE is in flight: it must be answered after.)"""
+    _run(READ_AFTER_WRITE, mnt, request, daemon)
 
 
 @pytest.mark.slow

@@ -246,6 +246,47 @@ async def test_interrupt_lets_a_change_finish(served) -> None:  # type: ignore[n
     assert session.interrupted == 0
 
 
+async def test_a_read_waits_for_the_writes_to_its_file_that_arrived_before_it() -> None:
+    """The kernel may send a READ while a WRITE to the same pages is in flight (it unlocks the
+    pages before sending the WRITE): the READ must see that write, whatever order the tasks run
+    in. Reads of other files, and writes after the read, do not hold it up."""
+    kernel, fd = pair()
+    release = trio.Event()
+    written: set[int] = set()
+
+    async def write(h: Header, body: Body) -> Payload:
+        if h.nodeid == 5:
+            await release.wait()
+        written.add(h.nodeid)
+        return b"w"
+
+    async def read(h: Header, body: Body) -> Payload:
+        return b"new" if h.nodeid in written else b"old"
+
+    session = Session(fd, {Op.WRITE: write, Op.READ: read})
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(session.serve)
+        await kernel.init()
+        writing = kernel.send(Op.WRITE, 5)
+        reading = kernel.send(Op.READ, 5)
+        assert await kernel.call(Op.READ, 6) == (0, b"old")  # another file: not held up
+        assert await kernel.call(Op.WRITE, 7) == (0, b"w")
+        assert await kernel.call(Op.READ, 7) == (0, b"new")
+        assert reading not in kernel.answers and kernel.nothing_pending()
+        release.set()
+        assert await kernel.answer(writing) == (0, b"w")
+        assert await kernel.answer(reading) == (0, b"new")
+        # a read that arrived first is not made to wait for a later write
+        release = trio.Event()
+        written.clear()
+        early = kernel.send(Op.READ, 5)
+        kernel.send(Op.WRITE, 5)
+        assert await kernel.answer(early) == (0, b"old")
+        release.set()
+        nursery.cancel_scope.cancel()
+    os.close(fd)
+
+
 async def test_the_session_ends_when_the_kernel_goes_away() -> None:
     kernel, fd = pair()
     session = Session(fd, {})

@@ -61,6 +61,12 @@ flush of a file with buffered data (`KernelHandlers.quick`).
 On a cluster member everything gets a task: a lookup may wait for a delegation, and a catch-up for
 the invalidator, whose notifications may wait for a request the reader must be free to read."""
 
+CHANGES_DATA = frozenset({Op.WRITE, Op.SETATTR, Op.FALLOCATE})
+"""Requests that may change a file's bytes (SETATTR: a truncate)."""
+READS_DATA = frozenset({Op.READ, Op.LSEEK})
+"""Requests that must see every change to their file that the kernel sent before them
+(`ChangesInFlight`)."""
+
 NO_REPLY: Any = type("NoReply", (), {"__repr__": lambda self: "NO_REPLY"})()
 """What a handler returns for a request the kernel expects no answer to (FORGET)."""
 Payload = bytes | list[bytes] | None
@@ -72,6 +78,11 @@ WANTED = (Init.ASYNC_READ | Init.ATOMIC_O_TRUNC | Init.EXPORT_SUPPORT | Init.BIG
           | Init.AUTO_INVAL_DATA | Init.DO_READDIRPLUS | Init.READDIRPLUS_AUTO | Init.ASYNC_DIO
           | Init.PARALLEL_DIROPS | Init.MAX_PAGES | Init.ABORT_ERROR)
 """Capabilities we ask for when the kernel offers them (docs/fuse-transport.md says why each)."""
+WANTED_SINGLE_NODE = WANTED & ~Init.AUTO_INVAL_DATA
+"""On a single node every change to a file comes through this kernel, which knows it: dropping
+the page cache whenever the mtime moves would only throw away what this kernel's own writes put
+there (a read after each write would reread the whole file) and widen the window
+`ChangesInFlight` describes."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +97,37 @@ class Negotiated:
         return bool(self.flags & flag)
 
 
+class ChangesInFlight:
+    """Per node id, the requests changing its data that the reader has started and not answered.
+
+    A read waits for the changes to its file that arrived before it. The kernel counts on that:
+    a buffered write copies into the page cache and unlocks the pages *before* its WRITE is sent
+    (Linux since 5.10, to avoid a deadlock), so an invalidation in that window (an mtime seen to
+    change, `fadvise(DONTNEED)`, reclaim) lets a reader's READ arrive while the WRITE is in
+    flight. Answered with the bytes from before the write, that READ would fill the page cache
+    with them for good: a read after `write()` returned would see old data. Tasks are scheduled
+    in no particular order (trio shuffles each batch), so arrival order is kept here."""
+
+    def __init__(self) -> None:
+        self._pending: dict[int, list[trio.Event]] = {}
+
+    def begin(self, nodeid: int) -> trio.Event:
+        done = trio.Event()
+        self._pending.setdefault(nodeid, []).append(done)
+        return done
+
+    def end(self, nodeid: int, done: trio.Event) -> None:
+        done.set()
+        pending = self._pending[nodeid]
+        pending.remove(done)
+        if not pending:
+            del self._pending[nodeid]
+
+    def before(self, nodeid: int) -> tuple[trio.Event, ...]:
+        """The changes in flight now: what a read arriving now waits for."""
+        return tuple(self._pending.get(nodeid, ()))
+
+
 class ProtocolError(Exception):
     """The kernel speaks a protocol we cannot (too old), or did not start with INIT."""
 
@@ -96,11 +138,13 @@ class Session:
     def __init__(self, fd: int, handlers: dict[int, Handler], *, observe: ObserveFn | None = None,
                  report_eio: ReportEioFn | None = None, max_in_flight: int = MAX_IN_FLIGHT,
                  negotiated: Negotiated | None = None, inline: frozenset[int] = frozenset(),
-                 inline_when: dict[int, Callable[[bytes], bool]] | None = None) -> None:
+                 inline_when: dict[int, Callable[[bytes], bool]] | None = None, wanted: int = WANTED) -> None:
         """`negotiated`: the session continues one a daemon before this one began (its INIT is
         answered already: docs/fuse-transport.md, Restarts). `inline`: opcodes the reader handles
         itself instead of starting a task (`INLINE_SINGLE_NODE`); `inline_when`: opcodes it
-        handles itself when the request (its bytes) says it will not wait."""
+        handles itself when the request (its bytes) says it will not wait. `wanted`: the
+        capabilities to ask for (`WANTED`, or `WANTED_SINGLE_NODE`)."""
+        self.wanted = wanted
         self.inline = inline
         self.inline_when = inline_when or {}
         self.fd = fd
@@ -114,6 +158,7 @@ class Session:
         self._running = 0  # requests being handled
         self._room = trio.Event()  # set when a request ends while the reader waits for room
         self._interruptible: dict[int, trio.CancelScope] = {}  # unique -> its handler's scope
+        self._changes = ChangesInFlight()
         self._unsupported: set[int] = set()
         self.requests = 0
         self.malformed = 0
@@ -160,7 +205,7 @@ class Session:
             if major < abi.MAJOR or minor < abi.MIN_MINOR:
                 self._write([abi.error_reply(header.unique, errno.EPROTO)])
                 raise ProtocolError(f"the kernel speaks FUSE {major}.{minor}; we need {abi.MAJOR}.{abi.MIN_MINOR} or later")
-            agreed = flags & WANTED
+            agreed = flags & self.wanted
             minor = min(minor, abi.MINOR)
             self.negotiated = Negotiated(minor, agreed, MAX_WRITE)
             out = abi.INIT_OUT.pack(abi.MAJOR, minor, max_readahead, agreed, MAX_BACKGROUND,
@@ -220,7 +265,9 @@ class Session:
                 if header.opcode in self.inline or (quick is not None and quick(data)):
                     await self._handle(header, data)
                 else:
-                    nursery.start_soon(self._handle, header, data)
+                    follows = self._changes.before(header.nodeid) if header.opcode in READS_DATA else ()
+                    change = self._changes.begin(header.nodeid) if header.opcode in CHANGES_DATA else None
+                    nursery.start_soon(self._handle, header, data, follows, change)
             read_since_checkpoint += 1
             if read_since_checkpoint >= READS_PER_CHECKPOINT:
                 read_since_checkpoint = 0
@@ -251,13 +298,18 @@ class Session:
             self.interrupted += 1
             scope.cancel()
 
-    async def _handle(self, header: Header, data: bytes) -> None:
+    async def _handle(self, header: Header, data: bytes, follows: tuple[trio.Event, ...] = (),
+                      change: trio.Event | None = None) -> None:
+        """Serve one request and answer it. `follows`: the changes to its file it must see
+        (`ChangesInFlight`); `change`: the event that marks this change answered."""
         opcode = header.opcode
         handler = self.handlers.get(opcode)
         start = time.perf_counter()
         err = 0
         payload: Payload = None
         try:
+            for earlier in follows:
+                await earlier.wait()
             if handler is None:
                 err = errno.ENOSYS
                 if opcode not in self._unsupported:
@@ -283,6 +335,8 @@ class Session:
             err = errno.EIO
             log.exception("FUSE %s failed", abi.OP_NAMES.get(opcode, opcode))
         finally:
+            if change is not None:
+                self._changes.end(header.nodeid, change)
             self._interruptible.pop(header.unique, None)
             self._running -= 1
             self._room.set()
