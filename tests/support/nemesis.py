@@ -480,13 +480,24 @@ def check_progress(entries: list[dict[str, Any]], run: Run, clients: list[int]) 
             done = [e for e in mine if e["output"] == "ok" or str(e["output"]).startswith("=")
                     or e["output"] in ("EEXIST", "ENOENT")]
             if not done:
-                problems.append(f"client {client} completed nothing in the quiet window {a:.1f}-{b:.1f}")
+                problems.append(f"client {client} completed nothing in the quiet window {a:.1f}-{b:.1f}; "
+                                f"its operations then: {_ops_around(by_client[client], a, b)}")
                 continue
             tried = [e for e in by_client[client] if e["op"] == "append" and start <= e["t0"] and e["t1"] <= b]
             if tried and not any(e["output"] == "ok" for e in tried):
                 problems.append(f"client {client}'s appends all failed in the quiet window {a:.1f}-{b:.1f}: "
                                 f"{Counter(e['output'] for e in tried)}")
     return problems
+
+
+def _ops_around(entries: list[dict[str, Any]], a: float, b: float, limit: int = 4) -> str:
+    """The operations overlapping [a, b] (at most `limit`: the first ones), times relative to a:
+    what a stalled client was waiting in."""
+    around = [e for e in entries if e["t0"] <= b and e["t1"] >= a][:limit]
+    if not around:
+        return "none (the client started nothing)"
+    return "; ".join(f"{e['op']} {e.get('key', '')} {e['t0'] - a:+.2f}..{e['t1'] - a:+.2f}s -> {e['output']}"
+                     + (f" at {e['stage']}" if e.get("stage") else "") for e in around)
 
 
 def check_fairness(entries: list[dict[str, Any]], run: Run, appenders: list[int]) -> tuple[list[str], dict[int, int]]:
