@@ -15,7 +15,7 @@ import errno
 import os
 import stat
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AbstractAsyncContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any
@@ -34,6 +34,20 @@ INODE_RESERVATION = 1024
 MAX_DELEGATION_TRIES = 8
 """A change whose target moved while its delegations were being acquired tries again, then goes
 through the log without running ahead."""
+InGroup = Callable[[int], bool]
+"""Whether the caller of a request is in group `gid`, or may act as if it were (root)."""
+
+
+def without_setid(mode: int, gid: int, in_group: InGroup) -> int | None:
+    """The mode a write, a truncate or a chown leaves, by the VFS's rules: set-user-ID goes;
+    set-group-ID goes with group execute, and without it (where it marks mandatory locking) when
+    the caller is not in the file's group `gid`. None when nothing changes."""
+    cleared = mode & ~stat.S_ISUID
+    if mode & stat.S_ISGID and (mode & stat.S_IXGRP or not in_group(gid)):
+        cleared &= ~stat.S_ISGID
+    return None if cleared == mode else cleared
+
+
 POSIX_ACL_XATTRS = (b"system.posix_acl_access", b"system.posix_acl_default")
 FILES_ADVERTISED = 1 << 32
 
@@ -287,7 +301,13 @@ class Operations:
         return inode.ino if inode is not None and inode.is_dir else 0
 
     async def setattr(self, ino: int, *, mode: int | None = None, uid: int | None = None, gid: int | None = None,
-                      size: int | None = None, atime_ns: int | None = None, mtime_ns: int | None = None) -> Inode:
+                      size: int | None = None, atime_ns: int | None = None, mtime_ns: int | None = None,
+                      drop_setid: InGroup | None = None) -> Inode:
+        """`drop_setid`: the kernel leaves clearing set-user-ID and set-group-ID to us (a truncate
+        or chown under HANDLE_KILLPRIV_V2); ignored when the request sets the mode itself."""
+        if drop_setid is not None and mode is None:
+            inode = self.inode(ino)
+            mode = None if inode.is_dir else without_setid(inode.mode, inode.gid, drop_setid)
         if size is None and mtime_ns is not None:
             # futimens after writes (tar, cp -p, rsync): the buffered data is committed first, so
             # its flush cannot stamp its own write time over the one the application sets now.
@@ -312,15 +332,28 @@ class Operations:
     def _open_handle(self, ino: int, flags: int) -> int:
         return self.handles.add(ino, flags, self.data.losses)
 
-    async def open(self, ino: int, flags: int) -> int:
+    async def open(self, ino: int, flags: int, *, drop_setid: InGroup | None = None) -> int:
+        """`drop_setid`: an O_TRUNC open by a caller without CAP_FSETID, under HANDLE_KILLPRIV_V2."""
         if self.coherence is not None:
             await self.coherence.catch_up()  # close-to-open: see what was closed elsewhere before
         inode = self.inode(ino)
         if inode.is_dir and flags & os.O_ACCMODE != os.O_RDONLY:
             raise FsError(errno.EISDIR)
-        if flags & os.O_TRUNC and flags & os.O_ACCMODE != os.O_RDONLY and inode.is_reg and inode.size:
-            await self.setattr(ino, size=0)
+        if flags & os.O_TRUNC and flags & os.O_ACCMODE != os.O_RDONLY and inode.is_reg:
+            if inode.size:
+                await self.setattr(ino, size=0, drop_setid=drop_setid)
+            elif drop_setid is not None:
+                await self._drop_setid(inode, drop_setid)
         return self._open_handle(ino, flags)
+
+    async def _drop_setid(self, inode: Inode, in_group: InGroup) -> None:
+        """Clear set-user-ID and set-group-ID before a change by a caller without CAP_FSETID
+        (what the VFS does itself unless we take it over with HANDLE_KILLPRIV_V2): one metadata
+        command when the bits are set, nothing otherwise."""
+        if inode.mode & (stat.S_ISUID | stat.S_ISGID) and not inode.is_dir:
+            mode = without_setid(inode.mode, inode.gid, in_group)
+            if mode is not None:
+                await self.setattr(inode.ino, mode=mode)
 
     async def create(self, parent: int, name: bytes, mode: int, flags: int, uid: int, gid: int) -> tuple[int, Inode]:
         """open(O_CREAT) of a name the kernel just looked up and did not find. Another node may
@@ -343,8 +376,12 @@ class Operations:
         inode = self.meta.require_inode(h.ino)
         return await self.data.read(inode, offset, size)
 
-    async def write(self, fh: int, offset: int, buf: bytes) -> int:
+    async def write(self, fh: int, offset: int, buf: bytes, *, drop_setid: InGroup | None = None) -> int:
+        """`drop_setid`: the writer lacks CAP_FSETID and the kernel left clearing set-user-ID and
+        set-group-ID to us (HANDLE_KILLPRIV_V2)."""
         h = self.handle(fh)
+        if drop_setid is not None:
+            await self._drop_setid(self.meta.require_inode(h.ino), drop_setid)
         async with self._writing(h.ino):
             inode = self.meta.require_inode(h.ino)
             # A cluster member's O_APPEND: the kernel's offset is its cached size, which another

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import time
 from collections.abc import Awaitable, Callable
 from functools import wraps
@@ -16,6 +17,7 @@ from typing import Any, TypeVar
 import pyfuse3
 
 from awsomefsd.fs.operations import BLOCK_SIZE, Operations
+from awsomefsd.fuse.callers import caller_in_group
 from awsomefsd.meta.errors import FsError
 from awsomefsd.meta.records import Inode
 
@@ -180,7 +182,10 @@ class FuseAdapter(pyfuse3.Operations):
 
     @_fuse_op("open")
     async def open(self, inode: int, flags: int, ctx: Any) -> pyfuse3.FileInfo:
-        fh = await self.ops.open(inode, flags)
+        # An O_TRUNC open truncates here (atomic_o_trunc), so the set-ID bits are ours to clear
+        # when the caller is not root; the kernel does not (libfuse asks for no KILLPRIV).
+        drop = flags & os.O_TRUNC and ctx.uid != 0
+        fh = await self.ops.open(inode, flags, drop_setid=caller_in_group(ctx.uid, ctx.gid, ctx.pid) if drop else None)
         return pyfuse3.FileInfo(fh=fh, keep_cache=self.ops.keep_cache(inode), direct_io=self.ops.direct_io(flags))
 
     @_fuse_op("read")

@@ -9,10 +9,12 @@ import fcntl
 import mmap
 import os
 import random
+import shutil
 import socket
 import stat
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -288,6 +290,61 @@ def test_setgid_directory_inherits_group(mnt: Path) -> None:
     (d / "sub").mkdir()
     assert (d / "f").stat().st_gid == 4242
     assert (d / "sub").stat().st_gid == 4242 and (d / "sub").stat().st_mode & stat.S_ISGID
+
+
+def _setid_outcomes(base: Path) -> dict[str, tuple[int, int]]:
+    """What writes, truncates, O_TRUNC opens and chowns leave of set-user-ID and set-group-ID
+    bits, by whom: (mode bits, errno) per case, for the same steps on any filesystem."""
+    out: dict[str, tuple[int, int]] = {}
+    member = 4243  # a group the acting user is in (supplementary), and the file's group
+    cases: list[tuple[str, int, int, Callable[[Path], object]]] = [
+        # name, mode, who acts (uid), action
+        ("write by another user", 0o6777, NOBODY, lambda f: f.open("r+b").write(b"x")),
+        ("write, no group execute", 0o6766, NOBODY, lambda f: f.open("r+b").write(b"x")),
+        ("write by a group member, no group execute", 0o6766, NOBODY, lambda f: f.open("r+b").write(b"x")),
+        ("write by root", 0o6777, 0, lambda f: f.open("r+b").write(b"x")),
+        ("truncate by another user", 0o6777, NOBODY, lambda f: os.truncate(f, 1)),
+        ("truncate by root", 0o6777, 0, lambda f: os.truncate(f, 1)),
+        ("O_TRUNC open by another user", 0o6777, NOBODY, lambda f: os.close(os.open(f, os.O_WRONLY | os.O_TRUNC))),
+        ("O_TRUNC open of an empty file", 0o6777, NOBODY, lambda f: (os.truncate(f, 0) if os.getuid() == 0 else None,
+                                                                    os.close(os.open(f, os.O_WRONLY | os.O_TRUNC)))),
+        ("chown by root", 0o6755, 0, lambda f: os.chown(f, NOBODY, -1)),
+        ("chgrp by root, no group execute", 0o6745, 0, lambda f: os.chown(f, -1, NOBODY)),
+        ("chmod by root", 0o755, 0, lambda f: os.chmod(f, 0o4755)),
+    ]
+    for i, (name, mode, uid, action) in enumerate(cases):
+        f = base / f"setid{i}"
+        f.write_bytes(b"" if "empty" in name else b"abc")
+        if "member" in name:
+            os.chown(f, -1, member)
+        os.chmod(f, mode)
+        err = as_user(uid, uid, lambda f=f, action=action: action(f), groups=(member,)) if uid else 0
+        if not uid:
+            action(f)
+        out[name] = (stat.S_IMODE(f.stat().st_mode), err)
+    return out
+
+
+def test_setid_bits_are_cleared_as_on_a_local_filesystem(mnt: Path) -> None:
+    """The same steps on the mount and on a local filesystem leave the same bits (the kernel
+    leaves the clearing to us under HANDLE_KILLPRIV_V2: writes, truncates, O_TRUNC opens, chowns)."""
+    local = Path(tempfile.mkdtemp(dir="/var/tmp"))
+    try:
+        os.chmod(local, 0o777)
+        os.chmod(mnt, 0o777)
+        want = _setid_outcomes(local)
+        got = _setid_outcomes(mnt)
+    finally:
+        shutil.rmtree(local)
+    # the reference itself is what we think it is
+    assert want["write by another user"][0] == 0o777 and want["write by a group member, no group execute"][0] == 0o2766
+    if os.environ.get("AWSOMEFS_MOUNT__TRANSPORT") == "pyfuse3":
+        # The fallback asks for no KILLPRIV: the kernel's FUSE code clears set-group-ID on a
+        # write only with group execute (the rule before Linux 6.2), and a write brings no caller
+        # to the daemon (docs/fuse-transport.md).
+        assert got.pop("write, no group execute") == (0o2766, 0)
+        want.pop("write, no group execute")
+    assert got == want
 
 
 def test_xattrs(mnt: Path) -> None:

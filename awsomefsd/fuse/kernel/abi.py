@@ -135,6 +135,10 @@ class Notify:
 
 
 FSYNC_FDATASYNC = 1
+WRITE_KILL_SUIDGID = 1 << 2
+"""fuse_write_in.write_flags: the writer lacks CAP_FSETID (HANDLE_KILLPRIV_V2)."""
+OPEN_KILL_SUIDGID = 1 << 0
+"""fuse_open_in/fuse_create_in.open_flags: an O_TRUNC open by a caller without CAP_FSETID."""
 RELEASE_FLUSH = 1
 
 ATTR = struct.Struct("<QQQqqqIIIIIIIIII")  # fuse_attr: 88 bytes (times signed: before 1970)

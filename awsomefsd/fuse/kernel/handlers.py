@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 
 from awsomefsd.fs.operations import BLOCK_SIZE, Operations
+from awsomefsd.fuse.callers import caller_in_group
 from awsomefsd.fuse.kernel import abi
 from awsomefsd.fuse.kernel.abi import Body, Fattr, Fopen, Header, Op
 from awsomefsd.fuse.kernel.session import NO_REPLY, Handler, Payload
@@ -121,6 +122,9 @@ class KernelHandlers:
         now = time.time_ns()
         atime_ns = now if valid & Fattr.ATIME_NOW else atime * 1_000_000_000 + atimensec if valid & Fattr.ATIME else None
         mtime_ns = now if valid & Fattr.MTIME_NOW else mtime * 1_000_000_000 + mtimensec if valid & Fattr.MTIME else None
+        # HANDLE_KILLPRIV_V2: a truncate says so (KILL_SUIDGID); a chown always clears them (the
+        # kernel no longer adds the cleared mode to the request, as it does without the flag).
+        drop = bool(valid & Fattr.KILL_SUIDGID) or bool(valid & (Fattr.UID | Fattr.GID))
         inode = await self.ops.setattr(
             h.nodeid,
             mode=mode if valid & Fattr.MODE else None,
@@ -129,6 +133,7 @@ class KernelHandlers:
             size=size if valid & Fattr.SIZE else None,
             atime_ns=atime_ns,
             mtime_ns=mtime_ns,
+            drop_setid=caller_in_group(h.uid, h.gid, h.pid) if drop else None,
         )
         return self.attr_out(inode)
 
@@ -184,8 +189,9 @@ class KernelHandlers:
         return abi.OPEN_OUT.pack(fh, flags, 0)
 
     async def open(self, h: Header, body: Body) -> Payload:
-        flags, _ = body.take(abi.OPEN_IN)
-        fh = await self.ops.open(h.nodeid, flags)
+        flags, open_flags = body.take(abi.OPEN_IN)
+        drop = open_flags & abi.OPEN_KILL_SUIDGID
+        fh = await self.ops.open(h.nodeid, flags, drop_setid=caller_in_group(h.uid, h.gid, h.pid) if drop else None)
         return self._open_out(fh, keep_cache=self.ops.keep_cache(h.nodeid), direct_io=self.ops.direct_io(flags))
 
     async def create(self, h: Header, body: Body) -> Payload:
@@ -199,8 +205,9 @@ class KernelHandlers:
         return await self.ops.read(fh, offset, size)
 
     async def write(self, h: Header, body: Body) -> Payload:
-        fh, offset, size, *_ = body.take(abi.WRITE_IN)
-        written = await self.ops.write(fh, offset, body.rest(size))
+        fh, offset, size, write_flags, *_ = body.take(abi.WRITE_IN)
+        drop = write_flags & abi.WRITE_KILL_SUIDGID
+        written = await self.ops.write(fh, offset, body.rest(size), drop_setid=caller_in_group(h.uid, h.gid, h.pid) if drop else None)
         return abi.WRITE_OUT.pack(written, 0)
 
     async def flush(self, h: Header, body: Body) -> Payload:

@@ -76,7 +76,7 @@ ReportEioFn = Callable[[str, Header, FsError], None]
 
 WANTED = (Init.ASYNC_READ | Init.ATOMIC_O_TRUNC | Init.EXPORT_SUPPORT | Init.BIG_WRITES
           | Init.AUTO_INVAL_DATA | Init.DO_READDIRPLUS | Init.READDIRPLUS_AUTO | Init.ASYNC_DIO
-          | Init.PARALLEL_DIROPS | Init.MAX_PAGES | Init.ABORT_ERROR)
+          | Init.PARALLEL_DIROPS | Init.MAX_PAGES | Init.ABORT_ERROR | Init.HANDLE_KILLPRIV_V2)
 """Capabilities we ask for when the kernel offers them (docs/fuse-transport.md says why each)."""
 WANTED_SINGLE_NODE = WANTED & ~Init.AUTO_INVAL_DATA
 """On a single node every change to a file comes through this kernel, which knows it: dropping
