@@ -127,6 +127,10 @@ async def test_full_lifecycle(csi_endpoint: Csi) -> None:
     assert byte_usage.total == 8 * MiB and written < byte_usage.used <= 8 * MiB
     assert byte_usage.available == byte_usage.total - byte_usage.used
     assert (inode_usage.total, inode_usage.used) == (INODE_LIMIT, 3)  # data.bin, open.log, fill
+    # df in the pod: the claim's size and use, not the shared device's
+    fs = await trio.to_thread.run_sync(os.statvfs, target / "fill")
+    assert fs.f_blocks * fs.f_frsize == 8 * MiB and fs.f_files == INODE_LIMIT and fs.f_ffree == INODE_LIMIT - 3
+    assert fs.f_bavail * fs.f_frsize == byte_usage.available
 
     unpublish = csi_pb2.NodeUnpublishVolumeRequest(volume_id=volume.volume_id, target_path=str(target))
     await twice(csi, csi.node.NodeUnpublishVolume, unpublish)

@@ -301,7 +301,7 @@ class KernelHandlers:
 
     # -- the filesystem ----------------------------------------------------------------------------
     async def statfs(self, h: Header, body: Body) -> Payload:
-        s = self.ops.statfs()
+        s = self.ops.statfs(h.nodeid)
         return abi.STATFS_OUT.pack(s.total_blocks, s.free_blocks, s.free_blocks, s.total_inodes, s.free_inodes,
                                    s.block_size, s.name_max, s.block_size, 0)
 
