@@ -60,6 +60,10 @@ class FileState:
         """Nothing buffered, pending or in use: the state may be dropped."""
         return not (self.users or self.dirty or self.inflight or self.error is not None or self.written_ns)
 
+    def buffered_ranges(self) -> list[tuple[int, int]]:
+        """(start, end) of every buffered run, in flight or dirty (they may overlap)."""
+        return [(start, start + len(data)) for start, data in self.inflight] + self.dirty.ranges()
+
     def buffered_copies(self, offset: int, size: int) -> list[tuple[int, bytes]]:
         """Copies of the buffered bytes in [offset, offset+size), oldest first (in-flight, then
         dirty): what a read overlays on the committed bytes it reads from the device. Copies, so

@@ -111,6 +111,9 @@ class FileData:
     async def read(self, inode: Inode, offset: int, size: int) -> bytes:
         return await self.reader.read(inode, offset, size)
 
+    def data_ranges(self, inode: Inode, offset: int) -> list[tuple[int, int]]:
+        return self.reader.data_ranges(inode, offset)
+
     async def write(self, inode: Inode, offset: int, data: bytes) -> int:
         if offset + len(data) > MAX_FILE_SIZE_BYTES:
             raise FsError(errno.EFBIG)

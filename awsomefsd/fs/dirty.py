@@ -101,6 +101,10 @@ class DirtyRanges:
             i += 1
         return out
 
+    def ranges(self) -> list[tuple[int, int]]:
+        """(start, end) of every dirty run, in order."""
+        return [(start, start + len(run)) for start, run in zip(self._starts, self._runs, strict=True)]
+
     def covers(self, offset: int, length: int) -> bool:
         """True when one run holds all of [offset, offset+length): a read needs no device I/O."""
         i = bisect.bisect_right(self._starts, offset) - 1

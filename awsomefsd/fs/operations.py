@@ -396,6 +396,28 @@ class Operations:
             self.coherence.appended(h.ino)
         return written
 
+    async def lseek(self, fh: int, offset: int, whence: int) -> int:
+        """SEEK_DATA and SEEK_HOLE (the kernel answers the other kinds itself), block by block
+        as ext4 does: ENXIO at or past the end; the end of the file is a hole."""
+        h = self.handle(fh)
+        inode = self.inode(h.ino)
+        if whence not in (os.SEEK_DATA, os.SEEK_HOLE):
+            raise FsError(errno.EINVAL)
+        if offset < 0 or offset >= inode.size:
+            raise FsError(errno.ENXIO)
+        ranges = self.data.data_ranges(inode, offset)
+        if whence == os.SEEK_DATA:
+            for start, end in ranges:
+                if end > offset:
+                    return max(start, offset)
+            raise FsError(errno.ENXIO)
+        position = offset
+        for start, end in ranges:
+            if start > position:
+                break
+            position = max(position, end)
+        return min(position, inode.size)
+
     def _writing(self, ino: int) -> AbstractAsyncContextManager[None]:
         return nullcontext() if self.coherence is None else self.coherence.writing(ino)
 

@@ -59,6 +59,25 @@ class Reader:
             out[start - offset : start - offset + len(data)] = data
         return bytes(out)
 
+    def data_ranges(self, inode: Inode, offset: int) -> list[tuple[int, int]]:
+        """The file's data from `offset` on, as merged (start, end) byte ranges in whole blocks
+        (a block with any byte written is data; a block with none is a hole): its committed
+        extents and its buffered writes, up to the size in `inode` (buffered writes included).
+        What SEEK_DATA and SEEK_HOLE look for."""
+        first = offset // BLOCK_SIZE
+        end = -(-inode.size // BLOCK_SIZE)
+        spans = [(max(e.file_block, first), min(e.end_block, end)) for e in self.meta.extents(inode.ino, first, end)]
+        st = self.buffer.files.get(inode.ino)
+        if st is not None:
+            spans += [(lo // BLOCK_SIZE, -(-hi // BLOCK_SIZE)) for lo, hi in st.buffered_ranges() if hi > offset]
+        merged: list[tuple[int, int]] = []
+        for lo, hi in sorted(s for s in spans if s[0] < s[1]):
+            if merged and lo <= merged[-1][1]:
+                merged[-1] = (merged[-1][0], max(merged[-1][1], hi))
+            else:
+                merged.append((lo, hi))
+        return [(lo * BLOCK_SIZE, min(hi * BLOCK_SIZE, inode.size)) for lo, hi in merged]
+
     async def read_extent(self, ext: Extent, lo: int, hi: int, a: int, b: int) -> bytes:
         """Bytes [a, b) of the file from blocks [lo, hi) of `ext`, checksums verified (EIO, cause
         "checksum", when one does not match: never garbage)."""

@@ -51,7 +51,7 @@ class KernelHandlers:
             Op.GETXATTR: self.getxattr, Op.LISTXATTR: self.listxattr, Op.REMOVEXATTR: self.removexattr,
             Op.FLUSH: self.flush, Op.OPENDIR: self.opendir, Op.READDIR: self.readdir,
             Op.READDIRPLUS: self.readdirplus, Op.RELEASEDIR: self.releasedir, Op.FSYNCDIR: self.fsyncdir,
-            Op.CREATE: self.create, Op.DESTROY: self.destroy, Op.SYNCFS: self.syncfs,
+            Op.CREATE: self.create, Op.DESTROY: self.destroy, Op.SYNCFS: self.syncfs, Op.LSEEK: self.lseek,
         }
 
     @property
@@ -209,6 +209,10 @@ class KernelHandlers:
         drop = write_flags & abi.WRITE_KILL_SUIDGID
         written = await self.ops.write(fh, offset, body.rest(size), drop_setid=caller_in_group(h.uid, h.gid, h.pid) if drop else None)
         return abi.WRITE_OUT.pack(written, 0)
+
+    async def lseek(self, h: Header, body: Body) -> Payload:
+        fh, offset, whence, _ = body.take(abi.LSEEK_IN)
+        return abi.LSEEK_OUT.pack(await self.ops.lseek(fh, offset, whence))
 
     async def flush(self, h: Header, body: Body) -> Payload:
         fh, *_ = body.take(abi.FLUSH_IN)
