@@ -497,7 +497,8 @@ def _ops_around(entries: list[dict[str, Any]], a: float, b: float, limit: int = 
     if not around:
         return "none (the client started nothing)"
     return "; ".join(f"{e['op']} {e.get('key', '')} {e['t0'] - a:+.2f}..{e['t1'] - a:+.2f}s -> {e['output']}"
-                     + (f" at {e['stage']}" if e.get("stage") else "") for e in around)
+                     + (f" at {e['stage']}" if e.get("stage") else "")
+                     + (f" (steps {e['steps']})" if e.get("steps") else "") for e in around)
 
 
 def check_fairness(entries: list[dict[str, Any]], run: Run, appenders: list[int]) -> tuple[list[str], dict[int, int]]:

@@ -38,6 +38,7 @@ import threading
 import time
 import traceback
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -54,13 +55,19 @@ on every node contending for one file's write lease (a starved writer shows here
 JOIN_S = 60.0
 
 
-def _write_synced(fd: int, rec: bytes) -> tuple[str, str]:
+SLOW_S = 1.0
+"""An operation this slow records how long each of its system calls took (`steps`)."""
+
+
+def _write_synced(fd: int, rec: bytes, mark: Callable[[str], None]) -> tuple[str, str]:
     """One record written whole and fsynced: ("ok", "") or (what went wrong, at which call)."""
     stage = "write"
     try:
+        mark("write")
         if os.write(fd, rec) != len(rec):
             return "short", stage
         stage = "fsync"
+        mark("fsync")
         os.fsync(fd)
     except OSError as exc:
         return _name(exc), stage
@@ -110,15 +117,22 @@ class Client(threading.Thread):
         self.current: dict[str, Any] | None = None
         self.session: tuple[str, int, int] | None = None  # an appender's open log: (name, fd, appends left)
         self.crashed = ""
+        self.marks: list[tuple[str, float]] = []  # the current operation's system calls: (name, start)
+
+    def mark(self, step: str) -> None:
+        """The current operation begins system call `step` (kept only when the operation is slow)."""
+        self.marks.append((step, time.monotonic()))
 
     # --- one operation each; each returns (output, stage) -----------------------------------------
     def create(self, path: Path, excl: bool) -> tuple[str, str]:
         flags = os.O_CREAT | os.O_WRONLY | (os.O_EXCL if excl else 0)
         try:
+            self.mark("open")
             fd = os.open(path, flags, 0o644)
         except OSError as exc:
             return _name(exc), "open"
         try:
+            self.mark("close")
             os.close(fd)
         except OSError as exc:  # the create happened; the close's error is recorded beside it
             return "ok", f"close:{_name(exc)}"
@@ -127,18 +141,23 @@ class Client(threading.Thread):
     def put(self, path: Path, value: str) -> tuple[str, str]:
         tmp = self.mount / "tmp" / f"t{self.client}-{self.seq}"
         try:
+            self.mark("open")
             fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except OSError as exc:
             return _name(exc), "prepare"
         try:
             try:
+                self.mark("write")
                 os.write(fd, value.encode())
+                self.mark("fsync")
                 os.fsync(fd)
             finally:
+                self.mark("close")
                 os.close(fd)
         except OSError as exc:
             return _name(exc), "prepare"
         try:
+            self.mark("rename")
             os.rename(tmp, path)
         except OSError as exc:
             return _name(exc), "rename"
@@ -146,10 +165,12 @@ class Client(threading.Thread):
 
     def get(self, path: Path) -> tuple[str, str]:
         try:
+            self.mark("open")
             fd = os.open(path, os.O_RDONLY)
         except OSError as exc:
             return _name(exc), "open"
         try:
+            self.mark("read")
             chunks = []
             while chunk := os.read(fd, 1 << 16):
                 chunks.append(chunk)
@@ -160,6 +181,7 @@ class Client(threading.Thread):
                 pass  # the read's error is the one to report (a dead node fails both)
             return _name(exc), "read"
         try:
+            self.mark("close")
             os.close(fd)
         except OSError as exc:
             return _name(exc), "close"
@@ -167,6 +189,7 @@ class Client(threading.Thread):
 
     def unlink(self, path: Path) -> tuple[str, str]:
         try:
+            self.mark("unlink")
             os.unlink(path)
         except OSError as exc:
             return _name(exc), "unlink"
@@ -174,11 +197,13 @@ class Client(threading.Thread):
 
     def append(self, log: str, rec: bytes) -> tuple[str, str]:
         try:
+            self.mark("open")
             fd = os.open(self.mount / "logs" / log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         except OSError as exc:
             return _name(exc), "open"
-        out, stage = _write_synced(fd, rec)
+        out, stage = _write_synced(fd, rec, self.mark)
         try:
+            self.mark("close")
             os.close(fd)
         except OSError as exc:
             if out == "ok":
@@ -192,12 +217,13 @@ class Client(threading.Thread):
             self.end_session()
         if self.session is None:
             try:
+                self.mark("open")
                 fd = os.open(self.mount / "logs" / log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
             except OSError as exc:
                 return _name(exc), "open"
             self.session = (log, fd, self.rng.randint(5, 40))
         name, fd, left = self.session
-        out, stage = _write_synced(fd, rec)
+        out, stage = _write_synced(fd, rec, self.mark)
         self.session = (name, fd, left - 1)
         if out != "ok" or left <= 1:
             closed = self.end_session()
@@ -211,6 +237,7 @@ class Client(threading.Thread):
         fd = self.session[1]
         self.session = None
         try:
+            self.mark("close")
             os.close(fd)
         except OSError as exc:
             return _name(exc)
@@ -264,8 +291,12 @@ class Client(threading.Thread):
                     call = lambda path=path, excl=kind == "create_excl": self.create(path, excl)  # noqa: E731
             entry["t0"] = time.monotonic()
             self.current = entry
+            self.marks = []
             output, stage = call()
             entry.update(t1=time.monotonic(), output=output, stage=stage)
+            if entry["t1"] - entry["t0"] >= SLOW_S:
+                ends = [t for _, t in self.marks[1:]] + [entry["t1"]]
+                entry["steps"] = [(step, round(end - start, 3)) for (step, start), end in zip(self.marks, ends, strict=True)]
             # still `current` while the mount is looked at: a stat that hangs is a hung operation
             if output not in ("ok", "EEXIST") and not output.startswith("=") and not self.mounted():
                 entry["unmounted"] = True  # the daemon's mount was gone: the name was looked up in the empty mount point
