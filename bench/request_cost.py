@@ -1,0 +1,132 @@
+#!/usr/bin/env python3
+"""What a FUSE request costs the daemon, and how many an untar needs (issue 14).
+
+For each transport (`--transports`, default both) it starts `awsomefsd dev` on a fresh image with
+metrics on a free port, runs each workload and reads two things around it: the daemon's FUSE
+requests by operation (`awsomefs_fuse_request_seconds_count`) and its CPU time (user + system,
+from /proc). It prints requests per item, requests by operation, and daemon CPU per request in
+microseconds. Workloads: an untar of the benchmark's source-like tree (bench/workloads.py makes
+it; items: its entries), 2,000 buffered 4 KiB writes to one file, and stats of 2,000 files
+after the kernel dropped its dentries and inodes (each a LOOKUP).
+
+    sudo .venv/bin/python bench/request_cost.py [--files 4000] [--transports kernel,pyfuse3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+
+from workloads import ensure_tarball
+
+AWSOMEFSD = [sys.executable, "-m", "awsomefsd"]
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+COUNT = re.compile(r'awsomefs_fuse_request_seconds_count\{op="(\w+)"\} ([0-9.e+]+)')
+
+
+class Daemon:
+    def __init__(self, base: Path, transport: str) -> None:
+        env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
+               "AWSOMEFS_MOUNT__TRANSPORT": transport}
+        self.mount = base / "mnt"
+        self.proc = subprocess.Popen([*AWSOMEFSD, "dev", "--state", str(base / "state"), "--mount", str(self.mount),
+                                      "--size", "4G", "--metrics-port", "0", "--log-level", "info"],
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd="/")
+        assert self.proc.stdout is not None
+        self.port = 0
+        deadline = time.monotonic() + 60
+        for line in self.proc.stdout:
+            found = re.search(r"metrics on http://[^:]+:(\d+)/", line)
+            if found:
+                self.port = int(found.group(1))
+            if line.startswith("awsomefsd: mounted"):
+                break
+            if time.monotonic() > deadline:
+                raise SystemExit("request_cost: the daemon did not mount")
+        if not self.port:
+            raise SystemExit("request_cost: the daemon did not say where its metrics are")
+
+    def requests(self) -> dict[str, float]:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=10).read().decode()
+        return {op: float(n) for op, n in COUNT.findall(text)}
+
+    def cpu_s(self) -> float:
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime, stime
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGINT)
+        self.proc.wait(60)
+
+
+def measure(daemon: Daemon, work: Callable[[], object]) -> tuple[dict[str, float], float]:
+    """(requests by operation, daemon CPU seconds) spent on `work`."""
+    before, cpu = daemon.requests(), daemon.cpu_s()
+    work()
+    time.sleep(0.2)  # the last answers' metrics are recorded after the answer
+    after = daemon.requests()
+    return {op: after[op] - before.get(op, 0.0) for op in after if after[op] != before.get(op, 0.0)}, daemon.cpu_s() - cpu
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--files", type=int, default=4000, help="files in the untarred tree (default 4000)")
+    p.add_argument("--transports", default="kernel,pyfuse3")
+    p.add_argument("--workdir", type=Path, default=Path("/var/tmp/awsomefs-bench-work"))
+    args = p.parse_args()
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    tarball = ensure_tarball(args.workdir, args.files, 1)
+    entries = len(subprocess.run(["tar", "tf", str(tarball)], capture_output=True, text=True, check=True).stdout.split())
+
+    def untar(mount: Path) -> None:
+        subprocess.run(["tar", "xf", str(tarball), "-C", str(mount)], check=True)
+
+    def writes(mount: Path) -> None:
+        fd = os.open(mount / "written", os.O_CREAT | os.O_WRONLY, 0o644)
+        block = b"w" * 4096
+        for i in range(2000):
+            os.pwrite(fd, block, i * 4096)
+        os.close(fd)
+
+    def stats(mount: Path) -> None:
+        for i in range(2000):
+            os.stat(mount / "names" / f"n{i}")
+
+    def before_stats(mount: Path) -> None:
+        (mount / "names").mkdir()
+        for i in range(2000):
+            (mount / "names" / f"n{i}").touch()
+        os.sync()
+        Path("/proc/sys/vm/drop_caches").write_text("2\n")  # dentries and inodes
+
+    print(f"request_cost: untar of {entries} entries, 2,000 buffered 4 KiB writes, 2,000 cold stats")
+    print(f"{'transport':9s} {'workload':8s} {'requests':>9s} {'per item':>9s} {'CPU us/req':>10s}  by operation")
+    for transport in args.transports.split(","):
+        base = Path(tempfile.mkdtemp(prefix="awsomefs-request-cost-", dir="/var/tmp"))
+        daemon = Daemon(base, transport)
+        try:
+            for name, work, items in (("untar", untar, entries), ("writes", writes, 2000), ("stats", stats, 2000)):
+                if work is stats:
+                    before_stats(daemon.mount)
+                counts, cpu = measure(daemon, lambda work=work, mount=daemon.mount: work(mount))
+                total = sum(counts.values())
+                ops = " ".join(f"{op}={int(n)}" for op, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+                print(f"{transport:9s} {name:8s} {int(total):9d} {total / items:9.2f} {cpu * 1e6 / max(total, 1):10.1f}  {ops}")
+        finally:
+            daemon.stop()
+            shutil.rmtree(base, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
