@@ -28,7 +28,14 @@ from awsomefsd.meta import commands as c
 from awsomefsd.meta.client import MetaClient
 from awsomefsd.meta.commands import RENAME_WHITEOUT
 from awsomefsd.meta.errors import Delegated, FsError
-from awsomefsd.meta.records import MAX_NAME_BYTES, MAX_SYMLINK_BYTES, ROOT_INO, Inode, check_name
+from awsomefsd.meta.records import (
+    MAX_FILE_SIZE_BYTES,
+    MAX_NAME_BYTES,
+    MAX_SYMLINK_BYTES,
+    ROOT_INO,
+    Inode,
+    check_name,
+)
 
 INODE_RESERVATION = 1024
 MAX_DELEGATION_TRIES = 8
@@ -47,6 +54,11 @@ def without_setid(mode: int, gid: int, in_group: InGroup) -> int | None:
         cleared &= ~stat.S_ISGID
     return None if cleared == mode else cleared
 
+
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_ZERO_RANGE = 0x10
+ZERO_CHUNK_BYTES = 1 << 20
+"""ZERO_RANGE writes its zeros through the write buffer this much at a time."""
 
 POSIX_ACL_XATTRS = (b"system.posix_acl_access", b"system.posix_acl_default")
 FILES_ADVERTISED = 1 << 32
@@ -458,6 +470,43 @@ class Operations:
         if h is not None:
             self.data.closed(h.ino)
             await self._purge_if_orphan(h.ino)
+
+    async def fallocate(self, fh: int, offset: int, length: int, mode: int) -> None:
+        """fallocate(2): the default mode and KEEP_SIZE make sure the range fits (free space and
+        the volume's quota, counting only its blocks that hold no data yet) and, without
+        KEEP_SIZE, extend the file over it; ZERO_RANGE also zeroes the bytes in it. The space is
+        checked, not reserved: there are no unwritten extents to reserve it with, so a write
+        into the range can still meet ENOSPC if others filled the device meanwhile (as on
+        filesystems that only extend the size). PUNCH_HOLE and the other modes: EOPNOTSUPP."""
+        h = self.handle(fh)
+        if mode & ~(FALLOC_FL_KEEP_SIZE | FALLOC_FL_ZERO_RANGE):
+            raise FsError(errno.EOPNOTSUPP, "only the default mode, KEEP_SIZE and ZERO_RANGE")
+        if offset < 0 or length <= 0:
+            raise FsError(errno.EINVAL)
+        end = offset + length
+        if end > MAX_FILE_SIZE_BYTES:
+            raise FsError(errno.EFBIG)
+        inode = self.inode(h.ino)
+        if not inode.is_reg:
+            raise FsError(errno.ENODEV)
+        first, last = offset // BLOCK_SIZE, -(-end // BLOCK_SIZE)
+        holding = sum(-(-min(b, end) // BLOCK_SIZE) - a // BLOCK_SIZE
+                      for a, b in self.data.data_ranges(inode, offset) if a < end) if offset < inode.size else 0
+        needed = max(0, last - first - holding)
+        if inode.volume:
+            self.data.check_quota(inode, needed)
+        if needed > self.statfs().free_blocks:
+            raise FsError(errno.ENOSPC)
+        if mode & FALLOC_FL_ZERO_RANGE and offset < inode.size:
+            # Past the end there is nothing to zero: an extended file reads zeros there.
+            async with self._writing(h.ino):
+                position, zero_end = offset, min(end, self.inode(h.ino).size)
+                while position < zero_end:
+                    n = min(ZERO_CHUNK_BYTES, zero_end - position)
+                    await self.data.write(self.meta.require_inode(h.ino), position, bytes(n))
+                    position += n
+        if not mode & FALLOC_FL_KEEP_SIZE and end > self.inode(h.ino).size:
+            await self.setattr(h.ino, size=end)
 
     async def fsync(self, fh: int, datasync: bool) -> None:
         h = self.handle(fh)

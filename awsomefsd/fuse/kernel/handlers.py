@@ -52,6 +52,7 @@ class KernelHandlers:
             Op.FLUSH: self.flush, Op.OPENDIR: self.opendir, Op.READDIR: self.readdir,
             Op.READDIRPLUS: self.readdirplus, Op.RELEASEDIR: self.releasedir, Op.FSYNCDIR: self.fsyncdir,
             Op.CREATE: self.create, Op.DESTROY: self.destroy, Op.SYNCFS: self.syncfs, Op.LSEEK: self.lseek,
+            Op.FALLOCATE: self.fallocate,
         }
 
     @property
@@ -209,6 +210,11 @@ class KernelHandlers:
         drop = write_flags & abi.WRITE_KILL_SUIDGID
         written = await self.ops.write(fh, offset, body.rest(size), drop_setid=caller_in_group(h.uid, h.gid, h.pid) if drop else None)
         return abi.WRITE_OUT.pack(written, 0)
+
+    async def fallocate(self, h: Header, body: Body) -> Payload:
+        fh, offset, length, mode, _ = body.take(abi.FALLOCATE_IN)
+        await self.ops.fallocate(fh, offset, length, mode)
+        return None
 
     async def lseek(self, h: Header, body: Body) -> Payload:
         fh, offset, whence, _ = body.take(abi.LSEEK_IN)
