@@ -111,6 +111,14 @@ assert _Statx.stx_size.offset == 40 and _Statx.stx_mtime.offset == 112  # type: 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.statx.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_uint, ctypes.POINTER(_Statx)]
 _libc.statx.restype = ctypes.c_int
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+FALLOC_FL_KEEP_SIZE, FALLOC_FL_ZERO_RANGE = 0x01, 0x10
+
+
+def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    if _libc.fallocate(fd, mode, offset, length) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -391,6 +399,7 @@ class ModelWorker(Worker):
             (self.op_unlink, 2), (self.op_utime, 5), (self.op_chmod, 2), (self.op_setxattr, 3),
             (self.op_getxattr, 2), (self.op_removexattr, 2), (self.op_listxattr, 2), (self.op_dontneed, 4),
             (self.op_stat, 6), (self.op_verify, 2), (self.op_frag_trunc, 1), (self.op_utime_watch, 1),
+            (self.op_fallocate, 2), (self.op_seek, 2),
         ]
         if trunc_heavy:
             ops = [(self.op_frag_trunc, 10), (self.op_verify, 2), (self.op_utime, 1), (self.op_write, 2),
@@ -546,6 +555,66 @@ class ModelWorker(Worker):
             self.fail("errno", f"short pwrite: {n} of {length}")
         self.model_write(f, offset, data)
         self.data_write_started(f, start)
+
+    def op_fallocate(self, f: FileModel) -> None:
+        """fallocate: the default mode or ZERO_RANGE, with or without KEEP_SIZE, inside the file,
+        across its end or past it. The size and the bytes follow the model; the mtime moves only
+        when the bytes or the size did."""
+        size = len(f.data)
+        mode = self.rng.choice([0, FALLOC_FL_KEEP_SIZE, FALLOC_FL_ZERO_RANGE, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE])
+        offset = self.rng.randint(0, min(size + 8192, MAX_FILE - 1))
+        length = min(self.rand_len(200_000), MAX_FILE - offset)
+        end = offset + length
+        self.op(f"fallocate {f.label()} mode={mode:#x} off={offset} len={length} (size {size})")
+        start = time.time_ns()
+        try:
+            fallocate(self.ensure_fd(f), mode, offset, length)
+        except OSError as exc:
+            if exc.errno == errno.EOPNOTSUPP:  # a filesystem without it (the pyfuse3 fallback): nothing changed
+                self.count("fallocate_unsupported")
+                return
+            self.fail("errno", f"fallocate mode {mode:#x} failed: {exc}")
+        changed = False
+        if mode & FALLOC_FL_ZERO_RANGE and offset < size:
+            f.data[offset:min(end, size)] = bytes(min(end, size) - offset)
+            changed = True
+        if not mode & FALLOC_FL_KEEP_SIZE and end > size:
+            f.data.extend(bytes(end - size))
+            changed = True
+        if changed:
+            self.data_write_started(f, start)
+
+    def op_seek(self, f: FileModel) -> None:
+        """SEEK_DATA and SEEK_HOLE agree with the bytes: ENXIO at or past the end, a result at or
+        after the offset, no data skipped (what lies between the offset and the next data reads
+        as zeros), and a hole at or before the end."""
+        size = len(f.data)
+        offset = self.rng.randint(0, size + 4096)
+        fd = self.ensure_fd(f)
+        self.op(f"lseek {f.label()} SEEK_DATA/SEEK_HOLE from {offset} (size {size})")
+        found = []
+        for whence in (os.SEEK_DATA, os.SEEK_HOLE):
+            try:
+                found.append(os.lseek(fd, offset, whence))
+            except OSError as exc:
+                # ENXIO: past the end, or (SEEK_DATA) nothing but a hole up to the end
+                if exc.errno != errno.ENXIO or (offset < size and whence == os.SEEK_HOLE):
+                    self.fail("errno", f"lseek({offset}, {'SEEK_DATA' if whence == os.SEEK_DATA else 'SEEK_HOLE'}): {exc}")
+                found.append(-1)
+        data, hole = found
+        self.note(f"SEEK_DATA {data}, SEEK_HOLE {hole}")
+        if offset >= size:
+            if (data, hole) != (-1, -1):
+                self.fail("data", f"lseek past the end ({offset} of {size}) gave {data}, {hole}, not ENXIO")
+            return
+        if not offset <= hole <= size:
+            self.fail("data", f"SEEK_HOLE from {offset} gave {hole} (size {size})")
+        skipped_to = size if data == -1 else data
+        if data != -1 and not offset <= data < size:
+            self.fail("data", f"SEEK_DATA from {offset} gave {data} (size {size})")
+        if any(f.data[offset:skipped_to]):
+            first = next(i for i in range(offset, skipped_to) if f.data[i])
+            self.fail("data", f"SEEK_DATA from {offset} gave {data} but byte {first} holds data")
 
     def op_read(self, f: FileModel) -> None:
         size = len(f.data)
