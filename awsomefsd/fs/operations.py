@@ -41,6 +41,7 @@ INODE_RESERVATION = 1024
 MAX_DELEGATION_TRIES = 8
 """A change whose target moved while its delegations were being acquired tries again, then goes
 through the log without running ahead."""
+
 InGroup = Callable[[int], bool]
 """Whether the caller of a request is in group `gid`, or may act as if it were (root)."""
 
