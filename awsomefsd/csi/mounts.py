@@ -15,6 +15,8 @@ import errno
 import os
 from dataclasses import dataclass
 
+from awsomefsd.fuse.mount import unescape_mount_field
+
 MS_RDONLY = 0x1
 MS_NOSUID = 0x2
 MS_NODEV = 0x4
@@ -66,22 +68,6 @@ class MountEntry:
     device: str = ""  # "major:minor" of the file system: a bind mount shares its source's
 
 
-def _unescape(field: str) -> str:
-    """mountinfo escapes space, tab, newline and backslash as \\ooo octal."""
-    if "\\" not in field:
-        return field
-    out, i = bytearray(), 0
-    raw = field.encode()
-    while i < len(raw):
-        if raw[i] == 0x5C and i + 4 <= len(raw) and raw[i + 1 : i + 4].isdigit():
-            out.append(int(raw[i + 1 : i + 4], 8))
-            i += 4
-        else:
-            out.append(raw[i])
-            i += 1
-    return os.fsdecode(bytes(out))
-
-
 def mount_table(mountinfo: str = "/proc/self/mountinfo") -> list[MountEntry]:
     """The mounts of this process's namespace, in mount order."""
     entries = []
@@ -93,11 +79,11 @@ def mount_table(mountinfo: str = "/proc/self/mountinfo") -> list[MountEntry]:
             sep = fields.index("-")
             entries.append(
                 MountEntry(
-                    mount_point=_unescape(fields[4]),
-                    root=_unescape(fields[3]),
+                    mount_point=unescape_mount_field(fields[4]),
+                    root=unescape_mount_field(fields[3]),
                     options=frozenset(fields[5].split(",")),
                     fs_type=fields[sep + 1],
-                    source=_unescape(fields[sep + 2]),
+                    source=unescape_mount_field(fields[sep + 2]),
                     device=fields[2],
                 )
             )

@@ -36,7 +36,20 @@ def mounts_at(path: Path) -> list[tuple[str, str]]:
 
 
 def unescape_mount_field(field: str) -> str:
-    return field.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n").replace("\\134", "\\")
+    """A field of /proc/mounts or mountinfo as the path it names: the kernel writes space, tab,
+    newline and backslash as \\ooo octal."""
+    if "\\" not in field:
+        return field
+    out, i = bytearray(), 0
+    raw = os.fsencode(field)
+    while i < len(raw):
+        if raw[i] == 0x5C and i + 4 <= len(raw) and raw[i + 1 : i + 4].isdigit():
+            out.append(int(raw[i + 1 : i + 4], 8))
+            i += 4
+        else:
+            out.append(raw[i])
+            i += 1
+    return os.fsdecode(bytes(out))
 
 
 PROBE_TIMEOUT_S = 5.0
