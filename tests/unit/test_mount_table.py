@@ -18,10 +18,10 @@ def test_escapes_are_undone() -> None:
 
 
 def test_mount_table_reads_escaped_and_undecodable_mount_points(tmp_path: Path) -> None:
-    odd = os.fsdecode(b"/var/lib/kubelet/pods/x/vol\xff")
+    odd = os.fsdecode(b"/var/lib/kubelet/pods/x/my vol\xff")
     lines = [
         r"36 35 0:52 / /mnt/with\040space rw,nosuid - fuse.awsomefs awsomefs rw,user_id=0",
-        "37 35 0:53 /sub " + odd + r" rw - ext4 /dev/loop0 rw",
+        "37 35 0:53 /sub " + odd.replace(" ", r"\040") + r" rw - ext4 /dev/loop0 rw",
     ]
     (tmp_path / "mountinfo").write_bytes(os.fsencode("\n".join(lines) + "\n"))
     table = mount_table(str(tmp_path / "mountinfo"))
