@@ -22,7 +22,7 @@ from pathlib import Path
 
 import trio
 
-from awsomefsd.fs.operations import FsStats
+from awsomefsd.fs.operations import FsStats, InGroup
 from awsomefsd.fuse.kernel import channel
 from awsomefsd.fuse.kernel.handlers import KernelHandlers
 from awsomefsd.fuse.kernel.session import INLINE_SINGLE_NODE, Session
@@ -84,7 +84,8 @@ class NullOperations:
         return self._node(ino).inode
 
     async def setattr(self, ino: int, *, mode: int | None = None, uid: int | None = None, gid: int | None = None,
-                      size: int | None = None, atime_ns: int | None = None, mtime_ns: int | None = None) -> Inode:
+                      size: int | None = None, atime_ns: int | None = None, mtime_ns: int | None = None,
+                      drop_setid: InGroup | None = None) -> Inode:
         node = self._node(ino)
         i = node.inode
         if size is not None:
@@ -149,7 +150,7 @@ class NullOperations:
         if replaced is not None and replaced != ino:
             self.nodes.pop(replaced, None)
 
-    async def open(self, ino: int, flags: int) -> int:
+    async def open(self, ino: int, flags: int, *, drop_setid: InGroup | None = None) -> int:
         node = self._node(ino)
         if flags & os.O_TRUNC:
             del node.data[:]
@@ -163,7 +164,7 @@ class NullOperations:
     async def read(self, fh: int, offset: int, size: int) -> bytes:
         return bytes(self._node(fh).data[offset : offset + size])
 
-    async def write(self, fh: int, offset: int, buf: bytes) -> int:
+    async def write(self, fh: int, offset: int, buf: bytes, *, drop_setid: InGroup | None = None) -> int:
         node = self._node(fh)
         if len(node.data) < offset:
             node.data += bytes(offset - len(node.data))
@@ -210,8 +211,21 @@ class NullOperations:
     async def removexattr(self, ino: int, name: bytes) -> None:
         raise FsError(errno.ENODATA)
 
-    def statfs(self) -> FsStats:
+    def statfs(self, ino: int | None = None) -> FsStats:
         return FsStats(4096, 1 << 30, 1 << 30, 1 << 30, 1 << 30, 255)
+
+    def flush_is_immediate(self, fh: int) -> bool:
+        return True  # nothing is ever buffered here
+
+    async def lseek(self, fh: int, offset: int, whence: int) -> int:
+        """The whole file is data (the kernel's own answer without a filesystem's)."""
+        size = len(self._node(fh).data)
+        if offset >= size:
+            raise FsError(errno.ENXIO)
+        return offset if whence == os.SEEK_DATA else size
+
+    async def fallocate(self, fh: int, offset: int, length: int, mode: int) -> None:
+        raise FsError(errno.EOPNOTSUPP)
 
 
 async def serve(mount: Path) -> None:
