@@ -42,6 +42,7 @@ MAX_DELEGATION_TRIES = 8
 """A change whose target moved while its delegations were being acquired tries again, then goes
 through the log without running ahead."""
 
+SETID_BITS = stat.S_ISUID | stat.S_ISGID
 InGroup = Callable[[int], bool]
 """Whether the caller of a request is in group `gid`, or may act as if it were (root)."""
 
@@ -363,7 +364,7 @@ class Operations:
         """Clear set-user-ID and set-group-ID before a change by a caller without CAP_FSETID
         (what the VFS does itself unless we take it over with HANDLE_KILLPRIV_V2): one metadata
         command when the bits are set, nothing otherwise."""
-        if inode.mode & (stat.S_ISUID | stat.S_ISGID) and not inode.is_dir:
+        if inode.mode & SETID_BITS and not inode.is_dir:
             mode = without_setid(inode.mode, inode.gid, in_group)
             if mode is not None:
                 await self.setattr(inode.ino, mode=mode)
@@ -393,10 +394,11 @@ class Operations:
         """`drop_setid`: the writer lacks CAP_FSETID and the kernel left clearing set-user-ID and
         set-group-ID to us (HANDLE_KILLPRIV_V2)."""
         h = self.handle(fh)
-        if drop_setid is not None:
-            await self._drop_setid(self.meta.require_inode(h.ino), drop_setid)
         async with self._writing(h.ino):
             inode = self.meta.require_inode(h.ino)
+            if drop_setid is not None and inode.mode & SETID_BITS:  # rare: no second read otherwise
+                await self._drop_setid(inode, drop_setid)
+                inode = self.meta.require_inode(h.ino)
             # A cluster member's O_APPEND: the kernel's offset is its cached size, which another
             # node's appends have made stale; with the lease held, the end of file here is the real one.
             append = self.coherence is not None and bool(h.flags & os.O_APPEND)
