@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.daemon import Daemon, wait_for
+from tests.support.fsx import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE, fallocate
 
 pytestmark = pytest.mark.mounted
 libc = ctypes.CDLL(None, use_errno=True)
@@ -507,16 +508,6 @@ def test_posix_fallocate_extends(mnt: Path) -> None:
         assert os.pread(fd, 100_000, 0) == bytes(100_000)
     finally:
         os.close(fd)
-
-
-FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE = 0x01, 0x02, 0x10
-
-
-def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
-    libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-    if libc.fallocate(fd, mode, offset, length) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
 
 
 def test_fallocate_as_on_ext4(mnt: Path) -> None:
