@@ -227,6 +227,9 @@ class NullOperations:
     async def fallocate(self, fh: int, offset: int, length: int, mode: int) -> None:
         raise FsError(errno.EOPNOTSUPP)
 
+    async def copy_file_range(self, fh_in: int, offset_in: int, fh_out: int, offset_out: int, length: int) -> int:
+        raise FsError(errno.EOPNOTSUPP)  # the kernel copies through reads and writes
+
 
 async def serve(mount: Path) -> None:
     fd = channel.open_device()

@@ -8,6 +8,7 @@ coherence and the volume service call for data, built from one part per job:
     flusher.py    flushing buffered runs, in the foreground and in the background
     compactor.py  rewriting files fragmented by small writes
     truncate.py   size changes, settled with the buffered data under the file's lock
+    ranges.py     punched holes and cloned block ranges, settled the same way
     losses.py     buffered writes a fenced node dropped, reported once per descriptor
 
 The write path itself lives here, because it ties the parts together: check the room, buffer,
@@ -28,6 +29,7 @@ from awsomefsd.fs.buffer import FileState, WriteBuffer
 from awsomefsd.fs.compactor import Compactor
 from awsomefsd.fs.flusher import Flusher
 from awsomefsd.fs.losses import LossLedger
+from awsomefsd.fs.ranges import RangeEditor
 from awsomefsd.fs.reader import Reader
 from awsomefsd.fs.space import ClaimSpace, SpaceGuard
 from awsomefsd.fs.truncate import Truncator
@@ -67,6 +69,7 @@ class FileData:
         self.flusher = Flusher(self.buffer, writer, self.compactor, device, self.lost_writes,
                                flush_interval_ms=flush_interval_ms)
         self.truncator = Truncator(meta, self.buffer, self.flusher, self.reader, allocator, io, clock_ns=clock_ns)
+        self.ranges = RangeEditor(meta, self.buffer, self.flusher, clock_ns=clock_ns)
 
     # -- the write buffer, as callers and tests see it --------------------------------------------
     @property
@@ -187,6 +190,12 @@ class FileData:
 
     async def truncate(self, ino: int, size: int, setattr: c.SetAttr) -> Inode:
         return await self.truncator.truncate(ino, size, setattr)
+
+    async def punch_hole(self, ino: int, first_block: int, end_block: int) -> Inode:
+        return await self.ranges.punch_hole(ino, first_block, end_block)
+
+    async def clone(self, src: int, src_block: int, dst: int, dst_block: int, count: int, size: int) -> Inode:
+        return await self.ranges.clone(src, src_block, dst, dst_block, count, size)
 
     async def compact(self, ino: int) -> int:
         return await self.compactor.compact(ino)

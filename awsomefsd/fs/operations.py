@@ -31,6 +31,7 @@ from awsomefsd.meta.errors import Delegated, FsError
 from awsomefsd.meta.records import (
     MAX_FILE_SIZE_BYTES,
     MAX_NAME_BYTES,
+    MAX_RANGE_BLOCKS,
     MAX_SYMLINK_BYTES,
     ROOT_INO,
     Inode,
@@ -58,9 +59,8 @@ def without_setid(mode: int, gid: int, in_group: InGroup) -> int | None:
 
 
 FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
 FALLOC_FL_ZERO_RANGE = 0x10
-ZERO_CHUNK_BYTES = 1 << 20
-"""ZERO_RANGE writes its zeros through the write buffer this much at a time."""
 
 POSIX_ACL_XATTRS = (b"system.posix_acl_access", b"system.posix_acl_default")
 FILES_ADVERTISED = 1 << 32
@@ -477,13 +477,12 @@ class Operations:
     async def fallocate(self, fh: int, offset: int, length: int, mode: int) -> None:
         """fallocate(2): the default mode and KEEP_SIZE make sure the range fits (free space and
         the volume's quota, counting only its blocks that hold no data yet) and, without
-        KEEP_SIZE, extend the file over it; ZERO_RANGE also zeroes the bytes in it. The space is
+        KEEP_SIZE, extend the file over it. ZERO_RANGE also zeroes the bytes in it, and
+        PUNCH_HOLE (with KEEP_SIZE, as Linux requires) deallocates them (`_zero`). The space is
         checked, not reserved: there are no unwritten extents to reserve it with, so a write
         into the range can still meet ENOSPC if others filled the device meanwhile (as on
-        filesystems that only extend the size). PUNCH_HOLE and the other modes: EOPNOTSUPP."""
+        filesystems that only extend the size). The other modes: EOPNOTSUPP."""
         h = self.handle(fh)
-        if mode & ~(FALLOC_FL_KEEP_SIZE | FALLOC_FL_ZERO_RANGE):
-            raise FsError(errno.EOPNOTSUPP, "only the default mode, KEEP_SIZE and ZERO_RANGE")
         if offset < 0 or length <= 0:
             raise FsError(errno.EINVAL)
         end = offset + length
@@ -492,6 +491,14 @@ class Operations:
         inode = self.inode(h.ino)
         if not inode.is_reg:
             raise FsError(errno.ENODEV)
+        if mode & FALLOC_FL_PUNCH_HOLE:
+            if mode != FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE:
+                raise FsError(errno.EOPNOTSUPP, "PUNCH_HOLE goes with KEEP_SIZE only")
+            async with self._writing(h.ino):
+                await self._zero(h.ino, offset, end)
+            return
+        if mode & ~(FALLOC_FL_KEEP_SIZE | FALLOC_FL_ZERO_RANGE):
+            raise FsError(errno.EOPNOTSUPP, "only the default mode, KEEP_SIZE, ZERO_RANGE and PUNCH_HOLE")
         first, last = offset // BLOCK_SIZE, -(-end // BLOCK_SIZE)
         holding = sum(-(-min(b, end) // BLOCK_SIZE) - a // BLOCK_SIZE
                       for a, b in self.data.data_ranges(inode, offset) if a < end) if offset < inode.size else 0
@@ -500,16 +507,67 @@ class Operations:
             self.data.check_quota(inode, needed)
         if needed > self.statfs().free_blocks:
             raise FsError(errno.ENOSPC)
-        if mode & FALLOC_FL_ZERO_RANGE and offset < inode.size:
-            # Past the end there is nothing to zero: an extended file reads zeros there.
+        if mode & FALLOC_FL_ZERO_RANGE:
             async with self._writing(h.ino):
-                position, zero_end = offset, min(end, self.inode(h.ino).size)
-                while position < zero_end:
-                    n = min(ZERO_CHUNK_BYTES, zero_end - position)
-                    await self.data.write(self.meta.require_inode(h.ino), position, bytes(n))
-                    position += n
+                await self._zero(h.ino, offset, end)
         if not mode & FALLOC_FL_KEEP_SIZE and end > self.inode(h.ino).size:
             await self.setattr(h.ino, size=end)
+
+    async def _zero(self, ino: int, start: int, end: int) -> None:
+        """Make bytes [start, end) of the file read as zeros, up to its end (past it there is
+        nothing to zero: an extended file reads zeros there). Whole blocks are unmapped, one
+        PunchHole per MAX_RANGE_BLOCKS; the partial blocks at the edges are written with zeros
+        (at most a block each, copy-on-write like any write). The caller holds the write lease."""
+        inode = self.meta.require_inode(ino)
+        if inode.volume:
+            self.meta.check_writable(inode.volume)
+        end = min(end, self.data.effective_size(ino, inode.size))
+        if start >= end:
+            return
+        first_whole, end_whole = -(-start // BLOCK_SIZE), end // BLOCK_SIZE
+        if first_whole >= end_whole:
+            edges = [(start, end)]
+        else:
+            edges = [(start, first_whole * BLOCK_SIZE), (end_whole * BLOCK_SIZE, end)]
+        for a, b in edges:
+            if a < b:
+                await self.data.write(self.meta.require_inode(ino), a, bytes(b - a))
+        for block in range(first_whole, end_whole, MAX_RANGE_BLOCKS):
+            await self.data.punch_hole(ino, block, min(end_whole, block + MAX_RANGE_BLOCKS))
+
+    async def copy_file_range(self, fh_in: int, offset_in: int, fh_out: int, offset_out: int, length: int) -> int:
+        """copy_file_range(2) within this filesystem: how many bytes were copied, which may be
+        fewer than asked (callers loop, as the call allows). Whole blocks are cloned
+        (CloneRange: shared copy-on-write, one metadata command for up to MAX_RANGE_BLOCKS, no
+        byte read or written); a partial block at either edge is copied through this daemon in
+        a call of its own. Offsets at different places within a block cannot share blocks:
+        EOPNOTSUPP makes the kernel copy those through reads and writes itself."""
+        src_h, dst_h = self.handle(fh_in), self.handle(fh_out)
+        if offset_in < 0 or offset_out < 0 or length < 0:
+            raise FsError(errno.EINVAL)
+        src, dst = self.inode(src_h.ino), self.inode(dst_h.ino)
+        if not src.is_reg or not dst.is_reg:
+            raise FsError(errno.EINVAL)
+        if dst.volume:
+            self.meta.check_writable(dst.volume)
+        length = min(length, self.data.effective_size(src.ino, src.size) - offset_in)
+        if length <= 0:
+            return 0
+        if offset_out + length > MAX_FILE_SIZE_BYTES:
+            raise FsError(errno.EFBIG)
+        if (offset_in - offset_out) % BLOCK_SIZE:
+            raise FsError(errno.EOPNOTSUPP, "the offsets are at different places within a block")
+        head = -offset_in % BLOCK_SIZE
+        blocks = 0 if head else min(length // BLOCK_SIZE, MAX_RANGE_BLOCKS)
+        async with self._writing(dst_h.ino):
+            if not blocks:
+                data = await self.data.read(self.meta.require_inode(src.ino), offset_in, min(length, head or length))
+                if data:
+                    await self.data.write(self.meta.require_inode(dst_h.ino), offset_out, data)
+                return len(data)
+            await self.data.clone(src.ino, offset_in // BLOCK_SIZE, dst_h.ino, offset_out // BLOCK_SIZE, blocks,
+                                  offset_out + blocks * BLOCK_SIZE)
+        return blocks * BLOCK_SIZE
 
     async def fsync(self, fh: int, datasync: bool) -> None:
         h = self.handle(fh)

@@ -114,6 +114,14 @@ def _write_data(cmd: c.WriteData, result: Any) -> list[Target]:
     return [Target.inode(cmd.ino)] if cmd.touch else []
 
 
+def _punch_hole(cmd: c.PunchHole, result: Any) -> list[Target]:
+    return [Target.inode(cmd.ino)]
+
+
+def _clone_range(cmd: c.CloneRange, result: Any) -> list[Target]:
+    return [Target.inode(cmd.dst_ino)]  # the source's bytes and attributes did not change
+
+
 def _xattr(cmd: c.SetXattr | c.RemoveXattr, result: Any) -> list[Target]:
     return [Target.attr_only(cmd.ino)]  # ctime; FUSE does not cache xattr values
 
@@ -148,6 +156,8 @@ RULES: dict[type, Rule] = {
     c.Rename: _rename,
     c.SetAttr: _setattr,
     c.WriteData: _write_data,
+    c.PunchHole: _punch_hole,
+    c.CloneRange: _clone_range,
     c.SetXattr: _xattr,
     c.RemoveXattr: _xattr,
     c.Purge: _purge,

@@ -93,7 +93,7 @@ class Predictor(StateMachine):
     def space_check_new(self, txn: lmdb.Transaction[bytes], extents: Any) -> None:
         pass
 
-    def _defer_free(self, txn: lmdb.Transaction[bytes], extents: list[tuple[int, int]], now_ns: int) -> None:
+    def defer_free(self, txn: lmdb.Transaction[bytes], extents: list[tuple[int, int]], now_ns: int) -> None:
         pass
 
     def _next(self, txn: lmdb.Transaction[bytes], name: bytes, count: int = 1) -> int:

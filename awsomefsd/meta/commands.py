@@ -128,6 +128,39 @@ class WriteData:
 
 
 @dataclass(frozen=True, slots=True)
+class PunchHole:
+    """fallocate(PUNCH_HOLE): unmap file blocks [first_block, end_block); the size stays.
+
+    Whole blocks only: the proposer writes zeros over the partial blocks at the edges first. What
+    is unmapped goes to the delayed-free list (a block a clone or snapshot shares loses a reference).
+    """
+
+    ino: int
+    first_block: int
+    end_block: int
+    now_ns: int
+
+
+@dataclass(frozen=True, slots=True)
+class CloneRange:
+    """copy_file_range of whole blocks by sharing them: file blocks [src_block, src_block+count)
+    of `src_ino` become blocks [dst_block, dst_block+count) of `dst_ino`, copy-on-write.
+
+    The apply reads the source's mapping as it is then (holes stay holes), drops a reference-counted
+    share on each device range, and replaces whatever the destination mapped there. The
+    destination grows to `size` if it is shorter; its mtime and ctime become `now_ns`.
+    """
+
+    src_ino: int
+    src_block: int
+    dst_ino: int
+    dst_block: int
+    count: int
+    size: int
+    now_ns: int
+
+
+@dataclass(frozen=True, slots=True)
 class SetXattr:
     ino: int
     name: bytes

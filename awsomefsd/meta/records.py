@@ -30,6 +30,9 @@ MAX_XATTR_TOTAL_BYTES = 1024 * 1024  # names and values of one inode
 MAX_XATTR_LIST_BYTES = 64 * 1024  # its names as listxattr returns them (the kernel's XATTR_LIST_MAX)
 MAX_FILE_SIZE_BYTES = 1 << 60
 MAX_EXTENT_BLOCKS = 256  # one file-map record covers at most 1 MiB: keeps values and rewrites small
+MAX_RANGE_BLOCKS = 1 << 18
+"""Blocks one PunchHole or CloneRange may cover (1 GiB): bounds the transaction every member
+applies. The file layer splits larger requests (copy_file_range may return a short count)."""
 MAX_HARD_LINKS = 65000
 VOLUMES_INO = 2  # /.volumes: one directory per volume
 SNAPSHOTS_INO = 3  # /.snapshots: one read-only directory per snapshot

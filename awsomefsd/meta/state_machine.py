@@ -24,6 +24,7 @@ from awsomefsd.meta import filemap
 from awsomefsd.meta.cluster_sm import ClusterTables
 from awsomefsd.meta.errors import Delegated, FsError
 from awsomefsd.meta.namespace import Namespace
+from awsomefsd.meta.ranges import apply_clone_range, apply_punch_hole
 from awsomefsd.meta.records import (
     MAX_FILE_SIZE_BYTES,
     MAX_XATTR_LIST_BYTES,
@@ -100,6 +101,8 @@ class StateMachine:
             c.ReleaseWriteLease: self.cluster.release_lease,
             c.Fenced: self._fenced,
             c.ReleaseOrphans: self._release_orphans,
+            c.PunchHole: self._punch_hole,
+            c.CloneRange: self._clone_range,
         }
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -183,7 +186,7 @@ class StateMachine:
             for listener in self.freed_listeners:
                 listener(freed)
 
-    def _defer_free(self, txn: lmdb.Transaction[bytes], extents: list[tuple[int, int]], now_ns: int) -> None:
+    def defer_free(self, txn: lmdb.Transaction[bytes], extents: list[tuple[int, int]], now_ns: int) -> None:
         if extents:
             self.space.defer(txn, self._next(txn, b"dfree_seq"), extents, now_ns + self.delayed_free_ns)
 
@@ -333,7 +336,7 @@ class StateMachine:
                 self.space.take(txn, tail.dev_block, tail.count)
                 filemap.map_extent(txn, fmap, inode.ino, tail)
                 added = tail.count
-            self._defer_free(txn, superseded, now_ns)
+            self.defer_free(txn, superseded, now_ns)
             self.volumes.charge(txn, inode.volume, blocks=added - removed, inodes=0, enforce=False)
             inode.blocks += added - removed
         inode.size = size
@@ -365,7 +368,7 @@ class StateMachine:
         for ext in cmd.extents:
             self.space.take(txn, ext.dev_block, ext.count)
             filemap.map_extent(txn, fmap, inode.ino, ext)
-        self._defer_free(txn, superseded, cmd.now_ns)
+        self.defer_free(txn, superseded, cmd.now_ns)
         inode.blocks += delta
         inode.size = max(inode.size, cmd.size)
         if cmd.touch:
@@ -377,6 +380,12 @@ class StateMachine:
                 inode.mode &= ~stat.S_ISGID
         self.ns.put_inode(txn, inode)
         return inode
+
+    def _punch_hole(self, txn: lmdb.Transaction[bytes], cmd: c.PunchHole) -> Inode:
+        return apply_punch_hole(self, txn, cmd)
+
+    def _clone_range(self, txn: lmdb.Transaction[bytes], cmd: c.CloneRange) -> Inode:
+        return apply_clone_range(self, txn, cmd)
 
     def _setxattr(self, txn: lmdb.Transaction[bytes], cmd: c.SetXattr) -> None:
         inode = self.ns.require_inode(txn, cmd.ino)
@@ -433,7 +442,7 @@ class StateMachine:
     def delete_inode(self, txn: lmdb.Transaction[bytes], inode: Inode, now_ns: int) -> None:
         """Remove an inode with its data (freed after the grace period), xattrs and orphan mark."""
         superseded = filemap.unmap_range(txn, self.db["fmap"], inode.ino, 0, 1 << 62)
-        self._defer_free(txn, superseded, now_ns)
+        self.defer_free(txn, superseded, now_ns)
         self.volumes.charge(txn, inode.volume, blocks=-inode.blocks, inodes=-1, enforce=False)
         self.ns.delete_xattrs(txn, inode.ino)
         txn.delete(u64(inode.ino), db=self.db["symlinks"])

@@ -16,6 +16,7 @@ import pytest
 
 from tests.support.cluster import Cluster, cluster_in
 from tests.support.daemon import wait_for
+from tests.support.fsx import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, fallocate
 from tests.support.netns import TestNetwork
 
 
@@ -39,10 +40,19 @@ def test_three_nodes_by_zeroconf_share_one_namespace(cluster3: Cluster) -> None:
         f.write(payload)
     for node in (b, c):
         assert read(node.mount / "dir" / "f") == payload, f"node {node.index} reads other bytes"
+    # a hole punched and a clone made on one node: the others, which cached the file, read them
+    with open(a.mount / "dir" / "f", "rb+") as f:
+        fallocate(f.fileno(), FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 5000, 1 << 20)
+    payload = payload[:5000] + bytes(1 << 20) + payload[5000 + (1 << 20):]
+    with open(a.mount / "dir" / "f", "rb") as src, open(a.mount / "dir" / "copy", "wb") as dst:
+        assert os.copy_file_range(src.fileno(), dst.fileno(), 2 << 20, 4096, 4096) == 2 << 20
+    for node in (b, c):
+        assert read(node.mount / "dir" / "f") == payload, f"node {node.index} misses the hole"
+        assert read(node.mount / "dir" / "copy") == bytes(4096) + payload[4096:4096 + (2 << 20)]
     # and the other way round, through a follower (forwarded to the leader)
     (c.mount / "dir" / "from-c").write_bytes(b"hello from c")
     assert read(a.mount / "dir" / "from-c") == b"hello from c"
-    assert sorted(os.listdir(b.mount / "dir")) == ["f", "from-c"]
+    assert sorted(os.listdir(b.mount / "dir")) == ["copy", "f", "from-c"]
     status = a.status()
     cluster = status["cluster"]
     assert sorted(cluster["raft"]["voters"]) == [1, 2, 3]

@@ -511,17 +511,19 @@ def test_posix_fallocate_extends(mnt: Path) -> None:
 
 
 def test_fallocate_as_on_ext4(mnt: Path) -> None:
-    """The default mode, KEEP_SIZE and ZERO_RANGE (inside, across and past the end, buffered and
-    synced data) leave the same sizes and bytes as on ext4; one request each, not glibc's
-    block-by-block emulation. PUNCH_HOLE is refused (EOPNOTSUPP: nothing is deallocated yet)."""
+    """The default mode, KEEP_SIZE, ZERO_RANGE and PUNCH_HOLE (inside, across and past the end,
+    buffered and synced data) leave the same sizes and bytes as on ext4; one request each, not
+    glibc's block-by-block emulation. A punched hole frees its whole blocks and reads as a hole."""
     if os.environ.get("AWSOMEFS_MOUNT__TRANSPORT") == "pyfuse3":
         pytest.skip("pyfuse3 has no fallocate handler: the fallback answers EOPNOTSUPP (glibc emulates)")
     local = Path(tempfile.mkdtemp(dir="/var/tmp"))
     MiB = 1 << 20
+    punch = FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
     steps: list[tuple[int, int, int]] = [  # mode, offset, length
         (0, 0, 100_000), (FALLOC_FL_KEEP_SIZE, 0, 3 * MiB), (0, 50_000, 10), (FALLOC_FL_ZERO_RANGE, 1000, 5000),
         (FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, 90_000, 50_000), (FALLOC_FL_ZERO_RANGE, 99_000, 30_000),
-        (0, 2 * MiB, 4096),
+        (0, 2 * MiB, 4096), (punch, 3000, 2000), (punch, 20_000, 40_000), (punch, 2 * MiB - 5000, 1 * MiB),
+        (punch, 8192, 4096),
     ]
     try:
         fds = [os.open(base / "f", os.O_CREAT | os.O_RDWR, 0o644) for base in (local, mnt)]
@@ -537,8 +539,16 @@ def test_fallocate_as_on_ext4(mnt: Path) -> None:
                 want, got = (os.pread(fd, 4 * MiB, 0) for fd in fds)
                 assert (len(got), got == want) == (len(want), True), f"after step {i}: {mode:#x} {offset} {length}"
             with pytest.raises(OSError) as refused:
-                fallocate(fds[1], FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 0, 4096)
+                fallocate(fds[1], 0x08, 0, 4096)  # COLLAPSE_RANGE
             assert refused.value.errno == errno.EOPNOTSUPP
+            mine = fds[1]
+            os.pwrite(mine, os.urandom(64 * 4096), 0)
+            os.fsync(mine)
+            before = os.fstat(mine).st_blocks
+            fallocate(mine, punch, 4096 + 100, 32 * 4096)
+            assert os.lseek(mine, 4096, os.SEEK_HOLE) == 2 * 4096, "the partial edge block keeps its data"
+            assert os.lseek(mine, 2 * 4096, os.SEEK_DATA) == 33 * 4096
+            assert before - os.fstat(mine).st_blocks == 31 * 8, "the 31 whole blocks are deallocated"
         finally:
             for fd in fds:
                 os.close(fd)
@@ -549,6 +559,66 @@ def test_fallocate_as_on_ext4(mnt: Path) -> None:
             assert full.value.errno in (errno.ENOSPC, errno.EFBIG) and os.fstat(huge).st_size == 0
         finally:
             os.close(huge)
+    finally:
+        shutil.rmtree(local)
+
+
+def _copy_all(src: int, dst: int, length: int, off_in: int, off_out: int) -> int:
+    """copy_file_range until done or the end of the source, as cp does; the bytes copied."""
+    done = 0
+    while done < length:
+        n = os.copy_file_range(src, dst, length - done, off_in + done, off_out + done)
+        if n == 0:
+            break
+        done += n
+    return done
+
+
+def test_copy_file_range_shares_blocks_copy_on_write(mnt: Path) -> None:
+    """copy_file_range (and so cp) gives the same bytes as on ext4, at any offsets; whole blocks
+    at the same place in a block are shared, not copied: the free space does not move, and a
+    write to either file afterwards does not show in the other."""
+    local = Path(tempfile.mkdtemp(dir="/var/tmp"))
+    MiB = 1 << 20
+    rng = random.Random(5)
+    original = rng.randbytes(8 * MiB + 1234)
+    cases = [(0, 0, len(original)), (4096 + 7, 3 * 4096 + 7, 2 * MiB), (100, 5000, 70_000),
+             (8 * MiB, 0, 10_000), (len(original) + 10, 0, 10)]  # (offset in, offset out, length)
+    try:
+        for base in (local, mnt):
+            (base / "src").write_bytes(original)
+        with open(mnt / "src", "rb+") as f:
+            os.fsync(f.fileno())
+        free_before = os.statvfs(mnt).f_bfree
+        for i, (off_in, off_out, length) in enumerate(cases):
+            copied = []
+            for base in (local, mnt):
+                src = os.open(base / "src", os.O_RDONLY)
+                dst = os.open(base / f"dst{i}", os.O_CREAT | os.O_RDWR, 0o644)
+                try:
+                    copied.append(_copy_all(src, dst, length, off_in, off_out))
+                    os.fsync(dst)
+                finally:
+                    os.close(src)
+                    os.close(dst)
+            assert copied[0] == copied[1], f"case {i}"
+            assert (local / f"dst{i}").read_bytes() == (mnt / f"dst{i}").read_bytes(), f"case {i}"
+        if os.environ.get("AWSOMEFS_MOUNT__TRANSPORT") != "pyfuse3":  # no handler there: the kernel copies
+            assert free_before - os.statvfs(mnt).f_bfree < 64, "8 MiB cloned without taking its space"
+        with open(mnt / "dst0", "rb+") as f:
+            f.seek(MiB)
+            f.write(b"x" * 10_000)
+        with open(mnt / "src", "rb+") as f:
+            f.seek(3 * MiB)
+            f.write(b"y" * 10_000)
+        dst0 = (mnt / "dst0").read_bytes()
+        src_now = (mnt / "src").read_bytes()
+        assert dst0[MiB:MiB + 10_000] == b"x" * 10_000 and dst0[3 * MiB:3 * MiB + 10_000] == original[3 * MiB:3 * MiB + 10_000]
+        assert src_now[MiB:MiB + 10_000] == original[MiB:MiB + 10_000] and src_now[3 * MiB:3 * MiB + 10_000] == b"y" * 10_000
+        (mnt / "src").unlink()
+        assert (mnt / "dst0").read_bytes() == dst0, "the clone keeps the blocks its source let go"
+        subprocess.run(["cp", str(mnt / "dst0"), str(mnt / "by-cp")], check=True)
+        assert (mnt / "by-cp").read_bytes() == dst0
     finally:
         shutil.rmtree(local)
 

@@ -399,7 +399,7 @@ class ModelWorker(Worker):
             (self.op_unlink, 2), (self.op_utime, 5), (self.op_chmod, 2), (self.op_setxattr, 3),
             (self.op_getxattr, 2), (self.op_removexattr, 2), (self.op_listxattr, 2), (self.op_dontneed, 4),
             (self.op_stat, 6), (self.op_verify, 2), (self.op_frag_trunc, 1), (self.op_utime_watch, 1),
-            (self.op_fallocate, 2), (self.op_seek, 2),
+            (self.op_fallocate, 2), (self.op_seek, 2), (self.op_copy_range, 3),
         ]
         if trunc_heavy:
             ops = [(self.op_frag_trunc, 10), (self.op_verify, 2), (self.op_utime, 1), (self.op_write, 2),
@@ -557,11 +557,12 @@ class ModelWorker(Worker):
         self.data_write_started(f, start)
 
     def op_fallocate(self, f: FileModel) -> None:
-        """fallocate: the default mode or ZERO_RANGE, with or without KEEP_SIZE, inside the file,
-        across its end or past it. The size and the bytes follow the model; the mtime moves only
-        when the bytes or the size did."""
+        """fallocate: the default mode or ZERO_RANGE, with or without KEEP_SIZE, or PUNCH_HOLE,
+        inside the file, across its end or past it. The size and the bytes follow the model; the
+        mtime moves only when the bytes or the size did."""
         size = len(f.data)
-        mode = self.rng.choice([0, FALLOC_FL_KEEP_SIZE, FALLOC_FL_ZERO_RANGE, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE])
+        mode = self.rng.choice([0, FALLOC_FL_KEEP_SIZE, FALLOC_FL_ZERO_RANGE, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE,
+                                FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE])
         offset = self.rng.randint(0, min(size + 8192, MAX_FILE - 1))
         length = min(self.rand_len(200_000), MAX_FILE - offset)
         end = offset + length
@@ -575,7 +576,7 @@ class ModelWorker(Worker):
                 return
             self.fail("errno", f"fallocate mode {mode:#x} failed: {exc}")
         changed = False
-        if mode & FALLOC_FL_ZERO_RANGE and offset < size:
+        if mode & (FALLOC_FL_ZERO_RANGE | FALLOC_FL_PUNCH_HOLE) and offset < size:
             f.data[offset:min(end, size)] = bytes(min(end, size) - offset)
             changed = True
         if not mode & FALLOC_FL_KEEP_SIZE and end > size:
@@ -583,6 +584,42 @@ class ModelWorker(Worker):
             changed = True
         if changed:
             self.data_write_started(f, start)
+
+    def op_copy_range(self, f: FileModel) -> None:
+        """copy_file_range from `f` into one of this worker's files (or `f` itself, without
+        overlap), looping on short counts as callers must. Offsets often share their place within
+        a block, which makes whole blocks shared copy-on-write; later writes to either file must
+        not show in the other."""
+        g = self.pick()
+        size = len(f.data)
+        off_in = self.rng.randint(0, size + 100)
+        length = self.rand_len(600_000)
+        if self.rng.random() < 0.6:
+            off_out = off_in % 4096 + 4096 * self.rng.randint(0, (len(g.data) + 65536) // 4096)
+        else:
+            off_out = self.rng.randint(0, len(g.data) + 65536)
+        length = max(1, min(length, MAX_FILE - off_out))
+        if g is f and off_in < off_out + length and off_out < off_in + length:
+            return  # the call refuses a range overlapping itself (EINVAL): nothing to model
+        self.op(f"copy_file_range {f.label()} off={off_in} -> {g.label()} off={off_out} len={length} "
+                f"(sizes {size}, {len(g.data)})")
+        src, dst = self.ensure_fd(f), self.ensure_fd(g)
+        start = time.time_ns()
+        copied = 0
+        while copied < length:  # each call reads the file as the previous ones left it (g may be f)
+            available = max(0, min(length - copied, len(f.data) - (off_in + copied)))
+            try:
+                n = os.copy_file_range(src, dst, length - copied, off_in + copied, off_out + copied)
+            except OSError as exc:
+                self.fail("errno", f"copy_file_range after {copied} bytes: {exc}")
+            if n > available or (n == 0 and available):
+                self.fail("data", f"copy_file_range after {copied} bytes copied {n}, the source holds {available}")
+            if n == 0:
+                break
+            self.model_write(g, off_out + copied, bytes(f.data[off_in + copied:off_in + copied + n]))
+            copied += n
+        if copied:
+            self.data_write_started(g, start)
 
     def op_seek(self, f: FileModel) -> None:
         """SEEK_DATA and SEEK_HOLE agree with the bytes: ENXIO at or past the end, a result at or

@@ -378,3 +378,56 @@ def test_pending_frees_exclude_shared_blocks(h: Harness) -> None:
     with h.store.env.begin() as txn:
         assert h.sm.space.pending_free_blocks(txn) == 0
     assert h.free_blocks() == DATA_BLOCKS
+
+
+def test_punch_hole_unmaps_whole_blocks_and_frees_them_after_grace(h: Harness) -> None:
+    f = h.mk(ROOT_INO, b"f")
+    h.apply(c.WriteData(f, (ext(0, DATA_START, 8),), 8 * 4096 - 100, h.tick()))
+    free0 = h.free_blocks()
+    now = h.tick()
+    inode = h.apply(c.PunchHole(f, 2, 5, now))
+    assert [(e.file_block, e.dev_block, e.count) for e in h.extents(f)] == [(0, DATA_START, 2), (5, DATA_START + 5, 3)]
+    assert inode.size == 8 * 4096 - 100, "the size stays"
+    assert inode.blocks == 5 and inode.mtime_ns == inode.ctime_ns == now
+    h.apply(c.PunchHole(f, 2, 5, h.tick()))  # again: nothing left to unmap
+    assert h.inode(f).blocks == 5
+    h.apply(c.ReclaimFrees(h.now + GRACE_NS))
+    assert h.free_blocks() == free0 + 3 and h.freed == [(DATA_START + 2, 3)]
+    assert h.error(c.PunchHole(f, 3, 3, h.tick())) == errno.EINVAL
+    assert h.error(c.PunchHole(ROOT_INO, 0, 1, h.tick())) == errno.EISDIR
+
+
+def test_clone_range_shares_blocks_until_both_files_let_go(h: Harness) -> None:
+    src, dst = h.mk(ROOT_INO, b"src"), h.mk(ROOT_INO, b"dst")
+    h.apply(c.WriteData(src, (ext(0, DATA_START, 4), ext(6, DATA_START + 10, 2)), 8 * 4096, h.tick()))
+    h.apply(c.WriteData(dst, (ext(0, DATA_START + 20, 3),), 3 * 4096, h.tick()))
+    free0 = h.free_blocks()
+    now = h.tick()
+    inode = h.apply(c.CloneRange(src, 2, dst, 1, 6, 7 * 4096 + 5, now))
+    # src blocks 2-3 land at 1-2 (replacing two of dst's), 4-5 are holes, 6-7 land at 5-6
+    assert [(e.file_block, e.dev_block, e.count) for e in h.extents(dst)] == [
+        (0, DATA_START + 20, 1), (1, DATA_START + 2, 2), (5, DATA_START + 10, 2)]
+    assert inode.size == 7 * 4096 + 5 and inode.blocks == 5 and inode.mtime_ns == inode.ctime_ns == now
+    assert h.free_blocks() == free0, "nothing allocated; the two replaced blocks wait out the grace"
+    h.apply(c.ReclaimFrees(h.now + GRACE_NS))
+    assert h.free_blocks() == free0 + 2
+    h.apply(c.Unlink(ROOT_INO, b"src", False, h.tick()))
+    h.apply(c.Purge(src, h.tick()))
+    h.apply(c.ReclaimFrees(h.now + GRACE_NS))
+    assert h.free_blocks() == free0 + 2 + 2, "of src's six blocks only the two not cloned are free"
+    h.apply(c.Unlink(ROOT_INO, b"dst", False, h.tick()))
+    h.apply(c.Purge(dst, h.tick()))
+    h.apply(c.ReclaimFrees(h.now + GRACE_NS))
+    assert h.free_blocks() == DATA_BLOCKS
+
+
+def test_clone_range_is_checked(h: Harness) -> None:
+    v = h.new_ino()
+    root = h.apply(c.CreateVolume(v, "p", v, 4 * 4096, 0, h.tick()))["root"]
+    src, dst = h.mk(ROOT_INO, b"src"), h.mk(root, b"dst")
+    h.apply(c.WriteData(src, (ext(0, DATA_START, 8),), 8 * 4096, h.tick()))
+    assert h.error(c.CloneRange(src, 0, dst, 0, 8, 8 * 4096, h.tick())) == errno.EDQUOT, "the quota counts clones"
+    assert h.error(c.CloneRange(src, 0, src, 2, 4, 8 * 4096, h.tick())) == errno.EINVAL, "overlapping itself"
+    assert h.error(c.CloneRange(src, 0, ROOT_INO, 0, 1, 4096, h.tick())) == errno.EISDIR
+    h.apply(c.CloneRange(src, 0, src, 4, 4, 8 * 4096, h.tick()))
+    assert [(e.file_block, e.dev_block, e.count) for e in h.extents(src)] == [(0, DATA_START, 4), (4, DATA_START, 4)]

@@ -244,6 +244,7 @@ FORGET_ONE = struct.Struct("<QQ")
 BATCH_FORGET_IN = struct.Struct("<II")
 FALLOCATE_IN = struct.Struct("<QQQII")
 LSEEK_IN = struct.Struct("<QQII")
+COPY_FILE_RANGE_IN = struct.Struct("<QQQQQQQ")  # fh_in, off_in, nodeid_out, fh_out, off_out, len, flags
 
 
 def reply(unique: int, payload: bytes = b"") -> bytes:

@@ -52,7 +52,7 @@ class KernelHandlers:
             Op.FLUSH: self.flush, Op.OPENDIR: self.opendir, Op.READDIR: self.readdir,
             Op.READDIRPLUS: self.readdirplus, Op.RELEASEDIR: self.releasedir, Op.FSYNCDIR: self.fsyncdir,
             Op.CREATE: self.create, Op.DESTROY: self.destroy, Op.SYNCFS: self.syncfs, Op.LSEEK: self.lseek,
-            Op.FALLOCATE: self.fallocate,
+            Op.FALLOCATE: self.fallocate, Op.COPY_FILE_RANGE: self.copy_file_range,
         }
 
     @property
@@ -215,6 +215,12 @@ class KernelHandlers:
         fh, offset, length, mode, _ = body.take(abi.FALLOCATE_IN)
         await self.ops.fallocate(fh, offset, length, mode)
         return None
+
+    async def copy_file_range(self, h: Header, body: Body) -> Payload:
+        fh_in, offset_in, _nodeid_out, fh_out, offset_out, length, flags = body.take(abi.COPY_FILE_RANGE_IN)
+        if flags:
+            raise FsError(errno.EINVAL, "copy_file_range flags")
+        return abi.WRITE_OUT.pack(await self.ops.copy_file_range(fh_in, offset_in, fh_out, offset_out, length), 0)
 
     async def lseek(self, h: Header, body: Body) -> Payload:
         fh, offset, whence, _ = body.take(abi.LSEEK_IN)
