@@ -311,6 +311,10 @@ def _setid_outcomes(base: Path) -> dict[str, tuple[int, int]]:
                                                                     os.close(os.open(f, os.O_WRONLY | os.O_TRUNC)))),
         ("chown by root", 0o6755, 0, lambda f: os.chown(f, NOBODY, -1)),
         ("chgrp by root, no group execute", 0o6745, 0, lambda f: os.chown(f, -1, NOBODY)),
+        ("chown to -1, -1 by root", 0o6755, 0, lambda f: os.chown(f, -1, -1)),
+        ("chown to -1, -1 by root, no group execute", 0o6745, 0, lambda f: os.chown(f, -1, -1)),
+        ("copy_file_range into it by another user", 0o6777, NOBODY,
+         lambda f: (fd := os.open(f, os.O_RDWR), os.copy_file_range(fd, fd, 3, 0, 4096), os.close(fd))),
         ("chmod by root", 0o755, 0, lambda f: os.chmod(f, 0o4755)),
     ]
     for i, (name, mode, uid, action) in enumerate(cases):
@@ -328,7 +332,8 @@ def _setid_outcomes(base: Path) -> dict[str, tuple[int, int]]:
 
 def test_setid_bits_are_cleared_as_on_a_local_filesystem(mnt: Path) -> None:
     """The same steps on the mount and on a local filesystem leave the same bits (the kernel
-    leaves the clearing to us under HANDLE_KILLPRIV_V2: writes, truncates, O_TRUNC opens, chowns)."""
+    leaves the clearing to us under HANDLE_KILLPRIV_V2: writes, truncates, O_TRUNC opens, chowns,
+    copies into the file)."""
     local = Path(tempfile.mkdtemp(dir="/var/tmp"))
     try:
         os.chmod(local, 0o777)

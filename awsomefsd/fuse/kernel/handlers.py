@@ -125,7 +125,11 @@ class KernelHandlers:
         mtime_ns = now if valid & Fattr.MTIME_NOW else mtime * 1_000_000_000 + mtimensec if valid & Fattr.MTIME else None
         # HANDLE_KILLPRIV_V2: a truncate says so (KILL_SUIDGID); a chown always clears them (the
         # kernel no longer adds the cleared mode to the request, as it does without the flag).
-        drop = bool(valid & Fattr.KILL_SUIDGID) or bool(valid & (Fattr.UID | Fattr.GID))
+        # A request that sets nothing is the kernel's only word for the rest: chown(f, -1, -1),
+        # and file_remove_privs before a fallocate or copy_file_range by a caller without
+        # CAP_FSETID.
+        sets_nothing = valid & ~(Fattr.FH | Fattr.LOCKOWNER) == 0
+        drop = bool(valid & (Fattr.KILL_SUIDGID | Fattr.UID | Fattr.GID)) or sets_nothing
         inode = await self.ops.setattr(
             h.nodeid,
             mode=mode if valid & Fattr.MODE else None,
