@@ -138,7 +138,7 @@ def build_core(settings: Settings, storage: Storage, meta_log: LocalLog | Replic
     metrics = metrics or Metrics()
     meta = MetaClient(meta_log, storage.sm)
     allocator = node_allocator(meta, storage.superblock.layout, node_id)
-    data = file_data(settings, storage.device, meta, allocator, metrics)
+    data = file_data(settings, storage.device, meta, allocator, metrics, single_node=True)
     ops = Operations(meta, data, Handles(meta), total_blocks=storage.superblock.layout.data_blocks)
     return assemble_core(storage, meta_log, meta, allocator, data, ops, metrics, DutyBook(f"node {node_id}"))
 
@@ -151,7 +151,7 @@ def node_allocator(meta: MetaClient, layout: DeviceLayout, node_id: int) -> Node
 
 
 def file_data(settings: Settings, device: BlockDevice, meta: MetaClient, allocator: NodeAllocator,
-              metrics: Metrics, *, claim_space: ClaimSpace | None = None) -> FileData:
+              metrics: Metrics, *, claim_space: ClaimSpace | None = None, single_node: bool = False) -> FileData:
     return FileData(
         device, allocator, meta,
         file_buffer_bytes=settings.data.file_buffer_bytes,
@@ -159,6 +159,7 @@ def file_data(settings: Settings, device: BlockDevice, meta: MetaClient, allocat
         flush_interval_ms=settings.data.flush_interval_ms,
         on_checksum_error=lambda _block: metrics.checksum_failures.inc(),
         claim_space=claim_space,
+        single_node=single_node,
     )
 
 

@@ -115,12 +115,13 @@ class Compactor:
                     if len(pieces) < 2:
                         continue
                     data = bytearray()
-                    for ext in pieces:
-                        a, b = max(ext.file_block, lo), min(ext.end_block, hi)
-                        data += await self.reader.read_extent(ext, a, b, a * BLOCK_SIZE, b * BLOCK_SIZE)
-                    current = self.meta.inode(ino)
-                    if current is None:
-                        return removed
+                    with self.reader.holding_map():  # the file may be deleted meanwhile: then its blocks
+                        current = self.meta.inode(ino)  # wait for these reads before reuse
+                        if current is None:
+                            return removed
+                        for ext in pieces:
+                            a, b = max(ext.file_block, lo), min(ext.end_block, hi)
+                            data += await self.reader.read_extent(ext, a, b, a * BLOCK_SIZE, b * BLOCK_SIZE)
                     await self.writer.write_runs(st, [(lo * BLOCK_SIZE, data)], size=current.size, keep_mtime=True)
                     removed += len(pieces) - 1
         if removed:

@@ -56,13 +56,18 @@ class FileData:
         clock_ns: Callable[[], int] = time.time_ns,
         on_checksum_error: Callable[[int], None] | None = None,
         claim_space: ClaimSpace | None = None,
+        single_node: bool = False,
     ) -> None:
+        """`single_node`: no other node reads this device, so a write short of space may take back
+        space freed a moment ago as soon as this node's reads from before have ended
+        (SpaceGuard.wait_for_frees)."""
         self.device = device
         io = ExtentIO(device, max_run_bytes=MAX_EXTENT_BLOCKS * BLOCK_SIZE)
         self.buffer = WriteBuffer(file_buffer_bytes=file_buffer_bytes, write_buffer_bytes=write_buffer_bytes,
                                   clock_ns=clock_ns)
-        self.space = SpaceGuard(meta, allocator, self.buffer, device, clock_ns=clock_ns, claim_space=claim_space)
         self.reader = Reader(meta, self.buffer, io, on_checksum_error=on_checksum_error)
+        self.space = SpaceGuard(meta, allocator, self.buffer, device, clock_ns=clock_ns, claim_space=claim_space,
+                                reads_drained=self.reader.drained if single_node else None)
         self.writer = writer = RunWriter(meta, self.reader, self.space, io, clock_ns=clock_ns)
         self.compactor = Compactor(meta, self.buffer, self.reader, writer)
         self.lost_writes = LossLedger(self.buffer)

@@ -12,8 +12,12 @@ points to are intact for that long.
 from __future__ import annotations
 
 import errno
+import itertools
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import trio
 
 from awsomefsd.fs.buffer import WriteBuffer
 from awsomefsd.io.extent_io import ChecksumMismatch, ExtentIO
@@ -32,8 +36,40 @@ class Reader:
         self.buffer = buffer
         self.io = io
         self.on_checksum_error = on_checksum_error
+        self._running: set[int] = set()
+        """Reads in flight, from their look at the block map to the end of their device reads."""
+        self._tokens = itertools.count()
+        self._read_ended: trio.Event | None = None  # set at the end of a read while `drained` waits
+
+    @contextmanager
+    def holding_map(self) -> Iterator[None]:
+        """Around a look at a file's block map and the device reads it leads to (`drained` waits
+        for it). Must not wrap a wait for free space: that waits for `drained`."""
+        token = next(self._tokens)
+        self._running.add(token)
+        try:
+            yield
+        finally:
+            self._running.discard(token)
+            if self._read_ended is not None:
+                self._read_ended.set()
+
+    async def drained(self) -> None:
+        """Return once every read running now has ended. Reads that start later look up the
+        block map as it is then: after this, blocks the map no longer holds are read by no one
+        in this process (reads that start meanwhile are not waited for)."""
+        waiting = set(self._running)
+        while waiting:
+            if self._read_ended is None or self._read_ended.is_set():
+                self._read_ended = trio.Event()
+            await self._read_ended.wait()
+            waiting &= self._running
 
     async def read(self, inode: Inode, offset: int, size: int) -> bytes:
+        with self.holding_map():
+            return await self._read(inode, offset, size)
+
+    async def _read(self, inode: Inode, offset: int, size: int) -> bytes:
         st = self.buffer.files.get(inode.ino)
         file_size = inode.size if st is None else max(inode.size, st.end_offset())
         if offset >= file_size or size <= 0:
@@ -93,8 +129,9 @@ class Reader:
 
     async def read_block(self, ino: int, file_block: int) -> bytes:
         """One whole committed block (zeros for a hole): the old data around a partial write."""
-        ext = self.meta.extent_at(ino, file_block)
-        if ext is None:
-            return bytes(BLOCK_SIZE)
-        start = file_block * BLOCK_SIZE
-        return await self.read_extent(ext, file_block, file_block + 1, start, start + BLOCK_SIZE)
+        with self.holding_map():
+            ext = self.meta.extent_at(ino, file_block)
+            if ext is None:
+                return bytes(BLOCK_SIZE)
+            start = file_block * BLOCK_SIZE
+            return await self.read_extent(ext, file_block, file_block + 1, start, start + BLOCK_SIZE)

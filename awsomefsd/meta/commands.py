@@ -193,7 +193,9 @@ class Purge:
 
 @dataclass(frozen=True, slots=True)
 class ReclaimFrees:
-    """Return delayed-free extents whose grace period ended before `now_ns` to free space."""
+    """Return delayed-free extents whose grace period ends at or before `now_ns` to free space.
+    A single node may name a later time than its clock: once no read it started before the frees
+    is running, nothing can still read those blocks (fs/space.py, `wait_for_frees`)."""
 
     now_ns: int
 

@@ -246,6 +246,98 @@ async def test_a_full_device_fails_writes_with_enospc_and_frees_come_back_after_
     await core.ops.release(g.fh)
 
 
+async def _fill_then_unlink(core: Core, name: bytes) -> int:
+    """Write a file until the device is full, then unlink it (its blocks go to the delayed frees);
+    the bytes it held."""
+    chunk = b"F" * (1 * MiB)
+    f = await File.create(core, name)
+    written = 0
+    with pytest.raises(FsError):
+        while written < IMAGE_BYTES:
+            await f.write(written, chunk)
+            written += len(chunk)
+    await core.ops.flush(f.fh)
+    await core.ops.release(f.fh)
+    await core.ops.unlink(ROOT_INO, name, is_dir=False)
+    return written
+
+
+async def test_a_single_node_takes_back_freed_space_without_sitting_out_the_grace(tmp_path: Path) -> None:
+    """On a single node a write short of space takes back what an unlink freed as soon as the
+    reads running then have ended, not after the grace period (60 s here): every reader of a
+    block map is in this process. `rm` of a large file then a large write on a full device."""
+    core = open_core(settings_for(tmp_path, delayed_free_ms=60_000))
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(core.data.run)
+            written = await _fill_then_unlink(core, b"fill")
+            g = await File.create(core, b"again")
+            with trio.fail_after(20):
+                for offset in range(0, written // 2, MiB):
+                    await g.write(offset, b"G" * MiB)
+                await core.ops.flush(g.fh)
+            await g.check()
+            await core.ops.release(g.fh)
+            nursery.cancel_scope.cancel()
+    finally:
+        core.close()
+
+
+async def test_freed_space_is_not_reused_while_a_read_that_saw_it_mapped_runs(tmp_path: Path) -> None:
+    """The grace period cut short must still wait for the reads that looked up the old block map:
+    a read parked in its device read holds back the write that needs the blocks it reads, and
+    then returns the old bytes, not the new ones (nor a checksum error)."""
+    core = open_core(settings_for(tmp_path, delayed_free_ms=60_000))
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(core.data.run)
+            f = await File.create(core, b"read-me")
+            await f.write(0, b"R" * MiB)
+            await core.ops.flush(f.fh)
+            io = core.data.reader.io
+            device_read = io.read
+            parked, release = trio.Event(), trio.Event()
+
+            async def parked_read(dev_block: int, checksums: bytes, start: int, end: int) -> bytes:
+                parked.set()
+                await release.wait()
+                return await device_read(dev_block, checksums, start, end)
+
+            io.read = parked_read  # type: ignore[method-assign]
+            got: list[bytes] = []
+
+            async def reader() -> None:
+                got.append(await core.ops.read(f.fh, 0, MiB))
+
+            nursery.start_soon(reader)
+            await parked.wait()
+            io.read = device_read  # type: ignore[method-assign]
+            await core.ops.release(f.fh)
+            await core.ops.unlink(ROOT_INO, b"read-me", is_dir=False)
+            filled = trio.Event()
+
+            room = core.ops.statfs().free_blocks * BLOCK_SIZE - MiB // 4  # needs the read's blocks
+
+            async def filler() -> None:
+                g = await File.create(core, b"filler")
+                for offset in range(0, room, MiB):
+                    await g.write(offset, b"W" * min(MiB, room - offset))
+                await core.ops.flush(g.fh)
+                filled.set()
+
+            nursery.start_soon(filler)
+            with trio.move_on_after(2):
+                await filled.wait()
+            assert not filled.is_set(), "the read's blocks were taken back while it was reading them"
+            release.set()
+            with trio.fail_after(20):
+                await filled.wait()
+            assert got == [b"R" * MiB]
+            nursery.cancel_scope.cancel()
+    finally:
+        core.close()
+
+
 async def test_lost_buffered_writes_are_reported_once_to_the_descriptors_open_then(core: Core) -> None:
     """A node that lost its lease drops its buffered writes (fs/losses.py): each descriptor open on
     the file at that moment gets EIO once, at its next flush or fsync; one opened later does not."""
