@@ -72,12 +72,17 @@ class RunWriter:
 
     async def _block_runs(self, ino: int, size: int, runs: list[Run]) -> list[tuple[int, bytearray]]:
         """The runs as (first block, whole blocks): partial blocks are completed with the committed
-        bytes around them, and runs that share a block become one. Copies: the runs stay visible
-        to readers as in-flight bytes at their own offsets."""
+        bytes around them, and runs that share a block become one. Completed runs are copies (the
+        runs stay visible to readers as in-flight bytes at their own offsets); a run of whole
+        blocks that shares none is passed as it is (a sequential writer's: no copy). In-flight
+        runs are never changed, so neither is what is passed."""
         out: list[tuple[int, bytearray]] = []
         for start, data in runs:
             first, end = start // BLOCK_SIZE, start + len(data)
             end_block = -(-end // BLOCK_SIZE)
+            if not (start | end) % BLOCK_SIZE and not (out and out[-1][0] + len(out[-1][1]) // BLOCK_SIZE > first):
+                out.append((first, data))
+                continue
             if out and out[-1][0] + len(out[-1][1]) // BLOCK_SIZE > first:
                 base, buf = out[-1]  # its last block is this run's first: extend it
                 grown_from = base + len(buf) // BLOCK_SIZE
