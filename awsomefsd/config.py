@@ -68,6 +68,13 @@ class MountSettings(BaseModel):
         "mount outlives a restart of this daemon (Kubernetes: the keeper's own pod); under systemd its file "
         "descriptor store does that without it",
     )
+    writeback_cache: bool = Field(
+        True,
+        description="a single node on the kernel transport: the kernel keeps written pages in its page cache "
+        "and sends them in large writes later (FUSE_WRITEBACK_CACHE); close, fsync and a stat that must be "
+        "exact still wait for them. Cluster members never use it (another node's writes would not invalidate "
+        "those pages)",
+    )
     coherence: Literal["close-to-open", "strict"] = Field(
         "close-to-open",
         description="cluster mounts only (docs/coherence.md): 'close-to-open' caches names and attributes "

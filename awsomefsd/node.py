@@ -270,6 +270,7 @@ async def serve(core: Core, settings: Settings, *, ready: Callable[[str], None] 
                                entry_timeout_s=settings.mount.entry_timeout_s,
                                attr_timeout_s=settings.mount.attr_timeout_s,
                                negative_timeout_s=settings.mount.negative_timeout_s,
+                               writeback_cache=settings.mount.writeback_cache,
                                observe=core.metrics.observe_fuse,
                                report_eio=EioReporter(core.duties.node, core.metrics.count_eio),
                                state_dir=settings.node.state_dir, store=store)

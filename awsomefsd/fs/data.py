@@ -19,13 +19,13 @@ protocol the parts share.
 from __future__ import annotations
 
 import errno
-import time
 from collections.abc import Callable
 
 import trio
 
 from awsomefsd.fs.allocator import NodeAllocator
 from awsomefsd.fs.buffer import FileState, WriteBuffer
+from awsomefsd.fs.clock import file_time_ns
 from awsomefsd.fs.compactor import Compactor
 from awsomefsd.fs.flusher import Flusher
 from awsomefsd.fs.losses import LossLedger
@@ -53,7 +53,7 @@ class FileData:
         file_buffer_bytes: int = 8 << 20,
         write_buffer_bytes: int = 64 << 20,
         flush_interval_ms: int = 1000,
-        clock_ns: Callable[[], int] = time.time_ns,
+        clock_ns: Callable[[], int] = file_time_ns,
         on_checksum_error: Callable[[int], None] | None = None,
         claim_space: ClaimSpace | None = None,
         single_node: bool = False,
@@ -168,6 +168,15 @@ class FileData:
     def has_buffered(self, ino: int) -> bool:
         """Does this node hold any state for the file's data (dirty, in flight, a deferred error)?"""
         return ino in self.buffer.files
+
+    def stamp_buffered(self, ino: int, mtime_ns: int) -> bool:
+        """Let the file's buffered writes commit `mtime_ns` as their mtime (a time set for them: the
+        kernel's, under writeback caching); False when nothing is buffered to carry it."""
+        st = self.buffer.files.get(ino)
+        if st is None or not st.dirty:
+            return False
+        st.written_ns = mtime_ns
+        return True
 
     async def flush(self, ino: int) -> None:
         """Write the file's dirty bytes and commit their mapping; raise a deferred write error."""

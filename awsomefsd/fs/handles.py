@@ -134,6 +134,11 @@ class Handles:
     def is_open(self, ino: int) -> bool:
         return any(h.ino == ino for h in self.open.values())
 
+    def open_for_writing(self, ino: int) -> bool:
+        """Is a handle of `ino` open for writing (or may one be, after a crash: unknown until used)?
+        A kernel that caches written pages holds them only while one is: close writes them back."""
+        return self.adopted or any(h.ino == ino and h.flags & os.O_ACCMODE != os.O_RDONLY for h in self.open.values())
+
     def remember(self, ino: int) -> None:
         """The kernel now holds one more reference (an entry reply was sent for `ino`)."""
         self.lookups[ino] = self.lookups.get(ino, 0) + 1

@@ -14,12 +14,12 @@ from __future__ import annotations
 import errno
 import os
 import stat
-import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractAsyncContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
+from awsomefsd.fs.clock import file_time_ns
 from awsomefsd.fs.coherence import Coherence
 from awsomefsd.fs.data import FileData
 from awsomefsd.fs.handles import CRASH_UNREPORTED, Handle, Handles
@@ -92,7 +92,7 @@ class Operations:
 
     # -- helpers --------------------------------------------------------------------------------
     def _now(self) -> int:
-        return time.time_ns()
+        return file_time_ns()
 
     def inode(self, ino: int) -> Inode:
         """An inode the kernel named. If it is gone (its last name was removed or replaced, here or
@@ -325,7 +325,15 @@ class Operations:
         if size is None and mtime_ns is not None:
             # futimens after writes (tar, cp -p, rsync): the buffered data is committed first, so
             # its flush cannot stamp its own write time over the one the application sets now.
+            # A kernel caching written pages sends their mtime after them this way at every close:
+            # when only the mtime changes, the flush carries it, and no second command is needed.
+            only_mtime = mode is None and uid is None and gid is None and atime_ns is None
+            stamped = only_mtime and self.data.stamp_buffered(ino, mtime_ns)
             await self.data.flush(ino)
+            if stamped:
+                inode = self.inode(ino)
+                if inode.mtime_ns == mtime_ns:
+                    return self.data.with_buffered(inode)
         cmd = c.SetAttr(ino, self._now(), mode=mode, uid=uid, gid=gid, atime_ns=atime_ns, mtime_ns=mtime_ns)
         if size is not None:
             async with self._writing(ino):
@@ -496,9 +504,16 @@ class Operations:
                 raise FsError(errno.EOPNOTSUPP, "PUNCH_HOLE goes with KEEP_SIZE only")
             async with self._writing(h.ino):
                 await self._zero(h.ino, offset, end)
-            return
-        if mode & ~(FALLOC_FL_KEEP_SIZE | FALLOC_FL_ZERO_RANGE):
+        elif mode & ~(FALLOC_FL_KEEP_SIZE | FALLOC_FL_ZERO_RANGE):
             raise FsError(errno.EOPNOTSUPP, "only the default mode, KEEP_SIZE, ZERO_RANGE and PUNCH_HOLE")
+        else:
+            await self._allocate(h.ino, offset, end, mode)
+        # Every mode changes mtime and ctime, even where it changed nothing else, as on ext4.
+        await self.setattr(h.ino, mtime_ns=self._now())
+
+    async def _allocate(self, ino: int, offset: int, end: int, mode: int) -> None:
+        """fallocate's default mode, KEEP_SIZE and ZERO_RANGE (see `fallocate`)."""
+        inode = self.inode(ino)
         first, last = offset // BLOCK_SIZE, -(-end // BLOCK_SIZE)
         holding = sum(-(-min(b, end) // BLOCK_SIZE) - a // BLOCK_SIZE
                       for a, b in self.data.data_ranges(inode, offset) if a < end) if offset < inode.size else 0
@@ -508,10 +523,10 @@ class Operations:
         if needed > self.statfs().free_blocks:
             raise FsError(errno.ENOSPC)
         if mode & FALLOC_FL_ZERO_RANGE:
-            async with self._writing(h.ino):
-                await self._zero(h.ino, offset, end)
-        if not mode & FALLOC_FL_KEEP_SIZE and end > self.inode(h.ino).size:
-            await self.setattr(h.ino, size=end)
+            async with self._writing(ino):
+                await self._zero(ino, offset, end)
+        if not mode & FALLOC_FL_KEEP_SIZE and end > self.inode(ino).size:
+            await self.setattr(ino, size=end)
 
     async def _zero(self, ino: int, start: int, end: int) -> None:
         """Make bytes [start, end) of the file read as zeros, up to its end (past it there is

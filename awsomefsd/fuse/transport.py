@@ -68,14 +68,19 @@ class KernelTransport:
 
     def __init__(self, ops: Operations, mountpoint: Path, *, allow_other: bool, entry_timeout_s: float,
                  attr_timeout_s: float, negative_timeout_s: float | None, observe: ObserveFn, report_eio: ReportEioFn,
-                 state_dir: Path | None = None, store: DescriptorStore | None = None) -> None:
+                 writeback_cache: bool = False, state_dir: Path | None = None,
+                 store: DescriptorStore | None = None) -> None:
         from awsomefsd.fuse.kernel.handlers import KernelHandlers
 
         self.ops = ops
         self.mountpoint = mountpoint
         self.allow_other = allow_other
+        self.writeback_cache = writeback_cache and ops.coherence is None
+        """Ask for FUSE_WRITEBACK_CACHE (a single node only). What a continued mount has is what
+        its first daemon negotiated (`writeback_negotiated`)."""
         self.handlers = KernelHandlers(ops, entry_timeout_s=entry_timeout_s, attr_timeout_s=attr_timeout_s,
-                                       negative_timeout_s=negative_timeout_s, cache_dirs=ops.coherence is None)
+                                       negative_timeout_s=negative_timeout_s, cache_dirs=ops.coherence is None,
+                                       writeback_cache=self.writeback_negotiated)
         self.observe = observe
         self.report_eio = report_eio
         self.state_dir = state_dir
@@ -90,6 +95,7 @@ class KernelTransport:
         """The session record this daemon keeps (written at INIT or when it continued a mount)."""
 
     def _session(self, negotiated: Negotiated | None) -> Session:
+        from awsomefsd.fuse.kernel.abi import Init
         from awsomefsd.fuse.kernel.session import INLINE_SINGLE_NODE, WANTED, WANTED_SINGLE_NODE, Session
 
         def report(op: str, header: Header, exc: FsError) -> None:
@@ -99,9 +105,17 @@ class KernelTransport:
         session = Session(self.fd, self.handlers.table, observe=self.observe, report_eio=report,
                           negotiated=negotiated, inline=INLINE_SINGLE_NODE if single else frozenset(),
                           inline_when=self.handlers.quick if single else None,
-                          wanted=WANTED_SINGLE_NODE if single else WANTED)
+                          wanted=(WANTED_SINGLE_NODE | (Init.WRITEBACK_CACHE if self.writeback_cache else 0)
+                                  if single else WANTED))
         MOUNTED.attach(session)
         return session
+
+    def writeback_negotiated(self) -> bool:
+        """Does the kernel keep written pages of this mount in its page cache?"""
+        from awsomefsd.fuse.kernel.abi import Init
+
+        negotiated = None if self.session is None else self.session.negotiated
+        return negotiated is not None and negotiated.has(Init.WRITEBACK_CACHE)
 
     def adopt(self) -> bool:
         from awsomefsd.fuse.kernel import takeover
@@ -212,7 +226,10 @@ class Pyfuse3Transport:
     """pyfuse3 on libfuse 3 (awsomefsd/fuse/adapter.py)."""
 
     def __init__(self, ops: Operations, mountpoint: Path, *, allow_other: bool, entry_timeout_s: float,
-                 attr_timeout_s: float, negative_timeout_s: float | None, observe: ObserveFn, report_eio: ReportEioFn) -> None:
+                 attr_timeout_s: float, negative_timeout_s: float | None, observe: ObserveFn, report_eio: ReportEioFn,
+                 writeback_cache: bool = False) -> None:
+        """`writeback_cache` is not offered here (docs/fuse-transport.md: the fallback keeps pyfuse3's
+        defaults)."""
         from awsomefsd.fuse.adapter import FuseAdapter
 
         self.mountpoint = mountpoint

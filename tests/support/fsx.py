@@ -559,7 +559,7 @@ class ModelWorker(Worker):
     def op_fallocate(self, f: FileModel) -> None:
         """fallocate: the default mode or ZERO_RANGE, with or without KEEP_SIZE, or PUNCH_HOLE,
         inside the file, across its end or past it. The size and the bytes follow the model; the
-        mtime moves only when the bytes or the size did."""
+        mtime moves in every mode, as on ext4 (which calls file_modified first)."""
         size = len(f.data)
         mode = self.rng.choice([0, FALLOC_FL_KEEP_SIZE, FALLOC_FL_ZERO_RANGE, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE,
                                 FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE])
@@ -575,15 +575,11 @@ class ModelWorker(Worker):
                 self.count("fallocate_unsupported")
                 return
             self.fail("errno", f"fallocate mode {mode:#x} failed: {exc}")
-        changed = False
         if mode & (FALLOC_FL_ZERO_RANGE | FALLOC_FL_PUNCH_HOLE) and offset < size:
             f.data[offset:min(end, size)] = bytes(min(end, size) - offset)
-            changed = True
         if not mode & FALLOC_FL_KEEP_SIZE and end > size:
             f.data.extend(bytes(end - size))
-            changed = True
-        if changed:
-            self.data_write_started(f, start)
+        self.data_write_started(f, start)
 
     def op_copy_range(self, f: FileModel) -> None:
         """copy_file_range from `f` into one of this worker's files (or `f` itself, without

@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import errno
 import stat
-import time
 from collections.abc import Callable
 
+import trio
+
+from awsomefsd.fs.clock import file_time_ns
 from awsomefsd.fs.operations import BLOCK_SIZE, Operations
 from awsomefsd.fuse.callers import caller_in_group
+from awsomefsd.fuse.invalidate import MOUNTED
 from awsomefsd.fuse.kernel import abi
 from awsomefsd.fuse.kernel.abi import Body, Fattr, Fopen, Header, Op
 from awsomefsd.fuse.kernel.session import NO_REPLY, Handler, Payload
@@ -26,12 +29,19 @@ SECTORS_PER_BLOCK = BLOCK_SIZE // 512
 XATTR_SIZE_MAX = 65536
 
 
+KERNEL_TIMES = Fattr.MTIME | Fattr.CTIME | Fattr.FH | Fattr.LOCKOWNER
+"""What a kernel caching writes sends when it writes an inode's times back (fuse_flush_times)."""
+
+
 class KernelHandlers:
     """Handlers for every opcode we serve, by opcode (`table`)."""
 
     def __init__(self, ops: Operations, *, entry_timeout_s: float = 60.0, attr_timeout_s: float = 60.0,
-                 negative_timeout_s: float | None = None, cache_dirs: bool = False) -> None:
+                 negative_timeout_s: float | None = None, cache_dirs: bool = False,
+                 writeback_cache: Callable[[], bool] = lambda: False) -> None:
         self.ops = ops
+        self.writeback_cache = writeback_cache
+        """Does the kernel cache written pages (FUSE_WRITEBACK_CACHE, as negotiated)?"""
         self.entry_valid = abi.split_seconds(entry_timeout_s)
         self.attr_valid = abi.split_seconds(attr_timeout_s)
         self.negative_valid = abi.split_seconds(entry_timeout_s if negative_timeout_s is None else negative_timeout_s)
@@ -118,28 +128,38 @@ class KernelHandlers:
         return self.attr_out(await self.ops.getattr(h.nodeid))
 
     async def setattr(self, h: Header, body: Body) -> Payload:
-        (valid, _, _fh, size, _owner, atime, mtime, _ctime, atimensec, mtimensec, _ctimensec, mode,
+        (valid, _, _fh, size, _owner, atime, mtime, ctime, atimensec, mtimensec, ctimensec, mode,
          _u4, uid, gid, _u5) = body.take(abi.SETATTR_IN)
-        now = time.time_ns()
+        now = file_time_ns()
         atime_ns = now if valid & Fattr.ATIME_NOW else atime * 1_000_000_000 + atimensec if valid & Fattr.ATIME else None
         mtime_ns = now if valid & Fattr.MTIME_NOW else mtime * 1_000_000_000 + mtimensec if valid & Fattr.MTIME else None
         # HANDLE_KILLPRIV_V2: a truncate says so (KILL_SUIDGID); a chown always clears them (the
         # kernel no longer adds the cleared mode to the request, as it does without the flag).
-        # A request that sets nothing is the kernel's only word for the rest: chown(f, -1, -1),
-        # and file_remove_privs before a fallocate or copy_file_range by a caller without
-        # CAP_FSETID.
-        sets_nothing = valid & ~(Fattr.FH | Fattr.LOCKOWNER) == 0
+        # A request that sets nothing (but the ctime, which a kernel caching writes sends) is the
+        # kernel's only word for the rest: chown(f, -1, -1), and file_remove_privs before a
+        # fallocate or copy_file_range by a caller without CAP_FSETID.
+        sets_nothing = valid & ~(Fattr.FH | Fattr.LOCKOWNER | Fattr.CTIME) == 0
         drop = bool(valid & (Fattr.KILL_SUIDGID | Fattr.UID | Fattr.GID)) or sets_nothing
-        inode = await self.ops.setattr(
-            h.nodeid,
-            mode=mode if valid & Fattr.MODE else None,
-            uid=uid if valid & Fattr.UID else None,
-            gid=gid if valid & Fattr.GID else None,
-            size=size if valid & Fattr.SIZE else None,
-            atime_ns=atime_ns,
-            mtime_ns=mtime_ns,
-            drop_setid=caller_in_group(h.uid, h.gid, h.pid) if drop else None,
-        )
+        try:
+            inode = await self.ops.setattr(
+                h.nodeid,
+                mode=mode if valid & Fattr.MODE else None,
+                uid=uid if valid & Fattr.UID else None,
+                gid=gid if valid & Fattr.GID else None,
+                size=size if valid & Fattr.SIZE else None,
+                atime_ns=atime_ns,
+                mtime_ns=mtime_ns,
+                drop_setid=caller_in_group(h.uid, h.gid, h.pid) if drop else None,
+            )
+        except FsError as exc:
+            if exc.errno not in (errno.ENOENT, errno.ESTALE) or valid & ~KERNEL_TIMES or mtime_ns is None:
+                raise
+            # A kernel caching writes sends the times it keeps when it writes the inode back, also
+            # for a file deleted since (an unlink or a rename over it dirties its ctime there; a
+            # file a user can still reach is never deleted). Nothing is left to stamp; an error
+            # would only fail the next syncfs.
+            ctime_ns = ctime * 1_000_000_000 + ctimensec if valid & Fattr.CTIME else mtime_ns
+            inode = Inode(h.nodeid, stat.S_IFREG, 0, 0, 0, 0, mtime_ns, mtime_ns, ctime_ns)
         return self.attr_out(inode)
 
     async def readlink(self, h: Header, body: Body) -> Payload:
@@ -228,6 +248,8 @@ class KernelHandlers:
 
     async def lseek(self, h: Header, body: Body) -> Payload:
         fh, offset, whence, _ = body.take(abi.LSEEK_IN)
+        if self.writeback_cache() and self.ops.handles.open_for_writing(h.nodeid):
+            await _write_back(h.nodeid)
         return abi.LSEEK_OUT.pack(await self.ops.lseek(fh, offset, whence))
 
     async def flush(self, h: Header, body: Body) -> Payload:
@@ -329,3 +351,16 @@ class KernelHandlers:
         await self.ops.sync_all()
         return None
 
+
+async def _write_back(ino: int) -> None:
+    """Make the kernel send the written pages of `ino` it still holds (FUSE_WRITEBACK_CACHE). The
+    kernel does not before a SEEK_DATA or SEEK_HOLE, whose answer must count them (ext4's does),
+    nor does it send the size they reach. Invalidating the file's page cache writes its dirty pages
+    back first (the kernel's launder: WRITE requests, served meanwhile on the trio thread), so the
+    notification goes from a worker thread, as the invalidator's do. Clean pages go too: a seek
+    for data or holes is rare next to the reads that refill them."""
+    try:
+        await trio.to_thread.run_sync(MOUNTED.invalidate_inode, ino, False)
+    except OSError as exc:
+        if exc.errno != errno.ENOENT:
+            raise FsError(errno.EIO, f"writing back the kernel's cached pages failed: {exc}") from exc
