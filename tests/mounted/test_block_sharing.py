@@ -41,6 +41,8 @@ def _copy(src: Path, dst: Path, length: int, off_in: int, off_out: int) -> None:
 
 
 def test_clones_and_holes_survive_a_restart_and_fsck_finds_nothing() -> None:
+    if os.environ.get("AWSOMEFS_MOUNT__TRANSPORT") == "pyfuse3":
+        pytest.skip("pyfuse3 has no fallocate or copy_file_range handler (the kernel copies there)")
     rng = random.Random(3)
     base = Path(tempfile.mkdtemp(prefix="awsomefs-sharing-", dir="/var/tmp"))
     daemon = Daemon(base / "state", base / "mnt", size="1G")
