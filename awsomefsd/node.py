@@ -326,7 +326,8 @@ async def serve(core: Core, settings: Settings, *, ready: Callable[[str], None] 
             nursery.start_soon(fuse_main)
             # a stat of the root is answered only once the kernel's INIT is done: then we serve
             await trio.to_thread.run_sync(os.stat, mount)
-            tune_bdi(mount)  # after INIT, which clamps read-ahead to what libfuse asked for
+            # after INIT, which clamps read-ahead to what libfuse asked for
+            tune_bdi(mount, writeback_cache=transport.writeback_negotiated())
             _notify("READY=1")
             if ready is not None:
                 ready(str(mount))

@@ -57,6 +57,9 @@ class NullOperations:
             raise FsError(errno.ENOENT)
         return node
 
+    def exists(self, ino: int) -> bool:
+        return ino in self.nodes
+
     def remember(self, ino: int) -> None:
         pass
 

@@ -94,6 +94,10 @@ class Operations:
     def _now(self) -> int:
         return file_time_ns()
 
+    def exists(self, ino: int) -> bool:
+        """Is there an inode `ino` (deleted ones are not)?"""
+        return self.meta.inode(ino) is not None
+
     def inode(self, ino: int) -> Inode:
         """An inode the kernel named. If it is gone (its last name was removed or replaced, here or
         on another node, and nothing here held it open) that is ESTALE, not ENOENT: the VFS then

@@ -119,15 +119,30 @@ def mount_device(path: Path) -> str | None:
     return found
 
 
-def tune_bdi(path: Path, *, read_ahead_kb: int = 4096) -> bool:
-    """Raise the kernel read-ahead of our mount so sequential reads arrive as 1 MiB requests."""
+WRITEBACK_MAX_RATIO = 20
+"""The share (%) of the kernel's dirty-page limit our mount's pages may take under the writeback
+cache (FUSE's default: 1 %)."""
+
+
+def tune_bdi(path: Path, *, read_ahead_kb: int = 4096, writeback_cache: bool = False) -> bool:
+    """Raise the kernel read-ahead of our mount so sequential reads arrive as 1 MiB requests.
+
+    Under the writeback cache also let its dirty pages take WRITEBACK_MAX_RATIO % of the dirty
+    limit and lift FUSE's strict limit, which throttles a writer against the mount's own small
+    share from the first page: sequential writes ran at 350 MiB/s with it, 750 without (about
+    what they reach with no writeback cache). The share stays bounded, so a stuck daemon's dirty
+    pages cannot take the whole system's dirty limit, which is why FUSE has the strict limit."""
     device = mount_device(path)
     if device is None:
         return False
     bdi = Path("/sys/class/bdi") / device
+    settings = {"read_ahead_kb": read_ahead_kb}
+    if writeback_cache:
+        settings.update(max_ratio=WRITEBACK_MAX_RATIO, strict_limit=0)
     try:
-        (bdi / "read_ahead_kb").write_text(str(read_ahead_kb))
+        for name, value in settings.items():
+            (bdi / name).write_text(str(value))
     except OSError as exc:
-        log.info("cannot tune read-ahead of %s: %s", bdi, exc)
+        log.info("cannot tune %s: %s", bdi, exc)
         return False
     return True

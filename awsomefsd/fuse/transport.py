@@ -57,6 +57,9 @@ class Transport(Protocol):
     def can_hand_over(self) -> bool:
         """Is there a descriptor store the next daemon can take the mount from?"""
 
+    def writeback_negotiated(self) -> bool:
+        """Does the kernel keep written pages of this mount in its page cache?"""
+
     def close(self) -> None:
         """Unmount (if still mounted) and let go of the kernel."""
 
@@ -249,6 +252,9 @@ class Pyfuse3Transport:
 
     def hand_over(self, handles: dict[str, Any]) -> None:
         raise AssertionError("pyfuse3 cannot hand a mount over")
+
+    def writeback_negotiated(self) -> bool:
+        return False
 
     def can_hand_over(self) -> bool:
         return False

@@ -140,6 +140,8 @@ class KernelHandlers:
         # fallocate or copy_file_range by a caller without CAP_FSETID.
         sets_nothing = valid & ~(Fattr.FH | Fattr.LOCKOWNER | Fattr.CTIME) == 0
         drop = bool(valid & (Fattr.KILL_SUIDGID | Fattr.UID | Fattr.GID)) or sets_nothing
+        if valid & ~KERNEL_TIMES == 0 and mtime_ns is not None and not self.ops.exists(h.nodeid):
+            return self._times_of_deleted(h.nodeid, valid, mtime_ns, ctime, ctimensec)
         try:
             inode = await self.ops.setattr(
                 h.nodeid,
@@ -154,13 +156,16 @@ class KernelHandlers:
         except FsError as exc:
             if exc.errno not in (errno.ENOENT, errno.ESTALE) or valid & ~KERNEL_TIMES or mtime_ns is None:
                 raise
-            # A kernel caching writes sends the times it keeps when it writes the inode back, also
-            # for a file deleted since (an unlink or a rename over it dirties its ctime there; a
-            # file a user can still reach is never deleted). Nothing is left to stamp; an error
-            # would only fail the next syncfs.
-            ctime_ns = ctime * 1_000_000_000 + ctimensec if valid & Fattr.CTIME else mtime_ns
-            inode = Inode(h.nodeid, stat.S_IFREG, 0, 0, 0, 0, mtime_ns, mtime_ns, ctime_ns)
+            return self._times_of_deleted(h.nodeid, valid, mtime_ns, ctime, ctimensec)  # deleted meanwhile
         return self.attr_out(inode)
+
+    def _times_of_deleted(self, ino: int, valid: int, mtime_ns: int, ctime: int, ctimensec: int) -> Payload:
+        """A kernel caching writes sends the times it keeps when it writes an inode back, also for
+        a file deleted since (an unlink or a rename over it dirties its ctime there; a file a user
+        can still reach is never deleted). Nothing is left to stamp: done. An error would only
+        fail the next syncfs."""
+        ctime_ns = ctime * 1_000_000_000 + ctimensec if valid & Fattr.CTIME else mtime_ns
+        return self.attr_out(Inode(ino, stat.S_IFREG, 0, 0, 0, 0, mtime_ns, mtime_ns, ctime_ns))
 
     async def readlink(self, h: Header, body: Body) -> Payload:
         return await self.ops.readlink(h.nodeid)
