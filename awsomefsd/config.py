@@ -69,11 +69,11 @@ class MountSettings(BaseModel):
         "descriptor store does that without it",
     )
     writeback_cache: bool = Field(
-        True,
+        False,
         description="a single node on the kernel transport: the kernel keeps written pages in its page cache "
-        "and sends them in large writes later (FUSE_WRITEBACK_CACHE); close, fsync and a stat that must be "
-        "exact still wait for them. Cluster members never use it (another node's writes would not invalidate "
-        "those pages)",
+        "and sends them later (FUSE_WRITEBACK_CACHE); close, fsync and syncfs still wait for them. Small writes "
+        "get much faster, but ENOSPC and quota errors then surface at close or fsync, not at write(). Cluster "
+        "members never use it (another node's writes would not invalidate those pages)",
     )
     coherence: Literal["close-to-open", "strict"] = Field(
         "close-to-open",

@@ -13,8 +13,9 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import trio
 from prometheus_client.metrics_core import Metric
@@ -223,7 +224,7 @@ async def _reclaim_step(core: Core) -> None:
         await core.meta.propose(c.ReclaimFrees(now_ns))
 
 
-async def _watch_signals(cancel: trio.CancelScope, stopping: Callable[[], None],
+async def _watch_signals(cancel: trio.CancelScope, stopping: Callable[[], Awaitable[None]],
                          hand_over: Callable[[], None] | None = None) -> None:
     """SIGINT, SIGTERM: unmount and stop. SIGUSR2: stop serving and leave the mount to the next
     daemon (`systemctl reload`, a package upgrade)."""
@@ -235,7 +236,7 @@ async def _watch_signals(cancel: trio.CancelScope, stopping: Callable[[], None],
                     hand_over()
                 continue
             log.info("received %s: unmounting", signal.Signals(signum).name)
-            stopping()
+            await stopping()
             cancel.cancel()
             return
 
@@ -309,7 +310,12 @@ async def serve(core: Core, settings: Settings, *, ready: Callable[[str], None] 
                 log.info("removed %d orphaned inodes left by an unclean stop", purged)
             nursery.start_soon(functools.partial(run_duty, "delayed-free reclaimer", functools.partial(_reclaim_step, core),
                                                  book=core.duties, period_s=RECLAIM_TICK_S))
-            nursery.start_soon(_watch_signals, nursery.cancel_scope, lambda: _notify("STOPPING=1"), hand_over)
+            async def stopping() -> None:
+                _notify("STOPPING=1")
+                if transport.writeback_negotiated():
+                    await _write_back_kernel_pages(mount)
+
+            nursery.start_soon(_watch_signals, nursery.cancel_scope, stopping, hand_over)
             if settings.metrics.enabled:
                 port = core.metrics.serve(settings.metrics.host, settings.metrics.port)
                 log.info("metrics on http://%s:%d/metrics", settings.metrics.host, port)
@@ -328,6 +334,8 @@ async def serve(core: Core, settings: Settings, *, ready: Callable[[str], None] 
             await trio.to_thread.run_sync(os.stat, mount)
             # after INIT, which clamps read-ahead to what libfuse asked for
             tune_bdi(mount, writeback_cache=transport.writeback_negotiated())
+            if transport.writeback_negotiated():  # a snapshot must see what the kernel still holds
+                core.data.kernel_writeback = functools.partial(_write_back_kernel_pages, mount)
             _notify("READY=1")
             if ready is not None:
                 ready(str(mount))
@@ -348,6 +356,25 @@ async def serve(core: Core, settings: Settings, *, ready: Callable[[str], None] 
                 except Exception:
                     log.exception("flushing buffered data at shutdown failed")
     return handing_over
+
+
+KERNEL_WRITEBACK_DEADLINE_S = 60.0
+
+
+async def _write_back_kernel_pages(mount: Path) -> None:
+    """Have the kernel send the written pages it keeps for the mount (the writeback cache) while
+    the session still serves: before a stop (nothing would receive them after) and before a
+    snapshot (it must hold them). Bounded, and logged when it fails: a stop goes on regardless."""
+    from awsomefsd.fuse.mount import sync_mount
+
+    with trio.move_on_after(KERNEL_WRITEBACK_DEADLINE_S) as scope:
+        try:
+            await trio.to_thread.run_sync(sync_mount, mount, abandon_on_cancel=True)
+        except OSError as exc:
+            log.error("writing back the kernel's cached pages of %s failed: %s", mount, exc)
+    if scope.cancelled_caught:
+        log.error("the kernel's cached pages of %s were not written back within %.0f s", mount,
+                  KERNEL_WRITEBACK_DEADLINE_S)
 
 
 async def _watchdog() -> None:

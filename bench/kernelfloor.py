@@ -167,7 +167,8 @@ class NullOperations:
     async def read(self, fh: int, offset: int, size: int) -> bytes:
         return bytes(self._node(fh).data[offset : offset + size])
 
-    async def write(self, fh: int, offset: int, buf: bytes, *, drop_setid: InGroup | None = None) -> int:
+    async def write(self, fh: int, offset: int, buf: bytes, *, drop_setid: InGroup | None = None,
+                    kernel_times: bool = False) -> int:
         node = self._node(fh)
         if len(node.data) < offset:
             node.data += bytes(offset - len(node.data))

@@ -19,5 +19,7 @@ if [ "$whole" -eq 1 ]; then
     # The fallback FUSE transport (pyfuse3 on libfuse) against the same mounted suite, without its
     # slow tests; everything after this runs on the default transport (docs/fuse-transport.md).
     AWSOMEFS_MOUNT__TRANSPORT=pyfuse3 .venv/bin/python -m pytest -q tests/mounted
+    # The kernel's writeback cache, opt-in on a single node ([mount] writeback_cache), likewise.
+    AWSOMEFS_MOUNT__WRITEBACK_CACHE=true .venv/bin/python -m pytest -q tests/mounted
 fi
 exec .venv/bin/python -m pytest "${args[@]}"

@@ -157,13 +157,14 @@ class WriteBuffer:
                    for st in self.files.values() if st.volume == volume)
 
     # -- writing and taking ---------------------------------------------------------------------
-    def put(self, st: FileState, offset: int, data: bytes) -> None:
-        """Buffer a write (no await: atomic) and note when it happened."""
+    def put(self, st: FileState, offset: int, data: bytes, *, stamp: bool = True) -> None:
+        """Buffer a write (no await: atomic) and, with `stamp`, note when it happened."""
         before = st.dirty.dirty_bytes
         if not st.dirty:
             st.dirty_since = time.monotonic()
         st.dirty.write(offset, data)
-        st.written_ns = self.clock_ns()
+        if stamp:
+            st.written_ns = self.clock_ns()
         self.total_dirty_bytes += st.dirty.dirty_bytes - before
 
     def must_flush(self, st: FileState) -> bool:

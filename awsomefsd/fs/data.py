@@ -19,7 +19,7 @@ protocol the parts share.
 from __future__ import annotations
 
 import errno
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import trio
 
@@ -75,6 +75,9 @@ class FileData:
                                flush_interval_ms=flush_interval_ms)
         self.truncator = Truncator(meta, self.buffer, self.flusher, self.reader, allocator, io, clock_ns=clock_ns)
         self.ranges = RangeEditor(meta, self.buffer, self.flusher, clock_ns=clock_ns)
+        self.kernel_writeback: Callable[[], Awaitable[None]] | None = None
+        """Under the writeback cache: make the kernel send the written pages it keeps (set once
+        the mount serves)."""
 
     # -- the write buffer, as callers and tests see it --------------------------------------------
     @property
@@ -122,7 +125,8 @@ class FileData:
     def data_ranges(self, inode: Inode, offset: int) -> list[tuple[int, int]]:
         return self.reader.data_ranges(inode, offset)
 
-    async def write(self, inode: Inode, offset: int, data: bytes) -> int:
+    async def write(self, inode: Inode, offset: int, data: bytes, *, stamp: bool = True) -> int:
+        """Buffer a write; `stamp`: its time becomes the file's mtime when committed."""
         if offset + len(data) > MAX_FILE_SIZE_BYTES:
             raise FsError(errno.EFBIG)
         buffer = self.buffer
@@ -138,7 +142,7 @@ class FileData:
             await self._check_room(inode, len(data) // BLOCK_SIZE + 2, grow_blocks)
             if buffer.files.get(inode.ino) is not st:
                 raise FsError(errno.ESTALE, "the file was deleted during the write")
-            buffer.put(st, offset, data)
+            buffer.put(st, offset, data, stamp=stamp)
             if buffer.must_flush(st):
                 await self.flusher.flush_pinned(st)  # the background flusher is behind: push back on the writer
             elif buffer.should_flush(st) and not self.flusher.request(inode.ino):
@@ -191,6 +195,8 @@ class FileData:
 
         A write error found on the way is handed back to the file (the application's next close
         or fsync still reports it) and raised: a snapshot would silently miss data."""
+        if self.kernel_writeback is not None:
+            await self.kernel_writeback()
         for ino, st in list(self.buffer.files.items()):
             if st.volume != volume or not (st.dirty or st.inflight):
                 continue

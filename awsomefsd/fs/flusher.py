@@ -72,7 +72,8 @@ class Flusher:
             written = 0
             try:
                 for batch in _flush_batches(runs):
-                    await self.writer.write_runs(st, batch, mtime_ns=written_ns)
+                    # no stamped write among them (the kernel's write-back): the times stay
+                    await self.writer.write_runs(st, batch, mtime_ns=written_ns, keep_mtime=not written_ns)
                     written += len(batch)
             except FsError as exc:
                 # The runs are gone with the failed flush. Every descriptor open on the file must

@@ -402,9 +402,12 @@ class Operations:
         inode = self.meta.require_inode(h.ino)
         return await self.data.read(inode, offset, size)
 
-    async def write(self, fh: int, offset: int, buf: bytes, *, drop_setid: InGroup | None = None) -> int:
+    async def write(self, fh: int, offset: int, buf: bytes, *, drop_setid: InGroup | None = None,
+                    kernel_times: bool = False) -> int:
         """`drop_setid`: the writer lacks CAP_FSETID and the kernel left clearing set-user-ID and
-        set-group-ID to us (HANDLE_KILLPRIV_V2)."""
+        set-group-ID to us (HANDLE_KILLPRIV_V2). `kernel_times`: the kernel writing back pages it
+        cached; it keeps the file's mtime itself and sends it in a SETATTR, before or after these
+        bytes (their commit must not stamp the time they arrived over it)."""
         h = self.handle(fh)
         async with self._writing(h.ino):
             inode = self.meta.require_inode(h.ino)
@@ -418,7 +421,7 @@ class Operations:
                 offset = self.data.effective_size(inode.ino, inode.size)
             if inode.volume:
                 self.meta.check_writable(inode.volume)
-            written = await self.data.write(inode, offset, buf)
+            written = await self.data.write(inode, offset, buf, stamp=not kernel_times)
         if append and self.coherence is not None:
             self.coherence.appended(h.ino)
         return written

@@ -7,6 +7,7 @@ refuses to touch a mount that still answers: that one belongs to a live daemon.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import logging
 import os
@@ -146,3 +147,17 @@ def tune_bdi(path: Path, *, read_ahead_kb: int = 4096, writeback_cache: bool = F
         log.info("cannot tune %s: %s", bdi, exc)
         return False
     return True
+
+
+def sync_mount(path: Path) -> None:
+    """syncfs(2) on the mount at `path`: the kernel sends every page it keeps written (the
+    writeback cache), then SYNCFS. Blocking, and answered by this daemon's own session: call it
+    from a worker thread while the session serves."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        if libc.syncfs(fd) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"syncfs {path}: {os.strerror(err)}")
+    finally:
+        os.close(fd)

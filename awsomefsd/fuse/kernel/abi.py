@@ -135,6 +135,7 @@ class Notify:
 
 
 FSYNC_FDATASYNC = 1
+WRITE_CACHE = 1 << 0  # the kernel writing back pages it cached (WRITEBACK_CACHE)
 WRITE_KILL_SUIDGID = 1 << 2
 """fuse_write_in.write_flags: the writer lacks CAP_FSETID (HANDLE_KILLPRIV_V2)."""
 OPEN_KILL_SUIDGID = 1 << 0

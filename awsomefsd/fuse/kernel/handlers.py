@@ -237,7 +237,9 @@ class KernelHandlers:
     async def write(self, h: Header, body: Body) -> Payload:
         fh, offset, size, write_flags, *_ = body.take(abi.WRITE_IN)
         drop = write_flags & abi.WRITE_KILL_SUIDGID
-        written = await self.ops.write(fh, offset, body.rest(size), drop_setid=caller_in_group(h.uid, h.gid, h.pid) if drop else None)
+        written = await self.ops.write(fh, offset, body.rest(size),
+                                       drop_setid=caller_in_group(h.uid, h.gid, h.pid) if drop else None,
+                                       kernel_times=bool(write_flags & abi.WRITE_CACHE))
         return abi.WRITE_OUT.pack(written, 0)
 
     async def fallocate(self, h: Header, body: Body) -> Payload:
