@@ -258,6 +258,7 @@ async def serve(core: Core, settings: Settings, *, ready: Callable[[str], None] 
     before the file system exists, to receive its state). `purge_orphans`: delete the inodes an
     unclean stop left unlinked but unfreed; only a node that knows no other node may hold them open
     does that (a cluster member does not)."""
+    from awsomefsd.fs.clock import use_kernel_clock
     from awsomefsd.fuse.eio import EioReporter
     from awsomefsd.fuse.kernel.keeper import descriptor_store
     from awsomefsd.fuse.mount import prepare_mount_point, tune_bdi
@@ -334,6 +335,7 @@ async def serve(core: Core, settings: Settings, *, ready: Callable[[str], None] 
             await trio.to_thread.run_sync(os.stat, mount)
             # after INIT, which clamps read-ahead to what libfuse asked for
             tune_bdi(mount, writeback_cache=transport.writeback_negotiated())
+            use_kernel_clock(transport.writeback_negotiated())
             if transport.writeback_negotiated():  # a snapshot must see what the kernel still holds
                 core.data.kernel_writeback = functools.partial(_write_back_kernel_pages, mount)
             _notify("READY=1")

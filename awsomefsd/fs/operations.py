@@ -406,8 +406,10 @@ class Operations:
                     kernel_times: bool = False) -> int:
         """`drop_setid`: the writer lacks CAP_FSETID and the kernel left clearing set-user-ID and
         set-group-ID to us (HANDLE_KILLPRIV_V2). `kernel_times`: the kernel writing back pages it
-        cached; it keeps the file's mtime itself and sends it in a SETATTR, before or after these
-        bytes (their commit must not stamp the time they arrived over it)."""
+        cached under the writeback cache; it keeps the file's mtime itself and sends it in a
+        SETATTR, before or after these bytes (their commit must not stamp the time they arrived
+        over it). Without the writeback cache the kernel sends no times, and mmap's written pages
+        arrive flagged the same way: those are stamped."""
         h = self.handle(fh)
         async with self._writing(h.ino):
             inode = self.meta.require_inode(h.ino)

@@ -239,7 +239,7 @@ class KernelHandlers:
         drop = write_flags & abi.WRITE_KILL_SUIDGID
         written = await self.ops.write(fh, offset, body.rest(size),
                                        drop_setid=caller_in_group(h.uid, h.gid, h.pid) if drop else None,
-                                       kernel_times=bool(write_flags & abi.WRITE_CACHE))
+                                       kernel_times=bool(write_flags & abi.WRITE_CACHE) and self.writeback_cache())
         return abi.WRITE_OUT.pack(written, 0)
 
     async def fallocate(self, h: Header, body: Body) -> Payload:
