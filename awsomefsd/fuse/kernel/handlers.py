@@ -140,7 +140,8 @@ class KernelHandlers:
         # fallocate or copy_file_range by a caller without CAP_FSETID.
         sets_nothing = valid & ~(Fattr.FH | Fattr.LOCKOWNER | Fattr.CTIME) == 0
         drop = bool(valid & (Fattr.KILL_SUIDGID | Fattr.UID | Fattr.GID)) or sets_nothing
-        if valid & ~KERNEL_TIMES == 0 and mtime_ns is not None and not self.ops.exists(h.nodeid):
+        kernel_times = self.writeback_cache() and valid & ~KERNEL_TIMES == 0 and mtime_ns is not None
+        if kernel_times and mtime_ns is not None and not self.ops.exists(h.nodeid):
             return self._times_of_deleted(h.nodeid, valid, mtime_ns, ctime, ctimensec)
         try:
             inode = await self.ops.setattr(
@@ -154,7 +155,7 @@ class KernelHandlers:
                 drop_setid=caller_in_group(h.uid, h.gid, h.pid) if drop else None,
             )
         except FsError as exc:
-            if exc.errno not in (errno.ENOENT, errno.ESTALE) or valid & ~KERNEL_TIMES or mtime_ns is None:
+            if exc.errno not in (errno.ENOENT, errno.ESTALE) or not kernel_times or mtime_ns is None:
                 raise
             return self._times_of_deleted(h.nodeid, valid, mtime_ns, ctime, ctimensec)  # deleted meanwhile
         return self.attr_out(inode)
