@@ -17,7 +17,7 @@ What is checked afterwards (tests/support/nemesis.py has the details):
 Runs:
 - `test_nemesis_short` (default suite, about two minutes): every kind of fault once, in a seeded
   random order;
-- `test_nemesis_long` (marked slow; `--slow`): random faults for AWSOMEFS_NEMESIS_MINUTES (10 in CI; run 30 or more before changing the cluster).
+- `test_nemesis_long` (marked slow; `--slow`): random faults for AWSOMEFS_NEMESIS_MINUTES (10 in CI; run 30 or more before changing the cluster); AWSOMEFS_NEMESIS_KINDS narrows the kinds.
 Seeded: AWSOMEFS_NEMESIS_SEED=N replays the same schedule and workload choices (timing differs);
 a failure prints the seed and the command.
 """
@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import signal
 import time
 from collections.abc import Callable
@@ -55,6 +56,8 @@ from tests.support.netns import TestNetwork
 CLIENTS_PER_NODE = 2
 QUIET_S = (4.0, 6.0)
 LONG_MINUTES = float(os.environ.get("AWSOMEFS_NEMESIS_MINUTES", "10"))
+LONG_KINDS = tuple(os.environ.get("AWSOMEFS_NEMESIS_KINDS", ",".join(KINDS)).split(","))
+"""The long runs' faults: AWSOMEFS_NEMESIS_KINDS=partition,pause repeats only those (to chase one)."""
 
 
 def nemesis_seed() -> int:
@@ -83,7 +86,7 @@ def run_nemesis(network: TestNetwork, root: Path, seed: int, test: str,
             (first / "logs" / f"s{k}").write_bytes(b"")
         # From here on this process opens nothing on the mounts until the run is over: it forks
         # (ip, nsenter) while nodes are stopped (tests/support/nemesis_client.py says why).
-        t0 = time.monotonic()
+        t0, wall0 = time.monotonic(), time.time()
         print(f"nemesis times are seconds after monotonic {t0:.3f} (the histories' t0/t1 are monotonic); "
               f"histories and daemon logs (node*.log) in {root}", flush=True)
         workers = Workers(nodes, root, seed=seed, clients=CLIENTS_PER_NODE, t0=t0, until=t0 + 7 * 24 * 3600,
@@ -131,10 +134,42 @@ def run_nemesis(network: TestNetwork, root: Path, seed: int, test: str,
     summary = summarize(entries, run, records=records, keys=keys, undecided=undecided)
     print(summary, flush=True)
     if run.violations:
+        print(daemon_logs_around(run.violations, nodes, t0_wall=wall0 - t0), flush=True)
         shown = "\n".join(f"- {v}" for v in run.violations[:40])
         more = f"\n... and {len(run.violations) - 40} more" if len(run.violations) > 40 else ""
         pytest.fail(f"{summary}\n{len(run.violations)} violations:\n{shown}{more}\nreplay: {replay(seed, test)}",
                     pytrace=False)
+
+
+WINDOW = re.compile(r"quiet window (\d+\.\d+)-(\d+\.\d+)")
+LOG_TIME = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3}) ")
+LOG_BEFORE_S = 15.0
+MAX_LOG_LINES = 60
+
+
+def daemon_logs_around(violations: list[str], nodes: list[Node], *, t0_wall: float) -> str:
+    """Every daemon's log lines from LOG_BEFORE_S before each quiet window a violation names to
+    its end: what CI prints of a stall (the histories and logs stay behind on its machine).
+    `t0_wall`: wall-clock time minus monotonic time (the windows are monotonic)."""
+    spans = sorted({(float(a) + t0_wall - LOG_BEFORE_S, float(b) + t0_wall)
+                    for v in violations for a, b in WINDOW.findall(v)})
+    out = []
+    for start, end in spans:
+        for node in nodes:
+            lines = [line for line in node.log_path.read_text(errors="replace").splitlines()
+                     if (when := _log_time(line)) is not None and start <= when <= end]
+            out.append(f"--- node {node.index}'s log, {time.strftime('%H:%M:%S', time.localtime(start))}-"
+                       f"{time.strftime('%H:%M:%S', time.localtime(end))} ({len(lines)} lines, the last "
+                       f"{min(len(lines), MAX_LOG_LINES)}):")
+            out.extend(line[:300] for line in lines[-MAX_LOG_LINES:])
+    return "\n".join(out)
+
+
+def _log_time(line: str) -> float | None:
+    match = LOG_TIME.match(line)
+    if match is None:
+        return None
+    return time.mktime(time.strptime(match.group(1), "%Y-%m-%d %H:%M:%S")) + int(match.group(2)) / 1000
 
 
 def stop_all(nodes: list[Node], run: Run) -> None:
@@ -171,7 +206,7 @@ def test_nemesis_long(netns_network: Callable[[int], TestNetwork], tmp_path: Pat
     def random_faults(nemesis: Nemesis) -> None:
         end = time.monotonic() + LONG_MINUTES * 60
         while time.monotonic() < end:
-            nemesis.play([nemesis.rng.choice(KINDS)], QUIET_S)
+            nemesis.play([nemesis.rng.choice(LONG_KINDS)], QUIET_S)
 
     run_nemesis(netns_network(3), tmp_path, seed, "test_nemesis_long", random_faults)
 
@@ -187,7 +222,7 @@ def test_nemesis_delegations(netns_network: Callable[[int], TestNetwork], tmp_pa
     def random_faults(nemesis: Nemesis) -> None:
         end = time.monotonic() + LONG_MINUTES * 60
         while time.monotonic() < end:
-            nemesis.play([nemesis.rng.choice(KINDS)], QUIET_S)
+            nemesis.play([nemesis.rng.choice(LONG_KINDS)], QUIET_S)
 
     run_nemesis(netns_network(3), tmp_path, seed, "test_nemesis_delegations", random_faults,
                 coherence="close-to-open")

@@ -359,10 +359,10 @@ class SimNetwork:
 
 
 class Simulation:
-    def __init__(self, seed: int, duration_s: float, *, sync: bool = True) -> None:
+    def __init__(self, seed: int, duration_s: float, *, sync: bool = True, scenario: Scenario | None = None) -> None:
         self.seed = seed
         self.rng = random.Random(seed)
-        self.sc = Scenario.draw(self.rng, duration_s)
+        self.sc = Scenario.draw(self.rng, duration_s) if scenario is None else scenario
         self.sc.sync = sync
         self.settings = self.sc.settings()
         self.inv = Invariants()

@@ -225,6 +225,10 @@ class MemoryReplicaStorage:
             txn.delete("seen_order", oldest)
         return True
 
+    def applied_at(self, proposal_id: bytes) -> int | None:
+        index: int | None = self.disk.table("seen").get(proposal_id)
+        return index
+
     # --- write side --------------------------------------------------------------------------------
     def save(self, hard_state: HardState | None, entries: list[Entry], snapshot: SnapshotMeta | None = None,
              *, also: Callable[[MemoryTxn], None] | None = None) -> None:

@@ -7,19 +7,23 @@ A failure prints its seed and the command that replays it alone:
 
 from __future__ import annotations
 
+import contextlib
 from collections import Counter
 from collections.abc import Callable
 
 import pytest
+import trio
+import trio.testing
 
 from awsomefsd.meta.raft import MessageType
 from awsomefsd.meta.replication import driver, proposals
+from awsomefsd.meta.replication.errors import ProposalTimeout
 from awsomefsd.meta.replication.proposals import Proposals
 
-from .driver_sim import SimFailure, run_seed
+from .driver_sim import Scenario, SimFailure, Simulation, encode_put, run_seed
 from .memory_replica import MemoryReplicaStorage
 
-DEFAULT_SEEDS = range(6)
+DEFAULT_SEEDS = range(11)  # enough that a resent entry is found applied already (a forward is abandoned once answered)
 DEFAULT_SECONDS = 3.0
 SLOW_SEEDS = range(1_000, 1_150)
 SLOW_SECONDS = 20.0
@@ -106,3 +110,63 @@ def test_the_driver_simulation_catches_planted_bugs(plant: Callable[[pytest.Monk
             assert "--driver-seed" in str(e)
             return
     pytest.fail("the driver simulation did not notice the planted bug")
+
+
+# --- a follower cut off while its forwarded proposal commits, then caught up by snapshot -----------
+QUIET = Scenario(duration_s=0.0, n_nodes=3, p_drop=0.0, p_dup=0.0, max_delay_s=0.002, p_long_delay=0.0,
+                 fault_every_s=1.0, crashes=False, partitions=False, persist_in_thread=False,
+                 snapshot_entries=8, catch_up_entries=0, n_clients=0, disk_latency_s=(0.0002, 0.001))
+
+
+async def _cut_off_while_forwarding(sim: Simulation, out: dict[str, float]) -> None:
+    """Node F forwards a put; the leader commits it, but nothing reaches F (its replies are lost,
+    so F keeps resending it); the leader compacts its log past the entry; the link heals and F
+    catches up by installing a snapshot that holds the entry."""
+    async with trio.open_nursery() as nursery:
+        sim.nursery = nursery
+        nursery.start_soon(sim.net.run)
+        for member in sim.members.values():
+            sim.boot(member)
+        while sim.leader() is None:
+            await trio.sleep(0.01)
+        leader = sim.leader()
+        assert leader is not None and leader.node is not None
+        follower = next(m for m in sim.members.values() if m is not leader)
+        assert follower.node is not None and follower.storage is not None
+        while follower.node.raw.leader_id != leader.id:
+            await trio.sleep(0.01)
+        installed = follower.node.snapshots.installed
+        sim.net.blocked |= {(other, follower.id) for other in sim.members if other != follower.id}
+
+        async def forwarded_put() -> None:
+            assert follower.node is not None
+            started = trio.current_time()
+            with contextlib.suppress(ProposalTimeout):
+                await follower.node.propose(encode_put(1, "a", "from F"))
+            out["took"] = trio.current_time() - started
+            out["answered_at"] = trio.current_time()
+
+        nursery.start_soon(forwarded_put)
+        for k in range(2, 3 * QUIET.snapshot_entries):  # the leader commits F's put and compacts past it
+            await leader.node.propose(encode_put(k, "b", str(k)))
+        sim.net.blocked.clear()
+        while follower.node.snapshots.installed == installed:
+            await trio.sleep(0.001)
+        out["installed_at"] = trio.current_time()
+        while "answered_at" not in out:
+            await trio.sleep(0.01)
+        out["applied_on_leader"] = float(leader.sm.get("a") == "from F") if leader.sm is not None else 0.0
+        nursery.cancel_scope.cancel()
+
+
+def test_a_proposal_an_installed_snapshot_covers_is_answered_at_once() -> None:
+    """The nemesis's stall after a partition healed (a write blocked 10 s, then EIO): the proposal
+    a cut-off node forwarded was applied, for that node, by the snapshot it installed on its
+    return, so no apply answered it and it waited out its timeout. It must be answered (outcome
+    unknown) when the snapshot is installed."""
+    sim = Simulation(7, 0.0, scenario=QUIET)
+    out: dict[str, float] = {}
+    trio.run(_cut_off_while_forwarding, sim, out, clock=trio.testing.MockClock(autojump_threshold=0))
+    assert out["applied_on_leader"] == 1.0
+    assert out["took"] < QUIET.settings().proposal_timeout_s, out
+    assert out["answered_at"] - out["installed_at"] < 0.1, out

@@ -303,6 +303,7 @@ class RaftNode(Generic[TxnT]):
         if rd.snapshot is not None:
             await self._flush_deferred()
             self.applied = await self.snapshots.install(rd.snapshot, rd.hard_state or self.storage.hard_state)
+            self.proposals.answer_covered(self.applied, self.storage.applied_at)
         work = ReadyApply(rd, self.storage, self.sm)
         durable_last = self.storage.last_index()
         if (self.settings.persist_in_thread and self.raw.is_leader and rd.committed_entries

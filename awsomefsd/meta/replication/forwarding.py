@@ -78,7 +78,9 @@ async def propose_via_leader(node: RaftNode, forward: Forward, command: bytes, t
                     await _wait_or(p.done, node.settings.tick_ms / 1000)
                     continue
                 try:
-                    p.index = await forward(leader, entry)
+                    with trio.CancelScope() as p.call:  # cancelled once answered here (Proposal.answered)
+                        p.index = await forward(leader, entry)
+                    p.call = None
                     await p.done.wait()
                 except NotLeader as exc:  # certainly not appended there; try where it points
                     node.forward_retries += 1

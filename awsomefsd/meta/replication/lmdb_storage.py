@@ -123,6 +123,11 @@ class LmdbRaftStorage:
                 cur.delete()
         return True
 
+    def applied_at(self, proposal_id: bytes) -> int | None:
+        with self.env.begin() as txn:
+            key = txn.get(proposal_id, db=self._seen)
+        return None if key is None else int(_INDEX.unpack(key)[0])
+
     # --- Storage (read side) ----------------------------------------------------------------------
     def initial_state(self) -> tuple[HardState, ConfState]:
         return self.hard_state, self.snap_meta.conf_state

@@ -59,9 +59,17 @@ class Proposal:
     index: int = 0
     result: Any = None
     error: BaseException | None = None
+    call: trio.CancelScope | None = None
+    """A follower's Forward call in flight for it: abandoned once the proposal is answered here
+    (on a link that has just healed, the call may hang until its deadline)."""
 
     def entry(self) -> bytes:
         return HEADER.pack(*self.pid) + self.data
+
+    def answered(self) -> None:
+        self.done.set()
+        if self.call is not None:
+            self.call.cancel()
 
 
 class Proposals:
@@ -127,6 +135,25 @@ class Proposals:
             p.error = NotLeader(leader_id)
             p.done.set()
 
+    def answer_covered(self, applied: int, applied_at: Callable[[bytes], int | None]) -> None:
+        """An installed snapshot applied entries this node never applied one by one, so nothing
+        answers their proposers: answer them now (outcome unknown: applied, result not seen).
+        Otherwise each waited out its timeout, long after the cut-off node that proposed it had
+        caught up (a write on a node healed from a partition stalled up to 10 s).
+
+        Forwarded proposals are covered when the snapshot's state records their id as applied;
+        any other in flight at or below `applied` is covered too (whether the entry there is
+        ours, a snapshot cannot tell)."""
+        for pid in [pid for pid in self.forwarded if applied_at(HEADER.pack(*pid)) is not None]:
+            self._answer_unseen(self.forwarded.pop(pid), "was applied by an installed snapshot")
+        for index in [index for index in self.by_index if index <= applied]:
+            self._answer_unseen(self.by_index.pop(index), f"entry {index} is covered by an installed snapshot")
+
+    @staticmethod
+    def _answer_unseen(p: Proposal, why: str) -> None:
+        p.error = ProposalTimeout(f"{why}: its result could not be seen")
+        p.answered()
+
     def resolve(self, committed: list[Entry], outcome: list[Outcome], skipped: set[int],
                 up_to: int | None = None) -> None:
         """Answer the proposals at the applied indexes (those up to `up_to` only, if given)."""
@@ -138,7 +165,7 @@ class Proposals:
                 fwd = self.forwarded.pop(pid, None) if pid is not None and (up_to is None or index <= up_to) else None
                 if fwd is not None:
                     fwd.result = result
-                    fwd.done.set()
+                    fwd.answered()
         for e in committed:
             if up_to is not None and e.index > up_to:
                 break

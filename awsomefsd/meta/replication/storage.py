@@ -55,6 +55,11 @@ class ReplicaStorage(RaftStorage, Protocol[TxnT]):
         """Record that `proposal_id` is applied at `index`; False if it already was."""
         ...
 
+    def applied_at(self, proposal_id: bytes) -> int | None:
+        """The index `proposal_id` was applied at, while its record is kept (`first_application`);
+        None if it was not applied (or is too old to tell)."""
+        ...
+
     def save(self, hard_state: HardState | None, entries: list[Entry], snapshot: SnapshotMeta | None = None,
              *, also: Callable[[TxnT], None] | None = None) -> None:
         """Persist one Ready in one durable transaction; `also` runs inside it before it commits
