@@ -127,6 +127,9 @@ class ClusterSettings(BaseModel):
     discovery_timeout_s: float = Field(5.0, gt=0, le=120)
     stall_s: float = Field(30.0, gt=0, le=3600, description="how long a metadata operation waits for a "
                            "leader (an election, a partition) before it fails with EIO")
+    snapshot_entries: int = Field(10_000, ge=100, le=10_000_000, description="the metadata log is "
+                                  "compacted into a snapshot every this many entries (a member that "
+                                  "fell further behind catches up by receiving one)")
 
 
 class LogSettings(BaseModel):

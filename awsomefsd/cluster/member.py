@@ -25,7 +25,7 @@ import socket
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -300,7 +300,8 @@ def open_member(settings: Settings, state: MemberState, creds: NodeCredentials, 
         guard=lambda servicer: RevocationGuard(servicer, lambda: creds.ca_cert, revocations),
     )
     epoch = LeaseEpoch(state.node_id)
-    raft = ReplicatedFsLog(storage.store, storage.sm, node_id=state.node_id, settings=RAFT_SETTINGS,
+    raft_settings = replace(RAFT_SETTINGS, snapshot_entries=settings.cluster.snapshot_entries)
+    raft = ReplicatedFsLog(storage.store, storage.sm, node_id=state.node_id, settings=raft_settings,
                            bootstrap_voters=(state.node_id,) if founding else (), stall_s=settings.cluster.stall_s,
                            before_commit=storage.device.sync_written, fence_epoch=epoch.fencing,
                            send=transport.send, forward=Forwarder(transport.channel_to))

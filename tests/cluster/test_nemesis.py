@@ -55,6 +55,9 @@ from tests.support.netns import TestNetwork
 
 CLIENTS_PER_NODE = 2
 QUIET_S = (4.0, 6.0)
+SNAPSHOT_ENTRIES = 2_000
+"""Compact the metadata log often (10,000 by default): a node that returns from a fault then
+often catches up by snapshot, the path that once left its proposals unanswered for 10 s."""
 LONG_MINUTES = float(os.environ.get("AWSOMEFS_NEMESIS_MINUTES", "10"))
 LONG_KINDS = tuple(os.environ.get("AWSOMEFS_NEMESIS_KINDS", ",".join(KINDS)).split(","))
 """The long runs' faults: AWSOMEFS_NEMESIS_KINDS=partition,pause repeats only those (to chase one)."""
@@ -77,7 +80,8 @@ def run_nemesis(network: TestNetwork, root: Path, seed: int, test: str,
     change directories under delegations, ahead of the log, and every other check applies."""
     print(f"\nnemesis seed {seed}, coherence {coherence}; replay: {replay(seed, test)}", flush=True)
     run = Run(seed)
-    with cluster_in(network, root, env={"AWSOMEFS_MOUNT__COHERENCE": coherence}) as cluster:
+    env = {"AWSOMEFS_MOUNT__COHERENCE": coherence, "AWSOMEFS_CLUSTER__SNAPSHOT_ENTRIES": str(SNAPSHOT_ENTRIES)}
+    with cluster_in(network, root, env=env) as cluster:
         nodes = cluster.form(3)
         first = nodes[0].mount
         for directory in ("ns", "tmp", "logs"):
