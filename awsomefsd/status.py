@@ -178,6 +178,10 @@ def _cluster_rows(cluster: dict[str, Any]) -> list[tuple[str, str]]:
         alive = "removed" if node["state"] == "removed" else ("lease EXPIRED" if node["expired"] else "lease ok")
         rows.append((f"node {node['id']}", f"{node['name']} {node['address']}  {node['role']}, {lag}, {alive} "
                                            f"(epoch {node['lease_epoch']}), {node['groups']} groups"))
+    level = cluster.get("log_level")
+    if level and level["cluster"] < level["this_build"]:
+        rows.append(("log level", f"{level['cluster']} (this build: {level['this_build']}): a member runs an older "
+                                  f"build or does not answer; punching holes and cloning wait for the upgrade"))
     if cluster.get("lag_error"):
         rows.append(("lag", f"unknown: {cluster['lag_error']}"))
     elif cluster.get("lag_from") and cluster["lag_from"] != "this node":

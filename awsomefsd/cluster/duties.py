@@ -1,5 +1,6 @@
 """A member's background duties: its liveness lease, its allocation groups, and — on the leader —
-membership and expiry of nodes that stopped renewing.
+membership, expiry of nodes that stopped renewing, and the cluster's log level (raised once
+every member's build decodes newer commands: the end of a rolling upgrade).
 
 Timing of the liveness lease (docs/cluster.md has the argument):
 - a member proposes `RenewLease(node, epoch)` every `renew_s`; when it is applied, the member's write
@@ -20,8 +21,9 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import trio
@@ -31,12 +33,16 @@ from awsomefsd.fs.allocator import NodeAllocator
 from awsomefsd.io.fence import WriteFence
 from awsomefsd.meta import commands as c
 from awsomefsd.meta.client import MetaClient
+from awsomefsd.meta.commands import LOG_LEVEL
 from awsomefsd.meta.errors import FsError
 from awsomefsd.meta.raft import ConfChange, ConfChangeType
 from awsomefsd.meta.replication.fs_log import ReplicatedFsLog
 
 log = logging.getLogger(__name__)
 MAX_CLAIM_AT_ONCE = 16
+LEVEL_ASK_S = 2.0
+"""How often the leader asks the members' builds for their log level while the cluster's is below
+its own (a rolling upgrade under way)."""
 
 
 @dataclass(frozen=True)
@@ -219,8 +225,13 @@ class LeaderDuties:
     members) and expire members whose liveness lease ran out."""
 
     def __init__(self, node_id: int, log_: ReplicatedFsLog, meta: MetaClient, settings: LeaseSettings,
-                 tick_s: float = 0.25, book: DutyBook | None = None) -> None:
+                 tick_s: float = 0.25, book: DutyBook | None = None,
+                 ask_level: Callable[[int], Awaitable[int]] | None = None) -> None:
         self.node_id = node_id
+        self.ask_level = ask_level
+        """`await ask_level(node)`: the newest commands that member's build decodes (Member.LogLevel)."""
+        self.level_rounds = 0
+        """Rounds in which this leader asked every member for its build's level (status shows them)."""
         self.log = log_
         self.meta = meta
         self.settings = settings
@@ -240,8 +251,37 @@ class LeaderDuties:
             self.last_renewal[result] = time.monotonic()  # a new member's clock starts at its admission
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        await run_duty("leader duties", self._tick, book=self.book, period_s=self.tick_s, max_backoff_s=1.0,
-                       task_status=task_status)
+        async with trio.open_nursery() as nursery:
+            # apart: asking a member that does not answer takes seconds, and expiries must not wait
+            nursery.start_soon(partial(run_duty, "log level", self.raise_log_level, book=self.book,
+                                       period_s=LEVEL_ASK_S, max_backoff_s=LEVEL_ASK_S))
+            await nursery.start(partial(run_duty, "leader duties", self._tick, book=self.book,
+                                        period_s=self.tick_s, max_backoff_s=1.0))
+            task_status.started()
+
+    async def raise_log_level(self) -> None:
+        """On the leader, while the cluster's log level is below this build's: ask every active
+        member's build for its level and record the lowest (`SetLogLevel`) when that is higher.
+        A member that does not answer keeps the level where it is (it may run an older build);
+        so does one that answers lower. Builds before the gate answer UNIMPLEMENTED: the base."""
+        if self.ask_level is None or not self.log.node.raw.is_leader:
+            return
+        current = self.meta.log_level()
+        if current >= LOG_LEVEL:
+            return
+        lowest = LOG_LEVEL
+        for n, member in sorted(self.meta.members().items()):
+            if not member.active or n == self.node_id:
+                continue
+            try:
+                lowest = min(lowest, await self.ask_level(n))
+            except ConnectionError as exc:
+                log.debug("log level: node %d did not answer (%s)", n, exc)
+                return
+        self.level_rounds += 1
+        if lowest > current:
+            level = await self.log.propose(c.SetLogLevel(lowest))
+            log.info("cluster log level %d -> %d: every member's build decodes its commands", current, level)
 
     async def _tick(self) -> None:
         self._note_leader()

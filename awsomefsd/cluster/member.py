@@ -37,7 +37,7 @@ from awsomefsd.cluster.coherence import ClusterCoherence
 from awsomefsd.cluster.discovery import Advertisement, Peer
 from awsomefsd.cluster.duties import GroupKeeper, LeaderDuties, LeaseEpoch, LeaseSettings, LivenessLease
 from awsomefsd.cluster.join_service import JoinService, split_host_port
-from awsomefsd.cluster.rpc import ControlError, ControlService, MemberService, ask_progress
+from awsomefsd.cluster.rpc import ControlError, ControlService, MemberService, ask_log_level, ask_progress
 from awsomefsd.cluster.state import (
     MemberState,
     control_socket,
@@ -65,6 +65,7 @@ from awsomefsd.fuse.invalidate import Invalidator
 from awsomefsd.io.fence import WriteFence
 from awsomefsd.meta import commands as c
 from awsomefsd.meta.client import MetaClient
+from awsomefsd.meta.commands import LOG_LEVEL
 from awsomefsd.meta.replication.forwarding import Forwarder
 from awsomefsd.meta.replication.fs_log import ReplicatedFsLog
 from awsomefsd.meta.replication.settings import NodeSettings
@@ -262,6 +263,8 @@ class Member:
             "mount": str(self.settings.mount.path) if self.settings.mount.path else None,
             "device": str(self.settings.device.path),
             "stalls": self.raft.stalls,
+            "log_level": {"cluster": self.meta.log_level(), "this_build": LOG_LEVEL,
+                          "rounds_asked": None if self.duties is None else self.duties.level_rounds},
             "invalidations": self.invalidator.invalidations,
             "lag_from": "this node" if raft["leader"] == self.node_id else
                         f"node {raft['leader']}" if progress is not None else None,
@@ -375,6 +378,7 @@ async def _found(member: Member, founding: Founding) -> None:
         layout.data_start_block, layout.ag_blocks, layout.ag_count, member.node_id,
         member.settings.node.name or host, member.state.listen, _join_address(member.state.listen),
         time.time_ns()), fenced=False)
+    await member.raft.propose_outcome(c.SetLogLevel(LOG_LEVEL), fenced=False)  # its only member's build
     member.sync_peers()
 
 
@@ -421,7 +425,8 @@ def _assemble(member: Member) -> Core:
     leases = LeaseSettings(settings.cluster.lease_s, settings.cluster.renew_s, settings.cluster.lease_margin_s)
     lease = LivenessLease(node_id, raft, meta, member.storage.device.fence, epoch, leases,
                           on_expired=functools.partial(_expired, groups, coherence, data), book=book)
-    duties = LeaderDuties(node_id, raft, meta, leases, book=book)
+    duties = LeaderDuties(node_id, raft, meta, leases, book=book,
+                          ask_level=functools.partial(ask_log_level, member.transport.channel_to))
     raft.commands.observers.extend([coherence.observe, groups.observe, duties.observe])
     raft.commands.on_snapshot.append(functools.partial(_after_snapshot, groups, coherence))
     coherence.reload()

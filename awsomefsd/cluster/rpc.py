@@ -19,6 +19,7 @@ from typing import Any
 
 import grpc
 
+from awsomefsd.meta.commands import BASE_LOG_LEVEL, LOG_LEVEL
 from awsomefsd.meta.replication.driver import RaftNode
 from awsomefsd.meta.replication.forwarding import FORWARD_METHOD, serve_forward
 from awsomefsd.rpc.bridge import Binding, RpcAbort, unary_call
@@ -28,6 +29,8 @@ log = logging.getLogger(__name__)
 MEMBER_SERVICE = "awsomefs.cluster.v1.Member"
 PROGRESS_METHOD = f"/{MEMBER_SERVICE}/Progress"
 PROGRESS_TIMEOUT_S = 3.0
+LOG_LEVEL_METHOD = f"/{MEMBER_SERVICE}/LogLevel"
+LOG_LEVEL_TIMEOUT_S = 2.0
 CONTROL_SERVICE = "awsomefs.cluster.v1.Control"
 CONTROL_TIMEOUT_S = 30.0
 assert f"/{MEMBER_SERVICE}/Forward" == FORWARD_METHOD, "Forward is served by MemberService"
@@ -50,8 +53,13 @@ class MemberService:
             raise RpcAbort(grpc.StatusCode.UNIMPLEMENTED, "no progress here")
         return json.dumps(self.progress(), sort_keys=True).encode()
 
+    async def LogLevel(self, request: bytes, context: grpc.ServicerContext) -> bytes:
+        """The newest commands this member's build decodes (meta/commands.py LOG_LEVEL), for the
+        leader that raises the cluster's level after a rolling upgrade."""
+        return LOG_LEVEL.to_bytes(4, "big")
+
     def binding(self) -> Binding:
-        return Binding(_generic_adder(MEMBER_SERVICE, ("Forward", "Progress")), self)
+        return Binding(_generic_adder(MEMBER_SERVICE, ("Forward", "Progress", "LogLevel")), self)
 
 
 async def ask_progress(channel_to: Callable[[int], grpc.Channel | None], leader: int,
@@ -66,6 +74,26 @@ async def ask_progress(channel_to: Callable[[int], grpc.Channel | None], leader:
         raise ConnectionError(str(exc)) from None
     result: dict[str, Any] = json.loads(reply)
     return result
+
+
+async def ask_log_level(channel_to: Callable[[int], grpc.Channel | None], node: int,
+                        timeout_s: float = LOG_LEVEL_TIMEOUT_S) -> int:
+    """Member.LogLevel of `node`: BASE_LOG_LEVEL from a build before the call existed (it answers
+    UNIMPLEMENTED); ConnectionError when it cannot be asked."""
+    channel = channel_to(node)
+    if channel is None:
+        raise ConnectionError(f"no address for node {node}")
+    try:
+        reply = await unary_call(channel, LOG_LEVEL_METHOD, b"", timeout_s)
+    except grpc.RpcError as exc:
+        if exc.code() == grpc.StatusCode.UNIMPLEMENTED:  # type: ignore[attr-defined]
+            return BASE_LOG_LEVEL
+        raise ConnectionError(str(exc)) from None
+    except ValueError as exc:
+        raise ConnectionError(str(exc)) from None
+    if len(reply) != 4:
+        raise ConnectionError(f"node {node} answered LogLevel with {len(reply)} bytes")
+    return int.from_bytes(reply, "big")
 
 
 # --- the control socket ---------------------------------------------------------------------------

@@ -61,6 +61,8 @@ def without_setid(mode: int, gid: int, in_group: InGroup) -> int | None:
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
 FALLOC_FL_ZERO_RANGE = 0x10
+UPGRADING = "not every member's build decodes it yet (a rolling upgrade is under way; meta/commands.py LOG_LEVEL)"
+ZEROS_PER_WRITE = 1 << 20
 
 POSIX_ACL_XATTRS = (b"system.posix_acl_access", b"system.posix_acl_default")
 FILES_ADVERTISED = 1 << 32
@@ -511,6 +513,8 @@ class Operations:
         if mode & FALLOC_FL_PUNCH_HOLE:
             if mode != FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE:
                 raise FsError(errno.EOPNOTSUPP, "PUNCH_HOLE goes with KEEP_SIZE only")
+            if not self.meta.may_propose(c.PunchHole):
+                raise FsError(errno.EOPNOTSUPP, UPGRADING)
             async with self._writing(h.ino):
                 await self._zero(h.ino, offset, end)
         elif mode & ~(FALLOC_FL_KEEP_SIZE | FALLOC_FL_ZERO_RANGE):
@@ -549,13 +553,15 @@ class Operations:
         if start >= end:
             return
         first_whole, end_whole = -(-start // BLOCK_SIZE), end // BLOCK_SIZE
+        if not self.meta.may_propose(c.PunchHole):  # ZERO_RANGE during a rolling upgrade: write the zeros
+            first_whole = end_whole = end // BLOCK_SIZE
         if first_whole >= end_whole:
             edges = [(start, end)]
         else:
             edges = [(start, first_whole * BLOCK_SIZE), (end_whole * BLOCK_SIZE, end)]
         for a, b in edges:
-            if a < b:
-                await self.data.write(self.meta.require_inode(ino), a, bytes(b - a))
+            for chunk in range(a, b, ZEROS_PER_WRITE):
+                await self.data.write(self.meta.require_inode(ino), chunk, bytes(min(b, chunk + ZEROS_PER_WRITE) - chunk))
         for block in range(first_whole, end_whole, MAX_RANGE_BLOCKS):
             await self.data.punch_hole(ino, block, min(end_whole, block + MAX_RANGE_BLOCKS))
 
@@ -581,6 +587,8 @@ class Operations:
             raise FsError(errno.EFBIG)
         if (offset_in - offset_out) % BLOCK_SIZE:
             raise FsError(errno.EOPNOTSUPP, "the offsets are at different places within a block")
+        if not self.meta.may_propose(c.CloneRange):
+            raise FsError(errno.EOPNOTSUPP, UPGRADING)
         head = -offset_in % BLOCK_SIZE
         blocks = 0 if head else min(length // BLOCK_SIZE, MAX_RANGE_BLOCKS)
         async with self._writing(dst_h.ino):

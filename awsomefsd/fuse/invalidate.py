@@ -181,6 +181,7 @@ RULES: dict[type, Rule] = {
     c.UpdateMemberAddress: _nothing,
     c.RemoveMember: _nothing,
     c.SetJoinVerifier: _nothing,
+    c.SetLogLevel: _nothing,
     c.RenewLease: _nothing,
     c.ExpireNode: _nothing,
     c.ClaimGroups: _nothing,

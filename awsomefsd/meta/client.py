@@ -29,6 +29,7 @@ import trio
 
 from awsomefsd.meta.ahead import AheadLog
 from awsomefsd.meta.cluster_sm import member_from_record
+from awsomefsd.meta.commands import BASE_LOG_LEVEL, LOG_LEVEL, level_of
 from awsomefsd.meta.filemap import all_extents, extents_in
 from awsomefsd.meta.freespace import FreeSpaceMap
 from awsomefsd.meta.log import ReplicatedLog
@@ -228,6 +229,21 @@ class MetaClient:
         target = cluster.value(txn, b"voters_target")
         assert cert is not None and key is not None and verifier is not None, "InitCluster writes them together"
         return ClusterInfo(cert, key, verifier, 3 if target is None else int.from_bytes(target, "big"))
+
+    def log_level(self) -> int:
+        """The newest commands every member decodes (meta/commands.py, LOG_LEVEL); a single node's
+        is its own build's."""
+        txn = self._view()
+        cluster = self._sm.cluster
+        if not cluster.initialised(txn):
+            return LOG_LEVEL
+        level = cluster.log_level(txn)
+        return BASE_LOG_LEVEL if level is None else level
+
+    def may_propose(self, command: type) -> bool:
+        """May this node propose commands of this kind now? Not while a member's build could not
+        decode them (a rolling upgrade under way)."""
+        return level_of(command) <= self.log_level()
 
     def join_verifier(self) -> bytes | None:
         return self._sm.cluster.value(self._view(), b"join_verifier")

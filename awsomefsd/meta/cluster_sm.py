@@ -141,6 +141,18 @@ class ClusterTables:
         record["state"] = "removed"
         self._put(txn, cmd.node, record)
 
+    def log_level(self, txn: lmdb.Transaction[bytes]) -> int | None:
+        """The cluster's log level (meta/commands.py, LOG_LEVEL); None if it never recorded one."""
+        raw = txn.get(b"log_level", db=self.meta_db)
+        return None if raw is None else int.from_bytes(raw, "big")
+
+    def set_log_level(self, txn: lmdb.Transaction[bytes], cmd: c.SetLogLevel) -> int:
+        current = self.log_level(txn)
+        if current is None or cmd.level > current:
+            txn.put(b"log_level", u64(cmd.level), db=self.meta_db)
+            return cmd.level
+        return current
+
     def set_verifier(self, txn: lmdb.Transaction[bytes], cmd: c.SetJoinVerifier) -> None:
         if not self.initialised(txn):
             raise FsError(errno.EINVAL, "not a cluster")

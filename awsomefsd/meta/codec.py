@@ -32,8 +32,9 @@ COMMAND_TAGS: dict[type, int] = {
     c.CreateSnapshot: 17, c.DeleteSnapshot: 18, c.Batch: 19, c.InitCluster: 20, c.AddMember: 21,
     c.SetMemberCert: 22, c.UpdateMemberAddress: 23, c.RemoveMember: 24, c.SetJoinVerifier: 25,
     c.RenewLease: 26, c.ExpireNode: 27, c.ClaimGroups: 28, c.AcquireWriteLease: 29, c.ReleaseWriteLease: 30,
-    c.Fenced: 31, c.ReleaseOrphans: 32, c.PunchHole: 33, c.CloneRange: 34,
+    c.Fenced: 31, c.ReleaseOrphans: 32, c.PunchHole: 33, c.CloneRange: 34, c.SetLogLevel: 35,
 }
+
 TAG_COMMANDS = {tag: cls for cls, tag in COMMAND_TAGS.items()}
 _I64 = struct.Struct(">q")
 _U32 = struct.Struct(">I")

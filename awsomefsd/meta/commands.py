@@ -307,6 +307,14 @@ class RemoveMember:
 
 
 @dataclass(frozen=True, slots=True)
+class SetLogLevel:
+    """Every member's build decodes the commands of `level` (meta/commands.py, `LOG_LEVEL`): from
+    now on any member may propose them. Never lowered (a lower level is a no-op)."""
+
+    level: int
+
+
+@dataclass(frozen=True, slots=True)
 class SetJoinVerifier:
     """`awsomefsd token rotate`: proofs made with the previous token stop verifying."""
 
@@ -391,8 +399,27 @@ Command = (
     | ReclaimFrees | GrantGroups | ReleaseLeaked | CreateVolume | DeleteVolume | ResizeVolume
     | CreateSnapshot | DeleteSnapshot | Batch | InitCluster | AddMember | SetMemberCert | UpdateMemberAddress
     | RemoveMember | SetJoinVerifier | RenewLease | ExpireNode | ClaimGroups | AcquireWriteLease
-    | ReleaseWriteLease | ReleaseOrphans | Fenced
+    | ReleaseWriteLease | ReleaseOrphans | Fenced | PunchHole | CloneRange | SetLogLevel
 )
+
+
+BASE_LOG_LEVEL = 3
+"""The level of a cluster that never recorded one: formed by builds before the gate, which decode
+command tags 1-32 (meta/codec.py) in format 3."""
+LOG_LEVEL = 4
+"""The newest commands this build decodes. 4: PunchHole, CloneRange, SetLogLevel.
+
+A member on an older build stops applying the log at the first command it cannot decode, so in a
+rolling upgrade no member may propose a newer command before every member runs a build that
+decodes it. The cluster records the level all its members reach (`SetLogLevel`, raised by the
+leader once every member says it can: cluster/duties.py) and a proposer checks it
+(`MetaClient.may_propose`). A single node has no one to wait for."""
+COMMAND_LEVELS: dict[type, int] = {PunchHole: 4, CloneRange: 4, SetLogLevel: 4}
+
+
+def level_of(command: type) -> int:
+    """The cluster log level a command needs (those of the builds before the gate: the base)."""
+    return COMMAND_LEVELS.get(command, BASE_LOG_LEVEL)
 
 
 def applied(command: object, result: Any) -> Iterator[tuple[object, Any]]:

@@ -94,6 +94,7 @@ class StateMachine:
             c.UpdateMemberAddress: self.cluster.update_address,
             c.RemoveMember: self.cluster.remove_member,
             c.SetJoinVerifier: self.cluster.set_verifier,
+            c.SetLogLevel: self.cluster.set_log_level,
             c.RenewLease: self.cluster.renew_lease,
             c.ExpireNode: self._expire_node,
             c.ClaimGroups: self._claim_groups,

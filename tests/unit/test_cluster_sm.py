@@ -156,3 +156,15 @@ def test_a_delegated_directory_is_changed_only_by_its_holder(h: Harness) -> None
     h.apply(c.Mknod(held, b"unfenced", other + 5, stat.S_IFREG | 0o644, 0, 0, 12))  # no member proposed it
     h.apply(c.ReleaseWriteLease(held, 2))
     h.apply(fenced(3, 1, c.Mknod(held, b"now", other + 6, stat.S_IFREG | 0o644, 0, 0, 13)))
+
+
+def test_the_log_level_only_rises(h: Harness) -> None:
+    """SetLogLevel (a rolling upgrade's end): recorded once every member decodes it, never lowered
+    (a late or repeated proposal from a leader that asked earlier changes nothing)."""
+    with h.store.env.begin() as txn:
+        assert h.sm.cluster.log_level(txn) is None  # formed before the gate: the base level
+    assert h.apply(c.SetLogLevel(4)) == 4
+    assert h.apply(c.SetLogLevel(3)) == 4
+    assert h.apply(c.SetLogLevel(5)) == 5
+    with h.store.env.begin() as txn:
+        assert h.sm.cluster.log_level(txn) == 5

@@ -26,6 +26,7 @@ from awsomefsd.io.device import BlockDevice, create_image
 from awsomefsd.io.layout import BLOCK_SIZE, MiB
 from awsomefsd.io.superblock import format_device
 from awsomefsd.meta import commands as c
+from awsomefsd.meta.commands import LOG_LEVEL
 from awsomefsd.meta.errors import FsError, OutcomeUnknown
 from awsomefsd.meta.records import ROOT_INO, Inode
 from awsomefsd.node import Core, open_core
@@ -386,3 +387,35 @@ async def test_a_mapping_whose_outcome_is_unknown_keeps_its_blocks_from_the_next
     await core.ops.flush(f.fh)
     await f.check()  # the mapping that timed out committed: its bytes are the file's
     assert core.allocator.withheld_blocks == 1
+
+
+async def test_punch_and_clone_wait_for_the_cluster_log_level_zero_range_writes_zeros(
+        core: Core, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A rolling upgrade: while a member's build could not decode PunchHole and CloneRange
+    (meta/commands.py LOG_LEVEL), no member proposes them. PUNCH_HOLE answers EOPNOTSUPP (what a
+    filesystem without it says), copy_file_range EOPNOTSUPP (the kernel then copies the bytes
+    itself), and ZERO_RANGE writes the zeros instead of unmapping."""
+    assert core.meta.log_level() == LOG_LEVEL  # a single node waits for nobody
+    f = await File.create(core, b"upgrading")
+    g = await File.create(core, b"copy")
+    await f.write(0, b"x" * (4 * BLOCK_SIZE))
+    monkeypatch.setattr(core.meta, "log_level", lambda: 3)
+    with pytest.raises(FsError) as err:
+        await core.ops.fallocate(f.fh, 0, BLOCK_SIZE, 0x02 | 0x01)  # PUNCH_HOLE | KEEP_SIZE
+    assert err.value.errno == errno.EOPNOTSUPP
+    with pytest.raises(FsError) as err:
+        await core.ops.copy_file_range(f.fh, 0, g.fh, 0, 2 * BLOCK_SIZE)
+    assert err.value.errno == errno.EOPNOTSUPP
+    await core.ops.fallocate(f.fh, 100, 3 * BLOCK_SIZE, 0x10)  # ZERO_RANGE: written, not unmapped
+    f.model[100 : 100 + 3 * BLOCK_SIZE] = bytes(3 * BLOCK_SIZE)
+    await core.ops.flush(f.fh)
+    await f.check()
+    assert (await f.stat()).blocks == 4
+    monkeypatch.undo()  # the upgrade is over: the same calls share and unmap blocks
+    await core.ops.fallocate(f.fh, BLOCK_SIZE, 2 * BLOCK_SIZE, 0x02 | 0x01)
+    f.model[BLOCK_SIZE : 3 * BLOCK_SIZE] = bytes(2 * BLOCK_SIZE)
+    await f.check()
+    assert (await f.stat()).blocks == 2
+    assert await core.ops.copy_file_range(f.fh, 0, g.fh, 0, 4 * BLOCK_SIZE) == 4 * BLOCK_SIZE
+    await core.ops.release(f.fh)
+    await core.ops.release(g.fh)

@@ -17,7 +17,8 @@ class ProposalLost(Exception):
 
 
 class ProposalTimeout(Exception):
-    """The command was not applied in time; it may still be applied later."""
+    """The command's outcome is unknown: not applied in time (it may still be applied later), or
+    applied by a snapshot this node installed (its result was never seen here)."""
 
 
 __all__ = ["NotLeader", "ProposalLost", "ProposalTimeout"]

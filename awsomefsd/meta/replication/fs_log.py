@@ -207,7 +207,7 @@ class ReplicatedFsLog:
                 result: tuple[bool, Any] = await self.node.propose(data, forward=not leader_only)
                 return result
             except ProposalTimeout as exc:
-                raise OutcomeUnknown(f"metadata proposal not applied in time (its outcome is unknown): {exc}") from None
+                raise OutcomeUnknown(f"the outcome of a metadata proposal is unknown: {exc}") from None
             except (NotLeader, ProposalLost) as exc:
                 if leader_only:
                     raise FsError(errno.EIO, f"not proposed: this node no longer leads ({exc})", cause="stall") from None

@@ -1,0 +1,139 @@
+"""A rolling upgrade of a real cluster, from the last build before the cluster log level existed
+(meta/commands.py, LOG_LEVEL): members on the old build decode commands up to tag 32, the new build
+adds PunchHole and CloneRange. While any member runs the old build no member may propose them (it
+would stop applying the log at the first), so punching a hole answers EOPNOTSUPP and
+copy_file_range leaves the copy to the kernel; once every member runs the new build, the leader
+raises the level and both share and unmap blocks again. The old build is this repository's own
+commit BEFORE_GATE, taken from its history (`git archive`): a test of two real builds."""
+
+from __future__ import annotations
+
+import errno
+import io
+import os
+import signal
+import subprocess
+import tarfile
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from tests.support.cluster import Cluster, Node, cluster_in
+from tests.support.daemon import REPO, wait_for
+from tests.support.fsx import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, fallocate
+from tests.support.netns import TestNetwork
+
+BEFORE_GATE = "0acc6e3eab267727e5d28958169ae689e965626f"
+LEVEL_RAISED_S = 60.0
+
+
+@pytest.fixture(scope="module")
+def old_build(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    archive = subprocess.run(["git", "-C", str(REPO), "archive", "--format=tar", BEFORE_GATE, "awsomefsd"],
+                             capture_output=True, check=False)
+    if archive.returncode != 0:
+        pytest.skip(f"commit {BEFORE_GATE[:12]} is not in this checkout's history (a shallow clone?): "
+                    f"{archive.stderr.decode(errors='replace').strip()[:200]}")
+    dest = tmp_path_factory.mktemp("build-before-gate")
+    with tarfile.open(fileobj=io.BytesIO(archive.stdout)) as tar:
+        tar.extractall(dest, filter="data")
+    return dest
+
+
+def on_build(node: Node, tree: Path | None, base: dict[str, str]) -> None:
+    """Run `node`'s next start from `tree` (None: this checkout)."""
+    node.env = dict(base) if tree is None else {**base, "PYTHONPATH": str(tree)}
+
+
+def levels(node: Node) -> tuple[int, int, int]:
+    """(the cluster's log level, this node's build's, rounds its leader duty asked the members)."""
+    level = node.status()["cluster"]["log_level"]
+    return int(level["cluster"]), int(level["this_build"]), int(level["rounds_asked"] or 0)
+
+
+def punch(path: Path, offset: int, length: int) -> None:
+    with open(path, "r+b") as f:
+        fallocate(f.fileno(), FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
+
+
+def copy_range(src: Path, dst: Path, length: int) -> int:
+    with open(src, "rb") as s, open(dst, "wb") as d:
+        return os.copy_file_range(s.fileno(), d.fileno(), length)
+
+
+def blocks_of(path: Path) -> int:
+    return os.stat(path).st_blocks
+
+
+def test_a_rolling_upgrade_gates_the_new_commands_until_every_member_runs_the_new_build(
+        netns_network: Callable[[int], TestNetwork], tmp_path: Path, old_build: Path) -> None:
+    with cluster_in(netns_network(3), tmp_path) as cluster:
+        base = dict(cluster.env)
+        for node in cluster.nodes:
+            on_build(node, old_build, base)
+        nodes = cluster.form(3)
+        payload = os.urandom(1 << 20)
+        (nodes[0].mount / "f").write_bytes(payload)
+
+        # Upgrade two members, the leader among them; the third stays on the old build.
+        leader = cluster.leader()
+        old = next(n for n in nodes if n is not leader)
+        for node in (n for n in nodes if n is not old):
+            node.stop()
+            on_build(node, None, base)
+            node.start("run")
+        lead_from_a_new_build(cluster, old)
+        new = cluster.leader()
+        rounds = levels(new)[2]
+
+        def asked_twice_or_raised() -> bool:
+            level, _, asked = levels(new)
+            return asked >= rounds + 2 or level > 3
+
+        wait_for(asked_twice_or_raised, LEVEL_RAISED_S, "the leader asking every member twice")
+        assert levels(new)[:2] == (3, 4), "the log level rose while a member ran the old build"
+
+        with pytest.raises(OSError) as err:
+            punch(new.mount / "f", 4096, 8192)
+        assert err.value.errno == errno.EOPNOTSUPP
+        assert copy_range(new.mount / "f", new.mount / "copy", len(payload)) == len(payload)  # the kernel copies
+        for node in nodes:
+            assert (node.mount / "copy").read_bytes() == payload  # the old member still applies the log
+        assert old.proc is not None and old.proc.poll() is None
+
+        old.stop()
+        on_build(old, None, base)
+        old.start("run")
+        wait_for(lambda: levels(new)[0] == 4, LEVEL_RAISED_S, "the leader raising the cluster's log level")
+
+        punch(new.mount / "f", 4096, 8192)
+        expected = payload[:4096] + bytes(8192) + payload[12288:]
+        assert copy_range(new.mount / "f", new.mount / "clone", len(payload)) == len(payload)
+        for node in nodes:
+            assert (node.mount / "f").read_bytes() == expected
+            assert (node.mount / "clone").read_bytes() == expected
+        assert blocks_of(new.mount / "f") * 512 == len(payload) - 8192
+
+
+def lead_from_a_new_build(cluster: Cluster, old: Node) -> None:
+    """If the member left on the old build leads (it has no duty that raises the level), pause it
+    until an upgraded member leads."""
+    if cluster.leader() is not old:
+        return
+    old.signal(signal.SIGSTOP)
+    try:
+        others = [n for n in cluster.nodes if n is not old]
+        wait_for(lambda: _leads_among(cluster, others), LEVEL_RAISED_S, "an upgraded member leading")
+    finally:
+        old.signal(signal.SIGCONT)
+    wait_for(lambda: _leads_among(cluster, cluster.nodes, exclude=old), LEVEL_RAISED_S,
+             "the old member following again")
+
+
+def _leads_among(cluster: Cluster, nodes: list[Node], exclude: Node | None = None) -> bool:
+    try:
+        leader = cluster.leader(nodes)
+    except LookupError:
+        return False
+    return leader is not exclude
