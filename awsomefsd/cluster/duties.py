@@ -270,8 +270,9 @@ class LeaderDuties:
         if current >= LOG_LEVEL:
             return
         lowest = LOG_LEVEL
-        for n, member in sorted(self.meta.members().items()):
-            if not member.active or n == self.node_id:
+        asked = tuple(sorted(n for n, member in self.meta.members().items() if member.active))
+        for n in asked:
+            if n == self.node_id:
                 continue
             try:
                 lowest = min(lowest, await self.ask_level(n))
@@ -280,8 +281,9 @@ class LeaderDuties:
                 return
         self.level_rounds += 1
         if lowest > current:
-            level = await self.log.propose(c.SetLogLevel(lowest))
-            log.info("cluster log level %d -> %d: every member's build decodes its commands", current, level)
+            level = await self.log.propose(c.SetLogLevel(lowest, asked))
+            if level == lowest:
+                log.info("cluster log level %d -> %d: every member's build decodes its commands", current, level)
 
     async def _tick(self) -> None:
         self._note_leader()

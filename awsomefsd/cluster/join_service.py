@@ -42,6 +42,7 @@ from awsomefsd.cluster.ca import (
 from awsomefsd.cluster.generated import join_pb2, join_pb2_grpc
 from awsomefsd.cluster.tls import NodeCredentials, channel_options
 from awsomefsd.cluster.token import NONCE_BYTES, JoinToken, TokenVerifier
+from awsomefsd.meta.commands import BASE_LOG_LEVEL, LOG_LEVEL
 from awsomefsd.rpc.bridge import Binding, RpcAbort
 
 log = logging.getLogger(__name__)
@@ -78,6 +79,7 @@ class JoinService:
         *,
         peers: Callable[[], dict[int, str]] = dict,
         clock: Callable[[], float] = time.monotonic,
+        log_level: Callable[[], int] = lambda: BASE_LOG_LEVEL,
     ) -> None:
         if verifier.cluster_id != ca.cluster_id:
             raise ValueError("token verifier and CA belong to different clusters")
@@ -87,6 +89,8 @@ class JoinService:
         self._record_issued = record_issued
         self._peers = peers
         self._clock = clock
+        self._log_level = log_level
+        """The cluster's log level now (MetaClient.log_level): a joiner's build must decode it."""
         self._nonces: dict[bytes, float] = {}
 
     def binding(self) -> Binding:
@@ -129,6 +133,12 @@ class JoinService:
         if not self._verifier.verify(request.nonce, request.csr_der, request.proof):
             log.warning("refused join from %s: the join token proof does not verify (wrong or rotated token)", peer)
             raise RpcAbort(grpc.StatusCode.PERMISSION_DENIED, "join token refused")
+        joiner, cluster = request.log_level or BASE_LOG_LEVEL, self._log_level()
+        if joiner < cluster:
+            log.warning("refused join from %s: its build decodes log level %d, the cluster's is %d", peer, joiner, cluster)
+            raise RpcAbort(grpc.StatusCode.FAILED_PRECONDITION,
+                           f"this build decodes log commands up to level {joiner}, and the cluster is at level "
+                           f"{cluster}: install the awsomefsd the other members run")
         try:
             csr = x509.load_der_x509_csr(request.csr_der)
             check_csr(csr)  # before a node id is spent on it
@@ -229,12 +239,13 @@ def join_cluster(
                     proof=token.prove(challenge.nonce, csr_der),
                     name=name,
                     address=listen_address,
+                    log_level=LOG_LEVEL,
                 ),
                 timeout=max(deadline - time.monotonic(), 0.1),
             )
         except grpc.RpcError as exc:
             code, details = exc.code(), exc.details()  # type: ignore[attr-defined]
-            if code == grpc.StatusCode.PERMISSION_DENIED:
+            if code in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.FAILED_PRECONDITION):
                 raise JoinRefused(f"the cluster refused to join us: {details}") from None
             raise JoinError(f"join via {address} failed: {code.name}: {details}") from None
     if peers_out is not None:

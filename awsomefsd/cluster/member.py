@@ -378,7 +378,7 @@ async def _found(member: Member, founding: Founding) -> None:
         layout.data_start_block, layout.ag_blocks, layout.ag_count, member.node_id,
         member.settings.node.name or host, member.state.listen, _join_address(member.state.listen),
         time.time_ns()), fenced=False)
-    await member.raft.propose_outcome(c.SetLogLevel(LOG_LEVEL), fenced=False)  # its only member's build
+    await member.raft.propose_outcome(c.SetLogLevel(LOG_LEVEL, (member.node_id,)), fenced=False)  # its only member
     member.sync_peers()
 
 
@@ -516,7 +516,8 @@ async def _serve_joins(member: Member, *, task_status: trio.TaskStatus[str] = tr
     assert info is not None, "a member serves joins once it holds the cluster's state"
     service = JoinService(ClusterCA.from_pem(info.ca_cert_pem, info.ca_key_pem),
                           TokenVerifier.from_bytes(info.join_verifier),
-                          member.admit, member.record_issued, peers=member.member_addresses)
+                          member.admit, member.record_issued, peers=member.member_addresses,
+                          log_level=member.meta.log_level)
     member.join_service = service
     await serve_grpc([service.binding()], _join_address(member.state.listen),
                      credentials=join_server_credentials(member.creds), task_status=task_status)

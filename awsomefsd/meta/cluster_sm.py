@@ -146,8 +146,11 @@ class ClusterTables:
         raw = txn.get(b"log_level", db=self.meta_db)
         return None if raw is None else int.from_bytes(raw, "big")
 
-    def set_log_level(self, txn: lmdb.Transaction[bytes], cmd: c.SetLogLevel) -> int:
+    def set_log_level(self, txn: lmdb.Transaction[bytes], cmd: c.SetLogLevel) -> int | None:
+        """The level after it (None: never recorded, and not now either)."""
         current = self.log_level(txn)
+        if sorted(cmd.members) != self.active_members(txn):
+            return current
         if current is None or cmd.level > current:
             txn.put(b"log_level", u64(cmd.level), db=self.meta_db)
             return cmd.level

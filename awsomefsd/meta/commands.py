@@ -309,9 +309,12 @@ class RemoveMember:
 @dataclass(frozen=True, slots=True)
 class SetLogLevel:
     """Every member's build decodes the commands of `level` (meta/commands.py, `LOG_LEVEL`): from
-    now on any member may propose them. Never lowered (a lower level is a no-op)."""
+    now on any member may propose them. Never lowered (a lower level is a no-op). `members`: the
+    active members whose builds said so; if the active members are others by the time it applies
+    (one joined meanwhile, maybe on an older build), it changes nothing and the leader asks again."""
 
     level: int
+    members: tuple[int, ...]
 
 
 @dataclass(frozen=True, slots=True)

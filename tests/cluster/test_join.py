@@ -29,6 +29,7 @@ from awsomefsd.cluster.join_service import (
 )
 from awsomefsd.cluster.tls import join_server_credentials
 from awsomefsd.cluster.token import JoinToken
+from awsomefsd.meta.commands import LOG_LEVEL
 from tests.cluster.conftest import issue_node, served
 from tests.cluster.test_tls import call, guarded_probe
 
@@ -170,3 +171,57 @@ async def test_expired_challenge_is_refused(ca: ClusterCA) -> None:
 
         assert await trio.to_thread.run_sync(attempt) == grpc.StatusCode.PERMISSION_DENIED
     assert issued == []
+
+
+@pytest.mark.parametrize(("joiner_level", "admitted"), [(0, False), (3, False), (4, True)])
+async def test_a_build_older_than_the_clusters_log_level_is_refused(
+        ca: ClusterCA, joiner_level: int, admitted: bool, caplog: pytest.LogCaptureFixture) -> None:
+    """A joiner whose build cannot decode commands the cluster's log already holds would stop
+    applying the log at the first (docs/cluster.md, "Rolling upgrades"): refused before it gets a
+    node id, saying which build to install. 0 is a build from before the field (level 3)."""
+    token = JoinToken.generate(ca.cluster_id, ca.fingerprint)
+    issued: list[int] = []
+
+    async def assign(_request: object) -> int:
+        issued.append(2)
+        return 2
+
+    service = JoinService(ca, token.verifier(), assign, log_level=lambda: 4)
+    async with served([service.binding()], join_server_credentials(issue_node(ca, 1))) as address:
+
+        def join_as(level: int) -> grpc.StatusCode:
+            with join_channel(address, ca) as ch:
+                stub = join_pb2_grpc.JoinStub(ch)
+                nonce = stub.Challenge(join_pb2.ChallengeRequest(cluster_id=ca.cluster_id.bytes), timeout=5).nonce
+                csr = make_csr(new_node_key()).public_bytes(serialization.Encoding.DER)
+                request = join_pb2.JoinRequest(cluster_id=ca.cluster_id.bytes, nonce=nonce, csr_der=csr,
+                                               proof=token.prove(nonce, csr), log_level=level)
+                try:
+                    stub.Join(request, timeout=5)
+                except grpc.RpcError as exc:
+                    assert "install the awsomefsd the other members run" in (exc.details() or "")
+                    return exc.code()
+                return grpc.StatusCode.OK
+
+        with caplog.at_level(logging.WARNING, logger="awsomefsd.cluster.join_service"):
+            code = await trio.to_thread.run_sync(join_as, joiner_level)
+    assert code == (grpc.StatusCode.OK if admitted else grpc.StatusCode.FAILED_PRECONDITION)
+    assert issued == ([2] if admitted else [])
+    assert admitted or any("decodes log level" in r.getMessage() for r in caplog.records)
+
+
+async def test_this_build_joins_a_cluster_at_its_own_log_level_not_above(ca: ClusterCA) -> None:
+    token = JoinToken.generate(ca.cluster_id, ca.fingerprint)
+
+    async def assign(_request: object) -> int:
+        return 2
+
+    for cluster_level, refused in ((LOG_LEVEL, False), (LOG_LEVEL + 1, True)):
+        service = JoinService(ca, token.verifier(), assign, log_level=lambda level=cluster_level: level)
+        async with served([service.binding()], join_server_credentials(issue_node(ca, 1))) as address:
+            if refused:
+                with pytest.raises(JoinRefused, match=f"up to level {LOG_LEVEL}, and the cluster is at level "
+                                                      f"{cluster_level}"):
+                    await trio.to_thread.run_sync(join_cluster, token, address)
+            else:
+                assert (await trio.to_thread.run_sync(join_cluster, token, address)).identity.node_id == 2

@@ -163,8 +163,10 @@ def test_the_log_level_only_rises(h: Harness) -> None:
     (a late or repeated proposal from a leader that asked earlier changes nothing)."""
     with h.store.env.begin() as txn:
         assert h.sm.cluster.log_level(txn) is None  # formed before the gate: the base level
-    assert h.apply(c.SetLogLevel(4)) == 4
-    assert h.apply(c.SetLogLevel(3)) == 4
-    assert h.apply(c.SetLogLevel(5)) == 5
+    assert h.apply(c.SetLogLevel(4, (1,))) == 4
+    assert h.apply(c.SetLogLevel(3, (1,))) == 4
+    assert h.apply(c.AddMember("n2", "10.0.0.2:7470", "10.0.0.2:7471", 6)) == 2
+    assert h.apply(c.SetLogLevel(5, (1,))) == 4  # node 2 joined after the leader asked: not raised
+    assert h.apply(c.SetLogLevel(5, (1, 2))) == 5
     with h.store.env.begin() as txn:
         assert h.sm.cluster.log_level(txn) == 5

@@ -33,7 +33,7 @@ EXAMPLES = [
     c.UpdateMemberAddress(2, "10.0.0.3:7470", "10.0.0.3:7471"), c.RemoveMember(2, 22),
     c.SetJoinVerifier(b"w" * 48), c.RenewLease(2, 1), c.ExpireNode(2, 24), c.ClaimGroups(2, 1, 4),
     c.AcquireWriteLease(17, 2, 1), c.ReleaseWriteLease(17, 2), c.ReleaseOrphans(2, (17, 18), 25),
-    c.PunchHole(17, 1, 3, 26), c.CloneRange(17, 0, 18, 4, 2, 24_576, 27), c.SetLogLevel(4),
+    c.PunchHole(17, 1, 3, 26), c.CloneRange(17, 0, 18, 4, 2, 24_576, 27), c.SetLogLevel(4, (1, 2, 3)),
     c.Fenced(2, 1, (c.WriteData(17, (Extent(0, 300, 1, b"abcd"),), 4096, 23),)),
 ]
 

@@ -67,7 +67,7 @@ CASES: list[tuple[object, object, list[Target]]] = [
     (c.UpdateMemberAddress(2, "c:1", "c:2"), None, []),
     (c.RemoveMember(2, 1), None, []),
     (c.SetJoinVerifier(b"v2"), None, []),
-    (c.SetLogLevel(4), 4, []),
+    (c.SetLogLevel(4, (1,)), 4, []),
     (c.RenewLease(1, 2), True, []),
     (c.ExpireNode(2, 1), [F], []),
     (c.ReleaseOrphans(2, (F, G), 1), 1, [full(F), full(G)]),

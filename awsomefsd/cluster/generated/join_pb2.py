@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\njoin.proto\x12\x13\x61wsomefs.cluster.v1\"&\n\x10\x43hallengeRequest\x12\x12\n\ncluster_id\x18\x01 \x01(\x0c\"\x1f\n\x0e\x43hallengeReply\x12\r\n\x05nonce\x18\x01 \x01(\x0c\"o\n\x0bJoinRequest\x12\x12\n\ncluster_id\x18\x01 \x01(\x0c\x12\r\n\x05nonce\x18\x02 \x01(\x0c\x12\x0f\n\x07\x63sr_der\x18\x03 \x01(\x0c\x12\r\n\x05proof\x18\x04 \x01(\x0c\x12\x0c\n\x04name\x18\x05 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x06 \x01(\t\"\xb9\x01\n\tJoinReply\x12\x0f\n\x07node_id\x18\x01 \x01(\x04\x12\x17\n\x0f\x63\x65rtificate_der\x18\x02 \x01(\x0c\x12\x1a\n\x12\x63\x61_certificate_der\x18\x03 \x01(\x0c\x12\x38\n\x05peers\x18\x04 \x03(\x0b\x32).awsomefs.cluster.v1.JoinReply.PeersEntry\x1a,\n\nPeersEntry\x12\x0b\n\x03key\x18\x01 \x01(\x04\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x32\xa9\x01\n\x04Join\x12W\n\tChallenge\x12%.awsomefs.cluster.v1.ChallengeRequest\x1a#.awsomefs.cluster.v1.ChallengeReply\x12H\n\x04Join\x12 .awsomefs.cluster.v1.JoinRequest\x1a\x1e.awsomefs.cluster.v1.JoinReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\njoin.proto\x12\x13\x61wsomefs.cluster.v1\"&\n\x10\x43hallengeRequest\x12\x12\n\ncluster_id\x18\x01 \x01(\x0c\"\x1f\n\x0e\x43hallengeReply\x12\r\n\x05nonce\x18\x01 \x01(\x0c\"\x82\x01\n\x0bJoinRequest\x12\x12\n\ncluster_id\x18\x01 \x01(\x0c\x12\r\n\x05nonce\x18\x02 \x01(\x0c\x12\x0f\n\x07\x63sr_der\x18\x03 \x01(\x0c\x12\r\n\x05proof\x18\x04 \x01(\x0c\x12\x0c\n\x04name\x18\x05 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x06 \x01(\t\x12\x11\n\tlog_level\x18\x07 \x01(\r\"\xb9\x01\n\tJoinReply\x12\x0f\n\x07node_id\x18\x01 \x01(\x04\x12\x17\n\x0f\x63\x65rtificate_der\x18\x02 \x01(\x0c\x12\x1a\n\x12\x63\x61_certificate_der\x18\x03 \x01(\x0c\x12\x38\n\x05peers\x18\x04 \x03(\x0b\x32).awsomefs.cluster.v1.JoinReply.PeersEntry\x1a,\n\nPeersEntry\x12\x0b\n\x03key\x18\x01 \x01(\x04\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x32\xa9\x01\n\x04Join\x12W\n\tChallenge\x12%.awsomefs.cluster.v1.ChallengeRequest\x1a#.awsomefs.cluster.v1.ChallengeReply\x12H\n\x04Join\x12 .awsomefs.cluster.v1.JoinRequest\x1a\x1e.awsomefs.cluster.v1.JoinReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,12 +37,12 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CHALLENGEREQUEST']._serialized_end=73
   _globals['_CHALLENGEREPLY']._serialized_start=75
   _globals['_CHALLENGEREPLY']._serialized_end=106
-  _globals['_JOINREQUEST']._serialized_start=108
-  _globals['_JOINREQUEST']._serialized_end=219
-  _globals['_JOINREPLY']._serialized_start=222
-  _globals['_JOINREPLY']._serialized_end=407
-  _globals['_JOINREPLY_PEERSENTRY']._serialized_start=363
-  _globals['_JOINREPLY_PEERSENTRY']._serialized_end=407
-  _globals['_JOIN']._serialized_start=410
-  _globals['_JOIN']._serialized_end=579
+  _globals['_JOINREQUEST']._serialized_start=109
+  _globals['_JOINREQUEST']._serialized_end=239
+  _globals['_JOINREPLY']._serialized_start=242
+  _globals['_JOINREPLY']._serialized_end=427
+  _globals['_JOINREPLY_PEERSENTRY']._serialized_start=383
+  _globals['_JOINREPLY_PEERSENTRY']._serialized_end=427
+  _globals['_JOIN']._serialized_start=430
+  _globals['_JOIN']._serialized_end=599
 # @@protoc_insertion_point(module_scope)

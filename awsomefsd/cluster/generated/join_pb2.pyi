@@ -19,20 +19,22 @@ class ChallengeReply(_message.Message):
     def __init__(self, nonce: _Optional[bytes] = ...) -> None: ...
 
 class JoinRequest(_message.Message):
-    __slots__ = ("cluster_id", "nonce", "csr_der", "proof", "name", "address")
+    __slots__ = ("cluster_id", "nonce", "csr_der", "proof", "name", "address", "log_level")
     CLUSTER_ID_FIELD_NUMBER: _ClassVar[int]
     NONCE_FIELD_NUMBER: _ClassVar[int]
     CSR_DER_FIELD_NUMBER: _ClassVar[int]
     PROOF_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    LOG_LEVEL_FIELD_NUMBER: _ClassVar[int]
     cluster_id: bytes
     nonce: bytes
     csr_der: bytes
     proof: bytes
     name: str
     address: str
-    def __init__(self, cluster_id: _Optional[bytes] = ..., nonce: _Optional[bytes] = ..., csr_der: _Optional[bytes] = ..., proof: _Optional[bytes] = ..., name: _Optional[str] = ..., address: _Optional[str] = ...) -> None: ...
+    log_level: int
+    def __init__(self, cluster_id: _Optional[bytes] = ..., nonce: _Optional[bytes] = ..., csr_der: _Optional[bytes] = ..., proof: _Optional[bytes] = ..., name: _Optional[str] = ..., address: _Optional[str] = ..., log_level: _Optional[int] = ...) -> None: ...
 
 class JoinReply(_message.Message):
     __slots__ = ("node_id", "certificate_der", "ca_certificate_der", "peers")
