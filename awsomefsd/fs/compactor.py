@@ -6,7 +6,9 @@ count waits until the file has been quiet for RECENT_WRITE_S (`check`). Compacti
 copy-on-write like any write: the merged data goes to fresh extents and one WriteData per MiB
 (with `touch=False`: the bytes, the size and the times do not change) replaces the fragments,
 which are freed after the grace period. Holes stay holes. It runs only while the file has no
-buffered data, under the file's lock, so no flush or truncate interleaves.
+buffered data, under the file's lock, so no flush or truncate interleaves. Extents a snapshot or a
+clone shares are left as they are: rewriting them would un-share them, and the space they share
+would be taken twice.
 """
 
 from __future__ import annotations
@@ -107,7 +109,7 @@ class Compactor:
             if inode is None or not inode.is_reg:
                 return 0
             extents = self.meta.all_extents(ino)
-            for run in _fragmented_runs(extents):
+            for run in _fragmented_runs(extents, self.meta.shares_blocks):
                 first, end = run[0].file_block, run[-1].end_block
                 for lo in range(first, end, MAX_EXTENT_BLOCKS):
                     hi = min(lo + MAX_EXTENT_BLOCKS, end)
@@ -149,13 +151,16 @@ async def _always(_ino: int) -> AsyncIterator[bool]:
     yield True
 
 
-def _fragmented_runs(extents: list[Extent]) -> list[list[Extent]]:
-    """Maximal runs of file-contiguous extents that hold at least COMPACT_MIN_EXTENTS pieces and
-    are not already device-contiguous (those are as good as one extent)."""
+def _fragmented_runs(extents: list[Extent], shared: Callable[[Extent], bool]) -> list[list[Extent]]:
+    """Maximal runs of file-contiguous extents that nothing else `shared` that hold at least
+    COMPACT_MIN_EXTENTS pieces and are not already device-contiguous (those are as good as one
+    extent)."""
     runs: list[list[Extent]] = []
     current: list[Extent] = []
     for ext in extents:
-        if current and current[-1].end_block == ext.file_block:
+        if shared(ext):  # ends a run, and stays
+            current = []
+        elif current and current[-1].end_block == ext.file_block:
             current.append(ext)
         else:
             current = [ext]

@@ -157,6 +157,10 @@ class MetaClient:
     def all_extents(self, ino: int) -> list[Extent]:
         return list(all_extents(self._view(), self._fmap, ino))
 
+    def shares_blocks(self, ext: Extent) -> bool:
+        """Does a snapshot or another file (a clone) also reference a block of this extent?"""
+        return self._sm.space.shared(self._view(), ext.dev_block, ext.count)
+
     # -- space ------------------------------------------------------------------------------------
     def free_blocks(self) -> int:
         """Free data blocks in the replicated free map (delayed frees not counted)."""

@@ -135,6 +135,10 @@ class SpaceMap:
         return freed
 
     # -- shared extents -------------------------------------------------------------------------
+    def shared(self, txn: lmdb.Transaction[bytes], start: int, count: int) -> bool:
+        """Does a snapshot or a clone also reference a block of [start, start+count)?"""
+        return bool(self._ref_records(txn, start, start + count))
+
     def _ref_records(self, txn: lmdb.Transaction[bytes], start: int, end: int) -> list[tuple[int, int, int]]:
         """(start, count, extra) of reference records overlapping [start, end)."""
         out: list[tuple[int, int, int]] = []

@@ -175,6 +175,29 @@ async def test_compaction_merges_fragments_and_keeps_bytes_size_and_times(runnin
     await core.ops.release(f.fh)
 
 
+async def test_compaction_leaves_blocks_a_clone_shares(running: Core) -> None:
+    """A fragmented file cloned (copy_file_range) shares its blocks with the copy: compacting
+    either would rewrite them into blocks of its own and take the space twice. Only fragments
+    nothing else shares are merged."""
+    core = running
+    f = await File.create(core, b"fragmented")
+    for block in reversed(range(16)):
+        await f.write(block * BLOCK_SIZE, bytes([block]) * BLOCK_SIZE)
+        await core.ops.flush(f.fh)
+    g = await File.create(core, b"clone")
+    assert await core.ops.copy_file_range(f.fh, 0, g.fh, 0, 8 * BLOCK_SIZE) == 8 * BLOCK_SIZE
+    free = core.ops.statfs().free_blocks
+    assert await core.data.compact(g.ino) == 0  # every block of the clone is shared
+    assert await core.data.compact(f.ino) == 7  # blocks 8-15 are its own: one extent
+    assert [(e.file_block, e.count) for e in core.meta.all_extents(f.ino)] == [(b, 1) for b in range(8)] + [(8, 8)]
+    assert core.ops.statfs().free_blocks == free  # the merged blocks come back after the grace
+    g.model[:] = f.model[: 8 * BLOCK_SIZE]
+    await f.check()
+    await g.check()
+    await core.ops.release(f.fh)
+    await core.ops.release(g.fh)
+
+
 async def test_a_file_still_being_written_is_compacted_only_once_quiet(running: Core) -> None:
     """A check queued by the small-run count waits for quiet: compacting a file its writer is still
     writing makes the writer wait on the file's lock and is undone by its next small writes. A
