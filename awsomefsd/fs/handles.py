@@ -90,9 +90,14 @@ class Handles:
         return self.open.get(fh) or self._rebuild(fh)
 
     def require(self, fh: int) -> Handle:
-        """The handle, or EBADF."""
+        """The handle, or EBADF; EIO for a handle of a crashed daemon whose file the crash took
+        (created after the last durable point): its writes are lost, and EBADF would tell the
+        application its descriptor was never valid."""
         h = self.open.get(fh) or self._rebuild(fh)
         if h is None:
+            if self.adopted:
+                raise FsError(errno.EIO, "the file this descriptor was open on was created after the last durable "
+                              "point, and the daemon serving the mount crashed: it is gone", cause="lost-writes")
             raise FsError(errno.EBADF)
         return h
 
