@@ -399,7 +399,7 @@ class Operations:
     def handle(self, fh: int) -> Handle:
         return self.handles.require(fh)
 
-    async def read(self, fh: int, offset: int, size: int) -> bytes:
+    async def read(self, fh: int, offset: int, size: int) -> bytearray:
         h = self.handle(fh)
         inode = self.meta.require_inode(h.ino)
         return await self.data.read(inode, offset, size)
@@ -595,7 +595,7 @@ class Operations:
             if not blocks:
                 data = await self.data.read(self.meta.require_inode(src.ino), offset_in, min(length, head or length))
                 if data:
-                    await self.data.write(self.meta.require_inode(dst_h.ino), offset_out, data)
+                    await self.data.write(self.meta.require_inode(dst_h.ino), offset_out, bytes(data))
                 return len(data)
             await self.data.clone(src.ino, offset_in // BLOCK_SIZE, dst_h.ino, offset_out // BLOCK_SIZE, blocks,
                                   offset_out + blocks * BLOCK_SIZE)

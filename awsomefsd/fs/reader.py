@@ -65,35 +65,39 @@ class Reader:
             await self._read_ended.wait()
             waiting &= self._running
 
-    async def read(self, inode: Inode, offset: int, size: int) -> bytes:
+    async def read(self, inode: Inode, offset: int, size: int) -> bytearray:
+        """Up to `size` bytes of the file at `offset` (fewer at its end), in a buffer of their own:
+        each byte is copied once from the device's run (the reply goes out from it as it is)."""
         with self.holding_map():
             return await self._read(inode, offset, size)
 
-    async def _read(self, inode: Inode, offset: int, size: int) -> bytes:
+    async def _read(self, inode: Inode, offset: int, size: int) -> bytearray:
         st = self.buffer.files.get(inode.ino)
         file_size = inode.size if st is None else max(inode.size, st.end_offset())
         if offset >= file_size or size <= 0:
-            return b""
+            return bytearray()
         size = min(size, file_size - offset)
+        out = bytearray(size)
         if st is not None and not st.inflight and st.dirty.covers(offset, size):
-            out = bytearray(size)
             st.dirty.overlay(offset, out)
-            return bytes(out)
+            return out
         first = offset // BLOCK_SIZE
         end = (offset + size + BLOCK_SIZE - 1) // BLOCK_SIZE
         # One step, no await: the map and the buffered bytes are taken at the same instant.
         extents = self.meta.extents(inode.ino, first, end)
         buffered = [] if st is None else st.buffered_copies(offset, size)
-        if not buffered and len(extents) == 1 and extents[0].file_block <= first and extents[0].end_block >= end:
-            return await self.read_extent(extents[0], first, end, offset, offset + size)
-        out = bytearray(size)
-        for ext in extents:
-            lo, hi = max(ext.file_block, first), min(ext.end_block, end)
-            a, b = max(lo * BLOCK_SIZE, offset), min(hi * BLOCK_SIZE, offset + size)
-            out[a - offset : b - offset] = await self.read_extent(ext, lo, hi, a, b)
+        with memoryview(out) as view:
+            for ext in extents:
+                lo, hi = max(ext.file_block, first), min(ext.end_block, end)
+                a, b = max(lo * BLOCK_SIZE, offset), min(hi * BLOCK_SIZE, offset + size)
+                with self._checksum_errors():
+                    piece = ext.slice(lo, hi)
+                    base = lo * BLOCK_SIZE
+                    await self.io.read_into(piece.dev_block, piece.checksums, a - base, b - base,
+                                            view[a - offset : b - offset])
         for start, data in buffered:
             out[start - offset : start - offset + len(data)] = data
-        return bytes(out)
+        return out
 
     def data_ranges(self, inode: Inode, offset: int) -> list[tuple[int, int]]:
         """The file's data from `offset` on, as merged (start, end) byte ranges in whole blocks
@@ -119,8 +123,14 @@ class Reader:
         "checksum", when one does not match: never garbage)."""
         piece = ext.slice(lo, hi)
         base = lo * BLOCK_SIZE
-        try:
+        with self._checksum_errors():
             return await self.io.read(piece.dev_block, piece.checksums, a - base, b - base)
+
+    @contextmanager
+    def _checksum_errors(self) -> Iterator[None]:
+        """A block that fails its checksum becomes EIO (cause "checksum"), logged and reported."""
+        try:
+            yield
         except ChecksumMismatch as exc:
             log.error("checksum mismatch at device block %d (%s): returning EIO", exc.dev_block, self.io.device.path)
             if self.on_checksum_error is not None:

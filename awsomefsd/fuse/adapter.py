@@ -190,7 +190,7 @@ class FuseAdapter(pyfuse3.Operations):
 
     @_fuse_op("read")
     async def read(self, fh: int, off: int, size: int) -> bytes:
-        return await self.ops.read(fh, off, size)
+        return bytes(await self.ops.read(fh, off, size))  # pyfuse3 replies from bytes only
 
     @_fuse_op("write")
     async def write(self, fh: int, off: int, buf: bytes) -> int:

@@ -75,6 +75,8 @@ __all__ = [
 BLKGETSIZE64 = 0x80081272
 # One I/O call moves at most this much; larger requests are a caller bug (and pin a lot of memory).
 MAX_IO_BYTES = 64 << 20
+SMALL_READ_BYTES = 64 << 10
+"""Up to this, `read_into_async` may read inline when reads arrive one at a time (AioReader.worth_submitting)."""
 # Short reads/writes are retried; this bounds the loop (each round moves at least one byte or fails).
 MAX_IO_ROUNDS = 1024
 
@@ -254,9 +256,12 @@ class BlockDevice:
     async def read_into_async(self, buf: mmap.mmap | memoryview, offset_bytes: int) -> None:
         """`read_into` for trio tasks: with AIO serving (see `serve_async_reads`) other tasks run
         while the device works; otherwise exactly the inline `read_into`. `buf` must be aligned
-        memory. A short read or a failed one is OSError(EIO), logged."""
+        memory. A short read or a failed one is OSError(EIO), logged.
+
+        A read of more than SMALL_READ_BYTES is always submitted: AIO's fixed cost (~30 µs) is small
+        next to it, and reading it inline would hold up every other request for the transfer."""
         aio = self._aio
-        if aio is None or not aio.accepting or not aio.worth_submitting():
+        if aio is None or not aio.accepting or (len(buf) <= SMALL_READ_BYTES and not aio.worth_submitting()):
             self.read_into(buf, offset_bytes)
             return
         fd = self._fd_or_raise()
@@ -302,6 +307,11 @@ class BlockDevice:
             await reader.run(task_status=task_status)
         finally:
             self._aio = None
+
+    @property
+    def reads_asynchronously(self) -> bool:
+        """True while `read_into_async` submits reads to AIO (so a large one does not block)."""
+        return self._aio is not None and self._aio.accepting
 
     def write_from(self, buf: mmap.mmap | memoryview | bytearray | bytes, offset_bytes: int) -> None:
         """Write all of `buf` at `offset_bytes`. Durable only after `sync()`. WriteFencedError (an

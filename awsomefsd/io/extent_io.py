@@ -1,17 +1,19 @@
 """File data on the device: runs of whole blocks read with their checksums verified, and written
 with their checksums computed, through a pool of aligned buffers.
 
-How a request travels (measured in docs/design-notes.md, "Limits of the pyfuse3 binding"): up to
-`INLINE_IO_MAX_BYTES` a read goes through the device's native AIO (`BlockDevice.read_into_async`:
-other tasks run while the device works) and a write is made inline on the trio thread, because a
-thread hop per 4 KiB costs more than the I/O; larger requests go to at most `IO_THREADS` worker
-threads. Everything here is in device blocks; what the blocks mean (files, extents) is the
-filesystem layer's business (awsomefsd/fs/).
+How a request travels (measured in docs/design-notes.md, "Limits of the pyfuse3 binding" and
+note 37): a read of any size goes through the device's native AIO (`BlockDevice.read_into_async`:
+other tasks run while the device works); only without AIO does a read of more than
+`INLINE_IO_MAX_BYTES` go to a worker thread. A write up to `INLINE_IO_MAX_BYTES` is made inline on
+the trio thread, because a thread hop per 4 KiB costs more than the I/O; larger writes go to at
+most `IO_THREADS` worker threads. Everything here is in device blocks; what the blocks mean
+(files, extents) is the filesystem layer's business (awsomefsd/fs/).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 
 import trio
 
@@ -20,7 +22,7 @@ from awsomefsd.io.device import BlockDevice, BufferPool
 from awsomefsd.io.errors import DeviceError
 from awsomefsd.io.layout import BLOCK_SIZE
 
-INLINE_IO_MAX_BYTES = 64 * 1024  # larger device requests go to a worker thread, smaller ones to AIO
+INLINE_IO_MAX_BYTES = 64 * 1024  # larger writes (and reads without AIO) go to a worker thread
 IO_THREADS = 8
 POOL_BUFFERS = 32
 
@@ -49,19 +51,33 @@ class ExtentIO:
     async def read(self, dev_block: int, checksums: bytes, start: int, end: int) -> bytes:
         """Bytes [start, end) of the run of blocks at `dev_block` that `checksums` (one CRC32C per
         block) cover, every block verified; ChecksumMismatch names the first bad one."""
+        async with self._verified_run(dev_block, checksums) as run:
+            assert 0 <= start < end <= len(run), (start, end, len(run))
+            return bytes(run[start:end])
+
+    async def read_into(self, dev_block: int, checksums: bytes, start: int, end: int, dest: memoryview) -> None:
+        """`read`, into `dest` (end - start bytes): the one copy a file read makes on its way out."""
+        async with self._verified_run(dev_block, checksums) as run:
+            assert 0 <= start < end <= len(run), (start, end, len(run))
+            dest[:] = run[start:end]
+
+    @asynccontextmanager
+    async def _verified_run(self, dev_block: int, checksums: bytes) -> AsyncIterator[memoryview]:
+        """The run of blocks at `dev_block` that `checksums` cover, read into a pool buffer (valid
+        inside the block only) and verified."""
         n = len(checksums) // 4 * BLOCK_SIZE
-        assert 0 <= start < end <= n, (start, end, n)
+        assert 0 < n <= self.pool.buffer_bytes, (n, self.pool.buffer_bytes)
         buf = self.pool.acquire()
         try:
             view = memoryview(buf)[:n]
-            if n > INLINE_IO_MAX_BYTES:
+            if n > INLINE_IO_MAX_BYTES and not self.device.reads_asynchronously:
                 await trio.to_thread.run_sync(self.device.read_into, view, dev_block * BLOCK_SIZE, limiter=self.limiter)
             else:
                 await self.device.read_into_async(view, dev_block * BLOCK_SIZE)
             bad = first_bad_block(view, checksums)
             if bad >= 0:
                 raise ChecksumMismatch(dev_block + bad)
-            return bytes(view[start:end])
+            yield view
         finally:
             self.pool.release(buf)
 

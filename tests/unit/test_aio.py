@@ -267,3 +267,27 @@ async def test_reads_one_at_a_time_go_inline_with_periodic_probes(device: BlockD
         assert reader.submitted - before > 64 - PROBE_EVERY, "concurrent reads are submitted again"
         assert reader.peak_in_flight > 1
         serving.cancel_scope.cancel()
+
+
+async def test_a_large_read_is_submitted_even_when_reads_come_one_at_a_time(device: BlockDevice) -> None:
+    """Past SMALL_READ_BYTES the inline advice does not apply: a large read made inline would hold
+    up every other request for its whole transfer, and AIO's fixed cost is small next to it."""
+    small = aligned_buffer(BLOCK_SIZE)
+    large_bytes = device_module.SMALL_READ_BYTES * 2
+    large = aligned_buffer(large_bytes)
+    async with trio.open_nursery() as serving:
+        await serving.start(device.serve_async_reads)
+        reader = device._aio
+        assert reader is not None
+        for block in range(SOLO_READS_BEFORE_INLINE + 1):  # the reader now advises inline reads
+            await device.read_into_async(small, block * BLOCK_SIZE)
+        assert not reader.worth_submitting()
+        before = reader.submitted
+        for _ in range(3):
+            await device.read_into_async(large, 0)
+            blocks = large_bytes // BLOCK_SIZE
+            assert bytes(large[:]) == b"".join(_pattern(block) for block in range(blocks))
+        assert reader.submitted - before == 3
+        assert device.reads_asynchronously
+        serving.cancel_scope.cancel()
+    assert not device.reads_asynchronously

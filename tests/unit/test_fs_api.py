@@ -319,15 +319,15 @@ async def test_freed_space_is_not_reused_while_a_read_that_saw_it_mapped_runs(tm
             await f.write(0, b"R" * MiB)
             await core.ops.flush(f.fh)
             io = core.data.reader.io
-            device_read = io.read
+            device_read = io.read_into
             parked, release = trio.Event(), trio.Event()
 
-            async def parked_read(dev_block: int, checksums: bytes, start: int, end: int) -> bytes:
+            async def parked_read(dev_block: int, checksums: bytes, start: int, end: int, dest: memoryview) -> None:
                 parked.set()
                 await release.wait()
-                return await device_read(dev_block, checksums, start, end)
+                await device_read(dev_block, checksums, start, end, dest)
 
-            io.read = parked_read  # type: ignore[method-assign]
+            io.read_into = parked_read  # type: ignore[method-assign]
             got: list[bytes] = []
 
             async def reader() -> None:
@@ -335,7 +335,7 @@ async def test_freed_space_is_not_reused_while_a_read_that_saw_it_mapped_runs(tm
 
             nursery.start_soon(reader)
             await parked.wait()
-            io.read = device_read  # type: ignore[method-assign]
+            io.read_into = device_read  # type: ignore[method-assign]
             await core.ops.release(f.fh)
             await core.ops.unlink(ROOT_INO, b"read-me", is_dir=False)
             filled = trio.Event()

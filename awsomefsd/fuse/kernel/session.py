@@ -69,7 +69,7 @@ READS_DATA = frozenset({Op.READ, Op.LSEEK})
 
 NO_REPLY: Any = type("NoReply", (), {"__repr__": lambda self: "NO_REPLY"})()
 """What a handler returns for a request the kernel expects no answer to (FORGET)."""
-Payload = bytes | list[bytes] | None
+Payload = bytes | bytearray | list[bytes] | None
 Handler = Callable[[Header, Body], Awaitable[Payload]]
 ObserveFn = Callable[[str, float, int], None]
 ReportEioFn = Callable[[str, Header, FsError], None]
@@ -355,7 +355,7 @@ class Session:
             self.observe(abi.OP_NAMES.get(opcode, str(opcode)), time.perf_counter() - start, err)
 
     # -- writing -------------------------------------------------------------------------------
-    def _write(self, parts: list[bytes]) -> None:
+    def _write(self, parts: list[bytes | bytearray]) -> None:
         try:
             os.writev(self.fd, parts)
         except OSError as exc:
