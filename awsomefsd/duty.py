@@ -13,7 +13,7 @@ was a way for the daemon to exit. So a duty is
   reason, counted (`awsomefs_duty_errors_total{duty,kind}`), and followed by a back-off that grows
   to `MAX_BACKOFF_S` while the error persists; the first success after errors is logged once;
 - only an unrecoverable local fault ends the daemon: the metadata store failing (STORE_FAILURES), no
-  memory, or an explicit `Fatal`. It leaves as `Fatal` with a one-line reason, which the command
+  memory, a log this build cannot decode (`LogAheadOfBuild`: a downgrade), or an explicit `Fatal`. It leaves as `Fatal` with a one-line reason, which the command
   line prints (`fatal_reason`) instead of a traceback.
 """
 
@@ -59,15 +59,17 @@ def kind_of(exc: BaseException) -> str:
 
 def is_fatal(exc: BaseException) -> bool:
     """Faults of this node itself that no retry repairs: the daemon has to stop."""
-    from awsomefsd.meta.errors import STORE_FAILURES
+    from awsomefsd.meta.errors import STORE_FAILURES, LogAheadOfBuild
 
-    return any(isinstance(leaf, (Fatal, *STORE_FAILURES, MemoryError)) for leaf in _leaves(exc))
+    return any(isinstance(leaf, (Fatal, LogAheadOfBuild, *STORE_FAILURES, MemoryError)) for leaf in _leaves(exc))
 
 
 def fatal_reason(exc: BaseException) -> str | None:
     """The one-line reason of a `Fatal` inside `exc` (an exception group from trio.run), if any."""
+    from awsomefsd.meta.errors import LogAheadOfBuild
+
     for leaf in _leaves(exc):
-        if isinstance(leaf, Fatal):
+        if isinstance(leaf, (Fatal, LogAheadOfBuild)):
             return str(leaf)
     return None
 

@@ -314,8 +314,20 @@ def open_member(settings: Settings, state: MemberState, creds: NodeCredentials, 
     raft.applied_listeners.append(member.after_apply)
     raft.commands.on_snapshot.append(member.mark_membership_changed)
     if member.meta.cluster_info() is not None:
+        level = member.meta.log_level()
+        if level > LOG_LEVEL:
+            storage.close()
+            raise NodeError(downgrade_refused(level))
         member.sync_peers()
     return member
+
+
+def downgrade_refused(cluster_level: int) -> str:
+    """Why a member does not start on this build: its state records a cluster log level above the
+    one this build decodes, so it would stop at the first command it cannot decode."""
+    return (f"the cluster's metadata log is at level {cluster_level}; this build decodes up to level {LOG_LEVEL}. "
+            "Run a build at least as new as the cluster's: downgrades are not supported "
+            "(docs/cluster.md, \"Rolling upgrades\")")
 
 
 async def run_member(member: Member, *, founding: Founding | None = None,

@@ -45,6 +45,10 @@ class CodecError(ValueError):
     """The bytes are not a valid command (corrupt, truncated or from a newer format)."""
 
 
+class UnknownCommand(CodecError):
+    """A command format or tag this build does not know: a newer build wrote it."""
+
+
 def _hints(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls, vars(c))
 
@@ -71,7 +75,7 @@ def encode(command: object) -> bytes:
 def decode(data: bytes) -> object:
     fields = _FIELDS_BY_FORMAT.get(data[0]) if data else None
     if fields is None:
-        raise CodecError(f"unknown command format {data[:1]!r}")
+        raise UnknownCommand(f"unknown command format {data[:1]!r}")
     value, pos = _decode_command(memoryview(data), 1, 0, fields)
     if pos != len(data):
         raise CodecError(f"{len(data) - pos} trailing bytes")
@@ -95,7 +99,7 @@ def _decode_command(data: memoryview, pos: int, depth: int, fields: Fields) -> t
         raise CodecError("truncated command")
     cls = TAG_COMMANDS.get(data[pos])
     if cls is None:
-        raise CodecError(f"unknown command tag {data[pos]}")
+        raise UnknownCommand(f"unknown command tag {data[pos]}")
     pos += 1
     values = {}
     for name, hint in fields[cls]:

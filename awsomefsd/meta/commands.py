@@ -416,7 +416,9 @@ A member on an older build stops applying the log at the first command it cannot
 rolling upgrade no member may propose a newer command before every member runs a build that
 decodes it. The cluster records the level all its members reach (`SetLogLevel`, raised by the
 leader once every member says it can: cluster/duties.py) and a proposer checks it
-(`MetaClient.may_propose`). A single node has no one to wait for."""
+(`MetaClient.may_propose`). A single node has no one to wait for. A member on a build below the
+recorded level (a downgrade) does not start, and one that meets a command it cannot decode stops
+with `LogAheadOfBuild`."""
 COMMAND_LEVELS: dict[type, int] = {PunchHole: 4, CloneRange: 4, SetLogLevel: 4}
 
 

@@ -17,6 +17,13 @@ CAUSES = ("lease", "fence", "stall", "lost-writes", "checksum")
 with the node, the file and the reason, and counts it by cause (awsomefs_eio_total)."""
 
 
+class LogAheadOfBuild(Exception):
+    """The replicated log holds what this build cannot decode: the cluster runs a newer build (its
+    log level, meta/commands.py LOG_LEVEL, is above this one's), so this member was downgraded.
+    It cannot apply the log past that entry; the daemon stops with this one-line reason
+    (awsomefsd/duty.py) rather than a traceback."""
+
+
 class FsError(Exception):
     """A POSIX error for the caller: `errno` goes back to the application unchanged. An EIO that a
     fault explains names its `cause` (one of CAUSES)."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import io
 import os
+import shutil
 import signal
 import subprocess
 import tarfile
@@ -19,6 +20,9 @@ from pathlib import Path
 
 import pytest
 
+from awsomefsd.meta import commands as c
+from awsomefsd.meta.bootstrap import open_metadata
+from awsomefsd.meta.commands import LOG_LEVEL
 from tests.support.cluster import Cluster, Node, cluster_in
 from tests.support.daemon import REPO, wait_for
 from tests.support.fsx import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, fallocate
@@ -137,3 +141,41 @@ def _leads_among(cluster: Cluster, nodes: list[Node], exclude: Node | None = Non
     except LookupError:
         return False
     return leader is not exclude
+
+
+def test_a_member_does_not_start_on_a_build_older_than_the_clusters_log(
+        netns_network: Callable[[int], TestNetwork], tmp_path: Path) -> None:
+    """A downgrade is refused at start with one line that says what to do, and loses nothing: the
+    same state starts again on a build that decodes its log. The cluster's recorded level is raised
+    above this build's (as a newer build's cluster would have it) in a copy of the node's state."""
+    with cluster_in(netns_network(1), tmp_path) as cluster:
+        node = cluster.init()
+        payload = os.urandom(1 << 16)
+        (node.mount / "f").write_bytes(payload)
+        node.stop()
+        kept = tmp_path / "meta-at-this-level"
+        shutil.copytree(node.state / "meta", kept)
+        record_log_level(node.state / "meta", LOG_LEVEL + 1)
+
+        node.start("run", wait=False)
+        assert node.wait_exit() != 0
+        output = node.logs()
+        assert "Traceback" not in output
+        refusal = [line for line in output.splitlines() if "downgrades are not supported" in line]
+        assert refusal and f"at level {LOG_LEVEL + 1}" in refusal[0], output
+
+        shutil.rmtree(node.state / "meta")
+        shutil.copytree(kept, node.state / "meta")
+        node.start("run")
+        assert (node.mount / "f").read_bytes() == payload
+
+
+def record_log_level(meta: Path, level: int) -> None:
+    """Apply SetLogLevel(level) to a stopped node's metadata store, as its log would have."""
+    store, sm = open_metadata(meta, delayed_free_ns=0)
+    try:
+        with store.env.begin(write=True) as txn:
+            members = sm.cluster.active_members(txn)
+            assert sm.cluster.set_log_level(txn, c.SetLogLevel(level, tuple(members))) == level
+    finally:
+        store.close()

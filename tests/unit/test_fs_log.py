@@ -13,6 +13,7 @@ import pytest
 import trio
 import trio.testing
 
+from awsomefsd.duty import fatal_reason, is_fatal
 from awsomefsd.meta import codec
 from awsomefsd.meta import commands as c
 from awsomefsd.meta.errors import FsError
@@ -164,3 +165,33 @@ async def test_observers_see_each_command_a_nested_batch_carries(tmp_path: Path)
     assert [command for command, _ in seen] == [mknod(102, b"b"), mknod(100, b"a"), mknod(101, b"a")]
     assert seen[1][1].ino == 100
     assert isinstance(seen[2][1], FsError) and seen[2][1].errno == errno.EEXIST
+
+
+async def test_a_command_from_a_newer_build_stops_the_log_with_one_clear_reason(tmp_path: Path) -> None:
+    """A member downgraded below the cluster's log level meets a command it cannot decode: applying
+    stops there, nothing after it is applied, and the daemon's reason is one line that says what
+    to do (awsomefsd/duty.py prints it instead of a traceback)."""
+    store, sm, log = open_fs_log(tmp_path / "m")
+    async with running(log):
+        await log.propose(mknod(100, b"a"))
+        applied = log.applied_index
+    term = log.node.raw.raft.term
+    log.close()
+    raw = LmdbRaftStorage(env=store.env)
+    newer = bytes((codec.FORMAT, max(codec.TAG_COMMANDS) + 1))
+    entries = [Entry(term, raw.last_index() + 1, data=HEADER.pack(7, 7) + newer),
+               Entry(term, raw.last_index() + 2, data=HEADER.pack(7, 8) + codec.encode(mknod(101, b"after")))]
+    raw.save(HardState(term, 1, raw.hard_state.commit), entries)
+    store.close()
+    store, sm, log = open_fs_log(tmp_path / "m")
+    with pytest.raises(BaseException) as stopped:
+        async with running(log):
+            await trio.sleep(30)
+    assert is_fatal(stopped.value)
+    reason = fatal_reason(stopped.value)
+    assert reason is not None and "cannot decode" in reason and "downgrades are not supported" in reason
+    assert "\n" not in reason
+    assert log.applied_index == applied
+    assert b"after" not in committed_names(store, sm)
+    log.close()
+    store.close()

@@ -43,7 +43,7 @@ import trio
 
 from awsomefsd.meta import codec
 from awsomefsd.meta import commands as c
-from awsomefsd.meta.errors import FsError, OutcomeUnknown
+from awsomefsd.meta.errors import FsError, LogAheadOfBuild, OutcomeUnknown
 from awsomefsd.meta.raft import Message, Ready
 from awsomefsd.meta.records import u64
 from awsomefsd.meta.replication.driver import RaftNode
@@ -83,7 +83,12 @@ class FsCommands:
     def apply(self, txn: lmdb.Transaction[bytes], index: int, command: bytes) -> Any:
         cmd = self.proposed.get(command) if self.proposed else None
         if cmd is None:
-            cmd = codec.decode(command)
+            try:
+                cmd = codec.decode(command)
+            except codec.UnknownCommand as exc:
+                raise LogAheadOfBuild(f"log entry {index} holds a command this build cannot decode ({exc}): "
+                                      "the cluster runs a newer build; run a build at least as new "
+                                      "(downgrades are not supported)") from exc
         self.applied_commands += 1
         # LocalLog's counter, so `awsomefsd status` reads one applied index whichever log runs.
         txn.put(b"applied", u64(index), db=self.store.db["meta"])
