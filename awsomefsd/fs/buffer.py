@@ -157,7 +157,7 @@ class WriteBuffer:
                    for st in self.files.values() if st.volume == volume)
 
     # -- writing and taking ---------------------------------------------------------------------
-    def put(self, st: FileState, offset: int, data: bytes, *, stamp: bool = True) -> None:
+    def put(self, st: FileState, offset: int, data: bytes | memoryview, *, stamp: bool = True) -> None:
         """Buffer a write (no await: atomic) and, with `stamp`, note when it happened."""
         before = st.dirty.dirty_bytes
         if not st.dirty:

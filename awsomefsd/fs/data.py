@@ -125,7 +125,7 @@ class FileData:
     def data_ranges(self, inode: Inode, offset: int) -> list[tuple[int, int]]:
         return self.reader.data_ranges(inode, offset)
 
-    async def write(self, inode: Inode, offset: int, data: bytes, *, stamp: bool = True) -> int:
+    async def write(self, inode: Inode, offset: int, data: bytes | memoryview, *, stamp: bool = True) -> int:
         """Buffer a write; `stamp`: its time becomes the file's mtime when committed."""
         if offset + len(data) > MAX_FILE_SIZE_BYTES:
             raise FsError(errno.EFBIG)

@@ -404,7 +404,7 @@ class Operations:
         inode = self.meta.require_inode(h.ino)
         return await self.data.read(inode, offset, size)
 
-    async def write(self, fh: int, offset: int, buf: bytes, *, drop_setid: InGroup | None = None,
+    async def write(self, fh: int, offset: int, buf: bytes | memoryview, *, drop_setid: InGroup | None = None,
                     kernel_times: bool = False) -> int:
         """`drop_setid`: the writer lacks CAP_FSETID and the kernel left clearing set-user-ID and
         set-group-ID to us (HANDLE_KILLPRIV_V2). `kernel_times`: the kernel writing back pages it

@@ -211,6 +211,16 @@ class Body:
         self.pos = end + 1
         return value
 
+    def data(self, size: int) -> memoryview:
+        """The next `size` bytes as a view, not a copy: a WRITE's payload (up to 1 MiB) is
+        copied once, into the write buffer, not first into a bytes of its own."""
+        end = self.pos + size
+        if size < 0 or end > len(self.buf):
+            raise Malformed(f"{size} bytes of data stated, {len(self.buf) - self.pos} present")
+        value = memoryview(self.buf)[self.pos : end]
+        self.pos = end
+        return value
+
     def rest(self, size: int | None = None) -> bytes:
         if size is None:
             size = len(self.buf) - self.pos

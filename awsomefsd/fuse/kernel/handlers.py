@@ -238,7 +238,7 @@ class KernelHandlers:
     async def write(self, h: Header, body: Body) -> Payload:
         fh, offset, size, write_flags, *_ = body.take(abi.WRITE_IN)
         drop = write_flags & abi.WRITE_KILL_SUIDGID
-        written = await self.ops.write(fh, offset, body.rest(size),
+        written = await self.ops.write(fh, offset, body.data(size),
                                        drop_setid=caller_in_group(h.uid, h.gid, h.pid) if drop else None,
                                        kernel_times=bool(write_flags & abi.WRITE_CACHE) and self.writeback_cache())
         return abi.WRITE_OUT.pack(written, 0)
