@@ -217,7 +217,7 @@ def run_member_command(settings: Settings, state: MemberState) -> int:
 
 
 def _run(settings: Settings, state: MemberState, *, founding: Any = None, peers: dict[int, str] | None = None) -> int:
-    from awsomefsd.actions import daemon_failure, device_errors
+    from awsomefsd.actions import EXIT_HANDED_OVER, daemon_failure, device_errors
     from awsomefsd.cluster.member import open_member, run_member
     from awsomefsd.fuse.mount import MountError
     from awsomefsd.node import print_ready
@@ -229,7 +229,7 @@ def _run(settings: Settings, state: MemberState, *, founding: Any = None, peers:
     except device_errors() as exc:
         raise CliError(str(exc)) from None
     try:
-        trio.run(functools.partial(run_member, member, founding=founding, ready=print_ready))
+        handed_over = trio.run(functools.partial(run_member, member, founding=founding, ready=print_ready))
     except MountError as exc:
         raise CliError(str(exc)) from None
     except Exception as exc:
@@ -240,6 +240,9 @@ def _run(settings: Settings, state: MemberState, *, founding: Any = None, peers:
         else:
             member.raft.close()
             member.storage.close()
+    if handed_over:
+        print("awsomefsd: left the mount to the next daemon", flush=True)
+        return EXIT_HANDED_OVER
     print("awsomefsd: unmounted", flush=True)
     return 0
 

@@ -332,7 +332,9 @@ def downgrade_refused(cluster_level: int) -> str:
 
 async def run_member(member: Member, *, founding: Founding | None = None,
                      ready: Callable[[str], None] | None = None,
-                     on_listening: Callable[[Member], None] | None = None) -> None:
+                     on_listening: Callable[[Member], None] | None = None) -> bool:
+    """Serve as a member until stopped; True when the mount was handed over to the next daemon
+    (SIGUSR2), which then continues it (the caller exits EXIT_HANDED_OVER)."""
     settings = member.settings
     async with trio.open_nursery() as nursery:
         service = MemberService(member.raft.node, progress=member.progress)
@@ -370,12 +372,13 @@ async def run_member(member: Member, *, founding: Founding | None = None,
         await nursery.start(_serve_joins, member)
         if settings.cluster.advertise:
             nursery.start_soon(_advertise, member)
-        await serve(core, settings, ready=ready, log_running=True, purge_orphans=False)
+        handed_over = await serve(core, settings, ready=ready, log_running=True, purge_orphans=False)
         with trio.move_on_after(STOP_RELEASE_S):
             released = await member.coherence.release_all()
-            log.info("node %d stopped cleanly: data flushed, unmounted, %d write leases given back",
-                     member.node_id, released)
+            log.info("node %d stopped cleanly: data flushed, %s, %d write leases given back", member.node_id,
+                     "the mount handed over" if handed_over else "unmounted", released)
         nursery.cancel_scope.cancel()
+    return handed_over
 
 
 async def _found(member: Member, founding: Founding) -> None:

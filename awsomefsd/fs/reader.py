@@ -90,11 +90,13 @@ class Reader:
             for ext in extents:
                 lo, hi = max(ext.file_block, first), min(ext.end_block, end)
                 a, b = max(lo * BLOCK_SIZE, offset), min(hi * BLOCK_SIZE, offset + size)
-                with self._checksum_errors():
-                    piece = ext.slice(lo, hi)
-                    base = lo * BLOCK_SIZE
+                piece = ext.slice(lo, hi)
+                base = lo * BLOCK_SIZE
+                try:
                     await self.io.read_into(piece.dev_block, piece.checksums, a - base, b - base,
                                             view[a - offset : b - offset])
+                except ChecksumMismatch as exc:
+                    raise self._checksum_error(exc) from None
         for start, data in buffered:
             out[start - offset : start - offset + len(data)] = data
         return out
@@ -118,26 +120,24 @@ class Reader:
                 merged.append((lo, hi))
         return [(lo * BLOCK_SIZE, min(hi * BLOCK_SIZE, inode.size)) for lo, hi in merged]
 
-    async def read_extent(self, ext: Extent, lo: int, hi: int, a: int, b: int) -> bytes:
+    async def read_extent(self, ext: Extent, lo: int, hi: int, a: int, b: int) -> bytearray:
         """Bytes [a, b) of the file from blocks [lo, hi) of `ext`, checksums verified (EIO, cause
         "checksum", when one does not match: never garbage)."""
         piece = ext.slice(lo, hi)
         base = lo * BLOCK_SIZE
-        with self._checksum_errors():
-            return await self.io.read(piece.dev_block, piece.checksums, a - base, b - base)
-
-    @contextmanager
-    def _checksum_errors(self) -> Iterator[None]:
-        """A block that fails its checksum becomes EIO (cause "checksum"), logged and reported."""
         try:
-            yield
+            return await self.io.read(piece.dev_block, piece.checksums, a - base, b - base)
         except ChecksumMismatch as exc:
-            log.error("checksum mismatch at device block %d (%s): returning EIO", exc.dev_block, self.io.device.path)
-            if self.on_checksum_error is not None:
-                self.on_checksum_error(exc.dev_block)
-            raise FsError(errno.EIO, f"checksum mismatch at device block {exc.dev_block}", cause="checksum") from None
+            raise self._checksum_error(exc) from None
 
-    async def read_block(self, ino: int, file_block: int) -> bytes:
+    def _checksum_error(self, exc: ChecksumMismatch) -> FsError:
+        """A block that failed its checksum: logged, reported, and EIO (cause "checksum")."""
+        log.error("checksum mismatch at device block %d (%s): returning EIO", exc.dev_block, self.io.device.path)
+        if self.on_checksum_error is not None:
+            self.on_checksum_error(exc.dev_block)
+        return FsError(errno.EIO, f"checksum mismatch at device block {exc.dev_block}", cause="checksum")
+
+    async def read_block(self, ino: int, file_block: int) -> bytes | bytearray:
         """One whole committed block (zeros for a hole): the old data around a partial write."""
         with self.holding_map():
             ext = self.meta.extent_at(ino, file_block)

@@ -12,8 +12,7 @@ most `IO_THREADS` worker threads. Everything here is in device blocks; what the 
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Sequence
 
 import trio
 
@@ -48,25 +47,19 @@ class ExtentIO:
         self.pool = BufferPool(max_run_bytes, POOL_BUFFERS)
         self.limiter = trio.CapacityLimiter(IO_THREADS)
 
-    async def read(self, dev_block: int, checksums: bytes, start: int, end: int) -> bytes:
+    async def read(self, dev_block: int, checksums: bytes, start: int, end: int) -> bytearray:
         """Bytes [start, end) of the run of blocks at `dev_block` that `checksums` (one CRC32C per
         block) cover, every block verified; ChecksumMismatch names the first bad one."""
-        async with self._verified_run(dev_block, checksums) as run:
-            assert 0 <= start < end <= len(run), (start, end, len(run))
-            return bytes(run[start:end])
+        out = bytearray(end - start)
+        with memoryview(out) as dest:
+            await self.read_into(dev_block, checksums, start, end, dest)
+        return out
 
     async def read_into(self, dev_block: int, checksums: bytes, start: int, end: int, dest: memoryview) -> None:
-        """`read`, into `dest` (end - start bytes): the one copy a file read makes on its way out."""
-        async with self._verified_run(dev_block, checksums) as run:
-            assert 0 <= start < end <= len(run), (start, end, len(run))
-            dest[:] = run[start:end]
-
-    @asynccontextmanager
-    async def _verified_run(self, dev_block: int, checksums: bytes) -> AsyncIterator[memoryview]:
-        """The run of blocks at `dev_block` that `checksums` cover, read into a pool buffer (valid
-        inside the block only) and verified."""
+        """`read`, into `dest` (end - start bytes): the one copy a file read makes on its way out.
+        The run is read into a pool buffer (direct I/O wants aligned memory) and verified there."""
         n = len(checksums) // 4 * BLOCK_SIZE
-        assert 0 < n <= self.pool.buffer_bytes, (n, self.pool.buffer_bytes)
+        assert 0 <= start < end <= n <= self.pool.buffer_bytes, (start, end, n)
         buf = self.pool.acquire()
         try:
             view = memoryview(buf)[:n]
@@ -77,7 +70,7 @@ class ExtentIO:
             bad = first_bad_block(view, checksums)
             if bad >= 0:
                 raise ChecksumMismatch(dev_block + bad)
-            yield view
+            dest[:] = view[start:end]
         finally:
             self.pool.release(buf)
 

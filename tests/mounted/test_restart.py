@@ -25,6 +25,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.apps import LINES, Lines, Reader, expected, shell_run, start_shell, start_writer
 from tests.support.daemon import AWSOMEFSD, REPO, Daemon, is_mounted, wait_for
 
 pytestmark = [
@@ -35,37 +36,6 @@ pytestmark = [
 EXIT_HANDED_OVER = 75
 KERNEL = {"AWSOMEFS_MOUNT__TRANSPORT": "kernel"}  # only our transport hands mounts over (CI also runs
 # this directory on the pyfuse3 fallback)
-LINES = 400
-LINE = b"%06d the quick brown fox jumps over the lazy dog\n"
-
-WRITER = r"""
-import os, sys, time
-path, lines, sync_at = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-fd = os.open(path, os.O_CREAT | os.O_WRONLY | os.O_APPEND, 0o644)
-os.fsync(fd)
-parent = os.open(os.path.dirname(path), os.O_RDONLY)
-os.fsync(parent)
-print("open", flush=True)
-worst = 0.0
-for i in range(lines):
-    start = time.monotonic()
-    os.write(fd, b"%06d the quick brown fox jumps over the lazy dog\n" % i)
-    worst = max(worst, time.monotonic() - start)
-    if i == sync_at:
-        os.fsync(fd)
-        print("synced", i, flush=True)
-    print("wrote", i, flush=True)
-    time.sleep(0.005)
-errors = []
-for attempt in range(2):  # a crash before: the first sync reports the loss once, the next succeeds
-    try:
-        os.fsync(fd)
-        break
-    except OSError as exc:
-        errors.append(exc.errno)
-os.close(fd)
-print("done", worst, errors, flush=True)
-"""
 
 
 @dataclass
@@ -96,91 +66,6 @@ def rig() -> Iterator[Rig]:
         keeper.wait(30)
         subprocess.run(["umount", "-l", str(base / "mnt")], capture_output=True, check=False)
         shutil.rmtree(base, ignore_errors=True)
-
-
-class Lines:
-    """A child process's stdout, read on a thread of its own, so a test waits on what it printed."""
-
-    def __init__(self, proc: subprocess.Popen[str]) -> None:
-        import threading
-
-        self.proc = proc
-        self.lines: list[str] = []
-        threading.Thread(target=self._pump, daemon=True).start()
-
-    def _pump(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.lines.append(line.strip())
-
-    def has(self, prefix: str) -> bool:
-        return any(line.startswith(prefix) for line in self.lines)
-
-    def wrote(self) -> int:
-        return sum(1 for line in self.lines if line.startswith("wrote"))
-
-
-READER = r"""
-import os, sys
-fd = os.open(sys.argv[1], os.O_RDONLY)
-print("open", flush=True)
-for line in sys.stdin:
-    print("read", len(os.pread(fd, 1 << 20, 0)), flush=True)
-"""
-
-
-class Reader:
-    """A process holding a descriptor opened before the daemon changes; reads when asked."""
-
-    def __init__(self, path: Path) -> None:
-        self.proc = subprocess.Popen([sys.executable, "-c", READER, str(path)], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, text=True, cwd="/")
-        self.lines = Lines(self.proc)
-        wait_for(lambda: self.lines.has("open") or self.proc.poll() is not None, 30, "the reader to open")
-
-    def read_size(self) -> int:
-        assert self.proc.stdin is not None
-        before = len(self.lines.lines)
-        self.proc.stdin.write("\n")
-        self.proc.stdin.flush()
-        wait_for(lambda: len(self.lines.lines) > before, 60, "the reader's read")
-        return int(self.lines.lines[-1].split()[1])
-
-    def close(self) -> None:
-        assert self.proc.stdin is not None
-        self.proc.stdin.close()
-        assert self.proc.wait(30) == 0
-
-
-def start_writer(path: Path, sync_at: int) -> Lines:
-    proc = subprocess.Popen([sys.executable, "-c", WRITER, str(path), str(LINES), str(sync_at)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd="/")
-    lines = Lines(proc)
-    wait_for(lambda: lines.has("open") or proc.poll() is not None, 30, "the writer to open its file")
-    assert lines.has("open"), lines.lines
-    return lines
-
-
-def start_shell(directory: Path) -> subprocess.Popen[str]:
-    """A shell whose working directory is in the mount, answering each command line it reads."""
-    return subprocess.Popen(["sh", "-c", "while read cmd; do eval \"$cmd\"; echo END; done"], cwd=directory,
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
-def shell_run(shell: subprocess.Popen[str], command: str) -> list[str]:
-    assert shell.stdin is not None and shell.stdout is not None
-    shell.stdin.write(command + "\n")
-    shell.stdin.flush()
-    out = []
-    for line in shell.stdout:
-        if line.strip() == "END":
-            return out
-        out.append(line.strip())
-    raise AssertionError(f"the shell ended during {command!r}: {out}")
-
-
-def expected(count: int) -> bytes:
-    return b"".join(LINE % i for i in range(count))
 
 
 def test_a_hand_over_keeps_descriptors_working_directories_and_every_byte(rig: Rig) -> None:

@@ -104,6 +104,25 @@ async def test_follower_refuses_with_the_leader_hint(tmp_path: Path) -> None:
         assert c.sms[follower.id].get("k") == "v"
 
 
+async def test_a_read_asked_before_any_leader_is_known_completes_once_one_is(tmp_path: Path) -> None:
+    """A follower without a leader drops a read index request: a read asked then (a member that
+    has just started, an election under way) waits until a leader is known instead of waiting out
+    its timeout. Asked on all three members at start, at most one of which will lead."""
+    async with cluster(tmp_path) as c:
+        done: dict[int, float] = {}
+
+        async def read(node: RaftNode) -> None:
+            started = trio.current_time()
+            await node.read_barrier(timeout_s=DEADLINE_S)
+            done[node.id] = trio.current_time() - started
+
+        async with trio.open_nursery() as nursery:
+            for node in c.nodes.values():
+                nursery.start_soon(read, node)
+        assert sorted(done) == [1, 2, 3]
+        assert max(done.values()) < DEADLINE_S / 3, done
+
+
 async def test_cut_off_leader_times_out_loses_and_refuses_reads(tmp_path: Path) -> None:
     async with cluster(tmp_path) as c:
         old = await c.leader()

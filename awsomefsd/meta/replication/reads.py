@@ -56,6 +56,11 @@ class ReadBarriers:
             raise NotLeader(leader_id())
 
     def hand_to(self, raw: RawNode) -> None:
+        """Give the queued reads to the core, once it knows a leader: a follower without one drops
+        a read index request unanswered, so a read handed over then (a member that has just
+        started, an election under way) would wait out its whole timeout for nothing."""
+        if not raw.leader_id:
+            return
         reads, self._queue = self._queue, []
         for r in reads:
             self._by_ctx[r.ctx] = r
