@@ -80,3 +80,44 @@ def test_a_member_hands_its_mount_over_while_the_cluster_goes_on(
         assert shell.wait(30) == 0
         assert (third.mount / "work" / "after").read_text() == "again\n"
         print(f"longest write during the hand-over: {float(done.split()[1]) * 1000:.0f} ms")
+
+
+def test_a_member_killed_and_restarted_continues_its_mount(
+        netns_network: Callable[[int], TestNetwork], tmp_path: Path, keeper: Path) -> None:
+    """SIGKILL (a crash; systemd restarts the unit): the keeper's copy of the descriptor keeps the
+    mount, the next daemon continues it after the crash and the cluster has expired the dead
+    process's lease. Synced bytes survive, descriptors opened before keep working, and the one
+    EIO at the writer's next fsync reports what the crash may have lost."""
+    with cluster_in(netns_network(3), tmp_path) as cluster:
+        for node in cluster.nodes:
+            node.env = {**cluster.env, "AWSOMEFS_MOUNT__FD_KEEPER": str(keeper)}
+        first, member, _ = cluster.form(3)
+        work = member.mount / "work"
+        work.mkdir()
+        (work / "read-me").write_bytes(b"r" * 10_000)
+        os.sync()
+        reader = Reader(work / "read-me")
+        shell = start_shell(work)
+        synced_at = LINES // 4
+        writer = start_writer(work / "log", sync_at=synced_at)
+        wait_for(lambda: writer.has("synced"), 60, "the writer's fsync")
+
+        member.signal(signal.SIGKILL)
+        member.wait_exit()
+        assert is_mounted(member.mount), "the keeper holds the mount's descriptor"
+        member.start("run")
+        assert "continuing the mount" in member.logs() and "crash" in member.logs(), member.logs()
+
+        wait_for(lambda: writer.has("done") or writer.proc.poll() is not None, 120, "the writer to finish")
+        assert writer.proc.wait(30) == 0, writer.lines
+        done = next(line for line in writer.lines if line.startswith("done"))
+        assert done.endswith("[5]"), f"one EIO reports the unsynced writes the crash may have lost: {done}"
+        for node in (first, member):
+            content = (node.mount / "work" / "log").read_bytes()
+            assert content[: len(expected(synced_at + 1))] == expected(synced_at + 1), f"node {node.index}"
+        assert reader.read_size() == 10_000
+        reader.close()
+        assert shell_run(shell, "echo again > after && cat after") == ["again"]
+        shell.stdin.close()  # type: ignore[union-attr]
+        assert shell.wait(30) == 0
+        assert (first.mount / "work" / "after").read_text() == "again\n"
