@@ -86,17 +86,17 @@ class Reader:
         # One step, no await: the map and the buffered bytes are taken at the same instant.
         extents = self.meta.extents(inode.ino, first, end)
         buffered = [] if st is None else st.buffered_copies(offset, size)
-        with memoryview(out) as view:
-            for ext in extents:
-                lo, hi = max(ext.file_block, first), min(ext.end_block, end)
-                a, b = max(lo * BLOCK_SIZE, offset), min(hi * BLOCK_SIZE, offset + size)
-                piece = ext.slice(lo, hi)
-                base = lo * BLOCK_SIZE
-                try:
-                    await self.io.read_into(piece.dev_block, piece.checksums, a - base, b - base,
-                                            view[a - offset : b - offset])
-                except ChecksumMismatch as exc:
-                    raise self._checksum_error(exc) from None
+        view = memoryview(out)
+        for ext in extents:
+            lo, hi = max(ext.file_block, first), min(ext.end_block, end)
+            a, b = max(lo * BLOCK_SIZE, offset), min(hi * BLOCK_SIZE, offset + size)
+            piece = ext.slice(lo, hi)
+            base = lo * BLOCK_SIZE
+            try:
+                await self.io.read_into(piece.dev_block, piece.checksums, a - base, b - base,
+                                        view[a - offset : b - offset])
+            except ChecksumMismatch as exc:
+                raise self._checksum_error(exc) from None
         for start, data in buffered:
             out[start - offset : start - offset + len(data)] = data
         return out
