@@ -119,7 +119,7 @@ class FileData:
             self.forget(ino)
 
     # -- reads and writes -------------------------------------------------------------------------
-    async def read(self, inode: Inode, offset: int, size: int) -> bytearray:
+    async def read(self, inode: Inode, offset: int, size: int) -> bytes | bytearray:
         return await self.reader.read(inode, offset, size)
 
     def data_ranges(self, inode: Inode, offset: int) -> list[tuple[int, int]]:

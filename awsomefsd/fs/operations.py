@@ -399,7 +399,7 @@ class Operations:
     def handle(self, fh: int) -> Handle:
         return self.handles.require(fh)
 
-    async def read(self, fh: int, offset: int, size: int) -> bytearray:
+    async def read(self, fh: int, offset: int, size: int) -> bytes | bytearray:
         h = self.handle(fh)
         inode = self.meta.require_inode(h.ino)
         return await self.data.read(inode, offset, size)

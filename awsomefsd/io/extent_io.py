@@ -12,6 +12,7 @@ most `IO_THREADS` worker threads. Everything here is in device blocks; what the 
 
 from __future__ import annotations
 
+import mmap
 from collections.abc import Sequence
 
 import trio
@@ -47,32 +48,43 @@ class ExtentIO:
         self.pool = BufferPool(max_run_bytes, POOL_BUFFERS)
         self.limiter = trio.CapacityLimiter(IO_THREADS)
 
-    async def read(self, dev_block: int, checksums: bytes, start: int, end: int) -> bytearray:
+    async def read(self, dev_block: int, checksums: bytes, start: int, end: int) -> bytes:
         """Bytes [start, end) of the run of blocks at `dev_block` that `checksums` (one CRC32C per
-        block) cover, every block verified; ChecksumMismatch names the first bad one."""
-        out = bytearray(end - start)
-        with memoryview(out) as dest:
-            await self.read_into(dev_block, checksums, start, end, dest)
-        return out
+        block) cover, every block verified; ChecksumMismatch names the first bad one.
 
-    async def read_into(self, dev_block: int, checksums: bytes, start: int, end: int, dest: memoryview) -> None:
-        """`read`, into `dest` (end - start bytes): the one copy a file read makes on its way out.
-        The run is read into a pool buffer (direct I/O wants aligned memory) and verified there."""
-        n = len(checksums) // 4 * BLOCK_SIZE
-        assert 0 <= start < end <= n <= self.pool.buffer_bytes, (start, end, n)
+        `read` and `read_into` spell the same steps out rather than await a shared helper: one
+        coroutine more per read cost random 4 KiB reads 10 % (docs/design-notes.md, note 37)."""
         buf = self.pool.acquire()
         try:
-            view = memoryview(buf)[:n]
-            if n > INLINE_IO_MAX_BYTES and not self.device.reads_asynchronously:
+            view = self._run_view(buf, checksums, start, end)
+            if len(view) > INLINE_IO_MAX_BYTES and not self.device.reads_asynchronously:
                 await trio.to_thread.run_sync(self.device.read_into, view, dev_block * BLOCK_SIZE, limiter=self.limiter)
             else:
                 await self.device.read_into_async(view, dev_block * BLOCK_SIZE)
-            bad = first_bad_block(view, checksums)
-            if bad >= 0:
-                raise ChecksumMismatch(dev_block + bad)
+            _verify(view, dev_block, checksums)
+            return bytes(view[start:end])
+        finally:
+            self.pool.release(buf)
+
+    async def read_into(self, dev_block: int, checksums: bytes, start: int, end: int, dest: memoryview) -> None:
+        """`read`, into `dest` (end - start bytes) rather than a bytes of its own."""
+        buf = self.pool.acquire()
+        try:
+            view = self._run_view(buf, checksums, start, end)
+            if len(view) > INLINE_IO_MAX_BYTES and not self.device.reads_asynchronously:
+                await trio.to_thread.run_sync(self.device.read_into, view, dev_block * BLOCK_SIZE, limiter=self.limiter)
+            else:
+                await self.device.read_into_async(view, dev_block * BLOCK_SIZE)
+            _verify(view, dev_block, checksums)
             dest[:] = view[start:end]
         finally:
             self.pool.release(buf)
+
+    def _run_view(self, buf: mmap.mmap, checksums: bytes, start: int, end: int) -> memoryview:
+        """The part of pool buffer `buf` the run that `checksums` cover fills."""
+        n = len(checksums) // 4 * BLOCK_SIZE
+        assert 0 <= start < end <= n <= len(buf), (start, end, n, len(buf))
+        return memoryview(buf)[:n]
 
     def write(self, runs: Sequence[BlockRun]) -> list[bytes]:
         """Write each run and return its checksums; runs that follow each other on the device go
@@ -105,3 +117,9 @@ class ExtentIO:
         if sum(len(data) for _, data in runs) > INLINE_IO_MAX_BYTES:
             return await trio.to_thread.run_sync(self.write, runs, limiter=self.limiter)
         return self.write(runs)
+
+
+def _verify(run: memoryview, dev_block: int, checksums: bytes) -> None:
+    bad = first_bad_block(run, checksums)
+    if bad >= 0:
+        raise ChecksumMismatch(dev_block + bad)

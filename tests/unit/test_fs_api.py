@@ -319,23 +319,23 @@ async def test_freed_space_is_not_reused_while_a_read_that_saw_it_mapped_runs(tm
             await f.write(0, b"R" * MiB)
             await core.ops.flush(f.fh)
             io = core.data.reader.io
-            device_read = io.read_into
+            device_read = io.read
             parked, release = trio.Event(), trio.Event()
 
-            async def parked_read(dev_block: int, checksums: bytes, start: int, end: int, dest: memoryview) -> None:
+            async def parked_read(dev_block: int, checksums: bytes, start: int, end: int) -> bytes:
                 parked.set()
                 await release.wait()
-                await device_read(dev_block, checksums, start, end, dest)
+                return await device_read(dev_block, checksums, start, end)
 
-            io.read_into = parked_read  # type: ignore[method-assign]
-            got: list[bytes] = []
+            io.read = parked_read  # type: ignore[method-assign]
+            got: list[bytes | bytearray] = []
 
             async def reader() -> None:
                 got.append(await core.ops.read(f.fh, 0, MiB))
 
             nursery.start_soon(reader)
             await parked.wait()
-            io.read_into = device_read  # type: ignore[method-assign]
+            io.read = device_read  # type: ignore[method-assign]
             await core.ops.release(f.fh)
             await core.ops.unlink(ROOT_INO, b"read-me", is_dir=False)
             filled = trio.Event()
