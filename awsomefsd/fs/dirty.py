@@ -74,7 +74,8 @@ class DirtyRanges:
 
     def _fill_gap(self, i: int, pos: int, piece: memoryview) -> int:
         """Put `piece` (at `pos`, before run i and after run i-1, touching neither's bytes) into
-        the runs; returns the index of the first run after it."""
+        the runs; returns the index of the run at the piece's end, where the write goes on (the
+        run the piece joined, when it joined the one after it; else the first run after it)."""
         starts, runs = self._starts, self._runs
         size = len(piece)
         self.dirty_bytes += size
