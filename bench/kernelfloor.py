@@ -200,6 +200,10 @@ class NullOperations:
         for index in range(start_id, len(entries)):
             yield index + 1, entries[index][0], entries[index][1]
 
+    def readdir_names(self, fh: int, start_id: int) -> Iterator[tuple[int, bytes, int, int]]:
+        for next_id, name, inode in self.readdir(fh, start_id):
+            yield next_id, name, inode.ino, inode.mode
+
     async def releasedir(self, fh: int) -> None:
         pass
 

@@ -630,6 +630,17 @@ class Operations:
         for entry, inode in self.meta.entries(ino, max(start_id, 2)):
             yield entry.cookie, entry.name, self.data.with_buffered(inode)
 
+    def readdir_names(self, fh: int, start_id: int) -> Iterator[tuple[int, bytes, int, int]]:
+        """(next id, name, inode number, mode) from `start_id` on: `readdir` without attributes,
+        for a listing that asks only names and types."""
+        ino = self.handle(fh).ino
+        this = self.meta.require_inode(ino)
+        if start_id < 1:
+            yield 1, b".", ino, this.mode
+        if start_id < 2:
+            yield 2, b"..", this.parent or ROOT_INO, stat.S_IFDIR
+        yield from self.meta.listing(ino, max(start_id, 2))
+
     async def releasedir(self, fh: int) -> None:
         self.handles.pop(fh)
 

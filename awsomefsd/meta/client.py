@@ -118,6 +118,11 @@ class MetaClient:
             if inode is not None:
                 yield DirEntry(cookie, name, child), inode
 
+    def listing(self, parent: int, after_cookie: int = 0) -> Iterator[tuple[int, bytes, int, int]]:
+        """(cookie, name, child, mode) of the directory's entries strictly after `after_cookie`,
+        without their attributes (a plain readdir). Lazy, like `entries`."""
+        return self._ns.listing(self._view(), parent, after_cookie)
+
     def symlink_target(self, ino: int) -> bytes:
         return self._ns.symlink_target(self._view(), ino)
 

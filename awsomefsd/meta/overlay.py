@@ -241,6 +241,10 @@ class MergedCursor:
         key = bytes(key)
         return self._land(self._base_ge(key), self._above_ge(key), lowest=True)
 
+    def set_key(self, key: bytes) -> bool:
+        """On `key` itself when the merged view holds it, as LMDB's set_key."""
+        return self.set_range(key) and self._key == key
+
     def first(self) -> bool:
         return self.set_range(b"")
 

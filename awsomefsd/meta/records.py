@@ -38,6 +38,8 @@ VOLUMES_INO = 2  # /.volumes: one directory per volume
 SNAPSHOTS_INO = 3  # /.snapshots: one read-only directory per snapshot
 
 _INODE = struct.Struct("<IIIIQqqqQQQQQ")
+INODE_MODE = struct.Struct("<I")
+"""The packed inode's first field: a listing reads an entry's type from it without decoding the rest."""
 
 
 def u64(value: int) -> bytes:

@@ -180,6 +180,34 @@ def test_readdir_while_deleting_sees_every_survivor_once(mnt: Path) -> None:
     assert {f"{i:04d}" for i in range(600) if not 300 <= i < 400} <= set(seen)
 
 
+def test_a_long_listing_gives_each_entry_its_inode_number_and_type(mnt: Path) -> None:
+    """Listings past the first reply are plain READDIRs, answered without the entries' attributes:
+    `find`, `ls` and scandir trust the type they carry and stat nothing."""
+    d = mnt / "d"
+    d.mkdir()
+    for i in range(2000):
+        kind = i % 4
+        path = d / f"e{i:04d}"
+        if kind == 0:
+            path.touch()
+        elif kind == 1:
+            path.mkdir()
+        elif kind == 2:
+            path.symlink_to("e0000")
+        else:
+            os.mkfifo(path)
+    for _ in range(2):  # the second listing may come from the kernel's cache
+        with os.scandir(d) as it:
+            listed = {e.name: (e.inode(), e.is_file(follow_symlinks=False), e.is_dir(follow_symlinks=False),
+                               e.is_symlink()) for e in it}
+        expected = {}
+        for name in (f"e{i:04d}" for i in range(2000)):
+            st = os.lstat(d / name)
+            expected[name] = (st.st_ino, stat.S_ISREG(st.st_mode), stat.S_ISDIR(st.st_mode),
+                              stat.S_ISLNK(st.st_mode))
+        assert listed == expected
+
+
 def test_rename_overwrite_noreplace_exchange(mnt: Path) -> None:
     a, b = mnt / "a", mnt / "b"
     a.write_bytes(b"A")

@@ -163,7 +163,9 @@ async def test_run_ahead_predicts_what_the_log_applies(tmp_path: Path, seed: int
             parent = dirs[step % 2]
             for name in NAMES:
                 assert meta.lookup(parent, name) == reference.lookup(parent, name), (step, name)
-            assert [(e.cookie, e.name, e.ino) for e, _ in meta.entries(parent)] == reference.entries(parent), step
+            listed = [(e.cookie, e.name, e.ino, inode.mode) for e, inode in meta.entries(parent)]
+            assert [entry[:3] for entry in listed] == reference.entries(parent), step
+            assert list(meta.listing(parent)) == listed, step
             pause = workload.rng.random()
             if pause < 0.1:
                 await trio.sleep(0.002)  # let a batch commit while later changes to the same records wait
@@ -238,6 +240,9 @@ def test_merged_cursor_walks_committed_and_overlay_records_in_key_order(tmp_path
                 assert cursor.prev() == bool(before)
                 if before:
                     assert cursor.item() == before[-1]
+            assert cursor.set_key(probe) == (probe in model)
+            if probe in model:
+                assert cursor.item() == (probe, model[probe])
         assert cursor.last() and cursor.item() == ordered[-1]
         assert [view.get(k, db=db) for k, _ in ordered] == [v for _, v in ordered]
         # a command's own writes, not recorded yet, on top of the overlay (what a prediction reads)

@@ -11,6 +11,7 @@ we negotiate at least `MIN_MINOR`, where they all have it.
 from __future__ import annotations
 
 import struct
+from collections.abc import Iterable
 from typing import NamedTuple
 
 MAJOR = 7
@@ -275,6 +276,25 @@ def notification(code: int, payload: bytes) -> bytes:
 def split_seconds(seconds: float) -> tuple[int, int]:
     whole = int(seconds)
     return whole, int((seconds - whole) * 1e9)
+
+
+def dirents(entries: Iterable[tuple[int, bytes, int, int]], size: int) -> bytearray:
+    """A READDIR reply: a fuse_dirent for each (next offset, name, inode, mode), as many as fit in
+    `size` bytes. One buffer and no call per entry: a listing's daemon time is spent here."""
+    out = bytearray()
+    pack, header = DIRENT.pack, DIRENT.size
+    for offset, name, ino, mode in entries:
+        length = len(name)
+        padding = -(header + length) % 8
+        if len(out) + header + length + padding > size:
+            break
+        out += pack(ino, offset, length, (mode & 0o170000) >> 12)
+        out += name
+        out += _PADDING[:padding]
+    return out
+
+
+_PADDING = bytes(8)
 
 
 def dirent(ino: int, offset: int, kind: int, name: bytes) -> bytes:

@@ -283,15 +283,7 @@ class KernelHandlers:
 
     async def readdir(self, h: Header, body: Body) -> Payload:
         fh, offset, size, *_ = body.take(abi.READ_IN)
-        records: list[bytes] = []
-        used = 0
-        for next_id, name, inode in self.ops.readdir(fh, offset):
-            record = abi.dirent(inode.ino, next_id, stat.S_IFMT(inode.mode) >> 12, name)
-            if used + len(record) > size:
-                break
-            records.append(record)
-            used += len(record)
-        return b"".join(records)
+        return abi.dirents(self.ops.readdir_names(fh, offset), size)
 
     async def readdirplus(self, h: Header, body: Body) -> Payload:
         fh, offset, size, *_ = body.take(abi.READ_IN)
