@@ -7,7 +7,8 @@ requests by operation (`awsomefs_fuse_request_seconds_count`) and its CPU time (
 from /proc). It prints requests per item, requests by operation, and daemon CPU per request in
 microseconds. Workloads: an untar of the benchmark's source-like tree (bench/workloads.py makes
 it; items: its entries), 2,000 buffered 4 KiB writes to one file, and stats of 2,000 files
-after the kernel dropped its dentries and inodes (each a LOOKUP).
+after the kernel dropped its dentries and inodes (each a LOOKUP), then `ls -l` of those 2,000 files
+twice (its listing, and the xattrs it asks of each file: the security label and the ACL).
 
     sudo .venv/bin/python bench/request_cost.py [--files 4000] [--transports kernel,pyfuse3]
 """
@@ -109,13 +110,19 @@ def main() -> int:
         os.sync()
         Path("/proc/sys/vm/drop_caches").write_text("2\n")  # dentries and inodes
 
-    print(f"request_cost: untar of {entries} entries, 2,000 buffered 4 KiB writes, 2,000 cold stats")
+    def long_listings(mount: Path) -> None:
+        for _ in range(2):
+            subprocess.run(["ls", "-l", str(mount / "names")], check=True, stdout=subprocess.DEVNULL)
+
+    print(f"request_cost: untar of {entries} entries, 2,000 buffered 4 KiB writes, 2,000 cold stats, "
+          "two `ls -l` of 2,000 files")
     print(f"{'transport':9s} {'workload':8s} {'requests':>9s} {'per item':>9s} {'CPU us/req':>10s}  by operation")
     for transport in args.transports.split(","):
         base = Path(tempfile.mkdtemp(prefix="awsomefs-request-cost-", dir="/var/tmp"))
         daemon = Daemon(base, transport)
         try:
-            for name, work, items in (("untar", untar, entries), ("writes", writes, 2000), ("stats", stats, 2000)):
+            for name, work, items in (("untar", untar, entries), ("writes", writes, 2000), ("stats", stats, 2000),
+                                      ("ls -l x2", long_listings, 4000)):
                 if work is stats:
                     before_stats(daemon.mount)
                 counts, cpu = measure(daemon, lambda work=work, mount=daemon.mount: work(mount))

@@ -12,6 +12,7 @@ import random
 import shutil
 import socket
 import stat
+import struct
 import subprocess
 import sys
 import tempfile
@@ -457,6 +458,51 @@ def test_xattrs(mnt: Path) -> None:
     os.removexattr(f, "user.colour")
     with pytest.raises(OSError) as info:
         os.getxattr(f, "user.colour")
+    assert info.value.errno == errno.ENODATA
+
+
+def _acl_and_umask_outcomes(root: Path) -> dict[str, object]:
+    """Modes made under umask 027, and what asking for each kind of ACL answers."""
+    out: dict[str, object] = {}
+    old = os.umask(0o027)
+    try:
+        os.close(os.open(root / "f", os.O_CREAT | os.O_WRONLY, 0o666))
+        os.mkdir(root / "d", 0o777)
+        os.mkfifo(root / "p", 0o666)
+        os.symlink("f", root / "l")
+    finally:
+        os.umask(old)
+    for name in ("f", "d", "p"):
+        out[f"mode {name}"] = oct(stat.S_IMODE(os.lstat(root / name).st_mode))
+    for name in ("f", "d"):
+        for attr in ("system.posix_acl_access", "system.posix_acl_default"):
+            for _ in range(2):  # the second answer may come from the kernel's cache
+                try:
+                    out[f"{attr} of {name}"] = os.getxattr(root / name, attr)
+                except OSError as exc:
+                    out[f"{attr} of {name}"] = errno.errorcode[exc.errno]
+    return out
+
+
+def test_acls_and_the_umask_as_on_a_local_filesystem(mnt: Path) -> None:
+    """With FUSE_POSIX_ACL the kernel keeps each file's ACL (there is none) instead of asking us at
+    every `ls -l`; applications see what they saw: the umask applies, no file has an ACL."""
+    local = Path(tempfile.mkdtemp(dir="/var/tmp"))
+    try:
+        want = _acl_and_umask_outcomes(local)
+    finally:
+        shutil.rmtree(local)
+    assert want["mode f"] == "0o640" and want["mode d"] == "0o750"
+    assert _acl_and_umask_outcomes(mnt) == want
+    # Setting one is refused (tar, cp -p and rsync then fall back to chmod), and changes nothing.
+    user_obj_rw, group_obj_r, other_r = (0x01, 6, 0), (0x04, 4, 0), (0x20, 4, 0)
+    acl = struct.pack("<I", 2) + b"".join(struct.pack("<HHI", *e) for e in (user_obj_rw, group_obj_r, other_r))
+    with pytest.raises(OSError) as info:
+        os.setxattr(mnt / "f", "system.posix_acl_access", acl)
+    assert info.value.errno == errno.EOPNOTSUPP
+    assert stat.S_IMODE(os.stat(mnt / "f").st_mode) == 0o640
+    with pytest.raises(OSError) as info:
+        os.getxattr(mnt / "f", "system.posix_acl_access")
     assert info.value.errno == errno.ENODATA
 
 
