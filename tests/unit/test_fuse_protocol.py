@@ -225,12 +225,20 @@ async def test_a_waiting_request_does_not_hold_up_the_others(served) -> None:  #
     assert await kernel.answer(waiting) == (0, b"done")
 
 
-async def test_interrupt_cancels_a_read_only_request_with_eintr(served) -> None:  # type: ignore[no-untyped-def]
-    kernel, session, _ = served
+async def test_interrupt_answers_a_read_only_request_with_eintr_at_once(served) -> None:  # type: ignore[no-untyped-def]
+    kernel, session, gates = served
     waiting = kernel.send(Op.READ, 60)
-    await kernel.call(Op.GETATTR, 2)  # the lookup is in flight now
+    await kernel.call(Op.GETATTR, 2)  # the read is in flight now
     kernel.send(Op.INTERRUPT, 0, abi.U64.pack(waiting))
     assert (await kernel.answer(waiting))[0] == errno.EINTR
+    assert session.interrupted == 1
+    # its handler finishes later: that answer is not sent (the kernel has forgotten the request)
+    gates.setdefault(60, trio.Event()).set()
+    assert await kernel.call(Op.GETATTR, 3) == (0, struct.pack("<Q", 3))
+    await trio.testing.wait_all_tasks_blocked()
+    kernel.send(Op.INTERRUPT, 0, abi.U64.pack(waiting))  # again, once answered: ignored
+    assert await kernel.call(Op.GETATTR, 4) == (0, struct.pack("<Q", 4))
+    assert waiting not in kernel.answers and kernel.nothing_pending()
     assert session.interrupted == 1
 
 

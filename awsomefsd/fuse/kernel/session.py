@@ -10,8 +10,8 @@ How requests are served (the reasons, measured, are in docs/design-notes.md):
 - **Bad requests** (shorter than their structures, a name without its NUL) are answered EINVAL
   and logged; an opcode we do not serve is answered ENOSYS and logged once. Nothing a request
   carries can end the session.
-- **INTERRUPT** cancels the request it names if that request only reads and waits for nothing a
-  cancellation could tear (`INTERRUPTIBLE`); the request then answers EINTR. Others finish.
+- **INTERRUPT** answers the request it names with EINTR at once if that request changes nothing
+  (`INTERRUPTIBLE`); its handler's own answer is dropped when it comes. Others finish.
 - **The end**: the kernel answers a read with ENODEV once the filesystem is unmounted (by us or
   by `umount`); `serve` then returns.
 """
@@ -43,11 +43,12 @@ MAX_IN_FLIGHT = 256
 MAX_BACKGROUND = 64
 """Asynchronous requests (read-ahead, direct I/O) the kernel keeps in flight to us."""
 READS_PER_CHECKPOINT = 64
-INTERRUPTIBLE = frozenset({Op.READLINK, Op.READ, Op.READDIR, Op.READDIRPLUS, Op.GETXATTR, Op.LISTXATTR,
-                           Op.STATFS, Op.ACCESS, Op.LSEEK})
-"""Requests an INTERRUPT cancels: they only read, and wait for nothing a cancellation could leave
-half done. Not lookup and getattr: on a cluster member they may queue for a directory's
-delegation, and a request left in that queue would be granted to nobody."""
+INTERRUPTIBLE = frozenset({Op.READLINK, Op.READ, Op.READDIR, Op.GETXATTR, Op.LISTXATTR, Op.STATFS, Op.ACCESS,
+                           Op.LSEEK})
+"""Requests an INTERRUPT answers at once with EINTR: they change nothing, so the answer their
+handler gives later can be dropped. Not READDIRPLUS: each entry it answers is a lookup reference
+the kernel must receive. Not lookup and getattr: on a cluster member they may queue for a
+directory's delegation, and a request left in that queue would be granted to nobody."""
 
 INLINE_SINGLE_NODE = frozenset({
     Op.LOOKUP, Op.GETATTR, Op.READLINK, Op.OPENDIR, Op.READDIR, Op.READDIRPLUS, Op.RELEASEDIR, Op.STATFS,
@@ -157,7 +158,8 @@ class Session:
         self.max_in_flight = max_in_flight
         self._running = 0  # requests being handled
         self._room = trio.Event()  # set when a request ends while the reader waits for room
-        self._interruptible: dict[int, trio.CancelScope] = {}  # unique -> its handler's scope
+        self._interruptible: set[int] = set()  # uniques of INTERRUPTIBLE requests in tasks
+        self._abandoned: set[int] = set()  # those answered EINTR: their handlers' answers are dropped
         self._changes = ChangesInFlight()
         self._unsupported: set[int] = set()
         self.requests = 0
@@ -293,17 +295,21 @@ class Session:
             (unique,) = Body(data).take(abi.U64)
         except Malformed:
             return
-        scope = self._interruptible.get(unique)
-        if scope is not None:
+        if unique in self._interruptible:
+            # Answered now; the handler runs on and its answer is dropped. A cancel scope per
+            # request would let it stop early instead, but entering and leaving one cost random
+            # 4 KiB reads 13 % (20.3k against 23.5k IOPS), to save work only for a request the
+            # application gave up on.
+            self._interruptible.discard(unique)
+            self._abandoned.add(unique)
             self.interrupted += 1
-            scope.cancel()
+            self._write([abi.error_reply(unique, errno.EINTR)])
 
     async def _handle(self, header: Header, data: bytes, follows: tuple[trio.Event, ...] = (),
                       change: trio.Event | None = None, *, inline: bool = False) -> None:
         """Serve one request and answer it. `follows`: the changes to its file it must see
         (`ChangesInFlight`); `change`: the event that marks this change answered. `inline`: the
-        reader serves it itself, so no INTERRUPT can be read before it is answered, and it gets
-        no cancel scope (entering and leaving one costs 3.6 µs, as much as a GETXATTR's answer)."""
+        reader serves it itself, so no INTERRUPT can be read before it is answered."""
         opcode = header.opcode
         handler = self.handlers.get(opcode)
         start = time.perf_counter()
@@ -317,13 +323,9 @@ class Session:
                 if opcode not in self._unsupported:
                     self._unsupported.add(opcode)
                     log.info("FUSE: %s is not served (ENOSYS)", abi.OP_NAMES.get(opcode, opcode))
-            elif opcode in INTERRUPTIBLE and not inline:
-                with trio.CancelScope() as scope:
-                    self._interruptible[header.unique] = scope
-                    payload = await handler(header, Body(data))
-                if scope.cancelled_caught:
-                    err = errno.EINTR
             else:
+                if opcode in INTERRUPTIBLE and not inline:
+                    self._interruptible.add(header.unique)
                 payload = await handler(header, Body(data))
         except FsError as exc:
             err = exc.errno
@@ -339,10 +341,16 @@ class Session:
         finally:
             if change is not None:
                 self._changes.end(header.nodeid, change)
-            self._interruptible.pop(header.unique, None)
+            self._interruptible.discard(header.unique)
             self._running -= 1
             self._room.set()
         if payload is NO_REPLY:
+            return
+        if self._abandoned and header.unique in self._abandoned:
+            self._abandoned.discard(header.unique)  # answered EINTR already (`_interrupt`)
+            err, payload = errno.EINTR, None
+            if self.observe is not None:
+                self.observe(abi.OP_NAMES.get(opcode, str(opcode)), time.perf_counter() - start, err)
             return
         if err:
             self._write([abi.error_reply(header.unique, err)])
