@@ -627,8 +627,8 @@ class Operations:
         if start_id < 2:
             parent = self.meta.inode(this.parent or ROOT_INO) or this
             yield 2, b"..", parent
-        for entry, inode in self.meta.entries(ino, max(start_id, 2)):
-            yield entry.cookie, entry.name, self.data.with_buffered(inode)
+        for cookie, name, inode in self.meta.entries(ino, max(start_id, 2)):
+            yield cookie, name, self.data.with_buffered(inode)
 
     def readdir_names(self, fh: int, start_id: int) -> Iterator[tuple[int, bytes, int, int]]:
         """(next id, name, inode number, mode) from `start_id` on: `readdir` without attributes,

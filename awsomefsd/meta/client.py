@@ -36,7 +36,6 @@ from awsomefsd.meta.log import ReplicatedLog
 from awsomefsd.meta.records import (
     ClusterInfo,
     DeferredFree,
-    DirEntry,
     Extent,
     Inode,
     Member,
@@ -109,14 +108,11 @@ class MetaClient:
         """The inode `name` in directory `parent` names, if any."""
         return self._ns.lookup(self._view(), parent, name)
 
-    def entries(self, parent: int, after_cookie: int = 0) -> Iterator[tuple[DirEntry, Inode]]:
-        """The directory's entries with their inodes, in cookie (readdir) order, strictly after
-        `after_cookie`. Lazy: consume it without awaiting (it reads one open transaction)."""
-        txn = self._view()
-        for cookie, name, child in self._ns.entries(txn, parent, after_cookie):
-            inode = self._ns.get_inode(txn, child)
-            if inode is not None:
-                yield DirEntry(cookie, name, child), inode
+    def entries(self, parent: int, after_cookie: int = 0) -> Iterator[tuple[int, bytes, Inode]]:
+        """(cookie, name, inode) of the directory's entries in cookie (readdir) order, strictly
+        after `after_cookie`; the cookie is the entry's stable readdir offset. Lazy: consume it
+        without awaiting (it reads one open transaction)."""
+        return self._ns.entries_with_inodes(self._view(), parent, after_cookie)
 
     def listing(self, parent: int, after_cookie: int = 0) -> Iterator[tuple[int, bytes, int, int]]:
         """(cookie, name, child, mode) of the directory's entries strictly after `after_cookie`,

@@ -117,10 +117,9 @@ class Namespace:
             assert child is not None, (parent, name)
             yield cookie, bytes(name), child
 
-    def listing(self, txn: lmdb.Transaction[bytes], parent: int, after_cookie: int = 0) -> Iterator[tuple[int, bytes, int, int]]:
-        """(cookie, name, child, mode) in cookie order, strictly after `after_cookie`: what a plain
-        readdir needs. It decodes no inode record and builds no object per entry; `entries` plus
-        an `Inode` each cost a listing twice as much."""
+    def entry_records(self, txn: lmdb.Transaction[bytes], parent: int, after_cookie: int = 0) -> Iterator[tuple[int, bytes, int, bytes]]:
+        """(cookie, name, child, packed inode) in cookie order, strictly after `after_cookie`: the
+        walk both listings share (`listing`, `entries_with_inodes`)."""
         cursor = txn.cursor(self.cookies)
         if not cursor.set_range(cookie_key(parent, after_cookie + 1)):
             return
@@ -128,7 +127,7 @@ class Namespace:
         # on, which LMDB checks before searching from the root (a third less per lookup).
         dentries, inodes = txn.cursor(self.dentries), txn.cursor(self.inodes)
         prefix = U64.pack(parent)
-        number_at, mode_of = U64.unpack_from, INODE_MODE.unpack_from
+        number_at = U64.unpack_from
         for key, name in cursor:
             if key[:8] != prefix:
                 return
@@ -136,7 +135,20 @@ class Namespace:
             assert found, (parent, name)
             child_key = dentries.value()[:8]
             if inodes.set_key(child_key):
-                yield number_at(key, 8)[0], name, number_at(child_key)[0], mode_of(inodes.value())[0]
+                yield number_at(key, 8)[0], name, number_at(child_key)[0], inodes.value()
+
+    def listing(self, txn: lmdb.Transaction[bytes], parent: int, after_cookie: int = 0) -> Iterator[tuple[int, bytes, int, int]]:
+        """(cookie, name, child, mode): what a plain readdir needs. It decodes no inode record and
+        builds no object per entry (with both, a listing cost twice as much)."""
+        mode_of = INODE_MODE.unpack_from
+        for cookie, name, child, data in self.entry_records(txn, parent, after_cookie):
+            yield cookie, name, child, mode_of(data)[0]
+
+    def entries_with_inodes(self, txn: lmdb.Transaction[bytes], parent: int, after_cookie: int = 0) -> Iterator[tuple[int, bytes, Inode]]:
+        """(cookie, name, inode): what a readdirplus needs."""
+        unpack = Inode.unpack
+        for cookie, name, child, data in self.entry_records(txn, parent, after_cookie):
+            yield cookie, name, unpack(child, data)
 
     def names(self, txn: lmdb.Transaction[bytes], parent: int) -> Iterator[tuple[bytes, int]]:
         """(name, child) in name order (for fsck and tree walks)."""

@@ -177,15 +177,6 @@ def snapshot_dir_name(snapshot: int) -> bytes:
 
 
 # -- what the metadata client returns (awsomefsd/meta/client.py) ------------------------------------
-@dataclass(frozen=True, slots=True)
-class DirEntry:
-    """A name in a directory; `cookie` is its stable readdir offset."""
-
-    cookie: int
-    name: bytes
-    ino: int
-
-
 VolumeKind = Literal["volume", "snapshot"]
 
 

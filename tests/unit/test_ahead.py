@@ -163,7 +163,7 @@ async def test_run_ahead_predicts_what_the_log_applies(tmp_path: Path, seed: int
             parent = dirs[step % 2]
             for name in NAMES:
                 assert meta.lookup(parent, name) == reference.lookup(parent, name), (step, name)
-            listed = [(e.cookie, e.name, e.ino, inode.mode) for e, inode in meta.entries(parent)]
+            listed = [(cookie, name, inode.ino, inode.mode) for cookie, name, inode in meta.entries(parent)]
             assert [entry[:3] for entry in listed] == reference.entries(parent), step
             assert list(meta.listing(parent)) == listed, step
             pause = workload.rng.random()

@@ -287,17 +287,16 @@ class KernelHandlers:
 
     async def readdirplus(self, h: Header, body: Body) -> Payload:
         fh, offset, size, *_ = body.take(abi.READ_IN)
-        records: list[bytes] = []
-        used = 0
+        out = bytearray()
+        entry, dirent, remember = self.entry, abi.dirent, self.ops.remember
         for next_id, name, inode in self.ops.readdir(fh, offset):
-            record = self.entry(inode) + abi.dirent(inode.ino, next_id, stat.S_IFMT(inode.mode) >> 12, name)
-            if used + len(record) > size:
+            record = entry(inode) + dirent(inode.ino, next_id, (inode.mode & 0o170000) >> 12, name)
+            if len(out) + len(record) > size:
                 break
-            records.append(record)
-            used += len(record)
-            if name not in (b".", b".."):  # the kernel takes no reference for these
-                self.ops.remember(inode.ino)
-        return b"".join(records)
+            out += record
+            if name != b"." and name != b"..":  # the kernel takes no reference for these
+                remember(inode.ino)
+        return out
 
     async def releasedir(self, h: Header, body: Body) -> Payload:
         fh, *_ = body.take(abi.RELEASE_IN)
