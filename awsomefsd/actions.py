@@ -186,13 +186,24 @@ def hand_over(settings: Settings) -> int:
         raise CliError(f"cannot tell which process owns {state_dir}") from None
     os.kill(pid, signal.SIGUSR2)
     deadline = time.monotonic() + HAND_OVER_DEADLINE_S
-    while state_in_use(state_dir):
+    # Until the process has exited, not only let go of the state: systemd runs this as the unit's
+    # ExecReload, and the reload is to end once the old daemon is gone (design note 41).
+    while state_in_use(state_dir) or _alive(pid):
         if time.monotonic() > deadline:
             raise CliError(f"awsomefsd (pid {pid}) is still running {HAND_OVER_DEADLINE_S:.0f} s later: it keeps the "
                            "mount when no descriptor store is set up (its log says why)")
         time.sleep(0.05)
     print(f"awsomefsd: pid {pid} left the mount to the next daemon", flush=True)
     return 0
+
+
+def _alive(pid: int) -> bool:
+    """Is process `pid` running (a zombie, exited and not yet reaped by its parent, is not)?"""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return stat.rpartition(")")[2].split()[0] not in ("Z", "X")
 
 
 def fd_keeper(socket_path: Path) -> int:

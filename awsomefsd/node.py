@@ -225,9 +225,13 @@ async def _reclaim_step(core: Core) -> None:
 
 
 async def _watch_signals(cancel: trio.CancelScope, stopping: Callable[[], Awaitable[None]],
-                         hand_over: Callable[[], None] | None = None) -> None:
+                         hand_over: Callable[[], bool] | None = None) -> None:
     """SIGINT, SIGTERM: unmount and stop. SIGUSR2: stop serving and leave the mount to the next
-    daemon (`systemctl reload`, a package upgrade)."""
+    daemon (`systemctl reload`, a package upgrade); SIGTERM and SIGINT too while systemd
+    restarts the service (`systemctl restart`: `sdrestart`). SIGINT, because the compiled
+    onefile binary's bootstrap passes systemd's SIGTERM on as SIGINT."""
+    from awsomefsd import sdrestart
+
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGUSR2) as signals:
         async for signum in signals:
             if signum == signal.SIGUSR2:
@@ -235,6 +239,11 @@ async def _watch_signals(cancel: trio.CancelScope, stopping: Callable[[], Awaita
                     log.info("received SIGUSR2: handing the mount over")
                     hand_over()
                 continue
+            if hand_over is not None and await trio.to_thread.run_sync(sdrestart.restart_pending):
+                log.info("received %s while systemd restarts this service: handing the mount over",
+                         signal.Signals(signum).name)
+                if hand_over():
+                    continue
             log.info("received %s: unmounting", signal.Signals(signum).name)
             await stopping()
             cancel.cancel()
@@ -288,15 +297,19 @@ async def serve(core: Core, settings: Settings, *, ready: Callable[[str], None] 
     record = settings.node.state_dir / MOUNT_RECORD
     record.write_text(f"{resolved}\n")
 
-    def hand_over() -> None:
+    def hand_over() -> bool:
+        """Stop serving and leave the mount to the next daemon; False when none could take it."""
         nonlocal handing_over
         if not transport.can_hand_over():
-            log.warning("SIGUSR2: no descriptor store keeps this mount ([mount] fd_keeper, or systemd's "
+            log.warning("no descriptor store keeps this mount ([mount] fd_keeper, or systemd's "
                         "FileDescriptorStoreMax): not handing it over")
-            return
+            return False
         handing_over = True
-        _notify("STOPPING=1")
+        # Not STOPPING=1: during a reload systemd would take that as the service stopping for
+        # good and send SIGTERM once the reload ends. The exit status (75) says what happened.
+        _notify("STATUS=handing the mount over to the next daemon")
         transport.stop_serving()
+        return True
 
     try:
         async with trio.open_nursery() as nursery:

@@ -27,6 +27,8 @@ import trio.testing
 
 from awsomefsd import __version__, sdnotify, selftest
 from awsomefsd.config import Settings, load_settings
+from tests.packaging.test_systemd_service import check_service
+from tests.support import systemd
 from tests.support.daemon import AWSOMEFSD, Daemon, is_mounted
 
 REPO = Path(__file__).resolve().parents[2]
@@ -119,6 +121,7 @@ def test_unit_contract() -> None:
     assert int(service["FileDescriptorStoreMax"]) >= 1
     assert service["ExecReload"].startswith("/usr/bin/awsomefsd hand-over ")
     assert "75" in service["RestartForceExitStatus"].split()
+    assert "75" in service["SuccessExitStatus"].split()  # else a reload "fails" (test_systemd_service.py)
     assert float(service["WatchdogSec"].removesuffix("s")) > 0
     assert "NoNewPrivileges" in service and "SystemCallFilter" in service
     assert MOUNT_NAMESPACE_OPTIONS.isdisjoint(service), MOUNT_NAMESPACE_OPTIONS & service.keys()
@@ -407,5 +410,14 @@ def test_build_install_and_run(tmp_path: Path) -> None:
     finally:
         if is_mounted(base / "mnt"):
             run("umount", "-l", base / "mnt")
+        shutil.rmtree(base, ignore_errors=True)
+
+    # The compiled binary under the packaged unit and a real systemd: restart, reload, a crash, stop.
+    unavailable = systemd.available()
+    assert unavailable is None, f"a private systemd cannot run here: {unavailable}"
+    base.mkdir(mode=0o755)
+    try:
+        check_service(DIST / "awsomefsd", base)
+    finally:
         shutil.rmtree(base, ignore_errors=True)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 
 from tests.support.daemon import wait_for
@@ -79,8 +80,8 @@ for line in sys.stdin:
 class Reader:
     """A process holding a descriptor opened before the daemon changes; reads when asked."""
 
-    def __init__(self, path: Path) -> None:
-        self.proc = subprocess.Popen([sys.executable, "-c", READER, str(path)], stdin=subprocess.PIPE,
+    def __init__(self, path: Path, prefix: Sequence[str] = ()) -> None:
+        self.proc = subprocess.Popen([*prefix, sys.executable, "-c", READER, str(path)], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, text=True, cwd="/")
         self.lines = Lines(self.proc)
         wait_for(lambda: self.lines.has("open") or self.proc.poll() is not None, 30, "the reader to open")
@@ -99,8 +100,9 @@ class Reader:
         assert self.proc.wait(30) == 0
 
 
-def start_writer(path: Path, sync_at: int) -> Lines:
-    proc = subprocess.Popen([sys.executable, "-c", WRITER, str(path), str(LINES), str(sync_at)],
+def start_writer(path: Path, sync_at: int, prefix: Sequence[str] = (), lines: int = LINES) -> Lines:
+    """`prefix`: a command the writer runs under (nsenter, to write in another mount namespace)."""
+    proc = subprocess.Popen([*prefix, sys.executable, "-c", WRITER, str(path), str(lines), str(sync_at)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd="/")
     lines = Lines(proc)
     wait_for(lambda: lines.has("open") or proc.poll() is not None, 30, "the writer to open its file")
@@ -108,9 +110,10 @@ def start_writer(path: Path, sync_at: int) -> Lines:
     return lines
 
 
-def start_shell(directory: Path) -> subprocess.Popen[str]:
+def start_shell(directory: Path, prefix: Sequence[str] = ()) -> subprocess.Popen[str]:
     """A shell whose working directory is in the mount, answering each command line it reads."""
-    return subprocess.Popen(["sh", "-c", "while read cmd; do eval \"$cmd\"; echo END; done"], cwd=directory,
+    script = "cd \"$0\" && while read cmd; do eval \"$cmd\"; echo END; done"
+    return subprocess.Popen([*prefix, "sh", "-c", script, str(directory)], cwd="/",
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
