@@ -55,6 +55,9 @@ class Handle:
     ino: int
     flags: int
     seen_loss: int = 0  # FileData.losses when opened or when a loss was last reported here
+    rebuilt: bool = False
+    """Opened before a crash of the daemon serving the mount: the kernel's cached size of the
+    file may count writes the crash lost (`Operations.appends_at_own_end`)."""
 
 
 class Handles:
@@ -109,13 +112,13 @@ class Handles:
         if ino == 0 or self.meta.inode(ino) is None:
             return None  # created and not yet durable when the daemon crashed: gone with it
         writable = flags & os.O_ACCMODE != os.O_RDONLY
-        h = self.open[fh] = Handle(ino, flags, CRASH_UNREPORTED if writable else 0)
+        h = self.open[fh] = Handle(ino, flags, CRASH_UNREPORTED if writable else 0, rebuilt=True)
         return h
 
     # -- taking over a mount ------------------------------------------------------------------
     def export(self) -> dict[str, Any]:
         """What a daemon taking over this mount needs: every open handle and kernel reference."""
-        return {"open": [[fh, h.ino, h.flags, h.seen_loss] for fh, h in self.open.items()],
+        return {"open": [[fh, h.ino, h.flags, h.seen_loss, h.rebuilt] for fh, h in self.open.items()],
                 "lookups": [[ino, n] for ino, n in self.lookups.items()],
                 "serial": self._serial, "may_purge": self.may_purge}
 
@@ -127,7 +130,8 @@ class Handles:
             self.adopted = True
             self.may_purge = False
             return
-        self.open = {fh: Handle(ino, flags, seen) for fh, ino, flags, seen in state["open"]}
+        # a record from a daemon that did not note `rebuilt` has four fields per handle
+        self.open = {fh: Handle(ino, flags, seen, bool(rest and rest[0])) for fh, ino, flags, seen, *rest in state["open"]}
         self.lookups = {ino: n for ino, n in state["lookups"]}
         self._serial = state["serial"]
         self.may_purge = state["may_purge"]

@@ -418,9 +418,7 @@ class Operations:
             if drop_setid is not None and inode.mode & SETID_BITS:  # rare: no second read otherwise
                 await self._drop_setid(inode, drop_setid)
                 inode = self.meta.require_inode(h.ino)
-            # A cluster member's O_APPEND: the kernel's offset is its cached size, which another
-            # node's appends have made stale; with the lease held, the end of file here is the real one.
-            append = self.coherence is not None and bool(h.flags & os.O_APPEND)
+            append = self.appends_at_own_end(h, kernel_times=kernel_times)
             if append:
                 offset = self.data.effective_size(inode.ino, inode.size)
             if inode.volume:
@@ -429,6 +427,21 @@ class Operations:
         if append and self.coherence is not None:
             self.coherence.appended(h.ino)
         return written
+
+    def appends_at_own_end(self, h: Handle, *, kernel_times: bool = False) -> bool:
+        """Does a write through `h` go to the end of the file as this daemon knows it, whatever
+        offset the kernel sent? For O_APPEND, the kernel sends its cached size as the offset, and
+        that can be wrong here. On a cluster member, other nodes' appends made it stale (with the
+        lease held, the end of file here is the real one). On a descriptor opened before the
+        daemon crashed, it counts the writes the crash lost: at that offset the file would get a
+        run of zeros where they were. Not for pages the kernel writes back under the writeback
+        cache (`kernel_times`): those are the file's bytes where the kernel put them. The kernel
+        caches the appended bytes at its own offset meanwhile; it drops those pages when it next
+        fetches the file's attributes (it marks them stale after every write) and finds a size
+        other than its own."""
+        if not h.flags & os.O_APPEND:
+            return False
+        return self.coherence is not None or (h.rebuilt and not kernel_times)
 
     async def lseek(self, fh: int, offset: int, whence: int) -> int:
         """SEEK_DATA and SEEK_HOLE (the kernel answers the other kinds itself), block by block

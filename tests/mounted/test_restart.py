@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.apps import LINES, Lines, Reader, expected, shell_run, start_shell, start_writer
+from tests.support.apps import LINE, LINES, Lines, Reader, expected, shell_run, start_shell, start_writer
 from tests.support.daemon import AWSOMEFSD, REPO, Daemon, is_mounted, wait_for
 
 pytestmark = [
@@ -36,6 +36,16 @@ pytestmark = [
 EXIT_HANDED_OVER = 75
 KERNEL = {"AWSOMEFS_MOUNT__TRANSPORT": "kernel"}  # only our transport hands mounts over (CI also runs
 # this directory on the pyfuse3 fallback)
+
+
+def read_uncached(path: Path) -> bytes:
+    """The file as the daemon has it: the kernel's cached pages of it are dropped first."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        return os.read(fd, os.fstat(fd).st_size + 1)
+    finally:
+        os.close(fd)
 
 
 @dataclass
@@ -131,8 +141,19 @@ def test_after_a_crash_synced_bytes_survive_and_descriptors_keep_working(rig: Ri
         assert writer.proc.wait(30) == 0, writer.lines
         done = next(line for line in writer.lines if line.startswith("done"))
         assert done.endswith("[5]"), f"one EIO reports the unsynced writes the crash may have lost: {done}"
-        content = (work / "log").read_bytes()
+        cached = (work / "log").read_bytes()  # through the kernel's page cache
+        content = read_uncached(work / "log")
+        # ...and the kernel forgot what it had cached of the file at its own offsets: a reader
+        # saw what the file holds
+        assert cached == content, "the kernel's cache still held the appends the crash lost"
         assert content[: len(expected(synced_at + 1))] == expected(synced_at + 1), "every synced byte survives"
+        # The appends after the crash went to the end of the file as it is, not to the kernel's
+        # cached size, which counted the lost ones: lines went missing, but no run of zeros.
+        zero = content.find(bytes(1))
+        assert zero == -1, f"zeros where lost appends were, from byte {zero} of {len(content)}"
+        numbers = [int(line[:6]) for line in content.splitlines()]
+        assert content == b"".join(LINE % n for n in numbers), "only whole lines"
+        assert numbers == sorted(set(numbers)) and numbers[-1] == LINES - 1, numbers
         assert reader.read_size() == 10_000
         reader.close()
         assert shell_run(shell, "echo again > after && cat after") == ["again"]
@@ -176,6 +197,60 @@ def test_a_kept_descriptor_of_another_mount_is_not_served(rig: Rig) -> None:
         assert second.stop() == 0, second.logs()
     finally:
         first.stop_hard()
+
+
+APPENDER = r"""
+import os, sys
+path = sys.argv[1]
+fd = os.open(path, os.O_CREAT | os.O_WRONLY | os.O_APPEND, 0o644)
+os.write(fd, b"a" * 8192)
+os.fsync(fd)
+parent = os.open(os.path.dirname(path), os.O_RDONLY)
+os.fsync(parent)
+os.write(fd, b"b" * 8192)  # acknowledged, never synced: the crash loses it
+print("written", flush=True)
+sys.stdin.readline()  # the daemon is killed and the next one continues the mount meanwhile
+os.write(fd, b"c" * 8192)
+errors = []
+for attempt in range(2):  # the first sync reports the loss once; the next succeeds
+    try:
+        os.fsync(fd)
+        break
+    except OSError as exc:
+        errors.append(exc.errno)
+os.close(fd)
+print("done", errors, flush=True)
+"""
+
+
+def test_appends_after_a_crash_go_to_the_end_of_what_the_file_holds(rig: Rig) -> None:
+    """Whole pages appended through a descriptor opened before a crash: the kernel's cached size
+    counts the pages the crash lost, and it sends that as the offset of the next append. The
+    append goes to the end of what the file holds instead (no run of zeros in the file), and a
+    reader sees what the file holds, not the kernel's cached pages of the lost bytes."""
+    first = rig.daemon().start()
+    second = None
+    try:
+        path = first.mount / "appended"
+        appender = subprocess.Popen([sys.executable, "-c", APPENDER, str(path)], stdin=subprocess.PIPE,
+                                    stdout=subprocess.PIPE, text=True, cwd="/")
+        lines = Lines(appender)
+        wait_for(lambda: lines.has("written") or appender.poll() is not None, 30, "the appends before the crash")
+        first.kill()
+        second = rig.daemon().start()
+        assert appender.stdin is not None
+        appender.stdin.write("\n")
+        appender.stdin.flush()
+        assert appender.wait(60) == 0, lines.lines
+        assert lines.lines[-1] == "done [5]", "one EIO reports the lost append"
+        holds = b"a" * 8192 + b"c" * 8192
+        assert path.read_bytes() == holds, "a reader sees what the file holds, not the lost pages"
+        assert read_uncached(path) == holds
+        assert second.stop() == 0, second.logs()
+    finally:
+        for d in (first, second):
+            if d is not None:
+                d.stop_hard()
 
 
 HOLDER = r"""

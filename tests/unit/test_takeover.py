@@ -57,11 +57,23 @@ def test_handles_are_handed_over_exactly_or_rebuilt_after_a_crash() -> None:
     crashed.take_over(None)
     rebuilt = crashed.require(writing)
     assert (rebuilt.ino, rebuilt.flags, rebuilt.seen_loss) == (7, os.O_WRONLY | os.O_APPEND, CRASH_UNREPORTED)
+    assert rebuilt.rebuilt and not planned.require(writing).rebuilt
     with pytest.raises(FsError) as lost:
         crashed.require(reading)  # its inode was created and not durable: gone with the crash
     assert lost.value.errno == errno.EIO, "the writes are lost; EBADF would blame the application"
     assert not crashed.may_purge and crashed.holds(7)
     assert not crashed.forget(7, 5), "references from before the crash were not counted"
+
+    # a hand-over after the crash: the next daemon still knows the handle was rebuilt
+    after = Handles(_Meta({7}))  # type: ignore[arg-type]
+    after.take_over(crashed.export())
+    assert after.require(writing).rebuilt
+    # a record from a daemon that did not note it (four fields per handle)
+    record = crashed.export()
+    record["open"] = [entry[:4] for entry in record["open"]]
+    older = Handles(_Meta({7}))  # type: ignore[arg-type]
+    older.take_over(record)
+    assert not older.require(writing).rebuilt
 
 
 def test_the_keeper_keeps_hands_back_and_drops_descriptors(tmp_path: Path) -> None:
