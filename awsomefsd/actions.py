@@ -184,6 +184,9 @@ def hand_over(settings: Settings) -> int:
         pid = int((state_dir / "daemon.lock").read_text().split()[0])
     except (OSError, ValueError, IndexError):
         raise CliError(f"cannot tell which process owns {state_dir}") from None
+    from awsomefsd import sdrestart
+
+    sdrestart.forget_starts()  # under systemd: the start that follows is asked for, not a crash's
     os.kill(pid, signal.SIGUSR2)
     deadline = time.monotonic() + HAND_OVER_DEADLINE_S
     # Until the process has exited, not only let go of the state: systemd runs this as the unit's
@@ -192,7 +195,7 @@ def hand_over(settings: Settings) -> int:
         if time.monotonic() > deadline:
             raise CliError(f"awsomefsd (pid {pid}) is still running {HAND_OVER_DEADLINE_S:.0f} s later: it keeps the "
                            "mount when no descriptor store is set up (its log says why)")
-        time.sleep(0.05)
+        time.sleep(0.01)
     print(f"awsomefsd: pid {pid} left the mount to the next daemon", flush=True)
     return 0
 

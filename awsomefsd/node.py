@@ -243,6 +243,7 @@ async def _watch_signals(cancel: trio.CancelScope, stopping: Callable[[], Awaita
                 log.info("received %s while systemd restarts this service: handing the mount over",
                          signal.Signals(signum).name)
                 if hand_over():
+                    await trio.to_thread.run_sync(sdrestart.forget_starts)  # asked for, not a crash
                     continue
             log.info("received %s: unmounting", signal.Signals(signum).name)
             await stopping()

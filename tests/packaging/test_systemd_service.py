@@ -3,8 +3,9 @@
 `systemctl restart`, `systemctl reload` (a package upgrade) and a crash that systemd restarts
 must not unmount anything. A writer and a reader with descriptors opened before, and a shell
 whose working directory is in the mount, keep working, and every byte the writer was told is
-written is there. `systemctl stop` unmounts and empties the descriptor store; the next start
-mounts afresh and finds every byte.
+written is there, also after many of them in a row. `systemctl stop` unmounts and empties the
+descriptor store; the next start mounts afresh and finds every byte. A daemon that keeps
+crashing is given up on.
 
 systemd runs as PID 1 of namespaces of the test's own (tests/support/systemd.py), with the unit
 from packaging/ and a drop-in that points it at the daemon under test: the checkout here, the
@@ -148,6 +149,18 @@ def _exercise(sd: systemd.PrivateSystemd, mnt: Path, log: Path) -> None:
     assert sd.mounted(mnt)
     assert shell_run(shell, "cat from-shell && echo again > after && cat after") == ["hello", "again"]
     assert reader.read_size() == 100_000
+
+    # Many hand-overs in a row: systemd counts every start against StartLimitBurst= (5 in 10
+    # minutes), and the fifth reload or restart made it refuse the start, with the mount handed
+    # over to nobody. A hand-over resets the count.
+    for round_ in range(4):
+        for operation in ("reload", "restart"):
+            before = _main_pid(sd)
+            done_op = sd.systemctl(operation, SERVICE, check=False)
+            assert done_op.returncode == 0, f"{operation} {round_}: {done_op.stdout}{done_op.stderr}"
+            wait_for(lambda before=before: _main_pid(sd) not in ("0", before), 60, f"the daemon after {operation}")
+    assert shell_run(shell, "cat after") == ["again"]
+    assert reader.read_size() == 100_000
     reader.close()
     assert shell.stdin is not None
     shell.stdin.close()
@@ -159,8 +172,18 @@ def _exercise(sd: systemd.PrivateSystemd, mnt: Path, log: Path) -> None:
     assert sd.show(SERVICE, "NFileDescriptorStore", "Result") == {"NFileDescriptorStore": "0", "Result": "success"}
     sd.systemctl("start", SERVICE)
     assert sd.path(work / "log").read_bytes() == expected(WRITER_LINES)
-    sd.systemctl("stop", SERVICE)
-    assert not sd.mounted(mnt)
+
+    # Crashes still add up: a daemon that keeps dying is given up on, not restarted forever.
+    crashes = 0
+    while sd.show(SERVICE, "ActiveState")["ActiveState"] != "failed":
+        assert crashes < 8, f"{crashes} crashes in a row, and systemd still restarts the daemon"
+        crashes += 1
+        killed = _main_pid(sd)
+        sd.run("kill", "-KILL", killed)
+        wait_for(lambda killed=killed: _main_pid(sd) not in ("0", killed)
+                 or sd.show(SERVICE, "ActiveState")["ActiveState"] == "failed", 60, "a restart after a crash, or none")
+    assert sd.show(SERVICE, "ActiveState", "Result") == {"ActiveState": "failed", "Result": "signal"}
+    assert crashes <= 6, f"{crashes} crashes in a row, and systemd still restarts the daemon"
 
 
 @pytest.mark.mounted
@@ -208,3 +231,18 @@ def test_outside_systemd_or_when_systemctl_fails_sigterm_is_a_stop(tmp_path: Pat
 
     assert not sdrestart.restart_pending(failing, cgroup)
     assert not sdrestart.restart_pending(restarting, tmp_path / "missing")
+
+
+def test_a_hand_over_resets_the_start_limit_only_under_systemd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cgroup = tmp_path / "cgroup"
+    cgroup.write_text(CGROUP_V1)
+    asked: list[list[str]] = []
+
+    def systemctl(args: list[str]) -> str:
+        asked.append(args)
+        return ""
+
+    monkeypatch.delenv(sdrestart.SYSTEMD_INVOCATION_ENV, raising=False)
+    assert not sdrestart.forget_starts(systemctl, cgroup) and asked == []
+    monkeypatch.setenv(sdrestart.SYSTEMD_INVOCATION_ENV, "0123")
+    assert sdrestart.forget_starts(systemctl, cgroup) and asked == [["reset-failed", SERVICE]]
