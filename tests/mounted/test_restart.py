@@ -227,8 +227,12 @@ def test_appends_after_a_crash_go_to_the_end_of_what_the_file_holds(rig: Rig) ->
     """Whole pages appended through a descriptor opened before a crash: the kernel's cached size
     counts the pages the crash lost, and it sends that as the offset of the next append. The
     append goes to the end of what the file holds instead (no run of zeros in the file), and a
-    reader sees what the file holds, not the kernel's cached pages of the lost bytes."""
-    first = rig.daemon().start()
+    reader sees what the file holds, not the kernel's cached pages of the lost bytes.
+
+    Without the writeback cache: under it the kernel keeps the size and the pages as its own and
+    sends them back to the next daemon (`test_after_a_crash_pages_the_kernel_still_held_reach_the_next_daemon`)."""
+    env = {**rig.env, "AWSOMEFS_MOUNT__WRITEBACK_CACHE": "false"}
+    first = Daemon(rig.base / "state", rig.base / "mnt", size="2G", env=env).start()
     second = None
     try:
         path = first.mount / "appended"
@@ -237,7 +241,7 @@ def test_appends_after_a_crash_go_to_the_end_of_what_the_file_holds(rig: Rig) ->
         lines = Lines(appender)
         wait_for(lambda: lines.has("written") or appender.poll() is not None, 30, "the appends before the crash")
         first.kill()
-        second = rig.daemon().start()
+        second = Daemon(rig.base / "state", rig.base / "mnt", size="2G", env=env).start()
         assert appender.stdin is not None
         appender.stdin.write("\n")
         appender.stdin.flush()
