@@ -15,6 +15,7 @@ checks (`check_service`).
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import subprocess
@@ -76,8 +77,11 @@ def checkout_command(base: Path) -> Path:
     return script
 
 
-def check_service(exe: Path, base: Path) -> None:
-    """The checks in the module docstring, with `exe` as /usr/bin/awsomefsd."""
+def install_service(exe: Path | None, base: Path) -> Path:
+    """The packaged unit with a drop-in that runs `exe` (None: this checkout) as /usr/bin/awsomefsd
+    on a freshly formatted image, its state, log (daemon.log) and mount (mnt) all under `base`.
+    Returns the directory of units for `systemd.PrivateSystemd`."""
+    exe = checkout_command(base) if exe is None else exe
     units = base / "units"
     (units / f"{SERVICE}.d").mkdir(parents=True)
     shutil.copy(UNIT, units / SERVICE)
@@ -89,7 +93,13 @@ def check_service(exe: Path, base: Path) -> None:
                                capture_output=True, text=True, timeout=120, check=False)
     assert formatted.returncode == 0, formatted.stdout + formatted.stderr
     (base / "mnt").mkdir()
+    return units
 
+
+def check_service(exe: Path | None, base: Path) -> None:
+    """The checks in the module docstring, with `exe` (None: this checkout) as /usr/bin/awsomefsd."""
+    units = install_service(exe, base)
+    log = base / "daemon.log"
     sd = systemd.PrivateSystemd(base, units)
     try:
         _exercise(sd, base / "mnt", log)
@@ -104,6 +114,14 @@ def check_service(exe: Path, base: Path) -> None:
 def _main_pid(sd: systemd.PrivateSystemd) -> str:
     state = sd.show(SERVICE, "MainPID", "ActiveState")
     return state["MainPID"] if state["ActiveState"] == "active" else "0"
+
+
+def _replaced(sd: systemd.PrivateSystemd, before: str) -> bool:
+    return _main_pid(sd) not in ("0", before)
+
+
+def _replaced_or_failed(sd: systemd.PrivateSystemd, before: str) -> bool:
+    return _replaced(sd, before) or sd.show(SERVICE, "ActiveState")["ActiveState"] == "failed"
 
 
 def _exercise(sd: systemd.PrivateSystemd, mnt: Path, log: Path) -> None:
@@ -130,7 +148,7 @@ def _exercise(sd: systemd.PrivateSystemd, mnt: Path, log: Path) -> None:
     # systemctl reload (what the package's upgrade runs): a hand-over, exit 75, started at once
     reloaded = sd.systemctl("reload", SERVICE, check=False)
     assert reloaded.returncode == 0, reloaded.stdout + reloaded.stderr
-    wait_for(lambda: _main_pid(sd) not in ("0", second), 60, "the next daemon after the reload")
+    wait_for(functools.partial(_replaced, sd, second), 60, "the next daemon after the reload")
     assert sd.show(SERVICE, "Result")["Result"] == "success"
 
     wait_for(lambda: writer.has("done") or writer.proc.poll() is not None, 120, "the writer to finish")
@@ -158,7 +176,7 @@ def _exercise(sd: systemd.PrivateSystemd, mnt: Path, log: Path) -> None:
             before = _main_pid(sd)
             done_op = sd.systemctl(operation, SERVICE, check=False)
             assert done_op.returncode == 0, f"{operation} {round_}: {done_op.stdout}{done_op.stderr}"
-            wait_for(lambda before=before: _main_pid(sd) not in ("0", before), 60, f"the daemon after {operation}")
+            wait_for(functools.partial(_replaced, sd, before), 60, f"the daemon after {operation}")
     assert shell_run(shell, "cat after") == ["again"]
     assert reader.read_size() == 100_000
     reader.close()
@@ -180,8 +198,7 @@ def _exercise(sd: systemd.PrivateSystemd, mnt: Path, log: Path) -> None:
         crashes += 1
         killed = _main_pid(sd)
         sd.run("kill", "-KILL", killed)
-        wait_for(lambda killed=killed: _main_pid(sd) not in ("0", killed)
-                 or sd.show(SERVICE, "ActiveState")["ActiveState"] == "failed", 60, "a restart after a crash, or none")
+        wait_for(functools.partial(_replaced_or_failed, sd, killed), 60, "a restart after a crash, or none")
     assert sd.show(SERVICE, "ActiveState", "Result") == {"ActiveState": "failed", "Result": "signal"}
     assert crashes <= 6, f"{crashes} crashes in a row, and systemd still restarts the daemon"
 
@@ -190,7 +207,7 @@ def _exercise(sd: systemd.PrivateSystemd, mnt: Path, log: Path) -> None:
 @pytest.mark.skipif(systemd.available() is not None or not os.path.exists("/dev/fuse"),
                     reason=f"a private systemd: {systemd.available()}; and /dev/fuse")
 def test_restart_reload_and_crash_keep_the_mount_and_stop_unmounts(base: Path) -> None:
-    check_service(checkout_command(base), base)
+    check_service(None, base)
 
 
 # -- how the daemon tells a restart from a stop (awsomefsd/sdrestart.py) ---------------------------
