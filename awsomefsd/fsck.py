@@ -97,6 +97,8 @@ def _verify_data(core: Core, report: Report) -> None:
     checked = 0
     for ino in core.meta.inode_numbers():
         for ext in core.meta.all_extents(ino):
+            if ext.unwritten:
+                continue  # reserved: nothing written, nothing to verify
             view = memoryview(buf)[: ext.count * BLOCK_SIZE]
             core.device.read_into(view, ext.dev_block * BLOCK_SIZE)
             bad = first_bad_block(view, ext.checksums)

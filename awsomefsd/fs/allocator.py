@@ -42,6 +42,7 @@ class NodeAllocator:
     def __init__(self, layout: DeviceLayout, owned_ags: Iterable[int], free: FreeSpaceMap) -> None:
         self.layout = layout
         self._groups: dict[int, FreeSpaceMap] = {}
+        self._free_blocks = 0  # the groups' free blocks, kept as they change: every write asks
         self._last_ag = 0
         self.withheld_blocks = 0
         """Blocks reserved for changes whose outcome stayed unknown (`release_after_failure`)."""
@@ -54,7 +55,7 @@ class NodeAllocator:
 
     @property
     def free_blocks(self) -> int:
-        return sum(group.free_blocks for group in self._groups.values())
+        return self._free_blocks
 
     def free_blocks_in(self, ag: int) -> int:
         group = self._groups.get(ag)
@@ -80,6 +81,7 @@ class NodeAllocator:
             got = self._groups[ag].allocate(count_blocks, min_count=count_blocks, hint=hint)
             if got is not None:
                 self._last_ag = ag
+                self._free_blocks -= count_blocks
                 return [got]
         extents: list[Extent] = []
         remaining = count_blocks
@@ -97,6 +99,7 @@ class NodeAllocator:
                 self._last_ag = ag
                 break
         assert remaining == 0 and sum(n for _, n in extents) == count_blocks
+        self._free_blocks -= count_blocks
         return extents
 
     def release(self, extents: Iterable[Extent]) -> None:
@@ -131,11 +134,15 @@ class NodeAllocator:
             if start < end:
                 group.add(start, end - start)
         self._groups[ag] = group
+        self._free_blocks += group.free_blocks
 
     def revoke(self, ag: int) -> list[Extent]:
         """Stop allocating in `ag`; returns the free extents the node still saw there."""
         group = self._groups.pop(ag, None)
-        return [] if group is None else list(group)
+        if group is None:
+            return []
+        self._free_blocks -= group.free_blocks
+        return list(group)
 
     def _ag_order(self, hint: int | None) -> list[int]:
         owned = sorted(self._groups)
@@ -161,4 +168,5 @@ class NodeAllocator:
                 group = self._groups.get(ag)
                 if group is not None:
                     group.add(block, ag_end - block)
+                    self._free_blocks += ag_end - block
                 block = ag_end

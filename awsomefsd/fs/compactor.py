@@ -109,7 +109,8 @@ class Compactor:
             if inode is None or not inode.is_reg:
                 return 0
             extents = self.meta.all_extents(ino)
-            for run in _fragmented_runs(extents, self.meta.shares_blocks):
+            # unwritten extents stay where they are, for the writes they were reserved for
+            for run in _fragmented_runs(extents, lambda ext: ext.unwritten or self.meta.shares_blocks(ext)):
                 first, end = run[0].file_block, run[-1].end_block
                 for lo in range(first, end, MAX_EXTENT_BLOCKS):
                     hi = min(lo + MAX_EXTENT_BLOCKS, end)

@@ -8,7 +8,7 @@ coherence and the volume service call for data, built from one part per job:
     flusher.py    flushing buffered runs, in the foreground and in the background
     compactor.py  rewriting files fragmented by small writes
     truncate.py   size changes, settled with the buffered data under the file's lock
-    ranges.py     punched holes and cloned block ranges, settled the same way
+    ranges.py     punched holes, reserved blocks and cloned ranges, settled the same way
     losses.py     buffered writes a fenced node dropped, reported once per descriptor
 
 The write path itself lives here, because it ties the parts together: check the room, buffer,
@@ -74,7 +74,7 @@ class FileData:
         self.flusher = Flusher(self.buffer, writer, self.compactor, device, self.lost_writes,
                                flush_interval_ms=flush_interval_ms)
         self.truncator = Truncator(meta, self.buffer, self.flusher, self.reader, allocator, io, clock_ns=clock_ns)
-        self.ranges = RangeEditor(meta, self.buffer, self.flusher, clock_ns=clock_ns)
+        self.ranges = RangeEditor(meta, self.buffer, self.flusher, self.space, clock_ns=clock_ns)
         self.kernel_writeback: Callable[[], Awaitable[None]] | None = None
         """Under the writeback cache: make the kernel send the written pages it keeps (set once
         the mount serves)."""
@@ -139,7 +139,7 @@ class FileData:
         try:
             end = offset + len(data)
             grow_blocks = max(0, -(-end // BLOCK_SIZE) - -(-max(inode.size, st.end_offset()) // BLOCK_SIZE))
-            await self._check_room(inode, len(data) // BLOCK_SIZE + 2, grow_blocks)
+            await self._check_room(inode, offset, end, grow_blocks)
             if buffer.files.get(inode.ino) is not st:
                 raise FsError(errno.ESTALE, "the file was deleted during the write")
             buffer.put(st, offset, data, stamp=stamp)
@@ -152,12 +152,19 @@ class FileData:
             buffer.drop_if_idle(st)
         return len(data)
 
-    async def _check_room(self, inode: Inode, need_blocks: int, grow_blocks: int) -> None:
-        """Refuse a write up front when the device or the volume's quota cannot take it: an error
-        at write() is one the application sees, one at a later flush may go unnoticed."""
+    async def _check_room(self, inode: Inode, start: int, end: int, grow_blocks: int) -> None:
+        """Refuse a write of bytes [start, end) up front when the device or the volume's quota
+        cannot take it: an error at write() is one the application sees, one at a later flush may
+        go unnoticed. A write onto blocks fallocate reserved for it always fits."""
+        need_blocks = (end - start) // BLOCK_SIZE + 2
         if inode.volume and grow_blocks:
-            self.space.check_quota(inode, grow_blocks)
-        if self.space.fits(need_blocks) or await self.space.claim(need_blocks):
+            try:
+                self.space.check_quota(inode, grow_blocks)
+            except FsError:
+                if not self.writer.on_reserved(inode.ino, start, end):
+                    raise
+        if (self.space.fits(need_blocks) or self.writer.on_reserved(inode.ino, start, end)
+                or await self.space.claim(need_blocks)):
             return
         await self.flusher.flush_all()
         await self.space.wait_for_frees(need_blocks)
@@ -213,6 +220,9 @@ class FileData:
 
     async def punch_hole(self, ino: int, first_block: int, end_block: int) -> Inode:
         return await self.ranges.punch_hole(ino, first_block, end_block)
+
+    async def preallocate(self, ino: int, first_block: int, end_block: int, *, reserve: bool = True) -> int:
+        return await self.ranges.preallocate(ino, first_block, end_block, reserve=reserve)
 
     async def clone(self, src: int, src_block: int, dst: int, dst_block: int, count: int, size: int) -> Inode:
         return await self.ranges.clone(src, src_block, dst, dst_block, count, size)

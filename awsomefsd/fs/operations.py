@@ -507,13 +507,12 @@ class Operations:
             await self._purge_if_orphan(h.ino)
 
     async def fallocate(self, fh: int, offset: int, length: int, mode: int) -> None:
-        """fallocate(2): the default mode and KEEP_SIZE make sure the range fits (free space and
-        the volume's quota, counting only its blocks that hold no data yet) and, without
-        KEEP_SIZE, extend the file over it. ZERO_RANGE also zeroes the bytes in it, and
-        PUNCH_HOLE (with KEEP_SIZE, as Linux requires) deallocates them (`_zero`). The space is
-        checked, not reserved: there are no unwritten extents to reserve it with, so a write
-        into the range can still meet ENOSPC if others filled the device meanwhile (as on
-        filesystems that only extend the size). The other modes: EOPNOTSUPP."""
+        """fallocate(2): the default mode and KEEP_SIZE reserve the range's holes (unwritten
+        extents: a later write there needs no free space; they read as zeros and count in
+        st_blocks) and, without KEEP_SIZE, extend the file over it. ZERO_RANGE also makes the
+        bytes in it read as zeros first, and PUNCH_HOLE (with KEEP_SIZE, as Linux requires)
+        deallocates them (`_zero`). The other modes: EOPNOTSUPP. During a rolling upgrade that
+        has not reached Preallocate, the space is checked, not reserved."""
         h = self.handle(fh)
         if offset < 0 or length <= 0:
             raise FsError(errno.EINVAL)
@@ -539,18 +538,16 @@ class Operations:
 
     async def _allocate(self, ino: int, offset: int, end: int, mode: int) -> None:
         """fallocate's default mode, KEEP_SIZE and ZERO_RANGE (see `fallocate`)."""
-        inode = self.inode(ino)
+        volume = self.inode(ino).volume
+        if volume:
+            self.meta.check_writable(volume)
         first, last = offset // BLOCK_SIZE, -(-end // BLOCK_SIZE)
-        holding = sum(-(-min(b, end) // BLOCK_SIZE) - a // BLOCK_SIZE
-                      for a, b in self.data.data_ranges(inode, offset) if a < end) if offset < inode.size else 0
-        needed = max(0, last - first - holding)
-        if inode.volume:
-            self.data.check_quota(inode, needed)
-        if needed > self.statfs().free_blocks:
-            raise FsError(errno.ENOSPC)
-        if mode & FALLOC_FL_ZERO_RANGE:
-            async with self._writing(ino):
+        reserve = self.meta.may_propose(c.Preallocate)
+        async with self._writing(ino):
+            if mode & FALLOC_FL_ZERO_RANGE:
+                await self.data.preallocate(ino, first, last, reserve=False)  # fits, or nothing changes
                 await self._zero(ino, offset, end)
+            await self.data.preallocate(ino, first, last, reserve=reserve)
         if not mode & FALLOC_FL_KEEP_SIZE and end > self.inode(ino).size:
             await self.setattr(ino, size=end)
 

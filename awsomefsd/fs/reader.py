@@ -93,6 +93,8 @@ class Reader:
         out = bytearray(size)
         view = memoryview(out)
         for ext in extents:
+            if ext.unwritten:
+                continue  # reads as zeros, as `out` starts
             lo, hi = max(ext.file_block, first), min(ext.end_block, end)
             a, b = max(lo * BLOCK_SIZE, offset), min(hi * BLOCK_SIZE, offset + size)
             piece = ext.slice(lo, hi)
@@ -108,12 +110,13 @@ class Reader:
 
     def data_ranges(self, inode: Inode, offset: int) -> list[tuple[int, int]]:
         """The file's data from `offset` on, as merged (start, end) byte ranges in whole blocks
-        (a block with any byte written is data; a block with none is a hole): its committed
-        extents and its buffered writes, up to the size in `inode` (buffered writes included).
-        What SEEK_DATA and SEEK_HOLE look for."""
+        (a block with any byte written is data; a block with none is a hole, reserved or not, as
+        on ext4): its committed extents and its buffered writes, up to the size in `inode`
+        (buffered writes included). What SEEK_DATA and SEEK_HOLE look for."""
         first = offset // BLOCK_SIZE
         end = -(-inode.size // BLOCK_SIZE)
-        spans = [(max(e.file_block, first), min(e.end_block, end)) for e in self.meta.extents(inode.ino, first, end)]
+        spans = [(max(e.file_block, first), min(e.end_block, end))
+                 for e in self.meta.extents(inode.ino, first, end) if not e.unwritten]
         st = self.buffer.files.get(inode.ino)
         if st is not None:
             spans += [(lo // BLOCK_SIZE, -(-hi // BLOCK_SIZE)) for lo, hi in st.buffered_ranges() if hi > offset]
@@ -127,7 +130,9 @@ class Reader:
 
     async def read_extent(self, ext: Extent, lo: int, hi: int, a: int, b: int) -> bytes:
         """Bytes [a, b) of the file from blocks [lo, hi) of `ext`, checksums verified (EIO, cause
-        "checksum", when one does not match: never garbage)."""
+        "checksum", when one does not match: never garbage); zeros from an unwritten extent."""
+        if ext.unwritten:
+            return bytes(b - a)
         piece = ext.slice(lo, hi)
         base = lo * BLOCK_SIZE
         try:

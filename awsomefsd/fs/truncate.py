@@ -46,7 +46,7 @@ class Truncator:
             if size < inode.size and size % BLOCK_SIZE:
                 block = size // BLOCK_SIZE
                 mapped = self.meta.extents(ino, block, block + 1)
-                if mapped:
+                if mapped and not mapped[0].unwritten:  # reserved: zeros past the new end already
                     old = bytearray(await self.reader.read_block(ino, block))
                     old[size % BLOCK_SIZE :] = bytes(BLOCK_SIZE - size % BLOCK_SIZE)
                     extents = self.allocator.allocate(1, hint=mapped[0].dev_block + 1)

@@ -1,6 +1,13 @@
 """Copy-on-write of byte runs: fresh extents, the data and its checksums on the device, then one
 WriteData command that maps them (and supersedes what they replace).
 
+The one exception is a block fallocate reserved (an unwritten extent) when the node is short of
+space: it holds nothing anyone reads, so its first write may go in place, and a full device
+cannot fail a write the reservation promised room for. A crash before the commit leaves it
+unwritten, reading zeros as before. With room to spare, reserved blocks are superseded like any
+others: fresh blocks side by side make one device write of a flush's scattered runs, and the
+hot path never looks for reservations.
+
 Shared by the flusher (buffered writes), the compactor (fragmented files) and nothing else: every
 path that puts file data on the device ends in `write_runs` or in a truncate's tail block. The
 caller holds the file's lock, so no flush, truncate or compaction of the same file interleaves.
@@ -10,6 +17,7 @@ device) and one command, not one of each per run.
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Callable
 
 from awsomefsd.fs.buffer import FileState, Run
@@ -19,9 +27,11 @@ from awsomefsd.io.extent_io import ExtentIO
 from awsomefsd.io.layout import BLOCK_SIZE
 from awsomefsd.meta import commands as c
 from awsomefsd.meta.client import MetaClient
+from awsomefsd.meta.errors import certainly_not_applied
 from awsomefsd.meta.records import MAX_EXTENT_BLOCKS, Extent
 
 Piece = tuple[int, int, int, memoryview]  # (file block, device block, blocks, their bytes)
+Segment = tuple[int, int | None, int, memoryview]  # a Piece whose device block is None until allocated
 
 
 class RunWriter:
@@ -32,6 +42,11 @@ class RunWriter:
         self.space = space
         self.io = io
         self.clock_ns = clock_ns
+        self.unsure: set[int] = set()
+        """Files with a write whose commit is unknown (it may still land): their reserved blocks
+        are not written in place again by this process. A late commit may map blocks written in
+        place meanwhile under its own checksums, or supersede the reservation the next write
+        counts on; copy-on-write is right either way."""
         self.may_run_ahead: Callable[[int], bool] = lambda _ino: False
         """`may_run_ahead(ino)`: may the file's mapping be acknowledged ahead of the log? Only for
         a file no other node can know yet (a cluster member's coherence decides:
@@ -39,10 +54,10 @@ class RunWriter:
 
     async def write_runs(self, st: FileState, runs: list[Run], *, size: int | None = None,
                          keep_mtime: bool = False, mtime_ns: int = 0) -> None:
-        """Write byte runs of one file (in offset order, disjoint) to fresh extents and commit them
-        with one WriteData. `size` caps the file size the command may set (a compaction must not
-        grow the file); `keep_mtime` leaves the times alone (compaction); `mtime_ns` is when the
-        writes happened (their mtime)."""
+        """Write byte runs of one file (in offset order, disjoint) to fresh extents (or in place on
+        blocks reserved for them) and commit them with one WriteData. `size` caps the file size
+        the command may set (a compaction must not grow the file); `keep_mtime` leaves the times
+        alone (compaction); `mtime_ns` is when the writes happened (their mtime)."""
         epoch = self.meta.lease_epoch()  # the device write happens under it: mapped only under it
         inode = self.meta.inode(st.ino)
         if inode is None:
@@ -51,9 +66,11 @@ class RunWriter:
         if size is not None:
             end = min(size, end)
         block_runs = await self._block_runs(st.ino, inode.size, runs)
-        nblocks = sum(len(data) for _, data in block_runs) // BLOCK_SIZE
-        extents = await self.space.allocate(nblocks, self._hint(st.ino, block_runs[0][0]))
-        pieces = _lay_out(block_runs, extents)
+        total = sum(len(data) for _, data in block_runs) // BLOCK_SIZE
+        segments = _segments(block_runs, self._reserved(st.ino, block_runs) if self.short_of_space(total) else [])
+        nblocks = sum(n for _, dev, n, _ in segments if dev is None)
+        extents = await self.space.allocate(nblocks, self._hint(st.ino, block_runs[0][0])) if nblocks else []
+        pieces = _lay_out(segments, extents)
         try:
             checksums = await self.io.write_async([(dev, data) for _, dev, _, data in pieces])
         except BaseException:
@@ -68,6 +85,8 @@ class RunWriter:
                 await self.meta.propose(command, epoch=epoch)
         except BaseException as exc:
             self.space.release_after_failure(extents, exc)  # a mapping that may commit keeps them
+            if not certainly_not_applied(exc):
+                self.unsure.add(st.ino)
             raise
 
     async def _block_runs(self, ino: int, size: int, runs: list[Run]) -> list[tuple[int, bytearray]]:
@@ -101,6 +120,32 @@ class RunWriter:
             buf[start - base * BLOCK_SIZE : end - base * BLOCK_SIZE] = data
         return out
 
+    def on_reserved(self, ino: int, start: int, end: int) -> bool:
+        """Do bytes [start, end) of the file lie on blocks reserved for them (unwritten extents a
+        flush will write in place)? Such a write needs no free space and no more quota."""
+        if ino in self.unsure or start >= end:
+            return False
+        block, end_block = start // BLOCK_SIZE, -(-end // BLOCK_SIZE)
+        for ext in self.meta.extents(ino, block, end_block):
+            if not ext.unwritten or ext.file_block > block:
+                return False
+            block = ext.end_block
+        return block >= end_block
+
+    def short_of_space(self, blocks: int) -> bool:
+        """Should a flush of `blocks` write the reservations under it in place? Only when the
+        node's space is short: otherwise fresh blocks serve better (see the module docstring)."""
+        return not self.space.fits(blocks)
+
+    def _reserved(self, ino: int, block_runs: list[tuple[int, bytearray]]) -> list[Extent]:
+        """The file's unwritten extents under the runs, which they may write in place: one look at
+        the map per run (never one over their whole span: a flush of scattered writes to a large
+        file would read every record between them). None for a file in `unsure`."""
+        if ino in self.unsure:
+            return []
+        return [ext for first, data in block_runs
+                for ext in self.meta.extents(ino, first, first + len(data) // BLOCK_SIZE) if ext.unwritten]
+
     def _hint(self, ino: int, first_block: int) -> int | None:
         """Where the previous block of the file lives: allocating right after keeps files contiguous."""
         if first_block == 0:
@@ -109,16 +154,44 @@ class RunWriter:
         return None if ext is None else ext.dev_block + (first_block - ext.file_block)
 
 
-def _lay_out(block_runs: list[tuple[int, bytearray]], extents: list[tuple[int, int]]) -> list[Piece]:
-    """Place whole-block runs, in order, into the allocated device extents: pieces of at most one
-    file-map record, each within one run and one extent."""
-    pieces: list[Piece] = []
-    free = iter(extents)
-    dev, left = 0, 0
+def _segments(block_runs: list[tuple[int, bytearray]], reserved: list[Extent]) -> list[Segment]:
+    """The whole-block runs cut where the `reserved` (unwritten, in file order) extents begin and
+    end: the parts on a reserved extent carry its device block; the others need fresh space."""
+    if not reserved:
+        return [(first, None, len(data) // BLOCK_SIZE, memoryview(data)) for first, data in block_runs]
+    starts = [ext.file_block for ext in reserved]
+    out: list[Segment] = []
     for first, data in block_runs:
         view = memoryview(data)
         total, pos = len(data) // BLOCK_SIZE, 0
         while pos < total:
+            block = first + pos
+            i = bisect.bisect_right(starts, block) - 1
+            dev: int | None = None
+            if i >= 0 and reserved[i].end_block > block:
+                n = min(total - pos, reserved[i].end_block - block)
+                dev = reserved[i].dev_block + block - reserved[i].file_block
+            else:
+                n = min(total - pos, (starts[i + 1] if i + 1 < len(starts) else block + total) - block)
+            out.append((block, dev, n, view[pos * BLOCK_SIZE : (pos + n) * BLOCK_SIZE]))
+            pos += n
+    return out
+
+
+def _lay_out(segments: list[Segment], extents: list[tuple[int, int]]) -> list[Piece]:
+    """Place the segments, in order, on their reserved blocks or else into the allocated device
+    extents: pieces of at most one file-map record, each within one segment and one extent."""
+    pieces: list[Piece] = []
+    free = iter(extents)
+    dev, left = 0, 0
+    for first, at, total, view in segments:
+        pos = 0
+        while pos < total:
+            if at is not None:
+                n = min(total - pos, MAX_EXTENT_BLOCKS)
+                pieces.append((first + pos, at + pos, n, view[pos * BLOCK_SIZE : (pos + n) * BLOCK_SIZE]))
+                pos += n
+                continue
             if not left:
                 dev, left = next(free)
             n = min(total - pos, left, MAX_EXTENT_BLOCKS)

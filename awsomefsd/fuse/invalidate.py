@@ -118,6 +118,10 @@ def _punch_hole(cmd: c.PunchHole, result: Any) -> list[Target]:
     return [Target.inode(cmd.ino)]
 
 
+def _preallocate(cmd: c.Preallocate, result: Any) -> list[Target]:
+    return [Target.attr_only(cmd.ino)]  # st_blocks; reserved blocks read as the holes they were
+
+
 def _clone_range(cmd: c.CloneRange, result: Any) -> list[Target]:
     return [Target.inode(cmd.dst_ino)]  # the source's bytes and attributes did not change
 
@@ -157,6 +161,7 @@ RULES: dict[type, Rule] = {
     c.SetAttr: _setattr,
     c.WriteData: _write_data,
     c.PunchHole: _punch_hole,
+    c.Preallocate: _preallocate,
     c.CloneRange: _clone_range,
     c.SetXattr: _xattr,
     c.RemoveXattr: _xattr,

@@ -108,6 +108,9 @@ def check_space(log: LocalLog, sm: StateMachine, data_extent: tuple[int, int], r
         for ext in all_extents(txn, sm.db["fmap"], ino):
             count += ext.count
             start, n = ext.dev_block, ext.count
+            if ext.unwritten and _shared(sm, txn, start, n):
+                report.problem(f"inode {ino} shares its unwritten blocks {start}+{n}: a write in place would "
+                               "change another file")
             if used.overlaps_free(start, n):
                 shared = _shared(sm, txn, start, n)
                 if not shared:

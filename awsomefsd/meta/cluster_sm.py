@@ -22,7 +22,7 @@ import lmdb
 
 from awsomefsd.meta import commands as c
 from awsomefsd.meta.errors import FsError
-from awsomefsd.meta.records import Extent, Member, u64
+from awsomefsd.meta.records import Member, u64
 
 MAX_MEMBERS = 1024
 MAX_CLAIM_GROUPS = 64
@@ -217,19 +217,22 @@ class ClusterTables:
         txn.delete(u64(ino), db=self.leases_db)
 
     def check_fenced(self, txn: lmdb.Transaction[bytes], cmd: c.Fenced) -> None:
-        """Refuse a command from an expired epoch, or one whose new extents lie outside the
-        proposer's allocation groups (space another node may already be writing)."""
+        """Refuse a command from an expired epoch (the space it maps is checked as each carried
+        command is applied: `check_owned`)."""
         self._check_epoch(txn, cmd.node, cmd.epoch)
-        extents = [e for inner in cmd.commands for e in _new_extents(inner)]
-        if not extents:
+
+    def check_owned(self, txn: lmdb.Transaction[bytes], node: int, ranges: list[tuple[int, int]]) -> None:
+        """Refuse new device ranges (start, count) outside `node`'s allocation groups: space
+        another node may already be writing."""
+        if not ranges:
             return
         first = self.number(txn, b"ag_first_block")
         size = self.number(txn, b"ag_blocks")
-        mine = set(self.groups_of(txn, cmd.node))
-        for ext in extents:
-            groups = range((ext.dev_block - first) // size, (ext.dev_block + ext.count - 1 - first) // size + 1)
+        mine = set(self.groups_of(txn, node))
+        for start, count in ranges:
+            groups = range((start - first) // size, (start + count - 1 - first) // size + 1)
             if not mine.issuperset(groups):
-                raise FsError(errno.EIO, f"extent {ext.dev_block}+{ext.count} is outside node {cmd.node}'s groups")
+                raise FsError(errno.EIO, f"extent {start}+{count} is outside node {node}'s groups")
 
     def _check_epoch(self, txn: lmdb.Transaction[bytes], node: int, epoch: int) -> None:
         record = self.member(txn, node)
@@ -242,16 +245,6 @@ class ClusterTables:
 def _record(name: str, address: str, join_address: str, now_ns: int) -> dict[str, Any]:
     return {"name": name, "address": address, "join_address": join_address, "serial": "", "state": "active",
             "epoch": 1, "expired": False, "joined_ns": now_ns}
-
-
-def _new_extents(command: object) -> list[Extent]:
-    if isinstance(command, c.WriteData):
-        return list(command.extents)
-    if isinstance(command, c.SetAttr) and command.tail is not None:
-        return [command.tail]
-    if isinstance(command, c.Batch):
-        return [e for inner in command.commands for e in _new_extents(inner)]
-    return []
 
 
 def member_from_record(node: int, record: dict[str, Any]) -> Member:

@@ -33,6 +33,7 @@ COMMAND_TAGS: dict[type, int] = {
     c.SetMemberCert: 22, c.UpdateMemberAddress: 23, c.RemoveMember: 24, c.SetJoinVerifier: 25,
     c.RenewLease: 26, c.ExpireNode: 27, c.ClaimGroups: 28, c.AcquireWriteLease: 29, c.ReleaseWriteLease: 30,
     c.Fenced: 31, c.ReleaseOrphans: 32, c.PunchHole: 33, c.CloneRange: 34, c.SetLogLevel: 35,
+    c.Preallocate: 36,
 }
 
 TAG_COMMANDS = {tag: cls for cls, tag in COMMAND_TAGS.items()}
@@ -164,7 +165,7 @@ def _decode_value(data: memoryview, pos: int, hint: Any, depth: int, fields: Fie
         if hint is Extent:
             file_block, dev_block, count = _EXTENT_HEAD.unpack_from(data, pos)
             checksums, pos = _decode_bytes(data, pos + _EXTENT_HEAD.size)
-            if len(checksums) != 4 * count:
+            if len(checksums) not in (0, 4 * count):  # none: an unwritten extent
                 raise CodecError("extent checksums do not match its length")
             return Extent(file_block, dev_block, count, checksums), pos
         if origin is tuple:

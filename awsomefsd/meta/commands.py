@@ -111,6 +111,9 @@ class WriteData:
     """Map freshly written extents into a file (copy-on-write: never overwrites in place).
 
     `extents` are in file order and disjoint (one flush of scattered writes is one command).
+    Each is fresh space, except where it lies exactly on an unwritten extent of the file (same
+    file blocks, same device blocks): the proposer wrote those reserved blocks in place, and they
+    are the file's already.
     `size` is the file size the write reaches
     (the file grows to it, never shrinks). What they replace goes to the delayed-free list, whose
     grace period starts at `now_ns` (the commit). With `touch`, mtime becomes `mtime_ns` (0: now_ns):
@@ -138,6 +141,18 @@ class PunchHole:
     ino: int
     first_block: int
     end_block: int
+    now_ns: int
+
+
+@dataclass(frozen=True, slots=True)
+class Preallocate:
+    """fallocate's reservation: map fresh device blocks into holes of the file as unwritten
+    extents (no checksums: they read as zeros). The file's size and times stay (the proposer
+    sets them as the mode asks). `extents` are in file order, disjoint, over holes only.
+    """
+
+    ino: int
+    extents: tuple[Extent, ...]
     now_ns: int
 
 
@@ -402,15 +417,16 @@ Command = (
     | ReclaimFrees | GrantGroups | ReleaseLeaked | CreateVolume | DeleteVolume | ResizeVolume
     | CreateSnapshot | DeleteSnapshot | Batch | InitCluster | AddMember | SetMemberCert | UpdateMemberAddress
     | RemoveMember | SetJoinVerifier | RenewLease | ExpireNode | ClaimGroups | AcquireWriteLease
-    | ReleaseWriteLease | ReleaseOrphans | Fenced | PunchHole | CloneRange | SetLogLevel
+    | ReleaseWriteLease | ReleaseOrphans | Fenced | PunchHole | CloneRange | SetLogLevel | Preallocate
 )
 
 
 BASE_LOG_LEVEL = 3
 """The level of a cluster that never recorded one: formed by builds before the gate, which decode
 command tags 1-32 (meta/codec.py) in format 3."""
-LOG_LEVEL = 4
-"""The newest commands this build decodes. 4: PunchHole, CloneRange, SetLogLevel.
+LOG_LEVEL = 5
+"""The newest commands this build decodes. 5: Preallocate (and unwritten extents, which a WriteData
+may then write in place). 4: PunchHole, CloneRange, SetLogLevel.
 
 A member on an older build stops applying the log at the first command it cannot decode, so in a
 rolling upgrade no member may propose a newer command before every member runs a build that
@@ -419,7 +435,7 @@ leader once every member says it can: cluster/duties.py) and a proposer checks i
 (`MetaClient.may_propose`). A single node has no one to wait for. A member on a build below the
 recorded level (a downgrade) does not start, and one that meets a command it cannot decode stops
 with `LogAheadOfBuild`."""
-COMMAND_LEVELS: dict[type, int] = {PunchHole: 4, CloneRange: 4, SetLogLevel: 4}
+COMMAND_LEVELS: dict[type, int] = {PunchHole: 4, CloneRange: 4, SetLogLevel: 4, Preallocate: 5}
 
 
 def level_of(command: type) -> int:

@@ -62,19 +62,63 @@ def map_extent(txn: lmdb.Transaction[bytes], db: lmdb._Database, ino: int, ext: 
     """Insert `ext` (its range must be unmapped), merging with a device-contiguous predecessor.
 
     Merging keeps a file written by many small appends from fragmenting into one record per write.
+    An unwritten extent merges only with an unwritten one.
     """
-    assert len(ext.checksums) == 4 * ext.count and 0 < ext.count <= MAX_EXTENT_BLOCKS, ext
+    assert len(ext.checksums) in (0, 4 * ext.count) and 0 < ext.count <= MAX_EXTENT_BLOCKS, ext
     if ext.file_block > 0:
         for prev in extents_in(txn, db, ino, ext.file_block - 1, ext.file_block):
             if (
                 prev.end_block == ext.file_block
                 and prev.dev_block + prev.count == ext.dev_block
                 and prev.count + ext.count <= MAX_EXTENT_BLOCKS
+                and prev.unwritten == ext.unwritten
             ):
                 merged = Extent(prev.file_block, prev.dev_block, prev.count + ext.count, prev.checksums + ext.checksums)
                 txn.put(fmap_key(ino, prev.file_block), merged.pack_value(), db=db)
                 return
     txn.put(fmap_key(ino, ext.file_block), ext.pack_value(), db=db)
+
+
+def survey(txn: lmdb.Transaction[bytes], db: lmdb._Database, ino: int,
+           extents: tuple[Extent, ...]) -> tuple[int, list[tuple[int, int]]]:
+    """What new `extents` (in file order, disjoint) would replace, in one look per run of adjacent
+    ones: how many file blocks they cover that are mapped now, and the device ranges (start,
+    count) of theirs that lie exactly on an unwritten extent of the file (same file blocks, same
+    device blocks): reserved blocks written in place, the file's already. The rest is fresh."""
+    replaced = 0
+    in_place: list[tuple[int, int]] = []
+    i = 0
+    while i < len(extents):
+        j = i + 1
+        while j < len(extents) and extents[j].file_block == extents[j - 1].end_block:
+            j += 1
+        run = extents[i:j]
+        first, end = run[0].file_block, run[-1].end_block
+        for cur in extents_in(txn, db, ino, first, end):
+            replaced += min(cur.end_block, end) - max(cur.file_block, first)
+            if not cur.unwritten:
+                continue
+            for ext in run:
+                lo, hi = max(cur.file_block, ext.file_block), min(cur.end_block, ext.end_block)
+                if lo < hi and cur.dev_block - cur.file_block == ext.dev_block - ext.file_block:
+                    in_place.append((cur.dev_block + lo - cur.file_block, hi - lo))
+        i = j
+    return replaced, in_place
+
+
+def without(ranges: list[tuple[int, int]], cut: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The (start, count) `ranges` less the parts that `cut` covers (in order, small lists)."""
+    if not cut:
+        return ranges
+    out: list[tuple[int, int]] = []
+    for start, count in ranges:
+        pieces = [(start, start + count)]
+        for c_start, c_count in cut:
+            c_end = c_start + c_count
+            pieces = [part for a, b in pieces
+                      for part in ((a, min(b, c_start)), (max(a, c_end), b)) if part[0] < part[1]]
+        out += [(a, b - a) for a, b in pieces]
+    return out
 
 
 def mapped_blocks(txn: lmdb.Transaction[bytes], db: lmdb._Database, ino: int, first_block: int, end_block: int) -> int:

@@ -126,6 +126,11 @@ class Extent:
 
     `checksums` holds one little-endian CRC32C per block. Records never overlap within a file and
     never exceed MAX_EXTENT_BLOCKS.
+
+    An extent without checksums is *unwritten* (fallocate's reservation, design note 43): its
+    blocks are the file's, counted in its size on disk, and read as zeros whatever the device
+    holds there. The first write to such a block goes in place (the block holds nothing anyone
+    reads); the WriteData that commits it turns the block into an ordinary one.
     """
 
     file_block: int
@@ -144,6 +149,11 @@ class Extent:
     @property
     def end_block(self) -> int:
         return self.file_block + self.count
+
+    @property
+    def unwritten(self) -> bool:
+        """Reserved, never written: reads as zeros, carries no checksums."""
+        return not self.checksums
 
     def slice(self, first: int, end: int) -> Extent:
         """The part of this extent covering file blocks [first, end)."""

@@ -24,7 +24,7 @@ from awsomefsd.meta import filemap
 from awsomefsd.meta.cluster_sm import ClusterTables
 from awsomefsd.meta.errors import Delegated, FsError
 from awsomefsd.meta.namespace import Namespace
-from awsomefsd.meta.ranges import apply_clone_range, apply_punch_hole
+from awsomefsd.meta.ranges import apply_clone_range, apply_preallocate, apply_punch_hole
 from awsomefsd.meta.records import (
     MAX_FILE_SIZE_BYTES,
     MAX_XATTR_LIST_BYTES,
@@ -75,6 +75,7 @@ class StateMachine:
             c.Rename: self._rename,
             c.SetAttr: self._setattr,
             c.WriteData: self._write_data,
+            c.Preallocate: self._preallocate,
             c.SetXattr: self._setxattr,
             c.RemoveXattr: self._removexattr,
             c.ReserveInodes: self._reserve_inodes,
@@ -329,7 +330,9 @@ class StateMachine:
             first_cut = keep_blocks - 1 if tail is not None else keep_blocks
             if tail is not None:
                 assert tail.file_block == keep_blocks - 1 and tail.count == 1, tail
-                self.space_check_new(txn, [tail])
+                if tail.unwritten:
+                    raise FsError(errno.EINVAL, "a truncated file's tail block carries checksums")
+                self.space_check_new(txn, [(tail.dev_block, tail.count)])
             superseded = filemap.unmap_range(txn, fmap, inode.ino, first_cut, 1 << 62)
             removed = sum(n for _, n in superseded)
             added = 0
@@ -342,11 +345,16 @@ class StateMachine:
             inode.blocks += added - removed
         inode.size = size
 
-    def space_check_new(self, txn: lmdb.Transaction[bytes], extents: list[Extent] | tuple[Extent, ...]) -> None:
-        for ext in extents:
-            if not self.space.mirror.contains_free(ext.dev_block, ext.count):
-                log.error("refusing a write: blocks %d+%d are not free", ext.dev_block, ext.count)
+    def space_check_new(self, txn: lmdb.Transaction[bytes], ranges: list[tuple[int, int]]) -> None:
+        """The device ranges (start, count) a command maps as new are free, and (a member's
+        command) in the proposer's allocation groups: space another node may be writing is not
+        its to map."""
+        for start, count in ranges:
+            if not self.space.mirror.contains_free(start, count):
+                log.error("refusing a write: blocks %d+%d are not free", start, count)
                 raise FsError(errno.EIO, "allocation conflict")
+        if self._proposer:
+            self.cluster.check_owned(txn, self._proposer, ranges)
 
     def _write_data(self, txn: lmdb.Transaction[bytes], cmd: c.WriteData) -> Inode:
         inode = self.ns.require_inode(txn, cmd.ino)
@@ -360,16 +368,20 @@ class StateMachine:
         for prev, nxt in zip(cmd.extents, cmd.extents[1:]):
             if prev.end_block > nxt.file_block:
                 raise FsError(errno.EINVAL, "WriteData extents must be in file order and disjoint")
-        self.space_check_new(txn, cmd.extents)
+        if any(ext.unwritten for ext in cmd.extents):
+            raise FsError(errno.EINVAL, "WriteData extents carry checksums")
+        replaced, in_place = filemap.survey(txn, fmap, inode.ino, cmd.extents)
+        fresh = filemap.without([(ext.dev_block, ext.count) for ext in cmd.extents], in_place)
+        self.space_check_new(txn, fresh)
         ranges = _file_ranges(cmd.extents)
-        replaced = sum(filemap.mapped_blocks(txn, fmap, inode.ino, first, end) for first, end in ranges)
         delta = sum(ext.count for ext in cmd.extents) - replaced
         self.volumes.charge(txn, inode.volume, blocks=delta, inodes=0)
         superseded = [piece for first, end in ranges for piece in filemap.unmap_range(txn, fmap, inode.ino, first, end)]
+        for start, count in fresh:
+            self.space.take(txn, start, count)
         for ext in cmd.extents:
-            self.space.take(txn, ext.dev_block, ext.count)
             filemap.map_extent(txn, fmap, inode.ino, ext)
-        self.defer_free(txn, superseded, cmd.now_ns)
+        self.defer_free(txn, filemap.without(superseded, in_place), cmd.now_ns)
         inode.blocks += delta
         inode.size = max(inode.size, cmd.size)
         if cmd.touch:
@@ -384,6 +396,9 @@ class StateMachine:
 
     def _punch_hole(self, txn: lmdb.Transaction[bytes], cmd: c.PunchHole) -> Inode:
         return apply_punch_hole(self, txn, cmd)
+
+    def _preallocate(self, txn: lmdb.Transaction[bytes], cmd: c.Preallocate) -> Inode:
+        return apply_preallocate(self, txn, cmd)
 
     def _clone_range(self, txn: lmdb.Transaction[bytes], cmd: c.CloneRange) -> Inode:
         return apply_clone_range(self, txn, cmd)

@@ -3,7 +3,8 @@
 adds PunchHole and CloneRange. While any member runs the old build no member may propose them (it
 would stop applying the log at the first), so punching a hole answers EOPNOTSUPP and
 copy_file_range leaves the copy to the kernel; once every member runs the new build, the leader
-raises the level and both share and unmap blocks again. The old build is this repository's own
+raises the level and both share and unmap blocks again. (fallocate's reservations, Preallocate at
+the next level, wait the same way: the space is checked, not reserved, until then.) The old build is this repository's own
 commit BEFORE_GATE, taken from its history (`git archive`): a test of two real builds."""
 
 from __future__ import annotations
@@ -96,11 +97,14 @@ def test_a_rolling_upgrade_gates_the_new_commands_until_every_member_runs_the_ne
             return asked >= rounds + 2 or level > 3
 
         wait_for(asked_twice_or_raised, LEVEL_RAISED_S, "the leader asking every member twice")
-        assert levels(new)[:2] == (3, 4), "the log level rose while a member ran the old build"
+        assert levels(new)[:2] == (3, LOG_LEVEL), "the log level rose while a member ran the old build"
 
         with pytest.raises(OSError) as err:
             punch(new.mount / "f", 4096, 8192)
         assert err.value.errno == errno.EOPNOTSUPP
+        with open(new.mount / "reserved", "wb") as fh:
+            fallocate(fh.fileno(), 0, 0, 1 << 20)
+        assert blocks_of(new.mount / "reserved") == 0, "checked, not reserved (Preallocate needs the new level)"
         assert copy_range(new.mount / "f", new.mount / "copy", len(payload)) == len(payload)  # the kernel copies
         for node in nodes:
             assert (node.mount / "copy").read_bytes() == payload  # the old member still applies the log
@@ -109,7 +113,7 @@ def test_a_rolling_upgrade_gates_the_new_commands_until_every_member_runs_the_ne
         old.stop()
         on_build(old, None, base)
         old.start("run")
-        wait_for(lambda: levels(new)[0] == 4, LEVEL_RAISED_S, "the leader raising the cluster's log level")
+        wait_for(lambda: levels(new)[0] == LOG_LEVEL, LEVEL_RAISED_S, "the leader raising the cluster's log level")
 
         punch(new.mount / "f", 4096, 8192)
         expected = payload[:4096] + bytes(8192) + payload[12288:]
@@ -118,6 +122,11 @@ def test_a_rolling_upgrade_gates_the_new_commands_until_every_member_runs_the_ne
             assert (node.mount / "f").read_bytes() == expected
             assert (node.mount / "clone").read_bytes() == expected
         assert blocks_of(new.mount / "f") * 512 == len(payload) - 8192
+        with open(new.mount / "reserved", "r+b") as fh:
+            fallocate(fh.fileno(), 0, 0, 2 << 20)
+        assert blocks_of(new.mount / "reserved") * 512 == 2 << 20, "reserved now"
+        for node in nodes:
+            assert (node.mount / "reserved").read_bytes() == bytes(2 << 20)
 
 
 def lead_from_a_new_build(cluster: Cluster, old: Node) -> None:

@@ -19,6 +19,7 @@ import pytest
 from awsomefsd.io.layout import BLOCK_SIZE
 from awsomefsd.meta.filemap import all_extents
 from tests.support.daemon import Daemon, run_cli, wait_for
+from tests.support.fsx import fallocate
 
 pytestmark = pytest.mark.mounted
 
@@ -113,6 +114,53 @@ def test_both_superblocks_corrupt_is_a_clear_error(base: Path) -> None:
             fh.write(b"\xff" * 50)
     with pytest.raises(RuntimeError, match="both superblocks are damaged"):
         d.start()
+
+
+def test_fallocated_space_stays_writable_on_a_full_device(base: Path) -> None:
+    """What fallocate promises a database or a download manager: once it returned, writes into the
+    range do not fail for want of space, however full the device got since. The reservation reads
+    as zeros, counts in st_blocks and is a hole to SEEK_DATA, as on ext4; the writes go in place
+    (st_blocks stays) and are there after a restart; fsck finds every checksum sound."""
+    if os.environ.get("AWSOMEFS_MOUNT__TRANSPORT") == "pyfuse3":
+        pytest.skip("pyfuse3 has no fallocate handler: glibc's posix_fallocate writes zeros instead")
+    d = Daemon(base / "state", base / "mnt", size="128M").start()
+    reserved = 16 << 20
+    data = bytearray(os.urandom(reserved))
+    try:
+        fd = os.open(d.mount / "db", os.O_CREAT | os.O_RDWR, 0o644)
+        try:
+            fallocate(fd, 0, 0, reserved)
+            st = os.fstat(fd)
+            assert st.st_size == reserved and st.st_blocks * 512 == reserved
+            assert os.pread(fd, BLOCK_SIZE, 5 << 20) == bytes(BLOCK_SIZE)
+            with pytest.raises(OSError) as no_data:
+                os.lseek(fd, 0, os.SEEK_DATA)
+            assert no_data.value.errno == errno.ENXIO
+            with pytest.raises(OSError) as full, open(d.mount / "filler", "wb") as fh:
+                for size in [1 << 20] * 200 + [BLOCK_SIZE] * 600:
+                    fh.write(b"f" * size)
+                    fh.flush()
+                os.fsync(fh.fileno())
+            assert full.value.errno == errno.ENOSPC
+            data[100:200] = b"x" * 100  # a partial block too
+            for offset in range(0, reserved, 1 << 20):
+                os.pwrite(fd, data[offset : offset + (1 << 20)], offset)
+            os.pwrite(fd, data[100:200], 100)
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            assert os.pread(fd, reserved, 0) == data
+            assert os.fstat(fd).st_blocks == st.st_blocks, "written in place: nothing more taken"
+        finally:
+            os.close(fd)
+    finally:
+        assert d.stop() == 0
+    d.start()
+    try:
+        assert (d.mount / "db").read_bytes() == data
+    finally:
+        assert d.stop() == 0
+    r = run_cli("fsck", "--verify-data", "--state", str(base / "state"))
+    assert r.returncode == 0, r.stdout
 
 
 def test_full_device_enospc_then_space_returns(base: Path) -> None:

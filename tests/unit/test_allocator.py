@@ -363,3 +363,39 @@ def test_allocation_limits() -> None:
         alloc.allocate(0)
     with pytest.raises(ValueError):
         alloc.allocate(freespace_module.MAX_ALLOCATION_BLOCKS + 1)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_allocator_free_count_follows_every_change(seed: int) -> None:
+    """The allocator keeps its free-block count as it changes (every write asks for it): after any
+    seeded sequence of allocations, releases, frees, grants and revocations it is the count of the
+    blocks a model holds free in the owned groups."""
+    rng = random.Random(seed)
+    alloc = NodeAllocator(LAYOUT, [0, 1], _free_device())
+    model = {b for ag in (0, 1) for b in range(*LAYOUT.ag_range(ag))}
+    held: list[tuple[int, int]] = []
+    for _ in range(400):
+        op = rng.random()
+        if op < 0.45 and alloc.free_blocks:
+            got = alloc.allocate(rng.randint(1, min(64, alloc.free_blocks)))
+            held += got
+            for start, count in got:
+                assert set(range(start, start + count)) <= model
+                model -= set(range(start, start + count))
+        elif op < 0.85 and held:
+            start, count = held.pop(rng.randrange(len(held)))
+            (alloc.release if op < 0.65 else alloc.on_freed)([(start, count)])
+            model |= set(range(start, start + count))
+        elif op < 0.92 and len(alloc.owned_ags) > 1:
+            ag = rng.choice(sorted(alloc.owned_ags))
+            lo, hi = LAYOUT.ag_range(ag)
+            assert sorted(b for s, n in alloc.revoke(ag) for b in range(s, s + n)) == sorted(b for b in model if lo <= b < hi)
+            model = {b for b in model if not lo <= b < hi}
+            held = [(s, n) for s, n in held if not lo <= s < hi]
+        elif op >= 0.92:
+            ag = rng.choice([g for g in range(4) if g not in alloc.owned_ags] or [None])
+            if ag is not None:
+                lo, hi = LAYOUT.ag_range(ag)
+                alloc.grant(ag, [(lo, hi - lo)])
+                model |= set(range(lo, hi))
+        assert alloc.free_blocks == len(model) == sum(alloc.free_blocks_in(ag) for ag in alloc.owned_ags)

@@ -34,6 +34,7 @@ EXAMPLES = [
     c.SetJoinVerifier(b"w" * 48), c.RenewLease(2, 1), c.ExpireNode(2, 24), c.ClaimGroups(2, 1, 4),
     c.AcquireWriteLease(17, 2, 1), c.ReleaseWriteLease(17, 2), c.ReleaseOrphans(2, (17, 18), 25),
     c.PunchHole(17, 1, 3, 26), c.CloneRange(17, 0, 18, 4, 2, 24_576, 27), c.SetLogLevel(4, (1, 2, 3)),
+    c.Preallocate(17, (Extent(0, 500, 2, b""), Extent(8, 900, 1, b"")), 28),
     c.Fenced(2, 1, (c.WriteData(17, (Extent(0, 300, 1, b"abcd"),), 4096, 23),)),
 ]
 

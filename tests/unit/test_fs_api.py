@@ -22,6 +22,7 @@ import pytest
 import trio
 
 from awsomefsd.config import DataSettings, DeviceSettings, NodeSettings, Settings
+from awsomefsd.fsck import run_fsck
 from awsomefsd.io.device import BlockDevice, create_image
 from awsomefsd.io.layout import BLOCK_SIZE, MiB
 from awsomefsd.io.superblock import format_device
@@ -417,7 +418,8 @@ async def test_punch_and_clone_wait_for_the_cluster_log_level_zero_range_writes_
     """A rolling upgrade: while a member's build could not decode PunchHole and CloneRange
     (meta/commands.py LOG_LEVEL), no member proposes them. PUNCH_HOLE answers EOPNOTSUPP (what a
     filesystem without it says), copy_file_range EOPNOTSUPP (the kernel then copies the bytes
-    itself), and ZERO_RANGE writes the zeros instead of unmapping."""
+    itself), and ZERO_RANGE writes the zeros instead of unmapping. Until Preallocate is allowed,
+    fallocate checks the space without reserving it."""
     assert core.meta.log_level() == LOG_LEVEL  # a single node waits for nobody
     f = await File.create(core, b"upgrading")
     g = await File.create(core, b"copy")
@@ -434,6 +436,9 @@ async def test_punch_and_clone_wait_for_the_cluster_log_level_zero_range_writes_
     await core.ops.flush(f.fh)
     await f.check()
     assert (await f.stat()).blocks == 4
+    monkeypatch.setattr(core.meta, "log_level", lambda: 4)  # PunchHole, but not yet Preallocate
+    await core.ops.fallocate(g.fh, 0, 2 * BLOCK_SIZE, 0)  # the space is checked, not reserved
+    assert (await core.ops.getattr(g.ino)).size == 2 * BLOCK_SIZE and (await core.ops.getattr(g.ino)).blocks == 0
     monkeypatch.undo()  # the upgrade is over: the same calls share and unmap blocks
     await core.ops.fallocate(f.fh, BLOCK_SIZE, 2 * BLOCK_SIZE, 0x02 | 0x01)
     f.model[BLOCK_SIZE : 3 * BLOCK_SIZE] = bytes(2 * BLOCK_SIZE)
@@ -442,3 +447,147 @@ async def test_punch_and_clone_wait_for_the_cluster_log_level_zero_range_writes_
     assert await core.ops.copy_file_range(f.fh, 0, g.fh, 0, 4 * BLOCK_SIZE) == 4 * BLOCK_SIZE
     await core.ops.release(f.fh)
     await core.ops.release(g.fh)
+
+
+async def fill_device(core: Core, name: bytes) -> None:
+    """Write a file until ENOSPC, in 1 MiB writes and then in single blocks: the device is left
+    with room for less than one more block's write (SpaceGuard keeps two blocks in hand)."""
+    fh, _ = await core.ops.create(ROOT_INO, name, stat.S_IFREG | 0o644, os.O_RDWR, 0, 0)
+    offset = 0
+    for size in (MiB, BLOCK_SIZE):
+        while True:
+            try:
+                await core.ops.write(fh, offset, b"f" * size)
+                await core.ops.flush(fh)
+            except FsError as exc:
+                assert exc.errno == errno.ENOSPC, exc
+                break
+            offset += size
+    await core.ops.release(fh)
+
+
+async def test_fallocated_space_takes_writes_in_place_on_a_full_device(tmp_path: Path) -> None:
+    """What fallocate promises a database or a download manager: once it returned, writes into the
+    range never fail for want of space, however full the device got since. The reservation reads
+    as zeros, counts in st_blocks, is a hole to SEEK_DATA (as on ext4), and the writes go in place:
+    no block more is taken. After a restart the bytes are there and fsck finds the data sound."""
+    settings = settings_for(tmp_path)
+    core = open_core(settings)
+    rng = random.Random(43)
+    try:
+        f = await File.create(core, b"reserved")
+        await core.ops.fallocate(f.fh, 0, 32 * BLOCK_SIZE, 0)
+        f.model.extend(bytes(32 * BLOCK_SIZE))
+        await f.check()
+        assert (await f.stat()).blocks == 32
+        assert core.data.data_ranges(await f.stat(), 0) == []
+        await core.ops.fallocate(f.fh, 40 * BLOCK_SIZE, 8 * BLOCK_SIZE, 0x01)  # KEEP_SIZE: past the end
+        await fill_device(core, b"filler")
+        with pytest.raises(FsError) as full:
+            await core.ops.write(f.fh, 50 * BLOCK_SIZE, bytes(4 * BLOCK_SIZE))
+        assert full.value.errno == errno.ENOSPC, "the device is full outside the reservations"
+        free = core.allocator.free_blocks
+        await f.write(100, rng.randbytes(3 * BLOCK_SIZE))  # partial blocks at both edges
+        await f.write(20 * BLOCK_SIZE, rng.randbytes(12 * BLOCK_SIZE))
+        await f.write(41 * BLOCK_SIZE + 7, rng.randbytes(2 * BLOCK_SIZE))  # into the KEEP_SIZE part
+        await f.check()
+        await core.ops.flush(f.fh)
+        await f.check()
+        assert core.allocator.free_blocks == free and (await f.stat()).blocks == 40
+        written = [(e.file_block, e.count) for e in core.meta.all_extents(f.ino) if not e.unwritten]
+        assert written == [(0, 4), (20, 12), (41, 3)]
+        await core.ops.release(f.fh)
+    finally:
+        core.close()
+    core = open_core(settings)
+    try:
+        ino = core.meta.lookup(ROOT_INO, b"reserved")
+        assert ino is not None
+        fh = await core.ops.open(ino, os.O_RDONLY)
+        assert await core.ops.read(fh, 0, len(f.model) + BLOCK_SIZE) == bytes(f.model)
+        await core.ops.release(fh)
+    finally:
+        core.close()
+    assert run_fsck(settings, repair=False, verify_data=True) == 0
+
+
+async def test_with_room_to_spare_writes_to_reserved_blocks_are_copy_on_write(core: Core) -> None:
+    """Writing in place is for a node short of space; otherwise a flush lays its scattered runs
+    side by side in fresh blocks (one device write) and the reservation they replace comes back
+    after the grace period: the file's block count, its quota and its bytes are the same."""
+    f = await File.create(core, b"roomy")
+    await core.ops.fallocate(f.fh, 0, 16 * BLOCK_SIZE, 0)
+    f.model.extend(bytes(16 * BLOCK_SIZE))
+    reserved = {e.dev_block for e in core.meta.all_extents(f.ino)}
+    await f.write(BLOCK_SIZE, b"a" * BLOCK_SIZE)
+    await f.write(9 * BLOCK_SIZE, b"b" * BLOCK_SIZE)
+    await core.ops.flush(f.fh)
+    await f.check()
+    written = [e for e in core.meta.all_extents(f.ino) if not e.unwritten]
+    assert [e.file_block for e in written] == [1, 9] and written[1].dev_block == written[0].dev_block + 1
+    assert not {e.dev_block for e in written} & reserved and (await f.stat()).blocks == 16
+    await core.ops.release(f.fh)
+
+
+async def test_fallocate_checks_before_it_reserves_and_reserves_only_holes(core: Core) -> None:
+    """A reservation larger than the free space fails whole (ENOSPC, nothing taken); one over data
+    and over an earlier reservation takes only the holes; truncating gives the space back."""
+    f = await File.create(core, b"holes")
+    free0 = core.ops.statfs().free_blocks
+    await f.write(4 * BLOCK_SIZE, b"d" * (2 * BLOCK_SIZE))  # buffered: the reservation flushes it first
+    with pytest.raises(FsError) as full:
+        await core.ops.fallocate(f.fh, 0, IMAGE_BYTES, 0)
+    assert full.value.errno == errno.ENOSPC and core.ops.statfs().free_blocks == free0 - 2
+    assert (await f.stat()).size == 6 * BLOCK_SIZE, "nothing changed"
+    await core.ops.fallocate(f.fh, 0, 8 * BLOCK_SIZE, 0)
+    assert core.ops.statfs().free_blocks == free0 - 2 - 6
+    await core.ops.fallocate(f.fh, 2 * BLOCK_SIZE, 10 * BLOCK_SIZE, 0)
+    f.model.extend(bytes(12 * BLOCK_SIZE - len(f.model)))
+    await f.check()
+    assert (await f.stat()).blocks == 12 and core.ops.statfs().free_blocks == free0 - 12
+    await f.truncate(BLOCK_SIZE + 10)
+    await f.check()
+    assert (await f.stat()).blocks == 2
+    await core.ops.release(f.fh)
+
+
+async def test_a_write_in_place_whose_commit_is_unknown_is_not_repeated_in_place(tmp_path: Path) -> None:
+    """A WriteData onto reserved blocks that times out may still commit, later. Written in place
+    again meanwhile, those blocks would change under the checksum the late commit maps, and the
+    file would read EIO for good; or a late commit supersedes the reservation the next write
+    counts on. The next write of the range is copy-on-write instead. (The writer is told it is
+    short of space, as on a full device, where it writes reservations in place, but the device
+    has the room copy-on-write needs.)"""
+    settings = settings_for(tmp_path)
+    core = open_core(settings)
+    try:
+        f = await File.create(core, b"unknown")
+        await core.ops.fallocate(f.fh, 0, 4 * BLOCK_SIZE, 0)
+        f.model.extend(bytes(4 * BLOCK_SIZE))
+        core.data.writer.short_of_space = lambda blocks: True  # type: ignore[method-assign]  # as on a full device
+        propose = core.meta.propose
+        held: list[tuple[object, int | None]] = []
+
+        async def commit_late(command: object, *, epoch: int | None = None) -> object:
+            if isinstance(command, c.WriteData) and not held:
+                held.append((command, epoch))
+                raise OutcomeUnknown("test: the proposal timed out; it commits later")
+            if isinstance(command, c.WriteData):  # the late commit lands while the next write is in flight
+                await propose(*held[0][:1], epoch=held[0][1])
+            return await propose(command, epoch=epoch)
+
+        core.meta.propose = commit_late  # type: ignore[method-assign]
+        await f.write(0, b"a" * (2 * BLOCK_SIZE))
+        with pytest.raises(FsError) as info:
+            await core.ops.flush(f.fh)
+        assert info.value.errno == errno.EIO
+        await f.write(100, b"b" * (3 * BLOCK_SIZE))  # over the blocks the late commit maps, and past them
+        await core.ops.flush(f.fh)
+        core.meta.propose = propose  # type: ignore[method-assign]
+        got = await f.read_all()  # no EIO: every block matches its checksum
+        assert got[100:] == bytes(f.model[100:])
+        assert got[:100] in (b"a" * 100, bytes(100)), "the write reported failed may or may not be there"
+        await core.ops.release(f.fh)
+    finally:
+        core.close()
+    assert run_fsck(settings, repair=False, verify_data=True) == 0

@@ -40,6 +40,7 @@ CASES: list[tuple[object, object, list[Target]]] = [
     (c.SetAttr(F, 1, size=0), None, [full(F)]),
     (c.WriteData(F, (EXT,), 10, 1), None, [full(F)]),
     (c.WriteData(F, (EXT,), 10, 1, touch=False), None, []),
+    (c.Preallocate(F, (Extent(4, 600, 2, b""),), 1), None, [attr(F)]),
     (c.PunchHole(F, 1, 3, 1), None, [full(F)]),
     (c.CloneRange(G, 0, F, 4, 2, 24_576, 1), None, [full(F)]),
     (c.SetXattr(F, b"user.a", b"1", 0, 1), None, [attr(F)]),

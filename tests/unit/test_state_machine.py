@@ -431,3 +431,71 @@ def test_clone_range_is_checked(h: Harness) -> None:
     assert h.error(c.CloneRange(src, 0, ROOT_INO, 0, 1, 4096, h.tick())) == errno.EISDIR
     h.apply(c.CloneRange(src, 0, src, 4, 4, 8 * 4096, h.tick()))
     assert [(e.file_block, e.dev_block, e.count) for e in h.extents(src)] == [(0, DATA_START, 4), (4, DATA_START, 4)]
+
+
+def unwritten(file_block: int, dev_block: int, count: int) -> Extent:
+    return Extent(file_block, dev_block, count, b"")
+
+
+def test_preallocate_reserves_holes_that_a_write_in_place_turns_into_data(h: Harness) -> None:
+    """fallocate's reservation: unwritten extents take their blocks from free space and count in
+    the file's blocks and its volume's quota; a WriteData on exactly those blocks (same file
+    blocks, same device blocks) takes nothing more and frees nothing; one anywhere else is
+    copy-on-write as always and frees the reservation it replaces."""
+    v = h.new_ino()
+    root = h.apply(c.CreateVolume(v, "p", v, 8 * 4096, 0, h.tick()))["root"]
+    f = h.mk(root, b"f")
+    free0 = h.free_blocks()
+    inode = h.apply(c.Preallocate(f, (unwritten(0, DATA_START, 4), unwritten(6, DATA_START + 10, 2)), h.tick()))
+    assert inode.blocks == 6 and inode.size == 0 and h.free_blocks() == free0 - 6
+    assert all(e.unwritten for e in h.extents(f))
+    assert h.error(c.Preallocate(f, (unwritten(10, DATA_START + 20, 3),), h.tick())) == errno.EDQUOT
+    # blocks 1-2 written in place, block 4 (a hole) and 5 get fresh space
+    h.apply(c.WriteData(f, (ext(1, DATA_START + 1, 2), ext(4, DATA_START + 30, 2)), 6 * 4096, h.tick()))
+    assert [(e.file_block, e.dev_block, e.count, e.unwritten) for e in h.extents(f)] == [
+        (0, DATA_START, 1, True), (1, DATA_START + 1, 2, False), (3, DATA_START + 3, 1, True),
+        (4, DATA_START + 30, 2, False), (6, DATA_START + 10, 2, True)]
+    assert h.inode(f).blocks == 8 and h.free_blocks() == free0 - 8
+    # block 6 rewritten elsewhere: its reservation is superseded and freed after the grace period
+    h.apply(c.WriteData(f, (ext(6, DATA_START + 40, 1),), 7 * 4096, h.tick()))
+    h.apply(c.ReclaimFrees(h.now + GRACE_NS))
+    assert h.freed[-1] == (DATA_START + 10, 1) and h.inode(f).blocks == 8 and h.free_blocks() == free0 - 8
+    # the blocks written in place are ordinary now: writing them "in place" again is refused
+    assert h.error(c.WriteData(f, (ext(1, DATA_START + 1, 1),), 7 * 4096, h.tick())) == errno.EIO
+    h.apply(c.SetAttr(f, h.tick(), size=0))
+    h.apply(c.ReclaimFrees(h.now + GRACE_NS))
+    assert h.free_blocks() == free0 and h.inode(f).blocks == 0
+
+
+def test_preallocate_is_checked(h: Harness) -> None:
+    f = h.mk(ROOT_INO, b"f")
+    h.apply(c.WriteData(f, (ext(2, DATA_START, 1),), 3 * 4096, h.tick()))
+    assert h.error(c.Preallocate(f, (unwritten(0, DATA_START + 5, 3),), h.tick())) == errno.EIO, "over data"
+    assert h.error(c.Preallocate(f, (ext(0, DATA_START + 5, 1),), h.tick())) == errno.EINVAL, "with checksums"
+    assert h.error(c.Preallocate(f, (unwritten(0, DATA_START, 1),), h.tick())) == errno.EIO, "space not free"
+    assert h.error(c.Preallocate(f, (unwritten(1, DATA_START + 5, 1), unwritten(0, DATA_START + 6, 1)),
+                                 h.tick())) == errno.EINVAL, "out of order"
+    assert h.error(c.Preallocate(ROOT_INO, (unwritten(0, DATA_START + 5, 1),), h.tick())) == errno.EISDIR
+    assert h.error(c.WriteData(f, (unwritten(0, DATA_START + 5, 1),), 4096, h.tick())) == errno.EINVAL
+    assert h.error(c.SetAttr(f, h.tick(), size=4096 + 5, tail=unwritten(1, DATA_START + 5, 1))) == errno.EINVAL
+
+
+def test_snapshots_and_clones_do_not_share_unwritten_blocks(h: Harness) -> None:
+    """A write in place is safe only on blocks one file maps: a snapshot or a clone of reserved
+    blocks gets a hole there (it reads the same zeros), never a share of them."""
+    v = h.new_ino()
+    root = h.apply(c.CreateVolume(v, "p", v, 0, 0, h.tick()))["root"]
+    f, g = h.mk(root, b"f"), h.mk(root, b"g")
+    h.apply(c.WriteData(f, (ext(0, DATA_START, 2),), 2 * 4096, h.tick()))
+    h.apply(c.Preallocate(f, (unwritten(2, DATA_START + 2, 3),), h.tick()))
+    s = h.new_ino()
+    snap = h.apply(c.CreateSnapshot(s, "s", v, h.tick()))
+    copy = h.lookup(snap["root"], b"f")
+    assert copy is not None
+    assert [(e.file_block, e.count, e.unwritten) for e in h.extents(copy)] == [(0, 2, False)]
+    assert h.inode(copy).blocks == 2 and snap["used_blocks"] == 2
+    h.apply(c.CloneRange(f, 0, g, 0, 5, 5 * 4096, h.tick()))
+    assert [(e.file_block, e.count, e.unwritten) for e in h.extents(g)] == [(0, 2, False)]
+    assert h.inode(g).blocks == 2
+    h.apply(c.WriteData(f, (ext(2, DATA_START + 2, 3),), 5 * 4096, h.tick()))  # in place: nobody else maps them
+    assert h.inode(f).blocks == 5
