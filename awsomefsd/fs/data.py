@@ -244,6 +244,9 @@ class FileData:
     def unreported_loss(self, ino: int, seen: int) -> bool:
         return self.lost_writes.unreported_loss(ino, seen)
 
+    def loss_errno(self, ino: int) -> int:
+        return self.lost_writes.loss_errno(ino)
+
     @property
     def losses(self) -> int:
         """Buffered writes dropped so far: a descriptor remembers it to know what it was told."""

@@ -82,7 +82,7 @@ class Flusher:
                 # other's fsync would otherwise succeed with its record lost (a nemesis run).
                 st.error = FsError(exc.errno, f"a flush of the file's buffered writes failed: {exc.args[1]}",
                                    cause=exc.cause)
-                self.lost_writes.mark_lost(st.ino)
+                self.lost_writes.mark_lost(st.ino, exc.errno)
             except WriteFencedError as exc:
                 if self.lost_writes.losses == losses:  # the lease may still be renewed: retried then
                     self.buffer.keep_unwritten(st, runs[written:])

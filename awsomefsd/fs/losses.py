@@ -4,11 +4,14 @@ A cluster member whose liveness lease expired (it was paused or cut off) has los
 groups and write leases: other nodes may have written the same files since, so its buffered
 writes must never reach the device. They are dropped, and every descriptor that was open on such
 a file when that happened reports EIO once (at its next flush, fsync or close), so the
-application learns its writes were lost and descriptors opened later are not blamed.
+application learns its writes were lost and descriptors opened later are not blamed. Writes a
+flush could not write are lost the same way, and reported with the flush's own error (ENOSPC from
+a full device, as Linux reports a writeback error to each open file).
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 
 from awsomefsd.fs.buffer import WriteBuffer
@@ -21,6 +24,7 @@ class LossLedger:
         self.buffer = buffer
         self.losses = 0  # buffered writes dropped (lose_buffers), counted per file
         self.lost_at: dict[int, int] = {}  # inode -> `losses` when its buffers were last dropped
+        self.lost_errno: dict[int, int] = {}  # inode -> why they were dropped (EIO, ENOSPC, ...)
 
     def lose_buffers(self, reason: str) -> int:
         """Drop every file's dirty bytes (see the module docstring); returns the files hit."""
@@ -43,9 +47,15 @@ class LossLedger:
         self.mark_lost(ino)
         log.error("dropped the buffered writes of inode %d: %s", ino, reason)
 
-    def mark_lost(self, ino: int) -> None:
+    def mark_lost(self, ino: int, error: int = errno.EIO) -> None:
+        """The file's buffered writes were dropped; its descriptors report `error` once each."""
         self.losses += 1
         self.lost_at[ino] = self.losses
+        self.lost_errno[ino] = error
+
+    def loss_errno(self, ino: int) -> int:
+        """The error the file's last loss is reported with."""
+        return self.lost_errno.get(ino, errno.EIO)
 
     def unreported_loss(self, ino: int, seen: int) -> bool:
         """Did `ino` lose buffered writes after the loss count `seen` (taken when a descriptor

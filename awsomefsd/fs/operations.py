@@ -489,15 +489,17 @@ class Operations:
         self._report_loss(h)
 
     def _report_loss(self, h: Handle) -> None:
-        """Writes this descriptor may have made were dropped (the node's lease expired, or the
-        daemon crashed and this one rebuilt the handle): EIO, once."""
+        """Writes this descriptor may have made were dropped (the node's lease expired, a flush
+        failed, or the daemon crashed and this one rebuilt the handle): EIO, or the failed
+        flush's own error (ENOSPC on a full device), once."""
         if h.seen_loss == CRASH_UNREPORTED:
             h.seen_loss = self.data.losses
             raise FsError(errno.EIO, "writes through this descriptor that were not yet synced may be lost: "
                           "the daemon serving the mount crashed", cause="lost-writes")
         if self.data.unreported_loss(h.ino, h.seen_loss):
             h.seen_loss = self.data.losses
-            raise FsError(errno.EIO, "buffered writes were lost (a flush of them failed, or this node's lease "
+            raise FsError(self.data.loss_errno(h.ino),
+                          "buffered writes were lost (a flush of them failed, or this node's lease "
                           "expired before they were flushed)", cause="lost-writes")
 
     async def release(self, fh: int) -> None:

@@ -385,6 +385,29 @@ async def test_lost_buffered_writes_are_reported_once_to_the_descriptors_open_th
         await core.ops.release(fh)
 
 
+async def test_a_flush_that_found_the_device_full_is_reported_as_enospc_to_every_descriptor(
+        core: Core, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Writes accepted into the buffer whose flush then met a full device (under the kernel's
+    writeback cache the application's write() returned long before) are lost, and every
+    descriptor open on the file hears it once, with the flush's own error: ENOSPC, as Linux
+    reports a writeback error, not a generic EIO (fsync after filling a disk said EIO)."""
+    f = await File.create(core, b"full")
+    other = await core.ops.open(f.ino, os.O_RDWR)
+    await core.ops.write(f.fh, 0, b"x" * BLOCK_SIZE)
+
+    async def full(nblocks: int, hint: int | None) -> list[tuple[int, int]]:
+        raise FsError(errno.ENOSPC)
+
+    monkeypatch.setattr(core.data.space, "allocate", full)
+    for fh in (f.fh, other):
+        with pytest.raises(FsError) as info:
+            await core.ops.fsync(fh, False)
+        assert info.value.errno == errno.ENOSPC
+        await core.ops.fsync(fh, False)  # reported once
+    for fh in (f.fh, other):
+        await core.ops.release(fh)
+
+
 async def test_a_mapping_whose_outcome_is_unknown_keeps_its_blocks_from_the_next_write(core: Core) -> None:
     """A flush whose WriteData times out may still commit (a cluster's log): its blocks must not be
     handed out again. If they were, the next append would be written over the block the log then
