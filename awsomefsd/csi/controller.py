@@ -27,11 +27,12 @@ from awsomefsd.csi.validate import (
     capacity_from_range,
     check_capabilities,
     check_capability,
+    check_capacity_range,
     inode_limit_from_parameters,
     invalid,
     not_found,
     page,
-    require,
+    require_fields,
     snapshot_id_or_not_found,
     volume_id_or_not_found,
 )
@@ -90,6 +91,7 @@ class ControllerServicer:
     async def CreateVolume(
         self, request: csi_pb2.CreateVolumeRequest, context: grpc.ServicerContext
     ) -> csi_pb2.CreateVolumeResponse:
+        require_fields(request, "name", "volume_capabilities")
         problem = ids.name_problem(request.name)
         if problem is not None:
             raise invalid(problem)
@@ -131,7 +133,7 @@ class ControllerServicer:
     async def DeleteVolume(
         self, request: csi_pb2.DeleteVolumeRequest, context: grpc.ServicerContext
     ) -> csi_pb2.DeleteVolumeResponse:
-        require(request.volume_id, "volume_id")
+        require_fields(request, "volume_id")
         if ids.is_volume_id(request.volume_id):  # a malformed id names nothing: already deleted
             async with self._locks.hold("volume-id:" + request.volume_id):
                 with backend_errors():
@@ -141,8 +143,8 @@ class ControllerServicer:
     async def ValidateVolumeCapabilities(
         self, request: csi_pb2.ValidateVolumeCapabilitiesRequest, context: grpc.ServicerContext
     ) -> csi_pb2.ValidateVolumeCapabilitiesResponse:
+        require_fields(request, "volume_id", "volume_capabilities")
         volume_id = volume_id_or_not_found(request.volume_id)
-        require(list(request.volume_capabilities), "volume_capabilities")
         if await self._volumes.get_volume(volume_id) is None:
             raise not_found(f"volume {volume_id} does not exist")
         for cap in request.volume_capabilities:
@@ -204,11 +206,11 @@ class ControllerServicer:
         self, request: csi_pb2.ControllerExpandVolumeRequest, context: grpc.ServicerContext
     ) -> csi_pb2.ControllerExpandVolumeResponse:
         """Raise the quota; asking for no more than the current size is an idempotent success."""
-        volume_id = volume_id_or_not_found(request.volume_id)
-        if not request.HasField("capacity_range"):
-            raise invalid("capacity_range is required")
+        require_fields(request, "volume_id", "capacity_range")
         if request.HasField("volume_capability"):
-            check_capability(request.volume_capability, True, "volume_capability")
+            check_capability(request.volume_capability)  # the table's "Exceeds capabilities": INVALID_ARGUMENT
+        check_capacity_range(request.capacity_range)
+        volume_id = volume_id_or_not_found(request.volume_id)
         async with self._locks.hold("volume-id:" + volume_id):
             info = await self._volumes.get_volume(volume_id)
             if info is None:
@@ -230,13 +232,14 @@ class ControllerServicer:
     async def CreateSnapshot(
         self, request: csi_pb2.CreateSnapshotRequest, context: grpc.ServicerContext
     ) -> csi_pb2.CreateSnapshotResponse:
+        require_fields(request, "source_volume_id", "name")
         problem = ids.name_problem(request.name)
         if problem is not None:
             raise invalid(problem)
-        source = volume_id_or_not_found(request.source_volume_id, "source_volume_id")
         unknown = sorted(k for k in request.parameters if not k.startswith(K8S_PARAM_PREFIX))
         if unknown:
             raise invalid(f"unknown snapshot parameters {unknown}")
+        source = volume_id_or_not_found(request.source_volume_id, "source_volume_id")
         async with self._locks.hold("snapshot-name:" + request.name):
             with backend_errors():
                 info = await self._volumes.create_snapshot(request.name, source)
@@ -249,7 +252,7 @@ class ControllerServicer:
     async def DeleteSnapshot(
         self, request: csi_pb2.DeleteSnapshotRequest, context: grpc.ServicerContext
     ) -> csi_pb2.DeleteSnapshotResponse:
-        require(request.snapshot_id, "snapshot_id")
+        require_fields(request, "snapshot_id")
         if ids.is_snapshot_id(request.snapshot_id):
             with backend_errors():
                 await self._volumes.delete_snapshot(request.snapshot_id)

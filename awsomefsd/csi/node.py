@@ -29,9 +29,11 @@ from awsomefsd.csi.locks import KeyedLock
 from awsomefsd.csi.validate import (
     READ_ONLY_MODES,
     check_capability,
+    check_capacity_range,
     invalid,
     node_path,
     not_found,
+    require_fields,
     volume_id_or_not_found,
     within,
 )
@@ -88,11 +90,10 @@ class NodeServicer:
     async def NodeStageVolume(
         self, request: csi_pb2.NodeStageVolumeRequest, context: grpc.ServicerContext
     ) -> csi_pb2.NodeStageVolumeResponse:
-        volume_id = volume_id_or_not_found(request.volume_id)
+        require_fields(request, "volume_id", "staging_target_path", "volume_capability")
         node_path(request.staging_target_path, "staging_target_path")
-        check_capability(
-            request.volume_capability, request.HasField("volume_capability"), "volume_capability"
-        )
+        check_capability(request.volume_capability, unsupported=grpc.StatusCode.FAILED_PRECONDITION)
+        volume_id = volume_id_or_not_found(request.volume_id)
         _info, directory = await self._healthy_volume(volume_id)
         if not await self._blocking(os.path.isdir, directory):
             raise not_found(f"volume {volume_id} has no directory on this node")
@@ -101,26 +102,31 @@ class NodeServicer:
     async def NodeUnstageVolume(
         self, request: csi_pb2.NodeUnstageVolumeRequest, context: grpc.ServicerContext
     ) -> csi_pb2.NodeUnstageVolumeResponse:
-        volume_id_or_not_found(request.volume_id)
+        require_fields(request, "volume_id", "staging_target_path")
         node_path(request.staging_target_path, "staging_target_path")
+        volume_id_or_not_found(request.volume_id)
         return csi_pb2.NodeUnstageVolumeResponse()
 
     async def NodePublishVolume(
         self, request: csi_pb2.NodePublishVolumeRequest, context: grpc.ServicerContext
     ) -> csi_pb2.NodePublishVolumeResponse:
-        volume_id = volume_id_or_not_found(request.volume_id)
+        require_fields(request, "volume_id", "target_path", "volume_capability")
         target = node_path(request.target_path, "target_path")
         if request.staging_target_path:
             node_path(request.staging_target_path, "staging_target_path")
         cap = request.volume_capability
-        check_capability(cap, request.HasField("volume_capability"), "volume_capability")
+        check_capability(cap, unsupported=grpc.StatusCode.FAILED_PRECONDITION)
         readonly = (
             request.readonly or cap.access_mode.mode in READ_ONLY_MODES or "ro" in cap.mount.mount_flags
         )
         flags = (frozenset(cap.mount.mount_flags) - {"rw", "ro"}) | ({"ro"} if readonly else set())
         if await self._blocking(within, target, self._volumes.mount_point()):  # lstat()s: see above
             raise invalid("target_path must not lie inside the AwsomeFS mount itself")
+        volume_id = volume_id_or_not_found(request.volume_id)
         _info, directory = await self._healthy_volume(volume_id)
+        if not request.staging_target_path:  # this plugin has STAGE_UNSTAGE_VOLUME: the spec's row
+            raise RpcAbort(grpc.StatusCode.FAILED_PRECONDITION,
+                           "staging_target_path is not set: NodeStageVolume must succeed first")
         async with self._locks.hold("target:" + target):
             await self._blocking(_publish, directory, target, flags, readonly)
         return csi_pb2.NodePublishVolumeResponse()
@@ -128,8 +134,9 @@ class NodeServicer:
     async def NodeUnpublishVolume(
         self, request: csi_pb2.NodeUnpublishVolumeRequest, context: grpc.ServicerContext
     ) -> csi_pb2.NodeUnpublishVolumeResponse:
-        volume_id_or_not_found(request.volume_id)
+        require_fields(request, "volume_id", "target_path")
         target = node_path(request.target_path, "target_path")
+        volume_id_or_not_found(request.volume_id)
         async with self._locks.hold("target:" + target):
             await self._blocking(_unpublish, target)
         return csi_pb2.NodeUnpublishVolumeResponse()
@@ -137,10 +144,11 @@ class NodeServicer:
     async def NodeGetVolumeStats(
         self, request: csi_pb2.NodeGetVolumeStatsRequest, context: grpc.ServicerContext
     ) -> csi_pb2.NodeGetVolumeStatsResponse:
-        volume_id = volume_id_or_not_found(request.volume_id)
+        require_fields(request, "volume_id", "volume_path")
         volume_path = node_path(request.volume_path, "volume_path")
         if request.staging_target_path:
             node_path(request.staging_target_path, "staging_target_path")
+        volume_id = volume_id_or_not_found(request.volume_id)
         info, directory = await self._healthy_volume(volume_id)
         try:
             same = await self._blocking(mounts.same_directory, volume_path, directory)
@@ -170,10 +178,14 @@ class NodeServicer:
         self, request: csi_pb2.NodeExpandVolumeRequest, context: grpc.ServicerContext
     ) -> csi_pb2.NodeExpandVolumeResponse:
         """Nothing to grow on the node: the quota lives in the shared metadata. Reports the size."""
-        volume_id = volume_id_or_not_found(request.volume_id)
+        require_fields(request, "volume_id", "volume_path")
         node_path(request.volume_path, "volume_path")
+        if request.staging_target_path:
+            node_path(request.staging_target_path, "staging_target_path")
         if request.HasField("volume_capability"):
-            check_capability(request.volume_capability, True, "volume_capability")
+            check_capability(request.volume_capability)  # the table's "Exceeds capabilities": INVALID_ARGUMENT
+        check_capacity_range(request.capacity_range)
+        volume_id = volume_id_or_not_found(request.volume_id)
         info = await self._volumes.get_volume(volume_id)
         if info is None:
             raise not_found(f"volume {volume_id} does not exist")

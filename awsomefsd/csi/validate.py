@@ -3,6 +3,13 @@
 Each check raises `RpcAbort` with the status code the CSI spec assigns to that failure, so the
 servicers read as the spec's happy path. `backend_errors()` is the single translation of the core's
 `VolumeError`s into status codes.
+
+The spec gives each RPC's errors but not their order; the servicers check in one order everywhere,
+the one the spec's codes imply (docs/csi.md, "Error order"): REQUIRED fields present
+(`require_fields`, INVALID_ARGUMENT), then each argument valid (INVALID_ARGUMENT, OUT_OF_RANGE),
+then the objects named exist (NOT_FOUND; an id of the wrong shape names nothing), then their
+state (ALREADY_EXISTS, FAILED_PRECONDITION). A request missing a field is INVALID_ARGUMENT whatever
+else is wrong with it.
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ from pathlib import PurePosixPath
 from typing import TypeVar
 
 import grpc
+from google.protobuf.message import Message
 
 from awsomefsd.csi import ids
 from awsomefsd.csi.backend import (
@@ -72,21 +80,38 @@ def require(value: object, field: str) -> None:
         raise invalid(f"{field} is required")
 
 
-def capability_problem(cap: csi_pb2.VolumeCapability) -> str | None:
-    """Why this plugin cannot serve `cap`, or None when it can."""
-    kind = cap.WhichOneof("access_type")
-    if kind is None:
+def require_fields(request: Message, *fields: str) -> None:
+    """INVALID_ARGUMENT naming the first of the REQUIRED `fields` the request lacks: a message
+    field not set, an empty string, a repeated field or map without elements. The first check of
+    every RPC that has REQUIRED fields."""
+    for field in fields:
+        value = getattr(request, field)
+        require(request.HasField(field) if isinstance(value, Message) else value, field)
+
+
+def capability_malformed(cap: csi_pb2.VolumeCapability) -> str | None:
+    """What `cap` lacks that the spec requires (an access type, an access mode), or None."""
+    if cap.WhichOneof("access_type") is None:
         return "volume_capability.access_type (mount or block) is required"
-    if kind == "block":
-        return "block volumes are not supported: AwsomeFS volumes are directory trees (use a mount volume)"
     if not cap.HasField("access_mode") or cap.access_mode.mode == Mode.UNKNOWN:
         return "volume_capability.access_mode is required"
+    if len(cap.mount.mount_flags) > MAX_MOUNT_FLAGS:
+        return f"more than {MAX_MOUNT_FLAGS} mount_flags"
+    return None
+
+
+def capability_problem(cap: csi_pb2.VolumeCapability) -> str | None:
+    """Why this plugin cannot serve `cap` (malformed, or asking what AwsomeFS volumes cannot
+    do), or None when it can."""
+    malformed = capability_malformed(cap)
+    if malformed is not None:
+        return malformed
+    if cap.WhichOneof("access_type") == "block":
+        return "block volumes are not supported: AwsomeFS volumes are directory trees (use a mount volume)"
     if cap.access_mode.mode not in SUPPORTED_MODES:
         return f"access mode {cap.access_mode.mode} is not supported"
     if cap.mount.fs_type not in FS_TYPES:
         return f"fs_type {cap.mount.fs_type!r} is not supported (leave it empty or use 'awsomefs')"
-    if len(cap.mount.mount_flags) > MAX_MOUNT_FLAGS:
-        return f"more than {MAX_MOUNT_FLAGS} mount_flags"
     unknown = sorted({f for f in cap.mount.mount_flags if f not in MOUNT_FLAGS})
     if unknown:
         return f"mount flags {unknown} are not supported by a bind mount (allowed: {sorted(MOUNT_FLAGS)})"
@@ -105,12 +130,23 @@ def check_capabilities(caps: Iterable[csi_pb2.VolumeCapability], field: str) -> 
             raise invalid(problem)
 
 
-def check_capability(cap: csi_pb2.VolumeCapability, has_field: bool, field: str) -> None:
-    if not has_field:
-        raise invalid(f"{field} is required")
+def check_capability(cap: csi_pb2.VolumeCapability, *,
+                     unsupported: grpc.StatusCode = grpc.StatusCode.INVALID_ARGUMENT) -> None:
+    """A malformed capability is INVALID_ARGUMENT; one the volume cannot serve is `unsupported`
+    (the Node stage and publish tables call that "Exceeds capabilities": FAILED_PRECONDITION)."""
+    malformed = capability_malformed(cap)
+    if malformed is not None:
+        raise invalid(malformed)
     problem = capability_problem(cap)
     if problem is not None:
-        raise invalid(problem)
+        raise RpcAbort(unsupported, problem)
+
+
+def check_capacity_range(rng: csi_pb2.CapacityRange) -> None:
+    """INVALID_ARGUMENT for negative values (the argument check; whether a size fits is
+    OUT_OF_RANGE, decided later by `capacity_from_range`)."""
+    if rng.required_bytes < 0 or rng.limit_bytes < 0:
+        raise invalid("capacity_range values must not be negative")
 
 
 def capacity_from_range(rng: csi_pb2.CapacityRange, has_range: bool, default_bytes: int) -> int:
@@ -119,9 +155,8 @@ def capacity_from_range(rng: csi_pb2.CapacityRange, has_range: bool, default_byt
     Negative values are INVALID_ARGUMENT; a range no block-aligned size satisfies, or beyond
     MAX_CAPACITY_BYTES, is OUT_OF_RANGE (the spec's code for an unsupported capacity range).
     """
+    check_capacity_range(rng)
     required, limit = (rng.required_bytes, rng.limit_bytes) if has_range else (0, 0)
-    if required < 0 or limit < 0:
-        raise invalid("capacity_range values must not be negative")
     if limit and required > limit:
         raise RpcAbort(grpc.StatusCode.OUT_OF_RANGE, f"required_bytes {required} exceeds limit_bytes {limit}")
     if required > MAX_CAPACITY_BYTES:
@@ -158,7 +193,8 @@ def inode_limit_from_parameters(params: Mapping[str, str]) -> int:
 
 
 def volume_id_or_not_found(volume_id: str, field: str = "volume_id") -> str:
-    """A syntactically valid volume id; missing is INVALID_ARGUMENT, malformed names nothing."""
+    """A syntactically valid volume id; missing is INVALID_ARGUMENT, malformed names nothing
+    (NOT_FOUND). Checked after every argument (see the module docstring)."""
     require(volume_id, field)
     if not ids.is_volume_id(volume_id):
         raise not_found(f"volume {volume_id[:80]!r} does not exist")
@@ -166,6 +202,7 @@ def volume_id_or_not_found(volume_id: str, field: str = "volume_id") -> str:
 
 
 def snapshot_id_or_not_found(snapshot_id: str, field: str = "snapshot_id") -> str:
+    """As `volume_id_or_not_found`, for snapshot ids."""
     require(snapshot_id, field)
     if not ids.is_snapshot_id(snapshot_id):
         raise not_found(f"snapshot {snapshot_id[:80]!r} does not exist")

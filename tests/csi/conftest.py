@@ -96,12 +96,8 @@ class Csi:
         self, volume_id: str, target: Path, **fields: Any
     ) -> csi_pb2.NodePublishVolumeRequest:
         fields.setdefault("volume_capability", mount_capability())
-        return csi_pb2.NodePublishVolumeRequest(
-            volume_id=volume_id,
-            staging_target_path=str(self.workdir / "staging" / volume_id),
-            target_path=str(target),
-            **fields,
-        )
+        fields.setdefault("staging_target_path", str(self.workdir / "staging" / volume_id))
+        return csi_pb2.NodePublishVolumeRequest(volume_id=volume_id, target_path=str(target), **fields)
 
 
 def _mounts_below(root: Path) -> list[str]:

@@ -177,12 +177,6 @@ async def test_missing_fields_everywhere_are_invalid_argument(csi_endpoint: Csi)
             n.NodePublishVolume,
             csi_pb2.NodePublishVolumeRequest(target_path=target, volume_capability=mount_capability()),
         ),
-        (
-            n.NodePublishVolume,
-            csi_pb2.NodePublishVolumeRequest(
-                volume_id=vol, target_path=target, volume_capability=block_capability()
-            ),
-        ),
         (n.NodeUnpublishVolume, csi_pb2.NodeUnpublishVolumeRequest(volume_id=vol)),
         (n.NodeUnpublishVolume, csi_pb2.NodeUnpublishVolumeRequest(target_path=target)),
         (n.NodeGetVolumeStats, csi_pb2.NodeGetVolumeStatsRequest(volume_id=vol)),
@@ -192,7 +186,47 @@ async def test_missing_fields_everywhere_are_invalid_argument(csi_endpoint: Csi)
     ]
     for method, request in cases:
         await csi.fails(Code.INVALID_ARGUMENT, method, request)
+        for field in ("volume_id", "source_volume_id"):  # a missing field comes before the id's lookup
+            if field in request.DESCRIPTOR.fields_by_name and getattr(request, field):
+                for bad in (UNKNOWN_VOLUME, TRAVERSAL_IDS[1]):
+                    other = type(request)()
+                    other.CopyFrom(request)
+                    setattr(other, field, bad)
+                    await csi.fails(Code.INVALID_ARGUMENT, method, other)
     assert not Path(target).exists()
+
+
+async def test_node_rows_of_the_spec(csi_endpoint: Csi) -> None:
+    """The rows of the Node RPCs' error tables that are not about missing fields or unknown ids:
+    a capability the volume cannot serve is "Exceeds capabilities" (FAILED_PRECONDITION) for stage
+    and publish but INVALID_ARGUMENT for expand; a malformed one is INVALID_ARGUMENT everywhere; a
+    publish without staging_target_path, from a plugin with STAGE_UNSTAGE_VOLUME, is
+    FAILED_PRECONDITION once the volume is known to exist."""
+    csi = csi_endpoint
+    vol = (await csi.create("pvc-rows")).volume_id
+    target, staging = csi.workdir / "t", str(csi.workdir / "staging")
+    ext4 = mount_capability()
+    ext4.mount.fs_type = "ext4"
+    no_mode = csi_pb2.VolumeCapability()
+    no_mode.mount.SetInParent()
+    n = csi.node
+    for cap in (block_capability(), ext4):
+        stage = csi_pb2.NodeStageVolumeRequest(volume_id=vol, staging_target_path=staging, volume_capability=cap)
+        await csi.fails(Code.FAILED_PRECONDITION, n.NodeStageVolume, stage)
+        await csi.fails(Code.FAILED_PRECONDITION, n.NodePublishVolume, csi.publish_request(vol, target, volume_capability=cap))
+        expand = csi_pb2.NodeExpandVolumeRequest(volume_id=vol, volume_path=str(target), volume_capability=cap)
+        await csi.fails(Code.INVALID_ARGUMENT, n.NodeExpandVolume, expand)
+    stage = csi_pb2.NodeStageVolumeRequest(volume_id=vol, staging_target_path=staging, volume_capability=no_mode)
+    await csi.fails(Code.INVALID_ARGUMENT, n.NodeStageVolume, stage)
+    await csi.fails(Code.INVALID_ARGUMENT, n.NodePublishVolume, csi.publish_request(vol, target, volume_capability=no_mode))
+    negative = csi_pb2.NodeExpandVolumeRequest(volume_id=vol, volume_path=str(target), capacity_range=cap_range(-1))
+    await csi.fails(Code.INVALID_ARGUMENT, n.NodeExpandVolume, negative)
+    unstaged = csi.publish_request(vol, target)
+    unstaged.ClearField("staging_target_path")
+    await csi.fails(Code.FAILED_PRECONDITION, n.NodePublishVolume, unstaged)
+    unstaged.volume_id = UNKNOWN_VOLUME
+    await csi.fails(Code.NOT_FOUND, n.NodePublishVolume, unstaged)
+    assert not target.exists()
 
 
 async def test_unknown_ids_are_not_found(csi_endpoint: Csi) -> None:
@@ -218,7 +252,7 @@ async def test_unknown_ids_are_not_found(csi_endpoint: Csi) -> None:
                     volume_id=bad, staging_target_path=target, volume_capability=mount_capability()
                 ),
             ),
-            (n.NodePublishVolume, csi.publish_request(bad, Path(target))),
+            (n.NodePublishVolume, csi.publish_request(bad, Path(target), staging_target_path=str(csi.workdir / "s"))),
             (n.NodeGetVolumeStats, csi_pb2.NodeGetVolumeStatsRequest(volume_id=bad, volume_path=target)),
             (n.NodeExpandVolume, csi_pb2.NodeExpandVolumeRequest(volume_id=bad, volume_path=target)),
         ]
