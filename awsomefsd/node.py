@@ -204,6 +204,7 @@ def _collect(core: Core) -> Iterator[Metric]:
     yield counter("awsomefs_device_reads", "device read requests", dev.reads)
     yield counter("awsomefs_device_writes", "device write requests", dev.writes)
     yield gauge("awsomefs_free_blocks", "free data blocks (authoritative)", core.meta.free_blocks())
+    yield gauge("awsomefs_data_blocks", "data blocks of the device (4 KiB each)", core.ops.total_blocks)
     yield counter("awsomefs_withheld_blocks", "blocks reserved for changes whose outcome stayed unknown, kept from "
                   "reuse until the allocator is rebuilt", core.allocator.withheld_blocks)
     yield gauge("awsomefs_dirty_bytes", "buffered bytes not yet written", core.data.total_dirty_bytes)

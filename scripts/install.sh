@@ -38,4 +38,14 @@ if [ "$extras" = "test" ]; then
 else
     .venv/bin/python -m pip install -q -e .
 fi
+if [ "$extras" = "test" ] && [ ! -x .venv/bin/promtool ]; then
+    # promtool checks the shipped alerting rules and dashboard queries (tests/packaging/test_monitoring.py).
+    # Only the tool is taken from Debian's prometheus package: installing the package would start a
+    # Prometheus server on this machine.
+    unpack=$(mktemp -d)
+    (cd "$unpack" && { apt-get download -q prometheus 2>/dev/null || { apt-get update -q && apt-get download -q prometheus; }; })
+    dpkg-deb -x "$unpack"/prometheus_*.deb "$unpack/root"
+    install -m 0755 "$unpack/root/usr/bin/promtool" .venv/bin/promtool
+    rm -rf "$unpack"
+fi
 echo "install.sh: ready (.venv/bin/awsomefsd)"

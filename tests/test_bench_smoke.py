@@ -12,13 +12,14 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 FSBENCH = REPO / "bench" / "fsbench.py"
-WORKDIR = Path("/var/tmp/awsomefs-bench-smoke")
 
 
 def _can_run() -> str | None:
@@ -29,23 +30,33 @@ def _can_run() -> str | None:
     return f"missing {', '.join(missing)}" if missing else None
 
 
-def _leftovers() -> list[str]:
+def _leftovers(workdir: Path) -> list[str]:
     """Loop devices or mounts of the smoke work dir that teardown should have removed."""
-    found = [line for line in Path("/proc/mounts").read_text().splitlines() if str(WORKDIR) in line]
+    found = [line for line in Path("/proc/mounts").read_text().splitlines() if str(workdir) in line]
     loops = subprocess.run(["losetup", "-a"], capture_output=True, text=True).stdout
-    return found + [line for line in loops.splitlines() if str(WORKDIR) in line]
+    return found + [line for line in loops.splitlines() if str(workdir) in line]
+
+
+@pytest.fixture
+def workdir() -> Iterator[Path]:
+    """The benchmark's images: on /var/tmp (not tmpfs, as fsbench asks), removed afterwards."""
+    path = Path(tempfile.mkdtemp(prefix="awsomefs-bench-smoke-", dir="/var/tmp"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_quick_run_reports_numbers_for_every_target(tmp_path: Path) -> None:
+def test_quick_run_reports_numbers_for_every_target(tmp_path: Path, workdir: Path) -> None:
     if reason := _can_run():
         pytest.skip(reason)
     out_json = tmp_path / "bench.json"
-    cmd = [sys.executable, str(FSBENCH), "--quick", "--targets", "ext4,raw,awsomefs,awsomefs-pyfuse3,kernelfloor", "--workdir", str(WORKDIR)]
+    cmd = [sys.executable, str(FSBENCH), "--quick", "--targets", "ext4,raw,awsomefs,awsomefs-pyfuse3,kernelfloor", "--workdir", str(workdir)]
     proc = subprocess.run([*cmd, "--json", str(out_json)], capture_output=True, text=True, timeout=850)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert not _leftovers()
+    assert not _leftovers(workdir)
 
     table = proc.stdout.splitlines()
     header = next(line for line in table if line.startswith("metric")).split()

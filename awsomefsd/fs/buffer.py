@@ -91,6 +91,8 @@ class WriteBuffer:
         self.clock_ns = clock_ns
         self.files: dict[int, FileState] = {}
         self.total_dirty_bytes = 0
+        self.inflight_bytes = 0
+        """Bytes taken by flushes still running: they need device blocks until the flush ends."""
 
     # -- states ---------------------------------------------------------------------------------
     def state(self, ino: int, volume: int = 0) -> FileState:
@@ -144,8 +146,12 @@ class WriteBuffer:
         return inode
 
     def dirty_blocks(self) -> int:
-        """Blocks the buffer will need when flushed (with slack for partial blocks)."""
-        return self.total_dirty_bytes // BLOCK_SIZE + 2 * len(self.files)
+        """Blocks the buffer will need when flushed (with slack for partial blocks). Runs a flush
+        has taken count until it ends: a flush reads the blocks around its partial runs before it
+        allocates, and a write checked for room meanwhile must not be promised those blocks
+        (it was, under the kernel's writeback cache, and its flush then failed with ENOSPC). From
+        the allocation to the end of the flush they count twice, which errs on the safe side."""
+        return (self.total_dirty_bytes + self.inflight_bytes) // BLOCK_SIZE + 2 * len(self.files)
 
     def dirty_bytes_of(self, volume: int) -> int:
         """Dirty bytes of the volume's files (what its quota check adds to its usage)."""
@@ -179,9 +185,16 @@ class WriteBuffer:
     def take(self, st: FileState) -> list[Run]:
         """Move the file's dirty runs in flight (still seen by reads) for a flush to write."""
         runs = st.dirty.take()
-        self.total_dirty_bytes -= sum(len(d) for _, d in runs)
+        taken = sum(len(d) for _, d in runs)
+        self.total_dirty_bytes -= taken
+        self.inflight_bytes += taken
         st.set_inflight(runs)
         return runs
+
+    def flushed(self, st: FileState) -> None:
+        """The flush that took the file's runs has ended (written, failed or put back)."""
+        self.inflight_bytes -= sum(len(d) for _, d in st.inflight)
+        st.set_inflight([])
 
     def keep_unwritten(self, st: FileState, runs: list[Run]) -> None:
         """Buffer again the runs a fenced flush could not write (their extents were released and no

@@ -83,6 +83,8 @@ class Flusher:
                 st.error = FsError(exc.errno, f"a flush of the file's buffered writes failed: {exc.args[1]}",
                                    cause=exc.cause)
                 self.lost_writes.mark_lost(st.ino, exc.errno)
+                log.warning("flushing inode %d failed (%s): its buffered writes are lost, and each descriptor "
+                            "open on it reports that once", st.ino, exc.args[1])
             except WriteFencedError as exc:
                 if self.lost_writes.losses == losses:  # the lease may still be renewed: retried then
                     self.buffer.keep_unwritten(st, runs[written:])
@@ -91,7 +93,7 @@ class Flusher:
                     self.lost_writes.mark_lost(st.ino)
                 raise FsError(errno.EIO, exc.strerror or "", cause="fence") from exc
             finally:
-                st.set_inflight([])
+                self.buffer.flushed(st)
             if st.written_ns == written_ns and not st.dirty:
                 st.written_ns = 0  # committed (or failed for good): the inode holds the time now
         if st.error is not None:

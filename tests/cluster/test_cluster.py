@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.support import monitoring
 from tests.support.cluster import Cluster, cluster_in
 from tests.support.daemon import wait_for
 from tests.support.fsx import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, fallocate
@@ -65,6 +66,8 @@ def test_three_nodes_by_zeroconf_share_one_namespace(cluster3: Cluster) -> None:
     assert "awsomefs_lease_fenced 0.0" in metrics, "a live member's writes are not fenced"
     renewals = next(line for line in metrics.splitlines() if line.startswith("awsomefs_lease_renewals_total"))
     assert float(renewals.split()[1]) >= 1
+    unknown = monitoring.metric_names_used() - monitoring.exported_metric_names(metrics)
+    assert not unknown, f"the shipped dashboard or alerts read metrics this daemon does not export: {unknown}"
 
 
 def test_three_nodes_by_peer_address(cluster3: Cluster) -> None:
