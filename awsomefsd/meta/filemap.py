@@ -79,30 +79,35 @@ def map_extent(txn: lmdb.Transaction[bytes], db: lmdb._Database, ino: int, ext: 
     txn.put(fmap_key(ino, ext.file_block), ext.pack_value(), db=db)
 
 
-def survey(txn: lmdb.Transaction[bytes], db: lmdb._Database, ino: int,
-           extents: tuple[Extent, ...]) -> tuple[int, list[tuple[int, int]]]:
-    """What new `extents` (in file order, disjoint) would replace, in one look per run of adjacent
-    ones: how many file blocks they cover that are mapped now, and the device ranges (start,
-    count) of theirs that lie exactly on an unwritten extent of the file (same file blocks, same
-    device blocks): reserved blocks written in place, the file's already. The rest is fresh."""
+def file_ranges(extents: tuple[Extent, ...]) -> list[tuple[int, int]]:
+    """The file block ranges [first, end) that ordered, disjoint extents cover, adjacent ones joined."""
+    ranges: list[tuple[int, int]] = []
+    for ext in extents:
+        if ranges and ranges[-1][1] == ext.file_block:
+            ranges[-1] = (ranges[-1][0], ext.end_block)
+        else:
+            ranges.append((ext.file_block, ext.end_block))
+    return ranges
+
+
+def survey(txn: lmdb.Transaction[bytes], db: lmdb._Database, ino: int, extents: tuple[Extent, ...],
+           ranges: list[tuple[int, int]]) -> tuple[int, list[tuple[int, int]]]:
+    """What new `extents` (in file order, disjoint; `ranges` is their `file_ranges`) would
+    replace, in one look per range: how many file blocks they cover that are mapped now, and the
+    device ranges (start, count) of theirs that lie exactly on an unwritten extent of the file
+    (same file blocks, same device blocks): reserved blocks written in place, the file's already.
+    The rest is fresh."""
     replaced = 0
     in_place: list[tuple[int, int]] = []
-    i = 0
-    while i < len(extents):
-        j = i + 1
-        while j < len(extents) and extents[j].file_block == extents[j - 1].end_block:
-            j += 1
-        run = extents[i:j]
-        first, end = run[0].file_block, run[-1].end_block
+    for first, end in ranges:
         for cur in extents_in(txn, db, ino, first, end):
             replaced += min(cur.end_block, end) - max(cur.file_block, first)
             if not cur.unwritten:
                 continue
-            for ext in run:
+            for ext in extents:
                 lo, hi = max(cur.file_block, ext.file_block), min(cur.end_block, ext.end_block)
                 if lo < hi and cur.dev_block - cur.file_block == ext.dev_block - ext.file_block:
                     in_place.append((cur.dev_block + lo - cur.file_block, hi - lo))
-        i = j
     return replaced, in_place
 
 

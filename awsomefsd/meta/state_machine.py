@@ -370,10 +370,10 @@ class StateMachine:
                 raise FsError(errno.EINVAL, "WriteData extents must be in file order and disjoint")
         if any(ext.unwritten for ext in cmd.extents):
             raise FsError(errno.EINVAL, "WriteData extents carry checksums")
-        replaced, in_place = filemap.survey(txn, fmap, inode.ino, cmd.extents)
+        ranges = filemap.file_ranges(cmd.extents)
+        replaced, in_place = filemap.survey(txn, fmap, inode.ino, cmd.extents, ranges)
         fresh = filemap.without([(ext.dev_block, ext.count) for ext in cmd.extents], in_place)
         self.space_check_new(txn, fresh)
-        ranges = _file_ranges(cmd.extents)
         delta = sum(ext.count for ext in cmd.extents) - replaced
         self.volumes.charge(txn, inode.volume, blocks=delta, inodes=0)
         superseded = [piece for first, end in ranges for piece in filemap.unmap_range(txn, fmap, inode.ino, first, end)]
@@ -556,14 +556,3 @@ class StateMachine:
             except FsError as exc:
                 results.append(exc)
         return results
-
-
-def _file_ranges(extents: tuple[Extent, ...]) -> list[tuple[int, int]]:
-    """The file block ranges [first, end) that ordered, disjoint extents cover, adjacent ones joined."""
-    ranges: list[tuple[int, int]] = []
-    for ext in extents:
-        if ranges and ranges[-1][1] == ext.file_block:
-            ranges[-1] = (ranges[-1][0], ext.end_block)
-        else:
-            ranges.append((ext.file_block, ext.end_block))
-    return ranges
