@@ -17,6 +17,8 @@ from awsomefsd import __version__
 DEV_DEFAULT_STATE = Path("/var/lib/awsomefs-dev")
 DEV_DEFAULT_MOUNT = Path("/mnt/awsomefs")
 DEV_DEFAULT_SIZE = "4G"
+DEV_CLUSTER_DEFAULT_STATE = Path("/var/lib/awsomefs-dev-cluster")
+DEV_CLUSTER_DEFAULT_MOUNT = Path("/mnt/awsomefs-dev-cluster")
 
 
 class CliError(Exception):
@@ -69,12 +71,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     dev = sub.add_parser(
         "dev",
-        help="single-node instance on a sparse image file (development, demos)",
+        help="a single node, or with --nodes N a whole cluster, on a sparse image file (development, demos)",
         description="Create (if needed) and format an image file under --state, mount the filesystem at "
-        "--mount and serve until Ctrl-C, which unmounts cleanly.",
+        "--mount and serve until Ctrl-C, which unmounts cleanly. With --nodes N (2 or more): N cluster nodes, "
+        "each in a network namespace of its own on a private bridge, sharing one image, each with its own "
+        "mount (--mount/nodeK), CSI socket, metrics and log; Ctrl-C stops them all and removes the namespaces.",
     )
-    dev.add_argument("--mount", type=Path, default=DEV_DEFAULT_MOUNT, help=f"mount point (default {DEV_DEFAULT_MOUNT})")
-    dev.add_argument("--state", type=Path, default=DEV_DEFAULT_STATE, help=f"state directory (default {DEV_DEFAULT_STATE})")
+    dev.add_argument("--nodes", type=int, default=1, help="cluster nodes to run (default 1: a single node)")
+    dev.add_argument("--mount", type=Path, help=f"mount point (default {DEV_DEFAULT_MOUNT}; with --nodes: the "
+                     f"directory of the nodes' mount points, default {DEV_CLUSTER_DEFAULT_MOUNT})")
+    dev.add_argument("--state", type=Path, help=f"state directory (default {DEV_DEFAULT_STATE}, with --nodes "
+                     f"{DEV_CLUSTER_DEFAULT_STATE})")
     dev.add_argument("--size", default=DEV_DEFAULT_SIZE, help=f"image size for a new image (default {DEV_DEFAULT_SIZE})")
     dev.add_argument("--csi-socket", type=Path, help="serve the CSI endpoint on this unix socket")
     dev.add_argument("--metrics-port", type=int, help="Prometheus port (0: any free port, -1: off; default 9337)")
@@ -122,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_settings_flags(init)
     _add_cluster_flags(init)
     init.add_argument("--metrics-port", type=int, help="Prometheus port (0: any free port, -1: off)")
+    init.add_argument("--csi-socket", type=Path, help="serve the CSI endpoint on this unix socket")
     init.add_argument("--size", help="create the device as an image file of this size if it does not exist")
     init.add_argument("--force", action="store_true", help="format a device that holds another cluster")
     init.add_argument("--label", default="", help="a human label stored in the superblock")
@@ -137,6 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_settings_flags(join)
     _add_cluster_flags(join)
     join.add_argument("--metrics-port", type=int, help="Prometheus port (0: any free port, -1: off)")
+    join.add_argument("--csi-socket", type=Path, help="serve the CSI endpoint on this unix socket")
     join.add_argument("--peer", action="append", metavar="HOST:PORT",
                       help="a member's cluster address, when zeroconf multicast is not available (repeatable)")
 
@@ -224,8 +233,16 @@ def _dispatch(args: argparse.Namespace) -> int:
         from awsomefsd.selftest import run_self_test
 
         return run_self_test()
+    if args.command == "dev" and args.nodes != 1:
+        from awsomefsd.devcluster.session import run_dev_cluster
+
+        for flag, value in (("--csi-socket", args.csi_socket), ("--metrics-port", args.metrics_port)):
+            if value is not None:
+                raise CliError(f"{flag} does not go with --nodes: each node of a dev cluster has its own")
+        return run_dev_cluster(args.nodes, args.state or DEV_CLUSTER_DEFAULT_STATE,
+                               args.mount or DEV_CLUSTER_DEFAULT_MOUNT, args.size)
     if args.command == "dev":
-        return actions.dev(args.state, args.mount, args.size, overrides)
+        return actions.dev(args.state or DEV_DEFAULT_STATE, args.mount or DEV_DEFAULT_MOUNT, args.size, overrides)
     if args.command == "fd-keeper":
         return actions.fd_keeper(args.socket)
     settings = actions.settings_from(getattr(args, "config", None), overrides)

@@ -48,9 +48,9 @@ import fsbench  # noqa: E402
 import targets as tg  # noqa: E402
 import workloads as wl  # noqa: E402
 
+from awsomefsd.devcluster.network import PrivateNetwork  # noqa: E402
 from tests.support.cluster import Cluster, Node, cluster_in  # noqa: E402
 from tests.support.daemon import AWSOMEFSD  # noqa: E402
-from tests.support.netns import TestNetwork  # noqa: E402
 
 MiB = 1 << 20
 
@@ -347,7 +347,7 @@ def metadata_main(args: argparse.Namespace) -> int:
         log("setting up ext4, a single-node AwsomeFS and a 3-node cluster")
         ext4 = stack.enter_context(tg.ext4_target(root, 4 << 30))
         single = stack.enter_context(tg.awsomefs_target(root, "8G", AWSOMEFSD, 90))
-        network = stack.enter_context(TestNetwork(3))
+        network = stack.enter_context(PrivateNetwork(3))
         (root / "cluster").mkdir()
         cluster = stack.enter_context(cluster_in(network, root / "cluster", size="8G"))
         nodes = cluster.form(3)
@@ -413,7 +413,7 @@ def main() -> int:
             results["ext4_seq_write_mib_s"] = seq_write_mib_s([ext4.path / "seq"], args.seq_mib * MiB)
         with tg.raw_target(root, (args.seq_mib + 64) * MiB) as raw:
             results["raw_seq_write_mib_s"] = raw_seq_write_mib_s(raw.path, args.seq_mib * MiB)
-        with TestNetwork(3) as network, cluster_in(network, root / "cluster", size="8G") as cluster:
+        with PrivateNetwork(3) as network, cluster_in(network, root / "cluster", size="8G") as cluster:
             (root / "cluster").mkdir(exist_ok=True)
             nodes = cluster.form(3)
             a, b, _c = nodes

@@ -373,10 +373,15 @@ async def run_member(member: Member, *, founding: Founding | None = None,
         if settings.cluster.advertise:
             nursery.start_soon(_advertise, member)
         handed_over = await serve(core, settings, ready=ready, log_running=True, purge_orphans=False)
-        with trio.move_on_after(STOP_RELEASE_S):
+        how = "the mount handed over" if handed_over else "unmounted"
+        with trio.move_on_after(STOP_RELEASE_S) as releasing:
             released = await member.coherence.release_all()
-            log.info("node %d stopped cleanly: data flushed, %s, %d write leases given back", member.node_id,
-                     "the mount handed over" if handed_over else "unmounted", released)
+            log.info("node %d stopped cleanly: data flushed, %s, %d write leases given back", member.node_id, how,
+                     released)
+        if releasing.cancelled_caught:
+            log.warning("node %d stopped: data flushed, %s; its write leases were not given back within %.0fs (no "
+                        "leader: the other members stop too, or are cut off): they lapse with its node lease",
+                        member.node_id, how, STOP_RELEASE_S)
         nursery.cancel_scope.cancel()
     return handed_over
 

@@ -23,9 +23,9 @@ import trio
 
 from awsomefsd.cluster.ca import ClusterCA, make_csr, new_node_key
 from awsomefsd.cluster.tls import NodeCredentials
+from awsomefsd.devcluster import network as netns
+from awsomefsd.devcluster.network import Namespace, PrivateNetwork
 from awsomefsd.rpc.bridge import Binding, serve_grpc
-from tests.support import netns
-from tests.support.netns import Namespace, TestNetwork
 
 
 @pytest.fixture(scope="session")
@@ -121,15 +121,15 @@ class Agent:
 
 
 @pytest.fixture
-def netns_network() -> Iterator[Callable[[int], TestNetwork]]:
+def netns_network() -> Iterator[Callable[[int], PrivateNetwork]]:
     """Make private test networks (skips where namespaces cannot be made); all torn down after."""
     reason = netns.available()
     if reason is not None:
         pytest.skip(f"network namespaces: {reason}")
-    made: list[TestNetwork] = []
+    made: list[PrivateNetwork] = []
 
-    def make(n_nodes: int) -> TestNetwork:
-        net = TestNetwork(n_nodes).__enter__()
+    def make(n_nodes: int) -> PrivateNetwork:
+        net = PrivateNetwork(n_nodes).__enter__()
         made.append(net)
         return net
 

@@ -45,10 +45,10 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from awsomefsd.cluster.ca import ClusterCA, make_csr, new_node_key, node_dns_name
 from awsomefsd.cluster.rpc import control_call
 from awsomefsd.cluster.state import MemberState, control_socket
+from awsomefsd.devcluster.network import PrivateNetwork
 from tests.support.cluster import PORT, Cluster, Node, cluster_in
 from tests.support.daemon import wait_for
 from tests.support.nemesis import Workers, load_history
-from tests.support.netns import TestNetwork
 
 T = TypeVar("T")
 OP_TIMEOUT_S = 30.0  # one file operation on a healthy node (a lease hand-over, an election)
@@ -56,7 +56,7 @@ LEASE_S, STALL_S = 3.0, 8.0  # tests.support.cluster.FAST_LEASES
 
 
 @pytest.fixture
-def cluster3(netns_network: Callable[[int], TestNetwork], tmp_path: Path) -> Iterator[Cluster]:
+def cluster3(netns_network: Callable[[int], PrivateNetwork], tmp_path: Path) -> Iterator[Cluster]:
     with cluster_in(netns_network(3), tmp_path) as cluster:
         yield cluster
 
@@ -298,7 +298,7 @@ def test_leader_killed_during_create_storm(cluster3: Cluster, record_property: C
 
 
 # --- 2. a paused writer wakes up after the cluster expired it -----------------------------------------
-def test_stale_writer_after_sigstop_gets_eio(netns_network: Callable[[int], TestNetwork], tmp_path: Path) -> None:
+def test_stale_writer_after_sigstop_gets_eio(netns_network: Callable[[int], PrivateNetwork], tmp_path: Path) -> None:
     # a long flush interval keeps B's unsynced write in its buffer until it is paused
     with cluster_in(netns_network(3), tmp_path, env={"AWSOMEFS_DATA__FLUSH_INTERVAL_MS": "60000"}) as cluster:
         nodes = cluster.form(3)
@@ -670,7 +670,7 @@ def test_no_certificate_is_refused(cluster3: Cluster, tmp_path: Path) -> None:
 
 
 # --- 6. a writer paused past its lease wakes up, rejoins and appends again ----------------------------
-def test_paused_appender_wakes_rejoins_and_appends_again(netns_network: Callable[[int], TestNetwork],
+def test_paused_appender_wakes_rejoins_and_appends_again(netns_network: Callable[[int], PrivateNetwork],
                                                         tmp_path: Path) -> None:
     """SIGSTOP a follower while it appends (fsync after each record), past its lease, then SIGCONT,
     twice: the daemon must not exit (a background proposal refused for the expired epoch used to end

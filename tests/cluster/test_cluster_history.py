@@ -20,9 +20,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from awsomefsd.devcluster.network import PrivateNetwork
 from awsomefsd.testing.linearizability import UNKNOWN, Operation, check_history
 from tests.support.cluster import Node, cluster_in
-from tests.support.netns import TestNetwork
 
 KEYS = ("r0", "r1", "r2")
 RUN_S = 8.0
@@ -86,7 +86,7 @@ def run_client(node: Node, client_id: int, rec: Recorder, stop: threading.Event,
             rec.add(Operation(client_id, "get", key, None, value_read, call, rec.now()))
 
 
-def test_metadata_history_with_leader_kill_is_linearizable(netns_network: Callable[[int], TestNetwork],
+def test_metadata_history_with_leader_kill_is_linearizable(netns_network: Callable[[int], PrivateNetwork],
                                                             tmp_path: Path) -> None:
     with cluster_in(netns_network(3), tmp_path, env={"AWSOMEFS_MOUNT__COHERENCE": "strict"}) as cluster:
         nodes = cluster.form(3)

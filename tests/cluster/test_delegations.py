@@ -15,13 +15,13 @@ from pathlib import Path
 
 import pytest
 
+from awsomefsd.devcluster.network import PrivateNetwork
 from tests.support.cluster import Cluster, Node, cluster_in
 from tests.support.daemon import wait_for
-from tests.support.netns import TestNetwork
 
 
 @pytest.fixture
-def cluster3(netns_network: Callable[[int], TestNetwork], tmp_path: Path) -> Iterator[Cluster]:
+def cluster3(netns_network: Callable[[int], PrivateNetwork], tmp_path: Path) -> Iterator[Cluster]:
     with cluster_in(netns_network(3), tmp_path) as cluster:
         for node in cluster.nodes:
             node.metrics = True

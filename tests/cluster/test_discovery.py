@@ -12,15 +12,15 @@ from collections.abc import Callable
 import pytest
 
 from awsomefsd.cluster.discovery import JOIN_PORT_OFFSET, Peer, find_join_peers
+from awsomefsd.devcluster.network import PrivateNetwork
 from tests.cluster.conftest import Agent
-from tests.support.netns import TestNetwork
 
 CLUSTER_PORT = 7700
 
 
 @pytest.mark.netns
 def test_member_is_found_by_cluster_id_and_another_cluster_is_ignored(
-    netns_network: Callable[[int], TestNetwork],
+    netns_network: Callable[[int], PrivateNetwork],
 ) -> None:
     net = netns_network(3)
     ours, theirs, joiner = net.nodes
@@ -42,7 +42,7 @@ def test_member_is_found_by_cluster_id_and_another_cluster_is_ignored(
 
 
 @pytest.mark.netns
-def test_nothing_is_found_for_a_cluster_nobody_advertises(netns_network: Callable[[int], TestNetwork]) -> None:
+def test_nothing_is_found_for_a_cluster_nobody_advertises(netns_network: Callable[[int], PrivateNetwork]) -> None:
     net = netns_network(2)
     advertiser, joiner = net.nodes
     a = Agent(advertiser, "advertise", "--cluster", str(uuid.uuid4()), "--instance", "x", "--port", "7700")

@@ -13,8 +13,8 @@ import pytest
 from awsomefsd.cluster.ca import ClusterCA, verify_node_cert
 from awsomefsd.cluster.tls import NodeCredentials
 from awsomefsd.cluster.token import JoinToken
+from awsomefsd.devcluster.network import Namespace, PrivateNetwork
 from tests.cluster.conftest import Agent, issue_node
-from tests.support.netns import Namespace, TestNetwork
 
 pytestmark = pytest.mark.netns
 CLUSTER_PORT = 7700
@@ -38,7 +38,7 @@ def joined(agent: Agent, state: Path, ca: ClusterCA) -> int:
     return int(out["node_id"])
 
 
-def test_join_by_zeroconf_and_by_peer(netns_network: Callable[[int], TestNetwork], tmp_path: Path) -> None:
+def test_join_by_zeroconf_and_by_peer(netns_network: Callable[[int], PrivateNetwork], tmp_path: Path) -> None:
     net = netns_network(3)
     ns_member, ns_a, ns_b = net.nodes
     ca = ClusterCA.create(uuid.uuid4())
@@ -55,7 +55,7 @@ def test_join_by_zeroconf_and_by_peer(netns_network: Callable[[int], TestNetwork
 
 
 def test_wrong_token_is_refused_and_logged_by_the_member(
-    netns_network: Callable[[int], TestNetwork], tmp_path: Path
+    netns_network: Callable[[int], PrivateNetwork], tmp_path: Path
 ) -> None:
     net = netns_network(2)
     ns_member, ns_joiner = net.nodes

@@ -19,10 +19,10 @@ from pathlib import Path
 
 import pytest
 
+from awsomefsd.devcluster.network import PrivateNetwork
 from tests.support.apps import LINES, Reader, expected, shell_run, start_shell, start_writer
 from tests.support.cluster import cluster_in
 from tests.support.daemon import AWSOMEFSD, REPO, is_mounted, wait_for
-from tests.support.netns import TestNetwork
 
 EXIT_HANDED_OVER = 75
 
@@ -44,7 +44,7 @@ def keeper(tmp_path: Path) -> Iterator[Path]:
 
 
 def test_a_member_hands_its_mount_over_while_the_cluster_goes_on(
-        netns_network: Callable[[int], TestNetwork], tmp_path: Path, keeper: Path) -> None:
+        netns_network: Callable[[int], PrivateNetwork], tmp_path: Path, keeper: Path) -> None:
     with cluster_in(netns_network(3), tmp_path) as cluster:
         for node in cluster.nodes:
             node.env = {**cluster.env, "AWSOMEFS_MOUNT__FD_KEEPER": str(keeper)}
@@ -83,7 +83,7 @@ def test_a_member_hands_its_mount_over_while_the_cluster_goes_on(
 
 
 def test_a_member_killed_and_restarted_continues_its_mount(
-        netns_network: Callable[[int], TestNetwork], tmp_path: Path, keeper: Path) -> None:
+        netns_network: Callable[[int], PrivateNetwork], tmp_path: Path, keeper: Path) -> None:
     """SIGKILL (a crash; systemd restarts the unit): the keeper's copy of the descriptor keeps the
     mount, the next daemon continues it after the crash and the cluster has expired the dead
     process's lease. Synced bytes survive, descriptors opened before keep working, and the one

@@ -34,6 +34,7 @@ from pathlib import Path
 
 import pytest
 
+from awsomefsd.devcluster.network import PrivateNetwork
 from tests.support.cluster import Node, cluster_in
 from tests.support.nemesis import (
     KINDS,
@@ -51,7 +52,6 @@ from tests.support.nemesis import (
     summarize,
 )
 from tests.support.nemesis_client import SHARED_LOGS
-from tests.support.netns import TestNetwork
 
 CLIENTS_PER_NODE = 2
 QUIET_S = (4.0, 6.0)
@@ -73,7 +73,7 @@ def replay(seed: int, test: str) -> str:
     return f"AWSOMEFS_NEMESIS_SEED={seed} .venv/bin/python -m pytest 'tests/cluster/test_nemesis.py::{test}'{slow} -s"
 
 
-def run_nemesis(network: TestNetwork, root: Path, seed: int, test: str,
+def run_nemesis(network: PrivateNetwork, root: Path, seed: int, test: str,
                 schedule: Callable[[Nemesis], None], *, coherence: str = "strict") -> None:
     """`coherence`: the mounts' mode. Strict (no kernel caches) is where the namespace history is
     promised to be linearizable, and it is checked; in the default mode (close-to-open), nodes
@@ -193,7 +193,7 @@ def stop_all(nodes: list[Node], run: Run) -> None:
         node.stop()
 
 
-def test_nemesis_short(netns_network: Callable[[int], TestNetwork], tmp_path: Path) -> None:
+def test_nemesis_short(netns_network: Callable[[int], PrivateNetwork], tmp_path: Path) -> None:
     seed = nemesis_seed()
 
     def every_kind_once(nemesis: Nemesis) -> None:
@@ -204,7 +204,7 @@ def test_nemesis_short(netns_network: Callable[[int], TestNetwork], tmp_path: Pa
 
 @pytest.mark.slow
 @pytest.mark.timeout(int(LONG_MINUTES * 60 + 900))
-def test_nemesis_long(netns_network: Callable[[int], TestNetwork], tmp_path: Path) -> None:
+def test_nemesis_long(netns_network: Callable[[int], PrivateNetwork], tmp_path: Path) -> None:
     seed = nemesis_seed()
 
     def random_faults(nemesis: Nemesis) -> None:
@@ -217,7 +217,7 @@ def test_nemesis_long(netns_network: Callable[[int], TestNetwork], tmp_path: Pat
 
 @pytest.mark.slow
 @pytest.mark.timeout(int(LONG_MINUTES * 60 + 900))
-def test_nemesis_delegations(netns_network: Callable[[int], TestNetwork], tmp_path: Path) -> None:
+def test_nemesis_delegations(netns_network: Callable[[int], PrivateNetwork], tmp_path: Path) -> None:
     """The long run in the default coherence mode: directories change under delegations, ahead of
     the log, while nodes are killed, paused and cut off (a delegation recalled from a paused or
     partitioned node must lose or reorder nothing it acknowledged and synced)."""

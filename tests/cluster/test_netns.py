@@ -8,13 +8,13 @@ from collections.abc import Callable
 
 import pytest
 
-from tests.support import netns
-from tests.support.netns import PREFIX, SUBNET, TestNetwork
+from awsomefsd.devcluster import network as netns
+from awsomefsd.devcluster.network import SUBNET, TEST_PREFIX, PrivateNetwork
 
 pytestmark = pytest.mark.netns
 
 
-def test_network_is_private_and_removed_on_close(netns_network: Callable[[int], TestNetwork]) -> None:
+def test_network_is_private_and_removed_on_close(netns_network: Callable[[int], PrivateNetwork]) -> None:
     net = netns_network(2)
     a, b = net.nodes
     names = set(netns.existing())
@@ -34,7 +34,7 @@ def test_leftovers_of_a_dead_run_are_removed() -> None:
     if reason is not None:
         pytest.skip(reason)
     dead_pid = 2**22 + 1  # above the default pid_max: no such process
-    stale = f"{PREFIX}{dead_pid}.1-br"
+    stale = f"{TEST_PREFIX}{dead_pid}.1-br"
     netns.ip("netns", "add", stale)
     try:
         assert stale in netns.remove_leftovers()

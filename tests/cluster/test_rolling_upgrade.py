@@ -21,13 +21,13 @@ from pathlib import Path
 
 import pytest
 
+from awsomefsd.devcluster.network import PrivateNetwork
 from awsomefsd.meta import commands as c
 from awsomefsd.meta.bootstrap import open_metadata
 from awsomefsd.meta.commands import LOG_LEVEL
 from tests.support.cluster import Cluster, Node, cluster_in
 from tests.support.daemon import REPO, wait_for
 from tests.support.fsx import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, fallocate
-from tests.support.netns import TestNetwork
 
 BEFORE_GATE = "0acc6e3eab267727e5d28958169ae689e965626f"
 LEVEL_RAISED_S = 60.0
@@ -72,7 +72,7 @@ def blocks_of(path: Path) -> int:
 
 
 def test_a_rolling_upgrade_gates_the_new_commands_until_every_member_runs_the_new_build(
-        netns_network: Callable[[int], TestNetwork], tmp_path: Path, old_build: Path) -> None:
+        netns_network: Callable[[int], PrivateNetwork], tmp_path: Path, old_build: Path) -> None:
     with cluster_in(netns_network(3), tmp_path) as cluster:
         base = dict(cluster.env)
         for node in cluster.nodes:
@@ -153,7 +153,7 @@ def _leads_among(cluster: Cluster, nodes: list[Node], exclude: Node | None = Non
 
 
 def test_a_member_does_not_start_on_a_build_older_than_the_clusters_log(
-        netns_network: Callable[[int], TestNetwork], tmp_path: Path) -> None:
+        netns_network: Callable[[int], PrivateNetwork], tmp_path: Path) -> None:
     """A downgrade is refused at start with one line that says what to do, and loses nothing: the
     same state starts again on a build that decodes its log. The cluster's recorded level is raised
     above this build's (as a newer build's cluster would have it) in a copy of the node's state."""

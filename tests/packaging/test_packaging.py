@@ -30,12 +30,14 @@ from awsomefsd.config import Settings, load_settings
 from tests.packaging.test_systemd_service import check_service
 from tests.support import systemd
 from tests.support.daemon import AWSOMEFSD, Daemon, is_mounted
+from tests.support.dev_cluster import check_gone, check_running, kill_leftovers, start_dev_cluster
 
 REPO = Path(__file__).resolve().parents[2]
 UNIT = REPO / "packaging" / "systemd" / "awsomefsd.service"
 DEFAULT_TOML = REPO / "packaging" / "awsomefsd.toml"
 DIST = REPO / "dist"
 STANDALONE = REPO / "build" / "nuitka" / "awsomefsd.dist" / "awsomefsd.bin"
+MONITORING = ("/usr/share/awsomefs/monitoring/awsomefs-dashboard.json", "/usr/share/awsomefs/monitoring/awsomefs-alerts.yml")
 MINIMAL_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
 BUILD_TIMEOUT_S = 45 * 60
 # Options that give a service its own mount namespace: a FUSE mount made inside would be invisible.
@@ -315,6 +317,21 @@ def check_format_and_mount(binary: Path, base: Path) -> None:
         daemon.stop_hard()
 
 
+def check_dev_cluster(binary: Path, base: Path) -> None:
+    """`dev --nodes 2` from the compiled onefile binary: its nodes run that same binary (not the
+    temporary copy it unpacks to, and no Python), and Ctrl-C leaves nothing behind."""
+    session = start_dev_cluster(2, base / "dev-state", base / "dev-mnt", command=[str(binary)])
+    try:
+        session.wait_ready()
+        info = session.description()
+        assert all(node["status"].startswith(f"{binary} status ") for node in info["nodes"]), info
+        check_running(info, session)
+        assert session.interrupt() == 0, session.text()
+        check_gone(info, base / "dev-state")
+    finally:
+        kill_leftovers([session])
+
+
 def check_deb(deb: Path, marker: Path) -> None:
     """Install, reinstall over an edited conffile, remove (data kept), purge (data gone)."""
     assert run("dpkg-query", "-W", "awsomefsd").returncode != 0, "awsomefsd is already installed here"
@@ -330,6 +347,8 @@ def check_deb(deb: Path, marker: Path) -> None:
         assert (verified.returncode, verified.stderr) == (0, ""), verified.stderr
         assert Path("/var/lib/awsomefs").is_dir()
         assert Path("/var/lib/awsomefs").stat().st_mode & 0o777 == 0o700
+        for shipped in MONITORING:
+            assert Path(shipped).read_bytes() == (REPO / "packaging" / "monitoring" / Path(shipped).name).read_bytes()
 
         config = Path("/etc/awsomefs/awsomefsd.toml")
         config.write_text(config.read_text() + "# edited by the operator\n")
@@ -355,6 +374,7 @@ def check_rpm(rpm: Path) -> None:
         "/usr/lib/awsomefs/awsomefsd.bin",
         "/usr/lib/systemd/system/awsomefsd.service",
         "/etc/awsomefs/awsomefsd.toml",
+        *MONITORING,
     ):
         assert path in files, f"{path} missing from {rpm.name}: {files[:20]}"
     assert run("rpm", "-qpc", rpm).stdout.split() == ["/etc/awsomefs/awsomefsd.toml"]
@@ -407,6 +427,7 @@ def test_build_install_and_run(tmp_path: Path) -> None:
     base.mkdir()
     try:
         check_format_and_mount(DIST / "awsomefsd", base)
+        check_dev_cluster(DIST / "awsomefsd", base)
     finally:
         if is_mounted(base / "mnt"):
             run("umount", "-l", base / "mnt")

@@ -8,30 +8,14 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
+
+from awsomefsd.devcluster.members import is_mounted, wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 AWSOMEFSD = [sys.executable, "-m", "awsomefsd"]
 START_DEADLINE_S = 60.0
 STOP_DEADLINE_S = 60.0
-
-
-def wait_for(condition: Callable[[], bool], timeout_s: float, what: str, interval_s: float = 0.02) -> None:
-    """Poll `condition` until true or fail after `timeout_s` (never a bare sleep-and-hope)."""
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout_s:.0f}s waiting for {what}")
-        time.sleep(interval_s)
-
-
-def is_mounted(path: Path) -> bool:
-    # The parent resolved, not the mount point: a stat of a mount nobody serves (while its daemon
-    # is replaced) waits for the next daemon.
-    target = os.path.join(os.path.realpath(os.path.dirname(os.path.abspath(path))), os.path.basename(path))
-    with open("/proc/self/mounts", encoding="utf-8") as fh:
-        return any(line.split()[1] == target and line.split()[2] == "fuse.awsomefs" for line in fh)
 
 
 class Daemon:

@@ -1,14 +1,16 @@
-"""Private test networks of network namespaces (DESIGN §10): nothing a test sends leaves the machine.
+"""Private networks of network namespaces (DESIGN §10) for dev clusters and tests: nothing sent on
+one leaves the machine, and nothing outside can reach in.
 
-Layout of one `TestNetwork` with n nodes:
+Layout of one `PrivateNetwork` with n nodes:
 
     namespace <base>-br:   br0 (a bridge, multicast snooping off) with ports v1..vn
     namespace <base>-nK:   lo, eth0 = 10.77.0.(K+1)/24 (the other end of vK), 224.0.0.0/4 via eth0
 
 The root namespace gets no interface, address or route of the test network, and the node namespaces
 have no default route, so test traffic can neither leave nor come in. Multicast (zeroconf) floods
-across the bridge. Names are `awt<pid>.<seq>-...`: a network left behind by a crashed run (its pid
-is gone) is removed the next time a network is created. Processes are started with
+across the bridge. Names are `<prefix><pid>.<seq>-...` (prefix `awt` for tests, `awd` for `awsomefsd
+dev`): a network left behind by a crashed run (its pid is gone) is removed the next time a network is
+created. Processes are started with
 `nsenter --net=/run/netns/NAME` rather than `ip netns exec`, which would also give them a mount
 namespace of their own (a FUSE mount made inside would be invisible to the test).
 """
@@ -26,18 +28,19 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
 
-PREFIX = "awt"
+TEST_PREFIX = "awt"
+DEV_PREFIX = "awd"
 SUBNET = "10.77.0"
 PREFIX_LEN = 24
 MAX_NODES = 200
 COMMAND_TIMEOUT_S = 20.0
 STOP_DEADLINE_S = 10.0
-_NAME_RE = re.compile(rf"^{PREFIX}(\d+)\.\d+-")
+_NAME_RE = re.compile(rf"^(?:{TEST_PREFIX}|{DEV_PREFIX})(\d+)\.\d+-")
 _seq = itertools.count(1)
 
 
 class NetnsUnavailable(RuntimeError):
-    """This machine (or user) cannot make network namespaces; tests should skip, not fail."""
+    """This machine (or user) cannot make network namespaces (tests skip, `awsomefsd dev` says why)."""
 
 
 def available() -> str | None:
@@ -74,7 +77,7 @@ def _pid_alive(pid: int) -> bool:
 
 
 def remove_leftovers() -> list[str]:
-    """Delete test namespaces whose creating process is gone (a crashed or killed run)."""
+    """Delete our namespaces whose creating process is gone (a crashed or killed run)."""
     removed = []
     for name in existing():
         m = _NAME_RE.match(name)
@@ -126,18 +129,17 @@ def _signal_group(proc: subprocess.Popen[Any], sig: int) -> None:
         pass
 
 
-class TestNetwork:
+class PrivateNetwork:
     """A bridge namespace and `n_nodes` node namespaces; a context manager that always cleans up."""
 
-    __test__ = False  # not a pytest test class despite the name
-
-    def __init__(self, n_nodes: int) -> None:
+    def __init__(self, n_nodes: int, *, prefix: str = TEST_PREFIX) -> None:
         assert 1 <= n_nodes <= MAX_NODES, n_nodes
-        self.base = f"{PREFIX}{os.getpid()}.{next(_seq)}"
+        assert prefix in (TEST_PREFIX, DEV_PREFIX), prefix
+        self.base = f"{prefix}{os.getpid()}.{next(_seq)}"
         self.bridge = f"{self.base}-br"
         self.nodes = [Namespace(f"{self.base}-n{k}", f"{SUBNET}.{k + 1}") for k in range(1, n_nodes + 1)]
 
-    def __enter__(self) -> TestNetwork:
+    def __enter__(self) -> PrivateNetwork:
         reason = available()
         if reason is not None:
             raise NetnsUnavailable(reason)
