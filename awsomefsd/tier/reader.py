@@ -1,0 +1,189 @@
+"""Reads of tiered data: byte ranges of objects, through the caches, checked block by block.
+
+An object is read in aligned chunks (1 MiB by default): a chunk comes from the memory cache, the
+disk cache, or one ranged GET, which concurrent readers of the same chunk share. Every block handed
+back is checked against the CRC32C kept in metadata. On a mismatch the chunks are dropped from the
+caches and fetched from the store once more; a second mismatch is EIO, never wrong data.
+
+A read waits for the store at most `read_timeout_s` (retries included), then fails with EIO: an
+outage of the store makes reads of tiered data fail, never hang. Reading on from where the last
+read of an object ended counts as sequential and queues the next chunks for the prefetcher
+(`run`), which fetches them in the background.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import trio
+
+from awsomefsd.io.checksum import CHECKSUM_BYTES, first_bad_block
+from awsomefsd.io.layout import BLOCK_SIZE
+from awsomefsd.tier.cache import ChunkCache
+from awsomefsd.tier.store import ObjectStore, Retry, StoreError, with_retries
+
+log = logging.getLogger(__name__)
+DEFAULT_CHUNK_BYTES = 1 << 20
+MAX_TRACKED_OBJECTS = 1024
+PREFETCH_QUEUE = 256
+
+
+class TierReadError(OSError):
+    """A read of tiered data that cannot return the right bytes (errno EIO)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(errno.EIO, message)
+
+
+@dataclass(frozen=True)
+class TieredRange:
+    """Whole blocks of one object: `checksums` holds the CRC32C of each block from `offset` on."""
+
+    key: str
+    object_bytes: int
+    offset: int
+    checksums: bytes
+
+    @property
+    def length(self) -> int:
+        return len(self.checksums) // CHECKSUM_BYTES * BLOCK_SIZE
+
+    def __post_init__(self) -> None:
+        assert self.offset % BLOCK_SIZE == 0 and self.length > 0, (self.offset, self.length)
+        assert self.offset + self.length <= self.object_bytes, (self.offset, self.length, self.object_bytes)
+
+
+def _first(group: BaseExceptionGroup[TierReadError]) -> TierReadError:
+    found = group.exceptions[0]
+    return found if isinstance(found, TierReadError) else _first(found)
+
+
+class TieredReader:
+    def __init__(self, store: ObjectStore, cache: ChunkCache, *, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+                 read_timeout_s: float = 30.0, prefetch_chunks: int = 4, fetch_threads: int = 8) -> None:
+        assert chunk_bytes % BLOCK_SIZE == 0 and chunk_bytes > 0
+        self.store = store
+        self.cache = cache
+        self.chunk_bytes = chunk_bytes
+        self.read_timeout_s = read_timeout_s
+        self.retry = Retry(deadline_s=read_timeout_s)
+        self.prefetch_chunks = prefetch_chunks
+        self.limiter = trio.CapacityLimiter(fetch_threads)
+        self.gets = 0
+        """Ranged GETs sent to the store (status and tests)."""
+        self._inflight: dict[tuple[str, int], trio.Event] = {}
+        self._last_end: OrderedDict[str, int] = OrderedDict()
+        self._prefetch_send, self._prefetch_receive = trio.open_memory_channel[tuple[str, int, int]](PREFETCH_QUEUE)
+
+    async def read(self, wanted: TieredRange) -> bytes:
+        """The range's bytes, each block checked; TierReadError (EIO) when that cannot be done."""
+        first = wanted.offset // self.chunk_bytes
+        last = (wanted.offset + wanted.length - 1) // self.chunk_bytes
+        with trio.move_on_after(self.read_timeout_s):
+            data = await self._assemble(wanted, first, last, from_store=False)
+            bad = first_bad_block(data, wanted.checksums)
+            if bad >= 0:
+                log.warning("tiered data of %s at byte %d failed its checksum: fetching it again", wanted.key,
+                            wanted.offset + bad * BLOCK_SIZE)
+                data = await self._assemble(wanted, first, last, from_store=True)
+                bad = first_bad_block(data, wanted.checksums)
+                if bad >= 0:
+                    for index in range(first, last + 1):
+                        self.cache.drop(wanted.key, index)
+                    raise TierReadError(f"checksum mismatch in object {wanted.key} at byte "
+                                        f"{wanted.offset + bad * BLOCK_SIZE} (fetched twice)")
+            self._note_position(wanted, last)
+            return data
+        raise TierReadError(f"the object store did not answer within {self.read_timeout_s:g}s "
+                            f"(reading {wanted.key})")
+
+    async def _assemble(self, wanted: TieredRange, first: int, last: int, *, from_store: bool) -> bytes:
+        chunks: dict[int, bytes] = {}
+
+        async def one(index: int) -> None:
+            chunks[index] = await self._chunk(wanted.key, wanted.object_bytes, index, from_store=from_store)
+
+        try:
+            async with trio.open_nursery() as nursery:
+                for index in range(first, last + 1):
+                    nursery.start_soon(one, index)
+        except BaseExceptionGroup as group:  # one chunk's failure is the read's
+            failed = group.subgroup(TierReadError)
+            if failed is None:
+                raise
+            raise _first(failed) from None
+        joined = b"".join(chunks[i] for i in range(first, last + 1))
+        start = wanted.offset - first * self.chunk_bytes
+        return joined[start : start + wanted.length]
+
+    async def _chunk(self, key: str, object_bytes: int, index: int, *, from_store: bool) -> bytes:
+        """One chunk: cached, or fetched once however many readers want it now."""
+        if from_store:
+            self.cache.drop(key, index)
+        while True:
+            cached = self.cache.get_hot(key, index)
+            if cached is None:
+                cached = await trio.to_thread.run_sync(self.cache.get_warm, key, index, limiter=self.limiter)
+            if cached is not None:
+                return cached
+            pending = self._inflight.get((key, index))
+            if pending is None:
+                break
+            await pending.wait()  # another reader fetches it; then look again (its fetch may have failed)
+        done = self._inflight[(key, index)] = trio.Event()
+        try:
+            return await self._fetch(key, object_bytes, index)
+        finally:
+            del self._inflight[(key, index)]
+            done.set()
+
+    async def _fetch(self, key: str, object_bytes: int, index: int) -> bytes:
+        start = index * self.chunk_bytes
+        length = min(self.chunk_bytes, object_bytes - start)
+        assert length > 0, (key, index, object_bytes)
+
+        def get() -> bytes:
+            data = with_retries(lambda: self.store.get(key, start, length), self.retry, f"GET {key} [{start}+{length}]")
+            self.cache.put(key, index, data)
+            return data
+
+        self.gets += 1
+        try:
+            return await trio.to_thread.run_sync(get, abandon_on_cancel=True, limiter=self.limiter)
+        except StoreError as exc:
+            raise TierReadError(f"cannot read tiered data: {exc}") from None
+
+    # --- sequential reads and prefetch -----------------------------------------------------------
+    def _note_position(self, wanted: TieredRange, last: int) -> None:
+        sequential = self._last_end.get(wanted.key) == wanted.offset
+        self._last_end[wanted.key] = wanted.offset + wanted.length
+        self._last_end.move_to_end(wanted.key)
+        while len(self._last_end) > MAX_TRACKED_OBJECTS:
+            self._last_end.popitem(last=False)
+        if not sequential:
+            return
+        chunks = (wanted.object_bytes + self.chunk_bytes - 1) // self.chunk_bytes
+        for index in range(last + 1, min(chunks, last + 1 + self.prefetch_chunks)):
+            try:
+                self._prefetch_send.send_nowait((wanted.key, wanted.object_bytes, index))
+            except trio.WouldBlock:  # the prefetcher is behind: reads will fetch for themselves
+                return
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """The prefetcher: fetches queued chunks in the background until cancelled."""
+        async with trio.open_nursery() as nursery:
+            task_status.started()
+            async for key, object_bytes, index in self._prefetch_receive:
+                nursery.start_soon(self._prefetch, key, object_bytes, index)
+
+    async def _prefetch(self, key: str, object_bytes: int, index: int) -> None:
+        if (key, index) in self._inflight:
+            return
+        with trio.move_on_after(self.read_timeout_s):
+            try:
+                await self._chunk(key, object_bytes, index, from_store=False)
+            except TierReadError as exc:
+                log.debug("prefetch of %s chunk %d failed: %s", key, index, exc)
