@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs everything AwsomeFS needs on a fresh Debian/Ubuntu machine (run as root):
-# system packages, a virtualenv in .venv and the package itself. Safe to run again.
+# system packages (iproute2 too: `awsomefsd dev --nodes N` makes network namespaces), a virtualenv
+# in .venv and the package itself. Safe to run again.
 #   scripts/install.sh          runtime only
 #   scripts/install.sh test     plus what the tests and benchmarks need
 set -euo pipefail
@@ -10,9 +11,9 @@ extras="${1:-}"
 need_root() { [ "$(id -u)" -eq 0 ] || { echo "install.sh: run as root (FUSE mounts and loop devices need it)" >&2; exit 1; }; }
 need_root
 
-packages=(fuse3 libfuse3-dev pkg-config gcc python3 python3-dev python3-venv ca-certificates kmod util-linux e2fsprogs)
+packages=(fuse3 libfuse3-dev pkg-config gcc python3 python3-dev python3-venv ca-certificates kmod util-linux e2fsprogs iproute2)
 if [ "$extras" = "test" ]; then
-    packages+=(iproute2 sqlite3 git tar rsync fio procps psmisc attr acl xfsprogs)
+    packages+=(sqlite3 git tar rsync fio procps psmisc attr acl xfsprogs)
 fi
 missing=()
 for p in "${packages[@]}"; do
