@@ -73,9 +73,18 @@ NUITKA_FLAGS = (
     # Test-only packages that a development virtualenv holds: pydantic-settings would pull PyYAML
     # (and libyaml) in through its optional YAML source, the tests' kubernetes manifests checker more.
     "--nofollow-import-to=yaml,kubernetes_validate,jsonschema",
+    # The tiering tests' S3 server and client: pydantic-settings' optional AWS source imports boto3
+    # (with botocore's 20 MB of service models) when it is installed. The daemon signs its own
+    # requests (awsomefsd/tier/sigv4.py).
+    "--nofollow-import-to=boto3,botocore,s3transfer,moto,flask,flask_cors,werkzeug",
     "--no-prefer-source-code",  # keep zeroconf's compiled modules instead of recompiling their .py
     "--lto=no",  # LTO saved 0.3% of the size and defeats ccache
     "--python-flag=-u",  # status lines reach journald and pipes at once
+    # On SIGINT/SIGTERM the onefile bootstrap passes SIGINT to the program, then kills it after
+    # this grace time (Nuitka's default: 5 s). A daemon flushing a large write buffer, or
+    # `awsomefsd dev --nodes N` stopping its nodes, needs longer: as long as the unit's
+    # TimeoutStopSec (2 min), after which systemd kills what is left anyway.
+    "--onefile-child-grace-time=120000",
     *(f"--noinclude-dlls={pattern}" for pattern in HOST_LIBRARIES),
     "--assume-yes-for-downloads",
     "--progress-bar=none",

@@ -233,7 +233,15 @@ async def _watch_signals(cancel: trio.CancelScope, stopping: Callable[[], Awaita
     onefile binary's bootstrap passes systemd's SIGTERM on as SIGINT."""
     from awsomefsd import sdrestart
 
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGUSR2) as signals:
+    # Once a stop has begun it finishes. A terminal's Ctrl-C reaches the compiled onefile bootstrap
+    # and the daemon, and the bootstrap passes it on again; people press it twice; systemd sends
+    # SIGTERM. When the receiver closes, it restores the handlers it found and hands them the
+    # signals still queued: found ignored, none of those can interrupt the final flush
+    # (KeyboardInterrupt) or end the process before it (SIGTERM's and SIGUSR2's default action).
+    stop_signals = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2)
+    for signum in stop_signals:
+        signal.signal(signum, signal.SIG_IGN)
+    with trio.open_signal_receiver(*stop_signals) as signals:
         async for signum in signals:
             if signum == signal.SIGUSR2:
                 if hand_over is not None:

@@ -98,3 +98,26 @@ def test_bad_settings_are_reported(base: Path) -> None:
     assert r.returncode == 1 and "invalid settings" in r.stderr and "port" in r.stderr
     r = run_cli("status", "--config", str(base / "missing.toml"))
     assert r.returncode == 1 and "not found" in r.stderr
+
+
+def test_a_second_ctrl_c_does_not_interrupt_the_clean_stop(base: Path) -> None:
+    """Ctrl-C in a terminal reaches the compiled onefile bootstrap and the daemon, and the bootstrap
+    passes it on again; impatient users press it twice; systemd sends SIGTERM. Once a clean stop
+    has begun it finishes: the buffered data is flushed, no traceback, exit 0."""
+    from tests.support.daemon import Daemon
+
+    daemon = Daemon(base / "state", base / "mnt", env={"AWSOMEFS_DATA__FLUSH_INTERVAL_MS": "60000"}).start()
+    try:
+        payload = os.urandom(8 << 20)
+        (base / "mnt" / "unsynced").write_bytes(payload)  # buffered: no fsync, no flush before a minute
+        assert daemon.proc is not None
+        for sig in (signal.SIGINT, signal.SIGINT, signal.SIGTERM):
+            daemon.proc.send_signal(sig)
+        assert daemon.proc.wait(60) == 0, daemon.logs()
+        assert "Traceback" not in daemon.logs() and "KeyboardInterrupt" not in daemon.logs(), daemon.logs()
+        wait_for(lambda: not is_mounted(base / "mnt"), 10, "unmount")
+        daemon.start()
+        assert (base / "mnt" / "unsynced").read_bytes() == payload
+        assert daemon.stop() == 0
+    finally:
+        daemon.stop_hard()

@@ -128,6 +128,10 @@ def test_unit_contract() -> None:
     assert "NoNewPrivileges" in service and "SystemCallFilter" in service
     assert MOUNT_NAMESPACE_OPTIONS.isdisjoint(service), MOUNT_NAMESPACE_OPTIONS & service.keys()
     assert ("Install", "WantedBy", "multi-user.target") in entries
+    # the onefile bootstrap lets a stopping daemon run as long as systemd would (Nuitka's default: 5 s)
+    stop_s = int(service["TimeoutStopSec"].removesuffix("min")) * 60
+    grace = [f for f in load_build_script().NUITKA_FLAGS if f.startswith("--onefile-child-grace-time=")]
+    assert grace == [f"--onefile-child-grace-time={stop_s * 1000}"], grace
 
 
 # ---------------------------------------------------------------------------------------------
@@ -384,11 +388,7 @@ def check_rpm(rpm: Path) -> None:
     assert "daemon-reload" in scripts and "postuninstall" in scripts, scripts
 
 
-def test_test_only_code_stays_out_of_the_build() -> None:
-    """awsomefsd/testing/ (harnesses for tests/ and bench/) is not compiled in: build.py tells
-    Nuitka not to follow it, which overrides --include-package, and a built binary's self-test
-    fails if its import walk finds it anyway (selftest.check_awsomefsd_modules). No production
-    module imports it (tests/unit/test_layers.py, rule 9)."""
+def load_build_script() -> Any:
     spec = importlib.util.spec_from_file_location("build_script", REPO / "build.py")
     assert spec is not None and spec.loader is not None
     build = importlib.util.module_from_spec(spec)
@@ -397,6 +397,15 @@ def test_test_only_code_stays_out_of_the_build() -> None:
         spec.loader.exec_module(build)
     finally:
         del sys.modules[spec.name]
+    return build
+
+
+def test_test_only_code_stays_out_of_the_build() -> None:
+    """awsomefsd/testing/ (harnesses for tests/ and bench/) is not compiled in: build.py tells
+    Nuitka not to follow it, which overrides --include-package, and a built binary's self-test
+    fails if its import walk finds it anyway (selftest.check_awsomefsd_modules). No production
+    module imports it (tests/unit/test_layers.py, rule 9)."""
+    build = load_build_script()
     assert f"--nofollow-import-to={selftest.TEST_ONLY_PACKAGE}" in build.NUITKA_FLAGS
     assert selftest.check_awsomefsd_modules().startswith("imported ")
 
