@@ -239,8 +239,8 @@ async def _watch_signals(cancel: trio.CancelScope, stopping: Callable[[], Awaita
     # signals still queued: found ignored, none of those can interrupt the final flush
     # (KeyboardInterrupt) or end the process before it (SIGTERM's and SIGUSR2's default action).
     stop_signals = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2)
-    for signum in stop_signals:
-        signal.signal(signum, signal.SIG_IGN)
+    for ignored in stop_signals:
+        signal.signal(ignored, signal.SIG_IGN)
     with trio.open_signal_receiver(*stop_signals) as signals:
         async for signum in signals:
             if signum == signal.SIGUSR2:
