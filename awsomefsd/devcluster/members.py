@@ -119,14 +119,6 @@ class DevNode:
         self.csi_socket: Path | None = None
         self._mounted = threading.Event()
 
-    @property
-    def metrics(self) -> bool:
-        return self.metrics_port >= 0
-
-    @metrics.setter
-    def metrics(self, on: bool) -> None:
-        self.metrics_port = 0 if on else -1
-
     def start(self, *args: str, wait: bool = True) -> DevNode:
         """Run `awsomefsd ARGS` in the namespace; wait for its mount unless told not to."""
         self._mounted.clear()

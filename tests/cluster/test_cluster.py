@@ -33,7 +33,7 @@ def read(path: Path) -> bytes:
 
 
 def test_three_nodes_by_zeroconf_share_one_namespace(cluster3: Cluster) -> None:
-    cluster3.nodes[0].metrics = True
+    cluster3.nodes[0].metrics_port = 0  # any free port in its namespace
     a, b, c = cluster3.form(3)
     payload = os.urandom(3 * 1024 * 1024 + 123)
     (a.mount / "dir").mkdir()

@@ -24,7 +24,7 @@ from tests.support.daemon import wait_for
 def cluster3(netns_network: Callable[[int], PrivateNetwork], tmp_path: Path) -> Iterator[Cluster]:
     with cluster_in(netns_network(3), tmp_path) as cluster:
         for node in cluster.nodes:
-            node.metrics = True
+            node.metrics_port = 0
         yield cluster
 
 
