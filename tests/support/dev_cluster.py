@@ -99,10 +99,6 @@ def _run_printed(command: str) -> subprocess.CompletedProcess[str]:
                           env={**os.environ, "PYTHONPATH": str(REPO)}, check=False)
 
 
-def _csi(socket: str) -> grpc.Channel:
-    return grpc.insecure_channel(socket)
-
-
 def check_running(info: dict[str, Any], session: DevSession) -> None:
     nodes = info["nodes"]
     assert all(is_mounted(Path(n["mount"])) for n in nodes), nodes
@@ -128,7 +124,7 @@ def check_running(info: dict[str, Any], session: DevSession) -> None:
     # each node's CSI endpoint answers with its own node id; a volume made on one is seen on another
     node_ids = set()
     for node in nodes:
-        with _csi(node["csi_socket"]) as channel:
+        with grpc.insecure_channel(node["csi_socket"]) as channel:
             probe = csi_pb2_grpc.IdentityStub(channel).Probe(csi_pb2.ProbeRequest(), timeout=RPC_TIMEOUT_S)
             assert probe.ready.value
             node_ids.add(csi_pb2_grpc.NodeStub(channel).NodeGetInfo(csi_pb2.NodeGetInfoRequest(),
@@ -136,11 +132,11 @@ def check_running(info: dict[str, Any], session: DevSession) -> None:
     assert len(node_ids) == len(nodes), node_ids
     capability = csi_pb2.VolumeCapability(mount=csi_pb2.VolumeCapability.MountVolume(),
                                           access_mode=csi_pb2.VolumeCapability.AccessMode(mode=Mode.MULTI_NODE_MULTI_WRITER))
-    with _csi(nodes[0]["csi_socket"]) as channel:
+    with grpc.insecure_channel(nodes[0]["csi_socket"]) as channel:
         made = csi_pb2_grpc.ControllerStub(channel).CreateVolume(csi_pb2.CreateVolumeRequest(
             name=name, capacity_range=csi_pb2.CapacityRange(required_bytes=1 << 20), volume_capabilities=[capability]),
             timeout=RPC_TIMEOUT_S)
-    with _csi(nodes[1]["csi_socket"]) as channel:
+    with grpc.insecure_channel(nodes[1]["csi_socket"]) as channel:
         listed = csi_pb2_grpc.ControllerStub(channel).ListVolumes(csi_pb2.ListVolumesRequest(), timeout=RPC_TIMEOUT_S)
     assert made.volume.volume_id in {e.volume.volume_id for e in listed.entries}
 

@@ -21,10 +21,10 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.support.daemon import REPO
+
 START_DEADLINE_S = 60.0
 TEST_KEY_ID, TEST_SECRET = "AKIDTESTTESTTESTTEST", "test/secret/not-a-real-one"
 
