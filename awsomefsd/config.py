@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, BeforeValidator, Field, field_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -37,6 +37,10 @@ def parse_size_bytes(text: str | int) -> int:
     if value <= 0:
         raise ValueError(f"size must be positive: {text!r}")
     return value
+
+
+SizeBytes = Annotated[int, BeforeValidator(parse_size_bytes)]
+"""A size in bytes that the file may also write as "64M" or "8G"."""
 
 
 class NodeSettings(BaseModel):
@@ -132,6 +136,43 @@ class ClusterSettings(BaseModel):
                                   "fell further behind catches up by receiving one)")
 
 
+class TierSettings(BaseModel):
+    """Cold data to an S3-compatible object store (design note 47). Off until `endpoint` is set.
+    The access key comes from `credentials_file` or the AWS_* environment, never from here."""
+
+    endpoint: str = Field("", description="http(s)://host[:port] of the S3-compatible store; empty: no tiering")
+    bucket: str = Field("", description="the bucket (it must exist)")
+    prefix: str = Field("awsomefs/", description="key prefix in the bucket; objects go under <prefix><cluster id>/")
+    region: str = Field("us-east-1", description="the region requests are signed for")
+    path_style: bool = Field(True, description="http://host/bucket/key (most on-premises stores) rather than "
+                             "http://bucket.host/key")
+    credentials_file: Path | None = Field(None, description="AWS-format credentials file, mode 600; empty: "
+                                          "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY from the environment")
+    profile: str = Field("default", description="the section of credentials_file to use")
+    cold_after_s: float = Field(7 * 86400, gt=0, description="files not written, changed or given an atime "
+                                "for this long are tiered")
+    fill_watermark: float = Field(0.85, gt=0, le=1, description="above this fraction of the device in use, "
+                                  "files are tiered once cold_after_when_full_s old")
+    cold_after_when_full_s: float = Field(3600, gt=0)
+    min_file_bytes: SizeBytes = Field(1 << 20, ge=0, description="smaller files are never tiered")
+    exclude_volumes: list[str] = Field(default_factory=list, description="volumes (by name) never tiered")
+    object_bytes: SizeBytes = Field(64 << 20, ge=1 << 20, le=128 << 20, description="size objects are packed to")
+    cache_dir: Path | None = Field(None, description="disk cache of tiered data; default <state_dir>/tier-cache")
+    cache_bytes: SizeBytes = Field(8 << 30, ge=0, description="disk cache size limit")
+    memory_cache_bytes: SizeBytes = Field(256 << 20, ge=0, description="memory cache size limit")
+    read_timeout_s: float = Field(30.0, gt=0, le=3600, description="a read of tiered data fails with EIO "
+                                  "after waiting this long for the store")
+    scan_interval_s: float = Field(60.0, gt=0, description="how often cold data is looked for")
+    gc_grace_s: float = Field(300.0, ge=0, description="a dead object is deleted from the store this long "
+                              "after it died (readers that looked it up before may still read it)")
+    recall_reads: int = Field(2, ge=0, description="tiered data read in this many different minutes is "
+                              "brought back to the device; 0: never")
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.endpoint)
+
+
 class LogSettings(BaseModel):
     level: Literal["debug", "info", "warning", "error"] = "info"
 
@@ -147,6 +188,7 @@ class Settings(BaseSettings):
     data: DataSettings = DataSettings()
     meta: MetaSettings = MetaSettings()
     cluster: ClusterSettings = ClusterSettings()
+    tier: TierSettings = TierSettings()
     log: LogSettings = LogSettings()
 
     model_config = SettingsConfigDict(

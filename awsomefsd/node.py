@@ -40,6 +40,7 @@ from awsomefsd.meta.replication.fs_log import ReplicatedFsLog
 from awsomefsd.meta.state_machine import StateMachine
 from awsomefsd.meta.store import MetaStore
 from awsomefsd.metrics import Metrics, counter, gauge
+from awsomefsd.tier.service import TierConfigError, Tiering
 
 log = logging.getLogger(__name__)
 NODE_ID = 1  # a single-node cluster; the cluster layer assigns ids to joining nodes
@@ -269,14 +270,16 @@ def _notify(message: str) -> None:
 
 
 async def serve(core: Core, settings: Settings, *, ready: Callable[[str], None] | None = None,
-                log_running: bool = False, purge_orphans: bool = True) -> bool:
+                log_running: bool = False, purge_orphans: bool = True,
+                runs_engines: Callable[[], bool] = lambda: True) -> bool:
     """Mount (or continue a kept mount) and serve until unmounted or signalled; then flush,
     commit and unmount, or, on SIGUSR2, hand the mount over to the next daemon: True then.
 
     `log_running`: the metadata log is already driven by the caller (a cluster member starts it
     before the file system exists, to receive its state). `purge_orphans`: delete the inodes an
     unclean stop left unlinked but unfreed; only a node that knows no other node may hold them open
-    does that (a cluster member does not)."""
+    does that (a cluster member does not). `runs_engines`: does this node run the cluster-wide
+    engines (tiering) now: a single node always, a member while it leads."""
     from awsomefsd.fs.clock import use_kernel_clock
     from awsomefsd.fuse.eio import EioReporter
     from awsomefsd.fuse.kernel.keeper import descriptor_store
@@ -286,6 +289,7 @@ async def serve(core: Core, settings: Settings, *, ready: Callable[[str], None] 
     mount = settings.mount.path
     if mount is None:
         raise NodeError("no mount point configured: set [mount] path or --mount")
+    tiering = _tiering(core, settings)
     store = descriptor_store(settings.mount.fd_keeper) if settings.mount.transport == "kernel" else None
     transport = make_transport(settings.mount.transport, core.ops, mount, allow_other=settings.mount.allow_other,
                                entry_timeout_s=settings.mount.entry_timeout_s,
@@ -334,6 +338,8 @@ async def serve(core: Core, settings: Settings, *, ready: Callable[[str], None] 
                 log.info("removed %d orphaned inodes left by an unclean stop", purged)
             nursery.start_soon(functools.partial(run_duty, "delayed-free reclaimer", functools.partial(_reclaim_step, core),
                                                  book=core.duties, period_s=RECLAIM_TICK_S))
+            if tiering is not None:
+                await nursery.start(functools.partial(tiering.run, book=core.duties, runs_engine=runs_engines))
             async def stopping() -> None:
                 _notify("STOPPING=1")
                 if transport.writeback_negotiated():
@@ -381,6 +387,19 @@ async def serve(core: Core, settings: Settings, *, ready: Callable[[str], None] 
                 except Exception:
                     log.exception("flushing buffered data at shutdown failed")
     return handing_over
+
+
+def _tiering(core: Core, settings: Settings) -> Tiering | None:
+    """Tiering to the object store, when [tier] configures it (a bad configuration: NodeError)."""
+    if not settings.tier.enabled:
+        return None
+    try:
+        tiering = Tiering(settings, core.meta, core.data, core.ops, cluster_id=str(core.superblock.cluster_id),
+                          total_blocks=core.ops.total_blocks)
+    except TierConfigError as exc:
+        raise NodeError(str(exc)) from None
+    core.metrics.add_collector(tiering.collect)
+    return tiering
 
 
 KERNEL_WRITEBACK_DEADLINE_S = 60.0

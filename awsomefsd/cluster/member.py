@@ -372,7 +372,8 @@ async def run_member(member: Member, *, founding: Founding | None = None,
         await nursery.start(_serve_joins, member)
         if settings.cluster.advertise:
             nursery.start_soon(_advertise, member)
-        handed_over = await serve(core, settings, ready=ready, log_running=True, purge_orphans=False)
+        handed_over = await serve(core, settings, ready=ready, log_running=True, purge_orphans=False,
+                                  runs_engines=lambda: member.raft.node.raw.is_leader)
         how = "the mount handed over" if handed_over else "unmounted"
         with trio.move_on_after(STOP_RELEASE_S) as releasing:
             released = await member.coherence.release_all()
@@ -438,7 +439,7 @@ def _assemble(member: Member) -> Core:
                                  holds=handles.holds, wait_lease=epoch.wait_renewed,
                                  read_barrier=raft.node.read_barrier, strict=settings.mount.coherence == "strict")
     # the one cycle: coherence flushes through data, and data asks coherence what it may do
-    data.compactor.may_rewrite = coherence.holding
+    data.compactor.may_rewrite = coherence.holding  # compaction and recall
     data.writer.may_run_ahead = coherence.fresh
     ops = Operations(meta, data, handles, coherence=coherence, total_blocks=layout.data_blocks)
     core = assemble_core(member.storage, raft, meta, allocator, data, ops, metrics, book)

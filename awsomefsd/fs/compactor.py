@@ -1,4 +1,10 @@
-"""Compaction: a file fragmented by small random writes is rewritten as large extents.
+"""Compaction and recall: rewriting a file's committed extents elsewhere on the device.
+
+Recall (`recall`) brings a file's tiered data back from the object store, the same way, when the
+recall policy (fs/recall.py) finds it read again; everything below about compaction's writes holds
+for it too.
+
+Compaction: a file fragmented by small random writes is rewritten as large extents.
 
 The flusher counts the small runs it writes per file; after COMPACT_AFTER_SMALL_RUNS of them, or
 when the last handle of a file that has some closes, the file is queued here; one queued by the
@@ -22,14 +28,14 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 
 import trio
 
-from awsomefsd.fs.buffer import WriteBuffer
+from awsomefsd.fs.buffer import FileState, WriteBuffer
 from awsomefsd.fs.reader import Reader
 from awsomefsd.fs.writer import RunWriter
 from awsomefsd.io.fence import WriteFencedError
 from awsomefsd.io.layout import BLOCK_SIZE
 from awsomefsd.meta.client import MetaClient
 from awsomefsd.meta.errors import FsError
-from awsomefsd.meta.records import MAX_EXTENT_BLOCKS, Extent
+from awsomefsd.meta.records import MAX_EXTENT_BLOCKS, Extent, is_tiered
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +48,10 @@ RECENT_WRITE_S = 1.0
 count queued waits (`check`)."""
 
 
+RECALL = object()
+"""In the queue in place of `wait_for_quiet`: bring the file's tiered data back."""
+
+
 class Compactor:
     def __init__(self, meta: MetaClient, buffer: WriteBuffer, reader: Reader, writer: RunWriter) -> None:
         self.meta = meta
@@ -51,12 +61,13 @@ class Compactor:
         self.small_runs: dict[int, int] = {}  # inode -> small runs flushed since its last check
         self.small_written: dict[int, float] = {}  # inode -> when its last small run was flushed
         self.compactions = 0
+        self.recalls = 0
         self.may_rewrite: Callable[[int], AbstractAsyncContextManager[bool]] = _always
         """A cluster member's coherence (set once it exists: it needs this FileData's flush):
         compaction rewrites committed blocks, so it may run only while this node holds the file's
         write lease, and keeps it meanwhile (yields False: skip). Another node appending meanwhile
         would otherwise have its acknowledged records replaced by the older copy read here."""
-        self._send, self._receive = trio.open_memory_channel[tuple[int, bool]](QUEUE_FILES)
+        self._send, self._receive = trio.open_memory_channel[tuple[int, object]](QUEUE_FILES)
 
     def note_runs(self, ino: int, runs: list[tuple[int, bytearray]]) -> None:
         """A flush is writing `runs` of the file: count the small ones; enough of them queue it."""
@@ -109,41 +120,83 @@ class Compactor:
             if inode is None or not inode.is_reg:
                 return 0
             extents = self.meta.all_extents(ino)
-            # unwritten extents stay where they are, for the writes they were reserved for
-            for run in _fragmented_runs(extents, lambda ext: ext.unwritten or self.meta.shares_blocks(ext)):
-                first, end = run[0].file_block, run[-1].end_block
-                for lo in range(first, end, MAX_EXTENT_BLOCKS):
-                    hi = min(lo + MAX_EXTENT_BLOCKS, end)
-                    pieces = [e for e in run if e.end_block > lo and e.file_block < hi]
-                    if len(pieces) < 2:
-                        continue
-                    data = bytearray()
-                    with self.reader.holding_map():  # the file may be deleted meanwhile: then its blocks
-                        current = self.meta.inode(ino)  # wait for these reads before reuse
-                        if current is None:
-                            return removed
-                        for ext in pieces:
-                            a, b = max(ext.file_block, lo), min(ext.end_block, hi)
-                            data += await self.reader.read_extent(ext, a, b, a * BLOCK_SIZE, b * BLOCK_SIZE)
-                    await self.writer.write_runs(st, [(lo * BLOCK_SIZE, data)], size=current.size, keep_mtime=True)
-                    removed += len(pieces) - 1
+            # unwritten extents stay where they are, for the writes they were reserved for; tiered
+            # ones stay in their objects (bringing them back is `recall`)
+            for run in _fragmented_runs(extents, lambda ext: ext.unwritten or is_tiered(ext.dev_block)
+                                        or self.meta.shares_blocks(ext)):
+                for lo in range(run[0].file_block, run[-1].end_block, MAX_EXTENT_BLOCKS):
+                    rewritten = await self._rewrite(st, run, lo, min(lo + MAX_EXTENT_BLOCKS, run[-1].end_block),
+                                                    at_least=2)
+                    if rewritten < 0:
+                        return removed
+                    removed += max(rewritten - 1, 0)
         if removed:
             self.compactions += 1
             log.debug("compacted inode %d: %d fewer extents", ino, removed)
         return removed
 
+    async def recall(self, ino: int) -> int:
+        """Bring the file's tiered data back to the device (copy-on-write, times unchanged: its
+        blocks in the object store are freed after the grace period); returns the blocks moved.
+        Skipped (0) while the file has buffered data: its next flush would race the rewrite."""
+        moved = 0
+        async with self.may_rewrite(ino) as allowed, self.buffer.locked(ino) as st:
+            if not allowed or st.dirty or st.inflight:
+                return 0
+            for ext in self.meta.all_extents(ino):
+                if not is_tiered(ext.dev_block):
+                    continue
+                for lo in range(ext.file_block, ext.end_block, MAX_EXTENT_BLOCKS):
+                    hi = min(lo + MAX_EXTENT_BLOCKS, ext.end_block)
+                    if await self._rewrite(st, [ext], lo, hi, at_least=1) < 0:
+                        return moved
+                    moved += hi - lo
+        if moved:
+            self.recalls += 1
+            log.info("recalled %d blocks of inode %d from the object store", moved, ino)
+        return moved
+
+    async def _rewrite(self, st: FileState, run: list[Extent], lo: int, hi: int, *, at_least: int) -> int:
+        """Read file blocks [lo, hi) through the extents of `run` that overlap them and write them
+        to fresh device blocks, when at least `at_least` extents do; returns how many did (-1: the
+        file is gone)."""
+        pieces = [e for e in run if e.end_block > lo and e.file_block < hi]
+        if len(pieces) < at_least:
+            return len(pieces)
+        data = bytearray()
+        with self.reader.holding_map():  # the file may be deleted meanwhile: then its blocks
+            current = self.meta.inode(st.ino)  # wait for these reads before reuse
+            if current is None:
+                return -1
+            start = max(pieces[0].file_block, lo)
+            for ext in pieces:
+                a, b = max(ext.file_block, lo), min(ext.end_block, hi)
+                data += await self.reader.read_extent(ext, a, b, a * BLOCK_SIZE, b * BLOCK_SIZE)
+        await self.writer.write_runs(st, [(start * BLOCK_SIZE, data)], size=current.size, keep_mtime=True)
+        return len(pieces)
+
+    def request_recall(self, ino: int) -> None:
+        """Queue `ino` to have its tiered data brought back (the recall policy found it hot)."""
+        try:
+            self._send.send_nowait((ino, RECALL))
+        except trio.WouldBlock:
+            pass  # busy: the file's next tiered reads ask again
+
     async def run(self) -> None:
-        """Compact the files queued, one at a time, until cancelled."""
-        async for ino, wait_for_quiet in self._receive:
+        """Compact (or recall) the files queued, one at a time, until cancelled."""
+        async for ino, what in self._receive:
             try:
-                await self.check(ino, wait_for_quiet=wait_for_quiet)
+                if what is RECALL:
+                    await self.recall(ino)
+                else:
+                    await self.check(ino, wait_for_quiet=bool(what))
             except FsError as exc:
                 if exc.errno in (errno.ENOENT, errno.ESTALE):
                     log.debug("inode %d was deleted before its compaction", ino)
                 else:
-                    log.warning("compaction of inode %d failed: %s", ino, exc)
+                    log.warning("rewriting inode %d failed: %s", ino, exc)
             except WriteFencedError as exc:  # fenced: the committed fragments stay as they are
-                log.warning("compaction of inode %d failed: %s", ino, exc)
+                log.warning("rewriting inode %d failed: %s", ino, exc)
 
 
 @asynccontextmanager

@@ -227,6 +227,10 @@ class FileData:
     async def clone(self, src: int, src_block: int, dst: int, dst_block: int, count: int, size: int) -> Inode:
         return await self.ranges.clone(src, src_block, dst, dst_block, count, size)
 
+    async def recall(self, ino: int) -> int:
+        """Bring the file's tiered data back to the device now; returns the blocks moved."""
+        return await self.compactor.recall(ino)
+
     async def compact(self, ino: int) -> int:
         return await self.compactor.compact(ino)
 

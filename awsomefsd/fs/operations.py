@@ -12,9 +12,10 @@ quotas, read-only snapshots, name limits — is enforced by the state machine.
 from __future__ import annotations
 
 import errno
+import json
 import os
 import stat
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import AbstractAsyncContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any
@@ -36,6 +37,7 @@ from awsomefsd.meta.records import (
     ROOT_INO,
     Inode,
     check_name,
+    is_tiered,
 )
 
 INODE_RESERVATION = 1024
@@ -65,6 +67,11 @@ UPGRADING = "not every member's build decodes it yet (a rolling upgrade is under
 ZEROS_PER_WRITE = 1 << 20
 
 POSIX_ACL_XATTRS = (b"system.posix_acl_access", b"system.posix_acl_default")
+TIER_XATTR = b"trusted.awsomefs.tier"
+"""A file's tiering, read and changed through the mount (the kernel lets only CAP_SYS_ADMIN use
+`trusted.` names): reading it gives JSON with the file's bytes on the device and in the object
+store; writing `evict` moves its data to the store now, `recall` brings it back (`awsomefsd tier
+evict|recall PATH`). It is never stored, and listxattr does not show it (cp -a does not copy it)."""
 FILES_ADVERTISED = 1 << 32
 
 
@@ -91,6 +98,8 @@ class Operations:
         self.coherence = coherence
         self._ino_next = 0
         self._ino_end = 0
+        self.evict: Callable[[int], Awaitable[int]] | None = None
+        """Tier a file's data now (the tiering engine's; None: no object store configured)."""
 
     # -- helpers --------------------------------------------------------------------------------
     def _now(self) -> int:
@@ -658,6 +667,8 @@ class Operations:
 
     # -- extended attributes --------------------------------------------------------------------
     async def getxattr(self, ino: int, name: bytes) -> bytes:
+        if name == TIER_XATTR:
+            return self._tier_state(ino)
         value = self.meta.xattr(ino, name)
         if value is None:
             self.meta.require_inode(ino)
@@ -669,8 +680,37 @@ class Operations:
             # Stored as a plain attribute it would not change the mode, and cp -p, tar and rsync
             # set modes through it when it is accepted; refused, they fall back to chmod.
             raise FsError(errno.EOPNOTSUPP, "POSIX ACLs are not supported")
+        if name == TIER_XATTR:
+            await self._tier_move(ino, value)
+            return
         async with self._holding(ino) as ahead:
             await self._propose(c.SetXattr(ino, name, value, flags, self._now()), ahead)
+
+    def _tier_state(self, ino: int) -> bytes:
+        inode = self.meta.require_inode(ino)
+        device = tiered = 0
+        for ext in self.meta.all_extents(ino) if inode.is_reg else []:
+            if is_tiered(ext.dev_block):
+                tiered += ext.count * BLOCK_SIZE
+            elif not ext.unwritten:
+                device += ext.count * BLOCK_SIZE
+        buffered = self.data.has_buffered(ino)
+        return json.dumps({"device_bytes": device, "tiered_bytes": tiered, "buffered": buffered}).encode()
+
+    async def _tier_move(self, ino: int, value: bytes) -> None:
+        inode = self.meta.require_inode(ino)
+        if not inode.is_reg:
+            raise FsError(errno.EINVAL, "only regular files have data to tier")
+        if value == b"evict":
+            if self.evict is None:
+                raise FsError(errno.EOPNOTSUPP, "no object store is configured ([tier] endpoint)")
+            await self.data.flush(ino)
+            await self.evict(ino)
+        elif value == b"recall":
+            await self.data.flush(ino)
+            await self.data.recall(ino)
+        else:
+            raise FsError(errno.EINVAL, f"{TIER_XATTR.decode()} takes 'evict' or 'recall'")
 
     async def listxattr(self, ino: int) -> list[bytes]:
         self.meta.require_inode(ino)

@@ -192,6 +192,11 @@ RULES: dict[type, Rule] = {
     c.ClaimGroups: _nothing,
     c.AcquireWriteLease: _nothing,
     c.ReleaseWriteLease: _nothing,
+    # tiering moves where a file's bytes are kept, never what they are, its size or its times
+    c.PlanTierObject: _nothing,
+    c.CommitTierObject: _nothing,
+    c.AbandonTierObjects: _nothing,
+    c.ForgetTierObjects: _nothing,
 }
 """Every command type, with what it makes stale; a unit test checks it covers codec.COMMAND_TAGS."""
 

@@ -15,7 +15,18 @@ from awsomefsd.meta import commands as c
 from awsomefsd.meta.filemap import all_extents
 from awsomefsd.meta.freespace import FreeSpaceMap
 from awsomefsd.meta.log import LocalLog
-from awsomefsd.meta.records import ROOT_INO, U64, U64_PAIR, Inode, cookie_key, read_dentry_value, u64
+from awsomefsd.meta.records import (
+    ROOT_INO,
+    U64,
+    U64_PAIR,
+    Inode,
+    cookie_key,
+    is_tiered,
+    object_block,
+    object_of,
+    read_dentry_value,
+    u64,
+)
 from awsomefsd.meta.state_machine import StateMachine
 
 
@@ -99,6 +110,7 @@ def check_space(log: LocalLog, sm: StateMachine, data_extent: tuple[int, int], r
     data area), and every inode counts the blocks it maps."""
     txn = log.read_txn()
     used = FreeSpaceMap()  # reused as a set of extents: "free" here means "seen in use"
+    tiered: dict[int, FreeSpaceMap] = {}  # object -> the blocks of it something refers to
     overlaps = 0
     inodes_blocks: dict[int, int] = {}
     for key, value in txn.cursor(sm.db["inodes"]):
@@ -108,6 +120,9 @@ def check_space(log: LocalLog, sm: StateMachine, data_extent: tuple[int, int], r
         for ext in all_extents(txn, sm.db["fmap"], ino):
             count += ext.count
             start, n = ext.dev_block, ext.count
+            if is_tiered(start):
+                _add_uncovered(tiered.setdefault(object_of(start)[0], FreeSpaceMap()), start, n)
+                continue
             if ext.unwritten and _shared(sm, txn, start, n):
                 report.problem(f"inode {ino} shares its unwritten blocks {start}+{n}: a write in place would "
                                "change another file")
@@ -128,7 +143,9 @@ def check_space(log: LocalLog, sm: StateMachine, data_extent: tuple[int, int], r
         inodes_blocks[ino] = count
     for _seq, _nb, pairs in sm.space.deferred(txn):
         for start, n in pairs:
-            _add_uncovered(used, start, n)
+            _add_uncovered(tiered.setdefault(object_of(start)[0], FreeSpaceMap()) if is_tiered(start) else used,
+                           start, n)
+    _check_objects(sm, txn, tiered, report)
     for start, n in sm.space.free_extents(txn):
         if used.overlaps_free(start, n):
             report.problem(f"blocks {start}+{n} are free but in use")
@@ -145,6 +162,26 @@ def check_space(log: LocalLog, sm: StateMachine, data_extent: tuple[int, int], r
             sm.apply(txn, c.ReleaseLeaked(tuple(leaks)))
             report.fixed(f"returned {total} leaked blocks to free space")
     del overlaps
+
+
+def _check_objects(sm: StateMachine, txn: lmdb.Transaction[bytes], referenced: dict[int, FreeSpaceMap],
+                   report: Findings) -> None:
+    """Every tiered block referred to lies in a live object, and each object counts as live exactly
+    the blocks referred to (no repair: a wrong count would delete or keep an object wrongly, and
+    the operator must look)."""
+    objects = {obj.id: obj for obj in sm.space.tiered.all(txn)}
+    for object_id, blocks in sorted(referenced.items()):
+        obj = objects.get(object_id)
+        span = (object_block(object_id), obj.blocks if obj is not None else 0)
+        outside = sum(n for start, n in blocks if start < span[0] or start + n > span[0] + span[1])
+        if obj is None or obj.state != "live" or outside:
+            report.problem(f"tiered data refers to object {object_id}, which is "
+                           f"{'unknown' if obj is None else obj.state}, or beyond its {span[1]} blocks")
+        elif blocks.free_blocks != obj.live_blocks:
+            report.problem(f"object {object_id} counts {obj.live_blocks} live blocks, {blocks.free_blocks} are referred to")
+    for object_id, obj in sorted(objects.items()):
+        if obj.state == "live" and object_id not in referenced:
+            report.problem(f"object {object_id} counts {obj.live_blocks} live blocks, nothing refers to it")
 
 
 def _shared(sm: StateMachine, txn: lmdb.Transaction[bytes], start: int, n: int) -> bool:

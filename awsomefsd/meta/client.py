@@ -40,6 +40,7 @@ from awsomefsd.meta.records import (
     Inode,
     Member,
     Orphan,
+    TierObject,
     Volume,
     u64,
 )
@@ -161,6 +162,32 @@ class MetaClient:
     def shares_blocks(self, ext: Extent) -> bool:
         """Does a snapshot or another file (a clone) also reference a block of this extent?"""
         return self._sm.space.shared(self._view(), ext.dev_block, ext.count)
+
+    # -- tiered data (meta/tiered.py) -------------------------------------------------------------
+    def tier_object(self, object_id: int) -> TierObject | None:
+        return self._sm.space.tiered.get(self._view(), object_id)
+
+    def tier_objects(self) -> list[TierObject]:
+        """Every object the log knows, by id."""
+        return list(self._sm.space.tiered.all(self._view()))
+
+    def cold_files(self, after_ino: int, cold_before_ns: int, min_bytes: int, limit: int) -> tuple[list[Inode], int]:
+        """Regular files numbered above `after_ino`, of at least `min_bytes`, not written or
+        changed (nor given an atime) since `cold_before_ns`, looking at no more than `limit`
+        inodes; and the last inode looked at (0 once the table's end is reached), where the next
+        slice starts."""
+        cursor = self._view().cursor(self._sm.db["inodes"])
+        found: list[Inode] = []
+        if not cursor.set_range(u64(after_ino + 1)):
+            return found, 0
+        for looked, (key, value) in enumerate(cursor.iternext(), 1):
+            inode = Inode.unpack(int.from_bytes(key, "big"), value)
+            if (inode.is_reg and inode.nlink > 0 and inode.size >= min_bytes
+                    and max(inode.atime_ns, inode.mtime_ns, inode.ctime_ns) < cold_before_ns):
+                found.append(inode)
+            if looked >= limit:
+                return found, inode.ino
+        return found, 0
 
     # -- space ------------------------------------------------------------------------------------
     def free_blocks(self) -> int:

@@ -33,7 +33,8 @@ COMMAND_TAGS: dict[type, int] = {
     c.SetMemberCert: 22, c.UpdateMemberAddress: 23, c.RemoveMember: 24, c.SetJoinVerifier: 25,
     c.RenewLease: 26, c.ExpireNode: 27, c.ClaimGroups: 28, c.AcquireWriteLease: 29, c.ReleaseWriteLease: 30,
     c.Fenced: 31, c.ReleaseOrphans: 32, c.PunchHole: 33, c.CloneRange: 34, c.SetLogLevel: 35,
-    c.Preallocate: 36,
+    c.Preallocate: 36, c.PlanTierObject: 37, c.CommitTierObject: 38, c.AbandonTierObjects: 39,
+    c.ForgetTierObjects: 40,
 }
 
 TAG_COMMANDS = {tag: cls for cls, tag in COMMAND_TAGS.items()}

@@ -394,6 +394,44 @@ class ReleaseOrphans:
 
 
 @dataclass(frozen=True, slots=True)
+class PlanTierObject:
+    """Before an object is uploaded: give it the next object id and a `pending` record (returned:
+    the id), so that an upload a crash interrupts is found and deleted (meta/tiered.py)."""
+
+    now_ns: int
+
+
+@dataclass(frozen=True, slots=True)
+class CommitTierObject:
+    """After the object's PUT was confirmed: `sources[i]`, an extent of `inos[i]` as it was read,
+    moves to the object's next `sources[i].count` blocks, in order. A source the file no longer
+    maps exactly so (same device blocks, same checksums, shared with nothing) stays where it is
+    and its copy in the object is dead. The device blocks moved are freed after the grace period;
+    sizes, times and block counts do not change. Refused (ESTALE) unless the object is pending."""
+
+    object_id: int
+    inos: tuple[int, ...]
+    sources: tuple[Extent, ...]
+    now_ns: int
+
+
+@dataclass(frozen=True, slots=True)
+class AbandonTierObjects:
+    """Pending objects whose uploads will never be committed (the engine that planned them is
+    gone): dead from `now_ns`, to be deleted from the store. Others are left alone."""
+
+    object_ids: tuple[int, ...]
+    now_ns: int
+
+
+@dataclass(frozen=True, slots=True)
+class ForgetTierObjects:
+    """Dead objects that were deleted from the store: their records go. Others are left alone."""
+
+    object_ids: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class Fenced:
     """Every command a cluster member proposes, wrapped with who proposed it and under which lease
     epoch: refused with EIO once that epoch has expired, and new extents must lie in the
@@ -418,14 +456,16 @@ Command = (
     | CreateSnapshot | DeleteSnapshot | Batch | InitCluster | AddMember | SetMemberCert | UpdateMemberAddress
     | RemoveMember | SetJoinVerifier | RenewLease | ExpireNode | ClaimGroups | AcquireWriteLease
     | ReleaseWriteLease | ReleaseOrphans | Fenced | PunchHole | CloneRange | SetLogLevel | Preallocate
+    | PlanTierObject | CommitTierObject | AbandonTierObjects | ForgetTierObjects
 )
 
 
 BASE_LOG_LEVEL = 3
 """The level of a cluster that never recorded one: formed by builds before the gate, which decode
 command tags 1-32 (meta/codec.py) in format 3."""
-LOG_LEVEL = 5
-"""The newest commands this build decodes. 5: Preallocate (and unwritten extents, which a WriteData
+LOG_LEVEL = 6
+"""The newest commands this build decodes. 6: the tiering commands (and block addresses in objects,
+meta/tiered.py). 5: Preallocate (and unwritten extents, which a WriteData
 may then write in place). 4: PunchHole, CloneRange, SetLogLevel.
 
 A member on an older build stops applying the log at the first command it cannot decode, so in a
@@ -435,7 +475,10 @@ leader once every member says it can: cluster/duties.py) and a proposer checks i
 (`MetaClient.may_propose`). A single node has no one to wait for. A member on a build below the
 recorded level (a downgrade) does not start, and one that meets a command it cannot decode stops
 with `LogAheadOfBuild`."""
-COMMAND_LEVELS: dict[type, int] = {PunchHole: 4, CloneRange: 4, SetLogLevel: 4, Preallocate: 5}
+COMMAND_LEVELS: dict[type, int] = {
+    PunchHole: 4, CloneRange: 4, SetLogLevel: 4, Preallocate: 5,
+    PlanTierObject: 6, CommitTierObject: 6, AbandonTierObjects: 6, ForgetTierObjects: 6,
+}
 
 
 def level_of(command: type) -> int:

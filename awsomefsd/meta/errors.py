@@ -24,6 +24,12 @@ class LogAheadOfBuild(Exception):
     (awsomefsd/duty.py) rather than a traceback."""
 
 
+class SpaceCorruption(Exception):
+    """A command would allocate space that is not free, free space that is free, or free tiered
+    blocks their object does not count as live: a bug or a corrupt state; the command is refused
+    and the operator must run fsck."""
+
+
 class FsError(Exception):
     """A POSIX error for the caller: `errno` goes back to the application unchanged. An EIO that a
     fault explains names its `cause` (one of CAUSES)."""

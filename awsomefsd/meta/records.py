@@ -162,6 +162,54 @@ class Extent:
         return Extent(first, self.dev_block + skip, end - first, self.checksums[4 * skip : 4 * (end - self.file_block)])
 
 
+# -- tiered data (design note 47) -------------------------------------------------------------------
+TIER_BASE_BLOCK = 1 << 52
+"""Block addresses from here on are not on the device: they name blocks of objects in the object
+store. A file-map record, a reference count or a delayed free holds them like device blocks, so
+snapshots, clones and the grace period work on tiered data unchanged."""
+OBJECT_SPAN_BLOCKS = 1 << 16
+"""Addresses each object owns (256 MiB): object `n` is blocks [TIER_BASE_BLOCK + n * span, + span)."""
+
+
+def is_tiered(block: int) -> bool:
+    """Is this block address in an object rather than on the device?"""
+    return block >= TIER_BASE_BLOCK
+
+
+def object_block(object_id: int, offset_blocks: int = 0) -> int:
+    """The address of block `offset_blocks` of object `object_id`."""
+    assert object_id > 0 and 0 <= offset_blocks < OBJECT_SPAN_BLOCKS, (object_id, offset_blocks)
+    return TIER_BASE_BLOCK + object_id * OBJECT_SPAN_BLOCKS + offset_blocks
+
+
+def object_of(block: int) -> tuple[int, int]:
+    """(object id, block offset in it) of a tiered block address."""
+    assert is_tiered(block), block
+    return divmod(block - TIER_BASE_BLOCK, OBJECT_SPAN_BLOCKS)
+
+
+TierObjectState = Literal["pending", "live", "dead"]
+
+
+@dataclass(frozen=True, slots=True)
+class TierObject:
+    """An object of the object store, as the log knows it. `pending`: planned, maybe being
+    uploaded, nothing points into it yet; `live`: `blocks` long, `live_blocks` of them still
+    referenced; `dead`: nothing points into it, so it is to be deleted from the store (since
+    `changed_ns`) and then forgotten."""
+
+    id: int
+    state: TierObjectState
+    blocks: int
+    live_blocks: int
+    created_ns: int
+    changed_ns: int
+
+    @property
+    def bytes(self) -> int:
+        return self.blocks * BLOCK_SIZE
+
+
 def blocks_for(size_bytes: int) -> int:
     return (size_bytes + BLOCK_SIZE - 1) // BLOCK_SIZE
 

@@ -8,6 +8,9 @@ Three tables, one owner:
   never find the blocks reused under it;
 - `refs` counts extra references of extents shared by snapshots and clones; releasing a shared
   range drops a reference instead of freeing it.
+
+Tiered blocks (addresses in objects of the object store, meta/tiered.py) go through `dfree` and
+`refs` like device blocks; when the last reference goes, their object loses live blocks instead.
 """
 
 from __future__ import annotations
@@ -17,9 +20,11 @@ from collections.abc import Iterable, Iterator
 
 import lmdb
 
+from awsomefsd.meta.errors import SpaceCorruption
 from awsomefsd.meta.freespace import FreeSpaceMap
-from awsomefsd.meta.records import U64, u64
+from awsomefsd.meta.records import U64, is_tiered, u64
 from awsomefsd.meta.store import MetaStore
+from awsomefsd.meta.tiered import TierTables
 
 _FREE_VALUE = U64
 _DFREE_HEAD = struct.Struct(">qI")
@@ -37,16 +42,12 @@ def seek_floor(cursor: lmdb.Cursor, key: bytes) -> bool:
     return cursor.last()
 
 
-class SpaceCorruption(Exception):
-    """A command would allocate space that is not free, or free space that is free: a bug or a
-    corrupt state; the command is refused and the operator must run fsck."""
-
-
 class SpaceMap:
     def __init__(self, store: MetaStore) -> None:
         self.free_db = store.db["free"]
         self.dfree_db = store.db["dfree"]
         self.refs_db = store.db["refs"]
+        self.tiered = TierTables(store)
         self.mirror = FreeSpaceMap()
 
     # -- free space -----------------------------------------------------------------------------
@@ -110,18 +111,20 @@ class SpaceMap:
             yield U64.unpack(key)[0], not_before, pairs
 
     def pending_free_blocks(self, txn: lmdb.Transaction[bytes]) -> int:
-        """Blocks the delayed-free list will return to free space: those no snapshot or clone
-        still references (a shared range only loses a reference)."""
+        """Device blocks the delayed-free list will return to free space: those no snapshot or
+        clone still references (a shared range only loses a reference)."""
         total = 0
         for _seq, _not_before, pairs in self.deferred(txn):
             for start, count in pairs:
+                if is_tiered(start):
+                    continue
                 shared = sum(min(r_start + r_count, start + count) - max(r_start, start)
                              for r_start, r_count, _ in self._ref_records(txn, start, start + count))
                 total += count - shared
         return total
 
     def reclaim(self, txn: lmdb.Transaction[bytes], now_ns: int, limit: int = 4096) -> list[tuple[int, int]]:
-        """Release deferred extents that are due; returns what became free."""
+        """Release deferred extents that are due; returns the device blocks that became free."""
         freed: list[tuple[int, int]] = []
         due: list[tuple[int, list[tuple[int, int]]]] = []
         for seq, not_before, pairs in self.deferred(txn):
@@ -131,7 +134,7 @@ class SpaceMap:
         for seq, pairs in due:
             txn.delete(u64(seq), db=self.dfree_db)
             for start, count in pairs:
-                freed.extend(self.release(txn, start, count))
+                freed.extend(self.release(txn, start, count, now_ns))
         return freed
 
     # -- shared extents -------------------------------------------------------------------------
@@ -174,8 +177,9 @@ class SpaceMap:
         if pos < end:
             txn.put(u64(pos), _REF.pack(end - pos, 1), db=self.refs_db)
 
-    def release(self, txn: lmdb.Transaction[bytes], start: int, count: int) -> list[tuple[int, int]]:
-        """Drop one reference to [start, start+count); return the parts that became free."""
+    def release(self, txn: lmdb.Transaction[bytes], start: int, count: int, now_ns: int) -> list[tuple[int, int]]:
+        """Drop one reference to [start, start+count); return the device blocks that became free
+        (tiered blocks no one references go back to their object's account, as of `now_ns`)."""
         end = start + count
         self._split_refs_at(txn, start)
         self._split_refs_at(txn, end)
@@ -191,6 +195,10 @@ class SpaceMap:
             pos = r_start + r_count
         if pos < end:
             freed.append((pos, end - pos))
+        if is_tiered(start):
+            for f_start, f_count in freed:
+                self.tiered.release(txn, f_start, f_count, now_ns)
+            return []
         for f_start, f_count in freed:
             self.give(txn, f_start, f_count)
         return freed

@@ -22,7 +22,7 @@ import lmdb
 from awsomefsd.meta import commands as c
 from awsomefsd.meta import filemap
 from awsomefsd.meta.cluster_sm import ClusterTables
-from awsomefsd.meta.errors import Delegated, FsError
+from awsomefsd.meta.errors import Delegated, FsError, SpaceCorruption
 from awsomefsd.meta.namespace import Namespace
 from awsomefsd.meta.ranges import apply_clone_range, apply_preallocate, apply_punch_hole
 from awsomefsd.meta.records import (
@@ -39,7 +39,7 @@ from awsomefsd.meta.records import (
     u64,
     xattr_key,
 )
-from awsomefsd.meta.space import SpaceCorruption, SpaceMap
+from awsomefsd.meta.space import SpaceMap
 from awsomefsd.meta.store import FORMAT_VERSION, MetaStore
 from awsomefsd.meta.volumes_sm import SNAPSHOTS_INO, VOLUMES_INO, VolumeTables
 
@@ -49,6 +49,9 @@ XATTR_CREATE = 1
 XATTR_REPLACE = 2
 FIRST_USER_INO = 16  # below: reserved (1 = root, 2 = volumes container, 3 = snapshots container)
 MAX_RESERVE_INODES = 1 << 20
+
+LATER_COUNTERS = {b"tier_next": 1}
+"""Counters added after stores were bootstrapped without them, with their first value."""
 
 FreedListener = Callable[[list[tuple[int, int]]], None]
 
@@ -105,6 +108,10 @@ class StateMachine:
             c.ReleaseOrphans: self._release_orphans,
             c.PunchHole: self._punch_hole,
             c.CloneRange: self._clone_range,
+            c.PlanTierObject: lambda txn, cmd: self.space.tiered.plan(txn, cmd, self._next),
+            c.CommitTierObject: lambda txn, cmd: self.space.tiered.commit(self, txn, cmd),
+            c.AbandonTierObjects: self.space.tiered.abandon,
+            c.ForgetTierObjects: self.space.tiered.forget,
         }
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -153,8 +160,8 @@ class StateMachine:
         value = self._counters.get(name)
         if value is None:
             raw = txn.get(name, db=self.db["meta"])
-            assert raw is not None, name  # every counter is written by bootstrap()
-            value = int.from_bytes(raw, "big")
+            assert raw is not None or name in LATER_COUNTERS, name  # bootstrap() writes the others
+            value = LATER_COUNTERS[name] if raw is None else int.from_bytes(raw, "big")
         self._counters[name] = value + count
         txn.put(name, u64(value + count), db=self.db["meta"])
         return value

@@ -33,6 +33,7 @@ TABLES = (
     "groups",  # allocation group -> owner node
     "members",  # node id -> member record (JSON): name, addresses, certificate serial, state, epoch
     "wleases",  # ino -> node holding the file's write lease
+    "tiered",  # object id -> object of the object store (state, size, live blocks): meta/tiered.py
 )
 FORMAT_VERSION = 1
 INITIAL_MAP_BYTES = 1 << 30

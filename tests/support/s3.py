@@ -48,7 +48,7 @@ class S3Server:
         return boto3.client("s3", endpoint_url=self.endpoint, region_name="us-east-1",
                             aws_access_key_id=TEST_KEY_ID, aws_secret_access_key=TEST_SECRET)
 
-    def keys(self) -> list[str]:
+    def stored(self) -> list[str]:
         listed = self.client().list_objects_v2(Bucket=self.bucket)
         return sorted(o["Key"] for o in listed.get("Contents", []))
 

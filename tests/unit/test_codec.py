@@ -35,6 +35,8 @@ EXAMPLES = [
     c.AcquireWriteLease(17, 2, 1), c.ReleaseWriteLease(17, 2), c.ReleaseOrphans(2, (17, 18), 25),
     c.PunchHole(17, 1, 3, 26), c.CloneRange(17, 0, 18, 4, 2, 24_576, 27), c.SetLogLevel(4, (1, 2, 3)),
     c.Preallocate(17, (Extent(0, 500, 2, b""), Extent(8, 900, 1, b"")), 28),
+    c.PlanTierObject(29), c.CommitTierObject(3, (17, 18), (Extent(0, 300, 1, b"abcd"), Extent(4, 9, 1, b"efgh")), 30),
+    c.AbandonTierObjects((1, 2), 31), c.ForgetTierObjects((4,)),
     c.Fenced(2, 1, (c.WriteData(17, (Extent(0, 300, 1, b"abcd"),), 4096, 23),)),
 ]
 

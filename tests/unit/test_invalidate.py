@@ -49,6 +49,10 @@ CASES: list[tuple[object, object, list[Target]]] = [
     (c.Purge(F, 1), True, [full(F)]),
     (c.Purge(F, 1), False, []),
     (c.ReclaimFrees(1), [(1, 2)], []),
+    (c.PlanTierObject(1), 1, []),
+    (c.CommitTierObject(1, (F,), (Extent(0, 300, 1, b"abcd"),), 1), 1, []),  # same bytes, elsewhere
+    (c.AbandonTierObjects((1,), 1), 1, []),
+    (c.ForgetTierObjects((1,)), 1, []),
     (c.GrantGroups(1, (0, 1)), None, []),
     (c.ReleaseLeaked(((1, 2),)), 2, []),
     (c.CreateVolume(7, "v", 40, 1 << 30, 0, 1), None, [entry(VOLUMES_INO, volume_dir_name(7)), attr(VOLUMES_INO)]),
