@@ -119,6 +119,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_settings_flags(status)
     status.add_argument("--json", action="store_true", help="machine-readable output")
 
+    tier = sub.add_parser("tier", help="the object store: `tier status`, `tier evict PATH...`, `tier recall PATH...`")
+    tier.add_argument("action", choices=["status", "evict", "recall"])
+    tier.add_argument("paths", nargs="*", type=Path, help="files or directories on the mount (evict, recall)")
+    tier.add_argument("--json", action="store_true", help="machine-readable output (status)")
+    _add_settings_flags(tier, device=False, mount=False)
+
     init = sub.add_parser(
         "init",
         help="create a cluster on a shared device, mount it and print a join token",
@@ -274,4 +280,12 @@ def _dispatch(args: argparse.Namespace) -> int:
         return actions.fsck(settings, repair=args.repair, verify_data=args.verify_data)
     if args.command == "status":
         return actions.status(settings, as_json=args.json)
+    if args.command == "tier":
+        from awsomefsd.tier.cli import tier_move, tier_status
+
+        if args.action == "status":
+            return tier_status(settings, as_json=args.json)
+        if not args.paths:
+            raise CliError(f"tier {args.action} needs the files or directories to move")
+        return tier_move(args.paths, args.action)
     raise CliError(f"unknown command {args.command}")

@@ -39,8 +39,12 @@ def parse_size_bytes(text: str | int) -> int:
     return value
 
 
-SizeBytes = Annotated[int, BeforeValidator(parse_size_bytes)]
-"""A size in bytes that the file may also write as "64M" or "8G"."""
+def _size_setting(value: str | int) -> int:
+    return 0 if str(value).strip() == "0" else parse_size_bytes(value)
+
+
+SizeBytes = Annotated[int, BeforeValidator(_size_setting)]
+"""A size in bytes that the file or the environment may also write as "64M" or "8G" (or 0)."""
 
 
 class NodeSettings(BaseModel):

@@ -1,4 +1,5 @@
-"""Reading a metadata store from outside the daemon: `awsomefsd status` and the self-test.
+"""Reading a metadata store from outside the daemon: `awsomefsd status`, `tier status` and the
+self-test.
 
 LMDB allows readers beside the running daemon: these open the environment read-only, read the last
 committed transaction and close it. They never write.
@@ -14,9 +15,10 @@ from typing import Any
 
 import lmdb
 
-from awsomefsd.meta.records import Volume
+from awsomefsd.meta.records import TierObject, Volume
 from awsomefsd.meta.replication.lmdb_storage import describe_log
 from awsomefsd.meta.store import TABLES
+from awsomefsd.meta.tiered import unpack_object
 from awsomefsd.meta.volumes_sm import volume_from_record
 
 
@@ -57,6 +59,20 @@ def read_summary(path: Path) -> StoreSummary:
                 volumes=volumes,
                 raft=describe_log(env, txn),
             )
+    finally:
+        env.close()
+
+
+def read_tier_objects(path: Path) -> list[TierObject]:
+    """The objects table of the store at `path` (empty for a store that never tiered)."""
+    env = lmdb.open(str(path), readonly=True, lock=True, max_dbs=len(TABLES) + 16)
+    try:
+        with env.begin() as txn:
+            try:
+                db = env.open_db(b"tiered", txn=txn, create=False)
+            except lmdb.NotFoundError:
+                return []
+            return [unpack_object(int.from_bytes(key, "big"), value) for key, value in txn.cursor(db)]
     finally:
         env.close()
 

@@ -65,11 +65,11 @@ class TierTables:
     # -- reads ----------------------------------------------------------------------------------
     def get(self, txn: lmdb.Transaction[bytes], object_id: int) -> TierObject | None:
         raw = txn.get(u64(object_id), db=self.db)
-        return None if raw is None else _unpack(object_id, raw)
+        return None if raw is None else unpack_object(object_id, raw)
 
     def all(self, txn: lmdb.Transaction[bytes]) -> Iterator[TierObject]:
         for key, value in txn.cursor(self.db):
-            yield _unpack(int.from_bytes(key, "big"), value)
+            yield unpack_object(int.from_bytes(key, "big"), value)
 
     def _put(self, txn: lmdb.Transaction[bytes], obj: TierObject) -> None:
         value = _RECORD.pack(_STATES.index(obj.state), obj.blocks, obj.live_blocks, obj.created_ns, obj.changed_ns)
@@ -165,6 +165,6 @@ def _check_count(object_ids: tuple[int, ...]) -> None:
         raise FsError(errno.EINVAL, f"at most {MAX_OBJECTS_PER_COMMAND} objects per command")
 
 
-def _unpack(object_id: int, raw: bytes) -> TierObject:
+def unpack_object(object_id: int, raw: bytes) -> TierObject:
     state, blocks, live, created, changed = _RECORD.unpack(raw)
     return TierObject(object_id, _STATES[state], blocks, live, created, changed)

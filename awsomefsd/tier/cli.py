@@ -1,0 +1,107 @@
+"""`awsomefsd tier status|evict|recall`: what is in the object store, and moving files now.
+
+`status` reads the node's metadata (read-only, beside the running daemon) and what its engine
+wrote after its last pass. `evict` and `recall` act through the mount: each file's
+`trusted.awsomefs.tier` attribute (fs/operations.py, TIER_XATTR), so they work on any node of a
+cluster, need root (CAP_SYS_ADMIN) as the kernel asks for `trusted.` names, and each file is done
+when its line is printed.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from awsomefsd.config import Settings
+from awsomefsd.fs.operations import TIER_XATTR
+from awsomefsd.io.layout import BLOCK_SIZE
+from awsomefsd.meta.inspect import read_tier_objects
+from awsomefsd.tier.service import read_status
+
+
+def tier_status(settings: Settings, *, as_json: bool) -> int:
+    meta = settings.node.state_dir / "meta"
+    objects = read_tier_objects(meta) if (meta / "data.mdb").exists() else []
+    live = [o for o in objects if o.state == "live"]
+    info: dict[str, Any] = {
+        "configured": settings.tier.enabled,
+        "store": f"{settings.tier.endpoint}/{settings.tier.bucket}/{settings.tier.prefix}" if settings.tier.enabled else "",
+        "objects": len(live),
+        "stored_bytes": sum(o.bytes for o in live),
+        "tiered_bytes": sum(o.live_blocks for o in live) * BLOCK_SIZE,
+        "pending_uploads": sum(1 for o in objects if o.state == "pending"),
+        "dead_objects": sum(1 for o in objects if o.state == "dead"),
+        "node": read_status(settings.node.state_dir),
+    }
+    if as_json:
+        print(json.dumps(info, indent=2, sort_keys=True))
+        return 0
+    node = info["node"] or {}
+    engine, cache = node.get("engine", {}), node.get("cache", {})
+    rows = [
+        ("object store", info["store"] or "not configured ([tier] endpoint)"),
+        ("file data in the store", _mib(info["tiered_bytes"])),
+        ("objects", f"{info['objects']} live ({_mib(info['stored_bytes'])}), {info['pending_uploads']} uploading, "
+                    f"{info['dead_objects']} to delete"),
+    ]
+    if node:
+        reachable = "yes" if engine.get("store_ok") else f"NO: {engine.get('last_error', '')}"
+        rows += [
+            ("store reachable", reachable),
+            ("cold data found, not moved yet", _mib(engine.get("candidate_bytes", 0))),
+            ("this node uploaded", f"{_mib(engine.get('bytes_put', 0))} in {engine.get('objects_put', 0)} objects"),
+            ("cache hit rate", f"{cache.get('hit_rate', 0.0):.0%} ({_mib(cache.get('disk_bytes', 0))} on disk)"),
+            ("files recalled", str(node.get("recalls", 0))),
+        ]
+    elif settings.tier.enabled:
+        rows.append(("engine", "no pass recorded on this node (not running, or not the leader)"))
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        print(f"{key:<{width}}  {value}")
+    return 0
+
+
+def tier_move(paths: list[Path], action: str) -> int:
+    """`evict` or `recall` every regular file under `paths`; one line per file, 1 if any failed."""
+    failed = 0
+    for path in _files(paths):
+        try:
+            os.setxattr(path, TIER_XATTR.decode(), action.encode())
+            state = json.loads(os.getxattr(path, TIER_XATTR.decode()))
+        except OSError as exc:
+            failed += 1
+            print(f"{path}: {_why(exc)}", file=sys.stderr, flush=True)
+            continue
+        print(f"{path}: {_mib(state['tiered_bytes'])} in the object store, {_mib(state['device_bytes'])} on the device",
+              flush=True)
+    return 1 if failed else 0
+
+
+def _files(paths: list[Path]) -> Iterator[Path]:
+    for path in paths:
+        if path.is_dir() and not path.is_symlink():
+            for root, dirs, names in os.walk(path):
+                dirs.sort()
+                for name in sorted(names):
+                    child = Path(root) / name
+                    if child.is_file() and not child.is_symlink():
+                        yield child
+        else:
+            yield path
+
+
+def _why(exc: OSError) -> str:
+    if exc.errno in (errno.EOPNOTSUPP, errno.ENODATA):
+        return "not on an awsomefs mount, or no object store configured ([tier])"
+    if exc.errno == errno.EPERM:
+        return "needs root (trusted.* attributes)"
+    return exc.strerror or str(exc)
+
+
+def _mib(n: int) -> str:
+    return f"{n / (1 << 20):.1f} MiB"

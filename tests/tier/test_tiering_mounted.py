@@ -1,0 +1,85 @@
+"""Tiering through a real mount: `awsomefsd dev` (a separate process) with [tier] pointing at the
+S3 test server, and the CLI as an operator runs it. A file evicted reads back byte for byte from
+the store with the kernel's page cache dropped, `tier status` counts it, recall brings it back, and
+the moves keep the file's times (what `cp -p`, tar and make rely on)."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from awsomefsd.fs.operations import TIER_XATTR
+from tests.support.daemon import Daemon, run_cli
+from tests.support.s3 import TEST_KEY_ID, TEST_SECRET, S3Server
+
+
+@pytest.fixture(scope="module")
+def daemon(s3: S3Server) -> Iterator[Daemon]:
+    base = Path(tempfile.mkdtemp(prefix="awsomefs-tier-", dir="/var/tmp"))
+    env = {"AWSOMEFS_TIER__ENDPOINT": s3.endpoint, "AWSOMEFS_TIER__BUCKET": s3.bucket,
+           "AWSOMEFS_TIER__PREFIX": "mounted/", "AWSOMEFS_TIER__OBJECT_BYTES": "4M",
+           "AWSOMEFS_TIER__MEMORY_CACHE_BYTES": "0", "AWSOMEFS_TIER__RECALL_READS": "0",
+           "AWS_ACCESS_KEY_ID": TEST_KEY_ID, "AWS_SECRET_ACCESS_KEY": TEST_SECRET}
+    d = Daemon(base / "state", base / "mnt", size="1G", env=env).start()
+    try:
+        yield d
+    finally:
+        if d.proc is not None and d.proc.poll() is None:
+            assert d.stop() == 0, d.logs()
+        d.stop_hard()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def drop_page_cache() -> None:
+    Path("/proc/sys/vm/drop_caches").write_text("3\n")
+
+
+def placement(path: Path) -> dict[str, int]:
+    state: dict[str, int] = json.loads(os.getxattr(path, TIER_XATTR.decode()))
+    return state
+
+
+def test_evict_and_recall_move_a_file_and_keep_its_bytes_and_times(daemon: Daemon, s3: S3Server) -> None:
+    data = random.Random(7).randbytes(10 * (1 << 20) + 1234)  # three objects of 4 MiB
+    path = daemon.mount / "cold.bin"
+    path.write_bytes(data)
+    os.utime(path, ns=(1_600_000_000_123_456_789, 1_500_000_000_987_654_321))
+    before = path.stat()
+    evicted = run_cli("tier", "evict", str(path), "--state", str(daemon.state))
+    assert evicted.returncode == 0, evicted.stderr
+    assert "10.0 MiB in the object store, 0.0 MiB on the device" in evicted.stdout
+    assert placement(path)["device_bytes"] == 0
+    assert len([k for k in s3.stored() if k.startswith("mounted/")]) == 3
+    drop_page_cache()
+    assert path.read_bytes() == data
+    after = path.stat()
+    assert (after.st_mtime_ns, after.st_atime_ns, after.st_size, after.st_blocks) == (
+        before.st_mtime_ns, before.st_atime_ns, before.st_size, before.st_blocks)
+    status = run_cli("tier", "status", "--json", "--state", str(daemon.state))
+    info = json.loads(status.stdout)
+    assert info["objects"] == 3 and info["tiered_bytes"] == len(data) // 4096 * 4096 + 4096
+    recalled = run_cli("tier", "recall", str(daemon.mount), "--state", str(daemon.state))
+    assert recalled.returncode == 0, recalled.stderr
+    assert f"{path}: 0.0 MiB in the object store, 10.0 MiB on the device" in recalled.stdout
+    drop_page_cache()
+    assert path.read_bytes() == data and path.stat().st_mtime_ns == before.st_mtime_ns
+
+
+def test_the_tier_attribute_is_not_listed_and_bad_requests_get_one_line(daemon: Daemon) -> None:
+    path = daemon.mount / "plain"
+    path.write_bytes(b"x" * 5000)
+    assert TIER_XATTR.decode() not in os.listxattr(path)
+    with pytest.raises(OSError) as refused:
+        os.setxattr(path, TIER_XATTR.decode(), b"shred")
+    assert refused.value.errno == 22
+    missing = run_cli("tier", "evict", str(daemon.mount / "nope"), "--state", str(daemon.state))
+    assert missing.returncode == 1 and "Traceback" not in missing.stderr and len(missing.stderr.splitlines()) == 1
+    usage = run_cli("tier", "evict", "--state", str(daemon.state))
+    assert usage.returncode == 1 and "needs the files" in usage.stderr
