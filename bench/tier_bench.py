@@ -1,0 +1,134 @@
+"""Tiering benchmarks (issue 16): a real `awsomefsd dev` daemon with [tier] pointing at the S3 test
+server (moto's server mode on loopback, a separate process: tests/support/s3_server.py).
+
+    sudo .venv/bin/python bench/tier_bench.py [--size-mib 1024] [--random-reads 2000] [--json F]
+
+Figures, all in one run, each read with the kernel's page cache dropped first:
+- sequential read of the file while it is on the device (the reference);
+- `awsomefsd tier evict` of it (tiering throughput, MiB/s to the store);
+- sequential read of it tiered, cold (from the store, through the disk cache) and warm (the caches);
+- random 4 KiB reads of it tiered with a warm cache, next to the same reads on the device;
+- sequential write throughput with and without an eviction running beside it (the write path's
+  cost of tiering in the background).
+moto keeps objects in its own memory: the store here is fast and near, so these figures bound
+what our side costs, not what a real store over a network gives.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(REPO)]
+
+from tests.support.daemon import Daemon, run_cli  # noqa: E402
+from tests.support.s3 import TEST_KEY_ID, TEST_SECRET, s3_server  # noqa: E402
+
+CHUNK = 1 << 20
+
+
+def drop_page_cache() -> None:
+    os.sync()
+    Path("/proc/sys/vm/drop_caches").write_text("3\n")
+
+
+def sequential_read_mib_s(path: Path) -> float:
+    drop_page_cache()
+    start = time.perf_counter()
+    total = 0
+    with open(path, "rb", buffering=0) as f:
+        while chunk := f.read(CHUNK):
+            total += len(chunk)
+    return total / (1 << 20) / (time.perf_counter() - start)
+
+
+def random_reads_per_s(path: Path, count: int, seed: int) -> float:
+    drop_page_cache()
+    size = path.stat().st_size
+    rng = random.Random(seed)
+    offsets = [rng.randrange(size // 4096) * 4096 for _ in range(count)]
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        start = time.perf_counter()
+        for offset in offsets:
+            os.pread(fd, 4096, offset)
+        return count / (time.perf_counter() - start)
+    finally:
+        os.close(fd)
+
+
+def write_mib_s(path: Path, mib: int) -> float:
+    block = os.urandom(CHUNK)
+    start = time.perf_counter()
+    with open(path, "wb", buffering=0) as f:
+        for _ in range(mib):
+            f.write(block)
+        os.fsync(f.fileno())
+    return mib / (time.perf_counter() - start)
+
+
+def evict(daemon: Daemon, path: Path) -> float:
+    start = time.perf_counter()
+    done = run_cli("tier", "evict", str(path), "--state", str(daemon.state), timeout_s=3600)
+    if done.returncode != 0:
+        raise RuntimeError(f"tier evict failed: {done.stderr}")
+    return time.perf_counter() - start
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size-mib", type=int, default=1024)
+    parser.add_argument("--random-reads", type=int, default=2000)
+    parser.add_argument("--write-mib", type=int, default=256)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    results: dict[str, Any] = {"size_mib": args.size_mib}
+    with s3_server() as s3, tempfile.TemporaryDirectory(prefix="awsomefs-tierbench-", dir="/var/tmp") as tmp:
+        base = Path(tmp)
+        env = {"AWSOMEFS_TIER__ENDPOINT": s3.endpoint, "AWSOMEFS_TIER__BUCKET": s3.bucket,
+               "AWSOMEFS_TIER__RECALL_READS": "0", "AWSOMEFS_TIER__CACHE_BYTES": f"{2 * args.size_mib}M",
+               "AWS_ACCESS_KEY_ID": TEST_KEY_ID, "AWS_SECRET_ACCESS_KEY": TEST_SECRET}
+        daemon = Daemon(base / "state", base / "mnt", size=f"{max(4, 3 * args.size_mib // 1024 + 2)}G", env=env).start()
+        try:
+            path = daemon.mount / "big.bin"
+            subprocess.run(["dd", "if=/dev/urandom", f"of={path}", "bs=1M", f"count={args.size_mib}", "conv=fsync",
+                            "status=none"], check=True)
+            results["device_seq_read_mib_s"] = sequential_read_mib_s(path)
+            results["device_random_4k_per_s"] = random_reads_per_s(path, args.random_reads, seed=1)
+            took = evict(daemon, path)
+            results["tiering_mib_s"] = args.size_mib / took
+            results["tiered_cold_seq_read_mib_s"] = sequential_read_mib_s(path)
+            results["tiered_warm_seq_read_mib_s"] = sequential_read_mib_s(path)
+            results["tiered_warm_random_4k_per_s"] = random_reads_per_s(path, args.random_reads, seed=1)
+            results["write_mib_s_alone"] = write_mib_s(daemon.mount / "w1.bin", args.write_mib)
+            other = daemon.mount / "other.bin"
+            subprocess.run(["dd", "if=/dev/urandom", f"of={other}", "bs=1M", f"count={args.size_mib // 2}",
+                            "conv=fsync", "status=none"], check=True)
+            beside = threading.Thread(target=evict, args=(daemon, other))
+            beside.start()
+            results["write_mib_s_while_tiering"] = write_mib_s(daemon.mount / "w2.bin", args.write_mib)
+            beside.join()
+        finally:
+            daemon.stop()
+    for key, value in results.items():
+        print(f"{key:32} {value:10.1f}" if isinstance(value, float) else f"{key:32} {value:10}")
+    print(f"{'cold / device seq read':32} {results['tiered_cold_seq_read_mib_s'] / results['device_seq_read_mib_s']:10.2f}")
+    print(f"{'warm / device seq read':32} {results['tiered_warm_seq_read_mib_s'] / results['device_seq_read_mib_s']:10.2f}")
+    print(f"{'write while tiering / alone':32} {results['write_mib_s_while_tiering'] / results['write_mib_s_alone']:10.2f}")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
