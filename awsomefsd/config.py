@@ -169,6 +169,9 @@ class TierSettings(BaseModel):
     scan_interval_s: float = Field(60.0, gt=0, description="how often cold data is looked for")
     gc_grace_s: float = Field(300.0, ge=0, description="a dead object is deleted from the store this long "
                               "after it died (readers that looked it up before may still read it)")
+    repack_below: float = Field(0.5, ge=0, lt=1, description="an object with less than this fraction of its "
+                                "data still in use is repacked: the rest moves to a new object and it is "
+                                "deleted; 0: never")
     recall_reads: int = Field(2, ge=0, description="tiered data read in this many different minutes is "
                               "brought back to the device; 0: never")
 

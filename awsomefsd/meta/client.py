@@ -34,6 +34,8 @@ from awsomefsd.meta.filemap import all_extents, extents_in
 from awsomefsd.meta.freespace import FreeSpaceMap
 from awsomefsd.meta.log import ReplicatedLog
 from awsomefsd.meta.records import (
+    TIER_BASE_BLOCK,
+    U64_PAIR,
     ClusterInfo,
     DeferredFree,
     Extent,
@@ -42,6 +44,8 @@ from awsomefsd.meta.records import (
     Orphan,
     TierObject,
     Volume,
+    object_of,
+    read_u64,
     u64,
 )
 from awsomefsd.meta.state_machine import StateMachine
@@ -170,6 +174,17 @@ class MetaClient:
     def tier_objects(self) -> list[TierObject]:
         """Every object the log knows, by id."""
         return list(self._sm.space.tiered.all(self._view()))
+
+    def extents_in_objects(self, object_ids: set[int]) -> list[tuple[int, Extent]]:
+        """(inode, extent) of every file-map record pointing into these objects: a walk of the
+        whole file map, which repacking does only for objects that are mostly dead."""
+        found: list[tuple[int, Extent]] = []
+        for key, value in self._view().cursor(self._fmap):
+            block = read_u64(value)
+            if block >= TIER_BASE_BLOCK and object_of(block)[0] in object_ids:
+                ino, file_block = U64_PAIR.unpack(key)
+                found.append((ino, Extent.unpack(file_block, value)))
+        return found
 
     def cold_files(self, after_ino: int, cold_before_ns: int, min_bytes: int, limit: int) -> tuple[list[Inode], int]:
         """Regular files numbered above `after_ino`, of at least `min_bytes`, not written or

@@ -403,10 +403,11 @@ class PlanTierObject:
 
 @dataclass(frozen=True, slots=True)
 class CommitTierObject:
-    """After the object's PUT was confirmed: `sources[i]`, an extent of `inos[i]` as it was read,
-    moves to the object's next `sources[i].count` blocks, in order. A source the file no longer
-    maps exactly so (same device blocks, same checksums, shared with nothing) stays where it is
-    and its copy in the object is dead. The device blocks moved are freed after the grace period;
+    """After the object's PUT was confirmed: `sources[i]`, an extent of `inos[i]` as it was read (on
+    the device, or in another object when repacking), moves to the object's next
+    `sources[i].count` blocks, in order. A source the file no longer maps exactly so (same blocks,
+    same checksums, shared with nothing) stays where it is and its copy in the object is dead.
+    The blocks moved from are freed after the grace period;
     sizes, times and block counts do not change. Refused (ESTALE) unless the object is pending."""
 
     object_id: int

@@ -13,9 +13,10 @@ The life of an object, each step a command in the log:
    needs to list the bucket.
 2. The engine PUTs it and checks the store's answer.
 3. `CommitTierObject` points the file ranges at it, but only those still mapped exactly as they
-   were read (copy-on-write means the same device blocks with the same checksums hold the same
-   bytes); their device blocks go to the delayed-free list. Data the files changed meanwhile is
-   dead in the object from the start.
+   were read (copy-on-write means the same blocks with the same checksums hold the same bytes);
+   the blocks they leave go to the delayed-free list. Data the files changed meanwhile is dead in
+   the object from the start. The ranges come from the device (tiering) or from objects that are
+   mostly dead (repacking: once their last live block has moved, they die).
 4. `AbandonTierObjects`: a pending object whose upload will not be committed is dead.
 5. Once deleted from the store, `ForgetTierObjects` drops the record of a dead object.
 """
@@ -93,9 +94,10 @@ class TierTables:
         total = sum(src.count for src in cmd.sources)
         if total > MAX_OBJECT_BLOCKS:
             raise FsError(errno.EINVAL, f"an object holds at most {MAX_OBJECT_BLOCKS} blocks")
-        for src in cmd.sources:
-            if not 0 < src.count <= MAX_EXTENT_BLOCKS or src.unwritten or is_tiered(src.dev_block):
-                raise FsError(errno.EINVAL, f"not a device extent that can be tiered: {src}")
+        for src in cmd.sources:  # device extents, or tiered ones of other objects (repacking)
+            if (not 0 < src.count <= MAX_EXTENT_BLOCKS or src.unwritten
+                    or (is_tiered(src.dev_block) and object_of(src.dev_block)[0] == cmd.object_id)):
+                raise FsError(errno.EINVAL, f"not an extent that can move into object {cmd.object_id}: {src}")
         fmap = sm.db["fmap"]
         offset = live = 0
         for ino, src in zip(cmd.inos, cmd.sources):

@@ -6,7 +6,8 @@ pack the same data or delete the same object. A pass (`step`):
 1. garbage: pending objects older than PENDING_TIMEOUT_S are abandoned (their uploader crashed or
    lost its lead); dead objects are DELETEd from the store once dead for `gc_grace_s`, then
    forgotten;
-2. cold data: files not written, changed or given an atime for `cold_after_s` (or
+2. repacking: the live data of objects mostly dead (`repack_below`) moves to a new object;
+3. cold data: files not written, changed or given an atime for `cold_after_s` (or
    `cold_after_when_full_s` above the fill watermark) are packed, extent by extent, into objects
    of `object_bytes`: each one planned, PUT, then committed.
 
@@ -32,7 +33,7 @@ from awsomefsd.io.layout import BLOCK_SIZE
 from awsomefsd.meta import commands as c
 from awsomefsd.meta.client import MetaClient
 from awsomefsd.meta.errors import FsError
-from awsomefsd.meta.records import Extent, Inode, is_tiered
+from awsomefsd.meta.records import Extent, Inode, is_tiered, object_of
 from awsomefsd.tier.source import object_key
 from awsomefsd.tier.store import ObjectStore, Retry, StoreError, with_retries
 
@@ -76,6 +77,7 @@ class TierEngine:
         self.retry = Retry(deadline_s=UPLOAD_DEADLINE_S / 4, max_s=30.0, attempts=10)
         self._backoff_s = 0.0
         self._scan_after = 0  # the inode the cold-file walk continues after
+        self._unrepackable: set[int] = set()
 
     # -- one pass -----------------------------------------------------------------------------------
     async def step(self) -> float:
@@ -86,7 +88,7 @@ class TierEngine:
             return self.settings.scan_interval_s  # a member's build would not decode the commands yet
         try:
             await self.collect_garbage()
-            full = await self.tier_cold()
+            full = await self.repack() or await self.tier_cold()
         except StoreError as exc:
             self._store_failed(exc)
             return self._backoff_s
@@ -126,6 +128,35 @@ class TierEngine:
                 self.stats.objects_deleted += len(deleted)
                 log.info("deleted %d dead objects from the object store", len(deleted))
         return len(deleted)
+
+    async def repack(self) -> bool:
+        """Move the live data of objects that are mostly dead into one new object (they die once
+        empty, and GC deletes them); True when there was some. An object whose data cannot all
+        move (a snapshot or clone shares it) is not tried again by this engine."""
+        threshold = self.settings.repack_below
+        sparse = {o.id for o in self.meta.tier_objects()
+                  if o.state == "live" and o.live_blocks < threshold * o.blocks and o.id not in self._unrepackable}
+        if not sparse:
+            return False
+        limit = self.settings.object_bytes // BLOCK_SIZE
+        batch: list[tuple[int, Extent]] = []
+        blocks = 0
+        later: set[int] = set()  # objects with data for the next object
+        for ino, ext in self.meta.extents_in_objects(sparse):
+            if self.meta.shares_blocks(ext):
+                continue
+            if blocks + ext.count > limit:
+                later.add(object_of(ext.dev_block)[0])
+                continue
+            batch.append((ino, ext))
+            blocks += ext.count
+        touched = {object_of(ext.dev_block)[0] for _, ext in batch}
+        self._unrepackable |= sparse - touched - later  # nothing of theirs can move: stop looking
+        if not batch:
+            return False
+        moved = await self.upload(batch)
+        log.info("repacked %d MiB out of %d mostly dead objects", moved >> 20, len(touched))
+        return True
 
     async def tier_cold(self) -> bool:
         """Pack cold data into one object and tier it; True when an object was filled (there may

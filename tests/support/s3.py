@@ -23,10 +23,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+from awsomefsd.devcluster.network import Namespace
 from tests.support.daemon import REPO
+from tests.support.s3_server import BUCKET, KEY_ID, SECRET
 
 START_DEADLINE_S = 60.0
-TEST_KEY_ID, TEST_SECRET = "AKIDTESTTESTTESTTEST", "test/secret/not-a-real-one"
+TEST_KEY_ID, TEST_SECRET = KEY_ID, SECRET
 
 
 @dataclass
@@ -35,11 +37,12 @@ class S3Server:
 
     proc: subprocess.Popen[str]
     port: int
-    bucket: str = "awsomefs-test"
+    host: str = "127.0.0.1"
+    bucket: str = BUCKET
 
     @property
     def endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{self.host}:{self.port}"
 
     def client(self) -> Any:
         """A boto3 client, for what the tests arrange or inspect (the product never lists)."""
@@ -54,10 +57,15 @@ class S3Server:
 
 
 @contextmanager
-def s3_server() -> Iterator[S3Server]:
-    proc = subprocess.Popen([sys.executable, "-m", "tests.support.s3_server"], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, text=True, cwd=REPO,
-                            env={**os.environ, "PYTHONPATH": str(REPO)})
+def s3_server(namespace: Namespace | None = None) -> Iterator[S3Server]:
+    """The server on loopback, or in `namespace` on its private address (the test bucket made)."""
+    argv = [sys.executable, "-m", "tests.support.s3_server"]
+    options: dict[str, Any] = {"stdin": subprocess.PIPE, "stdout": subprocess.PIPE, "text": True, "cwd": REPO,
+                               "env": {**os.environ, "PYTHONPATH": str(REPO)}}
+    if namespace is None:
+        proc = subprocess.Popen(argv, **options)
+    else:
+        proc = namespace.popen([*argv, namespace.address], **options)
     try:
         assert proc.stdout is not None
         ready = threading.Event()
@@ -73,9 +81,7 @@ def s3_server() -> Iterator[S3Server]:
         threading.Thread(target=read_port, daemon=True).start()
         if not ready.wait(START_DEADLINE_S) or not port:
             raise RuntimeError("the S3 test server did not start")
-        server = S3Server(proc, port[0])
-        server.client().create_bucket(Bucket=server.bucket)
-        yield server
+        yield S3Server(proc, port[0], "127.0.0.1" if namespace is None else namespace.address)
     finally:
         if proc.stdin is not None:
             proc.stdin.close()

@@ -3,20 +3,31 @@ PyPI) on loopback, on a port the kernel picks. Chosen over MinIO (a Go binary no
 stable archive, so not installable by scripts/install.sh from what this machine reaches) and over
 an in-process fake (the daemon must meet a real HTTP server: its parser, keep-alive and errors).
 
-Run as `python -m tests.support.s3_server`: prints the port, serves until its stdin closes.
+Run as `python -m tests.support.s3_server [ADDRESS]`: serves on ADDRESS (default 127.0.0.1; a
+cluster test runs it in a network namespace of its own on the nodes' private network), makes the
+test bucket, prints the port, and serves until its stdin closes.
 """
 
 from __future__ import annotations
 
 import sys
 
+BUCKET = "awsomefs-test"
+KEY_ID, SECRET = "AKIDTESTTESTTESTTEST", "test/secret/not-a-real-one"
+
 
 def main() -> None:
+    import boto3
     from moto.server import ThreadedMotoServer
 
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    address = sys.argv[1] if len(sys.argv) > 1 else "127.0.0.1"
+    server = ThreadedMotoServer(ip_address=address, port=0, verbose=False)
     server.start()
-    print(server.get_host_and_port()[1], flush=True)
+    port = server.get_host_and_port()[1]
+    boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}" if address == "0.0.0.0" else f"http://{address}:{port}",
+                 region_name="us-east-1", aws_access_key_id=KEY_ID,
+                 aws_secret_access_key=SECRET).create_bucket(Bucket=BUCKET)
+    print(port, flush=True)
     sys.stdin.read()
     server.stop()
 

@@ -7,101 +7,24 @@ go on. fsck agrees with the result each time."""
 from __future__ import annotations
 
 import errno
-import os
-import random
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 import trio
 
-from awsomefsd.config import Settings, TierSettings
-from awsomefsd.fsck import Report
+from awsomefsd.config import TierSettings
+from awsomefsd.fsck import run_fsck
 from awsomefsd.io.layout import BLOCK_SIZE
 from awsomefsd.meta import commands as c
-from awsomefsd.meta.check import check_space
 from awsomefsd.meta.errors import FsError
-from awsomefsd.meta.log import LocalLog
-from awsomefsd.meta.records import ROOT_INO, is_tiered
-from awsomefsd.node import Core, open_core
+from awsomefsd.meta.records import ROOT_INO
 from awsomefsd.tier import engine as engine_module
-from awsomefsd.tier.service import Tiering
+from awsomefsd.tier.sigv4 import Credentials
 from awsomefsd.tier.source import object_key
+from awsomefsd.tier.store import ObjectStore
 from tests.support.s3 import TEST_KEY_ID, TEST_SECRET, FaultProxy, S3Server
-from tests.unit.test_fs_api import File, settings_for
-
-OBJECT_BYTES = 1 << 20
-
-
-def tier_settings(tmp_path: Path, endpoint: str, bucket: str, **overrides: object) -> Settings:
-    credentials = tmp_path / "credentials"
-    credentials.write_text(f"[default]\naws_access_key_id = {TEST_KEY_ID}\naws_secret_access_key = {TEST_SECRET}\n")
-    os.chmod(credentials, 0o600)
-    base = settings_for(tmp_path)
-    tier = TierSettings(endpoint=endpoint, bucket=bucket, prefix=f"t{random.randrange(1 << 30)}/",
-                        credentials_file=credentials, cold_after_s=3600, object_bytes=OBJECT_BYTES,
-                        min_file_bytes=0, gc_grace_s=0, recall_reads=0, read_timeout_s=3.0,
-                        **overrides)  # type: ignore[arg-type]
-    return base.model_copy(update={"tier": tier})
-
-
-class Node:
-    def __init__(self, core: Core, tiering: Tiering, settings: Settings) -> None:
-        self.core, self.tiering, self.settings = core, tiering, settings
-        self.engine = tiering.engine
-        self.cluster_id = str(core.superblock.cluster_id)
-
-    def key(self, object_id: int) -> str:
-        return self.settings.tier.prefix + object_key(self.cluster_id, object_id)
-
-    async def evict(self, f: File) -> int:
-        await self.core.data.flush(f.ino)
-        return await self.engine.evict(f.ino)
-
-    def placement(self, f: File) -> tuple[int, int]:
-        """(device blocks, tiered blocks) the file maps."""
-        extents = self.core.meta.all_extents(f.ino)
-        return (sum(e.count for e in extents if not is_tiered(e.dev_block)),
-                sum(e.count for e in extents if is_tiered(e.dev_block)))
-
-    async def everything_cold(self) -> None:
-        """Every file written so far counts as cold (not changed for a millisecond)."""
-        self.engine.settings = self.settings.tier.model_copy(update={"cold_after_s": 0.001})
-        await trio.sleep(0.01)
-
-    def check_space(self) -> None:
-        """fsck's space check (meta/check.py) finds nothing: every tiered block in a live object, whose
-        live count is what the files and the pending frees refer to."""
-        report = Report()
-        layout = self.core.superblock.layout
-        assert isinstance(self.core.log, LocalLog)
-        check_space(self.core.log, self.core.sm, (layout.data_start_block, layout.data_blocks), report, False)
-        assert report.problems == []
-
-
-@pytest.fixture
-async def node(tmp_path: Path, proxy: FaultProxy, s3: S3Server) -> AsyncIterator[Node]:
-    settings = tier_settings(tmp_path, proxy.endpoint, s3.bucket, memory_cache_bytes=0, cache_bytes=0)
-    core = open_core(settings)
-    tiering = Tiering(settings, core.meta, core.data, core.ops, cluster_id=str(core.superblock.cluster_id),
-                      total_blocks=core.ops.total_blocks)
-    try:
-        async with trio.open_nursery() as nursery:
-            await nursery.start(core.data.run)
-            await nursery.start(tiering.reader.run)
-            yield Node(core, tiering, settings)
-            nursery.cancel_scope.cancel()
-    finally:
-        await core.ops.sync_all()
-        core.close()
-
-
-async def a_file(node: Node, name: bytes, size: int, seed: int) -> File:
-    f = await File.create(node.core, name)
-    await f.write(0, random.Random(seed).randbytes(size))
-    await node.core.data.flush(f.ino)
-    return f
+from tests.support.tiering import OBJECT_BYTES, Node, a_file, tier_settings, tiered_node
 
 
 async def test_cold_files_move_to_objects_and_read_back_byte_for_byte(node: Node, s3: S3Server) -> None:
@@ -199,3 +122,65 @@ async def test_a_store_outage_fails_tiered_reads_in_bounded_time_and_stalls_only
     await f.check()
     await node.engine.step()
     assert node.engine.stats.store_ok and node.placement(other) == (0, 40)
+
+
+async def test_an_object_mostly_dead_is_repacked_and_then_deleted(node: Node, s3: S3Server) -> None:
+    a = await a_file(node, b"a", 150 * BLOCK_SIZE, seed=6)
+    b = await a_file(node, b"b", 50 * BLOCK_SIZE, seed=7)
+    await node.everything_cold()
+    await node.engine.tier_cold()
+    (packed,) = node.core.meta.tier_objects()
+    assert packed.blocks == 200 and node.placement(a) == (0, 150) and node.placement(b) == (0, 50)
+    assert not await node.engine.repack()  # all of it in use
+    await node.core.ops.unlink(ROOT_INO, b"a", is_dir=False)
+    await node.core.ops.release(a.fh)
+    await trio.sleep(0.3)
+    await node.core.meta.propose(c.ReclaimFrees(time.time_ns()))
+    assert node.core.meta.tier_object(packed.id).live_blocks == 50
+    assert await node.engine.repack()
+    assert node.placement(b) == (0, 50)
+    await trio.sleep(0.3)
+    await node.core.meta.propose(c.ReclaimFrees(time.time_ns()))
+    assert node.core.meta.tier_object(packed.id).state == "dead"
+    assert await node.engine.collect_garbage() == 1
+    (repacked,) = node.core.meta.tier_objects()
+    assert repacked.blocks == 50 and repacked.live_blocks == 50
+    assert node.key(packed.id) not in s3.stored() and node.key(repacked.id) in s3.stored()
+    await b.check()
+    node.check_space()
+
+
+async def test_reads_through_small_caches_stay_right_and_within_their_limits(tmp_path: Path, s3: S3Server) -> None:
+    settings = tier_settings(tmp_path, s3.endpoint, s3.bucket, memory_cache_bytes=1 << 20, cache_bytes=2 << 20)
+    async with tiered_node(settings) as node:
+        f = await a_file(node, b"f", 6 << 20, seed=8)
+        await node.evict(f)
+        for _ in range(2):
+            await f.check()
+        stats = node.tiering.cache.stats
+        assert stats.disk_bytes <= 2 << 20 and stats.memory_bytes <= 1 << 20 and stats.evicted > 0
+        cache_files = sum(p.stat().st_size for p in (settings.node.state_dir / "tier-cache").iterdir())
+        assert cache_files <= 2 << 20
+        gets = node.tiering.reader.gets
+        await node.core.ops.read(f.fh, 6 * (1 << 20) - 4096, 4096)  # the last chunk read: cached
+        await node.core.ops.read(f.fh, 6 * (1 << 20) - 4096, 4096)
+        assert node.tiering.reader.gets == gets
+
+
+def test_fsck_verifies_tiered_data_against_the_store(tmp_path: Path, s3: S3Server) -> None:
+    settings = tier_settings(tmp_path, s3.endpoint, s3.bucket)
+
+    async def tier_a_file() -> tuple[str, int]:
+        async with tiered_node(settings) as node:
+            f = await a_file(node, b"f", 20 * BLOCK_SIZE, seed=9)
+            await node.evict(f)
+            (obj,) = node.core.meta.tier_objects()
+            return object_key(node.cluster_id, obj.id), obj.bytes
+
+    key, size = trio.run(tier_a_file)
+    assert run_fsck(settings, repair=False, verify_data=True) == 0
+    store = ObjectStore(s3.endpoint, s3.bucket, Credentials(TEST_KEY_ID, TEST_SECRET), prefix=settings.tier.prefix)
+    store.put(key, bytes(size))  # the store now holds other bytes under the key
+    assert run_fsck(settings, repair=False, verify_data=True) == 4
+    unconfigured = settings.model_copy(update={"tier": TierSettings()})
+    assert run_fsck(unconfigured, repair=False, verify_data=True) == 4  # cannot check: says so

@@ -1,0 +1,106 @@
+"""A seeded random exerciser of tiering (fsx's shape, in-process): random writes, truncates, holes,
+reservations and clones of a few files, interleaved with the engine's passes (everything is cold),
+explicit evictions, recalls, repacking, delayed frees and garbage collection, against the S3 test
+server. After every step every file reads back as its model says, and at the end fsck's space check
+agrees with the objects table. A failure prints the seed and the step; the same seed replays it.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+
+import pytest
+import trio
+
+from awsomefsd.fs.operations import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE
+from awsomefsd.io.layout import BLOCK_SIZE
+from awsomefsd.meta import commands as c
+from tests.support.tiering import Node
+from tests.unit.test_fs_api import File
+
+FILES = 4
+MAX_BYTES = 96 * BLOCK_SIZE
+
+
+async def step(node: Node, files: list[File], rng: random.Random) -> str:
+    f = rng.choice(files)
+    kind = rng.choice(["write", "write", "write", "truncate", "punch", "reserve", "clone",
+                       "evict", "recall", "pass", "pass", "reclaim", "gc"])
+    if kind == "write":
+        offset, length = rng.randrange(MAX_BYTES), rng.randrange(1, 5 * BLOCK_SIZE)
+        await f.write(offset, rng.randbytes(length))
+        return f"write {f.ino} {offset}+{length}"
+    if kind == "truncate":
+        size = rng.randrange(MAX_BYTES)
+        await f.truncate(size)
+        return f"truncate {f.ino} {size}"
+    if kind == "punch":
+        offset, length = rng.randrange(MAX_BYTES), rng.randrange(1, 8 * BLOCK_SIZE)
+        await node.core.ops.fallocate(f.fh, offset, length, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE)
+        end = min(offset + length, len(f.model))
+        if offset < end:
+            f.model[offset:end] = bytes(end - offset)
+        return f"punch {f.ino} {offset}+{length}"
+    if kind == "reserve":
+        offset, length = rng.randrange(MAX_BYTES), rng.randrange(1, 8 * BLOCK_SIZE)
+        await node.core.ops.fallocate(f.fh, offset, length, FALLOC_FL_KEEP_SIZE)
+        return f"reserve {f.ino} {offset}+{length}"
+    if kind == "clone":
+        dst = rng.choice(files)
+        if dst is f or not f.model:
+            return "clone skipped"
+        src_block = rng.randrange(len(f.model) // BLOCK_SIZE + 1)
+        dst_block = rng.randrange(MAX_BYTES // BLOCK_SIZE)
+        count = rng.randrange(1, 16)
+        start, length = src_block * BLOCK_SIZE, count * BLOCK_SIZE
+        copied = 0
+        while copied < length:
+            n = await node.core.ops.copy_file_range(f.fh, start + copied, dst.fh, dst_block * BLOCK_SIZE + copied,
+                                                    length - copied)
+            if n == 0:
+                break
+            copied += n
+        data = bytes(f.model[start : start + copied])
+        at = dst_block * BLOCK_SIZE
+        if at > len(dst.model) and data:
+            dst.model.extend(bytes(at - len(dst.model)))
+        if data:
+            dst.model[at : at + len(data)] = data
+        return f"clone {f.ino}@{src_block} -> {dst.ino}@{dst_block} ({copied} bytes)"
+    if kind == "evict":
+        await node.core.data.flush(f.ino)
+        return f"evict {f.ino}: {await node.engine.evict(f.ino)} bytes"
+    if kind == "recall":
+        await node.core.data.flush(f.ino)
+        return f"recall {f.ino}: {await node.core.data.recall(f.ino)} blocks"
+    if kind == "pass":
+        await node.core.data.flush_all()
+        await trio.sleep(0.002)
+        return f"engine pass: next in {await node.engine.step():.1f}s"
+    if kind == "reclaim":
+        await node.core.meta.propose(c.ReclaimFrees(time.time_ns() + 10**9))
+        return "reclaim"
+    return f"gc: {await node.engine.collect_garbage()} deleted"
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+async def test_random_operations_with_tiering_keep_every_byte(node: Node, seed: int) -> None:
+    node.engine.settings = node.settings.tier.model_copy(update={"cold_after_s": 0.001, "repack_below": 0.6})
+    rng = random.Random(seed)
+    files = [await File.create(node.core, b"f%d" % i) for i in range(FILES)]
+    done: list[str] = []
+    for _ in range(120):
+        done.append(await step(node, files, rng))
+        for f in files:
+            try:
+                await f.check()
+            except AssertionError as exc:
+                raise AssertionError(f"seed {seed}, after {len(done)} steps (last: {done[-5:]}): inode {f.ino} "
+                                     f"differs from its model") from exc
+    await node.core.data.flush_all()
+    await node.core.meta.propose(c.ReclaimFrees(time.time_ns() + 10**9))
+    node.check_space()
+    kinds = {d.split()[0] for d in done}
+    assert {"write", "evict", "recall", "engine", "clone"} <= kinds, kinds
+    assert any(o.state == "live" for o in node.core.meta.tier_objects()) or not any(f.model for f in files)
