@@ -54,7 +54,20 @@ def collect_status(settings: Settings, *, running: bool) -> dict[str, Any]:
     }
     info["device"] = _device_status(settings.device.path, info)
     info["metadata"] = _meta_status(settings.node.state_dir / "meta", info)
+    if settings.tier.enabled:
+        info["tier"] = _tier_status(settings, info)
     return info
+
+
+def _tier_status(settings: Settings, info: dict[str, Any]) -> dict[str, Any]:
+    from awsomefsd.tier.cli import tier_summary
+
+    tier = tier_summary(settings)
+    engine = (tier.get("node") or {}).get("engine", {})
+    if info["daemon_running"] and engine and not engine.get("store_ok", True):
+        info["healthy"] = False
+        info["problems"].append(f"the object store fails: {engine.get('last_error', '')}")
+    return tier
 
 
 def _device_status(path: Path | None, info: dict[str, Any]) -> dict[str, Any]:
@@ -149,6 +162,8 @@ def render_status(info: dict[str, Any]) -> str:
         *(_raft_rows(meta.get("raft")) if not info.get("cluster") else _cluster_rows(info["cluster"])),
         ("mounts", ", ".join(info["mounts"]) or "none"),
         ("volumes", str(len(meta.get("volumes", [])))),
+        *([("object store", f"{_human(info['tier']['tiered_bytes'])} of file data in {info['tier']['objects']} "
+                            f"objects ({info['tier']['store']})")] if info.get("tier") else []),
     ]
     width = max(len(k) for k, _ in rows)
     lines = [f"{k.ljust(width)}  {v}" for k, v in rows]

@@ -24,7 +24,8 @@ from awsomefsd.meta.inspect import read_tier_objects
 from awsomefsd.tier.service import read_status
 
 
-def tier_status(settings: Settings, *, as_json: bool) -> int:
+def tier_summary(settings: Settings) -> dict[str, Any]:
+    """The objects table's totals and what this node's engine last wrote (`status` shows it too)."""
     meta = settings.node.state_dir / "meta"
     objects = read_tier_objects(meta) if (meta / "data.mdb").exists() else []
     live = [o for o in objects if o.state == "live"]
@@ -38,6 +39,11 @@ def tier_status(settings: Settings, *, as_json: bool) -> int:
         "dead_objects": sum(1 for o in objects if o.state == "dead"),
         "node": read_status(settings.node.state_dir),
     }
+    return info
+
+
+def tier_status(settings: Settings, *, as_json: bool) -> int:
+    info = tier_summary(settings)
     if as_json:
         print(json.dumps(info, indent=2, sort_keys=True))
         return 0

@@ -84,6 +84,6 @@ class Daemon:
         return "".join(self.output)
 
 
-def run_cli(*args: str, timeout_s: float = 120.0) -> subprocess.CompletedProcess[str]:
+def run_cli(*args: str, timeout_s: float = 120.0, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run([*AWSOMEFSD, *args], capture_output=True, text=True, timeout=timeout_s,
-                          env={**os.environ, "PYTHONPATH": str(REPO)}, cwd="/", check=False)
+                          env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})}, cwd="/", check=False)

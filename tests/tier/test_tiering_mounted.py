@@ -19,15 +19,17 @@ from awsomefsd.fs.operations import TIER_XATTR
 from tests.support.daemon import Daemon, run_cli
 from tests.support.s3 import TEST_KEY_ID, TEST_SECRET, S3Server
 
+TIER_ENV = {"AWSOMEFS_TIER__PREFIX": "mounted/", "AWSOMEFS_TIER__OBJECT_BYTES": "4M",
+            "AWSOMEFS_TIER__MEMORY_CACHE_BYTES": "0", "AWSOMEFS_TIER__RECALL_READS": "0",
+            "AWS_ACCESS_KEY_ID": TEST_KEY_ID, "AWS_SECRET_ACCESS_KEY": TEST_SECRET}
+"""The daemon's [tier] (and the CLI's, as an operator's configuration file gives both)."""
+
 
 @pytest.fixture(scope="module")
 def daemon(s3: S3Server) -> Iterator[Daemon]:
     base = Path(tempfile.mkdtemp(prefix="awsomefs-tier-", dir="/var/tmp"))
-    env = {"AWSOMEFS_TIER__ENDPOINT": s3.endpoint, "AWSOMEFS_TIER__BUCKET": s3.bucket,
-           "AWSOMEFS_TIER__PREFIX": "mounted/", "AWSOMEFS_TIER__OBJECT_BYTES": "4M",
-           "AWSOMEFS_TIER__MEMORY_CACHE_BYTES": "0", "AWSOMEFS_TIER__RECALL_READS": "0",
-           "AWS_ACCESS_KEY_ID": TEST_KEY_ID, "AWS_SECRET_ACCESS_KEY": TEST_SECRET}
-    d = Daemon(base / "state", base / "mnt", size="1G", env=env).start()
+    TIER_ENV.update({"AWSOMEFS_TIER__ENDPOINT": s3.endpoint, "AWSOMEFS_TIER__BUCKET": s3.bucket})
+    d = Daemon(base / "state", base / "mnt", size="1G", env=TIER_ENV).start()
     try:
         yield d
     finally:
@@ -62,9 +64,11 @@ def test_evict_and_recall_move_a_file_and_keep_its_bytes_and_times(daemon: Daemo
     after = path.stat()
     assert (after.st_mtime_ns, after.st_atime_ns, after.st_size, after.st_blocks) == (
         before.st_mtime_ns, before.st_atime_ns, before.st_size, before.st_blocks)
-    status = run_cli("tier", "status", "--json", "--state", str(daemon.state))
+    status = run_cli("tier", "status", "--json", "--state", str(daemon.state), env=TIER_ENV)
     info = json.loads(status.stdout)
     assert info["objects"] == 3 and info["tiered_bytes"] == len(data) // 4096 * 4096 + 4096
+    overview = run_cli("status", "--state", str(daemon.state), env=TIER_ENV).stdout
+    assert "of file data in 3 objects" in overview, overview
     recalled = run_cli("tier", "recall", str(daemon.mount), "--state", str(daemon.state))
     assert recalled.returncode == 0, recalled.stderr
     assert f"{path}: 0.0 MiB in the object store, 10.0 MiB on the device" in recalled.stdout
