@@ -162,7 +162,7 @@ class TierEngine:
         """Pack cold data into one object and tier it; True when an object was filled (there may
         be more: the next pass comes at once)."""
         cold_s = self.settings.cold_after_s
-        if self._device_fill() > self.settings.fill_watermark:
+        if self.device_fill() > self.settings.fill_watermark:
             cold_s = min(cold_s, self.settings.cold_after_when_full_s)
         cold_before = self.clock_ns() - int(cold_s * 1e9)
         excluded = self._excluded_volumes()
@@ -198,7 +198,8 @@ class TierEngine:
         return [ext for ext in self.meta.all_extents(inode.ino)
                 if not ext.unwritten and not is_tiered(ext.dev_block) and not self.meta.shares_blocks(ext)]
 
-    def _device_fill(self) -> float:
+    def device_fill(self) -> float:
+        """The fraction of the device's data blocks in use (delayed frees count as free)."""
         free = self.meta.free_blocks() + self.meta.pending_free_blocks()
         return 1.0 - free / self.total_blocks if self.total_blocks else 0.0
 

@@ -61,13 +61,19 @@ class Tiering:
         self.cache = ChunkCache(cache_dir, disk_bytes=tier.cache_bytes, memory_bytes=tier.memory_cache_bytes)
         self.reader = TieredReader(self.store, self.cache, read_timeout_s=tier.read_timeout_s)
         data.reader.tier = TierSource(meta, self.reader, cluster_id=cluster_id)
-        self.policy = RecallPolicy(data.compactor.request_recall, recall_reads=tier.recall_reads)
-        data.reader.on_tiered_read = self.policy.noted
         self.engine = TierEngine(meta, data.reader, self.store, tier, cluster_id=cluster_id, total_blocks=total_blocks)
+        self.policy = RecallPolicy(self._recall, recall_reads=tier.recall_reads)
+        data.reader.on_tiered_read = self.policy.noted
         ops.evict = self.engine.evict
         self.meta = meta
         self.data = data
         log.info("tiering cold data to %r", self.store)
+
+    def _recall(self, ino: int) -> None:
+        """A file the policy found hot comes back, unless the device is past its watermark (the
+        engine would only tier it again)."""
+        if self.engine.device_fill() < self.engine.settings.fill_watermark:
+            self.data.compactor.request_recall(ino)
 
     async def run(self, *, book: DutyBook, runs_engine: Callable[[], bool] = lambda: True,
                   task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:

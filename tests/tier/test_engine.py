@@ -184,3 +184,21 @@ def test_fsck_verifies_tiered_data_against_the_store(tmp_path: Path, s3: S3Serve
     assert run_fsck(settings, repair=False, verify_data=True) == 4
     unconfigured = settings.model_copy(update={"tier": TierSettings()})
     assert run_fsck(unconfigured, repair=False, verify_data=True) == 4  # cannot check: says so
+
+
+async def test_a_file_read_again_later_comes_back_to_the_device(node: Node) -> None:
+    f = await a_file(node, b"f", 24 * BLOCK_SIZE, seed=10)
+    await node.evict(f)
+    now = [5000.0]
+    node.tiering.policy.clock = lambda: now[0]
+    node.tiering.policy.recall_reads = 2
+    await f.check()
+    await trio.sleep(0.05)
+    assert node.placement(f) == (0, 24), "one read: it stays in the store"
+    now[0] += 60
+    await f.check()
+    with trio.fail_after(20):
+        while node.placement(f) != (24, 0):
+            await trio.sleep(0.02)
+    await f.check()
+    assert node.core.data.compactor.recalls == 1
