@@ -25,6 +25,7 @@ from awsomefsd.tier.source import object_key
 from awsomefsd.tier.store import ObjectStore
 from tests.support.s3 import TEST_KEY_ID, TEST_SECRET, FaultProxy, S3Server
 from tests.support.tiering import OBJECT_BYTES, Node, a_file, tier_settings, tiered_node
+from tests.unit.test_fs_api import File
 
 
 async def test_cold_files_move_to_objects_and_read_back_byte_for_byte(node: Node, s3: S3Server) -> None:
@@ -202,3 +203,23 @@ async def test_a_file_read_again_later_comes_back_to_the_device(node: Node) -> N
             await trio.sleep(0.02)
     await f.check()
     assert node.core.data.compactor.recalls == 1
+
+
+async def test_volumes_opted_out_and_small_files_stay_on_the_device(node: Node) -> None:
+    from awsomefsd.volumes import CoreVolumes
+
+    await CoreVolumes(node.core, "/nonexistent").create_volume("keep", 16 << 20)
+    volume = node.core.meta.volume_by_name("volume", "keep")
+    assert volume is not None
+    kept = await File.create(node.core, b"db", parent=volume.root)
+    await kept.write(0, bytes(range(256)) * 256)
+    await node.core.data.flush(kept.ino)
+    small = await a_file(node, b"small", 3 * BLOCK_SIZE, seed=11)
+    moved = await a_file(node, b"big", 40 * BLOCK_SIZE, seed=12)
+    await node.everything_cold()
+    node.engine.settings = node.engine.settings.model_copy(
+        update={"exclude_volumes": ["keep"], "min_file_bytes": 8 * BLOCK_SIZE})
+    await node.engine.tier_cold()
+    assert node.placement(moved) == (0, 40)
+    assert node.placement(kept) == (16, 0) and node.placement(small) == (3, 0)
+    await kept.check()
