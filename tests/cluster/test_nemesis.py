@@ -69,18 +69,23 @@ def nemesis_seed() -> int:
 
 
 def replay(seed: int, test: str) -> str:
-    slow = " --slow" if test in ("test_nemesis_long", "test_nemesis_delegations") else ""
+    slow = " --slow" if test in ("test_nemesis_long", "test_nemesis_delegations", "test_nemesis_tiering") else ""
     return f"AWSOMEFS_NEMESIS_SEED={seed} .venv/bin/python -m pytest 'tests/cluster/test_nemesis.py::{test}'{slow} -s"
 
 
 def run_nemesis(network: PrivateNetwork, root: Path, seed: int, test: str,
-                schedule: Callable[[Nemesis], None], *, coherence: str = "strict") -> None:
+                schedule: Callable[[Nemesis], None], *, coherence: str = "strict",
+                extra_env: dict[str, str] | None = None,
+                before_stop: Callable[[list[Node]], list[str]] | None = None) -> None:
     """`coherence`: the mounts' mode. Strict (no kernel caches) is where the namespace history is
     promised to be linearizable, and it is checked; in the default mode (close-to-open), nodes
-    change directories under delegations, ahead of the log, and every other check applies."""
+    change directories under delegations, ahead of the log, and every other check applies.
+    `extra_env`: more settings for the daemons (and their fsck); `before_stop`: more checks on the
+    running members after the run (each problem is a violation)."""
     print(f"\nnemesis seed {seed}, coherence {coherence}; replay: {replay(seed, test)}", flush=True)
     run = Run(seed)
-    env = {"AWSOMEFS_MOUNT__COHERENCE": coherence, "AWSOMEFS_CLUSTER__SNAPSHOT_ENTRIES": str(SNAPSHOT_ENTRIES)}
+    env = {"AWSOMEFS_MOUNT__COHERENCE": coherence, "AWSOMEFS_CLUSTER__SNAPSHOT_ENTRIES": str(SNAPSHOT_ENTRIES),
+           **(extra_env or {})}
     with cluster_in(network, root, env=env) as cluster:
         nodes = cluster.form(3)
         first = nodes[0].mount
@@ -112,6 +117,8 @@ def run_nemesis(network: PrivateNetwork, root: Path, seed: int, test: str,
                       | {f"s{k}" for k in range(SHARED_LOGS)})
         contents, unreadable = read_logs(nodes, logs)
         for problem in unreadable:
+            run.violation(problem)
+        for problem in before_stop(nodes) if before_stop is not None else []:
             run.violation(problem)
         stop_all(nodes, run)
         for node in nodes:
@@ -230,3 +237,41 @@ def test_nemesis_delegations(netns_network: Callable[[int], PrivateNetwork], tmp
 
     run_nemesis(netns_network(3), tmp_path, seed, "test_nemesis_delegations", random_faults,
                 coherence="close-to-open")
+
+
+@pytest.mark.slow
+def test_nemesis_tiering(netns_network: Callable[[int], PrivateNetwork], tmp_path: Path) -> None:
+    """Every kind of fault once while the leader tiers whatever has been quiet for a second (the
+    logs the clients append to, the files they create) to the S3 test server, which runs in a
+    namespace of its own on the nodes' network, and repacks and deletes what dies. Every check of
+    the short run applies, and fsck --verify-data reads the tiered data back from the store."""
+    pytest.importorskip("moto", reason="the S3 test server needs moto (scripts/install.sh test)")
+    from tests.support.s3 import TEST_KEY_ID, TEST_SECRET, s3_server
+
+    seed = nemesis_seed()
+    network = netns_network(4)  # the fourth namespace holds the store; the cluster is the first three
+
+    def every_kind_once(nemesis: Nemesis) -> None:
+        nemesis.play(nemesis.rng.sample(KINDS, len(KINDS)), QUIET_S)
+
+    with s3_server(network.nodes[3]) as s3:
+        tiering = {"AWSOMEFS_TIER__ENDPOINT": s3.endpoint, "AWSOMEFS_TIER__BUCKET": s3.bucket,
+                   "AWSOMEFS_TIER__COLD_AFTER_S": "1", "AWSOMEFS_TIER__SCAN_INTERVAL_S": "0.5",
+                   "AWSOMEFS_TIER__OBJECT_BYTES": "1M", "AWSOMEFS_TIER__MIN_FILE_BYTES": "0",
+                   "AWSOMEFS_TIER__GC_GRACE_S": "5", "AWSOMEFS_TIER__READ_TIMEOUT_S": "5",
+                   "AWS_ACCESS_KEY_ID": TEST_KEY_ID, "AWS_SECRET_ACCESS_KEY": TEST_SECRET}
+        run_nemesis(network, tmp_path, seed, "test_nemesis_tiering", every_kind_once, extra_env=tiering,
+                    before_stop=tiered_something)
+
+
+def tiered_something(nodes: list[Node]) -> list[str]:
+    """The run did tier: the objects table holds live objects, none is left uploading."""
+    import json
+
+    status = nodes[0].cli("tier", "status", "--json")
+    if status.returncode != 0:
+        return [f"tier status failed: {status.stderr[-500:]}"]
+    info = json.loads(status.stdout)
+    print(f"tiering: {info['objects']} live objects, {info['tiered_bytes']} bytes of file data, "
+          f"{info['dead_objects']} dead, {info['pending_uploads']} uploading", flush=True)
+    return [] if info["objects"] > 0 else ["nothing was tiered during the run"]
