@@ -16,6 +16,7 @@ import pytest
 
 from awsomefsd.devcluster.network import PrivateNetwork
 from awsomefsd.fs.operations import TIER_XATTR
+from tests.support import monitoring
 from tests.support.cluster import Cluster, Node, cluster_in
 from tests.support.daemon import wait_for
 from tests.support.s3 import TEST_KEY_ID, TEST_SECRET, S3Server, s3_server
@@ -71,7 +72,10 @@ def uploads(cluster: Cluster) -> int:
 def test_every_node_reads_tiered_data_and_only_the_leader_tiers_cold_files(
         tiered_cluster: tuple[Cluster, S3Server]) -> None:
     cluster, _s3 = tiered_cluster
+    cluster.nodes[0].metrics_port = 0
     a, b, c = cluster.form(3)
+    tier_metrics = {name for name in monitoring.metric_names_used() if name.startswith("awsomefs_tier_")}
+    assert tier_metrics and not tier_metrics - monitoring.exported_metric_names(a.scrape())
     leader = cluster.leader()
     follower = next(n for n in (a, b, c) if n is not leader)
     data = {name: random.Random(name).randbytes(size) for name, size in (("one", 3 << 20), ("two", 700_000))}
