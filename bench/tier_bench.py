@@ -4,7 +4,9 @@ server (moto's server mode on loopback, a separate process: tests/support/s3_ser
     sudo .venv/bin/python bench/tier_bench.py [--size-mib 1024] [--random-reads 2000] [--json F]
 
 Figures, all in one run, each read with the kernel's page cache dropped first:
-- sequential read of the file while it is on the device (the reference);
+- sequential and random 4 KiB reads of the same bytes on ext4 over a loop device, and on the raw
+  loop device (the references);
+- sequential read of the file while it is on the AwsomeFS device;
 - `awsomefsd tier evict` of it (tiering throughput, MiB/s to the store);
 - sequential read of it tiered, cold (from the store, through the disk cache) and warm (the caches);
 - random 4 KiB reads of it tiered with a warm cache, next to the same reads on the device;
@@ -29,7 +31,9 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO)]
+sys.path[:0] = [str(REPO / "bench"), str(REPO)]
+
+from targets import ext4_target, raw_target  # noqa: E402
 
 from tests.support.daemon import Daemon, run_cli  # noqa: E402
 from tests.support.s3 import TEST_KEY_ID, TEST_SECRET, s3_server  # noqa: E402
@@ -95,6 +99,17 @@ def main() -> int:
     results: dict[str, Any] = {"size_mib": args.size_mib}
     with s3_server() as s3, tempfile.TemporaryDirectory(prefix="awsomefs-tierbench-", dir="/var/tmp") as tmp:
         base = Path(tmp)
+        reference_bytes = (args.size_mib + 256) << 20
+        with ext4_target(base, 2 * reference_bytes) as ext4:
+            copy = ext4.path / "big.bin"
+            subprocess.run(["dd", "if=/dev/urandom", f"of={copy}", "bs=1M", f"count={args.size_mib}", "conv=fsync",
+                            "status=none"], check=True)
+            results["ext4_seq_read_mib_s"] = sequential_read_mib_s(copy)
+            results["ext4_random_4k_per_s"] = random_reads_per_s(copy, args.random_reads, seed=1)
+        with raw_target(base, reference_bytes) as raw:
+            subprocess.run(["dd", "if=/dev/urandom", f"of={raw.path}", "bs=1M", f"count={args.size_mib}",
+                            "oflag=direct", "status=none"], check=True)
+            results["raw_seq_read_mib_s"] = sequential_read_mib_s(raw.path)
         env = {"AWSOMEFS_TIER__ENDPOINT": s3.endpoint, "AWSOMEFS_TIER__BUCKET": s3.bucket,
                "AWSOMEFS_TIER__RECALL_READS": "0", "AWSOMEFS_TIER__CACHE_BYTES": f"{2 * args.size_mib}M",
                "AWS_ACCESS_KEY_ID": TEST_KEY_ID, "AWS_SECRET_ACCESS_KEY": TEST_SECRET}
@@ -122,6 +137,7 @@ def main() -> int:
             daemon.stop()
     for key, value in results.items():
         print(f"{key:32} {value:10.1f}" if isinstance(value, float) else f"{key:32} {value:10}")
+    print(f"{'cold tiered / ext4 seq read':32} {results['tiered_cold_seq_read_mib_s'] / results['ext4_seq_read_mib_s']:10.2f}")
     print(f"{'cold / device seq read':32} {results['tiered_cold_seq_read_mib_s'] / results['device_seq_read_mib_s']:10.2f}")
     print(f"{'warm / device seq read':32} {results['tiered_warm_seq_read_mib_s'] / results['device_seq_read_mib_s']:10.2f}")
     print(f"{'write while tiering / alone':32} {results['write_mib_s_while_tiering'] / results['write_mib_s_alone']:10.2f}")
