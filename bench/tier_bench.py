@@ -8,6 +8,7 @@ Figures, all in one run, each read with the kernel's page cache dropped first:
   loop device (the references);
 - sequential read of the file while it is on the AwsomeFS device;
 - `awsomefsd tier evict` of it (tiering throughput, MiB/s to the store);
+- the store's own ceiling: sequential 1 MiB ranged GETs of one 64 MiB object from one thread;
 - sequential read of it tiered, cold (from the store, through the disk cache) and warm (the caches);
 - random 4 KiB reads of it tiered with a warm cache, next to the same reads on the device;
 - sequential write throughput with and without an eviction running beside it (the write path's
@@ -35,6 +36,8 @@ sys.path[:0] = [str(REPO / "bench"), str(REPO)]
 
 from targets import ext4_target, raw_target  # noqa: E402
 
+from awsomefsd.tier.sigv4 import Credentials  # noqa: E402
+from awsomefsd.tier.store import ObjectStore  # noqa: E402
 from tests.support.daemon import Daemon, run_cli  # noqa: E402
 from tests.support.s3 import TEST_KEY_ID, TEST_SECRET, s3_server  # noqa: E402
 
@@ -81,6 +84,16 @@ def write_mib_s(path: Path, mib: int) -> float:
     return mib / (time.perf_counter() - start)
 
 
+def store_get_mib_s(endpoint: str, bucket: str) -> float:
+    """The store's own ceiling: one reader's sequential 1 MiB ranged GETs of a 64 MiB object."""
+    store = ObjectStore(endpoint, bucket, Credentials(TEST_KEY_ID, TEST_SECRET), prefix="ceiling/")
+    store.put("object", os.urandom(64 << 20))
+    start = time.perf_counter()
+    for offset in range(0, 64 << 20, CHUNK):
+        store.get("object", offset, CHUNK)
+    return 64 / (time.perf_counter() - start)
+
+
 def evict(daemon: Daemon, path: Path) -> float:
     start = time.perf_counter()
     done = run_cli("tier", "evict", str(path), "--state", str(daemon.state), timeout_s=3600)
@@ -110,6 +123,7 @@ def main() -> int:
             subprocess.run(["dd", "if=/dev/urandom", f"of={raw.path}", "bs=1M", f"count={args.size_mib}",
                             "oflag=direct", "status=none"], check=True)
             results["raw_seq_read_mib_s"] = sequential_read_mib_s(raw.path)
+        results["store_get_mib_s"] = store_get_mib_s(s3.endpoint, s3.bucket)
         env = {"AWSOMEFS_TIER__ENDPOINT": s3.endpoint, "AWSOMEFS_TIER__BUCKET": s3.bucket,
                "AWSOMEFS_TIER__RECALL_READS": "0", "AWSOMEFS_TIER__CACHE_BYTES": f"{2 * args.size_mib}M",
                "AWS_ACCESS_KEY_ID": TEST_KEY_ID, "AWS_SECRET_ACCESS_KEY": TEST_SECRET}
@@ -137,6 +151,7 @@ def main() -> int:
             daemon.stop()
     for key, value in results.items():
         print(f"{key:32} {value:10.1f}" if isinstance(value, float) else f"{key:32} {value:10}")
+    print(f"{'cold tiered seq read / store GETs':32} {results['tiered_cold_seq_read_mib_s'] / results['store_get_mib_s']:10.2f}")
     print(f"{'cold tiered / ext4 seq read':32} {results['tiered_cold_seq_read_mib_s'] / results['ext4_seq_read_mib_s']:10.2f}")
     print(f"{'cold / device seq read':32} {results['tiered_cold_seq_read_mib_s'] / results['device_seq_read_mib_s']:10.2f}")
     print(f"{'warm / device seq read':32} {results['tiered_warm_seq_read_mib_s'] / results['device_seq_read_mib_s']:10.2f}")

@@ -10,6 +10,7 @@ temporary file is removed at the next start. Thread-safe: the reader fetches in 
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import os
@@ -87,8 +88,10 @@ class ChunkCache:
                 self.stats.memory_hits += 1
             return data
 
-    def get_warm(self, key: str, index: int) -> bytes | None:
-        """From the disk (kept in memory from then on), or None: a miss. Blocks on the disk."""
+    def get_warm(self, key: str, index: int, start: int = 0, end: int | None = None) -> bytes | None:
+        """Bytes [start, end) of the chunk from the disk, or None: a miss. Blocks on the disk. A
+        whole chunk read is kept in memory from then on; a part is not (a random 4 KiB read would
+        otherwise read the whole chunk from the disk)."""
         name = chunk_name(key, index)
         with self._lock:
             on_disk = name in self._disk
@@ -96,15 +99,24 @@ class ChunkCache:
                 self._disk.move_to_end(name)
         if on_disk:
             assert self.directory is not None
+            whole = start == 0 and end is None
             try:
-                data = (self.directory / name).read_bytes()
+                if whole:
+                    data = (self.directory / name).read_bytes()
+                else:
+                    with open(self.directory / name, "rb", buffering=0) as f:
+                        length = (end if end is not None else os.fstat(f.fileno()).st_size) - start
+                        data = os.pread(f.fileno(), length, start)
+                    if len(data) != length:
+                        raise OSError(errno.EIO, f"{len(data)} of {length} bytes")
             except OSError as exc:
-                log.warning("tier cache: cannot read %s (%s): dropped", name, exc)
+                log.warning("tier cache: cannot read %s (%s): dropped", name, exc.strerror or exc)
                 self.drop(key, index)
             else:
                 with self._lock:
                     self.stats.disk_hits += 1
-                    self._remember(name, data)
+                    if whole:
+                        self._remember(name, data)
                 return data
         with self._lock:
             self.stats.misses += 1

@@ -113,6 +113,22 @@ async def test_a_damaged_disk_cache_file_is_fetched_again(proxy: FaultProxy, s3:
     assert proxy.forwarded == before + 1 and cached.read_bytes() == stored.data[:CHUNK]
 
 
+async def test_a_disk_cache_file_cut_short_is_fetched_again(proxy: FaultProxy, s3: S3Server, stored: Stored,
+                                                             tmp_path: Path) -> None:
+    """A part of a chunk is read from its file alone: a file cut short is a miss, then a whole
+    read of it fails its checksum; both fetch the chunk again, neither returns other bytes."""
+    reader = reader_for(proxy, s3, tmp_path / "cache", memory_bytes=0)
+    assert await reader.read(stored.range(0, 4)) == stored.bytes(0, 4)
+    (cached,) = [p for p in (tmp_path / "cache").iterdir()]
+    cached.write_bytes(cached.read_bytes()[: 3 * 4096])
+    before = proxy.forwarded
+    assert await reader.read(stored.range(2, 2)) == stored.bytes(2, 2)
+    assert proxy.forwarded == before + 1 and cached.read_bytes() == stored.data[:CHUNK]
+    cached.write_bytes(cached.read_bytes()[: 3 * 4096])
+    assert await reader.read(stored.range(0, CHUNK // 4096)) == stored.bytes(0, CHUNK // 4096)
+    assert proxy.forwarded == before + 2
+
+
 async def test_an_outage_fails_within_the_read_timeout(proxy: FaultProxy, s3: S3Server, stored: Stored) -> None:
     for kind, kwargs in (("status", {"status": 503, "code": "SlowDown"}), ("delay", {"delay_s": 30.0}),
                          ("drop", {})):
