@@ -8,14 +8,13 @@ from __future__ import annotations
 import json
 import os
 import random
-import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from awsomefsd.fs.operations import TIER_XATTR
+from tests.mounted.conftest import running_daemon
 from tests.support.daemon import Daemon, run_cli
 from tests.support.s3 import TEST_KEY_ID, TEST_SECRET, S3Server
 
@@ -27,16 +26,9 @@ TIER_ENV = {"AWSOMEFS_TIER__PREFIX": "mounted/", "AWSOMEFS_TIER__OBJECT_BYTES": 
 
 @pytest.fixture(scope="module")
 def daemon(s3: S3Server) -> Iterator[Daemon]:
-    base = Path(tempfile.mkdtemp(prefix="awsomefs-tier-", dir="/var/tmp"))
     TIER_ENV.update({"AWSOMEFS_TIER__ENDPOINT": s3.endpoint, "AWSOMEFS_TIER__BUCKET": s3.bucket})
-    d = Daemon(base / "state", base / "mnt", size="1G", env=TIER_ENV).start()
-    try:
+    with running_daemon("awsomefs-tier-", env=TIER_ENV) as d:
         yield d
-    finally:
-        if d.proc is not None and d.proc.poll() is None:
-            assert d.stop() == 0, d.logs()
-        d.stop_hard()
-        shutil.rmtree(base, ignore_errors=True)
 
 
 def drop_page_cache() -> None:

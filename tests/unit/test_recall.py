@@ -4,14 +4,7 @@ one pass over everything does not recall it."""
 from __future__ import annotations
 
 from awsomefsd.fs.recall import MAX_TRACKED_FILES, RecallPolicy
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.unit.test_progress import Clock
 
 
 def test_reads_in_two_different_minutes_recall_a_file_once() -> None:
