@@ -308,6 +308,23 @@ def status(settings: Settings, *, as_json: bool) -> int:
     return 0 if info.get("healthy", False) else 1
 
 
+def tier_status(settings: Settings, *, as_json: bool) -> int:
+    """`awsomefsd tier status`: the object store's part of the file system, next to the device's."""
+    from awsomefsd.status import collect_status
+    from awsomefsd.tier.cli import render_tier_status, tier_summary
+
+    settings = _with_state_defaults(settings)
+    info = collect_status(settings, running=state_in_use(settings.node.state_dir))
+    tier = info.get("tier") or tier_summary(settings)
+    free = info.get("metadata", {}).get("free_bytes")
+    if as_json:
+        print(json.dumps({**tier, "device_size_bytes": info["device"].get("size_bytes"), "device_free_bytes": free},
+                         indent=2, sort_keys=True))
+    else:
+        print(render_tier_status(tier, info["device"], free))
+    return 0
+
+
 def _member_role(node_id: int, cluster: dict[str, Any] | None) -> str:
     if cluster is None:
         return f"cluster member {node_id}"

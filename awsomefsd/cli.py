@@ -281,10 +281,10 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "status":
         return actions.status(settings, as_json=args.json)
     if args.command == "tier":
-        from awsomefsd.tier.cli import tier_move, tier_status
+        from awsomefsd.tier.cli import tier_move
 
         if args.action == "status":
-            return tier_status(settings, as_json=args.json)
+            return actions.tier_status(settings, as_json=args.json)
         if not args.paths:
             raise CliError(f"tier {args.action} needs the files or directories to move")
         return tier_move(args.paths, args.action)

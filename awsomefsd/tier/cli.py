@@ -42,15 +42,15 @@ def tier_summary(settings: Settings) -> dict[str, Any]:
     return info
 
 
-def tier_status(settings: Settings, *, as_json: bool) -> int:
-    info = tier_summary(settings)
-    if as_json:
-        print(json.dumps(info, indent=2, sort_keys=True))
-        return 0
+def render_tier_status(info: dict[str, Any], device: dict[str, Any], free_bytes: int | None) -> str:
+    """`tier status` for a terminal: `info` from `tier_summary`, the device and its free bytes from
+    `awsomefsd status`'s collection (empty and None when unknown)."""
     node = info["node"] or {}
     engine, cache = node.get("engine", {}), node.get("cache", {})
+    size = device.get("size_bytes", 0)
     rows = [
         ("object store", info["store"] or "not configured ([tier] endpoint)"),
+        ("device", f"{_mib(size - free_bytes)} in use of {_mib(size)}" if size and free_bytes is not None else "-"),
         ("file data in the store", _mib(info["tiered_bytes"])),
         ("objects", f"{info['objects']} live ({_mib(info['stored_bytes'])}), {info['pending_uploads']} uploading, "
                     f"{info['dead_objects']} to delete"),
@@ -64,12 +64,10 @@ def tier_status(settings: Settings, *, as_json: bool) -> int:
             ("cache hit rate", f"{cache.get('hit_rate', 0.0):.0%} ({_mib(cache.get('disk_bytes', 0))} on disk)"),
             ("files recalled", str(node.get("recalls", 0))),
         ]
-    elif settings.tier.enabled:
+    elif info["configured"]:
         rows.append(("engine", "no pass recorded on this node (not running, or not the leader)"))
     width = max(len(k) for k, _ in rows)
-    for key, value in rows:
-        print(f"{key:<{width}}  {value}")
-    return 0
+    return "\n".join(f"{key:<{width}}  {value}" for key, value in rows)
 
 
 def tier_move(paths: list[Path], action: str) -> int:

@@ -64,10 +64,15 @@ class Tiering:
         self.engine = TierEngine(meta, data.reader, self.store, tier, cluster_id=cluster_id, total_blocks=total_blocks)
         self.policy = RecallPolicy(self._recall, recall_reads=tier.recall_reads)
         data.reader.on_tiered_read = self.policy.noted
-        ops.evict = self.engine.evict
+        ops.evict = self._evict
         self.meta = meta
         self.data = data
         log.info("tiering cold data to %r", self.store)
+
+    async def _evict(self, ino: int) -> int:
+        moved = await self.engine.evict(ino)
+        self.write_status()
+        return moved
 
     def _recall(self, ino: int) -> None:
         """A file the policy found hot comes back, unless the device is past its watermark (the

@@ -59,6 +59,11 @@ def test_evict_and_recall_move_a_file_and_keep_its_bytes_and_times(daemon: Daemo
     status = run_cli("tier", "status", "--json", "--state", str(daemon.state), env=TIER_ENV)
     info = json.loads(status.stdout)
     assert info["objects"] == 3 and info["tiered_bytes"] == len(data) // 4096 * 4096 + 4096
+    assert info["device_size_bytes"] == 8 << 30 and 0 < info["device_free_bytes"] < 8 << 30
+    text = run_cli("tier", "status", "--state", str(daemon.state), env=TIER_ENV).stdout
+    rows = {line[:31].strip(): line[31:].strip() for line in text.splitlines()}
+    assert rows["file data in the store"] == "10.0 MiB" and rows["store reachable"] == "yes", text
+    assert rows["this node uploaded"] == "10.0 MiB in 3 objects", text
     overview = run_cli("status", "--state", str(daemon.state), env=TIER_ENV).stdout
     assert "of file data in 3 objects" in overview, overview
     recalled = run_cli("tier", "recall", str(daemon.mount), "--state", str(daemon.state))
