@@ -161,6 +161,9 @@ class TierSettings(BaseModel):
     min_file_bytes: SizeBytes = Field(1 << 20, ge=0, description="smaller files are never tiered")
     exclude_volumes: list[str] = Field(default_factory=list, description="volumes (by name) never tiered")
     object_bytes: SizeBytes = Field(64 << 20, ge=1 << 20, le=128 << 20, description="size objects are packed to")
+    partial_object_after_s: float = Field(3600.0, ge=0, description="cold data that does not fill an object "
+                                          "waits this long for more before it is uploaded in a smaller one "
+                                          "(at once above the fill watermark)")
     cache_dir: Path | None = Field(None, description="disk cache of tiered data; default <state_dir>/tier-cache")
     cache_bytes: SizeBytes = Field(8 << 30, ge=0, description="disk cache size limit")
     memory_cache_bytes: SizeBytes = Field(256 << 20, ge=0, description="memory cache size limit")

@@ -73,11 +73,13 @@ class TierEngine:
         self.cluster_id = cluster_id
         self.total_blocks = total_blocks
         self.clock_ns = clock_ns
+        self.monotonic: Callable[[], float] = time.monotonic
         self.stats = EngineStats()
         self.retry = Retry(deadline_s=UPLOAD_DEADLINE_S / 4, max_s=30.0, attempts=10)
         self._backoff_s = 0.0
         self._scan_after = 0  # the inode the cold-file walk continues after
         self._unrepackable: set[int] = set()
+        self._partial_since: float | None = None  # when a pass first found cold data short of an object
 
     # -- one pass -----------------------------------------------------------------------------------
     async def step(self) -> float:
@@ -162,7 +164,8 @@ class TierEngine:
         """Pack cold data into one object and tier it; True when an object was filled (there may
         be more: the next pass comes at once)."""
         cold_s = self.settings.cold_after_s
-        if self.device_fill() > self.settings.fill_watermark:
+        short_of_space = self.device_fill() > self.settings.fill_watermark
+        if short_of_space:
             cold_s = min(cold_s, self.settings.cold_after_when_full_s)
         cold_before = self.clock_ns() - int(cold_s * 1e9)
         excluded = self._excluded_volumes()
@@ -188,10 +191,20 @@ class TierEngine:
             if self._scan_after == 0:
                 break  # the end of the table: the next pass starts over
         self.stats.candidate_bytes = blocks * BLOCK_SIZE
-        if not batch:
+        if not batch or (blocks < limit and not self._partial_due(short_of_space)):
             return False
         await self.upload(batch)
+        self._partial_since = None
         return blocks >= limit
+
+    def _partial_due(self, short_of_space: bool) -> bool:
+        """May cold data that does not fill an object go now? Only once it has waited
+        `partial_object_after_s` for more (objects stay large: fewer requests, less to track), or
+        at once when the device is past its fill watermark."""
+        now = self.monotonic()
+        if self._partial_since is None:
+            self._partial_since = now
+        return short_of_space or now - self._partial_since >= self.settings.partial_object_after_s
 
     def _movable(self, inode: Inode) -> list[Extent]:
         """The file's extents that can move: written, on the device, shared with nothing."""

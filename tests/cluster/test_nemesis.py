@@ -258,6 +258,7 @@ def test_nemesis_tiering(netns_network: Callable[[int], PrivateNetwork], tmp_pat
         tiering = {"AWSOMEFS_TIER__ENDPOINT": s3.endpoint, "AWSOMEFS_TIER__BUCKET": s3.bucket,
                    "AWSOMEFS_TIER__COLD_AFTER_S": "1", "AWSOMEFS_TIER__SCAN_INTERVAL_S": "0.5",
                    "AWSOMEFS_TIER__OBJECT_BYTES": "1M", "AWSOMEFS_TIER__MIN_FILE_BYTES": "0",
+                   "AWSOMEFS_TIER__PARTIAL_OBJECT_AFTER_S": "0",
                    "AWSOMEFS_TIER__GC_GRACE_S": "5", "AWSOMEFS_TIER__READ_TIMEOUT_S": "5",
                    "AWS_ACCESS_KEY_ID": TEST_KEY_ID, "AWS_SECRET_ACCESS_KEY": TEST_SECRET}
         run_nemesis(network, tmp_path, seed, "test_nemesis_tiering", every_kind_once, extra_env=tiering,

@@ -33,6 +33,7 @@ def tiered_cluster(netns_network: Callable[[int], PrivateNetwork], tmp_path: Pat
                "AWSOMEFS_TIER__SCAN_INTERVAL_S": "0.5", "AWSOMEFS_TIER__GC_GRACE_S": "0",
                "AWSOMEFS_TIER__RECALL_READS": "0", "AWSOMEFS_TIER__MEMORY_CACHE_BYTES": "0",
                "AWSOMEFS_TIER__CACHE_BYTES": "0", "AWSOMEFS_TIER__MIN_FILE_BYTES": "0",
+               "AWSOMEFS_TIER__PARTIAL_OBJECT_AFTER_S": "0",
                "AWS_ACCESS_KEY_ID": TEST_KEY_ID, "AWS_SECRET_ACCESS_KEY": TEST_SECRET}
         with cluster_in(network, tmp_path, env=env) as cluster:
             yield cluster, s3

@@ -32,7 +32,7 @@ def tier_settings(tmp_path: Path, endpoint: str, bucket: str, **overrides: objec
     base = settings_for(tmp_path)
     tier = TierSettings(endpoint=endpoint, bucket=bucket, prefix=f"t{random.randrange(1 << 30)}/",
                         credentials_file=credentials, cold_after_s=3600, object_bytes=OBJECT_BYTES,
-                        min_file_bytes=0, gc_grace_s=0, recall_reads=0, read_timeout_s=3.0,
+                        min_file_bytes=0, gc_grace_s=0, partial_object_after_s=0, recall_reads=0, read_timeout_s=3.0,
                         **overrides)  # type: ignore[arg-type]
     return base.model_copy(update={"tier": tier})
 

@@ -223,3 +223,27 @@ async def test_volumes_opted_out_and_small_files_stay_on_the_device(node: Node) 
     assert node.placement(moved) == (0, 40)
     assert node.placement(kept) == (16, 0) and node.placement(small) == (3, 0)
     await kept.check()
+
+
+async def test_cold_data_short_of_an_object_waits_for_more_unless_space_is_short(node: Node) -> None:
+    f = await a_file(node, b"f", 8 * BLOCK_SIZE, seed=13)
+    await node.everything_cold()
+    now = [100.0]
+    node.engine.monotonic = lambda: now[0]
+    node.engine.settings = node.engine.settings.model_copy(update={"partial_object_after_s": 600})
+    assert not await node.engine.tier_cold() and node.placement(f) == (8, 0)
+    assert node.engine.stats.candidate_bytes == 8 * BLOCK_SIZE
+    now[0] += 599
+    await node.engine.tier_cold()
+    assert node.placement(f) == (8, 0), "still waiting for more"
+    now[0] += 1
+    await node.engine.tier_cold()
+    assert node.placement(f) == (0, 8)
+    g = await a_file(node, b"g", 8 * BLOCK_SIZE, seed=14)
+    await node.everything_cold()
+    node.engine.settings = node.engine.settings.model_copy(update={"partial_object_after_s": 600})
+    await node.engine.tier_cold()
+    assert node.placement(g) == (8, 0)
+    node.engine.settings = node.engine.settings.model_copy(update={"fill_watermark": 0.0001})
+    await node.engine.tier_cold()
+    assert node.placement(g) == (0, 8), "past the watermark, space comes first"
