@@ -241,16 +241,14 @@ class TierEngine:
             return 0
         object_id = await self.meta.propose(c.PlanTierObject(self.clock_ns()))
         key = object_key(self.cluster_id, object_id)
-        payload = bytes(data)
-        del data
         try:
-            await trio.to_thread.run_sync(with_retries, lambda: self.store.put(key, payload), self.retry,
+            await trio.to_thread.run_sync(with_retries, lambda: self.store.put(key, data), self.retry,
                                           f"PUT {key}", abandon_on_cancel=True)
         except StoreError:
             await self.meta.propose(c.AbandonTierObjects((object_id,), self.clock_ns()))
             raise
         self.stats.objects_put += 1
-        self.stats.bytes_put += len(payload)
+        self.stats.bytes_put += len(data)
         try:
             live = await self.meta.propose(c.CommitTierObject(object_id, tuple(inos), tuple(sources), self.clock_ns()))
         except FsError as exc:
@@ -259,7 +257,7 @@ class TierEngine:
             log.warning("object %d was abandoned before its commit (the upload took too long)", object_id)
             return 0
         self.stats.bytes_tiered += live * BLOCK_SIZE
-        log.info("tiered %d MiB to object %s (%d MiB uploaded)", live * BLOCK_SIZE >> 20, key, len(payload) >> 20)
+        log.info("tiered %d MiB to object %s (%d MiB uploaded)", live * BLOCK_SIZE >> 20, key, len(data) >> 20)
         return live * BLOCK_SIZE
 
     async def evict(self, ino: int) -> int:

@@ -117,7 +117,7 @@ class ObjectStore:
         return f"ObjectStore({self.scheme}://{self.host_header}{self.base_path}/{self.prefix})"
 
     # --- the three operations --------------------------------------------------------------------
-    def put(self, key: str, data: bytes) -> None:
+    def put(self, key: str, data: bytes | bytearray) -> None:
         md5 = hashlib.md5(data, usedforsecurity=False)
         headers = {"Content-MD5": base64.b64encode(md5.digest()).decode(), "Content-Length": str(len(data))}
         status, answer, body = self._request("PUT", key, headers, data, hashlib.sha256(data).hexdigest())
@@ -159,7 +159,7 @@ class ObjectStore:
     def object_path(self, key: str) -> str:
         return f"{self.base_path}/{self.prefix}{key}"
 
-    def _request(self, method: str, key: str, headers: dict[str, str], body: bytes,
+    def _request(self, method: str, key: str, headers: dict[str, str], body: bytes | bytearray,
                  payload_sha256: str) -> tuple[int, dict[str, str], bytes]:
         path = self.object_path(key)
         signed = {"host": self.host_header}
