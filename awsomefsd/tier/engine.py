@@ -34,6 +34,7 @@ from awsomefsd.meta import commands as c
 from awsomefsd.meta.client import MetaClient
 from awsomefsd.meta.errors import FsError
 from awsomefsd.meta.records import Extent, Inode, is_tiered, object_of
+from awsomefsd.meta.tiered import MAX_OBJECTS_PER_COMMAND
 from awsomefsd.tier.source import object_key
 from awsomefsd.tier.store import ObjectStore, Retry, StoreError, with_retries
 
@@ -111,12 +112,13 @@ class TierEngine:
         how many were deleted."""
         now = self.clock_ns()
         objects = self.meta.tier_objects()
-        stale = tuple(o.id for o in objects if o.state == "pending" and now - o.created_ns > PENDING_TIMEOUT_S * 1e9)
+        stale = tuple(o.id for o in objects
+                      if o.state == "pending" and now - o.created_ns > PENDING_TIMEOUT_S * 1e9)[:MAX_OBJECTS_PER_COMMAND]
         if stale:
             await self.meta.propose(c.AbandonTierObjects(stale, now))
             log.info("abandoned %d objects whose uploads never committed", len(stale))
         due = [o for o in self.meta.tier_objects()
-               if o.state == "dead" and now - o.changed_ns >= self.settings.gc_grace_s * 1e9]
+               if o.state == "dead" and now - o.changed_ns >= self.settings.gc_grace_s * 1e9][:MAX_OBJECTS_PER_COMMAND]
         deleted: list[int] = []
         try:
             for obj in due:
@@ -191,7 +193,10 @@ class TierEngine:
             if self._scan_after == 0:
                 break  # the end of the table: the next pass starts over
         self.stats.candidate_bytes = blocks * BLOCK_SIZE
-        if not batch or (blocks < limit and not self._partial_due(short_of_space)):
+        if not batch:
+            self._partial_since = None
+            return False
+        if blocks < limit and not self._partial_due(short_of_space):
             return False
         await self.upload(batch)
         self._partial_since = None
