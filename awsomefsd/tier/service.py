@@ -23,6 +23,7 @@ from awsomefsd.duty import DutyBook, run_duty
 from awsomefsd.fs.data import FileData
 from awsomefsd.fs.operations import Operations
 from awsomefsd.fs.recall import RecallPolicy
+from awsomefsd.io.layout import BLOCK_SIZE
 from awsomefsd.meta.client import MetaClient
 from awsomefsd.metrics import Metric, counter, gauge
 from awsomefsd.tier.cache import ChunkCache
@@ -122,7 +123,7 @@ class Tiering:
         yield gauge("awsomefs_tier_objects", "objects in the object store (live)", len(live))
         yield gauge("awsomefs_tier_stored_bytes", "bytes of live objects in the store", sum(o.bytes for o in live))
         yield gauge("awsomefs_tier_live_bytes", "file data the live objects still hold",
-                    sum(o.live_blocks for o in live) * 4096)
+                    sum(o.live_blocks for o in live) * BLOCK_SIZE)
         yield gauge("awsomefs_tier_dead_objects", "objects waiting to be deleted from the store",
                     sum(1 for o in objects if o.state == "dead"))
         yield gauge("awsomefs_tier_store_up", "the last engine pass reached the store (1) or failed (0)",
