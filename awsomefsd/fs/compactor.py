@@ -140,6 +140,10 @@ class Compactor:
         blocks in the object store are freed after the grace period); returns the blocks moved.
         Skipped (0) while the file has buffered data: its next flush would race the rewrite."""
         moved = 0
+        inode = self.meta.inode(ino)
+        volume = self.meta.volume(inode.volume) if inode is not None and inode.volume else None
+        if inode is None or not inode.is_reg or (volume is not None and volume.kind == "snapshot"):
+            return 0  # a snapshot's data stays where it is (and shared with its origin)
         async with self.may_rewrite(ino) as allowed, self.buffer.locked(ino) as st:
             if not allowed or st.dirty or st.inflight:
                 return 0

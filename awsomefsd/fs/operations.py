@@ -707,6 +707,7 @@ class Operations:
             await self.data.flush(ino)
             await self.evict(ino)
         elif value == b"recall":
+            self.meta.check_writable(inode.volume)  # EROFS: a snapshot's data stays shared with its origin
             await self.data.flush(ino)
             await self.data.recall(ino)
         else:

@@ -247,3 +247,32 @@ async def test_cold_data_short_of_an_object_waits_for_more_unless_space_is_short
     node.engine.settings = node.engine.settings.model_copy(update={"fill_watermark": 0.0001})
     await node.engine.tier_cold()
     assert node.placement(g) == (0, 8), "past the watermark, space comes first"
+
+
+async def test_a_snapshot_shares_tiered_data_and_keeps_it_where_it_is(node: Node) -> None:
+    from awsomefsd.fs.operations import TIER_XATTR
+    from awsomefsd.volumes import CoreVolumes
+
+    volumes = CoreVolumes(node.core, "/nonexistent")
+    made = await volumes.create_volume("data", 16 << 20)
+    volume = node.core.meta.volume_by_name("volume", "data")
+    assert volume is not None
+    f = await File.create(node.core, b"f", parent=volume.root)
+    await f.write(0, bytes(range(256)) * 20)
+    await node.evict(f)
+    await volumes.create_snapshot("snap", made.volume_id)
+    snap = node.core.meta.volume_by_name("snapshot", "snap")
+    assert snap is not None
+    copy_ino = node.core.meta.lookup(snap.root, b"f")
+    assert copy_ino is not None
+    assert node.core.meta.all_extents(copy_ino) == node.core.meta.all_extents(f.ino), "the same object blocks"
+    assert await node.core.data.recall(copy_ino) == 0
+    with pytest.raises(FsError) as refused:
+        await node.core.ops.setxattr(copy_ino, TIER_XATTR, b"recall", 0)
+    assert refused.value.errno == errno.EROFS
+    await f.write(0, b"changed")  # the origin moves on; the snapshot keeps the tiered bytes
+    await node.core.data.flush(f.ino)
+    snapshot_bytes = await node.core.data.read(node.core.meta.require_inode(copy_ino), 0, 5120)
+    assert snapshot_bytes == (bytes(range(256)) * 20)[:5120]
+    await f.check()
+    node.check_space()
