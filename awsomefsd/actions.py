@@ -129,13 +129,21 @@ def run(settings: Settings) -> int:
 
 def preflight(settings: Settings, *, cluster_listen: str | None = None, control: Path | None = None) -> None:
     """Refuse, before anything is formatted, joined or opened, to start with a listener address
-    that is taken (awsomefsd/preflight.py): one line naming the setting."""
+    that is taken (awsomefsd/preflight.py), or with a [tier] that cannot work: one line naming
+    the setting."""
     from awsomefsd.preflight import PortInUse, check_listeners
 
     try:
         check_listeners(settings, cluster_listen=cluster_listen, control=control)
     except PortInUse as exc:
         raise CliError(str(exc)) from None
+    if settings.tier.enabled:
+        from awsomefsd.tier.service import TierConfigError, open_store
+
+        try:
+            open_store(settings)
+        except TierConfigError as exc:
+            raise CliError(str(exc)) from None
 
 
 def _serve(settings: Settings) -> int:

@@ -43,23 +43,36 @@ class TierConfigError(Exception):
     """[tier] settings that cannot work: one line for the operator."""
 
 
+def open_store(settings: Settings) -> ObjectStore:
+    """The store client `[tier]` describes; TierConfigError (one line) when it cannot work: no
+    credentials, an endpoint that is no URL, a cache directory that cannot be made. Checked
+    before the daemon starts (actions.preflight), and again when it builds its tiering."""
+    tier = settings.tier
+    try:
+        credentials = load_credentials(tier.credentials_file, tier.profile)
+        store = ObjectStore(tier.endpoint, tier.bucket, credentials, region=tier.region, prefix=tier.prefix,
+                            path_style=tier.path_style, timeout_s=min(tier.read_timeout_s, 30.0))
+    except (CredentialsError, ValueError) as exc:
+        raise TierConfigError(f"[tier]: {exc}") from None
+    try:
+        cache_directory(settings).mkdir(parents=True, exist_ok=True, mode=0o700)
+    except OSError as exc:
+        raise TierConfigError(f"[tier] cache_dir {cache_directory(settings)}: {exc.strerror}") from None
+    return store
+
+
+def cache_directory(settings: Settings) -> Path:
+    return settings.tier.cache_dir or settings.node.state_dir / "tier-cache"
+
+
 class Tiering:
     def __init__(self, settings: Settings, meta: MetaClient, data: FileData, ops: Operations, *,
                  cluster_id: str, total_blocks: int) -> None:
         tier = settings.tier
-        try:
-            credentials = load_credentials(tier.credentials_file, tier.profile)
-            self.store = ObjectStore(tier.endpoint, tier.bucket, credentials, region=tier.region, prefix=tier.prefix,
-                                     path_style=tier.path_style, timeout_s=min(tier.read_timeout_s, 30.0))
-        except (CredentialsError, ValueError) as exc:
-            raise TierConfigError(f"[tier]: {exc}") from None
-        cache_dir = tier.cache_dir or settings.node.state_dir / "tier-cache"
-        try:
-            cache_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        except OSError as exc:
-            raise TierConfigError(f"[tier] cache_dir {cache_dir}: {exc.strerror}") from None
+        self.store = open_store(settings)
         self.state_dir = settings.node.state_dir
-        self.cache = ChunkCache(cache_dir, disk_bytes=tier.cache_bytes, memory_bytes=tier.memory_cache_bytes)
+        self.cache = ChunkCache(cache_directory(settings), disk_bytes=tier.cache_bytes,
+                                memory_bytes=tier.memory_cache_bytes)
         self.reader = TieredReader(self.store, self.cache, read_timeout_s=tier.read_timeout_s)
         data.reader.tier = TierSource(meta, self.reader, cluster_id=cluster_id)
         self.engine = TierEngine(meta, data.reader, self.store, tier, cluster_id=cluster_id, total_blocks=total_blocks)

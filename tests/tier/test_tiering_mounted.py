@@ -84,3 +84,21 @@ def test_the_tier_attribute_is_not_listed_and_bad_requests_get_one_line(daemon: 
     assert missing.returncode == 1 and "Traceback" not in missing.stderr and len(missing.stderr.splitlines()) == 1
     usage = run_cli("tier", "evict", "--state", str(daemon.state))
     assert usage.returncode == 1 and "needs the files" in usage.stderr
+
+
+@pytest.mark.parametrize(("env", "expected"), [
+    ({"AWSOMEFS_TIER__ENDPOINT": "http://127.0.0.1:9", "AWSOMEFS_TIER__BUCKET": "b"}, "no object store credentials"),
+    ({"AWSOMEFS_TIER__ENDPOINT": "ftp://store", "AWSOMEFS_TIER__BUCKET": "b",
+      "AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s"}, "expected http(s)://host[:port]"),
+    ({"AWSOMEFS_TIER__ENDPOINT": "http://127.0.0.1:9", "AWSOMEFS_TIER__BUCKET": "b",
+      "AWSOMEFS_TIER__OBJECT_BYTES": "1G"}, "object_bytes"),
+])
+def test_a_tier_configuration_that_cannot_work_stops_the_start_in_one_line(
+        tmp_path: Path, env: dict[str, str], expected: str) -> None:
+    clean = {k: "" for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
+    d = Daemon(tmp_path / "state", tmp_path / "mnt", size="1G", env={**clean, **env})
+    with pytest.raises(RuntimeError) as failed:
+        d.start()
+    output = d.logs()
+    assert expected in output and "Traceback" not in output, output
+    assert d.proc is not None and d.proc.returncode not in (0, None)
