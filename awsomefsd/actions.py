@@ -31,7 +31,23 @@ def settings_from(config: Path | None, overrides: dict[str, Any], *, read_defaul
     except FileNotFoundError as exc:
         raise CliError(str(exc)) from None
     except ValueError as exc:
-        raise CliError(f"invalid settings: {exc}") from None
+        raise CliError(f"invalid settings: {_one_line(exc)}") from None
+
+
+def _one_line(exc: ValueError) -> str:
+    """pydantic's several-line report as one line: `section.key: what is wrong (got value)`, each
+    setting once; other errors as they are."""
+    from pydantic import ValidationError
+
+    if not isinstance(exc, ValidationError):
+        return " ".join(str(exc).split())
+    parts = []
+    for error in exc.errors():
+        where = ".".join(str(part) for part in error["loc"])
+        got = error.get("input")
+        shown = "" if isinstance(got, dict) else f" (got {got!r})"
+        parts.append(f"{where}: {error['msg']}{shown}")
+    return "; ".join(parts)
 
 
 @contextmanager
