@@ -116,6 +116,12 @@ def dev(state: Path, mount: Path, size: str, overrides: dict[str, Any]) -> int:
             size_bytes = parse_size_bytes(size)
         except ValueError as exc:
             raise CliError(str(exc)) from None
+        overrides = {**overrides}
+        overrides["node"] = {**overrides.get("node", {}), "state_dir": state}
+        overrides["device"] = {"path": image}
+        overrides["mount"] = {"path": mount.absolute().parent.resolve() / mount.name}  # a stat of a kept mount waits
+        settings = settings_from(None, overrides, read_default_file=False)
+        preflight(settings)  # bad settings format nothing
         try:
             if not image.exists():
                 create_image(image, size_bytes)
@@ -130,11 +136,6 @@ def dev(state: Path, mount: Path, size: str, overrides: dict[str, Any]) -> int:
                 device.close()
         except device_errors() as exc:
             raise CliError(str(exc)) from None
-        overrides = {**overrides}
-        overrides["node"] = {**overrides.get("node", {}), "state_dir": state}
-        overrides["device"] = {"path": image}
-        overrides["mount"] = {"path": mount.absolute().parent.resolve() / mount.name}  # a stat of a kept mount waits
-        settings = settings_from(None, overrides, read_default_file=False)
         return _serve(settings)
 
 

@@ -104,3 +104,4 @@ def test_a_tier_configuration_that_cannot_work_stops_the_start_in_one_line(
     assert "did not mount" in str(failed.value) and d.proc is not None and d.proc.returncode not in (0, None)
     error_lines = [line for line in output.splitlines() if "error" in line.lower()]
     assert len(error_lines) == 1 and error_lines[0].startswith("awsomefsd: error: "), output
+    assert not (tmp_path / "state" / "device.img").exists(), "bad settings formatted an image"
