@@ -11,7 +11,7 @@ from collections.abc import Iterator
 import lmdb
 
 from awsomefsd.meta.records import MAX_EXTENT_BLOCKS, U64_PAIR, Extent, fmap_key
-from awsomefsd.meta.space import seek_floor
+from awsomefsd.meta.store import seek_floor
 
 
 def extents_in(txn: lmdb.Transaction[bytes], db: lmdb._Database, ino: int, first_block: int, end_block: int) -> Iterator[Extent]:

@@ -167,6 +167,8 @@ TIER_BASE_BLOCK = 1 << 52
 """Block addresses from here on are not on the device: they name blocks of objects in the object
 store. A file-map record, a reference count or a delayed free holds them like device blocks, so
 snapshots, clones and the grace period work on tiered data unchanged."""
+MAX_OBJECTS_PER_COMMAND = 4096
+"""Objects one AbandonTierObjects or ForgetTierObjects may name (bounds the transaction)."""
 OBJECT_SPAN_BLOCKS = 1 << 16
 """Addresses each object owns (256 MiB): object `n` is blocks [TIER_BASE_BLOCK + n * span, + span)."""
 

@@ -23,23 +23,13 @@ import lmdb
 from awsomefsd.meta.errors import SpaceCorruption
 from awsomefsd.meta.freespace import FreeSpaceMap
 from awsomefsd.meta.records import U64, is_tiered, u64
-from awsomefsd.meta.store import MetaStore
+from awsomefsd.meta.store import MetaStore, seek_floor
 from awsomefsd.meta.tiered import TierTables
 
 _FREE_VALUE = U64
 _DFREE_HEAD = struct.Struct(">qI")
 _PAIR = struct.Struct(">QQ")
 _REF = struct.Struct(">QI")
-
-
-def seek_floor(cursor: lmdb.Cursor, key: bytes) -> bool:
-    """Put the cursor on the last record at or before `key` (or the first record when none is);
-    False for an empty table. Range tables keyed by start use it to find the range holding `key`."""
-    if cursor.set_range(key):
-        if cursor.key() != key and not cursor.prev():
-            return cursor.first()
-        return True
-    return cursor.last()
 
 
 class SpaceMap:

@@ -124,3 +124,13 @@ def _file_size(path: Path) -> int:
         return os.stat(path).st_size
     except FileNotFoundError:
         return 0
+
+
+def seek_floor(cursor: lmdb.Cursor, key: bytes) -> bool:
+    """Put the cursor on the last record at or before `key` (or the first record when none is);
+    False for an empty table. Range tables keyed by start use it to find the range holding `key`."""
+    if cursor.set_range(key):
+        if cursor.key() != key and not cursor.prev():
+            return cursor.first()
+        return True
+    return cursor.last()

@@ -35,6 +35,7 @@ from awsomefsd.meta import filemap
 from awsomefsd.meta.errors import FsError, SpaceCorruption
 from awsomefsd.meta.records import (
     MAX_EXTENT_BLOCKS,
+    MAX_OBJECTS_PER_COMMAND,
     OBJECT_SPAN_BLOCKS,
     Extent,
     TierObject,
@@ -52,7 +53,6 @@ if TYPE_CHECKING:
 MAX_OBJECT_BLOCKS = OBJECT_SPAN_BLOCKS // 2
 """An object is at most 128 MiB: its addresses never run into the next object's, so two extents
 of different objects can never look contiguous (the file map merges contiguous extents)."""
-MAX_OBJECTS_PER_COMMAND = 4096
 _RECORD = struct.Struct(">BQQqq")
 _STATES: tuple[TierObjectState, ...] = ("pending", "live", "dead")
 

@@ -33,8 +33,7 @@ from awsomefsd.io.layout import BLOCK_SIZE
 from awsomefsd.meta import commands as c
 from awsomefsd.meta.client import MetaClient
 from awsomefsd.meta.errors import FsError
-from awsomefsd.meta.records import Extent, Inode, is_tiered, object_of
-from awsomefsd.meta.tiered import MAX_OBJECTS_PER_COMMAND
+from awsomefsd.meta.records import MAX_OBJECTS_PER_COMMAND, Extent, Inode, is_tiered, object_of
 from awsomefsd.tier.source import object_key
 from awsomefsd.tier.store import ObjectStore, Retry, StoreError, with_retries
 

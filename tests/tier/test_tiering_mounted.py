@@ -10,12 +10,13 @@ import os
 import random
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from awsomefsd.fs.operations import TIER_XATTR
 from tests.mounted.conftest import running_daemon
-from tests.support.daemon import Daemon, run_cli
+from tests.support.daemon import Daemon, run_cli, wait_for
 from tests.support.s3 import TEST_KEY_ID, TEST_SECRET, S3Server
 
 TIER_ENV = {"AWSOMEFS_TIER__PREFIX": "mounted/", "AWSOMEFS_TIER__OBJECT_BYTES": "4M",
@@ -56,8 +57,14 @@ def test_evict_and_recall_move_a_file_and_keep_its_bytes_and_times(daemon: Daemo
     after = path.stat()
     assert (after.st_mtime_ns, after.st_atime_ns, after.st_size, after.st_blocks) == (
         before.st_mtime_ns, before.st_atime_ns, before.st_size, before.st_blocks)
-    status = run_cli("tier", "status", "--json", "--state", str(daemon.state), env=TIER_ENV)
-    info = json.loads(status.stdout)
+    def tier_status() -> dict[str, Any]:
+        info: dict[str, Any] = json.loads(run_cli("tier", "status", "--json", "--state", str(daemon.state),
+                                                  env=TIER_ENV).stdout)
+        return info
+
+    # status reads the metadata as committed: the local log commits once a second
+    wait_for(lambda: tier_status()["objects"] == 3, 10, "the evict committed")
+    info = tier_status()
     assert info["objects"] == 3 and info["tiered_bytes"] == len(data) // 4096 * 4096 + 4096
     assert info["device_size_bytes"] == 8 << 30 and 0 < info["device_free_bytes"] < 8 << 30
     text = run_cli("tier", "status", "--state", str(daemon.state), env=TIER_ENV).stdout
