@@ -1,9 +1,10 @@
 """Tiering benchmarks (issue 16): a real `awsomefsd dev` daemon with [tier] pointing at the S3 test
 server (moto's server mode on loopback, a separate process: tests/support/s3_server.py).
 
-    sudo .venv/bin/python bench/tier_bench.py [--size-mib 1024] [--random-reads 2000] [--json F]
+    sudo .venv/bin/python bench/tier_bench.py [--size-mib 1024] [--random-reads 2000] [--runs 3] [--json F]
 
-Figures, all in one run, each read with the kernel's page cache dropped first:
+Figures, each run on fresh targets, medians of `--runs` runs with every run's value beside them,
+each read with the kernel's page cache dropped first:
 - sequential and random 4 KiB reads of the same bytes on ext4 over a loop device, and on the raw
   loop device (the references);
 - sequential read of the file while it is on the AwsomeFS device;
@@ -23,13 +24,13 @@ import argparse
 import json
 import os
 import random
+import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO / "bench"), str(REPO)]
@@ -102,14 +103,9 @@ def evict(daemon: Daemon, path: Path) -> float:
     return time.perf_counter() - start
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size-mib", type=int, default=1024)
-    parser.add_argument("--random-reads", type=int, default=2000)
-    parser.add_argument("--write-mib", type=int, default=256)
-    parser.add_argument("--json", type=Path)
-    args = parser.parse_args()
-    results: dict[str, Any] = {"size_mib": args.size_mib}
+def measure(args: argparse.Namespace) -> dict[str, float]:
+    """One run of every figure, on fresh targets."""
+    results: dict[str, float] = {}
     with s3_server() as s3, tempfile.TemporaryDirectory(prefix="awsomefs-tierbench-", dir="/var/tmp") as tmp:
         base = Path(tmp)
         reference_bytes = (args.size_mib + 256) << 20
@@ -149,15 +145,40 @@ def main() -> int:
             beside.join()
         finally:
             daemon.stop()
-    for key, value in results.items():
-        print(f"{key:32} {value:10.1f}" if isinstance(value, float) else f"{key:32} {value:10}")
-    print(f"{'cold tiered seq read / store GETs':32} {results['tiered_cold_seq_read_mib_s'] / results['store_get_mib_s']:10.2f}")
-    print(f"{'cold tiered / ext4 seq read':32} {results['tiered_cold_seq_read_mib_s'] / results['ext4_seq_read_mib_s']:10.2f}")
-    print(f"{'cold / device seq read':32} {results['tiered_cold_seq_read_mib_s'] / results['device_seq_read_mib_s']:10.2f}")
-    print(f"{'warm / device seq read':32} {results['tiered_warm_seq_read_mib_s'] / results['device_seq_read_mib_s']:10.2f}")
-    print(f"{'write while tiering / alone':32} {results['write_mib_s_while_tiering'] / results['write_mib_s_alone']:10.2f}")
+    return results
+
+
+RATIOS = (
+    ("cold tiered seq read / store GETs", "tiered_cold_seq_read_mib_s", "store_get_mib_s"),
+    ("cold tiered / ext4 seq read", "tiered_cold_seq_read_mib_s", "ext4_seq_read_mib_s"),
+    ("cold / device seq read", "tiered_cold_seq_read_mib_s", "device_seq_read_mib_s"),
+    ("warm / device seq read", "tiered_warm_seq_read_mib_s", "device_seq_read_mib_s"),
+    ("warm random 4K / device", "tiered_warm_random_4k_per_s", "device_random_4k_per_s"),
+    ("write while tiering / alone", "write_mib_s_while_tiering", "write_mib_s_alone"),
+)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size-mib", type=int, default=1024)
+    parser.add_argument("--random-reads", type=int, default=2000)
+    parser.add_argument("--write-mib", type=int, default=256)
+    parser.add_argument("--runs", type=int, default=3, help="runs to take medians of (default 3)")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    runs = []
+    for number in range(1, args.runs + 1):
+        print(f"run {number} of {args.runs}", file=sys.stderr, flush=True)
+        runs.append(measure(args))
+    print(f"{'figure (size ' + str(args.size_mib) + ' MiB)':34} {'median':>10}  runs")
+    for key in runs[0]:
+        values = [run[key] for run in runs]
+        print(f"{key:34} {statistics.median(values):10.1f}  {' '.join(f'{v:.1f}' for v in values)}")
+    for label, top, bottom in RATIOS:
+        ratios = [run[top] / run[bottom] for run in runs]
+        print(f"{label:34} {statistics.median(ratios):10.2f}  {' '.join(f'{r:.2f}' for r in ratios)}")
     if args.json:
-        args.json.write_text(json.dumps(results, indent=2))
+        args.json.write_text(json.dumps({"size_mib": args.size_mib, "runs": runs}, indent=2))
     return 0
 
 

@@ -10,6 +10,7 @@ test bucket, prints the port, and serves until its stdin closes.
 
 from __future__ import annotations
 
+import logging
 import sys
 
 BUCKET = "awsomefs-test"
@@ -21,6 +22,8 @@ def main() -> None:
     from moto.server import ThreadedMotoServer
 
     address = sys.argv[1] if len(sys.argv) > 1 else "127.0.0.1"
+    # werkzeug logs every request on stderr: noise in test output, and CPU the benchmarks share.
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)
     server = ThreadedMotoServer(ip_address=address, port=0, verbose=False)
     server.start()
     port = server.get_host_and_port()[1]
