@@ -1,0 +1,242 @@
+"""The replicated namespace tree: where every directory entry is, agreed by all sites without
+coordination (design note 48).
+
+This is the move operation of Kleppmann, Mulligan, Gomes and Beresford, "A highly-available move
+operation for replicated trees" (IEEE TPDS, 2021), with nothing of a file system in it but names:
+- A node is a directory entry (a directory, or one name of a file). It has at most one
+  placement: (parent, name, the stamp of the move that put it there).
+- Every change of placement is a `Move`: creating an entry is a move from nowhere, renaming one is
+  a move, deleting one is a move under TRASH. Moves are applied in stamp order on every site: an
+  operation that arrives with a stamp older than moves already applied undoes those, applies, and
+  redoes them (`apply`). A move that would put a node under itself is skipped, then and on every
+  redo where it still would. So every site that has applied the same set of moves has the same
+  tree, whatever order they arrived in, and no order of arrival makes a cycle.
+- The log keeps, per move, the placement it replaced, which undo needs, and the moves that a move
+  still to come may be concurrent with. `forget_before(stamp)` drops the entries no move still
+  to come can need (its docstring says when that is; the caller knows from the peers' cursors).
+
+Concurrency, which the conflict rules need, is not in the stamps: each move says up to which stamp
+of each other site its site had applied (`seen`). Two moves of one node are concurrent when
+neither site had seen the other's (`concurrent`); `apply` reports those pairs as conflicts.
+
+Names: two sites may give two nodes the same name in one directory. The tree keeps both; the
+view (`visible_names`) gives the name to the placement with the greatest stamp and a derived,
+deterministic name to the others, so every site shows the same names.
+
+No I/O: the tree lives behind `TreeState`, which the metadata layer implements on its tables and
+the tests in memory (`MemoryTree`).
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from awsomefsd.repl.hlc import Stamp
+
+NodeId = bytes
+ROOT: NodeId = b"\x00" * 15 + b"\x01"
+TRASH: NodeId = b"\x00" * 15 + b"\x02"
+"""Deleted entries live here until every site has moved past their deletion."""
+FIXED_NODES = (ROOT, TRASH)
+MAX_DEPTH = 4096
+"""Deeper than PATH_MAX (4096 bytes, at least two per level) allows: walking up further is a cycle."""
+MAX_NAME_BYTES = 255
+
+
+class TreeCorruption(AssertionError):
+    """The tree state breaks an invariant the algorithm keeps (a cycle, an undo of a move not done)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Placement:
+    parent: NodeId
+    name: bytes
+    stamp: Stamp
+    """The move that made this placement: the view breaks name ties with it."""
+
+
+@dataclass(frozen=True, slots=True)
+class Move:
+    """Put `node` under `parent` as `name` (a node with no placement yet is created)."""
+
+    stamp: Stamp
+    node: NodeId
+    parent: NodeId
+    name: bytes
+    seen: Mapping[bytes, Stamp] = field(default_factory=dict)
+    """Per other site, the greatest of its stamps this move's site had applied when it moved."""
+
+    def __post_init__(self) -> None:
+        if self.node in FIXED_NODES:
+            raise ValueError("the root and the trash cannot move")
+        if not 0 < len(self.name) <= MAX_NAME_BYTES or b"/" in self.name or b"\x00" in self.name:
+            raise ValueError(f"not a valid entry name: {self.name!r}")
+
+    def saw(self, other: Move) -> bool:
+        """Had this move's site applied `other` when it made this move?"""
+        if other.stamp.site == self.stamp.site:
+            return other.stamp < self.stamp
+        seen = self.seen.get(other.stamp.site)
+        return seen is not None and other.stamp <= seen
+
+
+def concurrent(a: Move, b: Move) -> bool:
+    """Neither move's site knew of the other: both changed the node since they last exchanged."""
+    return not a.saw(b) and not b.saw(a)
+
+
+class TreeState(Protocol):
+    """Where the tree's placements are kept; the metadata layer's tables, or memory in tests."""
+
+    def placement(self, node: NodeId) -> Placement | None: ...
+
+    def place(self, node: NodeId, placement: Placement | None) -> None: ...
+
+
+class MemoryTree:
+    """A TreeState in a dict (tests and simulations)."""
+
+    def __init__(self) -> None:
+        self.placements: dict[NodeId, Placement] = {}
+
+    def placement(self, node: NodeId) -> Placement | None:
+        return self.placements.get(node)
+
+    def place(self, node: NodeId, placement: Placement | None) -> None:
+        if placement is None:
+            self.placements.pop(node, None)
+        else:
+            self.placements[node] = placement
+
+
+@dataclass(frozen=True, slots=True)
+class LogEntry:
+    move: Move
+    before: Placement | None
+    """The node's placement just before this move was done (or skipped)."""
+    done: bool
+    """False: skipped, the node would have become its own ancestor."""
+
+
+@dataclass(frozen=True, slots=True)
+class Conflict:
+    """Two concurrent moves of one node; `winner` has the greater stamp and decides where it is."""
+
+    node: NodeId
+    winner: Move
+    loser: Move
+
+
+class ReplicatedTree:
+    """The moves applied so far, in stamp order, over a TreeState."""
+
+    def __init__(self, state: TreeState, *, horizon: Stamp | None = None) -> None:
+        self.state = state
+        self.log: list[LogEntry] = []
+        self._stamps: list[Stamp] = []  # the log's stamps, for bisect
+        self._by_node: dict[NodeId, list[Move]] = {}  # the log's moves of each node
+        self.horizon = horizon
+        """Moves at or before this stamp were applied and forgotten: one arriving again is a bug."""
+
+    def apply(self, move: Move) -> list[Conflict]:
+        """Apply `move` at its place in stamp order; returns the conflicts it makes with moves of
+        the same node already applied. Applying a move again changes nothing and reports nothing."""
+        if self.horizon is not None and move.stamp <= self.horizon:
+            raise ValueError(f"move {move.stamp} is at or before the forgotten horizon {self.horizon}: "
+                             "a site resent what it had acknowledged")
+        at = bisect.bisect_left(self._stamps, move.stamp)
+        if at < len(self._stamps) and self._stamps[at] == move.stamp:
+            if self.log[at].move != move:
+                raise ValueError(f"two different moves with stamp {move.stamp}")
+            return []
+        later = self.log[at:]
+        for entry in reversed(later):
+            self._undo(entry)
+        del self.log[at:], self._stamps[at:]
+        for m in [move] + [entry.move for entry in later]:
+            self.log.append(self._do(m))
+            self._stamps.append(m.stamp)
+        conflicts = [Conflict(move.node, *sorted((move, other), key=lambda m: m.stamp, reverse=True))
+                     for other in self._by_node.get(move.node, ()) if concurrent(move, other)]
+        self._by_node.setdefault(move.node, []).append(move)
+        return conflicts
+
+    def forget_before(self, stamp: Stamp) -> int:
+        """Drop the log entries with stamps up to `stamp`. Only safe when every move not applied
+        here yet has a greater stamp (none needs them undone) and had seen all of them (none is
+        concurrent with them): when each peer has acknowledged applying our moves up to `stamp`,
+        and we have applied every move the peer made up to the stamp its clock had when it sent
+        that acknowledgement. Returns how many were dropped."""
+        at = bisect.bisect_right(self._stamps, stamp)
+        for entry in self.log[:at]:
+            moves = self._by_node[entry.move.node]
+            moves.remove(entry.move)
+            if not moves:
+                del self._by_node[entry.move.node]
+        del self.log[:at], self._stamps[:at]
+        if self.horizon is None or stamp > self.horizon:
+            self.horizon = stamp
+        return at
+
+    def is_ancestor(self, ancestor: NodeId, node: NodeId) -> bool:
+        """Is `ancestor` on the way from `node` up to its root (node itself excluded)?"""
+        current = node
+        for _ in range(MAX_DEPTH):
+            placed = self.state.placement(current)
+            if placed is None:
+                return False
+            if placed.parent == ancestor:
+                return True
+            current = placed.parent
+        raise TreeCorruption(f"node {node.hex()} is more than {MAX_DEPTH} levels deep: a cycle")
+
+    def _do(self, move: Move) -> LogEntry:
+        before = self.state.placement(move.node)
+        if move.node == move.parent or self.is_ancestor(move.node, move.parent):
+            return LogEntry(move, before, done=False)
+        self.state.place(move.node, Placement(move.parent, move.name, move.stamp))
+        return LogEntry(move, before, done=True)
+
+    def _undo(self, entry: LogEntry) -> None:
+        if entry.done:
+            now = self.state.placement(entry.move.node)
+            if now is None or now.stamp != entry.move.stamp:
+                raise TreeCorruption(f"undo of {entry.move.stamp} finds node {entry.move.node.hex()} at {now}")
+            self.state.place(entry.move.node, entry.before)
+
+
+def visible_names(children: Iterable[tuple[NodeId, Placement]]) -> dict[NodeId, bytes]:
+    """The names one directory shows for its children (node, placement): where several have one
+    name, the placement with the greatest stamp keeps it and each other gets a name derived from
+    its own stamp (`conflict_name`), so every site shows the same names for the same tree."""
+    by_name: dict[bytes, list[tuple[NodeId, Placement]]] = {}
+    for node, placed in children:
+        by_name.setdefault(placed.name, []).append((node, placed))
+    shown: dict[NodeId, bytes] = {}
+    taken = set(by_name)
+    for name in sorted(by_name):
+        group = sorted(by_name[name], key=lambda pair: pair[1].stamp, reverse=True)
+        shown[group[0][0]] = name
+        for node, placed in group[1:]:
+            candidate = conflict_name(name, placed.stamp)
+            extra = 1
+            while candidate in taken:
+                extra += 1
+                candidate = conflict_name(name, placed.stamp, extra)
+            taken.add(candidate)
+            shown[node] = candidate
+    return shown
+
+
+def conflict_name(name: bytes, stamp: Stamp, extra: int = 1) -> bytes:
+    """`name.conflict-<site>-<wall ns>[.<logical>][-<extra>]`, the base cut to stay within 255 bytes."""
+    suffix = f".conflict-{stamp.site.hex()[:8]}-{stamp.wall_ns}"
+    if stamp.logical:
+        suffix += f".{stamp.logical}"
+    if extra > 1:
+        suffix += f"-{extra}"
+    tail = suffix.encode()
+    return name[:MAX_NAME_BYTES - len(tail)] + tail

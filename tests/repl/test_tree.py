@@ -1,0 +1,347 @@
+"""The replicated tree (awsomefsd/repl/tree.py): the cases of Kleppmann et al.'s paper, then a seeded
+simulation of three sites making random moves and exchanging them in random order over links that
+go down, checked against a model; and planted bugs that the simulation must catch."""
+
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import dataclass, field
+
+import pytest
+
+from awsomefsd.repl import tree as t
+from awsomefsd.repl.hlc import HybridClock, Stamp
+from awsomefsd.repl.tree import (
+    ROOT,
+    TRASH,
+    MemoryTree,
+    Move,
+    Placement,
+    ReplicatedTree,
+    TreeCorruption,
+    conflict_name,
+    visible_names,
+)
+
+A, B, C = (bytes(15) + bytes([n]) for n in (0xA, 0xB, 0xC))
+
+
+def node(n: int) -> bytes:
+    return n.to_bytes(16, "big") + b"n"  # never a fixed node's id
+
+
+def stamp(wall: int, site: bytes = A, logical: int = 0) -> Stamp:
+    return Stamp(wall, logical, site)
+
+
+def parent_of(tree: ReplicatedTree, n: bytes) -> bytes | None:
+    placed = tree.state.placement(n)
+    return None if placed is None else placed.parent
+
+
+# -- the paper's cases ---------------------------------------------------------------------------
+
+def test_moves_arriving_out_of_order_give_the_tree_of_stamp_order() -> None:
+    first, second = MemoryTree(), MemoryTree()
+    moves = [Move(stamp(1), node(1), ROOT, b"a"), Move(stamp(2), node(2), ROOT, b"b"),
+             Move(stamp(3), node(2), node(1), b"b"), Move(stamp(4, B), node(2), ROOT, b"c")]
+    tree_1, tree_2 = ReplicatedTree(first), ReplicatedTree(second)
+    for m in moves:
+        tree_1.apply(m)
+    for m in reversed(moves):
+        tree_2.apply(m)
+    assert first.placements == second.placements
+    assert second.placements[node(2)] == Placement(ROOT, b"c", stamp(4, B))
+
+
+def test_concurrent_moves_that_would_make_a_cycle_leave_one_applied() -> None:
+    """The paper's figure: A moves a under b while B moves b under a. The later move is skipped."""
+    setup = [Move(stamp(1), node(1), ROOT, b"a"), Move(stamp(2), node(2), ROOT, b"b")]
+    a_moves = Move(stamp(10, A), node(1), node(2), b"a", seen={B: stamp(2)})
+    b_moves = Move(stamp(11, B), node(2), node(1), b"b", seen={A: stamp(2)})
+    results = []
+    for order in ([a_moves, b_moves], [b_moves, a_moves]):
+        tree = ReplicatedTree(MemoryTree())
+        for m in setup + order:
+            tree.apply(m)
+        assert isinstance(tree.state, MemoryTree)
+        results.append(dict(tree.state.placements))
+        assert parent_of(tree, node(1)) == node(2)  # the older move stands
+        assert parent_of(tree, node(2)) == ROOT  # the newer one would have made a cycle
+        assert not tree.log[-1].done
+    assert results[0] == results[1]
+
+
+def test_a_move_under_itself_is_skipped_and_the_skip_is_undone_when_it_becomes_possible() -> None:
+    tree = ReplicatedTree(MemoryTree())
+    for m in (Move(stamp(1), node(1), ROOT, b"a"), Move(stamp(2), node(2), node(1), b"b"),
+              Move(stamp(5), node(1), node(2), b"a")):  # a under its own child: skipped
+        tree.apply(m)
+    assert parent_of(tree, node(1)) == ROOT
+    tree.apply(Move(stamp(3, B), node(2), ROOT, b"b"))  # older: b left a first, so a's move now works
+    assert parent_of(tree, node(2)) == ROOT and parent_of(tree, node(1)) == node(2)
+
+
+def test_applying_a_move_twice_changes_nothing_and_a_different_move_with_its_stamp_is_refused() -> None:
+    tree = ReplicatedTree(MemoryTree())
+    m = Move(stamp(1), node(1), ROOT, b"a")
+    assert tree.apply(m) == [] and tree.apply(m) == []
+    assert len(tree.log) == 1
+    with pytest.raises(ValueError, match="two different moves"):
+        tree.apply(Move(stamp(1), node(1), ROOT, b"other"))
+
+
+def test_conflicts_are_concurrent_moves_of_one_node_and_the_later_stamp_wins() -> None:
+    tree = ReplicatedTree(MemoryTree())
+    create = Move(stamp(1), node(1), ROOT, b"a")
+    tree.apply(create)
+    rename_a = Move(stamp(5, A), node(1), ROOT, b"from-a")
+    delete_b = Move(stamp(6, B), node(1), TRASH, b"x", seen={A: stamp(1)})  # B saw the create only
+    assert tree.apply(rename_a) == []
+    [conflict] = tree.apply(delete_b)
+    assert (conflict.winner, conflict.loser) == (delete_b, rename_a)
+    after = Move(stamp(9, B), node(1), ROOT, b"back", seen={A: stamp(5, A)})  # B has seen the rename
+    assert tree.apply(after) == []
+
+
+def test_forgotten_moves_cannot_come_back() -> None:
+    tree = ReplicatedTree(MemoryTree())
+    for wall in (1, 2, 3):
+        tree.apply(Move(stamp(wall), node(wall), ROOT, b"n%d" % wall))
+    assert tree.forget_before(stamp(2)) == 2
+    assert [e.move.stamp for e in tree.log] == [stamp(3)]
+    with pytest.raises(ValueError, match="forgotten horizon"):
+        tree.apply(Move(stamp(2), node(2), ROOT, b"n2"))
+    tree.apply(Move(stamp(4, B), node(9), node(3), b"x"))
+
+
+def test_invalid_moves_are_refused() -> None:
+    for bad in (b"", b"a/b", b"a\0", b"x" * 256):
+        with pytest.raises(ValueError, match="not a valid entry name"):
+            Move(stamp(1), node(1), ROOT, bad)
+    with pytest.raises(ValueError, match="cannot move"):
+        Move(stamp(1), ROOT, TRASH, b"root")
+
+
+def test_one_name_held_twice_shows_the_newest_under_it_and_the_others_under_derived_names() -> None:
+    older = Placement(ROOT, b"report", stamp(10, A))
+    newer = Placement(ROOT, b"report", stamp(12, B))
+    other = Placement(ROOT, b"notes", stamp(11, A))
+    shown = visible_names([(node(1), older), (node(2), newer), (node(3), other)])
+    assert shown == {node(2): b"report", node(1): conflict_name(b"report", older.stamp), node(3): b"notes"}
+    assert shown[node(1)] == b"report.conflict-" + A.hex()[:8].encode() + b"-10"
+    # a derived name that someone already uses gets one more suffix, the same on every site
+    squatter = Placement(ROOT, conflict_name(b"report", older.stamp), stamp(13, A))
+    shown = visible_names([(node(1), older), (node(2), newer), (node(4), squatter)])
+    assert len(set(shown.values())) == 3 and shown[node(4)] == squatter.name
+    long = Placement(ROOT, b"y" * 255, stamp(1, A))
+    shown = visible_names([(node(1), long), (node(2), Placement(ROOT, b"y" * 255, stamp(2, A)))])
+    assert all(len(name) <= 255 for name in shown.values())
+
+
+# -- three sites, random moves, random delivery ----------------------------------------------------
+
+NAMES = [b"a", b"b", b"c", b"d"]
+
+
+@dataclass
+class Site:
+    id: bytes
+    clock: HybridClock
+    tree: ReplicatedTree
+    outbox: list[Move] = field(default_factory=list)
+    applied_from: dict[bytes, Stamp] = field(default_factory=dict)
+    knows: set[Stamp] = field(default_factory=set)
+    conflicts: set[tuple[Stamp, Stamp]] = field(default_factory=set)
+
+
+@dataclass
+class Simulation:
+    """Sites make moves that are valid where they are made (as the file system would check them),
+    and exchange them over FIFO links in random order. The model records, for every move, the
+    stamps of the moves its site had applied (`knows`): concurrency from first principles."""
+
+    seed: int
+    rng: random.Random = field(init=False)
+    sites: dict[bytes, Site] = field(init=False)
+    cursors: dict[tuple[bytes, bytes], int] = field(init=False)
+    knowledge: dict[Stamp, frozenset[Stamp]] = field(default_factory=dict)
+    moves: dict[Stamp, Move] = field(default_factory=dict)
+    next_node: int = 100
+    wall_ns: int = 1_000_000
+
+    def __post_init__(self) -> None:
+        self.rng = random.Random(self.seed)
+        skews = {A: 0, B: 3, C: -2}  # the sites' clocks disagree a little
+        self.sites = {s: Site(s, HybridClock(s, physical_ns=lambda s=s: self.wall_ns + skews[s]),
+                              ReplicatedTree(MemoryTree())) for s in (A, B, C)}
+        self.cursors = {(src, dst): 0 for src in self.sites for dst in self.sites if src != dst}
+
+    def local_move(self, site: Site) -> None:
+        placements = site.tree.state.placements if isinstance(site.tree.state, MemoryTree) else {}
+        live = [n for n in placements if self._reaches_root(site.tree, n)]
+        dirs = [ROOT, *live]
+        kind = self.rng.random()
+        if kind < 0.35 or not live:
+            n, parent = node(self.next_node), self.rng.choice(dirs)
+            self.next_node += 1
+        elif kind < 0.85:
+            n = self.rng.choice(live)
+            parent = self.rng.choice([d for d in dirs if d != n and not site.tree.is_ancestor(n, d)])
+        else:
+            n, parent = self.rng.choice(live), TRASH
+        move = Move(site.clock.now(), n, parent, self.rng.choice(NAMES), seen=dict(site.applied_from))
+        self.knowledge[move.stamp] = frozenset(site.knows)
+        self.moves[move.stamp] = move
+        self._apply(site, move)
+        site.outbox.append(move)
+
+    def deliver(self, src: bytes, dst: bytes, count: int) -> None:
+        cursor = self.cursors[(src, dst)]
+        for move in self.sites[src].outbox[cursor:cursor + count]:
+            receiver = self.sites[dst]
+            receiver.clock.observe(move.stamp)
+            self._apply(receiver, move)
+            receiver.applied_from[src] = move.stamp
+            self.cursors[(src, dst)] += 1
+
+    def _apply(self, site: Site, move: Move) -> None:
+        for conflict in site.tree.apply(move):
+            site.conflicts.add((conflict.winner.stamp, conflict.loser.stamp))
+            assert conflict.winner.stamp > conflict.loser.stamp
+        site.knows.add(move.stamp)
+
+    def forget_what_is_stable(self) -> None:
+        """Forget up to the greatest stamp h with every move up to h applied on every site and
+        seen by every move still on its way (global knowledge stands in for the cursors)."""
+        everywhere = set.intersection(*(s.knows for s in self.sites.values()))
+        in_flight = [m for m in self.moves if m not in everywhere]
+        horizon = None
+        for s in sorted(self.moves):
+            if s not in everywhere or any(s not in self.knowledge[m] for m in in_flight):
+                break
+            horizon = s
+        if horizon is not None:
+            for site in self.sites.values():
+                site.tree.forget_before(horizon)
+
+    def run(self, steps: int) -> None:
+        links = list(self.cursors)
+        down: set[tuple[bytes, bytes]] = set()
+        for _ in range(steps):
+            self.wall_ns += self.rng.choice((0, 0, 1, 5))  # equal times happen: logical parts decide
+            roll = self.rng.random()
+            if roll < 0.5:
+                self.local_move(self.sites[self.rng.choice((A, B, C))])
+            elif roll < 0.9:
+                link = self.rng.choice(links)
+                if link not in down:
+                    self.deliver(*link, self.rng.randint(1, 4))
+            elif roll < 0.97:
+                link = self.rng.choice(links)
+                down.symmetric_difference_update({link})  # a link goes down, or comes back
+            else:
+                self.forget_what_is_stable()
+        for link in links:  # heal: everything reaches everyone
+            self.deliver(*link, len(self.sites[link[0]].outbox))
+
+    def violations(self) -> list[str]:
+        problems = []
+        trees = {s.id: dict(s.tree.state.placements) for s in self.sites.values()
+                 if isinstance(s.tree.state, MemoryTree)}
+        first = trees[A]
+        for site_id, placements in trees.items():
+            if placements != first:
+                diff = {n for n in set(first) | set(placements) if first.get(n) != placements.get(n)}
+                problems.append(f"site {site_id.hex()[-1]} differs from site a at {len(diff)} nodes")
+        for n in first:
+            try:
+                self._reaches_root_or_trash(self.sites[A].tree, n)
+            except TreeCorruption as exc:
+                problems.append(str(exc))
+        expected = {(max(x, y), min(x, y)) for x in self.moves for y in self.moves
+                    if x < y and self.moves[x].node == self.moves[y].node
+                    and x not in self.knowledge[y] and y not in self.knowledge[x]}
+        reported = set.union(*(s.conflicts for s in self.sites.values()))
+        if reported != expected:
+            problems.append(f"conflicts: {len(expected - reported)} missed, {len(reported - expected)} not real")
+        by_parent: dict[bytes, list[tuple[bytes, Placement]]] = {}
+        for n, placed in first.items():
+            by_parent.setdefault(placed.parent, []).append((n, placed))
+        for parent, children in by_parent.items():
+            if len(set(visible_names(children).values())) != len(children):
+                problems.append(f"two children of {parent.hex()} show the same name")
+        return problems
+
+    @staticmethod
+    def _reaches_root(tree: ReplicatedTree, n: bytes) -> bool:
+        return tree.is_ancestor(ROOT, n)
+
+    @staticmethod
+    def _reaches_root_or_trash(tree: ReplicatedTree, n: bytes) -> None:
+        if not (tree.is_ancestor(ROOT, n) or tree.is_ancestor(TRASH, n)):
+            raise TreeCorruption(f"node {n.hex()} is cut off from the root and the trash")
+
+
+def simulation_seeds() -> list[int]:
+    given = os.environ.get("AWSOMEFS_TREE_SEED")
+    return [int(given)] if given else list(range(40))
+
+
+@pytest.mark.parametrize("seed", simulation_seeds())
+def test_sites_converge_without_cycles_and_report_exactly_the_concurrent_moves(seed: int) -> None:
+    sim = Simulation(seed)
+    sim.run(400)
+    problems = sim.violations()
+    assert not problems, f"seed {seed} (replay: AWSOMEFS_TREE_SEED={seed}): {problems}"
+    assert sum(len(s.outbox) for s in sim.sites.values()) > 100
+
+
+def any_seed_fails(steps: int = 400, seeds: int = 20) -> list[str]:
+    for seed in range(seeds):
+        sim = Simulation(seed)
+        try:
+            sim.run(steps)
+        except (TreeCorruption, ValueError) as exc:
+            return [f"seed {seed}: {exc}"]
+        problems = sim.violations()
+        if problems:
+            return [f"seed {seed}: {p}" for p in problems]
+    return []
+
+
+# -- planted bugs: each must make the simulation fail ----------------------------------------------
+
+def test_planted_bug_applying_in_arrival_order_diverges(monkeypatch: pytest.MonkeyPatch) -> None:
+    def arrival_order(self: ReplicatedTree, move: Move) -> list[t.Conflict]:
+        if move.stamp not in self._stamps:  # appended as it comes: no undo, no redo
+            self.log.append(self._do(move))
+            self._stamps.append(move.stamp)
+            self._by_node.setdefault(move.node, []).append(move)
+        return []
+    monkeypatch.setattr(ReplicatedTree, "apply", arrival_order)
+    assert any("differs" in p for p in any_seed_fails())
+
+
+def test_planted_bug_no_cycle_check_breaks_the_tree(monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_cycle_check(self: ReplicatedTree, move: Move) -> t.LogEntry:
+        before = self.state.placement(move.node)
+        self.state.place(move.node, Placement(move.parent, move.name, move.stamp))
+        return t.LogEntry(move, before, done=True)
+    monkeypatch.setattr(ReplicatedTree, "_do", no_cycle_check)
+    assert any("cycle" in p or "cut off" in p or "levels deep" in p for p in any_seed_fails())
+
+
+def test_planted_bug_stamp_order_taken_for_causality_misreports_conflicts(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(Move, "saw", lambda self, other: other.stamp < self.stamp)
+    assert any("conflicts" in p for p in any_seed_fails())
+
+
+def test_planted_bug_forgetting_too_much_is_caught(monkeypatch: pytest.MonkeyPatch) -> None:
+    def forget_everything_applied_here(self: Simulation) -> None:
+        for site in self.sites.values():
+            if site.tree._stamps:
+                site.tree.forget_before(site.tree._stamps[-1])
+    monkeypatch.setattr(Simulation, "forget_what_is_stable", forget_everything_applied_here)
+    assert any("forgotten horizon" in p or "conflicts" in p or "differs" in p for p in any_seed_fails())
