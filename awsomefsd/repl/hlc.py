@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import struct
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 SITE_ID_BYTES = 16
@@ -62,6 +62,15 @@ class Stamp:
 
     def __str__(self) -> str:
         return f"{self.wall_ns}.{self.logical}@{self.site.hex()[:8]}"
+
+
+def happened_before(earlier: Stamp, later: Stamp, later_seen: Mapping[bytes, Stamp]) -> bool:
+    """Had the site that made `later` applied `earlier` by then? `later_seen` is what that site
+    had applied from each other site (its operations carry it); its own stamps it always had."""
+    if earlier.site == later.site:
+        return earlier < later
+    seen = later_seen.get(earlier.site)
+    return seen is not None and earlier <= seen
 
 
 ZERO_SITE = bytes(SITE_ID_BYTES)

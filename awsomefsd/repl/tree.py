@@ -34,7 +34,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from awsomefsd.repl.hlc import Stamp
+from awsomefsd.repl.hlc import Stamp, happened_before
 
 NodeId = bytes
 ROOT: NodeId = b"\x00" * 15 + b"\x01"
@@ -77,10 +77,7 @@ class Move:
 
     def saw(self, other: Move) -> bool:
         """Had this move's site applied `other` when it made this move?"""
-        if other.stamp.site == self.stamp.site:
-            return other.stamp < self.stamp
-        seen = self.seen.get(other.stamp.site)
-        return seen is not None and other.stamp <= seen
+        return happened_before(other.stamp, self.stamp, self.seen)
 
 
 def concurrent(a: Move, b: Move) -> bool:
