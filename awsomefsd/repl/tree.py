@@ -143,7 +143,7 @@ class ReplicatedTree:
         the same node already applied. Applying a move again changes nothing and reports nothing."""
         if self.horizon is not None and move.stamp <= self.horizon:
             raise ValueError(f"move {move.stamp} is at or before the forgotten horizon {self.horizon}: "
-                             "a site resent what it had acknowledged")
+                             "either it was applied already and is resent, or the log was forgotten too early")
         at = bisect.bisect_left(self._stamps, move.stamp)
         if at < len(self._stamps) and self._stamps[at] == move.stamp:
             if self.log[at].move != move:

@@ -145,6 +145,23 @@ def test_one_name_held_twice_shows_the_newest_under_it_and_the_others_under_deri
 NAMES = [b"a", b"b", b"c", b"d"]
 
 
+def random_move(rng: random.Random, tree: ReplicatedTree, new_node: int) -> tuple[bytes, bytes, bytes]:
+    """(node, parent, name) of a move the file system would allow where it is made: create
+    node(new_node), rename or move an entry (never under itself), or delete one."""
+    assert isinstance(tree.state, MemoryTree)
+    live = [n for n in tree.state.placements if tree.is_ancestor(ROOT, n)]
+    dirs = [ROOT, *live]
+    kind = rng.random()
+    if kind < 0.35 or not live:
+        n, parent = node(new_node), rng.choice(dirs)
+    elif kind < 0.85:
+        n = rng.choice(live)
+        parent = rng.choice([d for d in dirs if d != n and not tree.is_ancestor(n, d)])
+    else:
+        n, parent = rng.choice(live), TRASH
+    return n, parent, rng.choice(NAMES)
+
+
 @dataclass
 class Site:
     id: bytes
@@ -179,19 +196,10 @@ class Simulation:
         self.cursors = {(src, dst): 0 for src in self.sites for dst in self.sites if src != dst}
 
     def local_move(self, site: Site) -> None:
-        placements = site.tree.state.placements if isinstance(site.tree.state, MemoryTree) else {}
-        live = [n for n in placements if self._reaches_root(site.tree, n)]
-        dirs = [ROOT, *live]
-        kind = self.rng.random()
-        if kind < 0.35 or not live:
-            n, parent = node(self.next_node), self.rng.choice(dirs)
+        n, parent, name = random_move(self.rng, site.tree, self.next_node)
+        if n == node(self.next_node):
             self.next_node += 1
-        elif kind < 0.85:
-            n = self.rng.choice(live)
-            parent = self.rng.choice([d for d in dirs if d != n and not site.tree.is_ancestor(n, d)])
-        else:
-            n, parent = self.rng.choice(live), TRASH
-        move = Move(site.clock.now(), n, parent, self.rng.choice(NAMES), seen=dict(site.applied_from))
+        move = Move(site.clock.now(), n, parent, name, seen=dict(site.applied_from))
         self.knowledge[move.stamp] = frozenset(site.knows)
         self.moves[move.stamp] = move
         self._apply(site, move)
@@ -273,10 +281,6 @@ class Simulation:
             if len(set(visible_names(children).values())) != len(children):
                 problems.append(f"two children of {parent.hex()} show the same name")
         return problems
-
-    @staticmethod
-    def _reaches_root(tree: ReplicatedTree, n: bytes) -> bool:
-        return tree.is_ancestor(ROOT, n)
 
     @staticmethod
     def _reaches_root_or_trash(tree: ReplicatedTree, n: bytes) -> None:
