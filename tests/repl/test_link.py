@@ -15,7 +15,7 @@ from awsomefsd.repl import link as lk
 from awsomefsd.repl.hlc import EPOCH, HybridClock, Stamp
 from awsomefsd.repl.link import Ack, Gap, Horizon, Inbound, Outbox, Shipped
 from awsomefsd.repl.tree import ROOT, TRASH, MemoryTree, Move, ReplicatedTree, TreeCorruption
-from tests.repl.test_tree import node, random_move
+from tests.repl.test_tree import CausalityModel, node, random_move
 
 A, B = bytes(15) + b"\x0a", bytes(15) + b"\x0b"
 
@@ -90,8 +90,7 @@ class TwoSites:
     sites: dict[bytes, Site] = field(init=False)
     wires: dict[bytes, list[object]] = field(init=False)
     """Messages in flight to each site, in order; a broken connection loses them."""
-    knowledge: dict[Stamp, frozenset[Stamp]] = field(default_factory=dict)
-    moves: dict[Stamp, Move] = field(default_factory=dict)
+    model: CausalityModel = field(default_factory=CausalityModel)
     next_node: int = 100
     wall_ns: int = 1_000_000
 
@@ -109,8 +108,7 @@ class TwoSites:
         if n == node(self.next_node):
             self.next_node += 1
         move = Move(site.clock.now(), n, parent, name, seen={self.peer(site).id: site.inbound.applied})
-        self.knowledge[move.stamp] = frozenset(site.knows)
-        self.moves[move.stamp] = move
+        self.model.record(move, site.knows)
         self._apply(site, move)
         site.outbox.append(move.stamp, move)
 
@@ -224,15 +222,13 @@ class TwoSites:
             if not (a.tree.is_ancestor(ROOT, n) or a.tree.is_ancestor(TRASH, n)):
                 problems.append(f"node {n.hex()} is cut off")
         for site in (a, b):
-            theirs = {s for s in self.moves if s.site != site.id}
+            theirs = {s for s in self.model.moves if s.site != site.id}
             if set(site.applied_times) != theirs:
                 problems.append(f"site {site.id.hex()[-1]} skipped {len(theirs - set(site.applied_times))} moves")
             twice = [s for s, times in site.applied_times.items() if times > 1]
             if twice:
                 problems.append(f"site {site.id.hex()[-1]} applied {len(twice)} moves twice")
-        expected = {(max(x, y), min(x, y)) for x in self.moves for y in self.moves
-                    if x < y and self.moves[x].node == self.moves[y].node
-                    and x not in self.knowledge[y] and y not in self.knowledge[x]}
+        expected = self.model.concurrent_pairs()
         for site in (a, b):
             if site.conflicts != expected:
                 problems.append(f"site {site.id.hex()[-1]} conflicts: {len(expected - site.conflicts)} missed, "
@@ -255,7 +251,7 @@ def test_two_sites_converge_through_failing_links_applying_each_move_once(seed: 
     assert problems == [], f"seed {seed}: {problems}"
     a, b = sim.sites[A], sim.sites[B]
     assert a.forgotten > 0 and b.forgotten > 0, "the horizon never moved: forgetting was not exercised"
-    assert len(a.tree.log) < len(sim.moves) // 2, "the undo log kept most of the run"
+    assert len(a.tree.log) < len(sim.model.moves) // 2, "the undo log kept most of the run"
     assert a.conflicts, "no concurrent moves: the run checks little"
 
 

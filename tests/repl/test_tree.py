@@ -163,6 +163,25 @@ def random_move(rng: random.Random, tree: ReplicatedTree, new_node: int) -> tupl
 
 
 @dataclass
+class CausalityModel:
+    """Every move made, and the stamps of the moves its site had applied when it made it: which
+    moves are concurrent, from first principles (not from the `seen` the moves carry)."""
+
+    moves: dict[Stamp, Move] = field(default_factory=dict)
+    knowledge: dict[Stamp, frozenset[Stamp]] = field(default_factory=dict)
+
+    def record(self, move: Move, knows: set[Stamp]) -> None:
+        self.moves[move.stamp] = move
+        self.knowledge[move.stamp] = frozenset(knows)
+
+    def concurrent_pairs(self) -> set[tuple[Stamp, Stamp]]:
+        """(winner, loser) stamps of every two concurrent moves of one node."""
+        return {(y, x) for x in self.moves for y in self.moves
+                if x < y and self.moves[x].node == self.moves[y].node
+                and x not in self.knowledge[y] and y not in self.knowledge[x]}
+
+
+@dataclass
 class Site:
     id: bytes
     clock: HybridClock
@@ -183,8 +202,7 @@ class Simulation:
     rng: random.Random = field(init=False)
     sites: dict[bytes, Site] = field(init=False)
     cursors: dict[tuple[bytes, bytes], int] = field(init=False)
-    knowledge: dict[Stamp, frozenset[Stamp]] = field(default_factory=dict)
-    moves: dict[Stamp, Move] = field(default_factory=dict)
+    model: CausalityModel = field(default_factory=CausalityModel)
     next_node: int = 100
     wall_ns: int = 1_000_000
 
@@ -200,8 +218,7 @@ class Simulation:
         if n == node(self.next_node):
             self.next_node += 1
         move = Move(site.clock.now(), n, parent, name, seen=dict(site.applied_from))
-        self.knowledge[move.stamp] = frozenset(site.knows)
-        self.moves[move.stamp] = move
+        self.model.record(move, site.knows)
         self._apply(site, move)
         site.outbox.append(move)
 
@@ -224,10 +241,10 @@ class Simulation:
         """Forget up to the greatest stamp h with every move up to h applied on every site and
         seen by every move still on its way (global knowledge stands in for the cursors)."""
         everywhere = set.intersection(*(s.knows for s in self.sites.values()))
-        in_flight = [m for m in self.moves if m not in everywhere]
+        in_flight = [m for m in self.model.moves if m not in everywhere]
         horizon = None
-        for s in sorted(self.moves):
-            if s not in everywhere or any(s not in self.knowledge[m] for m in in_flight):
+        for s in sorted(self.model.moves):
+            if s not in everywhere or any(s not in self.model.knowledge[m] for m in in_flight):
                 break
             horizon = s
         if horizon is not None:
@@ -268,9 +285,7 @@ class Simulation:
                 self._reaches_root_or_trash(self.sites[A].tree, n)
             except TreeCorruption as exc:
                 problems.append(str(exc))
-        expected = {(max(x, y), min(x, y)) for x in self.moves for y in self.moves
-                    if x < y and self.moves[x].node == self.moves[y].node
-                    and x not in self.knowledge[y] and y not in self.knowledge[x]}
+        expected = self.model.concurrent_pairs()
         reported = set.union(*(s.conflicts for s in self.sites.values()))
         if reported != expected:
             problems.append(f"conflicts: {len(expected - reported)} missed, {len(reported - expected)} not real")
