@@ -14,6 +14,7 @@ import errno
 import hashlib
 import logging
 import os
+import re
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -21,6 +22,9 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 TEMP_SUFFIX = ".part"
+_OWN_FILE = re.compile(r"^[0-9a-f]{40}\.[0-9]+(\.part)?$")
+"""The names this cache writes (chunk_name, and its temporary form): nothing else in the directory
+is indexed, evicted or removed, should an operator point `cache_dir` at a shared directory."""
 
 
 def chunk_name(key: str, index: int) -> str:
@@ -64,15 +68,22 @@ class ChunkCache:
         """Index what a previous run left, oldest use first; remove half-written files."""
         directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         found = []
+        foreign = 0
         for entry in os.scandir(directory):
+            if not _OWN_FILE.match(entry.name) or not entry.is_file(follow_symlinks=False):
+                foreign += 1
+                continue
             if entry.name.endswith(TEMP_SUFFIX):
                 os.unlink(entry.path)
                 continue
-            st = entry.stat()
+            st = entry.stat(follow_symlinks=False)
             found.append((st.st_atime_ns, entry.name, st.st_size))
         for _, name, size in sorted(found):
             self._disk[name] = size
             self.stats.disk_bytes += size
+        if foreign:
+            log.warning("the tiering cache directory %s holds %d entries it did not write: left alone "
+                        "(give the cache a directory of its own)", directory, foreign)
         self._evict_disk()
 
     def get(self, key: str, index: int) -> bytes | None:

@@ -195,3 +195,20 @@ async def test_the_disk_cache_stays_within_its_size(proxy: FaultProxy, s3: S3Ser
     assert proxy.forwarded == before
     assert await reader.read(stored.range(0, 1)) == stored.bytes(0, 1)  # the oldest was evicted
     assert proxy.forwarded == before + 1
+
+
+def test_a_cache_directory_shared_with_other_files_loses_none_of_them(tmp_path: Path) -> None:
+    """An operator may point cache_dir at a directory that holds other things: the cache indexes,
+    evicts and removes only the files it writes (a half-written one of its own is removed)."""
+    from awsomefsd.tier.cache import TEMP_SUFFIX, chunk_name
+
+    shared = tmp_path / "shared"
+    (shared / "sub").mkdir(parents=True)
+    (shared / "notes.txt").write_bytes(b"keep me")
+    (shared / "build.part").write_bytes(b"someone else's")
+    own = shared / chunk_name("object", 0)
+    own.write_bytes(bytes(CHUNK))
+    (shared / (chunk_name("object", 1) + TEMP_SUFFIX)).write_bytes(b"half")
+    cache = ChunkCache(shared, disk_bytes=0, memory_bytes=0)  # everything of its own must go
+    assert cache.stats.disk_bytes == 0
+    assert sorted(p.name for p in shared.iterdir()) == ["build.part", "notes.txt", "sub"]
