@@ -75,8 +75,9 @@ def tier_move(paths: list[Path], action: str) -> int:
     failed = 0
     for path in _files(paths):
         try:
+            _placement(path)  # first: never write the attribute onto another file system's file
             os.setxattr(path, TIER_XATTR.decode(), action.encode())
-            state = json.loads(os.getxattr(path, TIER_XATTR.decode()))
+            state = _placement(path)
         except OSError as exc:
             failed += 1
             print(f"{path}: {_why(exc)}", file=sys.stderr, flush=True)
@@ -84,6 +85,20 @@ def tier_move(paths: list[Path], action: str) -> int:
         print(f"{path}: {_mib(state['tiered_bytes'])} in the object store, {_mib(state['device_bytes'])} on the device",
               flush=True)
     return 1 if failed else 0
+
+
+def _placement(path: Path) -> dict[str, Any]:
+    """The file's bytes on the device and in the store, as the mount's virtual attribute tells.
+    Anything else (no such attribute, or one some other file system stored under that name) means
+    the file is not on an AwsomeFS mount: EOPNOTSUPP."""
+    raw = os.getxattr(path, TIER_XATTR.decode())
+    try:
+        state = json.loads(raw)
+    except ValueError:
+        state = None
+    if not isinstance(state, dict) or "tiered_bytes" not in state:
+        raise OSError(errno.EOPNOTSUPP, "not an awsomefs placement")
+    return state
 
 
 def _files(paths: list[Path]) -> Iterator[Path]:

@@ -156,3 +156,19 @@ def test_real_programs_on_tiered_data_see_the_same_bytes_and_times(daemon: Daemo
     assert transfers == [], synced.stdout  # same contents everywhere (the database's mtime may differ)
     with sqlite3.connect(tree / "db.sqlite") as db:
         assert db.execute("select count(*) from t where v = zeroblob(500)").fetchone()[0] == 286
+
+
+@pytest.mark.parametrize("action", ["evict", "recall"])
+def test_tier_commands_on_another_file_system_say_so_and_store_nothing(tmp_path: Path, action: str) -> None:
+    """ext4 takes trusted.* attributes from root: the command must not leave one there (a later
+    `cp -a` onto AwsomeFS would carry it), nor fall over on what it reads back."""
+    elsewhere = Path("/var/tmp") / f"awsomefs-not-a-mount-{os.getpid()}-{action}"
+    elsewhere.write_bytes(b"data")
+    try:
+        done = run_cli("tier", action, str(elsewhere))
+        assert done.returncode == 1
+        assert done.stderr.strip() == f"{elsewhere}: not on an awsomefs mount, or no object store configured ([tier])"
+        assert "Traceback" not in done.stderr
+        assert TIER_XATTR.decode() not in os.listxattr(elsewhere)
+    finally:
+        elsewhere.unlink()
