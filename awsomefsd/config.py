@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, BeforeValidator, Field, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -24,8 +24,13 @@ DEFAULT_CONFIG_PATH = Path("/etc/awsomefs/awsomefsd.toml")
 SIZE_SUFFIXES = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 
-def parse_size_bytes(text: str | int) -> int:
-    """Parse `4G`, `512M`, `1048576` or `2GiB` into bytes; a clear ValueError otherwise."""
+def parse_size_bytes(text: str | int | float) -> int:
+    """Parse `4G`, `512M`, `1048576` or `2GiB` into bytes; a clear ValueError otherwise. A number
+    (TOML writes `1.5e9` as a float) must be a whole number of bytes."""
+    if isinstance(text, float):
+        if not text.is_integer():
+            raise ValueError(f"not a whole number of bytes: {text!r}")
+        text = int(text)
     if isinstance(text, int):
         return text
     raw = text.strip().upper().removesuffix("IB").removesuffix("B")
@@ -39,7 +44,7 @@ def parse_size_bytes(text: str | int) -> int:
     return value
 
 
-def _size_setting(value: str | int) -> int:
+def _size_setting(value: str | int | float) -> int:
     return 0 if str(value).strip() == "0" else parse_size_bytes(value)
 
 
@@ -47,18 +52,25 @@ SizeBytes = Annotated[int, BeforeValidator(_size_setting)]
 """A size in bytes that the file or the environment may also write as "64M" or "8G" (or 0)."""
 
 
-class NodeSettings(BaseModel):
+class Section(BaseModel):
+    """A section of the settings: a key it does not know is an error, not silently ignored (a
+    misspelt `[tier] endpont` would otherwise leave tiering off without a word)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class NodeSettings(Section):
     state_dir: Path = Field(Path("/var/lib/awsomefs"), description="node-local metadata (LMDB) and state")
     name: str = Field("", description="node name shown by status; defaults to the host name")
 
 
-class DeviceSettings(BaseModel):
+class DeviceSettings(Section):
     path: Path | None = Field(None, description="shared block device or image file")
     shared: bool = Field(False, description="several nodes use this device: O_DIRECT is mandatory")
     direct_io: bool = Field(True, description="use O_DIRECT (falls back, logged, when unsupported)")
 
 
-class MountSettings(BaseModel):
+class MountSettings(Section):
     path: Path | None = Field(None, description="where to mount the filesystem; empty: do not mount")
     allow_other: bool = Field(True, description="let users other than root use the mount")
     entry_timeout_s: float = Field(60.0, ge=0, le=3600)
@@ -92,18 +104,18 @@ class MountSettings(BaseModel):
     )
 
 
-class MetricsSettings(BaseModel):
+class MetricsSettings(Section):
     enabled: bool = True
     host: str = "127.0.0.1"
     port: int = Field(9337, ge=0, le=65535, description="0 picks a free port")
 
 
-class CsiSettings(BaseModel):
+class CsiSettings(Section):
     socket: Path | None = Field(None, description="unix socket for the CSI endpoint; empty: off")
     node_id: str = Field("", description="CSI node id; defaults to the node name")
 
 
-class DataSettings(BaseModel):
+class DataSettings(Section):
     write_buffer_bytes: int = Field(64 << 20, ge=1 << 20, description="dirty data kept before flushing")
     file_buffer_bytes: int = Field(8 << 20, ge=1 << 20, description="dirty data per file before flushing")
     flush_interval_ms: int = Field(1000, ge=10, le=60_000, description="dirty data older than this is written")
@@ -111,7 +123,7 @@ class DataSettings(BaseModel):
     delayed_free_ms: int = Field(5000, ge=0, description="grace before superseded extents are reused")
 
 
-class MetaSettings(BaseModel):
+class MetaSettings(Section):
     log: Literal["local", "raft"] = Field(
         "local",
         description="metadata log: 'local' acknowledges from memory and group-commits every "
@@ -120,7 +132,7 @@ class MetaSettings(BaseModel):
     )
 
 
-class ClusterSettings(BaseModel):
+class ClusterSettings(Section):
     listen: str = Field("", description="host:port of this node's cluster (mTLS) listener; the join "
                         "listener is on port + 1. Needed by init, join and a member's run")
     peers: list[str] = Field(default_factory=list, description="seed members (host:port) for join when "
@@ -140,7 +152,7 @@ class ClusterSettings(BaseModel):
                                   "fell further behind catches up by receiving one)")
 
 
-class TierSettings(BaseModel):
+class TierSettings(Section):
     """Cold data to an S3-compatible object store (design note 47). Off until `endpoint` is set.
     The access key comes from `credentials_file` or the AWS_* environment, never from here."""
 
@@ -183,7 +195,7 @@ class TierSettings(BaseModel):
         return bool(self.endpoint)
 
 
-class LogSettings(BaseModel):
+class LogSettings(Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
 
 
