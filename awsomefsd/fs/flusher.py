@@ -28,12 +28,15 @@ from awsomefsd.fs.losses import LossLedger
 from awsomefsd.fs.writer import RunWriter
 from awsomefsd.io.device import BlockDevice
 from awsomefsd.io.fence import WriteFencedError
-from awsomefsd.meta.errors import FsError
+from awsomefsd.meta.errors import FsError, StoreUnavailable
 
 log = logging.getLogger(__name__)
 
 FLUSH_CONCURRENCY = 4
 FLUSHER_TICK_S = 0.1
+STORE_RETRY_S = 10.0
+"""A flush that waited on an unreachable object store is not tried again sooner: a store outage
+must not hold the flush slots that other files need."""
 FLUSH_BATCH_BYTES = 8 << 20  # runs written and committed together by one WriteData
 FLUSH_BATCH_RUNS = 1024
 QUEUE_FILES = 1024
@@ -75,6 +78,16 @@ class Flusher:
                     # no stamped write among them (the kernel's write-back): the times stay
                     await self.writer.write_runs(st, batch, mtime_ns=written_ns, keep_mtime=not written_ns)
                     written += len(batch)
+            except StoreUnavailable as exc:
+                # Completing a partial block needed its old bytes from the object store, which did
+                # not answer: nothing was allocated or proposed, so the writes stay buffered and a
+                # later flush (not before STORE_RETRY_S) tries again. The caller hears EIO now.
+                self.buffer.keep_unwritten(st, runs[written:])
+                st.dirty_since = time.monotonic() + STORE_RETRY_S
+                log.warning("flushing inode %d needs tiered data the object store did not give (%s): "
+                            "its buffered writes are kept and retried", st.ino, exc.args[1])
+                raise FsError(errno.EIO, f"the object store did not answer ({exc.args[1]}); the writes stay "
+                                         "buffered and are retried", cause="store") from exc
             except FsError as exc:
                 # The runs are gone with the failed flush. Every descriptor open on the file must
                 # hear it (as Linux reports a writeback error to each open file), not only the one
@@ -145,7 +158,7 @@ class Flusher:
                 try:
                     await self.flush_held(st)
                 except FsError as exc:
-                    if isinstance(exc.__cause__, WriteFencedError):
+                    if isinstance(exc.__cause__, (WriteFencedError, StoreUnavailable)):
                         # the data is still buffered and the next flush retries it: no deferred error
                         log.debug("background flush of inode %d deferred: %s", ino, exc)
                         return

@@ -12,7 +12,7 @@ STORE_FAILURES: tuple[type[BaseException], ...] = (lmdb.Error,)
 """The node-local metadata store failing (its disk full or failing, a corrupt environment): a
 background duty that meets one stops the daemon (awsomefsd/duty.py) instead of retrying."""
 
-CAUSES = ("lease", "fence", "stall", "lost-writes", "checksum")
+CAUSES = ("lease", "fence", "stall", "lost-writes", "checksum", "store")
 """Why an EIO happened, where the code knows it (FsError.cause): the FUSE adapter logs such an EIO
 with the node, the file and the reason, and counts it by cause (awsomefs_eio_total)."""
 
@@ -42,6 +42,15 @@ class FsError(Exception):
 
     def __repr__(self) -> str:
         return f"FsError({errno.errorcode.get(self.errno, self.errno)}, {self.args[1]!r})"
+
+
+class StoreUnavailable(FsError):
+    """Tiered data the object store could not give back now (an outage, a timeout, wrong bytes
+    twice): EIO for the reader, but a flush that needed the old bytes of a tiered block keeps its
+    buffered writes and tries again (fs/flusher.py), since nothing of them is lost yet."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(errno.EIO, message, cause="store")
 
 
 class OutcomeUnknown(FsError):

@@ -13,7 +13,7 @@ import errno
 from awsomefsd.io.checksum import CHECKSUM_BYTES
 from awsomefsd.io.layout import BLOCK_SIZE
 from awsomefsd.meta.client import MetaClient
-from awsomefsd.meta.errors import FsError
+from awsomefsd.meta.errors import FsError, StoreUnavailable
 from awsomefsd.meta.records import object_of
 from awsomefsd.tier.reader import TieredRange, TieredReader, TierReadError
 
@@ -45,6 +45,6 @@ class TierSource:
         try:
             data = await self.reader.read(wanted)
         except TierReadError as exc:
-            raise FsError(errno.EIO, exc.strerror or "cannot read tiered data") from None
+            raise StoreUnavailable(exc.strerror or "cannot read tiered data") from None
         skip = start - first * BLOCK_SIZE
         return data[skip : skip + end - start]

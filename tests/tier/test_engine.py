@@ -125,6 +125,23 @@ async def test_a_store_outage_fails_tiered_reads_in_bounded_time_and_stalls_only
     assert node.engine.stats.store_ok and node.placement(other) == (0, 40)
 
 
+async def test_a_partial_write_into_tiered_data_during_an_outage_is_kept_until_the_store_answers(
+        node: Node, proxy: FaultProxy) -> None:
+    """Completing a partial block needs its old bytes, which are in the store: while it does not
+    answer, fsync says EIO but the written bytes stay buffered, and they reach the device after."""
+    f = await a_file(node, b"cold.log", 8 * BLOCK_SIZE, seed=8)
+    await node.evict(f)
+    proxy.plan("status", times=10_000, status=503)
+    await f.write(3 * BLOCK_SIZE + 100, b"appended while the store is down")
+    with pytest.raises(FsError) as failed:
+        await node.core.ops.fsync(f.fh, False)
+    assert failed.value.errno == errno.EIO and failed.value.cause == "store"
+    assert f.ino in node.core.data.files and node.core.data.files[f.ino].dirty, "the writes were dropped"
+    proxy.clear()
+    await node.core.ops.fsync(f.fh, False)
+    await f.check()
+
+
 async def test_an_object_mostly_dead_is_repacked_and_then_deleted(node: Node, s3: S3Server) -> None:
     a = await a_file(node, b"a", 150 * BLOCK_SIZE, seed=6)
     b = await a_file(node, b"b", 50 * BLOCK_SIZE, seed=7)
