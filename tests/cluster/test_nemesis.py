@@ -17,7 +17,7 @@ What is checked afterwards (tests/support/nemesis.py has the details):
 Runs:
 - `test_nemesis_short` (default suite, about two minutes): every kind of fault once, in a seeded
   random order;
-- `test_nemesis_long` (marked slow; `--slow`): random faults for AWSOMEFS_NEMESIS_MINUTES (10 in CI; run 30 or more before changing the cluster); AWSOMEFS_NEMESIS_KINDS narrows the kinds.
+- `test_nemesis_long` (marked slow; `--slow`): random faults for AWSOMEFS_NEMESIS_MINUTES (10 by default, 5 in CI: scripts/test.sh; run 30 or more before changing the cluster); AWSOMEFS_NEMESIS_KINDS narrows the kinds.
 Seeded: AWSOMEFS_NEMESIS_SEED=N replays the same schedule and workload choices (timing differs);
 a failure prints the seed and the command.
 """
