@@ -119,6 +119,11 @@ class TierEngine:
         due = [o for o in self.meta.tier_objects()
                if o.state == "dead" and now - o.changed_ns >= self.settings.gc_grace_s * 1e9][:MAX_OBJECTS_PER_COMMAND]
         deleted: list[int] = []
+        if due:
+            # A DELETE cannot be taken back: the commands that killed these objects (a repack, a
+            # free, an abandonment) must be durable first, or a crash could bring back file maps
+            # that point into an object no longer in the store (the local log commits in groups).
+            await self.meta.barrier()
         try:
             for obj in due:
                 key = object_key(self.cluster_id, obj.id)

@@ -66,7 +66,19 @@ async def test_an_overwrite_or_a_delete_releases_tiered_data_and_gc_deletes_dead
     objects = {o.id: o for o in node.core.meta.tier_objects()}
     (f_object,), (g_object,) = ([o for o in objects.values() if o.live_blocks == n] for n in (63, 0))
     assert g_object.state == "dead" and f_object.state == "live"
+    events: list[str] = []
+    real_barrier, real_delete = node.core.meta.barrier, node.engine.store.delete
+
+    async def barrier() -> None:
+        events.append("barrier")
+        await real_barrier()
+
+    def delete(key: str) -> None:
+        events.append("delete")
+        real_delete(key)
+    node.core.meta.barrier, node.engine.store.delete = barrier, delete  # type: ignore[method-assign]
     assert await node.engine.collect_garbage() == 1
+    assert events[:2] == ["barrier", "delete"], "an object was deleted before its death was durable"
     assert node.key(g_object.id) not in s3.stored() and node.key(f_object.id) in s3.stored()
     assert [o.id for o in node.core.meta.tier_objects()] == [f_object.id]
     await f.check()
