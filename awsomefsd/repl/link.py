@@ -18,6 +18,7 @@ This reasoning is for two sites, which is what `site link` pairs.
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
@@ -88,16 +89,20 @@ class Outbox(Generic[Op]):
         """The entries after `cursor`, at most `limit`. A cursor behind the trimmed part (the
         sender resumed from an acknowledgement that a later one overtook) starts after it: the
         peer applied all of that."""
-        start = next((i for i, e in enumerate(self.entries) if e.stamp > cursor), len(self.entries))
+        start = bisect.bisect_right(self.entries, cursor, key=_stamp_of)
         return self.entries[start:start + limit]
 
     def trim(self, upto: Stamp) -> int:
         """Drop the entries at or before `upto` (acknowledged by the peer); returns how many."""
-        count = sum(1 for e in self.entries if e.stamp <= upto)
+        count = bisect.bisect_right(self.entries, upto, key=_stamp_of)
         if count:
             self.trimmed_to = self.entries[count - 1].stamp
             del self.entries[:count]
         return count
+
+
+def _stamp_of(entry: Shipped[Op]) -> Stamp:
+    return entry.stamp
 
 
 @dataclass
