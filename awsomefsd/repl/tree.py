@@ -127,16 +127,89 @@ class Conflict:
     loser: Move
 
 
-class ReplicatedTree:
-    """The moves applied so far, in stamp order, over a TreeState."""
+class TreeLog(Protocol):
+    """The moves applied so far, in stamp order, with what undo needs; memory in tests
+    (`MemoryLog`), the metadata layer's tables in the daemon."""
 
-    def __init__(self, state: TreeState, *, horizon: Stamp | None = None) -> None:
+    def entry_at(self, stamp: Stamp) -> LogEntry | None: ...
+
+    def entries_from(self, stamp: Stamp) -> list[LogEntry]:
+        """The entries with stamps at or after `stamp`, in stamp order."""
+        ...
+
+    def truncate_from(self, stamp: Stamp) -> None:
+        """Drop the entries with stamps at or after `stamp` (they are about to be redone)."""
+        ...
+
+    def append(self, entry: LogEntry) -> None:
+        """Add an entry with a stamp greater than every entry's."""
+        ...
+
+    def moves_of(self, node: NodeId) -> list[Move]:
+        """The moves of `node` applied and not forgotten (what a new move may conflict with)."""
+        ...
+
+    def add_move_of(self, move: Move) -> None: ...
+
+    def forget_through(self, stamp: Stamp) -> int:
+        """Drop the entries and the per-node moves with stamps up to `stamp`; returns how many entries."""
+        ...
+
+
+class MemoryLog:
+    """A TreeLog in lists (tests and simulations)."""
+
+    def __init__(self) -> None:
+        self.entries: list[LogEntry] = []
+        self._stamps: list[Stamp] = []  # the entries' stamps, for bisect
+        self._by_node: dict[NodeId, list[Move]] = {}
+
+    def entry_at(self, stamp: Stamp) -> LogEntry | None:
+        at = bisect.bisect_left(self._stamps, stamp)
+        return self.entries[at] if at < len(self._stamps) and self._stamps[at] == stamp else None
+
+    def entries_from(self, stamp: Stamp) -> list[LogEntry]:
+        return self.entries[bisect.bisect_left(self._stamps, stamp):]
+
+    def truncate_from(self, stamp: Stamp) -> None:
+        at = bisect.bisect_left(self._stamps, stamp)
+        del self.entries[at:], self._stamps[at:]
+
+    def append(self, entry: LogEntry) -> None:
+        assert not self._stamps or entry.move.stamp > self._stamps[-1], "log entries out of stamp order"
+        self.entries.append(entry)
+        self._stamps.append(entry.move.stamp)
+
+    def moves_of(self, node: NodeId) -> list[Move]:
+        return list(self._by_node.get(node, ()))
+
+    def add_move_of(self, move: Move) -> None:
+        self._by_node.setdefault(move.node, []).append(move)
+
+    def forget_through(self, stamp: Stamp) -> int:
+        at = bisect.bisect_right(self._stamps, stamp)
+        for node in {entry.move.node for entry in self.entries[:at]}:
+            kept = [m for m in self._by_node[node] if m.stamp > stamp]
+            if kept:
+                self._by_node[node] = kept
+            else:
+                del self._by_node[node]
+        del self.entries[:at], self._stamps[:at]
+        return at
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+
+class ReplicatedTree:
+    """The moves applied so far, in stamp order, over a TreeState and a TreeLog."""
+
+    def __init__(self, state: TreeState, log: TreeLog | None = None, *, horizon: Stamp | None = None) -> None:
         self.state = state
-        self.log: list[LogEntry] = []
-        self._stamps: list[Stamp] = []  # the log's stamps, for bisect
-        self._by_node: dict[NodeId, list[Move]] = {}  # the log's moves of each node
+        self.log: TreeLog = log if log is not None else MemoryLog()
         self.horizon = horizon
-        """Moves at or before this stamp were applied and forgotten: one arriving again is a bug."""
+        """Moves at or before this stamp were applied and forgotten: one arriving again is a bug.
+        (Kept by the caller across restarts, with the log.)"""
 
     def apply(self, move: Move) -> list[Conflict]:
         """Apply `move` at its place in stamp order; returns the conflicts it makes with moves of
@@ -144,21 +217,20 @@ class ReplicatedTree:
         if self.horizon is not None and move.stamp <= self.horizon:
             raise ValueError(f"move {move.stamp} is at or before the forgotten horizon {self.horizon}: "
                              "either it was applied already and is resent, or the log was forgotten too early")
-        at = bisect.bisect_left(self._stamps, move.stamp)
-        if at < len(self._stamps) and self._stamps[at] == move.stamp:
-            if self.log[at].move != move:
+        same = self.log.entry_at(move.stamp)
+        if same is not None:
+            if same.move != move:
                 raise ValueError(f"two different moves with stamp {move.stamp}")
             return []
-        later = self.log[at:]
+        later = self.log.entries_from(move.stamp)
         for entry in reversed(later):
             self._undo(entry)
-        del self.log[at:], self._stamps[at:]
+        self.log.truncate_from(move.stamp)
         for m in [move] + [entry.move for entry in later]:
             self.log.append(self._do(m))
-            self._stamps.append(m.stamp)
         conflicts = [Conflict(move.node, *sorted((move, other), key=lambda m: m.stamp, reverse=True))
-                     for other in self._by_node.get(move.node, ()) if concurrent(move, other)]
-        self._by_node.setdefault(move.node, []).append(move)
+                     for other in self.log.moves_of(move.node) if concurrent(move, other)]
+        self.log.add_move_of(move)
         return conflicts
 
     def forget_before(self, stamp: Stamp) -> int:
@@ -167,16 +239,10 @@ class ReplicatedTree:
         concurrent with them): when each peer has acknowledged applying our moves up to `stamp`,
         and we have applied every move the peer made up to the stamp its clock had when it sent
         that acknowledgement. Returns how many were dropped."""
-        at = bisect.bisect_right(self._stamps, stamp)
-        for entry in self.log[:at]:
-            moves = self._by_node[entry.move.node]
-            moves.remove(entry.move)
-            if not moves:
-                del self._by_node[entry.move.node]
-        del self.log[:at], self._stamps[:at]
+        dropped = self.log.forget_through(stamp)
         if self.horizon is None or stamp > self.horizon:
             self.horizon = stamp
-        return at
+        return dropped
 
     def is_ancestor(self, ancestor: NodeId, node: NodeId) -> bool:
         """Is `ancestor` on the way from `node` up to its root (node itself excluded)?"""
