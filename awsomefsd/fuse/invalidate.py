@@ -28,6 +28,7 @@ import trio
 from awsomefsd.meta import commands as c
 from awsomefsd.meta.errors import FsError
 from awsomefsd.meta.records import SNAPSHOTS_INO, VOLUMES_INO, snapshot_dir_name, volume_dir_name
+from awsomefsd.meta.sites import Applied
 
 log = logging.getLogger(__name__)
 
@@ -149,6 +150,13 @@ def _snapshot_dir(cmd: c.CreateSnapshot | c.DeleteSnapshot, result: Any) -> list
     return [Target.entry(SNAPSHOTS_INO, snapshot_dir_name(cmd.snapshot)), Target.attr_only(SNAPSHOTS_INO)]
 
 
+def _applied_remote(cmd: c.ApplyRemote, result: Any) -> list[Target]:
+    """Another site's changes: the state machine says which entries and inodes they touched."""
+    if not isinstance(result, Applied):
+        return []
+    return [*(Target.entry(parent, name) for parent, name in result.entries), *map(Target.inode, result.inodes)]
+
+
 def _carried(cmd: c.Batch | c.Fenced, result: Any) -> list[Target]:
     return [t for sub, res in c.applied(cmd, result) for t in targets(sub, res)]
 
@@ -197,6 +205,11 @@ RULES: dict[type, Rule] = {
     c.CommitTierObject: _nothing,
     c.AbandonTierObjects: _nothing,
     c.ForgetTierObjects: _nothing,
+    # cross-site replication: a link changes nothing cached; forgetting releases unnamed inodes
+    c.LinkSite: _nothing,
+    c.UnlinkSite: _nothing,
+    c.ForgetSite: _nothing,
+    c.ApplyRemote: _applied_remote,
 }
 """Every command type, with what it makes stale; a unit test checks it covers codec.COMMAND_TAGS."""
 

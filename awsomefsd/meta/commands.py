@@ -433,6 +433,46 @@ class ForgetTierObjects:
 
 
 @dataclass(frozen=True, slots=True)
+class LinkSite:
+    """Pair this site with another (cross-site replication, meta/sites.py): from now on what the
+    namespace commands do is captured for `peer`, and what exists already is captured as creates."""
+
+    peer: bytes  # the other site's 16-byte id (its cluster id)
+    now_ns: int
+
+
+@dataclass(frozen=True, slots=True)
+class UnlinkSite:
+    now_ns: int
+
+
+@dataclass(frozen=True, slots=True)
+class ApplyRemote:
+    """Apply a batch of the linked site's operations (repl/ops.py encodings), in its stamp order.
+
+    `after`: the peer stamp the batch continues from (packed; empty: from the link's start), which
+    must be what this site applied last: a batch sent twice, or by two senders at once, is refused.
+    `extents`: the bytes of the batch's content operations, written to this site's device before
+    the proposal (copy-on-write, as WriteData's), `extent_counts[i]` of them for the i-th."""
+
+    peer: bytes
+    after: bytes
+    operations: tuple[bytes, ...]
+    extents: tuple[Extent, ...]
+    extent_counts: tuple[int, ...]
+    now_ns: int
+
+
+@dataclass(frozen=True, slots=True)
+class ForgetSite:
+    """Both sites are past `through` (a packed stamp): drop the tree's undo log and the outbox up
+    to there, and release the objects deleted by then."""
+
+    through: bytes
+    now_ns: int
+
+
+@dataclass(frozen=True, slots=True)
 class Fenced:
     """Every command a cluster member proposes, wrapped with who proposed it and under which lease
     epoch: refused with EIO once that epoch has expired, and new extents must lie in the
@@ -464,8 +504,8 @@ Command = (
 BASE_LOG_LEVEL = 3
 """The level of a cluster that never recorded one: formed by builds before the gate, which decode
 command tags 1-32 (meta/codec.py) in format 3."""
-LOG_LEVEL = 6
-"""The newest commands this build decodes. 6: the tiering commands (and block addresses in objects,
+LOG_LEVEL = 7
+"""The newest commands this build decodes. 7: the cross-site replication commands. 6: the tiering commands (and block addresses in objects,
 meta/tiered.py). 5: Preallocate (and unwritten extents, which a WriteData
 may then write in place). 4: PunchHole, CloneRange, SetLogLevel.
 
@@ -479,6 +519,7 @@ with `LogAheadOfBuild`."""
 COMMAND_LEVELS: dict[type, int] = {
     PunchHole: 4, CloneRange: 4, SetLogLevel: 4, Preallocate: 5,
     PlanTierObject: 6, CommitTierObject: 6, AbandonTierObjects: 6, ForgetTierObjects: 6,
+    LinkSite: 7, UnlinkSite: 7, ApplyRemote: 7, ForgetSite: 7,
 }
 
 

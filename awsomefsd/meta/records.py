@@ -36,6 +36,7 @@ applies. The file layer splits larger requests (copy_file_range may return a sho
 MAX_HARD_LINKS = 65000
 VOLUMES_INO = 2  # /.volumes: one directory per volume
 SNAPSHOTS_INO = 3  # /.snapshots: one read-only directory per snapshot
+CONFLICTS_INO = 4  # /.conflicts: the losing file contents of cross-site conflicts (meta/sites.py), made when needed
 
 _INODE = struct.Struct("<IIIIQqqqQQQQQ")
 INODE_MODE = struct.Struct("<I")

@@ -39,6 +39,7 @@ from awsomefsd.meta.records import (
     u64,
     xattr_key,
 )
+from awsomefsd.meta.sites import REPLICATED, SiteTables
 from awsomefsd.meta.space import SpaceMap
 from awsomefsd.meta.store import FORMAT_VERSION, MetaStore
 from awsomefsd.meta.volumes_sm import SNAPSHOTS_INO, VOLUMES_INO, VolumeTables
@@ -66,6 +67,7 @@ class StateMachine:
         self.ns = Namespace(store)
         self.volumes = VolumeTables(store, self.ns, self.space)
         self.cluster = ClusterTables(store)
+        self.sites = SiteTables(store, self)
         self.delayed_free_ns = delayed_free_ns
         self.freed_listeners: list[FreedListener] = []
         self.quiet = False  # replaying a batch: listeners already heard these events
@@ -112,6 +114,10 @@ class StateMachine:
             c.CommitTierObject: lambda txn, cmd: self.space.tiered.commit(self, txn, cmd),
             c.AbandonTierObjects: self.space.tiered.abandon,
             c.ForgetTierObjects: self.space.tiered.forget,
+            c.LinkSite: lambda txn, cmd: self.sites.link(self, txn, cmd),
+            c.UnlinkSite: self._unlink_site,
+            c.ApplyRemote: lambda txn, cmd: self.sites.apply_remote(self, txn, cmd),
+            c.ForgetSite: lambda txn, cmd: self.sites.forget(self, txn, cmd),
         }
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -154,7 +160,14 @@ class StateMachine:
         handler = self._handlers.get(type(command))
         if handler is None:
             raise FsError(errno.EINVAL, f"unknown command {type(command).__name__}")
-        return handler(txn, command)
+        result = handler(txn, command)
+        if isinstance(command, REPLICATED):
+            self.sites.record(self, txn, command, result)
+        return result
+
+    def next_ino(self, txn: lmdb.Transaction[bytes]) -> int:
+        """A fresh inode number from the log's counter (what ReserveInodes hands out)."""
+        return self._next(txn, b"ino_next")
 
     def _next(self, txn: lmdb.Transaction[bytes], name: bytes, count: int = 1) -> int:
         value = self._counters.get(name)
@@ -292,10 +305,15 @@ class StateMachine:
         child.nlink = 0 if child.is_dir else child.nlink - 1
         child.ctime_ns = now_ns
         self.ns.put_inode(txn, child)
-        if child.nlink == 0:
-            # In a cluster every active member may hold it open: each must release it (ReleaseOrphans).
-            holders = self.cluster.active_members(txn)
-            txn.put(u64(child.ino), json.dumps(holders).encode() if holders else b"", db=self.db["orphans"])
+        if child.nlink == 0 and not self.sites.keeps(txn, child.ino):
+            self.orphan(txn, child)
+
+    def orphan(self, txn: lmdb.Transaction[bytes], inode: Inode) -> None:
+        """Mark an inode with no name left for deletion once nothing holds it open. In a cluster
+        every active member may hold it open: each must release it (ReleaseOrphans)."""
+        self.ns.put_inode(txn, inode)
+        holders = self.cluster.active_members(txn)
+        txn.put(u64(inode.ino), json.dumps(holders).encode() if holders else b"", db=self.db["orphans"])
 
     def _rename(self, txn: lmdb.Transaction[bytes], cmd: c.Rename) -> int:
         """Returns the inode that lost its name to the rename (0 when none)."""
@@ -433,6 +451,22 @@ class StateMachine:
         self.ns.put_xattr_usage(txn, cmd.ino, total, names)
         inode.ctime_ns = cmd.now_ns
         self.ns.put_inode(txn, inode)
+
+    def put_xattr_raw(self, txn: lmdb.Transaction[bytes], ino: int, name: bytes, value: bytes | None) -> None:
+        """Set or (None) remove an extended attribute as another site's winning version says."""
+        now_ns = self.ns.require_inode(txn, ino).ctime_ns
+        if value is not None:
+            self._setxattr(txn, c.SetXattr(ino, name, value, 0, now_ns))
+        elif txn.get(xattr_key(ino, name), db=self.db["xattrs"]) is not None:
+            self._removexattr(txn, c.RemoveXattr(ino, name, now_ns))
+
+    def _unlink_site(self, txn: lmdb.Transaction[bytes], cmd: c.UnlinkSite) -> None:
+        """Stop replicating; the inodes the tree kept after their last name went become orphans."""
+        kept = [inode for ino in self.sites.kept_inodes(txn)
+                if (inode := self.ns.get_inode(txn, ino)) is not None and inode.nlink == 0]
+        self.sites.unlink(txn, cmd)
+        for inode in kept:
+            self.orphan(txn, inode)
 
     def _removexattr(self, txn: lmdb.Transaction[bytes], cmd: c.RemoveXattr) -> None:
         inode = self.ns.require_inode(txn, cmd.ino)

@@ -20,6 +20,7 @@ from awsomefsd.meta.codec import COMMAND_TAGS
 from awsomefsd.meta.errors import FsError
 from awsomefsd.meta.records import ROOT_INO, Extent
 from awsomefsd.meta.rename import RENAME_EXCHANGE, RENAME_NOREPLACE
+from awsomefsd.meta.sites import Applied
 from awsomefsd.meta.volumes_sm import SNAPSHOTS_INO, VOLUMES_INO, snapshot_dir_name, volume_dir_name
 from tests.unit.test_state_machine import Harness
 
@@ -53,6 +54,10 @@ CASES: list[tuple[object, object, list[Target]]] = [
     (c.CommitTierObject(1, (F,), (Extent(0, 300, 1, b"abcd"),), 1), 1, []),  # same bytes, elsewhere
     (c.AbandonTierObjects((1,), 1), 1, []),
     (c.ForgetTierObjects((1,)), 1, []),
+    (c.LinkSite(b"p" * 16, 1), 3, []),
+    (c.UnlinkSite(1), None, []),
+    (c.ForgetSite(b"s" * 28, 1), 2, []),
+    (c.ApplyRemote(b"p" * 16, b"", (), (), (), 1), Applied(1, ((D, b"f"),), (F, D)), [entry(D, b"f"), full(F), full(D)]),
     (c.GrantGroups(1, (0, 1)), None, []),
     (c.ReleaseLeaked(((1, 2),)), 2, []),
     (c.CreateVolume(7, "v", 40, 1 << 30, 0, 1), None, [entry(VOLUMES_INO, volume_dir_name(7)), attr(VOLUMES_INO)]),

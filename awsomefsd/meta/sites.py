@@ -1,0 +1,998 @@
+"""Cross-site replication in the state machine (design note 48): what a site records of its own
+commands for its peer, and how it applies the peer's operations.
+
+Two directions meet here, both inside the transaction of a command, so both are as durable and
+as replicated (by the site's own Raft group) as the namespace they describe:
+- **Capture** (`record`): after a namespace or attribute command applied, while the site is
+  linked, what it did is written to the outbox in site-independent terms (repl/ops.py): objects
+  named by global ids, directory entries as nodes of the replicated tree (repl/tree.py), each
+  operation stamped by the site's hybrid logical clock. The clock is kept in the tables and
+  advanced from the command's own `now_ns`, so every replica computes the same stamps.
+- **Apply** (`apply_remote`): the peer's operations, in its stamp order. Moves go through the
+  replicated tree (undo and redo when one arrives older than moves applied here); the directory
+  entries the tree's placements imply are then made to match (`_show`), so what a site shows
+  is a function of the moves it applied. Attributes and extended attributes are multi-value
+  registers (repl/register.py): the newest version shows, a concurrent loser is a conflict,
+  listed in the `sconflicts` table.
+
+Deleting is a move to the tree's TRASH: an object whose last entry went there keeps its inode
+(nlink 0, not an orphan) until both sites have moved past the deletion (`forget`), because a
+concurrent rename with a later stamp must be able to bring it back.
+
+Not replicated: volumes and snapshots (inodes with a volume id, and the /.volumes and
+/.snapshots containers); file content is captured (ContentSet) but shipping and applying data
+is not built yet, so a content operation from a peer is refused.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import json
+import stat
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import lmdb
+
+from awsomefsd.meta import commands as c
+from awsomefsd.meta import filemap
+from awsomefsd.meta.errors import FsError
+from awsomefsd.meta.records import (
+    CONFLICTS_INO,
+    MAX_FILE_SIZE_BYTES,
+    ROOT_INO,
+    SNAPSHOTS_INO,
+    VOLUMES_INO,
+    Extent,
+    Inode,
+    blocks_for,
+    fmap_key,
+    read_u64,
+    u64,
+)
+from awsomefsd.repl import ops as o
+from awsomefsd.repl.hlc import MAX_LOGICAL, PACKED_BYTES, Stamp
+from awsomefsd.repl.register import MultiValueRegister, Version
+from awsomefsd.repl.tree import ROOT, TRASH, LogEntry, Move, Placement, ReplicatedTree, conflict_name
+
+if TYPE_CHECKING:
+    from awsomefsd.meta.state_machine import StateMachine
+
+SITE_TABLES = (
+    "sites",  # b"peer", b"clock", b"seen", b"horizon", b"next_entry": the link and the clock
+    "soutbox",  # stamp -> encoded operation: what the peer has not acknowledged yet
+    "sids",  # global object id -> local ino
+    "sinos",  # local ino -> global object id
+    "splace",  # entry node -> placement (parent node, stamp, name): the replicated tree
+    "skids",  # parent node + name + 0 + node -> b"": the tree's children, grouped by name
+    "sentries",  # entry node -> object id + where it is shown (parent ino, name; ino 0: nowhere)
+    "sobjents",  # object id + entry node -> b"": the entries of each object
+    "snames",  # parent ino + shown name -> entry node: a local directory entry's tree node
+    "slog",  # stamp -> the tree's undo log entry
+    "smoves",  # entry node + stamp -> move: the moves of each node a later one may conflict with
+    "sregs",  # object id + kind (+ xattr name) -> register versions
+    "sconflicts",  # loser stamp + kind -> conflict record
+)
+REPLICATED = (c.Mknod, c.Link, c.Unlink, c.Rename, c.SetAttr, c.SetXattr, c.RemoveXattr,
+              c.WriteData, c.PunchHole, c.CloneRange)
+"""The commands whose effect ships (Preallocate does not: it changes no byte a reader sees)."""
+ATTRS, CONTENT, XATTR = b"a", b"c", b"x"
+_ENTRY_BIT = 1 << 63
+"""Entry node numbers of files have this bit; a directory's entry node is its object id."""
+_PLACE_HEAD = 16 + PACKED_BYTES
+CONFLICTS_NAME = b".conflicts"
+
+
+def site_of_cluster(cluster_id: str) -> bytes:
+    """A site's id: its cluster id's 16 bytes."""
+    return uuid.UUID(cluster_id).bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Applied:
+    """What an ApplyRemote did: the conflicts it made, and what a kernel may cache that changed
+    (directory entries as (parent, name), inodes), for the mount's invalidations."""
+
+    conflicts: int
+    entries: tuple[tuple[int, bytes], ...]
+    inodes: tuple[int, ...]
+
+
+@dataclass(slots=True)
+class _Dirty:
+    """What one operation's tree moves touched: the name groups whose shown names may change,
+    and the nodes that moved (whose old directory entries may have to go)."""
+
+    groups: set[tuple[bytes, bytes]] = field(default_factory=set)
+    nodes: set[bytes] = field(default_factory=set)
+
+
+class _TableTree:
+    """The replicated tree's TreeState and TreeLog on the site tables, within one transaction."""
+
+    def __init__(self, tables: SiteTables, txn: lmdb.Transaction[bytes], dirty: _Dirty) -> None:
+        self.t, self.txn, self.dirty = tables, txn, dirty
+
+    # TreeState
+    def placement(self, node: bytes) -> Placement | None:
+        return self.t.placement(self.txn, node)
+
+    def place(self, node: bytes, placement: Placement | None) -> None:
+        txn, db = self.txn, self.t.db
+        old = self.placement(node)
+        if old is not None:
+            txn.delete(old.parent + old.name + b"\0" + node, db=db["skids"])
+            self.dirty.groups.add((old.parent, old.name))
+        if placement is None:
+            txn.delete(node, db=db["splace"])
+        else:
+            txn.put(node, placement.parent + placement.stamp.pack() + placement.name, db=db["splace"])
+            txn.put(placement.parent + placement.name + b"\0" + node, b"", db=db["skids"])
+            self.dirty.groups.add((placement.parent, placement.name))
+        self.dirty.nodes.add(node)
+
+    # TreeLog
+    def entry_at(self, stamp: Stamp) -> LogEntry | None:
+        raw = self.txn.get(stamp.pack(), db=self.t.db["slog"])
+        return None if raw is None else _log_entry(raw)
+
+    def entries_from(self, stamp: Stamp) -> list[LogEntry]:
+        return [_log_entry(v) for _, v in _scan_from(self.txn, self.t.db["slog"], stamp.pack())]
+
+    def truncate_from(self, stamp: Stamp) -> None:
+        for key, _ in list(_scan_from(self.txn, self.t.db["slog"], stamp.pack())):
+            self.txn.delete(key, db=self.t.db["slog"])
+
+    def append(self, entry: LogEntry) -> None:
+        self.txn.put(entry.move.stamp.pack(), _pack_log_entry(entry), db=self.t.db["slog"])
+
+    def moves_of(self, node: bytes) -> list[Move]:
+        return [_move(json.loads(v)) for _, v in _scan(self.txn, self.t.db["smoves"], node)]
+
+    def add_move_of(self, move: Move) -> None:
+        self.txn.put(move.node + move.stamp.pack(), json.dumps(_move_record(move)).encode(), db=self.t.db["smoves"])
+
+    def forget_through(self, stamp: Stamp) -> int:
+        txn, db = self.txn, self.t.db
+        dropped = 0
+        for key, value in list(_scan(txn, db["slog"], b"")):
+            if Stamp.unpack(bytes(key)) > stamp:
+                break
+            move = _log_entry(value).move
+            txn.delete(key, db=db["slog"])
+            txn.delete(move.node + bytes(key), db=db["smoves"])
+            dropped += 1
+        return dropped
+
+
+class SiteTables:
+    """The site tables' semantics; the state machine calls in (`record`, `apply_remote`, ...)."""
+
+    def __init__(self, store: Any, sm: StateMachine) -> None:
+        self.db = store.db
+        self.meta = store.db["sites"]
+        self._sm = sm
+        self._entries: list[tuple[int, bytes]] = []  # touched by the ApplyRemote being applied
+        self._inodes: list[int] = []
+
+    # -- the link -------------------------------------------------------------------------------
+    def site(self, txn: lmdb.Transaction[bytes]) -> bytes:
+        raw = txn.get(b"cluster_id", db=self.db["meta"])
+        assert raw is not None, "a bootstrapped store has a cluster id"
+        return site_of_cluster(bytes(raw).decode())
+
+    def peer(self, txn: lmdb.Transaction[bytes]) -> bytes | None:
+        raw = txn.get(b"peer", db=self.meta)
+        return None if raw is None else bytes(raw)
+
+    def link(self, sm: StateMachine, txn: lmdb.Transaction[bytes], cmd: c.LinkSite) -> int:
+        """Pair with `cmd.peer`: from now on every replicated command is captured. What exists
+        already is captured too, as creates from the root down (the initial sync). Returns the
+        number of operations that puts in the outbox."""
+        if len(cmd.peer) != 16 or cmd.peer == self.site(txn):
+            raise FsError(errno.EINVAL, "a site links to another site's 16-byte id")
+        current = self.peer(txn)
+        if current is not None:
+            raise FsError(errno.EEXIST, f"already linked to site {current.hex()}: unlink it first")
+        txn.put(b"peer", cmd.peer, db=self.meta)
+        before = txn.stat(self.db["soutbox"])["entries"]
+        self._set_ids(txn, ROOT_INO, ROOT)
+        self._seed(sm, txn, ROOT_INO, ROOT, cmd.now_ns)
+        return int(txn.stat(self.db["soutbox"])["entries"]) - int(before)
+
+    def unlink(self, txn: lmdb.Transaction[bytes], cmd: c.UnlinkSite) -> None:
+        """Stop capturing; the outbox, the cursors and the tree are dropped (a new link starts over
+        with an initial sync). Objects kept only for the tree are released to the orphan purge."""
+        if self.peer(txn) is None:
+            raise FsError(errno.ENOENT, "not linked to any site")
+        for name in SITE_TABLES:
+            if name not in ("sconflicts",):
+                txn.drop(self.db[name], delete=False)
+
+    # -- capture --------------------------------------------------------------------------------
+    def record(self, sm: StateMachine, txn: lmdb.Transaction[bytes], cmd: object, result: Any) -> None:
+        """Capture what `cmd` (applied, with `result`) did, if the site is linked."""
+        peer = self.peer(txn)
+        if peer is None:
+            return
+        if isinstance(cmd, c.Mknod):
+            if self._replicated_dir(txn, cmd.parent):
+                self._capture_new(sm, txn, cmd.parent, cmd.name, result, cmd.now_ns)
+        elif isinstance(cmd, c.Link):
+            if self._replicated_dir(txn, cmd.new_parent):
+                obj = self.object_of(txn, cmd.ino)
+                if obj is not None:
+                    self._local_move(sm, txn, self._new_entry(txn), cmd.new_parent, cmd.new_name, obj, cmd.now_ns)
+        elif isinstance(cmd, c.Unlink):
+            self._capture_delete(sm, txn, cmd.parent, cmd.name, cmd.now_ns)
+        elif isinstance(cmd, c.Rename):
+            self._capture_rename(sm, txn, cmd)
+        elif isinstance(cmd, c.SetAttr):
+            inode: Inode = result
+            if any(v is not None for v in (cmd.mode, cmd.uid, cmd.gid, cmd.atime_ns, cmd.mtime_ns)):
+                self._capture_attrs(txn, inode, cmd.now_ns)
+            if cmd.size is not None:
+                self._capture_content(txn, inode, cmd.now_ns)
+        elif isinstance(cmd, (c.SetXattr, c.RemoveXattr)):
+            obj = self.object_of(txn, cmd.ino)
+            if obj is not None:
+                value = cmd.value if isinstance(cmd, c.SetXattr) else None
+                stamp = self._tick(txn, cmd.now_ns)
+                self._local_version(txn, obj, XATTR + cmd.name, stamp, None if value is None else value.hex())
+                self._ship(txn, o.XattrSet(stamp, obj, cmd.name, value, self._seen(txn)))
+        elif isinstance(cmd, c.WriteData):
+            if cmd.touch:  # compaction (touch=False) moves bytes, it changes none
+                self._capture_content(txn, result, cmd.now_ns)
+        elif isinstance(cmd, c.PunchHole):
+            self._capture_content(txn, result, cmd.now_ns)
+        elif isinstance(cmd, c.CloneRange):
+            self._capture_content(txn, sm.ns.require_inode(txn, cmd.dst_ino), cmd.now_ns)
+
+    def keeps(self, txn: lmdb.Transaction[bytes], ino: int) -> bool:
+        """Does the replicated tree keep this inode after its last name went (it may come back)?"""
+        return self.peer(txn) is not None and txn.get(u64(ino), db=self.db["sinos"]) is not None
+
+    def _capture_new(self, sm: StateMachine, txn: lmdb.Transaction[bytes], parent: int, name: bytes,
+                     inode: Inode, now_ns: int) -> None:
+        obj = o.global_id(self.site(txn), inode.ino)
+        self._set_ids(txn, inode.ino, obj)
+        stamp = self._tick(txn, now_ns)
+        target = sm.ns.symlink_target(txn, inode.ino) if stat.S_ISLNK(inode.mode) else b""
+        self._ship(txn, o.Created(stamp, obj, inode.mode, inode.uid, inode.gid, inode.rdev, target,
+                                  inode.mtime_ns, self._seen(txn)))
+        node = obj if inode.is_dir else self._new_entry(txn)
+        self._local_move(sm, txn, node, parent, name, obj, now_ns)
+
+    def _capture_delete(self, sm: StateMachine, txn: lmdb.Transaction[bytes], parent: int, name: bytes, now_ns: int) -> None:
+        node = self._node_shown_at(txn, parent, name)
+        if node is None:
+            return
+        self._local_move(sm, txn, node, 0, name, self._entry_object(txn, node), now_ns)
+
+    def _capture_rename(self, sm: StateMachine, txn: lmdb.Transaction[bytes], cmd: c.Rename) -> None:
+        src = self._node_shown_at(txn, cmd.old_parent, cmd.old_name)
+        dst = self._node_shown_at(txn, cmd.new_parent, cmd.new_name)
+        into_replicated = self._replicated_dir(txn, cmd.new_parent)
+        if cmd.flags & c.RENAME_EXCHANGE:
+            if src is not None and dst is not None:
+                # Both names are replaced at once: drop both, then place both.
+                self._unshow(txn, cmd.old_parent, cmd.old_name)
+                self._unshow(txn, cmd.new_parent, cmd.new_name)
+                self._local_move(sm, txn, src, cmd.new_parent, cmd.new_name, self._entry_object(txn, src), cmd.now_ns)
+                self._local_move(sm, txn, dst, cmd.old_parent, cmd.old_name, self._entry_object(txn, dst), cmd.now_ns)
+            return
+        # The command moved both names already: what the tables say they show goes first, so that
+        # re-showing a name group in between sees the namespace as the command left it.
+        self._unshow(txn, cmd.old_parent, cmd.old_name)
+        self._unshow(txn, cmd.new_parent, cmd.new_name)
+        if dst is not None:
+            self._local_move(sm, txn, dst, 0, cmd.new_name, self._entry_object(txn, dst), cmd.now_ns)
+        if src is not None:
+            if into_replicated:
+                self._local_move(sm, txn, src, cmd.new_parent, cmd.new_name, self._entry_object(txn, src), cmd.now_ns)
+            else:  # moved out of the replicated tree (into a volume, say): gone for the peer
+                self._local_move(sm, txn, src, 0, cmd.old_name, self._entry_object(txn, src), cmd.now_ns)
+        elif into_replicated:  # moved in from outside: new to the peer
+            ino = sm.ns.lookup(txn, cmd.new_parent, cmd.new_name)
+            assert ino is not None
+            self._seed_entry(sm, txn, cmd.new_parent, cmd.new_name, sm.ns.require_inode(txn, ino), cmd.now_ns)
+        if cmd.flags & c.RENAME_WHITEOUT and self._replicated_dir(txn, cmd.old_parent):
+            self._capture_new(sm, txn, cmd.old_parent, cmd.old_name, sm.ns.require_inode(txn, cmd.whiteout_ino),
+                              cmd.now_ns)
+
+    def _capture_attrs(self, txn: lmdb.Transaction[bytes], inode: Inode, now_ns: int) -> None:
+        obj = self.object_of(txn, inode.ino)
+        if obj is None:
+            return
+        stamp = self._tick(txn, now_ns)
+        mode = stat.S_IMODE(inode.mode)
+        self._local_version(txn, obj, ATTRS, stamp, [mode, inode.uid, inode.gid, inode.atime_ns, inode.mtime_ns])
+        self._ship(txn, o.AttrsSet(stamp, obj, mode, inode.uid, inode.gid, inode.atime_ns, inode.mtime_ns,
+                                   self._seen(txn)))
+
+    def _capture_content(self, txn: lmdb.Transaction[bytes], inode: Inode, now_ns: int) -> None:
+        obj = self.object_of(txn, inode.ino)
+        if obj is None:
+            return
+        stamp = self._tick(txn, now_ns)
+        mode = stat.S_IMODE(inode.mode)
+        self._local_version(txn, obj, CONTENT, stamp, [inode.size, inode.mtime_ns, mode, inode.uid, inode.gid])
+        self._ship(txn, o.ContentSet(stamp, obj, inode.size, inode.mtime_ns, mode, inode.uid, inode.gid,
+                                     self._seen(txn)))
+
+    def _seed(self, sm: StateMachine, txn: lmdb.Transaction[bytes], ino: int, node: bytes, now_ns: int) -> None:
+        """Capture the tree below directory `ino` as creates (a link's initial sync)."""
+        for name, child in list(sm.ns.names(txn, ino)):
+            if child in (VOLUMES_INO, SNAPSHOTS_INO, CONFLICTS_INO):
+                continue
+            inode = sm.ns.require_inode(txn, child)
+            if inode.volume:
+                continue
+            self._seed_entry(sm, txn, ino, name, inode, now_ns)
+
+    def _seed_entry(self, sm: StateMachine, txn: lmdb.Transaction[bytes], parent: int, name: bytes, inode: Inode,
+                    now_ns: int) -> None:
+        known = self.object_of(txn, inode.ino)
+        if known is None:
+            self._capture_new(sm, txn, parent, name, inode, now_ns)
+            self._capture_attrs(txn, inode, now_ns)
+            obj = self.object_of(txn, inode.ino)
+            assert obj is not None
+            for key, value in list(sm.ns.xattrs(txn, inode.ino)):
+                stamp = self._tick(txn, now_ns)
+                self._local_version(txn, obj, XATTR + key[8:], stamp, value.hex())
+                self._ship(txn, o.XattrSet(stamp, obj, key[8:], value, self._seen(txn)))
+            if inode.is_reg and inode.size:
+                self._capture_content(txn, inode, now_ns)
+            if inode.is_dir:
+                self._seed(sm, txn, inode.ino, self.object_of(txn, inode.ino) or b"", now_ns)
+        else:  # a second name of a file seen already
+            self._local_move(sm, txn, self._new_entry(txn), parent, name, known, now_ns)
+
+    # -- the local side of a move ---------------------------------------------------------------
+    def _local_move(self, sm: StateMachine, txn: lmdb.Transaction[bytes], node: bytes, parent_ino: int,
+                    name: bytes, obj: bytes, now_ns: int) -> None:
+        """A move the local command already made in the namespace (parent_ino 0: a delete):
+        record it in the tree and the outbox, then re-show the name group it left, where an
+        entry shown under a conflict name may get its own name back."""
+        parent = TRASH if parent_ino == 0 else self.object_of(txn, parent_ino)
+        assert parent is not None, parent_ino
+        stamp = self._tick(txn, now_ns)
+        seen = self._seen(txn)
+        if txn.get(node, db=self.db["sentries"]) is None:
+            self._put_entry(txn, node, obj, 0, b"")
+        self._unshow_node(txn, node)
+        dirty = _Dirty()
+        ReplicatedTree(_TableTree(self, txn, dirty), _TableTree(self, txn, dirty)).apply(
+            Move(stamp, node, parent, name, seen))
+        if parent_ino:
+            self._put_entry(txn, node, obj, parent_ino, name)
+            txn.put(u64(parent_ino) + name, node, db=self.db["snames"])
+        self._ship(txn, o.Moved(stamp, node, parent, name, obj, seen))
+        dirty.nodes.discard(node)
+        dirty.groups.discard((parent, name))
+        self._reshow(sm, txn, dirty, stamp.wall_ns)
+
+    # -- apply ----------------------------------------------------------------------------------
+    def apply_remote(self, sm: StateMachine, txn: lmdb.Transaction[bytes], cmd: c.ApplyRemote) -> Applied:
+        """Apply a batch of the peer's operations, all or none."""
+        self._entries, self._inodes = [], []
+        peer = self.peer(txn)
+        if peer is None or cmd.peer != peer:
+            raise FsError(errno.EPERM, "operations from a site this one is not linked to")
+        seen = self._seen_stamp(txn)
+        if cmd.after != (b"" if seen is None else seen.pack()):
+            raise FsError(errno.ESTALE, "a batch that does not continue from what this site applied "
+                                        "(sent twice, or by two senders)")
+        try:
+            batch = [o.decode(raw) for raw in cmd.operations]
+        except o.BadOperation as exc:
+            raise FsError(errno.EINVAL, f"from site {peer.hex()[:8]}: {exc}") from None
+        contents = [op for op in batch if isinstance(op, o.ContentSet)]
+        if len(cmd.extent_counts) != len(contents) or sum(cmd.extent_counts) != len(cmd.extents) \
+                or any(n < 0 for n in cmd.extent_counts):
+            raise FsError(errno.EINVAL, "a batch's extents do not match its content operations")
+        extents_of: dict[Stamp, tuple[Extent, ...]] = {}
+        at = 0
+        for content, count in zip(contents, cmd.extent_counts):
+            extents_of[content.stamp] = cmd.extents[at:at + count]
+            at += count
+            self._check_content(sm, txn, content, extents_of[content.stamp])
+        for op in batch:
+            if op.stamp.site != peer:
+                raise FsError(errno.EINVAL, f"an operation stamped by site {op.stamp.site.hex()[:8]}, not the peer")
+            if seen is not None and op.stamp <= seen:
+                raise FsError(errno.EINVAL, f"operation {op.stamp} is at or before what was applied ({seen})")
+            seen = op.stamp
+        conflicts = 0
+        for op in batch:
+            self._observe(txn, op.stamp)
+            if isinstance(op, o.Created):
+                self._apply_created(sm, txn, op)
+            elif isinstance(op, o.Moved):
+                conflicts += self._apply_moved(sm, txn, op)
+            elif isinstance(op, o.AttrsSet):
+                conflicts += self._apply_attrs(sm, txn, op)
+            elif isinstance(op, o.XattrSet):
+                conflicts += self._apply_xattr(sm, txn, op)
+            elif isinstance(op, o.ContentSet):
+                conflicts += self._apply_content(sm, txn, op, extents_of[op.stamp], cmd.now_ns)
+            if isinstance(op, (o.AttrsSet, o.XattrSet, o.ContentSet)):
+                ino = self._ino(txn, op.object)
+                if ino is not None:
+                    self._inodes.append(ino)
+            txn.put(b"seen", op.stamp.pack(), db=self.meta)
+        return Applied(conflicts, tuple(self._entries), tuple(self._inodes))
+
+    def _check_content(self, sm: StateMachine, txn: lmdb.Transaction[bytes], op: o.ContentSet,
+                       extents: tuple[Extent, ...]) -> None:
+        """Before anything is written: the bytes lie in fresh space, in file order, within the size."""
+        for prev, nxt in itertools.pairwise(extents):
+            if prev.end_block > nxt.file_block:
+                raise FsError(errno.EINVAL, "content extents must be in file order and disjoint")
+        if extents and extents[-1].end_block > blocks_for(op.size):
+            raise FsError(errno.EINVAL, "content extents beyond the content's size")
+        if any(ext.unwritten for ext in extents):
+            raise FsError(errno.EINVAL, "content extents carry checksums")
+        if op.size > MAX_FILE_SIZE_BYTES:
+            raise FsError(errno.EFBIG)
+        sm.space_check_new(txn, [(ext.dev_block, ext.count) for ext in extents])
+
+    def _apply_created(self, sm: StateMachine, txn: lmdb.Transaction[bytes], op: o.Created) -> None:
+        if txn.get(op.object, db=self.db["sids"]) is not None:
+            return
+        ino = sm.next_ino(txn)
+        wall = op.stamp.wall_ns
+        fmt = stat.S_IFMT(op.mode)
+        if fmt not in (stat.S_IFREG, stat.S_IFDIR, stat.S_IFLNK, stat.S_IFIFO, stat.S_IFSOCK, stat.S_IFCHR,
+                       stat.S_IFBLK):
+            raise FsError(errno.EINVAL, f"an object of unknown type {fmt:o}")
+        inode = Inode(ino, op.mode, op.uid, op.gid, 0, len(op.target), op.mtime_ns, op.mtime_ns, wall, rdev=op.rdev)
+        if inode.is_dir:
+            inode.nlink = 2
+        sm.ns.put_inode(txn, inode)
+        if stat.S_ISLNK(op.mode):
+            txn.put(u64(ino), op.target, db=self.db["symlinks"])
+        self._set_ids(txn, ino, op.object)
+
+    def _apply_moved(self, sm: StateMachine, txn: lmdb.Transaction[bytes], op: o.Moved) -> int:
+        if txn.get(op.object, db=self.db["sids"]) is None:
+            raise FsError(errno.EINVAL, f"a move of entry {op.node.hex()} names an unknown object")
+        if op.parent not in (ROOT, TRASH) and self.placement(txn, op.parent) is None \
+                and txn.get(op.parent, db=self.db["sids"]) is None:
+            raise FsError(errno.EINVAL, f"a move into unknown directory {op.parent.hex()}")
+        if txn.get(op.node, db=self.db["sentries"]) is None:
+            self._put_entry(txn, op.node, op.object, 0, b"")
+        dirty = _Dirty()
+        tree = ReplicatedTree(_TableTree(self, txn, dirty), _TableTree(self, txn, dirty))
+        found = tree.apply(Move(op.stamp, op.node, op.parent, op.name, op.seen))
+        for conflict in found:
+            self._conflict(txn, "move", conflict.loser.stamp, conflict.winner.stamp, op.object,
+                           {"node": op.node.hex(), "winner_parent": conflict.winner.parent.hex(),
+                            "winner_name": conflict.winner.name.hex(), "loser_parent": conflict.loser.parent.hex(),
+                            "loser_name": conflict.loser.name.hex()})
+        self._reshow(sm, txn, dirty, op.stamp.wall_ns)
+        return len(found)
+
+    def _apply_attrs(self, sm: StateMachine, txn: lmdb.Transaction[bytes], op: o.AttrsSet) -> int:
+        value = [op.mode, op.uid, op.gid, op.atime_ns, op.mtime_ns]
+        shown, lost = self._remote_version(txn, op.object, ATTRS, Version(op.stamp, value, op.seen))
+        if shown is not _UNCHANGED:
+            ino = self._ino(txn, op.object)
+            if ino is not None:
+                inode = sm.ns.require_inode(txn, ino)
+                mode, uid, gid, atime_ns, mtime_ns = shown
+                inode.mode = stat.S_IFMT(inode.mode) | (mode & 0o7777)
+                inode.uid, inode.gid, inode.atime_ns = uid, gid, atime_ns
+                content = self._versions(txn, op.object + CONTENT)
+                if not content or content[0].stamp < self._versions(txn, op.object + ATTRS)[0].stamp:
+                    inode.mtime_ns = mtime_ns  # the newer of the two registers sets mtime
+                inode.ctime_ns = max(inode.ctime_ns, op.stamp.wall_ns)
+                sm.ns.put_inode(txn, inode)
+        return lost
+
+    def _apply_xattr(self, sm: StateMachine, txn: lmdb.Transaction[bytes], op: o.XattrSet) -> int:
+        value = None if op.value is None else op.value.hex()
+        shown, lost = self._remote_version(txn, op.object, XATTR + op.name, Version(op.stamp, value, op.seen))
+        ino = self._ino(txn, op.object)
+        if shown is not _UNCHANGED and ino is not None:
+            sm.put_xattr_raw(txn, ino, op.name, None if shown is None else bytes.fromhex(shown))
+        return lost
+
+    def _apply_content(self, sm: StateMachine, txn: lmdb.Transaction[bytes], op: o.ContentSet,
+                       extents: tuple[Extent, ...], now_ns: int) -> int:
+        """The peer's content version: its bytes, already on our device, become the file's when it
+        wins; a concurrent version that loses, ours or theirs, is kept as a sibling file named
+        after its own stamp (the same name, the same bytes, on both sites); a version the file had
+        already moved past is dropped (its blocks freed after the grace period)."""
+        for ext in extents:
+            sm.space.take(txn, ext.dev_block, ext.count)
+        ino = self._ino(txn, op.object)
+        inode = None if ino is None else sm.ns.get_inode(txn, ino)
+        if inode is None or not inode.is_reg:
+            sm.defer_free(txn, [(e.dev_block, e.count) for e in extents], now_ns)
+            if inode is not None:
+                raise FsError(errno.EINVAL, "file content for an object that is not a regular file")
+            return 0
+        previous = self._versions(txn, op.object + CONTENT)
+        value = [op.size, op.mtime_ns, op.mode, op.uid, op.gid]
+        shown, lost = self._remote_version(txn, op.object, CONTENT, Version(op.stamp, value, op.seen))
+        lost_stamps = {v.stamp for v in self._versions(txn, op.object + CONTENT)[1:]} - {v.stamp for v in previous[1:]}
+        fmap = sm.db["fmap"]
+        if shown is not _UNCHANGED:
+            old = list(filemap.all_extents(txn, fmap, inode.ino))
+            before = previous[0] if previous else None
+            if before is not None and before.stamp in lost_stamps:
+                self._keep_sibling(sm, txn, inode, old, before.value, before.stamp)
+            else:
+                sm.defer_free(txn, filemap.unmap_range(txn, fmap, inode.ino, 0, 1 << 62), now_ns)
+            for ext in extents:
+                filemap.map_extent(txn, fmap, inode.ino, ext)
+            inode.blocks = sum(ext.count for ext in extents)
+            inode.size = op.size
+            attrs = self._versions(txn, op.object + ATTRS)
+            if not attrs or attrs[0].stamp < op.stamp:  # the newer of the two registers sets mtime
+                inode.mtime_ns = op.mtime_ns
+            inode.ctime_ns = max(inode.ctime_ns, op.stamp.wall_ns)
+            sm.ns.put_inode(txn, inode)
+        elif op.stamp in lost_stamps:
+            self._keep_sibling(sm, txn, inode, list(extents), value, op.stamp, fresh=True)
+        else:
+            sm.defer_free(txn, [(e.dev_block, e.count) for e in extents], now_ns)
+        return lost
+
+    def _keep_sibling(self, sm: StateMachine, txn: lmdb.Transaction[bytes], inode: Inode, extents: list[Extent],
+                      version: list[int], stamp: Stamp, *, fresh: bool = False) -> None:
+        """Keep a losing content version as a file in /.conflicts, named after the file's object
+        and the version's stamp: the same name and bytes on both sites, whatever each showed of
+        the file when the conflict came. `fresh`: the extents are the peer's, mapped nowhere
+        yet; else they move over from `inode`."""
+        folder = self._conflicts_dir(sm, txn, stamp.wall_ns)
+        obj = self.object_of(txn, inode.ino)
+        assert obj is not None
+        sibling_name = conflict_name(obj.hex().encode(), stamp)
+        fmap = sm.db["fmap"]
+        if sm.ns.lookup(txn, folder, sibling_name) is not None:  # kept already
+            if fresh:
+                sm.defer_free(txn, [(e.dev_block, e.count) for e in extents], stamp.wall_ns)
+            return
+        size, mtime_ns, mode, uid, gid = version
+        sibling = Inode(sm.next_ino(txn), stat.S_IFREG | mode, uid, gid, 1, size, mtime_ns, mtime_ns,
+                        stamp.wall_ns, volume=inode.volume, blocks=sum(e.count for e in extents))
+        for ext in extents:
+            if not fresh:
+                txn.delete(fmap_key(inode.ino, ext.file_block), db=fmap)
+            filemap.map_extent(txn, fmap, sibling.ino, ext)
+        sm.ns.put_inode(txn, sibling)
+        sm.ns.add_entry(txn, folder, sibling_name, sibling.ino, sm.new_cookie(txn, 0))
+        self._entries.append((folder, sibling_name))
+        self._inodes.append(folder)
+        parent = sm.ns.require_inode(txn, folder)
+        parent.mtime_ns = parent.ctime_ns = max(parent.mtime_ns, stamp.wall_ns)
+        sm.ns.put_inode(txn, parent)
+        key = stamp.pack() + b"c"
+        raw = txn.get(key, db=self.db["sconflicts"])
+        record = json.loads(raw) if raw is not None else {}
+        record["kept_as"] = (CONFLICTS_NAME + b"/" + sibling_name).hex()
+        record["kept_ino"] = sibling.ino
+        if raw is not None:
+            txn.put(key, json.dumps(record, sort_keys=True).encode(), db=self.db["sconflicts"])
+
+    def _conflicts_dir(self, sm: StateMachine, txn: lmdb.Transaction[bytes], now_ns: int) -> int:
+        """/.conflicts, made the first time a losing content needs a place (outside the replicated
+        tree: each site keeps its own, and both keep the same files in it)."""
+        if sm.ns.get_inode(txn, CONFLICTS_INO) is None:
+            folder = Inode(CONFLICTS_INO, stat.S_IFDIR | 0o755, 0, 0, 2, 0, now_ns, now_ns, now_ns, parent=ROOT_INO)
+            sm.ns.put_inode(txn, folder)
+            root = sm.ns.require_inode(txn, ROOT_INO)
+            name = CONFLICTS_NAME if sm.ns.lookup(txn, ROOT_INO, CONFLICTS_NAME) is None else CONFLICTS_NAME + b".awsomefs"
+            sm.ns.add_entry(txn, ROOT_INO, name, CONFLICTS_INO, sm.new_cookie(txn, 0))
+            root.nlink += 1
+            sm.ns.put_inode(txn, root)
+            self._entries.append((ROOT_INO, name))
+            self._inodes.append(ROOT_INO)
+        return CONFLICTS_INO
+
+    # -- registers ------------------------------------------------------------------------------
+    def _versions(self, txn: lmdb.Transaction[bytes], key: bytes) -> list[Version[Any]]:
+        raw = txn.get(key, db=self.db["sregs"])
+        if raw is None:
+            return []
+        return [Version(Stamp.unpack(bytes.fromhex(v["stamp"])), v["value"],
+                        {bytes.fromhex(s): Stamp.unpack(bytes.fromhex(t)) for s, t in v["seen"].items()})
+                for v in json.loads(raw)]
+
+    def _put_versions(self, txn: lmdb.Transaction[bytes], key: bytes, versions: tuple[Version[Any], ...]) -> None:
+        txn.put(key, json.dumps([{"stamp": v.stamp.pack().hex(), "value": v.value,
+                                  "seen": {s.hex(): t.pack().hex() for s, t in sorted(v.seen.items())}}
+                                 for v in versions]).encode(), db=self.db["sregs"])
+
+    def _local_version(self, txn: lmdb.Transaction[bytes], obj: bytes, kind: bytes, stamp: Stamp, value: Any) -> None:
+        """A local write saw every version applied here: it replaces them all, and settles their conflicts."""
+        key = obj + kind
+        register = MultiValueRegister(tuple(self._versions(txn, key)))
+        outcome = register.apply(Version(stamp, value, self._seen(txn)))
+        for settled in outcome.settled:
+            self._settle(txn, settled.stamp, kind[:1], by=stamp)
+        self._put_versions(txn, key, register.versions)
+
+    def _remote_version(self, txn: lmdb.Transaction[bytes], obj: bytes, kind: bytes,
+                        version: Version[Any]) -> tuple[Any, int]:
+        """Take in a peer's version; returns (the value now shown, or _UNCHANGED; conflicts made)."""
+        key = obj + kind
+        register = MultiValueRegister(tuple(self._versions(txn, key)))
+        outcome = register.apply(version)
+        self._put_versions(txn, key, register.versions)
+        winner = register.winner
+        assert winner is not None
+        for settled in outcome.settled:
+            self._settle(txn, settled.stamp, kind[:1], by=version.stamp)
+        for loser in outcome.lost:
+            self._conflict(txn, {ATTRS: "attributes", XATTR: "xattr", CONTENT: "content"}[kind[:1]], loser.stamp,
+                           winner.stamp, obj, {"xattr": kind[1:].hex()} if kind[:1] == XATTR else {})
+        return (winner.value if outcome.shown else _UNCHANGED), len(outcome.lost)
+
+    # -- conflicts ------------------------------------------------------------------------------
+    def _conflict(self, txn: lmdb.Transaction[bytes], kind: str, loser: Stamp, winner: Stamp, obj: bytes,
+                  details: dict[str, str]) -> None:
+        record = {"kind": kind, "object": obj.hex(), "winner": winner.pack().hex(), "loser": loser.pack().hex(),
+                  "open": True, **details}
+        txn.put(loser.pack() + kind[:1].encode(), json.dumps(record, sort_keys=True).encode(), db=self.db["sconflicts"])
+
+    def _settle(self, txn: lmdb.Transaction[bytes], loser: Stamp, kind: bytes, *, by: Stamp) -> None:
+        """A conflict's loser was replaced by a version that saw it. When that version comes from
+        the loser's own site, its writer overwrote it knowingly, as it would have with no other
+        site: the copy kept of it goes (else both sites could keep different copies, as each saw
+        the loser lose, or not, by the order things arrived in)."""
+        key = loser.pack() + {ATTRS: b"a", XATTR: b"x", CONTENT: b"c"}[kind]
+        raw = txn.get(key, db=self.db["sconflicts"])
+        if raw is None:
+            return
+        record = json.loads(raw)
+        record["open"] = False
+        if kind == CONTENT and by.site == loser.site and record.get("kept_ino") is not None:
+            self._drop_kept(txn, int(record.pop("kept_ino")), bytes.fromhex(record.pop("kept_as")))
+            record["superseded_by"] = by.pack().hex()
+        txn.put(key, json.dumps(record, sort_keys=True).encode(), db=self.db["sconflicts"])
+
+    def _drop_kept(self, txn: lmdb.Transaction[bytes], ino: int, path: bytes) -> None:
+        sm = self._sm
+        name = path.rpartition(b"/")[2]
+        if sm.ns.lookup(txn, CONFLICTS_INO, name) != ino:
+            return  # renamed or removed by a user meanwhile: theirs now
+        sm.ns.remove_entry(txn, CONFLICTS_INO, name)
+        self._entries.append((CONFLICTS_INO, name))
+        inode = sm.ns.require_inode(txn, ino)
+        inode.nlink = 0
+        sm.orphan(txn, inode)
+
+    def conflicts(self, txn: lmdb.Transaction[bytes]) -> list[dict[str, Any]]:
+        return [json.loads(v) for _, v in _scan(txn, self.db["sconflicts"], b"")]
+
+    # -- showing the tree as directory entries --------------------------------------------------
+    def _reshow(self, sm: StateMachine, txn: lmdb.Transaction[bytes], dirty: _Dirty, now_ns: int) -> None:
+        """Make the directory entries match the placements of what `dirty` names: first every entry
+        that is no longer right goes, then every missing one comes (a swap of two names works)."""
+        # In sorted order, never a set's: every replica must make the same entries with the same cookies.
+        wanted: dict[bytes, tuple[int, bytes] | None] = {}
+        for node in sorted(dirty.nodes):
+            placed = self.placement(txn, node)
+            if placed is None or placed.parent == TRASH:
+                wanted[node] = None
+            else:
+                dirty.groups.add((placed.parent, placed.name))
+        for parent, name in sorted(dirty.groups):
+            if parent == TRASH:
+                continue
+            parent_ino = self._ino(txn, parent)
+            for node, shown in self._group_names(txn, parent, name).items():
+                wanted[node] = None if parent_ino is None else (parent_ino, shown)
+        changed = {node: where for node, where in wanted.items() if self._shown(txn, node) != where}
+        for node in changed:
+            self._unshow_node(txn, node, sm=sm, now_ns=now_ns)
+        for node, where in changed.items():
+            if where is not None:
+                self._show_node(sm, txn, node, *where, now_ns)
+
+    def _group_names(self, txn: lmdb.Transaction[bytes], parent: bytes, name: bytes) -> dict[bytes, bytes]:
+        """The names one group of a directory's children shows (tree.visible_names, for one name):
+        the newest placement keeps the name, the others get names derived from their stamps."""
+        prefix = parent + name + b"\0"
+        members = []
+        for key, _ in _scan(txn, self.db["skids"], prefix):
+            node = bytes(key[len(prefix):])
+            placed = self.placement(txn, node)
+            assert placed is not None
+            members.append((placed.stamp, node))
+        members.sort(reverse=True)
+        shown: dict[bytes, bytes] = {}
+        for rank, (stamp, node) in enumerate(members):
+            if rank == 0:
+                shown[node] = name
+                continue
+            extra, candidate = 1, conflict_name(name, stamp)
+            while candidate in shown.values() or any(True for _ in _scan(txn, self.db["skids"], parent + candidate + b"\0")):
+                extra += 1
+                candidate = conflict_name(name, stamp, extra)
+            shown[node] = candidate
+        return shown
+
+    def _show_node(self, sm: StateMachine, txn: lmdb.Transaction[bytes], node: bytes, parent_ino: int, name: bytes,
+                   now_ns: int) -> None:
+        obj = self._entry_object(txn, node)
+        ino = self._ino(txn, obj)
+        assert ino is not None, obj.hex()
+        holder = sm.ns.lookup(txn, parent_ino, name)
+        if holder == ino:  # a local command put it there already (a rename onto its group's name)
+            self._put_entry(txn, node, obj, parent_ino, name)
+            txn.put(u64(parent_ino) + name, node, db=self.db["snames"])
+            return
+        if holder is not None:
+            # A local entry outside the tree holds the name (made before the link, in a volume...):
+            # the tree's entry waits under its conflict name instead.
+            name = conflict_name(name, self.placement(txn, node).stamp)  # type: ignore[union-attr]
+        parent = sm.ns.require_inode(txn, parent_ino)
+        child = sm.ns.require_inode(txn, ino)
+        sm.ns.add_entry(txn, parent_ino, name, ino, sm.new_cookie(txn, 0))
+        self._entries.append((parent_ino, name))
+        self._inodes += (parent_ino, ino)
+        if child.is_dir:
+            child.parent = parent_ino
+            parent.nlink += 1
+            if child.nlink < 2:
+                child.nlink = 2 + sum(1 for _, sub in sm.ns.names(txn, ino) if sm.ns.require_inode(txn, sub).is_dir)
+        else:
+            child.nlink += 1
+        sm.ns.put_inode(txn, child)
+        parent.mtime_ns = parent.ctime_ns = max(parent.mtime_ns, now_ns)
+        sm.ns.put_inode(txn, parent)
+        txn.delete(ino.to_bytes(8, "big"), db=self.db["orphans"])
+        self._put_entry(txn, node, obj, parent_ino, name)
+        txn.put(u64(parent_ino) + name, node, db=self.db["snames"])
+
+    def _unshow_node(self, txn: lmdb.Transaction[bytes], node: bytes, *, sm: StateMachine | None = None,
+                     now_ns: int = 0) -> None:
+        """Forget where `node` is shown; with `sm`, also remove that directory entry (a remote move
+        takes it away; a local one already did)."""
+        where = self._shown(txn, node)
+        if where is None:
+            return
+        parent_ino, name = where
+        txn.delete(u64(parent_ino) + name, db=self.db["snames"])
+        self._put_entry(txn, node, self._entry_object(txn, node), 0, b"")
+        if sm is None or sm.ns.lookup(txn, parent_ino, name) is None:
+            return
+        child_ino = sm.ns.remove_entry(txn, parent_ino, name)
+        self._entries.append((parent_ino, name))
+        self._inodes += (parent_ino, child_ino)
+        parent = sm.ns.require_inode(txn, parent_ino)
+        child = sm.ns.require_inode(txn, child_ino)
+        if child.is_dir:
+            parent.nlink -= 1
+            child.nlink = 0  # shown again: recounted (_show_node)
+        else:
+            child.nlink -= 1
+        sm.ns.put_inode(txn, child)
+        parent.mtime_ns = parent.ctime_ns = max(parent.mtime_ns, now_ns)
+        sm.ns.put_inode(txn, parent)
+
+    def _unshow(self, txn: lmdb.Transaction[bytes], parent_ino: int, name: bytes) -> None:
+        node = self._node_shown_at(txn, parent_ino, name)
+        if node is not None:
+            self._unshow_node(txn, node)
+
+    # -- forgetting -----------------------------------------------------------------------------
+    def forget(self, sm: StateMachine, txn: lmdb.Transaction[bytes], cmd: c.ForgetSite) -> int:
+        """Both sites have applied everything up to `cmd.through` and nothing concurrent with it is
+        still to come (repl/link.py's horizon): drop the undo log and the acknowledged outbox up
+        to there, and release the objects whose every entry was deleted by then."""
+        through = Stamp.unpack(cmd.through)
+        dirty = _Dirty()
+        tree = _TableTree(self, txn, dirty)
+        dropped = tree.forget_through(through)
+        horizon = txn.get(b"horizon", db=self.meta)
+        if horizon is None or Stamp.unpack(bytes(horizon)) < through:
+            txn.put(b"horizon", cmd.through, db=self.meta)
+        for key, _ in list(_scan(txn, self.db["soutbox"], b"")):
+            if Stamp.unpack(bytes(key)) > through:
+                break
+            txn.delete(key, db=self.db["soutbox"])
+        for key, _ in list(_scan(txn, self.db["skids"], TRASH)):
+            node = bytes(key[-16:])
+            placed = self.placement(txn, node)
+            if placed is None or placed.stamp > through:
+                continue
+            obj = self._entry_object(txn, node)
+            for table, entry_key in (("splace", node), ("skids", bytes(key)), ("sentries", node),
+                                     ("sobjents", obj + node)):
+                txn.delete(entry_key, db=self.db[table])
+            ino = self._ino(txn, obj)
+            inode = None if ino is None else sm.ns.get_inode(txn, ino)
+            if inode is not None and inode.nlink == 0:  # no entry of it is shown anywhere
+                txn.delete(obj, db=self.db["sids"])
+                txn.delete(u64(inode.ino), db=self.db["sinos"])
+                sm.orphan(txn, inode)
+        return dropped
+
+    def kept_inodes(self, txn: lmdb.Transaction[bytes]) -> list[int]:
+        """The inodes of objects with an entry in the tree's TRASH (kept in case it comes back)."""
+        inos = set()
+        for key, _ in _scan(txn, self.db["skids"], TRASH):
+            ino = self._ino(txn, self._entry_object(txn, bytes(key[-16:])))
+            if ino is not None:
+                inos.add(ino)
+        return sorted(inos)
+
+    # -- records --------------------------------------------------------------------------------
+    def placement(self, txn: lmdb.Transaction[bytes], node: bytes) -> Placement | None:
+        raw = txn.get(node, db=self.db["splace"])
+        if raw is None:
+            return None
+        raw = bytes(raw)
+        return Placement(raw[:16], raw[_PLACE_HEAD:], Stamp.unpack(raw[16:_PLACE_HEAD]))
+
+    def object_of(self, txn: lmdb.Transaction[bytes], ino: int) -> bytes | None:
+        raw = txn.get(u64(ino), db=self.db["sinos"])
+        return None if raw is None else bytes(raw)
+
+    def _ino(self, txn: lmdb.Transaction[bytes], obj: bytes) -> int | None:
+        raw = txn.get(obj, db=self.db["sids"])
+        return None if raw is None else read_u64(raw)
+
+    def _set_ids(self, txn: lmdb.Transaction[bytes], ino: int, obj: bytes) -> None:
+        txn.put(obj, u64(ino), db=self.db["sids"])
+        txn.put(u64(ino), obj, db=self.db["sinos"])
+
+    def _replicated_dir(self, txn: lmdb.Transaction[bytes], ino: int) -> bool:
+        return ino not in (VOLUMES_INO, SNAPSHOTS_INO, CONFLICTS_INO) and self.object_of(txn, ino) is not None
+
+    def _new_entry(self, txn: lmdb.Transaction[bytes]) -> bytes:
+        raw = txn.get(b"next_entry", db=self.meta)
+        number = 1 if raw is None else read_u64(raw)
+        txn.put(b"next_entry", u64(number + 1), db=self.meta)
+        return o.global_id(self.site(txn), _ENTRY_BIT | number)
+
+    def _put_entry(self, txn: lmdb.Transaction[bytes], node: bytes, obj: bytes, parent_ino: int, name: bytes) -> None:
+        txn.put(node, obj + u64(parent_ino) + name, db=self.db["sentries"])
+        txn.put(obj + node, b"", db=self.db["sobjents"])
+
+    def _entry_object(self, txn: lmdb.Transaction[bytes], node: bytes) -> bytes:
+        raw = txn.get(node, db=self.db["sentries"])
+        assert raw is not None, node.hex()
+        return bytes(raw[:16])
+
+    def _shown(self, txn: lmdb.Transaction[bytes], node: bytes) -> tuple[int, bytes] | None:
+        raw = txn.get(node, db=self.db["sentries"])
+        if raw is None:
+            return None
+        parent_ino = read_u64(raw, 16)
+        return None if parent_ino == 0 else (parent_ino, bytes(raw[24:]))
+
+    def _node_shown_at(self, txn: lmdb.Transaction[bytes], parent_ino: int, name: bytes) -> bytes | None:
+        raw = txn.get(u64(parent_ino) + name, db=self.db["snames"])
+        return None if raw is None else bytes(raw)
+
+    # -- the clock ------------------------------------------------------------------------------
+    def _tick(self, txn: lmdb.Transaction[bytes], now_ns: int) -> Stamp:
+        """The next stamp: the command's time unless the clock is ahead (a peer's stamps, a step
+        back), then one logical tick past it. From the tables and the command only: every replica
+        computes the same."""
+        raw = txn.get(b"clock", db=self.meta)
+        site = self.site(txn)
+        if raw is None:
+            stamp = Stamp(now_ns, 0, site)
+        else:
+            last = Stamp.unpack(bytes(raw))
+            if now_ns > last.wall_ns:
+                stamp = Stamp(now_ns, 0, site)
+            elif last.logical < MAX_LOGICAL:
+                stamp = Stamp(last.wall_ns, last.logical + 1, site)
+            else:
+                stamp = Stamp(last.wall_ns + 1, 0, site)
+        txn.put(b"clock", stamp.pack(), db=self.meta)
+        return stamp
+
+    def _observe(self, txn: lmdb.Transaction[bytes], remote: Stamp) -> None:
+        raw = txn.get(b"clock", db=self.meta)
+        if raw is None or _wall_logical(remote) > _wall_logical(Stamp.unpack(bytes(raw))):
+            txn.put(b"clock", Stamp(remote.wall_ns, remote.logical, self.site(txn)).pack(), db=self.meta)
+
+    def _seen_stamp(self, txn: lmdb.Transaction[bytes]) -> Stamp | None:
+        raw = txn.get(b"seen", db=self.meta)
+        return None if raw is None else Stamp.unpack(bytes(raw))
+
+    def _seen(self, txn: lmdb.Transaction[bytes]) -> dict[bytes, Stamp]:
+        stamp = self._seen_stamp(txn)
+        return {} if stamp is None else {stamp.site: stamp}
+
+    def _ship(self, txn: lmdb.Transaction[bytes], op: o.Operation) -> None:
+        txn.put(op.stamp.pack(), o.encode(op), db=self.db["soutbox"])
+
+    # -- reads for the shipper and for `site status` --------------------------------------------
+    def outbox(self, txn: lmdb.Transaction[bytes], after: Stamp | None, limit: int) -> list[tuple[Stamp, bytes]]:
+        start = b"" if after is None else after.pack()
+        found = []
+        for key, value in _scan_from(txn, self.db["soutbox"], start):
+            stamp = Stamp.unpack(bytes(key))
+            if after is not None and stamp <= after:
+                continue
+            found.append((stamp, bytes(value)))
+            if len(found) >= limit:
+                break
+        return found
+
+    def shipping(self, txn: lmdb.Transaction[bytes], raw: bytes) -> tuple[bytes, int | None]:
+        """What to send for an outbox entry: the operation, and for a content version the inode
+        whose bytes are that version (the file while it shows it, the sibling a conflict kept it
+        in). A version a later one of this site replaced is sent as `Superseded`: only the
+        newest bytes travel."""
+        op = o.decode(raw)
+        if not isinstance(op, o.ContentSet):
+            return raw, None
+        versions = self._versions(txn, op.object + CONTENT)
+        if versions and versions[0].stamp == op.stamp:
+            return raw, self._ino(txn, op.object)
+        # A version kept in /.conflicts ships from there even once settled here: the peer keeps it too.
+        record = txn.get(op.stamp.pack() + b"c", db=self.db["sconflicts"])
+        kept = None if record is None else json.loads(record).get("kept_ino")
+        if kept is not None and txn.get(u64(kept), db=self.db["inodes"]) is not None:
+            return raw, int(kept)
+        return o.encode(o.Superseded(op.stamp, op.seen)), None
+
+    def applied_from_peer(self, txn: lmdb.Transaction[bytes]) -> Stamp | None:
+        return self._seen_stamp(txn)
+
+
+_UNCHANGED = object()
+"""A register's apply that did not change what shows."""
+
+
+def _wall_logical(stamp: Stamp) -> tuple[int, int]:
+    return stamp.wall_ns, stamp.logical
+
+
+def _scan(txn: lmdb.Transaction[bytes], db: Any, prefix: bytes) -> Iterator[tuple[bytes, bytes]]:
+    """The (key, value) pairs of `db` whose keys start with `prefix`, in key order."""
+    cursor = txn.cursor(db)
+    if not cursor.set_range(prefix):
+        return
+    for key, value in cursor:
+        if bytes(key[:len(prefix)]) != prefix:
+            return
+        yield key, value
+
+
+def _scan_from(txn: lmdb.Transaction[bytes], db: Any, start: bytes) -> Iterator[tuple[bytes, bytes]]:
+    cursor = txn.cursor(db)
+    if not cursor.set_range(start):
+        return
+    yield from cursor
+
+
+def _move_record(move: Move) -> dict[str, Any]:
+    return {"stamp": move.stamp.pack().hex(), "node": move.node.hex(), "parent": move.parent.hex(),
+            "name": move.name.hex(), "seen": {s.hex(): t.pack().hex() for s, t in sorted(move.seen.items())}}
+
+
+def _move(record: dict[str, Any]) -> Move:
+    return Move(Stamp.unpack(bytes.fromhex(record["stamp"])), bytes.fromhex(record["node"]),
+                bytes.fromhex(record["parent"]), bytes.fromhex(record["name"]),
+                {bytes.fromhex(s): Stamp.unpack(bytes.fromhex(t)) for s, t in record["seen"].items()})
+
+
+def _pack_log_entry(entry: LogEntry) -> bytes:
+    before = entry.before
+    return json.dumps({"move": _move_record(entry.move), "done": entry.done,
+                       "before": None if before is None else [before.parent.hex(), before.name.hex(),
+                                                              before.stamp.pack().hex()]}).encode()
+
+
+def _log_entry(raw: bytes) -> LogEntry:
+    record = json.loads(raw)
+    before = record["before"]
+    placement = None if before is None else Placement(bytes.fromhex(before[0]), bytes.fromhex(before[1]),
+                                                      Stamp.unpack(bytes.fromhex(before[2])))
+    return LogEntry(_move(record["move"]), placement, record["done"])
