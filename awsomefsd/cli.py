@@ -164,6 +164,17 @@ def build_parser() -> argparse.ArgumentParser:
     node.add_argument("node_id", type=int, help="the node id (see `awsomefsd status`)")
     _add_settings_flags(node, device=False, mount=False)
 
+    site = sub.add_parser(
+        "site", help="the link to another site: `site link [TOKEN]`, `site unlink`, `site status`, "
+        "`site conflicts`, `site verify`",
+        description="Cross-site replication. `site link` prints a link token on this site; `site link TOKEN` on "
+        "the other site pairs the two. `site status` shows the link, the lag each way and the conflicts; "
+        "`site conflicts` lists them; `site verify` compares both sites' trees (exit 0 only when identical).")
+    site.add_argument("action", choices=["link", "unlink", "status", "conflicts", "verify"])
+    site.add_argument("token", nargs="?", help="for `link`: the token the other site printed")
+    site.add_argument("--json", action="store_true", help="machine-readable output")
+    _add_settings_flags(site, device=False, mount=False)
+
     sub.add_parser("self-test", help="touch every bundled dependency (checks a compiled binary)")
     hand = sub.add_parser(
         "hand-over",
@@ -272,6 +283,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         if args.command == "token":
             return cluster.token_rotate(settings) if args.action == "rotate" else cluster.token(settings)
         return cluster.node_remove(settings, args.node_id)
+    if args.command == "site":
+        from awsomefsd.repl.cli import site_command
+
+        return site_command(settings, args.action, args.token, as_json=args.json)
     if args.command == "hand-over":
         return actions.hand_over(settings)
     if args.command == "format":

@@ -195,6 +195,18 @@ class TierSettings(Section):
         return bool(self.endpoint)
 
 
+class SiteSettings(Section):
+    """Cross-site replication (design note 48): this site's link listener. Off until `listen` is set."""
+
+    listen: str = Field("", description="host:port of the listener the linked site pushes to (mutual TLS, "
+                        "pinned to the peer site's CA); the pairing listener is on port + 1. Empty: no link")
+    advertise: list[str] = Field(default_factory=list, description="addresses (host:port) the other site "
+                                 "reaches the listener at, put in the link token; default: listen")
+    batch_operations: int = Field(512, ge=1, le=4096, description="operations per push at most")
+    batch_bytes: SizeBytes = Field(16 << 20, ge=1 << 20, le=64 << 20, description="file bytes per push at most "
+                                   "(a larger file travels in chunks of this size)")
+
+
 class LogSettings(Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
 
@@ -211,6 +223,7 @@ class Settings(BaseSettings):
     meta: MetaSettings = MetaSettings()
     cluster: ClusterSettings = ClusterSettings()
     tier: TierSettings = TierSettings()
+    site: SiteSettings = SiteSettings()
     log: LogSettings = LogSettings()
 
     model_config = SettingsConfigDict(

@@ -340,6 +340,8 @@ async def serve(core: Core, settings: Settings, *, ready: Callable[[str], None] 
                                                  book=core.duties, period_s=RECLAIM_TICK_S))
             if tiering is not None:
                 await nursery.start(functools.partial(tiering.run, book=core.duties, runs_engine=runs_engines))
+            if settings.site.listen:
+                await _start_site(nursery, core, settings, cluster_member=log_running)
             async def stopping() -> None:
                 _notify("STOPPING=1")
                 if transport.writeback_negotiated():
@@ -387,6 +389,30 @@ async def serve(core: Core, settings: Settings, *, ready: Callable[[str], None] 
                 except Exception:
                     log.exception("flushing buffered data at shutdown failed")
     return handing_over
+
+
+async def _start_site(nursery: trio.Nursery, core: Core, settings: Settings, *, cluster_member: bool) -> None:
+    """The link to another site ([site] listen) and, on a single node, the control socket the
+    `site` commands talk to (a cluster member serves its own)."""
+    from awsomefsd.cluster.rpc import ControlService
+    from awsomefsd.cluster.state import control_socket
+    from awsomefsd.repl.service import SiteService
+    from awsomefsd.rpc.bridge import serve_grpc
+
+    if cluster_member:
+        raise NodeError("[site] listen is set on a cluster member: cross-site links run on single-node "
+                        "sites in this version")
+    try:
+        site = SiteService(core.meta, core.data, core.ops, site=core.superblock.cluster_id,
+                           state_dir=settings.node.state_dir, listen=settings.site.listen,
+                           advertise=settings.site.advertise, batch_operations=settings.site.batch_operations,
+                           batch_bytes=settings.site.batch_bytes, mount=settings.mount.path)
+        await nursery.start(site.run)
+    except (ValueError, OSError) as exc:
+        raise NodeError(f"the site link listener on {settings.site.listen}: {exc}") from None
+    core.metrics.add_collector(site.collect_metrics)
+    await nursery.start(functools.partial(serve_grpc, [ControlService(site.control_handlers()).binding()],
+                                          f"unix://{control_socket(settings.node.state_dir)}"))
 
 
 def _tiering(core: Core, settings: Settings) -> Tiering | None:

@@ -59,7 +59,7 @@ class MemberService:
         return LOG_LEVEL.to_bytes(4, "big")
 
     def binding(self) -> Binding:
-        return Binding(_generic_adder(MEMBER_SERVICE, ("Forward", "Progress", "LogLevel")), self)
+        return Binding(generic_adder(MEMBER_SERVICE, ("Forward", "Progress", "LogLevel")), self)
 
 
 async def ask_progress(channel_to: Callable[[int], grpc.Channel | None], leader: int,
@@ -120,7 +120,7 @@ class ControlService:
         return json.dumps(reply, sort_keys=True).encode()
 
     def binding(self) -> Binding:
-        return Binding(_generic_adder(CONTROL_SERVICE, ("Call",)), self)
+        return Binding(generic_adder(CONTROL_SERVICE, ("Call",)), self)
 
 
 class ControlError(Exception):
@@ -141,7 +141,7 @@ def control_call(socket_path: str, request: dict[str, Any], timeout_s: float = C
     return result
 
 
-def _generic_adder(service: str, methods: tuple[str, ...]) -> Callable[[Any, grpc.Server], None]:
+def generic_adder(service: str, methods: tuple[str, ...]) -> Callable[[Any, grpc.Server], None]:
     def add(servicer: Any, server: grpc.Server) -> None:
         handlers = {name: grpc.unary_unary_rpc_method_handler(getattr(servicer, name)) for name in methods}
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))

@@ -27,6 +27,7 @@ import re
 import secrets
 import uuid
 from dataclasses import dataclass, field
+from typing import ClassVar, Self
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
@@ -43,11 +44,28 @@ MAX_SEEDS = 16
 MAX_SEED_LEN = 255
 MAX_TOKEN_CHARS = 8192
 _FIXED = 16 + FINGERPRINT_BYTES + SECRET_BYTES + 1
-_HEADER_RE = re.compile(r"^awfs([0-9]{1,4})_(.*)$", re.DOTALL)
 _B64URL_RE = re.compile(r"^[A-Za-z0-9_-]*$")
 _SEED_RE = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):([0-9]{1,5})$")
-_PROOF_KEY_INFO = b"awsomefs join proof key v1"
-_TRANSCRIPT_TAG = b"awsomefs/join/v1\x00"
+
+
+@dataclass(frozen=True)
+class Purpose:
+    """What a token admits to. Each purpose has its own prefix, proof key and transcript tag, so a
+    token, a verifier or a proof made for one is worthless for another (a cluster join token
+    cannot link a site, nor the reverse)."""
+
+    prefix: str
+    what: str
+    proof_key_info: bytes
+    transcript_tag: bytes
+
+    @property
+    def header_re(self) -> re.Pattern[str]:
+        return re.compile(rf"^{self.prefix}([0-9]{{1,4}})_(.*)$", re.DOTALL)
+
+
+JOIN = Purpose(TOKEN_PREFIX, "AwsomeFS join token", b"awsomefs join proof key v1", b"awsomefs/join/v1\x00")
+LINK = Purpose("awsite", "AwsomeFS site link token", b"awsomefs site link proof key v1", b"awsomefs/site-link/v1\x00")
 
 
 class TokenError(ValueError):
@@ -66,6 +84,7 @@ def check_seed(seed: str) -> str:
 class JoinToken:
     """What `awsomefsd join` needs: which cluster, how to recognise it, and the shared secret."""
 
+    purpose: ClassVar[Purpose] = JOIN
     cluster_id: uuid.UUID
     ca_fingerprint: bytes
     secret: bytes = field(repr=False)
@@ -82,7 +101,7 @@ class JoinToken:
             check_seed(seed)
 
     @classmethod
-    def generate(cls, cluster_id: uuid.UUID, ca_fingerprint: bytes, seeds: tuple[str, ...] = ()) -> JoinToken:
+    def generate(cls, cluster_id: uuid.UUID, ca_fingerprint: bytes, seeds: tuple[str, ...] = ()) -> Self:
         """A token with a fresh secret from the OS CSPRNG (a rotation is just another call)."""
         return cls(cluster_id, ca_fingerprint, secrets.token_bytes(SECRET_BYTES), tuple(seeds))
 
@@ -93,19 +112,19 @@ class JoinToken:
             raw = seed.encode("ascii")
             body.append(len(raw))
             body += raw
-        header = f"{TOKEN_PREFIX}{TOKEN_VERSION}_"
+        header = f"{self.purpose.prefix}{TOKEN_VERSION}_"
         body += _checksum(header, bytes(body))
         return header + base64.urlsafe_b64encode(bytes(body)).rstrip(b"=").decode("ascii")
 
     @classmethod
-    def parse(cls, text: str) -> JoinToken:
+    def parse(cls, text: str) -> Self:
         """Parse `encode`'s output; surrounding whitespace is ignored, everything else is checked."""
         text = text.strip()
         if len(text) > MAX_TOKEN_CHARS:
             raise TokenError(f"token longer than {MAX_TOKEN_CHARS} characters")
-        m = _HEADER_RE.match(text)
+        m = cls.purpose.header_re.match(text)
         if m is None:
-            raise TokenError(f"not an AwsomeFS join token (it should start with {TOKEN_PREFIX}{TOKEN_VERSION}_)")
+            raise TokenError(f"not an {cls.purpose.what} (it should start with {cls.purpose.prefix}{TOKEN_VERSION}_)")
         version = int(m.group(1))
         if version != TOKEN_VERSION:
             raise TokenError(
@@ -135,11 +154,21 @@ class JoinToken:
         return cls(cluster_id, fp, secret, seeds)
 
     def verifier(self) -> TokenVerifier:
-        return TokenVerifier.from_secret(self.cluster_id, self.secret)
+        return TokenVerifier.from_secret(self.cluster_id, self.secret, self.purpose)
 
     def prove(self, nonce: bytes, csr_der: bytes) -> bytes:
         """The joiner's proof: a signature over the transcript with the secret-derived key."""
-        return _proof_key(self.cluster_id, self.secret).sign(transcript(self.cluster_id, nonce, csr_der))
+        return _proof_key(self.cluster_id, self.secret, self.purpose).sign(
+            transcript(self.cluster_id, nonce, csr_der, self.purpose))
+
+
+@dataclass(frozen=True)
+class LinkToken(JoinToken):
+    """What `awsomefsd site link TOKEN` needs: the other site's id (its cluster id), how to
+    recognise it (its CA), the shared secret, and where its site listener is (`seeds`). What is
+    proved with it is the linking site's CA certificate, in place of a CSR."""
+
+    purpose: ClassVar[Purpose] = LINK
 
 
 def _checksum(header: str, payload: bytes) -> bytes:
@@ -164,16 +193,16 @@ def _parse_seeds(data: bytes) -> tuple[str, ...]:
     return tuple(seeds)
 
 
-def _proof_key(cluster_id: uuid.UUID, secret: bytes) -> Ed25519PrivateKey:
-    seed = HKDF(algorithm=hashes.SHA256(), length=32, salt=cluster_id.bytes, info=_PROOF_KEY_INFO).derive(secret)
+def _proof_key(cluster_id: uuid.UUID, secret: bytes, purpose: Purpose) -> Ed25519PrivateKey:
+    seed = HKDF(algorithm=hashes.SHA256(), length=32, salt=cluster_id.bytes, info=purpose.proof_key_info).derive(secret)
     return Ed25519PrivateKey.from_private_bytes(seed)
 
 
-def transcript(cluster_id: uuid.UUID, nonce: bytes, csr_der: bytes) -> bytes:
+def transcript(cluster_id: uuid.UUID, nonce: bytes, csr_der: bytes, purpose: Purpose = JOIN) -> bytes:
     """What a proof signs: fixed-length fields only, so no two transcripts can be confused."""
     if len(nonce) != NONCE_BYTES:
         raise TokenError(f"nonce must be {NONCE_BYTES} bytes")
-    return _TRANSCRIPT_TAG + cluster_id.bytes + nonce + hashlib.sha256(csr_der).digest()
+    return purpose.transcript_tag + cluster_id.bytes + nonce + hashlib.sha256(csr_der).digest()
 
 
 @dataclass(frozen=True)
@@ -182,17 +211,18 @@ class TokenVerifier:
 
     cluster_id: uuid.UUID
     public_key: bytes  # 32 raw bytes
+    purpose: Purpose = JOIN
 
     @classmethod
-    def from_secret(cls, cluster_id: uuid.UUID, secret: bytes) -> TokenVerifier:
-        pub = _proof_key(cluster_id, secret).public_key()
+    def from_secret(cls, cluster_id: uuid.UUID, secret: bytes, purpose: Purpose = JOIN) -> TokenVerifier:
+        pub = _proof_key(cluster_id, secret, purpose).public_key()
         raw = pub.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-        return cls(cluster_id, raw)
+        return cls(cluster_id, raw, purpose)
 
     def verify(self, nonce: bytes, csr_der: bytes, proof: bytes) -> bool:
         """True only for a proof made with this verifier's secret over exactly this nonce and CSR."""
         try:
-            message = transcript(self.cluster_id, nonce, csr_der)
+            message = transcript(self.cluster_id, nonce, csr_der, self.purpose)
             Ed25519PublicKey.from_public_bytes(self.public_key).verify(proof, message)
         except (InvalidSignature, TokenError, ValueError):
             return False
@@ -202,7 +232,7 @@ class TokenVerifier:
         return self.cluster_id.bytes + self.public_key
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> TokenVerifier:
+    def from_bytes(cls, data: bytes, purpose: Purpose = JOIN) -> TokenVerifier:
         if len(data) != 48:
             raise ValueError("a token verifier is 48 bytes")
-        return cls(uuid.UUID(bytes=data[:16]), data[16:])
+        return cls(uuid.UUID(bytes=data[:16]), data[16:], purpose)

@@ -32,6 +32,7 @@ from awsomefsd.fs.losses import LossLedger
 from awsomefsd.fs.ranges import RangeEditor
 from awsomefsd.fs.reader import Reader
 from awsomefsd.fs.space import ClaimSpace, SpaceGuard
+from awsomefsd.fs.staging import BlockStager
 from awsomefsd.fs.truncate import Truncator
 from awsomefsd.fs.writer import RunWriter
 from awsomefsd.io.device import BlockDevice
@@ -75,6 +76,7 @@ class FileData:
                                flush_interval_ms=flush_interval_ms)
         self.truncator = Truncator(meta, self.buffer, self.flusher, self.reader, allocator, io, clock_ns=clock_ns)
         self.ranges = RangeEditor(meta, self.buffer, self.flusher, self.space, clock_ns=clock_ns)
+        self.stager = BlockStager(self.space, io)
         self.kernel_writeback: Callable[[], Awaitable[None]] | None = None
         """Under the writeback cache: make the kernel send the written pages it keeps (set once
         the mount serves)."""

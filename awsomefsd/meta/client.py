@@ -50,6 +50,7 @@ from awsomefsd.meta.records import (
 )
 from awsomefsd.meta.state_machine import StateMachine
 from awsomefsd.meta.volumes_sm import volume_from_record
+from awsomefsd.repl.hlc import Stamp
 
 FreedListener = Callable[[list[tuple[int, int]]], None]
 
@@ -264,6 +265,31 @@ class MetaClient:
         """Propose a volume or snapshot command (create, resize, snapshot); the record it left."""
         result = await self.propose(command)
         return volume_from_record(result["id"], result)
+
+    # -- cross-site replication (meta/sites.py) --------------------------------------------------
+    def site_link(self) -> dict[str, Any] | None:
+        """The linked site as LinkSite recorded it (id, CA, addresses), or None when not linked."""
+        return self._sm.sites.link_info(self._view())
+
+    def site_outbox(self, after: Stamp | None, limit: int) -> list[tuple[Stamp, bytes]]:
+        """This site's operations after `after` (the peer's cursor), in stamp order."""
+        return self._sm.sites.outbox(self._view(), after, limit)
+
+    def site_shipping(self, raw: bytes) -> tuple[bytes, int | None]:
+        """What to send for an outbox entry, and the inode whose bytes go with it (SiteTables.shipping)."""
+        return self._sm.sites.shipping(self._view(), raw)
+
+    def site_applied_from_peer(self) -> Stamp | None:
+        return self._sm.sites.applied_from_peer(self._view())
+
+    def site_head(self) -> Stamp | None:
+        return self._sm.sites.head(self._view())
+
+    def site_conflicts(self) -> list[dict[str, Any]]:
+        return self._sm.sites.conflicts(self._view())
+
+    def site_outbox_entries(self) -> int:
+        return int(self._view().stat(self._sm.db["soutbox"])["entries"])
 
     # -- the cluster ------------------------------------------------------------------------------
     def cluster_info(self) -> ClusterInfo | None:

@@ -439,6 +439,8 @@ class LinkSite:
 
     peer: bytes  # the other site's 16-byte id (its cluster id)
     now_ns: int
+    peer_ca_pem: bytes = b""  # the CA the peer's certificates chain to (pinned when linking)
+    peer_addresses: tuple[str, ...] = ()  # its site listener(s), host:port
 
 
 @dataclass(frozen=True, slots=True)

@@ -198,6 +198,9 @@ class SiteTables:
         if current is not None:
             raise FsError(errno.EEXIST, f"already linked to site {current.hex()}: unlink it first")
         txn.put(b"peer", cmd.peer, db=self.meta)
+        txn.put(b"link", json.dumps({"peer": cmd.peer.hex(), "ca_pem": cmd.peer_ca_pem.decode(),
+                                     "addresses": list(cmd.peer_addresses), "since_ns": cmd.now_ns}).encode(),
+                db=self.meta)
         before = txn.stat(self.db["soutbox"])["entries"]
         self._set_ids(txn, ROOT_INO, ROOT)
         self._seed(sm, txn, ROOT_INO, ROOT, cmd.now_ns)
@@ -273,6 +276,9 @@ class SiteTables:
         self._local_move(sm, txn, node, 0, name, self._entry_object(txn, node), now_ns)
 
     def _capture_rename(self, sm: StateMachine, txn: lmdb.Transaction[bytes], cmd: c.Rename) -> None:
+        if not cmd.flags & c.RENAME_EXCHANGE and sm.ns.lookup(txn, cmd.old_parent, cmd.old_name) is not None \
+                and not cmd.flags & c.RENAME_WHITEOUT:
+            return  # two names of one file: rename(2) does nothing, and succeeds
         src = self._node_shown_at(txn, cmd.old_parent, cmd.old_name)
         dst = self._node_shown_at(txn, cmd.new_parent, cmd.new_name)
         into_replicated = self._replicated_dir(txn, cmd.new_parent)
@@ -771,8 +777,9 @@ class SiteTables:
         parent = sm.ns.require_inode(txn, parent_ino)
         child = sm.ns.require_inode(txn, child_ino)
         if child.is_dir:
-            parent.nlink -= 1
-            child.nlink = 0  # shown again: recounted (_show_node)
+            # A directory no entry shows has nlink 0 (recounted when it is shown again, _show_node).
+            parent.nlink = max(parent.nlink - 1, 0)
+            child.nlink = 0
         else:
             child.nlink -= 1
         sm.ns.put_inode(txn, child)
@@ -910,6 +917,17 @@ class SiteTables:
 
     def _ship(self, txn: lmdb.Transaction[bytes], op: o.Operation) -> None:
         txn.put(op.stamp.pack(), o.encode(op), db=self.db["soutbox"])
+        txn.put(b"head", op.stamp.pack(), db=self.meta)
+
+    def head(self, txn: lmdb.Transaction[bytes]) -> Stamp | None:
+        """This site's last operation (an acknowledgement carries it: repl/link.py, Ack.head)."""
+        raw = txn.get(b"head", db=self.meta)
+        return None if raw is None else Stamp.unpack(bytes(raw))
+
+    def link_info(self, txn: lmdb.Transaction[bytes]) -> dict[str, Any] | None:
+        """The peer as LinkSite recorded it: its id, CA certificate and addresses."""
+        raw = txn.get(b"link", db=self.meta)
+        return None if raw is None else json.loads(raw)
 
     # -- reads for the shipper and for `site status` --------------------------------------------
     def outbox(self, txn: lmdb.Transaction[bytes], after: Stamp | None, limit: int) -> list[tuple[Stamp, bytes]]:

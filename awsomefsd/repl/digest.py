@@ -47,11 +47,11 @@ class TreeDigest:
 
 
 def digest_tree(root: Path, *, directory_mtimes: bool = False, mtime_resolution_ns: int = 1,
-                on_entry: Callable[[str], None] | None = None) -> TreeDigest:
+                on_entry: Callable[[str], None] | None = None, skip_top: frozenset[str] = frozenset()) -> TreeDigest:
     """The digest of everything under `root` (not following symlinks, nor descending into other
     file systems mounted below it: a mount point is recorded as the directory it is).
     `mtime_resolution_ns`: compare times at a coarser grain (tar keeps whole seconds).
-    `on_entry` sees each path as it is read (progress)."""
+    `on_entry` sees each path as it is read (progress). `skip_top`: names in `root` left out."""
     digest = TreeDigest()
     root_dev = os.lstat(root).st_dev
     first_path: dict[tuple[int, int], str] = {}
@@ -65,6 +65,8 @@ def digest_tree(root: Path, *, directory_mtimes: bool = False, mtime_resolution_
             on_entry(rel)
         digest.records[rel] = _record(path, rel, st, first_path, directory_mtimes, mtime_resolution_ns)
         names = sorted(os.listdir(path)) if stat.S_ISDIR(st.st_mode) and st.st_dev == root_dev else []
+        if not rel and skip_top:
+            names = [name for name in names if name not in skip_top]
         digest.children[rel] = names
         order.append(rel)
         pending.extend(f"{rel}/{name}" if rel else name for name in reversed(names))

@@ -1,0 +1,112 @@
+"""`awsomefsd site ...`: what an operator asks the running daemon about its link to another site."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import uuid
+from typing import Any
+
+from awsomefsd.cli import CliError
+from awsomefsd.cluster.rpc import control_call
+from awsomefsd.cluster.state import control_socket
+from awsomefsd.config import Settings
+from awsomefsd.repl.hlc import Stamp
+
+VERIFY_TIMEOUT_S = 3600.0
+
+
+def site_command(settings: Settings, action: str, argument: str | None, *, as_json: bool) -> int:
+    if action == "link":
+        if argument is None:
+            print(_call(settings, {"op": "site_invite"})["token"])
+        else:
+            reply = _call(settings, {"op": "site_join", "token": argument})
+            print(f"awsomefsd: linked to site {reply['peer']} at {', '.join(reply['addresses'])}; "
+                  "replication has started (`awsomefsd site status`)")
+        return 0
+    if action == "unlink":
+        _call(settings, {"op": "site_unlink"})
+        print("awsomefsd: unlinked; nothing more is sent or received")
+        return 0
+    if action == "status":
+        info = _call(settings, {"op": "site_status"})
+        print(json.dumps(info, indent=2, sort_keys=True) if as_json else render_status(info))
+        return 0
+    if action == "conflicts":
+        if argument is not None:
+            raise CliError("`site conflicts` takes no argument")
+        records = _call(settings, {"op": "site_conflicts"})["conflicts"]
+        print(json.dumps(records, indent=2, sort_keys=True) if as_json else render_conflicts(records))
+        return 0
+    if action == "verify":
+        reply = _call(settings, {"op": "site_verify"}, timeout_s=VERIFY_TIMEOUT_S)
+        if as_json:
+            print(json.dumps(reply, indent=2, sort_keys=True))
+        elif reply["identical"]:
+            print(f"awsomefsd: both sites hold the same tree ({reply['entries']} entries, root {reply['root_hash'][:16]})")
+        else:
+            print(f"awsomefsd: the sites differ in {len(reply['differences'])} place(s):")
+            for line in reply["differences"]:
+                print(f"  {line}")
+        return 0 if reply["identical"] else 1
+    raise CliError(f"unknown site action {action}")
+
+
+def _call(settings: Settings, request: dict[str, Any], timeout_s: float = 60.0) -> dict[str, Any]:
+    socket = control_socket(settings.node.state_dir)
+    if not socket.exists():
+        raise CliError(f"no daemon with a site listener runs on {settings.node.state_dir} "
+                       "(start it with [site] listen set, or give --state)")
+    try:
+        reply = control_call(str(socket), request, timeout_s=timeout_s)
+    except ConnectionError as exc:
+        raise CliError(f"{exc}: is the daemon running?") from None
+    if "error" in reply:
+        raise CliError(str(reply["error"]))
+    return reply
+
+
+def render_status(info: dict[str, Any]) -> str:
+    if not info["linked"]:
+        return f"site {info['site']}: not linked (listener {info['listen']}; `awsomefsd site link` prints a token)"
+    out, inn = info["outbound"], info["inbound"]
+    last = info["last_exchange_ns"]
+    when = datetime.datetime.fromtimestamp(last / 1e9).isoformat(timespec="seconds") if last else "never"
+    lines = [
+        f"site {info['site']} linked to {info['peer']} at {', '.join(info['peer_addresses'])}",
+        f"  link: {'up' if info['link_up'] else 'DOWN'}" + (f" ({info['last_error']})" if info["last_error"] else ""),
+        f"  last exchange: {when}",
+        f"  to the peer:   {out['pending_operations']} operations pending, lag {out['lag_s']:.1f} s; "
+        f"sent {out['operations']} operations, {_size(out['bytes'])}",
+        f"  from the peer: {inn['pending_operations']} operations pending, lag {inn['lag_s']:.1f} s; "
+        f"received {inn['operations']} operations, {_size(inn['bytes'])}",
+        f"  conflicts: {info['open_conflicts']} open, {info['conflicts_total']} in all (`awsomefsd site conflicts`)",
+    ]
+    return "\n".join(lines)
+
+
+def render_conflicts(records: list[dict[str, Any]]) -> str:
+    if not records:
+        return "no conflicts"
+    lines = []
+    for record in records:
+        loser, winner = Stamp.unpack(bytes.fromhex(record["loser"])), Stamp.unpack(bytes.fromhex(record["winner"]))
+        state = "open" if record["open"] else "settled"
+        kept = bytes.fromhex(record["kept_as"]).decode(errors="replace") if record.get("kept_as") else ""
+        lines.append(f"{record['kind']:<10} {state:<7} object {record['object'][:16]}  "
+                     f"won: site {_site(winner)} at {_time(winner)}  lost: site {_site(loser)} at {_time(loser)}"
+                     + (f"  kept as /{kept}" if kept else ""))
+    return "\n".join(lines)
+
+
+def _site(stamp: Stamp) -> str:
+    return str(uuid.UUID(bytes=stamp.site))[:8]
+
+
+def _time(stamp: Stamp) -> str:
+    return datetime.datetime.fromtimestamp(stamp.wall_ns / 1e9).isoformat(timespec="milliseconds")
+
+
+def _size(n: int) -> str:
+    return f"{n / (1 << 20):.1f} MiB"

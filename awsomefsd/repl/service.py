@@ -1,0 +1,612 @@
+"""The link to another site in a running daemon (design note 48): pairing, the listener the peer
+pushes to, and the shipper that pushes this site's operations to the peer.
+
+- **Pairing** (`awsomefsd site link` here prints a token; `awsomefsd site link TOKEN` on the other
+  site): the pairing listener (port + 1 of `[site] listen`) is server-authenticated TLS only,
+  since the other site has no certificate we trust yet. The joining site fetches our CA and checks
+  it against the fingerprint in the token, asks for a nonce (`Challenge`) and proves it knows the
+  token's secret over its own CA certificate (`Pair`, cluster/token.py's proof with the site-link
+  purpose). Then both sides propose `LinkSite`, each pinning the other's CA. The secret is never
+  stored: only its verifier, in `<state>/site/invite`, which a pairing consumes.
+- **The link listener** (`[site] listen`) is mutual TLS: a client certificate must chain to the
+  pinned peer CA, ours is checked by the peer against ours. `Cursor` says how far we applied the
+  peer's operations; `Stage` writes a chunk of a content version's bytes to fresh extents here
+  (kept in memory until the push that maps them); `Push` applies a batch of operations as one
+  `ApplyRemote` command and acknowledges it (repl/link.py's Ack: how far, and our own head).
+- **The shipper** reads the outbox after the peer's cursor, sends the bytes of content versions
+  first, then the operations, and from the acknowledgements keeps the horizon (repl/link.py) up
+  to which `ForgetSite` lets both logs go. It never blocks a local write: it runs beside them and
+  only reads what committed.
+
+A single-node site only, in this version (a cluster member's leader would run the shipper).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import secrets
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import trio
+from cryptography import x509
+from prometheus_client import Metric
+
+from awsomefsd.cluster.ca import cluster_dns_name, fingerprint
+from awsomefsd.cluster.join_service import JoinError, fetch_cluster_ca, split_host_port
+from awsomefsd.cluster.rpc import ControlError, generic_adder
+from awsomefsd.cluster.tls import NodeCredentials
+from awsomefsd.cluster.token import LINK, NONCE_BYTES, LinkToken, TokenError, TokenVerifier
+from awsomefsd.fs.data import FileData
+from awsomefsd.fs.operations import Operations
+from awsomefsd.io.checksum import crc32c
+from awsomefsd.io.layout import BLOCK_SIZE
+from awsomefsd.meta import commands as c
+from awsomefsd.meta.client import MetaClient
+from awsomefsd.meta.errors import FsError
+from awsomefsd.meta.records import Extent
+from awsomefsd.metrics import counter, gauge
+from awsomefsd.repl import ops as o
+from awsomefsd.repl import wire
+from awsomefsd.repl.hlc import EPOCH, Stamp
+from awsomefsd.repl.identity import ca_fingerprint, load_or_create, site_dir
+from awsomefsd.repl.link import Ack, Horizon
+from awsomefsd.rpc.bridge import Binding, BridgeLimits, RpcAbort, serve_grpc, unary_call
+
+log = logging.getLogger(__name__)
+
+PAIRING_SERVICE = "awsomefs.site.v1.Pairing"
+LINK_SERVICE = "awsomefs.site.v1.Link"
+INVITE_FILE = "invite"
+MAX_MESSAGE_BYTES = 64 << 20
+CHUNK_BYTES = 4 << 20
+"""Bytes of one file per Stage call: a larger content version travels in several."""
+MAX_STAGED_BYTES = 512 << 20
+"""Bytes staged and not yet pushed at most: bounds what a sender can make us hold."""
+STAGED_TTL_S = 600.0
+CALL_TIMEOUT_S = 60.0
+VERIFY_TIMEOUT_S = 3600.0
+IDLE_POLL_S = 0.05
+"""How often an idle shipper looks at the outbox (a read of one LMDB page)."""
+HEARTBEAT_S = 2.0
+"""An idle shipper pushes an empty batch this often: the peer's acknowledgement carries its head,
+which moves the horizon on, and the link's state stays current."""
+FORGET_EVERY_S = 5.0
+RETRY_MIN_S, RETRY_MAX_S = 0.5, 10.0
+
+
+@dataclass
+class LinkState:
+    """What `site status` shows of the link, kept by the shipper and the listener."""
+
+    up: bool = False
+    last_error: str = ""
+    last_exchange_ns: int = 0
+    pushed_ops: int = 0
+    pushed_bytes: int = 0
+    received_ops: int = 0
+    received_bytes: int = 0
+    peer_applied: Stamp | None = None
+    """The greatest of our stamps the peer acknowledged."""
+    forgotten: Stamp = EPOCH
+    conflicts_made: int = 0
+    peer_pending: int = 0
+    """What the peer last said of its own outbound direction (our inbound): operations waiting."""
+    peer_lag_s: float = 0.0
+
+
+@dataclass
+class _Staged:
+    extents: list[Extent] = field(default_factory=list)
+    size: int = 0
+    at: float = field(default_factory=time.monotonic)
+
+
+class SiteService:
+    def __init__(self, meta: MetaClient, data: FileData, ops: Operations, *, site: uuid.UUID, state_dir: Path,
+                 listen: str, advertise: list[str], batch_operations: int, batch_bytes: int,
+                 mount: Path | None) -> None:
+        self.meta, self.data, self.ops = meta, data, ops
+        self.site = site
+        self.state_dir = state_dir
+        self.listen = listen
+        self.advertise = advertise or [listen]
+        self.batch_operations = batch_operations
+        self.batch_bytes = batch_bytes
+        self.mount = mount
+        self.credentials: NodeCredentials = load_or_create(state_dir, site)
+        self.state = LinkState()
+        self._nonces: dict[bytes, float] = {}
+        self._staged: dict[Stamp, _Staged] = {}
+        self._apply_lock = trio.Lock()
+        self._relink = trio.Event()
+
+    # -- running ---------------------------------------------------------------------------------
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        host, port = split_host_port(self.listen)
+        pairing = f"{host}:{port + 1}" if ":" not in host else f"[{host}]:{port + 1}"
+        async with trio.open_nursery() as nursery:
+            await nursery.start(lambda task_status: serve_grpc(
+                [Binding(generic_adder(PAIRING_SERVICE, ("Challenge", "Pair")), _Pairing(self))], pairing,
+                credentials=grpc.ssl_server_credentials(
+                    [(self.credentials.key_pem, self.credentials.cert_pem + self.credentials.ca_pem)],
+                    root_certificates=None, require_client_auth=False),
+                task_status=task_status))
+            task_status.started()
+            while True:
+                link = self.meta.site_link()
+                self._relink = trio.Event()
+                if link is None:
+                    await self._relink.wait()
+                    continue
+                async with trio.open_nursery() as linked:
+                    peer_ca = link["ca_pem"].encode()
+                    await linked.start(lambda task_status, peer_ca=peer_ca: serve_grpc(
+                        [Binding(generic_adder(LINK_SERVICE, ("Cursor", "Stage", "Push", "Digest")), _Link(self))],
+                        self.listen, limits=BridgeLimits(max_message_bytes=MAX_MESSAGE_BYTES),
+                        credentials=grpc.ssl_server_credentials(
+                            [(self.credentials.key_pem, self.credentials.cert_pem + self.credentials.ca_pem)],
+                            root_certificates=peer_ca, require_client_auth=True),
+                        task_status=task_status))
+                    linked.start_soon(self._ship_forever, link)
+                    linked.start_soon(self._expire_staged)
+                    await self._relink.wait()
+                    linked.cancel_scope.cancel()
+                self.state = LinkState()
+
+    def relink(self) -> None:
+        """The link changed (linked, unlinked): restart the listener and the shipper."""
+        self._relink.set()
+
+    # -- pairing ---------------------------------------------------------------------------------
+    def invite(self) -> str:
+        """A new link token; the previous one no longer pairs."""
+        if self.meta.site_link() is not None:
+            raise ControlError("this site is linked already: `awsomefsd site unlink` first")
+        token = LinkToken.generate(self.site, ca_fingerprint(self.credentials), tuple(self.advertise))
+        directory = site_dir(self.state_dir)
+        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        (directory / INVITE_FILE).write_bytes(token.verifier().to_bytes())
+        return token.encode()
+
+    async def join(self, text: str) -> dict[str, Any]:
+        """Pair with the site that printed `text`: prove the secret, learn its CA, link both."""
+        try:
+            token = LinkToken.parse(text)
+        except TokenError as exc:
+            raise ControlError(str(exc)) from None
+        if token.cluster_id == self.site:
+            raise ControlError("that token is this site's own: run `awsomefsd site link TOKEN` on the other site")
+        current = self.meta.site_link()
+        if current is not None:
+            raise ControlError(f"this site is linked already (to site {uuid.UUID(current['peer'])}): "
+                               "`awsomefsd site unlink` first")
+        if not token.seeds:
+            raise ControlError("the token names no address of the other site")
+        errors = []
+        for address in token.seeds:
+            try:
+                peer_ca = await trio.to_thread.run_sync(fetch_cluster_ca, _pairing_address(address),
+                                                        token.ca_fingerprint)
+                reply = await self._pair_with(address, token, peer_ca)
+            except (JoinError, OSError, grpc.RpcError, wire.WireError) as exc:
+                errors.append(f"{address}: {_why(exc)}")
+                continue
+            await self._link(token.cluster_id.bytes, peer_ca, tuple(reply["addresses"]))
+            return {"peer": str(token.cluster_id), "addresses": reply["addresses"]}
+        raise ControlError("could not pair: " + "; ".join(errors))
+
+    async def _pair_with(self, address: str, token: LinkToken, peer_ca: x509.Certificate) -> dict[str, Any]:
+        from cryptography.hazmat.primitives import serialization
+
+        ca_pem = peer_ca.public_bytes(serialization.Encoding.PEM)
+        options = [("grpc.ssl_target_name_override", cluster_dns_name(token.cluster_id)),
+                   ("grpc.default_authority", cluster_dns_name(token.cluster_id))]
+        with grpc.secure_channel(_pairing_address(address), grpc.ssl_channel_credentials(root_certificates=ca_pem),
+                                 options=options) as channel:
+            header, _ = wire.unframe(await unary_call(channel, f"/{PAIRING_SERVICE}/Challenge", wire.frame({}),
+                                                      CALL_TIMEOUT_S))
+            nonce = bytes.fromhex(header.get("nonce", ""))
+            own_ca = self.credentials.ca_pem
+            proof = token.prove(nonce, own_ca)
+            request = {"site": str(self.site), "ca_pem": own_ca.decode(), "addresses": self.advertise,
+                       "nonce": nonce.hex(), "proof": proof.hex()}
+            reply, _ = wire.unframe(await unary_call(channel, f"/{PAIRING_SERVICE}/Pair", wire.frame(request),
+                                                     CALL_TIMEOUT_S))
+        if "error" in reply:
+            raise JoinError(str(reply["error"]))
+        return reply
+
+    async def accept_pairing(self, request: dict[str, Any]) -> dict[str, Any]:
+        """The other side of `join`: check the proof against the invitation, then link."""
+        invite = site_dir(self.state_dir) / INVITE_FILE
+        try:
+            verifier = TokenVerifier.from_bytes(invite.read_bytes(), LINK)
+        except (FileNotFoundError, ValueError):
+            return {"error": "this site has no open invitation: run `awsomefsd site link` on it for a token"}
+        try:
+            peer = uuid.UUID(request["site"])
+            ca_pem = str(request["ca_pem"]).encode()
+            peer_ca = x509.load_pem_x509_certificate(ca_pem)
+            nonce = bytes.fromhex(request["nonce"])
+            proof = bytes.fromhex(request["proof"])
+            addresses = [str(a) for a in request["addresses"]][:16]
+        except (KeyError, ValueError, TypeError):
+            raise RpcAbort(grpc.StatusCode.INVALID_ARGUMENT, "a malformed pairing request") from None
+        if self._nonces.pop(nonce, 0) < time.monotonic() or not verifier.verify(nonce, ca_pem, proof):
+            log.warning("site pairing refused: a wrong or rotated link token (from site %s)", peer)
+            return {"error": "the link token is wrong or was replaced by a newer one"}
+        if self.meta.site_link() is not None:
+            return {"error": "that site is linked already"}
+        await self._link(peer.bytes, peer_ca, tuple(addresses))
+        invite.unlink(missing_ok=True)
+        return {"addresses": self.advertise}
+
+    async def _link(self, peer: bytes, peer_ca: x509.Certificate, addresses: tuple[str, ...]) -> None:
+        from cryptography.hazmat.primitives import serialization
+
+        ca_pem = peer_ca.public_bytes(serialization.Encoding.PEM)
+        sent = await self.meta.propose(c.LinkSite(peer, time.time_ns(), ca_pem, addresses))
+        log.info("linked to site %s at %s (fingerprint %s); %d operations to send for the initial sync",
+                 uuid.UUID(bytes=peer), ", ".join(addresses), fingerprint(peer_ca).hex()[:16], sent)
+        self.relink()
+
+    async def unlink(self) -> None:
+        if self.meta.site_link() is None:
+            raise ControlError("this site is not linked")
+        await self.meta.propose(c.UnlinkSite(time.time_ns()))
+        log.info("unlinked from the other site")
+        self.relink()
+
+    def new_nonce(self) -> bytes:
+        now = time.monotonic()
+        self._nonces = {n: t for n, t in self._nonces.items() if t > now}
+        if len(self._nonces) > 1024:
+            raise RpcAbort(grpc.StatusCode.RESOURCE_EXHAUSTED, "too many pairings under way")
+        nonce = secrets.token_bytes(NONCE_BYTES)
+        self._nonces[nonce] = now + 60
+        return nonce
+
+    # -- receiving -------------------------------------------------------------------------------
+    def cursor(self) -> Stamp | None:
+        return self.meta.site_applied_from_peer()
+
+    async def stage(self, header: dict[str, Any], data: memoryview) -> None:
+        stamp = wire.stamp_field(header, "stamp")
+        offset = wire.int_field(header, "offset", limit=1 << 62)
+        if stamp is None or offset % BLOCK_SIZE:
+            raise wire.WireError("a chunk needs its version's stamp and a block-aligned offset")
+        if wire.int_field(header, "crc", limit=1 << 32) != crc32c(data):
+            raise wire.WireError(f"chunk at {offset} of version {stamp} arrived damaged (checksum mismatch)")
+        held = sum(s.size for s in self._staged.values())
+        if held + len(data) > MAX_STAGED_BYTES:
+            raise RpcAbort(grpc.StatusCode.RESOURCE_EXHAUSTED, "too many bytes staged and not pushed")
+        staged = self._staged.get(stamp)
+        if offset == 0 and staged is not None:  # a resend from the start: what was staged goes
+            self.data.stager.release(staged.extents, None)
+            staged = None
+        if staged is None:
+            staged = self._staged[stamp] = _Staged()
+        if offset != staged.size:
+            raise wire.WireError(f"chunk at {offset} of version {stamp}, expected {staged.size}")
+        staged.extents += await self.data.stager.stage(offset // BLOCK_SIZE, data)
+        staged.size += len(data)
+        staged.at = time.monotonic()
+        self.state.received_bytes += len(data)
+
+    async def push(self, header: dict[str, Any]) -> dict[str, Any]:
+        link = self.meta.site_link()
+        if link is None:
+            raise RpcAbort(grpc.StatusCode.FAILED_PRECONDITION, "this site is not linked")
+        after = wire.stamp_field(header, "after")
+        raws = wire.hex_list(header, "ops", limit=4096)
+        extents: list[Extent] = []
+        counts: list[int] = []
+        used: list[Stamp] = []
+        for raw in raws:
+            try:
+                op = o.decode(raw)
+            except o.BadOperation as exc:
+                raise wire.WireError(str(exc)) from None
+            if isinstance(op, o.ContentSet):
+                staged = self._staged.get(op.stamp)
+                if staged is None:
+                    return {"restage": True, "applied": wire.stamp_text(self.cursor())}
+                extents += staged.extents
+                counts.append(len(staged.extents))
+                used.append(op.stamp)
+        async with self._apply_lock:
+            if after != self.cursor():
+                return {"applied": wire.stamp_text(self.cursor()), "head": wire.stamp_text(self.meta.site_head())}
+            if raws:
+                command = c.ApplyRemote(bytes.fromhex(link["peer"]), b"" if after is None else after.pack(),
+                                        tuple(raws), tuple(extents), tuple(counts), time.time_ns())
+                try:
+                    applied = await self.meta.propose(command)
+                except FsError as exc:
+                    for stamp in used:
+                        self.data.stager.release(self._staged.pop(stamp).extents, exc)
+                    if exc.errno == errno.ESTALE:
+                        return {"applied": wire.stamp_text(self.cursor()), "head": wire.stamp_text(self.meta.site_head())}
+                    log.error("refused a batch from the other site: %s", exc)
+                    raise RpcAbort(grpc.StatusCode.INVALID_ARGUMENT, f"refused: {exc}") from None
+                for stamp in used:
+                    del self._staged[stamp]
+                self.state.received_ops += len(raws)
+                if applied.conflicts:
+                    self.state.conflicts_made += applied.conflicts
+                    log.warning("%d conflict(s) with the other site: `awsomefsd site conflicts` lists them",
+                                applied.conflicts)
+            self.state.last_exchange_ns = time.time_ns()
+            pending, lag_s = self.outbound_lag()
+            return {"applied": wire.stamp_text(self.cursor()), "head": wire.stamp_text(self.meta.site_head()),
+                    "pending": pending, "lag_ms": int(lag_s * 1000)}
+
+    async def _expire_staged(self) -> None:
+        while True:
+            await trio.sleep(STAGED_TTL_S / 4)
+            old = [s for s, staged in self._staged.items() if time.monotonic() - staged.at > STAGED_TTL_S]
+            for stamp in old:
+                self.data.stager.release(self._staged.pop(stamp).extents, None)
+
+    # -- shipping --------------------------------------------------------------------------------
+    async def _ship_forever(self, link: dict[str, Any]) -> None:
+        delay = RETRY_MIN_S
+        peer = uuid.UUID(link["peer"])
+        while True:
+            for address in link["addresses"]:
+                try:
+                    with self._channel(link, address) as channel:
+                        await self._ship(channel)
+                except (grpc.RpcError, OSError, wire.WireError, ValueError) as exc:
+                    why = _why(exc)
+                    if self.state.up or self.state.last_error != why:
+                        log.warning("link to site %s at %s is down: %s", peer, address, why)
+                    self.state.up, self.state.last_error = False, why
+            await trio.sleep(delay)
+            delay = min(delay * 2, RETRY_MAX_S)
+
+    async def _ship(self, channel: grpc.Channel) -> None:
+        call = _caller(channel)
+        header, _ = wire.unframe(await call("Cursor", wire.frame({})))
+        cursor = wire.stamp_field(header, "applied")
+        horizon = Horizon()
+        last_push = last_forget = 0.0
+        if not self.state.up:
+            log.info("link to the other site is up; it applied ours up to %s", cursor)
+        self.state.up, self.state.last_error = True, ""
+        while True:
+            entries = self.meta.site_outbox(cursor, self.batch_operations)
+            if not entries and time.monotonic() - last_push < HEARTBEAT_S:
+                await trio.sleep(IDLE_POLL_S)
+                continue
+            ops: list[bytes] = []
+            budget = self.batch_bytes
+            for _stamp, raw in entries:
+                sent, ino = self.meta.site_shipping(raw)
+                if ino is not None:
+                    op = o.decode(sent)
+                    assert isinstance(op, o.ContentSet)
+                    if ops and op.size > budget:
+                        break  # the next push takes it
+                    budget -= await self._send_content(call, op, ino)
+                ops.append(sent)
+                if budget <= 0:
+                    break
+            reply, _ = wire.unframe(await call("Push", wire.frame({"after": wire.stamp_text(cursor),
+                                                                    "ops": [raw.hex() for raw in ops]})))
+            last_push = time.monotonic()
+            if reply.get("restage"):
+                continue  # the peer lost what was staged (a restart): send it again
+            applied, head = wire.stamp_field(reply, "applied"), wire.stamp_field(reply, "head")
+            if applied != cursor and ops:
+                self.state.pushed_ops += len(ops)
+            cursor = applied
+            self.state.peer_applied = applied
+            if "pending" in reply:
+                self.state.peer_pending = wire.int_field(reply, "pending")
+                self.state.peer_lag_s = wire.int_field(reply, "lag_ms") / 1000
+            self.state.last_exchange_ns = time.time_ns()
+            horizon.on_ack(Ack(applied or EPOCH, head or EPOCH))
+            stable = horizon.advance(self.meta.site_applied_from_peer() or EPOCH)
+            if stable > self.state.forgotten and time.monotonic() - last_forget > FORGET_EVERY_S:
+                await self.meta.propose(c.ForgetSite(stable.pack(), time.time_ns()))
+                self.state.forgotten, last_forget = stable, time.monotonic()
+
+    async def _send_content(self, call: Callable[[str, bytes], Awaitable[bytes]], op: o.ContentSet, ino: int) -> int:
+        """Stage a content version's bytes at the peer, chunk by chunk; returns how many."""
+        inode = self.meta.inode(ino)
+        size = op.size if inode is None else min(op.size, self.data.effective_size(ino, inode.size))
+        offset = 0
+        while offset < size or offset == 0:
+            chunk = b"" if inode is None else bytes(await self.data.reader.read(inode, offset, min(CHUNK_BYTES, size - offset)))
+            header = {"stamp": wire.stamp_text(op.stamp), "offset": offset, "crc": crc32c(chunk)}
+            await call("Stage", wire.frame(header, chunk))
+            self.state.pushed_bytes += len(chunk)
+            offset += len(chunk)
+            if not chunk:
+                break
+        return max(size, 1)
+
+    # -- what the CLI asks -----------------------------------------------------------------------
+    def status(self) -> dict[str, Any]:
+        link = self.meta.site_link()
+        conflicts = self.meta.site_conflicts()
+        pending = self.meta.site_outbox(self.state.peer_applied, 1) if link else []
+        now = time.time_ns()
+        return {
+            "site": str(self.site),
+            "listen": self.listen,
+            "linked": link is not None,
+            "peer": None if link is None else str(uuid.UUID(link["peer"])),
+            "peer_addresses": [] if link is None else link["addresses"],
+            "link_up": self.state.up,
+            "last_error": self.state.last_error,
+            "last_exchange_ns": self.state.last_exchange_ns,
+            "outbound": {"pending_operations": self.meta.site_outbox_entries() if link else 0,
+                         "lag_s": round(max(0, now - pending[0][0].wall_ns) / 1e9, 3) if pending else 0.0,
+                         "operations": self.state.pushed_ops, "bytes": self.state.pushed_bytes},
+            "inbound": {"pending_operations": self.state.peer_pending, "lag_s": self.state.peer_lag_s,
+                        "operations": self.state.received_ops, "bytes": self.state.received_bytes},
+            "open_conflicts": sum(1 for r in conflicts if r["open"]),
+            "conflicts_total": len(conflicts),
+        }
+
+    def collect_metrics(self) -> Iterator[Metric]:
+        info = self.status()
+        yield gauge("awsomefs_site_link_up", "1 when the link to the other site is up", int(info["link_up"]))
+        for direction in ("outbound", "inbound"):
+            yield gauge(f"awsomefs_site_{direction}_pending_operations",
+                        f"operations not yet applied by the receiving site ({direction})",
+                        info[direction]["pending_operations"])
+            yield gauge(f"awsomefs_site_{direction}_lag_seconds",
+                        f"how long the oldest operation not yet applied has waited ({direction})",
+                        info[direction]["lag_s"])
+            yield counter(f"awsomefs_site_{direction}_operations", f"operations replicated ({direction})",
+                          info[direction]["operations"])
+            yield counter(f"awsomefs_site_{direction}_bytes", f"file bytes replicated ({direction})",
+                          info[direction]["bytes"])
+        yield counter("awsomefs_site_conflicts", "conflicts with the other site, ever", info["conflicts_total"])
+        yield gauge("awsomefs_site_open_conflicts", "conflicts whose loser no later write replaced",
+                    info["open_conflicts"])
+
+    def outbound_lag(self) -> tuple[int, float]:
+        """(operations the peer has not acknowledged, seconds the oldest of them has waited)."""
+        pending = self.meta.site_outbox(self.state.peer_applied, 1)
+        count = self.meta.site_outbox_entries()
+        return count, (max(0, time.time_ns() - pending[0][0].wall_ns) / 1e9 if pending else 0.0)
+
+    def control_handlers(self) -> dict[str, Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]]:
+        async def invite(_body: dict[str, Any]) -> dict[str, Any]:
+            return {"token": self.invite()}
+
+        async def join(body: dict[str, Any]) -> dict[str, Any]:
+            return await self.join(str(body.get("token", "")))
+
+        async def unlink(_body: dict[str, Any]) -> dict[str, Any]:
+            await self.unlink()
+            return {}
+
+        async def status(_body: dict[str, Any]) -> dict[str, Any]:
+            return self.status()
+
+        async def conflicts(_body: dict[str, Any]) -> dict[str, Any]:
+            return {"conflicts": self.meta.site_conflicts()}
+
+        async def verify(_body: dict[str, Any]) -> dict[str, Any]:
+            return await self.verify()
+
+        return {"site_invite": invite, "site_join": join, "site_unlink": unlink, "site_status": status,
+                "site_conflicts": conflicts, "site_verify": verify}
+
+    async def verify(self) -> dict[str, Any]:
+        """Both trees' digests compared: this site's, and the peer's over the link."""
+        from awsomefsd.repl.digest import differences
+        from awsomefsd.repl.verify import DigestError, decode, local_digest
+
+        link = self.meta.site_link()
+        if link is None:
+            raise ControlError("this site is not linked")
+        try:
+            mine = decode(await local_digest(self.mount))
+            errors = []
+            for address in link["addresses"]:
+                try:
+                    with self._channel(link, address) as channel:
+                        header, _ = wire.unframe(await unary_call(channel, f"/{LINK_SERVICE}/Digest", wire.frame({}),
+                                                                  VERIFY_TIMEOUT_S))
+                    break
+                except (grpc.RpcError, OSError, wire.WireError) as exc:
+                    errors.append(f"{address}: {_why(exc)}")
+            else:
+                raise ControlError("cannot reach the other site: " + "; ".join(errors))
+            theirs = decode(header)
+        except (DigestError, OSError) as exc:
+            raise ControlError(str(exc)) from None
+        found = differences(mine, theirs)
+        return {"identical": not found, "differences": found, "entries": len(mine.records),
+                "root_hash": mine.root_hash, "peer_root_hash": theirs.root_hash}
+
+    def _channel(self, link: dict[str, Any], address: str) -> grpc.Channel:
+        """A channel to the peer's link listener: its certificate must chain to its pinned CA, ours
+        is presented."""
+        peer = uuid.UUID(link["peer"])
+        options = [("grpc.ssl_target_name_override", cluster_dns_name(peer)),
+                   ("grpc.default_authority", cluster_dns_name(peer)),
+                   ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                   ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
+        credentials = grpc.ssl_channel_credentials(root_certificates=link["ca_pem"].encode(),
+                                                   private_key=self.credentials.key_pem,
+                                                   certificate_chain=self.credentials.cert_pem)
+        return grpc.secure_channel(address, credentials, options=options)
+
+
+class _Pairing:
+    def __init__(self, service: SiteService) -> None:
+        self.service = service
+
+    async def Challenge(self, request: bytes, context: grpc.ServicerContext) -> bytes:
+        return wire.frame({"nonce": self.service.new_nonce().hex()})
+
+    async def Pair(self, request: bytes, context: grpc.ServicerContext) -> bytes:
+        try:
+            header, _ = wire.unframe(request)
+        except wire.WireError as exc:
+            raise RpcAbort(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
+        return wire.frame(await self.service.accept_pairing(header))
+
+
+class _Link:
+    """The peer's calls; the TLS handshake already required its certificate to chain to its CA."""
+
+    def __init__(self, service: SiteService) -> None:
+        self.service = service
+
+    async def Cursor(self, request: bytes, context: grpc.ServicerContext) -> bytes:
+        return wire.frame({"applied": wire.stamp_text(self.service.cursor())})
+
+    async def Stage(self, request: bytes, context: grpc.ServicerContext) -> bytes:
+        try:
+            header, data = wire.unframe(request)
+            await self.service.stage(header, data)
+        except wire.WireError as exc:
+            raise RpcAbort(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
+        return wire.frame({})
+
+    async def Push(self, request: bytes, context: grpc.ServicerContext) -> bytes:
+        try:
+            header, _ = wire.unframe(request)
+            return wire.frame(await self.service.push(header))
+        except wire.WireError as exc:
+            raise RpcAbort(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
+
+    async def Digest(self, request: bytes, context: grpc.ServicerContext) -> bytes:
+        from awsomefsd.repl.verify import local_digest
+
+        return wire.frame(await local_digest(self.service.mount))
+
+
+def _caller(channel: grpc.Channel) -> Callable[[str, bytes], Awaitable[bytes]]:
+    async def call(method: str, request: bytes) -> bytes:
+        return await unary_call(channel, f"/{LINK_SERVICE}/{method}", request, CALL_TIMEOUT_S)
+    return call
+
+
+def _pairing_address(address: str) -> str:
+    host, port = split_host_port(address)
+    return f"[{host}]:{port + 1}" if ":" in host else f"{host}:{port + 1}"
+
+
+def _why(exc: BaseException) -> str:
+    if isinstance(exc, grpc.RpcError):
+        code = exc.code()  # type: ignore[attr-defined]
+        details = exc.details()  # type: ignore[attr-defined]
+        return f"{code.name}: {details}" if details else code.name
+    return str(exc) or type(exc).__name__
+
