@@ -396,17 +396,21 @@ async def _start_site(nursery: trio.Nursery, core: Core, settings: Settings, *, 
     `site` commands talk to (a cluster member serves its own)."""
     from awsomefsd.cluster.rpc import ControlService
     from awsomefsd.cluster.state import control_socket
+    from awsomefsd.fuse.invalidate import Invalidator, targets
     from awsomefsd.repl.service import SiteService
     from awsomefsd.rpc.bridge import serve_grpc
 
     if cluster_member:
         raise NodeError("[site] listen is set on a cluster member: cross-site links run on single-node "
                         "sites in this version")
+    invalidator = Invalidator()
+    nursery.start_soon(invalidator.run)
     try:
         site = SiteService(core.meta, core.data, core.ops, site=core.superblock.cluster_id,
                            state_dir=settings.node.state_dir, listen=settings.site.listen,
                            advertise=settings.site.advertise, batch_operations=settings.site.batch_operations,
-                           batch_bytes=settings.site.batch_bytes, mount=settings.mount.path)
+                           batch_bytes=settings.site.batch_bytes, mount=settings.mount.path,
+                           applied=lambda command, result: invalidator.submit(targets(command, result)))
         await nursery.start(site.run)
     except (ValueError, OSError) as exc:
         raise NodeError(f"the site link listener on {settings.site.listen}: {exc}") from None

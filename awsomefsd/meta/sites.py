@@ -282,26 +282,21 @@ class SiteTables:
         src = self._node_shown_at(txn, cmd.old_parent, cmd.old_name)
         dst = self._node_shown_at(txn, cmd.new_parent, cmd.new_name)
         into_replicated = self._replicated_dir(txn, cmd.new_parent)
+        # Both moves of one rename go to the tree together, so that no name group is re-shown
+        # between them, from a namespace the command already changed all at once.
+        moves: list[tuple[bytes, int, bytes]] = []
         if cmd.flags & c.RENAME_EXCHANGE:
             if src is not None and dst is not None:
-                # Both names are replaced at once: drop both, then place both.
-                self._unshow(txn, cmd.old_parent, cmd.old_name)
-                self._unshow(txn, cmd.new_parent, cmd.new_name)
-                self._local_move(sm, txn, src, cmd.new_parent, cmd.new_name, self._entry_object(txn, src), cmd.now_ns)
-                self._local_move(sm, txn, dst, cmd.old_parent, cmd.old_name, self._entry_object(txn, dst), cmd.now_ns)
+                moves = [(src, cmd.new_parent, cmd.new_name), (dst, cmd.old_parent, cmd.old_name)]
+            self._local_moves(sm, txn, moves, cmd.now_ns)
             return
-        # The command moved both names already: what the tables say they show goes first, so that
-        # re-showing a name group in between sees the namespace as the command left it.
-        self._unshow(txn, cmd.old_parent, cmd.old_name)
-        self._unshow(txn, cmd.new_parent, cmd.new_name)
         if dst is not None:
-            self._local_move(sm, txn, dst, 0, cmd.new_name, self._entry_object(txn, dst), cmd.now_ns)
+            moves.append((dst, 0, cmd.new_name))
         if src is not None:
-            if into_replicated:
-                self._local_move(sm, txn, src, cmd.new_parent, cmd.new_name, self._entry_object(txn, src), cmd.now_ns)
-            else:  # moved out of the replicated tree (into a volume, say): gone for the peer
-                self._local_move(sm, txn, src, 0, cmd.old_name, self._entry_object(txn, src), cmd.now_ns)
-        elif into_replicated:  # moved in from outside: new to the peer
+            # moved out of the replicated tree (into a volume, say): gone, for the peer
+            moves.append((src, cmd.new_parent, cmd.new_name) if into_replicated else (src, 0, cmd.old_name))
+        self._local_moves(sm, txn, moves, cmd.now_ns)
+        if src is None and into_replicated:  # moved in from outside: new to the peer
             ino = sm.ns.lookup(txn, cmd.new_parent, cmd.new_name)
             assert ino is not None
             self._seed_entry(sm, txn, cmd.new_parent, cmd.new_name, sm.ns.require_inode(txn, ino), cmd.now_ns)
@@ -361,26 +356,34 @@ class SiteTables:
     # -- the local side of a move ---------------------------------------------------------------
     def _local_move(self, sm: StateMachine, txn: lmdb.Transaction[bytes], node: bytes, parent_ino: int,
                     name: bytes, obj: bytes, now_ns: int) -> None:
-        """A move the local command already made in the namespace (parent_ino 0: a delete):
-        record it in the tree and the outbox, then re-show the name group it left, where an
-        entry shown under a conflict name may get its own name back."""
-        parent = TRASH if parent_ino == 0 else self.object_of(txn, parent_ino)
-        assert parent is not None, parent_ino
-        stamp = self._tick(txn, now_ns)
-        seen = self._seen(txn)
+        """A move the local command already made in the namespace (parent_ino 0: a delete)."""
         if txn.get(node, db=self.db["sentries"]) is None:
             self._put_entry(txn, node, obj, 0, b"")
-        self._unshow_node(txn, node)
+        self._local_moves(sm, txn, [(node, parent_ino, name)], now_ns)
+
+    def _local_moves(self, sm: StateMachine, txn: lmdb.Transaction[bytes], moves: list[tuple[bytes, int, bytes]],
+                     now_ns: int) -> None:
+        """Moves one local command already made in the namespace, (node, parent ino or 0 for a
+        delete, name) each: recorded in the tree and the outbox, then the name groups they left
+        are re-shown, where an entry shown under a conflict name may get its own name back. The
+        moved entries show what the command made: each is the newest of its new group."""
+        for node, _parent_ino, _name in moves:
+            self._unshow_node(txn, node)
         dirty = _Dirty()
-        ReplicatedTree(_TableTree(self, txn, dirty), _TableTree(self, txn, dirty)).apply(
-            Move(stamp, node, parent, name, seen))
-        if parent_ino:
-            self._put_entry(txn, node, obj, parent_ino, name)
-            txn.put(u64(parent_ino) + name, node, db=self.db["snames"])
-        self._ship(txn, o.Moved(stamp, node, parent, name, obj, seen))
-        dirty.nodes.discard(node)
-        dirty.groups.discard((parent, name))
-        self._reshow(sm, txn, dirty, stamp.wall_ns)
+        tree = ReplicatedTree(_TableTree(self, txn, dirty), _TableTree(self, txn, dirty))
+        for node, parent_ino, name in moves:
+            parent = TRASH if parent_ino == 0 else self.object_of(txn, parent_ino)
+            assert parent is not None, parent_ino
+            stamp = self._tick(txn, now_ns)
+            seen = self._seen(txn)
+            tree.apply(Move(stamp, node, parent, name, seen))
+            self._ship(txn, o.Moved(stamp, node, parent, name, self._entry_object(txn, node), seen))
+        for node, parent_ino, name in moves:
+            if parent_ino:
+                self._put_entry(txn, node, self._entry_object(txn, node), parent_ino, name)
+                txn.put(u64(parent_ino) + name, node, db=self.db["snames"])
+            dirty.nodes.discard(node)
+        self._reshow(sm, txn, dirty, now_ns)
 
     # -- apply ----------------------------------------------------------------------------------
     def apply_remote(self, sm: StateMachine, txn: lmdb.Transaction[bytes], cmd: c.ApplyRemote) -> Applied:
@@ -731,12 +734,7 @@ class SiteTables:
         obj = self._entry_object(txn, node)
         ino = self._ino(txn, obj)
         assert ino is not None, obj.hex()
-        holder = sm.ns.lookup(txn, parent_ino, name)
-        if holder == ino:  # a local command put it there already (a rename onto its group's name)
-            self._put_entry(txn, node, obj, parent_ino, name)
-            txn.put(u64(parent_ino) + name, node, db=self.db["snames"])
-            return
-        if holder is not None:
+        if sm.ns.lookup(txn, parent_ino, name) is not None:
             # A local entry outside the tree holds the name (made before the link, in a volume...):
             # the tree's entry waits under its conflict name instead.
             name = conflict_name(name, self.placement(txn, node).stamp)  # type: ignore[union-attr]

@@ -110,9 +110,12 @@ class _Staged:
 
 class SiteService:
     def __init__(self, meta: MetaClient, data: FileData, ops: Operations, *, site: uuid.UUID, state_dir: Path,
-                 listen: str, advertise: list[str], batch_operations: int, batch_bytes: int,
-                 mount: Path | None) -> None:
+                 listen: str, advertise: list[str], batch_operations: int, batch_bytes: int, mount: Path | None,
+                 applied: Callable[[object, object], None] = lambda command, result: None) -> None:
+        """`applied(command, result)` hears of every ApplyRemote that committed: the mount's kernel
+        caches must forget what it changed (no FUSE request told the kernel)."""
         self.meta, self.data, self.ops = meta, data, ops
+        self.applied = applied
         self.site = site
         self.state_dir = state_dir
         self.listen = listen
@@ -338,6 +341,7 @@ class SiteService:
                     raise RpcAbort(grpc.StatusCode.INVALID_ARGUMENT, f"refused: {exc}") from None
                 for stamp in used:
                     del self._staged[stamp]
+                self.applied(command, applied)
                 self.state.received_ops += len(raws)
                 if applied.conflicts:
                     self.state.conflicts_made += applied.conflicts
@@ -402,6 +406,7 @@ class SiteService:
             reply, _ = wire.unframe(await call("Push", wire.frame({"after": wire.stamp_text(cursor),
                                                                     "ops": [raw.hex() for raw in ops]})))
             last_push = time.monotonic()
+            log.debug("pushed %d operations after %s: %s", len(ops), cursor, reply)
             if reply.get("restage"):
                 continue  # the peer lost what was staged (a restart): send it again
             applied, head = wire.stamp_field(reply, "applied"), wire.stamp_field(reply, "head")

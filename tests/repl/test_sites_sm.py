@@ -92,8 +92,7 @@ class Site:
                     xattrs = tuple(sorted((key[8:], value) for key, value in self.sm.ns.xattrs(txn, child)))
                     times = () if inode.is_dir else (inode.mtime_ns, inode.atime_ns)
                     target = self.sm.ns.symlink_target(txn, child) if inode.is_symlink else b""
-                    blocks = tuple((e.file_block + i, e.checksums[4 * i:4 * i + 4])
-                                   for e in all_extents(txn, self.store.db["fmap"], child) for i in range(e.count))
+                    blocks = blocks_of(self, txn, child)
                     found[here] = (stat.S_IFMT(inode.mode), stat.S_IMODE(inode.mode), inode.uid, inode.gid,
                                    inode.nlink, times, xattrs, target, first, inode.size, blocks)
                     if inode.is_dir:
@@ -133,6 +132,12 @@ class Site:
                         out.append((parent, name, child))
             return out
         return self.read(collect)
+
+
+def blocks_of(site: Site, txn: Any, ino: int) -> tuple[tuple[int, bytes], ...]:
+    """A file's content as (block, checksum) pairs: how its extents are cut up does not matter."""
+    return tuple((e.file_block + i, e.checksums[4 * i:4 * i + 4])
+                 for e in all_extents(txn, site.store.db["fmap"], ino) for i in range(e.count))
 
 
 def ship(src: Site, dst: Site, rng: random.Random | None = None) -> int:
@@ -261,8 +266,7 @@ def kept_copies(site: Site) -> dict[str, tuple[Any, ...]]:
                 ino = record["kept_ino"]
                 inode = site.sm.ns.require_inode(txn, ino)
                 assert site.sm.ns.lookup(txn, 4, bytes.fromhex(record["kept_as"]).rpartition(b"/")[2]) == ino
-                kept[record["loser"]] = (inode.size, stat.S_IMODE(inode.mode), inode.uid, tuple(
-                    (e.file_block, e.checksums) for e in all_extents(txn, site.store.db["fmap"], ino)))
+                kept[record["loser"]] = (inode.size, stat.S_IMODE(inode.mode), inode.uid, blocks_of(site, txn, ino))
         return kept
     return site.read(read)
 

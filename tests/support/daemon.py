@@ -22,7 +22,9 @@ class Daemon:
     """One `awsomefsd dev` process; its output is collected for failure messages."""
 
     def __init__(self, state: Path, mount: Path, size: str = "1G", extra: list[str] | None = None,
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, prefix: list[str] | None = None) -> None:
+        """`prefix`: what the command runs under (`nsenter --net=...` puts it in a network namespace)."""
+        self.prefix = prefix or []
         self.state = state
         self.mount = mount
         self.size = size
@@ -33,7 +35,7 @@ class Daemon:
         self._ready = threading.Event()
 
     def command(self) -> list[str]:
-        return [*AWSOMEFSD, "dev", "--state", str(self.state), "--mount", str(self.mount), "--size", self.size,
+        return [*self.prefix, *AWSOMEFSD, "dev", "--state", str(self.state), "--mount", str(self.mount), "--size", self.size,
                 "--metrics-port", "-1", *self.extra]
 
     def start(self) -> Daemon:

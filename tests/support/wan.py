@@ -33,6 +33,8 @@ class WanLink:
     rate_bytes_s: float | None = None
     """None: no cap."""
     listen: str = "127.0.0.1"
+    port: int = 0
+    """0: any free port (the root namespace); a fixed one inside a test's own network namespace."""
     max_buffered_bytes: int = 16 << 20
     connections: int = 0
     """Accepted so far."""
@@ -50,7 +52,7 @@ class WanLink:
         return host, port
 
     def start(self) -> WanLink:
-        self._server = socket.create_server((self.listen, 0))
+        self._server = socket.create_server((self.listen, self.port))
         self._server.settimeout(0.2)
         self._spawn(self._accept)
         return self
@@ -208,9 +210,11 @@ def main() -> None:
     parser.add_argument("upstream", help="HOST:PORT")
     parser.add_argument("--delay-ms", type=float, default=50.0)
     parser.add_argument("--rate-kib-s", type=float, default=0.0, help="0: no cap")
+    parser.add_argument("--port", type=int, default=0, help="0: any free port")
     args = parser.parse_args()
     host, _, port = args.upstream.rpartition(":")
-    link = WanLink((host, int(port)), args.delay_ms / 1000, args.rate_kib_s * 1024 or None, listen=args.listen).start()
+    link = WanLink((host, int(port)), args.delay_ms / 1000, args.rate_kib_s * 1024 or None, listen=args.listen,
+                   port=args.port).start()
     print(link.address[1], flush=True)
     for line in sys.stdin:
         command = line.strip()
