@@ -315,12 +315,14 @@ def _with_state_defaults(settings: Settings) -> Settings:
 
 def status(settings: Settings, *, as_json: bool) -> int:
     from awsomefsd.cluster.state import MemberState
-    from awsomefsd.status import collect_status, render_status
+    from awsomefsd.status import collect_status, render_status, site_status
 
     member = MemberState.load(settings.node.state_dir)
     settings = _with_state_defaults(settings)
     running = state_in_use(settings.node.state_dir)
     info = collect_status(settings, running=running)
+    if member is None and running:
+        info["site"] = site_status(settings, info)
     if member is not None:
         from awsomefsd.cluster.actions import cluster_status
 

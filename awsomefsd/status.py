@@ -59,6 +59,28 @@ def collect_status(settings: Settings, *, running: bool) -> dict[str, Any]:
     return info
 
 
+def site_status(settings: Settings, info: dict[str, Any]) -> dict[str, Any] | None:
+    """The link to another site, as a running single node sees it (`awsomefsd site status`);
+    None when it serves no site link (no control socket)."""
+    from awsomefsd.cluster.rpc import control_call
+    from awsomefsd.cluster.state import control_socket
+
+    if not control_socket(settings.node.state_dir).exists():
+        return None
+    try:
+        reply = control_call(str(control_socket(settings.node.state_dir)), {"op": "site_status"}, timeout_s=5)
+    except ConnectionError:
+        reply = {"error": "no answer"}
+    if "error" in reply:
+        info["problems"].append(f"the site link does not answer: {reply['error']}")
+        info["healthy"] = False
+        return None
+    if reply["linked"] and not reply["link_up"]:
+        info["problems"].append(f"the link to site {reply['peer']} is down: {reply['last_error']}")
+        info["healthy"] = False
+    return reply
+
+
 def _tier_status(settings: Settings, info: dict[str, Any]) -> dict[str, Any]:
     from awsomefsd.tier.cli import tier_summary
 
@@ -164,6 +186,7 @@ def render_status(info: dict[str, Any]) -> str:
         ("volumes", str(len(meta.get("volumes", [])))),
         *([("object store", f"{_human(info['tier']['tiered_bytes'])} of file data in {info['tier']['objects']} "
                             f"objects ({info['tier']['store']})")] if info.get("tier") else []),
+        *(_site_rows(info["site"]) if info.get("site") else []),
     ]
     width = max(len(k) for k, _ in rows)
     lines = [f"{k.ljust(width)}  {v}" for k, v in rows]
@@ -173,6 +196,15 @@ def render_status(info: dict[str, Any]) -> str:
     lines.append(f"{'health'.ljust(width)}  " + ("OK" if info["healthy"] else "; ".join(info["problems"])))
     lines.append(f"{'as of'.ljust(width)}  {time.strftime('%Y-%m-%d %H:%M:%S')}")
     return "\n".join(lines)
+
+
+def _site_rows(site: dict[str, Any]) -> list[tuple[str, str]]:
+    if not site["linked"]:
+        return [("site link", f"not linked (listener {site['listen']})")]
+    out, inn = site["outbound"], site["inbound"]
+    return [("site link", f"to {site['peer']}: {'up' if site['link_up'] else 'DOWN'}; out {out['pending_operations']} "
+                          f"pending, lag {out['lag_s']:.1f} s; in {inn['pending_operations']} pending, lag "
+                          f"{inn['lag_s']:.1f} s; {site['open_conflicts']} open conflicts")]
 
 
 def _raft_rows(raft: dict[str, Any] | None) -> list[tuple[str, str]]:

@@ -27,8 +27,7 @@ import trio
 
 from awsomefsd.meta import commands as c
 from awsomefsd.meta.errors import FsError
-from awsomefsd.meta.records import SNAPSHOTS_INO, VOLUMES_INO, snapshot_dir_name, volume_dir_name
-from awsomefsd.meta.sites import Applied
+from awsomefsd.meta.records import SNAPSHOTS_INO, VOLUMES_INO, Applied, snapshot_dir_name, volume_dir_name
 
 log = logging.getLogger(__name__)
 

@@ -82,6 +82,8 @@ def check_namespace(log: LocalLog, sm: StateMachine, report: Findings, repair: b
         if ino == ROOT_INO:
             continue
         if links[ino] == 0 and ino not in orphans:
+            if sm.sites.keeps(txn, ino):
+                continue  # deleted, kept while another site's move may bring it back (meta/sites.py)
             report.problem(f"inode {ino} is unreachable")
             if repair:
                 inode.nlink = 0

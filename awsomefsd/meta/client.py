@@ -288,8 +288,9 @@ class MetaClient:
     def site_conflicts(self) -> list[dict[str, Any]]:
         return self._sm.sites.conflicts(self._view())
 
-    def site_outbox_entries(self) -> int:
-        return int(self._view().stat(self._sm.db["soutbox"])["entries"])
+    def site_pending(self, after: Stamp | None) -> int:
+        """Operations after the peer's acknowledgement `after`: what it has not applied yet."""
+        return self._sm.sites.pending_after(self._view(), after)
 
     # -- the cluster ------------------------------------------------------------------------------
     def cluster_info(self) -> ClusterInfo | None:

@@ -316,3 +316,14 @@ class ClusterInfo:
     ca_key_pem: bytes
     join_verifier: bytes
     voters_target: int
+
+
+@dataclass(frozen=True, slots=True)
+class Applied:
+    """What an ApplyRemote (another site's batch, meta/sites.py) did: the conflicts it made, and
+    what a kernel may cache that changed (directory entries as (parent, name), inodes), for the
+    mount's invalidations."""
+
+    conflicts: int
+    entries: tuple[tuple[int, bytes], ...]
+    inodes: tuple[int, ...]

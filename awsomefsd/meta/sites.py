@@ -46,6 +46,7 @@ from awsomefsd.meta.records import (
     ROOT_INO,
     SNAPSHOTS_INO,
     VOLUMES_INO,
+    Applied,
     Extent,
     Inode,
     blocks_for,
@@ -54,9 +55,18 @@ from awsomefsd.meta.records import (
     u64,
 )
 from awsomefsd.repl import ops as o
-from awsomefsd.repl.hlc import MAX_LOGICAL, PACKED_BYTES, Stamp
+from awsomefsd.repl.hlc import MAX_LOGICAL, PACKED_BYTES, Stamp, happened_before
 from awsomefsd.repl.register import MultiValueRegister, Version
-from awsomefsd.repl.tree import ROOT, TRASH, LogEntry, Move, Placement, ReplicatedTree, conflict_name
+from awsomefsd.repl.tree import (
+    MAX_DEPTH,
+    ROOT,
+    TRASH,
+    LogEntry,
+    Move,
+    Placement,
+    ReplicatedTree,
+    conflict_name,
+)
 
 if TYPE_CHECKING:
     from awsomefsd.meta.state_machine import StateMachine
@@ -89,16 +99,6 @@ CONFLICTS_NAME = b".conflicts"
 def site_of_cluster(cluster_id: str) -> bytes:
     """A site's id: its cluster id's 16 bytes."""
     return uuid.UUID(cluster_id).bytes
-
-
-@dataclass(frozen=True, slots=True)
-class Applied:
-    """What an ApplyRemote did: the conflicts it made, and what a kernel may cache that changed
-    (directory entries as (parent, name), inodes), for the mount's invalidations."""
-
-    conflicts: int
-    entries: tuple[tuple[int, bytes], ...]
-    inodes: tuple[int, ...]
 
 
 @dataclass(slots=True)
@@ -323,6 +323,8 @@ class SiteTables:
         self._local_version(txn, obj, CONTENT, stamp, [inode.size, inode.mtime_ns, mode, inode.uid, inode.gid])
         self._ship(txn, o.ContentSet(stamp, obj, inode.size, inode.mtime_ns, mode, inode.uid, inode.gid,
                                      self._seen(txn)))
+        if inode.nlink == 0:  # written through a descriptor after its last name went
+            self._edit_against_delete(self._sm, txn, obj)
 
     def _seed(self, sm: StateMachine, txn: lmdb.Transaction[bytes], ino: int, node: bytes, now_ns: int) -> None:
         """Capture the tree below directory `ino` as creates (a link's initial sync)."""
@@ -384,6 +386,8 @@ class SiteTables:
                 txn.put(u64(parent_ino) + name, node, db=self.db["snames"])
             dirty.nodes.discard(node)
         self._reshow(sm, txn, dirty, now_ns)
+        for node, _parent_ino, _name in moves:
+            self._edit_against_delete(sm, txn, self._entry_object(txn, node))
 
     # -- apply ----------------------------------------------------------------------------------
     def apply_remote(self, sm: StateMachine, txn: lmdb.Transaction[bytes], cmd: c.ApplyRemote) -> Applied:
@@ -484,7 +488,7 @@ class SiteTables:
                             "winner_name": conflict.winner.name.hex(), "loser_parent": conflict.loser.parent.hex(),
                             "loser_name": conflict.loser.name.hex()})
         self._reshow(sm, txn, dirty, op.stamp.wall_ns)
-        return len(found)
+        return len(found) + self._edit_against_delete(sm, txn, op.object)
 
     def _apply_attrs(self, sm: StateMachine, txn: lmdb.Transaction[bytes], op: o.AttrsSet) -> int:
         value = [op.mode, op.uid, op.gid, op.atime_ns, op.mtime_ns]
@@ -551,30 +555,98 @@ class SiteTables:
             self._keep_sibling(sm, txn, inode, list(extents), value, op.stamp, fresh=True)
         else:
             sm.defer_free(txn, [(e.dev_block, e.count) for e in extents], now_ns)
-        return lost
+        return lost + self._edit_against_delete(sm, txn, op.object)
+
+    def _deletion_of(self, txn: lmdb.Transaction[bytes], ino: int) -> Move | object | None:
+        """The move that deleted the last name of an inode no entry shows now: None while one
+        does (or it never had one), `_FORGOTTEN` when the log no longer holds that move."""
+        if self._first_shown(txn, ino) is not None:
+            return None
+        obj = self.object_of(txn, ino)
+        latest: Stamp | None = None
+        for key, _ in _scan(txn, self.db["sobjents"], obj or b"\xff" * 17):
+            placed = self.placement(txn, bytes(key[16:]))
+            if placed is not None and placed.parent == TRASH and (latest is None or placed.stamp > latest):
+                latest = placed.stamp
+        if latest is None:
+            return None
+        entry = _TableTree(self, txn, _Dirty()).entry_at(latest)
+        return _FORGOTTEN if entry is None else entry.move
+
+    def _edit_against_delete(self, sm: StateMachine, txn: lmdb.Transaction[bytes], obj: bytes) -> int:
+        """Edit against delete: the edit wins whatever the stamps. When a file's every name is
+        deleted and the move that deleted the last one had not seen the file's content (its
+        register's winner), that content is kept in /.conflicts, as a copy sharing its blocks,
+        and listed; the delete stands. A function of the tree and the register, not of the order
+        things arrived in, so both sites keep the same copies: when the file has a name again,
+        or a later delete saw the content, the copy goes. A delete the log has forgotten changes
+        nothing any more. Returns how many conflicts this opened."""
+        ino = self._ino(txn, obj)
+        inode = None if ino is None else sm.ns.get_inode(txn, ino)
+        if inode is None or not inode.is_reg:
+            return 0
+        deletion = self._deletion_of(txn, inode.ino)
+        if deletion is _FORGOTTEN:
+            return 0
+        versions = self._versions(txn, obj + CONTENT)
+        wanted = None
+        if isinstance(deletion, Move) and versions and not happened_before(versions[0].stamp, deletion.stamp,
+                                                                            deletion.seen):
+            wanted = versions[0]
+        index = b"edit-delete:" + obj  # the open record of this object, if any (no scan per command)
+        raw_key = txn.get(index, db=self.meta)
+        if raw_key is not None:
+            key = bytes(raw_key)
+            if wanted is not None and key == wanted.stamp.pack() + b"e":
+                return 0  # kept already
+            raw = txn.get(key, db=self.db["sconflicts"])
+            assert raw is not None, key.hex()
+            record = json.loads(raw)
+            record["open"] = False
+            record["resolved"] = "the file has a name again, or a later delete saw the edit"
+            if record.get("kept_ino") is not None:
+                self._drop_kept(txn, int(record.pop("kept_ino")), bytes.fromhex(record.pop("kept_as")))
+            txn.put(key, json.dumps(record, sort_keys=True).encode(), db=self.db["sconflicts"])
+            txn.delete(index, db=self.meta)
+        if wanted is None:
+            return 0
+        assert isinstance(deletion, Move)
+        self._conflict(txn, "edit-delete", wanted.stamp, deletion.stamp, obj, {})
+        txn.put(index, wanted.stamp.pack() + b"e", db=self.meta)
+        extents = list(filemap.all_extents(txn, sm.db["fmap"], inode.ino))
+        self._keep_sibling(sm, txn, inode, extents, wanted.value, wanted.stamp, share=True, kind=b"e")
+        return 1
 
     def _keep_sibling(self, sm: StateMachine, txn: lmdb.Transaction[bytes], inode: Inode, extents: list[Extent],
-                      version: list[int], stamp: Stamp, *, fresh: bool = False) -> None:
+                      version: list[int], stamp: Stamp, *, fresh: bool = False, share: bool = False,
+                      kind: bytes = b"c") -> None:
         """Keep a losing content version as a file in /.conflicts, named after the file's object
         and the version's stamp: the same name and bytes on both sites, whatever each showed of
         the file when the conflict came. `fresh`: the extents are the peer's, mapped nowhere
-        yet; else they move over from `inode`."""
+        yet; `share`: they stay `inode`'s too (copy-on-write); else they move over from `inode`.
+        `kind`: the conflict record (content, or edit-delete) that says where it is kept."""
         folder = self._conflicts_dir(sm, txn, stamp.wall_ns)
         obj = self.object_of(txn, inode.ino)
         assert obj is not None
         sibling_name = conflict_name(obj.hex().encode(), stamp)
         fmap = sm.db["fmap"]
-        if sm.ns.lookup(txn, folder, sibling_name) is not None:  # kept already
+        existing = sm.ns.lookup(txn, folder, sibling_name)
+        if existing is not None:  # kept already (one version can lose twice: to an edit, to a delete)
             if fresh:
                 sm.defer_free(txn, [(e.dev_block, e.count) for e in extents], stamp.wall_ns)
+            self._record_kept(txn, stamp.pack() + kind, sibling_name, existing)
             return
         size, mtime_ns, mode, uid, gid = version
         sibling = Inode(sm.next_ino(txn), stat.S_IFREG | mode, uid, gid, 1, size, mtime_ns, mtime_ns,
                         stamp.wall_ns, volume=inode.volume, blocks=sum(e.count for e in extents))
         for ext in extents:
-            if not fresh:
+            if share:
+                if not ext.unwritten:
+                    sm.space.share(txn, ext.dev_block, ext.count)
+            elif not fresh:
                 txn.delete(fmap_key(inode.ino, ext.file_block), db=fmap)
-            filemap.map_extent(txn, fmap, sibling.ino, ext)
+            if not (share and ext.unwritten):
+                filemap.map_extent(txn, fmap, sibling.ino, ext)
         sm.ns.put_inode(txn, sibling)
         sm.ns.add_entry(txn, folder, sibling_name, sibling.ino, sm.new_cookie(txn, 0))
         self._entries.append((folder, sibling_name))
@@ -582,12 +654,14 @@ class SiteTables:
         parent = sm.ns.require_inode(txn, folder)
         parent.mtime_ns = parent.ctime_ns = max(parent.mtime_ns, stamp.wall_ns)
         sm.ns.put_inode(txn, parent)
-        key = stamp.pack() + b"c"
+        self._record_kept(txn, stamp.pack() + kind, sibling_name, sibling.ino)
+
+    def _record_kept(self, txn: lmdb.Transaction[bytes], key: bytes, name: bytes, ino: int) -> None:
         raw = txn.get(key, db=self.db["sconflicts"])
-        record = json.loads(raw) if raw is not None else {}
-        record["kept_as"] = (CONFLICTS_NAME + b"/" + sibling_name).hex()
-        record["kept_ino"] = sibling.ino
         if raw is not None:
+            record = json.loads(raw)
+            record["kept_as"] = (CONFLICTS_NAME + b"/" + name).hex()
+            record["kept_ino"] = ino
             txn.put(key, json.dumps(record, sort_keys=True).encode(), db=self.db["sconflicts"])
 
     def _conflicts_dir(self, sm: StateMachine, txn: lmdb.Transaction[bytes], now_ns: int) -> int:
@@ -656,7 +730,7 @@ class SiteTables:
         the loser's own site, its writer overwrote it knowingly, as it would have with no other
         site: the copy kept of it goes (else both sites could keep different copies, as each saw
         the loser lose, or not, by the order things arrived in)."""
-        key = loser.pack() + {ATTRS: b"a", XATTR: b"x", CONTENT: b"c"}[kind]
+        key = loser.pack() + kind
         raw = txn.get(key, db=self.db["sconflicts"])
         if raw is None:
             return
@@ -679,7 +753,11 @@ class SiteTables:
         sm.orphan(txn, inode)
 
     def conflicts(self, txn: lmdb.Transaction[bytes]) -> list[dict[str, Any]]:
-        return [json.loads(v) for _, v in _scan(txn, self.db["sconflicts"], b"")]
+        """Every conflict recorded, oldest loser first, with where its object is shown now (`path`)."""
+        records = [json.loads(v) for _, v in _scan(txn, self.db["sconflicts"], b"")]
+        for record in records:
+            record["path"] = self.path_of(txn, bytes.fromhex(record["object"]))
+        return records
 
     # -- showing the tree as directory entries --------------------------------------------------
     def _reshow(self, sm: StateMachine, txn: lmdb.Transaction[bytes], dirty: _Dirty, now_ns: int) -> None:
@@ -958,12 +1036,52 @@ class SiteTables:
             return raw, int(kept)
         return o.encode(o.Superseded(op.stamp, op.seen)), None
 
+    def _first_shown(self, txn: lmdb.Transaction[bytes], ino: int) -> tuple[int, bytes] | None:
+        """Where the first of an inode's entries is shown: (parent ino, name), or None."""
+        obj = self.object_of(txn, ino)
+        if obj is None:
+            return None
+        for key, _ in _scan(txn, self.db["sobjents"], obj):
+            shown = self._shown(txn, bytes(key[16:]))
+            if shown is not None:
+                return shown
+        return None
+
+    def pending_after(self, txn: lmdb.Transaction[bytes], after: Stamp | None, limit: int = 1 << 20) -> int:
+        """How many outbox entries come after `after` (the peer's acknowledgement), at most `limit`."""
+        count = 0
+        for key, _ in _scan_from(txn, self.db["soutbox"], b"" if after is None else after.pack()):
+            if after is not None and Stamp.unpack(bytes(key)) <= after:
+                continue
+            count += 1
+            if count >= limit:
+                break
+        return count
+
+    def path_of(self, txn: lmdb.Transaction[bytes], obj: bytes) -> str | None:
+        """Where this site shows an object now (its first name), or None (deleted, unknown)."""
+        ino = self._ino(txn, obj)
+        where = None if ino is None else self._first_shown(txn, ino)
+        parts: list[bytes] = []
+        for _ in range(MAX_DEPTH):
+            if where is None:
+                return None
+            parent_ino, name = where
+            parts.append(name)
+            if parent_ino == ROOT_INO:
+                return "/" + "/".join(p.decode(errors="replace") for p in reversed(parts))
+            parent = self.object_of(txn, parent_ino)
+            where = None if parent is None else self._shown(txn, parent)
+        return None
+
     def applied_from_peer(self, txn: lmdb.Transaction[bytes]) -> Stamp | None:
         return self._seen_stamp(txn)
 
 
 _UNCHANGED = object()
 """A register's apply that did not change what shows."""
+_FORGOTTEN = object()
+"""A delete the tree's log no longer holds (both sites had moved past it)."""
 
 
 def _wall_logical(stamp: Stamp) -> tuple[int, int]:

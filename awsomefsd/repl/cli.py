@@ -94,7 +94,8 @@ def render_conflicts(records: list[dict[str, Any]]) -> str:
         loser, winner = Stamp.unpack(bytes.fromhex(record["loser"])), Stamp.unpack(bytes.fromhex(record["winner"]))
         state = "open" if record["open"] else "settled"
         kept = bytes.fromhex(record["kept_as"]).decode(errors="replace") if record.get("kept_as") else ""
-        lines.append(f"{record['kind']:<10} {state:<7} object {record['object'][:16]}  "
+        where = record.get("path") or f"object {record['object'][:16]} (no name now)"
+        lines.append(f"{record['kind']:<10} {state:<7} {where}  "
                      f"won: site {_site(winner)} at {_time(winner)}  lost: site {_site(loser)} at {_time(loser)}"
                      + (f"  kept as /{kept}" if kept else ""))
     return "\n".join(lines)

@@ -454,7 +454,7 @@ class SiteService:
             "link_up": self.state.up,
             "last_error": self.state.last_error,
             "last_exchange_ns": self.state.last_exchange_ns,
-            "outbound": {"pending_operations": self.meta.site_outbox_entries() if link else 0,
+            "outbound": {"pending_operations": self.meta.site_pending(self.state.peer_applied) if link else 0,
                          "lag_s": round(max(0, now - pending[0][0].wall_ns) / 1e9, 3) if pending else 0.0,
                          "operations": self.state.pushed_ops, "bytes": self.state.pushed_bytes},
             "inbound": {"pending_operations": self.state.peer_pending, "lag_s": self.state.peer_lag_s,
@@ -484,7 +484,7 @@ class SiteService:
     def outbound_lag(self) -> tuple[int, float]:
         """(operations the peer has not acknowledged, seconds the oldest of them has waited)."""
         pending = self.meta.site_outbox(self.state.peer_applied, 1)
-        count = self.meta.site_outbox_entries()
+        count = self.meta.site_pending(self.state.peer_applied)
         return count, (max(0, time.time_ns() - pending[0][0].wall_ns) / 1e9 if pending else 0.0)
 
     def control_handlers(self) -> dict[str, Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]]:

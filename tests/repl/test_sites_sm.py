@@ -262,7 +262,7 @@ def kept_copies(site: Site) -> dict[str, tuple[Any, ...]]:
     def read(txn: Any) -> dict[str, tuple[Any, ...]]:
         kept = {}
         for record in site.sm.sites.conflicts(txn):
-            if record["kind"] == "content" and record["open"]:
+            if record["kind"] in ("content", "edit-delete") and record["open"]:
                 ino = record["kept_ino"]
                 inode = site.sm.ns.require_inode(txn, ino)
                 assert site.sm.ns.lookup(txn, 4, bytes.fromhex(record["kept_as"]).rpartition(b"/")[2]) == ino
@@ -391,6 +391,36 @@ def test_a_peer_that_sends_garbage_or_an_unknown_format_changes_nothing(tmp_path
     with pytest.raises(FsError) as info:  # a resend of what was applied is refused, not applied twice
         b.apply(c.ApplyRemote(a.id, b"", tuple(good), (), (), b.tick()))
     assert info.value.errno == errno.ESTALE
+
+
+def write(site: Site, ino: int, first: int, count: int, seed: int) -> bytes:
+    checksums = random.Random(seed).randbytes(4 * count)
+    site.apply(c.WriteData(ino, (Extent(first, site.take_blocks(count), count, checksums),), (first + count) * 4096,
+                           site.tick()))
+    return checksums
+
+
+@pytest.mark.parametrize("edit_first", [True, False], ids=["edit-then-delete", "delete-then-edit"])
+def test_an_edit_against_a_delete_keeps_the_edit_on_both_sites(tmp_path: Path, edit_first: bool) -> None:
+    a, b = linked_pair(tmp_path)
+    f = a.new_ino()
+    a.apply(c.Mknod(ROOT_INO, b"f", f, stat.S_IFREG | 0o640, 7, 7, a.tick()))
+    write(a, f, 0, 1, 1)
+    ship(a, b)
+    bf = b.read(lambda txn: b.sm.ns.lookup(txn, ROOT_INO, b"f"))
+    if edit_first:
+        edited = write(b, bf, 0, 2, 2)
+        a.apply(c.Unlink(ROOT_INO, b"f", False, a.tick()))
+    else:
+        a.apply(c.Unlink(ROOT_INO, b"f", False, a.tick()))
+        edited = write(b, bf, 0, 2, 2)
+    ship(a, b)
+    ship(b, a)
+    assert a.snapshot() == b.snapshot() and b"/f" not in a.snapshot(), "the delete stands"
+    assert kept_copies(a) == kept_copies(b)
+    (kept,) = kept_copies(a).values()
+    assert kept[3] == ((0, edited[:4]), (1, edited[4:])), "the edit is kept whole"
+    assert {r["kind"] for r in a.conflicts()} == {"edit-delete"}
 
 
 def test_linking_twice_or_to_itself_is_refused(tmp_path: Path) -> None:

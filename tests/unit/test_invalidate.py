@@ -18,9 +18,8 @@ from awsomefsd.fuse.invalidate import Invalidator, Target
 from awsomefsd.meta import commands as c
 from awsomefsd.meta.codec import COMMAND_TAGS
 from awsomefsd.meta.errors import FsError
-from awsomefsd.meta.records import ROOT_INO, Extent
+from awsomefsd.meta.records import ROOT_INO, Applied, Extent
 from awsomefsd.meta.rename import RENAME_EXCHANGE, RENAME_NOREPLACE
-from awsomefsd.meta.sites import Applied
 from awsomefsd.meta.volumes_sm import SNAPSHOTS_INO, VOLUMES_INO, snapshot_dir_name, volume_dir_name
 from tests.unit.test_state_machine import Harness
 

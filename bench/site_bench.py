@@ -1,0 +1,185 @@
+"""Cross-site replication benchmarks (issue 15): two single-node sites as real daemons, each in a
+network namespace, the WAN proxy between them with a one-way delay (tests/support/sites.py).
+
+    sudo .venv/bin/python bench/site_bench.py [--delay-ms 50] [--runs 3] [--json F]
+
+Figures, medians of `--runs` runs with every run's value beside them:
+- the write path's cost: creates/s of empty files on site a before it is linked and while it is
+  linked (every create then also ships), next to ext4 on a loop device (the reference);
+- replication lag under a steady load on a: small files created and 1 MiB files written at a
+  fixed pace; for each, the time from its close on a to when site b shows it with its whole size
+  (b's mount polled every 5 ms): p50 and p99;
+- catch-up after a partition: the link cut, a batch of small files and 1 MiB files written on a,
+  the link healed; operations and MiB per second until b has them all.
+The delay is the proxy's, one way; the machine's two cores run both sites, the proxy and this
+script, so these figures bound what the replication costs here, not what two real sites see.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(REPO / "bench"), str(REPO)]
+
+from targets import ext4_target  # noqa: E402
+
+from tests.support.sites import link, two_sites, wait_converged  # noqa: E402
+
+MIB = 1 << 20
+
+
+def creates_per_s(directory: Path, count: int) -> float:
+    directory.mkdir()
+    start = time.perf_counter()
+    for i in range(count):
+        os.close(os.open(directory / f"f{i}", os.O_CREAT | os.O_WRONLY, 0o644))
+    return count / (time.perf_counter() - start)
+
+
+def steady_lag(a: Path, b: Path, seconds: float, creates_per_s: float, mib_per_s: float) -> list[float]:
+    """Lags in seconds of every file written on `a` at the given pace, as seen on `b`."""
+    written: dict[str, tuple[float, int]] = {}
+    seen: dict[str, float] = {}
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.is_set() or len(seen) < len(written):
+            for name, (_t, size) in list(written.items()):
+                if name not in seen:
+                    try:
+                        if os.stat(b / name).st_size == size:
+                            seen[name] = time.monotonic()
+                    except FileNotFoundError:
+                        pass
+            time.sleep(0.005)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    payload = os.urandom(MIB)
+    start = time.monotonic()
+    i = 0
+    next_create, next_big = start, start
+    while time.monotonic() - start < seconds:
+        now = time.monotonic()
+        if now >= next_create:
+            name = f"small{i}"
+            (a / name).write_bytes(b"x")
+            written[name] = (time.monotonic(), 1)
+            next_create += 1 / creates_per_s
+            i += 1
+        if mib_per_s and now >= next_big:
+            name = f"big{i}"
+            (a / name).write_bytes(payload)
+            written[name] = (time.monotonic(), MIB)
+            next_big += 1 / mib_per_s
+            i += 1
+        time.sleep(0.001)
+    done.set()
+    watcher.join(120)
+    return [seen[name] - t for name, (t, _size) in written.items() if name in seen]
+
+
+def catch_up(a: Path, b: Path, cut: Callable[[], None], heal: Callable[[], None], received: Callable[[], int],
+             files: int, big_files: int) -> tuple[float, float]:
+    """(operations/s, MiB/s) replaying a partition's writes (`received`: operations b applied so far)."""
+    cut()
+    payload = os.urandom(MIB)
+    (a / "batch").mkdir()
+    for i in range(files):
+        (a / "batch" / f"s{i}").write_bytes(b"y")
+    for i in range(big_files):
+        (a / "batch" / f"b{i}").write_bytes(payload)
+    os.sync()
+    before = received()
+    start = time.monotonic()
+    heal()
+    want = files + big_files
+    deadline = start + 600
+    while time.monotonic() < deadline:
+        try:
+            names = os.listdir(b / "batch")
+            if len(names) == want and all(os.stat(b / "batch" / f"b{i}").st_size == MIB for i in range(big_files)):
+                break
+        except FileNotFoundError:
+            pass
+        time.sleep(0.01)
+    elapsed = time.monotonic() - start
+    return (received() - before) / elapsed, big_files / elapsed
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def measure(args: argparse.Namespace, root: Path) -> dict[str, float]:
+    figures: dict[str, float] = {}
+    with ext4_target(root / "ext4", 2 << 30) as ext4:
+        figures["ext4_creates_per_s"] = creates_per_s(ext4.path / "creates", args.creates)
+    with two_sites(root / "sites", delay_ms=args.delay_ms, size="4G") as (a, b, wan):
+        figures["unlinked_creates_per_s"] = creates_per_s(a.mount / "unlinked", args.creates)
+        link(a, b)
+        wait_converged(a, b, 300)
+        figures["linked_creates_per_s"] = creates_per_s(a.mount / "linked", args.creates)
+        figures["write_path_ratio"] = figures["linked_creates_per_s"] / figures["unlinked_creates_per_s"]
+        wait_converged(a, b, 300)
+        (a.mount / "steady").mkdir()
+        lags = steady_lag(a.mount / "steady", b.mount / "steady", args.steady_s, args.steady_creates, args.steady_mib)
+        figures["lag_p50_s"] = percentile(lags, 0.5)
+        figures["lag_p99_s"] = percentile(lags, 0.99)
+        figures["lag_samples"] = len(lags)
+        def received() -> int:
+            inbound = b.status()["inbound"]
+            assert isinstance(inbound, dict)
+            return int(inbound["operations"])
+
+        ops_s, mib_s = catch_up(a.mount, b.mount, wan.cut, wan.heal, received, args.catch_up_files, args.catch_up_mib)
+        figures["catch_up_ops_per_s"] = ops_s
+        figures["catch_up_mib_per_s"] = mib_s
+        wait_converged(a, b, 300)
+    return figures
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--delay-ms", type=float, default=50.0, help="one-way delay of the link")
+    parser.add_argument("--creates", type=int, default=2000)
+    parser.add_argument("--steady-s", type=float, default=20.0)
+    parser.add_argument("--steady-creates", type=float, default=20.0, help="small files per second")
+    parser.add_argument("--steady-mib", type=float, default=2.0, help="1 MiB files per second")
+    parser.add_argument("--catch-up-files", type=int, default=2000)
+    parser.add_argument("--catch-up-mib", type=int, default=64)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    if os.geteuid() != 0:
+        print("site_bench: needs root (loop devices, network namespaces, FUSE)", file=sys.stderr)
+        return 2
+    runs = []
+    for run in range(args.runs):
+        with tempfile.TemporaryDirectory(dir="/var/tmp", prefix="site-bench-") as tmp:
+            figures = measure(args, Path(tmp))
+        runs.append(figures)
+        print(f"run {run + 1}: " + ", ".join(f"{k} {v:.3f}" for k, v in figures.items()), flush=True)
+    medians = {key: statistics.median(r[key] for r in runs) for key in runs[0]}
+    print(f"\nmedians of {args.runs} runs, link delay {args.delay_ms:g} ms one way:")
+    for key, value in medians.items():
+        spread = " / ".join(f"{r[key]:.3f}" for r in runs)
+        print(f"  {key:<26} {value:10.3f}   ({spread})")
+    if args.json is not None:
+        args.json.write_text(json.dumps({"runs": runs, "medians": medians}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

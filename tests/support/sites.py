@@ -1,0 +1,118 @@
+"""Two linked sites on one machine, for tests and benchmarks: two `awsomefsd dev` daemons, each on
+its own image in a network namespace of its own, and the WAN proxy (tests/support/wan.py) in a
+third, in front of both sites' listeners; each site advertises the proxy's address, so every byte
+between the sites goes through it (one-way delay, bandwidth cap, cut and heal).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from awsomefsd.devcluster.members import wait_for
+from awsomefsd.devcluster.network import Namespace, PrivateNetwork
+from tests.support.daemon import REPO, Daemon, run_cli
+
+PORT_A, PORT_B = 19450, 19460
+"""Fixed ports are safe here: nothing else lives in a test's own namespaces."""
+SYNC_DEADLINE_S = 60.0
+
+
+@dataclass
+class Site:
+    name: str
+    daemon: Daemon
+    namespace: Namespace
+
+    @property
+    def mount(self) -> Path:
+        return self.daemon.mount
+
+    def cli(self, *args: str, timeout_s: float = 120.0) -> subprocess.CompletedProcess[str]:
+        return run_cli("site", *args, "--state", str(self.daemon.state), timeout_s=timeout_s)
+
+    def status(self) -> dict[str, object]:
+        done = self.cli("status", "--json")
+        assert done.returncode == 0, done.stderr
+        result: dict[str, object] = json.loads(done.stdout)
+        return result
+
+
+class Wan:
+    """The proxies between the sites, one per listener, in their own namespace."""
+
+    def __init__(self, namespace: Namespace, targets: list[tuple[int, str]], delay_ms: float,
+                 rate_kib_s: float = 0) -> None:
+        self.procs = []
+        for port, upstream in targets:
+            proc = namespace.popen([sys.executable, "-m", "tests.support.wan", namespace.address, upstream,
+                                    "--port", str(port), "--delay-ms", str(delay_ms), "--rate-kib-s", str(rate_kib_s)],
+                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=str(REPO),
+                                   env={**os.environ, "PYTHONPATH": str(REPO)})
+            assert proc.stdout is not None
+            assert proc.stdout.readline().strip() == str(port)
+            self.procs.append(proc)
+
+    def _say(self, command: str) -> None:
+        for proc in self.procs:
+            assert proc.stdin is not None and proc.stdout is not None
+            proc.stdin.write(command + "\n")
+            proc.stdin.flush()
+            assert proc.stdout.readline().strip() == f"ok {command}"
+
+    def cut(self) -> None:
+        self._say("cut")
+
+    def heal(self) -> None:
+        self._say("heal")
+
+
+@contextmanager
+def two_sites(root: Path, *, delay_ms: float = 25, rate_kib_s: float = 0, size: str = "1G",
+              extra_env: dict[str, str] | None = None) -> Iterator[tuple[Site, Site, Wan]]:
+    """Two unlinked sites under `root` and the WAN between them; everything stops on the way out."""
+    with PrivateNetwork(3) as network:
+        ns_a, ns_b, ns_wan = network.nodes
+        wan = Wan(ns_wan, [(PORT_A, f"{ns_a.address}:{PORT_A}"), (PORT_A + 1, f"{ns_a.address}:{PORT_A + 1}"),
+                           (PORT_B, f"{ns_b.address}:{PORT_B}"), (PORT_B + 1, f"{ns_b.address}:{PORT_B + 1}")],
+                  delay_ms, rate_kib_s)
+        made: list[Site] = []
+        try:
+            for name, ns, port in (("a", ns_a, PORT_A), ("b", ns_b, PORT_B)):
+                env = {"AWSOMEFS_SITE__LISTEN": f"{ns.address}:{port}",
+                       "AWSOMEFS_SITE__ADVERTISE": json.dumps([f"{ns_wan.address}:{port}"]), **(extra_env or {})}
+                (root / f"m{name}").mkdir(exist_ok=True)
+                daemon = Daemon(root / f"s{name}", root / f"m{name}", size=size, env=env,
+                                prefix=["nsenter", f"--net=/run/netns/{ns.name}", "--"])
+                made.append(Site(name, daemon.start(), ns))
+            yield made[0], made[1], wan
+        finally:
+            for site in made:
+                site.daemon.stop_hard()
+
+
+def link(a: Site, b: Site) -> None:
+    """`site link` on a, its token to `site link TOKEN` on b."""
+    token = a.cli("link")
+    assert token.returncode == 0, token.stderr
+    linked = b.cli("link", token.stdout.strip())
+    assert linked.returncode == 0, linked.stderr + a.daemon.logs()[-3000:]
+
+
+def wait_converged(a: Site, b: Site, deadline_s: float = SYNC_DEADLINE_S) -> None:
+    """Until `site verify` says both trees are the same; on time-out, the logs are saved and quoted."""
+    try:
+        wait_for(lambda: a.cli("verify").returncode == 0, deadline_s, "both sites to hold the same tree",
+                 interval_s=0.5)
+    except TimeoutError:
+        for site in (a, b):
+            (site.daemon.state / "daemon.log").write_text(site.daemon.logs())
+        raise AssertionError(a.cli("verify").stdout[:3000] + "\n--- a ---\n" + a.daemon.logs()[-3000:]
+                             + "\n--- b ---\n" + b.daemon.logs()[-3000:]
+                             + f"\n(whole logs: {a.daemon.state}/daemon.log, {b.daemon.state}/daemon.log)") from None
