@@ -30,6 +30,7 @@ import errno
 import itertools
 import json
 import stat
+import struct
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -150,10 +151,10 @@ class _TableTree:
         self.txn.put(entry.move.stamp.pack(), _pack_log_entry(entry), db=self.t.db["slog"])
 
     def moves_of(self, node: bytes) -> list[Move]:
-        return [_move(json.loads(v)) for _, v in _scan(self.txn, self.t.db["smoves"], node)]
+        return [_unpack_move(bytes(v))[0] for _, v in _scan(self.txn, self.t.db["smoves"], node)]
 
     def add_move_of(self, move: Move) -> None:
-        self.txn.put(move.node + move.stamp.pack(), json.dumps(_move_record(move)).encode(), db=self.t.db["smoves"])
+        self.txn.put(move.node + move.stamp.pack(), _pack_move(move), db=self.t.db["smoves"])
 
     def forget_through(self, stamp: Stamp) -> int:
         txn, db = self.txn, self.t.db
@@ -174,21 +175,26 @@ class SiteTables:
     def __init__(self, store: Any, sm: StateMachine) -> None:
         self.db = store.db
         self.meta = store.db["sites"]
-        self._sm = sm
+        self._sm = sm  # its counters, space map and orphan records; the namespace as `ns`
+        self.ns = sm.ns
+        self._site: bytes | None = None
         self._entries: list[tuple[int, bytes]] = []  # touched by the ApplyRemote being applied
         self._inodes: list[int] = []
 
     # -- the link -------------------------------------------------------------------------------
     def site(self, txn: lmdb.Transaction[bytes]) -> bytes:
-        raw = txn.get(b"cluster_id", db=self.db["meta"])
-        assert raw is not None, "a bootstrapped store has a cluster id"
-        return site_of_cluster(bytes(raw).decode())
+        """This site's id (its cluster id, which a store never changes: read once)."""
+        if self._site is None:
+            raw = txn.get(b"cluster_id", db=self.db["meta"])
+            assert raw is not None, "a bootstrapped store has a cluster id"
+            self._site = site_of_cluster(bytes(raw).decode())
+        return self._site
 
     def peer(self, txn: lmdb.Transaction[bytes]) -> bytes | None:
         raw = txn.get(b"peer", db=self.meta)
         return None if raw is None else bytes(raw)
 
-    def link(self, sm: StateMachine, txn: lmdb.Transaction[bytes], cmd: c.LinkSite) -> int:
+    def link(self, txn: lmdb.Transaction[bytes], cmd: c.LinkSite) -> int:
         """Pair with `cmd.peer`: from now on every replicated command is captured. What exists
         already is captured too, as creates from the root down (the initial sync). Returns the
         number of operations that puts in the outbox."""
@@ -203,7 +209,7 @@ class SiteTables:
                 db=self.meta)
         before = txn.stat(self.db["soutbox"])["entries"]
         self._set_ids(txn, ROOT_INO, ROOT)
-        self._seed(sm, txn, ROOT_INO, ROOT, cmd.now_ns)
+        self._seed(txn, ROOT_INO, ROOT, cmd.now_ns)
         return int(txn.stat(self.db["soutbox"])["entries"]) - int(before)
 
     def unlink(self, txn: lmdb.Transaction[bytes], cmd: c.UnlinkSite) -> None:
@@ -216,23 +222,23 @@ class SiteTables:
                 txn.drop(self.db[name], delete=False)
 
     # -- capture --------------------------------------------------------------------------------
-    def record(self, sm: StateMachine, txn: lmdb.Transaction[bytes], cmd: object, result: Any) -> None:
+    def record(self, txn: lmdb.Transaction[bytes], cmd: object, result: Any) -> None:
         """Capture what `cmd` (applied, with `result`) did, if the site is linked."""
         peer = self.peer(txn)
         if peer is None:
             return
         if isinstance(cmd, c.Mknod):
             if self._replicated_dir(txn, cmd.parent):
-                self._capture_new(sm, txn, cmd.parent, cmd.name, result, cmd.now_ns)
+                self._capture_new(txn, cmd.parent, cmd.name, result, cmd.now_ns)
         elif isinstance(cmd, c.Link):
             if self._replicated_dir(txn, cmd.new_parent):
                 obj = self.object_of(txn, cmd.ino)
                 if obj is not None:
-                    self._local_move(sm, txn, self._new_entry(txn), cmd.new_parent, cmd.new_name, obj, cmd.now_ns)
+                    self._local_move(txn, self._new_entry(txn), cmd.new_parent, cmd.new_name, obj, cmd.now_ns)
         elif isinstance(cmd, c.Unlink):
-            self._capture_delete(sm, txn, cmd.parent, cmd.name, cmd.now_ns)
+            self._capture_delete(txn, cmd.parent, cmd.name, cmd.now_ns)
         elif isinstance(cmd, c.Rename):
-            self._capture_rename(sm, txn, cmd)
+            self._capture_rename(txn, cmd)
         elif isinstance(cmd, c.SetAttr):
             inode: Inode = result
             if any(v is not None for v in (cmd.mode, cmd.uid, cmd.gid, cmd.atime_ns, cmd.mtime_ns)):
@@ -252,31 +258,31 @@ class SiteTables:
         elif isinstance(cmd, c.PunchHole):
             self._capture_content(txn, result, cmd.now_ns)
         elif isinstance(cmd, c.CloneRange):
-            self._capture_content(txn, sm.ns.require_inode(txn, cmd.dst_ino), cmd.now_ns)
+            self._capture_content(txn, self.ns.require_inode(txn, cmd.dst_ino), cmd.now_ns)
 
     def keeps(self, txn: lmdb.Transaction[bytes], ino: int) -> bool:
         """Does the replicated tree keep this inode after its last name went (it may come back)?"""
         return self.peer(txn) is not None and txn.get(u64(ino), db=self.db["sinos"]) is not None
 
-    def _capture_new(self, sm: StateMachine, txn: lmdb.Transaction[bytes], parent: int, name: bytes,
+    def _capture_new(self, txn: lmdb.Transaction[bytes], parent: int, name: bytes,
                      inode: Inode, now_ns: int) -> None:
         obj = o.global_id(self.site(txn), inode.ino)
         self._set_ids(txn, inode.ino, obj)
         stamp = self._tick(txn, now_ns)
-        target = sm.ns.symlink_target(txn, inode.ino) if stat.S_ISLNK(inode.mode) else b""
+        target = self.ns.symlink_target(txn, inode.ino) if stat.S_ISLNK(inode.mode) else b""
         self._ship(txn, o.Created(stamp, obj, inode.mode, inode.uid, inode.gid, inode.rdev, target,
                                   inode.mtime_ns, self._seen(txn)))
         node = obj if inode.is_dir else self._new_entry(txn)
-        self._local_move(sm, txn, node, parent, name, obj, now_ns)
+        self._local_move(txn, node, parent, name, obj, now_ns)
 
-    def _capture_delete(self, sm: StateMachine, txn: lmdb.Transaction[bytes], parent: int, name: bytes, now_ns: int) -> None:
+    def _capture_delete(self, txn: lmdb.Transaction[bytes], parent: int, name: bytes, now_ns: int) -> None:
         node = self._node_shown_at(txn, parent, name)
         if node is None:
             return
-        self._local_move(sm, txn, node, 0, name, self._entry_object(txn, node), now_ns)
+        self._local_move(txn, node, 0, name, self._entry_object(txn, node), now_ns)
 
-    def _capture_rename(self, sm: StateMachine, txn: lmdb.Transaction[bytes], cmd: c.Rename) -> None:
-        if not cmd.flags & c.RENAME_EXCHANGE and sm.ns.lookup(txn, cmd.old_parent, cmd.old_name) is not None \
+    def _capture_rename(self, txn: lmdb.Transaction[bytes], cmd: c.Rename) -> None:
+        if not cmd.flags & c.RENAME_EXCHANGE and self.ns.lookup(txn, cmd.old_parent, cmd.old_name) is not None \
                 and not cmd.flags & c.RENAME_WHITEOUT:
             return  # two names of one file: rename(2) does nothing, and succeeds
         src = self._node_shown_at(txn, cmd.old_parent, cmd.old_name)
@@ -288,20 +294,20 @@ class SiteTables:
         if cmd.flags & c.RENAME_EXCHANGE:
             if src is not None and dst is not None:
                 moves = [(src, cmd.new_parent, cmd.new_name), (dst, cmd.old_parent, cmd.old_name)]
-            self._local_moves(sm, txn, moves, cmd.now_ns)
+            self._local_moves(txn, moves, cmd.now_ns)
             return
         if dst is not None:
             moves.append((dst, 0, cmd.new_name))
         if src is not None:
             # moved out of the replicated tree (into a volume, say): gone, for the peer
             moves.append((src, cmd.new_parent, cmd.new_name) if into_replicated else (src, 0, cmd.old_name))
-        self._local_moves(sm, txn, moves, cmd.now_ns)
+        self._local_moves(txn, moves, cmd.now_ns)
         if src is None and into_replicated:  # moved in from outside: new to the peer
-            ino = sm.ns.lookup(txn, cmd.new_parent, cmd.new_name)
+            ino = self.ns.lookup(txn, cmd.new_parent, cmd.new_name)
             assert ino is not None
-            self._seed_entry(sm, txn, cmd.new_parent, cmd.new_name, sm.ns.require_inode(txn, ino), cmd.now_ns)
+            self._seed_entry(txn, cmd.new_parent, cmd.new_name, self.ns.require_inode(txn, ino), cmd.now_ns)
         if cmd.flags & c.RENAME_WHITEOUT and self._replicated_dir(txn, cmd.old_parent):
-            self._capture_new(sm, txn, cmd.old_parent, cmd.old_name, sm.ns.require_inode(txn, cmd.whiteout_ino),
+            self._capture_new(txn, cmd.old_parent, cmd.old_name, self.ns.require_inode(txn, cmd.whiteout_ino),
                               cmd.now_ns)
 
     def _capture_attrs(self, txn: lmdb.Transaction[bytes], inode: Inode, now_ns: int) -> None:
@@ -324,46 +330,46 @@ class SiteTables:
         self._ship(txn, o.ContentSet(stamp, obj, inode.size, inode.mtime_ns, mode, inode.uid, inode.gid,
                                      self._seen(txn)))
         if inode.nlink == 0:  # written through a descriptor after its last name went
-            self._edit_against_delete(self._sm, txn, obj)
+            self._edit_against_delete(txn, obj)
 
-    def _seed(self, sm: StateMachine, txn: lmdb.Transaction[bytes], ino: int, node: bytes, now_ns: int) -> None:
+    def _seed(self, txn: lmdb.Transaction[bytes], ino: int, node: bytes, now_ns: int) -> None:
         """Capture the tree below directory `ino` as creates (a link's initial sync)."""
-        for name, child in list(sm.ns.names(txn, ino)):
+        for name, child in list(self.ns.names(txn, ino)):
             if child in (VOLUMES_INO, SNAPSHOTS_INO, CONFLICTS_INO):
                 continue
-            inode = sm.ns.require_inode(txn, child)
+            inode = self.ns.require_inode(txn, child)
             if inode.volume:
                 continue
-            self._seed_entry(sm, txn, ino, name, inode, now_ns)
+            self._seed_entry(txn, ino, name, inode, now_ns)
 
-    def _seed_entry(self, sm: StateMachine, txn: lmdb.Transaction[bytes], parent: int, name: bytes, inode: Inode,
+    def _seed_entry(self, txn: lmdb.Transaction[bytes], parent: int, name: bytes, inode: Inode,
                     now_ns: int) -> None:
         known = self.object_of(txn, inode.ino)
         if known is None:
-            self._capture_new(sm, txn, parent, name, inode, now_ns)
+            self._capture_new(txn, parent, name, inode, now_ns)
             self._capture_attrs(txn, inode, now_ns)
             obj = self.object_of(txn, inode.ino)
             assert obj is not None
-            for key, value in list(sm.ns.xattrs(txn, inode.ino)):
+            for key, value in list(self.ns.xattrs(txn, inode.ino)):
                 stamp = self._tick(txn, now_ns)
                 self._local_version(txn, obj, XATTR + key[8:], stamp, value.hex())
                 self._ship(txn, o.XattrSet(stamp, obj, key[8:], value, self._seen(txn)))
             if inode.is_reg and inode.size:
                 self._capture_content(txn, inode, now_ns)
             if inode.is_dir:
-                self._seed(sm, txn, inode.ino, self.object_of(txn, inode.ino) or b"", now_ns)
+                self._seed(txn, inode.ino, self.object_of(txn, inode.ino) or b"", now_ns)
         else:  # a second name of a file seen already
-            self._local_move(sm, txn, self._new_entry(txn), parent, name, known, now_ns)
+            self._local_move(txn, self._new_entry(txn), parent, name, known, now_ns)
 
     # -- the local side of a move ---------------------------------------------------------------
-    def _local_move(self, sm: StateMachine, txn: lmdb.Transaction[bytes], node: bytes, parent_ino: int,
+    def _local_move(self, txn: lmdb.Transaction[bytes], node: bytes, parent_ino: int,
                     name: bytes, obj: bytes, now_ns: int) -> None:
         """A move the local command already made in the namespace (parent_ino 0: a delete)."""
         if txn.get(node, db=self.db["sentries"]) is None:
             self._put_entry(txn, node, obj, 0, b"")
-        self._local_moves(sm, txn, [(node, parent_ino, name)], now_ns)
+        self._local_moves(txn, [(node, parent_ino, name)], now_ns)
 
-    def _local_moves(self, sm: StateMachine, txn: lmdb.Transaction[bytes], moves: list[tuple[bytes, int, bytes]],
+    def _local_moves(self, txn: lmdb.Transaction[bytes], moves: list[tuple[bytes, int, bytes]],
                      now_ns: int) -> None:
         """Moves one local command already made in the namespace, (node, parent ino or 0 for a
         delete, name) each: recorded in the tree and the outbox, then the name groups they left
@@ -378,19 +384,23 @@ class SiteTables:
             assert parent is not None, parent_ino
             stamp = self._tick(txn, now_ns)
             seen = self._seen(txn)
-            tree.apply(Move(stamp, node, parent, name, seen))
+            tree.apply_local(Move(stamp, node, parent, name, seen))
             self._ship(txn, o.Moved(stamp, node, parent, name, self._entry_object(txn, node), seen))
         for node, parent_ino, name in moves:
             if parent_ino:
                 self._put_entry(txn, node, self._entry_object(txn, node), parent_ino, name)
                 txn.put(u64(parent_ino) + name, node, db=self.db["snames"])
+                placed = self.placement(txn, node)
+                if placed is not None:  # newest of its group: the name the command gave it is right
+                    dirty.groups.discard((placed.parent, placed.name))
             dirty.nodes.discard(node)
-        self._reshow(sm, txn, dirty, now_ns)
-        for node, _parent_ino, _name in moves:
-            self._edit_against_delete(sm, txn, self._entry_object(txn, node))
+        self._reshow(txn, dirty, now_ns)
+        for node, parent_ino, _name in moves:
+            if not parent_ino:  # only a delete can leave a file with no name
+                self._edit_against_delete(txn, self._entry_object(txn, node))
 
     # -- apply ----------------------------------------------------------------------------------
-    def apply_remote(self, sm: StateMachine, txn: lmdb.Transaction[bytes], cmd: c.ApplyRemote) -> Applied:
+    def apply_remote(self, txn: lmdb.Transaction[bytes], cmd: c.ApplyRemote) -> Applied:
         """Apply a batch of the peer's operations, all or none."""
         self._entries, self._inodes = [], []
         peer = self.peer(txn)
@@ -413,7 +423,7 @@ class SiteTables:
         for content, count in zip(contents, cmd.extent_counts):
             extents_of[content.stamp] = cmd.extents[at:at + count]
             at += count
-            self._check_content(sm, txn, content, extents_of[content.stamp])
+            self._check_content(txn, content, extents_of[content.stamp])
         for op in batch:
             if op.stamp.site != peer:
                 raise FsError(errno.EINVAL, f"an operation stamped by site {op.stamp.site.hex()[:8]}, not the peer")
@@ -424,15 +434,15 @@ class SiteTables:
         for op in batch:
             self._observe(txn, op.stamp)
             if isinstance(op, o.Created):
-                self._apply_created(sm, txn, op)
+                self._apply_created(txn, op)
             elif isinstance(op, o.Moved):
-                conflicts += self._apply_moved(sm, txn, op)
+                conflicts += self._apply_moved(txn, op)
             elif isinstance(op, o.AttrsSet):
-                conflicts += self._apply_attrs(sm, txn, op)
+                conflicts += self._apply_attrs(txn, op)
             elif isinstance(op, o.XattrSet):
-                conflicts += self._apply_xattr(sm, txn, op)
+                conflicts += self._apply_xattr(txn, op)
             elif isinstance(op, o.ContentSet):
-                conflicts += self._apply_content(sm, txn, op, extents_of[op.stamp], cmd.now_ns)
+                conflicts += self._apply_content(txn, op, extents_of[op.stamp], cmd.now_ns)
             if isinstance(op, (o.AttrsSet, o.XattrSet, o.ContentSet)):
                 ino = self._ino(txn, op.object)
                 if ino is not None:
@@ -440,7 +450,7 @@ class SiteTables:
             txn.put(b"seen", op.stamp.pack(), db=self.meta)
         return Applied(conflicts, tuple(self._entries), tuple(self._inodes))
 
-    def _check_content(self, sm: StateMachine, txn: lmdb.Transaction[bytes], op: o.ContentSet,
+    def _check_content(self, txn: lmdb.Transaction[bytes], op: o.ContentSet,
                        extents: tuple[Extent, ...]) -> None:
         """Before anything is written: the bytes lie in fresh space, in file order, within the size."""
         for prev, nxt in itertools.pairwise(extents):
@@ -452,12 +462,12 @@ class SiteTables:
             raise FsError(errno.EINVAL, "content extents carry checksums")
         if op.size > MAX_FILE_SIZE_BYTES:
             raise FsError(errno.EFBIG)
-        sm.space_check_new(txn, [(ext.dev_block, ext.count) for ext in extents])
+        self._sm.space_check_new(txn, [(ext.dev_block, ext.count) for ext in extents])
 
-    def _apply_created(self, sm: StateMachine, txn: lmdb.Transaction[bytes], op: o.Created) -> None:
+    def _apply_created(self, txn: lmdb.Transaction[bytes], op: o.Created) -> None:
         if txn.get(op.object, db=self.db["sids"]) is not None:
             return
-        ino = sm.next_ino(txn)
+        ino = self._sm.next_ino(txn)
         wall = op.stamp.wall_ns
         fmt = stat.S_IFMT(op.mode)
         if fmt not in (stat.S_IFREG, stat.S_IFDIR, stat.S_IFLNK, stat.S_IFIFO, stat.S_IFSOCK, stat.S_IFCHR,
@@ -466,12 +476,12 @@ class SiteTables:
         inode = Inode(ino, op.mode, op.uid, op.gid, 0, len(op.target), op.mtime_ns, op.mtime_ns, wall, rdev=op.rdev)
         if inode.is_dir:
             inode.nlink = 2
-        sm.ns.put_inode(txn, inode)
+        self.ns.put_inode(txn, inode)
         if stat.S_ISLNK(op.mode):
             txn.put(u64(ino), op.target, db=self.db["symlinks"])
         self._set_ids(txn, ino, op.object)
 
-    def _apply_moved(self, sm: StateMachine, txn: lmdb.Transaction[bytes], op: o.Moved) -> int:
+    def _apply_moved(self, txn: lmdb.Transaction[bytes], op: o.Moved) -> int:
         if txn.get(op.object, db=self.db["sids"]) is None:
             raise FsError(errno.EINVAL, f"a move of entry {op.node.hex()} names an unknown object")
         if op.parent not in (ROOT, TRASH) and self.placement(txn, op.parent) is None \
@@ -487,16 +497,16 @@ class SiteTables:
                            {"node": op.node.hex(), "winner_parent": conflict.winner.parent.hex(),
                             "winner_name": conflict.winner.name.hex(), "loser_parent": conflict.loser.parent.hex(),
                             "loser_name": conflict.loser.name.hex()})
-        self._reshow(sm, txn, dirty, op.stamp.wall_ns)
-        return len(found) + self._edit_against_delete(sm, txn, op.object)
+        self._reshow(txn, dirty, op.stamp.wall_ns)
+        return len(found) + self._edit_against_delete(txn, op.object)
 
-    def _apply_attrs(self, sm: StateMachine, txn: lmdb.Transaction[bytes], op: o.AttrsSet) -> int:
+    def _apply_attrs(self, txn: lmdb.Transaction[bytes], op: o.AttrsSet) -> int:
         value = [op.mode, op.uid, op.gid, op.atime_ns, op.mtime_ns]
         shown, lost = self._remote_version(txn, op.object, ATTRS, Version(op.stamp, value, op.seen))
         if shown is not _UNCHANGED:
             ino = self._ino(txn, op.object)
             if ino is not None:
-                inode = sm.ns.require_inode(txn, ino)
+                inode = self.ns.require_inode(txn, ino)
                 mode, uid, gid, atime_ns, mtime_ns = shown
                 inode.mode = stat.S_IFMT(inode.mode) | (mode & 0o7777)
                 inode.uid, inode.gid, inode.atime_ns = uid, gid, atime_ns
@@ -504,29 +514,29 @@ class SiteTables:
                 if not content or content[0].stamp < self._versions(txn, op.object + ATTRS)[0].stamp:
                     inode.mtime_ns = mtime_ns  # the newer of the two registers sets mtime
                 inode.ctime_ns = max(inode.ctime_ns, op.stamp.wall_ns)
-                sm.ns.put_inode(txn, inode)
+                self.ns.put_inode(txn, inode)
         return lost
 
-    def _apply_xattr(self, sm: StateMachine, txn: lmdb.Transaction[bytes], op: o.XattrSet) -> int:
+    def _apply_xattr(self, txn: lmdb.Transaction[bytes], op: o.XattrSet) -> int:
         value = None if op.value is None else op.value.hex()
         shown, lost = self._remote_version(txn, op.object, XATTR + op.name, Version(op.stamp, value, op.seen))
         ino = self._ino(txn, op.object)
         if shown is not _UNCHANGED and ino is not None:
-            sm.put_xattr_raw(txn, ino, op.name, None if shown is None else bytes.fromhex(shown))
+            self._sm.put_xattr_raw(txn, ino, op.name, None if shown is None else bytes.fromhex(shown))
         return lost
 
-    def _apply_content(self, sm: StateMachine, txn: lmdb.Transaction[bytes], op: o.ContentSet,
+    def _apply_content(self, txn: lmdb.Transaction[bytes], op: o.ContentSet,
                        extents: tuple[Extent, ...], now_ns: int) -> int:
         """The peer's content version: its bytes, already on our device, become the file's when it
         wins; a concurrent version that loses, ours or theirs, is kept as a sibling file named
         after its own stamp (the same name, the same bytes, on both sites); a version the file had
         already moved past is dropped (its blocks freed after the grace period)."""
         for ext in extents:
-            sm.space.take(txn, ext.dev_block, ext.count)
+            self._sm.space.take(txn, ext.dev_block, ext.count)
         ino = self._ino(txn, op.object)
-        inode = None if ino is None else sm.ns.get_inode(txn, ino)
+        inode = None if ino is None else self.ns.get_inode(txn, ino)
         if inode is None or not inode.is_reg:
-            sm.defer_free(txn, [(e.dev_block, e.count) for e in extents], now_ns)
+            self._sm.defer_free(txn, [(e.dev_block, e.count) for e in extents], now_ns)
             if inode is not None:
                 raise FsError(errno.EINVAL, "file content for an object that is not a regular file")
             return 0
@@ -534,14 +544,14 @@ class SiteTables:
         value = [op.size, op.mtime_ns, op.mode, op.uid, op.gid]
         shown, lost = self._remote_version(txn, op.object, CONTENT, Version(op.stamp, value, op.seen))
         lost_stamps = {v.stamp for v in self._versions(txn, op.object + CONTENT)[1:]} - {v.stamp for v in previous[1:]}
-        fmap = sm.db["fmap"]
+        fmap = self._sm.db["fmap"]
         if shown is not _UNCHANGED:
             old = list(filemap.all_extents(txn, fmap, inode.ino))
             before = previous[0] if previous else None
             if before is not None and before.stamp in lost_stamps:
-                self._keep_sibling(sm, txn, inode, old, before.value, before.stamp)
+                self._keep_sibling(txn, inode, old, before.value, before.stamp)
             else:
-                sm.defer_free(txn, filemap.unmap_range(txn, fmap, inode.ino, 0, 1 << 62), now_ns)
+                self._sm.defer_free(txn, filemap.unmap_range(txn, fmap, inode.ino, 0, 1 << 62), now_ns)
             for ext in extents:
                 filemap.map_extent(txn, fmap, inode.ino, ext)
             inode.blocks = sum(ext.count for ext in extents)
@@ -550,12 +560,12 @@ class SiteTables:
             if not attrs or attrs[0].stamp < op.stamp:  # the newer of the two registers sets mtime
                 inode.mtime_ns = op.mtime_ns
             inode.ctime_ns = max(inode.ctime_ns, op.stamp.wall_ns)
-            sm.ns.put_inode(txn, inode)
+            self.ns.put_inode(txn, inode)
         elif op.stamp in lost_stamps:
-            self._keep_sibling(sm, txn, inode, list(extents), value, op.stamp, fresh=True)
+            self._keep_sibling(txn, inode, list(extents), value, op.stamp, fresh=True)
         else:
-            sm.defer_free(txn, [(e.dev_block, e.count) for e in extents], now_ns)
-        return lost + self._edit_against_delete(sm, txn, op.object)
+            self._sm.defer_free(txn, [(e.dev_block, e.count) for e in extents], now_ns)
+        return lost + self._edit_against_delete(txn, op.object)
 
     def _deletion_of(self, txn: lmdb.Transaction[bytes], ino: int) -> Move | object | None:
         """The move that deleted the last name of an inode no entry shows now: None while one
@@ -573,7 +583,7 @@ class SiteTables:
         entry = _TableTree(self, txn, _Dirty()).entry_at(latest)
         return _FORGOTTEN if entry is None else entry.move
 
-    def _edit_against_delete(self, sm: StateMachine, txn: lmdb.Transaction[bytes], obj: bytes) -> int:
+    def _edit_against_delete(self, txn: lmdb.Transaction[bytes], obj: bytes) -> int:
         """Edit against delete: the edit wins whatever the stamps. When a file's every name is
         deleted and the move that deleted the last one had not seen the file's content (its
         register's winner), that content is kept in /.conflicts, as a copy sharing its blocks,
@@ -582,7 +592,7 @@ class SiteTables:
         or a later delete saw the content, the copy goes. A delete the log has forgotten changes
         nothing any more. Returns how many conflicts this opened."""
         ino = self._ino(txn, obj)
-        inode = None if ino is None else sm.ns.get_inode(txn, ino)
+        inode = None if ino is None else self.ns.get_inode(txn, ino)
         if inode is None or not inode.is_reg:
             return 0
         deletion = self._deletion_of(txn, inode.ino)
@@ -613,11 +623,11 @@ class SiteTables:
         assert isinstance(deletion, Move)
         self._conflict(txn, "edit-delete", wanted.stamp, deletion.stamp, obj, {})
         txn.put(index, wanted.stamp.pack() + b"e", db=self.meta)
-        extents = list(filemap.all_extents(txn, sm.db["fmap"], inode.ino))
-        self._keep_sibling(sm, txn, inode, extents, wanted.value, wanted.stamp, share=True, kind=b"e")
+        extents = list(filemap.all_extents(txn, self._sm.db["fmap"], inode.ino))
+        self._keep_sibling(txn, inode, extents, wanted.value, wanted.stamp, share=True, kind=b"e")
         return 1
 
-    def _keep_sibling(self, sm: StateMachine, txn: lmdb.Transaction[bytes], inode: Inode, extents: list[Extent],
+    def _keep_sibling(self, txn: lmdb.Transaction[bytes], inode: Inode, extents: list[Extent],
                       version: list[int], stamp: Stamp, *, fresh: bool = False, share: bool = False,
                       kind: bytes = b"c") -> None:
         """Keep a losing content version as a file in /.conflicts, named after the file's object
@@ -625,35 +635,35 @@ class SiteTables:
         the file when the conflict came. `fresh`: the extents are the peer's, mapped nowhere
         yet; `share`: they stay `inode`'s too (copy-on-write); else they move over from `inode`.
         `kind`: the conflict record (content, or edit-delete) that says where it is kept."""
-        folder = self._conflicts_dir(sm, txn, stamp.wall_ns)
+        folder = self._conflicts_dir(txn, stamp.wall_ns)
         obj = self.object_of(txn, inode.ino)
         assert obj is not None
         sibling_name = conflict_name(obj.hex().encode(), stamp)
-        fmap = sm.db["fmap"]
-        existing = sm.ns.lookup(txn, folder, sibling_name)
+        fmap = self._sm.db["fmap"]
+        existing = self.ns.lookup(txn, folder, sibling_name)
         if existing is not None:  # kept already (one version can lose twice: to an edit, to a delete)
             if fresh:
-                sm.defer_free(txn, [(e.dev_block, e.count) for e in extents], stamp.wall_ns)
+                self._sm.defer_free(txn, [(e.dev_block, e.count) for e in extents], stamp.wall_ns)
             self._record_kept(txn, stamp.pack() + kind, sibling_name, existing)
             return
         size, mtime_ns, mode, uid, gid = version
-        sibling = Inode(sm.next_ino(txn), stat.S_IFREG | mode, uid, gid, 1, size, mtime_ns, mtime_ns,
+        sibling = Inode(self._sm.next_ino(txn), stat.S_IFREG | mode, uid, gid, 1, size, mtime_ns, mtime_ns,
                         stamp.wall_ns, volume=inode.volume, blocks=sum(e.count for e in extents))
         for ext in extents:
             if share:
                 if not ext.unwritten:
-                    sm.space.share(txn, ext.dev_block, ext.count)
+                    self._sm.space.share(txn, ext.dev_block, ext.count)
             elif not fresh:
                 txn.delete(fmap_key(inode.ino, ext.file_block), db=fmap)
             if not (share and ext.unwritten):
                 filemap.map_extent(txn, fmap, sibling.ino, ext)
-        sm.ns.put_inode(txn, sibling)
-        sm.ns.add_entry(txn, folder, sibling_name, sibling.ino, sm.new_cookie(txn, 0))
+        self.ns.put_inode(txn, sibling)
+        self.ns.add_entry(txn, folder, sibling_name, sibling.ino, self._sm.new_cookie(txn, 0))
         self._entries.append((folder, sibling_name))
         self._inodes.append(folder)
-        parent = sm.ns.require_inode(txn, folder)
+        parent = self.ns.require_inode(txn, folder)
         parent.mtime_ns = parent.ctime_ns = max(parent.mtime_ns, stamp.wall_ns)
-        sm.ns.put_inode(txn, parent)
+        self.ns.put_inode(txn, parent)
         self._record_kept(txn, stamp.pack() + kind, sibling_name, sibling.ino)
 
     def _record_kept(self, txn: lmdb.Transaction[bytes], key: bytes, name: bytes, ino: int) -> None:
@@ -664,17 +674,17 @@ class SiteTables:
             record["kept_ino"] = ino
             txn.put(key, json.dumps(record, sort_keys=True).encode(), db=self.db["sconflicts"])
 
-    def _conflicts_dir(self, sm: StateMachine, txn: lmdb.Transaction[bytes], now_ns: int) -> int:
+    def _conflicts_dir(self, txn: lmdb.Transaction[bytes], now_ns: int) -> int:
         """/.conflicts, made the first time a losing content needs a place (outside the replicated
         tree: each site keeps its own, and both keep the same files in it)."""
-        if sm.ns.get_inode(txn, CONFLICTS_INO) is None:
+        if self.ns.get_inode(txn, CONFLICTS_INO) is None:
             folder = Inode(CONFLICTS_INO, stat.S_IFDIR | 0o755, 0, 0, 2, 0, now_ns, now_ns, now_ns, parent=ROOT_INO)
-            sm.ns.put_inode(txn, folder)
-            root = sm.ns.require_inode(txn, ROOT_INO)
-            name = CONFLICTS_NAME if sm.ns.lookup(txn, ROOT_INO, CONFLICTS_NAME) is None else CONFLICTS_NAME + b".awsomefs"
-            sm.ns.add_entry(txn, ROOT_INO, name, CONFLICTS_INO, sm.new_cookie(txn, 0))
+            self.ns.put_inode(txn, folder)
+            root = self.ns.require_inode(txn, ROOT_INO)
+            name = CONFLICTS_NAME if self.ns.lookup(txn, ROOT_INO, CONFLICTS_NAME) is None else CONFLICTS_NAME + b".awsomefs"
+            self.ns.add_entry(txn, ROOT_INO, name, CONFLICTS_INO, self._sm.new_cookie(txn, 0))
             root.nlink += 1
-            sm.ns.put_inode(txn, root)
+            self.ns.put_inode(txn, root)
             self._entries.append((ROOT_INO, name))
             self._inodes.append(ROOT_INO)
         return CONFLICTS_INO
@@ -742,15 +752,14 @@ class SiteTables:
         txn.put(key, json.dumps(record, sort_keys=True).encode(), db=self.db["sconflicts"])
 
     def _drop_kept(self, txn: lmdb.Transaction[bytes], ino: int, path: bytes) -> None:
-        sm = self._sm
         name = path.rpartition(b"/")[2]
-        if sm.ns.lookup(txn, CONFLICTS_INO, name) != ino:
+        if self.ns.lookup(txn, CONFLICTS_INO, name) != ino:
             return  # renamed or removed by a user meanwhile: theirs now
-        sm.ns.remove_entry(txn, CONFLICTS_INO, name)
+        self.ns.remove_entry(txn, CONFLICTS_INO, name)
         self._entries.append((CONFLICTS_INO, name))
-        inode = sm.ns.require_inode(txn, ino)
+        inode = self.ns.require_inode(txn, ino)
         inode.nlink = 0
-        sm.orphan(txn, inode)
+        self._sm.orphan(txn, inode)
 
     def conflicts(self, txn: lmdb.Transaction[bytes]) -> list[dict[str, Any]]:
         """Every conflict recorded, oldest loser first, with where its object is shown now (`path`)."""
@@ -760,7 +769,7 @@ class SiteTables:
         return records
 
     # -- showing the tree as directory entries --------------------------------------------------
-    def _reshow(self, sm: StateMachine, txn: lmdb.Transaction[bytes], dirty: _Dirty, now_ns: int) -> None:
+    def _reshow(self, txn: lmdb.Transaction[bytes], dirty: _Dirty, now_ns: int) -> None:
         """Make the directory entries match the placements of what `dirty` names: first every entry
         that is no longer right goes, then every missing one comes (a swap of two names works)."""
         # In sorted order, never a set's: every replica must make the same entries with the same cookies.
@@ -779,10 +788,10 @@ class SiteTables:
                 wanted[node] = None if parent_ino is None else (parent_ino, shown)
         changed = {node: where for node, where in wanted.items() if self._shown(txn, node) != where}
         for node in changed:
-            self._unshow_node(txn, node, sm=sm, now_ns=now_ns)
+            self._unshow_node(txn, node, entry_too=True, now_ns=now_ns)
         for node, where in changed.items():
             if where is not None:
-                self._show_node(sm, txn, node, *where, now_ns)
+                self._show_node(txn, node, *where, now_ns)
 
     def _group_names(self, txn: lmdb.Transaction[bytes], parent: bytes, name: bytes) -> dict[bytes, bytes]:
         """The names one group of a directory's children shows (tree.visible_names, for one name):
@@ -807,60 +816,60 @@ class SiteTables:
             shown[node] = candidate
         return shown
 
-    def _show_node(self, sm: StateMachine, txn: lmdb.Transaction[bytes], node: bytes, parent_ino: int, name: bytes,
+    def _show_node(self, txn: lmdb.Transaction[bytes], node: bytes, parent_ino: int, name: bytes,
                    now_ns: int) -> None:
         obj = self._entry_object(txn, node)
         ino = self._ino(txn, obj)
         assert ino is not None, obj.hex()
-        if sm.ns.lookup(txn, parent_ino, name) is not None:
+        if self.ns.lookup(txn, parent_ino, name) is not None:
             # A local entry outside the tree holds the name (made before the link, in a volume...):
             # the tree's entry waits under its conflict name instead.
             name = conflict_name(name, self.placement(txn, node).stamp)  # type: ignore[union-attr]
-        parent = sm.ns.require_inode(txn, parent_ino)
-        child = sm.ns.require_inode(txn, ino)
-        sm.ns.add_entry(txn, parent_ino, name, ino, sm.new_cookie(txn, 0))
+        parent = self.ns.require_inode(txn, parent_ino)
+        child = self.ns.require_inode(txn, ino)
+        self.ns.add_entry(txn, parent_ino, name, ino, self._sm.new_cookie(txn, 0))
         self._entries.append((parent_ino, name))
         self._inodes += (parent_ino, ino)
         if child.is_dir:
             child.parent = parent_ino
             parent.nlink += 1
             if child.nlink < 2:
-                child.nlink = 2 + sum(1 for _, sub in sm.ns.names(txn, ino) if sm.ns.require_inode(txn, sub).is_dir)
+                child.nlink = 2 + sum(1 for _, sub in self.ns.names(txn, ino) if self.ns.require_inode(txn, sub).is_dir)
         else:
             child.nlink += 1
-        sm.ns.put_inode(txn, child)
+        self.ns.put_inode(txn, child)
         parent.mtime_ns = parent.ctime_ns = max(parent.mtime_ns, now_ns)
-        sm.ns.put_inode(txn, parent)
+        self.ns.put_inode(txn, parent)
         txn.delete(ino.to_bytes(8, "big"), db=self.db["orphans"])
         self._put_entry(txn, node, obj, parent_ino, name)
         txn.put(u64(parent_ino) + name, node, db=self.db["snames"])
 
-    def _unshow_node(self, txn: lmdb.Transaction[bytes], node: bytes, *, sm: StateMachine | None = None,
+    def _unshow_node(self, txn: lmdb.Transaction[bytes], node: bytes, *, entry_too: bool = False,
                      now_ns: int = 0) -> None:
-        """Forget where `node` is shown; with `sm`, also remove that directory entry (a remote move
-        takes it away; a local one already did)."""
+        """Forget where `node` is shown; `entry_too`: also remove that directory entry (a remote
+        move takes it away; a local command already did)."""
         where = self._shown(txn, node)
         if where is None:
             return
         parent_ino, name = where
         txn.delete(u64(parent_ino) + name, db=self.db["snames"])
         self._put_entry(txn, node, self._entry_object(txn, node), 0, b"")
-        if sm is None or sm.ns.lookup(txn, parent_ino, name) is None:
+        if not entry_too or self.ns.lookup(txn, parent_ino, name) is None:
             return
-        child_ino = sm.ns.remove_entry(txn, parent_ino, name)
+        child_ino = self.ns.remove_entry(txn, parent_ino, name)
         self._entries.append((parent_ino, name))
         self._inodes += (parent_ino, child_ino)
-        parent = sm.ns.require_inode(txn, parent_ino)
-        child = sm.ns.require_inode(txn, child_ino)
+        parent = self.ns.require_inode(txn, parent_ino)
+        child = self.ns.require_inode(txn, child_ino)
         if child.is_dir:
             # A directory no entry shows has nlink 0 (recounted when it is shown again, _show_node).
             parent.nlink = max(parent.nlink - 1, 0)
             child.nlink = 0
         else:
             child.nlink -= 1
-        sm.ns.put_inode(txn, child)
+        self.ns.put_inode(txn, child)
         parent.mtime_ns = parent.ctime_ns = max(parent.mtime_ns, now_ns)
-        sm.ns.put_inode(txn, parent)
+        self.ns.put_inode(txn, parent)
 
     def _unshow(self, txn: lmdb.Transaction[bytes], parent_ino: int, name: bytes) -> None:
         node = self._node_shown_at(txn, parent_ino, name)
@@ -868,7 +877,7 @@ class SiteTables:
             self._unshow_node(txn, node)
 
     # -- forgetting -----------------------------------------------------------------------------
-    def forget(self, sm: StateMachine, txn: lmdb.Transaction[bytes], cmd: c.ForgetSite) -> int:
+    def forget(self, txn: lmdb.Transaction[bytes], cmd: c.ForgetSite) -> int:
         """Both sites have applied everything up to `cmd.through` and nothing concurrent with it is
         still to come (repl/link.py's horizon): drop the undo log and the acknowledged outbox up
         to there, and release the objects whose every entry was deleted by then."""
@@ -893,11 +902,11 @@ class SiteTables:
                                      ("sobjents", obj + node)):
                 txn.delete(entry_key, db=self.db[table])
             ino = self._ino(txn, obj)
-            inode = None if ino is None else sm.ns.get_inode(txn, ino)
+            inode = None if ino is None else self.ns.get_inode(txn, ino)
             if inode is not None and inode.nlink == 0:  # no entry of it is shown anywhere
                 txn.delete(obj, db=self.db["sids"])
                 txn.delete(u64(inode.ino), db=self.db["sinos"])
-                sm.orphan(txn, inode)
+                self._sm.orphan(txn, inode)
         return dropped
 
     def kept_inodes(self, txn: lmdb.Transaction[bytes]) -> list[int]:
@@ -1106,27 +1115,46 @@ def _scan_from(txn: lmdb.Transaction[bytes], db: Any, start: bytes) -> Iterator[
     yield from cursor
 
 
-def _move_record(move: Move) -> dict[str, Any]:
-    return {"stamp": move.stamp.pack().hex(), "node": move.node.hex(), "parent": move.parent.hex(),
-            "name": move.name.hex(), "seen": {s.hex(): t.pack().hex() for s, t in sorted(move.seen.items())}}
+_MOVE_HEAD = struct.Struct(f">{PACKED_BYTES}s16s16sBH")
+_SEEN = struct.Struct(f">16s{PACKED_BYTES}s")
+_BEFORE = struct.Struct(f">16s{PACKED_BYTES}sH")
 
 
-def _move(record: dict[str, Any]) -> Move:
-    return Move(Stamp.unpack(bytes.fromhex(record["stamp"])), bytes.fromhex(record["node"]),
-                bytes.fromhex(record["parent"]), bytes.fromhex(record["name"]),
-                {bytes.fromhex(s): Stamp.unpack(bytes.fromhex(t)) for s, t in record["seen"].items()})
+def _pack_move(move: Move) -> bytes:
+    """stamp, node, parent, how many seen, name length; then each seen (site, stamp); the name."""
+    seen = sorted(move.seen.items())
+    return (_MOVE_HEAD.pack(move.stamp.pack(), move.node, move.parent, len(seen), len(move.name))
+            + b"".join(_SEEN.pack(site, stamp.pack()) for site, stamp in seen) + move.name)
+
+
+def _unpack_move(raw: bytes, at: int = 0) -> tuple[Move, int]:
+    stamp, node, parent, count, name_len = _MOVE_HEAD.unpack_from(raw, at)
+    at += _MOVE_HEAD.size
+    seen = {}
+    for _ in range(count):
+        site, seen_stamp = _SEEN.unpack_from(raw, at)
+        seen[site] = Stamp.unpack(seen_stamp)
+        at += _SEEN.size
+    return Move(Stamp.unpack(stamp), node, parent, raw[at:at + name_len], seen), at + name_len
 
 
 def _pack_log_entry(entry: LogEntry) -> bytes:
+    """done, whether a placement was before; that placement (parent, stamp, name); the move."""
     before = entry.before
-    return json.dumps({"move": _move_record(entry.move), "done": entry.done,
-                       "before": None if before is None else [before.parent.hex(), before.name.hex(),
-                                                              before.stamp.pack().hex()]}).encode()
+    head = bytes((entry.done, before is not None))
+    if before is not None:
+        head += _BEFORE.pack(before.parent, before.stamp.pack(), len(before.name)) + before.name
+    return head + _pack_move(entry.move)
 
 
 def _log_entry(raw: bytes) -> LogEntry:
-    record = json.loads(raw)
-    before = record["before"]
-    placement = None if before is None else Placement(bytes.fromhex(before[0]), bytes.fromhex(before[1]),
-                                                      Stamp.unpack(bytes.fromhex(before[2])))
-    return LogEntry(_move(record["move"]), placement, record["done"])
+    raw = bytes(raw)
+    done, has_before = raw[0], raw[1]
+    at, before = 2, None
+    if has_before:
+        parent, stamp, name_len = _BEFORE.unpack_from(raw, at)
+        at += _BEFORE.size
+        before = Placement(parent, raw[at:at + name_len], Stamp.unpack(stamp))
+        at += name_len
+    move, _ = _unpack_move(raw, at)
+    return LogEntry(move, before, bool(done))

@@ -114,10 +114,10 @@ class StateMachine:
             c.CommitTierObject: lambda txn, cmd: self.space.tiered.commit(self, txn, cmd),
             c.AbandonTierObjects: self.space.tiered.abandon,
             c.ForgetTierObjects: self.space.tiered.forget,
-            c.LinkSite: lambda txn, cmd: self.sites.link(self, txn, cmd),
+            c.LinkSite: lambda txn, cmd: self.sites.link(txn, cmd),
             c.UnlinkSite: self._unlink_site,
-            c.ApplyRemote: lambda txn, cmd: self.sites.apply_remote(self, txn, cmd),
-            c.ForgetSite: lambda txn, cmd: self.sites.forget(self, txn, cmd),
+            c.ApplyRemote: lambda txn, cmd: self.sites.apply_remote(txn, cmd),
+            c.ForgetSite: lambda txn, cmd: self.sites.forget(txn, cmd),
         }
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -162,7 +162,7 @@ class StateMachine:
             raise FsError(errno.EINVAL, f"unknown command {type(command).__name__}")
         result = handler(txn, command)
         if isinstance(command, REPLICATED):
-            self.sites.record(self, txn, command, result)
+            self.sites.record(txn, command, result)
         return result
 
     def next_ino(self, txn: lmdb.Transaction[bytes]) -> int:

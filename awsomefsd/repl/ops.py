@@ -135,15 +135,19 @@ _INTS = {"mode", "uid", "gid", "rdev", "mtime_ns", "atime_ns", "size"}
 _IDS = {"object", "node", "parent"}
 
 
+_FIELDS = {cls: tuple(name for name in cls.__dataclass_fields__ if name not in ("stamp", "seen"))
+           for cls in _KINDS.values()}
+_ENCODER = json.JSONEncoder(separators=(",", ":"))
+
+
 def encode(op: Operation) -> bytes:
+    """Canonical: the fields always in declaration order (one encoding per operation)."""
     record: dict[str, Any] = {"v": FORMAT, "kind": _KIND_OF[type(op)], "stamp": op.stamp.pack().hex(),
                               "seen": {site.hex(): stamp.pack().hex() for site, stamp in sorted(op.seen.items())}}
-    for name in op.__dataclass_fields__:
-        if name in ("stamp", "seen"):
-            continue
+    for name in _FIELDS[type(op)]:
         value = getattr(op, name)
         record[name] = value.hex() if isinstance(value, bytes) else value
-    return json.dumps(record, sort_keys=True, separators=(",", ":")).encode()
+    return _ENCODER.encode(record).encode()
 
 
 def decode(raw: bytes) -> Operation:

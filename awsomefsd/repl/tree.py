@@ -233,6 +233,13 @@ class ReplicatedTree:
         self.log.add_move_of(move)
         return conflicts
 
+    def apply_local(self, move: Move) -> None:
+        """A move this site makes now: the clock put its stamp past every move applied here, and
+        its site had applied all of them, so there is nothing to undo and nothing it conflicts
+        with (`apply` would find the same, with more reads: this is the write path)."""
+        self.log.append(self._do(move))
+        self.log.add_move_of(move)
+
     def forget_before(self, stamp: Stamp) -> int:
         """Drop the log entries with stamps up to `stamp`. Only safe when every move not applied
         here yet has a greater stamp (none needs them undone) and had seen all of them (none is
