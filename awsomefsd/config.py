@@ -203,7 +203,7 @@ class SiteSettings(Section):
     advertise: list[str] = Field(default_factory=list, description="addresses (host:port) the other site "
                                  "reaches the listener at, put in the link token; default: listen")
     batch_operations: int = Field(512, ge=1, le=4096, description="operations per push at most")
-    batch_bytes: SizeBytes = Field(16 << 20, ge=1 << 20, le=64 << 20, description="file bytes per push at most "
+    batch_bytes: SizeBytes = Field(16 << 20, ge=1 << 20, le=32 << 20, description="file bytes per push at most "
                                    "(a larger file travels in chunks of this size)")
 
 

@@ -5,7 +5,8 @@ network namespace, the WAN proxy between them with a one-way delay (tests/suppor
 
 Figures, medians of `--runs` runs with every run's value beside them:
 - the write path's cost: creates/s of empty files on site a before it is linked and while it is
-  linked (every create then also ships), next to ext4 on a loop device (the reference);
+  linked (every create then also ships, on the same two cores), and linked with the link cut (the
+  cost of capturing alone), next to ext4 on a loop device (the reference);
 - replication lag under a steady load on a: small files created and 1 MiB files written at a
   fixed pace; for each, the time from its close on a to when site b shows it with its whole size
   (b's mount polled every 5 ms): p50 and p99;
@@ -132,6 +133,11 @@ def measure(args: argparse.Namespace, root: Path) -> dict[str, float]:
         wait_converged(a, b, 300)
         figures["linked_creates_per_s"] = creates_per_s(a.mount / "linked", args.creates)
         figures["write_path_ratio"] = figures["linked_creates_per_s"] / figures["unlinked_creates_per_s"]
+        wait_converged(a, b, 300)
+        wan.cut()  # linked, nothing sent meanwhile: what capturing costs, without shipping beside it
+        figures["linked_cut_creates_per_s"] = creates_per_s(a.mount / "linked-cut", args.creates)
+        figures["capture_ratio"] = figures["linked_cut_creates_per_s"] / figures["unlinked_creates_per_s"]
+        wan.heal()
         wait_converged(a, b, 300)
         (a.mount / "steady").mkdir()
         lags = steady_lag(a.mount / "steady", b.mount / "steady", args.steady_s, args.steady_creates, args.steady_mib)

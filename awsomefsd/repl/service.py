@@ -67,6 +67,8 @@ INVITE_FILE = "invite"
 MAX_MESSAGE_BYTES = 64 << 20
 CHUNK_BYTES = 4 << 20
 """Bytes of one file per Stage call: a larger content version travels in several."""
+INLINE_BYTES = 1 << 20
+"""Content versions up to this size travel inside the push (one round trip for many files)."""
 MAX_STAGED_BYTES = 512 << 20
 """Bytes staged and not yet pushed at most: bounds what a sender can make us hold."""
 STAGED_TTL_S = 600.0
@@ -303,12 +305,25 @@ class SiteService:
         staged.at = time.monotonic()
         self.state.received_bytes += len(data)
 
-    async def push(self, header: dict[str, Any]) -> dict[str, Any]:
+    async def push(self, header: dict[str, Any], data: memoryview) -> dict[str, Any]:
         link = self.meta.site_link()
         if link is None:
             raise RpcAbort(grpc.StatusCode.FAILED_PRECONDITION, "this site is not linked")
         after = wire.stamp_field(header, "after")
         raws = wire.hex_list(header, "ops", limit=4096)
+        inline = header.get("inline", [])
+        if not isinstance(inline, list) or len(inline) > len(raws):
+            raise wire.WireError("a push's inline contents are not a list of its operations'")
+        at = 0
+        for item in inline:
+            if not isinstance(item, list) or len(item) != 3:
+                raise wire.WireError("an inline content is [stamp, length, crc]")
+            described = {"stamp": item[0], "length": item[1], "crc": item[2], "offset": 0}
+            length = wire.int_field(described, "length", limit=INLINE_BYTES + 1)
+            if at + length > len(data):
+                raise wire.WireError("a push shorter than its inline contents")
+            await self.stage(described, data[at:at + length])
+            at += length
         extents: list[Extent] = []
         counts: list[int] = []
         used: list[Stamp] = []
@@ -391,6 +406,8 @@ class SiteService:
                 await trio.sleep(IDLE_POLL_S)
                 continue
             ops: list[bytes] = []
+            inline: list[list[Any]] = []
+            data = bytearray()
             budget = self.batch_bytes
             for _stamp, raw in entries:
                 sent, ino = self.meta.site_shipping(raw)
@@ -399,12 +416,19 @@ class SiteService:
                     assert isinstance(op, o.ContentSet)
                     if ops and op.size > budget:
                         break  # the next push takes it
-                    budget -= await self._send_content(call, op, ino)
+                    if op.size <= INLINE_BYTES:  # small files travel in the push itself: no round trip each
+                        content = await self._read_content(op, ino, 0, op.size)
+                        inline.append([wire.stamp_text(op.stamp), len(content), crc32c(content)])
+                        data += content
+                        self.state.pushed_bytes += len(content)
+                    else:
+                        await self._send_content(call, op, ino)
+                    budget -= max(op.size, 1)
                 ops.append(sent)
                 if budget <= 0:
                     break
-            reply, _ = wire.unframe(await call("Push", wire.frame({"after": wire.stamp_text(cursor),
-                                                                    "ops": [raw.hex() for raw in ops]})))
+            reply, _ = wire.unframe(await call("Push", wire.frame({"after": wire.stamp_text(cursor), "inline": inline,
+                                                                    "ops": [raw.hex() for raw in ops]}, data)))
             last_push = time.monotonic()
             log.debug("pushed %d operations after %s: %s", len(ops), cursor, reply)
             if reply.get("restage"):
@@ -424,20 +448,25 @@ class SiteService:
                 await self.meta.propose(c.ForgetSite(stable.pack(), time.time_ns()))
                 self.state.forgotten, last_forget = stable, time.monotonic()
 
-    async def _send_content(self, call: Callable[[str, bytes], Awaitable[bytes]], op: o.ContentSet, ino: int) -> int:
-        """Stage a content version's bytes at the peer, chunk by chunk; returns how many."""
+    async def _read_content(self, op: o.ContentSet, ino: int, offset: int, length: int) -> bytes:
+        """Bytes [offset, offset + length) of a content version (the file, or its kept copy)."""
         inode = self.meta.inode(ino)
-        size = op.size if inode is None else min(op.size, self.data.effective_size(ino, inode.size))
+        if inode is None:
+            return bytes(min(length, max(op.size - offset, 0)))
+        size = min(op.size, self.data.effective_size(ino, inode.size))
+        return bytes(await self.data.reader.read(inode, offset, max(0, min(length, size - offset))))
+
+    async def _send_content(self, call: Callable[[str, bytes], Awaitable[bytes]], op: o.ContentSet, ino: int) -> None:
+        """Stage a large content version's bytes at the peer, chunk by chunk."""
         offset = 0
-        while offset < size or offset == 0:
-            chunk = b"" if inode is None else bytes(await self.data.reader.read(inode, offset, min(CHUNK_BYTES, size - offset)))
+        while offset < op.size:
+            chunk = await self._read_content(op, ino, offset, CHUNK_BYTES)
+            if not chunk:
+                break  # shorter now (a truncate the next version carries): the rest reads as zeros
             header = {"stamp": wire.stamp_text(op.stamp), "offset": offset, "crc": crc32c(chunk)}
             await call("Stage", wire.frame(header, chunk))
             self.state.pushed_bytes += len(chunk)
             offset += len(chunk)
-            if not chunk:
-                break
-        return max(size, 1)
 
     # -- what the CLI asks -----------------------------------------------------------------------
     def status(self) -> dict[str, Any]:
@@ -586,8 +615,8 @@ class _Link:
 
     async def Push(self, request: bytes, context: grpc.ServicerContext) -> bytes:
         try:
-            header, _ = wire.unframe(request)
-            return wire.frame(await self.service.push(header))
+            header, data = wire.unframe(request)
+            return wire.frame(await self.service.push(header, data))
         except wire.WireError as exc:
             raise RpcAbort(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
 

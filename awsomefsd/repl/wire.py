@@ -24,7 +24,7 @@ class WireError(ValueError):
     """A message from the other site that is not one this version understands."""
 
 
-def frame(header: dict[str, Any], data: bytes | memoryview = b"") -> bytes:
+def frame(header: dict[str, Any], data: bytes | bytearray | memoryview = b"") -> bytes:
     body = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
     return _HEAD.pack(MAGIC, len(body)) + body + bytes(data)
 

@@ -87,7 +87,7 @@ def two_sites(root: Path, *, delay_ms: float = 25, rate_kib_s: float = 0, size: 
             for name, ns, port in (("a", ns_a, PORT_A), ("b", ns_b, PORT_B)):
                 env = {"AWSOMEFS_SITE__LISTEN": f"{ns.address}:{port}",
                        "AWSOMEFS_SITE__ADVERTISE": json.dumps([f"{ns_wan.address}:{port}"]), **(extra_env or {})}
-                (root / f"m{name}").mkdir(exist_ok=True)
+                (root / f"m{name}").mkdir(parents=True, exist_ok=True)
                 daemon = Daemon(root / f"s{name}", root / f"m{name}", size=size, env=env,
                                 prefix=["nsenter", f"--net=/run/netns/{ns.name}", "--"])
                 made.append(Site(name, daemon.start(), ns))
