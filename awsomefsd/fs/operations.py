@@ -151,7 +151,9 @@ class Operations:
         inode = self.meta.inode(ino)
         if inode is not None and inode.is_dir and ino in self.handles.lookups:
             return
-        if inode is not None and inode.nlink == 0:
+        # Only an orphan: an unnamed inode another site's move may still bring back is kept
+        # (meta/sites.py) and is no orphan.
+        if inode is not None and inode.nlink == 0 and self.meta.orphan(ino) is not None:
             self.data.forget(ino)
             if self.coherence is not None:
                 self.coherence.release_orphan(ino)  # other nodes may still hold it open

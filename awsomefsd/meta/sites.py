@@ -401,7 +401,21 @@ class SiteTables:
 
     # -- apply ----------------------------------------------------------------------------------
     def apply_remote(self, txn: lmdb.Transaction[bytes], cmd: c.ApplyRemote) -> Applied:
-        """Apply a batch of the peer's operations, all or none."""
+        """Apply a batch of the peer's operations, all or none: in a nested transaction, since an
+        operation can be refused after others wrote (the batch is checked first, but state that
+        breaks an invariant shows only when it is met); then the in-memory mirrors (free space,
+        counters) are reloaded from the tables the parent transaction still holds."""
+        nested = self._sm.store.env.begin(write=True, parent=txn)
+        try:
+            applied = self._apply_remote(nested, cmd)
+        except BaseException:
+            nested.abort()
+            self._sm.load(txn)
+            raise
+        nested.commit()
+        return applied
+
+    def _apply_remote(self, txn: lmdb.Transaction[bytes], cmd: c.ApplyRemote) -> Applied:
         self._entries, self._inodes = [], []
         peer = self.peer(txn)
         if peer is None or cmd.peer != peer:
@@ -432,6 +446,16 @@ class SiteTables:
             seen = op.stamp
         conflicts = 0
         for op in batch:
+            try:
+                conflicts += self._apply_one(txn, op, extents_of, cmd.now_ns)
+            except FsError as exc:
+                raise FsError(exc.errno, f"{exc} (applying {op})") from exc
+        return Applied(conflicts, tuple(self._entries), tuple(self._inodes))
+
+    def _apply_one(self, txn: lmdb.Transaction[bytes], op: o.Operation, extents_of: dict[Stamp, tuple[Extent, ...]],
+                   now_ns: int) -> int:
+        conflicts = 0
+        if True:
             self._observe(txn, op.stamp)
             if isinstance(op, o.Created):
                 self._apply_created(txn, op)
@@ -442,13 +466,13 @@ class SiteTables:
             elif isinstance(op, o.XattrSet):
                 conflicts += self._apply_xattr(txn, op)
             elif isinstance(op, o.ContentSet):
-                conflicts += self._apply_content(txn, op, extents_of[op.stamp], cmd.now_ns)
+                conflicts += self._apply_content(txn, op, extents_of[op.stamp], now_ns)
             if isinstance(op, (o.AttrsSet, o.XattrSet, o.ContentSet)):
                 ino = self._ino(txn, op.object)
                 if ino is not None:
                     self._inodes.append(ino)
             txn.put(b"seen", op.stamp.pack(), db=self.meta)
-        return Applied(conflicts, tuple(self._entries), tuple(self._inodes))
+        return conflicts
 
     def _check_content(self, txn: lmdb.Transaction[bytes], op: o.ContentSet,
                        extents: tuple[Extent, ...]) -> None:

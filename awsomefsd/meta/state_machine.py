@@ -490,7 +490,7 @@ class StateMachine:
 
     def _purge(self, txn: lmdb.Transaction[bytes], cmd: c.Purge) -> bool:
         inode = self.ns.get_inode(txn, cmd.ino)
-        if inode is None or inode.nlink > 0:
+        if inode is None or inode.nlink > 0 or self.sites.keeps(txn, cmd.ino):
             txn.delete(u64(cmd.ino), db=self.db["orphans"])
             return False
         self.delete_inode(txn, inode, cmd.now_ns)

@@ -352,7 +352,7 @@ class SiteService:
                         self.data.stager.release(self._staged.pop(stamp).extents, exc)
                     if exc.errno == errno.ESTALE:
                         return {"applied": wire.stamp_text(self.cursor()), "head": wire.stamp_text(self.meta.site_head())}
-                    log.error("refused a batch from the other site: %s", exc)
+                    log.error("refused a batch from the other site: %s", exc, exc_info=exc)
                     raise RpcAbort(grpc.StatusCode.INVALID_ARGUMENT, f"refused: {exc}") from None
                 for stamp in used:
                     del self._staged[stamp]

@@ -456,6 +456,8 @@ def test_forgetting_past_a_delete_releases_the_kept_inode(tmp_path: Path) -> Non
     a.apply(c.Unlink(ROOT_INO, b"f", False, a.tick()))
     orphans = a.store.db["orphans"]
     assert a.read(lambda txn: txn.get(f.to_bytes(8, "big"), db=orphans)) is None, "kept while it may come back"
+    assert a.apply(c.Purge(f, a.tick())) is False, "a purge (a handle's last close) leaves a kept inode alone"
+    assert a.read(lambda txn: a.sm.ns.get_inode(txn, f)) is not None
     ship(a, b)
     last = a.outbox_after(None)[-1][0]
     a.apply(c.ForgetSite(last.pack(), a.tick()))
@@ -483,3 +485,30 @@ def test_every_operation_kind_round_trips_and_decoding_checks_fields() -> None:
     with pytest.raises(o.BadOperation):
         o.decode(o.encode(o.AttrsSet(stamp, gid, 0o644, 1, 2, 3, 4)).replace(b'"uid":1', b'"uid":-1'))
     assert s.site_of_cluster(str(uuid.UUID(bytes=site))) == site
+
+
+def test_a_batch_refused_half_way_leaves_no_trace(tmp_path: Path) -> None:
+    """An operation that fails after others of its batch wrote (here: an xattr for a file whose
+    inode vanished, an invariant broken behind the state machine's back) takes the whole batch
+    back, the space it took and the cursor too."""
+    a, b = linked_pair(tmp_path)
+    f1, f2 = a.new_ino(), a.new_ino()
+    a.apply(c.Mknod(ROOT_INO, b"f1", f1, stat.S_IFREG | 0o644, 0, 0, a.tick()))
+    a.apply(c.Mknod(ROOT_INO, b"f2", f2, stat.S_IFREG | 0o644, 0, 0, a.tick()))
+    ship(a, b)
+    with b.store.env.begin(write=True) as txn:
+        b.sm.ns.delete_inode(txn, b.sm.ns.lookup(txn, ROOT_INO, b"f2") or 0)
+    write(a, f1, 0, 2, 7)
+    a.apply(c.SetAttr(f1, a.tick(), mode=0o600))
+    a.apply(c.SetXattr(f2, b"user.x", b"1", 0, a.tick()))
+
+    def f1_at_b() -> tuple[int, int]:
+        inode = b.read(lambda txn: b.sm.ns.require_inode(txn, b.sm.ns.lookup(txn, ROOT_INO, b"f1") or 0))
+        return inode.mode, inode.size
+    before, free_before, cursor = f1_at_b(), b.sm.space.mirror.free_blocks, b.applied_from_peer()
+    with pytest.raises(FsError) as info:
+        ship(a, b)
+    assert "applying XattrSet" in str(info.value)
+    assert f1_at_b() == before, "the content and the mode applied before the failure were taken back"
+    assert b.sm.space.mirror.free_blocks == free_before, "and the blocks the content took"
+    assert b.applied_from_peer() == cursor
