@@ -592,20 +592,75 @@ class SiteTables:
         return lost + self._edit_against_delete(txn, op.object)
 
     def _deletion_of(self, txn: lmdb.Transaction[bytes], ino: int) -> Move | object | None:
-        """The move that deleted the last name of an inode no entry shows now: None while one
-        does (or it never had one), `_FORGOTTEN` when the log no longer holds that move."""
-        if self._first_shown(txn, ino) is not None:
+        """The move that deleted the last reachable name of an inode: None while a name of it is
+        reachable from the root (or it never had one), `_FORGOTTEN` when the log no longer holds
+        that move. A name inside a deleted directory is no reachable name: the deletion is then
+        the directory's (or its ancestor's) move to TRASH."""
+        if self._first_reachable(txn, ino) is not None:
             return None
         obj = self.object_of(txn, ino)
         latest: Stamp | None = None
         for key, _ in _scan(txn, self.db["sobjents"], obj or b"\xff" * 17):
-            placed = self.placement(txn, bytes(key[16:]))
-            if placed is not None and placed.parent == TRASH and (latest is None or placed.stamp > latest):
-                latest = placed.stamp
+            stamp = self._trashed_at(txn, bytes(key[16:]))
+            if stamp is not None and (latest is None or stamp > latest):
+                latest = stamp
         if latest is None:
             return None
         entry = _TableTree(self, txn, _Dirty()).entry_at(latest)
         return _FORGOTTEN if entry is None else entry.move
+
+    def _trashed_at(self, txn: lmdb.Transaction[bytes], node: bytes) -> Stamp | None:
+        """The stamp of the move that put `node`, or the nearest of its ancestors, under TRASH."""
+        for _ in range(MAX_DEPTH):
+            placed = self.placement(txn, node)
+            if placed is None or placed.parent == ROOT:
+                return None
+            if placed.parent == TRASH:
+                return placed.stamp
+            node = placed.parent
+        return None
+
+    def _reachable(self, txn: lmdb.Transaction[bytes], directory: int) -> bool:
+        """Is directory inode `directory` reachable from the root: is it, and each directory above
+        it, shown? (A directory outside the replicated tree, /.conflicts, hangs from the root.)"""
+        for _ in range(MAX_DEPTH):
+            if directory == ROOT_INO:
+                return True
+            obj = self.object_of(txn, directory)
+            if obj is None:
+                inode = self.ns.get_inode(txn, directory)
+                return inode is not None and inode.parent == ROOT_INO and inode.nlink > 0
+            shown = self._shown(txn, obj)
+            if shown is None:
+                return False
+            directory = shown[0]
+        return False
+
+    def _first_reachable(self, txn: lmdb.Transaction[bytes], ino: int) -> tuple[int, bytes] | None:
+        obj = self.object_of(txn, ino)
+        for key, _ in _scan(txn, self.db["sobjents"], obj or b"\xff" * 17):
+            shown = self._shown(txn, bytes(key[16:]))
+            if shown is not None and self._reachable(txn, shown[0]):
+                return shown
+        return None
+
+    def _files_below(self, txn: lmdb.Transaction[bytes], directory: int, limit: int = 100_000) -> list[bytes]:
+        """The objects of the regular files under a directory (a deleted directory's, whose edits
+        may have to be kept; a directory shown again, whose kept copies go)."""
+        found: list[bytes] = []
+        pending = [directory]
+        while pending and len(found) < limit:
+            for _name, child in list(self.ns.names(txn, pending.pop())):
+                inode = self.ns.get_inode(txn, child)
+                if inode is None:
+                    continue
+                if inode.is_dir:
+                    pending.append(child)
+                elif inode.is_reg:
+                    obj = self.object_of(txn, child)
+                    if obj is not None:
+                        found.append(obj)
+        return found
 
     def _edit_against_delete(self, txn: lmdb.Transaction[bytes], obj: bytes) -> int:
         """Edit against delete: the edit wins whatever the stamps. When a file's every name is
@@ -811,11 +866,26 @@ class SiteTables:
             for node, shown in self._group_names(txn, parent, name).items():
                 wanted[node] = None if parent_ino is None else (parent_ino, shown)
         changed = {node: where for node, where in wanted.items() if self._shown(txn, node) != where}
+        reachable_before = {node: self._shown_reachably(txn, node) for node in changed}
         for node in changed:
             self._unshow_node(txn, node, entry_too=True, now_ns=now_ns)
         for node, where in changed.items():
             if where is not None:
                 self._show_node(txn, node, *where, now_ns)
+        # A directory deleted, moved into a deleted one, or back: the files below it lost, or got
+        # back, their path.
+        for node in sorted(changed):
+            if reachable_before[node] == self._shown_reachably(txn, node):
+                continue
+            ino = self._ino(txn, self._entry_object(txn, node))
+            inode = None if ino is None else self.ns.get_inode(txn, ino)
+            if inode is not None and inode.is_dir:
+                for obj in self._files_below(txn, inode.ino):
+                    self._edit_against_delete(txn, obj)
+
+    def _shown_reachably(self, txn: lmdb.Transaction[bytes], node: bytes) -> bool:
+        shown = self._shown(txn, node)
+        return shown is not None and self._reachable(txn, shown[0])
 
     def _group_names(self, txn: lmdb.Transaction[bytes], parent: bytes, name: bytes) -> dict[bytes, bytes]:
         """The names one group of a directory's children shows (tree.visible_names, for one name):
@@ -856,7 +926,8 @@ class SiteTables:
         self._inodes += (parent_ino, ino)
         if child.is_dir:
             child.parent = parent_ino
-            parent.nlink += 1
+            if parent.nlink:  # a directory no entry shows stays at 0: recounted when shown
+                parent.nlink += 1
             if child.nlink < 2:
                 child.nlink = 2 + sum(1 for _, sub in self.ns.names(txn, ino) if self.ns.require_inode(txn, sub).is_dir)
         else:

@@ -356,6 +356,8 @@ class SiteService:
                     raise RpcAbort(grpc.StatusCode.INVALID_ARGUMENT, f"refused: {exc}") from None
                 for stamp in used:
                     del self._staged[stamp]
+                # Acknowledged means durable: the sender forgets what we acknowledge.
+                await self.meta.barrier()
                 self.applied(command, applied)
                 self.state.received_ops += len(raws)
                 if applied.conflicts:
@@ -405,6 +407,11 @@ class SiteService:
             if not entries and time.monotonic() - last_push < HEARTBEAT_S:
                 await trio.sleep(IDLE_POLL_S)
                 continue
+            if entries:
+                # Only what is durable ships: an operation of a batch not yet committed would be
+                # lost here by a crash after the peer applied it, and our clock, restarted from
+                # what was committed, would stamp new operations the peer's cursor is already past.
+                await self.meta.barrier()
             ops: list[bytes] = []
             inline: list[list[Any]] = []
             data = bytearray()
