@@ -455,23 +455,22 @@ class SiteTables:
     def _apply_one(self, txn: lmdb.Transaction[bytes], op: o.Operation, extents_of: dict[Stamp, tuple[Extent, ...]],
                    now_ns: int) -> int:
         conflicts = 0
-        if True:
-            self._observe(txn, op.stamp)
-            if isinstance(op, o.Created):
-                self._apply_created(txn, op)
-            elif isinstance(op, o.Moved):
-                conflicts += self._apply_moved(txn, op)
-            elif isinstance(op, o.AttrsSet):
-                conflicts += self._apply_attrs(txn, op)
-            elif isinstance(op, o.XattrSet):
-                conflicts += self._apply_xattr(txn, op)
-            elif isinstance(op, o.ContentSet):
-                conflicts += self._apply_content(txn, op, extents_of[op.stamp], now_ns)
-            if isinstance(op, (o.AttrsSet, o.XattrSet, o.ContentSet)):
-                ino = self._ino(txn, op.object)
-                if ino is not None:
-                    self._inodes.append(ino)
-            txn.put(b"seen", op.stamp.pack(), db=self.meta)
+        self._observe(txn, op.stamp)
+        if isinstance(op, o.Created):
+            self._apply_created(txn, op)
+        elif isinstance(op, o.Moved):
+            conflicts += self._apply_moved(txn, op)
+        elif isinstance(op, o.AttrsSet):
+            conflicts += self._apply_attrs(txn, op)
+        elif isinstance(op, o.XattrSet):
+            conflicts += self._apply_xattr(txn, op)
+        elif isinstance(op, o.ContentSet):
+            conflicts += self._apply_content(txn, op, extents_of[op.stamp], now_ns)
+        if isinstance(op, (o.AttrsSet, o.XattrSet, o.ContentSet)):
+            ino = self._ino(txn, op.object)
+            if ino is not None:
+                self._inodes.append(ino)
+        txn.put(b"seen", op.stamp.pack(), db=self.meta)
         return conflicts
 
     def _check_content(self, txn: lmdb.Transaction[bytes], op: o.ContentSet,
@@ -591,23 +590,25 @@ class SiteTables:
             self._sm.defer_free(txn, [(e.dev_block, e.count) for e in extents], now_ns)
         return lost + self._edit_against_delete(txn, op.object)
 
-    def _deletion_of(self, txn: lmdb.Transaction[bytes], ino: int) -> Move | object | None:
-        """The move that deleted the last reachable name of an inode: None while a name of it is
-        reachable from the root (or it never had one), `_FORGOTTEN` when the log no longer holds
-        that move. A name inside a deleted directory is no reachable name: the deletion is then
+    def _deletions_of(self, txn: lmdb.Transaction[bytes], ino: int) -> list[Move] | None:
+        """The moves that took away the names of an inode none of whose names is reachable from
+        the root: [] while one is (or it never had one), None when the log no longer holds one
+        of those moves. A name inside a deleted directory is no reachable name: its deletion is
         the directory's (or its ancestor's) move to TRASH."""
         if self._first_reachable(txn, ino) is not None:
-            return None
+            return []
         obj = self.object_of(txn, ino)
-        latest: Stamp | None = None
+        tree = _TableTree(self, txn, _Dirty())
+        deletions: dict[Stamp, Move] = {}
         for key, _ in _scan(txn, self.db["sobjents"], obj or b"\xff" * 17):
             stamp = self._trashed_at(txn, bytes(key[16:]))
-            if stamp is not None and (latest is None or stamp > latest):
-                latest = stamp
-        if latest is None:
-            return None
-        entry = _TableTree(self, txn, _Dirty()).entry_at(latest)
-        return _FORGOTTEN if entry is None else entry.move
+            if stamp is None or stamp in deletions:
+                continue
+            entry = tree.entry_at(stamp)
+            if entry is None:
+                return None
+            deletions[stamp] = entry.move
+        return [deletions[stamp] for stamp in sorted(deletions)]
 
     def _trashed_at(self, txn: lmdb.Transaction[bytes], node: bytes) -> Stamp | None:
         """The stamp of the move that put `node`, or the nearest of its ancestors, under TRASH."""
@@ -664,23 +665,26 @@ class SiteTables:
 
     def _edit_against_delete(self, txn: lmdb.Transaction[bytes], obj: bytes) -> int:
         """Edit against delete: the edit wins whatever the stamps. When a file's every name is
-        deleted and the move that deleted the last one had not seen the file's content (its
-        register's winner), that content is kept in /.conflicts, as a copy sharing its blocks,
-        and listed; the delete stands. A function of the tree and the register, not of the order
-        things arrived in, so both sites keep the same copies: when the file has a name again,
-        or a later delete saw the content, the copy goes. A delete the log has forgotten changes
-        nothing any more. Returns how many conflicts this opened."""
+        deleted and any of the moves that took those names away had not seen the file's content
+        (its register's winner), that content is kept in /.conflicts, as a copy sharing its
+        blocks, and listed; the delete stands. Any one is enough: a user who removed one name of
+        a file without knowing of an edit did not mean to discard it, even when the edit's own
+        site removed the last name afterwards. A function of the tree and the register, not of
+        the order things arrived in, so both sites keep the same copies: when the file has a
+        name again, or a newer content every delete saw wins the register, the copy goes. A
+        delete the log has forgotten changes nothing any more. Returns how many conflicts this
+        opened."""
         ino = self._ino(txn, obj)
         inode = None if ino is None else self.ns.get_inode(txn, ino)
         if inode is None or not inode.is_reg:
             return 0
-        deletion = self._deletion_of(txn, inode.ino)
-        if deletion is _FORGOTTEN:
+        deletions = self._deletions_of(txn, inode.ino)
+        if deletions is None:
             return 0
         versions = self._versions(txn, obj + CONTENT)
         wanted = None
-        if isinstance(deletion, Move) and versions and not happened_before(versions[0].stamp, deletion.stamp,
-                                                                            deletion.seen):
+        unaware = [d for d in deletions if versions and not happened_before(versions[0].stamp, d.stamp, d.seen)]
+        if unaware:
             wanted = versions[0]
         index = b"edit-delete:" + obj  # the open record of this object, if any (no scan per command)
         raw_key = txn.get(index, db=self.meta)
@@ -692,15 +696,14 @@ class SiteTables:
             assert raw is not None, key.hex()
             record = json.loads(raw)
             record["open"] = False
-            record["resolved"] = "the file has a name again, or a later delete saw the edit"
+            record["resolved"] = "the file has a name again, or its content changed"
             if record.get("kept_ino") is not None:
                 self._drop_kept(txn, int(record.pop("kept_ino")), bytes.fromhex(record.pop("kept_as")))
             txn.put(key, json.dumps(record, sort_keys=True).encode(), db=self.db["sconflicts"])
             txn.delete(index, db=self.meta)
         if wanted is None:
             return 0
-        assert isinstance(deletion, Move)
-        self._conflict(txn, "edit-delete", wanted.stamp, deletion.stamp, obj, {})
+        self._conflict(txn, "edit-delete", wanted.stamp, unaware[-1].stamp, obj, {})
         txn.put(index, wanted.stamp.pack() + b"e", db=self.meta)
         extents = list(filemap.all_extents(txn, self._sm.db["fmap"], inode.ino))
         self._keep_sibling(txn, inode, extents, wanted.value, wanted.stamp, share=True, kind=b"e")
@@ -1184,8 +1187,6 @@ class SiteTables:
 
 _UNCHANGED = object()
 """A register's apply that did not change what shows."""
-_FORGOTTEN = object()
-"""A delete the tree's log no longer holds (both sites had moved past it)."""
 
 
 def _wall_logical(stamp: Stamp) -> tuple[int, int]:

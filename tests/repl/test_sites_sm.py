@@ -423,6 +423,47 @@ def test_an_edit_against_a_delete_keeps_the_edit_on_both_sites(tmp_path: Path, e
     assert {r["kind"] for r in a.conflicts()} == {"edit-delete"}
 
 
+def test_an_edit_is_kept_when_another_site_took_a_name_of_the_file_without_knowing_it(tmp_path: Path) -> None:
+    """A file with two names: site a removes one before it hears of b's edit; b, which made the
+    edit, removes the other afterwards, knowingly. a's user never chose to discard the edit."""
+    a, b = linked_pair(tmp_path)
+    f = a.new_ino()
+    a.apply(c.Mknod(ROOT_INO, b"f", f, stat.S_IFREG | 0o644, 0, 0, a.tick()))
+    a.apply(c.Link(f, ROOT_INO, b"g", a.tick()))
+    write(a, f, 0, 1, 1)
+    ship(a, b)
+    a.apply(c.Unlink(ROOT_INO, b"g", False, a.tick()))
+    bf = b.read(lambda txn: b.sm.ns.lookup(txn, ROOT_INO, b"f"))
+    b.now += 10**9  # b's clock runs ahead: its knowing delete is the later one by stamp
+    edited = write(b, bf, 0, 1, 2)
+    b.apply(c.Unlink(ROOT_INO, b"f", False, b.tick()))
+    ship(a, b)
+    ship(b, a)
+    assert a.snapshot() == b.snapshot() == {}, "both deletes stand"
+    assert kept_copies(a) == kept_copies(b)
+    (kept,) = kept_copies(a).values()
+    assert kept[3] == ((0, edited),), "the edit is kept"
+    assert [r["kind"] for r in a.conflicts() if r["open"]] == ["edit-delete"]
+
+
+def test_a_file_written_inside_a_directory_the_other_site_removed_is_kept(tmp_path: Path) -> None:
+    a, b = linked_pair(tmp_path)
+    d = a.new_ino()
+    a.apply(c.Mknod(ROOT_INO, b"d", d, stat.S_IFDIR | 0o755, 0, 0, a.tick()))
+    ship(a, b)
+    bd = b.read(lambda txn: b.sm.ns.lookup(txn, ROOT_INO, b"d"))
+    g = b.new_ino()
+    b.apply(c.Mknod(bd, b"g", g, stat.S_IFREG | 0o644, 0, 0, b.tick()))
+    written = write(b, g, 0, 2, 3)
+    a.apply(c.Unlink(ROOT_INO, b"d", True, a.tick()))
+    ship(a, b)
+    ship(b, a)
+    assert a.snapshot() == b.snapshot() == {}, "the directory's removal stands"
+    assert kept_copies(a) == kept_copies(b)
+    (kept,) = kept_copies(a).values()
+    assert kept[3] == ((0, written[:4]), (1, written[4:])), "what was written inside it is kept"
+
+
 def test_linking_twice_or_to_itself_is_refused(tmp_path: Path) -> None:
     a, b = linked_pair(tmp_path)
     with pytest.raises(FsError) as info:
