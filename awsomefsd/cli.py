@@ -166,12 +166,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     site = sub.add_parser(
         "site", help="the link to another site: `site link [TOKEN]`, `site unlink`, `site status`, "
-        "`site conflicts`, `site verify`",
+        "`site conflicts [resolve ID --keep winner|loser|both]`, `site verify`",
         description="Cross-site replication. `site link` prints a link token on this site; `site link TOKEN` on "
         "the other site pairs the two. `site status` shows the link, the lag each way and the conflicts; "
-        "`site conflicts` lists them; `site verify` compares both sites' trees (exit 0 only when identical).")
+        "`site conflicts` lists them; `site conflicts resolve ID --keep winner|loser|both` settles one on both "
+        "sites; `site verify` compares both sites' trees (exit 0 only when identical).")
     site.add_argument("action", choices=["link", "unlink", "status", "conflicts", "verify"])
-    site.add_argument("token", nargs="?", help="for `link`: the token the other site printed")
+    site.add_argument("arguments", nargs="*", metavar="ARG",
+                      help="for `link`: the token the other site printed; for `conflicts`: resolve ID")
+    site.add_argument("--keep", choices=["winner", "loser", "both"],
+                      help="for `conflicts resolve`: which version stays (both: the loser beside the file)")
     site.add_argument("--json", action="store_true", help="machine-readable output")
     _add_settings_flags(site, device=False, mount=False)
 
@@ -286,7 +290,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "site":
         from awsomefsd.repl.cli import site_command
 
-        return site_command(settings, args.action, args.token, as_json=args.json)
+        return site_command(settings, args.action, args.arguments, keep=args.keep, as_json=args.json)
     if args.command == "hand-over":
         return actions.hand_over(settings)
     if args.command == "format":

@@ -69,6 +69,9 @@ class NullOperations:
     def keep_cache(self, ino: int) -> bool:
         return True
 
+    def keep_listing(self, ino: int) -> bool:
+        return True
+
     def direct_io(self, flags: int) -> bool:
         return False
 

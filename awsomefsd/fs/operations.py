@@ -30,6 +30,7 @@ from awsomefsd.meta.client import MetaClient
 from awsomefsd.meta.commands import RENAME_WHITEOUT
 from awsomefsd.meta.errors import Delegated, FsError
 from awsomefsd.meta.records import (
+    CONFLICTS_INO,
     MAX_FILE_SIZE_BYTES,
     MAX_NAME_BYTES,
     MAX_RANGE_BLOCKS,
@@ -245,6 +246,12 @@ class Operations:
     def keep_cache(self, ino: int) -> bool:
         """For the adapter's open reply: keep the page cache unless the cluster says it is stale."""
         return self.coherence is None or self.coherence.keep_cache(ino)
+
+    def keep_listing(self, ino: int) -> bool:
+        """May the kernel keep this directory's listing (where the transport lets it)? Not that of
+        /.conflicts: cross-site replication drops a copy kept there as a side effect of a write to
+        another file (its own site overwriting it), which no request about /.conflicts tells."""
+        return ino != CONFLICTS_INO
 
     async def getattr(self, ino: int) -> Inode:
         if self.coherence is not None and self.coherence.strict:

@@ -149,8 +149,9 @@ def _snapshot_dir(cmd: c.CreateSnapshot | c.DeleteSnapshot, result: Any) -> list
     return [Target.entry(SNAPSHOTS_INO, snapshot_dir_name(cmd.snapshot)), Target.attr_only(SNAPSHOTS_INO)]
 
 
-def _applied_remote(cmd: c.ApplyRemote, result: Any) -> list[Target]:
-    """Another site's changes: the state machine says which entries and inodes they touched."""
+def _applied_remote(cmd: c.ApplyRemote | c.ResolveConflict, result: Any) -> list[Target]:
+    """Another site's changes, or a conflict's resolution: the state machine says which entries
+    and inodes they touched."""
     if not isinstance(result, Applied):
         return []
     return [*(Target.entry(parent, name) for parent, name in result.entries), *map(Target.inode, result.inodes)]
@@ -209,6 +210,7 @@ RULES: dict[type, Rule] = {
     c.UnlinkSite: _nothing,
     c.ForgetSite: _nothing,
     c.ApplyRemote: _applied_remote,
+    c.ResolveConflict: _applied_remote,
 }
 """Every command type, with what it makes stale; a unit test checks it covers codec.COMMAND_TAGS."""
 

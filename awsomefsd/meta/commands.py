@@ -475,6 +475,18 @@ class ForgetSite:
 
 
 @dataclass(frozen=True, slots=True)
+class ResolveConflict:
+    """An operator resolved the conflict with key `conflict` (meta/sites.py) keeping the winner,
+    the loser or both (repl/ops.py KEEPS): closed on both sites, the copy kept of the loser
+    dropped. A losing move kept is made again, as a new move; a losing content, attribute or
+    extended attribute kept was written back through the mount before this command."""
+
+    conflict: bytes
+    keep: str
+    now_ns: int
+
+
+@dataclass(frozen=True, slots=True)
 class Fenced:
     """Every command a cluster member proposes, wrapped with who proposed it and under which lease
     epoch: refused with EIO once that epoch has expired, and new extents must lie in the
@@ -499,15 +511,16 @@ Command = (
     | CreateSnapshot | DeleteSnapshot | Batch | InitCluster | AddMember | SetMemberCert | UpdateMemberAddress
     | RemoveMember | SetJoinVerifier | RenewLease | ExpireNode | ClaimGroups | AcquireWriteLease
     | ReleaseWriteLease | ReleaseOrphans | Fenced | PunchHole | CloneRange | SetLogLevel | Preallocate
-    | PlanTierObject | CommitTierObject | AbandonTierObjects | ForgetTierObjects
+    | PlanTierObject | CommitTierObject | AbandonTierObjects | ForgetTierObjects | LinkSite | UnlinkSite
+    | ApplyRemote | ForgetSite | ResolveConflict
 )
 
 
 BASE_LOG_LEVEL = 3
 """The level of a cluster that never recorded one: formed by builds before the gate, which decode
 command tags 1-32 (meta/codec.py) in format 3."""
-LOG_LEVEL = 7
-"""The newest commands this build decodes. 7: the cross-site replication commands. 6: the tiering commands (and block addresses in objects,
+LOG_LEVEL = 8
+"""The newest commands this build decodes. 8: ResolveConflict. 7: the cross-site replication commands. 6: the tiering commands (and block addresses in objects,
 meta/tiered.py). 5: Preallocate (and unwritten extents, which a WriteData
 may then write in place). 4: PunchHole, CloneRange, SetLogLevel.
 
@@ -521,7 +534,7 @@ with `LogAheadOfBuild`."""
 COMMAND_LEVELS: dict[type, int] = {
     PunchHole: 4, CloneRange: 4, SetLogLevel: 4, Preallocate: 5,
     PlanTierObject: 6, CommitTierObject: 6, AbandonTierObjects: 6, ForgetTierObjects: 6,
-    LinkSite: 7, UnlinkSite: 7, ApplyRemote: 7, ForgetSite: 7,
+    LinkSite: 7, UnlinkSite: 7, ApplyRemote: 7, ForgetSite: 7, ResolveConflict: 8,
 }
 
 

@@ -20,13 +20,14 @@ Deleting is a move to the tree's TRASH: an object whose last entry went there ke
 concurrent rename with a later stamp must be able to bring it back.
 
 Not replicated: volumes and snapshots (inodes with a volume id, and the /.volumes and
-/.snapshots containers); file content is captured (ContentSet) but shipping and applying data
-is not built yet, so a content operation from a peer is refused.
+/.snapshots containers). File content is a register too (ContentSet); its bytes travel beside
+the operation and are on this site's device before the `ApplyRemote` that maps them.
 """
 
 from __future__ import annotations
 
 import errno
+import hashlib
 import itertools
 import json
 import stat
@@ -95,6 +96,11 @@ _ENTRY_BIT = 1 << 63
 """Entry node numbers of files have this bit; a directory's entry node is its object id."""
 _PLACE_HEAD = 16 + PACKED_BYTES
 CONFLICTS_NAME = b".conflicts"
+
+
+def conflict_id(key: bytes) -> str:
+    """A conflict's short name for operators: the same on both sites (its key is)."""
+    return hashlib.blake2b(key, digest_size=6).hexdigest()
 
 
 def site_of_cluster(cluster_id: str) -> bytes:
@@ -466,6 +472,8 @@ class SiteTables:
             conflicts += self._apply_xattr(txn, op)
         elif isinstance(op, o.ContentSet):
             conflicts += self._apply_content(txn, op, extents_of[op.stamp], now_ns)
+        elif isinstance(op, o.Resolved):
+            self._close_resolved(txn, op.conflict, op.keep, op.stamp)
         if isinstance(op, (o.AttrsSet, o.XattrSet, o.ContentSet)):
             ino = self._ino(txn, op.object)
             if ino is not None:
@@ -839,16 +847,122 @@ class SiteTables:
             return  # renamed or removed by a user meanwhile: theirs now
         self.ns.remove_entry(txn, CONFLICTS_INO, name)
         self._entries.append((CONFLICTS_INO, name))
+        self._inodes.append(CONFLICTS_INO)
         inode = self.ns.require_inode(txn, ino)
         inode.nlink = 0
         self._sm.orphan(txn, inode)
 
     def conflicts(self, txn: lmdb.Transaction[bytes]) -> list[dict[str, Any]]:
-        """Every conflict recorded, oldest loser first, with where its object is shown now (`path`)."""
-        records = [json.loads(v) for _, v in _scan(txn, self.db["sconflicts"], b"")]
-        for record in records:
-            record["path"] = self.path_of(txn, bytes.fromhex(record["object"]))
+        """Every conflict recorded, oldest loser first, with its `id` (the same on both sites),
+        where its object is shown now (`path`) and what each version is now: a content's size
+        and hash, an attribute's value, where a losing move would put the object."""
+        records = []
+        for key, raw in _scan(txn, self.db["sconflicts"], b""):
+            record = json.loads(raw)
+            record["key"] = bytes(key).hex()
+            record["id"] = conflict_id(bytes(key))
+            obj = bytes.fromhex(record["object"])
+            record["path"] = self.path_of(txn, obj)
+            self._describe_versions(txn, record, obj)
+            records.append(record)
         return records
+
+    def _describe_versions(self, txn: lmdb.Transaction[bytes], record: dict[str, Any], obj: bytes) -> None:
+        kind = record["kind"]
+        if kind in ("content", "edit-delete"):
+            if record.get("kept_ino") is not None:
+                record["loser_size"], record["loser_hash"] = self._content_of(txn, int(record["kept_ino"]))
+            ino = self._ino(txn, obj)
+            if kind == "content" and ino is not None:
+                record["winner_size"], record["winner_hash"] = self._content_of(txn, ino)
+            if kind == "edit-delete":
+                record["restore_to"] = self._deleted_from(txn, Stamp.unpack(bytes.fromhex(record["winner"])))
+        elif kind == "move":
+            parent = bytes.fromhex(record["loser_parent"])
+            name = bytes.fromhex(record["loser_name"]).decode(errors="replace")
+            where = "" if parent == ROOT else None if parent == TRASH else self.path_of(txn, parent)
+            record["loser_path"] = None if where is None else f"{where}/{name}"
+            record["loser_deletes"] = parent == TRASH
+        elif kind in ("attributes", "xattr"):
+            register = ATTRS if kind == "attributes" else XATTR + bytes.fromhex(record["xattr"])
+            for version in self._versions(txn, obj + register):
+                for which in ("winner", "loser"):
+                    if version.stamp.pack().hex() == record[which]:
+                        record[f"{which}_value"] = version.value
+
+    def _content_of(self, txn: lmdb.Transaction[bytes], ino: int) -> tuple[int, str]:
+        """A file's size and content hash: BLAKE2b-128 over its size and the CRC32C of each block,
+        in file order (the checksums travel with the bytes, so both sites compute the same)."""
+        inode = self.ns.get_inode(txn, ino)
+        if inode is None:
+            return 0, ""
+        digest = hashlib.blake2b(u64(inode.size), digest_size=16)
+        for ext in filemap.all_extents(txn, self._sm.db["fmap"], ino):
+            digest.update(u64(ext.file_block) + u64(ext.count) + ext.checksums)
+        return inode.size, digest.hexdigest()
+
+    def _deleted_from(self, txn: lmdb.Transaction[bytes], deletion: Stamp) -> str | None:
+        """The path a delete's move took its entry from, as far as this site shows the directory."""
+        entry = _TableTree(self, txn, _Dirty()).entry_at(deletion)
+        if entry is None or entry.before is None:
+            return None
+        parent = entry.before.parent
+        where = "" if parent == ROOT else self.path_of(txn, parent)
+        return None if where is None else f"{where}/{entry.before.name.decode(errors='replace')}"
+
+    def resolve(self, txn: lmdb.Transaction[bytes], cmd: c.ResolveConflict) -> Applied:
+        """An operator's resolution: the record closes here and, through a `Resolved` operation,
+        on the peer; the copy kept of the loser goes. Keeping a losing move moves the object
+        again, as a new move of this site (the tree's rules apply to it like to any move). A
+        losing content, attribute or xattr kept was written back through the mount first, so
+        the record may already be settled by that write: only an operator's resolution is final."""
+        self._entries, self._inodes = [], []
+        if self.peer(txn) is None:
+            raise FsError(errno.ENOTCONN, "not linked to any site")
+        if cmd.keep not in o.KEEPS:
+            raise FsError(errno.EINVAL, f"keep one of {', '.join(o.KEEPS)}, not {cmd.keep!r}")
+        raw = txn.get(cmd.conflict, db=self.db["sconflicts"])
+        if raw is None:
+            raise FsError(errno.ENOENT, "no such conflict")
+        record = json.loads(raw)
+        if "kept" in record:
+            raise FsError(errno.EALREADY, f"conflict resolved already (kept the {record['kept']})")
+        if cmd.keep == "both" and record["kind"] not in ("content", "edit-delete"):
+            raise FsError(errno.EINVAL, f"a {record['kind']} conflict has one outcome: keep the winner or the loser")
+        if record["kind"] == "move" and cmd.keep == "loser":
+            self._move_back(txn, record, cmd.now_ns)
+        stamp = self._tick(txn, cmd.now_ns)
+        self._close_resolved(txn, cmd.conflict, cmd.keep, stamp)
+        self._ship(txn, o.Resolved(stamp, cmd.conflict, cmd.keep, self._seen(txn)))
+        return Applied(0, tuple(self._entries), tuple(self._inodes))
+
+    def _move_back(self, txn: lmdb.Transaction[bytes], record: dict[str, Any], now_ns: int) -> None:
+        """Make a losing move again: the node goes where that move put it, with a new stamp."""
+        node, parent = bytes.fromhex(record["node"]), bytes.fromhex(record["loser_parent"])
+        if parent not in (ROOT, TRASH) and (self._ino(txn, parent) is None or self.path_of(txn, parent) is None):
+            raise FsError(errno.ENOENT, "the directory the losing move went to is gone")
+        stamp = self._tick(txn, now_ns)
+        seen = self._seen(txn)
+        move = Move(stamp, node, parent, bytes.fromhex(record["loser_name"]), seen)
+        dirty = _Dirty()
+        ReplicatedTree(_TableTree(self, txn, dirty), _TableTree(self, txn, dirty)).apply(move)
+        obj = self._entry_object(txn, node)
+        self._ship(txn, o.Moved(stamp, node, parent, move.name, obj, seen))
+        self._reshow(txn, dirty, now_ns)
+        if parent == TRASH:
+            self._edit_against_delete(txn, obj)
+
+    def _close_resolved(self, txn: lmdb.Transaction[bytes], key: bytes, keep: str, by: Stamp) -> None:
+        raw = txn.get(key, db=self.db["sconflicts"])
+        if raw is None:
+            return  # not a conflict here: nothing to close
+        record = json.loads(raw)
+        record["open"] = False
+        record["kept"] = keep
+        record["resolved"] = f"an operator on site {by.site.hex()[:8]} kept the {keep}"
+        if record.get("kept_ino") is not None:
+            self._drop_kept(txn, int(record.pop("kept_ino")), bytes.fromhex(record.pop("kept_as")))
+        txn.put(key, json.dumps(record, sort_keys=True).encode(), db=self.db["sconflicts"])
 
     # -- showing the tree as directory entries --------------------------------------------------
     def _reshow(self, txn: lmdb.Transaction[bytes], dirty: _Dirty, now_ns: int) -> None:
@@ -999,6 +1113,8 @@ class SiteTables:
             for table, entry_key in (("splace", node), ("skids", bytes(key)), ("sentries", node),
                                      ("sobjents", obj + node)):
                 txn.delete(entry_key, db=self.db[table])
+            if any(True for _ in _scan(txn, self.db["sobjents"], obj)):
+                continue  # another entry of it is shown, or deleted later: it may still come back
             ino = self._ino(txn, obj)
             inode = None if ino is None else self.ns.get_inode(txn, ino)
             if inode is not None and inode.nlink == 0:  # no entry of it is shown anywhere
@@ -1129,13 +1245,15 @@ class SiteTables:
         """What to send for an outbox entry: the operation, and for a content version the inode
         whose bytes are that version (the file while it shows it, the sibling a conflict kept it
         in). A version a later one of this site replaced is sent as `Superseded`: only the
-        newest bytes travel."""
+        newest bytes travel; so is one of an object this site no longer has (released after its
+        every entry was deleted): there are no bytes to send, and the peer deleted it too."""
         op = o.decode(raw)
         if not isinstance(op, o.ContentSet):
             return raw, None
         versions = self._versions(txn, op.object + CONTENT)
-        if versions and versions[0].stamp == op.stamp:
-            return raw, self._ino(txn, op.object)
+        ino = self._ino(txn, op.object)
+        if versions and versions[0].stamp == op.stamp and ino is not None:
+            return raw, ino
         # A version kept in /.conflicts ships from there even once settled here: the peer keeps it too.
         record = txn.get(op.stamp.pack() + b"c", db=self.db["sconflicts"])
         kept = None if record is None else json.loads(record).get("kept_ino")

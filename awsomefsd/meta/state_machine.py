@@ -118,6 +118,7 @@ class StateMachine:
             c.UnlinkSite: self._unlink_site,
             c.ApplyRemote: lambda txn, cmd: self.sites.apply_remote(txn, cmd),
             c.ForgetSite: lambda txn, cmd: self.sites.forget(txn, cmd),
+            c.ResolveConflict: lambda txn, cmd: self.sites.resolve(txn, cmd),
         }
 
     # -- lifecycle ------------------------------------------------------------------------------

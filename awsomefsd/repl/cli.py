@@ -14,9 +14,18 @@ from awsomefsd.config import Settings
 from awsomefsd.repl.hlc import Stamp
 
 VERIFY_TIMEOUT_S = 3600.0
+RESOLVE_TIMEOUT_S = 3600.0  # a large losing file is copied back
 
 
-def site_command(settings: Settings, action: str, argument: str | None, *, as_json: bool) -> int:
+def site_command(settings: Settings, action: str, arguments: list[str], *, keep: str | None = None,
+                 as_json: bool) -> int:
+    if action == "conflicts" and arguments:
+        return _resolve(settings, arguments, keep, as_json=as_json)
+    if keep is not None:
+        raise CliError("--keep goes with `site conflicts resolve ID`")
+    if len(arguments) > (1 if action == "link" else 0):
+        raise CliError(f"`site {action}` takes {'one token' if action == 'link' else 'no argument'}")
+    argument = arguments[0] if arguments else None
     if action == "link":
         if argument is None:
             print(_call(settings, {"op": "site_invite"})["token"])
@@ -34,8 +43,6 @@ def site_command(settings: Settings, action: str, argument: str | None, *, as_js
         print(json.dumps(info, indent=2, sort_keys=True) if as_json else render_status(info))
         return 0
     if action == "conflicts":
-        if argument is not None:
-            raise CliError("`site conflicts` takes no argument")
         records = _call(settings, {"op": "site_conflicts"})["conflicts"]
         print(json.dumps(records, indent=2, sort_keys=True) if as_json else render_conflicts(records))
         return 0
@@ -51,6 +58,17 @@ def site_command(settings: Settings, action: str, argument: str | None, *, as_js
                 print(f"  {line}")
         return 0 if reply["identical"] else 1
     raise CliError(f"unknown site action {action}")
+
+
+def _resolve(settings: Settings, arguments: list[str], keep: str | None, *, as_json: bool) -> int:
+    if len(arguments) != 2 or arguments[0] != "resolve":
+        raise CliError("usage: awsomefsd site conflicts resolve ID --keep winner|loser|both")
+    if keep is None:
+        raise CliError("say which version stays: --keep winner, --keep loser or --keep both")
+    reply = _call(settings, {"op": "site_resolve", "id": arguments[1], "keep": keep}, timeout_s=RESOLVE_TIMEOUT_S)
+    print(json.dumps(reply, indent=2, sort_keys=True) if as_json else f"awsomefsd: conflict {reply['id']}: "
+          f"{reply['done']}; closed here, and on the other site when it applies this")
+    return 0
 
 
 def _call(settings: Settings, request: dict[str, Any], timeout_s: float = 60.0) -> dict[str, Any]:
@@ -87,18 +105,35 @@ def render_status(info: dict[str, Any]) -> str:
 
 
 def render_conflicts(records: list[dict[str, Any]]) -> str:
+    """One block per conflict: its id (for `resolve`), where it is, both versions, what stays."""
     if not records:
         return "no conflicts"
     lines = []
     for record in records:
         loser, winner = Stamp.unpack(bytes.fromhex(record["loser"])), Stamp.unpack(bytes.fromhex(record["winner"]))
-        state = "open" if record["open"] else "settled"
-        kept = bytes.fromhex(record["kept_as"]).decode(errors="replace") if record.get("kept_as") else ""
+        if record["open"]:
+            state = "open"
+        else:
+            state = f"resolved, kept the {record['kept']}" if "kept" in record else "settled"
         where = record.get("path") or f"object {record['object'][:16]} (no name now)"
-        lines.append(f"{record['kind']:<10} {state:<7} {where}  "
-                     f"won: site {_site(winner)} at {_time(winner)}  lost: site {_site(loser)} at {_time(loser)}"
-                     + (f"  kept as /{kept}" if kept else ""))
+        lines.append(f"{record['id']}  {record['kind']:<10} {state:<8} {where}")
+        lines.append(f"    won:  site {_site(winner)} at {_time(winner)}{_version(record, 'winner')}")
+        lines.append(f"    lost: site {_site(loser)} at {_time(loser)}{_version(record, 'loser')}")
+        if record.get("kept_as"):
+            lines.append(f"    the loser is kept as /{bytes.fromhex(record['kept_as']).decode(errors='replace')}")
+        if record["kind"] == "edit-delete" and record["open"]:
+            lines.append(f"    (the winner is a delete; keeping the loser restores it at {record.get('restore_to') or '/'})")
+        if record["kind"] == "move" and record["open"]:
+            lines.append(f"    (the losing move {'deleted it' if record.get('loser_deletes') else 'put it at ' + str(record.get('loser_path'))})")
     return "\n".join(lines)
+
+
+def _version(record: dict[str, Any], which: str) -> str:
+    if f"{which}_size" in record:
+        return f", {record[f'{which}_size']} bytes, hash {record[f'{which}_hash'][:16]}"
+    if f"{which}_value" in record:
+        return f", value {record[f'{which}_value']}"
+    return ""
 
 
 def _site(stamp: Stamp) -> str:

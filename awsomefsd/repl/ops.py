@@ -127,9 +127,26 @@ class Superseded:
     seen: Seen = field(default_factory=dict)
 
 
-Operation: TypeAlias = Created | Moved | AttrsSet | XattrSet | ContentSet | Superseded
+KEEPS = ("winner", "loser", "both")
+"""What an operator may keep of a conflict (`site conflicts resolve ID --keep ...`)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Resolved:
+    """An operator resolved conflict `conflict` (its key: the losing stamp and the kind's letter,
+    the same on both sites) keeping `keep`: the record closes on both sites and the copy kept of
+    the loser goes. What was kept travels as the operations that made it (a write, a move)."""
+
+    stamp: Stamp
+    conflict: bytes
+    keep: str
+    seen: Seen = field(default_factory=dict)
+
+
+Operation: TypeAlias = Created | Moved | AttrsSet | XattrSet | ContentSet | Superseded | Resolved
 _KINDS: dict[str, type[Operation]] = {"create": Created, "move": Moved, "attrs": AttrsSet,
-                                      "xattr": XattrSet, "content": ContentSet, "superseded": Superseded}
+                                      "xattr": XattrSet, "content": ContentSet, "superseded": Superseded,
+                                      "resolved": Resolved}
 _KIND_OF = {cls: kind for kind, cls in _KINDS.items()}
 _INTS = {"mode", "uid", "gid", "rdev", "mtime_ns", "atime_ns", "size"}
 _IDS = {"object", "node", "parent"}
@@ -198,6 +215,10 @@ def _field(name: str, value: Any) -> Any:
         return value
     if name == "value" and value is None:
         return None
+    if name == "keep":
+        if value not in KEEPS:
+            raise ValueError(f"keep is one of {', '.join(KEEPS)}")
+        return value
     if not isinstance(value, str):
         raise ValueError(f"{name} is not hex")
     raw = bytes.fromhex(value)
@@ -215,3 +236,5 @@ def _check(op: Operation) -> None:
     if isinstance(op, XattrSet) and (not 0 < len(op.name) <= MAX_XATTR_NAME_BYTES
                                      or (op.value is not None and len(op.value) > MAX_XATTR_VALUE_BYTES)):
         raise BadOperation("an extended attribute beyond the limits")
+    if isinstance(op, Resolved) and len(op.conflict) != PACKED_BYTES + 1:
+        raise BadOperation("a resolution names no conflict")

@@ -80,6 +80,9 @@ HEARTBEAT_S = 2.0
 """An idle shipper pushes an empty batch this often: the peer's acknowledgement carries its head,
 which moves the horizon on, and the link's state stays current."""
 FORGET_EVERY_S = 5.0
+MAX_RESTAGES = 3
+"""Restage answers in a row a sender takes (the peer restarted and lost what was staged) before
+it calls the link broken: a peer asking for ever would otherwise stall the link without a word."""
 RETRY_MIN_S, RETRY_MAX_S = 0.5, 10.0
 
 
@@ -399,6 +402,7 @@ class SiteService:
         cursor = wire.stamp_field(header, "applied")
         horizon = Horizon()
         last_push = last_forget = 0.0
+        restaged = 0
         if not self.state.up:
             log.info("link to the other site is up; it applied ours up to %s", cursor)
         self.state.up, self.state.last_error = True, ""
@@ -439,7 +443,12 @@ class SiteService:
             last_push = time.monotonic()
             log.debug("pushed %d operations after %s: %s", len(ops), cursor, reply)
             if reply.get("restage"):
+                restaged += 1
+                if restaged > MAX_RESTAGES:  # not a restart of the peer: something is wrong, say so
+                    raise wire.WireError(f"the other site asked {restaged} times in a row for the bytes of "
+                                         f"operations after {cursor}, which were sent")
                 continue  # the peer lost what was staged (a restart): send it again
+            restaged = 0
             applied, head = wire.stamp_field(reply, "applied"), wire.stamp_field(reply, "head")
             if applied != cursor and ops:
                 self.state.pushed_ops += len(ops)
@@ -543,8 +552,35 @@ class SiteService:
         async def verify(_body: dict[str, Any]) -> dict[str, Any]:
             return await self.verify()
 
+        async def resolve(body: dict[str, Any]) -> dict[str, Any]:
+            return await self.resolve(str(body.get("id", "")), str(body.get("keep", "")))
+
         return {"site_invite": invite, "site_join": join, "site_unlink": unlink, "site_status": status,
-                "site_conflicts": conflicts, "site_verify": verify}
+                "site_conflicts": conflicts, "site_verify": verify, "site_resolve": resolve}
+
+    async def resolve(self, ident: str, keep: str) -> dict[str, Any]:
+        """An operator's choice for one open conflict: what keeping it takes is written through
+        the mount (repl/resolve.py), then `ResolveConflict` closes the record on both sites."""
+        from awsomefsd.repl.resolve import ResolveError, write_back
+
+        if keep not in o.KEEPS:
+            raise ControlError(f"keep one of {', '.join(o.KEEPS)}, not {keep!r}")
+        record = next((r for r in self.meta.site_conflicts() if r["id"] == ident), None)
+        if record is None:
+            raise ControlError(f"no conflict {ident!r} (`awsomefsd site conflicts` lists them)")
+        if not record["open"]:
+            raise ControlError(f"conflict {ident} is settled already: {record.get('resolved', 'a later change saw both')}")
+        if self.mount is None:
+            raise ControlError("this site serves no mount to write the kept version through")
+        try:
+            done = await trio.to_thread.run_sync(write_back, self.mount, record, keep)
+            command = c.ResolveConflict(bytes.fromhex(record["key"]), keep, time.time_ns())
+            result = await self.meta.propose(command)
+        except (ResolveError, OSError, FsError) as exc:
+            raise ControlError(f"conflict {ident}: {exc}") from None
+        self.applied(command, result)
+        log.info("conflict %s (%s at %s) resolved: %s", ident, record["kind"], record["path"], done)
+        return {"id": ident, "kept": keep, "done": done}
 
     async def verify(self) -> dict[str, Any]:
         """Both trees' digests compared: this site's, and the peer's over the link."""

@@ -6,7 +6,8 @@ both trees are compared with `site verify` and, file by file, through the two mo
 Covered here: pairing and the initial sync both ways; a partition with writes on both sides, then
 the heal; kill -9 of a site while it is sent to, and its restart; edit against edit (the loser kept
 in /.conflicts on both sites and listed); concurrent moves that would make a cycle; a wrong or
-replaced token, and a second link, refused in one line.
+replaced token, and a second link, refused in one line; an operator resolving a content conflict
+and a move conflict for the loser (`site conflicts resolve`), seen on both sites.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ def sites(tmp_path: Path) -> Iterator[tuple[Site, Site, Wan]]:
 
 
 def test_two_sites_pair_sync_both_ways_and_keep_every_conflict(sites: tuple[Site, Site, Wan]) -> None:
-    a, b, _wan = sites
+    a, b, wan = sites
     (a.mount / "docs").mkdir()
     (a.mount / "docs" / "plan.txt").write_text("from a\n")
     (a.mount / "big.bin").write_bytes(os.urandom(5 << 20))  # more than one chunk of a push
@@ -54,6 +55,22 @@ def test_two_sites_pair_sync_both_ways_and_keep_every_conflict(sites: tuple[Site
         assert kept == ["edited on a\n"], (site.name, kept)
         listed = json.loads(site.cli("conflicts", "--json").stdout)
         assert [(r["kind"], r["open"], r["path"]) for r in listed] == [("content", True, "/docs/plan.txt")]
+    # the operator on a keeps the loser: it is the file's content on both sites, the copies go
+    (content,) = json.loads(a.cli("conflicts", "--json").stdout)
+    assert content["loser_size"] == len("edited on a\n") and content["winner_size"] == len("edited on b, later\n")
+    assert content["id"] in a.cli("conflicts").stdout
+    missing = a.cli("conflicts", "resolve", "0123456789ab", "--keep", "loser")
+    assert missing.returncode != 0 and "no conflict" in missing.stderr and "Traceback" not in missing.stderr
+    done = a.cli("conflicts", "resolve", content["id"], "--keep", "loser")
+    assert done.returncode == 0, done.stderr
+    wait_converged(a, b)
+    for site in (a, b):
+        assert (site.mount / "docs" / "plan.txt").read_text() == "edited on a\n", site.name
+        assert list((site.mount / ".conflicts").iterdir()) == [], site.name
+        (record,) = json.loads(site.cli("conflicts", "--json").stdout)
+        assert not record["open"] and record["kept"] == "loser", (site.name, record)
+    again = b.cli("conflicts", "resolve", content["id"], "--keep", "winner")
+    assert again.returncode != 0 and "settled already" in again.stderr, again.stderr
     # moves that would make a cycle: one of them stands, the same on both sites
     (a.mount / "x").mkdir()
     (a.mount / "y").mkdir()
@@ -61,8 +78,25 @@ def test_two_sites_pair_sync_both_ways_and_keep_every_conflict(sites: tuple[Site
     os.rename(a.mount / "x", a.mount / "y" / "x")
     os.rename(b.mount / "y", b.mount / "x" / "y")
     wait_converged(a, b)
+    assert sorted(p.name for p in a.mount.iterdir() if p.name in ("x", "y")) in (["x"], ["y"])
+    # rename against rename of one file: the later stands; the operator on b keeps the other
+    wan.cut()
+    os.rename(a.mount / "notes.txt", a.mount / "notes-a.txt")
+    os.rename(b.mount / "notes.txt", b.mount / "notes-b.txt")
+    wan.heal()
+    wait_converged(a, b)
     status = a.status()
     assert status["link_up"] is True and status["open_conflicts"] == 1, status
+    (move,) = [r for r in json.loads(b.cli("conflicts", "--json").stdout) if r["open"]]
+    assert move["kind"] == "move" and {move["path"], move["loser_path"]} == {"/notes-a.txt", "/notes-b.txt"}
+    both = b.cli("conflicts", "resolve", move["id"], "--keep", "both")
+    assert both.returncode != 0 and "one outcome" in both.stderr, both.stderr
+    assert b.cli("conflicts", "resolve", move["id"], "--keep", "loser").returncode == 0
+    wait_converged(a, b)
+    for site in (a, b):
+        assert (site.mount / move["loser_path"].lstrip("/")).read_text() == "from b\n", site.name
+        assert not (site.mount / move["path"].lstrip("/")).exists(), site.name
+    assert a.status()["open_conflicts"] == b.status()["open_conflicts"] == 0
     overall = run_cli("status", "--state", str(a.daemon.state))
     assert "site link" in overall.stdout and "up;" in overall.stdout, overall.stdout
 

@@ -24,12 +24,8 @@ import pytest
 from awsomefsd.devcluster.network import available
 from tests.support.sites import Site, link, two_sites, wait_converged
 
-OPEN_BUG = ("opt-in (AWSOMEFS_SITES_RANDOM=1) until an open bug is fixed: on some seeds (3 is one) a file "
-            "written on one site inside a directory the other site removed at the same time is neither in the "
-            "tree nor kept in /.conflicts afterwards (docs/design-notes.md, note 49, 'Open')")
 pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(available() is not None, reason=f"network namespaces: {available()}"),
-              pytest.mark.skipif("AWSOMEFS_SITES_RANDOM" not in os.environ, reason=OPEN_BUG)]
+              pytest.mark.skipif(available() is not None, reason=f"network namespaces: {available()}")]
 
 NAMES = ["a", "b", "c"]
 SEED = int(os.environ.get("AWSOMEFS_SITES_SEED", "20261125"))

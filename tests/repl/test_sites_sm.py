@@ -464,6 +464,88 @@ def test_a_file_written_inside_a_directory_the_other_site_removed_is_kept(tmp_pa
     assert kept[3] == ((0, written[:4]), (1, written[4:])), "what was written inside it is kept"
 
 
+def content_conflict(tmp_path: Path) -> tuple[Site, Site, int]:
+    """Both sites write file f not knowing of the other's write: b's (later) wins, a's is kept."""
+    a, b = linked_pair(tmp_path)
+    f = a.new_ino()
+    a.apply(c.Mknod(ROOT_INO, b"f", f, stat.S_IFREG | 0o644, 0, 0, a.tick()))
+    ship(a, b)
+    write(a, f, 0, 1, 1)
+    b.now = a.now + 10_000
+    write(b, b.read(lambda txn: b.sm.ns.lookup(txn, ROOT_INO, b"f")), 0, 1, 2)
+    ship(a, b)
+    ship(b, a)
+    return a, b, f
+
+
+def open_conflicts(site: Site) -> list[dict[str, Any]]:
+    return [r for r in site.conflicts() if r["open"]]
+
+
+def test_a_conflict_lists_both_versions_alike_on_both_sites(tmp_path: Path) -> None:
+    a, b, _f = content_conflict(tmp_path)
+    (ra,), (rb,) = open_conflicts(a), open_conflicts(b)
+    fields = ("id", "kind", "winner", "loser", "winner_size", "winner_hash", "loser_size", "loser_hash", "path")
+    assert {k: ra[k] for k in fields} == {k: rb[k] for k in fields}
+    assert ra["path"] == "/f" and ra["winner_size"] == ra["loser_size"] == 4096
+    assert ra["winner_hash"] != ra["loser_hash"], "two different contents"
+
+
+@pytest.mark.parametrize("keep", ["winner", "both"])
+def test_resolving_a_conflict_closes_it_on_both_sites_and_drops_the_kept_copy(tmp_path: Path, keep: str) -> None:
+    a, b, _f = content_conflict(tmp_path)
+    (record,) = open_conflicts(a)
+    a.apply(c.ResolveConflict(bytes.fromhex(record["key"]), keep, a.tick()))
+    ship(a, b)
+    for site in (a, b):
+        (closed,) = site.conflicts()
+        assert not closed["open"] and closed["kept"] == keep
+        assert site.read(lambda txn, s=site: list(s.sm.ns.names(txn, 4))) == [], "the copy in /.conflicts went"
+    with pytest.raises(FsError) as info:
+        b.apply(c.ResolveConflict(bytes.fromhex(record["key"]), "loser", b.tick()))
+    assert info.value.errno == errno.EALREADY, "resolved once, on either site"
+    assert a.snapshot() == b.snapshot()
+
+
+def test_a_move_conflict_resolved_for_the_loser_moves_the_object_there_on_both_sites(tmp_path: Path) -> None:
+    a, b = linked_pair(tmp_path)
+    f = a.new_ino()
+    a.apply(c.Mknod(ROOT_INO, b"f", f, stat.S_IFREG | 0o644, 0, 0, a.tick()))
+    ship(a, b)
+    a.apply(c.Rename(ROOT_INO, b"f", ROOT_INO, b"by-a", 0, a.tick()))
+    b.now = a.now + 10_000
+    b.apply(c.Rename(ROOT_INO, b"f", ROOT_INO, b"by-b", 0, b.tick()))
+    ship(a, b)
+    ship(b, a)
+    assert set(a.snapshot()) == {b"/by-b"}
+    (record,) = open_conflicts(b)
+    assert record["loser_path"] == "/by-a" and not record["loser_deletes"]
+    with pytest.raises(FsError) as info:
+        b.apply(c.ResolveConflict(bytes.fromhex(record["key"]), "both", b.tick()))
+    assert info.value.errno == errno.EINVAL, "a move has one outcome"
+    b.apply(c.ResolveConflict(bytes.fromhex(record["key"]), "loser", b.tick()))
+    ship(b, a)
+    assert set(a.snapshot()) == set(b.snapshot()) == {b"/by-a"}
+    assert not open_conflicts(a) and not open_conflicts(b)
+
+
+def test_a_delete_that_lost_to_a_rename_can_be_kept(tmp_path: Path) -> None:
+    a, b = linked_pair(tmp_path)
+    f = a.new_ino()
+    a.apply(c.Mknod(ROOT_INO, b"f", f, stat.S_IFREG | 0o644, 0, 0, a.tick()))
+    ship(a, b)
+    a.apply(c.Unlink(ROOT_INO, b"f", False, a.tick()))
+    b.now = a.now + 10_000
+    b.apply(c.Rename(ROOT_INO, b"f", ROOT_INO, b"g", 0, b.tick()))
+    ship(a, b)
+    ship(b, a)
+    (record,) = open_conflicts(a)
+    assert record["loser_deletes"] and record["loser_path"] is None
+    a.apply(c.ResolveConflict(bytes.fromhex(record["key"]), "loser", a.tick()))
+    ship(a, b)
+    assert a.snapshot() == b.snapshot() == {}, "the delete stands now, on both sites"
+
+
 def test_linking_twice_or_to_itself_is_refused(tmp_path: Path) -> None:
     a, b = linked_pair(tmp_path)
     with pytest.raises(FsError) as info:
@@ -506,6 +588,29 @@ def test_forgetting_past_a_delete_releases_the_kept_inode(tmp_path: Path) -> Non
     assert a.outbox_after(None) == []
 
 
+def test_forgetting_one_deleted_name_keeps_a_file_whose_other_name_went_later(tmp_path: Path) -> None:
+    """A file with two names: one deleted and forgotten (both sites past it), the other deleted
+    after a write, neither shipped yet. The file is still the tree's: its write ships with its
+    bytes (found by the random two-site test: the file was released, its write had no bytes to
+    send, and the link stalled)."""
+    a, b = linked_pair(tmp_path)
+    f = a.new_ino()
+    a.apply(c.Mknod(ROOT_INO, b"f", f, stat.S_IFREG | 0o644, 0, 0, a.tick()))
+    a.apply(c.Link(f, ROOT_INO, b"g", a.tick()))
+    a.apply(c.Unlink(ROOT_INO, b"g", False, a.tick()))
+    ship(a, b)
+    through = a.outbox_after(None)[-1][0]
+    write(a, f, 0, 1, 7)
+    a.apply(c.Unlink(ROOT_INO, b"f", False, a.tick()))
+    a.apply(c.ForgetSite(through.pack(), a.tick()))
+    assert a.read(lambda txn: a.sm.sites.keeps(txn, f)), "released while a deleted name may come back"
+    (content,) = [raw for _, raw in a.outbox_after(through) if isinstance(o.decode(raw), o.ContentSet)]
+    sent, ino = a.read(lambda txn: a.sm.sites.shipping(txn, content))
+    assert ino == f and isinstance(o.decode(sent), o.ContentSet)
+    ship(a, b)
+    assert a.snapshot() == b.snapshot() == {}
+
+
 def test_unlinked_sites_capture_nothing(tmp_path: Path) -> None:
     a = Site(tmp_path / "a", str(uuid.UUID(int=0xA << 120)), 10**12)
     a.apply(c.Mknod(ROOT_INO, b"f", a.new_ino(), stat.S_IFREG | 0o644, 0, 0, a.tick()))
@@ -521,10 +626,12 @@ def test_every_operation_kind_round_trips_and_decoding_checks_fields() -> None:
                o.Moved(stamp, gid, gid, b"name", gid, seen), o.AttrsSet(stamp, gid, 0o644, 1, 2, 3, 4),
                o.XattrSet(stamp, gid, b"user.a", None), o.XattrSet(stamp, gid, b"user.a", b"\x00v"),
                o.ContentSet(stamp, gid, 10, 11), o.ContentSet(stamp, gid, 10, 11, 0o640, 5, 6, seen),
-               o.Superseded(stamp, seen)):
+               o.Superseded(stamp, seen), o.Resolved(stamp, stamp.pack() + b"c", "both", seen)):
         assert o.decode(o.encode(op)) == op
     with pytest.raises(o.BadOperation):
         o.decode(o.encode(o.AttrsSet(stamp, gid, 0o644, 1, 2, 3, 4)).replace(b'"uid":1', b'"uid":-1'))
+    with pytest.raises(o.BadOperation):
+        o.decode(o.encode(o.Resolved(stamp, stamp.pack() + b"c", "both")).replace(b'"both"', b'"neither"'))
     assert s.site_of_cluster(str(uuid.UUID(bytes=site))) == site
 
 

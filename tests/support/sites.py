@@ -106,10 +106,17 @@ def link(a: Site, b: Site) -> None:
 
 
 def wait_converged(a: Site, b: Site, deadline_s: float = SYNC_DEADLINE_S) -> None:
-    """Until `site verify` says both trees are the same; on time-out, the logs are saved and quoted."""
+    """Until each site has applied all the other sent (nothing pending either way: a tree can
+    match before the last operations, those that settle conflicts, are in) and `site verify`
+    says both trees are the same; on time-out, the logs are saved and quoted."""
+    def settled(site: Site) -> bool:
+        outbound = site.status()["outbound"]
+        assert isinstance(outbound, dict)
+        return outbound["pending_operations"] == 0
+
     try:
-        wait_for(lambda: a.cli("verify").returncode == 0, deadline_s, "both sites to hold the same tree",
-                 interval_s=0.5)
+        wait_for(lambda: settled(a) and settled(b) and a.cli("verify").returncode == 0, deadline_s,
+                 "both sites to have applied all the other sent, and to hold the same tree", interval_s=0.5)
     except TimeoutError:
         for site in (a, b):
             (site.daemon.state / "daemon.log").write_text(site.daemon.logs())

@@ -38,7 +38,7 @@ EXAMPLES = [
     c.PlanTierObject(29), c.CommitTierObject(3, (17, 18), (Extent(0, 300, 1, b"abcd"), Extent(4, 9, 1, b"efgh")), 30),
     c.AbandonTierObjects((1, 2), 31), c.ForgetTierObjects((4,)),
     c.LinkSite(b"p" * 16, 32), c.UnlinkSite(33), c.ApplyRemote(b"p" * 16, b"", (b"{}", b"[]"), (Extent(0, 300, 1, b"abcd"),), (1,), 34),
-    c.ForgetSite(b"s" * 28, 35),
+    c.ForgetSite(b"s" * 28, 35), c.ResolveConflict(b"s" * 29, "loser", 36),
     c.Fenced(2, 1, (c.WriteData(17, (Extent(0, 300, 1, b"abcd"),), 4096, 23),)),
 ]
 

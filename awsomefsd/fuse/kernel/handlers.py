@@ -278,7 +278,7 @@ class KernelHandlers:
     # -- directories -----------------------------------------------------------------------------
     async def opendir(self, h: Header, body: Body) -> Payload:
         fh = await self.ops.opendir(h.nodeid)
-        cached = Fopen.CACHE_DIR | Fopen.KEEP_CACHE if self.cache_dirs else 0
+        cached = Fopen.CACHE_DIR | Fopen.KEEP_CACHE if self.cache_dirs and self.ops.keep_listing(h.nodeid) else 0
         return abi.OPEN_OUT.pack(fh, cached, 0)
 
     async def readdir(self, h: Header, body: Body) -> Payload:
