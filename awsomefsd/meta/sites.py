@@ -673,8 +673,9 @@ class SiteTables:
 
     def _edit_against_delete(self, txn: lmdb.Transaction[bytes], obj: bytes) -> int:
         """Edit against delete: the edit wins whatever the stamps. When a file's every name is
-        deleted and any of the moves that took those names away had not seen the file's content
-        (its register's winner), that content is kept in /.conflicts, as a copy sharing its
+        deleted and any of the moves that took those names away was concurrent with the file's
+        content (its register's winner; neither had seen the other), that content is kept in
+        /.conflicts, as a copy sharing its
         blocks, and listed; the delete stands. Any one is enough: a user who removed one name of
         a file without knowing of an edit did not mean to discard it, even when the edit's own
         site removed the last name afterwards. A function of the tree and the register, not of
@@ -691,7 +692,11 @@ class SiteTables:
             return 0
         versions = self._versions(txn, obj + CONTENT)
         wanted = None
-        unaware = [d for d in deletions if versions and not happened_before(versions[0].stamp, d.stamp, d.seen)]
+        # Concurrent with the content: neither had seen the other. A delete the editor had seen
+        # is not one it overrode; and it is a delete every later operation saw, so whether the
+        # log still holds it (`forget`) cannot change the answer.
+        unaware = [d for d in deletions if versions and not happened_before(versions[0].stamp, d.stamp, d.seen)
+                   and not happened_before(d.stamp, versions[0].stamp, versions[0].seen)]
         if unaware:
             wanted = versions[0]
         index = b"edit-delete:" + obj  # the open record of this object, if any (no scan per command)
