@@ -522,7 +522,9 @@ class SiteTables:
             self._put_entry(txn, op.node, op.object, 0, b"")
         dirty = _Dirty()
         tree = ReplicatedTree(_TableTree(self, txn, dirty), _TableTree(self, txn, dirty))
-        found = tree.apply(Move(op.stamp, op.node, op.parent, op.name, op.seen))
+        # Two deletes of one entry wanted the same: no conflict to list.
+        found = [conflict for conflict in tree.apply(Move(op.stamp, op.node, op.parent, op.name, op.seen))
+                 if not conflict.winner.parent == conflict.loser.parent == TRASH]
         for conflict in found:
             self._conflict(txn, "move", conflict.loser.stamp, conflict.winner.stamp, op.object,
                            {"node": op.node.hex(), "winner_parent": conflict.winner.parent.hex(),

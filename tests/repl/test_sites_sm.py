@@ -374,6 +374,18 @@ def test_a_delete_loses_to_a_concurrent_rename_with_a_later_stamp_and_the_file_s
     assert a.read(lambda txn: txn.get((f).to_bytes(8, "big"), db=a.store.db["orphans"])) is None
 
 
+def test_two_deletes_of_one_file_are_no_conflict(tmp_path: Path) -> None:
+    a, b = linked_pair(tmp_path)
+    a.apply(c.Mknod(ROOT_INO, b"f", a.new_ino(), stat.S_IFREG | 0o644, 0, 0, a.tick()))
+    ship(a, b)
+    a.apply(c.Unlink(ROOT_INO, b"f", False, a.tick()))
+    b.apply(c.Unlink(ROOT_INO, b"f", False, b.tick()))
+    ship(a, b)
+    ship(b, a)
+    assert a.snapshot() == b.snapshot() == {}
+    assert a.conflicts() == b.conflicts() == []
+
+
 def test_a_peer_that_sends_garbage_or_an_unknown_format_changes_nothing(tmp_path: Path) -> None:
     a, b = linked_pair(tmp_path)
     a.apply(c.Mknod(ROOT_INO, b"one", a.new_ino(), stat.S_IFREG | 0o644, 0, 0, a.tick()))
