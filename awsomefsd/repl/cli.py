@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import datetime
 import json
+import sys
+import time
 import uuid
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TextIO
 
 from awsomefsd.cli import CliError
 from awsomefsd.cluster.rpc import control_call
@@ -33,6 +36,13 @@ def site_command(settings: Settings, action: str, arguments: list[str], *, keep:
             reply = _call(settings, {"op": "site_join", "token": argument})
             print(f"awsomefsd: linked to site {reply['peer']} at {', '.join(reply['addresses'])}; "
                   "replication has started (`awsomefsd site status`)")
+            totals = (int(reply.get("initial_operations", 0)), int(reply.get("peer_initial_operations", 0)))
+            if any(totals) and sys.stdout.isatty() and not as_json:
+                try:
+                    follow_initial_sync(lambda: _call(settings, {"op": "site_status"}), totals, sys.stdout)
+                except KeyboardInterrupt:
+                    print("\nawsomefsd: the initial sync goes on in the background (`awsomefsd site status`)")
+                    return 130
         return 0
     if action == "unlink":
         _call(settings, {"op": "site_unlink"})
@@ -58,6 +68,29 @@ def site_command(settings: Settings, action: str, arguments: list[str], *, keep:
                 print(f"  {line}")
         return 0 if reply["identical"] else 1
     raise CliError(f"unknown site action {action}")
+
+
+def follow_initial_sync(status: Callable[[], dict[str, Any]], totals: tuple[int, int], out: TextIO,
+                        interval_s: float = 0.5) -> None:
+    """Show the initial sync's progress on one terminal line until neither side has anything
+    left to send: `totals` is (what this site sends, what the other sends), as linking counted."""
+    sent_total, received_total = totals
+    started = time.monotonic()
+    while True:
+        info = status()
+        outbound, inbound = info["outbound"], info["inbound"]
+        sent = max(0, sent_total - outbound["pending_operations"]) if sent_total else 0
+        received = min(received_total, inbound["operations"])
+        link = "" if info["link_up"] else f", link down: {info['last_error']}"
+        out.write(f"\r\033[Kinitial sync: sent {sent}/{sent_total} operations, {_size(outbound['bytes'])}; "
+                  f"received {received}/{received_total}, {_size(inbound['bytes'])}; "
+                  f"{time.monotonic() - started:.0f} s{link}")
+        out.flush()
+        if info["link_up"] and outbound["pending_operations"] == 0 and received >= received_total \
+                and inbound["pending_operations"] == 0:
+            out.write("\nawsomefsd: the initial sync is done\n")
+            return
+        time.sleep(interval_s)
 
 
 def _resolve(settings: Settings, arguments: list[str], keep: str | None, *, as_json: bool) -> int:

@@ -206,8 +206,9 @@ class SiteService:
             except (JoinError, OSError, grpc.RpcError, wire.WireError) as exc:
                 errors.append(f"{address}: {_why(exc)}")
                 continue
-            await self._link(token.cluster_id.bytes, peer_ca, tuple(reply["addresses"]))
-            return {"peer": str(token.cluster_id), "addresses": reply["addresses"]}
+            sent = await self._link(token.cluster_id.bytes, peer_ca, tuple(reply["addresses"]))
+            return {"peer": str(token.cluster_id), "addresses": reply["addresses"], "initial_operations": sent,
+                    "peer_initial_operations": int(reply.get("initial_operations", 0))}
         raise ControlError("could not pair: " + "; ".join(errors))
 
     async def _pair_with(self, address: str, token: LinkToken, peer_ca: x509.Certificate) -> dict[str, Any]:
@@ -252,11 +253,12 @@ class SiteService:
             return {"error": "the link token is wrong or was replaced by a newer one"}
         if self.meta.site_link() is not None:
             return {"error": "that site is linked already"}
-        await self._link(peer.bytes, peer_ca, tuple(addresses))
+        sent = await self._link(peer.bytes, peer_ca, tuple(addresses))
         invite.unlink(missing_ok=True)
-        return {"addresses": self.advertise}
+        return {"addresses": self.advertise, "initial_operations": sent}
 
-    async def _link(self, peer: bytes, peer_ca: x509.Certificate, addresses: tuple[str, ...]) -> None:
+    async def _link(self, peer: bytes, peer_ca: x509.Certificate, addresses: tuple[str, ...]) -> int:
+        """Link to `peer`; returns how many operations this site's initial sync sends."""
         from cryptography.hazmat.primitives import serialization
 
         ca_pem = peer_ca.public_bytes(serialization.Encoding.PEM)
@@ -264,6 +266,7 @@ class SiteService:
         log.info("linked to site %s at %s (fingerprint %s); %d operations to send for the initial sync",
                  uuid.UUID(bytes=peer), ", ".join(addresses), fingerprint(peer_ca).hex()[:16], sent)
         self.relink()
+        return int(sent)
 
     async def unlink(self) -> None:
         if self.meta.site_link() is None:
