@@ -96,6 +96,8 @@ _ENTRY_BIT = 1 << 63
 """Entry node numbers of files have this bit; a directory's entry node is its object id."""
 _PLACE_HEAD = 16 + PACKED_BYTES
 CONFLICTS_NAME = b".conflicts"
+SKIPPED = b"skipped:"
+"""Key prefix in the `sites` table: the stamps of the moves the tree's log holds as skipped."""
 
 
 def conflict_id(key: bytes) -> str:
@@ -122,6 +124,7 @@ class _TableTree:
 
     def __init__(self, tables: SiteTables, txn: lmdb.Transaction[bytes], dirty: _Dirty) -> None:
         self.t, self.txn, self.dirty = tables, txn, dirty
+        self.meta = tables.meta
 
     # TreeState
     def placement(self, node: bytes) -> Placement | None:
@@ -152,9 +155,15 @@ class _TableTree:
     def truncate_from(self, stamp: Stamp) -> None:
         for key, _ in list(_scan_from(self.txn, self.t.db["slog"], stamp.pack())):
             self.txn.delete(key, db=self.t.db["slog"])
+        for key, _ in list(_scan_from(self.txn, self.t.meta, SKIPPED + stamp.pack())):
+            if not bytes(key).startswith(SKIPPED):
+                break
+            self.txn.delete(key, db=self.t.meta)
 
     def append(self, entry: LogEntry) -> None:
         self.txn.put(entry.move.stamp.pack(), _pack_log_entry(entry), db=self.t.db["slog"])
+        if not entry.done:  # a move that would have made a cycle: listed while the log holds it
+            self.txn.put(SKIPPED + entry.move.stamp.pack(), b"", db=self.t.meta)
 
     def moves_of(self, node: bytes) -> list[Move]:
         return [_unpack_move(bytes(v))[0] for _, v in _scan(self.txn, self.t.db["smoves"], node)]
@@ -163,14 +172,17 @@ class _TableTree:
         self.txn.put(move.node + move.stamp.pack(), _pack_move(move), db=self.t.db["smoves"])
 
     def forget_through(self, stamp: Stamp) -> int:
+        """Drop the log up to `stamp`; a skipped move in it becomes a conflict record for good."""
         txn, db = self.txn, self.t.db
         dropped = 0
         for key, value in list(_scan(txn, db["slog"], b"")):
             if Stamp.unpack(bytes(key)) > stamp:
                 break
-            move = _log_entry(value).move
+            entry = _log_entry(value)
+            if not entry.done:
+                self.t.keep_skipped(txn, entry)
             txn.delete(key, db=db["slog"])
-            txn.delete(move.node + bytes(key), db=db["smoves"])
+            txn.delete(entry.move.node + bytes(key), db=db["smoves"])
             dropped += 1
         return dropped
 
@@ -863,16 +875,43 @@ class SiteTables:
         """Every conflict recorded, oldest loser first, with its `id` (the same on both sites),
         where its object is shown now (`path`) and what each version is now: a content's size
         and hash, an attribute's value, where a losing move would put the object."""
+        stored = [(bytes(key), json.loads(raw)) for key, raw in _scan(txn, self.db["sconflicts"], b"")]
+        keys = {key for key, _ in stored}
+        for key, _ in _scan(txn, self.meta, SKIPPED):
+            entry = _TableTree(self, txn, _Dirty()).entry_at(Stamp.unpack(bytes(key[len(SKIPPED):])))
+            assert entry is not None and not entry.done, key.hex()
+            record_key, record = self._skipped_record(txn, entry)
+            if record_key not in keys:
+                stored.append((record_key, record))
         records = []
-        for key, raw in _scan(txn, self.db["sconflicts"], b""):
-            record = json.loads(raw)
-            record["key"] = bytes(key).hex()
-            record["id"] = conflict_id(bytes(key))
+        for key, record in sorted(stored, key=lambda pair: pair[0]):
+            record["key"] = key.hex()
+            record["id"] = conflict_id(key)
             obj = bytes.fromhex(record["object"])
             record["path"] = self.path_of(txn, obj)
             self._describe_versions(txn, record, obj)
             records.append(record)
         return records
+
+    def keep_skipped(self, txn: lmdb.Transaction[bytes], entry: LogEntry) -> None:
+        """A skipped move the log forgets: its conflict is recorded for good (unless resolved)."""
+        key, record = self._skipped_record(txn, entry)
+        if txn.get(key, db=self.db["sconflicts"]) is None:
+            txn.put(key, json.dumps(record, sort_keys=True).encode(), db=self.db["sconflicts"])
+        txn.delete(SKIPPED + entry.move.stamp.pack(), db=self.meta)
+
+    def _skipped_record(self, txn: lmdb.Transaction[bytes], entry: LogEntry) -> tuple[bytes, dict[str, Any]]:
+        """A move the tree skipped because it would have made a cycle (concurrent moves of two
+        directories, each into the other): the loser, and the placement it met (the winner).
+        Built from the log entry alone, so both sites list the same, before and after forgetting."""
+        move, before = entry.move, entry.before
+        winner = before.stamp if before is not None else move.stamp
+        raw = txn.get(move.node, db=self.db["sentries"])
+        obj = bytes(raw[:16]) if raw is not None else move.node
+        record = {"kind": "skipped-move", "object": obj.hex(), "winner": winner.pack().hex(),
+                  "loser": move.stamp.pack().hex(), "open": True, "node": move.node.hex(),
+                  "loser_parent": move.parent.hex(), "loser_name": move.name.hex()}
+        return move.stamp.pack() + b"s", record
 
     def _describe_versions(self, txn: lmdb.Transaction[bytes], record: dict[str, Any], obj: bytes) -> None:
         kind = record["kind"]
@@ -884,7 +923,7 @@ class SiteTables:
                 record["winner_size"], record["winner_hash"] = self._content_of(txn, ino)
             if kind == "edit-delete":
                 record["restore_to"] = self._deleted_from(txn, Stamp.unpack(bytes.fromhex(record["winner"])))
-        elif kind == "move":
+        elif kind in ("move", "skipped-move"):
             parent = bytes.fromhex(record["loser_parent"])
             name = bytes.fromhex(record["loser_name"]).decode(errors="replace")
             where = "" if parent == ROOT else None if parent == TRASH else self.path_of(txn, parent)
@@ -929,6 +968,12 @@ class SiteTables:
         if cmd.keep not in o.KEEPS:
             raise FsError(errno.EINVAL, f"keep one of {', '.join(o.KEEPS)}, not {cmd.keep!r}")
         raw = txn.get(cmd.conflict, db=self.db["sconflicts"])
+        if raw is None and txn.get(SKIPPED + cmd.conflict[:-1], db=self.meta) is not None:
+            entry = _TableTree(self, txn, _Dirty()).entry_at(Stamp.unpack(cmd.conflict[:-1]))
+            assert entry is not None
+            _key, record = self._skipped_record(txn, entry)
+            txn.put(cmd.conflict, json.dumps(record, sort_keys=True).encode(), db=self.db["sconflicts"])
+            raw = txn.get(cmd.conflict, db=self.db["sconflicts"])
         if raw is None:
             raise FsError(errno.ENOENT, "no such conflict")
         record = json.loads(raw)
@@ -936,7 +981,7 @@ class SiteTables:
             raise FsError(errno.EALREADY, f"conflict resolved already (kept the {record['kept']})")
         if cmd.keep == "both" and record["kind"] not in ("content", "edit-delete"):
             raise FsError(errno.EINVAL, f"a {record['kind']} conflict has one outcome: keep the winner or the loser")
-        if record["kind"] == "move" and cmd.keep == "loser":
+        if record["kind"] in ("move", "skipped-move") and cmd.keep == "loser":
             self._move_back(txn, record, cmd.now_ns)
         stamp = self._tick(txn, cmd.now_ns)
         self._close_resolved(txn, cmd.conflict, cmd.keep, stamp)
@@ -948,11 +993,15 @@ class SiteTables:
         node, parent = bytes.fromhex(record["node"]), bytes.fromhex(record["loser_parent"])
         if parent not in (ROOT, TRASH) and (self._ino(txn, parent) is None or self.path_of(txn, parent) is None):
             raise FsError(errno.ENOENT, "the directory the losing move went to is gone")
+        dirty = _Dirty()
+        tree = ReplicatedTree(_TableTree(self, txn, dirty), _TableTree(self, txn, dirty))
+        if node == parent or tree.is_ancestor(node, parent):
+            raise FsError(errno.EINVAL, "that move would still put a directory inside itself: move the other "
+                          "directory out first")
         stamp = self._tick(txn, now_ns)
         seen = self._seen(txn)
         move = Move(stamp, node, parent, bytes.fromhex(record["loser_name"]), seen)
-        dirty = _Dirty()
-        ReplicatedTree(_TableTree(self, txn, dirty), _TableTree(self, txn, dirty)).apply(move)
+        tree.apply(move)
         obj = self._entry_object(txn, node)
         self._ship(txn, o.Moved(stamp, node, parent, move.name, obj, seen))
         self._reshow(txn, dirty, now_ns)

@@ -7,7 +7,8 @@ Covered here: pairing and the initial sync both ways; a partition with writes on
 the heal; kill -9 of a site while it is sent to, and its restart; edit against edit (the loser kept
 in /.conflicts on both sites and listed); concurrent moves that would make a cycle; a wrong or
 replaced token, and a second link, refused in one line; an operator resolving a content conflict
-and a move conflict for the loser (`site conflicts resolve`), seen on both sites.
+and a move conflict for the loser, and a skipped move (a cycle) for the winner (`site conflicts
+resolve`), seen on both sites.
 """
 
 from __future__ import annotations
@@ -79,6 +80,12 @@ def test_two_sites_pair_sync_both_ways_and_keep_every_conflict(sites: tuple[Site
     os.rename(b.mount / "y", b.mount / "x" / "y")
     wait_converged(a, b)
     assert sorted(p.name for p in a.mount.iterdir() if p.name in ("x", "y")) in (["x"], ["y"])
+    (skipped,) = [r for r in json.loads(a.cli("conflicts", "--json").stdout) if r["open"]]
+    assert skipped["kind"] == "skipped-move"
+    assert [r["id"] for r in json.loads(b.cli("conflicts", "--json").stdout) if r["open"]] == [skipped["id"]]
+    cycle = a.cli("conflicts", "resolve", skipped["id"], "--keep", "loser")
+    assert cycle.returncode != 0 and "inside itself" in cycle.stderr, cycle.stderr
+    assert a.cli("conflicts", "resolve", skipped["id"], "--keep", "winner").returncode == 0
     # rename against rename of one file: the later stands; the operator on b keeps the other
     wan.cut()
     os.rename(a.mount / "notes.txt", a.mount / "notes-a.txt")
