@@ -75,7 +75,7 @@ def follow_initial_sync(status: Callable[[], dict[str, Any]], totals: tuple[int,
     """Show the initial sync's progress on one terminal line until neither side has anything
     left to send: `totals` is (what this site sends, what the other sends), as linking counted."""
     sent_total, received_total = totals
-    started = time.monotonic()
+    started, started_ns = time.monotonic(), time.time_ns()
     while True:
         info = status()
         outbound, inbound = info["outbound"], info["inbound"]
@@ -86,8 +86,10 @@ def follow_initial_sync(status: Callable[[], dict[str, Any]], totals: tuple[int,
                   f"received {received}/{received_total}, {_size(inbound['bytes'])}; "
                   f"{time.monotonic() - started:.0f} s{link}")
         out.flush()
-        if info["link_up"] and outbound["pending_operations"] == 0 and received >= received_total \
-                and inbound["pending_operations"] == 0:
+        # What the peer has left is what it said in its last answer: wait for one given since we
+        # started following (a restarted daemon counts what it received anew).
+        heard = received >= received_total or (info["last_exchange_ns"] or 0) > started_ns
+        if info["link_up"] and outbound["pending_operations"] == 0 and inbound["pending_operations"] == 0 and heard:
             out.write("\nawsomefsd: the initial sync is done\n")
             return
         time.sleep(interval_s)

@@ -5,14 +5,16 @@ daemon tests (test_sites_daemons.py) run the real command against real daemons."
 from __future__ import annotations
 
 import io
+import time
 from typing import Any
 
 from awsomefsd.repl.cli import follow_initial_sync, render_conflicts
 from awsomefsd.repl.hlc import Stamp
 
 
-def status(out_pending: int, received: int, in_pending: int, up: bool = True) -> dict[str, Any]:
+def status(out_pending: int, received: int, in_pending: int, up: bool = True, exchanged_ns: int = 0) -> dict[str, Any]:
     return {"link_up": up, "last_error": "" if up else "UNAVAILABLE: connection refused",
+            "last_exchange_ns": exchanged_ns,
             "outbound": {"pending_operations": out_pending, "bytes": 1 << 20},
             "inbound": {"operations": received, "pending_operations": in_pending, "bytes": 2 << 20}}
 
@@ -26,6 +28,14 @@ def test_the_initial_sync_progress_runs_until_neither_side_has_anything_left() -
     assert "sent 60/100" in text and "received 20/50" in text
     assert text.endswith("the initial sync is done\n")
     assert next(replies) == status(0, 50, 0), "it stopped at the first reply with nothing left"
+
+
+def test_a_restarted_daemon_that_counts_anew_ends_the_progress_once_the_peer_says_nothing_is_left() -> None:
+    later = time.time_ns() + 10**9
+    replies = iter([status(0, 0, 0), status(0, 3, 0, exchanged_ns=later), status(0, 3, 0)])
+    out = io.StringIO()
+    follow_initial_sync(lambda: next(replies), (0, 50), out, interval_s=0)
+    assert out.getvalue().endswith("the initial sync is done\n") and next(replies) == status(0, 3, 0)
 
 
 def test_conflicts_show_an_id_both_versions_and_what_was_kept() -> None:
