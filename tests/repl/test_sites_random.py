@@ -24,12 +24,8 @@ import pytest
 from awsomefsd.devcluster.network import available
 from tests.support.sites import Site, link, two_sites, wait_converged
 
-OPEN_BUG = ("opt-in (AWSOMEFS_SITES_RANDOM=1) while one case stays open: on seed 13 both sites deleted a file "
-            "concurrently, one of them after its own edit; the other site keeps the edit as an open edit-delete "
-            "conflict that the first never lists (docs/design-notes.md, note 49, 'Open')")
 pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(available() is not None, reason=f"network namespaces: {available()}"),
-              pytest.mark.skipif("AWSOMEFS_SITES_RANDOM" not in os.environ, reason=OPEN_BUG)]
+              pytest.mark.skipif(available() is not None, reason=f"network namespaces: {available()}")]
 
 NAMES = ["a", "b", "c"]
 SEED = int(os.environ.get("AWSOMEFS_SITES_SEED", "20261125"))
