@@ -568,6 +568,8 @@ class SiteService:
 
         if keep not in o.KEEPS:
             raise ControlError(f"keep one of {', '.join(o.KEEPS)}, not {keep!r}")
+        if self.meta.site_link() is None:
+            raise ControlError("this site is not linked: what /.conflicts keeps is plain files now")
         record = next((r for r in self.meta.site_conflicts() if r["id"] == ident), None)
         if record is None:
             raise ControlError(f"no conflict {ident!r} (`awsomefsd site conflicts` lists them)")
