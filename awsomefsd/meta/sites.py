@@ -967,16 +967,9 @@ class SiteTables:
             raise FsError(errno.ENOTCONN, "not linked to any site")
         if cmd.keep not in o.KEEPS:
             raise FsError(errno.EINVAL, f"keep one of {', '.join(o.KEEPS)}, not {cmd.keep!r}")
-        raw = txn.get(cmd.conflict, db=self.db["sconflicts"])
-        if raw is None and txn.get(SKIPPED + cmd.conflict[:-1], db=self.meta) is not None:
-            entry = _TableTree(self, txn, _Dirty()).entry_at(Stamp.unpack(cmd.conflict[:-1]))
-            assert entry is not None
-            _key, record = self._skipped_record(txn, entry)
-            txn.put(cmd.conflict, json.dumps(record, sort_keys=True).encode(), db=self.db["sconflicts"])
-            raw = txn.get(cmd.conflict, db=self.db["sconflicts"])
-        if raw is None:
+        record = self._record(txn, cmd.conflict)
+        if record is None:
             raise FsError(errno.ENOENT, "no such conflict")
-        record = json.loads(raw)
         if "kept" in record:
             raise FsError(errno.EALREADY, f"conflict resolved already (kept the {record['kept']})")
         if cmd.keep == "both" and record["kind"] not in ("content", "edit-delete"):
@@ -1008,11 +1001,21 @@ class SiteTables:
         if parent == TRASH:
             self._edit_against_delete(txn, obj)
 
-    def _close_resolved(self, txn: lmdb.Transaction[bytes], key: bytes, keep: str, by: Stamp) -> None:
+    def _record(self, txn: lmdb.Transaction[bytes], key: bytes) -> dict[str, Any] | None:
+        """The conflict record with `key`; a skipped move the log still holds is stored first."""
+        if txn.get(key, db=self.db["sconflicts"]) is None and key.endswith(b"s") \
+                and txn.get(SKIPPED + key[:-1], db=self.meta) is not None:
+            entry = _TableTree(self, txn, _Dirty()).entry_at(Stamp.unpack(key[:-1]))
+            assert entry is not None, key.hex()
+            _key, record = self._skipped_record(txn, entry)
+            txn.put(key, json.dumps(record, sort_keys=True).encode(), db=self.db["sconflicts"])
         raw = txn.get(key, db=self.db["sconflicts"])
-        if raw is None:
+        return None if raw is None else dict(json.loads(raw))
+
+    def _close_resolved(self, txn: lmdb.Transaction[bytes], key: bytes, keep: str, by: Stamp) -> None:
+        record = self._record(txn, key)
+        if record is None:
             return  # not a conflict here: nothing to close
-        record = json.loads(raw)
         record["open"] = False
         record["kept"] = keep
         record["resolved"] = f"an operator on site {by.site.hex()[:8]} kept the {keep}"

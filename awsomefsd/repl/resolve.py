@@ -29,7 +29,7 @@ def write_back(mount: Path, record: dict[str, Any], keep: str) -> str:
     """Write what keeping `keep` of conflict `record` (as `site conflicts` lists it) takes; returns
     what was done, for the operator."""
     kind = record["kind"]
-    if keep == "winner" or kind == "move":
+    if keep == "winner" or kind in ("move", "skipped-move"):
         return f"kept the {keep}"
     if kind in ("attributes", "xattr"):
         return _write_value(mount, record)

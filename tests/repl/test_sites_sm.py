@@ -371,6 +371,24 @@ def test_concurrent_moves_that_would_make_a_cycle_end_the_same_on_both_sites(tmp
     assert not [r for r in a.conflicts() + b.conflicts() if r["open"]]
 
 
+def test_a_skipped_move_resolved_while_the_log_holds_it_closes_on_both_sites(tmp_path: Path) -> None:
+    a, b = linked_pair(tmp_path)
+    x, y = a.new_ino(), a.new_ino()
+    a.apply(c.Mknod(ROOT_INO, b"x", x, stat.S_IFDIR | 0o755, 0, 0, a.tick()))
+    a.apply(c.Mknod(ROOT_INO, b"y", y, stat.S_IFDIR | 0o755, 0, 0, a.tick()))
+    ship(a, b)
+    a.apply(c.Rename(ROOT_INO, b"x", y, b"x", 0, a.tick()))
+    b.apply(c.Rename(ROOT_INO, b"y", b.read(lambda txn: b.sm.ns.lookup(txn, ROOT_INO, b"x")), b"y", 0, b.tick()))
+    ship(a, b)
+    ship(b, a)
+    (skipped,) = a.conflicts()
+    a.apply(c.ResolveConflict(bytes.fromhex(skipped["key"]), "winner", a.tick()))
+    ship(a, b)
+    for site in (a, b):
+        (closed,) = site.conflicts()
+        assert not closed["open"] and closed["kept"] == "winner", site.conflicts()
+
+
 def test_a_delete_loses_to_a_concurrent_rename_with_a_later_stamp_and_the_file_survives(tmp_path: Path) -> None:
     a, b = linked_pair(tmp_path)
     f = a.new_ino()
