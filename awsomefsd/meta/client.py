@@ -288,6 +288,10 @@ class MetaClient:
     def site_conflicts(self) -> list[dict[str, Any]]:
         return self._sm.sites.conflicts(self._view())
 
+    def site_conflict_counts(self) -> tuple[int, int]:
+        """(open conflicts, all conflicts)."""
+        return self._sm.sites.conflict_counts(self._view())
+
     def site_pending(self, after: Stamp | None) -> int:
         """Operations after the peer's acknowledgement `after`: what it has not applied yet."""
         return self._sm.sites.pending_after(self._view(), after)

@@ -875,16 +875,8 @@ class SiteTables:
         """Every conflict recorded, oldest loser first, with its `id` (the same on both sites),
         where its object is shown now (`path`) and what each version is now: a content's size
         and hash, an attribute's value, where a losing move would put the object."""
-        stored = [(bytes(key), json.loads(raw)) for key, raw in _scan(txn, self.db["sconflicts"], b"")]
-        keys = {key for key, _ in stored}
-        for key, _ in _scan(txn, self.meta, SKIPPED):
-            entry = _TableTree(self, txn, _Dirty()).entry_at(Stamp.unpack(bytes(key[len(SKIPPED):])))
-            assert entry is not None and not entry.done, key.hex()
-            record_key, record = self._skipped_record(txn, entry)
-            if record_key not in keys:
-                stored.append((record_key, record))
         records = []
-        for key, record in sorted(stored, key=lambda pair: pair[0]):
+        for key, record in self._records(txn):
             record["key"] = key.hex()
             record["id"] = conflict_id(key)
             obj = bytes.fromhex(record["object"])
@@ -892,6 +884,24 @@ class SiteTables:
             self._describe_versions(txn, record, obj)
             records.append(record)
         return records
+
+    def conflict_counts(self, txn: lmdb.Transaction[bytes]) -> tuple[int, int]:
+        """(open conflicts, all conflicts): for status and metrics, without describing each."""
+        records = self._records(txn)
+        return sum(1 for _, record in records if record["open"]), len(records)
+
+    def _records(self, txn: lmdb.Transaction[bytes]) -> list[tuple[bytes, dict[str, Any]]]:
+        """The stored conflict records and those of the skipped moves the log holds, by key."""
+        stored = [(bytes(key), json.loads(raw)) for key, raw in _scan(txn, self.db["sconflicts"], b"")]
+        keys = {key for key, _ in stored}
+        tree = _TableTree(self, txn, _Dirty())
+        for key, _ in _scan(txn, self.meta, SKIPPED):
+            entry = tree.entry_at(Stamp.unpack(bytes(key[len(SKIPPED):])))
+            assert entry is not None and not entry.done, key.hex()
+            record_key, record = self._skipped_record(txn, entry)
+            if record_key not in keys:
+                stored.append((record_key, record))
+        return sorted(stored, key=lambda pair: pair[0])
 
     def keep_skipped(self, txn: lmdb.Transaction[bytes], entry: LogEntry) -> None:
         """A skipped move the log forgets: its conflict is recorded for good (unless resolved)."""
@@ -925,9 +935,8 @@ class SiteTables:
                 record["restore_to"] = self._deleted_from(txn, Stamp.unpack(bytes.fromhex(record["winner"])))
         elif kind in ("move", "skipped-move"):
             parent = bytes.fromhex(record["loser_parent"])
-            name = bytes.fromhex(record["loser_name"]).decode(errors="replace")
-            where = "" if parent == ROOT else None if parent == TRASH else self.path_of(txn, parent)
-            record["loser_path"] = None if where is None else f"{where}/{name}"
+            record["loser_path"] = None if parent == TRASH else \
+                self._path_in(txn, parent, bytes.fromhex(record["loser_name"]))
             record["loser_deletes"] = parent == TRASH
         elif kind in ("attributes", "xattr"):
             register = ATTRS if kind == "attributes" else XATTR + bytes.fromhex(record["xattr"])
@@ -952,9 +961,12 @@ class SiteTables:
         entry = _TableTree(self, txn, _Dirty()).entry_at(deletion)
         if entry is None or entry.before is None:
             return None
-        parent = entry.before.parent
+        return self._path_in(txn, entry.before.parent, entry.before.name)
+
+    def _path_in(self, txn: lmdb.Transaction[bytes], parent: bytes, name: bytes) -> str | None:
+        """The path of `name` in directory object `parent`, or None if that directory has no path."""
         where = "" if parent == ROOT else self.path_of(txn, parent)
-        return None if where is None else f"{where}/{entry.before.name.decode(errors='replace')}"
+        return None if where is None else f"{where}/{name.decode(errors='replace')}"
 
     def resolve(self, txn: lmdb.Transaction[bytes], cmd: c.ResolveConflict) -> Applied:
         """An operator's resolution: the record closes here and, through a `Resolved` operation,

@@ -490,7 +490,7 @@ class SiteService:
     # -- what the CLI asks -----------------------------------------------------------------------
     def status(self) -> dict[str, Any]:
         link = self.meta.site_link()
-        conflicts = self.meta.site_conflicts()
+        open_conflicts, conflicts_total = self.meta.site_conflict_counts()
         pending = self.meta.site_outbox(self.state.peer_applied, 1) if link else []
         now = time.time_ns()
         return {
@@ -507,8 +507,8 @@ class SiteService:
                          "operations": self.state.pushed_ops, "bytes": self.state.pushed_bytes},
             "inbound": {"pending_operations": self.state.peer_pending, "lag_s": self.state.peer_lag_s,
                         "operations": self.state.received_ops, "bytes": self.state.received_bytes},
-            "open_conflicts": sum(1 for r in conflicts if r["open"]),
-            "conflicts_total": len(conflicts),
+            "open_conflicts": open_conflicts,
+            "conflicts_total": conflicts_total,
         }
 
     def collect_metrics(self) -> Iterator[Metric]:

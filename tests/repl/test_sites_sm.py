@@ -466,13 +466,19 @@ def test_an_edit_against_a_delete_keeps_the_edit_on_both_sites(tmp_path: Path, e
     assert {r["kind"] for r in a.conflicts()} == {"edit-delete"}
 
 
+def file_with_two_names(site: Site) -> int:
+    """A regular file at /f and, hard-linked, /g; its inode."""
+    ino = site.new_ino()
+    site.apply(c.Mknod(ROOT_INO, b"f", ino, stat.S_IFREG | 0o644, 0, 0, site.tick()))
+    site.apply(c.Link(ino, ROOT_INO, b"g", site.tick()))
+    return ino
+
+
 def test_an_edit_is_kept_when_another_site_took_a_name_of_the_file_without_knowing_it(tmp_path: Path) -> None:
     """A file with two names: site a removes one before it hears of b's edit; b, which made the
     edit, removes the other afterwards, knowingly. a's user never chose to discard the edit."""
     a, b = linked_pair(tmp_path)
-    f = a.new_ino()
-    a.apply(c.Mknod(ROOT_INO, b"f", f, stat.S_IFREG | 0o644, 0, 0, a.tick()))
-    a.apply(c.Link(f, ROOT_INO, b"g", a.tick()))
+    f = file_with_two_names(a)
     write(a, f, 0, 1, 1)
     ship(a, b)
     a.apply(c.Unlink(ROOT_INO, b"g", False, a.tick()))
@@ -495,9 +501,7 @@ def test_a_delete_the_editor_had_seen_does_not_keep_the_edit(tmp_path: Path) -> 
     overridden unknowingly: no edit is kept. (Counting g's removal, which a had seen, made the
     answer depend on whether the log still held it: the random two-site test, seed 13.)"""
     a, b = linked_pair(tmp_path)
-    f = a.new_ino()
-    a.apply(c.Mknod(ROOT_INO, b"f", f, stat.S_IFREG | 0o644, 0, 0, a.tick()))
-    a.apply(c.Link(f, ROOT_INO, b"g", a.tick()))
+    f = file_with_two_names(a)
     ship(a, b)
     b.apply(c.Unlink(ROOT_INO, b"g", False, b.tick()))
     ship(b, a)
@@ -660,9 +664,7 @@ def test_forgetting_one_deleted_name_keeps_a_file_whose_other_name_went_later(tm
     bytes (found by the random two-site test: the file was released, its write had no bytes to
     send, and the link stalled)."""
     a, b = linked_pair(tmp_path)
-    f = a.new_ino()
-    a.apply(c.Mknod(ROOT_INO, b"f", f, stat.S_IFREG | 0o644, 0, 0, a.tick()))
-    a.apply(c.Link(f, ROOT_INO, b"g", a.tick()))
+    f = file_with_two_names(a)
     a.apply(c.Unlink(ROOT_INO, b"g", False, a.tick()))
     ship(a, b)
     through = a.outbox_after(None)[-1][0]
