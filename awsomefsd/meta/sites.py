@@ -92,12 +92,20 @@ REPLICATED = (c.Mknod, c.Link, c.Unlink, c.Rename, c.SetAttr, c.SetXattr, c.Remo
               c.WriteData, c.PunchHole, c.CloneRange)
 """The commands whose effect ships (Preallocate does not: it changes no byte a reader sees)."""
 ATTRS, CONTENT, XATTR = b"a", b"c", b"x"
+PEER_LAST = b"p"
+"""Register key suffix: the peer's last content version of an object, shipped or superseded."""
 _ENTRY_BIT = 1 << 63
 """Entry node numbers of files have this bit; a directory's entry node is its object id."""
 _PLACE_HEAD = 16 + PACKED_BYTES
 CONFLICTS_NAME = b".conflicts"
 SKIPPED = b"skipped:"
 """Key prefix in the `sites` table: the stamps of the moves the tree's log holds as skipped."""
+DELETED = b"deleted:"
+"""Key prefix in the `sites` table: object + stamp -> the move that deleted one of its entries,
+kept past `forget` while the object has another entry (`_release_deleted`)."""
+KEPT_COPY = b"kept-copy:"
+"""Key prefix in the `sites` table: object + loser stamp of a settled content conflict whose copy
+stays until a later version from the loser's own site supersedes it (`_settle`)."""
 
 
 def conflict_id(key: bytes) -> str:
@@ -484,6 +492,8 @@ class SiteTables:
             conflicts += self._apply_xattr(txn, op)
         elif isinstance(op, o.ContentSet):
             conflicts += self._apply_content(txn, op, extents_of[op.stamp], now_ns)
+        elif isinstance(op, o.Superseded):
+            self._lost_on_the_peer(txn, op.object, Version(op.stamp, None, op.seen))
         elif isinstance(op, o.Resolved):
             self._close_resolved(txn, op.conflict, op.keep, op.stamp)
         if isinstance(op, (o.AttrsSet, o.XattrSet, o.ContentSet)):
@@ -585,8 +595,9 @@ class SiteTables:
             if inode is not None:
                 raise FsError(errno.EINVAL, "file content for an object that is not a regular file")
             return 0
-        previous = self._versions(txn, op.object + CONTENT)
         value = [op.size, op.mtime_ns, op.mode, op.uid, op.gid]
+        self._lost_on_the_peer(txn, op.object, Version(op.stamp, value, op.seen))
+        previous = self._versions(txn, op.object + CONTENT)
         shown, lost = self._remote_version(txn, op.object, CONTENT, Version(op.stamp, value, op.seen))
         lost_stamps = {v.stamp for v in self._versions(txn, op.object + CONTENT)[1:]} - {v.stamp for v in previous[1:]}
         fmap = self._sm.db["fmap"]
@@ -612,36 +623,74 @@ class SiteTables:
             self._sm.defer_free(txn, [(e.dev_block, e.count) for e in extents], now_ns)
         return lost + self._edit_against_delete(txn, op.object)
 
-    def _deletions_of(self, txn: lmdb.Transaction[bytes], ino: int) -> list[Move] | None:
+    def _lost_on_the_peer(self, txn: lmdb.Transaction[bytes], obj: bytes, version: Version[Any]) -> None:
+        """The peer's next content version of `obj` (shipped, or `Superseded`). The peer shows
+        only its newest version's bytes, so the one before may never have reached this site;
+        yet the content shown here may have lost to it there. That happened when that version
+        and ours were concurrent, that one was newer, and this one saw ours (ours reached the
+        peer between the two): the peer then kept ours in /.conflicts, and this version settled
+        it. Record and keep the same here, or the two sites would keep different copies."""
+        key = obj + PEER_LAST
+        raw = txn.get(key, db=self.db["sregs"])
+        self._put_versions(txn, key, (version,))
+        if raw is None:
+            return
+        (before,) = self._decode_versions(bytes(raw))
+        versions = self._versions(txn, obj + CONTENT)
+        ino = self._ino(txn, obj)
+        inode = None if ino is None else self.ns.get_inode(txn, ino)
+        if not versions or inode is None or not inode.is_reg:
+            return
+        ours = versions[0]
+        if ours.stamp.site == version.stamp.site or ours.stamp > before.stamp \
+                or not happened_before(ours.stamp, version.stamp, version.seen) \
+                or happened_before(ours.stamp, before.stamp, before.seen) \
+                or happened_before(before.stamp, ours.stamp, ours.seen) \
+                or txn.get(ours.stamp.pack() + CONTENT, db=self.db["sconflicts"]) is not None:
+            return
+        self._conflict(txn, "content", ours.stamp, before.stamp, obj, {})
+        extents = list(filemap.all_extents(txn, self._sm.db["fmap"], inode.ino))
+        self._keep_sibling(txn, inode, extents, ours.value, ours.stamp, share=True)
+        self._settle(txn, ours.stamp, CONTENT, by=version.stamp)
+
+    def _deletions_of(self, txn: lmdb.Transaction[bytes], ino: int) -> tuple[list[Move], bool] | None:
         """The moves that took away the names of an inode none of whose names is reachable from
-        the root: [] while one is (or it never had one), None when the log no longer holds one
-        of those moves. A name inside a deleted directory is no reachable name: its deletion is
-        the directory's (or its ancestor's) move to TRASH."""
+        the root, and whether the log has forgotten some of them (those are left out); None
+        while a name is reachable (or it never had one). A name inside a deleted directory is no
+        reachable name: its deletion is the directory's (or its ancestor's) move to TRASH."""
         if self._first_reachable(txn, ino) is not None:
-            return []
+            return None
         obj = self.object_of(txn, ino)
         tree = _TableTree(self, txn, _Dirty())
         deletions: dict[Stamp, Move] = {}
+        forgotten = False
         for key, _ in _scan(txn, self.db["sobjents"], obj or b"\xff" * 17):
-            stamp = self._trashed_at(txn, bytes(key[16:]))
-            if stamp is None or stamp in deletions:
+            trashed, stamp = self._trashed_at(txn, bytes(key[16:]))
+            if not trashed or stamp in deletions:
                 continue
-            entry = tree.entry_at(stamp)
+            entry = None if stamp is None else tree.entry_at(stamp)
             if entry is None:
-                return None
-            deletions[stamp] = entry.move
-        return [deletions[stamp] for stamp in sorted(deletions)]
+                forgotten = True
+            else:
+                deletions[entry.move.stamp] = entry.move
+        for _key, raw in _scan(txn, self.meta, DELETED + (obj or b"\xff" * 17)):
+            move = _unpack_move(bytes(raw))[0]
+            deletions[move.stamp] = move
+        return [deletions[stamp] for stamp in sorted(deletions)], forgotten
 
-    def _trashed_at(self, txn: lmdb.Transaction[bytes], node: bytes) -> Stamp | None:
-        """The stamp of the move that put `node`, or the nearest of its ancestors, under TRASH."""
+    def _trashed_at(self, txn: lmdb.Transaction[bytes], node: bytes) -> tuple[bool, Stamp | None]:
+        """Is `node`, or one of its ancestors, under TRASH, and the stamp of the move that put it
+        there (None when forgotten: an ancestor released by `forget` has no placement left)."""
         for _ in range(MAX_DEPTH):
+            if node == ROOT:
+                return False, None
             placed = self.placement(txn, node)
-            if placed is None or placed.parent == ROOT:
-                return None
+            if placed is None:
+                return True, None
             if placed.parent == TRASH:
-                return placed.stamp
+                return True, placed.stamp
             node = placed.parent
-        return None
+        return False, None
 
     def _reachable(self, txn: lmdb.Transaction[bytes], directory: int) -> bool:
         """Is directory inode `directory` reachable from the root: is it, and each directory above
@@ -695,15 +744,15 @@ class SiteTables:
         site removed the last name afterwards. A function of the tree and the register, not of
         the order things arrived in, so both sites keep the same copies: when the file has a
         name again, or a newer content every delete saw wins the register, the copy goes. A
-        delete the log has forgotten changes nothing any more. Returns how many conflicts this
-        opened."""
+        delete the log has forgotten is not judged again (every operation since saw it): a copy
+        kept against it stays while its content does, and the deletes still in the log are
+        judged without it. Returns how many conflicts this opened."""
         ino = self._ino(txn, obj)
         inode = None if ino is None else self.ns.get_inode(txn, ino)
         if inode is None or not inode.is_reg:
             return 0
-        deletions = self._deletions_of(txn, inode.ino)
-        if deletions is None:
-            return 0
+        found = self._deletions_of(txn, inode.ino)
+        deletions, forgotten = ([], False) if found is None else found
         versions = self._versions(txn, obj + CONTENT)
         wanted = None
         # Concurrent with the content: neither had seen the other. A delete the editor had seen
@@ -717,15 +766,15 @@ class SiteTables:
         raw_key = txn.get(index, db=self.meta)
         if raw_key is not None:
             key = bytes(raw_key)
-            if wanted is not None and key == wanted.stamp.pack() + b"e":
-                return 0  # kept already
+            if versions and key == versions[0].stamp.pack() + b"e" and (wanted is not None or forgotten):
+                return 0  # kept already (against a delete the log may have forgotten since: it stands)
             raw = txn.get(key, db=self.db["sconflicts"])
             assert raw is not None, key.hex()
             record = json.loads(raw)
             record["open"] = False
             record["resolved"] = "the file has a name again, or its content changed"
             if record.get("kept_ino") is not None:
-                self._drop_kept(txn, int(record.pop("kept_ino")), bytes.fromhex(record.pop("kept_as")))
+                self._release_kept(txn, key, record)
             txn.put(key, json.dumps(record, sort_keys=True).encode(), db=self.db["sconflicts"])
             txn.delete(index, db=self.meta)
         if wanted is None:
@@ -753,6 +802,8 @@ class SiteTables:
         if existing is not None:  # kept already (one version can lose twice: to an edit, to a delete)
             if fresh:
                 self._sm.defer_free(txn, [(e.dev_block, e.count) for e in extents], stamp.wall_ns)
+            elif not share:  # the file's reference to the bytes goes; the copy holds its own
+                self._sm.defer_free(txn, filemap.unmap_range(txn, fmap, inode.ino, 0, 1 << 62), stamp.wall_ns)
             self._record_kept(txn, stamp.pack() + kind, sibling_name, existing)
             return
         size, mtime_ns, mode, uid, gid = version
@@ -801,8 +852,10 @@ class SiteTables:
     # -- registers ------------------------------------------------------------------------------
     def _versions(self, txn: lmdb.Transaction[bytes], key: bytes) -> list[Version[Any]]:
         raw = txn.get(key, db=self.db["sregs"])
-        if raw is None:
-            return []
+        return [] if raw is None else self._decode_versions(bytes(raw))
+
+    @staticmethod
+    def _decode_versions(raw: bytes) -> list[Version[Any]]:
         return [Version(Stamp.unpack(bytes.fromhex(v["stamp"])), v["value"],
                         {bytes.fromhex(s): Stamp.unpack(bytes.fromhex(t)) for s, t in v["seen"].items()})
                 for v in json.loads(raw)]
@@ -819,6 +872,8 @@ class SiteTables:
         outcome = register.apply(Version(stamp, value, self._seen(txn)))
         for settled in outcome.settled:
             self._settle(txn, settled.stamp, kind[:1], by=stamp)
+        if kind == CONTENT:
+            self._supersede_copies(txn, obj, stamp)
         self._put_versions(txn, key, register.versions)
 
     def _remote_version(self, txn: lmdb.Transaction[bytes], obj: bytes, kind: bytes,
@@ -832,6 +887,8 @@ class SiteTables:
         assert winner is not None
         for settled in outcome.settled:
             self._settle(txn, settled.stamp, kind[:1], by=version.stamp)
+        if kind == CONTENT:
+            self._supersede_copies(txn, obj, version.stamp)
         for loser in outcome.lost:
             self._conflict(txn, {ATTRS: "attributes", XATTR: "xattr", CONTENT: "content"}[kind[:1]], loser.stamp,
                            winner.stamp, obj, {"xattr": kind[1:].hex()} if kind[:1] == XATTR else {})
@@ -845,20 +902,52 @@ class SiteTables:
         txn.put(loser.pack() + kind[:1].encode(), json.dumps(record, sort_keys=True).encode(), db=self.db["sconflicts"])
 
     def _settle(self, txn: lmdb.Transaction[bytes], loser: Stamp, kind: bytes, *, by: Stamp) -> None:
-        """A conflict's loser was replaced by a version that saw it. When that version comes from
-        the loser's own site, its writer overwrote it knowingly, as it would have with no other
-        site: the copy kept of it goes (else both sites could keep different copies, as each saw
-        the loser lose, or not, by the order things arrived in)."""
+        """A conflict's loser was replaced by a version that saw it. When a version from the
+        loser's own site replaces it, its writer overwrote it knowingly, as it would have with no
+        other site: the copy kept of it goes (else both sites could keep different copies, as each
+        saw the loser lose, or not, by the order things arrived in). Settled by the other site's
+        version first, the copy waits for that (`_supersede_copies`), which a site may get before
+        or after the other site's version: either way the copy goes on both."""
         key = loser.pack() + kind
         raw = txn.get(key, db=self.db["sconflicts"])
         if raw is None:
             return
         record = json.loads(raw)
         record["open"] = False
-        if kind == CONTENT and by.site == loser.site and record.get("kept_ino") is not None:
-            self._drop_kept(txn, int(record.pop("kept_ino")), bytes.fromhex(record.pop("kept_as")))
-            record["superseded_by"] = by.pack().hex()
+        if kind == CONTENT and record.get("kept_ino") is not None:
+            if by.site == loser.site:
+                self._release_kept(txn, key, record)
+                record["superseded_by"] = by.pack().hex()
+            else:
+                txn.put(KEPT_COPY + bytes.fromhex(record["object"]) + loser.pack(), b"", db=self.meta)
         txn.put(key, json.dumps(record, sort_keys=True).encode(), db=self.db["sconflicts"])
+
+    def _supersede_copies(self, txn: lmdb.Transaction[bytes], obj: bytes, by: Stamp) -> None:
+        """A content version `by` of `obj`: the copies still kept of settled losers from its own
+        site, older than it, go (see `_settle`)."""
+        prefix = KEPT_COPY + obj
+        for index, _ in list(_scan(txn, self.meta, prefix)):
+            loser = Stamp.unpack(bytes(index[len(prefix):]))
+            if loser.site != by.site or loser > by:
+                continue
+            txn.delete(index, db=self.meta)
+            key = loser.pack() + CONTENT
+            raw = txn.get(key, db=self.db["sconflicts"])
+            record = {} if raw is None else json.loads(raw)
+            if record.get("kept_ino") is not None:
+                self._release_kept(txn, key, record)
+                record["superseded_by"] = by.pack().hex()
+                txn.put(key, json.dumps(record, sort_keys=True).encode(), db=self.db["sconflicts"])
+
+    def _release_kept(self, txn: lmdb.Transaction[bytes], key: bytes, record: dict[str, Any]) -> None:
+        """Record `key` keeps its copy in /.conflicts no more. One copy serves both records of a
+        version (a content that lost, and an edit against a delete): it goes when neither keeps it."""
+        ino, path = int(record.pop("kept_ino")), bytes.fromhex(record.pop("kept_as"))
+        other = key[:-1] + (CONTENT if key.endswith(b"e") else b"e")
+        raw = txn.get(other, db=self.db["sconflicts"])
+        if raw is not None and json.loads(raw).get("kept_ino") == ino:
+            return
+        self._drop_kept(txn, ino, path)
 
     def _drop_kept(self, txn: lmdb.Transaction[bytes], ino: int, path: bytes) -> None:
         name = path.rpartition(b"/")[2]
@@ -1032,7 +1121,7 @@ class SiteTables:
         record["kept"] = keep
         record["resolved"] = f"an operator on site {by.site.hex()[:8]} kept the {keep}"
         if record.get("kept_ino") is not None:
-            self._drop_kept(txn, int(record.pop("kept_ino")), bytes.fromhex(record.pop("kept_as")))
+            self._release_kept(txn, key, record)
         txn.put(key, json.dumps(record, sort_keys=True).encode(), db=self.db["sconflicts"])
 
     # -- showing the tree as directory entries --------------------------------------------------
@@ -1061,9 +1150,11 @@ class SiteTables:
             if where is not None:
                 self._show_node(txn, node, *where, now_ns)
         # A directory deleted, moved into a deleted one, or back: the files below it lost, or got
-        # back, their path.
-        for node in sorted(changed):
-            if reachable_before[node] == self._shown_reachably(txn, node):
+        # back, their path. One moved while out of reach (deleted again, by another move) may
+        # change which delete took their path: they are judged again too.
+        for node in sorted(set(changed) | dirty.nodes):
+            reachable = self._shown_reachably(txn, node)
+            if reachable and reachable_before.get(node, True):
                 continue
             ino = self._ino(txn, self._entry_object(txn, node))
             inode = None if ino is None else self.ns.get_inode(txn, ino)
@@ -1164,17 +1255,27 @@ class SiteTables:
         """Both sites have applied everything up to `cmd.through` and nothing concurrent with it is
         still to come (repl/link.py's horizon): drop the undo log and the acknowledged outbox up
         to there, and release the objects whose every entry was deleted by then."""
-        through = Stamp.unpack(cmd.through)
+        through = self._forgettable(txn, Stamp.unpack(cmd.through))
+        if through is None:
+            return 0
         dirty = _Dirty()
         tree = _TableTree(self, txn, dirty)
+        self._release_deleted(txn, tree, through)
         dropped = tree.forget_through(through)
         horizon = txn.get(b"horizon", db=self.meta)
         if horizon is None or Stamp.unpack(bytes(horizon)) < through:
-            txn.put(b"horizon", cmd.through, db=self.meta)
+            txn.put(b"horizon", through.pack(), db=self.meta)
         for key, _ in list(_scan(txn, self.db["soutbox"], b"")):
             if Stamp.unpack(bytes(key)) > through:
                 break
             txn.delete(key, db=self.db["soutbox"])
+        return dropped
+
+    def _release_deleted(self, txn: lmdb.Transaction[bytes], tree: _TableTree, through: Stamp) -> None:
+        """Drop the entries deleted up to `through` from the tree, and release the objects left
+        with none. An object that keeps another entry keeps the moves that deleted the others
+        (`DELETED`): an edit concurrent with one of them is kept if its last name goes too, and
+        the log that held them is forgotten now."""
         for key, _ in list(_scan(txn, self.db["skids"], TRASH)):
             node = bytes(key[-16:])
             placed = self.placement(txn, node)
@@ -1185,14 +1286,68 @@ class SiteTables:
                                      ("sobjents", obj + node)):
                 txn.delete(entry_key, db=self.db[table])
             if any(True for _ in _scan(txn, self.db["sobjents"], obj)):
-                continue  # another entry of it is shown, or deleted later: it may still come back
-            ino = self._ino(txn, obj)
-            inode = None if ino is None else self.ns.get_inode(txn, ino)
-            if inode is not None and inode.nlink == 0:  # no entry of it is shown anywhere
-                txn.delete(obj, db=self.db["sids"])
-                txn.delete(u64(inode.ino), db=self.db["sinos"])
-                self._sm.orphan(txn, inode)
-        return dropped
+                entry = tree.entry_at(placed.stamp)  # another entry of it is shown, or deleted later
+                if entry is not None:
+                    txn.put(DELETED + obj + placed.stamp.pack(), _pack_move(entry.move), db=self.meta)
+                continue
+            self._release_object(txn, obj)
+
+    def _release_object(self, txn: lmdb.Transaction[bytes], obj: bytes) -> None:
+        """An object with no entry left in the tree: the orphan purge may have its inode once no
+        directory entry shows it either. A directory goes with what is still below it (files
+        the other site made there meanwhile, their edits kept in /.conflicts)."""
+        for deleted, _ in list(_scan(txn, self.meta, DELETED + obj)):
+            txn.delete(deleted, db=self.meta)
+        ino = self._ino(txn, obj)
+        inode = None if ino is None else self.ns.get_inode(txn, ino)
+        if inode is None or inode.nlink != 0:  # still shown somewhere
+            return
+        txn.delete(obj, db=self.db["sids"])
+        txn.delete(u64(inode.ino), db=self.db["sinos"])
+        if inode.is_dir:
+            self._release_below(txn, inode.ino)
+        self._sm.orphan(txn, self.ns.require_inode(txn, inode.ino))
+
+    def _release_below(self, txn: lmdb.Transaction[bytes], directory: int) -> None:
+        """Empty a released directory: each entry below it leaves the namespace and the tree, and
+        its object is released too unless another of its names lives on."""
+        for name, child in list(self.ns.names(txn, directory)):
+            node = self._node_shown_at(txn, directory, name)
+            if node is None:  # not the tree's (cannot happen in a replicated directory): just unlinked
+                self.ns.remove_entry(txn, directory, name)
+                inode = self.ns.require_inode(txn, child)
+                inode.nlink = 0 if inode.is_dir else max(inode.nlink - 1, 0)
+                self.ns.put_inode(txn, inode)
+                if inode.nlink == 0:
+                    if inode.is_dir:
+                        self._release_below(txn, child)
+                    self._sm.orphan(txn, self.ns.require_inode(txn, child))
+                continue
+            obj = self._entry_object(txn, node)
+            self._unshow_node(txn, node, entry_too=True)
+            placed = self.placement(txn, node)
+            if placed is not None:
+                txn.delete(placed.parent + placed.name + b"\0" + node, db=self.db["skids"])
+            for table, key in (("splace", node), ("sentries", node), ("sobjents", obj + node)):
+                txn.delete(key, db=self.db[table])
+            if not any(True for _ in _scan(txn, self.db["sobjents"], obj)):
+                self._release_object(txn, obj)
+
+    def _forgettable(self, txn: lmdb.Transaction[bytes], through: Stamp) -> Stamp | None:
+        """How far `forget` may go of `through`: no further than what this site's first
+        operation after it had seen of the peer. The horizon (repl/link.py) promises that the
+        peer's operations still to come saw everything up to `through`; this site's own, made
+        but not yet applied there, may not have. Such an edit is concurrent with a delete the
+        peer made before it: that delete, and the object, must stay until the edit is judged
+        against it on both sites (edit against delete). None: nothing may be forgotten yet.
+        (A site that writes while its peer does not is never held back: its operations saw
+        every operation of the peer's there is.)"""
+        for _key, raw in _scan_from(txn, self.db["soutbox"], _after(through)):
+            seen = o.decode(bytes(raw)).seen.get(self.peer(txn) or b"")
+            if seen == self._seen_stamp(txn):
+                return through  # it saw all the peer's operations applied here; the rest are after `through`
+            return None if seen is None else min(through, seen)
+        return through
 
     def kept_inodes(self, txn: lmdb.Transaction[bytes]) -> list[int]:
         """The inodes of objects with an entry in the tree's TRASH (kept in case it comes back)."""
@@ -1330,7 +1485,7 @@ class SiteTables:
         kept = None if record is None else json.loads(record).get("kept_ino")
         if kept is not None and txn.get(u64(kept), db=self.db["inodes"]) is not None:
             return raw, int(kept)
-        return o.encode(o.Superseded(op.stamp, op.seen)), None
+        return o.encode(o.Superseded(op.stamp, op.object, op.seen)), None
 
     def _first_shown(self, txn: lmdb.Transaction[bytes], ino: int) -> tuple[int, bytes] | None:
         """Where the first of an inode's entries is shown: (parent ino, name), or None."""
@@ -1391,6 +1546,11 @@ def _scan(txn: lmdb.Transaction[bytes], db: Any, prefix: bytes) -> Iterator[tupl
         if bytes(key[:len(prefix)]) != prefix:
             return
         yield key, value
+
+
+def _after(stamp: Stamp) -> bytes:
+    """The smallest key after `stamp`'s in a table keyed by packed stamps."""
+    return stamp.pack() + b"\0"
 
 
 def _scan_from(txn: lmdb.Transaction[bytes], db: Any, start: bytes) -> Iterator[tuple[bytes, bytes]]:

@@ -146,11 +146,18 @@ class Horizon:
         if len(self.pending) > MAX_PENDING_ACKS:
             del self.pending[:-MAX_PENDING_ACKS]
 
-    def advance(self, applied_from_peer: Stamp) -> Stamp:
+    def advance(self, applied_from_peer: Stamp, own_head: Stamp | None = None) -> Stamp:
         """The stable stamp, given how far we applied the peer's operations: an acknowledgement's
         `applied` becomes stable once every operation the peer had made when it sent it (its
-        `head`) is applied here. Operations the peer makes later saw all of ours up to there."""
+        `head`) is applied here. Operations the peer makes later saw all of ours up to there.
+        With `own_head` (our last operation): once the peer acknowledged it and no such
+        acknowledgement waits, everything made so far is applied on both sites, and whatever
+        either site makes from now on has seen it all (and is stamped after it): the stable
+        stamp is the later of the two heads. (Else a site whose peer is idle, one-way
+        replication, would keep its log and deleted objects for ever.)"""
         while self.pending and self.pending[0].head <= applied_from_peer:
             ack = self.pending.pop(0)
             self.stable = max(self.stable, min(ack.applied, applied_from_peer))
+        if own_head is not None and not self.pending and self.acked >= own_head:
+            self.stable = max(self.stable, applied_from_peer, own_head)
         return self.stable

@@ -121,9 +121,12 @@ class ContentSet:
 @dataclass(frozen=True, slots=True)
 class Superseded:
     """In place of a content operation a later one of the same site replaces (only the newest
-    version's bytes ship); it moves the receiver's cursor and changes nothing."""
+    version's bytes ship). It changes no file; the receiver notes it as the peer's last version
+    of `object`, which a local version may have lost to on the peer (meta/sites.py,
+    `_lost_on_the_peer`)."""
 
     stamp: Stamp
+    object: bytes
     seen: Seen = field(default_factory=dict)
 
 

@@ -462,7 +462,7 @@ class SiteService:
                 self.state.peer_lag_s = wire.int_field(reply, "lag_ms") / 1000
             self.state.last_exchange_ns = time.time_ns()
             horizon.on_ack(Ack(applied or EPOCH, head or EPOCH))
-            stable = horizon.advance(self.meta.site_applied_from_peer() or EPOCH)
+            stable = horizon.advance(self.meta.site_applied_from_peer() or EPOCH, self.meta.site_head() or EPOCH)
             if stable > self.state.forgotten and time.monotonic() - last_forget > FORGET_EVERY_S:
                 await self.meta.propose(c.ForgetSite(stable.pack(), time.time_ns()))
                 self.state.forgotten, last_forget = stable, time.monotonic()

@@ -41,11 +41,17 @@ TOLERATED = {errno.ENOENT, errno.EEXIST, errno.ENOTEMPTY, errno.EISDIR, errno.EN
 
 
 class Workload:
-    def __init__(self, seed: int) -> None:
+    def __init__(self, seed: int, journal: Path) -> None:
         self.rng = random.Random(seed)
+        self.journal = journal
+        """Every operation and its outcome, for reading a failure (the shipping is not seeded)."""
         self.tokens = 0
         self.written: list[bytes] = []
         """The tokens written in the current round."""
+
+    def note(self, line: str) -> None:
+        with self.journal.open("a") as journal:
+            journal.write(line + "\n")
 
     def token(self, site: Site) -> bytes:
         self.tokens += 1
@@ -69,37 +75,52 @@ class Workload:
         kind = rng.choice(["write", "write", "write", "append", "mkdir", "rename", "rename", "unlink", "rmdir",
                            "chmod", "xattr", "link", "truncate"])
         where = rng.choice(dirs) / rng.choice(NAMES)
+        done: tuple[object, ...] = ()
         try:
             if kind == "write":
                 target = rng.choice(files) if files and rng.random() < 0.5 else where
                 if not target.is_dir():
+                    done = (target, token := self.token(site))
                     with open(target, "wb") as f:
-                        f.write(self.token(site))
+                        f.write(token)
                         os.fsync(f.fileno())
             elif kind == "append" and files:
-                with open(rng.choice(files), "ab") as f:
-                    f.write(self.token(site))
+                done = (target := rng.choice(files), token := self.token(site))
+                with open(target, "ab") as f:
+                    f.write(token)
                     os.fsync(f.fileno())
             elif kind == "mkdir":
+                done = (where,)
                 where.mkdir()
             elif kind == "rename" and (files or len(dirs) > 1):
-                source = rng.choice(files + dirs[1:])
+                done = (source := rng.choice(files + dirs[1:]), where)
                 os.rename(source, where)
             elif kind == "unlink" and files:
-                os.unlink(rng.choice(files))
+                done = (target := rng.choice(files),)
+                os.unlink(target)
             elif kind == "rmdir" and len(dirs) > 1:
-                os.rmdir(rng.choice(dirs[1:]))
+                done = (target := rng.choice(dirs[1:]),)
+                os.rmdir(target)
             elif kind == "chmod" and files:
-                os.chmod(rng.choice(files), rng.choice([0o600, 0o644, 0o640]))
+                done = (target := rng.choice(files), mode := rng.choice([0o600, 0o644, 0o640]))
+                os.chmod(target, mode)
             elif kind == "xattr" and files:
-                os.setxattr(rng.choice(files), f"user.{rng.choice(NAMES)}", self.token(site))
+                done = (target := rng.choice(files), name := f"user.{rng.choice(NAMES)}", token := self.token(site))
+                os.setxattr(target, name, token)
             elif kind == "link" and files:
-                os.link(rng.choice(files), where)
+                done = (target := rng.choice(files), where)
+                os.link(target, where)
             elif kind == "truncate" and files:
-                os.truncate(rng.choice(files), rng.choice([0, 2]))
+                done = (target := rng.choice(files), size := rng.choice([0, 2]))
+                os.truncate(target, size)
+            outcome = "ok"
         except OSError as exc:
             if exc.errno not in TOLERATED:
                 raise
+            outcome = errno.errorcode[exc.errno or 0]
+        if done:
+            shown = " ".join(str(arg).replace(str(root), "") if isinstance(arg, Path) else repr(arg) for arg in done)
+            self.note(f"{site.name} {kind} {shown} -> {outcome}")
 
 
 def contents(root: Path) -> dict[bytes, Path]:
@@ -122,17 +143,19 @@ def open_conflicts(site: Site) -> set[tuple[str, str]]:
 
 
 def test_two_sites_converge_under_a_random_workload_with_partitions_and_kills(tmp_path: Path) -> None:
-    workload = Workload(SEED)
+    workload = Workload(SEED, tmp_path / "operations.txt")
     with two_sites(tmp_path, delay_ms=10) as (a, b, wan):
         link(a, b)
         for round_ in range(ROUNDS + 1):
             last = round_ == ROUNDS
             cut = last or workload.rng.random() < 0.5
+            workload.note(f"round {round_}" + (" cut off" if cut else ""))
             if cut:
                 wan.cut()
             for _ in range(OPS_PER_ROUND):
                 workload.step(a if workload.rng.random() < 0.5 else b)
             if not last and workload.rng.random() < 0.3:
+                workload.note("kill -9 b, restart")
                 b.daemon.kill()
                 b.daemon.stop_hard()
                 b.daemon.start()
