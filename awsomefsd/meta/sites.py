@@ -100,6 +100,8 @@ _PLACE_HEAD = 16 + PACKED_BYTES
 CONFLICTS_NAME = b".conflicts"
 SKIPPED = b"skipped:"
 """Key prefix in the `sites` table: the stamps of the moves the tree's log holds as skipped."""
+EDIT_DELETE = b"edit-delete:"
+"""Key prefix in the `sites` table: object -> the key of its open edit-against-delete record."""
 DELETED = b"deleted:"
 """Key prefix in the `sites` table: object + stamp -> the move that deleted one of its entries,
 kept past `forget` while the object has another entry (`_release_deleted`)."""
@@ -355,7 +357,10 @@ class SiteTables:
         self._local_version(txn, obj, CONTENT, stamp, [inode.size, inode.mtime_ns, mode, inode.uid, inode.gid])
         self._ship(txn, o.ContentSet(stamp, obj, inode.size, inode.mtime_ns, mode, inode.uid, inode.gid,
                                      self._seen(txn)))
-        if inode.nlink == 0:  # written through a descriptor after its last name went
+        if txn.get(EDIT_DELETE + obj, db=self.meta) is not None:
+            # Written through a descriptor after its names went (a name inside a deleted
+            # directory still counts in nlink). A local write saw every delete applied here, so
+            # it never keeps a copy: it can only replace the one kept of an older content.
             self._edit_against_delete(txn, obj)
 
     def _seed(self, txn: lmdb.Transaction[bytes], ino: int, node: bytes, now_ns: int) -> None:
@@ -594,6 +599,11 @@ class SiteTables:
             self._sm.defer_free(txn, [(e.dev_block, e.count) for e in extents], now_ns)
             if inode is not None:
                 raise FsError(errno.EINVAL, "file content for an object that is not a regular file")
+            # Released here once its deletes were forgotten, alive on the peer a while longer
+            # (written through a descriptor there): this newer content saw the deletes, and
+            # settles what it saw as it did there, copies kept of it included.
+            self._close_edit_delete(txn, op.object)
+            self._settle_released(txn, op.object, Version(op.stamp, None, op.seen))
             return 0
         value = [op.size, op.mtime_ns, op.mode, op.uid, op.gid]
         self._lost_on_the_peer(txn, op.object, Version(op.stamp, value, op.seen))
@@ -671,8 +681,8 @@ class SiteTables:
             entry = None if stamp is None else tree.entry_at(stamp)
             if entry is None:
                 forgotten = True
-            else:
-                deletions[entry.move.stamp] = entry.move
+                continue
+            deletions[entry.move.stamp] = entry.move
         for _key, raw in _scan(txn, self.meta, DELETED + (obj or b"\xff" * 17)):
             move = _unpack_move(bytes(raw))[0]
             deletions[move.stamp] = move
@@ -762,21 +772,15 @@ class SiteTables:
                    and not happened_before(d.stamp, versions[0].stamp, versions[0].seen)]
         if unaware:
             wanted = versions[0]
-        index = b"edit-delete:" + obj  # the open record of this object, if any (no scan per command)
+        index = EDIT_DELETE + obj  # the open record of this object, if any (no scan per command)
         raw_key = txn.get(index, db=self.meta)
         if raw_key is not None:
-            key = bytes(raw_key)
-            if versions and key == versions[0].stamp.pack() + b"e" and (wanted is not None or forgotten):
-                return 0  # kept already (against a delete the log may have forgotten since: it stands)
-            raw = txn.get(key, db=self.db["sconflicts"])
-            assert raw is not None, key.hex()
-            record = json.loads(raw)
-            record["open"] = False
-            record["resolved"] = "the file has a name again, or its content changed"
-            if record.get("kept_ino") is not None:
-                self._release_kept(txn, key, record)
-            txn.put(key, json.dumps(record, sort_keys=True).encode(), db=self.db["sconflicts"])
-            txn.delete(index, db=self.meta)
+            if versions and bytes(raw_key) == versions[0].stamp.pack() + b"e":
+                if wanted is not None:
+                    return 0  # kept already
+                if forgotten and not self._delete_known(txn, obj, bytes(raw_key)):
+                    return 0  # kept against a delete forgotten since, which cannot be judged again: it stands
+            self._close_edit_delete(txn, obj)
         if wanted is None:
             return 0
         self._conflict(txn, "edit-delete", wanted.stamp, unaware[-1].stamp, obj, {})
@@ -784,6 +788,34 @@ class SiteTables:
         extents = list(filemap.all_extents(txn, self._sm.db["fmap"], inode.ino))
         self._keep_sibling(txn, inode, extents, wanted.value, wanted.stamp, share=True, kind=b"e")
         return 1
+
+    def _delete_known(self, txn: lmdb.Transaction[bytes], obj: bytes, key: bytes) -> bool:
+        """Is the delete an edit-against-delete record (`key`) was kept against still known here
+        (in the log, or kept with the object)? Known and not counted any more, it was undone or
+        overridden: the verdict changed. Forgotten, it cannot be judged again."""
+        raw = txn.get(key, db=self.db["sconflicts"])
+        assert raw is not None, key.hex()
+        winner = bytes.fromhex(json.loads(raw)["winner"])
+        return _TableTree(self, txn, _Dirty()).entry_at(Stamp.unpack(winner)) is not None \
+            or txn.get(DELETED + obj + winner, db=self.meta) is not None
+
+    def _close_edit_delete(self, txn: lmdb.Transaction[bytes], obj: bytes) -> None:
+        """The open edit-against-delete record of `obj`, if any, closes: the file has a name
+        again, or a newer content replaced the one kept (its copy goes)."""
+        index = EDIT_DELETE + obj
+        raw_key = txn.get(index, db=self.meta)
+        if raw_key is None:
+            return
+        key = bytes(raw_key)
+        raw = txn.get(key, db=self.db["sconflicts"])
+        assert raw is not None, key.hex()
+        record = json.loads(raw)
+        record["open"] = False
+        record["resolved"] = "the file has a name again, or its content changed"
+        if record.get("kept_ino") is not None:
+            self._release_kept(txn, key, record)
+        txn.put(key, json.dumps(record, sort_keys=True).encode(), db=self.db["sconflicts"])
+        txn.delete(index, db=self.meta)
 
     def _keep_sibling(self, txn: lmdb.Transaction[bytes], inode: Inode, extents: list[Extent],
                       version: list[int], stamp: Stamp, *, fresh: bool = False, share: bool = False,
@@ -893,6 +925,19 @@ class SiteTables:
             self._conflict(txn, {ATTRS: "attributes", XATTR: "xattr", CONTENT: "content"}[kind[:1]], loser.stamp,
                            winner.stamp, obj, {"xattr": kind[1:].hex()} if kind[:1] == XATTR else {})
         return (winner.value if outcome.shown else _UNCHANGED), len(outcome.lost)
+
+    def _settle_released(self, txn: lmdb.Transaction[bytes], obj: bytes, version: Version[Any]) -> None:
+        """A peer's version of a released object's register: the versions it saw are settled (their
+        conflicts close, a copy its own site overwrote goes); it shows nowhere, and one it did not
+        see loses to nothing (the file is gone on both sites)."""
+        key = obj + CONTENT
+        versions = self._versions(txn, key)
+        seen = [v for v in versions if happened_before(v.stamp, version.stamp, version.seen)]
+        for settled in seen:
+            self._settle(txn, settled.stamp, CONTENT, by=version.stamp)
+        self._supersede_copies(txn, obj, version.stamp)
+        if seen:
+            self._put_versions(txn, key, tuple(v for v in versions if v not in seen))
 
     # -- conflicts ------------------------------------------------------------------------------
     def _conflict(self, txn: lmdb.Transaction[bytes], kind: str, loser: Stamp, winner: Stamp, obj: bytes,
@@ -1282,15 +1327,22 @@ class SiteTables:
             if placed is None or placed.stamp > through:
                 continue
             obj = self._entry_object(txn, node)
+            self._keep_deletes(txn, tree, obj, node)
+            if any(v.stamp > through for v in self._versions(txn, obj + CONTENT)):
+                continue  # a content not on both sites yet (written through a descriptor): at a later forget
             for table, entry_key in (("splace", node), ("skids", bytes(key)), ("sentries", node),
                                      ("sobjents", obj + node)):
                 txn.delete(entry_key, db=self.db[table])
-            if any(True for _ in _scan(txn, self.db["sobjents"], obj)):
-                entry = tree.entry_at(placed.stamp)  # another entry of it is shown, or deleted later
-                if entry is not None:
-                    txn.put(DELETED + obj + placed.stamp.pack(), _pack_move(entry.move), db=self.meta)
-                continue
-            self._release_object(txn, obj)
+            if not any(True for _ in _scan(txn, self.db["sobjents"], obj)):
+                self._release_object(txn, obj)
+
+    def _keep_deletes(self, txn: lmdb.Transaction[bytes], tree: _TableTree, obj: bytes, node: bytes) -> None:
+        """Before the log forgets it: the move that deleted entry `node` of `obj`, kept with the
+        object for the edits it may still be judged against."""
+        placed = self.placement(txn, node)
+        entry = None if placed is None else tree.entry_at(placed.stamp)
+        if placed is not None and entry is not None:
+            txn.put(DELETED + obj + placed.stamp.pack(), _pack_move(entry.move), db=self.meta)
 
     def _release_object(self, txn: lmdb.Transaction[bytes], obj: bytes) -> None:
         """An object with no entry left in the tree: the orphan purge may have its inode once no
