@@ -1328,13 +1328,21 @@ class SiteTables:
                 continue
             obj = self._entry_object(txn, node)
             self._keep_deletes(txn, tree, obj, node)
-            if any(v.stamp > through for v in self._versions(txn, obj + CONTENT)):
+            if self._written_after(txn, obj, through):
                 continue  # a content not on both sites yet (written through a descriptor): at a later forget
             for table, entry_key in (("splace", node), ("skids", bytes(key)), ("sentries", node),
                                      ("sobjents", obj + node)):
                 txn.delete(entry_key, db=self.db[table])
             if not any(True for _ in _scan(txn, self.db["sobjents"], obj)):
                 self._release_object(txn, obj)
+
+    def _written_after(self, txn: lmdb.Transaction[bytes], obj: bytes, through: Stamp) -> bool:
+        """Has `obj`, or a file below it (a directory is released with what is below it), a
+        content version after `through`, that may not be on both sites yet?"""
+        ino = self._ino(txn, obj)
+        inode = None if ino is None else self.ns.get_inode(txn, ino)
+        below = self._files_below(txn, inode.ino) if inode is not None and inode.is_dir else []
+        return any(v.stamp > through for each in [obj, *below] for v in self._versions(txn, each + CONTENT))
 
     def _keep_deletes(self, txn: lmdb.Transaction[bytes], tree: _TableTree, obj: bytes, node: bytes) -> None:
         """Before the log forgets it: the move that deleted entry `node` of `obj`, kept with the

@@ -704,6 +704,28 @@ def test_a_write_through_a_descriptor_replaces_a_kept_edit_on_both_sites(tmp_pat
     assert conflicts_folder(a) == conflicts_folder(b) == {}
 
 
+def test_a_content_that_lost_to_a_version_never_sent_is_kept_on_both_sites(tmp_path: Path) -> None:
+    """b writes f (L); a, its clock ahead, writes f too (V1) before L arrives: V1 wins, a keeps
+    L in /.conflicts. a writes f again (V2), having seen both. V1 then ships as Superseded (only
+    the newest bytes travel) and b never sees the version L lost to; it learns it from V1's
+    stamp and V2's knowledge, and keeps L too (the random test, seed 7: only a kept it)."""
+    a, b = linked_pair(tmp_path)
+    f = a.new_ino()
+    a.apply(c.Mknod(ROOT_INO, b"f", f, stat.S_IFREG | 0o644, 0, 0, a.tick()))
+    ship(a, b)
+    lost = write(b, b.read(lambda txn: b.sm.ns.lookup(txn, ROOT_INO, b"f")), 0, 1, 14)
+    a.now = b.now + 10_000
+    write(a, f, 0, 1, 15)
+    ship(b, a)
+    write(a, f, 0, 1, 16)
+    sent = [o.decode(a.read(lambda txn, raw=raw: a.sm.sites.shipping(txn, raw))[0]) for _, raw in a.outbox_after(None)]
+    assert any(isinstance(op, o.Superseded) for op in sent), "V1 goes without its bytes"
+    ship(a, b)
+    assert a.snapshot() == b.snapshot()
+    assert conflicts_folder(a) == conflicts_folder(b)
+    assert [blocks for _size, blocks in conflicts_folder(b).values()] == [((0, lost),)], "L is kept on both"
+
+
 def content_conflict(tmp_path: Path) -> tuple[Site, Site, int]:
     """Both sites write file f not knowing of the other's write: b's (later) wins, a's is kept."""
     a, b = linked_pair(tmp_path)
