@@ -1327,14 +1327,19 @@ class SiteTables:
             if placed is None or placed.stamp > through:
                 continue
             obj = self._entry_object(txn, node)
-            self._keep_deletes(txn, tree, obj, node)
+            entry = tree.entry_at(placed.stamp)  # the log forgets it now
+            deleted = b"" if entry is None else _pack_move(entry.move)
             if self._written_after(txn, obj, through):
-                continue  # a content not on both sites yet (written through a descriptor): at a later forget
+                if deleted:  # a content not on both sites yet (written through a descriptor): at a later forget
+                    txn.put(DELETED + obj + placed.stamp.pack(), deleted, db=self.meta)
+                continue
             for table, entry_key in (("splace", node), ("skids", bytes(key)), ("sentries", node),
                                      ("sobjents", obj + node)):
                 txn.delete(entry_key, db=self.db[table])
             if not any(True for _ in _scan(txn, self.db["sobjents"], obj)):
                 self._release_object(txn, obj)
+            elif deleted:
+                txn.put(DELETED + obj + placed.stamp.pack(), deleted, db=self.meta)
 
     def _written_after(self, txn: lmdb.Transaction[bytes], obj: bytes, through: Stamp) -> bool:
         """Has `obj`, or a file below it (a directory is released with what is below it), a
@@ -1343,14 +1348,6 @@ class SiteTables:
         inode = None if ino is None else self.ns.get_inode(txn, ino)
         below = self._files_below(txn, inode.ino) if inode is not None and inode.is_dir else []
         return any(v.stamp > through for each in [obj, *below] for v in self._versions(txn, each + CONTENT))
-
-    def _keep_deletes(self, txn: lmdb.Transaction[bytes], tree: _TableTree, obj: bytes, node: bytes) -> None:
-        """Before the log forgets it: the move that deleted entry `node` of `obj`, kept with the
-        object for the edits it may still be judged against."""
-        placed = self.placement(txn, node)
-        entry = None if placed is None else tree.entry_at(placed.stamp)
-        if placed is not None and entry is not None:
-            txn.put(DELETED + obj + placed.stamp.pack(), _pack_move(entry.move), db=self.meta)
 
     def _release_object(self, txn: lmdb.Transaction[bytes], obj: bytes) -> None:
         """An object with no entry left in the tree: the orphan purge may have its inode once no
