@@ -1333,10 +1333,7 @@ class SiteTables:
                 if deleted:  # a content not on both sites yet (written through a descriptor): at a later forget
                     txn.put(DELETED + obj + placed.stamp.pack(), deleted, db=self.meta)
                 continue
-            for table, entry_key in (("splace", node), ("skids", bytes(key)), ("sentries", node),
-                                     ("sobjents", obj + node)):
-                txn.delete(entry_key, db=self.db[table])
-            if not any(True for _ in _scan(txn, self.db["sobjents"], obj)):
+            if not self._drop_node(txn, node, obj):
                 self._release_object(txn, obj)
             elif deleted:
                 txn.put(DELETED + obj + placed.stamp.pack(), deleted, db=self.meta)
@@ -1382,13 +1379,17 @@ class SiteTables:
                 continue
             obj = self._entry_object(txn, node)
             self._unshow_node(txn, node, entry_too=True)
-            placed = self.placement(txn, node)
-            if placed is not None:
-                txn.delete(placed.parent + placed.name + b"\0" + node, db=self.db["skids"])
-            for table, key in (("splace", node), ("sentries", node), ("sobjents", obj + node)):
-                txn.delete(key, db=self.db[table])
-            if not any(True for _ in _scan(txn, self.db["sobjents"], obj)):
+            if not self._drop_node(txn, node, obj):
                 self._release_object(txn, obj)
+
+    def _drop_node(self, txn: lmdb.Transaction[bytes], node: bytes, obj: bytes) -> bool:
+        """Take entry `node` of `obj` out of the tree's tables for good; does `obj` keep another?"""
+        placed = self.placement(txn, node)
+        if placed is not None:
+            txn.delete(placed.parent + placed.name + b"\0" + node, db=self.db["skids"])
+        for table, key in (("splace", node), ("sentries", node), ("sobjents", obj + node)):
+            txn.delete(key, db=self.db[table])
+        return any(True for _ in _scan(txn, self.db["sobjents"], obj))
 
     def _forgettable(self, txn: lmdb.Transaction[bytes], through: Stamp) -> Stamp | None:
         """How far `forget` may go of `through`: no further than what this site's first
