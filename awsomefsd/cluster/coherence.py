@@ -71,6 +71,12 @@ MIN_HOLD_DIRECTORY_S = 0.5
 """MIN_HOLD_S for a directory's delegation: a turn of changes at local speed is worth a longer
 wait for the others (nodes creating in one directory take turns; each hand-over costs the holder
 a drain of its pipeline and one round of the log)."""
+IDLE_TURN_S = 0.05
+"""A directory's holder that someone waits for hands it over before MIN_HOLD_DIRECTORY_S once it
+has changed nothing in it for this long: the turn is for changes at local speed, and a node that
+came for one rename (or one lookup) would otherwise keep three nodes' clients waiting half a
+second each (renames between two contended directories took 1-1.5 s, and up to 5 s, in the
+nemesis run)."""
 DELEGATION_IDLE_S = 2.0
 """Once this node has changed nothing under its delegations for this long, it gives back those
 nobody asked for: lookups in those directories on other nodes then need no hand-over. While it
@@ -573,12 +579,7 @@ class ClusterCoherence:
         and the file is flushed, in one command (release + acquire for that node)."""
         retry = False
         try:
-            inode = self.meta.inode(ino)
-            hold = MIN_HOLD_S
-            if inode is not None and inode.is_dir:
-                # A strict node changes nothing ahead of the log: a turn would buy it nothing.
-                hold = 0.0 if self.strict else MIN_HOLD_DIRECTORY_S
-            await trio.sleep_until(self._acquired_at.get(ino, -math.inf) + hold)
+            await self._turn(ino)
             if ino not in self.held or ino in self._releasing or self._next_waiter(ino) is None:
                 return
             self._releasing.add(ino)
@@ -617,6 +618,24 @@ class ClusterCoherence:
             self._handing.discard(ino)
         if retry and self._nursery is not None:
             self._nursery.start_soon(self._retry_hand_over, ino)
+
+    async def _turn(self, ino: int) -> None:
+        """Until this node's turn with the lease ends: MIN_HOLD_S after it got it (a file), or
+        MIN_HOLD_DIRECTORY_S for a directory, which ends early once nothing here has changed in
+        it for IDLE_TURN_S (no change is in progress and the last one is that old)."""
+        acquired = self._acquired_at.get(ino, -math.inf)
+        inode = self.meta.inode(ino)
+        if inode is None or not inode.is_dir:
+            await trio.sleep_until(acquired + MIN_HOLD_S)
+            return
+        if self.strict:
+            return  # a strict node changes nothing ahead of the log: a turn would buy it nothing
+        end = acquired + MIN_HOLD_DIRECTORY_S
+        while (now := trio.current_time()) < end:
+            quiet_since = max(acquired, self._touched.get(ino, acquired))
+            if ino not in self._writers and now - quiet_since >= IDLE_TURN_S:
+                return
+            await trio.sleep_until(min(end, max(quiet_since, now) + IDLE_TURN_S))
 
     async def _retry_hand_over(self, ino: int) -> None:
         await trio.sleep(HANDOVER_RETRY_S)

@@ -7,8 +7,6 @@ stopped and started, so that what is checked is what the daemon committed, not t
 from __future__ import annotations
 
 import io
-import os
-import random
 import shutil
 import stat
 import subprocess
@@ -22,6 +20,7 @@ from awsomefsd.repl.digest import TreeDigest, differences, digest_tree
 from awsomefsd.testing.sqlite_wal import run_wal_writers
 from tests.mounted.conftest import running_daemon
 from tests.support.daemon import Daemon
+from tests.support.trees import make_source_tree
 
 pytestmark = pytest.mark.mounted
 SEED = 20261122
@@ -64,36 +63,6 @@ def test_sqlite_wal_repeated(restartable: Daemon) -> None:
         assert outcome.ok, f"run {run}: {outcome.describe()}"
 
 
-def _make_tree(root: Path, files: int) -> None:
-    """A source-like tree: nested directories, sizes from 0 to over 1 MiB, modes, symlinks, hard
-    links, and times spread over years with nanoseconds."""
-    rng = random.Random(SEED)
-    dirs = [root]
-    for i in range(files // 20):
-        d = rng.choice(dirs) / f"d{i}"
-        d.mkdir()
-        dirs.append(d)
-    os.chmod(dirs[1], 0o2775)
-    made = []
-    for i in range(files):
-        path = rng.choice(dirs) / f"f{i}.c"
-        size = rng.choice([0, 1, 100, 4095, 4096, 4097, 30_000, rng.randrange(1 << 20, 3 << 20)])
-        path.write_bytes(rng.randbytes(size))
-        os.chmod(path, rng.choice([0o644, 0o600, 0o755, 0o444]))
-        t = rng.randrange(300_000_000, 1_700_000_000) * 10**9 + rng.randrange(10**9)
-        os.utime(path, ns=(t, t))
-        made.append(path)
-    for i in range(10):
-        link = rng.choice(dirs) / f"link{i}"
-        link.symlink_to(f"target-{i}")
-        t = rng.randrange(300_000_000, 1_700_000_000) * 10**9 + rng.randrange(10**9)
-        os.utime(link, ns=(t, t), follow_symlinks=False)  # rsync skips times equal to the second
-        os.link(made[i], rng.choice(dirs) / f"hard{i}")
-    for d in reversed(dirs):
-        t = rng.randrange(300_000_000, 1_700_000_000) * 10**9
-        os.utime(d, ns=(t, t))
-
-
 def _listing(root: Path, *, ns: bool) -> TreeDigest:
     """What `site verify` compares (awsomefsd/repl/digest.py): every entry's type, mode, owner,
     mtime (whole seconds unless `ns`), size, content, link target, xattrs and hard links."""
@@ -109,7 +78,7 @@ def test_tar_extract_keeps_content_modes_and_times(restartable: Daemon, tmp_path
     """tar sets each file's time with futimens after writing it: the time must survive the flush."""
     source = tmp_path / "src"
     source.mkdir()
-    _make_tree(source, 600)
+    make_source_tree(source, 600, SEED)
     tarball = subprocess.run(["tar", "-C", str(source), "-cf", "-", "."], check=True, capture_output=True).stdout
     archive = _archive_listing(tarball)
     on_ext4 = tmp_path / "x"
@@ -137,7 +106,7 @@ def test_copies_keep_times(restartable: Daemon, tmp_path: Path, tool: list[str])
         pytest.skip(f"{tool[0]} is not installed (scripts/install.sh test installs it)")
     source = tmp_path / "src"
     source.mkdir()
-    _make_tree(source, 200)
+    make_source_tree(source, 200, SEED)
     on_ext4, on_mount = tmp_path / "copy", _fresh_dir(restartable, f"copy-{tool[0]}")
     on_ext4.mkdir()
     subprocess.run([*tool, f"{source}/.", str(on_ext4)], check=True)

@@ -491,9 +491,9 @@ def check_progress(entries: list[dict[str, Any]], run: Run, clients: list[int]) 
 
 
 def _ops_around(entries: list[dict[str, Any]], a: float, b: float, limit: int = 4) -> str:
-    """The operations overlapping [a, b] (at most `limit`: the first ones), times relative to a:
-    what a stalled client was waiting in."""
-    around = [e for e in entries if e["t0"] <= b and e["t1"] >= a][:limit]
+    """The operations overlapping [a, b] (at most `limit`: the last ones, so the one still under
+    way at the window's end is among them), times relative to a: what a stalled client was waiting in."""
+    around = [e for e in entries if e["t0"] <= b and e["t1"] >= a][-limit:]
     if not around:
         return "none (the client started nothing)"
     return "; ".join(f"{e['op']} {e.get('key', '')} {e['t0'] - a:+.2f}..{e['t1'] - a:+.2f}s -> {e['output']}"
