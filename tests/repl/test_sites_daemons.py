@@ -4,7 +4,8 @@ byte between the sites goes through it. The link is paired with the real CLI (`s
 both trees are compared with `site verify` and, file by file, through the two mounts.
 
 Covered here: pairing and the initial sync both ways; a partition with writes on both sides, then
-the heal; kill -9 of a site while it is sent to, and its restart; edit against edit (the loser kept
+the heal; kill -9 of a site while it is sent to, and its restart; a site paused (SIGSTOP) while
+it is sent to; edit against edit (the loser kept
 in /.conflicts on both sites and listed); concurrent moves that would make a cycle; a wrong or
 replaced token, and a second link, refused in one line; an operator resolving a content conflict
 and a move conflict for the loser, and a skipped move (a cycle) for the winner (`site conflicts
@@ -16,7 +17,9 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,12 +27,14 @@ import pytest
 
 from awsomefsd.devcluster.network import available
 from awsomefsd.repl.digest import differences, digest_tree
-from tests.support.daemon import run_cli
+from tests.support.daemon import run_cli, wait_for
 from tests.support.sites import Site, Wan, link, two_sites, wait_converged
 from tests.support.trees import make_source_tree
 
 pytestmark = pytest.mark.skipif(available() is not None, reason=f"network namespaces: {available()}")
 SEED = 20261125
+PAUSE_S = 5.0
+"""How long a site stays stopped: past the link's heartbeat (2 s), well inside a call's time-out."""
 GIT = {"GIT_AUTHOR_NAME": "a", "GIT_AUTHOR_EMAIL": "a@example.invalid", "GIT_COMMITTER_NAME": "a",
        "GIT_COMMITTER_EMAIL": "a@example.invalid", "GIT_CONFIG_NOSYSTEM": "1", "HOME": "/nonexistent"}
 
@@ -140,6 +145,23 @@ def test_a_partition_and_a_killed_site_lose_nothing(sites: tuple[Site, Site, Wan
     names = sorted(p.name for p in b.mount.iterdir() if not p.name.startswith("."))
     assert len(names) == 50 + 49 + 260 and "a1-renamed" in names and "b2" not in names
     assert all((b.mount / f"c{i}").read_text() == f"c{i}\n" for i in range(260))
+    # a paused site (SIGSTOP: a VM frozen, a process stopped) wakes up and goes on: the push that
+    # hung on it completes, nothing is applied twice, and its own writes after it woke travel
+    assert b.daemon.proc is not None
+    b.daemon.proc.send_signal(signal.SIGSTOP)
+    try:
+        for i in range(100):
+            (a.mount / f"p{i}").write_text(f"p{i}\n")
+        wait_for(lambda: a.status()["outbound"]["pending_operations"] > 0, 10,  # type: ignore[index]
+                 "a to have operations the paused site has not taken")
+        time.sleep(PAUSE_S)  # the pause itself: nothing to wait for
+    finally:
+        b.daemon.proc.send_signal(signal.SIGCONT)
+    (b.mount / "after-the-pause").write_text("b woke up\n")
+    wait_converged(a, b)
+    assert b.daemon.proc.poll() is None, b.daemon.logs()[-3000:]
+    assert (a.mount / "after-the-pause").read_text() == "b woke up\n"
+    assert all((b.mount / f"p{i}").read_text() == f"p{i}\n" for i in range(100))
     for site in (a, b):  # what the replicated tree keeps of deleted files is no fsck finding
         site.daemon.stop()
         checked = run_cli("fsck", "--state", str(site.daemon.state), "--device", str(site.daemon.state / "device.img"))
