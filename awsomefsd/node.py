@@ -396,7 +396,7 @@ async def _start_site(nursery: trio.Nursery, core: Core, settings: Settings, *, 
     `site` commands talk to (a cluster member serves its own)."""
     from awsomefsd.cluster.rpc import ControlService
     from awsomefsd.cluster.state import control_socket
-    from awsomefsd.fuse.invalidate import Invalidator, targets
+    from awsomefsd.fuse.invalidate import Invalidator, changed_targets, targets
     from awsomefsd.repl.service import SiteService
     from awsomefsd.rpc.bridge import serve_grpc
 
@@ -405,6 +405,7 @@ async def _start_site(nursery: trio.Nursery, core: Core, settings: Settings, *, 
                         "sites in this version")
     invalidator = Invalidator()
     nursery.start_soon(invalidator.run)
+    core.meta.hear_site_side_effects(lambda changed: invalidator.submit(changed_targets(changed)))
     try:
         site = SiteService(core.meta, core.data, core.ops, site=core.superblock.cluster_id,
                            state_dir=settings.node.state_dir, listen=settings.site.listen,

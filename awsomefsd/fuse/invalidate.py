@@ -154,7 +154,12 @@ def _applied_remote(cmd: c.ApplyRemote | c.ResolveConflict, result: Any) -> list
     and inodes they touched."""
     if not isinstance(result, Applied):
         return []
-    return [*(Target.entry(parent, name) for parent, name in result.entries), *map(Target.inode, result.inodes)]
+    return changed_targets(result)
+
+
+def changed_targets(changed: Applied) -> list[Target]:
+    """What the state machine of a linked site says it changed (meta/sites.py): entries and inodes."""
+    return [*(Target.entry(parent, name) for parent, name in changed.entries), *map(Target.inode, changed.inodes)]
 
 
 def _carried(cmd: c.Batch | c.Fenced, result: Any) -> list[Target]:

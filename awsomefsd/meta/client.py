@@ -36,6 +36,7 @@ from awsomefsd.meta.log import ReplicatedLog
 from awsomefsd.meta.records import (
     TIER_BASE_BLOCK,
     U64_PAIR,
+    Applied,
     ClusterInfo,
     DeferredFree,
     Extent,
@@ -63,6 +64,11 @@ class MetaClient:
         self._fmap = sm.db["fmap"]
         self.ahead = AheadLog(log, sm)
         self._view = self.ahead.view
+
+    def hear_site_side_effects(self, hear: Callable[[Applied], None]) -> None:
+        """`hear(changed)` after each local command on a linked site whose capture changed other
+        entries than the command's own (meta/sites.py: `local_side_effects`)."""
+        self._sm.sites.local_side_effects = hear
 
     # -- the replicated log -----------------------------------------------------------------------
     async def propose(self, command: object, *, epoch: int | None = None) -> Any:

@@ -33,7 +33,7 @@ import json
 import stat
 import struct
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -206,8 +206,14 @@ class SiteTables:
         self._sm = sm  # its counters, space map and orphan records; the namespace as `ns`
         self.ns = sm.ns
         self._site: bytes | None = None
-        self._entries: list[tuple[int, bytes]] = []  # touched by the ApplyRemote being applied
+        self._entries: list[tuple[int, bytes]] = []  # touched by the command being applied
         self._inodes: list[int] = []
+        self.local_side_effects: Callable[[Applied], None] | None = None
+        """Hears what capturing a local command changed besides the command's own entries: a
+        name group shown again (an entry shown under a conflict name gets its name back when the
+        newer one is renamed or removed), a copy kept in /.conflicts. The mount's kernel caches
+        those names (60 s on a single node) and was told of nothing: a renamed-away conflict name
+        stayed visible to stat."""
 
     # -- the link -------------------------------------------------------------------------------
     def site(self, txn: lmdb.Transaction[bytes]) -> bytes:
@@ -255,6 +261,12 @@ class SiteTables:
         peer = self.peer(txn)
         if peer is None:
             return
+        self._entries, self._inodes = [], []
+        self._capture(txn, cmd, result)
+        if self._entries and self.local_side_effects is not None:
+            self.local_side_effects(Applied(0, tuple(self._entries), tuple(self._inodes)))
+
+    def _capture(self, txn: lmdb.Transaction[bytes], cmd: object, result: Any) -> None:
         if isinstance(cmd, c.Mknod):
             if self._replicated_dir(txn, cmd.parent):
                 self._capture_new(txn, cmd.parent, cmd.name, result, cmd.now_ns)

@@ -73,14 +73,16 @@ def _current_path(mount: Path, record: dict[str, Any]) -> Path:
 
 def _copy_content(source: Path, destination: Path) -> None:
     """The file's bytes and mtime become the kept version's; the file stays the same file (its
-    other names, its attributes): a write to its content register."""
+    other names, its attributes): a write to its content register. The copy's name goes with the
+    first write (the loser is overwritten by its own site: its copy is superseded), so everything
+    of it is read through the descriptor opened before."""
     with open(source, "rb") as src, open(destination, "r+b") as dst:
+        kept_mtime_ns = os.fstat(src.fileno()).st_mtime_ns
         dst.truncate(0)
         shutil.copyfileobj(src, dst, 1 << 20)
         dst.flush()
         os.fsync(dst.fileno())
-    kept = os.stat(source)
-    os.utime(destination, ns=(os.stat(destination).st_atime_ns, kept.st_mtime_ns))
+    os.utime(destination, ns=(os.stat(destination).st_atime_ns, kept_mtime_ns))
 
 
 def _place_copy(source: Path, destination: Path, mount: Path) -> str:

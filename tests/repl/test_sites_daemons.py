@@ -239,3 +239,27 @@ def test_real_programs_on_both_sites_arrive_as_they_left(sites: tuple[Site, Site
     assert len(_run("git", "-C", b.mount / "repo", "log", "--oneline").splitlines()) == 5
     assert _run("sqlite3", b.mount / "data.db", "PRAGMA integrity_check;") == "ok\n"
     assert _run("sqlite3", b.mount / "data.db", "SELECT count(*), sum(x), sum(length(y)) FROM t;") == want_rows
+
+
+def test_a_name_given_back_after_a_conflict_is_what_the_kernel_shows(sites: tuple[Site, Site, Wan]) -> None:
+    """Two creates of one name: both sites show one under the name, the other under a conflict
+    name. Renaming the one that holds the name gives the other its name back, a change the
+    rename's caller did not ask for: the mount's kernel, which caches names for a minute on a
+    single node, must drop the conflict name at once."""
+    a, b, wan = sites
+    link(a, b)
+    wait_converged(a, b)
+    wan.cut()
+    (a.mount / "same").write_text("made on a\n")
+    (b.mount / "same").write_text("made on b\n")
+    wan.heal()
+    wait_converged(a, b)
+    (conflict,) = [p for p in a.mount.iterdir() if p.name.startswith("same.conflict-")]
+    os.stat(conflict)  # now in a's kernel cache
+    held = (a.mount / "same").read_text()
+    os.rename(a.mount / "same", a.mount / "renamed")
+    wait_for(lambda: not conflict.exists(), 5, f"{conflict.name} gone from a's kernel cache (it caches names 60 s)")
+    assert {(a.mount / "same").read_text(), (a.mount / "renamed").read_text()} == {"made on a\n", "made on b\n"}
+    assert (a.mount / "renamed").read_text() == held
+    wait_converged(a, b)
+    assert sorted(p.name for p in b.mount.iterdir() if not p.name.startswith(".")) == ["renamed", "same"]
