@@ -1339,16 +1339,14 @@ class SiteTables:
             if placed is None or placed.stamp > through:
                 continue
             obj = self._entry_object(txn, node)
-            entry = tree.entry_at(placed.stamp)  # the log forgets it now
-            deleted = b"" if entry is None else _pack_move(entry.move)
-            if self._written_after(txn, obj, through):
-                if deleted:  # a content not on both sites yet (written through a descriptor): at a later forget
-                    txn.put(DELETED + obj + placed.stamp.pack(), deleted, db=self.meta)
-                continue
-            if not self._drop_node(txn, node, obj):
+            # A content not on both sites yet (written through a descriptor) keeps the entry for
+            # a later forget; an object with no entry left is released.
+            if not self._written_after(txn, obj, through) and not self._drop_node(txn, node, obj):
                 self._release_object(txn, obj)
-            elif deleted:
-                txn.put(DELETED + obj + placed.stamp.pack(), deleted, db=self.meta)
+                continue
+            entry = tree.entry_at(placed.stamp)  # the log forgets it now
+            if entry is not None:
+                txn.put(DELETED + obj + placed.stamp.pack(), _pack_move(entry.move), db=self.meta)
 
     def _written_after(self, txn: lmdb.Transaction[bytes], obj: bytes, through: Stamp) -> bool:
         """Has `obj`, or a file below it (a directory is released with what is below it), a
