@@ -11,7 +11,10 @@ Figures, medians of `--runs` runs with every run's value beside them:
   fixed pace; for each, the time from its close on a to when site b shows it with its whole size
   (b's mount polled every 5 ms): p50 and p99;
 - catch-up after a partition: the link cut, a batch of small files and 1 MiB files written on a,
-  the link healed; operations and MiB per second until b has them all.
+  the link healed; operations and MiB per second until b has them all;
+- a large file changed in places (delta transfer, design note 50): a `--delta-mib` file written on
+  a, then 16 runs of 4 KiB rewritten in it; for each step the seconds until b has it (a marker
+  file made after it, applied after it in stamp order, shows on b) and the bytes a sent.
 The delay is the proxy's, one way; the machine's two cores run both sites, the proxy and this
 script, so these figures bound what the replication costs here, not what two real sites see.
 """
@@ -118,6 +121,44 @@ def catch_up(a: Path, b: Path, cut: Callable[[], None], heal: Callable[[], None]
     return (received() - before) / elapsed, big_files / elapsed
 
 
+def until_shown(a: Path, b: Path, marker: str, sent: Callable[[], int], change: Callable[[], None]) -> tuple[float, int]:
+    """(seconds, bytes a sent) from `change` on a until b shows a marker made after it."""
+    before = sent()
+    start = time.monotonic()
+    change()
+    (a / marker).write_bytes(b"")
+    deadline = start + 600
+    while not (b / marker).exists():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{marker} did not reach b in 600 s")
+        time.sleep(0.01)
+    return time.monotonic() - start, sent() - before
+
+
+def delta_step(a: Path, b: Path, size_mib: int, sent: Callable[[], int]) -> dict[str, float]:
+    """A large file written whole, then changed in 16 places of 4 KiB: time and bytes of each."""
+    (a / "delta").mkdir()
+    target = a / "delta" / "disk.img"
+
+    def write_whole() -> None:
+        with open(target, "wb") as f:
+            for _ in range(size_mib):
+                f.write(os.urandom(MIB))
+            os.fsync(f.fileno())
+
+    def patch() -> None:
+        with open(target, "r+b") as f:
+            for i in range(16):
+                f.seek(i * (size_mib * MIB // 16) + 12_345)
+                f.write(os.urandom(4096))
+            os.fsync(f.fileno())
+
+    whole_s, whole_bytes = until_shown(a / "delta", b / "delta", "whole-done", sent, write_whole)
+    patch_s, patch_bytes = until_shown(a / "delta", b / "delta", "patch-done", sent, patch)
+    return {"delta_whole_s": whole_s, "delta_whole_mib_sent": whole_bytes / MIB,
+            "delta_patch_s": patch_s, "delta_patch_kib_sent": patch_bytes / 1024}
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
@@ -153,6 +194,14 @@ def measure(args: argparse.Namespace, root: Path) -> dict[str, float]:
         figures["catch_up_ops_per_s"] = ops_s
         figures["catch_up_mib_per_s"] = mib_s
         wait_converged(a, b, 300)
+
+        def sent() -> int:
+            outbound = a.status()["outbound"]
+            assert isinstance(outbound, dict)
+            return int(outbound["bytes"])
+
+        figures.update(delta_step(a.mount, b.mount, args.delta_mib, sent))
+        wait_converged(a, b, 300)
     return figures
 
 
@@ -165,6 +214,7 @@ def main() -> int:
     parser.add_argument("--steady-mib", type=float, default=2.0, help="1 MiB files per second")
     parser.add_argument("--catch-up-files", type=int, default=2000)
     parser.add_argument("--catch-up-mib", type=int, default=64)
+    parser.add_argument("--delta-mib", type=int, default=64, help="size of the file changed in places")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()

@@ -149,7 +149,7 @@ def _snapshot_dir(cmd: c.CreateSnapshot | c.DeleteSnapshot, result: Any) -> list
     return [Target.entry(SNAPSHOTS_INO, snapshot_dir_name(cmd.snapshot)), Target.attr_only(SNAPSHOTS_INO)]
 
 
-def _applied_remote(cmd: c.ApplyRemote | c.ResolveConflict, result: Any) -> list[Target]:
+def _applied_remote(cmd: c.ApplyRemote | c.ApplyRemoteSharing | c.ResolveConflict, result: Any) -> list[Target]:
     """Another site's changes, or a conflict's resolution: the state machine says which entries
     and inodes they touched."""
     if not isinstance(result, Applied):
@@ -215,6 +215,7 @@ RULES: dict[type, Rule] = {
     c.UnlinkSite: _nothing,
     c.ForgetSite: _nothing,
     c.ApplyRemote: _applied_remote,
+    c.ApplyRemoteSharing: _applied_remote,
     c.ResolveConflict: _applied_remote,
 }
 """Every command type, with what it makes stale; a unit test checks it covers codec.COMMAND_TAGS."""

@@ -285,6 +285,10 @@ class MetaClient:
         """What to send for an outbox entry, and the inode whose bytes go with it (SiteTables.shipping)."""
         return self._sm.sites.shipping(self._view(), raw)
 
+    def site_content_base(self, obj: bytes) -> tuple[int, Stamp] | None:
+        """The file showing `obj` and the content version it shows (SiteTables.content_base)."""
+        return self._sm.sites.content_base(self._view(), obj)
+
     def site_applied_from_peer(self) -> Stamp | None:
         return self._sm.sites.applied_from_peer(self._view())
 

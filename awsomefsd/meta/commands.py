@@ -466,6 +466,26 @@ class ApplyRemote:
 
 
 @dataclass(frozen=True, slots=True)
+class ApplyRemoteSharing:
+    """ApplyRemote whose content operations may also reuse blocks this site already has (delta
+    transfer, design note 50): `shared` are extents of the object's file here, exactly as its
+    map holds them now, in the places the new version keeps them unchanged; `shared_counts[i]`
+    of them for the i-th content operation. The state machine refuses the batch (EAGAIN) when the
+    map no longer holds one of them: the sender then ships the whole version. A command of its
+    own, not two more fields of ApplyRemote: members on an older build decode the log until a
+    member proposes one (log level 9)."""
+
+    peer: bytes
+    after: bytes
+    operations: tuple[bytes, ...]
+    extents: tuple[Extent, ...]
+    extent_counts: tuple[int, ...]
+    shared: tuple[Extent, ...]
+    shared_counts: tuple[int, ...]
+    now_ns: int
+
+
+@dataclass(frozen=True, slots=True)
 class ForgetSite:
     """Both sites are past `through` (a packed stamp): drop the tree's undo log and the outbox up
     to there, and release the objects deleted by then."""
@@ -512,15 +532,15 @@ Command = (
     | RemoveMember | SetJoinVerifier | RenewLease | ExpireNode | ClaimGroups | AcquireWriteLease
     | ReleaseWriteLease | ReleaseOrphans | Fenced | PunchHole | CloneRange | SetLogLevel | Preallocate
     | PlanTierObject | CommitTierObject | AbandonTierObjects | ForgetTierObjects | LinkSite | UnlinkSite
-    | ApplyRemote | ForgetSite | ResolveConflict
+    | ApplyRemote | ForgetSite | ResolveConflict | ApplyRemoteSharing
 )
 
 
 BASE_LOG_LEVEL = 3
 """The level of a cluster that never recorded one: formed by builds before the gate, which decode
 command tags 1-32 (meta/codec.py) in format 3."""
-LOG_LEVEL = 8
-"""The newest commands this build decodes. 8: ResolveConflict. 7: the cross-site replication commands. 6: the tiering commands (and block addresses in objects,
+LOG_LEVEL = 9
+"""The newest commands this build decodes. 9: ApplyRemoteSharing. 8: ResolveConflict. 7: the cross-site replication commands. 6: the tiering commands (and block addresses in objects,
 meta/tiered.py). 5: Preallocate (and unwritten extents, which a WriteData
 may then write in place). 4: PunchHole, CloneRange, SetLogLevel.
 
@@ -534,7 +554,7 @@ with `LogAheadOfBuild`."""
 COMMAND_LEVELS: dict[type, int] = {
     PunchHole: 4, CloneRange: 4, SetLogLevel: 4, Preallocate: 5,
     PlanTierObject: 6, CommitTierObject: 6, AbandonTierObjects: 6, ForgetTierObjects: 6,
-    LinkSite: 7, UnlinkSite: 7, ApplyRemote: 7, ForgetSite: 7, ResolveConflict: 8,
+    LinkSite: 7, UnlinkSite: 7, ApplyRemote: 7, ForgetSite: 7, ResolveConflict: 8, ApplyRemoteSharing: 9,
 }
 
 

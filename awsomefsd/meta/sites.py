@@ -443,7 +443,7 @@ class SiteTables:
                 self._edit_against_delete(txn, self._entry_object(txn, node))
 
     # -- apply ----------------------------------------------------------------------------------
-    def apply_remote(self, txn: lmdb.Transaction[bytes], cmd: c.ApplyRemote) -> Applied:
+    def apply_remote(self, txn: lmdb.Transaction[bytes], cmd: c.ApplyRemote | c.ApplyRemoteSharing) -> Applied:
         """Apply a batch of the peer's operations, all or none: in a nested transaction, since an
         operation can be refused after others wrote (the batch is checked first, but state that
         breaks an invariant shows only when it is met); then the in-memory mirrors (free space,
@@ -458,7 +458,7 @@ class SiteTables:
         nested.commit()
         return applied
 
-    def _apply_remote(self, txn: lmdb.Transaction[bytes], cmd: c.ApplyRemote) -> Applied:
+    def _apply_remote(self, txn: lmdb.Transaction[bytes], cmd: c.ApplyRemote | c.ApplyRemoteSharing) -> Applied:
         self._entries, self._inodes = [], []
         peer = self.peer(txn)
         if peer is None or cmd.peer != peer:
@@ -472,15 +472,18 @@ class SiteTables:
         except o.BadOperation as exc:
             raise FsError(errno.EINVAL, f"from site {peer.hex()[:8]}: {exc}") from None
         contents = [op for op in batch if isinstance(op, o.ContentSet)]
-        if len(cmd.extent_counts) != len(contents) or sum(cmd.extent_counts) != len(cmd.extents) \
-                or any(n < 0 for n in cmd.extent_counts):
-            raise FsError(errno.EINVAL, "a batch's extents do not match its content operations")
-        extents_of: dict[Stamp, tuple[Extent, ...]] = {}
-        at = 0
-        for content, count in zip(contents, cmd.extent_counts):
-            extents_of[content.stamp] = cmd.extents[at:at + count]
-            at += count
-            self._check_content(txn, content, extents_of[content.stamp])
+        shared, shared_counts = (cmd.shared, cmd.shared_counts) if isinstance(cmd, c.ApplyRemoteSharing) \
+            else ((), (0,) * len(contents))
+        for extents, counts in ((cmd.extents, cmd.extent_counts), (shared, shared_counts)):
+            if len(counts) != len(contents) or sum(counts) != len(extents) or any(n < 0 for n in counts):
+                raise FsError(errno.EINVAL, "a batch's extents do not match its content operations")
+        extents_of: dict[Stamp, _ContentBlocks] = {}
+        at = shared_at = 0
+        for content, count, shared_count in zip(contents, cmd.extent_counts, shared_counts):
+            blocks = _ContentBlocks(cmd.extents[at:at + count], shared[shared_at:shared_at + shared_count])
+            at, shared_at = at + count, shared_at + shared_count
+            self._check_content(txn, content, blocks)
+            extents_of[content.stamp] = blocks
         for op in batch:
             if op.stamp.site != peer:
                 raise FsError(errno.EINVAL, f"an operation stamped by site {op.stamp.site.hex()[:8]}, not the peer")
@@ -495,7 +498,7 @@ class SiteTables:
                 raise FsError(exc.errno, f"{exc} (applying {op})") from exc
         return Applied(conflicts, tuple(self._entries), tuple(self._inodes))
 
-    def _apply_one(self, txn: lmdb.Transaction[bytes], op: o.Operation, extents_of: dict[Stamp, tuple[Extent, ...]],
+    def _apply_one(self, txn: lmdb.Transaction[bytes], op: o.Operation, extents_of: dict[Stamp, _ContentBlocks],
                    now_ns: int) -> int:
         conflicts = 0
         self._observe(txn, op.stamp)
@@ -520,9 +523,10 @@ class SiteTables:
         txn.put(b"seen", op.stamp.pack(), db=self.meta)
         return conflicts
 
-    def _check_content(self, txn: lmdb.Transaction[bytes], op: o.ContentSet,
-                       extents: tuple[Extent, ...]) -> None:
-        """Before anything is written: the bytes lie in fresh space, in file order, within the size."""
+    def _check_content(self, txn: lmdb.Transaction[bytes], op: o.ContentSet, blocks: _ContentBlocks) -> None:
+        """Before anything is written: the bytes lie in fresh space (or are shared: checked where
+        the version applies), in file order, within the size."""
+        extents = blocks.mapped()
         for prev, nxt in itertools.pairwise(extents):
             if prev.end_block > nxt.file_block:
                 raise FsError(errno.EINVAL, "content extents must be in file order and disjoint")
@@ -532,7 +536,26 @@ class SiteTables:
             raise FsError(errno.EINVAL, "content extents carry checksums")
         if op.size > MAX_FILE_SIZE_BYTES:
             raise FsError(errno.EFBIG)
-        self._sm.space_check_new(txn, [(ext.dev_block, ext.count) for ext in extents])
+        self._sm.space_check_new(txn, [(ext.dev_block, ext.count) for ext in blocks.fresh])
+
+    def _check_shared(self, txn: lmdb.Transaction[bytes], ino: int, shared: tuple[Extent, ...]) -> None:
+        """Each shared extent must be what the file's map holds at its place now, block for block
+        and checksum for checksum (the receiving service read them from the map; a write here
+        since moved them: EAGAIN, and the sender ships the whole version)."""
+        fmap = self._sm.db["fmap"]
+        for want in shared:
+            found = [ext.slice(max(ext.file_block, want.file_block), min(ext.end_block, want.end_block))
+                     for ext in filemap.extents_in(txn, fmap, ino, want.file_block, want.end_block)]
+            block = want.file_block
+            for ext in found:
+                if ext.file_block != block or ext.unwritten \
+                        or ext.dev_block != want.dev_block + (block - want.file_block) \
+                        or ext.checksums != want.checksums[4 * (block - want.file_block):4 * (ext.end_block - want.file_block)]:
+                    break
+                block = ext.end_block
+            if block != want.end_block:
+                raise FsError(errno.EAGAIN, f"blocks {want.file_block}-{want.end_block} of inode {ino} "
+                                            "changed here since they were offered for sharing")
 
     def _apply_created(self, txn: lmdb.Transaction[bytes], op: o.Created) -> None:
         if txn.get(op.object, db=self.db["sids"]) is not None:
@@ -598,15 +621,25 @@ class SiteTables:
         return lost
 
     def _apply_content(self, txn: lmdb.Transaction[bytes], op: o.ContentSet,
-                       extents: tuple[Extent, ...], now_ns: int) -> int:
+                       blocks: _ContentBlocks, now_ns: int) -> int:
         """The peer's content version: its bytes, already on our device, become the file's when it
         wins; a concurrent version that loses, ours or theirs, is kept as a sibling file named
         after its own stamp (the same name, the same bytes, on both sites); a version the file had
-        already moved past is dropped (its blocks freed after the grace period)."""
-        for ext in extents:
-            self._sm.space.take(txn, ext.dev_block, ext.count)
+        already moved past is dropped (its blocks freed after the grace period). Blocks shared
+        with the file's current version gain a reference, so whatever then lets go of them (the
+        old version's unmapping, a drop) leaves them to the other."""
         ino = self._ino(txn, op.object)
         inode = None if ino is None else self.ns.get_inode(txn, ino)
+        if blocks.shared:
+            if inode is None or not inode.is_reg:
+                raise FsError(errno.EAGAIN, f"blocks offered for sharing, and object {op.object.hex()} "
+                                            "is no regular file here")
+            self._check_shared(txn, inode.ino, blocks.shared)
+        for ext in blocks.fresh:
+            self._sm.space.take(txn, ext.dev_block, ext.count)
+        for ext in blocks.shared:
+            self._sm.space.share(txn, ext.dev_block, ext.count)
+        extents = blocks.mapped()
         if inode is None or not inode.is_reg:
             self._sm.defer_free(txn, [(e.dev_block, e.count) for e in extents], now_ns)
             if inode is not None:
@@ -1555,6 +1588,17 @@ class SiteTables:
             return raw, int(kept)
         return o.encode(o.Superseded(op.stamp, op.object, op.seen)), None
 
+    def content_base(self, txn: lmdb.Transaction[bytes], obj: bytes) -> tuple[int, Stamp] | None:
+        """The regular file that shows `obj` here and the stamp of the content version it shows
+        (the register's winner), or None: what a content version shipped as a delta from that
+        version may reuse (design note 50)."""
+        ino = self._ino(txn, obj)
+        versions = self._versions(txn, obj + CONTENT)
+        inode = None if ino is None else self.ns.get_inode(txn, ino)
+        if inode is None or not inode.is_reg or not versions:
+            return None
+        return inode.ino, versions[0].stamp
+
     def _first_shown(self, txn: lmdb.Transaction[bytes], ino: int) -> tuple[int, bytes] | None:
         """Where the first of an inode's entries is shown: (parent ino, name), or None."""
         obj = self.object_of(txn, ino)
@@ -1598,6 +1642,21 @@ class SiteTables:
 
 
 _UNCHANGED = object()
+
+
+@dataclass(frozen=True)
+class _ContentBlocks:
+    """The blocks of one content version of the peer's: `fresh` ones staged here for it, `shared`
+    ones this site's file already holds (delta transfer)."""
+
+    fresh: tuple[Extent, ...]
+    shared: tuple[Extent, ...] = ()
+
+    def mapped(self) -> tuple[Extent, ...]:
+        """Both, in file order: the version's map."""
+        if not self.shared:
+            return self.fresh
+        return tuple(sorted(self.fresh + self.shared, key=lambda ext: ext.file_block))
 """A register's apply that did not change what shows."""
 
 

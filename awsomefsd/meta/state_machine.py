@@ -117,6 +117,7 @@ class StateMachine:
             c.LinkSite: lambda txn, cmd: self.sites.link(txn, cmd),
             c.UnlinkSite: self._unlink_site,
             c.ApplyRemote: lambda txn, cmd: self.sites.apply_remote(txn, cmd),
+            c.ApplyRemoteSharing: lambda txn, cmd: self.sites.apply_remote(txn, cmd),
             c.ForgetSite: lambda txn, cmd: self.sites.forget(txn, cmd),
             c.ResolveConflict: lambda txn, cmd: self.sites.resolve(txn, cmd),
         }

@@ -131,7 +131,9 @@ def render_status(info: dict[str, Any]) -> str:
         f"  link: {'up' if info['link_up'] else 'DOWN'}" + (f" ({info['last_error']})" if info["last_error"] else ""),
         f"  last exchange: {when}",
         f"  to the peer:   {out['pending_operations']} operations pending, lag {out['lag_s']:.1f} s; "
-        f"sent {out['operations']} operations, {_size(out['bytes'])}",
+        f"sent {out['operations']} operations, {_size(out['bytes'])}"
+        + (f" ({_size(out['bytes_unchanged'])} of large files the peer had: not sent)"
+           if out.get("bytes_unchanged") else ""),
         f"  from the peer: {inn['pending_operations']} operations pending, lag {inn['lag_s']:.1f} s; "
         f"received {inn['operations']} operations, {_size(inn['bytes'])}",
         f"  conflicts: {info['open_conflicts']} open, {info['conflicts_total']} in all (`awsomefsd site conflicts`)",

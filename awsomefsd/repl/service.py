@@ -13,6 +13,9 @@ pushes to, and the shipper that pushes this site's operations to the peer.
   peer's operations; `Stage` writes a chunk of a content version's bytes to fresh extents here
   (kept in memory until the push that maps them); `Push` applies a batch of operations as one
   `ApplyRemote` command and acknowledges it (repl/link.py's Ack: how far, and our own head).
+  A large version changed in places comes as its changed chunks and, in the push, the ranges
+  it keeps from a version this site shows, whose blocks the command shares (repl/delta.py,
+  design note 50).
 - **The shipper** reads the outbox after the peer's cursor, sends the bytes of content versions
   first, then the operations, and from the acknowledgements keeps the horizon (repl/link.py) up
   to which `ForgetSite` lets both logs go. It never blocks a local write: it runs beside them and
@@ -52,8 +55,8 @@ from awsomefsd.meta.client import MetaClient
 from awsomefsd.meta.errors import FsError
 from awsomefsd.meta.records import Extent
 from awsomefsd.metrics import counter, gauge
+from awsomefsd.repl import delta, wire
 from awsomefsd.repl import ops as o
-from awsomefsd.repl import wire
 from awsomefsd.repl.hlc import EPOCH, Stamp
 from awsomefsd.repl.identity import ca_fingerprint, load_or_create, site_dir
 from awsomefsd.repl.link import Ack, Horizon
@@ -69,6 +72,10 @@ CHUNK_BYTES = 4 << 20
 """Bytes of one file per Stage call: a larger content version travels in several."""
 INLINE_BYTES = 1 << 20
 """Content versions up to this size travel inside the push (one round trip for many files)."""
+MAX_REMEMBERED_FILES = 4096
+MAX_REMEMBERED_PIECES = 1 << 16
+"""Bounds on what the shipper remembers of the large versions it sent (bases of deltas): files,
+and map records per file."""
 MAX_STAGED_BYTES = 512 << 20
 """Bytes staged and not yet pushed at most: bounds what a sender can make us hold."""
 STAGED_TTL_S = 600.0
@@ -95,6 +102,8 @@ class LinkState:
     last_exchange_ns: int = 0
     pushed_ops: int = 0
     pushed_bytes: int = 0
+    unchanged_bytes: int = 0
+    """Bytes of large files the peer had already: named by range in a delta, not sent."""
     received_ops: int = 0
     received_bytes: int = 0
     peer_applied: Stamp | None = None
@@ -109,7 +118,10 @@ class LinkState:
 @dataclass
 class _Staged:
     extents: list[Extent] = field(default_factory=list)
-    size: int = 0
+    held: int = 0
+    """Bytes received (what MAX_STAGED_BYTES bounds)."""
+    end: int = 0
+    """Where the last chunk ended: the next one starts there or later (a delta skips ranges)."""
     at: float = field(default_factory=time.monotonic)
 
 
@@ -132,6 +144,9 @@ class SiteService:
         self.state = LinkState()
         self._nonces: dict[bytes, float] = {}
         self._staged: dict[Stamp, _Staged] = {}
+        self._shipped: dict[bytes, delta.ShippedVersion] = {}
+        """Per object, the large content version the peer acknowledged last (the base of a delta),
+        oldest first; forgotten at a restart or a restage (then versions go whole)."""
         self._apply_lock = trio.Lock()
         self._relink = trio.Event()
 
@@ -263,6 +278,7 @@ class SiteService:
 
         ca_pem = peer_ca.public_bytes(serialization.Encoding.PEM)
         sent = await self.meta.propose(c.LinkSite(peer, time.time_ns(), ca_pem, addresses))
+        await self.meta.barrier()  # `site link` said linked: a crash now must not take it back
         log.info("linked to site %s at %s (fingerprint %s); %d operations to send for the initial sync",
                  uuid.UUID(bytes=peer), ", ".join(addresses), fingerprint(peer_ca).hex()[:16], sent)
         self.relink()
@@ -272,6 +288,7 @@ class SiteService:
         if self.meta.site_link() is None:
             raise ControlError("this site is not linked")
         await self.meta.propose(c.UnlinkSite(time.time_ns()))
+        await self.meta.barrier()
         log.info("unlinked from the other site")
         self.relink()
 
@@ -295,19 +312,20 @@ class SiteService:
             raise wire.WireError("a chunk needs its version's stamp and a block-aligned offset")
         if wire.int_field(header, "crc", limit=1 << 32) != crc32c(data):
             raise wire.WireError(f"chunk at {offset} of version {stamp} arrived damaged (checksum mismatch)")
-        held = sum(s.size for s in self._staged.values())
+        held = sum(s.held for s in self._staged.values())
         if held + len(data) > MAX_STAGED_BYTES:
             raise RpcAbort(grpc.StatusCode.RESOURCE_EXHAUSTED, "too many bytes staged and not pushed")
         staged = self._staged.get(stamp)
-        if offset == 0 and staged is not None:  # a resend from the start: what was staged goes
-            self.data.stager.release(staged.extents, None)
+        if (offset == 0 or header.get("first") is True) and staged is not None:
+            self.data.stager.release(staged.extents, None)  # a resend from the start: what was staged goes
             staged = None
         if staged is None:
             staged = self._staged[stamp] = _Staged()
-        if offset != staged.size:
-            raise wire.WireError(f"chunk at {offset} of version {stamp}, expected {staged.size}")
+        if offset < staged.end:  # a delta sends only the changed ranges, but in file order
+            raise wire.WireError(f"chunk at {offset} of version {stamp}, after one that ended at {staged.end}")
         staged.extents += await self.data.stager.stage(offset // BLOCK_SIZE, data)
-        staged.size += len(data)
+        staged.end = offset + len(data)
+        staged.held += len(data)
         staged.at = time.monotonic()
         self.state.received_bytes += len(data)
 
@@ -330,9 +348,14 @@ class SiteService:
                 raise wire.WireError("a push shorter than its inline contents")
             await self.stage(described, data[at:at + length])
             at += length
+        unchanged = _unchanged_ranges(header)
+        restage = {"restage": True, "applied": wire.stamp_text(self.cursor())}
         extents: list[Extent] = []
         counts: list[int] = []
         used: list[Stamp] = []
+        shared: list[Extent] = []
+        shared_counts: list[int] = []
+        contents: list[o.ContentSet] = []
         for raw in raws:
             try:
                 op = o.decode(raw)
@@ -341,16 +364,27 @@ class SiteService:
             if isinstance(op, o.ContentSet):
                 staged = self._staged.get(op.stamp)
                 if staged is None:
-                    return {"restage": True, "applied": wire.stamp_text(self.cursor())}
+                    return restage
+                contents.append(op)
                 extents += staged.extents
                 counts.append(len(staged.extents))
                 used.append(op.stamp)
+                reused = self._shareable(op, *unchanged[op.stamp]) if op.stamp in unchanged else []
+                if reused is None:
+                    log.info("the other site sent version %s as changes to a version this site no longer "
+                             "shows: asking for all of it", op.stamp)
+                    return restage
+                shared += reused
+                shared_counts.append(len(reused))
         async with self._apply_lock:
             if after != self.cursor():
                 return {"applied": wire.stamp_text(self.cursor()), "head": wire.stamp_text(self.meta.site_head())}
             if raws:
-                command = c.ApplyRemote(bytes.fromhex(link["peer"]), b"" if after is None else after.pack(),
-                                        tuple(raws), tuple(extents), tuple(counts), time.time_ns())
+                peer, start = bytes.fromhex(link["peer"]), b"" if after is None else after.pack()
+                command: c.ApplyRemote | c.ApplyRemoteSharing = \
+                    c.ApplyRemoteSharing(peer, start, tuple(raws), tuple(extents), tuple(counts), tuple(shared),
+                                         tuple(shared_counts), time.time_ns()) if shared \
+                    else c.ApplyRemote(peer, start, tuple(raws), tuple(extents), tuple(counts), time.time_ns())
                 try:
                     applied = await self.meta.propose(command)
                 except FsError as exc:
@@ -358,10 +392,15 @@ class SiteService:
                         self.data.stager.release(self._staged.pop(stamp).extents, exc)
                     if exc.errno == errno.ESTALE:
                         return {"applied": wire.stamp_text(self.cursor()), "head": wire.stamp_text(self.meta.site_head())}
+                    if exc.errno == errno.EAGAIN:  # a write here moved blocks offered for sharing
+                        log.info("%s: asking the other site for the whole versions", exc)
+                        return restage
                     log.error("refused a batch from the other site: %s", exc, exc_info=exc)
                     raise RpcAbort(grpc.StatusCode.INVALID_ARGUMENT, f"refused: {exc}") from None
                 for stamp in used:
                     del self._staged[stamp]
+                for op in contents:
+                    self._remember_received(op)
                 # Acknowledged means durable: the sender forgets what we acknowledge.
                 await self.meta.barrier()
                 self.applied(command, applied)
@@ -374,6 +413,24 @@ class SiteService:
             pending, lag_s = self.outbound_lag()
             return {"applied": wire.stamp_text(self.cursor()), "head": wire.stamp_text(self.meta.site_head()),
                     "pending": pending, "lag_ms": int(lag_s * 1000)}
+
+    def _shareable(self, op: o.ContentSet, base: Stamp, ranges: list[tuple[int, int, str]]) -> list[Extent] | None:
+        """This site's blocks in the ranges a delta of `op` from version `base` leaves unchanged,
+        or None when they cannot stand for them: the file no longer shows `base` (a write here,
+        a conflict) or its blocks there are not the ones the sender's digest names."""
+        found = self.meta.site_content_base(op.object)
+        if found is None or found[1] != base:
+            return None
+        ino, _ = found
+        out: list[Extent] = []
+        for first, end, digest in ranges:
+            if end > (op.size + BLOCK_SIZE - 1) // BLOCK_SIZE:
+                return None
+            pieces = delta.clipped(self.meta.extents(ino, first, end), first, end)
+            if delta.range_digest(pieces, first, end) != digest:
+                return None
+            out += [piece for piece in pieces if not piece.unwritten]
+        return out
 
     async def _expire_staged(self) -> None:
         while True:
@@ -421,6 +478,8 @@ class SiteService:
                 await self.meta.barrier()
             ops: list[bytes] = []
             inline: list[list[Any]] = []
+            unchanged: list[list[Any]] = []
+            shipped: dict[bytes, tuple[Stamp, delta.ShippedVersion | None]] = {}  # what the peer will have
             data = bytearray()
             budget = self.batch_bytes
             for _stamp, raw in entries:
@@ -435,17 +494,23 @@ class SiteService:
                         inline.append([wire.stamp_text(op.stamp), len(content), crc32c(content)])
                         data += content
                         self.state.pushed_bytes += len(content)
+                        shipped[op.object] = (op.stamp, None)
                     else:
-                        await self._send_content(call, op, ino)
+                        version, kept = await self._send_content(call, op, ino)
+                        shipped[op.object] = (op.stamp, version)
+                        if kept:
+                            unchanged.append(kept)
                     budget -= max(op.size, 1)
                 ops.append(sent)
                 if budget <= 0:
                     break
             reply, _ = wire.unframe(await call("Push", wire.frame({"after": wire.stamp_text(cursor), "inline": inline,
+                                                                    "unchanged": unchanged,
                                                                     "ops": [raw.hex() for raw in ops]}, data)))
             last_push = time.monotonic()
             log.debug("pushed %d operations after %s: %s", len(ops), cursor, reply)
             if reply.get("restage"):
+                self._shipped.clear()  # a delta's base may be what the peer no longer shows: all whole
                 restaged += 1
                 if restaged > MAX_RESTAGES:  # not a restart of the peer: something is wrong, say so
                     raise wire.WireError(f"the other site asked {restaged} times in a row for the bytes of "
@@ -457,6 +522,9 @@ class SiteService:
                 self.state.pushed_ops += len(ops)
             cursor = applied
             self.state.peer_applied = applied
+            for obj, (stamp, version) in shipped.items():
+                if applied is not None and stamp <= applied:
+                    self._remember_shipped(obj, version)
             if "pending" in reply:
                 self.state.peer_pending = wire.int_field(reply, "pending")
                 self.state.peer_lag_s = wire.int_field(reply, "lag_ms") / 1000
@@ -475,17 +543,79 @@ class SiteService:
         size = min(op.size, self.data.effective_size(ino, inode.size))
         return bytes(await self.data.reader.read(inode, offset, max(0, min(length, size - offset))))
 
-    async def _send_content(self, call: Callable[[str, bytes], Awaitable[bytes]], op: o.ContentSet, ino: int) -> None:
-        """Stage a large content version's bytes at the peer, chunk by chunk."""
-        offset = 0
-        while offset < op.size:
-            chunk = await self._read_content(op, ino, offset, CHUNK_BYTES)
-            if not chunk:
-                break  # shorter now (a truncate the next version carries): the rest reads as zeros
-            header = {"stamp": wire.stamp_text(op.stamp), "offset": offset, "crc": crc32c(chunk)}
-            await call("Stage", wire.frame(header, chunk))
-            self.state.pushed_bytes += len(chunk)
-            offset += len(chunk)
+    async def _send_content(self, call: Callable[[str, bytes], Awaitable[bytes]], op: o.ContentSet,
+                            ino: int) -> tuple[delta.ShippedVersion | None, list[Any] | None]:
+        """Stage a large content version's bytes at the peer, chunk by chunk, from the committed
+        blocks: only those changed since the version of the file the peer was last sent and
+        acknowledged, if it still shows that one (design note 50). Returns what the peer will
+        have of the file (None: more pieces than are worth remembering) and the push's
+        `unchanged` entry (None: everything was sent)."""
+        nblocks = (op.size + BLOCK_SIZE - 1) // BLOCK_SIZE
+        base = self._shipped.get(op.object)
+        found = self.meta.site_content_base(op.object)
+        if found is None or found[0] != ino:
+            base = None  # a version kept in /.conflicts ships from its copy: the peer keeps it apart
+        with self.data.reader.holding_map():
+            now = self.meta.extents(ino, 0, nblocks)
+        kept = [] if base is None else delta.unchanged_ranges(base.extents, now, min(base.size, op.size) // BLOCK_SIZE)
+        if len(kept) > delta.MAX_SHARED_RANGES:
+            kept = []
+        pieces = [piece for lo, hi in kept for piece in delta.clipped(now, lo, hi) if not piece.unwritten]
+        first = True
+        for lo, hi in delta.complement(kept, nblocks) or [(0, 0)]:
+            for chunk_lo in range(lo, max(hi, lo + 1), CHUNK_BYTES // BLOCK_SIZE):
+                chunk_hi = min(hi, chunk_lo + CHUNK_BYTES // BLOCK_SIZE)
+                chunk, read = await self._read_committed(ino, chunk_lo, chunk_hi, op.size)
+                pieces += read
+                header = {"stamp": wire.stamp_text(op.stamp), "offset": chunk_lo * BLOCK_SIZE, "crc": crc32c(chunk),
+                          "first": first}
+                await call("Stage", wire.frame(header, chunk))
+                self.state.pushed_bytes += len(chunk)
+                first = False
+        version = None if len(pieces) > MAX_REMEMBERED_PIECES else \
+            delta.ShippedVersion(op.stamp, op.size, tuple(sorted(pieces, key=lambda piece: piece.file_block)))
+        if not kept or base is None:
+            return version, None
+        self.state.unchanged_bytes += sum(min(hi * BLOCK_SIZE, op.size) - lo * BLOCK_SIZE for lo, hi in kept)
+        return version, [wire.stamp_text(op.stamp), wire.stamp_text(base.stamp),
+                         [[lo, hi, delta.range_digest(now, lo, hi)] for lo, hi in kept]]
+
+    async def _read_committed(self, ino: int, first: int, end: int, size: int) -> tuple[bytes, list[Extent]]:
+        """The committed bytes of file blocks [first, end), cut at `size` (zeros for holes), and
+        the map's records they came from: what the peer will have there, exactly (the reader's
+        view would add bytes buffered here and not yet committed)."""
+        lo, hi = first * BLOCK_SIZE, min(end * BLOCK_SIZE, size)
+        out = bytearray(max(0, hi - lo))
+        with self.data.reader.holding_map():
+            pieces = [p for p in delta.clipped(self.meta.extents(ino, first, end), first, end) if not p.unwritten]
+            for piece in pieces:
+                a, b = piece.file_block * BLOCK_SIZE, min(piece.end_block * BLOCK_SIZE, hi)
+                if a < b:
+                    out[a - lo:b - lo] = await self.data.reader.read_extent(piece, piece.file_block, piece.end_block,
+                                                                            a, b)
+        return bytes(out), pieces
+
+    def _remember_received(self, op: o.ContentSet) -> None:
+        """A large version of the peer's that this site now shows is on both sites alike: the base
+        of a delta of this site's next change to the file (a file edited at both sites by turns
+        goes as deltas both ways). Its map is read between two looks at the winner: a write here
+        meanwhile makes another version the winner, for good."""
+        found = self.meta.site_content_base(op.object)
+        if found is None or found[1] != op.stamp:
+            return
+        nblocks = (op.size + BLOCK_SIZE - 1) // BLOCK_SIZE
+        pieces = [p for p in delta.clipped(self.meta.extents(found[0], 0, nblocks), 0, nblocks) if not p.unwritten]
+        if self.meta.site_content_base(op.object) == found and len(pieces) <= MAX_REMEMBERED_PIECES:
+            self._remember_shipped(op.object, delta.ShippedVersion(op.stamp, op.size, tuple(pieces)))
+
+    def _remember_shipped(self, obj: bytes, version: delta.ShippedVersion | None) -> None:
+        """The peer acknowledged a content version of `obj`: the base of its next delta (None:
+        no base; a small version went whole, or its pieces were too many to keep)."""
+        self._shipped.pop(obj, None)
+        if version is not None:
+            self._shipped[obj] = version
+            while len(self._shipped) > MAX_REMEMBERED_FILES:
+                self._shipped.pop(next(iter(self._shipped)))
 
     # -- what the CLI asks -----------------------------------------------------------------------
     def status(self) -> dict[str, Any]:
@@ -504,7 +634,8 @@ class SiteService:
             "last_exchange_ns": self.state.last_exchange_ns,
             "outbound": {"pending_operations": self.meta.site_pending(self.state.peer_applied) if link else 0,
                          "lag_s": round(max(0, now - pending[0][0].wall_ns) / 1e9, 3) if pending else 0.0,
-                         "operations": self.state.pushed_ops, "bytes": self.state.pushed_bytes},
+                         "operations": self.state.pushed_ops, "bytes": self.state.pushed_bytes,
+                         "bytes_unchanged": self.state.unchanged_bytes},
             "inbound": {"pending_operations": self.state.peer_pending, "lag_s": self.state.peer_lag_s,
                         "operations": self.state.received_ops, "bytes": self.state.received_bytes},
             "open_conflicts": open_conflicts,
@@ -525,6 +656,9 @@ class SiteService:
                           info[direction]["operations"])
             yield counter(f"awsomefs_site_{direction}_bytes", f"file bytes replicated ({direction})",
                           info[direction]["bytes"])
+        yield counter("awsomefs_site_outbound_unchanged_bytes",
+                      "bytes of large files not sent because the other site had them (delta transfer)",
+                      info["outbound"]["bytes_unchanged"])
         yield counter("awsomefs_site_conflicts", "conflicts with the other site, ever", info["conflicts_total"])
         yield gauge("awsomefs_site_open_conflicts", "conflicts whose loser no later write replaced",
                     info["open_conflicts"])
@@ -678,6 +812,34 @@ def _caller(channel: grpc.Channel) -> Callable[[str, bytes], Awaitable[bytes]]:
     async def call(method: str, request: bytes) -> bytes:
         return await unary_call(channel, f"/{LINK_SERVICE}/{method}", request, CALL_TIMEOUT_S)
     return call
+
+
+def _unchanged_ranges(header: dict[str, Any]) -> dict[Stamp, tuple[Stamp, list[tuple[int, int, str]]]]:
+    """A push's `unchanged`: for a content version sent as a delta, the version it changes (one
+    this site showed when it was acknowledged) and the block ranges it keeps, with their digest:
+    [[stamp, base, [[first, end, digest], ...]], ...]."""
+    items = header.get("unchanged", [])
+    if not isinstance(items, list) or len(items) > 4096:
+        raise wire.WireError("a push's unchanged ranges are not a list")
+    out: dict[Stamp, tuple[Stamp, list[tuple[int, int, str]]]] = {}
+    for item in items:
+        if not isinstance(item, list) or len(item) != 3 or not isinstance(item[2], list) \
+                or len(item[2]) > delta.MAX_SHARED_RANGES:
+            raise wire.WireError("an unchanged-ranges entry is [stamp, base, [[first, end, digest], ...]]")
+        stamp, base = wire.stamp_field({"s": item[0]}, "s"), wire.stamp_field({"b": item[1]}, "b")
+        if stamp is None or base is None:
+            raise wire.WireError("an unchanged-ranges entry needs the version's stamp and its base's")
+        ranges: list[tuple[int, int, str]] = []
+        for entry in item[2]:
+            if not isinstance(entry, list) or len(entry) != 3 or not isinstance(entry[2], str):
+                raise wire.WireError("an unchanged range is [first block, end block, digest]")
+            first = wire.int_field({"first": entry[0]}, "first", limit=1 << 52)
+            end = wire.int_field({"end": entry[1]}, "end", limit=1 << 52)
+            if end <= first or (ranges and first < ranges[-1][1]):
+                raise wire.WireError("unchanged ranges must be non-empty, in order and disjoint")
+            ranges.append((first, end, entry[2]))
+        out[stamp] = (base, ranges)
+    return out
 
 
 def _pairing_address(address: str) -> str:

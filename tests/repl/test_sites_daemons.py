@@ -58,9 +58,13 @@ def test_two_sites_pair_sync_both_ways_and_keep_every_conflict(sites: tuple[Site
     assert os.getxattr(b.mount / "docs" / "plan.txt", "user.owner") == b"team-a"
     assert (a.mount / "notes.txt").read_text() == "from b\n"
 
-    # edit against edit: the later write shows on both sites, the other is kept and listed
+    # edit against edit: the later write shows on both sites, the other is kept and listed. The
+    # link is cut meanwhile, so neither site hears of the other's truncate before its own write
+    # (a write_text is two versions, and which of a's arrive before b's write is timing).
+    wan.cut()
     (a.mount / "docs" / "plan.txt").write_text("edited on a\n")
     (b.mount / "docs" / "plan.txt").write_text("edited on b, later\n")
+    wan.heal()
     wait_converged(a, b)
     assert (a.mount / "docs" / "plan.txt").read_text() == "edited on b, later\n"
     for site in (a, b):
@@ -263,3 +267,57 @@ def test_a_name_given_back_after_a_conflict_is_what_the_kernel_shows(sites: tupl
     assert (a.mount / "renamed").read_text() == held
     wait_converged(a, b)
     assert sorted(p.name for p in b.mount.iterdir() if not p.name.startswith(".")) == ["renamed", "same"]
+
+
+def test_a_large_file_changed_in_a_few_places_travels_as_its_changes(sites: tuple[Site, Site, Wan]) -> None:
+    """Delta transfer (design note 50): a 16 MiB file, then 4 KiB rewritten in its middle and
+    100 KB appended, reaches the other site as little more than the change, whichever site
+    changes it (edited by turns at both sites, each change goes as a delta), and both sites hold
+    the same bytes. A change at each site at once (an edit conflict) still keeps both versions
+    whole."""
+    a, b, _ = sites
+    link(a, b)
+    data = bytearray(os.urandom(16 << 20))
+    (a.mount / "disk.img").write_bytes(data)
+    wait_converged(a, b)
+
+    def change(site: Site, offset: int, appended: int) -> None:
+        patch = os.urandom(4096)
+        tail = os.urandom(appended)
+        with open(site.mount / "disk.img", "r+b") as f:
+            f.seek(offset)
+            f.write(patch)
+            f.seek(0, os.SEEK_END)
+            f.write(tail)
+        data[offset:offset + len(patch)] = patch
+        data.extend(tail)
+
+    def shipped(site: Site) -> tuple[int, int]:
+        """(bytes sent, bytes of large files named unchanged) so far."""
+        outbound = site.status()["outbound"]
+        assert isinstance(outbound, dict)
+        return outbound["bytes"], outbound["bytes_unchanged"]
+
+    for site, other, offset in ((a, b, 5 << 20), (b, a, (9 << 20) + 123), (a, b, 100)):
+        sent, unchanged = shipped(site)
+        change(site, offset, 100_000)
+        wait_converged(a, b)
+        assert (other.mount / "disk.img").read_bytes() == bytes(data), f"{other.name} holds other bytes"
+        now_sent, now_unchanged = shipped(site)
+        step, kept = now_sent - sent, now_unchanged - unchanged
+        assert step < 1 << 20, f"{site.name} sent {step} bytes for a 104 KB change of a 16 MiB file"
+        assert kept >= 15 << 20, f"{site.name} named only {kept} bytes as unchanged"
+
+    # both sites change it at once: the later version wins on both, the other is kept whole
+    with open(a.mount / "disk.img", "r+b") as f:
+        f.write(b"a" * 4096)
+    with open(b.mount / "disk.img", "r+b") as f:
+        f.seek(1 << 20)
+        f.write(b"b" * 4096)
+    wait_converged(a, b)
+    shown = (a.mount / "disk.img").read_bytes()
+    assert shown == (b.mount / "disk.img").read_bytes()
+    assert shown[1 << 20:(1 << 20) + 4096] == b"b" * 4096 and shown[:4096] == bytes(data[:4096]), "b's write won"
+    for site in (a, b):
+        (kept,) = [p.read_bytes() for p in (site.mount / ".conflicts").iterdir()]
+        assert kept[:4096] == b"a" * 4096 and kept[4096:] == bytes(data[4096:]), f"{site.name} kept a's version whole"

@@ -2,7 +2,9 @@
 operations through both mounts, rounds with the link up and rounds cut off, kill -9 of a site and
 its restart in between; then a last round cut off, and the heal.
 
-Checked after each heal: both trees identical (`site verify`), and every open conflict listed
+Some files are patched in place past 2 MiB (sparse, with random bytes here and there): their
+versions travel as deltas (design note 50). Checked after each heal: both trees identical
+(`site verify`), and every open conflict listed
 alike on both sites. After a round cut off, also: every file content a site showed that it had
 written in that round (each write is fsync'd: acknowledged) is still in some file of the merged
 tree or kept in /.conflicts. The other site cannot have overwritten it knowingly, so nothing may
@@ -34,6 +36,8 @@ NAMES = ["a", "b", "c"]
 SEED = int(os.environ.get("AWSOMEFS_SITES_SEED", "20261125"))
 ROUNDS = int(os.environ.get("AWSOMEFS_SITES_ROUNDS", "6"))
 OPS_PER_ROUND = 40
+BIG_BYTES = 2 << 20
+"""A patched file grows to this: past what a push carries inline, so its versions go as deltas."""
 TOLERATED = {errno.ENOENT, errno.EEXIST, errno.ENOTEMPTY, errno.EISDIR, errno.ENOTDIR, errno.EINVAL,
              errno.EXDEV, errno.EPERM, errno.EBUSY}
 """What a random operation may be refused with, as a user's would be (a name taken, a file gone)."""
@@ -72,7 +76,7 @@ class Workload:
         files, dirs = self.paths(root)
         rng = self.rng
         kind = rng.choice(["write", "write", "write", "append", "mkdir", "rename", "rename", "unlink", "rmdir",
-                           "chmod", "xattr", "link", "truncate"])
+                           "chmod", "xattr", "link", "truncate", "patch", "patch"])
         where = rng.choice(dirs) / rng.choice(NAMES)
         done: tuple[object, ...] = ()
         try:
@@ -109,6 +113,14 @@ class Workload:
             elif kind == "link" and files:
                 done = (target := rng.choice(files), where)
                 os.link(target, where)
+            elif kind == "patch" and files:  # a large file written in place: it travels as deltas
+                done = (target := rng.choice(files), offset := rng.randrange(BIG_BYTES), token := self.token(site))
+                with open(target, "r+b") as f:
+                    if os.fstat(f.fileno()).st_size < BIG_BYTES:
+                        f.truncate(BIG_BYTES)
+                    f.seek(offset)
+                    f.write(rng.randbytes(rng.choice([1, 4096, 40_000])) + token)
+                    os.fsync(f.fileno())
             elif kind == "truncate" and files:
                 done = (target := rng.choice(files), size := rng.choice([0, 2]))
                 os.truncate(target, size)

@@ -968,3 +968,53 @@ def test_a_batch_refused_half_way_leaves_no_trace(tmp_path: Path) -> None:
     assert f1_at_b() == before, "the content and the mode applied before the failure were taken back"
     assert b.sm.space.mirror.free_blocks == free_before, "and the blocks the content took"
     assert b.applied_from_peer() == cursor
+
+
+def _free(site: Site, block: int) -> bool:
+    return site.read(lambda txn: any(start <= block < start + n for start, n in site.sm.space.free_extents(txn)))
+
+
+def _map(site: Site, ino: int) -> list[Extent]:
+    return site.read(lambda txn: list(all_extents(txn, site.store.db["fmap"], ino)))
+
+
+def test_a_delta_shares_the_blocks_the_receiving_file_holds_and_refuses_ones_it_moved(tmp_path: Path) -> None:
+    """Delta transfer (design note 50), in the state machine: a version of a's file that changed
+    one block arrives at b as that block, staged, and the rest shared from b's own file; b then
+    shows a's bytes, and letting go of b's old version frees only the block it replaced. Shared
+    extents that are not what b's map holds are refused (EAGAIN) with nothing applied."""
+    a, b = linked_pair(tmp_path)
+    f = a.new_ino()
+    a.apply(c.Mknod(ROOT_INO, b"f", f, stat.S_IFREG | 0o644, 0, 0, a.tick()))
+    write(a, f, 0, 8, 1)
+    ship(a, b)
+    bf = b.read(lambda txn: b.sm.ns.lookup(txn, ROOT_INO, b"f"))
+    (old,) = _map(b, bf)
+    write(a, f, 3, 1, 2)  # one block changed on a
+    pending = a.outbox_after(b.applied_from_peer())
+    operations = tuple(a.read(lambda txn, raw=raw: a.sm.sites.shipping(txn, raw))[0] for _, raw in pending)
+    assert [type(o.decode(raw)) for raw in operations] == [o.ContentSet]
+    changed = next(e for e in _map(a, f) if e.file_block == 3)
+    fresh = (Extent(3, b.take_blocks(1), 1, changed.checksums),)
+
+    def apply(shared: tuple[Extent, ...]) -> None:
+        after = b.applied_from_peer()
+        assert after is not None
+        b.apply(c.ApplyRemoteSharing(a.id, after.pack(), operations, fresh, (1,), shared, (len(shared),), b.tick()))
+
+    moved = (old.slice(0, 3), Extent(4, old.dev_block + 5, 4, old.checksums[16:]))  # not where b has them
+    with pytest.raises(FsError) as refused:
+        apply(moved)
+    assert refused.value.errno == errno.EAGAIN
+    assert _map(b, bf) == [old], "a refused batch changed nothing"
+    apply((old.slice(0, 3), old.slice(4, 8)))
+    assert b.read(lambda txn: blocks_of(b, txn, bf)) == a.read(lambda txn: blocks_of(a, txn, f))
+    b.apply(c.ReclaimFrees(b.tick() + 10**9))
+    assert _free(b, old.dev_block + 3), "the replaced block is freed"
+    assert not any(_free(b, old.dev_block + i) for i in (0, 1, 2, 4, 5, 6, 7)), "a shared block was freed"
+    assert not _free(b, fresh[0].dev_block)
+    # the next whole version lets go of the shared blocks too: they are freed then, once
+    write(a, f, 0, 8, 3)
+    ship(a, b)
+    b.apply(c.ReclaimFrees(b.tick() + 10**9))
+    assert all(_free(b, old.dev_block + i) for i in range(8)) and _free(b, fresh[0].dev_block)

@@ -39,6 +39,8 @@ EXAMPLES = [
     c.AbandonTierObjects((1, 2), 31), c.ForgetTierObjects((4,)),
     c.LinkSite(b"p" * 16, 32), c.UnlinkSite(33), c.ApplyRemote(b"p" * 16, b"", (b"{}", b"[]"), (Extent(0, 300, 1, b"abcd"),), (1,), 34),
     c.ForgetSite(b"s" * 28, 35), c.ResolveConflict(b"s" * 29, "loser", 36),
+    c.ApplyRemoteSharing(b"p" * 16, b"", (b"{}",), (Extent(2, 300, 1, b"abcd"),), (1,), (Extent(0, 40, 2, b"abcdefgh"),),
+                         (1,), 37),
     c.Fenced(2, 1, (c.WriteData(17, (Extent(0, 300, 1, b"abcd"),), 4096, 23),)),
 ]
 
