@@ -708,44 +708,66 @@ class SiteTables:
         self._keep_sibling(txn, inode, extents, ours.value, ours.stamp, share=True)
         self._settle(txn, ours.stamp, CONTENT, by=version.stamp)
 
-    def _deletions_of(self, txn: lmdb.Transaction[bytes], ino: int) -> tuple[list[Move], bool] | None:
-        """The moves that took away the names of an inode none of whose names is reachable from
-        the root, and whether the log has forgotten some of them (those are left out); None
-        while a name is reachable (or it never had one). A name inside a deleted directory is no
-        reachable name: its deletion is the directory's (or its ancestor's) move to TRASH."""
+    def _lost_paths(self, txn: lmdb.Transaction[bytes], ino: int) -> tuple[list[list[Move]], bool] | None:
+        """How an inode none of whose names is reachable from the root lost each of them: per
+        entry, the moves on its path up to the move into TRASH (its own placement, its
+        directories', and that move; `_path_to_trash`), those the log still holds, and whether
+        it has forgotten some (they are left out: every operation since saw them). None while a
+        name is reachable (or it never had one). A deleted entry whose move the log forgot but
+        the object kept (`deleted:` rows) counts as a path of that move alone."""
         if self._first_reachable(txn, ino) is not None:
             return None
-        obj = self.object_of(txn, ino)
+        obj = self.object_of(txn, ino) or b"\xff" * 17
         tree = _TableTree(self, txn, _Dirty())
-        deletions: dict[Stamp, Move] = {}
+        kept = {Stamp.unpack(bytes(key[len(DELETED) + len(obj):])): _unpack_move(bytes(raw))[0]
+                for key, raw in _scan(txn, self.meta, DELETED + obj)}
+        paths: list[list[Move]] = []
         forgotten = False
-        for key, _ in _scan(txn, self.db["sobjents"], obj or b"\xff" * 17):
-            trashed, stamp = self._trashed_at(txn, bytes(key[16:]))
-            if not trashed or stamp in deletions:
-                continue
-            entry = None if stamp is None else tree.entry_at(stamp)
-            if entry is None:
-                forgotten = True
-                continue
-            deletions[entry.move.stamp] = entry.move
-        for _key, raw in _scan(txn, self.meta, DELETED + (obj or b"\xff" * 17)):
-            move = _unpack_move(bytes(raw))[0]
-            deletions[move.stamp] = move
-        return [deletions[stamp] for stamp in sorted(deletions)], forgotten
+        for key, _ in _scan(txn, self.db["sobjents"], obj):
+            path = []
+            for stamp in self._path_to_trash(txn, bytes(key[16:])):
+                entry = None if stamp is None else tree.entry_at(stamp)
+                move = entry.move if entry is not None else None if stamp is None else kept.pop(stamp, None)
+                if move is None:
+                    forgotten = True
+                else:
+                    path.append(move)
+            if path:
+                paths.append(path)
+        paths += [[move] for move in kept.values()]
+        return paths, forgotten
 
-    def _trashed_at(self, txn: lmdb.Transaction[bytes], node: bytes) -> tuple[bool, Stamp | None]:
-        """Is `node`, or one of its ancestors, under TRASH, and the stamp of the move that put it
-        there (None when forgotten: an ancestor released by `forget` has no placement left)."""
+    @staticmethod
+    def _taken_unknowingly(content: Version[Any], path: list[Move]) -> bool:
+        """Did the moves of `path` take the file's name away without anyone meaning to discard
+        `content`? Not when the content's writer had seen them all (it wrote a file already
+        gone, through a descriptor), nor when one of them had seen the content and all the
+        others (its author saw the file, with that content, where the path went away);
+        otherwise the edit was not overridden knowingly, whatever the stamps say."""
+        if all(happened_before(move.stamp, content.stamp, content.seen) for move in path):
+            return False
+        return not any(happened_before(content.stamp, last.stamp, last.seen)
+                       and all(move is last or happened_before(move.stamp, last.stamp, last.seen) for move in path)
+                       for last in path)
+
+    def _path_to_trash(self, txn: lmdb.Transaction[bytes], node: bytes) -> list[Stamp | None]:
+        """When `node` or one of its ancestors is under TRASH: the stamps of the placements on the
+        way up, its own first, to the move into TRASH last (None for a placement forgotten: an
+        ancestor released by `forget` has none left). Every one of them took part in taking the
+        path away: a directory moved into one the other site removed loses its files as surely
+        as the removal does. [] when not under TRASH."""
+        stamps: list[Stamp | None] = []
         for _ in range(MAX_DEPTH):
             if node == ROOT:
-                return False, None
+                return []
             placed = self.placement(txn, node)
             if placed is None:
-                return True, None
+                return [*stamps, None]
+            stamps.append(placed.stamp)
             if placed.parent == TRASH:
-                return True, placed.stamp
+                return stamps
             node = placed.parent
-        return False, None
+        return []
 
     def _reachable(self, txn: lmdb.Transaction[bytes], directory: int) -> bool:
         """Is directory inode `directory` reachable from the root: is it, and each directory above
@@ -791,10 +813,9 @@ class SiteTables:
 
     def _edit_against_delete(self, txn: lmdb.Transaction[bytes], obj: bytes) -> int:
         """Edit against delete: the edit wins whatever the stamps. When a file's every name is
-        deleted and any of the moves that took those names away was concurrent with the file's
-        content (its register's winner; neither had seen the other), that content is kept in
-        /.conflicts, as a copy sharing its
-        blocks, and listed; the delete stands. Any one is enough: a user who removed one name of
+        deleted and the moves that took one of those names away did so without meaning to
+        discard the file's content (its register's winner; `_taken_unknowingly`), that content is
+        kept in /.conflicts, as a copy sharing its blocks, and listed; the delete stands. Any one is enough: a user who removed one name of
         a file without knowing of an edit did not mean to discard it, even when the edit's own
         site removed the last name afterwards. A function of the tree and the register, not of
         the order things arrived in, so both sites keep the same copies: when the file has a
@@ -806,15 +827,13 @@ class SiteTables:
         inode = None if ino is None else self.ns.get_inode(txn, ino)
         if inode is None or not inode.is_reg:
             return 0
-        found = self._deletions_of(txn, inode.ino)
-        deletions, forgotten = ([], False) if found is None else found
+        found = self._lost_paths(txn, inode.ino)
+        paths, forgotten = ([], False) if found is None else found
         versions = self._versions(txn, obj + CONTENT)
         wanted = None
-        # Concurrent with the content: neither had seen the other. A delete the editor had seen
-        # is not one it overrode; and it is a delete every later operation saw, so whether the
-        # log still holds it (`forget`) cannot change the answer.
-        unaware = [d for d in deletions if versions and not happened_before(versions[0].stamp, d.stamp, d.seen)
-                   and not happened_before(d.stamp, versions[0].stamp, versions[0].seen)]
+        # The moves the writer had not seen that took a path away: the newest stands for them.
+        unaware = sorted(move.stamp for path in paths if versions and self._taken_unknowingly(versions[0], path)
+                         for move in path if not happened_before(move.stamp, versions[0].stamp, versions[0].seen))
         if unaware:
             wanted = versions[0]
         index = EDIT_DELETE + obj  # the open record of this object, if any (no scan per command)
@@ -828,7 +847,7 @@ class SiteTables:
             self._close_edit_delete(txn, obj)
         if wanted is None:
             return 0
-        self._conflict(txn, "edit-delete", wanted.stamp, unaware[-1].stamp, obj, {})
+        self._conflict(txn, "edit-delete", wanted.stamp, unaware[-1], obj, {})
         txn.put(index, wanted.stamp.pack() + b"e", db=self.meta)
         extents = list(filemap.all_extents(txn, self._sm.db["fmap"], inode.ino))
         self._keep_sibling(txn, inode, extents, wanted.value, wanted.stamp, share=True, kind=b"e")

@@ -608,6 +608,29 @@ def test_a_file_written_inside_a_directory_the_other_site_removed_is_kept(tmp_pa
     assert kept[3] == ((0, written[:4]), (1, written[4:])), "what was written inside it is kept"
 
 
+def test_a_file_made_in_a_directory_the_other_site_moved_into_a_removed_one_is_kept(tmp_path: Path) -> None:
+    """a removes the empty directory /x; b, not knowing, moves /y into it; a, having removed /x
+    and not knowing of the move, makes /y/f. The move took f's path (into a removed directory)
+    without having seen f: f is kept on both sites. The removal alone was seen by f's writer, so
+    judging the removal only lost f without a trace (the random two-site test, seed 4)."""
+    a, b = linked_pair(tmp_path)
+    x, y = a.new_ino(), a.new_ino()
+    a.apply(c.Mknod(ROOT_INO, b"x", x, stat.S_IFDIR | 0o755, 0, 0, a.tick()))
+    a.apply(c.Mknod(ROOT_INO, b"y", y, stat.S_IFDIR | 0o755, 0, 0, a.tick()))
+    ship(a, b)
+    a.apply(c.Unlink(ROOT_INO, b"x", True, a.tick()))
+    bx = b.read(lambda txn: b.sm.ns.lookup(txn, ROOT_INO, b"x"))
+    b.apply(c.Rename(ROOT_INO, b"y", bx, b"y", 0, b.tick()))
+    f = a.new_ino()
+    a.apply(c.Mknod(y, b"f", f, stat.S_IFREG | 0o644, 0, 0, a.tick()))
+    written = write(a, f, 0, 1, 4)
+    ship(a, b)
+    ship(b, a)
+    assert a.snapshot() == b.snapshot() == {}, "the removal stands, and takes /y with it"
+    assert kept_copies(a) == kept_copies(b)
+    assert [blocks for _size, _mode, _uid, blocks in kept_copies(a).values()] == [((0, written),)], "f is kept"
+
+
 def test_one_copy_kept_for_an_edit_and_for_a_content_that_lost_stays_while_either_record_holds_it(
         tmp_path: Path) -> None:
     """a edits f; b, not knowing, removes f and then writes it through a descriptor still open,
