@@ -548,13 +548,13 @@ class SiteService:
         """Stage a large content version's bytes at the peer, chunk by chunk, from the committed
         blocks: only those changed since the version of the file the peer was last sent and
         acknowledged, if it still shows that one (design note 50). Returns what the peer will
-        have of the file (None: more pieces than are worth remembering) and the push's
-        `unchanged` entry (None: everything was sent)."""
+        have of the file (None: a copy kept in /.conflicts, which the peer keeps apart too, or
+        more pieces than are worth remembering) and the push's `unchanged` entry (None:
+        everything was sent)."""
         nblocks = (op.size + BLOCK_SIZE - 1) // BLOCK_SIZE
-        base = self._shipped.get(op.object)
         found = self.meta.site_content_base(op.object)
-        if found is None or found[0] != ino:
-            base = None  # a version kept in /.conflicts ships from its copy: the peer keeps it apart
+        from_copy = found is None or found[0] != ino  # a version kept in /.conflicts: the peer keeps it apart
+        base = None if from_copy else self._shipped.get(op.object)
         with self.data.reader.holding_map():
             now = self.meta.extents(ino, 0, nblocks)
         kept = [] if base is None else delta.unchanged_ranges(base.extents, now, min(base.size, op.size) // BLOCK_SIZE)
@@ -572,7 +572,7 @@ class SiteService:
                 await call("Stage", wire.frame(header, chunk))
                 self.state.pushed_bytes += len(chunk)
                 first = False
-        version = None if len(pieces) > MAX_REMEMBERED_PIECES else \
+        version = None if from_copy or len(pieces) > MAX_REMEMBERED_PIECES else \
             delta.ShippedVersion(op.stamp, op.size, tuple(sorted(pieces, key=lambda piece: piece.file_block)))
         if not kept or base is None:
             return version, None
