@@ -72,6 +72,10 @@ CHUNK_BYTES = 4 << 20
 """Bytes of one file per Stage call: a larger content version travels in several."""
 INLINE_BYTES = 1 << 20
 """Content versions up to this size travel inside the push (one round trip for many files)."""
+DELTA = "delta"
+FEATURES = (DELTA,)
+"""What this build's link listener takes beyond the first version's protocol, told in `Cursor`:
+a sender uses a feature only when its peer names it, so sites upgrade one at a time."""
 MAX_REMEMBERED_FILES = 4096
 MAX_REMEMBERED_PIECES = 1 << 16
 """Bounds on what the shipper remembers of the large versions it sent (bases of deltas): files,
@@ -144,6 +148,8 @@ class SiteService:
         self.state = LinkState()
         self._nonces: dict[bytes, float] = {}
         self._staged: dict[Stamp, _Staged] = {}
+        self._peer_takes_deltas = False
+        """Did the peer's `Cursor` say it takes deltas (a build before them reads only whole versions)?"""
         self._shipped: dict[bytes, delta.ShippedVersion] = {}
         """Per object, the large content version the peer acknowledged last (the base of a delta),
         oldest first; forgotten at a restart or a restage (then versions go whole)."""
@@ -460,6 +466,8 @@ class SiteService:
         call = _caller(channel)
         header, _ = wire.unframe(await call("Cursor", wire.frame({})))
         cursor = wire.stamp_field(header, "applied")
+        features = header.get("features")
+        self._peer_takes_deltas = isinstance(features, list) and DELTA in features
         horizon = Horizon()
         last_push = last_forget = 0.0
         restaged = 0
@@ -554,7 +562,7 @@ class SiteService:
         nblocks = (op.size + BLOCK_SIZE - 1) // BLOCK_SIZE
         found = self.meta.site_content_base(op.object)
         from_copy = found is None or found[0] != ino  # a version kept in /.conflicts: the peer keeps it apart
-        base = None if from_copy else self._shipped.get(op.object)
+        base = None if from_copy or not self._peer_takes_deltas else self._shipped.get(op.object)
         with self.data.reader.holding_map():
             now = self.meta.extents(ino, 0, nblocks)
         kept = [] if base is None else delta.unchanged_ranges(base.extents, now, min(base.size, op.size) // BLOCK_SIZE)
@@ -785,7 +793,7 @@ class _Link:
         self.service = service
 
     async def Cursor(self, request: bytes, context: grpc.ServicerContext) -> bytes:
-        return wire.frame({"applied": wire.stamp_text(self.service.cursor())})
+        return wire.frame({"applied": wire.stamp_text(self.service.cursor()), "features": list(FEATURES)})
 
     async def Stage(self, request: bytes, context: grpc.ServicerContext) -> bytes:
         try:
