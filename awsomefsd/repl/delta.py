@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 from awsomefsd.io.checksum import block_checksums as checksums_of
@@ -52,22 +52,83 @@ def clipped(extents: Iterable[Extent], first: int, end: int) -> list[Extent]:
     return out
 
 
-def block_checksums(extents: Iterable[Extent], first: int, end: int) -> bytes:
-    """One little-endian CRC32C per block of [first, end) as the map gives it; a hole or an
-    unwritten block has the checksum of a zero block."""
-    out = bytearray()
+def range_digest(extents: Iterable[Extent], first: int, end: int) -> str:
+    """What both sites compare for a range named unchanged: a hash of its per-block checksums,
+    where a hole or an unwritten block has the checksum of a zero block.
+
+    Hashed as runs, never as one buffer: a run of zero blocks is its length, a run of other
+    blocks the hash of their checksums; so a terabyte of sparse image digests in the time of its
+    written blocks, and a peer naming a huge range costs no memory. The runs are maximal, which
+    makes the digest a function of the per-block sequence only, however each site's map cuts it."""
+    digest = _RunDigest()
     block = first
     for ext in clipped(extents, first, end):
-        out += ZERO_BLOCK_CHECKSUM * (ext.file_block - block)
-        out += ZERO_BLOCK_CHECKSUM * ext.count if ext.unwritten else ext.checksums
+        digest.zeros(ext.file_block - block)
+        if ext.unwritten:
+            digest.zeros(ext.count)
+        else:
+            digest.checksums(ext.checksums)
         block = ext.end_block
-    out += ZERO_BLOCK_CHECKSUM * (end - block)
-    return bytes(out)
+    digest.zeros(end - block)
+    return digest.hexdigest()
 
 
-def range_digest(extents: Iterable[Extent], first: int, end: int) -> str:
-    """What both sites compare for a range named unchanged: a hash of its per-block checksums."""
-    return hashlib.blake2b(block_checksums(extents, first, end), digest_size=16).hexdigest()
+class _RunDigest:
+    """BLAKE2b over a block sequence's maximal runs: b"Z" and the count for zero blocks, b"D", the
+    count and a BLAKE2b of the checksums for the others."""
+
+    def __init__(self) -> None:
+        self._outer = hashlib.blake2b(digest_size=16)
+        self._zero_run = 0
+        self._data_run = 0
+        self._data = hashlib.blake2b(digest_size=16)
+
+    def zeros(self, count: int) -> None:
+        if count:
+            self._end_data()
+            self._zero_run += count
+
+    def checksums(self, sums: bytes) -> None:
+        """Per-block checksums of written blocks; those of zero blocks count as zeros."""
+        at = 0
+        for zero in _zero_blocks(sums):
+            self._data_blocks(sums[at:zero])
+            self.zeros(1)
+            at = zero + 4
+        self._data_blocks(sums[at:])
+
+    def hexdigest(self) -> str:
+        self._end_data()
+        self._end_zeros()
+        return self._outer.hexdigest()
+
+    def _data_blocks(self, sums: bytes) -> None:
+        if sums:
+            self._end_zeros()
+            self._data.update(sums)
+            self._data_run += len(sums) // 4
+
+    def _end_zeros(self) -> None:
+        if self._zero_run:
+            self._outer.update(b"Z" + self._zero_run.to_bytes(8, "little"))
+            self._zero_run = 0
+
+    def _end_data(self) -> None:
+        if self._data_run:
+            self._outer.update(b"D" + self._data_run.to_bytes(8, "little") + self._data.digest())
+            self._data_run = 0
+            self._data = hashlib.blake2b(digest_size=16)
+
+
+def _zero_blocks(sums: bytes) -> Iterator[int]:
+    """The offsets in `sums` (4 bytes a block) of the blocks with a zero block's checksum."""
+    at = sums.find(ZERO_BLOCK_CHECKSUM)
+    while at != -1:
+        if at % 4 == 0:
+            yield at
+            at = sums.find(ZERO_BLOCK_CHECKSUM, at + 4)
+        else:
+            at = sums.find(ZERO_BLOCK_CHECKSUM, at + 1)
 
 
 def unchanged_ranges(old: Iterable[Extent], new: Iterable[Extent], end: int) -> list[tuple[int, int]]:

@@ -311,6 +311,11 @@ class SiteService:
     def cursor(self) -> Stamp | None:
         return self.meta.site_applied_from_peer()
 
+    def features(self) -> list[str]:
+        """What this site takes beyond the first protocol now: a delta's block sharing only once
+        every member of the cluster decodes its command (a rolling upgrade)."""
+        return [f for f in FEATURES if f != DELTA or self.meta.may_propose(c.ApplyRemoteSharing)]
+
     async def stage(self, header: dict[str, Any], data: memoryview) -> None:
         stamp = wire.stamp_field(header, "stamp")
         offset = wire.int_field(header, "offset", limit=1 << 62)
@@ -322,10 +327,15 @@ class SiteService:
         if held + len(data) > MAX_STAGED_BYTES:
             raise RpcAbort(grpc.StatusCode.RESOURCE_EXHAUSTED, "too many bytes staged and not pushed")
         staged = self._staged.get(stamp)
-        if (offset == 0 or header.get("first") is True) and staged is not None:
+        starts = offset == 0 or header.get("first") is True  # a sender before deltas starts at 0
+        if starts and staged is not None:
             self.data.stager.release(staged.extents, None)  # a resend from the start: what was staged goes
             staged = None
         if staged is None:
+            if not starts:  # its start was staged here and is gone (a restart, expiry): the rest is not the version
+                raise RpcAbort(grpc.StatusCode.FAILED_PRECONDITION,
+                               f"chunk at {offset} of version {stamp} continues a staging this site no longer "
+                               "holds (restarted, or idle too long): send the version again from its start")
             staged = self._staged[stamp] = _Staged()
         if offset < staged.end:  # a delta sends only the changed ranges, but in file order
             raise wire.WireError(f"chunk at {offset} of version {stamp}, after one that ended at {staged.end}")
@@ -355,12 +365,8 @@ class SiteService:
             await self.stage(described, data[at:at + length])
             at += length
         unchanged = _unchanged_ranges(header)
-        restage = {"restage": True, "applied": wire.stamp_text(self.cursor())}
-        extents: list[Extent] = []
-        counts: list[int] = []
-        used: list[Stamp] = []
-        shared: list[Extent] = []
-        shared_counts: list[int] = []
+        if unchanged and not self.meta.may_propose(c.ApplyRemoteSharing):
+            return self._restage("a delta arrived while this cluster cannot share blocks yet (an upgrade under way)")
         contents: list[o.ContentSet] = []
         for raw in raws:
             try:
@@ -368,23 +374,34 @@ class SiteService:
             except o.BadOperation as exc:
                 raise wire.WireError(str(exc)) from None
             if isinstance(op, o.ContentSet):
-                staged = self._staged.get(op.stamp)
-                if staged is None:
-                    return restage
                 contents.append(op)
-                extents += staged.extents
-                counts.append(len(staged.extents))
-                used.append(op.stamp)
-                reused = self._shareable(op, *unchanged[op.stamp]) if op.stamp in unchanged else []
-                if reused is None:
-                    log.info("the other site sent version %s as changes to a version this site no longer "
-                             "shows: asking for all of it", op.stamp)
-                    return restage
-                shared += reused
-                shared_counts.append(len(reused))
         async with self._apply_lock:
             if after != self.cursor():
-                return {"applied": wire.stamp_text(self.cursor()), "head": wire.stamp_text(self.meta.site_head())}
+                # `stale` tells the sender this push was not applied (an earlier send of it may
+                # have been): what it just read and sent is not what this site holds.
+                return {"applied": wire.stamp_text(self.cursor()), "head": wire.stamp_text(self.meta.site_head()),
+                        "stale": True}
+            # The stagings are this push's from here on: a resend's first chunk, arriving while
+            # the proposal below is under way, starts afresh instead of releasing its blocks.
+            taken: dict[Stamp, _Staged] = {}
+            for op in contents:
+                staged = self._staged.pop(op.stamp, None)
+                if staged is None:
+                    self._release_taken(taken, None)
+                    return self._restage(None)
+                taken[op.stamp] = staged
+            extents = [ext for staged in taken.values() for ext in staged.extents]
+            counts = [len(staged.extents) for staged in taken.values()]
+            shared: list[Extent] = []
+            shared_counts: list[int] = []
+            for op in contents:
+                reused = self._shareable(op, *unchanged[op.stamp]) if op.stamp in unchanged else []
+                if reused is None:
+                    self._release_taken(taken, None)
+                    return self._restage(f"the other site sent version {op.stamp} as changes to a version this "
+                                         "site no longer shows")
+                shared += reused
+                shared_counts.append(len(reused))
             if raws:
                 peer, start = bytes.fromhex(link["peer"]), b"" if after is None else after.pack()
                 command: c.ApplyRemote | c.ApplyRemoteSharing = \
@@ -394,17 +411,17 @@ class SiteService:
                 try:
                     applied = await self.meta.propose(command)
                 except FsError as exc:
-                    for stamp in used:
-                        self.data.stager.release(self._staged.pop(stamp).extents, exc)
+                    self._release_taken(taken, exc)
                     if exc.errno == errno.ESTALE:
-                        return {"applied": wire.stamp_text(self.cursor()), "head": wire.stamp_text(self.meta.site_head())}
+                        return {"applied": wire.stamp_text(self.cursor()), "head": wire.stamp_text(self.meta.site_head()),
+                                "stale": True}
                     if exc.errno == errno.EAGAIN:  # a write here moved blocks offered for sharing
-                        log.info("%s: asking the other site for the whole versions", exc)
-                        return restage
+                        return self._restage(str(exc))
                     log.error("refused a batch from the other site: %s", exc, exc_info=exc)
                     raise RpcAbort(grpc.StatusCode.INVALID_ARGUMENT, f"refused: {exc}") from None
-                for stamp in used:
-                    del self._staged[stamp]
+                except BaseException as exc:  # cancelled, say: the proposal may still commit
+                    self._release_taken(taken, exc)
+                    raise
                 for op in contents:
                     self._remember_received(op)
                 # Acknowledged means durable: the sender forgets what we acknowledge.
@@ -420,6 +437,19 @@ class SiteService:
             return {"applied": wire.stamp_text(self.cursor()), "head": wire.stamp_text(self.meta.site_head()),
                     "pending": pending, "lag_ms": int(lag_s * 1000)}
 
+    def _restage(self, why: str | None) -> dict[str, Any]:
+        """The answer that has the sender stage the push's versions again, whole."""
+        if why is not None:
+            log.info("%s: asking the other site for the whole versions", why)
+        return {"restage": True, "applied": wire.stamp_text(self.cursor())}
+
+    def _release_taken(self, taken: dict[Stamp, _Staged], failure: BaseException | None) -> None:
+        """Give back the blocks of stagings a push took (`failure`: the proposal that may still
+        have mapped them, which withholds them instead)."""
+        for staged in taken.values():
+            self.data.stager.release(staged.extents, failure)
+        taken.clear()
+
     def _shareable(self, op: o.ContentSet, base: Stamp, ranges: list[tuple[int, int, str]]) -> list[Extent] | None:
         """This site's blocks in the ranges a delta of `op` from version `base` leaves unchanged,
         or None when they cannot stand for them: the file no longer shows `base` (a write here,
@@ -428,9 +458,13 @@ class SiteService:
         if found is None or found[1] != base:
             return None
         ino, _ = found
+        inode = self.meta.inode(ino)
+        if inode is None:
+            return None
+        blocks = (min(op.size, inode.size) + BLOCK_SIZE - 1) // BLOCK_SIZE  # both versions hold them
         out: list[Extent] = []
         for first, end, digest in ranges:
-            if end > (op.size + BLOCK_SIZE - 1) // BLOCK_SIZE:
+            if end > blocks:
                 return None
             pieces = delta.clipped(self.meta.extents(ino, first, end), first, end)
             if delta.range_digest(pieces, first, end) != digest:
@@ -531,7 +565,9 @@ class SiteService:
             cursor = applied
             self.state.peer_applied = applied
             for obj, (stamp, version) in shipped.items():
-                if applied is not None and stamp <= applied:
+                if reply.get("stale"):  # not applied: the peer holds what an earlier send brought, unknown here
+                    self._remember_shipped(obj, None)
+                elif applied is not None and stamp <= applied:
                     self._remember_shipped(obj, version)
             if "pending" in reply:
                 self.state.peer_pending = wire.int_field(reply, "pending")
@@ -793,7 +829,7 @@ class _Link:
         self.service = service
 
     async def Cursor(self, request: bytes, context: grpc.ServicerContext) -> bytes:
-        return wire.frame({"applied": wire.stamp_text(self.service.cursor()), "features": list(FEATURES)})
+        return wire.frame({"applied": wire.stamp_text(self.service.cursor()), "features": self.service.features()})
 
     async def Stage(self, request: bytes, context: grpc.ServicerContext) -> bytes:
         try:

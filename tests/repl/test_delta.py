@@ -5,6 +5,7 @@ both hold the same device block with the same checksum."""
 from __future__ import annotations
 
 import itertools
+import tracemalloc
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -76,3 +77,81 @@ def test_one_block_rewritten_in_the_middle_leaves_two_ranges() -> None:
     assert delta.unchanged_ranges(old, new, 16) == [(0, 5), (6, 16)]
     assert delta.complement([(0, 5), (6, 16)], 20) == [(5, 6), (16, 20)]
     assert delta.unchanged_ranges(old, [Extent(0, 100, 16, old[0].checksums[:-4] + crc(1))], 16) == [(0, 15)]
+
+
+ZERO = block_checksums(bytes(BLOCK_SIZE))
+
+
+def as_read(extents: list[Extent], lo: int, hi: int) -> list[bytes]:
+    """The model of what a digest covers: each block's checksum, a zero block's for a hole."""
+    blocks = [ZERO] * hi
+    for ext in extents:
+        for i in range(ext.count):
+            if ext.file_block + i < hi and not ext.unwritten:
+                blocks[ext.file_block + i] = ext.checksums[4 * i:4 * i + 4]
+    return blocks[lo:hi]
+
+
+@st.composite
+def reads(draw: st.DrawFn) -> list[Extent]:
+    """A file map whose written blocks hold a few checksums, a zero block's among them."""
+    out, block = [], 0
+    while block < END:
+        block += draw(st.integers(0, 3))
+        count = draw(st.integers(1, 6))
+        unwritten = draw(st.integers(0, 5)) == 0
+        sums = b"" if unwritten else b"".join(draw(st.sampled_from([ZERO, crc(1), crc(2)])) for _ in range(count))
+        out.append(Extent(block, 1000 + block, count, sums))
+        block += count
+    return out
+
+
+@st.composite
+def recut(draw: st.DrawFn, extents: list[Extent]) -> list[Extent]:
+    """The same blocks as `extents` read, mapped otherwise: extents split, zero blocks left out
+    (as the stager does) or reserved."""
+    out = []
+    for ext in extents:
+        for i in range(ext.count):
+            one = ext.slice(ext.file_block + i, ext.file_block + i + 1)
+            if one.unwritten or one.checksums == ZERO:
+                choice = draw(st.integers(0, 2))
+                if choice == 0:
+                    continue  # a hole
+                one = Extent(one.file_block, one.dev_block, 1, b"" if choice == 1 else ZERO)
+            if out and out[-1].end_block == one.file_block and bool(out[-1].unwritten) == bool(one.unwritten) \
+                    and draw(st.booleans()):
+                last = out.pop()
+                one = Extent(last.file_block, last.dev_block, last.count + 1, last.checksums + one.checksums)
+            out.append(one)
+    return out
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.data(), reads(), st.integers(0, END), st.integers(0, END))
+def test_the_digest_depends_on_what_the_blocks_read_not_on_how_the_map_cuts_them(
+        data: st.DataObject, extents: list[Extent], lo: int, hi: int) -> None:
+    lo, hi = min(lo, hi), max(lo, hi)
+    other = data.draw(recut(extents))
+    assert as_read(other, lo, hi) == as_read(extents, lo, hi)
+    assert delta.range_digest(other, lo, hi) == delta.range_digest(extents, lo, hi)
+
+
+@settings(max_examples=500, deadline=None)
+@given(reads(), reads(), st.integers(0, END), st.integers(0, END))
+def test_two_ranges_that_read_differently_digest_differently(a: list[Extent], b: list[Extent], lo: int, hi: int) -> None:
+    lo, hi = min(lo, hi), max(lo, hi)
+    assert (delta.range_digest(a, lo, hi) == delta.range_digest(b, lo, hi)) == (as_read(a, lo, hi) == as_read(b, lo, hi))
+
+
+def test_a_terabyte_of_holes_digests_without_a_buffer_of_its_size() -> None:
+    """A sparse disk image; and what a peer may name as a range (the receiver digests it)."""
+    blocks = (1 << 40) // BLOCK_SIZE
+    tail = Extent(blocks - 1, 5, 1, crc(7))
+    tracemalloc.start()
+    try:
+        assert delta.range_digest([tail], 0, blocks) != delta.range_digest([], 0, blocks)
+        assert tracemalloc.get_traced_memory()[1] < 1 << 20
+    finally:
+        tracemalloc.stop()
+    assert delta.range_digest([Extent(blocks - 1, 9, 1, crc(7))], 0, blocks) == delta.range_digest([tail], 0, blocks)

@@ -1041,3 +1041,40 @@ def test_a_delta_shares_the_blocks_the_receiving_file_holds_and_refuses_ones_it_
     ship(a, b)
     b.apply(c.ReclaimFrees(b.tick() + 10**9))
     assert all(_free(b, old.dev_block + i) for i in range(8)) and _free(b, fresh[0].dev_block)
+
+
+@pytest.mark.parametrize("rename_wins", [True, False])
+def test_a_rename_that_wins_over_a_knowing_delete_keeps_the_file_its_directory_removal_takes(
+        tmp_path: Path, rename_wins: bool) -> None:
+    """b writes /d/f and removes /d with it, knowingly; a, not knowing, renames /d/f to /d/g. A
+    later rename wins over b's unlink, and b's removal of /d then takes the path of a file it
+    had not seen renamed: its content is kept. An earlier rename loses to the unlink: a listed
+    move conflict, and the delete b made knowingly keeps nothing."""
+    a, b = linked_pair(tmp_path)
+    d, f = a.new_ino(), a.new_ino()
+    a.apply(c.Mknod(ROOT_INO, b"d", d, stat.S_IFDIR | 0o755, 0, 0, a.tick()))
+    a.apply(c.Mknod(d, b"f", f, stat.S_IFREG | 0o644, 0, 0, a.tick()))
+    write(a, f, 0, 1, 1)
+    ship(a, b)
+    bd = b.read(lambda txn: b.sm.ns.lookup(txn, ROOT_INO, b"d"))
+    bf = b.read(lambda txn: b.sm.ns.lookup(txn, bd, b"f"))
+    if rename_wins:
+        a.now = b.now + 10_000_000
+    else:
+        b.now = a.now + 10_000_000
+    written = write(b, bf, 0, 1, 2)
+    b.apply(c.Unlink(bd, b"f", False, b.tick()))
+    b.apply(c.Unlink(ROOT_INO, b"d", True, b.tick()))
+    a.apply(c.Rename(d, b"f", d, b"g", 0, a.tick()))
+    ship(a, b)
+    ship(b, a)
+    ship(a, b)
+    assert a.snapshot() == b.snapshot() == {}
+    assert kept_copies(a) == kept_copies(b)
+    kinds = sorted(record["kind"] for record in a.conflicts())
+    if rename_wins:
+        assert [blocks for _size, _mode, _uid, blocks in kept_copies(a).values()] == [((0, written),)]
+        assert kinds == ["edit-delete", "move"]
+    else:
+        assert kept_copies(a) == {}
+        assert kinds == ["move"]

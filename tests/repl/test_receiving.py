@@ -1,0 +1,164 @@
+"""The receiving side of a site link (repl/service.py, `SiteService.stage` and `push`) against a
+real single-node core on an image: what a peer's chunks and pushes may do to this site's blocks.
+The peer is this test, speaking the link's messages directly (no listener, no TLS: those are the
+daemon tests')."""
+
+from __future__ import annotations
+
+import os
+import stat
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+import trio
+
+from awsomefsd.io.checksum import crc32c
+from awsomefsd.io.layout import BLOCK_SIZE
+from awsomefsd.meta import commands as c
+from awsomefsd.meta.records import ROOT_INO
+from awsomefsd.node import Core, open_core
+from awsomefsd.repl import ops as o
+from awsomefsd.repl import wire
+from awsomefsd.repl.hlc import Stamp
+from awsomefsd.repl.service import SiteService
+from awsomefsd.repl.tree import ROOT
+from awsomefsd.rpc.bridge import RpcAbort
+from tests.unit.test_fs_api import settings_for
+
+PEER = uuid.uuid4().bytes
+MIB = 1 << 20
+
+
+class Peer:
+    """The other site: stamps its operations and stages and pushes them as its sender would."""
+
+    def __init__(self) -> None:
+        self.wall = 1_700_000_000_000_000_000
+        self.cursor: Stamp | None = None
+
+    def stamp(self) -> Stamp:
+        self.wall += 1000
+        return Stamp(self.wall, 0, PEER)
+
+    def new_file(self, name: bytes, size: int) -> tuple[list[o.Operation], o.ContentSet]:
+        obj, node = o.global_id(PEER, 7), o.global_id(PEER, 1 << 63 | 7)
+        created = o.Created(self.stamp(), obj, stat.S_IFREG | 0o644, 0, 0)
+        moved = o.Moved(self.stamp(), node, ROOT, name, obj)
+        content = o.ContentSet(self.stamp(), obj, size, self.wall)
+        return [created, moved, content], content
+
+
+def chunk(stamp: Stamp, offset: int, data: bytes, *, first: bool) -> tuple[dict[str, Any], memoryview]:
+    return {"stamp": wire.stamp_text(stamp), "offset": offset, "crc": crc32c(data), "first": first}, memoryview(data)
+
+
+def push_header(after: Stamp | None, ops: list[o.Operation]) -> dict[str, Any]:
+    return {"after": wire.stamp_text(after), "inline": [], "unchanged": [], "ops": [o.encode(op).hex() for op in ops]}
+
+
+@pytest.fixture
+async def receiver(tmp_path: Path) -> AsyncIterator[tuple[Core, SiteService]]:
+    core = open_core(settings_for(tmp_path))
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(core.data.run)
+            await core.meta.propose(c.LinkSite(PEER, 1, b"", ("192.0.2.1:1",)))
+            yield core, service_of(core, tmp_path)
+            nursery.cancel_scope.cancel()
+    finally:
+        core.close()
+
+
+def service_of(core: Core, tmp_path: Path) -> SiteService:
+    return SiteService(core.meta, core.data, core.ops, site=core.superblock.cluster_id, state_dir=tmp_path / "state",
+                       listen="127.0.0.1:1", advertise=[], batch_operations=64, batch_bytes=64 << 20, mount=None)
+
+
+async def test_a_chunk_continuing_a_staging_this_site_lost_is_refused(
+        receiver: tuple[Core, SiteService], tmp_path: Path) -> None:
+    """A restart drops what was staged; the sender, mid-version, goes on with its next chunk. That
+    chunk alone must not start the version: the file would read zeros where the lost ones were."""
+    core, service = receiver
+    peer = Peer()
+    ops, content = peer.new_file(b"big", 8 * MIB)
+    body = os.urandom(8 * MIB)
+    await service.stage(*chunk(content.stamp, 0, body[:4 * MIB], first=True))
+    restarted = service_of(core, tmp_path)
+    with pytest.raises(RpcAbort) as refused:
+        await restarted.stage(*chunk(content.stamp, 4 * MIB, body[4 * MIB:], first=False))
+    assert refused.value.code == grpc.StatusCode.FAILED_PRECONDITION
+    reply = await restarted.push(push_header(None, ops), memoryview(b""))
+    assert reply.get("restage") and reply["applied"] == "", "nothing of the version is applied"
+    for at in (0, 4 * MIB):  # the sender starts the version again: it arrives whole
+        await restarted.stage(*chunk(content.stamp, at, body[at:at + 4 * MIB], first=at == 0))
+    reply = await restarted.push(push_header(None, ops), memoryview(b""))
+    assert Stamp.unpack(bytes.fromhex(reply["applied"])) == content.stamp
+    ino = core.meta.lookup(ROOT_INO, b"big")
+    assert ino is not None
+    inode = core.meta.inode(ino)
+    assert inode is not None
+    assert bytes(await core.data.reader.read(inode, 0, 8 * MIB)) == body
+
+
+async def test_a_resend_while_a_push_is_being_applied_leaves_that_push_its_blocks(
+        receiver: tuple[Core, SiteService], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The sender timed out on a push the receiver was still applying and sends the version again:
+    its first chunk must not give back the blocks the proposal under way maps (handed out again,
+    they would be overwritten under the committed checksums)."""
+    core, service = receiver
+    peer = Peer()
+    ops, content = peer.new_file(b"big", 2 * MIB)
+    body = os.urandom(2 * MIB)
+    await service.stage(*chunk(content.stamp, 0, body, first=True))
+    proposing, go_on = trio.Event(), trio.Event()
+    propose = core.meta.propose
+
+    async def slow_propose(command: object) -> Any:
+        if isinstance(command, c.ApplyRemote):
+            proposing.set()
+            await go_on.wait()
+        return await propose(command)
+
+    monkeypatch.setattr(core.meta, "propose", slow_propose)
+    released: list[tuple[int, int]] = []
+    release = core.data.stager.space.release
+    monkeypatch.setattr(core.data.stager.space, "release", lambda ranges: (released.extend(ranges), release(ranges)))
+    async with trio.open_nursery() as nursery:
+        replies: list[dict[str, Any]] = []
+
+        async def first_push() -> None:
+            replies.append(await service.push(push_header(None, ops), memoryview(b"")))
+
+        nursery.start_soon(first_push)
+        await proposing.wait()
+        await service.stage(*chunk(content.stamp, 0, body, first=True))  # the resend
+        go_on.set()
+    assert Stamp.unpack(bytes.fromhex(replies[0]["applied"])) == content.stamp
+    ino = core.meta.lookup(ROOT_INO, b"big")
+    assert ino is not None
+    mapped = {(e.dev_block, e.count) for e in core.meta.extents(ino, 0, 2 * MIB // BLOCK_SIZE)}
+    assert not mapped & set(released), "blocks the committed file maps were given back for reuse"
+    reply = await service.push(push_header(None, ops), memoryview(b""))
+    assert reply.get("stale"), "the resend's push finds the version applied already"
+
+
+async def test_deltas_wait_until_every_member_decodes_their_command(
+        receiver: tuple[Core, SiteService], monkeypatch: pytest.MonkeyPatch) -> None:
+    """During a rolling upgrade a member on the build before could not apply a push that shares
+    blocks: the site does not offer deltas, and a delta that comes anyway is asked for whole."""
+    core, service = receiver
+    assert "delta" in service.features()
+    may_propose = core.meta.may_propose
+    monkeypatch.setattr(core.meta, "may_propose", lambda kind: kind is not c.ApplyRemoteSharing and may_propose(kind))
+    assert "delta" not in service.features()
+    peer = Peer()
+    ops, content = peer.new_file(b"big", 2 * MIB)
+    await service.stage(*chunk(content.stamp, 0, os.urandom(2 * MIB), first=True))
+    header = push_header(None, ops)
+    header["unchanged"] = [[wire.stamp_text(content.stamp), wire.stamp_text(peer.stamp()), [[0, 1, "00" * 16]]]]
+    reply = await service.push(header, memoryview(b""))
+    assert reply.get("restage") and reply["applied"] == ""
