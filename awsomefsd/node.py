@@ -412,6 +412,7 @@ async def _start_site(nursery: trio.Nursery, core: Core, settings: Settings, *, 
                            advertise=settings.site.advertise, batch_operations=settings.site.batch_operations,
                            batch_bytes=settings.site.batch_bytes, mount=settings.mount.path,
                            applied=lambda command, result: invalidator.submit(targets(command, result)))
+        core.data.compactor.moved = site.blocks_moved
         await nursery.start(site.run)
     except (ValueError, OSError) as exc:
         raise NodeError(f"the site link listener on {settings.site.listen}: {exc}") from None

@@ -67,6 +67,10 @@ class Compactor:
         compaction rewrites committed blocks, so it may run only while this node holds the file's
         write lease, and keeps it meanwhile (yields False: skip). Another node appending meanwhile
         would otherwise have its acknowledged records replaced by the older copy read here."""
+        self.moved: Callable[[int, list[Extent], list[Extent]], None] = lambda ino, old, new: None
+        """Hears each committed rewrite: (inode, the extents read, the extents now mapped there),
+        the same bytes in the same file blocks. Cross-site replication keeps what the other site
+        holds by device block (repl/delta.py, `moved`): a copy must not look like a change."""
         self._send, self._receive = trio.open_memory_channel[tuple[int, object]](QUEUE_FILES)
 
     def note_runs(self, ino: int, runs: list[tuple[int, bytearray]]) -> None:
@@ -177,6 +181,10 @@ class Compactor:
                 a, b = max(ext.file_block, lo), min(ext.end_block, hi)
                 data += await self.reader.read_extent(ext, a, b, a * BLOCK_SIZE, b * BLOCK_SIZE)
         await self.writer.write_runs(st, [(start * BLOCK_SIZE, data)], size=current.size, keep_mtime=True)
+        end = start + len(data) // BLOCK_SIZE
+        read = [e.slice(max(e.file_block, start), min(e.end_block, end)) for e in pieces]
+        # the file's lock is held: the map of [start, end) is what write_runs committed
+        self.moved(st.ino, read, self.meta.extents(st.ino, start, end))
         return len(pieces)
 
     def request_recall(self, ino: int) -> None:

@@ -289,6 +289,10 @@ class MetaClient:
         """The file showing `obj` and the content version it shows (SiteTables.content_base)."""
         return self._sm.sites.content_base(self._view(), obj)
 
+    def site_object_of(self, ino: int) -> bytes | None:
+        """The replicated object an inode holds, if the link tracks it."""
+        return self._sm.sites.object_of(self._view(), ino)
+
     def site_applied_from_peer(self) -> Stamp | None:
         return self._sm.sites.applied_from_peer(self._view())
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 from awsomefsd.io.checksum import block_checksums as checksums_of
 from awsomefsd.io.layout import BLOCK_SIZE
-from awsomefsd.meta.records import Extent
+from awsomefsd.meta.records import MAX_EXTENT_BLOCKS, Extent
 from awsomefsd.repl.hlc import Stamp
 
 ZERO_BLOCK_CHECKSUM = checksums_of(bytes(BLOCK_SIZE))
@@ -40,6 +40,49 @@ class ShippedVersion:
     stamp: Stamp
     size: int
     extents: tuple[Extent, ...]
+
+
+def moved(version: ShippedVersion, old: list[Extent], new: list[Extent]) -> ShippedVersion:
+    """`version` after a rewrite of its file that copied the blocks of `old` to those of `new`
+    (compaction, recall: the same file blocks, the same bytes, fresh device blocks). Where the
+    version held exactly what `old` held, it now names the new copy: the file's next version,
+    which maps the copy, is then unchanged there. Without this, a file compacted after a few
+    small writes differs from what the peer holds in every MiB compaction rewrote."""
+    if not old or not new:
+        return version
+    lo = min(e.file_block for e in old + new)
+    hi = max(e.end_block for e in old + new)
+    before, after = _records(old, lo, hi), _records(new, lo, hi)
+    held = _records(list(version.extents), lo, hi)
+    for block, record in held.items():
+        copy = after.get(block)
+        if before.get(block) == record and copy is not None and copy[1] == record[1]:
+            held[block] = copy
+    inside = _extents_of(held)
+    end = max((ext.end_block for ext in version.extents), default=hi)
+    outside = clipped(version.extents, 0, lo) + clipped(version.extents, hi, max(hi, end))
+    return ShippedVersion(version.stamp, version.size,
+                          tuple(sorted(outside + inside, key=lambda ext: ext.file_block)))
+
+
+def _records(extents: list[Extent], lo: int, hi: int) -> dict[int, tuple[int, bytes]]:
+    """File block -> (device block, checksum) for the written blocks of [lo, hi)."""
+    return {ext.file_block + i: (ext.dev_block + i, ext.checksums[4 * i:4 * i + 4])
+            for ext in clipped(extents, lo, hi) if not ext.unwritten for i in range(ext.count)}
+
+
+def _extents_of(records: dict[int, tuple[int, bytes]]) -> list[Extent]:
+    """Per-block records back into extents, contiguous in both the file and the device."""
+    out: list[Extent] = []
+    for block in sorted(records):
+        dev, checksum = records[block]
+        last = out[-1] if out else None
+        if last is not None and last.end_block == block and last.dev_block + last.count == dev \
+                and last.count < MAX_EXTENT_BLOCKS:
+            out[-1] = Extent(last.file_block, last.dev_block, last.count + 1, last.checksums + checksum)
+        else:
+            out.append(Extent(block, dev, 1, checksum))
+    return out
 
 
 def clipped(extents: Iterable[Extent], first: int, end: int) -> list[Extent]:

@@ -652,6 +652,19 @@ class SiteService:
         if self.meta.site_content_base(op.object) == found and len(pieces) <= MAX_REMEMBERED_PIECES:
             self._remember_shipped(op.object, delta.ShippedVersion(op.stamp, op.size, tuple(pieces)))
 
+    def blocks_moved(self, ino: int, old: list[Extent], new: list[Extent]) -> None:
+        """The compactor copied a file's blocks elsewhere (Compactor.moved): the version the peer
+        holds, if it is a delta's base, now names the copy where it held the same blocks."""
+        obj = self.meta.site_object_of(ino)
+        base = None if obj is None else self._shipped.get(obj)
+        if obj is None or base is None:
+            return
+        after = delta.moved(base, old, new)
+        if len(after.extents) > MAX_REMEMBERED_PIECES:
+            self._shipped.pop(obj)
+        else:
+            self._shipped[obj] = after
+
     def _remember_shipped(self, obj: bytes, version: delta.ShippedVersion | None) -> None:
         """The peer acknowledged a content version of `obj`: the base of its next delta (None:
         no base; a small version went whole, or its pieces were too many to keep)."""

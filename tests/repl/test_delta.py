@@ -14,8 +14,10 @@ from awsomefsd.io.checksum import block_checksums
 from awsomefsd.io.layout import BLOCK_SIZE
 from awsomefsd.meta.records import Extent
 from awsomefsd.repl import delta
+from awsomefsd.repl.hlc import Stamp
 
 END = 24
+STAMP = Stamp(1, 0, bytes(16))
 
 
 def crc(n: int) -> bytes:
@@ -155,3 +157,30 @@ def test_a_terabyte_of_holes_digests_without_a_buffer_of_its_size() -> None:
     finally:
         tracemalloc.stop()
     assert delta.range_digest([Extent(blocks - 1, 9, 1, crc(7))], 0, blocks) == delta.range_digest([tail], 0, blocks)
+
+
+def test_a_compacted_file_is_still_unchanged_where_only_compaction_moved_it() -> None:
+    """The peer holds 16 blocks; block 5 is rewritten here, then compaction copies all 16 to one
+    fresh extent. Only block 5 differs from what the peer holds."""
+    sums = b"".join(crc(i) for i in range(16))
+    base = delta.ShippedVersion(STAMP, 16 * BLOCK_SIZE, (Extent(0, 100, 16, sums),))
+    written = [base.extents[0].slice(0, 5), Extent(5, 900, 1, crc(99)), base.extents[0].slice(6, 16)]
+    compacted = [Extent(0, 2000, 16, sums[:20] + crc(99) + sums[24:])]
+    assert delta.unchanged_ranges(base.extents, compacted, 16) == [], "by map records alone, all changed"
+    after = delta.moved(base, written, compacted)
+    assert delta.unchanged_ranges(after.extents, compacted, 16) == [(0, 5), (6, 16)]
+    assert after.stamp == base.stamp and after.size == base.size
+
+
+@settings(max_examples=300, deadline=None)
+@given(maps(), maps(), maps())
+def test_a_move_renames_only_the_blocks_the_version_held_as_the_copy_holds_them(
+        held: list[Extent], old: list[Extent], new: list[Extent]) -> None:
+    version = delta.ShippedVersion(STAMP, END * BLOCK_SIZE, tuple(e for e in held if not e.unwritten))
+    after = delta.moved(version, old, new)
+    top = END + 40
+    before_blocks, old_blocks, new_blocks = (per_block(list(m), top) for m in (version.extents, old, new))
+    expected = [n if b is not None and b == o and n is not None and n[1] == b[1] else b
+                for b, o, n in zip(before_blocks, old_blocks, new_blocks)]
+    assert per_block(list(after.extents), top) == expected
+    assert all(x.end_block <= y.file_block for x, y in itertools.pairwise(after.extents)), "in order, disjoint"
