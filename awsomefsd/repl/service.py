@@ -26,7 +26,9 @@ A single-node site only, in this version (a cluster member's leader would run th
 
 from __future__ import annotations
 
+import collections
 import errno
+import itertools
 import logging
 import secrets
 import time
@@ -80,8 +82,12 @@ MAX_REMEMBERED_FILES = 4096
 MAX_REMEMBERED_PIECES = 1 << 16
 """Bounds on what the shipper remembers of the large versions it sent (bases of deltas): files,
 and map records per file."""
+MAX_MOVES_KEPT = 64
+"""The compactor's copies kept per file for versions in flight (one per MiB it rewrote)."""
 MAX_STAGED_BYTES = 512 << 20
 """Bytes staged and not yet pushed at most: bounds what a sender can make us hold."""
+MAX_STAGE_PIECES = 2048
+"""Changed ranges one `Stage` carries at most (a delta names at most MAX_SHARED_RANGES unchanged)."""
 STAGED_TTL_S = 600.0
 CALL_TIMEOUT_S = 60.0
 VERIFY_TIMEOUT_S = 3600.0
@@ -151,6 +157,11 @@ class SiteService:
         self._peer_takes_deltas = False
         """Did the peer's `Cursor` say it takes deltas (a build before them reads only whole versions)?"""
         self._shipped: dict[bytes, delta.ShippedVersion] = {}
+        self._moves: dict[int, collections.deque[tuple[int, list[Extent], list[Extent]]]] = {}
+        """Per inode, the compactor's latest copies (Compactor.moved), numbered: a version being
+        sent is read before some of them and remembered after (`_caught_up`)."""
+        self._moves_made = 0
+        self._moves_dropped = 0  # the number of the latest copy no longer kept
         """Per object, the large content version the peer acknowledged last (the base of a delta),
         oldest first; forgotten at a restart or a restage (then versions go whole)."""
         self._apply_lock = trio.Lock()
@@ -317,17 +328,35 @@ class SiteService:
         return [f for f in FEATURES if f != DELTA or self.meta.may_propose(c.ApplyRemoteSharing)]
 
     async def stage(self, header: dict[str, Any], data: memoryview) -> None:
+        """Bytes of a content version, before the push that maps them: one chunk (`offset`, `crc`),
+        or a delta's changed ranges together (`pieces`: [[offset, length, crc], ...], in file
+        order; one round trip for them all, not one each)."""
         stamp = wire.stamp_field(header, "stamp")
-        offset = wire.int_field(header, "offset", limit=1 << 62)
-        if stamp is None or offset % BLOCK_SIZE:
-            raise wire.WireError("a chunk needs its version's stamp and a block-aligned offset")
-        if wire.int_field(header, "crc", limit=1 << 32) != crc32c(data):
-            raise wire.WireError(f"chunk at {offset} of version {stamp} arrived damaged (checksum mismatch)")
+        if stamp is None:
+            raise wire.WireError("a chunk needs its version's stamp")
+        if "pieces" in header:
+            pieces = _pieces(header, len(data))
+        else:
+            pieces = [(wire.int_field(header, "offset", limit=1 << 62), len(data),
+                       wire.int_field(header, "crc", limit=1 << 32))]
         held = sum(s.held for s in self._staged.values())
         if held + len(data) > MAX_STAGED_BYTES:
             raise RpcAbort(grpc.StatusCode.RESOURCE_EXHAUSTED, "too many bytes staged and not pushed")
+        cut, at = [], 0
+        for offset, length, crc in pieces:  # all checked before any is staged
+            piece = data[at:at + length]
+            at += length
+            if offset % BLOCK_SIZE:
+                raise wire.WireError(f"chunk at {offset} of version {stamp} is not block-aligned")
+            if crc != crc32c(piece):
+                raise wire.WireError(f"chunk at {offset} of version {stamp} arrived damaged (checksum mismatch)")
+            cut.append((offset, piece))
+        for i, (offset, piece) in enumerate(cut):
+            await self._stage_piece(stamp, offset, piece, starts=offset == 0 or (i == 0 and header.get("first") is True))
+
+    async def _stage_piece(self, stamp: Stamp, offset: int, data: memoryview, *, starts: bool) -> None:
+        """`starts`: the version's first bytes (a sender before deltas always starts at 0)."""
         staged = self._staged.get(stamp)
-        starts = offset == 0 or header.get("first") is True  # a sender before deltas starts at 0
         if starts and staged is not None:
             self.data.stager.release(staged.extents, None)  # a resend from the start: what was staged goes
             staged = None
@@ -521,7 +550,9 @@ class SiteService:
             ops: list[bytes] = []
             inline: list[list[Any]] = []
             unchanged: list[list[Any]] = []
-            shipped: dict[bytes, tuple[Stamp, delta.ShippedVersion | None]] = {}  # what the peer will have
+            # what the peer will have: per object, the version, and its inode and the compactor's
+            # copies made before its map was read (`_caught_up` when the peer acknowledges it)
+            shipped: dict[bytes, tuple[Stamp, delta.ShippedVersion | None, int, int]] = {}
             data = bytearray()
             budget = self.batch_bytes
             for _stamp, raw in entries:
@@ -536,10 +567,11 @@ class SiteService:
                         inline.append([wire.stamp_text(op.stamp), len(content), crc32c(content)])
                         data += content
                         self.state.pushed_bytes += len(content)
-                        shipped[op.object] = (op.stamp, None)
+                        shipped[op.object] = (op.stamp, None, ino, 0)
                     else:
+                        since = self._moves_made
                         version, kept = await self._send_content(call, op, ino)
-                        shipped[op.object] = (op.stamp, version)
+                        shipped[op.object] = (op.stamp, version, ino, since)
                         if kept:
                             unchanged.append(kept)
                     budget -= max(op.size, 1)
@@ -564,11 +596,11 @@ class SiteService:
                 self.state.pushed_ops += len(ops)
             cursor = applied
             self.state.peer_applied = applied
-            for obj, (stamp, version) in shipped.items():
+            for obj, (stamp, version, ino, since) in shipped.items():
                 if reply.get("stale"):  # not applied: the peer holds what an earlier send brought, unknown here
                     self._remember_shipped(obj, None)
                 elif applied is not None and stamp <= applied:
-                    self._remember_shipped(obj, version)
+                    self._remember_shipped(obj, version and self._caught_up(ino, version, since))
             if "pending" in reply:
                 self.state.peer_pending = wire.int_field(reply, "pending")
                 self.state.peer_lag_s = wire.int_field(reply, "lag_ms") / 1000
@@ -605,17 +637,34 @@ class SiteService:
         if len(kept) > delta.MAX_SHARED_RANGES:
             kept = []
         pieces = [piece for lo, hi in kept for piece in delta.clipped(now, lo, hi) if not piece.unwritten]
+        batch: list[tuple[int, bytes]] = []  # a delta's changed ranges go together, a round trip for many
         first = True
+
+        async def stage() -> None:
+            nonlocal first
+            if not batch:
+                return
+            if self._peer_takes_deltas:
+                header: dict[str, Any] = {"stamp": wire.stamp_text(op.stamp), "first": first,
+                                          "pieces": [[at, len(b), crc32c(b)] for at, b in batch]}
+            else:  # the first protocol: one chunk a call
+                (at, b), = batch
+                header = {"stamp": wire.stamp_text(op.stamp), "offset": at, "crc": crc32c(b)}
+            await call("Stage", wire.frame(header, b"".join(b for _, b in batch)))
+            self.state.pushed_bytes += sum(len(b) for _, b in batch)
+            batch.clear()
+            first = False
+
         for lo, hi in delta.complement(kept, nblocks) or [(0, 0)]:
             for chunk_lo in range(lo, max(hi, lo + 1), CHUNK_BYTES // BLOCK_SIZE):
                 chunk_hi = min(hi, chunk_lo + CHUNK_BYTES // BLOCK_SIZE)
                 chunk, read = await self._read_committed(ino, chunk_lo, chunk_hi, op.size)
                 pieces += read
-                header = {"stamp": wire.stamp_text(op.stamp), "offset": chunk_lo * BLOCK_SIZE, "crc": crc32c(chunk),
-                          "first": first}
-                await call("Stage", wire.frame(header, chunk))
-                self.state.pushed_bytes += len(chunk)
-                first = False
+                if batch and (not self._peer_takes_deltas or len(batch) >= MAX_STAGE_PIECES
+                              or sum(len(b) for _, b in batch) + len(chunk) > CHUNK_BYTES):
+                    await stage()
+                batch.append((chunk_lo * BLOCK_SIZE, chunk))
+        await stage()
         version = None if from_copy or len(pieces) > MAX_REMEMBERED_PIECES else \
             delta.ShippedVersion(op.stamp, op.size, tuple(sorted(pieces, key=lambda piece: piece.file_block)))
         if not kept or base is None:
@@ -654,7 +703,16 @@ class SiteService:
 
     def blocks_moved(self, ino: int, old: list[Extent], new: list[Extent]) -> None:
         """The compactor copied a file's blocks elsewhere (Compactor.moved): the version the peer
-        holds, if it is a delta's base, now names the copy where it held the same blocks."""
+        holds, if it is a delta's base, now names the copy where it held the same blocks; so
+        will a version being sent now, which may have read the map before (`_caught_up`)."""
+        self._moves_made += 1
+        moves = self._moves.pop(ino, None) or collections.deque(maxlen=MAX_MOVES_KEPT)
+        if len(moves) == MAX_MOVES_KEPT:
+            self._moves_dropped = max(self._moves_dropped, moves[0][0])
+        moves.append((self._moves_made, old, new))
+        self._moves[ino] = moves  # the most recently moved last
+        while len(self._moves) > MAX_REMEMBERED_FILES:
+            self._moves_dropped = max(self._moves_dropped, self._moves.pop(next(iter(self._moves)))[-1][0])
         obj = self.meta.site_object_of(ino)
         base = None if obj is None else self._shipped.get(obj)
         if obj is None or base is None:
@@ -664,6 +722,17 @@ class SiteService:
             self._shipped.pop(obj)
         else:
             self._shipped[obj] = after
+
+    def _caught_up(self, ino: int, version: delta.ShippedVersion, since: int) -> delta.ShippedVersion | None:
+        """`version`, read from the map of `ino` after copy number `since`, with the compactor's
+        later copies applied; None when some of them are no longer known."""
+        if self._moves_dropped > since:  # possibly one of this file's
+            return None
+        for number, old, new in self._moves.get(ino, ()):
+            if number <= since:
+                continue
+            version = delta.moved(version, old, new)
+        return version if len(version.extents) <= MAX_REMEMBERED_PIECES else None
 
     def _remember_shipped(self, obj: bytes, version: delta.ShippedVersion | None) -> None:
         """The peer acknowledged a content version of `obj`: the base of its next delta (None:
@@ -869,6 +938,26 @@ def _caller(channel: grpc.Channel) -> Callable[[str, bytes], Awaitable[bytes]]:
     async def call(method: str, request: bytes) -> bytes:
         return await unary_call(channel, f"/{LINK_SERVICE}/{method}", request, CALL_TIMEOUT_S)
     return call
+
+
+def _pieces(header: dict[str, Any], total: int) -> list[tuple[int, int, int]]:
+    """A `Stage` message's pieces, [[offset, length, crc], ...]: their lengths add up to its data,
+    and all but the last are whole blocks (only a file's last block is partial)."""
+    items = header.get("pieces")
+    if not isinstance(items, list) or not 0 < len(items) <= MAX_STAGE_PIECES:
+        raise wire.WireError(f"a chunk's pieces are a list of 1 to {MAX_STAGE_PIECES}")
+    out: list[tuple[int, int, int]] = []
+    for item in items:
+        if not isinstance(item, list) or len(item) != 3:
+            raise wire.WireError("a piece is [offset, length, crc]")
+        described = {"offset": item[0], "length": item[1], "crc": item[2]}
+        out.append((wire.int_field(described, "offset", limit=1 << 62), wire.int_field(described, "length", limit=1 << 30),
+                    wire.int_field(described, "crc", limit=1 << 32)))
+    if sum(length for _, length, _ in out) != total or any(length % BLOCK_SIZE for _, length, _ in out[:-1]):
+        raise wire.WireError("a chunk's pieces do not add up to its bytes in whole blocks")
+    if any(a[0] + a[1] > b[0] for a, b in itertools.pairwise(out)):
+        raise wire.WireError("a chunk's pieces are not in file order")
+    return out
 
 
 def _unchanged_ranges(header: dict[str, Any]) -> dict[Stamp, tuple[Stamp, list[tuple[int, int, str]]]]:

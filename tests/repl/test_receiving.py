@@ -162,3 +162,39 @@ async def test_deltas_wait_until_every_member_decodes_their_command(
     header["unchanged"] = [[wire.stamp_text(content.stamp), wire.stamp_text(peer.stamp()), [[0, 1, "00" * 16]]]]
     reply = await service.push(header, memoryview(b""))
     assert reply.get("restage") and reply["applied"] == ""
+
+
+async def test_pieces_staged_in_one_message_apply_as_the_version_and_bad_pieces_are_refused(
+        receiver: tuple[Core, SiteService]) -> None:
+    """A delta's changed ranges travel together in one `Stage` (one round trip on a 50 ms link,
+    not one each): here a whole version cut in three, the last partial block included."""
+    core, service = receiver
+    peer = Peer()
+    size = 3 * MIB + 1000
+    ops, content = peer.new_file(b"big", size)
+    body = os.urandom(size)
+    cuts = [(0, 1 * MIB), (1 * MIB, 2 * MIB), (2 * MIB, size)]
+    stamp = wire.stamp_text(content.stamp)
+
+    def header(pieces: list[list[int]]) -> dict[str, Any]:
+        return {"stamp": stamp, "first": True, "pieces": pieces}
+
+    good = [[lo, hi - lo, crc32c(body[lo:hi])] for lo, hi in cuts]
+    bad = [
+        [good[0], good[1], [good[2][0], good[2][1], good[2][2] ^ 1]],  # damaged
+        [good[0], good[1], [good[2][0], good[2][1] - 1, good[2][2]]],  # lengths do not add up
+        [[0, 1000, crc32c(body[:1000])], [1000, size - 1000, crc32c(body[1000:])]],  # a partial block inside
+        [[MIB, MIB, crc32c(body[:MIB])], [0, MIB, crc32c(body[MIB:2 * MIB])], good[2]],  # out of order
+        [],
+    ]
+    for pieces in bad:
+        with pytest.raises(wire.WireError):
+            await service.stage(header(pieces), memoryview(body))
+    await service.stage(header(good), memoryview(body))
+    reply = await service.push(push_header(None, ops), memoryview(b""))
+    assert Stamp.unpack(bytes.fromhex(reply["applied"])) == content.stamp
+    ino = core.meta.lookup(ROOT_INO, b"big")
+    assert ino is not None
+    inode = core.meta.inode(ino)
+    assert inode is not None and inode.size == size
+    assert bytes(await core.data.reader.read(inode, 0, size)) == body
