@@ -70,7 +70,7 @@ PAIRING_SERVICE = "awsomefs.site.v1.Pairing"
 LINK_SERVICE = "awsomefs.site.v1.Link"
 INVITE_FILE = "invite"
 MAX_MESSAGE_BYTES = 64 << 20
-CHUNK_BYTES = 4 << 20
+CHUNK_BYTES = 16 << 20
 """Bytes of one file per Stage call: a larger content version travels in several."""
 INLINE_BYTES = 1 << 20
 """Content versions up to this size travel inside the push (one round trip for many files)."""
@@ -90,6 +90,9 @@ MAX_STAGE_PIECES = 2048
 """Changed ranges one `Stage` carries at most (a delta names at most MAX_SHARED_RANGES unchanged)."""
 STAGED_TTL_S = 600.0
 CALL_TIMEOUT_S = 60.0
+SLOWEST_LINK_BYTES_S = 128 << 10
+"""A call carrying bytes waits for them too, at this rate (1 Mbit/s): a 16 MiB chunk on a slow
+link must not time out, and be sent again, forever."""
 VERIFY_TIMEOUT_S = 3600.0
 IDLE_POLL_S = 0.05
 """How often an idle shipper looks at the outbox (a read of one LMDB page)."""
@@ -936,7 +939,8 @@ class _Link:
 
 def _caller(channel: grpc.Channel) -> Callable[[str, bytes], Awaitable[bytes]]:
     async def call(method: str, request: bytes) -> bytes:
-        return await unary_call(channel, f"/{LINK_SERVICE}/{method}", request, CALL_TIMEOUT_S)
+        return await unary_call(channel, f"/{LINK_SERVICE}/{method}", request,
+                                CALL_TIMEOUT_S + len(request) / SLOWEST_LINK_BYTES_S)
     return call
 
 
