@@ -293,6 +293,10 @@ class MetaClient:
         """The replicated object an inode holds, if the link tracks it."""
         return self._sm.sites.object_of(self._view(), ino)
 
+    def site_inode_of(self, obj: bytes) -> int | None:
+        """The inode holding a replicated object here, if any."""
+        return self._sm.sites.inode_of(self._view(), obj)
+
     def site_applied_from_peer(self) -> Stamp | None:
         return self._sm.sites.applied_from_peer(self._view())
 

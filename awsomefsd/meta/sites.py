@@ -1490,6 +1490,10 @@ class SiteTables:
         raw = txn.get(u64(ino), db=self.db["sinos"])
         return None if raw is None else bytes(raw)
 
+    def inode_of(self, txn: lmdb.Transaction[bytes], obj: bytes) -> int | None:
+        """The inode holding replicated object `obj` here, if any."""
+        return self._ino(txn, obj)
+
     def _ino(self, txn: lmdb.Transaction[bytes], obj: bytes) -> int | None:
         raw = txn.get(obj, db=self.db["sids"])
         return None if raw is None else read_u64(raw)

@@ -27,13 +27,14 @@ A single-node site only, in this version (a cluster member's leader would run th
 from __future__ import annotations
 
 import collections
+import contextlib
 import errno
 import itertools
 import logging
 import secrets
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -134,8 +135,25 @@ class _Staged:
     held: int = 0
     """Bytes received (what MAX_STAGED_BYTES bounds)."""
     end: int = 0
-    """Where the last chunk ended: the next one starts there or later (a delta skips ranges)."""
+    """Where the last chunk claimed ended: the next one starts there or later (a delta skips ranges)."""
+    ranges: list[tuple[int, int]] = field(default_factory=list)
+    """The byte ranges written to the device, in order: a push maps the version only when they
+    are all of it that it does not share (`complete`)."""
+    writing: int = 0
+    """Chunks being written to the device now."""
     at: float = field(default_factory=time.monotonic)
+
+    def complete(self, expected: list[tuple[int, int]]) -> bool:
+        """Are the bytes staged exactly `expected` (merged byte ranges), none still being written?"""
+        merged: list[tuple[int, int]] = []
+        for lo, hi in self.ranges:
+            if lo == hi:
+                continue
+            if merged and merged[-1][1] == lo:
+                merged[-1] = (merged[-1][0], hi)
+            else:
+                merged.append((lo, hi))
+        return self.writing == 0 and merged == expected
 
 
 class SiteService:
@@ -160,9 +178,11 @@ class SiteService:
         self._peer_takes_deltas = False
         """Did the peer's `Cursor` say it takes deltas (a build before them reads only whole versions)?"""
         self._shipped: dict[bytes, delta.ShippedVersion] = {}
+        self._sending: set[int] = set()
+        """The files whose versions the batch being pushed carries."""
         self._moves: dict[int, collections.deque[tuple[int, list[Extent], list[Extent]]]] = {}
-        """Per inode, the compactor's latest copies (Compactor.moved), numbered: a version being
-        sent is read before some of them and remembered after (`_caught_up`)."""
+        """Per file being sent, the compactor's latest copies (Compactor.moved), numbered: a
+        version being sent is read before some of them and remembered after (`_caught_up`)."""
         self._moves_made = 0
         self._moves_dropped = 0  # the number of the latest copy no longer kept
         """Per object, the large content version the peer acknowledged last (the base of a delta),
@@ -371,8 +391,22 @@ class SiteService:
             staged = self._staged[stamp] = _Staged()
         if offset < staged.end:  # a delta sends only the changed ranges, but in file order
             raise wire.WireError(f"chunk at {offset} of version {stamp}, after one that ended at {staged.end}")
-        staged.extents += await self.data.stager.stage(offset // BLOCK_SIZE, data)
         staged.end = offset + len(data)
+        staged.writing += 1
+        try:
+            extents = await self.data.stager.stage(offset // BLOCK_SIZE, data)
+        except BaseException:  # the version has a gap now: nothing of this staging may be mapped
+            if self._staged.get(stamp) is staged:
+                self.data.stager.release(self._staged.pop(stamp).extents, None)
+            raise
+        finally:
+            staged.writing -= 1
+        if self._staged.get(stamp) is not staged:  # a resend started over meanwhile, or a chunk failed
+            self.data.stager.release(extents, None)
+            raise RpcAbort(grpc.StatusCode.ABORTED, f"version {stamp} was started over while its chunk at "
+                                                    f"{offset} was written")
+        staged.extents += extents
+        staged.ranges.append((offset, offset + len(data)))
         staged.held += len(data)
         staged.at = time.monotonic()
         self.state.received_bytes += len(data)
@@ -407,21 +441,24 @@ class SiteService:
                 raise wire.WireError(str(exc)) from None
             if isinstance(op, o.ContentSet):
                 contents.append(op)
+        in_push = {wire.stamp_field({"s": item[0]}, "s") for item in inline}
         async with self._apply_lock:
             if after != self.cursor():
+                self._drop_applied_stagings(contents)
                 # `stale` tells the sender this push was not applied (an earlier send of it may
                 # have been): what it just read and sent is not what this site holds.
                 return {"applied": wire.stamp_text(self.cursor()), "head": wire.stamp_text(self.meta.site_head()),
                         "stale": True}
+            # Only a version staged whole maps: a push of a connection that dropped, running on
+            # here, may find the resend's staging half written (it would map zeros for the rest).
+            for op in contents:
+                staged = self._staged.get(op.stamp)
+                if staged is None or staged.writing or \
+                        (op.stamp not in in_push and not staged.complete(_sent_ranges(op, unchanged.get(op.stamp)))):
+                    return self._restage(None)
             # The stagings are this push's from here on: a resend's first chunk, arriving while
             # the proposal below is under way, starts afresh instead of releasing its blocks.
-            taken: dict[Stamp, _Staged] = {}
-            for op in contents:
-                staged = self._staged.pop(op.stamp, None)
-                if staged is None:
-                    self._release_taken(taken, None)
-                    return self._restage(None)
-                taken[op.stamp] = staged
+            taken = {op.stamp: self._staged.pop(op.stamp) for op in contents}
             extents = [ext for staged in taken.values() for ext in staged.extents]
             counts = [len(staged.extents) for staged in taken.values()]
             shared: list[Extent] = []
@@ -441,7 +478,8 @@ class SiteService:
                                          tuple(shared_counts), time.time_ns()) if shared \
                     else c.ApplyRemote(peer, start, tuple(raws), tuple(extents), tuple(counts), time.time_ns())
                 try:
-                    applied = await self.meta.propose(command)
+                    async with self._files_locked(contents):
+                        applied = await self.meta.propose(command)
                 except FsError as exc:
                     self._release_taken(taken, exc)
                     if exc.errno == errno.ESTALE:
@@ -468,6 +506,24 @@ class SiteService:
             pending, lag_s = self.outbound_lag()
             return {"applied": wire.stamp_text(self.cursor()), "head": wire.stamp_text(self.meta.site_head()),
                     "pending": pending, "lag_ms": int(lag_s * 1000)}
+
+    @contextlib.asynccontextmanager
+    async def _files_locked(self, contents: list[o.ContentSet]) -> AsyncIterator[None]:
+        """The files whose content a batch replaces, locked as a flush locks them: a compaction
+        reading a file's blocks would otherwise commit its copy of the old bytes over the new."""
+        inos = sorted({ino for op in contents if (ino := self.meta.site_inode_of(op.object)) is not None})
+        async with contextlib.AsyncExitStack() as stack:
+            for ino in inos:  # in order: two batches never wait on each other's files
+                await stack.enter_async_context(self.data.buffer.locked(ino))
+            yield
+
+    def _drop_applied_stagings(self, contents: list[o.ContentSet]) -> None:
+        """A stale push's stagings of versions applied already (by an earlier send) are of no use."""
+        cursor = self.cursor()
+        for op in contents:
+            staged = self._staged.get(op.stamp)
+            if cursor is not None and op.stamp <= cursor and staged is not None and not staged.writing:
+                self.data.stager.release(self._staged.pop(op.stamp).extents, None)
 
     def _restage(self, why: str | None) -> dict[str, Any]:
         """The answer that has the sender stage the push's versions again, whole."""
@@ -507,7 +563,8 @@ class SiteService:
     async def _expire_staged(self) -> None:
         while True:
             await trio.sleep(STAGED_TTL_S / 4)
-            old = [s for s, staged in self._staged.items() if time.monotonic() - staged.at > STAGED_TTL_S]
+            old = [s for s, staged in self._staged.items()
+                   if time.monotonic() - staged.at > STAGED_TTL_S and not staged.writing]
             for stamp in old:
                 self.data.stager.release(self._staged.pop(stamp).extents, None)
 
@@ -550,6 +607,8 @@ class SiteService:
                 # lost here by a crash after the peer applied it, and our clock, restarted from
                 # what was committed, would stamp new operations the peer's cursor is already past.
                 await self.meta.barrier()
+            self._sending.clear()  # the last batch's are settled
+            self._moves.clear()
             ops: list[bytes] = []
             inline: list[list[Any]] = []
             unchanged: list[list[Any]] = []
@@ -572,6 +631,7 @@ class SiteService:
                         self.state.pushed_bytes += len(content)
                         shipped[op.object] = (op.stamp, None, ino, 0)
                     else:
+                        self._sending.add(ino)
                         since = self._moves_made
                         version, kept = await self._send_content(call, op, ino)
                         shipped[op.object] = (op.stamp, version, ino, since)
@@ -709,13 +769,11 @@ class SiteService:
         holds, if it is a delta's base, now names the copy where it held the same blocks; so
         will a version being sent now, which may have read the map before (`_caught_up`)."""
         self._moves_made += 1
-        moves = self._moves.pop(ino, None) or collections.deque(maxlen=MAX_MOVES_KEPT)
-        if len(moves) == MAX_MOVES_KEPT:
-            self._moves_dropped = max(self._moves_dropped, moves[0][0])
-        moves.append((self._moves_made, old, new))
-        self._moves[ino] = moves  # the most recently moved last
-        while len(self._moves) > MAX_REMEMBERED_FILES:
-            self._moves_dropped = max(self._moves_dropped, self._moves.pop(next(iter(self._moves)))[-1][0])
+        if ino in self._sending:
+            moves = self._moves.setdefault(ino, collections.deque(maxlen=MAX_MOVES_KEPT))
+            if len(moves) == MAX_MOVES_KEPT:
+                self._moves_dropped = max(self._moves_dropped, moves[0][0])
+            moves.append((self._moves_made, old, new))
         obj = self.meta.site_object_of(ino)
         base = None if obj is None else self._shipped.get(obj)
         if obj is None or base is None:
@@ -942,6 +1000,14 @@ def _caller(channel: grpc.Channel) -> Callable[[str, bytes], Awaitable[bytes]]:
         return await unary_call(channel, f"/{LINK_SERVICE}/{method}", request,
                                 CALL_TIMEOUT_S + len(request) / SLOWEST_LINK_BYTES_S)
     return call
+
+
+def _sent_ranges(op: o.ContentSet, unchanged: tuple[Stamp, list[tuple[int, int, str]]] | None) -> list[tuple[int, int]]:
+    """The byte ranges of a content version its sender stages: all of it but the block ranges
+    the push names unchanged (the last block cut at the size)."""
+    kept = [] if unchanged is None else [(lo, hi) for lo, hi, _ in unchanged[1]]
+    nblocks = (op.size + BLOCK_SIZE - 1) // BLOCK_SIZE
+    return [(lo * BLOCK_SIZE, min(hi * BLOCK_SIZE, op.size)) for lo, hi in delta.complement(kept, nblocks)]
 
 
 def _pieces(header: dict[str, Any], total: int) -> list[tuple[int, int, int]]:

@@ -198,3 +198,72 @@ async def test_pieces_staged_in_one_message_apply_as_the_version_and_bad_pieces_
     inode = core.meta.inode(ino)
     assert inode is not None and inode.size == size
     assert bytes(await core.data.reader.read(inode, 0, size)) == body
+
+
+async def test_a_push_maps_a_version_only_when_all_of_it_is_staged(
+        receiver: tuple[Core, SiteService], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A push of a connection that dropped runs on while the sender, reconnected, stages the
+    version again: it must not map that staging half written (the file would read zeros for the
+    rest) nor while a chunk of it is still being written."""
+    core, service = receiver
+    peer = Peer()
+    ops, content = peer.new_file(b"big", 8 * MIB)
+    body = os.urandom(8 * MIB)
+    await service.stage(*chunk(content.stamp, 0, body[:4 * MIB], first=True))
+    reply = await service.push(push_header(None, ops), memoryview(b""))
+    assert reply.get("restage") and reply["applied"] == "", "half a version was applied"
+
+    writing, go_on = trio.Event(), trio.Event()
+    stage = core.data.stager.stage
+
+    async def slow_stage(first_block: int, data: memoryview) -> Any:
+        writing.set()
+        await go_on.wait()
+        return await stage(first_block, data)
+
+    monkeypatch.setattr(core.data.stager, "stage", slow_stage)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(service.stage, *chunk(content.stamp, 4 * MIB, body[4 * MIB:], first=False))
+        await writing.wait()
+        reply = await service.push(push_header(None, ops), memoryview(b""))
+        assert reply.get("restage") and reply["applied"] == "", "a version was applied with a chunk still being written"
+        go_on.set()
+    reply = await service.push(push_header(None, ops), memoryview(b""))
+    assert Stamp.unpack(bytes.fromhex(reply["applied"])) == content.stamp
+    ino = core.meta.lookup(ROOT_INO, b"big")
+    assert ino is not None
+    inode = core.meta.inode(ino)
+    assert inode is not None
+    assert bytes(await core.data.reader.read(inode, 0, 8 * MIB)) == body
+
+
+async def test_a_push_waits_for_a_rewrite_of_the_file_it_replaces(receiver: tuple[Core, SiteService]) -> None:
+    """Compaction reads a file's blocks, then commits its copy of them: a version from the other
+    site applied in between would be overwritten by the old bytes (and the two sites would differ
+    for good: a copy ships nothing). A push takes the file's lock, as a flush does."""
+    core, service = receiver
+    peer = Peer()
+    ops, content = peer.new_file(b"big", 2 * MIB)
+    await service.stage(*chunk(content.stamp, 0, os.urandom(2 * MIB), first=True))
+    await service.push(push_header(None, ops), memoryview(b""))
+    ino = core.meta.lookup(ROOT_INO, b"big")
+    assert ino is not None
+    newer = o.ContentSet(peer.stamp(), content.object, 2 * MIB, peer.wall)
+    body = os.urandom(2 * MIB)
+    await service.stage(*chunk(newer.stamp, 0, body, first=True))
+    done = trio.Event()
+
+    async def push_newer() -> None:
+        await service.push(push_header(content.stamp, [newer]), memoryview(b""))
+        done.set()
+
+    async with trio.open_nursery() as nursery:
+        async with core.data.buffer.locked(ino):  # as the compactor holds it while it rewrites
+            nursery.start_soon(push_newer)
+            with trio.move_on_after(1.0):
+                await done.wait()
+            assert not done.is_set(), "the push replaced the file's content while its rewrite held it"
+    assert done.is_set()
+    inode = core.meta.inode(ino)
+    assert inode is not None
+    assert bytes(await core.data.reader.read(inode, 0, 2 * MIB)) == body
