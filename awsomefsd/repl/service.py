@@ -441,6 +441,8 @@ class SiteService:
                 raise wire.WireError(str(exc)) from None
             if isinstance(op, o.ContentSet):
                 contents.append(op)
+        if len({op.stamp for op in contents}) != len(contents):
+            raise wire.WireError("a push carries one content version twice")
         in_push = {wire.stamp_field({"s": item[0]}, "s") for item in inline}
         async with self._apply_lock:
             if after != self.cursor():

@@ -257,13 +257,31 @@ async def test_a_push_waits_for_a_rewrite_of_the_file_it_replaces(receiver: tupl
         await service.push(push_header(content.stamp, [newer]), memoryview(b""))
         done.set()
 
-    async with trio.open_nursery() as nursery:
-        async with core.data.buffer.locked(ino):  # as the compactor holds it while it rewrites
-            nursery.start_soon(push_newer)
-            with trio.move_on_after(1.0):
-                await done.wait()
-            assert not done.is_set(), "the push replaced the file's content while its rewrite held it"
+    # the lock as the compactor holds it while it rewrites
+    async with trio.open_nursery() as nursery, core.data.buffer.locked(ino):
+        nursery.start_soon(push_newer)
+        with trio.move_on_after(1.0):
+            await done.wait()
+        assert not done.is_set(), "the push replaced the file's content while its rewrite held it"
     assert done.is_set()
+    inode = core.meta.inode(ino)
+    assert inode is not None
+    assert bytes(await core.data.reader.read(inode, 0, 2 * MIB)) == body
+
+
+async def test_a_push_naming_a_content_version_twice_is_refused_and_loses_nothing(
+        receiver: tuple[Core, SiteService]) -> None:
+    core, service = receiver
+    peer = Peer()
+    ops, content = peer.new_file(b"big", 2 * MIB)
+    body = os.urandom(2 * MIB)
+    await service.stage(*chunk(content.stamp, 0, body, first=True))
+    with pytest.raises(wire.WireError):
+        await service.push(push_header(None, [*ops, content]), memoryview(b""))
+    reply = await service.push(push_header(None, ops), memoryview(b""))
+    assert Stamp.unpack(bytes.fromhex(reply["applied"])) == content.stamp
+    ino = core.meta.lookup(ROOT_INO, b"big")
+    assert ino is not None
     inode = core.meta.inode(ino)
     assert inode is not None
     assert bytes(await core.data.reader.read(inode, 0, 2 * MIB)) == body
