@@ -703,10 +703,11 @@ class SiteService:
             kept = []
         pieces = [piece for lo, hi in kept for piece in delta.clipped(now, lo, hi) if not piece.unwritten]
         batch: list[tuple[int, bytes]] = []  # a delta's changed ranges go together, a round trip for many
+        batched = 0  # their bytes
         first = True
 
         async def stage() -> None:
-            nonlocal first
+            nonlocal first, batched
             if not batch:
                 return
             if self._peer_takes_deltas:
@@ -716,9 +717,9 @@ class SiteService:
                 (at, b), = batch
                 header = {"stamp": wire.stamp_text(op.stamp), "offset": at, "crc": crc32c(b)}
             await call("Stage", wire.frame(header, b"".join(b for _, b in batch)))
-            self.state.pushed_bytes += sum(len(b) for _, b in batch)
+            self.state.pushed_bytes += batched
             batch.clear()
-            first = False
+            batched, first = 0, False
 
         for lo, hi in delta.complement(kept, nblocks) or [(0, 0)]:
             for chunk_lo in range(lo, max(hi, lo + 1), CHUNK_BYTES // BLOCK_SIZE):
@@ -726,9 +727,10 @@ class SiteService:
                 chunk, read = await self._read_committed(ino, chunk_lo, chunk_hi, op.size)
                 pieces += read
                 if batch and (not self._peer_takes_deltas or len(batch) >= MAX_STAGE_PIECES
-                              or sum(len(b) for _, b in batch) + len(chunk) > CHUNK_BYTES):
+                              or batched + len(chunk) > CHUNK_BYTES):
                     await stage()
                 batch.append((chunk_lo * BLOCK_SIZE, chunk))
+                batched += len(chunk)
         await stage()
         version = None if from_copy or len(pieces) > MAX_REMEMBERED_PIECES else \
             delta.ShippedVersion(op.stamp, op.size, tuple(sorted(pieces, key=lambda piece: piece.file_block)))

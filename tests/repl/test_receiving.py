@@ -60,6 +60,15 @@ def push_header(after: Stamp | None, ops: list[o.Operation]) -> dict[str, Any]:
     return {"after": wire.stamp_text(after), "inline": [], "unchanged": [], "ops": [o.encode(op).hex() for op in ops]}
 
 
+async def file_bytes(core: Core, name: bytes) -> bytes:
+    """The whole of a file in the root, as this site reads it (its size included)."""
+    ino = core.meta.lookup(ROOT_INO, name)
+    assert ino is not None, f"{name!r} is not there"
+    inode = core.meta.inode(ino)
+    assert inode is not None
+    return bytes(await core.data.reader.read(inode, 0, inode.size))
+
+
 @pytest.fixture
 async def receiver(tmp_path: Path) -> AsyncIterator[tuple[Core, SiteService]]:
     core = open_core(settings_for(tmp_path))
@@ -97,11 +106,7 @@ async def test_a_chunk_continuing_a_staging_this_site_lost_is_refused(
         await restarted.stage(*chunk(content.stamp, at, body[at:at + 4 * MIB], first=at == 0))
     reply = await restarted.push(push_header(None, ops), memoryview(b""))
     assert Stamp.unpack(bytes.fromhex(reply["applied"])) == content.stamp
-    ino = core.meta.lookup(ROOT_INO, b"big")
-    assert ino is not None
-    inode = core.meta.inode(ino)
-    assert inode is not None
-    assert bytes(await core.data.reader.read(inode, 0, 8 * MIB)) == body
+    assert await file_bytes(core, b"big") == body
 
 
 async def test_a_resend_while_a_push_is_being_applied_leaves_that_push_its_blocks(
@@ -193,11 +198,7 @@ async def test_pieces_staged_in_one_message_apply_as_the_version_and_bad_pieces_
     await service.stage(header(good), memoryview(body))
     reply = await service.push(push_header(None, ops), memoryview(b""))
     assert Stamp.unpack(bytes.fromhex(reply["applied"])) == content.stamp
-    ino = core.meta.lookup(ROOT_INO, b"big")
-    assert ino is not None
-    inode = core.meta.inode(ino)
-    assert inode is not None and inode.size == size
-    assert bytes(await core.data.reader.read(inode, 0, size)) == body
+    assert await file_bytes(core, b"big") == body
 
 
 async def test_a_push_maps_a_version_only_when_all_of_it_is_staged(
@@ -230,11 +231,7 @@ async def test_a_push_maps_a_version_only_when_all_of_it_is_staged(
         go_on.set()
     reply = await service.push(push_header(None, ops), memoryview(b""))
     assert Stamp.unpack(bytes.fromhex(reply["applied"])) == content.stamp
-    ino = core.meta.lookup(ROOT_INO, b"big")
-    assert ino is not None
-    inode = core.meta.inode(ino)
-    assert inode is not None
-    assert bytes(await core.data.reader.read(inode, 0, 8 * MIB)) == body
+    assert await file_bytes(core, b"big") == body
 
 
 async def test_a_push_waits_for_a_rewrite_of_the_file_it_replaces(receiver: tuple[Core, SiteService]) -> None:
@@ -264,9 +261,7 @@ async def test_a_push_waits_for_a_rewrite_of_the_file_it_replaces(receiver: tupl
             await done.wait()
         assert not done.is_set(), "the push replaced the file's content while its rewrite held it"
     assert done.is_set()
-    inode = core.meta.inode(ino)
-    assert inode is not None
-    assert bytes(await core.data.reader.read(inode, 0, 2 * MIB)) == body
+    assert await file_bytes(core, b"big") == body
 
 
 async def test_a_push_naming_a_content_version_twice_is_refused_and_loses_nothing(
@@ -280,8 +275,4 @@ async def test_a_push_naming_a_content_version_twice_is_refused_and_loses_nothin
         await service.push(push_header(None, [*ops, content]), memoryview(b""))
     reply = await service.push(push_header(None, ops), memoryview(b""))
     assert Stamp.unpack(bytes.fromhex(reply["applied"])) == content.stamp
-    ino = core.meta.lookup(ROOT_INO, b"big")
-    assert ino is not None
-    inode = core.meta.inode(ino)
-    assert inode is not None
-    assert bytes(await core.data.reader.read(inode, 0, 2 * MIB)) == body
+    assert await file_bytes(core, b"big") == body
