@@ -321,7 +321,7 @@ def status(settings: Settings, *, as_json: bool) -> int:
     settings = _with_state_defaults(settings)
     running = state_in_use(settings.node.state_dir)
     info = collect_status(settings, running=running)
-    if member is None and running:
+    if running and (member is None or settings.site.listen):
         info["site"] = site_status(settings, info)
     if member is not None:
         from awsomefsd.cluster.actions import cluster_status

@@ -201,7 +201,8 @@ class SiteSettings(Section):
     listen: str = Field("", description="host:port of the listener the linked site pushes to (mutual TLS, "
                         "pinned to the peer site's CA); the pairing listener is on port + 1. Empty: no link")
     advertise: list[str] = Field(default_factory=list, description="addresses (host:port) the other site "
-                                 "reaches the listener at, put in the link token; default: listen")
+                                 "reaches this site's listeners at, put in the link token (on a cluster: every member's, the same on "
+                                 "each); default: listen, or on a cluster each member's cluster address with listen's port")
     batch_operations: int = Field(512, ge=1, le=4096, description="operations per push at most")
     batch_bytes: SizeBytes = Field(16 << 20, ge=1 << 20, le=32 << 20, description="file bytes per push at most "
                                    "(a larger file travels in chunks of this size)")

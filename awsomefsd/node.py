@@ -20,6 +20,7 @@ from pathlib import Path
 import trio
 from prometheus_client.metrics_core import Metric
 
+from awsomefsd.cluster.tls import NodeCredentials
 from awsomefsd.config import Settings
 from awsomefsd.duty import DutyBook, run_duty, supervise
 from awsomefsd.fs.allocator import NodeAllocator
@@ -269,9 +270,22 @@ def _notify(message: str) -> None:
     sdnotify.notify(message)
 
 
+@dataclass(frozen=True)
+class MemberSite:
+    """What a cluster member lends the site link (repl/service.py): where the link runs when not
+    here (the leader), the member's control socket handlers (the `site` commands join them), its
+    credentials (the cluster's CA, which the other site pins) and every member's address."""
+
+    elsewhere: Callable[[], str | None]
+    control: dict[str, Callable[[dict[str, object]], Awaitable[dict[str, object]]]]
+    credentials: NodeCredentials
+    member_hosts: Callable[[], list[str]]
+    """Every active member's host (its cluster address's), this node's first."""
+
+
 async def serve(core: Core, settings: Settings, *, ready: Callable[[str], None] | None = None,
                 log_running: bool = False, purge_orphans: bool = True,
-                runs_engines: Callable[[], bool] = lambda: True) -> bool:
+                runs_engines: Callable[[], bool] = lambda: True, member_site: MemberSite | None = None) -> bool:
     """Mount (or continue a kept mount) and serve until unmounted or signalled; then flush,
     commit and unmount, or, on SIGUSR2, hand the mount over to the next daemon: True then.
 
@@ -341,7 +355,7 @@ async def serve(core: Core, settings: Settings, *, ready: Callable[[str], None] 
             if tiering is not None:
                 await nursery.start(functools.partial(tiering.run, book=core.duties, runs_engine=runs_engines))
             if settings.site.listen:
-                await _start_site(nursery, core, settings, cluster_member=log_running)
+                await _start_site(nursery, core, settings, member_site)
             async def stopping() -> None:
                 _notify("STOPPING=1")
                 if transport.writeback_negotiated():
@@ -391,32 +405,41 @@ async def serve(core: Core, settings: Settings, *, ready: Callable[[str], None] 
     return handing_over
 
 
-async def _start_site(nursery: trio.Nursery, core: Core, settings: Settings, *, cluster_member: bool) -> None:
-    """The link to another site ([site] listen) and, on a single node, the control socket the
-    `site` commands talk to (a cluster member serves its own)."""
+async def _start_site(nursery: trio.Nursery, core: Core, settings: Settings, member: MemberSite | None) -> None:
+    """The link to another site ([site] listen) and the `site` commands' handlers: on a single
+    node on a control socket of their own, on a cluster member beside the member's."""
+    from awsomefsd.cluster.join_service import split_host_port
     from awsomefsd.cluster.rpc import ControlService
     from awsomefsd.cluster.state import control_socket
     from awsomefsd.fuse.invalidate import Invalidator, changed_targets, targets
     from awsomefsd.repl.service import SiteService
     from awsomefsd.rpc.bridge import serve_grpc
 
-    if cluster_member:
-        raise NodeError("[site] listen is set on a cluster member: cross-site links run on single-node "
-                        "sites in this version")
+    def advertise() -> list[str]:
+        if settings.site.advertise or member is None:
+            return list(settings.site.advertise)
+        port = split_host_port(settings.site.listen)[1]
+        return [f"[{host}]:{port}" if ":" in host else f"{host}:{port}" for host in member.member_hosts()]
+
     invalidator = Invalidator()
     nursery.start_soon(invalidator.run)
     core.meta.hear_site_side_effects(lambda changed: invalidator.submit(changed_targets(changed)))
     try:
         site = SiteService(core.meta, core.data, core.ops, site=core.superblock.cluster_id,
                            state_dir=settings.node.state_dir, listen=settings.site.listen,
-                           advertise=settings.site.advertise, batch_operations=settings.site.batch_operations,
+                           advertise=advertise, batch_operations=settings.site.batch_operations,
                            batch_bytes=settings.site.batch_bytes, mount=settings.mount.path,
-                           applied=lambda command, result: invalidator.submit(targets(command, result)))
+                           applied=lambda command, result: invalidator.submit(targets(command, result)),
+                           elsewhere=(lambda: None) if member is None else member.elsewhere,
+                           credentials=None if member is None else member.credentials)
         core.data.compactor.moved = site.blocks_moved
         await nursery.start(site.run)
     except (ValueError, OSError) as exc:
         raise NodeError(f"the site link listener on {settings.site.listen}: {exc}") from None
     core.metrics.add_collector(site.collect_metrics)
+    if member is not None:
+        member.control.update(site.control_handlers())
+        return
     await nursery.start(functools.partial(serve_grpc, [ControlService(site.control_handlers()).binding()],
                                           f"unix://{control_socket(settings.node.state_dir)}"))
 

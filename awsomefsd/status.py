@@ -60,8 +60,8 @@ def collect_status(settings: Settings, *, running: bool) -> dict[str, Any]:
 
 
 def site_status(settings: Settings, info: dict[str, Any]) -> dict[str, Any] | None:
-    """The link to another site, as a running single node sees it (`awsomefsd site status`);
-    None when it serves no site link (no control socket)."""
+    """The link to another site, as this running node sees it (`awsomefsd site status`); None
+    when it serves no site link (no control socket)."""
     from awsomefsd.cluster.rpc import control_call
     from awsomefsd.cluster.state import control_socket
 
@@ -75,7 +75,7 @@ def site_status(settings: Settings, info: dict[str, Any]) -> dict[str, Any] | No
         info["problems"].append(f"the site link does not answer: {reply['error']}")
         info["healthy"] = False
         return None
-    if reply["linked"] and not reply["link_up"]:
+    if reply["linked"] and not reply["link_up"] and not reply.get("elsewhere"):
         info["problems"].append(f"the link to site {reply['peer']} is down: {reply['last_error']}")
         info["healthy"] = False
     return reply
@@ -201,6 +201,9 @@ def render_status(info: dict[str, Any]) -> str:
 def _site_rows(site: dict[str, Any]) -> list[tuple[str, str]]:
     if not site["linked"]:
         return [("site link", f"not linked (listener {site['listen']})")]
+    if site.get("elsewhere"):
+        return [("site link", f"to {site['peer']}: runs on another member ({site['elsewhere']}); "
+                              f"{site['open_conflicts']} open conflicts")]
     out, inn = site["outbound"], site["inbound"]
     return [("site link", f"to {site['peer']}: {'up' if site['link_up'] else 'DOWN'}; out {out['pending_operations']} "
                           f"pending, lag {out['lag_s']:.1f} s; in {inn['pending_operations']} pending, lag "

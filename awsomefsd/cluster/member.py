@@ -73,6 +73,7 @@ from awsomefsd.meta.replication.transport import RaftTransport
 from awsomefsd.metrics import Metrics, counter, gauge
 from awsomefsd.node import (
     Core,
+    MemberSite,
     NodeError,
     Storage,
     assemble_core,
@@ -343,8 +344,9 @@ async def run_member(member: Member, *, founding: Founding | None = None,
                 member.raft.node, member.state.listen, extra_bindings=[service.binding()], task_status=task_status))
         log.info("node %d: cluster listener on %s", member.node_id, bound)
         control = control_socket(member.state_dir)
+        handlers = member.control_handlers()  # the site link adds its own ([site] listen)
         await nursery.start(lambda task_status=trio.TASK_STATUS_IGNORED: serve_grpc(
-            [ControlService(member.control_handlers()).binding()], f"unix://{control}", task_status=task_status))
+            [ControlService(handlers).binding()], f"unix://{control}", task_status=task_status))
         await nursery.start(member.raft.run)
         await nursery.start(member.meta.run_pipeline)
         if founding is not None:
@@ -373,7 +375,9 @@ async def run_member(member: Member, *, founding: Founding | None = None,
         if settings.cluster.advertise:
             nursery.start_soon(_advertise, member)
         handed_over = await serve(core, settings, ready=ready, log_running=True, purge_orphans=False,
-                                  runs_engines=lambda: member.raft.node.raw.is_leader)
+                                  runs_engines=lambda: member.raft.node.raw.is_leader,
+                                  member_site=MemberSite(functools.partial(_link_elsewhere, member), handlers,
+                                                         member.creds, functools.partial(_member_hosts, member)))
         how = "the mount handed over" if handed_over else "unmounted"
         with trio.move_on_after(STOP_RELEASE_S) as releasing:
             released = await member.coherence.release_all()
@@ -385,6 +389,23 @@ async def run_member(member: Member, *, founding: Founding | None = None,
                         member.node_id, how, STOP_RELEASE_S)
         nursery.cancel_scope.cancel()
     return handed_over
+
+
+def _link_elsewhere(member: Member) -> str | None:
+    """Where the site link runs when not on this member: on the leader (repl/service.py)."""
+    raw = member.raft.node.raw
+    if raw.is_leader:
+        return None
+    leader = member.meta.member(raw.leader_id) if raw.leader_id else None
+    if leader is None:
+        return "no member of this site leads now (an election)"
+    return f"node {leader.node} ({leader.name}, {leader.address}) leads this site"
+
+
+def _member_hosts(member: Member) -> list[str]:
+    """Every active member's host, this node's first (the site link's default addresses)."""
+    members = sorted(member.meta.members().values(), key=lambda m: (m.node != member.node_id, m.node))
+    return [split_host_port(m.address)[0] for m in members if m.active]
 
 
 async def _found(member: Member, founding: Founding) -> None:

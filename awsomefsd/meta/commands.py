@@ -539,8 +539,10 @@ Command = (
 BASE_LOG_LEVEL = 3
 """The level of a cluster that never recorded one: formed by builds before the gate, which decode
 command tags 1-32 (meta/codec.py) in format 3."""
-LOG_LEVEL = 9
-"""The newest commands this build decodes. 9: ApplyRemoteSharing. 8: ResolveConflict. 7: the cross-site replication commands. 6: the tiering commands (and block addresses in objects,
+LOG_LEVEL = 10
+"""The newest commands this build decodes. 10: cross-site replication on a cluster (an ApplyRemote
+is refused while another member holds a delegation or write lease of what it changes, so
+LinkSite, which starts replication, waits until every member applies ApplyRemote that way). 9: ApplyRemoteSharing. 8: ResolveConflict. 7: the cross-site replication commands. 6: the tiering commands (and block addresses in objects,
 meta/tiered.py). 5: Preallocate (and unwritten extents, which a WriteData
 may then write in place). 4: PunchHole, CloneRange, SetLogLevel.
 
@@ -554,7 +556,7 @@ with `LogAheadOfBuild`."""
 COMMAND_LEVELS: dict[type, int] = {
     PunchHole: 4, CloneRange: 4, SetLogLevel: 4, Preallocate: 5,
     PlanTierObject: 6, CommitTierObject: 6, AbandonTierObjects: 6, ForgetTierObjects: 6,
-    LinkSite: 7, UnlinkSite: 7, ApplyRemote: 7, ForgetSite: 7, ResolveConflict: 8, ApplyRemoteSharing: 9,
+    LinkSite: 10, UnlinkSite: 7, ApplyRemote: 7, ForgetSite: 7, ResolveConflict: 8, ApplyRemoteSharing: 9,
 }
 
 

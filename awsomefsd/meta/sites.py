@@ -451,6 +451,13 @@ class SiteTables:
         nested = self._sm.store.env.begin(write=True, parent=txn)
         try:
             applied = self._apply_remote(nested, cmd)
+            # On a cluster, another member may hold the delegation of a directory the batch
+            # changed, or the write lease of a file: it may have acknowledged changes there that
+            # the log has not seen, or be compacting the file from the map before. The batch is
+            # refused whole (`Delegated`) and the receiver proposes it again holding those
+            # (docs/delegations.md). Checked after the batch, in its transaction: only applying
+            # it tells which entries and inodes it changes; every replica finds the same.
+            self._sm.check_delegated(nested, *sorted({parent for parent, _ in applied.entries} | set(applied.inodes)))
         except BaseException:
             nested.abort()
             self._sm.load(txn)

@@ -78,6 +78,10 @@ def follow_initial_sync(status: Callable[[], dict[str, Any]], totals: tuple[int,
     started, started_ns = time.monotonic(), time.time_ns()
     while True:
         info = status()
+        if info.get("elsewhere"):  # a cluster member that does not run the link knows no figures
+            out.write(f"the initial sync runs on the member that runs the link ({info['elsewhere']}): "
+                      "`awsomefsd site status` there shows its progress\n")
+            return
         outbound, inbound = info["outbound"], info["inbound"]
         sent = max(0, sent_total - outbound["pending_operations"]) if sent_total else 0
         received = min(received_total, inbound["operations"])
@@ -126,6 +130,12 @@ def render_status(info: dict[str, Any]) -> str:
     out, inn = info["outbound"], info["inbound"]
     last = info["last_exchange_ns"]
     when = datetime.datetime.fromtimestamp(last / 1e9).isoformat(timespec="seconds") if last else "never"
+    if info.get("elsewhere"):
+        return "\n".join([
+            f"site {info['site']} linked to {info['peer']} at {', '.join(info['peer_addresses'])}",
+            f"  link: runs on another member ({info['elsewhere']}); ask there for its figures",
+            f"  conflicts: {info['open_conflicts']} open, {info['conflicts_total']} in all (`awsomefsd site conflicts`)",
+        ])
     lines = [
         f"site {info['site']} linked to {info['peer']} at {', '.join(info['peer_addresses'])}",
         f"  link: {'up' if info['link_up'] else 'DOWN'}" + (f" ({info['last_error']})" if info["last_error"] else ""),

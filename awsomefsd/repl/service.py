@@ -55,7 +55,7 @@ from awsomefsd.io.checksum import crc32c
 from awsomefsd.io.layout import BLOCK_SIZE
 from awsomefsd.meta import commands as c
 from awsomefsd.meta.client import MetaClient
-from awsomefsd.meta.errors import FsError
+from awsomefsd.meta.errors import Delegated, FsError
 from awsomefsd.meta.records import Extent
 from awsomefsd.metrics import counter, gauge
 from awsomefsd.repl import delta, wire
@@ -102,6 +102,16 @@ HEARTBEAT_S = 2.0
 which moves the horizon on, and the link's state stays current."""
 FORGET_EVERY_S = 5.0
 MAX_RESTAGES = 3
+LINK_POLL_S = 0.5
+"""How often a member looks whether another member linked or unlinked the site."""
+ROLE_POLL_S = 0.2
+"""How often a member looks whether it runs the link (leads its cluster) now."""
+MAX_DELEGATIONS_PER_BATCH = 256
+"""Directories and files of a batch another member may hold, taken one per refusal (each a
+proposal of the batch again): a batch is at most `batch_operations` operations."""
+NOT_RUNNING_THE_LINK = "this node does not run the site link"
+ROLLING_UPGRADE = ("a member of this site runs a build that cannot take part in cross-site replication yet "
+                   "(a rolling upgrade under way): upgrade every member first")
 """Restage answers in a row a sender takes (the peer restarted and lost what was staged) before
 it calls the link broken: a peer asking for ever would otherwise stall the link without a word."""
 RETRY_MIN_S, RETRY_MAX_S = 0.5, 10.0
@@ -158,20 +168,31 @@ class _Staged:
 
 class SiteService:
     def __init__(self, meta: MetaClient, data: FileData, ops: Operations, *, site: uuid.UUID, state_dir: Path,
-                 listen: str, advertise: list[str], batch_operations: int, batch_bytes: int, mount: Path | None,
-                 applied: Callable[[object, object], None] = lambda command, result: None) -> None:
+                 listen: str, advertise: Callable[[], list[str]], batch_operations: int, batch_bytes: int,
+                 mount: Path | None, applied: Callable[[object, object], None] = lambda command, result: None,
+                 elsewhere: Callable[[], str | None] = lambda: None,
+                 credentials: NodeCredentials | None = None) -> None:
         """`applied(command, result)` hears of every ApplyRemote that committed: the mount's kernel
-        caches must forget what it changed (no FUSE request told the kernel)."""
+        caches must forget what it changed (no FUSE request told the kernel).
+
+        A site of several nodes (a cluster) runs this service on every member: each listens and
+        pairs, but only the member that leads the site's metadata group ships and receives (one
+        sender, one receiver: its log orders them anyway). `elsewhere()`: None while this node
+        runs the link, else where it runs (said to the other site, which tries its next address,
+        and to an operator). `advertise()`: the addresses the other site reaches this one at
+        (every member's); `credentials`: a member's, issued by its cluster's CA, which the other
+        site pins (None: a single node's own, made on first use)."""
         self.meta, self.data, self.ops = meta, data, ops
         self.applied = applied
         self.site = site
         self.state_dir = state_dir
         self.listen = listen
-        self.advertise = advertise or [listen]
+        self._advertise = advertise
+        self.elsewhere = elsewhere
         self.batch_operations = batch_operations
         self.batch_bytes = batch_bytes
         self.mount = mount
-        self.credentials: NodeCredentials = load_or_create(state_dir, site)
+        self.credentials: NodeCredentials = credentials or load_or_create(state_dir, site)
         self.state = LinkState()
         self._nonces: dict[bytes, float] = {}
         self._staged: dict[Stamp, _Staged] = {}
@@ -206,7 +227,7 @@ class SiteService:
                 link = self.meta.site_link()
                 self._relink = trio.Event()
                 if link is None:
-                    await self._relink.wait()
+                    await self._link_changed(None)
                     continue
                 async with trio.open_nursery() as linked:
                     peer_ca = link["ca_pem"].encode()
@@ -217,9 +238,9 @@ class SiteService:
                             [(self.credentials.key_pem, self.credentials.cert_pem + self.credentials.ca_pem)],
                             root_certificates=peer_ca, require_client_auth=True),
                         task_status=task_status))
-                    linked.start_soon(self._ship_forever, link)
+                    linked.start_soon(self._ship_while_running_the_link, link)
                     linked.start_soon(self._expire_staged)
-                    await self._relink.wait()
+                    await self._link_changed(link)
                     linked.cancel_scope.cancel()
                 self.state = LinkState()
 
@@ -227,12 +248,47 @@ class SiteService:
         """The link changed (linked, unlinked): restart the listener and the shipper."""
         self._relink.set()
 
+    async def _link_changed(self, link: dict[str, Any] | None) -> None:
+        """Until the link is no longer `link`: this node changed it (`relink`), or, on a cluster,
+        another member did (its LinkSite or UnlinkSite applied here too)."""
+        while self.meta.site_link() == link:
+            with trio.move_on_after(LINK_POLL_S):
+                await self._relink.wait()
+                return
+
+    async def _ship_while_running_the_link(self, link: dict[str, Any]) -> None:
+        """Ship while this node runs the link (a cluster's leader); stop when it no longer does."""
+        while True:
+            while self.elsewhere() is not None:
+                await trio.sleep(ROLE_POLL_S)
+            async with trio.open_nursery() as shipping:
+                shipping.start_soon(self._ship_forever, link)
+                while self.elsewhere() is None:
+                    await trio.sleep(ROLE_POLL_S)
+                shipping.cancel_scope.cancel()
+            # What the peer holds was told to this node; another may have sent since.
+            self._shipped.clear()
+            self.state.up, self.state.last_error = False, self.elsewhere() or ""
+
+    def addresses(self) -> list[str]:
+        """Where the other site reaches this one (the link token's, and what pairing tells it)."""
+        return self._advertise() or [self.listen]
+
+    def check_running_the_link(self) -> None:
+        """The other site's sender calls the node that runs the link; any other says where it runs
+        (UNAVAILABLE: the sender tries its next address)."""
+        where = self.elsewhere()
+        if where is not None:
+            raise RpcAbort(grpc.StatusCode.UNAVAILABLE, f"{NOT_RUNNING_THE_LINK}: {where}")
+
     # -- pairing ---------------------------------------------------------------------------------
     def invite(self) -> str:
         """A new link token; the previous one no longer pairs."""
         if self.meta.site_link() is not None:
             raise ControlError("this site is linked already: `awsomefsd site unlink` first")
-        token = LinkToken.generate(self.site, ca_fingerprint(self.credentials), tuple(self.advertise))
+        if not self.meta.may_propose(c.LinkSite):
+            raise ControlError(ROLLING_UPGRADE)
+        token = LinkToken.generate(self.site, ca_fingerprint(self.credentials), tuple(self.addresses()))
         directory = site_dir(self.state_dir)
         directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         (directory / INVITE_FILE).write_bytes(token.verifier().to_bytes())
@@ -252,6 +308,8 @@ class SiteService:
                                "`awsomefsd site unlink` first")
         if not token.seeds:
             raise ControlError("the token names no address of the other site")
+        if not self.meta.may_propose(c.LinkSite):  # before the other site links: both or neither
+            raise ControlError(ROLLING_UPGRADE)
         errors = []
         for address in token.seeds:
             try:
@@ -279,7 +337,7 @@ class SiteService:
             nonce = bytes.fromhex(header.get("nonce", ""))
             own_ca = self.credentials.ca_pem
             proof = token.prove(nonce, own_ca)
-            request = {"site": str(self.site), "ca_pem": own_ca.decode(), "addresses": self.advertise,
+            request = {"site": str(self.site), "ca_pem": own_ca.decode(), "addresses": self.addresses(),
                        "nonce": nonce.hex(), "proof": proof.hex()}
             reply, _ = wire.unframe(await unary_call(channel, f"/{PAIRING_SERVICE}/Pair", wire.frame(request),
                                                      CALL_TIMEOUT_S))
@@ -308,13 +366,18 @@ class SiteService:
             return {"error": "the link token is wrong or was replaced by a newer one"}
         if self.meta.site_link() is not None:
             return {"error": "that site is linked already"}
+        if not self.meta.may_propose(c.LinkSite):
+            return {"error": ROLLING_UPGRADE}
         sent = await self._link(peer.bytes, peer_ca, tuple(addresses))
         invite.unlink(missing_ok=True)
-        return {"addresses": self.advertise, "initial_operations": sent}
+        return {"addresses": self.addresses(), "initial_operations": sent}
 
     async def _link(self, peer: bytes, peer_ca: x509.Certificate, addresses: tuple[str, ...]) -> int:
         """Link to `peer`; returns how many operations this site's initial sync sends."""
         from cryptography.hazmat.primitives import serialization
+
+        if not self.meta.may_propose(c.LinkSite):
+            raise ControlError(ROLLING_UPGRADE)
 
         ca_pem = peer_ca.public_bytes(serialization.Encoding.PEM)
         sent = await self.meta.propose(c.LinkSite(peer, time.time_ns(), ca_pem, addresses))
@@ -481,7 +544,11 @@ class SiteService:
                     else c.ApplyRemote(peer, start, tuple(raws), tuple(extents), tuple(counts), time.time_ns())
                 try:
                     async with self._files_locked(contents):
-                        applied = await self.meta.propose(command)
+                        applied = await self.ops.propose_holding(command, tries=MAX_DELEGATIONS_PER_BATCH)
+                except Delegated as exc:  # refused, nothing applied: the stagings stay for the retry
+                    self._staged.update(taken)
+                    raise RpcAbort(grpc.StatusCode.UNAVAILABLE, f"the batch needs more of what other members "
+                                                                f"hold than one push takes ({exc}): try again") from None
                 except FsError as exc:
                     self._release_taken(taken, exc)
                     if exc.errno == errno.ESTALE:
@@ -572,18 +639,34 @@ class SiteService:
 
     # -- shipping --------------------------------------------------------------------------------
     async def _ship_forever(self, link: dict[str, Any]) -> None:
+        """Ship to whichever of the peer's addresses runs its link (a cluster's leader), starting
+        with the one that did last; a member that does not says so and the next is tried."""
         delay = RETRY_MIN_S
         peer = uuid.UUID(link["peer"])
+        addresses: list[str] = list(link["addresses"])
         while True:
-            for address in link["addresses"]:
+            elsewhere = []
+            for address in list(addresses):
                 try:
                     with self._channel(link, address) as channel:
                         await self._ship(channel)
                 except (grpc.RpcError, OSError, wire.WireError, ValueError) as exc:
                     why = _why(exc)
+                    if NOT_RUNNING_THE_LINK in why:
+                        elsewhere.append(f"{address}: {why}")
+                        continue
+                    if self.state.up:  # it ran the link until now: first again next time, and soon
+                        addresses.remove(address)
+                        addresses.insert(0, address)
+                        delay = RETRY_MIN_S
                     if self.state.up or self.state.last_error != why:
                         log.warning("link to site %s at %s is down: %s", peer, address, why)
                     self.state.up, self.state.last_error = False, why
+            if len(elsewhere) == len(addresses):
+                why = "no node of the other site runs its link (electing a leader?): " + "; ".join(elsewhere)
+                if self.state.up or self.state.last_error != why:
+                    log.warning("link to site %s is down: %s", peer, why)
+                self.state.up, self.state.last_error = False, why
             await trio.sleep(delay)
             delay = min(delay * 2, RETRY_MAX_S)
 
@@ -818,6 +901,7 @@ class SiteService:
             "site": str(self.site),
             "listen": self.listen,
             "linked": link is not None,
+            "elsewhere": self.elsewhere(),  # on a cluster: None on the member that runs the link
             "peer": None if link is None else str(uuid.UUID(link["peer"])),
             "peer_addresses": [] if link is None else link["addresses"],
             "link_up": self.state.up,
@@ -835,6 +919,11 @@ class SiteService:
 
     def collect_metrics(self) -> Iterator[Metric]:
         info = self.status()
+        yield counter("awsomefs_site_conflicts", "conflicts with the other site, ever", info["conflicts_total"])
+        yield gauge("awsomefs_site_open_conflicts", "conflicts whose loser no later write replaced",
+                    info["open_conflicts"])
+        if info["elsewhere"] is not None:
+            return  # the link's figures are the member's that runs it (a cluster's leader)
         yield gauge("awsomefs_site_link_up", "1 when the link to the other site is up", int(info["link_up"]))
         for direction in ("outbound", "inbound"):
             yield gauge(f"awsomefs_site_{direction}_pending_operations",
@@ -850,9 +939,6 @@ class SiteService:
         yield counter("awsomefs_site_outbound_unchanged_bytes",
                       "bytes of large files not sent because the other site had them (delta transfer)",
                       info["outbound"]["bytes_unchanged"])
-        yield counter("awsomefs_site_conflicts", "conflicts with the other site, ever", info["conflicts_total"])
-        yield gauge("awsomefs_site_open_conflicts", "conflicts whose loser no later write replaced",
-                    info["open_conflicts"])
 
     def outbound_lag(self) -> tuple[int, float]:
         """(operations the peer has not acknowledged, seconds the oldest of them has waited)."""
@@ -976,9 +1062,11 @@ class _Link:
         self.service = service
 
     async def Cursor(self, request: bytes, context: grpc.ServicerContext) -> bytes:
+        self.service.check_running_the_link()
         return wire.frame({"applied": wire.stamp_text(self.service.cursor()), "features": self.service.features()})
 
     async def Stage(self, request: bytes, context: grpc.ServicerContext) -> bytes:
+        self.service.check_running_the_link()
         try:
             header, data = wire.unframe(request)
             await self.service.stage(header, data)
@@ -987,6 +1075,7 @@ class _Link:
         return wire.frame({})
 
     async def Push(self, request: bytes, context: grpc.ServicerContext) -> bytes:
+        self.service.check_running_the_link()
         try:
             header, data = wire.unframe(request)
             return wire.frame(await self.service.push(header, data))

@@ -84,7 +84,7 @@ async def receiver(tmp_path: Path) -> AsyncIterator[tuple[Core, SiteService]]:
 
 def service_of(core: Core, tmp_path: Path) -> SiteService:
     return SiteService(core.meta, core.data, core.ops, site=core.superblock.cluster_id, state_dir=tmp_path / "state",
-                       listen="127.0.0.1:1", advertise=[], batch_operations=64, batch_bytes=64 << 20, mount=None)
+                       listen="127.0.0.1:1", advertise=lambda: [], batch_operations=64, batch_bytes=64 << 20, mount=None)
 
 
 async def test_a_chunk_continuing_a_staging_this_site_lost_is_refused(

@@ -38,6 +38,14 @@ def test_a_restarted_daemon_that_counts_anew_ends_the_progress_once_the_peer_say
     assert out.getvalue().endswith("the initial sync is done\n") and next(replies) == status(0, 3, 0)
 
 
+def test_on_a_cluster_member_that_does_not_run_the_link_the_progress_says_where_to_look() -> None:
+    """It knows no figures (the leader does): it says so once instead of waiting for ever."""
+    replies = iter([status(0, 0, 0, up=False) | {"elsewhere": "node 2 (n2, 10.0.0.2:7470) leads this site"}])
+    out = io.StringIO()
+    follow_initial_sync(lambda: next(replies), (100, 50), out, interval_s=0)
+    assert "runs on the member that runs the link (node 2" in out.getvalue()
+
+
 def test_conflicts_show_an_id_both_versions_and_what_was_kept() -> None:
     site_a, site_b = bytes.fromhex("aa" * 16), bytes.fromhex("bb" * 16)
     winner, loser = Stamp(1_795_000_000_000_000_000, 0, site_b), Stamp(1_794_999_999_000_000_000, 0, site_a)

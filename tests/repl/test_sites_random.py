@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 
 from awsomefsd.devcluster.network import available
-from tests.support.sites import Site, link, two_sites, wait_converged
+from tests.support.sites import ClusterSite, Site, cluster_and_site, link, two_sites, wait_converged
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(available() is not None, reason=f"network namespaces: {available()}")]
@@ -56,7 +56,7 @@ class Workload:
         with self.journal.open("a") as journal:
             journal.write(line + "\n")
 
-    def token(self, site: Site) -> bytes:
+    def token(self, site: Site | ClusterSite) -> bytes:
         self.tokens += 1
         token = f"{site.name}-{self.tokens}\n".encode()
         self.written.append(token)
@@ -71,8 +71,9 @@ class Workload:
             files += [Path(path) / n for n in names]
         return files, dirs
 
-    def step(self, site: Site) -> None:
-        root = site.mount
+    def step(self, site: Site | ClusterSite) -> None:
+        # on a cluster, through a member's mount chosen at random (the leader's or another's)
+        root = self.rng.choice(site.running()).mount if isinstance(site, ClusterSite) else site.mount
         files, dirs = self.paths(root)
         rng = self.rng
         kind = rng.choice(["write", "write", "write", "append", "mkdir", "rename", "rename", "unlink", "rmdir",
@@ -148,14 +149,19 @@ def contents(root: Path) -> dict[bytes, Path]:
     return found
 
 
-def open_conflicts(site: Site) -> set[tuple[str, str]]:
+def open_conflicts(site: Site | ClusterSite) -> set[tuple[str, str]]:
     listed = json.loads(site.cli("conflicts", "--json").stdout)
     return {(r["kind"], r["loser"]) for r in listed if r["open"]}
 
 
-def test_two_sites_converge_under_a_random_workload_with_partitions_and_kills(tmp_path: Path) -> None:
+@pytest.mark.parametrize("layout", ["single", "cluster"])
+def test_two_sites_converge_under_a_random_workload_with_partitions_and_kills(tmp_path: Path, layout: str) -> None:
+    """`single`: two single-node sites, b killed now and then. `cluster`: a is a three-node
+    cluster, written through any member's mount, and its leader is killed now and then (the
+    next one takes the link over; the old one comes back as a follower)."""
     workload = Workload(SEED, tmp_path / "operations.txt")
-    with two_sites(tmp_path, delay_ms=10) as (a, b, wan):
+    made = two_sites(tmp_path, delay_ms=10) if layout == "single" else cluster_and_site(tmp_path, delay_ms=10)
+    with made as (a, b, wan):
         link(a, b)
         for round_ in range(ROUNDS + 1):
             last = round_ == ROUNDS
@@ -166,10 +172,16 @@ def test_two_sites_converge_under_a_random_workload_with_partitions_and_kills(tm
             for _ in range(OPS_PER_ROUND):
                 workload.step(a if workload.rng.random() < 0.5 else b)
             if not last and workload.rng.random() < 0.3:
-                workload.note("kill -9 b, restart")
-                b.daemon.kill()
-                b.daemon.stop_hard()
-                b.daemon.start()
+                if isinstance(a, ClusterSite):
+                    old = a.leader()
+                    workload.note(f"kill -9 a's leader (node {old.index}), restart it")
+                    old.kill()
+                    old.start("run")
+                else:
+                    workload.note("kill -9 b, restart")
+                    b.daemon.kill()
+                    b.daemon.stop_hard()
+                    b.daemon.start()
             fresh = {content: path for content, path in (contents(a.mount) | contents(b.mount)).items()
                      if any(token in content for token in workload.written)}
             before = {site.name: sorted((str(path), content) for content, path in contents(site.mount).items())
@@ -181,20 +193,20 @@ def test_two_sites_converge_under_a_random_workload_with_partitions_and_kills(tm
             # /.conflicts is each site's own (verify leaves it out): what either keeps counts
             merged = contents(a.mount) | contents(b.mount)
             if open_conflicts(a) != open_conflicts(b):
-                for site in (a, b):
-                    (site.daemon.state / "daemon.log").write_text(site.daemon.logs())
+                saved = [site.save_logs() for site in (a, b)]
                 listed = {site.name: {(r["kind"], r["loser"]): r for r in json.loads(site.cli("conflicts", "--json").stdout)}
                           for site in (a, b)}
                 only = {name: [r for key, r in records.items() if r["open"] and key not in open_conflicts(other)]
                         for (name, records), other in zip(listed.items(), (b, a))}
-                raise AssertionError(f"seed {SEED} round {round_}: the open conflicts differ: {json.dumps(only, indent=1)}")
+                raise AssertionError(f"seed {SEED} round {round_}: the open conflicts differ: {json.dumps(only, indent=1)} "
+                                     f"(logs: {saved})")
             if cut:
                 lost = {content: str(path) for content, path in fresh.items() if content not in merged}
                 if lost:
                     for site in (a, b):
-                        (site.daemon.state / "daemon.log").write_text(site.daemon.logs())
-                        (site.daemon.state / "tree.txt").write_text("\n".join(
+                        saved = Path(site.save_logs().split(", ")[0]).parent
+                        (saved / "tree.txt").write_text("\n".join(
                             f"{path} {content!r}" for content, path in sorted(contents(site.mount).items())))
-                        (site.daemon.state / "before.txt").write_text(repr(before))
+                        (saved / "before.txt").write_text(repr(before))
                 assert not lost, (f"seed {SEED} round {round_}: writes lost without a trace: {lost}; conflicts: "
                                   f"{a.cli('conflicts', '--json').stdout} {b.cli('conflicts', '--json').stdout}")

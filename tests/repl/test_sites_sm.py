@@ -22,7 +22,7 @@ import pytest
 
 from awsomefsd.meta import commands as c
 from awsomefsd.meta import sites as s
-from awsomefsd.meta.errors import FsError
+from awsomefsd.meta.errors import Delegated, FsError
 from awsomefsd.meta.filemap import all_extents
 from awsomefsd.meta.records import ROOT_INO, Extent
 from awsomefsd.meta.state_machine import StateMachine
@@ -1078,3 +1078,25 @@ def test_a_rename_that_wins_over_a_knowing_delete_keeps_the_file_its_directory_r
     else:
         assert kept_copies(a) == {}
         assert kinds == ["move"]
+
+
+def test_a_batch_changing_what_another_member_holds_is_refused_whole(tmp_path: Path) -> None:
+    """On a cluster, a member may hold a directory's delegation (or a file's write lease) and
+    have acknowledged changes there the log has not seen: another member's ApplyRemote that
+    changes it is refused whole (`Delegated`, as a local change would be), and applies once
+    proposed by the holder (the receiving service takes the delegation and proposes again)."""
+    a, b = linked_pair(tmp_path)
+    a.apply(c.InitCluster(b"cert", b"key", b"v" * 48, 3, 256, 1000, 10, 1, "n1", "10.0.0.1:7470", "10.0.0.1:7471",
+                          a.tick()))
+    assert a.apply(c.AddMember("n2", "10.0.0.2:7470", "10.0.0.2:7471", a.tick())) == 2
+    b.apply(c.Mknod(ROOT_INO, b"from-b", b.new_ino(), stat.S_IFREG | 0o644, 0, 0, 0, b.tick()))
+    raws = tuple(raw for _, raw in b.outbox_after(None))
+    batch = c.ApplyRemote(b.id, b"", raws, (), (), a.tick())
+    assert a.apply(c.AcquireWriteLease(ROOT_INO, 2, 1)) == 2  # node 2 holds the root's delegation
+    before = a.snapshot()
+    with pytest.raises(Delegated) as refused:
+        a.apply(c.Fenced(1, 1, (batch,)))
+    assert (refused.value.directory, refused.value.holder) == (ROOT_INO, 2)
+    assert a.snapshot() == before and a.applied_from_peer() is None, "a refused batch left something"
+    a.apply(c.Fenced(2, 1, (batch,)))
+    assert b"/from-b" in a.snapshot()

@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from awsomefsd.devcluster.members import wait_for
+from awsomefsd.devcluster.members import DevCluster, DevNode, wait_for
 from awsomefsd.devcluster.network import Namespace, PrivateNetwork
 from tests.support.daemon import REPO, Daemon, run_cli
 
@@ -42,6 +42,55 @@ class Site:
         assert done.returncode == 0, done.stderr
         result: dict[str, object] = json.loads(done.stdout)
         return result
+
+    def logs(self) -> str:
+        return self.daemon.logs()[-3000:]
+
+    def save_logs(self) -> str:
+        path = self.daemon.state / "daemon.log"
+        path.write_text(self.daemon.logs())
+        return str(path)
+
+
+@dataclass
+class ClusterSite:
+    """A site of several nodes: `site` commands go to the member that leads (the one that runs
+    the link and knows its figures)."""
+
+    name: str
+    cluster: DevCluster
+    members: list[DevNode]
+
+    def running(self) -> list[DevNode]:
+        return [n for n in self.members if n.proc is not None and n.proc.poll() is None]
+
+    @property
+    def mount(self) -> Path:
+        """The leader's mount (every member's shows the same tree)."""
+        return self.leader().mount
+
+    def leader(self) -> DevNode:
+        return self.cluster.leader(self.running())
+
+    def followers(self) -> list[DevNode]:
+        leader = self.leader()
+        return [n for n in self.running() if n is not leader]
+
+    def cli(self, *args: str, timeout_s: float = 120.0) -> subprocess.CompletedProcess[str]:
+        return self.leader().cli("site", *args, timeout_s=timeout_s)
+
+    def status(self) -> dict[str, object]:
+        done = self.cli("status", "--json")
+        assert done.returncode == 0, done.stderr
+        result: dict[str, object] = json.loads(done.stdout)
+        assert result["elsewhere"] is None, result  # asked the leader
+        return result
+
+    def logs(self) -> str:
+        return "".join(f"--- node {n.index} ---\n{n.logs(40)}" for n in self.members)
+
+    def save_logs(self) -> str:
+        return ", ".join(str(n.log_path) for n in self.members)
 
 
 class Wan:
@@ -97,19 +146,56 @@ def two_sites(root: Path, *, delay_ms: float = 25, rate_kib_s: float = 0, size: 
                 site.daemon.stop_hard()
 
 
-def link(a: Site, b: Site) -> None:
+CLUSTER_PORT = 19450
+"""Every member's site listener (each in its own namespace); the proxy's port for member k is
+CLUSTER_PORT + 2k (pairing: + 1)."""
+
+
+@contextmanager
+def cluster_and_site(root: Path, *, members: int = 3, delay_ms: float = 25) -> Iterator[tuple[ClusterSite, Site, Wan]]:
+    """A site of `members` cluster nodes and a single-node site, unlinked, with the WAN between
+    them: every member listens on the same port in its namespace and the cluster advertises
+    all of them through the proxy (the same [site] settings on every member)."""
+    from tests.support.cluster import cluster_in
+
+    with PrivateNetwork(members + 2) as network:
+        *member_ns, ns_b, ns_wan = network.nodes
+        targets = [(PORT_B, f"{ns_b.address}:{PORT_B}"), (PORT_B + 1, f"{ns_b.address}:{PORT_B + 1}")]
+        for k, ns in enumerate(member_ns):
+            targets += [(CLUSTER_PORT + 2 * k + extra, f"{ns.address}:{CLUSTER_PORT + extra}") for extra in (0, 1)]
+        wan = Wan(ns_wan, targets, delay_ms)
+        advertise = [f"{ns_wan.address}:{CLUSTER_PORT + 2 * k}" for k in range(members)]
+        env = {"AWSOMEFS_SITE__LISTEN": f"0.0.0.0:{CLUSTER_PORT}", "AWSOMEFS_SITE__ADVERTISE": json.dumps(advertise)}
+        (root / "a").mkdir(parents=True, exist_ok=True)
+        with cluster_in(network, root / "a", env=env) as cluster:
+            for node in cluster.nodes:
+                node.metrics_port = 0  # any free port in its namespace
+            nodes = cluster.form(members)
+            (root / "mb").mkdir(parents=True, exist_ok=True)
+            daemon = Daemon(root / "sb", root / "mb", env={"AWSOMEFS_SITE__LISTEN": f"{ns_b.address}:{PORT_B}",
+                                                           "AWSOMEFS_SITE__ADVERTISE": json.dumps([f"{ns_wan.address}:{PORT_B}"])},
+                            prefix=["nsenter", f"--net=/run/netns/{ns_b.name}", "--"])
+            b = Site("b", daemon, ns_b)
+            try:
+                daemon.start()
+                yield ClusterSite("a", cluster, nodes), b, wan
+            finally:
+                daemon.stop_hard()
+
+
+def link(a: Site | ClusterSite, b: Site | ClusterSite) -> None:
     """`site link` on a, its token to `site link TOKEN` on b."""
     token = a.cli("link")
     assert token.returncode == 0, token.stderr
     linked = b.cli("link", token.stdout.strip())
-    assert linked.returncode == 0, linked.stderr + a.daemon.logs()[-3000:]
+    assert linked.returncode == 0, linked.stderr + a.logs()
 
 
-def wait_converged(a: Site, b: Site, deadline_s: float = SYNC_DEADLINE_S) -> None:
+def wait_converged(a: Site | ClusterSite, b: Site | ClusterSite, deadline_s: float = SYNC_DEADLINE_S) -> None:
     """Until each site has applied all the other sent (nothing pending either way: a tree can
     match before the last operations, those that settle conflicts, are in) and `site verify`
     says both trees are the same; on time-out, the logs are saved and quoted."""
-    def settled(site: Site) -> bool:
+    def settled(site: Site | ClusterSite) -> bool:
         outbound = site.status()["outbound"]
         assert isinstance(outbound, dict)
         return outbound["pending_operations"] == 0
@@ -118,8 +204,6 @@ def wait_converged(a: Site, b: Site, deadline_s: float = SYNC_DEADLINE_S) -> Non
         wait_for(lambda: settled(a) and settled(b) and a.cli("verify").returncode == 0, deadline_s,
                  "both sites to have applied all the other sent, and to hold the same tree", interval_s=0.5)
     except TimeoutError:
-        for site in (a, b):
-            (site.daemon.state / "daemon.log").write_text(site.daemon.logs())
-        raise AssertionError(a.cli("verify").stdout[:3000] + "\n--- a ---\n" + a.daemon.logs()[-3000:]
-                             + "\n--- b ---\n" + b.daemon.logs()[-3000:]
-                             + f"\n(whole logs: {a.daemon.state}/daemon.log, {b.daemon.state}/daemon.log)") from None
+        saved = [site.save_logs() for site in (a, b)]
+        raise AssertionError(a.cli("verify").stdout[:3000] + "\n--- a ---\n" + a.logs()
+                             + "\n--- b ---\n" + b.logs() + f"\n(whole logs: {', '.join(saved)})") from None

@@ -1,0 +1,165 @@
+"""A site of three cluster nodes linked to a single-node site: every member listens and pairs,
+the member that leads the cluster's metadata group runs the link (ships and receives), the
+others say where it runs. Real daemons in network namespaces, the WAN proxy between the sites
+(tests/support/sites.py), the real CLI.
+
+Covered here: pairing through a follower; the initial sync both ways; changes made on any member
+reach the other site, and the other site's changes show through every member's mount; another
+site's batch that touches a directory a follower changes ahead of the log (its delegation) or a
+file it writes (its write lease) waits for the follower to hand them over, so nothing the follower
+acknowledged is lost; kill -9 of the leader while both sites write: the next leader resumes
+from the cursors, nothing applied twice, nothing skipped; `site status` and `awsomefsd status`
+on a follower.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from awsomefsd.devcluster.members import DevNode
+from awsomefsd.devcluster.network import available
+from tests.support.daemon import wait_for
+from tests.support.sites import ClusterSite, Site, Wan, cluster_and_site, link, wait_converged
+
+pytestmark = pytest.mark.skipif(available() is not None, reason=f"network namespaces: {available()}")
+FILES_PER_WRITER = 40
+LEADER_DEADLINE_S = 60.0
+
+
+@pytest.fixture
+def sites(tmp_path: Path) -> Iterator[tuple[ClusterSite, Site, Wan]]:
+    with cluster_and_site(tmp_path) as made:
+        yield made
+
+
+def write_files(directory: Path, prefix: str, count: int, written: list[str]) -> None:
+    """Create, write and fsync `count` files; `written` gets each once it is acknowledged."""
+    directory.mkdir(exist_ok=True)
+    for i in range(count):
+        name = f"{prefix}{i}"
+        fd = os.open(directory / name, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        try:
+            os.write(fd, f"{name}\n".encode() * 100)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        written.append(name)
+
+
+def test_a_three_node_site_links_syncs_and_survives_its_leader(sites: tuple[ClusterSite, Site, Wan]) -> None:
+    a, b, _wan = sites
+    leader = a.leader()
+    follower, other = a.followers()
+    (follower.mount / "docs").mkdir()
+    (follower.mount / "docs" / "plan.txt").write_text("from a\n")
+    (b.mount / "notes.txt").write_text("from b\n")
+    # paired through a follower: the token lists every member, the pairing goes to the one that made it
+    token = follower.cli("site", "link")
+    assert token.returncode == 0, token.stderr
+    joined = b.cli("link", token.stdout.strip())
+    assert joined.returncode == 0, joined.stderr + a.logs()
+    wait_converged(a, b)
+    assert (b.mount / "docs" / "plan.txt").read_text() == "from a\n"
+    for node in a.members:  # another site's change shows through every member's mount
+        wait_for(lambda node=node: (node.mount / "notes.txt").exists(), 30, f"notes.txt on node {node.index}")
+        assert (node.mount / "notes.txt").read_text() == "from b\n", node.index
+
+    # A follower changes /shared ahead of the log (it holds the directory's delegation) and keeps
+    # a file open for writing (its write lease) while b's batches change both.
+    (b.mount / "shared").mkdir()
+    wait_converged(a, b)
+    kept: list[str] = []
+    writer = threading.Thread(target=write_files, args=(follower.mount / "shared", "a", FILES_PER_WRITER, kept))
+    writer.start()
+    theirs: list[str] = []
+    write_files(b.mount / "shared", "b", FILES_PER_WRITER, theirs)
+    with (follower.mount / "docs" / "plan.txt").open("a") as held:
+        held.write("appended on a\n")
+        held.flush()
+        (b.mount / "docs" / "plan.txt").write_text("rewritten on b\n")
+        wait_for(lambda: a.status()["inbound"]["pending_operations"] == 0 and  # type: ignore[index]
+                 b.status()["outbound"]["pending_operations"] == 0, 60, "b's rewrite applied on a")  # type: ignore[index]
+    writer.join()
+    wait_converged(a, b)
+    assert metric(a.leader(), "awsomefs_delegation_refusals_total") > 0, "no batch met what the follower held"
+    names = sorted(p.name for p in (b.mount / "shared").iterdir())
+    assert names == sorted(kept + theirs), "an acknowledged create is missing"
+    for node in a.running():
+        assert sorted(p.name for p in (node.mount / "shared").iterdir()) == names, node.index
+    plan = (b.mount / "docs" / "plan.txt").read_text()
+    assert plan == (follower.mount / "docs" / "plan.txt").read_text()
+    assert plan in ("rewritten on b\n", "from a\nappended on a\n"), plan
+
+    # a follower says where the link runs; `awsomefsd status` there is healthy and says so too
+    said = json.loads(other.cli("site", "status", "--json").stdout)
+    assert said["linked"] and said["elsewhere"] and f"node {leader.node_id}" in said["elsewhere"], said
+    overall = other.cli("status")
+    assert overall.returncode == 0 and "runs on another member" in overall.stdout, overall.stdout + overall.stderr
+
+    # kill -9 of the leader while both sites write: the next leader runs the link from the cursors
+    mine: list[str] = []
+    survivor = follower if follower is not leader else other
+    writers = [threading.Thread(target=write_files, args=(survivor.mount / "storm", "a", FILES_PER_WRITER, mine))]
+    writers[0].start()
+    wait_for(lambda: len(mine) >= 5, 30, "the survivor's first writes")
+    leader.kill()
+    theirs = []
+    write_files(b.mount / "storm", "b", FILES_PER_WRITER, theirs)
+    writers[0].join()
+    wait_for(lambda: _has_new_leader(a, leader), LEADER_DEADLINE_S, "a new leader of site a")
+    wait_converged(a, b, deadline_s=120)
+    names = sorted(p.name for p in (b.mount / "storm").iterdir())
+    assert names == sorted(mine + theirs), "an acknowledged create of either site is missing"
+    for name in mine:
+        assert (b.mount / "storm" / name).read_text() == f"{name}\n" * 100, name
+    for name in theirs:
+        assert (survivor.mount / "storm" / name).read_text() == f"{name}\n" * 100, name
+    status = a.status()
+    assert status["link_up"] is True, status
+
+
+def test_a_partition_during_which_the_site_changes_leader_loses_nothing(
+        sites: tuple[ClusterSite, Site, Wan]) -> None:
+    """Cut off, both sites write; the cluster's leader is killed and another takes over; the old
+    leader comes back as a follower; after the heal the new leader sends what was written on
+    every member and applies what the other site wrote meanwhile."""
+    a, b, wan = sites
+    link(b, a)  # b's token, joined from a (the pairing goes the other way round)
+    wait_converged(a, b)
+    wan.cut()
+    ours: list[str] = []
+    theirs: list[str] = []
+    for node in a.running():
+        write_files(node.mount / "cut-a", f"a{node.index}-", 5, ours)
+    write_files(b.mount / "cut-b", "b", 15, theirs)
+    old = a.leader()
+    old.kill()
+    wait_for(lambda: _has_new_leader(a, old), LEADER_DEADLINE_S, "a new leader of site a")
+    write_files(a.leader().mount / "cut-a", "after-", 5, ours)
+    old.start("run")
+    wan.heal()
+    wait_converged(a, b, deadline_s=120)
+    names = sorted(p.name for d in ("cut-a", "cut-b") for p in (b.mount / d).iterdir())
+    assert names == sorted(ours + theirs), "an acknowledged create of either site is missing"
+    wait_for(lambda: sorted(p.name for d in ("cut-a", "cut-b") for p in (old.mount / d).iterdir()) == names, 30,
+             "the restarted member to show both sites' files")
+
+
+def metric(node: DevNode, name: str) -> float:
+    for line in node.scrape().splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise AssertionError(f"node {node.index} exports no {name}")
+
+
+def _has_new_leader(a: ClusterSite, old: DevNode) -> bool:
+    try:
+        return a.leader() is not old
+    except LookupError:
+        return False
