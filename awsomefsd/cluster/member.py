@@ -503,6 +503,8 @@ def _collect(member: Member) -> Iterator[Metric]:
                   ahead.ran_ahead)
     yield counter("awsomefs_meta_ahead_lost", "changes acknowledged ahead that the log then refused (each reported "
                   "by the next fsync)", ahead.losses)
+    yield counter("awsomefs_meta_unpredictable", "metadata changes that could not run ahead after all (what a site "
+                  "link captures of them needed the log) and were proposed and waited for", ahead.unpredictable)
     yield counter("awsomefs_meta_pipeline_proposals", "proposals carrying changes acknowledged ahead", ahead.proposals)
     yield gauge("awsomefs_meta_pipeline_pending", "changes acknowledged ahead and not decided yet", ahead.pending)
     fence = member.storage.device.fence

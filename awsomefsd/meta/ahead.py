@@ -83,8 +83,10 @@ class Predictor(StateMachine):
     Free space is not tracked: the extents a WriteData maps are the node's own, allocated from its
     groups and written already; the real apply checks that they are free and takes them (and
     defers what they supersede). The log's counters must not be used: a prediction of a cookie or
-    a sequence number would differ from the log's (an assertion, not an error: `can_run_ahead`
-    rules such commands out)."""
+    a sequence number would differ from the log's. `can_run_ahead` rules out the commands whose
+    own handler uses one; on a site linked to another, what the command's capture does besides
+    may need one too (a copy kept in /.conflicts, an entry shown again under its own name:
+    meta/sites.py), which only trying tells: `Unpredictable`, and the command is proposed."""
 
     def __init__(self, store: MetaStore) -> None:
         super().__init__(store)
@@ -97,7 +99,11 @@ class Predictor(StateMachine):
         pass
 
     def _next(self, txn: lmdb.Transaction[bytes], name: bytes, count: int = 1) -> int:
-        raise AssertionError(f"a prediction used the log's counter {name!r}")
+        raise Unpredictable(name)
+
+
+class Unpredictable(Exception):
+    """A prediction needed one of the log's counters (`Predictor`): only the log can apply it."""
 
 
 @dataclass(eq=False)
@@ -126,6 +132,8 @@ class AheadLog:
         self._progress = trio.Event()
         self.proposals = 0
         self.ran_ahead = 0
+        self.unpredictable = 0
+        """Commands that could not run ahead after all (`Unpredictable`) and were proposed."""
         self.losses = 0
         self.last_loss = ""
         self._reported = 0
@@ -156,7 +164,11 @@ class AheadLog:
             if still is not None and not still():
                 return await self.propose(command, epoch=epoch)
         scratch: dict[tuple[Any, bytes], bytes | None] = {}
-        result = self._predictor.apply(OverlayTxn(self._log.read_txn(), self._overlay, scratch), command)  # type: ignore[arg-type]
+        try:
+            result = self._predictor.apply(OverlayTxn(self._log.read_txn(), self._overlay, scratch), command)  # type: ignore[arg-type]
+        except Unpredictable:  # nothing was recorded: the scratch goes
+            self.unpredictable += 1
+            return await self.propose(command, epoch=epoch)
         self._seq += 1
         self._overlay.record(self._seq, scratch)
         self._queue.append(_Entry(self._seq, command, epoch, ahead=True))
