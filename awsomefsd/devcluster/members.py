@@ -226,18 +226,20 @@ class DevNode:
 
 
 class DevCluster:
-    """The members of one cluster on `network`, its shared image `<root>/shared.img` and their state
-    under `root`; mounts under `mounts` (default: `root`)."""
+    """The members of one cluster on `network` (on `namespaces` of it: default all), its shared
+    image `<root>/shared.img` and their state under `root`; mounts under `mounts` (default: `root`)."""
 
     def __init__(self, network: PrivateNetwork, root: Path, *, size: str = "2G", command: Sequence[str] | None = None,
-                 env: dict[str, str] | None = None, mounts: Path | None = None) -> None:
+                 env: dict[str, str] | None = None, mounts: Path | None = None,
+                 namespaces: Sequence[Namespace] | None = None) -> None:
         self.network = network
         self.root = root
         self.device = root / "shared.img"
         self.size = size
         self.env = env if env is not None else own_environment()
         command = command or own_command()
-        self.nodes = [DevNode(ns, root, k, command, self.env, mounts=mounts) for k, ns in enumerate(network.nodes, start=1)]
+        self.nodes = [DevNode(ns, root, k, command, self.env, mounts=mounts)
+                      for k, ns in enumerate(network.nodes if namespaces is None else namespaces, start=1)]
         self.token = ""
 
     def init(self, node: DevNode | None = None) -> DevNode:

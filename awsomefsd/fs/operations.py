@@ -219,13 +219,13 @@ class Operations:
         """True while this node holds the inode's lease: a change to its attributes may run ahead."""
         return nullcontext(False) if self.coherence is None else self.coherence.holding(ino)
 
-    async def propose_holding(self, command: object, *, tries: int = MAX_DELEGATION_TRIES) -> Any:
-        """Propose a change no FUSE request made (another site's batch) through the log, taking
-        the delegations and write leases the state machine says other members hold (`_propose`;
-        `tries`: how many it may take, one per refusal)."""
-        return await self._propose(command, False, tries=tries)
+    def taking(self, inos: set[int]) -> AbstractAsyncContextManager[None]:
+        """Hold these directories' delegations and files' write leases (a cluster member's) for
+        a block: for a change no FUSE request made (another site's batch) that the state machine
+        refused (`Delegated`) because another member held them, as `_propose` does."""
+        return nullcontext() if self.coherence is None or not inos else self.coherence.taking(inos)
 
-    async def _propose(self, command: object, ahead: bool, *, tries: int = MAX_DELEGATION_TRIES) -> Any:
+    async def _propose(self, command: object, ahead: bool) -> Any:
         """Run a namespace change ahead, or propose it through the log. A proposal the state
         machine refused because another node holds a directory's delegation (`Delegated`: strict
         mode delegates nothing of its own, and a change whose delegations kept moving goes
@@ -240,7 +240,7 @@ class Operations:
                 async with held:
                     return await self.meta.propose(command)
             except Delegated as exc:
-                if self.coherence is None or exc.directory in taken or len(taken) >= tries:
+                if self.coherence is None or exc.directory in taken or len(taken) >= MAX_DELEGATION_TRIES:
                     raise
                 taken.add(exc.directory)
 

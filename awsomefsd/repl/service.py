@@ -56,7 +56,7 @@ from awsomefsd.io.layout import BLOCK_SIZE
 from awsomefsd.meta import commands as c
 from awsomefsd.meta.client import MetaClient
 from awsomefsd.meta.errors import Delegated, FsError
-from awsomefsd.meta.records import Extent
+from awsomefsd.meta.records import Applied, Extent
 from awsomefsd.metrics import counter, gauge
 from awsomefsd.repl import delta, wire
 from awsomefsd.repl import ops as o
@@ -543,8 +543,7 @@ class SiteService:
                                          tuple(shared_counts), time.time_ns()) if shared \
                     else c.ApplyRemote(peer, start, tuple(raws), tuple(extents), tuple(counts), time.time_ns())
                 try:
-                    async with self._files_locked(contents):
-                        applied = await self.ops.propose_holding(command, tries=MAX_DELEGATIONS_PER_BATCH)
+                    applied = await self._propose_holding(command, contents)
                 except Delegated as exc:  # refused, nothing applied: the stagings stay for the retry
                     self._staged.update(taken)
                     raise RpcAbort(grpc.StatusCode.UNAVAILABLE, f"the batch needs more of what other members "
@@ -575,6 +574,25 @@ class SiteService:
             pending, lag_s = self.outbound_lag()
             return {"applied": wire.stamp_text(self.cursor()), "head": wire.stamp_text(self.meta.site_head()),
                     "pending": pending, "lag_ms": int(lag_s * 1000)}
+
+    async def _propose_holding(self, command: c.ApplyRemote | c.ApplyRemoteSharing,
+                               contents: list[o.ContentSet]) -> Applied:
+        """Propose a batch with the files it replaces locked (`_files_locked`); on a cluster, one
+        the state machine refused because another member holds a delegation or write lease of
+        what it changes (`Delegated`) is proposed again holding that too (the holder's hand-over
+        first commits what it acknowledged). The leases are taken before the buffer locks: a
+        hand-over of this node's own lease flushes the file under its buffer lock."""
+        taken: set[int] = set()
+        while True:
+            async with self.ops.taking(taken), self._files_locked(contents):
+                try:
+                    applied: Applied = await self.meta.propose(command)
+                    return applied
+                except Delegated as exc:
+                    if exc.directory in taken or len(taken) >= MAX_DELEGATIONS_PER_BATCH:
+                        raise
+                    held_elsewhere = exc.directory
+            taken.add(held_elsewhere)
 
     @contextlib.asynccontextmanager
     async def _files_locked(self, contents: list[o.ContentSet]) -> AsyncIterator[None]:

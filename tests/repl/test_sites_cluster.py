@@ -151,6 +151,40 @@ def test_a_partition_during_which_the_site_changes_leader_loses_nothing(
              "the restarted member to show both sites' files")
 
 
+def test_two_three_node_sites_keep_converging_while_both_leaders_are_killed(tmp_path: Path) -> None:
+    """Both sites are clusters: each pairs through a follower, writes go through followers on
+    both sides, and both leaders are killed at once while both sites write; the next leaders
+    find each other through the tokens' other addresses and every acknowledged create of either
+    site ends on both."""
+    with cluster_and_site(tmp_path, other_members=3) as (a, b, _wan):
+        assert isinstance(b, ClusterSite)
+        token = a.followers()[0].cli("site", "link")
+        assert token.returncode == 0, token.stderr
+        joined = b.followers()[0].cli("site", "link", token.stdout.strip())
+        assert joined.returncode == 0, joined.stderr + a.logs() + b.logs()
+        wait_converged(a, b)
+        written: dict[str, list[str]] = {"a": [], "b": []}
+        writers = [threading.Thread(target=write_files, args=(site.followers()[0].mount / f"from-{site.name}",
+                                                              site.name, FILES_PER_WRITER, written[site.name]))
+                   for site in (a, b)]
+        for writer in writers:
+            writer.start()
+        wait_for(lambda: min(len(names) for names in written.values()) >= 5, 60, "both sites' first writes")
+        leaders = [a.leader(), b.leader()]
+        for leader in leaders:
+            leader.kill()
+        for writer in writers:
+            writer.join()
+        for site, old in zip((a, b), leaders):
+            wait_for(lambda site=site, old=old: _has_new_leader(site, old), LEADER_DEADLINE_S, f"a new leader of {site.name}")
+        wait_converged(a, b, deadline_s=120)
+        for site in (a, b):
+            for node in site.running():
+                for origin, names in written.items():
+                    shown = sorted(p.name for p in (node.mount / f"from-{origin}").iterdir())
+                    assert shown == sorted(names), (site.name, node.index, origin)
+
+
 def metric(node: DevNode, name: str) -> float:
     for line in node.scrape().splitlines():
         if line.startswith(name + " "):

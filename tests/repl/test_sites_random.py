@@ -154,13 +154,14 @@ def open_conflicts(site: Site | ClusterSite) -> set[tuple[str, str]]:
     return {(r["kind"], r["loser"]) for r in listed if r["open"]}
 
 
-@pytest.mark.parametrize("layout", ["single", "cluster"])
+@pytest.mark.parametrize("layout", ["single", "cluster", "clusters"])
 def test_two_sites_converge_under_a_random_workload_with_partitions_and_kills(tmp_path: Path, layout: str) -> None:
     """`single`: two single-node sites, b killed now and then. `cluster`: a is a three-node
     cluster, written through any member's mount, and its leader is killed now and then (the
-    next one takes the link over; the old one comes back as a follower)."""
+    next one takes the link over; the old one comes back as a follower). `clusters`: both are."""
     workload = Workload(SEED, tmp_path / "operations.txt")
-    made = two_sites(tmp_path, delay_ms=10) if layout == "single" else cluster_and_site(tmp_path, delay_ms=10)
+    made = two_sites(tmp_path, delay_ms=10) if layout == "single" else \
+        cluster_and_site(tmp_path, delay_ms=10, other_members=3 if layout == "clusters" else 1)
     with made as (a, b, wan):
         link(a, b)
         for round_ in range(ROUNDS + 1):
@@ -172,9 +173,11 @@ def test_two_sites_converge_under_a_random_workload_with_partitions_and_kills(tm
             for _ in range(OPS_PER_ROUND):
                 workload.step(a if workload.rng.random() < 0.5 else b)
             if not last and workload.rng.random() < 0.3:
-                if isinstance(a, ClusterSite):
-                    old = a.leader()
-                    workload.note(f"kill -9 a's leader (node {old.index}), restart it")
+                clusters = [site for site in (a, b) if isinstance(site, ClusterSite)]
+                victim = workload.rng.choice(clusters) if clusters else b
+                if isinstance(victim, ClusterSite):
+                    old = victim.leader()
+                    workload.note(f"kill -9 {victim.name}'s leader (node {old.index}), restart it")
                     old.kill()
                     old.start("run")
                 else:

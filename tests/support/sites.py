@@ -6,6 +6,7 @@ between the sites goes through it (one-way delay, bandwidth cap, cut and heal).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -146,41 +147,56 @@ def two_sites(root: Path, *, delay_ms: float = 25, rate_kib_s: float = 0, size: 
                 site.daemon.stop_hard()
 
 
-CLUSTER_PORT = 19450
+CLUSTER_PORTS = {"a": 19450, "b": 19470}
 """Every member's site listener (each in its own namespace); the proxy's port for member k is
-CLUSTER_PORT + 2k (pairing: + 1)."""
+the site's port + 2k (pairing: + 1)."""
 
 
 @contextmanager
-def cluster_and_site(root: Path, *, members: int = 3, delay_ms: float = 25) -> Iterator[tuple[ClusterSite, Site, Wan]]:
-    """A site of `members` cluster nodes and a single-node site, unlinked, with the WAN between
-    them: every member listens on the same port in its namespace and the cluster advertises
-    all of them through the proxy (the same [site] settings on every member)."""
+def cluster_and_site(root: Path, *, members: int = 3, other_members: int = 1,
+                     delay_ms: float = 25) -> Iterator[tuple[ClusterSite, Site | ClusterSite, Wan]]:
+    """Site a of `members` cluster nodes and site b of `other_members` (1: a single node),
+    unlinked, with the WAN between them: on a cluster every member listens on the same port in
+    its namespace and advertises all of them through the proxy (the same [site] settings on
+    every member)."""
+    with PrivateNetwork(members + other_members + 1) as network:
+        ns_a, ns_b = network.nodes[:members], network.nodes[members:members + other_members]
+        ns_wan = network.nodes[-1]
+        targets = []
+        for name, namespaces in (("a", ns_a), ("b", ns_b)):
+            port = CLUSTER_PORTS[name] if len(namespaces) > 1 else PORT_B
+            for k, ns in enumerate(namespaces):
+                targets += [(port + 2 * k + extra, f"{ns.address}:{port + extra}") for extra in (0, 1)]
+        wan = Wan(ns_wan, targets, delay_ms)
+        with contextlib.ExitStack() as stack:
+            a = stack.enter_context(_cluster_site("a", root, network, ns_a, ns_wan.address))
+            if other_members > 1:
+                b: Site | ClusterSite = stack.enter_context(_cluster_site("b", root, network, ns_b, ns_wan.address))
+            else:
+                (ns,) = ns_b
+                (root / "mb").mkdir(parents=True, exist_ok=True)
+                daemon = Daemon(root / "sb", root / "mb", env={"AWSOMEFS_SITE__LISTEN": f"{ns.address}:{PORT_B}",
+                                                               "AWSOMEFS_SITE__ADVERTISE": json.dumps([f"{ns_wan.address}:{PORT_B}"])},
+                                prefix=["nsenter", f"--net=/run/netns/{ns.name}", "--"])
+                stack.callback(daemon.stop_hard)
+                b = Site("b", daemon.start(), ns)
+            yield a, b, wan
+
+
+@contextmanager
+def _cluster_site(name: str, root: Path, network: PrivateNetwork, namespaces: list[Namespace],
+                  wan_address: str) -> Iterator[ClusterSite]:
+    """A cluster of these namespaces' nodes under root/<name>, linked to nothing yet."""
     from tests.support.cluster import cluster_in
 
-    with PrivateNetwork(members + 2) as network:
-        *member_ns, ns_b, ns_wan = network.nodes
-        targets = [(PORT_B, f"{ns_b.address}:{PORT_B}"), (PORT_B + 1, f"{ns_b.address}:{PORT_B + 1}")]
-        for k, ns in enumerate(member_ns):
-            targets += [(CLUSTER_PORT + 2 * k + extra, f"{ns.address}:{CLUSTER_PORT + extra}") for extra in (0, 1)]
-        wan = Wan(ns_wan, targets, delay_ms)
-        advertise = [f"{ns_wan.address}:{CLUSTER_PORT + 2 * k}" for k in range(members)]
-        env = {"AWSOMEFS_SITE__LISTEN": f"0.0.0.0:{CLUSTER_PORT}", "AWSOMEFS_SITE__ADVERTISE": json.dumps(advertise)}
-        (root / "a").mkdir(parents=True, exist_ok=True)
-        with cluster_in(network, root / "a", env=env) as cluster:
-            for node in cluster.nodes:
-                node.metrics_port = 0  # any free port in its namespace
-            nodes = cluster.form(members)
-            (root / "mb").mkdir(parents=True, exist_ok=True)
-            daemon = Daemon(root / "sb", root / "mb", env={"AWSOMEFS_SITE__LISTEN": f"{ns_b.address}:{PORT_B}",
-                                                           "AWSOMEFS_SITE__ADVERTISE": json.dumps([f"{ns_wan.address}:{PORT_B}"])},
-                            prefix=["nsenter", f"--net=/run/netns/{ns_b.name}", "--"])
-            b = Site("b", daemon, ns_b)
-            try:
-                daemon.start()
-                yield ClusterSite("a", cluster, nodes), b, wan
-            finally:
-                daemon.stop_hard()
+    port = CLUSTER_PORTS[name]
+    advertise = [f"{wan_address}:{port + 2 * k}" for k in range(len(namespaces))]
+    env = {"AWSOMEFS_SITE__LISTEN": f"0.0.0.0:{port}", "AWSOMEFS_SITE__ADVERTISE": json.dumps(advertise)}
+    (root / name).mkdir(parents=True, exist_ok=True)
+    with cluster_in(network, root / name, env=env, namespaces=namespaces) as cluster:
+        for node in cluster.nodes:
+            node.metrics_port = 0  # any free port in its namespace
+        yield ClusterSite(name, cluster, cluster.form(len(namespaces)))
 
 
 def link(a: Site | ClusterSite, b: Site | ClusterSite) -> None:
