@@ -280,7 +280,7 @@ class MemberSite:
     control: dict[str, Callable[[dict[str, object]], Awaitable[dict[str, object]]]]
     credentials: NodeCredentials
     member_hosts: Callable[[], list[str]]
-    """Every active member's host (its cluster address's), this node's first."""
+    """Every active member's host (its cluster address's), by node id."""
 
 
 async def serve(core: Core, settings: Settings, *, ready: Callable[[str], None] | None = None,

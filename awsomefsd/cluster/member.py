@@ -403,8 +403,9 @@ def _link_elsewhere(member: Member) -> str | None:
 
 
 def _member_hosts(member: Member) -> list[str]:
-    """Every active member's host, this node's first (the site link's default addresses)."""
-    members = sorted(member.meta.members().values(), key=lambda m: (m.node != member.node_id, m.node))
+    """Every active member's host, by node id (the site link's default addresses: the same list
+    whichever member says it, so the other site does not store it anew at each leader change)."""
+    members = sorted(member.meta.members().values(), key=lambda m: m.node)
     return [split_host_port(m.address)[0] for m in members if m.active]
 
 
@@ -542,7 +543,14 @@ def _collect(member: Member) -> Iterator[Metric]:
 
 
 async def _update_address(member: Member) -> None:
+    """This node's record says where it listens now and which certificate it holds: the
+    founder's was issued before there was a cluster to record it in, and without its serial
+    `node remove` could not revoke it (here, or at a linked site)."""
     record = member.meta.member(member.node_id)
+    serial = format(member.creds.cert.serial_number, "x")
+    if record is not None and not record.serial:
+        log.info("node %d records its certificate's serial %s", member.node_id, serial)
+        await member.raft.propose(c.SetMemberCert(member.node_id, serial))
     if record is not None and record.address != member.state.listen:
         log.info("node %d now listens on %s (was %s)", member.node_id, member.state.listen, record.address)
         await member.raft.propose(c.UpdateMemberAddress(member.node_id, member.state.listen,

@@ -214,6 +214,7 @@ RULES: dict[type, Rule] = {
     c.LinkSite: _nothing,
     c.UnlinkSite: _nothing,
     c.ForgetSite: _nothing,
+    c.UpdateSiteLink: _nothing,
     c.ApplyRemote: _applied_remote,
     c.ApplyRemoteSharing: _applied_remote,
     c.ResolveConflict: _applied_remote,

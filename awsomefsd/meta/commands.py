@@ -449,6 +449,17 @@ class UnlinkSite:
 
 
 @dataclass(frozen=True, slots=True)
+class UpdateSiteLink:
+    """What the linked site says of itself now (its answer to `Cursor`), kept with the link: the
+    addresses its members listen at (members come and go after pairing) and the serials of its
+    removed members' certificates, which its CA signed: their calls are refused from now on."""
+
+    addresses: tuple[str, ...]
+    revoked: tuple[str, ...]  # hex serials
+    now_ns: int
+
+
+@dataclass(frozen=True, slots=True)
 class ApplyRemote:
     """Apply a batch of the linked site's operations (repl/ops.py encodings), in its stamp order.
 
@@ -532,7 +543,7 @@ Command = (
     | RemoveMember | SetJoinVerifier | RenewLease | ExpireNode | ClaimGroups | AcquireWriteLease
     | ReleaseWriteLease | ReleaseOrphans | Fenced | PunchHole | CloneRange | SetLogLevel | Preallocate
     | PlanTierObject | CommitTierObject | AbandonTierObjects | ForgetTierObjects | LinkSite | UnlinkSite
-    | ApplyRemote | ForgetSite | ResolveConflict | ApplyRemoteSharing
+    | ApplyRemote | ForgetSite | ResolveConflict | ApplyRemoteSharing | UpdateSiteLink
 )
 
 
@@ -542,7 +553,8 @@ command tags 1-32 (meta/codec.py) in format 3."""
 LOG_LEVEL = 10
 """The newest commands this build decodes. 10: cross-site replication on a cluster (an ApplyRemote
 is refused while another member holds a delegation or write lease of what it changes, so
-LinkSite, which starts replication, waits until every member applies ApplyRemote that way). 9: ApplyRemoteSharing. 8: ResolveConflict. 7: the cross-site replication commands. 6: the tiering commands (and block addresses in objects,
+LinkSite, which starts replication, waits until every member applies ApplyRemote that way),
+UpdateSiteLink. 9: ApplyRemoteSharing. 8: ResolveConflict. 7: the cross-site replication commands. 6: the tiering commands (and block addresses in objects,
 meta/tiered.py). 5: Preallocate (and unwritten extents, which a WriteData
 may then write in place). 4: PunchHole, CloneRange, SetLogLevel.
 
@@ -557,6 +569,7 @@ COMMAND_LEVELS: dict[type, int] = {
     PunchHole: 4, CloneRange: 4, SetLogLevel: 4, Preallocate: 5,
     PlanTierObject: 6, CommitTierObject: 6, AbandonTierObjects: 6, ForgetTierObjects: 6,
     LinkSite: 10, UnlinkSite: 7, ApplyRemote: 7, ForgetSite: 7, ResolveConflict: 8, ApplyRemoteSharing: 9,
+    UpdateSiteLink: 10,
 }
 
 

@@ -246,6 +246,14 @@ class SiteTables:
         self._seed(txn, ROOT_INO, ROOT, cmd.now_ns)
         return int(txn.stat(self.db["soutbox"])["entries"]) - int(before)
 
+    def update_link(self, txn: lmdb.Transaction[bytes], cmd: c.UpdateSiteLink) -> None:
+        """Keep what the peer says of itself now (`UpdateSiteLink`) with the link."""
+        info = self.link_info(txn)
+        if info is None:
+            raise FsError(errno.ENOENT, "not linked to any site")
+        info["addresses"], info["revoked"] = list(cmd.addresses), list(cmd.revoked)
+        txn.put(b"link", json.dumps(info).encode(), db=self.meta)
+
     def unlink(self, txn: lmdb.Transaction[bytes], cmd: c.UnlinkSite) -> None:
         """Stop capturing; the outbox, the cursors and the tree are dropped (a new link starts over
         with an initial sync). Objects kept only for the tree are released to the orphan purge."""
@@ -1581,7 +1589,8 @@ class SiteTables:
         return None if raw is None else Stamp.unpack(bytes(raw))
 
     def link_info(self, txn: lmdb.Transaction[bytes]) -> dict[str, Any] | None:
-        """The peer as LinkSite recorded it: its id, CA certificate and addresses."""
+        """The peer as LinkSite recorded it: its id, CA certificate and addresses (and, once it
+        told them, `revoked`: its removed members' certificate serials; UpdateSiteLink)."""
         raw = txn.get(b"link", db=self.meta)
         return None if raw is None else json.loads(raw)
 

@@ -119,6 +119,7 @@ class StateMachine:
             c.ApplyRemote: lambda txn, cmd: self.sites.apply_remote(txn, cmd),
             c.ApplyRemoteSharing: lambda txn, cmd: self.sites.apply_remote(txn, cmd),
             c.ForgetSite: lambda txn, cmd: self.sites.forget(txn, cmd),
+            c.UpdateSiteLink: lambda txn, cmd: self.sites.update_link(txn, cmd),
             c.ResolveConflict: lambda txn, cmd: self.sites.resolve(txn, cmd),
         }
 

@@ -44,10 +44,10 @@ import trio
 from cryptography import x509
 from prometheus_client import Metric
 
-from awsomefsd.cluster.ca import cluster_dns_name, fingerprint
+from awsomefsd.cluster.ca import MAX_REVOCATIONS, CertificateError, Revocations, cluster_dns_name, fingerprint
 from awsomefsd.cluster.join_service import JoinError, fetch_cluster_ca, split_host_port
 from awsomefsd.cluster.rpc import ControlError, generic_adder
-from awsomefsd.cluster.tls import NodeCredentials
+from awsomefsd.cluster.tls import NodeCredentials, authenticated_peer
 from awsomefsd.cluster.token import LINK, NONCE_BYTES, LinkToken, TokenError, TokenVerifier
 from awsomefsd.fs.data import FileData
 from awsomefsd.fs.operations import Operations
@@ -110,6 +110,8 @@ MAX_DELEGATIONS_PER_BATCH = 256
 """Directories and files of a batch another member may hold, taken one per refusal (each a
 proposal of the batch again): a batch is at most `batch_operations` operations."""
 NOT_RUNNING_THE_LINK = "this node does not run the site link"
+MAX_PEER_ADDRESSES, MAX_ADDRESS_CHARS = 16, 300
+HEX = frozenset("0123456789abcdef")
 ROLLING_UPGRADE = ("a member of this site runs a build that cannot take part in cross-site replication yet "
                    "(a rolling upgrade under way): upgrade every member first")
 """Restage answers in a row a sender takes (the peer restarted and lost what was staged) before
@@ -210,6 +212,9 @@ class SiteService:
         oldest first; forgotten at a restart or a restage (then versions go whole)."""
         self._apply_lock = trio.Lock()
         self._relink = trio.Event()
+        self._peer_ca: x509.Certificate | None = None
+        self._peer_revoked = Revocations()
+        """The linked site's removed members, whose certificates its CA still signs (UpdateSiteLink)."""
 
     # -- running ---------------------------------------------------------------------------------
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -231,6 +236,8 @@ class SiteService:
                     continue
                 async with trio.open_nursery() as linked:
                     peer_ca = link["ca_pem"].encode()
+                    self._peer_ca = x509.load_pem_x509_certificate(peer_ca)
+                    self._peer_revoked = Revocations(int(serial, 16) for serial in link.get("revoked", []))
                     await linked.start(lambda task_status, peer_ca=peer_ca: serve_grpc(
                         [Binding(generic_adder(LINK_SERVICE, ("Cursor", "Stage", "Push", "Digest")), _Link(self))],
                         self.listen, limits=BridgeLimits(max_message_bytes=MAX_MESSAGE_BYTES),
@@ -273,6 +280,40 @@ class SiteService:
     def addresses(self) -> list[str]:
         """Where the other site reaches this one (the link token's, and what pairing tells it)."""
         return self._advertise() or [self.listen]
+
+    def check_caller(self, context: grpc.ServicerContext) -> None:
+        """The handshake checked that the caller's certificate chains to the linked site's CA;
+        it must also be current and not a removed member's (the other site told us, `Cursor`)."""
+        assert self._peer_ca is not None, "the link listener runs only while linked"
+        try:
+            authenticated_peer(context, self._peer_ca, self._peer_revoked)
+        except CertificateError as exc:
+            log.warning("refused a call from the other site: %s", exc)
+            raise RpcAbort(grpc.StatusCode.PERMISSION_DENIED, f"refused: {exc}") from None
+
+    def describe_self(self) -> dict[str, Any]:
+        """What the other site learns of this one in each `Cursor`: where its members listen now
+        and which members' certificates it no longer accepts."""
+        return {"addresses": self.addresses(), "revoked": [f"{serial:x}" for serial in sorted(self.meta.revoked_serials())]}
+
+    async def _learn_peer(self, link: dict[str, Any], header: dict[str, Any], reached_at: str) -> None:
+        """Keep what the peer says of itself (`describe_self`, in every answer to `Cursor` and
+        `Push`: a push goes at least every heartbeat) with the link, when it changed (a build
+        before it says nothing). The address this call reached it at stays in the list."""
+        addresses, revoked = header.get("addresses"), header.get("revoked")
+        if not isinstance(addresses, list) or not isinstance(revoked, list) \
+                or not 0 < len(addresses) <= MAX_PEER_ADDRESSES or len(revoked) > MAX_REVOCATIONS \
+                or not all(isinstance(a, str) and 0 < len(a) <= MAX_ADDRESS_CHARS for a in addresses) \
+                or not all(isinstance(r, str) and 0 < len(r) <= 64 and all(ch in HEX for ch in r) for r in revoked):
+            return
+        if reached_at not in addresses:
+            addresses = [*addresses, reached_at][-MAX_PEER_ADDRESSES:]
+        if (addresses, revoked) == (link["addresses"], link.get("revoked", [])) \
+                or not self.meta.may_propose(c.UpdateSiteLink):
+            return
+        await self.meta.propose(c.UpdateSiteLink(tuple(addresses), tuple(revoked), time.time_ns()))
+        log.info("the other site listens at %s now; %d of its members removed", ", ".join(addresses), len(revoked))
+        self.relink()  # the shipper goes on with the new addresses, the listener refuses the removed
 
     def check_running_the_link(self) -> None:
         """The other site's sender calls the node that runs the link; any other says where it runs
@@ -667,7 +708,7 @@ class SiteService:
             for address in list(addresses):
                 try:
                     with self._channel(link, address) as channel:
-                        await self._ship(channel)
+                        await self._ship(channel, link, address)
                 except (grpc.RpcError, OSError, wire.WireError, ValueError) as exc:
                     why = _why(exc)
                     if NOT_RUNNING_THE_LINK in why:
@@ -688,9 +729,10 @@ class SiteService:
             await trio.sleep(delay)
             delay = min(delay * 2, RETRY_MAX_S)
 
-    async def _ship(self, channel: grpc.Channel) -> None:
+    async def _ship(self, channel: grpc.Channel, link: dict[str, Any], address: str) -> None:
         call = _caller(channel)
         header, _ = wire.unframe(await call("Cursor", wire.frame({})))
+        await self._learn_peer(link, header, address)
         cursor = wire.stamp_field(header, "applied")
         features = header.get("features")
         self._peer_takes_deltas = isinstance(features, list) and DELTA in features
@@ -749,6 +791,7 @@ class SiteService:
                                                                     "ops": [raw.hex() for raw in ops]}, data)))
             last_push = time.monotonic()
             log.debug("pushed %d operations after %s: %s", len(ops), cursor, reply)
+            await self._learn_peer(link, reply, address)
             if reply.get("restage"):
                 self._shipped.clear()  # a delta's base may be what the peer no longer shows: all whole
                 restaged += 1
@@ -1080,10 +1123,13 @@ class _Link:
         self.service = service
 
     async def Cursor(self, request: bytes, context: grpc.ServicerContext) -> bytes:
+        self.service.check_caller(context)
         self.service.check_running_the_link()
-        return wire.frame({"applied": wire.stamp_text(self.service.cursor()), "features": self.service.features()})
+        return wire.frame({"applied": wire.stamp_text(self.service.cursor()), "features": self.service.features(),
+                           **self.service.describe_self()})
 
     async def Stage(self, request: bytes, context: grpc.ServicerContext) -> bytes:
+        self.service.check_caller(context)
         self.service.check_running_the_link()
         try:
             header, data = wire.unframe(request)
@@ -1093,16 +1139,18 @@ class _Link:
         return wire.frame({})
 
     async def Push(self, request: bytes, context: grpc.ServicerContext) -> bytes:
+        self.service.check_caller(context)
         self.service.check_running_the_link()
         try:
             header, data = wire.unframe(request)
-            return wire.frame(await self.service.push(header, data))
+            return wire.frame({**await self.service.push(header, data), **self.service.describe_self()})
         except wire.WireError as exc:
             raise RpcAbort(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
 
     async def Digest(self, request: bytes, context: grpc.ServicerContext) -> bytes:
         from awsomefsd.repl.verify import local_digest
 
+        self.service.check_caller(context)
         return wire.frame(await local_digest(self.service.mount))
 
 

@@ -25,7 +25,7 @@ import pytest
 from awsomefsd.devcluster.members import DevNode
 from awsomefsd.devcluster.network import available
 from tests.support.daemon import wait_for
-from tests.support.sites import ClusterSite, Site, Wan, cluster_and_site, link, wait_converged
+from tests.support.sites import ClusterSite, Site, Wan, cluster_and_site, link, link_call_as, wait_converged
 
 pytestmark = pytest.mark.skipif(available() is not None, reason=f"network namespaces: {available()}")
 FILES_PER_WRITER = 40
@@ -149,6 +149,30 @@ def test_a_partition_during_which_the_site_changes_leader_loses_nothing(
     assert names == sorted(ours + theirs), "an acknowledged create of either site is missing"
     wait_for(lambda: sorted(p.name for d in ("cut-a", "cut-b") for p in (old.mount / d).iterdir()) == names, 30,
              "the restarted member to show both sites' files")
+
+    # A member removed from site a: its certificate still chains to a's CA, which b pins; b
+    # learns of the removal (every answer to a push says who a no longer accepts) and refuses
+    # it, while a current member is accepted. The founder: its certificate was issued before
+    # there was a cluster to record its serial in.
+    gone = a.members[0]
+    peer_address, b_site = a.status()["peer_addresses"][0], str(b.status()["site"])  # type: ignore[index]
+    b_ca = b.daemon.state / "site" / "ca.crt"
+
+    def call_as(node: DevNode) -> str:
+        return link_call_as(node.ns, node.state / "tls", str(peer_address), b_site, b_ca)
+
+    assert call_as(gone) == "OK"
+    gone.stop()
+    wait_for(lambda: _has_new_leader(a, gone), LEADER_DEADLINE_S, "a leader other than the founder")
+    current = a.leader()
+    removed = current.cli("node", "remove", str(gone.node_id))
+    assert removed.returncode == 0, removed.stderr
+    wait_for(lambda: call_as(gone).startswith("PERMISSION_DENIED"), 30, "b to refuse the removed member")
+    assert "revoked" in call_as(gone)
+    assert call_as(current) == "OK"
+    (current.mount / "after-removal").write_text("still linked\n")
+    wait_converged(a, b)
+    assert (b.mount / "after-removal").read_text() == "still linked\n"
 
 
 def test_two_three_node_sites_keep_converging_while_both_leaders_are_killed(tmp_path: Path) -> None:

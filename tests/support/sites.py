@@ -199,6 +199,38 @@ def _cluster_site(name: str, root: Path, network: PrivateNetwork, namespaces: li
         yield ClusterSite(name, cluster, cluster.form(len(namespaces)))
 
 
+_CALL_AS = """
+import sys, grpc
+from pathlib import Path
+from awsomefsd.cluster.ca import cluster_dns_name
+from awsomefsd.cluster.tls import NodeCredentials
+from awsomefsd.repl import wire
+import uuid
+credentials_dir, address, site, ca_file = sys.argv[1:]
+me = NodeCredentials.load(Path(credentials_dir))
+name = cluster_dns_name(uuid.UUID(site))
+channel = grpc.secure_channel(address, grpc.ssl_channel_credentials(
+    root_certificates=Path(ca_file).read_bytes(), private_key=me.key_pem, certificate_chain=me.cert_pem),
+    options=[("grpc.ssl_target_name_override", name), ("grpc.default_authority", name)])
+try:
+    channel.unary_unary("/awsomefs.site.v1.Link/Cursor")(wire.frame({}), timeout=20)
+    print("OK")
+except grpc.RpcError as exc:
+    print(exc.code().name, exc.details())
+"""
+
+
+def link_call_as(namespace: Namespace, credentials: Path, address: str, site: str, ca_file: Path) -> str:
+    """Call the link listener at `address` (of `site`, whose CA is in `ca_file`) from
+    `namespace` with the node credentials in `credentials` (a member's TLS directory): "OK",
+    or the status code and details it was refused with."""
+    done = namespace.run([sys.executable, "-c", _CALL_AS, str(credentials), address, site, str(ca_file)],
+                         capture_output=True, text=True, cwd=str(REPO), env={**os.environ, "PYTHONPATH": str(REPO)},
+                         timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
 def link(a: Site | ClusterSite, b: Site | ClusterSite) -> None:
     """`site link` on a, its token to `site link TOKEN` on b."""
     token = a.cli("link")

@@ -41,6 +41,7 @@ EXAMPLES = [
     c.ForgetSite(b"s" * 28, 35), c.ResolveConflict(b"s" * 29, "loser", 36),
     c.ApplyRemoteSharing(b"p" * 16, b"", (b"{}",), (Extent(2, 300, 1, b"abcd"),), (1,), (Extent(0, 40, 2, b"abcdefgh"),),
                          (1,), 37),
+    c.UpdateSiteLink(("10.0.0.1:9450", "10.0.0.2:9450"), ("7f3a",), 38),
     c.Fenced(2, 1, (c.WriteData(17, (Extent(0, 300, 1, b"abcd"),), 4096, 23),)),
 ]
 
