@@ -1,7 +1,10 @@
 """Cross-site replication benchmarks (issue 15): two single-node sites as real daemons, each in a
 network namespace, the WAN proxy between them with a one-way delay (tests/support/sites.py).
 
-    sudo .venv/bin/python bench/site_bench.py [--delay-ms 50] [--runs 3] [--json F]
+    sudo .venv/bin/python bench/site_bench.py [--delay-ms 50] [--runs 3] [--members N] [--json F]
+
+`--members 3`: site a is a cluster of three nodes (its creates go through a member that does not
+run the link, the others' figures through the leader that does), b a single node.
 
 Figures, medians of `--runs` runs with every run's value beside them:
 - the write path's cost: creates/s of empty files on site a before it is linked and while it is
@@ -37,7 +40,7 @@ sys.path[:0] = [str(REPO / "bench"), str(REPO)]
 
 from targets import ext4_target  # noqa: E402
 
-from tests.support.sites import link, two_sites, wait_converged  # noqa: E402
+from tests.support.sites import ClusterSite, cluster_and_site, link, two_sites, wait_converged  # noqa: E402
 
 MIB = 1 << 20
 
@@ -168,15 +171,19 @@ def measure(args: argparse.Namespace, root: Path) -> dict[str, float]:
     figures: dict[str, float] = {}
     with ext4_target(root / "ext4", 2 << 30) as ext4:
         figures["ext4_creates_per_s"] = creates_per_s(ext4.path / "creates", args.creates)
-    with two_sites(root / "sites", delay_ms=args.delay_ms, size="4G") as (a, b, wan):
-        figures["unlinked_creates_per_s"] = creates_per_s(a.mount / "unlinked", args.creates)
+    sites = two_sites(root / "sites", delay_ms=args.delay_ms, size="4G") if args.members == 1 \
+        else cluster_and_site(root / "sites", members=args.members, delay_ms=args.delay_ms)
+    with sites as (a, b, wan):
+        # a cluster's creates go through a member that does not run the link
+        writer = a.followers()[0].mount if isinstance(a, ClusterSite) else a.mount
+        figures["unlinked_creates_per_s"] = creates_per_s(writer / "unlinked", args.creates)
         link(a, b)
         wait_converged(a, b, 300)
-        figures["linked_creates_per_s"] = creates_per_s(a.mount / "linked", args.creates)
+        figures["linked_creates_per_s"] = creates_per_s(writer / "linked", args.creates)
         figures["write_path_ratio"] = figures["linked_creates_per_s"] / figures["unlinked_creates_per_s"]
         wait_converged(a, b, 300)
         wan.cut()  # linked, nothing sent meanwhile: what capturing costs, without shipping beside it
-        figures["linked_cut_creates_per_s"] = creates_per_s(a.mount / "linked-cut", args.creates)
+        figures["linked_cut_creates_per_s"] = creates_per_s(writer / "linked-cut", args.creates)
         figures["capture_ratio"] = figures["linked_cut_creates_per_s"] / figures["unlinked_creates_per_s"]
         wan.heal()
         wait_converged(a, b, 300)
@@ -216,6 +223,7 @@ def main() -> int:
     parser.add_argument("--catch-up-mib", type=int, default=64)
     parser.add_argument("--delta-mib", type=int, default=64, help="size of the file changed in places")
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--members", type=int, default=1, help="nodes of site a (1: a single node, else a cluster)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     if os.geteuid() != 0:
