@@ -249,6 +249,7 @@ class Member:
             match = matches.get(str(n)) if raft["leader"] == self.node_id or progress is not None else None
             nodes.append({
                 "id": n, "name": record.name, "address": record.address, "state": record.state,
+                "certificate_serial": record.serial,
                 "role": role, "lease_epoch": record.epoch, "expired": record.expired,
                 "groups": sum(1 for owner in groups.values() if owner == n),
                 "lag": None if match is None else max(0, last - match),
