@@ -102,6 +102,9 @@ HEARTBEAT_S = 2.0
 which moves the horizon on, and the link's state stays current."""
 FORGET_EVERY_S = 5.0
 MAX_RESTAGES = 3
+"""Restage answers in a row a sender takes (the peer restarted and lost what was staged) before
+it calls the link broken: a peer asking for ever would otherwise stall the link without a word."""
+RETRY_MIN_S, RETRY_MAX_S = 0.5, 10.0
 LINK_POLL_S = 0.5
 """How often a member looks whether another member linked or unlinked the site."""
 ROLE_POLL_S = 0.2
@@ -114,9 +117,6 @@ MAX_PEER_ADDRESSES, MAX_ADDRESS_CHARS = 16, 300
 HEX = frozenset("0123456789abcdef")
 ROLLING_UPGRADE = ("a member of this site runs a build that cannot take part in cross-site replication yet "
                    "(a rolling upgrade under way): upgrade every member first")
-"""Restage answers in a row a sender takes (the peer restarted and lost what was staged) before
-it calls the link broken: a peer asking for ever would otherwise stall the link without a word."""
-RETRY_MIN_S, RETRY_MAX_S = 0.5, 10.0
 
 
 @dataclass
