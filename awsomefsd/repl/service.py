@@ -292,8 +292,8 @@ class SiteService:
             raise RpcAbort(grpc.StatusCode.PERMISSION_DENIED, f"refused: {exc}") from None
 
     def describe_self(self) -> dict[str, Any]:
-        """What the other site learns of this one in each `Cursor`: where its members listen now
-        and which members' certificates it no longer accepts."""
+        """What the other site learns of this one in each answer to `Cursor` and `Push`: where
+        its members listen now and which members' certificates it no longer accepts."""
         return {"addresses": self.addresses(), "revoked": [f"{serial:x}" for serial in sorted(self.meta.revoked_serials())]}
 
     async def _learn_peer(self, link: dict[str, Any], header: dict[str, Any], reached_at: str) -> None:
@@ -709,7 +709,9 @@ class SiteService:
                 try:
                     with self._channel(link, address) as channel:
                         await self._ship(channel, link, address)
-                except (grpc.RpcError, OSError, wire.WireError, ValueError) as exc:
+                # FsError: a proposal of the shipper's own (ForgetSite, UpdateSiteLink) or the
+                # barrier failed, as they may while a cluster changes leader: tried again
+                except (grpc.RpcError, OSError, wire.WireError, ValueError, FsError) as exc:
                     why = _why(exc)
                     if NOT_RUNNING_THE_LINK in why:
                         elsewhere.append(f"{address}: {why}")
