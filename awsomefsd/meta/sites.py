@@ -452,19 +452,27 @@ class SiteTables:
 
     # -- apply ----------------------------------------------------------------------------------
     def apply_remote(self, txn: lmdb.Transaction[bytes], cmd: c.ApplyRemote | c.ApplyRemoteSharing) -> Applied:
-        """Apply a batch of the peer's operations, all or none: in a nested transaction, since an
-        operation can be refused after others wrote (the batch is checked first, but state that
-        breaks an invariant shows only when it is met); then the in-memory mirrors (free space,
-        counters) are reloaded from the tables the parent transaction still holds."""
+        """Apply a batch of the peer's operations, all or none (`_all_or_none`): an operation can
+        be refused after others wrote (the batch is checked first, but state that breaks an
+        invariant shows only when it is met)."""
+        return self._all_or_none(txn, lambda nested: self._apply_remote(nested, cmd))
+
+    def _all_or_none(self, txn: lmdb.Transaction[bytes],
+                     apply: Callable[[lmdb.Transaction[bytes]], Applied]) -> Applied:
+        """Run `apply` in a nested transaction; if it raises, nothing it wrote stays and the
+        in-memory mirrors (free space, counters) are reloaded from the tables the parent
+        transaction still holds.
+
+        On a cluster, another member may hold the delegation of a directory it changed, or the
+        write lease of a file: that member may have acknowledged changes there the log has not
+        seen, or be compacting the file from the map before. Then it is refused whole
+        (`Delegated`) and its proposer proposes it again holding those (docs/delegations.md).
+        Checked after applying, in its transaction: only applying tells which entries and inodes
+        a batch of the other site's changes, or a resolution's moves, touch; every replica finds
+        the same."""
         nested = self._sm.store.env.begin(write=True, parent=txn)
         try:
-            applied = self._apply_remote(nested, cmd)
-            # On a cluster, another member may hold the delegation of a directory the batch
-            # changed, or the write lease of a file: it may have acknowledged changes there that
-            # the log has not seen, or be compacting the file from the map before. The batch is
-            # refused whole (`Delegated`) and the receiver proposes it again holding those
-            # (docs/delegations.md). Checked after the batch, in its transaction: only applying
-            # it tells which entries and inodes it changes; every replica finds the same.
+            applied = apply(nested)
             self._sm.check_delegated(nested, *sorted({parent for parent, _ in applied.entries} | set(applied.inodes)))
         except BaseException:
             nested.abort()
@@ -1186,7 +1194,11 @@ class SiteTables:
         on the peer; the copy kept of the loser goes. Keeping a losing move moves the object
         again, as a new move of this site (the tree's rules apply to it like to any move). A
         losing content, attribute or xattr kept was written back through the mount first, so
-        the record may already be settled by that write: only an operator's resolution is final."""
+        the record may already be settled by that write: only an operator's resolution is final.
+        All or none, and refused while another member holds what it moves (`_all_or_none`)."""
+        return self._all_or_none(txn, lambda nested: self._resolve(nested, cmd))
+
+    def _resolve(self, txn: lmdb.Transaction[bytes], cmd: c.ResolveConflict) -> Applied:
         self._entries, self._inodes = [], []
         if self.peer(txn) is None:
             raise FsError(errno.ENOTCONN, "not linked to any site")

@@ -584,7 +584,7 @@ class SiteService:
                                          tuple(shared_counts), time.time_ns()) if shared \
                     else c.ApplyRemote(peer, start, tuple(raws), tuple(extents), tuple(counts), time.time_ns())
                 try:
-                    applied = await self._propose_holding(command, contents)
+                    applied = await self._propose_taking(command, lambda: self._files_locked(contents))
                 except Delegated as exc:  # refused, nothing applied: the stagings stay for the retry
                     self._staged.update(taken)
                     raise RpcAbort(grpc.StatusCode.UNAVAILABLE, f"the batch needs more of what other members "
@@ -616,16 +616,18 @@ class SiteService:
             return {"applied": wire.stamp_text(self.cursor()), "head": wire.stamp_text(self.meta.site_head()),
                     "pending": pending, "lag_ms": int(lag_s * 1000)}
 
-    async def _propose_holding(self, command: c.ApplyRemote | c.ApplyRemoteSharing,
-                               contents: list[o.ContentSet]) -> Applied:
-        """Propose a batch with the files it replaces locked (`_files_locked`); on a cluster, one
-        the state machine refused because another member holds a delegation or write lease of
-        what it changes (`Delegated`) is proposed again holding that too (the holder's hand-over
-        first commits what it acknowledged). The leases are taken before the buffer locks: a
-        hand-over of this node's own lease flushes the file under its buffer lock."""
+    async def _propose_taking(self, command: c.ApplyRemote | c.ApplyRemoteSharing | c.ResolveConflict,
+                              locked: Callable[[], contextlib.AbstractAsyncContextManager[Any]]
+                              = contextlib.nullcontext) -> Applied:
+        """Propose a batch, or a resolution, inside `locked()` (a batch: the files it replaces,
+        `_files_locked`); on a cluster, one the state machine refused because another member
+        holds a delegation or write lease of what it changes (`Delegated`) is proposed again
+        holding that too (the holder's hand-over first commits what it acknowledged). The leases
+        are taken before the locks: a hand-over of this node's own lease flushes the file under
+        its buffer lock."""
         taken: set[int] = set()
         while True:
-            async with self.ops.taking(taken), self._files_locked(contents):
+            async with self.ops.taking(taken), locked():
                 try:
                     applied: Applied = await self.meta.propose(command)
                     return applied
@@ -1054,7 +1056,7 @@ class SiteService:
         try:
             done = await trio.to_thread.run_sync(write_back, self.mount, record, keep)
             command = c.ResolveConflict(bytes.fromhex(record["key"]), keep, time.time_ns())
-            result = await self.meta.propose(command)
+            result = await self._propose_taking(command)
         except (ResolveError, OSError, FsError) as exc:
             raise ControlError(f"conflict {ident}: {exc}") from None
         self.applied(command, result)

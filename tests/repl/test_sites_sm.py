@@ -1100,3 +1100,28 @@ def test_a_batch_changing_what_another_member_holds_is_refused_whole(tmp_path: P
     assert a.snapshot() == before and a.applied_from_peer() is None, "a refused batch left something"
     a.apply(c.Fenced(2, 1, (batch,)))
     assert b"/from-b" in a.snapshot()
+
+
+def test_a_resolution_moving_what_another_member_holds_is_refused_whole(tmp_path: Path) -> None:
+    """Keeping a losing move moves the file again: on a cluster, not in a directory another
+    member holds (it may have acknowledged changes there); refused whole, applied by the holder."""
+    a, b = linked_pair(tmp_path)
+    b.apply(c.InitCluster(b"cert", b"key", b"v" * 48, 3, 256, 1000, 10, 1, "n1", "10.0.0.1:7470", "10.0.0.1:7471",
+                          b.tick()))
+    assert b.apply(c.AddMember("n2", "10.0.0.2:7470", "10.0.0.2:7471", b.tick())) == 2
+    a.apply(c.Mknod(ROOT_INO, b"f", a.new_ino(), stat.S_IFREG | 0o644, 0, 0, a.tick()))
+    ship(a, b)
+    a.apply(c.Rename(ROOT_INO, b"f", ROOT_INO, b"by-a", 0, a.tick()))
+    b.now = a.now + 10_000
+    b.apply(c.Rename(ROOT_INO, b"f", ROOT_INO, b"by-b", 0, b.tick()))
+    ship(a, b)
+    (record,) = open_conflicts(b)
+    resolution = c.ResolveConflict(bytes.fromhex(record["key"]), "loser", b.tick())
+    assert b.apply(c.AcquireWriteLease(ROOT_INO, 2, 1)) == 2
+    before = b.snapshot()
+    with pytest.raises(Delegated) as refused:
+        b.apply(c.Fenced(1, 1, (resolution,)))
+    assert (refused.value.directory, refused.value.holder) == (ROOT_INO, 2)
+    assert b.snapshot() == before and open_conflicts(b) == [record], "a refused resolution left something"
+    b.apply(c.Fenced(2, 1, (resolution,)))
+    assert set(b.snapshot()) == {b"/by-a"} and not open_conflicts(b)
