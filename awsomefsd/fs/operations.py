@@ -640,7 +640,7 @@ class Operations:
     async def fsync(self, fh: int, datasync: bool) -> None:
         h = self.handle(fh)
         await self._flush_reporting(h)
-        await self.meta.barrier()
+        await self.meta.barrier(h.ino)
 
     async def sync_all(self) -> None:
         await self.data.flush_all()

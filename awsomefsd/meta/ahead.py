@@ -48,6 +48,8 @@ log = logging.getLogger(__name__)
 MAX_BATCH_COMMANDS = 512
 """Commands per proposal: bounds one log entry (and the apply transaction every member runs)."""
 MAX_QUEUED = 8192
+MAX_LOST_INODES = 65536
+"""Files whose lost changes an fsync of theirs still has to report, at most (`drain`)."""
 """Commands acknowledged and not yet decided: past it `run_ahead` callers wait for room (the log
 sets the pace when it is slower than the node), which also bounds what a crash can lose."""
 GATHER_S = 0.02
@@ -67,6 +69,13 @@ def can_run_ahead(command: object) -> bool:
     if isinstance(command, c.SetAttr):
         return command.size is None
     return isinstance(command, (c.Unlink, c.SetXattr, c.RemoveXattr, c.WriteData))
+
+
+def _inodes_touched(command: object) -> list[int]:
+    """The files and directories a command that may run ahead changes: its inode, its parent
+    directories (a create, a link, an unlink, a rename)."""
+    return [value for name in ("ino", "parent", "old_parent", "new_parent")
+            if isinstance(value := getattr(command, name, None), int) and value]
 
 
 class _UntrackedSpace:
@@ -137,6 +146,9 @@ class AheadLog:
         self.losses = 0
         self.last_loss = ""
         self._reported = 0
+        self._lost_inodes: dict[int, str] = {}
+        """Per inode a lost change touched, what was lost: an fsync of that file reports it even
+        when another durability point reported the loss first (`drain`)."""
 
     # -- reading ------------------------------------------------------------------------------------
     def view(self) -> lmdb.Transaction[bytes]:
@@ -192,13 +204,22 @@ class AheadLog:
             raise entry.outcome
         return entry.outcome
 
-    async def drain(self, *, report: bool = False) -> None:
+    async def drain(self, *, report: bool = False, inode: int | None = None) -> None:
         """Return once everything queued before the call is decided. With `report` (a durability
-        point), raise EIO if changes acknowledged ahead were lost since the last report."""
+        point), raise EIO if changes acknowledged ahead were lost since the last report, or, for
+        the fsync of `inode`, if a lost change touched that file since its last fsync: as Linux
+        reports a writeback error to every file it hit, not only to the first fsync anywhere (a
+        process fsync'd a file whose create was lost, after another's fsync had taken the
+        report, and was told it was durable: the nemesis found it)."""
         target = self._seq
         while self._decided < target:
             self._urgent.set()
             await self._progress.wait()
+        if report and inode is not None and inode in self._lost_inodes:
+            what = self._lost_inodes.pop(inode)
+            self._reported = self.losses
+            raise FsError(errno.EIO, f"a metadata change to this file acknowledged earlier was lost ({what})",
+                          cause="lost-writes")
         if report and self.losses > self._reported:
             lost, self._reported = self.losses - self._reported, self.losses
             raise FsError(errno.EIO, f"{lost} metadata changes acknowledged earlier were lost "
@@ -212,6 +233,10 @@ class AheadLog:
             self.losses += 1
             what = f"{type(entry.command).__name__} refused: {outcome}"
             self.last_loss = what
+            if len(self._lost_inodes) >= MAX_LOST_INODES:  # bounded: the oldest go (still counted)
+                del self._lost_inodes[next(iter(self._lost_inodes))]
+            for ino in _inodes_touched(entry.command):
+                self._lost_inodes[ino] = what
             log.warning("a metadata change acknowledged ahead of the log was lost: %s (%s)", what, entry.command)
         if entry.done is not None:
             entry.done.set()

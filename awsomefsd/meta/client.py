@@ -97,11 +97,12 @@ class MetaClient:
         renewed in between refuses the mapping (others may have written the file meanwhile)."""
         return self._log.lease_epoch()
 
-    async def barrier(self) -> None:
+    async def barrier(self, inode: int | None = None) -> None:
         """Return once everything proposed or acknowledged ahead before the call is durable; EIO
         if changes acknowledged ahead were lost since the last barrier (a durability point reports
-        them, as fsync reports lost writes)."""
-        await self.ahead.drain(report=True)
+        them, as fsync reports lost writes), or, the fsync of `inode`, lost changes to that file
+        since its last fsync (AheadLog.drain)."""
+        await self.ahead.drain(report=True, inode=inode)
         await self._log.barrier()
 
     @property

@@ -203,6 +203,28 @@ async def test_a_refused_change_is_reported_at_the_next_durability_point(tmp_pat
         assert meta.lookup(ROOT_INO, b"x") == first + 1
 
 
+async def test_an_fsync_of_a_file_whose_change_was_lost_fails_though_another_fsync_took_the_report(
+        tmp_path: Path) -> None:
+    """A lost change is reported to the next durability point anywhere, and also to the fsync of
+    the file it touched: the nemesis found a process told its file was durable after its create
+    was lost, because another process's fsync, of another file, had taken the one report."""
+    async with client(tmp_path / "node") as meta:
+        first, _ = await meta.propose(c.ReserveInodes(100))
+        mine = c.Mknod(ROOT_INO, b"x", first, stat.S_IFREG | 0o644, 0, 0, 5, cookie=c.delegated_cookie(first))
+        theirs = c.Mknod(ROOT_INO, b"x", first + 1, stat.S_IFREG | 0o644, 0, 0, 5)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(meta.ahead._log.propose, theirs)
+            await trio.sleep(0)
+            await meta.run_ahead(mine)
+        with pytest.raises(FsError):
+            await meta.barrier(first + 50)  # another file's fsync: the next durability point
+        with pytest.raises(FsError) as info:
+            await meta.barrier(first)
+        assert info.value.errno == errno.EIO and "this file" in str(info.value)
+        await meta.barrier(first)  # reported to it once
+        await meta.barrier(first + 50)
+
+
 def test_merged_cursor_walks_committed_and_overlay_records_in_key_order(tmp_path: Path) -> None:
     env = lmdb.open(str(tmp_path / "env"), max_dbs=2, map_size=1 << 24)
     db = env.open_db(b"t")
