@@ -183,19 +183,26 @@ async def test_run_ahead_predicts_what_the_log_applies(tmp_path: Path, seed: int
             assert ours == theirs, table
 
 
+async def lose_a_create(meta: MetaClient) -> int:
+    """Acknowledge a create of /x ahead (inode `first`, returned) that the log then refuses:
+    another proposer took the name first, which a delegation rules out. /x is `first + 1`."""
+    first, _ = await meta.propose(c.ReserveInodes(100))
+    mine = c.Mknod(ROOT_INO, b"x", first, stat.S_IFREG | 0o644, 0, 0, 5, cookie=c.delegated_cookie(first))
+    theirs = c.Mknod(ROOT_INO, b"x", first + 1, stat.S_IFREG | 0o644, 0, 0, 5)
+    async with trio.open_nursery() as nursery:
+        # `theirs` goes straight to the log (nothing queued yet), `mine` is predicted before it lands
+        nursery.start_soon(meta.ahead._log.propose, theirs)
+        await trio.sleep(0)
+        inode = await meta.run_ahead(mine)
+    assert inode.ino == first
+    return int(first)
+
+
 async def test_a_refused_change_is_reported_at_the_next_durability_point(tmp_path: Path) -> None:
     """A change acknowledged ahead that the log then refuses (here: another proposer took the name
     first, which a delegation rules out) is lost: the next barrier says so, once."""
     async with client(tmp_path / "node") as meta:
-        first, _ = await meta.propose(c.ReserveInodes(100))
-        mine = c.Mknod(ROOT_INO, b"x", first, stat.S_IFREG | 0o644, 0, 0, 5, cookie=c.delegated_cookie(first))
-        theirs = c.Mknod(ROOT_INO, b"x", first + 1, stat.S_IFREG | 0o644, 0, 0, 5)
-        async with trio.open_nursery() as nursery:
-            # `theirs` goes straight to the log (nothing queued yet), `mine` is predicted before it lands
-            nursery.start_soon(meta.ahead._log.propose, theirs)
-            await trio.sleep(0)
-            inode = await meta.run_ahead(mine)
-        assert inode.ino == first
+        first = await lose_a_create(meta)
         with pytest.raises(FsError) as info:
             await meta.barrier()
         assert info.value.errno == errno.EIO
@@ -209,13 +216,7 @@ async def test_an_fsync_of_a_file_whose_change_was_lost_fails_though_another_fsy
     the file it touched: the nemesis found a process told its file was durable after its create
     was lost, because another process's fsync, of another file, had taken the one report."""
     async with client(tmp_path / "node") as meta:
-        first, _ = await meta.propose(c.ReserveInodes(100))
-        mine = c.Mknod(ROOT_INO, b"x", first, stat.S_IFREG | 0o644, 0, 0, 5, cookie=c.delegated_cookie(first))
-        theirs = c.Mknod(ROOT_INO, b"x", first + 1, stat.S_IFREG | 0o644, 0, 0, 5)
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(meta.ahead._log.propose, theirs)
-            await trio.sleep(0)
-            await meta.run_ahead(mine)
+        first = await lose_a_create(meta)
         with pytest.raises(FsError):
             await meta.barrier(first + 50)  # another file's fsync: the next durability point
         with pytest.raises(FsError) as info:
