@@ -408,7 +408,7 @@ async def serve(core: Core, settings: Settings, *, ready: Callable[[str], None] 
 async def _start_site(nursery: trio.Nursery, core: Core, settings: Settings, member: MemberSite | None) -> None:
     """The link to another site ([site] listen) and the `site` commands' handlers: on a single
     node on a control socket of their own, on a cluster member beside the member's."""
-    from awsomefsd.cluster.join_service import split_host_port
+    from awsomefsd.cluster.join_service import join_host_port, split_host_port
     from awsomefsd.cluster.rpc import ControlService
     from awsomefsd.cluster.state import control_socket
     from awsomefsd.fuse.invalidate import Invalidator, changed_targets, targets
@@ -419,7 +419,7 @@ async def _start_site(nursery: trio.Nursery, core: Core, settings: Settings, mem
         if settings.site.advertise or member is None:
             return list(settings.site.advertise)
         port = split_host_port(settings.site.listen)[1]
-        return [f"[{host}]:{port}" if ":" in host else f"{host}:{port}" for host in member.member_hosts()]
+        return [join_host_port(host, port) for host in member.member_hosts()]
 
     invalidator = Invalidator()
     nursery.start_soon(invalidator.run)

@@ -37,7 +37,7 @@ from zeroconf import (
     get_all_addresses,
 )
 
-from awsomefsd.cluster.join_service import split_host_port
+from awsomefsd.cluster.join_service import join_host_port, split_host_port
 
 log = logging.getLogger(__name__)
 
@@ -58,11 +58,11 @@ class Peer:
 
     @property
     def address(self) -> str:
-        return _join(self.host, self.port)
+        return join_host_port(self.host, self.port)
 
     @property
     def join_address(self) -> str:
-        return _join(self.host, self.join_port)
+        return join_host_port(self.host, self.join_port)
 
     @classmethod
     def from_seed(cls, seed: str) -> Peer:
@@ -71,10 +71,6 @@ class Peer:
         if not 1 <= port <= 65535 - JOIN_PORT_OFFSET:
             raise ValueError(f"seed {seed!r}: port out of range")
         return cls(host, port, port + JOIN_PORT_OFFSET)
-
-
-def _join(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 @dataclass

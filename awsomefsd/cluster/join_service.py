@@ -167,6 +167,11 @@ def split_host_port(address: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+def join_host_port(host: str, port: int) -> str:
+    """`split_host_port`'s inverse: an IPv6 host goes in brackets."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def fetch_cluster_ca(address: str, ca_fingerprint: bytes, timeout_s: float = FETCH_CA_TIMEOUT_S) -> x509.Certificate:
     """The CA certificate presented by the join listener at `address` whose fingerprint is pinned.
 

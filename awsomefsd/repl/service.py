@@ -45,7 +45,7 @@ from cryptography import x509
 from prometheus_client import Metric
 
 from awsomefsd.cluster.ca import MAX_REVOCATIONS, CertificateError, Revocations, cluster_dns_name, fingerprint
-from awsomefsd.cluster.join_service import JoinError, fetch_cluster_ca, split_host_port
+from awsomefsd.cluster.join_service import JoinError, fetch_cluster_ca, join_host_port, split_host_port
 from awsomefsd.cluster.rpc import ControlError, generic_adder
 from awsomefsd.cluster.tls import NodeCredentials, authenticated_peer
 from awsomefsd.cluster.token import LINK, NONCE_BYTES, LinkToken, TokenError, TokenVerifier
@@ -219,7 +219,7 @@ class SiteService:
     # -- running ---------------------------------------------------------------------------------
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         host, port = split_host_port(self.listen)
-        pairing = f"{host}:{port + 1}" if ":" not in host else f"[{host}]:{port + 1}"
+        pairing = join_host_port(host, port + 1)
         async with trio.open_nursery() as nursery:
             await nursery.start(lambda task_status: serve_grpc(
                 [Binding(generic_adder(PAIRING_SERVICE, ("Challenge", "Pair")), _Pairing(self))], pairing,
@@ -1223,7 +1223,7 @@ def _unchanged_ranges(header: dict[str, Any]) -> dict[Stamp, tuple[Stamp, list[t
 
 def _pairing_address(address: str) -> str:
     host, port = split_host_port(address)
-    return f"[{host}]:{port + 1}" if ":" in host else f"{host}:{port + 1}"
+    return join_host_port(host, port + 1)
 
 
 def _why(exc: BaseException) -> str:
