@@ -219,30 +219,32 @@ class Operations:
         """True while this node holds the inode's lease: a change to its attributes may run ahead."""
         return nullcontext(False) if self.coherence is None else self.coherence.holding(ino)
 
-    def taking(self, inos: set[int]) -> AbstractAsyncContextManager[None]:
-        """Hold these directories' delegations and files' write leases (a cluster member's) for
-        a block: for a change no FUSE request made (another site's batch) that the state machine
-        refused (`Delegated`) because another member held them, as `_propose` does."""
-        return nullcontext() if self.coherence is None or not inos else self.coherence.taking(inos)
-
     async def _propose(self, command: object, ahead: bool) -> Any:
-        """Run a namespace change ahead, or propose it through the log. A proposal the state
-        machine refused because another node holds a directory's delegation (`Delegated`: strict
-        mode delegates nothing of its own, and a change whose delegations kept moving goes
-        without) is proposed again holding that delegation: its hand-over first commits what the
-        holder acknowledged, so the change applies to the directory as every node will see it."""
+        """Run a namespace change ahead, or propose it through the log (`propose_holding`)."""
         if ahead:
             return await self.meta.run_ahead(command)
+        return await self.propose_holding(command)
+
+    async def propose_holding(self, command: object, *, tries: int = MAX_DELEGATION_TRIES,
+                              inside: Callable[[], AbstractAsyncContextManager[Any]] = nullcontext) -> Any:
+        """Propose `command` through the log. One the state machine refused because another node
+        holds a delegation or write lease it needs (`Delegated`: strict mode delegates nothing of
+        its own, a change whose delegations kept moving goes without, another site's batch is
+        no FUSE request) is proposed again holding that too: its hand-over first commits what the
+        holder acknowledged, so the change applies as every node will see it. `tries`: how many
+        it may take, one per refusal. `inside()`: locks held around each proposal, taken after
+        the delegations (a hand-over of this node's own write lease flushes the file under its
+        buffer lock)."""
         taken: set[int] = set()
         while True:
             held = nullcontext() if self.coherence is None or not taken else self.coherence.taking(taken)
-            try:
-                async with held:
+            async with held, inside():
+                try:
                     return await self.meta.propose(command)
-            except Delegated as exc:
-                if self.coherence is None or exc.directory in taken or len(taken) >= MAX_DELEGATION_TRIES:
-                    raise
-                taken.add(exc.directory)
+                except Delegated as exc:
+                    if self.coherence is None or exc.directory in taken or len(taken) >= tries:
+                        raise
+                    taken.add(exc.directory)  # held from the next try on
 
     def direct_io(self, flags: int) -> bool:
         """For the adapter's open reply: a cluster member's O_APPEND descriptors bypass the page

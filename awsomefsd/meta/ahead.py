@@ -233,10 +233,11 @@ class AheadLog:
             self.losses += 1
             what = f"{type(entry.command).__name__} refused: {outcome}"
             self.last_loss = what
-            if len(self._lost_inodes) >= MAX_LOST_INODES:  # bounded: the oldest go (still counted)
-                del self._lost_inodes[next(iter(self._lost_inodes))]
             for ino in _inodes_touched(entry.command):
+                self._lost_inodes.pop(ino, None)  # the newest last
                 self._lost_inodes[ino] = what
+            while len(self._lost_inodes) > MAX_LOST_INODES:  # bounded: the oldest go (still counted)
+                del self._lost_inodes[next(iter(self._lost_inodes))]
             log.warning("a metadata change acknowledged ahead of the log was lost: %s (%s)", what, entry.command)
         if entry.done is not None:
             entry.done.set()

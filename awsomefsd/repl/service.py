@@ -56,7 +56,7 @@ from awsomefsd.io.layout import BLOCK_SIZE
 from awsomefsd.meta import commands as c
 from awsomefsd.meta.client import MetaClient
 from awsomefsd.meta.errors import Delegated, FsError
-from awsomefsd.meta.records import Applied, Extent
+from awsomefsd.meta.records import Extent
 from awsomefsd.metrics import counter, gauge
 from awsomefsd.repl import delta, wire
 from awsomefsd.repl import ops as o
@@ -584,7 +584,8 @@ class SiteService:
                                          tuple(shared_counts), time.time_ns()) if shared \
                     else c.ApplyRemote(peer, start, tuple(raws), tuple(extents), tuple(counts), time.time_ns())
                 try:
-                    applied = await self._propose_taking(command, lambda: self._files_locked(contents))
+                    applied = await self.ops.propose_holding(command, tries=MAX_DELEGATIONS_PER_BATCH,
+                                                             inside=lambda: self._files_locked(contents))
                 except Delegated as exc:  # refused, nothing applied: the stagings stay for the retry
                     self._staged.update(taken)
                     raise RpcAbort(grpc.StatusCode.UNAVAILABLE, f"the batch needs more of what other members "
@@ -615,27 +616,6 @@ class SiteService:
             pending, lag_s = self.outbound_lag()
             return {"applied": wire.stamp_text(self.cursor()), "head": wire.stamp_text(self.meta.site_head()),
                     "pending": pending, "lag_ms": int(lag_s * 1000)}
-
-    async def _propose_taking(self, command: c.ApplyRemote | c.ApplyRemoteSharing | c.ResolveConflict,
-                              locked: Callable[[], contextlib.AbstractAsyncContextManager[Any]]
-                              = contextlib.nullcontext) -> Applied:
-        """Propose a batch, or a resolution, inside `locked()` (a batch: the files it replaces,
-        `_files_locked`); on a cluster, one the state machine refused because another member
-        holds a delegation or write lease of what it changes (`Delegated`) is proposed again
-        holding that too (the holder's hand-over first commits what it acknowledged). The leases
-        are taken before the locks: a hand-over of this node's own lease flushes the file under
-        its buffer lock."""
-        taken: set[int] = set()
-        while True:
-            async with self.ops.taking(taken), locked():
-                try:
-                    applied: Applied = await self.meta.propose(command)
-                    return applied
-                except Delegated as exc:
-                    if exc.directory in taken or len(taken) >= MAX_DELEGATIONS_PER_BATCH:
-                        raise
-                    held_elsewhere = exc.directory
-            taken.add(held_elsewhere)
 
     @contextlib.asynccontextmanager
     async def _files_locked(self, contents: list[o.ContentSet]) -> AsyncIterator[None]:
@@ -1056,7 +1036,7 @@ class SiteService:
         try:
             done = await trio.to_thread.run_sync(write_back, self.mount, record, keep)
             command = c.ResolveConflict(bytes.fromhex(record["key"]), keep, time.time_ns())
-            result = await self._propose_taking(command)
+            result = await self.ops.propose_holding(command, tries=MAX_DELEGATIONS_PER_BATCH)
         except (ResolveError, OSError, FsError) as exc:
             raise ControlError(f"conflict {ident}: {exc}") from None
         self.applied(command, result)
