@@ -301,6 +301,10 @@ class MetaClient:
     def site_applied_from_peer(self) -> Stamp | None:
         return self._sm.sites.applied_from_peer(self._view())
 
+    def site_volumes(self) -> dict[str, str]:
+        """The volumes that ship: their root's global id (hex) -> their directory in /.volumes here."""
+        return self._sm.sites.shipped_volumes(self._view())
+
     def site_head(self) -> Stamp | None:
         return self._sm.sites.head(self._view())
 

@@ -550,8 +550,10 @@ Command = (
 BASE_LOG_LEVEL = 3
 """The level of a cluster that never recorded one: formed by builds before the gate, which decode
 command tags 1-32 (meta/codec.py) in format 3."""
-LOG_LEVEL = 10
-"""The newest commands this build decodes. 10: cross-site replication on a cluster (an ApplyRemote
+LOG_LEVEL = 11
+"""The newest commands this build decodes. 11: volumes replicate to the other site (a member
+captures CreateVolume, ResizeVolume and DeleteVolume, and applies the other site's `VolumeSet`
+operations; meta/sites.py, VOLUMES_LEVEL). 10: cross-site replication on a cluster (an ApplyRemote
 is refused while another member holds a delegation or write lease of what it changes, so
 LinkSite, which starts replication, waits until every member applies ApplyRemote that way),
 UpdateSiteLink. 9: ApplyRemoteSharing. 8: ResolveConflict. 7: the cross-site replication commands. 6: the tiering commands (and block addresses in objects,
@@ -571,6 +573,9 @@ COMMAND_LEVELS: dict[type, int] = {
     LinkSite: 10, UnlinkSite: 7, ApplyRemote: 7, ForgetSite: 7, ResolveConflict: 8, ApplyRemoteSharing: 9,
     UpdateSiteLink: 10,
 }
+VOLUMES_LEVEL = 11
+"""From this level on, a linked cluster ships its volumes (no command of its own: what every
+replica captures changes, so all must capture alike)."""
 
 
 def level_of(command: type) -> int:

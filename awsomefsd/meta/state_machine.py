@@ -581,6 +581,8 @@ class StateMachine:
         return self.volumes.create_volume(txn, cmd, self._next)
 
     def _delete_volume(self, txn: lmdb.Transaction[bytes], cmd: c.DeleteVolume) -> Any:
+        if self.sites.delete_volume(txn, cmd):  # it ships: its tree stays while the other site may write
+            return True
         return self.volumes.delete_volume(txn, cmd, self.delete_inode)
 
     def _resize_volume(self, txn: lmdb.Transaction[bytes], cmd: c.ResizeVolume) -> Any:

@@ -133,6 +133,47 @@ class VolumeTables:
         self.put(txn, cmd.volume, record)
         return {"id": cmd.volume, **record}
 
+    # -- another site's volumes (meta/sites.py; design note 52) -------------------------------------
+    def receive_volume(self, txn: lmdb.Transaction[bytes], number: int, name: str, origin: str, capacity: int,
+                       inode_limit: int, now_ns: int) -> str:
+        """Make the record and the root directory (inode `number`, not yet in /.volumes: the
+        replicated tree shows it there) of a volume another site created. A name this site's own
+        volume holds stays this site's (a CSI retry here must find its own volume): the other's
+        is recorded as `<name>.site-<origin>`. Returns the name recorded."""
+        taken, extra = name, 1
+        while self.by_name(txn, "v", taken) is not None:
+            taken = f"{name}.site-{origin}" + ("" if extra == 1 else f"-{extra}")
+            extra += 1
+        root = Inode(number, stat.S_IFDIR | 0o777, 0, 0, 0, 0, now_ns, now_ns, now_ns, volume=number,
+                     parent=VOLUMES_INO)  # nlink 0: no entry shows it yet (meta/sites.py counts it when one does)
+        self.ns.put_inode(txn, root)
+        self.put(txn, number, {
+            "kind": "volume", "name": taken, "root": number, "capacity": capacity, "inode_limit": inode_limit,
+            "used_blocks": 0, "used_inodes": 0, "created_ns": now_ns, "source_kind": "", "source_id": 0,
+        })
+        txn.put(f"v:{taken}".encode(), u64(number), db=self.names)
+        return taken
+
+    def grow(self, txn: lmdb.Transaction[bytes], volume: int, capacity: int, inode_limit: int) -> None:
+        """Another site's quotas for a volume: the larger stands. A quota only ever rises (the CSI
+        expansion refuses a smaller number; a volume made with none, 0, may be given one), so
+        taking the larger number on both sites ends both at the newest."""
+        record = self.get(txn, volume)
+        if record is None:  # deleted here (concurrently: the delete stands)
+            return
+        record["capacity"] = max(record["capacity"], capacity)
+        record["inode_limit"] = max(record["inode_limit"], inode_limit)
+        self.put(txn, volume, record)
+
+    def drop_record(self, txn: lmdb.Transaction[bytes], volume: int) -> None:
+        """The volume is gone (its tree stays with the replicated tree until both sites forget
+        the delete); charges to it become no-ops, and its name is free."""
+        record = self.get(txn, volume)
+        if record is None:
+            return
+        txn.delete(u64(volume), db=self.db)
+        txn.delete(f"{record['kind'][0]}:{record['name']}".encode(), db=self.names)
+
     def create_snapshot(self, txn: lmdb.Transaction[bytes], cmd: c.CreateSnapshot, counter: Counter) -> dict[str, Any]:
         existing = self.by_name(txn, "s", cmd.name)
         if existing is not None:

@@ -30,6 +30,7 @@ MAX_NAME_BYTES = 255
 MAX_XATTR_NAME_BYTES = 255
 MAX_XATTR_VALUE_BYTES = 64 << 10
 MAX_TARGET_BYTES = 4096
+MAX_VOLUME_NAME_BYTES = 4096
 MAX_OP_BYTES = 256 << 10
 """No encoded operation is longer (the largest is an xattr at its limit, hex-encoded)."""
 FORMAT = 1
@@ -146,12 +147,28 @@ class Resolved:
     seen: Seen = field(default_factory=dict)
 
 
-Operation: TypeAlias = Created | Moved | AttrsSet | XattrSet | ContentSet | Superseded | Resolved
+@dataclass(frozen=True, slots=True)
+class VolumeSet:
+    """A volume came into being at its origin, or its quota grew (design note 52). `object` is
+    the volume's root directory; its entry is then placed under the tree's VOLUMES by a `Moved`,
+    and a delete of the volume is that entry's move into TRASH. `name` is the name the volume was
+    created with (the CSI request's); a quota only rises (0: none yet), so two sites' resizes
+    merge by taking the larger number."""
+
+    stamp: Stamp
+    object: bytes
+    name: bytes
+    capacity: int
+    inode_limit: int
+    seen: Seen = field(default_factory=dict)
+
+
+Operation: TypeAlias = Created | Moved | AttrsSet | XattrSet | ContentSet | Superseded | Resolved | VolumeSet
 _KINDS: dict[str, type[Operation]] = {"create": Created, "move": Moved, "attrs": AttrsSet,
                                       "xattr": XattrSet, "content": ContentSet, "superseded": Superseded,
-                                      "resolved": Resolved}
+                                      "resolved": Resolved, "volume": VolumeSet}
 _KIND_OF = {cls: kind for kind, cls in _KINDS.items()}
-_INTS = {"mode", "uid", "gid", "rdev", "mtime_ns", "atime_ns", "size"}
+_INTS = {"mode", "uid", "gid", "rdev", "mtime_ns", "atime_ns", "size", "capacity", "inode_limit"}
 _IDS = {"object", "node", "parent"}
 
 
@@ -239,5 +256,7 @@ def _check(op: Operation) -> None:
     if isinstance(op, XattrSet) and (not 0 < len(op.name) <= MAX_XATTR_NAME_BYTES
                                      or (op.value is not None and len(op.value) > MAX_XATTR_VALUE_BYTES)):
         raise BadOperation("an extended attribute beyond the limits")
+    if isinstance(op, VolumeSet) and not 0 < len(op.name) <= MAX_VOLUME_NAME_BYTES:
+        raise BadOperation(f"a volume name must have 1 to {MAX_VOLUME_NAME_BYTES} bytes")
     if isinstance(op, Resolved) and len(op.conflict) != PACKED_BYTES + 1:
         raise BadOperation("a resolution names no conflict")

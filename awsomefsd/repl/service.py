@@ -545,6 +545,9 @@ class SiteService:
                 raise wire.WireError(str(exc)) from None
             if isinstance(op, o.ContentSet):
                 contents.append(op)
+            if isinstance(op, o.VolumeSet) and self.meta.log_level() < c.VOLUMES_LEVEL:
+                raise RpcAbort(grpc.StatusCode.UNAVAILABLE, "a volume arrived while not every member of this "
+                                                            "cluster takes volumes yet (an upgrade under way)")
         if len({op.stamp for op in contents}) != len(contents):
             raise wire.WireError("a push carries one content version twice")
         in_push = {wire.stamp_field({"s": item[0]}, "s") for item in inline}
@@ -1045,14 +1048,14 @@ class SiteService:
 
     async def verify(self) -> dict[str, Any]:
         """Both trees' digests compared: this site's, and the peer's over the link."""
-        from awsomefsd.repl.digest import differences
-        from awsomefsd.repl.verify import DigestError, decode, local_digest
+        from awsomefsd.repl.verify import DigestError, compare, decode, local_digest
 
         link = self.meta.site_link()
         if link is None:
             raise ControlError("this site is not linked")
         try:
-            mine = decode(await local_digest(self.mount))
+            mine_encoded = await local_digest(self.mount, self.meta.site_volumes())
+            mine = decode(mine_encoded)
             errors = []
             for address in link["addresses"]:
                 try:
@@ -1065,9 +1068,9 @@ class SiteService:
             else:
                 raise ControlError("cannot reach the other site: " + "; ".join(errors))
             theirs = decode(header)
+            found = compare(mine_encoded, header)
         except (DigestError, OSError) as exc:
             raise ControlError(str(exc)) from None
-        found = differences(mine, theirs)
         return {"identical": not found, "differences": found, "entries": len(mine.records),
                 "root_hash": mine.root_hash, "peer_root_hash": theirs.root_hash}
 
@@ -1135,7 +1138,7 @@ class _Link:
         from awsomefsd.repl.verify import local_digest
 
         self.service.check_caller(context)
-        return wire.frame(await local_digest(self.service.mount))
+        return wire.frame(await local_digest(self.service.mount, self.service.meta.site_volumes()))
 
 
 def _caller(channel: grpc.Channel) -> Callable[[str, bytes], Awaitable[bytes]]:

@@ -40,7 +40,10 @@ NodeId = bytes
 ROOT: NodeId = b"\x00" * 15 + b"\x01"
 TRASH: NodeId = b"\x00" * 15 + b"\x02"
 """Deleted entries live here until every site has moved past their deletion."""
-FIXED_NODES = (ROOT, TRASH)
+VOLUMES: NodeId = b"\x00" * 15 + b"\x03"
+"""The container of volumes' root directories (/.volumes): a second root; a volume's tree hangs
+from its root directory's entry here (meta/sites.py; design note 52)."""
+FIXED_NODES = (ROOT, TRASH, VOLUMES)
 MAX_DEPTH = 4096
 """Deeper than PATH_MAX (4096 bytes, at least two per level) allows: walking up further is a cycle."""
 MAX_NAME_BYTES = 255
@@ -71,7 +74,7 @@ class Move:
 
     def __post_init__(self) -> None:
         if self.node in FIXED_NODES:
-            raise ValueError("the root and the trash cannot move")
+            raise ValueError("the root, the trash and the volumes' container cannot move")
         if not 0 < len(self.name) <= MAX_NAME_BYTES or b"/" in self.name or b"\x00" in self.name:
             raise ValueError(f"not a valid entry name: {self.name!r}")
 

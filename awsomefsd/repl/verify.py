@@ -2,18 +2,22 @@
 
 Each site digests its own mount (through POSIX calls, in a worker thread: the daemon answers the
 FUSE requests that walk makes), the peer's digest comes over the link, and the differences are
-named by path and field. What each site keeps for itself is left out: /.volumes and /.snapshots
-(not replicated), and /.conflicts (each site keeps there the losing contents it saw lose).
+named by path and field. What each site keeps for itself is left out: /.snapshots (per site),
+/.conflicts (each site keeps there the losing contents it saw lose), and /.volumes as a directory:
+a volume's directory there is named after the number each site gave it, so each volume that
+ships is digested on its own and paired with the other site's by its root's global id
+(`.volumes/<id>` in the differences).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import trio
 
-from awsomefsd.repl.digest import TreeDigest, digest_tree
+from awsomefsd.repl.digest import TreeDigest, differences, digest_tree
 
 PER_SITE = frozenset({".volumes", ".snapshots", ".conflicts"})
 MAX_ENTRIES = 1_000_000
@@ -24,11 +28,44 @@ class DigestError(ValueError):
     """A digest from the peer that is not one."""
 
 
-async def local_digest(mount: Path | None) -> dict[str, Any]:
+MAX_VOLUMES = 100_000
+
+
+async def local_digest(mount: Path | None, volumes: Mapping[str, str]) -> dict[str, Any]:
+    """This site's digest: the tree below the root, and each volume that ships (`volumes`: its
+    root's global id -> its directory in /.volumes here)."""
     if mount is None:
         raise DigestError("this site serves no mount to digest")
-    digest = await trio.to_thread.run_sync(lambda: digest_tree(mount, skip_top=PER_SITE))
-    return encode(digest)
+
+    def digest_all() -> dict[str, Any]:
+        root = encode(digest_tree(mount, skip_top=PER_SITE))
+        root["volumes"] = {key: encode(digest_tree(mount / ".volumes" / directory))
+                           for key, directory in sorted(volumes.items())}
+        return root
+    return await trio.to_thread.run_sync(digest_all)
+
+
+def decode_volumes(data: dict[str, Any]) -> dict[str, TreeDigest]:
+    """The volumes' digests a site's digest carries, by global id (none from a build before them)."""
+    found = data.get("volumes", {})
+    if not isinstance(found, dict) or len(found) > MAX_VOLUMES:
+        raise DigestError("the peer's volume digests are not a map of ids")
+    return {str(key): decode(value) for key, value in found.items()}
+
+
+def compare(mine: dict[str, Any], theirs: dict[str, Any]) -> list[str]:
+    """Where two sites' digests differ: the root's tree, then each volume's (by its global id)."""
+    found = differences(decode(mine), decode(theirs))
+    my_volumes, their_volumes = decode_volumes(mine), decode_volumes(theirs)
+    for key in sorted(my_volumes.keys() | their_volumes.keys()):
+        where = f".volumes/{key}"
+        if key not in their_volumes:
+            found.append(f"{where}: only in the first")
+        elif key not in my_volumes:
+            found.append(f"{where}: only in the second")
+        else:
+            found += [f"{where}/{line}" for line in differences(my_volumes[key], their_volumes[key])]
+    return found
 
 
 def encode(digest: TreeDigest) -> dict[str, Any]:

@@ -28,7 +28,7 @@ import pytest
 from awsomefsd.devcluster.network import available
 from awsomefsd.repl.digest import differences, digest_tree
 from tests.support.daemon import run_cli, wait_for
-from tests.support.sites import Site, Wan, link, two_sites, wait_converged
+from tests.support.sites import SYNC_DEADLINE_S, Site, Wan, link, two_sites, wait_converged
 from tests.support.trees import make_source_tree
 
 pytestmark = pytest.mark.skipif(available() is not None, reason=f"network namespaces: {available()}")
@@ -339,3 +339,51 @@ def test_a_large_file_changed_in_a_few_places_travels_as_its_changes(sites: tupl
     for site in (a, b):
         (kept,) = [p.read_bytes() for p in (site.mount / ".conflicts").iterdir()]
         assert kept[:4096] == b"a" * 4096 and kept[4096:] == bytes(data[4096:]), f"{site.name} kept a's version whole"
+
+
+def test_a_volume_made_through_csi_replicates_with_its_files_and_its_delete(tmp_path: Path) -> None:
+    """Kubernetes' view: a volume created through one site's CSI endpoint appears on the other
+    site (its quota, its files both ways, `site verify` comparing it), its snapshot does not, and
+    deleting it through CSI removes it on both."""
+    import grpc
+
+    from awsomefsd.csi.generated import csi_pb2, csi_pb2_grpc
+    from tests.csi.conftest import mount_capability
+
+    def controller(site: Site) -> csi_pb2_grpc.ControllerStub:
+        return csi_pb2_grpc.ControllerStub(grpc.insecure_channel(f"unix://{site.csi_socket}"))
+
+    def volume_dirs(site: Site) -> list[Path]:
+        return sorted((site.mount / ".volumes").iterdir())
+
+    with two_sites(tmp_path, csi=True) as (a, b, _wan):
+        link(a, b)
+        capability = mount_capability(csi_pb2.VolumeCapability.AccessMode.Mode.MULTI_NODE_MULTI_WRITER)
+        made = controller(a).CreateVolume(csi_pb2.CreateVolumeRequest(
+            name="pvc-replicated", capacity_range=csi_pb2.CapacityRange(required_bytes=64 << 20),
+            volume_capabilities=[capability]), timeout=30).volume
+        (at_a,) = volume_dirs(a)
+        payload = os.urandom(3 << 20)
+        (at_a / "data.bin").write_bytes(payload)
+        wait_for(lambda: len(volume_dirs(b)) == 1 and (volume_dirs(b)[0] / "data.bin").exists()
+                 and (volume_dirs(b)[0] / "data.bin").read_bytes() == payload, SYNC_DEADLINE_S,
+                 "the volume and its file on the other site")
+        (at_b,) = volume_dirs(b)
+        listed = controller(b).ListVolumes(csi_pb2.ListVolumesRequest(), timeout=30).entries
+        assert [entry.volume.capacity_bytes for entry in listed] == [64 << 20], "its quota came along"
+        (at_b / "from-b.txt").write_text("written on b\n")
+        wait_for(lambda: (at_a / "from-b.txt").exists() and (at_a / "from-b.txt").read_text() == "written on b\n",
+                 SYNC_DEADLINE_S, "b's file in the volume on a")
+        controller(a).CreateSnapshot(csi_pb2.CreateSnapshotRequest(
+            source_volume_id=made.volume_id, name="snap-stays-here"), timeout=30)
+        wait_converged(a, b)
+        assert list((b.mount / ".snapshots").iterdir()) == [], "a snapshot is per site"
+
+        controller(a).DeleteSnapshot(csi_pb2.DeleteSnapshotRequest(
+            snapshot_id=controller(a).ListSnapshots(csi_pb2.ListSnapshotsRequest(), timeout=30)
+            .entries[0].snapshot.snapshot_id), timeout=30)
+        controller(a).DeleteVolume(csi_pb2.DeleteVolumeRequest(volume_id=made.volume_id), timeout=30)
+        assert volume_dirs(a) == []
+        wait_for(lambda: volume_dirs(b) == [], SYNC_DEADLINE_S, "the volume gone on the other site")
+        assert list(controller(b).ListVolumes(csi_pb2.ListVolumesRequest(), timeout=30).entries) == []
+        wait_converged(a, b)

@@ -35,6 +35,11 @@ class Site:
     def mount(self) -> Path:
         return self.daemon.mount
 
+    @property
+    def csi_socket(self) -> Path:
+        """Where `two_sites(csi=True)` has this site serve CSI."""
+        return self.daemon.state.parent / f"csi-{self.name}.sock"
+
     def cli(self, *args: str, timeout_s: float = 120.0) -> subprocess.CompletedProcess[str]:
         return run_cli("site", *args, "--state", str(self.daemon.state), timeout_s=timeout_s)
 
@@ -125,8 +130,9 @@ class Wan:
 
 @contextmanager
 def two_sites(root: Path, *, delay_ms: float = 25, rate_kib_s: float = 0, size: str = "1G",
-              extra_env: dict[str, str] | None = None) -> Iterator[tuple[Site, Site, Wan]]:
-    """Two unlinked sites under `root` and the WAN between them; everything stops on the way out."""
+              extra_env: dict[str, str] | None = None, csi: bool = False) -> Iterator[tuple[Site, Site, Wan]]:
+    """Two unlinked sites under `root` and the WAN between them; everything stops on the way out.
+    `csi`: each serves the CSI endpoint on `Site.csi_socket` (a unix socket: reachable from here)."""
     with PrivateNetwork(3) as network:
         ns_a, ns_b, ns_wan = network.nodes
         wan = Wan(ns_wan, [(PORT_A, f"{ns_a.address}:{PORT_A}"), (PORT_A + 1, f"{ns_a.address}:{PORT_A + 1}"),
@@ -138,7 +144,8 @@ def two_sites(root: Path, *, delay_ms: float = 25, rate_kib_s: float = 0, size: 
                 env = {"AWSOMEFS_SITE__LISTEN": f"{ns.address}:{port}",
                        "AWSOMEFS_SITE__ADVERTISE": json.dumps([f"{ns_wan.address}:{port}"]), **(extra_env or {})}
                 (root / f"m{name}").mkdir(parents=True, exist_ok=True)
-                daemon = Daemon(root / f"s{name}", root / f"m{name}", size=size, env=env,
+                extra = ["--csi-socket", str(root / f"csi-{name}.sock")] if csi else []
+                daemon = Daemon(root / f"s{name}", root / f"m{name}", size=size, env=env, extra=extra,
                                 prefix=["nsenter", f"--net=/run/netns/{ns.name}", "--"])
                 made.append(Site(name, daemon.start(), ns))
             yield made[0], made[1], wan
