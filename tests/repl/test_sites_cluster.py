@@ -25,7 +25,16 @@ import pytest
 from awsomefsd.devcluster.members import DevNode
 from awsomefsd.devcluster.network import available
 from tests.support.daemon import wait_for
-from tests.support.sites import ClusterSite, Site, Wan, cluster_and_site, link, link_call_as, wait_converged
+from tests.support.sites import (
+    ClusterSite,
+    Site,
+    Wan,
+    cluster_and_site,
+    create_volume,
+    link,
+    link_call_as,
+    wait_converged,
+)
 
 pytestmark = pytest.mark.skipif(available() is not None, reason=f"network namespaces: {available()}")
 FILES_PER_WRITER = 40
@@ -131,13 +140,22 @@ def test_a_partition_during_which_the_site_changes_leader_loses_nothing(
     every member and applies what the other site wrote meanwhile."""
     a, b, wan = sites
     link(b, a)  # b's token, joined from a (the pairing goes the other way round)
+    # a volume made through a follower's CSI endpoint ships as the root's tree does (note 52)
+    volume_follower = a.followers()[0]
+    assert volume_follower.csi_socket is not None
+    create_volume(volume_follower.csi_socket, "pvc-cluster", 64 << 20)
+    (a_volume,) = (volume_follower.mount / ".volumes").iterdir()
+    (a_volume / "from-a").write_text("in a volume\n")
     wait_converged(a, b)
+    (b_volume,) = (b.mount / ".volumes").iterdir()
+    assert (b_volume / "from-a").read_text() == "in a volume\n"
     wan.cut()
     ours: list[str] = []
     theirs: list[str] = []
     for node in a.running():
         write_files(node.mount / "cut-a", f"a{node.index}-", 5, ours)
     write_files(b.mount / "cut-b", "b", 15, theirs)
+    write_files(b_volume, "vb", 3, [])
     old = a.leader()
     old.kill()
     wait_for(lambda: _has_new_leader(a, old), LEADER_DEADLINE_S, "a new leader of site a")
@@ -149,6 +167,10 @@ def test_a_partition_during_which_the_site_changes_leader_loses_nothing(
     assert names == sorted(ours + theirs), "an acknowledged create of either site is missing"
     wait_for(lambda: sorted(p.name for d in ("cut-a", "cut-b") for p in (old.mount / d).iterdir()) == names, 30,
              "the restarted member to show both sites' files")
+    for node in a.running():  # b's writes in the volume, on every member's mount
+        volume = node.mount / ".volumes" / a_volume.name
+        wait_for(lambda volume=volume: sorted(p.name for p in volume.iterdir()) == ["from-a", "vb0", "vb1", "vb2"],
+                 30, f"b's files in the volume on node {node.index}")
 
     # A member removed from site a: its certificate still chains to a's CA, which b pins; b
     # learns of the removal (every answer to a push says who a no longer accepts) and refuses

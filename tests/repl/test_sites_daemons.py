@@ -28,7 +28,7 @@ import pytest
 from awsomefsd.devcluster.network import available
 from awsomefsd.repl.digest import differences, digest_tree
 from tests.support.daemon import run_cli, wait_for
-from tests.support.sites import SYNC_DEADLINE_S, Site, Wan, link, two_sites, wait_converged
+from tests.support.sites import SYNC_DEADLINE_S, Site, Wan, create_volume, link, two_sites, wait_converged
 from tests.support.trees import make_source_tree
 
 pytestmark = pytest.mark.skipif(available() is not None, reason=f"network namespaces: {available()}")
@@ -348,7 +348,6 @@ def test_a_volume_made_through_csi_replicates_with_its_files_and_its_delete(tmp_
     import grpc
 
     from awsomefsd.csi.generated import csi_pb2, csi_pb2_grpc
-    from tests.csi.conftest import mount_capability
 
     def controller(site: Site) -> csi_pb2_grpc.ControllerStub:
         return csi_pb2_grpc.ControllerStub(grpc.insecure_channel(f"unix://{site.csi_socket}"))
@@ -358,10 +357,7 @@ def test_a_volume_made_through_csi_replicates_with_its_files_and_its_delete(tmp_
 
     with two_sites(tmp_path, csi=True) as (a, b, _wan):
         link(a, b)
-        capability = mount_capability(csi_pb2.VolumeCapability.AccessMode.Mode.MULTI_NODE_MULTI_WRITER)
-        made = controller(a).CreateVolume(csi_pb2.CreateVolumeRequest(
-            name="pvc-replicated", capacity_range=csi_pb2.CapacityRange(required_bytes=64 << 20),
-            volume_capabilities=[capability]), timeout=30).volume
+        volume_id = create_volume(a.csi_socket, "pvc-replicated", 64 << 20)
         (at_a,) = volume_dirs(a)
         payload = os.urandom(3 << 20)
         (at_a / "data.bin").write_bytes(payload)
@@ -375,14 +371,14 @@ def test_a_volume_made_through_csi_replicates_with_its_files_and_its_delete(tmp_
         wait_for(lambda: (at_a / "from-b.txt").exists() and (at_a / "from-b.txt").read_text() == "written on b\n",
                  SYNC_DEADLINE_S, "b's file in the volume on a")
         controller(a).CreateSnapshot(csi_pb2.CreateSnapshotRequest(
-            source_volume_id=made.volume_id, name="snap-stays-here"), timeout=30)
+            source_volume_id=volume_id, name="snap-stays-here"), timeout=30)
         wait_converged(a, b)
         assert list((b.mount / ".snapshots").iterdir()) == [], "a snapshot is per site"
 
         controller(a).DeleteSnapshot(csi_pb2.DeleteSnapshotRequest(
             snapshot_id=controller(a).ListSnapshots(csi_pb2.ListSnapshotsRequest(), timeout=30)
             .entries[0].snapshot.snapshot_id), timeout=30)
-        controller(a).DeleteVolume(csi_pb2.DeleteVolumeRequest(volume_id=made.volume_id), timeout=30)
+        controller(a).DeleteVolume(csi_pb2.DeleteVolumeRequest(volume_id=volume_id), timeout=30)
         assert volume_dirs(a) == []
         wait_for(lambda: volume_dirs(b) == [], SYNC_DEADLINE_S, "the volume gone on the other site")
         assert list(controller(b).ListVolumes(csi_pb2.ListVolumesRequest(), timeout=30).entries) == []

@@ -203,6 +203,7 @@ def _cluster_site(name: str, root: Path, network: PrivateNetwork, namespaces: li
     with cluster_in(network, root / name, env=env, namespaces=namespaces) as cluster:
         for node in cluster.nodes:
             node.metrics_port = 0  # any free port in its namespace
+            node.csi_socket = node.state / "csi.sock"
         yield ClusterSite(name, cluster, cluster.form(len(namespaces)))
 
 
@@ -236,6 +237,22 @@ def link_call_as(namespace: Namespace, credentials: Path, address: str, site: st
                          timeout=60, check=False)
     assert done.returncode == 0, done.stderr
     return done.stdout.strip()
+
+
+def create_volume(csi_socket: Path, name: str, capacity_bytes: int) -> str:
+    """CreateVolume through a CSI endpoint, as Kubernetes' provisioner calls it: the volume id."""
+    import grpc
+
+    from awsomefsd.csi.generated import csi_pb2, csi_pb2_grpc
+
+    capability = csi_pb2.VolumeCapability(access_mode=csi_pb2.VolumeCapability.AccessMode(
+        mode=csi_pb2.VolumeCapability.AccessMode.Mode.MULTI_NODE_MULTI_WRITER))
+    capability.mount.SetInParent()
+    with grpc.insecure_channel(f"unix://{csi_socket}") as channel:
+        made = csi_pb2_grpc.ControllerStub(channel).CreateVolume(csi_pb2.CreateVolumeRequest(
+            name=name, capacity_range=csi_pb2.CapacityRange(required_bytes=capacity_bytes),
+            volume_capabilities=[capability]), timeout=30)
+    return str(made.volume.volume_id)
 
 
 def link(a: Site | ClusterSite, b: Site | ClusterSite) -> None:
