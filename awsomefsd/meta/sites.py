@@ -858,19 +858,30 @@ class SiteTables:
         versions = self._versions(txn, obj + CONTENT)
         ino = self._ino(txn, obj)
         inode = None if ino is None else self.ns.get_inode(txn, ino)
-        if not versions or inode is None or not inode.is_reg:
-            return
+        if inode is None or not versions or not happened_before(versions[0].stamp, version.stamp, version.seen):
+            return  # (a version that did not see ours beats it, or not, here as there)
+        kept = self._keep_ours_the_peer_kept(txn, obj, inode, before)
+        if kept is not None:
+            self._settle(txn, kept, CONTENT, by=version.stamp)
+
+    def _keep_ours_the_peer_kept(self, txn: lmdb.Transaction[bytes], obj: bytes, inode: Inode,
+                                 before: Version[Any]) -> Stamp | None:
+        """If the content shown here is this site's and lost on the peer to `before` (newer and
+        concurrent), record that conflict and keep ours in /.conflicts as the peer did; the
+        stamp of what was kept, or None."""
+        versions = self._versions(txn, obj + CONTENT)
+        if not versions or not inode.is_reg:
+            return None
         ours = versions[0]
-        if ours.stamp.site == version.stamp.site or ours.stamp > before.stamp \
-                or not happened_before(ours.stamp, version.stamp, version.seen) \
+        if ours.stamp.site != self.site(txn) or ours.stamp > before.stamp \
                 or happened_before(ours.stamp, before.stamp, before.seen) \
                 or happened_before(before.stamp, ours.stamp, ours.seen) \
                 or txn.get(ours.stamp.pack() + CONTENT, db=self.db["sconflicts"]) is not None:
-            return
+            return None
         self._conflict(txn, "content", ours.stamp, before.stamp, obj, {})
         extents = list(filemap.all_extents(txn, self._sm.db["fmap"], inode.ino))
         self._keep_sibling(txn, inode, extents, ours.value, ours.stamp, share=True)
-        self._settle(txn, ours.stamp, CONTENT, by=version.stamp)
+        return ours.stamp
 
     def _keep_what_the_peer_keeps(self, txn: lmdb.Transaction[bytes], obj: bytes, inode: Inode) -> None:
         """Before an object is released: if the peer's last version of it came `Superseded`,
@@ -880,19 +891,11 @@ class SiteTables:
         content left here to keep: keep ours now (the random test with volumes, seed 279, found
         /.conflicts holding it on one site only)."""
         raw = txn.get(obj + PEER_LAST, db=self.db["sregs"])
-        versions = self._versions(txn, obj + CONTENT)
-        if raw is None or not versions or not inode.is_reg:
+        if raw is None:
             return
         (before,) = self._decode_versions(bytes(raw))
-        ours = versions[0]
-        if before.value is not None or ours.stamp.site != self.site(txn) or ours.stamp > before.stamp \
-                or happened_before(ours.stamp, before.stamp, before.seen) \
-                or happened_before(before.stamp, ours.stamp, ours.seen) \
-                or txn.get(ours.stamp.pack() + CONTENT, db=self.db["sconflicts"]) is not None:
-            return
-        self._conflict(txn, "content", ours.stamp, before.stamp, obj, {})
-        extents = list(filemap.all_extents(txn, self._sm.db["fmap"], inode.ino))
-        self._keep_sibling(txn, inode, extents, ours.value, ours.stamp, share=True)
+        if before.value is None:  # `Superseded`: its successor has not come yet
+            self._keep_ours_the_peer_kept(txn, obj, inode, before)
 
     def _lost_paths(self, txn: lmdb.Transaction[bytes], ino: int) -> tuple[list[list[Move]], bool] | None:
         """How an inode none of whose names is reachable from the root lost each of them: per

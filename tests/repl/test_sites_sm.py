@@ -15,6 +15,7 @@ import random
 import shutil
 import stat
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -231,17 +232,21 @@ def random_command(rng: random.Random, site: Site) -> object | None:
     return c.RemoveXattr(child, b"user." + rng.choice(NAMES), now)
 
 
-def linked_pair(tmp_path: Path) -> tuple[Site, Site]:
-    a = Site(tmp_path / "a", str(uuid.UUID(int=0xA << 120)), 10**12)
-    b = Site(tmp_path / "b", str(uuid.UUID(int=0xB << 120)), 10**12 + 500)
+def linked_pair(tmp_path: Path, site_class: type[Site] = Site) -> tuple[Site, Site]:
+    a = site_class(tmp_path / "a", str(uuid.UUID(int=0xA << 120)), 10**12)
+    b = site_class(tmp_path / "b", str(uuid.UUID(int=0xB << 120)), 10**12 + 500)
     a.apply(c.LinkSite(b.id, a.tick()))
     b.apply(c.LinkSite(a.id, b.tick()))
     return a, b
 
 
-def run(tmp_path: Path, seed: int, steps: int = 150) -> tuple[Site, Site]:
+def run(tmp_path: Path, seed: int, steps: int = 150, *, site_class: type[Site] = Site,
+        make: Callable[[random.Random, Site, float], object | None] = lambda rng, site, _roll: random_command(rng, site),
+        ) -> tuple[Site, Site]:
+    """Random commands on both sites (`make`: one, given the step's roll, above 0.2) with
+    shipping at random moments; then everything is shipped both ways."""
     rng = random.Random(seed)
-    a, b = linked_pair(tmp_path)
+    a, b = linked_pair(tmp_path, site_class)
     for _ in range(steps):
         roll = rng.random()
         if roll < 0.1:
@@ -250,12 +255,12 @@ def run(tmp_path: Path, seed: int, steps: int = 150) -> tuple[Site, Site]:
             ship(b, a, rng, forget=rng.random() < 0.5)
         else:
             site = a if rng.random() < 0.5 else b
-            command = random_command(rng, site)
+            command = make(rng, site, roll)
             if command is not None:
                 try:
                     site.apply(command)
                 except FsError:
-                    pass  # refused by the namespace rules, like a user's call: nothing captured
+                    pass  # refused by the namespace rules (EXDEV, EDQUOT...), like a user's call: nothing captured
     while ship(a, b) + ship(b, a):
         pass
     return a, b

@@ -35,6 +35,7 @@ from tests.repl.test_sites_sm import (
     kept_copies,
     linked_pair,
     random_command,
+    run,
     ship,
     unreachable_inodes,
     write,
@@ -341,29 +342,11 @@ def volumes_by_object(site: Site, *, usage: bool = False) -> dict[str, tuple[Any
     return found
 
 
-def run_with_volumes(tmp_path: Path, seed: int, steps: int = 200) -> tuple[Site, Site]:
-    rng = random.Random(seed)
-    a = VolumeSite(tmp_path / "a", str(uuid.UUID(int=0xA << 120)), 10**12)
-    b = VolumeSite(tmp_path / "b", str(uuid.UUID(int=0xB << 120)), 10**12 + 500)
-    a.apply(c.LinkSite(b.id, a.tick()))
-    b.apply(c.LinkSite(a.id, b.tick()))
-    for _ in range(steps):
-        roll = rng.random()
-        if roll < 0.1:
-            ship(a, b, rng, forget=rng.random() < 0.5)
-        elif roll < 0.2:
-            ship(b, a, rng, forget=rng.random() < 0.5)
-        else:
-            site = a if rng.random() < 0.5 else b
-            command = random_volume_command(rng, site) if roll < 0.3 else random_command(rng, site)
-            if command is not None:
-                try:
-                    site.apply(command)
-                except FsError:
-                    pass  # refused, like a user's call (EXDEV across volumes, EDQUOT...): nothing captured
-    while ship(a, b) + ship(b, a):
-        pass
-    return a, b
+def run_with_volumes(tmp_path: Path, seed: int) -> tuple[Site, Site]:
+    """test_sites_sm's run, with a volume command one step in eight."""
+    def make(rng: random.Random, site: Site, roll: float) -> object | None:
+        return random_volume_command(rng, site) if roll < 0.3 else random_command(rng, site)
+    return run(tmp_path, seed, 200, site_class=VolumeSite, make=make)
 
 
 VOLUME_SEEDS = [int(os.environ["AWSOMEFS_SITES_SEED"])] if "AWSOMEFS_SITES_SEED" in os.environ \
