@@ -1,5 +1,6 @@
 """Two sites under a random workload, as users would run it (slow): random namespace and data
-operations through both mounts, rounds with the link up and rounds cut off, kill -9 of a site and
+operations through both mounts, in the root's tree and in a volume each site made through CSI
+(design note 52), rounds with the link up and rounds cut off, kill -9 of a site and
 its restart in between; then a last round cut off, and the heal.
 
 Some files are patched in place past 2 MiB (sparse, with random bytes here and there): their
@@ -27,7 +28,15 @@ from pathlib import Path
 import pytest
 
 from awsomefsd.devcluster.network import available
-from tests.support.sites import ClusterSite, Site, cluster_and_site, link, two_sites, wait_converged
+from tests.support.sites import (
+    ClusterSite,
+    Site,
+    cluster_and_site,
+    create_volume,
+    link,
+    two_sites,
+    wait_converged,
+)
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(available() is not None, reason=f"network namespaces: {available()}")]
@@ -63,12 +72,18 @@ class Workload:
         return token
 
     def paths(self, root: Path) -> tuple[list[Path], list[Path]]:
+        """The files and directories of the root's tree and of every volume's (a volume's root
+        is a directory like another: removing or renaming it is refused, a rename across is
+        EXDEV)."""
         files, dirs = [], [root]
-        for path, subdirs, names in os.walk(root):
-            if Path(path) == root:
-                subdirs[:] = [d for d in subdirs if not d.startswith(".")]
-            dirs += [Path(path) / d for d in subdirs]
-            files += [Path(path) / n for n in names]
+        for top in [root, *sorted((root / ".volumes").iterdir())]:
+            for path, subdirs, names in os.walk(top):
+                if Path(path) == root:
+                    subdirs[:] = [d for d in subdirs if not d.startswith(".")]
+                elif Path(path) == top:
+                    dirs.append(top)
+                dirs += [Path(path) / d for d in subdirs]
+                files += [Path(path) / n for n in names]
         return files, dirs
 
     def step(self, site: Site | ClusterSite) -> None:
@@ -160,10 +175,14 @@ def test_two_sites_converge_under_a_random_workload_with_partitions_and_kills(tm
     cluster, written through any member's mount, and its leader is killed now and then (the
     next one takes the link over; the old one comes back as a follower). `clusters`: both are."""
     workload = Workload(SEED, tmp_path / "operations.txt")
-    made = two_sites(tmp_path, delay_ms=10) if layout == "single" else \
+    made = two_sites(tmp_path, delay_ms=10, csi=True) if layout == "single" else \
         cluster_and_site(tmp_path, delay_ms=10, other_members=3 if layout == "clusters" else 1)
     with made as (a, b, wan):
         link(a, b)
+        for site in (a, b):  # a volume of each site's: its files are replicated too (note 52)
+            socket = site.csi_socket if isinstance(site, Site) else site.leader().csi_socket
+            assert socket is not None
+            create_volume(socket, f"pvc-{site.name}", 64 << 20)
         for round_ in range(ROUNDS + 1):
             last = round_ == ROUNDS
             cut = last or workload.rng.random() < 0.5
