@@ -184,6 +184,7 @@ def cluster_and_site(root: Path, *, members: int = 3, other_members: int = 1,
                 (root / "mb").mkdir(parents=True, exist_ok=True)
                 daemon = Daemon(root / "sb", root / "mb", env={"AWSOMEFS_SITE__LISTEN": f"{ns.address}:{PORT_B}",
                                                                "AWSOMEFS_SITE__ADVERTISE": json.dumps([f"{ns_wan.address}:{PORT_B}"])},
+                                extra=["--csi-socket", str(root / "csi-b.sock")],  # Site.csi_socket
                                 prefix=["nsenter", f"--net=/run/netns/{ns.name}", "--"])
                 stack.callback(daemon.stop_hard)
                 b = Site("b", daemon.start(), ns)
