@@ -1048,14 +1048,13 @@ class SiteService:
 
     async def verify(self) -> dict[str, Any]:
         """Both trees' digests compared: this site's, and the peer's over the link."""
-        from awsomefsd.repl.verify import DigestError, compare, decode, local_digest
+        from awsomefsd.repl.verify import DigestError, compare, decode_site, local_digest
 
         link = self.meta.site_link()
         if link is None:
             raise ControlError("this site is not linked")
         try:
-            mine_encoded = await local_digest(self.mount, self.meta.site_volumes())
-            mine = decode(mine_encoded)
+            mine = decode_site(await local_digest(self.mount, self.meta.site_volumes()))
             errors = []
             for address in link["addresses"]:
                 try:
@@ -1067,12 +1066,12 @@ class SiteService:
                     errors.append(f"{address}: {_why(exc)}")
             else:
                 raise ControlError("cannot reach the other site: " + "; ".join(errors))
-            theirs = decode(header)
-            found = compare(mine_encoded, header)
+            theirs = decode_site(header)
         except (DigestError, OSError) as exc:
             raise ControlError(str(exc)) from None
-        return {"identical": not found, "differences": found, "entries": len(mine.records),
-                "root_hash": mine.root_hash, "peer_root_hash": theirs.root_hash}
+        found = compare(mine, theirs)
+        return {"identical": not found, "differences": found, "entries": len(mine.root.records),
+                "root_hash": mine.root.root_hash, "peer_root_hash": theirs.root.root_hash}
 
     def _channel(self, link: dict[str, Any], address: str) -> grpc.Channel:
         """A channel to the peer's link listener: its certificate must chain to its pinned CA, ours

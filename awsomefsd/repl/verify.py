@@ -12,6 +12,7 @@ ships is digested on its own and paired with the other site's by its root's glob
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -45,18 +46,26 @@ async def local_digest(mount: Path | None, volumes: Mapping[str, str]) -> dict[s
     return await trio.to_thread.run_sync(digest_all)
 
 
-def decode_volumes(data: dict[str, Any]) -> dict[str, TreeDigest]:
-    """The volumes' digests a site's digest carries, by global id (none from a build before them)."""
+@dataclass(frozen=True)
+class SiteDigest:
+    """A site's digest: its root's tree, and each volume's by the global id of its root."""
+
+    root: TreeDigest
+    volumes: dict[str, TreeDigest]
+
+
+def decode_site(data: dict[str, Any]) -> SiteDigest:
+    """A site's digest as `local_digest` encodes it (no volumes from a build before them)."""
     found = data.get("volumes", {})
     if not isinstance(found, dict) or len(found) > MAX_VOLUMES:
         raise DigestError("the peer's volume digests are not a map of ids")
-    return {str(key): decode(value) for key, value in found.items()}
+    return SiteDigest(decode(data), {str(key): decode(value) for key, value in found.items()})
 
 
-def compare(mine: dict[str, Any], theirs: dict[str, Any]) -> list[str]:
+def compare(mine: SiteDigest, theirs: SiteDigest) -> list[str]:
     """Where two sites' digests differ: the root's tree, then each volume's (by its global id)."""
-    found = differences(decode(mine), decode(theirs))
-    my_volumes, their_volumes = decode_volumes(mine), decode_volumes(theirs)
+    found = differences(mine.root, theirs.root)
+    my_volumes, their_volumes = mine.volumes, theirs.volumes
     for key in sorted(my_volumes.keys() | their_volumes.keys()):
         where = f".volumes/{key}"
         if key not in their_volumes:

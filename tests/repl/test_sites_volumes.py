@@ -388,12 +388,12 @@ def test_verify_pairs_volumes_by_their_id_and_names_what_differs_inside(tmp_path
     """`site verify`'s comparison (repl/verify.py): volumes' directories have per-site numbers,
     so each volume is compared with the other site's of the same id, whatever its directory."""
     from awsomefsd.repl.digest import digest_tree
-    from awsomefsd.repl.verify import compare, encode
+    from awsomefsd.repl.verify import SiteDigest, compare, decode_site, encode
 
-    def site_digest(root: Path, volumes: dict[str, str]) -> dict[str, Any]:
+    def site_digest(root: Path, volumes: dict[str, str]) -> SiteDigest:
         digest = encode(digest_tree(root, skip_top=frozenset({".volumes"})))
         digest["volumes"] = {key: encode(digest_tree(root / ".volumes" / name)) for key, name in volumes.items()}
-        return digest
+        return decode_site(digest)  # as the wire carries it
 
     for side, number in (("a", 5), ("b", 9)):
         (tmp_path / side / ".volumes" / f"vol-{number}").mkdir(parents=True)
