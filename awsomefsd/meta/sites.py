@@ -252,7 +252,6 @@ class SiteTables:
                 db=self.meta)
         before = txn.stat(self.db["soutbox"])["entries"]
         self._set_ids(txn, ROOT_INO, ROOT)
-        self._set_ids(txn, VOLUMES_INO, VOLUMES)
         self._seed(txn, ROOT_INO, ROOT, cmd.now_ns)
         for number, record in self._sm.volumes.all(txn):
             if record["kind"] == "volume":
@@ -350,7 +349,7 @@ class SiteTables:
             return  # not yet (a rolling upgrade), or known already (CreateVolume answered a retry)
         obj = o.global_id(self.site(txn), root)
         self._set_ids(txn, root, obj)
-        self._set_ids(txn, VOLUMES_INO, VOLUMES)  # linked at level 10, its volumes not yet shipped
+        self._set_ids(txn, VOLUMES_INO, VOLUMES)  # the container's id comes with the first volume either way
         self._ship(txn, o.VolumeSet(self._tick(txn, now_ns), obj, record["name"].encode(), record["capacity"],
                                     record["inode_limit"], self._seen(txn)))
         self._local_move(txn, obj, VOLUMES_INO, volume_dir_name(number), obj, now_ns)
@@ -409,7 +408,7 @@ class SiteTables:
         if self._ino(txn, op.object) is not None:
             raise FsError(errno.EINVAL, f"volume {op.object.hex()} names an object that is no volume here")
         number = self._sm.next_ino(txn)
-        self._set_ids(txn, VOLUMES_INO, VOLUMES)  # linked at level 10, no volume received yet
+        self._set_ids(txn, VOLUMES_INO, VOLUMES)  # (as in _capture_volume: a site linked at level 10 has none)
         self._sm.volumes.receive_volume(txn, number, op.name.decode(errors="replace"), op.stamp.site.hex()[:8],
                                         op.capacity, op.inode_limit, op.stamp.wall_ns)
         self._set_ids(txn, number, op.object)

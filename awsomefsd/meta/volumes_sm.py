@@ -285,7 +285,7 @@ class VolumeTables:
                     continue
                 seen.add(child)
                 stack.append(child)
-        txn.delete(u64(volume), db=self.db)  # first: charges during the teardown become no-ops
+        self.drop_record(txn, volume)  # first: charges during the teardown become no-ops
         for ino in order:
             inode = self.ns.get_inode(txn, ino)
             if inode is not None:
@@ -295,7 +295,6 @@ class VolumeTables:
         parent.nlink -= 1
         parent.mtime_ns = parent.ctime_ns = now_ns
         self.ns.put_inode(txn, parent)
-        txn.delete(f"{kind[0]}:{record['name']}".encode(), db=self.names)
         return True
 
 
