@@ -15,7 +15,7 @@ import random
 import shutil
 import stat
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -278,17 +278,22 @@ MANY_SEEDS = range(12, 1200)
 the bugs of design note 49 are among them: 7, 59, 97, 107, 227, 234, 660)."""
 
 
-@pytest.mark.slow
-def test_two_sites_converge_under_many_more_random_seeds(tmp_path: Path) -> None:
+def run_seeds(test: Callable[[Path, int], None], tmp_path: Path, seeds: Iterable[int]) -> None:
+    """A seeded test over many seeds, every failing seed named (the slow suite's runs)."""
     failed = []
-    for seed in MANY_SEEDS:
+    for seed in seeds:
         try:
-            test_two_sites_converge_under_random_namespace_and_attribute_changes(tmp_path / str(seed), seed)
+            test(tmp_path / str(seed), seed)
         except AssertionError as exc:
             failed.append(f"{exc}".splitlines()[0])
         else:
             shutil.rmtree(tmp_path / str(seed))
     assert not failed, f"{len(failed)} seeds failed (AWSOMEFS_SITES_SEED=n replays one): {failed[:5]}"
+
+
+@pytest.mark.slow
+def test_two_sites_converge_under_many_more_random_seeds(tmp_path: Path) -> None:
+    run_seeds(test_two_sites_converge_under_random_namespace_and_attribute_changes, tmp_path, MANY_SEEDS)
 
 
 @pytest.mark.parametrize("seed", SEEDS)
@@ -963,7 +968,8 @@ def test_every_operation_kind_round_trips_and_decoding_checks_fields() -> None:
                o.Moved(stamp, gid, gid, b"name", gid, seen), o.AttrsSet(stamp, gid, 0o644, 1, 2, 3, 4),
                o.XattrSet(stamp, gid, b"user.a", None), o.XattrSet(stamp, gid, b"user.a", b"\x00v"),
                o.ContentSet(stamp, gid, 10, 11), o.ContentSet(stamp, gid, 10, 11, 0o640, 5, 6, seen),
-               o.Superseded(stamp, gid, seen), o.Resolved(stamp, stamp.pack() + b"c", "both", seen)):
+               o.Superseded(stamp, gid, seen), o.Resolved(stamp, stamp.pack() + b"c", "both", seen),
+               o.VolumeSet(stamp, gid, b"pvc-1", 1 << 30, 100, seen)):
         assert o.decode(o.encode(op)) == op
     with pytest.raises(o.BadOperation):
         o.decode(o.encode(o.AttrsSet(stamp, gid, 0o644, 1, 2, 3, 4)).replace(b'"uid":1', b'"uid":-1'))

@@ -13,7 +13,6 @@ from __future__ import annotations
 import errno
 import os
 import random
-import shutil
 import stat
 import uuid
 from pathlib import Path
@@ -36,6 +35,7 @@ from tests.repl.test_sites_sm import (
     linked_pair,
     random_command,
     run,
+    run_seeds,
     ship,
     unreachable_inodes,
     write,
@@ -49,6 +49,15 @@ def make_volume(site: Site, name: str, *, capacity: int = 0, inode_limit: int = 
     number = site.new_ino()
     site.apply(c.CreateVolume(number, name, number, capacity, inode_limit, site.tick(), *source))
     return number
+
+
+def volume_with_file(site: Site, name: str, *, blocks: int = 1, capacity: int = 0) -> tuple[int, int]:
+    """A volume holding /f with `blocks` blocks written: (its number, the file's inode)."""
+    vol = make_volume(site, name, capacity=capacity)
+    f = site.new_ino()
+    site.apply(c.Mknod(vol, b"f", f, stat.S_IFREG | 0o640, 0, 0, site.tick()))
+    write(site, f, 0, blocks, 1)
+    return vol, f
 
 
 def volume_named(site: Site, name: str) -> dict[str, Any] | None:
@@ -154,10 +163,7 @@ def test_resizes_on_both_sites_merge_to_the_larger(tmp_path: Path) -> None:
 
 def test_a_volume_deleted_on_one_site_goes_on_the_other_and_its_unseen_edits_are_kept(tmp_path: Path) -> None:
     a, b = linked_pair(tmp_path)
-    vol = make_volume(a, "pvc-gone")
-    f = a.new_ino()
-    a.apply(c.Mknod(vol, b"f", f, stat.S_IFREG | 0o640, 0, 0, a.tick()))
-    write(a, f, 0, 1, 1)
+    vol, _f = volume_with_file(a, "pvc-gone")
     ship(a, b)
     b_vol = volume_named(b, "pvc-gone")
     assert b_vol is not None
@@ -180,10 +186,7 @@ def test_a_volume_deleted_on_one_site_goes_on_the_other_and_its_unseen_edits_are
 
 def test_a_volume_deleted_with_nothing_unseen_keeps_nothing(tmp_path: Path) -> None:
     a, b = linked_pair(tmp_path)
-    vol = make_volume(a, "quiet")
-    f = a.new_ino()
-    a.apply(c.Mknod(vol, b"f", f, stat.S_IFREG | 0o640, 0, 0, a.tick()))
-    write(a, f, 0, 1, 1)
+    _vol, f = volume_with_file(a, "quiet")
     ship(a, b)
     ship(b, a)
     b_vol = volume_named(b, "quiet")
@@ -201,10 +204,7 @@ def test_a_volume_deleted_with_nothing_unseen_keeps_nothing(tmp_path: Path) -> N
 
 def test_a_snapshot_stays_on_its_site_and_a_clone_of_it_ships_as_a_new_volume(tmp_path: Path) -> None:
     a, b = linked_pair(tmp_path)
-    vol = make_volume(a, "src")
-    f = a.new_ino()
-    a.apply(c.Mknod(vol, b"f", f, stat.S_IFREG | 0o644, 0, 0, a.tick()))
-    write(a, f, 0, 2, 1)
+    vol, f = volume_with_file(a, "src", blocks=2)
     snap = a.new_ino()
     a.apply(c.CreateSnapshot(snap, "snap-1", vol, a.tick()))
     write(a, f, 0, 1, 2)  # the volume moves on; the snapshot keeps the first version
@@ -220,10 +220,7 @@ def test_a_snapshot_stays_on_its_site_and_a_clone_of_it_ships_as_a_new_volume(tm
 def test_linking_ships_the_volumes_a_site_already_has(tmp_path: Path) -> None:
     a = Site(tmp_path / "a", str(uuid.UUID(int=0xA << 120)), 10**12)
     b = Site(tmp_path / "b", str(uuid.UUID(int=0xB << 120)), 10**12 + 500)
-    vol = make_volume(a, "old", capacity=8 * MiB)
-    f = a.new_ino()
-    a.apply(c.Mknod(vol, b"f", f, stat.S_IFREG | 0o644, 0, 0, a.tick()))
-    write(a, f, 0, 2, 1)
+    volume_with_file(a, "old", blocks=2, capacity=8 * MiB)
     a.apply(c.LinkSite(b.id, a.tick()))
     b.apply(c.LinkSite(a.id, b.tick()))
     ship(a, b)
@@ -373,15 +370,7 @@ def test_two_sites_converge_with_volumes_under_random_changes(tmp_path: Path, se
 
 @pytest.mark.slow
 def test_two_sites_converge_with_volumes_under_many_more_random_seeds(tmp_path: Path) -> None:
-    failed = []
-    for seed in range(8, 400):
-        try:
-            test_two_sites_converge_with_volumes_under_random_changes(tmp_path / str(seed), seed)
-        except AssertionError as exc:
-            failed.append(f"{exc}".splitlines()[0])
-        else:
-            shutil.rmtree(tmp_path / str(seed))
-    assert not failed, f"{len(failed)} seeds failed (AWSOMEFS_SITES_SEED=n replays one): {failed[:5]}"
+    run_seeds(test_two_sites_converge_with_volumes_under_random_changes, tmp_path, range(8, 400))
 
 
 def test_verify_pairs_volumes_by_their_id_and_names_what_differs_inside(tmp_path: Path) -> None:
