@@ -136,7 +136,12 @@ class ClusterSettings(Section):
     listen: str = Field("", description="host:port of this node's cluster (mTLS) listener; the join "
                         "listener is on port + 1. Needed by init, join and a member's run")
     peers: list[str] = Field(default_factory=list, description="seed members (host:port) for join when "
-                             "zeroconf multicast is not available")
+                             "zeroconf multicast is not available; a name that resolves to several "
+                             "addresses (a headless Service) stands for all of them")
+    token: str = Field("", description="the cluster token (`awsomefsd token new`): with it, `run` on a node "
+                       "whose state directory holds no member founds the cluster or joins it")
+    token_file: Path | None = Field(None, description="a file holding the cluster token (a Kubernetes "
+                                    "Secret); read when `token` is empty")
     voters: int = Field(3, ge=1, le=7, description="voters the cluster aims for (3 or 5; odd)")
     advertise: bool = Field(True, description="announce this member by zeroconf (_awsomefs._tcp)")
     lease_s: float = Field(10.0, ge=1, le=600, description="liveness lease: a node that cannot renew it "
