@@ -155,8 +155,13 @@ def build_parser() -> argparse.ArgumentParser:
     join.add_argument("--peer", action="append", metavar="HOST:PORT",
                       help="a member's cluster address, when zeroconf multicast is not available (repeatable)")
 
-    token = sub.add_parser("token", help="print this cluster's join token (`token rotate` replaces it)")
-    token.add_argument("action", nargs="?", choices=["rotate"], help="rotate: make a new token; the old one stops working")
+    token = sub.add_parser("token", help="print this cluster's join token (`token rotate` replaces it; `token new` "
+                           "makes the token of a new cluster that forms itself)")
+    token.add_argument("action", nargs="?", choices=["rotate", "new"],
+                       help="rotate: make a new token, the old one stops working; new: a cluster token for `run` on "
+                       "every node ([cluster] token)")
+    token.add_argument("--seed", action="append", default=[], metavar="HOST:PORT",
+                       help="with `new`: an address members will listen on, carried in the token (repeatable)")
     _add_settings_flags(token, device=False, mount=False)
 
     node = sub.add_parser("node", help="manage members: `node remove ID` removes a node and revokes its certificate")
@@ -269,14 +274,9 @@ def _dispatch(args: argparse.Namespace) -> int:
     settings = actions.settings_from(getattr(args, "config", None), overrides)
     _check_paths(args, settings)
     if args.command == "run":
-        from awsomefsd.cluster.state import MemberState
+        from awsomefsd.cluster import actions as cluster
 
-        member = MemberState.load(settings.node.state_dir)
-        if member is not None:
-            from awsomefsd.cluster import actions as cluster
-
-            return cluster.run_member_command(settings, member)
-        return actions.run(settings)
+        return cluster.run_command(settings)
     if args.command in ("init", "join", "token", "node"):
         from awsomefsd.cluster import actions as cluster
 
@@ -285,6 +285,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         if args.command == "join":
             return cluster.join(settings, args.token)
         if args.command == "token":
+            if args.action == "new":
+                return cluster.token_new(args.seed)
             return cluster.token_rotate(settings) if args.action == "rotate" else cluster.token(settings)
         return cluster.node_remove(settings, args.node_id)
     if args.command == "site":

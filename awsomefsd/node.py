@@ -31,16 +31,18 @@ from awsomefsd.fs.space import ClaimSpace
 from awsomefsd.io.device import BlockDevice
 from awsomefsd.io.errors import DeviceError
 from awsomefsd.io.fence import WriteFence
+from awsomefsd.io.founding import read_founding
 from awsomefsd.io.layout import DeviceLayout
 from awsomefsd.io.superblock import Superblock, read_superblock
 from awsomefsd.meta import commands as c
-from awsomefsd.meta.bootstrap import initialise_metadata, load_metadata, open_metadata, stored_identity
+from awsomefsd.meta.bootstrap import load_metadata, open_metadata, stored_identity
 from awsomefsd.meta.client import MetaClient
 from awsomefsd.meta.log import LocalLog
 from awsomefsd.meta.replication.fs_log import ReplicatedFsLog
 from awsomefsd.meta.state_machine import StateMachine
 from awsomefsd.meta.store import MetaStore
 from awsomefsd.metrics import Metrics, counter, gauge
+from awsomefsd.ownership import check_member, initialise_founder_store, settle_single_node
 from awsomefsd.tier.service import TierConfigError, Tiering
 
 log = logging.getLogger(__name__)
@@ -111,7 +113,7 @@ def open_storage(settings: Settings, *, bootstrap: bool = True, grant_all_to: in
         device.close()
         raise
     try:
-        _init_or_check_meta(store, sm, sb, init=bootstrap, grant_all_to=grant_all_to)
+        _init_or_check_meta(store, sm, device, sb, settings, init=bootstrap, grant_all_to=grant_all_to)
     except BaseException:
         store.close()
         device.close()
@@ -119,12 +121,15 @@ def open_storage(settings: Settings, *, bootstrap: bool = True, grant_all_to: in
     return Storage(device, sb, store, sm)
 
 
-def open_core(settings: Settings, *, metrics: Metrics | None = None, log_kind: str | None = None) -> Core:
+def open_core(settings: Settings, *, metrics: Metrics | None = None, log_kind: str | None = None,
+              initialise: bool = True) -> Core:
     """A single node: storage, its metadata log, and the file system on top.
 
     `log_kind` overrides `[meta] log` (fsck works offline on the state as committed: "local").
+    `initialise`: make the metadata when the state directory has none and the device may be
+    founded (fsck never does: it checks what exists).
     """
-    storage = open_storage(settings)
+    storage = open_storage(settings, bootstrap=initialise)
     meta_log: LocalLog | ReplicatedFsLog
     if (log_kind or settings.meta.log) == "raft":
         meta_log = ReplicatedFsLog(storage.store, storage.sm, node_id=NODE_ID, before_commit=storage.device.sync_written)
@@ -176,17 +181,26 @@ def assemble_core(storage: Storage, meta_log: LocalLog | ReplicatedFsLog, meta: 
     return core
 
 
-def _init_or_check_meta(store: MetaStore, sm: StateMachine, sb: Superblock, *, init: bool,
-                        grant_all_to: int | None) -> None:
+def _init_or_check_meta(store: MetaStore, sm: StateMachine, device: BlockDevice, sb: Superblock, settings: Settings, *,
+                        init: bool, grant_all_to: int | None) -> None:
+    """Check the metadata against the device and its founding record; make it when this node may
+    (awsomefsd/ownership.py). A single node makes it only under a claim of the device's founding,
+    and never where the record says it exists; a cluster founder (`init`) has its own."""
+    state_dir = settings.node.state_dir
     identity = stored_identity(store)
     if identity is None:
-        if not init:
+        if grant_all_to is not None:
+            if not init:
+                record = read_founding(device)
+                whose = f": it is with {record.describe()}" if record is not None and record.founded else ""
+                raise NodeError(f"{state_dir} holds no metadata of {device.path}{whose}; give the state directory "
+                                "of the node that serves it (--state)")
+            settle_single_node(device, sb, store, sm, state_dir=state_dir, shared=settings.device.shared,
+                               grant_all_to=grant_all_to)
             return
-        layout = sb.layout
-        initialise_metadata(store, sm, cluster_id=str(sb.cluster_id), device_id=str(sb.device_id),
-                            data_extent=(layout.data_start_block, layout.data_blocks), now_ns=time.time_ns(),
-                            groups_to=grant_all_to, group_count=layout.ag_count)
-        log.info("initialised metadata for cluster %s", sb.cluster_id)
+        if init:
+            initialise_founder_store(store, sm, sb)
+            log.info("initialised metadata for cluster %s", sb.cluster_id)
         return
     cluster, device_id = identity
     if cluster != str(sb.cluster_id):
@@ -197,6 +211,11 @@ def _init_or_check_meta(store: MetaStore, sm: StateMachine, sb: Superblock, *, i
     load_metadata(store, sm)
     if device_id is not None and device_id != str(sb.device_id):
         raise NodeError(f"metadata in {store.path} was made for another device of cluster {sb.cluster_id}")
+    if grant_all_to is not None:
+        settle_single_node(device, sb, store, sm, state_dir=state_dir, shared=settings.device.shared,
+                           grant_all_to=grant_all_to)
+    else:
+        check_member(device, state_dir)
 
 
 def _collect(core: Core) -> Iterator[Metric]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import logging
 import uuid
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -96,7 +97,12 @@ def _member_settings(settings: Settings, state: MemberState) -> Settings:
     return settings.model_copy(update=update)
 
 
+def cluster_ag_bytes(device_bytes: int) -> int:
+    return max(MIN_CLUSTER_AG_BYTES, device_bytes // CLUSTER_AG_COUNT)
+
+
 def init(settings: Settings, *, size: str | None, force: bool, label: str) -> int:
+    from awsomefsd.cluster.formation import founded_record, record_founded
     from awsomefsd.cluster.member import Founding
     from awsomefsd.io.device import BlockDevice
     from awsomefsd.io.errors import DeviceError
@@ -110,28 +116,37 @@ def init(settings: Settings, *, size: str | None, force: bool, label: str) -> in
         path = _device(settings, size)
         try:
             with BlockDevice.open(path) as device:
-                ag_bytes = max(MIN_CLUSTER_AG_BYTES, device.size_bytes // CLUSTER_AG_COUNT)
-                sb = format_device(device, cluster_id=uuid.uuid4(), label=label, force=force, ag_size_bytes=ag_bytes)
+                sb = format_device(device, cluster_id=uuid.uuid4(), label=label, force=force,
+                                   ag_size_bytes=cluster_ag_bytes(device.size_bytes))
         except (DeviceError, ValueError) as exc:
             raise CliError(str(exc)) from None
-        cluster_id = sb.cluster_id
-        ca = ClusterCA.create(cluster_id)
-        key = new_node_key()
-        creds = NodeCredentials(key, ca.issue(make_csr(key), 1), ca.cert)
-        creds.save(tls_dir(state_dir))
-        ca.save(tls_dir(state_dir) / "ca")  # to resume founding after a crash; the same key is in the metadata
-        token = JoinToken.generate(cluster_id, ca.fingerprint, seeds=token_seeds(listen))
-        save_token(state_dir, token.encode())
-        mount = settings.mount.path
-        state = MemberState(str(cluster_id), 1, listen, founder=True, device=str(path.resolve()),
-                            mount=str(mount.resolve()) if mount else "")
-        state.save(state_dir)
-        print(f"awsomefsd: formatted {path} for new cluster {cluster_id}; this is node 1", flush=True)
+        state, ca, token = _become_founder(settings, path, sb.cluster_id, listen, JoinToken.generate(
+            sb.cluster_id, bytes(32), seeds=token_seeds(listen)))
+        print(f"awsomefsd: formatted {path} for new cluster {sb.cluster_id}; this is node 1", flush=True)
         print("awsomefsd: join other nodes with `awsomefsd join TOKEN`; the token:", flush=True)
         print(token.encode(), flush=True)
-        settings = _member_settings(settings, state)
-        founding = Founding(ca, token, settings.cluster.voters)
-        return _run(settings, state, founding=founding)
+        record = founded_record(sb, token, owner=sb.cluster_id, listen=listen)
+        founding = Founding(ca, token, settings.cluster.voters, on_founded=lambda: record_founded(path, record))
+        return _run(_member_settings(settings, state), state, founding=founding)
+
+
+def _become_founder(settings: Settings, path: Path, cluster_id: uuid.UUID, listen: str, token: JoinToken, *,
+                    founding: str = "") -> tuple[MemberState, ClusterCA, JoinToken]:
+    """The founder's state files: the cluster CA, node 1's certificate, the join token (its secret,
+    now pinning the CA) and cluster.json."""
+    state_dir = settings.node.state_dir
+    ca = ClusterCA.create(cluster_id)
+    key = new_node_key()
+    creds = NodeCredentials(key, ca.issue(make_csr(key), 1), ca.cert)
+    creds.save(tls_dir(state_dir))
+    ca.save(tls_dir(state_dir) / "ca")  # to resume founding after a crash; the same key is in the metadata
+    token = token.pinned(ca.fingerprint)
+    save_token(state_dir, token.encode())
+    mount = settings.mount.path
+    state = MemberState(str(cluster_id), 1, listen, founder=True, device=str(path.resolve()),
+                        mount=str(mount.resolve()) if mount else "", founding=founding)
+    state.save(state_dir)
+    return state, ca, token
 
 
 def join(settings: Settings, token_text: str) -> int:
@@ -157,28 +172,42 @@ def join(settings: Settings, token_text: str) -> int:
         if sb.cluster_id != token.cluster_id:
             raise CliError(f"{path} holds cluster {sb.cluster_id}, but the token is for cluster {token.cluster_id}: "
                            "give the shared device of that cluster")
-        peers = _find_members(settings, token)
+        if not token.pins_ca:
+            raise CliError("this is a cluster token for a cluster that forms itself: give it to `awsomefsd run` "
+                           "([cluster] token), or join with the token `awsomefsd token` prints on a member")
         peer_map: dict[int, str] = {}
-        creds = None
-        errors = []
-        for peer in peers:
-            try:
-                creds = join_cluster(token, peer.join_address, name=settings.node.name, listen_address=listen,
-                                     peers_out=peer_map)
-                break
-            except JoinRefused as exc:
-                raise CliError(str(exc)) from None
-            except (JoinError, CertificateError) as exc:
-                errors.append(f"{peer.join_address}: {exc}")
+        errors: list[str] = []
+        creds = _join_through(settings, token, _find_members(settings, token), listen, peer_map, errors)
         if creds is None:
             raise CliError("could not join through any member: " + "; ".join(errors))
-        creds.save(tls_dir(state_dir))
-        mount = settings.mount.path
-        state = MemberState(str(token.cluster_id), creds.identity.node_id, listen, device=str(path.resolve()),
-                            mount=str(mount.resolve()) if mount else "")
-        state.save(state_dir)
-        print(f"awsomefsd: joined cluster {token.cluster_id} as node {state.node_id}", flush=True)
-        return _run(_member_settings(settings, state), state, peers=peer_map)
+        return _run_joined(settings, token, creds, peer_map, path, listen)
+
+
+def _join_through(settings: Settings, token: JoinToken, peers: list[Any], listen: str, peer_map: dict[int, str],
+                  errors: list[str], *, name: str | None = None) -> NodeCredentials | None:
+    """Join through the first of `peers` that admits this node; None (and why, in `errors`) when
+    none did; CliError when the cluster said no."""
+    for peer in peers:
+        try:
+            return join_cluster(token, peer.join_address, name=settings.node.name if name is None else name,
+                                listen_address=listen, peers_out=peer_map)
+        except JoinRefused as exc:
+            raise CliError(str(exc)) from None
+        except (JoinError, CertificateError) as exc:
+            errors.append(f"{peer.join_address}: {exc}")
+    return None
+
+
+def _run_joined(settings: Settings, token: JoinToken, creds: NodeCredentials, peer_map: dict[int, str], path: Path,
+                listen: str) -> int:
+    state_dir = settings.node.state_dir
+    creds.save(tls_dir(state_dir))
+    mount = settings.mount.path
+    state = MemberState(str(token.cluster_id), creds.identity.node_id, listen, device=str(path.resolve()),
+                        mount=str(mount.resolve()) if mount else "")
+    state.save(state_dir)
+    print(f"awsomefsd: joined cluster {token.cluster_id} as node {state.node_id}", flush=True)
+    return _run(_member_settings(settings, state), state, peers=peer_map)
 
 
 def _find_members(settings: Settings, token: JoinToken) -> list[Any]:
@@ -196,14 +225,99 @@ def _find_members(settings: Settings, token: JoinToken) -> list[Any]:
     return found
 
 
+def token_new(seeds: list[str]) -> int:
+    """`awsomefsd token new`: a formation token for a cluster that forms itself."""
+    try:
+        token = JoinToken.formation(tuple(seeds))
+    except TokenError as exc:
+        raise CliError(str(exc)) from None
+    print(token.encode())
+    return 0
+
+
+def run_command(settings: Settings) -> int:
+    """`awsomefsd run`: a member restarts from its state; with a cluster token, a node with no
+    state founds the cluster or joins it; otherwise a single node."""
+    from awsomefsd import actions
+    from awsomefsd.cluster.formation import load_cluster_token
+
+    state = MemberState.load(settings.node.state_dir)
+    if state is not None:
+        return run_member_command(settings, state)
+    token = load_cluster_token(settings)
+    if token is None:
+        return actions.run(settings)
+    with state_lock(settings.node.state_dir):
+        return _form(settings, token)
+
+
+def _form(settings: Settings, token: JoinToken) -> int:
+    """A node with the cluster token and no state: found the cluster, or join it (formation.py)."""
+    from awsomefsd.cluster.formation import decide
+    from awsomefsd.io.errors import DeviceError
+
+    state_dir = settings.node.state_dir
+    _refuse_member(state_dir)
+    listen = _listen(settings)
+    preflight(settings, cluster_listen=listen, control=control_socket(state_dir))
+    path = _device(settings, None)
+    me = uuid.uuid4()
+    try:
+        decision = decide(path, token, state_dir, me=me)
+    except DeviceError as exc:
+        raise CliError(str(exc)) from None
+    if decision.founded is not None:
+        return _join_formed(settings, token, decision.founded, path, listen)
+    assert decision.claim is not None
+    return _found_formed(settings, token, decision.claim, decision.superblock, path, listen, me)
+
+
+def _found_formed(settings: Settings, token: JoinToken, claim: Any, sb: Any, path: Path, listen: str,
+                  me: uuid.UUID) -> int:
+    from awsomefsd.cluster.formation import format_under_claim, founded_record
+    from awsomefsd.cluster.member import Founding
+    from awsomefsd.io.errors import DeviceError
+    from awsomefsd.io.founding import FoundingRecord, Stage
+
+    try:
+        sb = sb or format_under_claim(claim, token, cluster_ag_bytes)
+        state, ca, pinned = _become_founder(settings, path, sb.cluster_id, listen, token, founding=str(me))
+    except BaseException as exc:
+        claim.release(FoundingRecord(Stage.FORMATTED, sb.cluster_id, sb.device_id) if sb is not None else None)
+        if isinstance(exc, DeviceError):
+            raise CliError(str(exc)) from None
+        raise
+    print(f"awsomefsd: founding cluster {sb.cluster_id} on {path}; this is node 1", flush=True)
+    record = founded_record(sb, pinned, owner=me, listen=listen)
+    founding = Founding(ca, pinned, settings.cluster.voters, on_founded=lambda: claim.found(record))
+    return _run(_member_settings(settings, state), state, founding=founding)
+
+
+def _join_formed(settings: Settings, token: JoinToken, record: Any, path: Path, listen: str) -> int:
+    from awsomefsd.cluster.formation import pinned_token, retry_join
+    from awsomefsd.ownership import host_name
+
+    pinned = pinned_token(path, token, record)
+    peer_map: dict[int, str] = {}
+    errors: list[str] = []
+    log.info("cluster %s exists (%s): joining it", token.cluster_id, record.describe())
+
+    def attempt(peers: list[Any]) -> NodeCredentials | None:
+        errors.clear()
+        return _join_through(settings, pinned, peers, listen, peer_map, errors, name=settings.node.name or host_name())
+
+    creds = retry_join(settings, pinned, record, attempt)
+    assert isinstance(creds, NodeCredentials)
+    return _run_joined(settings, pinned, creds, peer_map, path, listen)
+
+
 def run_member_command(settings: Settings, state: MemberState) -> int:
     """`awsomefsd run` of a state directory that belongs to a cluster member."""
     with state_lock(settings.node.state_dir):
         settings = _member_settings(settings, state)
         preflight(settings, cluster_listen=settings.cluster.listen, control=control_socket(settings.node.state_dir))
         if settings.cluster.listen != state.listen:
-            state = MemberState(state.cluster_id, state.node_id, settings.cluster.listen, state.founder,
-                                state.device, state.mount)
+            state = replace(state, listen=settings.cluster.listen)
             state.save(settings.node.state_dir)
         founding = None
         if state.founder:
@@ -212,8 +326,63 @@ def run_member_command(settings: Settings, state: MemberState) -> int:
             token_text = load_token(settings.node.state_dir)
             ca_dir = tls_dir(settings.node.state_dir) / "ca"
             if token_text is not None and (ca_dir / "ca.key").exists():
-                founding = Founding(ClusterCA.load(ca_dir), JoinToken.parse(token_text), settings.cluster.voters)
+                founding = _resume_founding(settings, state, Founding(
+                    ClusterCA.load(ca_dir), JoinToken.parse(token_text), settings.cluster.voters))
+                if founding is None:
+                    from awsomefsd.cluster.formation import load_cluster_token
+
+                    token = load_cluster_token(settings)
+                    if token is None:
+                        raise CliError("another node founded the cluster while this one was down before it had "
+                                       "finished founding; this node's state was moved aside: start it again with the "
+                                       "cluster token ([cluster] token) to join")
+                    return _form(settings, token)
         return _run(settings, state, founding=founding)
+
+
+def _resume_founding(settings: Settings, state: MemberState, founding: Any) -> Any:
+    """A founder's restart: its Founding, with what still has to be recorded on the device; None
+    when another node founded the cluster meanwhile (this node's state is then moved aside)."""
+    from awsomefsd.cluster.formation import (
+        abandon_state,
+        decide,
+        founded_record,
+        founder_resumes,
+        record_founded,
+    )
+    from awsomefsd.io.device import BlockDevice
+    from awsomefsd.io.errors import DeviceError
+    from awsomefsd.io.superblock import read_superblock
+
+    state_dir = settings.node.state_dir
+    assert settings.device.path is not None
+    path = Path(settings.device.path)
+    record = founder_resumes(path, state)
+    mine = uuid.UUID(state.founding) if state.founding else None
+    if record is not None:
+        if mine is not None and record.owner != mine:
+            aside = abandon_state(state_dir)
+            log.warning("another node founded cluster %s while this one was down mid-founding; its state is in %s",
+                        state.cluster_id, aside)
+            return None
+        return founding
+    try:
+        with BlockDevice.open(path, shared=True) as device:
+            sb = read_superblock(device).superblock
+        decision = decide(path, founding.token, state_dir, me=mine) if mine is not None else None
+    except DeviceError as exc:
+        raise CliError(str(exc)) from None
+    if decision is None:  # `init`'s founder (or a cluster from before founding records): record it now
+        done = founded_record(sb, founding.token, owner=sb.cluster_id, listen=state.listen)
+        founding.on_founded = lambda: record_founded(path, done)
+        return founding
+    if decision.founded is not None:
+        abandon_state(state_dir)
+        return None
+    assert mine is not None and decision.claim is not None
+    claim, done = decision.claim, founded_record(sb, founding.token, owner=mine, listen=state.listen)
+    founding.on_founded = lambda: claim.found(done)
+    return founding
 
 
 def _run(settings: Settings, state: MemberState, *, founding: Any = None, peers: dict[int, str] | None = None) -> int:

@@ -296,6 +296,7 @@ class LeaderDuties:
             self.last_renewal = {}
         self._reconcile_membership()
         await self._expire_silent(now)
+        await self._remove_replaced()
 
     def _note_leader(self) -> None:
         """Log a change of leader once (INFO, on every member): the first thing an operator looks
@@ -338,6 +339,24 @@ class LeaderDuties:
                     self.conf_changes += 1
                     return
 
+    async def _remove_replaced(self) -> None:
+        """A node that lost its state directory joins again under its old name (one-token formation,
+        awsomefsd/cluster/formation.py): once the cluster has expired the member it was, that member
+        is removed (its certificate revoked; its fence epoch stays expired). A namesake that still
+        renews is left alone. Node names are unique in a cluster (the host name by default); the
+        state machine shows a second member asking for a taken name as `name-<its id>`."""
+        members = self.meta.members()
+        newest: dict[str, int] = {}
+        for n, record in members.items():
+            asked = asked_name(n, record.name)
+            if record.active and asked:
+                newest[asked] = max(newest.get(asked, 0), n)
+        for n, record in sorted(members.items()):
+            asked = asked_name(n, record.name)
+            if record.active and record.expired and asked and newest[asked] > n:
+                log.info("node %d (%s) joined again as node %d: removing its old member", n, asked, newest[asked])
+                await self.log.propose_outcome(c.RemoveMember(n, time.time_ns()), fenced=False, leader_only=True)
+
     async def _expire_silent(self, now: float) -> None:
         assert self.leading_since is not None
         deadline = self.settings.lease_s + self.settings.margin_s
@@ -353,3 +372,10 @@ class LeaderDuties:
                             "write leases go back to the cluster)", n, now - seen)
                 await self.log.propose_outcome(c.ExpireNode(n, time.time_ns()), fenced=False, leader_only=True)
                 self.expired += 1
+
+
+def asked_name(node: int, shown: str) -> str:
+    """The name a member asked for when it joined: the one shown, less the `-<node id>` the state
+    machine adds when it was taken (meta/cluster_sm.py, `_unique_name`); "" for an unnamed node."""
+    base = shown.removesuffix(f"-{node}")
+    return "" if base == "node" and shown != base else base

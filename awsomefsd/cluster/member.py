@@ -97,11 +97,15 @@ machine must not depose a leader for a slow fsync; a dead leader is replaced wit
 
 @dataclass
 class Founding:
-    """What `awsomefsd init` decided, applied once the founder leads its one-member group."""
+    """What `awsomefsd init` (or a node founding with the cluster token) decided, applied once the
+    founder leads its one-member group."""
 
     ca: ClusterCA
     token: JoinToken
     voters_target: int
+    on_founded: Callable[[], None] | None = None
+    """Runs (in a thread) once the cluster's state is committed, before anything is served: it
+    records on the device that the metadata exists (awsomefsd/cluster/formation.py)."""
 
 
 @dataclass
@@ -352,6 +356,8 @@ async def run_member(member: Member, *, founding: Founding | None = None,
         await nursery.start(member.meta.run_pipeline)
         if founding is not None:
             await _found(member, founding)
+            if founding.on_founded is not None:
+                await trio.to_thread.run_sync(founding.on_founded)
         await _wait_for_state(member)
         if on_listening is not None:
             on_listening(member)

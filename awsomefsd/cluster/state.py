@@ -37,6 +37,9 @@ class MemberState:
     device: str = ""
     """The device and mount point this node was set up with: `awsomefsd run --state DIR` needs no more."""
     mount: str = ""
+    founding: str = ""
+    """A founder that claimed the device's founding (one-token formation): its claim's id, which the
+    device's founding record names once the cluster exists (awsomefsd/cluster/formation.py)."""
 
     @property
     def cluster_uuid(self) -> uuid.UUID:

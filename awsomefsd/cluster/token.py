@@ -7,7 +7,9 @@ A token is one printable, shell-safe word: `awfs1_` followed by unpadded base64u
 where each seed is a length byte and an ASCII `host:port`, and the checksum is the first 4 bytes of
 SHA-256 over the prefix and the body (it catches a token cut short by a terminal or mistyped; it is
 not a security feature — the secret is). The `1` in the prefix is the format version; a reader
-refuses any other version by name rather than misreading it.
+refuses any other version by name rather than misreading it. A *formation* token
+(`awsomefsd token new`, for a cluster that forms itself) carries 32 zero bytes as its CA
+fingerprint: the cluster's CA does not exist when it is made.
 
 The cluster never stores the secret. It stores a *verifier*: the Ed25519 public key whose private
 key is derived from the secret with HKDF-SHA256 (salt: the cluster id). A joiner proves knowledge of
@@ -26,7 +28,7 @@ import hmac
 import re
 import secrets
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import ClassVar, Self
 
 from cryptography.exceptions import InvalidSignature
@@ -43,6 +45,8 @@ NONCE_BYTES = 32
 MAX_SEEDS = 16
 MAX_SEED_LEN = 255
 MAX_TOKEN_CHARS = 8192
+UNPINNED = bytes(FINGERPRINT_BYTES)
+"""The CA fingerprint of a formation token (`JoinToken.formation`): the cluster has no CA yet."""
 _FIXED = 16 + FINGERPRINT_BYTES + SECRET_BYTES + 1
 _B64URL_RE = re.compile(r"^[A-Za-z0-9_-]*$")
 _SEED_RE = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):([0-9]{1,5})$")
@@ -152,6 +156,31 @@ class JoinToken:
         secret = payload[16 + FINGERPRINT_BYTES : _FIXED - 1]
         seeds = _parse_seeds(payload[_FIXED - 1 :])
         return cls(cluster_id, fp, secret, seeds)
+
+    @classmethod
+    def formation(cls, seeds: tuple[str, ...] = ()) -> Self:
+        """A token for a cluster that does not exist yet (`awsomefsd token new`): a new cluster id, a
+        fresh secret and no CA pin (the CA is made by whichever node founds the cluster; a joiner
+        takes its fingerprint from the device's founding record, where `record_proof` binds it to
+        this secret)."""
+        return cls(uuid.uuid4(), UNPINNED, secrets.token_bytes(SECRET_BYTES), tuple(seeds))
+
+    @property
+    def pins_ca(self) -> bool:
+        return self.ca_fingerprint != UNPINNED
+
+    def pinned(self, ca_fingerprint: bytes) -> Self:
+        """This token with the CA pinned (what a formation token becomes once the cluster exists)."""
+        return replace(self, ca_fingerprint=ca_fingerprint)
+
+    def record_proof(self, ca_fingerprint: bytes) -> bytes:
+        """What the founder writes beside the CA fingerprint in the device's founding record: an
+        HMAC with a key derived from the secret, so that a joiner holding the token trusts that
+        fingerprint and nobody without the token can make a record it would trust."""
+        key = HKDF(algorithm=hashes.SHA256(), length=32, salt=self.cluster_id.bytes,
+                   info=b"awsomefs founding record key v1").derive(self.secret)
+        return hmac.new(key, b"awsomefs/founding/v1\x00" + self.cluster_id.bytes + ca_fingerprint,
+                        hashlib.sha256).digest()
 
     def verifier(self) -> TokenVerifier:
         return TokenVerifier.from_secret(self.cluster_id, self.secret, self.purpose)

@@ -23,6 +23,7 @@ from awsomefsd.io.errors import (
     NotFormattedError,
     UnsupportedFormatError,
 )
+from awsomefsd.io.founding import FoundingRecord, Stage, write_founding
 from awsomefsd.io.layout import BLOCK_SIZE, MIN_DEVICE_BYTES, DeviceLayout, plan_layout
 
 MAGIC = b"AWSOMEFS"
@@ -216,6 +217,7 @@ def format_device(
     force: bool = False,
     ag_size_bytes: int | None = None,
     now_ns: int | None = None,
+    under_claim: bool = False,
 ) -> Superblock:
     """Write a fresh superblock (new device id) for `cluster_id`, both copies, synced.
 
@@ -234,7 +236,9 @@ def format_device(
         offsets.add(primary.layout.superblock_copy_offset_bytes)
     found = [sb for sb in (primary if offset == 0 else _read_at(dev, offset) for offset in sorted(offsets))
              if isinstance(sb, Superblock)]
-    users = dev.claim_exclusive()
+    # Under a founding claim (awsomefsd/io/claim.py) the device is blank: no file system is live on
+    # it, and nodes waiting for the claim may hold it open.
+    users = [] if under_claim else dev.claim_exclusive()
     if users:
         whose = (f"cluster {found[0].cluster_id} (label {found[0].label!r})" if found else "a file system")
         pids = ", ".join(str(p) for p in users if p) or "unknown"
@@ -260,6 +264,11 @@ def format_device(
             label=label,
         )
         write_superblocks(dev, sb)
+        # A fresh file system has no metadata yet: whatever the record said of the old one is void.
+        # (`under_claim`: a founder formats a blank device under its claim, which the record holds.)
+        if not under_claim:
+            write_founding(dev, FoundingRecord(Stage.FORMATTED, sb.cluster_id, sb.device_id, written_ns=sb.created_ns))
     finally:
-        dev.release_exclusive()
+        if not under_claim:
+            dev.release_exclusive()
     return sb

@@ -8,6 +8,7 @@ metadata client (meta/client.py).
 
 from __future__ import annotations
 
+import uuid
 from pathlib import Path
 
 from awsomefsd.meta import commands as c
@@ -31,6 +32,25 @@ def stored_identity(store: MetaStore) -> tuple[str, str | None] | None:
     return bytes(cluster).decode(), None if device is None else bytes(device).decode()
 
 
+def metadata_id(store: MetaStore) -> uuid.UUID | None:
+    """The id this store's metadata was made with (the device's founding record names it), None
+    for an empty store or one made before stores had ids (`adopt_metadata_id` gives it one)."""
+    with store.env.begin() as txn:
+        raw = txn.get(b"metadata_id", db=store.db["meta"])
+    return None if raw is None else uuid.UUID(bytes=bytes(raw))
+
+
+def adopt_metadata_id(store: MetaStore) -> uuid.UUID:
+    """This store's metadata id, made now if it has none yet."""
+    existing = metadata_id(store)
+    if existing is not None:
+        return existing
+    made = uuid.uuid4()
+    with store.env.begin(write=True) as txn:
+        txn.put(b"metadata_id", made.bytes, db=store.db["meta"])
+    return made
+
+
 def initialise_metadata(store: MetaStore, sm: StateMachine, *, cluster_id: str, device_id: str, data_extent: tuple[int, int],
                now_ns: int, groups_to: int | None, group_count: int) -> None:
     """The state of a new filesystem, committed: the root directory, every data block free and,
@@ -39,6 +59,14 @@ def initialise_metadata(store: MetaStore, sm: StateMachine, *, cluster_id: str, 
         sm.bootstrap(txn, cluster_id=cluster_id, device_id=device_id, data_extent=data_extent, now_ns=now_ns)
         if groups_to is not None:
             sm.apply(txn, c.GrantGroups(groups_to, tuple(range(group_count))))
+
+
+def discard_metadata(store: MetaStore) -> None:
+    """Empty every table: metadata made under a founding claim that was then lost (nothing was
+    served from it); the store is as new again."""
+    with store.env.begin(write=True) as txn:
+        for db in store.db.values():
+            txn.drop(db, delete=False)
 
 
 def load_metadata(store: MetaStore, sm: StateMachine) -> None:
