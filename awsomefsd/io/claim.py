@@ -136,16 +136,17 @@ class DeviceClaim:
 
 
 def claim_founding(path: Path, *, shared: bool, base: FoundingRecord, deadline_s: float,
-                   timing: ClaimTiming = ClaimTiming(), me: uuid.UUID | None = None,
+                   timing: ClaimTiming = ClaimTiming(), me: uuid.UUID | None = None, machine_lock: bool = True,
                    on_wait: Callable[[FoundingRecord], None] = lambda _record: None) -> DeviceClaim | FoundingRecord:
     """Claim the founding of the device at `path`: a DeviceClaim when this process is to make the
     metadata, or the FOUNDED record when another did (before or meanwhile). `base` is the record
     the device holds or would hold (FORMATTED, with the cluster and device ids); `me` the claim's
     id (a founder that restarts mid-founding claims again under its old one); `on_wait` hears of
-    another node's live claim (once per holder). ClaimTimeout after `deadline_s`."""
+    another node's live claim (once per holder). ClaimTimeout after `deadline_s`. `machine_lock`
+    False: no turn-taking on this machine (tests in which threads stand for other machines)."""
     me = me or uuid.uuid4()
     deadline = time.monotonic() + deadline_s
-    lock_fd = _lock_record(path, deadline)
+    lock_fd = _lock_record(path, deadline) if machine_lock else os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
     device = BlockDevice.open(path, shared=shared)
     try:
         return _claim(device, lock_fd, me, shared=shared, base=base, deadline=deadline, timing=timing,

@@ -51,9 +51,9 @@ META_PUBLIC = frozenset({"client", "records", "commands", "errors", "log", "boot
 FS_META_ALLOWED = frozenset({"client", "records", "commands", "errors", "freespace"})
 FUSE_META_ALLOWED = frozenset({"errors", "records", "commands"})
 META_IO_ALLOWED = frozenset({"awsomefsd.io.layout"})
-COMPOSITION = ("awsomefsd.node", "awsomefsd.volumes", "awsomefsd.cluster", "awsomefsd.csi", "awsomefsd.cli",
+COMPOSITION = ("awsomefsd.node", "awsomefsd.ownership", "awsomefsd.volumes", "awsomefsd.cluster", "awsomefsd.csi", "awsomefsd.cli",
                "awsomefsd.actions")
-COMPOSITION_ROOTS = frozenset({"awsomefsd.node"})
+COMPOSITION_ROOTS = frozenset({"awsomefsd.node", "awsomefsd.ownership"})
 MEMBER_ROOT = "awsomefsd.cluster.member"
 
 
