@@ -104,39 +104,78 @@ def device_errors() -> tuple[type[BaseException], ...]:
 
 
 def dev(state: Path, mount: Path, size: str, overrides: dict[str, Any]) -> int:
-    """The embedded default: an image file under `state`, formatted on first use, then mounted."""
+    """The embedded default: an image file under `state`, formatted on first use, then mounted.
+    A size or a mount that cannot work is refused before the state directory or the image exists,
+    so a failed first start leaves nothing that a corrected command would trip over."""
     from awsomefsd.io.device import BlockDevice, create_image
     from awsomefsd.io.errors import NotFormattedError
     from awsomefsd.io.superblock import format_device, read_superblock
 
     state = state.resolve()
     image = state / DEV_IMAGE_NAME
+    size_bytes = dev_image_size(size)
+    overrides = {**overrides}
+    overrides["node"] = {**overrides.get("node", {}), "state_dir": state}
+    overrides["device"] = {"path": image}
+    overrides["mount"] = {"path": mount.absolute().parent.resolve() / mount.name}  # a stat of a kept mount waits
+    settings = settings_from(None, overrides, read_default_file=False)
+    check_mount(settings)
     with state_lock(state):
-        try:
-            size_bytes = parse_size_bytes(size)
-        except ValueError as exc:
-            raise CliError(str(exc)) from None
-        overrides = {**overrides}
-        overrides["node"] = {**overrides.get("node", {}), "state_dir": state}
-        overrides["device"] = {"path": image}
-        overrides["mount"] = {"path": mount.absolute().parent.resolve() / mount.name}  # a stat of a kept mount waits
-        settings = settings_from(None, overrides, read_default_file=False)
         preflight(settings)  # bad settings format nothing
+        created = not image.exists()
         try:
-            if not image.exists():
+            if created:
                 create_image(image, size_bytes)
             device = BlockDevice.open(image)
             try:
                 try:
                     read_superblock(device)
                 except NotFormattedError:
+                    if device.size_bytes < size_bytes:  # nothing in it yet (a failed first start): grow it
+                        device.close()
+                        create_image(image, size_bytes)
+                        device = BlockDevice.open(image)
                     sb = format_device(device, cluster_id=uuid.uuid4(), label="dev")
-                    print(f"awsomefsd: formatted {image} ({size_bytes} bytes, cluster {sb.cluster_id})", flush=True)
+                    print(f"awsomefsd: formatted {image} ({device.size_bytes} bytes, cluster {sb.cluster_id})",
+                          flush=True)
             finally:
                 device.close()
         except device_errors() as exc:
+            if created:
+                image.unlink(missing_ok=True)
             raise CliError(str(exc)) from None
         return _serve(settings)
+
+
+def dev_image_size(size: str) -> int:
+    """`dev --size` in bytes: whole blocks, within what a device may hold; else one line."""
+    from awsomefsd.io.layout import BLOCK_SIZE, MAX_DEVICE_BYTES, MIN_DEVICE_BYTES
+
+    try:
+        size_bytes = parse_size_bytes(size)
+    except ValueError as exc:
+        raise CliError(f"--size {size}: {exc}") from None
+    if size_bytes % BLOCK_SIZE:
+        raise CliError(f"--size {size} ({size_bytes} bytes) is not a whole number of {BLOCK_SIZE}-byte blocks "
+                       "(e.g. 8G, 512M)")
+    if size_bytes < MIN_DEVICE_BYTES:
+        raise CliError(f"--size {size} is too small: AwsomeFS needs at least {MIN_DEVICE_BYTES >> 20}M")
+    if size_bytes > MAX_DEVICE_BYTES:
+        raise CliError(f"--size {size} is more than AwsomeFS can address ({MAX_DEVICE_BYTES} bytes)")
+    return size_bytes
+
+
+def check_mount(settings: Settings) -> None:
+    """The mount point and /dev/fuse, checked before anything is created (fuse/mount.py)."""
+    from awsomefsd.fuse.mount import MountError, check_can_mount
+
+    if settings.mount.path is None:
+        return
+    try:
+        check_can_mount(settings.mount.path, transport=settings.mount.transport,
+                        allow_other=settings.mount.allow_other)
+    except MountError as exc:
+        raise CliError(str(exc)) from None
 
 
 def run(settings: Settings) -> int:
@@ -154,6 +193,7 @@ def preflight(settings: Settings, *, cluster_listen: str | None = None, control:
         check_listeners(settings, cluster_listen=cluster_listen, control=control)
     except PortInUse as exc:
         raise CliError(str(exc)) from None
+    check_mount(settings)
     if settings.tier.enabled:
         from awsomefsd.tier.service import TierConfigError, open_store
 

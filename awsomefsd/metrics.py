@@ -14,6 +14,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from awsomefsd.meta.errors import CAUSES, UNEXPLAINED
+
 LATENCY_BUCKETS_S = (0.00002, 0.00005, 0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0)
 
 
@@ -32,6 +34,8 @@ class Metrics:
             "awsomefs_eio_total", "EIO answers a fault explains, by cause (the log names node, file and reason)",
             ["cause"], registry=self.registry,
         )
+        for cause in (*CAUSES, UNEXPLAINED):  # each at 0 from the start: `increase` sees the first EIO
+            self.eio.labels(cause)
         self.checksum_failures = Counter(
             "awsomefs_checksum_failures_total", "blocks whose CRC32C did not match on read", registry=self.registry
         )

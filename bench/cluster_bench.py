@@ -1,7 +1,9 @@
 """Cluster benchmarks: a real 3-node cluster (separate processes, one network namespace each, one
 shared image file), next to ext4 and the raw loop device measured in the same run.
 
-    sudo .venv/bin/python bench/cluster_bench.py [--seconds 5] [--workers 4] [--seq-mib 256] [--json F]
+As root (from another user: sudo in front), from the repository root:
+
+    .venv/bin/python bench/cluster_bench.py [--seconds 5] [--workers 4] [--seq-mib 256] [--json F]
 
 Figures (issue "The cluster"): creates per second from one node and from three nodes at once
 (target: >= 4,000/s in total), cross-node read-after-close latency, time to a new leader after the
@@ -9,7 +11,7 @@ leader is killed (and how long a writer on a surviving node stalls), sequential 
 from two nodes at once compared with one node. The machine is shared and noisy: compare ratios
 within one run, not absolute figures across runs.
 
-    sudo .venv/bin/python bench/cluster_bench.py --metadata [--seconds 5] [--meta-rounds 3] [--json F]
+    .venv/bin/python bench/cluster_bench.py --metadata [--seconds 5] [--meta-rounds 3] [--json F]
 
 Only the figures of issue 13 ("cluster metadata at local speed"), each next to a single-node
 AwsomeFS and ext4 measured in the same run: creates per second of a lone creator on a follower and

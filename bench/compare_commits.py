@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
 """Before/after: `fsbench.py` on two commits, alternately, in both orders, with medians side by side.
 
-    sudo .venv/bin/python bench/compare_commits.py BEFORE AFTER [--rounds 4] [-- fsbench args]
+As root (from another user: sudo in front), from the repository root:
+
+    .venv/bin/python bench/compare_commits.py BEFORE AFTER [--rounds 4] [-- fsbench args]
 
 e.g. `bench/compare_commits.py 908347c HEAD --rounds 4 -- --quick --targets ext4,awsomefs --only meta,untar`.
 

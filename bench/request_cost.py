@@ -10,7 +10,9 @@ it; items: its entries), 2,000 buffered 4 KiB writes to one file, and stats of 2
 after the kernel dropped its dentries and inodes (each a LOOKUP), then `ls -l` of those 2,000 files
 twice (its listing, and the xattrs it asks of each file: the security label and the ACL).
 
-    sudo .venv/bin/python bench/request_cost.py [--files 4000] [--transports kernel,pyfuse3]
+As root (from another user: sudo in front), from the repository root:
+
+    .venv/bin/python bench/request_cost.py [--files 4000] [--transports kernel,pyfuse3]
 """
 
 from __future__ import annotations

@@ -12,8 +12,10 @@ own (tests/support/systemd.py; from the checkout, or the binary `--awsomefsd` na
 replaced the ways an operator does it: `systemctl restart`, `systemctl reload` (a package
 upgrade) and a SIGKILL that systemd restarts, in turn, `--rounds` times each.
 
-    sudo .venv/bin/python bench/restart_bench.py --rounds 5
-    sudo .venv/bin/python bench/restart_bench.py --rounds 5 --systemd [--awsomefsd dist/awsomefsd]
+As root (from another user: sudo in front), from the repository root:
+
+    .venv/bin/python bench/restart_bench.py --rounds 5
+    .venv/bin/python bench/restart_bench.py --rounds 5 --systemd [--awsomefsd dist/awsomefsd]
 """
 
 from __future__ import annotations

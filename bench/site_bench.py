@@ -1,7 +1,9 @@
 """Cross-site replication benchmarks (issue 15): two single-node sites as real daemons, each in a
 network namespace, the WAN proxy between them with a one-way delay (tests/support/sites.py).
 
-    sudo .venv/bin/python bench/site_bench.py [--delay-ms 50] [--runs 3] [--members N] [--json F]
+As root (from another user: sudo in front), from the repository root:
+
+    .venv/bin/python bench/site_bench.py [--delay-ms 50] [--runs 3] [--members N] [--json F]
 
 `--members 3`: site a is a cluster of three nodes (its creates go through a member that does not
 run the link, the others' figures through the leader that does), b a single node.

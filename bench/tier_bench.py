@@ -1,7 +1,9 @@
 """Tiering benchmarks (issue 16): a real `awsomefsd dev` daemon with [tier] pointing at the S3 test
 server (moto's server mode on loopback, a separate process: tests/support/s3_server.py).
 
-    sudo .venv/bin/python bench/tier_bench.py [--size-mib 1024] [--random-reads 2000] [--runs 3] [--json F]
+As root (from another user: sudo in front), from the repository root:
+
+    .venv/bin/python bench/tier_bench.py [--size-mib 1024] [--random-reads 2000] [--runs 3] [--json F]
 
 Figures, each run on fresh targets, medians of `--runs` runs with every run's value beside them,
 each read with the kernel's page cache dropped first:

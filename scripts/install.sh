@@ -8,8 +8,27 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 extras="${1:-}"
 
-need_root() { [ "$(id -u)" -eq 0 ] || { echo "install.sh: run as root (FUSE mounts and loop devices need it)" >&2; exit 1; }; }
-need_root
+need_root() {
+    [ "$(id -u)" -eq 0 ] && return
+    if command -v sudo >/dev/null; then hint="sudo $0 $*"; else hint="become root (su -) and run it again"; fi
+    echo "install.sh: run as root (FUSE mounts and loop devices need it): $hint" >&2
+    exit 1
+}
+need_root "$@"
+
+# Quiet on success: a step's output (apt, pip, and the build backend's warnings) is shown only
+# when it fails, so what follows (dev.sh's mount) is not buried.
+quietly() {
+    local log
+    log=$(mktemp)
+    if ! "$@" >"$log" 2>&1; then
+        cat "$log" >&2
+        rm -f "$log"
+        echo "install.sh: failed: $*" >&2
+        exit 1
+    fi
+    rm -f "$log"
+}
 
 packages=(fuse3 libfuse3-dev pkg-config gcc python3 python3-dev python3-venv ca-certificates kmod util-linux e2fsprogs iproute2)
 if [ "$extras" = "test" ]; then
@@ -22,8 +41,8 @@ done
 if [ "${#missing[@]}" -gt 0 ]; then
     echo "install.sh: installing system packages: ${missing[*]}"
     export DEBIAN_FRONTEND=noninteractive
-    apt-get update -q
-    apt-get install -y -q --no-install-recommends "${missing[@]}"
+    quietly apt-get update -q
+    quietly apt-get install -y -q --no-install-recommends "${missing[@]}"
 fi
 # /dev/fuse exists on any kernel with FUSE built in; load the module where it is one.
 [ -e /dev/fuse ] || modprobe fuse || true
@@ -31,21 +50,21 @@ fi
 
 python=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
-    "$python" -m venv .venv
+    quietly "$python" -m venv .venv
 fi
-.venv/bin/python -m pip install -q --upgrade pip
+quietly .venv/bin/python -m pip install -q --upgrade pip
 if [ "$extras" = "test" ]; then
-    .venv/bin/python -m pip install -q -e ".[test]"
+    quietly .venv/bin/python -m pip install -q -e ".[test]"
 else
-    .venv/bin/python -m pip install -q -e .
+    quietly .venv/bin/python -m pip install -q -e .
 fi
 if [ "$extras" = "test" ] && [ ! -x .venv/bin/promtool ]; then
     # promtool checks the shipped alerting rules and dashboard queries (tests/packaging/test_monitoring.py).
     # Only the tool is taken from Debian's prometheus package: installing the package would start a
     # Prometheus server on this machine.
     unpack=$(mktemp -d)
-    (cd "$unpack" && { apt-get download -q prometheus 2>/dev/null || { apt-get update -q && apt-get download -q prometheus; }; })
-    dpkg-deb -x "$unpack"/prometheus_*.deb "$unpack/root"
+    (cd "$unpack" && { apt-get download -q prometheus >/dev/null 2>&1 || { quietly apt-get update -q && quietly apt-get download -q prometheus; }; })
+    quietly dpkg-deb -x "$unpack"/prometheus_*.deb "$unpack/root"
     install -m 0755 "$unpack/root/usr/bin/promtool" .venv/bin/promtool
     rm -rf "$unpack"
 fi

@@ -145,11 +145,17 @@ class NodeServicer:
         self, request: csi_pb2.NodeGetVolumeStatsRequest, context: grpc.ServicerContext
     ) -> csi_pb2.NodeGetVolumeStatsResponse:
         require_fields(request, "volume_id", "volume_path")
-        volume_path = node_path(request.volume_path, "volume_path")
-        if request.staging_target_path:
-            node_path(request.staging_target_path, "staging_target_path")
         volume_id = volume_id_or_not_found(request.volume_id)
         info, directory = await self._healthy_volume(volume_id)
+        # volume_path says where the volume is: checked after the volume's existence, and a path
+        # that cannot be absolute and normal holds no volume, the table's NOT_FOUND ("does not
+        # exist on the specified volume_path"; csi-sanity sends "some/path" and expects it)
+        try:
+            volume_path = node_path(request.volume_path, "volume_path")
+        except RpcAbort as exc:
+            raise not_found(f"volume {volume_id} is not at that volume_path: {exc.message}") from None
+        if request.staging_target_path:
+            node_path(request.staging_target_path, "staging_target_path")
         try:
             same = await self._blocking(mounts.same_directory, volume_path, directory)
             fs = await self._blocking(os.statvfs, directory)
@@ -179,9 +185,6 @@ class NodeServicer:
     ) -> csi_pb2.NodeExpandVolumeResponse:
         """Nothing to grow on the node: the quota lives in the shared metadata. Reports the size."""
         require_fields(request, "volume_id", "volume_path")
-        node_path(request.volume_path, "volume_path")
-        if request.staging_target_path:
-            node_path(request.staging_target_path, "staging_target_path")
         if request.HasField("volume_capability"):
             check_capability(request.volume_capability)  # the table's "Exceeds capabilities": INVALID_ARGUMENT
         check_capacity_range(request.capacity_range)
@@ -189,6 +192,11 @@ class NodeServicer:
         info = await self._volumes.get_volume(volume_id)
         if info is None:
             raise not_found(f"volume {volume_id} does not exist")
+        # the paths say where the volume is, so they come after its existence (an unknown volume
+        # at "some/path" is NOT_FOUND, as csi-sanity checks); a malformed one is INVALID_ARGUMENT
+        node_path(request.volume_path, "volume_path")
+        if request.staging_target_path:
+            node_path(request.staging_target_path, "staging_target_path")
         wanted = request.capacity_range.required_bytes
         if wanted > info.capacity_bytes:
             raise RpcAbort(

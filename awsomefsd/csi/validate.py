@@ -9,7 +9,8 @@ the one the spec's codes imply (docs/csi.md, "Error order"): REQUIRED fields pre
 (`require_fields`, INVALID_ARGUMENT), then each argument valid (INVALID_ARGUMENT, OUT_OF_RANGE),
 then the objects named exist (NOT_FOUND; an id of the wrong shape names nothing), then their
 state (ALREADY_EXISTS, FAILED_PRECONDITION). A request missing a field is INVALID_ARGUMENT whatever
-else is wrong with it.
+else is wrong with it. The paths of NodeGetVolumeStats and NodeExpandVolume say where a volume is
+and come after its existence (docs/csi.md).
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ from types import FrameType
 from typing import Any
 
 from awsomefsd.cli import CliError
-from awsomefsd.config import ClusterSettings, parse_size_bytes
+from awsomefsd.config import ClusterSettings
 from awsomefsd.devcluster import network as netns
 from awsomefsd.devcluster.members import (
     STOP_DEADLINE_S,
@@ -81,14 +81,11 @@ class StopSignals:
 
 def run_dev_cluster(n_nodes: int, root: Path, mounts: Path, size: str) -> int:
     """Start (or restart) the dev cluster under `root`, serve until told to stop, tear it all down."""
-    from awsomefsd.actions import state_lock
+    from awsomefsd.actions import dev_image_size, state_lock
 
     if not 2 <= n_nodes <= MAX_DEV_NODES:
         raise CliError(f"--nodes {n_nodes}: a dev cluster has 2 to {MAX_DEV_NODES} nodes (1 is plain `awsomefsd dev`)")
-    try:
-        parse_size_bytes(size)
-    except ValueError as exc:
-        raise CliError(f"--size {size}: {exc}") from None
+    dev_image_size(size)  # each node's image: whole blocks, at least the minimum
     reason = netns.available() or (None if os.path.exists("/dev/fuse") else "needs /dev/fuse")
     if reason is not None:
         raise CliError(f"a dev cluster {reason} (it runs its nodes in network namespaces)")

@@ -16,7 +16,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 
-from awsomefsd.meta.errors import FsError
+from awsomefsd.meta.errors import UNEXPLAINED, FsError
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +33,7 @@ class EioReporter:
         self.reported = 0
 
     def __call__(self, op: str, target: str, exc: FsError) -> None:
-        cause = exc.cause or "other"
+        cause = exc.cause or UNEXPLAINED
         self.count(cause)
         self.reported += 1
         key = (target, cause)

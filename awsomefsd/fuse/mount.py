@@ -12,21 +12,80 @@ import errno
 import logging
 import os
 import queue
+import shutil
 import subprocess
 import threading
 from pathlib import Path
 
 log = logging.getLogger(__name__)
 FSTYPE = "fuse.awsomefs"
+FUSE_DEVICE = "/dev/fuse"
+FUSE_CONF = Path("/etc/fuse.conf")
 
 
 class MountError(Exception):
     pass
 
 
-def mounts_at(path: Path) -> list[tuple[str, str]]:
-    """(source, fstype) of every mount at `path`, innermost last."""
-    target = os.path.realpath(path)
+def check_can_mount(path: Path, *, transport: str, allow_other: bool, device: str = FUSE_DEVICE) -> None:
+    """Refuse a mount that cannot work, in one line that says what to do, before anything is
+    created or formatted: a mount point that is not a directory, no /dev/fuse, or a user who
+    cannot mount. The kernel transport mounts with mount(2), which only root can do; pyfuse3
+    mounts through the setuid fusermount3, which lets a user mount when /dev/fuse is open to
+    them (and, for allow_other, /etc/fuse.conf says user_allow_other). Not switched for the
+    user: the transports differ (pyfuse3 has no writeback cache and no descriptor hand-over),
+    so which one runs is the operator's choice."""
+    where = path.parent.resolve() / path.name  # not the point itself: a stat of a kept mount waits
+    if not mounts_at(where, resolved=True):
+        try:
+            if where.exists() and not where.is_dir():
+                raise MountError(f"the mount point {path} is not a directory: give a directory, or a path "
+                                 "that does not exist yet")
+        except OSError as exc:
+            raise MountError(f"the mount point {path}: {exc.strerror}") from None
+    if not os.path.exists(device):
+        raise MountError(f"{device} does not exist: load the fuse module (modprobe fuse); in a container, "
+                         f"pass the device in (e.g. docker run --device {device})")
+    if os.geteuid() == 0:
+        return
+    if transport == "kernel":
+        raise MountError("mounting with the kernel transport needs root: run awsomefsd as root, or mount through "
+                         "fusermount3 as this user with [mount] transport = \"pyfuse3\" "
+                         "(AWSOMEFS_MOUNT__TRANSPORT=pyfuse3)")
+    if not os.access(device, os.R_OK | os.W_OK):
+        mode = _mode(device)
+        raise MountError(f"{device} is not open to this user (mode {mode}): run awsomefsd as root, or let users "
+                         f"open it (chmod 0666 {device}, its usual mode)")
+    if shutil.which("fusermount3") is None:
+        raise MountError("fusermount3 is missing (the pyfuse3 transport mounts through it): install fuse3, "
+                         "or run awsomefsd as root")
+    if allow_other and not user_allow_other():
+        raise MountError(f"[mount] allow_other needs user_allow_other in {FUSE_CONF} when not root: add that line, "
+                         "or set allow_other = false (AWSOMEFS_MOUNT__ALLOW_OTHER=false)")
+
+
+def _mode(path: str) -> str:
+    try:
+        return f"{os.stat(path).st_mode & 0o7777:04o}"
+    except OSError:
+        return "unknown"
+
+
+def user_allow_other() -> bool:
+    """Whether /etc/fuse.conf lets users mount with allow_other (an uncommented user_allow_other)."""
+    try:
+        lines = FUSE_CONF.read_text(errors="replace").splitlines()
+    except OSError:
+        return False
+    return any(line.split("#", 1)[0].strip() == "user_allow_other" for line in lines)
+
+
+
+
+def mounts_at(path: Path, *, resolved: bool = False) -> list[tuple[str, str]]:
+    """(source, fstype) of every mount at `path`, innermost last. `resolved`: `path` is already
+    free of symlinks, and is not stat()ed (a stat of a mount nobody serves yet waits)."""
+    target = str(path) if resolved else os.path.realpath(path)
     found = []
     with open("/proc/self/mounts", encoding="utf-8") as fh:
         for line in fh:
@@ -88,7 +147,13 @@ def prepare_mount_point(path: Path) -> None:
     if is_stale(path):
         log.warning("clearing stale mount at %s (left by a daemon that did not unmount)", path)
         lazy_unmount(path)
-    path.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise MountError(f"the mount point {path} is not a directory: give a directory, or a path that "
+                         "does not exist yet") from None
+    except OSError as exc:
+        raise MountError(f"cannot create the mount point {path}: {exc.strerror}") from None
     current = mounts_at(path)
     if any(fstype == FSTYPE for _, fstype in current):
         raise MountError(f"{path} is already mounted by a running awsomefsd; stop it first")

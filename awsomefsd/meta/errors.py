@@ -15,6 +15,8 @@ background duty that meets one stops the daemon (awsomefsd/duty.py) instead of r
 CAUSES = ("lease", "fence", "stall", "lost-writes", "checksum", "store")
 """Why an EIO happened, where the code knows it (FsError.cause): the FUSE adapter logs such an EIO
 with the node, the file and the reason, and counts it by cause (awsomefs_eio_total)."""
+UNEXPLAINED = "other"
+"""The cause an EIO without one is counted under."""
 
 
 class LogAheadOfBuild(Exception):

@@ -970,8 +970,8 @@ class SiteService:
         yield counter("awsomefs_site_conflicts", "conflicts with the other site, ever", info["conflicts_total"])
         yield gauge("awsomefs_site_open_conflicts", "conflicts whose loser no later write replaced",
                     info["open_conflicts"])
-        if info["elsewhere"] is not None:
-            return  # the link's figures are the member's that runs it (a cluster's leader)
+        if info["elsewhere"] is not None or not info["linked"]:
+            return  # the link's figures are the member's that runs it (a cluster's leader), once linked
         yield gauge("awsomefs_site_link_up", "1 when the link to the other site is up", int(info["link_up"]))
         for direction in ("outbound", "inbound"):
             yield gauge(f"awsomefs_site_{direction}_pending_operations",

@@ -64,10 +64,11 @@ def test_three_nodes_by_zeroconf_share_one_namespace(cluster3: Cluster) -> None:
     metrics = a.scrape()
     assert "awsomefs_raft_is_leader 1.0" in metrics or "awsomefs_raft_is_leader 0.0" in metrics
     assert "awsomefs_lease_fenced 0.0" in metrics, "a live member's writes are not fenced"
+    assert 'awsomefs_eio_total{cause="lease"} 0.0' in metrics, "EIO causes start at 0 (the alert's increase)"
     renewals = next(line for line in metrics.splitlines() if line.startswith("awsomefs_lease_renewals_total"))
     assert float(renewals.split()[1]) >= 1
     unknown = {name for name in monitoring.metric_names_used() - monitoring.exported_metric_names(metrics)
-               if not name.startswith("awsomefs_tier_")}  # exported only with [tier] (tests/cluster/test_tiering_cluster.py)
+               if not name.startswith(("awsomefs_tier_", "awsomefs_site_"))}  # only with [tier], [site]: their tests
     assert not unknown, f"the shipped dashboard or alerts read metrics this daemon does not export: {unknown}"
 
 

@@ -86,6 +86,7 @@ def test_the_same_cluster_again_after_its_session_was_killed_and_with_a_node_add
     (["--nodes", "0"], "2 to 9 nodes"),
     (["--nodes", "10"], "2 to 9 nodes"),
     (["--nodes", "3", "--size", "lots"], "--size lots"),
+    (["--nodes", "3", "--size", "12"], "not a whole number of 4096-byte blocks"),
     (["--nodes", "3", "--csi-socket", "/tmp/x.sock"], "--csi-socket does not go with --nodes"),
     (["--nodes", "3", "--metrics-port", "0"], "--metrics-port does not go with --nodes"),
 ])

@@ -349,6 +349,37 @@ async def test_stats_for_a_path_that_is_not_the_volume_is_not_found(csi_endpoint
         await csi.fails(Code.NOT_FOUND, csi.node.NodeGetVolumeStats, request)
 
 
+async def test_relative_volume_path_rows_of_csi_sanity(csi_endpoint: Csi) -> None:
+    """csi-sanity v5.4.0's NodeGetVolumeStats "volume is not found" and "volume does not exist on
+    the specified path" and NodeExpandVolume "volume is not found": each sends the relative
+    volume_path "some/path" and expects NOT_FOUND. The path says where the volume is, so an unknown
+    volume is NOT_FOUND whatever the path; for a published volume stats answers NOT_FOUND (the
+    table's "does not exist on the specified volume_path"), expand INVALID_ARGUMENT (no row)."""
+    csi = csi_endpoint
+    n = csi.node
+    relative = "some/path"
+    await csi.fails(Code.NOT_FOUND, n.NodeGetVolumeStats,
+                    csi_pb2.NodeGetVolumeStatsRequest(volume_id=UNKNOWN_VOLUME, volume_path=relative))
+    await csi.fails(Code.NOT_FOUND, n.NodeExpandVolume,
+                    csi_pb2.NodeExpandVolumeRequest(volume_id=UNKNOWN_VOLUME, volume_path=relative))
+    vol = (await csi.create("pvc-sanity-stats")).volume_id
+    publish = csi.publish_request(vol, csi.workdir / "target")
+    stage = csi_pb2.NodeStageVolumeRequest(volume_id=vol, staging_target_path=publish.staging_target_path,
+                                           volume_capability=mount_capability())
+    await csi.call(n.NodeStageVolume, stage)
+    await csi.call(n.NodePublishVolume, publish)
+    try:
+        await csi.fails(Code.NOT_FOUND, n.NodeGetVolumeStats,
+                        csi_pb2.NodeGetVolumeStatsRequest(volume_id=vol, volume_path=relative))
+        await csi.fails(Code.INVALID_ARGUMENT, n.NodeExpandVolume,
+                        csi_pb2.NodeExpandVolumeRequest(volume_id=vol, volume_path=relative))
+        published = csi_pb2.NodeGetVolumeStatsRequest(volume_id=vol, volume_path=publish.target_path)
+        assert (await csi.call(n.NodeGetVolumeStats, published)).usage
+    finally:
+        await csi.call(n.NodeUnpublishVolume,
+                       csi_pb2.NodeUnpublishVolumeRequest(volume_id=vol, target_path=publish.target_path))
+
+
 @pytest.mark.fake_only  # fault injection; the daemon's probe is checked in test_daemon_e2e.py
 @pytest.mark.parametrize("healthy", [True, False])
 async def test_probe_and_stage_follow_mount_health(csi_endpoint: Csi, healthy: bool) -> None:

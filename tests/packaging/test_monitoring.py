@@ -6,6 +6,7 @@ member (tests/cluster/test_cluster.py), where every family is present."""
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -68,13 +69,18 @@ def test_dashboard_structure_and_every_query_parses(tmp_path: Path) -> None:
 
 
 def test_every_metric_the_dashboard_and_alerts_read_is_one_the_daemon_names() -> None:
-    """Offline half of the check (the live half is in tests/cluster/test_cluster.py): every name
-    appears in the daemon's source, so a renamed metric cannot leave a panel silently empty."""
+    """Offline half of the check (the live half: tests/cluster/test_cluster.py, and for [site]
+    tests/repl/test_sites_cluster.py): every name appears in the daemon's source, so a renamed
+    metric cannot leave a panel silently empty."""
     source = "\n".join(p.read_text() for p in (REPO / "awsomefsd").rglob("*.py"))
+    # names made by f-strings, e.g. f"awsomefs_site_{direction}_lag_seconds": a placeholder is any word
+    templates = [re.compile(re.sub(r"\\\{[^}]*\\\}", "[a-z0-9_]+", re.escape(t)))
+                 for t in re.findall(r'f"(awsomefs_[a-z0-9_{}]*\{[a-z0-9_{}]*)"', source)]
     missing = []
     for name in monitoring.metric_names_used():
         declared = {name, name.removesuffix("_total")} | {name.removesuffix(suffix) for suffix in ("_bucket", "_count", "_sum")}
-        if not any(f'"{candidate}"' in source for candidate in declared):
+        if not any(f'"{candidate}"' in source or any(t.fullmatch(candidate) for t in templates)
+                   for candidate in declared):
             missing.append(name)
     assert not missing, missing
 

@@ -24,6 +24,7 @@ import pytest
 
 from awsomefsd.devcluster.members import DevNode
 from awsomefsd.devcluster.network import available
+from tests.support import monitoring
 from tests.support.daemon import wait_for
 from tests.support.sites import (
     ClusterSite,
@@ -68,6 +69,7 @@ def test_a_three_node_site_links_syncs_and_survives_its_leader(sites: tuple[Clus
     (follower.mount / "docs").mkdir()
     (follower.mount / "docs" / "plan.txt").write_text("from a\n")
     (b.mount / "notes.txt").write_text("from b\n")
+    assert "awsomefs_site_link_up" not in leader.scrape(), "no link yet: nothing for the link-down alert"
     # paired through a follower: the token lists every member, the pairing goes to the one that made it
     token = follower.cli("site", "link")
     assert token.returncode == 0, token.stderr
@@ -75,6 +77,10 @@ def test_a_three_node_site_links_syncs_and_survives_its_leader(sites: tuple[Clus
     assert joined.returncode == 0, joined.stderr + a.logs()
     wait_converged(a, b)
     assert (b.mount / "docs" / "plan.txt").read_text() == "from a\n"
+    # the link's figures, from the member that runs it: every one the dashboard and alerts read
+    site_metrics = {name for name in monitoring.metric_names_used() if name.startswith("awsomefs_site_")}
+    assert site_metrics and not site_metrics - monitoring.exported_metric_names(leader.scrape())
+    assert metric(leader, "awsomefs_site_link_up") == 1
     for node in a.members:  # another site's change shows through every member's mount
         wait_for(lambda node=node: (node.mount / "notes.txt").exists(), 30, f"notes.txt on node {node.index}")
         assert (node.mount / "notes.txt").read_text() == "from b\n", node.index

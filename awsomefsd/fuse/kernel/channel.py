@@ -19,9 +19,9 @@ import os
 import stat
 from pathlib import Path
 
-from awsomefsd.fuse.mount import FSTYPE
+from awsomefsd.fuse.mount import FSTYPE, FUSE_DEVICE, MountError
 
-DEVICE = "/dev/fuse"
+DEVICE = FUSE_DEVICE
 MS_NOSUID = 2
 MS_NODEV = 4
 MS_NOATIME = 1024
@@ -30,15 +30,24 @@ MNT_DETACH = 2
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 
 
-class MountFailed(OSError):
-    pass
+class MountFailed(OSError, MountError):
+    """A mount(2) or /dev/fuse failure; its message is the one line the user reads."""
+
+    def __str__(self) -> str:
+        return str(self.strerror)
 
 
 def open_device() -> int:
     try:
         return os.open(DEVICE, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as exc:
-        raise MountFailed(exc.errno, f"cannot open {DEVICE}: {exc.strerror} (is the fuse module loaded?)") from None
+        if exc.errno in (errno.ENOENT, errno.ENODEV, errno.ENXIO):
+            hint = " (load the fuse module: modprobe fuse)"
+        elif exc.errno in (errno.EACCES, errno.EPERM):
+            hint = " (the kernel transport needs root)"
+        else:
+            hint = ""
+        raise MountFailed(exc.errno, f"cannot open {DEVICE}: {exc.strerror}{hint}") from None
 
 
 def mount(fd: int, mountpoint: Path, *, allow_other: bool, source: str = "awsomefs") -> None:
