@@ -211,11 +211,11 @@ def _init_or_check_meta(store: MetaStore, sm: StateMachine, device: BlockDevice,
     load_metadata(store, sm)
     if device_id is not None and device_id != str(sb.device_id):
         raise NodeError(f"metadata in {store.path} was made for another device of cluster {sb.cluster_id}")
-    if grant_all_to is not None:
+    if grant_all_to is None:
+        check_member(device, state_dir)
+    elif init:  # a single node's daemon (fsck, which may check any member's metadata, records nothing)
         settle_single_node(device, sb, store, sm, state_dir=state_dir, shared=settings.device.shared,
                            grant_all_to=grant_all_to)
-    else:
-        check_member(device, state_dir)
 
 
 def _collect(core: Core) -> Iterator[Metric]:

@@ -165,11 +165,14 @@ def pinned_token(path: Path, token: JoinToken, record: FoundingRecord) -> JoinTo
     return token.pinned(record.ca_fingerprint)
 
 
-def join_candidates(settings: Settings, token: JoinToken, record: FoundingRecord) -> list[Peer]:
+def join_candidates(settings: Settings, token: JoinToken, record: FoundingRecord, *, browse_s: float) -> list[Peer]:
+    """Where to join: the configured peers, the record's addresses (where the founder listened),
+    the token's seeds, then members advertised by zeroconf (the founder may be gone, or moved)."""
     seeds = [*peer_addresses(settings.cluster.peers), *record.seeds, *token.seeds]
     peers = [Peer.from_seed(seed) for seed in dict.fromkeys(seeds)]
-    if not peers:
-        peers = browse(token.cluster_id, settings.cluster.discovery_timeout_s).members
+    if browse_s > 0:
+        known = {peer.join_address for peer in peers}
+        peers += [peer for peer in browse(token.cluster_id, browse_s).members if peer.join_address not in known]
     return peers
 
 
@@ -179,7 +182,8 @@ def retry_join(settings: Settings, token: JoinToken, record: FoundingRecord,
     may not answer yet); CliError with every address's answer at the deadline."""
     deadline = time.monotonic() + deadline_s
     while True:
-        peers = join_candidates(settings, token, record)
+        browse_s = min(settings.cluster.discovery_timeout_s, 2.0) if settings.cluster.advertise else 0.0
+        peers = join_candidates(settings, token, record, browse_s=browse_s)
         done = attempt(peers)
         if done is not None:
             return done

@@ -113,3 +113,54 @@ def test_the_same_command_everywhere_forms_one_cluster_and_a_wiped_node_rejoins(
         node.wait_mounted(timeout_s=180)
     assert len(one_cluster(nodes)) == 3
     assert hashlib.sha256((nodes[1].mount / "kept").read_bytes()).hexdigest() == digest
+
+
+@pytest.mark.slow
+def test_a_random_schedule_of_starts_restarts_and_wiped_states_keeps_one_cluster(formed: tuple[Cluster, str]) -> None:
+    """Seeded and replayable (AWSOMEFS_FORMATION_SEED): the pods start in a random order with
+    random delays (or at one instant), then restart, crash or lose their state directory one at a
+    time while files are written through random members; always one cluster, with one founder,
+    every acknowledged file intact, fsck clean at the end."""
+    seed = int(os.environ.get("AWSOMEFS_FORMATION_SEED") or random.randrange(1 << 31))
+    print(f"formation schedule seed {seed} (replay: AWSOMEFS_FORMATION_SEED={seed})")
+    rng = random.Random(seed)
+    cluster, _token = formed
+    nodes = cluster.nodes
+    if rng.random() < 0.5:
+        start_all_at_once(nodes, cluster)
+    else:
+        for node in rng.sample(nodes, len(nodes)):
+            threading.Event().wait(rng.random() * 2)
+            run_same_command(node, cluster)
+        for node in nodes:
+            node.wait_mounted(timeout_s=180)
+    assert len(founders(nodes)) == 1, f"seed {seed}"
+    files: dict[str, str] = {}
+    for step in range(8):
+        node = rng.choice(nodes)
+        action = rng.choice(["write", "write", "restart", "crash", "wipe"])
+        if action == "write":
+            name, payload = f"f{step}", rng.randbytes(rng.randrange(1, 2 << 20))
+            with open(node.mount / name, "wb") as f:
+                f.write(payload)
+                os.fsync(f.fileno())
+            files[name] = hashlib.sha256(payload).hexdigest()
+            continue
+        if action == "restart":
+            node.stop()
+        else:
+            node.kill()
+            if action == "wipe":
+                shutil.rmtree(node.state)
+        run_same_command(node, cluster)
+        node.wait_mounted(timeout_s=180)
+        active = one_cluster(nodes)
+        assert len(active) >= 3, f"seed {seed}: step {step} {action}: members {active}"
+    wait_for(lambda: len(one_cluster(nodes)) == 3, 60, f"seed {seed}: the replaced members removed")
+    for name, digest in files.items():
+        reader = rng.choice(nodes)
+        assert hashlib.sha256((reader.mount / name).read_bytes()).hexdigest() == digest, f"seed {seed}: {name}"
+    for node in nodes:
+        node.stop()
+    check = node.cli("fsck")
+    assert check.returncode == 0 and "fsck: clean" in check.stdout, f"seed {seed}: {check.stdout}{check.stderr}"

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import os
 import random
+import socket
 import subprocess
 import threading
 from pathlib import Path
@@ -137,3 +138,21 @@ def test_a_device_formatted_before_the_record_waits_for_its_own_metadata(image: 
         record = read_founding(device)
     assert record is not None and record.founded and record.state_dir == str(own)
     one_line_refusal(run_once(image, other, mount), str(own))
+
+
+def test_a_cluster_token_for_another_cluster_is_refused_and_the_device_unchanged(image: Path, tmp_path: Path) -> None:
+    own, mount = tmp_path / "state-own", tmp_path / "mnt"
+    mount.mkdir()
+    RunDaemon(image, own, mount).start().stop()
+    before = image_digest(image)
+    token = run_cli("token", "new").stdout.strip()
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    proc = run_cli("run", "--device", str(image), "--state", str(tmp_path / "state-new"), "--mount", str(mount),
+                   "--listen", f"127.0.0.1:{port}", "--metrics-port", "-1", env={"AWSOMEFS_CLUSTER__TOKEN": token})
+    one_line_refusal(proc, "the cluster token is for cluster")
+    joined = run_cli("join", token, "--device", str(image), "--state", str(tmp_path / "state-join"), "--mount",
+                     str(mount), "--listen", f"127.0.0.1:{port}", "--metrics-port", "-1")
+    one_line_refusal(joined)
+    assert image_digest(image) == before
