@@ -37,6 +37,7 @@ from awsomefsd.cluster.coherence import ClusterCoherence
 from awsomefsd.cluster.discovery import Advertisement, Peer
 from awsomefsd.cluster.duties import GroupKeeper, LeaderDuties, LeaseEpoch, LeaseSettings, LivenessLease
 from awsomefsd.cluster.join_service import JoinService, split_host_port
+from awsomefsd.cluster.record_keeper import keep_founding_record
 from awsomefsd.cluster.rpc import ControlError, ControlService, MemberService, ask_log_level, ask_progress
 from awsomefsd.cluster.state import (
     MemberState,
@@ -97,15 +98,13 @@ machine must not depose a leader for a slow fsync; a dead leader is replaced wit
 
 @dataclass
 class Founding:
-    """What `awsomefsd init` (or a node founding with the cluster token) decided, applied once the
-    founder leads its one-member group."""
+    """What `init` (or a node founding with the cluster token) decided, applied once it leads."""
 
     ca: ClusterCA
     token: JoinToken
     voters_target: int
     on_founded: Callable[[], None] | None = None
-    """Runs (in a thread) once the cluster's state is committed, before anything is served: it
-    records on the device that the metadata exists (awsomefsd/cluster/formation.py)."""
+    """Run (in a thread) once the cluster's first state commits: records FOUNDED on the device."""
 
 
 @dataclass
@@ -376,6 +375,8 @@ async def run_member(member: Member, *, founding: Founding | None = None,
         await nursery.start(functools.partial(supervise, "orphan release", member.coherence.run_orphans, book=book))
         member.coherence.pending_orphans()
         await nursery.start(member.duties.run)
+        keep_founding_record(nursery, Path(str(settings.device.path)), lambda: list(member.member_addresses().values()),
+                             lambda: member.raft.node.raw.is_leader, book)
         nursery.start_soon(functools.partial(retry_until_done, "address update", functools.partial(_update_address, member),
                                              book=book))
         await nursery.start(_serve_joins, member)

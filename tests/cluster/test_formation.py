@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 
 from awsomefsd.devcluster.network import PrivateNetwork
+from awsomefsd.io.device import BlockDevice
+from awsomefsd.io.founding import FoundingRecord, read_founding
 from tests.support.cluster import Cluster, Node, cluster_in
 from tests.support.daemon import AWSOMEFSD, REPO, wait_for
 
@@ -62,6 +64,13 @@ def start_all_at_once(nodes: list[Node], cluster: Cluster) -> None:
         node.wait_mounted(timeout_s=180)
 
 
+def record_of(cluster: Cluster) -> FoundingRecord:
+    with BlockDevice.open(cluster.device, shared=True) as device:
+        record = read_founding(device)
+    assert record is not None and record.founded
+    return record
+
+
 def founders(nodes: list[Node]) -> list[Node]:
     return [node for node in nodes if any(line.startswith(FOUNDED) for line in node.output)]
 
@@ -82,6 +91,8 @@ def test_the_same_command_everywhere_forms_one_cluster_and_a_wiped_node_rejoins(
     start_all_at_once(nodes, cluster)
     assert len(founders(nodes)) == 1, [n.logs(20) for n in nodes]
     assert len(one_cluster(nodes)) == 3
+    # The device's record names every member to join through, not only the founder.
+    wait_for(lambda: set(record_of(cluster).seeds) == {n.listen for n in nodes}, 30, "the members on the record")
     payload = random.randbytes(3 << 20)
     (nodes[0].mount / "kept").write_bytes(payload)
     with open(nodes[0].mount / "kept", "rb") as f:
