@@ -157,6 +157,8 @@ def test_status_asks_the_store_and_says_when_it_does_not_answer(daemon: Daemon, 
     proxy.plan("status", times=1000, status=503, code="ServiceUnavailable")
     reachable = status()["store reachable"]
     assert reachable.startswith("NO: ") and "503" in reachable, reachable
+    overview = run_cli("status", "--config", str(daemon.config), "--state", str(daemon.state))  # type: ignore[attr-defined]
+    assert "the object store does not answer: GET" in overview.stdout, overview.stdout + overview.stderr
 
 
 def test_a_missing_bucket_is_named_by_status_and_by_evict(daemon: Daemon, s3: S3Server, proxy: FaultProxy,
