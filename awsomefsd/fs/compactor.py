@@ -141,8 +141,9 @@ class Compactor:
         return removed
 
     async def recall(self, ino: int) -> int:
-        """Bring the file's tiered data back to the device (copy-on-write, times unchanged: its
-        blocks in the object store are freed after the grace period); returns the blocks moved.
+        """Bring the file's tiered data back to the device (copy-on-write, mtime and ctime unchanged,
+        atime now: `_read_now`; its blocks in the object store are freed after the grace period);
+        returns the blocks moved.
         Skipped (0) while the file has buffered data: its next flush would race the rewrite."""
         moved = 0
         inode = self.meta.inode(ino)
@@ -170,7 +171,9 @@ class Compactor:
     async def _read_now(self, ino: int) -> None:
         """A recalled file is in use (it was read, or asked back): give it the atime a read gives
         on ext4, so the tiering engine, on whichever node, does not find it cold and tier it
-        again at once. Its ctime stays (a read changes no attribute), as do the other times."""
+        again at once. Its ctime stays (a read changes no attribute), as do the other times: the
+        command carries the ctime just read as its `now_ns`, under the file's lock (a chmod
+        committed in between would lose its ctime, never its mode)."""
         inode = self.meta.inode(ino)
         if inode is not None:
             await self.meta.propose(c.SetAttr(ino, inode.ctime_ns, atime_ns=max(time.time_ns(), inode.atime_ns)))
