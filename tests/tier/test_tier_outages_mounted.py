@@ -50,9 +50,10 @@ def daemon(slow_proxy: FaultProxy, s3: S3Server) -> Iterator[Daemon]:
     os.chmod(base, 0o755)
     config = tier_config(base / "awsomefsd.toml", slow_proxy.endpoint, s3.bucket)
     clean = {"AWS_ACCESS_KEY_ID": "", "AWS_SECRET_ACCESS_KEY": ""}  # only the file configures it
-    d = Daemon(base / "state", base / "mnt", size="1G", extra=["--config", str(config)], env=clean).start()
+    d = Daemon(base / "state", base / "mnt", size="1G", extra=["--config", str(config)], env=clean)
     d.config = config  # type: ignore[attr-defined]
     try:
+        d.start()
         yield d
     finally:
         slow_proxy.clear()
