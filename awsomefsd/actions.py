@@ -103,8 +103,10 @@ def device_errors() -> tuple[type[BaseException], ...]:
     return (DeviceError, NodeError)
 
 
-def dev(state: Path, mount: Path, size: str, overrides: dict[str, Any]) -> int:
+def dev(state: Path, mount: Path, size: str, overrides: dict[str, Any], *, config: Path | None = None) -> int:
     """The embedded default: an image file under `state`, formatted on first use, then mounted.
+    `config` (`--config`) is read for everything but the paths dev chooses; without it no file is
+    (a node's /etc/awsomefs/awsomefsd.toml is not for a demo).
     A size or a mount that cannot work is refused before the state directory or the image exists,
     so a failed first start leaves nothing that a corrected command would trip over."""
     from awsomefsd.io.device import BlockDevice, create_image
@@ -118,7 +120,7 @@ def dev(state: Path, mount: Path, size: str, overrides: dict[str, Any]) -> int:
     overrides["node"] = {**overrides.get("node", {}), "state_dir": state}
     overrides["device"] = {"path": image}
     overrides["mount"] = {"path": mount.absolute().parent.resolve() / mount.name}  # a stat of a kept mount waits
-    settings = settings_from(None, overrides, read_default_file=False)
+    settings = settings_from(config, overrides, read_default_file=False)
     check_mount(settings)
     with state_lock(state):
         preflight(settings)  # bad settings format nothing

@@ -86,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     dev.add_argument("--csi-socket", type=Path, help="serve the CSI endpoint on this unix socket")
     dev.add_argument("--metrics-port", type=int, help="Prometheus port (0: any free port, -1: off; default 9337)")
     dev.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    dev.add_argument("--config", type=Path, help="TOML settings file for [tier], [site] and the rest (none read by "
+                     "default); --state, --mount and the image under --state win over its paths")
 
     run = sub.add_parser("run", help="run the node daemon with its configured settings")
     _add_settings_flags(run)
@@ -262,13 +264,15 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "dev" and args.nodes != 1:
         from awsomefsd.devcluster.session import run_dev_cluster
 
-        for flag, value in (("--csi-socket", args.csi_socket), ("--metrics-port", args.metrics_port)):
+        for flag, value in (("--csi-socket", args.csi_socket), ("--metrics-port", args.metrics_port),
+                            ("--config", args.config)):
             if value is not None:
                 raise CliError(f"{flag} does not go with --nodes: each node of a dev cluster has its own")
         return run_dev_cluster(args.nodes, args.state or DEV_CLUSTER_DEFAULT_STATE,
                                args.mount or DEV_CLUSTER_DEFAULT_MOUNT, args.size)
     if args.command == "dev":
-        return actions.dev(args.state or DEV_DEFAULT_STATE, args.mount or DEV_DEFAULT_MOUNT, args.size, overrides)
+        return actions.dev(args.state or DEV_DEFAULT_STATE, args.mount or DEV_DEFAULT_MOUNT, args.size, overrides,
+                           config=args.config)
     if args.command == "fd-keeper":
         return actions.fd_keeper(args.socket)
     settings = actions.settings_from(getattr(args, "config", None), overrides)

@@ -86,7 +86,10 @@ def _tier_status(settings: Settings, info: dict[str, Any]) -> dict[str, Any]:
 
     tier = tier_summary(settings)
     engine = (tier.get("node") or {}).get("engine", {})
-    if info["daemon_running"] and engine and not engine.get("store_ok", True):
+    if tier.get("store_error"):  # asked just now (tier_summary)
+        info["healthy"] = False
+        info["problems"].append(f"the object store does not answer: {tier['store_error']}")
+    elif info["daemon_running"] and engine and not engine.get("store_ok", True):
         info["healthy"] = False
         info["problems"].append(f"the object store fails: {engine.get('last_error', '')}")
     return tier

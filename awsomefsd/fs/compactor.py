@@ -33,6 +33,7 @@ from awsomefsd.fs.reader import Reader
 from awsomefsd.fs.writer import RunWriter
 from awsomefsd.io.fence import WriteFencedError
 from awsomefsd.io.layout import BLOCK_SIZE
+from awsomefsd.meta import commands as c
 from awsomefsd.meta.client import MetaClient
 from awsomefsd.meta.errors import FsError
 from awsomefsd.meta.records import MAX_EXTENT_BLOCKS, Extent, is_tiered
@@ -140,8 +141,9 @@ class Compactor:
         return removed
 
     async def recall(self, ino: int) -> int:
-        """Bring the file's tiered data back to the device (copy-on-write, times unchanged: its
-        blocks in the object store are freed after the grace period); returns the blocks moved.
+        """Bring the file's tiered data back to the device (copy-on-write, mtime and ctime unchanged,
+        atime now: `_read_now`; its blocks in the object store are freed after the grace period);
+        returns the blocks moved.
         Skipped (0) while the file has buffered data: its next flush would race the rewrite."""
         moved = 0
         inode = self.meta.inode(ino)
@@ -159,10 +161,22 @@ class Compactor:
                     if await self._rewrite(st, [ext], lo, hi, at_least=1) < 0:
                         return moved
                     moved += hi - lo
+            if moved:
+                await self._read_now(ino)
         if moved:
             self.recalls += 1
             log.info("recalled %d blocks of inode %d from the object store", moved, ino)
         return moved
+
+    async def _read_now(self, ino: int) -> None:
+        """A recalled file is in use (it was read, or asked back): give it the atime a read gives
+        on ext4, so the tiering engine, on whichever node, does not find it cold and tier it
+        again at once. Its ctime stays (a read changes no attribute), as do the other times: the
+        command carries the ctime just read as its `now_ns`, under the file's lock (a chmod
+        committed in between would lose its ctime, never its mode)."""
+        inode = self.meta.inode(ino)
+        if inode is not None:
+            await self.meta.propose(c.SetAttr(ino, inode.ctime_ns, atime_ns=max(time.time_ns(), inode.atime_ns)))
 
     async def _rewrite(self, st: FileState, run: list[Extent], lo: int, hi: int, *, at_least: int) -> int:
         """Read file blocks [lo, hi) through the extents of `run` that overlap them and write them

@@ -101,6 +101,9 @@ class Operations:
         self._ino_end = 0
         self.evict: Callable[[int], Awaitable[int]] | None = None
         """Tier a file's data now (the tiering engine's; None: no object store configured)."""
+        self._tier_failed: dict[int, str] = {}
+        """Why the last `tier evict|recall` of a file failed: its errno reaches the command, the
+        reason comes back in the attribute the command reads next (`error`)."""
 
     # -- helpers --------------------------------------------------------------------------------
     def _now(self) -> int:
@@ -711,10 +714,23 @@ class Operations:
                 tiered += ext.count * BLOCK_SIZE
             elif not ext.unwritten:
                 device += ext.count * BLOCK_SIZE
-        buffered = self.data.has_buffered(ino)
-        return json.dumps({"device_bytes": device, "tiered_bytes": tiered, "buffered": buffered}).encode()
+        state: dict[str, object] = {"device_bytes": device, "tiered_bytes": tiered,
+                                    "buffered": self.data.has_buffered(ino)}
+        if ino in self._tier_failed:
+            state["error"] = self._tier_failed[ino]
+        return json.dumps(state).encode()
 
     async def _tier_move(self, ino: int, value: bytes) -> None:
+        self._tier_failed.pop(ino, None)
+        try:
+            await self._tier_move_now(ino, value)
+        except FsError as exc:
+            while len(self._tier_failed) >= 1024:
+                del self._tier_failed[next(iter(self._tier_failed))]
+            self._tier_failed[ino] = str(exc.args[1])
+            raise
+
+    async def _tier_move_now(self, ino: int, value: bytes) -> None:
         inode = self.meta.require_inode(ino)
         if not inode.is_reg:
             raise FsError(errno.EINVAL, "only regular files have data to tier")

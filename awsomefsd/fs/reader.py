@@ -156,9 +156,9 @@ class Reader:
 
     async def _tiered(self, piece: Extent, start: int, end: int) -> bytes:
         """Bytes [start, end) of a run of tiered blocks: EIO on a node without the object store."""
-        if self.tier is None:
-            log.error("a file maps tiered data, but no object store is configured ([tier]): returning EIO")
-            raise FsError(errno.EIO, "tiered data, and no object store configured")
+        if self.tier is None:  # the EIO reporter logs it, once a while per file (fuse/eio.py)
+            raise FsError(errno.EIO, "the file's data is in the object store, and this node has no [tier] "
+                          "configured to read it", cause="store")
         return await self.tier.read(piece.dev_block, piece.checksums, start, end)
 
     def _checksum_error(self, exc: ChecksumMismatch) -> FsError:

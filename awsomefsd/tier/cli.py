@@ -21,7 +21,11 @@ from awsomefsd.config import Settings
 from awsomefsd.fs.operations import TIER_XATTR
 from awsomefsd.io.layout import BLOCK_SIZE
 from awsomefsd.meta.inspect import read_tier_objects
-from awsomefsd.tier.service import read_status
+from awsomefsd.tier.service import TierConfigError, open_store, read_status
+from awsomefsd.tier.store import StoreError
+
+CAP_SYS_ADMIN = 21
+PROBE_TIMEOUT_S = 5.0
 
 
 def tier_summary(settings: Settings) -> dict[str, Any]:
@@ -38,8 +42,20 @@ def tier_summary(settings: Settings) -> dict[str, Any]:
         "pending_uploads": sum(1 for o in objects if o.state == "pending"),
         "dead_objects": sum(1 for o in objects if o.state == "dead"),
         "node": read_status(settings.node.state_dir),
+        "store_error": _probe(settings) if settings.tier.enabled else None,
     }
     return info
+
+
+def _probe(settings: Settings) -> str:
+    """Ask the store now whether it answers: "" when it does, else why not (one line)."""
+    quick = settings.model_copy(update={"tier": settings.tier.model_copy(update={
+        "read_timeout_s": min(settings.tier.read_timeout_s, PROBE_TIMEOUT_S)})})
+    try:
+        open_store(quick).probe()
+    except (TierConfigError, StoreError) as exc:
+        return str(exc)
+    return ""
 
 
 def render_tier_status(info: dict[str, Any], device: dict[str, Any], free_bytes: int | None) -> str:
@@ -55,10 +71,15 @@ def render_tier_status(info: dict[str, Any], device: dict[str, Any], free_bytes:
         ("objects", f"{info['objects']} live ({_mib(info['stored_bytes'])}), {info['pending_uploads']} uploading, "
                     f"{info['dead_objects']} to delete"),
     ]
+    if info.get("store_error") is not None:  # asked just now
+        rows.append(("store reachable", f"NO: {info['store_error']}" if info["store_error"] else "yes"))
+    elif node:
+        rows.append(("store reachable", "yes" if engine.get("store_ok") else f"NO: {engine.get('last_error', '')}"))
     if node:
-        reachable = "yes" if engine.get("store_ok") else f"NO: {engine.get('last_error', '')}"
+        if engine.get("unreadable_objects"):
+            rows.append(("objects that do not read back",
+                         f"{engine['unreadable_objects']} (last: {engine.get('last_unreadable', '')})"))
         rows += [
-            ("store reachable", reachable),
             ("cold data found, not moved yet", _mib(engine.get("candidate_bytes", 0))),
             ("this node uploaded", f"{_mib(engine.get('bytes_put', 0))} in {engine.get('objects_put', 0)} objects"),
             ("cache hit rate", f"{cache.get('hit_rate', 0.0):.0%} ({_mib(cache.get('disk_bytes', 0))} on disk)"),
@@ -80,7 +101,7 @@ def tier_move(paths: list[Path], action: str) -> int:
             state = _placement(path)
         except OSError as exc:
             failed += 1
-            print(f"{path}: {_why(exc)}", file=sys.stderr, flush=True)
+            print(f"{path}: {_why(exc, path)}", file=sys.stderr, flush=True)
             continue
         print(f"{path}: {_mib(state['tiered_bytes'])} in the object store, {_mib(state['device_bytes'])} on the device",
               flush=True)
@@ -114,12 +135,29 @@ def _files(paths: list[Path]) -> Iterator[Path]:
             yield path
 
 
-def _why(exc: OSError) -> str:
+def _why(exc: OSError, path: Path) -> str:
+    """One line: what went wrong, as the mount explains it where it can."""
+    if exc.errno in (errno.EOPNOTSUPP, errno.ENODATA, errno.EPERM) and not _may_use_trusted_attributes():
+        # the kernel hides trusted.* attributes from others (ENODATA) and refuses to set them (EPERM)
+        return "needs root (CAP_SYS_ADMIN): the kernel lets only root use trusted.* attributes"
     if exc.errno in (errno.EOPNOTSUPP, errno.ENODATA):
         return "not on an awsomefs mount, or no object store configured ([tier])"
-    if exc.errno == errno.EPERM:
-        return "needs root (trusted.* attributes)"
-    return exc.strerror or str(exc)
+    try:
+        reason = _placement(path).get("error")
+    except OSError:
+        reason = None
+    return str(reason) if reason else exc.strerror or str(exc)
+
+
+def _may_use_trusted_attributes() -> bool:
+    """CAP_SYS_ADMIN in the effective set (what the kernel checks for trusted.* names)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("CapEff:"):
+                return bool(int(line.split()[1], 16) >> CAP_SYS_ADMIN & 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    return os.geteuid() == 0
 
 
 def _mib(n: int) -> str:

@@ -32,7 +32,7 @@ from awsomefsd.fs.reader import Reader
 from awsomefsd.io.layout import BLOCK_SIZE
 from awsomefsd.meta import commands as c
 from awsomefsd.meta.client import MetaClient
-from awsomefsd.meta.errors import FsError
+from awsomefsd.meta.errors import FsError, StoreUnavailable
 from awsomefsd.meta.records import MAX_OBJECTS_PER_COMMAND, Extent, Inode, is_tiered, object_of
 from awsomefsd.tier.source import object_key
 from awsomefsd.tier.store import ObjectStore, Retry, StoreError, with_retries
@@ -46,6 +46,9 @@ UPLOAD_DEADLINE_S = 600.0
 SCAN_SLICE_INODES = 4096
 """Inodes looked at per metadata read while looking for cold files (the pass yields between)."""
 MAX_BACKOFF_S = 600.0
+UNREADABLE_FIRST_S = 60.0
+"""An object whose data could not be read for a repack is not tried again for this long, doubling
+each time (to MAX_BACKOFF_S): a missing or damaged object must not keep the engine busy."""
 
 
 @dataclass
@@ -61,6 +64,9 @@ class EngineStats:
     last_pass_ns: int = 0
     candidate_bytes: int = 0
     """Cold data found on the device by the last pass and not yet moved."""
+    unreadable_objects: int = 0
+    """Objects whose data the last repacks could not read from the store (tried again later)."""
+    last_unreadable: str = ""
 
 
 class TierEngine:
@@ -79,6 +85,8 @@ class TierEngine:
         self._backoff_s = 0.0
         self._scan_after = 0  # the inode the cold-file walk continues after
         self._unrepackable: set[int] = set()
+        self._unreadable: dict[int, tuple[float, float]] = {}  # object -> (not before, next wait)
+        self._last_contact = float("-inf")  # when a request last reached the store (monotonic)
         self._partial_since: float | None = None  # when a pass first found cold data short of an object
 
     # -- one pass -----------------------------------------------------------------------------------
@@ -88,16 +96,39 @@ class TierEngine:
         the duty's to log and retry."""
         if not self.meta.may_propose(c.PlanTierObject):
             return self.settings.scan_interval_s  # a member's build would not decode the commands yet
+        contacts = self.stats.objects_put + self.stats.objects_deleted
         try:
             await self.collect_garbage()
             full = await self.repack() or await self.tier_cold()
+            if self.stats.objects_put + self.stats.objects_deleted == contacts:
+                await self._probe()  # nothing went to the store: ask it, so status tells the truth
         except StoreError as exc:
             self._store_failed(exc)
             return self._backoff_s
-        self.stats.store_ok = True
+        self._store_answered()
         self._backoff_s = 0.0
         self.stats.last_pass_ns = self.clock_ns()
         return 0.0 if full else self.settings.scan_interval_s
+
+    async def check_store(self, every_s: float) -> None:
+        """Ask the store whether it answers, unless a request reached it within `every_s` (a
+        node that runs no engine passes keeps `stats.store_ok` true to the store this way)."""
+        if self.monotonic() - self._last_contact < every_s:
+            return
+        try:
+            await self._probe()
+        except StoreError as exc:
+            self.stats.store_ok = False
+            self.stats.last_error = str(exc)
+            return
+        self._store_answered()
+
+    async def _probe(self) -> None:
+        await trio.to_thread.run_sync(self.store.probe, abandon_on_cancel=True)
+
+    def _store_answered(self) -> None:
+        self.stats.store_ok = True
+        self._last_contact = self.monotonic()
 
     def _store_failed(self, exc: StoreError) -> None:
         self.stats.failures += 1
@@ -142,8 +173,10 @@ class TierEngine:
         empty, and GC deletes them); True when there was some. An object whose data cannot all
         move (a snapshot or clone shares it) is not tried again by this engine."""
         threshold = self.settings.repack_below
+        now = self.monotonic()
         sparse = {o.id for o in self.meta.tier_objects()
-                  if o.state == "live" and o.live_blocks < threshold * o.blocks and o.id not in self._unrepackable}
+                  if o.state == "live" and o.live_blocks < threshold * o.blocks and o.id not in self._unrepackable
+                  and self._unreadable.get(o.id, (0.0, 0.0))[0] <= now}
         if not sparse:
             return False
         limit = self.settings.object_bytes // BLOCK_SIZE
@@ -163,8 +196,21 @@ class TierEngine:
         if not batch:
             return False
         moved = await self.upload(batch)
+        if not moved:
+            return False  # nothing could move (unreadable, or rewritten meanwhile): cold data goes on
         log.info("repacked %d MiB out of %d mostly dead objects", moved >> 20, len(touched))
         return True
+
+    def _unreadable_object(self, object_id: int, exc: FsError) -> None:
+        """A repack could not read this object's data: back off for it (doubling), say so once
+        per try, and leave it out of repacks meanwhile; the rest of the engine goes on."""
+        _, wait = self._unreadable.get(object_id, (0.0, UNREADABLE_FIRST_S / 2))
+        wait = min(MAX_BACKOFF_S, wait * 2)
+        self._unreadable[object_id] = (self.monotonic() + wait, wait)
+        self.stats.unreadable_objects = len(self._unreadable)
+        self.stats.last_unreadable = f"object {object_key(self.cluster_id, object_id)}: {exc.args[1]}"
+        log.warning("cannot repack object %s, its data does not read back: %s (again in %.0fs)",
+                    object_key(self.cluster_id, object_id), exc.args[1], wait)
 
     async def tier_cold(self) -> bool:
         """Pack cold data into one object and tier it; True when an object was filled (there may
@@ -241,9 +287,15 @@ class TierEngine:
                 with self.reader.holding_map():
                     data += await self.reader.read_extent(ext, ext.file_block, ext.end_block,
                                                           ext.file_block * BLOCK_SIZE, ext.end_block * BLOCK_SIZE)
+            except StoreUnavailable as exc:  # repacking an object the store does not give back
+                if is_tiered(ext.dev_block):
+                    self._unreadable_object(object_of(ext.dev_block)[0], exc)
+                continue
             except FsError as exc:  # rewritten and reused since it was looked up, or unreadable
                 log.debug("not tiering inode %d blocks %d+%d: %s", ino, ext.file_block, ext.count, exc)
                 continue
+            if is_tiered(ext.dev_block) and self._unreadable.pop(object_of(ext.dev_block)[0], None) is not None:
+                self.stats.unreadable_objects = len(self._unreadable)
             inos.append(ino)
             sources.append(ext)
         if not sources:

@@ -6,7 +6,11 @@ back is checked against the CRC32C kept in metadata. On a mismatch the chunks ar
 caches and fetched from the store once more; a second mismatch is EIO, never wrong data.
 
 A read waits for the store at most `read_timeout_s` (retries included), then fails with EIO: an
-outage of the store makes reads of tiered data fail, never hang. Reading on from where the last
+outage of the store makes reads of tiered data fail, never hang. The kernel asks again at once
+for a buffered read that failed (its read-ahead first, then the page itself), so the deadline
+belongs to the chunks rather than to one request: a read of a chunk that failed less than
+FAILED_MEMORY_S ago gets only what is left of that failed read's deadline (nothing: EIO at once),
+and the application sees its EIO after one `read_timeout_s`, not two. Reading on from where the last
 read of an object ended counts as sequential and queues the next chunks for the prefetcher
 (`run`), which fetches them in the background.
 """
@@ -15,6 +19,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -29,6 +34,9 @@ log = logging.getLogger(__name__)
 DEFAULT_CHUNK_BYTES = 1 << 20
 MAX_TRACKED_OBJECTS = 1024
 PREFETCH_QUEUE = 256
+FAILED_MEMORY_S = 1.0
+"""How long a chunk's failed read lends its deadline to the next reads of that chunk: long enough
+for the kernel's second try (it comes at once), short enough that a store back up is asked anew."""
 
 
 class TierReadError(OSError):
@@ -84,13 +92,50 @@ class TieredReader:
         """Ranged GETs sent to the store (status and tests)."""
         self._inflight: dict[tuple[str, int], trio.Event] = {}
         self._last_end: OrderedDict[str, int] = OrderedDict()
+        self._failed: OrderedDict[tuple[str, int], tuple[float, float, str]] = OrderedDict()
+        """(object, chunk) -> (the failed read's deadline, when to forget it, why it failed)."""
         self._prefetch_send, self._prefetch_receive = trio.open_memory_channel[tuple[str, int, int]](PREFETCH_QUEUE)
 
     async def read(self, wanted: TieredRange) -> bytes:
         """The range's bytes, each block checked; TierReadError (EIO) when that cannot be done."""
         first = wanted.offset // self.chunk_bytes
         last = (wanted.offset + wanted.length - 1) // self.chunk_bytes
-        with trio.move_on_after(self.read_timeout_s):
+        deadline = self._deadline(wanted.key, first, last)
+        try:
+            data = await self._read(wanted, first, last, deadline)
+        except TierReadError as exc:
+            forget_at = time.monotonic() + FAILED_MEMORY_S
+            for index in range(first, last + 1):
+                self._failed[(wanted.key, index)] = (deadline, forget_at, exc.strerror or "cannot read tiered data")
+                self._failed.move_to_end((wanted.key, index))
+            while len(self._failed) > MAX_TRACKED_OBJECTS:
+                self._failed.popitem(last=False)
+            raise
+        if self._failed:
+            for index in range(first, last + 1):
+                self._failed.pop((wanted.key, index), None)
+        return data
+
+    def _deadline(self, key: str, first: int, last: int) -> float:
+        """When a read of these chunks must give up: `read_timeout_s` from now, or sooner, the
+        deadline of a read of one of them that failed just now (TierReadError if it has passed)."""
+        now = time.monotonic()
+        deadline = now + self.read_timeout_s
+        for index in range(first, last + 1) if self._failed else ():
+            failed = self._failed.get((key, index))
+            if failed is None:
+                continue
+            earlier, forget_at, why = failed
+            if now >= forget_at:
+                del self._failed[(key, index)]
+            elif now >= earlier:
+                raise TierReadError(why)
+            else:
+                deadline = min(deadline, earlier)
+        return deadline
+
+    async def _read(self, wanted: TieredRange, first: int, last: int, deadline: float) -> bytes:
+        with trio.move_on_at(trio.current_time() + deadline - time.monotonic()):
             data = await self._assemble(wanted, first, last, from_store=False)
             bad = _first_bad(data, wanted)
             if bad >= 0:

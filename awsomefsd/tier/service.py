@@ -100,6 +100,9 @@ class Tiering:
         logged once per kind and retried)."""
         async def step() -> float:
             if not runs_engine():
+                # for awsomefs_tier_store_up here; `tier status` asks the store itself, and the
+                # status file stays the engine's (only the node that ran passes has one)
+                await self.engine.check_store(self.engine.settings.scan_interval_s)
                 return IDLE_CHECK_S
             delay = await self.engine.step()
             self.write_status()
@@ -139,7 +142,7 @@ class Tiering:
                     sum(o.live_blocks for o in live) * BLOCK_SIZE)
         yield gauge("awsomefs_tier_dead_objects", "objects waiting to be deleted from the store",
                     sum(1 for o in objects if o.state == "dead"))
-        yield gauge("awsomefs_tier_store_up", "the last engine pass reached the store (1) or failed (0)",
+        yield gauge("awsomefs_tier_store_up", "the store answered the last request or probe (1) or not (0)",
                     1 if engine.store_ok else 0)
         yield counter("awsomefs_tier_put_bytes", "bytes uploaded by this node", engine.bytes_put)
         yield counter("awsomefs_tier_tiered_bytes", "file data this node moved to the store", engine.bytes_tiered)

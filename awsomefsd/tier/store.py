@@ -1,7 +1,8 @@
 """The object store: GET (ranged), PUT and DELETE of whole objects on any S3-compatible service.
 
 Nothing else is used (no listing, no multipart, no HEAD), so the slowest and least complete store
-works, and every answer is checked rather than trusted:
+works, and every answer is checked rather than trusted (`probe`, whether the store answers, is a
+GET of a key that is never written):
 - PUT sends Content-MD5 (the store refuses a body that arrived damaged) and the body's SHA-256 in
   the signature, and checks the ETag it answers when that is the MD5, as it is for one-part PUTs;
 - GET asks for an exact byte range and refuses an answer of another length or range (a truncated
@@ -41,6 +42,19 @@ RETRYABLE_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 RETRYABLE_CODES = frozenset({"BadDigest", "IncompleteBody", "RequestTimeout", "SlowDown", "InternalError"})
 """Errors a store answers with a 4xx that a second attempt cures: the body was damaged or cut short
 on the way (Content-MD5 caught it), or the store asked us to slow down."""
+
+
+PROBE_KEY = "awsomefs-probe-never-written"
+CODE_MEANING = {
+    "NoSuchBucket": "no such bucket",
+    "InvalidAccessKeyId": "the store does not know the access key",
+    "SignatureDoesNotMatch": "the store refused the secret key",
+    "AccessDenied": "the credentials may not do this",
+    "InvalidBucketName": "the bucket name is not valid",
+    "PermanentRedirect": "the bucket is in another region or endpoint",
+    "AuthorizationHeaderMalformed": "the region does not match the bucket's",
+}
+"""What an operator should read for the error codes a misconfiguration gives."""
 
 
 class StoreError(Exception):
@@ -122,7 +136,7 @@ class ObjectStore:
         headers = {"Content-MD5": base64.b64encode(md5.digest()).decode(), "Content-Length": str(len(data))}
         status, answer, body = self._request("PUT", key, headers, data, hashlib.sha256(data).hexdigest())
         if status != 200:
-            raise _error("PUT", key, status, body)
+            raise _error("PUT", key, status, body, self.bucket)
         etag = answer.get("etag", "").strip('"')
         if re.fullmatch(r"[0-9a-f]{32}", etag) and etag != md5.hexdigest():
             raise StoreError(f"PUT {key}: the store kept other bytes (ETag {etag}, sent {md5.hexdigest()})",
@@ -136,7 +150,7 @@ class ObjectStore:
         if status == 404 and _code(body) in ("NoSuchKey", ""):
             raise ObjectMissing(key)
         if status not in (200, 206):
-            raise _error("GET", key, status, body)
+            raise _error("GET", key, status, body, self.bucket)
         if status == 206:
             got = _CONTENT_RANGE.match(answer.get("content-range", ""))
             if got is None or (int(got.group(1)), int(got.group(2))) != (start, end):
@@ -150,10 +164,20 @@ class ObjectStore:
             raise StoreError(f"GET {key}: {len(body)} of {length} bytes arrived", retryable=True)
         return body
 
+    def probe(self) -> None:
+        """Does the store answer for this bucket, with these credentials? A GET of a key never
+        written (the cheapest request every S3-compatible store serves): NoSuchKey, or AccessDenied
+        (S3's answer to a missing key for a client not allowed to list), means yes. A StoreError
+        with the reason otherwise: no such bucket, credentials refused, no answer."""
+        status, _, body = self._request("GET", PROBE_KEY, {"Range": "bytes=0-0"}, b"", EMPTY_SHA256)
+        if status in (200, 206, 416) or (status in (403, 404) and _code(body) in ("NoSuchKey", "AccessDenied", "")):
+            return
+        raise _error("GET", PROBE_KEY, status, body, self.bucket)
+
     def delete(self, key: str) -> None:
         status, _, body = self._request("DELETE", key, {}, b"", EMPTY_SHA256)
         if status not in (200, 204, 404):
-            raise _error("DELETE", key, status, body)
+            raise _error("DELETE", key, status, body, self.bucket)
 
     # --- one request -----------------------------------------------------------------------------
     def object_path(self, key: str) -> str:
@@ -201,7 +225,8 @@ def _code(body: bytes) -> str:
     return found.group(1).decode(errors="replace") if found else ""
 
 
-def _error(method: str, key: str, status: int, body: bytes) -> StoreError:
+def _error(method: str, key: str, status: int, body: bytes, bucket: str) -> StoreError:
     code = _code(body)
-    return StoreError(f"{method} {key}: HTTP {status}{' ' + code if code else ''}",
+    meaning = f" ({CODE_MEANING[code]}: bucket {bucket!r})" if code in CODE_MEANING else ""
+    return StoreError(f"{method} {key}: HTTP {status}{' ' + code if code else ''}{meaning}",
                       retryable=status in RETRYABLE_STATUS or code in RETRYABLE_CODES, status=status)

@@ -305,3 +305,63 @@ async def test_a_snapshot_shares_tiered_data_and_keeps_it_where_it_is(node: Node
     assert snapshot_bytes == (bytes(range(256)) * 20)[:5120]
     await f.check()
     node.check_space()
+
+
+async def test_a_recalled_file_counts_as_hot_and_is_not_tiered_again(node: Node) -> None:
+    f = await a_file(node, b"f", 24 * BLOCK_SIZE, seed=12)
+    node.engine.settings = node.settings.tier.model_copy(update={"cold_after_s": 1.0})
+    with trio.fail_after(20):
+        while node.placement(f) != (0, 24):
+            await node.engine.step()
+            await trio.sleep(0.05)
+    assert await node.core.data.recall(f.ino) == 24
+    assert node.placement(f) == (24, 0)
+    await node.engine.step()
+    assert node.placement(f) == (24, 0), "a file just recalled was tiered again"
+    assert node.core.meta.require_inode(f.ino).atime_ns > time.time_ns() - 10**9
+    await f.check()
+
+
+async def test_an_object_gone_from_the_store_backs_off_and_cold_tiering_goes_on(node: Node, s3: S3Server) -> None:
+    a = await a_file(node, b"a", 150 * BLOCK_SIZE, seed=13)
+    b = await a_file(node, b"b", 50 * BLOCK_SIZE, seed=14)
+    await node.everything_cold()
+    await node.engine.tier_cold()
+    (packed,) = node.core.meta.tier_objects()
+    await node.core.ops.unlink(ROOT_INO, b"a", is_dir=False)
+    await node.core.ops.release(a.fh)
+    await trio.sleep(0.3)
+    await node.core.meta.propose(c.ReclaimFrees(time.time_ns()))
+    assert node.core.meta.tier_object(packed.id).live_blocks == 50  # mostly dead: to be repacked
+    s3.client().delete_object(Bucket=s3.bucket, Key=node.key(packed.id))
+    later = await a_file(node, b"later", 30 * BLOCK_SIZE, seed=15)
+    await node.everything_cold()
+    assert await node.engine.step() == node.settings.tier.scan_interval_s, "no pass at once after a failure"
+    assert node.placement(later) == (0, 30), "cold tiering went on"
+    assert node.engine.stats.unreadable_objects == 1
+    assert "no object" in node.engine.stats.last_unreadable and node.key(packed.id).endswith(
+        node.engine.stats.last_unreadable.split()[1].rstrip(":"))
+    gets = node.tiering.reader.gets
+    await node.engine.step()
+    assert node.tiering.reader.gets == gets, "the object was asked for again at once"
+    assert node.placement(b) == (0, 50)
+
+
+async def test_an_idle_engine_and_a_node_without_it_find_out_that_the_store_is_gone(
+        node: Node, proxy: FaultProxy) -> None:
+    def store_up() -> float:
+        (up,) = [m for m in node.tiering.collect() if m.name == "awsomefs_tier_store_up"]
+        return float(up.samples[0].value)
+
+    await node.engine.step()  # nothing to tier: the store is asked anyway
+    assert node.engine.stats.store_ok and store_up() == 1
+    proxy.plan("status", times=10_000, status=503, code="SlowDown")
+    await node.engine.step()
+    assert not node.engine.stats.store_ok and "HTTP 503 SlowDown" in node.engine.stats.last_error
+    assert store_up() == 0
+    proxy.clear()
+    await node.engine.check_store(every_s=0)  # what a node that runs no passes does
+    assert node.engine.stats.store_ok and store_up() == 1
+    proxy.plan("status", times=10_000, status=404, code="NoSuchBucket")
+    await node.engine.check_store(every_s=0)
+    assert "no such bucket: bucket" in node.engine.stats.last_error and store_up() == 0

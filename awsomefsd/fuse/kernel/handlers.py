@@ -16,7 +16,7 @@ from collections.abc import Callable
 import trio
 
 from awsomefsd.fs.clock import file_time_ns
-from awsomefsd.fs.operations import BLOCK_SIZE, Operations
+from awsomefsd.fs.operations import BLOCK_SIZE, TIER_XATTR, Operations
 from awsomefsd.fuse.callers import caller_in_group
 from awsomefsd.fuse.invalidate import MOUNTED
 from awsomefsd.fuse.kernel import abi
@@ -69,7 +69,7 @@ class KernelHandlers:
     def quick(self) -> dict[int, Callable[[bytes], bool]]:
         """Requests that wait for nothing in some cases, and how to tell from their bytes (the
         session answers those inline on a single node)."""
-        return {Op.FLUSH: self._flush_is_quick}
+        return {Op.FLUSH: self._flush_is_quick, Op.SETXATTR: self._setxattr_is_quick}
 
     def _flush_is_quick(self, data: bytes) -> bool:
         try:
@@ -77,6 +77,17 @@ class KernelHandlers:
         except abi.Malformed:
             return False
         return self.ops.flush_is_immediate(fh)
+
+    @staticmethod
+    def _setxattr_is_quick(data: bytes) -> bool:
+        """Any attribute but the tiering one (`tier evict|recall`): that one moves a file's data to
+        or from the object store, which may take minutes, and must not hold up the reader."""
+        try:
+            body = Body(data)
+            body.take(abi.SETXATTR_IN_COMPAT)
+            return body.name() != TIER_XATTR
+        except abi.Malformed:
+            return False
 
     # -- encoding --------------------------------------------------------------------------------
     def attr(self, inode: Inode) -> bytes:

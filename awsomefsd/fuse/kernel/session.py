@@ -52,13 +52,14 @@ directory's delegation, and a request left in that queue would be granted to nob
 
 INLINE_SINGLE_NODE = frozenset({
     Op.LOOKUP, Op.GETATTR, Op.READLINK, Op.OPENDIR, Op.READDIR, Op.READDIRPLUS, Op.RELEASEDIR, Op.STATFS,
-    Op.GETXATTR, Op.LISTXATTR, Op.SETXATTR, Op.REMOVEXATTR, Op.MKNOD, Op.MKDIR, Op.SYMLINK, Op.LINK,
+    Op.GETXATTR, Op.LISTXATTR, Op.REMOVEXATTR, Op.MKNOD, Op.MKDIR, Op.SYMLINK, Op.LINK,
     Op.UNLINK, Op.RMDIR, Op.RENAME, Op.RENAME2, Op.CREATE, Op.FORGET, Op.BATCH_FORGET, Op.RELEASE,
 })
 """Requests the reader answers itself on a single node, where they wait for nothing: the metadata
 log applies at once and no other node is asked. A task costs more than such a request (measured
 in docs/fuse-transport.md). Reads, writes and syncs wait for the device: they get tasks; so does a
-flush of a file with buffered data (`KernelHandlers.quick`).
+flush of a file with buffered data, and a SETXATTR of the tiering attribute, which waits for the
+object store (`KernelHandlers.quick`).
 On a cluster member everything gets a task: a lookup may wait for a delegation, and a catch-up for
 the invalidator, whose notifications may wait for a request the reader must be free to read."""
 
