@@ -17,6 +17,7 @@ import errno
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 
 import pytest
 
@@ -64,14 +65,17 @@ print("done", errors, seen, ",".join(sorted(os.listdir("."))), flush=True)
 """
 
 
-def crash_under(rig: Rig, daemon: Daemon, env: dict[str, str], script: str, *args: str, ready: str) -> tuple[Daemon, list[str]]:
-    """Run `script` on the mount until it prints `ready`, kill `daemon` (-9), start the next one on
-    the kept mount, let the script finish; the next daemon and the script's last line, split."""
+def crash_under(rig: Rig, daemon: Daemon, env: dict[str, str], script: str, *args: str, ready: str,
+                before_kill: Callable[[], None] = lambda: None) -> tuple[Daemon, list[str]]:
+    """Run `script` on the mount until it prints `ready`, call `before_kill`, kill `daemon` (-9),
+    start the next one on the kept mount, let the script finish; the next daemon and the script's
+    last line, split."""
     app = subprocess.Popen([sys.executable, "-c", script, *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                            text=True, cwd="/")
     lines = Lines(app)
     wait_for(lambda: lines.has(ready) or app.poll() is not None, 30, f"the script to say {ready!r}")
     assert app.poll() is None, lines.lines
+    before_kill()
     daemon.kill()
     following = Daemon(rig.base / "state", rig.base / "mnt", size="1G", env=env).start()
     assert "continuing the mount" in following.logs() and "crash" in following.logs(), following.logs()
@@ -99,6 +103,42 @@ def test_a_directory_fsync_reports_the_rename_a_crash_lost(keeper_rig: Rig) -> N
         daemon = Daemon(rig.base / "state", rig.base / "mnt", size="1G", env=rig.env).start()
         for name, listing in shown.items():
             assert ",".join(sorted(os.listdir(daemon.mount / name))) == listing, "what was shown is what is durable"
+        assert daemon.stop() == 0, daemon.logs()
+    finally:
+        daemon.stop_hard()
+
+
+SYNCER = r"""
+import os, sys
+with open(sys.argv[1], "wb") as f:
+    f.write(b"contents")
+os.sync()
+print("synced", flush=True)
+sys.stdin.readline()  # the daemon is killed and the next one continues the mount meanwhile
+with open(sys.argv[1], "rb") as f:
+    print("done", f.read().decode(), "-", "-", flush=True)
+"""
+
+
+def test_changes_followed_by_sync_are_committed_within_the_idle_time(keeper_rig: Rig) -> None:
+    """sync(2) sends the daemon nothing (docs/fuse-transport.md): what it can do is commit soon
+    after the changes stop. With the commit interval at 60 s, only that commit can make the file
+    survive the kill; the test waits for it (the metadata store's file changes) and fails if it
+    does not come within seconds."""
+    rig = keeper_rig
+    env = {**rig.env, "AWSOMEFS_DATA__COMMIT_INTERVAL_MS": "60000"}
+    daemon = Daemon(rig.base / "state", rig.base / "mnt", size="1G", env=env).start()
+    store = rig.base / "state" / "meta" / "data.mdb"
+    try:
+        for i in range(TRIES):
+            before = store.stat().st_mtime_ns
+
+            def committed(before: int = before) -> None:
+                wait_for(lambda: store.stat().st_mtime_ns > before, 3, "a commit after the changes stopped")
+
+            daemon, (content, *_) = crash_under(rig, daemon, env, SYNCER, str(daemon.mount / f"s{i}"), ready="synced",
+                                                before_kill=committed)
+            assert content == "contents", f"try {i}: the file written before sync survives the crash"
         assert daemon.stop() == 0, daemon.logs()
     finally:
         daemon.stop_hard()
