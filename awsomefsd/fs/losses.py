@@ -16,6 +16,7 @@ import logging
 from typing import Any
 
 from awsomefsd.fs.buffer import WriteBuffer
+from awsomefsd.meta.errors import FsError
 
 log = logging.getLogger(__name__)
 
@@ -104,19 +105,21 @@ class CrashReports:
     def _before(self, ino: int) -> bool:
         return self.active and (self.made_from is None or ino < self.made_from)
 
-    def directory_lost(self, ino: int) -> bool:
-        """Should this fsync of directory `ino` report the crash (the first one since it)?"""
+    def report_directory(self, ino: int) -> None:
+        """EIO if this is the first fsync of directory `ino` since the crash (and it is older)."""
         if not self._before(ino) or ino in self.reported or len(self.reported) >= MAX_REPORTED_DIRECTORIES:
-            return False
+            return
         self.reported.add(ino)
-        return True
+        raise FsError(errno.EIO, "changes to this directory acknowledged before the daemon serving the mount "
+                      "crashed may be lost", cause="lost-writes")
 
-    def whole_lost(self) -> bool:
-        """Should this syncfs report the crash (the first one since it)?"""
+    def report_whole(self) -> None:
+        """EIO if this is the first syncfs since the crash."""
         if not self.active or self.whole_reported:
-            return False
+            return
         self.whole_reported = True
-        return True
+        raise FsError(errno.EIO, "changes acknowledged before the daemon serving the mount crashed may be lost",
+                      cause="lost-writes")
 
     def export(self) -> dict[str, Any] | None:
         if not self.active:

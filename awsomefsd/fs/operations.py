@@ -654,17 +654,13 @@ class Operations:
         The first one of each directory after a crash of the daemon before reports EIO: the crash
         may have taken changes to its entries acknowledged before (`CrashReports`)."""
         await self.sync_all()
-        if self.handles.crash.directory_lost(ino):
-            raise FsError(errno.EIO, "changes to this directory acknowledged before the daemon serving the mount "
-                          "crashed may be lost", cause="lost-writes")
+        self.handles.crash.report_directory(ino)
 
     async def syncfs(self) -> None:
         """syncfs(2), where the kernel sends it (not to a /dev/fuse server: docs/fuse-transport.md):
         `sync_all`; the first one after a crash of the daemon before reports it (EIO)."""
         await self.sync_all()
-        if self.handles.crash.whole_lost():
-            raise FsError(errno.EIO, "changes acknowledged before the daemon serving the mount crashed may be lost",
-                          cause="lost-writes")
+        self.handles.crash.report_whole()
 
     # -- directories ----------------------------------------------------------------------------
     async def opendir(self, ino: int) -> int:
