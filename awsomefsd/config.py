@@ -120,6 +120,8 @@ class DataSettings(Section):
     file_buffer_bytes: int = Field(8 << 20, ge=1 << 20, description="dirty data per file before flushing")
     flush_interval_ms: int = Field(1000, ge=10, le=60_000, description="dirty data older than this is written")
     commit_interval_ms: int = Field(1000, ge=1, le=60_000, description="metadata group-commit interval")
+    commit_idle_ms: int = Field(20, ge=0, le=60_000, description="commit sooner once no metadata change came for "
+                                "this long (sync(2) reaches no FUSE server); 0: only at the interval")
     delayed_free_ms: int = Field(5000, ge=0, description="grace before superseded extents are reused")
 
 

@@ -135,7 +135,7 @@ def open_core(settings: Settings, *, metrics: Metrics | None = None, log_kind: s
         meta_log = ReplicatedFsLog(storage.store, storage.sm, node_id=NODE_ID, before_commit=storage.device.sync_written)
     else:
         meta_log = LocalLog(storage.store, storage.sm, commit_interval_ms=settings.data.commit_interval_ms,
-                            before_commit=storage.device.sync_written)
+                            commit_idle_ms=settings.data.commit_idle_ms, before_commit=storage.device.sync_written)
     return build_core(settings, storage, meta_log, node_id=NODE_ID, metrics=metrics)
 
 

@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from awsomefsd.fs.losses import CrashReports
 from awsomefsd.meta.client import MetaClient
 from awsomefsd.meta.errors import FsError
 
@@ -76,6 +77,8 @@ class Handles:
         """This process took over a mount whose handles it was not told about (a crash before)."""
         self.may_purge = True
         """False once handles this process does not know of may keep unlinked inodes alive."""
+        self.crash = CrashReports()
+        """What a crash of the daemon before still has to tell directory fsyncs and syncfs."""
 
     def add(self, ino: int, flags: int, seen_loss: int) -> int:
         """A new handle of `ino`; ENFILE past MAX_OPEN_FILES."""
@@ -120,7 +123,7 @@ class Handles:
         """What a daemon taking over this mount needs: every open handle and kernel reference."""
         return {"open": [[fh, h.ino, h.flags, h.seen_loss, h.rebuilt] for fh, h in self.open.items()],
                 "lookups": [[ino, n] for ino, n in self.lookups.items()],
-                "serial": self._serial, "may_purge": self.may_purge}
+                "serial": self._serial, "may_purge": self.may_purge, "crash": self.crash.export()}
 
     def take_over(self, state: dict[str, Any] | None) -> None:
         """Continue the mount a daemon before this one served: with its exported state (a planned
@@ -129,7 +132,9 @@ class Handles:
         if state is None:
             self.adopted = True
             self.may_purge = False
+            self.crash.crashed()
             return
+        self.crash.restore(state.get("crash"))  # absent: a record from a build before the reports
         # a record from a daemon that did not note `rebuilt` has four fields per handle
         self.open = {fh: Handle(ino, flags, seen, bool(rest and rest[0])) for fh, ino, flags, seen, *rest in state["open"]}
         self.lookups = {ino: n for ino, n in state["lookups"]}

@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import errno
 import logging
+from typing import Any
 
 from awsomefsd.fs.buffer import WriteBuffer
+from awsomefsd.meta.errors import FsError
 
 log = logging.getLogger(__name__)
 
@@ -61,3 +63,74 @@ class LossLedger:
         """Did `ino` lose buffered writes after the loss count `seen` (taken when a descriptor
         opened, or when it last reported one)?"""
         return self.lost_at.get(ino, 0) > seen
+
+
+MAX_REPORTED_DIRECTORIES = 1 << 16
+
+
+class CrashReports:
+    """What a daemon that continued a mount after a crash of the one before still has to report.
+
+    The dead daemon acknowledged changes it never committed (up to a commit interval of them;
+    design note 1), and nothing tells which: its memory went with it. A file learns it through
+    its rebuilt descriptors (handles.CRASH_UNREPORTED). A directory's fsync is the durability
+    point of its entries (write f.tmp, fsync it, rename it over f, fsync the directory), so the
+    first fsync of each directory that existed before the crash reports EIO, once, as a lost write
+    is reported to each file it hit; directories made since (inode numbers from `made_from` on)
+    lost nothing. The first syncfs reports it once too. Carried across a hand-over (`export`): the
+    next daemon does not report again what this one did.
+
+    Bounded: past MAX_REPORTED_DIRECTORIES directories no more are reported (an application
+    fsyncing that many directories after a crash has heard of it many times over)."""
+
+    def __init__(self) -> None:
+        self._reset(active=False)
+
+    def _reset(self, *, active: bool) -> None:
+        self.active = active
+        self.made_from: int | None = None
+        """The first inode number handed out after the crash: newer directories lost nothing."""
+        self.reported: set[int] = set()
+        self.whole_reported = False
+
+    def crashed(self) -> None:
+        """This daemon continues the mount of one that crashed."""
+        self._reset(active=True)
+
+    def made(self, first_ino: int) -> None:
+        """Inode numbers from `first_ino` on are handed out by this daemon."""
+        if self.made_from is None:
+            self.made_from = first_ino
+
+    def _before(self, ino: int) -> bool:
+        return self.active and (self.made_from is None or ino < self.made_from)
+
+    def report_directory(self, ino: int) -> None:
+        """EIO if this is the first fsync of directory `ino` since the crash (and it is older)."""
+        if not self._before(ino) or ino in self.reported or len(self.reported) >= MAX_REPORTED_DIRECTORIES:
+            return
+        self.reported.add(ino)
+        raise FsError(errno.EIO, "changes to this directory acknowledged before the daemon serving the mount "
+                      "crashed may be lost", cause="lost-writes")
+
+    def report_whole(self) -> None:
+        """EIO if this is the first syncfs since the crash."""
+        if not self.active or self.whole_reported:
+            return
+        self.whole_reported = True
+        raise FsError(errno.EIO, "changes acknowledged before the daemon serving the mount crashed may be lost",
+                      cause="lost-writes")
+
+    def export(self) -> dict[str, Any] | None:
+        if not self.active:
+            return None
+        return {"made_from": self.made_from, "reported": sorted(self.reported),
+                "whole_reported": self.whole_reported}
+
+    def restore(self, state: dict[str, Any] | None) -> None:
+        """Continue what the daemon before reported (a hand-over); None: nothing to report."""
+        self._reset(active=state is not None)
+        if state is not None:
+            self.made_from = state["made_from"]
+            self.reported = set(state["reported"])
+            self.whole_reported = state["whole_reported"]

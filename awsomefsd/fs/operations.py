@@ -127,6 +127,7 @@ class Operations:
             # Nothing between the assignment and the increment awaits, so concurrent callers that
             # both reserved still hand out distinct numbers (the loser's range is simply unused).
             self._ino_next, self._ino_end = await self.meta.propose(c.ReserveInodes(INODE_RESERVATION))
+            self.handles.crash.made(self._ino_next)
         ino = self._ino_next
         self._ino_next += 1
         return ino
@@ -650,6 +651,19 @@ class Operations:
     async def sync_all(self) -> None:
         await self.data.flush_all()
         await self.meta.barrier()
+
+    async def fsyncdir(self, ino: int) -> None:
+        """fsync of a directory: everything is made durable (the log commits the whole namespace).
+        The first one of each directory after a crash of the daemon before reports EIO: the crash
+        may have taken changes to its entries acknowledged before (`CrashReports`)."""
+        await self.sync_all()
+        self.handles.crash.report_directory(ino)
+
+    async def syncfs(self) -> None:
+        """syncfs(2), where the kernel sends it (not to a /dev/fuse server: docs/fuse-transport.md):
+        `sync_all`; the first one after a crash of the daemon before reports it (EIO)."""
+        await self.sync_all()
+        self.handles.crash.report_whole()
 
     # -- directories ----------------------------------------------------------------------------
     async def opendir(self, ino: int) -> int:

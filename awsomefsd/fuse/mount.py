@@ -216,8 +216,9 @@ def tune_bdi(path: Path, *, read_ahead_kb: int = 4096, writeback_cache: bool = F
 
 def sync_mount(path: Path) -> None:
     """syncfs(2) on the mount at `path`: the kernel sends every page it keeps written (the
-    writeback cache), then SYNCFS. Blocking, and answered by this daemon's own session: call it
-    from a worker thread while the session serves."""
+    writeback cache) and the times of the inodes it writes back; no SYNCFS (Linux sends that to
+    virtiofs only), so the caller commits itself. Blocking, and answered by this daemon's own
+    session: call it from a worker thread while the session serves."""
     libc = ctypes.CDLL(None, use_errno=True)
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:

@@ -150,6 +150,7 @@ class KernelTransport:
         takeover.save(self.state_dir, self.record)  # a crash from now on is a crash of this daemon
         self.session = self._session(Negotiated(record.minor, record.flags, record.max_write))
         if record.handles is None:
+            self.session.forget_names()  # names the crash took (a rename, a create) must not be shown
             self.session.resend()  # what the crashed daemon had read and not answered
         log.info("continuing the mount at %s (%s; protocol 7.%d)", self.mountpoint, self.adopted, record.minor)
         return True

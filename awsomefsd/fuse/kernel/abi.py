@@ -133,6 +133,7 @@ class Notify:
     STORE = 4
     DELETE = 6
     RESEND = 7
+    INC_EPOCH = 8  # Linux 6.16 (7.44): every cached name is looked up again before it is used
 
 
 FSYNC_FDATASYNC = 1

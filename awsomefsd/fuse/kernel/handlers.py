@@ -315,11 +315,11 @@ class KernelHandlers:
         return None
 
     async def fsyncdir(self, h: Header, body: Body) -> Payload:
-        await self.ops.sync_all()
+        await self.ops.fsyncdir(h.nodeid)
         return None
 
     async def syncfs(self, h: Header, body: Body) -> Payload:
-        await self.ops.sync_all()
+        await self.ops.syncfs()
         return None
 
     # -- extended attributes -----------------------------------------------------------------------

@@ -247,6 +247,20 @@ class Session:
             return False
         return True
 
+    def forget_names(self) -> bool:
+        """Make the kernel look up again every name it caches, positive or negative, before it
+        uses it (FUSE_NOTIFY_INC_EPOCH, Linux 6.16 and later): after a crash of the daemon
+        before, names it answered may be gone (a rename the crash took), and which is unknown.
+        The lookups also renew the attributes of the inodes they reach. False if refused: the
+        names then stay cached until their entry timeout."""
+        try:
+            self.notify(abi.Notify.INC_EPOCH, b"")
+        except OSError as exc:
+            log.warning("the kernel cannot be told to look every cached name up again (%s): names a crash "
+                        "took stay visible until their entry timeout", exc)
+            return False
+        return True
+
     async def _read_requests(self, nursery: trio.Nursery) -> None:
         read_since_checkpoint = 0
         while True:
