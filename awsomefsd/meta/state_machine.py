@@ -23,6 +23,7 @@ from awsomefsd.meta import commands as c
 from awsomefsd.meta import filemap
 from awsomefsd.meta.cluster_sm import ClusterTables
 from awsomefsd.meta.errors import Delegated, FsError, SpaceCorruption
+from awsomefsd.meta.isolation import apply_isolated
 from awsomefsd.meta.namespace import Namespace
 from awsomefsd.meta.ranges import apply_clone_range, apply_preallocate, apply_punch_hole
 from awsomefsd.meta.records import (
@@ -595,10 +596,11 @@ class StateMachine:
         return self.volumes.delete_snapshot(txn, cmd, self.delete_inode)
 
     def _batch(self, txn: lmdb.Transaction[bytes], cmd: c.Batch) -> list[Any]:
+        """Each command's outcome: its result or its refusal (a bug in one is its own: isolation.py)."""
         results: list[Any] = []
         for sub in cmd.commands:
             try:
-                results.append(self.apply(txn, sub))
+                results.append(apply_isolated(self, txn, sub))
             except FsError as exc:
                 results.append(exc)
         return results
