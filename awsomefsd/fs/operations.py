@@ -404,7 +404,7 @@ class Operations:
         inode = self.inode(ino)
         if inode.is_dir and flags & os.O_ACCMODE != os.O_RDONLY:
             raise FsError(errno.EISDIR)
-        if flags & os.O_TRUNC and flags & os.O_ACCMODE != os.O_RDONLY and inode.is_reg:
+        if flags & os.O_TRUNC and inode.is_reg:  # O_RDONLY too, as Linux (the kernel checked write access)
             if inode.size:
                 await self.setattr(ino, size=0, drop_setid=drop_setid)
             elif drop_setid is not None:
