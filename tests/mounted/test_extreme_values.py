@@ -6,6 +6,7 @@ drawn from N, so the same calls happen, in a different interleaving)."""
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import os
@@ -104,7 +105,7 @@ def _result(proc: subprocess.Popen[str], deadline: float, seed: int) -> Any:
     return json.loads(out)
 
 
-def run_extremes(base: Path, *, workers: int, ops: int, plain: int, budget_s: float) -> None:
+def run_extremes(base: Path, *, workers: int, ops: int, plain: int, budget_s: float, log: str = "local") -> None:
     """`workers` processes make extreme calls (each on ours and on ext4) while `plain` processes
     create, write and rename files, all in one commit interval. Every extreme call must give what
     ext4 gives, or the difference we chose; after a clean restart every plain file must be there
@@ -114,7 +115,7 @@ def run_extremes(base: Path, *, workers: int, ops: int, plain: int, budget_s: fl
     print(f"extreme values: seed {seed} (replay: {SEED_VAR}={seed})")
     deadline = time.monotonic() + budget_s
     with ext4_mount(base) as ext4:
-        d = Daemon(base / "state", base / "mnt", size="1G", env=ONE_BATCH).start()
+        d = Daemon(base / "state", base / "mnt", size="1G", env={**ONE_BATCH, "AWSOMEFS_META__LOG": log}).start()
         procs: list[subprocess.Popen[str]] = []
         try:
             stop = base / "stop"
@@ -132,6 +133,7 @@ def run_extremes(base: Path, *, workers: int, ops: int, plain: int, budget_s: fl
             mismatches = [f"e{i}/{m}" for i, r in enumerate(results) for m in r["mismatches"]]
             mismatches += [f"p{i}: {r['error']}" for i, r in enumerate(made) if r["error"]]
             assert not mismatches, f"seed {seed}: calls that went wrong:\n" + "\n".join(mismatches)
+            print("errnos:", dict(sum((collections.Counter(r["errnos"]) for r in results), collections.Counter())))
             before = {f"e{i}/{c}": snapshot(d.mount / f"e{i}" / c, with_times=True)
                       for i in range(workers) for c in sorted(os.listdir(d.mount / f"e{i}"))}
             assert d.stop() == 0, d.logs()
@@ -158,5 +160,7 @@ def test_extreme_values_lose_nothing_and_answer_as_ext4(base: Path) -> None:
 
 
 @pytest.mark.slow
-def test_extreme_values_lose_nothing_and_answer_as_ext4_long(base: Path) -> None:
-    run_extremes(base, workers=4, ops=600, plain=3, budget_s=900)
+@pytest.mark.timeout(1200)  # raft: ~5 min here on a loaded machine (an fsync per change)
+@pytest.mark.parametrize("log", ["local", "raft"])
+def test_extreme_values_lose_nothing_and_answer_as_ext4_long(base: Path, log: str) -> None:
+    run_extremes(base, workers=4, ops=600, plain=3, budget_s=1100, log=log)

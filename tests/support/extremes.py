@@ -67,6 +67,15 @@ def _times(rng: random.Random) -> tuple[int, int]:
     return one(), one()
 
 
+def _with_fd(path: Path, use: Callable[[int], object]) -> None:
+    fd = os.open(path, os.O_RDWR)
+    try:
+        use(fd)
+        os.fsync(fd)  # a write refused only when its data is flushed would show here
+    finally:
+        os.close(fd)
+
+
 def renameat2(src: Path, dst: Path, flags: int) -> None:
     if _libc.renameat2(AT_FDCWD, os.fsencode(src), AT_FDCWD, os.fsencode(dst), ctypes.c_uint(flags)) != 0:
         err = ctypes.get_errno()
@@ -85,7 +94,14 @@ class Call:
 def draw(rng: random.Random) -> Call:
     """A random call with extreme values (its arguments are drawn here, so both runs match)."""
     kind = rng.choice(["utime", "truncate", "chmod", "chown", "setxattr", "getxattr", "removexattr", "rename",
-                       "open", "mknod", "mkdir", "symlink", "link"])
+                       "open", "mknod", "mkdir", "symlink", "link", "pwrite", "fallocate"])
+    if kind in ("pwrite", "fallocate"):
+        offset, length = rng.choice(SIZES), rng.choice([1, 4096, 1 << 20])
+        if kind == "pwrite":
+            return Call(f"pwrite(f, {length}, {offset})", lambda d: _with_fd(d / "f", lambda fd: os.pwrite(
+                fd, b"w" * length, offset)))
+        return Call(f"fallocate(f, {offset}, {length})", lambda d: _with_fd(d / "f", lambda fd: os.posix_fallocate(
+            fd, offset, length)))
     if kind == "utime":
         entry, (a, m) = rng.choice(["f", "d", "l"]), _times(rng)
         follow = entry != "l" or rng.random() < 0.5
@@ -195,6 +211,11 @@ def expected_ours(call: Call, ext4: int) -> set[int]:
     if call.what.startswith("truncate(f") and ext4 == errno.EFBIG:
         size = int(call.what.split(", ")[1].rstrip(")"))
         return {errno.EFBIG} if size > MAX_FILE_SIZE_BYTES else {0}
+    if call.what.startswith(("pwrite", "fallocate")) and ext4 == errno.EFBIG:
+        length, offset = (int(x) for x in call.what.rstrip(")").split(", ")[1:])
+        if call.what.startswith("fallocate"):
+            length, offset = offset, length
+        return {errno.EFBIG} if offset + length > MAX_FILE_SIZE_BYTES else {0}
     if call.what.startswith("setxattr") and ext4 in (errno.ENOSPC, errno.E2BIG):
         length = int(call.what.split(", ")[2].split("-")[0])
         return {ext4} if length > MAX_XATTR_VALUE_BYTES else {0}
