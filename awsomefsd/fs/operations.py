@@ -38,6 +38,10 @@ from awsomefsd.meta.records import (
     ROOT_INO,
     Inode,
     check_name,
+    check_new_inode,
+    check_owner,
+    check_xattr_name,
+    clamp_time_ns,
     is_tiered,
 )
 
@@ -273,6 +277,7 @@ class Operations:
     async def mknod(self, parent: int, name: bytes, mode: int, rdev: int, uid: int, gid: int,
                     target: bytes = b"") -> Inode:
         check_name(name)
+        check_new_inode(mode, uid, gid, rdev)
         async with self._changing(parent) as ahead:
             ino = await self.new_ino()
             leased = ahead and (stat.S_ISREG(mode) or stat.S_ISDIR(mode))
@@ -354,7 +359,13 @@ class Operations:
                       size: int | None = None, atime_ns: int | None = None, mtime_ns: int | None = None,
                       drop_setid: InGroup | None = None) -> Inode:
         """`drop_setid`: the kernel leaves clearing set-user-ID and set-group-ID to us (a truncate
-        or chown under HANDLE_KILLPRIV_V2); ignored when the request sets the mode itself."""
+        or chown under HANDLE_KILLPRIV_V2); ignored when the request sets the mode itself.
+        Times outside what an inode holds are stored as the nearest it holds, as ext4 does."""
+        check_owner(uid, gid)
+        if size is not None and size < 0:
+            raise FsError(errno.EINVAL)
+        atime_ns = None if atime_ns is None else clamp_time_ns(atime_ns)
+        mtime_ns = None if mtime_ns is None else clamp_time_ns(mtime_ns)
         if drop_setid is not None and mode is None:
             inode = self.inode(ino)
             mode = None if inode.is_dir else without_setid(inode.mode, inode.gid, drop_setid)
@@ -397,7 +408,7 @@ class Operations:
         inode = self.inode(ino)
         if inode.is_dir and flags & os.O_ACCMODE != os.O_RDONLY:
             raise FsError(errno.EISDIR)
-        if flags & os.O_TRUNC and flags & os.O_ACCMODE != os.O_RDONLY and inode.is_reg:
+        if flags & os.O_TRUNC and inode.is_reg:  # O_RDONLY too, as Linux (the kernel checked write access)
             if inode.size:
                 await self.setattr(ino, size=0, drop_setid=drop_setid)
             elif drop_setid is not None:
@@ -701,6 +712,7 @@ class Operations:
 
     # -- extended attributes --------------------------------------------------------------------
     async def getxattr(self, ino: int, name: bytes) -> bytes:
+        check_xattr_name(name)
         if name == TIER_XATTR:
             return self._tier_state(ino)
         value = self.meta.xattr(ino, name)
@@ -710,6 +722,7 @@ class Operations:
         return value
 
     async def setxattr(self, ino: int, name: bytes, value: bytes, flags: int) -> None:
+        check_xattr_name(name)
         if name in POSIX_ACL_XATTRS:
             # Stored as a plain attribute it would not change the mode, and cp -p, tar and rsync
             # set modes through it when it is accepted; refused, they fall back to chmod.
@@ -765,6 +778,7 @@ class Operations:
         return self.meta.xattr_names(ino)
 
     async def removexattr(self, ino: int, name: bytes) -> None:
+        check_xattr_name(name)
         async with self._holding(ino) as ahead:
             await self._propose(c.RemoveXattr(ino, name, self._now()), ahead)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import os
+import struct
 
 import lmdb
 
@@ -17,6 +18,17 @@ CAUSES = ("lease", "fence", "stall", "lost-writes", "checksum", "store")
 with the node, the file and the reason, and counts it by cause (awsomefs_eio_total)."""
 UNEXPLAINED = "other"
 """The cause an EIO without one is counted under."""
+
+
+COMMAND_BUGS: tuple[type[BaseException], ...] = (
+    ArithmeticError, AssertionError, AttributeError, LookupError, TypeError, ValueError, struct.error,
+    lmdb.BadValsizeError,
+)
+"""What a command's apply raises when its values slipped past the state machine's checks (a
+number too large to pack, a key too long for LMDB): the same on every replica that applies the
+same command to the same state, so a replicated log may refuse that command with EIO everywhere
+and go on. Not in it: the store's own failures and the process's (lmdb.Error, MemoryError,
+OSError), which are this node's alone; refusing a command for those would make replicas differ."""
 
 
 class LogAheadOfBuild(Exception):

@@ -9,10 +9,14 @@ LocalLog's group commit: all commands since the last commit are applied inside o
 transaction, which every metadata read also uses (everything runs on the trio thread, so reads see
 every acknowledged mutation). A commit — one device flush, then one LMDB commit with its fsync —
 makes the whole batch durable atomically: a crash loses a suffix of operations, never a middle one.
+A command whose apply fails other than with its FsError (a bug) fails alone, with EIO: the batch is
+applied again without it (the same replay that follows a growth of the map), so nothing another
+caller was told succeeded is undone.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -122,18 +126,22 @@ class LocalLog:
 
     def apply_now(self, command: object) -> Any:
         """Apply in the open batch; synchronous, for callers that hold no await point."""
-        txn = self.read_txn()
         try:
-            result = self.sm.apply(txn, command)
+            try:
+                result = self.sm.apply(self.read_txn(), command)
+            except lmdb.MapFullError:
+                result = self.sm.apply(self._replay(grow=True), command)
         except FsError:
             raise
-        except lmdb.MapFullError:
-            txn = self._replay_after_growth()
-            result = self.sm.apply(txn, command)
-        except BaseException:
-            log.critical("applying %r failed; dropping the uncommitted batch", command, exc_info=True)
-            self._abort()
-            raise
+        except BaseException as exc:
+            # A bug the state machine's checks missed (or an interrupt): the command may have
+            # written part of its change. Only it fails; the batch, acknowledged already, is
+            # applied again without it.
+            log.error("applying %r failed: refused with EIO, the batch it shared is kept", command, exc_info=True)
+            self._replay(grow=False)
+            if not isinstance(exc, Exception):
+                raise
+            raise FsError(errno.EIO, f"{type(command).__name__} failed: {type(exc).__name__}: {exc}") from exc
         self._batch.append(command)
         self._applied += 1
         if len(self._batch) == 1:
@@ -143,12 +151,17 @@ class LocalLog:
             self.commit()
         return result
 
-    def _replay_after_growth(self) -> lmdb.Transaction[bytes]:
-        """The batch outgrew the map: abort, grow, and apply the same commands again."""
-        assert self._txn is not None
-        self._txn.abort()
-        self._txn = None
-        self.store.env.set_mapsize(self.store.map_size_bytes * 2)
+    def _replay(self, *, grow: bool) -> lmdb.Transaction[bytes]:
+        """Abort the open transaction and apply the batch's commands again in a new one, after
+        growing the map when the batch outgrew it (`grow`), or to undo what a failed command
+        wrote. The commands are the ones that succeeded, in their order, on the same committed
+        state: they give the results they gave. Should one fail now, the store itself is failing:
+        the batch is dropped (a crash's outcome) and the failure goes to the caller."""
+        if self._txn is not None:
+            self._txn.abort()
+            self._txn = None
+        if grow:
+            self.store.env.set_mapsize(self.store.map_size_bytes * 2)
         txn = self.read_txn()
         self.sm.load(txn)
         self.replays += 1
@@ -156,6 +169,10 @@ class LocalLog:
         try:
             for command in self._batch:
                 self.sm.apply(txn, command)
+        except BaseException:
+            log.critical("applying the uncommitted batch again failed: dropping it", exc_info=True)
+            self._abort()
+            raise
         finally:
             self.sm.quiet = False
         return txn

@@ -34,6 +34,17 @@ MAX_RANGE_BLOCKS = 1 << 18
 """Blocks one PunchHole or CloneRange may cover (1 GiB): bounds the transaction every member
 applies. The file layer splits larger requests (copy_file_range may return a short count)."""
 MAX_HARD_LINKS = 65000
+MIN_TIME_NS = -(1 << 63)
+MAX_TIME_NS = (1 << 63) - 1
+"""An inode's times are signed 64-bit nanoseconds since 1970: 1677-09-21 to 2262-04-11. A time
+set outside is stored as the nearest end (`clamp_time_ns`), as ext4 stores one outside its own
+range (1901 to 2446) as the nearest end."""
+MAX_ID = (1 << 32) - 2
+"""The largest uid or gid: (uid_t)-1 is no owner (chown's "leave it"), which Linux refuses."""
+MAX_RDEV = (1 << 32) - 1
+"""A device number as the kernel holds one (dev_t: 12 bits major, 20 bits minor)."""
+FILE_TYPES = frozenset({stat.S_IFREG, stat.S_IFDIR, stat.S_IFLNK, stat.S_IFCHR, stat.S_IFBLK, stat.S_IFIFO,
+                        stat.S_IFSOCK})
 VOLUMES_INO = 2  # /.volumes: one directory per volume
 SNAPSHOTS_INO = 3  # /.snapshots: one read-only directory per snapshot
 CONFLICTS_INO = 4  # /.conflicts: the losing file contents of cross-site conflicts (meta/sites.py), made when needed
@@ -225,6 +236,39 @@ def check_name(name: bytes) -> None:
         raise FsError(errno.EINVAL, "invalid file name")
     if name in (b".", b".."):
         raise FsError(errno.EEXIST)
+
+
+def check_xattr_name(name: bytes) -> None:
+    """An extended attribute's name of 1 to 255 bytes, or ERANGE as Linux answers."""
+    if not 0 < len(name) <= MAX_XATTR_NAME_BYTES:
+        raise FsError(errno.ERANGE, "extended attribute name empty or too long")
+
+
+def clamp_time_ns(time_ns: int) -> int:
+    """The time an inode stores for `time_ns` (see MIN_TIME_NS)."""
+    return min(max(time_ns, MIN_TIME_NS), MAX_TIME_NS)
+
+
+def check_times(*times_ns: int | None) -> None:
+    """Times a command carries fit the inode (the file layer clamps what callers set)."""
+    if any(t is not None and not MIN_TIME_NS <= t <= MAX_TIME_NS for t in times_ns):
+        raise FsError(errno.EINVAL, "a time outside 1677-09-21 .. 2262-04-11")
+
+
+def check_owner(uid: int | None, gid: int | None) -> None:
+    """A uid and gid a file may have (None: unchanged), or EINVAL as chown(2) answers."""
+    if any(i is not None and not 0 <= i <= MAX_ID for i in (uid, gid)):
+        raise FsError(errno.EINVAL, "no such user or group id")
+
+
+def check_new_inode(mode: int, uid: int, gid: int, rdev: int) -> None:
+    """The values mknod(2) may give a new inode: one of the seven file types with permission
+    bits only, an owner, a device number; EINVAL otherwise, as mknod(2) answers."""
+    if not 0 <= mode <= 0xFFFF or stat.S_IFMT(mode) not in FILE_TYPES:
+        raise FsError(errno.EINVAL, "not a file type")
+    if not 0 <= rdev <= MAX_RDEV:
+        raise FsError(errno.EINVAL, "not a device number")
+    check_owner(uid, gid)
 
 
 def volume_dir_name(volume: int) -> bytes:

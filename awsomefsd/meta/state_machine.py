@@ -23,18 +23,23 @@ from awsomefsd.meta import commands as c
 from awsomefsd.meta import filemap
 from awsomefsd.meta.cluster_sm import ClusterTables
 from awsomefsd.meta.errors import Delegated, FsError, SpaceCorruption
+from awsomefsd.meta.isolation import apply_isolated
 from awsomefsd.meta.namespace import Namespace
 from awsomefsd.meta.ranges import apply_clone_range, apply_preallocate, apply_punch_hole
 from awsomefsd.meta.records import (
     MAX_FILE_SIZE_BYTES,
+    MAX_SYMLINK_BYTES,
     MAX_XATTR_LIST_BYTES,
-    MAX_XATTR_NAME_BYTES,
     MAX_XATTR_TOTAL_BYTES,
     MAX_XATTR_VALUE_BYTES,
     ROOT_INO,
     Extent,
     Inode,
     blocks_for,
+    check_new_inode,
+    check_owner,
+    check_times,
+    check_xattr_name,
     cookie_key,
     u64,
     xattr_key,
@@ -220,6 +225,10 @@ class StateMachine:
         ns = self.ns
         self.check_delegated(txn, cmd.parent)
         parent = ns.dir_for_entry(txn, cmd.parent, cmd.name)
+        check_new_inode(cmd.mode, cmd.uid, cmd.gid, cmd.rdev)
+        check_times(cmd.now_ns)
+        if len(cmd.target) > MAX_SYMLINK_BYTES:
+            raise FsError(errno.ENAMETOOLONG)
         if ns.lookup(txn, cmd.parent, cmd.name) is not None:
             raise FsError(errno.EEXIST)
         if ns.get_inode(txn, cmd.ino) is not None:
@@ -328,11 +337,13 @@ class StateMachine:
     def _setattr(self, txn: lmdb.Transaction[bytes], cmd: c.SetAttr) -> Inode:
         inode = self.ns.require_inode(txn, cmd.ino)
         self.volumes.check_writable(txn, inode.volume)
+        check_owner(cmd.uid, cmd.gid)
+        check_times(cmd.atime_ns, cmd.mtime_ns, cmd.now_ns)
         if cmd.size is not None:
             if not inode.is_reg:
                 raise FsError(errno.EISDIR if inode.is_dir else errno.EINVAL)
-            if cmd.size < 0 or cmd.size > MAX_FILE_SIZE_BYTES:
-                raise FsError(errno.EFBIG)
+            if not 0 <= cmd.size <= MAX_FILE_SIZE_BYTES:
+                raise FsError(errno.EINVAL if cmd.size < 0 else errno.EFBIG)
         if cmd.mode is not None:
             inode.mode = stat.S_IFMT(inode.mode) | (cmd.mode & 0o7777)
         if cmd.uid is not None:
@@ -392,6 +403,7 @@ class StateMachine:
             raise FsError(errno.EINVAL, "empty write")
         if cmd.size > MAX_FILE_SIZE_BYTES:
             raise FsError(errno.EFBIG)
+        check_times(cmd.mtime_ns, cmd.now_ns)
         fmap = self.db["fmap"]
         for prev, nxt in zip(cmd.extents, cmd.extents[1:]):
             if prev.end_block > nxt.file_block:
@@ -434,10 +446,11 @@ class StateMachine:
     def _setxattr(self, txn: lmdb.Transaction[bytes], cmd: c.SetXattr) -> None:
         inode = self.ns.require_inode(txn, cmd.ino)
         self.volumes.check_writable(txn, inode.volume)
-        if not cmd.name or len(cmd.name) > MAX_XATTR_NAME_BYTES:
-            raise FsError(errno.ERANGE if cmd.name else errno.EINVAL)
+        check_xattr_name(cmd.name)
         if len(cmd.value) > MAX_XATTR_VALUE_BYTES:
             raise FsError(errno.E2BIG)
+        if cmd.flags & ~(XATTR_CREATE | XATTR_REPLACE):
+            raise FsError(errno.EINVAL, "unknown setxattr flags")
         key = xattr_key(cmd.ino, cmd.name)
         existing = txn.get(key, db=self.db["xattrs"])
         if cmd.flags & XATTR_CREATE and existing is not None:
@@ -474,8 +487,9 @@ class StateMachine:
     def _removexattr(self, txn: lmdb.Transaction[bytes], cmd: c.RemoveXattr) -> None:
         inode = self.ns.require_inode(txn, cmd.ino)
         self.volumes.check_writable(txn, inode.volume)
+        check_xattr_name(cmd.name)
         key = xattr_key(cmd.ino, cmd.name)
-        value = txn.get(key, db=self.db["xattrs"]) if cmd.name else None
+        value = txn.get(key, db=self.db["xattrs"])
         if value is None:
             raise FsError(errno.ENODATA)
         total, names = self.ns.xattr_usage(txn, cmd.ino)
@@ -595,10 +609,11 @@ class StateMachine:
         return self.volumes.delete_snapshot(txn, cmd, self.delete_inode)
 
     def _batch(self, txn: lmdb.Transaction[bytes], cmd: c.Batch) -> list[Any]:
+        """Each command's outcome: its result or its refusal (a bug in one is its own: isolation.py)."""
         results: list[Any] = []
         for sub in cmd.commands:
             try:
-                results.append(self.apply(txn, sub))
+                results.append(apply_isolated(self, txn, sub))
             except FsError as exc:
                 results.append(exc)
         return results

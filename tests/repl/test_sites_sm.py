@@ -1101,7 +1101,7 @@ def test_a_batch_changing_what_another_member_holds_is_refused_whole(tmp_path: P
     a.apply(c.InitCluster(b"cert", b"key", b"v" * 48, 3, 256, 1000, 10, 1, "n1", "10.0.0.1:7470", "10.0.0.1:7471",
                           a.tick()))
     assert a.apply(c.AddMember("n2", "10.0.0.2:7470", "10.0.0.2:7471", a.tick())) == 2
-    b.apply(c.Mknod(ROOT_INO, b"from-b", b.new_ino(), stat.S_IFREG | 0o644, 0, 0, 0, b.tick()))
+    b.apply(c.Mknod(ROOT_INO, b"from-b", b.new_ino(), stat.S_IFREG | 0o644, 0, 0, b.tick()))
     raws = tuple(raw for _, raw in b.outbox_after(None))
     batch = c.ApplyRemote(b.id, b"", raws, (), (), a.tick())
     assert a.apply(c.AcquireWriteLease(ROOT_INO, 2, 1)) == 2  # node 2 holds the root's delegation

@@ -408,7 +408,7 @@ async def test_on_a_linked_site_a_change_whose_capture_needs_the_log_is_proposed
     here = str(uuid.UUID(int=0xA << 120))
     peer = Site(tmp_path / "peer", str(uuid.UUID(int=0xB << 120)), 10**12)
     peer.apply(c.LinkSite(uuid.UUID(here).bytes, peer.tick()))
-    peer.apply(c.Mknod(ROOT_INO, b"x", peer.new_ino(), stat.S_IFREG | 0o644, 0, 0, 0, peer.tick()))
+    peer.apply(c.Mknod(ROOT_INO, b"x", peer.new_ino(), stat.S_IFREG | 0o644, 0, 0, peer.tick()))
     async with client(tmp_path / "node", here) as meta:
         await meta.propose(c.LinkSite(peer.id, 10**12))
         first, _ = await meta.propose(c.ReserveInodes(100))

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import errno
 import stat
+import struct
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import lmdb
 import pytest
 import trio
 import trio.testing
@@ -194,4 +196,65 @@ async def test_a_command_from_a_newer_build_stops_the_log_with_one_clear_reason(
     assert log.applied_index == applied
     assert b"after" not in committed_names(store, sm)
     log.close()
+    store.close()
+
+
+def plant_bug(sm: StateMachine, name: bytes) -> None:
+    """Mknod of `name` writes its entry, then fails as a check the state machine lacks would."""
+    handler = sm._handlers[c.Mknod]
+
+    def half_then_fail(txn: lmdb.Transaction[bytes], cmd: c.Mknod) -> object:
+        result = handler(txn, cmd)
+        if cmd.name == name:
+            raise struct.error("argument out of range")
+        return result
+
+    sm._handlers[c.Mknod] = half_then_fail
+
+
+async def test_a_command_that_fails_on_every_replica_fails_alone(tmp_path: Path) -> None:
+    """A command whose apply raises what is no refusal fails the same way on every replica: it
+    is refused with EIO and undone alone; the entries applied with it in the same transaction,
+    the commands of the same Batch, and the entries after it are applied (issue 41)."""
+    store, sm, log = open_fs_log(tmp_path / "m")
+    plant_bug(sm, b"broken")
+    async with running(log):
+        results: dict[bytes, object] = {}
+
+        async def propose(command: object, key: bytes) -> None:
+            try:
+                results[key] = await log.propose(command)
+            except FsError as exc:
+                results[key] = exc
+
+        async with trio.open_nursery() as nursery:  # one Ready, one transaction
+            for i, name in enumerate((b"a", b"broken", b"b")):
+                nursery.start_soon(propose, mknod(100 + i, name), name)
+        batch = await log.propose(c.Batch((mknod(110, b"c"), mknod(111, b"broken"), mknod(112, b"d"))))
+    broken = results[b"broken"]
+    assert isinstance(broken, FsError) and broken.errno == errno.EIO, broken
+    assert isinstance(batch[1], FsError) and batch[1].errno == errno.EIO, batch
+    assert [type(r) for r in (batch[0], batch[2])] == [type(results[b"a"])] * 2
+    names = committed_names(store, sm)
+    assert {b"a", b"b", b"c", b"d"} <= names and b"broken" not in names
+
+
+async def test_replay_goes_past_a_command_that_fails_everywhere(tmp_path: Path) -> None:
+    """A persisted, unapplied entry that fails on apply after a restart does not stop the log."""
+    store, sm, log = open_fs_log(tmp_path / "m")
+    async with running(log):
+        await log.propose(mknod(100, b"a"))
+    term = log.node.raw.raft.term
+    log.close()
+    raw = LmdbRaftStorage(env=store.env)
+    tail = [Entry(term, raw.last_index() + 1 + i, data=HEADER.pack(7, 7 + i) + codec.encode(mknod(101 + i, name)))
+            for i, name in enumerate((b"broken", b"tail"))]
+    raw.save(HardState(term, 1, raw.hard_state.commit), tail)
+    store.close()
+    store, sm, log = open_fs_log(tmp_path / "m")
+    plant_bug(sm, b"broken")
+    async with running(log):
+        await log.propose(mknod(110, b"after"))
+    names = committed_names(store, sm)
+    assert {b"a", b"tail", b"after"} <= names and b"broken" not in names
     store.close()

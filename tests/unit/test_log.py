@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import errno
 import stat
 from pathlib import Path
 
+import lmdb
+import pytest
 import trio
 import trio.testing
 
 from awsomefsd.meta import commands as c
+from awsomefsd.meta.errors import FsError
 from awsomefsd.meta.log import LocalLog
 from awsomefsd.meta.records import ROOT_INO
 from awsomefsd.meta.state_machine import StateMachine
@@ -79,3 +83,30 @@ async def test_group_commit_interval(tmp_path: Path, autojump_clock: trio.testin
         assert 0.99 <= trio.current_time() - start <= 1.1
         assert log.commits == 1, "ten commands, one commit"
         nursery.cancel_scope.cancel()
+
+
+async def test_a_failing_command_fails_alone(tmp_path: Path) -> None:
+    """A command whose apply raises what is no refusal (a check the state machine lacks) gets EIO;
+    the commands acknowledged before it in the batch stay, what it wrote before failing does not,
+    and the batch goes on (issue 41: `touch -d 2300-01-01` used to drop the whole batch)."""
+    store, sm, log = open_log(tmp_path / "m")
+    await log.propose(mknod(100, b"before"))
+    mknod_handler = sm._handlers[c.Mknod]
+
+    def half_then_fail(txn: lmdb.Transaction[bytes], cmd: c.Mknod) -> object:
+        result = mknod_handler(txn, cmd)
+        if cmd.name == b"broken":  # its entry is written, then a bug strikes
+            raise OverflowError("int too large to convert")
+        return result
+
+    sm._handlers[c.Mknod] = half_then_fail
+    with pytest.raises(FsError) as failed:
+        await log.propose(mknod(101, b"broken"))
+    assert failed.value.errno == errno.EIO and "OverflowError" in str(failed.value)
+    await log.propose(mknod(102, b"after"))
+    assert {b"before", b"after"} <= {name for name, _ in sm.ns.names(log.read_txn(), ROOT_INO)}
+    assert sm.ns.lookup(log.read_txn(), ROOT_INO, b"broken") is None
+    assert log.applied_index == 2
+    await log.barrier()
+    names = committed_names(store, sm)
+    assert {b"before", b"after"} <= names and b"broken" not in names

@@ -350,6 +350,33 @@ def test_failed_command_leaves_no_trace(h: Harness) -> None:
     assert h.dump() == before
 
 
+def test_values_out_of_range_are_refused_before_anything_is_written(h: Harness) -> None:
+    """Values no inode or key can hold get the errno Linux gives, never an exception from packing
+    them (issue 41: a time past 2262 raised inside the apply and cost the whole batch)."""
+    f = h.mk(ROOT_INO, b"f")
+    before = h.dump()
+    with h.store.env.begin(write=True) as txn:
+        for bad, err in ((c.SetAttr(f, 99, atime_ns=1 << 70), errno.EINVAL),
+                         (c.SetAttr(f, 99, mtime_ns=-(1 << 70)), errno.EINVAL),
+                         (c.SetAttr(f, 99, uid=1 << 32), errno.EINVAL),
+                         (c.SetAttr(f, 99, gid=-5), errno.EINVAL),
+                         (c.SetAttr(f, 99, size=-1), errno.EINVAL),
+                         (c.SetAttr(f, 1 << 64), errno.EINVAL),
+                         (c.Mknod(ROOT_INO, b"g", 5000, 0o170644, 0, 0, 99), errno.EINVAL),
+                         (c.Mknod(ROOT_INO, b"g", 5000, stat.S_IFCHR, 0, 0, 99, 1 << 64), errno.EINVAL),
+                         (c.Mknod(ROOT_INO, b"g", 5000, stat.S_IFREG, 1 << 40, 0, 99), errno.EINVAL),
+                         (c.Mknod(ROOT_INO, b"g", 5000, stat.S_IFLNK, 0, 0, 99, 0, b"t" * 4096), errno.ENAMETOOLONG),
+                         (c.Mknod(ROOT_INO, b"g" * 256, 5000, stat.S_IFREG, 0, 0, 99), errno.ENAMETOOLONG),
+                         (c.SetXattr(f, b"user.a", b"v", 8, 99), errno.EINVAL),
+                         (c.SetXattr(f, b"", b"v", 0, 99), errno.ERANGE),
+                         (c.RemoveXattr(f, b"user." + b"x" * 600, 99), errno.ERANGE),
+                         (c.WriteData(f, (ext(0, DATA_START, 1),), 4096, 99, mtime_ns=1 << 64), errno.EINVAL)):
+            with pytest.raises(FsError) as info:
+                h.sm.apply(txn, bad)
+            assert info.value.errno == err, (bad, info.value)
+    assert h.dump() == before
+
+
 def test_map_growth_is_transparent(tmp_path: Path) -> None:
     store = MetaStore(tmp_path / "m", map_size_bytes=1 << 20)
     with pytest.raises(lmdb.MapFullError), store.env.begin(write=True) as txn:

@@ -41,7 +41,9 @@ class ReplicatedStateMachine(Protocol[TxnC]):
     def apply(self, txn: TxnC, index: int, command: bytes) -> Any:
         """Apply one committed command inside the driver's write transaction (the storage's
         kind); returns its result (handed to the proposer). Raising aborts the whole Ready:
-        reserve it for bugs."""
+        reserve it for this node's own failures (its store). A command that fails the same way
+        on every replica must become an outcome instead (the filesystem's: meta/isolation.py),
+        or every replica would stop at that entry."""
         ...
 
     def install_snapshot(self, staged: Any) -> Any:

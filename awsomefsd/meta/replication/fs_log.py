@@ -12,7 +12,8 @@ Differences from LocalLog a caller may rely on:
 - reads: `read_txn()` is a read-only snapshot, renewed after every apply; a caller must not hold
   one across an await of `propose` and expect to see the new state in it.
 - refused commands: the state machine's FsError is part of the replicated outcome (every replica
-  refuses the same command the same way); it is re-raised to the proposer.
+  refuses the same command the same way); it is re-raised to the proposer. So is the EIO of a
+  command whose apply met a bug (meta/isolation.py): it is undone alone, and the log goes on.
 
 On a single node this is a one-member group that campaigns at start and is its own quorum. In a
 cluster (awsomefsd/cluster/member.py) the same class runs one member of a 3- or 5-voter group:
@@ -44,6 +45,7 @@ import trio
 from awsomefsd.meta import codec
 from awsomefsd.meta import commands as c
 from awsomefsd.meta.errors import FsError, LogAheadOfBuild, OutcomeUnknown
+from awsomefsd.meta.isolation import apply_isolated
 from awsomefsd.meta.raft import Message, Ready
 from awsomefsd.meta.records import u64
 from awsomefsd.meta.replication.driver import RaftNode
@@ -93,7 +95,7 @@ class FsCommands:
         # LocalLog's counter, so `awsomefsd status` reads one applied index whichever log runs.
         txn.put(b"applied", u64(index), db=self.store.db["meta"])
         try:
-            outcome: tuple[bool, Any] = True, self.sm.apply(txn, cmd)
+            outcome: tuple[bool, Any] = True, apply_isolated(self.sm, txn, cmd)
         except FsError as exc:
             outcome = False, exc
         if self.observers:
