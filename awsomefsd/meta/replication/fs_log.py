@@ -21,7 +21,8 @@ cluster (awsomefsd/cluster/member.py) the same class runs one member of a 3- or 
   leader (forwarding.py);
 - a proposal that meets no leader (an election in progress) waits for one and is retried, for up
   to `stall_s`: the "short stall" a mount sees when the leader dies. Only outcomes that prove the
-  command was not appended (NotLeader, ProposalLost) are retried;
+  command was not appended (NotLeader, ProposalLost) are retried; a forwarded one whose fate is
+  unknown is sent again under its id (forwarding.py) within the same budget;
 - a lagging or new member receives a snapshot: a copy of the leader's metadata environment that
   replaces this one's contents in one transaction (`MetaStore.replace_contents`);
 - `observers` see every applied command with its result, and whether this node proposed it: the
@@ -209,7 +210,11 @@ class ReplicatedFsLog:
         stalled = False
         while True:
             try:
-                result: tuple[bool, Any] = await self.node.propose(data, forward=not leader_only)
+                # A forwarded proposal may be sent again (same id, de-duplicated) to every leader
+                # elected meanwhile: it outlasts an election for as long as the stall budget lasts.
+                budget = max(deadline - trio.current_time(), self.node.settings.proposal_timeout_s)
+                result: tuple[bool, Any] = await self.node.propose(data, forward=not leader_only,
+                                                                   forward_timeout_s=budget)
                 return result
             except ProposalTimeout as exc:
                 raise OutcomeUnknown(f"the outcome of a metadata proposal is unknown: {exc}") from None
