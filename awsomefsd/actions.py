@@ -373,6 +373,10 @@ def status(settings: Settings, *, as_json: bool) -> int:
         if running and info["cluster"] is None:
             info["problems"].append("the daemon does not answer on its control socket")
             info["healthy"] = False
+        elif not running:  # a member's daemon is its part of the cluster: stopped is not healthy
+            info["problems"].append(f"the daemon is not running: node {member.node_id} serves no mount and "
+                                    "takes no part in the cluster")
+            info["healthy"] = False
     print(json.dumps(info, indent=2, sort_keys=True) if as_json else render_status(info))
     return 0 if info.get("healthy", False) else 1
 

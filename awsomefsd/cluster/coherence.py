@@ -137,6 +137,7 @@ class ClusterCoherence:
         self._nursery: trio.Nursery | None = None
         self.catch_ups = 0
         self.stale_reads = 0
+        self.cut_off = False  # the last catch-up ran out of budget and none succeeded since (catch_up)
         self.leases_acquired = 0
         self.leases_released = 0
         self.lease_waits = 0
@@ -169,16 +170,21 @@ class ClusterCoherence:
         the kernel until that very lookup is answered, so a lookup that waited for the drain would
         deadlock. The lookup's own answer comes from the caught-up state anyway."""
         self.catch_ups += 1
-        deadline = trio.current_time() + CATCH_UP_BUDGET_S
+        # Once a catch-up ran out of budget, the next ones try once until a barrier succeeds again:
+        # the kernel repeats a lookup that failed, and each repeat would wait the budget again.
+        deadline = trio.current_time() + (0.0 if self.cut_off else CATCH_UP_BUDGET_S)
         while self.read_barrier is not None:
             try:
                 await self.read_barrier(timeout_s=CATCH_UP_TRY_S)
+                self.cut_off = False
                 break
             except Exception as exc:
                 if trio.current_time() >= deadline:
                     self.stale_reads += 1
-                    log.warning("no leader confirmed a read point in %.0fs (%s); serving the local state",
-                                CATCH_UP_BUDGET_S, exc)
+                    if not self.cut_off:
+                        log.warning("no leader confirmed a read point in %.0fs (%s); serving the local state",
+                                    CATCH_UP_BUDGET_S, exc)
+                    self.cut_off = True
                     break
                 await trio.sleep(0.05)
         if drain:

@@ -34,12 +34,22 @@ from awsomefsd.io.fence import WriteFence
 from awsomefsd.meta import commands as c
 from awsomefsd.meta.client import MetaClient
 from awsomefsd.meta.commands import LOG_LEVEL
-from awsomefsd.meta.errors import FsError
+from awsomefsd.meta.errors import FsError, certainly_not_applied
 from awsomefsd.meta.raft import ConfChange, ConfChangeType
 from awsomefsd.meta.replication.fs_log import ReplicatedFsLog
 
 log = logging.getLogger(__name__)
 MAX_CLAIM_AT_ONCE = 16
+GIFT_WAIT_S = 3.0
+"""How long a writer whose claim found every group owned waits for the owners' spare groups."""
+GIFT_MORE_S = 0.2
+"""After a first transfer, how long it waits for more (several owners may give)."""
+HOLD_S = 1.0
+"""Groups a node received are not given away again for this long: the writer that asked uses them
+first (no ping-pong between two writers). Shorter than GIFT_WAIT_S: a third node's ask is answered
+within its wait."""
+ASK_RETRY_S = 0.2
+"""How often an ask this node could not answer yet is looked at again (while its asker waits)."""
 LEVEL_ASK_S = 2.0
 """How often the leader asks the members' builds for their log level while the cluster's is below
 its own (a rolling upgrade under way)."""
@@ -153,22 +163,59 @@ class LivenessLease:
 
 class GroupKeeper:
     """Claims allocation groups for this node when its free space runs low (ClaimGroups through the
-    log); applies grants and expiries to the node's allocator as they are applied."""
+    log); applies grants and expiries to the node's allocator as they are applied; and gives groups
+    it can spare to a node that needs space when no group is left unowned.
+
+    Space must follow demand while its owner lives: a node that wrote and deleted most of the
+    device holds groups that are nearly all free, and another node's writes would fail with ENOSPC
+    while `df` shows the space (until the owner's lease expired). So a claim that comes back empty
+    (every group is owned) is an ask: every other member sees it applied (`observe`) and gives the
+    asker groups it can spare (`_give`: a transfer, `GrantGroups` fenced with the giver's epoch, so
+    a giver the cluster expired meanwhile gives nothing), and the asking writer waits a moment for
+    them (`claim_now`). A group is spare when it has free blocks and none of this node's
+    reservations is in flight there (the allocator's view of the group equals the replicated free
+    map's: nothing reserved waits for its commit, which the state machine would refuse once the
+    group is another node's), most free first, keeping what this node's own buffered writes need
+    (`keep_blocks`). It leaves the allocator before the transfer is proposed, so nothing allocates
+    there meanwhile. Groups received are not given away again for `HOLD_S` (no ping-pong between
+    two writers)."""
 
     def __init__(self, node_id: int, meta: MetaClient, allocator: NodeAllocator,
-                 epoch: Callable[[], int], low_blocks: int, book: DutyBook | None = None) -> None:
+                 epoch: Callable[[], int], low_blocks: int, book: DutyBook | None = None,
+                 keep_blocks: Callable[[], int] = lambda: 0) -> None:
         self.node_id = node_id
         self.meta = meta
         self.allocator = allocator
         self.epoch = epoch
         self.low_blocks = low_blocks
+        self.keep_blocks = keep_blocks
+        """Blocks this node must keep free for itself when it gives groups (its buffered writes)."""
         self.book = book or DutyBook(f"node {node_id}")
         self.claims = 0
+        self.given = 0
+        self.received = 0
+        self._asks: dict[int, tuple[int, float]] = {}
+        """Blocks each node asked for (its claim found no unowned group), not yet answered here, and
+        until when it waits for them (trio clock)."""
+        self._held_until: dict[int, float] = {}
+        self._gift = trio.Event()
         self._wake = trio.Event()
 
     def observe(self, command: object, result: Any, _mine: bool) -> None:
-        if isinstance(command, c.ClaimGroups) and command.node == self.node_id and isinstance(result, tuple):
-            self._grant(result)
+        if isinstance(command, c.ClaimGroups) and isinstance(result, tuple):
+            if command.node == self.node_id:
+                self._grant(result)
+            elif not result:  # every group is owned: that node asks the owners for spare ones
+                want = max(command.count * self.allocator.layout.ag_blocks, self._asks.get(command.node, (0, 0.0))[0])
+                self._asks[command.node] = want, trio.current_time() + GIFT_WAIT_S
+                self._wake.set()
+        elif isinstance(command, c.GrantGroups) and command.node == self.node_id and not isinstance(result, FsError):
+            self._grant(command.groups)
+            until = trio.current_time() + HOLD_S
+            self._held_until.update((group, until) for group in command.groups)
+            self.received += len(command.groups)
+            self._gift.set()
+            self._gift = trio.Event()
         elif isinstance(command, c.ExpireNode) and command.node == self.node_id and isinstance(result, list):
             for group in result:
                 self.allocator.revoke(group)
@@ -190,23 +237,104 @@ class GroupKeeper:
         self._wake.set()
 
     async def claim_now(self, need_blocks: int) -> bool:
-        """A writer needs more space than this node's groups hold: claim enough groups for it."""
+        """A writer needs more space than this node's groups hold: claim enough groups for it. When
+        every group is owned, the claim is an ask (see the class docstring): wait up to
+        `GIFT_WAIT_S` for the owners' spare groups, unless the file system itself lacks the space."""
         size = self.allocator.layout.ag_blocks
         count = min(max(-(-(need_blocks - self.allocator.free_blocks) // size), 1) + 1, MAX_CLAIM_AT_ONCE)
+        gift = self._gift  # taken before the claim: only a transfer that answers it can set it
         try:
             granted = await self.meta.propose(c.ClaimGroups(self.node_id, self.epoch(), count))
         except FsError as exc:
             log.warning("claiming %d allocation groups failed: %s", count, exc)
             return False
         self.claims += 1
-        return bool(granted)
+        if granted:
+            return True
+        if self.meta.free_blocks() - self.allocator.free_blocks < need_blocks:
+            return False  # not free elsewhere (maybe not yet: frees wait out their grace period)
+        got = False
+        with trio.move_on_after(GIFT_WAIT_S):
+            await gift.wait()
+            got = True
+            while self.allocator.free_blocks < need_blocks:  # other owners may give too
+                more = self._gift
+                with trio.move_on_after(GIFT_MORE_S):
+                    await more.wait()
+                if not more.is_set():
+                    break
+        return got
+
+    async def _give(self) -> None:
+        """Answer the asks seen so far: spare groups to each asker (class docstring). An ask this
+        node cannot answer yet (a reservation in flight, groups it received a moment ago) is kept
+        until its asker stops waiting."""
+        asks, self._asks = self._asks, {}
+        now = trio.current_time()
+        for asker, (want, until) in asks.items():
+            member = self.meta.member(asker)
+            if member is None or not member.active or member.expired:
+                continue  # gone or expired: what it received would stay stranded with it
+            groups = self._spare(want)
+            if not groups:
+                if now < until:
+                    self._asks.setdefault(asker, (want, until))
+                continue
+            for group in groups:
+                self.allocator.revoke(group)  # nothing allocates there from now on
+            try:
+                await self.meta.propose(c.GrantGroups(asker, groups))
+            except FsError as exc:
+                if certainly_not_applied(exc):
+                    self._grant(tuple(g for g in groups if g in self.meta.groups_of(self.node_id)))
+                log.warning("giving allocation groups %s to node %d failed: %s", list(groups), asker, exc)
+                continue
+            self.given += len(groups)
+            log.info("gave allocation groups %s to node %d (every group was owned and it needed space)",
+                     list(groups), asker)
+
+    def _spare(self, want_blocks: int) -> tuple[int, ...]:
+        """Groups this node can give, most free first, up to `want_blocks` of free space, keeping
+        `keep_blocks` for itself: only groups whose free space the allocator and the replicated
+        map agree on (no reservation of ours is in flight there) and not received lately."""
+        layout, free = self.allocator.layout, self.meta.free_space()
+        now = trio.current_time()
+        candidates = []
+        for group in self.allocator.owned_ags:
+            mine = self.allocator.free_blocks_in(group)
+            if not mine or self._held_until.get(group, 0.0) > now:
+                continue
+            if sum(count for _, count in free.extents_within(*layout.ag_range(group))) != mine:
+                continue
+            candidates.append((mine, group))
+        left, given, spare = self.allocator.free_blocks, 0, []
+        for mine, group in sorted(candidates, reverse=True):
+            if given >= want_blocks:
+                break
+            if left - mine < self.keep_blocks():
+                continue
+            spare.append(group)
+            left -= mine
+            given += mine
+        return tuple(sorted(spare))
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         await run_duty("allocation group claims", self._claim_step, book=self.book, period_s=0.0,
                        task_status=task_status)
 
     async def _claim_step(self) -> float:
+        if self._asks:
+            await self._give()
+            if self._asks:
+                return ASK_RETRY_S
         if self.allocator.free_blocks < self.low_blocks:
+            if len(self.meta.group_owners()) >= self.allocator.layout.ag_count:
+                # Every group is owned: an empty claim would ask the others for theirs, which only
+                # a writer that needs the space should do (claim_now); idle nodes would trade.
+                with trio.move_on_after(5.0):
+                    await self._wake.wait()
+                self._wake = trio.Event()
+                return 0.0
             granted = await self.meta.propose(c.ClaimGroups(self.node_id, self.epoch(), 2))
             self.claims += 1
             if not granted:

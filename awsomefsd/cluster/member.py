@@ -463,6 +463,7 @@ def _assemble(member: Member) -> Core:
     allocator = node_allocator(meta, layout, node_id)
     groups = GroupKeeper(node_id, meta, allocator, epoch.current, low_blocks=layout.ag_blocks, book=book)
     data = file_data(settings, member.storage.device, meta, allocator, metrics, claim_space=groups.claim_now)
+    groups.keep_blocks = data.buffer.dirty_blocks  # what it keeps when it gives groups to others
     handles = Handles(meta, track_lookups=True)
     coherence = ClusterCoherence(node_id, meta, member.invalidator, epoch.current, flush=data.flush,
                                  lose_file=data.lose_file,

@@ -170,7 +170,9 @@ class FileData:
             return
         await self.flusher.flush_all()
         await self.space.wait_for_frees(need_blocks)
-        if not self.space.fits(need_blocks):
+        # What came back may be free space in groups another node owns: claim again (in a cluster
+        # its owner gives spare groups), so that ENOSPC means the file system is full.
+        if not (self.space.fits(need_blocks) or await self.space.claim(need_blocks)):
             raise FsError(errno.ENOSPC)
 
     def check_quota(self, inode: Inode, grow_blocks: int) -> None:

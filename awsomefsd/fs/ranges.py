@@ -57,7 +57,7 @@ class RangeEditor:
                 raise FsError(errno.ENOSPC)
             if not (self.space.fits(need) or await self.space.claim(need)):
                 await self.space.wait_for_frees(need)
-                if not self.space.fits(need):
+                if not (self.space.fits(need) or await self.space.claim(need)):
                     raise FsError(errno.ENOSPC)
             if reserve:
                 for chunk in _chunks(holes, MAX_RESERVE_BLOCKS):

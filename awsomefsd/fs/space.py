@@ -5,8 +5,10 @@ one at a later flush may go unnoticed). What fits is counted against the node's 
 what the write buffer will need. When the node's groups run short, a cluster member claims more
 (`claim_space`, given at construction); space superseded or deleted a moment ago comes back
 after its grace period, and a write that needs it waits for it (bounded by that period) rather
-than failing with ENOSPC. A node whose write fence is closed has lost its groups (or is about
-to): its allocation failure is EIO, not ENOSPC, and its data stays buffered.
+than failing with ENOSPC; in a cluster, groups other nodes own and can spare are given on demand
+(cluster/duties.py, GroupKeeper), so ENOSPC means the file system is full. A node whose write
+fence is closed has lost its groups (or is about to): its allocation failure is EIO, not ENOSPC,
+and its data stays buffered.
 """
 
 from __future__ import annotations
@@ -101,7 +103,8 @@ class SpaceGuard:
             # A fenced node has lost its groups (or is about to): that is why there is no space
             # here, so say so (EIO, the data stays buffered), not ENOSPC.
             self.device.fence.check(nblocks * BLOCK_SIZE)
-            await self.wait_for_frees(nblocks)
+            if self.claim_space is None or not await self.claim_space(nblocks):
+                await self.wait_for_frees(nblocks)
             try:
                 return self.allocator.allocate(nblocks, hint=hint)
             except NoSpaceError:

@@ -165,6 +165,9 @@ def test_status_on_a_follower_shows_every_lag_and_changes_are_logged(cluster3: C
 
     leader.stop()  # a clean stop
     assert "stopped cleanly" in leader.logs(), leader.logs(20)
+    stopped = leader.cli("status")  # a member whose daemon is stopped is not healthy
+    health = next(line for line in stopped.stdout.splitlines() if line.startswith("health"))
+    assert stopped.returncode == 1 and "the daemon is not running" in health, stopped.stdout
     wait_for(lambda: any("leads now" in line for line in follower.output + other.output), 30,
              "a survivor logging the new leader", interval_s=0.2)
     changed = next(line for line in follower.output + other.output if "leads now" in line)

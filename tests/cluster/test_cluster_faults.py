@@ -45,6 +45,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from awsomefsd.cluster.actions import CLUSTER_ENTRY_TIMEOUT_S
 from awsomefsd.cluster.ca import ClusterCA, make_csr, new_node_key, node_dns_name
 from awsomefsd.cluster.rpc import control_call
 from awsomefsd.cluster.state import MemberState, control_socket
@@ -453,6 +454,50 @@ def test_partitioned_node_is_fenced_and_rejoins(cluster3: Cluster) -> None:
         if got != data:
             problems.append(f"{name} written on C reads {got!r} on node {reader.index}")
     assert not problems, "after healing, C cannot write: " + "; ".join(problems)
+
+
+# --- 3b. an operation on a cut-off node fails within the stall budget, not twice it --------------------
+PROPOSAL_TIMEOUT_S = 10.0  # NodeSettings.proposal_timeout_s: a forwarded proposal waits at least this
+
+
+def test_a_cut_off_node_fails_a_lookup_within_the_stall_budget(cluster3: Cluster) -> None:
+    """A lookup on a cut-off node that needs the log (the directory's delegation is another node's)
+    fails with EIO after the stall; the kernel, whose cached name it was revalidating, then looks
+    the name up again, and that repeat must fail at once, not wait a second budget (54 s were
+    seen with the default 30 s budget)."""
+    nodes = cluster3.form(3)
+    leader = cluster3.leader(nodes)
+    holder, cut = [n for n in nodes if n is not leader]
+    (holder.mount / "held").mkdir()
+    write(holder.mount / "held" / "f", b"x")
+    stop = threading.Event()
+
+    def keep_creating() -> None:  # the holder keeps the directory's delegation (it is never idle)
+        for i in itertools.count():
+            if stop.wait(0.2):
+                return
+            (holder.mount / "held" / f"c{i}").write_bytes(b"")
+
+    creator = threading.Thread(target=keep_creating, daemon=True)
+    creator.start()
+    try:
+        wait_for(lambda: (cut.mount / "held" / "f").exists(), 30, "the file seen on the node to be cut off")
+        time.sleep(CLUSTER_ENTRY_TIMEOUT_S + 0.5)  # its name cache entry expires: the next stat revalidates
+        cluster3.network.set_link(cut.ns, False)
+        try:
+            began = time.monotonic()
+            with pytest.raises(OSError) as failed:
+                bounded(lambda: os.stat(cut.mount / "held" / "f"), 120, "stat on the cut-off node")
+            took = time.monotonic() - began
+        finally:
+            cluster3.network.set_link(cut.ns, True)
+    finally:
+        stop.set()
+        creator.join(OP_TIMEOUT_S)
+    print(f"\nstat on the cut-off node failed after {took:.1f}s: {failed.value}")
+    assert failed.value.errno == errno.EIO, failed.value
+    budget = max(STALL_S, PROPOSAL_TIMEOUT_S)
+    assert took < budget * 1.5, f"the stat waited {took:.1f}s, past the stall budget ({budget:.0f}s)"
 
 
 # --- 4. appends and renames from three nodes at once --------------------------------------------------

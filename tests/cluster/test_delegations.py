@@ -9,7 +9,9 @@ delegates nothing but must respect others' delegations)."""
 from __future__ import annotations
 
 import os
+import signal
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -128,6 +130,39 @@ def test_killing_the_leader_loses_nothing_a_follower_acknowledged(cluster3: Clus
     assert sorted(os.listdir(other.mount / "through-an-election")) == sorted(names)
     for name in names[::41]:
         assert (other.mount / "through-an-election" / name).read_bytes() == name.encode()
+
+
+def test_pausing_the_leader_loses_nothing_a_follower_acknowledged(cluster3: Cluster) -> None:
+    """SIGSTOP of the leader (a VM freeze, a long GC) under a follower's create load, for longer than
+    an election: its connections stay open and answer nothing, so a batch forwarded to it must go to
+    the new leader (same id) instead of waiting for the call's deadline and being declared lost."""
+    nodes = cluster3.form(3)
+    leader = cluster3.leader(nodes)
+    creator, other = [n for n in nodes if n is not leader]
+    directory = creator.mount / "through-a-pause"
+    directory.mkdir()
+    names = [f"p{i}" for i in range(400)]
+    for name in names[:200]:
+        create(directory / name, name.encode())
+    leader.signal(signal.SIGSTOP)  # batches are in flight to it now, or about to be
+    try:
+        paused_at = time.monotonic()
+        for name in names[200:]:
+            create(directory / name, name.encode())
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)  # no EIO: every batch reached the next leader
+        finally:
+            os.close(fd)
+        synced_s = time.monotonic() - paused_at
+    finally:
+        leader.signal(signal.SIGCONT)
+    print(f"\nleader paused: the follower's fsync returned {synced_s:.1f}s into the pause")
+    assert metric(creator, "awsomefs_meta_ahead_lost_total") == 0
+    assert synced_s < 8.0, f"the fsync waited {synced_s:.1f}s: for the paused leader, not for an election"
+    assert sorted(os.listdir(other.mount / "through-a-pause")) == sorted(names)
+    for name in names[::37]:
+        assert (other.mount / "through-a-pause" / name).read_bytes() == name.encode()
 
 
 def test_two_nodes_taking_turns_in_one_directory_see_each_others_changes(cluster3: Cluster) -> None:

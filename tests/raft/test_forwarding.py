@@ -73,3 +73,34 @@ async def test_a_copy_refused_after_an_unknown_forward_is_not_a_certain_failure(
         result = await propose_via_leader(node, forward, b"mknod", timeout_s=5.0)  # type: ignore[arg-type]
     assert result == "applied at 5"
     assert node.own_copies == 1 and node.forward_retries >= 2
+
+
+async def test_a_forward_to_a_leader_that_stopped_answering_goes_to_the_new_one(
+    autojump_clock: trio.testing.MockClock
+) -> None:
+    """Node 2 is paused mid-call (SIGSTOP): its connection stays open and answers nothing. Node 3 is
+    elected a second later. The entry must be sent to node 3 at once, not after the call's deadline
+    (nor be declared of unknown fate when the proposal's timeout runs out first)."""
+    node = StandInNode()
+    calls: list[tuple[int, float]] = []
+
+    async def forward(leader: int, entry: bytes) -> int:
+        calls.append((leader, trio.current_time()))
+        if leader == 2:
+            await trio.sleep_forever()
+        pid = next(iter(node.proposals.forwarded))
+        node.proposals.resolve([Entry(3, 9, entry)], [(9, "applied at 9", pid)], set())
+        return 9
+
+    async def elect_node_3() -> None:
+        await trio.sleep(1.0)
+        node.raw.leader_id = 3
+
+    start = trio.current_time()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(elect_node_3)
+        result = await propose_via_leader(node, forward, b"mknod", timeout_s=5.0)  # type: ignore[arg-type]
+    assert result == "applied at 9"
+    assert [leader for leader, _ in calls] == [2, 3]
+    assert calls[1][1] - start < 1.5, "the entry waited for the paused leader's call"
+    assert node.forward_retries == 1

@@ -86,6 +86,23 @@ async def test_no_leader_within_the_stall_budget_is_eio(tmp_path: Path) -> None:
     assert err.value.errno == errno.EIO and "metadata unavailable" in str(err.value)
 
 
+async def test_after_a_stall_ran_out_the_next_proposals_fail_at_once_until_a_leader_is_known(tmp_path: Path) -> None:
+    """The kernel repeats a lookup that got EIO: on a cut-off node each repeat used to wait the
+    whole budget again (an operation blocked twice `stall_s`)."""
+    _, sm, log = open_fs_log(tmp_path / "m")
+    log.stall_s = 0.3
+    with pytest.raises(FsError):
+        await log.propose(mknod(100, b"first"))
+    began = trio.current_time()
+    with pytest.raises(FsError) as err:
+        await log.propose(mknod(101, b"repeat"))
+    assert trio.current_time() - began < 0.1 and err.value.errno == errno.EIO, "the repeat waited again"
+    assert "no leader since" in str(err.value)
+    async with running(log):  # a leader again: proposals go through
+        await log.propose(mknod(102, b"later"))
+    assert sm.ns.lookup(log.read_txn(), ROOT_INO, b"later") == 102
+
+
 async def test_durable_and_visible_when_acknowledged(tmp_path: Path) -> None:
     store, sm, log = open_fs_log(tmp_path / "m")
     flushed: list[int] = []

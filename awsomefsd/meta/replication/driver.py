@@ -180,15 +180,18 @@ class RaftNode(Generic[TxnT]):
         """For the transport (worker thread): a copy of the state for a peer's snapshot."""
         return self.storage.snapshot_chunks()
 
-    async def propose(self, command: bytes, *, timeout_s: float | None = None, forward: bool = True) -> Any:
+    async def propose(self, command: bytes, *, timeout_s: float | None = None, forward: bool = True,
+                      forward_timeout_s: float | None = None) -> Any:
         """Order, commit and apply `command`; the state machine's result (proposals.py says how
         it can fail). A follower forwards it to the leader when it can (forwarding.py), unless
         `forward` is False: a leader's own decision, taken from what it saw while it led, must
-        not be carried out by a later leader that saw more (it raises NotLeader instead)."""
+        not be carried out by a later leader that saw more (it raises NotLeader instead).
+        `forward_timeout_s` bounds a forwarded proposal (default: `timeout_s`): sending it again
+        is safe, so its caller may let it outlast an election (ReplicatedFsLog: its stall budget)."""
         if not self.raw.is_leader:
             if forward and self.forward is not None and self.raw.leader_id not in (0, self.id):
                 return await propose_via_leader(self, self.forward, command,
-                                                timeout_s or self.settings.proposal_timeout_s)
+                                                forward_timeout_s or timeout_s or self.settings.proposal_timeout_s)
             raise NotLeader(self.raw.leader_id)
         return await self.submit(Proposal(self.proposals.next_id(), command), timeout_s)
 

@@ -7,6 +7,11 @@ entry (proposals.py matches the id), so the result needs no encoding and the cal
 on the follower already sees the effect. Without the hook, or with no leader known, a follower
 raises NotLeader with the leader it knows of.
 
+A call in flight to a node that stops leading (it was paused: SIGSTOP, a VM freeze, a long GC)
+is abandoned as soon as this node learns of the election, and the entry goes to the new leader:
+a paused leader's connection stays open and answers nothing until the call's deadline (10 s),
+while the group elects another leader within 1-2 s.
+
 When a call fails we cannot always tell whether the leader appended the entry (it may have died
 mid-call), so the same entry (same id) is sent again, to whichever node leads next, until it is
 applied here or the timeout ends; the id makes a second copy a no-op on every replica alike
@@ -78,10 +83,16 @@ async def propose_via_leader(node: RaftNode, forward: Forward, command: bytes, t
                     await _wait_or(p.done, node.settings.tick_ms / 1000)
                     continue
                 try:
+                    index = None
                     with trio.CancelScope() as p.call:  # cancelled once answered here (Proposal.answered)
-                        p.index = await forward(leader, entry)
+                        index = await _forward_while_leading(node, forward, leader, entry)
                     p.call = None
-                    await p.done.wait()
+                    if index is not None:
+                        p.index = index
+                        await p.done.wait()
+                    elif not p.done.is_set():  # another node leads now: send this copy there
+                        node.forward_retries += 1
+                        log.debug("node %d stopped leading while forwarding to it; sending it again", leader)
                 except NotLeader as exc:  # certainly not appended there; try where it points
                     node.forward_retries += 1
                     await _wait_or(p.done, 0.0 if exc.leader_id not in (0, leader) else RESEND_PAUSE_S)
@@ -96,6 +107,33 @@ async def propose_via_leader(node: RaftNode, forward: Forward, command: bytes, t
     if p.error is not None:
         raise p.error
     return p.result
+
+
+async def _forward_while_leading(node: RaftNode, forward: Forward, leader: int, entry: bytes) -> int | None:
+    """`forward(leader, entry)`, abandoned (None) as soon as this node learns that another node
+    leads (or that none does): a leader that stopped answering (paused, its process frozen, its
+    host swapping) keeps the call open until its deadline, while the group elected another within
+    an election timeout. The entry is then sent to the new leader under the same id, which is safe
+    (de-duplication) and learns its outcome long before the call's deadline."""
+    answer: list[int] = []
+    failure: list[Exception] = []
+
+    async def call(scope: trio.CancelScope) -> None:
+        try:
+            answer.append(await forward(leader, entry))
+        except (NotLeader, ProposalLost, ProposalTimeout, OSError) as exc:
+            failure.append(exc)
+        scope.cancel()
+
+    tick_s = node.settings.tick_ms / 1000
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(call, nursery.cancel_scope)
+        while node.raw.leader_id == leader:
+            await trio.sleep(tick_s)
+        nursery.cancel_scope.cancel()
+    if failure:
+        raise failure[0]
+    return answer[0] if answer else None
 
 
 async def accept_forwarded(node: RaftNode, entry: bytes, timeout_s: float | None = None) -> int:

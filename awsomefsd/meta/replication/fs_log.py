@@ -21,8 +21,10 @@ cluster (awsomefsd/cluster/member.py) the same class runs one member of a 3- or 
   this node's liveness lease has expired (docs/cluster.md); a follower's are forwarded to the
   leader (forwarding.py);
 - a proposal that meets no leader (an election in progress) waits for one and is retried, for up
-  to `stall_s`: the "short stall" a mount sees when the leader dies. Only outcomes that prove the
-  command was not appended (NotLeader, ProposalLost) are retried;
+  to `stall_s`: the "short stall" a mount sees when the leader dies; once a wait ran out, the next
+  proposals fail at once until a leader is known again (`unavailable`). Only outcomes that prove the
+  command was not appended (NotLeader, ProposalLost) are retried; a forwarded one whose fate is
+  unknown is sent again under its id (forwarding.py) within the same budget;
 - a lagging or new member receives a snapshot: a copy of the leader's metadata environment that
   replaces this one's contents in one transaction (`MetaStore.replace_contents`);
 - `observers` see every applied command with its result, and whether this node proposed it: the
@@ -148,6 +150,11 @@ class ReplicatedFsLog:
         self.commands.before_snapshot.append(self._drop_reads)
         self.stall_s = stall_s
         self.stalls = 0
+        self.unavailable = False
+        """A wait for a leader ran out (`stall_s`) and no leader is known since: proposals fail at
+        once until one is. The kernel repeats a lookup that failed with EIO (and applications
+        retry): each repeat waiting a whole stall again kept an operation on a cut-off node blocked
+        for twice the budget."""
         self._read: lmdb.Transaction[bytes] | None = None
         self.replays = 0
 
@@ -207,18 +214,28 @@ class ReplicatedFsLog:
             self.commands.proposed.pop(data, None)
 
     async def _propose_encoded(self, data: bytes, leader_only: bool) -> tuple[bool, Any]:
+        if self.unavailable and self.node.raw.leader_id == 0:
+            raise FsError(errno.EIO, f"metadata unavailable: no leader since the last wait for one ran out "
+                          f"({self.stall_s:.0f}s)", cause="stall")
+        self.unavailable = False
         deadline = trio.current_time() + self.stall_s
         stalled = False
         while True:
             try:
-                result: tuple[bool, Any] = await self.node.propose(data, forward=not leader_only)
+                # A forwarded proposal may be sent again (same id, de-duplicated) to every leader
+                # elected meanwhile: it outlasts an election for as long as the stall budget lasts.
+                budget = max(deadline - trio.current_time(), self.node.settings.proposal_timeout_s)
+                result: tuple[bool, Any] = await self.node.propose(data, forward=not leader_only,
+                                                                   forward_timeout_s=budget)
                 return result
             except ProposalTimeout as exc:
+                self.unavailable = self.node.raw.leader_id == 0
                 raise OutcomeUnknown(f"the outcome of a metadata proposal is unknown: {exc}") from None
             except (NotLeader, ProposalLost) as exc:
                 if leader_only:
                     raise FsError(errno.EIO, f"not proposed: this node no longer leads ({exc})", cause="stall") from None
                 if trio.current_time() >= deadline:
+                    self.unavailable = self.node.raw.leader_id == 0
                     raise FsError(errno.EIO, f"metadata unavailable: {exc}", cause="stall") from None
                 if not stalled:
                     stalled = True
