@@ -375,8 +375,7 @@ async def run_member(member: Member, *, founding: Founding | None = None,
         await nursery.start(functools.partial(supervise, "orphan release", member.coherence.run_orphans, book=book))
         member.coherence.pending_orphans()
         await nursery.start(member.duties.run)
-        keep_founding_record(nursery, Path(str(settings.device.path)), lambda: list(member.member_addresses().values()),
-                             lambda: member.raft.node.raw.is_leader, book)
+        keep_founding_record(nursery, Path(str(settings.device.path)), member.member_addresses, member.raft.node.raw, book)
         nursery.start_soon(functools.partial(retry_until_done, "address update", functools.partial(_update_address, member),
                                              book=book))
         await nursery.start(_serve_joins, member)

@@ -14,6 +14,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import trio
 
@@ -56,9 +57,10 @@ class FoundingRecordKeeper:
         log.info("the founding record on %s names the members at %s", self.device_path, ", ".join(want))
 
 
-def keep_founding_record(nursery: trio.Nursery, device_path: Path, addresses: Callable[[], list[str]],
-                         leads: Callable[[], bool], book: DutyBook) -> FoundingRecordKeeper:
-    """Start the keeper as a duty in `nursery`."""
-    keeper = FoundingRecordKeeper(device_path, addresses, leads)
+def keep_founding_record(nursery: trio.Nursery, device_path: Path, addresses: Callable[[], dict[int, str]],
+                         raft: Any, book: DutyBook) -> FoundingRecordKeeper:
+    """Start the keeper as a duty in `nursery`: `addresses()` the active members' (by node id),
+    `raft.is_leader` whether this node leads."""
+    keeper = FoundingRecordKeeper(device_path, lambda: list(addresses().values()), lambda: bool(raft.is_leader))
     nursery.start_soon(functools.partial(run_duty, "founding record", keeper.step, book=book, period_s=PERIOD_S))
     return keeper
