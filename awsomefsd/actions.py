@@ -9,7 +9,6 @@ import functools
 import json
 import logging
 import os
-import sys
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -252,13 +251,18 @@ def hand_over(settings: Settings) -> int:
     except (OSError, ValueError, IndexError):
         raise CliError(f"cannot tell which process owns {state_dir}") from None
     from awsomefsd import sdrestart
+    from awsomefsd.fuse.kernel import takeover
 
     sdrestart.forget_starts()  # under systemd: the start that follows is asked for, not a crash's
+    takeover.clear_refusal(state_dir)
     os.kill(pid, signal.SIGUSR2)
     deadline = time.monotonic() + HAND_OVER_DEADLINE_S
     # Until the process has exited, not only let go of the state: systemd runs this as the unit's
     # ExecReload, and the reload is to end once the old daemon is gone (design note 41).
     while state_in_use(state_dir) or _alive(pid):
+        refused = takeover.refusal(state_dir)
+        if refused is not None:
+            raise CliError(f"awsomefsd (pid {pid}) did not hand the mount over, it goes on serving it: {refused}")
         if time.monotonic() > deadline:
             raise CliError(f"awsomefsd (pid {pid}) is still running {HAND_OVER_DEADLINE_S:.0f} s later: it keeps the "
                            "mount when no descriptor store is set up (its log says why)")
@@ -274,19 +278,6 @@ def _alive(pid: int) -> bool:
     except (FileNotFoundError, ProcessLookupError):
         return False
     return stat.rpartition(")")[2].split()[0] not in ("Z", "X")
-
-
-def fd_keeper(socket_path: Path) -> int:
-    import signal
-
-    from awsomefsd.fuse.kernel.keeper import serve_keeper
-
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    try:
-        serve_keeper(socket_path, ready=lambda: print(f"awsomefsd: keeping descriptors on {socket_path}", flush=True))
-    except OSError as exc:
-        raise CliError(f"cannot serve {socket_path}: {exc.strerror or exc}") from None
-    return 0
 
 
 def format_device(settings: Settings, device_path: Path, *, force: bool, size: str | None, label: str) -> int:

@@ -231,6 +231,19 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
+def _fd_keeper(socket_path: Path) -> int:
+    import signal
+
+    from awsomefsd.fuse.kernel.keeper import serve_keeper
+
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    try:
+        serve_keeper(socket_path, ready=lambda: print(f"awsomefsd: keeping descriptors on {socket_path}", flush=True))
+    except OSError as exc:
+        raise CliError(f"cannot serve {socket_path}: {exc.strerror or exc}") from None
+    return 0
+
+
 def _stdout_closed() -> int:
     """The reader of our output went away (`status --json | head`): no traceback, and none at exit
     either (Python flushes stdout once more then); the status a process killed by SIGPIPE has."""
@@ -254,6 +267,8 @@ def _check_paths(args: argparse.Namespace, settings: Any) -> None:
 
 
 def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "fd-keeper":  # before the daemon's imports: the keeper stays small (its pod's limit)
+        return _fd_keeper(args.socket)
     from awsomefsd import actions
 
     overrides = _settings_overrides(args)
@@ -273,8 +288,6 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "dev":
         return actions.dev(args.state or DEV_DEFAULT_STATE, args.mount or DEV_DEFAULT_MOUNT, args.size, overrides,
                            config=args.config)
-    if args.command == "fd-keeper":
-        return actions.fd_keeper(args.socket)
     settings = actions.settings_from(getattr(args, "config", None), overrides)
     _check_paths(args, settings)
     if args.command == "run":

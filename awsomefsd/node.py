@@ -247,7 +247,7 @@ async def _reclaim_step(core: Core) -> None:
 
 
 async def _watch_signals(cancel: trio.CancelScope, stopping: Callable[[], Awaitable[None]],
-                         hand_over: Callable[[], bool] | None = None) -> None:
+                         hand_over: Callable[[], Awaitable[bool]] | None = None) -> None:
     """SIGINT, SIGTERM: unmount and stop. SIGUSR2: stop serving and leave the mount to the next
     daemon (`systemctl reload`, a package upgrade); SIGTERM and SIGINT too while systemd
     restarts the service (`systemctl restart`: `sdrestart`). SIGINT, because the compiled
@@ -267,12 +267,12 @@ async def _watch_signals(cancel: trio.CancelScope, stopping: Callable[[], Awaita
             if signum == signal.SIGUSR2:
                 if hand_over is not None:
                     log.info("received SIGUSR2: handing the mount over")
-                    hand_over()
+                    await hand_over()
                 continue
             if hand_over is not None and await trio.to_thread.run_sync(sdrestart.restart_pending):
                 log.info("received %s while systemd restarts this service: handing the mount over",
                          signal.Signals(signum).name)
-                if hand_over():
+                if await hand_over():
                     await trio.to_thread.run_sync(sdrestart.forget_starts)  # asked for, not a crash
                     continue
             log.info("received %s: unmounting", signal.Signals(signum).name)
@@ -315,6 +315,7 @@ async def serve(core: Core, settings: Settings, *, ready: Callable[[str], None] 
     engines (tiering) now: a single node always, a member while it leads."""
     from awsomefsd.fs.clock import use_kernel_clock
     from awsomefsd.fuse.eio import EioReporter
+    from awsomefsd.fuse.kernel import takeover
     from awsomefsd.fuse.kernel.keeper import descriptor_store
     from awsomefsd.fuse.mount import prepare_mount_point, tune_bdi
     from awsomefsd.fuse.transport import make_transport
@@ -344,12 +345,22 @@ async def serve(core: Core, settings: Settings, *, ready: Callable[[str], None] 
     record = settings.node.state_dir / MOUNT_RECORD
     record.write_text(f"{resolved}\n")
 
-    def hand_over() -> bool:
-        """Stop serving and leave the mount to the next daemon; False when none could take it."""
+    def refuse(reason: str) -> None:
+        log.warning("%s: not handing it over", reason)
+        takeover.refuse(settings.node.state_dir, reason)
+
+    async def hand_over() -> bool:
+        """Stop serving and leave the mount to the next daemon; False when none could take it:
+        no descriptor store, or a keeper that does not hold this mount now (restarted, gone)."""
         nonlocal handing_over
+        if handing_over:
+            return True
         if not transport.can_hand_over():
-            log.warning("no descriptor store keeps this mount ([mount] fd_keeper, or systemd's "
-                        "FileDescriptorStoreMax): not handing it over")
+            refuse("no descriptor store keeps this mount ([mount] fd_keeper, or systemd's FileDescriptorStoreMax)")
+            return False
+        refused = await transport.confirm_kept()
+        if refused is not None:
+            refuse(refused)
             return False
         handing_over = True
         # Not STOPPING=1: during a reload systemd would take that as the service stopping for
@@ -391,8 +402,20 @@ async def serve(core: Core, settings: Settings, *, ready: Callable[[str], None] 
             nursery.start_soon(_watchdog)
 
             async def fuse_main() -> None:
-                await transport.serve()
-                nursery.cancel_scope.cancel()  # unmounted from outside (umount, fusermount -u), or handed over
+                nonlocal handing_over
+                while True:
+                    await transport.serve()
+                    if not handing_over:
+                        break  # unmounted from outside (umount, fusermount -u)
+                    # The requests are drained; the keeper may have gone meanwhile. Asked once more
+                    # right before this daemon lets go of its descriptor, or the mount would end.
+                    refused = await transport.confirm_kept()
+                    if refused is None:
+                        break
+                    refuse(refused)
+                    handing_over = False
+                    transport.resume_serving()
+                nursery.cancel_scope.cancel()  # handed over, or unmounted
 
             nursery.start_soon(fuse_main)
             # a stat of the root is answered only once the kernel's INIT is done: then we serve

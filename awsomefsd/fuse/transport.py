@@ -18,7 +18,7 @@ import trio
 
 from awsomefsd.fs.operations import Operations
 from awsomefsd.fuse.invalidate import MOUNTED
-from awsomefsd.fuse.kernel.keeper import DescriptorStore, descriptor_name
+from awsomefsd.fuse.kernel.keeper import DescriptorStore, KeeperStore, descriptor_name, watch_keeper
 from awsomefsd.fuse.mount import mount_device
 from awsomefsd.meta.errors import FsError
 
@@ -50,12 +50,19 @@ class Transport(Protocol):
     def stop_serving(self) -> None:
         """Read no more requests (a hand-over: the next daemon answers them)."""
 
+    def resume_serving(self) -> None:
+        """After `stop_serving`: the next `serve` reads requests again (a hand-over called off)."""
+
     def hand_over(self, handles: dict[str, Any]) -> None:
         """Leave the mount to the next daemon: record the session with `handles`, let go of the
         descriptor without unmounting."""
 
     def can_hand_over(self) -> bool:
         """Is there a descriptor store the next daemon can take the mount from?"""
+
+    async def confirm_kept(self) -> str | None:
+        """Make sure the descriptor store holds this very mount now, right before a hand-over lets
+        go of it: None when it does, else why not (the hand-over is refused)."""
 
     def writeback_negotiated(self) -> bool:
         """Does the kernel keep written pages of this mount in its page cache?"""
@@ -167,7 +174,12 @@ class KernelTransport:
             raise
         self.mounted = True
         self.session = self._session(None)
-        if self.store is not None:
+        if isinstance(self.store, KeeperStore):
+            try:
+                self.store.hold(self.name, self.fd, mount_device(self.mountpoint) or "")
+            except OSError as exc:  # given once it is there (`watch_keeper`, from `serve`)
+                log.warning("the mount survives a restart of this daemon only once the keeper holds it: %s", exc)
+        elif self.store is not None:
             try:
                 self.store.put(self.name, self.fd)
             except OSError as exc:
@@ -177,18 +189,30 @@ class KernelTransport:
     async def serve(self) -> None:
         from awsomefsd.fuse.kernel import takeover
 
-        assert self.session is not None
+        session = self.session
+        assert session is not None
+
+        async def serve_session(*, task_status: trio.TaskStatus[Negotiated] = trio.TASK_STATUS_IGNORED) -> None:
+            await session.serve(task_status=task_status)
+            nursery.cancel_scope.cancel()  # and the keeper's watch
+
         async with trio.open_nursery() as nursery:
-            negotiated = await nursery.start(self.session.serve)
-            if self.state_dir is not None and self.adopted is None:
+            negotiated = await nursery.start(serve_session)
+            if self.state_dir is not None and self.record is None:
                 device = mount_device(self.mountpoint) or ""
                 self.record = takeover.SessionRecord(str(self.mountpoint), device, negotiated.minor,
                                                      negotiated.flags, negotiated.max_write)
                 takeover.save(self.state_dir, self.record)
+            if isinstance(self.store, KeeperStore) and self.record is not None:
+                nursery.start_soon(watch_keeper, self.store, self.name, self.fd, self.record.device)
 
     def stop_serving(self) -> None:
         if self.session is not None:
             self.session.stop_reading()
+
+    def resume_serving(self) -> None:
+        if self.session is not None:
+            self.session.resume_reading()
 
     def hand_over(self, handles: dict[str, Any]) -> None:
         from awsomefsd.fuse.kernel import takeover
@@ -203,6 +227,18 @@ class KernelTransport:
 
     def can_hand_over(self) -> bool:
         return self.store is not None and self.mounted and self.record is not None
+
+    async def confirm_kept(self) -> str | None:
+        """The keeper is given the descriptor once more and must answer that it holds it: it may
+        have been restarted since it last did (`watch_keeper` gives it again, but not before the
+        keeper listens). systemd's store keeps what it was given for as long as the unit lives."""
+        if not isinstance(self.store, KeeperStore) or self.record is None:
+            return None
+        try:
+            await trio.to_thread.run_sync(self.store.hold, self.name, self.fd, self.record.device)
+        except OSError as exc:
+            return str(exc)
+        return None
 
     def _drop_kept(self) -> None:
         if self.store is not None:
@@ -251,6 +287,9 @@ class Pyfuse3Transport:
     def stop_serving(self) -> None:
         raise AssertionError("pyfuse3 cannot hand a mount over")
 
+    def resume_serving(self) -> None:
+        raise AssertionError("pyfuse3 cannot hand a mount over")
+
     def hand_over(self, handles: dict[str, Any]) -> None:
         raise AssertionError("pyfuse3 cannot hand a mount over")
 
@@ -259,6 +298,9 @@ class Pyfuse3Transport:
 
     def can_hand_over(self) -> bool:
         return False
+
+    async def confirm_kept(self) -> str | None:
+        return "pyfuse3 cannot hand a mount over"
 
     def mount(self) -> None:
         import pyfuse3

@@ -236,6 +236,10 @@ class Session:
         the requests in flight are answered."""
         self._reading.cancel()
 
+    def resume_reading(self) -> None:
+        """After `stop_reading`: the next `serve` reads again (a hand-over called off)."""
+        self._reading = trio.CancelScope()
+
     def resend(self) -> bool:
         """Ask the kernel to send again every request it sent and saw no answer to (those a
         crashed daemon had read): FUSE_NOTIFY_RESEND, Linux 6.9 and later. False if refused."""

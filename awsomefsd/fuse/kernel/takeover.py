@@ -20,6 +20,9 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 SESSION_FILE = "fuse-session.json"
+REFUSED_FILE = "hand-over-refused"
+"""Why the daemon did not hand its mount over when asked (it serves on): for `awsomefsd hand-over`,
+which otherwise waits for the daemon to exit."""
 
 
 @dataclass(frozen=True)
@@ -59,3 +62,21 @@ def load(state_dir: Path) -> SessionRecord | None:
 
 def forget(state_dir: Path) -> None:
     (state_dir / SESSION_FILE).unlink(missing_ok=True)
+
+
+def refuse(state_dir: Path, reason: str) -> None:
+    """Tell `awsomefsd hand-over` that the daemon does not hand over, and why."""
+    tmp = state_dir / (REFUSED_FILE + ".tmp")
+    tmp.write_text(reason + "\n", encoding="utf-8")
+    os.replace(tmp, state_dir / REFUSED_FILE)
+
+
+def refusal(state_dir: Path) -> str | None:
+    try:
+        return (state_dir / REFUSED_FILE).read_text(encoding="utf-8").strip()
+    except FileNotFoundError:
+        return None
+
+
+def clear_refusal(state_dir: Path) -> None:
+    (state_dir / REFUSED_FILE).unlink(missing_ok=True)
