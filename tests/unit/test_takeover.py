@@ -109,6 +109,67 @@ def test_the_keeper_keeps_hands_back_and_drops_descriptors(tmp_path: Path) -> No
         KeeperStore(tmp_path / "nobody.sock").take("x")
 
 
+def test_the_keeper_says_it_holds_a_descriptor_and_serves_a_connection_until_it_closes(tmp_path: Path) -> None:
+    path = tmp_path / "keeper.sock"
+    ready = threading.Event()
+    threading.Thread(target=serve_keeper, args=(path,), kwargs={"ready": ready.set}, daemon=True).start()
+    assert ready.wait(10)
+    r, w = os.pipe()
+    try:
+        KeeperStore(path).hold("fuse-abc", w, "0:77")
+        got = KeeperStore(path).take("fuse-abc")
+        assert got is not None and os.fstat(got).st_ino == os.fstat(w).st_ino
+        os.close(got)
+        with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as sock:  # one connection, several requests
+            sock.connect(str(path))
+            socket.send_fds(sock, [b"HOLD fuse-abc 0:77"], [w])
+            assert sock.recv(100) == b"HELD fuse-abc 0:77"
+            sock.send(b"DROP fuse-abc")
+            assert sock.recv(100) == b"OK"
+            sock.send(b"FETCH fuse-abc")
+            assert sock.recv(100) == b"NONE"
+        os.close(r)  # a descriptor whose other end is gone (poll: POLLERR), as a FUSE connection that ended
+        r = -1
+        with pytest.raises(OSError, match="has ended"):
+            KeeperStore(path).hold("fuse-abc", w, "0:77")
+        assert KeeperStore(path).take("fuse-abc") is None
+    finally:
+        os.close(w)
+        if r >= 0:
+            os.close(r)
+
+
+def test_a_keeper_from_before_hold_is_given_the_descriptor_with_store(tmp_path: Path) -> None:
+    """The keeper's DaemonSet updates only when its pods are deleted: a newer daemon meets an older keeper."""
+    path = tmp_path / "old.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    listener.bind(str(path))
+    listener.listen(4)
+    heard: list[bytes] = []
+
+    def old_keeper() -> None:  # one request per connection; knows STORE, FETCH and DROP only
+        for _ in range(2):
+            conn, _ = listener.accept()
+            with conn:
+                message, fds, _flags, _addr = socket.recv_fds(conn, 4096, 4)
+                heard.append(message)
+                for fd in fds:
+                    os.close(fd)
+                conn.send(b"OK" if message.startswith(b"STORE ") else b"ERROR unknown request")
+
+    thread = threading.Thread(target=old_keeper, daemon=True)
+    thread.start()
+    r, w = os.pipe()
+    try:
+        KeeperStore(path).hold("fuse-abc", w, "0:77")
+    finally:
+        os.close(r)
+        os.close(w)
+        listener.close()
+    thread.join(10)
+    assert heard == [b"HOLD fuse-abc 0:77", b"STORE fuse-abc"]
+
+
 def test_systemd_gets_the_descriptor_and_passes_it_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     notify.bind(str(tmp_path / "notify"))
