@@ -16,11 +16,10 @@ import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import trio
-from prometheus_client.metrics_core import Metric
 
-from awsomefsd.cluster.tls import NodeCredentials
 from awsomefsd.config import Settings
 from awsomefsd.duty import DutyBook, run_duty, supervise
 from awsomefsd.fs.allocator import NodeAllocator
@@ -38,12 +37,17 @@ from awsomefsd.meta import commands as c
 from awsomefsd.meta.bootstrap import load_metadata, open_metadata, stored_identity
 from awsomefsd.meta.client import MetaClient
 from awsomefsd.meta.log import LocalLog
-from awsomefsd.meta.replication.fs_log import ReplicatedFsLog
 from awsomefsd.meta.state_machine import StateMachine
 from awsomefsd.meta.store import MetaStore
 from awsomefsd.metrics import Metrics, counter, gauge
 from awsomefsd.ownership import check_member, initialise_founder_store, settle_single_node
-from awsomefsd.tier.service import TierConfigError, Tiering
+
+if TYPE_CHECKING:  # imported where used: a restart waits for every module the daemon loads
+    from prometheus_client.metrics_core import Metric
+
+    from awsomefsd.cluster.tls import NodeCredentials
+    from awsomefsd.meta.replication.fs_log import ReplicatedFsLog
+    from awsomefsd.tier.service import Tiering
 
 log = logging.getLogger(__name__)
 NODE_ID = 1  # a single-node cluster; the cluster layer assigns ids to joining nodes
@@ -132,6 +136,8 @@ def open_core(settings: Settings, *, metrics: Metrics | None = None, log_kind: s
     storage = open_storage(settings, bootstrap=initialise)
     meta_log: LocalLog | ReplicatedFsLog
     if (log_kind or settings.meta.log) == "raft":
+        from awsomefsd.meta.replication.fs_log import ReplicatedFsLog
+
         meta_log = ReplicatedFsLog(storage.store, storage.sm, node_id=NODE_ID, before_commit=storage.device.sync_written)
     else:
         meta_log = LocalLog(storage.store, storage.sm, commit_interval_ms=settings.data.commit_interval_ms,
@@ -434,6 +440,7 @@ async def serve(core: Core, settings: Settings, *, ready: Callable[[str], None] 
                 # Every request read is answered; what this daemon acknowledged becomes durable
                 # before the next one serves the mount (docs/fuse-transport.md, Restarts).
                 await core.ops.sync_all()
+                log.info("hand-over: what this daemon acknowledged is durable")
                 transport.hand_over(core.ops.handles.export())
                 log.info("handed the mount at %s over to the next daemon", mount)
             elif mounted:
@@ -490,6 +497,8 @@ def _tiering(core: Core, settings: Settings) -> Tiering | None:
     """Tiering to the object store, when [tier] configures it (a bad configuration: NodeError)."""
     if not settings.tier.enabled:
         return None
+    from awsomefsd.tier.service import TierConfigError, Tiering
+
     try:
         tiering = Tiering(settings, core.meta, core.data, core.ops, cluster_id=str(core.superblock.cluster_id),
                           total_blocks=core.ops.total_blocks)

@@ -1,20 +1,25 @@
 #!/usr/bin/env python3
-"""How long applications stall while awsomefsd is replaced under them (issue 14: target < 1 s).
+"""How long applications stall while awsomefsd is replaced under them (issue 14, 41: target < 1 s).
 
-Starts a descriptor keeper and `awsomefsd dev` on a fresh image, runs a writer that appends a line
-every few milliseconds through a descriptor it opened at the start, then replaces the daemon
-`--rounds` times by hand-over (SIGUSR2, then a new daemon, as `systemctl reload` does) and
-`--rounds` times by crash (SIGKILL, then a new daemon). For each replacement it reports the longest
-single write the writer saw (the bytes themselves are checked by tests/mounted/test_restart.py).
+Starts a descriptor keeper and `awsomefsd dev` on a fresh image and puts a load on the mount: a
+writer doing 4 KiB writes each followed by an fsync, and a reader doing 4 KiB direct reads at
+random offsets of a file, each through a descriptor opened at the start and each recording every
+operation's latency. Then it replaces the daemon `--rounds` times by hand-over (SIGUSR2, then a
+new daemon once the old one exited, as `systemctl reload` does) and `--rounds` times by crash
+(SIGKILL, then a new daemon). For each replacement: the longest single operation either process
+saw (the stall), and where the time went, from the daemons' logs: signal -> requests drained ->
+durable -> descriptor let go -> old process exited -> new process started -> its code loaded ->
+its storage open -> mount continued -> serving (its "mounted" line). The bytes themselves are
+checked by tests/mounted/test_restart.py.
 
 With `--systemd`, the daemon runs as the packaged unit under a real systemd of the benchmark's
 own (tests/support/systemd.py; from the checkout, or the binary `--awsomefsd` names) and is
 replaced the ways an operator does it: `systemctl restart`, `systemctl reload` (a package
-upgrade) and a SIGKILL that systemd restarts, in turn, `--rounds` times each.
+upgrade) and a SIGKILL that systemd restarts, in turn, `--rounds` times each (a writer only).
 
 As root (from another user: sudo in front), from the repository root:
 
-    .venv/bin/python bench/restart_bench.py --rounds 5
+    .venv/bin/python bench/restart_bench.py --rounds 10
     .venv/bin/python bench/restart_bench.py --rounds 5 --systemd [--awsomefsd dist/awsomefsd]
 """
 
@@ -29,6 +34,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 
 AWSOMEFSD = [sys.executable, "-m", "awsomefsd"]
@@ -50,15 +57,58 @@ print("done", n, flush=True)
 """
 
 
-def start_daemon(base: Path, env: dict[str, str]) -> subprocess.Popen[str]:
-    proc = subprocess.Popen([*AWSOMEFSD, "dev", "--state", str(base / "state"), "--mount", str(base / "mnt"),
-                             "--size", "2G", "--metrics-port", "-1"], stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL, text=True, env=env, cwd="/")
+READER = r"""
+import mmap, os, random, sys, time
+fd = os.open(sys.argv[1], os.O_RDONLY | os.O_DIRECT)
+blocks = os.fstat(fd).st_size // 4096
+buf = mmap.mmap(-1, 4096)
+while not os.path.exists(sys.argv[2]):
+    start = time.monotonic()
+    os.preadv(fd, [buf], random.randrange(blocks) * 4096)
+    took = time.monotonic() - start
+    print(f"{start:.6f} {took:.6f}", flush=True)
+    time.sleep(0.002)
+print("done", flush=True)
+"""
+SYNCING_WRITER = r"""
+import os, sys, time
+fd = os.open(sys.argv[1], os.O_CREAT | os.O_WRONLY | os.O_APPEND, 0o644)
+os.fsync(fd)
+os.fsync(os.open(os.path.dirname(sys.argv[1]), os.O_RDONLY))
+block = b"w" * 4096
+while not os.path.exists(sys.argv[2]):
+    start = time.monotonic()
+    os.write(fd, block)
+    os.fsync(fd)
+    took = time.monotonic() - start
+    print(f"{start:.6f} {took:.6f}", flush=True)
+    time.sleep(0.002)
+print("done", flush=True)
+"""
+
+
+@dataclass
+class Started:
+    proc: subprocess.Popen[str]
+    log: Path
+    spawned: float
+    """time.time() just before the process was started"""
+    ready: float
+    """time.time() when it printed that it serves the mount"""
+
+
+def start_daemon(base: Path, env: dict[str, str], serial: int = 0) -> Started:
+    log = base / f"daemon-{serial}.log"
+    spawned = time.time()
+    with open(log, "w") as err:
+        proc = subprocess.Popen([*AWSOMEFSD, "dev", "--state", str(base / "state"), "--mount", str(base / "mnt"),
+                                 "--size", "2G", "--metrics-port", "-1"], stdout=subprocess.PIPE,
+                                stderr=err, text=True, env=env, cwd="/")
     assert proc.stdout is not None
     deadline = time.monotonic() + 60
     for line in proc.stdout:
         if line.startswith("awsomefsd: mounted"):
-            return proc
+            return Started(proc, log, spawned, time.time())
         if time.monotonic() > deadline:
             break
     proc.kill()
@@ -70,7 +120,7 @@ Events = list[tuple[str, float, float]]
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--rounds", type=int, default=5, help="hand-overs, then as many crashes (default 5)")
+    p.add_argument("--rounds", type=int, default=10, help="hand-overs, then as many crashes (default 10)")
     p.add_argument("--settle-s", type=float, default=1.0, help="writing between replacements (default 1 s)")
     p.add_argument("--systemd", action="store_true", help="the packaged unit under a real systemd")
     p.add_argument("--awsomefsd", type=Path, help="with --systemd: this binary instead of the checkout")
@@ -82,7 +132,7 @@ def main() -> int:
             binary = None if args.awsomefsd is None else args.awsomefsd.resolve()  # ExecStart= wants it absolute
             report(base, under_systemd(base, args.rounds, args.settle_s, binary), ("restart", "reload", "crash"))
         else:
-            report(base, with_keeper(base, args.rounds, args.settle_s), ("hand-over", "crash"))
+            report_keeper(base, with_keeper(base, args.rounds, args.settle_s))
     finally:
         shutil.rmtree(base, ignore_errors=True)
     return 0
@@ -134,7 +184,31 @@ def _replaced(state: dict[str, str], before: str) -> bool:
     return state["ActiveState"] == "active" and state["MainPID"] not in ("0", before)
 
 
-def with_keeper(base: Path, rounds: int, settle_s: float) -> Events:
+@dataclass
+class Replacement:
+    """One replacement of the daemon, with its own clock readings (time.time(); `began_mono` and
+    `ended_mono` on the load's clock, time.monotonic())."""
+
+    kind: str
+    began: float
+    began_mono: float
+    exited: float
+    old_log: Path
+    new: Started
+    ended_mono: float = 0.0
+    phases: dict[str, float] = field(default_factory=dict)
+    """phase -> ms after the signal"""
+
+
+PHASES = {  # a line in the old daemon's log -> the phase it ends
+    "received SIGUSR2": "signal received",
+    "FUSE session: stopped reading": "requests drained",
+    "is durable": "synced",
+    "handed the mount": "descriptor let go",
+}
+
+
+def with_keeper(base: Path, rounds: int, settle_s: float) -> list[Replacement]:
     """SIGUSR2 and a new daemon `rounds` times, then SIGKILL and a new daemon as often."""
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
            "AWSOMEFS_MOUNT__FD_KEEPER": str(base / "keeper.sock")}
@@ -144,34 +218,111 @@ def with_keeper(base: Path, rounds: int, settle_s: float) -> Events:
     keeper.stdout.readline()
     daemon = start_daemon(base, env)
     stop_flag = base / "stop-writing"
-    (base / "mnt" / "w").mkdir()
-    with open(base / "writer.out", "w") as out:  # the child keeps its own copy
-        writer = subprocess.Popen([sys.executable, "-c", WRITER, str(base / "mnt" / "w" / "log"), str(stop_flag)],
-                                  stdout=out, stderr=subprocess.STDOUT, cwd="/")
-    events: Events = []
+    work = base / "mnt" / "w"
+    work.mkdir()
+    with open(work / "read-me", "wb") as fh:
+        fh.write(os.urandom(8 << 20))
+        os.fsync(fh.fileno())
+    load = []
+    for name, script, target in (("writer", SYNCING_WRITER, work / "log"), ("reader", READER, work / "read-me")):
+        with open(base / f"{name}.out", "w") as out:  # the child keeps its own copy
+            load.append(subprocess.Popen([sys.executable, "-c", script, str(target), str(stop_flag)],
+                                         stdout=out, stderr=subprocess.STDOUT, cwd="/"))
+    done: list[Replacement] = []
     try:
         time.sleep(settle_s)
-        for kind in ["hand-over"] * rounds + ["crash"] * rounds:
-            began = time.monotonic()
+        for serial, kind in enumerate(["hand-over"] * rounds + ["crash"] * rounds, start=1):
+            began, began_mono = time.time(), time.monotonic()
             if kind == "hand-over":
-                daemon.send_signal(signal.SIGUSR2)
-                assert daemon.wait(60) == 75, "the daemon did not hand over"
+                daemon.proc.send_signal(signal.SIGUSR2)
+                assert daemon.proc.wait(60) == 75, "the daemon did not hand over"
             else:
-                daemon.kill()
-                daemon.wait(60)
-            daemon = start_daemon(base, env)
-            events.append((kind, began, time.monotonic()))
+                daemon.proc.kill()
+                daemon.proc.wait(60)
+            exited, old_log = time.time(), daemon.log
+            daemon = start_daemon(base, env, serial)
+            done.append(Replacement(kind, began, began_mono, exited, old_log, daemon, time.monotonic()))
             time.sleep(settle_s)
         stop_flag.write_text("")
-        writer.wait(60)
+        for proc in load:
+            proc.wait(60)
     finally:
-        if writer.poll() is None:
-            writer.kill()
-        daemon.send_signal(signal.SIGINT)
-        daemon.wait(60)
+        for proc in load:
+            if proc.poll() is None:
+                proc.kill()
+        daemon.proc.send_signal(signal.SIGINT)
+        daemon.proc.wait(60)
         keeper.send_signal(signal.SIGTERM)
         keeper.wait(10)
-    return events
+    for replacement in done:
+        replacement.phases = phases(replacement)
+    return done
+
+
+def _logged_at(line: str) -> float | None:
+    try:
+        return datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f").timestamp()
+    except ValueError:
+        return None
+
+
+def phases(r: Replacement) -> dict[str, float]:
+    """Where the time of one replacement went: each phase's end, in ms after the signal."""
+    at: dict[str, float] = {}
+    if r.kind == "hand-over":
+        for line in r.old_log.read_text().splitlines():
+            for marker, phase in PHASES.items():
+                when = _logged_at(line)
+                if marker in line and when is not None and phase not in at:
+                    at[phase] = when
+    at["old process exited"] = r.exited
+    at["new process started"] = r.new.spawned
+    for line in r.new.log.read_text().splitlines():
+        when = _logged_at(line)
+        if when is None:
+            continue
+        if "started: the daemon's code loaded" in line:
+            loaded_ms = float(line.split("code loaded ")[1].split()[0])
+            at["code loaded"] = r.new.spawned + loaded_ms / 1000
+            at["storage open"] = when
+        elif "continuing the mount" in line:
+            at["mount continued"] = when
+    at["serving"] = r.new.ready
+    return {phase: (when - r.began) * 1000 for phase, when in at.items()}
+
+
+def samples(path: Path) -> list[tuple[float, float]]:
+    """(start, seconds) of each operation a load process recorded."""
+    found = []
+    for line in path.read_text().splitlines():
+        fields = line.split()
+        if len(fields) == 2 and fields[0] != "done":
+            found.append((float(fields[0]), float(fields[1])))
+    return found
+
+
+def report_keeper(base: Path, done: list[Replacement]) -> None:
+    """Per kind: the stall (the longest operation of the writer or the reader around each
+    replacement), median and max; the median of each phase's end; each load's typical operation."""
+    loads = {name: samples(base / f"{name}.out") for name in ("writer", "reader")}
+    ops = sum(len(found) for found in loads.values())
+    print(f"restart_bench: {ops} operations (4 KiB write + fsync; 4 KiB direct read)")
+    for kind in ("hand-over", "crash"):
+        rounds = [r for r in done if r.kind == kind]
+        if not rounds:
+            continue
+        stalls = [max((took for found in loads.values() for start, took in found
+                       if r.began_mono - 1 <= start <= r.ended_mono), default=0.0) for r in rounds]
+        print(f"  {kind}: stall median {statistics.median(stalls):.3f} s, max {max(stalls):.3f} s "
+              f"({' '.join(f'{w:.3f}' for w in stalls)})")
+        order = sorted({p for r in rounds for p in r.phases}, key=lambda p: statistics.median(
+            r.phases[p] for r in rounds if p in r.phases))
+        for phase in order:
+            values = [r.phases[phase] for r in rounds if phase in r.phases]
+            print(f"    {phase:22s} at {statistics.median(values):7.0f} ms (max {max(values):.0f})")
+    for name, found in loads.items():
+        if found:
+            print(f"  a {name}'s operation otherwise: median {statistics.median(t for _, t in found) * 1e6:.0f} us")
 
 
 def report(base: Path, events: Events, kinds: tuple[str, ...]) -> None:
