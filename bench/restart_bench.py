@@ -95,6 +95,9 @@ class Started:
     """time.time() just before the process was started"""
     ready: float
     """time.time() when it printed that it serves the mount"""
+    cpu_s: float = 0.0
+    """CPU time (user + system) the process had used by then: what the start costs whatever the
+    machine's load, which multiplies the wall time"""
 
 
 def start_daemon(base: Path, env: dict[str, str], serial: int = 0) -> Started:
@@ -108,11 +111,16 @@ def start_daemon(base: Path, env: dict[str, str], serial: int = 0) -> Started:
     deadline = time.monotonic() + 60
     for line in proc.stdout:
         if line.startswith("awsomefsd: mounted"):
-            return Started(proc, log, spawned, time.time())
+            return Started(proc, log, spawned, time.time(), _cpu_s(proc.pid))
         if time.monotonic() > deadline:
             break
     proc.kill()
     raise SystemExit("restart_bench: the daemon did not mount")
+
+
+def _cpu_s(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 Events = list[tuple[str, float, float]]
@@ -306,7 +314,8 @@ def report_keeper(base: Path, done: list[Replacement]) -> None:
     replacement), median and max; the median of each phase's end; each load's typical operation."""
     loads = {name: samples(base / f"{name}.out") for name in ("writer", "reader")}
     ops = sum(len(found) for found in loads.values())
-    print(f"restart_bench: {ops} operations (4 KiB write + fsync; 4 KiB direct read)")
+    print(f"restart_bench: {ops} operations (4 KiB write + fsync; 4 KiB direct read); load average "
+          f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
     for kind in ("hand-over", "crash"):
         rounds = [r for r in done if r.kind == kind]
         if not rounds:
@@ -320,6 +329,8 @@ def report_keeper(base: Path, done: list[Replacement]) -> None:
         for phase in order:
             values = [r.phases[phase] for r in rounds if phase in r.phases]
             print(f"    {phase:22s} at {statistics.median(values):7.0f} ms (max {max(values):.0f})")
+        cpu = [r.new.cpu_s for r in rounds]
+        print(f"    the new daemon's CPU until serving: median {statistics.median(cpu):.2f} s (max {max(cpu):.2f})")
     for name, found in loads.items():
         if found:
             print(f"  a {name}'s operation otherwise: median {statistics.median(t for _, t in found) * 1e6:.0f} us")

@@ -112,6 +112,7 @@ class KeeperStore:
     def hold(self, name: str, fd: int, device: str) -> None:
         """Give the keeper `fd`, the descriptor of the mount `device`, and return once it says it
         holds it (StoreError otherwise). A keeper from before HOLD is given it with STORE."""
+        device = device or "?"  # unknown: the answer must still name it
         answer, extra = self._ask(f"HOLD {name} {device}", fd)
         if extra is not None:
             os.close(extra)
@@ -145,6 +146,7 @@ async def watch_keeper(store: KeeperStore, name: str, fd: int, device: str) -> N
     log says once per absence."""
     import trio
 
+    device = device or "?"
     delay = RECONNECT_FIRST_S
     missing: str | None = None
     while True:

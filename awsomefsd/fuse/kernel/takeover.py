@@ -38,13 +38,14 @@ class SessionRecord:
 
 
 def save(state_dir: Path, record: SessionRecord) -> None:
-    """Replace the record atomically and durably (a crash leaves the old one or the new one)."""
+    """Replace the record atomically: a crash of the daemon leaves the old one or the new one.
+    Not fsynced: the record matters only while the mount lives, and a crash of the machine ends
+    the mount (the fsyncs cost a hand-over two waits on the state directory's disk, while
+    applications wait)."""
     path = state_dir / SESSION_FILE
     tmp = path.with_suffix(".tmp")
     with open(tmp, "w", encoding="utf-8") as fh:
         json.dump(asdict(record), fh)
-        fh.flush()
-        os.fsync(fh.fileno())
     os.replace(tmp, path)
 
 
