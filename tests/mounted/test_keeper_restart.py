@@ -13,6 +13,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -21,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.apps import LINES, Reader, expected, shell_run, start_shell, start_writer
+from tests.support.apps import LINES, Lines, Reader, expected, shell_run, start_shell, start_writer
 from tests.support.daemon import AWSOMEFSD, REPO, Daemon, is_mounted, run_cli, wait_for
 
 pytestmark = [
@@ -216,4 +217,64 @@ def test_a_hand_over_no_keeper_holds_is_refused_and_the_mount_keeps_working(setu
         assert (daemon.mount / "after").read_text() == "still served"
         assert daemon.stop() == 0, daemon.logs()
     finally:
+        daemon.stop_hard()
+
+
+KEEPER_THAT_DIES = r"""
+import os, socket, sys
+listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+listener.bind(sys.argv[1])
+listener.listen(8)
+print("listening", flush=True)
+kept = []
+serial = 0
+while serial < 3:  # the hold at mount, the daemon's watch, the hand-over's first check
+    conn, _ = listener.accept()
+    message, fds, _flags, _addr = socket.recv_fds(conn, 4096, 4)
+    kept.append(conn)
+    kept.extend(fds)
+    verb, name, *device = message.decode().split(" ")
+    if verb != "HOLD":  # the daemon's FETCH at start: nothing kept
+        conn.send(b"NONE")
+        continue
+    conn.send(f"HELD {name} {device[0]}".encode())
+    serial += 1
+    print("held", serial, flush=True)
+os._exit(0)  # gone right after confirming, while the daemon drains its requests
+"""
+
+
+def test_a_keeper_gone_while_the_requests_drain_calls_the_hand_over_off(setup: Setup) -> None:
+    """The keeper confirms it holds the mount and then dies before the daemon lets go of its own
+    descriptor: the daemon asks once more at that point, serves on, and says why."""
+    keeper = subprocess.Popen([sys.executable, "-c", KEEPER_THAT_DIES, str(setup.keeper.socket)],
+                              stdout=subprocess.PIPE, text=True, cwd="/")
+    said = Lines(keeper)
+    wait_for(lambda: said.has("listening"), 10, "the keeper to listen")
+    daemon = setup.daemon().start()
+    try:
+        wait_for(lambda: said.has("held 2"), 10, "the daemon's watch of the keeper")
+        writer = start_writer(daemon.mount / "log", sync_at=LINES, lines=LINES // 4)
+        done = setup.hand_over()
+        assert keeper.wait(10) == 0 and said.has("held 3"), said.lines
+        assert done.returncode == 1 and "did not hand the mount over" in done.stderr, (done.stdout, done.stderr)
+        assert daemon.proc is not None and daemon.proc.poll() is None, "the daemon serves on"
+        wait_for(lambda: writer.has("done") or writer.proc.poll() is not None, 60, "the writer to finish")
+        assert writer.proc.wait(30) == 0, writer.lines
+        assert (daemon.mount / "log").read_bytes() == expected(LINES // 4)
+
+        setup.keeper.start()  # a real keeper again: the hand-over goes ahead
+        wait_for(lambda: setup.keeper.keeps(1), 10, "the daemon to give the keeper the mount")
+        again = setup.hand_over()
+        assert again.returncode == 0, again.stderr
+        assert daemon.proc.wait(30) == EXIT_HANDED_OVER
+        second = setup.daemon().start()
+        try:
+            assert (second.mount / "log").read_bytes() == expected(LINES // 4)
+            assert second.stop() == 0, second.logs()
+        finally:
+            second.stop_hard()
+    finally:
+        if keeper.poll() is None:
+            keeper.kill()
         daemon.stop_hard()
