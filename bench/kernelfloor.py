@@ -192,6 +192,12 @@ class NullOperations:
     async def sync_all(self) -> None:
         pass
 
+    async def fsyncdir(self, ino: int) -> None:
+        pass
+
+    async def syncfs(self) -> None:
+        pass
+
     async def opendir(self, ino: int) -> int:
         self._node(ino)
         return ino
