@@ -5,9 +5,11 @@ the test pins the documented difference (docs/consistency.md)."""
 from __future__ import annotations
 
 import errno
+import fcntl
 import mmap
 import os
 import shutil
+import struct
 import subprocess
 import tempfile
 from collections.abc import Callable, Iterator
@@ -111,3 +113,31 @@ def test_unaligned_o_direct_is_accepted_and_exact(mnt: Path, ext4: Path) -> None
     finally:
         os.close(fd)
     assert f.read_bytes() == b"\xaa" * 7 + buf[:100] + b"\xaa" * (8192 - 107)
+
+
+FS_IOC_FIEMAP = 0xC020660B
+FIEMAP_ALL = struct.pack("<QQIIII", 0, (1 << 64) - 1, 0, 0, 0, 0)
+"""struct fiemap asking how many extents the whole file has."""
+
+
+def _tmpfile_and_fiemap(root: Path) -> list[object]:
+    (root / "mapped").write_bytes(b"x" * 10000)
+    fd = os.open(root / "mapped", os.O_RDONLY)
+    try:
+        fiemap = _outcome(lambda: fcntl.ioctl(fd, FS_IOC_FIEMAP, bytearray(FIEMAP_ALL)) == 0 and "mapped")
+    finally:
+        os.close(fd)
+
+    def tmpfile() -> str:
+        os.close(os.open(root, os.O_TMPFILE | os.O_RDWR, 0o600))
+        return "opened"
+
+    return [_outcome(tmpfile), fiemap]
+
+
+def test_o_tmpfile_and_fiemap_are_refused_as_unsupported(mnt: Path, ext4: Path) -> None:
+    """The documented differences (docs/consistency.md): ext4 serves both; the mount answers
+    EOPNOTSUPP, the errno callers (overlayfs, cp, filefrag) take for "fall back"."""
+    assert _tmpfile_and_fiemap(ext4) == ["opened", "mapped"]
+    unsupported = errno.errorcode[errno.EOPNOTSUPP]
+    assert _tmpfile_and_fiemap(mnt) == [unsupported, unsupported]
