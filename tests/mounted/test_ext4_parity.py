@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests.mounted.test_extreme_values import ext4_mount
+from tests.support.daemon import Daemon
 
 pytestmark = pytest.mark.mounted
 
@@ -141,3 +142,23 @@ def test_o_tmpfile_and_fiemap_are_refused_as_unsupported(mnt: Path, ext4: Path) 
     assert _tmpfile_and_fiemap(ext4) == ["opened", "mapped"]
     unsupported = errno.errorcode[errno.EOPNOTSUPP]
     assert _tmpfile_and_fiemap(mnt) == [unsupported, unsupported]
+
+
+@pytest.mark.slow
+def test_a_directory_takes_more_than_64998_subdirectories_as_ext4_with_dir_nlink(daemon: Daemon) -> None:
+    """ext4 (dir_nlink, mkfs's default) takes any number of subdirectories; we did stop at 64,998
+    (EMLINK). The parent's link count stays exact here (ext4 reports 1 past 65,000)."""
+    count = 65_010
+    base = Path(tempfile.mkdtemp(prefix="awsomefs-ext4-", dir="/var/tmp"))
+    try:
+        with ext4_mount(base, size_mib=1024, inodes=count + 1000) as ext4:
+            for root in (ext4 / "many", daemon.mount / "many"):
+                root.mkdir()
+                for i in range(count):
+                    os.mkdir(root / f"d{i}")
+                assert len(os.listdir(root)) == count
+            assert os.stat(ext4 / "many").st_nlink == 1
+            assert os.stat(daemon.mount / "many").st_nlink == count + 2
+    finally:
+        shutil.rmtree(daemon.mount / "many", ignore_errors=True)
+        shutil.rmtree(base, ignore_errors=True)
