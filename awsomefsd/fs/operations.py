@@ -24,6 +24,7 @@ from awsomefsd.fs.clock import file_time_ns
 from awsomefsd.fs.coherence import Coherence
 from awsomefsd.fs.data import FileData
 from awsomefsd.fs.handles import CRASH_UNREPORTED, Handle, Handles
+from awsomefsd.fs.posix import check_xattr
 from awsomefsd.io.layout import BLOCK_SIZE
 from awsomefsd.meta import commands as c
 from awsomefsd.meta.client import MetaClient
@@ -40,7 +41,6 @@ from awsomefsd.meta.records import (
     check_name,
     check_new_inode,
     check_owner,
-    check_xattr_name,
     clamp_time_ns,
     is_tiered,
 )
@@ -712,7 +712,7 @@ class Operations:
 
     # -- extended attributes --------------------------------------------------------------------
     async def getxattr(self, ino: int, name: bytes) -> bytes:
-        check_xattr_name(name)
+        check_xattr(name)
         if name == TIER_XATTR:
             return self._tier_state(ino)
         value = self.meta.xattr(ino, name)
@@ -722,7 +722,7 @@ class Operations:
         return value
 
     async def setxattr(self, ino: int, name: bytes, value: bytes, flags: int) -> None:
-        check_xattr_name(name)
+        check_xattr(name)
         if name in POSIX_ACL_XATTRS:
             # Stored as a plain attribute it would not change the mode, and cp -p, tar and rsync
             # set modes through it when it is accepted; refused, they fall back to chmod.
@@ -778,7 +778,7 @@ class Operations:
         return self.meta.xattr_names(ino)
 
     async def removexattr(self, ino: int, name: bytes) -> None:
-        check_xattr_name(name)
+        check_xattr(name)
         async with self._holding(ino) as ahead:
             await self._propose(c.RemoveXattr(ino, name, self._now()), ahead)
 

@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 import pyfuse3
 
 from awsomefsd.fs.operations import BLOCK_SIZE, Operations
+from awsomefsd.fs.posix import presented_size_blocks
 from awsomefsd.fuse.callers import caller_in_group
 from awsomefsd.meta.errors import FsError
 from awsomefsd.meta.records import Inode
@@ -96,9 +97,8 @@ class FuseAdapter(pyfuse3.Operations):
         e.st_uid = inode.uid
         e.st_gid = inode.gid
         e.st_rdev = inode.rdev
-        e.st_size = inode.size
+        e.st_size, e.st_blocks = presented_size_blocks(inode)
         e.st_blksize = BLOCK_SIZE
-        e.st_blocks = inode.blocks * (BLOCK_SIZE // 512)
         e.st_atime_ns = inode.atime_ns
         e.st_mtime_ns = inode.mtime_ns
         e.st_ctime_ns = inode.ctime_ns

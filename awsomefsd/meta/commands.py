@@ -550,8 +550,9 @@ Command = (
 BASE_LOG_LEVEL = 3
 """The level of a cluster that never recorded one: formed by builds before the gate, which decode
 command tags 1-32 (meta/codec.py) in format 3."""
-LOG_LEVEL = 11
-"""The newest commands this build decodes. 11: volumes replicate to the other site (a member
+LOG_LEVEL = 12
+"""The newest commands this build decodes. 12: mkdir has no subdirectory limit (meta/cluster_sm.py,
+UNLIMITED_SUBDIRS_LEVEL). 11: volumes replicate to the other site (a member
 captures CreateVolume, ResizeVolume and DeleteVolume, and applies the other site's `VolumeSet`
 operations; meta/sites.py, VOLUMES_LEVEL). 10: cross-site replication on a cluster (an ApplyRemote
 is refused while another member holds a delegation or write lease of what it changes, so

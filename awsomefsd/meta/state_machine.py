@@ -21,7 +21,7 @@ import lmdb
 
 from awsomefsd.meta import commands as c
 from awsomefsd.meta import filemap
-from awsomefsd.meta.cluster_sm import ClusterTables
+from awsomefsd.meta.cluster_sm import LINK_MAX, ClusterTables
 from awsomefsd.meta.errors import Delegated, FsError, SpaceCorruption
 from awsomefsd.meta.isolation import apply_isolated
 from awsomefsd.meta.namespace import Namespace
@@ -234,7 +234,7 @@ class StateMachine:
         if ns.get_inode(txn, cmd.ino) is not None:
             raise FsError(errno.EIO, f"inode {cmd.ino} proposed twice")
         is_dir = stat.S_ISDIR(cmd.mode)
-        if is_dir and parent.nlink >= 65000:
+        if is_dir and parent.nlink >= self.cluster.dir_link_limit(txn):
             raise FsError(errno.EMLINK)
         self.check_cookie(txn, cmd.parent, cmd.cookie)
         self.volumes.charge(txn, parent.volume, blocks=0, inodes=1)
@@ -273,7 +273,7 @@ class StateMachine:
             raise FsError(errno.EEXIST)
         if parent.volume != inode.volume:
             raise FsError(errno.EXDEV)
-        if inode.nlink >= 65000:
+        if inode.nlink >= LINK_MAX:
             raise FsError(errno.EMLINK)
         self.check_cookie(txn, cmd.new_parent, cmd.cookie)
         ns.add_entry(txn, cmd.new_parent, cmd.new_name, cmd.ino, self.new_cookie(txn, cmd.cookie))

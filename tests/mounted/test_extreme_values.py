@@ -79,13 +79,15 @@ SEED_VAR = "AWSOMEFS_EXTREME_SEED"
 
 
 @contextlib.contextmanager
-def ext4_mount(base: Path) -> Iterator[Path]:
-    """A fresh ext4 (4 KiB blocks, 256-byte inodes) on a loop device, for comparison."""
+def ext4_mount(base: Path, size_mib: int = 256, inodes: int | None = None) -> Iterator[Path]:
+    """A fresh ext4 (4 KiB blocks, 256-byte inodes, mkfs's default features) on a loop device,
+    for comparison."""
     image, mount = base / "ext4.img", base / "ext4"
     mount.mkdir()
     with open(image, "wb") as fh:
-        fh.truncate(256 << 20)
-    subprocess.run(["mkfs.ext4", "-q", "-F", "-b", "4096", "-I", "256", str(image)], check=True, capture_output=True)
+        fh.truncate(size_mib << 20)
+    subprocess.run(["mkfs.ext4", "-q", "-F", "-b", "4096", "-I", "256", *(["-N", str(inodes)] if inodes else []),
+                    str(image)], check=True, capture_output=True)
     subprocess.run(["mount", "-o", "loop", str(image), str(mount)], check=True, capture_output=True)
     try:
         yield mount

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from awsomefsd.meta import commands as c
+from awsomefsd.meta.cluster_sm import LINK_MAX, UNLIMITED_SUBDIRS_LEVEL
 from awsomefsd.meta.errors import Delegated, FsError
 from awsomefsd.meta.records import ROOT_INO, Extent
 from tests.unit.test_state_machine import DATA_START, Harness
@@ -170,3 +171,28 @@ def test_the_log_level_only_rises(h: Harness) -> None:
     assert h.apply(c.SetLogLevel(5, (1, 2))) == 5
     with h.store.env.begin() as txn:
         assert h.sm.cluster.log_level(txn) == 5
+
+
+def test_subdirectories_are_unlimited_once_every_member_applies_it_so(h: Harness, tmp_path: Path) -> None:
+    """ext4's dir_nlink: no subdirectory limit. A cluster below UNLIMITED_SUBDIRS_LEVEL keeps
+    ext4's old limit (64,998: link count 65,000), since a member on an older build applies it."""
+    def full_directory(harness: Harness, name: bytes, ino: int) -> None:
+        harness.apply(c.Mknod(ROOT_INO, name, ino, stat.S_IFDIR | 0o755, 0, 0, 20))
+        with harness.store.env.begin(write=True) as txn:
+            inode = harness.sm.ns.require_inode(txn, ino)
+            inode.nlink = LINK_MAX
+            harness.sm.ns.put_inode(txn, inode)
+
+    full_directory(h, b"full", 9000)
+    with pytest.raises(FsError) as err:
+        h.apply(c.Mknod(9000, b"one-more", 9001, stat.S_IFDIR | 0o755, 0, 0, 21))
+    assert err.value.errno == errno.EMLINK
+    h.apply(c.Mknod(9000, b"a-file", 9002, stat.S_IFREG | 0o644, 0, 0, 21))  # only subdirectories count
+    assert h.apply(c.SetLogLevel(UNLIMITED_SUBDIRS_LEVEL, (1,))) == UNLIMITED_SUBDIRS_LEVEL
+    h.apply(c.Mknod(9000, b"one-more", 9001, stat.S_IFDIR | 0o755, 0, 0, 22))
+    single = Harness(tmp_path / "single")  # a single node waits for nobody
+    full_directory(single, b"full", 9000)
+    single.apply(c.Mknod(9000, b"one-more", 9001, stat.S_IFDIR | 0o755, 0, 0, 21))
+    for harness in (h, single):
+        with harness.store.env.begin() as txn:
+            assert harness.sm.ns.require_inode(txn, 9000).nlink == LINK_MAX + 1

@@ -17,6 +17,7 @@ import trio
 
 from awsomefsd.fs.clock import file_time_ns
 from awsomefsd.fs.operations import BLOCK_SIZE, TIER_XATTR, Operations
+from awsomefsd.fs.posix import presented_size_blocks
 from awsomefsd.fuse.callers import caller_in_group
 from awsomefsd.fuse.invalidate import MOUNTED
 from awsomefsd.fuse.kernel import abi
@@ -25,7 +26,6 @@ from awsomefsd.fuse.kernel.session import NO_REPLY, Handler, Payload
 from awsomefsd.meta.errors import FsError
 from awsomefsd.meta.records import Inode
 
-SECTORS_PER_BLOCK = BLOCK_SIZE // 512
 XATTR_SIZE_MAX = 65536
 
 
@@ -94,7 +94,8 @@ class KernelHandlers:
         a_s, a_ns = divmod(inode.atime_ns, 1_000_000_000)
         m_s, m_ns = divmod(inode.mtime_ns, 1_000_000_000)
         c_s, c_ns = divmod(inode.ctime_ns, 1_000_000_000)
-        return abi.ATTR.pack(inode.ino, inode.size, inode.blocks * SECTORS_PER_BLOCK, a_s, m_s, c_s, a_ns, m_ns, c_ns,
+        size, sectors = presented_size_blocks(inode)
+        return abi.ATTR.pack(inode.ino, size, sectors, a_s, m_s, c_s, a_ns, m_ns, c_ns,
                              inode.mode, inode.nlink, inode.uid, inode.gid, inode.rdev, BLOCK_SIZE, 0)
 
     def entry(self, inode: Inode) -> bytes:
