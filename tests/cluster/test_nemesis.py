@@ -200,6 +200,7 @@ def stop_all(nodes: list[Node], run: Run) -> None:
         node.stop()
 
 
+@pytest.mark.budget(300)  # every kind of fault once: about two minutes alone
 def test_nemesis_short(netns_network: Callable[[int], PrivateNetwork], tmp_path: Path) -> None:
     seed = nemesis_seed()
 

@@ -44,6 +44,7 @@ def _run(profile: fsx.Settings, directory: Path, request: pytest.FixtureRequest,
     print(report.summary())
 
 
+@pytest.mark.fallback_smoke
 def test_fsx_short(daemon: Daemon, mnt: Path, request: pytest.FixtureRequest) -> None:
     _run(SHORT, mnt, request, daemon)
 
