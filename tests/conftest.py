@@ -3,9 +3,9 @@
 - `--slow` also runs the tests marked slow (the long tier does).
 - The run seed (tests/support/seeds.py): drawn fresh unless AWSOMEFS_SEED is set, exported before
   pytest-xdist starts its workers (they must collect the same seed parameters), shown in the header.
-- pytest-xdist groups: with `--dist loadgroup` the tests of one module stay on one worker (their
-  module-scoped daemons start once), except in the modules listed in SPREAD, whose tests are
-  independent and spread over both workers.
+- pytest-xdist groups: with `--dist loadgroup` each test is a unit of work of its own, except that
+  the tests of a module that uses a module-scoped fixture (a daemon started once for the module)
+  stay together on one worker, so that the fixture starts once.
 - `--budget S`: a default-tier test whose setup, call or teardown takes longer than S seconds (or
   than its own `@pytest.mark.budget(S)`) is listed in an "over budget" section; past twice its
   budget the run fails. Tests marked slow have no budget: they belong to the long tier.
@@ -18,14 +18,6 @@ import trio.testing
 
 from tests.support import seeds
 
-SPREAD = (
-    "tests/raft/test_simulation.py",
-    "tests/repl/test_sites_sm.py",
-    "tests/repl/test_tree.py",
-    "tests/repl/test_link.py",
-    "tests/repl/test_register.py",
-)
-"""Modules of many independent in-process tests, each a unit of work for xdist (no module fixture)."""
 SYSTEM = ("tests/mounted/", "tests/cluster/", "tests/packaging/", "tests/csi/", "tests/tier/test_tiering_mounted.py",
           "tests/repl/test_sites_cluster.py", "tests/repl/test_wan.py",
           "tests/repl/test_sites_daemons.py", "tests/repl/test_sites_random.py",
@@ -53,7 +45,7 @@ def pytest_report_header(config: pytest.Config) -> str:
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
         path = item.nodeid.split("::", 1)[0]
-        if not any(m.name == "xdist_group" for m in item.iter_markers()) and path not in SPREAD:
+        if _uses_a_module_fixture(item) and item.get_closest_marker("xdist_group") is None:
             item.add_marker(pytest.mark.xdist_group(path))
         if path.startswith(SYSTEM) or item.get_closest_marker("mounted") or item.get_closest_marker("netns"):
             item.add_marker(pytest.mark.system)
@@ -63,6 +55,13 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip_slow)
+
+
+def _uses_a_module_fixture(item: pytest.Item) -> bool:
+    info = getattr(item, "_fixtureinfo", None)
+    if info is None:
+        return False
+    return any(d.scope in ("module", "package", "class") for defs in info.name2fixturedefs.values() for d in defs)
 
 
 def _budget(item: pytest.Item) -> float | None:
