@@ -1,4 +1,4 @@
-"""Test-wide options and the tiers' plumbing (README "Tests"; scripts/test.sh runs the tiers).
+"""Test-wide options and the tiers' plumbing (README "Test tiers"; scripts/test.sh runs them).
 
 - `--slow` also runs the tests marked slow (the long tier does).
 - The run seed (tests/support/seeds.py): drawn fresh unless AWSOMEFS_SEED is set, exported before
