@@ -265,6 +265,7 @@ def not_a_committed_prefix(states: list[tuple[str, float, str]], safe_before: fl
     return ""
 
 
+@pytest.mark.serial  # asserts the stall in wall-clock seconds
 def test_leader_killed_during_create_storm(cluster3: Cluster, record_property: Callable[[str, object], None]) -> None:
     nodes = cluster3.form(3)
     storm_dir = nodes[0].mount / "storm"
@@ -399,6 +400,7 @@ def test_stale_writer_after_sigstop_gets_eio(netns_network: Callable[[int], Priv
 
 
 # --- 3. a partitioned node is fenced, then rejoins ----------------------------------------------------
+@pytest.mark.serial  # asserts how soon the cut-off node is fenced, in wall-clock seconds
 def test_partitioned_node_is_fenced_and_rejoins(cluster3: Cluster) -> None:
     nodes = cluster3.form(3)
     a = cluster3.leader(nodes)

@@ -25,7 +25,6 @@ a failure prints the seed and the command.
 from __future__ import annotations
 
 import os
-import random
 import re
 import signal
 import time
@@ -35,6 +34,7 @@ from pathlib import Path
 import pytest
 
 from awsomefsd.devcluster.network import PrivateNetwork
+from tests.support import seeds
 from tests.support.cluster import Node, cluster_in
 from tests.support.nemesis import (
     KINDS,
@@ -65,7 +65,7 @@ LONG_KINDS = tuple(os.environ.get("AWSOMEFS_NEMESIS_KINDS", ",".join(KINDS)).spl
 
 def nemesis_seed() -> int:
     text = os.environ.get("AWSOMEFS_NEMESIS_SEED")
-    return int(text) if text else random.SystemRandom().randrange(1, 1 << 31)
+    return int(text) if text else seeds.fresh_one("nemesis")  # fresh each run: tests/support/seeds.py
 
 
 def replay(seed: int, test: str) -> str:
@@ -200,6 +200,7 @@ def stop_all(nodes: list[Node], run: Run) -> None:
         node.stop()
 
 
+@pytest.mark.budget(300)  # every kind of fault once: about two minutes alone
 def test_nemesis_short(netns_network: Callable[[int], PrivateNetwork], tmp_path: Path) -> None:
     seed = nemesis_seed()
 

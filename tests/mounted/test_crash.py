@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.support import seeds
 from tests.support.crash_writer import BLOCK, block_bytes, file_size
 from tests.support.daemon import Daemon, run_cli, wait_for
 
@@ -61,6 +62,7 @@ def verify(mount: Path, acked: dict[int, int], max_version: dict[int, int]) -> i
 
 
 def crash_cycles(cycles: int, seed: int, env: dict[str, str] | None = None) -> None:
+    print(f"crash cycles: seed {seed}")  # fresh each run (tests/support/seeds.py)
     rng = random.Random(seed)
     base = Path(tempfile.mkdtemp(prefix="awsomefs-crash-", dir="/var/tmp"))
     ack_log = base / "acks"
@@ -94,14 +96,14 @@ def crash_cycles(cycles: int, seed: int, env: dict[str, str] | None = None) -> N
 
 
 def test_kill_9_under_write_load() -> None:
-    crash_cycles(cycles=3, seed=1)
+    crash_cycles(cycles=3, seed=seeds.fresh_one("crash"))
 
 
 def test_kill_9_under_write_load_on_the_raft_log() -> None:
     """The same crash cycles with the metadata on the Raft engine (one-member group)."""
-    crash_cycles(cycles=3, seed=3, env={"AWSOMEFS_META__LOG": "raft"})
+    crash_cycles(cycles=3, seed=seeds.fresh_one("crash-raft"), env={"AWSOMEFS_META__LOG": "raft"})
 
 
 @pytest.mark.slow
 def test_kill_9_under_write_load_many_times() -> None:
-    crash_cycles(cycles=20, seed=2)
+    crash_cycles(cycles=20, seed=seeds.fresh_one("crash-many"))

@@ -19,11 +19,12 @@ import pytest
 from awsomefsd.repl.digest import TreeDigest, differences, digest_tree
 from awsomefsd.testing.sqlite_wal import run_wal_writers
 from tests.mounted.conftest import running_daemon
+from tests.support import seeds
 from tests.support.daemon import Daemon
 from tests.support.trees import make_source_tree
 
 pytestmark = pytest.mark.mounted
-SEED = 20261122
+SEED = seeds.fresh_one("workloads")  # the source tree's shape, fresh each run (tests/support/seeds.py)
 
 
 @pytest.fixture(scope="module")

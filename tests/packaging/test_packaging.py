@@ -2,7 +2,8 @@
 compiled binary and the packages built from it, used the way an operator would.
 
 The fast tests run everywhere. The slow test compiles with Nuitka (~10 min cold, ~2-3 min with
-the ccache under /var/cache/awsomefs-build kept), so CI runs it with `--slow`; it installs its own
+the ccache under /var/cache/awsomefs-build kept), so the long tier runs it (`scripts/test.sh
+--long`; CI's packaging build is the wheel, test_wheel.py); it installs its own
 tools through scripts/install-build.sh and needs root (dpkg, a FUSE mount).
 """
 
@@ -412,6 +413,7 @@ def test_test_only_code_stays_out_of_the_build() -> None:
 
 @pytest.mark.slow
 @pytest.mark.mounted
+@pytest.mark.serial  # installs the .deb on this machine (dpkg, /var/lib/awsomefs)
 @pytest.mark.timeout(BUILD_TIMEOUT_S)
 def test_build_install_and_run(tmp_path: Path) -> None:
     ensure_build_tools("ccache", "patchelf", "lintian", "rpm", "dpkg-deb", "systemd-analyze")

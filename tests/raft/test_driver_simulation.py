@@ -19,26 +19,28 @@ from awsomefsd.meta.raft import MessageType
 from awsomefsd.meta.replication import driver, proposals
 from awsomefsd.meta.replication.errors import ProposalTimeout
 from awsomefsd.meta.replication.proposals import Proposals
+from tests.support import seeds
 
 from .driver_sim import Scenario, SimFailure, Simulation, encode_put, run_seed
 from .memory_replica import MemoryReplicaStorage
 
 DEFAULT_SEEDS = range(11)  # enough that a resent entry is found applied already (a forward is abandoned once answered)
 DEFAULT_SECONDS = 3.0
-SLOW_SEEDS = range(1_000, 1_150)
+FRESH_SEEDS = 8  # a fresh slice each run (tests/support/seeds.py), beside the fixed ones above
+SLOW_SEEDS = 150
 SLOW_SECONDS = 20.0
 
 
-def _run_seeds(seeds: range, seconds: float) -> Counter[str]:
+def _run_seeds(chosen: range, seconds: float) -> Counter[str]:
     failures, totals = [], Counter[str]()
-    for seed in seeds:
+    for seed in chosen:
         try:
             totals.update(run_seed(seed, seconds).stats())
         except SimFailure as e:
             failures.append(str(e))
             if len(failures) >= 3:
                 break
-    assert not failures, "\n\n".join(failures)
+    assert not failures, seeds.failed(chosen, failures)
     return totals
 
 
@@ -59,7 +61,13 @@ def test_driver_simulation_seeds(driver_seed: int | None, driver_seconds: float 
 @pytest.mark.slow
 @pytest.mark.timeout(3600)
 def test_driver_simulation_many_seeds() -> None:
-    _run_seeds(SLOW_SEEDS, SLOW_SECONDS)
+    _run_seeds(seeds.fresh_range("driver-simulation-many", SLOW_SEEDS), SLOW_SECONDS)
+
+
+def test_driver_simulation_fresh_seeds(driver_seed: int | None) -> None:
+    """Seeds no run has tried before; the fixed ones above guard the simulator's coverage."""
+    if driver_seed is None:
+        _run_seeds(seeds.fresh_range("driver-simulation", FRESH_SEEDS), DEFAULT_SECONDS)
 
 
 def test_a_driver_seed_replays_exactly() -> None:

@@ -151,6 +151,7 @@ async def test_cut_off_leader_times_out_loses_and_refuses_reads(tmp_path: Path) 
         assert c.sms[old.id].get("k") == "new4"
 
 
+@pytest.mark.serial  # proposals must apply within a wall-clock deadline, elections on wall-clock time
 async def test_concurrent_proposals_apply_everywhere_with_pipelined_and_deferred_applies(tmp_path: Path) -> None:
     """Under concurrent load the leader's apply-only Readys run behind its loop and the followers'
     wait for their next append; every command still lands once, in order, on every member, and a

@@ -137,6 +137,7 @@ def cluster(tmp_path: Path) -> Iterator[KVCluster]:
         yield c
 
 
+@pytest.mark.serial  # a new leader within NEW_LEADER_BOUND_S of wall-clock time
 def test_kill_leader_during_proposals(cluster: KVCluster) -> None:
     cluster.start()
     old = cluster.leader()
@@ -234,6 +235,7 @@ def test_whole_cluster_killed_and_restarted_keeps_acknowledged_writes(cluster: K
 
 
 @pytest.mark.slow
+@pytest.mark.serial  # a new leader within NEW_LEADER_BOUND_S of wall-clock time, each time
 def test_leader_killed_again_and_again(cluster: KVCluster) -> None:
     """Five rounds of: SIGKILL the leader under load, a new one within the bound, restart the
     old one; the whole history stays linearizable and nothing acknowledged is lost."""

@@ -13,44 +13,51 @@ import pytest
 from awsomefsd.meta.raft import Message
 from awsomefsd.meta.raft.core import Raft
 from awsomefsd.meta.raft.log import RaftLog
+from tests.support import seeds
 
 from .sim import SimFailure, run_seed
 
 DEFAULT_SEEDS = 1000
 SLOW_SEEDS = 10_000
-SLOW_FIRST_SEED = 1_000_000  # the slow run covers seeds the default run does not
+CHUNKS = 4  # each seed sweep is split in this many tests, which pytest-xdist spreads over the cores
 
 
-def _run_seeds(seeds: range) -> None:
+def _run_seeds(chosen: range) -> None:
     failures = []
-    for seed in seeds:
+    for seed in chosen:
         try:
             run_seed(seed)
         except SimFailure as e:
             failures.append(str(e))
             if len(failures) >= 3:
                 break
-    assert not failures, "\n\n".join(failures)
+    assert not failures, seeds.failed(chosen, failures)
 
 
-def test_simulation_seeds(raft_seed: int | None, raft_seed_count: int | None) -> None:
+@pytest.mark.parametrize("chunk", range(CHUNKS))
+def test_simulation_seeds(raft_seed: int | None, raft_seed_count: int | None, chunk: int) -> None:
+    """A fresh slice of seeds every run (tests/support/seeds.py), a quarter in each chunk."""
     if raft_seed is not None:
-        run_seed(raft_seed)
+        if chunk == 0:
+            run_seed(raft_seed)
         return
-    _run_seeds(range(raft_seed_count or DEFAULT_SEEDS))
+    _run_seeds(seeds.fresh_range("raft-simulation", raft_seed_count or DEFAULT_SEEDS)[chunk::CHUNKS])
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(1800)  # ~6 min alone on 2 cores; more when the machine is shared
-def test_simulation_many_seeds() -> None:
-    _run_seeds(range(SLOW_FIRST_SEED, SLOW_FIRST_SEED + SLOW_SEEDS))
+@pytest.mark.timeout(1800)  # ~6 min alone on 2 cores in all; more when the machine is shared
+@pytest.mark.parametrize("chunk", range(CHUNKS))
+def test_simulation_many_seeds(chunk: int) -> None:
+    _run_seeds(seeds.fresh_range("raft-simulation-many", SLOW_SEEDS)[chunk::CHUNKS])
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_simulation_long_runs() -> None:
     """Fewer seeds, each ten times longer: more snapshots, membership churn and leader changes."""
-    for seed in range(2_000_000, 2_000_100):
+    chosen = seeds.fresh_range("raft-simulation-long", 100)
+    print(seeds.describe(chosen))
+    for seed in chosen:
         run_seed(seed, duration=30_000)
 
 

@@ -16,6 +16,7 @@ from awsomefsd.repl.hlc import EPOCH, HybridClock, Stamp
 from awsomefsd.repl.link import Ack, Gap, Horizon, Inbound, Outbox, Shipped
 from awsomefsd.repl.tree import ROOT, TRASH, MemoryTree, Move, ReplicatedTree, TreeCorruption
 from tests.repl.test_tree import CausalityModel, node, random_move
+from tests.support import seeds
 
 A, B = bytes(15) + b"\x0a", bytes(15) + b"\x0b"
 
@@ -245,7 +246,7 @@ def run_seed(seed: int, steps: int = 600) -> tuple[list[str], TwoSites]:
     return sim.violations(), sim
 
 
-@pytest.mark.parametrize("seed", range(30))
+@pytest.mark.parametrize("seed", seeds.params("link", 30))
 def test_two_sites_converge_through_failing_links_applying_each_move_once(seed: int) -> None:
     problems, sim = run_seed(seed)
     assert problems == [], f"seed {seed}: {problems}"

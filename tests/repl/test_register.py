@@ -12,6 +12,7 @@ import pytest
 from awsomefsd.repl import register as r
 from awsomefsd.repl.hlc import HybridClock, Stamp
 from awsomefsd.repl.register import MAX_VERSIONS, MultiValueRegister, TooManyVersions, Version
+from tests.support import seeds
 
 A, B, C = (bytes(15) + bytes([n]) for n in (0xA, 0xB, 0xC))
 
@@ -138,7 +139,7 @@ def simulate(seed: int, steps: int = 300) -> tuple[list[str], int]:
     return problems, len(ever_lost)
 
 
-@pytest.mark.parametrize("seed", range(30))
+@pytest.mark.parametrize("seed", seeds.params("register", 30))
 def test_sites_agree_on_the_winner_and_keep_exactly_the_writes_nobody_saw(seed: int) -> None:
     problems, conflicted = simulate(seed)
     assert problems == [], f"seed {seed}"

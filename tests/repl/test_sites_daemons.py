@@ -27,12 +27,13 @@ import pytest
 
 from awsomefsd.devcluster.network import available
 from awsomefsd.repl.digest import differences, digest_tree
+from tests.support import seeds
 from tests.support.daemon import run_cli, wait_for
 from tests.support.sites import SYNC_DEADLINE_S, Site, Wan, create_volume, link, two_sites, wait_converged
 from tests.support.trees import make_source_tree
 
 pytestmark = pytest.mark.skipif(available() is not None, reason=f"network namespaces: {available()}")
-SEED = 20261125
+SEED = seeds.fresh_one("sites-daemons")  # the source tree's shape, fresh each run (tests/support/seeds.py)
 PAUSE_S = 5.0
 """How long a site stays stopped: past the link's heartbeat (2 s), well inside a call's time-out."""
 GIT = {"GIT_AUTHOR_NAME": "a", "GIT_AUTHOR_EMAIL": "a@example.invalid", "GIT_COMMITTER_NAME": "a",

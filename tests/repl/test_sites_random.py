@@ -28,6 +28,7 @@ from pathlib import Path
 import pytest
 
 from awsomefsd.devcluster.network import available
+from tests.support import seeds
 from tests.support.sites import (
     ClusterSite,
     Site,
@@ -42,7 +43,7 @@ pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(available() is not None, reason=f"network namespaces: {available()}")]
 
 NAMES = ["a", "b", "c"]
-SEED = int(os.environ.get("AWSOMEFS_SITES_SEED", "20261125"))
+SEED = int(os.environ.get("AWSOMEFS_SITES_SEED") or seeds.fresh_one("sites-random"))
 ROUNDS = int(os.environ.get("AWSOMEFS_SITES_ROUNDS", "6"))
 OPS_PER_ROUND = 40
 BIG_BYTES = 2 << 20

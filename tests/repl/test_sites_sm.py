@@ -10,12 +10,11 @@ comes later). Seeded: a failure names its seed, and `AWSOMEFS_SITES_SEED=n` repl
 from __future__ import annotations
 
 import errno
-import os
 import random
 import shutil
 import stat
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +31,7 @@ from awsomefsd.repl import ops as o
 from awsomefsd.repl.hlc import EPOCH, Stamp
 from awsomefsd.repl.link import Ack, Horizon
 from awsomefsd.repl.tree import Move
+from tests.support import seeds
 
 
 class Site:
@@ -272,23 +272,25 @@ def conflict_keys(site: Site) -> set[tuple[str, str]]:
     return {(r["kind"], r["loser"]) for r in site.conflicts() if r["open"]}
 
 
-SEEDS = [int(os.environ["AWSOMEFS_SITES_SEED"])] if "AWSOMEFS_SITES_SEED" in os.environ else list(range(12))
-MANY_SEEDS = range(12, 1200)
-"""The slow run's seeds: 1,200 in all passed before this was committed (the ones that found
-the bugs of design note 49 are among them: 7, 59, 97, 107, 227, 234, 660)."""
+SEEDS = seeds.params("sites", 12, replay_var="AWSOMEFS_SITES_SEED")
+"""Fresh each run (tests/support/seeds.py)."""
+MANY_SEEDS = seeds.fresh_range("sites-many", 1188)
+"""The slow run's seeds, fresh each run: seeds 0..1199 passed before this was committed (the ones
+that found the bugs of design note 49 are among them: 7, 59, 97, 107, 227, 234, 660)."""
 
 
-def run_seeds(test: Callable[[Path, int], None], tmp_path: Path, seeds: Iterable[int]) -> None:
+def run_seeds(test: Callable[[Path, int], None], tmp_path: Path, chosen: range) -> None:
     """A seeded test over many seeds, every failing seed named (the slow suite's runs)."""
     failed = []
-    for seed in seeds:
+    for seed in chosen:
         try:
             test(tmp_path / str(seed), seed)
         except AssertionError as exc:
             failed.append(f"{exc}".splitlines()[0])
         else:
             shutil.rmtree(tmp_path / str(seed))
-    assert not failed, f"{len(failed)} seeds failed (AWSOMEFS_SITES_SEED=n replays one): {failed[:5]}"
+    assert not failed, seeds.failed(chosen, [f"{len(failed)} seeds failed (AWSOMEFS_SITES_SEED=n replays one):",
+                                             *failed[:5]])
 
 
 @pytest.mark.slow

@@ -40,6 +40,7 @@ from tests.repl.test_sites_sm import (
     unreachable_inodes,
     write,
 )
+from tests.support import seeds
 
 MiB = 1 << 20
 
@@ -346,10 +347,9 @@ def run_with_volumes(tmp_path: Path, seed: int) -> tuple[Site, Site]:
     return run(tmp_path, seed, 200, site_class=VolumeSite, make=make)
 
 
-VOLUME_SEEDS = [int(os.environ["AWSOMEFS_SITES_SEED"])] if "AWSOMEFS_SITES_SEED" in os.environ \
-    else [*range(8), 279, 287]
-"""8 seeds, and the two that found bugs older than volumes (design note 52): 287, a name lost with
-a released directory; 279, a loser the peer keeps, released here before the peer's next version."""
+VOLUME_SEEDS = seeds.params("sites-volumes", 8, replay_var="AWSOMEFS_SITES_SEED", fixed=(279, 287))
+"""8 fresh seeds, and the two that found bugs older than volumes (design note 52): 287, a name lost
+with a released directory; 279, a loser the peer keeps, released here before the peer's next version."""
 
 
 @pytest.mark.parametrize("seed", VOLUME_SEEDS)
@@ -370,7 +370,8 @@ def test_two_sites_converge_with_volumes_under_random_changes(tmp_path: Path, se
 
 @pytest.mark.slow
 def test_two_sites_converge_with_volumes_under_many_more_random_seeds(tmp_path: Path) -> None:
-    run_seeds(test_two_sites_converge_with_volumes_under_random_changes, tmp_path, range(8, 400))
+    run_seeds(test_two_sites_converge_with_volumes_under_random_changes, tmp_path,
+              seeds.fresh_range("sites-volumes-many", 392))
 
 
 def test_verify_pairs_volumes_by_their_id_and_names_what_differs_inside(tmp_path: Path) -> None:

@@ -4,7 +4,6 @@ go down, checked against a model; and planted bugs that the simulation must catc
 
 from __future__ import annotations
 
-import os
 import random
 from dataclasses import dataclass, field
 
@@ -23,6 +22,7 @@ from awsomefsd.repl.tree import (
     conflict_name,
     visible_names,
 )
+from tests.support import seeds
 
 A, B, C = (bytes(15) + bytes([n]) for n in (0xA, 0xB, 0xC))
 
@@ -304,8 +304,8 @@ class Simulation:
 
 
 def simulation_seeds() -> list[int]:
-    given = os.environ.get("AWSOMEFS_TREE_SEED")
-    return [int(given)] if given else list(range(40))
+    """Fresh each run (tests/support/seeds.py); AWSOMEFS_TREE_SEED=n replays one."""
+    return seeds.params("tree", 40, replay_var="AWSOMEFS_TREE_SEED")
 
 
 @pytest.mark.parametrize("seed", simulation_seeds())

@@ -18,6 +18,7 @@ import trio
 from awsomefsd.fs.operations import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE
 from awsomefsd.io.layout import BLOCK_SIZE
 from awsomefsd.meta import commands as c
+from tests.support import seeds
 from tests.support.s3 import S3Server
 from tests.support.tiering import Node, tier_settings, tiered_node
 from tests.unit.test_fs_api import File
@@ -95,7 +96,7 @@ async def node(tmp_path: Path, s3: S3Server) -> AsyncIterator[Node]:
         yield running
 
 
-@pytest.mark.parametrize("seed", [1, 2, 3])
+@pytest.mark.parametrize("seed", seeds.params("tier-exerciser", 3))
 async def test_random_operations_with_tiering_keep_every_byte(node: Node, seed: int) -> None:
     node.engine.settings = node.settings.tier.model_copy(update={"cold_after_s": 0.001, "repack_below": 0.6})
     rng = random.Random(seed)

@@ -28,6 +28,7 @@ from awsomefsd.meta.records import ROOT_INO, Extent
 from awsomefsd.meta.replication.fs_log import ReplicatedFsLog
 from awsomefsd.meta.state_machine import StateMachine
 from awsomefsd.meta.store import TABLES, MetaStore
+from tests.support import seeds
 
 NAMES = [b"a", b"b", b"c", b"d", b"e", b"f"]
 COMPARED_TABLES = ("inodes", "dentries", "cookies", "xattrs", "symlinks", "orphans", "fmap", "wleases")
@@ -141,7 +142,7 @@ def table_contents(env: lmdb.Environment, db: Any) -> list[tuple[bytes, bytes]]:
         return [(bytes(k), bytes(v)) for k, v in txn.cursor(db)]
 
 
-@pytest.mark.parametrize("seed", [1, 2, 3])
+@pytest.mark.parametrize("seed", seeds.params("ahead", 3))
 async def test_run_ahead_predicts_what_the_log_applies(tmp_path: Path, seed: int) -> None:
     reference = Reference(tmp_path / "ref")
     async with client(tmp_path / "node") as meta:

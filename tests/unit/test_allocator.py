@@ -15,6 +15,7 @@ from awsomefsd.io.layout import MiB, plan_layout
 from awsomefsd.meta import freespace as freespace_module
 from awsomefsd.meta.freespace import FreeSpaceMap
 from awsomefsd.meta.sortedints import SortedInts
+from tests.support import seeds
 
 # -- FreeSpaceMap: examples --------------------------------------------------------------------------
 
@@ -365,7 +366,7 @@ def test_allocation_limits() -> None:
         alloc.allocate(freespace_module.MAX_ALLOCATION_BLOCKS + 1)
 
 
-@pytest.mark.parametrize("seed", range(5))
+@pytest.mark.parametrize("seed", seeds.params("allocator", 5))
 def test_allocator_free_count_follows_every_change(seed: int) -> None:
     """The allocator keeps its free-block count as it changes (every write asks for it): after any
     seeded sequence of allocations, releases, frees, grants and revocations it is the count of the
