@@ -85,6 +85,7 @@ def one_cluster(nodes: list[Node]) -> set[int]:
     return set(views[0][1])
 
 
+@pytest.mark.budget(150)  # three daemons formed at once, one of them started again with no state
 def test_the_same_command_everywhere_forms_one_cluster_and_a_wiped_node_rejoins(formed: tuple[Cluster, str]) -> None:
     cluster, _token = formed
     nodes = cluster.nodes
