@@ -125,6 +125,14 @@ def test_localized_pods_get_their_own_directories(tmp_path: Path, monkeypatch: p
     assert all(Path(v.host_path or "") == Path("/dev") for v in runs[0].volumes if v.name == "dev")
 
 
+def test_the_keeper_of_pod_k_serves_where_its_daemon_looks(tmp_path: Path) -> None:
+    daemon = pod(1).localized(tmp_path)
+    keeper = k8s_pods.keeper_run(1, "10.77.0.1").localized(tmp_path)
+    assert keeper.argv[:2] == ["/usr/bin/awsomefsd", "fd-keeper"]
+    assert keeper.argv[keeper.argv.index("--socket") + 1] == daemon.env["AWSOMEFS_MOUNT__FD_KEEPER"]
+    assert daemon.env["AWSOMEFS_MOUNT__FD_KEEPER"].startswith(str(tmp_path) + "/")
+
+
 def test_peer_hosts_resolve_to_every_pod_in_a_network_namespace(tmp_path: Path) -> None:
     """What the formation test does in place of the cluster's DNS: the headless Service's name,
     given in /etc/netns/NS/hosts, resolves inside `ip netns exec NS` to every pod's address."""

@@ -18,6 +18,16 @@ environment the container runtime would get, resolved the way the kubelet resolv
 /dev becomes a directory under `root` (configMap and secret volumes with their files written
 there), and every container path in argv, env and the configuration files is rewritten to it, so
 that N pods can run side by side with their own state, socket and mount directories.
+
+Use (pod K, in network namespace NS with address IP, all pods' addresses IPS):
+
+    run = k8s_pods.daemon_run(k, ip, token=token, device=image).localized(base / f"pod{k}")
+    keeper = k8s_pods.keeper_run(k, ip).localized(base / f"pod{k}")
+    Path(f"/etc/netns/{NS}/hosts").write_text(k8s_pods.peer_hosts(run, IPS))  # the Service's DNS
+    Popen(["ip", "netns", "exec", NS, *AWSOMEFSD, *run.argv[1:]], env={**image_env, **run.env})
+
+argv[0] is the image's /usr/bin/awsomefsd; a test of the checkout puts its own command there. The
+container's environment is `env` on top of the image's (build.py IMAGE_ENV: PATH, LANG, HOME).
 """
 
 from __future__ import annotations
@@ -34,6 +44,8 @@ import yaml
 K8S_DIR = Path(__file__).resolve().parents[2] / "packaging" / "k8s"
 NODE_DAEMONSET = "awsomefs-node"
 DAEMON_CONTAINER = "awsomefsd"
+KEEPER_DAEMONSET = "awsomefs-fd-keeper"
+KEEPER_CONTAINER = "fd-keeper"
 CONFIG_MAP = "awsomefsd-config"
 CONFIG_KEY = "awsomefsd.toml"
 DEVICE_PLACEHOLDER = "/dev/disk/by-id/CHANGE-ME"
@@ -331,6 +343,13 @@ def daemon_run(k: int, pod_ip: str, *, token: str, device: Path | str, **kwargs:
     config_maps = {CONFIG_MAP: {CONFIG_KEY: configured_toml(device)}, **kwargs.pop("config_maps", {})}
     context = kwargs.pop("context", None) or PodContext.for_index(k, pod_ip)
     return container_run(context, secrets=secrets, config_maps=config_maps, **kwargs)
+
+
+def keeper_run(k: int, pod_ip: str, **kwargs: Any) -> ContainerRun:
+    """Pod K's descriptor keeper (fd-keeper.yaml); localized under the same directory as the
+    daemon's run, its socket is where the daemon looks for it (both name the volume keeper-dir)."""
+    context = kwargs.pop("context", None) or PodContext.for_index(k, pod_ip)
+    return container_run(context, daemonset=KEEPER_DAEMONSET, container=KEEPER_CONTAINER, **kwargs)
 
 
 def peer_names(run: ContainerRun) -> list[str]:
