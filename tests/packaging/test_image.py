@@ -100,8 +100,15 @@ class Runtime:
         config = json.loads((bundle / "config.json").read_text())
         process = config["process"]
         process["args"], process["terminal"] = args, False
-        # The node plugin's pod uses the host network (docs/csi.md, "Why the host network").
+        # The node plugin's pod uses the host network (docs/csi.md, "Why the host network"); sysfs
+        # cannot be mounted afresh outside a network namespace of one's own, so it is bound (and
+        # the cgroup file system, which the daemon does not read, is left out).
         config["linux"]["namespaces"] = [n for n in config["linux"]["namespaces"] if n["type"] != "network"]
+        config["mounts"] = [m for m in config["mounts"] if m["destination"] != "/sys/fs/cgroup"]
+        for mount in config["mounts"]:
+            if mount["destination"] == "/sys":  # writable for a privileged container, as the kubelet's
+                mount.update({"type": "bind", "source": "/sys",
+                              "options": ["rbind", "nosuid", "noexec", "nodev", "rw" if privileged_fuse else "ro"]})
         if privileged_fuse:  # what `privileged: true` gives the node plugin's container
             for kind in ("bounding", "effective", "permitted"):
                 process["capabilities"][kind] = sorted({*process["capabilities"].get(kind, []), "CAP_SYS_ADMIN"})
