@@ -28,6 +28,10 @@ Use (pod K, in network namespace NS with address IP, all pods' addresses IPS):
 
 argv[0] is the image's /usr/bin/awsomefsd; a test of the checkout puts its own command there. The
 container's environment is `env` on top of the image's (build.py IMAGE_ENV: PATH, LANG, HOME).
+`ip netns exec` also gives the daemon a mount namespace of its own (a slave of the host's): its
+FUSE mount shows in /proc/PID/mountinfo and is reached at /proc/PID/root/MOUNT (`ip` execs the
+command, so PID is the Popen's), not in the test's own namespace. Stop the daemons before the
+keepers (a daemon that stops drops its descriptor from the keeper).
 """
 
 from __future__ import annotations
