@@ -70,6 +70,9 @@ IMAGE_NAME = "ghcr.io/awsomefs/awsomefsd"  # the name packaging/k8s gives (tag: 
 OCI_DIR = DIST_DIR / "oci"
 # Taken from the build host into the image: the unmount helper, the CA bundle (https tier stores).
 IMAGE_HOST_FILES = ("/usr/bin/fusermount3", "/etc/ssl/certs/ca-certificates.crt")
+# The C.UTF-8 locale (LANG below): glibc builds in only C/POSIX, and without the locale's files the
+# compiled program aborts at start-up (found by tests/packaging/test_image.py).
+IMAGE_HOST_TREES = ("/usr/lib/locale/C.utf8",)
 IMAGE_ENV = ("PATH=/usr/sbin:/usr/bin:/sbin:/bin", "LANG=C.UTF-8", "HOME=/root",
              "SSL_CERT_FILE=/etc/ssl/certs/ca-certificates.crt")
 IMAGE_ETC = {
@@ -408,7 +411,10 @@ def image_entries() -> dict[str, str | Path | None]:
     elves = [p for p in tree.rglob("*") if p.is_file() and not p.is_symlink() and is_elf(p)]
     elves += [Path(f) for f in IMAGE_HOST_FILES if is_elf(Path(f))]
     host: dict[str, str | None] = {}
-    for name in sorted(linked_libraries(elves, tree)) + list(IMAGE_HOST_FILES):
+    trees = [str(f) for d in IMAGE_HOST_TREES for f in sorted(Path(d).rglob("*")) if f.is_file()]
+    if not trees:
+        raise BuildError(f"none of {IMAGE_HOST_TREES} on this host (Debian: libc-bin)")
+    for name in sorted(linked_libraries(elves, tree)) + list(IMAGE_HOST_FILES) + trees:
         host_closure(name, host)
     entries.update({dest: target if target is not None else Path(dest) for dest, target in host.items()})
     for dest in ("/tmp", "/root", "/run", "/var/tmp"):
