@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Build the release artefacts: the Nuitka-compiled `awsomefsd` and the .deb and .rpm around it.
+"""Build the release artefacts: the Nuitka-compiled `awsomefsd`, the .deb and .rpm around it, and
+the OCI image that packaging/k8s runs.
 
 One Nuitka compile (onefile mode) yields both layouts we ship:
 
@@ -14,6 +15,13 @@ One Nuitka compile (onefile mode) yields both layouts we ship:
 Every build runs `awsomefsd self-test` and `--version` on both, from `/` with a minimal
 environment, because a module Nuitka left out shows only at run time.
 
+`build.py image` writes the container image as an OCI image layout (`dist/oci/`, and the same as
+one tar, `dist/awsomefsd-VERSION-oci.tar`) without a container engine: one layer, from scratch,
+holding the standalone tree, the host libraries it links (found with ldd, each with the symlinks
+that lead to it), fusermount3 (clearing a stale mount), the CA bundle (https object stores) and a
+minimal /etc. Its contents and metadata are fixed by the inputs (SOURCE_DATE_EPOCH, default 0,
+for every time stamp), so an unchanged build gives the same digests.
+
 The compile takes ~10 minutes cold on two cores, so it runs under `nice -n 19`, goes through
 ccache with the cache outside the repository (`--cache-dir`, default
 /var/cache/awsomefs-build), and is skipped when its inputs (sources, installed dependency
@@ -24,8 +32,10 @@ anyway). Run `scripts/install-build.sh` first for the tools.
 from __future__ import annotations
 
 import argparse
+import gzip
 import hashlib
 import importlib.metadata
+import io
 import json
 import os
 import re
@@ -34,6 +44,8 @@ import statistics
 import string
 import subprocess
 import sys
+import tarfile
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,7 +65,23 @@ NFPM_TEMPLATE = ROOT / "packaging" / "nfpm.yaml"
 NFPM_CONFIG = ROOT / "build" / "nfpm.yaml"
 DEFAULT_MAINTAINER = "AwsomeFS maintainers <maintainers@users.noreply.b-seed-64d119f9.example>"
 DEFAULT_CACHE_DIR = Path("/var/cache/awsomefs-build")
-TARGETS = ("binary", "deb", "rpm", "all")
+TARGETS = ("binary", "deb", "rpm", "image", "all")
+IMAGE_NAME = "ghcr.io/awsomefs/awsomefsd"  # the name packaging/k8s gives (tag: the version)
+OCI_DIR = DIST_DIR / "oci"
+# Taken from the build host into the image: the unmount helper, the CA bundle (https tier stores).
+IMAGE_HOST_FILES = ("/usr/bin/fusermount3", "/etc/ssl/certs/ca-certificates.crt")
+# The C.UTF-8 locale (LANG below): glibc builds in only C/POSIX, and without the locale's files the
+# compiled program aborts at start-up (found by tests/packaging/test_image.py).
+IMAGE_HOST_TREES = ("/usr/lib/locale/C.utf8",)
+IMAGE_ENV = ("PATH=/usr/sbin:/usr/bin:/sbin:/bin", "LANG=C.UTF-8", "HOME=/root",
+             "SSL_CERT_FILE=/etc/ssl/certs/ca-certificates.crt")
+IMAGE_ETC = {
+    "etc/passwd": "root:x:0:0:root:/root:/usr/sbin/nologin\n",
+    "etc/group": "root:x:0:\n",
+    "etc/nsswitch.conf": "passwd: files\ngroup: files\nhosts: files dns\n",
+}
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+LDD_LINE = re.compile(r"^\s*(?:\S+ => )?(/\S+) \(0x[0-9a-f]+\)$")
 SELF_TEST_TIMEOUT_S = 120
 STARTUP_SAMPLES = 5
 # Libraries taken from the host instead of bundled, and declared as package dependencies:
@@ -336,12 +364,178 @@ def lint_deb(deb: Path) -> None:
     print(f"build.py: lintian clean on {deb.name}")
 
 
+def host_closure(path: str, entries: dict[str, str | None]) -> None:
+    """Add host `path` to `entries` (image path -> symlink target, or None for a file copied as
+    is), with every symlink met on the way (/lib -> usr/lib, a soname's link), so that the path
+    resolves in the image as it does here."""
+    parts = Path(path).parts
+    for i in range(2, len(parts) + 1):
+        prefix = Path(*parts[:i])
+        if prefix.is_symlink():
+            target = os.readlink(prefix)
+            entries[str(prefix)] = target
+            host_closure(os.path.normpath(prefix.parent / target / Path(*parts[i:])), entries)
+            return
+    if not Path(path).is_file():
+        raise BuildError(f"{path}: not a file (the image needs it)")
+    entries[path] = None
+
+
+def linked_libraries(elf_files: list[Path], own_tree: Path) -> set[str]:
+    """The host libraries (and the dynamic loader) the ELF files load, outside their own tree."""
+    needed: set[str] = set()
+    for elf in elf_files:
+        result = subprocess.run(["ldd", str(elf)], capture_output=True, text=True, check=False)
+        if "not found" in result.stdout:
+            raise BuildError(f"ldd {elf}: {result.stdout}")
+        for line in result.stdout.splitlines():
+            match = LDD_LINE.match(line)
+            if match and not Path(match.group(1)).resolve().is_relative_to(own_tree):
+                needed.add(match.group(1))
+    return needed
+
+
+def is_elf(path: Path) -> bool:
+    with path.open("rb") as f:
+        return f.read(4) == b"\x7fELF"
+
+
+def image_entries() -> dict[str, str | Path | None]:
+    """Image path -> a host file to copy, a symlink target (str), or None for a directory."""
+    tree = STANDALONE_DIR.resolve()
+    entries: dict[str, str | Path | None] = {}
+    for path in sorted(tree.rglob("*")):
+        dest = f"/usr/lib/awsomefs/{path.relative_to(tree)}"
+        entries[dest] = os.readlink(path) if path.is_symlink() else None if path.is_dir() else path
+    entries["/usr/bin/awsomefsd"] = "../lib/awsomefs/awsomefsd.bin"
+    elves = [p for p in tree.rglob("*") if p.is_file() and not p.is_symlink() and is_elf(p)]
+    elves += [Path(f) for f in IMAGE_HOST_FILES if is_elf(Path(f))]
+    host: dict[str, str | None] = {}
+    trees = [str(f) for d in IMAGE_HOST_TREES for f in sorted(Path(d).rglob("*")) if f.is_file()]
+    if not trees:
+        raise BuildError(f"none of {IMAGE_HOST_TREES} on this host (Debian: libc-bin)")
+    for name in sorted(linked_libraries(elves, tree)) + list(IMAGE_HOST_FILES) + trees:
+        host_closure(name, host)
+    entries.update({dest: target if target is not None else Path(dest) for dest, target in host.items()})
+    for dest in ("/tmp", "/root", "/run", "/var/tmp"):
+        entries[dest] = None
+    return entries
+
+
+def write_layer(entries: dict[str, str | Path | None], epoch: int, tar_path: Path) -> None:
+    """The image's one layer: a tar of `entries` and /etc, every parent directory listed, owned by
+    root, dated `epoch`, in path order."""
+    wanted: dict[str, str | Path | bytes | None] = {k.lstrip("/"): v for k, v in entries.items()}
+    wanted.update({name: text.encode() for name, text in IMAGE_ETC.items()})
+    for name in list(wanted):
+        parent = os.path.dirname(name)
+        while parent and parent not in wanted:
+            wanted[parent] = None
+            parent = os.path.dirname(parent)
+    with tarfile.open(tar_path, "w", format=tarfile.PAX_FORMAT) as tar:
+        for name in sorted(wanted):
+            source = wanted[name]
+            info = tarfile.TarInfo(name)
+            info.mtime, info.uid, info.gid, info.uname, info.gname = epoch, 0, 0, "root", "root"
+            if source is None:
+                info.type, info.mode = tarfile.DIRTYPE, 0o1777 if name in ("tmp", "var/tmp") else 0o755
+                tar.addfile(info)
+            elif isinstance(source, str):
+                info.type, info.linkname, info.mode = tarfile.SYMTYPE, source, 0o777
+                tar.addfile(info)
+            elif isinstance(source, bytes):
+                info.size, info.mode = len(source), 0o644
+                tar.addfile(info, io.BytesIO(source))
+            else:
+                info.size = source.stat().st_size
+                info.mode = 0o755 if source.stat().st_mode & 0o111 else 0o644  # no set-uid bits
+                with source.open("rb") as f:
+                    tar.addfile(info, f)
+
+
+def put_blob(blobs: Path, data: bytes) -> dict[str, str | int]:
+    digest = hashlib.sha256(data).hexdigest()
+    (blobs / digest).write_bytes(data)
+    return {"digest": f"sha256:{digest}", "size": len(data)}
+
+
+def compress_layer(tar_path: Path, blobs: Path) -> tuple[str, dict[str, str | int]]:
+    """gzip the layer into the blobs (no name, no time in the gzip header); returns the
+    uncompressed tar's digest (the config's diff_id) and the blob's descriptor fields."""
+    diff, blob = hashlib.sha256(), hashlib.sha256()
+    gz_path = tar_path.with_suffix(".tar.gz")
+    with tar_path.open("rb") as src, gz_path.open("wb") as raw, \
+            gzip.GzipFile(filename="", fileobj=raw, mode="wb", compresslevel=6, mtime=0) as gz:
+        while chunk := src.read(1 << 20):
+            diff.update(chunk)
+            gz.write(chunk)
+    with gz_path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            blob.update(chunk)
+    size = gz_path.stat().st_size
+    shutil.move(gz_path, blobs / blob.hexdigest())
+    return f"sha256:{diff.hexdigest()}", {"digest": f"sha256:{blob.hexdigest()}", "size": size}
+
+
+def canonical_json(value: object) -> bytes:
+    return json.dumps(value, sort_keys=True, separators=(",", ":")).encode()
+
+
+def build_image(version: str) -> Path:
+    """Write the OCI image layout dist/oci (tag: the version) and the same as one tar."""
+    if not STANDALONE_BINARY.exists():
+        raise BuildError(f"{STANDALONE_BINARY} is missing: build the binary first")
+    epoch = int(os.environ.get("SOURCE_DATE_EPOCH", "0"))
+    created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch))
+    shutil.rmtree(OCI_DIR, ignore_errors=True)
+    blobs = OCI_DIR / "blobs" / "sha256"
+    blobs.mkdir(parents=True)
+    with tempfile.TemporaryDirectory(dir=ROOT / "build") as scratch:
+        layer_tar = Path(scratch) / "layer.tar"
+        write_layer(image_entries(), epoch, layer_tar)
+        diff_id, layer = compress_layer(layer_tar, blobs)
+    config = {
+        "created": created, "architecture": "amd64", "os": "linux",
+        "config": {"Entrypoint": ["/usr/bin/awsomefsd"], "Env": list(IMAGE_ENV), "WorkingDir": "/",
+                   "Labels": {"org.opencontainers.image.version": version, "org.opencontainers.image.title": "awsomefsd"}},
+        "rootfs": {"type": "layers", "diff_ids": [diff_id]},
+        "history": [{"created": created, "created_by": "build.py image"}],
+    }  # fmt: skip
+    manifest = {
+        "schemaVersion": 2, "mediaType": OCI_MANIFEST,
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", **put_blob(blobs, canonical_json(config))},
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", **layer}],
+    }  # fmt: skip
+    index = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json", "manifests": [{
+        "mediaType": OCI_MANIFEST, **put_blob(blobs, canonical_json(manifest)),
+        "platform": {"architecture": "amd64", "os": "linux"},
+        "annotations": {"org.opencontainers.image.ref.name": version,
+                        "io.containerd.image.name": f"{IMAGE_NAME}:{version}"},
+    }]}  # fmt: skip
+    (OCI_DIR / "oci-layout").write_text('{"imageLayoutVersion":"1.0.0"}')
+    (OCI_DIR / "index.json").write_bytes(canonical_json(index))
+    archive = DIST_DIR / f"awsomefsd-{version}-oci.tar"
+    with tarfile.open(archive, "w", format=tarfile.PAX_FORMAT) as tar:
+        for path in sorted(OCI_DIR.rglob("*")):
+            info = tar.gettarinfo(str(path), str(path.relative_to(OCI_DIR)))
+            info.mtime, info.uid, info.gid, info.uname, info.gname = epoch, 0, 0, "root", "root"
+            if path.is_file():
+                with path.open("rb") as f:
+                    tar.addfile(info, f)
+            else:
+                tar.addfile(info)
+    print(f"build.py: {OCI_DIR.relative_to(ROOT)} and {archive.relative_to(ROOT)}: {IMAGE_NAME}:{version}, "
+          f"one layer of {int(layer['size']) / 1e6:.1f} MB ({layer['digest']})")
+    return OCI_DIR
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description="Build the awsomefsd release artefacts into dist/: "
         "binary (dist/awsomefsd, the Nuitka onefile executable, self-tested), "
         "deb and rpm (packages of the standalone tree, the unit and the default config; build the "
-        "binary first as needed), all (all three).",
+        "binary first as needed), image (the OCI image of packaging/k8s, as dist/oci and "
+        "dist/awsomefsd-VERSION-oci.tar), all (all four).",
     )
     parser.add_argument("target", choices=TARGETS, help="what to build: " + ", ".join(TARGETS))
     parser.add_argument("--force", action="store_true", help="compile even if the inputs are unchanged")
@@ -359,6 +553,8 @@ def main(argv: list[str] | None = None) -> int:
             lint_deb(build_package("deb", report))
         if args.target in ("rpm", "all"):
             build_package("rpm", report)
+        if args.target in ("image", "all"):
+            build_image(report.version)
     except BuildError as exc:
         print(f"build.py: error: {exc}", file=sys.stderr)
         return 1

@@ -32,7 +32,8 @@ quietly() {
 
 packages=(fuse3 libfuse3-dev pkg-config gcc python3 python3-dev python3-venv ca-certificates kmod util-linux e2fsprogs iproute2)
 if [ "$extras" = "test" ]; then
-    packages+=(sqlite3 git tar rsync fio procps psmisc attr acl xfsprogs)
+    # runc and umoci: the container image test unpacks the built image and runs it with a real OCI runtime.
+    packages+=(sqlite3 git tar rsync fio procps psmisc attr acl xfsprogs runc umoci)
 fi
 missing=()
 for p in "${packages[@]}"; do
