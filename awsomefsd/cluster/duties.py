@@ -468,21 +468,22 @@ class LeaderDuties:
                     return
 
     async def _remove_replaced(self) -> None:
-        """A node that lost its state directory joins again under its old name (one-token formation,
-        awsomefsd/cluster/formation.py): once the cluster has expired the member it was, that member
-        is removed (its certificate revoked; its fence epoch stays expired). A namesake that still
-        renews is left alone. Node names are unique in a cluster (the host name by default); the
-        state machine shows a second member asking for a taken name as `name-<its id>`."""
+        """A node that lost its state directory joins again (one-token formation,
+        awsomefsd/cluster/formation.py) at its old address: once the cluster has expired the
+        member it was, that member is removed (its certificate revoked; its fence epoch stays
+        expired). Two live members never share an address; names may be shared (hosts cloned,
+        namespaces on one host), so a name says nothing. A node that comes back at another
+        address leaves its old member expired, for `node remove`."""
         members = self.meta.members()
         newest: dict[str, int] = {}
         for n, record in members.items():
-            asked = asked_name(n, record.name)
-            if record.active and asked:
-                newest[asked] = max(newest.get(asked, 0), n)
+            if record.active and record.address:
+                newest[record.address] = max(newest.get(record.address, 0), n)
         for n, record in sorted(members.items()):
-            asked = asked_name(n, record.name)
-            if record.active and record.expired and asked and newest[asked] > n:
-                log.info("node %d (%s) joined again as node %d: removing its old member", n, asked, newest[asked])
+            successor = newest.get(record.address, 0)
+            if record.active and record.expired and successor > n:
+                log.info("node %d (%s) joined again as node %d at %s: removing its old member", n, record.name,
+                         successor, record.address)
                 await self.log.propose_outcome(c.RemoveMember(n, time.time_ns()), fenced=False, leader_only=True)
 
     async def _expire_silent(self, now: float) -> None:
@@ -500,10 +501,3 @@ class LeaderDuties:
                             "write leases go back to the cluster)", n, now - seen)
                 await self.log.propose_outcome(c.ExpireNode(n, time.time_ns()), fenced=False, leader_only=True)
                 self.expired += 1
-
-
-def asked_name(node: int, shown: str) -> str:
-    """The name a member asked for when it joined: the one shown, less the `-<node id>` the state
-    machine adds when it was taken (meta/cluster_sm.py, `_unique_name`); "" for an unnamed node."""
-    base = shown.removesuffix(f"-{node}")
-    return "" if base == "node" and shown != base else base
