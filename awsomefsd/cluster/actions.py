@@ -357,7 +357,7 @@ def _resume_founding(settings: Settings, state: MemberState, founding: Any) -> A
     state_dir = settings.node.state_dir
     assert settings.device.path is not None
     path = Path(settings.device.path)
-    record = founder_resumes(path, state)
+    record = founder_resumes(path)
     mine = uuid.UUID(state.founding) if state.founding else None
     if record is not None:
         if mine is not None and record.owner != mine:

@@ -27,7 +27,6 @@ from pathlib import Path
 from awsomefsd.cli import CliError
 from awsomefsd.cluster.ca import fingerprint
 from awsomefsd.cluster.discovery import Peer, browse
-from awsomefsd.cluster.state import MemberState
 from awsomefsd.cluster.token import JoinToken, TokenError
 from awsomefsd.config import Settings
 from awsomefsd.io.claim import DeviceClaim, claim_founding
@@ -209,7 +208,7 @@ def abandon_state(state_dir: Path) -> Path:
     return aside
 
 
-def founder_resumes(path: Path, state: MemberState) -> FoundingRecord | None:
+def founder_resumes(path: Path) -> FoundingRecord | None:
     """A founder's record on restart: FOUNDED (by it or another), or None when founding is unfinished."""
     try:
         with BlockDevice.open(path, shared=True) as device:
@@ -223,7 +222,6 @@ def founder_resumes(path: Path, state: MemberState) -> FoundingRecord | None:
 
 __all__ = [
     "Decision",
-    "MemberState",
     "abandon_state",
     "decide",
     "format_under_claim",
