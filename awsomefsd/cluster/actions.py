@@ -13,7 +13,7 @@ import logging
 import uuid
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -27,6 +27,11 @@ from awsomefsd.cluster.state import MemberState, control_socket, load_token, sav
 from awsomefsd.cluster.tls import NodeCredentials
 from awsomefsd.cluster.token import JoinToken, TokenError
 from awsomefsd.config import Settings, parse_size_bytes
+
+if TYPE_CHECKING:
+    from awsomefsd.io.claim import DeviceClaim
+    from awsomefsd.io.founding import FoundingRecord
+    from awsomefsd.io.superblock import Superblock
 
 log = logging.getLogger(__name__)
 CLUSTER_AG_COUNT = 64
@@ -272,8 +277,8 @@ def _form(settings: Settings, token: JoinToken) -> int:
     return _found_formed(settings, token, decision.claim, decision.superblock, path, listen, me)
 
 
-def _found_formed(settings: Settings, token: JoinToken, claim: Any, sb: Any, path: Path, listen: str,
-                  me: uuid.UUID) -> int:
+def _found_formed(settings: Settings, token: JoinToken, claim: DeviceClaim, sb: Superblock | None, path: Path,
+                  listen: str, me: uuid.UUID) -> int:
     from awsomefsd.cluster.formation import format_under_claim, founded_record
     from awsomefsd.cluster.member import Founding
     from awsomefsd.io.errors import DeviceError
@@ -293,7 +298,7 @@ def _found_formed(settings: Settings, token: JoinToken, claim: Any, sb: Any, pat
     return _run(_member_settings(settings, state), state, founding=founding)
 
 
-def _join_formed(settings: Settings, token: JoinToken, record: Any, path: Path, listen: str) -> int:
+def _join_formed(settings: Settings, token: JoinToken, record: FoundingRecord, path: Path, listen: str) -> int:
     from awsomefsd.cluster.formation import pinned_token, retry_join
     from awsomefsd.ownership import host_name
 

@@ -22,6 +22,7 @@ import socket
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from awsomefsd.cli import CliError
@@ -81,12 +82,14 @@ def peer_addresses(seeds: list[str] | tuple[str, ...]) -> list[str]:
     return found
 
 
+@dataclass(frozen=True)
 class Decision:
-    """What the device says a node with the token and no state should do."""
+    """What the device says a node with the token and no state should do: found (a claim, and the
+    superblock unless the device is blank) or join (the FOUNDED record)."""
 
-    def __init__(self, *, claim: DeviceClaim | None = None, superblock: Superblock | None = None,
-                 founded: FoundingRecord | None = None) -> None:
-        self.claim, self.superblock, self.founded = claim, superblock, founded
+    claim: DeviceClaim | None = None
+    superblock: Superblock | None = None
+    founded: FoundingRecord | None = None
 
 
 def decide(path: Path, token: JoinToken, state_dir: Path, *, me: uuid.UUID, deadline_s: float = CLAIM_DEADLINE_S,
