@@ -1,4 +1,4 @@
-"""The receiving side of a site link (repl/service.py, `SiteService.stage` and `push`) against a
+"""The receiving side of a site link (repl/receiver.py, `SiteService.stage` and `push`) against a
 real single-node core on an image: what a peer's chunks and pushes may do to this site's blocks.
 The peer is this test, speaking the link's messages directly (no listener, no TLS: those are the
 daemon tests')."""

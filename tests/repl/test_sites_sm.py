@@ -151,7 +151,7 @@ def ship(src: Site, dst: Site, rng: random.Random | None = None, *, count: int |
     batches, as the shipper does: a content version's blocks are "copied" to fresh blocks of
     `dst` with the same checksums (what the test compares); returns how many operations.
     `count`: only the first so many. `forget`: then `src` forgets up to the horizon `dst`'s
-    acknowledgement gives, as the service does (repl/service.py)."""
+    acknowledgement gives, as the shipper does (repl/shipper.py)."""
     pending = src.outbox_after(dst.applied_from_peer())
     if rng is not None and pending:
         pending = pending[:rng.randint(0, len(pending))]

@@ -1,0 +1,174 @@
+"""Pairing with another site (design note 48): `awsomefsd site link` here prints a token,
+`awsomefsd site link TOKEN` on the other site pairs with it.
+
+The pairing listener (port + 1 of `[site] listen`) is server-authenticated TLS only, since the
+other site has no certificate we trust yet. The joining site fetches our CA and checks it against
+the fingerprint in the token, asks for a nonce (`Challenge`) and proves it knows the token's
+secret over its own CA certificate (`Pair`, cluster/token.py's proof with the site-link purpose).
+Then both sides propose `LinkSite`, each pinning the other's CA. The secret is never stored: only
+its verifier, in `<state>/site/invite`, which a pairing consumes. Unlinking is here too: it ends
+what pairing began.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+import uuid
+from typing import Any
+
+import grpc
+import trio
+from cryptography import x509
+
+from awsomefsd.cluster.ca import cluster_dns_name, fingerprint
+from awsomefsd.cluster.join_service import JoinError, fetch_cluster_ca, join_host_port, split_host_port
+from awsomefsd.cluster.rpc import ControlError
+from awsomefsd.cluster.token import LINK, NONCE_BYTES, LinkToken, TokenError, TokenVerifier
+from awsomefsd.meta import commands as c
+from awsomefsd.repl import wire
+from awsomefsd.repl.endpoint import CALL_TIMEOUT_S, Endpoint, why_failed
+from awsomefsd.repl.identity import ca_fingerprint, site_dir
+from awsomefsd.rpc.bridge import RpcAbort, unary_call
+
+log = logging.getLogger(__name__)
+
+PAIRING_SERVICE = "awsomefs.site.v1.Pairing"
+INVITE_FILE = "invite"
+ROLLING_UPGRADE = ("a member of this site runs a build that cannot take part in cross-site replication yet "
+                   "(a rolling upgrade under way): upgrade every member first")
+
+
+class Pairing(Endpoint):
+    """Pairing and unlinking, a job of `SiteService`."""
+
+    _nonces: dict[bytes, float]
+    """The nonces handed out by `Challenge` and not yet used, with when they expire."""
+
+    def invite(self) -> str:
+        """A new link token; the previous one no longer pairs."""
+        if self.meta.site_link() is not None:
+            raise ControlError("this site is linked already: `awsomefsd site unlink` first")
+        if not self.meta.may_propose(c.LinkSite):
+            raise ControlError(ROLLING_UPGRADE)
+        token = LinkToken.generate(self.site, ca_fingerprint(self.credentials), tuple(self.addresses()))
+        directory = site_dir(self.state_dir)
+        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        (directory / INVITE_FILE).write_bytes(token.verifier().to_bytes())
+        return token.encode()
+
+    async def join(self, text: str) -> dict[str, Any]:
+        """Pair with the site that printed `text`: prove the secret, learn its CA, link both."""
+        try:
+            token = LinkToken.parse(text)
+        except TokenError as exc:
+            raise ControlError(str(exc)) from None
+        if token.cluster_id == self.site:
+            raise ControlError("that token is this site's own: run `awsomefsd site link TOKEN` on the other site")
+        current = self.meta.site_link()
+        if current is not None:
+            raise ControlError(f"this site is linked already (to site {uuid.UUID(current['peer'])}): "
+                               "`awsomefsd site unlink` first")
+        if not token.seeds:
+            raise ControlError("the token names no address of the other site")
+        if not self.meta.may_propose(c.LinkSite):  # before the other site links: both or neither
+            raise ControlError(ROLLING_UPGRADE)
+        errors = []
+        for address in token.seeds:
+            try:
+                peer_ca = await trio.to_thread.run_sync(fetch_cluster_ca, _pairing_address(address),
+                                                        token.ca_fingerprint)
+                reply = await self._pair_with(address, token, peer_ca)
+            except (JoinError, OSError, grpc.RpcError, wire.WireError) as exc:
+                errors.append(f"{address}: {why_failed(exc)}")
+                continue
+            sent = await self._link(token.cluster_id.bytes, peer_ca, tuple(reply["addresses"]))
+            return {"peer": str(token.cluster_id), "addresses": reply["addresses"], "initial_operations": sent,
+                    "peer_initial_operations": int(reply.get("initial_operations", 0))}
+        raise ControlError("could not pair: " + "; ".join(errors))
+
+    async def _pair_with(self, address: str, token: LinkToken, peer_ca: x509.Certificate) -> dict[str, Any]:
+        from cryptography.hazmat.primitives import serialization
+
+        ca_pem = peer_ca.public_bytes(serialization.Encoding.PEM)
+        options = [("grpc.ssl_target_name_override", cluster_dns_name(token.cluster_id)),
+                   ("grpc.default_authority", cluster_dns_name(token.cluster_id))]
+        with grpc.secure_channel(_pairing_address(address), grpc.ssl_channel_credentials(root_certificates=ca_pem),
+                                 options=options) as channel:
+            header, _ = wire.unframe(await unary_call(channel, f"/{PAIRING_SERVICE}/Challenge", wire.frame({}),
+                                                      CALL_TIMEOUT_S))
+            nonce = bytes.fromhex(header.get("nonce", ""))
+            own_ca = self.credentials.ca_pem
+            proof = token.prove(nonce, own_ca)
+            request = {"site": str(self.site), "ca_pem": own_ca.decode(), "addresses": self.addresses(),
+                       "nonce": nonce.hex(), "proof": proof.hex()}
+            reply, _ = wire.unframe(await unary_call(channel, f"/{PAIRING_SERVICE}/Pair", wire.frame(request),
+                                                     CALL_TIMEOUT_S))
+        if "error" in reply:
+            raise JoinError(str(reply["error"]))
+        return reply
+
+    async def accept_pairing(self, request: dict[str, Any]) -> dict[str, Any]:
+        """The other side of `join`: check the proof against the invitation, then link."""
+        invite = site_dir(self.state_dir) / INVITE_FILE
+        try:
+            verifier = TokenVerifier.from_bytes(invite.read_bytes(), LINK)
+        except (FileNotFoundError, ValueError):
+            return {"error": "this site has no open invitation: run `awsomefsd site link` on it for a token"}
+        try:
+            peer = uuid.UUID(request["site"])
+            ca_pem = str(request["ca_pem"]).encode()
+            peer_ca = x509.load_pem_x509_certificate(ca_pem)
+            nonce = bytes.fromhex(request["nonce"])
+            proof = bytes.fromhex(request["proof"])
+            addresses = [str(a) for a in request["addresses"]][:16]
+        except (KeyError, ValueError, TypeError):
+            raise RpcAbort(grpc.StatusCode.INVALID_ARGUMENT, "a malformed pairing request") from None
+        if self._nonces.pop(nonce, 0) < time.monotonic() or not verifier.verify(nonce, ca_pem, proof):
+            log.warning("site pairing refused: a wrong or rotated link token (from site %s)", peer)
+            return {"error": "the link token is wrong or was replaced by a newer one"}
+        if self.meta.site_link() is not None:
+            return {"error": "that site is linked already"}
+        if not self.meta.may_propose(c.LinkSite):
+            return {"error": ROLLING_UPGRADE}
+        sent = await self._link(peer.bytes, peer_ca, tuple(addresses))
+        invite.unlink(missing_ok=True)
+        return {"addresses": self.addresses(), "initial_operations": sent}
+
+    async def _link(self, peer: bytes, peer_ca: x509.Certificate, addresses: tuple[str, ...]) -> int:
+        """Link to `peer`; returns how many operations this site's initial sync sends."""
+        from cryptography.hazmat.primitives import serialization
+
+        if not self.meta.may_propose(c.LinkSite):
+            raise ControlError(ROLLING_UPGRADE)
+
+        ca_pem = peer_ca.public_bytes(serialization.Encoding.PEM)
+        sent = await self.meta.propose(c.LinkSite(peer, time.time_ns(), ca_pem, addresses))
+        await self.meta.barrier()  # `site link` said linked: a crash now must not take it back
+        log.info("linked to site %s at %s (fingerprint %s); %d operations to send for the initial sync",
+                 uuid.UUID(bytes=peer), ", ".join(addresses), fingerprint(peer_ca).hex()[:16], sent)
+        self.relink()
+        return int(sent)
+
+    async def unlink(self) -> None:
+        if self.meta.site_link() is None:
+            raise ControlError("this site is not linked")
+        await self.meta.propose(c.UnlinkSite(time.time_ns()))
+        await self.meta.barrier()
+        log.info("unlinked from the other site")
+        self.relink()
+
+    def new_nonce(self) -> bytes:
+        now = time.monotonic()
+        self._nonces = {n: t for n, t in self._nonces.items() if t > now}
+        if len(self._nonces) > 1024:
+            raise RpcAbort(grpc.StatusCode.RESOURCE_EXHAUSTED, "too many pairings under way")
+        nonce = secrets.token_bytes(NONCE_BYTES)
+        self._nonces[nonce] = now + 60
+        return nonce
+
+
+def _pairing_address(address: str) -> str:
+    host, port = split_host_port(address)
+    return join_host_port(host, port + 1)

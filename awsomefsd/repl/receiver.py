@@ -1,0 +1,373 @@
+"""The receiving side of the link to another site (design note 48): what the link listener
+(`[site] listen`, mutual TLS) does with the peer's calls.
+
+`Cursor` says how far we applied the peer's operations; `Stage` writes a chunk of a content
+version's bytes to fresh extents here (kept in memory until the push that maps them); `Push`
+applies a batch of operations as one `ApplyRemote` command and acknowledges it (repl/link.py's
+Ack: how far, and our own head). A large version changed in places comes as its changed chunks
+and, in the push, the ranges it keeps from a version this site shows, whose blocks the command
+shares (repl/delta.py, design note 50).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import itertools
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+import trio
+
+from awsomefsd.io.checksum import crc32c
+from awsomefsd.io.layout import BLOCK_SIZE
+from awsomefsd.meta import commands as c
+from awsomefsd.meta.errors import Delegated, FsError
+from awsomefsd.meta.records import Extent
+from awsomefsd.repl import delta, wire
+from awsomefsd.repl import ops as o
+from awsomefsd.repl.bases import DeltaBases
+from awsomefsd.repl.endpoint import DELTA, FEATURES, INLINE_BYTES, MAX_DELEGATIONS_PER_BATCH, MAX_STAGE_PIECES
+from awsomefsd.repl.hlc import Stamp
+from awsomefsd.rpc.bridge import RpcAbort
+
+log = logging.getLogger(__name__)
+
+MAX_STAGED_BYTES = 512 << 20
+"""Bytes staged and not yet pushed at most: bounds what a sender can make us hold."""
+STAGED_TTL_S = 600.0
+
+
+@dataclass
+class _Staged:
+    extents: list[Extent] = field(default_factory=list)
+    held: int = 0
+    """Bytes received (what MAX_STAGED_BYTES bounds)."""
+    end: int = 0
+    """Where the last chunk claimed ended: the next one starts there or later (a delta skips ranges)."""
+    ranges: list[tuple[int, int]] = field(default_factory=list)
+    """The byte ranges written to the device, in order: a push maps the version only when they
+    are all of it that it does not share (`complete`)."""
+    writing: int = 0
+    """Chunks being written to the device now."""
+    at: float = field(default_factory=time.monotonic)
+
+    def complete(self, expected: list[tuple[int, int]]) -> bool:
+        """Are the bytes staged exactly `expected` (merged byte ranges), none still being written?"""
+        merged: list[tuple[int, int]] = []
+        for lo, hi in self.ranges:
+            if lo == hi:
+                continue
+            if merged and merged[-1][1] == lo:
+                merged[-1] = (merged[-1][0], hi)
+            else:
+                merged.append((lo, hi))
+        return self.writing == 0 and merged == expected
+
+
+class Receiver(DeltaBases):
+    """Staging and applying what the peer sends, a job of `SiteService`."""
+
+    _staged: dict[Stamp, _Staged]
+    _apply_lock: trio.Lock
+
+    def cursor(self) -> Stamp | None:
+        return self.meta.site_applied_from_peer()
+
+    def features(self) -> list[str]:
+        """What this site takes beyond the first protocol now: a delta's block sharing only once
+        every member of the cluster decodes its command (a rolling upgrade)."""
+        return [f for f in FEATURES if f != DELTA or self.meta.may_propose(c.ApplyRemoteSharing)]
+
+    async def stage(self, header: dict[str, Any], data: memoryview) -> None:
+        """Bytes of a content version, before the push that maps them: one chunk (`offset`, `crc`),
+        or a delta's changed ranges together (`pieces`: [[offset, length, crc], ...], in file
+        order; one round trip for them all, not one each)."""
+        stamp = wire.stamp_field(header, "stamp")
+        if stamp is None:
+            raise wire.WireError("a chunk needs its version's stamp")
+        if "pieces" in header:
+            pieces = _pieces(header, len(data))
+        else:
+            pieces = [(wire.int_field(header, "offset", limit=1 << 62), len(data),
+                       wire.int_field(header, "crc", limit=1 << 32))]
+        held = sum(s.held for s in self._staged.values())
+        if held + len(data) > MAX_STAGED_BYTES:
+            raise RpcAbort(grpc.StatusCode.RESOURCE_EXHAUSTED, "too many bytes staged and not pushed")
+        cut, at = [], 0
+        for offset, length, crc in pieces:  # all checked before any is staged
+            piece = data[at:at + length]
+            at += length
+            if offset % BLOCK_SIZE:
+                raise wire.WireError(f"chunk at {offset} of version {stamp} is not block-aligned")
+            if crc != crc32c(piece):
+                raise wire.WireError(f"chunk at {offset} of version {stamp} arrived damaged (checksum mismatch)")
+            cut.append((offset, piece))
+        for i, (offset, piece) in enumerate(cut):
+            await self._stage_piece(stamp, offset, piece, starts=offset == 0 or (i == 0 and header.get("first") is True))
+
+    async def _stage_piece(self, stamp: Stamp, offset: int, data: memoryview, *, starts: bool) -> None:
+        """`starts`: the version's first bytes (a sender before deltas always starts at 0)."""
+        staged = self._staged.get(stamp)
+        if starts and staged is not None:
+            self.data.stager.release(staged.extents, None)  # a resend from the start: what was staged goes
+            staged = None
+        if staged is None:
+            if not starts:  # its start was staged here and is gone (a restart, expiry): the rest is not the version
+                raise RpcAbort(grpc.StatusCode.FAILED_PRECONDITION,
+                               f"chunk at {offset} of version {stamp} continues a staging this site no longer "
+                               "holds (restarted, or idle too long): send the version again from its start")
+            staged = self._staged[stamp] = _Staged()
+        if offset < staged.end:  # a delta sends only the changed ranges, but in file order
+            raise wire.WireError(f"chunk at {offset} of version {stamp}, after one that ended at {staged.end}")
+        staged.end = offset + len(data)
+        staged.writing += 1
+        try:
+            extents = await self.data.stager.stage(offset // BLOCK_SIZE, data)
+        except BaseException:  # the version has a gap now: nothing of this staging may be mapped
+            if self._staged.get(stamp) is staged:
+                self.data.stager.release(self._staged.pop(stamp).extents, None)
+            raise
+        finally:
+            staged.writing -= 1
+        if self._staged.get(stamp) is not staged:  # a resend started over meanwhile, or a chunk failed
+            self.data.stager.release(extents, None)
+            raise RpcAbort(grpc.StatusCode.ABORTED, f"version {stamp} was started over while its chunk at "
+                                                    f"{offset} was written")
+        staged.extents += extents
+        staged.ranges.append((offset, offset + len(data)))
+        staged.held += len(data)
+        staged.at = time.monotonic()
+        self.state.received_bytes += len(data)
+
+    async def push(self, header: dict[str, Any], data: memoryview) -> dict[str, Any]:
+        link = self.meta.site_link()
+        if link is None:
+            raise RpcAbort(grpc.StatusCode.FAILED_PRECONDITION, "this site is not linked")
+        after = wire.stamp_field(header, "after")
+        raws = wire.hex_list(header, "ops", limit=4096)
+        inline = header.get("inline", [])
+        if not isinstance(inline, list) or len(inline) > len(raws):
+            raise wire.WireError("a push's inline contents are not a list of its operations'")
+        at = 0
+        for item in inline:
+            if not isinstance(item, list) or len(item) != 3:
+                raise wire.WireError("an inline content is [stamp, length, crc]")
+            described = {"stamp": item[0], "length": item[1], "crc": item[2], "offset": 0}
+            length = wire.int_field(described, "length", limit=INLINE_BYTES + 1)
+            if at + length > len(data):
+                raise wire.WireError("a push shorter than its inline contents")
+            await self.stage(described, data[at:at + length])
+            at += length
+        unchanged = _unchanged_ranges(header)
+        if unchanged and not self.meta.may_propose(c.ApplyRemoteSharing):
+            return self._restage("a delta arrived while this cluster cannot share blocks yet (an upgrade under way)")
+        contents: list[o.ContentSet] = []
+        for raw in raws:
+            try:
+                op = o.decode(raw)
+            except o.BadOperation as exc:
+                raise wire.WireError(str(exc)) from None
+            if isinstance(op, o.ContentSet):
+                contents.append(op)
+            if isinstance(op, o.VolumeSet) and self.meta.log_level() < c.VOLUMES_LEVEL:
+                raise RpcAbort(grpc.StatusCode.UNAVAILABLE, "a volume arrived while not every member of this "
+                                                            "cluster takes volumes yet (an upgrade under way)")
+        if len({op.stamp for op in contents}) != len(contents):
+            raise wire.WireError("a push carries one content version twice")
+        in_push = {wire.stamp_field({"s": item[0]}, "s") for item in inline}
+        async with self._apply_lock:
+            if after != self.cursor():
+                self._drop_applied_stagings(contents)
+                # `stale` tells the sender this push was not applied (an earlier send of it may
+                # have been): what it just read and sent is not what this site holds.
+                return {"applied": wire.stamp_text(self.cursor()), "head": wire.stamp_text(self.meta.site_head()),
+                        "stale": True}
+            # Only a version staged whole maps: a push of a connection that dropped, running on
+            # here, may find the resend's staging half written (it would map zeros for the rest).
+            for op in contents:
+                staged = self._staged.get(op.stamp)
+                if staged is None or staged.writing or \
+                        (op.stamp not in in_push and not staged.complete(_sent_ranges(op, unchanged.get(op.stamp)))):
+                    return self._restage(None)
+            # The stagings are this push's from here on: a resend's first chunk, arriving while
+            # the proposal below is under way, starts afresh instead of releasing its blocks.
+            taken = {op.stamp: self._staged.pop(op.stamp) for op in contents}
+            extents = [ext for staged in taken.values() for ext in staged.extents]
+            counts = [len(staged.extents) for staged in taken.values()]
+            shared: list[Extent] = []
+            shared_counts: list[int] = []
+            for op in contents:
+                reused = self._shareable(op, *unchanged[op.stamp]) if op.stamp in unchanged else []
+                if reused is None:
+                    self._release_taken(taken, None)
+                    return self._restage(f"the other site sent version {op.stamp} as changes to a version this "
+                                         "site no longer shows")
+                shared += reused
+                shared_counts.append(len(reused))
+            if raws:
+                peer, start = bytes.fromhex(link["peer"]), b"" if after is None else after.pack()
+                command: c.ApplyRemote | c.ApplyRemoteSharing = \
+                    c.ApplyRemoteSharing(peer, start, tuple(raws), tuple(extents), tuple(counts), tuple(shared),
+                                         tuple(shared_counts), time.time_ns()) if shared \
+                    else c.ApplyRemote(peer, start, tuple(raws), tuple(extents), tuple(counts), time.time_ns())
+                try:
+                    applied = await self.ops.propose_holding(command, tries=MAX_DELEGATIONS_PER_BATCH,
+                                                             inside=lambda: self._files_locked(contents))
+                except Delegated as exc:  # refused, nothing applied: the stagings stay for the retry
+                    self._staged.update(taken)
+                    raise RpcAbort(grpc.StatusCode.UNAVAILABLE, f"the batch needs more of what other members "
+                                                                f"hold than one push takes ({exc}): try again") from None
+                except FsError as exc:
+                    self._release_taken(taken, exc)
+                    if exc.errno == errno.ESTALE:
+                        return {"applied": wire.stamp_text(self.cursor()), "head": wire.stamp_text(self.meta.site_head()),
+                                "stale": True}
+                    if exc.errno == errno.EAGAIN:  # a write here moved blocks offered for sharing
+                        return self._restage(str(exc))
+                    log.error("refused a batch from the other site: %s", exc, exc_info=exc)
+                    raise RpcAbort(grpc.StatusCode.INVALID_ARGUMENT, f"refused: {exc}") from None
+                except BaseException as exc:  # cancelled, say: the proposal may still commit
+                    self._release_taken(taken, exc)
+                    raise
+                for op in contents:
+                    self._remember_received(op)
+                # Acknowledged means durable: the sender forgets what we acknowledge.
+                await self.meta.barrier()
+                self.applied(command, applied)
+                self.state.received_ops += len(raws)
+                if applied.conflicts:
+                    self.state.conflicts_made += applied.conflicts
+                    log.warning("%d conflict(s) with the other site: `awsomefsd site conflicts` lists them",
+                                applied.conflicts)
+            self.state.last_exchange_ns = time.time_ns()
+            pending, lag_s = self.outbound_lag()
+            return {"applied": wire.stamp_text(self.cursor()), "head": wire.stamp_text(self.meta.site_head()),
+                    "pending": pending, "lag_ms": int(lag_s * 1000)}
+
+    @contextlib.asynccontextmanager
+    async def _files_locked(self, contents: list[o.ContentSet]) -> AsyncIterator[None]:
+        """The files whose content a batch replaces, locked as a flush locks them: a compaction
+        reading a file's blocks would otherwise commit its copy of the old bytes over the new."""
+        inos = sorted({ino for op in contents if (ino := self.meta.site_inode_of(op.object)) is not None})
+        async with contextlib.AsyncExitStack() as stack:
+            for ino in inos:  # in order: two batches never wait on each other's files
+                await stack.enter_async_context(self.data.buffer.locked(ino))
+            yield
+
+    def _drop_applied_stagings(self, contents: list[o.ContentSet]) -> None:
+        """A stale push's stagings of versions applied already (by an earlier send) are of no use."""
+        cursor = self.cursor()
+        for op in contents:
+            staged = self._staged.get(op.stamp)
+            if cursor is not None and op.stamp <= cursor and staged is not None and not staged.writing:
+                self.data.stager.release(self._staged.pop(op.stamp).extents, None)
+
+    def _restage(self, why: str | None) -> dict[str, Any]:
+        """The answer that has the sender stage the push's versions again, whole."""
+        if why is not None:
+            log.info("%s: asking the other site for the whole versions", why)
+        return {"restage": True, "applied": wire.stamp_text(self.cursor())}
+
+    def _release_taken(self, taken: dict[Stamp, _Staged], failure: BaseException | None) -> None:
+        """Give back the blocks of stagings a push took (`failure`: the proposal that may still
+        have mapped them, which withholds them instead)."""
+        for staged in taken.values():
+            self.data.stager.release(staged.extents, failure)
+        taken.clear()
+
+    def _shareable(self, op: o.ContentSet, base: Stamp, ranges: list[tuple[int, int, str]]) -> list[Extent] | None:
+        """This site's blocks in the ranges a delta of `op` from version `base` leaves unchanged,
+        or None when they cannot stand for them: the file no longer shows `base` (a write here,
+        a conflict) or its blocks there are not the ones the sender's digest names."""
+        found = self.meta.site_content_base(op.object)
+        if found is None or found[1] != base:
+            return None
+        ino, _ = found
+        inode = self.meta.inode(ino)
+        if inode is None:
+            return None
+        blocks = (min(op.size, inode.size) + BLOCK_SIZE - 1) // BLOCK_SIZE  # both versions hold them
+        out: list[Extent] = []
+        for first, end, digest in ranges:
+            if end > blocks:
+                return None
+            pieces = delta.clipped(self.meta.extents(ino, first, end), first, end)
+            if delta.range_digest(pieces, first, end) != digest:
+                return None
+            out += [piece for piece in pieces if not piece.unwritten]
+        return out
+
+    async def _expire_staged(self) -> None:
+        while True:
+            await trio.sleep(STAGED_TTL_S / 4)
+            old = [s for s, staged in self._staged.items()
+                   if time.monotonic() - staged.at > STAGED_TTL_S and not staged.writing]
+            for stamp in old:
+                self.data.stager.release(self._staged.pop(stamp).extents, None)
+
+    def outbound_lag(self) -> tuple[int, float]:
+        """(operations the peer has not acknowledged, seconds the oldest of them has waited)."""
+        pending = self.meta.site_outbox(self.state.peer_applied, 1)
+        count = self.meta.site_pending(self.state.peer_applied)
+        return count, (max(0, time.time_ns() - pending[0][0].wall_ns) / 1e9 if pending else 0.0)
+
+
+def _sent_ranges(op: o.ContentSet, unchanged: tuple[Stamp, list[tuple[int, int, str]]] | None) -> list[tuple[int, int]]:
+    """The byte ranges of a content version its sender stages: all of it but the block ranges
+    the push names unchanged (the last block cut at the size)."""
+    kept = [] if unchanged is None else [(lo, hi) for lo, hi, _ in unchanged[1]]
+    nblocks = (op.size + BLOCK_SIZE - 1) // BLOCK_SIZE
+    return [(lo * BLOCK_SIZE, min(hi * BLOCK_SIZE, op.size)) for lo, hi in delta.complement(kept, nblocks)]
+
+
+def _pieces(header: dict[str, Any], total: int) -> list[tuple[int, int, int]]:
+    """A `Stage` message's pieces, [[offset, length, crc], ...]: their lengths add up to its data,
+    and all but the last are whole blocks (only a file's last block is partial)."""
+    items = header.get("pieces")
+    if not isinstance(items, list) or not 0 < len(items) <= MAX_STAGE_PIECES:
+        raise wire.WireError(f"a chunk's pieces are a list of 1 to {MAX_STAGE_PIECES}")
+    out: list[tuple[int, int, int]] = []
+    for item in items:
+        if not isinstance(item, list) or len(item) != 3:
+            raise wire.WireError("a piece is [offset, length, crc]")
+        described = {"offset": item[0], "length": item[1], "crc": item[2]}
+        out.append((wire.int_field(described, "offset", limit=1 << 62), wire.int_field(described, "length", limit=1 << 30),
+                    wire.int_field(described, "crc", limit=1 << 32)))
+    if sum(length for _, length, _ in out) != total or any(length % BLOCK_SIZE for _, length, _ in out[:-1]):
+        raise wire.WireError("a chunk's pieces do not add up to its bytes in whole blocks")
+    if any(a[0] + a[1] > b[0] for a, b in itertools.pairwise(out)):
+        raise wire.WireError("a chunk's pieces are not in file order")
+    return out
+
+
+def _unchanged_ranges(header: dict[str, Any]) -> dict[Stamp, tuple[Stamp, list[tuple[int, int, str]]]]:
+    """A push's `unchanged`: for a content version sent as a delta, the version it changes (one
+    this site showed when it was acknowledged) and the block ranges it keeps, with their digest:
+    [[stamp, base, [[first, end, digest], ...]], ...]."""
+    items = header.get("unchanged", [])
+    if not isinstance(items, list) or len(items) > 4096:
+        raise wire.WireError("a push's unchanged ranges are not a list")
+    out: dict[Stamp, tuple[Stamp, list[tuple[int, int, str]]]] = {}
+    for item in items:
+        if not isinstance(item, list) or len(item) != 3 or not isinstance(item[2], list) \
+                or len(item[2]) > delta.MAX_SHARED_RANGES:
+            raise wire.WireError("an unchanged-ranges entry is [stamp, base, [[first, end, digest], ...]]")
+        stamp, base = wire.stamp_field({"s": item[0]}, "s"), wire.stamp_field({"b": item[1]}, "b")
+        if stamp is None or base is None:
+            raise wire.WireError("an unchanged-ranges entry needs the version's stamp and its base's")
+        ranges: list[tuple[int, int, str]] = []
+        for entry in item[2]:
+            if not isinstance(entry, list) or len(entry) != 3 or not isinstance(entry[2], str):
+                raise wire.WireError("an unchanged range is [first block, end block, digest]")
+            first = wire.int_field({"first": entry[0]}, "first", limit=1 << 52)
+            end = wire.int_field({"end": entry[1]}, "end", limit=1 << 52)
+            if end <= first or (ranges and first < ranges[-1][1]):
+                raise wire.WireError("unchanged ranges must be non-empty, in order and disjoint")
+            ranges.append((first, end, entry[2]))
+        out[stamp] = (base, ranges)
+    return out
