@@ -16,6 +16,7 @@ from awsomefsd.meta.errors import FsError
 from awsomefsd.meta.records import ROOT_INO, u64
 from awsomefsd.meta.tmpfile import TMPFILES
 from awsomefsd.node import Core
+from tests.repl.test_sites_sm import linked_pair, ship, write
 from tests.unit.test_state_machine import DATA_START, Harness, ext
 
 REG = stat.S_IFREG | 0o600
@@ -136,3 +137,18 @@ async def test_o_tmpfile_waits_for_the_cluster_log_level(core: Core, monkeypatch
     assert inode.nlink == 0 and core.meta.orphan(inode.ino) is not None
     await core.ops.release(fh)
     assert core.meta.inode(inode.ino) is None, "its last close deleted it"
+
+
+def test_a_linked_tmpfile_reaches_a_linked_site_whole(tmp_path: Path) -> None:
+    """Written and given an xattr while unnamed (nothing ships: no site knows the inode), then
+    linked: the other site gets the file with its content, mode, owner and xattr."""
+    a, b = linked_pair(tmp_path)
+    f = a.new_ino()
+    a.apply(c.MakeTmpfile(ROOT_INO, f, REG, 7, 8, a.tick(), True))
+    write(a, f, 0, 3, seed=1)
+    a.apply(c.SetXattr(f, b"user.k", b"v", 0, a.tick()))
+    assert ship(a, b) == 0, "nothing to ship before it has a name"
+    a.apply(c.LinkTmpfile(f, ROOT_INO, b"kept", a.tick()))
+    assert ship(a, b) > 0
+    assert b.snapshot()[b"/kept"] == a.snapshot()[b"/kept"]
+    assert b.snapshot()[b"/kept"][:5] == (stat.S_IFREG, 0o600, 7, 8, 1)
