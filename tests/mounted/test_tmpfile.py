@@ -23,6 +23,8 @@ from tests.mounted.test_extreme_values import ext4_mount
 from tests.support.daemon import Daemon, run_cli
 
 pytestmark = pytest.mark.mounted
+PYFUSE3 = os.environ.get("AWSOMEFS_MOUNT__TRANSPORT") == "pyfuse3"
+needs_tmpfile = pytest.mark.skipif(PYFUSE3, reason="pyfuse3 has no FUSE_TMPFILE handler: EOPNOTSUPP there")
 
 USER = 1234
 AT_FDCWD = -100
@@ -109,6 +111,7 @@ def _story(root: Path) -> dict[str, object]:
     return json.loads(told)  # type: ignore[no-any-return]
 
 
+@needs_tmpfile
 def test_an_o_tmpfile_file_has_no_name_until_linkat_gives_it_one(mnt: Path, ext4: Path) -> None:
     """nlink 0 and no entry while unnamed; linkat through /proc/self/fd names it with its content,
     mode (umask applied) and owner; O_EXCL makes it unlinkable (ENOENT), as is a file unlinked
@@ -121,6 +124,7 @@ def test_an_o_tmpfile_file_has_no_name_until_linkat_gives_it_one(mnt: Path, ext4
     assert theirs["finally"] == ["kept", "kept2"]
 
 
+@needs_tmpfile
 def test_ln_through_proc_names_a_tmpfile_of_another_process(mnt: Path) -> None:
     """`ln -L /proc/PID/fd/N` (root: any process's descriptor) is the same linkat."""
     fd = os.open(mnt, os.O_TMPFILE | os.O_RDWR, 0o600)
@@ -155,6 +159,7 @@ def test_o_tmpfile_errors_are_ext4_s(mnt: Path, ext4: Path) -> None:
     assert outcomes(mnt) == outcomes(ext4) == ["ENOTDIR", "ENOENT", "EINVAL"]
 
 
+@needs_tmpfile
 def test_closing_an_unnamed_tmpfile_gives_its_space_back(mnt: Path) -> None:
     before = os.statvfs(mnt).f_bfree
     fd = os.open(mnt, os.O_TMPFILE | os.O_RDWR, 0o600)
@@ -167,6 +172,7 @@ def test_closing_an_unnamed_tmpfile_gives_its_space_back(mnt: Path) -> None:
     wait_for(lambda: os.statvfs(mnt).f_bfree >= before, 10, "the space back after the last close")
 
 
+@needs_tmpfile
 def test_a_crash_frees_an_unnamed_tmpfile_and_keeps_a_linked_one() -> None:
     """kill -9 with an unnamed O_TMPFILE file open (written and fsynced): the next daemon purges
     it at start (space back); one linked and fsynced before the crash keeps its name and data."""
@@ -201,3 +207,11 @@ def test_a_crash_frees_an_unnamed_tmpfile_and_keeps_a_linked_one() -> None:
     finally:
         daemon.stop_hard()
         shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.mark.fallback_smoke
+@pytest.mark.skipif(not PYFUSE3, reason="the pyfuse3 fallback's answer")
+def test_o_tmpfile_is_unsupported_on_the_pyfuse3_fallback(mnt: Path) -> None:
+    """pyfuse3 (libfuse) answers FUSE_TMPFILE ENOSYS, which the kernel turns into EOPNOTSUPP:
+    callers fall back to a named temporary file (docs/consistency.md)."""
+    assert _open_errno(mnt, os.O_TMPFILE | os.O_RDWR) == errno.errorcode[errno.EOPNOTSUPP]
