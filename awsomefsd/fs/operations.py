@@ -25,6 +25,7 @@ from awsomefsd.fs.coherence import Coherence
 from awsomefsd.fs.data import FileData
 from awsomefsd.fs.handles import CRASH_UNREPORTED, Handle, Handles
 from awsomefsd.fs.posix import check_xattr
+from awsomefsd.fs.tmpfile import link_tmpfile
 from awsomefsd.io.layout import BLOCK_SIZE
 from awsomefsd.meta import commands as c
 from awsomefsd.meta.client import MetaClient
@@ -300,6 +301,8 @@ class Operations:
         return self.meta.symlink_target(ino)
 
     async def link(self, ino: int, new_parent: int, new_name: bytes) -> Inode:
+        if self.meta.linkable_tmpfile(ino):  # an O_TMPFILE file's first name
+            return await link_tmpfile(self, ino, new_parent, new_name)
         async with self._changing(new_parent) as ahead:
             cookie = c.delegated_cookie(await self.new_ino()) if ahead else 0
             inode: Inode = await self._propose(c.Link(ino, new_parent, new_name, self._now(), cookie), ahead)

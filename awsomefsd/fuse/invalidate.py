@@ -88,7 +88,7 @@ def _mknod(cmd: c.Mknod, result: Any) -> list[Target]:
     return [Target.entry(cmd.parent, cmd.name), Target.attr_only(cmd.parent)]
 
 
-def _link(cmd: c.Link, result: Any) -> list[Target]:
+def _link(cmd: c.Link | c.LinkTmpfile, result: Any) -> list[Target]:
     return [Target.entry(cmd.new_parent, cmd.new_name), Target.attr_only(cmd.new_parent), Target.attr_only(cmd.ino)]
 
 
@@ -169,6 +169,8 @@ def _carried(cmd: c.Batch | c.Fenced, result: Any) -> list[Target]:
 RULES: dict[type, Rule] = {
     c.Mknod: _mknod,
     c.Link: _link,
+    c.LinkTmpfile: _link,
+    c.MakeTmpfile: _nothing,  # no entry, no change to the directory
     c.Unlink: _unlink,
     c.Rename: _rename,
     c.SetAttr: _setattr,

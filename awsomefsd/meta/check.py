@@ -28,6 +28,7 @@ from awsomefsd.meta.records import (
     u64,
 )
 from awsomefsd.meta.state_machine import StateMachine
+from awsomefsd.meta.tmpfile import TMPFILES
 
 
 class Findings(Protocol):
@@ -104,6 +105,13 @@ def check_namespace(log: LocalLog, sm: StateMachine, report: Findings, repair: b
             if repair:
                 txn.delete(u64(ino), db=sm.db["orphans"])
                 report.fixed(f"dropped orphan record {ino}")
+    for key, _ in list(txn.cursor(sm.db[TMPFILES])):
+        ino = U64.unpack(key)[0]
+        if ino not in orphans:  # named since, or deleted: linkat may not name it (again)
+            report.problem(f"O_TMPFILE mark on inode {ino}, which is no orphan")
+            if repair:
+                txn.delete(key, db=sm.db[TMPFILES])
+                report.fixed(f"dropped the O_TMPFILE mark of inode {ino}")
 
 
 def check_space(log: LocalLog, sm: StateMachine, data_extent: tuple[int, int], report: Findings,

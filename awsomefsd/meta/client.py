@@ -50,6 +50,7 @@ from awsomefsd.meta.records import (
     u64,
 )
 from awsomefsd.meta.state_machine import StateMachine
+from awsomefsd.meta.tmpfile import is_linkable
 from awsomefsd.meta.volumes_sm import volume_from_record
 from awsomefsd.repl.hlc import Stamp
 
@@ -156,6 +157,10 @@ class MetaClient:
     def orphan(self, ino: int) -> Orphan | None:
         raw = self._view().get(u64(ino), db=self._sm.db["orphans"])
         return None if raw is None else _orphan(u64(ino), raw)
+
+    def linkable_tmpfile(self, ino: int) -> bool:
+        """Is `ino` an O_TMPFILE file that linkat may still name (meta/tmpfile.py)?"""
+        return is_linkable(self._view(), self._sm.db, ino)
 
     # -- file data --------------------------------------------------------------------------------
     def extents(self, ino: int, first_block: int, end_block: int) -> list[Extent]:

@@ -62,6 +62,34 @@ class Link:
 
 
 @dataclass(frozen=True, slots=True)
+class MakeTmpfile:
+    """open(O_TMPFILE): a regular file born without a name (nlink 0), an orphan from the start,
+    kept while open and deleted at its last close (meta/tmpfile.py). `parent` is the directory it
+    was opened in (its volume, its set-group-ID). `linkable`: opened without O_EXCL, so linkat(2)
+    may give it a name (LinkTmpfile). `node`: the member holding it open (0 on a single node)."""
+
+    parent: int
+    ino: int
+    mode: int
+    uid: int
+    gid: int
+    now_ns: int
+    linkable: bool
+    node: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class LinkTmpfile:
+    """linkat(2) of an O_TMPFILE file that has no name yet: Link, for the one orphan that may
+    take a name again (a file unlinked while open may not: ENOENT, as Link answers)."""
+
+    ino: int
+    new_parent: int
+    new_name: bytes
+    now_ns: int
+
+
+@dataclass(frozen=True, slots=True)
 class Unlink:
     """unlink(2) or, with `is_dir`, rmdir(2). The last link of an inode makes it an orphan."""
 
@@ -543,15 +571,15 @@ Command = (
     | RemoveMember | SetJoinVerifier | RenewLease | ExpireNode | ClaimGroups | AcquireWriteLease
     | ReleaseWriteLease | ReleaseOrphans | Fenced | PunchHole | CloneRange | SetLogLevel | Preallocate
     | PlanTierObject | CommitTierObject | AbandonTierObjects | ForgetTierObjects | LinkSite | UnlinkSite
-    | ApplyRemote | ForgetSite | ResolveConflict | ApplyRemoteSharing | UpdateSiteLink
+    | ApplyRemote | ForgetSite | ResolveConflict | ApplyRemoteSharing | UpdateSiteLink | MakeTmpfile | LinkTmpfile
 )
 
 
 BASE_LOG_LEVEL = 3
 """The level of a cluster that never recorded one: formed by builds before the gate, which decode
 command tags 1-32 (meta/codec.py) in format 3."""
-LOG_LEVEL = 12
-"""The newest commands this build decodes. 12: mkdir has no subdirectory limit (meta/cluster_sm.py,
+LOG_LEVEL = 13
+"""The newest commands this build decodes. 13: MakeTmpfile, LinkTmpfile (open's O_TMPFILE). 12: mkdir has no subdirectory limit (meta/cluster_sm.py,
 UNLIMITED_SUBDIRS_LEVEL). 11: volumes replicate to the other site (a member
 captures CreateVolume, ResizeVolume and DeleteVolume, and applies the other site's `VolumeSet`
 operations; meta/sites.py, VOLUMES_LEVEL). 10: cross-site replication on a cluster (an ApplyRemote
@@ -572,7 +600,7 @@ COMMAND_LEVELS: dict[type, int] = {
     PunchHole: 4, CloneRange: 4, SetLogLevel: 4, Preallocate: 5,
     PlanTierObject: 6, CommitTierObject: 6, AbandonTierObjects: 6, ForgetTierObjects: 6,
     LinkSite: 10, UnlinkSite: 7, ApplyRemote: 7, ForgetSite: 7, ResolveConflict: 8, ApplyRemoteSharing: 9,
-    UpdateSiteLink: 10,
+    UpdateSiteLink: 10, MakeTmpfile: 13, LinkTmpfile: 13,
 }
 VOLUMES_LEVEL = 11
 """From this level on, a linked cluster ships its volumes (no command of its own: what every

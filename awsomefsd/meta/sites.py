@@ -95,7 +95,7 @@ SITE_TABLES = (
     "sconflicts",  # loser stamp + kind -> conflict record
 )
 REPLICATED = (c.Mknod, c.Link, c.Unlink, c.Rename, c.SetAttr, c.SetXattr, c.RemoveXattr,
-              c.WriteData, c.PunchHole, c.CloneRange, c.CreateVolume, c.ResizeVolume)
+              c.WriteData, c.PunchHole, c.CloneRange, c.CreateVolume, c.ResizeVolume, c.LinkTmpfile)
 """The commands whose effect ships (Preallocate does not: it changes no byte a reader sees;
 DeleteVolume is captured in place of its teardown: `delete_volume`)."""
 ATTRS, CONTENT, XATTR = b"a", b"c", b"x"
@@ -299,6 +299,9 @@ class SiteTables:
                 obj = self.object_of(txn, cmd.ino)
                 if obj is not None:
                     self._local_move(txn, self._new_entry(txn), cmd.new_parent, cmd.new_name, obj, cmd.now_ns)
+        elif isinstance(cmd, c.LinkTmpfile):  # an O_TMPFILE file appears whole: as a seeded one
+            if self._replicated_dir(txn, cmd.new_parent):
+                self._seed_entry(txn, cmd.new_parent, cmd.new_name, result, cmd.now_ns)
         elif isinstance(cmd, c.Unlink):
             self._capture_delete(txn, cmd.parent, cmd.name, cmd.now_ns)
         elif isinstance(cmd, c.Rename):

@@ -47,6 +47,7 @@ from awsomefsd.meta.records import (
 from awsomefsd.meta.sites import REPLICATED, SiteTables
 from awsomefsd.meta.space import SpaceMap
 from awsomefsd.meta.store import FORMAT_VERSION, MetaStore
+from awsomefsd.meta.tmpfile import forget_mark, link_tmpfile, make_tmpfile
 from awsomefsd.meta.volumes_sm import SNAPSHOTS_INO, VOLUMES_INO, VolumeTables
 
 log = logging.getLogger(__name__)
@@ -126,6 +127,8 @@ class StateMachine:
             c.ForgetSite: lambda txn, cmd: self.sites.forget(txn, cmd),
             c.UpdateSiteLink: lambda txn, cmd: self.sites.update_link(txn, cmd),
             c.ResolveConflict: lambda txn, cmd: self.sites.resolve(txn, cmd),
+            c.MakeTmpfile: lambda txn, cmd: make_tmpfile(self, txn, cmd),
+            c.LinkTmpfile: lambda txn, cmd: link_tmpfile(self, txn, cmd),
         }
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -521,6 +524,7 @@ class StateMachine:
         self.ns.delete_xattrs(txn, inode.ino)
         txn.delete(u64(inode.ino), db=self.db["symlinks"])
         txn.delete(u64(inode.ino), db=self.db["orphans"])
+        forget_mark(txn, self.db, inode.ino)
         self.cluster.drop_leases_of_inode(txn, inode.ino)
         self.ns.delete_inode(txn, inode.ino)
 

@@ -28,6 +28,7 @@ TABLES = (
     "dfree",  # sequence -> (not before ns, extents): superseded extents waiting out the grace period
     "refs",  # device block -> (count, extra references): extents shared by snapshots and clones
     "orphans",  # ino -> b"": unlinked inodes that may still be open
+    "tmpfiles",  # ino -> b"": orphans born by O_TMPFILE that linkat may still name (meta/tmpfile.py)
     "volumes",  # volume or snapshot id -> record (kind, name, root, quota, usage)
     "volnames",  # "v:name" / "s:name" -> id
     "groups",  # allocation group -> owner node

@@ -9,6 +9,7 @@ token, the status an operator reads, restart with the state on disk, node remova
 from __future__ import annotations
 
 import os
+import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -54,6 +55,21 @@ def test_three_nodes_by_zeroconf_share_one_namespace(cluster3: Cluster) -> None:
     (c.mount / "dir" / "from-c").write_bytes(b"hello from c")
     assert read(a.mount / "dir" / "from-c") == b"hello from c"
     assert sorted(os.listdir(b.mount / "dir")) == ["copy", "f", "from-c"]
+    # O_TMPFILE on a follower: nameless until linked, then every node sees it; one closed unnamed
+    # is deleted (its only holder released it)
+    fd = os.open(c.mount / "dir", os.O_TMPFILE | os.O_RDWR, 0o640)
+    os.write(fd, b"made without a name")
+    assert os.fstat(fd).st_nlink == 0
+    subprocess.run(["ln", "-L", f"/proc/{os.getpid()}/fd/{fd}", str(c.mount / "dir" / "tmp")], check=True, timeout=30)
+    os.close(fd)
+    assert read(a.mount / "dir" / "tmp") == b"made without a name"
+    before = os.statvfs(b.mount).f_bfree
+    fd = os.open(b.mount / "dir", os.O_TMPFILE | os.O_RDWR, 0o600)
+    os.write(fd, bytes(8 << 20))
+    os.fsync(fd)
+    os.close(fd)
+    wait_for(lambda: os.statvfs(b.mount).f_bfree >= before, 30, "the unnamed file's space back")
+    assert b.status()["metadata"]["orphans"] == 0
     status = a.status()
     cluster = status["cluster"]
     assert sorted(cluster["raft"]["voters"]) == [1, 2, 3]

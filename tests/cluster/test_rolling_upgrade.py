@@ -106,6 +106,9 @@ def test_a_rolling_upgrade_gates_the_new_commands_until_every_member_runs_the_ne
             fallocate(fh.fileno(), 0, 0, 1 << 20)
         assert blocks_of(new.mount / "reserved") == 0, "checked, not reserved (Preallocate needs the new level)"
         assert copy_range(new.mount / "f", new.mount / "copy", len(payload)) == len(payload)  # the kernel copies
+        with pytest.raises(OSError) as err:
+            os.close(os.open(new.mount, os.O_TMPFILE | os.O_RDWR, 0o600))
+        assert err.value.errno == errno.EOPNOTSUPP, "O_TMPFILE (level 13): callers use a named file"
         for node in nodes:
             assert (node.mount / "copy").read_bytes() == payload  # the old member still applies the log
         assert old.proc is not None and old.proc.poll() is None
@@ -125,6 +128,13 @@ def test_a_rolling_upgrade_gates_the_new_commands_until_every_member_runs_the_ne
         with open(new.mount / "reserved", "r+b") as fh:
             fallocate(fh.fileno(), 0, 0, 2 << 20)
         assert blocks_of(new.mount / "reserved") * 512 == 2 << 20, "reserved now"
+        fd = os.open(new.mount, os.O_TMPFILE | os.O_RDWR, 0o600)  # EOPNOTSUPP was not cached by the kernel
+        try:
+            os.write(fd, b"nameless")
+            subprocess.run(["ln", "-L", f"/proc/{os.getpid()}/fd/{fd}", str(new.mount / "tmp")], check=True, timeout=30)
+        finally:
+            os.close(fd)
+        assert (old.mount / "tmp").read_bytes() == b"nameless", "the upgraded member applies LinkTmpfile"
         for node in nodes:
             assert (node.mount / "reserved").read_bytes() == bytes(2 << 20)
 

@@ -31,6 +31,8 @@ entry, attr, full = Target.entry, Target.attr_only, Target.inode
 CASES: list[tuple[object, object, list[Target]]] = [
     (c.Mknod(D, b"f", F, stat.S_IFREG | 0o644, 0, 0, 1), None, [entry(D, b"f"), attr(D)]),
     (c.Link(F, E, b"g", 1), None, [entry(E, b"g"), attr(E), attr(F)]),
+    (c.MakeTmpfile(D, F, stat.S_IFREG | 0o600, 0, 0, 1, True), None, []),
+    (c.LinkTmpfile(F, E, b"g", 1), None, [entry(E, b"g"), attr(E), attr(F)]),
     (c.Unlink(D, b"f", False, 1), F, [entry(D, b"f"), attr(D), attr(F)]),
     (c.Unlink(D, b"f", False, 1), None, [entry(D, b"f"), attr(D)]),
     (c.Rename(D, b"a", E, b"b", 0, 1), 0, [entry(D, b"a"), entry(E, b"b"), attr(D), attr(E)]),

@@ -18,6 +18,7 @@ import trio
 from awsomefsd.fs.clock import file_time_ns
 from awsomefsd.fs.operations import BLOCK_SIZE, TIER_XATTR, Operations
 from awsomefsd.fs.posix import presented_size_blocks
+from awsomefsd.fs.tmpfile import tmpfile
 from awsomefsd.fuse.callers import caller_in_group
 from awsomefsd.fuse.invalidate import MOUNTED
 from awsomefsd.fuse.kernel import abi
@@ -62,7 +63,7 @@ class KernelHandlers:
             Op.FLUSH: self.flush, Op.OPENDIR: self.opendir, Op.READDIR: self.readdir,
             Op.READDIRPLUS: self.readdirplus, Op.RELEASEDIR: self.releasedir, Op.FSYNCDIR: self.fsyncdir,
             Op.CREATE: self.create, Op.DESTROY: self.destroy, Op.SYNCFS: self.syncfs, Op.LSEEK: self.lseek,
-            Op.FALLOCATE: self.fallocate, Op.COPY_FILE_RANGE: self.copy_file_range,
+            Op.FALLOCATE: self.fallocate, Op.COPY_FILE_RANGE: self.copy_file_range, Op.TMPFILE: self.tmpfile,
         }
 
     @property
@@ -241,6 +242,14 @@ class KernelHandlers:
         flags, mode, umask, _ = body.take(abi.CREATE_IN)
         name = body.name()
         fh, inode = await self.ops.create(h.nodeid, name, mode & ~umask, flags, h.uid, h.gid)
+        return [self.entry_ref(inode), self._open_out(fh, keep_cache=True, direct_io=self.ops.direct_io(flags))]
+
+    async def tmpfile(self, h: Header, body: Body) -> Payload:
+        """open(O_TMPFILE): CREATE's body and answer; the name the kernel sends ("/") names nothing.
+        The entry says nlink 0: the kernel keeps the count we give, and linkat (the VFS lets only
+        a file opened without O_EXCL through) is a LINK of this inode."""
+        flags, mode, umask, _ = body.take(abi.CREATE_IN)
+        fh, inode = await tmpfile(self.ops, h.nodeid, mode & ~umask, flags, h.uid, h.gid)
         return [self.entry_ref(inode), self._open_out(fh, keep_cache=True, direct_io=self.ops.direct_io(flags))]
 
     async def read(self, h: Header, body: Body) -> Payload:

@@ -53,7 +53,7 @@ directory's delegation, and a request left in that queue would be granted to nob
 INLINE_SINGLE_NODE = frozenset({
     Op.LOOKUP, Op.GETATTR, Op.READLINK, Op.OPENDIR, Op.READDIR, Op.READDIRPLUS, Op.RELEASEDIR, Op.STATFS,
     Op.GETXATTR, Op.LISTXATTR, Op.REMOVEXATTR, Op.MKNOD, Op.MKDIR, Op.SYMLINK, Op.LINK,
-    Op.UNLINK, Op.RMDIR, Op.RENAME, Op.RENAME2, Op.CREATE, Op.FORGET, Op.BATCH_FORGET, Op.RELEASE,
+    Op.UNLINK, Op.RMDIR, Op.RENAME, Op.RENAME2, Op.CREATE, Op.TMPFILE, Op.FORGET, Op.BATCH_FORGET, Op.RELEASE,
 })
 """Requests the reader answers itself on a single node, where they wait for nothing: the metadata
 log applies at once and no other node is asked. A task costs more than such a request (measured
