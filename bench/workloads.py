@@ -27,7 +27,7 @@ from typing import Any
 
 from targets import Target, drop_caches
 
-from awsomefsd.testing.sqlite_wal import run_wal_writers
+from tests.support.sqlite_wal import run_wal_writers
 
 FIO = shutil.which("fio") or "/usr/bin/fio"
 MIB = 1 << 20
@@ -537,7 +537,7 @@ def run_untar(target: Target, params: Params, run_index: int, tarball: Path) -> 
 
 def run_sqlite(target: Target, params: Params, run_index: int) -> dict[str, float]:
     """Two processes each commit `sqlite_txns` transactions to one WAL database (SQLite's defaults:
-    synchronous=FULL, automatic checkpoints); awsomefsd/testing/sqlite_wal.py checks the result,
+    synchronous=FULL, automatic checkpoints); tests/support/sqlite_wal.py checks the result,
     and a wrong database is a failed run, not a number."""
     db = target.path / f"fsbench-sqlite-{run_index}.db"
     outcome = run_wal_writers(db, params.sqlite_txns, timeout_s=params.timeout_s)

@@ -26,7 +26,8 @@ import pytest
 import trio
 import trio.testing
 
-from awsomefsd import __version__, sdnotify, selftest
+from awsomefsd import __version__, sdnotify
+from awsomefsd.cli import selftest
 from awsomefsd.config import Settings, load_settings
 from tests.packaging.test_systemd_service import check_service
 from tests.support import systemd
@@ -402,7 +403,7 @@ def load_build_script() -> Any:
 
 
 def test_test_only_code_stays_out_of_the_build() -> None:
-    """awsomefsd/testing/ (harnesses for tests/ and bench/) is not compiled in: build.py tells
+    """tests/support/ (harnesses for tests/ and bench/) is not compiled in: build.py tells
     Nuitka not to follow it, which overrides --include-package, and a built binary's self-test
     fails if its import walk finds it anyway (selftest.check_awsomefsd_modules). No production
     module imports it (tests/unit/test_layers.py, rule 9)."""

@@ -30,7 +30,7 @@ imports count: they are dependencies too). The rules:
    parts in dependency order, names the other `fs/` modules.
 8. Nothing under `io/`, `meta/`, `fs/` or `fuse/` imports the composition (`node`, `volumes`,
    `cluster/`, `csi/`, `cli`, `commands`).
-9. `awsomefsd/testing/` is test-only (not in the built binary): production code never imports it,
+9. `tests/support/` is test-only (not in the built binary): production code never imports it,
    and its own lmdb use is exempt from rule 1.
 
 `test_a_planted_violation_is_reported` shows the checker failing on a tree that breaks rule 2.
@@ -51,10 +51,10 @@ META_PUBLIC = frozenset({"client", "records", "commands", "errors", "log", "boot
 FS_META_ALLOWED = frozenset({"client", "records", "commands", "errors", "freespace"})
 FUSE_META_ALLOWED = frozenset({"errors", "records", "commands"})
 META_IO_ALLOWED = frozenset({"awsomefsd.io.layout"})
-COMPOSITION = ("awsomefsd.node", "awsomefsd.ownership", "awsomefsd.volumes", "awsomefsd.cluster", "awsomefsd.csi", "awsomefsd.cli",
-               "awsomefsd.actions")
-COMPOSITION_ROOTS = frozenset({"awsomefsd.node", "awsomefsd.ownership"})
-MEMBER_ROOT = "awsomefsd.cluster.member"
+COMPOSITION = ("awsomefsd.daemon.node", "awsomefsd.daemon.ownership", "awsomefsd.daemon.volumes", "awsomefsd.cluster", "awsomefsd.csi", "awsomefsd.cli.main",
+               "awsomefsd.cli.actions")
+COMPOSITION_ROOTS = frozenset({"awsomefsd.daemon.node", "awsomefsd.daemon.ownership"})
+MEMBER_ROOT = "awsomefsd.daemon.member"
 
 
 def modules(root: Path) -> dict[str, Path]:
@@ -107,7 +107,7 @@ class Rule:
 
 RULES = [
     Rule("1: only meta/ imports lmdb",
-         lambda m, i: under(i, "lmdb") and not under(m, "awsomefsd.meta") and not under(m, "awsomefsd.testing")),
+         lambda m, i: under(i, "lmdb") and not under(m, "awsomefsd.meta") and not under(m, "tests.support")),
     Rule("2: io/ imports nothing outside io/",
          lambda m, i: under(m, "awsomefsd.io") and under(i, "awsomefsd") and not under(i, "awsomefsd.io")),
     Rule("3: meta/ imports from io/ only io.layout, and nothing above it",
@@ -131,8 +131,8 @@ RULES = [
     Rule("8: io/, meta/, fs/ and fuse/ never import the composition",
          lambda m, i: any(under(m, p) for p in ("awsomefsd.io", "awsomefsd.meta", "awsomefsd.fs", "awsomefsd.fuse"))
          and any(under(i, p) for p in COMPOSITION)),
-    Rule("9: production code never imports awsomefsd.testing",
-         lambda m, i: under(i, "awsomefsd.testing") and not under(m, "awsomefsd.testing")),
+    Rule("9: production code never imports tests.support",
+         lambda m, i: under(i, "tests.support") and not under(m, "tests.support")),
 ]
 
 
@@ -200,7 +200,7 @@ def test_every_module_imports_on_its_own() -> None:
     import sys
 
     names = sorted(name for name in modules(PACKAGE_ROOT)
-                   if not name.startswith("awsomefsd.testing") and name != "awsomefsd.__main__")
+                   if not name.startswith("tests.support") and name != "awsomefsd.__main__")
     script = (
         "import importlib, sys\n"
         "failed = []\n"

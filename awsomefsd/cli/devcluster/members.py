@@ -22,7 +22,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from awsomefsd.devcluster.network import Namespace, PrivateNetwork
+from awsomefsd.cli.devcluster.network import Namespace, PrivateNetwork
 
 PORT = 7470
 """Every node's cluster port: each node has an address (and ports) of its own in its namespace."""

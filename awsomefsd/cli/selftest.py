@@ -28,7 +28,7 @@ import awsomefsd
 
 # Modules whose import has side effects (running the command line) rather than definitions.
 IMPORT_WALK_SKIP = frozenset({"awsomefsd.__main__"})
-TEST_ONLY_PACKAGE = "awsomefsd.testing"
+TEST_ONLY_PACKAGE = "tests.support"
 """Test harnesses (tests/, bench/): left out of the built binary (build.py), never imported by the
 daemon (tests/unit/test_layers.py)."""
 GRPC_DEADLINE_S = 10.0
