@@ -97,7 +97,6 @@ NUITKA_FLAGS = (
     "--include-module=_bisect",
     "--nofollow-import-to=grpc_tools",  # protoc is a build tool (9 MB), not a run-time dependency
     "--nofollow-import-to=pytest,_pytest,hypothesis,mypy",
-    "--nofollow-import-to=tests.support",  # test-only (tests/, bench/); self-test fails if it ships
     # Test-only packages that a development virtualenv holds: pydantic-settings would pull PyYAML
     # (and libyaml) in through its optional YAML source, the tests' kubernetes manifests checker more.
     "--nofollow-import-to=yaml,kubernetes_validate,jsonschema",

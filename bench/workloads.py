@@ -17,6 +17,7 @@ import random
 import shutil
 import signal
 import subprocess
+import sys
 import tarfile
 import time
 from collections.abc import Callable, Sequence
@@ -27,6 +28,9 @@ from typing import Any
 
 from targets import Target, drop_caches
 
+# The SQLite WAL checker is a test harness (tests/support/), outside the package: the benchmarks
+# run from bench/, so the checkout itself goes on the path for it.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tests.support.sqlite_wal import run_wal_writers
 
 FIO = shutil.which("fio") or "/usr/bin/fio"
