@@ -1,5 +1,5 @@
 """What each CLI command of a node does, in terms of settings and services (the parsing lives in
-cli.py; a cluster member's commands in cluster/actions.py). Named actions, not commands: the
+cli/main.py; a cluster member's commands in cli/cluster.py). Named actions, not commands: the
 state machine's commands are meta/commands.py."""
 
 from __future__ import annotations

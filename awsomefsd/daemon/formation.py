@@ -8,7 +8,7 @@ writes the FOUNDED record naming where it listens, the CA's fingerprint and a pr
 fingerprint to the token's secret. Every other node waits for that record, checks the proof, pins
 the CA from it and joins, retrying until the founder's join listener answers. A node that lost its
 state directory finds the record and joins again; the cluster replaces its old member of the same
-name (cluster/member.py, `Member._replace_namesake`).
+name (daemon/member.py, `Member._replace_namesake`).
 
 A founder that stops before recording the cluster claims again under its old claim id when it
 restarts; if meanwhile another node took over the abandoned claim and founded, this one's state is

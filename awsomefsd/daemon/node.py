@@ -148,7 +148,7 @@ def open_core(settings: Settings, *, metrics: Metrics | None = None, log_kind: s
 def build_core(settings: Settings, storage: Storage, meta_log: LocalLog | ReplicatedFsLog, *, node_id: int,
                metrics: Metrics | None = None) -> Core:
     """A single node's file system over open storage whose metadata is initialised. (A cluster
-    member builds the same parts with its cluster's between them: cluster/member.py.)"""
+    member builds the same parts with its cluster's between them: daemon/member.py.)"""
     metrics = metrics or Metrics()
     meta = MetaClient(meta_log, storage.sm)
     allocator = node_allocator(meta, storage.superblock.layout, node_id)

@@ -1,5 +1,5 @@
 """The house: every top-level package of awsomefsd sits on one floor, and an import goes only to the
-same package or a lower floor (issue 39; docs/architecture.md draws the floors).
+same package or a lower floor (issue 39).
 
 Imports are read with `ast` from every module of the package (generated protobuf code aside). All of
 them count: module-level, function-local (a lazy import is still a dependency, only a later one) and

@@ -1,6 +1,6 @@
 """`awsomefsd dev --nodes N`: a whole cluster on this machine in one command, for development and demos.
 
-N daemons, each in a network namespace of its own on a private bridge (devcluster/network.py: no
+N daemons, each in a network namespace of its own on a private bridge (cli/devcluster/network.py: no
 route in or out, nothing reachable from outside the machine), all on one sparse image file, each
 with its own mount, CSI socket, metrics and log. It prints where everything is, writes the same as
 JSON to `<state>/dev-cluster.json` for scripts, and runs until Ctrl-C (or SIGTERM, or the terminal
