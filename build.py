@@ -97,7 +97,6 @@ NUITKA_FLAGS = (
     "--include-module=_bisect",
     "--nofollow-import-to=grpc_tools",  # protoc is a build tool (9 MB), not a run-time dependency
     "--nofollow-import-to=pytest,_pytest,hypothesis,mypy",
-    "--nofollow-import-to=awsomefsd.testing",  # test-only (tests/, bench/); self-test fails if it ships
     # Test-only packages that a development virtualenv holds: pydantic-settings would pull PyYAML
     # (and libyaml) in through its optional YAML source, the tests' kubernetes manifests checker more.
     "--nofollow-import-to=yaml,kubernetes_validate,jsonschema",
@@ -183,7 +182,7 @@ def compile_binary(cache_dir: Path, jobs: int, force: bool) -> float | None:
     ENTRY_SCRIPT.parent.mkdir(parents=True, exist_ok=True)
     ENTRY_SCRIPT.write_text(
         '"""Entry point of the compiled binary (written by build.py)."""\n'
-        "from awsomefsd.cli import main\n\n"
+        "from awsomefsd.cli.main import main\n\n"
         "raise SystemExit(main())\n"
     )
     STAMP.unlink(missing_ok=True)

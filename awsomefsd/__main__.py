@@ -1,3 +1,3 @@
-from awsomefsd.cli import main
+from awsomefsd.cli.main import main
 
 raise SystemExit(main())

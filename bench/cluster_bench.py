@@ -50,7 +50,7 @@ import fsbench  # noqa: E402
 import targets as tg  # noqa: E402
 import workloads as wl  # noqa: E402
 
-from awsomefsd.devcluster.network import PrivateNetwork  # noqa: E402
+from awsomefsd.cli.devcluster.network import PrivateNetwork  # noqa: E402
 from tests.support.cluster import Cluster, Node, cluster_in  # noqa: E402
 from tests.support.daemon import AWSOMEFSD  # noqa: E402
 

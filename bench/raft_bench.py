@@ -152,7 +152,10 @@ def run_processes(n_nodes: int, proposers: int, max_batch: int, seconds: float, 
     """Closed loop: each proposer keeps one command outstanding for `seconds`; `load` is
     "in-process" (proposer tasks inside the leader, like FUSE requests in the daemon) or "remote"
     (one gRPC Put per command from this process)."""
-    from awsomefsd.testing.raft_cluster import KVCluster
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/support is in the checkout, not the package
+    from tests.support.raft_cluster import KVCluster
 
     with tempfile.TemporaryDirectory(prefix="raft-bench-", dir="/var/tmp") as tmp:
         cluster = KVCluster(Path(tmp), n_nodes, max_batch=max_batch)

@@ -17,6 +17,7 @@ import random
 import shutil
 import signal
 import subprocess
+import sys
 import tarfile
 import time
 from collections.abc import Callable, Sequence
@@ -27,7 +28,10 @@ from typing import Any
 
 from targets import Target, drop_caches
 
-from awsomefsd.testing.sqlite_wal import run_wal_writers
+# The SQLite WAL checker is a test harness (tests/support/), outside the package: the benchmarks
+# run from bench/, so the checkout itself goes on the path for it.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tests.support.sqlite_wal import run_wal_writers
 
 FIO = shutil.which("fio") or "/usr/bin/fio"
 MIB = 1 << 20
@@ -537,7 +541,7 @@ def run_untar(target: Target, params: Params, run_index: int, tarball: Path) -> 
 
 def run_sqlite(target: Target, params: Params, run_index: int) -> dict[str, float]:
     """Two processes each commit `sqlite_txns` transactions to one WAL database (SQLite's defaults:
-    synchronous=FULL, automatic checkpoints); awsomefsd/testing/sqlite_wal.py checks the result,
+    synchronous=FULL, automatic checkpoints); tests/support/sqlite_wal.py checks the result,
     and a wrong database is a failed run, not a number."""
     db = target.path / f"fsbench-sqlite-{run_index}.db"
     outcome = run_wal_writers(db, params.sqlite_txns, timeout_s=params.timeout_s)

@@ -469,7 +469,7 @@ class LeaderDuties:
 
     async def _remove_replaced(self) -> None:
         """A node that lost its state directory joins again (one-token formation,
-        awsomefsd/cluster/formation.py) at its old address: once the cluster has expired the
+        awsomefsd/daemon/formation.py) at its old address: once the cluster has expired the
         member it was, that member is removed (its certificate revoked; its fence epoch stays
         expired). Two live members never share an address; names may be shared (hosts cloned,
         namespaces on one host), so a name says nothing. A node that comes back at another

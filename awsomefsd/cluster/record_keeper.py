@@ -1,7 +1,7 @@
 """The leader keeps the device's founding record naming where the members listen.
 
 A node that lost its state directory (or a new one with only the cluster token) reads the FOUNDED
-record to find members to join through (awsomefsd/cluster/formation.py). The founder wrote its own
+record to find members to join through (awsomefsd/daemon/formation.py). The founder wrote its own
 address there; once members come and go, and the founder itself may be gone, that address alone
 may answer nothing. So the leader rewrites the record's addresses when the active members' change
 (the same record otherwise: owner, CA fingerprint and its proof stay as the founder wrote them).

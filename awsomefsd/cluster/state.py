@@ -39,7 +39,7 @@ class MemberState:
     mount: str = ""
     founding: str = ""
     """A founder that claimed the device's founding (one-token formation): its claim's id, which the
-    device's founding record names once the cluster exists (awsomefsd/cluster/formation.py)."""
+    device's founding record names once the cluster exists (awsomefsd/daemon/formation.py)."""
 
     @property
     def cluster_uuid(self) -> uuid.UUID:

@@ -3,7 +3,7 @@
 `Coherence` is what a cluster adds to the single-node operations; the filesystem layer calls it
 and never knows how it is done (docs/coherence.md states the contract of each hook). In the other
 direction the cluster reaches this node's files only through the two callables below, which the
-composition root (awsomefsd/cluster/member.py) hands it at construction: `FileData.flush` and
+composition root (awsomefsd/daemon/member.py) hands it at construction: `FileData.flush` and
 `Handles.holds`.
 """
 

@@ -15,7 +15,7 @@ reserved area before the data; docs/on-disk-format.md):
 
 Only `format` (and its `--force`) goes back from FOUNDED. A device formatted by a build that kept
 no record has none (`read_founding` returns None): its metadata may exist somewhere, so nothing
-may initialise over it either (awsomefsd/node.py says what to do).
+may initialise over it either (awsomefsd/daemon/node.py says what to do).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Opening a node's metadata store, and the first state of a new filesystem.
 
-The composition roots (awsomefsd/node.py, awsomefsd/cluster/member.py) start here: they open the
+The composition roots (awsomefsd/daemon/node.py, awsomefsd/daemon/member.py) start here: they open the
 store and its state machine, check that it belongs to the device they opened, and build a log on
 them (meta/log.py or the Raft log). Everything after that reads and changes metadata through the
 metadata client (meta/client.py).

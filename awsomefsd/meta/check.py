@@ -1,4 +1,4 @@
-"""Checking and repairing the metadata tables (`awsomefsd fsck`; awsomefsd/fsck.py drives it).
+"""Checking and repairing the metadata tables (`awsomefsd fsck`; awsomefsd/cli/fsck.py drives it).
 
 Works offline on the state as committed, through the local log's open batch: repairs are written
 into it and committed with the batch. Findings go to `report` as they are found.

@@ -15,7 +15,7 @@ What a caller may rely on:
   `barrier` returns once everything proposed before it is durable (fsync).
 
 Listeners of state-machine events (`on_freed`) are registered when the listening object is built
-(awsomefsd/node.py): the state machine calls them inside its apply, so they must only update
+(awsomefsd/daemon/node.py): the state machine calls them inside its apply, so they must only update
 memory.
 """
 

@@ -21,10 +21,10 @@ import grpc
 import pytest
 import trio
 
+from awsomefsd.cli.devcluster import network as netns
+from awsomefsd.cli.devcluster.network import Namespace, PrivateNetwork
 from awsomefsd.cluster.ca import ClusterCA, make_csr, new_node_key
 from awsomefsd.cluster.tls import NodeCredentials
-from awsomefsd.devcluster import network as netns
-from awsomefsd.devcluster.network import Namespace, PrivateNetwork
 from awsomefsd.rpc.bridge import Binding, serve_grpc
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from awsomefsd.devcluster.network import PrivateNetwork
+from awsomefsd.cli.devcluster.network import PrivateNetwork
 from tests.support import monitoring
 from tests.support.cluster import Cluster, cluster_in
 from tests.support.daemon import wait_for

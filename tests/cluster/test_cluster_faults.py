@@ -45,11 +45,11 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from awsomefsd.cluster.actions import CLUSTER_ENTRY_TIMEOUT_S
+from awsomefsd.cli.cluster import CLUSTER_ENTRY_TIMEOUT_S
+from awsomefsd.cli.devcluster.network import PrivateNetwork
 from awsomefsd.cluster.ca import ClusterCA, make_csr, new_node_key, node_dns_name
 from awsomefsd.cluster.rpc import control_call
 from awsomefsd.cluster.state import MemberState, control_socket
-from awsomefsd.devcluster.network import PrivateNetwork
 from tests.support.cluster import PORT, Cluster, Node, cluster_in
 from tests.support.daemon import wait_for
 from tests.support.nemesis import Workers, load_history

@@ -1,5 +1,5 @@
 """Histories of metadata operations on a real 3-node cluster, with the leader killed in the middle,
-checked by the linearizability checker of the Raft work (awsomefsd/testing/linearizability.py).
+checked by the linearizability checker of the Raft work (tests/support/linearizability.py).
 
 Each key is a register kept in the namespace itself: `put` writes a fresh file and renames it over
 the key's name (the rename is the one metadata mutation that makes the value current), `get` opens
@@ -20,9 +20,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from awsomefsd.devcluster.network import PrivateNetwork
-from awsomefsd.testing.linearizability import UNKNOWN, Operation, check_history
+from awsomefsd.cli.devcluster.network import PrivateNetwork
 from tests.support.cluster import Node, cluster_in
+from tests.support.linearizability import UNKNOWN, Operation, check_history
 
 KEYS = ("r0", "r1", "r2")
 RUN_S = 8.0

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from awsomefsd.cluster.actions import CLUSTER_ENTRY_TIMEOUT_S
-from awsomefsd.devcluster.network import PrivateNetwork
+from awsomefsd.cli.cluster import CLUSTER_ENTRY_TIMEOUT_S
+from awsomefsd.cli.devcluster.network import PrivateNetwork
 from tests.support.cluster import Cluster, Node, cluster_in
 from tests.support.daemon import wait_for
 

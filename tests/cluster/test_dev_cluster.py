@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from awsomefsd.devcluster import network as netns
+from awsomefsd.cli.devcluster import network as netns
 from tests.cluster.test_cluster_cli import error_line
 from tests.support.daemon import run_cli
 from tests.support.dev_cluster import (

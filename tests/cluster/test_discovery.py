@@ -11,8 +11,8 @@ from collections.abc import Callable
 
 import pytest
 
+from awsomefsd.cli.devcluster.network import PrivateNetwork
 from awsomefsd.cluster.discovery import JOIN_PORT_OFFSET, Peer, find_join_peers
-from awsomefsd.devcluster.network import PrivateNetwork
 from tests.cluster.conftest import Agent
 
 CLUSTER_PORT = 7700

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from awsomefsd.devcluster.network import Namespace, PrivateNetwork
+from awsomefsd.cli.devcluster.network import Namespace, PrivateNetwork
 from awsomefsd.io.device import BlockDevice
 from awsomefsd.io.founding import FoundingRecord, read_founding
 from tests.support import k8s_pods

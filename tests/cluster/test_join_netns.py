@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
+from awsomefsd.cli.devcluster.network import Namespace, PrivateNetwork
 from awsomefsd.cluster.ca import ClusterCA, verify_node_cert
 from awsomefsd.cluster.tls import NodeCredentials
 from awsomefsd.cluster.token import JoinToken
-from awsomefsd.devcluster.network import Namespace, PrivateNetwork
 from tests.cluster.conftest import Agent, issue_node
 
 pytestmark = pytest.mark.netns

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from awsomefsd.devcluster.network import PrivateNetwork
+from awsomefsd.cli.devcluster.network import PrivateNetwork
 from tests.support.apps import LINES, Reader, expected, shell_run, start_shell, start_writer
 from tests.support.cluster import cluster_in
 from tests.support.daemon import AWSOMEFSD, REPO, is_mounted, wait_for

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import pytest
 
-from awsomefsd.devcluster.network import PrivateNetwork
+from awsomefsd.cli.devcluster.network import PrivateNetwork
 from tests.support import seeds
 from tests.support.cluster import Node, cluster_in
 from tests.support.nemesis import (

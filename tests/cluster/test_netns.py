@@ -8,8 +8,8 @@ from collections.abc import Callable
 
 import pytest
 
-from awsomefsd.devcluster import network as netns
-from awsomefsd.devcluster.network import SUBNET, TEST_PREFIX, PrivateNetwork
+from awsomefsd.cli.devcluster import network as netns
+from awsomefsd.cli.devcluster.network import SUBNET, TEST_PREFIX, PrivateNetwork
 
 pytestmark = pytest.mark.netns
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from awsomefsd.devcluster.network import PrivateNetwork
+from awsomefsd.cli.devcluster.network import PrivateNetwork
 from awsomefsd.meta import commands as c
 from awsomefsd.meta.bootstrap import open_metadata
 from awsomefsd.meta.commands import LOG_LEVEL

@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from awsomefsd.devcluster.network import PrivateNetwork
+from awsomefsd.cli.devcluster.network import PrivateNetwork
 from tests.support.cluster import cluster_in
 from tests.support.daemon import wait_for
 

@@ -5,7 +5,7 @@
 - "fake": the directory-backed stand-in (tests/csi/fake_backend.py) served in this process; fast,
   and it has a fault-injection hook (`healthy`).
 - "daemon": the real thing, a separate `awsomefsd dev --csi-socket` process (one per session,
-  started on first use) with its FUSE mount; CoreVolumes (awsomefsd/volumes.py) behind the same
+  started on first use) with its FUSE mount; CoreVolumes (awsomefsd/daemon/volumes.py) behind the same
   servicers. Each test gets a clean slate: its volumes and snapshots are deleted afterwards.
 
 Every test using `csi_endpoint` runs against both, except those marked `fake_only` (they rely on

@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from awsomefsd.csi.generated import csi_pb2
+from awsomefsd.daemon.volumes import VOLUMES_DIR, parse_csi_id
 from awsomefsd.meta.volumes_sm import volume_dir_name
-from awsomefsd.volumes import VOLUMES_DIR, parse_csi_id
 from tests.support.daemon import Daemon, is_mounted
 
 DAEMON_SIZE = "2G"

@@ -1,6 +1,6 @@
 """A test-only `VolumeService`: volumes are real directories under a temporary root.
 
-This stands in for the filesystem core (awsomefsd/volumes.py) so the gRPC layer's tests run fast and
+This stands in for the filesystem core (awsomefsd/daemon/volumes.py) so the gRPC layer's tests run fast and
 in-process, with fault injection; the same tests also run against the real daemon (see the
 `volume_service` fixture in conftest.py). It keeps the contract's semantics the servicers rely on:
 

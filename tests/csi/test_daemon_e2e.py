@@ -20,7 +20,7 @@ import trio
 
 from awsomefsd.csi import ids, mounts
 from awsomefsd.csi.generated import csi_pb2, csi_pb2_grpc
-from awsomefsd.volumes import csi_id
+from awsomefsd.daemon.volumes import csi_id
 from tests.csi.conftest import NODE_ID, Csi, MiB, mount_capability
 from tests.csi.daemon_backend import DaemonVolumes, start_daemon
 from tests.support.daemon import wait_for

@@ -24,8 +24,8 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from awsomefsd.actions import HAND_OVER_DEADLINE_S
-from awsomefsd.cli import build_parser
+from awsomefsd.cli.actions import HAND_OVER_DEADLINE_S
+from awsomefsd.cli.main import build_parser
 from awsomefsd.cluster.join_service import split_host_port
 from awsomefsd.config import load_settings
 from awsomefsd.csi.identity import PLUGIN_NAME

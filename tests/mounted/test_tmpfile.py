@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from awsomefsd.devcluster.members import wait_for
+from awsomefsd.cli.devcluster.members import wait_for
 from tests.mounted.test_extreme_values import ext4_mount
 from tests.support.daemon import Daemon
 

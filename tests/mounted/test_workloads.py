@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 
 from awsomefsd.repl.digest import TreeDigest, differences, digest_tree
-from awsomefsd.testing.sqlite_wal import run_wal_writers
 from tests.mounted.conftest import running_daemon
 from tests.support import seeds
 from tests.support.daemon import Daemon
+from tests.support.sqlite_wal import run_wal_writers
 from tests.support.trees import make_source_tree
 
 pytestmark = pytest.mark.mounted

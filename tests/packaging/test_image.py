@@ -26,7 +26,7 @@ import pytest
 import yaml
 
 from awsomefsd import __version__
-from awsomefsd.devcluster.members import wait_for
+from awsomefsd.cli.devcluster.members import wait_for
 from tests.packaging.test_packaging import BUILD_TIMEOUT_S, ensure_build_tools, load_build_script
 
 REPO = Path(__file__).resolve().parents[2]

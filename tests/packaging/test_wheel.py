@@ -38,4 +38,4 @@ def test_the_wheel_carries_every_module_and_data_file(tmp_path: Path) -> None:
     assert not wanted - names, f"missing from the wheel: {sorted(wanted - names)[:10]}"
     entry_points = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
     text = zipfile.ZipFile(wheels[0]).read(entry_points).decode()
-    assert "awsomefsd = awsomefsd.cli:main" in text, text
+    assert "awsomefsd = awsomefsd.cli.main:main" in text, text

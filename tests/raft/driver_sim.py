@@ -45,7 +45,7 @@ from awsomefsd.meta.replication.driver import RaftNode
 from awsomefsd.meta.replication.errors import NotLeader, ProposalLost, ProposalTimeout
 from awsomefsd.meta.replication.forwarding import accept_forwarded
 from awsomefsd.meta.replication.settings import NodeSettings
-from awsomefsd.testing.linearizability import UNKNOWN, CheckBudgetExceeded, Operation, check_history
+from tests.support.linearizability import UNKNOWN, CheckBudgetExceeded, Operation, check_history
 
 from .invariants import Invariants, SimFailure
 from .memory_replica import MemoryDisk, MemoryReplicaStorage, MemoryTxn, SimDiskCalls

@@ -38,7 +38,7 @@ from awsomefsd.meta.raft import (
 )
 from awsomefsd.meta.raft.codec import decode_conf_change
 from awsomefsd.meta.raft.storage import MemoryStorage
-from awsomefsd.testing.linearizability import UNKNOWN, CheckBudgetExceeded, Operation, check_history
+from tests.support.linearizability import UNKNOWN, CheckBudgetExceeded, Operation, check_history
 
 from .invariants import Invariants, SimFailure
 

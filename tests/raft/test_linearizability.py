@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from awsomefsd.testing.linearizability import (
+from tests.support.linearizability import (
     UNKNOWN,
     CheckBudgetExceeded,
     KVRegisterModel,

@@ -25,8 +25,8 @@ from awsomefsd.meta.replication.lmdb_storage import LmdbRaftStorage
 from awsomefsd.meta.replication.proposals import FORWARDED, HEADER
 from awsomefsd.meta.replication.settings import NodeSettings
 from awsomefsd.meta.replication.transport import RaftTransport, TransportLimits
-from awsomefsd.testing.raft_cluster import free_port
-from awsomefsd.testing.raft_kv import KVStateMachine, encode_put
+from tests.support.raft_cluster import free_port
+from tests.support.raft_kv import KVStateMachine, encode_put
 
 SETTINGS = NodeSettings(tick_ms=20, election_ticks=10, heartbeat_ticks=2)
 DEADLINE_S = 15.0

@@ -20,8 +20,8 @@ from typing import Any
 import grpc
 import pytest
 
-from awsomefsd.testing.linearizability import UNKNOWN, Operation, check_history
-from awsomefsd.testing.raft_cluster import KVCluster, Member, wait_for
+from tests.support.linearizability import UNKNOWN, Operation, check_history
+from tests.support.raft_cluster import KVCluster, Member, wait_for
 
 INFLIGHT_WINDOW = 256  # Config.max_inflight_msgs
 NEW_LEADER_BOUND_S = 5.0

@@ -16,11 +16,11 @@ import grpc
 import pytest
 import trio
 
+from awsomefsd.daemon.node import Core, open_core
 from awsomefsd.io.checksum import crc32c
 from awsomefsd.io.layout import BLOCK_SIZE
 from awsomefsd.meta import commands as c
 from awsomefsd.meta.records import ROOT_INO
-from awsomefsd.node import Core, open_core
 from awsomefsd.repl import ops as o
 from awsomefsd.repl import wire
 from awsomefsd.repl.hlc import Stamp

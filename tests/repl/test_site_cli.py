@@ -8,7 +8,7 @@ import io
 import time
 from typing import Any
 
-from awsomefsd.repl.cli import follow_initial_sync, render_conflicts
+from awsomefsd.cli.repl import follow_initial_sync, render_conflicts
 from awsomefsd.repl.hlc import Stamp
 
 

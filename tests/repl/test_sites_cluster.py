@@ -22,8 +22,8 @@ from pathlib import Path
 
 import pytest
 
-from awsomefsd.devcluster.members import DevNode
-from awsomefsd.devcluster.network import available
+from awsomefsd.cli.devcluster.members import DevNode
+from awsomefsd.cli.devcluster.network import available
 from tests.support import monitoring
 from tests.support.daemon import wait_for
 from tests.support.sites import (

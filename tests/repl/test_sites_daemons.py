@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from awsomefsd.devcluster.network import available
+from awsomefsd.cli.devcluster.network import available
 from awsomefsd.repl.digest import differences, digest_tree
 from tests.support import seeds
 from tests.support.daemon import run_cli, wait_for

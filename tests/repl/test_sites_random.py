@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 
-from awsomefsd.devcluster.network import available
+from awsomefsd.cli.devcluster.network import available
 from tests.support import seeds
 from tests.support.sites import (
     ClusterSite,

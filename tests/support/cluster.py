@@ -1,4 +1,4 @@
-"""The cluster the tests run: awsomefsd's own dev cluster (awsomefsd/devcluster/members.py), with
+"""The cluster the tests run: awsomefsd's own dev cluster (awsomefsd/cli/devcluster/members.py), with
 lease timings shortened through the environment (AWSOMEFS_CLUSTER__*) so fencing tests take seconds
 (everything else is the daemon's default), started with this interpreter from this checkout.
 """
@@ -10,9 +10,9 @@ from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
-from awsomefsd.devcluster import members
-from awsomefsd.devcluster.members import PORT, DevCluster, DevNode, detach
-from awsomefsd.devcluster.network import PrivateNetwork
+from awsomefsd.cli.devcluster import members
+from awsomefsd.cli.devcluster.members import PORT, DevCluster, DevNode, detach
+from awsomefsd.cli.devcluster.network import PrivateNetwork
 from tests.support.daemon import AWSOMEFSD, REPO
 
 FAST_LEASES = {"AWSOMEFS_CLUSTER__LEASE_S": "3", "AWSOMEFS_CLUSTER__RENEW_S": "0.5", "AWSOMEFS_CLUSTER__STALL_S": "8",

@@ -10,7 +10,7 @@ import threading
 import time
 from pathlib import Path
 
-from awsomefsd.devcluster.members import is_mounted, wait_for
+from awsomefsd.cli.devcluster.members import is_mounted, wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 AWSOMEFSD = [sys.executable, "-m", "awsomefsd"]

@@ -20,12 +20,12 @@ from typing import Any
 import grpc
 import pytest
 
-from awsomefsd.actions import state_in_use
+from awsomefsd.cli.actions import state_in_use
+from awsomefsd.cli.devcluster import network as netns
+from awsomefsd.cli.devcluster.members import is_mounted
+from awsomefsd.cli.devcluster.network import SUBNET
+from awsomefsd.cli.devcluster.session import DESCRIPTION
 from awsomefsd.csi.generated import csi_pb2, csi_pb2_grpc
-from awsomefsd.devcluster import network as netns
-from awsomefsd.devcluster.members import is_mounted
-from awsomefsd.devcluster.network import SUBNET
-from awsomefsd.devcluster.session import DESCRIPTION
 from tests.support.daemon import AWSOMEFSD, REPO, wait_for
 
 READY_DEADLINE_S = 180.0

@@ -20,7 +20,7 @@ The checks (`check_run`):
 - results: each operation's result is one POSIX allows (never EEXIST for O_CREAT without O_EXCL);
   errors a fault explains (EIO, ENOTCONN, ...) are allowed only for operations that overlapped a
   fault; nothing hangs;
-- linearizability of the namespace registers (awsomefsd/testing/linearizability.py, one key at a
+- linearizability of the namespace registers (tests/support/linearizability.py, one key at a
   time); outcomes a client could not learn count as "may have happened";
 - the logs: every acknowledged (fsynced) record present, whole, once, and in its writer's order,
   the same bytes on every node;
@@ -45,8 +45,8 @@ from typing import Any
 
 from awsomefsd.cluster.rpc import control_call
 from awsomefsd.cluster.state import control_socket
-from awsomefsd.testing.linearizability import UNKNOWN, CheckBudgetExceeded, Operation, check_single
 from tests.support.cluster import Cluster, Node
+from tests.support.linearizability import UNKNOWN, CheckBudgetExceeded, Operation, check_single
 from tests.support.nemesis_client import SHARED_LOGS, parse_record
 
 KINDS = ("kill", "pause", "partition", "restart")

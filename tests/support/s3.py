@@ -23,7 +23,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from awsomefsd.devcluster.network import Namespace
+from awsomefsd.cli.devcluster.network import Namespace
 from tests.support.daemon import REPO
 from tests.support.s3_server import BUCKET, KEY_ID, SECRET
 

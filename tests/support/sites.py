@@ -16,8 +16,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from awsomefsd.devcluster.members import DevCluster, DevNode, wait_for
-from awsomefsd.devcluster.network import Namespace, PrivateNetwork
+from awsomefsd.cli.devcluster.members import DevCluster, DevNode, wait_for
+from awsomefsd.cli.devcluster.network import Namespace, PrivateNetwork
 from tests.support.daemon import REPO, Daemon, run_cli
 
 PORT_A, PORT_B = 19450, 19460

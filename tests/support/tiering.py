@@ -11,13 +11,13 @@ from pathlib import Path
 
 import trio
 
+from awsomefsd.cli.fsck import Report
 from awsomefsd.config import Settings, TierSettings
-from awsomefsd.fsck import Report
+from awsomefsd.daemon.node import Core, open_core
+from awsomefsd.daemon.tiering import Tiering
 from awsomefsd.meta.check import check_space
 from awsomefsd.meta.log import LocalLog
 from awsomefsd.meta.records import is_tiered
-from awsomefsd.node import Core, open_core
-from awsomefsd.tier.service import Tiering
 from awsomefsd.tier.source import object_key
 from tests.support.s3 import TEST_KEY_ID, TEST_SECRET
 from tests.unit.test_fs_api import File, settings_for

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import trio
 
+from awsomefsd.cli.fsck import run_fsck
 from awsomefsd.config import TierSettings
-from awsomefsd.fsck import run_fsck
 from awsomefsd.io.layout import BLOCK_SIZE
 from awsomefsd.meta import commands as c
 from awsomefsd.meta.errors import FsError
@@ -235,7 +235,7 @@ async def test_a_file_read_again_later_comes_back_to_the_device(node: Node) -> N
 
 
 async def test_volumes_opted_out_and_small_files_stay_on_the_device(node: Node) -> None:
-    from awsomefsd.volumes import CoreVolumes
+    from awsomefsd.daemon.volumes import CoreVolumes
 
     await CoreVolumes(node.core, "/nonexistent").create_volume("keep", 16 << 20)
     volume = node.core.meta.volume_by_name("volume", "keep")
@@ -279,8 +279,8 @@ async def test_cold_data_short_of_an_object_waits_for_more_unless_space_is_short
 
 
 async def test_a_snapshot_shares_tiered_data_and_keeps_it_where_it_is(node: Node) -> None:
+    from awsomefsd.daemon.volumes import CoreVolumes
     from awsomefsd.fs.operations import TIER_XATTR
-    from awsomefsd.volumes import CoreVolumes
 
     volumes = CoreVolumes(node.core, "/nonexistent")
     made = await volumes.create_volume("data", 16 << 20)

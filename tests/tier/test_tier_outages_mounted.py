@@ -196,7 +196,7 @@ def test_tier_commands_without_root_say_root_is_needed(daemon: Daemon, tmp_path:
             os.setgroups([])
             os.setgid(NOBODY)
             os.setuid(NOBODY)
-            from awsomefsd.tier.cli import tier_move
+            from awsomefsd.cli.tier import tier_move
 
             code = tier_move([path], "evict")
         finally:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from awsomefsd.node import Core, open_core
+from awsomefsd.daemon.node import Core, open_core
 from tests.unit.test_fs_api import settings_for
 
 

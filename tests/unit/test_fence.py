@@ -20,6 +20,7 @@ import pytest
 import trio
 
 from awsomefsd.config import DeviceSettings, MetaSettings, NodeSettings, Settings
+from awsomefsd.daemon.node import NODE_ID, Core, open_core
 from awsomefsd.io.device import BlockDevice, DeviceError, create_image
 from awsomefsd.io.extent_io import INLINE_IO_MAX_BYTES
 from awsomefsd.io.fence import MAX_WRITE_S, WriteFence, WriteFencedError
@@ -29,7 +30,6 @@ from awsomefsd.meta import commands as c
 from awsomefsd.meta.errors import FsError
 from awsomefsd.meta.records import ROOT_INO
 from awsomefsd.meta.replication.fs_log import ReplicatedFsLog
-from awsomefsd.node import NODE_ID, Core, open_core
 
 MARGIN_S = 0.5
 

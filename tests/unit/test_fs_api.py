@@ -21,8 +21,9 @@ from pathlib import Path
 import pytest
 import trio
 
+from awsomefsd.cli.fsck import run_fsck
 from awsomefsd.config import DataSettings, DeviceSettings, NodeSettings, Settings
-from awsomefsd.fsck import run_fsck
+from awsomefsd.daemon.node import Core, open_core
 from awsomefsd.io.device import BlockDevice, create_image
 from awsomefsd.io.layout import BLOCK_SIZE, MiB
 from awsomefsd.io.superblock import format_device
@@ -30,7 +31,6 @@ from awsomefsd.meta import commands as c
 from awsomefsd.meta.commands import LOG_LEVEL
 from awsomefsd.meta.errors import FsError, OutcomeUnknown
 from awsomefsd.meta.records import ROOT_INO, Inode
-from awsomefsd.node import Core, open_core
 
 IMAGE_BYTES = 64 * MiB
 GRACE_MS = 200

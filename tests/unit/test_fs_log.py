@@ -152,7 +152,7 @@ async def test_restart_applies_a_persisted_tail_exactly_once(tmp_path: Path) -> 
 
 
 async def test_status_shows_term_leader_indexes_and_match(tmp_path: Path) -> None:
-    from awsomefsd.status import _meta_status, _raft_rows
+    from awsomefsd.cli.status import _meta_status, _raft_rows
 
     store, _, log = open_fs_log(tmp_path / "m")
     async with running(log):

@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator
 import pytest
 import trio
 
+from awsomefsd.daemon.node import Core
 from awsomefsd.fuse.kernel import abi
 from awsomefsd.fuse.kernel.abi import Body, Header, Init, Op
 from awsomefsd.fuse.kernel.handlers import KernelHandlers
@@ -30,7 +31,6 @@ from awsomefsd.fuse.kernel.session import (
     ProtocolError,
     Session,
 )
-from awsomefsd.node import Core
 
 KERNEL_FLAGS = (1 << 31) - 1  # a kernel that offers every capability
 UID, GID, PID = 1000, 1000, 4242

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from awsomefsd.fsck import run_fsck
+from awsomefsd.cli.fsck import run_fsck
+from awsomefsd.daemon.node import open_core
 from awsomefsd.meta.records import ROOT_INO
-from awsomefsd.node import open_core
 from awsomefsd.progress import Progress
 from tests.unit.test_fs_api import settings_for
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from awsomefsd.actions import settings_from
-from awsomefsd.cli import CliError
+from awsomefsd.cli.actions import settings_from
+from awsomefsd.errors import OperatorError
 
 
 def load(tmp_path: Path, toml: str) -> object:
@@ -19,7 +19,7 @@ def load(tmp_path: Path, toml: str) -> object:
 
 @pytest.mark.parametrize("section", ["tier", "mount", "cluster", "data"])
 def test_a_misspelt_key_in_a_section_is_an_error(tmp_path: Path, section: str) -> None:
-    with pytest.raises(CliError) as caught:
+    with pytest.raises(OperatorError) as caught:
         load(tmp_path, f'[{section}]\nendpont = "https://s3.example.com"\n')
     message = str(caught.value)
     assert message.startswith("invalid settings: ") and f"{section}.endpont" in message
@@ -32,5 +32,5 @@ def test_a_size_may_be_a_whole_number_written_as_a_float(tmp_path: Path) -> None
 
 
 def test_a_fractional_number_of_bytes_is_refused_in_one_line(tmp_path: Path) -> None:
-    with pytest.raises(CliError, match=r"^invalid settings: tier\.cache_bytes: .*not a whole number of bytes"):
+    with pytest.raises(OperatorError, match=r"^invalid settings: tier\.cache_bytes: .*not a whole number of bytes"):
         load(tmp_path, "[tier]\ncache_bytes = 1.5\n")

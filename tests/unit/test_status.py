@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
+from awsomefsd.cli.status import collect_status
 from awsomefsd.config import MountSettings, NodeSettings, Settings
 from awsomefsd.csi import mounts
 from awsomefsd.csi.mounts import MountEntry
 from awsomefsd.fuse.mount import FSTYPE
-from awsomefsd.status import collect_status
 
 TABLE = [
     MountEntry("/", "/", frozenset({"rw"}), "ext4", "/dev/vda", "254:0"),

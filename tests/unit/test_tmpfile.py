@@ -15,7 +15,7 @@ from awsomefsd.meta.check import check_namespace
 from awsomefsd.meta.errors import FsError
 from awsomefsd.meta.records import ROOT_INO, u64
 from awsomefsd.meta.tmpfile import TMPFILES
-from awsomefsd.node import Core
+from awsomefsd.daemon.node import Core
 from tests.repl.test_sites_sm import linked_pair, ship, write
 from tests.unit.test_state_machine import DATA_START, Harness, ext
 

@@ -26,13 +26,13 @@ from awsomefsd.csi.backend import (
     VolumeNotFound,
     VolumeService,
 )
+from awsomefsd.daemon.node import Core, open_core
+from awsomefsd.daemon.volumes import CoreVolumes, csi_id, parse_csi_id
 from awsomefsd.io.device import BlockDevice, create_image
 from awsomefsd.io.layout import BLOCK_SIZE
 from awsomefsd.io.superblock import format_device
 from awsomefsd.meta.errors import FsError
 from awsomefsd.meta.volumes_sm import VOLUMES_INO
-from awsomefsd.node import Core, open_core
-from awsomefsd.volumes import CoreVolumes, csi_id, parse_csi_id
 
 MiB = 1 << 20
 IMAGE_BYTES = 256 * MiB
@@ -291,7 +291,7 @@ async def test_a_hung_mount_is_unhealthy_after_the_timeout(
         release.wait(60)  # a FUSE server that never answers; released below
         return os.stat(path)
 
-    monkeypatch.setattr("awsomefsd.volumes._stat_root", hung_stat)
+    monkeypatch.setattr("awsomefsd.daemon.volumes._stat_root", hung_stat)
     volumes = CoreVolumes(core, tmp_path, health_timeout_s=0.2)
     try:
         with trio.fail_after(10):

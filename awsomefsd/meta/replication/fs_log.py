@@ -16,7 +16,7 @@ Differences from LocalLog a caller may rely on:
   command whose apply met a bug (meta/isolation.py): it is undone alone, and the log goes on.
 
 On a single node this is a one-member group that campaigns at start and is its own quorum. In a
-cluster (awsomefsd/cluster/member.py) the same class runs one member of a 3- or 5-voter group:
+cluster (awsomefsd/daemon/member.py) the same class runs one member of a 3- or 5-voter group:
 - proposals are wrapped in `Fenced(node, epoch, ...)` so that the state machine refuses them once
   this node's liveness lease has expired (docs/cluster.md); a follower's are forwarded to the
   leader (forwarding.py);

@@ -8,7 +8,7 @@ writes the FOUNDED record naming where it listens, the CA's fingerprint and a pr
 fingerprint to the token's secret. Every other node waits for that record, checks the proof, pins
 the CA from it and joins, retrying until the founder's join listener answers. A node that lost its
 state directory finds the record and joins again; the cluster replaces its old member of the same
-name (cluster/member.py, `Member._replace_namesake`).
+name (daemon/member.py, `Member._replace_namesake`).
 
 A founder that stops before recording the cluster claims again under its old claim id when it
 restarts; if meanwhile another node took over the abandoned claim and founded, this one's state is
@@ -25,18 +25,18 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from awsomefsd.cli import CliError
 from awsomefsd.cluster.ca import fingerprint
 from awsomefsd.cluster.discovery import Peer, browse
 from awsomefsd.cluster.token import JoinToken, TokenError
 from awsomefsd.config import Settings
+from awsomefsd.daemon.ownership import founded_cluster, host_name, legacy_refusal
+from awsomefsd.errors import OperatorError
 from awsomefsd.io.claim import DeviceClaim, claim_founding
 from awsomefsd.io.device import BlockDevice
 from awsomefsd.io.errors import DeviceError, NotFormattedError
 from awsomefsd.io.founding import NIL, FoundingRecord, Mode, Stage, read_founding, write_founding
 from awsomefsd.io.layout import BLOCK_SIZE
 from awsomefsd.io.superblock import Superblock, format_device, read_superblock
-from awsomefsd.ownership import founded_cluster, host_name, legacy_refusal
 
 log = logging.getLogger(__name__)
 CLAIM_DEADLINE_S = 300.0
@@ -51,15 +51,15 @@ def load_cluster_token(settings: Settings) -> JoinToken | None:
         try:
             text = settings.cluster.token_file.read_text().strip()
         except OSError as exc:
-            raise CliError(f"[cluster] token_file {settings.cluster.token_file}: {exc.strerror or exc}") from None
+            raise OperatorError(f"[cluster] token_file {settings.cluster.token_file}: {exc.strerror or exc}") from None
         if not text:
-            raise CliError(f"[cluster] token_file {settings.cluster.token_file} is empty")
+            raise OperatorError(f"[cluster] token_file {settings.cluster.token_file} is empty")
     if not text:
         return None
     try:
         return JoinToken.parse(text)
     except TokenError as exc:
-        raise CliError(f"bad cluster token ([cluster] token): {exc}") from None
+        raise OperatorError(f"bad cluster token ([cluster] token): {exc}") from None
 
 
 def peer_addresses(seeds: list[str] | tuple[str, ...]) -> list[str]:
@@ -98,15 +98,15 @@ def decide(path: Path, token: JoinToken, state_dir: Path, *, me: uuid.UUID, dead
     with BlockDevice.open(path, shared=True) as device:
         sb = _superblock_or_blank(device, path)
         if sb is not None and sb.cluster_id != token.cluster_id:
-            raise CliError(f"{path} holds cluster {sb.cluster_id}, but the cluster token is for cluster "
+            raise OperatorError(f"{path} holds cluster {sb.cluster_id}, but the cluster token is for cluster "
                            f"{token.cluster_id}: give this cluster's shared device, or its token")
         record = read_founding(device)
     if record is not None and record.cluster_id != token.cluster_id:
-        raise CliError(f"{path}'s founding record names cluster {record.cluster_id}, not the token's {token.cluster_id}")
+        raise OperatorError(f"{path}'s founding record names cluster {record.cluster_id}, not the token's {token.cluster_id}")
     if record is not None and record.founded:
         return _to_join(path, record)
     if sb is not None and record is None:
-        raise CliError(legacy_refusal(path, state_dir))
+        raise OperatorError(legacy_refusal(path, state_dir))
     base = FoundingRecord(Stage.FORMATTED, token.cluster_id, sb.device_id if sb is not None else NIL,
                           host=host_name()[:255], state_dir=str(state_dir)[:1024])
     outcome = claim_founding(path, shared=True, base=base, deadline_s=deadline_s, me=me,
@@ -119,7 +119,7 @@ def decide(path: Path, token: JoinToken, state_dir: Path, *, me: uuid.UUID, dead
 
 def _to_join(path: Path, record: FoundingRecord) -> Decision:
     if record.mode != Mode.CLUSTER:
-        raise CliError(f"{path} holds a single node's file system ({record.describe()}): it cannot be joined")
+        raise OperatorError(f"{path} holds a single node's file system ({record.describe()}): it cannot be joined")
     return Decision(founded=record)
 
 
@@ -132,7 +132,7 @@ def _superblock_or_blank(device: BlockDevice, path: Path) -> Superblock | None:
         blank = not any(device.read(0, BLOCK_SIZE)) and not any(device.read(device.size_bytes - BLOCK_SIZE, BLOCK_SIZE))
         if blank:
             return None
-        raise CliError(f"{path} holds data that is not an AwsomeFS file system: refusing to format it; if it is "
+        raise OperatorError(f"{path} holds data that is not an AwsomeFS file system: refusing to format it; if it is "
                        f"expendable, format it with `awsomefsd format {path}` first") from None
 
 
@@ -162,7 +162,7 @@ def pinned_token(path: Path, token: JoinToken, record: FoundingRecord) -> JoinTo
     if token.pins_ca:
         return token
     if record.proof != token.record_proof(record.ca_fingerprint):
-        raise CliError(f"{path}'s founding record was not written with this cluster token (another token of the "
+        raise OperatorError(f"{path}'s founding record was not written with this cluster token (another token of the "
                        "same cluster id?): join with a token from `awsomefsd token` on a member")
     return token.pinned(record.ca_fingerprint)
 
@@ -181,7 +181,7 @@ def join_candidates(settings: Settings, token: JoinToken, record: FoundingRecord
 def retry_join(settings: Settings, token: JoinToken, record: FoundingRecord,
                attempt: Callable[[list[Peer]], object | None], deadline_s: float = JOIN_DEADLINE_S) -> object:
     """Ask `attempt` to join through the candidates until it succeeds (the founder's join listener
-    may not answer yet); CliError with every address's answer at the deadline."""
+    may not answer yet); OperatorError with every address's answer at the deadline."""
     deadline = time.monotonic() + deadline_s
     while True:
         browse_s = min(settings.cluster.discovery_timeout_s, 2.0) if settings.cluster.advertise else 0.0
@@ -190,7 +190,7 @@ def retry_join(settings: Settings, token: JoinToken, record: FoundingRecord,
         if done is not None:
             return done
         if time.monotonic() > deadline:
-            raise CliError(f"no member of cluster {token.cluster_id} admitted this node within {deadline_s:.0f}s "
+            raise OperatorError(f"no member of cluster {token.cluster_id} admitted this node within {deadline_s:.0f}s "
                            f"(tried {', '.join(p.join_address for p in peers) or 'zeroconf'})")
         time.sleep(JOIN_RETRY_S)
 
@@ -217,7 +217,7 @@ def founder_resumes(path: Path) -> FoundingRecord | None:
         with BlockDevice.open(path, shared=True) as device:
             record = read_founding(device)
     except DeviceError as exc:
-        raise CliError(str(exc)) from None
+        raise OperatorError(str(exc)) from None
     if record is not None and record.founded:
         return record
     return None

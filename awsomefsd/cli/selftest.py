@@ -28,9 +28,6 @@ import awsomefsd
 
 # Modules whose import has side effects (running the command line) rather than definitions.
 IMPORT_WALK_SKIP = frozenset({"awsomefsd.__main__"})
-TEST_ONLY_PACKAGE = "awsomefsd.testing"
-"""Test harnesses (tests/, bench/): left out of the built binary (build.py), never imported by the
-daemon (tests/unit/test_layers.py)."""
 GRPC_DEADLINE_S = 10.0
 
 
@@ -211,9 +208,7 @@ def check_crc32c() -> str:
 def check_awsomefsd_modules() -> str:
     """Import every module of the project, so any third-party import anywhere is exercised."""
     found = [info.name for info in pkgutil.walk_packages(awsomefsd.__path__, prefix="awsomefsd.")]
-    test_only = [name for name in found if name == TEST_ONLY_PACKAGE or name.startswith(TEST_ONLY_PACKAGE + ".")]
-    assert not (test_only and "__compiled__" in globals()), f"test-only modules were built in: {test_only}"
-    names = [name for name in found if name not in IMPORT_WALK_SKIP and name not in test_only]
+    names = [name for name in found if name not in IMPORT_WALK_SKIP]
     assert len(names) > 1, f"found only {names}: the package walk does not see the bundled modules"
     for name in names:
         importlib.import_module(name)

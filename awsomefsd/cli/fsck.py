@@ -28,7 +28,7 @@ from awsomefsd.meta.records import Extent, is_tiered, object_of
 from awsomefsd.progress import Progress
 
 if TYPE_CHECKING:
-    from awsomefsd.node import Core
+    from awsomefsd.daemon.node import Core
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ class Report:
 
 
 def run_fsck(settings: Settings, *, repair: bool, verify_data: bool) -> int:
-    from awsomefsd.node import open_core
+    from awsomefsd.daemon.node import open_core
 
     report = Report()
     _check_superblocks(settings, report, repair)

@@ -1,5 +1,5 @@
 """What each CLI command of a node does, in terms of settings and services (the parsing lives in
-cli.py; a cluster member's commands in cluster/actions.py). Named actions, not commands: the
+cli/main.py; a cluster member's commands in cli/cluster.py). Named actions, not commands: the
 state machine's commands are meta/commands.py."""
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from typing import Any, NoReturn
 
 import trio
 
-from awsomefsd.cli import CliError
 from awsomefsd.config import Settings, load_settings, parse_size_bytes
+from awsomefsd.errors import OperatorError
 
 log = logging.getLogger(__name__)
 DEV_IMAGE_NAME = "device.img"
@@ -30,9 +30,9 @@ def settings_from(config: Path | None, overrides: dict[str, Any], *, read_defaul
     try:
         return load_settings(config, read_default_file=read_default_file, **overrides)
     except FileNotFoundError as exc:
-        raise CliError(str(exc)) from None
+        raise OperatorError(str(exc)) from None
     except ValueError as exc:
-        raise CliError(f"invalid settings: {_one_line(exc)}") from None
+        raise OperatorError(f"invalid settings: {_one_line(exc)}") from None
 
 
 def _one_line(exc: ValueError) -> str:
@@ -61,7 +61,7 @@ def state_lock(state_dir: Path) -> Iterator[None]:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise CliError(f"{state_dir} is in use by a running awsomefsd (stop it first)") from None
+            raise OperatorError(f"{state_dir} is in use by a running awsomefsd (stop it first)") from None
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         yield
@@ -98,8 +98,8 @@ def daemon_failure(exc: BaseException) -> str:
 def device_errors() -> tuple[type[BaseException], ...]:
     """What opening a device or a node's state raises for bad input: one line for the user.
     Imported when called, so that `--help` does not load the storage stack."""
+    from awsomefsd.daemon.node import NodeError
     from awsomefsd.io.errors import DeviceError
-    from awsomefsd.node import NodeError
 
     return (DeviceError, NodeError)
 
@@ -146,7 +146,7 @@ def dev(state: Path, mount: Path, size: str, overrides: dict[str, Any], *, confi
         except device_errors() as exc:
             if created:
                 image.unlink(missing_ok=True)
-            raise CliError(str(exc)) from None
+            raise OperatorError(str(exc)) from None
         return _serve(settings)
 
 
@@ -157,14 +157,14 @@ def dev_image_size(size: str) -> int:
     try:
         size_bytes = parse_size_bytes(size)
     except ValueError as exc:
-        raise CliError(f"--size {size}: {exc}") from None
+        raise OperatorError(f"--size {size}: {exc}") from None
     if size_bytes % BLOCK_SIZE:
-        raise CliError(f"--size {size} ({size_bytes} bytes) is not a whole number of {BLOCK_SIZE}-byte blocks "
+        raise OperatorError(f"--size {size} ({size_bytes} bytes) is not a whole number of {BLOCK_SIZE}-byte blocks "
                        "(e.g. 8G, 512M)")
     if size_bytes < MIN_DEVICE_BYTES:
-        raise CliError(f"--size {size} is too small: AwsomeFS needs at least {MIN_DEVICE_BYTES >> 20}M")
+        raise OperatorError(f"--size {size} is too small: AwsomeFS needs at least {MIN_DEVICE_BYTES >> 20}M")
     if size_bytes > MAX_DEVICE_BYTES:
-        raise CliError(f"--size {size} is more than AwsomeFS can address ({MAX_DEVICE_BYTES} bytes)")
+        raise OperatorError(f"--size {size} is more than AwsomeFS can address ({MAX_DEVICE_BYTES} bytes)")
     return size_bytes
 
 
@@ -178,7 +178,7 @@ def check_mount(settings: Settings) -> None:
         check_can_mount(settings.mount.path, transport=settings.mount.transport,
                         allow_other=settings.mount.allow_other)
     except MountError as exc:
-        raise CliError(str(exc)) from None
+        raise OperatorError(str(exc)) from None
 
 
 def run(settings: Settings) -> int:
@@ -188,27 +188,27 @@ def run(settings: Settings) -> int:
 
 def preflight(settings: Settings, *, cluster_listen: str | None = None, control: Path | None = None) -> None:
     """Refuse, before anything is formatted, joined or opened, to start with a listener address
-    that is taken (awsomefsd/preflight.py), or with a [tier] that cannot work: one line naming
+    that is taken (awsomefsd/cli/preflight.py), or with a [tier] that cannot work: one line naming
     the setting."""
-    from awsomefsd.preflight import PortInUse, check_listeners
+    from awsomefsd.cli.preflight import PortInUse, check_listeners
 
     try:
         check_listeners(settings, cluster_listen=cluster_listen, control=control)
     except PortInUse as exc:
-        raise CliError(str(exc)) from None
+        raise OperatorError(str(exc)) from None
     check_mount(settings)
     if settings.tier.enabled:
-        from awsomefsd.tier.service import TierConfigError, open_store
+        from awsomefsd.daemon.tiering import TierConfigError, open_store
 
         try:
             open_store(settings)
         except TierConfigError as exc:
-            raise CliError(str(exc)) from None
+            raise OperatorError(str(exc)) from None
 
 
 def _serve(settings: Settings) -> int:
+    from awsomefsd.daemon.node import open_core, print_ready, serve
     from awsomefsd.fuse.mount import MountError
-    from awsomefsd.node import open_core, print_ready, serve
 
     loaded = _since_process_start_s()
     logging.getLogger().setLevel(settings.log.level.upper())
@@ -216,16 +216,16 @@ def _serve(settings: Settings) -> int:
     try:
         core = open_core(settings)
     except device_errors() as exc:
-        raise CliError(str(exc)) from None
+        raise OperatorError(str(exc)) from None
     # how long a restart keeps applications waiting, phase by phase (bench/restart_bench.py)
     log.info("started: the daemon's code loaded %.0f ms and its storage open %.0f ms after the process began",
              loaded * 1000, _since_process_start_s() * 1000)
     try:
         handed_over = trio.run(functools.partial(serve, core, settings, ready=print_ready))
     except MountError as exc:
-        raise CliError(str(exc)) from None
+        raise OperatorError(str(exc)) from None
     except Exception as exc:
-        raise CliError(daemon_failure(exc)) from None
+        raise OperatorError(daemon_failure(exc)) from None
     finally:
         core.close()
     if handed_over:
@@ -270,11 +270,11 @@ def hand_over(settings: Settings) -> int:
 
     state_dir = settings.node.state_dir
     if not state_in_use(state_dir):
-        raise CliError(f"no awsomefsd runs on {state_dir}")
+        raise OperatorError(f"no awsomefsd runs on {state_dir}")
     try:
         pid = int((state_dir / "daemon.lock").read_text().split()[0])
     except (OSError, ValueError, IndexError):
-        raise CliError(f"cannot tell which process owns {state_dir}") from None
+        raise OperatorError(f"cannot tell which process owns {state_dir}") from None
     from awsomefsd import sdrestart
     from awsomefsd.fuse.kernel import takeover
 
@@ -287,9 +287,9 @@ def hand_over(settings: Settings) -> int:
     while state_in_use(state_dir) or _alive(pid):
         refused = takeover.refusal(state_dir)
         if refused is not None:
-            raise CliError(f"awsomefsd (pid {pid}) did not hand the mount over, it goes on serving it: {refused}")
+            raise OperatorError(f"awsomefsd (pid {pid}) did not hand the mount over, it goes on serving it: {refused}")
         if time.monotonic() > deadline:
-            raise CliError(f"awsomefsd (pid {pid}) is still running {HAND_OVER_DEADLINE_S:.0f} s later: it keeps the "
+            raise OperatorError(f"awsomefsd (pid {pid}) is still running {HAND_OVER_DEADLINE_S:.0f} s later: it keeps the "
                            "mount when no descriptor store is set up (its log says why)")
         time.sleep(0.01)
     print(f"awsomefsd: pid {pid} left the mount to the next daemon", flush=True)
@@ -313,16 +313,16 @@ def format_device(settings: Settings, device_path: Path, *, force: bool, size: s
         if size is not None and not device_path.exists():
             create_image(device_path, parse_size_bytes(size))
         if not device_path.exists():
-            raise CliError(f"{device_path} does not exist (give --size to create an image file)")
+            raise OperatorError(f"{device_path} does not exist (give --size to create an image file)")
         device = BlockDevice.open(device_path)
         try:
             sb = do_format(device, cluster_id=uuid.uuid4(), label=label, force=force)
         finally:
             device.close()
     except ValueError as exc:
-        raise CliError(str(exc)) from None
+        raise OperatorError(str(exc)) from None
     except device_errors() as exc:
-        raise CliError(str(exc)) from None
+        raise OperatorError(str(exc)) from None
     layout = sb.layout
     print(f"awsomefsd: formatted {device_path}: cluster {sb.cluster_id}, device {sb.device_id}, "
           f"{layout.data_blocks} data blocks of {sb.block_size} bytes in {layout.ag_count} allocation groups")
@@ -333,17 +333,17 @@ def format_device(settings: Settings, device_path: Path, *, force: bool, size: s
 
 
 def fsck(settings: Settings, *, repair: bool, verify_data: bool) -> int:
-    from awsomefsd.fsck import run_fsck
+    from awsomefsd.cli.fsck import run_fsck
 
     if state_in_use(settings.node.state_dir):
-        raise CliError(f"{settings.node.state_dir} is in use by a running awsomefsd: stop it before fsck")
+        raise OperatorError(f"{settings.node.state_dir} is in use by a running awsomefsd: stop it before fsck")
     with state_lock(settings.node.state_dir):
         if settings.device.path is None:
             settings = _device_of_state(settings)
         try:
             return run_fsck(settings, repair=repair, verify_data=verify_data)
         except device_errors() as exc:
-            raise CliError(str(exc)) from None
+            raise OperatorError(str(exc)) from None
 
 
 def _device_of_state(settings: Settings) -> Settings:
@@ -351,7 +351,7 @@ def _device_of_state(settings: Settings) -> Settings:
     instance's image file."""
     settings = _with_state_defaults(settings)
     if settings.device.path is None:
-        raise CliError("no device configured: give --device (or --state of a cluster member or a dev instance)")
+        raise OperatorError("no device configured: give --device (or --state of a cluster member or a dev instance)")
     return settings
 
 
@@ -372,8 +372,8 @@ def _with_state_defaults(settings: Settings) -> Settings:
 
 
 def status(settings: Settings, *, as_json: bool) -> int:
+    from awsomefsd.cli.status import collect_status, render_status, site_status
     from awsomefsd.cluster.state import MemberState
-    from awsomefsd.status import collect_status, render_status, site_status
 
     member = MemberState.load(settings.node.state_dir)
     settings = _with_state_defaults(settings)
@@ -382,7 +382,7 @@ def status(settings: Settings, *, as_json: bool) -> int:
     if running and (member is None or settings.site.listen):
         info["site"] = site_status(settings, info)
     if member is not None:
-        from awsomefsd.cluster.actions import cluster_status
+        from awsomefsd.cli.cluster import cluster_status
 
         info["cluster"] = cluster_status(settings) if running else None
         info["role"] = _member_role(member.node_id, info["cluster"])
@@ -399,8 +399,8 @@ def status(settings: Settings, *, as_json: bool) -> int:
 
 def tier_status(settings: Settings, *, as_json: bool) -> int:
     """`awsomefsd tier status`: the object store's part of the file system, next to the device's."""
-    from awsomefsd.status import collect_status
-    from awsomefsd.tier.cli import render_tier_status, tier_summary
+    from awsomefsd.cli.status import collect_status
+    from awsomefsd.cli.tier import render_tier_status, tier_summary
 
     settings = _with_state_defaults(settings)
     info = collect_status(settings, running=state_in_use(settings.node.state_dir))

@@ -58,6 +58,17 @@ from awsomefsd.cluster.tls import (
 )
 from awsomefsd.cluster.token import JoinToken, TokenVerifier
 from awsomefsd.config import Settings
+from awsomefsd.daemon.node import (
+    Core,
+    MemberSite,
+    NodeError,
+    Storage,
+    assemble_core,
+    file_data,
+    node_allocator,
+    open_storage,
+    serve,
+)
 from awsomefsd.duty import DutyBook, is_fatal, one_line, retry_until_done, supervise
 from awsomefsd.fs.data import FileData
 from awsomefsd.fs.handles import Handles
@@ -72,17 +83,6 @@ from awsomefsd.meta.replication.fs_log import ReplicatedFsLog
 from awsomefsd.meta.replication.settings import NodeSettings
 from awsomefsd.meta.replication.transport import RaftTransport
 from awsomefsd.metrics import Metrics, counter, gauge
-from awsomefsd.node import (
-    Core,
-    MemberSite,
-    NodeError,
-    Storage,
-    assemble_core,
-    file_data,
-    node_allocator,
-    open_storage,
-    serve,
-)
 from awsomefsd.rpc.bridge import serve_grpc
 
 log = logging.getLogger(__name__)

@@ -2,7 +2,7 @@
 per namespace of a PrivateNetwork, all on one shared image file, each with its own FUSE mount
 (visible outside: namespaces are entered with nsenter --net only, never a mount namespace).
 
-`awsomefsd dev --nodes N` (devcluster/session.py) runs one for a developer; the cluster tests and
+`awsomefsd dev --nodes N` (cli/devcluster/session.py) runs one for a developer; the cluster tests and
 benchmarks use the same classes (tests/support/cluster.py sets their lease timings and interpreter).
 Every daemon's output is drained into `<root>/node<K>.log` while it runs.
 """
@@ -22,7 +22,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from awsomefsd.devcluster.network import Namespace, PrivateNetwork
+from awsomefsd.cli.devcluster.network import Namespace, PrivateNetwork
 
 PORT = 7470
 """Every node's cluster port: each node has an address (and ports) of its own in its namespace."""

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from awsomefsd.config import Settings
+from awsomefsd.daemon.ownership import check_member, initialise_founder_store, settle_single_node
 from awsomefsd.duty import DutyBook, run_duty, supervise
 from awsomefsd.fs.allocator import NodeAllocator
 from awsomefsd.fs.data import FileData
@@ -40,14 +41,13 @@ from awsomefsd.meta.log import LocalLog
 from awsomefsd.meta.state_machine import StateMachine
 from awsomefsd.meta.store import MetaStore
 from awsomefsd.metrics import Metrics, counter, gauge
-from awsomefsd.ownership import check_member, initialise_founder_store, settle_single_node
 
 if TYPE_CHECKING:  # imported where used: a restart waits for every module the daemon loads
     from prometheus_client.metrics_core import Metric
 
     from awsomefsd.cluster.tls import NodeCredentials
+    from awsomefsd.daemon.tiering import Tiering
     from awsomefsd.meta.replication.fs_log import ReplicatedFsLog
-    from awsomefsd.tier.service import Tiering
 
 log = logging.getLogger(__name__)
 NODE_ID = 1  # a single-node cluster; the cluster layer assigns ids to joining nodes
@@ -148,7 +148,7 @@ def open_core(settings: Settings, *, metrics: Metrics | None = None, log_kind: s
 def build_core(settings: Settings, storage: Storage, meta_log: LocalLog | ReplicatedFsLog, *, node_id: int,
                metrics: Metrics | None = None) -> Core:
     """A single node's file system over open storage whose metadata is initialised. (A cluster
-    member builds the same parts with its cluster's between them: cluster/member.py.)"""
+    member builds the same parts with its cluster's between them: daemon/member.py.)"""
     metrics = metrics or Metrics()
     meta = MetaClient(meta_log, storage.sm)
     allocator = node_allocator(meta, storage.superblock.layout, node_id)
@@ -190,7 +190,7 @@ def assemble_core(storage: Storage, meta_log: LocalLog | ReplicatedFsLog, meta: 
 def _init_or_check_meta(store: MetaStore, sm: StateMachine, device: BlockDevice, sb: Superblock, settings: Settings, *,
                         init: bool, grant_all_to: int | None) -> None:
     """Check the metadata against the device and its founding record; make it when this node may
-    (awsomefsd/ownership.py). A single node makes it only under a claim of the device's founding,
+    (awsomefsd/daemon/ownership.py). A single node makes it only under a claim of the device's founding,
     and never where the record says it exists; a cluster founder (`init`) has its own."""
     state_dir = settings.node.state_dir
     identity = stored_identity(store)
@@ -402,7 +402,7 @@ async def serve(core: Core, settings: Settings, *, ready: Callable[[str], None] 
                 port = core.metrics.serve(settings.metrics.host, settings.metrics.port)
                 log.info("metrics on http://%s:%d/metrics", settings.metrics.host, port)
             if settings.csi.socket is not None:
-                from awsomefsd.volumes import start_csi
+                from awsomefsd.daemon.volumes import start_csi
 
                 await start_csi(nursery, core, settings)
             nursery.start_soon(_watchdog)
@@ -497,7 +497,7 @@ def _tiering(core: Core, settings: Settings) -> Tiering | None:
     """Tiering to the object store, when [tier] configures it (a bad configuration: NodeError)."""
     if not settings.tier.enabled:
         return None
-    from awsomefsd.tier.service import TierConfigError, Tiering
+    from awsomefsd.daemon.tiering import TierConfigError, Tiering
 
     try:
         tiering = Tiering(settings, core.meta, core.data, core.ops, cluster_id=str(core.superblock.cluster_id),

@@ -33,7 +33,7 @@ def _mounts(own: Path | None) -> list[str]:
 def _own_mount(settings: Settings, running: bool) -> Path | None:
     """Where this node's daemon mounted its file system (it records that in its state directory),
     else where the settings say it would."""
-    from awsomefsd.node import MOUNT_RECORD
+    from awsomefsd.daemon.node import MOUNT_RECORD
 
     record = settings.node.state_dir / MOUNT_RECORD
     if running and record.exists():
@@ -82,7 +82,7 @@ def site_status(settings: Settings, info: dict[str, Any]) -> dict[str, Any] | No
 
 
 def _tier_status(settings: Settings, info: dict[str, Any]) -> dict[str, Any]:
-    from awsomefsd.tier.cli import tier_summary
+    from awsomefsd.cli.tier import tier_summary
 
     tier = tier_summary(settings)
     engine = (tier.get("node") or {}).get("engine", {})

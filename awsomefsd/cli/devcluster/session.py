@@ -1,6 +1,6 @@
 """`awsomefsd dev --nodes N`: a whole cluster on this machine in one command, for development and demos.
 
-N daemons, each in a network namespace of its own on a private bridge (devcluster/network.py: no
+N daemons, each in a network namespace of its own on a private bridge (cli/devcluster/network.py: no
 route in or out, nothing reachable from outside the machine), all on one sparse image file, each
 with its own mount, CSI socket, metrics and log. It prints where everything is, writes the same as
 JSON to `<state>/dev-cluster.json` for scripts, and runs until Ctrl-C (or SIGTERM, or the terminal
@@ -22,10 +22,8 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from awsomefsd.cli import CliError
-from awsomefsd.config import ClusterSettings
-from awsomefsd.devcluster import network as netns
-from awsomefsd.devcluster.members import (
+from awsomefsd.cli.devcluster import network as netns
+from awsomefsd.cli.devcluster.members import (
     STOP_DEADLINE_S,
     DevCluster,
     DevNode,
@@ -34,7 +32,9 @@ from awsomefsd.devcluster.members import (
     own_command,
     wait_for,
 )
-from awsomefsd.devcluster.network import DEV_PREFIX, PrivateNetwork
+from awsomefsd.cli.devcluster.network import DEV_PREFIX, PrivateNetwork
+from awsomefsd.config import ClusterSettings
+from awsomefsd.errors import OperatorError
 
 METRICS_PORT = 9337
 """Every node serves metrics on its own namespace's loopback, so all can use the default port."""
@@ -81,14 +81,14 @@ class StopSignals:
 
 def run_dev_cluster(n_nodes: int, root: Path, mounts: Path, size: str) -> int:
     """Start (or restart) the dev cluster under `root`, serve until told to stop, tear it all down."""
-    from awsomefsd.actions import dev_image_size, state_lock
+    from awsomefsd.cli.actions import dev_image_size, state_lock
 
     if not 2 <= n_nodes <= MAX_DEV_NODES:
-        raise CliError(f"--nodes {n_nodes}: a dev cluster has 2 to {MAX_DEV_NODES} nodes (1 is plain `awsomefsd dev`)")
+        raise OperatorError(f"--nodes {n_nodes}: a dev cluster has 2 to {MAX_DEV_NODES} nodes (1 is plain `awsomefsd dev`)")
     dev_image_size(size)  # each node's image: whole blocks, at least the minimum
     reason = netns.available() or (None if os.path.exists("/dev/fuse") else "needs /dev/fuse")
     if reason is not None:
-        raise CliError(f"a dev cluster {reason} (it runs its nodes in network namespaces)")
+        raise OperatorError(f"a dev cluster {reason} (it runs its nodes in network namespaces)")
     root, mounts = root.absolute(), mounts.absolute()
     with state_lock(root), StopSignals().installed() as signals:
         try:
@@ -103,7 +103,7 @@ def _run(n_nodes: int, root: Path, mounts: Path, size: str, signals: StopSignals
     _stop_orphans(root)
     members = _existing_members(root)
     if members and max(members) > n_nodes:
-        raise CliError(f"{root} holds a dev cluster of {max(members)} nodes: start it with --nodes {max(members)}, "
+        raise OperatorError(f"{root} holds a dev cluster of {max(members)} nodes: start it with --nodes {max(members)}, "
                        f"or remove {root} for a new cluster")
     with PrivateNetwork(n_nodes, prefix=DEV_PREFIX) as network:
         cluster = DevCluster(network, root, size=size, mounts=mounts)
@@ -115,7 +115,7 @@ def _run(n_nodes: int, root: Path, mounts: Path, size: str, signals: StopSignals
         except Stop:
             pass
         except (RuntimeError, TimeoutError) as exc:  # a node that did not start: its log says why
-            raise CliError(str(exc).splitlines()[0].rstrip(":")) from None
+            raise OperatorError(str(exc).splitlines()[0].rstrip(":")) from None
         finally:
             signals.stopping = True
             print("awsomefsd: stopping the dev cluster", flush=True)
@@ -138,7 +138,7 @@ def _index(state: Path) -> int:
 def _stop_orphans(root: Path) -> None:
     """Daemons an earlier session left running (it was killed and could not stop them; it held the
     lock on `root` we hold now, so they are ours): stopped as Ctrl-C would have."""
-    from awsomefsd.actions import state_in_use
+    from awsomefsd.cli.actions import state_in_use
 
     for state in sorted(root.glob("state[0-9]*")):
         if not state_in_use(state):
@@ -212,7 +212,7 @@ def _wait_formed(cluster: DevCluster) -> None:
 def _token(node: DevNode) -> str:
     proc = node.cli("token")
     if proc.returncode != 0:
-        raise CliError(f"node {node.index} gave no join token: {proc.stderr.strip()}")
+        raise OperatorError(f"node {node.index} gave no join token: {proc.stderr.strip()}")
     return str(proc.stdout.strip())
 
 

@@ -10,10 +10,10 @@ import uuid
 from collections.abc import Callable
 from typing import Any, TextIO
 
-from awsomefsd.cli import CliError
 from awsomefsd.cluster.rpc import control_call
 from awsomefsd.cluster.state import control_socket
 from awsomefsd.config import Settings
+from awsomefsd.errors import OperatorError
 from awsomefsd.repl.hlc import Stamp
 
 VERIFY_TIMEOUT_S = 3600.0
@@ -25,9 +25,9 @@ def site_command(settings: Settings, action: str, arguments: list[str], *, keep:
     if action == "conflicts" and arguments:
         return _resolve(settings, arguments, keep, as_json=as_json)
     if keep is not None:
-        raise CliError("--keep goes with `site conflicts resolve ID`")
+        raise OperatorError("--keep goes with `site conflicts resolve ID`")
     if len(arguments) > (1 if action == "link" else 0):
-        raise CliError(f"`site {action}` takes {'one token' if action == 'link' else 'no argument'}")
+        raise OperatorError(f"`site {action}` takes {'one token' if action == 'link' else 'no argument'}")
     argument = arguments[0] if arguments else None
     if action == "link":
         if argument is None:
@@ -67,7 +67,7 @@ def site_command(settings: Settings, action: str, arguments: list[str], *, keep:
             for line in reply["differences"]:
                 print(f"  {line}")
         return 0 if reply["identical"] else 1
-    raise CliError(f"unknown site action {action}")
+    raise OperatorError(f"unknown site action {action}")
 
 
 def follow_initial_sync(status: Callable[[], dict[str, Any]], totals: tuple[int, int], out: TextIO,
@@ -101,9 +101,9 @@ def follow_initial_sync(status: Callable[[], dict[str, Any]], totals: tuple[int,
 
 def _resolve(settings: Settings, arguments: list[str], keep: str | None, *, as_json: bool) -> int:
     if len(arguments) != 2 or arguments[0] != "resolve":
-        raise CliError("usage: awsomefsd site conflicts resolve ID --keep winner|loser|both")
+        raise OperatorError("usage: awsomefsd site conflicts resolve ID --keep winner|loser|both")
     if keep is None:
-        raise CliError("say which version stays: --keep winner, --keep loser or --keep both")
+        raise OperatorError("say which version stays: --keep winner, --keep loser or --keep both")
     reply = _call(settings, {"op": "site_resolve", "id": arguments[1], "keep": keep}, timeout_s=RESOLVE_TIMEOUT_S)
     print(json.dumps(reply, indent=2, sort_keys=True) if as_json else f"awsomefsd: conflict {reply['id']}: "
           f"{reply['done']}; closed here, and on the other site when it applies this")
@@ -113,14 +113,14 @@ def _resolve(settings: Settings, arguments: list[str], keep: str | None, *, as_j
 def _call(settings: Settings, request: dict[str, Any], timeout_s: float = 60.0) -> dict[str, Any]:
     socket = control_socket(settings.node.state_dir)
     if not socket.exists():
-        raise CliError(f"no daemon with a site listener runs on {settings.node.state_dir} "
+        raise OperatorError(f"no daemon with a site listener runs on {settings.node.state_dir} "
                        "(start it with [site] listen set, or give --state)")
     try:
         reply = control_call(str(socket), request, timeout_s=timeout_s)
     except ConnectionError as exc:
-        raise CliError(f"{exc}: is the daemon running?") from None
+        raise OperatorError(f"{exc}: is the daemon running?") from None
     if "error" in reply:
-        raise CliError(str(reply["error"]))
+        raise OperatorError(str(reply["error"]))
     return reply
 
 

@@ -57,7 +57,7 @@ from awsomefsd.meta.records import (
 
 if TYPE_CHECKING:
     from awsomefsd.config import Settings
-    from awsomefsd.node import Core
+    from awsomefsd.daemon.node import Core
 
 log = logging.getLogger(__name__)
 

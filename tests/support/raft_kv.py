@@ -1,6 +1,6 @@
 """A key-value server on the Raft node driver: the real-process test subject and benchmark target.
 
-    python -m awsomefsd.testing.raft_kv --id 1 --data-dir D --listen 127.0.0.1:7001 \\
+    python -m tests.support.raft_kv --id 1 --data-dir D --listen 127.0.0.1:7001 \\
         --peers 1=127.0.0.1:7001,2=127.0.0.2:7002,3=127.0.0.3:7003 --client 127.0.0.1:7101 --insecure
 
 Everything is the production path: LMDB storage shared by the log and the state machine, the gRPC

@@ -13,16 +13,13 @@ from pathlib import Path
 from typing import Any
 
 from awsomefsd import __version__
+from awsomefsd.errors import OperatorError
 
 DEV_DEFAULT_STATE = Path("/var/lib/awsomefs-dev")
 DEV_DEFAULT_MOUNT = Path("/mnt/awsomefs")
 DEV_DEFAULT_SIZE = "4G"
 DEV_CLUSTER_DEFAULT_STATE = Path("/var/lib/awsomefs-dev-cluster")
 DEV_CLUSTER_DEFAULT_MOUNT = Path("/mnt/awsomefs-dev-cluster")
-
-
-class CliError(Exception):
-    """A user-facing error: printed as one line, exit status 1, no traceback."""
 
 
 def _add_settings_flags(parser: argparse.ArgumentParser, *, device: bool = True, mount: bool = True) -> None:
@@ -218,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     _configure_logging(getattr(args, "log_level", None) or "info")
     try:
         return _dispatch(args)
-    except CliError as exc:
+    except OperatorError as exc:
         print(f"awsomefsd: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
@@ -240,7 +237,7 @@ def _fd_keeper(socket_path: Path) -> int:
     try:
         serve_keeper(socket_path, ready=lambda: print(f"awsomefsd: keeping descriptors on {socket_path}", flush=True))
     except OSError as exc:
-        raise CliError(f"cannot serve {socket_path}: {exc.strerror or exc}") from None
+        raise OperatorError(f"cannot serve {socket_path}: {exc.strerror or exc}") from None
     return 0
 
 
@@ -263,26 +260,26 @@ def _check_paths(args: argparse.Namespace, settings: Any) -> None:
     path = getattr(device, "path", None)
     if path is not None and Path(path).is_dir():
         flag = "" if args.command == "format" else "--device "
-        raise CliError(f"{flag}{path}: a directory, not a block device or an image file")
+        raise OperatorError(f"{flag}{path}: a directory, not a block device or an image file")
 
 
 def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "fd-keeper":  # before the daemon's imports: the keeper stays small (its pod's limit)
         return _fd_keeper(args.socket)
-    from awsomefsd import actions
+    from awsomefsd.cli import actions
 
     overrides = _settings_overrides(args)
     if args.command == "self-test":
-        from awsomefsd.selftest import run_self_test
+        from awsomefsd.cli.selftest import run_self_test
 
         return run_self_test()
     if args.command == "dev" and args.nodes != 1:
-        from awsomefsd.devcluster.session import run_dev_cluster
+        from awsomefsd.cli.devcluster.session import run_dev_cluster
 
         for flag, value in (("--csi-socket", args.csi_socket), ("--metrics-port", args.metrics_port),
                             ("--config", args.config)):
             if value is not None:
-                raise CliError(f"{flag} does not go with --nodes: each node of a dev cluster has its own")
+                raise OperatorError(f"{flag} does not go with --nodes: each node of a dev cluster has its own")
         return run_dev_cluster(args.nodes, args.state or DEV_CLUSTER_DEFAULT_STATE,
                                args.mount or DEV_CLUSTER_DEFAULT_MOUNT, args.size)
     if args.command == "dev":
@@ -291,11 +288,11 @@ def _dispatch(args: argparse.Namespace) -> int:
     settings = actions.settings_from(getattr(args, "config", None), overrides)
     _check_paths(args, settings)
     if args.command == "run":
-        from awsomefsd.cluster import actions as cluster
+        from awsomefsd.cli import cluster
 
         return cluster.run_command(settings)
     if args.command in ("init", "join", "token", "node"):
-        from awsomefsd.cluster import actions as cluster
+        from awsomefsd.cli import cluster
 
         if args.command == "init":
             return cluster.init(settings, size=args.size, force=args.force, label=args.label)
@@ -307,7 +304,7 @@ def _dispatch(args: argparse.Namespace) -> int:
             return cluster.token_rotate(settings) if args.action == "rotate" else cluster.token(settings)
         return cluster.node_remove(settings, args.node_id)
     if args.command == "site":
-        from awsomefsd.repl.cli import site_command
+        from awsomefsd.cli.repl import site_command
 
         return site_command(settings, args.action, args.arguments, keep=args.keep, as_json=args.json)
     if args.command == "hand-over":
@@ -319,11 +316,11 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "status":
         return actions.status(settings, as_json=args.json)
     if args.command == "tier":
-        from awsomefsd.tier.cli import tier_move
+        from awsomefsd.cli.tier import tier_move
 
         if args.action == "status":
             return actions.tier_status(settings, as_json=args.json)
         if not args.paths:
-            raise CliError(f"tier {args.action} needs the files or directories to move")
+            raise OperatorError(f"tier {args.action} needs the files or directories to move")
         return tier_move(args.paths, args.action)
-    raise CliError(f"unknown command {args.command}")
+    raise OperatorError(f"unknown command {args.command}")

@@ -1,6 +1,6 @@
 """Real-process Raft clusters for tests and benchmarks: `raft_kv` servers on loopback addresses.
 
-Each member is `python -m awsomefsd.testing.raft_kv` in its own process with its own data
+Each member is `python -m tests.support.raft_kv` in its own process with its own data
 directory; the Raft transport listens on 127.0.0.<id+1> and the client RPC on 127.0.0.1. Waiting is
 always on a condition with a deadline (`wait_for`), never a bare sleep.
 """
@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 
 import grpc
 
-from awsomefsd.testing.raft_kv import KV_SERVICE
+from tests.support.raft_kv import KV_SERVICE
 
 T = TypeVar("T")
 REPO = Path(__file__).resolve().parents[2]  # the checkout, so children import this tree
@@ -102,7 +102,7 @@ class KVCluster:
         m.data_dir.mkdir(parents=True, exist_ok=True)
         log = open(m.data_dir / "server.log", "ab")  # noqa: SIM115 - owned by the child
         m.proc = subprocess.Popen(
-            [sys.executable, "-m", "awsomefsd.testing.raft_kv", "--id", str(m.id), "--data-dir", str(m.data_dir),
+            [sys.executable, "-m", "tests.support.raft_kv", "--id", str(m.id), "--data-dir", str(m.data_dir),
              "--peers", self.peers, "--client", m.client_addr, "--insecure", *self.extra],
             cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )

@@ -17,8 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from awsomefsd.actions import preflight, state_lock
-from awsomefsd.cli import CliError
+from awsomefsd.cli.actions import preflight, state_lock
 from awsomefsd.cluster.ca import CertificateError, ClusterCA, make_csr, new_node_key
 from awsomefsd.cluster.discovery import browse, find_join_peers
 from awsomefsd.cluster.join_service import JoinError, JoinRefused, join_cluster, split_host_port
@@ -27,6 +26,7 @@ from awsomefsd.cluster.state import MemberState, control_socket, load_token, sav
 from awsomefsd.cluster.tls import NodeCredentials
 from awsomefsd.cluster.token import JoinToken, TokenError
 from awsomefsd.config import Settings, parse_size_bytes
+from awsomefsd.errors import OperatorError
 
 if TYPE_CHECKING:
     from awsomefsd.io.claim import DeviceClaim
@@ -44,13 +44,13 @@ CLUSTER_ENTRY_TIMEOUT_S = 1.0
 def _listen(settings: Settings) -> str:
     listen = settings.cluster.listen
     if not listen:
-        raise CliError("give --listen host:port (or [cluster] listen): where the other members reach this node")
+        raise OperatorError("give --listen host:port (or [cluster] listen): where the other members reach this node")
     try:
         _host, port = split_host_port(listen)
     except ValueError as exc:
-        raise CliError(str(exc)) from None
+        raise OperatorError(str(exc)) from None
     if not 1 <= port < 65535:
-        raise CliError(f"--listen {listen}: port out of range")
+        raise OperatorError(f"--listen {listen}: port out of range")
     return listen
 
 
@@ -58,7 +58,7 @@ def _refuse_member(state_dir: Path) -> None:
     """init and join start a new member: never over the state of an existing one."""
     existing = MemberState.load(state_dir)
     if existing is not None:
-        raise CliError(f"{state_dir} already belongs to node {existing.node_id} of cluster "
+        raise OperatorError(f"{state_dir} already belongs to node {existing.node_id} of cluster "
                        f"{existing.cluster_id}: start it with `awsomefsd run --state {state_dir}`")
 
 
@@ -67,14 +67,14 @@ def _device(settings: Settings, size: str | None) -> Path:
 
     path = settings.device.path
     if path is None:
-        raise CliError("give --device (a shared block device, or an image file with --size to create it)")
+        raise OperatorError("give --device (a shared block device, or an image file with --size to create it)")
     if not path.exists():
         if size is None:
-            raise CliError(f"{path} does not exist (give --size to create an image file)")
+            raise OperatorError(f"{path} does not exist (give --size to create an image file)")
         try:
             create_image(path, parse_size_bytes(size))
         except ValueError as exc:
-            raise CliError(str(exc)) from None
+            raise OperatorError(str(exc)) from None
     return path
 
 
@@ -107,8 +107,8 @@ def cluster_ag_bytes(device_bytes: int) -> int:
 
 
 def init(settings: Settings, *, size: str | None, force: bool, label: str) -> int:
-    from awsomefsd.cluster.formation import founded_record, record_founded
-    from awsomefsd.cluster.member import Founding
+    from awsomefsd.daemon.formation import founded_record, record_founded
+    from awsomefsd.daemon.member import Founding
     from awsomefsd.io.device import BlockDevice
     from awsomefsd.io.errors import DeviceError
     from awsomefsd.io.superblock import format_device
@@ -124,7 +124,7 @@ def init(settings: Settings, *, size: str | None, force: bool, label: str) -> in
                 sb = format_device(device, cluster_id=uuid.uuid4(), label=label, force=force,
                                    ag_size_bytes=cluster_ag_bytes(device.size_bytes))
         except (DeviceError, ValueError) as exc:
-            raise CliError(str(exc)) from None
+            raise OperatorError(str(exc)) from None
         state, ca, token = _become_founder(settings, path, sb.cluster_id, listen, JoinToken.generate(
             sb.cluster_id, bytes(32), seeds=token_seeds(listen)))
         print(f"awsomefsd: formatted {path} for new cluster {sb.cluster_id}; this is node 1", flush=True)
@@ -165,7 +165,7 @@ def join(settings: Settings, token_text: str) -> int:
         try:
             token = JoinToken.parse(token_text)
         except TokenError as exc:
-            raise CliError(f"bad join token: {exc}") from None
+            raise OperatorError(f"bad join token: {exc}") from None
         listen = _listen(settings)
         preflight(settings, cluster_listen=listen, control=control_socket(state_dir))
         path = _device(settings, None)
@@ -173,31 +173,31 @@ def join(settings: Settings, token_text: str) -> int:
             with BlockDevice.open(path) as device:
                 sb = read_superblock(device).superblock
         except DeviceError as exc:
-            raise CliError(f"{path}: {exc}") from None
+            raise OperatorError(f"{path}: {exc}") from None
         if sb.cluster_id != token.cluster_id:
-            raise CliError(f"{path} holds cluster {sb.cluster_id}, but the token is for cluster {token.cluster_id}: "
+            raise OperatorError(f"{path} holds cluster {sb.cluster_id}, but the token is for cluster {token.cluster_id}: "
                            "give the shared device of that cluster")
         if not token.pins_ca:
-            raise CliError("this is a cluster token for a cluster that forms itself: give it to `awsomefsd run` "
+            raise OperatorError("this is a cluster token for a cluster that forms itself: give it to `awsomefsd run` "
                            "([cluster] token), or join with the token `awsomefsd token` prints on a member")
         peer_map: dict[int, str] = {}
         errors: list[str] = []
         creds = _join_through(settings, token, _find_members(settings, token), listen, peer_map, errors)
         if creds is None:
-            raise CliError("could not join through any member: " + "; ".join(errors))
+            raise OperatorError("could not join through any member: " + "; ".join(errors))
         return _run_joined(settings, token, creds, peer_map, path, listen)
 
 
 def _join_through(settings: Settings, token: JoinToken, peers: list[Any], listen: str, peer_map: dict[int, str],
                   errors: list[str], *, name: str | None = None) -> NodeCredentials | None:
     """Join through the first of `peers` that admits this node; None (and why, in `errors`) when
-    none did; CliError when the cluster said no."""
+    none did; OperatorError when the cluster said no."""
     for peer in peers:
         try:
             return join_cluster(token, peer.join_address, name=settings.node.name if name is None else name,
                                 listen_address=listen, peers_out=peer_map)
         except JoinRefused as exc:
-            raise CliError(str(exc)) from None
+            raise OperatorError(str(exc)) from None
         except (JoinError, CertificateError) as exc:
             errors.append(f"{peer.join_address}: {exc}")
     return None
@@ -220,12 +220,12 @@ def _find_members(settings: Settings, token: JoinToken) -> list[Any]:
         try:
             return find_join_peers(token.cluster_id, settings.cluster.peers)
         except ValueError as exc:
-            raise CliError(str(exc)) from None
+            raise OperatorError(str(exc)) from None
     found = browse(token.cluster_id, settings.cluster.discovery_timeout_s).members
     if not found and token.seeds:
         found = find_join_peers(token.cluster_id, token.seeds)
     if not found:
-        raise CliError(f"no member of cluster {token.cluster_id} answered zeroconf within "
+        raise OperatorError(f"no member of cluster {token.cluster_id} answered zeroconf within "
                        f"{settings.cluster.discovery_timeout_s:.0f}s; give --peer host:port of a member")
     return found
 
@@ -235,7 +235,7 @@ def token_new(seeds: list[str]) -> int:
     try:
         token = JoinToken.formation(tuple(seeds))
     except TokenError as exc:
-        raise CliError(str(exc)) from None
+        raise OperatorError(str(exc)) from None
     print(token.encode())
     return 0
 
@@ -243,8 +243,8 @@ def token_new(seeds: list[str]) -> int:
 def run_command(settings: Settings) -> int:
     """`awsomefsd run`: a member restarts from its state; with a cluster token, a node with no
     state founds the cluster or joins it; otherwise a single node."""
-    from awsomefsd import actions
-    from awsomefsd.cluster.formation import load_cluster_token
+    from awsomefsd.cli import actions
+    from awsomefsd.daemon.formation import load_cluster_token
 
     state = MemberState.load(settings.node.state_dir)
     if state is not None:
@@ -258,7 +258,7 @@ def run_command(settings: Settings) -> int:
 
 def _form(settings: Settings, token: JoinToken) -> int:
     """A node with the cluster token and no state: found the cluster, or join it (formation.py)."""
-    from awsomefsd.cluster.formation import decide
+    from awsomefsd.daemon.formation import decide
     from awsomefsd.io.errors import DeviceError
 
     state_dir = settings.node.state_dir
@@ -270,7 +270,7 @@ def _form(settings: Settings, token: JoinToken) -> int:
     try:
         decision = decide(path, token, state_dir, me=me)
     except DeviceError as exc:
-        raise CliError(str(exc)) from None
+        raise OperatorError(str(exc)) from None
     if decision.founded is not None:
         return _join_formed(settings, token, decision.founded, path, listen)
     assert decision.claim is not None
@@ -279,8 +279,8 @@ def _form(settings: Settings, token: JoinToken) -> int:
 
 def _found_formed(settings: Settings, token: JoinToken, claim: DeviceClaim, sb: Superblock | None, path: Path,
                   listen: str, me: uuid.UUID) -> int:
-    from awsomefsd.cluster.formation import format_under_claim, founded_record
-    from awsomefsd.cluster.member import Founding
+    from awsomefsd.daemon.formation import format_under_claim, founded_record
+    from awsomefsd.daemon.member import Founding
     from awsomefsd.io.errors import DeviceError
     from awsomefsd.io.founding import FoundingRecord, Stage
 
@@ -290,7 +290,7 @@ def _found_formed(settings: Settings, token: JoinToken, claim: DeviceClaim, sb: 
     except BaseException as exc:
         claim.release(FoundingRecord(Stage.FORMATTED, sb.cluster_id, sb.device_id) if sb is not None else None)
         if isinstance(exc, DeviceError):
-            raise CliError(str(exc)) from None
+            raise OperatorError(str(exc)) from None
         raise
     print(f"awsomefsd: founding cluster {sb.cluster_id} on {path}; this is node 1", flush=True)
     record = founded_record(sb, pinned, owner=me, listen=listen)
@@ -299,8 +299,8 @@ def _found_formed(settings: Settings, token: JoinToken, claim: DeviceClaim, sb: 
 
 
 def _join_formed(settings: Settings, token: JoinToken, record: FoundingRecord, path: Path, listen: str) -> int:
-    from awsomefsd.cluster.formation import pinned_token, retry_join
-    from awsomefsd.ownership import host_name
+    from awsomefsd.daemon.formation import pinned_token, retry_join
+    from awsomefsd.daemon.ownership import host_name
 
     pinned = pinned_token(path, token, record)
     peer_map: dict[int, str] = {}
@@ -326,7 +326,7 @@ def run_member_command(settings: Settings, state: MemberState) -> int:
             state.save(settings.node.state_dir)
         founding = None
         if state.founder:
-            from awsomefsd.cluster.member import Founding
+            from awsomefsd.daemon.member import Founding
 
             token_text = load_token(settings.node.state_dir)
             ca_dir = tls_dir(settings.node.state_dir) / "ca"
@@ -334,11 +334,11 @@ def run_member_command(settings: Settings, state: MemberState) -> int:
                 founding = _resume_founding(settings, state, Founding(
                     ClusterCA.load(ca_dir), JoinToken.parse(token_text), settings.cluster.voters))
                 if founding is None:
-                    from awsomefsd.cluster.formation import load_cluster_token
+                    from awsomefsd.daemon.formation import load_cluster_token
 
                     token = load_cluster_token(settings)
                     if token is None:
-                        raise CliError("another node founded the cluster while this one was down before it had "
+                        raise OperatorError("another node founded the cluster while this one was down before it had "
                                        "finished founding; this node's state was moved aside: start it again with the "
                                        "cluster token ([cluster] token) to join")
                     return _form(settings, token)
@@ -348,7 +348,7 @@ def run_member_command(settings: Settings, state: MemberState) -> int:
 def _resume_founding(settings: Settings, state: MemberState, founding: Any) -> Any:
     """A founder's restart: its Founding, with what still has to be recorded on the device; None
     when another node founded the cluster meanwhile (this node's state is then moved aside)."""
-    from awsomefsd.cluster.formation import (
+    from awsomefsd.daemon.formation import (
         abandon_state,
         decide,
         founded_record,
@@ -376,7 +376,7 @@ def _resume_founding(settings: Settings, state: MemberState, founding: Any) -> A
             sb = read_superblock(device).superblock
         decision = decide(path, founding.token, state_dir, me=mine) if mine is not None else None
     except DeviceError as exc:
-        raise CliError(str(exc)) from None
+        raise OperatorError(str(exc)) from None
     if decision is None:  # `init`'s founder (or a cluster from before founding records): record it now
         done = founded_record(sb, founding.token, owner=sb.cluster_id, listen=state.listen)
         founding.on_founded = lambda: record_founded(path, done)
@@ -391,23 +391,23 @@ def _resume_founding(settings: Settings, state: MemberState, founding: Any) -> A
 
 
 def _run(settings: Settings, state: MemberState, *, founding: Any = None, peers: dict[int, str] | None = None) -> int:
-    from awsomefsd.actions import EXIT_HANDED_OVER, daemon_failure, device_errors
-    from awsomefsd.cluster.member import open_member, run_member
+    from awsomefsd.cli.actions import EXIT_HANDED_OVER, daemon_failure, device_errors
+    from awsomefsd.daemon.member import open_member, run_member
+    from awsomefsd.daemon.node import print_ready
     from awsomefsd.fuse.mount import MountError
-    from awsomefsd.node import print_ready
 
     logging.getLogger().setLevel(settings.log.level.upper())
     creds = NodeCredentials.load(tls_dir(settings.node.state_dir))
     try:
         member = open_member(settings, state, creds, founding=founding is not None, peers=peers)
     except device_errors() as exc:
-        raise CliError(str(exc)) from None
+        raise OperatorError(str(exc)) from None
     try:
         handed_over = trio.run(functools.partial(run_member, member, founding=founding, ready=print_ready))
     except MountError as exc:
-        raise CliError(str(exc)) from None
+        raise OperatorError(str(exc)) from None
     except Exception as exc:
-        raise CliError(daemon_failure(exc)) from None
+        raise OperatorError(daemon_failure(exc)) from None
     finally:
         if member.core is not None:
             member.core.close()
@@ -425,23 +425,23 @@ def _run(settings: Settings, state: MemberState, *, founding: Any = None, peers:
 def _control(settings: Settings, request: dict[str, Any]) -> dict[str, Any]:
     state_dir = settings.node.state_dir
     if MemberState.load(state_dir) is None:
-        raise CliError(f"{state_dir} is not the state directory of a cluster member (give --state)")
+        raise OperatorError(f"{state_dir} is not the state directory of a cluster member (give --state)")
     try:
         reply = control_call(str(control_socket(state_dir)), request)
     except ConnectionError as exc:
-        raise CliError(f"{exc}: is the daemon running?") from None
+        raise OperatorError(f"{exc}: is the daemon running?") from None
     if "error" in reply:
-        raise CliError(str(reply["error"]))
+        raise OperatorError(str(reply["error"]))
     return reply
 
 
 def token(settings: Settings) -> int:
     state_dir = settings.node.state_dir
     if MemberState.load(state_dir) is None:
-        raise CliError(f"{state_dir} is not the state directory of a cluster member (give --state)")
+        raise OperatorError(f"{state_dir} is not the state directory of a cluster member (give --state)")
     text = load_token(state_dir)
     if text is None:
-        raise CliError("this node holds no join token (it was printed on another node); "
+        raise OperatorError("this node holds no join token (it was printed on another node); "
                        "`awsomefsd token rotate` makes a new one")
     print(text)
     return 0

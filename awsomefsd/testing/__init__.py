@@ -1,1 +1,0 @@
-"""Test support that ships with the package so cluster tests over real processes can reuse it."""
