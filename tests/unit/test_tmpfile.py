@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 
+from awsomefsd.daemon.node import Core
 from awsomefsd.fs.tmpfile import tmpfile as open_tmpfile
 from awsomefsd.meta import commands as c
 from awsomefsd.meta.check import check_namespace
 from awsomefsd.meta.errors import FsError
 from awsomefsd.meta.records import ROOT_INO, u64
 from awsomefsd.meta.tmpfile import TMPFILES
-from awsomefsd.daemon.node import Core
 from tests.repl.test_sites_sm import linked_pair, ship, write
 from tests.unit.test_state_machine import DATA_START, Harness, ext
 
