@@ -69,13 +69,13 @@ _FIELDS_BY_FORMAT = {FORMAT: _FIELDS, 2: _without(_FIELDS, _ADDED_IN_FORMAT_3)}
 _FIELDS_BY_FORMAT[1] = _without(_FIELDS_BY_FORMAT[2], _ADDED_IN_FORMAT_2)
 
 
-def encode(command: object) -> bytes:
+def encode(command: c.Command[Any]) -> bytes:
     out = bytearray((FORMAT,))
     _encode_command(out, command, 0)
     return bytes(out)
 
 
-def decode(data: bytes) -> object:
+def decode(data: bytes) -> c.Command[Any]:
     fields = _FIELDS_BY_FORMAT.get(data[0]) if data else None
     if fields is None:
         raise UnknownCommand(f"unknown command format {data[:1]!r}")
@@ -85,7 +85,7 @@ def decode(data: bytes) -> object:
     return value
 
 
-def _encode_command(out: bytearray, command: object, depth: int) -> None:
+def _encode_command(out: bytearray, command: c.Command[Any], depth: int) -> None:
     tag = COMMAND_TAGS.get(type(command))
     if tag is None or depth > MAX_NESTING:
         raise CodecError(f"cannot encode {type(command).__name__}")
@@ -97,7 +97,7 @@ def _encode_command(out: bytearray, command: object, depth: int) -> None:
 Fields = dict[type, list[tuple[str, Any]]]
 
 
-def _decode_command(data: memoryview, pos: int, depth: int, fields: Fields) -> tuple[object, int]:
+def _decode_command(data: memoryview, pos: int, depth: int, fields: Fields) -> tuple[c.Command[Any], int]:
     if pos >= len(data) or depth > MAX_NESTING:
         raise CodecError("truncated command")
     cls = TAG_COMMANDS.get(data[pos])
@@ -134,7 +134,7 @@ def _encode_value(out: bytearray, value: Any, hint: Any, depth: int) -> None:
         item = args[0]
         out += _U32.pack(len(value))
         for element in value:
-            if item is object:
+            if typing.get_origin(item) is c.Command:
                 _encode_command(out, element, depth + 1)
             else:
                 _encode_value(out, element, item if args[-1] is Ellipsis else args[0], depth)
@@ -177,7 +177,7 @@ def _decode_value(data: memoryview, pos: int, hint: Any, depth: int, fields: Fie
                 raise CodecError("tuple too long")
             items = []
             for _ in range(n):
-                if args[0] is object:
+                if typing.get_origin(args[0]) is c.Command:
                     item, pos = _decode_command(data, pos, depth + 1, fields)
                 else:
                     item, pos = _decode_value(data, pos, args[0], depth, fields)

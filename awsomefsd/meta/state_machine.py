@@ -15,13 +15,14 @@ import json
 import logging
 import stat
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeAlias
 
 import lmdb
 
 from awsomefsd.meta import commands as c
 from awsomefsd.meta import filemap
 from awsomefsd.meta.cluster_sm import LINK_MAX, ClusterTables
+from awsomefsd.meta.commands import R
 from awsomefsd.meta.errors import Delegated, FsError, SpaceCorruption
 from awsomefsd.meta.isolation import apply_isolated
 from awsomefsd.meta.namespace import Namespace
@@ -60,6 +61,7 @@ LATER_COUNTERS = {b"tier_next": 1}
 """Counters added after stores were bootstrapped without them, with their first value."""
 
 FreedListener = Callable[[list[tuple[int, int]]], None]
+Handler: TypeAlias = "Callable[[lmdb.Transaction[bytes], Any], Any]"
 
 
 class StateMachine:
@@ -78,55 +80,60 @@ class StateMachine:
         self.quiet = False  # replaying a batch: listeners already heard these events
         self._proposer = 0  # the member whose Fenced command is being applied (check_delegated)
         self._counters: dict[bytes, int] = {}
-        self._handlers: dict[type, Callable[[lmdb.Transaction[bytes], Any], Any]] = {
-            c.Mknod: self._mknod,
-            c.Link: self._link,
-            c.Unlink: self._unlink,
-            c.Rename: self._rename,
-            c.SetAttr: self._setattr,
-            c.WriteData: self._write_data,
-            c.Preallocate: self._preallocate,
-            c.SetXattr: self._setxattr,
-            c.RemoveXattr: self._removexattr,
-            c.ReserveInodes: self._reserve_inodes,
-            c.Purge: self._purge,
-            c.ReclaimFrees: self._reclaim,
-            c.GrantGroups: self._grant_groups,
-            c.ReleaseLeaked: self._release_leaked,
-            c.CreateVolume: self._create_volume,
-            c.DeleteVolume: self._delete_volume,
-            c.ResizeVolume: self._resize_volume,
-            c.CreateSnapshot: self._create_snapshot,
-            c.DeleteSnapshot: self._delete_snapshot,
-            c.Batch: self._batch,
-            c.InitCluster: self.cluster.init_cluster,
-            c.AddMember: self.cluster.add_member,
-            c.SetMemberCert: self.cluster.set_member_cert,
-            c.UpdateMemberAddress: self.cluster.update_address,
-            c.RemoveMember: self.cluster.remove_member,
-            c.SetJoinVerifier: self.cluster.set_verifier,
-            c.SetLogLevel: self.cluster.set_log_level,
-            c.RenewLease: self.cluster.renew_lease,
-            c.ExpireNode: self._expire_node,
-            c.ClaimGroups: self._claim_groups,
-            c.AcquireWriteLease: self.cluster.acquire_lease,
-            c.ReleaseWriteLease: self.cluster.release_lease,
-            c.Fenced: self._fenced,
-            c.ReleaseOrphans: self._release_orphans,
-            c.PunchHole: self._punch_hole,
-            c.CloneRange: self._clone_range,
-            c.PlanTierObject: lambda txn, cmd: self.space.tiered.plan(txn, cmd, self._next),
-            c.CommitTierObject: lambda txn, cmd: self.space.tiered.commit(self, txn, cmd),
-            c.AbandonTierObjects: self.space.tiered.abandon,
-            c.ForgetTierObjects: self.space.tiered.forget,
-            c.LinkSite: lambda txn, cmd: self.sites.link(txn, cmd),
-            c.UnlinkSite: self._unlink_site,
-            c.ApplyRemote: lambda txn, cmd: self.sites.apply_remote(txn, cmd),
-            c.ApplyRemoteSharing: lambda txn, cmd: self.sites.apply_remote(txn, cmd),
-            c.ForgetSite: lambda txn, cmd: self.sites.forget(txn, cmd),
-            c.UpdateSiteLink: lambda txn, cmd: self.sites.update_link(txn, cmd),
-            c.ResolveConflict: lambda txn, cmd: self.sites.resolve(txn, cmd),
-        }
+        self._handlers: dict[type, Handler] = {}  # filled by `_on`
+        on = self._on
+        on(c.Mknod, self._mknod)
+        on(c.Link, self._link)
+        on(c.Unlink, self._unlink)
+        on(c.Rename, self._rename)
+        on(c.SetAttr, self._setattr)
+        on(c.WriteData, self._write_data)
+        on(c.Preallocate, self._preallocate)
+        on(c.SetXattr, self._setxattr)
+        on(c.RemoveXattr, self._removexattr)
+        on(c.ReserveInodes, self._reserve_inodes)
+        on(c.Purge, self._purge)
+        on(c.ReclaimFrees, self._reclaim)
+        on(c.GrantGroups, self._grant_groups)
+        on(c.ReleaseLeaked, self._release_leaked)
+        on(c.CreateVolume, self._create_volume)
+        on(c.DeleteVolume, self._delete_volume)
+        on(c.ResizeVolume, self._resize_volume)
+        on(c.CreateSnapshot, self._create_snapshot)
+        on(c.DeleteSnapshot, self._delete_snapshot)
+        on(c.Batch, self._batch)
+        on(c.InitCluster, self.cluster.init_cluster)
+        on(c.AddMember, self.cluster.add_member)
+        on(c.SetMemberCert, self.cluster.set_member_cert)
+        on(c.UpdateMemberAddress, self.cluster.update_address)
+        on(c.RemoveMember, self.cluster.remove_member)
+        on(c.SetJoinVerifier, self.cluster.set_verifier)
+        on(c.SetLogLevel, self.cluster.set_log_level)
+        on(c.RenewLease, self.cluster.renew_lease)
+        on(c.ExpireNode, self._expire_node)
+        on(c.ClaimGroups, self._claim_groups)
+        on(c.AcquireWriteLease, self.cluster.acquire_lease)
+        on(c.ReleaseWriteLease, self.cluster.release_lease)
+        on(c.Fenced, self._fenced)
+        on(c.ReleaseOrphans, self._release_orphans)
+        on(c.PunchHole, self._punch_hole)
+        on(c.CloneRange, self._clone_range)
+        on(c.PlanTierObject, lambda txn, cmd: self.space.tiered.plan(txn, cmd, self._next))
+        on(c.CommitTierObject, lambda txn, cmd: self.space.tiered.commit(self, txn, cmd))
+        on(c.AbandonTierObjects, self.space.tiered.abandon)
+        on(c.ForgetTierObjects, self.space.tiered.forget)
+        on(c.LinkSite, lambda txn, cmd: self.sites.link(txn, cmd))
+        on(c.UnlinkSite, self._unlink_site)
+        on(c.ApplyRemote, lambda txn, cmd: self.sites.apply_remote(txn, cmd))
+        on(c.ApplyRemoteSharing, lambda txn, cmd: self.sites.apply_remote(txn, cmd))
+        on(c.ForgetSite, lambda txn, cmd: self.sites.forget(txn, cmd))
+        on(c.UpdateSiteLink, lambda txn, cmd: self.sites.update_link(txn, cmd))
+        on(c.ResolveConflict, lambda txn, cmd: self.sites.resolve(txn, cmd))
+
+    def _on(self, kind: type[c.Command[R]], handler: Callable[[lmdb.Transaction[bytes], Any], R]) -> None:
+        """Apply commands of `kind` with `handler`: mypy checks that it returns what the command
+        declares (`Command[R]`), which is what `apply` and every proposer promise their callers."""
+        self._handlers[kind] = handler
 
     # -- lifecycle ------------------------------------------------------------------------------
     def bootstrap(
@@ -164,7 +171,7 @@ class StateMachine:
         return txn.get(key, db=self.db["meta"])
 
     # -- dispatch -------------------------------------------------------------------------------
-    def apply(self, txn: lmdb.Transaction[bytes], command: object) -> Any:
+    def apply(self, txn: lmdb.Transaction[bytes], command: c.Command[R]) -> R:
         handler = self._handlers.get(type(command))
         if handler is None:
             raise FsError(errno.EINVAL, f"unknown command {type(command).__name__}")
@@ -577,7 +584,7 @@ class StateMachine:
             self.release_orphan(txn, ino, cmd.node, cmd.now_ns)
         return groups
 
-    def _fenced(self, txn: lmdb.Transaction[bytes], cmd: c.Fenced) -> Any:
+    def _fenced(self, txn: lmdb.Transaction[bytes], cmd: c.Fenced) -> object:
         self.cluster.check_fenced(txn, cmd)
         self._proposer = cmd.node
         try:
@@ -591,26 +598,26 @@ class StateMachine:
         return {int.from_bytes(k, "big"): int.from_bytes(v, "big") for k, v in txn.cursor(self.db["groups"])}
 
     # -- volumes and snapshots (semantics in volumes_sm) ----------------------------------------
-    def _create_volume(self, txn: lmdb.Transaction[bytes], cmd: c.CreateVolume) -> Any:
+    def _create_volume(self, txn: lmdb.Transaction[bytes], cmd: c.CreateVolume) -> dict[str, Any]:
         return self.volumes.create_volume(txn, cmd, self._next)
 
-    def _delete_volume(self, txn: lmdb.Transaction[bytes], cmd: c.DeleteVolume) -> Any:
+    def _delete_volume(self, txn: lmdb.Transaction[bytes], cmd: c.DeleteVolume) -> bool:
         if self.sites.delete_volume(txn, cmd):  # it ships: its tree stays while the other site may write
             return True
         return self.volumes.delete_volume(txn, cmd, self.delete_inode)
 
-    def _resize_volume(self, txn: lmdb.Transaction[bytes], cmd: c.ResizeVolume) -> Any:
+    def _resize_volume(self, txn: lmdb.Transaction[bytes], cmd: c.ResizeVolume) -> dict[str, Any]:
         return self.volumes.resize_volume(txn, cmd)
 
-    def _create_snapshot(self, txn: lmdb.Transaction[bytes], cmd: c.CreateSnapshot) -> Any:
+    def _create_snapshot(self, txn: lmdb.Transaction[bytes], cmd: c.CreateSnapshot) -> dict[str, Any]:
         return self.volumes.create_snapshot(txn, cmd, self._next)
 
-    def _delete_snapshot(self, txn: lmdb.Transaction[bytes], cmd: c.DeleteSnapshot) -> Any:
+    def _delete_snapshot(self, txn: lmdb.Transaction[bytes], cmd: c.DeleteSnapshot) -> bool:
         return self.volumes.delete_snapshot(txn, cmd, self.delete_inode)
 
-    def _batch(self, txn: lmdb.Transaction[bytes], cmd: c.Batch) -> list[Any]:
+    def _batch(self, txn: lmdb.Transaction[bytes], cmd: c.Batch) -> list[object]:
         """Each command's outcome: its result or its refusal (a bug in one is its own: isolation.py)."""
-        results: list[Any] = []
+        results: list[object] = []
         for sub in cmd.commands:
             try:
                 results.append(apply_isolated(self, txn, sub))
