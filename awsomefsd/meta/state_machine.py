@@ -24,23 +24,16 @@ from awsomefsd.meta import filemap
 from awsomefsd.meta.cluster_sm import LINK_MAX, ClusterTables
 from awsomefsd.meta.commands import R
 from awsomefsd.meta.errors import Delegated, FsError, SpaceCorruption
+from awsomefsd.meta.files import apply_removexattr, apply_setattr, apply_setxattr, apply_write_data
 from awsomefsd.meta.isolation import apply_isolated
 from awsomefsd.meta.namespace import Namespace
 from awsomefsd.meta.ranges import apply_clone_range, apply_preallocate, apply_punch_hole
 from awsomefsd.meta.records import (
-    MAX_FILE_SIZE_BYTES,
     MAX_SYMLINK_BYTES,
-    MAX_XATTR_LIST_BYTES,
-    MAX_XATTR_TOTAL_BYTES,
-    MAX_XATTR_VALUE_BYTES,
     ROOT_INO,
-    Extent,
     Inode,
-    blocks_for,
     check_new_inode,
-    check_owner,
     check_times,
-    check_xattr_name,
     cookie_key,
     u64,
     xattr_key,
@@ -52,8 +45,6 @@ from awsomefsd.meta.volumes_sm import SNAPSHOTS_INO, VOLUMES_INO, VolumeTables
 
 log = logging.getLogger(__name__)
 
-XATTR_CREATE = 1
-XATTR_REPLACE = 2
 FIRST_USER_INO = 16  # below: reserved (1 = root, 2 = volumes container, 3 = snapshots container)
 MAX_RESERVE_INODES = 1 << 20
 
@@ -86,11 +77,11 @@ class StateMachine:
         on(c.Link, self._link)
         on(c.Unlink, self._unlink)
         on(c.Rename, self._rename)
-        on(c.SetAttr, self._setattr)
-        on(c.WriteData, self._write_data)
+        on(c.SetAttr, lambda txn, cmd: apply_setattr(self, txn, cmd))
+        on(c.WriteData, lambda txn, cmd: apply_write_data(self, txn, cmd))
         on(c.Preallocate, self._preallocate)
-        on(c.SetXattr, self._setxattr)
-        on(c.RemoveXattr, self._removexattr)
+        on(c.SetXattr, lambda txn, cmd: apply_setxattr(self, txn, cmd))
+        on(c.RemoveXattr, lambda txn, cmd: apply_removexattr(self, txn, cmd))
         on(c.ReserveInodes, self._reserve_inodes)
         on(c.Purge, self._purge)
         on(c.ReclaimFrees, self._reclaim)
@@ -340,57 +331,7 @@ class StateMachine:
 
         return apply_rename(self, txn, cmd)
 
-    # -- attributes -----------------------------------------------------------------------------
-    def _setattr(self, txn: lmdb.Transaction[bytes], cmd: c.SetAttr) -> Inode:
-        inode = self.ns.require_inode(txn, cmd.ino)
-        self.volumes.check_writable(txn, inode.volume)
-        check_owner(cmd.uid, cmd.gid)
-        check_times(cmd.atime_ns, cmd.mtime_ns, cmd.now_ns)
-        if cmd.size is not None:
-            if not inode.is_reg:
-                raise FsError(errno.EISDIR if inode.is_dir else errno.EINVAL)
-            if not 0 <= cmd.size <= MAX_FILE_SIZE_BYTES:
-                raise FsError(errno.EINVAL if cmd.size < 0 else errno.EFBIG)
-        if cmd.mode is not None:
-            inode.mode = stat.S_IFMT(inode.mode) | (cmd.mode & 0o7777)
-        if cmd.uid is not None:
-            inode.uid = cmd.uid
-        if cmd.gid is not None:
-            inode.gid = cmd.gid
-        if cmd.atime_ns is not None:
-            inode.atime_ns = cmd.atime_ns
-        if cmd.mtime_ns is not None:
-            inode.mtime_ns = cmd.mtime_ns
-        if cmd.size is not None:
-            self._truncate(txn, inode, cmd.size, cmd.tail, cmd.now_ns)
-            if cmd.mtime_ns is None:
-                inode.mtime_ns = cmd.now_ns
-        inode.ctime_ns = cmd.now_ns
-        self.ns.put_inode(txn, inode)
-        return inode
-
-    def _truncate(self, txn: lmdb.Transaction[bytes], inode: Inode, size: int, tail: Extent | None, now_ns: int) -> None:
-        if size < inode.size:
-            keep_blocks = blocks_for(size)
-            fmap = self.db["fmap"]
-            first_cut = keep_blocks - 1 if tail is not None else keep_blocks
-            if tail is not None:
-                assert tail.file_block == keep_blocks - 1 and tail.count == 1, tail
-                if tail.unwritten:
-                    raise FsError(errno.EINVAL, "a truncated file's tail block carries checksums")
-                self.space_check_new(txn, [(tail.dev_block, tail.count)])
-            superseded = filemap.unmap_range(txn, fmap, inode.ino, first_cut, 1 << 62)
-            removed = sum(n for _, n in superseded)
-            added = 0
-            if tail is not None:
-                self.space.take(txn, tail.dev_block, tail.count)
-                filemap.map_extent(txn, fmap, inode.ino, tail)
-                added = tail.count
-            self.defer_free(txn, superseded, now_ns)
-            self.volumes.charge(txn, inode.volume, blocks=added - removed, inodes=0, enforce=False)
-            inode.blocks += added - removed
-        inode.size = size
-
+    # -- attributes and data (their handlers: meta/files.py, meta/ranges.py) --------------------
     def space_check_new(self, txn: lmdb.Transaction[bytes], ranges: list[tuple[int, int]]) -> None:
         """The device ranges (start, count) a command maps as new are free, and (a member's
         command) in the proposer's allocation groups: space another node may be writing is not
@@ -402,45 +343,6 @@ class StateMachine:
         if self._proposer:
             self.cluster.check_owned(txn, self._proposer, ranges)
 
-    def _write_data(self, txn: lmdb.Transaction[bytes], cmd: c.WriteData) -> Inode:
-        inode = self.ns.require_inode(txn, cmd.ino)
-        if not inode.is_reg:
-            raise FsError(errno.EINVAL)
-        if not cmd.extents:
-            raise FsError(errno.EINVAL, "empty write")
-        if cmd.size > MAX_FILE_SIZE_BYTES:
-            raise FsError(errno.EFBIG)
-        check_times(cmd.mtime_ns, cmd.now_ns)
-        fmap = self.db["fmap"]
-        for prev, nxt in zip(cmd.extents, cmd.extents[1:]):
-            if prev.end_block > nxt.file_block:
-                raise FsError(errno.EINVAL, "WriteData extents must be in file order and disjoint")
-        if any(ext.unwritten for ext in cmd.extents):
-            raise FsError(errno.EINVAL, "WriteData extents carry checksums")
-        ranges = filemap.file_ranges(cmd.extents)
-        replaced, in_place = filemap.survey(txn, fmap, inode.ino, cmd.extents, ranges)
-        fresh = filemap.without([(ext.dev_block, ext.count) for ext in cmd.extents], in_place)
-        self.space_check_new(txn, fresh)
-        delta = sum(ext.count for ext in cmd.extents) - replaced
-        self.volumes.charge(txn, inode.volume, blocks=delta, inodes=0)
-        superseded = [piece for first, end in ranges for piece in filemap.unmap_range(txn, fmap, inode.ino, first, end)]
-        for start, count in fresh:
-            self.space.take(txn, start, count)
-        for ext in cmd.extents:
-            filemap.map_extent(txn, fmap, inode.ino, ext)
-        self.defer_free(txn, filemap.without(superseded, in_place), cmd.now_ns)
-        inode.blocks += delta
-        inode.size = max(inode.size, cmd.size)
-        if cmd.touch:
-            inode.mtime_ns = cmd.mtime_ns or cmd.now_ns
-            inode.ctime_ns = max(inode.ctime_ns, inode.mtime_ns)  # a chmod since the write stays visible
-        if cmd.kill_suid:
-            inode.mode &= ~stat.S_ISUID
-            if inode.mode & stat.S_IXGRP:
-                inode.mode &= ~stat.S_ISGID
-        self.ns.put_inode(txn, inode)
-        return inode
-
     def _punch_hole(self, txn: lmdb.Transaction[bytes], cmd: c.PunchHole) -> Inode:
         return apply_punch_hole(self, txn, cmd)
 
@@ -450,38 +352,13 @@ class StateMachine:
     def _clone_range(self, txn: lmdb.Transaction[bytes], cmd: c.CloneRange) -> Inode:
         return apply_clone_range(self, txn, cmd)
 
-    def _setxattr(self, txn: lmdb.Transaction[bytes], cmd: c.SetXattr) -> None:
-        inode = self.ns.require_inode(txn, cmd.ino)
-        self.volumes.check_writable(txn, inode.volume)
-        check_xattr_name(cmd.name)
-        if len(cmd.value) > MAX_XATTR_VALUE_BYTES:
-            raise FsError(errno.E2BIG)
-        if cmd.flags & ~(XATTR_CREATE | XATTR_REPLACE):
-            raise FsError(errno.EINVAL, "unknown setxattr flags")
-        key = xattr_key(cmd.ino, cmd.name)
-        existing = txn.get(key, db=self.db["xattrs"])
-        if cmd.flags & XATTR_CREATE and existing is not None:
-            raise FsError(errno.EEXIST)
-        if cmd.flags & XATTR_REPLACE and existing is None:
-            raise FsError(errno.ENODATA)
-        total, names = self.ns.xattr_usage(txn, cmd.ino)
-        if existing is None:
-            names += len(cmd.name) + 1
-        total += len(key) + len(cmd.value) - (0 if existing is None else len(key) + len(existing))
-        if total > MAX_XATTR_TOTAL_BYTES or names > MAX_XATTR_LIST_BYTES:
-            raise FsError(errno.ENOSPC)
-        txn.put(key, cmd.value, db=self.db["xattrs"])
-        self.ns.put_xattr_usage(txn, cmd.ino, total, names)
-        inode.ctime_ns = cmd.now_ns
-        self.ns.put_inode(txn, inode)
-
     def put_xattr_raw(self, txn: lmdb.Transaction[bytes], ino: int, name: bytes, value: bytes | None) -> None:
         """Set or (None) remove an extended attribute as another site's winning version says."""
         now_ns = self.ns.require_inode(txn, ino).ctime_ns
         if value is not None:
-            self._setxattr(txn, c.SetXattr(ino, name, value, 0, now_ns))
+            apply_setxattr(self, txn, c.SetXattr(ino, name, value, 0, now_ns))
         elif txn.get(xattr_key(ino, name), db=self.db["xattrs"]) is not None:
-            self._removexattr(txn, c.RemoveXattr(ino, name, now_ns))
+            apply_removexattr(self, txn, c.RemoveXattr(ino, name, now_ns))
 
     def _unlink_site(self, txn: lmdb.Transaction[bytes], cmd: c.UnlinkSite) -> None:
         """Stop replicating; the inodes the tree kept after their last name went become orphans."""
@@ -490,20 +367,6 @@ class StateMachine:
         self.sites.unlink(txn, cmd)
         for inode in kept:
             self.orphan(txn, inode)
-
-    def _removexattr(self, txn: lmdb.Transaction[bytes], cmd: c.RemoveXattr) -> None:
-        inode = self.ns.require_inode(txn, cmd.ino)
-        self.volumes.check_writable(txn, inode.volume)
-        check_xattr_name(cmd.name)
-        key = xattr_key(cmd.ino, cmd.name)
-        value = txn.get(key, db=self.db["xattrs"])
-        if value is None:
-            raise FsError(errno.ENODATA)
-        total, names = self.ns.xattr_usage(txn, cmd.ino)
-        txn.delete(key, db=self.db["xattrs"])
-        self.ns.put_xattr_usage(txn, cmd.ino, total - len(key) - len(value), names - len(cmd.name) - 1)
-        inode.ctime_ns = cmd.now_ns
-        self.ns.put_inode(txn, inode)
 
     # -- inode lifecycle and space --------------------------------------------------------------
     def _reserve_inodes(self, txn: lmdb.Transaction[bytes], cmd: c.ReserveInodes) -> tuple[int, int]:
