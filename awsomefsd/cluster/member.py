@@ -64,6 +64,7 @@ from awsomefsd.fs.handles import Handles
 from awsomefsd.fs.operations import Operations
 from awsomefsd.fuse.invalidate import Invalidator
 from awsomefsd.io.fence import WriteFence
+from awsomefsd.meta import cluster_commands as cc
 from awsomefsd.meta import commands as c
 from awsomefsd.meta.client import MetaClient
 from awsomefsd.meta.commands import LOG_LEVEL
@@ -153,8 +154,8 @@ class Member:
         self._verifier = verifier
 
     def observe(self, command: object, result: Any, _mine: bool) -> None:
-        if isinstance(command, (c.InitCluster, c.AddMember, c.UpdateMemberAddress, c.RemoveMember,
-                                c.SetJoinVerifier)):
+        if isinstance(command, (cc.InitCluster, cc.AddMember, cc.UpdateMemberAddress, cc.RemoveMember,
+                                cc.SetJoinVerifier)):
             self.mark_membership_changed()
 
     def mark_membership_changed(self) -> None:
@@ -169,13 +170,13 @@ class Member:
     async def admit(self, request: Any) -> int:
         if not request.address:
             raise ControlError("the joiner did not say where it listens")
-        node: int = await self.raft.propose(c.AddMember(
+        node: int = await self.raft.propose(cc.AddMember(
             request.name or "", request.address, _join_address(request.address), time.time_ns()))
         log.info("admitted %s at %s as node %d", request.name or "a node", request.address, node)
         return node
 
     async def record_issued(self, identity: Any, _peer: str) -> None:
-        await self.raft.propose(c.SetMemberCert(identity.node_id, format(identity.serial, "x")))
+        await self.raft.propose(cc.SetMemberCert(identity.node_id, format(identity.serial, "x")))
 
     def member_addresses(self) -> dict[int, str]:
         return {n: m.address for n, m in self.meta.members().items() if m.active}
@@ -196,7 +197,7 @@ class Member:
 
             ca_cert = x509.load_pem_x509_certificate(info.ca_cert_pem)
             new = JoinToken.generate(self.state.cluster_uuid, fingerprint(ca_cert), seeds=token_seeds(self.state.listen))
-            await self.raft.propose(c.SetJoinVerifier(new.verifier().to_bytes()))
+            await self.raft.propose(cc.SetJoinVerifier(new.verifier().to_bytes()))
             save_token(self.state_dir, new.encode())
             log.info("join token rotated")
             return {"token": new.encode()}
@@ -206,7 +207,7 @@ class Member:
             if self.meta.member(node) is None:
                 raise ControlError(f"no node {node} in this cluster")
             try:
-                await self.raft.propose(c.RemoveMember(node, time.time_ns()))
+                await self.raft.propose(cc.RemoveMember(node, time.time_ns()))
             except Exception as exc:
                 raise ControlError(f"removing node {node} failed: {exc}") from None
             return {"removed": node}
@@ -423,7 +424,7 @@ async def _found(member: Member, founding: Founding) -> None:
     await member.raft.wait_for_leader(30)
     layout = member.storage.superblock.layout
     host = socket.gethostname()
-    await member.raft.propose_outcome(c.InitCluster(
+    await member.raft.propose_outcome(cc.InitCluster(
         founding.ca.cert_pem, founding.ca.key_pem, founding.token.verifier().to_bytes(), founding.voters_target,
         layout.data_start_block, layout.ag_blocks, layout.ag_count, member.node_id,
         member.settings.node.name or host, member.state.listen, _join_address(member.state.listen),
@@ -558,10 +559,10 @@ async def _update_address(member: Member) -> None:
     serial = format(member.creds.cert.serial_number, "x")
     if record is not None and not record.serial:
         log.info("node %d records its certificate's serial %s", member.node_id, serial)
-        await member.raft.propose(c.SetMemberCert(member.node_id, serial))
+        await member.raft.propose(cc.SetMemberCert(member.node_id, serial))
     if record is not None and record.address != member.state.listen:
         log.info("node %d now listens on %s (was %s)", member.node_id, member.state.listen, record.address)
-        await member.raft.propose(c.UpdateMemberAddress(member.node_id, member.state.listen,
+        await member.raft.propose(cc.UpdateMemberAddress(member.node_id, member.state.listen,
                                                         _join_address(member.state.listen)))
 
 

@@ -13,6 +13,7 @@ import struct
 import typing
 from typing import Any
 
+from awsomefsd.meta import cluster_commands as cc
 from awsomefsd.meta import commands as c
 from awsomefsd.meta.records import Extent
 
@@ -29,10 +30,10 @@ COMMAND_TAGS: dict[type, int] = {
     c.Mknod: 1, c.Link: 2, c.Unlink: 3, c.Rename: 4, c.SetAttr: 5, c.WriteData: 6, c.SetXattr: 7,
     c.RemoveXattr: 8, c.ReserveInodes: 9, c.Purge: 10, c.ReclaimFrees: 11, c.GrantGroups: 12,
     c.ReleaseLeaked: 13, c.CreateVolume: 14, c.DeleteVolume: 15, c.ResizeVolume: 16,
-    c.CreateSnapshot: 17, c.DeleteSnapshot: 18, c.Batch: 19, c.InitCluster: 20, c.AddMember: 21,
-    c.SetMemberCert: 22, c.UpdateMemberAddress: 23, c.RemoveMember: 24, c.SetJoinVerifier: 25,
-    c.RenewLease: 26, c.ExpireNode: 27, c.ClaimGroups: 28, c.AcquireWriteLease: 29, c.ReleaseWriteLease: 30,
-    c.Fenced: 31, c.ReleaseOrphans: 32, c.PunchHole: 33, c.CloneRange: 34, c.SetLogLevel: 35,
+    c.CreateSnapshot: 17, c.DeleteSnapshot: 18, c.Batch: 19, cc.InitCluster: 20, cc.AddMember: 21,
+    cc.SetMemberCert: 22, cc.UpdateMemberAddress: 23, cc.RemoveMember: 24, cc.SetJoinVerifier: 25,
+    cc.RenewLease: 26, cc.ExpireNode: 27, cc.ClaimGroups: 28, cc.AcquireWriteLease: 29, cc.ReleaseWriteLease: 30,
+    c.Fenced: 31, cc.ReleaseOrphans: 32, c.PunchHole: 33, c.CloneRange: 34, c.SetLogLevel: 35,
     c.Preallocate: 36, c.PlanTierObject: 37, c.CommitTierObject: 38, c.AbandonTierObjects: 39,
     c.ForgetTierObjects: 40, c.LinkSite: 41, c.UnlinkSite: 42, c.ApplyRemote: 43, c.ForgetSite: 44,
     c.ResolveConflict: 45, c.ApplyRemoteSharing: 46, c.UpdateSiteLink: 47,

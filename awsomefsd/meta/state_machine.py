@@ -19,6 +19,7 @@ from typing import Any, TypeAlias
 
 import lmdb
 
+from awsomefsd.meta import cluster_commands as cc
 from awsomefsd.meta import commands as c
 from awsomefsd.meta import filemap
 from awsomefsd.meta.cluster_sm import LINK_MAX, ClusterTables
@@ -93,20 +94,20 @@ class StateMachine:
         on(c.CreateSnapshot, self._create_snapshot)
         on(c.DeleteSnapshot, self._delete_snapshot)
         on(c.Batch, self._batch)
-        on(c.InitCluster, self.cluster.init_cluster)
-        on(c.AddMember, self.cluster.add_member)
-        on(c.SetMemberCert, self.cluster.set_member_cert)
-        on(c.UpdateMemberAddress, self.cluster.update_address)
-        on(c.RemoveMember, self.cluster.remove_member)
-        on(c.SetJoinVerifier, self.cluster.set_verifier)
+        on(cc.InitCluster, self.cluster.init_cluster)
+        on(cc.AddMember, self.cluster.add_member)
+        on(cc.SetMemberCert, self.cluster.set_member_cert)
+        on(cc.UpdateMemberAddress, self.cluster.update_address)
+        on(cc.RemoveMember, self.cluster.remove_member)
+        on(cc.SetJoinVerifier, self.cluster.set_verifier)
         on(c.SetLogLevel, self.cluster.set_log_level)
-        on(c.RenewLease, self.cluster.renew_lease)
-        on(c.ExpireNode, self._expire_node)
-        on(c.ClaimGroups, self._claim_groups)
-        on(c.AcquireWriteLease, self.cluster.acquire_lease)
-        on(c.ReleaseWriteLease, self.cluster.release_lease)
+        on(cc.RenewLease, self.cluster.renew_lease)
+        on(cc.ExpireNode, self._expire_node)
+        on(cc.ClaimGroups, self._claim_groups)
+        on(cc.AcquireWriteLease, self.cluster.acquire_lease)
+        on(cc.ReleaseWriteLease, self.cluster.release_lease)
         on(c.Fenced, self._fenced)
-        on(c.ReleaseOrphans, self._release_orphans)
+        on(cc.ReleaseOrphans, self._release_orphans)
         on(c.PunchHole, self._punch_hole)
         on(c.CloneRange, self._clone_range)
         on(c.PlanTierObject, lambda txn, cmd: self.space.tiered.plan(txn, cmd, self._next))
@@ -416,13 +417,13 @@ class StateMachine:
         for group in cmd.groups:
             txn.put(group.to_bytes(4, "big"), u64(cmd.node), db=self.db["groups"])
 
-    def _claim_groups(self, txn: lmdb.Transaction[bytes], cmd: c.ClaimGroups) -> tuple[int, ...]:
+    def _claim_groups(self, txn: lmdb.Transaction[bytes], cmd: cc.ClaimGroups) -> tuple[int, ...]:
         count = self.cluster.value(txn, b"ag_count")
         if count is None:
             raise FsError(errno.EINVAL, "not a cluster")
         return self.cluster.claim_groups(txn, cmd, int.from_bytes(count, "big"))
 
-    def _release_orphans(self, txn: lmdb.Transaction[bytes], cmd: c.ReleaseOrphans) -> int:
+    def _release_orphans(self, txn: lmdb.Transaction[bytes], cmd: cc.ReleaseOrphans) -> int:
         """Returns how many of the inodes were deleted (nobody holds them any more)."""
         if len(cmd.inos) > MAX_RESERVE_INODES:
             raise FsError(errno.EINVAL, "too many inodes in one release")
@@ -438,7 +439,7 @@ class StateMachine:
             return False
         return self._purge(txn, c.Purge(ino, now_ns))
 
-    def _expire_node(self, txn: lmdb.Transaction[bytes], cmd: c.ExpireNode) -> list[int]:
+    def _expire_node(self, txn: lmdb.Transaction[bytes], cmd: cc.ExpireNode) -> list[int]:
         """A node that is gone holds nothing open any more: its orphan holds go with its groups."""
         groups = self.cluster.expire_node(txn, cmd)
         held = [int.from_bytes(k, "big") for k, v in txn.cursor(self.db["orphans"])

@@ -13,17 +13,18 @@ imports count: they are dependencies too). The rules:
    allocator only through listeners registered when the allocator is built (`on_freed`), and the
    log reaches the device only through the before-commit hook it is constructed with.
 4. Outside `meta/`, only its public modules are imported: `client` (reads, propose, barrier),
-   `records` (the typed records, limits, fixed inodes), `commands`, `errors`, `log` (the
-   ReplicatedLog protocol and the local log), `bootstrap` (open and initialise a store), `check`
-   (fsck's table checks), `inspect` (status's read-only summary), the Raft core (`raft`) and the
-   Raft runtime (`replication`: driver, storage, transport, forwarding, the log on Raft), and
-   `freespace` (the free-extent set). The one exception is the composition root `node.py`,
-   which names the store and state machine types it opens.
+   `records` (the typed records, limits, fixed inodes), `commands` and `cluster_commands`, `errors`,
+   `log` (the ReplicatedLog protocol and the local log), `bootstrap` (open and initialise a store),
+   `check` (fsck's table checks), `inspect` (status's read-only summary), the Raft core (`raft`) and
+   the Raft runtime (`replication`: driver, storage, transport, forwarding, the log on Raft), and
+   `freespace` (the free-extent set). The one exception is the composition root `node.py`, which
+   names the store and state machine types it opens.
 5. `fs/` imports from `meta/` only `client`, `records`, `commands`, `errors` and `freespace`
    (the extent set its allocator is made of); anything from `io/`; nothing from `fuse/`,
    `cluster/`, `csi/` or the composition.
 6. `fuse/` is the binding: it imports `fs/` and the metadata vocabulary (`meta.errors`,
-   `meta.records`, `meta.commands`), never the metadata client, the log or `io/`.
+   `meta.records`, `meta.commands`, `meta.cluster_commands`), never the metadata client, the
+   log or `io/`.
 7. `cluster/` reaches this node's files only through `fs.coherence` (the Coherence protocol it
    implements and the callables it is given) and its space only through `fs.allocator` (the
    group keeper grants and revokes groups); only `cluster/member.py`, which builds a member's
@@ -46,10 +47,10 @@ from pathlib import Path
 import awsomefsd
 
 PACKAGE_ROOT = Path(awsomefsd.__file__).resolve().parent
-META_PUBLIC = frozenset({"client", "records", "commands", "errors", "log", "bootstrap", "check", "inspect",
-                         "raft", "replication", "freespace"})
+META_PUBLIC = frozenset({"client", "records", "commands", "cluster_commands", "errors", "log", "bootstrap", "check",
+                         "inspect", "raft", "replication", "freespace"})
 FS_META_ALLOWED = frozenset({"client", "records", "commands", "errors", "freespace"})
-FUSE_META_ALLOWED = frozenset({"errors", "records", "commands"})
+FUSE_META_ALLOWED = frozenset({"errors", "records", "commands", "cluster_commands"})
 META_IO_ALLOWED = frozenset({"awsomefsd.io.layout"})
 COMPOSITION = ("awsomefsd.node", "awsomefsd.ownership", "awsomefsd.volumes", "awsomefsd.cluster", "awsomefsd.csi", "awsomefsd.cli",
                "awsomefsd.actions")
