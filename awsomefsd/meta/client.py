@@ -11,8 +11,9 @@ What a caller may rely on:
 - A read takes no await and returns values, not handles: nothing it returns is invalidated by a
   later commit, and no transaction outlives the call. The one lazy result, `entries()`, must be
   consumed without awaiting (readdir fills its reply in one step); it reads one directory slice.
-- `propose` returns the command's result or raises the FsError the state machine refused it with;
-  `barrier` returns once everything proposed before it is durable (fsync).
+- `propose` returns the command's result (typed: a `Command[R]` gives an `R`, meta/commands.py) or
+  raises the FsError the state machine refused it with; `barrier` returns once everything
+  proposed before it is durable (fsync).
 
 Listeners of state-machine events (`on_freed`) are registered when the listening object is built
 (awsomefsd/node.py): the state machine calls them inside its apply, so they must only update
