@@ -41,6 +41,7 @@ import trio
 from awsomefsd.duty import is_fatal, one_line
 from awsomefsd.fs.coherence import FlushFile, HoldsInode
 from awsomefsd.fuse.invalidate import Invalidator, Kind, Target, targets
+from awsomefsd.meta import cluster_commands as cc
 from awsomefsd.meta import commands as c
 from awsomefsd.meta.client import MetaClient
 from awsomefsd.meta.errors import Delegated, FsError
@@ -360,7 +361,7 @@ class ClusterCoherence:
             if holder in (0, self.node_id) or not queued or now - asked >= REREQUEST_S:
                 self._requested_at[ino] = now
                 try:
-                    holder = await self.meta.propose(c.AcquireWriteLease(ino, self.node_id, self.epoch()))
+                    holder = await self.meta.propose(cc.AcquireWriteLease(ino, self.node_id, self.epoch()))
                 except FsError as exc:
                     last_error = exc
                     if not await self._renewed_in_time(deadline):
@@ -421,7 +422,7 @@ class ClusterCoherence:
             self.delegation_refusals += 1  # the operation takes the delegation and goes again
 
     def _observe_one(self, command: object, result: Any) -> None:
-        if isinstance(command, c.AcquireWriteLease):
+        if isinstance(command, cc.AcquireWriteLease):
             ino = command.ino
             waiting = self._waiting.setdefault(ino, {})
             if result == command.node:  # granted (asked while free, or handed over by the holder)
@@ -438,12 +439,12 @@ class ClusterCoherence:
                 waiting[command.node] = command.epoch
                 if result == self.node_id:
                     self._hand_over_later(ino)
-        elif isinstance(command, c.ReleaseWriteLease) and result:
+        elif isinstance(command, cc.ReleaseWriteLease) and result:
             if command.node == self.node_id:
                 self.held.discard(command.ino)
                 self._acquired_at.pop(command.ino, None)
             self._wake(command.ino)
-        elif isinstance(command, c.ExpireNode):
+        elif isinstance(command, cc.ExpireNode):
             if command.node == self.node_id:
                 self.expiries += 1
                 self.held.clear()
@@ -530,7 +531,7 @@ class ClusterCoherence:
             for start in range(0, len(mine), MAX_ORPHANS_PER_COMMAND):
                 chunk = tuple(mine[start : start + MAX_ORPHANS_PER_COMMAND])
                 try:
-                    await self.meta.propose(c.ReleaseOrphans(self.node_id, chunk, time.time_ns()))
+                    await self.meta.propose(cc.ReleaseOrphans(self.node_id, chunk, time.time_ns()))
                     self.orphans_released += len(chunk)
                 except FsError as exc:
                     log.warning("releasing %d unlinked inodes failed (%s); retrying later", len(chunk), exc)
@@ -598,12 +599,12 @@ class ClusterCoherence:
                     await idle.wait()
                 if self.flush is not None:
                     await self.flush(ino)
-                release = c.ReleaseWriteLease(ino, self.node_id)
+                release = cc.ReleaseWriteLease(ino, self.node_id)
                 nxt = self._next_waiter(ino)
                 if nxt is None:
                     await self.meta.propose(release)
                 else:
-                    await self.meta.propose(c.Batch((release, c.AcquireWriteLease(ino, *nxt))))
+                    await self.meta.propose(c.Batch((release, cc.AcquireWriteLease(ino, *nxt))))
                 self.leases_released += 1
             except Exception as exc:
                 if is_fatal(exc):
@@ -694,7 +695,7 @@ class ClusterCoherence:
     def _releases(self, inos: list[int]) -> c.Batch:
         """One command giving back several leases (at most MAX_RELEASES_PER_COMMAND)."""
         assert len(inos) <= MAX_RELEASES_PER_COMMAND
-        return c.Batch(tuple(c.ReleaseWriteLease(ino, self.node_id) for ino in inos))
+        return c.Batch(tuple(cc.ReleaseWriteLease(ino, self.node_id) for ino in inos))
 
     async def release_all(self) -> int:
         """Give back every write lease and delegation this node holds (a clean stop, after

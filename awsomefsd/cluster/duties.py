@@ -31,6 +31,7 @@ import trio
 from awsomefsd.duty import DutyBook, run_duty
 from awsomefsd.fs.allocator import NodeAllocator
 from awsomefsd.io.fence import WriteFence
+from awsomefsd.meta import cluster_commands as cc
 from awsomefsd.meta import commands as c
 from awsomefsd.meta.client import MetaClient
 from awsomefsd.meta.commands import LOG_LEVEL
@@ -136,7 +137,7 @@ class LivenessLease:
             self.lease_epoch.load(self.meta)
         ok: Any = False
         with trio.move_on_after(self.settings.renew_s):
-            ok, result = await self.log.propose_outcome(c.RenewLease(self.node_id, self.epoch), fenced=False)
+            ok, result = await self.log.propose_outcome(cc.RenewLease(self.node_id, self.epoch), fenced=False)
             ok = ok and result is True
         if ok:
             self.fence.renewed(sent + self.settings.lease_s)
@@ -202,7 +203,7 @@ class GroupKeeper:
         self._wake = trio.Event()
 
     def observe(self, command: object, result: Any, _mine: bool) -> None:
-        if isinstance(command, c.ClaimGroups) and isinstance(result, tuple):
+        if isinstance(command, cc.ClaimGroups) and isinstance(result, tuple):
             if command.node == self.node_id:
                 self._grant(result)
             elif not result:  # every group is owned: that node asks the owners for spare ones
@@ -216,7 +217,7 @@ class GroupKeeper:
             self.received += len(command.groups)
             self._gift.set()
             self._gift = trio.Event()
-        elif isinstance(command, c.ExpireNode) and command.node == self.node_id and isinstance(result, list):
+        elif isinstance(command, cc.ExpireNode) and command.node == self.node_id and isinstance(result, list):
             for group in result:
                 self.allocator.revoke(group)
             self._wake.set()
@@ -244,7 +245,7 @@ class GroupKeeper:
         count = min(max(-(-(need_blocks - self.allocator.free_blocks) // size), 1) + 1, MAX_CLAIM_AT_ONCE)
         gift = self._gift  # taken before the claim: only a transfer that answers it can set it
         try:
-            granted = await self.meta.propose(c.ClaimGroups(self.node_id, self.epoch(), count))
+            granted = await self.meta.propose(cc.ClaimGroups(self.node_id, self.epoch(), count))
         except FsError as exc:
             log.warning("claiming %d allocation groups failed: %s", count, exc)
             return False
@@ -335,7 +336,7 @@ class GroupKeeper:
                     await self._wake.wait()
                 self._wake = trio.Event()
                 return 0.0
-            granted = await self.meta.propose(c.ClaimGroups(self.node_id, self.epoch(), 2))
+            granted = await self.meta.propose(cc.ClaimGroups(self.node_id, self.epoch(), 2))
             self.claims += 1
             if not granted:
                 log.info("no unowned allocation group left to claim")
@@ -373,9 +374,9 @@ class LeaderDuties:
         self.leader_changes = 0
 
     def observe(self, command: object, result: Any, _mine: bool) -> None:
-        if isinstance(command, c.RenewLease) and result is True:
+        if isinstance(command, cc.RenewLease) and result is True:
             self.last_renewal[command.node] = time.monotonic()
-        elif isinstance(command, c.AddMember) and isinstance(result, int):
+        elif isinstance(command, cc.AddMember) and isinstance(result, int):
             self.last_renewal[result] = time.monotonic()  # a new member's clock starts at its admission
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -484,7 +485,7 @@ class LeaderDuties:
             if record.active and record.expired and successor > n:
                 log.info("node %d (%s) joined again as node %d at %s: removing its old member", n, record.name,
                          successor, record.address)
-                await self.log.propose_outcome(c.RemoveMember(n, time.time_ns()), fenced=False, leader_only=True)
+                await self.log.propose_outcome(cc.RemoveMember(n, time.time_ns()), fenced=False, leader_only=True)
 
     async def _expire_silent(self, now: float) -> None:
         assert self.leading_since is not None
@@ -499,5 +500,5 @@ class LeaderDuties:
             if now - seen > deadline:
                 log.warning("node %d has not renewed its lease for %.1fs: expiring it (its groups and "
                             "write leases go back to the cluster)", n, now - seen)
-                await self.log.propose_outcome(c.ExpireNode(n, time.time_ns()), fenced=False, leader_only=True)
+                await self.log.propose_outcome(cc.ExpireNode(n, time.time_ns()), fenced=False, leader_only=True)
                 self.expired += 1

@@ -24,13 +24,12 @@ import logging
 import socket
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import trio
-from prometheus_client.metrics_core import Metric
 
 from awsomefsd.cluster.ca import ClusterCA, Revocations, fingerprint
 from awsomefsd.cluster.coherence import ClusterCoherence
@@ -58,6 +57,7 @@ from awsomefsd.cluster.tls import (
 )
 from awsomefsd.cluster.token import JoinToken, TokenVerifier
 from awsomefsd.config import Settings
+from awsomefsd.daemon.member_metrics import collect_member_metrics
 from awsomefsd.daemon.node import (
     Core,
     MemberSite,
@@ -75,6 +75,7 @@ from awsomefsd.fs.handles import Handles
 from awsomefsd.fs.operations import Operations
 from awsomefsd.fuse.invalidate import Invalidator
 from awsomefsd.io.fence import WriteFence
+from awsomefsd.meta import cluster_commands as cc
 from awsomefsd.meta import commands as c
 from awsomefsd.meta.client import MetaClient
 from awsomefsd.meta.commands import LOG_LEVEL
@@ -82,7 +83,7 @@ from awsomefsd.meta.replication.forwarding import Forwarder
 from awsomefsd.meta.replication.fs_log import ReplicatedFsLog
 from awsomefsd.meta.replication.settings import NodeSettings
 from awsomefsd.meta.replication.transport import RaftTransport
-from awsomefsd.metrics import Metrics, counter, gauge
+from awsomefsd.metrics import Metrics
 from awsomefsd.rpc.bridge import serve_grpc
 
 log = logging.getLogger(__name__)
@@ -153,8 +154,8 @@ class Member:
         self._verifier = verifier
 
     def observe(self, command: object, result: Any, _mine: bool) -> None:
-        if isinstance(command, (c.InitCluster, c.AddMember, c.UpdateMemberAddress, c.RemoveMember,
-                                c.SetJoinVerifier)):
+        if isinstance(command, (cc.InitCluster, cc.AddMember, cc.UpdateMemberAddress, cc.RemoveMember,
+                                cc.SetJoinVerifier)):
             self.mark_membership_changed()
 
     def mark_membership_changed(self) -> None:
@@ -169,13 +170,13 @@ class Member:
     async def admit(self, request: Any) -> int:
         if not request.address:
             raise ControlError("the joiner did not say where it listens")
-        node: int = await self.raft.propose(c.AddMember(
+        node: int = await self.raft.propose(cc.AddMember(
             request.name or "", request.address, _join_address(request.address), time.time_ns()))
         log.info("admitted %s at %s as node %d", request.name or "a node", request.address, node)
         return node
 
     async def record_issued(self, identity: Any, _peer: str) -> None:
-        await self.raft.propose(c.SetMemberCert(identity.node_id, format(identity.serial, "x")))
+        await self.raft.propose(cc.SetMemberCert(identity.node_id, format(identity.serial, "x")))
 
     def member_addresses(self) -> dict[int, str]:
         return {n: m.address for n, m in self.meta.members().items() if m.active}
@@ -196,7 +197,7 @@ class Member:
 
             ca_cert = x509.load_pem_x509_certificate(info.ca_cert_pem)
             new = JoinToken.generate(self.state.cluster_uuid, fingerprint(ca_cert), seeds=token_seeds(self.state.listen))
-            await self.raft.propose(c.SetJoinVerifier(new.verifier().to_bytes()))
+            await self.raft.propose(cc.SetJoinVerifier(new.verifier().to_bytes()))
             save_token(self.state_dir, new.encode())
             log.info("join token rotated")
             return {"token": new.encode()}
@@ -206,7 +207,7 @@ class Member:
             if self.meta.member(node) is None:
                 raise ControlError(f"no node {node} in this cluster")
             try:
-                await self.raft.propose(c.RemoveMember(node, time.time_ns()))
+                await self.raft.propose(cc.RemoveMember(node, time.time_ns()))
             except Exception as exc:
                 raise ControlError(f"removing node {node} failed: {exc}") from None
             return {"removed": node}
@@ -423,7 +424,7 @@ async def _found(member: Member, founding: Founding) -> None:
     await member.raft.wait_for_leader(30)
     layout = member.storage.superblock.layout
     host = socket.gethostname()
-    await member.raft.propose_outcome(c.InitCluster(
+    await member.raft.propose_outcome(cc.InitCluster(
         founding.ca.cert_pem, founding.ca.key_pem, founding.token.verifier().to_bytes(), founding.voters_target,
         layout.data_start_block, layout.ag_blocks, layout.ag_count, member.node_id,
         member.settings.node.name or host, member.state.listen, _join_address(member.state.listen),
@@ -482,7 +483,7 @@ def _assemble(member: Member) -> Core:
     raft.commands.on_snapshot.append(functools.partial(_after_snapshot, groups, coherence))
     coherence.reload()
     member.core, member.lease, member.groups, member.coherence, member.duties = core, lease, groups, coherence, duties
-    metrics.add_collector(lambda: _collect(member))
+    metrics.add_collector(lambda: collect_member_metrics(member))
     return core
 
 
@@ -498,58 +499,6 @@ def _after_snapshot(groups: GroupKeeper, coherence: ClusterCoherence) -> None:
     groups.reload()
 
 
-def _collect(member: Member) -> Iterator[Metric]:
-    """What an operator alerts on in a cluster: leadership, lease, stalls, fencing, hand-overs."""
-    node = member.raft.node
-    raw = node.raw
-    yield gauge("awsomefs_raft_term", "current Raft term", raw.raft.term)
-    yield gauge("awsomefs_raft_is_leader", "1 while this node leads the metadata group", float(raw.is_leader))
-    yield gauge("awsomefs_raft_leader_id", "the leader this node knows of (0: none)", raw.leader_id)
-    yield counter("awsomefs_raft_forward_retries", "forwarded proposals sent again", node.forward_retries)
-    yield counter("awsomefs_meta_stalls", "metadata operations that waited for a leader", member.raft.stalls)
-    ahead = member.meta.ahead
-    yield counter("awsomefs_meta_ran_ahead", "metadata changes acknowledged ahead of the log (directory delegations)",
-                  ahead.ran_ahead)
-    yield counter("awsomefs_meta_ahead_lost", "changes acknowledged ahead that the log then refused (each reported "
-                  "by the next fsync)", ahead.losses)
-    yield counter("awsomefs_meta_unpredictable", "metadata changes that could not run ahead after all (what a site "
-                  "link captures of them needed the log) and were proposed and waited for", ahead.unpredictable)
-    yield counter("awsomefs_meta_pipeline_proposals", "proposals carrying changes acknowledged ahead", ahead.proposals)
-    yield gauge("awsomefs_meta_pipeline_pending", "changes acknowledged ahead and not decided yet", ahead.pending)
-    fence = member.storage.device.fence
-    yield gauge("awsomefs_lease_remaining_seconds", "time left on this node's liveness lease", fence.remaining_s())
-    yield gauge("awsomefs_lease_fenced", "1 while device writes are fenced", float(not fence.is_open()))
-    yield counter("awsomefs_fenced_writes", "device writes refused by the fence", fence.fenced_writes)
-    if member.lease is not None:
-        yield counter("awsomefs_lease_renewals", "liveness lease renewals", member.lease.renewals)
-        yield counter("awsomefs_lease_expiries", "times this node found its lease expired", member.lease.refusals)
-    if member.coherence is not None:
-        co = member.coherence
-        yield counter("awsomefs_write_leases_acquired", "file write leases acquired", co.leases_acquired)
-        yield counter("awsomefs_write_leases_released", "file write leases handed to another node",
-                      co.leases_released)
-        yield counter("awsomefs_delegations_returned", "idle directory delegations given back", co.delegations_returned)
-        yield counter("awsomefs_delegation_refusals", "changes proposed through the log that the state machine "
-                      "refused because another node held the directory's delegation (then proposed again, holding it)",
-                      co.delegation_refusals)
-        yield counter("awsomefs_write_lease_waits", "writes that waited for another node's lease", co.lease_waits)
-        yield counter("awsomefs_write_lease_timeouts", "writes that gave up waiting for a write lease (EIO; "
-                      "the log says why)", co.lease_timeouts)
-        yield counter("awsomefs_write_lease_wait_seconds", "time writes spent waiting for write leases",
-                      co.lease_wait_s)
-        yield gauge("awsomefs_write_lease_wait_max_seconds", "the longest wait of a write for a write lease",
-                    co.lease_wait_max_s)
-        yield counter("awsomefs_write_lease_handover_failures", "hand-overs that failed (flush or proposal) "
-                      "and were tried again", co.handover_failures)
-        yield counter("awsomefs_catch_ups", "ReadIndex catch-ups (open, lookup)", co.catch_ups)
-        yield counter("awsomefs_stale_reads", "catch-ups that found no leader and served local state",
-                      co.stale_reads)
-    yield counter("awsomefs_kernel_invalidations", "kernel cache invalidations", member.invalidator.invalidations)
-    if member.duties is not None:
-        yield counter("awsomefs_nodes_expired", "nodes this node expired as leader", member.duties.expired)
-        yield counter("awsomefs_leader_changes", "changes of leader this node saw", member.duties.leader_changes)
-
-
 async def _update_address(member: Member) -> None:
     """This node's record says where it listens now and which certificate it holds: the
     founder's was issued before there was a cluster to record it in, and without its serial
@@ -558,10 +507,10 @@ async def _update_address(member: Member) -> None:
     serial = format(member.creds.cert.serial_number, "x")
     if record is not None and not record.serial:
         log.info("node %d records its certificate's serial %s", member.node_id, serial)
-        await member.raft.propose(c.SetMemberCert(member.node_id, serial))
+        await member.raft.propose(cc.SetMemberCert(member.node_id, serial))
     if record is not None and record.address != member.state.listen:
         log.info("node %d now listens on %s (was %s)", member.node_id, member.state.listen, record.address)
-        await member.raft.propose(c.UpdateMemberAddress(member.node_id, member.state.listen,
+        await member.raft.propose(cc.UpdateMemberAddress(member.node_id, member.state.listen,
                                                         _join_address(member.state.listen)))
 
 

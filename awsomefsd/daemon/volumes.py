@@ -29,7 +29,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import trio
 
@@ -193,7 +193,7 @@ class CoreVolumes:
         except Exception:  # a stale cache entry is cosmetic; the command has applied
             log.exception("invalidating the kernel entry %r failed", name)
 
-    async def _propose(self, command: object) -> Volume:
+    async def _propose(self, command: c.Command[dict[str, Any]]) -> Volume:
         """Propose a command that leaves a volume or snapshot record (create, resize, snapshot)
         and translate the state machine's refusals into the CSI layer's errors."""
         try:
@@ -204,7 +204,7 @@ class CoreVolumes:
                 raise
             raise mapped from exc
 
-    async def _propose_delete(self, command: object) -> None:
+    async def _propose_delete(self, command: c.Command[bool]) -> None:
         """`_propose` for a deletion (it leaves no record)."""
         try:
             await self.core.meta.propose(command)

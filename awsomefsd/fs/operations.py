@@ -29,7 +29,7 @@ from awsomefsd.fs.tmpfile import link_tmpfile
 from awsomefsd.io.layout import BLOCK_SIZE
 from awsomefsd.meta import commands as c
 from awsomefsd.meta.client import MetaClient
-from awsomefsd.meta.commands import RENAME_WHITEOUT
+from awsomefsd.meta.commands import RENAME_WHITEOUT, R
 from awsomefsd.meta.errors import Delegated, FsError
 from awsomefsd.meta.records import (
     CONFLICTS_INO,
@@ -228,14 +228,14 @@ class Operations:
         """True while this node holds the inode's lease: a change to its attributes may run ahead."""
         return nullcontext(False) if self.coherence is None else self.coherence.holding(ino)
 
-    async def _propose(self, command: object, ahead: bool) -> Any:
+    async def _propose(self, command: c.Command[R], ahead: bool) -> R:
         """Run a namespace change ahead, or propose it through the log (`propose_holding`)."""
         if ahead:
             return await self.meta.run_ahead(command)
         return await self.propose_holding(command)
 
-    async def propose_holding(self, command: object, *, tries: int = MAX_DELEGATION_TRIES,
-                              inside: Callable[[], AbstractAsyncContextManager[Any]] = nullcontext) -> Any:
+    async def propose_holding(self, command: c.Command[R], *, tries: int = MAX_DELEGATION_TRIES,
+                              inside: Callable[[], AbstractAsyncContextManager[Any]] = nullcontext) -> R:
         """Propose `command` through the log. One the state machine refused because another node
         holds a delegation or write lease it needs (`Delegated`: strict mode delegates nothing of
         its own, a change whose delegations kept moving goes without, another site's batch is

@@ -25,6 +25,7 @@ from typing import Any, Protocol
 
 import trio
 
+from awsomefsd.meta import cluster_commands as cc
 from awsomefsd.meta import commands as c
 from awsomefsd.meta.errors import FsError
 from awsomefsd.meta.records import SNAPSHOTS_INO, VOLUMES_INO, Applied, snapshot_dir_name, volume_dir_name
@@ -130,7 +131,7 @@ def _xattr(cmd: c.SetXattr | c.RemoveXattr, result: Any) -> list[Target]:
     return [Target.attr_only(cmd.ino)]  # ctime; FUSE does not cache xattr values
 
 
-def _release_orphans(cmd: c.ReleaseOrphans, result: Any) -> list[Target]:
+def _release_orphans(cmd: cc.ReleaseOrphans, result: Any) -> list[Target]:
     """Some of the inodes may have been deleted (result: how many); which ones is not returned."""
     return [Target.inode(ino) for ino in cmd.inos] if result else []
 
@@ -181,7 +182,7 @@ RULES: dict[type, Rule] = {
     c.SetXattr: _xattr,
     c.RemoveXattr: _xattr,
     c.Purge: _purge,
-    c.ReleaseOrphans: _release_orphans,
+    cc.ReleaseOrphans: _release_orphans,
     c.CreateVolume: _volume_dir,
     c.DeleteVolume: _volume_dir,
     c.CreateSnapshot: _snapshot_dir,
@@ -195,18 +196,18 @@ RULES: dict[type, Rule] = {
     c.GrantGroups: _nothing,
     c.ReleaseLeaked: _nothing,
     c.ResizeVolume: _nothing,
-    c.InitCluster: _nothing,
-    c.AddMember: _nothing,
-    c.SetMemberCert: _nothing,
-    c.UpdateMemberAddress: _nothing,
-    c.RemoveMember: _nothing,
-    c.SetJoinVerifier: _nothing,
+    cc.InitCluster: _nothing,
+    cc.AddMember: _nothing,
+    cc.SetMemberCert: _nothing,
+    cc.UpdateMemberAddress: _nothing,
+    cc.RemoveMember: _nothing,
+    cc.SetJoinVerifier: _nothing,
     c.SetLogLevel: _nothing,
-    c.RenewLease: _nothing,
-    c.ExpireNode: _nothing,
-    c.ClaimGroups: _nothing,
-    c.AcquireWriteLease: _nothing,
-    c.ReleaseWriteLease: _nothing,
+    cc.RenewLease: _nothing,
+    cc.ExpireNode: _nothing,
+    cc.ClaimGroups: _nothing,
+    cc.AcquireWriteLease: _nothing,
+    cc.ReleaseWriteLease: _nothing,
     # tiering moves where a file's bytes are kept, never what they are, its size or its times
     c.PlanTierObject: _nothing,
     c.CommitTierObject: _nothing,

@@ -37,6 +37,7 @@ import lmdb
 import trio
 
 from awsomefsd.meta import commands as c
+from awsomefsd.meta.commands import R
 from awsomefsd.meta.errors import FsError
 from awsomefsd.meta.log import ReplicatedLog
 from awsomefsd.meta.overlay import Overlay, OverlayTxn
@@ -118,7 +119,7 @@ class Unpredictable(Exception):
 @dataclass(eq=False)
 class _Entry:
     seq: int
-    command: object
+    command: c.Command[Any]
     epoch: int | None
     ahead: bool  # acknowledged already; else a caller waits for `outcome`
     done: trio.Event | None = None
@@ -163,8 +164,8 @@ class AheadLog:
         return len(self._queue) + len(self._in_flight)
 
     # -- writing ------------------------------------------------------------------------------------
-    async def run_ahead(self, command: object, *, epoch: int | None = None,
-                        still: Callable[[], bool] | None = None) -> Any:
+    async def run_ahead(self, command: c.Command[R], *, epoch: int | None = None,
+                        still: Callable[[], bool] | None = None) -> R:
         """Apply `command` to this node's view now, queue it for the log and return its result
         (or raise its FsError: then nothing is queued). The caller holds every delegation the
         command needs (no other node changes what it reads), or says with `still` whether it may
@@ -188,7 +189,7 @@ class AheadLog:
         self._wake.set()
         return result
 
-    async def propose(self, command: object, *, epoch: int | None = None) -> Any:
+    async def propose(self, command: c.Command[R], *, epoch: int | None = None) -> R:
         """Propose and wait for the result, after everything acknowledged before (directly when
         nothing is queued)."""
         if not self.pending:

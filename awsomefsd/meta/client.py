@@ -11,8 +11,9 @@ What a caller may rely on:
 - A read takes no await and returns values, not handles: nothing it returns is invalidated by a
   later commit, and no transaction outlives the call. The one lazy result, `entries()`, must be
   consumed without awaiting (readdir fills its reply in one step); it reads one directory slice.
-- `propose` returns the command's result or raises the FsError the state machine refused it with;
-  `barrier` returns once everything proposed before it is durable (fsync).
+- `propose` returns the command's result (typed: a `Command[R]` gives an `R`, meta/commands.py) or
+  raises the FsError the state machine refused it with; `barrier` returns once everything
+  proposed before it is durable (fsync).
 
 Listeners of state-machine events (`on_freed`) are registered when the listening object is built
 (awsomefsd/daemon/node.py): the state machine calls them inside its apply, so they must only update
@@ -29,7 +30,7 @@ import trio
 
 from awsomefsd.meta.ahead import AheadLog
 from awsomefsd.meta.cluster_sm import member_from_record
-from awsomefsd.meta.commands import BASE_LOG_LEVEL, LOG_LEVEL, level_of
+from awsomefsd.meta.commands import BASE_LOG_LEVEL, LOG_LEVEL, Command, R, level_of
 from awsomefsd.meta.filemap import all_extents, extents_in
 from awsomefsd.meta.freespace import FreeSpaceMap
 from awsomefsd.meta.log import ReplicatedLog
@@ -72,14 +73,14 @@ class MetaClient:
         self._sm.sites.local_side_effects = hear
 
     # -- the replicated log -----------------------------------------------------------------------
-    async def propose(self, command: object, *, epoch: int | None = None) -> Any:
+    async def propose(self, command: Command[R], *, epoch: int | None = None) -> R:
         """Order, commit and apply `command` (meta/commands.py); its result, or its FsError.
         `epoch`: the lease epoch the work it commits was done under (`lease_epoch`). Ordered after
         every change this node acknowledged ahead of the log (`run_ahead`)."""
         return await self.ahead.propose(command, epoch=epoch)
 
-    async def run_ahead(self, command: object, *, epoch: int | None = None,
-                        still: Callable[[], bool] | None = None) -> Any:
+    async def run_ahead(self, command: Command[R], *, epoch: int | None = None,
+                        still: Callable[[], bool] | None = None) -> R:
         """Apply `command` to this node's view and acknowledge it now; the log commits it later, in
         order (meta/ahead.py). Only for a caller that holds the delegations the command needs
         (docs/delegations.md), and only for commands `can_run_ahead` accepts. `epoch` as for
@@ -273,7 +274,7 @@ class MetaClient:
         """FsError(EROFS) for a snapshot's inodes."""
         self._sm.volumes.check_writable(self._view(), volume)
 
-    async def propose_volume(self, command: object) -> Volume:
+    async def propose_volume(self, command: Command[dict[str, Any]]) -> Volume:
         """Propose a volume or snapshot command (create, resize, snapshot); the record it left."""
         result = await self.propose(command)
         return volume_from_record(result["id"], result)

@@ -20,6 +20,7 @@ from typing import Any
 
 import lmdb
 
+from awsomefsd.meta import cluster_commands as cc
 from awsomefsd.meta import commands as c
 from awsomefsd.meta.errors import FsError
 from awsomefsd.meta.records import Member, u64
@@ -98,7 +99,7 @@ class ClusterTables:
             raise FsError(errno.ENOENT, f"no member {node}")
         return record
 
-    def init_cluster(self, txn: lmdb.Transaction[bytes], cmd: c.InitCluster) -> int:
+    def init_cluster(self, txn: lmdb.Transaction[bytes], cmd: cc.InitCluster) -> int:
         if self.initialised(txn):
             raise FsError(errno.EEXIST, "the cluster is already initialised")
         if not 1 <= cmd.voters_target <= 7 or cmd.ag_blocks <= 0 or cmd.founder <= 0:
@@ -112,7 +113,7 @@ class ClusterTables:
                                             cmd.join_address, cmd.now_ns))
         return cmd.founder
 
-    def add_member(self, txn: lmdb.Transaction[bytes], cmd: c.AddMember) -> int:
+    def add_member(self, txn: lmdb.Transaction[bytes], cmd: cc.AddMember) -> int:
         if not self.initialised(txn):
             raise FsError(errno.EINVAL, "not a cluster")
         if sum(1 for _ in txn.cursor(self.members_db)) >= MAX_MEMBERS:
@@ -132,18 +133,18 @@ class ClusterTables:
             return wanted
         return f"{wanted or 'node'}-{node}"
 
-    def set_member_cert(self, txn: lmdb.Transaction[bytes], cmd: c.SetMemberCert) -> None:
+    def set_member_cert(self, txn: lmdb.Transaction[bytes], cmd: cc.SetMemberCert) -> None:
         record = self._require(txn, cmd.node)
         int(cmd.serial_hex, 16)  # ValueError is a bug in the proposer, not a user error
         record["serial"] = cmd.serial_hex
         self._put(txn, cmd.node, record)
 
-    def update_address(self, txn: lmdb.Transaction[bytes], cmd: c.UpdateMemberAddress) -> None:
+    def update_address(self, txn: lmdb.Transaction[bytes], cmd: cc.UpdateMemberAddress) -> None:
         record = self._require(txn, cmd.node)
         record["address"], record["join_address"] = cmd.address, cmd.join_address
         self._put(txn, cmd.node, record)
 
-    def remove_member(self, txn: lmdb.Transaction[bytes], cmd: c.RemoveMember) -> None:
+    def remove_member(self, txn: lmdb.Transaction[bytes], cmd: cc.RemoveMember) -> None:
         record = self._require(txn, cmd.node)
         if record["state"] == "removed":
             raise FsError(errno.ENOENT, f"node {cmd.node} was already removed")
@@ -171,12 +172,12 @@ class ClusterTables:
             return cmd.level
         return current
 
-    def set_verifier(self, txn: lmdb.Transaction[bytes], cmd: c.SetJoinVerifier) -> None:
+    def set_verifier(self, txn: lmdb.Transaction[bytes], cmd: cc.SetJoinVerifier) -> None:
         if not self.initialised(txn):
             raise FsError(errno.EINVAL, "not a cluster")
         txn.put(b"join_verifier", cmd.verifier, db=self.meta_db)
 
-    def renew_lease(self, txn: lmdb.Transaction[bytes], cmd: c.RenewLease) -> bool:
+    def renew_lease(self, txn: lmdb.Transaction[bytes], cmd: cc.RenewLease) -> bool:
         record = self.member(txn, cmd.node)
         if record is None or record["state"] != "active" or record["epoch"] != cmd.epoch:
             return False
@@ -185,7 +186,7 @@ class ClusterTables:
             self._put(txn, cmd.node, record)
         return True
 
-    def expire_node(self, txn: lmdb.Transaction[bytes], cmd: c.ExpireNode) -> list[int]:
+    def expire_node(self, txn: lmdb.Transaction[bytes], cmd: cc.ExpireNode) -> list[int]:
         """Free the node's groups and write leases; its next renewal must use the next epoch."""
         record = self._require(txn, cmd.node)
         record["epoch"] += 1
@@ -198,7 +199,7 @@ class ClusterTables:
             txn.delete(u64(ino), db=self.leases_db)
         return groups
 
-    def claim_groups(self, txn: lmdb.Transaction[bytes], cmd: c.ClaimGroups, ag_count: int) -> tuple[int, ...]:
+    def claim_groups(self, txn: lmdb.Transaction[bytes], cmd: cc.ClaimGroups, ag_count: int) -> tuple[int, ...]:
         self._check_epoch(txn, cmd.node, cmd.epoch)
         if not 0 < cmd.count <= MAX_CLAIM_GROUPS:
             raise FsError(errno.EINVAL, f"claim of {cmd.count} groups")
@@ -208,7 +209,7 @@ class ClusterTables:
             txn.put(group.to_bytes(4, "big"), u64(cmd.node), db=self.groups_db)
         return granted
 
-    def acquire_lease(self, txn: lmdb.Transaction[bytes], cmd: c.AcquireWriteLease) -> int:
+    def acquire_lease(self, txn: lmdb.Transaction[bytes], cmd: cc.AcquireWriteLease) -> int:
         self._check_epoch(txn, cmd.node, cmd.epoch)
         holder = self.lease_holder(txn, cmd.ino)
         if holder == 0:
@@ -222,7 +223,7 @@ class ClusterTables:
         assert self.lease_holder(txn, ino) == 0, f"a new inode {ino} already has a lease holder"
         txn.put(u64(ino), u64(node), db=self.leases_db)
 
-    def release_lease(self, txn: lmdb.Transaction[bytes], cmd: c.ReleaseWriteLease) -> bool:
+    def release_lease(self, txn: lmdb.Transaction[bytes], cmd: cc.ReleaseWriteLease) -> bool:
         if self.lease_holder(txn, cmd.ino) != cmd.node:
             return False
         txn.delete(u64(cmd.ino), db=self.leases_db)

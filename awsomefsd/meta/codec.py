@@ -13,6 +13,7 @@ import struct
 import typing
 from typing import Any
 
+from awsomefsd.meta import cluster_commands as cc
 from awsomefsd.meta import commands as c
 from awsomefsd.meta.records import Extent
 
@@ -29,10 +30,10 @@ COMMAND_TAGS: dict[type, int] = {
     c.Mknod: 1, c.Link: 2, c.Unlink: 3, c.Rename: 4, c.SetAttr: 5, c.WriteData: 6, c.SetXattr: 7,
     c.RemoveXattr: 8, c.ReserveInodes: 9, c.Purge: 10, c.ReclaimFrees: 11, c.GrantGroups: 12,
     c.ReleaseLeaked: 13, c.CreateVolume: 14, c.DeleteVolume: 15, c.ResizeVolume: 16,
-    c.CreateSnapshot: 17, c.DeleteSnapshot: 18, c.Batch: 19, c.InitCluster: 20, c.AddMember: 21,
-    c.SetMemberCert: 22, c.UpdateMemberAddress: 23, c.RemoveMember: 24, c.SetJoinVerifier: 25,
-    c.RenewLease: 26, c.ExpireNode: 27, c.ClaimGroups: 28, c.AcquireWriteLease: 29, c.ReleaseWriteLease: 30,
-    c.Fenced: 31, c.ReleaseOrphans: 32, c.PunchHole: 33, c.CloneRange: 34, c.SetLogLevel: 35,
+    c.CreateSnapshot: 17, c.DeleteSnapshot: 18, c.Batch: 19, cc.InitCluster: 20, cc.AddMember: 21,
+    cc.SetMemberCert: 22, cc.UpdateMemberAddress: 23, cc.RemoveMember: 24, cc.SetJoinVerifier: 25,
+    cc.RenewLease: 26, cc.ExpireNode: 27, cc.ClaimGroups: 28, cc.AcquireWriteLease: 29, cc.ReleaseWriteLease: 30,
+    c.Fenced: 31, cc.ReleaseOrphans: 32, c.PunchHole: 33, c.CloneRange: 34, c.SetLogLevel: 35,
     c.Preallocate: 36, c.PlanTierObject: 37, c.CommitTierObject: 38, c.AbandonTierObjects: 39,
     c.ForgetTierObjects: 40, c.LinkSite: 41, c.UnlinkSite: 42, c.ApplyRemote: 43, c.ForgetSite: 44,
     c.ResolveConflict: 45, c.ApplyRemoteSharing: 46, c.UpdateSiteLink: 47, c.MakeTmpfile: 48,
@@ -70,13 +71,13 @@ _FIELDS_BY_FORMAT = {FORMAT: _FIELDS, 2: _without(_FIELDS, _ADDED_IN_FORMAT_3)}
 _FIELDS_BY_FORMAT[1] = _without(_FIELDS_BY_FORMAT[2], _ADDED_IN_FORMAT_2)
 
 
-def encode(command: object) -> bytes:
+def encode(command: c.Command[Any]) -> bytes:
     out = bytearray((FORMAT,))
     _encode_command(out, command, 0)
     return bytes(out)
 
 
-def decode(data: bytes) -> object:
+def decode(data: bytes) -> c.Command[Any]:
     fields = _FIELDS_BY_FORMAT.get(data[0]) if data else None
     if fields is None:
         raise UnknownCommand(f"unknown command format {data[:1]!r}")
@@ -86,7 +87,7 @@ def decode(data: bytes) -> object:
     return value
 
 
-def _encode_command(out: bytearray, command: object, depth: int) -> None:
+def _encode_command(out: bytearray, command: c.Command[Any], depth: int) -> None:
     tag = COMMAND_TAGS.get(type(command))
     if tag is None or depth > MAX_NESTING:
         raise CodecError(f"cannot encode {type(command).__name__}")
@@ -98,7 +99,7 @@ def _encode_command(out: bytearray, command: object, depth: int) -> None:
 Fields = dict[type, list[tuple[str, Any]]]
 
 
-def _decode_command(data: memoryview, pos: int, depth: int, fields: Fields) -> tuple[object, int]:
+def _decode_command(data: memoryview, pos: int, depth: int, fields: Fields) -> tuple[c.Command[Any], int]:
     if pos >= len(data) or depth > MAX_NESTING:
         raise CodecError("truncated command")
     cls = TAG_COMMANDS.get(data[pos])
@@ -135,7 +136,7 @@ def _encode_value(out: bytearray, value: Any, hint: Any, depth: int) -> None:
         item = args[0]
         out += _U32.pack(len(value))
         for element in value:
-            if item is object:
+            if typing.get_origin(item) is c.Command:
                 _encode_command(out, element, depth + 1)
             else:
                 _encode_value(out, element, item if args[-1] is Ellipsis else args[0], depth)
@@ -178,7 +179,7 @@ def _decode_value(data: memoryview, pos: int, hint: Any, depth: int, fields: Fie
                 raise CodecError("tuple too long")
             items = []
             for _ in range(n):
-                if args[0] is object:
+                if typing.get_origin(args[0]) is c.Command:
                     item, pos = _decode_command(data, pos, depth + 1, fields)
                 else:
                     item, pos = _decode_value(data, pos, args[0], depth, fields)

@@ -10,9 +10,20 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Generic, TypeVar
 
-from awsomefsd.meta.records import Extent
+from awsomefsd.meta.records import Applied, Extent, Inode
+
+R = TypeVar("R")
+"""What applying a command returns (`Command[R]`)."""
+
+
+class Command(Generic[R]):
+    """A metadata command whose apply returns an `R`: `MetaClient.propose(Mknod(...))` is an Inode
+    to mypy, so every call site's use of the result is checked, and the state machine's handler
+    table (`StateMachine._on`) is checked to return what each command declares."""
+
+    __slots__ = ()
 
 DELEGATED_COOKIE_BIT = 1 << 62
 """Cookies chosen by proposers have this bit set; the log's cookie counter never reaches it."""
@@ -30,7 +41,7 @@ RENAME_WHITEOUT = 4
 
 
 @dataclass(frozen=True, slots=True)
-class Mknod:
+class Mknod(Command[Inode]):
     """Create a file, directory, symlink, fifo, socket or device node (`mode` carries the type).
 
     `cookie`: a node that changes a directory ahead of the log (docs/delegations.md) predicts the
@@ -53,7 +64,7 @@ class Mknod:
 
 
 @dataclass(frozen=True, slots=True)
-class Link:
+class Link(Command[Inode]):
     ino: int
     new_parent: int
     new_name: bytes
@@ -62,7 +73,7 @@ class Link:
 
 
 @dataclass(frozen=True, slots=True)
-class MakeTmpfile:
+class MakeTmpfile(Command[Inode]):
     """open(O_TMPFILE): a regular file born without a name (nlink 0), an orphan from the start,
     kept while open and deleted at its last close (meta/tmpfile.py). `parent` is the directory it
     was opened in (its volume, its set-group-ID). `linkable`: opened without O_EXCL, so linkat(2)
@@ -79,7 +90,7 @@ class MakeTmpfile:
 
 
 @dataclass(frozen=True, slots=True)
-class LinkTmpfile:
+class LinkTmpfile(Command[Inode]):
     """linkat(2) of an O_TMPFILE file that has no name yet: Link, for the one orphan that may
     take a name again (a file unlinked while open may not: ENOENT, as Link answers)."""
 
@@ -90,7 +101,7 @@ class LinkTmpfile:
 
 
 @dataclass(frozen=True, slots=True)
-class Unlink:
+class Unlink(Command[int]):
     """unlink(2) or, with `is_dir`, rmdir(2). The last link of an inode makes it an orphan."""
 
     parent: int
@@ -101,7 +112,7 @@ class Unlink:
 
 
 @dataclass(frozen=True, slots=True)
-class Rename:
+class Rename(Command[int]):
     old_parent: int
     old_name: bytes
     new_parent: int
@@ -115,7 +126,7 @@ class Rename:
 
 
 @dataclass(frozen=True, slots=True)
-class SetAttr:
+class SetAttr(Command[Inode]):
     """chmod/chown/utimens/truncate. `None` leaves a field alone.
 
     A shrink to a size that is not block aligned comes with `tail`: a freshly written copy of the
@@ -135,7 +146,7 @@ class SetAttr:
 
 
 @dataclass(frozen=True, slots=True)
-class WriteData:
+class WriteData(Command[Inode]):
     """Map freshly written extents into a file (copy-on-write: never overwrites in place).
 
     `extents` are in file order and disjoint (one flush of scattered writes is one command).
@@ -159,7 +170,7 @@ class WriteData:
 
 
 @dataclass(frozen=True, slots=True)
-class PunchHole:
+class PunchHole(Command[Inode]):
     """fallocate(PUNCH_HOLE): unmap file blocks [first_block, end_block); the size stays.
 
     Whole blocks only: the proposer writes zeros over the partial blocks at the edges first. What
@@ -173,7 +184,7 @@ class PunchHole:
 
 
 @dataclass(frozen=True, slots=True)
-class Preallocate:
+class Preallocate(Command[Inode]):
     """fallocate's reservation: map fresh device blocks into holes of the file as unwritten
     extents (no checksums: they read as zeros). The file's size and times stay (the proposer
     sets them as the mode asks). `extents` are in file order, disjoint, over holes only.
@@ -185,7 +196,7 @@ class Preallocate:
 
 
 @dataclass(frozen=True, slots=True)
-class CloneRange:
+class CloneRange(Command[Inode]):
     """copy_file_range of whole blocks by sharing them: file blocks [src_block, src_block+count)
     of `src_ino` become blocks [dst_block, dst_block+count) of `dst_ino`, copy-on-write.
 
@@ -204,7 +215,7 @@ class CloneRange:
 
 
 @dataclass(frozen=True, slots=True)
-class SetXattr:
+class SetXattr(Command[None]):
     ino: int
     name: bytes
     value: bytes
@@ -213,21 +224,21 @@ class SetXattr:
 
 
 @dataclass(frozen=True, slots=True)
-class RemoveXattr:
+class RemoveXattr(Command[None]):
     ino: int
     name: bytes
     now_ns: int
 
 
 @dataclass(frozen=True, slots=True)
-class ReserveInodes:
+class ReserveInodes(Command[tuple[int, int]]):
     """Hand the proposer a range of fresh inode numbers so creates need no extra round trip."""
 
     count: int
 
 
 @dataclass(frozen=True, slots=True)
-class Purge:
+class Purge(Command[bool]):
     """Delete an orphan (nlink 0) once no node holds it open; frees its data (delayed)."""
 
     ino: int
@@ -235,7 +246,7 @@ class Purge:
 
 
 @dataclass(frozen=True, slots=True)
-class ReclaimFrees:
+class ReclaimFrees(Command[list[tuple[int, int]]]):
     """Return delayed-free extents whose grace period ends at or before `now_ns` to free space.
     A single node may name a later time than its clock: once no read it started before the frees
     is running, nothing can still read those blocks (fs/space.py, `wait_for_frees`)."""
@@ -244,20 +255,20 @@ class ReclaimFrees:
 
 
 @dataclass(frozen=True, slots=True)
-class GrantGroups:
+class GrantGroups(Command[None]):
     node: int
     groups: tuple[int, ...]
 
 
 @dataclass(frozen=True, slots=True)
-class ReleaseLeaked:
+class ReleaseLeaked(Command[int]):
     """fsck --repair: return extents that nothing references to free space."""
 
     extents: tuple[tuple[int, int], ...]
 
 
 @dataclass(frozen=True, slots=True)
-class CreateVolume:
+class CreateVolume(Command[dict[str, Any]]):
     volume: int
     name: str
     ino: int
@@ -269,20 +280,20 @@ class CreateVolume:
 
 
 @dataclass(frozen=True, slots=True)
-class DeleteVolume:
+class DeleteVolume(Command[bool]):
     volume: int
     now_ns: int
 
 
 @dataclass(frozen=True, slots=True)
-class ResizeVolume:
+class ResizeVolume(Command[dict[str, Any]]):
     volume: int
     capacity_bytes: int
     now_ns: int
 
 
 @dataclass(frozen=True, slots=True)
-class CreateSnapshot:
+class CreateSnapshot(Command[dict[str, Any]]):
     snapshot: int
     name: str
     volume: int
@@ -290,67 +301,14 @@ class CreateSnapshot:
 
 
 @dataclass(frozen=True, slots=True)
-class DeleteSnapshot:
+class DeleteSnapshot(Command[bool]):
     snapshot: int
     now_ns: int
 
 
-# --- the cluster (semantics in meta/cluster_sm.py) ----------------------------------------------
+# --- the log level (LOG_LEVEL below; semantics in meta/cluster_sm.py) ---------------------------
 @dataclass(frozen=True, slots=True)
-class InitCluster:
-    """Once, by `awsomefsd init`: the CA every member can issue certificates with, the join token's
-    verifier, and how many voters the cluster aims for. Replicated so that any member answers joins."""
-
-    ca_cert_pem: bytes
-    ca_key_pem: bytes
-    verifier: bytes
-    voters_target: int
-    ag_first_block: int
-    ag_blocks: int
-    ag_count: int
-    founder: int
-    name: str
-    address: str
-    join_address: str
-    now_ns: int
-
-
-@dataclass(frozen=True, slots=True)
-class AddMember:
-    """A node proved the join token: give it the next node id (the result)."""
-
-    name: str
-    address: str
-    join_address: str
-    now_ns: int
-
-
-@dataclass(frozen=True, slots=True)
-class SetMemberCert:
-    node: int
-    serial_hex: str
-
-
-@dataclass(frozen=True, slots=True)
-class UpdateMemberAddress:
-    """A member restarted with another listen address."""
-
-    node: int
-    address: str
-    join_address: str
-
-
-@dataclass(frozen=True, slots=True)
-class RemoveMember:
-    """`awsomefsd node remove`: revoke its certificate now; its groups and write leases follow by
-    ExpireNode once its liveness lease has certainly ended."""
-
-    node: int
-    now_ns: int
-
-
-@dataclass(frozen=True, slots=True)
-class SetLogLevel:
+class SetLogLevel(Command[int | None]):
     """Every member's build decodes the commands of `level` (meta/commands.py, `LOG_LEVEL`): from
     now on any member may propose them. Never lowered (a lower level is a no-op). `members`: the
     active members whose builds said so; if the active members are others by the time it applies
@@ -361,68 +319,7 @@ class SetLogLevel:
 
 
 @dataclass(frozen=True, slots=True)
-class SetJoinVerifier:
-    """`awsomefsd token rotate`: proofs made with the previous token stop verifying."""
-
-    verifier: bytes
-
-
-@dataclass(frozen=True, slots=True)
-class RenewLease:
-    """A node's liveness lease, renewed through the leader; refused (False) after ExpireNode."""
-
-    node: int
-    epoch: int
-
-
-@dataclass(frozen=True, slots=True)
-class ExpireNode:
-    """Proposed by the leader after the node's lease ended plus a margin: its allocation groups and
-    write leases are free for others, and its lease epoch moves on (a renewal with the old epoch
-    is refused, so a node that wakes up must start again)."""
-
-    node: int
-    now_ns: int
-
-
-@dataclass(frozen=True, slots=True)
-class ClaimGroups:
-    """Grant `count` unowned allocation groups to `node` (lowest numbers first); result: the groups."""
-
-    node: int
-    epoch: int
-    count: int
-
-
-@dataclass(frozen=True, slots=True)
-class AcquireWriteLease:
-    """Result: the holder after the command. Equal to `node`: granted. Another node: that node holds
-    it and is asked (by this very command, which it applies too) to flush and release it."""
-
-    ino: int
-    node: int
-    epoch: int
-
-
-@dataclass(frozen=True, slots=True)
-class ReleaseWriteLease:
-    ino: int
-    node: int
-
-
-@dataclass(frozen=True, slots=True)
-class ReleaseOrphans:
-    """`node` holds none of these unlinked inodes open. In a cluster an orphan is deleted once every
-    member that was active when it lost its last name has said so (POSIX: an unlinked file stays
-    readable through the handles open on it, on whichever node)."""
-
-    node: int
-    inos: tuple[int, ...]
-    now_ns: int
-
-
-@dataclass(frozen=True, slots=True)
-class PlanTierObject:
+class PlanTierObject(Command[int]):
     """Before an object is uploaded: give it the next object id and a `pending` record (returned:
     the id), so that an upload a crash interrupts is found and deleted (meta/tiered.py)."""
 
@@ -430,7 +327,7 @@ class PlanTierObject:
 
 
 @dataclass(frozen=True, slots=True)
-class CommitTierObject:
+class CommitTierObject(Command[int]):
     """After the object's PUT was confirmed: `sources[i]`, an extent of `inos[i]` as it was read (on
     the device, or in another object when repacking), moves to the object's next
     `sources[i].count` blocks, in order. A source the file no longer maps exactly so (same blocks,
@@ -445,7 +342,7 @@ class CommitTierObject:
 
 
 @dataclass(frozen=True, slots=True)
-class AbandonTierObjects:
+class AbandonTierObjects(Command[int]):
     """Pending objects whose uploads will never be committed (the engine that planned them is
     gone): dead from `now_ns`, to be deleted from the store. Others are left alone."""
 
@@ -454,14 +351,14 @@ class AbandonTierObjects:
 
 
 @dataclass(frozen=True, slots=True)
-class ForgetTierObjects:
+class ForgetTierObjects(Command[int]):
     """Dead objects that were deleted from the store: their records go. Others are left alone."""
 
     object_ids: tuple[int, ...]
 
 
 @dataclass(frozen=True, slots=True)
-class LinkSite:
+class LinkSite(Command[int]):
     """Pair this site with another (cross-site replication, meta/sites.py): from now on what the
     namespace commands do is captured for `peer`, and what exists already is captured as creates."""
 
@@ -472,12 +369,12 @@ class LinkSite:
 
 
 @dataclass(frozen=True, slots=True)
-class UnlinkSite:
+class UnlinkSite(Command[None]):
     now_ns: int
 
 
 @dataclass(frozen=True, slots=True)
-class UpdateSiteLink:
+class UpdateSiteLink(Command[None]):
     """What the linked site says of itself now (its answer to `Cursor`), kept with the link: the
     addresses its members listen at (members come and go after pairing) and the serials of its
     removed members' certificates, which its CA signed: their calls are refused from now on."""
@@ -488,7 +385,7 @@ class UpdateSiteLink:
 
 
 @dataclass(frozen=True, slots=True)
-class ApplyRemote:
+class ApplyRemote(Command[Applied]):
     """Apply a batch of the linked site's operations (repl/ops.py encodings), in its stamp order.
 
     `after`: the peer stamp the batch continues from (packed; empty: from the link's start), which
@@ -505,7 +402,7 @@ class ApplyRemote:
 
 
 @dataclass(frozen=True, slots=True)
-class ApplyRemoteSharing:
+class ApplyRemoteSharing(Command[Applied]):
     """ApplyRemote whose content operations may also reuse blocks this site already has (delta
     transfer, design note 50): `shared` are extents of the object's file here, exactly as its
     map holds them now, in the places the new version keeps them unchanged; `shared_counts[i]`
@@ -525,7 +422,7 @@ class ApplyRemoteSharing:
 
 
 @dataclass(frozen=True, slots=True)
-class ForgetSite:
+class ForgetSite(Command[int]):
     """Both sites are past `through` (a packed stamp): drop the tree's undo log and the outbox up
     to there, and release the objects deleted by then."""
 
@@ -534,7 +431,7 @@ class ForgetSite:
 
 
 @dataclass(frozen=True, slots=True)
-class ResolveConflict:
+class ResolveConflict(Command[Applied]):
     """An operator resolved the conflict with key `conflict` (meta/sites.py) keeping the winner,
     the loser or both (repl/ops.py KEEPS): closed on both sites, the copy kept of the loser
     dropped. A losing move kept is made again, as a new move; a losing content, attribute or
@@ -546,7 +443,7 @@ class ResolveConflict:
 
 
 @dataclass(frozen=True, slots=True)
-class Fenced:
+class Fenced(Command[object]):
     """Every command a cluster member proposes, wrapped with who proposed it and under which lease
     epoch: refused with EIO once that epoch has expired, and new extents must lie in the
     proposer's own allocation groups. This is what keeps a node that slept through its lease from
@@ -554,25 +451,14 @@ class Fenced:
 
     node: int
     epoch: int
-    commands: tuple[object, ...]
+    commands: tuple[Command[Any], ...]
 
 
 @dataclass(frozen=True, slots=True)
-class Batch:
+class Batch(Command[list[object]]):
     """Several commands applied atomically (e.g. one flush of many files). Results are per command."""
 
-    commands: tuple[object, ...] = field(default_factory=tuple)
-
-
-Command = (
-    Mknod | Link | Unlink | Rename | SetAttr | WriteData | SetXattr | RemoveXattr | ReserveInodes | Purge
-    | ReclaimFrees | GrantGroups | ReleaseLeaked | CreateVolume | DeleteVolume | ResizeVolume
-    | CreateSnapshot | DeleteSnapshot | Batch | InitCluster | AddMember | SetMemberCert | UpdateMemberAddress
-    | RemoveMember | SetJoinVerifier | RenewLease | ExpireNode | ClaimGroups | AcquireWriteLease
-    | ReleaseWriteLease | ReleaseOrphans | Fenced | PunchHole | CloneRange | SetLogLevel | Preallocate
-    | PlanTierObject | CommitTierObject | AbandonTierObjects | ForgetTierObjects | LinkSite | UnlinkSite
-    | ApplyRemote | ForgetSite | ResolveConflict | ApplyRemoteSharing | UpdateSiteLink | MakeTmpfile | LinkTmpfile
-)
+    commands: tuple[Command[Any], ...] = field(default_factory=tuple)
 
 
 BASE_LOG_LEVEL = 3

@@ -18,10 +18,11 @@ from __future__ import annotations
 
 import errno
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import lmdb
 
+from awsomefsd.meta.commands import Command, R
 from awsomefsd.meta.errors import COMMAND_BUGS, FsError
 
 if TYPE_CHECKING:
@@ -30,7 +31,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def apply_isolated(sm: StateMachine, txn: lmdb.Transaction[bytes], command: object) -> Any:
+def apply_isolated(sm: StateMachine, txn: lmdb.Transaction[bytes], command: Command[R]) -> R:
     """`sm.apply(txn, command)`, except that a bug it meets (COMMAND_BUGS) undoes only this
     command's writes and becomes FsError(EIO). A refusal (FsError) is returned as ever; other
     failures (the store's) undo this command and propagate. `txn` must be an LMDB write

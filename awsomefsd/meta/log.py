@@ -24,6 +24,7 @@ from typing import Any, Protocol
 import lmdb
 import trio
 
+from awsomefsd.meta.commands import Command, R
 from awsomefsd.meta.errors import FsError
 from awsomefsd.meta.records import u64
 from awsomefsd.meta.state_machine import StateMachine
@@ -46,7 +47,7 @@ def _now() -> float:
 class ReplicatedLog(Protocol):
     """What the filesystem needs from the metadata log, whatever its membership."""
 
-    async def propose(self, command: object, *, epoch: int | None = None) -> Any:
+    async def propose(self, command: Command[R], *, epoch: int | None = None) -> R:
         """Order, commit and apply `command`; its result, or the FsError it was refused with.
         `epoch`: fence it with this liveness-lease epoch, not the current one (see `lease_epoch`)."""
         ...
@@ -93,7 +94,7 @@ class LocalLog:
         self.batch_headroom_bytes = batch_headroom_bytes
         self.replays = 0
         self._txn: lmdb.Transaction[bytes] | None = None
-        self._batch: list[object] = []
+        self._batch: list[Command[Any]] = []
         self._batch_started = 0.0
         self._applied = 0
         self._committed = 0
@@ -118,13 +119,13 @@ class LocalLog:
             self._txn = self.store.env.begin(write=True)
         return self._txn
 
-    async def propose(self, command: object, *, epoch: int | None = None) -> Any:
+    async def propose(self, command: Command[R], *, epoch: int | None = None) -> R:
         return self.apply_now(command)
 
     def lease_epoch(self) -> int | None:
         return None
 
-    def apply_now(self, command: object) -> Any:
+    def apply_now(self, command: Command[R]) -> R:
         """Apply in the open batch; synchronous, for callers that hold no await point."""
         try:
             try:

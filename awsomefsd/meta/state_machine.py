@@ -15,31 +15,26 @@ import json
 import logging
 import stat
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeAlias
 
 import lmdb
 
+from awsomefsd.meta import cluster_commands as cc
 from awsomefsd.meta import commands as c
 from awsomefsd.meta import filemap
 from awsomefsd.meta.cluster_sm import LINK_MAX, ClusterTables
+from awsomefsd.meta.commands import R
 from awsomefsd.meta.errors import Delegated, FsError, SpaceCorruption
+from awsomefsd.meta.files import apply_removexattr, apply_setattr, apply_setxattr, apply_write_data
 from awsomefsd.meta.isolation import apply_isolated
 from awsomefsd.meta.namespace import Namespace
 from awsomefsd.meta.ranges import apply_clone_range, apply_preallocate, apply_punch_hole
 from awsomefsd.meta.records import (
-    MAX_FILE_SIZE_BYTES,
     MAX_SYMLINK_BYTES,
-    MAX_XATTR_LIST_BYTES,
-    MAX_XATTR_TOTAL_BYTES,
-    MAX_XATTR_VALUE_BYTES,
     ROOT_INO,
-    Extent,
     Inode,
-    blocks_for,
     check_new_inode,
-    check_owner,
     check_times,
-    check_xattr_name,
     cookie_key,
     u64,
     xattr_key,
@@ -52,8 +47,6 @@ from awsomefsd.meta.volumes_sm import SNAPSHOTS_INO, VOLUMES_INO, VolumeTables
 
 log = logging.getLogger(__name__)
 
-XATTR_CREATE = 1
-XATTR_REPLACE = 2
 FIRST_USER_INO = 16  # below: reserved (1 = root, 2 = volumes container, 3 = snapshots container)
 MAX_RESERVE_INODES = 1 << 20
 
@@ -61,6 +54,7 @@ LATER_COUNTERS = {b"tier_next": 1}
 """Counters added after stores were bootstrapped without them, with their first value."""
 
 FreedListener = Callable[[list[tuple[int, int]]], None]
+Handler: TypeAlias = "Callable[[lmdb.Transaction[bytes], Any], Any]"
 
 
 class StateMachine:
@@ -79,57 +73,62 @@ class StateMachine:
         self.quiet = False  # replaying a batch: listeners already heard these events
         self._proposer = 0  # the member whose Fenced command is being applied (check_delegated)
         self._counters: dict[bytes, int] = {}
-        self._handlers: dict[type, Callable[[lmdb.Transaction[bytes], Any], Any]] = {
-            c.Mknod: self._mknod,
-            c.Link: self._link,
-            c.Unlink: self._unlink,
-            c.Rename: self._rename,
-            c.SetAttr: self._setattr,
-            c.WriteData: self._write_data,
-            c.Preallocate: self._preallocate,
-            c.SetXattr: self._setxattr,
-            c.RemoveXattr: self._removexattr,
-            c.ReserveInodes: self._reserve_inodes,
-            c.Purge: self._purge,
-            c.ReclaimFrees: self._reclaim,
-            c.GrantGroups: self._grant_groups,
-            c.ReleaseLeaked: self._release_leaked,
-            c.CreateVolume: self._create_volume,
-            c.DeleteVolume: self._delete_volume,
-            c.ResizeVolume: self._resize_volume,
-            c.CreateSnapshot: self._create_snapshot,
-            c.DeleteSnapshot: self._delete_snapshot,
-            c.Batch: self._batch,
-            c.InitCluster: self.cluster.init_cluster,
-            c.AddMember: self.cluster.add_member,
-            c.SetMemberCert: self.cluster.set_member_cert,
-            c.UpdateMemberAddress: self.cluster.update_address,
-            c.RemoveMember: self.cluster.remove_member,
-            c.SetJoinVerifier: self.cluster.set_verifier,
-            c.SetLogLevel: self.cluster.set_log_level,
-            c.RenewLease: self.cluster.renew_lease,
-            c.ExpireNode: self._expire_node,
-            c.ClaimGroups: self._claim_groups,
-            c.AcquireWriteLease: self.cluster.acquire_lease,
-            c.ReleaseWriteLease: self.cluster.release_lease,
-            c.Fenced: self._fenced,
-            c.ReleaseOrphans: self._release_orphans,
-            c.PunchHole: self._punch_hole,
-            c.CloneRange: self._clone_range,
-            c.PlanTierObject: lambda txn, cmd: self.space.tiered.plan(txn, cmd, self._next),
-            c.CommitTierObject: lambda txn, cmd: self.space.tiered.commit(self, txn, cmd),
-            c.AbandonTierObjects: self.space.tiered.abandon,
-            c.ForgetTierObjects: self.space.tiered.forget,
-            c.LinkSite: lambda txn, cmd: self.sites.link(txn, cmd),
-            c.UnlinkSite: self._unlink_site,
-            c.ApplyRemote: lambda txn, cmd: self.sites.apply_remote(txn, cmd),
-            c.ApplyRemoteSharing: lambda txn, cmd: self.sites.apply_remote(txn, cmd),
-            c.ForgetSite: lambda txn, cmd: self.sites.forget(txn, cmd),
-            c.UpdateSiteLink: lambda txn, cmd: self.sites.update_link(txn, cmd),
-            c.ResolveConflict: lambda txn, cmd: self.sites.resolve(txn, cmd),
-            c.MakeTmpfile: lambda txn, cmd: make_tmpfile(self, txn, cmd),
-            c.LinkTmpfile: lambda txn, cmd: link_tmpfile(self, txn, cmd),
-        }
+        self._handlers: dict[type, Handler] = {}  # filled by `_on`
+        on = self._on
+        on(c.Mknod, self._mknod)
+        on(c.Link, self._link)
+        on(c.Unlink, self._unlink)
+        on(c.Rename, self._rename)
+        on(c.SetAttr, lambda txn, cmd: apply_setattr(self, txn, cmd))
+        on(c.WriteData, lambda txn, cmd: apply_write_data(self, txn, cmd))
+        on(c.Preallocate, self._preallocate)
+        on(c.SetXattr, lambda txn, cmd: apply_setxattr(self, txn, cmd))
+        on(c.RemoveXattr, lambda txn, cmd: apply_removexattr(self, txn, cmd))
+        on(c.ReserveInodes, self._reserve_inodes)
+        on(c.Purge, self._purge)
+        on(c.ReclaimFrees, self._reclaim)
+        on(c.GrantGroups, self._grant_groups)
+        on(c.ReleaseLeaked, self._release_leaked)
+        on(c.CreateVolume, self._create_volume)
+        on(c.DeleteVolume, self._delete_volume)
+        on(c.ResizeVolume, self._resize_volume)
+        on(c.CreateSnapshot, self._create_snapshot)
+        on(c.DeleteSnapshot, self._delete_snapshot)
+        on(c.Batch, self._batch)
+        on(cc.InitCluster, self.cluster.init_cluster)
+        on(cc.AddMember, self.cluster.add_member)
+        on(cc.SetMemberCert, self.cluster.set_member_cert)
+        on(cc.UpdateMemberAddress, self.cluster.update_address)
+        on(cc.RemoveMember, self.cluster.remove_member)
+        on(cc.SetJoinVerifier, self.cluster.set_verifier)
+        on(c.SetLogLevel, self.cluster.set_log_level)
+        on(cc.RenewLease, self.cluster.renew_lease)
+        on(cc.ExpireNode, self._expire_node)
+        on(cc.ClaimGroups, self._claim_groups)
+        on(cc.AcquireWriteLease, self.cluster.acquire_lease)
+        on(cc.ReleaseWriteLease, self.cluster.release_lease)
+        on(c.Fenced, self._fenced)
+        on(cc.ReleaseOrphans, self._release_orphans)
+        on(c.PunchHole, self._punch_hole)
+        on(c.CloneRange, self._clone_range)
+        on(c.PlanTierObject, lambda txn, cmd: self.space.tiered.plan(txn, cmd, self._next))
+        on(c.CommitTierObject, lambda txn, cmd: self.space.tiered.commit(self, txn, cmd))
+        on(c.AbandonTierObjects, self.space.tiered.abandon)
+        on(c.ForgetTierObjects, self.space.tiered.forget)
+        on(c.LinkSite, lambda txn, cmd: self.sites.link(txn, cmd))
+        on(c.UnlinkSite, self._unlink_site)
+        on(c.ApplyRemote, lambda txn, cmd: self.sites.apply_remote(txn, cmd))
+        on(c.ApplyRemoteSharing, lambda txn, cmd: self.sites.apply_remote(txn, cmd))
+        on(c.ForgetSite, lambda txn, cmd: self.sites.forget(txn, cmd))
+        on(c.UpdateSiteLink, lambda txn, cmd: self.sites.update_link(txn, cmd))
+        on(c.ResolveConflict, lambda txn, cmd: self.sites.resolve(txn, cmd))
+        on(c.MakeTmpfile, lambda txn, cmd: make_tmpfile(self, txn, cmd))
+        on(c.LinkTmpfile, lambda txn, cmd: link_tmpfile(self, txn, cmd))
+
+    def _on(self, kind: type[c.Command[R]], handler: Callable[[lmdb.Transaction[bytes], Any], R]) -> None:
+        """Apply commands of `kind` with `handler`: mypy checks that it returns what the command
+        declares (`Command[R]`), which is what `apply` and every proposer promise their callers."""
+        self._handlers[kind] = handler
 
     # -- lifecycle ------------------------------------------------------------------------------
     def bootstrap(
@@ -167,7 +166,7 @@ class StateMachine:
         return txn.get(key, db=self.db["meta"])
 
     # -- dispatch -------------------------------------------------------------------------------
-    def apply(self, txn: lmdb.Transaction[bytes], command: object) -> Any:
+    def apply(self, txn: lmdb.Transaction[bytes], command: c.Command[R]) -> R:
         handler = self._handlers.get(type(command))
         if handler is None:
             raise FsError(errno.EINVAL, f"unknown command {type(command).__name__}")
@@ -336,57 +335,7 @@ class StateMachine:
 
         return apply_rename(self, txn, cmd)
 
-    # -- attributes -----------------------------------------------------------------------------
-    def _setattr(self, txn: lmdb.Transaction[bytes], cmd: c.SetAttr) -> Inode:
-        inode = self.ns.require_inode(txn, cmd.ino)
-        self.volumes.check_writable(txn, inode.volume)
-        check_owner(cmd.uid, cmd.gid)
-        check_times(cmd.atime_ns, cmd.mtime_ns, cmd.now_ns)
-        if cmd.size is not None:
-            if not inode.is_reg:
-                raise FsError(errno.EISDIR if inode.is_dir else errno.EINVAL)
-            if not 0 <= cmd.size <= MAX_FILE_SIZE_BYTES:
-                raise FsError(errno.EINVAL if cmd.size < 0 else errno.EFBIG)
-        if cmd.mode is not None:
-            inode.mode = stat.S_IFMT(inode.mode) | (cmd.mode & 0o7777)
-        if cmd.uid is not None:
-            inode.uid = cmd.uid
-        if cmd.gid is not None:
-            inode.gid = cmd.gid
-        if cmd.atime_ns is not None:
-            inode.atime_ns = cmd.atime_ns
-        if cmd.mtime_ns is not None:
-            inode.mtime_ns = cmd.mtime_ns
-        if cmd.size is not None:
-            self._truncate(txn, inode, cmd.size, cmd.tail, cmd.now_ns)
-            if cmd.mtime_ns is None:
-                inode.mtime_ns = cmd.now_ns
-        inode.ctime_ns = cmd.now_ns
-        self.ns.put_inode(txn, inode)
-        return inode
-
-    def _truncate(self, txn: lmdb.Transaction[bytes], inode: Inode, size: int, tail: Extent | None, now_ns: int) -> None:
-        if size < inode.size:
-            keep_blocks = blocks_for(size)
-            fmap = self.db["fmap"]
-            first_cut = keep_blocks - 1 if tail is not None else keep_blocks
-            if tail is not None:
-                assert tail.file_block == keep_blocks - 1 and tail.count == 1, tail
-                if tail.unwritten:
-                    raise FsError(errno.EINVAL, "a truncated file's tail block carries checksums")
-                self.space_check_new(txn, [(tail.dev_block, tail.count)])
-            superseded = filemap.unmap_range(txn, fmap, inode.ino, first_cut, 1 << 62)
-            removed = sum(n for _, n in superseded)
-            added = 0
-            if tail is not None:
-                self.space.take(txn, tail.dev_block, tail.count)
-                filemap.map_extent(txn, fmap, inode.ino, tail)
-                added = tail.count
-            self.defer_free(txn, superseded, now_ns)
-            self.volumes.charge(txn, inode.volume, blocks=added - removed, inodes=0, enforce=False)
-            inode.blocks += added - removed
-        inode.size = size
-
+    # -- attributes and data (their handlers: meta/files.py, meta/ranges.py) --------------------
     def space_check_new(self, txn: lmdb.Transaction[bytes], ranges: list[tuple[int, int]]) -> None:
         """The device ranges (start, count) a command maps as new are free, and (a member's
         command) in the proposer's allocation groups: space another node may be writing is not
@@ -398,45 +347,6 @@ class StateMachine:
         if self._proposer:
             self.cluster.check_owned(txn, self._proposer, ranges)
 
-    def _write_data(self, txn: lmdb.Transaction[bytes], cmd: c.WriteData) -> Inode:
-        inode = self.ns.require_inode(txn, cmd.ino)
-        if not inode.is_reg:
-            raise FsError(errno.EINVAL)
-        if not cmd.extents:
-            raise FsError(errno.EINVAL, "empty write")
-        if cmd.size > MAX_FILE_SIZE_BYTES:
-            raise FsError(errno.EFBIG)
-        check_times(cmd.mtime_ns, cmd.now_ns)
-        fmap = self.db["fmap"]
-        for prev, nxt in zip(cmd.extents, cmd.extents[1:]):
-            if prev.end_block > nxt.file_block:
-                raise FsError(errno.EINVAL, "WriteData extents must be in file order and disjoint")
-        if any(ext.unwritten for ext in cmd.extents):
-            raise FsError(errno.EINVAL, "WriteData extents carry checksums")
-        ranges = filemap.file_ranges(cmd.extents)
-        replaced, in_place = filemap.survey(txn, fmap, inode.ino, cmd.extents, ranges)
-        fresh = filemap.without([(ext.dev_block, ext.count) for ext in cmd.extents], in_place)
-        self.space_check_new(txn, fresh)
-        delta = sum(ext.count for ext in cmd.extents) - replaced
-        self.volumes.charge(txn, inode.volume, blocks=delta, inodes=0)
-        superseded = [piece for first, end in ranges for piece in filemap.unmap_range(txn, fmap, inode.ino, first, end)]
-        for start, count in fresh:
-            self.space.take(txn, start, count)
-        for ext in cmd.extents:
-            filemap.map_extent(txn, fmap, inode.ino, ext)
-        self.defer_free(txn, filemap.without(superseded, in_place), cmd.now_ns)
-        inode.blocks += delta
-        inode.size = max(inode.size, cmd.size)
-        if cmd.touch:
-            inode.mtime_ns = cmd.mtime_ns or cmd.now_ns
-            inode.ctime_ns = max(inode.ctime_ns, inode.mtime_ns)  # a chmod since the write stays visible
-        if cmd.kill_suid:
-            inode.mode &= ~stat.S_ISUID
-            if inode.mode & stat.S_IXGRP:
-                inode.mode &= ~stat.S_ISGID
-        self.ns.put_inode(txn, inode)
-        return inode
-
     def _punch_hole(self, txn: lmdb.Transaction[bytes], cmd: c.PunchHole) -> Inode:
         return apply_punch_hole(self, txn, cmd)
 
@@ -446,38 +356,13 @@ class StateMachine:
     def _clone_range(self, txn: lmdb.Transaction[bytes], cmd: c.CloneRange) -> Inode:
         return apply_clone_range(self, txn, cmd)
 
-    def _setxattr(self, txn: lmdb.Transaction[bytes], cmd: c.SetXattr) -> None:
-        inode = self.ns.require_inode(txn, cmd.ino)
-        self.volumes.check_writable(txn, inode.volume)
-        check_xattr_name(cmd.name)
-        if len(cmd.value) > MAX_XATTR_VALUE_BYTES:
-            raise FsError(errno.E2BIG)
-        if cmd.flags & ~(XATTR_CREATE | XATTR_REPLACE):
-            raise FsError(errno.EINVAL, "unknown setxattr flags")
-        key = xattr_key(cmd.ino, cmd.name)
-        existing = txn.get(key, db=self.db["xattrs"])
-        if cmd.flags & XATTR_CREATE and existing is not None:
-            raise FsError(errno.EEXIST)
-        if cmd.flags & XATTR_REPLACE and existing is None:
-            raise FsError(errno.ENODATA)
-        total, names = self.ns.xattr_usage(txn, cmd.ino)
-        if existing is None:
-            names += len(cmd.name) + 1
-        total += len(key) + len(cmd.value) - (0 if existing is None else len(key) + len(existing))
-        if total > MAX_XATTR_TOTAL_BYTES or names > MAX_XATTR_LIST_BYTES:
-            raise FsError(errno.ENOSPC)
-        txn.put(key, cmd.value, db=self.db["xattrs"])
-        self.ns.put_xattr_usage(txn, cmd.ino, total, names)
-        inode.ctime_ns = cmd.now_ns
-        self.ns.put_inode(txn, inode)
-
     def put_xattr_raw(self, txn: lmdb.Transaction[bytes], ino: int, name: bytes, value: bytes | None) -> None:
         """Set or (None) remove an extended attribute as another site's winning version says."""
         now_ns = self.ns.require_inode(txn, ino).ctime_ns
         if value is not None:
-            self._setxattr(txn, c.SetXattr(ino, name, value, 0, now_ns))
+            apply_setxattr(self, txn, c.SetXattr(ino, name, value, 0, now_ns))
         elif txn.get(xattr_key(ino, name), db=self.db["xattrs"]) is not None:
-            self._removexattr(txn, c.RemoveXattr(ino, name, now_ns))
+            apply_removexattr(self, txn, c.RemoveXattr(ino, name, now_ns))
 
     def _unlink_site(self, txn: lmdb.Transaction[bytes], cmd: c.UnlinkSite) -> None:
         """Stop replicating; the inodes the tree kept after their last name went become orphans."""
@@ -486,20 +371,6 @@ class StateMachine:
         self.sites.unlink(txn, cmd)
         for inode in kept:
             self.orphan(txn, inode)
-
-    def _removexattr(self, txn: lmdb.Transaction[bytes], cmd: c.RemoveXattr) -> None:
-        inode = self.ns.require_inode(txn, cmd.ino)
-        self.volumes.check_writable(txn, inode.volume)
-        check_xattr_name(cmd.name)
-        key = xattr_key(cmd.ino, cmd.name)
-        value = txn.get(key, db=self.db["xattrs"])
-        if value is None:
-            raise FsError(errno.ENODATA)
-        total, names = self.ns.xattr_usage(txn, cmd.ino)
-        txn.delete(key, db=self.db["xattrs"])
-        self.ns.put_xattr_usage(txn, cmd.ino, total - len(key) - len(value), names - len(cmd.name) - 1)
-        inode.ctime_ns = cmd.now_ns
-        self.ns.put_inode(txn, inode)
 
     # -- inode lifecycle and space --------------------------------------------------------------
     def _reserve_inodes(self, txn: lmdb.Transaction[bytes], cmd: c.ReserveInodes) -> tuple[int, int]:
@@ -550,13 +421,13 @@ class StateMachine:
         for group in cmd.groups:
             txn.put(group.to_bytes(4, "big"), u64(cmd.node), db=self.db["groups"])
 
-    def _claim_groups(self, txn: lmdb.Transaction[bytes], cmd: c.ClaimGroups) -> tuple[int, ...]:
+    def _claim_groups(self, txn: lmdb.Transaction[bytes], cmd: cc.ClaimGroups) -> tuple[int, ...]:
         count = self.cluster.value(txn, b"ag_count")
         if count is None:
             raise FsError(errno.EINVAL, "not a cluster")
         return self.cluster.claim_groups(txn, cmd, int.from_bytes(count, "big"))
 
-    def _release_orphans(self, txn: lmdb.Transaction[bytes], cmd: c.ReleaseOrphans) -> int:
+    def _release_orphans(self, txn: lmdb.Transaction[bytes], cmd: cc.ReleaseOrphans) -> int:
         """Returns how many of the inodes were deleted (nobody holds them any more)."""
         if len(cmd.inos) > MAX_RESERVE_INODES:
             raise FsError(errno.EINVAL, "too many inodes in one release")
@@ -572,7 +443,7 @@ class StateMachine:
             return False
         return self._purge(txn, c.Purge(ino, now_ns))
 
-    def _expire_node(self, txn: lmdb.Transaction[bytes], cmd: c.ExpireNode) -> list[int]:
+    def _expire_node(self, txn: lmdb.Transaction[bytes], cmd: cc.ExpireNode) -> list[int]:
         """A node that is gone holds nothing open any more: its orphan holds go with its groups."""
         groups = self.cluster.expire_node(txn, cmd)
         held = [int.from_bytes(k, "big") for k, v in txn.cursor(self.db["orphans"])
@@ -581,7 +452,7 @@ class StateMachine:
             self.release_orphan(txn, ino, cmd.node, cmd.now_ns)
         return groups
 
-    def _fenced(self, txn: lmdb.Transaction[bytes], cmd: c.Fenced) -> Any:
+    def _fenced(self, txn: lmdb.Transaction[bytes], cmd: c.Fenced) -> object:
         self.cluster.check_fenced(txn, cmd)
         self._proposer = cmd.node
         try:
@@ -595,26 +466,26 @@ class StateMachine:
         return {int.from_bytes(k, "big"): int.from_bytes(v, "big") for k, v in txn.cursor(self.db["groups"])}
 
     # -- volumes and snapshots (semantics in volumes_sm) ----------------------------------------
-    def _create_volume(self, txn: lmdb.Transaction[bytes], cmd: c.CreateVolume) -> Any:
+    def _create_volume(self, txn: lmdb.Transaction[bytes], cmd: c.CreateVolume) -> dict[str, Any]:
         return self.volumes.create_volume(txn, cmd, self._next)
 
-    def _delete_volume(self, txn: lmdb.Transaction[bytes], cmd: c.DeleteVolume) -> Any:
+    def _delete_volume(self, txn: lmdb.Transaction[bytes], cmd: c.DeleteVolume) -> bool:
         if self.sites.delete_volume(txn, cmd):  # it ships: its tree stays while the other site may write
             return True
         return self.volumes.delete_volume(txn, cmd, self.delete_inode)
 
-    def _resize_volume(self, txn: lmdb.Transaction[bytes], cmd: c.ResizeVolume) -> Any:
+    def _resize_volume(self, txn: lmdb.Transaction[bytes], cmd: c.ResizeVolume) -> dict[str, Any]:
         return self.volumes.resize_volume(txn, cmd)
 
-    def _create_snapshot(self, txn: lmdb.Transaction[bytes], cmd: c.CreateSnapshot) -> Any:
+    def _create_snapshot(self, txn: lmdb.Transaction[bytes], cmd: c.CreateSnapshot) -> dict[str, Any]:
         return self.volumes.create_snapshot(txn, cmd, self._next)
 
-    def _delete_snapshot(self, txn: lmdb.Transaction[bytes], cmd: c.DeleteSnapshot) -> Any:
+    def _delete_snapshot(self, txn: lmdb.Transaction[bytes], cmd: c.DeleteSnapshot) -> bool:
         return self.volumes.delete_snapshot(txn, cmd, self.delete_inode)
 
-    def _batch(self, txn: lmdb.Transaction[bytes], cmd: c.Batch) -> list[Any]:
+    def _batch(self, txn: lmdb.Transaction[bytes], cmd: c.Batch) -> list[object]:
         """Each command's outcome: its result or its refusal (a bug in one is its own: isolation.py)."""
-        results: list[Any] = []
+        results: list[object] = []
         for sub in cmd.commands:
             try:
                 results.append(apply_isolated(self, txn, sub))

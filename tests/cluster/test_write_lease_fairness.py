@@ -26,6 +26,7 @@ import trio.testing
 from awsomefsd.cluster import coherence as coherence_mod
 from awsomefsd.cluster.coherence import ClusterCoherence
 from awsomefsd.fuse.invalidate import Invalidator
+from awsomefsd.meta import cluster_commands as cc
 from awsomefsd.meta import commands as c
 from awsomefsd.meta.client import MetaClient
 from awsomefsd.meta.errors import FsError
@@ -91,9 +92,9 @@ class NodeLog:
 class Cluster:
     def __init__(self, tmp_path: Path, n: int = 3) -> None:
         self.h = Harness(tmp_path / "meta")
-        self.h.apply(c.InitCluster(b"cert", b"key", b"v" * 48, 3, DATA_START, 1000, 10, 1, "n1", "a:1", "a:2", 5))
+        self.h.apply(cc.InitCluster(b"cert", b"key", b"v" * 48, 3, DATA_START, 1000, 10, 1, "n1", "a:1", "a:2", 5))
         for k in range(2, n + 1):
-            self.h.apply(c.AddMember(f"n{k}", f"n{k}:1", f"n{k}:2", 6))
+            self.h.apply(cc.AddMember(f"n{k}", f"n{k}:1", f"n{k}:2", 6))
         self.sim = SimLog(self.h)
         self.epochs = {k: [1] for k in range(1, n + 1)}
         self.flushes: Counter[int] = Counter()
@@ -208,7 +209,7 @@ async def test_an_expired_waiter_is_skipped(tmp_path: Path, autojump_clock: trio
             await trio.sleep(0.1)  # node 2 asked first
             nursery.start_soon(waiter, 3)
             await trio.sleep(0.1)
-            cluster.sim.apply(1, 1, c.ExpireNode(2, 99))  # the leader expires node 2 meanwhile
+            cluster.sim.apply(1, 1, cc.ExpireNode(2, 99))  # the leader expires node 2 meanwhile
             cluster.epochs[2][0] = 2
         with trio.fail_after(10):
             while 3 not in order:
@@ -294,7 +295,7 @@ async def test_a_write_under_a_lease_expired_meanwhile_fails_and_its_bytes_go(
         try:
             async with cluster.co(2).writing(INO):
                 await trio.sleep(0.5)  # awaiting room (a group claim), say
-                cluster.sim.apply(1, 1, c.ExpireNode(2, 99))  # the leader expires node 2 meanwhile
+                cluster.sim.apply(1, 1, cc.ExpireNode(2, 99))  # the leader expires node 2 meanwhile
                 cluster.epochs[2][0] = 2
             outcome.append("buffered")
         except FsError as exc:

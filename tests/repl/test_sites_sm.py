@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 
+from awsomefsd.meta import cluster_commands as cc
 from awsomefsd.meta import commands as c
 from awsomefsd.meta import sites as s
 from awsomefsd.meta.errors import Delegated, FsError
@@ -1100,13 +1101,13 @@ def test_a_batch_changing_what_another_member_holds_is_refused_whole(tmp_path: P
     changes it is refused whole (`Delegated`, as a local change would be), and applies once
     proposed by the holder (the receiving service takes the delegation and proposes again)."""
     a, b = linked_pair(tmp_path)
-    a.apply(c.InitCluster(b"cert", b"key", b"v" * 48, 3, 256, 1000, 10, 1, "n1", "10.0.0.1:7470", "10.0.0.1:7471",
+    a.apply(cc.InitCluster(b"cert", b"key", b"v" * 48, 3, 256, 1000, 10, 1, "n1", "10.0.0.1:7470", "10.0.0.1:7471",
                           a.tick()))
-    assert a.apply(c.AddMember("n2", "10.0.0.2:7470", "10.0.0.2:7471", a.tick())) == 2
+    assert a.apply(cc.AddMember("n2", "10.0.0.2:7470", "10.0.0.2:7471", a.tick())) == 2
     b.apply(c.Mknod(ROOT_INO, b"from-b", b.new_ino(), stat.S_IFREG | 0o644, 0, 0, b.tick()))
     raws = tuple(raw for _, raw in b.outbox_after(None))
     batch = c.ApplyRemote(b.id, b"", raws, (), (), a.tick())
-    assert a.apply(c.AcquireWriteLease(ROOT_INO, 2, 1)) == 2  # node 2 holds the root's delegation
+    assert a.apply(cc.AcquireWriteLease(ROOT_INO, 2, 1)) == 2  # node 2 holds the root's delegation
     before = a.snapshot()
     with pytest.raises(Delegated) as refused:
         a.apply(c.Fenced(1, 1, (batch,)))
@@ -1120,9 +1121,9 @@ def test_a_resolution_moving_what_another_member_holds_is_refused_whole(tmp_path
     """Keeping a losing move moves the file again: on a cluster, not in a directory another
     member holds (it may have acknowledged changes there); refused whole, applied by the holder."""
     a, b = linked_pair(tmp_path)
-    b.apply(c.InitCluster(b"cert", b"key", b"v" * 48, 3, 256, 1000, 10, 1, "n1", "10.0.0.1:7470", "10.0.0.1:7471",
+    b.apply(cc.InitCluster(b"cert", b"key", b"v" * 48, 3, 256, 1000, 10, 1, "n1", "10.0.0.1:7470", "10.0.0.1:7471",
                           b.tick()))
-    assert b.apply(c.AddMember("n2", "10.0.0.2:7470", "10.0.0.2:7471", b.tick())) == 2
+    assert b.apply(cc.AddMember("n2", "10.0.0.2:7470", "10.0.0.2:7471", b.tick())) == 2
     a.apply(c.Mknod(ROOT_INO, b"f", a.new_ino(), stat.S_IFREG | 0o644, 0, 0, a.tick()))
     ship(a, b)
     a.apply(c.Rename(ROOT_INO, b"f", ROOT_INO, b"by-a", 0, a.tick()))
@@ -1131,7 +1132,7 @@ def test_a_resolution_moving_what_another_member_holds_is_refused_whole(tmp_path
     ship(a, b)
     (record,) = open_conflicts(b)
     resolution = c.ResolveConflict(bytes.fromhex(record["key"]), "loser", b.tick())
-    assert b.apply(c.AcquireWriteLease(ROOT_INO, 2, 1)) == 2
+    assert b.apply(cc.AcquireWriteLease(ROOT_INO, 2, 1)) == 2
     before = b.snapshot()
     with pytest.raises(Delegated) as refused:
         b.apply(c.Fenced(1, 1, (resolution,)))

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from awsomefsd.meta import cluster_commands as cc
 from awsomefsd.meta import commands as c
 from awsomefsd.meta.cluster_sm import LINK_MAX, UNLIMITED_SUBDIRS_LEVEL
 from awsomefsd.meta.errors import Delegated, FsError
@@ -21,7 +22,7 @@ AG_BLOCKS = 1000  # the harness's 10,000 data blocks make 10 groups
 @pytest.fixture
 def h(tmp_path: Path) -> Harness:
     harness = Harness(tmp_path / "meta")
-    founder = harness.apply(c.InitCluster(b"cert", b"key", b"v" * 48, 3, DATA_START, AG_BLOCKS, 10, 1, "n1",
+    founder = harness.apply(cc.InitCluster(b"cert", b"key", b"v" * 48, 3, DATA_START, AG_BLOCKS, 10, 1, "n1",
                                           "10.0.0.1:7470", "10.0.0.1:7471", 5))
     assert founder == 1
     return harness
@@ -37,61 +38,61 @@ def members(h: Harness) -> dict[int, dict[str, object]]:
 
 
 def test_members_get_consecutive_ids_and_removal_revokes(h: Harness) -> None:
-    assert h.apply(c.AddMember("n2", "10.0.0.2:7470", "10.0.0.2:7471", 6)) == 2
-    assert h.apply(c.AddMember("n3", "10.0.0.3:7470", "10.0.0.3:7471", 7)) == 3
-    h.apply(c.SetMemberCert(3, "abc123"))
-    h.apply(c.RemoveMember(3, 8))
+    assert h.apply(cc.AddMember("n2", "10.0.0.2:7470", "10.0.0.2:7471", 6)) == 2
+    assert h.apply(cc.AddMember("n3", "10.0.0.3:7470", "10.0.0.3:7471", 7)) == 3
+    h.apply(cc.SetMemberCert(3, "abc123"))
+    h.apply(cc.RemoveMember(3, 8))
     with h.store.env.begin() as txn:
         assert h.sm.cluster.revoked_serials(txn) == {0xABC123}
         assert h.sm.cluster.active_members(txn) == [1, 2]
     with pytest.raises(FsError):
-        h.apply(c.RemoveMember(3, 9))  # twice: a clear refusal, nothing changes
+        h.apply(cc.RemoveMember(3, 9))  # twice: a clear refusal, nothing changes
     with pytest.raises(FsError) as err:
-        h.apply(c.InitCluster(b"x", b"y", b"z" * 48, 3, 0, 1, 1, 1, "n", "a:1", "a:2", 1))
+        h.apply(cc.InitCluster(b"x", b"y", b"z" * 48, 3, 0, 1, 1, 1, "n", "a:1", "a:2", 1))
     assert err.value.errno == errno.EEXIST
 
 
 def test_member_names_are_unique_in_the_cluster(h: Harness) -> None:
     """Nodes on one host (or cloned machines) share a host name; `status` must tell them apart."""
-    assert h.apply(c.AddMember("n1", "b:1", "b:2", 6)) == 2
-    assert h.apply(c.AddMember("", "c:1", "c:2", 7)) == 3
-    assert h.apply(c.AddMember("n4", "d:1", "d:2", 8)) == 4
-    h.apply(c.RemoveMember(4, 9))
-    assert h.apply(c.AddMember("n4", "e:1", "e:2", 10)) == 5  # a removed member's name is free again
+    assert h.apply(cc.AddMember("n1", "b:1", "b:2", 6)) == 2
+    assert h.apply(cc.AddMember("", "c:1", "c:2", 7)) == 3
+    assert h.apply(cc.AddMember("n4", "d:1", "d:2", 8)) == 4
+    h.apply(cc.RemoveMember(4, 9))
+    assert h.apply(cc.AddMember("n4", "e:1", "e:2", 10)) == 5  # a removed member's name is free again
     names = {node: record["name"] for node, record in members(h).items()}
     assert names == {1: "n1", 2: "n1-2", 3: "node-3", 4: "n4", 5: "n4"}
 
 
 def test_groups_are_claimed_lowest_first_and_never_twice(h: Harness) -> None:
-    h.apply(c.AddMember("n2", "b:1", "b:2", 6))
-    assert h.apply(c.ClaimGroups(1, 1, 2)) == (0, 1)
-    assert h.apply(c.ClaimGroups(2, 1, 3)) == (2, 3, 4)
-    assert h.apply(c.ClaimGroups(1, 1, 64)) == (5, 6, 7, 8, 9)
-    assert h.apply(c.ClaimGroups(2, 1, 1)) == ()  # all owned: nothing, and no error
+    h.apply(cc.AddMember("n2", "b:1", "b:2", 6))
+    assert h.apply(cc.ClaimGroups(1, 1, 2)) == (0, 1)
+    assert h.apply(cc.ClaimGroups(2, 1, 3)) == (2, 3, 4)
+    assert h.apply(cc.ClaimGroups(1, 1, 64)) == (5, 6, 7, 8, 9)
+    assert h.apply(cc.ClaimGroups(2, 1, 1)) == ()  # all owned: nothing, and no error
 
 
 def test_an_expired_epoch_is_refused_everything(h: Harness) -> None:
-    h.apply(c.AddMember("n2", "b:1", "b:2", 6))
-    h.apply(c.ClaimGroups(2, 1, 1))  # group 0: blocks 256..1255
+    h.apply(cc.AddMember("n2", "b:1", "b:2", 6))
+    h.apply(cc.ClaimGroups(2, 1, 1))  # group 0: blocks 256..1255
     ino = h.ino
     h.apply(fenced(2, 1, c.Mknod(ROOT_INO, b"f", ino, stat.S_IFREG | 0o644, 0, 0, 10)))
-    assert h.apply(c.AcquireWriteLease(ino, 2, 1)) == 2
-    assert h.apply(c.ExpireNode(2, 11)) == [0]
+    assert h.apply(cc.AcquireWriteLease(ino, 2, 1)) == 2
+    assert h.apply(cc.ExpireNode(2, 11)) == [0]
     with h.store.env.begin() as txn:
         assert h.sm.cluster.groups_of(txn, 2) == []
         assert h.sm.cluster.lease_holder(txn, ino) == 0, "an expired node's write leases are free"
-    assert h.apply(c.RenewLease(2, 1)) is False, "the old epoch may not renew"
+    assert h.apply(cc.RenewLease(2, 1)) is False, "the old epoch may not renew"
     with pytest.raises(FsError) as err:
         h.apply(fenced(2, 1, c.WriteData(ino, (Extent(0, DATA_START, 1, b"\0" * 4),), 4096, 12)))
     assert err.value.errno == errno.EIO
-    assert h.apply(c.RenewLease(2, 2)) is True, "the node comes back under the new epoch"
+    assert h.apply(cc.RenewLease(2, 2)) is True, "the node comes back under the new epoch"
     assert members(h)[2]["expired"] is False
 
 
 def test_new_extents_must_lie_in_the_proposers_groups(h: Harness) -> None:
-    h.apply(c.AddMember("n2", "b:1", "b:2", 6))
-    h.apply(c.ClaimGroups(1, 1, 1))  # group 0
-    h.apply(c.ClaimGroups(2, 1, 1))  # group 1: blocks 1256..2255
+    h.apply(cc.AddMember("n2", "b:1", "b:2", 6))
+    h.apply(cc.ClaimGroups(1, 1, 1))  # group 0
+    h.apply(cc.ClaimGroups(2, 1, 1))  # group 1: blocks 1256..2255
     ino = h.ino
     h.apply(fenced(1, 1, c.Mknod(ROOT_INO, b"f", ino, stat.S_IFREG | 0o644, 0, 0, 10)))
     with pytest.raises(FsError) as err:
@@ -104,26 +105,26 @@ def test_new_extents_must_lie_in_the_proposers_groups(h: Harness) -> None:
 
 
 def test_write_lease_goes_to_the_first_asker_until_released(h: Harness) -> None:
-    h.apply(c.AddMember("n2", "b:1", "b:2", 6))
-    assert h.apply(c.AcquireWriteLease(50, 1, 1)) == 1
-    assert h.apply(c.AcquireWriteLease(50, 2, 1)) == 1, "held: the answer names the holder"
-    assert h.apply(c.ReleaseWriteLease(50, 2)) is False, "only the holder releases"
-    assert h.apply(c.ReleaseWriteLease(50, 1)) is True
-    assert h.apply(c.AcquireWriteLease(50, 2, 1)) == 2
+    h.apply(cc.AddMember("n2", "b:1", "b:2", 6))
+    assert h.apply(cc.AcquireWriteLease(50, 1, 1)) == 1
+    assert h.apply(cc.AcquireWriteLease(50, 2, 1)) == 1, "held: the answer names the holder"
+    assert h.apply(cc.ReleaseWriteLease(50, 2)) is False, "only the holder releases"
+    assert h.apply(cc.ReleaseWriteLease(50, 1)) is True
+    assert h.apply(cc.AcquireWriteLease(50, 2, 1)) == 2
 
 
 def test_an_orphan_is_deleted_when_every_member_released_it(h: Harness) -> None:
-    h.apply(c.AddMember("n2", "b:1", "b:2", 6))
-    h.apply(c.AddMember("n3", "c:1", "c:2", 6))
+    h.apply(cc.AddMember("n2", "b:1", "b:2", 6))
+    h.apply(cc.AddMember("n3", "c:1", "c:2", 6))
     ino = h.ino
     h.apply(c.Mknod(ROOT_INO, b"f", ino, stat.S_IFREG | 0o644, 0, 0, 10))
     h.apply(c.Unlink(ROOT_INO, b"f", False, 11))
-    assert h.apply(c.ReleaseOrphans(1, (ino,), 12)) == 0
-    assert h.apply(c.ReleaseOrphans(1, (ino,), 12)) == 0, "releasing twice counts once"
-    assert h.apply(c.ReleaseOrphans(3, (ino,), 13)) == 0
+    assert h.apply(cc.ReleaseOrphans(1, (ino,), 12)) == 0
+    assert h.apply(cc.ReleaseOrphans(1, (ino,), 12)) == 0, "releasing twice counts once"
+    assert h.apply(cc.ReleaseOrphans(3, (ino,), 13)) == 0
     with h.store.env.begin() as txn:
         assert h.sm.ns.get_inode(txn, ino) is not None, "node 2 may still read it"
-    assert h.apply(c.ExpireNode(2, 14)) == [], "a node that is gone holds nothing open"
+    assert h.apply(cc.ExpireNode(2, 14)) == [], "a node that is gone holds nothing open"
     with h.store.env.begin() as txn:
         assert h.sm.ns.get_inode(txn, ino) is None
 
@@ -131,8 +132,8 @@ def test_an_orphan_is_deleted_when_every_member_released_it(h: Harness) -> None:
 def test_a_delegated_directory_is_changed_only_by_its_holder(h: Harness) -> None:
     """A member that does not hold a directory's delegation may not change its entries while
     another does: the holder may have acknowledged changes the log has not seen (Delegated)."""
-    h.apply(c.AddMember("n2", "b:1", "b:2", 6))
-    h.apply(c.AddMember("n3", "c:1", "c:2", 7))
+    h.apply(cc.AddMember("n2", "b:1", "b:2", 6))
+    h.apply(cc.AddMember("n3", "c:1", "c:2", 7))
     held, other = h.ino, h.ino + 1
     h.apply(fenced(2, 1, c.Mknod(ROOT_INO, b"held", held, stat.S_IFDIR | 0o755, 0, 0, 10, lease_to=2)))
     h.apply(fenced(2, 1, c.Mknod(ROOT_INO, b"other", other, stat.S_IFDIR | 0o755, 0, 0, 10)))
@@ -155,7 +156,7 @@ def test_a_delegated_directory_is_changed_only_by_its_holder(h: Harness) -> None
     h.apply(fenced(2, 1, c.Mknod(held, b"g", other + 3, stat.S_IFREG | 0o644, 0, 0, 12)))  # the holder's
     h.apply(fenced(3, 1, c.Mknod(other, b"h", other + 4, stat.S_IFREG | 0o644, 0, 0, 12)))  # not delegated
     h.apply(c.Mknod(held, b"unfenced", other + 5, stat.S_IFREG | 0o644, 0, 0, 12))  # no member proposed it
-    h.apply(c.ReleaseWriteLease(held, 2))
+    h.apply(cc.ReleaseWriteLease(held, 2))
     h.apply(fenced(3, 1, c.Mknod(held, b"now", other + 6, stat.S_IFREG | 0o644, 0, 0, 13)))
 
 
@@ -166,7 +167,7 @@ def test_the_log_level_only_rises(h: Harness) -> None:
         assert h.sm.cluster.log_level(txn) is None  # formed before the gate: the base level
     assert h.apply(c.SetLogLevel(4, (1,))) == 4
     assert h.apply(c.SetLogLevel(3, (1,))) == 4
-    assert h.apply(c.AddMember("n2", "10.0.0.2:7470", "10.0.0.2:7471", 6)) == 2
+    assert h.apply(cc.AddMember("n2", "10.0.0.2:7470", "10.0.0.2:7471", 6)) == 2
     assert h.apply(c.SetLogLevel(5, (1,))) == 4  # node 2 joined after the leader asked: not raised
     assert h.apply(c.SetLogLevel(5, (1, 2))) == 5
     with h.store.env.begin() as txn:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import typing
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from awsomefsd.meta import cluster_commands as cc
 from awsomefsd.meta import commands as c
 from awsomefsd.meta.codec import COMMAND_TAGS, CodecError, decode, encode
 from awsomefsd.meta.records import Extent
@@ -28,11 +30,11 @@ EXAMPLES = [
     c.ReleaseLeaked(((5, 6), (100, 2))), c.CreateVolume(40, "pvc-é", 40, 1 << 30, 0, 15, "snapshot", 41),
     c.DeleteVolume(40, 16), c.ResizeVolume(40, 2 << 30, 17), c.CreateSnapshot(41, "s", 40, 18),
     c.DeleteSnapshot(41, 19), c.Batch((c.Purge(1, 2), c.ReclaimFrees(3))),
-    c.InitCluster(b"cert", b"key", b"v" * 48, 3, 256, 4096, 64, 1, "n1", "10.0.0.1:7470", "10.0.0.1:7471", 20),
-    c.AddMember("n2", "10.0.0.2:7470", "10.0.0.2:7471", 21), c.SetMemberCert(2, "1be1"),
-    c.UpdateMemberAddress(2, "10.0.0.3:7470", "10.0.0.3:7471"), c.RemoveMember(2, 22),
-    c.SetJoinVerifier(b"w" * 48), c.RenewLease(2, 1), c.ExpireNode(2, 24), c.ClaimGroups(2, 1, 4),
-    c.AcquireWriteLease(17, 2, 1), c.ReleaseWriteLease(17, 2), c.ReleaseOrphans(2, (17, 18), 25),
+    cc.InitCluster(b"cert", b"key", b"v" * 48, 3, 256, 4096, 64, 1, "n1", "10.0.0.1:7470", "10.0.0.1:7471", 20),
+    cc.AddMember("n2", "10.0.0.2:7470", "10.0.0.2:7471", 21), cc.SetMemberCert(2, "1be1"),
+    cc.UpdateMemberAddress(2, "10.0.0.3:7470", "10.0.0.3:7471"), cc.RemoveMember(2, 22),
+    cc.SetJoinVerifier(b"w" * 48), cc.RenewLease(2, 1), cc.ExpireNode(2, 24), cc.ClaimGroups(2, 1, 4),
+    cc.AcquireWriteLease(17, 2, 1), cc.ReleaseWriteLease(17, 2), cc.ReleaseOrphans(2, (17, 18), 25),
     c.PunchHole(17, 1, 3, 26), c.CloneRange(17, 0, 18, 4, 2, 24_576, 27), c.SetLogLevel(4, (1, 2, 3)),
     c.Preallocate(17, (Extent(0, 500, 2, b""), Extent(8, 900, 1, b"")), 28),
     c.PlanTierObject(29), c.CommitTierObject(3, (17, 18), (Extent(0, 300, 1, b"abcd"), Extent(4, 9, 1, b"efgh")), 30),
@@ -53,6 +55,17 @@ def test_every_command_type_has_an_example_and_round_trips() -> None:
         data = encode(command)
         assert decode(data) == command
         assert encode(decode(data)) == data, "canonical"
+
+
+def test_every_command_declares_what_its_apply_returns() -> None:
+    """`MetaClient.propose(command)` returns the `R` of the command's `Command[R]`, and mypy checks
+    its callers against it: a command without one (a bare `Command`, or `Command[Any]`) would hand
+    them an unchecked Any."""
+    for cls in COMMAND_TAGS:
+        bases = getattr(cls, "__orig_bases__", ())
+        declared = [base for base in bases if typing.get_origin(base) is c.Command]
+        assert declared, f"{cls.__name__} does not subclass Command[...]"
+        assert typing.get_args(declared[0]) != (typing.Any,), f"{cls.__name__} declares Command[Any]"
 
 
 @settings(max_examples=200, deadline=None)

@@ -26,6 +26,7 @@ from awsomefsd.io.extent_io import INLINE_IO_MAX_BYTES
 from awsomefsd.io.fence import MAX_WRITE_S, WriteFence, WriteFencedError
 from awsomefsd.io.layout import BLOCK_SIZE, MiB
 from awsomefsd.io.superblock import format_device
+from awsomefsd.meta import cluster_commands as cc
 from awsomefsd.meta import commands as c
 from awsomefsd.meta.errors import FsError
 from awsomefsd.meta.records import ROOT_INO
@@ -366,11 +367,11 @@ async def test_data_written_under_a_lost_lease_is_not_mapped_after_the_renewal(
     epoch = [1]
     async with trio.open_nursery() as nursery:
         await nursery.start(raft.run)
-        await raft.propose_outcome(c.InitCluster(b"cert", b"key", b"v" * 48, 1, layout.data_start_block,
+        await raft.propose_outcome(cc.InitCluster(b"cert", b"key", b"v" * 48, 1, layout.data_start_block,
                                                  layout.ag_blocks, layout.ag_count, NODE_ID, "n1",
                                                  "127.0.0.1:1", "127.0.0.1:2", 1), fenced=False)
         raft.fence_epoch = lambda: epoch[0]
-        await core.meta.propose(c.ClaimGroups(NODE_ID, 1, layout.ag_count))
+        await core.meta.propose(cc.ClaimGroups(NODE_ID, 1, layout.ag_count))
         size = 2 * INLINE_IO_MAX_BYTES
         fh, inode = await core.ops.create(ROOT_INO, b"e", stat.S_IFREG | 0o644, os.O_WRONLY, 0, 0)
         await core.ops.write(fh, 0, b"x" * size)
@@ -379,12 +380,12 @@ async def test_data_written_under_a_lost_lease_is_not_mapped_after_the_renewal(
             # The flush's worker thread, parked in the fence check, holds the device's lock: a
             # commit's device flush would wait for it. Nothing written here needs one.
             raft.before_commit = None
-            freed = await raft.propose_outcome(c.ExpireNode(NODE_ID, 2), fenced=False)
+            freed = await raft.propose_outcome(cc.ExpireNode(NODE_ID, 2), fenced=False)
             assert freed == (True, list(range(layout.ag_count))), "its groups are free for others"
             core.data.lose_buffers("expired while paused")
-            assert await raft.propose_outcome(c.RenewLease(NODE_ID, 2), fenced=False) == (True, True)
+            assert await raft.propose_outcome(cc.RenewLease(NODE_ID, 2), fenced=False) == (True, True)
             epoch[0] = 2
-            await core.meta.propose(c.ClaimGroups(NODE_ID, 2, layout.ag_count))
+            await core.meta.propose(cc.ClaimGroups(NODE_ID, 2, layout.ag_count))
             fence.renewed(clock.now_s + 10)
 
         failures = await flush_held_in_the_fence(core, clock, fh, expire_and_come_back)

@@ -15,6 +15,7 @@ import trio.testing
 from awsomefsd.cluster.duties import GroupKeeper
 from awsomefsd.fs.allocator import NodeAllocator
 from awsomefsd.io.layout import DeviceLayout
+from awsomefsd.meta import cluster_commands as cc
 from awsomefsd.meta import commands as c
 from awsomefsd.meta.freespace import FreeSpaceMap
 from awsomefsd.meta.records import Member
@@ -66,7 +67,7 @@ def keeper_owning(groups: list[int], keep: int = 0) -> tuple[GroupKeeper, StandI
 
 
 def ask(keeper: GroupKeeper, node: int, groups: int) -> None:
-    keeper.observe(c.ClaimGroups(node, 1, groups), (), False)
+    keeper.observe(cc.ClaimGroups(node, 1, groups), (), False)
 
 
 async def test_an_empty_claim_gets_spare_groups_but_not_one_with_a_reservation_in_flight() -> None:

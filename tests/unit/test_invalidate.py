@@ -15,6 +15,7 @@ import trio.testing
 
 from awsomefsd.fuse import invalidate as inv
 from awsomefsd.fuse.invalidate import Invalidator, Target
+from awsomefsd.meta import cluster_commands as cc
 from awsomefsd.meta import commands as c
 from awsomefsd.meta.codec import COMMAND_TAGS
 from awsomefsd.meta.errors import FsError
@@ -75,20 +76,20 @@ CASES: list[tuple[object, object, list[Target]]] = [
     (c.Fenced(1, 2, (c.Unlink(D, b"f", False, 1), c.SetXattr(G, b"user.a", b"", 0, 1))), [F, None],
      [entry(D, b"f"), attr(D), attr(F), attr(G)]),
     (c.Fenced(1, 2, (c.SetAttr(F, 1, size=0),)), FsError(errno.EIO), []),  # its lease epoch had ended
-    (c.InitCluster(b"ca", b"key", b"v", 3, 0, 1024, 8, 1, "n1", "a:1", "a:2", 1), 1, []),
-    (c.AddMember("n2", "b:1", "b:2", 1), 2, []),
-    (c.SetMemberCert(2, "ab"), None, []),
-    (c.UpdateMemberAddress(2, "c:1", "c:2"), None, []),
-    (c.RemoveMember(2, 1), None, []),
-    (c.SetJoinVerifier(b"v2"), None, []),
+    (cc.InitCluster(b"ca", b"key", b"v", 3, 0, 1024, 8, 1, "n1", "a:1", "a:2", 1), 1, []),
+    (cc.AddMember("n2", "b:1", "b:2", 1), 2, []),
+    (cc.SetMemberCert(2, "ab"), None, []),
+    (cc.UpdateMemberAddress(2, "c:1", "c:2"), None, []),
+    (cc.RemoveMember(2, 1), None, []),
+    (cc.SetJoinVerifier(b"v2"), None, []),
     (c.SetLogLevel(4, (1,)), 4, []),
-    (c.RenewLease(1, 2), True, []),
-    (c.ExpireNode(2, 1), [F], []),
-    (c.ReleaseOrphans(2, (F, G), 1), 1, [full(F), full(G)]),
-    (c.ReleaseOrphans(2, (F,), 1), 0, []),
-    (c.ClaimGroups(1, 2, 3), (0, 1, 2), []),
-    (c.AcquireWriteLease(F, 1, 2), 1, []),
-    (c.ReleaseWriteLease(F, 1), True, []),
+    (cc.RenewLease(1, 2), True, []),
+    (cc.ExpireNode(2, 1), [F], []),
+    (cc.ReleaseOrphans(2, (F, G), 1), 1, [full(F), full(G)]),
+    (cc.ReleaseOrphans(2, (F,), 1), 0, []),
+    (cc.ClaimGroups(1, 2, 3), (0, 1, 2), []),
+    (cc.AcquireWriteLease(F, 1, 2), 1, []),
+    (cc.ReleaseWriteLease(F, 1), True, []),
 ]
 
 

@@ -11,6 +11,7 @@ import pytest
 
 from awsomefsd.daemon.node import Core
 from awsomefsd.fs.tmpfile import tmpfile as open_tmpfile
+from awsomefsd.meta import cluster_commands as cc
 from awsomefsd.meta import commands as c
 from awsomefsd.meta.check import check_namespace
 from awsomefsd.meta.errors import FsError
@@ -81,12 +82,12 @@ def test_the_last_close_or_a_crash_s_purge_deletes_it_with_its_data_and_mark(h: 
 
 
 def test_a_tmpfile_in_a_cluster_is_held_by_its_creator_alone(h: Harness) -> None:
-    h.apply(c.InitCluster(b"cert", b"key", b"v" * 48, 3, DATA_START, 1000, 10, 1, "n1", "a:1", "a:2", 5))
-    assert h.apply(c.AddMember("n2", "b:1", "b:2", 6)) == 2
+    h.apply(cc.InitCluster(b"cert", b"key", b"v" * 48, 3, DATA_START, 1000, 10, 1, "n1", "a:1", "a:2", 5))
+    assert h.apply(cc.AddMember("n2", "b:1", "b:2", 6)) == 2
     f = tmpfile(h, node=2)
     assert orphans(h) == {f: b"[2]"}
-    assert h.apply(c.ReleaseOrphans(1, (f,), h.tick())) == 0, "node 1 never held it"
-    assert h.apply(c.ReleaseOrphans(2, (f,), h.tick())) == 1 and h.inode(f) is None
+    assert h.apply(cc.ReleaseOrphans(1, (f,), h.tick())) == 0, "node 1 never held it"
+    assert h.apply(cc.ReleaseOrphans(2, (f,), h.tick())) == 1 and h.inode(f) is None
 
 
 def test_where_a_tmpfile_may_be_made(h: Harness) -> None:

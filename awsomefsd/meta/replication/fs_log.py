@@ -39,13 +39,14 @@ import logging
 import shutil
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import lmdb
 import trio
 
 from awsomefsd.meta import codec
 from awsomefsd.meta import commands as c
+from awsomefsd.meta.commands import R
 from awsomefsd.meta.errors import FsError, LogAheadOfBuild, OutcomeUnknown
 from awsomefsd.meta.isolation import apply_isolated
 from awsomefsd.meta.raft import Message, Ready
@@ -66,6 +67,8 @@ STALL_S = 30.0
 Observer = Callable[[object, Any, bool], None]
 """(command, result or FsError, proposed by this node) after each apply, inside its transaction:
 each command a Batch or Fenced carried, one by one (`commands.applied`)."""
+Outcome = tuple[Literal[True], R] | tuple[Literal[False], FsError]
+"""A proposal's outcome: (True, its result) or (False, the FsError it was refused with)."""
 
 
 class FsCommands:
@@ -79,7 +82,7 @@ class FsCommands:
         self.observers: list[Observer] = []
         self.before_snapshot: list[Callable[[], None]] = []
         self.on_snapshot: list[Callable[[], None]] = []
-        self.proposed: dict[bytes, object] = {}
+        self.proposed: dict[bytes, c.Command[Any]] = {}
         """This node's commands in flight, by their encoding: their apply here need not decode
         what was just encoded (a batch's decoding costs as much as its apply). Commands are
         immutable values, so equal bytes are an equal command."""
@@ -176,17 +179,17 @@ class ReplicatedFsLog:
             self._read = self.store.env.begin()
         return self._read
 
-    async def propose(self, command: object, *, epoch: int | None = None) -> Any:
-        ok, result = await self.propose_outcome(command, epoch=epoch)
-        if not ok:
-            raise result
-        return result
+    async def propose(self, command: c.Command[R], *, epoch: int | None = None) -> R:
+        outcome = await self.propose_outcome(command, epoch=epoch)
+        if not outcome[0]:
+            raise outcome[1]
+        return outcome[1]
 
     def lease_epoch(self) -> int | None:
         return None if self.fence_epoch is None else self.fence_epoch()
 
-    async def propose_outcome(self, command: object, *, fenced: bool = True, epoch: int | None = None,
-                              leader_only: bool = False) -> tuple[bool, Any]:
+    async def propose_outcome(self, command: c.Command[R], *, fenced: bool = True, epoch: int | None = None,
+                              leader_only: bool = False) -> Outcome[R]:
         """(ok, result or FsError); waits out an election (up to `stall_s`) when there is no leader.
         `fenced=False` is for commands no liveness lease guards (RenewLease, ExpireNode); `epoch`
         fences with an epoch taken earlier (`lease_epoch`), else the current one.
@@ -202,18 +205,19 @@ class ReplicatedFsLog:
         reached or the outcome is unknown): callers, background duties included, handle one
         exception type, and a proposal that timed out (ProposalTimeout: it may still be applied)
         is not mistaken for a bug."""
+        sent: c.Command[Any] = command
         if fenced:
             epoch = self.lease_epoch() if epoch is None else epoch
             if epoch is not None:
-                command = c.Fenced(self.node.id, epoch, (command,))
-        data = codec.encode(command)
-        self.commands.proposed[data] = command
+                sent = c.Fenced(self.node.id, epoch, (command,))
+        data = codec.encode(sent)
+        self.commands.proposed[data] = sent
         try:
             return await self._propose_encoded(data, leader_only)
         finally:
             self.commands.proposed.pop(data, None)
 
-    async def _propose_encoded(self, data: bytes, leader_only: bool) -> tuple[bool, Any]:
+    async def _propose_encoded(self, data: bytes, leader_only: bool) -> Outcome[Any]:
         if self.unavailable and self.node.raw.leader_id == 0:
             raise FsError(errno.EIO, f"metadata unavailable: no leader since the last wait for one ran out "
                           f"({self.stall_s:.0f}s)", cause="stall")
@@ -225,7 +229,7 @@ class ReplicatedFsLog:
                 # A forwarded proposal may be sent again (same id, de-duplicated) to every leader
                 # elected meanwhile: it outlasts an election for as long as the stall budget lasts.
                 budget = max(deadline - trio.current_time(), self.node.settings.proposal_timeout_s)
-                result: tuple[bool, Any] = await self.node.propose(data, forward=not leader_only,
+                result: Outcome[Any] = await self.node.propose(data, forward=not leader_only,
                                                                    forward_timeout_s=budget)
                 return result
             except ProposalTimeout as exc:
