@@ -11,8 +11,10 @@ Two values are raised. Linux shares the CPUs first between autogroups (one per s
 kernel.sched_autogroup_enabled is 1, the default of most distributions) and only then by each
 thread's nice value: a nice value alone changed nothing against other sessions' load (3.4 s
 either way), the session's autogroup at -10 made it 0.8-1.0 s. The autogroup is the whole
-session's: a daemon started from a shell raises the shell's session with it, for the start
-only; a service (systemd makes each its own session) raises only itself.
+session's, so only a daemon that leads its session raises it: a service (systemd makes each
+its own session) or a container's process, whose autogroup ends with it even when it dies
+during the start. One started from a shell would raise the shell's session and, killed before
+it serves, leave it raised.
 Linux applies a nice value per thread, and a thread inherits its creator's, so going back sets
 every thread this process has by then.
 """
@@ -36,8 +38,9 @@ _to_restore: dict[str, int] = {}
 
 
 def raise_for_start() -> None:
-    """Run this process (and its autogroup) at START_NICE until `restore`; each is left as it is
-    when it runs there or higher already, or when it may not be raised."""
+    """Run this process (and its autogroup, when it leads its session) at START_NICE until
+    `restore`; each is left as it is when it runs there or higher already, or when it may not be
+    raised."""
     if _to_restore:
         return
     try:
@@ -47,7 +50,7 @@ def raise_for_start() -> None:
             _to_restore["thread"] = before
     except OSError as exc:  # no CAP_SYS_NICE: the start competes as any process does
         log.debug("starting at the priority given: %s", exc)
-    group = _autogroup_nice()
+    group = _autogroup_nice() if os.getsid(0) == os.getpid() else None
     if group is not None and group > START_NICE:
         try:
             AUTOGROUP.write_text(f"{START_NICE}\n")

@@ -171,6 +171,26 @@ def test_a_successor_the_daemon_refuses_leaves_with_one_line_and_the_daemon_serv
         shutil.rmtree(base, ignore_errors=True)
 
 
+def test_a_daemon_serves_at_the_priority_it_was_given(rig: Rig) -> None:
+    """A start runs ahead of the load (awsomefsd/priority.py), serving does not: once it serves,
+    every thread of the daemon, and the autogroup of the session it leads (as a service does),
+    are back where they were."""
+    def nice_values(pid: int) -> set[int]:
+        return {int(Path(f"/proc/{pid}/task/{tid}/stat").read_text().rpartition(")")[2].split()[16])
+                for tid in os.listdir(f"/proc/{pid}/task")}
+
+    daemon = Daemon(rig.base / "state", rig.base / "mnt", size="2G", env=rig.env, prefix=["setsid"]).start()
+    try:
+        pid = daemon.proc.pid  # type: ignore[union-attr]
+        (daemon.mount / "f").write_bytes(b"x")  # the threads serving requests exist by now
+        assert nice_values(pid) == {os.getpriority(os.PRIO_PROCESS, 0)}
+        assert os.getsid(pid) == pid
+        assert Path(f"/proc/{pid}/autogroup").read_text().split()[-1] == "0"  # a new session's
+        assert daemon.stop() == 0
+    finally:
+        daemon.stop_hard()
+
+
 def test_after_a_crash_synced_bytes_survive_and_descriptors_keep_working(rig: Rig) -> None:
     first = rig.daemon().start()
     second = None
