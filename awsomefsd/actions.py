@@ -65,6 +65,11 @@ def state_lock(state_dir: Path, *, take_over: bool = False) -> Iterator[None]:
             if not take_over:
                 raise CliError(f"{state_dir} is in use by a running awsomefsd (stop it first)") from None
             take_over_from(state_dir, fd)
+        else:
+            if take_over:  # nobody to take over from: a start like any other (awsomefsd/priority.py)
+                from awsomefsd import priority
+
+                priority.raise_for_start()
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         yield
