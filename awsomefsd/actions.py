@@ -78,6 +78,9 @@ def state_lock(state_dir: Path, *, take_over: bool = False) -> Iterator[None]:
 
 
 TAKE_OVER_POLL_S = 0.005
+TAKE_OVER_ASK_AGAIN_S = 1.0
+"""A daemon asked while it still starts ignores the signal; asking again is harmless (a
+hand-over in progress goes on)."""
 
 
 def take_over_from(state_dir: Path, lock_fd: int) -> None:
@@ -101,7 +104,7 @@ def take_over_from(state_dir: Path, lock_fd: int) -> None:
         raise CliError(f"{state_dir} is in use by a process (pid {pid}) that serves no mount: nothing to take over")
     takeover.clear_refusal(state_dir)
     priority.raise_for_start()  # from here on applications wait for this process
-    asked = time.monotonic()
+    asked = sent = time.monotonic()
     os.kill(pid, signal.SIGUSR2)
     deadline = asked + HAND_OVER_DEADLINE_S
     while True:
@@ -110,6 +113,12 @@ def take_over_from(state_dir: Path, lock_fd: int) -> None:
             break
         except BlockingIOError:
             pass
+        if time.monotonic() - sent > TAKE_OVER_ASK_AGAIN_S:  # a daemon still starting ignores it
+            sent = time.monotonic()
+            try:
+                os.kill(pid, signal.SIGUSR2)
+            except ProcessLookupError:
+                pass  # gone: the lock is free at the next try
         refused = takeover.refusal(state_dir)
         if refused is not None:
             raise CliError(f"awsomefsd (pid {pid}) did not hand the mount over, it goes on serving it: {refused}")

@@ -275,10 +275,16 @@ def _check_paths(args: argparse.Namespace, settings: Any) -> None:
 def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "fd-keeper":  # before the daemon's imports: the keeper stays small (its pod's limit)
         return _fd_keeper(args.socket)
-    if (args.command == "run" or (args.command == "dev" and args.nodes == 1)) and not args.take_over:
-        from awsomefsd import priority
+    if args.command == "run" or (args.command == "dev" and args.nodes == 1):
+        import signal
 
-        priority.raise_for_start()  # a successor (--take-over) raises it once applications wait for it
+        # A hand-over asked for before the daemon serves would end it (SIGUSR2's default action)
+        # half started; the successor that asks keeps asking (actions.take_over_from).
+        signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+        if not args.take_over:
+            from awsomefsd import priority
+
+            priority.raise_for_start()  # a successor raises it once applications wait for it
     from awsomefsd import actions
 
     overrides = _settings_overrides(args)
