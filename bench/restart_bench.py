@@ -37,6 +37,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -257,17 +258,17 @@ def with_keeper(base: Path, rounds: int, settle_s: float, *, take_over: bool = F
             old = daemon
             if kind == "hand-over" and take_over:
                 daemon = start_daemon(base, env, serial, take_over=True, prefix=prefix)
-                assert old.proc.wait(60) == 75, "the daemon did not hand over"
+                assert _exit_status(old.proc) == 75, "the daemon did not hand over"
                 exited = _exited(old)
                 began = _signalled(old.log) or began  # the successor sent it once loaded
                 began_mono = daemon.spawned_mono + (began - daemon.spawned)
             else:
                 if kind == "hand-over":
                     old.proc.send_signal(signal.SIGUSR2)
-                    assert old.proc.wait(60) == 75, "the daemon did not hand over"
+                    assert _exit_status(old.proc) == 75, "the daemon did not hand over"
                 else:
                     old.proc.kill()
-                    old.proc.wait(60)
+                    _exit_status(old.proc)
                 exited = time.time()
                 daemon = start_daemon(base, env, serial, prefix=prefix)
             done.append(Replacement(kind, began, began_mono, exited, old.log, daemon, time.monotonic()))
@@ -287,6 +288,17 @@ def with_keeper(base: Path, rounds: int, settle_s: float, *, take_over: bool = F
     for replacement in done:
         replacement.phases = phases(replacement, [op for found in loads for op in found])
     return done
+
+
+def _exit_status(proc: subprocess.Popen[str]) -> int:
+    """Wait for the process to exit, woken by its exit (Popen.wait with a timeout polls, up to
+    50 ms late), killing it after 60 s."""
+    watchdog = threading.Timer(60, proc.kill)
+    watchdog.start()
+    try:
+        return proc.wait()
+    finally:
+        watchdog.cancel()
 
 
 def _signalled(log: Path) -> float | None:
