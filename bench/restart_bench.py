@@ -6,11 +6,15 @@ writer doing 4 KiB writes each followed by an fsync, and a reader doing 4 KiB di
 random offsets of a file, each through a descriptor opened at the start and each recording every
 operation's latency. Then it replaces the daemon `--rounds` times by hand-over (SIGUSR2, then a
 new daemon once the old one exited, as `systemctl reload` does) and `--rounds` times by crash
-(SIGKILL, then a new daemon). For each replacement: the longest single operation either process
-saw (the stall), and where the time went, from the daemons' logs: signal -> requests drained ->
-durable -> descriptor let go -> old process exited -> new process started -> its code loaded ->
-its storage open -> mount continued -> serving (its "mounted" line). The bytes themselves are
-checked by tests/mounted/test_restart.py.
+(SIGKILL, then a new daemon). With `--take-over` a hand-over starts the next daemon first
+(`awsomefsd dev --take-over`: it loads its code, then sends the SIGUSR2 itself). For each
+replacement: the longest single operation either process saw (the stall), and where the time
+went, from the daemons' logs: (successor started ->) signal -> requests drained -> durable ->
+descriptor let go -> old process exited -> new process started -> its code loaded -> (its lock
+taken ->) its storage open -> mount continued -> serving (its "mounted" line) -> the first
+operation of the load answered after that. The bytes themselves are checked by
+tests/mounted/test_restart.py. `--no-raise` starts each daemon without CAP_SYS_NICE, so it
+cannot run its start ahead of the load (awsomefsd/priority.py): to measure what that gains.
 
 With `--systemd`, the daemon runs as the packaged unit under a real systemd of the benchmark's
 own (tests/support/systemd.py; from the checkout, or the binary `--awsomefsd` names) and is
@@ -19,7 +23,7 @@ upgrade) and a SIGKILL that systemd restarts, in turn, `--rounds` times each (a 
 
 As root (from another user: sudo in front), from the repository root:
 
-    .venv/bin/python bench/restart_bench.py --rounds 10
+    .venv/bin/python bench/restart_bench.py --rounds 10 [--take-over] [--no-raise]
     .venv/bin/python bench/restart_bench.py --rounds 5 --systemd [--awsomefsd dist/awsomefsd]
 """
 
@@ -33,6 +37,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -93,6 +98,8 @@ class Started:
     log: Path
     spawned: float
     """time.time() just before the process was started"""
+    spawned_mono: float
+    """the same moment on time.monotonic(), the load's clock"""
     ready: float
     """time.time() when it printed that it serves the mount"""
     cpu_s: float = 0.0
@@ -100,18 +107,20 @@ class Started:
     machine's load, which multiplies the wall time"""
 
 
-def start_daemon(base: Path, env: dict[str, str], serial: int = 0) -> Started:
+def start_daemon(base: Path, env: dict[str, str], serial: int = 0, *, take_over: bool = False,
+                 prefix: tuple[str, ...] = ()) -> Started:
     log = base / f"daemon-{serial}.log"
-    spawned = time.time()
+    spawned, spawned_mono = time.time(), time.monotonic()
     with open(log, "w") as err:
-        proc = subprocess.Popen([*AWSOMEFSD, "dev", "--state", str(base / "state"), "--mount", str(base / "mnt"),
-                                 "--size", "2G", "--metrics-port", "-1"], stdout=subprocess.PIPE,
-                                stderr=err, text=True, env=env, cwd="/")
+        proc = subprocess.Popen([*prefix, *AWSOMEFSD, "dev", "--state", str(base / "state"), "--mount",
+                                 str(base / "mnt"), "--size", "2G", "--metrics-port", "-1",
+                                 *(["--take-over"] if take_over else [])], stdout=subprocess.PIPE,
+                                stderr=err, text=True, env=env, cwd="/", start_new_session=True)  # as a service
     assert proc.stdout is not None
     deadline = time.monotonic() + 60
     for line in proc.stdout:
         if line.startswith("awsomefsd: mounted"):
-            return Started(proc, log, spawned, time.time(), _cpu_s(proc.pid))
+            return Started(proc, log, spawned, spawned_mono, time.time(), _cpu_s(proc.pid))
         if time.monotonic() > deadline:
             break
     proc.kill()
@@ -132,6 +141,8 @@ def main() -> int:
     p.add_argument("--settle-s", type=float, default=1.0, help="writing between replacements (default 1 s)")
     p.add_argument("--systemd", action="store_true", help="the packaged unit under a real systemd")
     p.add_argument("--awsomefsd", type=Path, help="with --systemd: this binary instead of the checkout")
+    p.add_argument("--take-over", action="store_true", help="hand over by starting the next daemon first")
+    p.add_argument("--no-raise", action="store_true", help="start daemons without CAP_SYS_NICE")
     args = p.parse_args()
     base = Path(tempfile.mkdtemp(prefix="awsomefs-restart-bench-", dir="/var/tmp"))
     os.chmod(base, 0o755)
@@ -140,7 +151,8 @@ def main() -> int:
             binary = None if args.awsomefsd is None else args.awsomefsd.resolve()  # ExecStart= wants it absolute
             report(base, under_systemd(base, args.rounds, args.settle_s, binary), ("restart", "reload", "crash"))
         else:
-            report_keeper(base, with_keeper(base, args.rounds, args.settle_s))
+            prefix = ("setpriv", "--bounding-set", "-sys_nice") if args.no_raise else ()
+            report_keeper(base, with_keeper(base, args.rounds, args.settle_s, take_over=args.take_over, prefix=prefix))
     finally:
         shutil.rmtree(base, ignore_errors=True)
     return 0
@@ -216,15 +228,17 @@ PHASES = {  # a line in the old daemon's log -> the phase it ends
 }
 
 
-def with_keeper(base: Path, rounds: int, settle_s: float) -> list[Replacement]:
-    """SIGUSR2 and a new daemon `rounds` times, then SIGKILL and a new daemon as often."""
+def with_keeper(base: Path, rounds: int, settle_s: float, *, take_over: bool = False,
+                prefix: tuple[str, ...] = ()) -> list[Replacement]:
+    """SIGUSR2 and a new daemon (or a new daemon that takes over) `rounds` times, then SIGKILL and a
+    new daemon as often."""
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
            "AWSOMEFS_MOUNT__FD_KEEPER": str(base / "keeper.sock")}
     keeper = subprocess.Popen([*AWSOMEFSD, "fd-keeper", "--socket", str(base / "keeper.sock")],
                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env, cwd="/")
     assert keeper.stdout is not None
     keeper.stdout.readline()
-    daemon = start_daemon(base, env)
+    daemon = start_daemon(base, env, prefix=prefix)
     stop_flag = base / "stop-writing"
     work = base / "mnt" / "w"
     work.mkdir()
@@ -241,15 +255,23 @@ def with_keeper(base: Path, rounds: int, settle_s: float) -> list[Replacement]:
         time.sleep(settle_s)
         for serial, kind in enumerate(["hand-over"] * rounds + ["crash"] * rounds, start=1):
             began, began_mono = time.time(), time.monotonic()
-            if kind == "hand-over":
-                daemon.proc.send_signal(signal.SIGUSR2)
-                assert daemon.proc.wait(60) == 75, "the daemon did not hand over"
+            old = daemon
+            if kind == "hand-over" and take_over:
+                daemon = start_daemon(base, env, serial, take_over=True, prefix=prefix)
+                assert _exit_status(old.proc) == 75, "the daemon did not hand over"
+                exited = _exited(old)
+                began = _signalled(old.log) or began  # the successor sent it once loaded
+                began_mono = daemon.spawned_mono + (began - daemon.spawned)
             else:
-                daemon.proc.kill()
-                daemon.proc.wait(60)
-            exited, old_log = time.time(), daemon.log
-            daemon = start_daemon(base, env, serial)
-            done.append(Replacement(kind, began, began_mono, exited, old_log, daemon, time.monotonic()))
+                if kind == "hand-over":
+                    old.proc.send_signal(signal.SIGUSR2)
+                    assert _exit_status(old.proc) == 75, "the daemon did not hand over"
+                else:
+                    old.proc.kill()
+                    _exit_status(old.proc)
+                exited = time.time()
+                daemon = start_daemon(base, env, serial, prefix=prefix)
+            done.append(Replacement(kind, began, began_mono, exited, old.log, daemon, time.monotonic()))
             time.sleep(settle_s)
         stop_flag.write_text("")
         for proc in load:
@@ -262,9 +284,35 @@ def with_keeper(base: Path, rounds: int, settle_s: float) -> list[Replacement]:
         daemon.proc.wait(60)
         keeper.send_signal(signal.SIGTERM)
         keeper.wait(10)
+    loads = [samples(base / f"{name}.out") for name in ("writer", "reader")]
     for replacement in done:
-        replacement.phases = phases(replacement)
+        replacement.phases = phases(replacement, [op for found in loads for op in found])
     return done
+
+
+def _exit_status(proc: subprocess.Popen[str]) -> int:
+    """Wait for the process to exit, woken by its exit (Popen.wait with a timeout polls, up to
+    50 ms late), killing it after 60 s."""
+    watchdog = threading.Timer(60, proc.kill)
+    watchdog.start()
+    try:
+        return proc.wait()
+    finally:
+        watchdog.cancel()
+
+
+def _signalled(log: Path) -> float | None:
+    """When the old daemon received the successor's SIGUSR2 (its log's clock)."""
+    for line in log.read_text().splitlines():
+        if "received SIGUSR2" in line:
+            return _logged_at(line)
+    return None
+
+
+def _exited(old: Started) -> float:
+    """When the old daemon ended: its log's last line (it exits right after), else now."""
+    last = [when for when in map(_logged_at, old.log.read_text().splitlines()) if when is not None]
+    return max(last) if last else time.time()
 
 
 def _logged_at(line: str) -> float | None:
@@ -274,8 +322,10 @@ def _logged_at(line: str) -> float | None:
         return None
 
 
-def phases(r: Replacement) -> dict[str, float]:
-    """Where the time of one replacement went: each phase's end, in ms after the signal."""
+def phases(r: Replacement, ops: list[tuple[float, float]]) -> dict[str, float]:
+    """Where the time of one replacement went: each phase's end, in ms after the signal (a
+    successor's start, before it, is negative). `ops`: the load's (start, seconds), on the
+    monotonic clock."""
     at: dict[str, float] = {}
     if r.kind == "hand-over":
         for line in r.old_log.read_text().splitlines():
@@ -295,7 +345,14 @@ def phases(r: Replacement) -> dict[str, float]:
             at["storage open"] = when
         elif "continuing the mount" in line:
             at["mount continued"] = when
+        elif "taking over from pid" in line:
+            at["lock taken"] = when
     at["serving"] = r.new.ready
+    continued = at.get("mount continued", r.new.ready)
+    to_mono = r.new.spawned_mono - r.new.spawned
+    answered = [start + took for start, took in ops if start + took >= continued + to_mono]
+    if answered:
+        at["first op answered"] = min(answered) - to_mono
     return {phase: (when - r.began) * 1000 for phase, when in at.items()}
 
 

@@ -52,21 +52,99 @@ def _one_line(exc: ValueError) -> str:
 
 
 @contextmanager
-def state_lock(state_dir: Path) -> Iterator[None]:
+def state_lock(state_dir: Path, *, take_over: bool = False) -> Iterator[None]:
     """One process at a time owns a node's state: a second daemon or an fsck of a live node would
-    see a half-committed batch."""
+    see a half-committed batch. `take_over` (`--take-over`): a daemon that runs on this state is
+    asked to hand its mount over, and the lock is taken once it has exited (`take_over_from`)."""
     state_dir.mkdir(parents=True, exist_ok=True)
     fd = os.open(state_dir / "daemon.lock", os.O_RDWR | os.O_CREAT, 0o600)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise OperatorError(f"{state_dir} is in use by a running awsomefsd (stop it first)") from None
+            if not take_over:
+                raise OperatorError(f"{state_dir} is in use by a running awsomefsd (stop it first)") from None
+            take_over_from(state_dir, fd)
+        else:
+            if take_over:  # nobody to take over from: a start like any other (awsomefsd/priority.py)
+                from awsomefsd import priority
+
+                priority.raise_for_start()
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         yield
     finally:
         os.close(fd)
+
+
+TAKE_OVER_POLL_S = 0.005
+TAKE_OVER_ASK_AGAIN_S = 1.0
+"""A daemon asked while it still starts ignores the signal; asking again is harmless (a
+hand-over in progress goes on)."""
+
+
+def take_over_from(state_dir: Path, lock_fd: int) -> None:
+    """Ask the daemon that holds `state_dir`'s lock to hand its mount over, and take the lock on
+    `lock_fd` once it has exited. This process loads its code first, while the old daemon still
+    serves: applications then wait only for the old daemon's drain and this one's opening of the
+    storage, not for an interpreter loading the daemon (design note: a successor started first).
+    Nothing of the state is touched before the lock is held, as after any restart."""
+    import signal
+
+    from awsomefsd import priority
+    from awsomefsd.daemon.node import MOUNT_RECORD
+    from awsomefsd.fuse.kernel import takeover
+
+    preload_daemon()
+    try:
+        pid = int((state_dir / "daemon.lock").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        raise OperatorError(f"{state_dir} is in use, and not by a daemon that can hand its mount over") from None
+    if not (state_dir / MOUNT_RECORD).exists():  # an fsck, a dev cluster, a daemon still starting
+        raise OperatorError(f"{state_dir} is in use by a process (pid {pid}) that serves no mount: nothing to take over")
+    takeover.clear_refusal(state_dir)
+    priority.raise_for_start()  # from here on applications wait for this process
+    asked = sent = time.monotonic()
+    os.kill(pid, signal.SIGUSR2)
+    deadline = asked + HAND_OVER_DEADLINE_S
+    while True:
+        try:
+            fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            pass
+        if time.monotonic() - sent > TAKE_OVER_ASK_AGAIN_S:  # a daemon still starting ignores it
+            sent = time.monotonic()
+            try:
+                os.kill(pid, signal.SIGUSR2)
+            except ProcessLookupError:
+                pass  # gone: the lock is free at the next try
+        refused = takeover.refusal(state_dir)
+        if refused is not None:
+            raise OperatorError(f"awsomefsd (pid {pid}) did not hand the mount over, it goes on serving it: {refused}")
+        if time.monotonic() > deadline:
+            raise OperatorError(f"awsomefsd (pid {pid}) still holds {state_dir} {HAND_OVER_DEADLINE_S:.0f} s after it was "
+                                "asked to hand its mount over (its log says why)")
+        time.sleep(TAKE_OVER_POLL_S)
+    log.info("taking over from pid %d: it let go of the state %.0f ms after it was asked", pid,
+             (time.monotonic() - asked) * 1000)
+
+
+def preload_daemon() -> None:
+    """Load the modules a daemon needs to serve its first request (those `serve` imports where it
+    runs, too), so that a successor does it before it asks the old daemon to go."""
+    import awsomefsd.cli.preflight
+    import awsomefsd.daemon.node
+    import awsomefsd.fs.clock
+    import awsomefsd.fuse.eio
+    import awsomefsd.fuse.kernel.channel
+    import awsomefsd.fuse.kernel.handlers
+    import awsomefsd.fuse.kernel.keeper
+    import awsomefsd.fuse.kernel.takeover
+    import awsomefsd.fuse.mount
+    import awsomefsd.fuse.transport
+    import awsomefsd.sdnotify
+    import awsomefsd.sdrestart  # noqa: F401
 
 
 def state_in_use(state_dir: Path) -> bool:
@@ -104,12 +182,14 @@ def device_errors() -> tuple[type[BaseException], ...]:
     return (DeviceError, NodeError)
 
 
-def dev(state: Path, mount: Path, size: str, overrides: dict[str, Any], *, config: Path | None = None) -> int:
+def dev(state: Path, mount: Path, size: str, overrides: dict[str, Any], *, config: Path | None = None,
+        take_over: bool = False) -> int:
     """The embedded default: an image file under `state`, formatted on first use, then mounted.
     `config` (`--config`) is read for everything but the paths dev chooses; without it no file is
     (a node's /etc/awsomefs/awsomefsd.toml is not for a demo).
     A size or a mount that cannot work is refused before the state directory or the image exists,
-    so a failed first start leaves nothing that a corrected command would trip over."""
+    so a failed first start leaves nothing that a corrected command would trip over.
+    `take_over`: replace the daemon running on `state` (`state_lock`)."""
     from awsomefsd.io.device import BlockDevice, create_image
     from awsomefsd.io.errors import NotFormattedError
     from awsomefsd.io.superblock import format_device, read_superblock
@@ -123,7 +203,7 @@ def dev(state: Path, mount: Path, size: str, overrides: dict[str, Any], *, confi
     overrides["mount"] = {"path": mount.absolute().parent.resolve() / mount.name}  # a stat of a kept mount waits
     settings = settings_from(config, overrides, read_default_file=False)
     check_mount(settings)
-    with state_lock(state):
+    with state_lock(state, take_over=take_over):
         preflight(settings)  # bad settings format nothing
         created = not image.exists()
         try:
@@ -181,8 +261,8 @@ def check_mount(settings: Settings) -> None:
         raise OperatorError(str(exc)) from None
 
 
-def run(settings: Settings) -> int:
-    with state_lock(settings.node.state_dir):
+def run(settings: Settings, *, take_over: bool = False) -> int:
+    with state_lock(settings.node.state_dir, take_over=take_over):
         return _serve(settings)
 
 
@@ -207,8 +287,13 @@ def preflight(settings: Settings, *, cluster_listen: str | None = None, control:
 
 
 def _serve(settings: Settings) -> int:
+    from awsomefsd import priority
     from awsomefsd.daemon.node import open_core, print_ready, serve
     from awsomefsd.fuse.mount import MountError
+
+    def ready(mount: str) -> None:
+        print_ready(mount)
+        priority.restore()  # serving competes for the CPUs as before
 
     loaded = _since_process_start_s()
     logging.getLogger().setLevel(settings.log.level.upper())
@@ -221,7 +306,7 @@ def _serve(settings: Settings) -> int:
     log.info("started: the daemon's code loaded %.0f ms and its storage open %.0f ms after the process began",
              loaded * 1000, _since_process_start_s() * 1000)
     try:
-        handed_over = trio.run(functools.partial(serve, core, settings, ready=print_ready))
+        handed_over = trio.run(functools.partial(serve, core, settings, ready=ready))
     except MountError as exc:
         raise OperatorError(str(exc)) from None
     except Exception as exc:

@@ -240,18 +240,25 @@ def token_new(seeds: list[str]) -> int:
     return 0
 
 
-def run_command(settings: Settings) -> int:
+def run_command(settings: Settings, *, take_over: bool = False) -> int:
     """`awsomefsd run`: a member restarts from its state; with a cluster token, a node with no
-    state founds the cluster or joins it; otherwise a single node."""
+    state founds the cluster or joins it; otherwise a single node. `take_over` (a single node's):
+    replace the daemon running on this state (actions.take_over_from)."""
+    from awsomefsd import priority
     from awsomefsd.cli import actions
     from awsomefsd.daemon.formation import load_cluster_token
 
     state = MemberState.load(settings.node.state_dir)
+    token = None if state is not None else load_cluster_token(settings)
+    if state is not None or token is not None:
+        priority.restore()  # raised only for a single node's start (awsomefsd/priority.py)
     if state is not None:
+        if take_over:
+            raise OperatorError("--take-over is for a single node; a cluster member is replaced with `awsomefsd hand-over` "
+                           "and a new start")
         return run_member_command(settings, state)
-    token = load_cluster_token(settings)
     if token is None:
-        return actions.run(settings)
+        return actions.run(settings, take_over=take_over)
     with state_lock(settings.node.state_dir):
         return _form(settings, token)
 

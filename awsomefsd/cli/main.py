@@ -58,6 +58,10 @@ def _settings_overrides(args: argparse.Namespace) -> dict[str, Any]:
     return overrides
 
 
+TAKE_OVER_HELP = ("replace the daemon that runs on this state: load first, then have it hand its mount over (a "
+                  "shorter stall than `hand-over` and a new start; needs the fd-keeper)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="awsomefsd",
@@ -85,12 +89,14 @@ def build_parser() -> argparse.ArgumentParser:
     dev.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     dev.add_argument("--config", type=Path, help="TOML settings file for [tier], [site] and the rest (none read by "
                      "default); --state, --mount and the image under --state win over its paths")
+    dev.add_argument("--take-over", action="store_true", help=TAKE_OVER_HELP)
 
     run = sub.add_parser("run", help="run the node daemon with its configured settings")
     _add_settings_flags(run)
     _add_cluster_flags(run)
     run.add_argument("--csi-socket", type=Path, help="serve the CSI endpoint on this unix socket")
     run.add_argument("--metrics-port", type=int, help="Prometheus port (0: any free port, -1: off)")
+    run.add_argument("--take-over", action="store_true", help=TAKE_OVER_HELP)
 
     fmt = sub.add_parser(
         "format",
@@ -266,6 +272,16 @@ def _check_paths(args: argparse.Namespace, settings: Any) -> None:
 def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "fd-keeper":  # before the daemon's imports: the keeper stays small (its pod's limit)
         return _fd_keeper(args.socket)
+    if args.command == "run" or (args.command == "dev" and args.nodes == 1):
+        import signal
+
+        # A hand-over asked for before the daemon serves would end it (SIGUSR2's default action)
+        # half started; the successor that asks keeps asking (actions.take_over_from).
+        signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+        if not args.take_over:
+            from awsomefsd import priority
+
+            priority.raise_for_start()  # a successor raises it once applications wait for it
     from awsomefsd.cli import actions
 
     overrides = _settings_overrides(args)
@@ -284,13 +300,13 @@ def _dispatch(args: argparse.Namespace) -> int:
                                args.mount or DEV_CLUSTER_DEFAULT_MOUNT, args.size)
     if args.command == "dev":
         return actions.dev(args.state or DEV_DEFAULT_STATE, args.mount or DEV_DEFAULT_MOUNT, args.size, overrides,
-                           config=args.config)
+                           config=args.config, take_over=args.take_over)
     settings = actions.settings_from(getattr(args, "config", None), overrides)
     _check_paths(args, settings)
     if args.command == "run":
         from awsomefsd.cli import cluster
 
-        return cluster.run_command(settings)
+        return cluster.run_command(settings, take_over=args.take_over)
     if args.command in ("init", "join", "token", "node"):
         from awsomefsd.cli import cluster
 

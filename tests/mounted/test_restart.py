@@ -118,6 +118,79 @@ def test_a_hand_over_keeps_descriptors_working_directories_and_every_byte(rig: R
                 d.stop_hard()
 
 
+def test_a_successor_started_first_takes_the_mount_over_and_no_request_fails(rig: Rig) -> None:
+    """`--take-over`: the next daemon loads while the old one serves, then has it hand over
+    (issue 41 item 5). A writer and a reader go on through it: no write, fsync or read fails,
+    every byte arrives, and the old daemon leaves as after any hand-over."""
+    first = rig.daemon().start()
+    second = None
+    try:
+        work = first.mount / "work"
+        work.mkdir()
+        (work / "read-me").write_bytes(b"r" * 100_000)
+        reader = Reader(work / "read-me")
+        writer = start_writer(work / "log", sync_at=LINES)
+        wait_for(lambda: writer.wrote() >= LINES // 4, 60, "the writer to be under way")
+
+        second = Daemon(rig.base / "state", rig.base / "mnt", size="2G", env=rig.env, extra=["--take-over"]).start()
+        assert first.proc.wait(60) == EXIT_HANDED_OVER, first.logs()  # type: ignore[union-attr]
+        assert "taking over from pid" in second.logs() and "continuing the mount" in second.logs(), second.logs()
+        assert reader.read_size() == 100_000, "a descriptor opened before reads on"
+
+        wait_for(lambda: writer.has("done") or writer.proc.poll() is not None, 120, "the writer to finish")
+        assert writer.proc.wait(30) == 0, writer.lines
+        done = next(line for line in writer.lines if line.startswith("done"))
+        assert done.endswith("[]"), f"no fsync error after a take-over: {done}"
+        assert (work / "log").read_bytes() == expected(LINES)
+        reader.close()
+        assert second.stop() == 0, second.logs()
+        assert not is_mounted(second.mount)
+    finally:
+        for d in (first, second):
+            if d is not None:
+                d.stop_hard()
+
+
+def test_a_successor_the_daemon_refuses_leaves_with_one_line_and_the_daemon_serves() -> None:
+    """Without a keeper the daemon cannot hand over: the successor says why in one line and exits,
+    and the daemon still serves its mount."""
+    base = Path(tempfile.mkdtemp(prefix="awsomefs-restart-", dir="/var/tmp"))
+    daemon = Daemon(base / "state", base / "mnt", size="1G", env=KERNEL).start()
+    try:
+        successor = Daemon(base / "state", base / "mnt", size="1G", env=KERNEL, extra=["--take-over"])
+        done = subprocess.run(successor.command(), capture_output=True, text=True, env=successor.env, cwd="/",
+                              timeout=120)
+        assert done.returncode == 1, done
+        assert done.stderr.count("\n") == 1 and "did not hand the mount over" in done.stderr, done.stderr
+        assert "no descriptor store" in done.stderr, done.stderr
+        (daemon.mount / "still").write_text("served")
+        assert (daemon.mount / "still").read_text() == "served"
+        assert daemon.stop() == 0
+    finally:
+        daemon.stop_hard()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def test_a_daemon_serves_at_the_priority_it_was_given(rig: Rig) -> None:
+    """A start runs ahead of the load (awsomefsd/priority.py), serving does not: once it serves,
+    every thread of the daemon, and the autogroup of the session it leads (as a service does),
+    are back where they were."""
+    def nice_values(pid: int) -> set[int]:
+        return {int(Path(f"/proc/{pid}/task/{tid}/stat").read_text().rpartition(")")[2].split()[16])
+                for tid in os.listdir(f"/proc/{pid}/task")}
+
+    daemon = Daemon(rig.base / "state", rig.base / "mnt", size="2G", env=rig.env, prefix=["setsid"]).start()
+    try:
+        pid = daemon.proc.pid  # type: ignore[union-attr]
+        (daemon.mount / "f").write_bytes(b"x")  # the threads serving requests exist by now
+        assert nice_values(pid) == {os.getpriority(os.PRIO_PROCESS, 0)}
+        assert os.getsid(pid) == pid
+        assert Path(f"/proc/{pid}/autogroup").read_text().split()[-1] == "0"  # a new session's
+        assert daemon.stop() == 0
+    finally:
+        daemon.stop_hard()
+
+
 def test_after_a_crash_synced_bytes_survive_and_descriptors_keep_working(rig: Rig) -> None:
     first = rig.daemon().start()
     second = None
