@@ -15,7 +15,7 @@ import errno
 import json
 import os
 import stat
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AbstractAsyncContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any
@@ -25,6 +25,7 @@ from awsomefsd.fs.coherence import Coherence
 from awsomefsd.fs.data import FileData
 from awsomefsd.fs.handles import CRASH_UNREPORTED, Handle, Handles
 from awsomefsd.fs.posix import check_xattr
+from awsomefsd.fs.tiered import EvictFile
 from awsomefsd.io.layout import BLOCK_SIZE
 from awsomefsd.meta import commands as c
 from awsomefsd.meta.client import MetaClient
@@ -92,10 +93,12 @@ class FsStats:
 
 class Operations:
     """The POSIX operations of one node. `coherence` is a cluster member's (None on a single
-    node); `handles` is shared with it (its `holds` decides when an unlinked inode can go)."""
+    node); `handles` is shared with it (its `holds` decides when an unlinked inode can go);
+    `evict` tiers a file's data now (the tiering engine's, fs/tiered.py; None: no object store
+    configured)."""
 
     def __init__(self, meta: MetaClient, data: FileData, handles: Handles, *, total_blocks: int,
-                 coherence: Coherence | None = None) -> None:
+                 coherence: Coherence | None = None, evict: EvictFile | None = None) -> None:
         self.meta = meta
         self.data = data
         self.handles = handles
@@ -103,8 +106,7 @@ class Operations:
         self.coherence = coherence
         self._ino_next = 0
         self._ino_end = 0
-        self.evict: Callable[[int], Awaitable[int]] | None = None
-        """Tier a file's data now (the tiering engine's; None: no object store configured)."""
+        self.evict = evict
         self._tier_failed: dict[int, str] = {}
         """Why the last `tier evict|recall` of a file failed: its errno reaches the command, the
         reason comes back in the attribute the command reads next (`error`)."""

@@ -69,6 +69,13 @@ class EngineStats:
     last_unreadable: str = ""
 
 
+def device_fill(meta: MetaClient, total_blocks: int) -> float:
+    """The fraction of the device's data blocks in use (delayed frees count as free): above the
+    fill watermark the engine tiers sooner, and the recall policy brings nothing back."""
+    free = meta.free_blocks() + meta.pending_free_blocks()
+    return 1.0 - free / total_blocks if total_blocks else 0.0
+
+
 class TierEngine:
     def __init__(self, meta: MetaClient, reader: Reader, store: ObjectStore, settings: TierSettings, *,
                  cluster_id: str, total_blocks: int, clock_ns: Callable[[], int] = time.time_ns) -> None:
@@ -267,9 +274,7 @@ class TierEngine:
                 if not ext.unwritten and not is_tiered(ext.dev_block) and not self.meta.shares_blocks(ext)]
 
     def device_fill(self) -> float:
-        """The fraction of the device's data blocks in use (delayed frees count as free)."""
-        free = self.meta.free_blocks() + self.meta.pending_free_blocks()
-        return 1.0 - free / self.total_blocks if self.total_blocks else 0.0
+        return device_fill(self.meta, self.total_blocks)
 
     def _excluded_volumes(self) -> set[int]:
         names = set(self.settings.exclude_volumes)

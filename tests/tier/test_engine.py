@@ -220,8 +220,8 @@ async def test_a_file_read_again_later_comes_back_to_the_device(node: Node) -> N
     f = await a_file(node, b"f", 24 * BLOCK_SIZE, seed=10)
     await node.evict(f)
     now = [5000.0]
-    node.tiering.policy.clock = lambda: now[0]
-    node.tiering.policy.recall_reads = 2
+    node.core.data.recall_policy.clock = lambda: now[0]
+    node.core.data.recall_policy.recall_reads = 2
     await f.check()
     await trio.sleep(0.05)
     assert node.placement(f) == (0, 24), "one read: it stays in the store"
