@@ -279,7 +279,7 @@ async def test_cold_data_short_of_an_object_waits_for_more_unless_space_is_short
 
 
 async def test_a_snapshot_shares_tiered_data_and_keeps_it_where_it_is(node: Node) -> None:
-    from awsomefsd.fs.operations import TIER_XATTR
+    from awsomefsd.fs.xattr_ops import TIER_XATTR
     from awsomefsd.volumes import CoreVolumes
 
     volumes = CoreVolumes(node.core, "/nonexistent")
