@@ -27,6 +27,7 @@ from awsomefsd.fs.data import FileData
 from awsomefsd.fs.handles import Handles
 from awsomefsd.fs.operations import Operations
 from awsomefsd.fs.space import ClaimSpace
+from awsomefsd.fs.tiered import TieredBlocks
 from awsomefsd.io.device import BlockDevice
 from awsomefsd.io.errors import DeviceError
 from awsomefsd.io.fence import WriteFence
@@ -161,7 +162,8 @@ def build_core(settings: Settings, storage: Storage, meta_log: LocalLog | Replic
     meta = MetaClient(meta_log, storage.sm)
     allocator = node_allocator(meta, storage.superblock.layout, node_id)
     reads = tier_reads(settings, meta, storage.superblock) if tiering else None
-    data = file_data(settings, storage.device, meta, allocator, metrics, tiered=reads, single_node=True)
+    data = file_data(settings, storage.device, meta, allocator, metrics, single_node=True,
+                     tiered=None if reads is None else reads.source)
     tier = tiering_over(reads, data)
     ops = Operations(meta, data, Handles(meta), total_blocks=storage.superblock.layout.data_blocks,
                      evict=None if tier is None else tier.evict)
@@ -177,7 +179,7 @@ def node_allocator(meta: MetaClient, layout: DeviceLayout, node_id: int) -> Node
 
 def file_data(settings: Settings, device: BlockDevice, meta: MetaClient, allocator: NodeAllocator,
               metrics: Metrics, *, claim_space: ClaimSpace | None = None, single_node: bool = False,
-              tiered: TierReads | None = None) -> FileData:
+              tiered: TieredBlocks | None = None) -> FileData:
     return FileData(
         device, allocator, meta,
         file_buffer_bytes=settings.data.file_buffer_bytes,
@@ -192,8 +194,9 @@ def file_data(settings: Settings, device: BlockDevice, meta: MetaClient, allocat
 
 
 def tier_reads(settings: Settings, meta: MetaClient, superblock: Superblock) -> TierReads | None:
-    """The tier's side of tiered blocks, when [tier] configures it (a bad configuration: NodeError):
-    built before the file data, which reads through it (fs/tiered.py)."""
+    """The tier's store, caches and reads, when [tier] configures it (a bad configuration:
+    NodeError): built before the file data, which reads tiered blocks through its `source`
+    (fs/tiered.py)."""
     if not settings.tier.enabled:
         return None
     from awsomefsd.tier.service import TierConfigError, TierReads

@@ -465,7 +465,7 @@ def _assemble(member: Member) -> Core:
     groups = GroupKeeper(node_id, meta, allocator, epoch.current, low_blocks=layout.ag_blocks, book=book)
     reads = tier_reads(settings, meta, member.storage.superblock)
     data = file_data(settings, member.storage.device, meta, allocator, metrics, claim_space=groups.claim_now,
-                     tiered=reads)
+                     tiered=None if reads is None else reads.source)
     groups.keep_blocks = data.buffer.dirty_blocks  # what it keeps when it gives groups to others
     handles = Handles(meta, track_lookups=True)
     coherence = ClusterCoherence(node_id, meta, member.invalidator, epoch.current, flush=data.flush,

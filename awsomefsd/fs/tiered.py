@@ -19,7 +19,7 @@ EvictFile = Callable[[int], Awaitable[int]]
 
 
 class TieredBlocks(Protocol):
-    """What the file system needs of the tier to read tiered blocks (tier/service.py TierReads)."""
+    """What the file system needs of the tier to read tiered blocks (tier/source.py TierSource)."""
 
     async def read(self, block: int, checksums: bytes, start: int, end: int) -> bytes:
         """Bytes [start, end) of the run of tiered blocks at `block` whose CRC32C `checksums`

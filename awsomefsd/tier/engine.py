@@ -34,7 +34,7 @@ from awsomefsd.meta import commands as c
 from awsomefsd.meta.client import MetaClient
 from awsomefsd.meta.errors import FsError, StoreUnavailable
 from awsomefsd.meta.records import MAX_OBJECTS_PER_COMMAND, Extent, Inode, is_tiered, object_of
-from awsomefsd.tier.source import object_key
+from awsomefsd.tier.source import device_fill, object_key
 from awsomefsd.tier.store import ObjectStore, Retry, StoreError, with_retries
 
 log = logging.getLogger(__name__)
@@ -67,13 +67,6 @@ class EngineStats:
     unreadable_objects: int = 0
     """Objects whose data the last repacks could not read from the store (tried again later)."""
     last_unreadable: str = ""
-
-
-def device_fill(meta: MetaClient, total_blocks: int) -> float:
-    """The fraction of the device's data blocks in use (delayed frees count as free): above the
-    fill watermark the engine tiers sooner, and the recall policy brings nothing back."""
-    free = meta.free_blocks() + meta.pending_free_blocks()
-    return 1.0 - free / total_blocks if total_blocks else 0.0
 
 
 class TierEngine:
@@ -274,6 +267,7 @@ class TierEngine:
                 if not ext.unwritten and not is_tiered(ext.dev_block) and not self.meta.shares_blocks(ext)]
 
     def device_fill(self) -> float:
+        """The fraction of the device's data blocks in use (delayed frees count as free)."""
         return device_fill(self.meta, self.total_blocks)
 
     def _excluded_volumes(self) -> set[int]:

@@ -1,7 +1,7 @@
-"""Tiering on one node: the store client, the caches and reads of tiered data (`TierReads`, the
-port the file system is built with: fs/tiered.py), and the engine where this node runs it (a
-single node always; in a cluster, the leader) with the eviction the file system is given
-(`Tiering`, built over the file data).
+"""Tiering on one node: the store client, the caches and reads of tiered data (`TierReads`, built
+before the file data, which reads through its `source`: fs/tiered.py), and the engine where this
+node runs it (a single node always; in a cluster, the leader) with the eviction the file system
+is given (`Tiering`, built over the file data).
 
 Built at start from `[tier]` (awsomefsd/config.py). A configuration that cannot work (no
 credentials, a bad endpoint) stops the start with one line. After each engine pass the node writes
@@ -28,7 +28,7 @@ from awsomefsd.meta.client import MetaClient
 from awsomefsd.metrics import Metric, counter, gauge
 from awsomefsd.tier.cache import ChunkCache
 from awsomefsd.tier.credentials import CredentialsError, load_credentials
-from awsomefsd.tier.engine import TierEngine, device_fill
+from awsomefsd.tier.engine import TierEngine
 from awsomefsd.tier.reader import TieredReader
 from awsomefsd.tier.source import TierSource
 from awsomefsd.tier.store import ObjectStore
@@ -66,8 +66,8 @@ def cache_directory(settings: Settings) -> Path:
 
 
 class TierReads:
-    """The store client, the caches and the reads of tiered blocks: the file system's port to the
-    tier (fs/tiered.py TieredBlocks), built before the file system, which is given it."""
+    """The store client, the caches and the reads of tiered blocks (`source`: the port the file
+    system reads them through, tier/source.py), built before the file data, which is given it."""
 
     def __init__(self, settings: Settings, meta: MetaClient, *, cluster_id: str, total_blocks: int) -> None:
         tier = settings.tier
@@ -79,13 +79,8 @@ class TierReads:
         self.cache = ChunkCache(cache_directory(settings), disk_bytes=tier.cache_bytes,
                                 memory_bytes=tier.memory_cache_bytes)
         self.reader = TieredReader(self.store, self.cache, read_timeout_s=tier.read_timeout_s)
-        self.source = TierSource(meta, self.reader, cluster_id=cluster_id)
-
-    async def read(self, block: int, checksums: bytes, start: int, end: int) -> bytes:
-        return await self.source.read(block, checksums, start, end)
-
-    def may_recall(self) -> bool:
-        return device_fill(self.meta, self.total_blocks) < self.settings.tier.fill_watermark
+        self.source = TierSource(meta, self.reader, cluster_id=cluster_id, total_blocks=total_blocks,
+                                 fill_watermark=tier.fill_watermark)
 
 
 class Tiering:
