@@ -452,8 +452,9 @@ def _assemble(member: Member) -> Core:
     """The file system with the cluster's parts between its own, each built after what it needs:
     the lease epoch, the allocator and the group keeper (which claims space for it), the tier's
     reads (with [tier]), the file data, the handles, the coherence (which flushes files and asks
-    what this node holds), the tiering engine, the POSIX operations over them, then the lease (which, when the cluster expired it, reloads the groups
-    and the coherence and drops the buffered writes) and the leader's duties."""
+    what this node holds), the tiering engine, the POSIX operations over them, then the lease
+    (which, when the cluster expired it, reloads the groups and the coherence and drops the
+    buffered writes) and the leader's duties."""
     settings, meta, raft = member.settings, member.meta, member.raft
     node_id = member.node_id
     layout = member.storage.superblock.layout
