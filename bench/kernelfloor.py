@@ -22,7 +22,8 @@ from pathlib import Path
 
 import trio
 
-from awsomefsd.fs.operations import FsStats, InGroup
+from awsomefsd.fs.operations import FsStats
+from awsomefsd.fs.ops_base import InGroup
 from awsomefsd.fuse.kernel import channel
 from awsomefsd.fuse.kernel.handlers import KernelHandlers
 from awsomefsd.fuse.kernel.session import INLINE_SINGLE_NODE, Session

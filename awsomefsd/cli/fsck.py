@@ -52,7 +52,7 @@ def run_fsck(settings: Settings, *, repair: bool, verify_data: bool) -> int:
 
     report = Report()
     _check_superblocks(settings, report, repair)
-    core = open_core(settings, log_kind="local", initialise=False)
+    core = open_core(settings, log_kind="local", initialise=False, tiering=False)
     try:
         assert isinstance(core.log, LocalLog), "fsck works on the state as committed: the local log"
         print("checking namespace", flush=True)

@@ -19,7 +19,7 @@ from typing import Any
 
 from awsomefsd.config import Settings
 from awsomefsd.daemon.tiering import TierConfigError, open_store, read_status
-from awsomefsd.fs.operations import TIER_XATTR
+from awsomefsd.fs.xattr_ops import TIER_XATTR
 from awsomefsd.io.layout import BLOCK_SIZE
 from awsomefsd.meta.inspect import read_tier_objects
 from awsomefsd.tier.store import StoreError

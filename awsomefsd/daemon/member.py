@@ -68,6 +68,8 @@ from awsomefsd.daemon.node import (
     node_allocator,
     open_storage,
     serve,
+    tier_reads,
+    tiering_over,
 )
 from awsomefsd.duty import DutyBook, is_fatal, one_line, retry_until_done, supervise
 from awsomefsd.fs.data import FileData
@@ -449,10 +451,11 @@ async def _wait_for_state(member: Member) -> None:
 
 def _assemble(member: Member) -> Core:
     """The file system with the cluster's parts between its own, each built after what it needs:
-    the lease epoch, the allocator and the group keeper (which claims space for it), the file data,
-    the handles, the coherence (which flushes files and asks what this node holds), the POSIX
-    operations over them, then the lease (which, when the cluster expired it, reloads the groups
-    and the coherence and drops the buffered writes) and the leader's duties."""
+    the lease epoch, the allocator and the group keeper (which claims space for it), the tier's
+    reads (with [tier]), the file data, the handles, the coherence (which flushes files and asks
+    what this node holds), the tiering engine, the POSIX operations over them, then the lease
+    (which, when the cluster expired it, reloads the groups and the coherence and drops the
+    buffered writes) and the leader's duties."""
     settings, meta, raft = member.settings, member.meta, member.raft
     node_id = member.node_id
     layout = member.storage.superblock.layout
@@ -462,7 +465,9 @@ def _assemble(member: Member) -> Core:
     epoch.load(meta)  # every proposal from here on is fenced
     allocator = node_allocator(meta, layout, node_id)
     groups = GroupKeeper(node_id, meta, allocator, epoch.current, low_blocks=layout.ag_blocks, book=book)
-    data = file_data(settings, member.storage.device, meta, allocator, metrics, claim_space=groups.claim_now)
+    reads = tier_reads(settings, meta, member.storage.superblock)
+    data = file_data(settings, member.storage.device, meta, allocator, metrics, claim_space=groups.claim_now,
+                     tiered=None if reads is None else reads.source)
     groups.keep_blocks = data.buffer.dirty_blocks  # what it keeps when it gives groups to others
     handles = Handles(meta, track_lookups=True)
     coherence = ClusterCoherence(node_id, meta, member.invalidator, epoch.current, flush=data.flush,
@@ -472,8 +477,10 @@ def _assemble(member: Member) -> Core:
     # the one cycle: coherence flushes through data, and data asks coherence what it may do
     data.compactor.may_rewrite = coherence.holding  # compaction and recall
     data.writer.may_run_ahead = coherence.fresh
-    ops = Operations(meta, data, handles, coherence=coherence, total_blocks=layout.data_blocks)
-    core = assemble_core(member.storage, raft, meta, allocator, data, ops, metrics, book)
+    tiering = tiering_over(reads, data)
+    ops = Operations(meta, data, handles, coherence=coherence, total_blocks=layout.data_blocks,
+                     evict=None if tiering is None else tiering.evict)
+    core = assemble_core(member.storage, raft, meta, allocator, data, ops, metrics, book, tiering)
     leases = LeaseSettings(settings.cluster.lease_s, settings.cluster.renew_s, settings.cluster.lease_margin_s)
     lease = LivenessLease(node_id, raft, meta, member.storage.device.fence, epoch, leases,
                           on_expired=functools.partial(_expired, groups, coherence, data), book=book)

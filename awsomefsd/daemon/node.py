@@ -28,6 +28,7 @@ from awsomefsd.fs.data import FileData
 from awsomefsd.fs.handles import Handles
 from awsomefsd.fs.operations import Operations
 from awsomefsd.fs.space import ClaimSpace
+from awsomefsd.fs.tiered import TieredBlocks
 from awsomefsd.io.device import BlockDevice
 from awsomefsd.io.errors import DeviceError
 from awsomefsd.io.fence import WriteFence
@@ -46,7 +47,7 @@ if TYPE_CHECKING:  # imported where used: a restart waits for every module the d
     from prometheus_client.metrics_core import Metric
 
     from awsomefsd.cluster.tls import NodeCredentials
-    from awsomefsd.daemon.tiering import Tiering
+    from awsomefsd.daemon.tiering import Tiering, TierReads
     from awsomefsd.meta.replication.fs_log import ReplicatedFsLog
 
 log = logging.getLogger(__name__)
@@ -74,6 +75,8 @@ class Core:
     metrics: Metrics
     duties: DutyBook = field(default_factory=DutyBook)
     """Errors of this node's background duties (awsomefsd/duty.py): logged once per kind, counted."""
+    tiering: Tiering | None = None
+    """Tiering to the object store, when [tier] configures it (`serve` runs its engine)."""
 
     def close(self) -> None:
         self.log.close()
@@ -126,12 +129,13 @@ def open_storage(settings: Settings, *, bootstrap: bool = True, grant_all_to: in
 
 
 def open_core(settings: Settings, *, metrics: Metrics | None = None, log_kind: str | None = None,
-              initialise: bool = True) -> Core:
+              initialise: bool = True, tiering: bool = True) -> Core:
     """A single node: storage, its metadata log, and the file system on top.
 
     `log_kind` overrides `[meta] log` (fsck works offline on the state as committed: "local").
     `initialise`: make the metadata when the state directory has none and the device may be
-    founded (fsck never does: it checks what exists).
+    founded (fsck never does: it checks what exists). `tiering`: with the object store when
+    [tier] configures it (fsck checks the store on its own).
     """
     storage = open_storage(settings, bootstrap=initialise)
     meta_log: LocalLog | ReplicatedFsLog
@@ -142,19 +146,28 @@ def open_core(settings: Settings, *, metrics: Metrics | None = None, log_kind: s
     else:
         meta_log = LocalLog(storage.store, storage.sm, commit_interval_ms=settings.data.commit_interval_ms,
                             commit_idle_ms=settings.data.commit_idle_ms, before_commit=storage.device.sync_written)
-    return build_core(settings, storage, meta_log, node_id=NODE_ID, metrics=metrics)
+    try:
+        return build_core(settings, storage, meta_log, node_id=NODE_ID, metrics=metrics, tiering=tiering)
+    except BaseException:
+        meta_log.close()
+        storage.close()
+        raise
 
 
 def build_core(settings: Settings, storage: Storage, meta_log: LocalLog | ReplicatedFsLog, *, node_id: int,
-               metrics: Metrics | None = None) -> Core:
+               metrics: Metrics | None = None, tiering: bool = True) -> Core:
     """A single node's file system over open storage whose metadata is initialised. (A cluster
     member builds the same parts with its cluster's between them: daemon/member.py.)"""
     metrics = metrics or Metrics()
     meta = MetaClient(meta_log, storage.sm)
     allocator = node_allocator(meta, storage.superblock.layout, node_id)
-    data = file_data(settings, storage.device, meta, allocator, metrics, single_node=True)
-    ops = Operations(meta, data, Handles(meta), total_blocks=storage.superblock.layout.data_blocks)
-    return assemble_core(storage, meta_log, meta, allocator, data, ops, metrics, DutyBook(f"node {node_id}"))
+    reads = tier_reads(settings, meta, storage.superblock) if tiering else None
+    data = file_data(settings, storage.device, meta, allocator, metrics, single_node=True,
+                     tiered=None if reads is None else reads.source)
+    tier = tiering_over(reads, data)
+    ops = Operations(meta, data, Handles(meta), total_blocks=storage.superblock.layout.data_blocks,
+                     evict=None if tier is None else tier.evict)
+    return assemble_core(storage, meta_log, meta, allocator, data, ops, metrics, DutyBook(f"node {node_id}"), tier)
 
 
 def node_allocator(meta: MetaClient, layout: DeviceLayout, node_id: int) -> NodeAllocator:
@@ -165,7 +178,8 @@ def node_allocator(meta: MetaClient, layout: DeviceLayout, node_id: int) -> Node
 
 
 def file_data(settings: Settings, device: BlockDevice, meta: MetaClient, allocator: NodeAllocator,
-              metrics: Metrics, *, claim_space: ClaimSpace | None = None, single_node: bool = False) -> FileData:
+              metrics: Metrics, *, claim_space: ClaimSpace | None = None, single_node: bool = False,
+              tiered: TieredBlocks | None = None) -> FileData:
     return FileData(
         device, allocator, meta,
         file_buffer_bytes=settings.data.file_buffer_bytes,
@@ -174,16 +188,46 @@ def file_data(settings: Settings, device: BlockDevice, meta: MetaClient, allocat
         on_checksum_error=lambda _block: metrics.checksum_failures.inc(),
         claim_space=claim_space,
         single_node=single_node,
+        tiered=tiered,
+        recall_reads=settings.tier.recall_reads,
     )
 
 
+def tier_reads(settings: Settings, meta: MetaClient, superblock: Superblock) -> TierReads | None:
+    """The tier's store, caches and reads, when [tier] configures it (a bad configuration:
+    NodeError): built before the file data, which reads tiered blocks through its `source`
+    (fs/tiered.py)."""
+    if not settings.tier.enabled:
+        return None
+    from awsomefsd.daemon.tiering import TierConfigError, TierReads
+
+    try:
+        return TierReads(settings, meta, cluster_id=str(superblock.cluster_id),
+                         total_blocks=superblock.layout.data_blocks)
+    except TierConfigError as exc:
+        raise NodeError(str(exc)) from None
+
+
+def tiering_over(reads: TierReads | None, data: FileData) -> Tiering | None:
+    """The tiering engine over the file data (None without [tier]): built before the operations,
+    which are given its eviction."""
+    if reads is None:
+        return None
+    from awsomefsd.daemon.tiering import Tiering
+
+    return Tiering(reads, data)
+
+
 def assemble_core(storage: Storage, meta_log: LocalLog | ReplicatedFsLog, meta: MetaClient, allocator: NodeAllocator,
-                  data: FileData, ops: Operations, metrics: Metrics, duties: DutyBook) -> Core:
+                  data: FileData, ops: Operations, metrics: Metrics, duties: DutyBook,
+                  tiering: Tiering | None = None) -> Core:
     """The Core of built parts, its metrics registered."""
     core = Core(storage.device, storage.superblock, storage.store, storage.sm, meta_log, meta, allocator, data, ops,
-                metrics, duties)
+                metrics, duties, tiering)
     metrics.add_collector(lambda: _collect(core))
     metrics.add_collector(core.duties.collect)
+    if tiering is not None:
+        metrics.add_collector(tiering.collect)
     return core
 
 
@@ -329,7 +373,7 @@ async def serve(core: Core, settings: Settings, *, ready: Callable[[str], None] 
     mount = settings.mount.path
     if mount is None:
         raise NodeError("no mount point configured: set [mount] path or --mount")
-    tiering = _tiering(core, settings)
+    tiering = core.tiering
     store = descriptor_store(settings.mount.fd_keeper) if settings.mount.transport == "kernel" else None
     transport = make_transport(settings.mount.transport, core.ops, mount, allow_other=settings.mount.allow_other,
                                entry_timeout_s=settings.mount.entry_timeout_s,
@@ -491,21 +535,6 @@ async def _start_site(nursery: trio.Nursery, core: Core, settings: Settings, mem
         return
     await nursery.start(functools.partial(serve_grpc, [ControlService(site.control_handlers()).binding()],
                                           f"unix://{control_socket(settings.node.state_dir)}"))
-
-
-def _tiering(core: Core, settings: Settings) -> Tiering | None:
-    """Tiering to the object store, when [tier] configures it (a bad configuration: NodeError)."""
-    if not settings.tier.enabled:
-        return None
-    from awsomefsd.daemon.tiering import TierConfigError, Tiering
-
-    try:
-        tiering = Tiering(settings, core.meta, core.data, core.ops, cluster_id=str(core.superblock.cluster_id),
-                          total_blocks=core.ops.total_blocks)
-    except TierConfigError as exc:
-        raise NodeError(str(exc)) from None
-    core.metrics.add_collector(tiering.collect)
-    return tiering
 
 
 KERNEL_WRITEBACK_DEADLINE_S = 60.0

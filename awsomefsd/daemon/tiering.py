@@ -1,5 +1,7 @@
-"""Tiering on one node: the store client, the caches, reads of tiered data, the recall policy, and
-the engine where this node runs it (a single node always; in a cluster, the leader).
+"""Tiering on one node: the store client, the caches and reads of tiered data (`TierReads`, built
+before the file data, which reads through its `source`: fs/tiered.py), and the engine where this
+node runs it (a single node always; in a cluster, the leader) with the eviction the file system
+is given (`Tiering`, built over the file data).
 
 Built at start from `[tier]` (awsomefsd/config.py). A configuration that cannot work (no
 credentials, a bad endpoint) stops the start with one line. After each engine pass the node writes
@@ -21,8 +23,6 @@ import trio
 from awsomefsd.config import Settings
 from awsomefsd.duty import DutyBook, run_duty
 from awsomefsd.fs.data import FileData
-from awsomefsd.fs.operations import Operations
-from awsomefsd.fs.recall import RecallPolicy
 from awsomefsd.io.layout import BLOCK_SIZE
 from awsomefsd.meta.client import MetaClient
 from awsomefsd.metrics import Metric, counter, gauge
@@ -65,34 +65,44 @@ def cache_directory(settings: Settings) -> Path:
     return settings.tier.cache_dir or settings.node.state_dir / "tier-cache"
 
 
-class Tiering:
-    def __init__(self, settings: Settings, meta: MetaClient, data: FileData, ops: Operations, *,
-                 cluster_id: str, total_blocks: int) -> None:
+class TierReads:
+    """The store client, the caches and the reads of tiered blocks (`source`: the port the file
+    system reads them through, tier/source.py), built before the file data, which is given it."""
+
+    def __init__(self, settings: Settings, meta: MetaClient, *, cluster_id: str, total_blocks: int) -> None:
         tier = settings.tier
+        self.settings = settings
+        self.meta = meta
+        self.cluster_id = cluster_id
+        self.total_blocks = total_blocks
         self.store = open_store(settings)
-        self.state_dir = settings.node.state_dir
         self.cache = ChunkCache(cache_directory(settings), disk_bytes=tier.cache_bytes,
                                 memory_bytes=tier.memory_cache_bytes)
         self.reader = TieredReader(self.store, self.cache, read_timeout_s=tier.read_timeout_s)
-        data.reader.tier = TierSource(meta, self.reader, cluster_id=cluster_id)
-        self.engine = TierEngine(meta, data.reader, self.store, tier, cluster_id=cluster_id, total_blocks=total_blocks)
-        self.policy = RecallPolicy(self._recall, recall_reads=tier.recall_reads)
-        data.reader.on_tiered_read = self.policy.noted
-        ops.evict = self._evict
-        self.meta = meta
+        self.source = TierSource(meta, self.reader, cluster_id=cluster_id, total_blocks=total_blocks,
+                                 fill_watermark=tier.fill_watermark)
+
+
+class Tiering:
+    """The rest of a node's tiering, over its file data (which reads through `reads`): the engine,
+    the eviction the file system is given (`evict`), the status and the metrics."""
+
+    def __init__(self, reads: TierReads, data: FileData) -> None:
+        self.store = reads.store
+        self.state_dir = reads.settings.node.state_dir
+        self.cache = reads.cache
+        self.reader = reads.reader
+        self.engine = TierEngine(reads.meta, data.reader, self.store, reads.settings.tier,
+                                 cluster_id=reads.cluster_id, total_blocks=reads.total_blocks)
+        self.meta = reads.meta
         self.data = data
         log.info("tiering cold data to %r", self.store)
 
-    async def _evict(self, ino: int) -> int:
+    async def evict(self, ino: int) -> int:
+        """Move the file's data to the store now (fs/tiered.py EvictFile); the status follows."""
         moved = await self.engine.evict(ino)
         self.write_status()
         return moved
-
-    def _recall(self, ino: int) -> None:
-        """A file the policy found hot comes back, unless the device is past its watermark (the
-        engine would only tier it again)."""
-        if self.engine.device_fill() < self.engine.settings.fill_watermark:
-            self.data.compactor.request_recall(ino)
 
     async def run(self, *, book: DutyBook, runs_engine: Callable[[], bool] = lambda: True,
                   task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:

@@ -31,8 +31,10 @@ from awsomefsd.fs.flusher import Flusher
 from awsomefsd.fs.losses import LossLedger
 from awsomefsd.fs.ranges import RangeEditor
 from awsomefsd.fs.reader import Reader
+from awsomefsd.fs.recall import RecallPolicy
 from awsomefsd.fs.space import ClaimSpace, SpaceGuard
 from awsomefsd.fs.staging import BlockStager
+from awsomefsd.fs.tiered import TieredBlocks
 from awsomefsd.fs.truncate import Truncator
 from awsomefsd.fs.writer import RunWriter
 from awsomefsd.io.device import BlockDevice
@@ -58,15 +60,22 @@ class FileData:
         on_checksum_error: Callable[[int], None] | None = None,
         claim_space: ClaimSpace | None = None,
         single_node: bool = False,
+        tiered: TieredBlocks | None = None,
+        recall_reads: int = 0,
     ) -> None:
         """`single_node`: no other node reads this device, so a write short of space may take back
         space freed a moment ago as soon as this node's reads from before have ended
-        (SpaceGuard.wait_for_frees)."""
+        (SpaceGuard.wait_for_frees). `tiered`: the object store's blocks, when [tier] is configured
+        (fs/tiered.py); a file whose tiered data is read in `recall_reads` different minutes then
+        comes back to the device (fs/recall.py)."""
         self.device = device
         io = ExtentIO(device, max_run_bytes=MAX_EXTENT_BLOCKS * BLOCK_SIZE)
         self.buffer = WriteBuffer(file_buffer_bytes=file_buffer_bytes, write_buffer_bytes=write_buffer_bytes,
                                   clock_ns=clock_ns)
-        self.reader = Reader(meta, self.buffer, io, on_checksum_error=on_checksum_error)
+        self.tiered = tiered
+        self.recall_policy = RecallPolicy(self._recall, recall_reads=recall_reads)
+        self.reader = Reader(meta, self.buffer, io, on_checksum_error=on_checksum_error, tier=tiered,
+                             on_tiered_read=None if tiered is None else self.recall_policy.noted)
         self.space = SpaceGuard(meta, allocator, self.buffer, device, clock_ns=clock_ns, claim_space=claim_space,
                                 reads_drained=self.reader.drained if single_node else None)
         self.writer = writer = RunWriter(meta, self.reader, self.space, io, clock_ns=clock_ns)
@@ -80,6 +89,12 @@ class FileData:
         self.kernel_writeback: Callable[[], Awaitable[None]] | None = None
         """Under the writeback cache: make the kernel send the written pages it keeps (set once
         the mount serves)."""
+
+    def _recall(self, ino: int) -> None:
+        """A file the recall policy found hot comes back, unless the device is past the tiering
+        watermark (the engine would only tier it again)."""
+        if self.tiered is not None and self.tiered.may_recall():
+            self.compactor.request_recall(ino)
 
     # -- the write buffer, as callers and tests see it --------------------------------------------
     @property

@@ -20,7 +20,7 @@ name unfiltered, so without this check `bogus.x` was stored, listed and copied b
 
 SYSTEM_XATTRS_HANDLED = (b"system.posix_acl_access", b"system.posix_acl_default")
 """The only system.* names ext4 knows. The file layer refuses to set them (ACLs are not supported,
-see operations.POSIX_ACL_XATTRS), reads them as absent and removes them as absent."""
+see xattr_ops.POSIX_ACL_XATTRS), reads them as absent and removes them as absent."""
 
 DIR_SIZE = BLOCK_SIZE
 """st_size of a directory. We store entries in the metadata store, not in data blocks, so the

@@ -20,19 +20,23 @@ from contextlib import contextmanager
 import trio
 
 from awsomefsd.fs.buffer import WriteBuffer
+from awsomefsd.fs.tiered import TieredBlocks
 from awsomefsd.io.extent_io import ChecksumMismatch, ExtentIO
 from awsomefsd.io.layout import BLOCK_SIZE
 from awsomefsd.meta.client import MetaClient
 from awsomefsd.meta.errors import FsError
 from awsomefsd.meta.records import TIER_BASE_BLOCK, Extent, Inode, is_tiered
-from awsomefsd.tier.source import TierSource
 
 log = logging.getLogger(__name__)
 
 
 class Reader:
     def __init__(self, meta: MetaClient, buffer: WriteBuffer, io: ExtentIO, *,
-                 on_checksum_error: Callable[[int], None] | None = None) -> None:
+                 on_checksum_error: Callable[[int], None] | None = None, tier: TieredBlocks | None = None,
+                 on_tiered_read: Callable[[int], None] | None = None) -> None:
+        """`tier` reads blocks in objects of the object store (None: no [tier] configured, such a
+        read is EIO); `on_tiered_read(ino)` is told of every read that reached tiered data (the
+        recall policy)."""
         self.meta = meta
         self.buffer = buffer
         self.io = io
@@ -41,10 +45,8 @@ class Reader:
         """Reads in flight, from their look at the block map to the end of their device reads."""
         self._tokens = itertools.count()
         self._read_ended: trio.Event | None = None  # set at the end of a read while `drained` waits
-        self.tier: TierSource | None = None
-        """Where blocks in objects of the object store are read (set when [tier] is configured)."""
-        self.on_tiered_read: Callable[[int], None] | None = None
-        """Told the inode of every read that reached tiered data (the recall policy)."""
+        self.tier = tier
+        self.on_tiered_read = on_tiered_read
 
     @contextmanager
     def holding_map(self) -> Iterator[None]:

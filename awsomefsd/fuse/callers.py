@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from awsomefsd.fs.operations import InGroup
+from awsomefsd.fs.ops_base import InGroup
 
 
 def caller_in_group(uid: int, gid: int, pid: int) -> InGroup:

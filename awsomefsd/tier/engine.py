@@ -34,7 +34,7 @@ from awsomefsd.meta import commands as c
 from awsomefsd.meta.client import MetaClient
 from awsomefsd.meta.errors import FsError, StoreUnavailable
 from awsomefsd.meta.records import MAX_OBJECTS_PER_COMMAND, Extent, Inode, is_tiered, object_of
-from awsomefsd.tier.source import object_key
+from awsomefsd.tier.source import device_fill, object_key
 from awsomefsd.tier.store import ObjectStore, Retry, StoreError, with_retries
 
 log = logging.getLogger(__name__)
@@ -268,8 +268,7 @@ class TierEngine:
 
     def device_fill(self) -> float:
         """The fraction of the device's data blocks in use (delayed frees count as free)."""
-        free = self.meta.free_blocks() + self.meta.pending_free_blocks()
-        return 1.0 - free / self.total_blocks if self.total_blocks else 0.0
+        return device_fill(self.meta, self.total_blocks)
 
     def _excluded_volumes(self) -> set[int]:
         names = set(self.settings.exclude_volumes)

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from awsomefsd.cli.devcluster.network import PrivateNetwork
-from awsomefsd.fs.operations import TIER_XATTR
+from awsomefsd.fs.xattr_ops import TIER_XATTR
 from tests.support import monitoring
 from tests.support.cluster import Cluster, Node, cluster_in
 from tests.support.daemon import wait_for

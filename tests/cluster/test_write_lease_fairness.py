@@ -1,4 +1,4 @@
-"""Write-lease hand-over between members (awsomefsd/cluster/coherence.py), on a simulated log: one
+"""Write-lease hand-over between members (awsomefsd/cluster/coherence*.py), on a simulated log: one
 real state machine that every member applies each command to at once, and proposals that take
 longer from followers (forwarded) than from the leader. Virtual time (trio's MockClock).
 
@@ -24,6 +24,7 @@ import trio
 import trio.testing
 
 from awsomefsd.cluster import coherence as coherence_mod
+from awsomefsd.cluster import coherence_handover
 from awsomefsd.cluster.coherence import ClusterCoherence
 from awsomefsd.fuse.invalidate import Invalidator
 from awsomefsd.meta import cluster_commands as cc
@@ -163,7 +164,7 @@ async def test_three_nonstop_writers_share_one_file(tmp_path: Path, autojump_clo
           f"{sum(co.leases_released for co in cluster.sim.members.values())}")
     assert all(writes[n] * 3 >= busiest for n in (1, 2, 3)), f"a writer was starved: {dict(writes)}"
     # bounded: two other nodes ahead, each holding the lease MIN_HOLD_S plus a flush and a hand-over
-    assert max(waits.values()) < 2 * (coherence_mod.MIN_HOLD_S + 0.2), waits
+    assert max(waits.values()) < 2 * (coherence_handover.MIN_HOLD_S + 0.2), waits
 
 
 async def test_a_holder_that_lost_its_queue_hands_over_after_a_repeated_request(
@@ -269,7 +270,7 @@ async def test_a_rewrite_runs_only_under_the_lease_and_holds_it(tmp_path: Path,
                     events.append("node 2 writes")
 
             nursery.start_soon(other_writer)
-            await trio.sleep(coherence_mod.MIN_HOLD_S + 1.0)  # node 2 asked long ago
+            await trio.sleep(coherence_handover.MIN_HOLD_S + 1.0)  # node 2 asked long ago
             events.append("node 1's rewrite ends")
         with trio.fail_after(5):
             while "node 2 writes" not in events:

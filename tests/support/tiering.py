@@ -75,8 +75,8 @@ class Node:
 async def tiered_node(settings: Settings) -> AsyncIterator[Node]:
     """A single node's core with tiering, its flusher and prefetcher running; closed after."""
     core = open_core(settings)
-    tiering = Tiering(settings, core.meta, core.data, core.ops, cluster_id=str(core.superblock.cluster_id),
-                      total_blocks=core.ops.total_blocks)
+    tiering = core.tiering
+    assert tiering is not None
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(core.data.run)

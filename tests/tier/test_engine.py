@@ -220,8 +220,8 @@ async def test_a_file_read_again_later_comes_back_to_the_device(node: Node) -> N
     f = await a_file(node, b"f", 24 * BLOCK_SIZE, seed=10)
     await node.evict(f)
     now = [5000.0]
-    node.tiering.policy.clock = lambda: now[0]
-    node.tiering.policy.recall_reads = 2
+    node.core.data.recall_policy.clock = lambda: now[0]
+    node.core.data.recall_policy.recall_reads = 2
     await f.check()
     await trio.sleep(0.05)
     assert node.placement(f) == (0, 24), "one read: it stays in the store"
@@ -280,7 +280,7 @@ async def test_cold_data_short_of_an_object_waits_for_more_unless_space_is_short
 
 async def test_a_snapshot_shares_tiered_data_and_keeps_it_where_it_is(node: Node) -> None:
     from awsomefsd.daemon.volumes import CoreVolumes
-    from awsomefsd.fs.operations import TIER_XATTR
+    from awsomefsd.fs.xattr_ops import TIER_XATTR
 
     volumes = CoreVolumes(node.core, "/nonexistent")
     made = await volumes.create_volume("data", 16 << 20)

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from awsomefsd.fs.operations import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE
+from awsomefsd.fs.file_ops import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE
 from awsomefsd.io.layout import BLOCK_SIZE
 from awsomefsd.meta import commands as c
 from tests.support import seeds

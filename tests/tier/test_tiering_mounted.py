@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from awsomefsd.fs.operations import TIER_XATTR
+from awsomefsd.fs.xattr_ops import TIER_XATTR
 from tests.mounted.conftest import running_daemon
 from tests.support.daemon import Daemon, run_cli, wait_for
 from tests.support.s3 import TEST_KEY_ID, TEST_SECRET, S3Server

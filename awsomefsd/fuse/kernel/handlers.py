@@ -16,9 +16,10 @@ from collections.abc import Callable
 import trio
 
 from awsomefsd.fs.clock import file_time_ns
-from awsomefsd.fs.operations import BLOCK_SIZE, TIER_XATTR, Operations
+from awsomefsd.fs.operations import BLOCK_SIZE, Operations
 from awsomefsd.fs.posix import presented_size_blocks
 from awsomefsd.fs.tmpfile import tmpfile
+from awsomefsd.fs.xattr_ops import TIER_XATTR
 from awsomefsd.fuse.callers import caller_in_group
 from awsomefsd.fuse.invalidate import MOUNTED
 from awsomefsd.fuse.kernel import abi

@@ -1,0 +1,170 @@
+"""What a member's coherence does with each applied command (inside the apply transaction: it only
+queues): lease grants, releases and requests (the first-come queue of waiters), expiries and
+purges; the kernel caches another node's changes made stale (attribute invalidations now, page
+caches dropped at the next open: `keep_cache`); and the orphans an unlink or rename leaves, which
+it releases in batches once nothing here holds them. Part of `ClusterCoherence`
+(cluster/coherence.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import trio
+
+from awsomefsd.cluster.coherence_base import CoherenceBase
+from awsomefsd.fuse.invalidate import Kind, Target, targets
+from awsomefsd.meta import cluster_commands as cc
+from awsomefsd.meta import commands as c
+from awsomefsd.meta.errors import Delegated, FsError
+
+log = logging.getLogger(__name__)
+
+MAX_STALE_TRACKED = 1 << 20
+ORPHAN_BATCH_S = 0.02
+ORPHAN_RETRY_S = 2.5
+MAX_ORPHANS_PER_COMMAND = 4096
+
+
+class AppliedCommands(CoherenceBase):
+    """Applied commands observed, the kernel caches they made stale, and the orphans they leave."""
+
+    # --- observing applied commands (inside the apply transaction: queue only) -----------------
+    def observe(self, command: object, result: Any, mine: bool) -> None:
+        """One applied command (the log unwraps batches: `commands.applied`)."""
+        if isinstance(result, FsError):
+            self._count_refusal(result, mine)
+            return
+        self._observe_one(command, result)
+        if not mine:
+            self.invalidator.submit(self._safe(targets(command, result)))
+
+    def _count_refusal(self, error: FsError, mine: bool) -> None:
+        if mine and isinstance(error, Delegated):
+            self.delegation_refusals += 1  # the operation takes the delegation and goes again
+
+    def _observe_one(self, command: object, result: Any) -> None:
+        if isinstance(command, cc.AcquireWriteLease):
+            ino = command.ino
+            waiting = self._waiting.setdefault(ino, {})
+            if result == command.node:  # granted (asked while free, or handed over by the holder)
+                waiting.pop(command.node, None)
+                if not waiting:
+                    del self._waiting[ino]
+                if command.node == self.node_id:
+                    self.held.add(ino)
+                    self._acquired_at[ino] = trio.current_time()
+                    self._wake(ino)
+                    if waiting:
+                        self._hand_over_later(ino)
+            else:  # a request: `result` holds it; first come, first served (a repeat keeps its place)
+                waiting[command.node] = command.epoch
+                if result == self.node_id:
+                    self._hand_over_later(ino)
+        elif isinstance(command, cc.ReleaseWriteLease) and result:
+            if command.node == self.node_id:
+                self.held.discard(command.ino)
+                self._acquired_at.pop(command.ino, None)
+            self._wake(command.ino)
+        elif isinstance(command, cc.ExpireNode):
+            if command.node == self.node_id:
+                self.expiries += 1
+                self.held.clear()
+                self._acquired_at.clear()
+            for ino, waiting in list(self._waiting.items()):
+                waiting.pop(command.node, None)  # its next request carries its new epoch
+                if not waiting:
+                    del self._waiting[ino]
+            for ino in list(self._changed):
+                self._wake(ino)
+        elif isinstance(command, c.Purge):
+            self.published(command.ino)
+            self.held.discard(command.ino)
+            self._acquired_at.pop(command.ino, None)
+            self._waiting.pop(command.ino, None)
+            self._wake(command.ino)
+        elif isinstance(command, c.Unlink) and isinstance(result, int):
+            self.release_orphan(result)  # checked later: only an orphan we do not hold is released
+        elif isinstance(command, c.Rename) and isinstance(result, int) and result:
+            self.release_orphan(result)
+
+    def _safe(self, stale: list[Target]) -> list[Target]:
+        """Only attribute invalidations go to the kernel: they never wait for anything there. Stale
+        data is dropped at the next open instead (keep_cache), and stale names expire by their short
+        timeout: entry and page-cache invalidations wait in the kernel for pending requests on the
+        directory or the pages, and a daemon SIGKILLed during such a wait can never exit."""
+        safe = []
+        for target in stale:
+            if target.kind == Kind.INODE:
+                if len(self._stale_data) >= MAX_STALE_TRACKED:
+                    self._all_stale = True  # too many to track: no page cache survives an open
+                    self._stale_data.clear()
+                self._stale_data.add(target.ino)
+                safe.append(Target.attr_only(target.ino))
+            elif target.kind == Kind.ATTR:
+                safe.append(target)
+        return safe
+
+    def appended(self, ino: int) -> None:
+        self.invalidator.submit([Target.attr_only(ino)])
+
+    def keep_cache(self, ino: int) -> bool:
+        if self._all_stale:
+            return False
+        if ino in self._stale_data:
+            self._stale_data.discard(ino)
+            return False
+        return True
+
+    # --- orphans ----------------------------------------------------------------------------------
+    def release_orphan(self, ino: int) -> None:
+        self._orphans.add(ino)
+        self._orphans_wake.set()
+
+    def pending_orphans(self) -> None:
+        """At start nothing here holds anything: every orphan waiting for us can be released."""
+        for orphan in self.meta.orphans():
+            if self.node_id in orphan.holders:
+                self._orphans.add(orphan.ino)
+        self._orphans_wake.set()
+
+    async def run_orphans(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Release, in batches, the orphans nothing here holds (one command per batch); look again
+        later at those something still holds."""
+        async with trio.open_nursery() as nursery:
+            self._nursery_start = nursery.start_soon
+            task_status.started()
+            await self._release_orphans()
+
+    async def _release_orphans(self) -> None:
+        while True:
+            await self._orphans_wake.wait()
+            self._orphans_wake = trio.Event()
+            await trio.sleep(ORPHAN_BATCH_S)
+            batch, self._orphans = self._orphans, set()
+            mine, later = [], []
+            for ino in sorted(batch):
+                orphan = self.meta.orphan(ino)
+                if orphan is None or (orphan.holders and self.node_id not in orphan.holders):
+                    continue
+                if self.holds(ino):
+                    later.append(ino)  # an open handle releases it at close; a recent lookup expires
+                    continue
+                mine.append(ino)
+            if later:
+                self._nursery_start(self._retry_later, later)
+            for start in range(0, len(mine), MAX_ORPHANS_PER_COMMAND):
+                chunk = tuple(mine[start : start + MAX_ORPHANS_PER_COMMAND])
+                try:
+                    await self.meta.propose(cc.ReleaseOrphans(self.node_id, chunk, time.time_ns()))
+                    self.orphans_released += len(chunk)
+                except FsError as exc:
+                    log.warning("releasing %d unlinked inodes failed (%s); retrying later", len(chunk), exc)
+                    self._orphans.update(chunk)
+
+    async def _retry_later(self, inos: list[int]) -> None:
+        await trio.sleep(ORPHAN_RETRY_S)
+        for ino in inos:
+            self.release_orphan(ino)

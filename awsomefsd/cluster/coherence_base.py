@@ -1,0 +1,120 @@
+"""The state a member's coherence keeps (cluster/coherence.py: `ClusterCoherence`, built from this
+and the parts in coherence_applied.py and coherence_handover.py), and the few steps all of them
+take: waking the writers that wait for a lease to change hands, queueing a hand-over, and ending a
+new file's freshness (docs/delegations.md).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Awaitable, Callable
+
+import trio
+
+from awsomefsd.fs.coherence import FlushFile, HoldsInode
+from awsomefsd.fuse.invalidate import Invalidator
+from awsomefsd.meta.client import MetaClient
+
+log = logging.getLogger(__name__)
+
+
+class CoherenceBase:
+    """What this member holds, who waits for what, and the counters `status` and the metrics show."""
+
+    def __init__(self, node_id: int, meta: MetaClient, invalidator: Invalidator, epoch: Callable[[], int], *,
+                 flush: FlushFile | None = None,
+                 lose_file: Callable[[int, str], None] | None = None,
+                 holds: HoldsInode = lambda _ino: False,
+                 wait_lease: Callable[[], Awaitable[None]] | None = None,
+                 read_barrier: Callable[..., Awaitable[object]] | None = None,
+                 strict: bool = False) -> None:
+        self.node_id = node_id
+        self.strict = strict
+        self.meta = meta
+        self.invalidator = invalidator
+        self.epoch = epoch
+        """This node's liveness-lease epoch, now."""
+        self.flush = flush
+        """`async flush(ino)`: this node's buffered data of the file to the device and the log."""
+        self.holds = holds
+        self.lose_file = lose_file
+        """`lose_file(ino, reason)`: drop the file's buffered bytes; its descriptors report EIO."""
+        self.expiries = 0  # times the cluster expired this node's liveness lease (ExpireNode applied)
+        """Does anything on this node still reach this inode (a handle, a recent lookup)?"""
+        self.wait_lease = wait_lease
+        """Until this node's liveness lease is renewed (a writer that finds its epoch expired,
+        after a pause, waits for the new one instead of failing at once)."""
+        self.read_barrier = read_barrier
+        """`async read_barrier(timeout_s=...)`: apply everything committed before the call
+        (ReadIndex); without it `catch_up` only drains the invalidations."""
+        self._orphans: set[int] = set()  # unlinked inodes to look at: release those we do not hold
+        self._orphans_wake = trio.Event()
+        self.orphans_released = 0
+        self.held: set[int] = set()
+        self._acquired_at: dict[int, float] = {}  # inode -> when we got its lease (trio clock)
+        self._waiting: dict[int, dict[int, int]] = {}  # inode -> {waiting node: its epoch}, first come first
+        self._requested_at: dict[int, float] = {}  # inode -> our last request (trio clock)
+        self._releasing: set[int] = set()  # hand-over under way: new writes here wait
+        self._handing: set[int] = set()  # hand-over task scheduled or running
+        self._writers: dict[int, int] = {}  # inode -> writes in progress under its lease
+        self._delegated: set[int] = set()  # directories whose delegation this node asked for
+        self._fresh: dict[int, int] = {}  # file created ahead -> its directory (`fresh`)
+        self._fresh_in: dict[int, set[int]] = {}  # directory -> the fresh files created in it
+        self._touched: dict[int, float] = {}  # inode -> when the last change under its lease ended
+        self._idle: dict[int, trio.Event] = {}  # set when an inode's last write in progress ends
+        self._stale_data: set[int] = set()
+        self._all_stale = False
+        self._changed: dict[int, trio.Event] = {}  # set when an inode's lease changes hands
+        self._to_release: trio.MemorySendChannel[int]
+        self._release_queue: trio.MemoryReceiveChannel[int]
+        self._to_release, self._release_queue = trio.open_memory_channel(4096)
+        self._nursery: trio.Nursery | None = None
+        self.catch_ups = 0
+        self.stale_reads = 0
+        self.cut_off = False  # the last catch-up ran out of budget and none succeeded since (catch_up)
+        self.leases_acquired = 0
+        self.leases_released = 0
+        self.lease_waits = 0
+        self.lease_timeouts = 0
+        self.handover_failures = 0
+        self.delegations_returned = 0
+        self.delegation_refusals = 0
+        """Changes of ours the log refused because another node held a directory's delegation."""
+        self.lease_wait_s = 0.0  # total time writes waited for a lease
+        self.lease_wait_max_s = 0.0
+
+    def reload(self) -> None:
+        """Rebuild what this node holds from the state (start, snapshot install, expiry). The
+        queues are forgotten (commands were skipped): waiters repeat their requests."""
+        self.held = set(self.meta.leases_of(self.node_id))
+        self._acquired_at = {ino: -math.inf for ino in self.held}
+        self._fresh.clear()
+        self._fresh_in.clear()
+        self._waiting.clear()
+        for ino in list(self._changed):
+            self._wake(ino)
+
+    def published(self, ino: int) -> None:
+        """The file is now reachable another way (a link, a rename into another directory): its
+        mappings wait for the log from now on."""
+        directory = self._fresh.pop(ino, None)
+        if directory is not None:
+            self._fresh_in[directory].discard(ino)
+
+    def _unfresh_directories(self, dirs: set[int]) -> None:
+        """These directories' delegations begin to move: what was created in them is no longer fresh."""
+        for directory in dirs:
+            for ino in self._fresh_in.pop(directory, ()):
+                self._fresh.pop(ino, None)
+
+    def _hand_over_later(self, ino: int) -> None:
+        try:
+            self._to_release.send_nowait(ino)
+        except trio.WouldBlock:
+            log.warning("hand-over queue full; inode %d's lease is handed over on the next request", ino)
+
+    def _wake(self, ino: int) -> None:
+        event = self._changed.pop(ino, None)
+        if event is not None:
+            event.set()

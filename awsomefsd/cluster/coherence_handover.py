@@ -1,0 +1,203 @@
+"""Handing write leases and directory delegations over (docs/coherence.md, "Write-lease
+hand-over"; docs/delegations.md): to the first node waiting for one, after this node's turn, once
+the writes under it ended and the file is flushed, in one command; delegations nobody asked for
+given back once idle; and everything given back at a clean stop. Part of `ClusterCoherence`
+(cluster/coherence.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import trio
+
+from awsomefsd.cluster.coherence_base import CoherenceBase
+from awsomefsd.duty import is_fatal, one_line
+from awsomefsd.meta import cluster_commands as cc
+from awsomefsd.meta import commands as c
+from awsomefsd.meta.errors import FsError
+
+log = logging.getLogger(__name__)
+
+MIN_HOLD_S = 0.2
+"""A holder keeps a lease it got at least this long before handing it on: every turn writes
+something, and two writers do not spend their time handing the lease back and forth."""
+HANDOVER_RETRY_S = 0.5
+MAX_RELEASES_PER_COMMAND = 1024
+MIN_HOLD_DIRECTORY_S = 0.5
+"""MIN_HOLD_S for a directory's delegation: a turn of changes at local speed is worth a longer
+wait for the others (nodes creating in one directory take turns; each hand-over costs the holder
+a drain of its pipeline and one round of the log)."""
+IDLE_TURN_S = 0.05
+"""A directory's holder that someone waits for hands it over before MIN_HOLD_DIRECTORY_S once it
+has changed nothing in it for this long: the turn is for changes at local speed, and a node that
+came for one rename (or one lookup) would otherwise keep three nodes' clients waiting half a
+second each (renames between two contended directories took 1-1.5 s, and up to 5 s, in the
+nemesis run)."""
+DELEGATION_IDLE_S = 2.0
+"""Once this node has changed nothing under its delegations for this long, it gives back those
+nobody asked for: lookups in those directories on other nodes then need no hand-over. While it
+is busy it keeps them all: an untar or a build comes back to its directories in any order, and
+each return to a given-back directory would cost a round of the log (docs/delegations.md)."""
+
+
+class LeaseHandOver(CoherenceBase):
+    """The hand-over task (`run`) and the returns of leases and delegations."""
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Hand over the leases other nodes wait for (one task per file: a slow flush of one file
+        does not hold up the others)."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            nursery.start_soon(self._release_idle_delegations)
+            task_status.started()
+            async for ino in self._release_queue:
+                if ino in self._handing or ino not in self.held:
+                    continue
+                self._handing.add(ino)
+                nursery.start_soon(self._hand_over, ino)
+
+    def _next_waiter(self, ino: int) -> tuple[int, int] | None:
+        """The first node in the file's queue that can still take the lease: (node, its epoch)."""
+        waiting = self._waiting.get(ino)
+        if not waiting:
+            return None
+        for node in list(waiting):
+            record = self.meta.member(node)
+            if node != self.node_id and record is not None and record.active and not record.expired:
+                return node, record.epoch
+            del waiting[node]  # gone or expired: its next request puts it back, at the end
+        return None
+
+    async def _hand_over(self, ino: int) -> None:
+        """Give the lease to the first waiter: after MIN_HOLD_S, once the writes in progress ended
+        and the file is flushed, in one command (release + acquire for that node)."""
+        retry = False
+        try:
+            await self._turn(ino)
+            if ino not in self.held or ino in self._releasing or self._next_waiter(ino) is None:
+                return
+            self._releasing.add(ino)
+            self.held.discard(ino)  # from here no new write starts under it (they wait in _acquire)
+            self.published(ino)  # another node knows the file
+            self._unfresh_directories({ino})
+            try:
+                while ino in self._writers:  # writes already under the lease finish first
+                    idle = self._idle.setdefault(ino, trio.Event())
+                    await idle.wait()
+                if self.flush is not None:
+                    await self.flush(ino)
+                release = cc.ReleaseWriteLease(ino, self.node_id)
+                nxt = self._next_waiter(ino)
+                if nxt is None:
+                    await self.meta.propose(release)
+                else:
+                    await self.meta.propose(c.Batch((release, cc.AcquireWriteLease(ino, *nxt))))
+                self.leases_released += 1
+            except Exception as exc:
+                if is_fatal(exc):
+                    raise
+                # The flush failed (fenced, device error) or the metadata group is unreachable: the
+                # lease stays ours if the state says so (its data is still here); tried again later.
+                self.handover_failures += 1
+                still_ours = self.meta.lease_holder(ino) == self.node_id
+                log.warning("node %d could not hand over the write lease of inode %d: %s%s", self.node_id, ino,
+                            one_line(exc), "; trying again" if still_ours else "")
+                if still_ours:
+                    self.held.add(ino)
+                    retry = True
+            finally:
+                self._releasing.discard(ino)
+                self._wake(ino)
+        finally:
+            self._handing.discard(ino)
+        if retry and self._nursery is not None:
+            self._nursery.start_soon(self._retry_hand_over, ino)
+
+    async def _turn(self, ino: int) -> None:
+        """Until this node's turn with the lease ends: MIN_HOLD_S after it got it (a file), or
+        MIN_HOLD_DIRECTORY_S for a directory, which ends early once nothing here has changed in
+        it for IDLE_TURN_S (no change is in progress and the last one is that old)."""
+        acquired = self._acquired_at.get(ino, -math.inf)
+        inode = self.meta.inode(ino)
+        if inode is None or not inode.is_dir:
+            await trio.sleep_until(acquired + MIN_HOLD_S)
+            return
+        if self.strict:
+            return  # a strict node changes nothing ahead of the log: a turn would buy it nothing
+        end = acquired + MIN_HOLD_DIRECTORY_S
+        while (now := trio.current_time()) < end:
+            quiet_since = max(acquired, self._touched.get(ino, acquired))
+            if ino not in self._writers and now - quiet_since >= IDLE_TURN_S:
+                return
+            await trio.sleep_until(min(end, max(quiet_since, now) + IDLE_TURN_S))
+
+    async def _retry_hand_over(self, ino: int) -> None:
+        await trio.sleep(HANDOVER_RETRY_S)
+        if ino in self.held and self._waiting.get(ino):
+            self._hand_over_later(ino)
+
+    async def _release_idle_delegations(self) -> None:
+        while True:
+            await trio.sleep(DELEGATION_IDLE_S / 2)
+            now = trio.current_time()
+            if now - max(self._touched.values(), default=-math.inf) < DELEGATION_IDLE_S:
+                continue  # still changing here: keep them all (an untar visits its directories in any order)
+            idle = []
+            for ino in sorted(self._delegated):
+                if ino not in self.held:
+                    self._forget_delegation(ino)
+                elif (ino not in self._writers and ino not in self._releasing and ino not in self._handing
+                      and not self._waiting.get(ino) and now - self._touched.get(ino, now) >= DELEGATION_IDLE_S):
+                    idle.append(ino)
+            for start in range(0, len(idle), MAX_RELEASES_PER_COMMAND):
+                await self._give_back(idle[start : start + MAX_RELEASES_PER_COMMAND])
+
+    def _forget_delegation(self, ino: int) -> None:
+        self._delegated.discard(ino)
+        self._touched.pop(ino, None)
+
+    async def _give_back(self, inos: list[int]) -> None:
+        """Release idle delegations, in one command ordered after every change made under them
+        (meta/ahead.py)."""
+        for ino in inos:
+            self._forget_delegation(ino)
+            self._handing.add(ino)
+            self._releasing.add(ino)
+            self.held.discard(ino)
+        self._unfresh_directories(set(inos))
+        try:
+            await self.meta.propose(self._releases(inos))
+            self.delegations_returned += len(inos)
+        except FsError as exc:
+            for ino in inos:
+                if self.meta.lease_holder(ino) == self.node_id:
+                    self.held.add(ino)
+            log.info("node %d keeps %d directory delegations for now: %s", self.node_id, len(inos), one_line(exc))
+        finally:
+            for ino in inos:
+                self._releasing.discard(ino)
+                self._handing.discard(ino)
+                self._wake(ino)
+
+    def _releases(self, inos: list[int]) -> c.Batch:
+        """One command giving back several leases (at most MAX_RELEASES_PER_COMMAND)."""
+        assert len(inos) <= MAX_RELEASES_PER_COMMAND
+        return c.Batch(tuple(cc.ReleaseWriteLease(ino, self.node_id) for ino in inos))
+
+    async def release_all(self) -> int:
+        """Give back every write lease and delegation this node holds (a clean stop, after
+        everything is flushed; no write can be in progress), in one command per 1,024: nobody
+        waits for a node that is not running (a node that created thousands of files holds
+        thousands of leases)."""
+        held, self.held = sorted(self.held), set()
+        released = 0
+        for start in range(0, len(held), MAX_RELEASES_PER_COMMAND):
+            chunk = held[start : start + MAX_RELEASES_PER_COMMAND]
+            try:
+                await self.meta.propose(self._releases(chunk))
+                released += len(chunk)
+            except FsError as exc:
+                log.info("node %d: %d write leases go back when its lease expires (%s)", self.node_id, len(chunk), exc)
+        return released

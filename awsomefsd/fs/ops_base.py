@@ -1,0 +1,232 @@
+"""What every POSIX operation of a node shares (fs/operations.py builds the operations on it,
+with fs/file_ops.py and fs/xattr_ops.py): the metadata client, the file data and the handles;
+inode numbers; the kernel's references and the orphans they leave; how a change reaches the
+metadata (ahead of the log under a delegation or write lease, or through it); and attribute
+changes (`setattr`), which a truncate, fallocate and an O_TRUNC open go through.
+
+Everything runs on the trio thread; a method keeps no LMDB transaction across an await (the log
+may commit and start a new one meanwhile).
+"""
+
+from __future__ import annotations
+
+import errno
+import stat
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager, nullcontext
+from typing import Any
+
+from awsomefsd.fs.clock import file_time_ns
+from awsomefsd.fs.coherence import Coherence
+from awsomefsd.fs.data import FileData
+from awsomefsd.fs.handles import Handle, Handles
+from awsomefsd.fs.tiered import EvictFile
+from awsomefsd.meta import commands as c
+from awsomefsd.meta.client import MetaClient
+from awsomefsd.meta.commands import R
+from awsomefsd.meta.errors import Delegated, FsError
+from awsomefsd.meta.records import Inode, check_owner, clamp_time_ns
+
+INODE_RESERVATION = 1024
+MAX_DELEGATION_TRIES = 8
+"""A change whose target moved while its delegations were being acquired tries again, then goes
+through the log without running ahead."""
+
+SETID_BITS = stat.S_ISUID | stat.S_ISGID
+InGroup = Callable[[int], bool]
+"""Whether the caller of a request is in group `gid`, or may act as if it were (root)."""
+
+
+def without_setid(mode: int, gid: int, in_group: InGroup) -> int | None:
+    """The mode a write, a truncate or a chown leaves, by the VFS's rules: set-user-ID goes;
+    set-group-ID goes with group execute, and without it (where it marks mandatory locking) when
+    the caller is not in the file's group `gid`. None when nothing changes."""
+    cleared = mode & ~stat.S_ISUID
+    if mode & stat.S_ISGID and (mode & stat.S_IXGRP or not in_group(gid)):
+        cleared &= ~stat.S_ISGID
+    return None if cleared == mode else cleared
+
+
+class OperationsBase:
+    """The state and helpers the POSIX operations share. `coherence` is a cluster member's (None on
+    a single node); `handles` is shared with it (its `holds` decides when an unlinked inode can go);
+    `evict` tiers a file's data now (the tiering engine's, fs/tiered.py; None: no object store
+    configured)."""
+
+    def __init__(self, meta: MetaClient, data: FileData, handles: Handles, *, total_blocks: int,
+                 coherence: Coherence | None = None, evict: EvictFile | None = None) -> None:
+        self.meta = meta
+        self.data = data
+        self.handles = handles
+        self.total_blocks = total_blocks
+        self.coherence = coherence
+        self._ino_next = 0
+        self._ino_end = 0
+        self.evict = evict
+        self._tier_failed: dict[int, str] = {}
+        """Why the last `tier evict|recall` of a file failed: its errno reaches the command, the
+        reason comes back in the attribute the command reads next (`error`)."""
+
+    # -- helpers --------------------------------------------------------------------------------
+    def _now(self) -> int:
+        return file_time_ns()
+
+    def exists(self, ino: int) -> bool:
+        """Is there an inode `ino` (deleted ones are not)?"""
+        return self.meta.inode(ino) is not None
+
+    def inode(self, ino: int) -> Inode:
+        """An inode the kernel named. If it is gone (its last name was removed or replaced, here or
+        on another node, and nothing here held it open) that is ESTALE, not ENOENT: the VFS then
+        looks the path up again (LOOKUP_REVAL) and finds what the name means now."""
+        inode = self.meta.inode(ino)
+        if inode is None:
+            raise FsError(errno.ESTALE)
+        return self.data.with_buffered(inode)
+
+    async def new_ino(self) -> int:
+        if self._ino_next >= self._ino_end:
+            # Nothing between the assignment and the increment awaits, so concurrent callers that
+            # both reserved still hand out distinct numbers (the loser's range is simply unused).
+            self._ino_next, self._ino_end = await self.meta.propose(c.ReserveInodes(INODE_RESERVATION))
+            self.handles.crash.made(self._ino_next)
+        ino = self._ino_next
+        self._ino_next += 1
+        return ino
+
+    def remember(self, ino: int) -> None:
+        """The kernel now holds one more reference (an entry reply was sent for `ino`)."""
+        self.handles.remember(ino)
+
+    async def forget(self, items: list[tuple[int, int]]) -> None:
+        for ino, count in items:
+            if self.handles.forget(ino, count):
+                await self._purge_if_orphan(ino)
+
+    async def _purge_if_orphan(self, ino: int) -> None:
+        """Delete an unlinked inode once nothing can reach its data any more.
+
+        An open handle keeps a file (POSIX: an unlinked open file stays readable). A kernel lookup
+        reference alone does not: with no name and no open file nothing can read it, so unlink
+        frees space at once, as a local filesystem does, instead of waiting for FORGET. A removed
+        directory may still be some process's working directory: it waits for FORGET.
+        """
+        if not self.handles.may_purge:
+            return  # a crash before this process: unknown handles may still reach it
+        if self.handles.is_open(ino):
+            return
+        inode = self.meta.inode(ino)
+        if inode is not None and inode.is_dir and ino in self.handles.lookups:
+            return
+        # Only an orphan: an unnamed inode another site's move may still bring back is kept
+        # (meta/sites.py) and is no orphan.
+        if inode is not None and inode.nlink == 0 and self.meta.orphan(ino) is not None:
+            self.data.forget(ino)
+            if self.coherence is not None:
+                self.coherence.release_orphan(ino)  # other nodes may still hold it open
+            else:
+                await self.meta.propose(c.Purge(ino, self._now()))
+
+    async def purge_orphans(self) -> int:
+        """At start no kernel holds any inode: every orphan left by a crash can go."""
+        orphans = [orphan.ino for orphan in self.meta.orphans()]
+        for ino in orphans:
+            await self.meta.propose(c.Purge(ino, self._now()))
+        return len(orphans)
+
+    # -- how a change reaches the metadata -------------------------------------------------------
+    def _changing(self, *dirs: int) -> AbstractAsyncContextManager[bool]:
+        """The delegations a namespace change needs (a cluster member's); True: it may run ahead."""
+        return nullcontext(False) if self.coherence is None else self.coherence.changing(dirs)
+
+    def _holding(self, ino: int) -> AbstractAsyncContextManager[bool]:
+        """True while this node holds the inode's lease: a change to its attributes may run ahead."""
+        return nullcontext(False) if self.coherence is None else self.coherence.holding(ino)
+
+    def _writing(self, ino: int) -> AbstractAsyncContextManager[None]:
+        return nullcontext() if self.coherence is None else self.coherence.writing(ino)
+
+    async def _propose(self, command: c.Command[R], ahead: bool) -> R:
+        """Run a namespace change ahead, or propose it through the log (`propose_holding`)."""
+        if ahead:
+            return await self.meta.run_ahead(command)
+        return await self.propose_holding(command)
+
+    async def propose_holding(self, command: c.Command[R], *, tries: int = MAX_DELEGATION_TRIES,
+                              inside: Callable[[], AbstractAsyncContextManager[Any]] = nullcontext) -> R:
+        """Propose `command` through the log. One the state machine refused because another node
+        holds a delegation or write lease it needs (`Delegated`: strict mode delegates nothing of
+        its own, a change whose delegations kept moving goes without, another site's batch is
+        no FUSE request) is proposed again holding that too: its hand-over first commits what the
+        holder acknowledged, so the change applies as every node will see it. `tries`: how many
+        it may take, one per refusal. `inside()`: locks held around each proposal, taken after
+        the delegations (a hand-over of this node's own write lease flushes the file under its
+        buffer lock)."""
+        taken: set[int] = set()
+        while True:
+            held = nullcontext() if self.coherence is None or not taken else self.coherence.taking(taken)
+            async with held, inside():
+                try:
+                    return await self.meta.propose(command)
+                except Delegated as exc:
+                    if self.coherence is None or exc.directory in taken or len(taken) >= tries:
+                        raise
+                    taken.add(exc.directory)  # held from the next try on
+
+    # -- attributes and handles ------------------------------------------------------------------
+    async def setattr(self, ino: int, *, mode: int | None = None, uid: int | None = None, gid: int | None = None,
+                      size: int | None = None, atime_ns: int | None = None, mtime_ns: int | None = None,
+                      drop_setid: InGroup | None = None) -> Inode:
+        """`drop_setid`: the kernel leaves clearing set-user-ID and set-group-ID to us (a truncate
+        or chown under HANDLE_KILLPRIV_V2); ignored when the request sets the mode itself.
+        Times outside what an inode holds are stored as the nearest it holds, as ext4 does."""
+        check_owner(uid, gid)
+        if size is not None and size < 0:
+            raise FsError(errno.EINVAL)
+        atime_ns = None if atime_ns is None else clamp_time_ns(atime_ns)
+        mtime_ns = None if mtime_ns is None else clamp_time_ns(mtime_ns)
+        if drop_setid is not None and mode is None:
+            inode = self.inode(ino)
+            mode = None if inode.is_dir else without_setid(inode.mode, inode.gid, drop_setid)
+        if size is None and mtime_ns is not None:
+            # futimens after writes (tar, cp -p, rsync): the buffered data is committed first, so
+            # its flush cannot stamp its own write time over the one the application sets now.
+            # A kernel caching written pages sends their mtime after them this way at every close:
+            # when only the mtime changes, the flush carries it, and no second command is needed.
+            only_mtime = mode is None and uid is None and gid is None and atime_ns is None
+            stamped = only_mtime and self.data.stamp_buffered(ino, mtime_ns)
+            await self.data.flush(ino)
+            if stamped:
+                inode = self.inode(ino)
+                if inode.mtime_ns == mtime_ns:
+                    return self.data.with_buffered(inode)
+        cmd = c.SetAttr(ino, self._now(), mode=mode, uid=uid, gid=gid, atime_ns=atime_ns, mtime_ns=mtime_ns)
+        if size is not None:
+            async with self._writing(ino):
+                inode = self.inode(ino)
+                if inode.is_dir:
+                    raise FsError(errno.EISDIR)
+                if not inode.is_reg:
+                    raise FsError(errno.EINVAL)
+                if size > inode.size and inode.volume:
+                    self.data.check_quota(inode, 0)
+                result = await self.data.truncate(ino, size, cmd)
+        else:
+            async with self._holding(ino) as ahead:
+                result = await self._propose(cmd, ahead)
+        return self.data.with_buffered(result)
+
+    async def _drop_setid(self, inode: Inode, in_group: InGroup) -> None:
+        """Clear set-user-ID and set-group-ID before a change by a caller without CAP_FSETID
+        (what the VFS does itself unless we take it over with HANDLE_KILLPRIV_V2): one metadata
+        command when the bits are set, nothing otherwise."""
+        if inode.mode & SETID_BITS and not inode.is_dir:
+            mode = without_setid(inode.mode, inode.gid, in_group)
+            if mode is not None:
+                await self.setattr(inode.ino, mode=mode)
+
+    def handle(self, fh: int) -> Handle:
+        return self.handles.require(fh)
+
+    def _open_handle(self, ino: int, flags: int) -> int:
+        return self.handles.add(ino, flags, self.data.losses)
