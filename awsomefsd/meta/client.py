@@ -28,6 +28,7 @@ from typing import Any
 
 import trio
 
+from awsomefsd.crdt.hlc import Stamp
 from awsomefsd.meta.ahead import AheadLog
 from awsomefsd.meta.cluster_sm import member_from_record
 from awsomefsd.meta.commands import BASE_LOG_LEVEL, LOG_LEVEL, Command, R, level_of
@@ -53,7 +54,6 @@ from awsomefsd.meta.records import (
 from awsomefsd.meta.state_machine import StateMachine
 from awsomefsd.meta.tmpfile import is_linkable
 from awsomefsd.meta.volumes_sm import volume_from_record
-from awsomefsd.repl.hlc import Stamp
 
 FreedListener = Callable[[list[tuple[int, int]]], None]
 

@@ -386,7 +386,7 @@ class UpdateSiteLink(Command[None]):
 
 @dataclass(frozen=True, slots=True)
 class ApplyRemote(Command[Applied]):
-    """Apply a batch of the linked site's operations (repl/ops.py encodings), in its stamp order.
+    """Apply a batch of the linked site's operations (crdt/ops.py encodings), in its stamp order.
 
     `after`: the peer stamp the batch continues from (packed; empty: from the link's start), which
     must be what this site applied last: a batch sent twice, or by two senders at once, is refused.
@@ -433,7 +433,7 @@ class ForgetSite(Command[int]):
 @dataclass(frozen=True, slots=True)
 class ResolveConflict(Command[Applied]):
     """An operator resolved the conflict with key `conflict` (meta/sites.py) keeping the winner,
-    the loser or both (repl/ops.py KEEPS): closed on both sites, the copy kept of the loser
+    the loser or both (crdt/ops.py KEEPS): closed on both sites, the copy kept of the loser
     dropped. A losing move kept is made again, as a new move; a losing content, attribute or
     extended attribute kept was written back through the mount before this command."""
 

@@ -4,15 +4,15 @@ commands for its peer, and how it applies the peer's operations.
 Two directions meet here, both inside the transaction of a command, so both are as durable and
 as replicated (by the site's own Raft group) as the namespace they describe:
 - **Capture** (`record`): after a namespace or attribute command applied, while the site is
-  linked, what it did is written to the outbox in site-independent terms (repl/ops.py): objects
-  named by global ids, directory entries as nodes of the replicated tree (repl/tree.py), each
+  linked, what it did is written to the outbox in site-independent terms (crdt/ops.py): objects
+  named by global ids, directory entries as nodes of the replicated tree (crdt/tree.py), each
   operation stamped by the site's hybrid logical clock. The clock is kept in the tables and
   advanced from the command's own `now_ns`, so every replica computes the same stamps.
 - **Apply** (`apply_remote`): the peer's operations, in its stamp order. Moves go through the
   replicated tree (undo and redo when one arrives older than moves applied here); the directory
   entries the tree's placements imply are then made to match (`_show`), so what a site shows
   is a function of the moves it applied. Attributes and extended attributes are multi-value
-  registers (repl/register.py): the newest version shows, a concurrent loser is a conflict,
+  registers (crdt/register.py): the newest version shows, a concurrent loser is a conflict,
   listed in the `sconflicts` table.
 
 Deleting is a move to the tree's TRASH: an object whose last entry went there keeps its inode
@@ -43,6 +43,20 @@ from typing import TYPE_CHECKING, Any
 
 import lmdb
 
+from awsomefsd.crdt import ops as o
+from awsomefsd.crdt.hlc import MAX_LOGICAL, PACKED_BYTES, Stamp, happened_before
+from awsomefsd.crdt.register import MultiValueRegister, Version
+from awsomefsd.crdt.tree import (
+    MAX_DEPTH,
+    ROOT,
+    TRASH,
+    VOLUMES,
+    LogEntry,
+    Move,
+    Placement,
+    ReplicatedTree,
+    conflict_name,
+)
 from awsomefsd.meta import commands as c
 from awsomefsd.meta import filemap
 from awsomefsd.meta.errors import FsError
@@ -60,20 +74,6 @@ from awsomefsd.meta.records import (
     read_u64,
     u64,
     volume_dir_name,
-)
-from awsomefsd.repl import ops as o
-from awsomefsd.repl.hlc import MAX_LOGICAL, PACKED_BYTES, Stamp, happened_before
-from awsomefsd.repl.register import MultiValueRegister, Version
-from awsomefsd.repl.tree import (
-    MAX_DEPTH,
-    ROOT,
-    TRASH,
-    VOLUMES,
-    LogEntry,
-    Move,
-    Placement,
-    ReplicatedTree,
-    conflict_name,
 )
 
 if TYPE_CHECKING:

@@ -20,6 +20,9 @@ from typing import Any
 
 import pytest
 
+from awsomefsd.crdt import ops as o
+from awsomefsd.crdt.hlc import EPOCH, Stamp
+from awsomefsd.crdt.tree import Move
 from awsomefsd.meta import cluster_commands as cc
 from awsomefsd.meta import commands as c
 from awsomefsd.meta import sites as s
@@ -28,10 +31,7 @@ from awsomefsd.meta.filemap import all_extents
 from awsomefsd.meta.records import ROOT_INO, Extent
 from awsomefsd.meta.state_machine import StateMachine
 from awsomefsd.meta.store import MetaStore
-from awsomefsd.repl import ops as o
-from awsomefsd.repl.hlc import EPOCH, Stamp
 from awsomefsd.repl.link import Ack, Horizon
-from awsomefsd.repl.tree import Move
 from tests.support import seeds
 
 
@@ -368,7 +368,7 @@ def any_seed_differs(tmp_path: Path, seeds: int = 8) -> bool:
 
 
 def test_planted_bug_applying_moves_in_arrival_order_is_caught(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from awsomefsd.repl.tree import ReplicatedTree
+    from awsomefsd.crdt.tree import ReplicatedTree
 
     def arrival_order(self: ReplicatedTree, move: Move) -> list[Any]:
         if self.log.entry_at(move.stamp) is None:  # no undo, no redo: done where it arrives
@@ -381,7 +381,7 @@ def test_planted_bug_applying_moves_in_arrival_order_is_caught(tmp_path: Path, m
 
 
 def test_planted_bug_last_arrival_wins_for_registers_is_caught(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from awsomefsd.repl.register import MultiValueRegister, Outcome
+    from awsomefsd.crdt.register import MultiValueRegister, Outcome
 
     def last_arrival(self: MultiValueRegister[Any], version: Any) -> Outcome[Any]:
         self._versions = [version]

@@ -20,13 +20,13 @@ from typing import Any
 
 import pytest
 
+from awsomefsd.crdt import ops as o
+from awsomefsd.crdt.hlc import Stamp
+from awsomefsd.crdt.tree import VOLUMES
 from awsomefsd.meta import commands as c
 from awsomefsd.meta import sites as s
 from awsomefsd.meta.errors import FsError
 from awsomefsd.meta.records import ROOT_INO, VOLUMES_INO, volume_dir_name
-from awsomefsd.repl import ops as o
-from awsomefsd.repl.hlc import Stamp
-from awsomefsd.repl.tree import VOLUMES
 from tests.repl.test_sites_sm import (
     Site,
     conflict_keys,

@@ -79,12 +79,6 @@ FLOORS: dict[str, int] = {
 KNOWN_VIOLATIONS: frozenset[tuple[str, str]] = frozenset({
     # h-fsport: fs defines the port for tiered blocks and tier implements it.
     ("awsomefsd.fs.reader", "awsomefsd.tier.source"),
-    # h-sites: repl's pure hlc/ops/register/tree/resolve/wire move to awsomefsd/crdt/ (floor 1).
-    ("awsomefsd.meta.client", "awsomefsd.repl.hlc"),
-    ("awsomefsd.meta.sites", "awsomefsd.repl.hlc"),
-    ("awsomefsd.meta.sites", "awsomefsd.repl.ops"),
-    ("awsomefsd.meta.sites", "awsomefsd.repl.register"),
-    ("awsomefsd.meta.sites", "awsomefsd.repl.tree"),
 })
 
 MAX_LINES = 600

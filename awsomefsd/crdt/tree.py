@@ -34,7 +34,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from awsomefsd.repl.hlc import Stamp, happened_before
+from awsomefsd.crdt.hlc import Stamp, happened_before
 
 NodeId = bytes
 ROOT: NodeId = b"\x00" * 15 + b"\x01"
