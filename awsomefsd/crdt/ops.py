@@ -123,7 +123,7 @@ class ContentSet:
 class Superseded:
     """In place of a content operation a later one of the same site replaces (only the newest
     version's bytes ship). It changes no file; the receiver notes it as the peer's last version
-    of `object`, which a local version may have lost to on the peer (meta/sites.py,
+    of `object`, which a local version may have lost to on the peer (meta/sites/conflicts.py,
     `_lost_on_the_peer`)."""
 
     stamp: Stamp
