@@ -13,8 +13,8 @@ from typing import Any, TextIO
 from awsomefsd.cluster.rpc import control_call
 from awsomefsd.cluster.state import control_socket
 from awsomefsd.config import Settings
+from awsomefsd.crdt.hlc import Stamp
 from awsomefsd.errors import OperatorError
-from awsomefsd.repl.hlc import Stamp
 
 VERIFY_TIMEOUT_S = 3600.0
 RESOLVE_TIMEOUT_S = 3600.0  # a large losing file is copied back

@@ -119,7 +119,7 @@ class OperationsBase:
         if inode is not None and inode.is_dir and ino in self.handles.lookups:
             return
         # Only an orphan: an unnamed inode another site's move may still bring back is kept
-        # (meta/sites.py) and is no orphan.
+        # (meta/sites/forget.py) and is no orphan.
         if inode is not None and inode.nlink == 0 and self.meta.orphan(ino) is not None:
             self.data.forget(ino)
             if self.coherence is not None:

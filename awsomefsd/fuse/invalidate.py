@@ -159,7 +159,7 @@ def _applied_remote(cmd: c.ApplyRemote | c.ApplyRemoteSharing | c.ResolveConflic
 
 
 def changed_targets(changed: Applied) -> list[Target]:
-    """What the state machine of a linked site says it changed (meta/sites.py): entries and inodes."""
+    """What the state machine of a linked site says it changed (meta/sites/): entries and inodes."""
     return [*(Target.entry(parent, name) for parent, name in changed.entries), *map(Target.inode, changed.inodes)]
 
 

@@ -96,7 +96,7 @@ class Predictor(StateMachine):
     a sequence number would differ from the log's. `can_run_ahead` rules out the commands whose
     own handler uses one; on a site linked to another, what the command's capture does besides
     may need one too (a copy kept in /.conflicts, an entry shown again under its own name:
-    meta/sites.py), which only trying tells: `Unpredictable`, and the command is proposed."""
+    meta/sites/), which only trying tells: `Unpredictable`, and the command is proposed."""
 
     def __init__(self, store: MetaStore) -> None:
         super().__init__(store)

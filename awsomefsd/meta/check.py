@@ -84,7 +84,7 @@ def check_namespace(log: LocalLog, sm: StateMachine, report: Findings, repair: b
             continue
         if links[ino] == 0 and ino not in orphans:
             if sm.sites.keeps(txn, ino):
-                continue  # deleted, kept while another site's move may bring it back (meta/sites.py)
+                continue  # deleted, kept while another site's move may bring it back (meta/sites/forget.py)
             report.problem(f"inode {ino} is unreachable")
             if repair:
                 inode.nlink = 0

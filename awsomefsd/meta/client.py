@@ -28,6 +28,7 @@ from typing import Any
 
 import trio
 
+from awsomefsd.crdt.hlc import Stamp
 from awsomefsd.meta.ahead import AheadLog
 from awsomefsd.meta.cluster_sm import member_from_record
 from awsomefsd.meta.commands import BASE_LOG_LEVEL, LOG_LEVEL, Command, R, level_of
@@ -53,7 +54,6 @@ from awsomefsd.meta.records import (
 from awsomefsd.meta.state_machine import StateMachine
 from awsomefsd.meta.tmpfile import is_linkable
 from awsomefsd.meta.volumes_sm import volume_from_record
-from awsomefsd.repl.hlc import Stamp
 
 FreedListener = Callable[[list[tuple[int, int]]], None]
 
@@ -69,7 +69,7 @@ class MetaClient:
 
     def hear_site_side_effects(self, hear: Callable[[Applied], None]) -> None:
         """`hear(changed)` after each local command on a linked site whose capture changed other
-        entries than the command's own (meta/sites.py: `local_side_effects`)."""
+        entries than the command's own (meta/sites/tables.py: `local_side_effects`)."""
         self._sm.sites.local_side_effects = hear
 
     # -- the replicated log -----------------------------------------------------------------------
@@ -279,7 +279,7 @@ class MetaClient:
         result = await self.propose(command)
         return volume_from_record(result["id"], result)
 
-    # -- cross-site replication (meta/sites.py) --------------------------------------------------
+    # -- cross-site replication (meta/sites/) -----------------------------------------------------
     def site_link(self) -> dict[str, Any] | None:
         """The linked site as LinkSite recorded it (id, CA, addresses), or None when not linked."""
         return self._sm.sites.link_info(self._view())

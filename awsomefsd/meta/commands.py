@@ -359,7 +359,7 @@ class ForgetTierObjects(Command[int]):
 
 @dataclass(frozen=True, slots=True)
 class LinkSite(Command[int]):
-    """Pair this site with another (cross-site replication, meta/sites.py): from now on what the
+    """Pair this site with another (cross-site replication, meta/sites/): from now on what the
     namespace commands do is captured for `peer`, and what exists already is captured as creates."""
 
     peer: bytes  # the other site's 16-byte id (its cluster id)
@@ -386,7 +386,7 @@ class UpdateSiteLink(Command[None]):
 
 @dataclass(frozen=True, slots=True)
 class ApplyRemote(Command[Applied]):
-    """Apply a batch of the linked site's operations (repl/ops.py encodings), in its stamp order.
+    """Apply a batch of the linked site's operations (crdt/ops.py encodings), in its stamp order.
 
     `after`: the peer stamp the batch continues from (packed; empty: from the link's start), which
     must be what this site applied last: a batch sent twice, or by two senders at once, is refused.
@@ -432,8 +432,8 @@ class ForgetSite(Command[int]):
 
 @dataclass(frozen=True, slots=True)
 class ResolveConflict(Command[Applied]):
-    """An operator resolved the conflict with key `conflict` (meta/sites.py) keeping the winner,
-    the loser or both (repl/ops.py KEEPS): closed on both sites, the copy kept of the loser
+    """An operator resolved the conflict with key `conflict` (meta/sites/resolve.py) keeping the winner,
+    the loser or both (crdt/ops.py KEEPS): closed on both sites, the copy kept of the loser
     dropped. A losing move kept is made again, as a new move; a losing content, attribute or
     extended attribute kept was written back through the mount before this command."""
 
@@ -468,7 +468,7 @@ LOG_LEVEL = 13
 """The newest commands this build decodes. 13: MakeTmpfile, LinkTmpfile (open's O_TMPFILE). 12: mkdir has no subdirectory limit (meta/cluster_sm.py,
 UNLIMITED_SUBDIRS_LEVEL). 11: volumes replicate to the other site (a member
 captures CreateVolume, ResizeVolume and DeleteVolume, and applies the other site's `VolumeSet`
-operations; meta/sites.py, VOLUMES_LEVEL). 10: cross-site replication on a cluster (an ApplyRemote
+operations; meta/sites/, VOLUMES_LEVEL). 10: cross-site replication on a cluster (an ApplyRemote
 is refused while another member holds a delegation or write lease of what it changes, so
 LinkSite, which starts replication, waits until every member applies ApplyRemote that way),
 UpdateSiteLink. 9: ApplyRemoteSharing. 8: ResolveConflict. 7: the cross-site replication commands. 6: the tiering commands (and block addresses in objects,

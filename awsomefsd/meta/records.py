@@ -47,7 +47,7 @@ FILE_TYPES = frozenset({stat.S_IFREG, stat.S_IFDIR, stat.S_IFLNK, stat.S_IFCHR, 
                         stat.S_IFSOCK})
 VOLUMES_INO = 2  # /.volumes: one directory per volume
 SNAPSHOTS_INO = 3  # /.snapshots: one read-only directory per snapshot
-CONFLICTS_INO = 4  # /.conflicts: the losing file contents of cross-site conflicts (meta/sites.py), made when needed
+CONFLICTS_INO = 4  # /.conflicts: the losing file contents of cross-site conflicts (meta/sites/conflicts.py), made when needed
 
 _INODE = struct.Struct("<IIIIQqqqQQQQQ")
 INODE_MODE = struct.Struct("<I")
@@ -364,7 +364,7 @@ class ClusterInfo:
 
 @dataclass(frozen=True, slots=True)
 class Applied:
-    """What an ApplyRemote (another site's batch, meta/sites.py) did: the conflicts it made, and
+    """What an ApplyRemote (another site's batch, meta/sites/apply.py) did: the conflicts it made, and
     what a kernel may cache that changed (directory entries as (parent, name), inodes), for the
     mount's invalidations."""
 

@@ -39,7 +39,8 @@ from awsomefsd.meta.records import (
     u64,
     xattr_key,
 )
-from awsomefsd.meta.sites import REPLICATED, SiteTables
+from awsomefsd.meta.sites.capture import REPLICATED
+from awsomefsd.meta.sites.link import SiteTables
 from awsomefsd.meta.space import SpaceMap
 from awsomefsd.meta.store import FORMAT_VERSION, MetaStore
 from awsomefsd.meta.tmpfile import forget_mark, link_tmpfile, make_tmpfile

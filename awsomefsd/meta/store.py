@@ -35,7 +35,7 @@ TABLES = (
     "members",  # node id -> member record (JSON): name, addresses, certificate serial, state, epoch
     "wleases",  # ino -> node holding the file's write lease
     "tiered",  # object id -> object of the object store (state, size, live blocks): meta/tiered.py
-    "sites",  # cross-site replication: the link, the clock, the cursor (meta/sites.py, SITE_TABLES)
+    "sites",  # cross-site replication: the link, the clock, the cursor (meta/sites/tables.py, SITE_TABLES)
     "soutbox", "sids", "sinos", "splace", "skids", "sentries", "sobjents", "snames", "slog", "smoves", "sregs", "sconflicts",
 )
 FORMAT_VERSION = 1

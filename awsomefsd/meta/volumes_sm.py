@@ -133,7 +133,7 @@ class VolumeTables:
         self.put(txn, cmd.volume, record)
         return {"id": cmd.volume, **record}
 
-    # -- another site's volumes (meta/sites.py; design note 52) -------------------------------------
+    # -- another site's volumes (meta/sites/volumes.py; design note 52) -----------------------------
     def receive_volume(self, txn: lmdb.Transaction[bytes], number: int, name: str, origin: str, capacity: int,
                        inode_limit: int, now_ns: int) -> str:
         """Make the record and the root directory (inode `number`, not yet in /.volumes: the
@@ -145,7 +145,7 @@ class VolumeTables:
             taken = f"{name}.site-{origin}" + ("" if extra == 1 else f"-{extra}")
             extra += 1
         root = Inode(number, stat.S_IFDIR | 0o777, 0, 0, 0, 0, now_ns, now_ns, now_ns, volume=number,
-                     parent=VOLUMES_INO)  # nlink 0: no entry shows it yet (meta/sites.py counts it when one does)
+                     parent=VOLUMES_INO)  # nlink 0: no entry shows it yet (meta/sites/view.py counts it when one does)
         self.ns.put_inode(txn, root)
         self.put(txn, number, {
             "kind": "volume", "name": taken, "root": number, "capacity": capacity, "inode_limit": inode_limit,

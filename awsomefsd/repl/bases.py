@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import collections
 
+from awsomefsd.crdt import ops as o
 from awsomefsd.io.layout import BLOCK_SIZE
 from awsomefsd.meta.records import Extent
 from awsomefsd.repl import delta
-from awsomefsd.repl import ops as o
 from awsomefsd.repl.endpoint import Endpoint
 
 MAX_REMEMBERED_FILES = 4096

@@ -16,11 +16,11 @@ import trio
 from prometheus_client import Metric
 
 from awsomefsd.cluster.rpc import ControlError
+from awsomefsd.crdt import ops as o
+from awsomefsd.crdt import wire
 from awsomefsd.meta import commands as c
 from awsomefsd.meta.errors import FsError
 from awsomefsd.metrics import counter, gauge
-from awsomefsd.repl import ops as o
-from awsomefsd.repl import wire
 from awsomefsd.repl.endpoint import LINK_SERVICE, MAX_DELEGATIONS_PER_BATCH, Endpoint, why_failed
 from awsomefsd.rpc.bridge import unary_call
 

@@ -21,10 +21,10 @@ import itertools
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
+from awsomefsd.crdt.hlc import Stamp
 from awsomefsd.io.checksum import block_checksums as checksums_of
 from awsomefsd.io.layout import BLOCK_SIZE
 from awsomefsd.meta.records import MAX_EXTENT_BLOCKS, Extent
-from awsomefsd.repl.hlc import Stamp
 
 ZERO_BLOCK_CHECKSUM = checksums_of(bytes(BLOCK_SIZE))
 MAX_SHARED_RANGES = 1024

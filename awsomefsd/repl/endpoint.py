@@ -26,11 +26,11 @@ from cryptography import x509
 
 from awsomefsd.cluster.ca import MAX_REVOCATIONS, CertificateError, Revocations, cluster_dns_name
 from awsomefsd.cluster.tls import NodeCredentials, authenticated_peer
+from awsomefsd.crdt.hlc import EPOCH, Stamp
 from awsomefsd.fs.data import FileData
 from awsomefsd.fs.operations import Operations
 from awsomefsd.meta import commands as c
 from awsomefsd.meta.client import MetaClient
-from awsomefsd.repl.hlc import EPOCH, Stamp
 from awsomefsd.rpc.bridge import RpcAbort
 
 log = logging.getLogger(__name__)

@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
-from awsomefsd.repl.hlc import EPOCH, Stamp
+from awsomefsd.crdt.hlc import EPOCH, Stamp
 
 Op = TypeVar("Op")
 MAX_BATCH_ENTRIES = 1024

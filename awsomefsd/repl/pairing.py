@@ -26,8 +26,8 @@ from awsomefsd.cluster.ca import cluster_dns_name, fingerprint
 from awsomefsd.cluster.join_service import JoinError, fetch_cluster_ca, join_host_port, split_host_port
 from awsomefsd.cluster.rpc import ControlError
 from awsomefsd.cluster.token import LINK, NONCE_BYTES, LinkToken, TokenError, TokenVerifier
+from awsomefsd.crdt import wire
 from awsomefsd.meta import commands as c
-from awsomefsd.repl import wire
 from awsomefsd.repl.endpoint import CALL_TIMEOUT_S, Endpoint, why_failed
 from awsomefsd.repl.identity import ca_fingerprint, site_dir
 from awsomefsd.rpc.bridge import RpcAbort, unary_call

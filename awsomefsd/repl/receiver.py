@@ -23,16 +23,17 @@ from typing import Any
 import grpc
 import trio
 
+from awsomefsd.crdt import ops as o
+from awsomefsd.crdt import wire
+from awsomefsd.crdt.hlc import Stamp
 from awsomefsd.io.checksum import crc32c
 from awsomefsd.io.layout import BLOCK_SIZE
 from awsomefsd.meta import commands as c
 from awsomefsd.meta.errors import Delegated, FsError
 from awsomefsd.meta.records import Extent
-from awsomefsd.repl import delta, wire
-from awsomefsd.repl import ops as o
+from awsomefsd.repl import delta
 from awsomefsd.repl.bases import DeltaBases
 from awsomefsd.repl.endpoint import DELTA, FEATURES, INLINE_BYTES, MAX_DELEGATIONS_PER_BATCH, MAX_STAGE_PIECES
-from awsomefsd.repl.hlc import Stamp
 from awsomefsd.rpc.bridge import RpcAbort
 
 log = logging.getLogger(__name__)

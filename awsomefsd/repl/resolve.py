@@ -17,8 +17,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from awsomefsd.repl.hlc import Stamp
-from awsomefsd.repl.tree import conflict_name
+from awsomefsd.crdt.hlc import Stamp
+from awsomefsd.crdt.tree import conflict_name
 
 
 class ResolveError(Exception):

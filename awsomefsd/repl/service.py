@@ -29,10 +29,10 @@ from awsomefsd.cluster.ca import Revocations
 from awsomefsd.cluster.join_service import join_host_port, split_host_port
 from awsomefsd.cluster.rpc import generic_adder
 from awsomefsd.cluster.tls import NodeCredentials
+from awsomefsd.crdt import wire
 from awsomefsd.fs.data import FileData
 from awsomefsd.fs.operations import Operations
 from awsomefsd.meta.client import MetaClient
-from awsomefsd.repl import wire
 from awsomefsd.repl.control import Control
 from awsomefsd.repl.endpoint import LINK_SERVICE, MAX_MESSAGE_BYTES, LinkState
 from awsomefsd.repl.identity import load_or_create

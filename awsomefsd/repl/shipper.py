@@ -16,13 +16,15 @@ from typing import Any
 import grpc
 import trio
 
+from awsomefsd.crdt import ops as o
+from awsomefsd.crdt import wire
+from awsomefsd.crdt.hlc import EPOCH, Stamp
 from awsomefsd.io.checksum import crc32c
 from awsomefsd.io.layout import BLOCK_SIZE
 from awsomefsd.meta import commands as c
 from awsomefsd.meta.errors import FsError
 from awsomefsd.meta.records import Extent
-from awsomefsd.repl import delta, wire
-from awsomefsd.repl import ops as o
+from awsomefsd.repl import delta
 from awsomefsd.repl.bases import MAX_REMEMBERED_PIECES, DeltaBases
 from awsomefsd.repl.endpoint import (
     CALL_TIMEOUT_S,
@@ -33,7 +35,6 @@ from awsomefsd.repl.endpoint import (
     NOT_RUNNING_THE_LINK,
     why_failed,
 )
-from awsomefsd.repl.hlc import EPOCH, Stamp
 from awsomefsd.repl.link import Ack, Horizon
 from awsomefsd.rpc.bridge import unary_call
 

@@ -10,11 +10,11 @@ import tracemalloc
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from awsomefsd.crdt.hlc import Stamp
 from awsomefsd.io.checksum import block_checksums
 from awsomefsd.io.layout import BLOCK_SIZE
 from awsomefsd.meta.records import Extent
 from awsomefsd.repl import delta
-from awsomefsd.repl.hlc import Stamp
 
 END = 24
 STAMP = Stamp(1, 0, bytes(16))

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from awsomefsd.repl.hlc import MAX_LOGICAL, PACKED_BYTES, ClockDrift, HybridClock, Stamp
+from awsomefsd.crdt.hlc import MAX_LOGICAL, PACKED_BYTES, ClockDrift, HybridClock, Stamp
 
 A = bytes(15) + b"\x0a"
 B = bytes(15) + b"\x0b"

@@ -11,10 +11,10 @@ from dataclasses import dataclass, field
 
 import pytest
 
+from awsomefsd.crdt.hlc import EPOCH, HybridClock, Stamp
+from awsomefsd.crdt.tree import ROOT, TRASH, MemoryTree, Move, ReplicatedTree, TreeCorruption
 from awsomefsd.repl import link as lk
-from awsomefsd.repl.hlc import EPOCH, HybridClock, Stamp
 from awsomefsd.repl.link import Ack, Gap, Horizon, Inbound, Outbox, Shipped
-from awsomefsd.repl.tree import ROOT, TRASH, MemoryTree, Move, ReplicatedTree, TreeCorruption
 from tests.repl.test_tree import CausalityModel, node, random_move
 from tests.support import seeds
 

@@ -16,16 +16,16 @@ import grpc
 import pytest
 import trio
 
+from awsomefsd.crdt import ops as o
+from awsomefsd.crdt import wire
+from awsomefsd.crdt.hlc import Stamp
+from awsomefsd.crdt.tree import ROOT
 from awsomefsd.daemon.node import Core, open_core
 from awsomefsd.io.checksum import crc32c
 from awsomefsd.io.layout import BLOCK_SIZE
 from awsomefsd.meta import commands as c
 from awsomefsd.meta.records import ROOT_INO
-from awsomefsd.repl import ops as o
-from awsomefsd.repl import wire
-from awsomefsd.repl.hlc import Stamp
 from awsomefsd.repl.service import SiteService
-from awsomefsd.repl.tree import ROOT
 from awsomefsd.rpc.bridge import RpcAbort
 from tests.unit.test_fs_api import settings_for
 

@@ -1,4 +1,4 @@
-"""The multi-value register (awsomefsd/repl/register.py): cases first, then three sites writing one
+"""The multi-value register (awsomefsd/crdt/register.py): cases first, then three sites writing one
 register at random and exchanging versions in random order, checked against a model of which
 writes each site had seen; planted bugs that the simulation must catch."""
 
@@ -10,9 +10,9 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from awsomefsd.repl import register as r
-from awsomefsd.repl.hlc import HybridClock, Stamp
-from awsomefsd.repl.register import MAX_VERSIONS, MultiValueRegister, TooManyVersions, Version
+from awsomefsd.crdt import register as r
+from awsomefsd.crdt.hlc import HybridClock, Stamp
+from awsomefsd.crdt.register import MAX_VERSIONS, MultiValueRegister, TooManyVersions, Version
 from tests.support import seeds
 
 A, B, C = (bytes(15) + bytes([n]) for n in (0xA, 0xB, 0xC))

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from awsomefsd.repl.hlc import Stamp
+from awsomefsd.crdt.hlc import Stamp
 from awsomefsd.repl.resolve import ResolveError, write_back
 
 SITE = bytes.fromhex("ab" * 16)

@@ -9,7 +9,7 @@ import time
 from typing import Any
 
 from awsomefsd.cli.repl import follow_initial_sync, render_conflicts
-from awsomefsd.repl.hlc import Stamp
+from awsomefsd.crdt.hlc import Stamp
 
 
 def status(out_pending: int, received: int, in_pending: int, up: bool = True, exchanged_ns: int = 0) -> dict[str, Any]:

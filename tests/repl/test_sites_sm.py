@@ -1,4 +1,4 @@
-"""Cross-site replication in the state machine (meta/sites.py): two sites, each a state machine on
+"""Cross-site replication in the state machine (meta/sites/): two sites, each a state machine on
 its own LMDB store, linked; random namespace, attribute and xattr commands on both, shipped
 through the outboxes at random moments; after a full exchange both namespaces are identical,
 the replicated tree's conflicts are listed alike on both sides, and nothing is applied twice.
@@ -20,18 +20,19 @@ from typing import Any
 
 import pytest
 
+from awsomefsd.crdt import ops as o
+from awsomefsd.crdt.hlc import EPOCH, Stamp
+from awsomefsd.crdt.tree import Move
 from awsomefsd.meta import cluster_commands as cc
 from awsomefsd.meta import commands as c
-from awsomefsd.meta import sites as s
 from awsomefsd.meta.errors import Delegated, FsError
 from awsomefsd.meta.filemap import all_extents
 from awsomefsd.meta.records import ROOT_INO, Extent
+from awsomefsd.meta.sites.tables import site_of_cluster
+from awsomefsd.meta.sites.tree import TableTree, _pack_log_entry
 from awsomefsd.meta.state_machine import StateMachine
 from awsomefsd.meta.store import MetaStore
-from awsomefsd.repl import ops as o
-from awsomefsd.repl.hlc import EPOCH, Stamp
 from awsomefsd.repl.link import Ack, Horizon
-from awsomefsd.repl.tree import Move
 from tests.support import seeds
 
 
@@ -368,20 +369,20 @@ def any_seed_differs(tmp_path: Path, seeds: int = 8) -> bool:
 
 
 def test_planted_bug_applying_moves_in_arrival_order_is_caught(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from awsomefsd.repl.tree import ReplicatedTree
+    from awsomefsd.crdt.tree import ReplicatedTree
 
     def arrival_order(self: ReplicatedTree, move: Move) -> list[Any]:
         if self.log.entry_at(move.stamp) is None:  # no undo, no redo: done where it arrives
             self.log.append(self._do(move))  # type: ignore[attr-defined]
         return []
-    monkeypatch.setattr(s._TableTree, "append", lambda self, entry: self.txn.put(
-        entry.move.stamp.pack(), s._pack_log_entry(entry), db=self.t.db["slog"]))
+    monkeypatch.setattr(TableTree, "append", lambda self, entry: self.txn.put(
+        entry.move.stamp.pack(), _pack_log_entry(entry), db=self.t.db["slog"]))
     monkeypatch.setattr(ReplicatedTree, "apply", arrival_order)
     assert any_seed_differs(tmp_path)
 
 
 def test_planted_bug_last_arrival_wins_for_registers_is_caught(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from awsomefsd.repl.register import MultiValueRegister, Outcome
+    from awsomefsd.crdt.register import MultiValueRegister, Outcome
 
     def last_arrival(self: MultiValueRegister[Any], version: Any) -> Outcome[Any]:
         self._versions = [version]
@@ -978,7 +979,7 @@ def test_every_operation_kind_round_trips_and_decoding_checks_fields() -> None:
         o.decode(o.encode(o.AttrsSet(stamp, gid, 0o644, 1, 2, 3, 4)).replace(b'"uid":1', b'"uid":-1'))
     with pytest.raises(o.BadOperation):
         o.decode(o.encode(o.Resolved(stamp, stamp.pack() + b"c", "both")).replace(b'"both"', b'"neither"'))
-    assert s.site_of_cluster(str(uuid.UUID(bytes=site))) == site
+    assert site_of_cluster(str(uuid.UUID(bytes=site))) == site
 
 
 def test_a_batch_refused_half_way_leaves_no_trace(tmp_path: Path) -> None:

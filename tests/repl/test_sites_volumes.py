@@ -1,4 +1,4 @@
-"""Volumes across two sites, in the state machine (meta/sites.py, design note 52): a volume made on
+"""Volumes across two sites, in the state machine (meta/sites/, design note 52): a volume made on
 one site appears on the other with its files and quotas; quotas only grow; a volume deleted on
 one site goes on the other, and what the other wrote in it meanwhile, not knowing, is kept in
 /.conflicts on both; snapshots stay on their site, a clone ships as a new volume; linking ships
@@ -20,13 +20,13 @@ from typing import Any
 
 import pytest
 
+from awsomefsd.crdt import ops as o
+from awsomefsd.crdt.hlc import Stamp
+from awsomefsd.crdt.tree import VOLUMES
 from awsomefsd.meta import commands as c
-from awsomefsd.meta import sites as s
 from awsomefsd.meta.errors import FsError
 from awsomefsd.meta.records import ROOT_INO, VOLUMES_INO, volume_dir_name
-from awsomefsd.repl import ops as o
-from awsomefsd.repl.hlc import Stamp
-from awsomefsd.repl.tree import VOLUMES
+from awsomefsd.meta.sites.link import SiteTables
 from tests.repl.test_sites_sm import (
     Site,
     conflict_keys,
@@ -273,15 +273,15 @@ def test_planted_bug_a_volume_torn_down_at_once_loses_the_other_sites_edit(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A deleting site that let go of the volume's tree at once (the files' ids with it) could
     not judge the edit that arrives after: the two sites would keep different things."""
-    keeping = s.SiteTables.delete_volume
+    keeping = SiteTables.delete_volume
 
-    def torn_down(self: s.SiteTables, txn: Any, cmd: c.DeleteVolume) -> bool:
+    def torn_down(self: SiteTables, txn: Any, cmd: c.DeleteVolume) -> bool:
         record = self._sm.volumes.get(txn, cmd.volume)
         done = keeping(self, txn, cmd)
         if done and record is not None:
             self._release_below(txn, record["root"], [])
         return done
-    monkeypatch.setattr(s.SiteTables, "delete_volume", torn_down)
+    monkeypatch.setattr(SiteTables, "delete_volume", torn_down)
     with pytest.raises(AssertionError):
         test_a_volume_deleted_on_one_site_goes_on_the_other_and_its_unseen_edits_are_kept(tmp_path)
 

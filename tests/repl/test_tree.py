@@ -1,4 +1,4 @@
-"""The replicated tree (awsomefsd/repl/tree.py): the cases of Kleppmann et al.'s paper, then a seeded
+"""The replicated tree (awsomefsd/crdt/tree.py): the cases of Kleppmann et al.'s paper, then a seeded
 simulation of three sites making random moves and exchanging them in random order over links that
 go down, checked against a model; and planted bugs that the simulation must catch."""
 
@@ -9,9 +9,9 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from awsomefsd.repl import tree as t
-from awsomefsd.repl.hlc import HybridClock, Stamp
-from awsomefsd.repl.tree import (
+from awsomefsd.crdt import tree as t
+from awsomefsd.crdt.hlc import HybridClock, Stamp
+from awsomefsd.crdt.tree import (
     ROOT,
     TRASH,
     MemoryTree,

@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from awsomefsd.repl import verify, wire
+from awsomefsd.crdt import wire
+from awsomefsd.crdt.hlc import Stamp
+from awsomefsd.repl import verify
 from awsomefsd.repl.digest import differences, digest_tree
-from awsomefsd.repl.hlc import Stamp
 
 
 def test_a_frame_round_trips_with_its_bytes() -> None:

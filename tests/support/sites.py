@@ -213,7 +213,7 @@ import sys, grpc
 from pathlib import Path
 from awsomefsd.cluster.ca import cluster_dns_name
 from awsomefsd.cluster.tls import NodeCredentials
-from awsomefsd.repl import wire
+from awsomefsd.crdt import wire
 import uuid
 credentials_dir, address, site, ca_file = sys.argv[1:]
 me = NodeCredentials.load(Path(credentials_dir))

@@ -399,7 +399,7 @@ async def wait_until_one_is_queued_behind(meta: MetaClient) -> None:
 
 
 async def test_on_a_linked_site_a_change_whose_capture_needs_the_log_is_proposed_instead(tmp_path: Path) -> None:
-    """On a site linked to another, what a change's capture does besides (meta/sites.py) may need
+    """On a site linked to another, what a change's capture does besides (meta/sites/capture.py) may need
     one of the log's counters: here an unlink gives the other site's file, shown under a conflict
     name, its own name back (a new entry, a new cookie). The prediction cannot know those, so the
     unlink is proposed and waited for (`Unpredictable`), not acknowledged ahead: the random

@@ -9,8 +9,7 @@ first refactor that needs the type at run time turns it into a real cycle).
 The floors (`FLOORS`, lowest first) are the whole rule; a top-level module or package without a
 floor fails (`test_every_package_has_a_floor`), so a new package must be placed before it lands.
 The package graph must then have no cycle, which the floors imply and `test_the_packages_form_no_cycle`
-checks on its own. No module passes 600 lines, except those in `OVERSIZE`, each capped at its
-length today: the list may only shrink.
+checks on its own. No module passes 600 lines: split one by job before it does.
 
 Inside the floors, finer rules that the floors cannot say:
 
@@ -73,23 +72,7 @@ FLOORS: dict[str, int] = {
     "__main__": 9,  # `python -m awsomefsd`: runs the command line
 }
 
-# TEMPORARY (issue 39): upward imports that other helpers of the same round remove. The lead empties
-# this set while merging their branches; each entry must still exist (a stale one fails), and no
-# other upward import is allowed meanwhile.
-KNOWN_VIOLATIONS: frozenset[tuple[str, str]] = frozenset({
-    # h-sites: repl's pure hlc/ops/register/tree/resolve/wire move to awsomefsd/crdt/ (floor 1).
-    ("awsomefsd.meta.client", "awsomefsd.repl.hlc"),
-    ("awsomefsd.meta.sites", "awsomefsd.repl.hlc"),
-    ("awsomefsd.meta.sites", "awsomefsd.repl.ops"),
-    ("awsomefsd.meta.sites", "awsomefsd.repl.register"),
-    ("awsomefsd.meta.sites", "awsomefsd.repl.tree"),
-})
-
 MAX_LINES = 600
-# Modules over MAX_LINES today, each capped at its length now: an entry may only go down or away.
-OVERSIZE: dict[str, int] = {
-    "awsomefsd/meta/sites.py": 1978,  # h-sites makes it meta/sites/
-}
 
 META_PUBLIC = frozenset({"client", "records", "commands", "cluster_commands", "errors", "log", "bootstrap", "check",
                          "inspect", "raft", "replication", "freespace"})
@@ -171,19 +154,19 @@ def upward(importer: str, imported: str) -> bool:
 
 
 def floor_violations(root: Path) -> Iterator[str]:
-    """Every import that goes up or sideways, as a sentence (KNOWN_VIOLATIONS aside)."""
+    """Every import that goes up or sideways, as a sentence."""
     for importer, imported in edges(root):
-        if upward(importer, imported) and (importer, imported) not in KNOWN_VIOLATIONS:
+        if upward(importer, imported):
             mine, theirs = package_of(importer), package_of(imported)
             yield (f"{importer} imports {imported}: {mine} is on floor {FLOORS[mine]}, "
                    f"{theirs} on floor {FLOORS[theirs]}")
 
 
 def package_graph(root: Path) -> dict[str, set[str]]:
-    """Top-level package -> the other top-level packages it imports (KNOWN_VIOLATIONS aside)."""
+    """Top-level package -> the other top-level packages it imports."""
     graph: dict[str, set[str]] = {name: set() for name in top_level(root)}
     for importer, imported in edges(root):
-        if under(imported, "awsomefsd") and (importer, imported) not in KNOWN_VIOLATIONS:
+        if under(imported, "awsomefsd"):
             mine, theirs = package_of(importer), package_of(imported)
             if mine != theirs:
                 graph[mine].add(theirs)
@@ -214,16 +197,11 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str]:
 
 
 def oversize(root: Path) -> Iterator[str]:
-    """Every module over MAX_LINES beyond its OVERSIZE cap, and every OVERSIZE entry that is stale."""
-    lengths = {path.relative_to(root.parent).as_posix(): len(path.read_text().splitlines())
-               for path in modules(root).values()}
-    for rel, lines in sorted(lengths.items()):
-        cap = OVERSIZE.get(rel, MAX_LINES)
-        if lines > cap:
-            yield f"{rel} has {lines} lines (at most {cap})"
-    for rel, cap in sorted(OVERSIZE.items()):
-        if lengths.get(rel, 0) <= MAX_LINES:
-            yield f"{rel} is in OVERSIZE (cap {cap}) but has {lengths.get(rel, 0)} lines: remove the entry"
+    """Every module over MAX_LINES, as a sentence."""
+    for path in modules(root).values():
+        lines = len(path.read_text().splitlines())
+        if lines > MAX_LINES:
+            yield f"{path.relative_to(root.parent).as_posix()} has {lines} lines (at most {MAX_LINES})"
 
 
 @dataclass(frozen=True)
@@ -281,13 +259,6 @@ def test_every_package_has_a_floor() -> None:
 
 def test_every_import_goes_to_the_same_package_or_a_lower_floor() -> None:
     assert list(floor_violations(PACKAGE_ROOT)) == []
-
-
-def test_every_known_violation_still_exists() -> None:
-    """An entry whose import is gone (its helper's branch merged) must leave KNOWN_VIOLATIONS."""
-    found = set(edges(PACKAGE_ROOT))
-    assert sorted(KNOWN_VIOLATIONS - found) == []
-    assert all(upward(importer, imported) for importer, imported in KNOWN_VIOLATIONS)
 
 
 def test_the_packages_form_no_cycle() -> None:

@@ -12,7 +12,7 @@ import json
 import struct
 from typing import Any
 
-from awsomefsd.repl.hlc import PACKED_BYTES, Stamp
+from awsomefsd.crdt.hlc import PACKED_BYTES, Stamp
 
 MAGIC = b"AWS\x01"
 _HEAD = struct.Struct(">4sI")

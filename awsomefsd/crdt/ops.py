@@ -23,7 +23,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeAlias
 
-from awsomefsd.repl.hlc import PACKED_BYTES, SITE_ID_BYTES, Stamp
+from awsomefsd.crdt.hlc import PACKED_BYTES, SITE_ID_BYTES, Stamp
 
 GLOBAL_ID_BYTES = 16
 MAX_NAME_BYTES = 255
@@ -66,7 +66,7 @@ class Created:
 
 @dataclass(frozen=True, slots=True)
 class Moved:
-    """A move of the replicated tree (repl/tree.py): entry `node`, which names `object`, now is
+    """A move of the replicated tree (crdt/tree.py): entry `node`, which names `object`, now is
     `name` in the directory whose entry is `parent` (the tree's TRASH: deleted)."""
 
     stamp: Stamp
@@ -123,7 +123,7 @@ class ContentSet:
 class Superseded:
     """In place of a content operation a later one of the same site replaces (only the newest
     version's bytes ship). It changes no file; the receiver notes it as the peer's last version
-    of `object`, which a local version may have lost to on the peer (meta/sites.py,
+    of `object`, which a local version may have lost to on the peer (meta/sites/conflicts.py,
     `_lost_on_the_peer`)."""
 
     stamp: Stamp

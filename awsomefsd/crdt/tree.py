@@ -34,7 +34,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from awsomefsd.repl.hlc import Stamp, happened_before
+from awsomefsd.crdt.hlc import Stamp, happened_before
 
 NodeId = bytes
 ROOT: NodeId = b"\x00" * 15 + b"\x01"
@@ -42,7 +42,7 @@ TRASH: NodeId = b"\x00" * 15 + b"\x02"
 """Deleted entries live here until every site has moved past their deletion."""
 VOLUMES: NodeId = b"\x00" * 15 + b"\x03"
 """The container of volumes' root directories (/.volumes): a second root; a volume's tree hangs
-from its root directory's entry here (meta/sites.py; design note 52)."""
+from its root directory's entry here (meta/sites/volumes.py; design note 52)."""
 FIXED_NODES = (ROOT, TRASH, VOLUMES)
 MAX_DEPTH = 4096
 """Deeper than PATH_MAX (4096 bytes, at least two per level) allows: walking up further is a cycle."""

@@ -22,7 +22,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
-from awsomefsd.repl.hlc import Stamp, happened_before
+from awsomefsd.crdt.hlc import Stamp, happened_before
 
 V = TypeVar("V")
 MAX_VERSIONS = 64

@@ -1,0 +1,286 @@
+"""Capture: a local command, applied, turned into operations for the peer.
+
+After a namespace or attribute command applied, while the site is linked, what it did is
+written to the outbox in site-independent terms (crdt/ops.py): objects named by global ids,
+directory entries as nodes of the replicated tree, each operation stamped by the site's hybrid
+logical clock; the same changes go into the site's own tree and registers, so that the peer's
+concurrent operations meet them. Deleting is a move to the tree's TRASH. Linking captures what
+exists already, from the root down, as creates (the initial sync), volumes included.
+
+Apart because it runs inside every local command that changes the replicated namespace
+(`REPLICATED`), and only there.
+"""
+
+from __future__ import annotations
+
+import stat
+from typing import Any
+
+import lmdb
+
+from awsomefsd.crdt import ops as o
+from awsomefsd.crdt.tree import TRASH, VOLUMES, Move, ReplicatedTree
+from awsomefsd.meta import commands as c
+from awsomefsd.meta.records import (
+    CONFLICTS_INO,
+    SNAPSHOTS_INO,
+    VOLUMES_INO,
+    Applied,
+    Inode,
+    u64,
+    volume_dir_name,
+)
+from awsomefsd.meta.sites.tables import ATTRS, CONTENT, EDIT_DELETE, XATTR
+from awsomefsd.meta.sites.tree import Dirty, TableTree
+from awsomefsd.meta.sites.view import SiteView
+
+REPLICATED = (c.Mknod, c.Link, c.Unlink, c.Rename, c.SetAttr, c.SetXattr, c.RemoveXattr,
+              c.WriteData, c.PunchHole, c.CloneRange, c.CreateVolume, c.ResizeVolume, c.LinkTmpfile)
+"""The commands whose effect ships (Preallocate does not: it changes no byte a reader sees;
+DeleteVolume is captured in place of its teardown: `delete_volume`)."""
+
+
+class SiteCapture(SiteView):
+    """Local commands recorded in the tree, the registers and the outbox."""
+
+    def record(self, txn: lmdb.Transaction[bytes], cmd: object, result: Any) -> None:
+        """Capture what `cmd` (applied, with `result`) did, if the site is linked."""
+        peer = self.peer(txn)
+        if peer is None:
+            return
+        self._entries, self._inodes = [], []
+        self._capture(txn, cmd, result)
+        if self._entries and self.local_side_effects is not None:
+            self.local_side_effects(Applied(0, tuple(self._entries), tuple(self._inodes)))
+
+    def _capture(self, txn: lmdb.Transaction[bytes], cmd: object, result: Any) -> None:
+        if isinstance(cmd, c.Mknod):
+            if self._replicated_dir(txn, cmd.parent):
+                self._capture_new(txn, cmd.parent, cmd.name, result, cmd.now_ns)
+        elif isinstance(cmd, c.Link):
+            if self._replicated_dir(txn, cmd.new_parent):
+                obj = self.object_of(txn, cmd.ino)
+                if obj is not None:
+                    self._local_move(txn, self._new_entry(txn), cmd.new_parent, cmd.new_name, obj, cmd.now_ns)
+        elif isinstance(cmd, c.LinkTmpfile):  # an O_TMPFILE file appears whole: as a seeded one
+            if self._replicated_dir(txn, cmd.new_parent):
+                self._seed_entry(txn, cmd.new_parent, cmd.new_name, result, cmd.now_ns)
+        elif isinstance(cmd, c.Unlink):
+            self._capture_delete(txn, cmd.parent, cmd.name, cmd.now_ns)
+        elif isinstance(cmd, c.Rename):
+            self._capture_rename(txn, cmd)
+        elif isinstance(cmd, c.SetAttr):
+            inode: Inode = result
+            if any(v is not None for v in (cmd.mode, cmd.uid, cmd.gid, cmd.atime_ns, cmd.mtime_ns)):
+                self._capture_attrs(txn, inode, cmd.now_ns)
+            if cmd.size is not None:
+                self._capture_content(txn, inode, cmd.now_ns)
+        elif isinstance(cmd, (c.SetXattr, c.RemoveXattr)):
+            obj = self.object_of(txn, cmd.ino)
+            if obj is not None:
+                value = cmd.value if isinstance(cmd, c.SetXattr) else None
+                stamp = self._tick(txn, cmd.now_ns)
+                self._local_version(txn, obj, XATTR + cmd.name, stamp, None if value is None else value.hex())
+                self._ship(txn, o.XattrSet(stamp, obj, cmd.name, value, self._seen(txn)))
+        elif isinstance(cmd, c.WriteData):
+            if cmd.touch:  # compaction (touch=False) moves bytes, it changes none
+                self._capture_content(txn, result, cmd.now_ns)
+        elif isinstance(cmd, c.PunchHole):
+            self._capture_content(txn, result, cmd.now_ns)
+        elif isinstance(cmd, c.CloneRange):
+            self._capture_content(txn, self.ns.require_inode(txn, cmd.dst_ino), cmd.now_ns)
+        elif isinstance(cmd, c.CreateVolume):
+            self._capture_volume(txn, result["id"], result, cmd.now_ns)
+        elif isinstance(cmd, c.ResizeVolume):
+            obj = self.object_of(txn, result["root"])
+            if obj is not None:
+                self._ship(txn, o.VolumeSet(self._tick(txn, cmd.now_ns), obj, result["name"].encode(),
+                                            result["capacity"], result["inode_limit"], self._seen(txn)))
+
+    def _capture_new(self, txn: lmdb.Transaction[bytes], parent: int, name: bytes,
+                     inode: Inode, now_ns: int) -> None:
+        obj = o.global_id(self.site(txn), inode.ino)
+        self._set_ids(txn, inode.ino, obj)
+        stamp = self._tick(txn, now_ns)
+        target = self.ns.symlink_target(txn, inode.ino) if stat.S_ISLNK(inode.mode) else b""
+        self._ship(txn, o.Created(stamp, obj, inode.mode, inode.uid, inode.gid, inode.rdev, target,
+                                  inode.mtime_ns, self._seen(txn)))
+        node = obj if inode.is_dir else self._new_entry(txn)
+        self._local_move(txn, node, parent, name, obj, now_ns)
+
+    def _capture_delete(self, txn: lmdb.Transaction[bytes], parent: int, name: bytes, now_ns: int) -> None:
+        node = self._node_shown_at(txn, parent, name)
+        if node is None:
+            return
+        self._local_move(txn, node, 0, name, self._entry_object(txn, node), now_ns)
+
+    def _capture_rename(self, txn: lmdb.Transaction[bytes], cmd: c.Rename) -> None:
+        if not cmd.flags & c.RENAME_EXCHANGE and self.ns.lookup(txn, cmd.old_parent, cmd.old_name) is not None \
+                and not cmd.flags & c.RENAME_WHITEOUT:
+            return  # two names of one file: rename(2) does nothing, and succeeds
+        src = self._node_shown_at(txn, cmd.old_parent, cmd.old_name)
+        dst = self._node_shown_at(txn, cmd.new_parent, cmd.new_name)
+        into_replicated = self._replicated_dir(txn, cmd.new_parent)
+        # Both moves of one rename go to the tree together, so that no name group is re-shown
+        # between them, from a namespace the command already changed all at once.
+        moves: list[tuple[bytes, int, bytes]] = []
+        if cmd.flags & c.RENAME_EXCHANGE:
+            if src is not None and dst is not None:
+                moves = [(src, cmd.new_parent, cmd.new_name), (dst, cmd.old_parent, cmd.old_name)]
+            self._local_moves(txn, moves, cmd.now_ns)
+            return
+        if dst is not None:
+            moves.append((dst, 0, cmd.new_name))
+        if src is not None:
+            # moved out of the replicated tree (into a volume, say): gone, for the peer
+            moves.append((src, cmd.new_parent, cmd.new_name) if into_replicated else (src, 0, cmd.old_name))
+        self._local_moves(txn, moves, cmd.now_ns)
+        if src is None and into_replicated:  # moved in from outside: new to the peer
+            ino = self.ns.lookup(txn, cmd.new_parent, cmd.new_name)
+            assert ino is not None
+            self._seed_entry(txn, cmd.new_parent, cmd.new_name, self.ns.require_inode(txn, ino), cmd.now_ns)
+        if cmd.flags & c.RENAME_WHITEOUT and self._replicated_dir(txn, cmd.old_parent):
+            self._capture_new(txn, cmd.old_parent, cmd.old_name, self.ns.require_inode(txn, cmd.whiteout_ino),
+                              cmd.now_ns)
+
+    def _capture_attrs(self, txn: lmdb.Transaction[bytes], inode: Inode, now_ns: int) -> None:
+        obj = self.object_of(txn, inode.ino)
+        if obj is None:
+            return
+        stamp = self._tick(txn, now_ns)
+        mode = stat.S_IMODE(inode.mode)
+        self._local_version(txn, obj, ATTRS, stamp, [mode, inode.uid, inode.gid, inode.atime_ns, inode.mtime_ns])
+        self._ship(txn, o.AttrsSet(stamp, obj, mode, inode.uid, inode.gid, inode.atime_ns, inode.mtime_ns,
+                                   self._seen(txn)))
+
+    def _capture_content(self, txn: lmdb.Transaction[bytes], inode: Inode, now_ns: int) -> None:
+        obj = self.object_of(txn, inode.ino)
+        if obj is None:
+            return
+        stamp = self._tick(txn, now_ns)
+        mode = stat.S_IMODE(inode.mode)
+        self._local_version(txn, obj, CONTENT, stamp, [inode.size, inode.mtime_ns, mode, inode.uid, inode.gid])
+        self._ship(txn, o.ContentSet(stamp, obj, inode.size, inode.mtime_ns, mode, inode.uid, inode.gid,
+                                     self._seen(txn)))
+        if txn.get(EDIT_DELETE + obj, db=self.meta) is not None:
+            # Written through a descriptor after its names went (a name inside a deleted
+            # directory still counts in nlink). A local write saw every delete applied here, so
+            # it never keeps a copy: it can only replace the one kept of an older content.
+            self._edit_against_delete(txn, obj)
+
+    # -- volumes (design note 52) ----------------------------------------------------------------
+    def _capture_volume(self, txn: lmdb.Transaction[bytes], number: int, record: dict[str, Any],
+                        now_ns: int) -> None:
+        """A volume new to the peer: its record, its root's entry under VOLUMES, its root's
+        attributes, and what its tree holds already (a clone's files, or a link's initial sync)."""
+        root = record["root"]
+        if not self.replicates_volumes(txn) or self.object_of(txn, root) is not None:
+            return  # not yet (a rolling upgrade), or known already (CreateVolume answered a retry)
+        obj = o.global_id(self.site(txn), root)
+        self._set_ids(txn, root, obj)
+        self._set_ids(txn, VOLUMES_INO, VOLUMES)  # the container's id comes with the first volume either way
+        self._ship(txn, o.VolumeSet(self._tick(txn, now_ns), obj, record["name"].encode(), record["capacity"],
+                                    record["inode_limit"], self._seen(txn)))
+        self._local_move(txn, obj, VOLUMES_INO, volume_dir_name(number), obj, now_ns)
+        self._capture_attrs(txn, self.ns.require_inode(txn, root), now_ns)
+        self._seed(txn, root, obj, now_ns)
+
+    def delete_volume(self, txn: lmdb.Transaction[bytes], cmd: c.DeleteVolume) -> bool:
+        """DeleteVolume of a volume that ships: its root leaves /.volumes as an rmdir would, and
+        its entry moves into TRASH; its tree stays, kept as any deleted directory is until both
+        sites forget the delete, so that what the other site wrote there meanwhile, not knowing,
+        is judged by the edit-against-delete rule and kept in /.conflicts. False: the volume does
+        not ship, and the caller tears it down at once."""
+        record = self._sm.volumes.get(txn, cmd.volume)
+        if self.peer(txn) is None or record is None or record["kind"] != "volume":
+            return False
+        root_ino = record["root"]
+        obj = self.object_of(txn, root_ino)
+        if obj is None:
+            return False
+        self._entries, self._inodes = [], []
+        self._sm.volumes.drop_record(txn, cmd.volume)
+        name = volume_dir_name(cmd.volume)
+        if self.ns.lookup(txn, VOLUMES_INO, name) == root_ino:  # (one received half way is not shown yet)
+            self.ns.remove_entry(txn, VOLUMES_INO, name)
+            container = self.ns.require_inode(txn, VOLUMES_INO)
+            container.nlink = max(container.nlink - 1, 2)
+            container.mtime_ns = container.ctime_ns = max(container.mtime_ns, cmd.now_ns)
+            self.ns.put_inode(txn, container)
+        root = self.ns.require_inode(txn, root_ino)
+        root.nlink = 0  # a directory no entry shows (released once both sites forget the delete)
+        root.ctime_ns = cmd.now_ns
+        self.ns.put_inode(txn, root)
+        self._local_move(txn, obj, 0, name, obj, cmd.now_ns)
+        return True
+
+    # -- what exists already (the initial sync) -----------------------------------------------
+    def _seed(self, txn: lmdb.Transaction[bytes], ino: int, node: bytes, now_ns: int) -> None:
+        """Capture the tree below directory `ino` as creates (a link's initial sync, a volume new
+        to the peer)."""
+        volume = self.ns.require_inode(txn, ino).volume
+        for name, child in list(self.ns.names(txn, ino)):
+            if child in (VOLUMES_INO, SNAPSHOTS_INO, CONFLICTS_INO):
+                continue
+            inode = self.ns.require_inode(txn, child)
+            if inode.volume != volume:
+                continue
+            self._seed_entry(txn, ino, name, inode, now_ns)
+
+    def _seed_entry(self, txn: lmdb.Transaction[bytes], parent: int, name: bytes, inode: Inode,
+                    now_ns: int) -> None:
+        known = self.object_of(txn, inode.ino)
+        if known is None:
+            self._capture_new(txn, parent, name, inode, now_ns)
+            self._capture_attrs(txn, inode, now_ns)
+            obj = self.object_of(txn, inode.ino)
+            assert obj is not None
+            for key, value in list(self.ns.xattrs(txn, inode.ino)):
+                stamp = self._tick(txn, now_ns)
+                self._local_version(txn, obj, XATTR + key[8:], stamp, value.hex())
+                self._ship(txn, o.XattrSet(stamp, obj, key[8:], value, self._seen(txn)))
+            if inode.is_reg and inode.size:
+                self._capture_content(txn, inode, now_ns)
+            if inode.is_dir:
+                self._seed(txn, inode.ino, self.object_of(txn, inode.ino) or b"", now_ns)
+        else:  # a second name of a file seen already
+            self._local_move(txn, self._new_entry(txn), parent, name, known, now_ns)
+
+    # -- the local side of a move ---------------------------------------------------------------
+    def _local_move(self, txn: lmdb.Transaction[bytes], node: bytes, parent_ino: int,
+                    name: bytes, obj: bytes, now_ns: int) -> None:
+        """A move the local command already made in the namespace (parent_ino 0: a delete)."""
+        if txn.get(node, db=self.db["sentries"]) is None:
+            self._put_entry(txn, node, obj, 0, b"")
+        self._local_moves(txn, [(node, parent_ino, name)], now_ns)
+
+    def _local_moves(self, txn: lmdb.Transaction[bytes], moves: list[tuple[bytes, int, bytes]],
+                     now_ns: int) -> None:
+        """Moves one local command already made in the namespace, (node, parent ino or 0 for a
+        delete, name) each: recorded in the tree and the outbox, then the name groups they left
+        are re-shown, where an entry shown under a conflict name may get its own name back. The
+        moved entries show what the command made: each is the newest of its new group."""
+        for node, _parent_ino, _name in moves:
+            self._unshow_node(txn, node)
+        dirty = Dirty()
+        tree = ReplicatedTree(TableTree(self, txn, dirty), TableTree(self, txn, dirty))
+        for node, parent_ino, name in moves:
+            parent = TRASH if parent_ino == 0 else self.object_of(txn, parent_ino)
+            assert parent is not None, parent_ino
+            stamp = self._tick(txn, now_ns)
+            seen = self._seen(txn)
+            tree_name = self._tree_name(txn, node, parent_ino, name)
+            tree.apply_local(Move(stamp, node, parent, tree_name, seen))
+            self._ship(txn, o.Moved(stamp, node, parent, tree_name, self._entry_object(txn, node), seen))
+        for node, parent_ino, name in moves:
+            if parent_ino:
+                self._put_entry(txn, node, self._entry_object(txn, node), parent_ino, name)
+                txn.put(u64(parent_ino) + name, node, db=self.db["snames"])
+                placed = self.placement(txn, node)
+                if placed is not None:  # newest of its group: the name the command gave it is right
+                    dirty.groups.discard((placed.parent, placed.name))
+            dirty.nodes.discard(node)
+        self._reshow(txn, dirty, now_ns)
+        for node, parent_ino, _name in moves:
+            if not parent_ino:  # only a delete can leave a file with no name
+                self._edit_against_delete(txn, self._entry_object(txn, node))

@@ -1,0 +1,145 @@
+"""The link with the peer, and `SiteTables`: every job of the package, as the state machine uses it.
+
+Linking starts capture (with an initial sync of what exists), unlinking stops it and drops the
+outbox, the cursors and the tree; what the link service reads to ship, to take in and to report
+(the outbox, a content version's bytes, the cursors) is read here.
+
+Apart because `SiteTables` is the one class the rest of meta names (the state machine builds it
+and calls in; the client reads through it): it is made of the job classes (capture, apply,
+forget, resolve), each of which inherits only the jobs it calls.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+from typing import Any
+
+import lmdb
+
+from awsomefsd.crdt import ops as o
+from awsomefsd.crdt.hlc import Stamp
+from awsomefsd.crdt.tree import ROOT
+from awsomefsd.meta import commands as c
+from awsomefsd.meta.errors import FsError
+from awsomefsd.meta.records import ROOT_INO, u64
+from awsomefsd.meta.sites.apply import SiteApply
+from awsomefsd.meta.sites.capture import SiteCapture
+from awsomefsd.meta.sites.forget import SiteForget
+from awsomefsd.meta.sites.resolve import SiteResolve
+from awsomefsd.meta.sites.tables import CONTENT, SITE_TABLES, scan_from
+
+
+class SiteTables(SiteCapture, SiteApply, SiteForget, SiteResolve):
+    """The site tables' semantics; the state machine calls in (`record`, `apply_remote`, ...)."""
+
+    def link(self, txn: lmdb.Transaction[bytes], cmd: c.LinkSite) -> int:
+        """Pair with `cmd.peer`: from now on every replicated command is captured. What exists
+        already is captured too, as creates from the root down (the initial sync). Returns the
+        number of operations that puts in the outbox."""
+        if len(cmd.peer) != 16 or cmd.peer == self.site(txn):
+            raise FsError(errno.EINVAL, "a site links to another site's 16-byte id")
+        current = self.peer(txn)
+        if current is not None:
+            raise FsError(errno.EEXIST, f"already linked to site {current.hex()}: unlink it first")
+        txn.put(b"peer", cmd.peer, db=self.meta)
+        txn.put(b"link", json.dumps({"peer": cmd.peer.hex(), "ca_pem": cmd.peer_ca_pem.decode(),
+                                     "addresses": list(cmd.peer_addresses), "since_ns": cmd.now_ns}).encode(),
+                db=self.meta)
+        before = txn.stat(self.db["soutbox"])["entries"]
+        self._set_ids(txn, ROOT_INO, ROOT)
+        self._seed(txn, ROOT_INO, ROOT, cmd.now_ns)
+        for number, record in self._sm.volumes.all(txn):
+            if record["kind"] == "volume":
+                self._capture_volume(txn, number, record, cmd.now_ns)
+        return int(txn.stat(self.db["soutbox"])["entries"]) - int(before)
+
+    def update_link(self, txn: lmdb.Transaction[bytes], cmd: c.UpdateSiteLink) -> None:
+        """Keep what the peer says of itself now (`UpdateSiteLink`) with the link."""
+        info = self.link_info(txn)
+        if info is None:
+            raise FsError(errno.ENOENT, "not linked to any site")
+        info["addresses"], info["revoked"] = list(cmd.addresses), list(cmd.revoked)
+        txn.put(b"link", json.dumps(info).encode(), db=self.meta)
+
+    def unlink(self, txn: lmdb.Transaction[bytes], cmd: c.UnlinkSite) -> None:
+        """Stop capturing; the outbox, the cursors and the tree are dropped (a new link starts over
+        with an initial sync). Objects kept only for the tree are released to the orphan purge."""
+        if self.peer(txn) is None:
+            raise FsError(errno.ENOENT, "not linked to any site")
+        for ino in self.kept_inodes(txn):
+            inode = self.ns.get_inode(txn, ino)
+            if inode is not None and inode.is_dir and inode.nlink == 0:
+                self._release_below(txn, ino, [])  # a deleted volume's files: nothing keeps them now
+        for name in SITE_TABLES:
+            if name not in ("sconflicts",):
+                txn.drop(self.db[name], delete=False)
+
+    def link_info(self, txn: lmdb.Transaction[bytes]) -> dict[str, Any] | None:
+        """The peer as LinkSite recorded it: its id, CA certificate and addresses (and, once it
+        told them, `revoked`: its removed members' certificate serials; UpdateSiteLink)."""
+        raw = txn.get(b"link", db=self.meta)
+        return None if raw is None else json.loads(raw)
+
+    # -- reads for the shipper and for `site status` --------------------------------------------
+    def head(self, txn: lmdb.Transaction[bytes]) -> Stamp | None:
+        """This site's last operation (an acknowledgement carries it: repl/link.py, Ack.head)."""
+        raw = txn.get(b"head", db=self.meta)
+        return None if raw is None else Stamp.unpack(bytes(raw))
+
+    def applied_from_peer(self, txn: lmdb.Transaction[bytes]) -> Stamp | None:
+        return self._seen_stamp(txn)
+
+    def outbox(self, txn: lmdb.Transaction[bytes], after: Stamp | None, limit: int) -> list[tuple[Stamp, bytes]]:
+        start = b"" if after is None else after.pack()
+        found = []
+        for key, value in scan_from(txn, self.db["soutbox"], start):
+            stamp = Stamp.unpack(bytes(key))
+            if after is not None and stamp <= after:
+                continue
+            found.append((stamp, bytes(value)))
+            if len(found) >= limit:
+                break
+        return found
+
+    def pending_after(self, txn: lmdb.Transaction[bytes], after: Stamp | None, limit: int = 1 << 20) -> int:
+        """How many outbox entries come after `after` (the peer's acknowledgement), at most `limit`."""
+        count = 0
+        for key, _ in scan_from(txn, self.db["soutbox"], b"" if after is None else after.pack()):
+            if after is not None and Stamp.unpack(bytes(key)) <= after:
+                continue
+            count += 1
+            if count >= limit:
+                break
+        return count
+
+    def shipping(self, txn: lmdb.Transaction[bytes], raw: bytes) -> tuple[bytes, int | None]:
+        """What to send for an outbox entry: the operation, and for a content version the inode
+        whose bytes are that version (the file while it shows it, the sibling a conflict kept it
+        in). A version a later one of this site replaced is sent as `Superseded`: only the
+        newest bytes travel; so is one of an object this site no longer has (released after its
+        every entry was deleted): there are no bytes to send, and the peer deleted it too."""
+        op = o.decode(raw)
+        if not isinstance(op, o.ContentSet):
+            return raw, None
+        versions = self._versions(txn, op.object + CONTENT)
+        ino = self._ino(txn, op.object)
+        if versions and versions[0].stamp == op.stamp and ino is not None:
+            return raw, ino
+        # A version kept in /.conflicts ships from there even once settled here: the peer keeps it too.
+        record = txn.get(op.stamp.pack() + b"c", db=self.db["sconflicts"])
+        kept = None if record is None else json.loads(record).get("kept_ino")
+        if kept is not None and txn.get(u64(kept), db=self.db["inodes"]) is not None:
+            return raw, int(kept)
+        return o.encode(o.Superseded(op.stamp, op.object, op.seen)), None
+
+    def content_base(self, txn: lmdb.Transaction[bytes], obj: bytes) -> tuple[int, Stamp] | None:
+        """The regular file that shows `obj` here and the stamp of the content version it shows
+        (the register's winner), or None: what a content version shipped as a delta from that
+        version may reuse (design note 50)."""
+        ino = self._ino(txn, obj)
+        versions = self._versions(txn, obj + CONTENT)
+        inode = None if ino is None else self.ns.get_inode(txn, ino)
+        if inode is None or not inode.is_reg or not versions:
+            return None
+        return inode.ino, versions[0].stamp

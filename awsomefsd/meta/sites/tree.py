@@ -1,0 +1,244 @@
+"""The replicated tree (crdt/tree.py) on the site tables, and where it shows a node.
+
+`TableTree` is the tree's TreeState and TreeLog within one transaction: placements in `splace`
+and `skids`, the undo log in `slog`, each node's moves in `smoves`, with the encodings of moves
+and log entries. `SiteTree` adds what a placement means for this site: the path an object is
+shown at, whether a directory can be reached from the root, the moves that took a node into
+TRASH; and the skipped moves (those that would have made a cycle), conflicts the log holds,
+recorded for good when the log forgets them.
+
+Apart because the algorithm is crdt's and knows no table: this is the one adapter between the
+two, and what every job that moves or looks up an entry goes through.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass, field
+from typing import Any
+
+import lmdb
+
+from awsomefsd.crdt.hlc import PACKED_BYTES, Stamp
+from awsomefsd.crdt.tree import MAX_DEPTH, ROOT, TRASH, VOLUMES, LogEntry, Move, Placement
+from awsomefsd.meta.records import ROOT_INO, VOLUMES_INO
+from awsomefsd.meta.sites.tables import SKIPPED, SiteRecords, scan, scan_from
+
+
+@dataclass(slots=True)
+class Dirty:
+    """What one operation's tree moves touched: the name groups whose shown names may change,
+    and the nodes that moved (whose old directory entries may have to go)."""
+
+    groups: set[tuple[bytes, bytes]] = field(default_factory=set)
+    nodes: set[bytes] = field(default_factory=set)
+
+
+class TableTree:
+    """The replicated tree's TreeState and TreeLog on the site tables, within one transaction."""
+
+    def __init__(self, tables: SiteTree, txn: lmdb.Transaction[bytes], dirty: Dirty) -> None:
+        self.t, self.txn, self.dirty = tables, txn, dirty
+        self.meta = tables.meta
+
+    # TreeState
+    def placement(self, node: bytes) -> Placement | None:
+        return self.t.placement(self.txn, node)
+
+    def place(self, node: bytes, placement: Placement | None) -> None:
+        txn, db = self.txn, self.t.db
+        old = self.placement(node)
+        if old is not None:
+            txn.delete(old.parent + old.name + b"\0" + node, db=db["skids"])
+            self.dirty.groups.add((old.parent, old.name))
+        if placement is None:
+            txn.delete(node, db=db["splace"])
+        else:
+            txn.put(node, placement.parent + placement.stamp.pack() + placement.name, db=db["splace"])
+            txn.put(placement.parent + placement.name + b"\0" + node, b"", db=db["skids"])
+            self.dirty.groups.add((placement.parent, placement.name))
+        self.dirty.nodes.add(node)
+
+    # TreeLog
+    def entry_at(self, stamp: Stamp) -> LogEntry | None:
+        raw = self.txn.get(stamp.pack(), db=self.t.db["slog"])
+        return None if raw is None else _log_entry(raw)
+
+    def entries_from(self, stamp: Stamp) -> list[LogEntry]:
+        return [_log_entry(v) for _, v in scan_from(self.txn, self.t.db["slog"], stamp.pack())]
+
+    def truncate_from(self, stamp: Stamp) -> None:
+        for key, _ in list(scan_from(self.txn, self.t.db["slog"], stamp.pack())):
+            self.txn.delete(key, db=self.t.db["slog"])
+        for key, _ in list(scan_from(self.txn, self.t.meta, SKIPPED + stamp.pack())):
+            if not bytes(key).startswith(SKIPPED):
+                break
+            self.txn.delete(key, db=self.t.meta)
+
+    def append(self, entry: LogEntry) -> None:
+        self.txn.put(entry.move.stamp.pack(), _pack_log_entry(entry), db=self.t.db["slog"])
+        if not entry.done:  # a move that would have made a cycle: listed while the log holds it
+            self.txn.put(SKIPPED + entry.move.stamp.pack(), b"", db=self.t.meta)
+
+    def moves_of(self, node: bytes) -> list[Move]:
+        return [unpack_move(bytes(v))[0] for _, v in scan(self.txn, self.t.db["smoves"], node)]
+
+    def add_move_of(self, move: Move) -> None:
+        self.txn.put(move.node + move.stamp.pack(), pack_move(move), db=self.t.db["smoves"])
+
+    def forget_through(self, stamp: Stamp) -> int:
+        """Drop the log up to `stamp`; a skipped move in it becomes a conflict record for good."""
+        txn, db = self.txn, self.t.db
+        dropped = 0
+        for key, value in list(scan(txn, db["slog"], b"")):
+            if Stamp.unpack(bytes(key)) > stamp:
+                break
+            entry = _log_entry(value)
+            if not entry.done:
+                self.t.keep_skipped(txn, entry)
+            txn.delete(key, db=db["slog"])
+            txn.delete(entry.move.node + bytes(key), db=db["smoves"])
+            dropped += 1
+        return dropped
+
+
+class SiteTree(SiteRecords):
+    """The tree's skipped moves and where the tree shows a node."""
+
+    def keep_skipped(self, txn: lmdb.Transaction[bytes], entry: LogEntry) -> None:
+        """A skipped move the log forgets: its conflict is recorded for good (unless resolved)."""
+        key, record = self._skipped_record(txn, entry)
+        if txn.get(key, db=self.db["sconflicts"]) is None:
+            txn.put(key, json.dumps(record, sort_keys=True).encode(), db=self.db["sconflicts"])
+        txn.delete(SKIPPED + entry.move.stamp.pack(), db=self.meta)
+
+    def _skipped_record(self, txn: lmdb.Transaction[bytes], entry: LogEntry) -> tuple[bytes, dict[str, Any]]:
+        """A move the tree skipped because it would have made a cycle (concurrent moves of two
+        directories, each into the other): the loser, and the placement it met (the winner).
+        Built from the log entry alone, so both sites list the same, before and after forgetting."""
+        move, before = entry.move, entry.before
+        winner = before.stamp if before is not None else move.stamp
+        raw = txn.get(move.node, db=self.db["sentries"])
+        obj = bytes(raw[:16]) if raw is not None else move.node
+        record = {"kind": "skipped-move", "object": obj.hex(), "winner": winner.pack().hex(),
+                  "loser": move.stamp.pack().hex(), "open": True, "node": move.node.hex(),
+                  "loser_parent": move.parent.hex(), "loser_name": move.name.hex()}
+        return move.stamp.pack() + b"s", record
+
+    # -- where the tree shows a node -------------------------------------------------------------
+    def path_of(self, txn: lmdb.Transaction[bytes], obj: bytes) -> str | None:
+        """Where this site shows an object now (its first name), or None (deleted, unknown)."""
+        ino = self._ino(txn, obj)
+        where = None if ino is None else self._first_shown(txn, ino)
+        parts: list[bytes] = []
+        for _ in range(MAX_DEPTH):
+            if where is None:
+                return None
+            parent_ino, name = where
+            parts.append(name)
+            if parent_ino in (ROOT_INO, VOLUMES_INO):
+                top = "/" if parent_ino == ROOT_INO else "/.volumes/"
+                return top + "/".join(p.decode(errors="replace") for p in reversed(parts))
+            parent = self.object_of(txn, parent_ino)
+            where = None if parent is None else self._shown(txn, parent)
+        return None
+
+    def _first_shown(self, txn: lmdb.Transaction[bytes], ino: int) -> tuple[int, bytes] | None:
+        """Where the first of an inode's entries is shown: (parent ino, name), or None."""
+        obj = self.object_of(txn, ino)
+        if obj is None:
+            return None
+        for key, _ in scan(txn, self.db["sobjents"], obj):
+            shown = self._shown(txn, bytes(key[16:]))
+            if shown is not None:
+                return shown
+        return None
+
+    def _reachable(self, txn: lmdb.Transaction[bytes], directory: int) -> bool:
+        """Is directory inode `directory` reachable from the root: is it, and each directory above
+        it, shown? (A directory outside the replicated tree, /.conflicts, hangs from the root.)"""
+        for _ in range(MAX_DEPTH):
+            if directory in (ROOT_INO, VOLUMES_INO):
+                return True
+            obj = self.object_of(txn, directory)
+            if obj is None:
+                inode = self.ns.get_inode(txn, directory)
+                return inode is not None and inode.parent == ROOT_INO and inode.nlink > 0
+            shown = self._shown(txn, obj)
+            if shown is None:
+                return False
+            directory = shown[0]
+        return False
+
+    def _first_reachable(self, txn: lmdb.Transaction[bytes], ino: int) -> tuple[int, bytes] | None:
+        obj = self.object_of(txn, ino)
+        for key, _ in scan(txn, self.db["sobjents"], obj or b"\xff" * 17):
+            shown = self._shown(txn, bytes(key[16:]))
+            if shown is not None and self._reachable(txn, shown[0]):
+                return shown
+        return None
+
+    def _path_to_trash(self, txn: lmdb.Transaction[bytes], node: bytes) -> list[Stamp | None]:
+        """When `node` or one of its ancestors is under TRASH: the stamps of the placements on the
+        way up, its own first, to the move into TRASH last (None for a placement forgotten: an
+        ancestor released by `forget` has none left). Every one of them took part in taking the
+        path away: a directory moved into one the other site removed loses its files as surely
+        as the removal does. [] when not under TRASH."""
+        stamps: list[Stamp | None] = []
+        for _ in range(MAX_DEPTH):
+            if node in (ROOT, VOLUMES):
+                return []
+            placed = self.placement(txn, node)
+            if placed is None:
+                return [*stamps, None]
+            stamps.append(placed.stamp)
+            if placed.parent == TRASH:
+                return stamps
+            node = placed.parent
+        return []
+
+
+_MOVE_HEAD = struct.Struct(f">{PACKED_BYTES}s16s16sBH")
+_SEEN = struct.Struct(f">16s{PACKED_BYTES}s")
+_BEFORE = struct.Struct(f">16s{PACKED_BYTES}sH")
+
+
+def pack_move(move: Move) -> bytes:
+    """stamp, node, parent, how many seen, name length; then each seen (site, stamp); the name."""
+    seen = sorted(move.seen.items())
+    return (_MOVE_HEAD.pack(move.stamp.pack(), move.node, move.parent, len(seen), len(move.name))
+            + b"".join(_SEEN.pack(site, stamp.pack()) for site, stamp in seen) + move.name)
+
+
+def unpack_move(raw: bytes, at: int = 0) -> tuple[Move, int]:
+    stamp, node, parent, count, name_len = _MOVE_HEAD.unpack_from(raw, at)
+    at += _MOVE_HEAD.size
+    seen = {}
+    for _ in range(count):
+        site, seen_stamp = _SEEN.unpack_from(raw, at)
+        seen[site] = Stamp.unpack(seen_stamp)
+        at += _SEEN.size
+    return Move(Stamp.unpack(stamp), node, parent, raw[at:at + name_len], seen), at + name_len
+
+
+def _pack_log_entry(entry: LogEntry) -> bytes:
+    """done, whether a placement was before; that placement (parent, stamp, name); the move."""
+    before = entry.before
+    head = bytes((entry.done, before is not None))
+    if before is not None:
+        head += _BEFORE.pack(before.parent, before.stamp.pack(), len(before.name)) + before.name
+    return head + pack_move(entry.move)
+
+
+def _log_entry(raw: bytes) -> LogEntry:
+    raw = bytes(raw)
+    done, has_before = raw[0], raw[1]
+    at, before = 2, None
+    if has_before:
+        parent, stamp, name_len = _BEFORE.unpack_from(raw, at)
+        at += _BEFORE.size
+        before = Placement(parent, raw[at:at + name_len], Stamp.unpack(stamp))
+        at += name_len
+    move, _ = unpack_move(raw, at)
+    return LogEntry(move, before, bool(done))

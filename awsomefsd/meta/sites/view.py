@@ -1,0 +1,153 @@
+"""The tree's placements shown as directory entries.
+
+What a site shows is a function of the moves it applied: after a batch of moves, the entries of
+the name groups and nodes they touched are made to match the placements (`_reshow`), every
+replica in the same order, so that they make the same entries with the same cookies. Two
+placements with one name in one directory show the newest under the name and the others under
+names derived from their stamps (crdt/tree.py's `visible_names`, for one group). A directory
+that lost or regained its path makes the files below it judged again (edit_delete.py).
+
+Apart because both sides of replication end here: a local command's moves (capture.py), the
+peer's (apply.py), an operator's (resolve.py) and forgetting (forget.py).
+"""
+
+from __future__ import annotations
+
+import lmdb
+
+from awsomefsd.crdt.tree import TRASH, conflict_name
+from awsomefsd.meta.records import u64
+from awsomefsd.meta.sites.edit_delete import EditAgainstDelete
+from awsomefsd.meta.sites.tables import scan
+from awsomefsd.meta.sites.tree import Dirty
+from awsomefsd.meta.sites.volumes import SiteVolumes
+
+
+class SiteView(EditAgainstDelete, SiteVolumes):
+    """Directory entries made to match the tree."""
+
+    def _reshow(self, txn: lmdb.Transaction[bytes], dirty: Dirty, now_ns: int) -> None:
+        """Make the directory entries match the placements of what `dirty` names: first every entry
+        that is no longer right goes, then every missing one comes (a swap of two names works)."""
+        # In sorted order, never a set's: every replica must make the same entries with the same cookies.
+        wanted: dict[bytes, tuple[int, bytes] | None] = {}
+        for node in sorted(dirty.nodes):
+            placed = self.placement(txn, node)
+            if placed is None or placed.parent == TRASH:
+                wanted[node] = None
+            else:
+                dirty.groups.add((placed.parent, placed.name))
+        for parent, name in sorted(dirty.groups):
+            if parent == TRASH:
+                continue
+            parent_ino = self._ino(txn, parent)
+            for node, shown in self._group_names(txn, parent, name).items():
+                wanted[node] = None if parent_ino is None else (parent_ino, self._shown_name(txn, parent, node, shown))
+        changed = {node: where for node, where in wanted.items() if self._shown(txn, node) != where}
+        reachable_before = {node: self._shown_reachably(txn, node) for node in changed}
+        for node in changed:
+            self._unshow_node(txn, node, entry_too=True, now_ns=now_ns)
+        for node, where in changed.items():
+            if where is not None:
+                self._show_node(txn, node, *where, now_ns)
+        # A directory deleted, moved into a deleted one, or back: the files below it lost, or got
+        # back, their path. One moved while out of reach (deleted again, by another move) may
+        # change which delete took their path: they are judged again too.
+        for node in sorted(set(changed) | dirty.nodes):
+            reachable = self._shown_reachably(txn, node)
+            if reachable and reachable_before.get(node, True):
+                continue
+            ino = self._ino(txn, self._entry_object(txn, node))
+            inode = None if ino is None else self.ns.get_inode(txn, ino)
+            if inode is not None and inode.is_dir:
+                for obj in self._files_below(txn, inode.ino):
+                    self._edit_against_delete(txn, obj)
+
+    def _shown_reachably(self, txn: lmdb.Transaction[bytes], node: bytes) -> bool:
+        shown = self._shown(txn, node)
+        return shown is not None and self._reachable(txn, shown[0])
+
+    def _group_names(self, txn: lmdb.Transaction[bytes], parent: bytes, name: bytes) -> dict[bytes, bytes]:
+        """The names one group of a directory's children shows (tree.visible_names, for one name):
+        the newest placement keeps the name, the others get names derived from their stamps."""
+        prefix = parent + name + b"\0"
+        members = []
+        for key, _ in scan(txn, self.db["skids"], prefix):
+            node = bytes(key[len(prefix):])
+            placed = self.placement(txn, node)
+            assert placed is not None
+            members.append((placed.stamp, node))
+        members.sort(reverse=True)
+        shown: dict[bytes, bytes] = {}
+        for rank, (stamp, node) in enumerate(members):
+            if rank == 0:
+                shown[node] = name
+                continue
+            extra, candidate = 1, conflict_name(name, stamp)
+            while candidate in shown.values() or any(True for _ in scan(txn, self.db["skids"], parent + candidate + b"\0")):
+                extra += 1
+                candidate = conflict_name(name, stamp, extra)
+            shown[node] = candidate
+        return shown
+
+    def _show_node(self, txn: lmdb.Transaction[bytes], node: bytes, parent_ino: int, name: bytes,
+                   now_ns: int) -> None:
+        obj = self._entry_object(txn, node)
+        ino = self._ino(txn, obj)
+        assert ino is not None, obj.hex()
+        if self.ns.lookup(txn, parent_ino, name) is not None:
+            # A local entry outside the tree holds the name (made before the link, in a volume...):
+            # the tree's entry waits under its conflict name instead.
+            name = conflict_name(name, self.placement(txn, node).stamp)  # type: ignore[union-attr]
+        parent = self.ns.require_inode(txn, parent_ino)
+        child = self.ns.require_inode(txn, ino)
+        self.ns.add_entry(txn, parent_ino, name, ino, self._sm.new_cookie(txn, 0))
+        self._entries.append((parent_ino, name))
+        self._inodes += (parent_ino, ino)
+        self._join_volume(txn, child, parent)
+        if child.is_dir:
+            child.parent = parent_ino
+            if parent.nlink:  # a directory no entry shows stays at 0: recounted when shown
+                parent.nlink += 1
+            if child.nlink < 2:
+                child.nlink = 2 + sum(1 for _, sub in self.ns.names(txn, ino) if self.ns.require_inode(txn, sub).is_dir)
+        else:
+            child.nlink += 1
+        self.ns.put_inode(txn, child)
+        parent.mtime_ns = parent.ctime_ns = max(parent.mtime_ns, now_ns)
+        self.ns.put_inode(txn, parent)
+        txn.delete(ino.to_bytes(8, "big"), db=self.db["orphans"])
+        self._put_entry(txn, node, obj, parent_ino, name)
+        txn.put(u64(parent_ino) + name, node, db=self.db["snames"])
+
+    def _unshow_node(self, txn: lmdb.Transaction[bytes], node: bytes, *, entry_too: bool = False,
+                     now_ns: int = 0) -> None:
+        """Forget where `node` is shown; `entry_too`: also remove that directory entry (a remote
+        move takes it away; a local command already did)."""
+        where = self._shown(txn, node)
+        if where is None:
+            return
+        parent_ino, name = where
+        txn.delete(u64(parent_ino) + name, db=self.db["snames"])
+        self._put_entry(txn, node, self._entry_object(txn, node), 0, b"")
+        if not entry_too or self.ns.lookup(txn, parent_ino, name) is None:
+            return
+        child_ino = self.ns.remove_entry(txn, parent_ino, name)
+        self._entries.append((parent_ino, name))
+        self._inodes += (parent_ino, child_ino)
+        parent = self.ns.require_inode(txn, parent_ino)
+        child = self.ns.require_inode(txn, child_ino)
+        if child.is_dir:
+            # A directory no entry shows has nlink 0 (recounted when it is shown again, _show_node).
+            parent.nlink = max(parent.nlink - 1, 0)
+            child.nlink = 0
+        else:
+            child.nlink -= 1
+        self.ns.put_inode(txn, child)
+        parent.mtime_ns = parent.ctime_ns = max(parent.mtime_ns, now_ns)
+        self.ns.put_inode(txn, parent)
+
+    def _unshow(self, txn: lmdb.Transaction[bytes], parent_ino: int, name: bytes) -> None:
+        node = self._node_shown_at(txn, parent_ino, name)
+        if node is not None:
+            self._unshow_node(txn, node)
