@@ -380,7 +380,8 @@ def test_a_volume_made_through_csi_replicates_with_its_files_and_its_delete(tmp_
             snapshot_id=controller(a).ListSnapshots(csi_pb2.ListSnapshotsRequest(), timeout=30)
             .entries[0].snapshot.snapshot_id), timeout=30)
         controller(a).DeleteVolume(csi_pb2.DeleteVolumeRequest(volume_id=volume_id), timeout=30)
-        assert volume_dirs(a) == []
+        # the kernel's cached listing of /.volumes is invalidated after the reply (daemon/volumes.py)
+        wait_for(lambda: volume_dirs(a) == [], 10, "the volume gone here")
         wait_for(lambda: volume_dirs(b) == [], SYNC_DEADLINE_S, "the volume gone on the other site")
         assert list(controller(b).ListVolumes(csi_pb2.ListVolumesRequest(), timeout=30).entries) == []
         wait_converged(a, b)
