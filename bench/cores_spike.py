@@ -14,10 +14,12 @@ open, read, release, opendir, readdir, statfs) on /ro themselves; every other re
 request about a node outside /ro, is forwarded whole (its raw bytes) to the proposer, which runs
 it on its own copy and sends back the answer's payload or errno. The bench never changes /ro, so
 the copies cannot disagree: the rules that make that hold in the daemon are in docs/multicore.md.
+Workers come in two kinds: `trio` (today's Session on the clone) and `sync` (no event loop:
+blocking reads, handlers run to completion, blocking calls to the proposer).
 
-    python bench/cores_spike.py                  # the comparison: proposer alone, 1 worker, 2 workers
-    python bench/cores_spike.py --runs 3 --runtime 8 --creates 5000
-    python bench/cores_spike.py --serve M --workers N   # one server, until Ctrl-C
+    python bench/cores_spike.py                  # every mode of MODES, alternating, 3 runs
+    python bench/cores_spike.py --modes alone,sync1,sync2 --runs 5 --runtime 8 --creates 5000
+    python bench/cores_spike.py --serve M --workers N [--sync] [--proposer-reads]   # until Ctrl-C
     python bench/cores_spike.py --ping 20000            # the forwarding channel alone
 """
 
@@ -38,8 +40,9 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Coroutine, Iterator
 from pathlib import Path
+from typing import Any
 
 import trio
 
@@ -50,7 +53,15 @@ from kernelfloor import Node, NullOperations
 from awsomefsd.fuse.kernel import abi, channel
 from awsomefsd.fuse.kernel.abi import Body, Header, Op
 from awsomefsd.fuse.kernel.handlers import KernelHandlers
-from awsomefsd.fuse.kernel.session import INLINE_SINGLE_NODE, NO_REPLY, Handler, Negotiated, Payload, Session
+from awsomefsd.fuse.kernel.session import (
+    INLINE_SINGLE_NODE,
+    NO_REPLY,
+    READ_BUFFER,
+    Handler,
+    Negotiated,
+    Payload,
+    Session,
+)
 from awsomefsd.meta.errors import FsError
 from awsomefsd.meta.records import ROOT_INO, Inode
 
@@ -204,8 +215,65 @@ def run_worker(session_fd: int, sock_fd: int, negotiated: Negotiated, size: int)
     trio.run(main)
 
 
-def serve(mount: Path, workers: int, size: int) -> None:
-    """Mount; answer INIT; then serve alone (workers == 0) or start `workers` processes on clones."""
+def finish(coro: Coroutine[Any, Any, Payload]) -> Payload:
+    """Run a handler that never waits (the in-memory one's) without an event loop."""
+    try:
+        coro.send(None)
+    except StopIteration as done:
+        return done.value  # type: ignore[no-any-return]
+    coro.close()
+    raise RuntimeError("a local handler waited")
+
+
+def run_sync_worker(session_fd: int, sock_fd: int, size: int) -> None:
+    """A worker without an event loop: blocking reads of its clone (the kernel wakes one blocked
+    reader per request, where every epoll waiter wakes), requests served or forwarded one at a
+    time with blocking calls, answers written at once."""
+    fd = clone(session_fd)
+    os.close(session_fd)
+    os.set_blocking(fd, True)
+    sock = socket.socket(fileno=sock_fd)
+    local = KernelHandlers(snapshot(size), cache_dirs=True).table  # type: ignore[arg-type]
+    request, answer = bytearray(READ_BUFFER), bytearray(MAX_MESSAGE)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    while True:
+        try:
+            n = os.readv(fd, [request])
+        except OSError as exc:
+            if exc.errno in (errno.ENOENT, errno.EINTR):
+                continue
+            return  # ENODEV: unmounted
+        data = bytes(request[:n])
+        header = abi.parse_header(data)
+        if header.opcode == Op.INTERRUPT:
+            continue  # local requests finish at once; the spike's forwarded ones too
+        err, payload = 0, b""
+        if header.opcode in LOCAL_OPS and header.nodeid in FROZEN:
+            try:
+                result = finish(local[header.opcode](header, Body(data)))
+                payload = b"".join(result) if isinstance(result, list) else bytes(result or b"")
+            except FsError as exc:
+                err = exc.errno
+        else:
+            sock.send(data)
+            got = sock.recv_into(answer)
+            _, err = REPLY.unpack_from(answer)
+            payload = bytes(answer[REPLY.size:got])
+        try:
+            if err == -1:
+                continue
+            if err:
+                os.write(fd, abi.error_reply(header.unique, err))
+            else:
+                os.writev(fd, [abi.OUT_HEADER.pack(abi.OUT_HEADER.size + len(payload), 0, header.unique), payload])
+        except OSError as exc:
+            if exc.errno != errno.ENOENT:
+                raise
+
+
+def serve(mount: Path, workers: int, size: int, *, sync: bool = False, proposer_reads: bool = False) -> None:
+    """Mount; answer INIT; then serve alone (workers == 0) or start `workers` processes on clones
+    (`sync`: `run_sync_worker`; `proposer_reads`: the proposer reads its own descriptor too)."""
     mount.mkdir(parents=True, exist_ok=True)
     fd = channel.open_device()
     channel.mount(fd, mount, allow_other=True)
@@ -221,13 +289,16 @@ def serve(mount: Path, workers: int, size: int) -> None:
             else:
                 nursery.start_soon(trio.to_thread.run_sync, os.stat, mount)  # makes the kernel send INIT
                 neg = await session.negotiate()
+                if proposer_reads:
+                    nursery.start_soon(session.serve)
                 for _ in range(workers):
                     mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
                     for s in (mine, theirs):
                         s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, MAX_MESSAGE)
                     children.append(subprocess.Popen(
                         [sys.executable, __file__, "--worker", str(fd), str(theirs.fileno()), str(neg.minor),
-                         str(neg.flags), str(neg.max_write), str(size)], pass_fds=(fd, theirs.fileno())))
+                         str(neg.flags), str(neg.max_write), str(size), "sync" if sync else "trio"],
+                        pass_fds=(fd, theirs.fileno())))
                     theirs.close()
                     nursery.start_soon(apply_forwarded, mine, table)
             await trio.to_thread.run_sync(os.stat, mount)
@@ -254,8 +325,8 @@ def cpu_seconds(pids: list[int]) -> float:
     return total / os.sysconf("SC_CLK_TCK")
 
 
-def measure(workers: int, mount: Path, args: argparse.Namespace, run: int) -> dict[str, float]:
-    server = subprocess.Popen([sys.executable, __file__, "--serve", str(mount), "--workers", str(workers),
+def measure(mode: list[str], mount: Path, args: argparse.Namespace, run: int) -> dict[str, float]:
+    server = subprocess.Popen([sys.executable, __file__, "--serve", str(mount), *mode,
                                "--size", str(args.size)], stdout=subprocess.PIPE, text=True)
     try:
         line = server.stdout.readline() if server.stdout else ""
@@ -283,6 +354,8 @@ def measure(workers: int, mount: Path, args: argparse.Namespace, run: int) -> di
     finally:
         server.send_signal(signal.SIGINT)
         server.wait(30)
+        if str(mount) in Path("/proc/mounts").read_text():  # the server died before it could unmount
+            channel.unmount(mount)
 
 
 CREATOR = """
@@ -296,20 +369,30 @@ print(time.perf_counter() - t)
 """
 
 
+MODES = {
+    "alone": "--workers 0",  # today: the proposer reads every request
+    "trio1": "--workers 1",  # workers on trio (epoll: every worker wakes for every request)
+    "trio2": "--workers 2",
+    "sync1": "--workers 1 --sync",  # workers with blocking reads, no event loop
+    "sync2": "--workers 2 --sync",
+    "sync1+p": "--workers 1 --sync --proposer-reads",  # the proposer reads its descriptor too
+}
+
+
 def compare(args: argparse.Namespace) -> None:
-    modes = {"proposer alone": 0, "1 worker": 1, "2 workers": 2}
+    modes = {name: mode.split() for name, mode in MODES.items() if name in args.modes.split(",")}
     results: dict[str, list[dict[str, float]]] = {name: [] for name in modes}
     loads = [os.getloadavg()[0]]
     with tempfile.TemporaryDirectory(dir="/var/tmp") as tmp:
         for run in range(args.runs):
-            for name, workers in modes.items():  # alternating: noise spreads over every mode
-                results[name].append(measure(workers, Path(tmp) / "m", args, run))
+            for name, mode in modes.items():  # alternating: noise spreads over every mode
+                results[name].append(measure(mode, Path(tmp) / "m", args, run))
                 loads.append(os.getloadavg()[0])
                 print(f"run {run + 1} {name}: {results[name][-1]}", file=sys.stderr, flush=True)
-    base = statistics.median(r["iops"] for r in results["1 worker"])
+    base = statistics.median(r["iops"] for r in next(iter(results.values())))
     print(f"\n4 KiB O_DIRECT random reads, {args.jobs} psync jobs, {args.runtime} s; {args.creates} creates "
           f"(open O_CREAT + close) in one directory; medians of {args.runs} alternating runs")
-    print(f"{'mode':16} {'read IOPS':>10} {'vs 1 worker':>11} {'CPU µs/read':>12} {'µs/create':>10} {'CPU µs/create':>14}")
+    print(f"{'mode':16} {'read IOPS':>10} {'vs first':>11} {'CPU µs/read':>12} {'µs/create':>10} {'CPU µs/create':>14}")
     for name, rows in results.items():
         def med(key: str, rows: list[dict[str, float]] = rows) -> float:
             return statistics.median(r[key] for r in rows)
@@ -361,11 +444,18 @@ def ping(count: int) -> None:
 def main() -> int:
     if len(sys.argv) > 1 and sys.argv[1] == "--worker":
         session_fd, sock_fd, minor, flags, max_write, size = (int(v) for v in sys.argv[2:8])
-        run_worker(session_fd, sock_fd, Negotiated(minor, flags, max_write), size)
+        if sys.argv[8] == "sync":
+            run_sync_worker(session_fd, sock_fd, size)
+        else:
+            run_worker(session_fd, sock_fd, Negotiated(minor, flags, max_write), size)
         return 0
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--serve", type=Path, help="serve at this mount point until Ctrl-C")
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--sync", action="store_true", help="workers without an event loop (blocking reads)")
+    parser.add_argument("--proposer-reads", action="store_true", help="the proposer reads its descriptor too")
+    parser.add_argument("--modes", default="alone,trio1,trio2,sync1,sync2,sync1+p",
+                        help=f"comma-separated, of: {', '.join(MODES)}")
     parser.add_argument("--size", type=int, default=128 << 20, help="bytes of /ro/data")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--runtime", type=int, default=8, help="seconds of fio per run")
@@ -376,7 +466,7 @@ def main() -> int:
     if args.ping:
         ping(args.ping)
     elif args.serve:
-        serve(args.serve.absolute(), args.workers, args.size)
+        serve(args.serve.absolute(), args.workers, args.size, sync=args.sync, proposer_reads=args.proposer_reads)
     else:
         compare(args)
     return 0
