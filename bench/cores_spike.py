@@ -140,8 +140,10 @@ async def apply_forwarded(sock: socket.socket, table: dict[int, Handler]) -> Non
                 except KeyError:
                     err = errno.ENOSYS
                 await send_all(sock, REPLY.pack(header.unique, err) + payload)
-    except EOFError:
-        return
+    except (EOFError, BrokenPipeError, ConnectionResetError):
+        # the worker is gone: the kernel ended the requests it held with ECONNABORTED; the
+        # others serve on (docs/multicore.md, R6)
+        print(f"cores_spike: a worker left ({sock.fileno()})", file=sys.stderr, flush=True)
 
 
 # -- a worker: its own cloned descriptor, local reads, forwarded changes ---------------------------

@@ -8,6 +8,7 @@ must stay correct as it changes.
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import subprocess
@@ -68,6 +69,7 @@ def spike(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Path]:
         line = server.stdout.readline()  # the ready line, or "" if it died (then the assert says so)
         assert line.startswith("cores_spike: mounted "), f"the spike did not start: {line!r}"
         assert len(line.split()) == 6, line  # the proposer and its two workers
+        (tmp_path / "pids").write_text(" ".join(line.split()[3:]))
         yield mount
     finally:
         server.send_signal(signal.SIGINT)
@@ -94,3 +96,50 @@ def test_every_reader_serves_the_same_files(spike: Path) -> None:
     names = sorted(os.listdir(spike / "new"))
     assert names == sorted(f"p{seed}-{i}" for seed in range(3) for i in range(50))
     assert all(os.stat(spike / "new" / name).st_size == 4096 for name in names)
+
+
+CREATE = """
+import os, sys
+try:
+    os.close(os.open(sys.argv[1], os.O_CREAT | os.O_WRONLY, 0o600))
+    print("created")
+except OSError as exc:
+    print(exc.errno)
+"""
+
+
+def _waiting_on_proposer(pid: int) -> bool:
+    return "skb" in Path(f"/proc/{pid}/wchan").read_text()  # blocked in recv from the proposer
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_a_dead_worker_fails_its_request_and_the_others_serve_on(spike: Path, request: pytest.FixtureRequest) -> None:
+    """R6: the request a worker held when it died ends with ECONNABORTED (no hang, no replay); the
+    session and the other worker go on."""
+    if request.node.callspec.params["spike"] != "--sync":
+        pytest.skip("a trio worker holding a request waits in epoll like an idle one: the holder is not known")
+    pids = [int(p) for p in (spike.parent / "pids").read_text().split()]
+    proposer, workers = pids[0], pids[1:]
+    os.mkdir(spike / "d")
+    os.kill(proposer, signal.SIGSTOP)  # a forwarded create then waits in the worker that read it
+    try:
+        client = subprocess.Popen([sys.executable, "-c", CREATE, str(spike / "d" / "x")], stdout=subprocess.PIPE,
+                                  text=True)
+        deadline = time.monotonic() + 20
+        holder = None
+        while holder is None and time.monotonic() < deadline:
+            holder = next((pid for pid in workers if _waiting_on_proposer(pid)), None)
+            time.sleep(0.02)
+        assert holder is not None, "no worker took the create"
+        os.kill(holder, signal.SIGKILL)
+        out, _ = client.communicate(timeout=20)
+        assert out.strip() == str(errno.ECONNABORTED)
+    finally:
+        os.kill(proposer, signal.SIGCONT)
+    survivor = next(pid for pid in workers if pid != holder)
+    for i in range(20):  # every request now reaches the survivor
+        (spike / "d" / f"after{i}").write_bytes(b"x" * i)
+    assert sorted(os.listdir(spike / "d"))[:2] == ["after0", "after1"]
+    assert (spike / "d" / "after7").read_bytes() == b"x" * 7
+    assert Path(f"/proc/{survivor}").exists()
