@@ -132,8 +132,8 @@ class KernelHandlers:
 
     async def batch_forget(self, h: Header, body: Body) -> Payload:
         count, _ = body.take(abi.BATCH_FORGET_IN)
-        items = [body.take(abi.FORGET_ONE) for _ in range(count)]
-        await self.ops.forget([(ino, n) for ino, n in items])
+        items = body.rest(count * abi.FORGET_ONE.size)  # up to ~1,000 (inode, count) pairs: one unpack
+        await self.ops.forget(list(abi.FORGET_ONE.iter_unpack(items)))
         return NO_REPLY
 
     async def getattr(self, h: Header, body: Body) -> Payload:
