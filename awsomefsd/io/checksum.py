@@ -77,6 +77,9 @@ def block_checksums(buf: Buffer) -> bytes:
 
 def first_bad_block(buf: Buffer, checksums: bytes) -> int:
     """Index (within `buf`) of the first block whose CRC does not match `checksums`, or -1."""
+    if len(checksums) == CHECKSUM_BYTES:  # one block, as a 4 KiB read: one CRC, no array of them
+        assert len(buf) == BLOCK_SIZE, f"one checksum for {len(buf)} bytes"
+        return -1 if _crc(buf) == int.from_bytes(checksums, "little") else 0
     actual = block_checksums(buf)
     assert len(actual) == len(checksums), (
         f"{len(checksums) // CHECKSUM_BYTES} checksums for {len(actual) // CHECKSUM_BYTES} blocks"

@@ -62,6 +62,18 @@ def test_first_bad_block_finds_the_first_corrupt_block() -> None:
     assert first_bad_block(data, sums) == 2
 
 
+def test_one_block_is_checked_as_any_other() -> None:
+    """A 4 KiB read takes its own shorter path (one CRC): a flipped bit anywhere fails it."""
+    data = bytearray(_data(1))
+    sums = block_checksums(data)
+    assert first_bad_block(memoryview(data), sums) == -1
+    for at in (0, BLOCK_SIZE - 1):
+        data[at] ^= 0x01
+        assert first_bad_block(memoryview(data), sums) == 0
+        data[at] ^= 0x01
+    assert first_bad_block(data, bytes(reversed(sums))) == 0
+
+
 def test_checksums_of_the_wrong_length_are_a_caller_bug() -> None:
     data = _data(2)
     with pytest.raises(AssertionError):

@@ -47,6 +47,9 @@ class KernelHandlers:
         self.entry_valid = abi.split_seconds(entry_timeout_s)
         self.attr_valid = abi.split_seconds(attr_timeout_s)
         self.negative_valid = abi.split_seconds(entry_timeout_s if negative_timeout_s is None else negative_timeout_s)
+        self._attr_out_head = abi.ATTR_OUT.pack(self.attr_valid[0], self.attr_valid[1], 0)
+        self._negative_entry = abi.ENTRY_OUT.pack(0, 0, self.negative_valid[0], 0, self.negative_valid[1], 0) + bytes(abi.ATTR.size)
+        """'No such name', cached for the negative timeout (nodeid 0): every create begins with one."""
         self.cache_dirs = cache_dirs
         """Let the kernel keep directory listings (FOPEN_CACHE_DIR): only where no other node
         changes directories behind its back (a single node)."""
@@ -110,11 +113,7 @@ class KernelHandlers:
         return self.entry(inode)
 
     def attr_out(self, inode: Inode) -> bytes:
-        return abi.ATTR_OUT.pack(self.attr_valid[0], self.attr_valid[1], 0) + self.attr(inode)
-
-    def _negative_entry(self) -> bytes:
-        """'No such name', cached for the negative timeout (nodeid 0)."""
-        return abi.ENTRY_OUT.pack(0, 0, self.negative_valid[0], 0, self.negative_valid[1], 0) + bytes(abi.ATTR.size)
+        return self._attr_out_head + self.attr(inode)
 
     # -- namespace -------------------------------------------------------------------------------
     async def lookup(self, h: Header, body: Body) -> Payload:
@@ -124,7 +123,7 @@ class KernelHandlers:
         except FsError as exc:
             if exc.errno != errno.ENOENT or (not self.negative_valid[0] and not self.negative_valid[1]):
                 raise
-            return self._negative_entry()
+            return self._negative_entry
         return self.entry_ref(inode)
 
     async def forget(self, h: Header, body: Body) -> Payload:
@@ -134,8 +133,8 @@ class KernelHandlers:
 
     async def batch_forget(self, h: Header, body: Body) -> Payload:
         count, _ = body.take(abi.BATCH_FORGET_IN)
-        items = [body.take(abi.FORGET_ONE) for _ in range(count)]
-        await self.ops.forget([(ino, n) for ino, n in items])
+        items = body.rest(count * abi.FORGET_ONE.size)  # up to ~1,000 (inode, count) pairs: one unpack
+        await self.ops.forget(list(abi.FORGET_ONE.iter_unpack(items)))
         return NO_REPLY
 
     async def getattr(self, h: Header, body: Body) -> Payload:

@@ -273,9 +273,10 @@ class Session:
                 await self._room.wait()
             try:
                 data = self._read()
-                if data is None:
+                while data is None:  # none queued: wait, then read (not read, fail and wait)
                     read_since_checkpoint = 0
-                    data = await self._next()
+                    await trio.lowlevel.wait_readable(self.fd)
+                    data = self._read()
             except EOFError:
                 return
             self.requests += 1
