@@ -12,7 +12,7 @@ import os
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, NoReturn
@@ -78,9 +78,46 @@ def state_lock(state_dir: Path, *, take_over: bool = False) -> Iterator[None]:
 
 
 TAKE_OVER_POLL_S = 0.005
-TAKE_OVER_ASK_AGAIN_S = 1.0
+HAND_OVER_POLL_S = 0.01
+ASK_AGAIN_S = 1.0
 """A daemon asked while it still starts ignores the signal; asking again is harmless (a
 hand-over in progress goes on)."""
+
+
+def ask_to_hand_over(pid: int, state_dir: Path, done: Callable[[], bool], *, still: str, poll_s: float) -> None:
+    """Send daemon `pid` SIGUSR2, and again every ASK_AGAIN_S, until `done()`; OperatorError (one
+    line) when it refuses (it then serves on) or after HAND_OVER_DEADLINE_S. The successor
+    (`take_over_from`) and `awsomefsd hand-over` both wait here: a daemon still starting ignores
+    the signal, and `hand-over` asked once, then waited out its whole deadline."""
+    import signal
+
+    from awsomefsd.fuse.kernel import takeover
+
+    sent = time.monotonic()
+    deadline = sent + HAND_OVER_DEADLINE_S
+    os.kill(pid, signal.SIGUSR2)
+    while not done():
+        refused = takeover.refusal(state_dir)
+        if refused is not None:
+            raise OperatorError(f"awsomefsd (pid {pid}) did not hand the mount over, it goes on serving it: {refused}")
+        if time.monotonic() > deadline:
+            raise OperatorError(f"awsomefsd (pid {pid}) {still} {HAND_OVER_DEADLINE_S:.0f} s after it was asked to "
+                                "hand its mount over (its log says why)")
+        if time.monotonic() - sent > ASK_AGAIN_S:
+            sent = time.monotonic()
+            try:
+                os.kill(pid, signal.SIGUSR2)
+            except ProcessLookupError:
+                pass  # gone: done() says so at the next look
+        time.sleep(poll_s)
+
+
+def _locked(lock_fd: int) -> bool:
+    try:
+        fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
 
 
 def take_over_from(state_dir: Path, lock_fd: int) -> None:
@@ -89,8 +126,6 @@ def take_over_from(state_dir: Path, lock_fd: int) -> None:
     serves: applications then wait only for the old daemon's drain and this one's opening of the
     storage, not for an interpreter loading the daemon (design note: a successor started first).
     Nothing of the state is touched before the lock is held, as after any restart."""
-    import signal
-
     from awsomefsd import priority
     from awsomefsd.daemon.node import MOUNT_RECORD
     from awsomefsd.fuse.kernel import takeover
@@ -104,28 +139,9 @@ def take_over_from(state_dir: Path, lock_fd: int) -> None:
         raise OperatorError(f"{state_dir} is in use by a process (pid {pid}) that serves no mount: nothing to take over")
     takeover.clear_refusal(state_dir)
     priority.raise_for_start()  # from here on applications wait for this process
-    asked = sent = time.monotonic()
-    os.kill(pid, signal.SIGUSR2)
-    deadline = asked + HAND_OVER_DEADLINE_S
-    while True:
-        try:
-            fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            break
-        except BlockingIOError:
-            pass
-        if time.monotonic() - sent > TAKE_OVER_ASK_AGAIN_S:  # a daemon still starting ignores it
-            sent = time.monotonic()
-            try:
-                os.kill(pid, signal.SIGUSR2)
-            except ProcessLookupError:
-                pass  # gone: the lock is free at the next try
-        refused = takeover.refusal(state_dir)
-        if refused is not None:
-            raise OperatorError(f"awsomefsd (pid {pid}) did not hand the mount over, it goes on serving it: {refused}")
-        if time.monotonic() > deadline:
-            raise OperatorError(f"awsomefsd (pid {pid}) still holds {state_dir} {HAND_OVER_DEADLINE_S:.0f} s after it was "
-                                "asked to hand its mount over (its log says why)")
-        time.sleep(TAKE_OVER_POLL_S)
+    asked = time.monotonic()
+    ask_to_hand_over(pid, state_dir, functools.partial(_locked, lock_fd), still=f"still holds {state_dir}",
+                     poll_s=TAKE_OVER_POLL_S)
     log.info("taking over from pid %d: it let go of the state %.0f ms after it was asked", pid,
              (time.monotonic() - asked) * 1000)
 
@@ -351,8 +367,6 @@ HAND_OVER_DEADLINE_S = 120.0
 def hand_over(settings: Settings) -> int:
     """Ask the daemon that owns this node's state to hand its mount over (SIGUSR2) and wait until
     it has exited; its service manager starts the next one, which continues the mount."""
-    import signal
-
     state_dir = settings.node.state_dir
     if not state_in_use(state_dir):
         raise OperatorError(f"no awsomefsd runs on {state_dir}")
@@ -365,18 +379,11 @@ def hand_over(settings: Settings) -> int:
 
     sdrestart.forget_starts()  # under systemd: the start that follows is asked for, not a crash's
     takeover.clear_refusal(state_dir)
-    os.kill(pid, signal.SIGUSR2)
-    deadline = time.monotonic() + HAND_OVER_DEADLINE_S
     # Until the process has exited, not only let go of the state: systemd runs this as the unit's
     # ExecReload, and the reload is to end once the old daemon is gone (design note 41).
-    while state_in_use(state_dir) or _alive(pid):
-        refused = takeover.refusal(state_dir)
-        if refused is not None:
-            raise OperatorError(f"awsomefsd (pid {pid}) did not hand the mount over, it goes on serving it: {refused}")
-        if time.monotonic() > deadline:
-            raise OperatorError(f"awsomefsd (pid {pid}) is still running {HAND_OVER_DEADLINE_S:.0f} s later: it keeps the "
-                           "mount when no descriptor store is set up (its log says why)")
-        time.sleep(0.01)
+    ask_to_hand_over(pid, state_dir, lambda: not (state_in_use(state_dir) or _alive(pid)),
+                     still="is still running (it keeps the mount when no descriptor store is set up)",
+                     poll_s=HAND_OVER_POLL_S)
     print(f"awsomefsd: pid {pid} left the mount to the next daemon", flush=True)
     return 0
 
