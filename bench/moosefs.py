@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-import pwd
 import shutil
 import signal
 import subprocess
@@ -198,10 +197,9 @@ def moosefs_target(workdir: Path, size_bytes: int, deadline_s: float) -> Iterato
     """Master, chunkserver (goal 1) and mfsmount; yields the mount once it has capacity."""
     if missing := missing_tools():
         raise TargetSkipped(f"MooseFS not installed (no {', '.join(missing)}): {INSTALL_HINT}")
-    try:
-        user = pwd.getpwnam("mfs").pw_name
-    except KeyError:
-        user = "root"
+    # As root: the packages' `mfs` user may not reach a work dir in a private (0700) directory
+    # such as mkdtemp's; the namespace, not the user, is what confines these daemons.
+    user = "root"
     netns = netns_name(workdir)
     root = workdir / "moosefs"
     hdd = root / "hdd"
@@ -220,7 +218,6 @@ def moosefs_target(workdir: Path, size_bytes: int, deadline_s: float) -> Iterato
         run(["mkfs.ext4", "-q", "-F", "-E", "lazy_itable_init=0,lazy_journal_init=0", str(device)])
         run(["mount", "-t", "ext4", str(device), str(hdd)])
         stack.callback(lazy_unmount, hdd)
-        run(["chown", "-R", f"{user}:{user}", str(root / "master"), str(root / "chunkserver"), str(hdd)])
         stack.callback(_reap, daemons)  # after the namespace's processes were stopped
         stack.enter_context(_network(netns))
         stack.callback(lazy_unmount, mount)  # runs before the namespace's processes are stopped
