@@ -34,14 +34,18 @@ from typing import Any, TextIO
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import moosefs as mfs
+import realprograms as rp
 import targets as tg
 import workloads as wl
 
 REPO = Path(__file__).resolve().parent.parent
 # The daemon of the interpreter running the harness: the checkout's own code under its .venv.
 DEFAULT_DAEMON = f"{shlex.quote(sys.executable)} -m awsomefsd"
-ALL_TARGETS = ("ext4", "raw", "awsomefs", "awsomefs-pyfuse3", "kernelfloor", "fusefloor")
-ALL_WORKLOADS = ("seq", "rand", "meta", "untar", "sqlite")
+ALL_TARGETS = ("ext4", "raw", "awsomefs", "awsomefs-pyfuse3", "kernelfloor", "fusefloor", "moosefs")
+ALL_WORKLOADS = ("seq", "rand", "meta", "untar", "sqlite", *rp.WORKLOADS)
+FLOOR_TARGETS = ("kernelfloor", "fusefloor")  # keep nothing: no real program can run on them
+METRICS = {**wl.METRICS, **rp.METRICS}
 RAW_WORKLOADS = ("seq", "rand")
 EXIT_PARTIAL = 3
 
@@ -99,6 +103,10 @@ GOALS: dict[str, Goal] = {  # issue 14 (FUSE transport v2)
     "meta_spread_stat_hot": Goal(">=0.90x ext4", min_ratio=0.90),
     "untar": Goal("<=1.0 s", max_value=1.0),
     "git_status": Goal("<=0.05 s", max_value=0.05),
+    # issue 40: real programs (and ahead of MooseFS: the aws/moosefs column, < 1 for times)
+    "rsync": Goal("<=4x ext4", max_ratio=4.0),
+    "sqlite_vacuum": Goal("<=4x ext4", max_ratio=4.0),
+    "fsx": Goal("<=4x ext4", max_ratio=4.0),
 }
 
 
@@ -108,6 +116,7 @@ class TargetResult:
 
     name: str
     error: str | None = None
+    skipped: bool = False  # not installed here: reported, but not a failed run
     values: dict[str, list[float]] = field(default_factory=dict)
     errors: dict[str, str] = field(default_factory=dict)
 
@@ -125,8 +134,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--runs", type=int, help="repetitions of each workload (default 3, --quick: 1)")
     p.add_argument("--size", help="size of each device image (default 4G, --quick: 1G)")
-    p.add_argument("--only", default=",".join(ALL_WORKLOADS), help="workloads: seq,rand,meta,untar,sqlite")
-    p.add_argument("--targets", default="ext4,raw,awsomefs,kernelfloor",
+    p.add_argument("--only", default=",".join(ALL_WORKLOADS), help="workloads: " + ",".join(ALL_WORKLOADS))
+    p.add_argument("--targets", default="ext4,raw,awsomefs,kernelfloor,moosefs",
                    help="targets: " + ",".join(ALL_TARGETS) + " (awsomefs-pyfuse3: the fallback transport; "
                    "kernelfloor, fusefloor: do-nothing filesystems on each transport)")
     p.add_argument("--json", type=Path, help="also write the results as JSON here")
@@ -140,6 +149,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--meta-files", type=int, help="files per metadata layout (default 12000)")
     p.add_argument("--meta-procs", type=int, help="metadata worker processes (default 4)")
     p.add_argument("--tree-files", type=int, help="files in the untar tree (default 4000)")
+    p.add_argument("--rsync-entries", type=int, help="entries of the rsync tree (default 70000, --quick: 3000)")
+    p.add_argument("--vacuum-mb", type=int, help="size of the VACUUM database in MB (default 200, --quick: 20)")
+    p.add_argument("--fsx-ops", type=int, help="fsx operations (default 20000, --quick: 2000)")
     args = p.parse_args(argv)
     args.only = _choices(p, args.only, ALL_WORKLOADS, "--only")
     args.targets = _choices(p, args.targets, ALL_TARGETS, "--targets")
@@ -170,6 +182,13 @@ def build_params(args: argparse.Namespace) -> wl.Params:
     return dataclasses.replace(params, **{k: v for k, v in overrides.items() if v})
 
 
+def build_real_params(args: argparse.Namespace) -> rp.RealParams:
+    """The real programs' sizes: full or quick, with any explicit flag on top."""
+    real = rp.QUICK if args.quick else rp.RealParams()
+    overrides = {"rsync_entries": args.rsync_entries, "vacuum_mb": args.vacuum_mb, "fsx_ops": args.fsx_ops}
+    return dataclasses.replace(real, **{k: v for k, v in overrides.items() if v})
+
+
 # ---------------------------------------------------------------------------------------------
 # environment checks and cleanup guards
 
@@ -181,6 +200,7 @@ def preflight(args: argparse.Namespace, params: wl.Params) -> None:
     needed = ["losetup", "mkfs.ext4", "mount", "umount", "tar", "git"]
     if {"seq", "rand"} & set(args.only):
         needed.append(wl.FIO)
+    needed += [tool for workload, tool in (("rsync", "rsync"), ("vacuum", "sqlite3")) if workload in args.only]
     if missing := [c for c in needed if not shutil.which(c)]:
         sys.exit(f"fsbench: missing tools: {', '.join(missing)}")
     args.workdir.mkdir(parents=True, exist_ok=True)
@@ -233,6 +253,7 @@ def start_targets(
         ),
         "kernelfloor": lambda: tg.floor_target("kernelfloor", args.workdir, sys.executable, args.awsomefsd_timeout),
         "fusefloor": lambda: tg.floor_target("fusefloor", args.workdir, sys.executable, args.awsomefsd_timeout),
+        "moosefs": lambda: mfs.moosefs_target(args.workdir, size_bytes, args.awsomefsd_timeout),
     }
     up: list[tg.Target] = []
     results: dict[str, TargetResult] = {}
@@ -245,6 +266,7 @@ def start_targets(
             up.append(stack.enter_context(factories[name]()))
         except (tg.TargetError, OSError, subprocess.SubprocessError) as err:
             results[name].error = str(err)
+            results[name].skipped = isinstance(err, tg.TargetSkipped)
             log(f"{name} unavailable: {err}")
     return up, results
 
@@ -269,11 +291,11 @@ def run_workloads(
     args: argparse.Namespace, params: wl.Params, up: list[tg.Target], results: dict[str, TargetResult]
 ) -> None:
     """Each workload `runs` times; within a run the targets take turns, so drift hits all alike."""
-    tarball = (
-        wl.ensure_tarball(args.workdir, params.tree_files, params.seed) if "untar" in args.only else None
-    )
+    inputs = prepare_inputs(args, params)
     for workload in args.only:
         here = [t for t in up if workload in RAW_WORKLOADS or not t.is_block_device]
+        if workload in rp.WORKLOADS:
+            here = [t for t in here if t.name not in FLOOR_TARGETS]
         prepare = {"seq": wl.prepare_seq, "rand": wl.prepare_rand}.get(workload)
         for t in here:
             if prepare is not None:
@@ -281,7 +303,7 @@ def run_workloads(
                 _record(results[t.name], workload, _untimed(prepare, t, params))
         for run_index in range(args.runs):
             for t in here:
-                action = _action(workload, t, params, run_index, tarball)
+                action = _action(workload, t, params, args.real, run_index, inputs)
                 before = {k: len(v) for k, v in results[t.name].values.items()}
                 _record(results[t.name], workload, action)
                 new = {k: v[-1] for k, v in results[t.name].values.items() if len(v) > before.get(k, 0)}
@@ -304,8 +326,24 @@ def _untimed(
     return action
 
 
+def prepare_inputs(args: argparse.Namespace, params: wl.Params) -> dict[str, Path]:
+    """Generate (once per size and seed, in the work dir) what the chosen workloads read."""
+    real: rp.RealParams = args.real
+    makers: dict[str, Callable[[], Path]] = {
+        "untar": lambda: wl.ensure_tarball(args.workdir, params.tree_files, params.seed),
+        "rsync": lambda: rp.ensure_tree(args.workdir, real.rsync_entries, real.seed),
+        "vacuum": lambda: rp.ensure_database(args.workdir, real.vacuum_mb, real.seed),
+    }
+    inputs = {}
+    for workload in args.only:
+        if workload in makers:
+            log(f"{workload}: preparing its input in {args.workdir}")
+            inputs[workload] = makers[workload]()
+    return inputs
+
+
 def _action(
-    workload: str, t: tg.Target, params: wl.Params, run_index: int, tarball: Path | None
+    workload: str, t: tg.Target, params: wl.Params, real: rp.RealParams, run_index: int, inputs: dict[str, Path]
 ) -> Callable[[], dict[str, float]]:
     if workload == "seq":
         return lambda: wl.run_seq(t, params, run_index)
@@ -315,8 +353,13 @@ def _action(
         return lambda: wl.run_meta(t, params, run_index)
     if workload == "sqlite":
         return lambda: wl.run_sqlite(t, params, run_index)
-    assert tarball is not None
-    return lambda: wl.run_untar(t, params, run_index, tarball)
+    if workload == "rsync":
+        return lambda: rp.run_rsync(t, real, run_index, inputs["rsync"])
+    if workload == "vacuum":
+        return lambda: rp.run_vacuum(t, real, run_index, inputs["vacuum"])
+    if workload == "fsx":
+        return lambda: rp.run_fsx(t, real, run_index)
+    return lambda: wl.run_untar(t, params, run_index, inputs["untar"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -355,7 +398,7 @@ def comparison_rows(args: argparse.Namespace, results: dict[str, TargetResult]) 
     """One row per metric with medians, ratios and the goal verdict (also the JSON payload)."""
     rows = []
     for workload in args.only:
-        for m in wl.METRICS[workload]:
+        for m in METRICS[workload]:
             goal = GOALS.get(m.key)
             aw_ext4 = _ratio(results, m.key, "awsomefs", "ext4")
             aw_floor = _ratio(results, m.key, "awsomefs", "kernelfloor")
@@ -373,6 +416,7 @@ def comparison_rows(args: argparse.Namespace, results: dict[str, TargetResult]) 
                     "ext4_vs_raw": _ratio(results, m.key, "ext4", "raw") if m.raw else None,
                     "awsomefs_vs_floor": aw_floor,
                     "awsomefs_vs_pyfuse3": _ratio(results, m.key, "awsomefs", "awsomefs-pyfuse3"),
+                    "awsomefs_vs_moosefs": _ratio(results, m.key, "awsomefs", "moosefs"),
                     "goal": goal.text if goal else None,
                     "goal_met": goal.met(aw, aw_ext4, aw_floor) if goal else None,
                 }
@@ -393,6 +437,7 @@ def print_table(
             ("ext4_vs_raw", "ext4/raw", ("ext4", "raw")),
             ("awsomefs_vs_floor", "aws/floor", ("awsomefs", "kernelfloor")),
             ("awsomefs_vs_pyfuse3", "aws/pyfuse3", ("awsomefs", "awsomefs-pyfuse3")),
+            ("awsomefs_vs_moosefs", "aws/moosefs", ("awsomefs", "moosefs")),
         )
         if set(pair) <= set(names)
     ]
@@ -416,7 +461,7 @@ def print_table(
     for name in names:
         res = results[name]
         if res.error:
-            print(f"{name}: not measured: {res.error}", file=out)
+            print(f"{name}: {'skipped' if res.skipped else 'not measured'}: {res.error}", file=out)
         for workload, err in res.errors.items():
             print(f"{name}: {workload} failed: {err}", file=out)
 
@@ -455,7 +500,7 @@ def write_json(
             "quick": args.quick,
             "awsomefsd": args.awsomefsd,
         },
-        "params": dataclasses.asdict(params),
+        "params": {**dataclasses.asdict(params), **dataclasses.asdict(args.real)},
         "targets": {n: dataclasses.asdict(r) for n, r in results.items()},
         "comparison": rows,
     }
@@ -464,12 +509,14 @@ def write_json(
 
 def exit_status(results: dict[str, TargetResult]) -> int:
     """0 when every requested target and workload produced numbers, EXIT_PARTIAL otherwise."""
-    return EXIT_PARTIAL if any(r.error or r.errors for r in results.values()) else 0
+    failed = any((r.error and not r.skipped) or r.errors for r in results.values())
+    return EXIT_PARTIAL if failed else 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     params = build_params(args)
+    args.real = build_real_params(args)
     preflight(args, params)
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _raise_interrupt)

@@ -27,6 +27,10 @@ class TargetError(Exception):
     """A target could not be set up; the message says why, for the report."""
 
 
+class TargetSkipped(TargetError):
+    """A target's software is not installed: reported with how to install it, not a failure."""
+
+
 @dataclass(frozen=True)
 class Target:
     """Where a workload runs: `path` is a directory for filesystems and a device node for `raw`."""

@@ -34,6 +34,8 @@ packages=(fuse3 libfuse3-dev pkg-config gcc python3 python3-dev python3-venv ca-
 if [ "$extras" = "test" ]; then
     # runc and umoci: the container image test unpacks the built image and runs it with a real OCI runtime.
     packages+=(sqlite3 git tar rsync fio procps psmisc attr acl xfsprogs runc umoci)
+    # MooseFS: the benchmark's competitor target (bench/moosefs.py); its services are never started.
+    packages+=(moosefs-master moosefs-chunkserver moosefs-client)
 fi
 missing=()
 for p in "${packages[@]}"; do
@@ -44,6 +46,11 @@ if [ "${#missing[@]}" -gt 0 ]; then
     export DEBIAN_FRONTEND=noninteractive
     quietly apt-get update -q
     quietly apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi
+if [ "$extras" = "test" ] && command -v systemctl >/dev/null && [ -d /run/systemd/system ]; then
+    # The bench runs its own MooseFS with generated configs in a private namespace; the packages'
+    # services (listening on every interface) must not run beside it.
+    systemctl disable --now moosefs-master moosefs-chunkserver >/dev/null 2>&1 || true
 fi
 # /dev/fuse exists on any kernel with FUSE built in; load the module where it is one.
 [ -e /dev/fuse ] || modprobe fuse || true
