@@ -124,8 +124,8 @@ class KernelTransport:
                           inline_when=self.handlers.quick if single else None,
                           wanted=(WANTED_SINGLE_NODE | (Init.WRITEBACK_CACHE if self.writeback_cache else 0)
                                   if single else WANTED), uring=self.io_uring)
-        if negotiated is not None:  # continued: each CPU's queue may hold a request from before
-            session.on_ring_started = lambda ring: kick_queues(str(self.mountpoint), ring.queues)
+        # entries registered on a ring another session used: each CPU's queue may hold a request
+        session.on_ring_started = lambda ring: kick_queues(str(self.mountpoint), ring.queues)
         MOUNTED.attach(session)
         return session
 
@@ -178,8 +178,13 @@ class KernelTransport:
         return True
 
     def mount(self) -> None:
-        from awsomefsd.fuse.kernel import channel
+        from awsomefsd.fuse.kernel import channel, fuse_ring
 
+        if self.io_uring == "on":
+            why = fuse_ring.unavailable()
+            if why is not None:
+                raise channel.MountFailed(0, f"cannot mount {self.mountpoint} with [mount] io_uring = \"on\": {why}; "
+                                             f"\"auto\" falls back to /dev/fuse")
         self.fd = channel.open_device()
         try:
             channel.mount(self.fd, self.mountpoint, allow_other=self.allow_other)

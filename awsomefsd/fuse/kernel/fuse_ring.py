@@ -56,6 +56,7 @@ IOVEC = struct.Struct("<QQ")
 DEFAULT_DEPTH = 16
 """Entries per queue: requests one CPU's callers can have with us at once (fio QD16 on one CPU)."""
 U32 = struct.Struct("<I")
+DRAIN_S = 2.0
 
 Answer = Callable[[list[bytes | bytearray | memoryview]], None]
 StartFn = Callable[[abi.Header, bytes, Answer], Awaitable[None] | None]
@@ -188,6 +189,31 @@ class FuseRing:
                 ring.submit()
             await trio.lowlevel.checkpoint()
 
+    async def drain(self, start: StartFn, running: Callable[[], int]) -> None:
+        """Before the ring closes for a hand-over: serve what the kernel gave the entries after
+        the reader stopped, until nothing comes and nothing runs (or `DRAIN_S` passed). Only the
+        commit of its entry answers such a request, and closing the ring would leave it held:
+        nothing unregisters an entry, so the kernel goes on giving requests to ours until the
+        ring closes. `running()`: requests still being served."""
+        ring = self.ring
+        with trio.move_on_after(DRAIN_S):
+            while True:
+                ring.flush_work()
+                completions = ring.completions()
+                if not completions:
+                    if not running():
+                        return
+                    await trio.sleep(0.001)
+                    continue
+                for i, res in completions:
+                    if res < 0:
+                        self._lost(i, -res)
+                    else:
+                        await self._one(i, start)
+                await trio.lowlevel.checkpoint()
+        log.warning("FUSE ring: requests kept arriving for %.0f s after the hand-over began; closing the ring",
+                    DRAIN_S)
+
     async def _one(self, i: int, start: StartFn) -> None:
         data, commit_id = self.request(i)
         self.served += 1
@@ -236,6 +262,25 @@ def open_ring(fd: int, *, depth: int, payload_size: int) -> FuseRing | None:
     except (RingUnavailable, OSError) as exc:
         log.warning("FUSE over io_uring is not available here (%s): serving /dev/fuse by read()", exc)
         return None
+
+
+ENABLE_URING = Path("/sys/module/fuse/parameters/enable_uring")
+
+
+def unavailable(parameter: Path = ENABLE_URING) -> str | None:
+    """Why this kernel would not serve a new mount over io_uring, or None if it would: checked
+    before mounting when io_uring is required, so the refusal is one line and no mount is left."""
+    try:
+        enabled = parameter.read_text(encoding="ascii").strip()
+    except OSError:
+        return "this kernel's fuse module has no FUSE over io_uring (Linux 6.14 or later)"
+    if enabled not in ("Y", "1"):
+        return f"FUSE over io_uring is disabled in the kernel (echo Y > {parameter})"
+    try:
+        Ring(1).close()
+    except RingUnavailable as exc:
+        return f"io_uring is not available to this daemon ({exc.strerror}; see the kernel.io_uring_disabled sysctl)"
+    return None
 
 
 def kick_queues(mountpoint: str, queues: int) -> None:

@@ -261,6 +261,9 @@ class Session:
             self.ring = fuse_ring.open_ring(self.fd, depth=self.ring_depth, payload_size=negotiated.max_write)
             if self.ring is None:
                 raise ProtocolError("this mount is served over io_uring, and this daemon cannot open one")
+            continued = True
+        else:
+            continued = False
         task_status.started(negotiated)
         try:
             async with trio.open_nursery() as nursery:
@@ -268,16 +271,19 @@ class Session:
                     async with trio.open_nursery() as readers:
                         if self.ring is not None:
                             self.ring.register()
-                            if self.on_ring_started is not None:
+                            if continued and self.on_ring_started is not None:
                                 self.on_ring_started(self.ring)
                             readers.start_soon(self.ring.serve, lambda h, d, a: self._start(nursery, h, d, a))
                         await self._read_requests(nursery)
                         readers.cancel_scope.cancel()
+                if self.ring is not None and self._reading.cancel_called:
+                    await self.ring.drain(lambda h, d, a: self._start(nursery, h, d, a), lambda: self._running)
         finally:
             if self.ring is not None:
                 self.ring.close()
                 log.info("FUSE session: %d requests served over io_uring, %d by read()", self.ring.served,
                          self.requests - self.ring.served)
+                self.ring = None  # a `serve` after `resume_reading` registers entries anew
         if self._reading.cancel_called:
             log.info("FUSE session: stopped reading, every request read is answered")
         else:
