@@ -7,7 +7,10 @@ which FUSE over io_uring needs; the transport needs three syscalls and two share
 fit here without a new compiled dependency (docs/fuse-transport.md, FUSE over io_uring).
 
 Only what the FUSE ring (fuse_ring.py) uses is here: IORING_SETUP_SQE128 entries, submission of
-prepared entries, and reaping of completions. One thread (the trio thread) prepares, submits
+prepared entries, and reaping of completions. IORING_SETUP_COOP_TASKRUN: the kernel hands a
+request to an entry as work run in this thread's context; without it, it interrupts the thread
+for that (an IPI while it runs Python); with it, the work runs at this thread's next syscall,
+and a sleeping thread is still woken. One thread (the trio thread) prepares, submits
 and reaps: nothing here is thread-safe. The submission tail is published by io_uring_enter
 (a syscall on this thread), and completions are read after the ring's descriptor polled
 readable, so the kernel's stores are visible by then on every architecture.
@@ -26,6 +29,7 @@ NR_IO_URING_ENTER = 426
 """The same numbers on every architecture since Linux 5.1 (asm-generic and x86_64 agree)."""
 
 SETUP_CQSIZE = 1 << 3
+SETUP_COOP_TASKRUN = 1 << 8
 SETUP_SQE128 = 1 << 10
 ENTER_GETEVENTS = 1 << 0
 FEAT_SINGLE_MMAP = 1 << 0
@@ -77,7 +81,7 @@ class Ring:
 
     def __init__(self, entries: int) -> None:
         params = _Params()
-        params.flags = SETUP_SQE128 | SETUP_CQSIZE
+        params.flags = SETUP_SQE128 | SETUP_CQSIZE | SETUP_COOP_TASKRUN
         params.cq_entries = entries * 2
         fd = _libc.syscall(NR_IO_URING_SETUP, ctypes.c_uint(entries), ctypes.byref(params))
         if fd < 0:
