@@ -238,8 +238,10 @@ class Session:
                     agreed |= Init.OVER_IO_URING
             minor = min(minor, abi.MINOR)
             self.negotiated = Negotiated(minor, agreed, MAX_WRITE)
-            out = abi.INIT_OUT.pack(abi.MAJOR, minor, max_readahead, (agreed & 0xFFFFFFFF) | Init.INIT_EXT,
-                                    MAX_BACKGROUND, MAX_BACKGROUND * 3 // 4, MAX_WRITE, 1, MAX_PAGES, 0, agreed >> 32)
+            ext = flags & Init.INIT_EXT  # flags2 is read from our answer only when the kernel has it
+            out = abi.INIT_OUT.pack(abi.MAJOR, minor, max_readahead, (agreed & 0xFFFFFFFF) | ext,
+                                    MAX_BACKGROUND, MAX_BACKGROUND * 3 // 4, MAX_WRITE, 1, MAX_PAGES, 0,
+                                    agreed >> 32 if ext else 0)
             self._write([abi.reply(header.unique, out)])
             log.info("FUSE session: protocol 7.%d, capabilities %#x, requests up to %d KiB, served by %s", minor,
                      agreed, MAX_WRITE >> 10, self.path)
