@@ -95,6 +95,12 @@ class MountSettings(Section):
         "get much faster, but ENOSPC and quota errors then surface at close or fsync, not at write(). Cluster "
         "members never use it (another node's writes would not invalidate those pages)",
     )
+    io_uring: Literal["auto", "on", "off"] = Field(
+        "off",
+        description="the kernel transport: serve requests over io_uring (FUSE over io_uring, Linux 6.14+ with the "
+        "fuse module's enable_uring set) instead of read() on /dev/fuse. 'auto' when the kernel offers it at "
+        "INIT, else /dev/fuse; 'on' refuses a kernel that does not; 'off' always /dev/fuse",
+    )
     coherence: Literal["close-to-open", "strict"] = Field(
         "close-to-open",
         description="cluster mounts only (docs/coherence.md): 'close-to-open' caches names and attributes "

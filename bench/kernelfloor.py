@@ -254,7 +254,7 @@ async def serve(mount: Path) -> None:
     channel.mount(fd, mount, allow_other=True)
     try:
         session = Session(fd, KernelHandlers(NullOperations(), cache_dirs=True).table,  # type: ignore[arg-type]
-                          inline=INLINE_SINGLE_NODE)
+                          inline=INLINE_SINGLE_NODE, uring=os.environ.get("AWSOMEFS_MOUNT__IO_URING", "off"))
         async with trio.open_nursery() as nursery:
             nursery.start_soon(session.serve)
             await trio.to_thread.run_sync(os.stat, mount)  # answered once INIT is done

@@ -48,6 +48,7 @@ if TYPE_CHECKING:  # imported where used: a restart waits for every module the d
 
     from awsomefsd.cluster.tls import NodeCredentials
     from awsomefsd.daemon.tiering import Tiering, TierReads
+    from awsomefsd.fuse.transport import Transport
     from awsomefsd.meta.replication.fs_log import ReplicatedFsLog
 
 log = logging.getLogger(__name__)
@@ -268,6 +269,20 @@ def _init_or_check_meta(store: MetaStore, sm: StateMachine, device: BlockDevice,
                            grant_all_to=grant_all_to)
 
 
+def _transport_metrics(transport: Transport) -> Iterator[Metric]:
+    """Which path serves the mount's requests: 1 for it, 0 for the other (none before INIT)."""
+    from prometheus_client.core import GaugeMetricFamily
+
+    path = transport.serving_path()
+    if path is None:
+        return
+    family = GaugeMetricFamily("awsomefs_fuse_path", "how FUSE requests reach this daemon: io_uring (FUSE over "
+                               "io_uring) or read (/dev/fuse by read(), the fallback)", labels=["path"])
+    for name in ("io_uring", "read"):
+        family.add_metric([name], 1.0 if path == name else 0.0)
+    yield family
+
+
 def _collect(core: Core) -> Iterator[Metric]:
     dev = core.device
     yield counter("awsomefs_device_read_bytes", "bytes read from the device", dev.bytes_read)
@@ -382,7 +397,8 @@ async def serve(core: Core, settings: Settings, *, ready: Callable[[str], None] 
                                writeback_cache=settings.mount.writeback_cache,
                                observe=core.metrics.observe_fuse,
                                report_eio=EioReporter(core.duties.node, core.metrics.count_eio),
-                               state_dir=settings.node.state_dir, store=store)
+                               state_dir=settings.node.state_dir, store=store, io_uring=settings.mount.io_uring)
+    core.metrics.add_collector(lambda: _transport_metrics(transport))
     # Only the parent is resolved: a stat of the mount point itself waits for a daemon to answer
     # it (the kernel's INIT, or a mount this daemon is about to continue).
     resolved = mount.parent.resolve() / mount.name

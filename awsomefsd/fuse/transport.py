@@ -67,6 +67,10 @@ class Transport(Protocol):
     def writeback_negotiated(self) -> bool:
         """Does the kernel keep written pages of this mount in its page cache?"""
 
+    def serving_path(self) -> str | None:
+        """How requests reach this daemon: "io_uring" or "read" on the kernel transport (None
+        before INIT, and on pyfuse3)."""
+
     def close(self) -> None:
         """Unmount (if still mounted) and let go of the kernel."""
 
@@ -79,7 +83,7 @@ class KernelTransport:
     def __init__(self, ops: Operations, mountpoint: Path, *, allow_other: bool, entry_timeout_s: float,
                  attr_timeout_s: float, negative_timeout_s: float | None, observe: ObserveFn, report_eio: ReportEioFn,
                  writeback_cache: bool = False, state_dir: Path | None = None,
-                 store: DescriptorStore | None = None) -> None:
+                 store: DescriptorStore | None = None, io_uring: str = "off") -> None:
         from awsomefsd.fuse.kernel.handlers import KernelHandlers
 
         self.ops = ops
@@ -93,6 +97,8 @@ class KernelTransport:
                                        writeback_cache=self.writeback_negotiated)
         self.observe = observe
         self.report_eio = report_eio
+        self.io_uring = io_uring
+        """FUSE over io_uring: "auto", "on" or "off" (session.UringMode)."""
         self.state_dir = state_dir
         self.store = store if state_dir is not None else None
         self.name = descriptor_name(mountpoint)
@@ -106,6 +112,7 @@ class KernelTransport:
 
     def _session(self, negotiated: Negotiated | None) -> Session:
         from awsomefsd.fuse.kernel.abi import Init
+        from awsomefsd.fuse.kernel.fuse_ring import kick_queues
         from awsomefsd.fuse.kernel.session import INLINE_SINGLE_NODE, WANTED, WANTED_SINGLE_NODE, Session
 
         def report(op: str, header: Header, exc: FsError) -> None:
@@ -116,9 +123,17 @@ class KernelTransport:
                           negotiated=negotiated, inline=INLINE_SINGLE_NODE if single else frozenset(),
                           inline_when=self.handlers.quick if single else None,
                           wanted=(WANTED_SINGLE_NODE | (Init.WRITEBACK_CACHE if self.writeback_cache else 0)
-                                  if single else WANTED))
+                                  if single else WANTED), uring=self.io_uring)
+        # entries registered on a ring another session used: each CPU's queue may hold a request
+        session.on_ring_started = lambda ring: kick_queues(str(self.mountpoint), ring.queues)
         MOUNTED.attach(session)
         return session
+
+    def serving_path(self) -> str | None:
+        """How requests reach this daemon: "io_uring", "read" (/dev/fuse), None before INIT."""
+        if self.session is None or self.session.negotiated is None:
+            return None
+        return self.session.path
 
     def writeback_negotiated(self) -> bool:
         """Does the kernel keep written pages of this mount in its page cache?"""
@@ -163,8 +178,13 @@ class KernelTransport:
         return True
 
     def mount(self) -> None:
-        from awsomefsd.fuse.kernel import channel
+        from awsomefsd.fuse.kernel import channel, fuse_ring
 
+        if self.io_uring == "on":
+            why = fuse_ring.unavailable()
+            if why is not None:
+                raise channel.MountFailed(0, f"cannot mount {self.mountpoint} with [mount] io_uring = \"on\": {why}; "
+                                             f"\"auto\" falls back to /dev/fuse")
         self.fd = channel.open_device()
         try:
             channel.mount(self.fd, self.mountpoint, allow_other=self.allow_other)
@@ -296,6 +316,9 @@ class Pyfuse3Transport:
     def writeback_negotiated(self) -> bool:
         return False
 
+    def serving_path(self) -> str | None:
+        return None
+
     def can_hand_over(self) -> bool:
         return False
 
@@ -339,6 +362,7 @@ class Pyfuse3Kernel:
 
 def make_transport(name: TransportName, ops: Operations, mountpoint: Path, *, state_dir: Path | None = None,
                    store: DescriptorStore | None = None, **kwargs: Any) -> Transport:
+    io_uring = kwargs.pop("io_uring", "off")
     if name == "kernel":
-        return KernelTransport(ops, mountpoint, state_dir=state_dir, store=store, **kwargs)
+        return KernelTransport(ops, mountpoint, state_dir=state_dir, store=store, io_uring=io_uring, **kwargs)
     return Pyfuse3Transport(ops, mountpoint, **kwargs)

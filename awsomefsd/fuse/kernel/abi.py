@@ -104,6 +104,7 @@ class Init:
     HANDLE_KILLPRIV_V2 = 1 << 28
     SETXATTR_EXT = 1 << 29
     INIT_EXT = 1 << 30
+    OVER_IO_URING = 1 << 41  # flags2 bit 9 (7.42): requests over io_uring (fuse_ring.py)
 
 
 class Fattr:

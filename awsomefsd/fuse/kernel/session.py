@@ -14,6 +14,9 @@ How requests are served (the reasons, measured, are in docs/design-notes.md):
   (`INTERRUPTIBLE`); its handler's own answer is dropped when it comes. Others finish.
 - **The end**: the kernel answers a read with ENODEV once the filesystem is unmounted (by us or
   by `umount`); `serve` then returns.
+- **FUSE over io_uring** (fuse_ring.py), when asked for (`uring`) and offered by the kernel at
+  INIT: requests come from the ring and are answered by committing their entry; the read loop
+  above stays for what the kernel still sends through the descriptor (FORGET, INTERRUPT).
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from typing import Any
 
 import trio
 
-from awsomefsd.fuse.kernel import abi
+from awsomefsd.fuse.kernel import abi, fuse_ring
 from awsomefsd.fuse.kernel.abi import Body, Header, Init, Malformed, Op
 from awsomefsd.meta.errors import FsError
 
@@ -130,6 +133,11 @@ class ChangesInFlight:
         return tuple(self._pending.get(nodeid, ()))
 
 
+UringMode = str
+""""auto": FUSE over io_uring when the kernel offers it; "on": the same, and a kernel that does not
+offer it is refused at INIT; "off": /dev/fuse by read() only."""
+
+
 class ProtocolError(Exception):
     """The kernel speaks a protocol we cannot (too old), or did not start with INIT."""
 
@@ -140,12 +148,19 @@ class Session:
     def __init__(self, fd: int, handlers: dict[int, Handler], *, observe: ObserveFn | None = None,
                  report_eio: ReportEioFn | None = None, max_in_flight: int = MAX_IN_FLIGHT,
                  negotiated: Negotiated | None = None, inline: frozenset[int] = frozenset(),
-                 inline_when: dict[int, Callable[[bytes], bool]] | None = None, wanted: int = WANTED) -> None:
+                 inline_when: dict[int, Callable[[bytes], bool]] | None = None, wanted: int = WANTED,
+                 uring: UringMode = "off", ring_depth: int = fuse_ring.DEFAULT_DEPTH) -> None:
         """`negotiated`: the session continues one a daemon before this one began (its INIT is
         answered already: docs/fuse-transport.md, Restarts). `inline`: opcodes the reader handles
         itself instead of starting a task (`INLINE_SINGLE_NODE`); `inline_when`: opcodes it
         handles itself when the request (its bytes) says it will not wait. `wanted`: the
-        capabilities to ask for (`WANTED`, or `WANTED_SINGLE_NODE`)."""
+        capabilities to ask for (`WANTED`, or `WANTED_SINGLE_NODE`). `uring`: FUSE over
+        io_uring (`UringMode`), with `ring_depth` entries per CPU."""
+        self.uring = uring
+        self.ring_depth = ring_depth
+        self.ring: fuse_ring.FuseRing | None = None
+        self.on_ring_started: Callable[[fuse_ring.FuseRing], None] | None = None
+        """Called once the ring's entries are registered (a successor's queues need a request each)."""
         self.wanted = wanted
         self.inline = inline
         self.inline_when = inline_when or {}
@@ -202,6 +217,9 @@ class Session:
                 raise ProtocolError(f"the kernel's first request was {abi.OP_NAMES.get(header.opcode, header.opcode)}, not INIT")
             body = Body(data)
             major, minor, max_readahead, flags = body.take(abi.INIT_IN)
+            if flags & Init.INIT_EXT:
+                (flags2,) = body.take(abi.U32)
+                flags |= flags2 << 32
             if major > abi.MAJOR:  # a newer major: tell it ours, it asks again
                 self._write([abi.reply(header.unique, abi.INIT_OUT.pack(abi.MAJOR, abi.MINOR, 0, 0, 0, 0, 0, 0, 0, 0, 0))])
                 continue
@@ -209,23 +227,65 @@ class Session:
                 self._write([abi.error_reply(header.unique, errno.EPROTO)])
                 raise ProtocolError(f"the kernel speaks FUSE {major}.{minor}; we need {abi.MAJOR}.{abi.MIN_MINOR} or later")
             agreed = flags & self.wanted
+            if self.uring == "on" and not flags & Init.OVER_IO_URING:
+                self._write([abi.error_reply(header.unique, errno.EPROTO)])
+                raise ProtocolError("the kernel does not offer FUSE over io_uring (Linux 6.14 or later, with "
+                                    "/sys/module/fuse/parameters/enable_uring set to Y); [mount] io_uring = "
+                                    "\"auto\" falls back to /dev/fuse")
+            if self.uring != "off" and flags & Init.OVER_IO_URING:
+                self.ring = fuse_ring.open_ring(self.fd, depth=self.ring_depth, payload_size=MAX_WRITE)
+                if self.ring is not None:
+                    agreed |= Init.OVER_IO_URING
             minor = min(minor, abi.MINOR)
             self.negotiated = Negotiated(minor, agreed, MAX_WRITE)
-            out = abi.INIT_OUT.pack(abi.MAJOR, minor, max_readahead, agreed, MAX_BACKGROUND,
-                                    MAX_BACKGROUND * 3 // 4, MAX_WRITE, 1, MAX_PAGES, 0, 0)
+            ext = flags & Init.INIT_EXT  # flags2 is read from our answer only when the kernel has it
+            out = abi.INIT_OUT.pack(abi.MAJOR, minor, max_readahead, (agreed & 0xFFFFFFFF) | ext,
+                                    MAX_BACKGROUND, MAX_BACKGROUND * 3 // 4, MAX_WRITE, 1, MAX_PAGES, 0,
+                                    agreed >> 32 if ext else 0)
             self._write([abi.reply(header.unique, out)])
-            log.info("FUSE session: protocol 7.%d, capabilities %#x, requests up to %d KiB", minor, agreed, MAX_WRITE >> 10)
+            log.info("FUSE session: protocol 7.%d, capabilities %#x, requests up to %d KiB, served by %s", minor,
+                     agreed, MAX_WRITE >> 10, self.path)
             return self.negotiated
+
+    @property
+    def path(self) -> str:
+        """Which transport serves the requests: "io_uring" or "read" (/dev/fuse by read())."""
+        return "io_uring" if self.negotiated is not None and self.negotiated.has(Init.OVER_IO_URING) else "read"
 
     # -- serving -------------------------------------------------------------------------------
     async def serve(self, *, task_status: trio.TaskStatus[Negotiated] = trio.TASK_STATUS_IGNORED) -> None:
         """INIT, then serve until the filesystem is unmounted. Requests in flight then finish
         (their answers go nowhere; a change half made is worse than one made unheard)."""
         negotiated = self.negotiated or await self.negotiate()
+        if negotiated.has(Init.OVER_IO_URING) and self.ring is None:
+            # A mount continued from a daemon before: the kernel sends requests only to ring
+            # entries now, and that daemon's entries went with it.
+            self.ring = fuse_ring.open_ring(self.fd, depth=self.ring_depth, payload_size=negotiated.max_write)
+            if self.ring is None:
+                raise ProtocolError("this mount is served over io_uring, and this daemon cannot open one")
+            continued = True
+        else:
+            continued = False
         task_status.started(negotiated)
-        async with trio.open_nursery() as nursery:
-            with self._reading:
-                await self._read_requests(nursery)
+        try:
+            async with trio.open_nursery() as nursery:
+                with self._reading:
+                    async with trio.open_nursery() as readers:
+                        if self.ring is not None:
+                            self.ring.register()
+                            if continued and self.on_ring_started is not None:
+                                self.on_ring_started(self.ring)
+                            readers.start_soon(self.ring.serve, lambda h, d, a: self._start(nursery, h, d, a))
+                        await self._read_requests(nursery)
+                        readers.cancel_scope.cancel()
+                if self.ring is not None and self._reading.cancel_called:
+                    await self.ring.drain(lambda h, d, a: self._start(nursery, h, d, a), lambda: self._running)
+        finally:
+            if self.ring is not None:
+                self.ring.close()
+                log.info("FUSE session: %d requests served over io_uring, %d by read()", self.ring.served,
+                         self.requests - self.ring.served)
+                self.ring = None  # a `serve` after `resume_reading` registers entries anew
         if self._reading.cancel_called:
             log.info("FUSE session: stopped reading, every request read is answered")
         else:
@@ -279,21 +339,29 @@ class Session:
                     data = self._read()
             except EOFError:
                 return
-            self.requests += 1
             header = self._dispatch(nursery, data)
             if header is not None:
-                self._running += 1
-                quick = self.inline_when.get(header.opcode)
-                if header.opcode in self.inline or (quick is not None and quick(data)):
-                    await self._handle(header, data, inline=True)
-                else:
-                    follows = self._changes.before(header.nodeid) if header.opcode in READS_DATA else ()
-                    change = self._changes.begin(header.nodeid) if header.opcode in CHANGES_DATA else None
-                    nursery.start_soon(self._handle, header, data, follows, change)
+                pending = self._start(nursery, header, data, None)
+                if pending is not None:
+                    await pending
             read_since_checkpoint += 1
             if read_since_checkpoint >= READS_PER_CHECKPOINT:
                 read_since_checkpoint = 0
                 await trio.lowlevel.checkpoint()
+
+    def _start(self, nursery: trio.Nursery, header: Header, data: bytes,
+               answer: Callable[[list[Any]], None] | None) -> Awaitable[None] | None:
+        """Serve a request: a task of its own, or (returned, for the reader to await) inline.
+        `answer`: where its answer goes (a ring entry's commit); None: written to /dev/fuse."""
+        self.requests += 1
+        self._running += 1
+        quick = self.inline_when.get(header.opcode)
+        if header.opcode in self.inline or (quick is not None and quick(data)):
+            return self._handle(header, data, inline=True, answer=answer)
+        follows = self._changes.before(header.nodeid) if header.opcode in READS_DATA else ()
+        change = self._changes.begin(header.nodeid) if header.opcode in CHANGES_DATA else None
+        nursery.start_soon(self._handle, header, data, follows, change, answer)
+        return None
 
     def _dispatch(self, nursery: trio.Nursery, data: bytes) -> Header | None:
         """The request's header if it is to be handled; malformed ones and INTERRUPT end here."""
@@ -326,10 +394,14 @@ class Session:
             self._write([abi.error_reply(unique, errno.EINTR)])
 
     async def _handle(self, header: Header, data: bytes, follows: tuple[trio.Event, ...] = (),
-                      change: trio.Event | None = None, *, inline: bool = False) -> None:
+                      change: trio.Event | None = None, answer: Callable[[list[Any]], None] | None = None, *,
+                      inline: bool = False) -> None:
         """Serve one request and answer it. `follows`: the changes to its file it must see
         (`ChangesInFlight`); `change`: the event that marks this change answered. `inline`: the
-        reader serves it itself, so no INTERRUPT can be read before it is answered."""
+        reader serves it itself, so no INTERRUPT can be read before it is answered. `answer`:
+        its ring entry's commit; such a request cannot be answered by an INTERRUPT (only its
+        entry's commit answers it), so it is not `INTERRUPTIBLE`."""
+        send = self._write if answer is None else answer
         opcode = header.opcode
         handler = self.handlers.get(opcode)
         start = time.perf_counter()
@@ -344,7 +416,7 @@ class Session:
                     self._unsupported.add(opcode)
                     log.info("FUSE: %s is not served (ENOSYS)", abi.OP_NAMES.get(opcode, opcode))
             else:
-                if opcode in INTERRUPTIBLE and not inline:
+                if opcode in INTERRUPTIBLE and not inline and answer is None:
                     self._interruptible.add(header.unique)
                 payload = await handler(header, Body(data))
         except FsError as exc:
@@ -372,14 +444,14 @@ class Session:
                 self.observe(abi.OP_NAMES.get(opcode, str(opcode)), time.perf_counter() - start, errno.EINTR)
             return
         if err:
-            self._write([abi.error_reply(header.unique, err)])
+            send([abi.error_reply(header.unique, err)])
         elif payload is None:
-            self._write([abi.reply(header.unique)])
+            send([abi.reply(header.unique)])
         elif isinstance(payload, list):
             size = abi.OUT_HEADER.size + sum(len(p) for p in payload)
-            self._write([abi.OUT_HEADER.pack(size, 0, header.unique), *payload])
+            send([abi.OUT_HEADER.pack(size, 0, header.unique), *payload])
         else:
-            self._write([abi.OUT_HEADER.pack(abi.OUT_HEADER.size + len(payload), 0, header.unique), payload])
+            send([abi.OUT_HEADER.pack(abi.OUT_HEADER.size + len(payload), 0, header.unique), payload])
         if self.observe is not None:
             self.observe(abi.OP_NAMES.get(opcode, str(opcode)), time.perf_counter() - start, err)
 
