@@ -256,7 +256,7 @@ def dev_image_size(size: str) -> int:
         raise OperatorError(f"--size {size}: {exc}") from None
     if size_bytes % BLOCK_SIZE:
         raise OperatorError(f"--size {size} ({size_bytes} bytes) is not a whole number of {BLOCK_SIZE}-byte blocks "
-                       "(e.g. 8G, 512M)")
+                            "(e.g. 8G, 512M)")
     if size_bytes < MIN_DEVICE_BYTES:
         raise OperatorError(f"--size {size} is too small: AwsomeFS needs at least {MIN_DEVICE_BYTES >> 20}M")
     if size_bytes > MAX_DEVICE_BYTES:

@@ -59,7 +59,7 @@ def _refuse_member(state_dir: Path) -> None:
     existing = MemberState.load(state_dir)
     if existing is not None:
         raise OperatorError(f"{state_dir} already belongs to node {existing.node_id} of cluster "
-                       f"{existing.cluster_id}: start it with `awsomefsd run --state {state_dir}`")
+                            f"{existing.cluster_id}: start it with `awsomefsd run --state {state_dir}`")
 
 
 def _device(settings: Settings, size: str | None) -> Path:
@@ -176,10 +176,10 @@ def join(settings: Settings, token_text: str) -> int:
             raise OperatorError(f"{path}: {exc}") from None
         if sb.cluster_id != token.cluster_id:
             raise OperatorError(f"{path} holds cluster {sb.cluster_id}, but the token is for cluster {token.cluster_id}: "
-                           "give the shared device of that cluster")
+                                "give the shared device of that cluster")
         if not token.pins_ca:
             raise OperatorError("this is a cluster token for a cluster that forms itself: give it to `awsomefsd run` "
-                           "([cluster] token), or join with the token `awsomefsd token` prints on a member")
+                                "([cluster] token), or join with the token `awsomefsd token` prints on a member")
         peer_map: dict[int, str] = {}
         errors: list[str] = []
         creds = _join_through(settings, token, _find_members(settings, token), listen, peer_map, errors)
@@ -226,7 +226,7 @@ def _find_members(settings: Settings, token: JoinToken) -> list[Any]:
         found = find_join_peers(token.cluster_id, token.seeds)
     if not found:
         raise OperatorError(f"no member of cluster {token.cluster_id} answered zeroconf within "
-                       f"{settings.cluster.discovery_timeout_s:.0f}s; give --peer host:port of a member")
+                            f"{settings.cluster.discovery_timeout_s:.0f}s; give --peer host:port of a member")
     return found
 
 
@@ -255,7 +255,7 @@ def run_command(settings: Settings, *, take_over: bool = False) -> int:
     if state is not None:
         if take_over:
             raise OperatorError("--take-over is for a single node; a cluster member is replaced with `awsomefsd hand-over` "
-                           "and a new start")
+                                "and a new start")
         return run_member_command(settings, state)
     if token is None:
         return actions.run(settings, take_over=take_over)
@@ -346,8 +346,8 @@ def run_member_command(settings: Settings, state: MemberState) -> int:
                     token = load_cluster_token(settings)
                     if token is None:
                         raise OperatorError("another node founded the cluster while this one was down before it had "
-                                       "finished founding; this node's state was moved aside: start it again with the "
-                                       "cluster token ([cluster] token) to join")
+                                            "finished founding; this node's state was moved aside: start it again with the "
+                                            "cluster token ([cluster] token) to join")
                     return _form(settings, token)
         return _run(settings, state, founding=founding)
 
@@ -449,7 +449,7 @@ def token(settings: Settings) -> int:
     text = load_token(state_dir)
     if text is None:
         raise OperatorError("this node holds no join token (it was printed on another node); "
-                       "`awsomefsd token rotate` makes a new one")
+                            "`awsomefsd token rotate` makes a new one")
     print(text)
     return 0
 

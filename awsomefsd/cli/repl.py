@@ -114,7 +114,7 @@ def _call(settings: Settings, request: dict[str, Any], timeout_s: float = 60.0) 
     socket = control_socket(settings.node.state_dir)
     if not socket.exists():
         raise OperatorError(f"no daemon with a site listener runs on {settings.node.state_dir} "
-                       "(start it with [site] listen set, or give --state)")
+                            "(start it with [site] listen set, or give --state)")
     try:
         reply = control_call(str(socket), request, timeout_s=timeout_s)
     except ConnectionError as exc:

@@ -99,7 +99,7 @@ def decide(path: Path, token: JoinToken, state_dir: Path, *, me: uuid.UUID, dead
         sb = _superblock_or_blank(device, path)
         if sb is not None and sb.cluster_id != token.cluster_id:
             raise OperatorError(f"{path} holds cluster {sb.cluster_id}, but the cluster token is for cluster "
-                           f"{token.cluster_id}: give this cluster's shared device, or its token")
+                                f"{token.cluster_id}: give this cluster's shared device, or its token")
         record = read_founding(device)
     if record is not None and record.cluster_id != token.cluster_id:
         raise OperatorError(f"{path}'s founding record names cluster {record.cluster_id}, not the token's {token.cluster_id}")
@@ -133,7 +133,7 @@ def _superblock_or_blank(device: BlockDevice, path: Path) -> Superblock | None:
         if blank:
             return None
         raise OperatorError(f"{path} holds data that is not an AwsomeFS file system: refusing to format it; if it is "
-                       f"expendable, format it with `awsomefsd format {path}` first") from None
+                            f"expendable, format it with `awsomefsd format {path}` first") from None
 
 
 def format_under_claim(claim: DeviceClaim, token: JoinToken, ag_size_bytes: Callable[[int], int]) -> Superblock:
@@ -163,7 +163,7 @@ def pinned_token(path: Path, token: JoinToken, record: FoundingRecord) -> JoinTo
         return token
     if record.proof != token.record_proof(record.ca_fingerprint):
         raise OperatorError(f"{path}'s founding record was not written with this cluster token (another token of the "
-                       "same cluster id?): join with a token from `awsomefsd token` on a member")
+                            "same cluster id?): join with a token from `awsomefsd token` on a member")
     return token.pinned(record.ca_fingerprint)
 
 
@@ -191,7 +191,7 @@ def retry_join(settings: Settings, token: JoinToken, record: FoundingRecord,
             return done
         if time.monotonic() > deadline:
             raise OperatorError(f"no member of cluster {token.cluster_id} admitted this node within {deadline_s:.0f}s "
-                           f"(tried {', '.join(p.join_address for p in peers) or 'zeroconf'})")
+                                f"(tried {', '.join(p.join_address for p in peers) or 'zeroconf'})")
         time.sleep(JOIN_RETRY_S)
 
 

@@ -104,7 +104,7 @@ def _run(n_nodes: int, root: Path, mounts: Path, size: str, signals: StopSignals
     members = _existing_members(root)
     if members and max(members) > n_nodes:
         raise OperatorError(f"{root} holds a dev cluster of {max(members)} nodes: start it with --nodes {max(members)}, "
-                       f"or remove {root} for a new cluster")
+                            f"or remove {root} for a new cluster")
     with PrivateNetwork(n_nodes, prefix=DEV_PREFIX) as network:
         cluster = DevCluster(network, root, size=size, mounts=mounts)
         try:
