@@ -131,10 +131,9 @@ def take_over_from(state_dir: Path, lock_fd: int) -> None:
     from awsomefsd.fuse.kernel import takeover
 
     preload_daemon()
-    try:
-        pid = int((state_dir / "daemon.lock").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        raise OperatorError(f"{state_dir} is in use, and not by a daemon that can hand its mount over") from None
+    pid = lock_holder(state_dir)
+    if pid is None:
+        raise OperatorError(f"{state_dir} is in use, and not by a daemon that can hand its mount over")
     if not (state_dir / MOUNT_RECORD).exists():  # an fsck, a dev cluster, a daemon still starting
         raise OperatorError(f"{state_dir} is in use by a process (pid {pid}) that serves no mount: nothing to take over")
     takeover.clear_refusal(state_dir)
@@ -161,6 +160,14 @@ def preload_daemon() -> None:
     import awsomefsd.fuse.transport
     import awsomefsd.sdnotify
     import awsomefsd.sdrestart  # noqa: F401
+
+
+def lock_holder(state_dir: Path) -> int | None:
+    """The pid `state_lock` wrote into the state's lock file, or None when it cannot be read."""
+    try:
+        return int((state_dir / "daemon.lock").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def state_in_use(state_dir: Path) -> bool:
@@ -370,10 +377,9 @@ def hand_over(settings: Settings) -> int:
     state_dir = settings.node.state_dir
     if not state_in_use(state_dir):
         raise OperatorError(f"no awsomefsd runs on {state_dir}")
-    try:
-        pid = int((state_dir / "daemon.lock").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        raise OperatorError(f"cannot tell which process owns {state_dir}") from None
+    pid = lock_holder(state_dir)
+    if pid is None:
+        raise OperatorError(f"cannot tell which process owns {state_dir}")
     from awsomefsd import sdrestart
     from awsomefsd.fuse.kernel import takeover
 
