@@ -24,7 +24,7 @@ from awsomefsd.meta.errors import FsError
 
 if TYPE_CHECKING:
     from awsomefsd.fuse.kernel.abi import Header
-    from awsomefsd.fuse.kernel.session import Negotiated, Session
+    from awsomefsd.fuse.kernel.session import Negotiated, Session, UringMode
     from awsomefsd.fuse.kernel.takeover import SessionRecord
 
 log = logging.getLogger(__name__)
@@ -83,7 +83,7 @@ class KernelTransport:
     def __init__(self, ops: Operations, mountpoint: Path, *, allow_other: bool, entry_timeout_s: float,
                  attr_timeout_s: float, negative_timeout_s: float | None, observe: ObserveFn, report_eio: ReportEioFn,
                  writeback_cache: bool = False, state_dir: Path | None = None,
-                 store: DescriptorStore | None = None, io_uring: str = "off") -> None:
+                 store: DescriptorStore | None = None, io_uring: UringMode = "off") -> None:
         from awsomefsd.fuse.kernel.handlers import KernelHandlers
 
         self.ops = ops
@@ -98,7 +98,7 @@ class KernelTransport:
         self.observe = observe
         self.report_eio = report_eio
         self.io_uring = io_uring
-        """FUSE over io_uring: "auto", "on" or "off" (session.UringMode)."""
+        """FUSE over io_uring (session.UringMode)."""
         self.state_dir = state_dir
         self.store = store if state_dir is not None else None
         self.name = descriptor_name(mountpoint)

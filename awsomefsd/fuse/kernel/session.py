@@ -27,7 +27,7 @@ import os
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import trio
 
@@ -133,7 +133,7 @@ class ChangesInFlight:
         return tuple(self._pending.get(nodeid, ()))
 
 
-UringMode = str
+UringMode = Literal["auto", "on", "off"]
 """"auto": FUSE over io_uring when the kernel offers it; "on": the same, and a kernel that does not
 offer it is refused at INIT; "off": /dev/fuse by read() only."""
 
