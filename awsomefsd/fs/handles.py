@@ -9,7 +9,8 @@ Handle numbers describe their handle: the inode, the open flags that matter (acc
 O_APPEND) and a serial (`encode_fh`). A daemon that takes over a mount after a crash of the one
 before (docs/fuse-transport.md, Restarts) knows no handle the kernel holds; it rebuilds each from
 its number the first time the kernel uses it (`adopted`). It cannot know which unlinked inodes
-such a handle keeps alive, so after a crash nothing is purged (`may_purge`) until the mount ends.
+such a handle keeps alive, so after a crash an unlinked inode is purged only once the kernel
+forgets it (`forget`), never at unlink or release (`may_purge`).
 """
 
 from __future__ import annotations
@@ -163,14 +164,20 @@ class Handles:
             self.looked_up[ino] = time.monotonic()
 
     def forget(self, ino: int, count: int) -> bool:
-        """The kernel gave back `count` references; True when it holds none any more (never
-        after a crash: references taken before it were not counted here)."""
+        """The kernel gave back `count` references; True when it holds none any more.
+
+        After a crash the references the dead daemon gave were not counted here, but the kernel
+        gives an inode's references back all at once when it evicts the inode (FORGET with its
+        whole lookup count), and it evicts only an inode nothing holds: no open file, no working
+        directory, no mapping. So a FORGET that returns at least what this process gave out
+        means the kernel holds none, crash or not. (The one exception is the kernel dropping a
+        reply it could not attach, with a count of 1, out of memory.)"""
         left = self.lookups.get(ino, 0) - count
         if left > 0:
             self.lookups[ino] = left
             return False
         self.lookups.pop(ino, None)
-        return self.may_purge
+        return True
 
     def holds(self, ino: int) -> bool:
         """Does anything on this node still reach the inode: an open handle; for a directory, a

@@ -101,17 +101,19 @@ class OperationsBase:
     async def forget(self, items: list[tuple[int, int]]) -> None:
         for ino, count in items:
             if self.handles.forget(ino, count):
-                await self._purge_if_orphan(ino)
+                await self._purge_if_orphan(ino, evicted=True)
 
-    async def _purge_if_orphan(self, ino: int) -> None:
+    async def _purge_if_orphan(self, ino: int, *, evicted: bool = False) -> None:
         """Delete an unlinked inode once nothing can reach its data any more.
 
         An open handle keeps a file (POSIX: an unlinked open file stays readable). A kernel lookup
         reference alone does not: with no name and no open file nothing can read it, so unlink
         frees space at once, as a local filesystem does, instead of waiting for FORGET. A removed
         directory may still be some process's working directory: it waits for FORGET.
+        `evicted`: the kernel forgot the inode, so it holds no handle of it either — the only
+        way to know that after a crash, when the handles the kernel holds were the dead daemon's.
         """
-        if not self.handles.may_purge:
+        if not self.handles.may_purge and not evicted:
             return  # a crash before this process: unknown handles may still reach it
         if self.handles.is_open(ino):
             return

@@ -418,3 +418,54 @@ def test_a_file_the_crash_took_reports_eio_not_ebadf(rig: Rig, writeback: bool) 
         assert second.stop() == 0, second.logs()
     finally:
         second.stop_hard()
+
+
+def _free_bytes(mount: Path) -> int:
+    st = os.statvfs(mount)
+    return st.f_bavail * st.f_frsize
+
+
+def test_after_a_crash_deleted_files_free_their_space_once_nothing_holds_them(rig: Rig) -> None:
+    """A daemon that continues a mount after a crash does not know which files the kernel holds
+    open (the handles were the dead daemon's), so it may not delete an unlinked file at once. It
+    deletes it when the kernel forgets the inode: an open descriptor keeps the kernel's inode,
+    so a FORGET means nothing holds it. Deleting files after a crash must free their space while
+    the mount lives, and a file unlinked while a descriptor from before the crash holds it stays
+    readable until that descriptor closes."""
+    first = rig.daemon().start()
+    second = None
+    size = 32 << 20
+    try:
+        work = first.mount / "work"
+        work.mkdir()
+        held = work / "held"
+        held.write_bytes(b"h" * size)
+        os.sync()
+        reader = Reader(held)
+        first.kill()
+        second = rig.daemon().start()
+        assert "crash" in second.logs(), second.logs()
+
+        before = _free_bytes(second.mount)
+        big = work / "big"
+        with open(big, "wb") as f:
+            f.write(os.urandom(1 << 20) * 64)
+            f.flush()
+            os.fsync(f.fileno())
+        assert _free_bytes(second.mount) < before - (60 << 20)
+        big.unlink()
+        wait_for(lambda: _free_bytes(second.mount) > before - (4 << 20), 30,
+                 "the space of a file deleted after the crash to come back")
+
+        freed_held = _free_bytes(second.mount) + size - (4 << 20)
+        held.unlink()
+        assert reader.read_size() == 1 << 20, "an unlinked file stays readable through a descriptor that holds it"
+        assert _free_bytes(second.mount) < freed_held, "the space of a file still held open came back"
+        reader.close()
+        wait_for(lambda: _free_bytes(second.mount) > freed_held, 30,
+                 "the space of the held file to come back once its last descriptor closed")
+        assert second.stop() == 0, second.logs()
+    finally:
+        for d in (first, second):
+            if d is not None:
+                d.stop_hard()

@@ -62,7 +62,10 @@ def test_handles_are_handed_over_exactly_or_rebuilt_after_a_crash() -> None:
         crashed.require(reading)  # its inode was created and not durable: gone with the crash
     assert lost.value.errno == errno.EIO, "the writes are lost; EBADF would blame the application"
     assert not crashed.may_purge and crashed.holds(7)
-    assert not crashed.forget(7, 5), "references from before the crash were not counted"
+    crashed.remember(7)
+    crashed.remember(7)
+    assert not crashed.forget(7, 1), "a reference given since the crash is still held"
+    assert crashed.forget(7, 5), "an eviction gives back every reference, those from before the crash too"
 
     # a hand-over after the crash: the next daemon still knows the handle was rebuilt
     after = Handles(_Meta({7}))  # type: ignore[arg-type]
