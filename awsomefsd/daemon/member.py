@@ -75,7 +75,7 @@ from awsomefsd.duty import DutyBook, is_fatal, one_line, retry_until_done, super
 from awsomefsd.fs.data import FileData
 from awsomefsd.fs.handles import Handles
 from awsomefsd.fs.operations import Operations
-from awsomefsd.fuse.invalidate import Invalidator
+from awsomefsd.fuse.invalidate import Invalidator, kernel_caches
 from awsomefsd.io.fence import WriteFence
 from awsomefsd.meta import cluster_commands as cc
 from awsomefsd.meta import commands as c
@@ -469,7 +469,7 @@ def _assemble(member: Member) -> Core:
     data = file_data(settings, member.storage.device, meta, allocator, metrics, claim_space=groups.claim_now,
                      tiered=None if reads is None else reads.source)
     groups.keep_blocks = data.buffer.dirty_blocks  # what it keeps when it gives groups to others
-    handles = Handles(meta, track_lookups=True)
+    handles = Handles(meta, track_lookups=True, kernel_caches=kernel_caches)
     coherence = ClusterCoherence(node_id, meta, member.invalidator, epoch.current, flush=data.flush,
                                  lose_file=data.lose_file,
                                  holds=handles.holds, wait_lease=epoch.wait_renewed,

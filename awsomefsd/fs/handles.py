@@ -18,6 +18,7 @@ from __future__ import annotations
 import errno
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -67,9 +68,15 @@ class Handles:
 
     `track_lookups` (a cluster member) also notes when each inode was last looked up."""
 
-    def __init__(self, meta: MetaClient, *, track_lookups: bool = False) -> None:
+    def __init__(self, meta: MetaClient, *, track_lookups: bool = False,
+                 kernel_caches: Callable[[int], bool] | None = None) -> None:
         self.meta = meta
         self.track_lookups = track_lookups
+        self.kernel_caches = kernel_caches
+        """Does the kernel have inode `ino` in its cache at all (None: assume it does)? Asked only
+        after a crash, when the dead daemon's handles are unknown: an open file, a working
+        directory or a mapping keeps its inode cached, so one the kernel does not cache is held
+        by nothing."""
         self.open: dict[int, Handle] = {}
         self.lookups: dict[int, int] = {}
         self.looked_up: dict[int, float] = {}  # when each inode was last looked up (track_lookups)
@@ -184,9 +191,13 @@ class Handles:
         kernel reference (it may be a working directory); for anything, a lookup answered within
         LOOKUP_HOLD_S (an open of that lookup's answer may be on its way: purging under it would
         turn a read of a file another node just replaced into ESTALE)."""
-        if not self.may_purge or self.is_open(ino):
+        if self.is_open(ino):
             return True
         if time.monotonic() - self.looked_up.get(ino, -LOOKUP_HOLD_S) < LOOKUP_HOLD_S:
             return True
         inode = self.meta.inode(ino)
-        return inode is not None and inode.is_dir and ino in self.lookups
+        if inode is not None and inode.is_dir and ino in self.lookups:
+            return True
+        if not self.may_purge:  # a crash before: the dead daemon's handles may hold it
+            return self.kernel_caches is None or self.kernel_caches(ino)
+        return False

@@ -273,6 +273,18 @@ class MountedKernel:
 MOUNTED = MountedKernel()
 
 
+def kernel_caches(ino: int) -> bool:
+    """Does the kernel have inode `ino` of this process's mount in its cache? Asked with an
+    attribute invalidation, which answers ENOENT for an inode it does not have and otherwise
+    only marks its attributes stale: it touches no page and no directory, so unlike the other
+    notifications it waits for no request and may be sent from the trio thread."""
+    try:
+        MOUNTED.invalidate_inode(ino, attr_only=True)
+    except OSError as exc:
+        return exc.errno != errno.ENOENT
+    return True
+
+
 class Invalidator:
     """A bounded queue of targets, drained on one worker thread.
 

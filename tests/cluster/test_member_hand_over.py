@@ -121,3 +121,13 @@ def test_a_member_killed_and_restarted_continues_its_mount(
         shell.stdin.close()  # type: ignore[union-attr]
         assert shell.wait(30) == 0
         assert (first.mount / "work" / "after").read_text() == "again\n"
+
+        # Files deleted after the crash, here and on another member, are deleted for good: the
+        # restarted member cannot know which inodes the dead daemon's handles keep, but one the
+        # kernel does not even cache is held by nothing, and one it evicts it forgets.
+        for node, name in ((member, "deleted-here"), (first, "deleted-there")):
+            path = node.mount / "work" / name
+            path.write_bytes(b"d" * 100_000)
+            path.unlink()
+        wait_for(lambda: first.status()["metadata"]["orphans"] == 0, 60,
+                 "the files deleted after the crash to be purged")
