@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -50,6 +50,20 @@ def _size_setting(value: str | int | float) -> int:
 
 SizeBytes = Annotated[int, BeforeValidator(_size_setting)]
 """A size in bytes that the file or the environment may also write as "64M" or "8G" (or 0)."""
+
+
+def _host_port_setting(value: str) -> str:
+    if value:
+        host, sep, port = value.rpartition(":")
+        if not sep or not host.strip("[]") or not port.isdigit() or int(port) > 65534:
+            raise ValueError(f"{value!r} is not host:port (e.g. 10.0.0.5:9450, [fd00::5]:9450, 0.0.0.0:9450)")
+    return value
+
+
+HostPort = Annotated[str, AfterValidator(_host_port_setting)]
+"""A listen or advertised address, host:port (an IPv6 host in brackets), checked when the settings
+load: a malformed one is one line naming the setting, not a traceback when a listener starts. The
+port leaves room for the listener on port + 1."""
 
 
 class Section(BaseModel):
@@ -141,7 +155,7 @@ class MetaSettings(Section):
 
 
 class ClusterSettings(Section):
-    listen: str = Field("", description="host:port of this node's cluster (mTLS) listener; the join "
+    listen: HostPort = Field("", description="host:port of this node's cluster (mTLS) listener; the join "
                         "listener is on port + 1. Needed by init, join and a member's run")
     peers: list[str] = Field(default_factory=list, description="seed members (host:port) for join when "
                              "zeroconf multicast is not available; a name that resolves to several "
@@ -211,9 +225,9 @@ class TierSettings(Section):
 class SiteSettings(Section):
     """Cross-site replication (design note 48): this site's link listener. Off until `listen` is set."""
 
-    listen: str = Field("", description="host:port of the listener the linked site pushes to (mutual TLS, "
+    listen: HostPort = Field("", description="host:port of the listener the linked site pushes to (mutual TLS, "
                         "pinned to the peer site's CA); the pairing listener is on port + 1. Empty: no link")
-    advertise: list[str] = Field(default_factory=list, description="addresses (host:port) the other site "
+    advertise: list[HostPort] = Field(default_factory=list, description="addresses (host:port) the other site "
                                  "reaches this site's listeners at, put in the link token (on a cluster: every member's, the same on "
                                  "each); default: listen, or on a cluster each member's cluster address with listen's port")
     batch_operations: int = Field(512, ge=1, le=4096, description="operations per push at most")

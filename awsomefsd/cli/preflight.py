@@ -68,8 +68,9 @@ def unix_free(path: Path, setting: str) -> None:
 
 def check_listeners(settings: Settings, *, cluster_listen: str | None = None, control: Path | None = None) -> None:
     """Every address the daemon will listen on is free: metrics (when on, unless port 0), CSI,
-    and for a cluster member its cluster listener, its join listener (port + 1) and its control
-    socket. Raises PortInUse naming the setting."""
+    for a cluster member its cluster listener, its join listener (port + 1) and its control
+    socket, and with [site] its link listener and its pairing listener (port + 1). Raises
+    PortInUse naming the setting."""
     if settings.metrics.enabled:
         tcp_free(settings.metrics.host, settings.metrics.port, "[metrics] port (--metrics-port)")
     if settings.csi.socket is not None:
@@ -78,6 +79,10 @@ def check_listeners(settings: Settings, *, cluster_listen: str | None = None, co
         host, port = _split(cluster_listen)
         tcp_free(host, port, f"[cluster] listen (--listen {cluster_listen})")
         tcp_free(host, port + 1, f"the join listener, [cluster] listen port + 1 ({port + 1})")
+    if settings.site.listen:
+        host, port = _split(settings.site.listen)
+        tcp_free(host, port, f"[site] listen ({settings.site.listen})")
+        tcp_free(host, port + 1, f"the site pairing listener, [site] listen port + 1 ({port + 1})")
     if control is not None:
         unix_free(control, "the control socket (is this node's daemon already running?)")
 

@@ -172,8 +172,10 @@ def join_host_port(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def fetch_cluster_ca(address: str, ca_fingerprint: bytes, timeout_s: float = FETCH_CA_TIMEOUT_S) -> x509.Certificate:
-    """The CA certificate presented by the join listener at `address` whose fingerprint is pinned.
+def fetch_cluster_ca(address: str, ca_fingerprint: bytes, timeout_s: float = FETCH_CA_TIMEOUT_S, *,
+                     listener: str = "the join listener") -> x509.Certificate:
+    """The CA certificate presented by the join listener at `address` whose fingerprint is pinned
+    (`listener` names it in errors: a site's pairing listener is asked the same way).
 
     The handshake here deliberately verifies nothing: the only thing taken from it is a certificate
     that must hash to `ca_fingerprint`, and everything after is verified against that certificate.
@@ -188,12 +190,12 @@ def fetch_cluster_ca(address: str, ca_fingerprint: bytes, timeout_s: float = FET
                 ctx.wrap_socket(raw, server_hostname=None) as tls:
             chain = _unverified_chain(tls)
     except OSError as exc:
-        raise JoinError(f"cannot reach the join listener at {address}: {exc}") from exc
+        raise JoinError(f"cannot reach {listener} at {address}: {exc}") from exc
     for der in chain[:MAX_CHAIN_CERTS]:
         cert = x509.load_der_x509_certificate(der)
         if secrets.compare_digest(fingerprint(cert), ca_fingerprint):
             return cert
-    raise JoinRefused(f"{address} does not present the cluster CA pinned by the token (another cluster?)")
+    raise JoinRefused(f"{address} does not present the CA pinned by the token (another cluster or site?)")
 
 
 def _unverified_chain(tls: ssl.SSLSocket) -> list[bytes]:

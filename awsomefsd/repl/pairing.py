@@ -12,6 +12,7 @@ what pairing began.
 
 from __future__ import annotations
 
+import functools
 import logging
 import secrets
 import time
@@ -52,7 +53,7 @@ class Pairing(Endpoint):
             raise ControlError("this site is linked already: `awsomefsd site unlink` first")
         if not self.meta.may_propose(c.LinkSite):
             raise ControlError(ROLLING_UPGRADE)
-        token = LinkToken.generate(self.site, ca_fingerprint(self.credentials), tuple(self.addresses()))
+        token = LinkToken.generate(self.site, ca_fingerprint(self.credentials), tuple(self._reachable_addresses()))
         directory = site_dir(self.state_dir)
         directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         (directory / INVITE_FILE).write_bytes(token.verifier().to_bytes())
@@ -74,11 +75,13 @@ class Pairing(Endpoint):
             raise ControlError("the token names no address of the other site")
         if not self.meta.may_propose(c.LinkSite):  # before the other site links: both or neither
             raise ControlError(ROLLING_UPGRADE)
+        self._reachable_addresses()
         errors = []
         for address in token.seeds:
             try:
-                peer_ca = await trio.to_thread.run_sync(fetch_cluster_ca, _pairing_address(address),
-                                                        token.ca_fingerprint)
+                peer_ca = await trio.to_thread.run_sync(
+                    functools.partial(fetch_cluster_ca, _pairing_address(address), token.ca_fingerprint,
+                                      listener="the other site's pairing listener"))
                 reply = await self._pair_with(address, token, peer_ca)
             except (JoinError, OSError, grpc.RpcError, wire.WireError) as exc:
                 errors.append(f"{address}: {why_failed(exc)}")
@@ -87,6 +90,18 @@ class Pairing(Endpoint):
             return {"peer": str(token.cluster_id), "addresses": reply["addresses"], "initial_operations": sent,
                     "peer_initial_operations": int(reply.get("initial_operations", 0))}
         raise ControlError("could not pair: " + "; ".join(errors))
+
+    def _reachable_addresses(self) -> list[str]:
+        """The addresses the other site is told to reach this one at; a wildcard listen address
+        (0.0.0.0, ::) given without `[site] advertise` reaches nothing there (the other site
+        would connect to itself), so linking is refused with what to set."""
+        addresses = self.addresses()
+        for address in addresses:
+            host, _ = split_host_port(address)
+            if host in WILDCARD_HOSTS:
+                raise ControlError(f"this site would be reached at {address}, a wildcard address: set [site] advertise "
+                                   "to the host:port the other site reaches this one at")
+        return addresses
 
     async def _pair_with(self, address: str, token: LinkToken, peer_ca: x509.Certificate) -> dict[str, Any]:
         from cryptography.hazmat.primitives import serialization
@@ -117,14 +132,10 @@ class Pairing(Endpoint):
         except (FileNotFoundError, ValueError):
             return {"error": "this site has no open invitation: run `awsomefsd site link` on it for a token"}
         try:
-            peer = uuid.UUID(request["site"])
-            ca_pem = str(request["ca_pem"]).encode()
+            peer, ca_pem, nonce, proof, addresses = _pairing_request(request)
             peer_ca = x509.load_pem_x509_certificate(ca_pem)
-            nonce = bytes.fromhex(request["nonce"])
-            proof = bytes.fromhex(request["proof"])
-            addresses = [str(a) for a in request["addresses"]][:16]
-        except (KeyError, ValueError, TypeError):
-            raise RpcAbort(grpc.StatusCode.INVALID_ARGUMENT, "a malformed pairing request") from None
+        except ValueError as exc:
+            raise RpcAbort(grpc.StatusCode.INVALID_ARGUMENT, f"a malformed pairing request: {exc}") from None
         if self._nonces.pop(nonce, 0) < time.monotonic() or not verifier.verify(nonce, ca_pem, proof):
             log.warning("site pairing refused: a wrong or rotated link token (from site %s)", peer)
             return {"error": "the link token is wrong or was replaced by a newer one"}
@@ -167,6 +178,31 @@ class Pairing(Endpoint):
         nonce = secrets.token_bytes(NONCE_BYTES)
         self._nonces[nonce] = now + 60
         return nonce
+
+
+MAX_PAIRING_ADDRESSES = 16
+WILDCARD_HOSTS = frozenset({"", "0.0.0.0", "::", "*"})
+
+
+def _pairing_request(request: dict[str, Any]) -> tuple[uuid.UUID, bytes, bytes, bytes, list[str]]:
+    """(site, CA PEM, nonce, proof, addresses) of a `Pair` call, each checked for its type before
+    use: the caller is not authenticated yet, so anything may come (ValueError names what is
+    wrong)."""
+    def text(key: str) -> str:
+        value = request.get(key)
+        if not isinstance(value, str):
+            raise ValueError(f"{key!r} is not a string")
+        return value
+
+    addresses = request.get("addresses")
+    if not isinstance(addresses, list) or not all(isinstance(a, str) for a in addresses):
+        raise ValueError("'addresses' is not a list of strings")
+    if len(addresses) > MAX_PAIRING_ADDRESSES:
+        raise ValueError(f"more than {MAX_PAIRING_ADDRESSES} addresses")
+    for address in addresses:
+        split_host_port(address)  # ValueError: not host:port
+    return (uuid.UUID(text("site")), text("ca_pem").encode(), bytes.fromhex(text("nonce")),
+            bytes.fromhex(text("proof")), addresses)
 
 
 def _pairing_address(address: str) -> str:

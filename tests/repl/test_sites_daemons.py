@@ -19,6 +19,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,7 +29,7 @@ import pytest
 from awsomefsd.cli.devcluster.network import available
 from awsomefsd.repl.digest import differences, digest_tree
 from tests.support import seeds
-from tests.support.daemon import run_cli, wait_for
+from tests.support.daemon import REPO, run_cli, wait_for
 from tests.support.sites import SYNC_DEADLINE_S, Site, Wan, create_volume, link, two_sites, wait_converged
 from tests.support.trees import make_source_tree
 
@@ -173,9 +174,55 @@ def test_a_partition_and_a_killed_site_lose_nothing(sites: tuple[Site, Site, Wan
         assert checked.returncode == 0, checked.stdout + checked.stderr
 
 
+_PAIR_HOSTILE = """
+import json, sys, grpc
+from awsomefsd.cluster.ca import cluster_dns_name
+from awsomefsd.cluster.join_service import fetch_cluster_ca, join_host_port, split_host_port
+from awsomefsd.cluster.token import LinkToken
+from awsomefsd.crdt import wire
+token = LinkToken.parse(sys.argv[1])
+host, port = split_host_port(token.seeds[0])
+address = join_host_port(host, port + 1)
+ca = fetch_cluster_ca(address, token.ca_fingerprint)
+from cryptography.hazmat.primitives import serialization
+name = cluster_dns_name(token.cluster_id)
+channel = grpc.secure_channel(address, grpc.ssl_channel_credentials(ca.public_bytes(serialization.Encoding.PEM)),
+                              options=[("grpc.ssl_target_name_override", name), ("grpc.default_authority", name)])
+pair = channel.unary_unary("/awsomefs.site.v1.Pairing/Pair")
+for header in json.loads(sys.argv[2]):
+    try:
+        pair(wire.frame(header), timeout=20)
+        print("OK")
+    except grpc.RpcError as exc:
+        print(exc.code().name)
+"""
+HOSTILE_PAIRINGS = [
+    {"site": 123, "ca_pem": "x", "nonce": "00", "proof": "00", "addresses": []},
+    {"site": "not a uuid", "ca_pem": "x", "nonce": "00", "proof": "00", "addresses": []},
+    {"site": "8c4f1b52-3e8e-4a3c-9d4e-0c8a7f3b2a11", "ca_pem": ["x"], "nonce": "00", "proof": "00", "addresses": []},
+    {"site": "8c4f1b52-3e8e-4a3c-9d4e-0c8a7f3b2a11", "ca_pem": "x", "nonce": 7, "proof": "00", "addresses": []},
+    {"site": "8c4f1b52-3e8e-4a3c-9d4e-0c8a7f3b2a11", "ca_pem": "x", "nonce": "zz", "proof": "00", "addresses": []},
+    {"site": "8c4f1b52-3e8e-4a3c-9d4e-0c8a7f3b2a11", "ca_pem": "x", "nonce": "00", "proof": "00",
+     "addresses": "10.0.0.1:9450"},
+    {"site": "8c4f1b52-3e8e-4a3c-9d4e-0c8a7f3b2a11", "ca_pem": "x", "nonce": "00", "proof": "00",
+     "addresses": [{"host": "x"}]},
+    {"site": "8c4f1b52-3e8e-4a3c-9d4e-0c8a7f3b2a11", "ca_pem": "not a certificate", "nonce": "00", "proof": "00",
+     "addresses": ["10.0.0.1:9450"]},
+    {},
+]
+
+
 def test_a_wrong_or_replaced_token_and_a_second_link_are_refused(sites: tuple[Site, Site, Wan]) -> None:
     a, b, _wan = sites
     first = a.cli("link").stdout.strip()
+    # hostile pairing calls while the invitation is open: each is refused as malformed (never
+    # INTERNAL, never a traceback), and the invitation still pairs afterwards
+    answers = b.namespace.run([sys.executable, "-c", _PAIR_HOSTILE, first, json.dumps(HOSTILE_PAIRINGS)],
+                              capture_output=True, text=True, cwd=str(REPO), timeout=120, check=False,
+                              env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert answers.returncode == 0, answers.stderr
+    assert answers.stdout.split() == ["INVALID_ARGUMENT"] * len(HOSTILE_PAIRINGS), answers.stdout
+    assert "Traceback" not in a.daemon.logs()
     second = a.cli("link").stdout.strip()  # replaces the first
     refused = b.cli("link", first)
     assert refused.returncode == 1 and "wrong or was replaced" in refused.stderr, refused.stderr

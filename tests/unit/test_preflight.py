@@ -1,0 +1,58 @@
+"""The start refuses, in one line naming the setting, a listener address another process holds:
+the [site] link and pairing listeners too (two sites on one host with the default ports: the
+second daemon used to die after `site link` with a traceback)."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+
+import pytest
+
+from awsomefsd.cli.preflight import PortInUse, check_listeners
+from awsomefsd.config import Settings
+
+
+def _free_pair() -> int:
+    """A port p on 127.0.0.1 with p + 1 also free at the time of asking."""
+    for _ in range(100):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = int(probe.getsockname()[1])
+        try:
+            with socket.socket() as above:
+                above.bind(("127.0.0.1", port + 1))
+        except OSError:
+            continue
+        return port
+    raise AssertionError("no two free neighbouring ports")
+
+
+@pytest.fixture
+def held() -> Iterator[tuple[int, socket.socket]]:
+    """A free port pair's base, and a listener holding nothing yet (bind it where a test needs)."""
+    sock = socket.socket()
+    try:
+        yield _free_pair(), sock
+    finally:
+        sock.close()
+
+
+def _site(port: int) -> Settings:
+    return Settings.model_validate({"site": {"listen": f"127.0.0.1:{port}"}, "metrics": {"enabled": False}})
+
+
+@pytest.mark.parametrize(("offset", "named"), [(0, "[site] listen"), (1, "the site pairing listener")])
+def test_a_site_listener_port_in_use_is_refused_naming_it(held: tuple[int, socket.socket], offset: int,
+                                                          named: str) -> None:
+    port, sock = held
+    sock.bind(("127.0.0.1", port + offset))
+    sock.listen()
+    with pytest.raises(PortInUse) as caught:
+        check_listeners(_site(port))
+    assert str(caught.value).startswith(named) and str(port + offset) in str(caught.value)
+
+
+def test_free_site_ports_pass(held: tuple[int, socket.socket]) -> None:
+    port, _ = held
+    check_listeners(_site(port))
