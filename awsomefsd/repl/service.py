@@ -16,6 +16,7 @@ metadata group ships and receives.
 
 from __future__ import annotations
 
+import logging
 import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -41,7 +42,10 @@ from awsomefsd.repl.receiver import Receiver
 from awsomefsd.repl.shipper import Shipper
 from awsomefsd.rpc.bridge import Binding, BridgeLimits, RpcAbort, serve_grpc
 
+log = logging.getLogger(__name__)
+
 LINK_POLL_S = 0.5
+LISTEN_RETRY_S = 10.0
 """How often a member looks whether another member linked or unlinked the site."""
 
 
@@ -111,18 +115,31 @@ class SiteService(Pairing, Receiver, Shipper, Control):
                     peer_ca = link["ca_pem"].encode()
                     self._peer_ca = x509.load_pem_x509_certificate(peer_ca)
                     self._peer_revoked = Revocations(int(serial, 16) for serial in link.get("revoked", []))
-                    await linked.start(lambda task_status, peer_ca=peer_ca: serve_grpc(
-                        [Binding(generic_adder(LINK_SERVICE, ("Cursor", "Stage", "Push", "Digest")), _Link(self))],
-                        self.listen, limits=BridgeLimits(max_message_bytes=MAX_MESSAGE_BYTES),
-                        credentials=grpc.ssl_server_credentials(
-                            [(self.credentials.key_pem, self.credentials.cert_pem + self.credentials.ca_pem)],
-                            root_certificates=peer_ca, require_client_auth=True),
-                        task_status=task_status))
+                    linked.start_soon(self._serve_the_link, peer_ca)
                     linked.start_soon(self._ship_while_running_the_link, link)
                     linked.start_soon(self._expire_staged)
                     await self._link_changed(link)
                     linked.cancel_scope.cancel()
                 self.state = LinkState()
+
+    async def _serve_the_link(self, peer_ca: bytes) -> None:
+        """The link listener, for the linked site's calls. A port another process took after the
+        start's check (another site's pairing listener on this host, say) is one error line, in
+        `site status` too, and another try later, never the end of the daemon: shipping to the
+        other site goes on meanwhile."""
+        while True:
+            try:
+                await serve_grpc(
+                    [Binding(generic_adder(LINK_SERVICE, ("Cursor", "Stage", "Push", "Digest")), _Link(self))],
+                    self.listen, limits=BridgeLimits(max_message_bytes=MAX_MESSAGE_BYTES),
+                    credentials=grpc.ssl_server_credentials(
+                        [(self.credentials.key_pem, self.credentials.cert_pem + self.credentials.ca_pem)],
+                        root_certificates=peer_ca, require_client_auth=True))
+                return
+            except OSError as exc:
+                self.state.last_error = f"the link listener: {exc.strerror or exc}"
+                log.error("site: %s; trying again in %.0f s", self.state.last_error, LISTEN_RETRY_S)
+                await trio.sleep(LISTEN_RETRY_S)
 
     async def _link_changed(self, link: dict[str, Any] | None) -> None:
         """Until the link is no longer `link`: this node changed it (`relink`), or, on a cluster,

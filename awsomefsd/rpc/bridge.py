@@ -373,13 +373,18 @@ def _bind_unix_private(server: grpc.Server, path: Path, credentials: grpc.Server
 
 
 def _add_port(server: grpc.Server, address: str, credentials: grpc.ServerCredentials | None) -> int:
-    port = (
-        server.add_secure_port(address, credentials)
-        if credentials is not None
-        else server.add_insecure_port(address)
-    )
+    """Bind `address`; OSError when it cannot be. grpc says so with RuntimeError (older releases
+    returned port 0), which would reach the user as a traceback."""
+    try:
+        port = (
+            server.add_secure_port(address, credentials)
+            if credentials is not None
+            else server.add_insecure_port(address)
+        )
+    except RuntimeError:
+        port = 0
     if port == 0:
-        raise OSError(f"grpc could not bind {address}")
+        raise OSError(errno.EADDRINUSE, f"cannot listen on {address} (the address is in use, or not this host's)")
     return port
 
 

@@ -196,6 +196,17 @@ for header in json.loads(sys.argv[2]):
     except grpc.RpcError as exc:
         print(exc.code().name)
 """
+_SQUAT = """
+import socket, sys
+host, port = sys.argv[1].rsplit(":", 1)
+sock = socket.socket()
+sock.bind((host, int(port)))
+sock.listen()
+print("bound", flush=True)
+sys.stdin.read()
+"""
+
+
 HOSTILE_PAIRINGS = [
     {"site": 123, "ca_pem": "x", "nonce": "00", "proof": "00", "addresses": []},
     {"site": "not a uuid", "ca_pem": "x", "nonce": "00", "proof": "00", "addresses": []},
@@ -229,7 +240,20 @@ def test_a_wrong_or_replaced_token_and_a_second_link_are_refused(sites: tuple[Si
     assert "Traceback" not in refused.stderr and len(refused.stderr.strip().splitlines()) == 1
     damaged = b.cli("link", second[:-3] + "AAA")
     assert damaged.returncode == 1 and "damaged" in damaged.stderr, damaged.stderr
-    assert b.cli("link", second).returncode == 0
+    # a's link port taken by another process after a started (checked free then): linking still
+    # works, a says why it cannot listen, and listens once the port is free again
+    listen = a.daemon.env["AWSOMEFS_SITE__LISTEN"]
+    squatter = a.namespace.popen([sys.executable, "-c", _SQUAT, listen], stdin=subprocess.PIPE,
+                                 stdout=subprocess.PIPE, text=True)
+    try:
+        assert squatter.stdout is not None and squatter.stdout.readline().strip() == "bound"
+        assert b.cli("link", second).returncode == 0
+        wait_for(lambda: "cannot listen on" in a.daemon.logs(), 60, "a to say its link port is taken")
+    finally:
+        squatter.communicate("", timeout=30)
+    (b.mount / "to-a").write_text("arrives once a listens")
+    wait_for(lambda: (a.mount / "to-a").exists(), 120, "b's file to reach a once a's link port is free")
+    assert "Traceback" not in a.daemon.logs()
     again = b.cli("link", second)
     assert again.returncode == 1 and "linked already" in again.stderr, again.stderr
     assert a.cli("unlink").returncode == 0
