@@ -199,7 +199,8 @@ def decode(raw: bytes) -> Operation:
         raise BadOperation("not an operation: not an object")
     if record.get("v") != FORMAT:
         raise BadOperation(f"operation format {record.get('v')!r} is not {FORMAT}: upgrade both sites alike")
-    cls = _KINDS.get(record.get("kind"))  # type: ignore[arg-type]
+    kind = record.get("kind")
+    cls = _KINDS.get(kind) if isinstance(kind, str) else None  # a list is unhashable: TypeError
     if cls is None:
         raise BadOperation(f"unknown operation kind {record.get('kind')!r}")
     try:
