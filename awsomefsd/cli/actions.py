@@ -165,8 +165,11 @@ class _SayLoaded:
         if self.ready_fd < 0:
             return
         fd, self.ready_fd = self.ready_fd, -1
+        # what systemd is to supervise: this process, or the compiled onefile bootstrap that runs it
+        onefile = os.environ.get("NUITKA_ONEFILE_PARENT", "")
+        pid = int(onefile) if onefile == str(os.getppid()) else os.getpid()
         try:
-            os.write(fd, f"loaded {os.getpid()}".encode())
+            os.write(fd, f"loaded {pid}".encode())
         except BrokenPipeError:
             raise OperatorError("the daemon that started this one is stopping: nothing to take over") from None
         finally:
