@@ -243,7 +243,7 @@ class Settings(BaseModel):
     site: SiteSettings = SiteSettings()
     log: LogSettings = LogSettings()
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", validate_default=True)  # as pydantic-settings had: `Settings()` too
 
     @field_validator("node")
     @classmethod
