@@ -192,7 +192,7 @@ def _exercise(sd: systemd.PrivateSystemd, mnt: Path, log: Path, config: Path) ->
     # minutes), and the fifth reload or restart made it refuse the start, with the mount handed
     # over to nobody. A hand-over resets the count.
     for round_ in range(4):
-        for operation in ("reload", "restart"):
+        for operation in ("restart", "reload"):  # the stop below stops the successor of a reload
             before = _main_pid(sd)
             done_op = sd.systemctl(operation, SERVICE, check=False)
             assert done_op.returncode == 0, f"{operation} {round_}: {done_op.stdout}{done_op.stderr}"
@@ -204,7 +204,9 @@ def _exercise(sd: systemd.PrivateSystemd, mnt: Path, log: Path, config: Path) ->
     shell.stdin.close()
     assert shell.wait(30) == 0
 
-    # systemctl stop: unmounted, the store emptied; the next start mounts afresh with every byte
+    # systemctl stop: unmounted, the store emptied; the next start mounts afresh with every byte.
+    # The daemon is a reload's successor, which systemd supervises as the main process it started
+    # (one that is not its child it took for "alien", and killed at once: Result "signal").
     sd.systemctl("stop", SERVICE)
     assert not sd.mounted(mnt), "systemctl stop unmounts"
     assert sd.show(SERVICE, "NFileDescriptorStore", "Result") == {"NFileDescriptorStore": "0", "Result": "success"}
