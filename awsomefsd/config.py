@@ -4,21 +4,24 @@ Precedence, highest first: command-line flags, environment (`AWSOMEFS_SECTION__K
 `AWSOMEFS_CSI__SOCKET`), the TOML file (`/etc/awsomefs/awsomefsd.toml` or `--config`), defaults.
 Every default is safe: nothing is formatted, exposed on the network or mounted for other users
 unless the operator asked for it.
+
+The three layers are merged here (`load_settings`) and validated by pydantic once, as
+pydantic-settings did (`AWSOMEFS_` prefix in any case, `__` between section and key, JSON for a
+list or a whole section, a higher layer over a lower one key by key). Importing pydantic-settings
+cost every start of the daemon about 0.1 s of CPU (asyncio, its cloud secret sources), which the
+applications of a restarting daemon wait for (issue 41 item 5).
 """
 
 from __future__ import annotations
 
+import json
 import os
+import tomllib
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Annotated, Any, Literal, get_origin
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, field_validator
-from pydantic_settings import (
-    BaseSettings,
-    PydanticBaseSettingsSource,
-    SettingsConfigDict,
-    TomlConfigSettingsSource,
-)
 
 DEFAULT_CONFIG_PATH = Path("/etc/awsomefs/awsomefsd.toml")
 SIZE_SUFFIXES = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
@@ -239,7 +242,7 @@ class LogSettings(Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
 
 
-class Settings(BaseSettings):
+class Settings(BaseModel):
     """All of a node's configuration; see packaging/awsomefsd.toml for the commented defaults."""
 
     node: NodeSettings = NodeSettings()
@@ -254,10 +257,7 @@ class Settings(BaseSettings):
     site: SiteSettings = SiteSettings()
     log: LogSettings = LogSettings()
 
-    model_config = SettingsConfigDict(
-        env_prefix="AWSOMEFS_", env_nested_delimiter="__", extra="forbid", toml_file=None
-    )
-    config_path: ClassVar[Path | None] = None
+    model_config = ConfigDict(extra="forbid", validate_default=True)  # as pydantic-settings had: `Settings()` too
 
     @field_validator("node")
     @classmethod
@@ -266,32 +266,72 @@ class Settings(BaseSettings):
             node = node.model_copy(update={"name": os.uname().nodename})
         return node
 
-    @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
-        if cls.config_path is not None and cls.config_path.exists():
-            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=cls.config_path))
-        return tuple(sources)
+
+ENV_PREFIX = "awsomefs_"
+ENV_NESTED = "__"
 
 
 def load_settings(config_path: Path | None = None, *, read_default_file: bool = True, **overrides: Any) -> Settings:
     """Build settings from file, environment and `overrides` (nested dicts, from flags).
 
     A missing explicitly named file is an error; a missing default file is not (a dev instance or a
-    container configured only by environment needs none).
+    container configured only by environment needs none). A file that is no TOML, or an
+    environment value that is no JSON where a list is expected: ValueError.
     """
     if config_path is not None and not config_path.exists():
         raise FileNotFoundError(f"config file not found: {config_path}")
     path = config_path if config_path is not None else (DEFAULT_CONFIG_PATH if read_default_file else None)
-    Settings.config_path = path
+    from_file: dict[str, Any] = {}
+    if path is not None and path.exists():
+        with open(path, "rb") as fh:
+            from_file = tomllib.load(fh)
+    flags = {key: value for key, value in overrides.items() if value}
+    return Settings.model_validate(_merged(_merged(from_file, settings_from_environment(os.environ)), flags))
+
+
+def settings_from_environment(environ: Mapping[str, str]) -> dict[str, Any]:
+    """The settings `AWSOMEFS_SECTION__KEY` variables give (names in any case), as nested dicts.
+    `AWSOMEFS_SECTION` may give a whole section as a JSON object, and a list is written as JSON
+    (`AWSOMEFS_CLUSTER__PEERS='["a:7000", "b:7000"]'`); other values stay strings, which the
+    settings' types read. A variable that names no section (`AWSOMEFS_SEED`) is not a setting."""
+    found: dict[str, Any] = {}
+    for name, value in environ.items():
+        lowered = name.lower()
+        if not lowered.startswith(ENV_PREFIX):
+            continue
+        section, _, rest = lowered[len(ENV_PREFIX):].partition(ENV_NESTED)
+        section_field = Settings.model_fields.get(section)
+        if section_field is None:
+            continue
+        if not rest:
+            whole = _json(name, value)
+            if not isinstance(whole, dict):
+                raise ValueError(f"{name}: not a JSON object of the [{section}] settings")
+            found[section] = _merged(whole, found.get(section, {}))
+            continue
+        *keys, last = rest.split(ENV_NESTED)
+        target: dict[str, Any] = found.setdefault(section, {})
+        for key in keys:
+            target = target.setdefault(key, {})
+        model = section_field.annotation
+        field = model.model_fields.get(last) if not keys and isinstance(model, type) and issubclass(model, BaseModel) \
+            else None
+        target[last] = _json(name, value) if value and field is not None and get_origin(field.annotation) is list \
+            else value
+    return found
+
+
+def _json(name: str, value: str) -> Any:
     try:
-        return Settings(**{k: v for k, v in overrides.items() if v})
-    finally:
-        Settings.config_path = None
+        return json.loads(value)
+    except ValueError as exc:
+        raise ValueError(f"{name}: not JSON ({exc})") from None
+
+
+def _merged(low: dict[str, Any], high: dict[str, Any]) -> dict[str, Any]:
+    """`low` with `high` over it, key by key in sections that both give."""
+    merged = dict(low)
+    for key, value in high.items():
+        below = merged.get(key)
+        merged[key] = _merged(below, value) if isinstance(below, dict) and isinstance(value, dict) else value
+    return merged

@@ -17,10 +17,17 @@ during the start. One started from a shell would raise the shell's session and, 
 it serves, leave it raised.
 Linux applies a nice value per thread, and a thread inherits its creator's, so going back sets
 every thread this process has by then.
+
+The start also runs without Python's cyclic garbage collector: loading the code creates some
+hundred thousand objects that all live as long as the daemon, and the collections they set off
+found nothing to free while costing 3% of the start's instructions. Once the daemon serves, the
+objects it has by then are frozen out of later collections (`gc.freeze`) and the collector runs
+again.
 """
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 from pathlib import Path
@@ -43,6 +50,9 @@ def raise_for_start() -> None:
     raised."""
     if _to_restore:
         return
+    if gc.isenabled():
+        gc.disable()
+        _to_restore["gc"] = 1
     try:
         before = os.getpriority(os.PRIO_PROCESS, 0)
         if before > START_NICE:
@@ -60,7 +70,11 @@ def raise_for_start() -> None:
 
 
 def restore() -> None:
-    """Give back what `raise_for_start` took: the autogroup's value, and every thread's."""
+    """Give back what `raise_for_start` took: the autogroup's value, every thread's, and the
+    garbage collector."""
+    if _to_restore.pop("gc", None):
+        gc.freeze()
+        gc.enable()
     group = _to_restore.pop("autogroup", None)
     if group is not None:
         try:

@@ -21,7 +21,9 @@ from __future__ import annotations
 import array
 import logging
 import os
+import select
 import socket
+import time
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +73,32 @@ def notify_fds(fds: list[int], *fields: str) -> bool:
         log.warning("sd_notify to %s failed: %s", raw, exc)
         return False
     return True
+
+
+def barrier(timeout_s: float) -> bool:
+    """Wait until systemd has processed every message sent before (`BARRIER=1`, systemd 246+):
+    True then, False when it did not say so within `timeout_s` or no systemd listens. It closes
+    its copy of the pipe sent with the barrier once it reaches it, and the pipe hangs up here.
+    A daemon that names its successor the main process (`MAINPID=`) waits so before it exits:
+    systemd must not see the main process exit and restart the service."""
+    read_end, write_end = os.pipe()
+    try:
+        sent = notify_fds([write_end], "BARRIER=1")
+        os.close(write_end)
+        write_end = -1
+        if not sent:
+            return False
+        poller = select.poll()
+        poller.register(read_end, select.POLLIN)
+        deadline = time.monotonic() + timeout_s
+        while (left := deadline - time.monotonic()) > 0:
+            if any(events & (select.POLLHUP | select.POLLERR) for _fd, events in poller.poll(left * 1000)):
+                return True
+        return False
+    finally:
+        os.close(read_end)
+        if write_end >= 0:
+            os.close(write_end)
 
 
 def _status_field(text: str) -> str:

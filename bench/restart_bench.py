@@ -21,6 +21,10 @@ own (tests/support/systemd.py; from the checkout, or the binary `--awsomefsd` na
 replaced the ways an operator does it: `systemctl restart`, `systemctl reload` (a package
 upgrade) and a SIGKILL that systemd restarts, in turn, `--rounds` times each (a writer only).
 
+The daemons load their code from bytecode compiled before the first round, as an installed
+system does: with PYTHONDONTWRITEBYTECODE set (as in some shells and CI), every start compiled the
+package's 110 modules again, 0.3 s of CPU that no installed daemon spends.
+
 As root (from another user: sudo in front), from the repository root:
 
     .venv/bin/python bench/restart_bench.py --rounds 10 [--take-over] [--no-raise]
@@ -144,6 +148,7 @@ def main() -> int:
     p.add_argument("--take-over", action="store_true", help="hand over by starting the next daemon first")
     p.add_argument("--no-raise", action="store_true", help="start daemons without CAP_SYS_NICE")
     args = p.parse_args()
+    compile_package()
     base = Path(tempfile.mkdtemp(prefix="awsomefs-restart-bench-", dir="/var/tmp"))
     os.chmod(base, 0o755)
     try:
@@ -158,9 +163,19 @@ def main() -> int:
     return 0
 
 
+REPO = Path(__file__).resolve().parents[1]
+
+
+def compile_package() -> None:
+    """Bytecode for every module of the package, beside it (__pycache__, ignored by git)."""
+    os.environ.pop("PYTHONDONTWRITEBYTECODE", None)  # the daemons started from here write theirs too
+    subprocess.run([sys.executable, "-m", "compileall", "-q", str(REPO / "awsomefsd")], check=True,
+                   stdout=subprocess.DEVNULL)
+
+
 def under_systemd(base: Path, rounds: int, settle_s: float, binary: Path | None) -> Events:
     """systemctl restart, systemctl reload and a SIGKILL, in turn, `rounds` times each."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    sys.path.insert(0, str(REPO))
     from tests.packaging.test_systemd_service import install_service
     from tests.support.systemd import PrivateSystemd, available
 
@@ -232,7 +247,7 @@ def with_keeper(base: Path, rounds: int, settle_s: float, *, take_over: bool = F
                 prefix: tuple[str, ...] = ()) -> list[Replacement]:
     """SIGUSR2 and a new daemon (or a new daemon that takes over) `rounds` times, then SIGKILL and a
     new daemon as often."""
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
+    env = {**os.environ, "PYTHONPATH": str(REPO),
            "AWSOMEFS_MOUNT__FD_KEEPER": str(base / "keeper.sock")}
     keeper = subprocess.Popen([*AWSOMEFSD, "fd-keeper", "--socket", str(base / "keeper.sock")],
                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env, cwd="/")

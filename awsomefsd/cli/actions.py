@@ -84,18 +84,20 @@ ASK_AGAIN_S = 1.0
 hand-over in progress goes on)."""
 
 
-def ask_to_hand_over(pid: int, state_dir: Path, done: Callable[[], bool], *, still: str, poll_s: float) -> None:
-    """Send daemon `pid` SIGUSR2, and again every ASK_AGAIN_S, until `done()`; OperatorError (one
-    line) when it refuses (it then serves on) or after HAND_OVER_DEADLINE_S. The successor
-    (`take_over_from`) and `awsomefsd hand-over` both wait here: a daemon still starting ignores
-    the signal, and `hand-over` asked once, then waited out its whole deadline."""
+def ask_to_hand_over(pid: int, state_dir: Path, done: Callable[[], bool], *, still: str, poll_s: float,
+                     ask: Callable[[], None] | None = None) -> None:
+    """Send daemon `pid` SIGUSR2 (or `ask()`), and again every ASK_AGAIN_S, until `done()`;
+    OperatorError (one line) when it refuses (it then serves on) or after HAND_OVER_DEADLINE_S.
+    The successor (`take_over_from`) and `awsomefsd hand-over` both wait here: a daemon still
+    starting ignores the signal, and `hand-over` asked once, then waited out its whole deadline."""
     import signal
 
     from awsomefsd.fuse.kernel import takeover
 
+    ask = ask or functools.partial(os.kill, pid, signal.SIGUSR2)
     sent = time.monotonic()
     deadline = sent + HAND_OVER_DEADLINE_S
-    os.kill(pid, signal.SIGUSR2)
+    ask()
     while not done():
         refused = takeover.refusal(state_dir)
         if refused is not None:
@@ -106,8 +108,8 @@ def ask_to_hand_over(pid: int, state_dir: Path, done: Callable[[], bool], *, sti
         if time.monotonic() - sent > ASK_AGAIN_S:
             sent = time.monotonic()
             try:
-                os.kill(pid, signal.SIGUSR2)
-            except ProcessLookupError:
+                ask()
+            except (ProcessLookupError, BrokenPipeError):
                 pass  # gone: done() says so at the next look
         time.sleep(poll_s)
 
@@ -125,11 +127,14 @@ def take_over_from(state_dir: Path, lock_fd: int) -> None:
     `lock_fd` once it has exited. This process loads its code first, while the old daemon still
     serves: applications then wait only for the old daemon's drain and this one's opening of the
     storage, not for an interpreter loading the daemon (design note: a successor started first).
-    Nothing of the state is touched before the lock is held, as after any restart."""
+    Nothing of the state is touched before the lock is held, as after any restart. A successor
+    the daemon started itself (under systemd: daemon/handover.py) asks on the pipe it was given."""
     from awsomefsd import priority
+    from awsomefsd.daemon.handover import READY_FD_ENV
     from awsomefsd.daemon.node import MOUNT_RECORD
     from awsomefsd.fuse.kernel import takeover
 
+    ready_fd = os.environ.pop(READY_FD_ENV, "")
     preload_daemon()
     pid = lock_holder(state_dir)
     if pid is None:
@@ -140,9 +145,35 @@ def take_over_from(state_dir: Path, lock_fd: int) -> None:
     priority.raise_for_start()  # from here on applications wait for this process
     asked = time.monotonic()
     ask_to_hand_over(pid, state_dir, functools.partial(_locked, lock_fd), still=f"still holds {state_dir}",
-                     poll_s=TAKE_OVER_POLL_S)
+                     poll_s=TAKE_OVER_POLL_S, ask=_SayLoaded(int(ready_fd)) if ready_fd else None)
+    record = takeover.load(state_dir)
+    if ready_fd and (record is None or record.handles is None):  # it stopped: this one must not mount afresh
+        raise OperatorError(f"awsomefsd (pid {pid}) stopped instead of handing its mount over: nothing to take over")
     log.info("taking over from pid %d: it let go of the state %.0f ms after it was asked", pid,
              (time.monotonic() - asked) * 1000)
+
+
+class _SayLoaded:
+    """Tell the daemon that started this one (daemon/handover.py), once, that this one has loaded
+    its code and which pid it has: it hands over now. A closed pipe means that daemon stopped
+    meanwhile: there is nothing to take over."""
+
+    def __init__(self, ready_fd: int) -> None:
+        self.ready_fd = ready_fd
+
+    def __call__(self) -> None:
+        if self.ready_fd < 0:
+            return
+        fd, self.ready_fd = self.ready_fd, -1
+        # what systemd is to supervise: this process, or the compiled onefile bootstrap that runs it
+        onefile = os.environ.get("NUITKA_ONEFILE_PARENT", "")
+        pid = int(onefile) if onefile == str(os.getppid()) else os.getpid()
+        try:
+            os.write(fd, f"loaded {pid}".encode())
+        except BrokenPipeError:
+            raise OperatorError("the daemon that started this one is stopping: nothing to take over") from None
+        finally:
+            os.close(fd)
 
 
 def preload_daemon() -> None:
@@ -386,8 +417,9 @@ def hand_over(settings: Settings) -> int:
     sdrestart.forget_starts()  # under systemd: the start that follows is asked for, not a crash's
     takeover.clear_refusal(state_dir)
     # Until the process has exited, not only let go of the state: systemd runs this as the unit's
-    # ExecReload, and the reload is to end once the old daemon is gone (design note 41).
-    ask_to_hand_over(pid, state_dir, lambda: not (state_in_use(state_dir) or _alive(pid)),
+    # ExecReload, and the reload is to end once the old daemon is gone (design note 41). Under
+    # systemd its successor holds the state by then (daemon/handover.py).
+    ask_to_hand_over(pid, state_dir, lambda: not _alive(pid),
                      still="is still running (it keeps the mount when no descriptor store is set up)",
                      poll_s=HAND_OVER_POLL_S)
     print(f"awsomefsd: pid {pid} left the mount to the next daemon", flush=True)

@@ -385,6 +385,7 @@ async def run_member(member: Member, *, founding: Founding | None = None,
         if settings.cluster.advertise:
             nursery.start_soon(_advertise, member)
         handed_over = await serve(core, settings, ready=ready, log_running=True, purge_orphans=False,
+                                  successor_first=False,
                                   runs_engines=lambda: member.raft.node.raw.is_leader,
                                   member_site=MemberSite(functools.partial(_link_elsewhere, member), handlers,
                                                          member.creds, functools.partial(_member_hosts, member)))

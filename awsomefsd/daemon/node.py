@@ -10,7 +10,6 @@ from __future__ import annotations
 import functools
 import logging
 import os
-import signal
 import sys
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -311,41 +310,6 @@ async def _reclaim_step(core: Core) -> None:
         await core.meta.propose(c.ReclaimFrees(now_ns))
 
 
-async def _watch_signals(cancel: trio.CancelScope, stopping: Callable[[], Awaitable[None]],
-                         hand_over: Callable[[], Awaitable[bool]] | None = None) -> None:
-    """SIGINT, SIGTERM: unmount and stop. SIGUSR2: stop serving and leave the mount to the next
-    daemon (`systemctl reload`, a package upgrade); SIGTERM and SIGINT too while systemd
-    restarts the service (`systemctl restart`: `sdrestart`). SIGINT, because the compiled
-    onefile binary's bootstrap passes systemd's SIGTERM on as SIGINT."""
-    from awsomefsd import sdrestart
-
-    # Once a stop has begun it finishes. A terminal's Ctrl-C reaches the compiled onefile bootstrap
-    # and the daemon, and the bootstrap passes it on again; people press it twice; systemd sends
-    # SIGTERM. When the receiver closes, it restores the handlers it found and hands them the
-    # signals still queued: found ignored, none of those can interrupt the final flush
-    # (KeyboardInterrupt) or end the process before it (SIGTERM's and SIGUSR2's default action).
-    stop_signals = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2)
-    for ignored in stop_signals:
-        signal.signal(ignored, signal.SIG_IGN)
-    with trio.open_signal_receiver(*stop_signals) as signals:
-        async for signum in signals:
-            if signum == signal.SIGUSR2:
-                if hand_over is not None:
-                    log.info("received SIGUSR2: handing the mount over")
-                    await hand_over()
-                continue
-            if hand_over is not None and await trio.to_thread.run_sync(sdrestart.restart_pending):
-                log.info("received %s while systemd restarts this service: handing the mount over",
-                         signal.Signals(signum).name)
-                if await hand_over():
-                    await trio.to_thread.run_sync(sdrestart.forget_starts)  # asked for, not a crash
-                    continue
-            log.info("received %s: unmounting", signal.Signals(signum).name)
-            await stopping()
-            cancel.cancel()
-            return
-
-
 def _notify(message: str) -> None:
     try:
         from awsomefsd import sdnotify
@@ -369,7 +333,8 @@ class MemberSite:
 
 async def serve(core: Core, settings: Settings, *, ready: Callable[[str], None] | None = None,
                 log_running: bool = False, purge_orphans: bool = True,
-                runs_engines: Callable[[], bool] = lambda: True, member_site: MemberSite | None = None) -> bool:
+                runs_engines: Callable[[], bool] = lambda: True, member_site: MemberSite | None = None,
+                successor_first: bool = True) -> bool:
     """Mount (or continue a kept mount) and serve until unmounted or signalled; then flush,
     commit and unmount, or, on SIGUSR2, hand the mount over to the next daemon: True then.
 
@@ -377,11 +342,14 @@ async def serve(core: Core, settings: Settings, *, ready: Callable[[str], None] 
     before the file system exists, to receive its state). `purge_orphans`: delete the inodes an
     unclean stop left unlinked but unfreed; only a node that knows no other node may hold them open
     does that (a cluster member does not). `runs_engines`: does this node run the cluster-wide
-    engines (tiering) now: a single node always, a member while it leads."""
+    engines (tiering) now: a single node always, a member while it leads. `successor_first`: under
+    systemd SIGUSR2 starts the next daemon before handing over (daemon/handover.py; a cluster
+    member's start cannot take over)."""
+    from awsomefsd.daemon.handover import SuccessorFirst, watch_signals
     from awsomefsd.fs.clock import use_kernel_clock
     from awsomefsd.fuse.eio import EioReporter
     from awsomefsd.fuse.kernel import takeover
-    from awsomefsd.fuse.kernel.keeper import descriptor_store
+    from awsomefsd.fuse.kernel.keeper import SystemdStore, descriptor_store
     from awsomefsd.fuse.mount import prepare_mount_point, tune_bdi
     from awsomefsd.fuse.transport import make_transport
 
@@ -435,6 +403,9 @@ async def serve(core: Core, settings: Settings, *, ready: Callable[[str], None] 
         transport.stop_serving()
         return True
 
+    # under systemd a reload starts the next daemon first (daemon/handover.py)
+    successor = (SuccessorFirst(transport.kept_descriptor, hand_over, refuse)
+                 if successor_first and isinstance(store, SystemdStore) else None)
     try:
         async with trio.open_nursery() as nursery:
             if not log_running:
@@ -457,7 +428,9 @@ async def serve(core: Core, settings: Settings, *, ready: Callable[[str], None] 
                 if transport.writeback_negotiated():
                     await _write_back_kernel_pages(mount)
 
-            nursery.start_soon(_watch_signals, nursery.cancel_scope, stopping, hand_over)
+            nursery.start_soon(watch_signals, nursery.cancel_scope, stopping, hand_over, successor)
+            if successor is not None:
+                nursery.start_soon(successor.run)
             if settings.metrics.enabled:
                 port = core.metrics.serve(settings.metrics.host, settings.metrics.port)
                 log.info("metrics on http://%s:%d/metrics", settings.metrics.host, port)
@@ -503,6 +476,8 @@ async def serve(core: Core, settings: Settings, *, ready: Callable[[str], None] 
                 log.info("hand-over: what this daemon acknowledged is durable")
                 transport.hand_over(core.ops.handles.export())
                 log.info("handed the mount at %s over to the next daemon", mount)
+                if successor is not None:
+                    successor.make_main()
             elif mounted:
                 transport.close()
                 record.unlink(missing_ok=True)

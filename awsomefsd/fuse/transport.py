@@ -60,6 +60,10 @@ class Transport(Protocol):
     def can_hand_over(self) -> bool:
         """Is there a descriptor store the next daemon can take the mount from?"""
 
+    def kept_descriptor(self) -> tuple[str, int] | None:
+        """The name and /dev/fuse descriptor of a mount a hand-over can leave (None: none), for a
+        successor this daemon starts (daemon/handover.py)."""
+
     async def confirm_kept(self) -> str | None:
         """Make sure the descriptor store holds this very mount now, right before a hand-over lets
         go of it: None when it does, else why not (the hand-over is refused)."""
@@ -248,6 +252,9 @@ class KernelTransport:
     def can_hand_over(self) -> bool:
         return self.store is not None and self.mounted and self.record is not None
 
+    def kept_descriptor(self) -> tuple[str, int] | None:
+        return (self.name, self.fd) if self.can_hand_over() and self.fd >= 0 else None
+
     async def confirm_kept(self) -> str | None:
         """The keeper is given the descriptor once more and must answer that it holds it: it may
         have been restarted since it last did (`watch_keeper` gives it again, but not before the
@@ -321,6 +328,9 @@ class Pyfuse3Transport:
 
     def can_hand_over(self) -> bool:
         return False
+
+    def kept_descriptor(self) -> tuple[str, int] | None:
+        return None
 
     async def confirm_kept(self) -> str | None:
         return "pyfuse3 cannot hand a mount over"

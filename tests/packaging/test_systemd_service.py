@@ -1,7 +1,8 @@
 """The packaged unit under a real systemd: what an operator does to a running node.
 
 `systemctl restart`, `systemctl reload` (a package upgrade) and a crash that systemd restarts
-must not unmount anything. A writer and a reader with descriptors opened before, and a shell
+must not unmount anything; a reload hands over to a successor started first, and one that cannot
+start leaves the daemon serving. A writer and a reader with descriptors opened before, and a shell
 whose working directory is in the mount, keep working, and every byte the writer was told is
 written is there, also after many of them in a row. `systemctl stop` unmounts and empties the
 descriptor store; the next start mounts afresh and finds every byte. A daemon that keeps
@@ -102,7 +103,7 @@ def check_service(exe: Path | None, base: Path) -> None:
     log = base / "daemon.log"
     sd = systemd.PrivateSystemd(base, units)
     try:
-        _exercise(sd, base / "mnt", log)
+        _exercise(sd, base / "mnt", log, base / "awsomefsd.toml")
     except BaseException:
         print(f"daemon log:\n{log.read_text(errors='replace')[-6000:] if log.exists() else ''}")
         print(f"systemd:\n{sd.output()}")
@@ -124,7 +125,7 @@ def _replaced_or_failed(sd: systemd.PrivateSystemd, before: str) -> bool:
     return _replaced(sd, before) or sd.show(SERVICE, "ActiveState")["ActiveState"] == "failed"
 
 
-def _exercise(sd: systemd.PrivateSystemd, mnt: Path, log: Path) -> None:
+def _exercise(sd: systemd.PrivateSystemd, mnt: Path, log: Path, config: Path) -> None:
     sd.systemctl("start", SERVICE)  # Type=notify: returns once the daemon is mounted and serving
     assert sd.mounted(mnt)
     work = mnt / "work"
@@ -145,11 +146,30 @@ def _exercise(sd: systemd.PrivateSystemd, mnt: Path, log: Path) -> None:
     assert "handed the mount" in log.read_text() and "(handed over;" in log.read_text()
     assert not writer.has("done"), "the writer was to span the restart; make it longer"
 
-    # systemctl reload (what the package's upgrade runs): a hand-over, exit 75, started at once
+    # systemctl reload (what the package's upgrade runs): the daemon starts the next one, hands
+    # the mount over once that one has loaded, and names it the main process: systemd restarts
+    # nothing (awsomefsd/daemon/handover.py)
+    restarts = sd.show(SERVICE, "NRestarts")["NRestarts"]
     reloaded = sd.systemctl("reload", SERVICE, check=False)
     assert reloaded.returncode == 0, reloaded.stdout + reloaded.stderr
     wait_for(functools.partial(_replaced, sd, second), 60, "the next daemon after the reload")
-    assert sd.show(SERVICE, "Result")["Result"] == "success"
+    assert sd.show(SERVICE, "Result", "NRestarts") == {"Result": "success", "NRestarts": restarts}, \
+        "the successor the daemon started is the main process, not one systemd started after it"
+    assert "started the next daemon" in log.read_text()
+
+    # A successor that cannot start leaves the daemon serving. Here it cannot read the configuration;
+    # `hand-over` would refuse that one itself, so the daemon is asked by its signal.
+    third = _main_pid(sd)
+    good = config.read_text()
+    config.write_text(good + "this is no TOML\n")
+    try:
+        sd.run("kill", "-USR2", third)
+        wait_for(lambda: "the next daemon exited before it could take over" in log.read_text(), 60,
+                 "the daemon to see its successor fail")
+    finally:
+        config.write_text(good)
+    assert _main_pid(sd) == third and sd.mounted(mnt)
+    assert shell_run(shell, "cat from-shell") == ["hello"]
 
     wait_for(lambda: writer.has("done") or writer.proc.poll() is not None, 120, "the writer to finish")
     assert writer.proc.wait(30) == 0, writer.lines
@@ -172,7 +192,7 @@ def _exercise(sd: systemd.PrivateSystemd, mnt: Path, log: Path) -> None:
     # minutes), and the fifth reload or restart made it refuse the start, with the mount handed
     # over to nobody. A hand-over resets the count.
     for round_ in range(4):
-        for operation in ("reload", "restart"):
+        for operation in ("restart", "reload"):  # the stop below stops the successor of a reload
             before = _main_pid(sd)
             done_op = sd.systemctl(operation, SERVICE, check=False)
             assert done_op.returncode == 0, f"{operation} {round_}: {done_op.stdout}{done_op.stderr}"
@@ -184,7 +204,9 @@ def _exercise(sd: systemd.PrivateSystemd, mnt: Path, log: Path) -> None:
     shell.stdin.close()
     assert shell.wait(30) == 0
 
-    # systemctl stop: unmounted, the store emptied; the next start mounts afresh with every byte
+    # systemctl stop: unmounted, the store emptied; the next start mounts afresh with every byte.
+    # The daemon is a reload's successor, which systemd supervises as the main process it started
+    # (one that is not its child it took for "alien", and killed at once: Result "signal").
     sd.systemctl("stop", SERVICE)
     assert not sd.mounted(mnt), "systemctl stop unmounts"
     assert sd.show(SERVICE, "NFileDescriptorStore", "Result") == {"NFileDescriptorStore": "0", "Result": "success"}

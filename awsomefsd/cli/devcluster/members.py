@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -23,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from awsomefsd.cli.devcluster.network import Namespace, PrivateNetwork
+from awsomefsd.daemon.handover import own_command, own_environment
 
 PORT = 7470
 """Every node's cluster port: each node has an address (and ports) of its own in its namespace."""
@@ -47,26 +47,6 @@ def is_mounted(path: Path) -> bool:
     target = os.path.join(os.path.realpath(os.path.dirname(os.path.abspath(path))), os.path.basename(path))
     with open("/proc/self/mounts", encoding="utf-8") as fh:
         return any(line.split()[1] == target and line.split()[2] == "fuse.awsomefs" for line in fh)
-
-
-def own_command() -> list[str]:
-    """How to start this same awsomefsd again: the compiled binary itself, or this interpreter
-    with this package importable from any working directory."""
-    if "__compiled__" not in globals():
-        return [sys.executable, "-m", "awsomefsd"]
-    # a onefile binary runs from a temporary unpacked copy; its bootstrap names the file itself
-    binary = os.environ.get("NUITKA_ONEFILE_BINARY") or sys.argv[0]
-    if os.sep not in binary:  # started through PATH
-        binary = shutil.which(binary) or binary
-    return [os.path.abspath(binary)]
-
-
-def own_environment() -> dict[str, str]:
-    """The environment for `own_command`: the package's parent directory on PYTHONPATH (nodes run
-    with `/` as their working directory, so a source checkout must be named)."""
-    package_parent = str(Path(__file__).resolve().parents[2])
-    path = os.environ.get("PYTHONPATH", "")
-    return {**os.environ, "PYTHONPATH": package_parent + (os.pathsep + path if path else "")}
 
 
 FUSECTL = Path("/sys/fs/fuse/connections")

@@ -8,7 +8,9 @@ Restarts). Two holders:
 
 - **systemd's file descriptor store** (`SystemdStore`): `FDSTORE=1` with the descriptor over
   `$NOTIFY_SOCKET`; systemd passes it back at the next start (`$LISTEN_FDS`, `$LISTEN_FDNAMES`).
-  The unit sets `FileDescriptorStoreMax=`.
+  The unit sets `FileDescriptorStoreMax=`. systemd passes it to `ExecStart=` only, so at a reload
+  the daemon starts its successor itself and hands it the descriptor as it starts it
+  (`HANDED_FD_ENV`; awsomefsd/daemon/handover.py).
 - **the keeper** (`KeeperStore`, `serve_keeper`): `awsomefsd fd-keeper --socket PATH`, a tiny
   process of its own, for where no systemd manages the daemon: a Kubernetes node plugin (the
   keeper runs in a pod of its own that the rolling update of the daemon's pod does not replace)
@@ -281,13 +283,23 @@ def _ended(fd: int) -> bool:
 
 
 # -- systemd ---------------------------------------------------------------------------------------
+HANDED_FD_ENV = "AWSOMEFS_HANDED_FUSE_FD"
+"""`name:fd`: the descriptor of a mount that the daemon before this one passed to it as it started
+it (a reload under systemd: awsomefsd/daemon/handover.py)."""
+
+
 class SystemdStore:
-    """systemd's file descriptor store. `take` finds what systemd passed at this start."""
+    """systemd's file descriptor store. `take` finds what systemd passed at this start, or what the
+    daemon before passed (`HANDED_FD_ENV`)."""
 
     LISTEN_FDS_START = 3
 
     def __init__(self) -> None:
         self.passed = self._passed()
+        handed = os.environ.pop(HANDED_FD_ENV, "")  # for this process only, not for what it starts
+        name, _, fd = handed.rpartition(":")
+        if name and fd.isdigit():
+            self.passed[name] = int(fd)
 
     @staticmethod
     def available() -> bool:
