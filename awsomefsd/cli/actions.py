@@ -36,11 +36,11 @@ def settings_from(config: Path | None, overrides: dict[str, Any], *, read_defaul
 
 
 def _one_line(exc: ValueError) -> str:
-    """pydantic's several-line report as one line: `section.key: what is wrong (got value)`, each
-    setting once; other errors as they are."""
-    from pydantic import ValidationError
+    """Every wrong setting on one line: `section.key: what is wrong (got value)`, each setting
+    once; other errors as they are."""
+    from awsomefsd.config.sections import SettingsError
 
-    if not isinstance(exc, ValidationError):
+    if not isinstance(exc, SettingsError):
         return " ".join(str(exc).split())
     parts = []
     for error in exc.errors():

@@ -116,7 +116,7 @@ def check_prometheus() -> str:
 
 
 def check_settings() -> str:
-    """Parse a TOML file and validate it with pydantic, as `awsomefsd run --config` does."""
+    """Parse a TOML file and read it into the settings, as `awsomefsd run --config` does."""
     from awsomefsd.config import load_settings
 
     with tempfile.TemporaryDirectory(prefix="awsomefsd-selftest-") as tmp:
@@ -124,9 +124,7 @@ def check_settings() -> str:
         path.write_text('[node]\nname = "selftest"\n\n[metrics]\nport = 9999\n')
         settings = load_settings(path)
     assert settings.node.name == "selftest" and settings.metrics.port == 9999, settings
-    import pydantic
-
-    return f"pydantic {pydantic.VERSION}, TOML parsed"
+    return "TOML parsed into the settings"
 
 
 def check_pyfuse3() -> str:

@@ -3,7 +3,7 @@ before the file data, which reads through its `source`: fs/tiered.py), and the e
 node runs it (a single node always; in a cluster, the leader) with the eviction the file system
 is given (`Tiering`, built over the file data).
 
-Built at start from `[tier]` (awsomefsd/config.py). A configuration that cannot work (no
+Built at start from `[tier]` (awsomefsd/config/__init__.py). A configuration that cannot work (no
 credentials, a bad endpoint) stops the start with one line. After each engine pass the node writes
 `<state>/tier-status.json`, which `awsomefsd tier status` shows with the objects table.
 """

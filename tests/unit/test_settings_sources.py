@@ -1,5 +1,5 @@
 """Where settings come from: flags over `AWSOMEFS_*` variables over the TOML file over defaults,
-merged key by key (awsomefsd/config.py, which reads the environment itself since it no longer
+merged key by key (awsomefsd/config/__init__.py, which reads the environment itself since it no longer
 imports pydantic-settings)."""
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ Precedence, highest first: command-line flags, environment (`AWSOMEFS_SECTION__K
 Every default is safe: nothing is formatted, exposed on the network or mounted for other users
 unless the operator asked for it.
 
-The three layers are merged here (`load_settings`) and validated by pydantic once, as
+The three layers are merged here (`load_settings`) and read once (config/sections.py), as
 pydantic-settings did (`AWSOMEFS_` prefix in any case, `__` between section and key, JSON for a
 list or a whole section, a higher layer over a lower one key by key). Importing pydantic-settings
 cost every start of the daemon about 0.1 s of CPU (asyncio, its cloud secret sources), which the
@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_origin
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, field_validator
+from awsomefsd.config.sections import AfterValidator, BeforeValidator, Field, Section
 
 DEFAULT_CONFIG_PATH = Path("/etc/awsomefs/awsomefsd.toml")
 SIZE_SUFFIXES = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
@@ -67,13 +67,6 @@ HostPort = Annotated[str, AfterValidator(_host_port_setting)]
 """A listen or advertised address, host:port (an IPv6 host in brackets), checked when the settings
 load: a malformed one is one line naming the setting, not a traceback when a listener starts. The
 port leaves room for the listener on port + 1."""
-
-
-class Section(BaseModel):
-    """A section of the settings: a key it does not know is an error, not silently ignored (a
-    misspelt `[tier] endpont` would otherwise leave tiering off without a word)."""
-
-    model_config = ConfigDict(extra="forbid")
 
 
 class NodeSettings(Section):
@@ -242,7 +235,7 @@ class LogSettings(Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
 
 
-class Settings(BaseModel):
+class Settings(Section):
     """All of a node's configuration; see packaging/awsomefsd.toml for the commented defaults."""
 
     node: NodeSettings = NodeSettings()
@@ -257,14 +250,10 @@ class Settings(BaseModel):
     site: SiteSettings = SiteSettings()
     log: LogSettings = LogSettings()
 
-    model_config = ConfigDict(extra="forbid", validate_default=True)  # as pydantic-settings had: `Settings()` too
-
-    @field_validator("node")
-    @classmethod
-    def _node_name(cls, node: NodeSettings) -> NodeSettings:
-        if not node.name:
-            node = node.model_copy(update={"name": os.uname().nodename})
-        return node
+    def model_post_init(self) -> None:
+        """A node without a name is named after its host."""
+        if not self.node.name:
+            self.node = self.node.model_copy(update={"name": os.uname().nodename})
 
 
 ENV_PREFIX = "awsomefs_"
@@ -314,7 +303,7 @@ def settings_from_environment(environ: Mapping[str, str]) -> dict[str, Any]:
         for key in keys:
             target = target.setdefault(key, {})
         model = section_field.annotation
-        field = model.model_fields.get(last) if not keys and isinstance(model, type) and issubclass(model, BaseModel) \
+        field = model.model_fields.get(last) if not keys and isinstance(model, type) and issubclass(model, Section) \
             else None
         target[last] = _json(name, value) if value and field is not None and get_origin(field.annotation) is list \
             else value
