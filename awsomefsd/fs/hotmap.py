@@ -27,6 +27,7 @@ from __future__ import annotations
 import mmap
 import os
 import struct
+from collections import deque
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -87,7 +88,8 @@ class HotMap:
         self._applied = applied
         self._committed = committed
         self._buffered = buffered
-        self._due: list[tuple[int, int, int]] = []  # (applied index then, slot, inode or -1)
+        self._due: deque[tuple[int, int, int]] = deque()  # (applied index then, slot, inode or -1), in index order
+        self._buffered_due: list[tuple[int, int]] = []  # (slot, inode): committed, waiting for its buffer to empty
         self.marks = 0
 
     def hold(self, ino: int) -> None:
@@ -106,7 +108,6 @@ class HotMap:
         """One reason `ino` was hot ended: cleared once what was applied to it so far is committed
         and nothing of it is buffered."""
         self._due.append((self._applied(), slot_of(ino), ino))
-        self.settle()
 
     def changed(self, command: Any) -> None:
         """A command was applied (or refused): its inodes are hot until the commit covers it."""
@@ -120,19 +121,23 @@ class HotMap:
             self._due.append((self._applied(), slot_of(ino), ino))
 
     def settle(self) -> None:
-        """Perform the clears that are due."""
-        if not self._due:
-            return
-        committed = self._committed()
-        keep = []
+        """Perform the clears that are due: those the log's commit covers now, of inodes with
+        nothing buffered. Cheap when none is (called after every commit tick)."""
         words = self._words
-        for item in self._due:
-            index, slot, ino = item
-            if index > committed or (ino >= 0 and self._buffered(ino)):
-                keep.append(item)
-            else:
-                words[2 * slot] -= 1
-        self._due = keep
+        if self._due:
+            committed = self._committed()
+            due = self._due
+            while due and due[0][0] <= committed:
+                _, slot, ino = due.popleft()
+                self._buffered_due.append((slot, ino))
+        if self._buffered_due:
+            keep = []
+            for slot, ino in self._buffered_due:
+                if ino >= 0 and self._buffered(ino):
+                    keep.append((slot, ino))
+                else:
+                    words[2 * slot] -= 1
+            self._buffered_due = keep
 
     def count(self, ino: int) -> int:
         """The reasons `ino`'s slot is hot now (tests, and `status`)."""

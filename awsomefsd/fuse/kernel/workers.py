@@ -68,6 +68,9 @@ DEAD_WORKER_ANSWERS_S = 10.0
 """How long a dead worker's forwarded requests may take before its clone is closed anyway."""
 R3_WAIT_S = 0.05
 RESTART_PAUSE_S = 0.5
+MAX_RESTART_PAUSE_S = 30.0
+"""A worker that keeps dying early (it cannot open the metadata, say) is restarted ever more slowly."""
+STOP_DEADLINE_S = 5.0
 PIDS_FILE = "fuse-workers"
 WORKER_COMMAND = "fuse-worker"
 NO_ANSWER = frozenset({Op.FORGET, Op.BATCH_FORGET, Op.INTERRUPT})
@@ -126,6 +129,7 @@ class Worker:
     proc: subprocess.Popen[bytes]
     sock: socket.socket
     clone: int
+    started: float = 0.0
     pending: int = 0
     """Forwarded requests taken and not answered yet."""
     answered: trio.Event | None = None
@@ -161,6 +165,7 @@ class WorkerPool:
         self._draining = trio.Lock()
         self.ended = False
         self.restarts = 0
+        self._pause = RESTART_PAUSE_S / 2
         self.forwarded = 0
         self.served = 0
         """Reads answered by workers that are gone (`reads_served` adds those running)."""
@@ -187,7 +192,7 @@ class WorkerPool:
         finally:
             theirs.close()
         mine.setblocking(False)
-        worker = Worker(index, proc, mine, fd)
+        worker = Worker(index, proc, mine, fd, started=time.monotonic())
         self.workers[index] = worker
         self._write_pids()
         return worker
@@ -262,7 +267,9 @@ class WorkerPool:
                       "(ECONNABORTED); starting another", worker.index, worker.proc.pid, status)
             await self._retire(worker)
             self.restarts += 1
-            await trio.sleep(RESTART_PAUSE_S)
+            early = time.monotonic() - worker.started < MAX_RESTART_PAUSE_S
+            self._pause = min(self._pause * 2, MAX_RESTART_PAUSE_S) if early else RESTART_PAUSE_S
+            await trio.sleep(self._pause)
             if self._stop.is_set():
                 return
             nursery.start_soon(self._watch, self._start(worker.index), dispatch, nursery)
@@ -356,7 +363,18 @@ class WorkerPool:
         self.workers.clear()
 
     def close(self) -> None:
-        """Let go of the clones' copies (after the session answered everything) and the counters."""
+        """Let go of the clones' copies (after the session answered everything) and the counters.
+        Workers still running (the daemon stops, the mount may live on lazily while files are
+        open) are stopped first: none may go on reading for a proposer that is gone."""
+        for worker in self.workers.values():
+            if worker.proc.poll() is None:
+                worker.proc.send_signal(signal.SIGTERM)
+        for worker in self.workers.values():
+            try:
+                worker.proc.wait(STOP_DEADLINE_S)
+            except subprocess.TimeoutExpired:
+                worker.proc.kill()
+                worker.proc.wait()
         self._close_workers()
         if self.state_dir is not None:
             (self.state_dir / PIDS_FILE).unlink(missing_ok=True)
@@ -396,11 +414,19 @@ class _Stop(Exception):
 
 def worker_main(argv: list[str]) -> int:
     """`awsomefsd fuse-worker SPEC`: serve until unmounted (0) or stopped (0 after a stop, 2 when
-    the proposer is gone)."""
+    the proposer is gone, 1 after an error)."""
+    spec = json.loads(argv[0])
+    try:
+        return _serve_worker(spec)
+    except Exception as exc:  # one line in the daemon's log; the daemon starts another
+        print(f"awsomefsd: read worker {spec.get('index')}: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+        return 1
+
+
+def _serve_worker(spec: dict[str, Any]) -> int:
     from awsomefsd.fs.coldread import ColdReader
     from awsomefsd.fs.hotmap import HotView
 
-    spec = json.loads(argv[0])
     parent = spec["parent"]
     _die_with_parent()
     state = {"stopping": False, "in_read": False}
