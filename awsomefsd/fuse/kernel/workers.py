@@ -24,7 +24,9 @@ docs/multicore.md is the design; this is its step 1, behind `[mount] read_worker
 - **The proposer dies.** A worker notices (PR_SET_PDEATHSIG) and stops reading, but keeps its
   clone open (requests it forwarded are in its clone's queue) until the next daemon has asked
   the kernel to send those again (FUSE_NOTIFY_RESEND covers every clone) and ends it
-  (`end_orphans`), or `ORPHAN_WAIT_S` passed; without a descriptor store it exits at once.
+  (`end_orphans`), or `ORPHAN_WAIT_S` passed. Without a descriptor store no daemon continues
+  the mount: the kernel kills the workers with the proposer, and the mount ends as it does
+  without them (a request a worker had read fails with ECONNABORTED, like any in flight).
 - **A hand-over** stops the workers first: each finishes its request, the dispatcher drains
   their sockets, the session answers everything; the next daemon starts its own workers.
 """
@@ -428,7 +430,9 @@ def _serve_worker(spec: dict[str, Any]) -> int:
     from awsomefsd.fs.hotmap import HotView
 
     parent = spec["parent"]
-    _die_with_parent()
+    # Without a descriptor store the mount ends with the proposer, as it does without workers:
+    # at once (SIGKILL: nothing to finish, the requests read are lost with the proposer anyway).
+    _die_with_parent(signal.SIGTERM if spec["orphan_wait_s"] else signal.SIGKILL)
     state = {"stopping": False, "in_read": False}
 
     def on_stop(_signum: int, _frame: object) -> None:
@@ -494,12 +498,12 @@ def _serve_worker(spec: dict[str, Any]) -> int:
     return 0
 
 
-def _die_with_parent() -> None:
-    """SIGTERM when the proposer exits (PR_SET_PDEATHSIG)."""
+def _die_with_parent(signum: int) -> None:
+    """`signum` when the proposer exits (PR_SET_PDEATHSIG)."""
     import ctypes
 
     libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
+    libc.prctl(1, signum, 0, 0, 0)  # PR_SET_PDEATHSIG
 
 
 def _wait_as_orphan(wait_s: float) -> None:
