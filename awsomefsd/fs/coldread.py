@@ -19,7 +19,6 @@ from pathlib import Path
 
 from awsomefsd.fs.hotmap import HotView
 from awsomefsd.io.device import BlockDevice
-from awsomefsd.io.errors import DeviceError
 from awsomefsd.io.extent_io import ExtentIO
 from awsomefsd.io.layout import BLOCK_SIZE
 from awsomefsd.meta.client import CommittedReader
@@ -49,7 +48,7 @@ class ColdReader:
         started = time.monotonic()
         try:
             out = self._read(ino, offset, size)
-        except (OSError, DeviceError) as exc:  # a checksum mismatch is a DeviceError
+        except Exception as exc:  # a checksum mismatch, a device or LMDB error: the proposer's to handle
             log.debug("read worker: forwarding a read of inode %d: %s", ino, exc)
             out = None
         if out is None or time.monotonic() - started > self.deadline_s or not self.hot.still(ino, seen):

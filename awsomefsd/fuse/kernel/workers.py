@@ -61,6 +61,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 FUSE_DEV_IOC_CLONE = 0x8004E500  # _IOR(229, 0, uint32_t)
+SO_SNDBUFFORCE = 32
 MAX_MESSAGE = 1 << 21
 """A forwarded request: up to 1 MiB of WRITE data and its headers."""
 COUNTERS = struct.Struct("=QQQ")  # a worker's last read unique, last handed over, reads it served
@@ -177,7 +178,10 @@ class WorkerPool:
         fd = clone(self.session_fd)
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         for s in (mine, theirs):
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, MAX_MESSAGE * 2)
+            try:  # root may pass net.core.wmem_max (212,992 bytes by default: less than a 1 MiB WRITE)
+                s.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, MAX_MESSAGE * 2)
+            except OSError:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, MAX_MESSAGE * 2)
         self.served += self.served_by(index)
         COUNTERS.pack_into(self._counters, index * COUNTERS.size, 0, 0, 0)
         spec = {"clone": fd, "sock": theirs.fileno(), "hot": self.hot_fd, "counters": self.counters_fd,
@@ -488,9 +492,13 @@ def _serve_worker(spec: dict[str, Any]) -> int:
                 continue
         try:
             sock.send(data)
-        except OSError:
-            proposer_gone = True  # the request stays in this clone's queue for the next daemon's RESEND
-            break
+        except OSError as exc:
+            if exc.errno in (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN):
+                proposer_gone = True  # the request stays in this clone's queue for the next daemon's RESEND
+                break
+            print(f"awsomefsd: read worker {spec['index']}: cannot forward a request of {len(data)} bytes: "
+                  f"{exc.strerror}", file=sys.stderr, flush=True)
+            os.write(fd, abi.error_reply(unique, errno.EIO))
         struct.pack_into("=Q", counters, at + 8, unique)
     if proposer_gone or os.getppid() != parent:
         _wait_as_orphan(spec["orphan_wait_s"])
