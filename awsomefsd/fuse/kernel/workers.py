@@ -14,9 +14,11 @@ docs/multicore.md is the design; this is its step 1, behind `[mount] read_worker
   exit 0) or when told (SIGTERM: it finishes the request in hand, then exits).
 - **R3, order.** The proposer takes what workers forward through one dispatcher, which drains
   every socket, orders what it got by `unique` (the kernel's queue order) and, before a READ or
-  LSEEK with unique u, waits for every worker that read a request before u and has not handed it
-  over (`last_read`, `last_handed`, published in shared memory): the writes the kernel sent
-  before the read are then in `ChangesInFlight`, which makes the read wait for them.
+  LSEEK with unique u, waits for every worker that read a change (WRITE, SETATTR, FALLOCATE)
+  before u and has not handed it over (`last_read`, `last_handed`, published in shared memory):
+  the changes the kernel sent before the read are then in `ChangesInFlight`, which makes the read
+  wait for them. (Not covered: the instant between a worker's read() returning and its storing
+  the unique.)
 - **R6, a worker dies.** Its forwarded requests are the proposer's already; once they are
   answered the proposer closes its copy of the clone, and the kernel ends the requests the
   dead worker was reading itself with ECONNABORTED (reads only: nothing is lost). No RESEND:
@@ -54,6 +56,7 @@ import trio
 
 from awsomefsd.fuse.kernel import abi
 from awsomefsd.fuse.kernel.abi import Op
+from awsomefsd.fuse.kernel.session import CHANGES_DATA, READS_DATA
 
 if TYPE_CHECKING:
     from awsomefsd.config import Settings
@@ -77,7 +80,6 @@ STOP_DEADLINE_S = 5.0
 PIDS_FILE = "fuse-workers"
 WORKER_COMMAND = "fuse-worker"
 NO_ANSWER = frozenset({Op.FORGET, Op.BATCH_FORGET, Op.INTERRUPT})
-READS_DATA = frozenset({Op.READ, Op.LSEEK})
 
 Answer = Callable[[list[Any]], None]
 Dispatch = Callable[[bytes, Answer], Awaitable[None] | None]
@@ -343,8 +345,8 @@ class WorkerPool:
                     await pending
 
     async def _wait_earlier(self, unique: int, sender: Worker) -> bool:
-        """R3: wait until no other worker holds a request read before `unique` and not handed
-        over; True if one was waited for (it may be queued now)."""
+        """R3: wait until no other worker holds a change (a WRITE, SETATTR or FALLOCATE) read
+        before `unique` and not handed over; True if one was waited for (it may be queued now)."""
         waited = False
         deadline = trio.current_time() + R3_WAIT_S
         while True:
@@ -357,8 +359,8 @@ class WorkerPool:
                     holding = True
             if not holding or trio.current_time() > deadline:
                 return waited
+            await trio.sleep(1e-4 if waited else 0)
             waited = True
-            await trio.sleep(0)
 
     def _close_workers(self) -> None:
         for worker in self.workers.values():
@@ -478,7 +480,9 @@ def _serve_worker(spec: dict[str, Any]) -> int:
         data = bytes(memoryview(request)[:n])
         unique, nodeid = abi.IN_HEADER.unpack_from(data)[2:4]
         opcode = abi.IN_HEADER.unpack_from(data)[1]
-        struct.pack_into("=Q", counters, at, unique)
+        change = opcode in CHANGES_DATA
+        if change:  # R3: the proposer orders reads after it; other requests need no order
+            struct.pack_into("=Q", counters, at, unique)
         if opcode == Op.READ and len(data) >= abi.IN_HEADER.size + abi.READ_IN.size:
             _fh, offset, size, *_ = abi.READ_IN.unpack_from(data, abi.IN_HEADER.size)
             out = reader.read(nodeid, offset, size)
@@ -488,7 +492,7 @@ def _serve_worker(spec: dict[str, Any]) -> int:
                 except OSError as exc:
                     if exc.errno not in (errno.ENOENT, errno.ENODEV):
                         raise
-                struct.pack_into("=QQ", counters, at + 8, unique, reader.served)
+                struct.pack_into("=Q", counters, at + 16, reader.served)
                 continue
         try:
             sock.send(data)
@@ -499,7 +503,8 @@ def _serve_worker(spec: dict[str, Any]) -> int:
             print(f"awsomefsd: read worker {spec['index']}: cannot forward a request of {len(data)} bytes: "
                   f"{exc.strerror}", file=sys.stderr, flush=True)
             os.write(fd, abi.error_reply(unique, errno.EIO))
-        struct.pack_into("=Q", counters, at + 8, unique)
+        if change:
+            struct.pack_into("=Q", counters, at + 8, unique)
     if proposer_gone or os.getppid() != parent:
         _wait_as_orphan(spec["orphan_wait_s"])
         return 2
