@@ -12,7 +12,8 @@ with two workers, real processes reading and writing.
   (AWSOMEFS_READ_WORKERS_SEED replays one).
 - A worker killed under a read load: the reads it held fail (ECONNABORTED), nothing hangs, a new
   worker serves.
-- A hand-over with workers under a read load: the reader sees every byte and no error.
+- A hand-over, and a crash, with workers under a read load: the reader sees every byte and no
+  error, and the workers of the daemon before are gone.
 """
 
 from __future__ import annotations
@@ -295,7 +296,10 @@ def test_the_summary_counts_reads_the_workers_served() -> None:
         assert served_by_workers(d) >= 400, d.logs()[-2000:]
 
 
-def test_a_hand_over_with_workers_under_a_read_load_loses_no_read() -> None:
+@pytest.mark.parametrize("how", ["hand-over", "crash"])
+def test_a_restart_with_workers_under_a_read_load_fails_no_read(how: str) -> None:
+    """A hand-over stops the workers first; after a crash they keep their clones until the next
+    daemon's RESEND, then it ends them: either way the reader sees every byte and no error."""
     base = Path(tempfile.mkdtemp(prefix="awsomefs-workers-restart-", dir="/var/tmp"))
     os.chmod(base, 0o755)
     sock = base / "keeper.sock"
@@ -309,19 +313,27 @@ def test_a_hand_over_with_workers_under_a_read_load_loses_no_read() -> None:
         path = first.mount / "cold"
         path.write_bytes(os.urandom(1 << 20))
         os.sync()
+        old_workers = worker_pids(first)
+        assert len(old_workers) == 2
         reader = subprocess.Popen([sys.executable, "-c", COLD_READER, str(path), "8"], stdout=subprocess.PIPE,
                                   text=True, cwd="/")
         assert reader.stdout is not None and reader.stdout.readline().strip() == "reading"
         time.sleep(1)
         assert first.proc is not None
-        first.proc.send_signal(signal.SIGUSR2)
-        assert first.proc.wait(60) == 75, first.logs()
+        if how == "crash":
+            first.kill()
+        else:
+            first.proc.send_signal(signal.SIGUSR2)
+            assert first.proc.wait(60) == 75, first.logs()
         second = Daemon(base / "state", base / "mnt", size="2G", env=env).start()
+        assert ("crash" if how == "crash" else "handed over") in second.logs(), second.logs()
         out, _ = reader.communicate(timeout=60)
         assert reader.returncode == 0, out
         ok, failed, _errnos = out.split()
         assert failed == "0" and int(ok) > 100, out
         assert len(worker_pids(second)) == 2
+        wait_for(lambda: not any(os.path.exists(f"/proc/{pid}") for pid in old_workers), 30,
+                 "the workers of the daemon before to end")
         assert second.stop() == 0, second.logs()
         assert served_by_workers(second) > 0
         assert not is_mounted(base / "mnt")
