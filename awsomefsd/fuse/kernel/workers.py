@@ -69,6 +69,10 @@ MAX_MESSAGE = 1 << 21
 """A forwarded request: up to 1 MiB of WRITE data and its headers."""
 COUNTERS = struct.Struct("=QQQ")  # a worker's last read unique, last handed over, reads it served
 MAX_WORKERS = 64
+WORKER_READ_MAX = 128 << 10
+"""Larger READs (sequential reads, read-ahead) are forwarded: a worker has one device read in
+flight at a time, the proposer many (its AIO); measured, sequential 1 MiB reads fell to 0.58x
+with every READ served by two workers."""
 ORPHAN_WAIT_S = 120.0
 DEAD_WORKER_ANSWERS_S = 10.0
 """How long a dead worker's forwarded requests may take before its clone is closed anyway."""
@@ -485,7 +489,7 @@ def _serve_worker(spec: dict[str, Any]) -> int:
             struct.pack_into("=Q", counters, at, unique)
         if opcode == Op.READ and len(data) >= abi.IN_HEADER.size + abi.READ_IN.size:
             _fh, offset, size, *_ = abi.READ_IN.unpack_from(data, abi.IN_HEADER.size)
-            out = reader.read(nodeid, offset, size)
+            out = reader.read(nodeid, offset, size) if size <= WORKER_READ_MAX else None
             if out is not None:
                 try:
                     os.writev(fd, [abi.OUT_HEADER.pack(abi.OUT_HEADER.size + len(out), 0, unique), out])
