@@ -13,6 +13,7 @@ reused (R4: the blocks its map pointed to may have been given to another file si
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from pathlib import Path
@@ -38,6 +39,13 @@ class ColdReader:
         self.hot = hot
         self.served = 0
         self.forwarded = 0
+
+    def sibling(self) -> ColdReader:
+        """A reader for another thread of the worker: the same metadata environment (LMDB wants one
+        per process), device and buffer pool (both thread-safe), counters of its own."""
+        twin = copy.copy(self)
+        twin.served = twin.forwarded = 0
+        return twin
 
     def read(self, ino: int, offset: int, size: int) -> bytes | bytearray | None:
         """Up to `size` bytes of `ino` at `offset`, or None: forward the request."""
