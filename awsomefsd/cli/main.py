@@ -216,6 +216,10 @@ def _configure_logging(level: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if (sys.argv[1:] if argv is None else argv)[:1] == ["fuse-worker"]:  # started by the daemon, not by users
+        from awsomefsd.fuse.kernel.worker_loop import worker_main
+
+        return worker_main((sys.argv[1:] if argv is None else argv)[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     _configure_logging(getattr(args, "log_level", None) or "info")

@@ -111,6 +111,13 @@ class MountSettings(Section):
         "fuse module's enable_uring set) instead of read() on /dev/fuse. 'auto' when the kernel offers it at "
         "INIT, else /dev/fuse; 'on' refuses a kernel that does not; 'off' always /dev/fuse",
     )
+    read_workers: int = Field(
+        0, ge=0, le=64,
+        description="a single node on the kernel transport, local metadata log, /dev/fuse (not io_uring): this "
+        "many worker processes read requests beside the daemon and answer reads of files nobody has open for "
+        "writing from the committed metadata and the device, on other cores; they forward every other request "
+        "(docs/multicore.md). 0: off, the daemon reads every request itself",
+    )
     coherence: Literal["close-to-open", "strict"] = Field(
         "close-to-open",
         description="cluster mounts only (docs/coherence.md): 'close-to-open' caches names and attributes "

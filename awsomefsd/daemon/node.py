@@ -350,6 +350,7 @@ async def serve(core: Core, settings: Settings, *, ready: Callable[[str], None] 
     from awsomefsd.fuse.eio import EioReporter
     from awsomefsd.fuse.kernel import takeover
     from awsomefsd.fuse.kernel.keeper import SystemdStore, descriptor_store
+    from awsomefsd.fuse.kernel.workers import worker_config
     from awsomefsd.fuse.mount import prepare_mount_point, tune_bdi
     from awsomefsd.fuse.transport import make_transport
 
@@ -365,7 +366,8 @@ async def serve(core: Core, settings: Settings, *, ready: Callable[[str], None] 
                                writeback_cache=settings.mount.writeback_cache,
                                observe=core.metrics.observe_fuse,
                                report_eio=EioReporter(core.duties.node, core.metrics.count_eio),
-                               state_dir=settings.node.state_dir, store=store, io_uring=settings.mount.io_uring)
+                               state_dir=settings.node.state_dir, store=store, io_uring=settings.mount.io_uring,
+                               read_workers=worker_config(settings))
     core.metrics.add_collector(lambda: _transport_metrics(transport))
     # Only the parent is resolved: a stat of the mount point itself waits for a daemon to answer
     # it (the kernel's INIT, or a mount this daemon is about to continue).

@@ -20,11 +20,14 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from awsomefsd.fs.losses import CrashReports
 from awsomefsd.meta.client import MetaClient
 from awsomefsd.meta.errors import FsError
+
+if TYPE_CHECKING:
+    from awsomefsd.fs.hotmap import HotMap
 
 LOOKUP_HOLD_S = 2.0
 MAX_LOOKED_UP = 1 << 16
@@ -46,6 +49,10 @@ def decode_fh(fh: int) -> tuple[int, int]:
     """(inode, flags) of a handle number made by `encode_fh`."""
     kept = fh & ((1 << FLAG_BITS) - 1)
     return fh >> INO_SHIFT, (kept & os.O_ACCMODE) | (os.O_APPEND if kept & 4 else 0)
+
+
+def _writable(flags: int) -> bool:
+    return flags & os.O_ACCMODE != os.O_RDONLY
 
 
 CRASH_UNREPORTED = -1
@@ -87,6 +94,16 @@ class Handles:
         """False once handles this process does not know of may keep unlinked inodes alive."""
         self.crash = CrashReports()
         """What a crash of the daemon before still has to tell directory fsyncs and syncfs."""
+        self.hot: HotMap | None = None
+        """With read workers: a file open for writing is hot from before its OPEN is answered
+        until its RELEASE is (fs/hotmap.py)."""
+
+    def attach_hot(self, hot: HotMap) -> None:
+        """Mark hot every file open for writing now, and from now on."""
+        self.hot = hot
+        for h in self.open.values():
+            if _writable(h.flags):
+                hot.hold(h.ino)
 
     def add(self, ino: int, flags: int, seen_loss: int) -> int:
         """A new handle of `ino`; ENFILE past MAX_OPEN_FILES."""
@@ -98,6 +115,8 @@ class Handles:
             if fh not in self.open:
                 break
         self.open[fh] = Handle(ino, flags, seen_loss)
+        if self.hot is not None and _writable(flags):
+            self.hot.hold(ino)
         return fh
 
     def find(self, fh: int) -> Handle | None:
@@ -124,6 +143,8 @@ class Handles:
             return None  # created and not yet durable when the daemon crashed: gone with it
         writable = flags & os.O_ACCMODE != os.O_RDONLY
         h = self.open[fh] = Handle(ino, flags, CRASH_UNREPORTED if writable else 0, rebuilt=True)
+        if self.hot is not None and writable:
+            self.hot.hold(ino)
         return h
 
     # -- taking over a mount ------------------------------------------------------------------
@@ -145,13 +166,20 @@ class Handles:
         self.crash.restore(state.get("crash"))  # absent: a record from a build before the reports
         # a record from a daemon that did not note `rebuilt` has four fields per handle
         self.open = {fh: Handle(ino, flags, seen, bool(rest and rest[0])) for fh, ino, flags, seen, *rest in state["open"]}
+        if self.hot is not None:
+            for h in self.open.values():
+                if _writable(h.flags):
+                    self.hot.hold(h.ino)
         self.lookups = {ino: n for ino, n in state["lookups"]}
         self._serial = state["serial"]
         self.may_purge = state["may_purge"]
         self.adopted = not self.may_purge
 
     def pop(self, fh: int) -> Handle | None:
-        return self.open.pop(fh, None)
+        h = self.open.pop(fh, None)
+        if h is not None and self.hot is not None and _writable(h.flags):
+            self.hot.release(h.ino)
+        return h
 
     def is_open(self, ino: int) -> bool:
         return any(h.ino == ino for h in self.open.values())

@@ -23,9 +23,11 @@ from awsomefsd.fuse.mount import mount_device
 from awsomefsd.meta.errors import FsError
 
 if TYPE_CHECKING:
+    from awsomefsd.fs.hotmap import HotMap
     from awsomefsd.fuse.kernel.abi import Header
     from awsomefsd.fuse.kernel.session import Negotiated, Session, UringMode
     from awsomefsd.fuse.kernel.takeover import SessionRecord
+    from awsomefsd.fuse.kernel.workers import WorkerConfig, WorkerPool
 
 log = logging.getLogger(__name__)
 TransportName = Literal["kernel", "pyfuse3"]
@@ -87,7 +89,9 @@ class KernelTransport:
     def __init__(self, ops: Operations, mountpoint: Path, *, allow_other: bool, entry_timeout_s: float,
                  attr_timeout_s: float, negative_timeout_s: float | None, observe: ObserveFn, report_eio: ReportEioFn,
                  writeback_cache: bool = False, state_dir: Path | None = None,
-                 store: DescriptorStore | None = None, io_uring: UringMode = "off") -> None:
+                 store: DescriptorStore | None = None, io_uring: UringMode = "off",
+                 read_workers: WorkerConfig | None = None) -> None:
+        """`read_workers`: worker processes read the requests (fuse/kernel/workers.py), a single node's only."""
         from awsomefsd.fuse.kernel.handlers import KernelHandlers
 
         self.ops = ops
@@ -113,6 +117,13 @@ class KernelTransport:
         self.session: Session | None = None
         self.record: SessionRecord | None = None
         """The session record this daemon keeps (written at INIT or when it continued a mount)."""
+        self.read_workers = read_workers if ops.coherence is None else None
+        if read_workers is not None and self.read_workers is None:
+            log.warning("[mount] read_workers applies to a single node (docs/multicore.md, step 1): ignored")
+        self.hot: HotMap | None = None
+        self.pool: WorkerPool | None = None
+        if self.read_workers is not None:
+            self.hot = _attach_hot_map(ops)
 
     def _session(self, negotiated: Negotiated | None) -> Session:
         from awsomefsd.fuse.kernel.abi import Init
@@ -130,6 +141,11 @@ class KernelTransport:
                                   if single else WANTED), uring=self.io_uring)
         # entries registered on a ring another session used: each CPU's queue may hold a request
         session.on_ring_started = lambda ring: kick_queues(str(self.mountpoint), ring.queues)
+        if self.read_workers is not None and self.hot is not None:
+            from awsomefsd.fuse.kernel.workers import WorkerPool
+
+            self.pool = session.workers = WorkerPool(self.read_workers, self.fd, self.hot.fd, kept=self.store is not None,
+                                                     state_dir=self.state_dir)
         MOUNTED.attach(session)
         return session
 
@@ -176,8 +192,11 @@ class KernelTransport:
         takeover.save(self.state_dir, self.record)  # a crash from now on is a crash of this daemon
         self.session = self._session(Negotiated(record.minor, record.flags, record.max_write))
         if record.handles is None:
+            from awsomefsd.fuse.kernel.workers import end_orphans
+
             self.session.forget_names()  # names the crash took (a rename, a create) must not be shown
-            self.session.resend()  # what the crashed daemon had read and not answered
+            self.session.resend()  # what the crashed daemon (and its read workers) had read and not answered
+            end_orphans(self.state_dir)  # its workers kept their clones open for that resend
         log.info("continuing the mount at %s (%s; protocol 7.%d)", self.mountpoint, self.adopted, record.minor)
         return True
 
@@ -221,6 +240,8 @@ class KernelTransport:
             nursery.cancel_scope.cancel()  # and the keeper's watch
 
         async with trio.open_nursery() as nursery:
+            if self.hot is not None:
+                nursery.start_soon(_settle_hot_map, self.hot)
             negotiated = await nursery.start(serve_session)
             if self.state_dir is not None and self.record is None:
                 device = mount_device(self.mountpoint) or ""
@@ -245,6 +266,8 @@ class KernelTransport:
         takeover.save(self.state_dir, dataclasses.replace(self.record, handles=handles))
         MOUNTED.attach(None)
         self.mounted = False
+        if self.pool is not None:
+            self.pool.close()
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
@@ -284,9 +307,35 @@ class KernelTransport:
             self._drop_kept()
             if self.state_dir is not None:
                 takeover.forget(self.state_dir)
+        if self.pool is not None:
+            self.pool.close()
+            self.pool = None
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+
+def _attach_hot_map(ops: Operations) -> HotMap:
+    """The hot map read workers consult (fs/hotmap.py), marked by open handles and by every command
+    proposed. A write short of space then waits out the grace period of superseded blocks: the
+    workers' reads, in other processes, are not among the reads `Reader.drained` waits for."""
+    from awsomefsd.fs.hotmap import HotMap
+
+    meta, buffer = ops.meta, ops.data.buffer
+    hot = HotMap(lambda: meta.applied_index, lambda: meta.committed_index, lambda ino: ino in buffer.files)
+    ops.handles.attach_hot(hot)
+    meta.on_proposed(hot.changed)
+    ops.data.space.reads_drained = None
+    return hot
+
+
+async def _settle_hot_map(hot: HotMap) -> None:
+    """Clear what the log has committed since (fs/hotmap.py, R2)."""
+    from awsomefsd.fs.hotmap import SETTLE_S
+
+    while True:
+        await trio.sleep(SETTLE_S)
+        hot.settle()
 
 
 class Pyfuse3Transport:
@@ -373,6 +422,8 @@ class Pyfuse3Kernel:
 def make_transport(name: TransportName, ops: Operations, mountpoint: Path, *, state_dir: Path | None = None,
                    store: DescriptorStore | None = None, **kwargs: Any) -> Transport:
     io_uring = kwargs.pop("io_uring", "off")
+    read_workers = kwargs.pop("read_workers", None)
     if name == "kernel":
-        return KernelTransport(ops, mountpoint, state_dir=state_dir, store=store, io_uring=io_uring, **kwargs)
+        return KernelTransport(ops, mountpoint, state_dir=state_dir, store=store, io_uring=io_uring,
+                               read_workers=read_workers, **kwargs)
     return Pyfuse3Transport(ops, mountpoint, **kwargs)

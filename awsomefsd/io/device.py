@@ -187,8 +187,8 @@ class BlockDevice:
 
     @classmethod
     def open(cls, path: str | os.PathLike[str], *, shared: bool = False, direct: bool = True,
-             fence: WriteFence | None = None) -> BlockDevice:
-        """Open `path` read-write. `size_bytes` is its size rounded down to whole blocks. Writes
+             fence: WriteFence | None = None, readonly: bool = False) -> BlockDevice:
+        """Open `path` read-write (`readonly`: for reads only, a read worker's). `size_bytes` is its size rounded down to whole blocks. Writes
         pass `fence` (a cluster member's follows its liveness lease; default: always open).
 
         A `shared` device (other nodes write it too) must use O_DIRECT: DeviceError if direct is off
@@ -200,7 +200,7 @@ class BlockDevice:
                 f"{path}: a shared device must be opened with direct I/O (other nodes write it and a "
                 "page cache would serve stale blocks); enable direct I/O in the device settings"
             )
-        base_flags = os.O_RDWR | os.O_CLOEXEC
+        base_flags = (os.O_RDONLY if readonly else os.O_RDWR) | os.O_CLOEXEC
         fd = os.open(path, base_flags)
         try:
             st = os.fstat(fd)

@@ -80,6 +80,17 @@ class ExtentIO:
         finally:
             self.pool.release(buf)
 
+    def read_blocking(self, dev_block: int, checksums: bytes, start: int, end: int) -> bytes:
+        """`read` for a process without an event loop (a read worker): the calling thread waits."""
+        buf = self.pool.acquire()
+        try:
+            view = self._run_view(buf, checksums, start, end)
+            self.device.read_into(view, dev_block * BLOCK_SIZE)
+            _verify(view, dev_block, checksums)
+            return bytes(view[start:end])
+        finally:
+            self.pool.release(buf)
+
     def _run_view(self, buf: mmap.mmap, checksums: bytes, start: int, end: int) -> memoryview:
         """The part of pool buffer `buf` the run that `checksums` cover fills."""
         n = len(checksums) // 4 * BLOCK_SIZE

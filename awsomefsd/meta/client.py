@@ -24,8 +24,10 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
 from typing import Any
 
+import lmdb
 import trio
 
 from awsomefsd.crdt.hlc import Stamp
@@ -35,6 +37,7 @@ from awsomefsd.meta.commands import BASE_LOG_LEVEL, LOG_LEVEL, Command, R, level
 from awsomefsd.meta.filemap import all_extents, extents_in
 from awsomefsd.meta.freespace import FreeSpaceMap
 from awsomefsd.meta.log import ReplicatedLog
+from awsomefsd.meta.namespace import Namespace
 from awsomefsd.meta.records import (
     TIER_BASE_BLOCK,
     U64_PAIR,
@@ -52,6 +55,7 @@ from awsomefsd.meta.records import (
     u64,
 )
 from awsomefsd.meta.state_machine import StateMachine
+from awsomefsd.meta.store import MetaStore
 from awsomefsd.meta.tmpfile import is_linkable
 from awsomefsd.meta.volumes_sm import volume_from_record
 
@@ -66,6 +70,13 @@ class MetaClient:
         self._fmap = sm.db["fmap"]
         self.ahead = AheadLog(log, sm)
         self._view = self.ahead.view
+        self._proposed: list[Callable[[Command[Any]], None]] = []
+
+    def on_proposed(self, listener: Callable[[Command[Any]], None]) -> None:
+        """`listener(command)` once each `propose` has applied its command or failed, before its
+        caller goes on (the read workers' hot map, fs/hotmap.py: the command's inodes must be marked
+        before its change is acknowledged)."""
+        self._proposed.append(listener)
 
     def hear_site_side_effects(self, hear: Callable[[Applied], None]) -> None:
         """`hear(changed)` after each local command on a linked site whose capture changed other
@@ -77,7 +88,11 @@ class MetaClient:
         """Order, commit and apply `command` (meta/commands.py); its result, or its FsError.
         `epoch`: the lease epoch the work it commits was done under (`lease_epoch`). Ordered after
         every change this node acknowledged ahead of the log (`run_ahead`)."""
-        return await self.ahead.propose(command, epoch=epoch)
+        try:
+            return await self.ahead.propose(command, epoch=epoch)
+        finally:
+            for listener in self._proposed:
+                listener(command)
 
     async def run_ahead(self, command: Command[R], *, epoch: int | None = None,
                         still: Callable[[], bool] | None = None) -> R:
@@ -110,6 +125,11 @@ class MetaClient:
     @property
     def applied_index(self) -> int:
         return self._log.applied_index
+
+    @property
+    def committed_index(self) -> int:
+        """The last command committed: with the local log, in LMDB, where other processes see it."""
+        return int(self._log.committed_index)  # type: ignore[attr-defined]
 
     # -- namespace --------------------------------------------------------------------------------
     def inode(self, ino: int) -> Inode | None:
@@ -374,6 +394,35 @@ class MetaClient:
     def leases_of(self, node: int) -> list[int]:
         """The files whose write lease `node` holds."""
         return self._sm.cluster.leases_of(self._log.read_txn(), node)
+
+
+class CommittedReader:
+    """The metadata as last committed to LMDB, read from another process (a read worker,
+    fuse/kernel/workers.py): read-only, without the log, the state machine or anything applied and
+    not committed yet. Each call is one short read transaction."""
+
+    def __init__(self, path: Path) -> None:
+        self._store = MetaStore(path, readonly=True)
+        self._ns = Namespace(self._store)
+        self._fmap = self._store.db["fmap"]
+
+    def file_map(self, ino: int, first_block: int, end_block: int) -> tuple[Inode | None, list[Extent]]:
+        """The inode and its extents overlapping [first_block, end_block), from one transaction."""
+        for attempt in (1, 2):
+            try:
+                with self._store.env.begin() as txn:
+                    inode = self._ns.get_inode(txn, ino)
+                    if inode is None:
+                        return None, []
+                    return inode, list(extents_in(txn, self._fmap, ino, first_block, end_block))
+            except lmdb.MapResizedError:  # the writer grew the map: adopt its size, once
+                if attempt == 2:
+                    raise
+                self._store.env.set_mapsize(0)
+        raise AssertionError("unreachable")
+
+    def close(self) -> None:
+        self._store.close()
 
 
 def _orphan(key: bytes, value: bytes) -> Orphan:

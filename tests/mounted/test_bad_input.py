@@ -237,9 +237,20 @@ def test_stale_mount_point_is_cleared_on_start(base: Path) -> None:
     (d.mount / "f").write_bytes(b"x")
     os.sync()
     d.kill()
-    with pytest.raises(OSError) as info:
-        os.statvfs(d.mount)
-    assert info.value.errno == errno.ENOTCONN
+
+    def stale() -> bool:
+        try:
+            os.statvfs(d.mount)
+        except OSError as exc:
+            # With read workers the connection ends with the last of them, a moment after the
+            # daemon: a request queued in that moment fails as one in flight (docs/multicore.md, R6)
+            if exc.errno == errno.ECONNABORTED:
+                return False
+            assert exc.errno == errno.ENOTCONN, exc
+            return True
+        raise AssertionError("the killed daemon's mount still answers")
+
+    wait_for(stale, 10, "the mount to be stale")
     d.start()
     assert os.statvfs(d.mount).f_bsize == BLOCK_SIZE
     assert d.stop() == 0

@@ -27,13 +27,16 @@ import os
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import trio
 
 from awsomefsd.fuse.kernel import abi, fuse_ring
 from awsomefsd.fuse.kernel.abi import Body, Header, Init, Malformed, Op
 from awsomefsd.meta.errors import FsError
+
+if TYPE_CHECKING:
+    from awsomefsd.fuse.kernel.workers import WorkerPool
 
 log = logging.getLogger(__name__)
 
@@ -170,6 +173,10 @@ class Session:
         self.report_eio = report_eio
         self.negotiated = negotiated
         self._reading = trio.CancelScope()
+        self.workers: WorkerPool | None = None
+        """Read workers (`[mount] read_workers`): they read the requests, this session serves
+        what they forward and reads nothing itself (fuse/kernel/workers.py)."""
+        self._stopped = False  # stop_reading was asked while workers read
         self._buffer = bytearray(READ_BUFFER)
         self.max_in_flight = max_in_flight
         self._running = 0  # requests being handled
@@ -276,7 +283,10 @@ class Session:
                             if continued and self.on_ring_started is not None:
                                 self.on_ring_started(self.ring)
                             readers.start_soon(self.ring.serve, lambda h, d, a: self._start(nursery, h, d, a))
-                        await self._read_requests(nursery)
+                        if self.workers is not None and self.ring is None:
+                            await self.workers.serve(lambda data, answer: self._forwarded(nursery, data, answer))
+                        else:
+                            await self._read_requests(nursery)
                         readers.cancel_scope.cancel()
                 if self.ring is not None and self._reading.cancel_called:
                     await self.ring.drain(lambda h, d, a: self._start(nursery, h, d, a), lambda: self._running)
@@ -286,19 +296,25 @@ class Session:
                 log.info("FUSE session: %d requests served over io_uring, %d by read()", self.ring.served,
                          self.requests - self.ring.served)
                 self.ring = None  # a `serve` after `resume_reading` registers entries anew
-        if self._reading.cancel_called:
+        if self._reading.cancel_called or self._stopped:
             log.info("FUSE session: stopped reading, every request read is answered")
         else:
             log.info("FUSE session ended: the filesystem was unmounted")
 
     def stop_reading(self) -> None:
         """Read no more requests (the kernel keeps them for the next daemon); `serve` returns once
-        the requests in flight are answered."""
-        self._reading.cancel()
+        the requests in flight are answered. Read workers are stopped first (each finishes the
+        request in hand; what they forwarded is served)."""
+        if self.workers is not None and self.ring is None:
+            self._stopped = True
+            self.workers.stop()
+        else:
+            self._reading.cancel()
 
     def resume_reading(self) -> None:
         """After `stop_reading`: the next `serve` reads again (a hand-over called off)."""
         self._reading = trio.CancelScope()
+        self._stopped = False
 
     def resend(self) -> bool:
         """Ask the kernel to send again every request it sent and saw no answer to (those a
@@ -362,6 +378,22 @@ class Session:
         change = self._changes.begin(header.nodeid) if header.opcode in CHANGES_DATA else None
         nursery.start_soon(self._handle, header, data, follows, change, answer)
         return None
+
+    def _forwarded(self, nursery: trio.Nursery, data: bytes,
+                   answer: Callable[[list[Any]], None]) -> Awaitable[None] | None:
+        """A request a read worker forwarded: served as if read here; its answer goes out through
+        the worker's clone (`answer`), the only descriptor the kernel takes it on. Not
+        interruptible (an EINTR could only go out there too): it finishes, as a ring's do."""
+        try:
+            header = abi.parse_header(data)
+        except Malformed as exc:
+            self.malformed += 1
+            log.warning("FUSE: dropped a malformed request: %s", exc)
+            answer([abi.error_reply(abi.IN_HEADER.unpack_from(data)[2], errno.EINVAL)])
+            return None
+        if header.opcode == Op.INTERRUPT:
+            return None
+        return self._start(nursery, header, data, answer)
 
     def _dispatch(self, nursery: trio.Nursery, data: bytes) -> Header | None:
         """The request's header if it is to be handled; malformed ones and INTERRUPT end here."""

@@ -1,0 +1,347 @@
+"""Read workers (`[mount] read_workers`, docs/multicore.md step 1) as users see them: real daemons
+with two workers, real processes reading and writing.
+
+- The differential exerciser: 4 processes do random opens, reads (buffered after dropping the
+  page cache, and O_DIRECT), writes (buffered and O_DIRECT), truncates, fsyncs and renames, on
+  files of their own and on shared ones, and do every operation on a copy on tmpfs too; every
+  read must return what the copy holds. A process works on a shared file under a lock it holds
+  across the operation on both, so every read there follows the writes answered before it. Reads
+  go to workers when the file is cold, writes and everything else to the daemon: a worker that
+  served a file written moments ago from the state LMDB committed before the write would return
+  old bytes (fs/hotmap.py). Seeded; the seed is in the failure message
+  (AWSOMEFS_READ_WORKERS_SEED replays one).
+- A worker killed under a read load: the reads it held fail (ECONNABORTED), nothing hangs, a new
+  worker serves.
+- A hand-over, and a crash, with workers under a read load: the reader sees every byte and no
+  error, and the workers of the daemon before are gone.
+"""
+
+from __future__ import annotations
+
+import errno
+import mmap
+import multiprocessing
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.mounted.conftest import running_daemon
+from tests.support.daemon import AWSOMEFSD, REPO, Daemon, is_mounted, wait_for
+from tests.support.seeds import fresh_one
+
+pytestmark = [
+    pytest.mark.mounted,
+    pytest.mark.skipif(os.geteuid() != 0 or not os.path.exists("/dev/fuse"), reason="needs root and /dev/fuse"),
+]
+
+WORKERS = {"AWSOMEFS_MOUNT__TRANSPORT": "kernel", "AWSOMEFS_MOUNT__READ_WORKERS": "2"}
+PROCESSES = 4
+SECONDS = float(os.environ.get("AWSOMEFS_READ_WORKERS_S", "6"))
+BLOCK = 4096
+MAX_SIZE = 64 * BLOCK
+SHARED = 3
+OWN = 3
+
+
+def served_by_workers(d: Daemon) -> int:
+    """Reads the workers answered, from the line the daemon logs when they stop."""
+    for line in reversed(d.logs().splitlines()):
+        if "read workers:" in line:
+            return int(line.split("read workers:")[1].split()[0])
+    raise AssertionError("the daemon logged no read worker summary:\n" + d.logs()[-3000:])
+
+
+def worker_pids(d: Daemon) -> list[int]:
+    assert d.proc is not None
+    out = subprocess.run(["pgrep", "-P", str(d.proc.pid), "-f", "fuse-worker"], capture_output=True, text=True)
+    return [int(p) for p in out.stdout.split()]
+
+
+# -- the exerciser ------------------------------------------------------------------------------------
+class Mismatch(AssertionError):
+    pass
+
+
+def _aligned(n: int) -> mmap.mmap:
+    return mmap.mmap(-1, max(n, BLOCK))
+
+
+def _read(path: Path, offset: int, size: int, direct: bool) -> bytes:
+    if direct:
+        start, end = offset // BLOCK * BLOCK, -(-(offset + size) // BLOCK) * BLOCK
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+        try:
+            buf = _aligned(end - start)
+            got = os.preadv(fd, [memoryview(buf)[: end - start]], start)
+            return bytes(buf[offset - start : min(got, offset - start + size)]) if got > offset - start else b""
+        finally:
+            os.close(fd)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        return os.pread(fd, size, offset)
+    finally:
+        os.close(fd)
+
+
+def _write(path: Path, offset: int, data: bytes, direct: bool) -> None:
+    flags = os.O_WRONLY | (os.O_DIRECT if direct else 0)
+    fd = os.open(path, flags)
+    try:
+        if direct:
+            buf = _aligned(len(data))
+            buf[: len(data)] = data
+            os.pwritev(fd, [memoryview(buf)[: len(data)]], offset)
+        else:
+            os.pwrite(fd, data, offset)
+    finally:
+        os.close(fd)
+
+
+def exercise(seed: int, index: int, mount: Path, mirror: Path, lock: multiprocessing.synchronize.Lock,
+             deadline: float, trace: list[str]) -> int:
+    """One process's random operations; returns how many reads it checked. Raises Mismatch."""
+    rng = random.Random(f"{seed}:{index}")
+    own = [f"p{index}-{i}" for i in range(OWN)]
+    shared = [f"s{i}" for i in range(SHARED)]
+    held: dict[str, tuple[int, int]] = {}  # a writer kept open across operations (mount fd, mirror fd)
+    checked = 0
+    while time.monotonic() < deadline:
+        name = rng.choice(own + shared)
+        with lock if name in shared else _nothing():
+            m, c = mount / name, mirror / name
+            op = rng.choices(["read", "dread", "write", "dwrite", "truncate", "fsync", "rename", "hold", "drop"],
+                             [6, 6, 4, 2, 1, 1, 1, 1, 1])[0]
+            size = os.path.getsize(c)
+            trace.append(f"{op} {name} size {size}")
+            del trace[:-40]
+            if op in ("read", "dread"):
+                offset = rng.randrange(0, size + BLOCK)
+                length = rng.randrange(1, 4 * BLOCK)
+                got = _read(m, offset, length, direct=op == "dread")
+                want = _read(c, offset, length, direct=False)
+                checked += 1
+                if got != want:
+                    raise Mismatch(f"{op} of {name} at {offset}+{length}: {len(got)} bytes, {len(want)} expected, "
+                                   f"first difference at {_first_difference(got, want)}")
+            elif op in ("write", "dwrite"):
+                direct = op == "dwrite"
+                offset = rng.randrange(0, MAX_SIZE // BLOCK) * BLOCK if direct else rng.randrange(0, MAX_SIZE)
+                length = rng.randrange(1, 4) * BLOCK if direct else rng.randrange(1, 3 * BLOCK)
+                data = rng.randbytes(length)
+                if name in held:
+                    os.pwrite(held[name][0], data, offset)
+                    os.pwrite(held[name][1], data, offset)
+                else:
+                    _write(m, offset, data, direct)
+                    _write(c, offset, data, False)
+            elif op == "truncate":
+                size = rng.randrange(0, MAX_SIZE)
+                os.truncate(m, size)
+                os.truncate(c, size)
+            elif op == "fsync" and name in held:
+                os.fsync(held[name][0])
+            elif op == "rename" and name in own:
+                other = rng.choice(own)
+                os.rename(m, mount / other)
+                os.rename(c, mirror / other)
+                if name in held or other in held:  # descriptors follow the file; keep it simple
+                    for n in (name, other):
+                        if n in held:
+                            os.close(held[n][0])
+                            os.close(held[n][1])
+                            del held[n]
+                if name != other:  # the name is gone: make it again, empty
+                    for root in (mount, mirror):
+                        (root / name).write_bytes(b"")
+            elif op == "hold" and name in own and name not in held:
+                held[name] = (os.open(m, os.O_WRONLY), os.open(c, os.O_WRONLY))
+            elif op == "drop" and name in held:
+                for fd in held.pop(name):
+                    os.close(fd)
+    for fds in held.values():
+        for fd in fds:
+            os.close(fd)
+    return checked
+
+
+class _nothing:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def _first_difference(a: bytes, b: bytes) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+
+
+def _child(seed: int, index: int, mount: Path, mirror: Path, lock: multiprocessing.synchronize.Lock,
+           deadline: float, results: multiprocessing.Queue[tuple[int, str | int]]) -> None:
+    trace: list[str] = []
+    try:
+        results.put((index, exercise(seed, index, mount, mirror, lock, deadline, trace)))
+    except BaseException as exc:  # reported to the parent, which fails the test
+        results.put((index, f"process {index}: {type(exc).__name__}: {exc}\nlast operations: {trace}"))
+
+
+@pytest.fixture(scope="module")
+def workers_daemon() -> Iterator[Daemon]:
+    with running_daemon("awsomefs-workers-", env=WORKERS) as d:
+        yield d
+
+
+def test_reads_served_by_workers_never_return_bytes_older_than_an_answered_write(workers_daemon: Daemon) -> None:
+    seed = int(os.environ.get("AWSOMEFS_READ_WORKERS_SEED") or fresh_one("read-workers-exerciser"))
+    work = workers_daemon.mount / f"ex{seed}"
+    work.mkdir()
+    mirror = Path(tempfile.mkdtemp(prefix="awsomefs-mirror-", dir="/dev/shm"))
+    try:
+        for name in [f"s{i}" for i in range(SHARED)] + [f"p{p}-{i}" for p in range(PROCESSES) for i in range(OWN)]:
+            data = random.Random(f"{seed}:{name}").randbytes(MAX_SIZE // 2)
+            (work / name).write_bytes(data)
+            (mirror / name).write_bytes(data)
+        ctx = multiprocessing.get_context("fork")
+        lock, results = ctx.Lock(), ctx.Queue()
+        deadline = time.monotonic() + SECONDS
+        procs = [ctx.Process(target=_child, args=(seed, i, work, mirror, lock, deadline, results))
+                 for i in range(PROCESSES)]
+        for p in procs:
+            p.start()
+        outcomes = [results.get(timeout=SECONDS + 120) for _ in procs]
+        for p in procs:
+            p.join(30)
+        failures = [str(r) for _, r in outcomes if isinstance(r, str)]
+        assert not failures, f"seed {seed} (AWSOMEFS_READ_WORKERS_SEED={seed} replays it):\n" + "\n".join(failures)
+        checked = sum(r for _, r in outcomes if isinstance(r, int))
+        assert checked > 100, f"only {checked} reads checked in {SECONDS} s"
+        print(f"seed {seed}: {checked} reads checked")
+    finally:
+        shutil.rmtree(mirror, ignore_errors=True)
+
+
+def test_workers_serve_cold_reads_and_a_killed_worker_fails_only_its_reads(workers_daemon: Daemon) -> None:
+    path = workers_daemon.mount / "cold"
+    data = os.urandom(1 << 20)
+    path.write_bytes(data)
+    os.sync()
+    pids = worker_pids(workers_daemon)
+    assert len(pids) == 2, pids
+    reader = subprocess.Popen([sys.executable, "-c", COLD_READER, str(path), "15"], stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert reader.stdout is not None
+    assert reader.stdout.readline().strip() == "reading"
+    time.sleep(0.5)
+    os.kill(pids[0], signal.SIGKILL)
+    wait_for(lambda: len(set(worker_pids(workers_daemon)) - {pids[0]}) == 2, 30, "a new worker")
+    out, _ = reader.communicate(timeout=60)  # a hang fails here
+    assert reader.returncode == 0, out
+    ok, _failed, errnos = out.split()[0:3]
+    assert int(ok) > 1000, out
+    assert set(errnos.split(",")) <= {"-", str(errno.ECONNABORTED)}, out
+    assert "starting another" in workers_daemon.logs()
+    # and the reads after it are right, answered by workers
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    try:
+        buf = mmap.mmap(-1, 1 << 20)
+        assert os.preadv(fd, [buf], 0) == 1 << 20 and buf[:] == data
+    finally:
+        os.close(fd)
+
+
+COLD_READER = """
+import mmap, os, random, sys, time
+path, seconds = sys.argv[1], float(sys.argv[2])
+fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+want = open(path, "rb").read()
+buf = mmap.mmap(-1, 4096)
+print("reading", flush=True)
+ok, failed, errnos = 0, 0, set()
+end = time.monotonic() + seconds
+while time.monotonic() < end:
+    offset = random.randrange(len(want) // 4096) * 4096
+    try:
+        os.preadv(fd, [buf], offset)
+    except OSError as exc:
+        failed += 1
+        errnos.add(str(exc.errno))
+        continue
+    assert buf[:] == want[offset:offset + 4096], offset
+    ok += 1
+print(ok, failed, ",".join(sorted(errnos)) or "-")
+"""
+
+
+def test_the_summary_counts_reads_the_workers_served() -> None:
+    with running_daemon("awsomefs-workers-count-", env=WORKERS) as d:
+        path = d.mount / "f"
+        path.write_bytes(os.urandom(1 << 18))
+        os.sync()
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+        buf = mmap.mmap(-1, 4096)
+        for i in range(500):
+            os.preadv(fd, [buf], (i % 64) * 4096)
+        os.close(fd)
+        assert d.stop() == 0
+        assert served_by_workers(d) >= 400, d.logs()[-2000:]
+
+
+@pytest.mark.parametrize("how", ["hand-over", "crash"])
+def test_a_restart_with_workers_under_a_read_load_fails_no_read(how: str) -> None:
+    """A hand-over stops the workers first; after a crash they keep their clones until the next
+    daemon's RESEND, then it ends them: either way the reader sees every byte and no error."""
+    base = Path(tempfile.mkdtemp(prefix="awsomefs-workers-restart-", dir="/var/tmp"))
+    os.chmod(base, 0o755)
+    sock = base / "keeper.sock"
+    keeper = subprocess.Popen([*AWSOMEFSD, "fd-keeper", "--socket", str(sock)], stdout=subprocess.PIPE,
+                              stderr=subprocess.DEVNULL, text=True, env={**os.environ, "PYTHONPATH": str(REPO)}, cwd="/")
+    first = second = None
+    try:
+        assert keeper.stdout is not None and keeper.stdout.readline().startswith("awsomefsd: keeping")
+        env = {**WORKERS, "AWSOMEFS_MOUNT__FD_KEEPER": str(sock)}
+        first = Daemon(base / "state", base / "mnt", size="2G", env=env).start()
+        path = first.mount / "cold"
+        path.write_bytes(os.urandom(1 << 20))
+        os.sync()
+        old_workers = worker_pids(first)
+        assert len(old_workers) == 2
+        reader = subprocess.Popen([sys.executable, "-c", COLD_READER, str(path), "8"], stdout=subprocess.PIPE,
+                                  text=True, cwd="/")
+        assert reader.stdout is not None and reader.stdout.readline().strip() == "reading"
+        time.sleep(1)
+        assert first.proc is not None
+        if how == "crash":
+            first.kill()
+        else:
+            first.proc.send_signal(signal.SIGUSR2)
+            assert first.proc.wait(60) == 75, first.logs()
+        second = Daemon(base / "state", base / "mnt", size="2G", env=env).start()
+        assert ("crash" if how == "crash" else "handed over") in second.logs(), second.logs()
+        out, _ = reader.communicate(timeout=60)
+        assert reader.returncode == 0, out
+        ok, failed, _errnos = out.split()
+        assert failed == "0" and int(ok) > 100, out
+        assert len(worker_pids(second)) == 2
+        wait_for(lambda: not any(os.path.exists(f"/proc/{pid}") for pid in old_workers), 30,
+                 "the workers of the daemon before to end")
+        assert second.stop() == 0, second.logs()
+        assert served_by_workers(second) > 0
+        assert not is_mounted(base / "mnt")
+    finally:
+        for d in (first, second):
+            if d is not None:
+                d.stop_hard()
+        keeper.send_signal(signal.SIGTERM)
+        keeper.wait(30)
+        subprocess.run(["umount", "-l", str(base / "mnt")], capture_output=True, check=False)
+        shutil.rmtree(base, ignore_errors=True)
