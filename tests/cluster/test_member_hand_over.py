@@ -66,7 +66,7 @@ def test_a_member_hands_its_mount_over_while_the_cluster_goes_on(
         assert "continuing the mount" in member.logs(), member.logs()
 
         wait_for(lambda: writer.has("done") or writer.proc.poll() is not None, 120, "the writer to finish")
-        assert writer.proc.wait(30) == 0, writer.lines
+        assert writer.wait(30) == 0, writer.lines
         done = next(line for line in writer.lines if line.startswith("done"))
         assert done.endswith("[]"), f"no fsync error after a hand-over: {done}"
         for node in (first, member, third):
@@ -109,7 +109,7 @@ def test_a_member_killed_and_restarted_continues_its_mount(
         assert "continuing the mount" in member.logs() and "crash" in member.logs(), member.logs()
 
         wait_for(lambda: writer.has("done") or writer.proc.poll() is not None, 120, "the writer to finish")
-        assert writer.proc.wait(30) == 0, writer.lines
+        assert writer.wait(30) == 0, writer.lines
         done = next(line for line in writer.lines if line.startswith("done"))
         assert done.endswith("[5]"), f"one EIO reports the unsynced writes the crash may have lost: {done}"
         for node in (first, member):

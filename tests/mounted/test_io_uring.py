@@ -157,7 +157,7 @@ def test_a_hand_over_on_io_uring_between_requests_loses_no_byte_and_the_successo
                 assert "handed over" in second.logs(), second.logs()
                 writer.proc.send_signal(signal.SIGCONT)
                 wait_for(lambda: writer.has("done") or writer.proc.poll() is not None, 120, "the writer to finish")
-                assert writer.proc.wait(30) == 0, "\n".join(writer.lines[-8:])
+                assert writer.wait(30) == 0, "\n".join(writer.lines[-8:])
                 assert (work / "log").read_bytes() == expected(LINES)
                 exercise(first.mount)
                 assert second.stop() == 0, second.logs()

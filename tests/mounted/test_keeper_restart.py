@@ -133,7 +133,7 @@ def test_after_the_keeper_restarts_a_hand_over_keeps_every_application_working(s
         assert "continuing the mount" in second.logs(), second.logs()
 
         wait_for(lambda: writer.has("done") or writer.proc.poll() is not None, 120, "the writer to finish")
-        assert writer.proc.wait(30) == 0, writer.lines
+        assert writer.wait(30) == 0, writer.lines
         last = next(line for line in writer.lines if line.startswith("done"))
         assert last.endswith("[]"), f"no error after the hand-over: {last}"
         assert (work / "log").read_bytes() == expected(LINES)
@@ -186,7 +186,7 @@ def test_a_daemon_started_before_its_keeper_registers_once_the_keeper_appears(se
         second = setup.daemon().start()
         assert "continuing the mount" in second.logs(), second.logs()
         wait_for(lambda: writer.has("done") or writer.proc.poll() is not None, 60, "the writer to finish")
-        assert writer.proc.wait(30) == 0, writer.lines
+        assert writer.wait(30) == 0, writer.lines
         assert (second.mount / "log").read_bytes() == expected(LINES // 4)
         assert (second.mount / "early").read_text() == "written before the keeper"
         assert second.stop() == 0, second.logs()
@@ -211,7 +211,7 @@ def test_a_hand_over_no_keeper_holds_is_refused_and_the_mount_keeps_working(setu
         assert time.monotonic() - started < 10, "refused at once, not after the command's deadline"
         assert daemon.proc is not None and daemon.proc.poll() is None, "the daemon serves on"
         wait_for(lambda: writer.has("done") or writer.proc.poll() is not None, 60, "the writer to finish")
-        assert writer.proc.wait(30) == 0, writer.lines
+        assert writer.wait(30) == 0, writer.lines
         assert (daemon.mount / "log").read_bytes() == expected(LINES // 4)
         (daemon.mount / "after").write_text("still served")
         assert (daemon.mount / "after").read_text() == "still served"
@@ -260,7 +260,7 @@ def test_a_keeper_gone_while_the_requests_drain_calls_the_hand_over_off(setup: S
         assert done.returncode == 1 and "did not hand the mount over" in done.stderr, (done.stdout, done.stderr)
         assert daemon.proc is not None and daemon.proc.poll() is None, "the daemon serves on"
         wait_for(lambda: writer.has("done") or writer.proc.poll() is not None, 60, "the writer to finish")
-        assert writer.proc.wait(30) == 0, writer.lines
+        assert writer.wait(30) == 0, writer.lines
         assert (daemon.mount / "log").read_bytes() == expected(LINES // 4)
 
         setup.keeper.start()  # a real keeper again: the hand-over goes ahead

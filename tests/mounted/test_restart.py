@@ -98,7 +98,7 @@ def test_a_hand_over_keeps_descriptors_working_directories_and_every_byte(rig: R
         assert "continuing the mount" in second.logs() and "handed over" in second.logs(), second.logs()
 
         wait_for(lambda: writer.has("done") or writer.proc.poll() is not None, 120, "the writer to finish")
-        assert writer.proc.wait(30) == 0, writer.lines
+        assert writer.wait(30) == 0, writer.lines
         done = next(line for line in writer.lines if line.startswith("done"))
         assert done.endswith("[]"), f"no fsync error after a hand-over: {done}"
         assert (work / "log").read_bytes() == expected(LINES)
@@ -138,7 +138,7 @@ def test_a_successor_started_first_takes_the_mount_over_and_no_request_fails(rig
         assert reader.read_size() == 100_000, "a descriptor opened before reads on"
 
         wait_for(lambda: writer.has("done") or writer.proc.poll() is not None, 120, "the writer to finish")
-        assert writer.proc.wait(30) == 0, writer.lines
+        assert writer.wait(30) == 0, writer.lines
         done = next(line for line in writer.lines if line.startswith("done"))
         assert done.endswith("[]"), f"no fsync error after a take-over: {done}"
         assert (work / "log").read_bytes() == expected(LINES)
@@ -211,7 +211,7 @@ def test_after_a_crash_synced_bytes_survive_and_descriptors_keep_working(rig: Ri
         assert "continuing the mount" in second.logs() and "crash" in second.logs(), second.logs()
 
         wait_for(lambda: writer.has("done") or writer.proc.poll() is not None, 120, "the writer to finish")
-        assert writer.proc.wait(30) == 0, writer.lines
+        assert writer.wait(30) == 0, writer.lines
         done = next(line for line in writer.lines if line.startswith("done"))
         assert done.endswith("[5]"), f"one EIO reports the unsynced writes the crash may have lost: {done}"
         cached = (work / "log").read_bytes()  # through the kernel's page cache

@@ -172,7 +172,7 @@ def _exercise(sd: systemd.PrivateSystemd, mnt: Path, log: Path, config: Path) ->
     assert shell_run(shell, "cat from-shell") == ["hello"]
 
     wait_for(lambda: writer.has("done") or writer.proc.poll() is not None, 120, "the writer to finish")
-    assert writer.proc.wait(30) == 0, writer.lines
+    assert writer.wait(30) == 0, writer.lines
     done = next(line for line in writer.lines if line.startswith("done"))
     assert done.endswith("[]"), f"no fsync error across a restart and a reload: {done}"
     print(f"longest write across systemctl restart and reload: {float(done.split()[1]) * 1000:.0f} ms")

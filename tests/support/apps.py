@@ -54,12 +54,20 @@ class Lines:
     def __init__(self, proc: subprocess.Popen[str]) -> None:
         self.proc = proc
         self.lines: list[str] = []
-        threading.Thread(target=self._pump, daemon=True).start()
+        self._pump_thread = threading.Thread(target=self._pump, daemon=True)
+        self._pump_thread.start()
 
     def _pump(self) -> None:
         assert self.proc.stdout is not None
         for line in self.proc.stdout:
             self.lines.append(line.strip())
+
+    def wait(self, timeout_s: float) -> int:
+        """The process's exit status once it has exited and every line it printed is in `lines`
+        (the process can exit before this thread has read its last line)."""
+        status = self.proc.wait(timeout_s)
+        self._pump_thread.join(timeout_s)
+        return status
 
     def has(self, prefix: str) -> bool:
         return any(line.startswith(prefix) for line in self.lines)
