@@ -19,7 +19,7 @@ from awsomefsd.crdt.hlc import Stamp
 from awsomefsd.crdt.tree import TRASH, Move
 from awsomefsd.meta import commands as c
 from awsomefsd.meta.records import u64
-from awsomefsd.meta.sites.tables import CONTENT, DELETED, scan, scan_from
+from awsomefsd.meta.sites.tables import CONTENT, DELETED, PATH_MOVE, scan, scan_from
 from awsomefsd.meta.sites.tree import Dirty, TableTree, pack_move
 from awsomefsd.meta.sites.view import SiteView
 
@@ -74,14 +74,14 @@ class SiteForget(SiteView):
             if placed is None or placed.stamp > through:
                 continue
             obj = self._entry_object(txn, node)
-            entry = tree.entry_at(placed.stamp)  # the log forgets it now
+            move = self._path_move(txn, tree, node, placed.stamp)  # the log forgets it now (or did)
             # A content not on both sites yet (written through a descriptor) keeps the entry for
             # a later forget; an object with no entry left is released.
             if not self._written_after(txn, obj, through) and not self._drop_node(txn, node, obj):
-                self._release_object(txn, obj, [] if entry is None else [entry.move])
+                self._release_object(txn, obj, [] if move is None else [move])
                 continue
-            if entry is not None:
-                txn.put(DELETED + obj + placed.stamp.pack(), pack_move(entry.move), db=self.meta)
+            if move is not None:
+                txn.put(DELETED + obj + placed.stamp.pack(), pack_move(move), db=self.meta)
 
     def _written_after(self, txn: lmdb.Transaction[bytes], obj: bytes, through: Stamp) -> bool:
         """Has `obj`, or a file below it (a directory is released with what is below it), a
@@ -132,8 +132,8 @@ class SiteForget(SiteView):
                 continue
             obj = self._entry_object(txn, node)
             placed = self.placement(txn, node)
-            own = None if placed is None else tree.entry_at(placed.stamp)
-            path = ([] if own is None else [own.move]) + deleted_by
+            own = None if placed is None else self._path_move(txn, tree, node, placed.stamp)
+            path = ([] if own is None else [own]) + deleted_by
             self._unshow_node(txn, node, entry_too=True)
             if not self._drop_node(txn, node, obj):
                 self._release_object(txn, obj, path)
@@ -146,6 +146,8 @@ class SiteForget(SiteView):
         placed = self.placement(txn, node)
         if placed is not None:
             txn.delete(placed.parent + placed.name + b"\0" + node, db=self.db["skids"])
+        for key, _ in list(scan(txn, self.meta, PATH_MOVE + node)):
+            txn.delete(key, db=self.meta)
         for table, key in (("splace", node), ("sentries", node), ("sobjents", obj + node)):
             txn.delete(key, db=self.db[table])
         return any(True for _ in scan(txn, self.db["sobjents"], obj))

@@ -1,0 +1,116 @@
+"""Edit against delete judged alike on both sites whatever each forgot (meta/sites/, design note
+49's rule): the minimal histories the seeded two-site tests shrank to, each site forgetting at
+its own time, as the shipper makes it (test_sites_sm.py's `ship`, with `forget`).
+
+The verdict on a file that lost its last name reads every move on each path that took a name
+away. A site that had forgotten one of them judged a shorter path than the other site, and the
+two listed different conflicts (seeds 258013144 and 258014156 of the random test); a site that
+deleted a volume judged none of the files in it, which the other site judged when the delete
+arrived (seeds 507060455 and 507060536 of the random test with volumes).
+"""
+
+from __future__ import annotations
+
+import stat
+from pathlib import Path
+
+from awsomefsd.crdt.tree import TRASH
+from awsomefsd.meta import commands as c
+from awsomefsd.meta.records import ROOT_INO
+from awsomefsd.meta.sites.tree import Dirty, TableTree
+from tests.repl.test_sites_sm import (
+    Site,
+    conflict_keys,
+    conflicts_folder,
+    kept_copies,
+    linked_pair,
+    ship,
+    write,
+)
+
+
+def lookup(site: Site, parent: int, name: bytes) -> int:
+    ino = site.read(lambda txn: site.sm.ns.lookup(txn, parent, name))
+    assert ino is not None, name
+    return int(ino)
+
+
+def in_log(site: Site, stamp: object) -> bool:
+    return site.read(lambda txn: TableTree(site.sm.sites, txn, Dirty()).entry_at(stamp) is not None)
+
+
+def last_stamp(site: Site) -> object:
+    stamp = site.read(site.sm.sites.head)
+    assert stamp is not None
+    return stamp
+
+
+def assert_edit_kept_alike(a: Site, b: Site, written: bytes) -> None:
+    assert a.snapshot() == b.snapshot()
+    assert conflict_keys(a) == conflict_keys(b), "the sites list different conflicts"
+    assert {kind for kind, _loser in conflict_keys(a)} == {"edit-delete"}
+    assert kept_copies(a) == kept_copies(b) and conflicts_folder(a) == conflicts_folder(b)
+    (kept,) = kept_copies(a).values()
+    assert kept[3] == ((0, written),), "the edit is kept on both sites"
+
+
+def test_a_link_into_a_directory_the_other_site_removed_counts_after_its_own_site_forgot_it(
+        tmp_path: Path) -> None:
+    """a writes /f; b, not knowing, links f into its directory /d as /d/g; a, not knowing of the
+    link, removes /d. Neither meant to discard a's write through /d/g, so when f loses its last
+    name (b unlinks /f, knowing everything) a's write is kept. b forgot its link (the horizon
+    passed it) before that unlink, while a still held it: b judged the path without the link,
+    as a removal a made knowing its own write, and kept nothing (seed 258013144)."""
+    a, b = linked_pair(tmp_path)
+    f = a.new_ino()
+    a.apply(c.Mknod(ROOT_INO, b"f", f, stat.S_IFREG | 0o644, 0, 0, a.tick()))
+    ship(a, b)
+    written = write(a, f, 0, 1, 1)
+    d = b.new_ino()
+    b.apply(c.Mknod(ROOT_INO, b"d", d, stat.S_IFDIR | 0o755, 0, 0, b.tick()))
+    ship(b, a)
+    b.apply(c.Link(lookup(b, ROOT_INO, b"f"), d, b"g", b.tick()))
+    link = last_stamp(b)
+    a.apply(c.Unlink(ROOT_INO, b"d", True, a.tick()))
+    removal = last_stamp(a)
+    assert link < removal
+    ship(b, a, forget=True)  # a applies the link and acknowledges it
+    ship(a, b)  # b hears of the write and the removal
+    b.apply(c.Mknod(ROOT_INO, b"e", b.new_ino(), stat.S_IFDIR | 0o755, 0, 0, b.tick()))
+    ship(b, a, count=0, forget=True)  # b forgets through its link, not the removal
+    assert not in_log(b, link) and in_log(b, removal) and in_log(a, link)
+    b.apply(c.Unlink(ROOT_INO, b"f", False, b.tick()))
+    ship(b, a)
+    ship(a, b)
+    assert_edit_kept_alike(a, b, written)
+
+
+def test_a_removal_forgotten_while_its_directory_is_kept_still_counts_for_the_files_below(tmp_path: Path) -> None:
+    """a removes /d; b, not knowing, writes /f and links it into /d as /d/g. a forgets its removal
+    but keeps /d (a content below it is newer than what it forgot), then unlinks /f knowing
+    everything. b's write lost the name /d/g to a removal that had not seen it: it is kept. a
+    looked for the removal among the file's own deletes, not the directory's, judged the path
+    as b's link alone, made knowing b's write, and kept nothing (seed 258014156)."""
+    a, b = linked_pair(tmp_path)
+    d = a.new_ino()
+    a.apply(c.Mknod(ROOT_INO, b"d", d, stat.S_IFDIR | 0o755, 0, 0, a.tick()))
+    ship(a, b)
+    a.apply(c.Unlink(ROOT_INO, b"d", True, a.tick()))
+    removal = last_stamp(a)
+    b.now = a.now + 10_000  # b writes after the removal by stamp, not knowing of it
+    f = b.new_ino()
+    b.apply(c.Mknod(ROOT_INO, b"f", f, stat.S_IFREG | 0o644, 0, 0, b.tick()))
+    written = write(b, f, 0, 1, 2)
+    b.apply(c.Link(f, lookup(b, ROOT_INO, b"d"), b"g", b.tick()))
+    ship(a, b)
+    ship(b, a)
+    a.apply(c.Mknod(ROOT_INO, b"e", a.new_ino(), stat.S_IFDIR | 0o755, 0, 0, a.tick()))
+    ship(a, b, count=0, forget=True)  # a forgets through its removal
+    assert not in_log(a, removal) and in_log(b, removal)
+    assert a.read(lambda txn: a.sm.sites.placement(txn, a.sm.sites.object_of(txn, d)).parent) == TRASH, \
+        "a keeps /d, deleted, for the content below it"
+    a.apply(c.Unlink(ROOT_INO, b"f", False, a.tick()))
+    ship(a, b)
+    ship(b, a)
+    assert_edit_kept_alike(a, b, written)
+
