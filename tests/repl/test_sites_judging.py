@@ -27,6 +27,7 @@ from tests.repl.test_sites_sm import (
     ship,
     write,
 )
+from tests.repl.test_sites_volumes import make_volume, volume_named
 
 
 def lookup(site: Site, parent: int, name: bytes) -> int:
@@ -114,3 +115,25 @@ def test_a_removal_forgotten_while_its_directory_is_kept_still_counts_for_the_fi
     ship(b, a)
     assert_edit_kept_alike(a, b, written)
 
+
+def test_a_volume_deleted_here_judges_the_files_in_it_as_the_other_site_does(tmp_path: Path) -> None:
+    """A file of a volume has two names; a writes it; b, not knowing, removes one name; a, knowing
+    that, deletes the volume. The removal discarded a's write unknowingly: it is kept. b judged
+    the file when the volume's delete arrived; a, deleting the volume itself, judged only the
+    volume's root (seeds 507060455 and 507060536 of the random test with volumes)."""
+    a, b = linked_pair(tmp_path)
+    vol = make_volume(a, "pvc")
+    f = a.new_ino()
+    a.apply(c.Mknod(vol, b"f", f, stat.S_IFREG | 0o644, 0, 0, a.tick()))
+    a.apply(c.Link(f, vol, b"g", a.tick()))
+    ship(a, b)
+    written = write(a, f, 0, 1, 3)
+    b_vol = volume_named(b, "pvc")
+    assert b_vol is not None
+    b.apply(c.Unlink(b_vol["root"], b"g", False, b.tick()))
+    ship(b, a)
+    assert a.apply(c.DeleteVolume(vol, a.tick())) is True
+    ship(a, b)
+    ship(b, a)
+    assert volume_named(a, "pvc") is None and volume_named(b, "pvc") is None, "the delete stands"
+    assert_edit_kept_alike(a, b, written)
