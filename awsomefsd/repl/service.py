@@ -16,6 +16,7 @@ metadata group ships and receives.
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -76,6 +77,7 @@ class SiteService(Pairing, Receiver, Shipper, Control):
         self.mount = mount
         self.credentials = credentials or load_or_create(state_dir, site)
         self.state = LinkState()
+        self.clock_ns = time.time_ns
         self._nonces = {}
         self._staged = {}
         self._peer_takes_deltas = False
@@ -123,6 +125,7 @@ class SiteService(Pairing, Receiver, Shipper, Control):
                     await self._link_changed(link)
                     linked.cancel_scope.cancel()
                 self.state = LinkState()
+        self.clock_ns = time.time_ns
 
     async def _link_changed(self, link: dict[str, Any] | None) -> None:
         """Until the link is no longer `link`: this node changed it (`relink`), or, on a cluster,
