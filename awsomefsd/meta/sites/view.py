@@ -146,8 +146,3 @@ class SiteView(EditAgainstDelete, SiteVolumes):
         self.ns.put_inode(txn, child)
         parent.mtime_ns = parent.ctime_ns = max(parent.mtime_ns, now_ns)
         self.ns.put_inode(txn, parent)
-
-    def _unshow(self, txn: lmdb.Transaction[bytes], parent_ino: int, name: bytes) -> None:
-        node = self._node_shown_at(txn, parent_ino, name)
-        if node is not None:
-            self._unshow_node(txn, node)
