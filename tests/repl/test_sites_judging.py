@@ -14,9 +14,13 @@ from __future__ import annotations
 import stat
 from pathlib import Path
 
+import pytest
+
+from awsomefsd.crdt import ops as o
 from awsomefsd.crdt.tree import TRASH
 from awsomefsd.meta import commands as c
 from awsomefsd.meta.records import ROOT_INO
+from awsomefsd.meta.sites.tables import PATH_MOVE, scan
 from awsomefsd.meta.sites.tree import Dirty, TableTree
 from tests.repl.test_sites_sm import (
     Site,
@@ -137,3 +141,33 @@ def test_a_volume_deleted_here_judges_the_files_in_it_as_the_other_site_does(tmp
     ship(b, a)
     assert volume_named(a, "pvc") is None and volume_named(b, "pvc") is None, "the delete stands"
     assert_edit_kept_alike(a, b, written)
+
+
+@pytest.mark.parametrize("level", [c.SITE_PATHS_LEVEL - 1, c.SITE_PATHS_LEVEL])
+def test_a_cluster_keeps_path_moves_only_once_every_member_does(tmp_path: Path, level: int) -> None:
+    """Members on an older build keep no PATH_MOVE rows and judge without them: until every
+    member runs this build (the cluster's log level, SITE_PATHS_LEVEL), none keeps them, so the
+    replicas of one site hold the same rows and judge alike. b forgets the placement of /d/f
+    after a removed /d, which b had not forgotten yet."""
+    a, b = linked_pair(tmp_path)
+    assert b.read(b.sm.sites.judges_forgotten_paths), "a single node is held back by no one"
+    with b.store.env.begin(write=True) as txn:  # b is a cluster at `level`
+        txn.put(b"ca_cert", b"-", db=b.store.db["meta"])
+        txn.put(b"log_level", level.to_bytes(8, "big"), db=b.store.db["meta"])
+    assert b.read(b.sm.sites.judges_forgotten_paths) == (level >= c.SITE_PATHS_LEVEL)
+    d = b.new_ino()
+    b.apply(c.Mknod(ROOT_INO, b"d", d, stat.S_IFDIR | 0o755, 0, 0, b.tick()))
+    ship(b, a)
+    b.apply(c.Mknod(d, b"f", b.new_ino(), stat.S_IFREG | 0o644, 0, 0, b.tick()))
+    (placed,) = [stamp for stamp, raw in b.outbox_after(None)
+                 if isinstance(op := o.decode(raw), o.Moved) and op.name == b"f"]
+    a.now = b.now + 10_000  # a's removal is later by stamp: b forgets up to its own move only
+    a.apply(c.Unlink(ROOT_INO, b"d", True, a.tick()))
+    removal = last_stamp(a)
+    ship(b, a, forget=True)
+    ship(a, b)
+    b.apply(c.Mknod(ROOT_INO, b"e", b.new_ino(), stat.S_IFDIR | 0o755, 0, 0, b.tick()))
+    ship(b, a, count=0, forget=True)
+    assert not in_log(b, placed) and in_log(b, removal)
+    kept = b.read(lambda txn: sum(1 for _ in scan(txn, b.sm.sites.meta, PATH_MOVE)))
+    assert kept == (1 if level >= c.SITE_PATHS_LEVEL else 0)
