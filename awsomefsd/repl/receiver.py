@@ -170,11 +170,13 @@ class Receiver(DeltaBases):
         if unchanged and not self.meta.may_propose(c.ApplyRemoteSharing):
             return self._restage("a delta arrived while this cluster cannot share blocks yet (an upgrade under way)")
         contents: list[o.ContentSet] = []
+        stamps: list[Stamp] = []
         for raw in raws:
             try:
                 op = o.decode(raw)
             except o.BadOperation as exc:
                 raise wire.WireError(str(exc)) from None
+            stamps.append(op.stamp)
             if isinstance(op, o.ContentSet):
                 contents.append(op)
             if isinstance(op, o.VolumeSet) and self.meta.log_level() < c.VOLUMES_LEVEL:
@@ -182,7 +184,7 @@ class Receiver(DeltaBases):
                                                             "cluster takes volumes yet (an upgrade under way)")
         if len({op.stamp for op in contents}) != len(contents):
             raise wire.WireError("a push carries one content version twice")
-        self._refuse_clock_ahead(o.decode(raw).stamp for raw in raws)
+        self._refuse_clock_ahead(stamps)
         in_push = {wire.stamp_field({"s": item[0]}, "s") for item in inline}
         async with self._apply_lock:
             if after != self.cursor():
