@@ -465,8 +465,8 @@ BASE_LOG_LEVEL = 3
 """The level of a cluster that never recorded one: formed by builds before the gate, which decode
 command tags 1-32 (meta/codec.py) in format 3."""
 LOG_LEVEL = 14
-"""The newest commands this build decodes. 14: the other site's edits judged alike whatever each
-site forgot (meta/sites/, SITE_PATHS_LEVEL). 13: MakeTmpfile, LinkTmpfile (open's O_TMPFILE). 12: mkdir has no subdirectory limit (meta/cluster_sm.py,
+"""The newest commands this build decodes. 14: the other site's edits judged, and deleted
+directories released, alike whatever each site forgot (meta/sites/, SITE_PATHS_LEVEL). 13: MakeTmpfile, LinkTmpfile (open's O_TMPFILE). 12: mkdir has no subdirectory limit (meta/cluster_sm.py,
 UNLIMITED_SUBDIRS_LEVEL). 11: volumes replicate to the other site (a member
 captures CreateVolume, ResizeVolume and DeleteVolume, and applies the other site's `VolumeSet`
 operations; meta/sites/, VOLUMES_LEVEL). 10: cross-site replication on a cluster (an ApplyRemote
@@ -494,8 +494,9 @@ VOLUMES_LEVEL = 11
 replica captures changes, so all must capture alike)."""
 SITE_PATHS_LEVEL = 14
 """From this level on, forgetting keeps the moves on a path into TRASH that an edit may still be
-judged against, and a local delete of a directory judges the files below it (meta/sites/; no
-command of its own: what every replica keeps changes, so all must keep alike)."""
+judged against and releases a deleted directory only once nothing below it moved in later, and a
+local delete of a directory judges the files below it (meta/sites/; no command of its own: what
+every replica keeps changes, so all must keep alike)."""
 
 
 def level_of(command: type) -> int:

@@ -287,7 +287,7 @@ class SiteCapture(SiteView):
                 self._edit_against_delete(txn, obj)
                 ino = self._ino(txn, obj)
                 inode = None if ino is None else self.ns.get_inode(txn, ino)
-                if inode is not None and inode.is_dir and self.judges_forgotten_paths(txn):
+                if inode is not None and inode.is_dir and self.at_site_paths_level(txn):
                     # A directory deleted with files below (a volume's root: rmdir takes only an
                     # empty one): they lost their path, as the peer's _reshow finds applying it.
                     for below in self._files_below(txn, inode.ino):

@@ -93,7 +93,7 @@ class TableTree:
         and one that places a node on a path into TRASH is kept (`SiteTree.keep_path_move`)."""
         txn, db = self.txn, self.t.db
         dropped = 0
-        keep_paths = self.t.judges_forgotten_paths(txn)
+        keep_paths = self.t.at_site_paths_level(txn)
         for key, value in list(scan(txn, db["slog"], b"")):
             if Stamp.unpack(bytes(key)) > stamp:
                 break
@@ -111,10 +111,11 @@ class TableTree:
 class SiteTree(SiteRecords):
     """The tree's skipped moves and where the tree shows a node."""
 
-    def judges_forgotten_paths(self, txn: lmdb.Transaction[bytes]) -> bool:
-        """Are the moves on a path into TRASH kept past `forget`, and a local directory delete's
-        files judged (`c.SITE_PATHS_LEVEL`)? On a cluster only once every member's build does the
-        same: replicas that kept different rows would judge differently."""
+    def at_site_paths_level(self, txn: lmdb.Transaction[bytes]) -> bool:
+        """Does this site follow the rules of `c.SITE_PATHS_LEVEL` (the moves on a path into TRASH
+        kept past `forget`, a local directory delete's files judged, a deleted directory released
+        only once nothing below it moved in later)? On a cluster only once every member's build
+        does: replicas that kept different rows would judge, and release, differently."""
         cluster = self._sm.cluster
         return not cluster.initialised(txn) or (cluster.log_level(txn) or c.BASE_LOG_LEVEL) >= c.SITE_PATHS_LEVEL
 
