@@ -16,7 +16,7 @@ import lmdb
 
 from awsomefsd.crdt import ops as o
 from awsomefsd.crdt.hlc import Stamp
-from awsomefsd.crdt.tree import TRASH, Move
+from awsomefsd.crdt.tree import MAX_DEPTH, ROOT, TRASH, VOLUMES, Move
 from awsomefsd.meta import commands as c
 from awsomefsd.meta.records import u64
 from awsomefsd.meta.sites.tables import CONTENT, DELETED, PATH_MOVE, scan, scan_from
@@ -68,6 +68,7 @@ class SiteForget(SiteView):
         with none. An object that keeps another entry keeps the moves that deleted the others
         (`DELETED`): an edit concurrent with one of them is kept if its last name goes too, and
         the log that held them is forgotten now."""
+        unstable = self._above_unstable(txn, tree, through)
         for key, _ in list(scan(txn, self.db["skids"], TRASH)):
             node = bytes(key[-16:])
             placed = self.placement(txn, node)
@@ -78,7 +79,7 @@ class SiteForget(SiteView):
             # A content not on both sites yet (written through a descriptor), or an entry moved
             # in below after `through`, keeps the entry for a later forget; an object with no
             # entry left is released.
-            if not self._written_after(txn, obj, through) and not self._placed_below_after(txn, node, through) \
+            if not self._written_after(txn, obj, through) and node not in unstable \
                     and not self._drop_node(txn, node, obj):
                 self._release_object(txn, obj, [] if move is None else [move])
                 continue
@@ -93,27 +94,32 @@ class SiteForget(SiteView):
         below = self._files_below(txn, inode.ino) if inode is not None and inode.is_dir else []
         return any(v.stamp > through for each in [obj, *below] for v in self._versions(txn, each + CONTENT))
 
-    def _placed_below_after(self, txn: lmdb.Transaction[bytes], node: bytes, through: Stamp,
-                            limit: int = 100_000) -> bool:
-        """Is an entry below directory entry `node` in the tree placed after `through`? Such a move
-        is not stable: a concurrent move still in flight may take the entry out again (the other
-        site had not seen the delete), and this site's own may not have reached the peer; a
-        directory released now would take the entry and its object with it, and the move that
-        follows would name an unknown object, or the log's undo a node gone (the random tests,
-        seeds 258014451 and 507061005). It waits for a later forget (`c.SITE_PATHS_LEVEL`)."""
+    def _above_unstable(self, txn: lmdb.Transaction[bytes], tree: TableTree, through: Stamp) -> set[bytes]:
+        """The directory entries above an entry placed after `through` (its move is still in the
+        log, as every move after it is). Such a move is not stable: a concurrent move in flight
+        may take the entry out again (the other site had not seen the delete above it), and this
+        site's own may not have reached the peer. A deleted directory released now would take
+        the entry and its object with it, and the move that follows would name an unknown
+        object, or the log's undo a node gone (the random tests, seeds 258014451 and 507061005):
+        one of these waits for a later forget (`c.SITE_PATHS_LEVEL`). Read from the log after
+        `through`, which holds only what is not stable yet: no walk of a large deleted tree."""
+        above: set[bytes] = set()
         if not self.at_site_paths_level(txn):
-            return False
-        pending, seen = [node], 0
-        while pending and seen < limit:
-            parent = pending.pop()
-            for key, _ in scan(txn, self.db["skids"], parent):
-                child = bytes(key[-16:])
-                placed = self.placement(txn, child)
-                if placed is not None and placed.stamp > through:
-                    return True
-                pending.append(child)
-                seen += 1
-        return False
+            return above
+        for entry in tree.entries_from(through):
+            placed = self.placement(txn, entry.move.node)
+            if entry.move.stamp <= through or placed is None or placed.stamp != entry.move.stamp:
+                continue  # not where its node is now (moved again, or skipped as a cycle)
+            parent = placed.parent
+            for _ in range(MAX_DEPTH):
+                if parent in (ROOT, VOLUMES, TRASH) or parent in above:
+                    break
+                above.add(parent)
+                up = self.placement(txn, parent)
+                if up is None:
+                    break
+                parent = up.parent
+        return above
 
     def _release_object(self, txn: lmdb.Transaction[bytes], obj: bytes, deleted_by: list[Move]) -> None:
         """An object with no entry left in the tree: the orphan purge may have its inode once no
