@@ -494,9 +494,10 @@ VOLUMES_LEVEL = 11
 replica captures changes, so all must capture alike)."""
 SITE_PATHS_LEVEL = 14
 """From this level on, forgetting keeps the moves on a path into TRASH that an edit may still be
-judged against and releases a deleted directory only once nothing below it moved in later, and a
-local delete of a directory judges the files below it (meta/sites/; no command of its own: what
-every replica keeps changes, so all must keep alike)."""
+judged against and releases a deleted directory only once nothing below it moved in later, a
+local delete of a directory judges the files below it, and a group named like a derived name
+re-derives the names of the group it came from (meta/sites/; no command of its own: what every
+replica keeps and shows changes, so all must do alike)."""
 
 
 def level_of(command: type) -> int:
