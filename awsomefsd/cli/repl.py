@@ -145,7 +145,8 @@ def render_status(info: dict[str, Any]) -> str:
         + (f" ({_size(out['bytes_unchanged'])} of large files the peer had: not sent)"
            if out.get("bytes_unchanged") else ""),
         f"  from the peer: {inn['pending_operations']} operations pending, lag {inn['lag_s']:.1f} s; "
-        f"received {inn['operations']} operations, {_size(inn['bytes'])}",
+        f"received {inn['operations']} operations, {_size(inn['bytes'])}"
+        + (f"\n  from the peer: REFUSED, {inn['refused']}" if inn.get("refused") else ""),
         f"  conflicts: {info['open_conflicts']} open, {info['conflicts_total']} in all (`awsomefsd site conflicts`)",
     ]
     return "\n".join(lines)

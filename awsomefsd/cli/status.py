@@ -78,6 +78,9 @@ def site_status(settings: Settings, info: dict[str, Any]) -> dict[str, Any] | No
     if reply["linked"] and not reply["link_up"] and not reply.get("elsewhere"):
         info["problems"].append(f"the link to site {reply['peer']} is down: {reply['last_error']}")
         info["healthy"] = False
+    if reply["linked"] and reply.get("inbound", {}).get("refused"):
+        info["problems"].append(reply["inbound"]["refused"])
+        info["healthy"] = False
     return reply
 
 

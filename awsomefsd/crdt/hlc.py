@@ -35,6 +35,20 @@ PACKED_BYTES = _PACKED.size
 class ClockDrift(ValueError):
     """A peer's stamp is further ahead of our physical clock than we accept."""
 
+    def __init__(self, remote: Stamp, ahead_ns: int, max_drift_ns: int) -> None:
+        super().__init__(f"a stamp from site {remote.site.hex()} is {ahead_ns / 1e9:.1f} s ahead of this clock "
+                         f"(at most {max_drift_ns / 1e9:.0f} s accepted): check both sites' time synchronisation")
+        self.remote, self.ahead_ns, self.max_drift_ns = remote, ahead_ns, max_drift_ns
+
+
+def check_drift(remote: Stamp, physical_ns: int, max_drift_ns: int = DEFAULT_MAX_DRIFT_NS) -> None:
+    """Refuse (`ClockDrift`) a peer's stamp more than `max_drift_ns` ahead of `physical_ns`, our
+    physical clock: adopted, it would put every later stamp of ours as far in the future (the
+    clock never goes back), and our writes would win every conflict until real time caught up."""
+    ahead = remote.wall_ns - physical_ns
+    if ahead > max_drift_ns:
+        raise ClockDrift(remote, ahead, max_drift_ns)
+
 
 @dataclass(frozen=True, order=True, slots=True)
 class Stamp:
@@ -102,11 +116,7 @@ class HybridClock:
 
     def observe(self, remote: Stamp) -> None:
         """Take in a stamp received from another site, so later stamps order after it."""
-        physical = self.physical_ns()
-        if remote.wall_ns > physical + self.max_drift_ns:
-            raise ClockDrift(f"a stamp from site {remote.site.hex()} is {(remote.wall_ns - physical) / 1e9:.1f} s "
-                             f"ahead of this clock (at most {self.max_drift_ns / 1e9:.0f} s accepted): "
-                             "check both sites' time synchronisation")
+        check_drift(remote, self.physical_ns(), self.max_drift_ns)
         if remote.wall_ns > self._wall_ns:
             self._wall_ns, self._logical = remote.wall_ns, remote.logical
         elif remote.wall_ns == self._wall_ns:

@@ -464,8 +464,9 @@ class Batch(Command[list[object]]):
 BASE_LOG_LEVEL = 3
 """The level of a cluster that never recorded one: formed by builds before the gate, which decode
 command tags 1-32 (meta/codec.py) in format 3."""
-LOG_LEVEL = 13
-"""The newest commands this build decodes. 13: MakeTmpfile, LinkTmpfile (open's O_TMPFILE). 12: mkdir has no subdirectory limit (meta/cluster_sm.py,
+LOG_LEVEL = 14
+"""The newest commands this build decodes. 14: the other site's edits judged, and deleted
+directories released, alike whatever each site forgot (meta/sites/, SITE_PATHS_LEVEL). 13: MakeTmpfile, LinkTmpfile (open's O_TMPFILE). 12: mkdir has no subdirectory limit (meta/cluster_sm.py,
 UNLIMITED_SUBDIRS_LEVEL). 11: volumes replicate to the other site (a member
 captures CreateVolume, ResizeVolume and DeleteVolume, and applies the other site's `VolumeSet`
 operations; meta/sites/, VOLUMES_LEVEL). 10: cross-site replication on a cluster (an ApplyRemote
@@ -491,6 +492,12 @@ COMMAND_LEVELS: dict[type, int] = {
 VOLUMES_LEVEL = 11
 """From this level on, a linked cluster ships its volumes (no command of its own: what every
 replica captures changes, so all must capture alike)."""
+SITE_PATHS_LEVEL = 14
+"""From this level on, forgetting keeps the moves on a path into TRASH that an edit may still be
+judged against and releases a deleted directory only once nothing below it moved in later, a
+local delete of a directory judges the files below it, and a group named like a derived name
+re-derives the names of the group it came from (meta/sites/; no command of its own: what every
+replica keeps and shows changes, so all must do alike)."""
 
 
 def level_of(command: type) -> int:

@@ -52,7 +52,8 @@ class Control(Endpoint):
                          "operations": self.state.pushed_ops, "bytes": self.state.pushed_bytes,
                          "bytes_unchanged": self.state.unchanged_bytes},
             "inbound": {"pending_operations": self.state.peer_pending, "lag_s": self.state.peer_lag_s,
-                        "operations": self.state.received_ops, "bytes": self.state.received_bytes},
+                        "operations": self.state.received_ops, "bytes": self.state.received_bytes,
+                        "refused": self.state.inbound_refused},
             "open_conflicts": open_conflicts,
             "conflicts_total": conflicts_total,
         }

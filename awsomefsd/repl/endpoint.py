@@ -74,6 +74,9 @@ class LinkState:
     peer_pending: int = 0
     """What the peer last said of its own outbound direction (our inbound): operations waiting."""
     peer_lag_s: float = 0.0
+    inbound_refused: str = ""
+    """Why the peer's pushes are refused and wait in its outbox (its clock far ahead of ours:
+    repl/receiver.py), "" once one applies."""
 
 
 class Endpoint:
@@ -95,6 +98,8 @@ class Endpoint:
     mount: Path | None
     credentials: NodeCredentials
     state: LinkState
+    clock_ns: Callable[[], int]
+    """This node's physical clock, which the peer's stamps may not run ahead of (time.time_ns)."""
     _relink: trio.Event
     _peer_ca: x509.Certificate | None
     _peer_revoked: Revocations

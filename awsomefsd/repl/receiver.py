@@ -12,11 +12,12 @@ shares (repl/delta.py, design note 50).
 from __future__ import annotations
 
 import contextlib
+import datetime
 import errno
 import itertools
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,7 +26,7 @@ import trio
 
 from awsomefsd.crdt import ops as o
 from awsomefsd.crdt import wire
-from awsomefsd.crdt.hlc import Stamp
+from awsomefsd.crdt.hlc import ClockDrift, Stamp, check_drift
 from awsomefsd.io.checksum import crc32c
 from awsomefsd.io.layout import BLOCK_SIZE
 from awsomefsd.meta import commands as c
@@ -91,6 +92,7 @@ class Receiver(DeltaBases):
         stamp = wire.stamp_field(header, "stamp")
         if stamp is None:
             raise wire.WireError("a chunk needs its version's stamp")
+        self._refuse_clock_ahead([stamp])
         if "pieces" in header:
             pieces = _pieces(header, len(data))
         else:
@@ -168,11 +170,13 @@ class Receiver(DeltaBases):
         if unchanged and not self.meta.may_propose(c.ApplyRemoteSharing):
             return self._restage("a delta arrived while this cluster cannot share blocks yet (an upgrade under way)")
         contents: list[o.ContentSet] = []
+        stamps: list[Stamp] = []
         for raw in raws:
             try:
                 op = o.decode(raw)
             except o.BadOperation as exc:
                 raise wire.WireError(str(exc)) from None
+            stamps.append(op.stamp)
             if isinstance(op, o.ContentSet):
                 contents.append(op)
             if isinstance(op, o.VolumeSet) and self.meta.log_level() < c.VOLUMES_LEVEL:
@@ -180,6 +184,7 @@ class Receiver(DeltaBases):
                                                             "cluster takes volumes yet (an upgrade under way)")
         if len({op.stamp for op in contents}) != len(contents):
             raise wire.WireError("a push carries one content version twice")
+        self._refuse_clock_ahead(stamps)
         in_push = {wire.stamp_field({"s": item[0]}, "s") for item in inline}
         async with self._apply_lock:
             if after != self.cursor():
@@ -246,9 +251,38 @@ class Receiver(DeltaBases):
                     log.warning("%d conflict(s) with the other site: `awsomefsd site conflicts` lists them",
                                 applied.conflicts)
             self.state.last_exchange_ns = time.time_ns()
+            if self.state.inbound_refused:
+                log.info("the other site's operations apply again (its clock is within the drift accepted)")
+                self.state.inbound_refused = ""
             pending, lag_s = self.outbound_lag()
             return {"applied": wire.stamp_text(self.cursor()), "head": wire.stamp_text(self.meta.site_head()),
                     "pending": pending, "lag_ms": int(lag_s * 1000)}
+
+    def _refuse_clock_ahead(self, stamps: Iterable[Stamp]) -> None:
+        """Refuse a push or a chunk stamped further ahead of this site's clock than the hybrid
+        clock accepts (crdt/hlc.py, `check_drift`; design note 48). Applied, such a stamp would
+        drag this site's clock, which never goes back, as far into the future: every later
+        write here would be stamped there, and the sites' last-writer-wins would follow the
+        fast clock, not the order of events. Refused, nothing is applied and nothing is lost:
+        the operations wait in the sender's outbox, which sends them again (the link shows
+        down there, with this reason) until this clock reaches them or an operator fixes the
+        other site's. Said in one line, here once per episode and in `site status`."""
+        try:
+            for stamp in stamps:
+                check_drift(stamp, self.clock_ns())
+        except ClockDrift as exc:
+            at = datetime.datetime.fromtimestamp(exc.remote.wall_ns / 1e9, datetime.UTC).isoformat(timespec="seconds")
+            limit = exc.max_drift_ns / 1e9
+            why = (f"refusing the other site's operations: its clock is {exc.ahead_ns / 1e9:.0f} s ahead of this "
+                   f"site's (operation {exc.remote} stamped {at}; at most {limit:.0f} s accepted); they wait in its "
+                   "outbox until the clocks agree: check both sites' time synchronisation (NTP)")
+            if not self.state.inbound_refused:
+                log.error("%s", why)
+            self.state.inbound_refused = why
+            raise RpcAbort(grpc.StatusCode.FAILED_PRECONDITION,
+                           f"refused: operation {exc.remote} is stamped {at}, more than {limit:.0f} s ahead of "
+                           "the receiving site's clock; it waits in the outbox until the clocks agree: check both "
+                           "sites' time synchronisation (NTP)") from None
 
     @contextlib.asynccontextmanager
     async def _files_locked(self, contents: list[o.ContentSet]) -> AsyncIterator[None]:

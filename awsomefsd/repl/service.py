@@ -17,6 +17,7 @@ metadata group ships and receives.
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -80,6 +81,7 @@ class SiteService(Pairing, Receiver, Shipper, Control):
         self.mount = mount
         self.credentials = credentials or load_or_create(state_dir, site)
         self.state = LinkState()
+        self.clock_ns = time.time_ns
         self._nonces = {}
         self._staged = {}
         self._peer_takes_deltas = False

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import stat
+import time
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -276,3 +277,34 @@ async def test_a_push_naming_a_content_version_twice_is_refused_and_loses_nothin
     reply = await service.push(push_header(None, ops), memoryview(b""))
     assert Stamp.unpack(bytes.fromhex(reply["applied"])) == content.stamp
     assert await file_bytes(core, b"big") == body
+
+
+async def test_a_peer_whose_clock_runs_far_ahead_waits_until_the_clocks_agree(
+        receiver: tuple[Core, SiteService]) -> None:
+    """The other site's clock is an hour fast. Its operations are refused, chunk and push, with
+    one line saying why (to the sender, and in this site's status): applied, they would drag this
+    site's clock an hour ahead for good. Nothing is applied, and this site's own stamps stay on
+    its clock. Once the clocks agree (this one caught up, here made to) the same batch applies."""
+    core, service = receiver
+    peer = Peer()
+    peer.wall = time.time_ns() + 3600 * 10**9
+    ops, content = peer.new_file(b"ahead", BLOCK_SIZE)
+    body = os.urandom(BLOCK_SIZE)
+    for attempt in (lambda: service.stage(*chunk(content.stamp, 0, body, first=True)),
+                    lambda: service.push(push_header(None, ops), memoryview(b""))):
+        with pytest.raises(RpcAbort) as refused:
+            await attempt()
+        assert refused.value.code == grpc.StatusCode.FAILED_PRECONDITION
+        assert "time synchronisation" in refused.value.message and "\n" not in refused.value.message
+    why = service.status()["inbound"]["refused"]
+    assert "clock is 3600 s ahead" in why and "\n" not in why, why
+    assert service.cursor() is None and core.meta.lookup(ROOT_INO, b"ahead") is None, "nothing applied"
+    await core.ops.mknod(ROOT_INO, b"here", stat.S_IFDIR | 0o755, 0, 0, 0)
+    head = core.meta.site_head()
+    assert head is not None and head.wall_ns < time.time_ns() + 60 * 10**9, "this site's clock stayed its own"
+    service.clock_ns = lambda: time.time_ns() + 3600 * 10**9
+    await service.stage(*chunk(content.stamp, 0, body, first=True))
+    reply = await service.push(push_header(None, ops), memoryview(b""))
+    assert Stamp.unpack(bytes.fromhex(reply["applied"])) == content.stamp
+    assert await file_bytes(core, b"ahead") == body
+    assert service.status()["inbound"]["refused"] == ""

@@ -347,9 +347,12 @@ def run_with_volumes(tmp_path: Path, seed: int) -> tuple[Site, Site]:
     return run(tmp_path, seed, 200, site_class=VolumeSite, make=make)
 
 
-VOLUME_SEEDS = seeds.params("sites-volumes", 8, replay_var="AWSOMEFS_SITES_SEED", fixed=(279, 287))
+VOLUME_SEEDS = seeds.params("sites-volumes", 8, replay_var="AWSOMEFS_SITES_SEED",
+                            fixed=(279, 287, 507060455, 507061005))
 """8 fresh seeds, and the two that found bugs older than volumes (design note 52): 287, a name lost
-with a released directory; 279, a loser the peer keeps, released here before the peer's next version."""
+with a released directory; 279, a loser the peer keeps, released here before the peer's next version;
+then 507060455, a volume deleted here whose files were not judged, and 507061005, a directory
+released with an entry moved in after (test_sites_judging.py)."""
 
 
 @pytest.mark.parametrize("seed", VOLUME_SEEDS)

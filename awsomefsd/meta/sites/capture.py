@@ -283,4 +283,12 @@ class SiteCapture(SiteView):
         self._reshow(txn, dirty, now_ns)
         for node, parent_ino, _name in moves:
             if not parent_ino:  # only a delete can leave a file with no name
-                self._edit_against_delete(txn, self._entry_object(txn, node))
+                obj = self._entry_object(txn, node)
+                self._edit_against_delete(txn, obj)
+                ino = self._ino(txn, obj)
+                inode = None if ino is None else self.ns.get_inode(txn, ino)
+                if inode is not None and inode.is_dir and self.at_site_paths_level(txn):
+                    # A directory deleted with files below (a volume's root: rmdir takes only an
+                    # empty one): they lost their path, as the peer's _reshow finds applying it.
+                    for below in self._files_below(txn, inode.ino):
+                        self._edit_against_delete(txn, below)

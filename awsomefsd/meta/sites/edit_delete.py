@@ -103,8 +103,9 @@ class EditAgainstDelete(SiteConflicts):
     def _lost_paths(self, txn: lmdb.Transaction[bytes], ino: int) -> tuple[list[list[Move]], bool] | None:
         """How an inode none of whose names is reachable from the root lost each of them: per
         entry, the moves on its path up to the move into TRASH (its own placement, its
-        directories', and that move; `_path_to_trash`), those the log still holds, and whether
-        it has forgotten some (they are left out: every operation since saw them). None while a
+        directories', and that move; `_path_to_trash`), those the log still holds or `forget`
+        kept (`PATH_MOVE`), and whether it has forgotten some (they are left out: every
+        operation since saw them). None while a
         name is reachable (or it never had one). A deleted entry whose move the log forgot but
         the object kept (`deleted:` rows) counts as a path of that move alone."""
         if self._first_reachable(txn, ino) is not None:
@@ -116,9 +117,14 @@ class EditAgainstDelete(SiteConflicts):
         forgotten = False
         for key, _ in scan(txn, self.db["sobjents"], obj):
             path = []
-            for stamp in self._path_to_trash(txn, bytes(key[16:])):
-                entry = None if stamp is None else tree.entry_at(stamp)
-                moves = [entry.move] if entry is not None else None if stamp is None else kept.pop(stamp, None)
+            for step in self._path_to_trash(txn, bytes(key[16:])):
+                moves = None
+                if step is not None:
+                    node, stamp = step
+                    entry = tree.entry_at(stamp)
+                    moves = [entry.move] if entry is not None else kept.pop(stamp, None)
+                    if moves is None and (move := self._path_move(txn, tree, node, stamp)) is not None:
+                        moves = [move]
                 if moves is None:
                     forgotten = True
                 else:

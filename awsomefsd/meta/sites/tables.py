@@ -59,6 +59,11 @@ DELETED = b"deleted:"
 entries, kept past `forget` while the object has another entry: the move into TRASH
 (`_release_deleted`), or, for an entry inside a directory released with what was below it, the
 entry's own move and those that took the directory away (`_release_below`)."""
+PATH_MOVE = b"path-move:"
+"""Key prefix in the `sites` table: entry node + stamp -> the move that placed the node, kept
+past `forget` while the node's path leads into TRASH (its own placement, or a directory's above
+it): a file below may lose its last name later and be judged against that path, as the other
+site, which forgets at its own time, judges it (`TableTree.forget_through`)."""
 KEPT_COPY = b"kept-copy:"
 """Key prefix in the `sites` table: object + loser stamp of a settled content conflict whose copy
 stays until a later version from the loser's own site supersedes it (`_settle`)."""

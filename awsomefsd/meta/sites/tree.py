@@ -22,8 +22,9 @@ import lmdb
 
 from awsomefsd.crdt.hlc import PACKED_BYTES, Stamp
 from awsomefsd.crdt.tree import MAX_DEPTH, ROOT, TRASH, VOLUMES, LogEntry, Move, Placement
+from awsomefsd.meta import commands as c
 from awsomefsd.meta.records import ROOT_INO, VOLUMES_INO
-from awsomefsd.meta.sites.tables import SKIPPED, SiteRecords, scan, scan_from
+from awsomefsd.meta.sites.tables import PATH_MOVE, SKIPPED, SiteRecords, scan, scan_from
 
 
 @dataclass(slots=True)
@@ -88,15 +89,19 @@ class TableTree:
         self.txn.put(move.node + move.stamp.pack(), pack_move(move), db=self.t.db["smoves"])
 
     def forget_through(self, stamp: Stamp) -> int:
-        """Drop the log up to `stamp`; a skipped move in it becomes a conflict record for good."""
+        """Drop the log up to `stamp`; a skipped move in it becomes a conflict record for good,
+        and one that places a node on a path into TRASH is kept (`SiteTree.keep_path_move`)."""
         txn, db = self.txn, self.t.db
         dropped = 0
+        keep_paths = self.t.at_site_paths_level(txn)
         for key, value in list(scan(txn, db["slog"], b"")):
             if Stamp.unpack(bytes(key)) > stamp:
                 break
             entry = _log_entry(value)
             if not entry.done:
                 self.t.keep_skipped(txn, entry)
+            if keep_paths:
+                self.t.keep_path_move(txn, entry.move)
             txn.delete(key, db=db["slog"])
             txn.delete(entry.move.node + bytes(key), db=db["smoves"])
             dropped += 1
@@ -105,6 +110,38 @@ class TableTree:
 
 class SiteTree(SiteRecords):
     """The tree's skipped moves and where the tree shows a node."""
+
+    def at_site_paths_level(self, txn: lmdb.Transaction[bytes]) -> bool:
+        """Does this site follow the rules of `c.SITE_PATHS_LEVEL` (the moves on a path into TRASH
+        kept past `forget`, a local directory delete's files judged, a deleted directory released
+        only once nothing below it moved in later)? On a cluster only once every member's build
+        does: replicas that kept different rows would judge, and release, differently."""
+        cluster = self._sm.cluster
+        return not cluster.initialised(txn) or (cluster.log_level(txn) or c.BASE_LOG_LEVEL) >= c.SITE_PATHS_LEVEL
+
+    def keep_path_move(self, txn: lmdb.Transaction[bytes], move: Move) -> None:
+        """The log forgets `move`. If it is where its node is placed now and the node's path leads
+        into TRASH (the node deleted, or a directory above it), keep it (`PATH_MOVE`): a file
+        there may lose its last name later and is judged against every move on its path
+        (edit_delete.py), and the other site, which forgets at its own time, may still hold it
+        in its log. A path not into TRASH now needs none of it: a delete that takes it later
+        saw this move (the horizon's promise), and then judges alike with or without it. Rows
+        of the node's earlier placements go (it moved on for good)."""
+        placed = self.placement(txn, move.node)
+        if placed is None or placed.stamp != move.stamp:
+            return
+        for key, _ in list(scan(txn, self.meta, PATH_MOVE + move.node)):
+            txn.delete(key, db=self.meta)
+        if self._path_to_trash(txn, move.node):
+            txn.put(PATH_MOVE + move.node + move.stamp.pack(), pack_move(move), db=self.meta)
+
+    def _path_move(self, txn: lmdb.Transaction[bytes], tree: TableTree, node: bytes, stamp: Stamp) -> Move | None:
+        """The move with `stamp` that placed `node`: from the log, or kept past it (`PATH_MOVE`)."""
+        entry = tree.entry_at(stamp)
+        if entry is not None:
+            return entry.move
+        raw = txn.get(PATH_MOVE + node + stamp.pack(), db=self.meta)
+        return None if raw is None else unpack_move(bytes(raw))[0]
 
     def keep_skipped(self, txn: lmdb.Transaction[bytes], entry: LogEntry) -> None:
         """A skipped move the log forgets: its conflict is recorded for good (unless resolved)."""
@@ -179,20 +216,20 @@ class SiteTree(SiteRecords):
                 return shown
         return None
 
-    def _path_to_trash(self, txn: lmdb.Transaction[bytes], node: bytes) -> list[Stamp | None]:
-        """When `node` or one of its ancestors is under TRASH: the stamps of the placements on the
-        way up, its own first, to the move into TRASH last (None for a placement forgotten: an
-        ancestor released by `forget` has none left). Every one of them took part in taking the
-        path away: a directory moved into one the other site removed loses its files as surely
-        as the removal does. [] when not under TRASH."""
-        stamps: list[Stamp | None] = []
+    def _path_to_trash(self, txn: lmdb.Transaction[bytes], node: bytes) -> list[tuple[bytes, Stamp] | None]:
+        """When `node` or one of its ancestors is under TRASH: the placements on the way up, as
+        (node, stamp), its own first, to the move into TRASH last (None for a placement
+        forgotten: an ancestor released by `forget` has none left). Every one of them took part
+        in taking the path away: a directory moved into one the other site removed loses its
+        files as surely as the removal does. [] when not under TRASH."""
+        stamps: list[tuple[bytes, Stamp] | None] = []
         for _ in range(MAX_DEPTH):
             if node in (ROOT, VOLUMES):
                 return []
             placed = self.placement(txn, node)
             if placed is None:
                 return [*stamps, None]
-            stamps.append(placed.stamp)
+            stamps.append((node, placed.stamp))
             if placed.parent == TRASH:
                 return stamps
             node = placed.parent
