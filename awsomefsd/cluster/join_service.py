@@ -195,7 +195,7 @@ def fetch_cluster_ca(address: str, ca_fingerprint: bytes, timeout_s: float = FET
         cert = x509.load_der_x509_certificate(der)
         if secrets.compare_digest(fingerprint(cert), ca_fingerprint):
             return cert
-    raise JoinRefused(f"{address} does not present the CA pinned by the token (another cluster or site?)")
+    raise JoinRefused(f"{address} does not present the cluster CA pinned by the token (another cluster?)")
 
 
 def _unverified_chain(tls: ssl.SSLSocket) -> list[bytes]:
