@@ -40,6 +40,7 @@ from tests.support.sites import (
 )
 
 pytestmark = [pytest.mark.slow,
+              pytest.mark.timeout(1200),  # 190 s for two 3-node sites on an idle 2-core machine; >300 s loaded
               pytest.mark.skipif(available() is not None, reason=f"network namespaces: {available()}")]
 
 NAMES = ["a", "b", "c"]

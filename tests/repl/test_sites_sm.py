@@ -299,6 +299,7 @@ def run_seeds(test: Callable[[Path, int], None], tmp_path: Path, chosen: range) 
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # 1,188 seeds: 210 s on an idle 2-core machine, past 300 s loaded
 def test_two_sites_converge_under_many_more_random_seeds(tmp_path: Path) -> None:
     run_seeds(test_two_sites_converge_under_random_namespace_and_attribute_changes, tmp_path, MANY_SEEDS)
 
