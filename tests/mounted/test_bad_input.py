@@ -8,6 +8,7 @@ import json
 import os
 import re
 import shutil
+import subprocess
 import tempfile
 import urllib.request
 from collections.abc import Iterator
@@ -31,6 +32,10 @@ def base() -> Iterator[Path]:
     try:
         yield path
     finally:
+        # a test that killed its daemon may leave the mount behind: never a mount outliving the test
+        for mounted in [line.split()[1] for line in Path("/proc/mounts").read_text().splitlines()
+                        if line.split()[1].startswith(str(path) + "/")]:
+            subprocess.run(["umount", "-l", mounted], capture_output=True, check=False)
         shutil.rmtree(path, ignore_errors=True)
 
 
