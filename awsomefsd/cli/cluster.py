@@ -20,12 +20,13 @@ import trio
 from awsomefsd.cli.actions import preflight, state_lock
 from awsomefsd.cluster.ca import CertificateError, ClusterCA, make_csr, new_node_key
 from awsomefsd.cluster.discovery import browse, find_join_peers
-from awsomefsd.cluster.join_service import JoinError, JoinRefused, join_cluster, split_host_port
+from awsomefsd.cluster.join_service import JoinError, JoinRefused, join_cluster
 from awsomefsd.cluster.rpc import control_call
 from awsomefsd.cluster.state import MemberState, control_socket, load_token, save_token, tls_dir, token_seeds
 from awsomefsd.cluster.tls import NodeCredentials
 from awsomefsd.cluster.token import JoinToken, TokenError
 from awsomefsd.config import Settings, parse_size_bytes
+from awsomefsd.config.addresses import split_host_port
 from awsomefsd.errors import OperatorError
 
 if TYPE_CHECKING:

@@ -18,15 +18,11 @@ import socket
 from pathlib import Path
 
 from awsomefsd.config import Settings
+from awsomefsd.config.addresses import split_host_port
 
 
 class PortInUse(Exception):
     """A listener's address cannot be used; the message names the setting."""
-
-
-def _split(listen: str) -> tuple[str, int]:
-    host, _, port = listen.rpartition(":")
-    return host.strip("[]"), int(port)
 
 
 def tcp_free(host: str, port: int, setting: str) -> None:
@@ -76,11 +72,11 @@ def check_listeners(settings: Settings, *, cluster_listen: str | None = None, co
     if settings.csi.socket is not None:
         unix_free(settings.csi.socket, "[csi] socket (--csi-socket)")
     if cluster_listen:
-        host, port = _split(cluster_listen)
+        host, port = split_host_port(cluster_listen)
         tcp_free(host, port, f"[cluster] listen (--listen {cluster_listen})")
         tcp_free(host, port + 1, f"the join listener, [cluster] listen port + 1 ({port + 1})")
     if settings.site.listen:
-        host, port = _split(settings.site.listen)
+        host, port = split_host_port(settings.site.listen)
         tcp_free(host, port, f"[site] listen ({settings.site.listen})")
         tcp_free(host, port + 1, f"the site pairing listener, [site] listen port + 1 ({port + 1})")
     if control is not None:

@@ -37,7 +37,7 @@ from zeroconf import (
     get_all_addresses,
 )
 
-from awsomefsd.cluster.join_service import join_host_port, split_host_port
+from awsomefsd.config.addresses import join_host_port, split_host_port
 
 log = logging.getLogger(__name__)
 

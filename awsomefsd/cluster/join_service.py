@@ -42,6 +42,7 @@ from awsomefsd.cluster.ca import (
 from awsomefsd.cluster.generated import join_pb2, join_pb2_grpc
 from awsomefsd.cluster.tls import NodeCredentials, channel_options
 from awsomefsd.cluster.token import NONCE_BYTES, JoinToken, TokenVerifier
+from awsomefsd.config.addresses import split_host_port
 from awsomefsd.meta.commands import BASE_LOG_LEVEL, LOG_LEVEL
 from awsomefsd.rpc.bridge import Binding, RpcAbort
 
@@ -157,19 +158,6 @@ class JoinService:
             ca_certificate_der=self._ca.cert.public_bytes(serialization.Encoding.DER),
             peers=self._peers(),
         )
-
-
-def split_host_port(address: str) -> tuple[str, int]:
-    """`host:port` or `[v6]:port` into its parts."""
-    host, sep, port = address.rpartition(":")
-    if not sep or not port.isdigit() or not host:
-        raise ValueError(f"address {address!r} is not host:port")
-    return host.strip("[]"), int(port)
-
-
-def join_host_port(host: str, port: int) -> str:
-    """`split_host_port`'s inverse: an IPv6 host goes in brackets."""
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def fetch_cluster_ca(address: str, ca_fingerprint: bytes, timeout_s: float = FETCH_CA_TIMEOUT_S, *,

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from awsomefsd.cluster.ca import write_private
-from awsomefsd.cluster.join_service import split_host_port
+from awsomefsd.config.addresses import split_host_port
 
 CLUSTER_FILE = "cluster.json"
 TLS_DIR = "tls"

@@ -21,6 +21,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_origin
 
+from awsomefsd.config.addresses import split_host_port
 from awsomefsd.config.sections import AfterValidator, BeforeValidator, Field, Section
 
 DEFAULT_CONFIG_PATH = Path("/etc/awsomefs/awsomefsd.toml")
@@ -57,8 +58,11 @@ SizeBytes = Annotated[int, BeforeValidator(_size_setting)]
 
 def _host_port_setting(value: str) -> str:
     if value:
-        host, sep, port = value.rpartition(":")
-        if not sep or not host.strip("[]") or not port.isdigit() or int(port) > 65534:
+        try:
+            _, port = split_host_port(value)
+        except ValueError:
+            port = -1
+        if not 0 <= port <= 65534:
             raise ValueError(f"{value!r} is not host:port (e.g. 10.0.0.5:9450, [fd00::5]:9450, 0.0.0.0:9450)")
     return value
 

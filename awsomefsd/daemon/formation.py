@@ -65,7 +65,7 @@ def load_cluster_token(settings: Settings) -> JoinToken | None:
 def peer_addresses(seeds: list[str] | tuple[str, ...]) -> list[str]:
     """Each `host:port`, with a name that resolves to several addresses (a headless Service) given
     as all of them; names that do not resolve (yet) are skipped."""
-    from awsomefsd.cluster.join_service import join_host_port, split_host_port
+    from awsomefsd.config.addresses import join_host_port, split_host_port
 
     found: list[str] = []
     for seed in seeds:

@@ -35,7 +35,7 @@ from awsomefsd.cluster.ca import ClusterCA, Revocations, fingerprint
 from awsomefsd.cluster.coherence import ClusterCoherence
 from awsomefsd.cluster.discovery import Advertisement, Peer
 from awsomefsd.cluster.duties import GroupKeeper, LeaderDuties, LeaseEpoch, LeaseSettings, LivenessLease
-from awsomefsd.cluster.join_service import JoinService, split_host_port
+from awsomefsd.cluster.join_service import JoinService
 from awsomefsd.cluster.record_keeper import keep_founding_record
 from awsomefsd.cluster.rpc import ControlError, ControlService, MemberService, ask_log_level, ask_progress
 from awsomefsd.cluster.state import (
@@ -57,6 +57,7 @@ from awsomefsd.cluster.tls import (
 )
 from awsomefsd.cluster.token import JoinToken, TokenVerifier
 from awsomefsd.config import Settings
+from awsomefsd.config.addresses import split_host_port
 from awsomefsd.daemon.member_metrics import collect_member_metrics
 from awsomefsd.daemon.node import (
     Core,

@@ -494,9 +494,9 @@ async def serve(core: Core, settings: Settings, *, ready: Callable[[str], None] 
 async def _start_site(nursery: trio.Nursery, core: Core, settings: Settings, member: MemberSite | None) -> None:
     """The link to another site ([site] listen) and the `site` commands' handlers: on a single
     node on a control socket of their own, on a cluster member beside the member's."""
-    from awsomefsd.cluster.join_service import join_host_port, split_host_port
     from awsomefsd.cluster.rpc import ControlService
     from awsomefsd.cluster.state import control_socket
+    from awsomefsd.config.addresses import join_host_port, split_host_port
     from awsomefsd.fuse.invalidate import Invalidator, changed_targets, targets
     from awsomefsd.repl.service import SiteService
     from awsomefsd.rpc.bridge import serve_grpc

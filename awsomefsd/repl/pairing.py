@@ -24,9 +24,10 @@ import trio
 from cryptography import x509
 
 from awsomefsd.cluster.ca import cluster_dns_name, fingerprint
-from awsomefsd.cluster.join_service import JoinError, fetch_cluster_ca, join_host_port, split_host_port
+from awsomefsd.cluster.join_service import JoinError, fetch_cluster_ca
 from awsomefsd.cluster.rpc import ControlError
 from awsomefsd.cluster.token import LINK, NONCE_BYTES, LinkToken, TokenError, TokenVerifier
+from awsomefsd.config.addresses import join_host_port, split_host_port
 from awsomefsd.crdt import wire
 from awsomefsd.meta import commands as c
 from awsomefsd.repl.endpoint import CALL_TIMEOUT_S, Endpoint, why_failed

@@ -28,9 +28,9 @@ import trio
 from cryptography import x509
 
 from awsomefsd.cluster.ca import Revocations
-from awsomefsd.cluster.join_service import join_host_port, split_host_port
 from awsomefsd.cluster.rpc import generic_adder
 from awsomefsd.cluster.tls import NodeCredentials
+from awsomefsd.config.addresses import join_host_port, split_host_port
 from awsomefsd.crdt import wire
 from awsomefsd.fs.data import FileData
 from awsomefsd.fs.operations import Operations

@@ -23,9 +23,10 @@ import trio
 
 from awsomefsd.cluster.ca import ClusterCA
 from awsomefsd.cluster.discovery import JOIN_PORT_OFFSET, Advertisement, browse, find_join_peers
-from awsomefsd.cluster.join_service import JoinError, JoinRefused, JoinService, join_cluster, split_host_port
+from awsomefsd.cluster.join_service import JoinError, JoinRefused, JoinService, join_cluster
 from awsomefsd.cluster.tls import NodeCredentials, join_server_credentials
 from awsomefsd.cluster.token import JoinToken, TokenVerifier
+from awsomefsd.config.addresses import split_host_port
 from awsomefsd.rpc.bridge import serve_grpc
 
 

@@ -26,8 +26,8 @@ import yaml
 
 from awsomefsd.cli.actions import HAND_OVER_DEADLINE_S
 from awsomefsd.cli.main import build_parser
-from awsomefsd.cluster.join_service import split_host_port
 from awsomefsd.config import load_settings
+from awsomefsd.config.addresses import split_host_port
 from awsomefsd.csi.identity import PLUGIN_NAME
 from tests.support import k8s_pods
 

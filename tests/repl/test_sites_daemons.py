@@ -177,7 +177,8 @@ def test_a_partition_and_a_killed_site_lose_nothing(sites: tuple[Site, Site, Wan
 _PAIR_HOSTILE = """
 import json, sys, grpc
 from awsomefsd.cluster.ca import cluster_dns_name
-from awsomefsd.cluster.join_service import fetch_cluster_ca, join_host_port, split_host_port
+from awsomefsd.cluster.join_service import fetch_cluster_ca
+from awsomefsd.config.addresses import join_host_port, split_host_port
 from awsomefsd.cluster.token import LinkToken
 from awsomefsd.crdt import wire
 token = LinkToken.parse(sys.argv[1])
