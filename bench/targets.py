@@ -38,6 +38,8 @@ class Target:
     name: str
     path: Path
     is_block_device: bool = False
+    pid: int | None = None
+    """The process serving a FUSE target (its children too: read workers), for CPU accounting."""
 
 
 def run(cmd: list[str], *, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess[str]:
@@ -210,10 +212,11 @@ def _stop_daemon(daemon: Daemon, grace_s: float = 30) -> None:
 
 @contextlib.contextmanager
 def awsomefs_target(workdir: Path, size: str, command: list[str], deadline_s: float, *,
-                    transport: str = "kernel") -> Iterator[Target]:
+                    transport: str = "kernel", settings: dict[str, str] | None = None) -> Iterator[Target]:
     """Start `awsomefsd dev` on a fresh state dir and yield its mount once it printed the ready line.
     `transport`: how it serves FUSE ([mount] transport); the target is named "awsomefs" for the
-    default one and "awsomefs-<transport>" for another."""
+    default one and "awsomefs-<transport>" for another. `settings`: more `AWSOMEFS_*` variables
+    (a bench comparing read workers or io_uring on and off)."""
     name = "awsomefs" if transport == "kernel" else f"awsomefs-{transport}"
     mount = workdir / f"mnt-{name}"
     state = workdir / f"{name}-state"
@@ -224,10 +227,10 @@ def awsomefs_target(workdir: Path, size: str, command: list[str], deadline_s: fl
     state.mkdir(parents=True)
     # Any free metrics port: the default (9337) may be held by another daemon on this machine.
     argv = [*command, "dev", "--mount", str(mount), "--state", str(state), "--size", size, "--metrics-port", "0"]
-    daemon = _spawn(argv, mount, workdir / f"{name}.log", env={"AWSOMEFS_MOUNT__TRANSPORT": transport})
+    daemon = _spawn(argv, mount, workdir / f"{name}.log", env={"AWSOMEFS_MOUNT__TRANSPORT": transport, **(settings or {})})
     try:
         _wait_ready(daemon, deadline_s)
-        yield Target(name, mount)
+        yield Target(name, mount, pid=daemon.proc.pid)
     finally:
         _stop_daemon(daemon)
         run(["rm", "-rf", str(state)], check=False)
@@ -240,22 +243,24 @@ FLOORS = {
 
 
 @contextlib.contextmanager
-def floor_target(name: str, workdir: Path, python: str, deadline_s: float) -> Iterator[Target]:
+def floor_target(name: str, workdir: Path, python: str, deadline_s: float, *,
+                 settings: dict[str, str] | None = None) -> Iterator[Target]:
     """A do-nothing filesystem: what a FUSE transport alone allows, request for request, on this
     machine and load. `fusefloor` is pyfuse3's (bench/nullfs.py), `kernelfloor` our own
     transport's (bench/kernelfloor.py, the default transport's handlers and session).
 
     A ceiling, not a competitor: it keeps everything in memory and checks nothing, so AwsomeFS at
     this target's figure would mean the transport is the bottleneck, and a figure above it is
-    impossible without a different one.
+    impossible without a different one. `settings`: `AWSOMEFS_*` variables the floor reads too
+    (kernelfloor: `AWSOMEFS_MOUNT__IO_URING`).
     """
     script, ready = FLOORS[name]
     mount = workdir / f"mnt-{name}"
     lazy_unmount(mount)
     mount.mkdir(parents=True, exist_ok=True)
-    daemon = _spawn([python, str(script), str(mount)], mount, workdir / f"{name}.log")
+    daemon = _spawn([python, str(script), str(mount)], mount, workdir / f"{name}.log", env=settings)
     try:
         _wait_ready(daemon, deadline_s, ready)
-        yield Target(name, mount)
+        yield Target(name, mount, pid=daemon.proc.pid)
     finally:
         _stop_daemon(daemon)

@@ -13,61 +13,31 @@ before and after.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
-from collections.abc import Iterator
+from contextlib import AbstractContextManager
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from targets import Target, awsomefs_target, floor_target
+
 PYTHON = sys.executable
 ENABLE_URING = Path("/sys/module/fuse/parameters/enable_uring")
 PATHS = ("read", "io_uring")
 CELLS = (("randread", "libaio"), ("randwrite", "libaio"), ("randread", "psync"), ("randwrite", "psync"))
 
 
-@contextlib.contextmanager
-def mounted(target: str, path: str, base: Path) -> Iterator[Path]:
+def mounted(target: str, path: str, base: Path) -> AbstractContextManager[Target]:
     """`target` (kernelfloor or awsomefs) serving with `path` (read: io_uring off; io_uring: on)."""
-    mount = base / f"{target}-{path}"
-    mount.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "PYTHONPATH": str(REPO), "AWSOMEFS_MOUNT__IO_URING": "off" if path == "read" else "on"}
+    settings = {"AWSOMEFS_MOUNT__IO_URING": "off" if path == "read" else "on"}
     if target == "kernelfloor":
-        cmd, ready = [PYTHON, str(REPO / "bench" / "kernelfloor.py"), str(mount)], "kernelfloor: mounted"
-    else:
-        state = base / f"state-{path}"
-        cmd = [PYTHON, "-m", "awsomefsd", "dev", "--state", str(state), "--mount", str(mount), "--size", "4G",
-               "--metrics-port", "-1", "--log-level", "warning"]
-        ready = "awsomefsd: mounted"
-    with open(base / f"{target}-{path}.log", "w") as log:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True, env=env, cwd="/",
-                                start_new_session=True)
-    try:
-        assert proc.stdout is not None
-        deadline = time.monotonic() + 120
-        for line in proc.stdout:
-            if line.startswith(ready):
-                break
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{target} did not mount")
-        else:
-            raise RuntimeError(f"{target} ({path}) exited: see {base}/{target}-{path}.log")
-        yield mount
-    finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        subprocess.run(["umount", "-l", str(mount)], capture_output=True, check=False)
+        return floor_target("kernelfloor", base, PYTHON, 120, settings=settings)
+    return awsomefs_target(base, "4G", [PYTHON, "-m", "awsomefsd"], 120, settings=settings)
 
 
 def fio(filename: Path, rw: str, engine: str, runtime: int, size: str) -> float:
@@ -101,8 +71,8 @@ def main() -> int:
             order = PATHS if run % 2 == 0 else PATHS[::-1]
             for target in args.targets.split(","):
                 for path in order:
-                    with mounted(target, path, base) as mount:
-                        filename = mount / "fio-file"
+                    with mounted(target, path, base) as served:
+                        filename = served.path / "fio-file"
                         subprocess.run(["fio", "--name=lay", f"--filename={filename}", "--rw=write", "--bs=1M",
                                         f"--size={args.file_size}", "--end_fsync=1", "--output-format=json"],
                                        capture_output=True, check=True, timeout=300)

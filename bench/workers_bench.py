@@ -16,13 +16,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from contextlib import AbstractContextManager
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from targets import Target, awsomefs_target, drop_caches, floor_target
 
 REPO = Path(__file__).resolve().parent.parent
 DAEMON = [str(REPO / ".venv/bin/python"), "-m", "awsomefsd"]
@@ -45,43 +48,11 @@ def server_pids(root: int) -> list[int]:
     return [root, *(int(p) for p in out)]
 
 
-def start(mode: str, base: Path) -> subprocess.Popen[str]:
-    mount = base / "mnt"
-    mount.mkdir(parents=True, exist_ok=True)
+def serving(mode: str, base: Path) -> AbstractContextManager[Target]:
+    """The daemon with `mode` read workers, or the transport's floor."""
     if mode == "floor":
-        argv, ready = [str(REPO / ".venv/bin/python"), str(REPO / "bench/kernelfloor.py"), str(mount)], "kernelfloor: mounted"
-        env = os.environ
-    else:
-        argv = [*DAEMON, "dev", "--state", str(base / "state"), "--mount", str(mount), "--size", "4G",
-                "--metrics-port", "-1", "--log-level", "warning"]
-        ready = "awsomefsd: mounted"
-        env = {**os.environ, "PYTHONPATH": str(REPO), "AWSOMEFS_MOUNT__READ_WORKERS": mode}
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd="/",
-                            start_new_session=True)
-    assert proc.stdout is not None
-    deadline = time.monotonic() + 120
-    for line in proc.stdout:
-        if line.startswith(ready):
-            return proc
-        if time.monotonic() > deadline:
-            break
-    proc.kill()
-    raise SystemExit(f"workers_bench: {mode} did not mount")
-
-
-def stop(proc: subprocess.Popen[str], mount: Path) -> None:
-    proc.send_signal(signal.SIGINT)
-    try:
-        proc.wait(60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-    subprocess.run(["umount", "-l", str(mount)], capture_output=True, check=False)
-
-
-def drop_caches() -> None:
-    os.sync()
-    Path("/proc/sys/vm/drop_caches").write_text("3")
+        return floor_target("kernelfloor", base, sys.executable, 120)
+    return awsomefs_target(base, "4G", DAEMON, 120, settings={"AWSOMEFS_MOUNT__READ_WORKERS": mode})
 
 
 def fio(path: Path, size: str, runtime: int, *extra: str) -> dict[str, float]:
@@ -92,32 +63,28 @@ def fio(path: Path, size: str, runtime: int, *extra: str) -> dict[str, float]:
 
 
 def measure(mode: str, args: argparse.Namespace) -> dict[str, float]:
-    with tempfile.TemporaryDirectory(dir="/var/tmp", prefix="workers-bench-") as tmp:
-        base = Path(tmp)
-        proc = start(mode, base)
-        try:
-            data = base / "mnt" / "data"
-            subprocess.run(["dd", "if=/dev/urandom", f"of={data}", "bs=1M", f"count={args.mib}", "conv=fsync"],
-                           check=True, capture_output=True)
-            time.sleep(2)  # the last writes' commit (until then a worker forwards reads of the file)
-            drop_caches()
-            result: dict[str, float] = {"load_before": os.getloadavg()[0]}
-            pids = server_pids(proc.pid)
-            for name, extra in (("qd16", ["--rw=randread", "--bs=4k", "--direct=1", "--ioengine=libaio",
-                                          "--iodepth=16", "--numjobs=1"]),
-                                ("psync16", ["--rw=randread", "--bs=4k", "--direct=1", "--ioengine=psync",
-                                             "--numjobs=16", "--thread"])):
-                cpu0 = cpu_seconds(pids)
-                got = fio(data, f"{args.mib}M", args.runtime, *extra, "--time_based", f"--runtime={args.runtime}")
-                result[f"{name}_iops"] = got["iops"]
-                result[f"{name}_cpu_us"] = 1e6 * (cpu_seconds(pids) - cpu0) / max(got["ios"], 1)
-            drop_caches()
-            got = fio(data, f"{args.mib}M", 0, "--rw=read", "--bs=1M", "--ioengine=psync")
-            result["seq_mib_s"] = got["mib_s"]
-            result["load_after"] = os.getloadavg()[0]
-            return result
-        finally:
-            stop(proc, base / "mnt")
+    with tempfile.TemporaryDirectory(dir="/var/tmp", prefix="workers-bench-") as tmp, serving(mode, Path(tmp)) as target:
+        assert target.pid is not None
+        data = target.path / "data"
+        subprocess.run(["dd", "if=/dev/urandom", f"of={data}", "bs=1M", f"count={args.mib}", "conv=fsync"],
+                       check=True, capture_output=True)
+        time.sleep(2)  # the last writes' commit (until then a worker forwards reads of the file)
+        drop_caches()
+        result: dict[str, float] = {"load_before": os.getloadavg()[0]}
+        pids = server_pids(target.pid)
+        for name, extra in (("qd16", ["--rw=randread", "--bs=4k", "--direct=1", "--ioengine=libaio",
+                                      "--iodepth=16", "--numjobs=1"]),
+                            ("psync16", ["--rw=randread", "--bs=4k", "--direct=1", "--ioengine=psync",
+                                         "--numjobs=16", "--thread"])):
+            cpu0 = cpu_seconds(pids)
+            got = fio(data, f"{args.mib}M", args.runtime, *extra, "--time_based", f"--runtime={args.runtime}")
+            result[f"{name}_iops"] = got["iops"]
+            result[f"{name}_cpu_us"] = 1e6 * (cpu_seconds(pids) - cpu0) / max(got["ios"], 1)
+        drop_caches()
+        got = fio(data, f"{args.mib}M", 0, "--rw=read", "--bs=1M", "--ioengine=psync")
+        result["seq_mib_s"] = got["mib_s"]
+        result["load_after"] = os.getloadavg()[0]
+        return result
 
 
 def main() -> int:
