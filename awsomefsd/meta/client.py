@@ -129,7 +129,7 @@ class MetaClient:
     @property
     def committed_index(self) -> int:
         """The last command committed: with the local log, in LMDB, where other processes see it."""
-        return int(self._log.committed_index)  # type: ignore[attr-defined]
+        return self._log.committed_index
 
     # -- namespace --------------------------------------------------------------------------------
     def inode(self, ino: int) -> Inode | None:

@@ -70,6 +70,11 @@ class ReplicatedLog(Protocol):
     @property
     def applied_index(self) -> int: ...
 
+    @property
+    def committed_index(self) -> int:
+        """The last command committed: the local log's in LMDB; Raft's committed in the log."""
+        ...
+
 
 class LocalLog:
     def __init__(
