@@ -8,8 +8,8 @@ unless the operator asked for it.
 The three layers are merged here (`load_settings`) and read once (config/sections.py), as
 pydantic-settings did (`AWSOMEFS_` prefix in any case, `__` between section and key, JSON for a
 list or a whole section, a higher layer over a lower one key by key). Importing pydantic-settings
-cost every start of the daemon about 0.1 s of CPU (asyncio, its cloud secret sources), which the
-applications of a restarting daemon wait for (issue 41 item 5).
+and pydantic cost every start of the daemon a third of what it loads, which the applications of
+a restarting daemon wait for (issue 41 item 5; design notes 75 and 78).
 """
 
 from __future__ import annotations
