@@ -97,12 +97,12 @@ NUITKA_FLAGS = (
     "--include-module=_bisect",
     "--nofollow-import-to=grpc_tools",  # protoc is a build tool (9 MB), not a run-time dependency
     "--nofollow-import-to=pytest,_pytest,hypothesis,mypy",
-    # Test-only packages that a development virtualenv holds: pydantic-settings would pull PyYAML
-    # (and libyaml) in through its optional YAML source, the tests' kubernetes manifests checker more.
-    "--nofollow-import-to=yaml,kubernetes_validate,jsonschema",
-    # The tiering tests' S3 server and client: pydantic-settings' optional AWS source imports boto3
-    # (with botocore's 20 MB of service models) when it is installed. The daemon signs its own
-    # requests (awsomefsd/tier/sigv4.py).
+    # Test-only packages a development virtualenv holds (the kubernetes manifests' checker, and the
+    # settings readers the rolling-upgrade test's earlier build imports): the daemon imports none of
+    # them; named so that an optional import somewhere cannot carry them into the binary.
+    "--nofollow-import-to=yaml,kubernetes_validate,jsonschema,pydantic,pydantic_core,pydantic_settings",
+    # The tiering tests' S3 server and client (boto3 brings botocore's 20 MB of service models).
+    # The daemon signs its own requests (awsomefsd/tier/sigv4.py).
     "--nofollow-import-to=boto3,botocore,s3transfer,moto,flask,flask_cors,werkzeug",
     "--no-prefer-source-code",  # keep zeroconf's compiled modules instead of recompiling their .py
     "--lto=no",  # LTO saved 0.3% of the size and defeats ccache
