@@ -11,6 +11,10 @@ operation for replicated trees" (IEEE TPDS, 2021), with nothing of a file system
   redoes them (`apply`). A move that would put a node under itself is skipped, then and on every
   redo where it still would. So every site that has applied the same set of moves has the same
   tree, whatever order they arrived in, and no order of arrival makes a cycle.
+- Where moves arrive in causal order (`causal`: sites have one peer each, over a FIFO link), only
+  the later moves that an older one can change are undone: not a new node's first placement
+  (`reorders`). Why that is exact is in `apply`; it is what keeps a catch-up after a partition
+  linear in the creates both sites made, where undoing everything was quadratic (issue 47).
 - The log keeps, per move, the placement it replaced, which undo needs, and the moves that a move
   still to come may be concurrent with. `forget_before(stamp)` drops the entries no move still
   to come can need (its docstring says when that is; the caller knows from the peers' cursors).
@@ -120,6 +124,12 @@ class LogEntry:
     done: bool
     """False: skipped, the node would have become its own ancestor."""
 
+    @property
+    def reorders(self) -> bool:
+        """Must this entry be undone and redone for an older move to apply? Every entry but a new
+        node's first placement (done, nothing before it): `ReplicatedTree.apply` says why."""
+        return self.before is not None or not self.done
+
 
 @dataclass(frozen=True, slots=True)
 class Conflict:
@@ -140,12 +150,21 @@ class TreeLog(Protocol):
         """The entries with stamps at or after `stamp`, in stamp order."""
         ...
 
-    def truncate_from(self, stamp: Stamp) -> None:
-        """Drop the entries with stamps at or after `stamp` (they are about to be redone)."""
+    def reordering_from(self, stamp: Stamp) -> list[LogEntry]:
+        """The entries with stamps at or after `stamp` that `reorders`, in stamp order (what
+        an older move undoes; the log may keep an index of them while a batch applies)."""
+        ...
+
+    def remove(self, entries: list[LogEntry]) -> None:
+        """Drop these entries (they are about to be redone)."""
         ...
 
     def append(self, entry: LogEntry) -> None:
         """Add an entry with a stamp greater than every entry's."""
+        ...
+
+    def insert(self, entry: LogEntry) -> None:
+        """Add an entry at its stamp's place among the others (no entry has its stamp)."""
         ...
 
     def moves_of(self, node: NodeId) -> list[Move]:
@@ -174,14 +193,25 @@ class MemoryLog:
     def entries_from(self, stamp: Stamp) -> list[LogEntry]:
         return self.entries[bisect.bisect_left(self._stamps, stamp):]
 
-    def truncate_from(self, stamp: Stamp) -> None:
-        at = bisect.bisect_left(self._stamps, stamp)
-        del self.entries[at:], self._stamps[at:]
+    def reordering_from(self, stamp: Stamp) -> list[LogEntry]:
+        return [entry for entry in self.entries_from(stamp) if entry.reorders]
+
+    def remove(self, entries: list[LogEntry]) -> None:
+        for entry in entries:
+            at = bisect.bisect_left(self._stamps, entry.move.stamp)
+            assert at < len(self._stamps) and self._stamps[at] == entry.move.stamp, "removing an entry not in the log"
+            del self.entries[at], self._stamps[at]
 
     def append(self, entry: LogEntry) -> None:
         assert not self._stamps or entry.move.stamp > self._stamps[-1], "log entries out of stamp order"
         self.entries.append(entry)
         self._stamps.append(entry.move.stamp)
+
+    def insert(self, entry: LogEntry) -> None:
+        at = bisect.bisect_left(self._stamps, entry.move.stamp)
+        assert at == len(self._stamps) or self._stamps[at] != entry.move.stamp, "two entries with one stamp"
+        self.entries.insert(at, entry)
+        self._stamps.insert(at, entry.move.stamp)
 
     def moves_of(self, node: NodeId) -> list[Move]:
         return list(self._by_node.get(node, ()))
@@ -207,16 +237,36 @@ class MemoryLog:
 class ReplicatedTree:
     """The moves applied so far, in stamp order, over a TreeState and a TreeLog."""
 
-    def __init__(self, state: TreeState, log: TreeLog | None = None, *, horizon: Stamp | None = None) -> None:
+    def __init__(self, state: TreeState, log: TreeLog | None = None, *, horizon: Stamp | None = None,
+                 causal: bool = False) -> None:
         self.state = state
         self.log: TreeLog = log if log is not None else MemoryLog()
         self.horizon = horizon
         """Moves at or before this stamp were applied and forgotten: one arriving again is a bug.
         (Kept by the caller across restarts, with the log.)"""
+        self.causal = causal
+        """Does every move arrive after every move its site had applied when it made it? True
+        between two sites (the peer's moves come over one link in its order, and the rest are
+        this site's own); not where moves of a third site may come by another way. `apply` then
+        leaves later first placements in place: a node first placed after a move arrived can
+        otherwise have been named by moves that came before its placement."""
 
     def apply(self, move: Move) -> list[Conflict]:
         """Apply `move` at its place in stamp order; returns the conflicts it makes with moves of
-        the same node already applied. Applying a move again changes nothing and reports nothing."""
+        the same node already applied. Applying a move again changes nothing and reports nothing.
+
+        With `causal`, the later moves undone and redone are those that `reorders`; a new
+        node's first placement stays. That gives the tree, and the log, of undoing everything,
+        because a move names only nodes placed before it (its site had applied their first
+        placements: the clock puts its stamp after them), and in causal order those came first
+        here too. With every later move undone but first placements, the
+        tree is the tree at `move.stamp` plus nodes newer than it, each where it was first put,
+        none above a node that existed then. So `move`'s cycle check, which walks up from its
+        parent, walks as it would then, and so does every redone move's, in stamp order;
+        `before` is the same; and a first placement is of a node with nothing below it yet, so
+        it is done either way. `_older_than` checks what this rests on, for `move` itself;
+        where it does not hold, everything later is undone as before. Cost: the moves undone,
+        not every move made since."""
         if self.horizon is not None and move.stamp <= self.horizon:
             raise ValueError(f"move {move.stamp} is at or before the forgotten horizon {self.horizon}: "
                              "either it was applied already and is resent, or the log was forgotten too early")
@@ -225,12 +275,20 @@ class ReplicatedTree:
             if same.move != move:
                 raise ValueError(f"two different moves with stamp {move.stamp}")
             return []
-        later = self.log.entries_from(move.stamp)
+        later = self.log.reordering_from(move.stamp) if self.causal else self.log.entries_from(move.stamp)
         for entry in reversed(later):
             self._undo(entry)
-        self.log.truncate_from(move.stamp)
-        for m in [move] + [entry.move for entry in later]:
-            self.log.append(self._do(m))
+        if self.causal and not self._older_than(move):
+            placed = self.log.entries_from(move.stamp)  # the first placements left: undo them too
+            undone = {entry.move.stamp for entry in later}
+            rest = [entry for entry in placed if entry.move.stamp not in undone]
+            for entry in reversed(rest):
+                self._undo(entry)
+            later = placed
+        self.log.remove(later)
+        self.log.insert(self._do(move))
+        for entry in later:
+            self.log.insert(self._do(entry.move))
         conflicts = [Conflict(move.node, *sorted((move, other), key=lambda m: m.stamp, reverse=True))
                      for other in self.log.moves_of(move.node) if concurrent(move, other)]
         self.log.add_move_of(move)
@@ -242,6 +300,22 @@ class ReplicatedTree:
         with (`apply` would find the same, with more reads: this is the write path)."""
         self.log.append(self._do(move))
         self.log.add_move_of(move)
+
+    def _older_than(self, move: Move) -> bool:
+        """Are `move`'s node, and its parent with every node above it, placed before `move` (or not
+        at all)? Then no first placement left in the tree changes what `move` does."""
+        placed = self.state.placement(move.node)
+        if placed is not None and placed.stamp > move.stamp:
+            return False
+        current = move.parent
+        for _ in range(MAX_DEPTH):
+            placed = self.state.placement(current)
+            if placed is None:
+                return True
+            if placed.stamp > move.stamp:
+                return False
+            current = placed.parent
+        raise TreeCorruption(f"node {move.parent.hex()} is more than {MAX_DEPTH} levels deep: a cycle")
 
     def forget_before(self, stamp: Stamp) -> int:
         """Drop the log entries with stamps up to `stamp`. Only safe when every move not applied

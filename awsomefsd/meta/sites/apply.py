@@ -30,7 +30,7 @@ from awsomefsd.meta.errors import FsError
 from awsomefsd.meta.records import MAX_FILE_SIZE_BYTES, Applied, Extent, Inode, blocks_for, u64
 from awsomefsd.meta.sites.conflicts import UNCHANGED
 from awsomefsd.meta.sites.tables import ATTRS, CONTENT, XATTR
-from awsomefsd.meta.sites.tree import Dirty, TableTree
+from awsomefsd.meta.sites.tree import Dirty, ReorderingIndex, TableTree
 from awsomefsd.meta.sites.view import SiteView
 
 
@@ -41,7 +41,11 @@ class SiteApply(SiteView):
         """Apply a batch of the peer's operations, all or none (`_all_or_none`): an operation can
         be refused after others wrote (the batch is checked first, but state that breaks an
         invariant shows only when it is met)."""
-        return self._all_or_none(txn, lambda nested: self._apply_remote(nested, cmd))
+        self.reordering = ReorderingIndex()
+        try:
+            return self._all_or_none(txn, lambda nested: self._apply_remote(nested, cmd))
+        finally:
+            self.reordering = None  # of this transaction only
 
     def _apply_remote(self, txn: lmdb.Transaction[bytes], cmd: c.ApplyRemote | c.ApplyRemoteSharing) -> Applied:
         self._entries, self._inodes = [], []
@@ -174,7 +178,8 @@ class SiteApply(SiteView):
         if txn.get(op.node, db=self.db["sentries"]) is None:
             self._put_entry(txn, op.node, op.object, 0, b"")
         dirty = Dirty()
-        tree = ReplicatedTree(TableTree(self, txn, dirty), TableTree(self, txn, dirty))
+        # causal: the peer's moves come in its order, over the one link (crdt/tree.py, `causal`)
+        tree = ReplicatedTree(TableTree(self, txn, dirty), TableTree(self, txn, dirty), causal=True)
         # Two deletes of one entry wanted the same: no conflict to list.
         found = [conflict for conflict in tree.apply(Move(op.stamp, op.node, op.parent, op.name, op.seen))
                  if not conflict.winner.parent == conflict.loser.parent == TRASH]

@@ -13,6 +13,7 @@ two, and what every job that moves or looks up an entry goes through.
 
 from __future__ import annotations
 
+import bisect
 import json
 import struct
 from dataclasses import dataclass, field
@@ -34,6 +35,17 @@ class Dirty:
 
     groups: set[tuple[bytes, bytes]] = field(default_factory=set)
     nodes: set[bytes] = field(default_factory=set)
+
+
+@dataclass(slots=True)
+class ReorderingIndex:
+    """While one batch of the peer's moves applies: the stamps of the log entries from `start` on
+    that `reorders` (LogEntry.reorders), so that each move of the batch finds what it must undo
+    without reading every entry made since (the first placements, most of a catch-up's log)."""
+
+    start: Stamp | None = None
+    """From where `stamps` is complete; None until the batch's first move reads the log."""
+    stamps: list[Stamp] = field(default_factory=list)
 
 
 class TableTree:
@@ -69,18 +81,42 @@ class TableTree:
     def entries_from(self, stamp: Stamp) -> list[LogEntry]:
         return [_log_entry(v) for _, v in scan_from(self.txn, self.t.db["slog"], stamp.pack())]
 
-    def truncate_from(self, stamp: Stamp) -> None:
-        for key, _ in list(scan_from(self.txn, self.t.db["slog"], stamp.pack())):
+    def reordering_from(self, stamp: Stamp) -> list[LogEntry]:
+        index = self.t.reordering
+        if index is None or index.start is None or stamp < index.start:
+            stamps = [Stamp.unpack(bytes(key)) for key, value in scan_from(self.txn, self.t.db["slog"], stamp.pack())
+                      if _reorders(value)]
+            if index is not None:  # a batch applies: keep them, and keep them current
+                index.start, index.stamps = stamp, stamps
+        else:
+            stamps = index.stamps[bisect.bisect_left(index.stamps, stamp):]
+        found = [self.entry_at(at) for at in stamps]
+        assert all(entry is not None for entry in found), "the index of reordering entries is behind the log"
+        return [entry for entry in found if entry is not None]
+
+    def remove(self, entries: list[LogEntry]) -> None:
+        index = self.t.reordering
+        for entry in entries:
+            key = entry.move.stamp.pack()
             self.txn.delete(key, db=self.t.db["slog"])
-        for key, _ in list(scan_from(self.txn, self.t.meta, SKIPPED + stamp.pack())):
-            if not bytes(key).startswith(SKIPPED):
-                break
-            self.txn.delete(key, db=self.t.meta)
+            if not entry.done:
+                self.txn.delete(SKIPPED + key, db=self.t.meta)
+            if index is not None and entry.reorders:
+                at = bisect.bisect_left(index.stamps, entry.move.stamp)
+                if at < len(index.stamps) and index.stamps[at] == entry.move.stamp:
+                    del index.stamps[at]
 
     def append(self, entry: LogEntry) -> None:
+        self.insert(entry)
+
+    def insert(self, entry: LogEntry) -> None:
+        """Entries are keyed by stamp: one goes to its place in stamp order wherever it is put."""
         self.txn.put(entry.move.stamp.pack(), _pack_log_entry(entry), db=self.t.db["slog"])
         if not entry.done:  # a move that would have made a cycle: listed while the log holds it
             self.txn.put(SKIPPED + entry.move.stamp.pack(), b"", db=self.t.meta)
+        index = self.t.reordering
+        if index is not None and index.start is not None and entry.reorders and entry.move.stamp >= index.start:
+            bisect.insort(index.stamps, entry.move.stamp)
 
     def moves_of(self, node: bytes) -> list[Move]:
         return [unpack_move(bytes(v))[0] for _, v in scan(self.txn, self.t.db["smoves"], node)]
@@ -92,6 +128,8 @@ class TableTree:
         """Drop the log up to `stamp`; a skipped move in it becomes a conflict record for good,
         and one that places a node on a path into TRASH is kept (`SiteTree.keep_path_move`)."""
         txn, db = self.txn, self.t.db
+        if self.t.reordering is not None:
+            self.t.reordering.start = None  # read the log again
         dropped = 0
         keep_paths = self.t.at_site_paths_level(txn)
         for key, value in list(scan(txn, db["slog"], b"")):
@@ -110,6 +148,9 @@ class TableTree:
 
 class SiteTree(SiteRecords):
     """The tree's skipped moves and where the tree shows a node."""
+
+    reordering: ReorderingIndex | None = None
+    """Set while a batch of the peer's operations applies (`SiteApply.apply_remote`)."""
 
     def at_site_paths_level(self, txn: lmdb.Transaction[bytes]) -> bool:
         """Does this site follow the rules of `c.SITE_PATHS_LEVEL` (the moves on a path into TRASH
@@ -266,6 +307,11 @@ def _pack_log_entry(entry: LogEntry) -> bytes:
     if before is not None:
         head += _BEFORE.pack(before.parent, before.stamp.pack(), len(before.name)) + before.name
     return head + pack_move(entry.move)
+
+
+def _reorders(raw: bytes) -> bool:
+    """`LogEntry.reorders` of a packed entry, from its first two bytes (done, a placement before)."""
+    return raw[0] == 0 or raw[1] == 1
 
 
 def _log_entry(raw: bytes) -> LogEntry:
