@@ -45,8 +45,13 @@ def site_command(settings: Settings, action: str, arguments: list[str], *, keep:
                     return 130
         return 0
     if action == "unlink":
-        _call(settings, {"op": "site_unlink"})
+        untold = _call(settings, {"op": "site_unlink"}).get("untold", "")
         print("awsomefsd: unlinked; nothing more is sent or received")
+        if untold:
+            print(f"awsomefsd: the other site could not be told ({untold}); it stays linked, its link down, "
+                  "until `awsomefsd site unlink` runs there too")
+        else:
+            print("awsomefsd: the other site was told and is unlinked too")
         return 0
     if action == "status":
         info = _call(settings, {"op": "site_status"})

@@ -30,13 +30,15 @@ from awsomefsd.cluster.token import LINK, NONCE_BYTES, LinkToken, TokenError, To
 from awsomefsd.config.addresses import join_host_port, split_host_port
 from awsomefsd.crdt import wire
 from awsomefsd.meta import commands as c
-from awsomefsd.repl.endpoint import CALL_TIMEOUT_S, Endpoint, why_failed
+from awsomefsd.repl.endpoint import CALL_TIMEOUT_S, LINK_SERVICE, Endpoint, why_failed
 from awsomefsd.repl.identity import ca_fingerprint, site_dir
 from awsomefsd.rpc.bridge import RpcAbort, unary_call
 
 log = logging.getLogger(__name__)
 
 PAIRING_SERVICE = "awsomefs.site.v1.Pairing"
+UNLINK_TIMEOUT_S = 5.0
+"""How long `site unlink` tries each of the other site's addresses to tell it."""
 INVITE_FILE = "invite"
 ROLLING_UPGRADE = ("a member of this site runs a build that cannot take part in cross-site replication yet "
                    "(a rolling upgrade under way): upgrade every member first")
@@ -163,12 +165,43 @@ class Pairing(Endpoint):
         self.relink()
         return int(sent)
 
-    async def unlink(self) -> None:
-        if self.meta.site_link() is None:
+    async def unlink(self) -> str:
+        """Unlink here, then tell the other site, which unlinks too (`unlinked_by_peer`). Returns
+        "" once it was told, else why it could not be: it then stays linked, its link down,
+        until it is unlinked there as well (an operator's `site unlink` on it)."""
+        link = self.meta.site_link()
+        if link is None:
             raise ControlError("this site is not linked")
         await self.meta.propose(c.UnlinkSite(time.time_ns()))
         await self.meta.barrier()
         log.info("unlinked from the other site")
+        self.relink()
+        untold = await self._tell_unlinked(link)
+        if untold:
+            log.warning("the other site could not be told of the unlink (%s): unlink it there too", untold)
+        return untold
+
+    async def _tell_unlinked(self, link: dict[str, Any]) -> str:
+        """Call `Unlink` on whichever of the other site's addresses runs its link."""
+        failures = []
+        for address in link["addresses"]:
+            try:
+                with self._channel(link, address) as channel:
+                    await unary_call(channel, f"/{LINK_SERVICE}/Unlink", wire.frame({}), UNLINK_TIMEOUT_S)
+                return ""
+            except (grpc.RpcError, OSError, ValueError) as exc:
+                failures.append(f"{address}: {why_failed(exc)}")
+        return "; ".join(failures) or "it has no address"
+
+    async def unlinked_by_peer(self) -> None:
+        """The other site unlinked and says so (its `site unlink`): unlink here too, so that this
+        site neither keeps sending into a link that is gone nor refuses a new one."""
+        if self.meta.site_link() is None:
+            return
+        await self.meta.propose(c.UnlinkSite(time.time_ns()))
+        await self.meta.barrier()
+        log.warning("the other site unlinked (its `site unlink`): this site is unlinked too; "
+                    "what it had not sent yet is no longer sent")
         self.relink()
 
     def new_nonce(self) -> bytes:

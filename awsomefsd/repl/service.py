@@ -132,7 +132,7 @@ class SiteService(Pairing, Receiver, Shipper, Control):
         while True:
             try:
                 await serve_grpc(
-                    [Binding(generic_adder(LINK_SERVICE, ("Cursor", "Stage", "Push", "Digest")), _Link(self))],
+                    [Binding(generic_adder(LINK_SERVICE, ("Cursor", "Stage", "Push", "Digest", "Unlink")), _Link(self))],
                     self.listen, limits=BridgeLimits(max_message_bytes=MAX_MESSAGE_BYTES),
                     credentials=grpc.ssl_server_credentials(
                         [(self.credentials.key_pem, self.credentials.cert_pem + self.credentials.ca_pem)],
@@ -159,8 +159,7 @@ class SiteService(Pairing, Receiver, Shipper, Control):
             return await self.join(str(body.get("token", "")))
 
         async def unlink(_body: dict[str, Any]) -> dict[str, Any]:
-            await self.unlink()
-            return {}
+            return {"untold": await self.unlink()}
 
         async def status(_body: dict[str, Any]) -> dict[str, Any]:
             return self.status()
@@ -213,6 +212,12 @@ class _Link:
             await self.service.stage(header, data)
         except wire.WireError as exc:
             raise RpcAbort(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
+        return wire.frame({})
+
+    async def Unlink(self, request: bytes, context: grpc.ServicerContext) -> bytes:
+        self.service.check_caller(context)
+        self.service.check_running_the_link()
+        await self.service.unlinked_by_peer()
         return wire.frame({})
 
     async def Push(self, request: bytes, context: grpc.ServicerContext) -> bytes:

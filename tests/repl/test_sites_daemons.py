@@ -225,7 +225,8 @@ HOSTILE_PAIRINGS = [
 
 
 def test_a_wrong_or_replaced_token_and_a_second_link_are_refused(sites: tuple[Site, Site, Wan]) -> None:
-    a, b, _wan = sites
+    """And an unlink tells the other site, which unlinks too; one that cannot be told is named."""
+    a, b, wan = sites
     first = a.cli("link").stdout.strip()
     # hostile pairing calls while the invitation is open: each is refused as malformed (never
     # INTERNAL, never a traceback), and the invitation still pairs afterwards
@@ -257,8 +258,23 @@ def test_a_wrong_or_replaced_token_and_a_second_link_are_refused(sites: tuple[Si
     assert "Traceback" not in a.daemon.logs()
     again = b.cli("link", second)
     assert again.returncode == 1 and "linked already" in again.stderr, again.stderr
-    assert a.cli("unlink").returncode == 0
+    told = a.cli("unlink")
+    assert told.returncode == 0 and "the other site was told" in told.stdout, told.stdout + told.stderr
     assert a.status()["linked"] is False
+    wait_for(lambda: b.status()["linked"] is False, 60, "b to unlink when a tells it")
+    assert "the other site unlinked" in b.daemon.logs()
+    # b can pair again at once, without an unlink of its own; with the link cut, a's unlink
+    # cannot tell b, says so, and b stays linked until it is unlinked there too
+    assert b.cli("link", a.cli("link").stdout.strip()).returncode == 0
+    wan.cut()
+    try:
+        untold = a.cli("unlink")
+        assert untold.returncode == 0 and "could not be told" in untold.stdout, untold.stdout + untold.stderr
+        assert "Traceback" not in untold.stdout + untold.stderr
+        assert b.status()["linked"] is True
+    finally:
+        wan.heal()
+    assert b.cli("unlink").returncode == 0 and b.status()["linked"] is False
 
 
 def _run(*args: str | Path, cwd: Path | None = None) -> str:
