@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import errno
+import functools
 import itertools
 import logging
 import time
@@ -31,7 +32,7 @@ from awsomefsd.io.checksum import crc32c
 from awsomefsd.io.layout import BLOCK_SIZE
 from awsomefsd.meta import commands as c
 from awsomefsd.meta.errors import Delegated, FsError
-from awsomefsd.meta.records import Extent
+from awsomefsd.meta.records import Applied, Extent
 from awsomefsd.repl import delta
 from awsomefsd.repl.bases import DeltaBases
 from awsomefsd.repl.endpoint import DELTA, FEATURES, INLINE_BYTES, MAX_DELEGATIONS_PER_BATCH, MAX_STAGE_PIECES
@@ -39,6 +40,8 @@ from awsomefsd.rpc.bridge import RpcAbort
 
 log = logging.getLogger(__name__)
 
+APPLY_SLICE_OPS = 128
+"""Operations per `ApplyRemote`: a push applies in slices this long (`_apply_in_slices`)."""
 MAX_STAGED_BYTES = 512 << 20
 """Bytes staged and not yet pushed at most: bounds what a sender can make us hold."""
 STAGED_TTL_S = 600.0
@@ -203,8 +206,6 @@ class Receiver(DeltaBases):
             # The stagings are this push's from here on: a resend's first chunk, arriving while
             # the proposal below is under way, starts afresh instead of releasing its blocks.
             taken = {op.stamp: self._staged.pop(op.stamp) for op in contents}
-            extents = [ext for staged in taken.values() for ext in staged.extents]
-            counts = [len(staged.extents) for staged in taken.values()]
             shared: list[Extent] = []
             shared_counts: list[int] = []
             for op in contents:
@@ -216,40 +217,10 @@ class Receiver(DeltaBases):
                 shared += reused
                 shared_counts.append(len(reused))
             if raws:
-                peer, start = bytes.fromhex(link["peer"]), b"" if after is None else after.pack()
-                command: c.ApplyRemote | c.ApplyRemoteSharing = \
-                    c.ApplyRemoteSharing(peer, start, tuple(raws), tuple(extents), tuple(counts), tuple(shared),
-                                         tuple(shared_counts), time.time_ns()) if shared \
-                    else c.ApplyRemote(peer, start, tuple(raws), tuple(extents), tuple(counts), time.time_ns())
-                try:
-                    applied = await self.ops.propose_holding(command, tries=MAX_DELEGATIONS_PER_BATCH,
-                                                             inside=lambda: self._files_locked(contents))
-                except Delegated as exc:  # refused, nothing applied: the stagings stay for the retry
-                    self._staged.update(taken)
-                    raise RpcAbort(grpc.StatusCode.UNAVAILABLE, f"the batch needs more of what other members "
-                                                                f"hold than one push takes ({exc}): try again") from None
-                except FsError as exc:
-                    self._release_taken(taken, exc)
-                    if exc.errno == errno.ESTALE:
-                        return {"applied": wire.stamp_text(self.cursor()), "head": wire.stamp_text(self.meta.site_head()),
-                                "stale": True}
-                    if exc.errno == errno.EAGAIN:  # a write here moved blocks offered for sharing
-                        return self._restage(str(exc))
-                    log.error("refused a batch from the other site: %s", exc, exc_info=exc)
-                    raise RpcAbort(grpc.StatusCode.INVALID_ARGUMENT, f"refused: {exc}") from None
-                except BaseException as exc:  # cancelled, say: the proposal may still commit
-                    self._release_taken(taken, exc)
-                    raise
-                for op in contents:
-                    self._remember_received(op)
-                # Acknowledged means durable: the sender forgets what we acknowledge.
-                await self.meta.barrier()
-                self.applied(command, applied)
-                self.state.received_ops += len(raws)
-                if applied.conflicts:
-                    self.state.conflicts_made += applied.conflicts
-                    log.warning("%d conflict(s) with the other site: `awsomefsd site conflicts` lists them",
-                                applied.conflicts)
+                refusal = await self._apply_in_slices(bytes.fromhex(link["peer"]), after, raws, stamps, contents,
+                                                      taken, shared, shared_counts)
+                if refusal is not None:
+                    return refusal
             self.state.last_exchange_ns = time.time_ns()
             if self.state.inbound_refused:
                 log.info("the other site's operations apply again (its clock is within the drift accepted)")
@@ -257,6 +228,74 @@ class Receiver(DeltaBases):
             pending, lag_s = self.outbound_lag()
             return {"applied": wire.stamp_text(self.cursor()), "head": wire.stamp_text(self.meta.site_head()),
                     "pending": pending, "lag_ms": int(lag_s * 1000)}
+
+    async def _apply_in_slices(self, peer: bytes, after: Stamp | None, raws: list[bytes], stamps: list[Stamp],
+                               contents: list[o.ContentSet], taken: dict[Stamp, _Staged], shared: list[Extent],
+                               shared_counts: list[int]) -> dict[str, Any] | None:
+        """Apply a push as one `ApplyRemote` per APPLY_SLICE_OPS operations, each a proposal of
+        its own: on a single node a proposal applies on the event loop, and a push of 512 took
+        that loop from every local request for its whole apply (issue 47: a catch-up must not
+        block them). A slice that fails leaves the ones before it applied; the answer, or the
+        next `Cursor`, tells the sender where to go on from (its resends start there). Returns
+        the answer to give instead of the usual one, or None."""
+        content_at = {op.stamp: index for index, op in enumerate(contents)}
+        extent_counts = [len(taken[op.stamp].extents) for op in contents]
+        done: list[tuple[c.ApplyRemote | c.ApplyRemoteSharing, Applied]] = []
+
+        async def settle() -> None:  # acknowledged means durable: the sender forgets what we acknowledge
+            if done:
+                await self.meta.barrier()
+            for command, applied in done:
+                self.applied(command, applied)
+                self.state.received_ops += len(command.operations)
+                if applied.conflicts:
+                    self.state.conflicts_made += applied.conflicts
+                    log.warning("%d conflict(s) with the other site: `awsomefsd site conflicts` lists them",
+                                applied.conflicts)
+
+        for first in range(0, len(raws), APPLY_SLICE_OPS):
+            end = min(first + APPLY_SLICE_OPS, len(raws))
+            ops = [contents[content_at[stamp]] for stamp in stamps[first:end] if stamp in content_at]
+            mine = {op.stamp: taken[op.stamp] for op in ops}
+            extents = [ext for staged in mine.values() for ext in staged.extents]
+            counts = [extent_counts[content_at[op.stamp]] for op in ops]
+            at = sum(shared_counts[:content_at[ops[0].stamp]]) if ops else 0
+            my_shared_counts = [shared_counts[content_at[op.stamp]] for op in ops]
+            my_shared = shared[at:at + sum(my_shared_counts)]
+            start = after if first == 0 else stamps[first - 1]
+            command: c.ApplyRemote | c.ApplyRemoteSharing = \
+                c.ApplyRemoteSharing(peer, b"" if start is None else start.pack(), tuple(raws[first:end]),
+                                     tuple(extents), tuple(counts), tuple(my_shared), tuple(my_shared_counts),
+                                     time.time_ns()) if my_shared \
+                else c.ApplyRemote(peer, b"" if start is None else start.pack(), tuple(raws[first:end]),
+                                   tuple(extents), tuple(counts), time.time_ns())
+            try:
+                applied = await self.ops.propose_holding(command, tries=MAX_DELEGATIONS_PER_BATCH,
+                                                         inside=functools.partial(self._files_locked, ops))
+            except Delegated as exc:  # refused, nothing of this slice applied: its stagings stay for the retry
+                self._staged.update(taken)
+                await settle()
+                raise RpcAbort(grpc.StatusCode.UNAVAILABLE, f"the batch needs more of what other members "
+                                                            f"hold than one push takes ({exc}): try again") from None
+            except FsError as exc:
+                self._release_taken(taken, exc)
+                await settle()
+                if exc.errno == errno.ESTALE:
+                    return {"applied": wire.stamp_text(self.cursor()), "head": wire.stamp_text(self.meta.site_head()),
+                            "stale": True}
+                if exc.errno == errno.EAGAIN:  # a write here moved blocks offered for sharing
+                    return self._restage(str(exc))
+                log.error("refused a batch from the other site: %s", exc, exc_info=exc)
+                raise RpcAbort(grpc.StatusCode.INVALID_ARGUMENT, f"refused: {exc}") from None
+            except BaseException as exc:  # cancelled, say: the proposal may still commit
+                self._release_taken(taken, exc)
+                raise
+            for op in ops:
+                del taken[op.stamp]
+                self._remember_received(op)
+            done.append((command, applied))
+        await settle()
+        return None
 
     def _refuse_clock_ahead(self, stamps: Iterable[Stamp]) -> None:
         """Refuse a push or a chunk stamped further ahead of this site's clock than the hybrid

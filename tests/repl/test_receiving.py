@@ -308,3 +308,62 @@ async def test_a_peer_whose_clock_runs_far_ahead_waits_until_the_clocks_agree(
     assert Stamp.unpack(bytes.fromhex(reply["applied"])) == content.stamp
     assert await file_bytes(core, b"ahead") == body
     assert service.status()["inbound"]["refused"] == ""
+
+
+def small_files(peer: Peer, count: int, first: int = 0) -> tuple[list[o.Operation], list[list[Any]], bytes,
+                                                                 dict[bytes, bytes]]:
+    """`count` files of a few bytes each, as one push carries them inline: (operations, the push's
+    inline entries, its data, each file's bytes by name)."""
+    ops: list[o.Operation] = []
+    inline: list[list[Any]] = []
+    data, files = bytearray(), {}
+    for n in range(first, first + count):
+        obj, node = o.global_id(PEER, 1000 + n), o.global_id(PEER, 1 << 63 | (1000 + n))
+        name, body = b"f%04d" % n, os.urandom(1 + n % 5000)
+        created = o.Created(peer.stamp(), obj, stat.S_IFREG | 0o644, 0, 0)
+        content = o.ContentSet(peer.stamp(), obj, len(body), peer.wall)
+        ops += [created, content, o.Moved(peer.stamp(), node, ROOT, name, obj)]  # contents in every slice
+        inline.append([wire.stamp_text(content.stamp), len(body), crc32c(body)])
+        data += body
+        files[name] = body
+    return ops, inline, bytes(data), files
+
+
+async def test_a_push_applies_in_slices_and_a_refused_slice_keeps_those_before_it(
+        receiver: tuple[Core, SiteService], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A push is applied as several proposals of at most APPLY_SLICE_OPS operations (each holds
+    the event loop while it applies, on a single node), with each slice's contents' blocks;
+    when one is refused, those before it stay applied and the cursor says so."""
+    from awsomefsd.repl import receiver as receiving
+
+    core, service = receiver
+    proposed: list[int] = []
+    propose = core.ops.propose_holding
+
+    async def counting(command: Any, **kwargs: Any) -> Any:
+        proposed.append(len(command.operations))
+        return await propose(command, **kwargs)
+    monkeypatch.setattr(core.ops, "propose_holding", counting)
+    peer = Peer()
+    ops, inline, data, files = small_files(peer, 100)  # 300 operations
+    reply = await service.push({**push_header(None, ops), "inline": inline}, memoryview(data))
+    assert proposed == [receiving.APPLY_SLICE_OPS] * 2 + [300 - 2 * receiving.APPLY_SLICE_OPS]
+    assert Stamp.unpack(bytes.fromhex(reply["applied"])) == ops[-1].stamp
+    for name, body in files.items():
+        assert await file_bytes(core, name) == body
+    # a push whose second slice names a directory this site does not know: the first slice applies
+    more, inline, data, files = small_files(peer, 60, first=100)
+    at = receiving.APPLY_SLICE_OPS + 12  # created, content, moved: a move
+    bad = more[at]
+    assert isinstance(bad, o.Moved)
+    more[at] = o.Moved(bad.stamp, bad.node, o.global_id(PEER, 99_999), bad.name, bad.object)
+    proposed.clear()
+    with pytest.raises(RpcAbort) as refused:
+        await service.push({**push_header(ops[-1].stamp, more), "inline": inline}, memoryview(data))
+    assert refused.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert proposed == [receiving.APPLY_SLICE_OPS, len(more) - receiving.APPLY_SLICE_OPS]
+    assert service.cursor() == more[receiving.APPLY_SLICE_OPS - 1].stamp
+    applied = [name for name in files if core.meta.lookup(ROOT_INO, name) is not None]
+    assert applied == list(files)[:len(applied)] and 0 < len(applied) < len(files)
+    for name in applied:
+        assert await file_bytes(core, name) == files[name]
