@@ -18,6 +18,14 @@ it serves, leave it raised.
 Linux applies a nice value per thread, and a thread inherits its creator's, so going back sets
 every thread this process has by then.
 
+Serving may stay raised (`[node] serve_nice`, off by default). Each request is a round trip: the
+application waits for the daemon's answer and the daemon for its next request, so on a loaded
+machine every request waits for a CPU twice, and the daemon's waits add up for every application
+it serves. At a load average of 15-18 on two CPUs (other sessions' work), `rsync -a` of a
+3,000-entry tree took 28-37 s with the daemon's autogroup at 0 (the daemon's thread waited 19-26 s
+for a CPU, preempted at nearly every answer) and 9.7-12.7 s at -19 (0.2-0.6 s waiting); its nice
+value alone (-19) changed nothing, as at the start (docs/fuse-transport.md, "Measured").
+
 The start also runs without Python's cyclic garbage collector: loading the code creates some
 hundred thousand objects that all live as long as the daemon, and the collections they set off
 found nothing to free while costing 3% of the start's instructions. Once the daemon serves, the
@@ -69,19 +77,24 @@ def raise_for_start() -> None:
             log.debug("starting in an autogroup of the priority given: %s", exc)
 
 
-def restore() -> None:
+def restore(serve_nice: int | None = None) -> None:
     """Give back what `raise_for_start` took: the autogroup's value, every thread's, and the
-    garbage collector."""
+    garbage collector. With `serve_nice` (`[node] serve_nice`), serve at that value instead:
+    every thread, and the autogroup when this process leads its session."""
     if _to_restore.pop("gc", None):
         gc.freeze()
         gc.enable()
     group = _to_restore.pop("autogroup", None)
+    if serve_nice is not None and os.getsid(0) == os.getpid() and _autogroup_nice() is not None:
+        group = serve_nice
     if group is not None:
         try:
             AUTOGROUP.write_text(f"{group}\n")
         except OSError as exc:
-            log.warning("could not give the session's CPU priority back (nice %d): %s", group, exc)
+            log.warning("could not set the session's CPU priority to nice %d: %s", group, exc)
     before = _to_restore.pop("thread", None)
+    if serve_nice is not None:
+        before = serve_nice
     if before is None:
         return
     for _ in range(2):  # a thread started meanwhile by a raised one inherited the raised value
@@ -92,6 +105,9 @@ def restore() -> None:
         for tid in tids:
             try:
                 os.setpriority(os.PRIO_PROCESS, tid, before)
+            except PermissionError as exc:  # no CAP_SYS_NICE for a raised serve_nice
+                log.warning("serving at the priority given, not nice %d: %s", before, exc)
+                return
             except OSError as exc:  # a thread that has ended meanwhile
                 log.debug("thread %d kept its start priority: %s", tid, exc)
 

@@ -347,7 +347,7 @@ def _serve(settings: Settings) -> int:
 
     def ready(mount: str) -> None:
         print_ready(mount)
-        priority.restore()  # serving competes for the CPUs as before
+        priority.restore(settings.node.serve_nice)  # serving competes as before, or at [node] serve_nice
 
     loaded = _since_process_start_s()
     logging.getLogger().setLevel(settings.log.level.upper())

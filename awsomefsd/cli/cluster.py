@@ -252,7 +252,7 @@ def run_command(settings: Settings, *, take_over: bool = False) -> int:
     state = MemberState.load(settings.node.state_dir)
     token = None if state is not None else load_cluster_token(settings)
     if state is not None or token is not None:
-        priority.restore()  # raised only for a single node's start (awsomefsd/priority.py)
+        priority.restore(settings.node.serve_nice)  # raised only for a single node's start (awsomefsd/priority.py)
     if state is not None:
         if take_over:
             raise OperatorError("--take-over is for a single node; a cluster member is replaced with `awsomefsd hand-over` "

@@ -76,6 +76,10 @@ port leaves room for the listener on port + 1."""
 class NodeSettings(Section):
     state_dir: Path = Field(Path("/var/lib/awsomefs"), description="node-local metadata (LMDB) and state")
     name: str = Field("", description="node name shown by status; defaults to the host name")
+    serve_nice: int | None = Field(None, ge=-20, le=19, description="the nice value the daemon serves at, and its "
+                                   "session's autogroup when it leads its session (as a service does); empty: the "
+                                   "one it was started with. -10 keeps requests ahead of other sessions' load "
+                                   "(awsomefsd/priority.py); needs CAP_SYS_NICE")
 
 
 class DeviceSettings(Section):

@@ -191,6 +191,24 @@ def test_a_daemon_serves_at_the_priority_it_was_given(rig: Rig) -> None:
         daemon.stop_hard()
 
 
+def test_a_daemon_serves_at_serve_nice_when_set(rig: Rig) -> None:
+    """`[node] serve_nice`: once it serves, every thread of the daemon and the autogroup of the
+    session it leads run at that value (a loaded machine then keeps requests ahead of other
+    sessions' work: awsomefsd/priority.py)."""
+    daemon = Daemon(rig.base / "state", rig.base / "mnt", size="2G", prefix=["setsid"],
+                    env={**rig.env, "AWSOMEFS_NODE__SERVE_NICE": "-5"}).start()
+    try:
+        pid = daemon.proc.pid  # type: ignore[union-attr]
+        (daemon.mount / "f").write_bytes(b"x")  # the threads serving requests exist by now
+        assert {int(Path(f"/proc/{pid}/task/{tid}/stat").read_text().rpartition(")")[2].split()[16])
+                for tid in os.listdir(f"/proc/{pid}/task")} == {-5}
+        assert Path(f"/proc/{pid}/autogroup").read_text().split()[-1] == "-5"
+        assert (daemon.mount / "f").read_bytes() == b"x"
+        assert daemon.stop() == 0
+    finally:
+        daemon.stop_hard()
+
+
 def test_after_a_crash_synced_bytes_survive_and_descriptors_keep_working(rig: Rig) -> None:
     first = rig.daemon().start()
     second = None

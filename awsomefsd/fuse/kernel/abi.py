@@ -126,6 +126,7 @@ class Fopen:
     DIRECT_IO = 1 << 0
     KEEP_CACHE = 1 << 1
     CACHE_DIR = 1 << 3
+    NOFLUSH = 1 << 5  # protocol 7.31: no FLUSH at close (ignored under the writeback cache)
 
 
 class Notify:

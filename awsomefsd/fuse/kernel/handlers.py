@@ -10,6 +10,7 @@ kernel forgets later) and converts types.
 from __future__ import annotations
 
 import errno
+import os
 import stat
 from collections.abc import Callable
 
@@ -53,6 +54,9 @@ class KernelHandlers:
         self.cache_dirs = cache_dirs
         """Let the kernel keep directory listings (FOPEN_CACHE_DIR): only where no other node
         changes directories behind its back (a single node)."""
+        self.noflush_readers = cache_dirs
+        """Answer a read-only OPEN with FOPEN_NOFLUSH, so its close sends no FLUSH (a single node,
+        `_open_out`)."""
 
     @property
     def table(self) -> dict[int, Handler]:
@@ -228,15 +232,25 @@ class KernelHandlers:
         return self.entry_ref(await self.ops.link(old, h.nodeid, body.name()))
 
     # -- files -----------------------------------------------------------------------------------
-    def _open_out(self, fh: int, *, keep_cache: bool, direct_io: bool) -> bytes:
+    def _open_out(self, fh: int, *, keep_cache: bool, direct_io: bool, read_only: bool = False) -> bytes:
+        """`read_only`: nothing can be written through the handle, so its close has nothing to
+        flush and no lost write to report (`FileOperations.flush`): FOPEN_NOFLUSH spares that
+        request (rsync opens each file it copied once more to chmod it; `cat`, `grep`, git read
+        each file they open). A flush through a reader would only push other descriptors'
+        buffered writes early, which their own close or fsync does. On a cluster member a
+        reader's close still flushes, as before (its flush also serves the member's coherence
+        of the file, unmeasured for this)."""
         flags = (Fopen.KEEP_CACHE if keep_cache else 0) | (Fopen.DIRECT_IO if direct_io else 0)
+        if read_only and self.noflush_readers:
+            flags |= Fopen.NOFLUSH
         return abi.OPEN_OUT.pack(fh, flags, 0)
 
     async def open(self, h: Header, body: Body) -> Payload:
         flags, open_flags = body.take(abi.OPEN_IN)
         drop = open_flags & abi.OPEN_KILL_SUIDGID
         fh = await self.ops.open(h.nodeid, flags, drop_setid=caller_in_group(h.uid, h.gid, h.pid) if drop else None)
-        return self._open_out(fh, keep_cache=self.ops.keep_cache(h.nodeid), direct_io=self.ops.direct_io(flags))
+        return self._open_out(fh, keep_cache=self.ops.keep_cache(h.nodeid), direct_io=self.ops.direct_io(flags),
+                              read_only=flags & os.O_ACCMODE == os.O_RDONLY)
 
     async def create(self, h: Header, body: Body) -> Payload:
         flags, mode, umask, _ = body.take(abi.CREATE_IN)

@@ -1,0 +1,124 @@
+"""What the kernel sends us for what a program does: requests spared must stay spared, and the
+ones that carry meaning must still come (issue 40: requests per file of rsync, untar, creates).
+
+The daemon's own metrics count the requests by operation (`awsomefs_fuse_request_seconds_count`),
+as an operator reads them. Each count is read after a marker request (a lookup of a name that
+does not exist) is counted: requests are answered and counted in order, so every request made
+before the marker is in the figures then.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from awsomefsd.cli.devcluster.members import wait_for
+from tests.support.daemon import Daemon
+
+COUNT = re.compile(r'awsomefs_fuse_request_seconds_count\{op="(\w+)"\} ([0-9.e+]+)')
+_markers = itertools.count()
+
+
+class Counted:
+    """A dev daemon with metrics on a free port, and its request counts."""
+
+    def __init__(self, daemon: Daemon) -> None:
+        self.daemon = daemon
+        self.mount = daemon.mount
+        found = re.search(r"metrics on http://[^:]+:(\d+)/", daemon.logs())
+        assert found, daemon.logs()
+        self.port = int(found.group(1))
+
+    def counts(self) -> dict[str, int]:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=10).read().decode()
+        return {op: int(float(n)) for op, n in COUNT.findall(text)}
+
+    def settled(self) -> dict[str, int]:
+        """The counts once every request made before this call is in them."""
+        lookups = self.counts().get("lookup", 0)
+        assert not (self.mount / f".marker-{next(_markers)}").exists()
+        wait_for(lambda: self.counts().get("lookup", 0) > lookups, 10, "the marker's lookup")
+        return self.counts()
+
+    def during(self, action: object) -> dict[str, int]:
+        """Requests by operation that `action()` made (the marker's lookup not counted)."""
+        before = self.settled()
+        action()  # type: ignore[operator]
+        after = self.settled()
+        diff = {op: n - before.get(op, 0) for op, n in after.items() if n != before.get(op, 0)}
+        diff["lookup"] -= 1
+        return {op: n for op, n in diff.items() if n}
+
+
+@pytest.fixture(scope="module")
+def counted() -> Iterator[Counted]:
+    base = Path(tempfile.mkdtemp(prefix="awsomefs-counts-", dir="/var/tmp"))
+    d = Daemon(base / "state", base / "mnt", size="1G", extra=["--metrics-port", "0"]).start()
+    try:
+        yield Counted(d)
+    finally:
+        if d.proc is not None and d.proc.poll() is None:
+            assert d.stop() == 0, d.logs()
+        d.stop_hard()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def test_a_readers_close_sends_no_flush_and_a_writers_does(counted: Counted) -> None:
+    """A read-only descriptor's close sends no FLUSH (FOPEN_NOFLUSH): nothing was written
+    through it. A descriptor that can write still flushes at close: a write error is reported
+    there, and its data reaches the device without an fsync."""
+    work = counted.mount / "noflush"
+    work.mkdir()
+    data = os.urandom(10_000)
+
+    def write_file() -> None:
+        (work / "f").write_bytes(data)
+
+    assert counted.during(write_file).get("flush") == 1
+
+    def read_it(times: int) -> None:
+        for _ in range(times):
+            assert (work / "f").read_bytes() == data
+            subprocess.run(["cat", str(work / "f")], stdout=subprocess.DEVNULL, check=True)
+
+    spent = counted.during(lambda: read_it(5))
+    assert "flush" not in spent, spent
+    assert spent.get("release") == 10, spent  # each reader was opened and closed
+
+    def open_read_write() -> None:
+        os.close(os.open(work / "f", os.O_RDWR))
+        os.close(os.open(work / "f", os.O_WRONLY | os.O_APPEND))
+
+    assert counted.during(open_read_write).get("flush") == 2
+
+
+def test_a_reader_closing_beside_a_writer_changes_nothing_the_writer_wrote(counted: Counted) -> None:
+    """The writer's buffered bytes are no business of a reader's close: each reader opened and
+    closed between the writes reads every byte written so far, and the file holds them all once
+    the writer closed."""
+    work = counted.mount / "beside"
+    work.mkdir()
+    path = work / "log"
+    writer = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    try:
+        written = b""
+        for i in range(20):
+            line = f"line {i}\n".encode() * 50
+            os.write(writer, line)
+            written += line
+            with open(path, "rb") as reader:  # opened and closed while the writer's bytes are buffered
+                assert reader.read() == written
+    finally:
+        os.close(writer)
+    assert path.read_bytes() == written
+    subprocess.run(["sync", "-f", str(path)], check=True)
+    assert os.stat(path).st_size == len(written)
