@@ -412,6 +412,12 @@ class BlockDevice:
     def __repr__(self) -> str:
         return f"BlockDevice({str(self.path)!r}, size_bytes={self.size_bytes}, direct={self.direct})"
 
+    @property
+    def fd(self) -> int:
+        """The open descriptor: for a reader that keeps its own buffer and calls preadv itself
+        (fs/coldread.py), where `read_into`'s checks and counters cost more than the read."""
+        return self._fd_or_raise()
+
     # -- internals -------------------------------------------------------------------------------
     def _fd_or_raise(self) -> int:
         if self._fd < 0:

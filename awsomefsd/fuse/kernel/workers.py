@@ -55,6 +55,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from awsomefsd.fs.coldread import MAX_READ_BYTES
 from awsomefsd.fuse.kernel import abi
 from awsomefsd.fuse.kernel.abi import Op
 from awsomefsd.fuse.kernel.session import READS_DATA
@@ -74,7 +75,7 @@ THREADS = 4
 """Reader threads per worker, each a blocking read of the clone: a worker has this many device reads
 in flight (the GIL is released in each system call). Measured with one: two workers reached 1.05x
 the daemon alone on random 4 KiB reads at queue depth 16, each worker waiting on the device."""
-WORKER_READ_MAX = 128 << 10
+WORKER_READ_MAX = MAX_READ_BYTES
 """Larger READs (sequential reads, read-ahead) are forwarded: a worker has one device read in
 flight at a time, the proposer many (its AIO); measured, sequential 1 MiB reads fell to 0.58x
 with every READ served by two workers."""
