@@ -138,7 +138,8 @@ class KernelTransport:
                           negotiated=negotiated, inline=INLINE_SINGLE_NODE if single else frozenset(),
                           inline_when=self.handlers.quick if single else None,
                           wanted=(WANTED_SINGLE_NODE | (Init.WRITEBACK_CACHE if self.writeback_cache else 0)
-                                  if single else WANTED), uring=self.io_uring)
+                                  if single else WANTED), uring=self.io_uring,
+                          start_read=self.handlers.start_read if single else None)
         # entries registered on a ring another session used: each CPU's queue may hold a request
         session.on_ring_started = lambda ring: kick_queues(str(self.mountpoint), ring.queues)
         if self.read_workers is not None and self.hot is not None:

@@ -1,7 +1,8 @@
 """Read workers (`[mount] read_workers`, docs/multicore.md step 1) as users see them: real daemons
 with two workers, real processes reading and writing.
 
-- The differential exerciser: 4 processes do random opens, reads (buffered after dropping the
+- The differential exerciser (also against a daemon without workers, whose reader starts the
+  common READ itself without a task): 4 processes do random opens, reads (buffered after dropping the
   page cache, and O_DIRECT), writes (buffered and O_DIRECT), truncates, fsyncs and renames, on
   files of their own and on shared ones, and do every operation on a copy on tmpfs too; every
   read must return what the copy holds. A process works on a shared file under a lock it holds
@@ -202,8 +203,20 @@ def workers_daemon() -> Iterator[Daemon]:
 
 
 def test_reads_served_by_workers_never_return_bytes_older_than_an_answered_write(workers_daemon: Daemon) -> None:
+    run_exerciser(workers_daemon.mount)
+
+
+def test_reads_the_daemon_starts_without_a_task_never_return_bytes_older_than_an_answered_write() -> None:
+    """The same exerciser without workers: the daemon's reader starts the common READ of a cold
+    file itself, without a task (Session.start_read, Reader.start_read)."""
+    with running_daemon("awsomefs-noworkers-", env={"AWSOMEFS_MOUNT__TRANSPORT": "kernel",
+                                                   "AWSOMEFS_MOUNT__READ_WORKERS": "0"}) as d:
+        run_exerciser(d.mount)
+
+
+def run_exerciser(mount: Path) -> None:
     seed = int(os.environ.get("AWSOMEFS_READ_WORKERS_SEED") or fresh_one("read-workers-exerciser"))
-    work = workers_daemon.mount / f"ex{seed}"
+    work = mount / f"ex{seed}"
     work.mkdir()
     mirror = Path(tempfile.mkdtemp(prefix="awsomefs-mirror-", dir="/dev/shm"))
     try:
