@@ -21,6 +21,10 @@ What a caller may rely on:
 - `worth_submitting` advises an inline read while reads arrive one at a time (AIO then only adds
   its wake-up cost, ~15% at queue depth 1 measured), with a submitted probe every PROBE_EVERY
   reads; one read overlapping another switches back at once.
+- `submit` starts a read without a task: the caller's function gets the result from whichever
+  task collects completions (a parked `read_into` leading, or `run`'s loop, which leads whenever
+  such reads are in flight and no other task does). The session answers the common READ this way
+  (fs/reader.py, `Reader.start_read`): no task, no coroutine chain per read.
 - `run` owns the context's lifetime. When it is cancelled it stops accepting reads
   (ClosedResourceError: the caller reads inline instead), drains the ones in flight and destroys
   the context; io_destroy itself waits for any the drain gave up on, and their tasks get EIO. If

@@ -24,12 +24,14 @@ import mmap
 import multiprocessing
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -295,8 +297,10 @@ print(ok, failed, ",".join(sorted(errnos)) or "-")
 """
 
 
-def test_the_summary_counts_reads_the_workers_served() -> None:
-    with running_daemon("awsomefs-workers-count-", env=WORKERS) as d:
+def test_the_summary_and_the_metrics_count_reads_the_workers_served() -> None:
+    base = Path(tempfile.mkdtemp(prefix="awsomefs-workers-count-", dir="/var/tmp"))
+    d = Daemon(base / "state", base / "mnt", size="1G", env=WORKERS, extra=["--metrics-port", "0"]).start()
+    try:
         path = d.mount / "f"
         path.write_bytes(os.urandom(1 << 18))
         os.sync()
@@ -305,8 +309,18 @@ def test_the_summary_counts_reads_the_workers_served() -> None:
         for i in range(500):
             os.preadv(fd, [buf], (i % 64) * 4096)
         os.close(fd)
+        port = re.search(r"metrics on http://127.0.0.1:(\d+)/", d.logs())
+        assert port is not None, d.logs()[-2000:]
+        metrics = urllib.request.urlopen(f"http://127.0.0.1:{port.group(1)}/metrics", timeout=10).read().decode()
+        served = dict(re.findall(r'^awsomefs_read_worker_reads_served_total\{worker="(\d)"\} (\S+)$', metrics, re.M))
+        assert set(served) == {"0", "1"} and sum(float(v) for v in served.values()) >= 400, metrics[-3000:]
+        assert re.search(r'^awsomefs_read_worker_requests_forwarded_total\{worker="0"\} ', metrics, re.M), metrics
         assert d.stop() == 0
         assert served_by_workers(d) >= 400, d.logs()[-2000:]
+    finally:
+        if d.proc is not None and d.proc.poll() is None:
+            d.stop()
+        shutil.rmtree(base, ignore_errors=True)
 
 
 @pytest.mark.parametrize("how", ["hand-over", "crash"])
