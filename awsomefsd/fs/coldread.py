@@ -30,6 +30,7 @@ from __future__ import annotations
 import copy
 import logging
 import os
+import threading
 import time
 from bisect import bisect_right
 from pathlib import Path
@@ -49,41 +50,76 @@ MAX_READ_BYTES = 128 << 10
 ones are forwarded)."""
 RUN_BYTES = MAX_READ_BYTES + BLOCK_SIZE
 """A reader thread's buffer: the blocks of the largest READ at an unaligned offset."""
-CACHED_INODES = 4096
-CACHED_EXTENTS = 4096
-"""Bounds of the map cache: inodes (emptied when full), extents per inode (the entry is not
-grown past it). 4096 extents map 4 GiB of a file in 1 MiB extents."""
+CACHED_EXTENTS = 16384
+"""The map cache's bound, over all inodes (emptied when reached): 16 GiB of files in 1 MiB
+extents, at most ~18 MiB of records (a 1 MiB extent carries 1 KiB of checksums)."""
 
 
 class _Map:
     """What the cache holds of one inode: its size and the extents looked up so far, sorted by
-    file block (`starts` their first blocks), all read under the slot generations `seen`."""
+    file block (`runs`: their first blocks, and them), all read under the slot generations
+    `seen`. `runs` is replaced whole, never changed in place: a reader thread looking while
+    another adds sees the lists before or after, never half of each."""
 
-    __slots__ = ("extents", "seen", "size", "starts")
+    __slots__ = ("runs", "seen", "size")
 
     def __init__(self, seen: tuple[int, int], size: int) -> None:
         self.seen = seen
         self.size = size
-        self.starts: list[int] = []
-        self.extents: list[Extent] = []
+        self.runs: tuple[list[int], list[Extent]] = ([], [])
 
     def covering(self, first: int, end: int) -> Extent | None:
         """The cached extent holding every block of [first, end), if one does."""
-        i = bisect_right(self.starts, first) - 1
+        starts, extents = self.runs
+        i = bisect_right(starts, first) - 1
         if i < 0:
             return None
-        ext = self.extents[i]
-        return ext if ext.file_block + ext.count >= end else None
+        ext = extents[i]
+        return ext if ext.file_block <= first and ext.file_block + ext.count >= end else None
 
-    def add(self, found: list[Extent]) -> None:
+    def add(self, found: list[Extent]) -> int:
+        """Remember the extents not known yet; how many that was."""
+        starts, extents = list(self.runs[0]), list(self.runs[1])
         for ext in found:
-            if len(self.extents) >= CACHED_EXTENTS:
-                return
-            i = bisect_right(self.starts, ext.file_block)
-            if i and self.starts[i - 1] == ext.file_block:
+            i = bisect_right(starts, ext.file_block)
+            if i and starts[i - 1] == ext.file_block:
                 continue
-            self.starts.insert(i, ext.file_block)
-            self.extents.insert(i, ext)
+            starts.insert(i, ext.file_block)
+            extents.insert(i, ext)
+        added = len(extents) - len(self.runs[1])
+        self.runs = (starts, extents)
+        return added
+
+
+class MapCache:
+    """A worker's map cache (the module's docstring), shared by its reader threads. Lookups take
+    no lock (an entry's `runs` is replaced whole); `remember`, after a lookup in LMDB, takes one."""
+
+    def __init__(self) -> None:
+        self.maps: dict[int, _Map] = {}
+        self.extents = 0
+        self._lock = threading.Lock()
+
+    def get(self, ino: int) -> _Map | None:
+        return self.maps.get(ino)
+
+    def remember(self, ino: int, seen: tuple[int, int], size: int, extents: list[Extent]) -> None:
+        """Add what a lookup found to the inode's entry (a new entry if the generations moved).
+        Made before the second look: `read` then forwards the request, and the entry, made under
+        generations the slot no longer shows, is never used."""
+        with self._lock:
+            if self.extents + len(extents) > CACHED_EXTENTS:
+                self.maps.clear()
+                self.extents = 0
+            cached = self.maps.get(ino)
+            if cached is None or cached.seen != seen:
+                if cached is not None:
+                    self.extents -= len(cached.runs[1])
+                cached = _Map(seen, size)
+                self.extents += cached.add(extents)
+                self.maps[ino] = cached
+            else:
+                self.extents += cached.add(extents)
 
 
 class ColdReader:
@@ -97,7 +133,7 @@ class ColdReader:
         self.deadline_s = grace_s / 2
         self.hot = hot
         self.fd = self.device.fd
-        self.maps: dict[int, _Map] = {}
+        self.maps = MapCache()
         self.served = 0
         self.forwarded = 0
         self._own_buffer()
@@ -108,8 +144,8 @@ class ColdReader:
 
     def sibling(self) -> ColdReader:
         """A reader for another thread of the worker: the same metadata environment (LMDB wants one
-        per process), device, map cache (its entries are replaced whole, never changed in place:
-        the GIL makes that safe) and extent pool; a buffer and counters of its own."""
+        per process), device, map cache (`MapCache` says how threads share it) and extent pool;
+        a buffer and counters of its own."""
         twin = copy.copy(self)
         twin.served = twin.forwarded = 0
         twin._own_buffer()
@@ -158,7 +194,7 @@ class ColdReader:
         inode, extents = self.meta.file_map(ino, first, end)
         if inode is None or not inode.is_reg:
             return None
-        self._remember(ino, seen, inode.size, extents)
+        self.maps.remember(ino, seen, inode.size, extents)
         if offset >= inode.size:
             return b""
         size = min(size, inode.size - offset)
@@ -179,20 +215,6 @@ class ColdReader:
             piece, base = ext.slice(lo, hi), lo * BLOCK_SIZE
             out[a - offset : b - offset] = self.io.read_blocking(piece.dev_block, piece.checksums, a - base, b - base)
         return out
-
-    def _remember(self, ino: int, seen: tuple[int, int], size: int, extents: list[Extent]) -> None:
-        """Add what a lookup found to the inode's entry (a new entry if the generations moved).
-        Made before the second look: `read` then forwards the request, and the entry, made under
-        generations the slot no longer shows, is never used."""
-        cached = self.maps.get(ino)
-        if cached is None or cached.seen != seen:
-            if len(self.maps) >= CACHED_INODES:
-                self.maps.clear()
-            cached = _Map(seen, size)
-            cached.add(extents)
-            self.maps[ino] = cached
-        else:
-            cached.add(extents)
 
     def _read_run(self, ext: Extent, first: int, end: int, offset: int, size: int) -> memoryview:
         """Bytes [offset, offset + size) of the file from blocks [first, end) of written extent
