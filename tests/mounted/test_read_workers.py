@@ -309,9 +309,7 @@ def test_the_summary_and_the_metrics_count_reads_the_workers_served() -> None:
         for i in range(500):
             os.preadv(fd, [buf], (i % 64) * 4096)
         os.close(fd)
-        port = re.search(r"metrics on http://127.0.0.1:(\d+)/", d.logs())
-        assert port is not None, d.logs()[-2000:]
-        metrics = urllib.request.urlopen(f"http://127.0.0.1:{port.group(1)}/metrics", timeout=10).read().decode()
+        metrics = scrape(d)
         served = dict(re.findall(r'^awsomefs_read_worker_reads_served_total\{worker="(\d)"\} (\S+)$', metrics, re.M))
         assert set(served) == {"0", "1"} and sum(float(v) for v in served.values()) >= 400, metrics[-3000:]
         assert re.search(r'^awsomefs_read_worker_requests_forwarded_total\{worker="0"\} ', metrics, re.M), metrics
@@ -321,6 +319,36 @@ def test_the_summary_and_the_metrics_count_reads_the_workers_served() -> None:
         if d.proc is not None and d.proc.poll() is None:
             d.stop()
         shutil.rmtree(base, ignore_errors=True)
+
+
+def test_reads_the_daemon_starts_without_a_task_count_in_the_read_latency_metric() -> None:
+    base = Path(tempfile.mkdtemp(prefix="awsomefs-noworkers-count-", dir="/var/tmp"))
+    d = Daemon(base / "state", base / "mnt", size="1G", env={"AWSOMEFS_MOUNT__TRANSPORT": "kernel",
+                                                             "AWSOMEFS_MOUNT__READ_WORKERS": "0"},
+               extra=["--metrics-port", "0"]).start()
+    try:
+        path = d.mount / "f"
+        path.write_bytes(os.urandom(1 << 18))
+        os.sync()
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+        buf = mmap.mmap(-1, 4096)
+        for i in range(300):
+            os.preadv(fd, [buf], (i % 64) * 4096)
+        os.close(fd)
+        reads = re.search(r'^awsomefs_fuse_request_seconds_count\{op="read"\} (\S+)$', scrape(d), re.M)
+        assert reads is not None and float(reads.group(1)) >= 300, scrape(d)[-3000:]
+        assert d.stop() == 0
+    finally:
+        if d.proc is not None and d.proc.poll() is None:
+            d.stop()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def scrape(d: Daemon) -> str:
+    """The daemon's /metrics (it was started with `--metrics-port 0`)."""
+    port = re.search(r"metrics on http://127.0.0.1:(\d+)/", d.logs())
+    assert port is not None, d.logs()[-2000:]
+    return str(urllib.request.urlopen(f"http://127.0.0.1:{port.group(1)}/metrics", timeout=10).read().decode())
 
 
 @pytest.mark.parametrize("how", ["hand-over", "crash"])

@@ -75,6 +75,9 @@ READS_DATA = frozenset({Op.READ, Op.LSEEK})
 """Requests that must see every change to their file that the kernel sent before them
 (`ChangesInFlight`)."""
 
+READ_NAME = abi.OP_NAMES[Op.READ]
+"""The operation's name in the latency metric, as `_handle` gives it."""
+
 NO_REPLY: Any = type("NoReply", (), {"__repr__": lambda self: "NO_REPLY"})()
 """What a handler returns for a request the kernel expects no answer to (FORGET)."""
 Payload = bytes | bytearray | list[bytes] | None
@@ -408,7 +411,7 @@ class Session:
             self._write([abi.OUT_HEADER.pack(abi.OUT_HEADER.size + len(payload), 0, unique), payload])
             self._read_ended()
             if self.observe is not None:
-                self.observe("READ", time.perf_counter() - began, 0)
+                self.observe(READ_NAME, time.perf_counter() - began, 0)
 
         def fail() -> None:
             self._read_ended()
