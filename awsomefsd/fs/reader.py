@@ -164,14 +164,16 @@ class Reader:
         token = self._begin()
 
         def done(result: int) -> None:
+            good = False
             try:
-                if result == len(run) and first_bad_block(run, sums) < 0:
+                good = result == len(run) and first_bad_block(run, sums) < 0
+                if good:
                     send(run[start : start + size])
-                else:
-                    fail()
             finally:
                 self._end(token)
                 pool.release(buf)
+                if not good:  # exactly one of send and fail, whatever happened
+                    fail()
 
         if self.io.device.submit_read(run, (ext.dev_block + skip) * BLOCK_SIZE, done):
             return True

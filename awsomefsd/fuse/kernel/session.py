@@ -408,8 +408,10 @@ class Session:
         unique = header.unique
 
         def send(payload: memoryview) -> None:
-            self._write([abi.OUT_HEADER.pack(abi.OUT_HEADER.size + len(payload), 0, unique), payload])
-            self._read_ended()
+            try:
+                self._write([abi.OUT_HEADER.pack(abi.OUT_HEADER.size + len(payload), 0, unique), payload])
+            finally:
+                self._read_ended()
             if self.observe is not None:
                 self.observe(READ_NAME, time.perf_counter() - began, 0)
 
