@@ -4,7 +4,9 @@ How requests are served (the reasons, measured, are in docs/design-notes.md):
 - **One reader, a task per request.** The descriptor is non-blocking; the reader reads until
   EAGAIN and starts a task for each request, so a request that waits (a lease, the log, the
   device) does not hold up the others. At most `max_in_flight` run at once; past that the reader
-  stops reading and the kernel keeps the rest queued.
+  stops reading and the kernel keeps the rest queued. On a single node the common READ of a
+  cold file gets no task: the reader submits its device read and the AIO completion
+  answers it (`start_read`, `_start_read`).
 - **Answers** are one writev each (header and payload, no copy of a read's data). An answer the
   kernel no longer wants (the request was aborted: ENOENT) is dropped silently.
 - **Bad requests** (shorter than their structures, a name without its NUL) are answered EINVAL
