@@ -423,10 +423,11 @@ class Session:
             self._start(nursery, header, data, None)
 
         assert self.start_read is not None
+        self._reads_started += 1  # before: `send` may come at once (bench/kernelfloor.py's reads)
         if not self.start_read(data, send, fail):
+            self._reads_started -= 1  # neither `send` nor `fail` was called
             return False
         self.requests += 1
-        self._reads_started += 1
         return True
 
     def _read_ended(self) -> None:
