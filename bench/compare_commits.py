@@ -1,14 +1,17 @@
 #!/usr/bin/env python3
-"""Before/after: `fsbench.py` on two commits, alternately, in both orders, with medians side by side.
+"""Before/after: `fsbench.py` (or `--bench workers_bench.py`) on two commits, alternately, in both
+orders, with medians side by side.
 
 As root (from another user: sudo in front), from the repository root:
 
-    .venv/bin/python bench/compare_commits.py BEFORE AFTER [--rounds 4] [-- fsbench args]
+    .venv/bin/python bench/compare_commits.py BEFORE AFTER [--rounds 4] [--bench SCRIPT] [-- its args]
 
-e.g. `bench/compare_commits.py 908347c HEAD --rounds 4 -- --quick --targets ext4,awsomefs --only meta,untar`.
+e.g. `bench/compare_commits.py 908347c HEAD --rounds 4 -- --quick --targets ext4,awsomefs --only meta,untar`,
+or `bench/compare_commits.py main HEAD --bench workers_bench.py -- --modes 0,1,2 --runs 1` (each
+figure is then "<read_workers> <metric>", the median of that round's runs).
 
 Each commit is checked out in a temporary git worktree and measured with its own bench/ and its
-own daemon (this checkout's .venv). Why alternate, and in both orders: on a shared machine the
+own daemon (this checkout's .venv); with `--bench workers_bench.py`, with this checkout's bench. Why alternate, and in both orders: on a shared machine the
 first of two back-to-back runs is often faster than the second, whichever commit it is (measured
 while checking issue 12), so one order alone shows a difference that is only the order. Odd
 rounds run BEFORE first, even rounds AFTER first. The table gives, per metric, the median of each
@@ -45,6 +48,20 @@ def run_fsbench(tree: Path, out: Path, fsbench_args: list[str]) -> dict[str, flo
     return {metric: figures[0] for metric, figures in values.items() if figures}
 
 
+def run_workers_bench(tree: Path, out: Path, bench_args: list[str]) -> dict[str, float]:
+    """Each mode's median of each figure from one run of this checkout's workers_bench against the
+    daemon of `tree` (the bench of an older commit may lack what this one measures)."""
+    env = {**os.environ, "PYTHONPATH": str(tree)}
+    subprocess.run([sys.executable, str(REPO / "bench/workers_bench.py"), *bench_args, "--json", str(out)],
+                   cwd=tree, env=env, check=False)
+    rows = json.loads(out.read_text())
+    return {f"{mode} {key}": statistics.median(run[key] for run in runs)
+            for mode, runs in rows.items() for key in runs[0]}
+
+
+BENCHES = {"fsbench.py": run_fsbench, "workers_bench.py": run_workers_bench}
+
+
 def _ratio(before: list[tuple[int, float]], after: list[tuple[int, float]], rounds: set[int]) -> str:
     """after/before of the medians over `rounds` (one order of the pairs)."""
     b = [v for r, v in before if r in rounds]
@@ -57,8 +74,11 @@ def main() -> int:
     parser.add_argument("before")
     parser.add_argument("after")
     parser.add_argument("--rounds", type=int, default=4, help="before/after pairs (default 4: two in each order)")
+    parser.add_argument("--bench", choices=sorted(BENCHES), default="fsbench.py", help="default %(default)s")
     args, rest = parser.parse_known_args()
-    fsbench_args = [a for a in rest if a != "--"] or ["--quick", "--targets", "ext4,awsomefs"]
+    bench_args = [a for a in rest if a != "--"]
+    if args.bench == "fsbench.py":
+        bench_args = bench_args or ["--quick", "--targets", "ext4,awsomefs"]
     results: dict[str, dict[str, list[tuple[int, float]]]] = {"before": {}, "after": {}}
     with tempfile.TemporaryDirectory(prefix="awsomefs-compare-", dir="/var/tmp") as tmp:
         trees = {side: worktree(commit, Path(tmp) / side)
@@ -68,7 +88,7 @@ def main() -> int:
                 order = ("before", "after") if round_ % 2 == 0 else ("after", "before")
                 for side in order:
                     print(f"compare: round {round_ + 1}/{args.rounds}: {side}", flush=True)
-                    figures = run_fsbench(trees[side], Path(tmp) / f"{side}-{round_}.json", fsbench_args)
+                    figures = BENCHES[args.bench](trees[side], Path(tmp) / f"{side}-{round_}.json", bench_args)
                     for metric, value in figures.items():
                         results[side].setdefault(metric, []).append((round_, value))
         finally:
@@ -78,6 +98,10 @@ def main() -> int:
     print(f"\n{'metric':24} {'before':>12} {'after':>12} {'after/before':>12} "
           f"{'before first':>13} {'after first':>12}")
     for metric in results["before"]:
+        if metric.endswith(("load_before", "load_after")):
+            loads = [v for side in results.values() for _, v in side.get(metric, [])]
+            print(f"{metric:24} {min(loads):>12.1f} {max(loads):>12.1f}   (1-minute load average: lowest, highest)")
+            continue
         before, after = results["before"][metric], results["after"].get(metric, [])
         if not after:
             continue

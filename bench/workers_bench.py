@@ -8,7 +8,8 @@ of the daemon and every worker (/proc/PID/stat) over each random-read phase. The
 average is printed before and after every run: other work on the machine shows there.
 
     python bench/workers_bench.py                          # modes 0,2,floor; 3 runs; 256 MiB; 8 s each
-    python bench/workers_bench.py --modes 0,1,2 --runs 5 --runtime 10 --size 512M
+    python bench/workers_bench.py --modes 0,1,2 --runs 5 --runtime 10 --mib 512
+    python bench/compare_commits.py main HEAD --bench workers_bench.py --rounds 4 -- --modes 0,1,2 --runs 1
 """
 
 from __future__ import annotations
@@ -28,7 +29,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from targets import Target, awsomefs_target, drop_caches, floor_target
 
 REPO = Path(__file__).resolve().parent.parent
-DAEMON = [str(REPO / ".venv/bin/python"), "-m", "awsomefsd"]
+DAEMON = [sys.executable, "-m", "awsomefsd"]
+"""This interpreter, with the package of $PYTHONPATH, else of this tree, first on its path
+(`serving`): bench/compare_commits.py measures another commit's daemon with this bench that way."""
 
 
 def cpu_seconds(pids: list[int]) -> float:
@@ -52,7 +55,9 @@ def serving(mode: str, base: Path) -> AbstractContextManager[Target]:
     """The daemon with `mode` read workers, or the transport's floor."""
     if mode == "floor":
         return floor_target("kernelfloor", base, sys.executable, 120)
-    return awsomefs_target(base, "4G", DAEMON, 120, settings={"AWSOMEFS_MOUNT__READ_WORKERS": mode})
+    return awsomefs_target(base, "4G", DAEMON, 120, settings={
+        "AWSOMEFS_MOUNT__READ_WORKERS": mode,
+        "PYTHONPATH": os.environ.get("PYTHONPATH") or str(REPO)})
 
 
 def fio(path: Path, size: str, runtime: int, *extra: str) -> dict[str, float]:
@@ -93,6 +98,7 @@ def main() -> int:
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--runtime", type=int, default=8, help="seconds per random-read phase")
     p.add_argument("--mib", type=int, default=256, help="file size in MiB")
+    p.add_argument("--json", type=Path, help="write every run's figures here (bench/compare_commits.py reads it)")
     args = p.parse_args()
     modes = args.modes.split(",")
     rows: dict[str, list[dict[str, float]]] = {m: [] for m in modes}
@@ -108,6 +114,8 @@ def main() -> int:
         loads = f"{min(r['load_before'] for r in rs):.1f}-{max(r['load_after'] for r in rs):.1f}"
         print(f"{mode:8}" + "".join(f"{statistics.median(r[k] for r in rs):16.1f}" for k in keys) + f"   {loads}")
     print(json.dumps(rows), file=sys.stderr)
+    if args.json is not None:
+        args.json.write_text(json.dumps(rows))
     return 0
 
 

@@ -269,8 +269,21 @@ def _init_or_check_meta(store: MetaStore, sm: StateMachine, device: BlockDevice,
 
 
 def _transport_metrics(transport: Transport) -> Iterator[Metric]:
-    """Which path serves the mount's requests: 1 for it, 0 for the other (none before INIT)."""
-    from prometheus_client.core import GaugeMetricFamily
+    """Which path serves the mount's requests: 1 for it, 0 for the other (none before INIT); what
+    each read worker served and forwarded."""
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+    per_worker = transport.read_workers_served()
+    if per_worker:
+        served = CounterMetricFamily("awsomefs_read_worker_reads_served", "READs a read worker answered itself "
+                                     "(docs/multicore.md)", labels=["worker"])
+        forwarded = CounterMetricFamily("awsomefs_read_worker_requests_forwarded", "requests a read worker "
+                                        "handed to the daemon", labels=["worker"])
+        for index, reads, handed in per_worker:
+            served.add_metric([str(index)], reads)
+            forwarded.add_metric([str(index)], handed)
+        yield served
+        yield forwarded
 
     path = transport.serving_path()
     if path is None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import errno
 import os
+from collections.abc import Callable
 
 from awsomefsd.fs.handles import CRASH_UNREPORTED, Handle
 from awsomefsd.fs.ops_base import SETID_BITS, InGroup, OperationsBase
@@ -29,6 +30,14 @@ class FileOperations(OperationsBase):
         h = self.handle(fh)
         inode = self.meta.require_inode(h.ino)
         return await self.data.read(inode, offset, size)
+
+    def start_read(self, fh: int, offset: int, size: int, send: Callable[[memoryview], None],
+                   fail: Callable[[], None]) -> bool:
+        """`read` without a task where it is the common one (Reader.start_read): True when
+        started (`send` or `fail` follows); False: call `read`."""
+        h = self.handles.open.get(fh)
+        inode = None if h is None else self.meta.inode(h.ino)
+        return inode is not None and self.data.reader.start_read(inode, offset, size, send, fail)
 
     async def write(self, fh: int, offset: int, buf: bytes | memoryview, *, drop_setid: InGroup | None = None,
                     kernel_times: bool = False) -> int:

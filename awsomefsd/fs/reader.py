@@ -21,6 +21,7 @@ import trio
 
 from awsomefsd.fs.buffer import WriteBuffer
 from awsomefsd.fs.tiered import TieredBlocks
+from awsomefsd.io.checksum import first_bad_block
 from awsomefsd.io.extent_io import ChecksumMismatch, ExtentIO
 from awsomefsd.io.layout import BLOCK_SIZE
 from awsomefsd.meta.client import MetaClient
@@ -132,6 +133,53 @@ class Reader:
         for start, data in buffered:
             out[start - offset : start - offset + len(data)] = data
         return out
+
+    def start_read(self, inode: Inode, offset: int, size: int, send: Callable[[memoryview], None],
+                   fail: Callable[[], None]) -> bool:
+        """The common read, served without a task (the session's reader calls it; design note in
+        docs/multicore.md, "The daemon's own reads"): a file with nothing buffered, bytes inside
+        its size, one written extent on the device holding them. The device read is submitted
+        (AIO) and this returns True; on its completion `send(the bytes)` is called, or `fail()`
+        when the read failed or a checksum did not match (the caller then serves the request the
+        usual way, which reads again and reports). False, with nothing started, for every other
+        read. The rules of `read` hold: the map is taken with no await between it and the look
+        at the buffer, and the read counts as running (`drained`) until its completion."""
+        if inode.ino in self.buffer.files or size <= 0 or offset >= inode.size:
+            return False
+        size = min(size, inode.size - offset)
+        first = offset // BLOCK_SIZE
+        end = (offset + size + BLOCK_SIZE - 1) // BLOCK_SIZE
+        extents = self.meta.extents(inode.ino, first, end)
+        if len(extents) != 1:
+            return False
+        ext = extents[0]
+        if not ext.checksums or ext.dev_block >= TIER_BASE_BLOCK or ext.file_block > first or ext.end_block < end:
+            return False
+        pool = self.io.pool
+        buf = pool.acquire()
+        skip = first - ext.file_block
+        run = memoryview(buf)[: (end - first) * BLOCK_SIZE]
+        sums = ext.checksums[4 * skip : 4 * (end - ext.file_block)]
+        start = offset - first * BLOCK_SIZE
+        token = self._begin()
+
+        def done(result: int) -> None:
+            good = False
+            try:
+                good = result == len(run) and first_bad_block(run, sums) < 0
+                if good:
+                    send(run[start : start + size])
+            finally:
+                self._end(token)
+                pool.release(buf)
+                if not good:  # exactly one of send and fail, whatever happened
+                    fail()
+
+        if self.io.device.submit_read(run, (ext.dev_block + skip) * BLOCK_SIZE, done):
+            return True
+        self._end(token)
+        pool.release(buf)
+        return False
 
     def data_ranges(self, inode: Inode, offset: int) -> list[tuple[int, int]]:
         """The file's data from `offset` on, as merged (start, end) byte ranges in whole blocks

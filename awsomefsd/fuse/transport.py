@@ -77,6 +77,9 @@ class Transport(Protocol):
         """How requests reach this daemon: "io_uring" or "read" on the kernel transport (None
         before INIT, and on pyfuse3)."""
 
+    def read_workers_served(self) -> list[tuple[int, int, int]]:
+        """Per read worker (`[mount] read_workers`): (index, reads served, requests forwarded)."""
+
     def close(self) -> None:
         """Unmount (if still mounted) and let go of the kernel."""
 
@@ -138,7 +141,8 @@ class KernelTransport:
                           negotiated=negotiated, inline=INLINE_SINGLE_NODE if single else frozenset(),
                           inline_when=self.handlers.quick if single else None,
                           wanted=(WANTED_SINGLE_NODE | (Init.WRITEBACK_CACHE if self.writeback_cache else 0)
-                                  if single else WANTED), uring=self.io_uring)
+                                  if single else WANTED), uring=self.io_uring,
+                          start_read=self.handlers.start_read if single else None)
         # entries registered on a ring another session used: each CPU's queue may hold a request
         session.on_ring_started = lambda ring: kick_queues(str(self.mountpoint), ring.queues)
         if self.read_workers is not None and self.hot is not None:
@@ -154,6 +158,10 @@ class KernelTransport:
         if self.session is None or self.session.negotiated is None:
             return None
         return self.session.path
+
+    def read_workers_served(self) -> list[tuple[int, int, int]]:
+        pool = self.pool
+        return [] if pool is None or pool.ended else pool.per_worker()
 
     def writeback_negotiated(self) -> bool:
         """Does the kernel keep written pages of this mount in its page cache?"""
@@ -374,6 +382,9 @@ class Pyfuse3Transport:
 
     def serving_path(self) -> str | None:
         return None
+
+    def read_workers_served(self) -> list[tuple[int, int, int]]:
+        return []
 
     def can_hand_over(self) -> bool:
         return False

@@ -21,6 +21,10 @@ What a caller may rely on:
 - `worth_submitting` advises an inline read while reads arrive one at a time (AIO then only adds
   its wake-up cost, ~15% at queue depth 1 measured), with a submitted probe every PROBE_EVERY
   reads; one read overlapping another switches back at once.
+- `submit` starts a read without a task: the caller's function gets the result from whichever
+  task collects completions (a parked `read_into` leading, or `run`'s loop, which leads whenever
+  such reads are in flight and no other task does). The session answers the common READ this way
+  (fs/reader.py, `Reader.start_read`): no task, no coroutine chain per read.
 - `run` owns the context's lifetime. When it is cancelled it stops accepting reads
   (ClosedResourceError: the caller reads inline instead), drains the ones in flight and destroys
   the context; io_destroy itself waits for any the drain gave up on, and their tasks get EIO. If
@@ -36,6 +40,7 @@ import logging
 import os
 import platform
 import sys
+from collections.abc import Callable
 
 import outcome
 import trio
@@ -144,11 +149,21 @@ class AioReader:
             self._sys.call(self._sys.nr_destroy, self._ctx)
             raise
         self._events = (_IoEvent * max_in_flight)()
+        # One iocb and its one-entry array, filled in per read: io_submit copies the iocb before it
+        # returns (only the buffer must outlive the read), and building them per read cost ~5-10 us.
+        self._iocb = _Iocb(aio_lio_opcode=_IOCB_CMD_PREAD, aio_flags=_IOCB_FLAG_RESFD, aio_resfd=self._efd)
+        self._batch = (ctypes.POINTER(_Iocb) * 1)(ctypes.pointer(self._iocb))
+        self._one = ctypes.c_long(1)
         self._no_wait = _Timespec(0, 0)
+        self._no_wait_ref = ctypes.byref(self._no_wait)
+        self._zero, self._max = ctypes.c_long(0), ctypes.c_long(max_in_flight)
         self._ids = itertools.count(1)
         # request id -> its parked task, or None while that task runs (leading, or woken to lead)
         self._waiting: dict[int, trio.lowlevel.Task | None] = {}
         self._done: dict[int, int] = {}  # results of reads whose task was not parked
+        # request id -> (what to call with its result, the export of its buffer): `submit`'s reads
+        self._callbacks: dict[int, tuple[Callable[[int], None], ctypes.c_char]] = {}
+        self._reaper_wake = trio.Event()  # set when `submit`'s reads need a leader and none leads
         self._leading = False  # a task waits on the eventfd
         self._heir = 0  # the request whose task was woken to lead next
         self._slots = trio.Semaphore(max_in_flight)
@@ -162,7 +177,7 @@ class AioReader:
 
     @property
     def in_flight(self) -> int:
-        return len(self._waiting)
+        return len(self._waiting) + len(self._callbacks)
 
     @property
     def accepting(self) -> bool:
@@ -171,7 +186,7 @@ class AioReader:
     def worth_submitting(self) -> bool:
         """False when reads have been arriving one at a time, so an inline read is cheaper; the
         caller may still submit (correctness does not depend on this advice)."""
-        if self._waiting or self._solo_streak < SOLO_READS_BEFORE_INLINE:
+        if self._waiting or self._callbacks or self._solo_streak < SOLO_READS_BEFORE_INLINE:
             return True
         self._skipped += 1
         if self._skipped < PROBE_EVERY:
@@ -201,12 +216,14 @@ class AioReader:
             address = ctypes.addressof(anchor)
             assert address % BLOCK_SIZE == 0, "O_DIRECT buffer is not block aligned"
             request_id = next(self._ids)
-            iocb = _Iocb(aio_data=request_id, aio_lio_opcode=_IOCB_CMD_PREAD, aio_fildes=fd, aio_buf=address,
-                         aio_nbytes=length, aio_offset=offset_bytes, aio_flags=_IOCB_FLAG_RESFD,
-                         aio_resfd=self._efd)
-            batch = (ctypes.POINTER(_Iocb) * 1)(ctypes.pointer(iocb))
+            iocb = self._iocb  # the kernel copies it in io_submit: one serves every read
+            iocb.aio_data = request_id
+            iocb.aio_fildes = fd
+            iocb.aio_buf = address
+            iocb.aio_nbytes = length
+            iocb.aio_offset = offset_bytes
             try:
-                submitted = self._sys.call(self._sys.nr_submit, self._ctx, ctypes.c_long(1), batch)
+                submitted = self._sys.call(self._sys.nr_submit, self._ctx, self._one, self._batch)
             except OSError as exc:
                 self._slots.release()
                 log.error("io_submit of a %d-byte read at %d failed: %s", length, offset_bytes, exc.strerror)
@@ -223,6 +240,39 @@ class AioReader:
             log.error("AIO read of %d bytes at %d failed: %s", length, offset_bytes, os.strerror(-res))
             raise OSError(errno.EIO, f"read of {length} bytes at {offset_bytes} failed: {os.strerror(-res)}")
         return res
+
+    def submit(self, fd: int, view: memoryview, offset_bytes: int, done: Callable[[int], None]) -> bool:
+        """`read_into` without a task: submit the read and return; `done(result)` is called with
+        the kernel's byte count (or -errno) from whichever task collects the completion (a waiting
+        `read_into`, or `run`'s). False, with nothing submitted, when no slot is free, the reader
+        is closing or io_submit refused: the caller reads another way. `done` must not raise or
+        wait; the buffer must stay valid until it is called."""
+        if self._closing:
+            return False
+        try:
+            self._slots.acquire_nowait()
+        except trio.WouldBlock:
+            return False
+        anchor = ctypes.c_char.from_buffer(view)
+        request_id = next(self._ids)
+        iocb = self._iocb
+        iocb.aio_data = request_id
+        iocb.aio_fildes = fd
+        iocb.aio_buf = ctypes.addressof(anchor)
+        iocb.aio_nbytes = view.nbytes
+        iocb.aio_offset = offset_bytes
+        try:
+            self._sys.call(self._sys.nr_submit, self._ctx, self._one, self._batch)
+        except OSError as exc:
+            self._slots.release()
+            log.warning("io_submit of a %d-byte read at %d failed: %s", view.nbytes, offset_bytes, exc.strerror)
+            return False
+        self._callbacks[request_id] = (done, anchor)
+        self.submitted += 1
+        self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
+        if not self._leading and not self._heir:
+            self._reaper_wake.set()
+        return True
 
     async def _completion(self, request_id: int) -> int:
         """Wait for the result of a submitted read; not cancellable (the kernel owns the buffer).
@@ -280,12 +330,21 @@ class AioReader:
                 self._heir = request_id
                 trio.lowlevel.reschedule(task, outcome.Value(None))
                 return
+        if self._callbacks:
+            self._reaper_wake.set()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Keep the context until cancelled; then stop accepting reads, drain and destroy it."""
+        """Keep the context until cancelled, collecting the completions of `submit`'s reads when
+        no waiting `read_into` does; then stop accepting reads, drain and destroy it."""
         task_status.started()
         try:
-            await trio.sleep_forever()
+            while True:
+                if self._callbacks and not self._leading and not self._heir:
+                    await self._lead()
+                    self._pass_the_lead()
+                    continue
+                self._reaper_wake = trio.Event()
+                await self._reaper_wake.wait()
         finally:
             self._closing = True
             with trio.CancelScope(shield=True):
@@ -295,7 +354,7 @@ class AioReader:
     async def _drain(self) -> None:
         """Wait for the reads in flight; their own tasks collect them (or this one does)."""
         with trio.move_on_after(DRAIN_TIMEOUT_S) as scope:
-            while self._waiting and not self._destroyed:
+            while (self._waiting or self._callbacks) and not self._destroyed:
                 if self._leading or self._heir:
                     await trio.sleep(0.001)
                 else:
@@ -303,7 +362,7 @@ class AioReader:
                     self._pass_the_lead()
         if scope.cancelled_caught:
             log.error("%d AIO reads still in flight after %.0f s; io_destroy waits for them",
-                      len(self._waiting), DRAIN_TIMEOUT_S)
+                      self.in_flight, DRAIN_TIMEOUT_S)
 
     def _reap(self) -> None:
         """Hand out the completions that arrived (never blocks)."""
@@ -312,8 +371,8 @@ class AioReader:
         except BlockingIOError:
             pass
         while True:
-            got = self._sys.call(self._sys.nr_getevents, self._ctx, ctypes.c_long(0),
-                                 ctypes.c_long(self.max_in_flight), self._events, ctypes.byref(self._no_wait))
+            got = self._sys.call(self._sys.nr_getevents, self._ctx, self._zero, self._max, self._events,
+                                 self._no_wait_ref)
             assert 0 <= got <= self.max_in_flight
             for event in self._events[:got]:
                 self._finish(event.data, int(event.res))
@@ -321,6 +380,15 @@ class AioReader:
                 return
 
     def _finish(self, request_id: int, result: int) -> None:
+        called = self._callbacks.pop(request_id, None)
+        if called is not None:
+            self.completed += 1
+            self._slots.release()
+            try:
+                called[0](result)
+            except Exception:  # its own failure; the other completions are still handed out
+                log.exception("a device read's completion failed")
+            return
         task = self._waiting.pop(request_id)
         self.completed += 1
         self._slots.release()
@@ -340,5 +408,5 @@ class AioReader:
             log.error("io_destroy failed: %s", exc.strerror)
         trio.lowlevel.notify_closing(self._efd)
         os.close(self._efd)
-        for request_id in list(self._waiting):
+        for request_id in [*self._waiting, *self._callbacks]:
             self._finish(request_id, -errno.EIO)

@@ -283,6 +283,19 @@ class BlockDevice:
                                          f"{got} of {length} bytes")
         self._count_read(length)
 
+    def submit_read(self, view: memoryview, offset_bytes: int, done: Callable[[int], None]) -> bool:
+        """`read_into_async` without a task (AioReader.submit): True when submitted, and then
+        `done(byte count or -errno)` is called later on the trio thread; False, with nothing
+        submitted, when AIO is not serving or has no free slot."""
+        aio = self._aio
+        if aio is None or not aio.accepting:
+            return False
+        self._check_read(offset_bytes, view.nbytes)
+        if not aio.submit(self._fd_or_raise(), view, offset_bytes, done):
+            return False
+        self._count_read(view.nbytes)
+        return True
+
     async def serve_async_reads(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Serve `read_into_async` with native AIO until cancelled, then drain and stop.
 
@@ -411,6 +424,12 @@ class BlockDevice:
 
     def __repr__(self) -> str:
         return f"BlockDevice({str(self.path)!r}, size_bytes={self.size_bytes}, direct={self.direct})"
+
+    @property
+    def fd(self) -> int:
+        """The open descriptor: for a reader that keeps its own buffer and calls preadv itself
+        (fs/coldread.py), where `read_into`'s checks and counters cost more than the read."""
+        return self._fd_or_raise()
 
     # -- internals -------------------------------------------------------------------------------
     def _fd_or_raise(self) -> int:

@@ -1,7 +1,8 @@
 """Read workers (`[mount] read_workers`, docs/multicore.md step 1) as users see them: real daemons
 with two workers, real processes reading and writing.
 
-- The differential exerciser: 4 processes do random opens, reads (buffered after dropping the
+- The differential exerciser (also against a daemon without workers, whose reader starts the
+  common READ itself without a task): 4 processes do random opens, reads (buffered after dropping the
   page cache, and O_DIRECT), writes (buffered and O_DIRECT), truncates, fsyncs and renames, on
   files of their own and on shared ones, and do every operation on a copy on tmpfs too; every
   read must return what the copy holds. A process works on a shared file under a lock it holds
@@ -23,12 +24,14 @@ import mmap
 import multiprocessing
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -202,8 +205,20 @@ def workers_daemon() -> Iterator[Daemon]:
 
 
 def test_reads_served_by_workers_never_return_bytes_older_than_an_answered_write(workers_daemon: Daemon) -> None:
+    run_exerciser(workers_daemon.mount)
+
+
+def test_reads_the_daemon_starts_without_a_task_never_return_bytes_older_than_an_answered_write() -> None:
+    """The same exerciser without workers: the daemon's reader starts the common READ of a cold
+    file itself, without a task (Session.start_read, Reader.start_read)."""
+    with running_daemon("awsomefs-noworkers-", env={"AWSOMEFS_MOUNT__TRANSPORT": "kernel",
+                                                   "AWSOMEFS_MOUNT__READ_WORKERS": "0"}) as d:
+        run_exerciser(d.mount)
+
+
+def run_exerciser(mount: Path) -> None:
     seed = int(os.environ.get("AWSOMEFS_READ_WORKERS_SEED") or fresh_one("read-workers-exerciser"))
-    work = workers_daemon.mount / f"ex{seed}"
+    work = mount / f"ex{seed}"
     work.mkdir()
     mirror = Path(tempfile.mkdtemp(prefix="awsomefs-mirror-", dir="/dev/shm"))
     try:
@@ -282,8 +297,10 @@ print(ok, failed, ",".join(sorted(errnos)) or "-")
 """
 
 
-def test_the_summary_counts_reads_the_workers_served() -> None:
-    with running_daemon("awsomefs-workers-count-", env=WORKERS) as d:
+def test_the_summary_and_the_metrics_count_reads_the_workers_served() -> None:
+    base = Path(tempfile.mkdtemp(prefix="awsomefs-workers-count-", dir="/var/tmp"))
+    d = Daemon(base / "state", base / "mnt", size="1G", env=WORKERS, extra=["--metrics-port", "0"]).start()
+    try:
         path = d.mount / "f"
         path.write_bytes(os.urandom(1 << 18))
         os.sync()
@@ -292,8 +309,46 @@ def test_the_summary_counts_reads_the_workers_served() -> None:
         for i in range(500):
             os.preadv(fd, [buf], (i % 64) * 4096)
         os.close(fd)
+        metrics = scrape(d)
+        served = dict(re.findall(r'^awsomefs_read_worker_reads_served_total\{worker="(\d)"\} (\S+)$', metrics, re.M))
+        assert set(served) == {"0", "1"} and sum(float(v) for v in served.values()) >= 400, metrics[-3000:]
+        assert re.search(r'^awsomefs_read_worker_requests_forwarded_total\{worker="0"\} ', metrics, re.M), metrics
         assert d.stop() == 0
         assert served_by_workers(d) >= 400, d.logs()[-2000:]
+    finally:
+        if d.proc is not None and d.proc.poll() is None:
+            d.stop()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def test_reads_the_daemon_starts_without_a_task_count_in_the_read_latency_metric() -> None:
+    base = Path(tempfile.mkdtemp(prefix="awsomefs-noworkers-count-", dir="/var/tmp"))
+    d = Daemon(base / "state", base / "mnt", size="1G", env={"AWSOMEFS_MOUNT__TRANSPORT": "kernel",
+                                                             "AWSOMEFS_MOUNT__READ_WORKERS": "0"},
+               extra=["--metrics-port", "0"]).start()
+    try:
+        path = d.mount / "f"
+        path.write_bytes(os.urandom(1 << 18))
+        os.sync()
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+        buf = mmap.mmap(-1, 4096)
+        for i in range(300):
+            os.preadv(fd, [buf], (i % 64) * 4096)
+        os.close(fd)
+        reads = re.search(r'^awsomefs_fuse_request_seconds_count\{op="read"\} (\S+)$', scrape(d), re.M)
+        assert reads is not None and float(reads.group(1)) >= 300, scrape(d)[-3000:]
+        assert d.stop() == 0
+    finally:
+        if d.proc is not None and d.proc.poll() is None:
+            d.stop()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def scrape(d: Daemon) -> str:
+    """The daemon's /metrics (it was started with `--metrics-port 0`)."""
+    port = re.search(r"metrics on http://127.0.0.1:(\d+)/", d.logs())
+    assert port is not None, d.logs()[-2000:]
+    return str(urllib.request.urlopen(f"http://127.0.0.1:{port.group(1)}/metrics", timeout=10).read().decode())
 
 
 @pytest.mark.parametrize("how", ["hand-over", "crash"])

@@ -270,6 +270,14 @@ class KernelHandlers:
         fh, offset, size, *_ = body.take(abi.READ_IN)
         return await self.ops.read(fh, offset, size)
 
+    def start_read(self, data: bytes, send: Callable[[memoryview], None], fail: Callable[[], None]) -> bool:
+        """READ served without a task where it is the common read of a cold file
+        (FileOperations.start_read); False: serve it with `read`."""
+        if len(data) < abi.IN_HEADER.size + abi.READ_IN.size:
+            return False
+        fh, offset, size, *_ = abi.READ_IN.unpack_from(data, abi.IN_HEADER.size)
+        return self.ops.start_read(fh, offset, size, send, fail)
+
     async def write(self, h: Header, body: Body) -> Payload:
         fh, offset, size, write_flags, *_ = body.take(abi.WRITE_IN)
         drop = write_flags & abi.WRITE_KILL_SUIDGID

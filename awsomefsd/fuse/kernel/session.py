@@ -4,7 +4,9 @@ How requests are served (the reasons, measured, are in docs/design-notes.md):
 - **One reader, a task per request.** The descriptor is non-blocking; the reader reads until
   EAGAIN and starts a task for each request, so a request that waits (a lease, the log, the
   device) does not hold up the others. At most `max_in_flight` run at once; past that the reader
-  stops reading and the kernel keeps the rest queued.
+  stops reading and the kernel keeps the rest queued. On a single node the common READ of a
+  cold file gets no task: the reader submits its device read and the AIO completion
+  answers it (`start_read`, `_start_read`).
 - **Answers** are one writev each (header and payload, no copy of a read's data). An answer the
   kernel no longer wants (the request was aborted: ENOENT) is dropped silently.
 - **Bad requests** (shorter than their structures, a name without its NUL) are answered EINVAL
@@ -75,12 +77,18 @@ READS_DATA = frozenset({Op.READ, Op.LSEEK})
 """Requests that must see every change to their file that the kernel sent before them
 (`ChangesInFlight`)."""
 
+READ_NAME = abi.OP_NAMES[Op.READ]
+"""The operation's name in the latency metric, as `_handle` gives it."""
+
 NO_REPLY: Any = type("NoReply", (), {"__repr__": lambda self: "NO_REPLY"})()
 """What a handler returns for a request the kernel expects no answer to (FORGET)."""
 Payload = bytes | bytearray | list[bytes] | None
 Handler = Callable[[Header, Body], Awaitable[Payload]]
 ObserveFn = Callable[[str, float, int], None]
 ReportEioFn = Callable[[str, Header, FsError], None]
+StartRead = Callable[[bytes, Callable[[memoryview], None], Callable[[], None]], bool]
+"""Start a READ (its bytes) without a task, answered through `send(payload)`, or `fail()` (then
+served the usual way); False: not started (KernelHandlers.start_read)."""
 
 WANTED = (Init.ASYNC_READ | Init.ATOMIC_O_TRUNC | Init.EXPORT_SUPPORT | Init.BIG_WRITES
           | Init.AUTO_INVAL_DATA | Init.DO_READDIRPLUS | Init.READDIRPLUS_AUTO | Init.ASYNC_DIO
@@ -131,6 +139,9 @@ class ChangesInFlight:
         if not pending:
             del self._pending[nodeid]
 
+    def any(self, nodeid: int) -> bool:
+        return nodeid in self._pending
+
     def before(self, nodeid: int) -> tuple[trio.Event, ...]:
         """The changes in flight now: what a read arriving now waits for."""
         return tuple(self._pending.get(nodeid, ()))
@@ -152,13 +163,15 @@ class Session:
                  report_eio: ReportEioFn | None = None, max_in_flight: int = MAX_IN_FLIGHT,
                  negotiated: Negotiated | None = None, inline: frozenset[int] = frozenset(),
                  inline_when: dict[int, Callable[[bytes], bool]] | None = None, wanted: int = WANTED,
-                 uring: UringMode = "off", ring_depth: int = fuse_ring.DEFAULT_DEPTH) -> None:
+                 uring: UringMode = "off", ring_depth: int = fuse_ring.DEFAULT_DEPTH,
+                 start_read: StartRead | None = None) -> None:
         """`negotiated`: the session continues one a daemon before this one began (its INIT is
         answered already: docs/fuse-transport.md, Restarts). `inline`: opcodes the reader handles
         itself instead of starting a task (`INLINE_SINGLE_NODE`); `inline_when`: opcodes it
         handles itself when the request (its bytes) says it will not wait. `wanted`: the
         capabilities to ask for (`WANTED`, or `WANTED_SINGLE_NODE`). `uring`: FUSE over
-        io_uring (`UringMode`), with `ring_depth` entries per CPU."""
+        io_uring (`UringMode`), with `ring_depth` entries per CPU. `start_read`: READs the
+        reader starts itself, without a task, when it says it can (`_start_read`)."""
         self.uring = uring
         self.ring_depth = ring_depth
         self.ring: fuse_ring.FuseRing | None = None
@@ -185,6 +198,9 @@ class Session:
         self._abandoned: set[int] = set()  # those answered EINTR: their handlers' answers are dropped
         self._changes = ChangesInFlight()
         self._unsupported: set[int] = set()
+        self.start_read = start_read
+        self._reads_started = 0  # by `start_read`, not answered yet
+        self._reads_ended = trio.Event()  # set when that count falls to 0 while `serve` waits for it
         self.requests = 0
         self.malformed = 0
         self.interrupted = 0
@@ -288,6 +304,9 @@ class Session:
                         else:
                             await self._read_requests(nursery)
                         readers.cancel_scope.cancel()
+                while self._reads_started:  # their answers, or fallback tasks, still to come
+                    self._reads_ended = trio.Event()
+                    await self._reads_ended.wait()
                 if self.ring is not None and self._reading.cancel_called:
                     await self.ring.drain(lambda h, d, a: self._start(nursery, h, d, a), lambda: self._running)
         finally:
@@ -356,6 +375,9 @@ class Session:
             except EOFError:
                 return
             header = self._dispatch(nursery, data)
+            if header is not None and header.opcode == Op.READ and self.start_read is not None \
+                    and not self._changes.any(header.nodeid) and self._start_read(nursery, header, data):
+                header = None
             if header is not None:
                 pending = self._start(nursery, header, data, None)
                 if pending is not None:
@@ -378,6 +400,40 @@ class Session:
         change = self._changes.begin(header.nodeid) if header.opcode in CHANGES_DATA else None
         nursery.start_soon(self._handle, header, data, follows, change, answer)
         return None
+
+    def _start_read(self, nursery: trio.Nursery, header: Header, data: bytes) -> bool:
+        """A READ started without a task (the daemon's common read of a cold file: one AIO read,
+        answered from its completion; ~a third of the CPU of a task's path). Only when no change
+        to the file is in flight (`ChangesInFlight`: such a READ waits in a task). Not
+        interruptible: it is short. If its read fails, the usual path serves it (and reports)."""
+        began = time.perf_counter()
+        unique = header.unique
+
+        def send(payload: memoryview) -> None:
+            try:
+                self._write([abi.OUT_HEADER.pack(abi.OUT_HEADER.size + len(payload), 0, unique), payload])
+            finally:
+                self._read_ended()
+            if self.observe is not None:
+                self.observe(READ_NAME, time.perf_counter() - began, 0)
+
+        def fail() -> None:
+            self._read_ended()
+            self.requests -= 1  # counted again by `_start`
+            self._start(nursery, header, data, None)
+
+        assert self.start_read is not None
+        self._reads_started += 1  # before: `send` may come at once (bench/kernelfloor.py's reads)
+        if not self.start_read(data, send, fail):
+            self._reads_started -= 1  # neither `send` nor `fail` was called
+            return False
+        self.requests += 1
+        return True
+
+    def _read_ended(self) -> None:
+        self._reads_started -= 1
+        if not self._reads_started:
+            self._reads_ended.set()
 
     def _forwarded(self, nursery: trio.Nursery, data: bytes,
                    answer: Callable[[list[Any]], None]) -> Awaitable[None] | None:
@@ -488,7 +544,7 @@ class Session:
             self.observe(abi.OP_NAMES.get(opcode, str(opcode)), time.perf_counter() - start, err)
 
     # -- writing -------------------------------------------------------------------------------
-    def _write(self, parts: list[bytes | bytearray]) -> None:
+    def _write(self, parts: list[bytes | bytearray | memoryview]) -> None:
         try:
             os.writev(self.fd, parts)
         except OSError as exc:

@@ -39,6 +39,14 @@ from awsomefsd.fuse.kernel.workers import COUNTERS, MAX_WORKERS, THREADS, WORKER
 REQUEST_BYTES = 1 << 20 | 1 << 13
 """A full 1 MiB WRITE and its headers."""
 STOP_POLL_S = 0.05
+_HEAD = struct.Struct("<IQQ")
+"""opcode, unique, nodeid: the in-header after its length."""
+_READ_AT = struct.Struct("<QI")
+"""offset, size: READ_IN after its file handle."""
+_READ_AT_OFFSET = abi.IN_HEADER.size + 8
+READ_REQUEST_BYTES = abi.IN_HEADER.size + abi.READ_IN.size
+OUT_HEADER_BYTES = abi.OUT_HEADER.size
+READ = int(Op.READ)
 
 
 class _State:
@@ -122,6 +130,7 @@ def _read_loop(fd: int, state: _State, sock: socket.socket, counters: mmap.mmap,
     libc.read.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t]
     request = bytearray(REQUEST_BYTES)
     address = ctypes.addressof((ctypes.c_char * REQUEST_BYTES).from_buffer(request))
+    writev, pack_out, pack_into = os.writev, abi.OUT_HEADER.pack, struct.pack_into
     while not state.stopping:
         n = libc.read(fd, address, REQUEST_BYTES)
         if n < 0:
@@ -132,22 +141,22 @@ def _read_loop(fd: int, state: _State, sock: socket.socket, counters: mmap.mmap,
                 state.unmounted = state.stopping = True
                 return
             raise OSError(err, os.strerror(err))
-        data = bytes(memoryview(request)[:n])
-        _, opcode, unique, nodeid = abi.IN_HEADER.unpack_from(data)[:4]
-        change = opcode in CHANGES_DATA
-        if change:  # R3: the proposer orders reads after it; other requests need no order
-            struct.pack_into("=Q", counters, at, unique)
-        if opcode == Op.READ and len(data) >= abi.IN_HEADER.size + abi.READ_IN.size:
-            _fh, offset, size, *_ = abi.READ_IN.unpack_from(data, abi.IN_HEADER.size)
+        opcode, unique, nodeid = _HEAD.unpack_from(request, 4)
+        if opcode == READ and n >= READ_REQUEST_BYTES:  # served here: the request is not copied
+            offset, size = _READ_AT.unpack_from(request, _READ_AT_OFFSET)
             out = reader.read(nodeid, offset, size) if size <= WORKER_READ_MAX else None
             if out is not None:
                 try:
-                    os.writev(fd, [abi.OUT_HEADER.pack(abi.OUT_HEADER.size + len(out), 0, unique), out])
+                    writev(fd, [pack_out(OUT_HEADER_BYTES + len(out), 0, unique), out])
                 except OSError as exc:
                     if exc.errno not in (errno.ENOENT, errno.ENODEV):
                         raise
-                struct.pack_into("=Q", counters, at + 16, reader.served)
+                pack_into("=Q", counters, at + 16, reader.served)
                 continue
+        data = bytes(memoryview(request)[:n])
+        change = opcode in CHANGES_DATA
+        if change:  # R3: the proposer orders reads after it; other requests need no order
+            struct.pack_into("=Q", counters, at, unique)
         try:
             sock.send(data)
         except OSError as exc:

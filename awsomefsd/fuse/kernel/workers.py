@@ -55,6 +55,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from awsomefsd.fs.coldread import MAX_READ_BYTES
 from awsomefsd.fuse.kernel import abi
 from awsomefsd.fuse.kernel.abi import Op
 from awsomefsd.fuse.kernel.session import READS_DATA
@@ -74,7 +75,7 @@ THREADS = 4
 """Reader threads per worker, each a blocking read of the clone: a worker has this many device reads
 in flight (the GIL is released in each system call). Measured with one: two workers reached 1.05x
 the daemon alone on random 4 KiB reads at queue depth 16, each worker waiting on the device."""
-WORKER_READ_MAX = 128 << 10
+WORKER_READ_MAX = MAX_READ_BYTES
 """Larger READs (sequential reads, read-ahead) are forwarded: a worker has one device read in
 flight at a time, the proposer many (its AIO); measured, sequential 1 MiB reads fell to 0.58x
 with every READ served by two workers."""
@@ -183,6 +184,8 @@ class WorkerPool:
         self.forwarded = 0
         self.served = 0
         """Reads answered by workers that are gone (`reads_served` adds those running)."""
+        self._served_before: dict[int, int] = {}  # per worker index, by the processes before the running one
+        self._forwarded_by: dict[int, int] = {}  # per worker index
 
     # -- starting --------------------------------------------------------------------------------
     def _start(self, index: int) -> Worker:
@@ -193,7 +196,9 @@ class WorkerPool:
                 s.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, MAX_MESSAGE * 2)
             except OSError:
                 s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, MAX_MESSAGE * 2)
-        self.served += self.served_by(index)
+        gone = self.served_by(index)
+        self.served += gone
+        self._served_before[index] = self._served_before.get(index, 0) + gone
         for slot in range(index * THREADS, (index + 1) * THREADS):
             COUNTERS.pack_into(self._counters, slot * COUNTERS.size, 0, 0, 0)
         spec = {"clone": fd, "sock": theirs.fileno(), "hot": self.hot_fd, "counters": self.counters_fd,
@@ -249,6 +254,12 @@ class WorkerPool:
     def served_by(self, index: int) -> int:
         return sum(int(COUNTERS.unpack_from(self._counters, slot * COUNTERS.size)[2])
                    for slot in range(index * THREADS, (index + 1) * THREADS))
+
+    def per_worker(self) -> list[tuple[int, int, int]]:
+        """(index, reads it served, requests it forwarded) per worker since the pool began, the
+        processes a restart replaced included (the metrics endpoint: any thread)."""
+        return [(index, self._served_before.get(index, 0) + self.served_by(index), self._forwarded_by.get(index, 0))
+                for index in range(self.config.count)]
 
     def reads_served(self) -> int:
         """Reads the workers answered themselves, since the pool began."""
@@ -349,6 +360,7 @@ class WorkerPool:
                     batch[i:] = rest
                     unique, data, worker = batch[i]
                 self.forwarded += 1
+                self._forwarded_by[worker.index] = self._forwarded_by.get(worker.index, 0) + 1
                 if abi.IN_HEADER.unpack_from(data)[1] not in NO_ANSWER:
                     worker.pending += 1
                 pending = dispatch(data, worker.answer)
