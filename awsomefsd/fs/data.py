@@ -27,6 +27,7 @@ from awsomefsd.fs.allocator import NodeAllocator
 from awsomefsd.fs.buffer import FileState, WriteBuffer
 from awsomefsd.fs.clock import file_time_ns
 from awsomefsd.fs.compactor import Compactor
+from awsomefsd.fs.dirty import MAX_RUNS
 from awsomefsd.fs.flusher import Flusher
 from awsomefsd.fs.losses import LossLedger
 from awsomefsd.fs.ranges import RangeEditor
@@ -168,6 +169,19 @@ class FileData:
             st.users -= 1
             buffer.drop_if_idle(st)
         return len(data)
+
+    def buffers_at_once(self, ino: int, size: int) -> bool:
+        """Would `write` of `size` bytes to the file return without awaiting anything: the file's
+        buffer and the whole buffer stay below what asks for a flush, the file is not in so many
+        pieces that its writer must flush it, and the device has room without waiting for frees.
+        Errors (quota, size limit) are raised without awaiting either."""
+        buffer = self.buffer
+        st = buffer.files.get(ino)
+        if st is not None and (st.dirty.dirty_bytes + size >= buffer.file_buffer_bytes
+                               or st.dirty.run_count >= MAX_RUNS // 2):
+            return False
+        return (buffer.total_dirty_bytes + size < buffer.write_buffer_bytes
+                and self.space.fits(size // BLOCK_SIZE + 2))
 
     async def _check_room(self, inode: Inode, start: int, end: int, grow_blocks: int) -> None:
         """Refuse a write of bytes [start, end) up front when the device or the volume's quota

@@ -106,6 +106,14 @@ class FileOperations(OperationsBase):
         h = self.handles.find(fh)
         return self.coherence is None and h is not None and not self.data.has_buffered(h.ino)
 
+    def write_is_immediate(self, fh: int, size: int) -> bool:
+        """Would `write(fh, ..., size bytes)` return without waiting: a known handle on a single
+        node, a buffer that takes the bytes without a flush, and room on the device for them (a
+        transport may answer it without a task of its own). An error it raises (EDQUOT, EFBIG)
+        comes at once too."""
+        h = self.handles.find(fh)
+        return self.coherence is None and h is not None and self.data.buffers_at_once(h.ino, size)
+
     async def flush(self, fh: int) -> None:
         """close(2): the file's data reaches the device and its mapping the metadata (close-to-open)."""
         h = self.handle(fh)

@@ -78,7 +78,7 @@ class KernelHandlers:
     def quick(self) -> dict[int, Callable[[bytes], bool]]:
         """Requests that wait for nothing in some cases, and how to tell from their bytes (the
         session answers those inline on a single node)."""
-        return {Op.FLUSH: self._flush_is_quick, Op.SETXATTR: self._setxattr_is_quick}
+        return {Op.FLUSH: self._flush_is_quick, Op.SETXATTR: self._setxattr_is_quick, Op.WRITE: self._write_is_quick}
 
     def _flush_is_quick(self, data: bytes) -> bool:
         try:
@@ -86,6 +86,15 @@ class KernelHandlers:
         except abi.Malformed:
             return False
         return self.ops.flush_is_immediate(fh)
+
+    def _write_is_quick(self, data: bytes) -> bool:
+        """A write the buffer takes at once: a task and its scheduling cost more than such a write
+        (docs/fuse-transport.md, "Reading")."""
+        try:
+            (fh, _offset, size, *_) = Body(data).take(abi.WRITE_IN)
+        except abi.Malformed:
+            return False
+        return self.ops.write_is_immediate(fh, size)
 
     @staticmethod
     def _setxattr_is_quick(data: bytes) -> bool:

@@ -65,9 +65,13 @@ INLINE_SINGLE_NODE = frozenset({
 })
 """Requests the reader answers itself on a single node, where they wait for nothing: the metadata
 log applies at once and no other node is asked. A task costs more than such a request (measured
-in docs/fuse-transport.md). Reads, writes and syncs wait for the device: they get tasks; so does a
-flush of a file with buffered data, and a SETXATTR of the tiering attribute, which waits for the
-object store (`KernelHandlers.quick`).
+in docs/fuse-transport.md). Reads and syncs wait for the device: they get tasks; so does a flush
+of a file with buffered data, a write the buffer cannot take at once (it flushes first, or waits
+for room), and a SETXATTR of the tiering attribute, which waits for the object store
+(`KernelHandlers.quick`). An inline write may be applied before a write to the same file that
+arrived earlier and waits in its task, as two tasks may run in either order: the kernel never has
+two writes of the same page in flight (a buffered write holds the inode lock, and writeback waits
+for a page's last WRITE to be answered before it sends the page again).
 On a cluster member everything gets a task: a lookup may wait for a delegation, and a catch-up for
 the invalidator, whose notifications may wait for a request the reader must be free to read."""
 
