@@ -39,7 +39,10 @@ class AppliedCommands(CoherenceBase):
             return
         self._observe_one(command, result)
         if not mine:
-            self.invalidator.submit(self._safe(targets(command, result)))
+            stale = targets(command, result)
+            if self._long_names:
+                self.names_changed_elsewhere(t.ino for t in stale if t.kind is Kind.ENTRY)
+            self.invalidator.submit(self._safe(stale))
 
     def _count_refusal(self, error: FsError, mine: bool) -> None:
         if mine and isinstance(error, Delegated):
@@ -59,6 +62,8 @@ class AppliedCommands(CoherenceBase):
                     self._wake(ino)
                     if waiting:
                         self._hand_over_later(ino)
+                else:
+                    self.names_changed_elsewhere((ino,))  # it may change the directory from now on
             else:  # a request: `result` holds it; first come, first served (a repeat keeps its place)
                 waiting[command.node] = command.epoch
                 if result == self.node_id:
@@ -73,6 +78,7 @@ class AppliedCommands(CoherenceBase):
                 self.expiries += 1
                 self.held.clear()
                 self._acquired_at.clear()
+                self.names_leaving()  # its delegations are others' now
             for ino, waiting in list(self._waiting.items()):
                 waiting.pop(command.node, None)  # its next request carries its new epoch
                 if not waiting:
