@@ -110,18 +110,21 @@ class CoherenceBase:
 
         Long only in a directory whose delegation this node holds and is not handing over: no other
         node changes its entries meanwhile (the state machine refuses them). A hand-over makes the
-        kernel look every cached name up again before its release (`names_leaving`); after an idle
-        give-back the names stay cached until this node applies another node's grant of the
-        directory or change to it (`names_changed_elsewhere`), as attributes follow others'
-        changes (with the replication lag, never the cache's timeout). A node that cannot hand over
+        kernel look every cached name up again before its release (`names_leaving`). After an
+        idle give-back the directory's names stay long, those cached and those answered since,
+        until this node applies another node's grant of the directory or change to it
+        (`names_changed_elsewhere`), as attributes follow others' changes (with the replication
+        lag): a lookup answers from what this node applied anyway. A node that cannot hand over
         (paused, cut off) loses its delegations without a word (`ExpireNode`) and drops its names
         when it applies that: until then it serves what it has, as it does its cached attributes
         and pages. Only where the kernel can
         be told to drop every name at once without waiting for anything (Linux 6.16 and later):
         an entry invalidation waits for the directory's pending requests, and a daemon killed
         during that wait can never exit (docs/coherence.md, mechanism 2)."""
-        if not self.held_names_s or directory not in self.held or directory in self._releasing:
+        if not self.held_names_s or directory in self._releasing:
             return None
+        if directory not in self.held and directory not in self._long_names:
+            return None  # given back long ago (or never held): another node may change it unseen
         if self._names_forgettable is None:
             self._names_forgettable = self.forget_names()  # no name is cached for long yet: harmless
         if not self._names_forgettable:

@@ -175,8 +175,11 @@ class LeaseHandOver(CoherenceBase):
             self._releasing.add(ino)
             self.held.discard(ino)
         self._unfresh_directories(set(inos))
+        # Nobody else can change them before their release commits: their names stay long here
+        # until this node applies another node's grant or change (names_changed_elsewhere).
+        self._long_names.update(inos)
         try:
-            await self.meta.propose(self._releases(inos))  # names stay cached: names_changed_elsewhere
+            await self.meta.propose(self._releases(inos))
             self.delegations_returned += len(inos)
         except FsError as exc:
             for ino in inos:
