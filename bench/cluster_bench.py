@@ -195,7 +195,7 @@ def failover(cluster: Cluster, nodes: list[Node]) -> dict[str, float]:
 META_PLACES = ("ext4", "single", "cluster")
 META_ARGS = ("only", "seconds", "max_creates", "meta_rounds", "untar_rounds", "tree_files", "fsync_rounds",
              "fsync_files", "names_files")
-NAMES_PHASES = ("create", "stat", "listing", "unlink")
+NAMES_PHASES = ("create", "stat", "stat_hot", "listing", "unlink")
 CREATE_MEASUREMENTS = ("creates_lone", "creates_spread", "creates_shared")  # see creator_dirs
 META_METRICS: dict[str, list[wl.Metric]] = {  # figure (--only) -> its rows
     "creates": [
@@ -298,12 +298,15 @@ def single_metrics(log_path: Path) -> Callable[[], str]:
 
 def names_phases(directory: Path, files: int, daemon: Daemon | None) -> dict[str, float]:
     """Issue 42's everyday figures, one process: create `files` empty files in a fresh directory,
-    stat each, list the directory (its first listing), unlink each. Per phase: files per second,
+    stat each, stat each again at once (`stat_hot`: other programs on a shared machine may drop
+    the kernel's caches between the creates and the first stats), list the directory (its first
+    listing), unlink each. Per phase: files per second,
     and with `daemon` the FUSE requests and daemon CPU (µs) per file (which requests: on stderr)."""
     directory.mkdir(parents=True)
     paths = [str(directory / f"f{i}") for i in range(files)]
     actions: dict[str, Callable[[], object]] = {
         "create": lambda: [wl.create_file(p) for p in paths], "stat": lambda: [os.stat(p) for p in paths],
+        "stat_hot": lambda: [os.stat(p) for p in paths],
         "listing": lambda: os.listdir(directory), "unlink": lambda: [os.unlink(p) for p in paths]}
     out = {}
     for phase in NAMES_PHASES:
