@@ -16,7 +16,9 @@ within one run, not absolute figures across runs.
 Only the figures of issue 13 ("cluster metadata at local speed"), each next to a single-node
 AwsomeFS and ext4 measured in the same run: creates per second of a lone creator on a follower and
 of three creators on three nodes (own directories, one shared directory), untar of the 4,000-file
-tree and git status on a follower, and fsync latency after 1,000 creates. See bench/README.md.
+tree and git status on a follower, fsync latency after 1,000 creates, and (issue 42) the names
+figure: creates, stats, the first listing and the unlinks of 10,000 files in one directory on a
+follower, each with the daemon's FUSE requests and CPU per file. See bench/README.md.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import math
 import multiprocessing
 import os
 import platform
+import re
 import shutil
 import statistics
 import subprocess
@@ -39,6 +42,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -190,7 +194,8 @@ def failover(cluster: Cluster, nodes: list[Node]) -> dict[str, float]:
 
 META_PLACES = ("ext4", "single", "cluster")
 META_ARGS = ("only", "seconds", "max_creates", "meta_rounds", "untar_rounds", "tree_files", "fsync_rounds",
-             "fsync_files")
+             "fsync_files", "names_files")
+NAMES_PHASES = ("create", "stat", "stat_hot", "listing", "unlink")
 CREATE_MEASUREMENTS = ("creates_lone", "creates_spread", "creates_shared")  # see creator_dirs
 META_METRICS: dict[str, list[wl.Metric]] = {  # figure (--only) -> its rows
     "creates": [
@@ -201,6 +206,10 @@ META_METRICS: dict[str, list[wl.Metric]] = {  # figure (--only) -> its rows
     "untar": wl.METRICS["untar"],
     "fsync": [wl.Metric(f"fsync_{what}_{q}_ms", f"fsync({what}) after creates, {q}", "ms", False)
               for what in ("file", "dir") for q in ("p50", "p99")],
+    "names": [m for phase in NAMES_PHASES for m in (
+        wl.Metric(f"names_{phase}", f"{phase}, 1 dir (cluster: a follower)", "1/s", True),
+        wl.Metric(f"names_{phase}_requests", "  FUSE requests per file", "req", False),
+        wl.Metric(f"names_{phase}_cpu_us", "  daemon CPU per file", "us", False))],
 }
 META_GOALS: dict[str, tuple[fsbench.Goal, ...]] = {  # judged on the cluster; ratios are cluster/single
     "creates_lone": (fsbench.Goal(">=2000/s", min_value=2000), fsbench.Goal(">=0.8x single", min_ratio=0.8)),
@@ -209,6 +218,7 @@ META_GOALS: dict[str, tuple[fsbench.Goal, ...]] = {  # judged on the cluster; ra
     "untar": (fsbench.Goal("<=1.5x single", max_ratio=1.5),),
     "git_status": (fsbench.Goal("<=1.5x single", max_ratio=1.5),),
     "untar_git": (fsbench.Goal("<=1.5x single", max_ratio=1.5),),
+    **{f"names_{phase}": (fsbench.Goal(">=0.8x single", min_ratio=0.8),) for phase in NAMES_PHASES},
 }
 
 
@@ -258,6 +268,63 @@ def fsync_after_creates_ms(directory: Path, files: int) -> dict[str, float]:
     return out
 
 
+@dataclasses.dataclass(frozen=True)
+class Daemon:
+    """What the names figure reads of the daemon serving a place: its process (CPU from /proc) and
+    its metrics (the FUSE requests by operation)."""
+
+    pid: int
+    metrics: Callable[[], str]
+
+    def cpu_s(self) -> float:
+        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+    def requests(self) -> dict[str, float]:
+        counts = re.findall(r'awsomefs_fuse_request_seconds_count\{op="(\w+)"\} ([0-9.e+]+)', self.metrics())
+        return {op: float(n) for op, n in counts}
+
+
+def single_metrics(log_path: Path) -> Callable[[], str]:
+    """A single node's metrics, at the port its log names (it was started with `--metrics-port 0`)."""
+    def scrape() -> str:
+        port = re.search(r"metrics on http://[^:]+:(\d+)/", log_path.read_text(errors="replace"))
+        if port is None:
+            raise wl.WorkloadError(f"no metrics port in {log_path}")
+        with urllib.request.urlopen(f"http://127.0.0.1:{port.group(1)}/metrics", timeout=10) as answer:
+            return str(answer.read().decode())
+    return scrape
+
+
+def names_phases(directory: Path, files: int, daemon: Daemon | None) -> dict[str, float]:
+    """Issue 42's everyday figures, one process: create `files` empty files in a fresh directory,
+    stat each, stat each again at once (`stat_hot`: other programs on a shared machine may drop
+    the kernel's caches between the creates and the first stats), list the directory (its first
+    listing), unlink each. Per phase: files per second,
+    and with `daemon` the FUSE requests and daemon CPU (µs) per file (which requests: on stderr)."""
+    directory.mkdir(parents=True)
+    paths = [str(directory / f"f{i}") for i in range(files)]
+    actions: dict[str, Callable[[], object]] = {
+        "create": lambda: [wl.create_file(p) for p in paths], "stat": lambda: [os.stat(p) for p in paths],
+        "stat_hot": lambda: [os.stat(p) for p in paths],
+        "listing": lambda: os.listdir(directory), "unlink": lambda: [os.unlink(p) for p in paths]}
+    out = {}
+    for phase in NAMES_PHASES:
+        before = (daemon.requests(), daemon.cpu_s()) if daemon is not None else None
+        t0 = time.perf_counter()
+        actions[phase]()
+        out[f"names_{phase}"] = files / (time.perf_counter() - t0)
+        if daemon is not None and before is not None:
+            time.sleep(0.2)  # a request's metric is recorded after its answer
+            counts, cpu = daemon.requests(), daemon.cpu_s()
+            delta = {op: n - before[0].get(op, 0.0) for op, n in counts.items() if n != before[0].get(op, 0.0)}
+            out[f"names_{phase}_requests"] = sum(delta.values()) / files
+            out[f"names_{phase}_cpu_us"] = (cpu - before[1]) * 1e6 / files
+            log(f"names {phase}: " + " ".join(f"{op}={n:.0f}" for op, n in sorted(delta.items(), key=lambda kv: -kv[1])))
+    os.rmdir(directory)
+    return out
+
+
 def percentile(samples: list[float], q: float) -> float:
     """Nearest rank: the smallest sample with at least q of all samples at or below it (with fewer
     than 100 samples, p99 is the maximum)."""
@@ -266,7 +333,7 @@ def percentile(samples: list[float], q: float) -> float:
 
 
 def run_metadata_rounds(args: argparse.Namespace, places: dict[str, list[Path]], workdir: Path,
-                        results: dict[str, fsbench.TargetResult]) -> None:
+                        results: dict[str, fsbench.TargetResult], daemons: dict[str, Daemon]) -> None:
     """Every measurement of the figures in --only, each round in turn on every place (the tarball
     is made in `workdir`)."""
     def each_round(measurement: str, rounds: int, action: Callable[[str, list[Path], int], dict[str, float]]) -> None:
@@ -288,6 +355,9 @@ def run_metadata_rounds(args: argparse.Namespace, places: dict[str, list[Path]],
     if "fsync" in args.only:
         each_round("fsync", args.fsync_rounds,
                    lambda name, roots, r: fsync_after_creates_ms(roots[0] / f"fsync-{r}", args.fsync_files))
+    if "names" in args.only:
+        each_round("names", args.meta_rounds,
+                   lambda name, roots, r: names_phases(roots[0] / f"names-{r}", args.names_files, daemons.get(name)))
     for result in results.values():
         for what in ("file", "dir"):
             if samples := result.values.get(f"fsync_{what}_ms"):
@@ -324,7 +394,8 @@ def print_metadata_table(args: argparse.Namespace, results: dict[str, fsbench.Ta
     setup = {"creates": f"creates: {args.meta_rounds} round(s) of {args.seconds:g} s (3 creators on ext4 and single: "
                         "3 processes on the one mount)",
              "untar": f"untar: {args.untar_rounds} round(s), {args.tree_files:,} files",
-             "fsync": f"fsync after {args.fsync_files:,} creates: {args.fsync_rounds} round(s)"}
+             "fsync": f"fsync after {args.fsync_files:,} creates: {args.fsync_rounds} round(s)",
+             "names": f"names: {args.meta_rounds} round(s) of {args.names_files:,} files"}
     print(f"\ncluster metadata (issue 13), median (min-max); single = a 1-node AwsomeFS; "
           f"{'; '.join(setup[f] for f in args.only)}")
     print("\n".join(fsbench.format_table(table)))
@@ -352,13 +423,20 @@ def metadata_main(args: argparse.Namespace) -> int:
         network = stack.enter_context(PrivateNetwork(3))
         (root / "cluster").mkdir()
         cluster = stack.enter_context(cluster_in(network, root / "cluster", size="8G"))
+        for node in cluster.nodes:
+            node.metrics_port = 0  # the names figure reads the follower's requests
         nodes = cluster.form(3)
         leader = cluster.leader(nodes)
         followers = [n for n in nodes if n is not leader]
         places = {"ext4": [ext4.path] * 3, "single": [single.path] * 3,
                   "cluster": [n.mount for n in [*followers, leader]]}
-        log(f"cluster formed: leader node {leader.index}; node {followers[0].index}, a follower, goes first")
-        run_metadata_rounds(args, places, root, results)
+        log(f"cluster formed: leader node {leader.index}; node {followers[0].index}, a follower, goes first; "
+            f"load average {os.getloadavg()[0]:.2f}")
+        assert single.pid is not None and followers[0].proc is not None
+        daemons = {"single": Daemon(single.pid, single_metrics(root / "awsomefs.log")),
+                   "cluster": Daemon(followers[0].proc.pid, followers[0].scrape)}
+        run_metadata_rounds(args, places, root, results, daemons)
+        log(f"load average at the end {os.getloadavg()[0]:.2f}")
         follower = {"node": followers[0].index, "leader_at_start": leader.index,
                     "leader_at_end": _leader_index(cluster, nodes)}
         log("tearing down")
@@ -399,6 +477,7 @@ def main() -> int:
     meta.add_argument("--tree-files", type=int, default=wl.Params().tree_files, help="files in the untar tree")
     meta.add_argument("--fsync-rounds", type=int, default=5, help="fsync samples (each after fresh creates)")
     meta.add_argument("--fsync-files", type=int, default=1000, help="files created before each fsync")
+    meta.add_argument("--names-files", type=int, default=10_000, help="files of the names figure")
     args = parser.parse_args()
     if os.geteuid() != 0:
         print("needs root (network namespaces, loop devices, FUSE)", file=sys.stderr)

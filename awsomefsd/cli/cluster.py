@@ -93,13 +93,16 @@ def _member_settings(settings: Settings, state: MemberState) -> Settings:
     mount = update.get("mount", settings.mount)
     if settings.mount.coherence == "strict":  # the kernel must ask us every time (docs/coherence.md)
         update["mount"] = mount.model_copy(update={"entry_timeout_s": 0.0, "attr_timeout_s": 0.0,
-                                                   "negative_timeout_s": 0.0})
+                                                   "negative_timeout_s": 0.0, "held_entry_timeout_s": 0.0})
     else:
-        # Names another node changes cannot be invalidated safely (a kernel entry invalidation waits
-        # for the directory's pending requests: a daemon killed meanwhile can never exit), so cached
-        # names expire quickly and "no such file" is never cached (docs/coherence.md).
+        # Names another node changes cannot be invalidated one by one safely (a kernel entry
+        # invalidation waits for the directory's pending requests: a daemon killed meanwhile can
+        # never exit), so cached names expire quickly and "no such file" is not cached, except in
+        # directories this node holds the delegation of, where no other node changes names: the
+        # kernel drops every name when a delegation leaves (docs/coherence.md, mechanism 2).
         update["mount"] = mount.model_copy(update={
-            "entry_timeout_s": min(mount.entry_timeout_s, CLUSTER_ENTRY_TIMEOUT_S), "negative_timeout_s": 0.0})
+            "entry_timeout_s": min(mount.entry_timeout_s, CLUSTER_ENTRY_TIMEOUT_S), "negative_timeout_s": 0.0,
+            "held_entry_timeout_s": min(mount.held_entry_timeout_s, mount.entry_timeout_s)})
     return settings.model_copy(update=update)
 
 

@@ -26,6 +26,10 @@ MAX_STALE_TRACKED = 1 << 20
 ORPHAN_BATCH_S = 0.02
 ORPHAN_RETRY_S = 2.5
 MAX_ORPHANS_PER_COMMAND = 4096
+NOT_FROM_OUR_KERNEL = (c.ApplyRemote, c.ApplyRemoteSharing, c.ResolveConflict, c.CreateVolume, c.DeleteVolume,
+                       c.CreateSnapshot, c.DeleteSnapshot)
+"""Changes to names this node proposes that no request of its kernel made (another site's batch, a
+conflict's resolution, a volume or a snapshot): its kernel may cache the names they change."""
 
 
 class AppliedCommands(CoherenceBase):
@@ -39,7 +43,12 @@ class AppliedCommands(CoherenceBase):
             return
         self._observe_one(command, result)
         if not mine:
-            self.invalidator.submit(self._safe(targets(command, result)))
+            stale = targets(command, result)
+            if self._long_names:
+                self.names_changed_elsewhere(t.ino for t in stale if t.kind is Kind.ENTRY)
+            self.invalidator.submit(self._safe(stale))
+        elif self._long_names and isinstance(command, NOT_FROM_OUR_KERNEL):
+            self.names_changed_elsewhere(t.ino for t in targets(command, result) if t.kind is Kind.ENTRY)
 
     def _count_refusal(self, error: FsError, mine: bool) -> None:
         if mine and isinstance(error, Delegated):
@@ -59,6 +68,8 @@ class AppliedCommands(CoherenceBase):
                     self._wake(ino)
                     if waiting:
                         self._hand_over_later(ino)
+                else:
+                    self.names_changed_elsewhere((ino,))  # it may change the directory from now on
             else:  # a request: `result` holds it; first come, first served (a repeat keeps its place)
                 waiting[command.node] = command.epoch
                 if result == self.node_id:
@@ -73,6 +84,7 @@ class AppliedCommands(CoherenceBase):
                 self.expiries += 1
                 self.held.clear()
                 self._acquired_at.clear()
+                self.names_leaving()  # its delegations are others' now
             for ino, waiting in list(self._waiting.items()):
                 waiting.pop(command.node, None)  # its next request carries its new epoch
                 if not waiting:

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 
 import trio
 
 from awsomefsd.fs.coherence import FlushFile, HoldsInode
-from awsomefsd.fuse.invalidate import Invalidator
+from awsomefsd.fuse.invalidate import MOUNTED, Invalidator
 from awsomefsd.meta.client import MetaClient
 
 log = logging.getLogger(__name__)
@@ -28,7 +28,8 @@ class CoherenceBase:
                  holds: HoldsInode = lambda _ino: False,
                  wait_lease: Callable[[], Awaitable[None]] | None = None,
                  read_barrier: Callable[..., Awaitable[object]] | None = None,
-                 strict: bool = False) -> None:
+                 strict: bool = False, held_names_s: float = 0.0,
+                 forget_names: Callable[[], bool] = MOUNTED.forget_names) -> None:
         self.node_id = node_id
         self.strict = strict
         self.meta = meta
@@ -48,6 +49,13 @@ class CoherenceBase:
         self.read_barrier = read_barrier
         """`async read_barrier(timeout_s=...)`: apply everything committed before the call
         (ReadIndex); without it `catch_up` only drains the invalidations."""
+        self.held_names_s = 0.0 if strict else held_names_s
+        """How long the kernel may cache a name in a directory this node holds (`name_timeout_s`)."""
+        self.forget_names = forget_names
+        """Make the kernel look up again every name it caches (FUSE_NOTIFY_INC_EPOCH); False: cannot."""
+        self._names_forgettable: bool | None = None  # unknown until the first name cached for long
+        self._long_names: set[int] = set()  # directories whose names went out for long since the last drop
+        self.names_forgotten = 0
         self._orphans: set[int] = set()  # unlinked inodes to look at: release those we do not hold
         self._orphans_wake = trio.Event()
         self.orphans_released = 0
@@ -88,12 +96,58 @@ class CoherenceBase:
         """Rebuild what this node holds from the state (start, snapshot install, expiry). The
         queues are forgotten (commands were skipped): waiters repeat their requests."""
         self.held = set(self.meta.leases_of(self.node_id))
+        self.names_leaving()  # some may be gone (a snapshot skipped their release, an expiry)
         self._acquired_at = {ino: -math.inf for ino in self.held}
         self._fresh.clear()
         self._fresh_in.clear()
         self._waiting.clear()
         for ino in list(self._changed):
             self._wake(ino)
+
+    def name_timeout_s(self, directory: int) -> float | None:
+        """How long the kernel may cache a name it is told now in `directory` (an entry, or "no such
+        name"); None: the mount's own (short) timeout.
+
+        Long only in a directory whose delegation this node holds and is not handing over: no other
+        node changes its entries meanwhile (the state machine refuses them). A hand-over makes the
+        kernel look every cached name up again before its release (`names_leaving`). After an
+        idle give-back the directory's names stay long, those cached and those answered since,
+        until this node applies another node's grant of the directory or change to it
+        (`names_changed_elsewhere`), as attributes follow others' changes (with the replication
+        lag): a lookup answers from what this node applied anyway. A node that cannot hand over
+        (paused, cut off) loses its delegations without a word (`ExpireNode`) and drops its names
+        when it applies that: until then it serves what it has, as it does its cached attributes
+        and pages. Only where the kernel can
+        be told to drop every name at once without waiting for anything (Linux 6.16 and later):
+        an entry invalidation waits for the directory's pending requests, and a daemon killed
+        during that wait can never exit (docs/coherence.md, mechanism 2)."""
+        if not self.held_names_s or directory in self._releasing:
+            return None
+        if directory not in self.held and directory not in self._long_names:
+            return None  # given back long ago (or never held): another node may change it unseen
+        if self._names_forgettable is None:
+            self._names_forgettable = self.forget_names()  # no name is cached for long yet: harmless
+        if not self._names_forgettable:
+            return None
+        self._long_names.add(directory)
+        return self.held_names_s
+
+    def names_leaving(self) -> None:
+        """A directory delegation is leaving this node (a hand-over, an expiry, a snapshot, a
+        stop): the kernel looks up again every name it caches before using it, so none it was
+        told for long outlives the delegation (a moment later another node may change the
+        directory). A hand-over calls it as the delegation stops counting as held (new answers
+        are short from then on) and again once its release is applied (an answer computed just
+        before may have reached the kernel after the first call)."""
+        self._long_names.clear()
+        if self._names_forgettable and self.forget_names():
+            self.names_forgotten += 1
+
+    def names_changed_elsewhere(self, directories: Iterable[int]) -> None:
+        """Another node was granted these directories or changed their entries (applied here):
+        if this node's kernel caches names in one of them for long, it drops every name."""
+        if self._long_names and not self._long_names.isdisjoint(directories):
+            self.names_leaving()
 
     def published(self, ino: int) -> None:
         """The file is now reachable another way (a link, a rename into another directory): its

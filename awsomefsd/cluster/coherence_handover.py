@@ -82,6 +82,9 @@ class LeaseHandOver(CoherenceBase):
             self.held.discard(ino)  # from here no new write starts under it (they wait in _acquire)
             self.published(ino)  # another node knows the file
             self._unfresh_directories({ino})
+            directory = ino in self._delegated or self._is_directory(ino)
+            if directory:
+                self.names_leaving()
             try:
                 while ino in self._writers:  # writes already under the lease finish first
                     idle = self._idle.setdefault(ino, trio.Event())
@@ -95,6 +98,8 @@ class LeaseHandOver(CoherenceBase):
                 else:
                     await self.meta.propose(c.Batch((release, cc.AcquireWriteLease(ino, *nxt))))
                 self.leases_released += 1
+                if directory:
+                    self.names_leaving()
             except Exception as exc:
                 if is_fatal(exc):
                     raise
@@ -120,8 +125,7 @@ class LeaseHandOver(CoherenceBase):
         MIN_HOLD_DIRECTORY_S for a directory, which ends early once nothing here has changed in
         it for IDLE_TURN_S (no change is in progress and the last one is that old)."""
         acquired = self._acquired_at.get(ino, -math.inf)
-        inode = self.meta.inode(ino)
-        if inode is None or not inode.is_dir:
+        if not self._is_directory(ino):
             await trio.sleep_until(acquired + MIN_HOLD_S)
             return
         if self.strict:
@@ -132,6 +136,10 @@ class LeaseHandOver(CoherenceBase):
             if ino not in self._writers and now - quiet_since >= IDLE_TURN_S:
                 return
             await trio.sleep_until(min(end, max(quiet_since, now) + IDLE_TURN_S))
+
+    def _is_directory(self, ino: int) -> bool:
+        inode = self.meta.inode(ino)
+        return inode is not None and inode.is_dir
 
     async def _retry_hand_over(self, ino: int) -> None:
         await trio.sleep(HANDOVER_RETRY_S)
@@ -167,6 +175,9 @@ class LeaseHandOver(CoherenceBase):
             self._releasing.add(ino)
             self.held.discard(ino)
         self._unfresh_directories(set(inos))
+        # Nobody else can change them before their release commits: their names stay long here
+        # until this node applies another node's grant or change (names_changed_elsewhere).
+        self._long_names.update(inos)
         try:
             await self.meta.propose(self._releases(inos))
             self.delegations_returned += len(inos)
@@ -192,6 +203,7 @@ class LeaseHandOver(CoherenceBase):
         waits for a node that is not running (a node that created thousands of files holds
         thousands of leases)."""
         held, self.held = sorted(self.held), set()
+        self.names_leaving()  # the mount may outlive this process (a hand-over to the next daemon)
         released = 0
         for start in range(0, len(held), MAX_RELEASES_PER_COMMAND):
             chunk = held[start : start + MAX_RELEASES_PER_COMMAND]

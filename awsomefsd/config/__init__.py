@@ -95,6 +95,9 @@ class MountSettings(Section):
     attr_timeout_s: float = Field(60.0, ge=0, le=3600)
     negative_timeout_s: float | None = Field(None, ge=0, le=3600, description="how long the kernel caches "
                                              "'no such file'; default: entry_timeout_s (0 on cluster members)")
+    held_entry_timeout_s: float = Field(60.0, ge=0, le=3600, description="cluster members: how long the kernel "
+                                        "caches a name in a directory this node holds the delegation of (at most "
+                                        "entry_timeout_s; elsewhere 1 s); 0: as elsewhere")
     transport: Literal["kernel", "pyfuse3"] = Field(
         "kernel",
         description="how requests reach the daemon: 'kernel', our own session on /dev/fuse (needs root); "

@@ -46,6 +46,9 @@ def collect_member_metrics(member: Member) -> Iterator[Metric]:
         yield counter("awsomefs_write_leases_released", "file write leases handed to another node",
                       co.leases_released)
         yield counter("awsomefs_delegations_returned", "idle directory delegations given back", co.delegations_returned)
+        yield counter("awsomefs_kernel_names_dropped", "times the kernel was told to look up again every name it "
+                      "caches (a directory delegation left, or another node took one whose names it cached for long)",
+                      co.names_forgotten)
         yield counter("awsomefs_delegation_refusals", "changes proposed through the log that the state machine "
                       "refused because another node held the directory's delegation (then proposed again, holding it)",
                       co.delegation_refusals)

@@ -85,6 +85,11 @@ class Coherence(Protocol):
         its data since the last open here (the one invalidation that cannot block the kernel)."""
         ...
 
+    def name_timeout_s(self, directory: int) -> float | None:
+        """How long the kernel may cache a name answered now in `directory` (None: the mount's
+        entry timeout): long where this node holds the directory's delegation."""
+        ...
+
     @property
     def strict(self) -> bool:
         """Catch up before every lookup and getattr too (the kernel then caches nothing)."""

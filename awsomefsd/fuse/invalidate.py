@@ -21,7 +21,7 @@ import itertools
 import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import trio
 
@@ -247,6 +247,14 @@ class Kernel(Protocol):
     def invalidate_entry(self, parent: int, name: bytes) -> None: ...
 
 
+@runtime_checkable
+class NameForgetter(Protocol):
+    """A transport that can make the kernel look up again every name it caches (our own /dev/fuse
+    session: FUSE_NOTIFY_INC_EPOCH, Linux 6.16 and later). False: refused."""
+
+    def forget_names(self) -> bool: ...
+
+
 class MountedKernel:
     """The notifications of whichever transport serves this process's mount (`attach`); none
     while nothing is mounted (ENOENT: the kernel caches nothing of ours then). One per process,
@@ -268,6 +276,14 @@ class MountedKernel:
 
     def invalidate_entry(self, parent: int, name: bytes) -> None:
         self._require().invalidate_entry(parent, name)
+
+    def forget_names(self) -> bool:
+        """Every cached name, positive or negative, is looked up again before its next use. Unlike
+        an entry invalidation it takes no lock in the kernel (it moves the connection's epoch on)
+        and waits for no request, so it may be sent from the trio thread, and a daemon killed
+        meanwhile exits. False when nothing is mounted or the transport or kernel cannot."""
+        target = self.target
+        return isinstance(target, NameForgetter) and target.forget_names()
 
 
 MOUNTED = MountedKernel()

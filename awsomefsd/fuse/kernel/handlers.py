@@ -51,6 +51,10 @@ class KernelHandlers:
         self._attr_out_head = abi.ATTR_OUT.pack(self.attr_valid[0], self.attr_valid[1], 0)
         self._negative_entry = abi.ENTRY_OUT.pack(0, 0, self.negative_valid[0], 0, self.negative_valid[1], 0) + bytes(abi.ATTR.size)
         """'No such name', cached for the negative timeout (nodeid 0): every create begins with one."""
+        coherence = ops.coherence
+        self.name_timeout = None if coherence is None else coherence.name_timeout_s
+        """A cluster member's word on how long the kernel may cache a name in a given directory
+        (None from it: `entry_timeout_s`, and negative answers as `negative_timeout_s` says)."""
         self.cache_dirs = cache_dirs
         """Let the kernel keep directory listings (FOPEN_CACHE_DIR): only where no other node
         changes directories behind its back (a single node)."""
@@ -116,14 +120,21 @@ class KernelHandlers:
         return abi.ATTR.pack(inode.ino, size, sectors, a_s, m_s, c_s, a_ns, m_ns, c_ns,
                              inode.mode, inode.nlink, inode.uid, inode.gid, inode.rdev, BLOCK_SIZE, 0)
 
-    def entry(self, inode: Inode) -> bytes:
-        return abi.ENTRY_OUT.pack(inode.ino, inode.generation, self.entry_valid[0], self.attr_valid[0],
-                                  self.entry_valid[1], self.attr_valid[1]) + self.attr(inode)
+    def names_valid(self, parent: int) -> tuple[int, int] | None:
+        """How long a name answered now in `parent` may be cached, when the cluster says (None:
+        the mount's timeouts)."""
+        seconds = None if self.name_timeout is None or not parent else self.name_timeout(parent)
+        return None if seconds is None else abi.split_seconds(seconds)
 
-    def entry_ref(self, inode: Inode) -> bytes:
-        """An entry answer: the kernel takes a reference it will forget later."""
+    def entry(self, inode: Inode, valid: tuple[int, int] | None = None) -> bytes:
+        entry_valid = valid or self.entry_valid
+        return abi.ENTRY_OUT.pack(inode.ino, inode.generation, entry_valid[0], self.attr_valid[0],
+                                  entry_valid[1], self.attr_valid[1]) + self.attr(inode)
+
+    def entry_ref(self, inode: Inode, parent: int = 0) -> bytes:
+        """An entry answer for a name in `parent`: the kernel takes a reference it will forget later."""
         self.ops.remember(inode.ino)
-        return self.entry(inode)
+        return self.entry(inode, self.names_valid(parent))
 
     def attr_out(self, inode: Inode) -> bytes:
         return self._attr_out_head + self.attr(inode)
@@ -134,10 +145,15 @@ class KernelHandlers:
         try:
             inode = await self.ops.lookup(h.nodeid, name)
         except FsError as exc:
-            if exc.errno != errno.ENOENT or (not self.negative_valid[0] and not self.negative_valid[1]):
+            if exc.errno != errno.ENOENT:
+                raise
+            valid = self.names_valid(h.nodeid)
+            if valid is not None:
+                return abi.ENTRY_OUT.pack(0, 0, valid[0], 0, valid[1], 0) + bytes(abi.ATTR.size)
+            if not self.negative_valid[0] and not self.negative_valid[1]:
                 raise
             return self._negative_entry
-        return self.entry_ref(inode)
+        return self.entry_ref(inode, h.nodeid)
 
     async def forget(self, h: Header, body: Body) -> Payload:
         (count,) = body.take(abi.U64)
@@ -201,13 +217,13 @@ class KernelHandlers:
         mode, rdev, umask, _ = body.take(abi.MKNOD_IN)
         name = body.name()
         mode = (mode & ~umask & 0o7777) | (mode & 0o170000)
-        return self.entry_ref(await self.ops.mknod(h.nodeid, name, mode, rdev, h.uid, h.gid))
+        return self.entry_ref(await self.ops.mknod(h.nodeid, name, mode, rdev, h.uid, h.gid), h.nodeid)
 
     async def mkdir(self, h: Header, body: Body) -> Payload:
         mode, umask = body.take(abi.MKDIR_IN)
         name = body.name()
         mode = stat.S_IFDIR | (mode & ~umask & 0o7777)
-        return self.entry_ref(await self.ops.mknod(h.nodeid, name, mode, 0, h.uid, h.gid))
+        return self.entry_ref(await self.ops.mknod(h.nodeid, name, mode, 0, h.uid, h.gid), h.nodeid)
 
     async def unlink(self, h: Header, body: Body) -> Payload:
         await self.ops.unlink(h.nodeid, body.name(), is_dir=False)
@@ -220,7 +236,7 @@ class KernelHandlers:
     async def symlink(self, h: Header, body: Body) -> Payload:
         name = body.name()
         target = body.name()
-        return self.entry_ref(await self.ops.symlink(h.nodeid, name, target, h.uid, h.gid))
+        return self.entry_ref(await self.ops.symlink(h.nodeid, name, target, h.uid, h.gid), h.nodeid)
 
     async def rename(self, h: Header, body: Body) -> Payload:
         (new_parent,) = body.take(abi.U64)
@@ -238,7 +254,7 @@ class KernelHandlers:
 
     async def link(self, h: Header, body: Body) -> Payload:
         (old,) = body.take(abi.U64)
-        return self.entry_ref(await self.ops.link(old, h.nodeid, body.name()))
+        return self.entry_ref(await self.ops.link(old, h.nodeid, body.name()), h.nodeid)
 
     # -- files -----------------------------------------------------------------------------------
     def _open_out(self, fh: int, *, keep_cache: bool, direct_io: bool, read_only: bool = False) -> bytes:
@@ -265,7 +281,7 @@ class KernelHandlers:
         flags, mode, umask, _ = body.take(abi.CREATE_IN)
         name = body.name()
         fh, inode = await self.ops.create(h.nodeid, name, mode & ~umask, flags, h.uid, h.gid)
-        return [self.entry_ref(inode), self._open_out(fh, keep_cache=True, direct_io=self.ops.direct_io(flags))]
+        return [self.entry_ref(inode, h.nodeid), self._open_out(fh, keep_cache=True, direct_io=self.ops.direct_io(flags))]
 
     async def tmpfile(self, h: Header, body: Body) -> Payload:
         """open(O_TMPFILE): CREATE's body and answer; the name the kernel sends ("/") names nothing.
@@ -341,8 +357,9 @@ class KernelHandlers:
         fh, offset, size, *_ = body.take(abi.READ_IN)
         out = bytearray()
         entry, dirent, remember = self.entry, abi.dirent, self.ops.remember
+        valid = self.names_valid(self.ops.handle(fh).ino) if self.name_timeout is not None else None
         for next_id, name, inode in self.ops.readdir(fh, offset):
-            record = entry(inode) + dirent(inode.ino, next_id, (inode.mode & 0o170000) >> 12, name)
+            record = entry(inode, valid) + dirent(inode.ino, next_id, (inode.mode & 0o170000) >> 12, name)
             if len(out) + len(record) > size:
                 break
             out += record
