@@ -26,6 +26,7 @@ from awsomefsd.cli.devcluster.network import Namespace, PrivateNetwork
 from awsomefsd.cluster.ca import ClusterCA, make_csr, new_node_key
 from awsomefsd.cluster.tls import NodeCredentials
 from awsomefsd.rpc.bridge import Binding, serve_grpc
+from tests.support.cluster import Cluster, cluster_in
 
 
 @pytest.fixture(scope="session")
@@ -138,3 +139,13 @@ def netns_network() -> Iterator[Callable[[int], PrivateNetwork]]:
     finally:
         for net in made:
             net.close()
+
+
+@pytest.fixture
+def cluster3(netns_network: Callable[[int], PrivateNetwork], tmp_path: Path) -> Iterator[Cluster]:
+    """Three members, each in a network namespace of its own, each exporting its metrics on a free
+    port there (the tests that count requests read them)."""
+    with cluster_in(netns_network(3), tmp_path) as cluster:
+        for node in cluster.nodes:
+            node.metrics_port = 0
+        yield cluster

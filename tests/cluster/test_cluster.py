@@ -10,22 +10,14 @@ from __future__ import annotations
 
 import os
 import subprocess
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from awsomefsd.cli.devcluster.network import PrivateNetwork
 from tests.support import monitoring
-from tests.support.cluster import Cluster, cluster_in
+from tests.support.cluster import Cluster
 from tests.support.daemon import wait_for
 from tests.support.fsx import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, fallocate
-
-
-@pytest.fixture
-def cluster3(netns_network: Callable[[int], PrivateNetwork], tmp_path: Path) -> Iterator[Cluster]:
-    with cluster_in(netns_network(3), tmp_path) as cluster:
-        yield cluster
 
 
 def read(path: Path) -> bytes:

@@ -36,7 +36,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -57,12 +57,6 @@ from tests.support.nemesis import Workers, load_history
 T = TypeVar("T")
 OP_TIMEOUT_S = 30.0  # one file operation on a healthy node (a lease hand-over, an election)
 LEASE_S, STALL_S = 3.0, 8.0  # tests.support.cluster.FAST_LEASES
-
-
-@pytest.fixture
-def cluster3(netns_network: Callable[[int], PrivateNetwork], tmp_path: Path) -> Iterator[Cluster]:
-    with cluster_in(netns_network(3), tmp_path) as cluster:
-        yield cluster
 
 
 # --- helpers ---------------------------------------------------------------------------------------

@@ -11,23 +11,13 @@ import os
 import re
 import threading
 import time
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from awsomefsd.cli.cluster import CLUSTER_ENTRY_TIMEOUT_S
-from awsomefsd.cli.devcluster.network import PrivateNetwork
-from tests.support.cluster import Cluster, Node, cluster_in
+from tests.support.cluster import Cluster, Node
 from tests.support.daemon import wait_for
-
-
-@pytest.fixture
-def cluster3(netns_network: Callable[[int], PrivateNetwork], tmp_path: Path) -> Iterator[Cluster]:
-    with cluster_in(netns_network(3), tmp_path) as cluster:
-        for node in cluster.nodes:
-            node.metrics_port = 0
-        yield cluster
 
 
 def metric(node: Node, name: str) -> float:
