@@ -22,6 +22,7 @@ from pathlib import Path
 
 import trio
 
+from awsomefsd.fs.handles import Handle
 from awsomefsd.fs.operations import FsStats
 from awsomefsd.fs.ops_base import InGroup
 from awsomefsd.fuse.kernel import channel
@@ -180,6 +181,10 @@ class NullOperations:
         send(memoryview(bytes(self._node(fh).data[offset : offset + size])))
         return True
 
+    def write_is_immediate(self, fh: int, size: int) -> bool:
+        """Every write of the floor waits for nothing (memory): the session answers it inline."""
+        return True
+
     async def write(self, fh: int, offset: int, buf: bytes, *, drop_setid: InGroup | None = None,
                     kernel_times: bool = False) -> int:
         node = self._node(fh)
@@ -226,6 +231,11 @@ class NullOperations:
     async def releasedir(self, fh: int) -> None:
         pass
 
+    def handle(self, fh: int) -> Handle:
+        """An open directory (the floor's handle numbers are the inodes'): what a cluster member's
+        listing asks of it to time its names; the floor, a single node, never does."""
+        return Handle(fh, os.O_RDONLY)
+
     async def getxattr(self, ino: int, name: bytes) -> bytes:
         raise FsError(errno.ENODATA)
 
@@ -263,7 +273,8 @@ async def serve(mount: Path) -> None:
     channel.mount(fd, mount, allow_other=True)
     try:
         handlers = KernelHandlers(NullOperations(), cache_dirs=True)  # type: ignore[arg-type]
-        session = Session(fd, handlers.table, inline=INLINE_SINGLE_NODE, start_read=handlers.start_read,
+        session = Session(fd, handlers.table, inline=INLINE_SINGLE_NODE, inline_when=handlers.quick,
+                          start_read=handlers.start_read,
                           uring=os.environ.get("AWSOMEFS_MOUNT__IO_URING", "off"))
         async with trio.open_nursery() as nursery:
             nursery.start_soon(session.serve)
