@@ -285,7 +285,7 @@ class Receiver(DeltaBases):
                             "stale": True}
                 if exc.errno == errno.EAGAIN:  # a write here moved blocks offered for sharing
                     return self._restage(str(exc))
-                log.error("refused a batch from the other site: %s", exc, exc_info=exc)
+                log.error("refused a batch from the other site: %s", exc)  # what and why, in one line
                 raise RpcAbort(grpc.StatusCode.INVALID_ARGUMENT, f"refused: {exc}") from None
             except BaseException as exc:  # cancelled, say: the proposal may still commit
                 self._release_taken(taken, exc)

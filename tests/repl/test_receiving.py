@@ -330,10 +330,11 @@ def small_files(peer: Peer, count: int, first: int = 0) -> tuple[list[o.Operatio
 
 
 async def test_a_push_applies_in_slices_and_a_refused_slice_keeps_those_before_it(
-        receiver: tuple[Core, SiteService], monkeypatch: pytest.MonkeyPatch) -> None:
+        receiver: tuple[Core, SiteService], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     """A push is applied as several proposals of at most APPLY_SLICE_OPS operations (each holds
     the event loop while it applies, on a single node), with each slice's contents' blocks;
-    when one is refused, those before it stay applied and the cursor says so."""
+    when one is refused, those before it stay applied and the cursor says so, and the log says
+    why in one line (no traceback: the other site's input, not a bug here)."""
     from awsomefsd.repl import receiver as receiving
 
     core, service = receiver
@@ -361,6 +362,8 @@ async def test_a_push_applies_in_slices_and_a_refused_slice_keeps_those_before_i
     with pytest.raises(RpcAbort) as refused:
         await service.push({**push_header(ops[-1].stamp, more), "inline": inline}, memoryview(data))
     assert refused.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    refusals = [r for r in caplog.records if r.getMessage().startswith("refused a batch")]
+    assert len(refusals) == 1 and refusals[0].exc_info is None and "unknown directory" in refusals[0].getMessage()
     assert proposed == [receiving.APPLY_SLICE_OPS, len(more) - receiving.APPLY_SLICE_OPS]
     assert service.cursor() == more[receiving.APPLY_SLICE_OPS - 1].stamp
     applied = [name for name in files if core.meta.lookup(ROOT_INO, name) is not None]
