@@ -149,8 +149,8 @@ class AioReader:
             self._sys.call(self._sys.nr_destroy, self._ctx)
             raise
         self._events = (_IoEvent * max_in_flight)()
-        # One iocb and its one-entry array, filled in per read: io_submit copies the iocb before it
-        # returns (only the buffer must outlive the read), and building them per read cost ~5-10 us.
+        # One iocb and its one-entry array, filled in per read (`_submit_one`): io_submit copies the
+        # iocb before it returns; only the buffer must outlive the read.
         self._iocb = _Iocb(aio_lio_opcode=_IOCB_CMD_PREAD, aio_flags=_IOCB_FLAG_RESFD, aio_resfd=self._efd)
         self._batch = (ctypes.POINTER(_Iocb) * 1)(ctypes.pointer(self._iocb))
         self._one = ctypes.c_long(1)
@@ -215,21 +215,12 @@ class AioReader:
         try:
             address = ctypes.addressof(anchor)
             assert address % BLOCK_SIZE == 0, "O_DIRECT buffer is not block aligned"
-            request_id = next(self._ids)
-            iocb = self._iocb  # the kernel copies it in io_submit: one serves every read
-            iocb.aio_data = request_id
-            iocb.aio_fildes = fd
-            iocb.aio_buf = address
-            iocb.aio_nbytes = length
-            iocb.aio_offset = offset_bytes
             try:
-                submitted = self._sys.call(self._sys.nr_submit, self._ctx, self._one, self._batch)
+                request_id = self._submit_one(fd, address, length, offset_bytes)
             except OSError as exc:
                 self._slots.release()
                 log.error("io_submit of a %d-byte read at %d failed: %s", length, offset_bytes, exc.strerror)
                 raise OSError(errno.EIO, f"io_submit of a read at {offset_bytes}: {exc.strerror}") from exc
-            assert submitted == 1, f"io_submit took {submitted} of 1 requests"
-            self.submitted += 1
             self.peak_in_flight = max(self.peak_in_flight, len(self._waiting) + 1)
             self._solo_streak = 0 if self._waiting else self._solo_streak + 1
             res = await self._completion(request_id)
@@ -254,25 +245,33 @@ class AioReader:
         except trio.WouldBlock:
             return False
         anchor = ctypes.c_char.from_buffer(view)
-        request_id = next(self._ids)
-        iocb = self._iocb
-        iocb.aio_data = request_id
-        iocb.aio_fildes = fd
-        iocb.aio_buf = ctypes.addressof(anchor)
-        iocb.aio_nbytes = view.nbytes
-        iocb.aio_offset = offset_bytes
         try:
-            self._sys.call(self._sys.nr_submit, self._ctx, self._one, self._batch)
+            request_id = self._submit_one(fd, ctypes.addressof(anchor), view.nbytes, offset_bytes)
         except OSError as exc:
             self._slots.release()
             log.warning("io_submit of a %d-byte read at %d failed: %s", view.nbytes, offset_bytes, exc.strerror)
             return False
         self._callbacks[request_id] = (done, anchor)
-        self.submitted += 1
         self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
         if not self._leading and not self._heir:
             self._reaper_wake.set()
         return True
+
+    def _submit_one(self, fd: int, address: int, length: int, offset_bytes: int) -> int:
+        """io_submit one read (the caller holds a slot); returns its request id. The one iocb is
+        filled in per read: the kernel copies it in io_submit, and building one per read cost
+        ~5-10 us."""
+        request_id = next(self._ids)
+        iocb = self._iocb
+        iocb.aio_data = request_id
+        iocb.aio_fildes = fd
+        iocb.aio_buf = address
+        iocb.aio_nbytes = length
+        iocb.aio_offset = offset_bytes
+        submitted = self._sys.call(self._sys.nr_submit, self._ctx, self._one, self._batch)
+        assert submitted == 1, f"io_submit took {submitted} of 1 requests"
+        self.submitted += 1
+        return request_id
 
     async def _completion(self, request_id: int) -> int:
         """Wait for the result of a submitted read; not cancellable (the kernel owns the buffer).

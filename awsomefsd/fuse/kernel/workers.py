@@ -182,8 +182,6 @@ class WorkerPool:
         self.restarts = 0
         self._pause = RESTART_PAUSE_S / 2
         self.forwarded = 0
-        self.served = 0
-        """Reads answered by workers that are gone (`reads_served` adds those running)."""
         self._served_before: dict[int, int] = {}  # per worker index, by the processes before the running one
         self._forwarded_by: dict[int, int] = {}  # per worker index
 
@@ -196,9 +194,7 @@ class WorkerPool:
                 s.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, MAX_MESSAGE * 2)
             except OSError:
                 s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, MAX_MESSAGE * 2)
-        gone = self.served_by(index)
-        self.served += gone
-        self._served_before[index] = self._served_before.get(index, 0) + gone
+        self._served_before[index] = self._served_before.get(index, 0) + self.served_by(index)
         for slot in range(index * THREADS, (index + 1) * THREADS):
             COUNTERS.pack_into(self._counters, slot * COUNTERS.size, 0, 0, 0)
         spec = {"clone": fd, "sock": theirs.fileno(), "hot": self.hot_fd, "counters": self.counters_fd,
@@ -263,7 +259,7 @@ class WorkerPool:
 
     def reads_served(self) -> int:
         """Reads the workers answered themselves, since the pool began."""
-        return self.served + sum(self.served_by(index) for index in self.workers)
+        return sum(served for _index, served, _forwarded in self.per_worker())
 
     def stop(self) -> None:
         """Stop the workers (a hand-over, or the session ended): `serve` returns once they exited."""
