@@ -172,10 +172,8 @@ class Pairing(Endpoint):
         link = self.meta.site_link()
         if link is None:
             raise ControlError("this site is not linked")
-        await self.meta.propose(c.UnlinkSite(time.time_ns()))
-        await self.meta.barrier()
+        await self._unlink_here()
         log.info("unlinked from the other site")
-        self.relink()
         untold = await self._tell_unlinked(link)
         if untold:
             log.warning("the other site could not be told of the unlink (%s): unlink it there too", untold)
@@ -198,10 +196,15 @@ class Pairing(Endpoint):
         site neither keeps sending into a link that is gone nor refuses a new one."""
         if self.meta.site_link() is None:
             return
-        await self.meta.propose(c.UnlinkSite(time.time_ns()))
-        await self.meta.barrier()
+        await self._unlink_here()
         log.warning("the other site unlinked (its `site unlink`): this site is unlinked too; "
                     "what it had not sent yet is no longer sent")
+
+    async def _unlink_here(self) -> None:
+        """UnlinkSite, durable before anyone is told (a crash must not take it back), and the
+        listener and shipper restarted without the link."""
+        await self.meta.propose(c.UnlinkSite(time.time_ns()))
+        await self.meta.barrier()
         self.relink()
 
     def new_nonce(self) -> bytes:

@@ -90,9 +90,12 @@ class TableTree:
                 index.start, index.stamps = stamp, stamps
         else:
             stamps = index.stamps[bisect.bisect_left(index.stamps, stamp):]
-        found = [self.entry_at(at) for at in stamps]
-        assert all(entry is not None for entry in found), "the index of reordering entries is behind the log"
-        return [entry for entry in found if entry is not None]
+        found = []
+        for at in stamps:
+            entry = self.entry_at(at)
+            assert entry is not None, "the index of reordering entries is behind the log"
+            found.append(entry)
+        return found
 
     def remove(self, entries: list[LogEntry]) -> None:
         index = self.t.reordering
