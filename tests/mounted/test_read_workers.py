@@ -297,24 +297,34 @@ print(ok, failed, ",".join(sorted(errnos)) or "-")
 """
 
 
+def direct_reads(path: Path, count: int) -> None:
+    """Write a 256 KiB file, sync it, and read it `count` times 4 KiB at a time with O_DIRECT:
+    each read is one READ request the daemon (or a worker) serves from the device."""
+    path.write_bytes(os.urandom(1 << 18))
+    os.sync()
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    buf = mmap.mmap(-1, 4096)
+    try:
+        for i in range(count):
+            os.preadv(fd, [buf], (i % 64) * 4096)
+    finally:
+        os.close(fd)
+
+
 def test_the_summary_and_the_metrics_count_reads_the_workers_served() -> None:
     base = Path(tempfile.mkdtemp(prefix="awsomefs-workers-count-", dir="/var/tmp"))
     d = Daemon(base / "state", base / "mnt", size="1G", env=WORKERS, extra=["--metrics-port", "0"]).start()
     try:
-        path = d.mount / "f"
-        path.write_bytes(os.urandom(1 << 18))
-        os.sync()
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
-        buf = mmap.mmap(-1, 4096)
-        for i in range(500):
-            os.preadv(fd, [buf], (i % 64) * 4096)
-        os.close(fd)
+        direct_reads(d.mount / "f", 500)
         metrics = scrape(d)
         served = dict(re.findall(r'^awsomefs_read_worker_reads_served_total\{worker="(\d)"\} (\S+)$', metrics, re.M))
-        assert set(served) == {"0", "1"} and sum(float(v) for v in served.values()) >= 400, metrics[-3000:]
+        # Most of the 500 reads, not all: under load a worker forwards a read that took over half
+        # the grace period (R4) or met the file hot, and the daemon serves it.
+        in_metrics = sum(float(v) for v in served.values())
+        assert set(served) == {"0", "1"} and in_metrics >= 250, metrics[-3000:]
         assert re.search(r'^awsomefs_read_worker_requests_forwarded_total\{worker="0"\} ', metrics, re.M), metrics
         assert d.stop() == 0
-        assert served_by_workers(d) >= 400, d.logs()[-2000:]
+        assert served_by_workers(d) >= in_metrics, d.logs()[-2000:]  # the summary counts them too
     finally:
         if d.proc is not None and d.proc.poll() is None:
             d.stop()
@@ -327,14 +337,7 @@ def test_reads_the_daemon_starts_without_a_task_count_in_the_read_latency_metric
                                                              "AWSOMEFS_MOUNT__READ_WORKERS": "0"},
                extra=["--metrics-port", "0"]).start()
     try:
-        path = d.mount / "f"
-        path.write_bytes(os.urandom(1 << 18))
-        os.sync()
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
-        buf = mmap.mmap(-1, 4096)
-        for i in range(300):
-            os.preadv(fd, [buf], (i % 64) * 4096)
-        os.close(fd)
+        direct_reads(d.mount / "f", 300)
         reads = re.search(r'^awsomefs_fuse_request_seconds_count\{op="read"\} (\S+)$', scrape(d), re.M)
         assert reads is not None and float(reads.group(1)) >= 300, scrape(d)[-3000:]
         assert d.stop() == 0
