@@ -12,7 +12,7 @@ import os
 import socket
 import stat
 import struct
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import pytest
 import trio
@@ -254,13 +254,20 @@ async def test_interrupt_lets_a_change_finish(served) -> None:  # type: ignore[n
     assert session.interrupted == 0
 
 
-async def test_a_read_waits_for_the_writes_to_its_file_that_arrived_before_it() -> None:
+@pytest.mark.parametrize("fast_reads", [False, True], ids=["tasks", "fast_reads"])
+async def test_a_read_waits_for_the_writes_to_its_file_that_arrived_before_it(fast_reads: bool) -> None:
     """The kernel may send a READ while a WRITE to the same pages is in flight (it unlocks the
     pages before sending the WRITE): the READ must see that write, whatever order the tasks run
-    in. Reads of other files, and writes after the read, do not hold it up."""
+    in. Reads of other files, and writes after the read, do not hold it up. With `fast_reads`
+    the session also starts READs itself, without a task (`start_read`, as the daemon's cold
+    reads are): such a READ must not be started while a change to its file is in flight."""
     kernel, fd = pair()
     release = trio.Event()
     written: set[int] = set()
+
+    def start_read(data: bytes, send: Callable[[memoryview], None], fail: Callable[[], None]) -> bool:
+        send(memoryview(b"new" if abi.parse_header(data).nodeid in written else b"old"))
+        return True
 
     async def write(h: Header, body: Body) -> Payload:
         if h.nodeid == 5:
@@ -271,7 +278,7 @@ async def test_a_read_waits_for_the_writes_to_its_file_that_arrived_before_it() 
     async def read(h: Header, body: Body) -> Payload:
         return b"new" if h.nodeid in written else b"old"
 
-    session = Session(fd, {Op.WRITE: write, Op.READ: read})
+    session = Session(fd, {Op.WRITE: write, Op.READ: read}, start_read=start_read if fast_reads else None)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(session.serve)
         await kernel.init()
