@@ -289,6 +289,34 @@ def test_merged_cursor_walks_committed_and_overlay_records_in_key_order(tmp_path
         assert walked_back == ordered[::-1]
 
 
+def test_a_cursor_sees_a_commands_own_writes_and_skips_the_merge_where_nothing_is_pending(tmp_path: Path) -> None:
+    """A table nothing pending wrote is read through the committed cursor (a prediction's unlink
+    walks the members table at every file); a table only the running command wrote is merged."""
+    env = lmdb.open(str(tmp_path / "env"), max_dbs=3, map_size=1 << 24)
+    quiet, busy = env.open_db(b"quiet"), env.open_db(b"busy")
+    with env.begin(write=True) as txn:
+        for i in range(5):
+            txn.put(bytes([i]), b"c", db=quiet)
+            txn.put(bytes([i]), b"c", db=busy)
+    overlay = Overlay()
+    with env.begin() as base:
+        committed = [(bytes([i]), b"c") for i in range(5)]
+        scratch: dict[tuple[Any, bytes], bytes | None] = {}
+        view = OverlayTxn(base, overlay, scratch)
+        assert [(bytes(k), bytes(v)) for k, v in view.cursor(quiet)] == committed
+        view.put(b"\x09", b"mine", db=busy)  # written by the running command only, in no overlay
+        view.delete(b"\x00", db=busy)
+        assert list(view.cursor(busy)) == [*committed[1:], (b"\x09", b"mine")]
+        overlay.record(1, scratch)
+        later = OverlayTxn(base, overlay, {})
+        assert list(later.cursor(busy)) == [*committed[1:], (b"\x09", b"mine")]
+        assert [(bytes(k), bytes(v)) for k, v in later.cursor(quiet)] == committed
+        cursor = later.cursor(quiet)
+        assert cursor.set_range(b"\x03") and bytes(cursor.key()) == b"\x03"
+        overlay.resolve(1)
+        assert [(bytes(k), bytes(v)) for k, v in OverlayTxn(base, overlay, {}).cursor(busy)] == committed
+
+
 class ScriptedLog:
     """A log that commits through a real state machine and fails the proposals it is told to:
     what the pipeline sends, and in which order, is what is checked."""
