@@ -23,7 +23,11 @@ from awsomefsd.meta.errors import Delegated, FsError
 log = logging.getLogger(__name__)
 
 MAX_STALE_TRACKED = 1 << 20
-ORPHAN_BATCH_S = 0.02
+ORPHAN_BATCH_S = 0.2
+"""How long unlinked inodes accumulate before this node releases them in one command. Every member
+releases every orphan (each may hold it open), so during an unlink burst on one node each member
+proposed a release every round (with 0.02 s, about one log entry per ten unlinks per member, each
+a forwarded call from a follower); the space comes back at most this much later."""
 ORPHAN_RETRY_S = 2.5
 MAX_ORPHANS_PER_COMMAND = 4096
 NOT_FROM_OUR_KERNEL = (c.ApplyRemote, c.ApplyRemoteSharing, c.ResolveConflict, c.CreateVolume, c.DeleteVolume,
@@ -189,7 +193,7 @@ class AppliedCommands(CoherenceBase):
             for start in range(0, len(mine), MAX_ORPHANS_PER_COMMAND):
                 chunk = tuple(mine[start : start + MAX_ORPHANS_PER_COMMAND])
                 try:
-                    await self.meta.propose(cc.ReleaseOrphans(self.node_id, chunk, time.time_ns()))
+                    await self.meta.propose(cc.ReleaseOrphans(self.node_id, chunk, time.time_ns()), hurry=False)
                     self.orphans_released += len(chunk)
                 except FsError as exc:
                     log.warning("releasing %d unlinked inodes failed (%s); retrying later", len(chunk), exc)
