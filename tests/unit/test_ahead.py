@@ -19,6 +19,8 @@ import lmdb
 import pytest
 import trio
 
+from awsomefsd.meta import ahead
+from awsomefsd.meta import cluster_commands as cc
 from awsomefsd.meta import commands as c
 from awsomefsd.meta.ahead import can_run_ahead
 from awsomefsd.meta.client import MetaClient
@@ -383,6 +385,35 @@ async def test_a_failed_batch_fails_everything_queued_after_it_and_nothing_after
         await meta.run_ahead(mk(6))  # a change after the failure goes on normally
         await meta.barrier()
         assert [len(b) for b in log.batches] == [1, 3, 1] and meta.lookup(ROOT_INO, b"f6") == first + 6
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_background_command_rides_the_batch_being_gathered(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An orphan release (hurry=False) joins the changes queued ahead and goes with the batch being
+    gathered; a command someone waits for sends the queue at once."""
+    monkeypatch.setattr(ahead, "GATHER_S", 60.0)  # only a hurry sends before a minute
+    log = ScriptedLog(tmp_path / "log", fail_batches=set())
+    first, _ = log.reference.apply(c.ReserveInodes(1000))
+    meta = MetaClient(log, log.reference.sm)  # type: ignore[arg-type]
+
+    def mk(i: int) -> c.Mknod:
+        return c.Mknod(ROOT_INO, b"f%d" % i, first + i, stat.S_IFREG | 0o644, 0, 0, 5, cookie=c.delegated_cookie(first + i))
+
+    release = cc.ReleaseOrphans(2, (first + 500,), 5)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(meta.run_pipeline)
+        await meta.run_ahead(mk(0))
+        nursery.start_soon(lambda: meta.propose(release, hurry=False))
+        with trio.move_on_after(0.3):
+            await log.proposing.wait()
+        assert not log.proposing.is_set(), "the background command sent the batch being gathered"
+        await meta.run_ahead(mk(1))
+        log.release.set()
+        await meta.barrier()  # a durability point hurries
+        assert log.batches == [(mk(0), release, mk(1))]
+        await meta.run_ahead(mk(2))
+        await meta.propose(cc.ReleaseOrphans(2, (first + 501,), 5))  # awaited: at once, not after a minute
+        assert [len(b) for b in log.batches] == [3, 2]
         nursery.cancel_scope.cancel()
 
 
