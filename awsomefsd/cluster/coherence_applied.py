@@ -23,7 +23,11 @@ from awsomefsd.meta.errors import Delegated, FsError
 log = logging.getLogger(__name__)
 
 MAX_STALE_TRACKED = 1 << 20
-ORPHAN_BATCH_S = 0.02
+ORPHAN_BATCH_S = 0.2
+"""How long unlinked inodes accumulate before this node releases them in one command. Every member
+releases every orphan (each may hold it open), so during an unlink burst on one node each member
+proposed a release every round (with 0.02 s, about one log entry per ten unlinks per member, each
+a forwarded call from a follower); the space comes back at most this much later."""
 ORPHAN_RETRY_S = 2.5
 MAX_ORPHANS_PER_COMMAND = 4096
 NOT_FROM_OUR_KERNEL = (c.ApplyRemote, c.ApplyRemoteSharing, c.ResolveConflict, c.CreateVolume, c.DeleteVolume,
@@ -92,15 +96,28 @@ class AppliedCommands(CoherenceBase):
             for ino in list(self._changed):
                 self._wake(ino)
         elif isinstance(command, c.Purge):
-            self.published(command.ino)
-            self.held.discard(command.ino)
-            self._acquired_at.pop(command.ino, None)
-            self._waiting.pop(command.ino, None)
-            self._wake(command.ino)
+            self._forget_deleted(command.ino)
+        elif isinstance(command, cc.ReleaseOrphans) and result:
+            # Some of them were deleted (the last holder released them), with their leases; which,
+            # the next look tells (`_release_orphans`), once this apply is what the node reads.
+            tracked = [ino for ino in command.inos if ino in self.held or ino in self._fresh]
+            if tracked:
+                self._maybe_deleted.update(tracked)
+                self._orphans_wake.set()
         elif isinstance(command, c.Unlink) and isinstance(result, int):
             self.release_orphan(result)  # checked later: only an orphan we do not hold is released
         elif isinstance(command, c.Rename) and isinstance(result, int) and result:
             self.release_orphan(result)
+
+    def _forget_deleted(self, ino: int) -> None:
+        """The inode is gone, and its lease with it: nothing of it is held or fresh any more (else a
+        member that creates and removes files keeps every one in `held`, and once `_fresh` is full
+        no new file's mappings run ahead)."""
+        self.published(ino)
+        self.held.discard(ino)
+        self._acquired_at.pop(ino, None)
+        self._waiting.pop(ino, None)
+        self._wake(ino)
 
     def _safe(self, stale: list[Target]) -> list[Target]:
         """Only attribute invalidations go to the kernel: they never wait for anything there. Stale
@@ -156,6 +173,12 @@ class AppliedCommands(CoherenceBase):
             self._orphans_wake = trio.Event()
             await trio.sleep(ORPHAN_BATCH_S)
             batch, self._orphans = self._orphans, set()
+            deleted, self._maybe_deleted = self._maybe_deleted, set()
+            for ino in deleted:
+                if self.meta.inode(ino) is None:  # inode numbers are never used again
+                    self._forget_deleted(ino)
+                elif self.meta.orphan(ino) is not None:
+                    self._maybe_deleted.add(ino)  # still waiting for a holder: looked at again at the next wake
             mine, later = [], []
             for ino in sorted(batch):
                 orphan = self.meta.orphan(ino)
@@ -170,7 +193,7 @@ class AppliedCommands(CoherenceBase):
             for start in range(0, len(mine), MAX_ORPHANS_PER_COMMAND):
                 chunk = tuple(mine[start : start + MAX_ORPHANS_PER_COMMAND])
                 try:
-                    await self.meta.propose(cc.ReleaseOrphans(self.node_id, chunk, time.time_ns()))
+                    await self.meta.propose(cc.ReleaseOrphans(self.node_id, chunk, time.time_ns()), hurry=False)
                     self.orphans_released += len(chunk)
                 except FsError as exc:
                     log.warning("releasing %d unlinked inodes failed (%s); retrying later", len(chunk), exc)

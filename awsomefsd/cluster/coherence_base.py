@@ -58,6 +58,7 @@ class CoherenceBase:
         self.names_forgotten = 0
         self._orphans: set[int] = set()  # unlinked inodes to look at: release those we do not hold
         self._orphans_wake = trio.Event()
+        self._maybe_deleted: set[int] = set()  # held or fresh inodes a ReleaseOrphans may have deleted
         self.orphans_released = 0
         self.held: set[int] = set()
         self._acquired_at: dict[int, float] = {}  # inode -> when we got its lease (trio clock)

@@ -189,16 +189,19 @@ class AheadLog:
         self._wake.set()
         return result
 
-    async def propose(self, command: c.Command[R], *, epoch: int | None = None) -> R:
+    async def propose(self, command: c.Command[R], *, epoch: int | None = None, hurry: bool = True) -> R:
         """Propose and wait for the result, after everything acknowledged before (directly when
-        nothing is queued)."""
+        nothing is queued). `hurry=False`: a background command whose result nobody waits for
+        soon (the release of orphans this node unlinked) rides the batch being gathered instead of
+        sending it at once: during an unlink burst each release cut the gathering short."""
         if not self.pending:
             return await self._log.propose(command, epoch=epoch)
         self._seq += 1
         entry = _Entry(self._seq, command, epoch, ahead=False, done=trio.Event())
         self._queue.append(entry)
         self._wake.set()
-        self._urgent.set()
+        if hurry:
+            self._urgent.set()
         assert entry.done is not None
         await entry.done.wait()
         if isinstance(entry.outcome, FsError):

@@ -84,12 +84,13 @@ class MetaClient:
         self._sm.sites.local_side_effects = hear
 
     # -- the replicated log -----------------------------------------------------------------------
-    async def propose(self, command: Command[R], *, epoch: int | None = None) -> R:
+    async def propose(self, command: Command[R], *, epoch: int | None = None, hurry: bool = True) -> R:
         """Order, commit and apply `command` (meta/commands.py); its result, or its FsError.
         `epoch`: the lease epoch the work it commits was done under (`lease_epoch`). Ordered after
-        every change this node acknowledged ahead of the log (`run_ahead`)."""
+        every change this node acknowledged ahead of the log (`run_ahead`); `hurry=False` lets it
+        wait for the pipeline's next batch (`AheadLog.propose`)."""
         try:
-            return await self.ahead.propose(command, epoch=epoch)
+            return await self.ahead.propose(command, epoch=epoch, hurry=hurry)
         finally:
             for listener in self._proposed:
                 listener(command)

@@ -126,8 +126,14 @@ class OverlayTxn:
         """The committed table's statistics (entry counts are approximate while entries are pending)."""
         return self.base.stat(db)
 
-    def cursor(self, db: Any = None) -> MergedCursor:
-        return MergedCursor(self, db)
+    def cursor(self, db: Any = None) -> MergedCursor | lmdb.Cursor[bytes]:
+        """A cursor over the merged records; the committed table's own cursor when nothing above
+        the base has a record of `db` (the same records, without a merge at every step: a
+        prediction's unlink walks the members table, which no change running ahead writes)."""
+        layers = self.layers(db)
+        if not layers:
+            return self.base.cursor(db)
+        return MergedCursor(self, db, layers)
 
     # -- ordered access for MergedCursor ------------------------------------------------------------
     def layers(self, db: Any) -> list[Layer]:
@@ -162,9 +168,9 @@ class MergedCursor:
     (bisection in the overlay's sorted keys, `set_range` in the base), so making one costs nothing
     however large the overlay is."""
 
-    def __init__(self, txn: OverlayTxn, db: Any) -> None:
+    def __init__(self, txn: OverlayTxn, db: Any, layers: list[Layer] | None = None) -> None:
         self._base = txn.base.cursor(db)
-        self._layers = txn.layers(db)
+        self._layers = txn.layers(db) if layers is None else layers
         self._key: bytes | None = None
         self._value: bytes | None = None
 

@@ -64,6 +64,14 @@ def test_a_lone_creator_runs_ahead_and_others_see_every_acknowledged_change(clus
     ahead = creator.status()["cluster"]["ahead"]
     assert ahead["acknowledged"] >= len(names) and ahead["lost"] == 0, ahead
     assert " 0 lost" in creator.cli("status").stdout
+    # The files' write leases, granted with their creates, go with the files: released by every
+    # member, the last release deletes them (before, the creator went on counting them as held).
+    held = creator.status()["cluster"]["write_leases"]["held"]
+    assert held >= len(names) - 1, held
+    for name in os.listdir(creator.mount / "lone"):
+        os.unlink(creator.mount / "lone" / name)
+    wait_for(lambda: creator.status()["cluster"]["write_leases"]["held"] < 10, 30,
+             "the removed files' leases forgotten on the creator")
 
 
 def test_a_readdir_elsewhere_lists_every_acknowledged_change(cluster3: Cluster) -> None:

@@ -19,6 +19,8 @@ import lmdb
 import pytest
 import trio
 
+from awsomefsd.meta import ahead
+from awsomefsd.meta import cluster_commands as cc
 from awsomefsd.meta import commands as c
 from awsomefsd.meta.ahead import can_run_ahead
 from awsomefsd.meta.client import MetaClient
@@ -289,6 +291,34 @@ def test_merged_cursor_walks_committed_and_overlay_records_in_key_order(tmp_path
         assert walked_back == ordered[::-1]
 
 
+def test_a_cursor_sees_a_commands_own_writes_and_skips_the_merge_where_nothing_is_pending(tmp_path: Path) -> None:
+    """A table nothing pending wrote is read through the committed cursor (a prediction's unlink
+    walks the members table at every file); a table only the running command wrote is merged."""
+    env = lmdb.open(str(tmp_path / "env"), max_dbs=3, map_size=1 << 24)
+    quiet, busy = env.open_db(b"quiet"), env.open_db(b"busy")
+    with env.begin(write=True) as txn:
+        for i in range(5):
+            txn.put(bytes([i]), b"c", db=quiet)
+            txn.put(bytes([i]), b"c", db=busy)
+    overlay = Overlay()
+    with env.begin() as base:
+        committed = [(bytes([i]), b"c") for i in range(5)]
+        scratch: dict[tuple[Any, bytes], bytes | None] = {}
+        view = OverlayTxn(base, overlay, scratch)
+        assert [(bytes(k), bytes(v)) for k, v in view.cursor(quiet)] == committed
+        view.put(b"\x09", b"mine", db=busy)  # written by the running command only, in no overlay
+        view.delete(b"\x00", db=busy)
+        assert list(view.cursor(busy)) == [*committed[1:], (b"\x09", b"mine")]
+        overlay.record(1, scratch)
+        later = OverlayTxn(base, overlay, {})
+        assert list(later.cursor(busy)) == [*committed[1:], (b"\x09", b"mine")]
+        assert [(bytes(k), bytes(v)) for k, v in later.cursor(quiet)] == committed
+        cursor = later.cursor(quiet)
+        assert cursor.set_range(b"\x03") and bytes(cursor.key()) == b"\x03"
+        overlay.resolve(1)
+        assert [(bytes(k), bytes(v)) for k, v in OverlayTxn(base, overlay, {}).cursor(busy)] == committed
+
+
 class ScriptedLog:
     """A log that commits through a real state machine and fails the proposals it is told to:
     what the pipeline sends, and in which order, is what is checked."""
@@ -355,6 +385,35 @@ async def test_a_failed_batch_fails_everything_queued_after_it_and_nothing_after
         await meta.run_ahead(mk(6))  # a change after the failure goes on normally
         await meta.barrier()
         assert [len(b) for b in log.batches] == [1, 3, 1] and meta.lookup(ROOT_INO, b"f6") == first + 6
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_background_command_rides_the_batch_being_gathered(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An orphan release (hurry=False) joins the changes queued ahead and goes with the batch being
+    gathered; a command someone waits for sends the queue at once."""
+    monkeypatch.setattr(ahead, "GATHER_S", 60.0)  # only a hurry sends before a minute
+    log = ScriptedLog(tmp_path / "log", fail_batches=set())
+    first, _ = log.reference.apply(c.ReserveInodes(1000))
+    meta = MetaClient(log, log.reference.sm)  # type: ignore[arg-type]
+
+    def mk(i: int) -> c.Mknod:
+        return c.Mknod(ROOT_INO, b"f%d" % i, first + i, stat.S_IFREG | 0o644, 0, 0, 5, cookie=c.delegated_cookie(first + i))
+
+    release = cc.ReleaseOrphans(2, (first + 500,), 5)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(meta.run_pipeline)
+        await meta.run_ahead(mk(0))
+        nursery.start_soon(lambda: meta.propose(release, hurry=False))
+        with trio.move_on_after(0.3):
+            await log.proposing.wait()
+        assert not log.proposing.is_set(), "the background command sent the batch being gathered"
+        await meta.run_ahead(mk(1))
+        log.release.set()
+        await meta.barrier()  # a durability point hurries
+        assert log.batches == [(mk(0), release, mk(1))]
+        await meta.run_ahead(mk(2))
+        await meta.propose(cc.ReleaseOrphans(2, (first + 501,), 5))  # awaited: at once, not after a minute
+        assert [len(b) for b in log.batches] == [3, 2]
         nursery.cancel_scope.cancel()
 
 

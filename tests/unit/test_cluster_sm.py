@@ -41,7 +41,9 @@ def test_members_get_consecutive_ids_and_removal_revokes(h: Harness) -> None:
     assert h.apply(cc.AddMember("n2", "10.0.0.2:7470", "10.0.0.2:7471", 6)) == 2
     assert h.apply(cc.AddMember("n3", "10.0.0.3:7470", "10.0.0.3:7471", 7)) == 3
     h.apply(cc.SetMemberCert(3, "abc123"))
-    h.apply(cc.RemoveMember(3, 8))
+    with h.store.env.begin() as txn:
+        assert h.sm.cluster.active_members(txn) == [1, 2, 3]
+    h.apply(cc.RemoveMember(3, 8))  # a record seen active before: its new state counts
     with h.store.env.begin() as txn:
         assert h.sm.cluster.revoked_serials(txn) == {0xABC123}
         assert h.sm.cluster.active_members(txn) == [1, 2]
