@@ -50,11 +50,24 @@ class SiteRelink(SiteCapture):
 
     def relink(self, txn: lmdb.Transaction[bytes], now_ns: int) -> None:
         """Capture what changed here since the unlink (`LinkSite` to the kept peer, the link
-        record written): names first (what the tables show where the namespace has something
-        else moves, or goes), then the registers of the objects kept (attributes, extended
-        attributes, contents that differ from the winning versions)."""
+        record written). First the registers of the objects kept (attributes, extended
+        attributes, contents that changed), each stamped at its inode's ctime when the clock
+        allows, in that order: the later change wins a conflict, as it would have linked, not
+        the site that happened to link second. Then the names, stamped now: what the tables
+        show where the namespace has something else moves, or goes."""
         txn.delete(KEPT_PEER, db=self.meta)
-        kept = {bytes(obj) for _, obj in scan(txn, self.db["sinos"], b"")}
+        changed = []
+        for _, obj in list(scan(txn, self.db["sinos"], b"")):
+            obj = bytes(obj)
+            ino = self._ino(txn, obj)
+            inode = None if ino is None else self.ns.get_inode(txn, ino)
+            noted = txn.get(KEPT_MAP + obj, db=self.meta)
+            if inode is not None and noted is not None:
+                changed.append((inode.ctime_ns, obj, inode, bytes(noted)))
+        for ctime_ns, obj, inode, noted in sorted(changed, key=lambda each: each[:2]):
+            self._relink_registers(txn, obj, inode, noted, ctime_ns)
+        for key, _ in list(scan(txn, self.meta, KEPT_MAP)):
+            txn.delete(key, db=self.meta)
         left = self._left_entries(txn)
         moves: Moves = []
         self._relink_below(txn, ROOT_INO, left, moves, now_ns)
@@ -71,14 +84,6 @@ class SiteRelink(SiteCapture):
                 moves.append((node, 0, b"" if placed is None else placed.name))
         if moves:  # one batch: no name group is shown again half way (`_local_moves`)
             self._local_moves(txn, moves, now_ns)
-        for obj in sorted(kept):
-            ino = self._ino(txn, obj)
-            inode = None if ino is None else self.ns.get_inode(txn, ino)
-            noted = txn.get(KEPT_MAP + obj, db=self.meta)
-            if inode is not None and noted is not None:
-                self._relink_registers(txn, obj, inode, bytes(noted), now_ns)
-        for key, _ in list(scan(txn, self.meta, KEPT_MAP)):
-            txn.delete(key, db=self.meta)
 
     def _left_entries(self, txn: lmdb.Transaction[bytes]) -> dict[bytes, list[bytes]]:
         """The entries the tables show where the namespace no longer has their object (renamed,
