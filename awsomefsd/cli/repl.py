@@ -142,7 +142,9 @@ def _call(settings: Settings, request: dict[str, Any], timeout_s: float = 60.0) 
 
 def render_status(info: dict[str, Any]) -> str:
     if not info["linked"]:
-        return f"site {info['site']}: not linked (listener {info['listen']}; `awsomefsd site link` prints a token)"
+        kept = (f"\n  kept from the link with site {info['kept_for']}: linking it again pairs up what both "
+                "sites hold (`awsomefsd site unlink --forget` drops it)") if info.get("kept_for") else ""
+        return f"site {info['site']}: not linked (listener {info['listen']}; `awsomefsd site link` prints a token)" + kept
     out, inn = info["outbound"], info["inbound"]
     last = info["last_exchange_ns"]
     when = datetime.datetime.fromtimestamp(last / 1e9).isoformat(timespec="seconds") if last else "never"

@@ -288,3 +288,22 @@ def test_planted_bug_ids_dropped_at_unlink_fails_the_random_relink(tmp_path: Pat
         except AssertionError:
             failed += 1
     assert failed >= 3, f"only {failed} of 4 seeds caught it"
+
+
+def test_volumes_changed_made_and_deleted_while_unlinked_converge_on_a_relink(tmp_path: Path) -> None:
+    from tests.repl.test_sites_volumes import make_volume, volume_with_file, volumes
+
+    a, b = linked_pair(tmp_path)
+    _kept, f = volume_with_file(a, "kept")
+    doomed = make_volume(a, "doomed")
+    settle(a, b)
+    unlink(a, b)
+    write(a, f, 21)  # a file of a volume changed on a
+    a.apply(c.DeleteVolume(doomed, a.tick()))  # a volume deleted on a
+    fresh = make_volume(b, "fresh")  # a volume made on b, with a file
+    mkfile(b, fresh, b"g", 22)
+    relink(a, b)
+    settle(a, b)
+    assert_converged(a, b, "after the relink")
+    assert volumes(a) == volumes(b)
+    assert sorted(volumes(a)) == ["fresh", "kept"]

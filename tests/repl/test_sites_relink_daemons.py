@@ -44,6 +44,8 @@ def test_unlink_then_link_again_pairs_up_what_both_held_and_merges_what_changed(
     told = a.cli("unlink")
     assert told.returncode == 0 and "kept" in told.stdout and "was told" in told.stdout, told.stdout + told.stderr
     wait_for(lambda: b.status()["linked"] is False, 60, "b to unlink when a tells it")
+    assert a.status()["kept_for"] == b.status()["site"] and b.status()["kept_for"] == a.status()["site"]
+    assert "linking it again pairs up" in a.cli("status").stdout
 
     (a.mount / "docs" / "plan.txt").write_text("edited on a while unlinked\n")
     os.rename(a.mount / "keep.txt", a.mount / "docs" / "kept.txt")
@@ -78,7 +80,7 @@ def test_unlink_then_link_again_pairs_up_what_both_held_and_merges_what_changed(
 
     forgot = b.cli("unlink", "--forget")
     assert forgot.returncode == 0 and "nothing is kept" in forgot.stdout, forgot.stdout + forgot.stderr
-    assert b.status()["linked"] is False
+    assert b.status()["linked"] is False and b.status()["kept_for"] is None
     wait_for(lambda: a.status()["linked"] is False, 60, "a to unlink when b tells it")
     nothing = b.cli("unlink", "--forget")
     assert nothing.returncode != 0 and "keeps nothing" in nothing.stderr, nothing.stdout + nothing.stderr
