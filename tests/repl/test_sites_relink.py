@@ -30,6 +30,7 @@ from tests.repl.test_sites_sm import (
     kept_copies,
     linked_pair,
     random_command,
+    run_seeds,
     ship,
     unreachable_inodes,
 )
@@ -205,6 +206,7 @@ def test_an_inode_number_used_again_while_unlinked_is_a_new_object(tmp_path: Pat
 
 
 SEEDS = seeds.params("sites-relink", 8, replay_var="AWSOMEFS_SITES_SEED")
+MANY_SEEDS = seeds.fresh_range("sites-relink-many", 400)
 
 
 def random_round(rng: random.Random, a: Site, b: Site, steps: int, *, linked: bool) -> None:
@@ -228,7 +230,8 @@ def random_round(rng: random.Random, a: Site, b: Site, steps: int, *, linked: bo
 def test_random_changes_around_an_unlink_and_a_relink_converge_and_pair_up_what_both_held(tmp_path: Path,
                                                                                           seed: int) -> None:
     """Linked: random commands, shipped at random moments (some left in the outbox at the
-    unlink); unlinked: random commands on both, nothing captured; linked again: more; then
+    unlink); a unlinks, and b, sometimes not told, captures a few more before it unlinks too;
+    unlinked: random commands on both, nothing captured; linked again: more; then
     everything shipped. Both converge, and no object shows twice: the objects shown right after
     the relink are those the two sites held (by id) before it, plus at most one per inode
     either made meanwhile. (Derived `.conflict-` names may appear: two objects given one name
@@ -238,7 +241,16 @@ def test_random_changes_around_an_unlink_and_a_relink_converge_and_pair_up_what_
     random_round(rng, a, b, 60, linked=True)
     known = shown_objects(a) | shown_objects(b)
     inodes_before = [set(shown_inodes(site)) for site in (a, b)]
-    unlink(a, b)
+    a.apply(c.UnlinkSite(a.tick()))
+    if rng.random() < 0.5:  # b was not told (a partition): it captures on until unlinked there too
+        for _ in range(rng.randint(1, 15)):
+            command = random_command(rng, b)
+            if command is not None:
+                try:
+                    b.apply(command)
+                except FsError:
+                    pass
+    b.apply(c.UnlinkSite(b.tick()))
     random_round(rng, a, b, 40, linked=False)
     new = sum(len(set(shown_inodes(site)) - before) for site, before in zip((a, b), inodes_before))
     relink(a, b)
@@ -252,6 +264,13 @@ def test_random_changes_around_an_unlink_and_a_relink_converge_and_pair_up_what_
     for site in (a, b):
         assert not site.read(lambda txn, s=site: s.sm.sites.kept_inodes(txn)), f"seed {seed}: deleted objects kept"
         assert not unreachable_inodes(site), f"seed {seed}: inodes neither reachable nor released"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_random_relinks_under_many_more_seeds(tmp_path: Path) -> None:
+    run_seeds(test_random_changes_around_an_unlink_and_a_relink_converge_and_pair_up_what_both_held, tmp_path,
+              MANY_SEEDS)
 
 
 def shown_inodes(site: Site) -> list[int]:
