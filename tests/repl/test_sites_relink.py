@@ -326,3 +326,25 @@ def test_volumes_changed_made_and_deleted_while_unlinked_converge_on_a_relink(tm
     assert_converged(a, b, "after the relink")
     assert volumes(a) == volumes(b)
     assert sorted(volumes(a)) == ["fresh", "kept"]
+
+
+def test_nothing_kept_grows_while_unlinked(tmp_path: Path) -> None:
+    """An unlink never followed by a relink: whatever the site does meanwhile, the tables kept
+    for a relink hold no more rows than at the unlink (nothing is captured)."""
+    from awsomefsd.meta.sites.tables import SITE_TABLES
+
+    def rows(site: Site) -> int:
+        return site.read(lambda txn: sum(txn.stat(site.store.db[name])["entries"] for name in SITE_TABLES))
+
+    a, b, _ = linked_with_files(tmp_path)
+    unlink(a, b)
+    before = rows(a)
+    rng = random.Random(5)
+    for _ in range(300):
+        command = random_command(rng, a)
+        if command is not None:
+            try:
+                a.apply(command)
+            except FsError:
+                pass
+    assert rows(a) <= before
