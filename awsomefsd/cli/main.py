@@ -186,6 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="for `link`: the token the other site printed; for `conflicts`: resolve ID")
     site.add_argument("--keep", choices=["winner", "loser", "both"],
                       help="for `conflicts resolve`: which version stays (both: the loser beside the file)")
+    site.add_argument("--forget", action="store_true",
+                      help="for `unlink`: drop what is kept for linking the same site again (also once unlinked)")
     site.add_argument("--json", action="store_true", help="machine-readable output")
     _add_settings_flags(site, device=False, mount=False)
 
@@ -326,7 +328,8 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "site":
         from awsomefsd.cli.repl import site_command
 
-        return site_command(settings, args.action, args.arguments, keep=args.keep, as_json=args.json)
+        return site_command(settings, args.action, args.arguments, keep=args.keep, as_json=args.json,
+                            forget=args.forget)
     if args.command == "hand-over":
         return actions.hand_over(settings)
     if args.command == "format":

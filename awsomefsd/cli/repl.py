@@ -21,11 +21,13 @@ RESOLVE_TIMEOUT_S = 3600.0  # a large losing file is copied back
 
 
 def site_command(settings: Settings, action: str, arguments: list[str], *, keep: str | None = None,
-                 as_json: bool) -> int:
+                 as_json: bool, forget: bool = False) -> int:
     if action == "conflicts" and arguments:
         return _resolve(settings, arguments, keep, as_json=as_json)
     if keep is not None:
         raise OperatorError("--keep goes with `site conflicts resolve ID`")
+    if forget and action != "unlink":
+        raise OperatorError("--forget goes with `site unlink`")
     if len(arguments) > (1 if action == "link" else 0):
         raise OperatorError(f"`site {action}` takes {'one token' if action == 'link' else 'no argument'}")
     argument = arguments[0] if arguments else None
@@ -34,7 +36,9 @@ def site_command(settings: Settings, action: str, arguments: list[str], *, keep:
             print(_call(settings, {"op": "site_invite"})["token"])
         else:
             reply = _call(settings, {"op": "site_join", "token": argument})
-            print(f"awsomefsd: linked to site {reply['peer']} at {', '.join(reply['addresses'])}; "
+            again = "linked again (what both sites held pairs up; what changed meanwhile is sent)" \
+                if reply.get("relinked") else "linked"
+            print(f"awsomefsd: {again} to site {reply['peer']} at {', '.join(reply['addresses'])}; "
                   "replication has started (`awsomefsd site status`)")
             totals = (int(reply.get("initial_operations", 0)), int(reply.get("peer_initial_operations", 0)))
             if any(totals) and sys.stdout.isatty() and not as_json:
@@ -45,8 +49,15 @@ def site_command(settings: Settings, action: str, arguments: list[str], *, keep:
                     return 130
         return 0
     if action == "unlink":
-        untold = _call(settings, {"op": "site_unlink"}).get("untold", "")
-        print("awsomefsd: unlinked; nothing more is sent or received")
+        reply = _call(settings, {"op": "site_unlink", "forget": forget})
+        untold = reply.get("untold", "")
+        if not reply.get("was_linked", True):  # --forget on a site unlinked already
+            print("awsomefsd: dropped what was kept of the link; a new link starts over")
+            return 0
+        print("awsomefsd: unlinked; nothing more is sent or received; " +
+              ("nothing is kept of the link (a new one starts over)" if forget else
+               "the ids and tree are kept: `site link` with the same site pairs up what both hold "
+               "(`site unlink --forget` drops them, and the space of files deleted meanwhile)"))
         if untold:
             print(f"awsomefsd: the other site could not be told ({untold}); it stays linked, its link down, "
                   "until `awsomefsd site unlink` runs there too")
@@ -131,7 +142,9 @@ def _call(settings: Settings, request: dict[str, Any], timeout_s: float = 60.0) 
 
 def render_status(info: dict[str, Any]) -> str:
     if not info["linked"]:
-        return f"site {info['site']}: not linked (listener {info['listen']}; `awsomefsd site link` prints a token)"
+        kept = (f"\n  kept from the link with site {info['kept_for']}: linking it again pairs up what both "
+                "sites hold (`awsomefsd site unlink --forget` drops it)") if info.get("kept_for") else ""
+        return f"site {info['site']}: not linked (listener {info['listen']}; `awsomefsd site link` prints a token)" + kept
     out, inn = info["outbound"], info["inbound"]
     last = info["last_exchange_ns"]
     when = datetime.datetime.fromtimestamp(last / 1e9).isoformat(timespec="seconds") if last else "never"

@@ -305,6 +305,10 @@ class MetaClient:
         """The linked site as LinkSite recorded it (id, CA, addresses), or None when not linked."""
         return self._sm.sites.link_info(self._view())
 
+    def site_kept_peer(self) -> bytes | None:
+        """While unlinked: the site the link's tables are kept for (a relink to it re-pairs), or None."""
+        return self._sm.sites.kept_peer(self._view())
+
     def site_outbox(self, after: Stamp | None, limit: int) -> list[tuple[Stamp, bytes]]:
         """This site's operations after `after` (the peer's cursor), in stamp order."""
         return self._sm.sites.outbox(self._view(), after, limit)

@@ -366,12 +366,9 @@ class StateMachine:
             apply_removexattr(self, txn, c.RemoveXattr(ino, name, now_ns))
 
     def _unlink_site(self, txn: lmdb.Transaction[bytes], cmd: c.UnlinkSite) -> None:
-        """Stop replicating; the inodes the tree kept after their last name went become orphans."""
-        kept = [inode for ino in self.sites.kept_inodes(txn)
-                if (inode := self.ns.get_inode(txn, ino)) is not None and inode.nlink == 0]
+        """Stop replicating, keeping the tables for a relink; again: drop them, and the inodes the
+        tree kept after their last name went become orphans (meta/sites/link.py)."""
         self.sites.unlink(txn, cmd)
-        for inode in kept:
-            self.orphan(txn, inode)
 
     # -- inode lifecycle and space --------------------------------------------------------------
     def _reserve_inodes(self, txn: lmdb.Transaction[bytes], cmd: c.ReserveInodes) -> tuple[int, int]:
@@ -398,6 +395,7 @@ class StateMachine:
         txn.delete(u64(inode.ino), db=self.db["orphans"])
         forget_mark(txn, self.db, inode.ino)
         self.cluster.drop_leases_of_inode(txn, inode.ino)
+        self.sites.inode_deleted(txn, inode.ino)  # no site id outlives its inode (numbers may come again)
         self.ns.delete_inode(txn, inode.ino)
 
     def _reclaim(self, txn: lmdb.Transaction[bytes], cmd: c.ReclaimFrees) -> list[tuple[int, int]]:

@@ -56,6 +56,8 @@ class Control(Endpoint):
                         "refused": self.state.inbound_refused},
             "open_conflicts": open_conflicts,
             "conflicts_total": conflicts_total,
+            "kept_for": None if link is not None or (kept := self.meta.site_kept_peer()) is None
+            else str(uuid.UUID(bytes=kept)),  # unlinked: linking this site again pairs up what both hold
         }
 
     def collect_metrics(self) -> Iterator[Metric]:

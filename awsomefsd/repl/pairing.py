@@ -89,9 +89,11 @@ class Pairing(Endpoint):
             except (JoinError, OSError, grpc.RpcError, wire.WireError) as exc:
                 errors.append(f"{address}: {why_failed(exc)}")
                 continue
-            sent = await self._link(token.cluster_id.bytes, peer_ca, tuple(reply["addresses"]))
+            sent = await self._link(token.cluster_id.bytes, peer_ca, tuple(reply["addresses"]),
+                                    resume=reply.get("resume") is True)
             return {"peer": str(token.cluster_id), "addresses": reply["addresses"], "initial_operations": sent,
-                    "peer_initial_operations": int(reply.get("initial_operations", 0))}
+                    "peer_initial_operations": int(reply.get("initial_operations", 0)),
+                    "relinked": reply.get("resume") is True}
         raise ControlError("could not pair: " + "; ".join(errors))
 
     def _reachable_addresses(self) -> list[str]:
@@ -120,7 +122,8 @@ class Pairing(Endpoint):
             own_ca = self.credentials.ca_pem
             proof = token.prove(nonce, own_ca)
             request = {"site": str(self.site), "ca_pem": own_ca.decode(), "addresses": self.addresses(),
-                       "nonce": nonce.hex(), "proof": proof.hex()}
+                       "nonce": nonce.hex(), "proof": proof.hex(),
+                       "kept": self.meta.site_kept_peer() == token.cluster_id.bytes}
             reply, _ = wire.unframe(await unary_call(channel, f"/{PAIRING_SERVICE}/Pair", wire.frame(request),
                                                      CALL_TIMEOUT_S))
         if "error" in reply:
@@ -135,7 +138,7 @@ class Pairing(Endpoint):
         except (FileNotFoundError, ValueError):
             return {"error": "this site has no open invitation: run `awsomefsd site link` on it for a token"}
         try:
-            peer, ca_pem, nonce, proof, addresses = _pairing_request(request)
+            peer, ca_pem, nonce, proof, addresses, kept = _pairing_request(request)
             peer_ca = x509.load_pem_x509_certificate(ca_pem)
         except ValueError as exc:
             raise RpcAbort(grpc.StatusCode.INVALID_ARGUMENT, f"a malformed pairing request: {exc}") from None
@@ -146,38 +149,62 @@ class Pairing(Endpoint):
             return {"error": "that site is linked already"}
         if not self.meta.may_propose(c.LinkSite):
             return {"error": ROLLING_UPGRADE}
-        sent = await self._link(peer.bytes, peer_ca, tuple(addresses))
+        resume = kept and self.meta.site_kept_peer() == peer.bytes
+        sent = await self._link(peer.bytes, peer_ca, tuple(addresses), resume=resume)
         invite.unlink(missing_ok=True)
-        return {"addresses": self.addresses(), "initial_operations": sent}
+        return {"addresses": self.addresses(), "initial_operations": sent, "resume": resume}
 
-    async def _link(self, peer: bytes, peer_ca: x509.Certificate, addresses: tuple[str, ...]) -> int:
-        """Link to `peer`; returns how many operations this site's initial sync sends."""
+    async def _link(self, peer: bytes, peer_ca: x509.Certificate, addresses: tuple[str, ...], *,
+                    resume: bool) -> int:
+        """Link to `peer`; returns how many operations this site's initial sync sends. `resume`:
+        both sites kept their tables from an earlier link with each other (each says so when
+        pairing), and the link takes up where it stopped (meta/sites/relink.py). Otherwise
+        what this site kept goes first, so that both start over alike: one side resuming
+        against a peer that starts afresh would pair nothing and collide entry ids."""
         from cryptography.hazmat.primitives import serialization
 
         if not self.meta.may_propose(c.LinkSite):
             raise ControlError(ROLLING_UPGRADE)
 
         ca_pem = peer_ca.public_bytes(serialization.Encoding.PEM)
+        kept = self.meta.site_kept_peer()
+        if kept is not None and not (resume and kept == peer):
+            await self.meta.propose(c.UnlinkSite(time.time_ns()))  # unlinked already: drops what was kept
         sent = await self.meta.propose(c.LinkSite(peer, time.time_ns(), ca_pem, addresses))
         await self.meta.barrier()  # `site link` said linked: a crash now must not take it back
-        log.info("linked to site %s at %s (fingerprint %s); %d operations to send for the initial sync",
-                 uuid.UUID(bytes=peer), ", ".join(addresses), fingerprint(peer_ca).hex()[:16], sent)
+        log.info("%s site %s at %s (fingerprint %s); %d operations to send for the %s",
+                 "linked again to" if resume else "linked to", uuid.UUID(bytes=peer), ", ".join(addresses),
+                 fingerprint(peer_ca).hex()[:16], sent,
+                 "changes made while unlinked" if resume else "initial sync")
         self.relink()
         return int(sent)
 
-    async def unlink(self) -> str:
+    async def unlink(self, *, forget: bool = False) -> str:
         """Unlink here, then tell the other site, which unlinks too (`unlinked_by_peer`). Returns
         "" once it was told, else why it could not be: it then stays linked, its link down,
-        until it is unlinked there as well (an operator's `site unlink` on it)."""
+        until it is unlinked there as well (an operator's `site unlink` on it). Both keep the
+        link's tables for a relink (meta/sites/relink.py); `forget`: this site drops them
+        (and may be unlinked already), and the next link is a first link on both sides."""
         link = self.meta.site_link()
         if link is None:
-            raise ControlError("this site is not linked")
+            if forget and self.meta.site_kept_peer() is not None:
+                await self._forget_kept()
+                return ""
+            raise ControlError("this site is not linked" + (" and keeps nothing of a link" if forget else ""))
         await self._unlink_here()
-        log.info("unlinked from the other site")
+        log.info("unlinked from the other site; its ids and tree are kept for a relink")
         untold = await self._tell_unlinked(link)
         if untold:
             log.warning("the other site could not be told of the unlink (%s): unlink it there too", untold)
+        if forget:
+            await self._forget_kept()
         return untold
+
+    async def _forget_kept(self) -> None:
+        """UnlinkSite on an unlinked site: what it kept for a relink goes (deleted files' space too)."""
+        await self.meta.propose(c.UnlinkSite(time.time_ns()))
+        await self.meta.barrier()
+        log.info("dropped what was kept of the link for a relink")
 
     async def _tell_unlinked(self, link: dict[str, Any]) -> str:
         """Call `Unlink` on whichever of the other site's addresses runs its link."""
@@ -221,10 +248,11 @@ MAX_PAIRING_ADDRESSES = 16
 WILDCARD_HOSTS = frozenset({"", "0.0.0.0", "::", "*"})
 
 
-def _pairing_request(request: dict[str, Any]) -> tuple[uuid.UUID, bytes, bytes, bytes, list[str]]:
-    """(site, CA PEM, nonce, proof, addresses) of a `Pair` call, each checked for its type before
-    use: the caller is not authenticated yet, so anything may come (ValueError names what is
-    wrong)."""
+def _pairing_request(request: dict[str, Any]) -> tuple[uuid.UUID, bytes, bytes, bytes, list[str], bool]:
+    """(site, CA PEM, nonce, proof, addresses, kept) of a `Pair` call, each checked for its type
+    before use: the caller is not authenticated yet, so anything may come (ValueError names
+    what is wrong). `kept`: the caller kept its tables from a link with this site (absent: an
+    older build, which never does)."""
     def text(key: str) -> str:
         value = request.get(key)
         if not isinstance(value, str):
@@ -238,8 +266,11 @@ def _pairing_request(request: dict[str, Any]) -> tuple[uuid.UUID, bytes, bytes, 
         raise ValueError(f"more than {MAX_PAIRING_ADDRESSES} addresses")
     for address in addresses:
         split_host_port(address)  # ValueError: not host:port
+    kept = request.get("kept", False)
+    if not isinstance(kept, bool):
+        raise ValueError("'kept' is not a boolean")
     return (uuid.UUID(text("site")), text("ca_pem").encode(), bytes.fromhex(text("nonce")),
-            bytes.fromhex(text("proof")), addresses)
+            bytes.fromhex(text("proof")), addresses, kept)
 
 
 def _pairing_address(address: str) -> str:

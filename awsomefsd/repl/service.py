@@ -158,8 +158,9 @@ class SiteService(Pairing, Receiver, Shipper, Control):
         async def join(body: dict[str, Any]) -> dict[str, Any]:
             return await self.join(str(body.get("token", "")))
 
-        async def unlink(_body: dict[str, Any]) -> dict[str, Any]:
-            return {"untold": await self.unlink()}
+        async def unlink(body: dict[str, Any]) -> dict[str, Any]:
+            was_linked = self.meta.site_link() is not None
+            return {"untold": await self.unlink(forget=body.get("forget") is True), "was_linked": was_linked}
 
         async def status(_body: dict[str, Any]) -> dict[str, Any]:
             return self.status()

@@ -240,7 +240,7 @@ def test_each_site_keeps_its_own_volume_of_a_name_both_made(tmp_path: Path) -> N
     assert len(volume_entries(a)) == len(volume_entries(b)) == 2
 
 
-def test_unlinking_releases_a_deleted_volumes_files(tmp_path: Path) -> None:
+def test_forgetting_an_unlinked_site_releases_a_deleted_volumes_files(tmp_path: Path) -> None:
     a, _b = linked_pair(tmp_path)
     vol = make_volume(a, "v")
     d = a.new_ino()
@@ -250,7 +250,9 @@ def test_unlinking_releases_a_deleted_volumes_files(tmp_path: Path) -> None:
     a.apply(c.DeleteVolume(vol, a.tick()))
     assert unreachable_inodes(a) != [], "kept while the other site may still write there"
     a.apply(c.UnlinkSite(a.tick()))
-    assert unreachable_inodes(a) == [], "nothing keeps them once unlinked: all go to the purge"
+    assert unreachable_inodes(a) != [], "kept for a relink: the other site may still have written there"
+    a.apply(c.UnlinkSite(a.tick()))  # `site unlink --forget`
+    assert unreachable_inodes(a) == [], "nothing keeps them once forgotten: all go to the purge"
 
 
 def test_a_peer_may_not_move_a_plain_directory_into_the_volumes_container(tmp_path: Path) -> None:

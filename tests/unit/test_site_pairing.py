@@ -21,21 +21,24 @@ GOOD = {"site": str(uuid.uuid4()), "ca_pem": "-----BEGIN CERTIFICATE-----", "non
 
 
 @settings(max_examples=150, deadline=None)
-@given(st.dictionaries(st.sampled_from(sorted(GOOD)), JSON, max_size=5), st.booleans())
+@given(st.dictionaries(st.sampled_from([*sorted(GOOD), "kept"]), JSON, max_size=5), st.booleans())
 def test_any_pairing_request_is_read_or_refused_as_malformed_never_anything_else(
         fields: dict[str, Any], over_good: bool) -> None:
     request = {**GOOD, **fields} if over_good else fields
     try:
-        peer, ca_pem, nonce, proof, addresses = _pairing_request(request)
+        peer, ca_pem, nonce, proof, addresses, kept = _pairing_request(request)
     except ValueError:
         return  # INVALID_ARGUMENT for the caller
+    assert isinstance(kept, bool)
     assert isinstance(peer, uuid.UUID) and isinstance(ca_pem, bytes) and isinstance(nonce, bytes)
     assert isinstance(proof, bytes) and all(isinstance(a, str) for a in addresses) and len(addresses) <= 16
 
 
 def test_a_well_formed_request_is_read() -> None:
-    peer, _, nonce, _, addresses = _pairing_request(GOOD)
+    peer, _, nonce, _, addresses, kept = _pairing_request(GOOD)
     assert str(peer) == GOOD["site"] and nonce == b"\x00\xff" and addresses == GOOD["addresses"]
+    assert not kept, "an older build's request (no `kept`) keeps nothing: a first link"
+    assert _pairing_request({**GOOD, "kept": True})[5] is True
 
 
 def _pairing(listen: str, advertise: list[str]) -> Pairing:

@@ -99,7 +99,7 @@ class SiteCapture(SiteView):
 
     def _capture_new(self, txn: lmdb.Transaction[bytes], parent: int, name: bytes,
                      inode: Inode, now_ns: int) -> None:
-        obj = o.global_id(self.site(txn), inode.ino)
+        obj = self._fresh_object_id(txn, inode.ino)
         self._set_ids(txn, inode.ino, obj)
         stamp = self._tick(txn, now_ns)
         target = self.ns.symlink_target(txn, inode.ino) if stat.S_ISLNK(inode.mode) else b""
@@ -192,7 +192,7 @@ class SiteCapture(SiteView):
         is judged by the edit-against-delete rule and kept in /.conflicts. False: the volume does
         not ship, and the caller tears it down at once."""
         record = self._sm.volumes.get(txn, cmd.volume)
-        if self.peer(txn) is None or record is None or record["kind"] != "volume":
+        if (self.peer(txn) is None and self.kept_peer(txn) is None) or record is None or record["kind"] != "volume":
             return False
         root_ino = record["root"]
         obj = self.object_of(txn, root_ino)
@@ -228,7 +228,9 @@ class SiteCapture(SiteView):
             self._seed_entry(txn, ino, name, inode, now_ns)
 
     def _seed_entry(self, txn: lmdb.Transaction[bytes], parent: int, name: bytes, inode: Inode,
-                    now_ns: int) -> None:
+                    now_ns: int, *, below: bool = True) -> None:
+        """Capture one entry as the initial sync does; a directory new to the peer with what is
+        below it, unless `below` is False (a relink walks it itself: relink.py)."""
         known = self.object_of(txn, inode.ino)
         if known is None:
             self._capture_new(txn, parent, name, inode, now_ns)
@@ -241,7 +243,7 @@ class SiteCapture(SiteView):
                 self._ship(txn, o.XattrSet(stamp, obj, key[8:], value, self._seen(txn)))
             if inode.is_reg and inode.size:
                 self._capture_content(txn, inode, now_ns)
-            if inode.is_dir:
+            if inode.is_dir and below:
                 self._seed(txn, inode.ino, self.object_of(txn, inode.ino) or b"", now_ns)
         else:  # a second name of a file seen already
             self._local_move(txn, self._new_entry(txn), parent, name, known, now_ns)

@@ -184,8 +184,11 @@ class SiteForget(SiteView):
 
     # -- what the tree keeps ---------------------------------------------------------------------
     def keeps(self, txn: lmdb.Transaction[bytes], ino: int) -> bool:
-        """Does the replicated tree keep this inode after its last name went (it may come back)?"""
-        return self.peer(txn) is not None and txn.get(u64(ino), db=self.db["sinos"]) is not None
+        """Does the replicated tree keep this inode after its last name went (it may come back)?
+        Also while unlinked with the tables kept for a relink (relink.py): the peer may still
+        bring it back, and its content must be there to show."""
+        return (self.peer(txn) is not None or self.kept_peer(txn) is not None) \
+            and txn.get(u64(ino), db=self.db["sinos"]) is not None
 
     def kept_inodes(self, txn: lmdb.Transaction[bytes]) -> list[int]:
         """The inodes of objects with an entry in the tree's TRASH (kept in case it comes back)."""

@@ -1,7 +1,8 @@
 """The link with the peer, and `SiteTables`: every job of the package, as the state machine uses it.
 
-Linking starts capture (with an initial sync of what exists), unlinking stops it and drops the
-outbox, the cursors and the tree; what the link service reads to ship, to take in and to report
+Linking starts capture (with an initial sync of what exists, or, linking again the site the
+tables were kept for, what changed since: relink.py), unlinking stops it and keeps the tables
+for a relink (unlinking again, or linking another site, drops them); what the link service reads to ship, to take in and to report
 (the outbox, a content version's bytes, the cursors) is read here.
 
 Apart because `SiteTables` is the one class the rest of meta names (the state machine builds it
@@ -22,36 +23,44 @@ from awsomefsd.crdt.hlc import Stamp
 from awsomefsd.crdt.tree import ROOT
 from awsomefsd.meta import commands as c
 from awsomefsd.meta.errors import FsError
-from awsomefsd.meta.records import ROOT_INO, u64
+from awsomefsd.meta.records import ROOT_INO, read_u64, u64
 from awsomefsd.meta.sites.apply import SiteApply
-from awsomefsd.meta.sites.capture import SiteCapture
 from awsomefsd.meta.sites.forget import SiteForget
+from awsomefsd.meta.sites.relink import SiteRelink
 from awsomefsd.meta.sites.resolve import SiteResolve
-from awsomefsd.meta.sites.tables import CONTENT, SITE_TABLES, scan_from
+from awsomefsd.meta.sites.tables import CONTENT, SITE_TABLES, scan, scan_from
 
 
-class SiteTables(SiteCapture, SiteApply, SiteForget, SiteResolve):
+class SiteTables(SiteRelink, SiteApply, SiteForget, SiteResolve):
     """The site tables' semantics; the state machine calls in (`record`, `apply_remote`, ...)."""
 
     def link(self, txn: lmdb.Transaction[bytes], cmd: c.LinkSite) -> int:
         """Pair with `cmd.peer`: from now on every replicated command is captured. What exists
-        already is captured too, as creates from the root down (the initial sync). Returns the
+        already is captured too, as creates from the root down (the initial sync); or, when the
+        tables were kept for a relink to this same peer, only what changed since the unlink
+        (relink.py). Kept for another site, they are dropped first: a first link. Returns the
         number of operations that puts in the outbox."""
         if len(cmd.peer) != 16 or cmd.peer == self.site(txn):
             raise FsError(errno.EINVAL, "a site links to another site's 16-byte id")
         current = self.peer(txn)
         if current is not None:
             raise FsError(errno.EEXIST, f"already linked to site {current.hex()}: unlink it first")
+        kept = self.kept_peer(txn)
+        if kept is not None and kept != cmd.peer:
+            self._forget_kept_link(txn)
         txn.put(b"peer", cmd.peer, db=self.meta)
         txn.put(b"link", json.dumps({"peer": cmd.peer.hex(), "ca_pem": cmd.peer_ca_pem.decode(),
                                      "addresses": list(cmd.peer_addresses), "since_ns": cmd.now_ns}).encode(),
                 db=self.meta)
         before = txn.stat(self.db["soutbox"])["entries"]
-        self._set_ids(txn, ROOT_INO, ROOT)
-        self._seed(txn, ROOT_INO, ROOT, cmd.now_ns)
-        for number, record in self._sm.volumes.all(txn):
-            if record["kind"] == "volume":
-                self._capture_volume(txn, number, record, cmd.now_ns)
+        if kept == cmd.peer:
+            self.relink(txn, cmd.now_ns)
+        else:
+            self._set_ids(txn, ROOT_INO, ROOT)
+            self._seed(txn, ROOT_INO, ROOT, cmd.now_ns)
+            for number, record in self._sm.volumes.all(txn):
+                if record["kind"] == "volume":
+                    self._capture_volume(txn, number, record, cmd.now_ns)
         return int(txn.stat(self.db["soutbox"])["entries"]) - int(before)
 
     def update_link(self, txn: lmdb.Transaction[bytes], cmd: c.UpdateSiteLink) -> None:
@@ -63,17 +72,35 @@ class SiteTables(SiteCapture, SiteApply, SiteForget, SiteResolve):
         txn.put(b"link", json.dumps(info).encode(), db=self.meta)
 
     def unlink(self, txn: lmdb.Transaction[bytes], cmd: c.UnlinkSite) -> None:
-        """Stop capturing; the outbox, the cursors and the tree are dropped (a new link starts over
-        with an initial sync). Objects kept only for the tree are released to the orphan purge."""
-        if self.peer(txn) is None:
+        """Stop capturing and shipping, keeping the tables for a relink to the same site
+        (relink.py). Unlinked already with the tables kept: drop them (`site unlink --forget`)."""
+        peer = self.peer(txn)
+        if peer is not None:
+            self.keep_for_relink(txn, peer)
+        elif self.kept_peer(txn) is not None:
+            self._forget_kept_link(txn)
+        else:
             raise FsError(errno.ENOENT, "not linked to any site")
-        for ino in self.kept_inodes(txn):
+
+    def _forget_kept_link(self, txn: lmdb.Transaction[bytes]) -> None:
+        """The outbox, the cursors, the ids and the tree are dropped (a new link starts over with
+        an initial sync); recorded conflicts stay. Objects kept only for the tree are released
+        to the orphan purge."""
+        # In the tree's TRASH, or (unlinked meanwhile, nothing captured) with no name left.
+        kept = sorted(set(self.kept_inodes(txn)) | {
+            ino for ino in (read_u64(bytes(key)) for key, _ in scan(txn, self.db["sinos"], b""))
+            if (inode := self.ns.get_inode(txn, ino)) is not None and inode.nlink == 0})
+        for ino in kept:
             inode = self.ns.get_inode(txn, ino)
             if inode is not None and inode.is_dir and inode.nlink == 0:
                 self._release_below(txn, ino, [])  # a deleted volume's files: nothing keeps them now
         for name in SITE_TABLES:
             if name not in ("sconflicts",):
                 txn.drop(self.db[name], delete=False)
+        for ino in kept:
+            inode = self.ns.get_inode(txn, ino)
+            if inode is not None and inode.nlink == 0:
+                self._sm.orphan(txn, inode)
 
     def link_info(self, txn: lmdb.Transaction[bytes]) -> dict[str, Any] | None:
         """The peer as LinkSite recorded it: its id, CA certificate and addresses (and, once it

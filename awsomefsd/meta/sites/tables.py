@@ -64,6 +64,14 @@ PATH_MOVE = b"path-move:"
 past `forget` while the node's path leads into TRASH (its own placement, or a directory's above
 it): a file below may lose its last name later and be judged against that path, as the other
 site, which forgets at its own time, judges it (`TableTree.forget_through`)."""
+KEPT_PEER = b"kept_peer"
+"""Key in the `sites` table, while unlinked: the site the tables are kept for (`site unlink`
+keeps the ids, the tree, the registers, the clock and the cursors, so that linking that site
+again re-pairs the same objects: meta/sites/relink.py)."""
+KEPT_MAP = b"kept-map:"
+"""Key prefix in the `sites` table, while unlinked: object -> a hash of the file's content when
+it was unlinked (its size and each block's checksum), which the relink compares to tell a
+content changed meanwhile from one only renamed or chmodded (mtime alone can be set back)."""
 KEPT_COPY = b"kept-copy:"
 """Key prefix in the `sites` table: object + loser stamp of a settled content conflict whose copy
 stays until a later version from the loser's own site supersedes it (`_settle`)."""
@@ -151,6 +159,31 @@ class SiteRecords:
     def _set_ids(self, txn: lmdb.Transaction[bytes], ino: int, obj: bytes) -> None:
         txn.put(obj, u64(ino), db=self.db["sids"])
         txn.put(u64(ino), obj, db=self.db["sinos"])
+
+    def _fresh_object_id(self, txn: lmdb.Transaction[bytes], ino: int) -> bytes:
+        """The global id of an object made here: this site's and its inode number's; unless an
+        older object still holds that id in the tree (the number came again after the inode
+        went: `inode_deleted`), then one of the entries' numbering, which no inode has."""
+        obj = o.global_id(self.site(txn), ino)
+        if self._ino(txn, obj) is not None or any(True for _ in scan(txn, self.db["sobjents"], obj)):
+            return self._new_entry(txn)
+        return obj
+
+    def inode_deleted(self, txn: lmdb.Transaction[bytes], ino: int) -> None:
+        """Inode `ino` is gone for good (purged, or torn down with a volume): an id kept for it
+        goes with it, so that no object id outlives its inode and a number used again later
+        (by a store restored, a repair, a proposer's reservation) never takes an old object's
+        id: on a relink the new inode is a new object, and the old one's entries deletes."""
+        obj = self.object_of(txn, ino)
+        if obj is not None and self._ino(txn, obj) == ino:
+            txn.delete(obj, db=self.db["sids"])
+        if obj is not None:
+            txn.delete(u64(ino), db=self.db["sinos"])
+
+    def kept_peer(self, txn: lmdb.Transaction[bytes]) -> bytes | None:
+        """While unlinked: the site whose link the tables are kept for (None: linked, or nothing kept)."""
+        raw = txn.get(KEPT_PEER, db=self.meta)
+        return None if raw is None else bytes(raw)
 
     def _replicated_dir(self, txn: lmdb.Transaction[bytes], ino: int) -> bool:
         return ino not in (VOLUMES_INO, SNAPSHOTS_INO, CONFLICTS_INO) and self.object_of(txn, ino) is not None
