@@ -464,8 +464,9 @@ class Batch(Command[list[object]]):
 BASE_LOG_LEVEL = 3
 """The level of a cluster that never recorded one: formed by builds before the gate, which decode
 command tags 1-32 (meta/codec.py) in format 3."""
-LOG_LEVEL = 14
-"""The newest commands this build decodes. 14: the other site's edits judged, and deleted
+LOG_LEVEL = 16
+"""The newest commands this build decodes. 16: an unlink keeps a site's tables for a relink, and
+no site id outlives its inode (meta/sites/, RELINK_LEVEL). 14: the other site's edits judged, and deleted
 directories released, alike whatever each site forgot (meta/sites/, SITE_PATHS_LEVEL). 13: MakeTmpfile, LinkTmpfile (open's O_TMPFILE). 12: mkdir has no subdirectory limit (meta/cluster_sm.py,
 UNLIMITED_SUBDIRS_LEVEL). 11: volumes replicate to the other site (a member
 captures CreateVolume, ResizeVolume and DeleteVolume, and applies the other site's `VolumeSet`
@@ -498,6 +499,11 @@ judged against and releases a deleted directory only once nothing below it moved
 local delete of a directory judges the files below it, and a group named like a derived name
 re-derives the names of the group it came from (meta/sites/; no command of its own: what every
 replica keeps and shows changes, so all must do alike)."""
+RELINK_LEVEL = 16
+"""From this level on, `UnlinkSite` keeps the site tables for a relink to the same site (a second
+one, or a link to another site, drops them), a purged inode's site id goes with it, and a new
+object whose id an older one still holds gets a fresh one (meta/sites/relink.py; no command of
+its own: what every replica keeps changes, so all must do alike)."""
 
 
 def level_of(command: type) -> int:

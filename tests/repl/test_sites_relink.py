@@ -348,3 +348,22 @@ def test_nothing_kept_grows_while_unlinked(tmp_path: Path) -> None:
             except FsError:
                 pass
     assert rows(a) <= before
+
+
+@pytest.mark.parametrize("level", [c.RELINK_LEVEL - 1, c.RELINK_LEVEL])
+def test_a_cluster_keeps_its_tables_at_an_unlink_only_once_every_member_does(tmp_path: Path, level: int) -> None:
+    """Members on an older build drop the site tables at an unlink and keep every purged inode's
+    id: until every member runs this build (the cluster's log level, RELINK_LEVEL), none keeps
+    them, so the replicas of one site hold the same rows. Below the level an unlink is the old
+    one: nothing is kept, and a link again is a first link."""
+    a, b = linked_pair(tmp_path)
+    with b.store.env.begin(write=True) as txn:  # b is a cluster at `level`
+        txn.put(b"ca_cert", b"-", db=b.store.db["meta"])
+        txn.put(b"log_level", level.to_bytes(8, "big"), db=b.store.db["meta"])
+    b.apply(c.Mknod(ROOT_INO, b"f", b.new_ino(), stat.S_IFREG | 0o644, 0, 0, b.tick()))
+    settle(a, b)
+    b.apply(c.UnlinkSite(b.tick()))
+    kept = b.read(b.sm.sites.kept_peer)
+    assert kept == (a.id if level >= c.RELINK_LEVEL else None)
+    ids = b.read(lambda txn: txn.stat(b.store.db["sids"])["entries"])
+    assert (ids > 0) == (level >= c.RELINK_LEVEL)

@@ -75,12 +75,30 @@ class SiteTables(SiteRelink, SiteApply, SiteForget, SiteResolve):
         """Stop capturing and shipping, keeping the tables for a relink to the same site
         (relink.py). Unlinked already with the tables kept: drop them (`site unlink --forget`)."""
         peer = self.peer(txn)
-        if peer is not None:
+        if peer is not None and not self.at_level(txn, c.RELINK_LEVEL):
+            self._drop_link(txn)
+        elif peer is not None:
             self.keep_for_relink(txn, peer)
         elif self.kept_peer(txn) is not None:
             self._forget_kept_link(txn)
         else:
             raise FsError(errno.ENOENT, "not linked to any site")
+
+    def _drop_link(self, txn: lmdb.Transaction[bytes]) -> None:
+        """An unlink below `c.RELINK_LEVEL`, as the builds before relinking did it (a cluster's
+        members must all do alike): the tables go at once; the inodes the tree kept after their
+        last name went become orphans."""
+        kept = [inode for ino in self.kept_inodes(txn)
+                if (inode := self.ns.get_inode(txn, ino)) is not None and inode.nlink == 0]
+        for ino in self.kept_inodes(txn):
+            inode = self.ns.get_inode(txn, ino)
+            if inode is not None and inode.is_dir and inode.nlink == 0:
+                self._release_below(txn, ino, [])  # a deleted volume's files: nothing keeps them now
+        for name in SITE_TABLES:
+            if name not in ("sconflicts",):
+                txn.drop(self.db[name], delete=False)
+        for inode in kept:
+            self._sm.orphan(txn, inode)
 
     def _forget_kept_link(self, txn: lmdb.Transaction[bytes]) -> None:
         """The outbox, the cursors, the ids and the tree are dropped (a new link starts over with

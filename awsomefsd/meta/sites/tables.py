@@ -22,6 +22,7 @@ from awsomefsd.crdt import ops as o
 from awsomefsd.crdt.hlc import MAX_LOGICAL, PACKED_BYTES, Stamp
 from awsomefsd.crdt.register import Version
 from awsomefsd.crdt.tree import Placement
+from awsomefsd.meta import commands as c
 from awsomefsd.meta.records import CONFLICTS_INO, SNAPSHOTS_INO, VOLUMES_INO, Applied, read_u64, u64
 
 if TYPE_CHECKING:
@@ -160,11 +161,20 @@ class SiteRecords:
         txn.put(obj, u64(ino), db=self.db["sids"])
         txn.put(u64(ino), obj, db=self.db["sinos"])
 
+    def at_level(self, txn: lmdb.Transaction[bytes], level: int) -> bool:
+        """Does this site follow the rules of log level `level` (meta/commands.py)? A single node
+        always does; a cluster only once every member's build does: replicas that kept different
+        rows would judge, ship and release differently."""
+        cluster = self._sm.cluster
+        return not cluster.initialised(txn) or (cluster.log_level(txn) or c.BASE_LOG_LEVEL) >= level
+
     def _fresh_object_id(self, txn: lmdb.Transaction[bytes], ino: int) -> bytes:
         """The global id of an object made here: this site's and its inode number's; unless an
         older object still holds that id in the tree (the number came again after the inode
         went: `inode_deleted`), then one of the entries' numbering, which no inode has."""
         obj = o.global_id(self.site(txn), ino)
+        if not self.at_level(txn, c.RELINK_LEVEL):
+            return obj
         if self._ino(txn, obj) is not None or any(True for _ in scan(txn, self.db["sobjents"], obj)):
             return self._new_entry(txn)
         return obj
@@ -174,6 +184,8 @@ class SiteRecords:
         goes with it, so that no object id outlives its inode and a number used again later
         (by a store restored, a repair, a proposer's reservation) never takes an old object's
         id: on a relink the new inode is a new object, and the old one's entries deletes."""
+        if not self.at_level(txn, c.RELINK_LEVEL):
+            return
         obj = self.object_of(txn, ino)
         if obj is not None and self._ino(txn, obj) == ino:
             txn.delete(obj, db=self.db["sids"])

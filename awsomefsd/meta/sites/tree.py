@@ -160,8 +160,7 @@ class SiteTree(SiteRecords):
         kept past `forget`, a local directory delete's files judged, a deleted directory released
         only once nothing below it moved in later)? On a cluster only once every member's build
         does: replicas that kept different rows would judge, and release, differently."""
-        cluster = self._sm.cluster
-        return not cluster.initialised(txn) or (cluster.log_level(txn) or c.BASE_LOG_LEVEL) >= c.SITE_PATHS_LEVEL
+        return self.at_level(txn, c.SITE_PATHS_LEVEL)
 
     def keep_path_move(self, txn: lmdb.Transaction[bytes], move: Move) -> None:
         """The log forgets `move`. If it is where its node is placed now and the node's path leads
