@@ -31,6 +31,7 @@ from awsomefsd.fuse.kernel.session import (
     ProtocolError,
     Session,
 )
+from awsomefsd.meta.errors import FsError
 
 KERNEL_FLAGS = (1 << 31) - 1  # a kernel that offers every capability
 UID, GID, PID = 1000, 1000, 4242
@@ -293,6 +294,60 @@ async def test_a_read_waits_for_the_writes_to_its_file_that_arrived_before_it() 
         release.set()
         nursery.cancel_scope.cancel()
     os.close(fd)
+
+
+async def test_requests_the_reader_serves_itself_are_answered_and_observed_as_tasks_are() -> None:
+    """The reader answers the requests it serves itself (`inline`, `inline_when`) by a path of its
+    own: the same requests on a session that gives each a task must get the same answers and the
+    same latency observations (name and errno), bad and failing ones included."""
+
+    async def getattr_(h: Header, body: Body) -> Payload:
+        if h.nodeid == 13:
+            raise FsError(errno.ESTALE)
+        if h.nodeid == 14:
+            raise RuntimeError("a bug")  # EIO, logged
+        return struct.pack("<Q", h.nodeid)
+
+    async def mknod(h: Header, body: Body) -> Payload:
+        body.take(abi.MKNOD_IN)
+        return [b"entry:", body.name()]  # a list payload: its parts in order
+
+    async def forget(h: Header, body: Body) -> Payload:
+        return NO_REPLY
+
+    async def flush(h: Header, body: Body) -> Payload:
+        return None
+
+    async def run(inline: frozenset[int]) -> tuple[list[tuple[int, bytes]], list[tuple[str, int]]]:
+        kernel, fd = pair()
+        seen: list[tuple[str, int]] = []
+        session = Session(fd, {Op.GETATTR: getattr_, Op.MKNOD: mknod, Op.FORGET: forget, Op.FLUSH: flush},
+                          inline=inline, inline_when={Op.FLUSH: lambda data: True} if inline else None,
+                          observe=lambda op, _seconds, err: seen.append((op, err)))
+        answers = []
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(session.serve)
+            await kernel.init()
+            seen.clear()
+            kernel.send(Op.FORGET, 12, abi.U64.pack(1))
+            for request in ((Op.GETATTR, 7, b""), (Op.GETATTR, 13, b""), (Op.GETATTR, 14, b""),
+                            (Op.MKNOD, 1, abi.MKNOD_IN.pack(0o644, 0, 0, 0) + b"f\0"),
+                            (Op.MKNOD, 1, abi.MKNOD_IN.pack(0o644, 0, 0, 0) + b"no nul"),
+                            (Op.FLUSH, 3, abi.FLUSH_IN.pack(1, 0, 0, 0))):
+                answers.append(await kernel.call(*request))
+            assert kernel.nothing_pending()  # FORGET got no answer
+            nursery.cancel_scope.cancel()
+        os.close(fd)
+        kernel.sock.close()
+        return answers, seen
+
+    by_task = await run(frozenset())
+    inline = await run(frozenset({Op.GETATTR, Op.MKNOD, Op.FORGET}))
+    assert inline == by_task
+    assert by_task[0] == [(0, struct.pack("<Q", 7)), (errno.ESTALE, b""), (errno.EIO, b""), (0, b"entry:f"),
+                          (errno.EINVAL, b""), (0, b"")]
+    assert by_task[1] == [("getattr", 0), ("getattr", errno.ESTALE), ("getattr", errno.EIO), ("mknod", 0),
+                          ("mknod", errno.EINVAL), ("flush", 0)]
 
 
 async def test_the_session_ends_when_the_kernel_goes_away() -> None:
