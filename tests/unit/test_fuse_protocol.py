@@ -475,3 +475,24 @@ async def test_files_made_read_and_listed_through_the_protocol(fs: FakeKernel, c
     error, out = await fs.call(Op.STATFS, abi.ROOT_ID)
     blocks, bfree, _bavail, _files, _ffree, bsize, namelen, _frsize, _ = abi.STATFS_OUT.unpack(out)
     assert error == 0 and bsize == 4096 and namelen == 255 and 0 < bfree <= blocks
+
+
+async def test_an_unlinked_file_goes_with_its_last_handle(fs: FakeKernel, core: Core) -> None:
+    """Unlink deletes a closed file at once (its kernel reference alone keeps nothing); an open
+    one stays readable, an orphan, until its handle is released, and then goes too."""
+    for name, open_at_unlink in ((b"closed", False), (b"open", True)):
+        body = abi.CREATE_IN.pack(os.O_RDWR | os.O_CREAT, 0o100644, 0o022, 0) + name + b"\0"
+        error, out = await fs.call(Op.CREATE, abi.ROOT_ID, body)
+        assert error == 0
+        ino = entry_ino(out)
+        fh = abi.OPEN_OUT.unpack_from(out, abi.ENTRY_OUT.size + abi.ATTR.size)[0]
+        assert (await fs.call(Op.WRITE, ino, abi.WRITE_IN.pack(fh, 0, 5, 0, 0, 0, 0) + b"bytes"))[0] == 0
+        assert (await fs.call(Op.FLUSH, ino, abi.FLUSH_IN.pack(fh, 0, 0, 0)))[0] == 0
+        if not open_at_unlink:
+            assert (await fs.call(Op.RELEASE, ino, abi.RELEASE_IN.pack(fh, 0, 0, 0)))[0] == 0
+        assert (await fs.call(Op.UNLINK, abi.ROOT_ID, name + b"\0"))[0] == 0
+        if open_at_unlink:
+            assert core.meta.inode(ino) is not None and core.meta.orphan(ino) is not None
+            assert await fs.call(Op.READ, ino, abi.READ_IN.pack(fh, 0, 4096, 0, 0, 0, 0)) == (0, b"bytes")
+            assert (await fs.call(Op.RELEASE, ino, abi.RELEASE_IN.pack(fh, 0, 0, 0)))[0] == 0
+        assert core.meta.inode(ino) is None and core.meta.orphan(ino) is None, name
