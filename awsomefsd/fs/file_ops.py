@@ -122,7 +122,8 @@ class FileOperations(OperationsBase):
     async def _flush_reporting(self, h: Handle) -> None:
         """Flush the file; a write error or a loss is reported to this descriptor once."""
         try:
-            await self.data.flush(h.ino)
+            if self.data.has_buffered(h.ino):  # else nothing to write (most closes of files just read)
+                await self.data.flush(h.ino)
         except FsError:
             h.seen_loss = self.data.losses  # this error is the report of the loss it recorded
             raise

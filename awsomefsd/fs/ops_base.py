@@ -115,6 +115,8 @@ class OperationsBase:
         """
         if not self.handles.may_purge and not evicted:
             return  # a crash before this process: unknown handles may still reach it
+        if self.meta.orphan(ino) is None:  # the common case (a close, a file with other names): one read
+            return
         if self.handles.is_open(ino):
             return
         inode = self.meta.inode(ino)
@@ -122,7 +124,7 @@ class OperationsBase:
             return
         # Only an orphan: an unnamed inode another site's move may still bring back is kept
         # (meta/sites/forget.py) and is no orphan.
-        if inode is not None and inode.nlink == 0 and self.meta.orphan(ino) is not None:
+        if inode is not None and inode.nlink == 0:
             self.data.forget(ino)
             if self.coherence is not None:
                 self.coherence.release_orphan(ino)  # other nodes may still hold it open
@@ -164,6 +166,8 @@ class OperationsBase:
         it may take, one per refusal. `inside()`: locks held around each proposal, taken after
         the delegations (a hand-over of this node's own write lease flushes the file under its
         buffer lock)."""
+        if self.coherence is None and inside is nullcontext:  # one node: nothing is delegated
+            return await self.meta.propose(command)
         taken: set[int] = set()
         while True:
             held = nullcontext() if self.coherence is None or not taken else self.coherence.taking(taken)

@@ -87,7 +87,7 @@ def crash_under(rig: Rig, daemon: Daemon, env: dict[str, str], script: str, *arg
     assert app.stdin is not None
     app.stdin.write("\n")
     app.stdin.flush()
-    assert app.wait(60) == 0, lines.lines
+    assert lines.wait(60) == 0, lines.lines  # every line read, the last one too
     return following, lines.lines[-1].split(" ", 1)[1].rsplit(" ", 2)
 
 

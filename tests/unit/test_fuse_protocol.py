@@ -31,6 +31,7 @@ from awsomefsd.fuse.kernel.session import (
     ProtocolError,
     Session,
 )
+from awsomefsd.meta.errors import FsError
 
 KERNEL_FLAGS = (1 << 31) - 1  # a kernel that offers every capability
 UID, GID, PID = 1000, 1000, 4242
@@ -302,6 +303,60 @@ async def test_a_read_waits_for_the_writes_to_its_file_that_arrived_before_it(fa
     os.close(fd)
 
 
+async def test_requests_the_reader_serves_itself_are_answered_and_observed_as_tasks_are() -> None:
+    """The reader answers the requests it serves itself (`inline`, `inline_when`) by a path of its
+    own: the same requests on a session that gives each a task must get the same answers and the
+    same latency observations (name and errno), bad and failing ones included."""
+
+    async def getattr_(h: Header, body: Body) -> Payload:
+        if h.nodeid == 13:
+            raise FsError(errno.ESTALE)
+        if h.nodeid == 14:
+            raise RuntimeError("a bug")  # EIO, logged
+        return struct.pack("<Q", h.nodeid)
+
+    async def mknod(h: Header, body: Body) -> Payload:
+        body.take(abi.MKNOD_IN)
+        return [b"entry:", body.name()]  # a list payload: its parts in order
+
+    async def forget(h: Header, body: Body) -> Payload:
+        return NO_REPLY
+
+    async def flush(h: Header, body: Body) -> Payload:
+        return None
+
+    async def run(inline: frozenset[int]) -> tuple[list[tuple[int, bytes]], list[tuple[str, int]]]:
+        kernel, fd = pair()
+        seen: list[tuple[str, int]] = []
+        session = Session(fd, {Op.GETATTR: getattr_, Op.MKNOD: mknod, Op.FORGET: forget, Op.FLUSH: flush},
+                          inline=inline, inline_when={Op.FLUSH: lambda data: True} if inline else None,
+                          observe=lambda op, _seconds, err: seen.append((op, err)))
+        answers = []
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(session.serve)
+            await kernel.init()
+            seen.clear()
+            kernel.send(Op.FORGET, 12, abi.U64.pack(1))
+            for request in ((Op.GETATTR, 7, b""), (Op.GETATTR, 13, b""), (Op.GETATTR, 14, b""),
+                            (Op.MKNOD, 1, abi.MKNOD_IN.pack(0o644, 0, 0, 0) + b"f\0"),
+                            (Op.MKNOD, 1, abi.MKNOD_IN.pack(0o644, 0, 0, 0) + b"no nul"),
+                            (Op.FLUSH, 3, abi.FLUSH_IN.pack(1, 0, 0, 0))):
+                answers.append(await kernel.call(*request))
+            assert kernel.nothing_pending()  # FORGET got no answer
+            nursery.cancel_scope.cancel()
+        os.close(fd)
+        kernel.sock.close()
+        return answers, seen
+
+    by_task = await run(frozenset())
+    inline = await run(frozenset({Op.GETATTR, Op.MKNOD, Op.FORGET}))
+    assert inline == by_task
+    assert by_task[0] == [(0, struct.pack("<Q", 7)), (errno.ESTALE, b""), (errno.EIO, b""), (0, b"entry:f"),
+                          (errno.EINVAL, b""), (0, b"")]
+    assert by_task[1] == [("getattr", 0), ("getattr", errno.ESTALE), ("getattr", errno.EIO), ("mknod", 0),
+                          ("mknod", errno.EINVAL), ("flush", 0)]
+
+
 async def test_the_session_ends_when_the_kernel_goes_away() -> None:
     kernel, fd = pair()
     session = Session(fd, {})
@@ -427,3 +482,24 @@ async def test_files_made_read_and_listed_through_the_protocol(fs: FakeKernel, c
     error, out = await fs.call(Op.STATFS, abi.ROOT_ID)
     blocks, bfree, _bavail, _files, _ffree, bsize, namelen, _frsize, _ = abi.STATFS_OUT.unpack(out)
     assert error == 0 and bsize == 4096 and namelen == 255 and 0 < bfree <= blocks
+
+
+async def test_an_unlinked_file_goes_with_its_last_handle(fs: FakeKernel, core: Core) -> None:
+    """Unlink deletes a closed file at once (its kernel reference alone keeps nothing); an open
+    one stays readable, an orphan, until its handle is released, and then goes too."""
+    for name, open_at_unlink in ((b"closed", False), (b"open", True)):
+        body = abi.CREATE_IN.pack(os.O_RDWR | os.O_CREAT, 0o100644, 0o022, 0) + name + b"\0"
+        error, out = await fs.call(Op.CREATE, abi.ROOT_ID, body)
+        assert error == 0
+        ino = entry_ino(out)
+        fh = abi.OPEN_OUT.unpack_from(out, abi.ENTRY_OUT.size + abi.ATTR.size)[0]
+        assert (await fs.call(Op.WRITE, ino, abi.WRITE_IN.pack(fh, 0, 5, 0, 0, 0, 0) + b"bytes"))[0] == 0
+        assert (await fs.call(Op.FLUSH, ino, abi.FLUSH_IN.pack(fh, 0, 0, 0)))[0] == 0
+        if not open_at_unlink:
+            assert (await fs.call(Op.RELEASE, ino, abi.RELEASE_IN.pack(fh, 0, 0, 0)))[0] == 0
+        assert (await fs.call(Op.UNLINK, abi.ROOT_ID, name + b"\0"))[0] == 0
+        if open_at_unlink:
+            assert core.meta.inode(ino) is not None and core.meta.orphan(ino) is not None
+            assert await fs.call(Op.READ, ino, abi.READ_IN.pack(fh, 0, 4096, 0, 0, 0, 0)) == (0, b"bytes")
+            assert (await fs.call(Op.RELEASE, ino, abi.RELEASE_IN.pack(fh, 0, 0, 0)))[0] == 0
+        assert core.meta.inode(ino) is None and core.meta.orphan(ino) is None, name

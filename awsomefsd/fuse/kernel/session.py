@@ -35,6 +35,7 @@ import trio
 
 from awsomefsd.fuse.kernel import abi, fuse_ring
 from awsomefsd.fuse.kernel.abi import Body, Header, Init, Malformed, Op
+from awsomefsd.fuse.kernel.inflight import ChangesInFlight
 from awsomefsd.meta.errors import FsError
 
 if TYPE_CHECKING:
@@ -51,6 +52,9 @@ MAX_IN_FLIGHT = 256
 MAX_BACKGROUND = 64
 """Asynchronous requests (read-ahead, direct I/O) the kernel keeps in flight to us."""
 READS_PER_CHECKPOINT = 64
+PROBE_EVERY = 1
+"""While requests arrive one at a time, the reader tries a read before waiting for the descriptor
+only every this many requests (`_read_requests`)."""
 INTERRUPTIBLE = frozenset({Op.READLINK, Op.READ, Op.READDIR, Op.GETXATTR, Op.LISTXATTR, Op.STATFS, Op.ACCESS,
                            Op.LSEEK})
 """Requests an INTERRUPT answers at once with EINTR: they change nothing, so the answer their
@@ -117,40 +121,6 @@ class Negotiated:
         return bool(self.flags & flag)
 
 
-class ChangesInFlight:
-    """Per node id, the requests changing its data that the reader has started and not answered.
-
-    A read waits for the changes to its file that arrived before it. The kernel counts on that:
-    a buffered write copies into the page cache and unlocks the pages *before* its WRITE is sent
-    (Linux since 5.10, to avoid a deadlock), so an invalidation in that window (an mtime seen to
-    change, `fadvise(DONTNEED)`, reclaim) lets a reader's READ arrive while the WRITE is in
-    flight. Answered with the bytes from before the write, that READ would fill the page cache
-    with them for good: a read after `write()` returned would see old data. Tasks are scheduled
-    in no particular order (trio shuffles each batch), so arrival order is kept here."""
-
-    def __init__(self) -> None:
-        self._pending: dict[int, list[trio.Event]] = {}
-
-    def begin(self, nodeid: int) -> trio.Event:
-        done = trio.Event()
-        self._pending.setdefault(nodeid, []).append(done)
-        return done
-
-    def end(self, nodeid: int, done: trio.Event) -> None:
-        done.set()
-        pending = self._pending[nodeid]
-        pending.remove(done)
-        if not pending:
-            del self._pending[nodeid]
-
-    def any(self, nodeid: int) -> bool:
-        return nodeid in self._pending
-
-    def before(self, nodeid: int) -> tuple[trio.Event, ...]:
-        """The changes in flight now: what a read arriving now waits for."""
-        return tuple(self._pending.get(nodeid, ()))
-
-
 UringMode = Literal["auto", "on", "off"]
 """"auto": FUSE over io_uring when the kernel offers it; "on": the same, and a kernel that does not
 offer it is refused at INIT; "off": /dev/fuse by read() only."""
@@ -208,6 +178,11 @@ class Session:
         self.requests = 0
         self.malformed = 0
         self.interrupted = 0
+        self._routes: dict[int, tuple[Handler, str, bool, Callable[[bytes], bool] | None]] = {
+            op: (handler, abi.OP_NAMES.get(op, str(op)), op in inline, self.inline_when.get(op))
+            for op, handler in handlers.items() if op in inline or op in self.inline_when}
+        """Per opcode the reader may serve itself: its handler, its name in the metrics, always
+        (`inline`), or when the request's bytes say so (`inline_when`)."""
 
     # -- reading -------------------------------------------------------------------------------
     def _read(self) -> bytes | None:
@@ -365,7 +340,13 @@ class Session:
         return True
 
     async def _read_requests(self, nursery: trio.Nursery) -> None:
+        """Read and serve until unmounted. A request the reader answers itself (`inline`) goes
+        straight to its handler (`_inline`). After an answer the queue is read at once, before
+        waiting for the descriptor: even a client that waits for each answer has often sent its
+        next request by then (it runs on another CPU while the reader finishes the answer).
+        Waiting first, to spare the read that fails, served one request at a time no cheaper."""
         read_since_checkpoint = 0
+        routes = self._routes
         while True:
             while self._running >= self.max_in_flight:
                 self._room = trio.Event()
@@ -379,17 +360,48 @@ class Session:
             except EOFError:
                 return
             header = self._dispatch(nursery, data)
-            if header is not None and header.opcode == Op.READ and self.start_read is not None \
-                    and not self._changes.any(header.nodeid) and self._start_read(nursery, header, data):
-                header = None
             if header is not None:
-                pending = self._start(nursery, header, data, None)
-                if pending is not None:
-                    await pending
+                route = routes.get(header.opcode)
+                if route is not None and (route[2] or (route[3] is not None and route[3](data))):
+                    self.requests += 1
+                    await self._inline(header, data, route[0], route[1])
+                elif header.opcode == Op.READ and self.start_read is not None \
+                        and not self._changes.any(header.nodeid) and self._start_read(nursery, header, data):
+                    pass
+                else:
+                    pending = self._start(nursery, header, data, None)
+                    if pending is not None:
+                        await pending
             read_since_checkpoint += 1
             if read_since_checkpoint >= READS_PER_CHECKPOINT:
                 read_since_checkpoint = 0
                 await trio.lowlevel.checkpoint()
+
+    async def _inline(self, header: Header, data: bytes, handler: Handler, name: str) -> None:
+        """A request the reader serves itself (`inline`, `inline_when`), on /dev/fuse: `_handle`
+        without what only a task needs (waiting for earlier changes, INTERRUPT, the count of
+        requests in flight: the reader reads nothing meanwhile)."""
+        start = time.perf_counter()
+        err = 0
+        payload: Payload = None
+        try:
+            payload = await handler(header, Body(data))
+        except FsError as exc:
+            err = exc.errno
+            if err == errno.EIO and self.report_eio is not None:
+                self.report_eio(name, header, exc)
+        except Malformed as exc:
+            err = errno.EINVAL
+            self.malformed += 1
+            log.warning("FUSE: malformed %s request: %s", name, exc)
+        except Exception:
+            err = errno.EIO
+            log.exception("FUSE %s failed", name)
+        if payload is NO_REPLY:
+            return
+        self._answer(self._write, header.unique, err, payload)
+        if self.observe is not None:
+            self.observe(name, time.perf_counter() - start, err)
 
     def _start(self, nursery: trio.Nursery, header: Header, data: bytes,
                answer: Callable[[list[Any]], None] | None) -> Awaitable[None] | None:
@@ -535,17 +547,24 @@ class Session:
             if self.observe is not None:
                 self.observe(abi.OP_NAMES.get(opcode, str(opcode)), time.perf_counter() - start, errno.EINTR)
             return
-        if err:
-            send([abi.error_reply(header.unique, err)])
-        elif payload is None:
-            send([abi.reply(header.unique)])
-        elif isinstance(payload, list):
-            size = abi.OUT_HEADER.size + sum(len(p) for p in payload)
-            send([abi.OUT_HEADER.pack(size, 0, header.unique), *payload])
-        else:
-            send([abi.OUT_HEADER.pack(abi.OUT_HEADER.size + len(payload), 0, header.unique), payload])
+        self._answer(send, header.unique, err, payload)
         if self.observe is not None:
             self.observe(abi.OP_NAMES.get(opcode, str(opcode)), time.perf_counter() - start, err)
+
+    @staticmethod
+    def _answer(send: Callable[[list[Any]], None], unique: int, err: int, payload: Payload) -> None:
+        """One answer, header and payload in one write (a list payload: its parts in order)."""
+        if err:
+            send([abi.OUT_HEADER.pack(abi.OUT_HEADER.size, -err, unique)])
+        elif payload is None:
+            send([abi.OUT_HEADER.pack(abi.OUT_HEADER.size, 0, unique)])
+        elif type(payload) is list:
+            size = abi.OUT_HEADER.size
+            for part in payload:
+                size += len(part)
+            send([abi.OUT_HEADER.pack(size, 0, unique), *payload])
+        else:
+            send([abi.OUT_HEADER.pack(abi.OUT_HEADER.size + len(payload), 0, unique), payload])
 
     # -- writing -------------------------------------------------------------------------------
     def _write(self, parts: list[bytes | bytearray | memoryview]) -> None:
