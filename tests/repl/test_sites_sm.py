@@ -73,6 +73,9 @@ class Site:
             return fn(txn)
 
     def outbox_after(self, stamp: Stamp | None) -> list[tuple[Stamp, bytes]]:
+        """The outbox after `stamp`, what this site captured folded first (as the node running its
+        link keeps folding it: repl/folding.py)."""
+        self.apply(c.FoldCapture(1 << 20))
         return self.read(lambda txn: self.sm.sites.outbox(txn, stamp, 1 << 20))
 
     def applied_from_peer(self) -> Stamp | None:
