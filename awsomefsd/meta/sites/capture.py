@@ -28,6 +28,7 @@ from typing import Any
 import lmdb
 
 from awsomefsd.crdt import ops as o
+from awsomefsd.crdt.hlc import Stamp
 from awsomefsd.crdt.tree import TRASH, VOLUMES, Move, ReplicatedTree
 from awsomefsd.meta import cluster_commands as cc
 from awsomefsd.meta import commands as c
@@ -42,7 +43,7 @@ from awsomefsd.meta.records import (
     volume_dir_name,
 )
 from awsomefsd.meta.sites import pending as p
-from awsomefsd.meta.sites.tables import ATTRS, CONTENT, EDIT_DELETE, KEPT_COPY, XATTR, scan
+from awsomefsd.meta.sites.tables import ATTRS, CONTENT, EDIT_DELETE, KEPT_COPY, XATTR, Held, scan
 from awsomefsd.meta.sites.tree import Dirty, TableTree
 from awsomefsd.meta.sites.view import SiteView
 
@@ -98,11 +99,23 @@ class SiteCapture(SiteView):
             rows.append((bytes(key), bytes(value)))
             if limit is not None and len(rows) >= limit:
                 break
-        for key, value in rows:
-            txn.delete(key, db=self.meta)
-            self._entries, self._inodes = [], []
-            self._fold_one(txn, p.unpack(value))
-            self._tell_side_effects()
+        if not rows:
+            return 0
+        raw = txn.get(b"clock", db=self.meta)
+        clock = None if raw is None else Stamp.unpack(bytes(raw))
+        held = self._held = Held(clock, self._seen_stamp(txn))
+        try:
+            for key, value in rows:
+                txn.delete(key, db=self.meta)
+                self._entries, self._inodes = [], []
+                self._fold_one(txn, p.unpack(value))
+                self._tell_side_effects()
+        finally:
+            self._held = None
+            if held.clock != clock and held.clock is not None:
+                txn.put(b"clock", held.clock.pack(), db=self.meta)
+            if held.head is not None:
+                txn.put(b"head", held.head.pack(), db=self.meta)
         return len(rows)
 
     def unfolded(self, txn: lmdb.Transaction[bytes], limit: int = 1 << 20) -> int:
