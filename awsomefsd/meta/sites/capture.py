@@ -116,6 +116,8 @@ class SiteCapture(SiteView):
                 txn.put(b"clock", held.clock.pack(), db=self.meta)
             if held.head is not None:
                 txn.put(b"head", held.head.pack(), db=self.meta)
+            if held.next_entry is not None:
+                txn.put(b"next_entry", u64(held.next_entry), db=self.meta)
         return len(rows)
 
     def unfolded(self, txn: lmdb.Transaction[bytes], limit: int = 1 << 20) -> int:
@@ -415,6 +417,7 @@ class SiteCapture(SiteView):
         delete, name) each: recorded in the tree and the outbox, then the name groups they left
         are re-shown, where an entry shown under a conflict name may get its own name back. The
         moved entries show what the command made: each is the newest of its new group."""
+        objs = {node: self._entry_object(txn, node) for node, _parent_ino, _name in moves}
         for node, _parent_ino, _name in moves:
             self._unshow_node(txn, node)
         dirty = Dirty()
@@ -426,10 +429,10 @@ class SiteCapture(SiteView):
             seen = self._seen(txn)
             tree_name = self._tree_name(txn, node, parent_ino, name)
             tree.apply_local(Move(stamp, node, parent, tree_name, seen))
-            self._ship(txn, o.Moved(stamp, node, parent, tree_name, self._entry_object(txn, node), seen))
+            self._ship(txn, o.Moved(stamp, node, parent, tree_name, objs[node], seen))
         for node, parent_ino, name in moves:
             if parent_ino:
-                self._put_entry(txn, node, self._entry_object(txn, node), parent_ino, name)
+                self._put_entry(txn, node, objs[node], parent_ino, name)
                 txn.put(u64(parent_ino) + name, node, db=self.db["snames"])
                 placed = self.placement(txn, node)
                 if placed is not None:  # newest of its group: the name the command gave it is right

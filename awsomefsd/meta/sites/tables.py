@@ -73,12 +73,14 @@ stays until a later version from the loser's own site supersedes it (`_settle`).
 @dataclass(slots=True)
 class Held:
     """While a batch of captures folds (capture.py, `fold`): the clock, what was applied from the
-    peer (`seen`) and the head, kept here and written once at the batch's end. Nothing else
+    peer (`seen`), the head and the next entry number, kept here and written once at the batch's end. Nothing else
     reads or writes them meanwhile, and each was a read and a write per operation."""
 
     clock: Stamp | None
     seen: Stamp | None
     head: Stamp | None = None
+    next_entry: int | None = None
+    """The next entry node's number, once a fold made one."""
 
 
 def site_of_cluster(cluster_id: str) -> bytes:
@@ -169,9 +171,16 @@ class SiteRecords:
         return ino not in (VOLUMES_INO, SNAPSHOTS_INO, CONFLICTS_INO) and self.object_of(txn, ino) is not None
 
     def _new_entry(self, txn: lmdb.Transaction[bytes]) -> bytes:
-        raw = txn.get(b"next_entry", db=self.meta)
-        number = 1 if raw is None else read_u64(raw)
-        txn.put(b"next_entry", u64(number + 1), db=self.meta)
+        held = self._held
+        if held is not None and held.next_entry is not None:
+            number = held.next_entry
+        else:
+            raw = txn.get(b"next_entry", db=self.meta)
+            number = 1 if raw is None else read_u64(raw)
+        if held is not None:
+            held.next_entry = number + 1
+        else:
+            txn.put(b"next_entry", u64(number + 1), db=self.meta)
         return o.global_id(self.site(txn), _ENTRY_BIT | number)
 
     def _put_entry(self, txn: lmdb.Transaction[bytes], node: bytes, obj: bytes, parent_ino: int, name: bytes) -> None:
