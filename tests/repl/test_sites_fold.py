@@ -108,3 +108,18 @@ def test_planted_bug_folding_newest_first_is_caught(tmp_path: Path, monkeypatch:
         return reversed(found) if prefix == PENDING else iter(found)
     monkeypatch.setattr(capture, "scan", newest_first)
     assert any_seed_differs(tmp_path, monkeypatch)
+
+
+@pytest.mark.parametrize("level", [c.FOLD_LEVEL - 1, c.FOLD_LEVEL])
+def test_a_cluster_records_for_a_fold_only_once_every_member_does(tmp_path: Path, level: int) -> None:
+    """A member on an older build captures in the command and cannot decode FoldCapture: until
+    every member runs this build (the cluster's log level, FOLD_LEVEL), every replica captures
+    at once, and the operations are in the outbox when the create commits."""
+    a, _b = linked_pair(tmp_path)
+    with a.store.env.begin(write=True) as txn:  # a is a cluster at `level`
+        txn.put(b"ca_cert", b"-", db=a.store.db["meta"])
+        txn.put(b"log_level", level.to_bytes(8, "big"), db=a.store.db["meta"])
+    a.apply(c.Mknod(ROOT_INO, b"f", a.new_ino(), stat.S_IFREG | 0o644, 0, 0, a.tick()))
+    waiting = a.read(lambda txn: a.sm.sites.unfolded(txn))
+    shipped = a.read(lambda txn: a.sm.sites.outbox(txn, None, 10))
+    assert (waiting, len(shipped)) == ((1, 0) if level >= c.FOLD_LEVEL else (0, 2))
