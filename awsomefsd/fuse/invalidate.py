@@ -217,6 +217,7 @@ RULES: dict[type, Rule] = {
     c.LinkSite: _nothing,
     c.UnlinkSite: _nothing,
     c.ForgetSite: _nothing,
+    c.FoldCapture: _nothing,  # what it folds shows nothing new (meta/sites/capture.py, DEFERRED)
     c.UpdateSiteLink: _nothing,
     c.ApplyRemote: _applied_remote,
     c.ApplyRemoteSharing: _applied_remote,

@@ -346,6 +346,10 @@ class MetaClient:
         """(open conflicts, all conflicts)."""
         return self._sm.sites.conflict_counts(self._view())
 
+    def site_unfolded(self) -> bool:
+        """Does a capture wait for its fold (FoldCapture)?"""
+        return self._sm.sites.unfolded(self._view(), 1) > 0
+
     def site_pending(self, after: Stamp | None) -> int:
         """Operations after the peer's acknowledgement `after`: what it has not applied yet."""
         return self._sm.sites.pending_after(self._view(), after)

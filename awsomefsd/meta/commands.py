@@ -431,6 +431,16 @@ class ForgetSite(Command[int]):
 
 
 @dataclass(frozen=True, slots=True)
+class FoldCapture(Command[int]):
+    """Fold up to `limit` of the linked site's pending captures (meta/sites/pending.py), oldest
+    first, into its replicated tree, registers and outbox; returns how many it folded. Proposed
+    by the node running the link while any are pending (repl/folding.py); every other command
+    but a few folds them all first anyway (meta/sites/capture.py, UNFOLDED)."""
+
+    limit: int
+
+
+@dataclass(frozen=True, slots=True)
 class ResolveConflict(Command[Applied]):
     """An operator resolved the conflict with key `conflict` (meta/sites/resolve.py) keeping the winner,
     the loser or both (crdt/ops.py KEEPS): closed on both sites, the copy kept of the loser
@@ -466,7 +476,8 @@ BASE_LOG_LEVEL = 3
 command tags 1-32 (meta/codec.py) in format 3."""
 LOG_LEVEL = 16
 """The newest commands this build decodes. 16: an unlink keeps a site's tables for a relink, and
-no site id outlives its inode (meta/sites/, RELINK_LEVEL). 14: the other site's edits judged, and deleted
+no site id outlives its inode (meta/sites/, RELINK_LEVEL). 15: FoldCapture (a linked site's creates,
+attributes and content captured later, in batches: meta/sites/, FOLD_LEVEL). 14: the other site's edits judged, and deleted
 directories released, alike whatever each site forgot (meta/sites/, SITE_PATHS_LEVEL). 13: MakeTmpfile, LinkTmpfile (open's O_TMPFILE). 12: mkdir has no subdirectory limit (meta/cluster_sm.py,
 UNLIMITED_SUBDIRS_LEVEL). 11: volumes replicate to the other site (a member
 captures CreateVolume, ResizeVolume and DeleteVolume, and applies the other site's `VolumeSet`
@@ -488,7 +499,7 @@ COMMAND_LEVELS: dict[type, int] = {
     PunchHole: 4, CloneRange: 4, SetLogLevel: 4, Preallocate: 5,
     PlanTierObject: 6, CommitTierObject: 6, AbandonTierObjects: 6, ForgetTierObjects: 6,
     LinkSite: 10, UnlinkSite: 7, ApplyRemote: 7, ForgetSite: 7, ResolveConflict: 8, ApplyRemoteSharing: 9,
-    UpdateSiteLink: 10, MakeTmpfile: 13, LinkTmpfile: 13,
+    UpdateSiteLink: 10, MakeTmpfile: 13, LinkTmpfile: 13, FoldCapture: 15,
 }
 VOLUMES_LEVEL = 11
 """From this level on, a linked cluster ships its volumes (no command of its own: what every
@@ -499,6 +510,12 @@ judged against and releases a deleted directory only once nothing below it moved
 local delete of a directory judges the files below it, and a group named like a derived name
 re-derives the names of the group it came from (meta/sites/; no command of its own: what every
 replica keeps and shows changes, so all must do alike)."""
+
+
+FOLD_LEVEL = 15
+"""From this level on, a linked site records what a create, an attribute change, an extended
+attribute or a content write did and folds it into the replicated state later (FoldCapture),
+instead of capturing it in the command: every replica must record alike."""
 RELINK_LEVEL = 16
 """From this level on, `UnlinkSite` keeps the site tables for a relink to the same site (a second
 one, or a link to another site, drops them), a purged inode's site id goes with it, and a new

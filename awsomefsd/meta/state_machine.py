@@ -39,7 +39,7 @@ from awsomefsd.meta.records import (
     u64,
     xattr_key,
 )
-from awsomefsd.meta.sites.capture import REPLICATED
+from awsomefsd.meta.sites.capture import REPLICATED, UNFOLDED
 from awsomefsd.meta.sites.link import SiteTables
 from awsomefsd.meta.space import SpaceMap
 from awsomefsd.meta.store import FORMAT_VERSION, MetaStore
@@ -121,6 +121,7 @@ class StateMachine:
         on(c.ApplyRemote, lambda txn, cmd: self.sites.apply_remote(txn, cmd))
         on(c.ApplyRemoteSharing, lambda txn, cmd: self.sites.apply_remote(txn, cmd))
         on(c.ForgetSite, lambda txn, cmd: self.sites.forget(txn, cmd))
+        on(c.FoldCapture, lambda txn, cmd: self.sites.fold(txn, max(cmd.limit, 1)))
         on(c.UpdateSiteLink, lambda txn, cmd: self.sites.update_link(txn, cmd))
         on(c.ResolveConflict, lambda txn, cmd: self.sites.resolve(txn, cmd))
         on(c.MakeTmpfile, lambda txn, cmd: make_tmpfile(self, txn, cmd))
@@ -171,6 +172,8 @@ class StateMachine:
         handler = self._handlers.get(type(command))
         if handler is None:
             raise FsError(errno.EINVAL, f"unknown command {type(command).__name__}")
+        if not isinstance(command, UNFOLDED):
+            self.sites.fold(txn)  # every capture pending is made before anything reads the site tables
         result = handler(txn, command)
         if isinstance(command, REPLICATED):
             self.sites.record(txn, command, result)

@@ -37,6 +37,7 @@ from awsomefsd.fs.operations import Operations
 from awsomefsd.meta.client import MetaClient
 from awsomefsd.repl.control import Control
 from awsomefsd.repl.endpoint import LINK_SERVICE, MAX_MESSAGE_BYTES, LinkState
+from awsomefsd.repl.folding import Folding
 from awsomefsd.repl.identity import load_or_create
 from awsomefsd.repl.pairing import PAIRING_SERVICE, Pairing
 from awsomefsd.repl.receiver import Receiver
@@ -50,7 +51,7 @@ LISTEN_RETRY_S = 10.0
 """How often a member looks whether another member linked or unlinked the site."""
 
 
-class SiteService(Pairing, Receiver, Shipper, Control):
+class SiteService(Pairing, Receiver, Shipper, Control, Folding):
     """The link to another site, every job of it on one object: it builds their shared state and
     runs the listeners, the shipper and the expiry of stagings while the site is linked."""
 
@@ -120,6 +121,7 @@ class SiteService(Pairing, Receiver, Shipper, Control):
                     linked.start_soon(self._serve_the_link, peer_ca)
                     linked.start_soon(self._ship_while_running_the_link, link)
                     linked.start_soon(self._expire_staged)
+                    linked.start_soon(self._fold_captures)
                     await self._link_changed(link)
                     linked.cancel_scope.cancel()
                 self.state = LinkState()

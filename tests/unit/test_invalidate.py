@@ -59,6 +59,7 @@ CASES: list[tuple[object, object, list[Target]]] = [
     (c.LinkSite(b"p" * 16, 1), 3, []),
     (c.UnlinkSite(1), None, []),
     (c.ForgetSite(b"s" * 28, 1), 2, []),
+    (c.FoldCapture(4096), 3, []),
     (c.UpdateSiteLink(("a:1",), (), 1), None, []),
     (c.ApplyRemote(b"p" * 16, b"", (), (), (), 1), Applied(1, ((D, b"f"),), (F, D)), [entry(D, b"f"), full(F), full(D)]),
     (c.ApplyRemoteSharing(b"p" * 16, b"", (), (), (), (), (), 1), Applied(0, (), (F,)), [full(F)]),

@@ -6,6 +6,8 @@ replicated (by the site's own Raft group) as the namespace they describe:
 - **Capture** (capture.py): after a replicated command applied, while the site is linked, what it
   did goes to the outbox as operations of the replicated model (crdt/): objects by global ids,
   directory entries as nodes of the replicated tree, each stamped by the site's hybrid clock.
+  A create, an attribute, an xattr or a content write records its facts (pending.py) and is
+  folded in later, in a batch (`FoldCapture`); every other command folds first.
 - **Apply** (apply.py): the peer's operations, in its stamp order. Moves go through the replicated
   tree, and the directory entries its placements imply are made to match (view.py), so what a
   site shows is a function of the moves it applied. Attributes, extended attributes and content

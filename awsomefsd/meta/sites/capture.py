@@ -7,6 +7,15 @@ logical clock; the same changes go into the site's own tree and registers, so th
 concurrent operations meet them. Deleting is a move to the tree's TRASH. Linking captures what
 exists already, from the root down, as creates (the initial sync), volumes included.
 
+A create, an attribute change, an extended attribute or a content write (`DEFERRED`) is not
+captured in its command: its facts are recorded (pending.py) and folded in later, in a batch
+(`fold`): by `FoldCapture`, which the node running the link proposes, and first thing in every
+other command but those that read no site table (`UNFOLDED`). So every stamp, every `seen` and
+every register is what capture at once would have made: nothing that reads or changes the site
+tables runs between a command and its fold. A deferred command whose capture would change a
+directory entry or settle a conflict (a register with a loser, a copy kept, an edit against a
+delete) is captured at once, after a fold.
+
 Apart because it runs inside every local command that changes the replicated namespace
 (`REPLICATED`), and only there.
 """
@@ -19,7 +28,9 @@ from typing import Any
 import lmdb
 
 from awsomefsd.crdt import ops as o
+from awsomefsd.crdt.hlc import Stamp
 from awsomefsd.crdt.tree import TRASH, VOLUMES, Move, ReplicatedTree
+from awsomefsd.meta import cluster_commands as cc
 from awsomefsd.meta import commands as c
 from awsomefsd.meta.records import (
     CONFLICTS_INO,
@@ -27,10 +38,12 @@ from awsomefsd.meta.records import (
     VOLUMES_INO,
     Applied,
     Inode,
+    read_u64,
     u64,
     volume_dir_name,
 )
-from awsomefsd.meta.sites.tables import ATTRS, CONTENT, EDIT_DELETE, XATTR
+from awsomefsd.meta.sites import pending as p
+from awsomefsd.meta.sites.tables import ATTRS, CONTENT, EDIT_DELETE, KEPT_COPY, XATTR, Held, scan
 from awsomefsd.meta.sites.tree import Dirty, TableTree
 from awsomefsd.meta.sites.view import SiteView
 
@@ -38,20 +51,158 @@ REPLICATED = (c.Mknod, c.Link, c.Unlink, c.Rename, c.SetAttr, c.SetXattr, c.Remo
               c.WriteData, c.PunchHole, c.CloneRange, c.CreateVolume, c.ResizeVolume, c.LinkTmpfile)
 """The commands whose effect ships (Preallocate does not: it changes no byte a reader sees;
 DeleteVolume is captured in place of its teardown: `delete_volume`)."""
+DEFERRED = (c.Mknod, c.SetAttr, c.SetXattr, c.RemoveXattr, c.WriteData, c.PunchHole, c.CloneRange)
+"""The commands whose capture waits for a fold (pending.py): none changes a directory entry of
+the tree but a create, whose capture shows nothing (the command made the entry)."""
+UNFOLDED = (*DEFERRED, c.FoldCapture, c.ReserveInodes, c.Preallocate, c.ReclaimFrees, c.Fenced, c.Batch,
+            cc.RenewLease, cc.AcquireWriteLease, cc.ReleaseWriteLease)
+"""The commands the state machine applies without folding first: the deferred ones, FoldCapture
+(which folds as many as it says), those that read no site table, and the containers (each command
+they carry decides for itself). Every other command folds first, whatever it is: a new command
+is safe without a thought."""
 
 
 class SiteCapture(SiteView):
     """Local commands recorded in the tree, the registers and the outbox."""
 
     def record(self, txn: lmdb.Transaction[bytes], cmd: object, result: Any) -> None:
-        """Capture what `cmd` (applied, with `result`) did, if the site is linked."""
-        peer = self.peer(txn)
-        if peer is None:
+        """Capture what `cmd` (applied, with `result`) did, if the site is linked: its facts kept
+        for a fold later when it is `DEFERRED` and may wait, else now."""
+        if self.peer(txn) is None:
             return
+        if isinstance(cmd, DEFERRED) and self.folds_later(txn):
+            facts = self._facts(txn, cmd, result)
+            if facts is not None:
+                self._keep_pending(txn, facts)
+                return
+            self.fold(txn)  # what the command changed the state machine did not fold before it
         self._entries, self._inodes = [], []
         self._capture(txn, cmd, result)
+        self._tell_side_effects()
+
+    def _tell_side_effects(self) -> None:
         if self._entries and self.local_side_effects is not None:
             self.local_side_effects(Applied(0, tuple(self._entries), tuple(self._inodes)))
+
+    # -- captured later (pending.py) ----------------------------------------------------------
+    def folds_later(self, txn: lmdb.Transaction[bytes]) -> bool:
+        """Does this site record deferred captures for a fold (`c.FOLD_LEVEL`)? On a cluster only
+        once every member's build does: a member on an older build captures at once and cannot
+        decode FoldCapture."""
+        return self.at_level(txn, c.FOLD_LEVEL)
+
+    def fold(self, txn: lmdb.Transaction[bytes], limit: int | None = None) -> int:
+        """Capture what the pending records say, oldest first (at most `limit`); returns how many."""
+        rows = []
+        for key, value in scan(txn, self.meta, p.PENDING):
+            rows.append((bytes(key), bytes(value)))
+            if limit is not None and len(rows) >= limit:
+                break
+        if not rows:
+            return 0
+        raw = txn.get(b"clock", db=self.meta)
+        clock = None if raw is None else Stamp.unpack(bytes(raw))
+        held = self._held = Held(clock, self._seen_stamp(txn))
+        try:
+            for key, value in rows:
+                txn.delete(key, db=self.meta)
+                self._entries, self._inodes = [], []
+                self._fold_one(txn, p.unpack(value))
+                self._tell_side_effects()
+        finally:
+            self._held = None
+            if held.clock != clock and held.clock is not None:
+                txn.put(b"clock", held.clock.pack(), db=self.meta)
+            if held.head is not None:
+                txn.put(b"head", held.head.pack(), db=self.meta)
+            if held.next_entry is not None:
+                txn.put(b"next_entry", u64(held.next_entry), db=self.meta)
+        return len(rows)
+
+    def unfolded(self, txn: lmdb.Transaction[bytes], limit: int = 1 << 20) -> int:
+        """How many records wait for a fold (at most `limit`)."""
+        count = 0
+        for _ in scan(txn, self.meta, p.PENDING):
+            count += 1
+            if count >= limit:
+                break
+        return count
+
+    def _keep_pending(self, txn: lmdb.Transaction[bytes], facts: list[bytes]) -> None:
+        cursor = txn.cursor(db=self.meta)
+        number = 0
+        if cursor.last():
+            last = bytes(cursor.key())
+            if last.startswith(p.PENDING):
+                number = read_u64(last, len(p.PENDING)) + 1
+        for fact in facts:
+            txn.put(p.PENDING + u64(number), fact, db=self.meta)
+            number += 1
+
+    def _facts(self, txn: lmdb.Transaction[bytes], cmd: object, result: Any) -> list[bytes] | None:
+        """What a deferred command's capture will need (packed `Facts`), or None when it must be
+        captured now: its capture would settle a conflict (a register holding a loser, a copy
+        kept) or judge an edit against a delete, which change what /.conflicts shows. The rows
+        that decide that change only in commands that fold first: what is true now is true at
+        the fold."""
+        if isinstance(cmd, c.Mknod):
+            inode: Inode = result
+            return [p.pack_new(cmd.parent, inode, cmd.name, cmd.target if stat.S_ISLNK(inode.mode) else b"",
+                               cmd.now_ns)]
+        if isinstance(cmd, (c.SetXattr, c.RemoveXattr)):
+            if not self._waits(txn, cmd.ino, XATTR + cmd.name):
+                return None
+            return [p.pack_xattr(cmd.ino, cmd.name, cmd.value if isinstance(cmd, c.SetXattr) else None, cmd.now_ns)]
+        facts = []
+        if isinstance(cmd, c.SetAttr):
+            inode = result
+            if any(v is not None for v in (cmd.mode, cmd.uid, cmd.gid, cmd.atime_ns, cmd.mtime_ns)):
+                if not self._waits(txn, inode.ino, ATTRS):
+                    return None
+                facts.append(p.pack_attrs(inode, cmd.now_ns))
+            if cmd.size is None:
+                return facts
+        elif isinstance(cmd, c.WriteData):
+            if not cmd.touch:
+                return facts
+            inode = result
+        elif isinstance(cmd, c.PunchHole):
+            inode = result
+        else:
+            assert isinstance(cmd, c.CloneRange), cmd
+            inode = self.ns.require_inode(txn, cmd.dst_ino)
+        if not self._waits(txn, inode.ino, CONTENT):
+            return None
+        facts.append(p.pack_content(inode, cmd.now_ns))
+        return facts
+
+    def _waits(self, txn: lmdb.Transaction[bytes], ino: int, kind: bytes) -> bool:
+        """May a local version of register `kind` of `ino` wait for a fold? Yes unless applying it
+        would do more than replace the register's one version (`_local_version`)."""
+        obj = self.object_of(txn, ino)
+        if obj is None:  # not replicated, or created by a record not folded yet: no register
+            return True
+        raw = txn.get(obj + kind, db=self.db["sregs"])
+        if raw is not None and len(self._decode_versions(bytes(raw))) > 1:
+            return False
+        if kind == CONTENT:
+            if txn.get(EDIT_DELETE + obj, db=self.meta) is not None:
+                return False
+            if any(True for _ in scan(txn, self.meta, KEPT_COPY + obj)):
+                return False
+        return True
+
+    def _fold_one(self, txn: lmdb.Transaction[bytes], f: p.Facts) -> None:
+        if f.kind == p.NEW:
+            if self._replicated_dir(txn, f.parent):
+                inode = Inode(f.ino, f.mode, f.uid, f.gid, 1, 0, f.mtime_ns, f.mtime_ns, f.mtime_ns, rdev=f.rdev)
+                self._capture_new(txn, f.parent, f.name, inode, f.now_ns, target=f.value or b"")
+        elif f.kind == p.ATTRS:
+            self._capture_attrs(txn, Inode(f.ino, f.mode, f.uid, f.gid, 1, 0, f.atime_ns, f.mtime_ns, 0), f.now_ns)
+        elif f.kind == p.CONTENT:
+            self._capture_content(txn, Inode(f.ino, f.mode, f.uid, f.gid, 1, f.size, 0, f.mtime_ns, 0), f.now_ns)
+        else:
+            self._capture_xattr(txn, f.ino, f.name, f.value, f.now_ns)
 
     def _capture(self, txn: lmdb.Transaction[bytes], cmd: object, result: Any) -> None:
         if isinstance(cmd, c.Mknod):
@@ -76,12 +227,7 @@ class SiteCapture(SiteView):
             if cmd.size is not None:
                 self._capture_content(txn, inode, cmd.now_ns)
         elif isinstance(cmd, (c.SetXattr, c.RemoveXattr)):
-            obj = self.object_of(txn, cmd.ino)
-            if obj is not None:
-                value = cmd.value if isinstance(cmd, c.SetXattr) else None
-                stamp = self._tick(txn, cmd.now_ns)
-                self._local_version(txn, obj, XATTR + cmd.name, stamp, None if value is None else value.hex())
-                self._ship(txn, o.XattrSet(stamp, obj, cmd.name, value, self._seen(txn)))
+            self._capture_xattr(txn, cmd.ino, cmd.name, cmd.value if isinstance(cmd, c.SetXattr) else None, cmd.now_ns)
         elif isinstance(cmd, c.WriteData):
             if cmd.touch:  # compaction (touch=False) moves bytes, it changes none
                 self._capture_content(txn, result, cmd.now_ns)
@@ -98,11 +244,13 @@ class SiteCapture(SiteView):
                                             result["capacity"], result["inode_limit"], self._seen(txn)))
 
     def _capture_new(self, txn: lmdb.Transaction[bytes], parent: int, name: bytes,
-                     inode: Inode, now_ns: int) -> None:
+                     inode: Inode, now_ns: int, target: bytes | None = None) -> None:
+        """`target`: a symlink's (read from the namespace when None)."""
         obj = self._fresh_object_id(txn, inode.ino)
         self._set_ids(txn, inode.ino, obj)
         stamp = self._tick(txn, now_ns)
-        target = self.ns.symlink_target(txn, inode.ino) if stat.S_ISLNK(inode.mode) else b""
+        if target is None:
+            target = self.ns.symlink_target(txn, inode.ino) if stat.S_ISLNK(inode.mode) else b""
         self._ship(txn, o.Created(stamp, obj, inode.mode, inode.uid, inode.gid, inode.rdev, target,
                                   inode.mtime_ns, self._seen(txn)))
         node = obj if inode.is_dir else self._new_entry(txn)
@@ -152,6 +300,14 @@ class SiteCapture(SiteView):
         self._local_version(txn, obj, ATTRS, stamp, [mode, inode.uid, inode.gid, inode.atime_ns, inode.mtime_ns])
         self._ship(txn, o.AttrsSet(stamp, obj, mode, inode.uid, inode.gid, inode.atime_ns, inode.mtime_ns,
                                    self._seen(txn)))
+
+    def _capture_xattr(self, txn: lmdb.Transaction[bytes], ino: int, name: bytes, value: bytes | None,
+                       now_ns: int) -> None:
+        obj = self.object_of(txn, ino)
+        if obj is not None:
+            stamp = self._tick(txn, now_ns)
+            self._local_version(txn, obj, XATTR + name, stamp, None if value is None else value.hex())
+            self._ship(txn, o.XattrSet(stamp, obj, name, value, self._seen(txn)))
 
     def _capture_content(self, txn: lmdb.Transaction[bytes], inode: Inode, now_ns: int) -> None:
         obj = self.object_of(txn, inode.ino)
@@ -262,6 +418,7 @@ class SiteCapture(SiteView):
         delete, name) each: recorded in the tree and the outbox, then the name groups they left
         are re-shown, where an entry shown under a conflict name may get its own name back. The
         moved entries show what the command made: each is the newest of its new group."""
+        objs = {node: self._entry_object(txn, node) for node, _parent_ino, _name in moves}
         for node, _parent_ino, _name in moves:
             self._unshow_node(txn, node)
         dirty = Dirty()
@@ -273,10 +430,10 @@ class SiteCapture(SiteView):
             seen = self._seen(txn)
             tree_name = self._tree_name(txn, node, parent_ino, name)
             tree.apply_local(Move(stamp, node, parent, tree_name, seen))
-            self._ship(txn, o.Moved(stamp, node, parent, tree_name, self._entry_object(txn, node), seen))
+            self._ship(txn, o.Moved(stamp, node, parent, tree_name, objs[node], seen))
         for node, parent_ino, name in moves:
             if parent_ino:
-                self._put_entry(txn, node, self._entry_object(txn, node), parent_ino, name)
+                self._put_entry(txn, node, objs[node], parent_ino, name)
                 txn.put(u64(parent_ino) + name, node, db=self.db["snames"])
                 placed = self.placement(txn, node)
                 if placed is not None:  # newest of its group: the name the command gave it is right

@@ -148,8 +148,9 @@ class SiteTables(SiteRelink, SiteApply, SiteForget, SiteResolve):
         return found
 
     def pending_after(self, txn: lmdb.Transaction[bytes], after: Stamp | None, limit: int = 1 << 20) -> int:
-        """How many outbox entries come after `after` (the peer's acknowledgement), at most `limit`."""
-        count = 0
+        """How many outbox entries come after `after` (the peer's acknowledgement), at most `limit`,
+        with the captures not folded yet (each an operation or two to come)."""
+        count = self.unfolded(txn, limit)
         for key, _ in scan_from(txn, self.db["soutbox"], b"" if after is None else after.pack()):
             if after is not None and Stamp.unpack(bytes(key)) <= after:
                 continue
@@ -181,7 +182,10 @@ class SiteTables(SiteRelink, SiteApply, SiteForget, SiteResolve):
     def content_base(self, txn: lmdb.Transaction[bytes], obj: bytes) -> tuple[int, Stamp] | None:
         """The regular file that shows `obj` here and the stamp of the content version it shows
         (the register's winner), or None: what a content version shipped as a delta from that
-        version may reuse (design note 50)."""
+        version may reuse (design note 50). None too while a capture waits for its fold: the file
+        may hold bytes of a write its register does not know yet."""
+        if self.unfolded(txn, 1):
+            return None
         ino = self._ino(txn, obj)
         versions = self._versions(txn, obj + CONTENT)
         inode = None if ino is None else self.ns.get_inode(txn, ino)

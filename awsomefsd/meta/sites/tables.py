@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import lmdb
@@ -78,6 +79,19 @@ KEPT_COPY = b"kept-copy:"
 stays until a later version from the loser's own site supersedes it (`_settle`)."""
 
 
+@dataclass(slots=True)
+class Held:
+    """While a batch of captures folds (capture.py, `fold`): the clock, what was applied from the
+    peer (`seen`), the head and the next entry number, kept here and written once at the batch's end. Nothing else
+    reads or writes them meanwhile, and each was a read and a write per operation."""
+
+    clock: Stamp | None
+    seen: Stamp | None
+    head: Stamp | None = None
+    next_entry: int | None = None
+    """The next entry node's number, once a fold made one."""
+
+
 def site_of_cluster(cluster_id: str) -> bytes:
     """A site's id: its cluster id's 16 bytes."""
     return uuid.UUID(cluster_id).bytes
@@ -94,6 +108,7 @@ class SiteRecords:
         self._site: bytes | None = None
         self._entries: list[tuple[int, bytes]] = []  # touched by the command being applied
         self._inodes: list[int] = []
+        self._held: Held | None = None
         self.local_side_effects: Callable[[Applied], None] | None = None
         """Hears what capturing a local command changed besides the command's own entries: a
         name group shown again (an entry shown under a conflict name gets its name back when the
@@ -201,9 +216,16 @@ class SiteRecords:
         return ino not in (VOLUMES_INO, SNAPSHOTS_INO, CONFLICTS_INO) and self.object_of(txn, ino) is not None
 
     def _new_entry(self, txn: lmdb.Transaction[bytes]) -> bytes:
-        raw = txn.get(b"next_entry", db=self.meta)
-        number = 1 if raw is None else read_u64(raw)
-        txn.put(b"next_entry", u64(number + 1), db=self.meta)
+        held = self._held
+        if held is not None and held.next_entry is not None:
+            number = held.next_entry
+        else:
+            raw = txn.get(b"next_entry", db=self.meta)
+            number = 1 if raw is None else read_u64(raw)
+        if held is not None:
+            held.next_entry = number + 1
+        else:
+            txn.put(b"next_entry", u64(number + 1), db=self.meta)
         return o.global_id(self.site(txn), _ENTRY_BIT | number)
 
     def _put_entry(self, txn: lmdb.Transaction[bytes], node: bytes, obj: bytes, parent_ino: int, name: bytes) -> None:
@@ -231,27 +253,34 @@ class SiteRecords:
         """The next stamp: the command's time unless the clock is ahead (a peer's stamps, a step
         back), then one logical tick past it. From the tables and the command only: every replica
         computes the same."""
-        raw = txn.get(b"clock", db=self.meta)
-        site = self.site(txn)
-        if raw is None:
-            stamp = Stamp(now_ns, 0, site)
+        held = self._held
+        if held is not None:
+            last = held.clock
         else:
-            last = Stamp.unpack(bytes(raw))
-            if now_ns > last.wall_ns:
-                stamp = Stamp(now_ns, 0, site)
-            elif last.logical < MAX_LOGICAL:
-                stamp = Stamp(last.wall_ns, last.logical + 1, site)
-            else:
-                stamp = Stamp(last.wall_ns + 1, 0, site)
-        txn.put(b"clock", stamp.pack(), db=self.meta)
+            raw = txn.get(b"clock", db=self.meta)
+            last = None if raw is None else Stamp.unpack(bytes(raw))
+        site = self.site(txn)
+        if last is None or now_ns > last.wall_ns:
+            stamp = Stamp(now_ns, 0, site)
+        elif last.logical < MAX_LOGICAL:
+            stamp = Stamp(last.wall_ns, last.logical + 1, site)
+        else:
+            stamp = Stamp(last.wall_ns + 1, 0, site)
+        if held is not None:
+            held.clock = stamp
+        else:
+            txn.put(b"clock", stamp.pack(), db=self.meta)
         return stamp
 
     def _observe(self, txn: lmdb.Transaction[bytes], remote: Stamp) -> None:
+        assert self._held is None, "a peer's stamp observed while captures fold"
         raw = txn.get(b"clock", db=self.meta)
         if raw is None or _wall_logical(remote) > _wall_logical(Stamp.unpack(bytes(raw))):
             txn.put(b"clock", Stamp(remote.wall_ns, remote.logical, self.site(txn)).pack(), db=self.meta)
 
     def _seen_stamp(self, txn: lmdb.Transaction[bytes]) -> Stamp | None:
+        if self._held is not None:
+            return self._held.seen
         raw = txn.get(b"seen", db=self.meta)
         return None if raw is None else Stamp.unpack(bytes(raw))
 
@@ -261,7 +290,10 @@ class SiteRecords:
 
     def _ship(self, txn: lmdb.Transaction[bytes], op: o.Operation) -> None:
         txn.put(op.stamp.pack(), o.encode(op), db=self.db["soutbox"])
-        txn.put(b"head", op.stamp.pack(), db=self.meta)
+        if self._held is not None:
+            self._held.head = op.stamp
+        else:
+            txn.put(b"head", op.stamp.pack(), db=self.meta)
 
     # -- register versions ----------------------------------------------------------------------
     def _versions(self, txn: lmdb.Transaction[bytes], key: bytes) -> list[Version[Any]]:
