@@ -71,7 +71,7 @@ def shown_objects(site: Site) -> set[bytes]:
                 if site.sm.ns.require_inode(txn, child).is_dir:
                     pending.append(child)
         return found
-    return site.read(read)
+    return site.folded(read)
 
 
 def assert_converged(a: Site, b: Site, what: str) -> None:
