@@ -56,7 +56,9 @@ FORGET_EVERY_S = 5.0
 MAX_RESTAGES = 3
 """Restage answers in a row a sender takes (the peer restarted and lost what was staged) before
 it calls the link broken: a peer asking for ever would otherwise stall the link without a word."""
-RETRY_MIN_S, RETRY_MAX_S = 0.5, 10.0
+RETRY_MIN_S, RETRY_MAX_S = 0.5, 2.0
+"""Between tries to reach the peer: a link that comes back is found within RETRY_MAX_S (a try
+costs a connection attempt; 10 s made every heal wait up to 10 s before the backlog moved)."""
 ROLE_POLL_S = 0.2
 """How often a member looks whether it runs the link (leads its cluster) now."""
 
@@ -142,19 +144,23 @@ class Shipper(DeltaBases):
         try:  # one failure ends the pushes in flight: it, not their group, is raised
             async with trio.open_nursery() as calls:
                 while True:
-                    while len(window) < self.pushes_in_flight:
+                    # bytes on the way bounded too: a call's time-out counts the bytes ahead of it
+                    while len(window) < self.pushes_in_flight and sum(len(p.request) for p in window) < self.batch_bytes:
                         entries = self.meta.site_outbox(sent_upto, self.batch_operations)
                         if not entries and (window or time.monotonic() - last_push < HEARTBEAT_S):
                             break
-                        push = await self._build(call, sent_upto, entries, {obj for p in window for obj in p.shipped})
+                        ahead = sum(len(p.request) for p in window)
+                        push = await self._build(_behind(call, ahead), sent_upto, entries,
+                                                 {obj for p in window for obj in p.shipped})
                         window.append(push)
-                        await calls.start(_send, call, push)  # sent in order: issued before this goes on
+                        await calls.start(_send, _behind(call, ahead), push)  # issued in order before this goes on
                         sent_upto, last_push = push.last, time.monotonic()
                     if not window:
                         await trio.sleep(IDLE_POLL_S)
                         continue
                     oldest = window[0]
-                    if len(window) < self.pushes_in_flight:  # room for more: look at the outbox again soon
+                    if len(window) < self.pushes_in_flight and \
+                            sum(len(p.request) for p in window) < self.batch_bytes:  # room: look at the outbox soon
                         with trio.move_on_after(IDLE_POLL_S):
                             await oldest.done.wait()
                         if not oldest.done.is_set():
@@ -391,8 +397,17 @@ def _leaves(exc: BaseException) -> list[BaseException]:
     return [exc]
 
 
-def _caller(channel: grpc.Channel) -> Callable[[str, bytes], Awaitable[bytes]]:
-    async def call(method: str, request: bytes) -> bytes:
+def _caller(channel: grpc.Channel) -> Callable[..., Awaitable[bytes]]:
+    """`call(method, request, ahead=0)`: `ahead`, bytes of calls on the way before it, which it
+    waits behind on a slow link (its time-out counts them)."""
+    async def call(method: str, request: bytes, ahead: int = 0) -> bytes:
         return await unary_call(channel, f"/{LINK_SERVICE}/{method}", request,
-                                CALL_TIMEOUT_S + len(request) / SLOWEST_LINK_BYTES_S)
+                                CALL_TIMEOUT_S + (len(request) + ahead) / SLOWEST_LINK_BYTES_S)
     return call
+
+
+def _behind(call: Callable[..., Awaitable[bytes]], ahead: int) -> Callable[[str, bytes], Awaitable[bytes]]:
+    """`call` for requests sent while `ahead` bytes of pushes are on the way before them."""
+    async def later(method: str, request: bytes) -> bytes:
+        return await call(method, request, ahead)
+    return later

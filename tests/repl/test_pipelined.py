@@ -121,10 +121,10 @@ class Wan:
         self.pushes = self.stale = self.connections = 0
         self.rng = random.Random(47)
 
-    def caller(self, _channel: object) -> Callable[[str, bytes], Awaitable[bytes]]:
+    def caller(self, _channel: object) -> Callable[..., Awaitable[bytes]]:
         self.connections += 1
 
-        async def call(method: str, request: bytes) -> bytes:
+        async def call(method: str, request: bytes, ahead: int = 0) -> bytes:
             header, data = wire.unframe(request)
             if method == "Cursor":
                 return wire.frame({"applied": wire.stamp_text(self.service.cursor()), "features": []})
