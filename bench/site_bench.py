@@ -4,6 +4,7 @@ network namespace, the WAN proxy between them with a one-way delay (tests/suppor
 As root (from another user: sudo in front), from the repository root:
 
     .venv/bin/python bench/site_bench.py [--delay-ms 50] [--runs 3] [--members N] [--json F]
+        [--only write,untar,rate,lag,catch_up,delta] [--pushes-in-flight 1,8]
 
 `--members 3`: site a is a cluster of three nodes (its creates go through a member that does not
 run the link, the others' figures through the leader that does), b a single node.
@@ -19,7 +20,17 @@ Figures, medians of `--runs` runs with every run's value beside them:
   the link healed; operations and MiB per second until b has them all;
 - a large file changed in places (delta transfer, design note 50): a `--delta-mib` file written on
   a, then 16 runs of 4 KiB rewritten in it; for each step the seconds until b has it (a marker
-  file made after it, applied after it in stamp order, shows on b) and the bytes a sent.
+  file made after it, applied after it in stamp order, shows on b) and the bytes a sent;
+- untar of a 4,000-file source tree on a unlinked and linked: seconds, and their ratio;
+- the link's rate (issue 47): a backlog of `--drain-files` creates (and `--drain-mib` 1 MiB files)
+  made with the link cut, then healed: operations (MiB) per second from b's first applied one to
+  a's outbox empty. That is the most the link sustains; set beside what a writes (its linked
+  creates/s times the operations a create makes), it is `link_to_write_ratio`. Then the lag of
+  small files written at half that rate (`lag_half_*`; 3 operations a file).
+
+`--pushes-in-flight 1,8` alternates runs between the values of `[site] pushes_in_flight` (1: one
+push at a time, the path before the window), each run on fresh sites, so the old path and the new
+are measured in the same invocation under the same load.
 The delay is the proxy's, one way; the machine's two cores run both sites, the proxy and this
 script, so these figures bound what the replication costs here, not what two real sites see.
 """
@@ -29,7 +40,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -41,8 +54,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO / "bench"), str(REPO)]
 
 from targets import ext4_target  # noqa: E402
+from workloads import ensure_tarball  # noqa: E402
 
-from tests.support.sites import ClusterSite, cluster_and_site, link, two_sites, wait_converged  # noqa: E402
+from tests.support.sites import ClusterSite, Site, cluster_and_site, link, two_sites, wait_converged  # noqa: E402
 
 MIB = 1 << 20
 
@@ -55,21 +69,26 @@ def creates_per_s(directory: Path, count: int) -> float:
     return count / (time.perf_counter() - start)
 
 
-def steady_lag(a: Path, b: Path, seconds: float, creates_per_s: float, mib_per_s: float) -> list[float]:
-    """Lags in seconds of every file written on `a` at the given pace, as seen on `b`."""
+def steady_lag(a: Path, b: Path, seconds: float, creates_per_s: float, mib_per_s: float) -> tuple[list[float], float]:
+    """Lags in seconds of every file written on `a` at the given pace, as seen on `b`, and the
+    pace reached (files a second: one writer may fall short of the pace asked)."""
     written: dict[str, tuple[float, int]] = {}
+    order: list[str] = []
+    """The names written, in order (appended after `written`)."""
     seen: dict[str, float] = {}
     done = threading.Event()
 
     def watch() -> None:
+        # b applies a's operations in a's order: only the first files not seen yet need a look
+        # (a look at every file not seen took the writer's share of the interpreter under load)
         while not done.is_set() or len(seen) < len(written):
-            for name, (_t, size) in list(written.items()):
-                if name not in seen:
-                    try:
-                        if os.stat(b / name).st_size == size:
-                            seen[name] = time.monotonic()
-                    except FileNotFoundError:
-                        pass
+            for name in order[len(seen):len(seen) + 64]:
+                try:
+                    if os.stat(b / name).st_size != written[name][1]:
+                        break
+                except FileNotFoundError:
+                    break
+                seen[name] = time.monotonic()
             time.sleep(0.005)
 
     watcher = threading.Thread(target=watch, daemon=True)
@@ -80,22 +99,25 @@ def steady_lag(a: Path, b: Path, seconds: float, creates_per_s: float, mib_per_s
     next_create, next_big = start, start
     while time.monotonic() - start < seconds:
         now = time.monotonic()
-        if now >= next_create:
+        while now >= next_create and time.monotonic() - start < seconds:  # behind the pace: catch up
             name = f"small{i}"
             (a / name).write_bytes(b"x")
             written[name] = (time.monotonic(), 1)
+            order.append(name)
             next_create += 1 / creates_per_s
             i += 1
         if mib_per_s and now >= next_big:
             name = f"big{i}"
             (a / name).write_bytes(payload)
             written[name] = (time.monotonic(), MIB)
+            order.append(name)
             next_big += 1 / mib_per_s
             i += 1
         time.sleep(0.001)
+    reached = len(written) / (time.monotonic() - start)
     done.set()
     watcher.join(120)
-    return [seen[name] - t for name, (t, _size) in written.items() if name in seen]
+    return [seen[name] - t for name, (t, _size) in written.items() if name in seen], reached
 
 
 def catch_up(a: Path, b: Path, cut: Callable[[], None], heal: Callable[[], None], received: Callable[[], int],
@@ -164,54 +186,166 @@ def delta_step(a: Path, b: Path, size_mib: int, sent: Callable[[], int]) -> dict
             "delta_patch_s": patch_s, "delta_patch_kib_sent": patch_bytes / 1024}
 
 
+def untar_s(tarball: Path, dest: Path) -> float:
+    """Seconds `tar -x` takes to unpack `tarball` (read from memory) into `dest`, synced."""
+    data = tarball.read_bytes()
+    dest.mkdir()
+    start = time.perf_counter()
+    subprocess.run(["tar", "-x", "--no-same-owner", "-f", "-", "-C", str(dest)], input=data, check=True, timeout=600)
+    subprocess.run(["sync", "-f", str(dest)], check=True, timeout=600)
+    return time.perf_counter() - start
+
+
+def drain(a: Path, cut: Callable[[], None], heal: Callable[[], None], pending: Callable[[], int],
+          up: Callable[[], bool], files: int, big_files: int, name: str) -> dict[str, float]:
+    """A backlog made with the link cut (`files` empty files, `big_files` of 1 MiB), then healed:
+    the operations it made, and their rate from the link being up again (a's shipper connected:
+    the time it takes to notice the heal is not the link's rate) until a's outbox holds none."""
+    cut()
+    before = pending()
+    (a / name).mkdir()
+    start = time.perf_counter()
+    for i in range(files):
+        os.close(os.open(a / name / f"f{i}", os.O_CREAT | os.O_WRONLY, 0o644))
+    payload = os.urandom(MIB)
+    for i in range(big_files):
+        (a / name / f"b{i}").write_bytes(payload)
+    written_s = time.perf_counter() - start
+    os.sync()
+    backlog = pending()
+    deadline = time.monotonic() + 60
+    while up() and time.monotonic() < deadline:  # the shipper's next heartbeat finds the link cut
+        time.sleep(0.05)
+    heal()
+    healed = time.monotonic()
+    deadline = healed + 1800
+    while not up() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    first = time.monotonic()
+    while (now := pending()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if now:
+        raise TimeoutError(f"{now} operations of a {backlog}-operation backlog still pending after 1800 s")
+    elapsed = time.monotonic() - first
+    return {"ops": backlog - before, "s": elapsed, "ops_per_s": (backlog - before) / elapsed,
+            "mib_per_s": big_files / elapsed, "written_s": written_s, "noticed_s": first - healed}
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-def measure(args: argparse.Namespace, root: Path) -> dict[str, float]:
+def measure(args: argparse.Namespace, root: Path, window: int | None) -> dict[str, float]:
     figures: dict[str, float] = {}
-    with ext4_target(root / "ext4", 2 << 30) as ext4:
-        figures["ext4_creates_per_s"] = creates_per_s(ext4.path / "creates", args.creates)
-    sites = two_sites(root / "sites", delay_ms=args.delay_ms, size="4G") if args.members == 1 \
+    if "write" in args.only:
+        with ext4_target(root / "ext4", 2 << 30) as ext4:
+            figures["ext4_creates_per_s"] = creates_per_s(ext4.path / "creates", args.creates)
+    env = {} if window is None else {"AWSOMEFS_SITE__PUSHES_IN_FLIGHT": str(window)}
+    sites = two_sites(root / "sites", delay_ms=args.delay_ms, size=args.size, extra_env=env) if args.members == 1 \
         else cluster_and_site(root / "sites", members=args.members, delay_ms=args.delay_ms)
+    tarball = ensure_tarball(root, 4000, 20240601) if "untar" in args.only else None
     with sites as (a, b, wan):
         # a cluster's creates go through a member that does not run the link
         writer = a.followers()[0].mount if isinstance(a, ClusterSite) else a.mount
         figures["unlinked_creates_per_s"] = creates_per_s(writer / "unlinked", args.creates)
+        if tarball is not None:
+            figures["unlinked_untar_s"] = untar_s(tarball, writer / "untar-unlinked")
+            # keeps the initial sync (one transaction) what it was before the untar was measured
+            shutil.rmtree(writer / "untar-unlinked")
         link(a, b)
         wait_converged(a, b, 300)
-        figures["linked_creates_per_s"] = creates_per_s(writer / "linked", args.creates)
-        figures["write_path_ratio"] = figures["linked_creates_per_s"] / figures["unlinked_creates_per_s"]
-        wait_converged(a, b, 300)
-        wan.cut()  # linked, nothing sent meanwhile: what capturing costs, without shipping beside it
-        figures["linked_cut_creates_per_s"] = creates_per_s(writer / "linked-cut", args.creates)
-        figures["capture_ratio"] = figures["linked_cut_creates_per_s"] / figures["unlinked_creates_per_s"]
-        wan.heal()
-        wait_converged(a, b, 300)
-        (a.mount / "steady").mkdir()
-        lags = steady_lag(a.mount / "steady", b.mount / "steady", args.steady_s, args.steady_creates, args.steady_mib)
-        figures["lag_p50_s"] = percentile(lags, 0.5)
-        figures["lag_p99_s"] = percentile(lags, 0.99)
-        figures["lag_samples"] = len(lags)
+
+        def pending() -> int:
+            outbound = a.status()["outbound"]
+            assert isinstance(outbound, dict)
+            return int(outbound["pending_operations"])
+
+        if "write" in args.only:
+            figures["linked_creates_per_s"] = creates_per_s(writer / "linked", args.creates)
+            figures["write_path_ratio"] = figures["linked_creates_per_s"] / figures["unlinked_creates_per_s"]
+            wait_converged(a, b, 300)
+            wan.cut()  # linked, nothing sent meanwhile: what capturing costs, without shipping beside it
+            figures["linked_cut_creates_per_s"] = creates_per_s(writer / "linked-cut", args.creates)
+            figures["capture_ratio"] = figures["linked_cut_creates_per_s"] / figures["unlinked_creates_per_s"]
+            wan.heal()
+            wait_converged(a, b, 300)
+        if tarball is not None:
+            figures["linked_untar_s"] = untar_s(tarball, writer / "untar-linked")
+            figures["untar_ratio"] = figures["unlinked_untar_s"] / figures["linked_untar_s"]
+            wait_converged(a, b, 600)
+        if "lag" in args.only:
+            (a.mount / "steady").mkdir()
+            lags, _ = steady_lag(a.mount / "steady", b.mount / "steady", args.steady_s, args.steady_creates,
+                                 args.steady_mib)
+            figures["lag_p50_s"] = percentile(lags, 0.5)
+            figures["lag_p99_s"] = percentile(lags, 0.99)
+            figures["lag_samples"] = len(lags)
+
         def received() -> int:
             inbound = b.status()["inbound"]
             assert isinstance(inbound, dict)
             return int(inbound["operations"])
 
-        ops_s, mib_s = catch_up(a.mount, b.mount, wan.cut, wan.heal, received, args.catch_up_files, args.catch_up_mib)
-        figures["catch_up_ops_per_s"] = ops_s
-        figures["catch_up_mib_per_s"] = mib_s
-        wait_converged(a, b, 300)
+        if "catch_up" in args.only:
+            ops_s, mib_s = catch_up(a.mount, b.mount, wan.cut, wan.heal, received, args.catch_up_files,
+                                    args.catch_up_mib)
+            figures["catch_up_ops_per_s"] = ops_s
+            figures["catch_up_mib_per_s"] = mib_s
+            wait_converged(a, b, 300)
 
         def sent() -> int:
             outbound = a.status()["outbound"]
             assert isinstance(outbound, dict)
             return int(outbound["bytes"])
 
-        figures.update(delta_step(a.mount, b.mount, args.delta_mib, sent))
-        wait_converged(a, b, 300)
+        if "delta" in args.only:
+            figures.update(delta_step(a.mount, b.mount, args.delta_mib, sent))
+            wait_converged(a, b, 300)
+        # last: its backlogs leave trees that `site verify` takes long to digest
+        if "rate" in args.only:
+            def up() -> bool:
+                return bool(a.status()["link_up"])
+
+            backlog = drain(a.mount, wan.cut, wan.heal, pending, up, args.drain_files, 0, "drain")
+            figures.update({f"drain_{key}": value for key, value in backlog.items() if key != "mib_per_s"})
+            big = drain(a.mount, wan.cut, wan.heal, pending, up, 0, args.drain_mib, "drain-big")
+            figures["drain_big_mib_per_s"] = big["mib_per_s"]
+            # what one site writes, in operations: its creates/s (linked, if measured) times a create's operations
+            writes = figures.get("linked_creates_per_s", figures["unlinked_creates_per_s"])
+            figures["ops_per_create"] = backlog["ops"] / args.drain_files
+            figures["local_write_ops_per_s"] = writes * figures["ops_per_create"]
+            figures["link_to_write_ratio"] = backlog["ops_per_s"] / figures["local_write_ops_per_s"]
+            wait_drained(a, b)
+            (a.mount / "half").mkdir()
+            # at half the link's rate: a small file written is 3 operations (a create, a name, a content)
+            lags, figures["lag_half_files_per_s"] = steady_lag(a.mount / "half", b.mount / "half", args.steady_s,
+                                                               backlog["ops_per_s"] / 2 / 3, 0)
+            figures["lag_half_p50_s"] = percentile(lags, 0.5)
+            figures["lag_half_p99_s"] = percentile(lags, 0.99)
+            figures["lag_half_max_s"] = max(lags)
+            wait_drained(a, b)
     return figures
+
+
+def wait_drained(a: Site | ClusterSite, b: Site | ClusterSite) -> None:
+    """Until neither site has anything to send: past the backlogs, `site verify` (wait_converged)
+    digests tens of thousands of files on both sites, which only lengthens the run."""
+    def pending(site: Site | ClusterSite) -> int:
+        outbound = site.status()["outbound"]
+        assert isinstance(outbound, dict)
+        return int(outbound["pending_operations"])
+
+    deadline = time.monotonic() + 600
+    while pending(a) or pending(b):
+        if time.monotonic() > deadline:
+            raise TimeoutError("the sites did not drain in 600 s")
+        time.sleep(0.2)
+
+
+def load_average() -> float:
+    """The machine's 1-minute load average (other work on the two cores skews every figure)."""
+    return os.getloadavg()[0]
 
 
 def main() -> int:
@@ -224,6 +358,13 @@ def main() -> int:
     parser.add_argument("--catch-up-files", type=int, default=2000)
     parser.add_argument("--catch-up-mib", type=int, default=64)
     parser.add_argument("--delta-mib", type=int, default=64, help="size of the file changed in places")
+    parser.add_argument("--drain-files", type=int, default=10000, help="creates of the backlog drained")
+    parser.add_argument("--drain-mib", type=int, default=128, help="1 MiB files of the backlog drained")
+    parser.add_argument("--size", default="8G", help="each site's image")
+    parser.add_argument("--only", default="write,untar,rate,lag,catch_up,delta",
+                        type=lambda text: set(text.split(",")), help="the figures to measure")
+    parser.add_argument("--pushes-in-flight", default="", help="values of [site] pushes_in_flight to alternate "
+                        "between runs, e.g. 1,8 (default: the daemon's)")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--members", type=int, default=1, help="nodes of site a (1: a single node, else a cluster)")
     parser.add_argument("--json", type=Path)
@@ -231,17 +372,23 @@ def main() -> int:
     if os.geteuid() != 0:
         print("site_bench: needs root (loop devices, network namespaces, FUSE)", file=sys.stderr)
         return 2
-    runs = []
+    windows: list[int | None] = [int(w) for w in args.pushes_in_flight.split(",")] if args.pushes_in_flight else [None]
+    runs: dict[str, list[dict[str, float]]] = {}
     for run in range(args.runs):
-        with tempfile.TemporaryDirectory(dir="/var/tmp", prefix="site-bench-") as tmp:
-            figures = measure(args, Path(tmp))
-        runs.append(figures)
-        print(f"run {run + 1}: " + ", ".join(f"{k} {v:.3f}" for k, v in figures.items()), flush=True)
-    medians = {key: statistics.median(r[key] for r in runs) for key in runs[0]}
-    print(f"\nmedians of {args.runs} runs, link delay {args.delay_ms:g} ms one way:")
-    for key, value in medians.items():
-        spread = " / ".join(f"{r[key]:.3f}" for r in runs)
-        print(f"  {key:<26} {value:10.3f}   ({spread})")
+        for window in windows:  # alternating: the machine's drift hits every setting alike
+            with tempfile.TemporaryDirectory(dir="/var/tmp", prefix="site-bench-") as tmp:
+                figures = measure(args, Path(tmp), window)
+                figures["load_average"] = load_average()
+            label = "default" if window is None else f"pushes_in_flight={window}"
+            runs.setdefault(label, []).append(figures)
+            print(f"run {run + 1} ({label}): " + ", ".join(f"{k} {v:.3f}" for k, v in figures.items()), flush=True)
+    medians = {}
+    for label, done in runs.items():
+        medians[label] = {key: statistics.median(r[key] for r in done) for key in done[0]}
+        print(f"\n{label}: medians of {len(done)} runs, link delay {args.delay_ms:g} ms one way:")
+        for key, value in medians[label].items():
+            spread = " / ".join(f"{r[key]:.3f}" for r in done)
+            print(f"  {key:<26} {value:10.3f}   ({spread})")
     if args.json is not None:
         args.json.write_text(json.dumps({"runs": runs, "medians": medians}, indent=2))
     return 0

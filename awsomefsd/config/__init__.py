@@ -247,6 +247,8 @@ class SiteSettings(Section):
     batch_operations: int = Field(512, ge=1, le=4096, description="operations per push at most")
     batch_bytes: SizeBytes = Field(16 << 20, ge=1 << 20, le=32 << 20, description="file bytes per push at most "
                                    "(a larger file travels in chunks of this size)")
+    pushes_in_flight: int = Field(8, ge=1, le=64, description="pushes sent to the other site and not yet "
+                                  "acknowledged at most (the other site applies them in order)")
 
 
 class LogSettings(Section):

@@ -528,6 +528,7 @@ async def _start_site(nursery: trio.Nursery, core: Core, settings: Settings, mem
                            state_dir=settings.node.state_dir, listen=settings.site.listen,
                            advertise=advertise, batch_operations=settings.site.batch_operations,
                            batch_bytes=settings.site.batch_bytes, mount=settings.mount.path,
+                           pushes_in_flight=settings.site.pushes_in_flight,
                            applied=lambda command, result: invalidator.submit(targets(command, result)),
                            elsewhere=(lambda: None) if member is None else member.elsewhere,
                            credentials=None if member is None else member.credentials)

@@ -27,7 +27,7 @@ import trio
 
 from awsomefsd.crdt import ops as o
 from awsomefsd.crdt import wire
-from awsomefsd.crdt.hlc import ClockDrift, Stamp, check_drift
+from awsomefsd.crdt.hlc import EPOCH, ClockDrift, Stamp, check_drift
 from awsomefsd.io.checksum import crc32c
 from awsomefsd.io.layout import BLOCK_SIZE
 from awsomefsd.meta import commands as c
@@ -45,6 +45,12 @@ APPLY_SLICE_OPS = 128
 MAX_STAGED_BYTES = 512 << 20
 """Bytes staged and not yet pushed at most: bounds what a sender can make us hold."""
 STAGED_TTL_S = 600.0
+TURN_WAIT_S = 30.0
+"""How long a push that continues a push still being applied here waits for it at most."""
+TURN_GRACE_S = 1.0
+"""How long a push that continues one not (or no longer) here waits for it: pushes are pipelined
+(`[site] pushes_in_flight`) and a predecessor may arrive a little after it; one that was refused
+never comes, and this one is then answered stale, the sender going on from the cursor."""
 
 
 @dataclass
@@ -79,6 +85,10 @@ class Receiver(DeltaBases):
 
     _staged: dict[Stamp, _Staged]
     _apply_lock: trio.Lock
+    _cursor_moved: trio.Event
+    """Set (and replaced) whenever a push is done with: waiting pushes look at the cursor again."""
+    _receiving: dict[int, tuple[Stamp, Stamp]]
+    """The pushes being taken in now: (the stamp each continues, its last operation's)."""
 
     def cursor(self) -> Stamp | None:
         return self.meta.site_applied_from_peer()
@@ -151,11 +161,43 @@ class Receiver(DeltaBases):
         self.state.received_bytes += len(data)
 
     async def push(self, header: dict[str, Any], data: memoryview) -> dict[str, Any]:
+        """Apply a push if it continues this site's cursor, strictly in order: the sender keeps
+        several in flight, and one that arrives ahead of its predecessor waits for it (`_in_turn`).
+        A push that does not continue the cursor is answered `stale`, applying nothing."""
+        key = object()
+        try:
+            return await self._push(header, data, key)
+        finally:
+            self._receiving.pop(id(key), None)
+            self._cursor_moved.set()
+            self._cursor_moved = trio.Event()
+
+    async def _in_turn(self, after: Stamp | None, key: object) -> None:
+        """Until this site's cursor is at `after` or past it, or the push it continues is not
+        coming: one being applied here is waited for (TURN_WAIT_S at most), one not here is given
+        TURN_GRACE_S to arrive."""
+        start = trio.current_time()
+        want = after or EPOCH
+        while (now := self.cursor() or EPOCH) < want:
+            elapsed = trio.current_time() - start
+            coming = any(lo <= now < hi for k, (lo, hi) in self._receiving.items() if k != id(key))
+            if elapsed >= (TURN_WAIT_S if coming else TURN_GRACE_S):
+                return
+            moved = self._cursor_moved
+            with trio.move_on_after(min(0.1, TURN_GRACE_S)):  # a slice applied moves the cursor too
+                await moved.wait()
+
+    async def _push(self, header: dict[str, Any], data: memoryview, key: object) -> dict[str, Any]:
         link = self.meta.site_link()
         if link is None:
             raise RpcAbort(grpc.StatusCode.FAILED_PRECONDITION, "this site is not linked")
         after = wire.stamp_field(header, "after")
         raws = wire.hex_list(header, "ops", limit=4096)
+        try:  # what it continues and where it ends, known before its contents are staged
+            last = o.decode(raws[-1]).stamp if raws else after
+        except o.BadOperation as exc:
+            raise wire.WireError(str(exc)) from None
+        self._receiving[id(key)] = (after or EPOCH, last or EPOCH)
         inline = header.get("inline", [])
         if not isinstance(inline, list) or len(inline) > len(raws):
             raise wire.WireError("a push's inline contents are not a list of its operations'")
@@ -189,6 +231,7 @@ class Receiver(DeltaBases):
             raise wire.WireError("a push carries one content version twice")
         self._refuse_clock_ahead(stamps)
         in_push = {wire.stamp_field({"s": item[0]}, "s") for item in inline}
+        await self._in_turn(after, key)
         async with self._apply_lock:
             if after != self.cursor():
                 self._drop_applied_stagings(contents)

@@ -57,7 +57,7 @@ class SiteService(Pairing, Receiver, Shipper, Control, Folding):
 
     def __init__(self, meta: MetaClient, data: FileData, ops: Operations, *, site: uuid.UUID, state_dir: Path,
                  listen: str, advertise: Callable[[], list[str]], batch_operations: int, batch_bytes: int,
-                 mount: Path | None, applied: Callable[[object, object], None] = lambda command, result: None,
+                 mount: Path | None, pushes_in_flight: int = 8, applied: Callable[[object, object], None] = lambda command, result: None,
                  elsewhere: Callable[[], str | None] = lambda: None,
                  credentials: NodeCredentials | None = None) -> None:
         """`applied(command, result)` hears of every ApplyRemote that committed: the mount's kernel
@@ -79,6 +79,8 @@ class SiteService(Pairing, Receiver, Shipper, Control, Folding):
         self.elsewhere = elsewhere
         self.batch_operations = batch_operations
         self.batch_bytes = batch_bytes
+        self.pushes_in_flight = pushes_in_flight
+        self._last_forget = 0.0
         self.mount = mount
         self.credentials = credentials or load_or_create(state_dir, site)
         self.state = LinkState()
@@ -92,6 +94,8 @@ class SiteService(Pairing, Receiver, Shipper, Control, Folding):
         self._moves_made = 0
         self._moves_dropped = 0
         self._apply_lock = trio.Lock()
+        self._cursor_moved = trio.Event()
+        self._receiving = {}
         self._relink = trio.Event()
         self._peer_ca = None
         self._peer_revoked = Revocations()

@@ -4,7 +4,11 @@ operations through both mounts, in the root's tree and in a volume each site mad
 its restart in between; then a last round cut off, and the heal.
 
 Some files are patched in place past 2 MiB (sparse, with random bytes here and there): their
-versions travel as deltas (design note 50). Checked after each heal: both trees identical
+versions travel as deltas (design note 50). In the rounds cut off, each site also writes a bulk of
+files (creates, renames, small contents) in a directory of its own: a backlog each way, which
+must drain within a deadline set by a floor on the link's rate (issue 47): a link slower than
+that, or one that stalls, fails the test. The default tier runs a small size (seconds); the slow
+tier the three layouts, and a long run of more than 100,000 operations per site. Checked after each heal: both trees identical
 (`site verify`), and every open conflict listed
 alike on both sites. After a round cut off, also: every file content a site showed that it had
 written in that round (each write is fsync'd: acknowledged) is still in some file of the merged
@@ -27,6 +31,7 @@ from pathlib import Path
 
 import pytest
 
+from awsomefsd.cli.devcluster.members import wait_for
 from awsomefsd.cli.devcluster.network import available
 from tests.support import seeds
 from tests.support.sites import (
@@ -39,8 +44,7 @@ from tests.support.sites import (
     wait_converged,
 )
 
-pytestmark = [pytest.mark.slow,
-              pytest.mark.timeout(1200),  # 190 s for two 3-node sites on an idle 2-core machine; >300 s loaded
+pytestmark = [pytest.mark.timeout(3600),  # 190 s for two 3-node sites on an idle 2-core machine; >300 s loaded
               pytest.mark.skipif(available() is not None, reason=f"network namespaces: {available()}")]
 
 NAMES = ["a", "b", "c"]
@@ -49,6 +53,11 @@ ROUNDS = int(os.environ.get("AWSOMEFS_SITES_ROUNDS", "6"))
 OPS_PER_ROUND = 40
 BIG_BYTES = 2 << 20
 """A patched file grows to this: past what a push carries inline, so its versions go as deltas."""
+BULK = "bulk-"
+"""The bulk's directories (site and round in the name): left out of the random steps' choices."""
+MIN_DRAIN_OPS_S = 250.0
+"""The floor on the rate a backlog drains at, both ways at once, on a loaded two-core machine
+(measured: more than 1,000 operations/s each way with pushes in flight)."""
 TOLERATED = {errno.ENOENT, errno.EEXIST, errno.ENOTEMPTY, errno.EISDIR, errno.ENOTDIR, errno.EINVAL,
              errno.EXDEV, errno.EPERM, errno.EBUSY}
 """What a random operation may be refused with, as a user's would be (a name taken, a file gone)."""
@@ -81,7 +90,7 @@ class Workload:
         for top in [root, *sorted((root / ".volumes").iterdir())]:
             for path, subdirs, names in os.walk(top):
                 if Path(path) == root:
-                    subdirs[:] = [d for d in subdirs if not d.startswith(".")]
+                    subdirs[:] = [d for d in subdirs if not d.startswith((".", BULK))]
                 elif Path(path) == top:
                     dirs.append(top)
                 dirs += [Path(path) / d for d in subdirs]
@@ -152,10 +161,46 @@ class Workload:
             self.note(f"{site.name} {kind} {shown} -> {outcome}")
 
 
+    def bulk(self, site: Site | ClusterSite, round_: int, files: int) -> None:
+        """`files` files created in a directory of the site's own, one in ten renamed, one in fifty
+        given a few bytes: about 2.2 operations a file for the other site."""
+        root = (site.leader().mount if isinstance(site, ClusterSite) else site.mount) / f"{BULK}{site.name}-{round_}"
+        root.mkdir()
+        for i in range(files):
+            os.close(os.open(root / f"f{i}", os.O_CREAT | os.O_WRONLY, 0o644))
+        for i in range(0, files, 10):
+            os.rename(root / f"f{i}", root / f"r{i}")
+        for i in range(1, files, 50):
+            (root / f"f{i}").write_bytes(f"{site.name} {round_} {i}\n".encode())
+        self.note(f"{site.name} bulk of {files} files in {root.name}")
+
+
+def pending(site: Site | ClusterSite) -> int:
+    outbound = site.status()["outbound"]
+    assert isinstance(outbound, dict)
+    return int(outbound["pending_operations"])
+
+
+def drained(a: Site | ClusterSite, b: Site | ClusterSite, backlog: int) -> None:
+    """Until neither site has anything to send, within what `backlog` operations (both ways)
+    take at MIN_DRAIN_OPS_S: a link that ships slower than that, or stalls, fails here."""
+    deadline_s = 60 + backlog / MIN_DRAIN_OPS_S
+    try:
+        wait_for(lambda: pending(a) == 0 and pending(b) == 0, deadline_s,
+                 f"a backlog of {backlog} operations to drain", interval_s=0.5)
+    except TimeoutError:
+        saved = [site.save_logs() for site in (a, b)]
+        raise AssertionError(f"seed {SEED}: {pending(a)} and {pending(b)} operations of a {backlog}-operation "
+                             f"backlog still to send after {deadline_s:.0f} s (logs: {saved})") from None
+
+
 def contents(root: Path) -> dict[bytes, Path]:
-    """Every regular file's bytes under `root`, /.conflicts included (with a path holding them)."""
+    """Every regular file's bytes under `root`, /.conflicts included (with a path holding them),
+    but the bulk's (no token is written there)."""
     found = {}
-    for path, _subdirs, names in os.walk(root):
+    for path, subdirs, names in os.walk(root):
+        if Path(path) == root:
+            subdirs[:] = [d for d in subdirs if not d.startswith(BULK)]
         for name in names:
             full = Path(path) / name
             try:
@@ -171,11 +216,20 @@ def open_conflicts(site: Site | ClusterSite) -> set[tuple[str, str]]:
     return {(r["kind"], r["loser"]) for r in listed if r["open"]}
 
 
-@pytest.mark.parametrize("layout", ["single", "cluster", "clusters"])
-def test_two_sites_converge_under_a_random_workload_with_partitions_and_kills(tmp_path: Path, layout: str) -> None:
+@pytest.mark.parametrize("layout, rounds, bulk", [
+    pytest.param("single", 0, 1000, marks=pytest.mark.budget(90), id="single-small"),  # default tier: one round
+    pytest.param("single", ROUNDS, 3000, marks=pytest.mark.slow, id="single"),
+    pytest.param("cluster", ROUNDS, 3000, marks=pytest.mark.slow, id="cluster"),
+    pytest.param("clusters", ROUNDS, 3000, marks=pytest.mark.slow, id="clusters"),
+    pytest.param("single", 1, 50_000, marks=pytest.mark.slow, id="single-long"),
+])
+def test_two_sites_converge_under_a_random_workload_with_partitions_and_kills(
+        tmp_path: Path, layout: str, rounds: int, bulk: int) -> None:
     """`single`: two single-node sites, b killed now and then. `cluster`: a is a three-node
     cluster, written through any member's mount, and its leader is killed now and then (the
-    next one takes the link over; the old one comes back as a follower). `clusters`: both are."""
+    next one takes the link over; the old one comes back as a follower). `clusters`: both are.
+    `bulk`: files each site writes in each round cut off (`single-long`: 50,000, more than
+    100,000 operations a site, in its last round)."""
     workload = Workload(SEED, tmp_path / "operations.txt")
     made = two_sites(tmp_path, delay_ms=10, csi=True) if layout == "single" else \
         cluster_and_site(tmp_path, delay_ms=10, other_members=3 if layout == "clusters" else 1)
@@ -185,14 +239,17 @@ def test_two_sites_converge_under_a_random_workload_with_partitions_and_kills(tm
             socket = site.csi_socket if isinstance(site, Site) else site.leader().csi_socket
             assert socket is not None
             create_volume(socket, f"pvc-{site.name}", 64 << 20)
-        for round_ in range(ROUNDS + 1):
-            last = round_ == ROUNDS
+        for round_ in range(rounds + 1):
+            last = round_ == rounds
             cut = last or workload.rng.random() < 0.5
             workload.note(f"round {round_}" + (" cut off" if cut else ""))
             if cut:
                 wan.cut()
             for _ in range(OPS_PER_ROUND):
                 workload.step(a if workload.rng.random() < 0.5 else b)
+            if cut and bulk:
+                for site in (a, b):
+                    workload.bulk(site, round_, bulk)
             if not last and workload.rng.random() < 0.3:
                 clusters = [site for site in (a, b) if isinstance(site, ClusterSite)]
                 victim = workload.rng.choice(clusters) if clusters else b
@@ -211,8 +268,10 @@ def test_two_sites_converge_under_a_random_workload_with_partitions_and_kills(tm
             before = {site.name: sorted((str(path), content) for content, path in contents(site.mount).items())
                       for site in (a, b)}
             workload.written = []
+            backlog = pending(a) + pending(b)
             if cut:
                 wan.heal()
+            drained(a, b, backlog)
             wait_converged(a, b, 120)
             # /.conflicts is each site's own (verify leaves it out): what either keeps counts
             merged = contents(a.mount) | contents(b.mount)

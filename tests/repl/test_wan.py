@@ -115,3 +115,14 @@ def test_as_a_process_it_prints_its_port_and_takes_cut_and_heal(echo: tuple[str,
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_a_reply_that_takes_longer_than_the_connect_timeout_still_arrives(echo: tuple[str, int]) -> None:
+    """The proxy connected upstream with a 5 s time-out that stayed on the socket: a server that
+    answered after more than 5 s (the other site applying a large push, digesting a large tree
+    for `site verify`, pairing with a large initial sync) had its connection closed under it, and
+    the sender saw "Stream removed (Socket closed)" and sent it all again, for ever."""
+    with WanLink(echo, delay_s=0.0) as link, socket.create_connection(link.address, timeout=30) as sock:
+        assert round_trip_s(sock) < 5
+        time.sleep(5.5)  # nothing either way for longer than the connect time-out
+        assert round_trip_s(sock) < 5

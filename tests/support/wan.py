@@ -101,6 +101,7 @@ class WanLink:
                 continue
             try:
                 server = socket.create_connection(self.upstream, timeout=5)
+                server.settimeout(None)  # the 5 s were for connecting: a reply may take longer to come
             except OSError:
                 _reset(client)
                 continue

@@ -147,17 +147,21 @@ class SiteTables(SiteRelink, SiteApply, SiteForget, SiteResolve):
                 break
         return found
 
-    def pending_after(self, txn: lmdb.Transaction[bytes], after: Stamp | None, limit: int = 1 << 20) -> int:
-        """How many outbox entries come after `after` (the peer's acknowledgement), at most `limit`,
-        with the captures not folded yet (each an operation or two to come)."""
-        count = self.unfolded(txn, limit)
-        for key, _ in scan_from(txn, self.db["soutbox"], b"" if after is None else after.pack()):
-            if after is not None and Stamp.unpack(bytes(key)) <= after:
-                continue
-            count += 1
-            if count >= limit:
+    def pending_after(self, txn: lmdb.Transaction[bytes], after: Stamp | None) -> int:
+        """How many outbox entries come after `after` (the peer's acknowledgement), with the
+        captures not folded yet (each an operation or two to come): all of the outbox but those
+        at or before it, which `ForgetSite` has not dropped yet and are few. Every
+        acknowledgement and `site status` asks: a count of what comes after was a scan of the
+        whole backlog each time (issue 47: 12% of a draining sender's loop, polled by status)."""
+        total = int(txn.stat(self.db["soutbox"])["entries"]) + self.unfolded(txn)
+        if after is None:
+            return total
+        settled = 0
+        for key, _ in scan_from(txn, self.db["soutbox"], b""):
+            if Stamp.unpack(bytes(key)) > after:
                 break
-        return count
+            settled += 1
+        return total - settled
 
     def shipping(self, txn: lmdb.Transaction[bytes], raw: bytes) -> tuple[bytes, int | None]:
         """What to send for an outbox entry: the operation, and for a content version the inode
