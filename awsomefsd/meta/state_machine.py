@@ -27,7 +27,7 @@ from awsomefsd.meta.commands import R
 from awsomefsd.meta.errors import Delegated, FsError, SpaceCorruption
 from awsomefsd.meta.files import apply_removexattr, apply_setattr, apply_setxattr, apply_write_data
 from awsomefsd.meta.isolation import apply_isolated
-from awsomefsd.meta.namespace import Namespace
+from awsomefsd.meta.namespace import Namespace, has_records
 from awsomefsd.meta.ranges import apply_clone_range, apply_preallocate, apply_punch_hole
 from awsomefsd.meta.records import (
     MAX_SYMLINK_BYTES,
@@ -386,13 +386,19 @@ class StateMachine:
         return True
 
     def delete_inode(self, txn: lmdb.Transaction[bytes], inode: Inode, now_ns: int) -> None:
-        """Remove an inode with its data (freed after the grace period), xattrs and orphan mark."""
-        superseded = filemap.unmap_range(txn, self.db["fmap"], inode.ino, 0, 1 << 62)
-        self.defer_free(txn, superseded, now_ns)
+        """Remove an inode with its data (freed after the grace period), xattrs and orphan mark.
+        Most deleted files are small or empty: a block map or xattrs are scanned only when one
+        seek finds a record of the inode, and only a symlink has a target to drop."""
+        ino = inode.ino
+        fmap = self.db["fmap"]
+        if has_records(txn, fmap, ino):
+            self.defer_free(txn, filemap.unmap_range(txn, fmap, ino, 0, 1 << 62), now_ns)
         self.volumes.charge(txn, inode.volume, blocks=-inode.blocks, inodes=-1, enforce=False)
-        self.ns.delete_xattrs(txn, inode.ino)
-        txn.delete(u64(inode.ino), db=self.db["symlinks"])
-        txn.delete(u64(inode.ino), db=self.db["orphans"])
+        if has_records(txn, self.ns.xattr_db, ino):
+            self.ns.delete_xattrs(txn, ino)
+        if stat.S_ISLNK(inode.mode):
+            txn.delete(u64(ino), db=self.db["symlinks"])
+        txn.delete(u64(ino), db=self.db["orphans"])
         forget_mark(txn, self.db, inode.ino)
         self.cluster.drop_leases_of_inode(txn, inode.ino)
         self.sites.inode_deleted(txn, inode.ino)  # no site id outlives its inode (numbers may come again)

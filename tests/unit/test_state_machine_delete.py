@@ -1,0 +1,61 @@
+"""Deleting an inode removes every record it owns and only those (issue 40: `delete_inode` looks
+for block map and xattr records with one seek each before scanning, and drops a symlink target
+only for a symlink). Neighbouring inode numbers hold records on purpose: a look that reads the
+wrong table, or that takes a neighbour's record for the inode's, shows here."""
+
+from __future__ import annotations
+
+import stat
+from pathlib import Path
+
+import pytest
+
+from awsomefsd.meta import commands as c
+from awsomefsd.meta.records import ROOT_INO, read_u64
+from tests.unit.test_state_machine import DATA_START, GRACE_NS, Harness, ext
+
+
+@pytest.fixture
+def h(tmp_path: Path) -> Harness:
+    return Harness(tmp_path / "meta")
+
+
+def owned(h: Harness, ino: int) -> dict[str, int]:
+    """How many records of each table are keyed by `ino` (its first 8 bytes)."""
+    tables = ("inodes", "fmap", "xattrs", "symlinks", "orphans")
+    return {name: sum(1 for key, _ in h.dump()[name] if read_u64(key) == ino) for name in tables}
+
+
+def test_a_purge_removes_exactly_the_inodes_records(h: Harness) -> None:
+    empty = h.mk(ROOT_INO, b"empty")
+    data = h.mk(ROOT_INO, b"data")  # blocks, no xattrs
+    attrs = h.mk(ROOT_INO, b"attrs")  # xattrs, no blocks
+    link = h.mk(ROOT_INO, b"link", stat.S_IFLNK | 0o777, target=b"somewhere")
+    both = h.mk(ROOT_INO, b"both")
+    assert [data, attrs, link, both] == [empty + 1, empty + 2, empty + 3, empty + 4]
+    free0 = h.free_blocks()
+    h.apply(c.WriteData(data, (ext(0, DATA_START, 3), ext(5, DATA_START + 10, 2)), 7 * 4096, h.tick()))
+    h.apply(c.SetXattr(attrs, b"user.a", b"1", 0, h.tick()))
+    h.apply(c.SetXattr(attrs, b"user.b", b"2", 0, h.tick()))
+    h.apply(c.WriteData(both, (ext(0, DATA_START + 20, 1),), 4096, h.tick()))
+    h.apply(c.SetXattr(both, b"user.c", b"3", 0, h.tick()))
+    assert h.free_blocks() == free0 - 6
+    kept = {ino: owned(h, ino) for ino in (data, attrs, link, both)}
+    assert kept[data]["fmap"] == 2 and kept[attrs]["xattrs"] == 3 and kept[link]["symlinks"] == 1
+
+    for name, ino in ((b"empty", empty), (b"data", data), (b"attrs", attrs), (b"link", link)):
+        h.apply(c.Unlink(ROOT_INO, name, False, h.tick()))
+        assert owned(h, ino)["orphans"] == 1
+        assert h.apply(c.Purge(ino, h.tick())) is True
+        assert owned(h, ino) == dict.fromkeys(owned(h, ino), 0), name
+        kept.pop(ino, None)
+        for other, records in kept.items():  # the neighbours keep theirs
+            assert owned(h, other) == records, (name, other)
+    h.apply(c.ReclaimFrees(h.now + GRACE_NS))
+    assert h.free_blocks() == free0 - 1, "the data file's 5 blocks are free again, both's 1 is not"
+    assert sorted(h.freed) == [(DATA_START, 3), (DATA_START + 10, 2)]
+    h.apply(c.Unlink(ROOT_INO, b"both", False, h.tick()))
+    h.apply(c.Purge(both, h.tick()))
+    assert owned(h, both) == dict.fromkeys(owned(h, both), 0)
+    assert all(read_u64(key) < empty for key, _ in h.dump()["xattrs"] + h.dump()["fmap"])
+
