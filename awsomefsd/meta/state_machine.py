@@ -317,11 +317,13 @@ class StateMachine:
         return child_ino
 
     def _drop_link(self, txn: lmdb.Transaction[bytes], child: Inode, now_ns: int) -> None:
+        """The inode is written once: by `orphan` when it is left with no name, else here."""
         child.nlink = 0 if child.is_dir else child.nlink - 1
         child.ctime_ns = now_ns
-        self.ns.put_inode(txn, child)
         if child.nlink == 0 and not self.sites.keeps(txn, child.ino):
             self.orphan(txn, child)
+        else:
+            self.ns.put_inode(txn, child)
 
     def orphan(self, txn: lmdb.Transaction[bytes], inode: Inode) -> None:
         """Mark an inode with no name left for deletion once nothing holds it open. In a cluster

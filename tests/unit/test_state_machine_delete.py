@@ -59,3 +59,15 @@ def test_a_purge_removes_exactly_the_inodes_records(h: Harness) -> None:
     assert owned(h, both) == dict.fromkeys(owned(h, both), 0)
     assert all(read_u64(key) < empty for key, _ in h.dump()["xattrs"] + h.dump()["fmap"])
 
+
+def test_unlink_writes_the_inode_as_it_leaves_it(h: Harness) -> None:
+    """An unlink writes the inode once (by `orphan` for its last name): with other names left its
+    link count falls by one and its ctime moves; with none, the orphan mark and the record agree."""
+    f = h.mk(ROOT_INO, b"f")
+    h.apply(c.Link(f, ROOT_INO, b"g", h.tick()))
+    now = h.tick()
+    h.apply(c.Unlink(ROOT_INO, b"f", False, now))
+    assert (h.inode(f).nlink, h.inode(f).ctime_ns) == (1, now) and owned(h, f)["orphans"] == 0
+    now = h.tick()
+    h.apply(c.Unlink(ROOT_INO, b"g", False, now))
+    assert (h.inode(f).nlink, h.inode(f).ctime_ns) == (0, now) and owned(h, f)["orphans"] == 1
