@@ -79,6 +79,7 @@ class StateMachine:
         on(c.Mknod, self._mknod)
         on(c.Link, self._link)
         on(c.Unlink, self._unlink)
+        on(c.UnlinkClosed, self._unlink_closed)
         on(c.Rename, self._rename)
         on(c.SetAttr, lambda txn, cmd: apply_setattr(self, txn, cmd))
         on(c.WriteData, lambda txn, cmd: apply_write_data(self, txn, cmd))
@@ -314,6 +315,14 @@ class StateMachine:
         parent.mtime_ns = parent.ctime_ns = cmd.now_ns
         ns.put_inode(txn, parent)
         self._drop_link(txn, child, cmd.now_ns)
+        return child_ino
+
+    def _unlink_closed(self, txn: lmdb.Transaction[bytes], cmd: c.UnlinkClosed) -> int:
+        """An Unlink, then the Purge of the inode when it is `cmd.ino` and its orphan mark names
+        no holder: the state Unlink then Purge leave, in one apply."""
+        child_ino = self._unlink(txn, cmd)
+        if child_ino == cmd.ino and txn.get(u64(child_ino), db=self.db["orphans"]) == b"":
+            self.delete_inode(txn, self.ns.require_inode(txn, child_ino), cmd.now_ns)
         return child_ino
 
     def _drop_link(self, txn: lmdb.Transaction[bytes], child: Inode, now_ns: int) -> None:

@@ -71,3 +71,68 @@ def test_unlink_writes_the_inode_as_it_leaves_it(h: Harness) -> None:
     now = h.tick()
     h.apply(c.Unlink(ROOT_INO, b"g", False, now))
     assert (h.inode(f).nlink, h.inode(f).ctime_ns) == (0, now) and owned(h, f)["orphans"] == 1
+
+
+def unlink_both_ways(tmp_path: Path, setup, name: bytes, purge: bool, *, holders: list[int] | None = None
+                     ) -> tuple[Harness, Harness]:
+    """The same store made twice by `setup(h) -> ino`; then one gets UnlinkClosed(name, ino), the
+    other Unlink and (`purge`) the Purge of the inode it returned."""
+    pair = []
+    for side in ("closed", "two"):
+        h = Harness(tmp_path / side)
+        if holders is not None:
+            h.sm.cluster.active_members = lambda txn: holders  # type: ignore[method-assign]
+        ino = setup(h)
+        now = h.tick()
+        if side == "closed":
+            assert h.apply(c.UnlinkClosed(ROOT_INO, name, False, now, ino=ino)) == h.lookup_was
+        else:
+            removed = h.apply(c.Unlink(ROOT_INO, name, False, now))
+            if purge:
+                h.apply(c.Purge(removed, now))
+        pair.append(h)
+    return pair[0], pair[1]
+
+
+def with_data(h: Harness, names: tuple[bytes, ...] = (b"f",)) -> int:
+    f = h.mk(ROOT_INO, names[0])
+    for extra in names[1:]:
+        h.apply(c.Link(f, ROOT_INO, extra, h.tick()))
+    h.apply(c.WriteData(f, (ext(0, DATA_START, 3),), 3 * 4096, h.tick()))
+    h.apply(c.SetXattr(f, b"user.a", b"1", 0, h.tick()))
+    h.mk(ROOT_INO, b"neighbour")
+    h.lookup_was = f  # type: ignore[attr-defined]
+    return f
+
+
+def test_unlink_closed_leaves_what_unlink_then_purge_left(tmp_path: Path) -> None:
+    closed, two = unlink_both_ways(tmp_path / "last", with_data, b"f", purge=True)
+    assert closed.dump() == two.dump()
+    f = closed.lookup_was  # type: ignore[attr-defined]
+    assert closed.inode(f) is None and owned(closed, f) == dict.fromkeys(owned(closed, f), 0)
+    closed.apply(c.ReclaimFrees(closed.now + GRACE_NS))
+    assert closed.freed == [(DATA_START, 3)]
+
+
+def test_unlink_closed_of_a_file_with_names_left_only_unlinks(tmp_path: Path) -> None:
+    closed, two = unlink_both_ways(tmp_path, lambda h: with_data(h, (b"f", b"g")), b"f", purge=False)
+    assert closed.dump() == two.dump()
+    assert closed.inode(closed.lookup_was).nlink == 1  # type: ignore[attr-defined]
+
+
+def test_unlink_closed_deletes_only_the_inode_it_names(tmp_path: Path) -> None:
+    """The name now holds another inode than the proposer saw (it may be open): only unlinked."""
+    def other(h: Harness) -> int:
+        h.lookup_was = with_data(h)  # type: ignore[attr-defined]
+        return h.lookup_was + 1000
+    closed, two = unlink_both_ways(tmp_path, other, b"f", purge=False)
+    assert closed.dump() == two.dump()
+    assert owned(closed, closed.lookup_was)["orphans"] == 1  # type: ignore[attr-defined]
+
+
+def test_unlink_closed_keeps_an_orphan_that_cluster_members_hold(tmp_path: Path) -> None:
+    """A cluster's orphan mark lists its active members: each releases it (ReleaseOrphans)."""
+    closed, two = unlink_both_ways(tmp_path, with_data, b"f", purge=False, holders=[1, 2])
+    assert closed.dump() == two.dump()
+    f = closed.lookup_was  # type: ignore[attr-defined]
+    assert closed.inode(f).nlink == 0 and owned(closed, f)["orphans"] == 1
