@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """What the state machine's apply costs per create and unlink, in process (issue 40).
 
-Applies N Mknod, then N Unlink, then N Purge (a closed file's unlink is two commands) to a fresh
+Applies N Mknod, then N Unlink, then N Purge (a closed file's unlink was two commands) and, on a
+build that has it, N Mknod again ("remake") and N UnlinkClosed (the two in one command) to a fresh
 MetaStore/StateMachine, each phase in one LMDB transaction, and prints the CPU µs per command
 (process time: on a loaded machine wall time also counts the other processes' turns). With
 `--src DIR ...` it runs the same workload once per source tree (a checkout's root: e.g. an old
@@ -43,7 +44,7 @@ def one_round(count: int, profile: bool) -> dict[str, float]:
         with store.env.begin(write=True) as txn:
             sm.bootstrap(txn, cluster_id="00000000-0000-0000-0000-000000000001", device_id="d",
                          data_extent=(256, 10_000), now_ns=1)
-            start, _ = sm.apply(txn, c.ReserveInodes(count))
+            start, _ = sm.apply(txn, c.ReserveInodes(2 * count))
         names = [b"f%d" % i for i in range(count)]
         mode = stat.S_IFREG | 0o644
         phases = {
@@ -51,6 +52,11 @@ def one_round(count: int, profile: bool) -> dict[str, float]:
             "unlink": [c.Unlink(ROOT_INO, names[i], False, 20_000_000 + i) for i in range(count)],
             "purge": [c.Purge(start + i, 30_000_000 + i) for i in range(count)],
         }
+        if hasattr(c, "UnlinkClosed"):  # a build with it: a closed file's unlink as one command
+            phases["remake"] = [c.Mknod(ROOT_INO, names[i], start + count + i, mode, 0, 0, 40_000_000 + i)
+                                for i in range(count)]
+            phases["unlink_closed"] = [c.UnlinkClosed(ROOT_INO, names[i], False, 50_000_000 + i, ino=start + count + i)
+                                       for i in range(count)]
         result: dict[str, float] = {}
         profiler = cProfile.Profile() if profile else None
         for phase, cmds in phases.items():
