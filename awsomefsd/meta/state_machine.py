@@ -79,7 +79,7 @@ class StateMachine:
         on(c.Mknod, self._mknod)
         on(c.Link, self._link)
         on(c.Unlink, self._unlink)
-        on(c.UnlinkClosed, self._unlink_closed)
+        on(c.UnlinkClosed, self._unlink)
         on(c.Rename, self._rename)
         on(c.SetAttr, lambda txn, cmd: apply_setattr(self, txn, cmd))
         on(c.WriteData, lambda txn, cmd: apply_write_data(self, txn, cmd))
@@ -289,7 +289,8 @@ class StateMachine:
         return inode
 
     def _unlink(self, txn: lmdb.Transaction[bytes], cmd: c.Unlink) -> int:
-        """Returns the inode whose link went away (the caller may purge it once nothing holds it)."""
+        """Returns the inode whose link went away (the caller may purge it once nothing holds it).
+        An UnlinkClosed deletes it at once when it would be an orphan no one holds (`_drop_link`)."""
         ns = self.ns
         self.check_delegated(txn, cmd.parent)
         parent = ns.dir_for_entry(txn, cmd.parent, cmd.name)
@@ -314,23 +315,20 @@ class StateMachine:
             parent.nlink -= 1
         parent.mtime_ns = parent.ctime_ns = cmd.now_ns
         ns.put_inode(txn, parent)
-        self._drop_link(txn, child, cmd.now_ns)
+        self._drop_link(txn, child, cmd.now_ns, cmd.ino if isinstance(cmd, c.UnlinkClosed) else 0)
         return child_ino
 
-    def _unlink_closed(self, txn: lmdb.Transaction[bytes], cmd: c.UnlinkClosed) -> int:
-        """An Unlink, then the Purge of the inode when it is `cmd.ino` and its orphan mark names
-        no holder: the state Unlink then Purge leave, in one apply."""
-        child_ino = self._unlink(txn, cmd)
-        if child_ino == cmd.ino and txn.get(u64(child_ino), db=self.db["orphans"]) == b"":
-            self.delete_inode(txn, self.ns.require_inode(txn, child_ino), cmd.now_ns)
-        return child_ino
-
-    def _drop_link(self, txn: lmdb.Transaction[bytes], child: Inode, now_ns: int) -> None:
-        """The inode is written once: by `orphan` when it is left with no name, else here."""
+    def _drop_link(self, txn: lmdb.Transaction[bytes], child: Inode, now_ns: int, closed: int = 0) -> None:
+        """The inode is written once: by `orphan` when it is left with no name, else here.
+        `closed`: the inode an UnlinkClosed names; left with no name and held by no member (the
+        orphan mark would name none), it is deleted now, as the Purge after an Unlink did."""
         child.nlink = 0 if child.is_dir else child.nlink - 1
         child.ctime_ns = now_ns
         if child.nlink == 0 and not self.sites.keeps(txn, child.ino):
-            self.orphan(txn, child)
+            if child.ino == closed and not self.cluster.active_members(txn):
+                self.delete_inode(txn, child, now_ns)
+            else:
+                self.orphan(txn, child)
         else:
             self.ns.put_inode(txn, child)
 
