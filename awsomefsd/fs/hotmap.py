@@ -54,6 +54,8 @@ def slot_of(ino: int) -> int:
 
 def inodes_of(command: Any) -> Iterable[int] | None:
     """The inodes whose data `command` may change; None: not known here (every inode)."""
+    if isinstance(command, c.UnlinkClosed):  # may purge, as Purge does
+        return (command.ino,)
     if isinstance(command, NO_DATA):
         return ()
     if isinstance(command, c.Batch):

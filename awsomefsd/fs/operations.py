@@ -157,6 +157,8 @@ class Operations(FileOperations, XattrOperations):
     async def unlink(self, parent: int, name: bytes, *, is_dir: bool) -> None:
         """rmdir also needs the removed directory's delegation: whether it is empty is decided by
         the changes its holder acknowledged, not only by what the log has."""
+        if not is_dir and await self._unlink_closed(parent, name):
+            return
         for _ in range(MAX_DELEGATION_TRIES):
             child = self.meta.lookup(parent, name) if is_dir else None
             async with self._changing(parent, *([child] if child else [])) as ahead:
@@ -167,6 +169,23 @@ class Operations(FileOperations, XattrOperations):
         else:
             removed = await self._propose(c.Unlink(parent, name, is_dir, self._now()), False)
         await self._purge_if_orphan(removed)
+
+    async def _unlink_closed(self, parent: int, name: bytes) -> bool:
+        """A single node's unlink of a file nothing holds open: one command unlinks it and, if
+        that was its last name, deletes it (UnlinkClosed), instead of an Unlink and a Purge.
+        False: not this case (a cluster member, whose orphans other members may hold open; an
+        open file; a start after a crash, when unknown handles may still reach it)."""
+        if self.coherence is not None or not self.handles.may_purge:
+            return False
+        ino = self.meta.lookup(parent, name)
+        if ino is None or self.handles.is_open(ino):
+            return False
+        removed = await self._propose(c.UnlinkClosed(parent, name, False, self._now(), ino=ino), False)
+        if removed == ino and self.meta.inode(ino) is None:
+            self.data.forget(ino)
+        else:
+            await self._purge_if_orphan(removed)
+        return True
 
     async def rename(self, old_parent: int, old_name: bytes, new_parent: int, new_name: bytes, flags: int,
                      uid: int = 0, gid: int = 0) -> None:

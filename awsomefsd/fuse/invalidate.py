@@ -97,6 +97,11 @@ def _unlink(cmd: c.Unlink, result: Any) -> list[Target]:
     return [Target.entry(cmd.parent, cmd.name), Target.attr_only(cmd.parent), *_changed_ino(result)]
 
 
+def _unlink_closed(cmd: c.UnlinkClosed, result: Any) -> list[Target]:
+    """An unlink, and the inode itself when it was `cmd.ino` (it may have been deleted with it)."""
+    return _unlink(cmd, result) + ([Target.inode(cmd.ino)] if result == cmd.ino else [])
+
+
 def _rename(cmd: c.Rename, result: Any) -> list[Target]:
     """Both names now point elsewhere (or nowhere); an exchange needs the same two entries. The moved
     inode's ctime is not knowable from the command: it lags by at most the attribute timeout."""
@@ -173,6 +178,7 @@ RULES: dict[type, Rule] = {
     c.LinkTmpfile: _link,
     c.MakeTmpfile: _nothing,  # no entry, no change to the directory
     c.Unlink: _unlink,
+    c.UnlinkClosed: _unlink_closed,
     c.Rename: _rename,
     c.SetAttr: _setattr,
     c.WriteData: _write_data,

@@ -112,6 +112,18 @@ class Unlink(Command[int]):
 
 
 @dataclass(frozen=True, slots=True)
+class UnlinkClosed(Unlink):
+    """unlink(2) of a file nothing holds open, on a single node: the Unlink and, when it took the
+    file's last name, the Purge that followed it, in one command (issue 40: a closed file's
+    unlink was two commands). `ino`: the inode the proposer saw at the name and knows to be
+    closed; only that one goes at once, and only if its orphan mark names no holder (a cluster's
+    lists its members, who release it: ReleaseOrphans). An Unlink to every observer that knows
+    Unlink only; returns the same (the inode that lost its link)."""
+
+    ino: int = 0
+
+
+@dataclass(frozen=True, slots=True)
 class Rename(Command[int]):
     old_parent: int
     old_name: bytes
@@ -474,10 +486,11 @@ class Batch(Command[list[object]]):
 BASE_LOG_LEVEL = 3
 """The level of a cluster that never recorded one: formed by builds before the gate, which decode
 command tags 1-32 (meta/codec.py) in format 3."""
-LOG_LEVEL = 16
-"""The newest commands this build decodes. 16: an unlink keeps a site's tables for a relink, and
-no site id outlives its inode (meta/sites/, RELINK_LEVEL). 15: FoldCapture (a linked site's creates,
-attributes and content captured later, in batches: meta/sites/, FOLD_LEVEL). 14: the other site's edits judged, and deleted
+LOG_LEVEL = 17
+"""The newest commands this build decodes. 17: UnlinkClosed (a closed file's unlink and purge in
+one command). 16: an unlink keeps a site's tables for a relink, and no site id outlives its inode
+(meta/sites/, RELINK_LEVEL). 15: FoldCapture (a linked site's creates, attributes and content
+captured later, in batches: meta/sites/, FOLD_LEVEL). 14: the other site's edits judged, and deleted
 directories released, alike whatever each site forgot (meta/sites/, SITE_PATHS_LEVEL). 13: MakeTmpfile, LinkTmpfile (open's O_TMPFILE). 12: mkdir has no subdirectory limit (meta/cluster_sm.py,
 UNLIMITED_SUBDIRS_LEVEL). 11: volumes replicate to the other site (a member
 captures CreateVolume, ResizeVolume and DeleteVolume, and applies the other site's `VolumeSet`
@@ -499,7 +512,7 @@ COMMAND_LEVELS: dict[type, int] = {
     PunchHole: 4, CloneRange: 4, SetLogLevel: 4, Preallocate: 5,
     PlanTierObject: 6, CommitTierObject: 6, AbandonTierObjects: 6, ForgetTierObjects: 6,
     LinkSite: 10, UnlinkSite: 7, ApplyRemote: 7, ForgetSite: 7, ResolveConflict: 8, ApplyRemoteSharing: 9,
-    UpdateSiteLink: 10, MakeTmpfile: 13, LinkTmpfile: 13, FoldCapture: 15,
+    UpdateSiteLink: 10, MakeTmpfile: 13, LinkTmpfile: 13, FoldCapture: 15, UnlinkClosed: 17,
 }
 VOLUMES_LEVEL = 11
 """From this level on, a linked cluster ships its volumes (no command of its own: what every

@@ -99,9 +99,7 @@ class Namespace:
         txn.put(key, dentry_value(child, cookie), db=self.dentries)
 
     def has_entries(self, txn: lmdb.Transaction[bytes], parent: int) -> bool:
-        cursor = txn.cursor(self.dentries)
-        prefix = u64(parent)
-        return cursor.set_range(prefix) and cursor.key()[:8] == prefix
+        return has_records(txn, self.dentries, parent)
 
     def entries(self, txn: lmdb.Transaction[bytes], parent: int, after_cookie: int = 0) -> Iterator[tuple[int, bytes, int]]:
         """(cookie, name, child) in cookie order, strictly after `after_cookie`: stable offsets for
@@ -210,4 +208,13 @@ class Namespace:
 
 XATTR_USAGE = struct.Struct(">QQ")
 
-__all__ = ["U64", "Namespace", "check_name"]
+
+def has_records(txn: lmdb.Transaction[bytes], db: lmdb._Database, ino: int) -> bool:
+    """Does a table keyed by inode number first (entries, xattrs, block map) hold any record of
+    `ino`? One cursor seek: cheaper than opening a scan that finds nothing, as deleting an
+    empty file with no attributes does."""
+    cursor = txn.cursor(db)
+    prefix = u64(ino)
+    return cursor.set_range(prefix) and cursor.key()[:8] == prefix
+
+__all__ = ["U64", "Namespace", "check_name", "has_records"]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import errno
 import stat
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -54,8 +55,9 @@ INODE_MODE = struct.Struct("<I")
 """The packed inode's first field: a listing reads an entry's type from it without decoding the rest."""
 
 
-def u64(value: int) -> bytes:
-    return U64.pack(value)
+u64: Callable[[int], bytes] = U64.pack
+"""An inode number or counter as an 8-byte big-endian key: the bound method itself, since every
+command calls it several times (a wrapper's frame was a visible share of an apply)."""
 
 
 def read_u64(data: bytes, offset: int = 0) -> int:

@@ -27,7 +27,7 @@ from awsomefsd.meta.commands import R
 from awsomefsd.meta.errors import Delegated, FsError, SpaceCorruption
 from awsomefsd.meta.files import apply_removexattr, apply_setattr, apply_setxattr, apply_write_data
 from awsomefsd.meta.isolation import apply_isolated
-from awsomefsd.meta.namespace import Namespace
+from awsomefsd.meta.namespace import Namespace, has_records
 from awsomefsd.meta.ranges import apply_clone_range, apply_preallocate, apply_punch_hole
 from awsomefsd.meta.records import (
     MAX_SYMLINK_BYTES,
@@ -79,6 +79,7 @@ class StateMachine:
         on(c.Mknod, self._mknod)
         on(c.Link, self._link)
         on(c.Unlink, self._unlink)
+        on(c.UnlinkClosed, self._unlink)
         on(c.Rename, self._rename)
         on(c.SetAttr, lambda txn, cmd: apply_setattr(self, txn, cmd))
         on(c.WriteData, lambda txn, cmd: apply_write_data(self, txn, cmd))
@@ -291,7 +292,8 @@ class StateMachine:
         return inode
 
     def _unlink(self, txn: lmdb.Transaction[bytes], cmd: c.Unlink) -> int:
-        """Returns the inode whose link went away (the caller may purge it once nothing holds it)."""
+        """Returns the inode whose link went away (the caller may purge it once nothing holds it).
+        An UnlinkClosed deletes it at once when it would be an orphan no one holds (`_drop_link`)."""
         ns = self.ns
         self.check_delegated(txn, cmd.parent)
         parent = ns.dir_for_entry(txn, cmd.parent, cmd.name)
@@ -316,15 +318,22 @@ class StateMachine:
             parent.nlink -= 1
         parent.mtime_ns = parent.ctime_ns = cmd.now_ns
         ns.put_inode(txn, parent)
-        self._drop_link(txn, child, cmd.now_ns)
+        self._drop_link(txn, child, cmd.now_ns, cmd.ino if isinstance(cmd, c.UnlinkClosed) else 0)
         return child_ino
 
-    def _drop_link(self, txn: lmdb.Transaction[bytes], child: Inode, now_ns: int) -> None:
+    def _drop_link(self, txn: lmdb.Transaction[bytes], child: Inode, now_ns: int, closed: int = 0) -> None:
+        """The inode is written once: by `orphan` when it is left with no name, else here.
+        `closed`: the inode an UnlinkClosed names; left with no name and held by no member (the
+        orphan mark would name none), it is deleted now, as the Purge after an Unlink did."""
         child.nlink = 0 if child.is_dir else child.nlink - 1
         child.ctime_ns = now_ns
-        self.ns.put_inode(txn, child)
         if child.nlink == 0 and not self.sites.keeps(txn, child.ino):
-            self.orphan(txn, child)
+            if child.ino == closed and not self.cluster.active_members(txn):
+                self.delete_inode(txn, child, now_ns)
+            else:
+                self.orphan(txn, child)
+        else:
+            self.ns.put_inode(txn, child)
 
     def orphan(self, txn: lmdb.Transaction[bytes], inode: Inode) -> None:
         """Mark an inode with no name left for deletion once nothing holds it open. In a cluster
@@ -389,13 +398,19 @@ class StateMachine:
         return True
 
     def delete_inode(self, txn: lmdb.Transaction[bytes], inode: Inode, now_ns: int) -> None:
-        """Remove an inode with its data (freed after the grace period), xattrs and orphan mark."""
-        superseded = filemap.unmap_range(txn, self.db["fmap"], inode.ino, 0, 1 << 62)
-        self.defer_free(txn, superseded, now_ns)
+        """Remove an inode with its data (freed after the grace period), xattrs and orphan mark.
+        Most deleted files are small or empty: a block map or xattrs are scanned only when one
+        seek finds a record of the inode, and only a symlink has a target to drop."""
+        ino = inode.ino
+        fmap = self.db["fmap"]
+        if has_records(txn, fmap, ino):
+            self.defer_free(txn, filemap.unmap_range(txn, fmap, ino, 0, 1 << 62), now_ns)
         self.volumes.charge(txn, inode.volume, blocks=-inode.blocks, inodes=-1, enforce=False)
-        self.ns.delete_xattrs(txn, inode.ino)
-        txn.delete(u64(inode.ino), db=self.db["symlinks"])
-        txn.delete(u64(inode.ino), db=self.db["orphans"])
+        if has_records(txn, self.ns.xattr_db, ino):
+            self.ns.delete_xattrs(txn, ino)
+        if stat.S_ISLNK(inode.mode):
+            txn.delete(u64(ino), db=self.db["symlinks"])
+        txn.delete(u64(ino), db=self.db["orphans"])
         forget_mark(txn, self.db, inode.ino)
         self.cluster.drop_leases_of_inode(txn, inode.ino)
         self.sites.inode_deleted(txn, inode.ino)  # no site id outlives its inode (numbers may come again)

@@ -22,7 +22,8 @@ names = st.binary(min_size=1, max_size=255)
 EXAMPLES = [
     c.Mknod(1, b"name", 17, 0o100644, 1000, 1000, 123, 0, b""),
     c.Mknod(1, b"link", 18, 0o120777, 0, 0, 124, 0, b"target"),
-    c.Link(17, 1, b"other", 5), c.Unlink(1, b"x", True, 6, 1000), c.Rename(1, b"a", 2, b"b", 2, 7),
+    c.Link(17, 1, b"other", 5), c.Unlink(1, b"x", True, 6, 1000), c.UnlinkClosed(1, b"y", False, 6, 1000, 17),
+    c.Rename(1, b"a", 2, b"b", 2, 7),
     c.SetAttr(17, 8, mode=0o600, size=10, tail=Extent(0, 300, 1, b"abcd")), c.SetAttr(17, 9),
     c.WriteData(17, (Extent(0, 300, 2, b"12345678"), Extent(2, 900, 1, b"zzzz")), 12_000, 10, touch=False),
     c.SetXattr(17, b"user.k", b"\x00value", 1, 11), c.RemoveXattr(17, b"user.k", 12),

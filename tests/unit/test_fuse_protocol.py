@@ -503,3 +503,23 @@ async def test_an_unlinked_file_goes_with_its_last_handle(fs: FakeKernel, core: 
             assert await fs.call(Op.READ, ino, abi.READ_IN.pack(fh, 0, 4096, 0, 0, 0, 0)) == (0, b"bytes")
             assert (await fs.call(Op.RELEASE, ino, abi.RELEASE_IN.pack(fh, 0, 0, 0)))[0] == 0
         assert core.meta.inode(ino) is None and core.meta.orphan(ino) is None, name
+
+
+async def test_a_closed_files_unlink_is_one_command(fs: FakeKernel, core: Core) -> None:
+    """A single node unlinks and deletes a closed file with one command (UnlinkClosed), where it
+    took an Unlink and a Purge; a file with another name left is only unlinked."""
+    body = abi.CREATE_IN.pack(os.O_RDWR | os.O_CREAT, 0o100644, 0o022, 0) + b"one\0"
+    error, out = await fs.call(Op.CREATE, abi.ROOT_ID, body)
+    assert error == 0
+    ino = entry_ino(out)
+    fh = abi.OPEN_OUT.unpack_from(out, abi.ENTRY_OUT.size + abi.ATTR.size)[0]
+    assert (await fs.call(Op.WRITE, ino, abi.WRITE_IN.pack(fh, 0, 5, 0, 0, 0, 0) + b"bytes"))[0] == 0
+    assert (await fs.call(Op.RELEASE, ino, abi.RELEASE_IN.pack(fh, 0, 0, 0)))[0] == 0
+    assert (await fs.call(Op.LINK, abi.ROOT_ID, abi.U64.pack(ino) + b"two\0"))[0] == 0
+    before = core.meta.applied_index
+    assert (await fs.call(Op.UNLINK, abi.ROOT_ID, b"one\0"))[0] == 0
+    assert core.meta.applied_index == before + 1 and core.meta.inode(ino).nlink == 1
+    before = core.meta.applied_index
+    assert (await fs.call(Op.UNLINK, abi.ROOT_ID, b"two\0"))[0] == 0
+    assert core.meta.applied_index == before + 1, "the unlink and the delete: one command"
+    assert core.meta.inode(ino) is None and core.meta.orphan(ino) is None
