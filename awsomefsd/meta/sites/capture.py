@@ -30,7 +30,7 @@ from awsomefsd.meta.records import (
     u64,
     volume_dir_name,
 )
-from awsomefsd.meta.sites.tables import ATTRS, CONTENT, EDIT_DELETE, XATTR
+from awsomefsd.meta.sites.tables import ATTRS, CAPTURE_PAUSED, CONTENT, EDIT_DELETE, XATTR
 from awsomefsd.meta.sites.tree import Dirty, TableTree
 from awsomefsd.meta.sites.view import SiteView
 
@@ -46,7 +46,7 @@ class SiteCapture(SiteView):
     def record(self, txn: lmdb.Transaction[bytes], cmd: object, result: Any) -> None:
         """Capture what `cmd` (applied, with `result`) did, if the site is linked."""
         peer = self.peer(txn)
-        if peer is None:
+        if peer is None or txn.get(CAPTURE_PAUSED, db=self.meta) is not None:  # paused: bound.py
             return
         self._entries, self._inodes = [], []
         self._capture(txn, cmd, result)

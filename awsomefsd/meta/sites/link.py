@@ -24,14 +24,13 @@ from awsomefsd.crdt.tree import ROOT
 from awsomefsd.meta import commands as c
 from awsomefsd.meta.errors import FsError
 from awsomefsd.meta.records import ROOT_INO, read_u64, u64
-from awsomefsd.meta.sites.apply import SiteApply
+from awsomefsd.meta.sites.bound import SiteBound
 from awsomefsd.meta.sites.forget import SiteForget
-from awsomefsd.meta.sites.relink import SiteRelink
 from awsomefsd.meta.sites.resolve import SiteResolve
 from awsomefsd.meta.sites.tables import CONTENT, SITE_TABLES, scan, scan_from
 
 
-class SiteTables(SiteRelink, SiteApply, SiteForget, SiteResolve):
+class SiteTables(SiteBound, SiteForget, SiteResolve):
     """The site tables' semantics; the state machine calls in (`record`, `apply_remote`, ...)."""
 
     def link(self, txn: lmdb.Transaction[bytes], cmd: c.LinkSite) -> int:
