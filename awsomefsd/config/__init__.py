@@ -247,6 +247,10 @@ class SiteSettings(Section):
     batch_operations: int = Field(512, ge=1, le=4096, description="operations per push at most")
     batch_bytes: SizeBytes = Field(16 << 20, ge=1 << 20, le=32 << 20, description="file bytes per push at most "
                                    "(a larger file travels in chunks of this size)")
+    outbox_max_operations: int = Field(1_000_000, ge=0, description="operations the outbox holds at most while "
+                                       "the other site is away: past it capture pauses, and once the other site "
+                                       "applied the outbox what changed meanwhile is sent (one operation per "
+                                       "change, not per command). 0: no bound")
 
 
 class LogSettings(Section):
