@@ -25,7 +25,7 @@ from tests.repl.test_sites_relink import (
     settle,
     write,
 )
-from tests.repl.test_sites_sm import Site, ship
+from tests.repl.test_sites_sm import Site, conflicts_folder, ship
 
 BOUND = 20
 
@@ -177,3 +177,23 @@ def test_a_name_taken_here_while_paused_survives_the_peer_moving_what_it_showed_
     got = names(a)
     assert b"/notes.txt" in got and b"/moved-by-b" in got, got
     del inos
+
+
+def test_an_edit_and_a_file_made_here_while_paused_in_a_directory_the_peer_removes_are_kept(tmp_path: Path) -> None:
+    a, b, inos = linked_with_files(tmp_path)
+    a.apply(c.PauseCapture(a.tick()))
+    write(a, inos[b"docs/a"], 51)  # not captured: paused
+    mkfile(a, inos[b"docs"], b"made-while-paused", 52)
+    docs_b = ino_on(b, b"docs")
+    b.apply(c.Unlink(docs_b, b"a", False, b.tick()))
+    b.apply(c.Unlink(ROOT_INO, b"docs", True, b.tick()))
+    while ship(b, a):
+        pass
+    while ship(a, b):
+        pass
+    a.apply(c.ResumeCapture(a.tick()))
+    settle(a, b)
+    assert_converged(a, b, "a directory removed there, written in here")
+    assert b"/docs" not in names(a), "the delete stands"
+    kept = conflicts_folder(a)
+    assert len(kept) == 2, f"the edit and the new file are kept in /.conflicts: {sorted(kept)}"

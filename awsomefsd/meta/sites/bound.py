@@ -32,11 +32,12 @@ from awsomefsd.crdt.hlc import Stamp
 from awsomefsd.meta.errors import FsError
 from awsomefsd.meta.records import Applied
 from awsomefsd.meta.sites.apply import SiteApply
-from awsomefsd.meta.sites.relink import SiteRelink
+from awsomefsd.meta.sites.relink import Moves, SiteRelink
 from awsomefsd.meta.sites.tables import CAPTURE_PAUSED, KEPT_MAP, scan
 
-_REGISTERS = (o.Created, o.AttrsSet, o.XattrSet, o.ContentSet)
-"""The peer's operations after which the object's note is refreshed."""
+_MEETS = (o.Created, o.AttrsSet, o.XattrSet, o.ContentSet, o.Moved)
+"""The peer's operations that meet an object's local state: what changed here is captured before
+(for a move, below a directory too), the object's note refreshed after."""
 
 
 class SiteBound(SiteRelink, SiteApply):
@@ -89,12 +90,31 @@ class SiteBound(SiteRelink, SiteApply):
                    now_ns: int) -> int:
         """While paused: a local change of the object, not captured yet, is captured before the
         peer's operation meets it; after it applied, the object's note says what both now hold."""
-        if not isinstance(op, _REGISTERS) or not self.capture_paused(txn):
+        if not isinstance(op, _MEETS) or not self.capture_paused(txn):
             return super()._apply_one(txn, op, extents_of, now_ns)
         self._capture_uncaptured(txn, op.object)
+        if isinstance(op, o.Moved):
+            self._capture_below(txn, op.object, now_ns)
         conflicts = super()._apply_one(txn, op, extents_of, now_ns)
         self._refresh_note(txn, op.object)
         return conflicts
+
+    def _capture_below(self, txn: lmdb.Transaction[bytes], obj: bytes, now_ns: int) -> None:
+        """A directory the peer moves, maybe into TRASH: what changed below it here and was not
+        captured is captured first (new entries as a relink walks them, files' registers), so that
+        the files below are judged against the move (edit_delete.py) as they would have been
+        linked: an edit or a new file there is kept, not lost with the directory."""
+        ino = self._ino(txn, obj)
+        inode = None if ino is None else self.ns.get_inode(txn, ino)
+        if inode is None or not inode.is_dir:
+            return
+        for below in self._files_below(txn, inode.ino):
+            self._capture_uncaptured(txn, below)
+            self._refresh_note(txn, below)
+        moves: Moves = []
+        self._relink_below(txn, inode.ino, {}, moves, now_ns)
+        if moves:
+            self._local_moves(txn, moves, now_ns)
 
     def _refresh_note(self, txn: lmdb.Transaction[bytes], obj: bytes) -> None:
         """`obj`'s note says what it holds now: what the peer holds too, after its operation."""
