@@ -32,12 +32,12 @@ from awsomefsd.crdt.hlc import Stamp
 from awsomefsd.meta.errors import FsError
 from awsomefsd.meta.records import Applied
 from awsomefsd.meta.sites.apply import SiteApply
-from awsomefsd.meta.sites.relink import Moves, SiteRelink
+from awsomefsd.meta.sites.relink import KEPT_HEAD, SiteRelink
 from awsomefsd.meta.sites.tables import CAPTURE_PAUSED, KEPT_MAP, scan
 
 _MEETS = (o.Created, o.AttrsSet, o.XattrSet, o.ContentSet, o.Moved)
-"""The peer's operations that meet an object's local state: what changed here is captured before
-(for a move, below a directory too), the object's note refreshed after."""
+"""The peer's operations that meet an object's local state: what changed here is captured before,
+the object's note refreshed after."""
 
 
 class SiteBound(SiteRelink, SiteApply):
@@ -89,32 +89,39 @@ class SiteBound(SiteRelink, SiteApply):
     def _apply_one(self, txn: lmdb.Transaction[bytes], op: o.Operation, extents_of: dict[Stamp, Any],
                    now_ns: int) -> int:
         """While paused: a local change of the object, not captured yet, is captured before the
-        peer's operation meets it; after it applied, the object's note says what both now hold."""
+        peer's operation meets it, and after it applied the object's note says what both hold.
+        A move, or an operation on an object whose names changed here, ends the pause first (what
+        changed here is captured, as at `ResumeCapture`): a move re-shows whole name groups and
+        judges the files below a directory, against names the tables no longer match."""
         if not isinstance(op, _MEETS) or not self.capture_paused(txn):
             return super()._apply_one(txn, op, extents_of, now_ns)
+        if isinstance(op, o.Moved) or self._renamed_here(txn, op.object):
+            txn.delete(CAPTURE_PAUSED, db=self.meta)
+            self.relink(txn, now_ns)  # the node running the link pauses again if still past the bound
+            return super()._apply_one(txn, op, extents_of, now_ns)
         self._capture_uncaptured(txn, op.object)
-        if isinstance(op, o.Moved):
-            self._capture_below(txn, op.object, now_ns)
         conflicts = super()._apply_one(txn, op, extents_of, now_ns)
         self._refresh_note(txn, op.object)
         return conflicts
 
-    def _capture_below(self, txn: lmdb.Transaction[bytes], obj: bytes, now_ns: int) -> None:
-        """A directory the peer moves, maybe into TRASH: what changed below it here and was not
-        captured is captured first (new entries as a relink walks them, files' registers), so that
-        the files below are judged against the move (edit_delete.py) as they would have been
-        linked: an edit or a new file there is kept, not lost with the directory."""
+    def content_moved_on(self, txn: lmdb.Transaction[bytes], obj: bytes, ino: int) -> bool:
+        """While paused: was `obj`'s file written since its note (since its last captured content
+        version)? Then that version's bytes are gone from the file: it ships as `Superseded`, and
+        the resume sends the content the file holds (link.py, `shipping`)."""
+        if not self.capture_paused(txn):
+            return False
+        noted = txn.get(KEPT_MAP + obj, db=self.meta)
+        inode = self.ns.get_inode(txn, ino)
+        return noted is not None and inode is not None and self._as_kept(txn, inode)[KEPT_HEAD:] != bytes(noted)[KEPT_HEAD:]
+
+    def _renamed_here(self, txn: lmdb.Transaction[bytes], obj: bytes) -> bool:
+        """Is an entry of `obj` no longer where the tables show it (renamed or deleted here)?"""
         ino = self._ino(txn, obj)
-        inode = None if ino is None else self.ns.get_inode(txn, ino)
-        if inode is None or not inode.is_dir:
-            return
-        for below in self._files_below(txn, inode.ino):
-            self._capture_uncaptured(txn, below)
-            self._refresh_note(txn, below)
-        moves: Moves = []
-        self._relink_below(txn, inode.ino, {}, moves, now_ns)
-        if moves:
-            self._local_moves(txn, moves, now_ns)
+        for key, _ in scan(txn, self.db["sobjents"], obj):
+            shown = self._shown(txn, bytes(key[len(obj):]))
+            if shown is not None and self.ns.lookup(txn, *shown) != ino:
+                return True
+        return False
 
     def _refresh_note(self, txn: lmdb.Transaction[bytes], obj: bytes) -> None:
         """`obj`'s note says what it holds now: what the peer holds too, after its operation."""

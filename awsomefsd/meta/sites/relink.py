@@ -189,3 +189,5 @@ class SiteRelink(SiteCapture):
 
 
 _ATTRS = struct.Struct(">IIIqq")
+KEPT_HEAD = _ATTRS.size
+"""A note's attributes; what follows is a regular file's content sum (`_as_kept`)."""
