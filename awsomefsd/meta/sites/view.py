@@ -150,10 +150,7 @@ class SiteView(EditAgainstDelete, SiteVolumes):
         parent_ino, name = where
         txn.delete(u64(parent_ino) + name, db=self.db["snames"])
         self._put_entry(txn, node, self._entry_object(txn, node), 0, b"")
-        # The name holds another inode only while capture is paused (bound.py): renamed here, the
-        # name taken again, not captured yet. That entry is this site's, not the tree's: it stays.
-        found = self.ns.lookup(txn, parent_ino, name) if entry_too else None
-        if found is None or found != self._ino(txn, self._entry_object(txn, node)):
+        if not entry_too or self.ns.lookup(txn, parent_ino, name) is None:
             return
         child_ino = self.ns.remove_entry(txn, parent_ino, name)
         self._entries.append((parent_ino, name))
