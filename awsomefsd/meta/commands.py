@@ -482,9 +482,9 @@ class Batch(Command[list[object]]):
 BASE_LOG_LEVEL = 3
 """The level of a cluster that never recorded one: formed by builds before the gate, which decode
 command tags 1-32 (meta/codec.py) in format 3."""
-LOG_LEVEL = 17
-"""The newest commands this build decodes. 17: PauseCapture, ResumeCapture (a bounded outbox:
-meta/sites/bound.py). 16: an unlink keeps a site's tables for a relink, and
+LOG_LEVEL = 18
+"""The newest commands this build decodes. 18: PauseCapture, ResumeCapture (a bounded outbox:
+meta/sites/bound.py; 15 and 17 are FoldCapture's and UnlinkClosed's, on other branches). 16: an unlink keeps a site's tables for a relink, and
 no site id outlives its inode (meta/sites/, RELINK_LEVEL). 14: the other site's edits judged, and deleted
 directories released, alike whatever each site forgot (meta/sites/, SITE_PATHS_LEVEL). 13: MakeTmpfile, LinkTmpfile (open's O_TMPFILE). 12: mkdir has no subdirectory limit (meta/cluster_sm.py,
 UNLIMITED_SUBDIRS_LEVEL). 11: volumes replicate to the other site (a member
@@ -507,7 +507,7 @@ COMMAND_LEVELS: dict[type, int] = {
     PunchHole: 4, CloneRange: 4, SetLogLevel: 4, Preallocate: 5,
     PlanTierObject: 6, CommitTierObject: 6, AbandonTierObjects: 6, ForgetTierObjects: 6,
     LinkSite: 10, UnlinkSite: 7, ApplyRemote: 7, ForgetSite: 7, ResolveConflict: 8, ApplyRemoteSharing: 9,
-    UpdateSiteLink: 10, MakeTmpfile: 13, LinkTmpfile: 13, PauseCapture: 17, ResumeCapture: 17,
+    UpdateSiteLink: 10, MakeTmpfile: 13, LinkTmpfile: 13, PauseCapture: 18, ResumeCapture: 18,
 }
 VOLUMES_LEVEL = 11
 """From this level on, a linked cluster ships its volumes (no command of its own: what every
