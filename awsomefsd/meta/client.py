@@ -354,9 +354,9 @@ class MetaClient:
         """(open conflicts, all conflicts)."""
         return self._sm.sites.conflict_counts(self._view())
 
-    def site_pending(self, after: Stamp | None, limit: int = 1 << 20) -> int:
-        """Operations after the peer's acknowledgement `after`: what it has not applied yet (at most `limit`)."""
-        return self._sm.sites.pending_after(self._view(), after, limit)
+    def site_pending(self, after: Stamp | None) -> int:
+        """Operations after the peer's acknowledgement `after`: what it has not applied yet."""
+        return self._sm.sites.pending_after(self._view(), after)
 
     # -- the cluster ------------------------------------------------------------------------------
     def cluster_info(self) -> ClusterInfo | None:

@@ -48,7 +48,7 @@ class OutboxBound(Endpoint):
             # What the peer applied stays until both sites forget it: only what it has not counts
             # (counted only past the bound: the entries are one LMDB stat).
             size = self.meta.site_outbox_operations()
-            if bound and size > bound and self.meta.site_pending(self.state.peer_applied, bound + 1) > bound \
+            if bound and size > bound and self.meta.site_pending(self.state.peer_applied) > bound \
                     and self.meta.may_propose(c.PauseCapture):
                 await self.meta.propose(c.PauseCapture(time.time_ns()))
                 log.warning("site: the outbox holds %d operations, over its bound (%d, [site] "
