@@ -167,6 +167,10 @@ def render_status(info: dict[str, Any]) -> str:
         + (f"\n  from the peer: REFUSED, {inn['refused']}" if inn.get("refused") else ""),
         f"  conflicts: {info['open_conflicts']} open, {info['conflicts_total']} in all (`awsomefsd site conflicts`)",
     ]
+    if info.get("capture_paused"):
+        lines.append(f"  capture paused: outbox over the bound ({info['outbox_operations']} operations, bound "
+                     f"{info['outbox_max_operations']}); what changes here is sent once the peer applied the "
+                     "outbox, one operation per change")
     return "\n".join(lines)
 
 

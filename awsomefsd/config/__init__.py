@@ -249,6 +249,10 @@ class SiteSettings(Section):
                                    "(a larger file travels in chunks of this size)")
     pushes_in_flight: int = Field(8, ge=1, le=64, description="pushes sent to the other site and not yet "
                                   "acknowledged at most (the other site applies them in order)")
+    outbox_max_operations: int = Field(1_000_000, ge=0, description="operations the outbox holds at most while "
+                                       "the other site is away: past it capture pauses, and once the other site "
+                                       "applied the outbox what changed meanwhile is sent (one operation per "
+                                       "change, not per command). 0: no bound")
 
 
 class LogSettings(Section):

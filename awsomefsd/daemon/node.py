@@ -531,7 +531,8 @@ async def _start_site(nursery: trio.Nursery, core: Core, settings: Settings, mem
                            pushes_in_flight=settings.site.pushes_in_flight,
                            applied=lambda command, result: invalidator.submit(targets(command, result)),
                            elsewhere=(lambda: None) if member is None else member.elsewhere,
-                           credentials=None if member is None else member.credentials)
+                           credentials=None if member is None else member.credentials,
+                           outbox_max_operations=settings.site.outbox_max_operations)
         core.data.compactor.moved = site.blocks_moved
         await nursery.start(site.run)
     except (ValueError, OSError) as exc:

@@ -225,6 +225,8 @@ RULES: dict[type, Rule] = {
     c.ForgetSite: _nothing,
     c.FoldCapture: _nothing,  # what it folds shows nothing new (meta/sites/capture.py, DEFERRED)
     c.UpdateSiteLink: _nothing,
+    c.PauseCapture: _nothing,
+    c.ResumeCapture: _nothing,  # a name group it shows again is heard as a capture's (`local_side_effects`)
     c.ApplyRemote: _applied_remote,
     c.ApplyRemoteSharing: _applied_remote,
     c.ResolveConflict: _applied_remote,

@@ -309,6 +309,14 @@ class MetaClient:
         """While unlinked: the site the link's tables are kept for (a relink to it re-pairs), or None."""
         return self._sm.sites.kept_peer(self._view())
 
+    def site_capture_paused(self) -> bool:
+        """Is capture paused, the outbox over its bound (meta/sites/bound.py)?"""
+        return self._sm.sites.capture_paused(self._view())
+
+    def site_outbox_operations(self) -> int:
+        """The outbox's entries, acknowledged or not yet forgotten."""
+        return self._sm.sites.outbox_operations(self._view())
+
     def site_outbox(self, after: Stamp | None, limit: int) -> list[tuple[Stamp, bytes]]:
         """This site's operations after `after` (the peer's cursor), in stamp order."""
         return self._sm.sites.outbox(self._view(), after, limit)

@@ -386,6 +386,24 @@ class UnlinkSite(Command[None]):
 
 
 @dataclass(frozen=True, slots=True)
+class PauseCapture(Command[None]):
+    """The outbox passed `[site] outbox_max_operations` (the peer away for long): stop capturing,
+    keeping the link, after noting what each object is as the peer was last told
+    (meta/sites/bound.py). The outbox still ships; the peer's operations still apply."""
+
+    now_ns: int
+
+
+@dataclass(frozen=True, slots=True)
+class ResumeCapture(Command[int]):
+    """The peer acknowledged the whole outbox: capture what changed here while paused, as a relink
+    does (cost follows the objects changed, not the commands run), and capture again from now on.
+    Returns the number of operations that puts in the outbox."""
+
+    now_ns: int
+
+
+@dataclass(frozen=True, slots=True)
 class UpdateSiteLink(Command[None]):
     """What the linked site says of itself now (its answer to `Cursor`), kept with the link: the
     addresses its members listen at (members come and go after pairing) and the serials of its
@@ -486,11 +504,12 @@ class Batch(Command[list[object]]):
 BASE_LOG_LEVEL = 3
 """The level of a cluster that never recorded one: formed by builds before the gate, which decode
 command tags 1-32 (meta/codec.py) in format 3."""
-LOG_LEVEL = 17
-"""The newest commands this build decodes. 17: UnlinkClosed (a closed file's unlink and purge in
-one command). 16: an unlink keeps a site's tables for a relink, and no site id outlives its inode
-(meta/sites/, RELINK_LEVEL). 15: FoldCapture (a linked site's creates, attributes and content
-captured later, in batches: meta/sites/, FOLD_LEVEL). 14: the other site's edits judged, and deleted
+LOG_LEVEL = 18
+"""The newest commands this build decodes. 18: PauseCapture, ResumeCapture (a bounded outbox:
+meta/sites/bound.py). 17: UnlinkClosed (a closed file's unlink and purge in one command). 16: an
+unlink keeps a site's tables for a relink, and no site id outlives its inode (meta/sites/,
+RELINK_LEVEL). 15: FoldCapture (a linked site's creates, attributes and content captured later, in
+batches: meta/sites/, FOLD_LEVEL). 14: the other site's edits judged, and deleted
 directories released, alike whatever each site forgot (meta/sites/, SITE_PATHS_LEVEL). 13: MakeTmpfile, LinkTmpfile (open's O_TMPFILE). 12: mkdir has no subdirectory limit (meta/cluster_sm.py,
 UNLIMITED_SUBDIRS_LEVEL). 11: volumes replicate to the other site (a member
 captures CreateVolume, ResizeVolume and DeleteVolume, and applies the other site's `VolumeSet`
@@ -513,6 +532,7 @@ COMMAND_LEVELS: dict[type, int] = {
     PlanTierObject: 6, CommitTierObject: 6, AbandonTierObjects: 6, ForgetTierObjects: 6,
     LinkSite: 10, UnlinkSite: 7, ApplyRemote: 7, ForgetSite: 7, ResolveConflict: 8, ApplyRemoteSharing: 9,
     UpdateSiteLink: 10, MakeTmpfile: 13, LinkTmpfile: 13, FoldCapture: 15, UnlinkClosed: 17,
+    PauseCapture: 18, ResumeCapture: 18,
 }
 VOLUMES_LEVEL = 11
 """From this level on, a linked cluster ships its volumes (no command of its own: what every

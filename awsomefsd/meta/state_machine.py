@@ -124,6 +124,8 @@ class StateMachine:
         on(c.ForgetSite, lambda txn, cmd: self.sites.forget(txn, cmd))
         on(c.FoldCapture, lambda txn, cmd: self.sites.fold(txn, max(cmd.limit, 1)))
         on(c.UpdateSiteLink, lambda txn, cmd: self.sites.update_link(txn, cmd))
+        on(c.PauseCapture, lambda txn, cmd: self.sites.pause_capture(txn))
+        on(c.ResumeCapture, lambda txn, cmd: self.sites.resume_capture(txn, cmd.now_ns))
         on(c.ResolveConflict, lambda txn, cmd: self.sites.resolve(txn, cmd))
         on(c.MakeTmpfile, lambda txn, cmd: make_tmpfile(self, txn, cmd))
         on(c.LinkTmpfile, lambda txn, cmd: link_tmpfile(self, txn, cmd))

@@ -56,6 +56,9 @@ class Control(Endpoint):
                         "refused": self.state.inbound_refused},
             "open_conflicts": open_conflicts,
             "conflicts_total": conflicts_total,
+            "capture_paused": link is not None and self.meta.site_capture_paused(),
+            "outbox_operations": self.meta.site_outbox_operations() if link else 0,
+            "outbox_max_operations": self.outbox_max_operations,
             "kept_for": None if link is not None or (kept := self.meta.site_kept_peer()) is None
             else str(uuid.UUID(bytes=kept)),  # unlinked: linking this site again pairs up what both hold
         }
@@ -68,6 +71,10 @@ class Control(Endpoint):
         if info["elsewhere"] is not None or not info["linked"]:
             return  # the link's figures are the member's that runs it (a cluster's leader), once linked
         yield gauge("awsomefs_site_link_up", "1 when the link to the other site is up", int(info["link_up"]))
+        yield gauge("awsomefs_site_capture_paused", "1 while capture is paused, the outbox over its bound "
+                    "([site] outbox_max_operations)", int(info["capture_paused"]))
+        yield gauge("awsomefs_site_outbox_operations", "operations the outbox holds (applied by the other site "
+                    "or not, until both sites forget them)", info["outbox_operations"])
         for direction in ("outbound", "inbound"):
             yield gauge(f"awsomefs_site_{direction}_pending_operations",
                         f"operations not yet applied by the receiving site ({direction})",

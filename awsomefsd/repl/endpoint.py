@@ -95,6 +95,8 @@ class Endpoint:
     """None while this node runs the link, else where it runs (`SiteService`)."""
     batch_operations: int
     batch_bytes: int
+    outbox_max_operations: int
+    """`[site] outbox_max_operations` (0: no bound; repl/bound.py)."""
     mount: Path | None
     credentials: NodeCredentials
     state: LinkState

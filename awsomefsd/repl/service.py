@@ -7,6 +7,7 @@ together and runs them, with the two listeners the peer calls.
   pinned peer CA (repl/endpoint.py's `check_caller`); its calls are received by repl/receiver.py.
 - **The shipper** (repl/shipper.py) pushes this site's operations to the peer, large versions as
   deltas against what the peer holds (repl/bases.py).
+- **The outbox's bound** (repl/bound.py) pauses capture while the peer is away too long.
 - **The `site` commands** are answered by repl/control.py.
 
 The jobs are mixins of repl/endpoint.py's `Endpoint`, sharing this one object's state.
@@ -35,6 +36,7 @@ from awsomefsd.crdt import wire
 from awsomefsd.fs.data import FileData
 from awsomefsd.fs.operations import Operations
 from awsomefsd.meta.client import MetaClient
+from awsomefsd.repl.bound import OutboxBound
 from awsomefsd.repl.control import Control
 from awsomefsd.repl.endpoint import LINK_SERVICE, MAX_MESSAGE_BYTES, LinkState
 from awsomefsd.repl.folding import Folding
@@ -51,7 +53,7 @@ LISTEN_RETRY_S = 10.0
 """How often a member looks whether another member linked or unlinked the site."""
 
 
-class SiteService(Pairing, Receiver, Shipper, Control, Folding):
+class SiteService(Pairing, Receiver, Shipper, Control, Folding, OutboxBound):
     """The link to another site, every job of it on one object: it builds their shared state and
     runs the listeners, the shipper and the expiry of stagings while the site is linked."""
 
@@ -59,7 +61,7 @@ class SiteService(Pairing, Receiver, Shipper, Control, Folding):
                  listen: str, advertise: Callable[[], list[str]], batch_operations: int, batch_bytes: int,
                  mount: Path | None, pushes_in_flight: int = 8, applied: Callable[[object, object], None] = lambda command, result: None,
                  elsewhere: Callable[[], str | None] = lambda: None,
-                 credentials: NodeCredentials | None = None) -> None:
+                 credentials: NodeCredentials | None = None, outbox_max_operations: int = 0) -> None:
         """`applied(command, result)` hears of every ApplyRemote that committed: the mount's kernel
         caches must forget what it changed (no FUSE request told the kernel).
 
@@ -81,6 +83,7 @@ class SiteService(Pairing, Receiver, Shipper, Control, Folding):
         self.batch_bytes = batch_bytes
         self.pushes_in_flight = pushes_in_flight
         self._last_forget = 0.0
+        self.outbox_max_operations = outbox_max_operations
         self.mount = mount
         self.credentials = credentials or load_or_create(state_dir, site)
         self.state = LinkState()
@@ -126,6 +129,7 @@ class SiteService(Pairing, Receiver, Shipper, Control, Folding):
                     linked.start_soon(self._ship_while_running_the_link, link)
                     linked.start_soon(self._expire_staged)
                     linked.start_soon(self._fold_captures)
+                    linked.start_soon(self._keep_outbox_bounded)
                     await self._link_changed(link)
                     linked.cancel_scope.cancel()
                 self.state = LinkState()

@@ -43,7 +43,16 @@ from awsomefsd.meta.records import (
     volume_dir_name,
 )
 from awsomefsd.meta.sites import pending as p
-from awsomefsd.meta.sites.tables import ATTRS, CONTENT, EDIT_DELETE, KEPT_COPY, XATTR, Held, scan
+from awsomefsd.meta.sites.tables import (
+    ATTRS,
+    CAPTURE_PAUSED,
+    CONTENT,
+    EDIT_DELETE,
+    KEPT_COPY,
+    XATTR,
+    Held,
+    scan,
+)
 from awsomefsd.meta.sites.tree import Dirty, TableTree
 from awsomefsd.meta.sites.view import SiteView
 
@@ -66,9 +75,10 @@ class SiteCapture(SiteView):
     """Local commands recorded in the tree, the registers and the outbox."""
 
     def record(self, txn: lmdb.Transaction[bytes], cmd: object, result: Any) -> None:
-        """Capture what `cmd` (applied, with `result`) did, if the site is linked: its facts kept
-        for a fold later when it is `DEFERRED` and may wait, else now."""
-        if self.peer(txn) is None:
+        """Capture what `cmd` (applied, with `result`) did, if the site is linked and capture is
+        not paused (bound.py): its facts kept for a fold later when it is `DEFERRED` and may wait,
+        else now."""
+        if self.peer(txn) is None or txn.get(CAPTURE_PAUSED, db=self.meta) is not None:
             return
         if isinstance(cmd, DEFERRED) and self.folds_later(txn):
             facts = self._facts(txn, cmd, result)

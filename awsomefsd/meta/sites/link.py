@@ -24,14 +24,13 @@ from awsomefsd.crdt.tree import ROOT
 from awsomefsd.meta import commands as c
 from awsomefsd.meta.errors import FsError
 from awsomefsd.meta.records import ROOT_INO, read_u64, u64
-from awsomefsd.meta.sites.apply import SiteApply
+from awsomefsd.meta.sites.bound import SiteBound
 from awsomefsd.meta.sites.forget import SiteForget
-from awsomefsd.meta.sites.relink import SiteRelink
 from awsomefsd.meta.sites.resolve import SiteResolve
 from awsomefsd.meta.sites.tables import CONTENT, SITE_TABLES, scan, scan_from
 
 
-class SiteTables(SiteRelink, SiteApply, SiteForget, SiteResolve):
+class SiteTables(SiteBound, SiteForget, SiteResolve):
     """The site tables' semantics; the state machine calls in (`record`, `apply_remote`, ...)."""
 
     def link(self, txn: lmdb.Transaction[bytes], cmd: c.LinkSite) -> int:
@@ -168,13 +167,15 @@ class SiteTables(SiteRelink, SiteApply, SiteForget, SiteResolve):
         whose bytes are that version (the file while it shows it, the sibling a conflict kept it
         in). A version a later one of this site replaced is sent as `Superseded`: only the
         newest bytes travel; so is one of an object this site no longer has (released after its
-        every entry was deleted): there are no bytes to send, and the peer deleted it too."""
+        every entry was deleted): there are no bytes to send, and the peer deleted it too; and,
+        while capture is paused, one whose file was written since (bound.py: the resume sends it)."""
         op = o.decode(raw)
         if not isinstance(op, o.ContentSet):
             return raw, None
         versions = self._versions(txn, op.object + CONTENT)
         ino = self._ino(txn, op.object)
-        if versions and versions[0].stamp == op.stamp and ino is not None:
+        if versions and versions[0].stamp == op.stamp and ino is not None \
+                and not self.content_moved_on(txn, op.object, ino):  # written since, capture paused
             return raw, ino
         # A version kept in /.conflicts ships from there even once settled here: the peer keeps it too.
         record = txn.get(op.stamp.pack() + b"c", db=self.db["sconflicts"])

@@ -36,6 +36,10 @@ Moves = list[tuple[bytes, int, bytes]]
 class SiteRelink(SiteCapture):
     """The link paused by `site unlink`, and resumed by linking the same site again."""
 
+    def keep_paused_notes(self, txn: lmdb.Transaction[bytes]) -> bool:
+        """Was capture paused (bound.py, which keeps its notes for the relink)? Not here."""
+        return False
+
     def keep_for_relink(self, txn: lmdb.Transaction[bytes], peer: bytes) -> None:
         """Unlink, keeping everything a relink to `peer` needs: only the link itself (the peer's
         address and CA) goes. Each object's attributes and content are noted (`_as_kept`), to
@@ -43,6 +47,8 @@ class SiteRelink(SiteCapture):
         txn.delete(b"peer", db=self.meta)
         txn.delete(b"link", db=self.meta)
         txn.put(KEPT_PEER, peer, db=self.meta)
+        if self.keep_paused_notes(txn):  # capture was paused: the notes say what the peer was told
+            return
         for key, value in scan(txn, self.db["sinos"], b""):
             inode = self.ns.get_inode(txn, read_u64(bytes(key)))
             if inode is not None:
@@ -183,3 +189,5 @@ class SiteRelink(SiteCapture):
 
 
 _ATTRS = struct.Struct(">IIIqq")
+KEPT_HEAD = _ATTRS.size
+"""A note's attributes; what follows is a regular file's content sum (`_as_kept`)."""

@@ -71,9 +71,12 @@ KEPT_PEER = b"kept_peer"
 keeps the ids, the tree, the registers, the clock and the cursors, so that linking that site
 again re-pairs the same objects: meta/sites/relink.py)."""
 KEPT_MAP = b"kept-map:"
-"""Key prefix in the `sites` table, while unlinked: object -> a hash of the file's content when
+"""Key prefix in the `sites` table, while unlinked or capture is paused: object -> a hash of the file's content when
 it was unlinked (its size and each block's checksum), which the relink compares to tell a
 content changed meanwhile from one only renamed or chmodded (mtime alone can be set back)."""
+CAPTURE_PAUSED = b"capture_paused"
+"""Key in the `sites` table, while the outbox is over its bound: capture is paused, each object's
+state as the peer was last told noted under `KEPT_MAP` (meta/sites/bound.py)."""
 KEPT_COPY = b"kept-copy:"
 """Key prefix in the `sites` table: object + loser stamp of a settled content conflict whose copy
 stays until a later version from the loser's own site supersedes it (`_settle`)."""
