@@ -89,13 +89,7 @@ class SiteTables(SiteBound, SiteForget, SiteResolve):
         last name went become orphans."""
         kept = [inode for ino in self.kept_inodes(txn)
                 if (inode := self.ns.get_inode(txn, ino)) is not None and inode.nlink == 0]
-        for ino in self.kept_inodes(txn):
-            inode = self.ns.get_inode(txn, ino)
-            if inode is not None and inode.is_dir and inode.nlink == 0:
-                self._release_below(txn, ino, [])  # a deleted volume's files: nothing keeps them now
-        for name in SITE_TABLES:
-            if name not in ("sconflicts",):
-                txn.drop(self.db[name], delete=False)
+        self._release_and_drop(txn, self.kept_inodes(txn))
         for inode in kept:
             self._sm.orphan(txn, inode)
 
@@ -107,6 +101,15 @@ class SiteTables(SiteBound, SiteForget, SiteResolve):
         kept = sorted(set(self.kept_inodes(txn)) | {
             ino for ino in (read_u64(bytes(key)) for key, _ in scan(txn, self.db["sinos"], b""))
             if (inode := self.ns.get_inode(txn, ino)) is not None and inode.nlink == 0})
+        self._release_and_drop(txn, kept)
+        for ino in kept:
+            inode = self.ns.get_inode(txn, ino)
+            if inode is not None and inode.nlink == 0:
+                self._sm.orphan(txn, inode)
+
+    def _release_and_drop(self, txn: lmdb.Transaction[bytes], kept: list[int]) -> None:
+        """Release what is below each deleted directory of `kept`, then drop every site table but
+        the recorded conflicts."""
         for ino in kept:
             inode = self.ns.get_inode(txn, ino)
             if inode is not None and inode.is_dir and inode.nlink == 0:
@@ -114,10 +117,6 @@ class SiteTables(SiteBound, SiteForget, SiteResolve):
         for name in SITE_TABLES:
             if name not in ("sconflicts",):
                 txn.drop(self.db[name], delete=False)
-        for ino in kept:
-            inode = self.ns.get_inode(txn, ino)
-            if inode is not None and inode.nlink == 0:
-                self._sm.orphan(txn, inode)
 
     def link_info(self, txn: lmdb.Transaction[bytes]) -> dict[str, Any] | None:
         """The peer as LinkSite recorded it: its id, CA certificate and addresses (and, once it
