@@ -28,6 +28,7 @@ pytestmark = [
     pytest.mark.mounted,
     pytest.mark.skipif(os.geteuid() != 0 or not os.path.exists("/dev/fuse"), reason="needs root and /dev/fuse"),
     pytest.mark.skipif(not ENABLE_URING.exists(), reason="this kernel has no FUSE over io_uring (Linux 6.14+)"),
+    pytest.mark.xdist_group("enable_uring"),  # one worker: each test sets the module-wide parameter
 ]
 KERNEL = {"AWSOMEFS_MOUNT__TRANSPORT": "kernel"}
 EXIT_HANDED_OVER = 75
