@@ -26,7 +26,7 @@ from tests.repl.test_sites_relink import (
     settle,
     write,
 )
-from tests.repl.test_sites_sm import Site, conflicts_folder, linked_pair, random_command, ship
+from tests.repl.test_sites_sm import Site, conflicts_folder, linked_pair, random_step, ship
 from tests.support import seeds
 
 BOUND = 20
@@ -229,19 +229,7 @@ def run_bounded(tmp_path: Path, seed: int, steps: int = 200, bound: int = 12) ->
             site.apply(c.ResumeCapture(site.tick()))
 
     for _ in range(steps):
-        roll = rng.random()
-        if roll < 0.1:
-            ship(a, b, rng, forget=rng.random() < 0.5)
-        elif roll < 0.2:
-            ship(b, a, rng, forget=rng.random() < 0.5)
-        else:
-            site = a if rng.random() < 0.5 else b
-            command = random_command(rng, site)
-            if command is not None:
-                try:
-                    site.apply(command)
-                except FsError:
-                    pass
+        random_step(rng, a, b)
         look(a, b)
         look(b, a)
     while paused(a) or paused(b) or ship(a, b) + ship(b, a):

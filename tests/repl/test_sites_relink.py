@@ -25,11 +25,13 @@ from awsomefsd.meta.sites.relink import SiteRelink
 from awsomefsd.meta.sites.tables import SiteRecords
 from tests.repl.test_sites_sm import (
     Site,
+    apply_refusable,
     conflict_keys,
     conflicts_folder,
     kept_copies,
     linked_pair,
     random_command,
+    random_step,
     run_seeds,
     ship,
     unreachable_inodes,
@@ -216,19 +218,7 @@ MANY_SEEDS = seeds.fresh_range("sites-relink-many", 400)
 
 def random_round(rng: random.Random, a: Site, b: Site, steps: int, *, linked: bool) -> None:
     for _ in range(steps):
-        roll = rng.random()
-        if linked and roll < 0.1:
-            ship(a, b, rng, forget=rng.random() < 0.5)
-        elif linked and roll < 0.2:
-            ship(b, a, rng, forget=rng.random() < 0.5)
-        else:
-            site = a if rng.random() < 0.5 else b
-            command = random_command(rng, site)
-            if command is not None:
-                try:
-                    site.apply(command)
-                except FsError:
-                    pass
+        random_step(rng, a, b, linked=linked)
 
 
 @pytest.mark.parametrize("seed", SEEDS)
@@ -250,12 +240,7 @@ def test_random_changes_around_an_unlink_and_a_relink_converge_and_pair_up_what_
     a.apply(c.UnlinkSite(a.tick()))
     if rng.random() < 0.5:  # b was not told (a partition): it captures on until unlinked there too
         for _ in range(rng.randint(1, 15)):
-            command = random_command(rng, b)
-            if command is not None:
-                try:
-                    b.apply(command)
-                except FsError:
-                    pass
+            apply_refusable(b, random_command(rng, b))
     b.apply(c.UnlinkSite(b.tick()))
     random_round(rng, a, b, 40, linked=False)
     new = sum(len(set(shown_inodes(site)) - before) for site, before in zip((a, b), inodes_before))
@@ -347,12 +332,7 @@ def test_nothing_kept_grows_while_unlinked(tmp_path: Path) -> None:
     before = rows(a)
     rng = random.Random(5)
     for _ in range(300):
-        command = random_command(rng, a)
-        if command is not None:
-            try:
-                a.apply(command)
-            except FsError:
-                pass
+        apply_refusable(a, random_command(rng, a))
     assert rows(a) <= before
 
 

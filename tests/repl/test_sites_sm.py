@@ -261,6 +261,31 @@ def linked_pair(tmp_path: Path, site_class: type[Site] = Site) -> tuple[Site, Si
     return a, b
 
 
+def apply_refusable(site: Site, command: object | None) -> None:
+    """Apply `command` (None: nothing); refused by the namespace rules (EXDEV, EDQUOT...), like a
+    user's call, it changes nothing and captures nothing: part of the workload, not a failure."""
+    if command is not None:
+        try:
+            site.apply(command)
+        except FsError:
+            pass
+
+
+def random_step(rng: random.Random, a: Site, b: Site, *, linked: bool = True,
+                make: Callable[[random.Random, Site, float], object | None] =
+                lambda rng, site, _roll: random_command(rng, site)) -> None:
+    """One step of a random two-site run: while `linked`, a ship either way at random (a tenth of
+    the steps each), else a command (`make`, given the step's roll) on either site."""
+    roll = rng.random()
+    if linked and roll < 0.1:
+        ship(a, b, rng, forget=rng.random() < 0.5)
+    elif linked and roll < 0.2:
+        ship(b, a, rng, forget=rng.random() < 0.5)
+    else:
+        site = a if rng.random() < 0.5 else b
+        apply_refusable(site, make(rng, site, roll))
+
+
 def run(tmp_path: Path, seed: int, steps: int = 150, *, site_class: type[Site] = Site,
         make: Callable[[random.Random, Site, float], object | None] = lambda rng, site, _roll: random_command(rng, site),
         ) -> tuple[Site, Site]:
@@ -269,19 +294,7 @@ def run(tmp_path: Path, seed: int, steps: int = 150, *, site_class: type[Site] =
     rng = random.Random(seed)
     a, b = linked_pair(tmp_path, site_class)
     for _ in range(steps):
-        roll = rng.random()
-        if roll < 0.1:
-            ship(a, b, rng, forget=rng.random() < 0.5)
-        elif roll < 0.2:
-            ship(b, a, rng, forget=rng.random() < 0.5)
-        else:
-            site = a if rng.random() < 0.5 else b
-            command = make(rng, site, roll)
-            if command is not None:
-                try:
-                    site.apply(command)
-                except FsError:
-                    pass  # refused by the namespace rules (EXDEV, EDQUOT...), like a user's call: nothing captured
+        random_step(rng, a, b, make=make)
     while ship(a, b) + ship(b, a):
         pass
     return a, b
