@@ -202,13 +202,12 @@ class SiteRecords:
         goes with it, so that no object id outlives its inode and a number used again later
         (by a store restored, a repair, a proposer's reservation) never takes an old object's
         id: on a relink the new inode is a new object, and the old one's entries deletes."""
-        if not self.at_level(txn, c.RELINK_LEVEL):
+        obj = self.object_of(txn, ino)  # first: None for every inode of a site never linked
+        if obj is None or not self.at_level(txn, c.RELINK_LEVEL):
             return
-        obj = self.object_of(txn, ino)
-        if obj is not None and self._ino(txn, obj) == ino:
+        if self._ino(txn, obj) == ino:
             txn.delete(obj, db=self.db["sids"])
-        if obj is not None:
-            txn.delete(u64(ino), db=self.db["sinos"])
+        txn.delete(u64(ino), db=self.db["sinos"])
 
     def kept_peer(self, txn: lmdb.Transaction[bytes]) -> bytes | None:
         """While unlinked: the site whose link the tables are kept for (None: linked, or nothing kept)."""
