@@ -484,16 +484,22 @@ async def test_files_made_read_and_listed_through_the_protocol(fs: FakeKernel, c
     assert error == 0 and bsize == 4096 and namelen == 255 and 0 < bfree <= blocks
 
 
+async def create_written(fs: FakeKernel, name: bytes) -> tuple[int, int]:
+    """CREATE `name` in the root, open for writing, and WRITE b"bytes" to it: (its inode, its handle)."""
+    body = abi.CREATE_IN.pack(os.O_RDWR | os.O_CREAT, 0o100644, 0o022, 0) + name + b"\0"
+    error, out = await fs.call(Op.CREATE, abi.ROOT_ID, body)
+    assert error == 0
+    ino = entry_ino(out)
+    fh = abi.OPEN_OUT.unpack_from(out, abi.ENTRY_OUT.size + abi.ATTR.size)[0]
+    assert (await fs.call(Op.WRITE, ino, abi.WRITE_IN.pack(fh, 0, 5, 0, 0, 0, 0) + b"bytes"))[0] == 0
+    return ino, fh
+
+
 async def test_an_unlinked_file_goes_with_its_last_handle(fs: FakeKernel, core: Core) -> None:
     """Unlink deletes a closed file at once (its kernel reference alone keeps nothing); an open
     one stays readable, an orphan, until its handle is released, and then goes too."""
     for name, open_at_unlink in ((b"closed", False), (b"open", True)):
-        body = abi.CREATE_IN.pack(os.O_RDWR | os.O_CREAT, 0o100644, 0o022, 0) + name + b"\0"
-        error, out = await fs.call(Op.CREATE, abi.ROOT_ID, body)
-        assert error == 0
-        ino = entry_ino(out)
-        fh = abi.OPEN_OUT.unpack_from(out, abi.ENTRY_OUT.size + abi.ATTR.size)[0]
-        assert (await fs.call(Op.WRITE, ino, abi.WRITE_IN.pack(fh, 0, 5, 0, 0, 0, 0) + b"bytes"))[0] == 0
+        ino, fh = await create_written(fs, name)
         assert (await fs.call(Op.FLUSH, ino, abi.FLUSH_IN.pack(fh, 0, 0, 0)))[0] == 0
         if not open_at_unlink:
             assert (await fs.call(Op.RELEASE, ino, abi.RELEASE_IN.pack(fh, 0, 0, 0)))[0] == 0
@@ -508,12 +514,7 @@ async def test_an_unlinked_file_goes_with_its_last_handle(fs: FakeKernel, core: 
 async def test_a_closed_files_unlink_is_one_command(fs: FakeKernel, core: Core) -> None:
     """A single node unlinks and deletes a closed file with one command (UnlinkClosed), where it
     took an Unlink and a Purge; a file with another name left is only unlinked."""
-    body = abi.CREATE_IN.pack(os.O_RDWR | os.O_CREAT, 0o100644, 0o022, 0) + b"one\0"
-    error, out = await fs.call(Op.CREATE, abi.ROOT_ID, body)
-    assert error == 0
-    ino = entry_ino(out)
-    fh = abi.OPEN_OUT.unpack_from(out, abi.ENTRY_OUT.size + abi.ATTR.size)[0]
-    assert (await fs.call(Op.WRITE, ino, abi.WRITE_IN.pack(fh, 0, 5, 0, 0, 0, 0) + b"bytes"))[0] == 0
+    ino, fh = await create_written(fs, b"one")
     assert (await fs.call(Op.RELEASE, ino, abi.RELEASE_IN.pack(fh, 0, 0, 0)))[0] == 0
     assert (await fs.call(Op.LINK, abi.ROOT_ID, abi.U64.pack(ino) + b"two\0"))[0] == 0
     before = core.meta.applied_index
