@@ -47,6 +47,7 @@ if TYPE_CHECKING:  # imported where used: a restart waits for every module the d
 
     from awsomefsd.cluster.tls import NodeCredentials
     from awsomefsd.daemon.tiering import Tiering, TierReads
+    from awsomefsd.fuse.invalidate import Invalidator
     from awsomefsd.fuse.transport import Transport
     from awsomefsd.meta.replication.fs_log import ReplicatedFsLog
 
@@ -361,6 +362,7 @@ async def serve(core: Core, settings: Settings, *, ready: Callable[[str], None] 
     from awsomefsd.daemon.handover import SuccessorFirst, watch_signals
     from awsomefsd.fs.clock import use_kernel_clock
     from awsomefsd.fuse.eio import EioReporter
+    from awsomefsd.fuse.invalidate import Invalidator, decode_targets, encode_targets
     from awsomefsd.fuse.kernel import takeover
     from awsomefsd.fuse.kernel.keeper import SystemdStore, descriptor_store
     from awsomefsd.fuse.kernel.workers import worker_config
@@ -391,6 +393,7 @@ async def serve(core: Core, settings: Settings, *, ready: Callable[[str], None] 
         transport.mount()
     mounted = True
     handing_over = False
+    invalidator: Invalidator | None = None  # the kernel's caches of what the other site changes
     record = settings.node.state_dir / MOUNT_RECORD
     record.write_text(f"{resolved}\n")
 
@@ -436,8 +439,16 @@ async def serve(core: Core, settings: Settings, *, ready: Callable[[str], None] 
                                                  book=core.duties, period_s=RECLAIM_TICK_S))
             if tiering is not None:
                 await nursery.start(functools.partial(tiering.run, book=core.duties, runs_engine=runs_engines))
+            carried = decode_targets(transport.carried_invalidations())
+            if settings.site.listen or carried:
+                invalidator = Invalidator()
+                nursery.start_soon(invalidator.run)
+                invalidator.submit(carried)  # sent once the kernel is served (below)
+                if carried:
+                    log.info("sending %d kernel cache invalidations the daemon before handed over", len(carried))
             if settings.site.listen:
-                await _start_site(nursery, core, settings, member_site)
+                assert invalidator is not None
+                await _start_site(nursery, core, settings, member_site, invalidator)
             async def stopping() -> None:
                 _notify("STOPPING=1")
                 if transport.writeback_negotiated():
@@ -489,7 +500,8 @@ async def serve(core: Core, settings: Settings, *, ready: Callable[[str], None] 
                 # before the next one serves the mount (docs/fuse-transport.md, Restarts).
                 await core.ops.sync_all()
                 log.info("hand-over: what this daemon acknowledged is durable")
-                transport.hand_over(core.ops.handles.export())
+                transport.hand_over(core.ops.handles.export(),
+                                    encode_targets(invalidator.left()) if invalidator is not None else None)
                 log.info("handed the mount at %s over to the next daemon", mount)
                 if successor is not None:
                     successor.make_main()
@@ -504,13 +516,15 @@ async def serve(core: Core, settings: Settings, *, ready: Callable[[str], None] 
     return handing_over
 
 
-async def _start_site(nursery: trio.Nursery, core: Core, settings: Settings, member: MemberSite | None) -> None:
+async def _start_site(nursery: trio.Nursery, core: Core, settings: Settings, member: MemberSite | None,
+                      invalidator: Invalidator) -> None:
     """The link to another site ([site] listen) and the `site` commands' handlers: on a single
-    node on a control socket of their own, on a cluster member beside the member's."""
+    node on a control socket of their own, on a cluster member beside the member's. What the
+    other site changes is told to the kernel through `invalidator`."""
     from awsomefsd.cluster.rpc import ControlService
     from awsomefsd.cluster.state import control_socket
     from awsomefsd.config.addresses import join_host_port, split_host_port
-    from awsomefsd.fuse.invalidate import Invalidator, changed_targets, targets
+    from awsomefsd.fuse.invalidate import changed_targets, targets
     from awsomefsd.repl.service import SiteService
     from awsomefsd.rpc.bridge import serve_grpc
 
@@ -520,8 +534,6 @@ async def _start_site(nursery: trio.Nursery, core: Core, settings: Settings, mem
         port = split_host_port(settings.site.listen)[1]
         return [join_host_port(host, port) for host in member.member_hosts()]
 
-    invalidator = Invalidator()
-    nursery.start_soon(invalidator.run)
     core.meta.hear_site_side_effects(lambda changed: invalidator.submit(changed_targets(changed)))
     try:
         site = SiteService(core.meta, core.data, core.ops, site=core.superblock.cluster_id,

@@ -63,6 +63,24 @@ class Target:
         return cls(Kind.ENTRY, parent, name)
 
 
+def encode_targets(items: Iterable[Target]) -> list[list[Any]]:
+    """Targets as JSON rows, for the session record a hand-over leaves (fuse/kernel/takeover.py)."""
+    return [[t.kind.value, t.ino, t.name.hex()] for t in items]
+
+
+def decode_targets(rows: Iterable[Any]) -> list[Target]:
+    """`encode_targets` read back; a row that is not one is skipped and logged (the record is
+    ours, so that is a bug or a damaged file: its cache entry then waits for its timeout)."""
+    decoded = []
+    for row in rows:
+        try:
+            kind, ino, name = row
+            decoded.append(Target(Kind(kind), int(ino), bytes.fromhex(name)))
+        except (TypeError, ValueError) as exc:
+            log.warning("ignoring a kernel invalidation the daemon before handed over: %r (%s)", row, exc)
+    return decoded
+
+
 def compact(items: Iterable[Target]) -> list[Target]:
     """Drop repeats, keeping first positions; attributes-only of an inode also invalidated in full
     become the full invalidation (it drops the attributes too)."""
@@ -338,6 +356,9 @@ class Invalidator:
         self.errors = 0
         self.dropped = 0
         self._pending: dict[Target, None] = {}  # an ordered set
+        self._in_flight: list[Target] = []  # the batch on the worker thread
+        self._sent = 0  # how many of it the worker has sent (or found nothing cached for)
+        self._left: dict[Target, None] = {}  # not sent when run() ended: `left()`
         self._submitted = 0  # one ticket per submit() that left something pending
         self._done = 0  # every ticket up to this one is processed
         self._wakeup = trio.Event()
@@ -351,8 +372,9 @@ class Invalidator:
         return len(self._pending)
 
     def submit(self, items: Iterable[Target]) -> None:
-        """Queue targets for the worker. After run() ended (the mount is gone) this does nothing."""
+        """Queue targets for the worker. After run() ended they are kept for `left()`."""
         if self._closed:
+            self._keep(items)
             return
         for t in items:
             if t in self._pending:
@@ -369,6 +391,22 @@ class Invalidator:
             self._submitted += 1
             self._wakeup.set()
 
+    def left(self) -> list[Target]:
+        """What run() had not sent to the kernel when it ended, in order: the rest of the batch it
+        was sending, the queue, and what was submitted since. A daemon handing its mount over
+        passes them to the next one, which sends them once it serves (a notification may wait for
+        a request to be answered, so none can be sent after serving stopped); dropping them would
+        leave a name, or a file's pages, cached stale until a timeout or for ever."""
+        assert self._closed, "left() is read after run() ended"
+        return list(self._left)
+
+    def _keep(self, items: Iterable[Target]) -> None:
+        for t in items:
+            if len(self._left) >= self.max_pending and t not in self._left:
+                self.dropped += 1
+                continue
+            self._left[t] = None
+
     async def drain(self) -> None:
         """Return once everything submitted before the call is processed (or run() has ended).
 
@@ -380,7 +418,7 @@ class Invalidator:
             await self._progress.wait()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Process batches until cancelled; call once. Targets left when it ends are discarded."""
+        """Process batches until cancelled; call once. Targets not sent when it ends: `left()`."""
         assert not self._started, "Invalidator.run() is called once"
         self._started = True
         task_status.started()
@@ -396,7 +434,9 @@ class Invalidator:
                 covered = self._submitted if not self._pending else None
                 if len(self._pending) < self.max_pending:
                     self._overflowing = False
-                done, errors = await trio.to_thread.run_sync(self._process, compact(batch))
+                self._in_flight, self._sent = compact(batch), 0
+                done, errors = await trio.to_thread.run_sync(self._process, self._in_flight)
+                self._in_flight = []
                 self.invalidations += done
                 self.errors += errors
                 if covered is not None:
@@ -405,11 +445,13 @@ class Invalidator:
                 self._progress = trio.Event()
         finally:
             self._closed = True
+            self._keep([*self._in_flight[self._sent:], *self._pending])
             self._pending.clear()
             self._progress.set()
 
     def _process(self, batch: list[Target]) -> tuple[int, int]:
-        """On the worker thread: (done, failed). Checks for cancellation between notifications."""
+        """On the worker thread: (done, failed). Checks for cancellation between notifications;
+        `_sent` counts those the kernel was given (read once the thread has returned)."""
         done = failed = 0
         first: tuple[Target, OSError] | None = None
         for t in batch:
@@ -420,10 +462,13 @@ class Invalidator:
                 else:
                     self.kernel.invalidate_inode(t.ino, t.kind is Kind.ATTR)
             except OSError as exc:
+                self._sent += 1
                 if exc.errno != errno.ENOENT:
                     failed += 1
                     first = first or (t, exc)
                     continue
+            else:
+                self._sent += 1
             done += 1
         if first is not None:
             log.warning("%d of %d kernel cache invalidations failed; first %s: %s", failed, len(batch), *first)

@@ -55,9 +55,13 @@ class Transport(Protocol):
     def resume_serving(self) -> None:
         """After `stop_serving`: the next `serve` reads requests again (a hand-over called off)."""
 
-    def hand_over(self, handles: dict[str, Any]) -> None:
-        """Leave the mount to the next daemon: record the session with `handles`, let go of the
-        descriptor without unmounting."""
+    def hand_over(self, handles: dict[str, Any], invalidations: list[list[Any]] | None = None) -> None:
+        """Leave the mount to the next daemon: record the session with `handles` and the kernel
+        invalidations not yet sent (`encode_targets`), let go of the descriptor without unmounting."""
+
+    def carried_invalidations(self) -> list[list[Any]]:
+        """The invalidations the daemon before handed over unsent, for this one to send once it
+        serves (empty after a crash or a fresh mount)."""
 
     def can_hand_over(self) -> bool:
         """Is there a descriptor store the next daemon can take the mount from?"""
@@ -120,6 +124,7 @@ class KernelTransport:
         self.session: Session | None = None
         self.record: SessionRecord | None = None
         """The session record this daemon keeps (written at INIT or when it continued a mount)."""
+        self.carried: list[list[Any]] = []
         self.read_workers = read_workers if ops.coherence is None else None
         if read_workers is not None and self.read_workers is None:
             log.warning("[mount] read_workers applies to a single node (docs/multicore.md, step 1): ignored")
@@ -196,7 +201,8 @@ class KernelTransport:
         self.mounted = True
         self.adopted = "handed over" if record.handles is not None else "crash"
         self.ops.handles.take_over(record.handles)
-        self.record = dataclasses.replace(record, handles=None)
+        self.carried = record.invalidations or []
+        self.record = dataclasses.replace(record, handles=None, invalidations=None)
         takeover.save(self.state_dir, self.record)  # a crash from now on is a crash of this daemon
         self.session = self._session(Negotiated(record.minor, record.flags, record.max_write))
         if record.handles is None:
@@ -267,11 +273,12 @@ class KernelTransport:
         if self.session is not None:
             self.session.resume_reading()
 
-    def hand_over(self, handles: dict[str, Any]) -> None:
+    def hand_over(self, handles: dict[str, Any], invalidations: list[list[Any]] | None = None) -> None:
         from awsomefsd.fuse.kernel import takeover
 
         assert self.state_dir is not None and self.record is not None, "a hand-over needs a descriptor store"
-        takeover.save(self.state_dir, dataclasses.replace(self.record, handles=handles))
+        takeover.save(self.state_dir, dataclasses.replace(self.record, handles=handles,
+                                                          invalidations=invalidations or None))
         MOUNTED.attach(None)
         self.mounted = False
         if self.pool is not None:
@@ -279,6 +286,9 @@ class KernelTransport:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+    def carried_invalidations(self) -> list[list[Any]]:
+        return self.carried
 
     def can_hand_over(self) -> bool:
         return self.store is not None and self.mounted and self.record is not None
@@ -374,8 +384,11 @@ class Pyfuse3Transport:
     def resume_serving(self) -> None:
         raise AssertionError("pyfuse3 cannot hand a mount over")
 
-    def hand_over(self, handles: dict[str, Any]) -> None:
+    def hand_over(self, handles: dict[str, Any], invalidations: list[list[Any]] | None = None) -> None:
         raise AssertionError("pyfuse3 cannot hand a mount over")
+
+    def carried_invalidations(self) -> list[list[Any]]:
+        return []
 
     def writeback_negotiated(self) -> bool:
         return False

@@ -12,6 +12,7 @@ process that forks while the mount has none)."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -55,8 +56,8 @@ class Rig:
     keeper: subprocess.Popen[str]
     env: dict[str, str]
 
-    def daemon(self) -> Daemon:
-        return Daemon(self.base / "state", self.base / "mnt", size="2G", env=self.env)
+    def daemon(self, extra: list[str] | None = None) -> Daemon:
+        return Daemon(self.base / "state", self.base / "mnt", size="2G", env=self.env, extra=extra)
 
 
 @pytest.fixture
@@ -483,6 +484,46 @@ def test_after_a_crash_deleted_files_free_their_space_once_nothing_holds_them(ri
         wait_for(lambda: _free_bytes(second.mount) > freed_held, 30,
                  "the space of the held file to come back once its last descriptor closed")
         assert second.stop() == 0, second.logs()
+    finally:
+        for d in (first, second):
+            if d is not None:
+                d.stop_hard()
+
+
+def test_kernel_invalidations_left_unsent_at_a_hand_over_are_sent_by_the_next_daemon(rig: Rig) -> None:
+    """A hand-over stops serving before the site link's last changes reach the kernel (a
+    notification may wait for a request, so none is sent after serving stops): the daemon
+    records what it had not sent (`Invalidator.left`) and the next one sends it. Here the record
+    is given one such target by hand, a cached absence of the root's name `late`; the next
+    daemon's invalidation shows as a LOOKUP the kernel had no reason to send otherwise."""
+    from awsomefsd.fuse.invalidate import Target, encode_targets
+    from awsomefsd.fuse.kernel.takeover import SESSION_FILE
+    from awsomefsd.meta.records import ROOT_INO
+    from tests.mounted.test_request_counts import Counted
+
+    metrics = ["--metrics-port", "0"]  # on a free port: Counted reads the requests there
+    first = rig.daemon(metrics).start()
+    second = None
+    try:
+        def look() -> None:
+            assert not (first.mount / "late").exists()
+
+        counted = Counted(first)
+        assert counted.during(look).get("lookup") == 1
+        assert "lookup" not in counted.during(look), "the kernel caches the absence"
+        first.proc.send_signal(signal.SIGUSR2)  # type: ignore[union-attr]
+        assert first.proc.wait(60) == EXIT_HANDED_OVER, first.logs()  # type: ignore[union-attr]
+        record_path = rig.base / "state" / SESSION_FILE
+        record = json.loads(record_path.read_text())
+        assert record["handles"] is not None and not record.get("invalidations"), "nothing was left unsent"
+        record["invalidations"] = encode_targets([Target.entry(ROOT_INO, b"late")])
+        record_path.write_text(json.dumps(record))
+
+        second = rig.daemon(metrics).start()
+        assert "sending 1 kernel cache invalidations" in second.logs(), second.logs()
+        counted = Counted(second)
+        wait_for(lambda: counted.during(look).get("lookup") == 1, 20, "the carried invalidation to reach the kernel")
+        assert "lookup" not in counted.during(look), "cached again after the lookup"
     finally:
         for d in (first, second):
             if d is not None:

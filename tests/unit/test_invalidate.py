@@ -4,6 +4,7 @@ that tells the kernel (against a fake kernel that records calls, fails or blocks
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import stat
 import threading
@@ -14,7 +15,7 @@ import trio
 import trio.testing
 
 from awsomefsd.fuse import invalidate as inv
-from awsomefsd.fuse.invalidate import Invalidator, Target
+from awsomefsd.fuse.invalidate import Invalidator, Target, decode_targets, encode_targets
 from awsomefsd.meta import cluster_commands as cc
 from awsomefsd.meta import commands as c
 from awsomefsd.meta.codec import COMMAND_TAGS
@@ -288,7 +289,7 @@ async def test_enoent_is_nothing_cached_and_other_errors_are_counted_and_logged(
     assert any("2 of 4" in r.getMessage() for r in caplog.records)
 
 
-async def test_cancelling_run_mid_batch_releases_drain_and_ignores_later_submits() -> None:
+async def test_cancelling_run_mid_batch_releases_drain_and_keeps_what_was_not_sent() -> None:
     kernel = FakeKernel()
     kernel.gates = {attr(F): threading.Event()}
     invalidator = Invalidator(kernel)
@@ -311,5 +312,28 @@ async def test_cancelling_run_mid_batch_releases_drain_and_ignores_later_submits
     assert kernel.calls == [attr(F)]
     invalidator.submit([attr(E)])
     assert invalidator.pending == 0
+    assert invalidator.left() == [attr(G), attr(E)], "the rest of the batch, then what came after"
     with trio.fail_after(5):
         await invalidator.drain()
+
+
+async def test_what_was_queued_when_run_ended_is_left_in_order_and_bounded() -> None:
+    kernel = FakeKernel()
+    kernel.gates = {attr(F): threading.Event()}
+    invalidator = Invalidator(kernel, batch_targets=1, max_pending=3)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(invalidator.run)
+        invalidator.submit([attr(F), entry(D, b"a"), full(G)])
+        await trio.to_thread.run_sync(kernel.waiting.wait, 5)
+        nursery.cancel_scope.cancel()
+        kernel.gates[attr(F)].set()
+    assert invalidator.left() == [entry(D, b"a"), full(G)], "the batch cancelled before it was sent, then the queue"
+    invalidator.submit([entry(D, b"a"), attr(E), attr(G)])  # left already; kept; one past max_pending
+    assert invalidator.left() == [entry(D, b"a"), full(G), attr(E)]
+    assert invalidator.dropped == 1
+
+
+def test_targets_round_trip_through_the_session_record() -> None:
+    sent = [entry(D, b"a\xffb"), attr(F), full(G)]
+    assert decode_targets(json.loads(json.dumps(encode_targets(sent)))) == sent
+    assert decode_targets([["entry", D], ["nonsense", 1, ""], 7, ["inode", F, ""]]) == [full(F)]

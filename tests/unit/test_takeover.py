@@ -6,7 +6,9 @@ session record. tests/mounted/test_restart.py runs them together against real mo
 from __future__ import annotations
 
 import array
+import dataclasses
 import errno
+import json
 import os
 import socket
 import threading
@@ -209,6 +211,13 @@ def test_the_session_record_survives_and_a_damaged_one_is_ignored(tmp_path: Path
     record = takeover.SessionRecord("/mnt/x", "0:51", 38, 0x1234, 1 << 20, {"open": [], "lookups": [], "serial": 3,
                                                                            "may_purge": True})
     takeover.save(tmp_path, record)
+    assert takeover.load(tmp_path) == record
+    carrying = dataclasses.replace(record, invalidations=[["entry", 1, "6c617465"]])
+    takeover.save(tmp_path, carrying)
+    assert takeover.load(tmp_path) == carrying
+    older = json.loads((tmp_path / takeover.SESSION_FILE).read_text())
+    del older["invalidations"]  # written by a build before unsent invalidations were handed over
+    (tmp_path / takeover.SESSION_FILE).write_text(json.dumps(older))
     assert takeover.load(tmp_path) == record
     (tmp_path / takeover.SESSION_FILE).write_text("{not json")
     assert takeover.load(tmp_path) is None

@@ -35,6 +35,9 @@ class SessionRecord:
     max_write: int
     handles: dict[str, Any] | None = None
     """`Handles.export()` of a planned hand-over; None while a daemon serves the mount."""
+    invalidations: list[Any] | None = None
+    """Kernel cache invalidations the daemon handing over had not sent (fuse/invalidate.py
+    `encode_targets`): the next one sends them once it serves. None while a daemon serves."""
 
 
 def save(state_dir: Path, record: SessionRecord) -> None:
