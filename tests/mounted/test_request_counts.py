@@ -162,7 +162,7 @@ def test_a_name_looked_up_before_it_is_made_is_not_looked_up_again(counted: Coun
     """A single node caches "no such file" for the entry timeout (nodeid 0 with entry_valid): a
     program that stats a name before creating it (cp, rsync, make) pays one LOOKUP, not two. An
     exclusive create looks the name up again whatever is cached (the kernel trusts no cached
-    negative entry for O_EXCL), and so does the kernel after a change to the name it saw."""
+    negative entry for O_EXCL)."""
     work = counted.mount / "negative"
     work.mkdir()
     files = 20
