@@ -301,6 +301,30 @@ def test_permissions_for_other_users(mnt: Path) -> None:
     assert (shared / "x").read_text() == "ok" and (shared / "x").stat().st_uid == NOBODY
 
 
+def test_search_permission_holds_through_names_the_kernel_caches(mnt: Path) -> None:
+    """A walk through a directory needs search permission on it even when every name on the way
+    and its attributes are cached (root has just walked there): under `default_permissions` the
+    kernel checks it. A daemon checking permissions itself would never see such a walk; that is
+    why each create and unlink still costs the directory's GETATTR (docs/fuse-transport.md,
+    "Requests per create and unlink")."""
+    walled = mnt / "walled"
+    walled.mkdir(mode=0o700)
+    (walled / "inner").mkdir(mode=0o755)
+    f = walled / "inner" / "f"
+    f.write_bytes(b"s")
+    os.chmod(f, 0o644)
+    for _ in range(2):
+        assert f.read_bytes() == b"s" and os.stat(f).st_size == 1  # names and attributes cached
+    assert as_user(NOBODY, NOBODY, f.read_bytes) == errno.EACCES
+    assert as_user(NOBODY, NOBODY, lambda: os.stat(f)) == errno.EACCES
+    assert as_user(NOBODY, NOBODY, lambda: (walled / "inner" / "g").touch()) == errno.EACCES
+    os.chmod(walled, 0o711)  # search, but no listing
+    assert as_user(NOBODY, NOBODY, f.read_bytes) == 0
+    assert as_user(NOBODY, NOBODY, lambda: os.listdir(walled)) == errno.EACCES
+    os.chmod(walled, 0o700)
+    assert as_user(NOBODY, NOBODY, lambda: os.stat(f)) == errno.EACCES
+
+
 def test_sticky_directory(mnt: Path) -> None:
     tmp = mnt / "tmp"
     tmp.mkdir()

@@ -122,3 +122,57 @@ def test_a_reader_closing_beside_a_writer_changes_nothing_the_writer_wrote(count
     assert path.read_bytes() == written
     subprocess.run(["sync", "-f", str(path)], check=True)
     assert os.stat(path).st_size == len(written)
+
+
+def test_a_create_an_unlink_and_a_mkdir_cost_these_requests_and_no_more(counted: Counted) -> None:
+    """Each request here is the kernel's (Linux 6.18, docs/fuse-transport.md "Requests per
+    create"): a fresh name is looked up before it is made, even with a cached "no such file"
+    for O_EXCL (fuse_atomic_open, fuse_dentry_revalidate); every change to a directory marks its
+    attributes stale (fuse_dir_changed), and `default_permissions` fetches them again before the
+    next walk through it (fuse_permission); a descriptor that can write is flushed at its close;
+    every open is released. A request more per file fails here."""
+    work = counted.mount / "counts"
+    work.mkdir()
+    files = 20
+
+    def create() -> None:
+        for i in range(files):
+            os.close(os.open(work / f"f{i}", os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+        os.stat(work)  # the walk after the last change: each change's GETATTR is counted
+
+    each = {"lookup": files, "create": files, "getattr": files, "flush": files, "release": files}
+    assert counted.during(create) == each
+
+    def unlink() -> None:
+        for i in range(files):
+            os.unlink(work / f"f{i}")
+        os.stat(work)
+
+    assert counted.during(unlink) == {"unlink": files, "getattr": files}
+
+    def mkdir() -> None:
+        for i in range(files):
+            os.mkdir(work / f"d{i}")
+        os.stat(work)
+
+    assert counted.during(mkdir) == {"lookup": files, "mkdir": files, "getattr": files}
+
+
+def test_a_name_looked_up_before_it_is_made_is_not_looked_up_again(counted: Counted) -> None:
+    """A single node caches "no such file" for the entry timeout (nodeid 0 with entry_valid): a
+    program that stats a name before creating it (cp, rsync, make) pays one LOOKUP, not two. An
+    exclusive create looks the name up again whatever is cached (the kernel trusts no cached
+    negative entry for O_EXCL)."""
+    work = counted.mount / "negative"
+    work.mkdir()
+    files = 20
+
+    def stat_then_create(flags: int) -> None:
+        for i in range(files):
+            assert not (work / f"f{flags}-{i}").exists()
+            os.close(os.open(work / f"f{flags}-{i}", os.O_CREAT | os.O_WRONLY | flags, 0o644))
+
+    spent = counted.during(lambda: stat_then_create(0))
+    assert spent.get("lookup") == files and spent.get("create") == files, spent  # the stat's only
+    spent = counted.during(lambda: stat_then_create(os.O_EXCL))
+    assert spent.get("lookup") == 2 * files and spent.get("create") == files, spent
