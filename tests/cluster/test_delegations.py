@@ -297,6 +297,6 @@ def test_an_unlink_burst_costs_each_member_one_release_a_second(cluster3: Cluste
     wait_for(lambda: remover.status()["cluster"]["write_leases"]["held"] <= held - removed, 30,
              "the removed files deleted (released by every member)")
     made = {node.index: metric(node, "awsomefs_orphan_releases_total") - releases[node.index] for node in nodes}
-    # One a second while the stream lasts, the rest after it; one more for an inode a recent lookup
-    # kept (released again 2.5 s later).
-    assert all(1 <= count <= streamed + 3 for count in made.values()), (made, f"{streamed:.1f} s", removed)
+    # One a second while the stream lasts, the rest after it; and those a recent lookup kept
+    # (released again 2.5 s later). The old pacing made 16-22 each here.
+    assert all(1 <= count <= streamed + 4 for count in made.values()), (made, f"{streamed:.1f} s", removed)
