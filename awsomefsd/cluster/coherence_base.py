@@ -60,6 +60,7 @@ class CoherenceBase:
         self._orphans_wake = trio.Event()
         self._maybe_deleted: set[int] = set()  # held or fresh inodes a ReleaseOrphans may have deleted
         self.orphans_released = 0
+        self.orphan_releases = 0  # ReleaseOrphans commands proposed
         self.held: set[int] = set()
         self._acquired_at: dict[int, float] = {}  # inode -> when we got its lease (trio clock)
         self._waiting: dict[int, dict[int, int]] = {}  # inode -> {waiting node: its epoch}, first come first

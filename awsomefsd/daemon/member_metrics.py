@@ -61,6 +61,8 @@ def collect_member_metrics(member: Member) -> Iterator[Metric]:
                     co.lease_wait_max_s)
         yield counter("awsomefs_write_lease_handover_failures", "hand-overs that failed (flush or proposal) "
                       "and were tried again", co.handover_failures)
+        yield counter("awsomefs_orphan_releases", "ReleaseOrphans commands this node proposed (each releases, "
+                      "in one log entry, the unlinked inodes nothing here holds)", co.orphan_releases)
         yield counter("awsomefs_catch_ups", "ReadIndex catch-ups (open, lookup)", co.catch_ups)
         yield counter("awsomefs_stale_reads", "catch-ups that found no leader and served local state",
                       co.stale_reads)
