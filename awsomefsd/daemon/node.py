@@ -167,6 +167,10 @@ def build_core(settings: Settings, storage: Storage, meta_log: LocalLog | Replic
     tier = tiering_over(reads, data)
     ops = Operations(meta, data, Handles(meta), total_blocks=storage.superblock.layout.data_blocks,
                      evict=None if tier is None else tier.evict)
+    if isinstance(meta_log, LocalLog):  # its commits write closed files' data first (fs/batch.py)
+        data.batch.enabled = True
+        meta_log.prepare = data.batch.before_commit
+        meta_log.preparing = data.batch.waiting
     return assemble_core(storage, meta_log, meta, allocator, data, ops, metrics, DutyBook(f"node {node_id}"), tier)
 
 
