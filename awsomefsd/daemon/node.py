@@ -310,6 +310,9 @@ def _collect(core: Core) -> Iterator[Metric]:
     yield counter("awsomefs_withheld_blocks", "blocks reserved for changes whose outcome stayed unknown, kept from "
                   "reuse until the allocator is rebuilt", core.allocator.withheld_blocks)
     yield gauge("awsomefs_dirty_bytes", "buffered bytes not yet written", core.data.total_dirty_bytes)
+    yield counter("awsomefs_closed_batches", "batches of closed files' data written together",
+                  core.data.batch.batches)
+    yield counter("awsomefs_closed_batch_files", "closed files written in those batches", core.data.batch.batched_files)
     yield gauge("awsomefs_meta_applied_index", "last applied metadata command", core.log.applied_index)
     yield gauge("awsomefs_meta_committed_index", "last durable metadata command", core.log.committed_index)
     sizes, core.log.batch_sizes[:] = list(core.log.batch_sizes), []

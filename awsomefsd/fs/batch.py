@@ -4,7 +4,7 @@ A close (FLUSH) used to write the file's buffered data and commit its mapping be
 answered: per small file one device write and one WriteData, on the request reader's thread. On a
 single node whose log is the local one (meta/log.py `LocalLog`), a close of a file with little
 buffered is answered at once instead and the file joins `pending`; the pending files are then
-written together: one allocation, one device write, one WriteData each, in one batch of the log.
+written together when the log commits next: one allocation, one device write, one WriteData each.
 
 What the close promised still holds, because the pending files are written before the log
 commits anything (`LocalLog.prepare` runs `before_commit`): every command proposed after the
@@ -45,7 +45,9 @@ DEFER_MAX_FILES = 2048
 BATCH_BYTES = 4 << 20
 BATCH_FILES = 512
 """When the pending files reach either, the batch is written at once rather than at the tick."""
-BATCH_TICK_S = 0.05
+BATCH_TICK_S = 0.5
+"""Pending files are written at the latest this long after the last batch, when no commit came
+first (a file rewritten in place makes no command, so no commit follows its close)."""
 
 
 class ClosedBatch:
@@ -117,7 +119,7 @@ class ClosedBatch:
                 await self._write(inos)
 
     async def run(self) -> None:
-        """Write the pending files every BATCH_TICK_S, or at once when they reach a batch."""
+        """Write the pending files when they reach a batch, or BATCH_TICK_S after the last one."""
         while True:
             with trio.move_on_after(BATCH_TICK_S):
                 await self._kick.wait()
