@@ -196,7 +196,7 @@ class OperationsBase:
             mode = None if inode.is_dir else without_setid(inode.mode, inode.gid, drop_setid)
         if size is None and mtime_ns is not None and self.data.has_buffered(ino):
             only_mtime = mode is None and uid is None and gid is None and atime_ns is None
-            if self.coherence is None and not only_mtime and 0 < mtime_ns <= self._now():
+            if self.coherence is None and 0 < mtime_ns <= self._now():
                 return await self._set_times_over_buffered(ino, c.SetAttr(
                     ino, self._now(), mode=mode, uid=uid, gid=gid, atime_ns=atime_ns, mtime_ns=mtime_ns))
             # futimens after writes (tar, cp -p, rsync): the buffered data is committed first, so
