@@ -23,6 +23,7 @@ before another node opens the file.
 
 from __future__ import annotations
 
+import errno
 import logging
 
 import trio
@@ -32,6 +33,7 @@ from awsomefsd.fs.compactor import Compactor
 from awsomefsd.fs.flusher import Flusher
 from awsomefsd.fs.losses import LossLedger
 from awsomefsd.fs.writer import RunWriter
+from awsomefsd.meta.errors import FsError
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +107,13 @@ class ClosedBatch:
         finally:
             self._preparing -= 1
 
+    async def _write_pending_quietly(self) -> None:
+        """`write_pending` where no application waits: a failure stays with the files it hit."""
+        try:
+            await self.write_pending()
+        except Exception:  # a file's own failure is kept in its state already (`_alone`)
+            log.exception("writing the batch of closed files failed")
+
     def waiting(self) -> bool:
         """Does a commit have files to write first?"""
         return bool(self.pending) or self._writing.locked()
@@ -125,7 +134,7 @@ class ClosedBatch:
                 await self._kick.wait()
             self._kick = trio.Event()
             if self.pending:
-                await self.write_pending()
+                await self._write_pending_quietly()
 
     async def _write(self, inos: list[int]) -> None:
         """One batch: the files this task can lock now go together; a file another task holds
@@ -155,7 +164,22 @@ class ClosedBatch:
                 st.users -= 1
                 self.buffer.drop_if_idle(st)
         for ino in alone:
+            await self._alone(ino)
+
+    async def _alone(self, ino: int) -> None:
+        """Flush one file as the background flusher would. An error no flush path expects (the
+        device's own OSError) is kept for the file's next close or fsync too: the commit that
+        waits for this batch must go on, and its writes are lost."""
+        try:
             await self.flusher.flush_keeping_error(ino)
+        except Exception as exc:
+            st = self.buffer.files.get(ino)
+            if st is None:
+                return
+            st.error = FsError(errno.EIO, f"writing the file's data after its close failed: {exc}")
+            self.lost_writes.mark_lost(ino)
+            log.warning("writing closed file %d failed (%s): its buffered writes are lost, and its next "
+                        "close or fsync reports it", ino, exc)
 
     async def _write_held(self, held: list[FileState]) -> list[int]:
         """Write the locked files' dirty runs together; returns the files whose part failed, their
