@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import errno
 import logging
+from collections.abc import Awaitable, Callable
+from typing import Protocol
 
 import trio
 
@@ -52,6 +54,13 @@ BATCH_TICK_S = 0.5
 first (a file rewritten in place makes no command, so no commit follows its close)."""
 
 
+class CommitHooks(Protocol):
+    """What the log offers: awaited before each commit, and whether that has work to do."""
+
+    prepare: Callable[[], Awaitable[None]] | None
+    preparing: Callable[[], bool]
+
+
 class ClosedBatch:
     """The closed files whose data waits for the next batch (see the module docstring)."""
 
@@ -71,6 +80,14 @@ class ClosedBatch:
         self._preparing = 0
         self._writing = trio.Lock()
         self._kick = trio.Event()
+
+    def attach(self, log: CommitHooks | None) -> None:
+        """Defer closes when the node's log gives its commits to `before_commit` first (the local
+        log, meta/log.py); None: never (a log that commits without asking)."""
+        if log is not None:
+            self.enabled = True
+            log.prepare = self.before_commit
+            log.preparing = self.waiting
 
     def may_defer(self, ino: int) -> bool:
         """Would a close of the file be answered without writing its data (`defer`)?"""
