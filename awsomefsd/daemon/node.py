@@ -168,6 +168,7 @@ def build_core(settings: Settings, storage: Storage, meta_log: LocalLog | Replic
     tier = tiering_over(reads, data)
     ops = Operations(meta, data, Handles(meta), total_blocks=storage.superblock.layout.data_blocks,
                      evict=None if tier is None else tier.evict)
+    data.batch.attach(meta_log if isinstance(meta_log, LocalLog) else None)  # its commits write closed files first
     return assemble_core(storage, meta_log, meta, allocator, data, ops, metrics, DutyBook(f"node {node_id}"), tier)
 
 
@@ -307,6 +308,7 @@ def _collect(core: Core) -> Iterator[Metric]:
     yield counter("awsomefs_withheld_blocks", "blocks reserved for changes whose outcome stayed unknown, kept from "
                   "reuse until the allocator is rebuilt", core.allocator.withheld_blocks)
     yield gauge("awsomefs_dirty_bytes", "buffered bytes not yet written", core.data.total_dirty_bytes)
+    yield counter("awsomefs_closed_batch_files", "closed files written in batches", core.data.batch.batched_files)
     yield gauge("awsomefs_meta_applied_index", "last applied metadata command", core.log.applied_index)
     yield gauge("awsomefs_meta_committed_index", "last durable metadata command", core.log.committed_index)
     sizes, core.log.batch_sizes[:] = list(core.log.batch_sizes), []

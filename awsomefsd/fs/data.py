@@ -6,6 +6,7 @@ coherence and the volume service call for data, built from one part per job:
     space.py      room for a write: the node's groups, quotas, claims, waiting for delayed frees
     writer.py     copy-on-write of byte runs: allocate, write with checksums, one WriteData
     flusher.py    flushing buffered runs, in the foreground and in the background
+    batch.py      closed small files written together, before the log commits
     compactor.py  rewriting files fragmented by small writes
     truncate.py   size changes, settled with the buffered data under the file's lock
     ranges.py     punched holes, reserved blocks and cloned ranges, settled the same way
@@ -24,6 +25,7 @@ from collections.abc import Awaitable, Callable
 import trio
 
 from awsomefsd.fs.allocator import NodeAllocator
+from awsomefsd.fs.batch import ClosedBatch
 from awsomefsd.fs.buffer import FileState, WriteBuffer
 from awsomefsd.fs.clock import file_time_ns
 from awsomefsd.fs.compactor import Compactor
@@ -84,6 +86,7 @@ class FileData:
         self.lost_writes = LossLedger(self.buffer)
         self.flusher = Flusher(self.buffer, writer, self.compactor, device, self.lost_writes,
                                flush_interval_ms=flush_interval_ms)
+        self.batch = ClosedBatch(self.buffer, writer, self.flusher, self.compactor, self.lost_writes)
         self.truncator = Truncator(meta, self.buffer, self.flusher, self.reader, allocator, io, clock_ns=clock_ns)
         self.ranges = RangeEditor(meta, self.buffer, self.flusher, self.space, clock_ns=clock_ns)
         self.stager = BlockStager(self.space, io)
@@ -227,7 +230,17 @@ class FileData:
         await self.flusher.flush(ino)
 
     async def flush_all(self) -> None:
+        await self.batch.write_pending()
         await self.flusher.flush_all()
+
+    def defer_close(self, ino: int) -> bool:
+        """A close of the file: True when its data is left for the next batch of closed files
+        (fs/batch.py), nothing awaited; False: flush it now."""
+        return self.batch.defer(ino)
+
+    def close_is_deferred(self, ino: int) -> bool:
+        """Would `defer_close` take the file (without taking it)?"""
+        return self.batch.may_defer(ino)
 
     async def flush_volume(self, volume: int) -> None:
         """Push this node's buffered writes into `volume` into the metadata, so a snapshot or clone
@@ -299,3 +312,4 @@ class FileData:
             await nursery.start(self.flusher.run)
             task_status.started()
             nursery.start_soon(self.compactor.run)
+            nursery.start_soon(self.batch.run)

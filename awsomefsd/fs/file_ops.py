@@ -104,7 +104,8 @@ class FileOperations(OperationsBase):
         """Would `flush(fh)` return without waiting: a known handle of a file with nothing
         buffered, on a single node (a transport may answer it without a task of its own)."""
         h = self.handles.find(fh)
-        return self.coherence is None and h is not None and not self.data.has_buffered(h.ino)
+        return self.coherence is None and h is not None and (not self.data.has_buffered(h.ino)
+                                                             or self.data.close_is_deferred(h.ino))
 
     def write_is_immediate(self, fh: int, size: int) -> bool:
         """Would `write(fh, ..., size bytes)` return without waiting: a known handle on a single
@@ -115,8 +116,14 @@ class FileOperations(OperationsBase):
         return self.coherence is None and h is not None and self.data.buffers_at_once(h.ino, size)
 
     async def flush(self, fh: int) -> None:
-        """close(2): the file's data reaches the device and its mapping the metadata (close-to-open)."""
+        """close(2): the file's data reaches the device and its mapping the metadata (close-to-open)
+        before anything proposed after the close commits: on a single node a small file's data
+        may wait for the next batch of closed files, written before the log's next commit
+        (fs/batch.py); everywhere else now."""
         h = self.handle(fh)
+        if self.coherence is None and self.data.defer_close(h.ino):
+            self._report_loss(h)
+            return
         await self._flush_reporting(h)
 
     async def _flush_reporting(self, h: Handle) -> None:

@@ -194,12 +194,15 @@ class OperationsBase:
         if drop_setid is not None and mode is None:
             inode = self.inode(ino)
             mode = None if inode.is_dir else without_setid(inode.mode, inode.gid, drop_setid)
-        if size is None and mtime_ns is not None:
+        if size is None and mtime_ns is not None and self.data.has_buffered(ino):
+            only_mtime = mode is None and uid is None and gid is None and atime_ns is None
+            if self.coherence is None and 0 < mtime_ns <= self._now():
+                return await self._set_times_over_buffered(ino, c.SetAttr(
+                    ino, self._now(), mode=mode, uid=uid, gid=gid, atime_ns=atime_ns, mtime_ns=mtime_ns))
             # futimens after writes (tar, cp -p, rsync): the buffered data is committed first, so
             # its flush cannot stamp its own write time over the one the application sets now.
             # A kernel caching written pages sends their mtime after them this way at every close:
             # when only the mtime changes, the flush carries it, and no second command is needed.
-            only_mtime = mode is None and uid is None and gid is None and atime_ns is None
             stamped = only_mtime and self.data.stamp_buffered(ino, mtime_ns)
             await self.data.flush(ino)
             if stamped:
@@ -220,6 +223,21 @@ class OperationsBase:
         else:
             async with self._holding(ino) as ahead:
                 result = await self._propose(cmd, ahead)
+        return self.data.with_buffered(result)
+
+    async def _set_times_over_buffered(self, ino: int, cmd: c.SetAttr) -> Inode:
+        """futimens of a file with buffered writes (tar, cp -p, rsync), on a single node: the
+        times commit now and the data stays buffered, to be written at the close with other
+        files (fs/batch.py); its flush stamps the time just set, not the time of its writes, so
+        the explicit time wins (docs/consistency.md, clause 10). Under the file's lock: a flush
+        that took its runs before this would stamp their write time after it, so it ends first.
+        A write after this stamps its own time, as it should. Only for a time set in the past
+        (`setattr` checks): a flush stamps ctime no earlier than mtime, which a future mtime
+        would move."""
+        async with self.data.buffer.locked(ino) as st:
+            result = await self.meta.propose(cmd)
+            if st.dirty:
+                st.written_ns = result.mtime_ns
         return self.data.with_buffered(result)
 
     async def _drop_setid(self, inode: Inode, in_group: InGroup) -> None:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import errno
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 import lmdb
@@ -96,6 +96,12 @@ class LocalLog:
         """Commit a batch as soon as no command came for this long (0: only at the interval)."""
         self.max_batch_commands = max_batch_commands
         self.before_commit = before_commit
+        self.prepare: Callable[[], Awaitable[None]] | None = None
+        """Awaited before each commit of `run` and `barrier`: what must be in the batch before it
+        commits is proposed now (closed files' data: fs/batch.py)."""
+        self.preparing: Callable[[], bool] = lambda: False
+        """Has `prepare` anything to do? A full batch then commits from `run`, after it."""
+        self._full = trio.Event()
         self.batch_headroom_bytes = batch_headroom_bytes
         self.replays = 0
         self._txn: lmdb.Transaction[bytes] | None = None
@@ -154,7 +160,10 @@ class LocalLog:
             self._batch_started = _now()
             self._wake.set()
         if len(self._batch) >= self.max_batch_commands:
-            self.commit()
+            if self.preparing():
+                self._full.set()  # `run` prepares and commits at once: this must not await
+            else:
+                self.commit()
         return result
 
     def _replay(self, *, grow: bool) -> lmdb.Transaction[bytes]:
@@ -212,7 +221,12 @@ class LocalLog:
         self.commits += 1
 
     async def barrier(self) -> None:
+        await self._prepare()
         self.commit()
+
+    async def _prepare(self) -> None:
+        if self.prepare is not None:
+            await self.prepare()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Group commit: a batch is committed at most `commit_interval_ms` after it started, and
@@ -228,6 +242,8 @@ class LocalLog:
                 if not self._batch:
                     continue
                 await self._wait_to_commit()
+                await self._prepare()
+                self._full = trio.Event()
                 self.commit()
         finally:
             with trio.CancelScope(shield=True):
@@ -237,12 +253,14 @@ class LocalLog:
         """Until the batch is `commit_interval_ms` old, or no command came for `commit_idle_ms`."""
         deadline = self._batch_started + self.commit_interval_ms / 1000
         if not self.commit_idle_ms:
-            await trio.sleep_until(deadline)
+            with trio.move_on_at(deadline):
+                await self._full.wait()
             return
         idle = self.commit_idle_ms / 1000
-        while self._batch and trio.current_time() < deadline:
+        while self._batch and trio.current_time() < deadline and not self._full.is_set():
             seen = self._applied
-            await trio.sleep_until(min(deadline, trio.current_time() + idle))
+            with trio.move_on_at(min(deadline, trio.current_time() + idle)):
+                await self._full.wait()
             if self._applied == seen:
                 return
 

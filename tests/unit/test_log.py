@@ -110,3 +110,49 @@ async def test_a_failing_command_fails_alone(tmp_path: Path) -> None:
     await log.barrier()
     names = committed_names(store, sm)
     assert {b"before", b"after"} <= names and b"broken" not in names
+
+
+async def test_what_prepare_proposes_commits_with_the_batch(tmp_path: Path) -> None:
+    """A barrier and a group commit await `prepare` first (closed files' data, fs/batch.py): what
+    it proposes is in the commit, so nothing proposed before it can commit without it."""
+    store, sm, log = open_log(tmp_path / "m", commit_interval_ms=10_000, commit_idle_ms=20)
+    made = iter(range(200, 300))
+
+    async def prepare() -> None:
+        await trio.sleep(0)  # as a device write would, it awaits
+        await log.propose(mknod(next(made), f"prepared-{log.applied_index}".encode()))
+
+    log.prepare = prepare
+    await log.propose(mknod(100, b"a"))
+    await log.barrier()
+    assert {b"a", b"prepared-1"} <= committed_names(store, sm)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(log.run)
+        await log.propose(mknod(101, b"b"))
+        with trio.fail_after(5):
+            while log.committed_index < log.applied_index:
+                await trio.sleep(0.01)
+        nursery.cancel_scope.cancel()
+    assert {b"b", b"prepared-3"} <= committed_names(store, sm)
+
+
+async def test_a_full_batch_waiting_for_prepare_commits_from_run(tmp_path: Path) -> None:
+    """A batch that reaches its size while `prepare` has work does not commit inside `propose`
+    (it cannot await there): `run` prepares and commits it at once, not at the interval."""
+    store, sm, log = open_log(tmp_path / "m", commit_interval_ms=60_000, max_batch_commands=3)
+    prepared = []
+
+    async def prepare() -> None:
+        prepared.append(log.applied_index)
+
+    log.prepare, log.preparing = prepare, lambda: True
+    async with trio.open_nursery() as nursery:
+        await nursery.start(log.run)
+        for i in range(3):
+            await log.propose(mknod(100 + i, f"f{i}".encode()))
+        assert log.committed_index == 0, "committed inside propose, before prepare"
+        with trio.fail_after(5):
+            while log.committed_index < 3:
+                await trio.sleep(0.01)
+        nursery.cancel_scope.cancel()
+    assert prepared and {b"f0", b"f1", b"f2"} <= committed_names(store, sm)
