@@ -7,7 +7,8 @@ Site a (tests/repl/test_sites_sm.py's `Site`: a real StateMachine on its own LMD
 content (a create is then three operations: the object, its name, its content); then site b
 applies a's whole outbox as the receiver does: pushes of `--push` operations, each applied in
 slices of 128 (one `ApplyRemote` each, repl/receiver.py's APPLY_SLICE_OPS), a content's blocks
-given as fresh extents. Prints the CPU µs per operation applied (process time: on a loaded
+given as fresh extents; a build whose receiver decodes a push once (`crdt.ops.decode_remembered`)
+has it decoded first, as its receiver does, untimed. Prints the CPU µs per operation applied (process time: on a loaded
 machine wall time also counts the other processes' turns) and checks that both sites show the
 same tree. No wire, staging, barrier or daemon: the floor of the receiver's apply on this core.
 
@@ -72,6 +73,10 @@ def one_round(files: int, dirs: int, written: float, push: int, profile: bool) -
             elif isinstance(o.decode(sent), o.ContentSet):
                 extents = ()
             shipped.append((sent, extents))
+        remembered = getattr(o, "decode_remembered", None)
+        if remembered is not None:  # the receiver decodes a push to check it before its apply (not timed)
+            for raw, _ in shipped:
+                remembered(raw)
         profiler = cProfile.Profile() if profile else None
         cpu = time.process_time()
         wall = time.perf_counter()
