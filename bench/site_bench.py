@@ -337,9 +337,6 @@ def measure(args: argparse.Namespace, root: Path, window: int | None, source: Pa
                             lambda: daemons_cpu(a, b))
             figures.update({f"drain_{key}": value for key, value in backlog.items() if key != "mib_per_s"})
             big = drain(a.mount, wan.cut, wan.heal, pending, up, 0, args.drain_mib, "drain-big")
-            # the receiving daemon's CPU per operation applied: what bounds the link, less swayed
-            # by the other work on the machine than the rate
-            figures["drain_big_b_cpu_us_per_op"] = big["b_cpu_us_per_op"]
             figures["drain_big_mib_per_s"] = big["mib_per_s"]
             # what one site writes, in operations: its creates/s (linked, if measured) times a create's operations
             writes = figures.get("linked_creates_per_s", figures["unlinked_creates_per_s"])
