@@ -8,9 +8,9 @@ content (a create is then three operations: the object, its name, its content); 
 applies a's whole outbox as the receiver does: pushes of `--push` operations, each applied in
 slices of 128 (one `ApplyRemote` each, repl/receiver.py's APPLY_SLICE_OPS), a content's blocks
 given as fresh extents; a build whose receiver decodes a push once (`crdt.ops.decode_remembered`)
-has it decoded first, as its receiver does, untimed. Prints the CPU µs per operation applied (process time: on a loaded
-machine wall time also counts the other processes' turns) and checks that both sites show the
-same tree. No wire, staging, barrier or daemon: the floor of the receiver's apply on this core.
+has each push decoded first, as its receiver does, untimed. Prints the CPU µs per operation
+applied (process time: on a loaded machine wall time also counts the other processes' turns)
+and checks that both sites show the same tree. No wire, staging, barrier or daemon: the floor of the receiver's apply on this core.
 
 With `--src DIR ...` it runs the same workload once per source tree (a checkout's root, e.g.
 `git worktree add /tmp/old main`), in turn, `--rounds` times, each in its own process, and
@@ -74,16 +74,17 @@ def one_round(files: int, dirs: int, written: float, push: int, profile: bool) -
                 extents = ()
             shipped.append((sent, extents))
         remembered = getattr(o, "decode_remembered", None)
-        if remembered is not None:  # the receiver decodes a push to check it before its apply (not timed)
-            for raw, _ in shipped:
-                remembered(raw)
         profiler = cProfile.Profile() if profile else None
-        cpu = time.process_time()
-        wall = time.perf_counter()
-        if profiler is not None:
-            profiler.enable()
+        cpu = wall = 0.0
         for first in range(0, len(shipped), push):
             batch = shipped[first:first + push]
+            if remembered is not None:  # its receiver decodes a push to check it, then applies it (not timed)
+                for raw, _ in batch:
+                    remembered(raw)
+            cpu -= time.process_time()
+            wall -= time.perf_counter()
+            if profiler is not None:
+                profiler.enable()
             for at in range(0, len(batch), SLICE):
                 part = batch[at:at + SLICE]
                 after = b.applied_from_peer()
@@ -91,12 +92,13 @@ def one_round(files: int, dirs: int, written: float, push: int, profile: bool) -
                 b.apply(c.ApplyRemote(a.id, b"" if after is None else after.pack(), tuple(raw for raw, _ in part),
                                       tuple(e for ext in contents for e in ext), tuple(len(ext) for ext in contents),
                                       b.tick()))
+            if profiler is not None:
+                profiler.disable()
+            cpu += time.process_time()
+            wall += time.perf_counter()
         if profiler is not None:
-            profiler.disable()
             pstats.Stats(profiler).sort_stats("cumulative").print_stats(40)
             pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
-        cpu = time.process_time() - cpu
-        wall = time.perf_counter() - wall
         if a.snapshot() != b.snapshot():
             raise SystemExit("site_apply_cost: the sites differ after the apply")
         return {"ops": len(shipped), "cpu_us_per_op": cpu / len(shipped) * 1e6,
