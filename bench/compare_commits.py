@@ -8,7 +8,9 @@ As root (from another user: sudo in front), from the repository root:
 
 e.g. `bench/compare_commits.py 908347c HEAD --rounds 4 -- --quick --targets ext4,awsomefs --only meta,untar`,
 or `bench/compare_commits.py main HEAD --bench workers_bench.py -- --modes 0,1,2 --runs 1` (each
-figure is then "<read_workers> <metric>", the median of that round's runs).
+figure is then "<read_workers> <metric>", the median of that round's runs), or
+`bench/compare_commits.py main HEAD --bench site_bench.py -- --runs 1 --only write,rate,lag` (each
+commit's own site_bench.py and daemons; one run a round).
 
 Each commit is checked out in a temporary git worktree and measured with its own bench/ and its
 own daemon (this checkout's .venv); with `--bench workers_bench.py`, with this checkout's bench. Why alternate, and in both orders: on a shared machine the
@@ -59,7 +61,17 @@ def run_workers_bench(tree: Path, out: Path, bench_args: list[str]) -> dict[str,
             for mode, runs in rows.items() for key in runs[0]}
 
 
-BENCHES = {"fsbench.py": run_fsbench, "workers_bench.py": run_workers_bench}
+def run_site_bench(tree: Path, out: Path, bench_args: list[str]) -> dict[str, float]:
+    """The figures of one run of `tree`'s own site_bench.py (its daemons are that tree's): give
+    `--runs 1` and the figures to measure, e.g. `-- --runs 1 --only write,rate,lag`."""
+    env = {**os.environ, "PYTHONPATH": str(tree)}
+    subprocess.run([sys.executable, "bench/site_bench.py", *bench_args, "--json", str(out)], cwd=tree, env=env,
+                   check=False)
+    runs = json.loads(out.read_text())["runs"]
+    return {key: value for figures in runs.values() for key, value in figures[0].items()}
+
+
+BENCHES = {"fsbench.py": run_fsbench, "workers_bench.py": run_workers_bench, "site_bench.py": run_site_bench}
 
 
 def _ratio(before: list[tuple[int, float]], after: list[tuple[int, float]], rounds: set[int]) -> str:
@@ -89,6 +101,7 @@ def main() -> int:
                 for side in order:
                     print(f"compare: round {round_ + 1}/{args.rounds}: {side}", flush=True)
                     figures = BENCHES[args.bench](trees[side], Path(tmp) / f"{side}-{round_}.json", bench_args)
+                    print(f"compare: round {round_ + 1} {side}: {json.dumps(figures)}", flush=True)
                     for metric, value in figures.items():
                         results[side].setdefault(metric, []).append((round_, value))
         finally:

@@ -30,7 +30,11 @@ Figures, medians of `--runs` runs with every run's value beside them:
 
 `--pushes-in-flight 1,8` alternates runs between the values of `[site] pushes_in_flight` (1: one
 push at a time, the path before the window), each run on fresh sites, so the old path and the new
-are measured in the same invocation under the same load.
+are measured in the same invocation under the same load; `--sources OLD,NEW` alternates the
+daemons' source trees the same way (this bench and its harness stay this checkout's).
+The drains also give each daemon's CPU per operation drained (`drain_a_cpu_us_per_op`,
+`drain_b_cpu_us_per_op`: the receiving site's is what bounds the link), less swayed by other
+work on the machine than the rates.
 The delay is the proxy's, one way; the machine's two cores run both sites, the proxy and this
 script, so these figures bound what the replication costs here, not what two real sites see.
 """
@@ -197,7 +201,8 @@ def untar_s(tarball: Path, dest: Path) -> float:
 
 
 def drain(a: Path, cut: Callable[[], None], heal: Callable[[], None], pending: Callable[[], int],
-          up: Callable[[], bool], files: int, big_files: int, name: str) -> dict[str, float]:
+          up: Callable[[], bool], files: int, big_files: int, name: str,
+          cpu: Callable[[], tuple[float, float]] = lambda: (0.0, 0.0)) -> dict[str, float]:
     """A backlog made with the link cut (`files` empty files, `big_files` of 1 MiB), then healed:
     the operations it made, and their rate from the link being up again (a's shipper connected:
     the time it takes to notice the heal is not the link's rate) until a's outbox holds none."""
@@ -222,12 +227,16 @@ def drain(a: Path, cut: Callable[[], None], heal: Callable[[], None], pending: C
     while not up() and time.monotonic() < deadline:
         time.sleep(0.02)
     first = time.monotonic()
+    cpu_first = cpu()
     while (now := pending()) and time.monotonic() < deadline:
         time.sleep(0.05)
     if now:
         raise TimeoutError(f"{now} operations of a {backlog}-operation backlog still pending after 1800 s")
     elapsed = time.monotonic() - first
+    cpu_a, cpu_b = (end - start for start, end in zip(cpu_first, cpu(), strict=True))
+    ops = max(backlog - before, 1)
     return {"ops": backlog - before, "s": elapsed, "ops_per_s": (backlog - before) / elapsed,
+            "a_cpu_us_per_op": cpu_a / ops * 1e6, "b_cpu_us_per_op": cpu_b / ops * 1e6,
             "mib_per_s": big_files / elapsed, "written_s": written_s, "noticed_s": first - healed}
 
 
@@ -236,12 +245,29 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-def measure(args: argparse.Namespace, root: Path, window: int | None) -> dict[str, float]:
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU seconds of process `pid` so far, all its threads."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def daemons_cpu(a: Site | ClusterSite, b: Site | ClusterSite) -> tuple[float, float]:
+    """CPU seconds of the daemon running each site's link (a cluster's: its leader's)."""
+    def pid(site: Site | ClusterSite) -> int:
+        daemon = site.leader() if isinstance(site, ClusterSite) else site.daemon
+        assert daemon.proc is not None
+        return daemon.proc.pid
+    return cpu_seconds(pid(a)), cpu_seconds(pid(b))
+
+
+def measure(args: argparse.Namespace, root: Path, window: int | None, source: Path | None = None) -> dict[str, float]:
     figures: dict[str, float] = {}
     if "write" in args.only:
         with ext4_target(root / "ext4", 2 << 30) as ext4:
             figures["ext4_creates_per_s"] = creates_per_s(ext4.path / "creates", args.creates)
     env = {} if window is None else {"AWSOMEFS_SITE__PUSHES_IN_FLIGHT": str(window)}
+    if source is not None:  # the daemons run that tree's awsomefsd (an older build, say)
+        env["PYTHONPATH"] = str(source)
     sites = two_sites(root / "sites", delay_ms=args.delay_ms, size=args.size, extra_env=env) if args.members == 1 \
         else cluster_and_site(root / "sites", members=args.members, delay_ms=args.delay_ms)
     tarball = ensure_tarball(root, 4000, 20240601) if "untar" in args.only else None
@@ -307,7 +333,8 @@ def measure(args: argparse.Namespace, root: Path, window: int | None) -> dict[st
             def up() -> bool:
                 return bool(a.status()["link_up"])
 
-            backlog = drain(a.mount, wan.cut, wan.heal, pending, up, args.drain_files, 0, "drain")
+            backlog = drain(a.mount, wan.cut, wan.heal, pending, up, args.drain_files, 0, "drain",
+                            lambda: daemons_cpu(a, b))
             figures.update({f"drain_{key}": value for key, value in backlog.items() if key != "mib_per_s"})
             big = drain(a.mount, wan.cut, wan.heal, pending, up, 0, args.drain_mib, "drain-big")
             figures["drain_big_mib_per_s"] = big["mib_per_s"]
@@ -365,6 +392,8 @@ def main() -> int:
                         type=lambda text: set(text.split(",")), help="the figures to measure")
     parser.add_argument("--pushes-in-flight", default="", help="values of [site] pushes_in_flight to alternate "
                         "between runs, e.g. 1,8 (default: the daemon's)")
+    parser.add_argument("--sources", default="", help="source trees (checkouts' roots) whose daemons to alternate "
+                        "between runs, e.g. /tmp/old,. (default: this checkout's)")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--members", type=int, default=1, help="nodes of site a (1: a single node, else a cluster)")
     parser.add_argument("--json", type=Path)
@@ -373,13 +402,17 @@ def main() -> int:
         print("site_bench: needs root (loop devices, network namespaces, FUSE)", file=sys.stderr)
         return 2
     windows: list[int | None] = [int(w) for w in args.pushes_in_flight.split(",")] if args.pushes_in_flight else [None]
+    sources: list[Path | None] = [Path(s).resolve() for s in args.sources.split(",")] if args.sources else [None]
+    settings = [(window, source) for source in sources for window in windows]
     runs: dict[str, list[dict[str, float]]] = {}
     for run in range(args.runs):
-        for window in windows:  # alternating: the machine's drift hits every setting alike
+        # alternating, in both orders: the machine's drift hits every setting alike
+        for window, source in settings if run % 2 == 0 else list(reversed(settings)):
             with tempfile.TemporaryDirectory(dir="/var/tmp", prefix="site-bench-") as tmp:
-                figures = measure(args, Path(tmp), window)
+                figures = measure(args, Path(tmp), window, source)
                 figures["load_average"] = load_average()
-            label = "default" if window is None else f"pushes_in_flight={window}"
+            label = " ".join(part for part in ("" if window is None else f"pushes_in_flight={window}",
+                                               "" if source is None else f"source={source}") if part) or "default"
             runs.setdefault(label, []).append(figures)
             print(f"run {run + 1} ({label}): " + ", ".join(f"{k} {v:.3f}" for k, v in figures.items()), flush=True)
     medians = {}

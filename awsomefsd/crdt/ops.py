@@ -18,6 +18,7 @@ gets `BadOperation`, and nothing of the batch is applied.
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -225,6 +226,22 @@ def decode(raw: bytes) -> Operation:
         raise BadOperation(f"a malformed {record['kind']} operation: {exc!r}") from None
     _check(op)
     return op
+
+
+DECODED_KEPT = 4096
+"""Operations `decode_remembered` keeps: a push's worth at most (`[site] batch_operations`)."""
+
+
+@functools.lru_cache(maxsize=DECODED_KEPT)
+def decode_remembered(raw: bytes) -> Operation:
+    """`decode`, remembered for the last DECODED_KEPT operations. The receiving site decodes a
+    push to check it (stamps, clock, contents) before it proposes it, and its `ApplyRemote`
+    decodes the same bytes again to apply them: the JSON parse and every field's check, twice,
+    were a tenth of a draining receiver's time (issue 47). Decoding is a function of the bytes
+    alone and an operation is frozen (nothing changes its `seen` either), so sharing one object
+    changes no outcome; a member that did not receive the push just decodes. A refusal is not
+    remembered: it raises again."""
+    return decode(raw)
 
 
 def _stamp(text: Any) -> Stamp:

@@ -194,7 +194,7 @@ class Receiver(DeltaBases):
         after = wire.stamp_field(header, "after")
         raws = wire.hex_list(header, "ops", limit=4096)
         try:  # what it continues and where it ends, known before its contents are staged
-            last = o.decode(raws[-1]).stamp if raws else after
+            last = o.decode_remembered(raws[-1]).stamp if raws else after
         except o.BadOperation as exc:
             raise wire.WireError(str(exc)) from None
         self._receiving[id(key)] = (after or EPOCH, last or EPOCH)
@@ -218,7 +218,7 @@ class Receiver(DeltaBases):
         stamps: list[Stamp] = []
         for raw in raws:
             try:
-                op = o.decode(raw)
+                op = o.decode_remembered(raw)
             except o.BadOperation as exc:
                 raise wire.WireError(str(exc)) from None
             stamps.append(op.stamp)

@@ -23,19 +23,23 @@ import lmdb
 from awsomefsd.crdt import ops as o
 from awsomefsd.crdt.hlc import Stamp
 from awsomefsd.crdt.register import Version
-from awsomefsd.crdt.tree import ROOT, TRASH, VOLUMES, Move, ReplicatedTree
+from awsomefsd.crdt.tree import ROOT, TRASH, VOLUMES, LogEntry, Move, Placement, ReplicatedTree
 from awsomefsd.meta import commands as c
 from awsomefsd.meta import filemap
 from awsomefsd.meta.errors import FsError
 from awsomefsd.meta.records import MAX_FILE_SIZE_BYTES, Applied, Extent, Inode, blocks_for, u64
 from awsomefsd.meta.sites.conflicts import UNCHANGED
-from awsomefsd.meta.sites.tables import ATTRS, CONTENT, XATTR
+from awsomefsd.meta.sites.tables import ATTRS, CAPTURE_PAUSED, CONTENT, XATTR, scan, scan_from
 from awsomefsd.meta.sites.tree import Dirty, ReorderingIndex, TableTree
 from awsomefsd.meta.sites.view import SiteView
 
 
 class SiteApply(SiteView):
     """The peer's batches applied."""
+
+    clock_later: bool = False
+    """While a batch applies with capture not paused: the clock and `seen` are moved once, to
+    its last operation, at its end (`_apply_remote`), not at each operation."""
 
     def apply_remote(self, txn: lmdb.Transaction[bytes], cmd: c.ApplyRemote | c.ApplyRemoteSharing) -> Applied:
         """Apply a batch of the peer's operations, all or none (`_all_or_none`): an operation can
@@ -46,6 +50,7 @@ class SiteApply(SiteView):
             return self._all_or_none(txn, lambda nested: self._apply_remote(nested, cmd))
         finally:
             self.reordering = None  # of this transaction only
+            self.clock_later = False
 
     def _apply_remote(self, txn: lmdb.Transaction[bytes], cmd: c.ApplyRemote | c.ApplyRemoteSharing) -> Applied:
         self._entries, self._inodes = [], []
@@ -57,7 +62,7 @@ class SiteApply(SiteView):
             raise FsError(errno.ESTALE, "a batch that does not continue from what this site applied "
                                         "(sent twice, or by two senders)")
         try:
-            batch = [o.decode(raw) for raw in cmd.operations]
+            batch = [o.decode_remembered(raw) for raw in cmd.operations]
         except o.BadOperation as exc:
             raise FsError(errno.EINVAL, f"from site {peer.hex()[:8]}: {exc}") from None
         contents = [op for op in batch if isinstance(op, o.ContentSet)]
@@ -79,18 +84,31 @@ class SiteApply(SiteView):
             if seen is not None and op.stamp <= seen:
                 raise FsError(errno.EINVAL, f"operation {op.stamp} is at or before what was applied ({seen})")
             seen = op.stamp
+        # Observing each stamp in turn leaves the clock at the last one's (the batch's stamps
+        # rise); only capture reads the clock and `seen`, and within a batch capture runs only
+        # while it is paused (meta/sites/bound.py: a local change met, or the pause ended). Not
+        # paused now, not paused before the end: both are written once, after the batch.
+        self.clock_later = self.observes_once(txn)
         conflicts = 0
         for op in batch:
             try:
                 conflicts += self._apply_one(txn, op, extents_of, cmd.now_ns)
             except FsError as exc:
                 raise FsError(exc.errno, f"{exc} (applying {op})") from exc
+        if self.clock_later and batch:
+            self._observe(txn, batch[-1].stamp)
+            txn.put(b"seen", batch[-1].stamp.pack(), db=self.meta)
         return Applied(conflicts, tuple(self._entries), tuple(self._inodes))
+
+    def observes_once(self, txn: lmdb.Transaction[bytes]) -> bool:
+        """May a batch move the clock and `seen` once, at its end (capture is not paused)?"""
+        return txn.get(CAPTURE_PAUSED, db=self.meta) is None
 
     def _apply_one(self, txn: lmdb.Transaction[bytes], op: o.Operation, extents_of: dict[Stamp, _ContentBlocks],
                    now_ns: int) -> int:
         conflicts = 0
-        self._observe(txn, op.stamp)
+        if not self.clock_later:
+            self._observe(txn, op.stamp)
         if isinstance(op, o.Created):
             self._apply_created(txn, op)
         elif isinstance(op, o.Moved):
@@ -111,7 +129,8 @@ class SiteApply(SiteView):
             ino = self._ino(txn, op.object)
             if ino is not None:
                 self._inodes.append(ino)
-        txn.put(b"seen", op.stamp.pack(), db=self.meta)
+        if not self.clock_later:
+            txn.put(b"seen", op.stamp.pack(), db=self.meta)
         return conflicts
 
     def _check_content(self, txn: lmdb.Transaction[bytes], op: o.ContentSet, blocks: _ContentBlocks) -> None:
@@ -175,14 +194,20 @@ class SiteApply(SiteView):
         if (op.parent == VOLUMES) != (volume_root is not None and op.parent != TRASH):
             raise FsError(errno.EINVAL, f"entry {op.node.hex()}: only a volume's root goes into the volumes' "
                                         "container, and it goes nowhere else but the trash")
-        if txn.get(op.node, db=self.db["sentries"]) is None:
+        unseen = txn.get(op.node, db=self.db["sentries"]) is None
+        if unseen:
             self._put_entry(txn, op.node, op.object, 0, b"")
         dirty = Dirty()
-        # causal: the peer's moves come in its order, over the one link (crdt/tree.py, `causal`)
-        tree = ReplicatedTree(TableTree(self, txn, dirty), TableTree(self, txn, dirty), causal=True)
-        # Two deletes of one entry wanted the same: no conflict to list.
-        found = [conflict for conflict in tree.apply(Move(op.stamp, op.node, op.parent, op.name, op.seen))
-                 if not conflict.winner.parent == conflict.loser.parent == TRASH]
+        tables = TableTree(self, txn, dirty)
+        move = Move(op.stamp, op.node, op.parent, op.name, op.seen)
+        if unseen and self.first_placement(txn, tables, move):
+            found = []
+        else:
+            # causal: the peer's moves come in its order, over the one link (crdt/tree.py, `causal`)
+            tree = ReplicatedTree(tables, tables, causal=True)
+            # Two deletes of one entry wanted the same: no conflict to list.
+            found = [conflict for conflict in tree.apply(move)
+                     if not conflict.winner.parent == conflict.loser.parent == TRASH]
         for conflict in found:
             self._conflict(txn, "move", conflict.loser.stamp, conflict.winner.stamp, op.object,
                            {"node": op.node.hex(), "winner_parent": conflict.winner.parent.hex(),
@@ -192,6 +217,28 @@ class SiteApply(SiteView):
         if volume_root is not None and op.parent == TRASH:
             self._sm.volumes.drop_record(txn, volume_root.volume)
         return len(found) + self._edit_against_delete(txn, op.object)
+
+    def first_placement(self, txn: lmdb.Transaction[bytes], tables: TableTree, move: Move) -> bool:
+        """The short path of most of a catch-up's moves: the first placement of an entry this site
+        never saw, applied as `ReplicatedTree.apply` would apply it, when that is only placing it;
+        False (nothing done) otherwise. That is so when the node has no placement, no move, and
+        nothing placed under it (it is no one's ancestor, so the move makes no cycle and no
+        conflict: a conflict is a concurrent move of the same node), and the log holds nothing
+        at or after the move's stamp (nothing to undo and redo, no resend): the tree would then
+        log it as done, with nothing before it, and add it to the node's moves. Here that costs
+        three reads instead of the walks up from the parent that `apply` makes twice (its
+        premise check and its cycle check) and its reads of the log. The differential test
+        (tests/repl/test_apply_short_path.py) holds both paths to the same tables."""
+        db = self.db
+        if move.node == move.parent or tables.placement(move.node) is not None \
+                or any(True for _ in scan(txn, db["skids"], move.node)) \
+                or any(True for _ in scan(txn, db["smoves"], move.node)) \
+                or any(True for _ in scan_from(txn, db["slog"], move.stamp.pack())):
+            return False
+        tables.place(move.node, Placement(move.parent, move.name, move.stamp))
+        tables.insert(LogEntry(move, None, done=True))
+        tables.add_move_of(move)
+        return True
 
     def _apply_attrs(self, txn: lmdb.Transaction[bytes], op: o.AttrsSet) -> int:
         value = [op.mode, op.uid, op.gid, op.atime_ns, op.mtime_ns]
@@ -251,8 +298,8 @@ class SiteApply(SiteView):
         value = [op.size, op.mtime_ns, op.mode, op.uid, op.gid]
         self._lost_on_the_peer(txn, op.object, Version(op.stamp, value, op.seen))
         previous = self._versions(txn, op.object + CONTENT)
-        shown, lost = self._remote_version(txn, op.object, CONTENT, Version(op.stamp, value, op.seen))
-        lost_stamps = {v.stamp for v in self._versions(txn, op.object + CONTENT)[1:]} - {v.stamp for v in previous[1:]}
+        shown, lost, now = self._remote_versions(txn, op.object, CONTENT, Version(op.stamp, value, op.seen), previous)
+        lost_stamps = {v.stamp for v in now[1:]} - {v.stamp for v in previous[1:]}
         fmap = self._sm.db["fmap"]
         if shown is not UNCHANGED:
             old = list(filemap.all_extents(txn, fmap, inode.ino))

@@ -59,8 +59,16 @@ class SiteConflicts(SiteTree):
     def _remote_version(self, txn: lmdb.Transaction[bytes], obj: bytes, kind: bytes,
                         version: Version[Any]) -> tuple[Any, int]:
         """Take in a peer's version; returns (the value now shown, or UNCHANGED; conflicts made)."""
+        shown, lost, _ = self._remote_versions(txn, obj, kind, version, self._versions(txn, obj + kind))
+        return shown, lost
+
+    def _remote_versions(self, txn: lmdb.Transaction[bytes], obj: bytes, kind: bytes, version: Version[Any],
+                         before: list[Version[Any]]) -> tuple[Any, int, tuple[Version[Any], ...]]:
+        """`_remote_version`, given the register's versions as they are (`before`: the caller read
+        them already), returning its versions after too: a content's apply needs both, and each
+        read of a register decodes its JSON."""
         key = obj + kind
-        register = MultiValueRegister(tuple(self._versions(txn, key)))
+        register = MultiValueRegister(tuple(before))
         outcome = register.apply(version)
         self._put_versions(txn, key, register.versions)
         winner = register.winner
@@ -72,7 +80,7 @@ class SiteConflicts(SiteTree):
         for loser in outcome.lost:
             self._conflict(txn, {ATTRS: "attributes", XATTR: "xattr", CONTENT: "content"}[kind[:1]], loser.stamp,
                            winner.stamp, obj, {"xattr": kind[1:].hex()} if kind[:1] == XATTR else {})
-        return (winner.value if outcome.shown else UNCHANGED), len(outcome.lost)
+        return (winner.value if outcome.shown else UNCHANGED), len(outcome.lost), register.versions
 
     def _settle_released(self, txn: lmdb.Transaction[bytes], obj: bytes, version: Version[Any]) -> None:
         """A peer's version of a released object's register: the versions it saw are settled (their

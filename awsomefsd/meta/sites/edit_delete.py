@@ -46,17 +46,19 @@ class EditAgainstDelete(SiteConflicts):
         inode = None if ino is None else self.ns.get_inode(txn, ino)
         if inode is None or not inode.is_reg:
             return 0
+        versions = self._versions(txn, obj + CONTENT)
+        index = EDIT_DELETE + obj  # the open record of this object, if any (no scan per command)
+        raw_key = txn.get(index, db=self.meta)
+        if not versions and raw_key is None:
+            return 0  # no content to keep, no record to close: the paths cannot change the verdict
         found = self._lost_paths(txn, inode.ino)
         paths, forgotten = ([], False) if found is None else found
-        versions = self._versions(txn, obj + CONTENT)
         wanted = None
         # The moves the writer had not seen that took a path away: the newest stands for them.
         unaware = sorted(move.stamp for path in paths if versions and self._taken_unknowingly(versions[0], path)
                          for move in path if not happened_before(move.stamp, versions[0].stamp, versions[0].seen))
         if unaware:
             wanted = versions[0]
-        index = EDIT_DELETE + obj  # the open record of this object, if any (no scan per command)
-        raw_key = txn.get(index, db=self.meta)
         if raw_key is not None:
             if versions and bytes(raw_key) == versions[0].stamp.pack() + b"e":
                 if wanted is not None:

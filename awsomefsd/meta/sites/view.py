@@ -46,7 +46,11 @@ class SiteView(EditAgainstDelete, SiteVolumes):
             for node, shown in self._group_names(txn, parent, name).items():
                 wanted[node] = None if parent_ino is None else (parent_ino, self._shown_name(txn, parent, node, shown))
         changed = {node: where for node, where in wanted.items() if self._shown(txn, node) != where}
-        reachable_before = {node: self._shown_reachably(txn, node) for node in changed}
+        # Only a directory's reach matters below (what reaches its files): the type of what a
+        # node names is known before it is shown, and a file's entries need no walk to the root.
+        directories = {node: ino for node in sorted(set(changed) | dirty.nodes)
+                       if (ino := self._directory_of(txn, node)) is not None}
+        reachable_before = {node: self._shown_reachably(txn, node) for node in changed if node in directories}
         for node in changed:
             self._unshow_node(txn, node, entry_too=True, now_ns=now_ns)
         for node, where in changed.items():
@@ -55,15 +59,19 @@ class SiteView(EditAgainstDelete, SiteVolumes):
         # A directory deleted, moved into a deleted one, or back: the files below it lost, or got
         # back, their path. One moved while out of reach (deleted again, by another move) may
         # change which delete took their path: they are judged again too.
-        for node in sorted(set(changed) | dirty.nodes):
+        for node, ino in directories.items():
             reachable = self._shown_reachably(txn, node)
             if reachable and reachable_before.get(node, True):
                 continue
-            ino = self._ino(txn, self._entry_object(txn, node))
-            inode = None if ino is None else self.ns.get_inode(txn, ino)
-            if inode is not None and inode.is_dir:
-                for obj in self._files_below(txn, inode.ino):
-                    self._edit_against_delete(txn, obj)
+            for obj in self._files_below(txn, ino):
+                self._edit_against_delete(txn, obj)
+
+    def _directory_of(self, txn: lmdb.Transaction[bytes], node: bytes) -> int | None:
+        """The inode of the directory entry `node` names, or None (a file's entry, or nothing here)."""
+        raw = txn.get(node, db=self.db["sentries"])
+        ino = None if raw is None else self._ino(txn, bytes(raw[:16]))
+        inode = None if ino is None else self.ns.get_inode(txn, ino)
+        return inode.ino if inode is not None and inode.is_dir else None
 
     def _groups_deriving(self, txn: lmdb.Transaction[bytes], dirty: Dirty) -> None:
         """A group named like a derived name (`x.conflict-<site>-<ns>`: a user renamed an entry
