@@ -362,6 +362,7 @@ async def serve(core: Core, settings: Settings, *, ready: Callable[[str], None] 
     systemd SIGUSR2 starts the next daemon before handing over (daemon/handover.py; a cluster
     member's start cannot take over)."""
     from awsomefsd.daemon.handover import SuccessorFirst, watch_signals
+    from awsomefsd.daemon.site_link import start_site
     from awsomefsd.fs.clock import use_kernel_clock
     from awsomefsd.fuse.eio import EioReporter
     from awsomefsd.fuse.invalidate import Invalidator, decode_targets, encode_targets
@@ -450,7 +451,7 @@ async def serve(core: Core, settings: Settings, *, ready: Callable[[str], None] 
                     log.info("sending %d kernel cache invalidations the daemon before handed over", len(carried))
             if settings.site.listen:
                 assert invalidator is not None
-                await _start_site(nursery, core, settings, member_site, invalidator)
+                await start_site(nursery, core, settings, member_site, invalidator)
             async def stopping() -> None:
                 _notify("STOPPING=1")
                 if transport.writeback_negotiated():
@@ -516,47 +517,6 @@ async def serve(core: Core, settings: Settings, *, ready: Callable[[str], None] 
                 except Exception:
                     log.exception("flushing buffered data at shutdown failed")
     return handing_over
-
-
-async def _start_site(nursery: trio.Nursery, core: Core, settings: Settings, member: MemberSite | None,
-                      invalidator: Invalidator) -> None:
-    """The link to another site ([site] listen) and the `site` commands' handlers: on a single
-    node on a control socket of their own, on a cluster member beside the member's. What the
-    other site changes is told to the kernel through `invalidator`."""
-    from awsomefsd.cluster.rpc import ControlService
-    from awsomefsd.cluster.state import control_socket
-    from awsomefsd.config.addresses import join_host_port, split_host_port
-    from awsomefsd.fuse.invalidate import changed_targets, targets
-    from awsomefsd.repl.service import SiteService
-    from awsomefsd.rpc.bridge import serve_grpc
-
-    def advertise() -> list[str]:
-        if settings.site.advertise or member is None:
-            return list(settings.site.advertise)
-        port = split_host_port(settings.site.listen)[1]
-        return [join_host_port(host, port) for host in member.member_hosts()]
-
-    core.meta.hear_site_side_effects(lambda changed: invalidator.submit(changed_targets(changed)))
-    try:
-        site = SiteService(core.meta, core.data, core.ops, site=core.superblock.cluster_id,
-                           state_dir=settings.node.state_dir, listen=settings.site.listen,
-                           advertise=advertise, batch_operations=settings.site.batch_operations,
-                           batch_bytes=settings.site.batch_bytes, mount=settings.mount.path,
-                           pushes_in_flight=settings.site.pushes_in_flight,
-                           applied=lambda command, result: invalidator.submit(targets(command, result)),
-                           elsewhere=(lambda: None) if member is None else member.elsewhere,
-                           credentials=None if member is None else member.credentials,
-                           outbox_max_operations=settings.site.outbox_max_operations)
-        core.data.compactor.moved = site.blocks_moved
-        await nursery.start(site.run)
-    except (ValueError, OSError) as exc:
-        raise NodeError(f"the site link listener on {settings.site.listen}: {exc}") from None
-    core.metrics.add_collector(site.collect_metrics)
-    if member is not None:
-        member.control.update(site.control_handlers())
-        return
-    await nursery.start(functools.partial(serve_grpc, [ControlService(site.control_handlers()).binding()],
-                                          f"unix://{control_socket(settings.node.state_dir)}"))
 
 
 KERNEL_WRITEBACK_DEADLINE_S = 60.0
