@@ -63,6 +63,8 @@ def config_files(root: Path, hdd: Path, user: str) -> dict[str, str]:
     """The text of every config file, by name: master, exports, chunkserver, its disk list.
 
     Paths are absolute and inside `root`; the master and the chunkserver listen on ADDRESS only.
+    Every MooseFS process runs at nice 0, as our daemon does by default: its own default, -19,
+    would favour it on a loaded machine (NICE_LEVEL here, `-o mfsnice=0` on the mount).
     Trash time 0 is set on the mount later (mfssettrashtime), so deleted files free their chunks
     as on the other targets instead of staying a day in the trash.
     """
@@ -79,6 +81,7 @@ def config_files(root: Path, hdd: Path, user: str) -> dict[str, str]:
         "MATOCS_LISTEN_PORT": str(PORTS["MATOCS"]),
         "MATOCL_LISTEN_HOST": ADDRESS,
         "MATOCL_LISTEN_PORT": str(PORTS["MATOCL"]),
+        "NICE_LEVEL": "0",
     }
     chunkserver = {
         "WORKING_USER": user,
@@ -91,6 +94,7 @@ def config_files(root: Path, hdd: Path, user: str) -> dict[str, str]:
         "BIND_HOST": ADDRESS,
         "CSSERV_LISTEN_HOST": ADDRESS,
         "CSSERV_LISTEN_PORT": str(PORTS["CSSERV"]),
+        "NICE_LEVEL": "0",
     }
 
     def cfg(values: dict[str, str]) -> str:
@@ -226,7 +230,7 @@ def moosefs_target(workdir: Path, size_bytes: int, deadline_s: float) -> Iterato
             argv = [*ns, program, "-f", "-c", str(root / cfg), "start"]
             daemons.append(_spawn(argv, mount, root.parent / f"moosefs-{program}.log"))
         _wait_for("master listening", lambda: _listening(netns, PORTS["MATOCL"]), daemons, deadline_s)
-        mount_argv = [*ns, "mfsmount", "-f", "-H", ADDRESS, "-P", str(PORTS["MATOCL"]), "-S", "/", str(mount)]
+        mount_argv = [*ns, "mfsmount", "-f", "-H", ADDRESS, "-P", str(PORTS["MATOCL"]), "-S", "/", "-o", "mfsnice=0", str(mount)]
         daemons.append(_spawn(mount_argv, mount, root.parent / "moosefs-mfsmount.log"))
         _wait_for("mount with the chunkserver's capacity", lambda: _has_space(mount), daemons, deadline_s)
         # The tools reach the master directly (its address is in the mount's .masterinfo), so

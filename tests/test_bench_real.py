@@ -69,6 +69,7 @@ def test_moosefs_config_stays_in_its_directory_and_on_the_private_address(tmp_pa
         assert chunkserver[key] == moosefs.ADDRESS
     paths = [v for cfg in settings.values() for k, v in cfg.items() if k.endswith(("_PATH", "_FILENAME"))]
     assert paths and all(Path(p).is_relative_to(tmp_path) for p in paths)
+    assert master["NICE_LEVEL"] == chunkserver["NICE_LEVEL"] == "0", "at our daemon's priority, not -19"
     assert files["mfshdd.cfg"].strip() == str(tmp_path / "hdd")
     assert files["mfsexports.cfg"].split()[0] == moosefs.ADDRESS  # no other client may mount it
     assert moosefs.netns_name(tmp_path) == moosefs.netns_name(tmp_path)
