@@ -30,9 +30,9 @@ from awsomefsd.meta.records import ROOT_INO
 from awsomefsd.meta.sites import capture
 from awsomefsd.meta.sites.capture import SiteCapture
 from awsomefsd.meta.sites.pending import PENDING
+from awsomefsd.meta.sites.tree import TableTree
 from tests.repl import test_sites_sm
-from tests.repl.test_sites_sm import Site, linked_pair, random_command, run, ship
-from tests.repl.test_sites_sm import random_step as random_step
+from tests.repl.test_sites_sm import Site, linked_pair, random_command, random_step, run, ship
 from tests.support import seeds
 
 SEEDS = seeds.params("sites-fold", 6, replay_var="AWSOMEFS_SITES_FOLD_SEED")
@@ -157,7 +157,6 @@ def test_a_create_placed_at_once_makes_the_rows_the_general_move_makes(tmp_path:
 
 def test_planted_bug_a_create_without_its_moves_row_is_caught(tmp_path: Path,
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    from awsomefsd.meta.sites.tree import TableTree
     place_new = TableTree.place_new
 
     def no_moves_row(self: TableTree, move: Any) -> None:
