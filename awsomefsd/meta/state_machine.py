@@ -177,7 +177,7 @@ class StateMachine:
         if handler is None:
             raise FsError(errno.EINVAL, f"unknown command {type(command).__name__}")
         if not isinstance(command, UNFOLDED):
-            self.sites.settle(txn)  # every capture pending is made before anything reads the site tables
+            self.sites.before_command(txn)  # every capture pending is made before anything reads the site tables
         result = handler(txn, command)
         if isinstance(command, REPLICATED):
             self.sites.record(txn, command, result)

@@ -273,7 +273,7 @@ def test_commands_sharing_a_transaction_make_the_tables_each_in_its_own_makes(tm
 def test_planted_bug_what_record_keeps_per_transaction_going_stale_is_caught(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, bug: str) -> None:
     if bug == "kept across a pause":
-        monkeypatch.setattr(SiteCapture, "settle", lambda self, txn: self.fold(txn))
+        monkeypatch.setattr(SiteCapture, "before_command", lambda self, txn: self.fold(txn))
     else:
         fold = SiteCapture.fold
 

@@ -79,7 +79,7 @@ class Deferring:
     runs (linked, not paused), whether it waits for a fold (`FOLD_LEVEL`), and the next pending
     row's number. Only a command that is not `UNFOLDED` can change the first two (a link, an
     unlink, a pause, the peer's batch, a new log level), and each drops this first
-    (`settle`); a fold changes the third. A transaction aborted is not this one any more, and
+    (`before_command`); a fold changes the third. A transaction aborted is not this one any more, and
     `StateMachine.load` drops it too."""
 
     txn: object
@@ -125,7 +125,7 @@ class SiteCapture(SiteView):
     def _capturing(self, txn: lmdb.Transaction[bytes]) -> bool:
         return self.peer(txn) is not None and txn.get(CAPTURE_PAUSED, db=self.meta) is None
 
-    def settle(self, txn: lmdb.Transaction[bytes]) -> None:
+    def before_command(self, txn: lmdb.Transaction[bytes]) -> None:
         """Before a command that is not `UNFOLDED` (it may read the site tables, or change the
         link, the pause or the log level): what waits is folded, and what `record` kept of the
         tables (`Deferring`) is read again by the next deferred command."""
