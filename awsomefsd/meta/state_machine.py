@@ -165,6 +165,7 @@ class StateMachine:
         if int(version) != FORMAT_VERSION:
             raise RuntimeError(f"metadata format {int(version)} is not supported (want {FORMAT_VERSION})")
         self._counters.clear()
+        self.sites.forget_deferring()
         self.space.load(txn)
 
     def meta_value(self, txn: lmdb.Transaction[bytes], key: bytes) -> bytes | None:
@@ -176,7 +177,7 @@ class StateMachine:
         if handler is None:
             raise FsError(errno.EINVAL, f"unknown command {type(command).__name__}")
         if not isinstance(command, UNFOLDED):
-            self.sites.fold(txn)  # every capture pending is made before anything reads the site tables
+            self.sites.before_command(txn)  # every capture pending is made before anything reads the site tables
         result = handler(txn, command)
         if isinstance(command, REPLICATED):
             self.sites.record(txn, command, result)

@@ -20,9 +20,9 @@ from awsomefsd.meta.errors import FsError
 log = logging.getLogger(__name__)
 
 MAX_FOLD = 512
-"""Records one FoldCapture folds at most (another follows at once while more wait): at 50-100 us
-a record, a fold holds the state machine 25-50 ms at most, so a local request never waits
-behind a long one."""
+"""Records one FoldCapture folds at most (another follows at once while more wait): at 35-70 us
+a create (bench/capture_cost.py), a fold holds the state machine 18-36 ms at most, so a local
+request never waits behind a long one."""
 FOLD_POLL_S = 0.02
 """How often the node running the link looks for captures to fold (one read of an LMDB page).
 What a write waits before it can ship; the shipper looks at the outbox every 50 ms."""
@@ -35,13 +35,16 @@ class Folding:
     elsewhere: Callable[[], str | None]
 
     async def _fold_captures(self) -> None:
-        """Fold while this node runs the link (a cluster's leader) and captures wait."""
+        """Fold while this node runs the link (a cluster's leader) and captures wait. A fold is a
+        background command (`hurry=False`): on a leader whose own writes are acknowledged ahead
+        of the log, it rides the batch being gathered instead of sending it at once, which every
+        20 ms cut short the gathering of the writes it folds (as orphan releases did: note 87)."""
         while True:
             await trio.sleep(FOLD_POLL_S)
             if self.elsewhere() is not None or not self.meta.site_unfolded():
                 continue
             try:
-                while await self.meta.propose(c.FoldCapture(MAX_FOLD)) >= MAX_FOLD:
+                while await self.meta.propose(c.FoldCapture(MAX_FOLD), hurry=False) >= MAX_FOLD:
                     await trio.sleep(0)  # more wait: fold on, letting other tasks run between
             except FsError as exc:  # a cluster changing leader: the next round tries again
                 log.debug("folding captures: %s", exc)

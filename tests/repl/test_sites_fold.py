@@ -6,11 +6,16 @@ site that captures in each command: the same stamps, the same `seen`, the same c
 
 A differential over seeded random two-site workloads (tests/repl/test_sites_sm.py's `run`),
 with folds at random moments; and two planted bugs it must catch: a batch of the other site's
-operations applied before what waits is folded, and records folded newest first.
+operations applied before what waits is folded, and records folded newest first. Two more
+differentials for what makes the write path and the fold cheap: a create's tree rows written
+without the general move's reads (`_place_new`) against the general move, and commands sharing
+write transactions as a group commit batches them (what `record` keeps per transaction) against
+one transaction each, compared table by table after every command.
 """
 
 from __future__ import annotations
 
+import hashlib
 import random
 import stat
 from pathlib import Path
@@ -25,8 +30,9 @@ from awsomefsd.meta.records import ROOT_INO
 from awsomefsd.meta.sites import capture
 from awsomefsd.meta.sites.capture import SiteCapture
 from awsomefsd.meta.sites.pending import PENDING
+from awsomefsd.meta.sites.tree import TableTree
 from tests.repl import test_sites_sm
-from tests.repl.test_sites_sm import Site, linked_pair, random_command, run, ship
+from tests.repl.test_sites_sm import Site, linked_pair, random_command, random_step, run, ship
 from tests.support import seeds
 
 SEEDS = seeds.params("sites-fold", 6, replay_var="AWSOMEFS_SITES_FOLD_SEED")
@@ -123,3 +129,160 @@ def test_a_cluster_records_for_a_fold_only_once_every_member_does(tmp_path: Path
     waiting = a.read(lambda txn: a.sm.sites.unfolded(txn))
     shipped = a.read(lambda txn: a.sm.sites.outbox(txn, None, 10))
     assert (waiting, len(shipped)) == ((1, 0) if level >= c.FOLD_LEVEL else (0, 2))
+
+
+# -- a create's rows written at once, and what the write path keeps per transaction -----------
+def general_move(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every create's tree rows by the general local move (`_local_move`), as before `_place_new`."""
+    monkeypatch.setattr(SiteCapture, "_place_new", lambda self, txn, node, parent, name, obj, now_ns:
+                        self._local_move(txn, node, parent, name, obj, now_ns))
+
+
+def placed_both_ways(tmp_path: Path, seed: int, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    monkeypatch.setattr(test_sites_sm, "acknowledged_head", folded_head)
+    fast = run(tmp_path / "fast", seed, make=make)
+    with monkeypatch.context() as patched:
+        general_move(patched)
+        general = run(tmp_path / "general", seed, make=make)
+    return [f"site {name}, table {table}" for name, one, other in zip("ab", fast, general, strict=True)
+            for table, rows in tables(one).items() if rows != tables(other)[table]]
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_a_create_placed_at_once_makes_the_rows_the_general_move_makes(tmp_path: Path, seed: int,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    differ = placed_both_ways(tmp_path, seed, monkeypatch)
+    assert not differ, f"seed {seed}: a create's rows written at once differ from the general move's in {differ}"
+
+
+def test_planted_bug_a_create_without_its_moves_row_is_caught(tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    place_new = TableTree.place_new
+
+    def no_moves_row(self: TableTree, move: Any) -> None:
+        place_new(self, move)
+        self.txn.delete(move.node + move.stamp.pack(), db=self.t.db["smoves"])
+    monkeypatch.setattr(TableTree, "place_new", no_moves_row)
+    assert any(placed_both_ways(tmp_path / str(seed), seed, monkeypatch) for seed in range(6))
+
+
+def digest(site: Site, txn: Any) -> bytes:
+    """Every row of every table, hashed."""
+    h = hashlib.blake2b(digest_size=16)
+    for name, db in sorted(site.store.db.items()):
+        h.update(name.encode())
+        for key, value in txn.cursor(db=db):
+            h.update(len(key).to_bytes(4, "big") + bytes(key) + len(value).to_bytes(4, "big") + bytes(value))
+    return h.digest()
+
+
+class Traced(Site):
+    """A site that keeps a digest of its tables after every command (`trace`). With `commits`
+    its commands share write transactions as LocalLog's group commit makes them (meta/log.py):
+    one stays open across commands, a refused one included, and commits at random points; what
+    the workload reads, it reads through that transaction. Without, each has its own."""
+
+    def __init__(self, path: Path, cluster_id: str, clock_start: int, commits: random.Random | None = None) -> None:
+        self.commits, self.txn, self.trace = commits, None, []
+        super().__init__(path, cluster_id, clock_start)
+
+    def apply(self, cmd: object) -> Any:
+        """Without `commits`, each command in a transaction of its own, committed even when the
+        command is refused, as both logs keep what a refusal did (the fold before it)."""
+        if self.txn is None:
+            self.txn = self.store.env.begin(write=True)
+        txn = self.txn
+        try:
+            return self.sm.apply(txn, cmd)
+        finally:
+            self.trace.append(digest(self, txn))
+            if self.commits is None or self.commits.random() < 0.3:
+                txn.commit()
+                self.txn = None
+
+    def commit(self) -> None:
+        if self.txn is not None:
+            self.txn.commit()
+            self.txn = None
+
+    def read(self, fn: Any) -> Any:
+        return super().read(fn) if self.txn is None else fn(self.txn)
+
+    def folded(self, fn: Any) -> Any:
+        if self.txn is None:
+            return super().folded(fn)
+        child = self.store.env.begin(write=True, parent=self.txn)
+        try:
+            self.sm.sites.fold(child)
+            return fn(child)
+        finally:
+            child.abort()
+            self.sm.load(self.txn)
+
+
+def make_switching(rng: random.Random, site: Site, roll: float) -> object | None:
+    """`make`'s workload, capture paused and resumed now and then (bound.py), and a site that is a
+    cluster below `c.FOLD_LEVEL` raised to this build's level: what `record` keeps per
+    transaction changes in the middle of one."""
+    if roll > 0.97:
+        return c.PauseCapture(site.tick()) if rng.random() < 0.5 else c.ResumeCapture(site.tick())
+    if roll > 0.96:
+        return c.SetLogLevel(c.LOG_LEVEL, ())
+    return make(rng, site, roll)
+
+
+def traced_run(tmp_path: Path, seed: int, batched: bool) -> tuple[Traced, Traced]:
+    commits = random.Random(-seed) if batched else None
+    rng = random.Random(seed)
+    a = Traced(tmp_path / "a", "a" * 32, 10**12, commits)
+    b = Traced(tmp_path / "b", "b" * 32, 10**12 + 500, commits)
+    a.apply(c.LinkSite(b.id, a.tick()))
+    b.apply(c.LinkSite(a.id, b.tick()))
+    a.commit()
+    with a.store.env.begin(write=True) as txn:  # a is a cluster whose members ran an older build
+        txn.put(b"ca_cert", b"-", db=a.store.db["meta"])
+        txn.put(b"log_level", (c.FOLD_LEVEL - 1).to_bytes(8, "big"), db=a.store.db["meta"])
+    for _ in range(150):
+        random_step(rng, a, b, make=make_switching)
+    while ship(a, b) + ship(b, a):
+        pass
+    return a, b
+
+
+def batched_both_ways(tmp_path: Path, seed: int, monkeypatch: pytest.MonkeyPatch) -> str | None:
+    """Where the run whose commands share transactions first differs from the one that gives
+    each its own: None if nowhere."""
+    monkeypatch.setattr(test_sites_sm, "acknowledged_head", folded_head)
+    alone = traced_run(tmp_path / "alone", seed, batched=False)
+    shared = traced_run(tmp_path / "shared", seed, batched=True)
+    for name, one, other in zip("ab", alone, shared, strict=True):
+        for step, (left, right) in enumerate(zip(one.trace, other.trace, strict=True)):
+            if left != right:
+                return f"site {name}, command {step}"
+    return None
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_commands_sharing_a_transaction_make_the_tables_each_in_its_own_makes(tmp_path: Path, seed: int,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    differ = batched_both_ways(tmp_path, seed, monkeypatch)
+    assert differ is None, f"seed {seed}: commands sharing a transaction differ from one each at {differ}"
+
+
+@pytest.mark.parametrize("bug", ["kept across a pause", "numbered on after a fold"])
+def test_planted_bug_what_record_keeps_per_transaction_going_stale_is_caught(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, bug: str) -> None:
+    if bug == "kept across a pause":
+        monkeypatch.setattr(SiteCapture, "before_command", lambda self, txn: self.fold(txn))
+    else:
+        fold = SiteCapture.fold
+
+        def numbered_on(self: SiteCapture, txn: Any, limit: int | None = None) -> int:
+            kept = self._deferring
+            number = None if kept is None else kept.next_pending
+            folded = fold(self, txn, limit)
+            if kept is not None:
+                kept.next_pending = number
+            return folded
+        monkeypatch.setattr(SiteCapture, "fold", numbered_on)
+    assert any(batched_both_ways(tmp_path / str(seed), seed, monkeypatch) for seed in range(6))

@@ -23,6 +23,7 @@ Apart because it runs inside every local command that changes the replicated nam
 from __future__ import annotations
 
 import stat
+from dataclasses import dataclass
 from typing import Any
 
 import lmdb
@@ -71,24 +72,69 @@ they carry decides for itself). Every other command folds first, whatever it is:
 is safe without a thought."""
 
 
+@dataclass(slots=True)
+class Deferring:
+    """What `record` reads of the site tables for a deferred command, kept while the deferred
+    commands of one transaction apply (a group commit's batch holds thousands): whether capture
+    runs (linked, not paused), whether it waits for a fold (`FOLD_LEVEL`), and the next pending
+    row's number. Only a command that is not `UNFOLDED` can change the first two (a link, an
+    unlink, a pause, the peer's batch, a new log level), and each drops this first
+    (`before_command`); a fold changes the third. A transaction aborted is not this one any more, and
+    `StateMachine.load` drops it too."""
+
+    txn: object
+    capturing: bool
+    later: bool
+    next_pending: int | None = None
+
+
 class SiteCapture(SiteView):
     """Local commands recorded in the tree, the registers and the outbox."""
+
+    _deferring: Deferring | None = None
 
     def record(self, txn: lmdb.Transaction[bytes], cmd: object, result: Any) -> None:
         """Capture what `cmd` (applied, with `result`) did, if the site is linked and capture is
         not paused (bound.py): its facts kept for a fold later when it is `DEFERRED` and may wait,
         else now."""
-        if self.peer(txn) is None or txn.get(CAPTURE_PAUSED, db=self.meta) is not None:
-            return
-        if isinstance(cmd, DEFERRED) and self.folds_later(txn):
-            facts = self._facts(txn, cmd, result)
-            if facts is not None:
-                self._keep_pending(txn, facts)
+        if isinstance(cmd, DEFERRED):
+            deferring = self._deferring
+            if deferring is None or deferring.txn is not txn:
+                deferring = self._deferring = Deferring(txn, self._capturing(txn), self.folds_later(txn))
+            if not deferring.capturing:
                 return
-            self.fold(txn)  # what the command changed the state machine did not fold before it
+            if deferring.later:
+                if type(cmd) is c.Mknod:  # the commonest, and one row whatever it made
+                    target = cmd.target  # a symlink's (any other type's is its size only)
+                    if target and not stat.S_ISLNK(result.mode):
+                        target = b""
+                    self._keep_pending(txn, deferring, p.pack_new(cmd.parent, result, cmd.name, target, cmd.now_ns))
+                    return
+                facts = self._facts(txn, cmd, result)
+                if facts is not None:
+                    for fact in facts:
+                        self._keep_pending(txn, deferring, fact)
+                    return
+                self.fold(txn)  # what the command changed the state machine did not fold before it
+        elif not self._capturing(txn):
+            return
         self._entries, self._inodes = [], []
         self._capture(txn, cmd, result)
         self._tell_side_effects()
+
+    def _capturing(self, txn: lmdb.Transaction[bytes]) -> bool:
+        return self.peer(txn) is not None and txn.get(CAPTURE_PAUSED, db=self.meta) is None
+
+    def before_command(self, txn: lmdb.Transaction[bytes]) -> None:
+        """Before a command that is not `UNFOLDED` (it may read the site tables, or change the
+        link, the pause or the log level): what waits is folded, and what `record` kept of the
+        tables (`Deferring`) is read again by the next deferred command."""
+        self._deferring = None
+        self.fold(txn)
+
+    def forget_deferring(self) -> None:
+        """The state machine's mirrors are rebuilt (a transaction aborted): read the tables again."""
+        self._deferring = None
 
     def _tell_side_effects(self) -> None:
         if self._entries and self.local_side_effects is not None:
@@ -110,6 +156,8 @@ class SiteCapture(SiteView):
                 break
         if not rows:
             return 0
+        if self._deferring is not None:
+            self._deferring.next_pending = None  # numbering starts again at 0 once none waits
         raw = txn.get(b"clock", db=self.meta)
         clock = None if raw is None else Stamp.unpack(bytes(raw))
         held = self._held = Held(clock, self._seen_stamp(txn))
@@ -138,16 +186,19 @@ class SiteCapture(SiteView):
                 break
         return count
 
-    def _keep_pending(self, txn: lmdb.Transaction[bytes], facts: list[bytes]) -> None:
-        cursor = txn.cursor(db=self.meta)
-        number = 0
-        if cursor.last():
-            last = bytes(cursor.key())
-            if last.startswith(p.PENDING):
-                number = read_u64(last, len(p.PENDING)) + 1
-        for fact in facts:
-            txn.put(p.PENDING + u64(number), fact, db=self.meta)
-            number += 1
+    def _keep_pending(self, txn: lmdb.Transaction[bytes], deferring: Deferring, fact: bytes) -> None:
+        """The row goes after the last one waiting (numbered from 0 when none waits: every replica
+        numbers alike, whatever it kept in memory)."""
+        number = deferring.next_pending
+        if number is None:
+            number = 0
+            cursor = txn.cursor(db=self.meta)
+            if cursor.last():
+                last = bytes(cursor.key())
+                if last.startswith(p.PENDING):
+                    number = read_u64(last, len(p.PENDING)) + 1
+        txn.put(p.PENDING + u64(number), fact, db=self.meta)
+        deferring.next_pending = number + 1
 
     def _facts(self, txn: lmdb.Transaction[bytes], cmd: object, result: Any) -> list[bytes] | None:
         """What a deferred command's capture will need (packed `Facts`), or None when it must be
@@ -155,15 +206,12 @@ class SiteCapture(SiteView):
         kept) or judge an edit against a delete, which change what /.conflicts shows. The rows
         that decide that change only in commands that fold first: what is true now is true at
         the fold."""
-        if isinstance(cmd, c.Mknod):
-            inode: Inode = result
-            return [p.pack_new(cmd.parent, inode, cmd.name, cmd.target if stat.S_ISLNK(inode.mode) else b"",
-                               cmd.now_ns)]
         if isinstance(cmd, (c.SetXattr, c.RemoveXattr)):
             if not self._waits(txn, cmd.ino, XATTR + cmd.name):
                 return None
             return [p.pack_xattr(cmd.ino, cmd.name, cmd.value if isinstance(cmd, c.SetXattr) else None, cmd.now_ns)]
         facts = []
+        inode: Inode
         if isinstance(cmd, c.SetAttr):
             inode = result
             if any(v is not None for v in (cmd.mode, cmd.uid, cmd.gid, cmd.atime_ns, cmd.mtime_ns)):
@@ -263,8 +311,32 @@ class SiteCapture(SiteView):
             target = self.ns.symlink_target(txn, inode.ino) if stat.S_ISLNK(inode.mode) else b""
         self._ship(txn, o.Created(stamp, obj, inode.mode, inode.uid, inode.gid, inode.rdev, target,
                                   inode.mtime_ns, self._seen(txn)))
-        node = obj if inode.is_dir else self._new_entry(txn)
-        self._local_move(txn, node, parent, name, obj, now_ns)
+        if inode.is_dir:
+            node = obj
+            fresh = (txn.get(node, db=self.db["sentries"]) is None and self.placement(txn, node) is None
+                     and not any(True for _ in scan(txn, self.db["skids"], node)))
+        else:
+            node, fresh = self._new_entry(txn), True  # an entry node is minted once: no row names it yet
+        if fresh and parent != VOLUMES_INO:
+            self._place_new(txn, node, parent, name, obj, now_ns)
+        else:
+            self._local_move(txn, node, parent, name, obj, now_ns)
+
+    def _place_new(self, txn: lmdb.Transaction[bytes], node: bytes, parent_ino: int, name: bytes, obj: bytes,
+                   now_ns: int) -> None:
+        """`_local_move` of a node that no row names and under which nothing is placed (a create's):
+        its rows, each written once, none read. For such a node `_local_move` finds it shown
+        nowhere, the tree places it (`TableTree.place_new`), and, the newest of its group, it shows
+        under the name the command gave it: no group is shown again. tests/repl/test_sites_fold.py
+        compares the tables both ways."""
+        parent = self.object_of(txn, parent_ino)
+        assert parent is not None, parent_ino
+        stamp = self._tick(txn, now_ns)
+        seen = self._seen(txn)
+        TableTree(self, txn, Dirty()).place_new(Move(stamp, node, parent, name, seen))
+        self._ship(txn, o.Moved(stamp, node, parent, name, obj, seen))
+        self._put_entry(txn, node, obj, parent_ino, name)
+        txn.put(u64(parent_ino) + name, node, db=self.db["snames"])
 
     def _capture_delete(self, txn: lmdb.Transaction[bytes], parent: int, name: bytes, now_ns: int) -> None:
         node = self._node_shown_at(txn, parent, name)

@@ -58,9 +58,10 @@ _CONTENT_HEAD, _XATTR_HEAD = _HEAD.pack(FORMAT, CONTENT), _HEAD.pack(FORMAT, XAT
 
 
 def pack_new(parent: int, inode: Inode, name: bytes, target: bytes, now_ns: int) -> bytes:
-    """A create (on the write path: packed from the command's own values, no `Facts` built)."""
-    return (_NEW_HEAD + _NEW.pack(parent, inode.ino, inode.mode, inode.uid, inode.gid, inode.rdev, inode.mtime_ns,
-                                  now_ns, len(name)) + name + target)
+    """A create (on the write path: packed from the command's own values, no `Facts` built).
+    `target`: a symlink's, else b""."""
+    return b"".join((_NEW_HEAD, _NEW.pack(parent, inode.ino, inode.mode, inode.uid, inode.gid, inode.rdev,
+                                          inode.mtime_ns, now_ns, len(name)), name, target))
 
 
 def pack_attrs(inode: Inode, now_ns: int) -> bytes:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import lmdb
@@ -93,6 +93,8 @@ class Held:
     head: Stamp | None = None
     next_entry: int | None = None
     """The next entry node's number, once a fold made one."""
+    levels: dict[int, bool] = field(default_factory=dict)
+    """`at_level`'s answers: no folded command changes the cluster's log level."""
 
 
 def site_of_cluster(cluster_id: str) -> bytes:
@@ -183,8 +185,14 @@ class SiteRecords:
         """Does this site follow the rules of log level `level` (meta/commands.py)? A single node
         always does; a cluster only once every member's build does: replicas that kept different
         rows would judge, ship and release differently."""
+        held = self._held
+        if held is not None and level in held.levels:
+            return held.levels[level]
         cluster = self._sm.cluster
-        return not cluster.initialised(txn) or (cluster.log_level(txn) or c.BASE_LOG_LEVEL) >= level
+        answer = not cluster.initialised(txn) or (cluster.log_level(txn) or c.BASE_LOG_LEVEL) >= level
+        if held is not None:
+            held.levels[level] = answer
+        return answer
 
     def _fresh_object_id(self, txn: lmdb.Transaction[bytes], ino: int) -> bytes:
         """The global id of an object made here: this site's and its inode number's; unless an

@@ -73,6 +73,16 @@ class TableTree:
             self.dirty.groups.add((placement.parent, placement.name))
         self.dirty.nodes.add(node)
 
+    def place_new(self, move: Move) -> None:
+        """`ReplicatedTree.apply_local(move)` for a node never placed and with nothing placed
+        under it (a create's): what its `_do` reads is known (no placement before, not above the
+        parent: done), so this reads nothing and writes the rows it writes (a fold's creates)."""
+        txn, db, stamp, packed = self.txn, self.t.db, move.stamp.pack(), pack_move(move)
+        txn.put(move.node, move.parent + stamp + move.name, db=db["splace"])
+        txn.put(move.parent + move.name + b"\0" + move.node, b"", db=db["skids"])
+        txn.put(stamp, _DONE_FIRST + packed, db=db["slog"])  # _pack_log_entry(LogEntry(move, None, True))
+        txn.put(move.node + stamp, packed, db=db["smoves"])
+
     # TreeLog
     def entry_at(self, stamp: Stamp) -> LogEntry | None:
         raw = self.txn.get(stamp.pack(), db=self.t.db["slog"])
@@ -300,6 +310,10 @@ def unpack_move(raw: bytes, at: int = 0) -> tuple[Move, int]:
         seen[site] = Stamp.unpack(seen_stamp)
         at += _SEEN.size
     return Move(Stamp.unpack(stamp), node, parent, raw[at:at + name_len], seen), at + name_len
+
+
+_DONE_FIRST = bytes((True, False))
+"""The head `_pack_log_entry` gives a move done that placed its node first (no placement before)."""
 
 
 def _pack_log_entry(entry: LogEntry) -> bytes:
