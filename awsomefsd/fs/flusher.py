@@ -75,8 +75,10 @@ class Flusher:
             written = 0
             try:
                 for batch in _flush_batches(runs):
-                    # no stamped write among them (the kernel's write-back): the times stay
-                    await self.writer.write_runs(st, batch, mtime_ns=written_ns, keep_mtime=not written_ns)
+                    # no stamped write among them (the kernel's write-back): the times stay, and
+                    # a time all the same says the content changed (write_runs)
+                    await self.writer.write_runs(st, batch, mtime_ns=written_ns or self.writer.clock_ns(),
+                                                 keep_mtime=not written_ns)
                     written += len(batch)
             except StoreUnavailable as exc:
                 # Completing a partial block needed its old bytes from the object store, which did

@@ -56,8 +56,11 @@ class RunWriter:
                          keep_mtime: bool = False, mtime_ns: int = 0) -> None:
         """Write byte runs of one file (in offset order, disjoint) to fresh extents (or in place on
         blocks reserved for them) and commit them with one WriteData. `size` caps the file size
-        the command may set (a compaction must not grow the file); `keep_mtime` leaves the times
-        alone (compaction); `mtime_ns` is when the writes happened (their mtime)."""
+        the command may set (a compaction must not grow the file); `mtime_ns` is when the writes
+        happened (their mtime). `keep_mtime` leaves the times alone: a compaction (`mtime_ns` 0:
+        nothing changed), or data no write of which was stamped, the kernel's write-back (it
+        sets the times itself): `mtime_ns` then still names a time, which tells a linked site that
+        the content changed (`WriteData.changes_content`)."""
         epoch = self.meta.lease_epoch()  # the device write happens under it: mapped only under it
         inode = self.meta.inode(st.ino)
         if inode is None:
@@ -92,7 +95,7 @@ class RunWriter:
     async def write_files(self, files: list[tuple[FileState, list[Run], int]]) -> list[BaseException | None]:
         """`write_runs` of several files at once (closed small files, fs/batch.py): one allocation,
         one device write (their blocks side by side go out as one), then one WriteData per file,
-        each stamped with its `mtime_ns` (0: the times stay, as `keep_mtime`). Returns per file
+        each stamped with its `mtime_ns` (0: the times stay, as `keep_mtime` with a time). Returns per file
         None or why its data did not commit; a failed device write fails every file. A node short
         of space writes each file with `write_runs` instead (it may write reservations in place)."""
         laid: list[tuple[FileState, list[tuple[int, bytearray]], int, int]] = []  # state, blocks, end, mtime
@@ -115,7 +118,7 @@ class RunWriter:
         if self.short_of_space(sum(counts)):
             for i, (st, _, _, mtime_ns) in zip(index, laid, strict=True):
                 try:
-                    await self.write_runs(st, files[i][1], mtime_ns=mtime_ns, keep_mtime=not mtime_ns)
+                    await self.write_runs(st, files[i][1], mtime_ns=mtime_ns or self.clock_ns(), keep_mtime=not mtime_ns)
                 except BaseException as exc:
                     outcome[i] = exc
             return outcome
@@ -131,7 +134,8 @@ class RunWriter:
         sums = iter(checksums)
         for i, (st, _, end, mtime_ns), file, share in zip(index, laid, pieces, shares, strict=True):
             records = tuple(Extent(fb, dev, n, next(sums)) for fb, dev, n, _ in file)
-            command = c.WriteData(st.ino, records, end, self.clock_ns(), touch=bool(mtime_ns), mtime_ns=mtime_ns)
+            command = c.WriteData(st.ino, records, end, self.clock_ns(), touch=bool(mtime_ns),
+                                  mtime_ns=mtime_ns or self.clock_ns())  # unstamped: the content changed
             try:
                 await self.meta.propose(command, epoch=epoch)
             except BaseException as exc:

@@ -177,8 +177,16 @@ class WriteData(Command[Inode]):
     size: int
     now_ns: int
     kill_suid: bool = False
-    touch: bool = True  # False for compaction: the content did not change, nor do the times
+    touch: bool = True  # False: the times stay (compaction, or the kernel's write-back)
     mtime_ns: int = 0
+
+    @property
+    def changes_content(self) -> bool:
+        """Did the file's bytes change? Not for a compaction (it moves bytes: no `touch`, no
+        `mtime_ns`); yes for every write, also the kernel's write-back, which keeps the times (no
+        `touch`) but names one. A linked site captures what changes content
+        (WRITEBACK_CONTENT_LEVEL: below it, only a `touch`)."""
+        return self.touch or self.mtime_ns != 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -504,8 +512,10 @@ class Batch(Command[list[object]]):
 BASE_LOG_LEVEL = 3
 """The level of a cluster that never recorded one: formed by builds before the gate, which decode
 command tags 1-32 (meta/codec.py) in format 3."""
-LOG_LEVEL = 18
-"""The newest commands this build decodes. 18: PauseCapture, ResumeCapture (a bounded outbox:
+LOG_LEVEL = 19
+"""The newest commands this build decodes. 19: a WriteData that keeps the times but names one (the
+kernel's write-back under the writeback cache) is captured by a linked site as the content change
+it is (WRITEBACK_CONTENT_LEVEL). 18: PauseCapture, ResumeCapture (a bounded outbox:
 meta/sites/bound.py). 17: UnlinkClosed (a closed file's unlink and purge in one command). 16: an
 unlink keeps a site's tables for a relink, and no site id outlives its inode (meta/sites/,
 RELINK_LEVEL). 15: FoldCapture (a linked site's creates, attributes and content captured later, in
@@ -554,6 +564,12 @@ RELINK_LEVEL = 16
 one, or a link to another site, drops them), a purged inode's site id goes with it, and a new
 object whose id an older one still holds gets a fresh one (meta/sites/relink.py; no command of
 its own: what every replica keeps changes, so all must do alike)."""
+
+WRITEBACK_CONTENT_LEVEL = 19
+"""From this level on, a linked site captures every WriteData that changes content
+(`WriteData.changes_content`), not only those that `touch`: the kernel's write-back keeps the times
+and was taken for a compaction, so its bytes never reached the other site (no command of its own:
+what every replica captures changes, so all must capture alike)."""
 
 
 def level_of(command: type) -> int:

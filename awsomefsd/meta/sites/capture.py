@@ -221,7 +221,7 @@ class SiteCapture(SiteView):
             if cmd.size is None:
                 return facts
         elif isinstance(cmd, c.WriteData):
-            if not cmd.touch:
+            if not self._changes_content(txn, cmd):
                 return facts
             inode = result
         elif isinstance(cmd, c.PunchHole):
@@ -233,6 +233,11 @@ class SiteCapture(SiteView):
             return None
         facts.append(p.pack_content(inode, cmd.now_ns))
         return facts
+
+    def _changes_content(self, txn: lmdb.Transaction[bytes], cmd: c.WriteData) -> bool:
+        """Is `cmd` a change of content to capture? Every replica must answer alike: below
+        WRITEBACK_CONTENT_LEVEL only a write that touches the times was one."""
+        return cmd.touch or (cmd.changes_content and self.at_level(txn, c.WRITEBACK_CONTENT_LEVEL))
 
     def _waits(self, txn: lmdb.Transaction[bytes], ino: int, kind: bytes) -> bool:
         """May a local version of register `kind` of `ino` wait for a fold? Yes unless applying it
@@ -287,7 +292,7 @@ class SiteCapture(SiteView):
         elif isinstance(cmd, (c.SetXattr, c.RemoveXattr)):
             self._capture_xattr(txn, cmd.ino, cmd.name, cmd.value if isinstance(cmd, c.SetXattr) else None, cmd.now_ns)
         elif isinstance(cmd, c.WriteData):
-            if cmd.touch:  # compaction (touch=False) moves bytes, it changes none
+            if self._changes_content(txn, cmd):  # a compaction moves bytes, it changes none
                 self._capture_content(txn, result, cmd.now_ns)
         elif isinstance(cmd, c.PunchHole):
             self._capture_content(txn, result, cmd.now_ns)
