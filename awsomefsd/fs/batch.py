@@ -65,8 +65,11 @@ class ClosedBatch:
     """The closed files whose data waits for the next batch (see the module docstring)."""
 
     def __init__(self, buffer: WriteBuffer, writer: RunWriter, flusher: Flusher, compactor: Compactor,
-                 lost_writes: LossLedger) -> None:
+                 lost_writes: LossLedger, fits: Callable[[int], bool]) -> None:
         self.buffer = buffer
+        self.fits = fits
+        """Does everything buffered fit the device and the given volume's quota? (A failure of a
+        deferred write reaches only the file's next close or fsync: none may be foreseeable.)"""
         self.writer = writer
         self.flusher = flusher
         self.compactor = compactor
@@ -100,6 +103,8 @@ class ClosedBatch:
             return ino in self.pending  # already waiting: nothing new
         if st.dirty.dirty_bytes > DEFER_FILE_BYTES or st.dirty.run_count > DEFER_FILE_RUNS:
             return False
+        if not self.fits(st.volume):
+            return False  # its flush may fail for room: the close that flushes it hears that
         return ino in self.pending or (len(self.pending) < DEFER_MAX_FILES
                                        and self.pending_bytes + st.dirty.dirty_bytes <= DEFER_MAX_BYTES)
 

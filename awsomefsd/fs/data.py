@@ -86,7 +86,8 @@ class FileData:
         self.lost_writes = LossLedger(self.buffer)
         self.flusher = Flusher(self.buffer, writer, self.compactor, device, self.lost_writes,
                                flush_interval_ms=flush_interval_ms)
-        self.batch = ClosedBatch(self.buffer, writer, self.flusher, self.compactor, self.lost_writes)
+        self.batch = ClosedBatch(self.buffer, writer, self.flusher, self.compactor, self.lost_writes,
+                                 self.space.buffered_fit)
         self.truncator = Truncator(meta, self.buffer, self.flusher, self.reader, allocator, io, clock_ns=clock_ns)
         self.ranges = RangeEditor(meta, self.buffer, self.flusher, self.space, clock_ns=clock_ns)
         self.stager = BlockStager(self.space, io)

@@ -54,6 +54,18 @@ class SpaceGuard:
         return (self.claim_space is not None and await self.claim_space(need_blocks + self.buffer.dirty_blocks())
                 and self.fits(need_blocks))
 
+    def buffered_fit(self, volume: int) -> bool:
+        """Would every buffered byte fit if flushed now: the node's free blocks, and the quota of
+        `volume` (0: none) with its buffered bytes counted as blocks? A write into a hole passes
+        `check_quota` (it grows nothing) and meets the quota only at its flush: a close may be
+        answered before its flush (fs/batch.py) only where no such failure can wait."""
+        if not self.fits(0):
+            return False
+        record = self.meta.volume(volume) if volume else None
+        if record is None or not record.capacity_bytes:
+            return True
+        return record.used_blocks * BLOCK_SIZE + self.buffer.dirty_bytes_of(volume) <= record.capacity_bytes
+
     def check_quota(self, inode: Inode, grow_blocks: int) -> None:
         """EDQUOT when growing the file by `grow_blocks` would take its volume past its quota
         (buffered bytes of the volume count); EROFS inside a snapshot."""

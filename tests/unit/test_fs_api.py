@@ -56,6 +56,13 @@ async def running(core: Core) -> AsyncIterator[Core]:
         nursery.cancel_scope.cancel()
 
 
+async def flushed(core: Core, fh: int) -> None:
+    """A close's flush, and the batch of closed files it may have joined written (fs/batch.py):
+    these tests look at what a flush writes, which on a single node can wait for the next commit."""
+    await core.ops.flush(fh)
+    await core.data.batch.write_pending()
+
+
 class File:
     """An open file of the core, and the model of its bytes."""
 
@@ -104,7 +111,7 @@ async def test_unaligned_writes_read_back_from_the_buffer_the_device_and_after_a
                 await f.write(offset, bytes([rng.randrange(256)]) * rng.randrange(1, 3 * BLOCK_SIZE))
             await f.check()  # from the write buffer, over whatever was flushed before
             if round_ % 2:
-                await core.ops.flush(f.fh)
+                await flushed(core, f.fh)
                 assert f.ino not in core.data.files
                 await f.check()  # from the device
         await core.ops.fsync(f.fh, False)
@@ -128,7 +135,7 @@ async def test_a_truncate_zeroes_the_tail_of_its_block_and_drops_buffered_bytes_
     again reads zeros there, never the old bytes, whether they were committed or still buffered."""
     f = await File.create(core, b"tail")
     await f.write(0, b"x" * 3 * BLOCK_SIZE)
-    await core.ops.flush(f.fh)
+    await flushed(core, f.fh)
     await f.write(3 * BLOCK_SIZE, b"y" * 100)  # buffered, past the new size
     await f.truncate(BLOCK_SIZE + 5)
     await f.check()
@@ -138,7 +145,7 @@ async def test_a_truncate_zeroes_the_tail_of_its_block_and_drops_buffered_bytes_
     await f.write(BLOCK_SIZE + 1, b"z")  # buffered inside the rewritten tail block
     await f.truncate(BLOCK_SIZE + 3)
     await f.check()
-    await core.ops.flush(f.fh)
+    await flushed(core, f.fh)
     await f.check()
     assert (await f.stat()).blocks == 2
     await core.ops.release(f.fh)
@@ -149,7 +156,7 @@ async def test_holes_read_as_zeros_and_take_no_space(core: Core) -> None:
     free_before = core.ops.statfs().free_blocks
     await f.write(0, b"a" * BLOCK_SIZE)
     await f.write(1000 * BLOCK_SIZE + 17, b"b" * 10)  # one partial block, a thousand blocks on
-    await core.ops.flush(f.fh)
+    await flushed(core, f.fh)
     await f.check()
     assert (await f.stat()).blocks == 2
     assert core.ops.statfs().free_blocks == free_before - 2
@@ -165,7 +172,7 @@ async def test_compaction_merges_fragments_and_keeps_bytes_size_and_times(runnin
     f = await File.create(core, b"fragmented")
     for block in reversed(range(16)):
         await f.write(block * BLOCK_SIZE, bytes([block]) * BLOCK_SIZE)
-        await core.ops.flush(f.fh)
+        await flushed(core, f.fh)
     assert len(core.meta.all_extents(f.ino)) == 16
     before = await f.stat()
     assert await core.data.compact(f.ino) == 15
@@ -184,7 +191,7 @@ async def test_compaction_leaves_blocks_a_clone_shares(running: Core) -> None:
     f = await File.create(core, b"fragmented")
     for block in reversed(range(16)):
         await f.write(block * BLOCK_SIZE, bytes([block]) * BLOCK_SIZE)
-        await core.ops.flush(f.fh)
+        await flushed(core, f.fh)
     g = await File.create(core, b"clone")
     assert await core.ops.copy_file_range(f.fh, 0, g.fh, 0, 8 * BLOCK_SIZE) == 8 * BLOCK_SIZE
     free = core.ops.statfs().free_blocks
@@ -207,7 +214,7 @@ async def test_a_file_still_being_written_is_compacted_only_once_quiet(running: 
     f = await File.create(core, b"busy")
     for block in reversed(range(8)):
         await f.write(block * BLOCK_SIZE, bytes([block]) * BLOCK_SIZE)
-        await core.ops.flush(f.fh)
+        await flushed(core, f.fh)
     compactor = core.data.compactor
     assert await compactor.check(f.ino, wait_for_quiet=True) == 0, "written just now: not yet"
     assert len(core.meta.all_extents(f.ino)) == 8
@@ -231,13 +238,13 @@ async def test_a_write_past_the_quota_fails_at_write_time(core: Core) -> None:
     assert info.value.errno == errno.EDQUOT
     assert core.data.total_dirty_bytes == 6 * BLOCK_SIZE
     await f.write(6 * BLOCK_SIZE, b"q" * BLOCK_SIZE)  # still fits
-    await core.ops.flush(f.fh)
+    await flushed(core, f.fh)
     used = core.meta.volume(number)
     assert used is not None and used.used_blocks == 7
     await f.truncate(20 * BLOCK_SIZE)  # a hole: no blocks, no quota
     await core.ops.write(f.fh, 10 * BLOCK_SIZE, b"h" * 2 * BLOCK_SIZE)
     with pytest.raises(FsError) as info:
-        await core.ops.flush(f.fh)
+        await flushed(core, f.fh)
     assert info.value.errno == errno.EDQUOT
     await f.check()  # the refused bytes never landed
     await core.ops.release(f.fh)
@@ -257,7 +264,7 @@ async def test_a_full_device_fails_writes_with_enospc_and_frees_come_back_after_
             written += len(chunk)
     assert info.value.errno == errno.ENOSPC
     assert written > IMAGE_BYTES // 2
-    await core.ops.flush(f.fh)
+    await flushed(core, f.fh)
     assert await core.ops.read(f.fh, written - len(chunk), len(chunk)) == chunk
     await core.ops.release(f.fh)
     await core.ops.unlink(ROOT_INO, b"fill", is_dir=False)  # freed after the grace period
@@ -265,7 +272,7 @@ async def test_a_full_device_fails_writes_with_enospc_and_frees_come_back_after_
     started = trio.current_time()
     for offset in range(0, written // 2, len(chunk)):
         await g.write(offset, chunk)
-    await core.ops.flush(g.fh)
+    await flushed(core, g.fh)
     assert trio.current_time() - started < 10 * GRACE_MS / 1000 + 5
     assert await core.ops.read(g.fh, 0, len(chunk)) == chunk
     await core.ops.release(g.fh)
@@ -281,7 +288,7 @@ async def _fill_then_unlink(core: Core, name: bytes) -> int:
         while written < IMAGE_BYTES:
             await f.write(written, chunk)
             written += len(chunk)
-    await core.ops.flush(f.fh)
+    await flushed(core, f.fh)
     await core.ops.release(f.fh)
     await core.ops.unlink(ROOT_INO, name, is_dir=False)
     return written
@@ -300,7 +307,7 @@ async def test_a_single_node_takes_back_freed_space_without_sitting_out_the_grac
             with trio.fail_after(20):
                 for offset in range(0, written // 2, MiB):
                     await g.write(offset, b"G" * MiB)
-                await core.ops.flush(g.fh)
+                await flushed(core, g.fh)
             await g.check()
             await core.ops.release(g.fh)
             nursery.cancel_scope.cancel()
@@ -318,7 +325,7 @@ async def test_freed_space_is_not_reused_while_a_read_that_saw_it_mapped_runs(tm
             await nursery.start(core.data.run)
             f = await File.create(core, b"read-me")
             await f.write(0, b"R" * MiB)
-            await core.ops.flush(f.fh)
+            await flushed(core, f.fh)
             io = core.data.reader.io
             device_read = io.read
             parked, release = trio.Event(), trio.Event()
@@ -347,7 +354,7 @@ async def test_freed_space_is_not_reused_while_a_read_that_saw_it_mapped_runs(tm
                 g = await File.create(core, b"filler")
                 for offset in range(0, room, MiB):
                     await g.write(offset, b"W" * min(MiB, room - offset))
-                await core.ops.flush(g.fh)
+                await flushed(core, g.fh)
                 filled.set()
 
             nursery.start_soon(filler)
@@ -368,7 +375,7 @@ async def test_lost_buffered_writes_are_reported_once_to_the_descriptors_open_th
     the file at that moment gets EIO once, at its next flush or fsync; one opened later does not."""
     f = await File.create(core, b"lost")
     await f.write(0, b"kept")
-    await core.ops.flush(f.fh)
+    await flushed(core, f.fh)
     await core.ops.write(f.fh, 0, b"gone")
     other = await core.ops.open(f.ino, os.O_RDWR)
     assert core.data.lose_buffers("test: the lease expired") == 1
@@ -376,7 +383,7 @@ async def test_lost_buffered_writes_are_reported_once_to_the_descriptors_open_th
     later = await core.ops.open(f.ino, os.O_RDWR)
     for fh in (f.fh, other):
         with pytest.raises(FsError) as info:
-            await core.ops.flush(fh)
+            await flushed(core, fh)
         assert info.value.errno == errno.EIO and info.value.cause == "lost-writes"
         await core.ops.fsync(fh, False)  # reported once
     await core.ops.fsync(later, False)
@@ -413,9 +420,10 @@ async def test_a_mapping_whose_outcome_is_unknown_keeps_its_blocks_from_the_next
     handed out again. If they were, the next append would be written over the block the log then
     maps, under its checksum, and the file would read EIO for good (a nemesis run found this: the
     append's tail block is allocated next to the block before it, where the lost one was)."""
+    core.data.batch.enabled = False  # as on a cluster member, whose log can time out: a close flushes
     f = await File.create(core, b"unknown")
     await f.write(0, b"a" * BLOCK_SIZE)
-    await core.ops.flush(f.fh)
+    await flushed(core, f.fh)
     propose = core.meta.propose
 
     async def commit_then_time_out(command: object, *, epoch: int | None = None) -> object:
@@ -427,11 +435,11 @@ async def test_a_mapping_whose_outcome_is_unknown_keeps_its_blocks_from_the_next
     core.meta.propose = commit_then_time_out  # type: ignore[method-assign]
     await f.write(BLOCK_SIZE, b"b" * 100)
     with pytest.raises(FsError) as info:
-        await core.ops.flush(f.fh)
+        await flushed(core, f.fh)
     assert info.value.errno == errno.EIO
     core.meta.propose = propose  # type: ignore[method-assign]
     await f.write(BLOCK_SIZE + 100, b"c" * 100)
-    await core.ops.flush(f.fh)
+    await flushed(core, f.fh)
     await f.check()  # the mapping that timed out committed: its bytes are the file's
     assert core.allocator.withheld_blocks == 1
 
@@ -456,7 +464,7 @@ async def test_punch_and_clone_wait_for_the_cluster_log_level_zero_range_writes_
     assert err.value.errno == errno.EOPNOTSUPP
     await core.ops.fallocate(f.fh, 100, 3 * BLOCK_SIZE, 0x10)  # ZERO_RANGE: written, not unmapped
     f.model[100 : 100 + 3 * BLOCK_SIZE] = bytes(3 * BLOCK_SIZE)
-    await core.ops.flush(f.fh)
+    await flushed(core, f.fh)
     await f.check()
     assert (await f.stat()).blocks == 4
     monkeypatch.setattr(core.meta, "log_level", lambda: 4)  # PunchHole, but not yet Preallocate
@@ -481,7 +489,7 @@ async def fill_device(core: Core, name: bytes) -> None:
         while True:
             try:
                 await core.ops.write(fh, offset, b"f" * size)
-                await core.ops.flush(fh)
+                await flushed(core, fh)
             except FsError as exc:
                 assert exc.errno == errno.ENOSPC, exc
                 break
@@ -514,7 +522,7 @@ async def test_fallocated_space_takes_writes_in_place_on_a_full_device(tmp_path:
         await f.write(20 * BLOCK_SIZE, rng.randbytes(12 * BLOCK_SIZE))
         await f.write(41 * BLOCK_SIZE + 7, rng.randbytes(2 * BLOCK_SIZE))  # into the KEEP_SIZE part
         await f.check()
-        await core.ops.flush(f.fh)
+        await flushed(core, f.fh)
         await f.check()
         assert core.allocator.free_blocks == free and (await f.stat()).blocks == 40
         written = [(e.file_block, e.count) for e in core.meta.all_extents(f.ino) if not e.unwritten]
@@ -544,7 +552,7 @@ async def test_with_room_to_spare_writes_to_reserved_blocks_are_copy_on_write(co
     reserved = {e.dev_block for e in core.meta.all_extents(f.ino)}
     await f.write(BLOCK_SIZE, b"a" * BLOCK_SIZE)
     await f.write(9 * BLOCK_SIZE, b"b" * BLOCK_SIZE)
-    await core.ops.flush(f.fh)
+    await flushed(core, f.fh)
     await f.check()
     written = [e for e in core.meta.all_extents(f.ino) if not e.unwritten]
     assert [e.file_block for e in written] == [1, 9] and written[1].dev_block == written[0].dev_block + 1
@@ -583,6 +591,7 @@ async def test_a_write_in_place_whose_commit_is_unknown_is_not_repeated_in_place
     has the room copy-on-write needs.)"""
     settings = settings_for(tmp_path)
     core = open_core(settings)
+    core.data.batch.enabled = False  # as on a cluster member, whose log can time out: a close flushes
     try:
         f = await File.create(core, b"unknown")
         await core.ops.fallocate(f.fh, 0, 4 * BLOCK_SIZE, 0)
@@ -602,10 +611,10 @@ async def test_a_write_in_place_whose_commit_is_unknown_is_not_repeated_in_place
         core.meta.propose = commit_late  # type: ignore[method-assign]
         await f.write(0, b"a" * (2 * BLOCK_SIZE))
         with pytest.raises(FsError) as info:
-            await core.ops.flush(f.fh)
+            await flushed(core, f.fh)
         assert info.value.errno == errno.EIO
         await f.write(100, b"b" * (3 * BLOCK_SIZE))  # over the blocks the late commit maps, and past them
-        await core.ops.flush(f.fh)
+        await flushed(core, f.fh)
         core.meta.propose = propose  # type: ignore[method-assign]
         got = await f.read_all()  # no EIO: every block matches its checksum
         assert got[100:] == bytes(f.model[100:])
