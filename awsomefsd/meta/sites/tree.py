@@ -22,7 +22,7 @@ from typing import Any
 import lmdb
 
 from awsomefsd.crdt.hlc import PACKED_BYTES, Stamp
-from awsomefsd.crdt.tree import MAX_DEPTH, ROOT, TRASH, VOLUMES, LogEntry, Move, Placement
+from awsomefsd.crdt.tree import MAX_DEPTH, ROOT, TRASH, VOLUMES, LogEntry, Move, Placement, parents_named
 from awsomefsd.meta import commands as c
 from awsomefsd.meta.records import ROOT_INO, VOLUMES_INO
 from awsomefsd.meta.sites.tables import PATH_MOVE, SKIPPED, SiteRecords, scan, scan_from
@@ -41,11 +41,31 @@ class Dirty:
 class ReorderingIndex:
     """While one batch of the peer's moves applies: the stamps of the log entries from `start` on
     that `reorders` (LogEntry.reorders), so that each move of the batch finds what it must undo
-    without reading every entry made since (the first placements, most of a catch-up's log)."""
+    without reading every entry made since (the first placements, most of a catch-up's log);
+    and how many of those entries name each node a parent (`TreeLog.parent_since`), so that a
+    file's move learns it had no child without reading them either."""
 
     start: Stamp | None = None
-    """From where `stamps` is complete; None until the batch's first move reads the log."""
+    """From where `stamps` and `parents` are complete; None until a move of the batch reads the log."""
     stamps: list[Stamp] = field(default_factory=list)
+    parents: dict[bytes, int] = field(default_factory=dict)
+
+    def count(self, entry: LogEntry, by: int) -> None:
+        """`entry` went into the log (`by` 1) or out of it (-1)."""
+        if self.start is None or entry.move.stamp < self.start:
+            return
+        if entry.reorders:
+            at = bisect.bisect_left(self.stamps, entry.move.stamp)
+            if by > 0:
+                self.stamps.insert(at, entry.move.stamp)
+            elif at < len(self.stamps) and self.stamps[at] == entry.move.stamp:
+                del self.stamps[at]
+        for parent in parents_named(entry):
+            left = self.parents.get(parent, 0) + by
+            if left:
+                self.parents[parent] = left
+            else:
+                del self.parents[parent]
 
 
 class TableTree:
@@ -78,18 +98,37 @@ class TableTree:
         raw = self.txn.get(stamp.pack(), db=self.t.db["slog"])
         return None if raw is None else _log_entry(raw)
 
+    def has_children(self, node: bytes) -> bool:
+        cursor = self.txn.cursor(self.t.db["skids"])
+        return cursor.set_range(node) and bytes(cursor.key()[:len(node)]) == node
+
     def entries_from(self, stamp: Stamp) -> list[LogEntry]:
         return [_log_entry(v) for _, v in scan_from(self.txn, self.t.db["slog"], stamp.pack())]
 
-    def reordering_from(self, stamp: Stamp) -> list[LogEntry]:
+    def _index_from(self, stamp: Stamp) -> ReorderingIndex:
+        """The batch's index, complete from `stamp` on: read from the log unless it is already;
+        outside a batch, one of this call only."""
         index = self.t.reordering
-        if index is None or index.start is None or stamp < index.start:
-            stamps = [Stamp.unpack(bytes(key)) for key, value in scan_from(self.txn, self.t.db["slog"], stamp.pack())
-                      if _reorders(value)]
-            if index is not None:  # a batch applies: keep them, and keep them current
-                index.start, index.stamps = stamp, stamps
-        else:
-            stamps = index.stamps[bisect.bisect_left(index.stamps, stamp):]
+        if index is not None and index.start is not None and stamp >= index.start:
+            return index
+        fresh = ReorderingIndex(stamp)
+        for key, value in scan_from(self.txn, self.t.db["slog"], stamp.pack()):
+            if _reorders(value):
+                fresh.stamps.append(Stamp.unpack(bytes(key)))
+            for parent in _parents_named(value):
+                fresh.parents[parent] = fresh.parents.get(parent, 0) + 1
+        if index is not None:  # a batch applies: keep it, and keep it current
+            index.start, index.stamps, index.parents = fresh.start, fresh.stamps, fresh.parents
+        return fresh
+
+    def parent_since(self, node: bytes, stamp: Stamp) -> bool:
+        """From the batch's index, which counts from the batch's first stamp: entries before
+        `stamp` may answer True too, which `TreeLog.parent_since` allows."""
+        return node in self._index_from(stamp).parents
+
+    def reordering_from(self, stamp: Stamp) -> list[LogEntry]:
+        index = self._index_from(stamp)
+        stamps = index.stamps[bisect.bisect_left(index.stamps, stamp):]
         found = []
         for at in stamps:
             entry = self.entry_at(at)
@@ -104,10 +143,8 @@ class TableTree:
             self.txn.delete(key, db=self.t.db["slog"])
             if not entry.done:
                 self.txn.delete(SKIPPED + key, db=self.t.meta)
-            if index is not None and entry.reorders:
-                at = bisect.bisect_left(index.stamps, entry.move.stamp)
-                if at < len(index.stamps) and index.stamps[at] == entry.move.stamp:
-                    del index.stamps[at]
+            if index is not None:
+                index.count(entry, -1)
 
     def append(self, entry: LogEntry) -> None:
         self.insert(entry)
@@ -117,9 +154,8 @@ class TableTree:
         self.txn.put(entry.move.stamp.pack(), _pack_log_entry(entry), db=self.t.db["slog"])
         if not entry.done:  # a move that would have made a cycle: listed while the log holds it
             self.txn.put(SKIPPED + entry.move.stamp.pack(), b"", db=self.t.meta)
-        index = self.t.reordering
-        if index is not None and index.start is not None and entry.reorders and entry.move.stamp >= index.start:
-            bisect.insort(index.stamps, entry.move.stamp)
+        if self.t.reordering is not None:
+            self.t.reordering.count(entry, 1)
 
     def moves_of(self, node: bytes) -> list[Move]:
         return [unpack_move(bytes(v))[0] for _, v in scan(self.txn, self.t.db["smoves"], node)]
@@ -314,6 +350,17 @@ def _pack_log_entry(entry: LogEntry) -> bytes:
 def _reorders(raw: bytes) -> bool:
     """`LogEntry.reorders` of a packed entry, from its first two bytes (done, a placement before)."""
     return raw[0] == 0 or raw[1] == 1
+
+
+def _parents_named(raw: bytes) -> tuple[bytes, ...]:
+    """`crdt.tree.parents_named` of a packed entry, without decoding the rest of it."""
+    before: tuple[bytes, ...] = ()
+    at = 2
+    if raw[1]:
+        before = (bytes(raw[2:18]),)
+        at += _BEFORE.size + _BEFORE.unpack_from(raw, 2)[2]
+    at += PACKED_BYTES + 16  # the move's stamp and node
+    return (bytes(raw[at:at + 16]), *before)
 
 
 def _log_entry(raw: bytes) -> LogEntry:
