@@ -15,6 +15,7 @@ for it on a single node's event loop, so the worst wait is that slice plus the c
 
     .venv/bin/python bench/site_catchup.py --creates 500,2000,10000 --renames 0,0.1
     .venv/bin/python bench/site_catchup.py --creates 1000 --source /work/old-checkout
+    .venv/bin/python bench/site_catchup.py --creates 2000 --renames 0.1 --dirs 0.02
 """
 
 from __future__ import annotations
@@ -33,18 +34,32 @@ from typing import Any
 ROOT_INO = 1
 
 
-def make_changes(site: Any, c: Any, count: int, rename_share: float, rng: random.Random, tag: str) -> None:
-    """`count` changes in the root: creates of empty files, and renames of them (`rename_share`)."""
-    names: list[bytes] = []
+def make_changes(site: Any, c: Any, count: int, rename_share: float, rng: random.Random, tag: str,
+                 dir_share: float = 0.0) -> None:
+    """`count` changes: creates of empty files, renames of them (`rename_share`), into another
+    directory too; and (`dir_share`) creates and renames of directories in the root, which the
+    files are created in and moved into."""
+    dirs: list[tuple[int, bytes]] = []  # (inode, name) in the root
+    files: list[tuple[int, bytes]] = []  # (directory's inode, name)
     for i in range(count):
         now = site.tick()
-        if names and rng.random() < rename_share:
-            old = names.pop(rng.randrange(len(names)))
-            names.append(f"{tag}-renamed-{i}".encode())
-            site.apply(c.Rename(ROOT_INO, old, ROOT_INO, names[-1], 0, now))
+        roll = rng.random()
+        if roll < dir_share:
+            if dirs and rng.random() < 0.5:
+                at = rng.randrange(len(dirs))
+                ino, old = dirs[at]
+                dirs[at] = (ino, f"{tag}-dir-renamed-{i}".encode())
+                site.apply(c.Rename(ROOT_INO, old, ROOT_INO, dirs[at][1], 0, now))
+            else:
+                dirs.append((site.new_ino(), f"{tag}-dir-{i}".encode()))
+                site.apply(c.Mknod(ROOT_INO, dirs[-1][1], dirs[-1][0], stat.S_IFDIR | 0o755, 0, 0, now))
+        elif files and roll < dir_share + rename_share:
+            parent, old = files.pop(rng.randrange(len(files)))
+            files.append((rng.choice([ROOT_INO, *(ino for ino, _ in dirs)]), f"{tag}-renamed-{i}".encode()))
+            site.apply(c.Rename(parent, old, files[-1][0], files[-1][1], 0, now))
         else:
-            names.append(f"{tag}-{i}".encode())
-            site.apply(c.Mknod(ROOT_INO, names[-1], site.new_ino(), stat.S_IFREG | 0o644, 0, 0, now))
+            files.append((rng.choice([ROOT_INO, *(ino for ino, _ in dirs)]), f"{tag}-{i}".encode()))
+            site.apply(c.Mknod(files[-1][0], files[-1][1], site.new_ino(), stat.S_IFREG | 0o644, 0, 0, now))
 
 
 def apply_everything(src: Any, dst: Any, c: Any, ops: Any, batch: int, slice_ops: int,
@@ -80,6 +95,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--creates", default="500,2000", help="changes per site while cut, comma-separated")
     parser.add_argument("--renames", default="0,0.1", help="share of the changes that are renames, comma-separated")
+    parser.add_argument("--dirs", type=float, default=0.0,
+                        help="share of the changes that create or rename a directory (files go into them too)")
     parser.add_argument("--batch", type=int, default=512, help="operations per push ([site] batch_operations)")
     parser.add_argument("--slice", type=int, default=128, help="operations per ApplyRemote (the receiver's APPLY_SLICE_OPS)")
     parser.add_argument("--source", type=Path, default=Path(__file__).resolve().parent.parent)
@@ -88,7 +105,7 @@ def main() -> int:
     harness = importlib.import_module("tests.repl.test_sites_sm")
     c = importlib.import_module("awsomefsd.meta.commands")
     ops = importlib.import_module("awsomefsd.crdt.ops")
-    print(f"source {args.source}; push of {args.batch} operations in slices of {args.slice}; "
+    print(f"source {args.source}; push of {args.batch} operations in slices of {args.slice}; directories {args.dirs}; "
           f"load average {os.getloadavg()[0]:.1f}")
     print(f"{'changes/site':>12} {'renames':>7} {'direction':>9} {'ops':>7} {'seconds':>8} {'ops/s':>8} "
           f"{'slowest slice ms':>16} {'worst create ms':>15}")
@@ -97,8 +114,8 @@ def main() -> int:
             with tempfile.TemporaryDirectory() as scratch:
                 a, b = harness.linked_pair(Path(scratch))
                 rng = random.Random(count)
-                make_changes(a, c, count, share, rng, "a")
-                make_changes(b, c, count, share, rng, "b")
+                make_changes(a, c, count, share, rng, "a", args.dirs)
+                make_changes(b, c, count, share, rng, "b", args.dirs)
                 for name, src, dst in (("a->b", a, b), ("b->a", b, a)):
                     applied, seconds, slowest, worst = apply_everything(src, dst, c, ops, args.batch, args.slice)
                     print(f"{count:>12} {share:>7} {name:>9} {applied:>7} {seconds:>8.2f} {applied / seconds:>8.0f} "
