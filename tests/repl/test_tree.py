@@ -5,7 +5,9 @@ go down, checked against a model; and planted bugs that the simulation must catc
 from __future__ import annotations
 
 import random
+import uuid
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 
@@ -22,6 +24,9 @@ from awsomefsd.crdt.tree import (
     conflict_name,
     visible_names,
 )
+from awsomefsd.meta.sites import tree as site_tree
+from awsomefsd.meta.state_machine import StateMachine
+from awsomefsd.meta.store import MetaStore
 from tests.support import seeds
 
 A, B, C = (bytes(15) + bytes([n]) for n in (0xA, 0xB, 0xC))
@@ -110,31 +115,42 @@ def test_a_late_move_of_a_directory_undoes_later_moves_of_directories_not_of_fil
     assert parent_of(tree, d1) == d2 and parent_of(tree, d2) == ROOT  # d2's move under d1 skipped
 
 
-def cycle_scenario(since: bool) -> list[str]:
-    """Directory d had a child at the late move's stamp that is gone now, or still there with no
-    entry since naming d (`since`: the child left, else it stayed): d is not childless, and the
-    late move of d changes a later cycle check. Returns what differs from stamp order."""
-    d, c, e = node(1), node(2), node(3)
-    local = [Move(stamp(1), d, ROOT, b"d"), Move(stamp(2), c, d, b"c"), Move(stamp(3), e, ROOT, b"e"),
+def cycle_scenario(child: str, tables: Path | None = None) -> list[str]:
+    """Directory d had a child at the late move's stamp that is still there with no entry since
+    naming d (`child` "stayed"), or gone now ("left": in the late move's batch, after the
+    batch's index was read, `ReorderingIndex` keeping it current; "left-before": in a batch
+    before, the index reading it from the log): d is not childless, and the late move of d
+    changes a later cycle check. On the site tables in `tables` if given, else in memory.
+    Returns what differs from stamp order."""
+    d, c, e, f = (node(n)[:16] for n in (11, 12, 13, 14))  # 16 bytes, as the site tables key nodes
+    first = [Move(stamp(1), d, ROOT, b"d"), Move(stamp(2), c, d, b"c"), Move(stamp(3), e, ROOT, b"e"),
              Move(stamp(11), e, c, b"e")]  # e under c under d: done here, a cycle once d is under e
-    if since:
-        local.append(Move(stamp(12), c, ROOT, b"c"))  # c leaves d: d has no child now
-    tree = ReplicatedTree(MemoryTree(), causal=True)
-    for m in local:
-        tree.apply_local(m)
+    leaves = [Move(stamp(12), c, ROOT, b"c")] if child != "stayed" else []  # c leaves d: d has no child now
     late = Move(stamp(10, B), d, e, b"d", seen={A: stamp(3)})
-    tree.apply(late)
+    read = Move(stamp(9, B), f, ROOT, b"f", seen={A: stamp(3)})  # reads the log from 9 on
+    batches = [first, leaves, [read, late]] if child == "left-before" else [first, [read, *leaves, late]]
+    everything = [m for batch in batches for m in batch]
+    if tables is not None:
+        placements, log, _ = on_the_site_tables(tables, batches, causal=True)
+    else:
+        tree = ReplicatedTree(MemoryTree(), causal=True)
+        for m in everything:
+            tree.apply(m)
+        assert isinstance(tree.state, MemoryTree) and isinstance(tree.log, t.MemoryLog)
+        placements, log = tree.state.placements, tree.log.entries
     problems = []
-    if tree.state.placements != stamp_order([*local, late]):
+    if placements != stamp_order(everything):
         problems.append("the tree differs from stamp order")
-    if tree.log.entries != stamp_order_log([*local, late]):
+    if log != stamp_order_log(everything):
         problems.append("the log differs from stamp order")
     return problems
 
 
-@pytest.mark.parametrize("since", [True, False], ids=["child-left", "child-stayed"])
-def test_a_directory_that_had_a_child_since_the_late_move_is_not_taken_for_a_file(since: bool) -> None:
-    assert cycle_scenario(since) == []
+@pytest.mark.parametrize("child", ["stayed", "left", "left-before"])
+@pytest.mark.parametrize("on_tables", [False, True], ids=["memory", "site-tables"])
+def test_a_directory_that_had_a_child_since_the_late_move_is_not_taken_for_a_file(
+        tmp_path: Path, child: str, on_tables: bool) -> None:
+    assert cycle_scenario(child, tmp_path if on_tables else None) == []
 
 
 def test_a_move_under_a_node_placed_after_it_is_applied_as_stamp_order_says() -> None:
@@ -336,6 +352,8 @@ class Site:
     applied_from: dict[bytes, Stamp] = field(default_factory=dict)
     knows: set[Stamp] = field(default_factory=set)
     conflicts: set[tuple[Stamp, Stamp]] = field(default_factory=set)
+    arrivals: list[Move] = field(default_factory=list)
+    """Every move this site applied, its own and the others', in the order it applied them."""
 
 
 @dataclass
@@ -354,6 +372,8 @@ class Simulation:
     """Moves shaped as a file system's (`random_fs_move`): files, which never hold entries, and
     directories; otherwise any node may become a parent (`random_move`)."""
     site_ids: tuple[bytes, ...] = (A, B, C)
+    forgets: bool = True
+    """Forget what is stable now and then (False: every site keeps its whole log)."""
     rng: random.Random = field(init=False)
     sites: dict[bytes, Site] = field(init=False)
     cursors: dict[tuple[bytes, bytes], int] = field(init=False)
@@ -400,6 +420,7 @@ class Simulation:
             site.conflicts.add((conflict.winner.stamp, conflict.loser.stamp))
             assert conflict.winner.stamp > conflict.loser.stamp
         site.knows.add(move.stamp)
+        site.arrivals.append(move)
 
     def forget_what_is_stable(self) -> None:
         """Forget up to the greatest stamp h with every move up to h applied on every site and
@@ -430,7 +451,7 @@ class Simulation:
             elif roll < 0.97:
                 link = self.rng.choice(links)
                 down.symmetric_difference_update({link})  # a link goes down, or comes back
-            else:
+            elif self.forgets:
                 self.forget_what_is_stable()
         while sum(self.deliver(*link, len(self.sites[link[0]].outbox)) for link in links):
             pass  # heal: everything reaches everyone (in causal delivery, over several rounds)
@@ -515,6 +536,56 @@ def test_file_system_shaped_moves_converge_in_causal_order(seed: int) -> None:
     problems = sim.violations()
     assert not problems, f"seed {seed} (replay: AWSOMEFS_TREE_SEED={seed}): {problems}"
     assert sum(len(s.outbox) for s in sim.sites.values()) > 100
+
+
+def on_the_site_tables(tmp_path: Path, batches: list[list[Move]],
+                       causal: bool) -> tuple[dict[bytes, Placement], list[t.LogEntry], set[tuple[Stamp, Stamp]]]:
+    """Apply `batches` of moves in their order to the tree on a site's LMDB tables
+    (meta/sites/tree.py), a transaction each with the batch's index (`ReorderingIndex`), as
+    `ApplyRemote` does: the placements, the log and the conflicts (winner, loser) reported."""
+    store = MetaStore(tmp_path)
+    sm = StateMachine(store, delayed_free_ns=1000)
+    with store.env.begin(write=True) as txn:
+        sm.bootstrap(txn, cluster_id=str(uuid.UUID(int=0xA << 120)), device_id="d", data_extent=(256, 1000), now_ns=1)
+    conflicts = set()
+    for batch in batches:
+        sm.sites.reordering = site_tree.ReorderingIndex()
+        with store.env.begin(write=True) as txn:
+            tables = site_tree.TableTree(sm.sites, txn, site_tree.Dirty())
+            tree = ReplicatedTree(tables, tables, causal=causal)
+            for m in batch:
+                conflicts |= {(found.winner.stamp, found.loser.stamp) for found in tree.apply(m)}
+        sm.sites.reordering = None
+    with store.env.begin() as txn:
+        tables = site_tree.TableTree(sm.sites, txn, site_tree.Dirty())
+        placements = {bytes(n): sm.sites.placement(txn, bytes(n)) for n, _ in txn.cursor(sm.sites.db["splace"])}
+        log = tables.entries_from(Stamp(0, 0, bytes(16)))
+    store.close()
+    return {n: placed for n, placed in placements.items() if placed is not None}, log, conflicts
+
+
+def short(move: Move) -> Move:
+    """`move` with 16-byte node ids, as the site tables key them (`node` adds a byte)."""
+    return Move(move.stamp, move.node[:16], move.parent[:16], move.name, move.seen)
+
+
+@pytest.mark.parametrize(("fs", "causal"), [(True, True), (False, True), (False, False)],
+                         ids=["fs-causal", "any-causal", "any"])
+def test_the_tree_on_the_site_tables_applies_as_stamp_order_says(tmp_path: Path, fs: bool, causal: bool) -> None:
+    """The moves one site of a simulation took, in the order they came, applied again to the
+    tree on LMDB tables in batches: the tables' answers (children now, parents named since,
+    the batch's index kept current across undo and redo) give the tree, log and conflicts of
+    stamp order."""
+    [seed] = simulation_seeds(1, f"tree-tables-{fs}-{causal}")
+    sim = Simulation(seed, causal, fs=fs, site_ids=(A, B) if fs else (A, B, C), forgets=False)
+    sim.run(400)
+    arrivals = [short(m) for m in sim.sites[A].arrivals]
+    placements, log, conflicts = on_the_site_tables(tmp_path, [arrivals[at:at + 32] for at in range(0, len(arrivals), 32)],
+                                                    causal)
+    moves = [short(m) for m in sim.model.moves.values()]
+    assert placements == stamp_order(moves), f"seed {seed} (replay: AWSOMEFS_TREE_SEED={seed})"
+    assert log == stamp_order_log(moves), f"seed {seed} (replay: AWSOMEFS_TREE_SEED={seed})"
+    assert conflicts == sim.model.concurrent_pairs(), f"seed {seed} (replay: AWSOMEFS_TREE_SEED={seed})"
 
 
 def any_seed_fails(steps: int = 400, seeds: int = 20, *, causal: bool = False,
@@ -605,20 +676,20 @@ def test_planted_bug_a_child_that_left_forgotten_diverges(monkeypatch: pytest.Mo
     """Not counting the parent a child left (`before`'s): d, whose child left after the late
     move's stamp, is taken for a file."""
     monkeypatch.setattr(t, "parents_named", lambda entry: (entry.move.parent,))
-    assert cycle_scenario(since=True)
-    assert cycle_scenario(since=False) == []
+    assert cycle_scenario("left")
+    assert cycle_scenario("stayed") == []
 
 
 def test_planted_bug_children_now_not_asked_diverges(monkeypatch: pytest.MonkeyPatch) -> None:
     """Only the log asked: d, whose child is still there and no entry since names it, is taken
     for a file."""
     monkeypatch.setattr(MemoryTree, "has_children", lambda self, node_: False)
-    assert cycle_scenario(since=False)
+    assert cycle_scenario("stayed")
     assert any("differs" in p or "cycle" in p for p in any_seed_fails(causal=True, fs=True))
 
 
 def test_planted_bug_the_log_since_not_asked_diverges(monkeypatch: pytest.MonkeyPatch) -> None:
     """Only the children now asked: d, whose child left since, is taken for a file."""
     monkeypatch.setattr(t.MemoryLog, "parent_since", lambda self, node_, stamp_: False)
-    assert cycle_scenario(since=True)
+    assert cycle_scenario("left")
     assert any("differs" in p or "cycle" in p for p in any_seed_fails(causal=True))
