@@ -4,7 +4,9 @@ make changes while the link is cut, then each applies the other's operations in 
 
 This is the state machine alone (two LMDB stores in one process, tests/repl/test_sites_sm.py's
 `Site`), without the wire, staging or the daemons: the part of a catch-up that runs on the
-receiving site's event loop, and that grew quadratically with what both sites did. A push of
+receiving site's event loop, and that grew quadratically with what both sites did. What each
+site made is folded into its outbox before the catch-up is timed (the node running the link
+folds every 20 ms: repl/folding.py), so no slice pays for a backlog of folds. A push of
 `--batch` is applied as the receiver does, one `ApplyRemote` per `--slice` operations
 (repl/receiver.py's APPLY_SLICE_OPS), and after each slice the receiving site makes one local
 create, timed. Prints, per direction, the operations applied, seconds, operations per second,
@@ -116,6 +118,8 @@ def main() -> int:
                 rng = random.Random(count)
                 make_changes(a, c, count, share, rng, "a", args.dirs)
                 make_changes(b, c, count, share, rng, "b", args.dirs)
+                for site in (a, b):  # folded as they were made, as the node running the link does every 20 ms
+                    site.apply(c.FoldCapture(1 << 20))
                 for name, src, dst in (("a->b", a, b), ("b->a", b, a)):
                     applied, seconds, slowest, worst = apply_everything(src, dst, c, ops, args.batch, args.slice)
                     print(f"{count:>12} {share:>7} {name:>9} {applied:>7} {seconds:>8.2f} {applied / seconds:>8.0f} "
