@@ -120,13 +120,18 @@ def cycle_scenario(child: str, tables: Path | None = None) -> list[str]:
     naming d (`child` "stayed"), or gone now ("left": in the late move's batch, after the
     batch's index was read, `ReorderingIndex` keeping it current; "left-before": in a batch
     before, the index reading it from the log): d is not childless, and the late move of d
-    changes a later cycle check. On the site tables in `tables` if given, else in memory.
-    Returns what differs from stamp order."""
+    changes a later cycle check. Or ("skipped") d never had a child: a move into d was
+    skipped, which the late move makes possible. On the site tables in `tables` if given,
+    else in memory. Returns what differs from stamp order."""
     d, c, e, f = (node(n)[:16] for n in (11, 12, 13, 14))  # 16 bytes, as the site tables key nodes
     first = [Move(stamp(1), d, ROOT, b"d"), Move(stamp(2), c, d, b"c"), Move(stamp(3), e, ROOT, b"e"),
              Move(stamp(11), e, c, b"e")]  # e under c under d: done here, a cycle once d is under e
-    leaves = [Move(stamp(12), c, ROOT, b"c")] if child != "stayed" else []  # c leaves d: d has no child now
+    leaves = [Move(stamp(12), c, ROOT, b"c")] if child.startswith("left") else []  # d has no child now
     late = Move(stamp(10, B), d, e, b"d", seen={A: stamp(3)})
+    if child == "skipped":  # d under e, then e into d: skipped here; d leaves e at 10 (late)
+        first = [Move(stamp(1), d, ROOT, b"d"), Move(stamp(3), e, ROOT, b"e"), Move(stamp(5), d, e, b"d"),
+                 Move(stamp(11), e, d, b"e")]
+        late = Move(stamp(10, B), d, ROOT, b"d", seen={A: stamp(5)})
     read = Move(stamp(9, B), f, ROOT, b"f", seen={A: stamp(3)})  # reads the log from 9 on
     batches = [first, leaves, [read, late]] if child == "left-before" else [first, [read, *leaves, late]]
     everything = [m for batch in batches for m in batch]
@@ -146,7 +151,7 @@ def cycle_scenario(child: str, tables: Path | None = None) -> list[str]:
     return problems
 
 
-@pytest.mark.parametrize("child", ["stayed", "left", "left-before"])
+@pytest.mark.parametrize("child", ["stayed", "left", "left-before", "skipped"])
 @pytest.mark.parametrize("on_tables", [False, True], ids=["memory", "site-tables"])
 def test_a_directory_that_had_a_child_since_the_late_move_is_not_taken_for_a_file(
         tmp_path: Path, child: str, on_tables: bool) -> None:
