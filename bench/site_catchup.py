@@ -4,19 +4,27 @@ make changes while the link is cut, then each applies the other's operations in 
 
 This is the state machine alone (two LMDB stores in one process, tests/repl/test_sites_sm.py's
 `Site`), without the wire, staging or the daemons: the part of a catch-up that runs on the
-receiving site's event loop, and that grew quadratically with what both sites did. Prints, per
-direction, the operations applied, seconds, operations per second and the slowest push (what
-a local request waits behind at most on a single node). `--source DIR` imports `awsomefsd` and
-the harness from another checkout (an older commit, for a before/after in one run).
+receiving site's event loop, and that grew quadratically with what both sites did. What each
+site made is folded into its outbox before the catch-up is timed (the node running the link
+folds every 20 ms: repl/folding.py), so no slice pays for a backlog of folds. A push of
+`--batch` is applied as the receiver does, one `ApplyRemote` per `--slice` operations
+(repl/receiver.py's APPLY_SLICE_OPS), and after each slice the receiving site makes one local
+create, timed. Prints, per direction, the operations applied, seconds, operations per second,
+the slowest slice and the slowest local create: a create that arrives as a slice begins waits
+for it on a single node's event loop, so the worst wait is that slice plus the create
+(`worst create ms`). `--source DIR` imports `awsomefsd` and the harness from another checkout
+(an older commit, for a before/after in one run).
 
     .venv/bin/python bench/site_catchup.py --creates 500,2000,10000 --renames 0,0.1
     .venv/bin/python bench/site_catchup.py --creates 1000 --source /work/old-checkout
+    .venv/bin/python bench/site_catchup.py --creates 2000 --renames 0.1 --dirs 0.02
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import random
 import stat
 import sys
@@ -28,61 +36,99 @@ from typing import Any
 ROOT_INO = 1
 
 
-def make_changes(site: Any, c: Any, count: int, rename_share: float, rng: random.Random, tag: str) -> None:
-    """`count` changes in the root: creates of empty files, and renames of them (`rename_share`)."""
-    names: list[bytes] = []
+def make_changes(site: Any, c: Any, count: int, rename_share: float, rng: random.Random, tag: str,
+                 dir_share: float = 0.0) -> None:
+    """`count` changes: creates of empty files, renames of them (`rename_share`), into another
+    directory too; and (`dir_share`) creates and renames of directories in the root, which the
+    files are created in and moved into."""
+    dirs: list[tuple[int, bytes]] = []  # (inode, name) in the root
+    files: list[tuple[int, bytes]] = []  # (directory's inode, name)
     for i in range(count):
         now = site.tick()
-        if names and rng.random() < rename_share:
-            old = names.pop(rng.randrange(len(names)))
-            names.append(f"{tag}-renamed-{i}".encode())
-            site.apply(c.Rename(ROOT_INO, old, ROOT_INO, names[-1], 0, now))
+        roll = rng.random()
+        if roll < dir_share:
+            if dirs and rng.random() < 0.5:
+                at = rng.randrange(len(dirs))
+                ino, old = dirs[at]
+                dirs[at] = (ino, f"{tag}-dir-renamed-{i}".encode())
+                site.apply(c.Rename(ROOT_INO, old, ROOT_INO, dirs[at][1], 0, now))
+            else:
+                dirs.append((site.new_ino(), f"{tag}-dir-{i}".encode()))
+                site.apply(c.Mknod(ROOT_INO, dirs[-1][1], dirs[-1][0], stat.S_IFDIR | 0o755, 0, 0, now))
+        elif files and roll < dir_share + rename_share:
+            parent, old = files.pop(rng.randrange(len(files)))
+            files.append((rng.choice([ROOT_INO, *(ino for ino, _ in dirs)]), f"{tag}-renamed-{i}".encode()))
+            site.apply(c.Rename(parent, old, files[-1][0], files[-1][1], 0, now))
         else:
-            names.append(f"{tag}-{i}".encode())
-            site.apply(c.Mknod(ROOT_INO, names[-1], site.new_ino(), stat.S_IFREG | 0o644, 0, 0, now))
+            files.append((rng.choice([ROOT_INO, *(ino for ino, _ in dirs)]), f"{tag}-{i}".encode()))
+            site.apply(c.Mknod(files[-1][0], files[-1][1], site.new_ino(), stat.S_IFREG | 0o644, 0, 0, now))
 
 
-def apply_everything(src: Any, dst: Any, c: Any, ops: Any, batch: int) -> tuple[int, float, float]:
-    """Apply at `dst` all `src` has that `dst` has not: (operations, seconds, slowest push)."""
+def apply_everything(src: Any, dst: Any, c: Any, ops: Any, batch: int, slice_ops: int,
+                     local_creates: bool = True) -> tuple[int, float, float, float]:
+    """Apply at `dst` all `src` has that `dst` has not, in pushes of `batch` operations applied
+    `slice_ops` at a time, with one local create at `dst` after each slice (unless not
+    `local_creates`): (operations, seconds, slowest slice, worst wait of a local create: a
+    slice and the create after it)."""
     pending = src.outbox_after(dst.applied_from_peer())
-    slowest, started = 0.0, time.perf_counter()
+    slowest = worst = 0.0
+    started = time.perf_counter()
     for at in range(0, len(pending), batch):
         raws = [src.read(lambda txn, raw=raw: src.sm.sites.shipping(txn, raw))[0] for _, raw in pending[at:at + batch]]
-        counts = tuple(0 for raw in raws if isinstance(ops.decode(raw), ops.ContentSet))  # empty files: no bytes
-        after = dst.applied_from_peer()
-        push_started = time.perf_counter()
-        dst.apply(c.ApplyRemote(src.id, b"" if after is None else after.pack(), tuple(raws), (), counts, dst.tick()))
-        slowest = max(slowest, time.perf_counter() - push_started)
-    return len(pending), time.perf_counter() - started, slowest
+        for first in range(0, len(raws), slice_ops):
+            part = raws[first:first + slice_ops]
+            counts = tuple(0 for raw in part if isinstance(ops.decode(raw), ops.ContentSet))  # empty files: no bytes
+            after = dst.applied_from_peer()
+            slice_started = time.perf_counter()
+            dst.apply(c.ApplyRemote(src.id, b"" if after is None else after.pack(), tuple(part), (), counts, dst.tick()))
+            create_started = time.perf_counter()
+            if not local_creates:
+                slowest = max(slowest, create_started - slice_started)
+                continue
+            name = f"local-{dst.now}".encode()
+            dst.apply(c.Mknod(ROOT_INO, name, dst.new_ino(), stat.S_IFREG | 0o644, 0, 0, dst.tick()))
+            ended = time.perf_counter()
+            slowest = max(slowest, create_started - slice_started)
+            worst = max(worst, ended - slice_started)
+    return len(pending), time.perf_counter() - started, slowest, worst
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--creates", default="500,2000", help="changes per site while cut, comma-separated")
     parser.add_argument("--renames", default="0,0.1", help="share of the changes that are renames, comma-separated")
+    parser.add_argument("--dirs", type=float, default=0.0,
+                        help="share of the changes that create or rename a directory (files go into them too)")
     parser.add_argument("--batch", type=int, default=512, help="operations per push ([site] batch_operations)")
+    parser.add_argument("--slice", type=int, default=128, help="operations per ApplyRemote (the receiver's APPLY_SLICE_OPS)")
     parser.add_argument("--source", type=Path, default=Path(__file__).resolve().parent.parent)
     args = parser.parse_args()
     sys.path.insert(0, str(args.source))
     harness = importlib.import_module("tests.repl.test_sites_sm")
     c = importlib.import_module("awsomefsd.meta.commands")
     ops = importlib.import_module("awsomefsd.crdt.ops")
-    print(f"source {args.source}; push of {args.batch} operations")
-    print(f"{'changes/site':>12} {'renames':>7} {'direction':>9} {'ops':>7} {'seconds':>8} {'ops/s':>8} {'slowest push ms':>15}")
+    print(f"source {args.source}; push of {args.batch} operations in slices of {args.slice}; directories {args.dirs}; "
+          f"load average {os.getloadavg()[0]:.1f}")
+    print(f"{'changes/site':>12} {'renames':>7} {'direction':>9} {'ops':>7} {'seconds':>8} {'ops/s':>8} "
+          f"{'slowest slice ms':>16} {'worst create ms':>15}")
     for count in (int(n) for n in args.creates.split(",")):
         for share in (float(s) for s in args.renames.split(",")):
             with tempfile.TemporaryDirectory() as scratch:
                 a, b = harness.linked_pair(Path(scratch))
                 rng = random.Random(count)
-                make_changes(a, c, count, share, rng, "a")
-                make_changes(b, c, count, share, rng, "b")
+                make_changes(a, c, count, share, rng, "a", args.dirs)
+                make_changes(b, c, count, share, rng, "b", args.dirs)
+                for site in (a, b):  # folded as they were made, as the node running the link does every 20 ms
+                    site.apply(c.FoldCapture(1 << 20))
                 for name, src, dst in (("a->b", a, b), ("b->a", b, a)):
-                    applied, seconds, slowest = apply_everything(src, dst, c, ops, args.batch)
+                    applied, seconds, slowest, worst = apply_everything(src, dst, c, ops, args.batch, args.slice)
                     print(f"{count:>12} {share:>7} {name:>9} {applied:>7} {seconds:>8.2f} {applied / seconds:>8.0f} "
-                          f"{slowest * 1000:>15.0f}", flush=True)
+                          f"{slowest * 1000:>16.0f} {worst * 1000:>15.0f}", flush=True)
+                apply_everything(a, b, c, ops, args.batch, args.slice, local_creates=False)  # a's local creates
                 if a.snapshot() != b.snapshot():
                     print("the sites differ after the catch-up", file=sys.stderr)
                     return 1
+    print(f"load average {os.getloadavg()[0]:.1f}")
     return 0
 
 

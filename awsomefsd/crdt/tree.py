@@ -11,10 +11,13 @@ operation for replicated trees" (IEEE TPDS, 2021), with nothing of a file system
   redoes them (`apply`). A move that would put a node under itself is skipped, then and on every
   redo where it still would. So every site that has applied the same set of moves has the same
   tree, whatever order they arrived in, and no order of arrival makes a cycle.
-- Where moves arrive in causal order (`causal`: sites have one peer each, over a FIFO link), only
-  the later moves that an older one can change are undone: not a new node's first placement
-  (`reorders`). Why that is exact is in `apply`; it is what keeps a catch-up after a partition
-  linear in the creates both sites made, where undoing everything was quadratic (issue 47).
+- Only the later moves that an older one can change are undone and redone: for a node that had
+  no child since the older move's stamp (a file), its own later moves; for a directory, the
+  later moves of nodes that had a child since; and where moves arrive in causal order
+  (`causal`: sites have one peer each, over a FIFO link), not a new node's first placement
+  (`reorders`). Why that is exact is in `_undo_later`; it is what keeps a catch-up after a
+  partition linear in the creates and renames both sites made, where undoing everything was
+  quadratic (issue 47).
 - The log keeps, per move, the placement it replaced, which undo needs, and the moves that a move
   still to come may be concurrent with. `forget_before(stamp)` drops the entries no move still
   to come can need (its docstring says when that is; the caller knows from the peers' cursors).
@@ -87,6 +90,12 @@ class Move:
         return happened_before(other.stamp, self.stamp, self.seen)
 
 
+def parents_named(entry: LogEntry) -> tuple[NodeId, ...]:
+    """The nodes `entry` names as a parent: its move's, and its `before`'s (the node it left)."""
+    before = entry.before
+    return (entry.move.parent,) if before is None else (entry.move.parent, before.parent)
+
+
 def concurrent(a: Move, b: Move) -> bool:
     """Neither move's site knew of the other: both changed the node since they last exchanged."""
     return not a.saw(b) and not b.saw(a)
@@ -99,21 +108,33 @@ class TreeState(Protocol):
 
     def place(self, node: NodeId, placement: Placement | None) -> None: ...
 
+    def has_children(self, node: NodeId) -> bool:
+        """Is some node placed under `node` now?"""
+        ...
+
 
 class MemoryTree:
     """A TreeState in a dict (tests and simulations)."""
 
     def __init__(self) -> None:
         self.placements: dict[NodeId, Placement] = {}
+        self._children: dict[NodeId, int] = {}  # per parent, how many nodes are placed under it
 
     def placement(self, node: NodeId) -> Placement | None:
         return self.placements.get(node)
 
     def place(self, node: NodeId, placement: Placement | None) -> None:
-        if placement is None:
-            self.placements.pop(node, None)
-        else:
+        old = self.placements.pop(node, None)
+        if old is not None:
+            self._children[old.parent] -= 1
+            if not self._children[old.parent]:
+                del self._children[old.parent]
+        if placement is not None:
             self.placements[node] = placement
+            self._children[placement.parent] = self._children.get(placement.parent, 0) + 1
+
+    def has_children(self, node: NodeId) -> bool:
+        return node in self._children
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,8 +147,9 @@ class LogEntry:
 
     @property
     def reorders(self) -> bool:
-        """Must this entry be undone and redone for an older move to apply? Every entry but a new
-        node's first placement (done, nothing before it): `ReplicatedTree.apply` says why."""
+        """Must this entry be undone and redone for an older move to apply, where moves arrive in
+        causal order? Every entry but a new node's first placement (done, nothing before it):
+        `ReplicatedTree._undo_later` says why."""
         return self.before is not None or not self.done
 
 
@@ -173,6 +195,13 @@ class TreeLog(Protocol):
 
     def add_move_of(self, move: Move) -> None: ...
 
+    def parent_since(self, node: NodeId, stamp: Stamp) -> bool:
+        """Does an entry with a stamp at or after `stamp` name `node` as its move's parent or as
+        its `before`'s parent? (A node that no such entry names and that has no child now had
+        none since `stamp`: `ReplicatedTree._undo_later` says why that matters.) May answer True when
+        it cannot tell: that costs undo and redo, never a different result."""
+        ...
+
     def forget_through(self, stamp: Stamp) -> int:
         """Drop the entries and the per-node moves with stamps up to `stamp`; returns how many entries."""
         ...
@@ -185,6 +214,7 @@ class MemoryLog:
         self.entries: list[LogEntry] = []
         self._stamps: list[Stamp] = []  # the entries' stamps, for bisect
         self._by_node: dict[NodeId, list[Move]] = {}
+        self._as_parent: dict[NodeId, list[Stamp]] = {}  # per node, the stamps of entries naming it parent
 
     def entry_at(self, stamp: Stamp) -> LogEntry | None:
         at = bisect.bisect_left(self._stamps, stamp)
@@ -201,17 +231,27 @@ class MemoryLog:
             at = bisect.bisect_left(self._stamps, entry.move.stamp)
             assert at < len(self._stamps) and self._stamps[at] == entry.move.stamp, "removing an entry not in the log"
             del self.entries[at], self._stamps[at]
+            for parent in parents_named(entry):
+                stamps = self._as_parent[parent]
+                del stamps[bisect.bisect_left(stamps, entry.move.stamp)]
+                if not stamps:
+                    del self._as_parent[parent]
 
     def append(self, entry: LogEntry) -> None:
         assert not self._stamps or entry.move.stamp > self._stamps[-1], "log entries out of stamp order"
-        self.entries.append(entry)
-        self._stamps.append(entry.move.stamp)
+        self.insert(entry)
 
     def insert(self, entry: LogEntry) -> None:
         at = bisect.bisect_left(self._stamps, entry.move.stamp)
         assert at == len(self._stamps) or self._stamps[at] != entry.move.stamp, "two entries with one stamp"
         self.entries.insert(at, entry)
         self._stamps.insert(at, entry.move.stamp)
+        for parent in parents_named(entry):
+            bisect.insort(self._as_parent.setdefault(parent, []), entry.move.stamp)
+
+    def parent_since(self, node: NodeId, stamp: Stamp) -> bool:
+        stamps = self._as_parent.get(node)
+        return stamps is not None and stamps[-1] >= stamp
 
     def moves_of(self, node: NodeId) -> list[Move]:
         return list(self._by_node.get(node, ()))
@@ -227,6 +267,11 @@ class MemoryLog:
                 self._by_node[node] = kept
             else:
                 del self._by_node[node]
+        for parent in {parent for entry in self.entries[:at] for parent in parents_named(entry)}:
+            stamps = self._as_parent[parent]
+            del stamps[:bisect.bisect_right(stamps, stamp)]
+            if not stamps:
+                del self._as_parent[parent]
         del self.entries[:at], self._stamps[:at]
         return at
 
@@ -255,18 +300,10 @@ class ReplicatedTree:
         """Apply `move` at its place in stamp order; returns the conflicts it makes with moves of
         the same node already applied. Applying a move again changes nothing and reports nothing.
 
-        With `causal`, the later moves undone and redone are those that `reorders`; a new
-        node's first placement stays. That gives the tree, and the log, of undoing everything,
-        because a move names only nodes placed before it (its site had applied their first
-        placements: the clock puts its stamp after them), and in causal order those came first
-        here too. With every later move undone but first placements, the
-        tree is the tree at `move.stamp` plus nodes newer than it, each where it was first put,
-        none above a node that existed then. So `move`'s cycle check, which walks up from its
-        parent, walks as it would then, and so does every redone move's, in stamp order;
-        `before` is the same; and a first placement is of a node with nothing below it yet, so
-        it is done either way. `_older_than` checks what this rests on, for `move` itself;
-        where it does not hold, everything later is undone as before. Cost: the moves undone,
-        not every move made since."""
+        The tree and the log are those of undoing every later move, doing `move`, and redoing
+        them in stamp order (the algorithm); but only the later moves whose outcome `move` can
+        change are undone and redone (`_undo_later` says which, and why). Cost: those moves,
+        not every move made since: for a file's move, the later moves of that file."""
         if self.horizon is not None and move.stamp <= self.horizon:
             raise ValueError(f"move {move.stamp} is at or before the forgotten horizon {self.horizon}: "
                              "either it was applied already and is resent, or the log was forgotten too early")
@@ -275,16 +312,7 @@ class ReplicatedTree:
             if same.move != move:
                 raise ValueError(f"two different moves with stamp {move.stamp}")
             return []
-        later = self.log.reordering_from(move.stamp) if self.causal else self.log.entries_from(move.stamp)
-        for entry in reversed(later):
-            self._undo(entry)
-        if self.causal and not self._older_than(move):
-            placed = self.log.entries_from(move.stamp)  # the first placements left: undo them too
-            undone = {entry.move.stamp for entry in later}
-            rest = [entry for entry in placed if entry.move.stamp not in undone]
-            for entry in reversed(rest):
-                self._undo(entry)
-            later = placed
+        later = self._undo_later(move)
         self.log.remove(later)
         self.log.insert(self._do(move))
         for entry in later:
@@ -293,6 +321,63 @@ class ReplicatedTree:
                      for other in self.log.moves_of(move.node) if concurrent(move, other)]
         self.log.add_move_of(move)
         return conflicts
+
+    def _undo_later(self, move: Move) -> list[LogEntry]:
+        """Undo, latest first, the entries after `move` whose outcome inserting `move` can change,
+        and those whose placements its cycle check or theirs read; returns them in stamp order.
+
+        An entry's outcome (done, and `before`) rests on its node's placement and on its cycle
+        check, which reads the placements on the way up from the move's parent: the parent's,
+        then those of nodes that have a child then. Call a node *childless since* s (`move`'s
+        stamp) when it has no child now and no entry from s on names it a parent
+        (`TreeLog.parent_since`: the parent of its move or of its `before`, a child that left).
+        It then had no child at any time since s, in any order of applying: a child it had was
+        there at s (and is still there, or left with an entry whose `before` names it) or was
+        put there since. Such a node is on no cycle check's way, but as the parent it starts at.
+        - `move`'s node x childless since s (a file: the common case): inserting `move` changes
+          x's placement only, which no later check reads, so every later entry of another node
+          is the same, and x's have the same `done` (their checks read nothing that changed)
+          but another `before`. Undo x's later entries alone (`moves_of`), and `move`'s check
+          finds x on no way up, as at s.
+        - Otherwise (a directory): a later move of a node childless since s is done unless into
+          itself and its `before` comes from its own moves, whatever else moved: it stays.
+          Undo the later entries of every node not childless since s, x and `move`'s parent
+          among them (with `causal`, those that `reorders`). Every check then reads only
+          placements undone to where they were at its stamp.
+        With `causal`, first placements stay, which is exact because a move names only nodes
+        placed before it (its site had applied their first placements: the clock puts its
+        stamp after them), and in causal order those came first here too: the tree is the tree
+        at s plus newer nodes where they were first put, none above a node that existed then,
+        so every check walks as it would at its stamp. `_older_than` checks that premise for
+        `move` itself; where it does not hold, everything later is undone."""
+        x, stamp = move.node, move.stamp
+        if move.parent != x and self._childless_since(x, stamp):
+            mine = sorted(m.stamp for m in self.log.moves_of(x) if m.stamp > stamp)
+            later = [entry for entry in map(self.log.entry_at, mine) if entry is not None]
+            assert len(later) == len(mine), "a move of the node is not in the log"
+            for entry in reversed(later):
+                self._undo(entry)
+            return later
+        candidates = self.log.reordering_from(stamp) if self.causal else self.log.entries_from(stamp)
+        walked: dict[NodeId, bool] = {x: True, move.parent: True}  # may a cycle check read its placement?
+        for entry in candidates:
+            if entry.move.node not in walked:
+                walked[entry.move.node] = not self._childless_since(entry.move.node, stamp)
+        later = [entry for entry in candidates if walked[entry.move.node]]
+        for entry in reversed(later):
+            self._undo(entry)
+        if self.causal and not self._older_than(move):
+            everything = self.log.entries_from(stamp)  # what is left in place: undo it too
+            undone = {entry.move.stamp for entry in later}
+            for entry in reversed(everything):
+                if entry.move.stamp not in undone:
+                    self._undo(entry)
+            later = everything
+        return later
+
+    def _childless_since(self, node: NodeId, stamp: Stamp) -> bool:
+        """Has `node` had no child at any time since `stamp` (`_undo_later`)?"""
+        return not self.state.has_children(node) and not self.log.parent_since(node, stamp)
 
     def apply_local(self, move: Move) -> None:
         """A move this site makes now: the clock put its stamp past every move applied here, and

@@ -22,7 +22,7 @@ from typing import Any
 import lmdb
 
 from awsomefsd.crdt.hlc import PACKED_BYTES, Stamp
-from awsomefsd.crdt.tree import MAX_DEPTH, ROOT, TRASH, VOLUMES, LogEntry, Move, Placement
+from awsomefsd.crdt.tree import MAX_DEPTH, ROOT, TRASH, VOLUMES, LogEntry, Move, Placement, parents_named
 from awsomefsd.meta import commands as c
 from awsomefsd.meta.records import ROOT_INO, VOLUMES_INO
 from awsomefsd.meta.sites.tables import PATH_MOVE, SKIPPED, SiteRecords, scan, scan_from
@@ -39,13 +39,32 @@ class Dirty:
 
 @dataclass(slots=True)
 class ReorderingIndex:
-    """While one batch of the peer's moves applies: the stamps of the log entries from `start` on
-    that `reorders` (LogEntry.reorders), so that each move of the batch finds what it must undo
-    without reading every entry made since (the first placements, most of a catch-up's log)."""
+    """While one batch of the peer's moves applies, what the log holds from `start` on: the nodes
+    its entries name a parent (`TreeLog.parent_since`), so that a file's move learns it had no
+    child without reading every entry made since (most of a catch-up's log); and, once a
+    directory's move needs them, the entries that `reorders` (LogEntry.reorders), what such a
+    move undoes. One read of the log per batch, kept current as entries go in and out."""
 
     start: Stamp | None = None
-    """From where `stamps` is complete; None until the batch's first move reads the log."""
-    stamps: list[Stamp] = field(default_factory=list)
+    """From where `parents` and `stamps` are complete; None until a move of the batch reads the log."""
+    parents: set[bytes] = field(default_factory=set)
+    """May keep a node whose entry went out: `parent_since` may answer True when unsure."""
+    stamps: list[bytes] | None = None
+    """The packed stamps of the entries that `reorders`, in order; None until asked for."""
+
+    def count(self, entry: LogEntry, went_in: bool) -> None:
+        """`entry` went into the log, or out of it."""
+        if self.start is None or entry.move.stamp < self.start:
+            return
+        if went_in:
+            self.parents.update(parents_named(entry))
+        if self.stamps is not None and entry.reorders:
+            key = entry.move.stamp.pack()
+            at = bisect.bisect_left(self.stamps, key)
+            if went_in:
+                self.stamps.insert(at, key)
+            elif at < len(self.stamps) and self.stamps[at] == key:
+                del self.stamps[at]
 
 
 class TableTree:
@@ -88,23 +107,41 @@ class TableTree:
         raw = self.txn.get(stamp.pack(), db=self.t.db["slog"])
         return None if raw is None else _log_entry(raw)
 
+    def has_children(self, node: bytes) -> bool:
+        cursor = self.txn.cursor(self.t.db["skids"])
+        return cursor.set_range(node) and bytes(cursor.key()[:len(node)]) == node
+
     def entries_from(self, stamp: Stamp) -> list[LogEntry]:
         return [_log_entry(v) for _, v in scan_from(self.txn, self.t.db["slog"], stamp.pack())]
 
-    def reordering_from(self, stamp: Stamp) -> list[LogEntry]:
+    def _index_from(self, stamp: Stamp) -> ReorderingIndex:
+        """The batch's index, complete from `stamp` on: read from the log unless it is already;
+        outside a batch, one of this call only."""
         index = self.t.reordering
-        if index is None or index.start is None or stamp < index.start:
-            stamps = [Stamp.unpack(bytes(key)) for key, value in scan_from(self.txn, self.t.db["slog"], stamp.pack())
-                      if _reorders(value)]
-            if index is not None:  # a batch applies: keep them, and keep them current
-                index.start, index.stamps = stamp, stamps
-        else:
-            stamps = index.stamps[bisect.bisect_left(index.stamps, stamp):]
+        if index is not None and index.start is not None and stamp >= index.start:
+            return index
+        fresh = ReorderingIndex(stamp, _parents_from(self.txn, self.t.db["slog"], stamp.pack()))
+        if index is not None:  # a batch applies: keep it, and keep it current
+            index.start, index.parents, index.stamps = fresh.start, fresh.parents, None
+            return index
+        return fresh
+
+    def parent_since(self, node: bytes, stamp: Stamp) -> bool:
+        """From the batch's index, which counts from the batch's first stamp: entries before
+        `stamp` may answer True too, which `TreeLog.parent_since` allows."""
+        return node in self._index_from(stamp).parents
+
+    def reordering_from(self, stamp: Stamp) -> list[LogEntry]:
+        index = self._index_from(stamp)
+        if index.stamps is None:
+            assert index.start is not None
+            index.stamps = [bytes(key) for key, raw in scan_from(self.txn, self.t.db["slog"], index.start.pack())
+                            if _reorders(raw)]
         found = []
-        for at in stamps:
-            entry = self.entry_at(at)
-            assert entry is not None, "the index of reordering entries is behind the log"
-            found.append(entry)
+        for key in index.stamps[bisect.bisect_left(index.stamps, stamp.pack()):]:
+            raw = self.txn.get(key, db=self.t.db["slog"])
+            assert raw is not None, "the index of reordering entries is behind the log"
+            found.append(_log_entry(raw))
         return found
 
     def remove(self, entries: list[LogEntry]) -> None:
@@ -114,10 +151,8 @@ class TableTree:
             self.txn.delete(key, db=self.t.db["slog"])
             if not entry.done:
                 self.txn.delete(SKIPPED + key, db=self.t.meta)
-            if index is not None and entry.reorders:
-                at = bisect.bisect_left(index.stamps, entry.move.stamp)
-                if at < len(index.stamps) and index.stamps[at] == entry.move.stamp:
-                    del index.stamps[at]
+            if index is not None:
+                index.count(entry, went_in=False)
 
     def append(self, entry: LogEntry) -> None:
         self.insert(entry)
@@ -127,9 +162,8 @@ class TableTree:
         self.txn.put(entry.move.stamp.pack(), _pack_log_entry(entry), db=self.t.db["slog"])
         if not entry.done:  # a move that would have made a cycle: listed while the log holds it
             self.txn.put(SKIPPED + entry.move.stamp.pack(), b"", db=self.t.meta)
-        index = self.t.reordering
-        if index is not None and index.start is not None and entry.reorders and entry.move.stamp >= index.start:
-            bisect.insort(index.stamps, entry.move.stamp)
+        if self.t.reordering is not None:
+            self.t.reordering.count(entry, went_in=True)
 
     def moves_of(self, node: bytes) -> list[Move]:
         return [unpack_move(bytes(v))[0] for _, v in scan(self.txn, self.t.db["smoves"], node)]
@@ -328,6 +362,27 @@ def _pack_log_entry(entry: LogEntry) -> bytes:
 def _reorders(raw: bytes) -> bool:
     """`LogEntry.reorders` of a packed entry, from its first two bytes (done, a placement before)."""
     return raw[0] == 0 or raw[1] == 1
+
+
+_PARENT_AT = 2 + PACKED_BYTES + 16  # a packed entry without a placement before: its move's parent
+_NAME_LENGTH_AT = 2 + 16 + PACKED_BYTES  # with one: the length of that placement's name
+
+
+def _parents_from(txn: lmdb.Transaction[bytes], db: Any, start: bytes) -> set[bytes]:
+    """`crdt.tree.parents_named` of every log entry from `start` on, read from the packed entries
+    without decoding the rest (a catch-up's batch reads the whole log since its first stamp)."""
+    parents: set[bytes] = set()
+    cursor = txn.cursor(db)
+    if not cursor.set_range(start):
+        return parents
+    for raw in cursor.iternext(keys=False, values=True):
+        if raw[1]:  # a placement before: its parent, then the move's after that placement's name
+            parents.add(raw[2:18])
+            at = _PARENT_AT + _BEFORE.size + int.from_bytes(raw[_NAME_LENGTH_AT:_NAME_LENGTH_AT + 2], "big")
+            parents.add(raw[at:at + 16])
+        else:
+            parents.add(raw[_PARENT_AT:_PARENT_AT + 16])
+    return parents
 
 
 def _log_entry(raw: bytes) -> LogEntry:
