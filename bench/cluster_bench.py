@@ -65,24 +65,33 @@ MiB = 1 << 20
 MAX_CREATES_PER_WORKER = 40_000  # ext4 would run out of inodes long before the clock
 
 
-def _create_worker(args: tuple[str, str, float, int, Any]) -> tuple[int, float]:
+def _create_worker(args: tuple[str, str, float, int, Any]) -> tuple[int, float, float]:
     """Empty files `<directory>/<name>.<n>` (O_CREAT|O_EXCL, then close) until `seconds` have
-    passed or `max_files` are made; returns (files made, seconds taken)."""
+    passed or `max_files` are made; returns (files made, seconds taken, the longest single create
+    in seconds: in a contended directory, what a create waits for a hand-over)."""
     directory, name, seconds, max_files, start = args
     os.makedirs(directory, exist_ok=True)
     start.wait()
-    t0 = time.monotonic()
+    t0 = now = time.monotonic()
     deadline = t0 + seconds
     n = 0
-    while n < max_files and time.monotonic() < deadline:
+    longest = 0.0
+    while n < max_files and now < deadline:
         wl.create_file(f"{directory}/{name}.{n}")
         n += 1
-    return n, time.monotonic() - t0
+        began, now = now, time.monotonic()
+        longest = max(longest, now - began)
+    return n, now - t0, longest
 
 
 def creates_per_s(dirs: list[Path], seconds: float, max_files: int = MAX_CREATES_PER_WORKER) -> float:
     """All `dirs` at once, one worker process each (names differ per worker, so a directory may be
     listed more than once: creators sharing it); total creates per second."""
+    return creates_timed(dirs, seconds, max_files)[0]
+
+
+def creates_timed(dirs: list[Path], seconds: float, max_files: int = MAX_CREATES_PER_WORKER) -> tuple[float, float]:
+    """`creates_per_s`, and the longest single create of any worker (seconds)."""
     with multiprocessing.Manager() as manager:
         start = manager.Event()
         with multiprocessing.Pool(len(dirs)) as pool:
@@ -94,7 +103,7 @@ def creates_per_s(dirs: list[Path], seconds: float, max_files: int = MAX_CREATES
                 done = result.get(seconds * 10 + 120)
             except multiprocessing.TimeoutError as err:
                 raise wl.WorkloadError(f"creators not done {seconds * 10 + 120:.0f}s after the start") from err
-    return sum(n / elapsed for n, elapsed in done)
+    return sum(n / elapsed for n, elapsed, _ in done), max(longest for _, _, longest in done)
 
 
 def _seq_worker(args: tuple[str, int]) -> float:
@@ -200,8 +209,11 @@ CREATE_MEASUREMENTS = ("creates_lone", "creates_spread", "creates_shared")  # se
 META_METRICS: dict[str, list[wl.Metric]] = {  # figure (--only) -> its rows
     "creates": [
         wl.Metric("creates_lone", "creates, 1 creator (cluster: a follower)", "1/s", True),
+        wl.Metric("creates_lone_max_ms", "  longest single create", "ms", False),
         wl.Metric("creates_spread", "creates, 3 creators, own dirs", "1/s", True),
+        wl.Metric("creates_spread_max_ms", "  longest single create", "ms", False),
         wl.Metric("creates_shared", "creates, 3 creators, one dir", "1/s", True),
+        wl.Metric("creates_shared_max_ms", "  longest single create", "ms", False),
     ],
     "untar": wl.METRICS["untar"],
     "fsync": [wl.Metric(f"fsync_{what}_{q}_ms", f"fsync({what}) after creates, {q}", "ms", False)
@@ -242,10 +254,10 @@ def measure_creates(measurement: str, args: argparse.Namespace, name: str, roots
     relative = creator_dirs(measurement, round_index)
     for d in relative:
         (roots[0] / d).mkdir(parents=True, exist_ok=True)
-    rate = creates_per_s([root / d for root, d in zip(roots, relative)], args.seconds, args.max_creates)
+    rate, longest = creates_timed([root / d for root, d in zip(roots, relative)], args.seconds, args.max_creates)
     if name == "ext4":  # it would run out of inodes: its creators reach --max-creates within seconds
         shutil.rmtree(roots[0] / relative[0].parts[0])
-    return {measurement: rate}
+    return {measurement: rate, f"{measurement}_max_ms": longest * 1000}
 
 
 def fsync_after_creates_ms(directory: Path, files: int) -> dict[str, float]:
