@@ -74,7 +74,7 @@ class Operations(FileOperations, XattrOperations):
             if self.coherence is not None and not strict:
                 if found is None:
                     found = await self._look_again(parent, name)
-                elif await self.coherence.looking(parent):
+                elif await self.coherence.looking(parent, keep=False):
                     # Ours now: another node's acknowledged changes to it (an unlink, a rename
                     # away) are committed, and nobody else changes it while we answer.
                     found = self.meta.lookup(parent, name)
