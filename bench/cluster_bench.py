@@ -15,7 +15,8 @@ within one run, not absolute figures across runs.
 
 Only the figures of issue 13 ("cluster metadata at local speed"), each next to a single-node
 AwsomeFS and ext4 measured in the same run: creates per second of a lone creator on a follower and
-of three creators on three nodes (own directories, one shared directory), untar of the 4,000-file
+of three creators on three nodes (own directories, one shared directory), with the longest single
+create, renames by three nodes between the same two directories (and the longest), untar of the 4,000-file
 tree and git status on a follower, fsync latency after 1,000 creates, and (issue 42) the names
 figure: creates, stats, the first listing and the unlinks of 10,000 files in one directory on a
 follower, each with the daemon's FUSE requests and CPU per file. See bench/README.md.
@@ -84,6 +85,40 @@ def _create_worker(args: tuple[str, str, float, int, Any]) -> tuple[int, float, 
     return n, now - t0, longest
 
 
+RENAMED_FILES = 50
+
+
+def _rename_worker(args: tuple[str, str, str, float, Any]) -> tuple[int, float, float]:
+    """Move its own RENAMED_FILES files from directory `a` to `b` one by one, then back, until
+    `seconds` have passed; returns (renames, seconds taken, the longest single rename in seconds).
+    Each rename needs both directories' delegations, which the other workers' renames also need."""
+    a, b, name, seconds, start = args
+    for k in range(RENAMED_FILES):
+        wl.create_file(f"{a}/{name}.{k}")
+    start.wait()
+    t0 = now = time.monotonic()
+    n, longest, source, target = 0, 0.0, a, b
+    while now < t0 + seconds:
+        os.rename(f"{source}/{name}.{n % RENAMED_FILES}", f"{target}/{name}.{n % RENAMED_FILES}")
+        n += 1
+        if n % RENAMED_FILES == 0:
+            source, target = target, source
+        began, now = now, time.monotonic()
+        longest = max(longest, now - began)
+    return n, now - t0, longest
+
+
+def measure_renames(args: argparse.Namespace, name: str, roots: list[Path], round_index: int) -> dict[str, float]:
+    """Renames per second of three workers (one per node on the cluster) moving files between the
+    same two directories, and the longest single rename (issue 42: one waited 1.4 s)."""
+    base = Path(f"renames-{round_index}")
+    for d in ("a", "b"):
+        (roots[0] / base / d).mkdir(parents=True)
+    work = [(str(root / base / "a"), str(root / base / "b"), f"w{k}", args.seconds) for k, root in enumerate(roots)]
+    rate, longest = at_once(_rename_worker, work, args.seconds)
+    return {"renames_shared": rate, "renames_shared_max_ms": longest * 1000}
+
+
 def creates_per_s(dirs: list[Path], seconds: float, max_files: int = MAX_CREATES_PER_WORKER) -> float:
     """All `dirs` at once, one worker process each (names differ per worker, so a directory may be
     listed more than once: creators sharing it); total creates per second."""
@@ -92,17 +127,23 @@ def creates_per_s(dirs: list[Path], seconds: float, max_files: int = MAX_CREATES
 
 def creates_timed(dirs: list[Path], seconds: float, max_files: int = MAX_CREATES_PER_WORKER) -> tuple[float, float]:
     """`creates_per_s`, and the longest single create of any worker (seconds)."""
+    return at_once(_create_worker, [(str(d), f"w{k}", seconds, max_files) for k, d in enumerate(dirs)], seconds)
+
+
+def at_once(worker: Callable[..., tuple[int, float, float]], work: list[tuple[Any, ...]],
+            seconds: float) -> tuple[float, float]:
+    """One process per item of `work`, started together (each gets the start event last); the
+    total of their rates and the longest single operation of any (seconds)."""
     with multiprocessing.Manager() as manager:
         start = manager.Event()
-        with multiprocessing.Pool(len(dirs)) as pool:
-            work = [(str(d), f"w{k}", seconds, max_files, start) for k, d in enumerate(dirs)]
-            result = pool.map_async(_create_worker, work)
+        with multiprocessing.Pool(len(work)) as pool:
+            result = pool.map_async(worker, [(*w, start) for w in work])
             time.sleep(0.5)  # workers are up and waiting
             start.set()
             try:
                 done = result.get(seconds * 10 + 120)
             except multiprocessing.TimeoutError as err:
-                raise wl.WorkloadError(f"creators not done {seconds * 10 + 120:.0f}s after the start") from err
+                raise wl.WorkloadError(f"workers not done {seconds * 10 + 120:.0f}s after the start") from err
     return sum(n / elapsed for n, elapsed, _ in done), max(longest for _, _, longest in done)
 
 
@@ -214,6 +255,10 @@ META_METRICS: dict[str, list[wl.Metric]] = {  # figure (--only) -> its rows
         wl.Metric("creates_spread_max_ms", "  longest single create", "ms", False),
         wl.Metric("creates_shared", "creates, 3 creators, one dir", "1/s", True),
         wl.Metric("creates_shared_max_ms", "  longest single create", "ms", False),
+    ],
+    "renames": [
+        wl.Metric("renames_shared", "renames, 3 workers, between two dirs", "1/s", True),
+        wl.Metric("renames_shared_max_ms", "  longest single rename", "ms", False),
     ],
     "untar": wl.METRICS["untar"],
     "fsync": [wl.Metric(f"fsync_{what}_{q}_ms", f"fsync({what}) after creates, {q}", "ms", False)
@@ -359,6 +404,8 @@ def run_metadata_rounds(args: argparse.Namespace, places: dict[str, list[Path]],
     if "creates" in args.only:
         for measurement in CREATE_MEASUREMENTS:
             each_round(measurement, args.meta_rounds, functools.partial(measure_creates, measurement, args))
+    if "renames" in args.only:
+        each_round("renames", args.meta_rounds, functools.partial(measure_renames, args))
     if "untar" in args.only:
         params = wl.Params(tree_files=args.tree_files)
         tarball = wl.ensure_tarball(workdir, params.tree_files, params.seed)
@@ -405,6 +452,7 @@ def print_metadata_table(args: argparse.Namespace, results: dict[str, fsbench.Ta
                       fsbench._fmt(row["cluster_vs_single"]), row["goal"] or "", met])
     setup = {"creates": f"creates: {args.meta_rounds} round(s) of {args.seconds:g} s (3 creators on ext4 and single: "
                         "3 processes on the one mount)",
+             "renames": f"renames: {args.meta_rounds} round(s) of {args.seconds:g} s ({RENAMED_FILES} files per worker)",
              "untar": f"untar: {args.untar_rounds} round(s), {args.tree_files:,} files",
              "fsync": f"fsync after {args.fsync_files:,} creates: {args.fsync_rounds} round(s)",
              "names": f"names: {args.meta_rounds} round(s) of {args.names_files:,} files"}
