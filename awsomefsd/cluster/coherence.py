@@ -213,8 +213,9 @@ class ClusterCoherence(LeaseHandOver, AppliedCommands):
         the caller catches up with the log as usual.
 
         A delegation moved here for a look alone is handed on at once when asked for (no turn:
-        nothing here runs ahead under it), and with `keep=False` (a lookup that found the name)
-        given back right after the look. Kept, it made path walks ping-pong: every hand-over
+        nothing here runs ahead under it), and with `keep=False` (a lookup that found a directory:
+        a path walk) given back right after the look. (The last name of an unlink or a rename,
+        a file most often, keeps it: the change comes next and would take it again, a turn later.) Kept, it made path walks ping-pong: every hand-over
         makes the kernel forget every name (`names_leaving`), so the node that gave up, say, the
         root directory looked its path up again and took the root back, and three creators in
         their own directories waited for the root's and the parent's delegations at each create

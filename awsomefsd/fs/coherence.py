@@ -70,8 +70,8 @@ class Coherence(Protocol):
         """Before a lookup that found nothing, or a readdir: True when this node holds the
         directory's delegation (its view is complete: no catch-up needed); when another node holds
         it, its acknowledged changes are committed first (the delegation moves here). `keep=False`
-        (a lookup that found the name: a path walk, which seldom changes the directory next):
-        a delegation moved here only for the look is given back at once."""
+        (a lookup that found a directory: a path walk, which seldom changes the directory it
+        passes through): a delegation moved here only for the look is given back at once."""
         ...
 
     def release_orphan(self, ino: int) -> None:
