@@ -64,6 +64,7 @@ MiB = 1 << 20
 
 # --- workloads (run in worker processes: the kernel, not the GIL, is what is measured) -------------
 MAX_CREATES_PER_WORKER = 40_000  # ext4 would run out of inodes long before the clock
+RENAMED_FILES = 50  # per rename worker
 
 
 def _create_worker(args: tuple[str, str, float, int, Any]) -> tuple[int, float, float]:
@@ -74,36 +75,27 @@ def _create_worker(args: tuple[str, str, float, int, Any]) -> tuple[int, float, 
     os.makedirs(directory, exist_ok=True)
     start.wait()
     t0 = now = time.monotonic()
-    deadline = t0 + seconds
-    n = 0
-    longest = 0.0
-    while n < max_files and now < deadline:
+    n, longest = 0, 0.0
+    while n < max_files and now < t0 + seconds:
         wl.create_file(f"{directory}/{name}.{n}")
-        n += 1
-        began, now = now, time.monotonic()
+        n, began, now = n + 1, now, time.monotonic()
         longest = max(longest, now - began)
     return n, now - t0, longest
 
 
-RENAMED_FILES = 50
-
-
 def _rename_worker(args: tuple[str, str, str, float, Any]) -> tuple[int, float, float]:
-    """Move its own RENAMED_FILES files from directory `a` to `b` one by one, then back, until
-    `seconds` have passed; returns (renames, seconds taken, the longest single rename in seconds).
-    Each rename needs both directories' delegations, which the other workers' renames also need."""
+    """Move its own files from `a` to `b` one by one, then back, until `seconds` have passed (each
+    rename needs both directories' delegations); returns like `_create_worker`."""
     a, b, name, seconds, start = args
     for k in range(RENAMED_FILES):
         wl.create_file(f"{a}/{name}.{k}")
     start.wait()
     t0 = now = time.monotonic()
-    n, longest, source, target = 0, 0.0, a, b
+    n, longest = 0, 0.0
     while now < t0 + seconds:
+        source, target = (a, b) if n // RENAMED_FILES % 2 == 0 else (b, a)
         os.rename(f"{source}/{name}.{n % RENAMED_FILES}", f"{target}/{name}.{n % RENAMED_FILES}")
-        n += 1
-        if n % RENAMED_FILES == 0:
-            source, target = target, source
-        began, now = now, time.monotonic()
+        n, began, now = n + 1, now, time.monotonic()
         longest = max(longest, now - began)
     return n, now - t0, longest
 
@@ -112,28 +104,21 @@ def measure_renames(args: argparse.Namespace, name: str, roots: list[Path], roun
     """Renames per second of three workers (one per node on the cluster) moving files between the
     same two directories, and the longest single rename (issue 42: one waited 1.4 s)."""
     base = Path(f"renames-{round_index}")
-    for d in ("a", "b"):
-        (roots[0] / base / d).mkdir(parents=True)
-    work = [(str(root / base / "a"), str(root / base / "b"), f"w{k}", args.seconds) for k, root in enumerate(roots)]
-    rate, longest = at_once(_rename_worker, work, args.seconds)
+    (roots[0] / base / "a").mkdir(parents=True)
+    (roots[0] / base / "b").mkdir()
+    rate, longest = at_once(_rename_worker, [(str(root / base / "a"), str(root / base / "b"), f"w{k}", args.seconds)
+                                             for k, root in enumerate(roots)], args.seconds)
     return {"renames_shared": rate, "renames_shared_max_ms": longest * 1000}
 
 
 def creates_per_s(dirs: list[Path], seconds: float, max_files: int = MAX_CREATES_PER_WORKER) -> float:
-    """All `dirs` at once, one worker process each (names differ per worker, so a directory may be
-    listed more than once: creators sharing it); total creates per second."""
-    return creates_timed(dirs, seconds, max_files)[0]
-
-
-def creates_timed(dirs: list[Path], seconds: float, max_files: int = MAX_CREATES_PER_WORKER) -> tuple[float, float]:
-    """`creates_per_s`, and the longest single create of any worker (seconds)."""
-    return at_once(_create_worker, [(str(d), f"w{k}", seconds, max_files) for k, d in enumerate(dirs)], seconds)
+    """All `dirs` at once, one worker process each (distinct names); total creates per second."""
+    return at_once(_create_worker, [(str(d), f"w{k}", seconds, max_files) for k, d in enumerate(dirs)], seconds)[0]
 
 
 def at_once(worker: Callable[..., tuple[int, float, float]], work: list[tuple[Any, ...]],
             seconds: float) -> tuple[float, float]:
-    """One process per item of `work`, started together (each gets the start event last); the
-    total of their rates and the longest single operation of any (seconds)."""
+    """One process per `work` item, started together: the sum of their rates, the longest single op (s)."""
     with multiprocessing.Manager() as manager:
         start = manager.Event()
         with multiprocessing.Pool(len(work)) as pool:
@@ -299,7 +284,8 @@ def measure_creates(measurement: str, args: argparse.Namespace, name: str, roots
     relative = creator_dirs(measurement, round_index)
     for d in relative:
         (roots[0] / d).mkdir(parents=True, exist_ok=True)
-    rate, longest = creates_timed([root / d for root, d in zip(roots, relative)], args.seconds, args.max_creates)
+    work = [(str(root / d), f"w{k}", args.seconds, args.max_creates) for k, (root, d) in enumerate(zip(roots, relative))]
+    rate, longest = at_once(_create_worker, work, args.seconds)
     if name == "ext4":  # it would run out of inodes: its creators reach --max-creates within seconds
         shutil.rmtree(roots[0] / relative[0].parts[0])
     return {measurement: rate, f"{measurement}_max_ms": longest * 1000}
