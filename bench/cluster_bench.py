@@ -15,11 +15,11 @@ within one run, not absolute figures across runs.
 
 Only the figures of issue 13 ("cluster metadata at local speed"), each next to a single-node
 AwsomeFS and ext4 measured in the same run: creates per second of a lone creator on a follower and
-of three creators on three nodes (own directories, one shared directory), with the longest single
-create, renames by three nodes between the same two directories (and the longest), untar of the 4,000-file
-tree and git status on a follower, fsync latency after 1,000 creates, and (issue 42) the names
-figure: creates, stats, the first listing and the unlinks of 10,000 files in one directory on a
-follower, each with the daemon's FUSE requests and CPU per file. See bench/README.md.
+of three creators on three nodes (own directories, one directory; the longest create), renames by
+three nodes between two directories (the longest), untar of the 4,000-file tree and git status on a
+follower, fsync latency after 1,000 creates, and (issue 42) the names figure: creates, stats, the
+first listing and the unlinks of 10,000 files in one directory on a follower, each with the
+daemon's FUSE requests and CPU per file. See bench/README.md.
 """
 
 from __future__ import annotations
@@ -104,8 +104,7 @@ def measure_renames(args: argparse.Namespace, name: str, roots: list[Path], roun
     """Renames per second of three workers (one per node on the cluster) moving files between the
     same two directories, and the longest single rename (issue 42: one waited 1.4 s)."""
     base = Path(f"renames-{round_index}")
-    (roots[0] / base / "a").mkdir(parents=True)
-    (roots[0] / base / "b").mkdir()
+    (roots[0] / base / "a").mkdir(parents=True), (roots[0] / base / "b").mkdir()
     rate, longest = at_once(_rename_worker, [(str(root / base / "a"), str(root / base / "b"), f"w{k}", args.seconds)
                                              for k, root in enumerate(roots)], args.seconds)
     return {"renames_shared": rate, "renames_shared_max_ms": longest * 1000}
