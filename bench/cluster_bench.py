@@ -15,10 +15,11 @@ within one run, not absolute figures across runs.
 
 Only the figures of issue 13 ("cluster metadata at local speed"), each next to a single-node
 AwsomeFS and ext4 measured in the same run: creates per second of a lone creator on a follower and
-of three creators on three nodes (own directories, one shared directory), untar of the 4,000-file
-tree and git status on a follower, fsync latency after 1,000 creates, and (issue 42) the names
-figure: creates, stats, the first listing and the unlinks of 10,000 files in one directory on a
-follower, each with the daemon's FUSE requests and CPU per file. See bench/README.md.
+of three creators on three nodes (own directories, one directory; the longest create), renames by
+three nodes between two directories (the longest), untar of the 4,000-file tree and git status on a
+follower, fsync latency after 1,000 creates, and (issue 42) the names figure: creates, stats, the
+first listing and the unlinks of 10,000 files in one directory on a follower, each with the
+daemon's FUSE requests and CPU per file. See bench/README.md.
 """
 
 from __future__ import annotations
@@ -63,38 +64,71 @@ MiB = 1 << 20
 
 # --- workloads (run in worker processes: the kernel, not the GIL, is what is measured) -------------
 MAX_CREATES_PER_WORKER = 40_000  # ext4 would run out of inodes long before the clock
+RENAMED_FILES = 50  # per rename worker
 
 
-def _create_worker(args: tuple[str, str, float, int, Any]) -> tuple[int, float]:
+def _create_worker(args: tuple[str, str, float, int, Any]) -> tuple[int, float, float]:
     """Empty files `<directory>/<name>.<n>` (O_CREAT|O_EXCL, then close) until `seconds` have
-    passed or `max_files` are made; returns (files made, seconds taken)."""
+    passed or `max_files` are made; returns (files made, seconds taken, the longest single create
+    in seconds: in a contended directory, what a create waits for a hand-over)."""
     directory, name, seconds, max_files, start = args
     os.makedirs(directory, exist_ok=True)
     start.wait()
-    t0 = time.monotonic()
-    deadline = t0 + seconds
-    n = 0
-    while n < max_files and time.monotonic() < deadline:
+    t0 = now = time.monotonic()
+    n, longest = 0, 0.0
+    while n < max_files and now < t0 + seconds:
         wl.create_file(f"{directory}/{name}.{n}")
-        n += 1
-    return n, time.monotonic() - t0
+        n, began, now = n + 1, now, time.monotonic()
+        longest = max(longest, now - began)
+    return n, now - t0, longest
+
+
+def _rename_worker(args: tuple[str, str, str, float, Any]) -> tuple[int, float, float]:
+    """Move its own files from `a` to `b` one by one, then back, until `seconds` have passed (each
+    rename needs both directories' delegations); returns like `_create_worker`."""
+    a, b, name, seconds, start = args
+    for k in range(RENAMED_FILES):
+        wl.create_file(f"{a}/{name}.{k}")
+    start.wait()
+    t0 = now = time.monotonic()
+    n, longest = 0, 0.0
+    while now < t0 + seconds:
+        source, target = (a, b) if n // RENAMED_FILES % 2 == 0 else (b, a)
+        os.rename(f"{source}/{name}.{n % RENAMED_FILES}", f"{target}/{name}.{n % RENAMED_FILES}")
+        n, began, now = n + 1, now, time.monotonic()
+        longest = max(longest, now - began)
+    return n, now - t0, longest
+
+
+def measure_renames(args: argparse.Namespace, name: str, roots: list[Path], round_index: int) -> dict[str, float]:
+    """Renames per second of three workers (one per node on the cluster) moving files between the
+    same two directories, and the longest single rename (issue 42: one waited 1.4 s)."""
+    base = Path(f"renames-{round_index}")
+    (roots[0] / base / "a").mkdir(parents=True), (roots[0] / base / "b").mkdir()
+    rate, longest = at_once(_rename_worker, [(str(root / base / "a"), str(root / base / "b"), f"w{k}", args.seconds)
+                                             for k, root in enumerate(roots)], args.seconds)
+    return {"renames_shared": rate, "renames_shared_max_ms": longest * 1000}
 
 
 def creates_per_s(dirs: list[Path], seconds: float, max_files: int = MAX_CREATES_PER_WORKER) -> float:
-    """All `dirs` at once, one worker process each (names differ per worker, so a directory may be
-    listed more than once: creators sharing it); total creates per second."""
+    """All `dirs` at once, one worker process each (distinct names); total creates per second."""
+    return at_once(_create_worker, [(str(d), f"w{k}", seconds, max_files) for k, d in enumerate(dirs)], seconds)[0]
+
+
+def at_once(worker: Callable[..., tuple[int, float, float]], work: list[tuple[Any, ...]],
+            seconds: float) -> tuple[float, float]:
+    """One process per `work` item, started together: the sum of their rates, the longest single op (s)."""
     with multiprocessing.Manager() as manager:
         start = manager.Event()
-        with multiprocessing.Pool(len(dirs)) as pool:
-            work = [(str(d), f"w{k}", seconds, max_files, start) for k, d in enumerate(dirs)]
-            result = pool.map_async(_create_worker, work)
+        with multiprocessing.Pool(len(work)) as pool:
+            result = pool.map_async(worker, [(*w, start) for w in work])
             time.sleep(0.5)  # workers are up and waiting
             start.set()
             try:
                 done = result.get(seconds * 10 + 120)
             except multiprocessing.TimeoutError as err:
-                raise wl.WorkloadError(f"creators not done {seconds * 10 + 120:.0f}s after the start") from err
-    return sum(n / elapsed for n, elapsed in done)
+                raise wl.WorkloadError(f"workers not done {seconds * 10 + 120:.0f}s after the start") from err
+    return sum(n / elapsed for n, elapsed, _ in done), max(longest for _, _, longest in done)
 
 
 def _seq_worker(args: tuple[str, int]) -> float:
@@ -200,8 +234,15 @@ CREATE_MEASUREMENTS = ("creates_lone", "creates_spread", "creates_shared")  # se
 META_METRICS: dict[str, list[wl.Metric]] = {  # figure (--only) -> its rows
     "creates": [
         wl.Metric("creates_lone", "creates, 1 creator (cluster: a follower)", "1/s", True),
+        wl.Metric("creates_lone_max_ms", "  longest single create", "ms", False),
         wl.Metric("creates_spread", "creates, 3 creators, own dirs", "1/s", True),
+        wl.Metric("creates_spread_max_ms", "  longest single create", "ms", False),
         wl.Metric("creates_shared", "creates, 3 creators, one dir", "1/s", True),
+        wl.Metric("creates_shared_max_ms", "  longest single create", "ms", False),
+    ],
+    "renames": [
+        wl.Metric("renames_shared", "renames, 3 workers, between two dirs", "1/s", True),
+        wl.Metric("renames_shared_max_ms", "  longest single rename", "ms", False),
     ],
     "untar": wl.METRICS["untar"],
     "fsync": [wl.Metric(f"fsync_{what}_{q}_ms", f"fsync({what}) after creates, {q}", "ms", False)
@@ -242,10 +283,11 @@ def measure_creates(measurement: str, args: argparse.Namespace, name: str, roots
     relative = creator_dirs(measurement, round_index)
     for d in relative:
         (roots[0] / d).mkdir(parents=True, exist_ok=True)
-    rate = creates_per_s([root / d for root, d in zip(roots, relative)], args.seconds, args.max_creates)
+    work = [(str(root / d), f"w{k}", args.seconds, args.max_creates) for k, (root, d) in enumerate(zip(roots, relative))]
+    rate, longest = at_once(_create_worker, work, args.seconds)
     if name == "ext4":  # it would run out of inodes: its creators reach --max-creates within seconds
         shutil.rmtree(roots[0] / relative[0].parts[0])
-    return {measurement: rate}
+    return {measurement: rate, f"{measurement}_max_ms": longest * 1000}
 
 
 def fsync_after_creates_ms(directory: Path, files: int) -> dict[str, float]:
@@ -363,6 +405,8 @@ def run_metadata_rounds(args: argparse.Namespace, places: dict[str, list[Path]],
     if "creates" in args.only:
         for measurement in CREATE_MEASUREMENTS:
             each_round(measurement, args.meta_rounds, functools.partial(measure_creates, measurement, args))
+    if "renames" in args.only:
+        each_round("renames", args.meta_rounds, functools.partial(measure_renames, args))
     if "untar" in args.only:
         params = wl.Params(tree_files=args.tree_files)
         tarball = wl.ensure_tarball(workdir, params.tree_files, params.seed)
@@ -409,6 +453,7 @@ def print_metadata_table(args: argparse.Namespace, results: dict[str, fsbench.Ta
                       fsbench._fmt(row["cluster_vs_single"]), row["goal"] or "", met])
     setup = {"creates": f"creates: {args.meta_rounds} round(s) of {args.seconds:g} s (3 creators on ext4 and single: "
                         "3 processes on the one mount)",
+             "renames": f"renames: {args.meta_rounds} round(s) of {args.seconds:g} s ({RENAMED_FILES} files per worker)",
              "untar": f"untar: {args.untar_rounds} round(s), {args.tree_files:,} files",
              "fsync": f"fsync after {args.fsync_files:,} creates: {args.fsync_rounds} round(s)",
              "names": f"names: {args.meta_rounds} round(s) of {args.names_files:,} files"}

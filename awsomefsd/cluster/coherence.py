@@ -131,6 +131,7 @@ class ClusterCoherence(LeaseHandOver, AppliedCommands):
             yield False
             return
         self._writers[ino] = self._writers.get(ino, 0) + 1
+        self._looked_only.discard(ino)
         try:
             yield True
         finally:
@@ -152,17 +153,23 @@ class ClusterCoherence(LeaseHandOver, AppliedCommands):
             yield True
 
     @asynccontextmanager
-    async def taking(self, dirs: Iterable[int]) -> AsyncIterator[None]:
+    async def taking(self, dirs: Iterable[int], *, look: bool = False) -> AsyncIterator[None]:
         """Take and hold these directories' delegations for the block (in inode order), in any
         mode: `changing`'s acquisition, and what a change proposed through the log does when the
         state machine refused it because another node holds one (`Delegated`). They are kept
-        afterwards like any delegation: until asked for, or idle."""
+        afterwards like any delegation: until asked for, or idle. `look`: for a look alone
+        (`looking`): one taken that way stays `_looked_only` until a change takes it."""
         entered: list[int] = []
         try:
             for ino in sorted(set(dirs)):
+                already = ino in self.held and ino not in self._releasing
                 await self._acquire(ino)
                 self._writers[ino] = self._writers.get(ino, 0) + 1
                 entered.append(ino)
+                if not look:
+                    self._looked_only.discard(ino)
+                elif not already:
+                    self._looked_only.add(ino)
             yield
         finally:
             now = trio.current_time()
@@ -198,18 +205,36 @@ class ClusterCoherence(LeaseHandOver, AppliedCommands):
         of a file it already knows only catches up with the log.)"""
         return ino in self._fresh and ino in self.held and ino not in self._releasing
 
-    async def looking(self, ino: int) -> bool:
+    async def looking(self, ino: int, *, keep: bool = True) -> bool:
         """Before a lookup that found nothing, or a readdir: True when this node holds the
         directory's delegation (its own view is then complete: no other node changes it). When
         another node holds it, that node may have acknowledged changes the log has not committed:
         ask for the delegation (its hand-over commits them first) and wait for it. Else False:
-        the caller catches up with the log as usual."""
+        the caller catches up with the log as usual.
+
+        A delegation moved here for a look alone is handed on at once when asked for (no turn:
+        nothing here runs ahead under it), and with `keep=False` (a lookup that found a directory:
+        a path walk) given back right after the look. (The last name of an unlink or a rename,
+        a file most often, keeps it: the change comes next and would take it again, a turn later.) Kept, it made path walks ping-pong: every hand-over
+        makes the kernel forget every name (`names_leaving`), so the node that gave up, say, the
+        root directory looked its path up again and took the root back, and three creators in
+        their own directories waited for the root's and the parent's delegations at each create
+        (about 25 creates/s in total). Given back, nobody holds a directory that is only
+        walked through, and a lookup there only reads (the caller answers from the state the
+        grant made current: every change acknowledged before the look is in it)."""
         if ino in self.held and ino not in self._releasing:
             return True
         if self.meta.lease_holder(ino) in (0, self.node_id):
             return False
-        async with self.taking([ino]):
-            return True
+        async with self.taking([ino], look=True):
+            pass
+        if not keep and ino not in self._writers and ino in self._looked_only and self._nursery is not None:
+            if self._waiting.get(ino):
+                self._hand_over_later(ino)
+            elif ino not in self._handing and ino not in self._releasing:
+                self._begin_give_back([ino])  # now: a change that comes next waits for the release
+                self._nursery.start_soon(self._send_give_back, [ino])
+        return True
 
     def _writer_done(self, ino: int) -> None:
         left = self._writers[ino] - 1

@@ -80,6 +80,7 @@ class LeaseHandOver(CoherenceBase):
                 return
             self._releasing.add(ino)
             self.held.discard(ino)  # from here no new write starts under it (they wait in _acquire)
+            self._looked_only.discard(ino)
             self.published(ino)  # another node knows the file
             self._unfresh_directories({ino})
             directory = ino in self._delegated or self._is_directory(ino)
@@ -128,8 +129,8 @@ class LeaseHandOver(CoherenceBase):
         if not self._is_directory(ino):
             await trio.sleep_until(acquired + MIN_HOLD_S)
             return
-        if self.strict:
-            return  # a strict node changes nothing ahead of the log: a turn would buy it nothing
+        if self.strict or ino in self._looked_only:
+            return  # nothing here runs ahead under it (strict mode, or taken for a look): a turn buys nothing
         end = acquired + MIN_HOLD_DIRECTORY_S
         while (now := trio.current_time()) < end:
             quiet_since = max(acquired, self._touched.get(ino, acquired))
@@ -164,11 +165,18 @@ class LeaseHandOver(CoherenceBase):
 
     def _forget_delegation(self, ino: int) -> None:
         self._delegated.discard(ino)
+        self._looked_only.discard(ino)
         self._touched.pop(ino, None)
 
     async def _give_back(self, inos: list[int]) -> None:
         """Release idle delegations, in one command ordered after every change made under them
         (meta/ahead.py)."""
+        self._begin_give_back(inos)
+        await self._send_give_back(inos)
+
+    def _begin_give_back(self, inos: list[int]) -> None:
+        """The first half of `_give_back`, with no await: from here no change starts under them
+        (a change that came meanwhile waits in `_acquire` and asks again)."""
         for ino in inos:
             self._forget_delegation(ino)
             self._handing.add(ino)
@@ -178,6 +186,9 @@ class LeaseHandOver(CoherenceBase):
         # Nobody else can change them before their release commits: their names stay long here
         # until this node applies another node's grant or change (names_changed_elsewhere).
         self._long_names.update(inos)
+
+    async def _send_give_back(self, inos: list[int]) -> None:
+        """The second half of `_give_back`: the release, proposed."""
         try:
             await self.meta.propose(self._releases(inos))
             self.delegations_returned += len(inos)

@@ -185,6 +185,47 @@ def test_two_nodes_taking_turns_in_one_directory_see_each_others_changes(cluster
         assert metric(node, "awsomefs_meta_ahead_lost_total") == 0
 
 
+def test_creators_in_their_own_directories_stop_taking_turns_with_the_parents(cluster3: Cluster) -> None:
+    """Three nodes creating at once, each in its own directory of one parent: once each has its
+    directory, none waits for another's delegation, and every node lists every file. Every
+    hand-over makes the giving node's kernel forget every name, and a lookup that found a name
+    kept the delegation it took for the look: each node's next path walk took the root and the
+    parent back from the node that walked them last, so the three waited for each other at
+    nearly every create (about 25 creates/s in all). This test fails when a lookup that found
+    the name keeps the delegation again."""
+    nodes = cluster3.form(3)
+    parent = nodes[0].mount / "own"
+    for k in range(3):
+        (parent / f"c{k}").mkdir(parents=True)
+    errors: list[BaseException] = []
+
+    def creates(k: int, first: int, count: int) -> None:
+        try:
+            for i in range(first, first + count):
+                create(nodes[k].mount / "own" / f"c{k}" / f"f{i}")
+        except BaseException as exc:  # reported by the main thread
+            errors.append(exc)
+
+    def all_at_once(first: int, count: int) -> None:
+        threads = [threading.Thread(target=creates, args=(k, first, count)) for k in range(3)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(120)
+        assert not errors and not any(t.is_alive() for t in threads), errors
+
+    all_at_once(0, 30)  # each node takes its own directory (node 0 made them, with their delegations)
+    waits = [metric(node, "awsomefs_write_lease_waits_total") for node in nodes]
+    all_at_once(30, 150)
+    waited = [metric(node, "awsomefs_write_lease_waits_total") - w for node, w in zip(nodes, waits)]
+    assert max(waited) <= 3, f"creates in private directories waited for delegations {waited} times per node"
+    expected = sorted(f"f{i}" for i in range(180))
+    for node in nodes:
+        for k in range(3):
+            assert sorted(os.listdir(node.mount / "own" / f"c{k}")) == expected, (node.index, k)
+        assert metric(node, "awsomefs_meta_ahead_lost_total") == 0
+
+
 def test_a_strict_node_respects_the_delegations_of_others(cluster3: Cluster) -> None:
     strict = cluster3.nodes[1]
     strict.env = {**strict.env, "AWSOMEFS_MOUNT__COHERENCE": "strict"}
