@@ -157,6 +157,12 @@ class DataSettings(Section):
     commit_idle_ms: int = Field(20, ge=0, le=60_000, description="commit sooner once no metadata change came for "
                                 "this long (sync(2) reaches no FUSE server); 0: only at the interval")
     delayed_free_ms: int = Field(5000, ge=0, description="grace before superseded extents are reused")
+    batch_closed_files: bool = Field(
+        False,
+        description="a single node on the local log: a close of a small file is answered before its data is "
+        "written, the data of many closed files written together before the next commit (fs/batch.py). Off: "
+        "until a deferred write stamps a site's content with its write time and df/du count it at once",
+    )
 
 
 class MetaSettings(Section):

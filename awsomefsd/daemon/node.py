@@ -168,7 +168,8 @@ def build_core(settings: Settings, storage: Storage, meta_log: LocalLog | Replic
     tier = tiering_over(reads, data)
     ops = Operations(meta, data, Handles(meta), total_blocks=storage.superblock.layout.data_blocks,
                      evict=None if tier is None else tier.evict)
-    data.batch.attach(meta_log if isinstance(meta_log, LocalLog) else None)  # its commits write closed files first
+    if settings.data.batch_closed_files:  # the local log's commits write closed files first
+        data.batch.attach(meta_log if isinstance(meta_log, LocalLog) else None)
     return assemble_core(storage, meta_log, meta, allocator, data, ops, metrics, DutyBook(f"node {node_id}"), tier)
 
 

@@ -45,7 +45,8 @@ class Metered:
 @pytest.fixture
 def daemon() -> Iterator[Daemon]:
     base = Path(tempfile.mkdtemp(prefix="awsomefs-batch-", dir="/var/tmp"))
-    d = Daemon(base / "state", base / "mnt", size="1G", extra=["--metrics-port", "0"])
+    d = Daemon(base / "state", base / "mnt", size="1G", extra=["--metrics-port", "0"],
+               env={"AWSOMEFS_DATA__BATCH_CLOSED_FILES": "true"})  # off by default (design note 103)
     try:
         yield d
     finally:

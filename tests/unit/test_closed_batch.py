@@ -7,13 +7,18 @@ from __future__ import annotations
 import errno
 import os
 import stat
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import trio
 
-from awsomefsd.daemon.node import Core
+from awsomefsd.daemon.node import Core, open_core
+from awsomefsd.io.layout import BLOCK_SIZE
 from awsomefsd.meta.errors import FsError
+from awsomefsd.meta.log import LocalLog
 from awsomefsd.meta.records import ROOT_INO
+from tests.unit.test_fs_api import settings_for
 
 
 async def _written_and_closed(core: Core, name: bytes, data: bytes) -> int:
@@ -27,6 +32,18 @@ async def _written_and_closed(core: Core, name: bytes, data: bytes) -> int:
     assert not scope.cancelled_caught
     await core.ops.release(fh)
     return inode.ino
+
+
+@pytest.fixture
+def core(tmp_path: Path) -> Iterator[Core]:
+    """The unit tests' single node with `[data] batch_closed_files` on (off by default)."""
+    core = open_core(settings_for(tmp_path))
+    assert isinstance(core.log, LocalLog)
+    core.data.batch.attach(core.log)
+    try:
+        yield core
+    finally:
+        core.close()
 
 
 async def test_closed_files_go_to_the_device_together_before_the_commit(core: Core) -> None:
@@ -61,3 +78,24 @@ async def test_a_failed_batch_is_reported_by_the_files_next_fsync_and_the_commit
     assert lost.value.errno == errno.EIO
     await core.ops.fsync(fh, datasync=False)  # reported once
     await core.ops.release(fh)
+
+
+async def test_a_close_whose_data_would_pass_the_quota_flushes_and_reports_edquot(core: Core) -> None:
+    """A write into a hole grows nothing, so write() does not meet the volume's quota; its flush
+    does. A close deferred to the batch would hear nothing of that (a file closed once has no next
+    close): such a close flushes and reports EDQUOT itself (SpaceGuard.buffered_fit)."""
+    from awsomefsd.meta import commands as c
+    from tests.unit.test_fs_api import File
+
+    number = await core.ops.new_ino()
+    volume = await core.meta.propose_volume(c.CreateVolume(number, "q", number, 4 * BLOCK_SIZE, 0, 1))
+    f = await File.create(core, b"f", parent=volume.root)
+    await f.write(0, b"q" * 3 * BLOCK_SIZE)
+    await core.ops.flush(f.fh)  # fits: deferred
+    await core.ops.fsync(f.fh, False)
+    await f.truncate(20 * BLOCK_SIZE)
+    await core.ops.write(f.fh, 10 * BLOCK_SIZE, b"h" * 2 * BLOCK_SIZE)  # into the hole: 2 blocks, 1 left
+    with pytest.raises(FsError) as info:
+        await core.ops.flush(f.fh)
+    assert info.value.errno == errno.EDQUOT
+    await core.ops.release(f.fh)
