@@ -14,7 +14,7 @@ import pytest
 
 from awsomefsd.cli.devcluster.members import wait_for
 from awsomefsd.cli.devcluster.network import available
-from tests.support.sites import Site, link, two_sites, wait_converged
+from tests.support.sites import Site, link, make_backlog, pending, two_sites, wait_converged
 
 pytestmark = [pytest.mark.slow,  # about a minute on a loaded machine: test_pipelined.py is the default tier's
               pytest.mark.skipif(available() is not None, reason=f"network namespaces: {available()}")]
@@ -25,12 +25,6 @@ DRAIN_DEADLINE_S = 90.0
 """The backlog (about 3,600 operations) drains at 1,000 operations/s and more here; one push at a
 time, 64 operations a round trip of 100 ms, it would take 6 s and more, so this only catches a
 link that stalls."""
-
-
-def pending(site: Site) -> int:
-    outbound = site.status()["outbound"]
-    assert isinstance(outbound, dict)
-    return int(outbound["pending_operations"])
 
 
 def received(site: Site) -> int:
@@ -50,13 +44,7 @@ def test_a_backlog_drains_through_a_cut_in_the_middle_of_a_window(tmp_path: Path
         wait_converged(a, b)
         wan.cut()
         backlog = a.mount / "backlog"
-        backlog.mkdir()
-        for i in range(FILES):
-            os.close(os.open(backlog / f"f{i}", os.O_CREAT | os.O_WRONLY, 0o644))
-        for i in range(0, FILES, 10):
-            os.rename(backlog / f"f{i}", backlog / f"renamed{i}")
-        for i in range(1, FILES, 50):
-            (backlog / f"f{i}").write_bytes(f"content of {i}\n".encode() * 10)
+        make_backlog(backlog, FILES, "content of")
         (backlog / "big").write_bytes(os.urandom(2 << 20))
         os.sync()
         total = pending(a)

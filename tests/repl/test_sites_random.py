@@ -40,6 +40,8 @@ from tests.support.sites import (
     cluster_and_site,
     create_volume,
     link,
+    make_backlog,
+    pending,
     two_sites,
     wait_converged,
 )
@@ -165,20 +167,8 @@ class Workload:
         """`files` files created in a directory of the site's own, one in ten renamed, one in fifty
         given a few bytes: about 2.2 operations a file for the other site."""
         root = (site.leader().mount if isinstance(site, ClusterSite) else site.mount) / f"{BULK}{site.name}-{round_}"
-        root.mkdir()
-        for i in range(files):
-            os.close(os.open(root / f"f{i}", os.O_CREAT | os.O_WRONLY, 0o644))
-        for i in range(0, files, 10):
-            os.rename(root / f"f{i}", root / f"r{i}")
-        for i in range(1, files, 50):
-            (root / f"f{i}").write_bytes(f"{site.name} {round_} {i}\n".encode())
+        make_backlog(root, files, f"{site.name} {round_}")
         self.note(f"{site.name} bulk of {files} files in {root.name}")
-
-
-def pending(site: Site | ClusterSite) -> int:
-    outbound = site.status()["outbound"]
-    assert isinstance(outbound, dict)
-    return int(outbound["pending_operations"])
 
 
 def drained(a: Site | ClusterSite, b: Site | ClusterSite, backlog: int) -> None:

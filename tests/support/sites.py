@@ -264,17 +264,31 @@ def link(a: Site | ClusterSite, b: Site | ClusterSite) -> None:
     assert linked.returncode == 0, linked.stderr + a.logs()
 
 
+def pending(site: Site | ClusterSite) -> int:
+    """Operations the site has still to send (`site status`)."""
+    outbound = site.status()["outbound"]
+    assert isinstance(outbound, dict)
+    return int(outbound["pending_operations"])
+
+
+def make_backlog(root: Path, files: int, text: str) -> None:
+    """`files` empty files created in `root` (made here), one in ten renamed (`f{i}` to `r{i}`),
+    one in fifty given `text` and its number: about 2.2 operations a file for the other site."""
+    root.mkdir()
+    for i in range(files):
+        os.close(os.open(root / f"f{i}", os.O_CREAT | os.O_WRONLY, 0o644))
+    for i in range(0, files, 10):
+        os.rename(root / f"f{i}", root / f"r{i}")
+    for i in range(1, files, 50):
+        (root / f"f{i}").write_bytes(f"{text} {i}\n".encode())
+
+
 def wait_converged(a: Site | ClusterSite, b: Site | ClusterSite, deadline_s: float = SYNC_DEADLINE_S) -> None:
     """Until each site has applied all the other sent (nothing pending either way: a tree can
     match before the last operations, those that settle conflicts, are in) and `site verify`
     says both trees are the same; on time-out, the logs are saved and quoted."""
-    def settled(site: Site | ClusterSite) -> bool:
-        outbound = site.status()["outbound"]
-        assert isinstance(outbound, dict)
-        return outbound["pending_operations"] == 0
-
     try:
-        wait_for(lambda: settled(a) and settled(b) and a.cli("verify").returncode == 0, deadline_s,
+        wait_for(lambda: pending(a) == 0 and pending(b) == 0 and a.cli("verify").returncode == 0, deadline_s,
                  "both sites to have applied all the other sent, and to hold the same tree", interval_s=0.5)
     except TimeoutError:
         saved = [site.save_logs() for site in (a, b)]
