@@ -195,10 +195,10 @@ class OperationsBase:
             inode = self.inode(ino)
             mode = None if inode.is_dir else without_setid(inode.mode, inode.gid, drop_setid)
         if size is None and mtime_ns is not None and self.data.has_buffered(ino):
-            only_mtime = mode is None and uid is None and gid is None and atime_ns is None
             if self.coherence is None and 0 < mtime_ns <= self._now():
                 return await self._set_times_over_buffered(ino, c.SetAttr(
                     ino, self._now(), mode=mode, uid=uid, gid=gid, atime_ns=atime_ns, mtime_ns=mtime_ns))
+            only_mtime = mode is None and uid is None and gid is None and atime_ns is None
             # futimens after writes (tar, cp -p, rsync): the buffered data is committed first, so
             # its flush cannot stamp its own write time over the one the application sets now.
             # A kernel caching written pages sends their mtime after them this way at every close:
@@ -234,10 +234,9 @@ class OperationsBase:
         A write after this stamps its own time, as it should. Only for a time set in the past
         (`setattr` checks): a flush stamps ctime no earlier than mtime, which a future mtime
         would move."""
-        async with self.data.buffer.locked(ino) as st:
+        async with self.data.buffer.locked(ino):
             result = await self.meta.propose(cmd)
-            if st.dirty:
-                st.written_ns = result.mtime_ns
+            self.data.stamp_buffered(ino, result.mtime_ns)
         return self.data.with_buffered(result)
 
     async def _drop_setid(self, inode: Inode, in_group: InGroup) -> None:
