@@ -205,7 +205,7 @@ class ClusterCoherence(LeaseHandOver, AppliedCommands):
         of a file it already knows only catches up with the log.)"""
         return ino in self._fresh and ino in self.held and ino not in self._releasing
 
-    async def looking(self, ino: int, *, keep: bool = True) -> bool:
+    async def looking(self, ino: int, *, found: int | None = None) -> bool:
         """Before a lookup that found nothing, or a readdir: True when this node holds the
         directory's delegation (its own view is then complete: no other node changes it). When
         another node holds it, that node may have acknowledged changes the log has not committed:
@@ -213,8 +213,8 @@ class ClusterCoherence(LeaseHandOver, AppliedCommands):
         the caller catches up with the log as usual.
 
         A delegation moved here for a look alone is handed on at once when asked for (no turn:
-        nothing here runs ahead under it), and with `keep=False` (a lookup that found a directory:
-        a path walk) given back right after the look. (The last name of an unlink or a rename,
+        nothing here runs ahead under it), and when the lookup `found` a directory (a path walk)
+        given back right after the look. (The last name of an unlink or a rename,
         a file most often, keeps it: the change comes next and would take it again, a turn later.) Kept, it made path walks ping-pong: every hand-over
         makes the kernel forget every name (`names_leaving`), so the node that gave up, say, the
         root directory looked its path up again and took the root back, and three creators in
@@ -228,7 +228,8 @@ class ClusterCoherence(LeaseHandOver, AppliedCommands):
             return False
         async with self.taking([ino], look=True):
             pass
-        if not keep and ino not in self._writers and ino in self._looked_only and self._nursery is not None:
+        if (found is not None and ino not in self._writers and ino in self._looked_only and self._nursery is not None
+                and self._is_directory(found)):
             if self._waiting.get(ino):
                 self._hand_over_later(ino)
             elif ino not in self._handing and ino not in self._releasing:

@@ -66,12 +66,12 @@ class Coherence(Protocol):
         """The file is now reachable other than through the directory it was created in."""
         ...
 
-    async def looking(self, ino: int, *, keep: bool = True) -> bool:
+    async def looking(self, ino: int, *, found: int | None = None) -> bool:
         """Before a lookup that found nothing, or a readdir: True when this node holds the
         directory's delegation (its view is complete: no catch-up needed); when another node holds
-        it, its acknowledged changes are committed first (the delegation moves here). `keep=False`
-        (a lookup that found a directory: a path walk, which seldom changes the directory it
-        passes through): a delegation moved here only for the look is given back at once."""
+        it, its acknowledged changes are committed first (the delegation moves here). `found`: the
+        inode a lookup found; a directory (a path walk, which seldom changes the directory it
+        passes through) gives a delegation moved here only for the look back at once."""
         ...
 
     def release_orphan(self, ino: int) -> None:

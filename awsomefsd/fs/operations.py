@@ -74,7 +74,7 @@ class Operations(FileOperations, XattrOperations):
             if self.coherence is not None and not strict:
                 if found is None:
                     found = await self._look_again(parent, name)
-                elif await self.coherence.looking(parent, keep=not self._is_directory(found)):
+                elif await self.coherence.looking(parent, found=found):
                     # Ours now: another node's acknowledged changes to it (an unlink, a rename
                     # away) are committed, and nobody else changes it while we answer. A path
                     # walk passing through (the name is a directory) gives it back at once; the
@@ -84,10 +84,6 @@ class Operations(FileOperations, XattrOperations):
                 raise FsError(errno.ENOENT)
             child = found
         return self.inode(child)
-
-    def _is_directory(self, ino: int) -> bool:
-        inode = self.meta.inode(ino)
-        return inode is not None and inode.is_dir
 
     async def _look_again(self, parent: int, name: bytes) -> int | None:
         """A name not found here may have been created elsewhere a moment ago."""
