@@ -222,7 +222,14 @@ class ClusterCoherence(LeaseHandOver, AppliedCommands):
         (about 25 creates/s in total). Given back, nobody holds a directory that is only
         walked through, and a lookup there only reads (the caller answers from the state the
         grant made current: every change acknowledged before the look is in it)."""
-        if ino in self.held and ino not in self._releasing:
+        while ino in self._releasing:
+            # Our own hand-over (or give-back) is on its way. Once it commits, the next holder may
+            # change the directory and answer at once, while this node has not applied the
+            # release yet and still reads itself as the holder: a look now would answer from
+            # before that change (seen: a rename over a name, acknowledged on the other node,
+            # and this node's stat right after it still found the name's old inode).
+            await self._changed.setdefault(ino, trio.Event()).wait()
+        if ino in self.held:
             return True
         if self.meta.lease_holder(ino) in (0, self.node_id):
             return False
