@@ -10,7 +10,8 @@ e.g. `bench/compare_commits.py 908347c HEAD --rounds 4 -- --quick --targets ext4
 or `bench/compare_commits.py main HEAD --bench workers_bench.py -- --modes 0,1,2 --runs 1` (each
 figure is then "<read_workers> <metric>", the median of that round's runs), or
 `bench/compare_commits.py main HEAD --bench site_bench.py -- --runs 1 --only write,rate,lag` (each
-commit's own site_bench.py and daemons; one run a round).
+commit's own site_bench.py and daemons; one run a round), or `bench/compare_commits.py main HEAD
+--bench contended_bench.py -- --rounds 1` (this checkout's bench, each commit's daemons).
 
 Each commit is checked out in a temporary git worktree and measured with its own bench/ and its
 own daemon (this checkout's .venv); with `--bench workers_bench.py`, with this checkout's bench. Why alternate, and in both orders: on a shared machine the
@@ -71,7 +72,16 @@ def run_site_bench(tree: Path, out: Path, bench_args: list[str]) -> dict[str, fl
     return {key: value for figures in runs.values() for key, value in figures[0].items()}
 
 
-BENCHES = {"fsbench.py": run_fsbench, "workers_bench.py": run_workers_bench, "site_bench.py": run_site_bench}
+def run_contended_bench(tree: Path, out: Path, bench_args: list[str]) -> dict[str, float]:
+    """The figures of one run of this checkout's contended_bench.py with the daemons of `tree`
+    (`--tree`: an older commit has no such bench), e.g. `-- --rounds 1 --only shared,renames`."""
+    subprocess.run([sys.executable, str(REPO / "bench/contended_bench.py"), *bench_args, "--tree", str(tree),
+                    "--json", str(out)], check=False)
+    return dict(json.loads(out.read_text())["figures"])
+
+
+BENCHES = {"fsbench.py": run_fsbench, "workers_bench.py": run_workers_bench, "site_bench.py": run_site_bench,
+           "contended_bench.py": run_contended_bench}
 
 
 def _ratio(before: list[tuple[int, float]], after: list[tuple[int, float]], rounds: set[int]) -> str:
