@@ -279,6 +279,7 @@ class ClusterCoherence(LeaseHandOver, AppliedCommands):
                     spent = trio.current_time() - began
                     self.lease_wait_s += spent
                     self.lease_wait_max_s = max(self.lease_wait_max_s, spent)
+                    log.debug("node %d waited %.1f ms for the lease of %d", self.node_id, spent * 1000, ino)
                 return
             holder = self.meta.lease_holder(ino)
             asked = self._requested_at.get(ino, -math.inf)

@@ -74,8 +74,11 @@ class LeaseHandOver(CoherenceBase):
         """Give the lease to the first waiter: after MIN_HOLD_S, once the writes in progress ended
         and the file is flushed, in one command (release + acquire for that node)."""
         retry = False
+        asked = trio.current_time()
+        granted = self._acquired_at.get(ino, asked)
         try:
             await self._turn(ino)
+            turned = trio.current_time()
             if ino not in self.held or ino in self._releasing or self._next_waiter(ino) is None:
                 return
             self._releasing.add(ino)
@@ -90,8 +93,10 @@ class LeaseHandOver(CoherenceBase):
                 while ino in self._writers:  # writes already under the lease finish first
                     idle = self._idle.setdefault(ino, trio.Event())
                     await idle.wait()
+                written = trio.current_time()
                 if self.flush is not None:
                     await self.flush(ino)
+                flushed = trio.current_time()
                 release = cc.ReleaseWriteLease(ino, self.node_id)
                 nxt = self._next_waiter(ino)
                 if nxt is None:
@@ -99,6 +104,11 @@ class LeaseHandOver(CoherenceBase):
                 else:
                     await self.meta.propose(c.Batch((release, cc.AcquireWriteLease(ino, *nxt))))
                 self.leases_released += 1
+                if log.isEnabledFor(logging.DEBUG):  # the steps of a hand-over (bench/contended_bench.py --timeline)
+                    log.debug("node %d: hand-over of %d to node %s: asked +%.1f ms after the grant, turn ended +%.1f, "
+                              "writers +%.1f, flushed +%.1f, committed +%.1f ms", self.node_id, ino,
+                              nxt[0] if nxt else "none", *((t - granted) * 1000 for t in
+                                                           (asked, turned, written, flushed, trio.current_time())))
                 if directory:
                     self.names_leaving()
             except Exception as exc:
