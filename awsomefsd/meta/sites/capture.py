@@ -283,12 +283,12 @@ class SiteCapture(SiteView):
                 self._capture_new(txn, cmd.parent, cmd.name, result, cmd.now_ns)
         elif isinstance(cmd, c.Link):
             if self._replicated_dir(txn, cmd.new_parent):
-                obj = self._object_for_name(txn, self.ns.require_inode(txn, cmd.ino))
-                if obj is not None:
+                linked = self.ns.require_inode(txn, cmd.ino)
+                obj = self.object_of(txn, cmd.ino)
+                if obj is not None and not self._gone_for_peer(txn, linked, obj):
                     self._local_move(txn, self._new_entry(txn), cmd.new_parent, cmd.new_name, obj, cmd.now_ns)
                 elif self.at_level(txn, c.SEED_LEVEL):  # its other names not reached by the walk yet
-                    self._seed_entry(txn, cmd.new_parent, cmd.new_name, self.ns.require_inode(txn, cmd.ino),
-                                     cmd.now_ns)
+                    self._seed_entry(txn, cmd.new_parent, cmd.new_name, linked, cmd.now_ns)
         elif isinstance(cmd, c.LinkTmpfile):  # an O_TMPFILE file appears whole: as a seeded one
             if self._replicated_dir(txn, cmd.new_parent):
                 self._seed_entry(txn, cmd.new_parent, cmd.new_name, result, cmd.now_ns)
@@ -476,9 +476,10 @@ class SiteCapture(SiteView):
         from `c.SEED_LEVEL` on)."""
         self._seed(txn, ino, node, now_ns)
 
-    def _object_for_name(self, txn: lmdb.Transaction[bytes], inode: Inode) -> bytes | None:
-        """The object a new name of `inode` names for the peer (None: a new object)."""
-        return self.object_of(txn, inode.ino)
+    def _gone_for_peer(self, txn: lmdb.Transaction[bytes], inode: Inode, obj: bytes) -> bool:
+        """May the peer have released file `obj`, which lives here by a name it was never told of?
+        (Never below `c.SEED_LEVEL`: every name was told at the link.)"""
+        return False
 
     def seed_before(self, txn: lmdb.Transaction[bytes], cmd: object) -> None:
         """Before a command that folds first: what it would move across the initial sync's walk
@@ -500,22 +501,31 @@ class SiteCapture(SiteView):
                     now_ns: int, *, below: bool = True) -> None:
         """Capture one entry as the initial sync does; a directory new to the peer with what is
         below it, unless `below` is False (a relink walks it itself: relink.py)."""
-        known = self._object_for_name(txn, inode)
+        known = self.object_of(txn, inode.ino)
         if known is None:
             self._capture_new(txn, parent, name, inode, now_ns)
-            self._capture_attrs(txn, inode, now_ns)
             obj = self.object_of(txn, inode.ino)
             assert obj is not None
-            for key, value in list(self.ns.xattrs(txn, inode.ino)):
-                stamp = self._tick(txn, now_ns)
-                self._local_version(txn, obj, XATTR + key[8:], stamp, value.hex())
-                self._ship(txn, o.XattrSet(stamp, obj, key[8:], value, self._seen(txn)))
-            if inode.is_reg and inode.size:
-                self._capture_content(txn, inode, now_ns)
+            self._seed_registers(txn, inode, obj, now_ns)
             if inode.is_dir and below:
                 self._seed_below(txn, inode.ino, obj, now_ns)
-        else:  # a second name of a file seen already
-            self._local_move(txn, self._new_entry(txn), parent, name, known, now_ns)
+            return
+        if self._gone_for_peer(txn, inode, known):  # sent again whole, in case the peer released it
+            target = self.ns.symlink_target(txn, inode.ino) if stat.S_ISLNK(inode.mode) else b""
+            self._ship(txn, o.Created(self._tick(txn, now_ns), known, inode.mode, inode.uid, inode.gid, inode.rdev,
+                                      target, inode.mtime_ns, self._seen(txn)))
+            self._seed_registers(txn, inode, known, now_ns)
+        self._local_move(txn, self._new_entry(txn), parent, name, known, now_ns)  # a second name of a file
+
+    def _seed_registers(self, txn: lmdb.Transaction[bytes], inode: Inode, obj: bytes, now_ns: int) -> None:
+        """A seeded object's attributes, extended attributes and content, as they are now."""
+        self._capture_attrs(txn, inode, now_ns)
+        for key, value in list(self.ns.xattrs(txn, inode.ino)):
+            stamp = self._tick(txn, now_ns)
+            self._local_version(txn, obj, XATTR + key[8:], stamp, value.hex())
+            self._ship(txn, o.XattrSet(stamp, obj, key[8:], value, self._seen(txn)))
+        if inode.is_reg and inode.size:
+            self._capture_content(txn, inode, now_ns)
 
     # -- the local side of a move ---------------------------------------------------------------
     def _local_move(self, txn: lmdb.Transaction[bytes], node: bytes, parent_ino: int,

@@ -175,19 +175,16 @@ class SiteSeeding(SiteCapture):
                 continue
             yield name, child
 
-    def _object_for_name(self, txn: lmdb.Transaction[bytes], inode: Inode) -> bytes | None:
-        """A file met at a name the peer does not know (the walk, a hard link) whose every entry the
-        peer knows is deleted (here or there) still lives here by names the walk had not reached:
-        the peer may have released the object already, so it is a new object to it (the inode
-        takes a new id; the old one still leads here, for the peer's operations on its deleted
-        entries that cross this, until both sites forget them)."""
-        obj = self.object_of(txn, inode.ino)
-        if obj is None or inode.is_dir or not self.streams_seed(txn):
-            return obj
-        for key, _ in scan(txn, self.db["sobjents"], obj):
-            if self._shown_reachably(txn, bytes(key[len(obj):])):
-                return obj
-        return None
+    def _gone_for_peer(self, txn: lmdb.Transaction[bytes], inode: Inode, obj: bytes) -> bool:
+        """A file met at a name the peer was never told of (the walk, a hard link) whose every entry
+        the peer knows is deleted (here or there) lives on here by names the walk had not reached:
+        the peer may have released the object already. It is then sent again whole under its id
+        (`_seed_entry`): a create the peer ignores while it still holds the object, and its
+        registers as they are now, before the new name."""
+        if inode.is_dir or not self.streams_seed(txn):
+            return False
+        return not any(self._shown_reachably(txn, bytes(key[len(obj):]))
+                       for key, _ in scan(txn, self.db["sobjents"], obj))
 
     # -- seeds on demand --------------------------------------------------------------------------
     def seed_before(self, txn: lmdb.Transaction[bytes], cmd: object) -> None:
