@@ -43,7 +43,8 @@ class Seeding:
         """Seed while this node runs the link and the walk has directories left."""
         while True:
             await trio.sleep(SEED_POLL_S)
-            if self.elsewhere() is not None or self.meta.site_seeding() is None or not self._may_seed():
+            if self.elsewhere() is not None or self.meta.site_seeding() is None or not self._may_seed() \
+                    or self.meta.site_capture_paused():  # the resume seeds what is left (bound.py)
                 continue
             try:
                 while self._may_seed() and self.meta.site_seeding() is not None:
