@@ -102,14 +102,17 @@ def follow_initial_sync(status: Callable[[], dict[str, Any]], totals: tuple[int,
         sent = max(0, sent_total - outbound["pending_operations"]) if sent_total else 0
         received = min(received_total, inbound["operations"])
         link = "" if info["link_up"] else f", link down: {info['last_error']}"
-        out.write(f"\r\033[Kinitial sync: sent {sent}/{sent_total} operations, {_size(outbound['bytes'])}; "
+        seeding = info.get("seeding")
+        walk = "" if not seeding else f"; {seeding['directories_left']} directories left to walk here"
+        out.write(f"\r\033[Kinitial sync: sent {sent}/{sent_total} operations{walk}, {_size(outbound['bytes'])}; "
                   f"received {received}/{received_total}, {_size(inbound['bytes'])}; "
                   f"{time.monotonic() - started:.0f} s{link}")
         out.flush()
         # What the peer has left is what it said in its last answer: wait for one given since we
         # started following (a restarted daemon counts what it received anew).
         heard = received >= received_total or (info["last_exchange_ns"] or 0) > started_ns
-        if info["link_up"] and outbound["pending_operations"] == 0 and inbound["pending_operations"] == 0 and heard:
+        if info["link_up"] and outbound["pending_operations"] == 0 and inbound["pending_operations"] == 0 and heard \
+                and not seeding:
             out.write("\nawsomefsd: the initial sync is done\n")
             return
         time.sleep(interval_s)
@@ -167,6 +170,9 @@ def render_status(info: dict[str, Any]) -> str:
         + (f"\n  from the peer: REFUSED, {inn['refused']}" if inn.get("refused") else ""),
         f"  conflicts: {info['open_conflicts']} open, {info['conflicts_total']} in all (`awsomefsd site conflicts`)",
     ]
+    if info.get("seeding"):
+        lines.append(f"  initial sync: {info['seeding']['entries_seeded']} entries seeded, "
+                     f"{info['seeding']['directories_left']} directories left to walk")
     if info.get("capture_paused"):
         lines.append(f"  capture paused: outbox over the bound ({info['outbox_operations']} operations, bound "
                      f"{info['outbox_max_operations']}); what changes here is sent once the peer applied the "

@@ -242,6 +242,7 @@ RULES: dict[type, Rule] = {
     c.UnlinkSite: _nothing,
     c.ForgetSite: _nothing,
     c.FoldCapture: _nothing,  # what it folds shows nothing new (meta/sites/capture.py, DEFERRED)
+    c.SeedSite: _nothing,  # a name group it shows again is heard as a capture's (`local_side_effects`)
     c.UpdateSiteLink: _nothing,
     c.PauseCapture: _nothing,
     c.ResumeCapture: _nothing,  # a name group it shows again is heard as a capture's (`local_side_effects`)

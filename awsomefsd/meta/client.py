@@ -358,6 +358,11 @@ class MetaClient:
         """Does a capture wait for its fold (FoldCapture)?"""
         return self._sm.sites.unfolded(self._view(), 1) > 0
 
+    def site_seeding(self) -> dict[str, int] | None:
+        """The initial sync's walk (meta/sites/seeding.py): entries seeded and directories left, or
+        None once no directory is left."""
+        return self._sm.sites.seeding(self._view())
+
     def site_pending(self, after: Stamp | None) -> int:
         """Operations after the peer's acknowledgement `after`: what it has not applied yet."""
         return self._sm.sites.pending_after(self._view(), after)

@@ -479,6 +479,14 @@ class FoldCapture(Command[int]):
 
 
 @dataclass(frozen=True, slots=True)
+class SeedSite(Command[int]):
+    """Seed the next `limit` entries of a link's initial sync in walk order (meta/sites/seeding.py)."""
+
+    limit: int
+    now_ns: int
+
+
+@dataclass(frozen=True, slots=True)
 class ResolveConflict(Command[Applied]):
     """An operator resolved the conflict with key `conflict` (meta/sites/resolve.py) keeping the winner,
     the loser or both (crdt/ops.py KEEPS): closed on both sites, the copy kept of the loser
@@ -512,9 +520,9 @@ class Batch(Command[list[object]]):
 BASE_LOG_LEVEL = 3
 """The level of a cluster that never recorded one: formed by builds before the gate, which decode
 command tags 1-32 (meta/codec.py) in format 3."""
-LOG_LEVEL = 19
-"""The newest commands this build decodes. 19: a WriteData that keeps the times but names one (the
-kernel's write-back under the writeback cache) is captured by a linked site as the content change
+LOG_LEVEL = 20
+"""The newest commands this build decodes. 20: SeedSite (an initial sync in slices: SEED_LEVEL). 19: a
+WriteData that keeps the times but names one (the kernel's write-back under the writeback cache) is captured by a linked site as the content change
 it is (WRITEBACK_CONTENT_LEVEL). 18: PauseCapture, ResumeCapture (a bounded outbox:
 meta/sites/bound.py). 17: UnlinkClosed (a closed file's unlink and purge in one command). 16: an
 unlink keeps a site's tables for a relink, and no site id outlives its inode (meta/sites/,
@@ -542,29 +550,25 @@ COMMAND_LEVELS: dict[type, int] = {
     PlanTierObject: 6, CommitTierObject: 6, AbandonTierObjects: 6, ForgetTierObjects: 6,
     LinkSite: 10, UnlinkSite: 7, ApplyRemote: 7, ForgetSite: 7, ResolveConflict: 8, ApplyRemoteSharing: 9,
     UpdateSiteLink: 10, MakeTmpfile: 13, LinkTmpfile: 13, FoldCapture: 15, UnlinkClosed: 17,
-    PauseCapture: 18, ResumeCapture: 18,
+    PauseCapture: 18, ResumeCapture: 18, SeedSite: 20,
 }
 VOLUMES_LEVEL = 11
 """From this level on, a linked cluster ships its volumes (no command of its own: what every
 replica captures changes, so all must capture alike)."""
 SITE_PATHS_LEVEL = 14
-"""From this level on, forgetting keeps the moves on a path into TRASH that an edit may still be
-judged against and releases a deleted directory only once nothing below it moved in later, a
-local delete of a directory judges the files below it, and a group named like a derived name
-re-derives the names of the group it came from (meta/sites/; no command of its own: what every
-replica keeps and shows changes, so all must do alike)."""
-
-
+"""From this level on, forgetting keeps the moves on a path into TRASH that an edit may still be judged against
+and releases a deleted directory only once nothing below it moved in later, a local delete of a directory judges
+the files below it, and a group named like a derived name re-derives the names of the group it came from
+(meta/sites/; no command of its own: what every replica keeps and shows changes, so all must do alike)."""
 FOLD_LEVEL = 15
 """From this level on, a linked site records what a create, an attribute change, an extended
 attribute or a content write did and folds it into the replicated state later (FoldCapture),
 instead of capturing it in the command: every replica must record alike."""
 RELINK_LEVEL = 16
-"""From this level on, `UnlinkSite` keeps the site tables for a relink to the same site (a second
-one, or a link to another site, drops them), a purged inode's site id goes with it, and a new
-object whose id an older one still holds gets a fresh one (meta/sites/relink.py; no command of
-its own: what every replica keeps changes, so all must do alike)."""
-
+"""From this level on, `UnlinkSite` keeps the site tables for a relink to the same site (a second one, or a link
+to another site, drops them), a purged inode's site id goes with it, and a new object whose id an older one still
+holds gets a fresh one (meta/sites/relink.py; no command of its own: every replica must keep alike)."""
+SEED_LEVEL = 20  # a first link walks in slices, seeding on demand what a rename moves (meta/sites/seeding.py)
 WRITEBACK_CONTENT_LEVEL = 19
 """From this level on, a linked site captures every WriteData that changes content
 (`WriteData.changes_content`), not only those that `touch`: the kernel's write-back keeps the times

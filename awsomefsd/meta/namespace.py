@@ -148,11 +148,12 @@ class Namespace:
         for cookie, name, child, data in self.entry_records(txn, parent, after_cookie):
             yield cookie, name, unpack(child, data)
 
-    def names(self, txn: lmdb.Transaction[bytes], parent: int) -> Iterator[tuple[bytes, int]]:
-        """(name, child) in name order (for fsck and tree walks)."""
+    def names(self, txn: lmdb.Transaction[bytes], parent: int, start: bytes = b"") -> Iterator[tuple[bytes, int]]:
+        """(name, child) in name order, from the first name at or after `start` (for fsck and tree
+        walks; a walk in slices resumes where it stopped: meta/sites/seeding.py)."""
         cursor = txn.cursor(self.dentries)
         prefix = u64(parent)
-        if not cursor.set_range(prefix):
+        if not cursor.set_range(prefix + start):
             return
         for key, value in cursor:
             if key[:8] != prefix:

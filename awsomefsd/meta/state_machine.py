@@ -123,6 +123,7 @@ class StateMachine:
         on(c.ApplyRemoteSharing, lambda txn, cmd: self.sites.apply_remote(txn, cmd))
         on(c.ForgetSite, lambda txn, cmd: self.sites.forget(txn, cmd))
         on(c.FoldCapture, lambda txn, cmd: self.sites.fold(txn, max(cmd.limit, 1)))
+        on(c.SeedSite, lambda txn, cmd: self.sites.seed(txn, max(cmd.limit, 1), cmd.now_ns))
         on(c.UpdateSiteLink, lambda txn, cmd: self.sites.update_link(txn, cmd))
         on(c.PauseCapture, lambda txn, cmd: self.sites.pause_capture(txn))
         on(c.ResumeCapture, lambda txn, cmd: self.sites.resume_capture(txn, cmd.now_ns))
@@ -178,6 +179,7 @@ class StateMachine:
             raise FsError(errno.EINVAL, f"unknown command {type(command).__name__}")
         if not isinstance(command, UNFOLDED):
             self.sites.before_command(txn)  # every capture pending is made before anything reads the site tables
+            self.sites.seed_before(txn, command)  # what a rename moves across the initial sync's walk
         result = handler(txn, command)
         if isinstance(command, REPLICATED):
             self.sites.record(txn, command, result)

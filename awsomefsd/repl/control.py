@@ -59,6 +59,7 @@ class Control(Endpoint):
             "capture_paused": link is not None and self.meta.site_capture_paused(),
             "outbox_operations": self.meta.site_outbox_operations() if link else 0,
             "outbox_max_operations": self.outbox_max_operations,
+            "seeding": self.meta.site_seeding() if link else None,  # the initial sync's walk, while left
             "kept_for": None if link is not None or (kept := self.meta.site_kept_peer()) is None
             else str(uuid.UUID(bytes=kept)),  # unlinked: linking this site again pairs up what both hold
         }
@@ -86,6 +87,11 @@ class Control(Endpoint):
                           info[direction]["operations"])
             yield counter(f"awsomefs_site_{direction}_bytes", f"file bytes replicated ({direction})",
                           info[direction]["bytes"])
+        seeding = info["seeding"] or {"entries_seeded": 0, "directories_left": 0}
+        yield gauge("awsomefs_site_seed_directories_left", "directories the initial sync's walk has still to "
+                    "seed (0: done)", seeding["directories_left"])
+        yield gauge("awsomefs_site_seed_entries", "entries the initial sync's walk seeded so far (0 once done)",
+                    seeding["entries_seeded"])
         yield counter("awsomefs_site_outbound_unchanged_bytes",
                       "bytes of large files not sent because the other site had them (delta transfer)",
                       info["outbound"]["bytes_unchanged"])

@@ -8,6 +8,7 @@ together and runs them, with the two listeners the peer calls.
 - **The shipper** (repl/shipper.py) pushes this site's operations to the peer, large versions as
   deltas against what the peer holds (repl/bases.py).
 - **The outbox's bound** (repl/bound.py) pauses capture while the peer is away too long.
+- **The initial sync's walk** (repl/seeding.py) is proposed in slices while directories are left.
 - **The `site` commands** are answered by repl/control.py.
 
 The jobs are mixins of repl/endpoint.py's `Endpoint`, sharing this one object's state.
@@ -43,6 +44,7 @@ from awsomefsd.repl.folding import Folding
 from awsomefsd.repl.identity import load_or_create
 from awsomefsd.repl.pairing import PAIRING_SERVICE, Pairing
 from awsomefsd.repl.receiver import Receiver
+from awsomefsd.repl.seeding import Seeding
 from awsomefsd.repl.shipper import Shipper
 from awsomefsd.rpc.bridge import Binding, BridgeLimits, RpcAbort, serve_grpc
 
@@ -53,7 +55,7 @@ LISTEN_RETRY_S = 10.0
 """How often a member looks whether another member linked or unlinked the site."""
 
 
-class SiteService(Pairing, Receiver, Shipper, Control, Folding, OutboxBound):
+class SiteService(Pairing, Receiver, Shipper, Control, Folding, OutboxBound, Seeding):
     """The link to another site, every job of it on one object: it builds their shared state and
     runs the listeners, the shipper and the expiry of stagings while the site is linked."""
 
@@ -130,6 +132,7 @@ class SiteService(Pairing, Receiver, Shipper, Control, Folding, OutboxBound):
                     linked.start_soon(self._expire_staged)
                     linked.start_soon(self._fold_captures)
                     linked.start_soon(self._keep_outbox_bounded)
+                    linked.start_soon(self._seed_walk)
                     await self._link_changed(link)
                     linked.cancel_scope.cancel()
                 self.state = LinkState()

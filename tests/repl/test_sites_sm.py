@@ -82,10 +82,16 @@ class Site:
         finally:
             txn.abort()
 
+    seeds_whole = True
+    """Does `outbox_after` finish the initial sync's walk first (as the node running the link
+    proposes SeedSite: repl/seeding.py)? tests/repl/test_sites_seeding.py seeds in slices itself."""
+
     def outbox_after(self, stamp: Stamp | None) -> list[tuple[Stamp, bytes]]:
         """The outbox after `stamp`, what this site captured folded first (as the node running its
         link keeps folding it: repl/folding.py)."""
         self.apply(c.FoldCapture(1 << 20))
+        while self.seeds_whole and self.read(self.sm.sites.seeding) is not None:
+            self.apply(c.SeedSite(1 << 20, self.tick()))
         return self.read(lambda txn: self.sm.sites.outbox(txn, stamp, 1 << 20))
 
     def applied_from_peer(self) -> Stamp | None:

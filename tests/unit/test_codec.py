@@ -47,7 +47,7 @@ EXAMPLES = [
     c.UpdateSiteLink(("10.0.0.1:9450", "10.0.0.2:9450"), ("7f3a",), 38),
     c.Fenced(2, 1, (c.WriteData(17, (Extent(0, 300, 1, b"abcd"),), 4096, 23),)),
     c.MakeTmpfile(1, 17, 0o100600, 1000, 1000, 39, True, 3), c.LinkTmpfile(17, 1, b"named", 40),
-    c.FoldCapture(4096), c.PauseCapture(41), c.ResumeCapture(42),
+    c.FoldCapture(4096), c.PauseCapture(41), c.ResumeCapture(42), c.SeedSite(256, 43),
 ]
 
 

@@ -66,6 +66,7 @@ CASES: list[tuple[object, object, list[Target]]] = [
     (c.UpdateSiteLink(("a:1",), (), 1), None, []),
     (c.PauseCapture(1), None, []),
     (c.ResumeCapture(1), 4, []),
+    (c.SeedSite(256, 1), 256, []),
     (c.ApplyRemote(b"p" * 16, b"", (), (), (), 1), Applied(1, ((D, b"f"),), (F, D)), [entry(D, b"f"), full(F), full(D)]),
     (c.ApplyRemoteSharing(b"p" * 16, b"", (), (), (), (), (), 1), Applied(0, (), (F,)), [full(F)]),
     (c.ResolveConflict(b"k" * 29, "loser", 1), Applied(0, ((4, b"x"),), (4,)), [entry(4, b"x"), full(4)]),

@@ -23,6 +23,8 @@ Apart because it runs inside every local command that changes the replicated nam
 from __future__ import annotations
 
 import stat
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -158,15 +160,24 @@ class SiteCapture(SiteView):
             return 0
         if self._deferring is not None:
             self._deferring.next_pending = None  # numbering starts again at 0 once none waits
-        raw = txn.get(b"clock", db=self.meta)
-        clock = None if raw is None else Stamp.unpack(bytes(raw))
-        held = self._held = Held(clock, self._seen_stamp(txn))
-        try:
+        with self._holding(txn):
             for key, value in rows:
                 txn.delete(key, db=self.meta)
                 self._entries, self._inodes = [], []
                 self._fold_one(txn, p.unpack(value))
                 self._tell_side_effects()
+        return len(rows)
+
+    @contextmanager
+    def _holding(self, txn: lmdb.Transaction[bytes]) -> Iterator[None]:
+        """While many captures run in one command (a fold, a slice of the initial sync's walk): the
+        clock, `seen`, the head and the next entry number kept in memory (`Held`), written once at
+        the end."""
+        raw = txn.get(b"clock", db=self.meta)
+        clock = None if raw is None else Stamp.unpack(bytes(raw))
+        held = self._held = Held(clock, self._seen_stamp(txn))
+        try:
+            yield
         finally:
             self._held = None
             if held.clock != clock and held.clock is not None:
@@ -175,7 +186,6 @@ class SiteCapture(SiteView):
                 txn.put(b"head", held.head.pack(), db=self.meta)
             if held.next_entry is not None:
                 txn.put(b"next_entry", u64(held.next_entry), db=self.meta)
-        return len(rows)
 
     def unfolded(self, txn: lmdb.Transaction[bytes], limit: int = 1 << 20) -> int:
         """How many records wait for a fold (at most `limit`)."""
@@ -273,9 +283,12 @@ class SiteCapture(SiteView):
                 self._capture_new(txn, cmd.parent, cmd.name, result, cmd.now_ns)
         elif isinstance(cmd, c.Link):
             if self._replicated_dir(txn, cmd.new_parent):
+                linked = self.ns.require_inode(txn, cmd.ino)
                 obj = self.object_of(txn, cmd.ino)
-                if obj is not None:
+                if obj is not None and not self._gone_for_peer(txn, linked, obj):
                     self._local_move(txn, self._new_entry(txn), cmd.new_parent, cmd.new_name, obj, cmd.now_ns)
+                elif self.at_level(txn, c.SEED_LEVEL):  # its other names not reached by the walk yet
+                    self._seed_entry(txn, cmd.new_parent, cmd.new_name, linked, cmd.now_ns)
         elif isinstance(cmd, c.LinkTmpfile):  # an O_TMPFILE file appears whole: as a seeded one
             if self._replicated_dir(txn, cmd.new_parent):
                 self._seed_entry(txn, cmd.new_parent, cmd.new_name, result, cmd.now_ns)
@@ -426,7 +439,7 @@ class SiteCapture(SiteView):
                                     record["inode_limit"], self._seen(txn)))
         self._local_move(txn, obj, VOLUMES_INO, volume_dir_name(number), obj, now_ns)
         self._capture_attrs(txn, self.ns.require_inode(txn, root), now_ns)
-        self._seed(txn, root, obj, now_ns)
+        self._seed_below(txn, root, obj, now_ns)
 
     def delete_volume(self, txn: lmdb.Transaction[bytes], cmd: c.DeleteVolume) -> bool:
         """DeleteVolume of a volume that ships: its root leaves /.volumes as an rmdir would, and
@@ -458,6 +471,20 @@ class SiteCapture(SiteView):
         return True
 
     # -- what exists already (the initial sync) -----------------------------------------------
+    def _seed_below(self, txn: lmdb.Transaction[bytes], ino: int, node: bytes, now_ns: int) -> None:
+        """What is below a directory new to the peer: captured here (seeding.py queues it instead
+        from `c.SEED_LEVEL` on)."""
+        self._seed(txn, ino, node, now_ns)
+
+    def _gone_for_peer(self, txn: lmdb.Transaction[bytes], inode: Inode, obj: bytes) -> bool:
+        """May the peer have released file `obj`, which lives here by a name it was never told of?
+        (Never below `c.SEED_LEVEL`: every name was told at the link.)"""
+        return False
+
+    def seed_before(self, txn: lmdb.Transaction[bytes], cmd: object) -> None:
+        """Before a command that folds first: what it would move across the initial sync's walk
+        front is seeded first (seeding.py)."""
+
     def _seed(self, txn: lmdb.Transaction[bytes], ino: int, node: bytes, now_ns: int) -> None:
         """Capture the tree below directory `ino` as creates (a link's initial sync, a volume new
         to the peer)."""
@@ -477,19 +504,28 @@ class SiteCapture(SiteView):
         known = self.object_of(txn, inode.ino)
         if known is None:
             self._capture_new(txn, parent, name, inode, now_ns)
-            self._capture_attrs(txn, inode, now_ns)
             obj = self.object_of(txn, inode.ino)
             assert obj is not None
-            for key, value in list(self.ns.xattrs(txn, inode.ino)):
-                stamp = self._tick(txn, now_ns)
-                self._local_version(txn, obj, XATTR + key[8:], stamp, value.hex())
-                self._ship(txn, o.XattrSet(stamp, obj, key[8:], value, self._seen(txn)))
-            if inode.is_reg and inode.size:
-                self._capture_content(txn, inode, now_ns)
+            self._seed_registers(txn, inode, obj, now_ns)
             if inode.is_dir and below:
-                self._seed(txn, inode.ino, self.object_of(txn, inode.ino) or b"", now_ns)
-        else:  # a second name of a file seen already
-            self._local_move(txn, self._new_entry(txn), parent, name, known, now_ns)
+                self._seed_below(txn, inode.ino, obj, now_ns)
+            return
+        if self._gone_for_peer(txn, inode, known):  # sent again whole, in case the peer released it
+            target = self.ns.symlink_target(txn, inode.ino) if stat.S_ISLNK(inode.mode) else b""
+            self._ship(txn, o.Created(self._tick(txn, now_ns), known, inode.mode, inode.uid, inode.gid, inode.rdev,
+                                      target, inode.mtime_ns, self._seen(txn)))
+            self._seed_registers(txn, inode, known, now_ns)
+        self._local_move(txn, self._new_entry(txn), parent, name, known, now_ns)  # a second name of a file
+
+    def _seed_registers(self, txn: lmdb.Transaction[bytes], inode: Inode, obj: bytes, now_ns: int) -> None:
+        """A seeded object's attributes, extended attributes and content, as they are now."""
+        self._capture_attrs(txn, inode, now_ns)
+        for key, value in list(self.ns.xattrs(txn, inode.ino)):
+            stamp = self._tick(txn, now_ns)
+            self._local_version(txn, obj, XATTR + key[8:], stamp, value.hex())
+            self._ship(txn, o.XattrSet(stamp, obj, key[8:], value, self._seen(txn)))
+        if inode.is_reg and inode.size:
+            self._capture_content(txn, inode, now_ns)
 
     # -- the local side of a move ---------------------------------------------------------------
     def _local_move(self, txn: lmdb.Transaction[bytes], node: bytes, parent_ino: int,

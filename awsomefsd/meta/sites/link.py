@@ -35,7 +35,8 @@ class SiteTables(SiteBound, SiteForget, SiteResolve):
 
     def link(self, txn: lmdb.Transaction[bytes], cmd: c.LinkSite) -> int:
         """Pair with `cmd.peer`: from now on every replicated command is captured. What exists
-        already is captured too, as creates from the root down (the initial sync); or, when the
+        already is captured too, as creates from the root down (the initial sync: from
+        `c.SEED_LEVEL` on only its first slice, the walk's `SeedSite` does the rest); or, when the
         tables were kept for a relink to this same peer, only what changed since the unlink
         (relink.py). Kept for another site, they are dropped first: a first link. Returns the
         number of operations that puts in the outbox."""
@@ -54,6 +55,9 @@ class SiteTables(SiteBound, SiteForget, SiteResolve):
         before = txn.stat(self.db["soutbox"])["entries"]
         if kept == cmd.peer:
             self.relink(txn, cmd.now_ns)
+        elif self.streams_seed(txn):  # the walk in slices (seeding.py): SeedSite does the rest
+            self._set_ids(txn, ROOT_INO, ROOT)
+            self.start_seeding(txn, cmd.now_ns)
         else:
             self._set_ids(txn, ROOT_INO, ROOT)
             self._seed(txn, ROOT_INO, ROOT, cmd.now_ns)

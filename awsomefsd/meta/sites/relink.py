@@ -27,13 +27,13 @@ import lmdb
 from awsomefsd.crdt import ops as o
 from awsomefsd.meta import filemap
 from awsomefsd.meta.records import CONFLICTS_INO, ROOT_INO, SNAPSHOTS_INO, VOLUMES_INO, Inode, read_u64, u64
-from awsomefsd.meta.sites.capture import SiteCapture
+from awsomefsd.meta.sites.seeding import SiteSeeding
 from awsomefsd.meta.sites.tables import KEPT_MAP, KEPT_PEER, XATTR, scan
 
 Moves = list[tuple[bytes, int, bytes]]
 
 
-class SiteRelink(SiteCapture):
+class SiteRelink(SiteSeeding):
     """The link paused by `site unlink`, and resumed by linking the same site again."""
 
     def keep_paused_notes(self, txn: lmdb.Transaction[bytes]) -> bool:
