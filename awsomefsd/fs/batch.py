@@ -18,7 +18,9 @@ flush does (Flusher), instead of answering the close that deferred it.
 
 While a commit prepares (`before_commit`), closes flush as before: what the commit must contain
 cannot grow under it. A cluster member never defers: close-to-open needs the data committed
-before another node opens the file.
+before another node opens the file. Nor does a node whose liveness lease (the device's write
+fence, io/fence.py) is not current or would lapse before the batch is written: a fenced flush
+fails, and that close must hear it (EIO) rather than answer before anything was tried.
 """
 
 from __future__ import annotations
@@ -52,6 +54,9 @@ BATCH_FILES = 512
 BATCH_TICK_S = 0.5
 """Pending files are written at the latest this long after the last batch, when no commit came
 first (a file rewritten in place makes no command, so no commit follows its close)."""
+DEFER_LEASE_S = 2.0
+"""A close is deferred only while the node's lease lasts this long past the fence's margin: the
+batch is written within BATCH_TICK_S, and a loaded machine may run it later than that."""
 
 
 class CommitHooks(Protocol):
@@ -65,11 +70,13 @@ class ClosedBatch:
     """The closed files whose data waits for the next batch (see the module docstring)."""
 
     def __init__(self, buffer: WriteBuffer, writer: RunWriter, flusher: Flusher, compactor: Compactor,
-                 lost_writes: LossLedger, fits: Callable[[int], bool]) -> None:
+                 lost_writes: LossLedger, fits: Callable[[int], bool], lease_left: Callable[[], float]) -> None:
         self.buffer = buffer
         self.fits = fits
         """Does everything buffered fit the device and the given volume's quota? (A failure of a
         deferred write reaches only the file's next close or fsync: none may be foreseeable.)"""
+        self.lease_left = lease_left
+        """Seconds until the device's fence closes (infinite on a node without a lease)."""
         self.writer = writer
         self.flusher = flusher
         self.compactor = compactor
@@ -94,7 +101,7 @@ class ClosedBatch:
 
     def may_defer(self, ino: int) -> bool:
         """Would a close of the file be answered without writing its data (`defer`)?"""
-        if not self.enabled or self._preparing:
+        if not self.enabled or self._preparing or self.lease_left() < DEFER_LEASE_S:
             return False
         st = self.buffer.files.get(ino)
         if st is None or st.inflight or st.error is not None or st.lock.locked():

@@ -87,13 +87,18 @@ class FileData:
         self.flusher = Flusher(self.buffer, writer, self.compactor, device, self.lost_writes,
                                flush_interval_ms=flush_interval_ms)
         self.batch = ClosedBatch(self.buffer, writer, self.flusher, self.compactor, self.lost_writes,
-                                 self.space.buffered_fit)
+                                 self.space.buffered_fit, self._lease_left)
         self.truncator = Truncator(meta, self.buffer, self.flusher, self.reader, allocator, io, clock_ns=clock_ns)
         self.ranges = RangeEditor(meta, self.buffer, self.flusher, self.space, clock_ns=clock_ns)
         self.stager = BlockStager(self.space, io)
         self.kernel_writeback: Callable[[], Awaitable[None]] | None = None
         """Under the writeback cache: make the kernel send the written pages it keeps (set once
         the mount serves)."""
+
+    def _lease_left(self) -> float:
+        """Seconds until the device's write fence closes (the fence may be replaced: read it now)."""
+        fence = self.device.fence
+        return fence.remaining_s() - fence.margin_s
 
     def _recall(self, ino: int) -> None:
         """A file the recall policy found hot comes back, unless the device is past the tiering
