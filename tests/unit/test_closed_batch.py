@@ -99,3 +99,52 @@ async def test_a_close_whose_data_would_pass_the_quota_flushes_and_reports_edquo
         await core.ops.flush(f.fh)
     assert info.value.errno == errno.EDQUOT
     await core.ops.release(f.fh)
+
+
+async def test_df_and_du_count_a_closed_files_data_before_the_batch_writes_it(
+        core: Core, monkeypatch: pytest.MonkeyPatch) -> None:
+    """As ext4 counts delayed allocation: a file's st_blocks and the free space statfs reports
+    count its closed data at once, the same before the batch writes it as after (they once
+    counted it only then, and statfs a guess before); a rewrite of mapped blocks takes none more;
+    and data whose write failed gives its blocks back."""
+    free = core.ops.statfs().free_blocks
+    ino = await _written_and_closed(core, b"counted", b"c" * (3 * BLOCK_SIZE + 100))
+    assert core.data.batch.pending, "still waiting for the batch"
+    assert ((await core.ops.getattr(ino)).blocks, core.ops.statfs().free_blocks) == (4, free - 4)
+    await core.meta.barrier()  # the batch writes it
+    assert not core.data.batch.pending
+    assert ((await core.ops.getattr(ino)).blocks, core.ops.statfs().free_blocks) == (4, free - 4)
+
+    fh = await core.ops.open(ino, os.O_WRONLY)
+    await core.ops.write(fh, BLOCK_SIZE, b"r" * 10)  # over a mapped block: replaces it
+    await core.ops.write(fh, 9 * BLOCK_SIZE, b"h" * 10)  # past the end, after a hole: one more
+    await core.ops.flush(fh)
+    await core.ops.release(fh)
+    assert core.data.batch.pending
+    assert ((await core.ops.getattr(ino)).blocks, core.ops.statfs().free_blocks) == (5, free - 5)
+
+    def broken(*_args: object) -> None:
+        raise OSError(errno.EIO, "the device refused the write")
+
+    monkeypatch.setattr(core.device, "write_from", broken)
+    lost = await _written_and_closed(core, b"lost", b"l" * (2 * BLOCK_SIZE))
+    assert ((await core.ops.getattr(lost)).blocks, core.ops.statfs().free_blocks) == (2, free - 7)
+    await core.meta.barrier()  # both writes fail: the buffered data is gone, and so are its blocks
+    monkeypatch.undo()
+    assert (await core.ops.getattr(lost)).blocks == 0 and (await core.ops.getattr(ino)).blocks == 4
+    assert core.ops.statfs().free_blocks == free - 4
+
+
+async def test_df_in_a_volume_counts_its_files_closed_data_before_the_batch_writes_it(core: Core) -> None:
+    from awsomefsd.meta import commands as c
+
+    number = await core.ops.new_ino()
+    volume = await core.meta.propose_volume(c.CreateVolume(number, "v", number, 64 * BLOCK_SIZE, 0, 1))
+    free = core.ops.statfs(volume.root).free_blocks
+    fh, _ = await core.ops.create(volume.root, b"f", stat.S_IFREG | 0o644, os.O_WRONLY, 0, 0)
+    await core.ops.write(fh, 0, b"v" * 5 * BLOCK_SIZE)
+    await core.ops.flush(fh)
+    await core.ops.release(fh)
+    assert core.data.batch.pending and core.ops.statfs(volume.root).free_blocks == free - 5
+    await core.meta.barrier()
+    assert core.ops.statfs(volume.root).free_blocks == free - 5
