@@ -214,11 +214,11 @@ class ClosedBatch:
         """Write the locked files' dirty runs together; returns the files whose part failed, their
         runs buffered again: flushed alone, the flusher's path tells an error kept for the next
         close or fsync from one worth retrying, as for any flush."""
-        files: list[tuple[FileState, list[Run], int]] = []
+        files: list[tuple[FileState, list[Run], int, int]] = []
         for st in held:
             runs = self.buffer.take(st)
             self.compactor.note_runs(st.ino, runs)
-            files.append((st, runs, st.written_ns))
+            files.append((st, runs, st.written_ns, st.changed_ns))
         failed: list[int] = []
         try:
             try:
@@ -227,7 +227,7 @@ class ClosedBatch:
                 outcome = [exc] * len(files)
             self.batches += 1
             self.batched_files += len(files)
-            for (st, runs, written_ns), failure in zip(files, outcome, strict=True):
+            for (st, runs, written_ns, _), failure in zip(files, outcome, strict=True):
                 if failure is None:
                     if st.written_ns == written_ns and not st.dirty:
                         st.written_ns = 0  # committed: the inode holds the time now
@@ -236,6 +236,6 @@ class ClosedBatch:
                 self.buffer.keep_unwritten(st, runs)
                 failed.append(st.ino)
         finally:
-            for st, _, _ in files:
+            for st, _, _, _ in files:
                 self.buffer.flushed(st)
         return failed

@@ -272,6 +272,13 @@ class FileData:
         st.written_ns = mtime_ns
         return True
 
+    def times_committed(self, ino: int) -> None:
+        """The file's times were just committed over its buffered writes (a futimens): their flush
+        keeps them, and names the time of the writes only as that of the content change."""
+        st = self.buffer.files.get(ino)
+        if st is not None:
+            st.written_ns = 0
+
     async def flush(self, ino: int) -> None:
         """Write the file's dirty bytes and commit their mapping; raise a deferred write error."""
         await self.flusher.flush(ino)

@@ -512,8 +512,9 @@ class Batch(Command[list[object]]):
 BASE_LOG_LEVEL = 3
 """The level of a cluster that never recorded one: formed by builds before the gate, which decode
 command tags 1-32 (meta/codec.py) in format 3."""
-LOG_LEVEL = 19
-"""The newest commands this build decodes. 19: a WriteData that keeps the times but names one (the
+LOG_LEVEL = 20
+"""The newest commands this build decodes. 20: a linked site stamps a WriteData's content with its
+writes' time, not its commit's (CONTENT_TIME_LEVEL). 19: a WriteData that keeps the times but names one (the
 kernel's write-back under the writeback cache) is captured by a linked site as the content change
 it is (WRITEBACK_CONTENT_LEVEL). 18: PauseCapture, ResumeCapture (a bounded outbox:
 meta/sites/bound.py). 17: UnlinkClosed (a closed file's unlink and purge in one command). 16: an
@@ -553,8 +554,6 @@ judged against and releases a deleted directory only once nothing below it moved
 local delete of a directory judges the files below it, and a group named like a derived name
 re-derives the names of the group it came from (meta/sites/; no command of its own: what every
 replica keeps and shows changes, so all must do alike)."""
-
-
 FOLD_LEVEL = 15
 """From this level on, a linked site records what a create, an attribute change, an extended
 attribute or a content write did and folds it into the replicated state later (FoldCapture),
@@ -570,6 +569,10 @@ WRITEBACK_CONTENT_LEVEL = 19
 (`WriteData.changes_content`), not only those that `touch`: the kernel's write-back keeps the times
 and was taken for a compaction, so its bytes never reached the other site (no command of its own:
 what every replica captures changes, so all must capture alike)."""
+CONTENT_TIME_LEVEL = 20
+"""From this level on, a linked site stamps the content a WriteData changed with the time its writes
+were made (`mtime_ns`, where it can be one: meta/sites/capture.py `content_time`), not its commit's:
+a close answered before its data is written (fs/batch.py) commits later (no command of its own)."""
 
 
 def level_of(command: type) -> int:

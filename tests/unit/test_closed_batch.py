@@ -148,3 +148,33 @@ async def test_df_in_a_volume_counts_its_files_closed_data_before_the_batch_writ
     assert core.data.batch.pending and core.ops.statfs(volume.root).free_blocks == free - 5
     await core.meta.barrier()
     assert core.ops.statfs(volume.root).free_blocks == free - 5
+
+
+async def test_a_time_set_over_a_closed_files_data_is_kept_and_its_write_names_when_it_came(
+        core: Core, monkeypatch: pytest.MonkeyPatch) -> None:
+    """tar: write, close (left to the batch), then futimens to the archive's time. The time commits
+    at once; the batch's WriteData keeps it and names when the data was written, which a linked
+    site stamps the content with (meta/sites/capture.py `content_time`): the archive's time is no
+    write's, and the batch's own is later than the write."""
+    from awsomefsd.meta import commands as c
+
+    proposed: list[c.WriteData] = []
+    real_propose = core.meta.propose
+
+    async def recording(command: object, *, epoch: int | None = None) -> object:
+        if isinstance(command, c.WriteData):
+            proposed.append(command)
+        return await real_propose(command, epoch=epoch)
+
+    monkeypatch.setattr(core.meta, "propose", recording)
+    before = core.data.buffer.clock_ns()
+    ino = await _written_and_closed(core, b"from-tar", b"t" * 3000)
+    after = core.data.buffer.clock_ns()
+    archived = 1_500_000_000_123_456_789
+    assert (await core.ops.setattr(ino, mtime_ns=archived)).mtime_ns == archived
+    assert core.data.batch.pending, "the data still waits for the batch"
+    await core.meta.barrier()
+    (command,) = proposed
+    assert not command.touch and before <= command.mtime_ns <= after, "the write's time, the times kept"
+    inode = await core.ops.getattr(ino)
+    assert (inode.mtime_ns, inode.size) == (archived, 3000)
