@@ -128,8 +128,9 @@ class FileData:
         return self.buffer.effective_size(ino, size)
 
     def with_buffered(self, inode: Inode) -> Inode:
-        """`inode` as this node's applications see it: buffered writes count in its size, times and
-        blocks (`delayed_blocks`)."""
+        """`inode` (as committed: not one this returned, whose blocks would count twice) as this
+        node's applications see it: buffered writes count in its size, times and blocks
+        (`delayed_blocks`)."""
         st = self.buffer.files.get(inode.ino)
         if st is None:
             return inode

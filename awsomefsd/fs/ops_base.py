@@ -206,9 +206,9 @@ class OperationsBase:
             stamped = only_mtime and self.data.stamp_buffered(ino, mtime_ns)
             await self.data.flush(ino)
             if stamped:
-                inode = self.inode(ino)
+                inode = self.inode(ino)  # (with what is buffered: not added twice)
                 if inode.mtime_ns == mtime_ns:
-                    return self.data.with_buffered(inode)
+                    return inode
         cmd = c.SetAttr(ino, self._now(), mode=mode, uid=uid, gid=gid, atime_ns=atime_ns, mtime_ns=mtime_ns)
         if size is not None:
             async with self._writing(ino):
