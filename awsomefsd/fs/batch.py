@@ -18,7 +18,9 @@ flush does (Flusher), instead of answering the close that deferred it.
 
 While a commit prepares (`before_commit`), closes flush as before: what the commit must contain
 cannot grow under it. A cluster member never defers: close-to-open needs the data committed
-before another node opens the file.
+before another node opens the file. Nor does a node whose liveness lease (the device's write
+fence, io/fence.py) is not current or would lapse before the batch is written: a fenced flush
+fails, and that close must hear it (EIO) rather than answer before anything was tried.
 """
 
 from __future__ import annotations
@@ -52,6 +54,9 @@ BATCH_FILES = 512
 BATCH_TICK_S = 0.5
 """Pending files are written at the latest this long after the last batch, when no commit came
 first (a file rewritten in place makes no command, so no commit follows its close)."""
+DEFER_LEASE_S = 2.0
+"""A close is deferred only while the node's lease lasts this long past the fence's margin: the
+batch is written within BATCH_TICK_S, and a loaded machine may run it later than that."""
 
 
 class CommitHooks(Protocol):
@@ -65,11 +70,13 @@ class ClosedBatch:
     """The closed files whose data waits for the next batch (see the module docstring)."""
 
     def __init__(self, buffer: WriteBuffer, writer: RunWriter, flusher: Flusher, compactor: Compactor,
-                 lost_writes: LossLedger, fits: Callable[[int], bool]) -> None:
+                 lost_writes: LossLedger, fits: Callable[[int], bool], lease_left: Callable[[], float]) -> None:
         self.buffer = buffer
         self.fits = fits
         """Does everything buffered fit the device and the given volume's quota? (A failure of a
         deferred write reaches only the file's next close or fsync: none may be foreseeable.)"""
+        self.lease_left = lease_left
+        """Seconds until the device's fence closes (infinite on a node without a lease)."""
         self.writer = writer
         self.flusher = flusher
         self.compactor = compactor
@@ -94,7 +101,7 @@ class ClosedBatch:
 
     def may_defer(self, ino: int) -> bool:
         """Would a close of the file be answered without writing its data (`defer`)?"""
-        if not self.enabled or self._preparing:
+        if not self.enabled or self._preparing or self.lease_left() < DEFER_LEASE_S:
             return False
         st = self.buffer.files.get(ino)
         if st is None or st.inflight or st.error is not None or st.lock.locked():
@@ -207,11 +214,11 @@ class ClosedBatch:
         """Write the locked files' dirty runs together; returns the files whose part failed, their
         runs buffered again: flushed alone, the flusher's path tells an error kept for the next
         close or fsync from one worth retrying, as for any flush."""
-        files: list[tuple[FileState, list[Run], int]] = []
+        files: list[tuple[FileState, list[Run], int, int]] = []
         for st in held:
             runs = self.buffer.take(st)
             self.compactor.note_runs(st.ino, runs)
-            files.append((st, runs, st.written_ns))
+            files.append((st, runs, st.written_ns, st.changed_ns))
         failed: list[int] = []
         try:
             try:
@@ -220,7 +227,7 @@ class ClosedBatch:
                 outcome = [exc] * len(files)
             self.batches += 1
             self.batched_files += len(files)
-            for (st, runs, written_ns), failure in zip(files, outcome, strict=True):
+            for (st, runs, written_ns, _), failure in zip(files, outcome, strict=True):
                 if failure is None:
                     if st.written_ns == written_ns and not st.dirty:
                         st.written_ns = 0  # committed: the inode holds the time now
@@ -229,6 +236,6 @@ class ClosedBatch:
                 self.buffer.keep_unwritten(st, runs)
                 failed.append(st.ino)
         finally:
-            for st, _, _ in files:
+            for st, _, _, _ in files:
                 self.buffer.flushed(st)
         return failed

@@ -34,8 +34,8 @@ Run = tuple[int, bytearray]
 class FileState:
     """Per-inode buffered state on this node."""
 
-    __slots__ = ("dirty", "dirty_since", "error", "inflight", "inflight_end", "ino", "lock", "users", "volume",
-                 "written_ns")
+    __slots__ = ("changed_ns", "dirty", "dirty_since", "error", "inflight", "inflight_end", "ino", "lock", "users",
+                 "volume", "written_ns")
 
     def __init__(self, ino: int, volume: int) -> None:
         self.ino = ino
@@ -48,6 +48,10 @@ class FileState:
         self.dirty_since = 0.0
         self.error: FsError | None = None  # a deferred write error, reported by the next flush/fsync
         self.written_ns = 0  # when the last write not yet committed happened: the file's mtime
+        self.changed_ns = 0
+        """When the last buffered write came, stamped or not (the kernel's write-back): the time of
+        the content change a flush commits, which a linked site stamps it with (meta/sites/capture.py
+        `content_time`), where `written_ns` is 0 or a time the application set."""
 
     def end_offset(self) -> int:
         return max(self.dirty.end_offset, self.inflight_end)
@@ -169,8 +173,9 @@ class WriteBuffer:
         if not st.dirty:
             st.dirty_since = time.monotonic()
         st.dirty.write(offset, data)
+        st.changed_ns = now = self.clock_ns()
         if stamp:
-            st.written_ns = self.clock_ns()
+            st.written_ns = now
         self.total_dirty_bytes += st.dirty.dirty_bytes - before
 
     def must_flush(self, st: FileState) -> bool:

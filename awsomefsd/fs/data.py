@@ -72,6 +72,7 @@ class FileData:
         (fs/tiered.py); a file whose tiered data is read in `recall_reads` different minutes then
         comes back to the device (fs/recall.py)."""
         self.device = device
+        self.meta = meta
         io = ExtentIO(device, max_run_bytes=MAX_EXTENT_BLOCKS * BLOCK_SIZE)
         self.buffer = WriteBuffer(file_buffer_bytes=file_buffer_bytes, write_buffer_bytes=write_buffer_bytes,
                                   clock_ns=clock_ns)
@@ -87,13 +88,18 @@ class FileData:
         self.flusher = Flusher(self.buffer, writer, self.compactor, device, self.lost_writes,
                                flush_interval_ms=flush_interval_ms)
         self.batch = ClosedBatch(self.buffer, writer, self.flusher, self.compactor, self.lost_writes,
-                                 self.space.buffered_fit)
+                                 self.space.buffered_fit, self._lease_left)
         self.truncator = Truncator(meta, self.buffer, self.flusher, self.reader, allocator, io, clock_ns=clock_ns)
         self.ranges = RangeEditor(meta, self.buffer, self.flusher, self.space, clock_ns=clock_ns)
         self.stager = BlockStager(self.space, io)
         self.kernel_writeback: Callable[[], Awaitable[None]] | None = None
         """Under the writeback cache: make the kernel send the written pages it keeps (set once
         the mount serves)."""
+
+    def _lease_left(self) -> float:
+        """Seconds until the device's write fence closes (the fence may be replaced: read it now)."""
+        fence = self.device.fence
+        return fence.remaining_s() - fence.margin_s
 
     def _recall(self, ino: int) -> None:
         """A file the recall policy found hot comes back, unless the device is past the tiering
@@ -122,7 +128,48 @@ class FileData:
         return self.buffer.effective_size(ino, size)
 
     def with_buffered(self, inode: Inode) -> Inode:
-        return self.buffer.with_buffered(inode)
+        """`inode` (as committed: not one this returned, whose blocks would count twice) as this
+        node's applications see it: buffered writes count in its size, times and blocks
+        (`delayed_blocks`)."""
+        st = self.buffer.files.get(inode.ino)
+        if st is None:
+            return inode
+        inode = self.buffer.with_buffered(inode)
+        if inode.is_reg:
+            inode.blocks += self._delayed(st, inode)
+        return inode
+
+    def delayed_blocks(self, volume: int | None = None) -> int:
+        """Blocks this node's buffered writes (into files of `volume`; None: all) will take from free
+        space when committed: as ext4 counts delayed allocation, `df` and `du` see a file's data
+        once written, not once a flush or the batch of closed files (fs/batch.py) put it on the
+        device; and a write that is lost gives them back, since they are counted from the buffer."""
+        total = 0
+        for st in list(self.buffer.files.values()):
+            if volume is not None and st.volume != volume:
+                continue
+            inode = self.meta.inode(st.ino)
+            if inode is not None and inode.is_reg:
+                total += self._delayed(st, inode)
+        return total
+
+    def _delayed(self, st: FileState, inode: Inode) -> int:
+        """Blocks under the file's buffered runs (in flight or dirty) that its map does not hold
+        yet (`inode` as committed): a run over mapped blocks replaces them (copy-on-write: the
+        old ones are freed), one over a hole or past the end adds its blocks."""
+        spans: list[list[int]] = []
+        for start, end in sorted(st.buffered_ranges()):
+            first, last = start // BLOCK_SIZE, -(-end // BLOCK_SIZE)
+            if spans and first <= spans[-1][1]:
+                spans[-1][1] = max(spans[-1][1], last)
+            elif first < last:
+                spans.append([first, last])
+        total = sum(last - first for first, last in spans)
+        if inode.blocks and total:  # a file with nothing mapped has nothing to look up
+            for first, last in spans:
+                for ext in self.meta.extents(inode.ino, first, last):
+                    total -= max(0, min(last, ext.end_block) - max(first, ext.file_block))
+        return total
 
     def dirty_blocks(self) -> int:
         return self.buffer.dirty_blocks()
@@ -225,6 +272,13 @@ class FileData:
             return False
         st.written_ns = mtime_ns
         return True
+
+    def times_committed(self, ino: int) -> None:
+        """The file's times were just committed over its buffered writes (a futimens): their flush
+        keeps them, and names the time of the writes only as that of the content change."""
+        st = self.buffer.files.get(ino)
+        if st is not None:
+            st.written_ns = 0
 
     async def flush(self, ino: int) -> None:
         """Write the file's dirty bytes and commit their mapping; raise a deferred write error."""

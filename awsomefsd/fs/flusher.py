@@ -68,16 +68,17 @@ class Flusher:
     async def flush_held(self, st: FileState) -> None:
         """`flush` with the file's state pinned and its lock held."""
         if st.dirty:
-            written_ns = st.written_ns
+            written_ns, changed_ns = st.written_ns, st.changed_ns
             losses = self.lost_writes.losses
             runs = self.buffer.take(st)
             self.compactor.note_runs(st.ino, runs)
             written = 0
             try:
                 for batch in _flush_batches(runs):
-                    # no stamped write among them (the kernel's write-back): the times stay, and
-                    # a time all the same says the content changed (write_runs)
-                    await self.writer.write_runs(st, batch, mtime_ns=written_ns or self.writer.clock_ns(),
+                    # no stamped write among them (the kernel's write-back, or a time set since
+                    # committed: ops_base.py `_set_times_over_buffered`): the times stay, and the
+                    # time of the change all the same says the content changed (write_runs)
+                    await self.writer.write_runs(st, batch, mtime_ns=written_ns or changed_ns or self.writer.clock_ns(),
                                                  keep_mtime=not written_ns)
                     written += len(batch)
             except StoreUnavailable as exc:

@@ -290,7 +290,7 @@ class Operations(FileOperations, XattrOperations):
         """The filesystem's space and inodes; inside a volume with a quota (`ino` in its tree), the
         volume's: `df` in a pod shows its claim's size, not the shared device's."""
         pending = self.meta.pending_free_blocks()
-        free = min(self.total_blocks, max(0, self.meta.free_blocks() + pending - self.data.dirty_blocks()))
+        free = min(self.total_blocks, max(0, self.meta.free_blocks() + pending - self.data.delayed_blocks()))
         whole = FsStats(BLOCK_SIZE, self.total_blocks, free, FILES_ADVERTISED,
                         FILES_ADVERTISED - self.meta.inode_count(), MAX_NAME_BYTES)
         inode = None if ino is None else self.meta.inode(ino)
@@ -300,5 +300,5 @@ class Operations(FileOperations, XattrOperations):
         total = volume.capacity_bytes // BLOCK_SIZE
         files = volume.inode_limit or whole.total_inodes
         free_files = max(0, files - volume.used_inodes) if volume.inode_limit else whole.free_inodes
-        return FsStats(BLOCK_SIZE, total, min(free, max(0, total - volume.used_blocks)), files, free_files,
-                       MAX_NAME_BYTES)
+        used = volume.used_blocks + self.data.delayed_blocks(volume.id)
+        return FsStats(BLOCK_SIZE, total, min(free, max(0, total - used)), files, free_files, MAX_NAME_BYTES)

@@ -206,9 +206,9 @@ class OperationsBase:
             stamped = only_mtime and self.data.stamp_buffered(ino, mtime_ns)
             await self.data.flush(ino)
             if stamped:
-                inode = self.inode(ino)
+                inode = self.inode(ino)  # (with what is buffered: not added twice)
                 if inode.mtime_ns == mtime_ns:
-                    return self.data.with_buffered(inode)
+                    return inode
         cmd = c.SetAttr(ino, self._now(), mode=mode, uid=uid, gid=gid, atime_ns=atime_ns, mtime_ns=mtime_ns)
         if size is not None:
             async with self._writing(ino):
@@ -228,15 +228,16 @@ class OperationsBase:
     async def _set_times_over_buffered(self, ino: int, cmd: c.SetAttr) -> Inode:
         """futimens of a file with buffered writes (tar, cp -p, rsync), on a single node: the
         times commit now and the data stays buffered, to be written at the close with other
-        files (fs/batch.py); its flush stamps the time just set, not the time of its writes, so
-        the explicit time wins (docs/consistency.md, clause 10). Under the file's lock: a flush
-        that took its runs before this would stamp their write time after it, so it ends first.
-        A write after this stamps its own time, as it should. Only for a time set in the past
-        (`setattr` checks): a flush stamps ctime no earlier than mtime, which a future mtime
-        would move."""
+        files (fs/batch.py); its flush keeps the times just set, not the time of its writes, so
+        the explicit time wins (docs/consistency.md, clause 10), and still names when its writes
+        came (a linked site stamps the content with that, not with the time set). Under the
+        file's lock: a flush that took its runs before this would stamp their write time after
+        it, so it ends first. A write after this stamps its own time, as it should. Only for a
+        time set in the past (`setattr` checks): a flush stamps ctime no earlier than mtime,
+        which a future mtime would move."""
         async with self.data.buffer.locked(ino):
             result = await self.meta.propose(cmd)
-            self.data.stamp_buffered(ino, result.mtime_ns)
+            self.data.times_committed(ino)
         return self.data.with_buffered(result)
 
     async def _drop_setid(self, inode: Inode, in_group: InGroup) -> None:

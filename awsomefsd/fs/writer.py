@@ -92,16 +92,18 @@ class RunWriter:
                 self.unsure.add(st.ino)
             raise
 
-    async def write_files(self, files: list[tuple[FileState, list[Run], int]]) -> list[BaseException | None]:
+    async def write_files(self, files: list[tuple[FileState, list[Run], int, int]]) -> list[BaseException | None]:
         """`write_runs` of several files at once (closed small files, fs/batch.py): one allocation,
         one device write (their blocks side by side go out as one), then one WriteData per file,
-        each stamped with its `mtime_ns` (0: the times stay, as `keep_mtime` with a time). Returns per file
+        given with its runs as (its mtime, when its last write came): stamped with the mtime (0:
+        the times stay, as `keep_mtime`, and the command names the time of the change). Returns per file
         None or why its data did not commit; a failed device write fails every file. A node short
         of space writes each file with `write_runs` instead (it may write reservations in place)."""
-        laid: list[tuple[FileState, list[tuple[int, bytearray]], int, int]] = []  # state, blocks, end, mtime
+        # state, blocks, end, touch (set the mtime), the mtime or else the time of the change (0: unknown)
+        laid: list[tuple[FileState, list[tuple[int, bytearray]], int, bool, int]] = []
         outcome: list[BaseException | None] = [None] * len(files)
         index: list[int] = []
-        for i, (st, runs, mtime_ns) in enumerate(files):
+        for i, (st, runs, mtime_ns, changed_ns) in enumerate(files):
             inode = self.meta.inode(st.ino)
             if inode is None:
                 continue  # deleted meanwhile: nothing to write
@@ -110,32 +112,33 @@ class RunWriter:
             except BaseException as exc:  # a partial block's old bytes could not be read
                 outcome[i] = exc
                 continue
-            laid.append((st, block_runs, max(start + len(data) for start, data in runs), mtime_ns))
+            laid.append((st, block_runs, max(start + len(data) for start, data in runs),
+                         bool(mtime_ns), mtime_ns or changed_ns))
             index.append(i)
-        counts = [sum(len(data) for _, data in block_runs) // BLOCK_SIZE for _, block_runs, _, _ in laid]
+        counts = [sum(len(data) for _, data in block_runs) // BLOCK_SIZE for _, block_runs, _, _, _ in laid]
         if not laid:
             return outcome
         if self.short_of_space(sum(counts)):
-            for i, (st, _, _, mtime_ns) in zip(index, laid, strict=True):
+            for i, (st, _, _, touch, when) in zip(index, laid, strict=True):
                 try:
-                    await self.write_runs(st, files[i][1], mtime_ns=mtime_ns or self.clock_ns(), keep_mtime=not mtime_ns)
+                    await self.write_runs(st, files[i][1], mtime_ns=when or self.clock_ns(), keep_mtime=not touch)
                 except BaseException as exc:
                     outcome[i] = exc
             return outcome
         epoch = self.meta.lease_epoch()
         extents = await self.space.allocate(sum(counts), self._hint(laid[0][0].ino, laid[0][1][0][0]))
         shares = _split(extents, counts)
-        pieces = [_lay_out(_segments(block_runs, []), share) for (_, block_runs, _, _), share in zip(laid, shares, strict=True)]
+        pieces = [_lay_out(_segments(block_runs, []), share) for (_, block_runs, _, _, _), share in zip(laid, shares, strict=True)]
         try:
             checksums = await self.io.write_async([(dev, data) for file in pieces for _, dev, _, data in file])
         except BaseException:
             self.space.release(extents)  # nothing refers to them
             raise
         sums = iter(checksums)
-        for i, (st, _, end, mtime_ns), file, share in zip(index, laid, pieces, shares, strict=True):
+        for i, (st, _, end, touch, when), file, share in zip(index, laid, pieces, shares, strict=True):
             records = tuple(Extent(fb, dev, n, next(sums)) for fb, dev, n, _ in file)
-            command = c.WriteData(st.ino, records, end, self.clock_ns(), touch=bool(mtime_ns),
-                                  mtime_ns=mtime_ns or self.clock_ns())  # unstamped: the content changed
+            command = c.WriteData(st.ino, records, end, self.clock_ns(), touch=touch,
+                                  mtime_ns=when or self.clock_ns())  # unstamped: the content changed
             try:
                 await self.meta.propose(command, epoch=epoch)
             except BaseException as exc:

@@ -517,11 +517,10 @@ class Batch(Command[list[object]]):
     commands: tuple[Command[Any], ...] = field(default_factory=tuple)
 
 
-BASE_LOG_LEVEL = 3
-"""The level of a cluster that never recorded one: formed by builds before the gate, which decode
-command tags 1-32 (meta/codec.py) in format 3."""
+BASE_LOG_LEVEL = 3  # a cluster that never recorded one: builds before the gate (tags 1-32, format 3)
 LOG_LEVEL = 20
-"""The newest commands this build decodes. 20: SeedSite (an initial sync in slices: SEED_LEVEL). 19: a
+"""The newest commands this build decodes. 20: SeedSite (an initial sync in slices: SEED_LEVEL), and a
+linked site stamps a WriteData's content with its writes' time, not its commit's (CONTENT_TIME_LEVEL). 19: a
 WriteData that keeps the times but names one (the kernel's write-back under the writeback cache) is captured by a linked site as the content change
 it is (WRITEBACK_CONTENT_LEVEL). 18: PauseCapture, ResumeCapture (a bounded outbox:
 meta/sites/bound.py). 17: UnlinkClosed (a closed file's unlink and purge in one command). 16: an
@@ -553,8 +552,7 @@ COMMAND_LEVELS: dict[type, int] = {
     PauseCapture: 18, ResumeCapture: 18, SeedSite: 20,
 }
 VOLUMES_LEVEL = 11
-"""From this level on, a linked cluster ships its volumes (no command of its own: what every
-replica captures changes, so all must capture alike)."""
+"""From this level on, a linked cluster ships its volumes (what every replica captures changes)."""
 SITE_PATHS_LEVEL = 14
 """From this level on, forgetting keeps the moves on a path into TRASH that an edit may still be judged against
 and releases a deleted directory only once nothing below it moved in later, a local delete of a directory judges
@@ -569,6 +567,7 @@ RELINK_LEVEL = 16
 to another site, drops them), a purged inode's site id goes with it, and a new object whose id an older one still
 holds gets a fresh one (meta/sites/relink.py; no command of its own: every replica must keep alike)."""
 SEED_LEVEL = 20  # a first link walks in slices, seeding on demand what a rename moves (meta/sites/seeding.py)
+CONTENT_TIME_LEVEL = 20  # a site stamps WriteData content with its writes' time (meta/sites/capture.py content_time)
 WRITEBACK_CONTENT_LEVEL = 19
 """From this level on, a linked site captures every WriteData that changes content
 (`WriteData.changes_content`), not only those that `touch`: the kernel's write-back keeps the times

@@ -23,6 +23,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -47,6 +48,13 @@ def sites(tmp_path: Path) -> Iterator[tuple[Site, Site, Wan]]:
         yield made
 
 
+def standing(site: Site) -> list[dict[str, Any]]:
+    """The site's conflicts (`conflicts --json`) but those closed as their loser's own site's later
+    version superseded it (a truncate's, say, by the write after it)."""
+    return [r for r in json.loads(site.cli("conflicts", "--json").stdout)
+            if r["open"] or "superseded_by" not in r]
+
+
 def test_two_sites_pair_sync_both_ways_and_keep_every_conflict(sites: tuple[Site, Site, Wan]) -> None:
     a, b, wan = sites
     (a.mount / "docs").mkdir()
@@ -62,7 +70,10 @@ def test_two_sites_pair_sync_both_ways_and_keep_every_conflict(sites: tuple[Site
 
     # edit against edit: the later write shows on both sites, the other is kept and listed. The
     # link is cut meanwhile, so neither site hears of the other's truncate before its own write
-    # (a write_text is two versions, and which of a's arrive before b's write is timing).
+    # (a write_text is two versions, and which of a's arrive before b's write is timing). A
+    # truncate that ships apart from the write after it (likelier since a small file's close may
+    # leave its data to the next batch, fs/batch.py) is a conflict for a moment: listed, closed,
+    # as superseded by that write. The conflicts that stand are the ones looked at.
     wan.cut()
     (a.mount / "docs" / "plan.txt").write_text("edited on a\n")
     (b.mount / "docs" / "plan.txt").write_text("edited on b, later\n")
@@ -72,10 +83,10 @@ def test_two_sites_pair_sync_both_ways_and_keep_every_conflict(sites: tuple[Site
     for site in (a, b):
         kept = [p.read_text() for p in (site.mount / ".conflicts").iterdir()]
         assert kept == ["edited on a\n"], (site.name, kept)
-        listed = json.loads(site.cli("conflicts", "--json").stdout)
+        listed = standing(site)
         assert [(r["kind"], r["open"], r["path"]) for r in listed] == [("content", True, "/docs/plan.txt")]
     # the operator on a keeps the loser: it is the file's content on both sites, the copies go
-    (content,) = json.loads(a.cli("conflicts", "--json").stdout)
+    (content,) = standing(a)
     assert content["loser_size"] == len("edited on a\n") and content["winner_size"] == len("edited on b, later\n")
     assert content["id"] in a.cli("conflicts").stdout
     missing = a.cli("conflicts", "resolve", "0123456789ab", "--keep", "loser")
@@ -86,7 +97,7 @@ def test_two_sites_pair_sync_both_ways_and_keep_every_conflict(sites: tuple[Site
     for site in (a, b):
         assert (site.mount / "docs" / "plan.txt").read_text() == "edited on a\n", site.name
         assert list((site.mount / ".conflicts").iterdir()) == [], site.name
-        (record,) = json.loads(site.cli("conflicts", "--json").stdout)
+        (record,) = [r for r in json.loads(site.cli("conflicts", "--json").stdout) if r["id"] == content["id"]]
         assert not record["open"] and record["kept"] == "loser", (site.name, record)
     again = b.cli("conflicts", "resolve", content["id"], "--keep", "winner")
     assert again.returncode != 0 and "settled already" in again.stderr, again.stderr

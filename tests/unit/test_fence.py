@@ -200,9 +200,32 @@ async def test_fenced_flush_fails_with_eio_and_keeps_the_data_buffered(core: Cor
         assert await read_all(core, inode.ino) == expected, "readers still see the buffered bytes"
 
     fence.renewed(clock.now_s + 10)
-    await core.ops.flush(fh)
+    await core.ops.fsync(fh, False)  # (a close may leave a small file to the batch now: fs/batch.py)
     assert core.data.total_dirty_bytes == 0 and inode.ino not in core.data.files
     assert await read_all(core, inode.ino) == expected, "the retried flush wrote it all"
+    await core.ops.release(fh)
+
+
+async def test_a_close_defers_nothing_while_the_lease_is_not_current_or_ends_before_the_batch(
+        core: Core, clock: FakeClock, fence: WriteFence) -> None:
+    """With the batch of closed files (fs/batch.py) a small file's close is answered before its
+    data is written. Not while the lease has lapsed: the close tries the write and reports EIO
+    (it once answered success and left the data to a batch the fence would refuse). Nor while the
+    lease ends before a batch could be written: the close writes the data itself, still open."""
+    core.data.batch.attach(core.log)  # ([data] batch_closed_files)
+    fh, inode = await core.ops.create(ROOT_INO, b"d", stat.S_IFREG | 0o644, os.O_WRONLY, 0, 0)
+    await core.ops.write(fh, 0, b"d" * 100)
+    assert core.ops.flush_is_immediate(fh), "a current lease: the close is left to the batch"
+    clock.now_s += 10
+    assert not core.ops.flush_is_immediate(fh)
+    with pytest.raises(FsError) as info:
+        await core.ops.flush(fh)
+    assert info.value.errno == errno.EIO and "node lease expired" in str(info.value)
+    fence.renewed(clock.now_s + MARGIN_S + 1.0)  # open, for less time than a batch may take
+    assert fence.is_open() and not core.ops.flush_is_immediate(fh)
+    await core.ops.flush(fh)
+    assert not core.data.has_buffered(inode.ino), "the close wrote the data itself"
+    assert await read_all(core, inode.ino) == b"d" * 100
     await core.ops.release(fh)
 
 
@@ -248,7 +271,7 @@ async def test_bytes_written_during_a_fenced_flush_stay_on_top(core: Core, clock
     assert await read_all(core, inode.ino) == expected
 
     fence.renewed(clock.now_s + 10)
-    await core.ops.flush(fh)
+    await core.ops.fsync(fh, False)
     assert core.data.total_dirty_bytes == 0
     assert await read_all(core, inode.ino) == expected
     await core.ops.release(fh)

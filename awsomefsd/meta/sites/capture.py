@@ -73,6 +73,10 @@ UNFOLDED = (*DEFERRED, c.FoldCapture, c.ReserveInodes, c.Preallocate, c.ReclaimF
 they carry decides for itself). Every other command folds first, whatever it is: a new command
 is safe without a thought."""
 
+CONTENT_TIME_WINDOW_NS = 60 * 10**9
+"""How long before its commit a write's time may be (`SiteCapture.content_time`): the longest a
+write waits in the buffer ([data] flush_interval_ms at most 60 s), or a closed file for its batch."""
+
 
 @dataclass(slots=True)
 class Deferring:
@@ -222,6 +226,7 @@ class SiteCapture(SiteView):
             return [p.pack_xattr(cmd.ino, cmd.name, cmd.value if isinstance(cmd, c.SetXattr) else None, cmd.now_ns)]
         facts = []
         inode: Inode
+        written_ns = 0  # a WriteData's: when its writes were made
         if isinstance(cmd, c.SetAttr):
             inode = result
             if any(v is not None for v in (cmd.mode, cmd.uid, cmd.gid, cmd.atime_ns, cmd.mtime_ns)):
@@ -233,7 +238,7 @@ class SiteCapture(SiteView):
         elif isinstance(cmd, c.WriteData):
             if not self._changes_content(txn, cmd):
                 return facts
-            inode = result
+            inode, written_ns = result, self.content_time(txn, cmd)
         elif isinstance(cmd, c.PunchHole):
             inode = result
         else:
@@ -241,13 +246,26 @@ class SiteCapture(SiteView):
             inode = self.ns.require_inode(txn, cmd.dst_ino)
         if not self._waits(txn, inode.ino, CONTENT):
             return None
-        facts.append(p.pack_content(inode, cmd.now_ns))
+        facts.append(p.pack_content(inode, written_ns or cmd.now_ns))
         return facts
 
     def _changes_content(self, txn: lmdb.Transaction[bytes], cmd: c.WriteData) -> bool:
         """Is `cmd` a change of content to capture? Every replica must answer alike: below
         WRITEBACK_CONTENT_LEVEL only a write that touches the times was one."""
         return cmd.touch or (cmd.changes_content and self.at_level(txn, c.WRITEBACK_CONTENT_LEVEL))
+
+    def content_time(self, txn: lmdb.Transaction[bytes], cmd: c.WriteData) -> int:
+        """The time that stamps the content `cmd` changed (what last-writer-wins between sites
+        judges): from CONTENT_TIME_LEVEL on, when its writes were made (`mtime_ns`), not when it
+        commits; a close may be answered before its data is written (fs/batch.py). A time after
+        the commit's, or more than CONTENT_TIME_WINDOW_NS before it, is no write's: one the
+        application set (tar's, cp -p's, carried by a flush as the file's mtime); the commit's
+        stands for it, as before the level."""
+        written = cmd.mtime_ns
+        if (written and cmd.now_ns - CONTENT_TIME_WINDOW_NS <= written <= cmd.now_ns
+                and self.at_level(txn, c.CONTENT_TIME_LEVEL)):
+            return written
+        return cmd.now_ns
 
     def _waits(self, txn: lmdb.Transaction[bytes], ino: int, kind: bytes) -> bool:
         """May a local version of register `kind` of `ino` wait for a fold? Yes unless applying it
@@ -306,7 +324,7 @@ class SiteCapture(SiteView):
             self._capture_xattr(txn, cmd.ino, cmd.name, cmd.value if isinstance(cmd, c.SetXattr) else None, cmd.now_ns)
         elif isinstance(cmd, c.WriteData):
             if self._changes_content(txn, cmd):  # a compaction moves bytes, it changes none
-                self._capture_content(txn, result, cmd.now_ns)
+                self._capture_content(txn, result, self.content_time(txn, cmd))
         elif isinstance(cmd, c.PunchHole):
             self._capture_content(txn, result, cmd.now_ns)
         elif isinstance(cmd, c.CloneRange):
