@@ -49,6 +49,8 @@ SLICE_OPS_FIRST = 32
 """Operations in the first slice, before any was timed."""
 SLICE_OPS_MAX = 4096
 """Operations in one slice at most (a push's at most: `[site] batch_operations`)."""
+PENDING_COUNT_S = 1.0
+"""How stale the count of operations the peer has not applied, in a push's answer, may be."""
 MAX_STAGED_BYTES = 512 << 20
 """Bytes staged and not yet pushed at most: bounds what a sender can make us hold."""
 STAGED_TTL_S = 600.0
@@ -126,6 +128,8 @@ class Receiver(DeltaBases):
     _receiving: dict[int, tuple[Stamp, Stamp]]
     """The pushes being taken in now: (the stamp each continues, its last operation's)."""
     _sizer: SliceSizer | None = None
+    _pending_counted: tuple[float, int] | None = None
+    """When the count of operations the peer has not applied was last taken, and what it was."""
     slice_seconds: list[float] | None = None
     """When a list (tests, benchmarks): every slice's apply time is appended."""
 
@@ -493,10 +497,16 @@ class Receiver(DeltaBases):
                 self.data.stager.release(self._staged.pop(stamp).extents, None)
 
     def outbound_lag(self) -> tuple[int, float]:
-        """(operations the peer has not acknowledged, seconds the oldest of them has waited)."""
+        """(operations the peer has not acknowledged, seconds the oldest of them has waited), for
+        the answer to a push (the other site's `site status` shows them). The count is taken
+        again at most every PENDING_COUNT_S: it walks the outbox up to the peer's cursor, which
+        a two-sided catch-up leaves thousands long until it is forgotten, and each push's answer
+        walking it held the loop as long as a slice (15 % of a catching-up receiver's time)."""
         pending = self.meta.site_outbox(self.state.peer_applied, 1)
-        count = self.meta.site_pending(self.state.peer_applied)
-        return count, (max(0, time.time_ns() - pending[0][0].wall_ns) / 1e9 if pending else 0.0)
+        now = time.monotonic()
+        if self._pending_counted is None or now - self._pending_counted[0] >= PENDING_COUNT_S or not pending:
+            self._pending_counted = (now, self.meta.site_pending(self.state.peer_applied) if pending else 0)
+        return self._pending_counted[1], (max(0, time.time_ns() - pending[0][0].wall_ns) / 1e9 if pending else 0.0)
 
 
 def _sent_ranges(op: o.ContentSet, unchanged: tuple[Stamp, list[tuple[int, int, str]]] | None) -> list[tuple[int, int]]:

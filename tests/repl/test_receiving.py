@@ -439,3 +439,30 @@ async def test_a_dear_push_applies_in_slices_of_a_bounded_time_and_local_request
     assert len(slices) >= 20 and slices[len(slices) // 2] < 2.5 * SLICE_BUDGET_S, service.slice_seconds
     assert len(waits) >= len(slices) // 2, f"{len(waits)} local creates while {len(slices)} slices applied"
     assert max(waits) < 10 * SLICE_BUDGET_S, (max(waits), service.slice_seconds)  # 128 at once: 256 ms
+
+
+async def test_a_push_answer_counts_what_the_peer_has_not_applied_at_most_once_a_second(
+        receiver: tuple[Core, SiteService], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The answer to a push carries how many of this site's operations the other site has not
+    applied (its `site status` shows them): a count that walks this site's outbox up to the
+    peer's cursor, thousands long in a two-sided catch-up. Pushes answered back to back count
+    once, and the figure is the outbox's."""
+    core, service = receiver
+    for i in range(5):
+        await core.ops.mknod(ROOT_INO, b"mine%d" % i, stat.S_IFREG | 0o644, 0, 0, 0)
+    await core.meta.propose(c.FoldCapture(64))
+    counted = 0
+    site_pending = core.meta.site_pending
+
+    def counting(after: Stamp | None) -> int:
+        nonlocal counted
+        counted += 1
+        return site_pending(after)
+    monkeypatch.setattr(core.meta, "site_pending", counting)
+    peer, after, replies = Peer(), None, []
+    for n in range(5):
+        ops, inline, data, _ = small_files(peer, 2, first=10 * n)
+        replies.append(await service.push({**push_header(after, ops), "inline": inline}, memoryview(data)))
+        after = ops[-1].stamp
+    assert counted == 1, counted
+    assert [reply["pending"] for reply in replies] == [site_pending(None)] * 5 and site_pending(None) >= 10
