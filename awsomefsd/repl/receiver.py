@@ -3,7 +3,8 @@
 
 `Cursor` says how far we applied the peer's operations; `Stage` writes a chunk of a content
 version's bytes to fresh extents here (kept in memory until the push that maps them); `Push`
-applies a batch of operations as one `ApplyRemote` command and acknowledges it (repl/link.py's
+applies a batch of operations as `ApplyRemote` commands, slices of about SLICE_BUDGET_S each with
+local work run between them, and acknowledges it (repl/link.py's
 Ack: how far, and our own head). A large version changed in places comes as its changed chunks
 and, in the push, the ranges it keeps from a version this site shows, whose blocks the command
 shares (repl/delta.py, design note 50).
