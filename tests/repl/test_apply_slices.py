@@ -66,6 +66,47 @@ def test_a_catch_up_in_small_slices_reads_the_log_once_not_once_per_slice(tmp_pa
     assert a.snapshot() == b.snapshot()
 
 
+def test_a_catch_up_of_directory_moves_in_small_slices_reads_the_log_once(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """A directory's move undoes the later moves of nodes that had a child, which it finds in the
+    index's list of the log entries that reorder: read from the log once, then carried from
+    slice to slice with b's moves appended, not read again from the partition on at every
+    slice that moves a directory."""
+    a, b = linked_pair(tmp_path)
+    top = create(a, b"top", mode=stat.S_IFDIR | 0o755)
+    create(a, b"inside", parent=top)
+    ship(a, b)
+    name = b"top"
+    for i in range(80):  # every one a directory's move (it has a child)
+        a.apply(c.Rename(ROOT_INO, name, ROOT_INO, b"top%d" % i, 0, a.tick()))
+        name = b"top%d" % i
+    b.now += 10**9
+    for i in range(1500):
+        create(b, b"b%d" % i)
+        if i % 10 == 0:  # renames: entries that reorder
+            b.apply(c.Rename(ROOT_INO, b"b%d" % i, ROOT_INO, b"r%d" % i, 0, b.tick()))
+    for site in (a, b):
+        site.apply(c.FoldCapture(1 << 20))
+    read = 0
+    scan_from = tree.scan_from
+
+    def counting(*args: Any) -> Any:
+        nonlocal read
+        for row in scan_from(*args):
+            read += 1
+            yield row
+    monkeypatch.setattr(tree, "scan_from", counting)
+    slices = 0
+    while ship(a, b, count=2):
+        slices += 1
+        create(b, b"local%d" % slices)
+    assert slices >= 40
+    assert read < 3 * 1650, f"the log was read {read} entries for {slices} slices"
+    while ship(b, a) + ship(a, b):
+        pass
+    assert a.snapshot() == b.snapshot()
+
+
 def test_moves_made_here_between_two_slices_count_in_the_index_carried_over(tmp_path: Path) -> None:
     """a moves directory d into e; b, after a slice of a's applied and before the next, moves e
     into d and back out. In stamp order a's move came first, so b's move of e into d would have
@@ -75,8 +116,12 @@ def test_moves_made_here_between_two_slices_count_in_the_index_carried_over(tmp_
     a, b = linked_pair(tmp_path)
     create(a, b"d", mode=stat.S_IFDIR | 0o755)
     create(a, b"e", mode=stat.S_IFDIR | 0o755)
+    h = create(a, b"h", mode=stat.S_IFDIR | 0o755)
+    create(a, b"x", parent=h)
     ship(a, b)
     create(a, b"f")  # older than all b does below: its placement reads b's log (the index)
+    # a directory's move: the first slice reads the entries it would undo (the index's stamps)
+    a.apply(c.Rename(ROOT_INO, b"h", ROOT_INO, b"h2", 0, a.tick()))
     d = a.read(lambda txn: a.sm.ns.lookup(txn, ROOT_INO, b"d"))
     e = a.read(lambda txn: a.sm.ns.lookup(txn, ROOT_INO, b"e"))
     assert d is not None and e is not None
@@ -95,7 +140,7 @@ def test_moves_made_here_between_two_slices_count_in_the_index_carried_over(tmp_
     while ship(b, a) + ship(a, b):
         pass
     assert a.snapshot() == b.snapshot()
-    assert set(a.snapshot()) >= {b"/e", b"/e/d", b"/f", b"/g"}
+    assert set(a.snapshot()) >= {b"/e", b"/e/d", b"/f", b"/g", b"/h2/x"}
     kinds = [conflict["kind"] for conflict in a.conflicts()]
     assert kinds == ["skipped-move"], kinds
     assert b.conflicts() == a.conflicts(), "both sites list the skipped move alike"

@@ -226,15 +226,15 @@ class SiteTree(SiteRecords):
         batch's plus the entries appended: anything else (a forget, an abort, a relink) reads
         the log afresh. The nodes named a parent may include some no longer named (that costs
         undo, never a different result: `TreeLog.parent_since`); the reordering stamps, which
-        must be exact, are read again per batch."""
+        must be exact, gain the appended entries that reorder (all later than every stamp they
+        hold: the list stays in order)."""
         kept, self._index_kept = self._index_kept, None
         if kept is None or kept.index.start is None or txn.get(b"seen", db=self.meta) != kept.seen:
             return ReorderingIndex()
         db = self.db["slog"]
-        appended = _parents_from(txn, db, kept.high, kept.index.parents, after=True)
+        appended = _parents_from(txn, db, kept.high, kept.index.parents, after=True, reorders=kept.index.stamps)
         if txn.stat(db)["entries"] != kept.entries + appended:
             return ReorderingIndex()
-        kept.index.stamps = None
         return kept.index
 
     def keep_index(self, txn: lmdb.Transaction[bytes], index: ReorderingIndex) -> None:
@@ -415,16 +415,18 @@ _NAME_LENGTH_AT = 2 + 16 + PACKED_BYTES  # with one: the length of that placemen
 
 
 def _parents_from(txn: lmdb.Transaction[bytes], db: Any, start: bytes, parents: set[bytes], *,
-                  after: bool = False) -> int:
+                  after: bool = False, reorders: list[bytes] | None = None) -> int:
     """Add to `parents` `crdt.tree.parents_named` of every log entry from `start` on (`after`:
-    past it), read from the packed entries without decoding the rest; returns how many entries
-    it read."""
+    past it), read from the packed entries without decoding the rest, and to `reorders` the
+    keys of those that `reorders`; returns how many entries it read."""
     cursor = txn.cursor(db)
     if not cursor.set_range(start) or (after and cursor.key() == start and not cursor.next()):
         return 0
     read = 0
-    for raw in cursor.iternext(keys=False, values=True):
+    for key, raw in cursor.iternext(keys=True, values=True):
         read += 1
+        if reorders is not None and _reorders(raw):
+            reorders.append(bytes(key))
         if raw[1]:  # a placement before: its parent, then the move's after that placement's name
             parents.add(raw[2:18])
             at = _PARENT_AT + _BEFORE.size + int.from_bytes(raw[_NAME_LENGTH_AT:_NAME_LENGTH_AT + 2], "big")
