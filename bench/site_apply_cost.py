@@ -6,7 +6,7 @@ Site a (tests/repl/test_sites_sm.py's `Site`: a real StateMachine on its own LMD
 `--files` files spread over `--dirs` directories, a share of them (`--written`) with one block of
 content (a create is then three operations: the object, its name, its content); then site b
 applies a's whole outbox as the receiver does: pushes of `--push` operations, each applied in
-slices of 128 (one `ApplyRemote` each, repl/receiver.py's APPLY_SLICE_OPS), a content's blocks
+slices of 128 (one `ApplyRemote` each: the slices the receiver used before it sized them by time, `SliceSizer`), a content's blocks
 given as fresh extents; a build whose receiver decodes a push once (`crdt.ops.decode_remembered`)
 has each push decoded first, as its receiver does, untimed. Prints the CPU µs per operation
 applied (process time: on a loaded machine wall time also counts the other processes' turns)

@@ -4,7 +4,7 @@ network namespace, the WAN proxy between them with a one-way delay (tests/suppor
 As root (from another user: sudo in front), from the repository root:
 
     .venv/bin/python bench/site_bench.py [--delay-ms 50] [--runs 3] [--members N] [--json F]
-        [--only write,untar,rate,lag,catch_up,delta] [--pushes-in-flight 1,8]
+        [--only write,untar,rate,lag,catch_up,delta,two_sided] [--pushes-in-flight 1,8]
 
 `--members 3`: site a is a cluster of three nodes (its creates go through a member that does not
 run the link, the others' figures through the leader that does), b a single node.
@@ -22,6 +22,9 @@ Figures, medians of `--runs` runs with every run's value beside them:
   a, then 16 runs of 4 KiB rewritten in it; for each step the seconds until b has it (a marker
   file made after it, applied after it in stamp order, shows on b) and the bytes a sent;
 - untar of a 4,000-file source tree on a unlinked and linked: seconds, and their ratio;
+- a two-sided catch-up (`--only two_sided`, not in the default set): both sites write
+  `--two-sided-files` files while cut off, then the link heals; seconds until both have sent
+  everything, and the slowest local create on each side meanwhile (issue 47's ≤ 100 ms);
 - the link's rate (issue 47): a backlog of `--drain-files` creates (and `--drain-mib` 1 MiB files)
   made with the link cut, then healed: operations (MiB) per second from b's first applied one to
   a's outbox empty. That is the most the link sustains; set beside what a writes (its linked
@@ -60,7 +63,16 @@ sys.path[:0] = [str(REPO / "bench"), str(REPO)]
 from targets import ext4_target  # noqa: E402
 from workloads import ensure_tarball  # noqa: E402
 
-from tests.support.sites import ClusterSite, Site, cluster_and_site, link, two_sites, wait_converged  # noqa: E402
+from tests.support.sites import (  # noqa: E402
+    ClusterSite,
+    Site,
+    cluster_and_site,
+    link,
+    make_backlog,
+    pending,
+    two_sites,
+    wait_converged,
+)
 
 MIB = 1 << 20
 
@@ -240,6 +252,72 @@ def drain(a: Path, cut: Callable[[], None], heal: Callable[[], None], pending: C
             "mib_per_s": big_files / elapsed, "written_s": written_s, "noticed_s": first - healed}
 
 
+class Prober:
+    """A local create (open O_CREAT, close: five kernel requests) in `directory` every
+    `interval_s`, each timed, in a thread of its own until `stop`: what a user of this site
+    sees while it applies the other site's backlog."""
+
+    def __init__(self, directory: Path, interval_s: float = 0.02) -> None:
+        directory.mkdir()
+        self.directory, self.interval_s = directory, interval_s
+        self.times: list[float] = []
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        i = 0
+        while not self._done.is_set():
+            start = time.perf_counter()
+            os.close(os.open(self.directory / f"p{i}", os.O_CREAT | os.O_WRONLY, 0o644))
+            self.times.append(time.perf_counter() - start)
+            i += 1
+            self._done.wait(self.interval_s)
+
+    def stop(self) -> list[float]:
+        self._done.set()
+        self._thread.join(120)
+        return self.times
+
+
+def two_sided(a: Site | ClusterSite, b: Site | ClusterSite, cut: Callable[[], None], heal: Callable[[], None],
+              files: int) -> dict[str, float]:
+    """Both sites write `files` files each (one in ten renamed, one in fifty written:
+    tests/support/sites.py's make_backlog) and then a marker with the link cut, then it heals:
+    seconds from the heal (the shippers' reconnection included) until each site shows the
+    other's marker (applied in stamp order: the backlog is in), and the slowest and 99th
+    percentile local create on each side meanwhile (issue 47: ≤ 100 ms whatever the backlog),
+    beside the slowest of the same creates with the link cut and nothing to apply (`idle`: this
+    machine's noise). Nothing else asks the daemons anything meanwhile (a `site status` is a
+    process of its own, a load on these cores)."""
+    cut()
+    for site in (a, b):
+        make_backlog(site.mount / f"two-sided-{site.name}", files, site.name)
+        (site.mount / f"two-sided-{site.name}" / "zz-end").write_bytes(b"")
+    os.sync()
+    ops = pending(a) + pending(b)
+    deadline = time.monotonic() + 60
+    while (a.status()["link_up"] or b.status()["link_up"]) and time.monotonic() < deadline:
+        time.sleep(0.05)  # the shippers' next heartbeat finds the link cut
+    idle = [Prober(site.mount / "probe-idle") for site in (a, b)]
+    time.sleep(3)
+    idle_times = [t for probe in idle for t in probe.stop()]
+    probes = [Prober(site.mount / "probe") for site in (a, b)]
+    heal()
+    start = time.monotonic()
+    markers = [b.mount / "two-sided-a" / "zz-end", a.mount / "two-sided-b" / "zz-end"]
+    while not all(marker.exists() for marker in markers):
+        if time.monotonic() > start + 1800:
+            raise TimeoutError("the two-sided backlog did not drain in 1800 s")
+        time.sleep(0.05)
+    elapsed = time.monotonic() - start
+    times_a, times_b = (probe.stop() for probe in probes)
+    return {"two_sided_ops": ops, "two_sided_s": elapsed, "two_sided_ops_per_s": ops / elapsed,
+            "two_sided_max_create_a_ms": max(times_a) * 1000, "two_sided_max_create_b_ms": max(times_b) * 1000,
+            "two_sided_p99_create_ms": percentile(times_a + times_b, 0.99) * 1000,
+            "two_sided_idle_max_create_ms": max(idle_times) * 1000}
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
@@ -328,6 +406,9 @@ def measure(args: argparse.Namespace, root: Path, window: int | None, source: Pa
         if "delta" in args.only:
             figures.update(delta_step(a.mount, b.mount, args.delta_mib, sent))
             wait_converged(a, b, 300)
+        if "two_sided" in args.only:
+            figures.update(two_sided(a, b, wan.cut, wan.heal, args.two_sided_files))
+            wait_drained(a, b)
         # last: its backlogs leave trees that `site verify` takes long to digest
         if "rate" in args.only:
             def up() -> bool:
@@ -387,6 +468,8 @@ def main() -> int:
     parser.add_argument("--delta-mib", type=int, default=64, help="size of the file changed in places")
     parser.add_argument("--drain-files", type=int, default=10000, help="creates of the backlog drained")
     parser.add_argument("--drain-mib", type=int, default=128, help="1 MiB files of the backlog drained")
+    parser.add_argument("--two-sided-files", type=int, default=4500,
+                        help="files each site writes while cut off (two_sided: about 2.2 operations a file)")
     parser.add_argument("--size", default="8G", help="each site's image")
     parser.add_argument("--only", default="write,untar,rate,lag,catch_up,delta",
                         type=lambda text: set(text.split(",")), help="the figures to measure")

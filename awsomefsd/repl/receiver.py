@@ -3,7 +3,8 @@
 
 `Cursor` says how far we applied the peer's operations; `Stage` writes a chunk of a content
 version's bytes to fresh extents here (kept in memory until the push that maps them); `Push`
-applies a batch of operations as one `ApplyRemote` command and acknowledges it (repl/link.py's
+applies a batch of operations as `ApplyRemote` commands, slices of about SLICE_BUDGET_S each with
+local work run between them, and acknowledges it (repl/link.py's
 Ack: how far, and our own head). A large version changed in places comes as its changed chunks
 and, in the push, the ranges it keeps from a version this site shows, whose blocks the command
 shares (repl/delta.py, design note 50).
@@ -24,6 +25,7 @@ from typing import Any
 
 import grpc
 import trio
+import trio.testing
 
 from awsomefsd.crdt import ops as o
 from awsomefsd.crdt import wire
@@ -40,8 +42,16 @@ from awsomefsd.rpc.bridge import RpcAbort
 
 log = logging.getLogger(__name__)
 
-APPLY_SLICE_OPS = 128
-"""Operations per `ApplyRemote`: a push applies in slices this long (`_apply_in_slices`)."""
+SLICE_BUDGET_S = 0.010
+"""How long one slice of a push (one `ApplyRemote`) should hold the event loop: on a single node
+a proposal applies there, and a local request that arrives meanwhile waits for it (a create is
+five requests in a row, so it may wait for up to five slices: issue 47 asks ≤ 100 ms)."""
+SLICE_OPS_FIRST = 32
+"""Operations in the first slice, before any was timed."""
+SLICE_OPS_MAX = 4096
+"""Operations in one slice at most (a push's at most: `[site] batch_operations`)."""
+PENDING_COUNT_S = 1.0
+"""How stale the count of operations the peer has not applied, in a push's answer, may be."""
 MAX_STAGED_BYTES = 512 << 20
 """Bytes staged and not yet pushed at most: bounds what a sender can make us hold."""
 STAGED_TTL_S = 600.0
@@ -80,6 +90,35 @@ class _Staged:
         return self.writing == 0 and merged == expected
 
 
+class SliceSizer:
+    """How many operations the next slice takes: as many as SLICE_BUDGET_S allows at the cost per
+    operation the slices before it took, wall time (what a waiting request sees). A slice that
+    costs more per operation shrinks the next at once; a cheaper one grows it by half the
+    difference, so one quick slice (creates) does not make the next, of renames or contents,
+    twice as long. A slice is one command, decided here, so every replica applies the same
+    slices whatever each one's speed (the budget is the proposer's, not the state machine's)."""
+
+    def __init__(self, budget_s: float = SLICE_BUDGET_S) -> None:
+        self.budget_s = budget_s
+        self.per_op_s = budget_s / SLICE_OPS_FIRST
+
+    def size(self) -> int:
+        return max(1, min(SLICE_OPS_MAX, int(self.budget_s / self.per_op_s)))
+
+    def took(self, ops: int, seconds: float) -> None:
+        """A slice of `ops` operations applied in `seconds`."""
+        per_op = max(seconds, 1e-6) / max(ops, 1)
+        self.per_op_s = per_op if per_op > self.per_op_s else (self.per_op_s + per_op) / 2
+
+
+async def let_others_run(most_s: float = SLICE_BUDGET_S) -> None:
+    """Between two slices: every other task that can run runs first (local requests, lease
+    renewals, `site status`), until none can or `most_s` has passed; so a busy site still gives
+    the catch-up about half of its loop, and an idle one all of it."""
+    with trio.move_on_after(most_s):
+        await trio.testing.wait_all_tasks_blocked()
+
+
 class Receiver(DeltaBases):
     """Staging and applying what the peer sends, a job of `SiteService`."""
 
@@ -89,6 +128,17 @@ class Receiver(DeltaBases):
     """Set (and replaced) whenever a push is done with: waiting pushes look at the cursor again."""
     _receiving: dict[int, tuple[Stamp, Stamp]]
     """The pushes being taken in now: (the stamp each continues, its last operation's)."""
+    _sizer: SliceSizer | None = None
+    _pending_counted: tuple[float, int] | None = None
+    """When the count of operations the peer has not applied was last taken, and what it was."""
+    slice_seconds: list[float] | None = None
+    """When a list (tests, benchmarks): every slice's apply time is appended."""
+
+    @property
+    def sizer(self) -> SliceSizer:
+        if self._sizer is None:
+            self._sizer = SliceSizer()
+        return self._sizer
 
     def cursor(self) -> Stamp | None:
         return self.meta.site_applied_from_peer()
@@ -216,7 +266,11 @@ class Receiver(DeltaBases):
             return self._restage("a delta arrived while this cluster cannot share blocks yet (an upgrade under way)")
         contents: list[o.ContentSet] = []
         stamps: list[Stamp] = []
+        yielded = time.perf_counter()
         for raw in raws:
+            if time.perf_counter() - yielded > SLICE_BUDGET_S:  # decoding a push holds the loop as a slice does
+                await trio.sleep(0)
+                yielded = time.perf_counter()
             try:
                 op = o.decode_remembered(raw)
             except o.BadOperation as exc:
@@ -275,12 +329,15 @@ class Receiver(DeltaBases):
     async def _apply_in_slices(self, peer: bytes, after: Stamp | None, raws: list[bytes], stamps: list[Stamp],
                                contents: list[o.ContentSet], taken: dict[Stamp, _Staged], shared: list[Extent],
                                shared_counts: list[int]) -> dict[str, Any] | None:
-        """Apply a push as one `ApplyRemote` per APPLY_SLICE_OPS operations, each a proposal of
-        its own: on a single node a proposal applies on the event loop, and a push of 512 took
-        that loop from every local request for its whole apply (issue 47: a catch-up must not
-        block them). A slice that fails leaves the ones before it applied; the answer, or the
-        next `Cursor`, tells the sender where to go on from (its resends start there). Returns
-        the answer to give instead of the usual one, or None."""
+        """Apply a push as one `ApplyRemote` per slice, each a proposal of its own, sized to hold
+        the event loop SLICE_BUDGET_S (`SliceSizer`), with every other task run between two
+        (`let_others_run`): on a single node a proposal applies on the event loop, and a push of
+        512 took that loop from every local request for its whole apply; slices of a fixed 128
+        still held it 100-280 ms each once a catch-up's backlog made each operation dearer
+        (issue 47: a catch-up must not block local requests). A slice that fails leaves the ones
+        before it applied; the answer, or the next `Cursor`, tells the sender where to go on
+        from (its resends start there). Returns the answer to give instead of the usual one, or
+        None."""
         content_at = {op.stamp: index for index, op in enumerate(contents)}
         extent_counts = [len(taken[op.stamp].extents) for op in contents]
         done: list[tuple[c.ApplyRemote | c.ApplyRemoteSharing, Applied]] = []
@@ -296,8 +353,15 @@ class Receiver(DeltaBases):
                     log.warning("%d conflict(s) with the other site: `awsomefsd site conflicts` lists them",
                                 applied.conflicts)
 
-        for first in range(0, len(raws), APPLY_SLICE_OPS):
-            end = min(first + APPLY_SLICE_OPS, len(raws))
+        first = 0
+        while first < len(raws):
+            if first:
+                try:
+                    await let_others_run()
+                except BaseException:  # cancelled: the slices not applied give their stagings back
+                    self._release_taken(taken, None)
+                    raise
+            end = min(first + self.sizer.size(), len(raws))
             ops = [contents[content_at[stamp]] for stamp in stamps[first:end] if stamp in content_at]
             mine = {op.stamp: taken[op.stamp] for op in ops}
             extents = [ext for staged in mine.values() for ext in staged.extents]
@@ -313,8 +377,13 @@ class Receiver(DeltaBases):
                 else c.ApplyRemote(peer, b"" if start is None else start.pack(), tuple(raws[first:end]),
                                    tuple(extents), tuple(counts), time.time_ns())
             try:
+                began = time.perf_counter()
                 applied = await self.ops.propose_holding(command, tries=MAX_DELEGATIONS_PER_BATCH,
                                                          inside=functools.partial(self._files_locked, ops))
+                took = time.perf_counter() - began
+                self.sizer.took(end - first, took)
+                if self.slice_seconds is not None:
+                    self.slice_seconds.append(took)
             except Delegated as exc:  # refused, nothing of this slice applied: its stagings stay for the retry
                 self._staged.update(taken)
                 await settle()
@@ -337,6 +406,7 @@ class Receiver(DeltaBases):
                 del taken[op.stamp]
                 self._remember_received(op)
             done.append((command, applied))
+            first = end
         await settle()
         return None
 
@@ -428,10 +498,16 @@ class Receiver(DeltaBases):
                 self.data.stager.release(self._staged.pop(stamp).extents, None)
 
     def outbound_lag(self) -> tuple[int, float]:
-        """(operations the peer has not acknowledged, seconds the oldest of them has waited)."""
+        """(operations the peer has not acknowledged, seconds the oldest of them has waited), for
+        the answer to a push (the other site's `site status` shows them). The count is taken
+        again at most every PENDING_COUNT_S: it walks the outbox up to the peer's cursor, which
+        a two-sided catch-up leaves thousands long until it is forgotten, and each push's answer
+        walking it held the loop as long as a slice (15 % of a catching-up receiver's time)."""
         pending = self.meta.site_outbox(self.state.peer_applied, 1)
-        count = self.meta.site_pending(self.state.peer_applied)
-        return count, (max(0, time.time_ns() - pending[0][0].wall_ns) / 1e9 if pending else 0.0)
+        now = time.monotonic()
+        if self._pending_counted is None or now - self._pending_counted[0] >= PENDING_COUNT_S or not pending:
+            self._pending_counted = (now, self.meta.site_pending(self.state.peer_applied) if pending else 0)
+        return self._pending_counted[1], (max(0, time.time_ns() - pending[0][0].wall_ns) / 1e9 if pending else 0.0)
 
 
 def _sent_ranges(op: o.ContentSet, unchanged: tuple[Stamp, list[tuple[int, int, str]]] | None) -> list[tuple[int, int]]:

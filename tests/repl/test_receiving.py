@@ -5,6 +5,7 @@ daemon tests')."""
 
 from __future__ import annotations
 
+import itertools
 import os
 import stat
 import time
@@ -26,6 +27,7 @@ from awsomefsd.io.checksum import crc32c
 from awsomefsd.io.layout import BLOCK_SIZE
 from awsomefsd.meta import commands as c
 from awsomefsd.meta.records import ROOT_INO
+from awsomefsd.repl.receiver import SLICE_BUDGET_S, SliceSizer
 from awsomefsd.repl.service import SiteService
 from awsomefsd.rpc.bridge import RpcAbort
 from tests.unit.test_fs_api import settings_for
@@ -311,6 +313,23 @@ async def test_a_peer_whose_clock_runs_far_ahead_waits_until_the_clocks_agree(
     assert service.status()["inbound"]["refused"] == ""
 
 
+SLICE = 128
+
+
+class FixedSlices(SliceSizer):
+    """Slices of `ops` operations whatever they cost."""
+
+    def __init__(self, ops: int) -> None:
+        super().__init__()
+        self.ops = ops
+
+    def size(self) -> int:
+        return self.ops
+
+    def took(self, ops: int, seconds: float) -> None:
+        pass
+
+
 def small_files(peer: Peer, count: int, first: int = 0) -> tuple[list[o.Operation], list[list[Any]], bytes,
                                                                  dict[bytes, bytes]]:
     """`count` files of a few bytes each, as one push carries them inline: (operations, the push's
@@ -332,13 +351,12 @@ def small_files(peer: Peer, count: int, first: int = 0) -> tuple[list[o.Operatio
 
 async def test_a_push_applies_in_slices_and_a_refused_slice_keeps_those_before_it(
         receiver: tuple[Core, SiteService], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
-    """A push is applied as several proposals of at most APPLY_SLICE_OPS operations (each holds
+    """A push is applied as several proposals (slices; each holds
     the event loop while it applies, on a single node), with each slice's contents' blocks;
     when one is refused, those before it stay applied and the cursor says so, and the log says
     why in one line (no traceback: the other site's input, not a bug here)."""
-    from awsomefsd.repl import receiver as receiving
-
     core, service = receiver
+    monkeypatch.setattr(service, "_sizer", FixedSlices(SLICE))  # slices of a known length, whatever they cost
     proposed: list[int] = []
     propose = core.ops.propose_holding
 
@@ -349,13 +367,13 @@ async def test_a_push_applies_in_slices_and_a_refused_slice_keeps_those_before_i
     peer = Peer()
     ops, inline, data, files = small_files(peer, 100)  # 300 operations
     reply = await service.push({**push_header(None, ops), "inline": inline}, memoryview(data))
-    assert proposed == [receiving.APPLY_SLICE_OPS] * 2 + [300 - 2 * receiving.APPLY_SLICE_OPS]
+    assert proposed == [SLICE] * 2 + [300 - 2 * SLICE]
     assert Stamp.unpack(bytes.fromhex(reply["applied"])) == ops[-1].stamp
     for name, body in files.items():
         assert await file_bytes(core, name) == body
     # a push whose second slice names a directory this site does not know: the first slice applies
     more, inline, data, files = small_files(peer, 60, first=100)
-    at = receiving.APPLY_SLICE_OPS + 12  # created, content, moved: a move
+    at = SLICE + 12  # created, content, moved: a move
     bad = more[at]
     assert isinstance(bad, o.Moved)
     more[at] = o.Moved(bad.stamp, bad.node, o.global_id(PEER, 99_999), bad.name, bad.object)
@@ -365,9 +383,86 @@ async def test_a_push_applies_in_slices_and_a_refused_slice_keeps_those_before_i
     assert refused.value.code == grpc.StatusCode.INVALID_ARGUMENT
     refusals = [r for r in caplog.records if r.getMessage().startswith("refused a batch")]
     assert len(refusals) == 1 and refusals[0].exc_info is None and "unknown directory" in refusals[0].getMessage()
-    assert proposed == [receiving.APPLY_SLICE_OPS, len(more) - receiving.APPLY_SLICE_OPS]
-    assert service.cursor() == more[receiving.APPLY_SLICE_OPS - 1].stamp
+    assert proposed == [SLICE, len(more) - SLICE]
+    assert service.cursor() == more[SLICE - 1].stamp
     applied = [name for name in files if core.meta.lookup(ROOT_INO, name) is not None]
     assert applied == list(files)[:len(applied)] and 0 < len(applied) < len(files)
     for name in applied:
         assert await file_bytes(core, name) == files[name]
+
+
+async def test_a_dear_push_applies_in_slices_of_a_bounded_time_and_local_requests_run_between(
+        receiver: tuple[Core, SiteService], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every operation of a push costing 2 ms to apply (a catch-up behind a large backlog is
+    dearer per operation), the slices shrink to about SLICE_BUDGET_S each once the first is
+    timed, and the local requests that come meanwhile run between two slices: none waits for
+    more than a few slices (slices of 128 held the loop 256 ms here, and without a yield between
+    slices a local request waited for the whole push)."""
+    core, service = receiver
+    propose = core.ops.propose_holding
+
+    async def dear(command: Any, **kwargs: Any) -> Any:
+        result = await propose(command, **kwargs)
+        end = time.perf_counter() + 0.002 * len(getattr(command, "operations", ()))
+        while time.perf_counter() < end:  # holds the event loop, as applying does on a single node
+            pass
+        return result
+    monkeypatch.setattr(core.ops, "propose_holding", dear)
+    service.slice_seconds = []
+    waits: list[float] = []
+    pushed = trio.Event()
+
+    async def local_creates() -> None:  # one every millisecond, if the loop lets it: how late each is
+        last = time.perf_counter()
+        for i in itertools.count():
+            await trio.sleep(0.001)
+            await core.ops.mknod(ROOT_INO, b"local%d" % i, stat.S_IFREG | 0o644, 0, 0, 0)
+            waits.append(time.perf_counter() - last)
+            last = time.perf_counter()
+            if pushed.is_set():
+                return
+
+    peer = Peer()
+    ops, inline, data, files = small_files(peer, 20)  # the first push: its first slices are timed
+    await service.push({**push_header(None, ops), "inline": inline}, memoryview(data))
+    timed = len(service.slice_seconds)
+    more, inline, data, files = small_files(peer, 100, first=20)  # 300 operations: 0.6 s of applying
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(local_creates)
+        await trio.sleep(0.005)
+        reply = await service.push({**push_header(ops[-1].stamp, more), "inline": inline}, memoryview(data))
+        pushed.set()
+    assert Stamp.unpack(bytes.fromhex(reply["applied"])) == more[-1].stamp
+    for name, body in files.items():
+        assert await file_bytes(core, name) == body
+    slices = sorted(service.slice_seconds[timed:])
+    assert len(slices) >= 20 and slices[len(slices) // 2] < 2.5 * SLICE_BUDGET_S, service.slice_seconds
+    assert len(waits) >= len(slices) // 2, f"{len(waits)} local creates while {len(slices)} slices applied"
+    assert max(waits) < 10 * SLICE_BUDGET_S, (max(waits), service.slice_seconds)  # 128 at once: 256 ms
+
+
+async def test_a_push_answer_counts_what_the_peer_has_not_applied_at_most_once_a_second(
+        receiver: tuple[Core, SiteService], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The answer to a push carries how many of this site's operations the other site has not
+    applied (its `site status` shows them): a count that walks this site's outbox up to the
+    peer's cursor, thousands long in a two-sided catch-up. Pushes answered back to back count
+    once, and the figure is the outbox's."""
+    core, service = receiver
+    for i in range(5):
+        await core.ops.mknod(ROOT_INO, b"mine%d" % i, stat.S_IFREG | 0o644, 0, 0, 0)
+    await core.meta.propose(c.FoldCapture(64))
+    counted = 0
+    site_pending = core.meta.site_pending
+
+    def counting(after: Stamp | None) -> int:
+        nonlocal counted
+        counted += 1
+        return site_pending(after)
+    monkeypatch.setattr(core.meta, "site_pending", counting)
+    peer, after, replies = Peer(), None, []
+    for n in range(5):
+        ops, inline, data, _ = small_files(peer, 2, first=10 * n)
+        replies.append(await service.push({**push_header(after, ops), "inline": inline}, memoryview(data)))
+        after = ops[-1].stamp
+    assert counted == 1, counted
+    assert [reply["pending"] for reply in replies] == [site_pending(None)] * 5 and site_pending(None) >= 10

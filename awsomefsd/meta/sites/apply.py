@@ -30,7 +30,7 @@ from awsomefsd.meta.errors import FsError
 from awsomefsd.meta.records import MAX_FILE_SIZE_BYTES, Applied, Extent, Inode, blocks_for, u64
 from awsomefsd.meta.sites.conflicts import UNCHANGED
 from awsomefsd.meta.sites.tables import ATTRS, CAPTURE_PAUSED, CONTENT, XATTR, scan, scan_from
-from awsomefsd.meta.sites.tree import Dirty, ReorderingIndex, TableTree
+from awsomefsd.meta.sites.tree import Dirty, TableTree
 from awsomefsd.meta.sites.view import SiteView
 
 
@@ -45,9 +45,11 @@ class SiteApply(SiteView):
         """Apply a batch of the peer's operations, all or none (`_all_or_none`): an operation can
         be refused after others wrote (the batch is checked first, but state that breaks an
         invariant shows only when it is met)."""
-        self.reordering = ReorderingIndex()
+        self.reordering = index = self.resume_index(txn)
         try:
-            return self._all_or_none(txn, lambda nested: self._apply_remote(nested, cmd))
+            applied = self._all_or_none(txn, lambda nested: self._apply_remote(nested, cmd))
+            self.keep_index(txn, index)
+            return applied
         finally:
             self.reordering = None  # of this transaction only
             self.clock_later = False

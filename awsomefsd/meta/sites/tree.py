@@ -67,6 +67,21 @@ class ReorderingIndex:
                 del self.stamps[at]
 
 
+@dataclass(slots=True)
+class _IndexKept:
+    """A batch's `ReorderingIndex` kept for the next batch (`SiteTree.resume_index`), with what
+    tells whether the log is still the one it describes."""
+
+    seen: bytes
+    """The `seen` row the batch left: only a state that holds that batch's writes continues it
+    (one whose transaction aborted, or replayed before it, shows an older one)."""
+    high: bytes
+    """The greatest key the log held then: later keys are the entries appended since."""
+    entries: int
+    """How many entries the log held then."""
+    index: ReorderingIndex
+
+
 class TableTree:
     """The replicated tree's TreeState and TreeLog on the site tables, within one transaction."""
 
@@ -120,7 +135,8 @@ class TableTree:
         index = self.t.reordering
         if index is not None and index.start is not None and stamp >= index.start:
             return index
-        fresh = ReorderingIndex(stamp, _parents_from(self.txn, self.t.db["slog"], stamp.pack()))
+        fresh = ReorderingIndex(stamp)
+        _parents_from(self.txn, self.t.db["slog"], stamp.pack(), fresh.parents)
         if index is not None:  # a batch applies: keep it, and keep it current
             index.start, index.parents, index.stamps = fresh.start, fresh.parents, None
             return index
@@ -198,6 +214,36 @@ class SiteTree(SiteRecords):
 
     reordering: ReorderingIndex | None = None
     """Set while a batch of the peer's operations applies (`SiteApply.apply_remote`)."""
+    _index_kept: _IndexKept | None = None
+    """The last batch's index (`keep_index`), for the next batch (`resume_index`)."""
+
+    def resume_index(self, txn: lmdb.Transaction[bytes]) -> ReorderingIndex:
+        """The index a batch of the peer's operations starts with: the last batch's, brought up to
+        date, when the log changed since only by entries appended after it (local moves; a
+        batch that had to read the log since its first stamp otherwise read it again at every
+        slice of a catch-up: the whole backlog each time, issue 47); else an empty one. Kept
+        only while this state holds that batch's writes (its `seen`) and the log's count is that
+        batch's plus the entries appended: anything else (a forget, an abort, a relink) reads
+        the log afresh. The nodes named a parent may include some no longer named (that costs
+        undo, never a different result: `TreeLog.parent_since`); the reordering stamps, which
+        must be exact, gain the appended entries that reorder (all later than every stamp they
+        hold: the list stays in order)."""
+        kept, self._index_kept = self._index_kept, None
+        if kept is None or kept.index.start is None or txn.get(b"seen", db=self.meta) != kept.seen:
+            return ReorderingIndex()
+        db = self.db["slog"]
+        appended = _parents_from(txn, db, kept.high, kept.index.parents, after=True, reorders=kept.index.stamps)
+        if txn.stat(db)["entries"] != kept.entries + appended:
+            return ReorderingIndex()
+        return kept.index
+
+    def keep_index(self, txn: lmdb.Transaction[bytes], index: ReorderingIndex) -> None:
+        """After a batch applied in `txn` (none of it refused): keep its index for the next."""
+        seen = txn.get(b"seen", db=self.meta)
+        cursor = txn.cursor(self.db["slog"])
+        if index.start is None or seen is None or not cursor.last():
+            return
+        self._index_kept = _IndexKept(bytes(seen), bytes(cursor.key()), txn.stat(self.db["slog"])["entries"], index)
 
     def at_site_paths_level(self, txn: lmdb.Transaction[bytes]) -> bool:
         """Does this site follow the rules of `c.SITE_PATHS_LEVEL` (the moves on a path into TRASH
@@ -368,21 +414,26 @@ _PARENT_AT = 2 + PACKED_BYTES + 16  # a packed entry without a placement before:
 _NAME_LENGTH_AT = 2 + 16 + PACKED_BYTES  # with one: the length of that placement's name
 
 
-def _parents_from(txn: lmdb.Transaction[bytes], db: Any, start: bytes) -> set[bytes]:
-    """`crdt.tree.parents_named` of every log entry from `start` on, read from the packed entries
-    without decoding the rest (a catch-up's batch reads the whole log since its first stamp)."""
-    parents: set[bytes] = set()
+def _parents_from(txn: lmdb.Transaction[bytes], db: Any, start: bytes, parents: set[bytes], *,
+                  after: bool = False, reorders: list[bytes] | None = None) -> int:
+    """Add to `parents` `crdt.tree.parents_named` of every log entry from `start` on (`after`:
+    past it), read from the packed entries without decoding the rest, and to `reorders` the
+    keys of those that `reorders`; returns how many entries it read."""
     cursor = txn.cursor(db)
-    if not cursor.set_range(start):
-        return parents
-    for raw in cursor.iternext(keys=False, values=True):
+    if not cursor.set_range(start) or (after and cursor.key() == start and not cursor.next()):
+        return 0
+    read = 0
+    for key, raw in cursor.iternext(keys=True, values=True):
+        read += 1
+        if reorders is not None and _reorders(raw):
+            reorders.append(bytes(key))
         if raw[1]:  # a placement before: its parent, then the move's after that placement's name
             parents.add(raw[2:18])
             at = _PARENT_AT + _BEFORE.size + int.from_bytes(raw[_NAME_LENGTH_AT:_NAME_LENGTH_AT + 2], "big")
             parents.add(raw[at:at + 16])
         else:
             parents.add(raw[_PARENT_AT:_PARENT_AT + 16])
-    return parents
+    return read
 
 
 def _log_entry(raw: bytes) -> LogEntry:
