@@ -36,8 +36,7 @@ async def _written_and_closed(core: Core, name: bytes, data: bytes) -> int:
 
 @pytest.fixture
 def core(tmp_path: Path) -> Iterator[Core]:
-    """The unit tests' single node with `[data] batch_closed_files` on (the default: attached
-    again, as these tests need it)."""
+    """The unit tests' single node with `[data] batch_closed_files` on (off by default)."""
     core = open_core(settings_for(tmp_path))
     assert isinstance(core.log, LocalLog)
     core.data.batch.attach(core.log)
