@@ -21,7 +21,7 @@ from awsomefsd.meta.records import ROOT_INO
 from awsomefsd.meta.sites import tree
 from awsomefsd.meta.sites.tree import ReorderingIndex, SiteTree
 from tests.repl.test_apply_short_path import catch_up
-from tests.repl.test_sites_fold import tables
+from tests.repl.test_sites_fold import tables_that_differ
 from tests.repl.test_sites_sm import Site, linked_pair, run, ship
 from tests.support import seeds
 
@@ -153,11 +153,7 @@ def differing(tmp_path: Path, workload: Any, seed: int, monkeypatch: pytest.Monk
     with monkeypatch.context() as patched:
         patched.setattr(SiteTree, "resume_index", lambda self, txn: ReorderingIndex())
         fresh = workload(tmp_path / "fresh", seed)
-    differ = []
-    for name, one, other in zip("ab", carried, fresh, strict=True):
-        left, right = tables(one), tables(other)
-        differ += [f"site {name}, table {table}" for table in left if left[table] != right[table]]
-    return differ
+    return tables_that_differ(carried, fresh)
 
 
 @pytest.mark.parametrize("seed", SEEDS)

@@ -51,6 +51,15 @@ def tables(site: Site) -> dict[str, list[tuple[bytes, bytes]]]:
                                   for name, db in sorted(site.store.db.items())})
 
 
+def tables_that_differ(one: tuple[Site, Site], other: tuple[Site, Site]) -> list[str]:
+    """The tables of two runs' site pairs (a, b) whose rows differ."""
+    differ = []
+    for name, left_site, right_site in zip("ab", one, other, strict=True):
+        left, right = tables(left_site), tables(right_site)
+        differ += [f"site {name}, table {table}" for table in left if left[table] != right[table]]
+    return differ
+
+
 def folded_head(site: Site) -> Stamp | None:
     """The head capture at once acknowledges with. One that leaves out what waits for a fold is
     as safe (those records saw everything acknowledged, and are stamped after it: the link's
@@ -66,11 +75,7 @@ def both_ways(tmp_path: Path, seed: int, monkeypatch: pytest.MonkeyPatch) -> lis
     with monkeypatch.context() as patched:
         patched.setattr(SiteCapture, "folds_later", lambda self, txn: False)
         at_once = run(tmp_path / "at-once", seed, make=make)
-    differ = []
-    for name, one, other in ((n, s1, s2) for n, s1, s2 in zip("ab", later, at_once, strict=True)):
-        left, right = tables(one), tables(other)
-        differ += [f"site {name}, table {table}" for table in left if left[table] != right[table]]
-    return differ
+    return tables_that_differ(later, at_once)
 
 
 @pytest.mark.parametrize("seed", SEEDS)

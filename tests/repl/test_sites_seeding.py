@@ -26,9 +26,7 @@ from awsomefsd.meta.sites.seeding import SiteSeeding
 from tests.repl.test_sites_sm import (
     Site,
     apply_refusable,
-    conflict_keys,
-    conflicts_folder,
-    kept_copies,
+    assert_sites_agree,
     random_command,
     ship,
     unreachable_inodes,
@@ -102,12 +100,7 @@ def run(tmp_path: Path, seed: int, *, before: int = 100, steps: int = 300) -> tu
 def converged(a: Site, b: Site, seed: int) -> None:
     for site in (a, b):
         assert not unseeded(site), f"seed {seed}: entries the walk never seeded: {unseeded(site)[:5]}"
-    unlinked = [{path: fields[:4] + fields[5:] for path, fields in site.snapshot().items()} for site in (a, b)]
-    differ = sorted(set(unlinked[0].items()) ^ set(unlinked[1].items()))
-    assert not differ, f"seed {seed}: the sites differ at {differ[:6]}"
-    assert conflict_keys(a) == conflict_keys(b), f"seed {seed}: the sites list different conflicts"
-    assert kept_copies(a) == kept_copies(b), f"seed {seed}: the sites keep different losing contents"
-    assert conflicts_folder(a) == conflicts_folder(b), f"seed {seed}: /.conflicts differs"
+    assert_sites_agree(a, b, seed)
     for _ in range(3):
         ship(a, b, forget=True)
         ship(b, a, forget=True)

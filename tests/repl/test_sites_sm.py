@@ -306,6 +306,18 @@ def run(tmp_path: Path, seed: int, steps: int = 150, *, site_class: type[Site] =
     return a, b
 
 
+def assert_sites_agree(a: Site, b: Site, seed: int) -> None:
+    """Both sites show the same tree (link counts aside), list the same conflicts and keep the
+    same losing contents. A file's link count includes a name inside a deleted directory until the
+    directory is released, which each site does when it forgets the delete: compared once both have."""
+    unlinked = [{path: fields[:4] + fields[5:] for path, fields in site.snapshot().items()} for site in (a, b)]
+    differ = sorted(set(unlinked[0].items()) ^ set(unlinked[1].items()))
+    assert not differ, f"seed {seed}: the sites differ at {differ[:6]}"
+    assert conflict_keys(a) == conflict_keys(b), f"seed {seed}: the sites list different conflicts"
+    assert kept_copies(a) == kept_copies(b), f"seed {seed}: the sites keep different losing contents"
+    assert conflicts_folder(a) == conflicts_folder(b), f"seed {seed}: /.conflicts differs"
+
+
 def conflict_keys(site: Site) -> set[tuple[str, str]]:
     """The open conflicts: (kind, losing version). Which ones were open for a while and settled
     since depends on the order things arrived in, so only the open ones must agree."""
@@ -345,14 +357,7 @@ def test_two_sites_converge_under_many_more_random_seeds(tmp_path: Path) -> None
 @pytest.mark.parametrize("seed", SEEDS)
 def test_two_sites_converge_under_random_namespace_and_attribute_changes(tmp_path: Path, seed: int) -> None:
     a, b = run(tmp_path, seed)
-    # A file's link count includes a name inside a deleted directory until the directory is
-    # released, which each site does when it forgets the delete: compared once both have.
-    unlinked = [{path: fields[:4] + fields[5:] for path, fields in site.snapshot().items()} for site in (a, b)]
-    differ = sorted(set(unlinked[0].items()) ^ set(unlinked[1].items()))
-    assert not differ, f"seed {seed}: the sites differ at {differ[:6]}"
-    assert conflict_keys(a) == conflict_keys(b), f"seed {seed}: the sites list different conflicts"
-    assert kept_copies(a) == kept_copies(b), f"seed {seed}: the sites keep different losing contents"
-    assert conflicts_folder(a) == conflicts_folder(b), f"seed {seed}: /.conflicts differs"
+    assert_sites_agree(a, b, seed)
     for _ in range(3):  # quiet now: both sites forget everything, and release what was deleted
         ship(a, b, forget=True)
         ship(b, a, forget=True)
