@@ -284,13 +284,14 @@ class FileData:
         """Write the file's dirty bytes and commit their mapping; raise a deferred write error."""
         await self.flusher.flush(ino)
 
-    async def commit_before_peer(self, ino: int) -> None:
-        """Commit the file's buffered writes (a file still open, a close left to the batch) before
-        another site's version of its content is applied here: flushed after it, they would land on
-        top of it as a change that saw it, and the other site's write would be neither shown nor
-        kept as a conflict. An error is kept for the file's next fsync or close, as the background
-        flusher keeps it: no application waits for this flush."""
-        await self.flusher.flush_keeping_error(ino)
+    async def commit_before_peer(self, st: FileState) -> None:
+        """Commit the file's buffered writes (a file still open, a close left to the batch), its
+        state locked by the caller, before another site's version of its content is applied here:
+        flushed after it, they would land on top of it as a change that saw it, and the other
+        site's write would be neither shown nor kept as a conflict. An error is kept for the file's
+        next fsync or close, as the background flusher keeps it: no application waits for this."""
+        if st.dirty:
+            await self.flusher.flush_held_keeping_error(st)
 
     async def flush_all(self) -> None:
         await self.batch.write_pending()

@@ -162,17 +162,21 @@ class Flusher:
         if ino not in self.buffer.files:
             return
         async with self.buffer.locked(ino) as st:
-            try:
-                await self.flush_held(st)
-            except FsError as exc:
-                if isinstance(exc.__cause__, (WriteFencedError, StoreUnavailable)):
-                    # the data is still buffered and the next flush retries it: no deferred error
-                    log.debug("background flush of inode %d deferred: %s", ino, exc)
-                    return
-                # Kept for the application's next fsync or close, stored while the state is
-                # pinned: a state holding an error is not idle, so it is not dropped with it.
-                st.error = exc
-                log.warning("background flush of inode %d failed: %s", ino, exc)
+            await self.flush_held_keeping_error(st)
+
+    async def flush_held_keeping_error(self, st: FileState) -> None:
+        """`flush_keeping_error` with the file's state pinned and its lock held."""
+        try:
+            await self.flush_held(st)
+        except FsError as exc:
+            if isinstance(exc.__cause__, (WriteFencedError, StoreUnavailable)):
+                # the data is still buffered and the next flush retries it: no deferred error
+                log.debug("background flush of inode %d deferred: %s", st.ino, exc)
+                return
+            # Kept for the application's next fsync or close, stored while the state is
+            # pinned: a state holding an error is not idle, so it is not dropped with it.
+            st.error = exc
+            log.warning("background flush of inode %d failed: %s", st.ino, exc)
 
 
 def _flush_batches(runs: list[Run]) -> list[list[Run]]:

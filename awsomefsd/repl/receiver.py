@@ -441,12 +441,11 @@ class Receiver(DeltaBases):
         """The files whose content a batch replaces, locked as a flush locks them: a compaction
         reading a file's blocks would otherwise commit its copy of the old bytes over the new."""
         inos = sorted({ino for op in contents if (ino := self.meta.site_inode_of(op.object)) is not None})
-        for ino in inos:  # what was written here first is its own version, judged against the peer's
-            if self.data.has_buffered(ino):
-                await self.data.commit_before_peer(ino)
         async with contextlib.AsyncExitStack() as stack:
             for ino in inos:  # in order: two batches never wait on each other's files
-                await stack.enter_async_context(self.data.buffer.locked(ino))
+                st = await stack.enter_async_context(self.data.buffer.locked(ino))
+                # what was written here first is its own version, judged against the peer's
+                await self.data.commit_before_peer(st)
             yield
 
     def _drop_applied_stagings(self, contents: list[o.ContentSet]) -> None:
