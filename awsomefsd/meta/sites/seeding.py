@@ -156,16 +156,24 @@ class SiteSeeding(SiteCapture):
                 return False, last, looked, seeded
             looked += 1
             last = name
-            if child in _OUTSIDE or self._node_shown_at(txn, directory, name) is not None:
-                continue  # seeded already (on demand, or a create captured since), or not the peer's
-            below = self.ns.get_inode(txn, child)
-            if below is None or below.volume != inode.volume:
-                continue
-            if below.is_dir and self.object_of(txn, child) is not None:
-                continue  # a directory's one entry is shown where it is (never two names)
-            self._seed_entry(txn, directory, name, below, now_ns)
-            seeded += 1
+            below = self._unseeded(txn, directory, inode.volume, name, child)
+            if below is not None:
+                self._seed_entry(txn, directory, name, below, now_ns)
+                seeded += 1
         return True, last, looked, seeded
+
+    def _unseeded(self, txn: lmdb.Transaction[bytes], parent: int, volume: int, name: bytes,
+                  child: int) -> Inode | None:
+        """The inode at `name` in the peer's directory `parent` (of `volume`) when that entry still
+        needs its seed; None when it is shown there already (seeded on demand, or a create captured
+        since), is not the peer's (a special directory, another volume), or is a directory seeded
+        by another path (a directory's one entry is shown where it is: never two names)."""
+        if child in _OUTSIDE or self._node_shown_at(txn, parent, name) is not None:
+            return None
+        inode = self.ns.get_inode(txn, child)
+        if inode is None or inode.volume != volume or (inode.is_dir and self.object_of(txn, child) is not None):
+            return None
+        return inode
 
     def _names_after(self, txn: lmdb.Transaction[bytes], directory: int,
                      after: bytes | None) -> Iterator[tuple[bytes, int]]:
@@ -245,12 +253,9 @@ class SiteSeeding(SiteCapture):
     def _seed_name(self, txn: lmdb.Transaction[bytes], parent: int, name: bytes, now_ns: int) -> None:
         """Seed the entry at `name` in the peer's directory `parent`, unless it is shown already."""
         child = self.ns.lookup(txn, parent, name)
-        if child is None or child in _OUTSIDE or self._node_shown_at(txn, parent, name) is not None:
-            return
-        inode = self.ns.require_inode(txn, child)
-        if inode.volume != self.ns.require_inode(txn, parent).volume:
-            return
-        if inode.is_dir and self.object_of(txn, child) is not None:
+        inode = None if child is None else self._unseeded(txn, parent, self.ns.require_inode(txn, parent).volume,
+                                                          name, child)
+        if inode is None:
             return
         self._seed_entry(txn, parent, name, inode, now_ns)
         self._count_seeded(txn)
