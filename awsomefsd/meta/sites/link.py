@@ -55,15 +55,13 @@ class SiteTables(SiteBound, SiteForget, SiteResolve):
         before = txn.stat(self.db["soutbox"])["entries"]
         if kept == cmd.peer:
             self.relink(txn, cmd.now_ns)
-        elif self.streams_seed(txn):  # the walk in slices (seeding.py): SeedSite does the rest
-            self._set_ids(txn, ROOT_INO, ROOT)
-            self.start_seeding(txn, cmd.now_ns)
         else:
             self._set_ids(txn, ROOT_INO, ROOT)
-            self._seed(txn, ROOT_INO, ROOT, cmd.now_ns)
+            self._seed_below(txn, ROOT_INO, ROOT, cmd.now_ns)  # from c.SEED_LEVEL on: queued for the walk
             for number, record in self._sm.volumes.all(txn):
                 if record["kind"] == "volume":
                     self._capture_volume(txn, number, record, cmd.now_ns)
+            self.seed_first_slice(txn, cmd.now_ns)
         return int(txn.stat(self.db["soutbox"])["entries"]) - int(before)
 
     def update_link(self, txn: lmdb.Transaction[bytes], cmd: c.UpdateSiteLink) -> None:

@@ -38,7 +38,7 @@ from collections.abc import Iterator
 import lmdb
 
 from awsomefsd.meta import commands as c
-from awsomefsd.meta.records import CONFLICTS_INO, ROOT_INO, SNAPSHOTS_INO, VOLUMES_INO, Inode, read_u64, u64
+from awsomefsd.meta.records import CONFLICTS_INO, SNAPSHOTS_INO, VOLUMES_INO, Inode, read_u64, u64
 from awsomefsd.meta.sites.capture import SiteCapture
 from awsomefsd.meta.sites.tables import scan
 
@@ -65,14 +65,11 @@ class SiteSeeding(SiteCapture):
         member's build does: an older one seeds in the command and cannot decode SeedSite."""
         return self.at_level(txn, c.SEED_LEVEL)
 
-    def start_seeding(self, txn: lmdb.Transaction[bytes], now_ns: int) -> None:
-        """A first link at `c.SEED_LEVEL`: the root's directory is queued and so is each volume's
-        root (`_capture_volume`), then `LINK_SEEDS` entries are seeded here."""
-        self._queue_dir(txn, ROOT_INO)
-        for number, record in self._sm.volumes.all(txn):
-            if record["kind"] == "volume":
-                self._capture_volume(txn, number, record, now_ns)
-        self.seed(txn, LINK_SEEDS, now_ns)
+    def seed_first_slice(self, txn: lmdb.Transaction[bytes], now_ns: int) -> None:
+        """A first link at `c.SEED_LEVEL`, once the root's directory and each volume's root are
+        queued (`_seed_below`): `LINK_SEEDS` entries are seeded in the link's own command."""
+        if self.streams_seed(txn):
+            self.seed(txn, LINK_SEEDS, now_ns)
 
     def seeding(self, txn: lmdb.Transaction[bytes]) -> dict[str, int] | None:
         """The walk's progress (`site status`): entries seeded and directories left, or None when no
