@@ -34,8 +34,8 @@ from awsomefsd.io.fence import WriteFence
 from awsomefsd.meta import cluster_commands as cc
 from awsomefsd.meta import commands as c
 from awsomefsd.meta.client import MetaClient
-from awsomefsd.meta.commands import LOG_LEVEL
 from awsomefsd.meta.errors import FsError, certainly_not_applied
+from awsomefsd.meta.levels import LOG_LEVEL
 from awsomefsd.meta.raft import ConfChange, ConfChangeType
 from awsomefsd.meta.replication.fs_log import ReplicatedFsLog
 

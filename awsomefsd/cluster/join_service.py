@@ -43,7 +43,7 @@ from awsomefsd.cluster.generated import join_pb2, join_pb2_grpc
 from awsomefsd.cluster.tls import NodeCredentials, channel_options
 from awsomefsd.cluster.token import NONCE_BYTES, JoinToken, TokenVerifier
 from awsomefsd.config.addresses import split_host_port
-from awsomefsd.meta.commands import BASE_LOG_LEVEL, LOG_LEVEL
+from awsomefsd.meta.levels import BASE_LOG_LEVEL, LOG_LEVEL
 from awsomefsd.rpc.bridge import Binding, RpcAbort
 
 log = logging.getLogger(__name__)

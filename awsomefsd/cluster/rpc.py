@@ -19,7 +19,7 @@ from typing import Any
 
 import grpc
 
-from awsomefsd.meta.commands import BASE_LOG_LEVEL, LOG_LEVEL
+from awsomefsd.meta.levels import BASE_LOG_LEVEL, LOG_LEVEL
 from awsomefsd.meta.replication.driver import RaftNode
 from awsomefsd.meta.replication.forwarding import FORWARD_METHOD, serve_forward
 from awsomefsd.rpc.bridge import Binding, RpcAbort, unary_call
@@ -54,7 +54,7 @@ class MemberService:
         return json.dumps(self.progress(), sort_keys=True).encode()
 
     async def LogLevel(self, request: bytes, context: grpc.ServicerContext) -> bytes:
-        """The newest commands this member's build decodes (meta/commands.py LOG_LEVEL), for the
+        """The newest commands this member's build decodes (meta/levels.py LOG_LEVEL), for the
         leader that raises the cluster's level after a rolling upgrade."""
         return LOG_LEVEL.to_bytes(4, "big")
 

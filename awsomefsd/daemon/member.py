@@ -81,7 +81,7 @@ from awsomefsd.io.fence import WriteFence
 from awsomefsd.meta import cluster_commands as cc
 from awsomefsd.meta import commands as c
 from awsomefsd.meta.client import MetaClient
-from awsomefsd.meta.commands import LOG_LEVEL
+from awsomefsd.meta.levels import LOG_LEVEL
 from awsomefsd.meta.replication.forwarding import Forwarder
 from awsomefsd.meta.replication.fs_log import ReplicatedFsLog
 from awsomefsd.meta.replication.settings import NodeSettings

@@ -19,7 +19,7 @@ from awsomefsd.meta.records import MAX_FILE_SIZE_BYTES, MAX_RANGE_BLOCKS
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
 FALLOC_FL_ZERO_RANGE = 0x10
-UPGRADING = "not every member's build decodes it yet (a rolling upgrade is under way; meta/commands.py LOG_LEVEL)"
+UPGRADING = "not every member's build decodes it yet (a rolling upgrade is under way; meta/levels.py LOG_LEVEL)"
 ZEROS_PER_WRITE = 1 << 20
 
 

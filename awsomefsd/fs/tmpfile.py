@@ -23,7 +23,7 @@ from awsomefsd.meta.records import Inode, check_name, check_new_inode
 if TYPE_CHECKING:
     from awsomefsd.fs.operations import Operations
 
-UPGRADING = "O_TMPFILE waits for every member's build (a rolling upgrade is under way; meta/commands.py LOG_LEVEL 13)"
+UPGRADING = "O_TMPFILE waits for every member's build (a rolling upgrade is under way; meta/levels.py LOG_LEVEL 13)"
 
 
 async def tmpfile(ops: Operations, parent: int, mode: int, flags: int, uid: int, gid: int) -> tuple[int, Inode]:

@@ -33,9 +33,10 @@ import trio
 from awsomefsd.crdt.hlc import Stamp
 from awsomefsd.meta.ahead import AheadLog
 from awsomefsd.meta.cluster_sm import member_from_record
-from awsomefsd.meta.commands import BASE_LOG_LEVEL, LOG_LEVEL, Command, R, level_of
+from awsomefsd.meta.commands import Command, R, level_of
 from awsomefsd.meta.filemap import all_extents, extents_in
 from awsomefsd.meta.freespace import FreeSpaceMap
+from awsomefsd.meta.levels import BASE_LOG_LEVEL, LOG_LEVEL
 from awsomefsd.meta.log import ReplicatedLog
 from awsomefsd.meta.namespace import Namespace
 from awsomefsd.meta.records import (
@@ -380,7 +381,7 @@ class MetaClient:
         return ClusterInfo(cert, key, verifier, 3 if target is None else int.from_bytes(target, "big"))
 
     def log_level(self) -> int:
-        """The newest commands every member decodes (meta/commands.py, LOG_LEVEL); a single node's
+        """The newest commands every member decodes (meta/levels.py, LOG_LEVEL); a single node's
         is its own build's."""
         txn = self._view()
         cluster = self._sm.cluster

@@ -23,6 +23,7 @@ import lmdb
 
 from awsomefsd.meta import cluster_commands as cc
 from awsomefsd.meta import commands as c
+from awsomefsd.meta import levels
 from awsomefsd.meta.errors import FsError
 from awsomefsd.meta.records import Member, u64
 
@@ -30,10 +31,6 @@ MAX_MEMBERS = 1024
 LINK_MAX = 65_000
 """ext4's EXT4_LINK_MAX: a file's hard links stop there (EMLINK), and so did a directory's
 subdirectories (2 + 64,998) before UNLIMITED_SUBDIRS_LEVEL."""
-UNLIMITED_SUBDIRS_LEVEL = 12
-"""From this cluster log level on, mkdir has no subdirectory limit, as ext4 with `dir_nlink`
-(its default). It changes what an applied Mknod does, so a member on an older build, which
-refuses the 64,999th, must not apply the same log: the level waits for every member's build."""
 MAX_NLINK = (1 << 32) - 1
 """The inode stores its link count in 32 bits."""
 MAX_CLAIM_GROUPS = 64
@@ -155,13 +152,13 @@ class ClusterTables:
         self._put(txn, cmd.node, record)
 
     def log_level(self, txn: lmdb.Transaction[bytes]) -> int | None:
-        """The cluster's log level (meta/commands.py, LOG_LEVEL); None if it never recorded one."""
+        """The cluster's log level (meta/levels.py, LOG_LEVEL); None if it never recorded one."""
         raw = txn.get(b"log_level", db=self.meta_db)
         return None if raw is None else int.from_bytes(raw, "big")
 
     def dir_link_limit(self, txn: lmdb.Transaction[bytes]) -> int:
         """The link count at which a directory takes no more subdirectories (mkdir: EMLINK)."""
-        if self.initialised(txn) and (self.log_level(txn) or c.BASE_LOG_LEVEL) < UNLIMITED_SUBDIRS_LEVEL:
+        if self.initialised(txn) and (self.log_level(txn) or levels.BASE_LOG_LEVEL) < levels.UNLIMITED_SUBDIRS_LEVEL:
             return LINK_MAX
         return MAX_NLINK
 

@@ -33,7 +33,7 @@ OSError), which are this node's alone; refusing a command for those would make r
 
 class LogAheadOfBuild(Exception):
     """The replicated log holds what this build cannot decode: the cluster runs a newer build (its
-    log level, meta/commands.py LOG_LEVEL, is above this one's), so this member was downgraded.
+    log level, meta/levels.py LOG_LEVEL, is above this one's), so this member was downgraded.
     It cannot apply the log past that entry; the daemon stops with this one-line reason
     (awsomefsd/duty.py) rather than a traceback."""
 

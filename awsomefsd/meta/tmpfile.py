@@ -8,7 +8,7 @@ start-up purge deletes it after a crash (node.py `purge_orphans`; a cluster memb
 it may take a name (linkat(2), `LinkTmpfile`), which takes it off the orphan list for good.
 An inode unlinked while open never gets the mark: linking it stays ENOENT, as on ext4.
 
-Both commands are new (log level 13, meta/commands.py LOG_LEVEL): a member on an older build
+Both commands are new (log level 13, meta/levels.py LOG_LEVEL): a member on an older build
 cannot decode them, so no member proposes them before every member's build can.
 """
 

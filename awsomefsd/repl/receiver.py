@@ -33,6 +33,7 @@ from awsomefsd.crdt.hlc import EPOCH, ClockDrift, Stamp, check_drift
 from awsomefsd.io.checksum import crc32c
 from awsomefsd.io.layout import BLOCK_SIZE
 from awsomefsd.meta import commands as c
+from awsomefsd.meta import levels
 from awsomefsd.meta.errors import Delegated, FsError
 from awsomefsd.meta.records import Applied, Extent
 from awsomefsd.repl import delta
@@ -278,7 +279,7 @@ class Receiver(DeltaBases):
             stamps.append(op.stamp)
             if isinstance(op, o.ContentSet):
                 contents.append(op)
-            if isinstance(op, o.VolumeSet) and self.meta.log_level() < c.VOLUMES_LEVEL:
+            if isinstance(op, o.VolumeSet) and self.meta.log_level() < levels.VOLUMES_LEVEL:
                 raise RpcAbort(grpc.StatusCode.UNAVAILABLE, "a volume arrived while not every member of this "
                                                             "cluster takes volumes yet (an upgrade under way)")
         if len({op.stamp for op in contents}) != len(contents):

@@ -29,7 +29,7 @@ from awsomefsd.cluster.join_service import (
 )
 from awsomefsd.cluster.tls import join_server_credentials
 from awsomefsd.cluster.token import JoinToken
-from awsomefsd.meta.commands import LOG_LEVEL
+from awsomefsd.meta.levels import LOG_LEVEL
 from tests.cluster.conftest import issue_node, served
 from tests.cluster.test_tls import call, guarded_probe
 

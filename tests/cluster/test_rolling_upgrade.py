@@ -1,5 +1,5 @@
 """A rolling upgrade of a real cluster, from the last build before the cluster log level existed
-(meta/commands.py, LOG_LEVEL): members on the old build decode commands up to tag 32, the new build
+(meta/levels.py, LOG_LEVEL): members on the old build decode commands up to tag 32, the new build
 adds PunchHole and CloneRange. While any member runs the old build no member may propose them (it
 would stop applying the log at the first), so punching a hole answers EOPNOTSUPP and
 copy_file_range leaves the copy to the kernel; once every member runs the new build, the leader
@@ -24,7 +24,7 @@ import pytest
 from awsomefsd.cli.devcluster.network import PrivateNetwork
 from awsomefsd.meta import commands as c
 from awsomefsd.meta.bootstrap import open_metadata
-from awsomefsd.meta.commands import LOG_LEVEL
+from awsomefsd.meta.levels import LOG_LEVEL
 from tests.support.cluster import Cluster, Node, cluster_in
 from tests.support.daemon import REPO, wait_for
 from tests.support.fsx import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, fallocate

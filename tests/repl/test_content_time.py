@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from awsomefsd.meta import commands as c
+from awsomefsd.meta import levels
 from awsomefsd.meta.records import ROOT_INO, Extent
 from tests.repl.test_sites_sm import Site, blocks_of, linked_pair, ship, write
 
@@ -32,9 +33,9 @@ def at_level(site: Site, level: int) -> None:
 
 
 @pytest.mark.parametrize(("level", "mtime", "winner"), [
-    (c.CONTENT_TIME_LEVEL, "written", "b"),
-    (c.CONTENT_TIME_LEVEL - 1, "written", "a"),  # a cluster with a member on an older build: as before
-    (c.CONTENT_TIME_LEVEL, "set long ago", "a"),  # a time the application set is no write's
+    (levels.CONTENT_TIME_LEVEL, "written", "b"),
+    (levels.CONTENT_TIME_LEVEL - 1, "written", "a"),  # a cluster with a member on an older build: as before
+    (levels.CONTENT_TIME_LEVEL, "set long ago", "a"),  # a time the application set is no write's
 ], ids=["stamped-when-written", "below-the-level", "a-set-time"])
 def test_a_write_committed_after_a_later_write_on_the_other_site_loses_to_it(
         tmp_path: Path, level: int, mtime: str, winner: str) -> None:

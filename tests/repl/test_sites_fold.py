@@ -25,7 +25,7 @@ import pytest
 
 from awsomefsd.crdt.hlc import Stamp
 from awsomefsd.meta import commands as c
-from awsomefsd.meta import state_machine
+from awsomefsd.meta import levels, state_machine
 from awsomefsd.meta.records import ROOT_INO
 from awsomefsd.meta.sites import capture
 from awsomefsd.meta.sites.capture import SiteCapture
@@ -121,7 +121,7 @@ def test_planted_bug_folding_newest_first_is_caught(tmp_path: Path, monkeypatch:
     assert any_seed_differs(tmp_path, monkeypatch)
 
 
-@pytest.mark.parametrize("level", [c.FOLD_LEVEL - 1, c.FOLD_LEVEL])
+@pytest.mark.parametrize("level", [levels.FOLD_LEVEL - 1, levels.FOLD_LEVEL])
 def test_a_cluster_records_for_a_fold_only_once_every_member_does(tmp_path: Path, level: int) -> None:
     """A member on an older build captures in the command and cannot decode FoldCapture: until
     every member runs this build (the cluster's log level, FOLD_LEVEL), every replica captures
@@ -133,7 +133,7 @@ def test_a_cluster_records_for_a_fold_only_once_every_member_does(tmp_path: Path
     a.apply(c.Mknod(ROOT_INO, b"f", a.new_ino(), stat.S_IFREG | 0o644, 0, 0, a.tick()))
     waiting = a.read(lambda txn: a.sm.sites.unfolded(txn))
     shipped = a.read(lambda txn: a.sm.sites.outbox(txn, None, 10))
-    assert (waiting, len(shipped)) == ((1, 0) if level >= c.FOLD_LEVEL else (0, 2))
+    assert (waiting, len(shipped)) == ((1, 0) if level >= levels.FOLD_LEVEL else (0, 2))
 
 
 # -- a create's rows written at once, and what the write path keeps per transaction -----------
@@ -227,12 +227,12 @@ class Traced(Site):
 
 def make_switching(rng: random.Random, site: Site, roll: float) -> object | None:
     """`make`'s workload, capture paused and resumed now and then (bound.py), and a site that is a
-    cluster below `c.FOLD_LEVEL` raised to this build's level: what `record` keeps per
+    cluster below `levels.FOLD_LEVEL` raised to this build's level: what `record` keeps per
     transaction changes in the middle of one."""
     if roll > 0.97:
         return c.PauseCapture(site.tick()) if rng.random() < 0.5 else c.ResumeCapture(site.tick())
     if roll > 0.96:
-        return c.SetLogLevel(c.LOG_LEVEL, ())
+        return c.SetLogLevel(levels.LOG_LEVEL, ())
     return make(rng, site, roll)
 
 
@@ -246,7 +246,7 @@ def traced_run(tmp_path: Path, seed: int, batched: bool) -> tuple[Traced, Traced
     a.commit()
     with a.store.env.begin(write=True) as txn:  # a is a cluster whose members ran an older build
         txn.put(b"ca_cert", b"-", db=a.store.db["meta"])
-        txn.put(b"log_level", (c.FOLD_LEVEL - 1).to_bytes(8, "big"), db=a.store.db["meta"])
+        txn.put(b"log_level", (levels.FOLD_LEVEL - 1).to_bytes(8, "big"), db=a.store.db["meta"])
     for _ in range(150):
         random_step(rng, a, b, make=make_switching)
     while ship(a, b) + ship(b, a):

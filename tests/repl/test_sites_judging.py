@@ -19,6 +19,7 @@ import pytest
 from awsomefsd.crdt import ops as o
 from awsomefsd.crdt.tree import TRASH
 from awsomefsd.meta import commands as c
+from awsomefsd.meta import levels
 from awsomefsd.meta.records import ROOT_INO
 from awsomefsd.meta.sites.tables import PATH_MOVE, scan
 from awsomefsd.meta.sites.tree import Dirty, TableTree
@@ -143,7 +144,7 @@ def test_a_volume_deleted_here_judges_the_files_in_it_as_the_other_site_does(tmp
     assert_edit_kept_alike(a, b, written)
 
 
-@pytest.mark.parametrize("level", [c.SITE_PATHS_LEVEL - 1, c.SITE_PATHS_LEVEL])
+@pytest.mark.parametrize("level", [levels.SITE_PATHS_LEVEL - 1, levels.SITE_PATHS_LEVEL])
 def test_a_cluster_keeps_path_moves_only_once_every_member_does(tmp_path: Path, level: int) -> None:
     """Members on an older build keep no PATH_MOVE rows and judge without them: until every
     member runs this build (the cluster's log level, SITE_PATHS_LEVEL), none keeps them, so the
@@ -154,7 +155,7 @@ def test_a_cluster_keeps_path_moves_only_once_every_member_does(tmp_path: Path, 
     with b.store.env.begin(write=True) as txn:  # b is a cluster at `level`
         txn.put(b"ca_cert", b"-", db=b.store.db["meta"])
         txn.put(b"log_level", level.to_bytes(8, "big"), db=b.store.db["meta"])
-    assert b.read(b.sm.sites.at_site_paths_level) == (level >= c.SITE_PATHS_LEVEL)
+    assert b.read(b.sm.sites.at_site_paths_level) == (level >= levels.SITE_PATHS_LEVEL)
     d = b.new_ino()
     b.apply(c.Mknod(ROOT_INO, b"d", d, stat.S_IFDIR | 0o755, 0, 0, b.tick()))
     ship(b, a)
@@ -170,7 +171,7 @@ def test_a_cluster_keeps_path_moves_only_once_every_member_does(tmp_path: Path, 
     ship(b, a, count=0, forget=True)
     assert not in_log(b, placed) and in_log(b, removal)
     kept = b.read(lambda txn: sum(1 for _ in scan(txn, b.sm.sites.meta, PATH_MOVE)))
-    assert kept == (1 if level >= c.SITE_PATHS_LEVEL else 0)
+    assert kept == (1 if level >= levels.SITE_PATHS_LEVEL else 0)
 
 
 def test_a_deleted_directory_waits_to_be_released_while_an_entry_below_it_moved_in_after(tmp_path: Path) -> None:

@@ -19,6 +19,7 @@ import pytest
 
 from awsomefsd.crdt import ops as o
 from awsomefsd.meta import commands as c
+from awsomefsd.meta import levels
 from awsomefsd.meta.errors import FsError
 from awsomefsd.meta.records import ROOT_INO, Extent
 from awsomefsd.meta.sites.relink import SiteRelink
@@ -336,7 +337,7 @@ def test_nothing_kept_grows_while_unlinked(tmp_path: Path) -> None:
     assert rows(a) <= before
 
 
-@pytest.mark.parametrize("level", [c.RELINK_LEVEL - 1, c.RELINK_LEVEL])
+@pytest.mark.parametrize("level", [levels.RELINK_LEVEL - 1, levels.RELINK_LEVEL])
 def test_a_cluster_keeps_its_tables_at_an_unlink_only_once_every_member_does(tmp_path: Path, level: int) -> None:
     """Members on an older build drop the site tables at an unlink and keep every purged inode's
     id: until every member runs this build (the cluster's log level, RELINK_LEVEL), none keeps
@@ -350,6 +351,6 @@ def test_a_cluster_keeps_its_tables_at_an_unlink_only_once_every_member_does(tmp
     settle(a, b)
     b.apply(c.UnlinkSite(b.tick()))
     kept = b.read(b.sm.sites.kept_peer)
-    assert kept == (a.id if level >= c.RELINK_LEVEL else None)
+    assert kept == (a.id if level >= levels.RELINK_LEVEL else None)
     ids = b.read(lambda txn: txn.stat(b.store.db["sids"])["entries"])
-    assert (ids > 0) == (level >= c.RELINK_LEVEL)
+    assert (ids > 0) == (level >= levels.RELINK_LEVEL)

@@ -11,8 +11,9 @@ import pytest
 
 from awsomefsd.meta import cluster_commands as cc
 from awsomefsd.meta import commands as c
-from awsomefsd.meta.cluster_sm import LINK_MAX, UNLIMITED_SUBDIRS_LEVEL
+from awsomefsd.meta.cluster_sm import LINK_MAX
 from awsomefsd.meta.errors import Delegated, FsError
+from awsomefsd.meta.levels import UNLIMITED_SUBDIRS_LEVEL
 from awsomefsd.meta.records import ROOT_INO, Extent
 from tests.unit.test_state_machine import DATA_START, Harness
 

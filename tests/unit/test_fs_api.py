@@ -28,8 +28,8 @@ from awsomefsd.io.device import BlockDevice, create_image
 from awsomefsd.io.layout import BLOCK_SIZE, MiB
 from awsomefsd.io.superblock import format_device
 from awsomefsd.meta import commands as c
-from awsomefsd.meta.commands import LOG_LEVEL
 from awsomefsd.meta.errors import FsError, OutcomeUnknown
+from awsomefsd.meta.levels import LOG_LEVEL
 from awsomefsd.meta.records import ROOT_INO, Inode
 
 IMAGE_BYTES = 64 * MiB
@@ -447,7 +447,7 @@ async def test_a_mapping_whose_outcome_is_unknown_keeps_its_blocks_from_the_next
 async def test_punch_and_clone_wait_for_the_cluster_log_level_zero_range_writes_zeros(
         core: Core, monkeypatch: pytest.MonkeyPatch) -> None:
     """A rolling upgrade: while a member's build could not decode PunchHole and CloneRange
-    (meta/commands.py LOG_LEVEL), no member proposes them. PUNCH_HOLE answers EOPNOTSUPP (what a
+    (meta/levels.py LOG_LEVEL), no member proposes them. PUNCH_HOLE answers EOPNOTSUPP (what a
     filesystem without it says), copy_file_range EOPNOTSUPP (the kernel then copies the bytes
     itself), and ZERO_RANGE writes the zeros instead of unmapping. Until Preallocate is allowed,
     fallocate checks the space without reserving it."""

@@ -23,7 +23,8 @@ Inside the floors, finer rules that the floors cannot say:
    the allocator only through listeners registered when the allocator is built (`on_freed`), and
    the log reaches the device only through the before-commit hook it is constructed with.
 4. Outside `meta/`, only its public modules are imported: `client` (reads, propose, barrier),
-   `records` (the typed records, limits, fixed inodes), `commands` and `cluster_commands`, `errors`,
+   `records` (the typed records, limits, fixed inodes), `commands` and `cluster_commands`, `levels`
+   (the log levels a rolling upgrade waits for), `errors`,
    `log` (the ReplicatedLog protocol and the local log), `bootstrap` (open and initialise a store),
    `check` (fsck's table checks), `inspect` (status's read-only summary), the Raft core (`raft`) and
    the Raft runtime (`replication`: driver, storage, transport, forwarding, the log on Raft), and
@@ -74,8 +75,8 @@ FLOORS: dict[str, int] = {
 
 MAX_LINES = 600
 
-META_PUBLIC = frozenset({"client", "records", "commands", "cluster_commands", "errors", "log", "bootstrap", "check",
-                         "inspect", "raft", "replication", "freespace"})
+META_PUBLIC = frozenset({"client", "records", "commands", "cluster_commands", "levels", "errors", "log", "bootstrap",
+                         "check", "inspect", "raft", "replication", "freespace"})
 FS_META_ALLOWED = frozenset({"client", "records", "commands", "errors", "freespace"})
 FUSE_META_ALLOWED = frozenset({"errors", "records", "commands", "cluster_commands"})
 META_IO_ALLOWED = frozenset({"awsomefsd.io.layout"})

@@ -25,11 +25,11 @@ from awsomefsd.crdt.hlc import Stamp
 from awsomefsd.crdt.register import Version
 from awsomefsd.crdt.tree import ROOT, TRASH, VOLUMES, LogEntry, Move, Placement, ReplicatedTree
 from awsomefsd.meta import commands as c
-from awsomefsd.meta import filemap
+from awsomefsd.meta import filemap, levels
 from awsomefsd.meta.errors import FsError
 from awsomefsd.meta.records import MAX_FILE_SIZE_BYTES, Applied, Extent, Inode, blocks_for, u64
 from awsomefsd.meta.sites.conflicts import UNCHANGED
-from awsomefsd.meta.sites.tables import ATTRS, CAPTURE_PAUSED, CONTENT, XATTR, scan, scan_from
+from awsomefsd.meta.sites.tables import ATTRS, CAPTURE_PAUSED, CONTENT, REVIVED, XATTR, scan, scan_from
 from awsomefsd.meta.sites.tree import Dirty, TableTree
 from awsomefsd.meta.sites.view import SiteView
 
@@ -170,7 +170,9 @@ class SiteApply(SiteView):
                                             "changed here since they were offered for sharing")
 
     def _apply_created(self, txn: lmdb.Transaction[bytes], op: o.Created) -> None:
-        if txn.get(op.object, db=self.db["sids"]) is not None:
+        if txn.get(op.object, db=self.db["sids"]) is not None:  # held here: the peer sent it again, a
+            if self.at_level(txn, levels.UNSEEDED_NAMES_LEVEL):  # name of it follows (`REVIVED`)
+                txn.put(REVIVED + op.object, b"", db=self.meta)
             return
         ino = self._sm.next_ino(txn)
         wall = op.stamp.wall_ns
@@ -189,6 +191,7 @@ class SiteApply(SiteView):
     def _apply_moved(self, txn: lmdb.Transaction[bytes], op: o.Moved) -> int:
         if txn.get(op.object, db=self.db["sids"]) is None:
             raise FsError(errno.EINVAL, f"a move of entry {op.node.hex()} names an unknown object")
+        txn.delete(REVIVED + op.object, db=self.meta)  # the name it was sent again for (if it was)
         if op.parent not in (ROOT, TRASH) and self.placement(txn, op.parent) is None \
                 and txn.get(op.parent, db=self.db["sids"]) is None:
             raise FsError(errno.EINVAL, f"a move into unknown directory {op.parent.hex()}")

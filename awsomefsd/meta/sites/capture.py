@@ -35,6 +35,7 @@ from awsomefsd.crdt.hlc import Stamp
 from awsomefsd.crdt.tree import TRASH, VOLUMES, Move, ReplicatedTree
 from awsomefsd.meta import cluster_commands as cc
 from awsomefsd.meta import commands as c
+from awsomefsd.meta import levels
 from awsomefsd.meta.records import (
     CONFLICTS_INO,
     SNAPSHOTS_INO,
@@ -148,10 +149,10 @@ class SiteCapture(SiteView):
 
     # -- captured later (pending.py) ----------------------------------------------------------
     def folds_later(self, txn: lmdb.Transaction[bytes]) -> bool:
-        """Does this site record deferred captures for a fold (`c.FOLD_LEVEL`)? On a cluster only
+        """Does this site record deferred captures for a fold (`levels.FOLD_LEVEL`)? On a cluster only
         once every member's build does: a member on an older build captures at once and cannot
         decode FoldCapture."""
-        return self.at_level(txn, c.FOLD_LEVEL)
+        return self.at_level(txn, levels.FOLD_LEVEL)
 
     def fold(self, txn: lmdb.Transaction[bytes], limit: int | None = None) -> int:
         """Capture what the pending records say, oldest first (at most `limit`); returns how many."""
@@ -252,7 +253,7 @@ class SiteCapture(SiteView):
     def _changes_content(self, txn: lmdb.Transaction[bytes], cmd: c.WriteData) -> bool:
         """Is `cmd` a change of content to capture? Every replica must answer alike: below
         WRITEBACK_CONTENT_LEVEL only a write that touches the times was one."""
-        return cmd.touch or (cmd.changes_content and self.at_level(txn, c.WRITEBACK_CONTENT_LEVEL))
+        return cmd.touch or (cmd.changes_content and self.at_level(txn, levels.WRITEBACK_CONTENT_LEVEL))
 
     def content_time(self, txn: lmdb.Transaction[bytes], cmd: c.WriteData) -> int:
         """The time that stamps the content `cmd` changed (what last-writer-wins between sites
@@ -263,7 +264,7 @@ class SiteCapture(SiteView):
         stands for it, as before the level."""
         written = cmd.mtime_ns
         if (written and cmd.now_ns - CONTENT_TIME_WINDOW_NS <= written <= cmd.now_ns
-                and self.at_level(txn, c.CONTENT_TIME_LEVEL)):
+                and self.at_level(txn, levels.CONTENT_TIME_LEVEL)):
             return written
         return cmd.now_ns
 
@@ -305,7 +306,7 @@ class SiteCapture(SiteView):
                 obj = self.object_of(txn, cmd.ino)
                 if obj is not None and not self._gone_for_peer(txn, linked, obj):
                     self._local_move(txn, self._new_entry(txn), cmd.new_parent, cmd.new_name, obj, cmd.now_ns)
-                elif self.at_level(txn, c.SEED_LEVEL):  # its other names not reached by the walk yet
+                elif self.at_level(txn, levels.SEED_LEVEL):  # its other names not reached by the walk yet
                     self._seed_entry(txn, cmd.new_parent, cmd.new_name, linked, cmd.now_ns)
         elif isinstance(cmd, c.LinkTmpfile):  # an O_TMPFILE file appears whole: as a seeded one
             if self._replicated_dir(txn, cmd.new_parent):
@@ -491,12 +492,12 @@ class SiteCapture(SiteView):
     # -- what exists already (the initial sync) -----------------------------------------------
     def _seed_below(self, txn: lmdb.Transaction[bytes], ino: int, node: bytes, now_ns: int) -> None:
         """What is below a directory new to the peer: captured here (seeding.py queues it instead
-        from `c.SEED_LEVEL` on)."""
+        from `levels.SEED_LEVEL` on)."""
         self._seed(txn, ino, node, now_ns)
 
     def _gone_for_peer(self, txn: lmdb.Transaction[bytes], inode: Inode, obj: bytes) -> bool:
         """May the peer have released file `obj`, which lives here by a name it was never told of?
-        (Never below `c.SEED_LEVEL`: every name was told at the link.)"""
+        (Never below `levels.SEED_LEVEL`: every name was told at the link.)"""
         return False
 
     def seed_before(self, txn: lmdb.Transaction[bytes], cmd: object) -> None:
@@ -582,8 +583,12 @@ class SiteCapture(SiteView):
             dirty.nodes.discard(node)
         self._reshow(txn, dirty, now_ns)
         for node, parent_ino, _name in moves:
-            if not parent_ino:  # only a delete can leave a file with no name
-                obj = self._entry_object(txn, node)
+            obj = self._entry_object(txn, node)
+            if parent_ino:  # a name given (one the walk had not told the peer of) to a file kept
+                if txn.get(EDIT_DELETE + obj, db=self.meta) is not None \
+                        and self.at_level(txn, levels.UNSEEDED_NAMES_LEVEL):  # against deletes: the copy
+                    self._edit_against_delete(txn, obj)  # goes, as at the peer applying this move
+            else:  # only a delete can leave a file with no name
                 self._edit_against_delete(txn, obj)
                 ino = self._ino(txn, obj)
                 inode = None if ino is None else self.ns.get_inode(txn, ino)

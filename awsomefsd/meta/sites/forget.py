@@ -18,8 +18,9 @@ from awsomefsd.crdt import ops as o
 from awsomefsd.crdt.hlc import Stamp
 from awsomefsd.crdt.tree import MAX_DEPTH, ROOT, TRASH, VOLUMES, Move
 from awsomefsd.meta import commands as c
+from awsomefsd.meta import levels
 from awsomefsd.meta.records import u64
-from awsomefsd.meta.sites.tables import CONTENT, DELETED, PATH_MOVE, scan, scan_from
+from awsomefsd.meta.sites.tables import CONTENT, DELETED, PATH_MOVE, REVIVED, scan, scan_from
 from awsomefsd.meta.sites.tree import Dirty, TableTree, pack_move
 from awsomefsd.meta.sites.view import SiteView
 
@@ -101,7 +102,7 @@ class SiteForget(SiteView):
         site's own may not have reached the peer. A deleted directory released now would take
         the entry and its object with it, and the move that follows would name an unknown
         object, or the log's undo a node gone (the random tests, seeds 258014451 and 507061005):
-        one of these waits for a later forget (`c.SITE_PATHS_LEVEL`). Read from the log after
+        one of these waits for a later forget (`levels.SITE_PATHS_LEVEL`). Read from the log after
         `through`, which holds only what is not stable yet: no walk of a large deleted tree."""
         above: set[bytes] = set()
         if not self.at_site_paths_level(txn):
@@ -130,8 +131,8 @@ class SiteForget(SiteView):
             txn.delete(deleted, db=self.meta)
         ino = self._ino(txn, obj)
         inode = None if ino is None else self.ns.get_inode(txn, ino)
-        if inode is None or inode.nlink != 0:  # still shown somewhere
-            return
+        if inode is None or inode.nlink != 0 or txn.get(REVIVED + obj, db=self.meta) is not None:
+            return  # still shown somewhere, or a name of it is on its way from the peer
         self._keep_what_the_peer_keeps(txn, obj, inode)
         txn.delete(obj, db=self.db["sids"])
         txn.delete(u64(inode.ino), db=self.db["sinos"])
@@ -186,9 +187,18 @@ class SiteForget(SiteView):
     def keeps(self, txn: lmdb.Transaction[bytes], ino: int) -> bool:
         """Does the replicated tree keep this inode after its last name went (it may come back)?
         Also while unlinked with the tables kept for a relink (relink.py): the peer may still
-        bring it back, and its content must be there to show."""
-        return (self.peer(txn) is not None or self.kept_peer(txn) is not None) \
-            and txn.get(u64(ino), db=self.db["sinos"]) is not None
+        bring it back, and its content must be there to show. Not when the tree holds no entry
+        of it at all (from `UNSEEDED_NAMES_LEVEL`): its last name was one the initial sync's walk
+        had not reached, and the names the peer knew were deleted and forgotten on both sites
+        (`_release_object` found it still named): nothing can bring it back, and nothing else would
+        ever release it."""
+        if self.peer(txn) is None and self.kept_peer(txn) is None:
+            return False
+        obj = txn.get(u64(ino), db=self.db["sinos"])
+        if obj is None:
+            return False
+        return not self.at_level(txn, levels.UNSEEDED_NAMES_LEVEL) \
+            or any(True for _ in scan(txn, self.db["sobjents"], bytes(obj)))
 
     def kept_inodes(self, txn: lmdb.Transaction[bytes]) -> list[int]:
         """The inodes of objects with an entry in the tree's TRASH (kept in case it comes back)."""

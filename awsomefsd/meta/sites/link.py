@@ -22,6 +22,7 @@ from awsomefsd.crdt import ops as o
 from awsomefsd.crdt.hlc import Stamp
 from awsomefsd.crdt.tree import ROOT
 from awsomefsd.meta import commands as c
+from awsomefsd.meta import levels
 from awsomefsd.meta.errors import FsError
 from awsomefsd.meta.records import ROOT_INO, read_u64, u64
 from awsomefsd.meta.sites.bound import SiteBound
@@ -36,7 +37,7 @@ class SiteTables(SiteBound, SiteForget, SiteResolve):
     def link(self, txn: lmdb.Transaction[bytes], cmd: c.LinkSite) -> int:
         """Pair with `cmd.peer`: from now on every replicated command is captured. What exists
         already is captured too, as creates from the root down (the initial sync: from
-        `c.SEED_LEVEL` on only its first slice, the walk's `SeedSite` does the rest); or, when the
+        `levels.SEED_LEVEL` on only its first slice, the walk's `SeedSite` does the rest); or, when the
         tables were kept for a relink to this same peer, only what changed since the unlink
         (relink.py). Kept for another site, they are dropped first: a first link. Returns the
         number of operations that puts in the outbox."""
@@ -57,7 +58,7 @@ class SiteTables(SiteBound, SiteForget, SiteResolve):
             self.relink(txn, cmd.now_ns)
         else:
             self._set_ids(txn, ROOT_INO, ROOT)
-            self._seed_below(txn, ROOT_INO, ROOT, cmd.now_ns)  # from c.SEED_LEVEL on: queued for the walk
+            self._seed_below(txn, ROOT_INO, ROOT, cmd.now_ns)  # from levels.SEED_LEVEL on: queued for the walk
             for number, record in self._sm.volumes.all(txn):
                 if record["kind"] == "volume":
                     self._capture_volume(txn, number, record, cmd.now_ns)
@@ -76,7 +77,7 @@ class SiteTables(SiteBound, SiteForget, SiteResolve):
         """Stop capturing and shipping, keeping the tables for a relink to the same site
         (relink.py). Unlinked already with the tables kept: drop them (`site unlink --forget`)."""
         peer = self.peer(txn)
-        if peer is not None and not self.at_level(txn, c.RELINK_LEVEL):
+        if peer is not None and not self.at_level(txn, levels.RELINK_LEVEL):
             self._drop_link(txn)
         elif peer is not None:
             self.keep_for_relink(txn, peer)
@@ -86,7 +87,7 @@ class SiteTables(SiteBound, SiteForget, SiteResolve):
             raise FsError(errno.ENOENT, "not linked to any site")
 
     def _drop_link(self, txn: lmdb.Transaction[bytes]) -> None:
-        """An unlink below `c.RELINK_LEVEL`, as the builds before relinking did it (a cluster's
+        """An unlink below `levels.RELINK_LEVEL`, as the builds before relinking did it (a cluster's
         members must all do alike): the tables go at once; the inodes the tree kept after their
         last name went become orphans."""
         kept = [inode for ino in self.kept_inodes(txn)

@@ -38,6 +38,7 @@ from collections.abc import Iterator
 import lmdb
 
 from awsomefsd.meta import commands as c
+from awsomefsd.meta import levels
 from awsomefsd.meta.records import CONFLICTS_INO, SNAPSHOTS_INO, VOLUMES_INO, Inode, read_u64, u64
 from awsomefsd.meta.sites.capture import SiteCapture
 from awsomefsd.meta.sites.tables import scan
@@ -61,12 +62,12 @@ class SiteSeeding(SiteCapture):
     """The initial sync's walk, in slices, and the seeds made on demand while it runs."""
 
     def streams_seed(self, txn: lmdb.Transaction[bytes]) -> bool:
-        """Does this site seed by the replicated walk (`c.SEED_LEVEL`)? On a cluster only once every
+        """Does this site seed by the replicated walk (`levels.SEED_LEVEL`)? On a cluster only once every
         member's build does: an older one seeds in the command and cannot decode SeedSite."""
-        return self.at_level(txn, c.SEED_LEVEL)
+        return self.at_level(txn, levels.SEED_LEVEL)
 
     def seed_first_slice(self, txn: lmdb.Transaction[bytes], now_ns: int) -> None:
-        """A first link at `c.SEED_LEVEL`, once the root's directory and each volume's root are
+        """A first link at `levels.SEED_LEVEL`, once the root's directory and each volume's root are
         queued (`_seed_below`): `LINK_SEEDS` entries are seeded in the link's own command."""
         if self.streams_seed(txn):
             self.seed(txn, LINK_SEEDS, now_ns)
@@ -95,7 +96,7 @@ class SiteSeeding(SiteCapture):
         txn.put(PROGRESS, _PROGRESS.pack(seeded, queued + 1, walked, number + 1), db=self.meta)
 
     def _seed_below(self, txn: lmdb.Transaction[bytes], ino: int, node: bytes, now_ns: int) -> None:
-        """A directory new to the peer: what is below it is queued for the walk (at `c.SEED_LEVEL`),
+        """A directory new to the peer: what is below it is queued for the walk (at `levels.SEED_LEVEL`),
         else captured at once as the builds before did."""
         if self.streams_seed(txn):
             self._queue_dir(txn, ino)

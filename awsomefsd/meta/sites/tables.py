@@ -23,7 +23,7 @@ from awsomefsd.crdt import ops as o
 from awsomefsd.crdt.hlc import MAX_LOGICAL, PACKED_BYTES, Stamp
 from awsomefsd.crdt.register import Version
 from awsomefsd.crdt.tree import Placement
-from awsomefsd.meta import commands as c
+from awsomefsd.meta import levels
 from awsomefsd.meta.records import CONFLICTS_INO, SNAPSHOTS_INO, VOLUMES_INO, Applied, read_u64, u64
 
 if TYPE_CHECKING:
@@ -77,6 +77,11 @@ content changed meanwhile from one only renamed or chmodded (mtime alone can be 
 CAPTURE_PAUSED = b"capture_paused"
 """Key in the `sites` table, while the outbox is over its bound: capture is paused, each object's
 state as the peer was last told noted under `KEPT_MAP` (meta/sites/bound.py)."""
+REVIVED = b"revived:"
+"""Key prefix in the `sites` table: object -> b"": the peer sent again whole an object held here
+with no name left (seeding.py `_gone_for_peer`: it lives on there by a name the initial sync's walk
+had just reached), and the move naming it follows; until that move arrives a forget does not
+release it (forget.py `_release_object`), or the move would name an unknown object."""
 KEPT_COPY = b"kept-copy:"
 """Key prefix in the `sites` table: object + loser stamp of a settled content conflict whose copy
 stays until a later version from the loser's own site supersedes it (`_settle`)."""
@@ -182,14 +187,14 @@ class SiteRecords:
         txn.put(u64(ino), obj, db=self.db["sinos"])
 
     def at_level(self, txn: lmdb.Transaction[bytes], level: int) -> bool:
-        """Does this site follow the rules of log level `level` (meta/commands.py)? A single node
+        """Does this site follow the rules of log level `level` (meta/levels.py)? A single node
         always does; a cluster only once every member's build does: replicas that kept different
         rows would judge, ship and release differently."""
         held = self._held
         if held is not None and level in held.levels:
             return held.levels[level]
         cluster = self._sm.cluster
-        answer = not cluster.initialised(txn) or (cluster.log_level(txn) or c.BASE_LOG_LEVEL) >= level
+        answer = not cluster.initialised(txn) or (cluster.log_level(txn) or levels.BASE_LOG_LEVEL) >= level
         if held is not None:
             held.levels[level] = answer
         return answer
@@ -199,7 +204,7 @@ class SiteRecords:
         older object still holds that id in the tree (the number came again after the inode
         went: `inode_deleted`), then one of the entries' numbering, which no inode has."""
         obj = o.global_id(self.site(txn), ino)
-        if not self.at_level(txn, c.RELINK_LEVEL):
+        if not self.at_level(txn, levels.RELINK_LEVEL):
             return obj
         if self._ino(txn, obj) is not None or any(True for _ in scan(txn, self.db["sobjents"], obj)):
             return self._new_entry(txn)
@@ -211,7 +216,7 @@ class SiteRecords:
         (by a store restored, a repair, a proposer's reservation) never takes an old object's
         id: on a relink the new inode is a new object, and the old one's entries deletes."""
         obj = self.object_of(txn, ino)  # first: None for every inode of a site never linked
-        if obj is None or not self.at_level(txn, c.RELINK_LEVEL):
+        if obj is None or not self.at_level(txn, levels.RELINK_LEVEL):
             return
         if self._ino(txn, obj) == ino:
             txn.delete(obj, db=self.db["sids"])

@@ -23,7 +23,7 @@ import lmdb
 
 from awsomefsd.crdt.hlc import PACKED_BYTES, Stamp
 from awsomefsd.crdt.tree import MAX_DEPTH, ROOT, TRASH, VOLUMES, LogEntry, Move, Placement, parents_named
-from awsomefsd.meta import commands as c
+from awsomefsd.meta import levels
 from awsomefsd.meta.records import ROOT_INO, VOLUMES_INO
 from awsomefsd.meta.sites.tables import PATH_MOVE, SKIPPED, SiteRecords, scan, scan_from
 
@@ -246,11 +246,11 @@ class SiteTree(SiteRecords):
         self._index_kept = _IndexKept(bytes(seen), bytes(cursor.key()), txn.stat(self.db["slog"])["entries"], index)
 
     def at_site_paths_level(self, txn: lmdb.Transaction[bytes]) -> bool:
-        """Does this site follow the rules of `c.SITE_PATHS_LEVEL` (the moves on a path into TRASH
+        """Does this site follow the rules of `levels.SITE_PATHS_LEVEL` (the moves on a path into TRASH
         kept past `forget`, a local directory delete's files judged, a deleted directory released
         only once nothing below it moved in later)? On a cluster only once every member's build
         does: replicas that kept different rows would judge, and release, differently."""
-        return self.at_level(txn, c.SITE_PATHS_LEVEL)
+        return self.at_level(txn, levels.SITE_PATHS_LEVEL)
 
     def keep_path_move(self, txn: lmdb.Transaction[bytes], move: Move) -> None:
         """The log forgets `move`. If it is where its node is placed now and the node's path leads

@@ -16,6 +16,7 @@ from __future__ import annotations
 import lmdb
 
 from awsomefsd.crdt.tree import MAX_NAME_BYTES, TRASH, conflict_name
+from awsomefsd.meta import levels
 from awsomefsd.meta.records import u64
 from awsomefsd.meta.sites.edit_delete import EditAgainstDelete
 from awsomefsd.meta.sites.tables import scan
@@ -126,7 +127,7 @@ class SiteView(EditAgainstDelete, SiteVolumes):
         if self.ns.lookup(txn, parent_ino, name) is not None:
             # A local entry outside the tree holds the name (made before the link, in a volume...):
             # the tree's entry waits under its conflict name instead.
-            name = conflict_name(name, self.placement(txn, node).stamp)  # type: ignore[union-attr]
+            name = self._waiting_name(txn, node, parent_ino, name)
         parent = self.ns.require_inode(txn, parent_ino)
         child = self.ns.require_inode(txn, ino)
         self.ns.add_entry(txn, parent_ino, name, ino, self._sm.new_cookie(txn, 0))
@@ -147,6 +148,23 @@ class SiteView(EditAgainstDelete, SiteVolumes):
         txn.delete(ino.to_bytes(8, "big"), db=self.db["orphans"])
         self._put_entry(txn, node, obj, parent_ino, name)
         txn.put(u64(parent_ino) + name, node, db=self.db["snames"])
+
+    def _waiting_name(self, txn: lmdb.Transaction[bytes], node: bytes, parent_ino: int, name: bytes) -> bytes:
+        """The name `node` waits under while a local entry outside the tree holds `name`: its
+        conflict name, and from `UNSEEDED_NAMES_LEVEL` on the next one (as `_group_names` derives)
+        while an entry or a group of the tree holds that (seed 4000321: the walk's seed of a file
+        exchanged into such a name made it a group, and the entry waiting there next overwrote it)."""
+        stamp = self.placement(txn, node).stamp  # type: ignore[union-attr]
+        candidate = conflict_name(name, stamp)
+        if not self.at_level(txn, levels.UNSEEDED_NAMES_LEVEL):
+            return candidate
+        parent = self.object_of(txn, parent_ino)
+        extra = 1
+        while self.ns.lookup(txn, parent_ino, candidate) is not None or \
+                (parent is not None and any(True for _ in scan(txn, self.db["skids"], parent + candidate + b"\0"))):
+            extra += 1
+            candidate = conflict_name(name, stamp, extra)
+        return candidate
 
     def _unshow_node(self, txn: lmdb.Transaction[bytes], node: bytes, *, entry_too: bool = False,
                      now_ns: int = 0) -> None:

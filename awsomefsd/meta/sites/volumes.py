@@ -20,7 +20,7 @@ import lmdb
 
 from awsomefsd.crdt import ops as o
 from awsomefsd.crdt.tree import VOLUMES
-from awsomefsd.meta import commands as c
+from awsomefsd.meta import levels
 from awsomefsd.meta.errors import FsError
 from awsomefsd.meta.records import VOLUMES_INO, Inode, volume_dir_name
 from awsomefsd.meta.sites.tree import SiteTree
@@ -35,7 +35,7 @@ class SiteVolumes(SiteTree):
         cluster = self._sm.cluster
         if not cluster.initialised(txn):
             return True
-        return (cluster.log_level(txn) or c.BASE_LOG_LEVEL) >= c.VOLUMES_LEVEL
+        return (cluster.log_level(txn) or levels.BASE_LOG_LEVEL) >= levels.VOLUMES_LEVEL
 
     def shipped_volumes(self, txn: lmdb.Transaction[bytes]) -> dict[str, str]:
         """The volumes that ship, by their root's global id (hex): their directory in /.volumes."""
