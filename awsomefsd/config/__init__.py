@@ -158,10 +158,10 @@ class DataSettings(Section):
                                 "this long (sync(2) reaches no FUSE server); 0: only at the interval")
     delayed_free_ms: int = Field(5000, ge=0, description="grace before superseded extents are reused")
     batch_closed_files: bool = Field(
-        False,
+        True,
         description="a single node on the local log: a close of a small file is answered before its data is "
-        "written, the data of many closed files written together before the next commit (fs/batch.py); off by "
-        "default until a linked site's judging of a deferred close is tested (design note 107)",
+        "written, the data of many closed files written together before the next commit (fs/batch.py); off: "
+        "every close writes its file's data itself",
     )
 
 

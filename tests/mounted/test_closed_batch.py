@@ -46,7 +46,7 @@ class Metered:
 def daemon() -> Iterator[Daemon]:
     base = Path(tempfile.mkdtemp(prefix="awsomefs-batch-", dir="/var/tmp"))
     d = Daemon(base / "state", base / "mnt", size="1G", extra=["--metrics-port", "0"],
-               env={"AWSOMEFS_DATA__BATCH_CLOSED_FILES": "true"})  # (off by default: design note 107)
+               env={"AWSOMEFS_DATA__BATCH_CLOSED_FILES": "true"})  # (the default: said, as these tests need it)
     try:
         yield d
     finally:

@@ -36,7 +36,8 @@ async def _written_and_closed(core: Core, name: bytes, data: bytes) -> int:
 
 @pytest.fixture
 def core(tmp_path: Path) -> Iterator[Core]:
-    """The unit tests' single node with `[data] batch_closed_files` on (off by default)."""
+    """The unit tests' single node with `[data] batch_closed_files` on (the default: attached again,
+    as these tests need it)."""
     core = open_core(settings_for(tmp_path))
     assert isinstance(core.log, LocalLog)
     core.data.batch.attach(core.log)
