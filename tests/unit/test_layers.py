@@ -97,9 +97,21 @@ def modules(root: Path) -> dict[str, Path]:
     return found
 
 
+def _parse(path: Path) -> ast.Module:
+    """`ast.parse`, once more after CPython 3.11's spurious SystemError: its AST constructor counts
+    depth in state shared by threads (gh-106905, fixed in 3.12), so a traceback another thread of
+    the test process formats meanwhile (3.11's carets parse the line) can make one parse fail."""
+    for _ in range(2):
+        try:
+            return ast.parse(path.read_text(), str(path))
+        except SystemError:
+            continue
+    return ast.parse(path.read_text(), str(path))
+
+
 def imports(name: str, path: Path, known: set[str]) -> set[str]:
     """The modules `name` imports: `from a.b import c` counts as `a.b.c` when that is a module."""
-    tree = ast.parse(path.read_text(), str(path))
+    tree = _parse(path)
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     out: set[str] = set()
     for node in ast.walk(tree):
