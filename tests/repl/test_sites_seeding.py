@@ -331,7 +331,9 @@ def test_a_file_sent_again_for_a_name_the_walk_reached_is_kept_until_that_name_a
     # Stable up to there: b applied all of a's operations, and b's later ones saw all of a's
     # (the horizon's `own_head` rule: repl/link.py).
     a.apply(c.ForgetSite(a.applied_from_peer().pack(), a.tick()))
-    assert a.read(lambda txn: a.sm.sites._ino(txn, obj)) is not None, "a released the file sent again"
+    held = a.read(lambda txn: a.sm.sites._ino(txn, obj))
+    assert held is not None, "a released the file sent again"
+    assert a.read(lambda txn: a.sm.sites.keeps(txn, held)), "fsck would take the file sent again as unreachable"
     while ship(a, b) + ship(b, a):
         pass
     assert sorted(a.snapshot()) == [b"/y", b"/y/z", b"/y/z/g"]

@@ -191,14 +191,16 @@ class SiteForget(SiteView):
         of it at all (from `UNSEEDED_NAMES_LEVEL`): its last name was one the initial sync's walk
         had not reached, and the names the peer knew were deleted and forgotten on both sites
         (`_release_object` found it still named): nothing can bring it back, and nothing else would
-        ever release it."""
+        ever release it; unless the peer sent it again and the move naming it is on its way
+        (`REVIVED`: fsck must not take it meanwhile)."""
         if self.peer(txn) is None and self.kept_peer(txn) is None:
             return False
         obj = txn.get(u64(ino), db=self.db["sinos"])
         if obj is None:
             return False
         return not self.at_level(txn, levels.UNSEEDED_NAMES_LEVEL) \
-            or any(True for _ in scan(txn, self.db["sobjents"], bytes(obj)))
+            or any(True for _ in scan(txn, self.db["sobjents"], bytes(obj))) \
+            or txn.get(REVIVED + bytes(obj), db=self.meta) is not None
 
     def kept_inodes(self, txn: lmdb.Transaction[bytes]) -> list[int]:
         """The inodes of objects with an entry in the tree's TRASH (kept in case it comes back)."""
