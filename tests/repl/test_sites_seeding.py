@@ -230,7 +230,7 @@ def test_a_cluster_streams_its_initial_sync_only_once_every_member_does(tmp_path
 
 @pytest.mark.parametrize("level", [levels.UNSEEDED_NAMES_LEVEL - 1, levels.UNSEEDED_NAMES_LEVEL])
 def test_a_name_the_walk_shows_again_closes_an_edit_kept_against_deletes(tmp_path: Path, level: int) -> None:
-    """b holds file /a, and the same file at /z/g where its walk has not been yet. b writes it; a,
+    """b holds file /a, and the same file at /z/g where its walk has not been yet. b truncates it; a,
     not knowing, removes /a: b keeps the edit in /.conflicts, the file's every known name gone.
     Then b's walk reaches /z/g and sends the file again with that name: the file has a name, so
     both sites close the record (the peer does when it applies the move). Below
