@@ -59,8 +59,11 @@ UNSEEDED_NAMES_LEVEL = 21
 open edit-against-delete record judges the record again (capture.py `_local_moves`), as the peer
 does when it applies that move, so the walk's seed of such a name closes the record on both sites;
 and a file whose tree entries were all deleted and released while it lived on under such a name is
-released when that name goes (forget.py `keeps`), where nothing released it before. No command of
-its own: every replica must judge and keep alike."""
+released when that name goes (forget.py `keeps`), where nothing released it before; a file sent
+again is kept until the move naming it arrives (`revived:`); an entry waiting for a name skips a
+derived name the tree holds (view.py); and a directory the walk skipped while deleted is walked once
+it comes back (seeding.py `_walk_again`). No command of its own: every replica must judge and keep
+alike (design note 109)."""
 WRITEBACK_CONTENT_LEVEL = 19
 """From this level on, a linked site captures every WriteData that changes content
 (`WriteData.changes_content`), not only those that `touch`: the kernel's write-back keeps the times

@@ -48,6 +48,10 @@ QUEUE = b"seed-queue:"
 AT = b"seed-at"
 """Key in the `sites` table: the first queued directory's inode (8 bytes) and the last name of it the
 walk handled (absent: the walk starts that directory from its first name)."""
+SKIPPED = b"seed-skipped:"
+"""Key prefix in the `sites` table: directory inode (8 bytes) -> b"": a directory the walk reached
+while it had no path from the root (from `UNSEEDED_NAMES_LEVEL`), queued again once it has one
+(`_walk_again`)."""
 PROGRESS = b"seed-progress"
 """Key in the `sites` table: entries seeded, directories queued and walked (ever, for this link),
 and the next queue number (`_PROGRESS`)."""
@@ -142,8 +146,11 @@ class SiteSeeding(SiteCapture):
         released it already, and what is below it here goes when this site releases it) has
         nothing to walk."""
         inode = self.ns.get_inode(txn, directory)
-        if inode is None or not inode.is_dir or self.object_of(txn, directory) is None \
-                or not self._reachable(txn, directory):
+        if inode is None or not inode.is_dir or self.object_of(txn, directory) is None:
+            return True, None, 0, 0
+        if not self._reachable(txn, directory):
+            if self.at_level(txn, levels.UNSEEDED_NAMES_LEVEL):  # a later move may bring it back
+                txn.put(SKIPPED + u64(directory), b"", db=self.meta)
             return True, None, 0, 0
         looked = seeded = 0
         last = None
@@ -159,6 +166,20 @@ class SiteSeeding(SiteCapture):
                 self._seed_entry(txn, directory, name, below, now_ns)
                 seeded += 1
         return True, last, looked, seeded
+
+    def _walk_again(self, txn: lmdb.Transaction[bytes]) -> None:
+        """Directories the walk skipped as deleted that have a path from the root again (a move
+        the other site made concurrently won over the delete) are queued again: what below them
+        the walk had not reached would otherwise never be told (seed 7000028). Seeding there is
+        safe: a directory that can come back was not released by the peer, which releases only
+        once both sites forgot the delete, and nothing brings it back after that. A second walk of
+        names already shown only reads them."""
+        for key, _ in list(scan(txn, self.meta, SKIPPED)):
+            directory = read_u64(bytes(key[len(SKIPPED):]))
+            if self.ns.get_inode(txn, directory) is None or self._reachable(txn, directory):
+                txn.delete(bytes(key), db=self.meta)
+                if self.ns.get_inode(txn, directory) is not None:
+                    self._queue_dir(txn, directory)
 
     def _unseeded(self, txn: lmdb.Transaction[bytes], parent: int, volume: int, name: bytes,
                   child: int) -> Inode | None:

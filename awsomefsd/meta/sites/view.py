@@ -60,12 +60,20 @@ class SiteView(EditAgainstDelete, SiteVolumes):
         # A directory deleted, moved into a deleted one, or back: the files below it lost, or got
         # back, their path. One moved while out of reach (deleted again, by another move) may
         # change which delete took their path: they are judged again too.
+        reached_again = False
         for node, ino in directories.items():
             reachable = self._shown_reachably(txn, node)
             if reachable and reachable_before.get(node, True):
                 continue
+            reached_again = reached_again or reachable
             for obj in self._files_below(txn, ino):
                 self._edit_against_delete(txn, obj)
+        if reached_again:
+            self._walk_again(txn)
+
+    def _walk_again(self, txn: lmdb.Transaction[bytes]) -> None:
+        """A directory has a path from the root again: what the initial sync's walk skipped while
+        it had none is walked now (seeding.py; nothing to do here)."""
 
     def _directory_of(self, txn: lmdb.Transaction[bytes], node: bytes) -> int | None:
         """The inode of the directory entry `node` names, or None (a file's entry, or nothing here)."""
