@@ -10,7 +10,7 @@ from __future__ import annotations
 
 BASE_LOG_LEVEL = 3  # a cluster that never recorded one: builds before the gate (tags 1-32, format 3)
 LOG_LEVEL = 21
-"""The newest commands this build decodes. 21: two rules of the initial sync's walk mended for names
+"""The newest commands this build decodes. 21: five rules of the initial sync's walk mended for names
 it had not reached yet (UNSEEDED_NAMES_LEVEL). 20: SeedSite (an initial sync in slices: SEED_LEVEL), and a
 linked site stamps a WriteData's content with its writes' time, not its commit's (CONTENT_TIME_LEVEL). 19: a
 WriteData that keeps the times but names one (the kernel's write-back under the writeback cache) is captured by a linked site as the content change
@@ -54,11 +54,11 @@ holds gets a fresh one (meta/sites/relink.py; no command of its own: every repli
 SEED_LEVEL = 20  # a first link walks in slices, seeding on demand what a rename moves (meta/sites/seeding.py)
 CONTENT_TIME_LEVEL = 20  # a site stamps WriteData content with its writes' time (meta/sites/capture.py content_time)
 UNSEEDED_NAMES_LEVEL = 21
-"""From this level on, two rules for a file's names the initial sync's walk had not reached yet
+"""From this level on, five rules for the names the initial sync's walk had not reached yet
 (meta/sites/seeding.py; found by its random test): a local move that gives a name to a file with an
 open edit-against-delete record judges the record again (capture.py `_local_moves`), as the peer
 does when it applies that move, so the walk's seed of such a name closes the record on both sites;
-and a file whose tree entries were all deleted and released while it lived on under such a name is
+a file whose tree entries were all deleted and released while it lived on under such a name is
 released when that name goes (forget.py `keeps`), where nothing released it before; a file sent
 again is kept until the move naming it arrives (`revived:`); an entry waiting for a name skips a
 derived name the tree holds (view.py); and a directory the walk skipped while deleted is walked once
