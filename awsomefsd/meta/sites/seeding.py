@@ -176,9 +176,10 @@ class SiteSeeding(SiteCapture):
         names already shown only reads them."""
         for key, _ in list(scan(txn, self.meta, SKIPPED)):
             directory = read_u64(bytes(key[len(SKIPPED):]))
-            if self.ns.get_inode(txn, directory) is None or self._reachable(txn, directory):
+            gone = self.ns.get_inode(txn, directory) is None
+            if gone or self._reachable(txn, directory):
                 txn.delete(bytes(key), db=self.meta)
-                if self.ns.get_inode(txn, directory) is not None:
+                if not gone:
                     self._queue_dir(txn, directory)
 
     def _unseeded(self, txn: lmdb.Transaction[bytes], parent: int, volume: int, name: bytes,

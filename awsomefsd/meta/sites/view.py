@@ -13,8 +13,11 @@ peer's (apply.py), an operator's (resolve.py) and forgetting (forget.py).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import lmdb
 
+from awsomefsd.crdt.hlc import Stamp
 from awsomefsd.crdt.tree import MAX_NAME_BYTES, TRASH, conflict_name
 from awsomefsd.meta import levels
 from awsomefsd.meta.records import u64
@@ -120,11 +123,8 @@ class SiteView(EditAgainstDelete, SiteVolumes):
             if rank == 0:
                 shown[node] = name
                 continue
-            extra, candidate = 1, conflict_name(name, stamp)
-            while candidate in shown.values() or any(True for _ in scan(txn, self.db["skids"], parent + candidate + b"\0")):
-                extra += 1
-                candidate = conflict_name(name, stamp, extra)
-            shown[node] = candidate
+            shown[node] = self._free_conflict_name(txn, parent, name, stamp,
+                                                   lambda candidate: candidate in shown.values())
         return shown
 
     def _show_node(self, txn: lmdb.Transaction[bytes], node: bytes, parent_ino: int, name: bytes,
@@ -163,13 +163,18 @@ class SiteView(EditAgainstDelete, SiteVolumes):
         while an entry or a group of the tree holds that (seed 4000321: the walk's seed of a file
         exchanged into such a name made it a group, and the entry waiting there next overwrote it)."""
         stamp = self.placement(txn, node).stamp  # type: ignore[union-attr]
-        candidate = conflict_name(name, stamp)
         if not self.at_level(txn, levels.UNSEEDED_NAMES_LEVEL):
-            return candidate
-        parent = self.object_of(txn, parent_ino)
-        extra = 1
-        while self.ns.lookup(txn, parent_ino, candidate) is not None or \
-                (parent is not None and any(True for _ in scan(txn, self.db["skids"], parent + candidate + b"\0"))):
+            return conflict_name(name, stamp)
+        return self._free_conflict_name(txn, self.object_of(txn, parent_ino), name, stamp,
+                                        lambda candidate: self.ns.lookup(txn, parent_ino, candidate) is not None)
+
+    def _free_conflict_name(self, txn: lmdb.Transaction[bytes], parent: bytes | None, name: bytes, stamp: Stamp,
+                            taken: Callable[[bytes], bool]) -> bytes:
+        """The first of `name`'s conflict names for `stamp` (then `-2`, `-3`...) that no name group
+        of the tree's directory `parent` holds and `taken` does not say is taken."""
+        extra, candidate = 1, conflict_name(name, stamp)
+        while taken(candidate) or (parent is not None and any(
+                True for _ in scan(txn, self.db["skids"], parent + candidate + b"\0"))):
             extra += 1
             candidate = conflict_name(name, stamp, extra)
         return candidate
