@@ -127,9 +127,7 @@ def test_a_cluster_records_for_a_fold_only_once_every_member_does(tmp_path: Path
     every member runs this build (the cluster's log level, FOLD_LEVEL), every replica captures
     at once, and the operations are in the outbox when the create commits."""
     a, _b = linked_pair(tmp_path)
-    with a.store.env.begin(write=True) as txn:  # a is a cluster at `level`
-        txn.put(b"ca_cert", b"-", db=a.store.db["meta"])
-        txn.put(b"log_level", level.to_bytes(8, "big"), db=a.store.db["meta"])
+    a.as_cluster_at(level)  # a is a cluster at `level`
     a.apply(c.Mknod(ROOT_INO, b"f", a.new_ino(), stat.S_IFREG | 0o644, 0, 0, a.tick()))
     waiting = a.read(lambda txn: a.sm.sites.unfolded(txn))
     shipped = a.read(lambda txn: a.sm.sites.outbox(txn, None, 10))
@@ -244,9 +242,7 @@ def traced_run(tmp_path: Path, seed: int, batched: bool) -> tuple[Traced, Traced
     a.apply(c.LinkSite(b.id, a.tick()))
     b.apply(c.LinkSite(a.id, b.tick()))
     a.commit()
-    with a.store.env.begin(write=True) as txn:  # a is a cluster whose members ran an older build
-        txn.put(b"ca_cert", b"-", db=a.store.db["meta"])
-        txn.put(b"log_level", (levels.FOLD_LEVEL - 1).to_bytes(8, "big"), db=a.store.db["meta"])
+    a.as_cluster_at(levels.FOLD_LEVEL - 1)  # a is a cluster whose members ran an older build
     for _ in range(150):
         random_step(rng, a, b, make=make_switching)
     while ship(a, b) + ship(b, a):

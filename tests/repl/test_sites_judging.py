@@ -152,9 +152,7 @@ def test_a_cluster_keeps_path_moves_only_once_every_member_does(tmp_path: Path, 
     after a removed /d, which b had not forgotten yet."""
     a, b = linked_pair(tmp_path)
     assert b.read(b.sm.sites.at_site_paths_level), "a single node is held back by no one"
-    with b.store.env.begin(write=True) as txn:  # b is a cluster at `level`
-        txn.put(b"ca_cert", b"-", db=b.store.db["meta"])
-        txn.put(b"log_level", level.to_bytes(8, "big"), db=b.store.db["meta"])
+    b.as_cluster_at(level)  # b is a cluster at `level`
     assert b.read(b.sm.sites.at_site_paths_level) == (level >= levels.SITE_PATHS_LEVEL)
     d = b.new_ino()
     b.apply(c.Mknod(ROOT_INO, b"d", d, stat.S_IFDIR | 0o755, 0, 0, b.tick()))

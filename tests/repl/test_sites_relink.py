@@ -344,9 +344,7 @@ def test_a_cluster_keeps_its_tables_at_an_unlink_only_once_every_member_does(tmp
     them, so the replicas of one site hold the same rows. Below the level an unlink is the old
     one: nothing is kept, and a link again is a first link."""
     a, b = linked_pair(tmp_path)
-    with b.store.env.begin(write=True) as txn:  # b is a cluster at `level`
-        txn.put(b"ca_cert", b"-", db=b.store.db["meta"])
-        txn.put(b"log_level", level.to_bytes(8, "big"), db=b.store.db["meta"])
+    b.as_cluster_at(level)  # b is a cluster at `level`
     b.apply(c.Mknod(ROOT_INO, b"f", b.new_ino(), stat.S_IFREG | 0o644, 0, 0, b.tick()))
     settle(a, b)
     b.apply(c.UnlinkSite(b.tick()))

@@ -213,9 +213,7 @@ def test_a_cluster_streams_its_initial_sync_only_once_every_member_does(tmp_path
     level LinkSite leaves the walk queued."""
     a = SlicedSite(tmp_path / "a", str(uuid.UUID(int=0xA << 120)), 10**12)
     b = SlicedSite(tmp_path / "b", str(uuid.UUID(int=0xB << 120)), 10**12 + 500)
-    with a.store.env.begin(write=True) as txn:  # a is a cluster at `level`
-        txn.put(b"ca_cert", b"-", db=a.store.db["meta"])
-        txn.put(b"log_level", level.to_bytes(8, "big"), db=a.store.db["meta"])
+    a.as_cluster_at(level)  # a is a cluster at `level`
     directory = a.new_ino()
     a.apply(c.Mknod(ROOT_INO, b"d", directory, stat.S_IFDIR | 0o755, 0, 0, a.tick()))
     for f in range(5):
@@ -265,9 +263,7 @@ def linked_pair_holding(tmp_path: Path, level: int) -> tuple[Site, Site]:
     """Two unlinked sites; b a cluster at log `level` (a is a single node: the newest rules)."""
     a = SlicedSite(tmp_path / "a", str(uuid.UUID(int=0xA << 120)), 10**12)
     b = SlicedSite(tmp_path / "b", str(uuid.UUID(int=0xB << 120)), 10**12 + 500)
-    with b.store.env.begin(write=True) as txn:
-        txn.put(b"ca_cert", b"-", db=b.store.db["meta"])
-        txn.put(b"log_level", level.to_bytes(8, "big"), db=b.store.db["meta"])
+    b.as_cluster_at(level)
     return a, b
 
 

@@ -50,6 +50,13 @@ class Site:
         self.horizon = Horizon()  # from the peer's acknowledgements: how far both logs may forget
         self.next_block = 256  # a bump allocator over the data blocks (nothing is reclaimed in a test)
 
+    def as_cluster_at(self, level: int) -> None:
+        """Make this site a cluster whose log is at `level`: its replicas follow that level's rules
+        (`SiteTables.at_level`), as members on an older build make them (a single node follows the newest)."""
+        with self.store.env.begin(write=True) as txn:
+            txn.put(b"ca_cert", b"-", db=self.store.db["meta"])
+            txn.put(b"log_level", level.to_bytes(8, "big"), db=self.store.db["meta"])
+
     def take_blocks(self, count: int) -> int:
         start = self.next_block
         self.next_block += count
