@@ -254,6 +254,9 @@ class NullOperations:
     def flush_is_immediate(self, fh: int) -> bool:
         return True  # nothing is ever buffered here
 
+    def setattr_is_immediate(self, ino: int, mtime_ns: int | None) -> bool:
+        return True  # nothing is ever buffered here
+
     async def lseek(self, fh: int, offset: int, whence: int) -> int:
         """The whole file is data (the kernel's own answer without a filesystem's)."""
         size = len(self._node(fh).data)

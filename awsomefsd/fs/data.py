@@ -264,6 +264,11 @@ class FileData:
         """Does this node hold any state for the file's data (dirty, in flight, a deferred error)?"""
         return ino in self.buffer.files
 
+    def buffer_busy(self, ino: int) -> bool:
+        """Is the file's buffer locked now (a flush, truncate or compaction of it is running)?"""
+        st = self.buffer.files.get(ino)
+        return st is not None and st.lock.locked()
+
     def stamp_buffered(self, ino: int, mtime_ns: int) -> bool:
         """Let the file's buffered writes commit `mtime_ns` as their mtime (a time set for them: the
         kernel's, under writeback caching); False when nothing is buffered to carry it."""

@@ -85,6 +85,12 @@ class Handles:
         directory or a mapping keeps its inode cached, so one the kernel does not cache is held
         by nothing."""
         self.open: dict[int, Handle] = {}
+        """Read it freely; change it only through `_opened` and `pop` (they keep the counts)."""
+        self._open_of: dict[int, int] = {}
+        self._writers_of: dict[int, int] = {}
+        """Per inode, its open handles and those open for writing: `is_open` and
+        `open_for_writing` are asked per unlink and per flush, so they must not walk every
+        handle (a node with thousands of files open paid that walk on each)."""
         self.lookups: dict[int, int] = {}
         self.looked_up: dict[int, float] = {}  # when each inode was last looked up (track_lookups)
         self._serial = 0
@@ -114,10 +120,18 @@ class Handles:
             fh = encode_fh(ino, flags, self._serial)
             if fh not in self.open:
                 break
-        self.open[fh] = Handle(ino, flags, seen_loss)
-        if self.hot is not None and _writable(flags):
-            self.hot.hold(ino)
+        self._opened(fh, Handle(ino, flags, seen_loss))
         return fh
+
+    def _opened(self, fh: int, h: Handle) -> None:
+        """The one way a handle comes in: counted per inode, and hot while it may write."""
+        assert fh not in self.open, fh
+        self.open[fh] = h
+        self._open_of[h.ino] = self._open_of.get(h.ino, 0) + 1
+        if _writable(h.flags):
+            self._writers_of[h.ino] = self._writers_of.get(h.ino, 0) + 1
+            if self.hot is not None:
+                self.hot.hold(h.ino)
 
     def find(self, fh: int) -> Handle | None:
         return self.open.get(fh) or self._rebuild(fh)
@@ -141,10 +155,8 @@ class Handles:
         ino, flags = decode_fh(fh)
         if ino == 0 or self.meta.inode(ino) is None:
             return None  # created and not yet durable when the daemon crashed: gone with it
-        writable = flags & os.O_ACCMODE != os.O_RDONLY
-        h = self.open[fh] = Handle(ino, flags, CRASH_UNREPORTED if writable else 0, rebuilt=True)
-        if self.hot is not None and writable:
-            self.hot.hold(ino)
+        h = Handle(ino, flags, CRASH_UNREPORTED if _writable(flags) else 0, rebuilt=True)
+        self._opened(fh, h)
         return h
 
     # -- taking over a mount ------------------------------------------------------------------
@@ -165,11 +177,9 @@ class Handles:
             return
         self.crash.restore(state.get("crash"))  # absent: a record from a build before the reports
         # a record from a daemon that did not note `rebuilt` has four fields per handle
-        self.open = {fh: Handle(ino, flags, seen, bool(rest and rest[0])) for fh, ino, flags, seen, *rest in state["open"]}
-        if self.hot is not None:
-            for h in self.open.values():
-                if _writable(h.flags):
-                    self.hot.hold(h.ino)
+        self.open, self._open_of, self._writers_of = {}, {}, {}
+        for fh, ino, flags, seen, *rest in state["open"]:
+            self._opened(fh, Handle(ino, flags, seen, bool(rest and rest[0])))
         self.lookups = {ino: n for ino, n in state["lookups"]}
         self._serial = state["serial"]
         self.may_purge = state["may_purge"]
@@ -177,17 +187,22 @@ class Handles:
 
     def pop(self, fh: int) -> Handle | None:
         h = self.open.pop(fh, None)
-        if h is not None and self.hot is not None and _writable(h.flags):
-            self.hot.release(h.ino)
+        if h is None:
+            return None
+        _count_down(self._open_of, h.ino)
+        if _writable(h.flags):
+            _count_down(self._writers_of, h.ino)
+            if self.hot is not None:
+                self.hot.release(h.ino)
         return h
 
     def is_open(self, ino: int) -> bool:
-        return any(h.ino == ino for h in self.open.values())
+        return ino in self._open_of
 
     def open_for_writing(self, ino: int) -> bool:
         """Is a handle of `ino` open for writing (or may one be, after a crash: unknown until used)?
         A kernel that caches written pages holds them only while one is: close writes them back."""
-        return self.adopted or any(h.ino == ino and h.flags & os.O_ACCMODE != os.O_RDONLY for h in self.open.values())
+        return self.adopted or ino in self._writers_of
 
     def remember(self, ino: int) -> None:
         """The kernel now holds one more reference (an entry reply was sent for `ino`)."""
@@ -229,3 +244,11 @@ class Handles:
         if not self.may_purge:  # a crash before: the dead daemon's handles may hold it
             return self.kernel_caches is None or self.kernel_caches(ino)
         return False
+
+
+def _count_down(counts: dict[int, int], ino: int) -> None:
+    left = counts[ino] - 1
+    if left:
+        counts[ino] = left
+    else:
+        del counts[ino]

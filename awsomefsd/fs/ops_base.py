@@ -225,6 +225,18 @@ class OperationsBase:
                 result = await self._propose(cmd, ahead)
         return self.data.with_buffered(result)
 
+    def setattr_is_immediate(self, ino: int, mtime_ns: int | None) -> bool:
+        """Would `setattr` of `ino` that changes no size (setting `mtime_ns`, or None) return
+        without waiting, on a single node (a transport may then serve it without a task)? Not
+        when it flushes the file's buffered writes first (a time set with other attributes or
+        in the future), nor while a flush of the file holds its lock (`_set_times_over_buffered`
+        waits for it); any other change is one command the local log applies at once."""
+        if self.coherence is not None:
+            return False
+        if mtime_ns is None or not self.data.has_buffered(ino):
+            return True
+        return 0 < mtime_ns <= self._now() and not self.data.buffer_busy(ino)
+
     async def _set_times_over_buffered(self, ino: int, cmd: c.SetAttr) -> Inode:
         """futimens of a file with buffered writes (tar, cp -p, rsync), on a single node: the
         times commit now and the data stays buffered, to be written at the close with other

@@ -29,12 +29,20 @@ or divide by it. We report one block whatever the entry count: counting entries 
 would cost a scan of the directory, and no tool we know relies on the size growing."""
 
 
+def _namespace_of(name: bytes) -> bytes | None:
+    """The namespace `name` is in (one of XATTR_NAMESPACES), or None."""
+    for prefix in XATTR_NAMESPACES:
+        if name.startswith(prefix):
+            return prefix
+    return None
+
+
 def check_xattr(name: bytes) -> None:
     """An extended attribute's name as ext4 accepts it: 1 to 255 bytes (ERANGE), in a namespace
     Linux knows (EOPNOTSUPP), with something after the prefix (EINVAL); system.* beyond the
     POSIX ACL names is EOPNOTSUPP, as ext4 has no handler for it. Checked on get, set and remove."""
     check_xattr_name(name)
-    prefix = next((p for p in XATTR_NAMESPACES if name.startswith(p)), None)
+    prefix = _namespace_of(name)
     if prefix is None:
         raise FsError(errno.EOPNOTSUPP, "extended attribute namespace not supported (user., trusted., security.)")
     if prefix == b"system.":

@@ -44,12 +44,24 @@ class SpaceCorruption(Exception):
     and the operator must run fsck."""
 
 
+_STRERROR: dict[int, str] = {}
+
+
+def _strerror(err: int) -> str:
+    """os.strerror, kept per errno: an error answer is a common request's (ENOENT of a lookup,
+    ENODATA of the security.capability look before every first write)."""
+    text = _STRERROR.get(err)
+    if text is None:
+        text = _STRERROR[err] = os.strerror(err)
+    return text
+
+
 class FsError(Exception):
     """A POSIX error for the caller: `errno` goes back to the application unchanged. An EIO that a
     fault explains names its `cause` (one of CAUSES)."""
 
     def __init__(self, err: int, message: str = "", *, cause: str = "") -> None:
-        super().__init__(err, message or os.strerror(err))
+        super().__init__(err, message or _strerror(err))
         assert not cause or cause in CAUSES, cause
         self.errno = err
         self.cause = cause

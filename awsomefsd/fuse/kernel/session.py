@@ -71,7 +71,8 @@ INLINE_SINGLE_NODE = frozenset({
 log applies at once and no other node is asked. A task costs more than such a request (measured
 in docs/fuse-transport.md). Reads and syncs wait for the device: they get tasks; so does a flush
 of a file with buffered data, a write the buffer cannot take at once (it flushes first, or waits
-for room), and a SETXATTR of the tiering attribute, which waits for the object store
+for room), a SETATTR that truncates or must flush the file first (or wait for a flush holding it),
+an OPEN with O_TRUNC, and a SETXATTR of the tiering attribute, which waits for the object store
 (`KernelHandlers.quick`). An inline write may be applied before a write to the same file that
 arrived earlier and waits in its task, as two tasks may run in either order: the kernel never has
 two writes of the same page in flight (a buffered write holds the inode lock, and writeback waits
