@@ -9,6 +9,8 @@ microseconds. Workloads: an untar of the benchmark's source-like tree (bench/wor
 it; items: its entries), 2,000 buffered 4 KiB writes to one file, and stats of 2,000 files
 after the kernel dropped its dentries and inodes (each a LOOKUP), then `ls -l` of those 2,000 files
 twice (its listing, and the xattrs it asks of each file: the security label and the ACL).
+`settimes` sets the times and then the mode of each of those 2,000 files (what tar, cp -p and
+rsync do after writing a file), `opens` opens and closes each for reading (cat, grep, git).
 The issue-40 workloads (`--only`): 4 KiB O_DIRECT reads and writes at random offsets of a
 64 MiB file laid out beforehand (one at a time: the CPU each costs, not the throughput), creates
 of empty files in one directory, its first listing, and the unlinks. Each line also gives the
@@ -44,7 +46,7 @@ CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 RANDOM_FILE = 64 << 20
 """The file random reads and writes go to: laid out once, so no read meets a hole."""
 SETTLE_S = 0.2
-ALL = ("untar", "writes", "stats", "ls", "randread", "randwrite", "create", "readdir", "unlink")
+ALL = ("untar", "writes", "stats", "ls", "settimes", "opens", "randread", "randwrite", "create", "readdir", "unlink")
 COUNT = re.compile(r'awsomefs_fuse_request_seconds_count\{op="(\w+)"\} ([0-9.e+]+)')
 
 
@@ -125,12 +127,27 @@ def main() -> int:
         for i in range(2000):
             os.stat(mount / "names" / f"n{i}")
 
+    def make_names(mount: Path) -> None:
+        if not (mount / "names").exists():
+            (mount / "names").mkdir()
+            for i in range(2000):
+                (mount / "names" / f"n{i}").touch()
+            os.sync()
+
     def before_stats(mount: Path) -> None:
-        (mount / "names").mkdir()
-        for i in range(2000):
-            (mount / "names" / f"n{i}").touch()
-        os.sync()
+        make_names(mount)
         Path("/proc/sys/vm/drop_caches").write_text("2\n")  # dentries and inodes
+
+    def set_times(mount: Path) -> None:
+        """What tar, cp -p and rsync do to each file after writing it: its times, then its mode."""
+        for i in range(2000):
+            os.utime(mount / "names" / f"n{i}", ns=(1_600_000_000_000_000_000, 1_600_000_000_000_000_000 + i))
+            os.chmod(mount / "names" / f"n{i}", 0o640)
+
+    def opens(mount: Path) -> None:
+        """What cat, grep and git do to each file they read, without the reading."""
+        for i in range(2000):
+            os.close(os.open(mount / "names" / f"n{i}", os.O_RDONLY))
 
     def long_listings(mount: Path) -> None:
         for _ in range(2):
@@ -170,6 +187,7 @@ def main() -> int:
     workloads: dict[str, tuple[str, Callable[[Path], object], int]] = {
         "untar": ("untar", untar, entries), "writes": ("writes", writes, 2000), "stats": ("stats", stats, 2000),
         "ls": ("ls -l x2", long_listings, 4000),
+        "settimes": ("utime+chmod", set_times, 4000), "opens": ("open+close", opens, 2000),
         "randread": ("randread", lambda m: direct_ios(m, False), args.ios),
         "randwrite": ("randwrite", lambda m: direct_ios(m, True), args.ios),
         "create": ("create", creates, args.creates),
@@ -188,6 +206,8 @@ def main() -> int:
                 name, work, items = workloads[key]
                 if work is stats:
                     before_stats(daemon.mount)
+                if work in (set_times, opens):
+                    make_names(daemon.mount)
                 if key in ("randread", "randwrite"):
                     lay_out(daemon.mount)
                 start = time.perf_counter()
