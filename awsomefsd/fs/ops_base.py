@@ -228,8 +228,8 @@ class OperationsBase:
     def setattr_is_immediate(self, ino: int, mtime_ns: int | None) -> bool:
         """Would `setattr` of `ino` that changes no size (setting `mtime_ns`, or None) return
         without waiting, on a single node (a transport may then serve it without a task)? Not
-        when it flushes the file's buffered writes first (a time set with other attributes or
-        in the future), nor while a flush of the file holds its lock (`_set_times_over_buffered`
+        when it flushes the file's buffered writes first (a time over them in the future, or at
+        or before 1970), nor while a flush of the file holds its lock (`_set_times_over_buffered`
         waits for it); any other change is one command the local log applies at once."""
         if self.coherence is not None:
             return False
