@@ -120,9 +120,8 @@ class KernelHandlers:
         valid, _, _, _, _, _, mtime, _, _, mtimensec, *_ = abi.SETATTR_IN.unpack_from(data, abi.IN_HEADER.size)
         if valid & Fattr.SIZE:
             return False
-        mtime_ns = file_time_ns() if valid & Fattr.MTIME_NOW else \
-            mtime * 1_000_000_000 + mtimensec if valid & Fattr.MTIME else None
-        return self.ops.setattr_is_immediate(nodeid, mtime_ns)
+        return self.ops.setattr_is_immediate(nodeid, _time_set(valid, Fattr.MTIME_NOW, Fattr.MTIME, mtime, mtimensec,
+                                                               file_time_ns()))
 
     @staticmethod
     def _setxattr_is_quick(data: bytes) -> bool:
@@ -197,8 +196,8 @@ class KernelHandlers:
         (valid, _, _fh, size, _owner, atime, mtime, ctime, atimensec, mtimensec, ctimensec, mode,
          _u4, uid, gid, _u5) = body.take(abi.SETATTR_IN)
         now = file_time_ns()
-        atime_ns = now if valid & Fattr.ATIME_NOW else atime * 1_000_000_000 + atimensec if valid & Fattr.ATIME else None
-        mtime_ns = now if valid & Fattr.MTIME_NOW else mtime * 1_000_000_000 + mtimensec if valid & Fattr.MTIME else None
+        atime_ns = _time_set(valid, Fattr.ATIME_NOW, Fattr.ATIME, atime, atimensec, now)
+        mtime_ns = _time_set(valid, Fattr.MTIME_NOW, Fattr.MTIME, mtime, mtimensec, now)
         # HANDLE_KILLPRIV_V2: a truncate says so (KILL_SUIDGID); a chown always clears them (the
         # kernel no longer adds the cleared mode to the request, as it does without the flag).
         # A request that sets nothing (but the ctime, which a kernel caching writes sends) is the
@@ -442,6 +441,14 @@ class KernelHandlers:
     async def destroy(self, h: Header, body: Body) -> Payload:
         await self.ops.sync_all()
         return None
+
+
+
+def _time_set(valid: int, now_bit: int, set_bit: int, seconds: int, nanoseconds: int, now: int) -> int | None:
+    """The time a SETATTR sets (atime or mtime: its two `valid` bits), in ns; None: left as it is."""
+    if valid & now_bit:
+        return now
+    return seconds * 1_000_000_000 + nanoseconds if valid & set_bit else None
 
 
 async def _write_back(ino: int) -> None:
