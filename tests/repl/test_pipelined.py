@@ -26,7 +26,7 @@ from awsomefsd.meta.records import ROOT_INO
 from awsomefsd.repl import receiver as receiving
 from awsomefsd.repl import shipper as shipping
 from awsomefsd.repl.service import SiteService
-from tests.repl.test_receiving import PEER, Peer, push_header, receiver  # noqa: F401 (the fixture)
+from tests.repl.test_receiving import PEER, FixedSlices, Peer, push_header, receiver  # noqa: F401 (the fixture)
 
 
 def files(peer: Peer, first: int, count: int) -> list[o.Operation]:
@@ -81,6 +81,42 @@ async def test_a_push_whose_predecessor_never_comes_is_answered_stale(
     await service.push(push_header(None, first), memoryview(b""))
     await service.push(push_header(first[-1].stamp, second), memoryview(b""))
     assert present(core, 10) == list(range(10))
+
+
+async def test_a_push_cut_off_between_two_slices_still_tells_the_mount_and_counts_what_applied(
+        receiver: tuple[Core, SiteService], monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
+    """A connection cut while a push applies cancels it after some of its slices committed. The
+    cursor is past those slices, so no resend brings them again: each must have been told to the
+    mount (whose kernel caches would otherwise keep a name cached absent) and counted when it
+    committed, not at the push's end (CI run 28: received_ops stopped short, for good)."""
+    core, service = receiver
+    monkeypatch.setattr(service, "_sizer", FixedSlices(4))  # two files a slice
+    told: list[int] = []
+    service.applied = lambda command, result: told.append(len(command.operations))  # type: ignore[attr-defined]
+    propose = core.ops.propose_holding
+    proposals = 0
+    third_slice = trio.Event()
+
+    async def stalls_on_the_third(command: Any, **kwargs: Any) -> Any:
+        nonlocal proposals
+        proposals += 1
+        if proposals == 3:
+            third_slice.set()
+            await trio.sleep_forever()  # the cut comes while this slice is on its way
+        return await propose(command, **kwargs)
+    monkeypatch.setattr(core.ops, "propose_holding", stalls_on_the_third)
+    peer = Peer()
+    sent = files(peer, 0, 4)  # 8 operations: two slices commit
+    more = files(peer, 4, 4)  # the third and fourth never do
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(service.push, push_header(None, sent + more), memoryview(b""))
+            await third_slice.wait()
+            nursery.cancel_scope.cancel()  # the connection is cut
+    assert service.cursor() == sent[-1].stamp, "the two slices before the cut committed"
+    assert told == [4, 4], f"{sum(told)} operations told to the mount of {len(sent)} applied"
+    assert service.state.received_ops == len(sent)
+    assert present(core, 8) == [0, 1, 2, 3]
 
 
 class Outbox:
@@ -171,8 +207,6 @@ async def test_a_window_of_pushes_delivers_everything_once_through_reorders_loss
     with trio.move_on_after(30) as waiting:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(ship)
-            # received_ops is counted once a push's barrier returns: a push applied before the
-            # last one may still be counting when the last one's answer is in
             while (service.cursor() != sent[-1].stamp or sender.state.peer_applied != sent[-1].stamp
                    or service.state.received_ops < len(sent)):
                 await trio.sleep(0.02)
