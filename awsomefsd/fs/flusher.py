@@ -6,8 +6,10 @@ stamped with the time of the last write they carry, and reports a write error th
 from an earlier background flush. Flush, truncate and compaction of one file share its lock.
 
 In the background, files are flushed when their buffer is full (the writer asks, `request`) or
-older than the flush interval (a timer); at most FLUSH_CONCURRENCY at once. A background flush
-that fails keeps its error for the application's next fsync or close.
+older than the flush interval (a timer); at most FLUSH_CONCURRENCY at once, and at most one
+waiting for its turn per file (one waiting flushes all the file has by then; the timer also leaves
+alone a file a flush is at work on). A background flush that fails keeps its error for the
+application's next fsync or close.
 
 A flush refused by the device's write fence (this node's lease lapsed) fails with EIO but keeps
 the runs it could not write buffered, under any bytes written meanwhile: a flush after the lease
@@ -52,6 +54,12 @@ class Flusher:
         self.device = device
         self.flush_interval_s = flush_interval_ms / 1000
         self._send, self._receive = trio.open_memory_channel[int](QUEUE_FILES)
+        self._waiting: set[int] = set()
+        """Files a background flush is started for that has not yet its turn (a slot)."""
+        self._at_work: set[int] = set()
+        """Files a background flush holds a slot for."""
+        self.background_flushes = 0
+        """Background flushes run (each took a slot)."""
 
     async def flush(self, ino: int) -> None:
         """Write the file's dirty bytes and commit their mapping; raise a deferred write error."""
@@ -141,7 +149,7 @@ class Flusher:
             task_status.started()
             nursery.start_soon(self._timer, nursery, limiter)
             async for ino in self._receive:
-                nursery.start_soon(self._flush_quietly, ino, limiter)
+                self._start(nursery, ino, limiter)
 
     async def _timer(self, nursery: trio.Nursery, limiter: trio.CapacityLimiter) -> None:
         while True:
@@ -150,12 +158,30 @@ class Flusher:
                 continue  # flushes would only fail; the data stays buffered until the lease is renewed
             now = time.monotonic()
             for ino, st in list(self.buffer.files.items()):
-                if st.dirty and now - st.dirty_since >= self.flush_interval_s:
-                    nursery.start_soon(self._flush_quietly, ino, limiter)
+                if st.dirty and now - st.dirty_since >= self.flush_interval_s and ino not in self._at_work:
+                    self._start(nursery, ino, limiter)
+
+    def _start(self, nursery: trio.Nursery, ino: int, limiter: trio.CapacityLimiter) -> None:
+        """One more background flush of the file, unless one is waiting for a slot already: it
+        will take everything the file has buffered by then. Without this check every tick added
+        a flush for each file older than the interval while slower flushes held the slots, and
+        the tasks piled up (472 flushes for 120 files)."""
+        if ino not in self._waiting:
+            self._waiting.add(ino)
+            nursery.start_soon(self._flush_quietly, ino, limiter)
 
     async def _flush_quietly(self, ino: int, limiter: trio.CapacityLimiter) -> None:
-        async with limiter:
-            await self.flush_keeping_error(ino)
+        try:
+            async with limiter:
+                self._waiting.discard(ino)
+                self._at_work.add(ino)
+                self.background_flushes += 1
+                try:
+                    await self.flush_keeping_error(ino)
+                finally:
+                    self._at_work.discard(ino)
+        finally:
+            self._waiting.discard(ino)
 
     async def flush_keeping_error(self, ino: int) -> None:
         """A flush no application waits for: an error is kept for the file's next fsync or close."""
