@@ -136,14 +136,20 @@ class KernelTransport:
     def _session(self, negotiated: Negotiated | None) -> Session:
         from awsomefsd.fuse.kernel.abi import Init
         from awsomefsd.fuse.kernel.fuse_ring import kick_queues
-        from awsomefsd.fuse.kernel.session import INLINE_SINGLE_NODE, WANTED, WANTED_SINGLE_NODE, Session
+        from awsomefsd.fuse.kernel.session import (
+            INLINE_MEMBER,
+            INLINE_SINGLE_NODE,
+            WANTED,
+            WANTED_SINGLE_NODE,
+            Session,
+        )
 
         def report(op: str, header: Header, exc: FsError) -> None:
             self.report_eio(op, f"inode {header.nodeid}" if header.nodeid else "the file system", exc)
 
         single = self.ops.coherence is None
         session = Session(self.fd, self.handlers.table, observe=self.observe, report_eio=report,
-                          negotiated=negotiated, inline=INLINE_SINGLE_NODE if single else frozenset(),
+                          negotiated=negotiated, inline=INLINE_SINGLE_NODE if single else INLINE_MEMBER,
                           inline_when=self.handlers.quick if single else None,
                           wanted=(WANTED_SINGLE_NODE | (Init.WRITEBACK_CACHE if self.writeback_cache else 0)
                                   if single else WANTED), uring=self.io_uring,

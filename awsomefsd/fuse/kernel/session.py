@@ -77,8 +77,14 @@ an OPEN with O_TRUNC, and a SETXATTR of the tiering attribute, which waits for t
 arrived earlier and waits in its task, as two tasks may run in either order: the kernel never has
 two writes of the same page in flight (a buffered write holds the inode lock, and writeback waits
 for a page's last WRITE to be answered before it sends the page again).
-On a cluster member everything gets a task: a lookup may wait for a delegation, and a catch-up for
+On a cluster member most requests get a task: a lookup may wait for a delegation, and a catch-up for
 the invalidator, whose notifications may wait for a request the reader must be free to read."""
+
+INLINE_MEMBER = frozenset({Op.GETXATTR, Op.LISTXATTR, Op.READLINK, Op.STATFS})
+"""What a member's reader answers itself: these read the member's own copy of the metadata and
+wait for nothing (no delegation, no device, no other node). The kernel asks GETXATTR
+(security.capability) before every write() of a FUSE file: an untar on a member sent two a file,
+each a task (design note 114; tests/unit/test_member_inline.py)."""
 
 CHANGES_DATA = frozenset({Op.WRITE, Op.SETATTR, Op.FALLOCATE})
 """Requests that may change a file's bytes (SETATTR: a truncate)."""
