@@ -439,8 +439,8 @@ def _control(settings: Settings, request: dict[str, Any]) -> dict[str, Any]:
         raise OperatorError(f"{state_dir} is not the state directory of a cluster member (give --state)")
     try:
         reply = control_call(str(control_socket(state_dir)), request)
-    except ConnectionError as exc:
-        raise OperatorError(f"{exc}: is the daemon running?") from None
+    except ConnectionError as exc:  # ControlTimeout too: each says what happened in one line
+        raise OperatorError(str(exc)) from None
     if "error" in reply:
         raise OperatorError(str(reply["error"]))
     return reply

@@ -15,8 +15,8 @@ from awsomefsd.cluster.state import control_socket
 from awsomefsd.config import Settings
 from awsomefsd.crdt.hlc import Stamp
 from awsomefsd.errors import OperatorError
+from awsomefsd.repl.control import VERIFY_TIMEOUT_S
 
-VERIFY_TIMEOUT_S = 3600.0
 RESOLVE_TIMEOUT_S = 3600.0  # a large losing file is copied back
 
 
@@ -136,8 +136,8 @@ def _call(settings: Settings, request: dict[str, Any], timeout_s: float = 60.0) 
                             "(start it with [site] listen set, or give --state)")
     try:
         reply = control_call(str(socket), request, timeout_s=timeout_s)
-    except ConnectionError as exc:
-        raise OperatorError(f"{exc}: is the daemon running?") from None
+    except ConnectionError as exc:  # ControlTimeout too: each says what happened in one line
+        raise OperatorError(str(exc)) from None
     if "error" in reply:
         raise OperatorError(str(reply["error"]))
     return reply

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -22,7 +23,7 @@ import grpc
 from awsomefsd.meta.levels import BASE_LOG_LEVEL, LOG_LEVEL
 from awsomefsd.meta.replication.driver import RaftNode
 from awsomefsd.meta.replication.forwarding import FORWARD_METHOD, serve_forward
-from awsomefsd.rpc.bridge import Binding, RpcAbort, unary_call
+from awsomefsd.rpc.bridge import Binding, BridgeLimits, RpcAbort, unary_call
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,11 @@ LOG_LEVEL_METHOD = f"/{MEMBER_SERVICE}/LogLevel"
 LOG_LEVEL_TIMEOUT_S = 2.0
 CONTROL_SERVICE = "awsomefs.cluster.v1.Control"
 CONTROL_TIMEOUT_S = 30.0
+CONTROL_LIMITS = BridgeLimits(max_call_s=3600.0)
+"""The control socket's server: the caller's deadline bounds a request, not the bridge's usual
+60 s. `site verify` digests both whole trees and may take many minutes (50,000 files a site took
+more than 60 s: the server cut it off while the CLI still waited); the CLI gives each request the
+deadline it expects (cli/repl.py VERIFY_TIMEOUT_S)."""
 assert f"/{MEMBER_SERVICE}/Forward" == FORWARD_METHOD, "Forward is served by MemberService"
 
 
@@ -127,16 +133,27 @@ class ControlError(Exception):
     """A refusal the operator should read (unknown node, not the leader and no leader, ...)."""
 
 
+class ControlTimeout(ConnectionError):
+    """The daemon took the request but did not answer it within the deadline (it may still be at
+    work on it): not the same as no daemon at all, and said so."""
+
+
 def control_call(socket_path: str, request: dict[str, Any], timeout_s: float = CONTROL_TIMEOUT_S) -> dict[str, Any]:
-    """From the CLI: one request to the daemon behind `socket_path`. Raises ConnectionError when no
-    daemon answers there."""
+    """From the CLI: one request to the daemon behind `socket_path`. Raises ControlTimeout when
+    the daemon did not answer within `timeout_s`, ConnectionError when no daemon answers there;
+    either's message is one line for the operator."""
     with grpc.insecure_channel(f"unix://{socket_path}") as channel:
         call = channel.unary_unary(f"/{CONTROL_SERVICE}/Call")
+        began = time.monotonic()
         try:
             reply = call(json.dumps(request).encode(), timeout=timeout_s)
         except grpc.RpcError as exc:
-            raise ConnectionError(f"no running awsomefsd answers on {socket_path}: "
-                                  f"{exc.code().name}") from None  # type: ignore[attr-defined]
+            code = exc.code()  # type: ignore[attr-defined]
+            if code == grpc.StatusCode.DEADLINE_EXCEEDED:  # ours, or the server's own limit
+                raise ControlTimeout(f"the awsomefsd on {socket_path} did not finish the request in "
+                                     f"{time.monotonic() - began:.0f} s") from None
+            raise ConnectionError(f"no running awsomefsd answers on {socket_path} ({code.name}): "
+                                  "is the daemon running?") from None
     result: dict[str, Any] = json.loads(reply)
     return result
 

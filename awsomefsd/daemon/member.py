@@ -37,7 +37,14 @@ from awsomefsd.cluster.discovery import Advertisement, Peer
 from awsomefsd.cluster.duties import GroupKeeper, LeaderDuties, LeaseEpoch, LeaseSettings, LivenessLease
 from awsomefsd.cluster.join_service import JoinService
 from awsomefsd.cluster.record_keeper import keep_founding_record
-from awsomefsd.cluster.rpc import ControlError, ControlService, MemberService, ask_log_level, ask_progress
+from awsomefsd.cluster.rpc import (
+    CONTROL_LIMITS,
+    ControlError,
+    ControlService,
+    MemberService,
+    ask_log_level,
+    ask_progress,
+)
 from awsomefsd.cluster.state import (
     MemberState,
     control_socket,
@@ -354,7 +361,7 @@ async def run_member(member: Member, *, founding: Founding | None = None,
         control = control_socket(member.state_dir)
         handlers = member.control_handlers()  # the site link adds its own ([site] listen)
         await nursery.start(lambda task_status=trio.TASK_STATUS_IGNORED: serve_grpc(
-            [ControlService(handlers).binding()], f"unix://{control}", task_status=task_status))
+            [ControlService(handlers).binding()], f"unix://{control}", limits=CONTROL_LIMITS, task_status=task_status))
         await nursery.start(member.raft.run)
         await nursery.start(member.meta.run_pipeline)
         if founding is not None:

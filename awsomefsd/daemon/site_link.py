@@ -20,7 +20,7 @@ async def start_site(nursery: trio.Nursery, core: Core, settings: Settings, memb
     """The link to another site ([site] listen) and the `site` commands' handlers: on a single
     node on a control socket of their own, on a cluster member beside the member's. What the
     other site changes is told to the kernel through `invalidator`."""
-    from awsomefsd.cluster.rpc import ControlService
+    from awsomefsd.cluster.rpc import CONTROL_LIMITS, ControlService
     from awsomefsd.cluster.state import control_socket
     from awsomefsd.config.addresses import join_host_port, split_host_port
     from awsomefsd.daemon.node import NodeError
@@ -54,4 +54,4 @@ async def start_site(nursery: trio.Nursery, core: Core, settings: Settings, memb
         member.control.update(site.control_handlers())
         return
     await nursery.start(functools.partial(serve_grpc, [ControlService(site.control_handlers()).binding()],
-                                          f"unix://{control_socket(settings.node.state_dir)}"))
+                                          f"unix://{control_socket(settings.node.state_dir)}", limits=CONTROL_LIMITS))

@@ -38,7 +38,7 @@ from awsomefsd.fs.data import FileData
 from awsomefsd.fs.operations import Operations
 from awsomefsd.meta.client import MetaClient
 from awsomefsd.repl.bound import OutboxBound
-from awsomefsd.repl.control import Control
+from awsomefsd.repl.control import VERIFY_TIMEOUT_S, Control
 from awsomefsd.repl.endpoint import LINK_SERVICE, MAX_MESSAGE_BYTES, LinkState
 from awsomefsd.repl.folding import Folding
 from awsomefsd.repl.identity import load_or_create
@@ -146,7 +146,7 @@ class SiteService(Pairing, Receiver, Shipper, Control, Folding, OutboxBound, See
             try:
                 await serve_grpc(
                     [Binding(generic_adder(LINK_SERVICE, ("Cursor", "Stage", "Push", "Digest", "Unlink")), _Link(self))],
-                    self.listen, limits=BridgeLimits(max_message_bytes=MAX_MESSAGE_BYTES),
+                    self.listen, limits=BridgeLimits(max_message_bytes=MAX_MESSAGE_BYTES, max_call_s=VERIFY_TIMEOUT_S),
                     credentials=grpc.ssl_server_credentials(
                         [(self.credentials.key_pem, self.credentials.cert_pem + self.credentials.ca_pem)],
                         root_certificates=peer_ca, require_client_auth=True))
