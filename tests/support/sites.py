@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -23,6 +24,10 @@ from tests.support.daemon import REPO, Daemon, run_cli
 PORT_A, PORT_B = 19450, 19460
 """Fixed ports are safe here: nothing else lives in a test's own namespaces."""
 SYNC_DEADLINE_S = 60.0
+ELECTION_WAIT_S = 60.0
+"""How long `ClusterSite.status` waits for a leader to answer (a nemesis may have killed the last one)."""
+VERIFY_CLI_S = 600.0
+"""`site verify` digests both whole trees: 50,000 files a site take minutes on a loaded machine."""
 
 
 @dataclass
@@ -86,11 +91,24 @@ class ClusterSite:
         return self.leader().cli("site", *args, timeout_s=timeout_s)
 
     def status(self) -> dict[str, object]:
-        done = self.cli("status", "--json")
-        assert done.returncode == 0, done.stderr
-        result: dict[str, object] = json.loads(done.stdout)
-        assert result["elsewhere"] is None, result  # asked the leader
-        return result
+        """`site status` of the member that leads, once one does: during an election there is no
+        leader to ask, or the one asked has just lost the lead (it says where the link runs now).
+        A hand-rolled wait, not `wait_for`: its failure is the test's (AssertionError), saying
+        what the last answer was."""
+        deadline = time.monotonic() + ELECTION_WAIT_S
+        while True:
+            try:
+                done = self.cli("status", "--json")
+                last = done.stderr or done.stdout
+                if done.returncode == 0:
+                    result: dict[str, object] = json.loads(done.stdout)
+                    if result["elsewhere"] is None:  # asked the leader
+                        return result
+            except LookupError as exc:  # no leader among the running members
+                last = str(exc)
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no member led the site for {ELECTION_WAIT_S:.0f} s: {last[-2000:]}")
+            time.sleep(0.5)
 
     def logs(self) -> str:
         return "".join(f"--- node {n.index} ---\n{n.logs(40)}" for n in self.members)
@@ -288,9 +306,20 @@ def wait_converged(a: Site | ClusterSite, b: Site | ClusterSite, deadline_s: flo
     match before the last operations, those that settle conflicts, are in) and `site verify`
     says both trees are the same; on time-out, the logs are saved and quoted."""
     try:
-        wait_for(lambda: pending(a) == 0 and pending(b) == 0 and a.cli("verify").returncode == 0, deadline_s,
+        wait_for(lambda: pending(a) == 0 and pending(b) == 0 and _verify(a).returncode == 0, deadline_s,
                  "both sites to have applied all the other sent, and to hold the same tree", interval_s=0.5)
     except TimeoutError:
         saved = [site.save_logs() for site in (a, b)]
-        raise AssertionError(a.cli("verify").stdout[:3000] + "\n--- a ---\n" + a.logs()
-                             + "\n--- b ---\n" + b.logs() + f"\n(whole logs: {', '.join(saved)})") from None
+        verified = _verify(a)
+        raise AssertionError(f"still to send: a {pending(a)}, b {pending(b)}; site verify exited "
+                             f"{verified.returncode}: {verified.stderr.strip()[-500:]}\n" + verified.stdout[:3000]
+                             + "\n--- a ---\n" + a.logs() + "\n--- b ---\n" + b.logs()
+                             + f"\n(whole logs: {', '.join(saved)})") from None
+
+
+def _verify(site: Site | ClusterSite) -> subprocess.CompletedProcess[str]:
+    """`site verify`; one that outlasts VERIFY_CLI_S is a failed verify, not an error of the harness."""
+    try:
+        return site.cli("verify", timeout_s=VERIFY_CLI_S)
+    except subprocess.TimeoutExpired as exc:
+        return subprocess.CompletedProcess(exc.cmd, 124, "", f"site verify did not end in {VERIFY_CLI_S:.0f} s")

@@ -1,8 +1,10 @@
 """A seeded random exerciser of tiering (fsx's shape, in-process): random writes, truncates, holes,
 reservations and clones of a few files, explicit evictions, recalls, delayed frees and garbage
 collection, while the engine runs pass after pass beside them (everything is cold; its reads, PUTs
-and commits interleave with the writes), against the S3 test server. After every step every file reads back as its model says, and at the end fsck's space check
-agrees with the objects table. A failure prints the seed and the step; the same seed replays it.
+and commits interleave with the writes), against the S3 test server. After every step every file
+reads back as its model says; at the end every file is evicted and read back from the store, and
+fsck's space check agrees with the objects table. A failure prints the seed and the step; the same
+seed replays it.
 """
 
 from __future__ import annotations
@@ -125,8 +127,14 @@ async def test_random_operations_with_tiering_keep_every_byte(node: Node, seed: 
         nursery.cancel_scope.cancel()
     assert passes > 10
     await node.core.data.flush_all()
+    # Every file evicted at the end and read back from the store: where the engine's last pass
+    # fell (CI run 29: a live object or not) no longer decides what the end checks.
+    evicted = 0
+    for f in files:
+        evicted += await node.engine.evict(f.ino)
+        await f.check()
     await node.core.meta.propose(c.ReclaimFrees(time.time_ns() + 10**9))
     node.check_space()
     kinds = {d.split()[0] for d in done}
     assert {"write", "evict", "recall", "clone"} <= kinds, kinds
-    assert any(o.state == "live" for o in node.core.meta.tier_objects()) or not any(f.model for f in files)
+    assert evicted == 0 or any(o.state == "live" for o in node.core.meta.tier_objects()), "evicted, yet no object"
