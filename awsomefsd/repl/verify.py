@@ -11,6 +11,7 @@ ships is digested on its own and paired with the other site's by its root's glob
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,16 +35,29 @@ MAX_VOLUMES = 100_000
 
 async def local_digest(mount: Path | None, volumes: Mapping[str, str]) -> dict[str, Any]:
     """This site's digest: the tree below the root, and each volume that ships (`volumes`: its
-    root's global id -> its directory in /.volumes here)."""
+    root's global id -> its directory in /.volumes here).
+
+    Cancellable: the walk's thread makes FUSE requests of this very daemon, so a daemon stopping
+    while a verify of a large tree ran waited for a thread whose requests it no longer answered
+    (a stop took longer than a minute, and the mount stayed busy). On cancellation the thread is
+    abandoned and told to stop at its next entry."""
     if mount is None:
         raise DigestError("this site serves no mount to digest")
+    stop = threading.Event()
+
+    def unless_stopped(rel: str) -> None:
+        if stop.is_set():
+            raise DigestError("the digest was cancelled")
 
     def digest_all() -> dict[str, Any]:
-        root = encode(digest_tree(mount, skip_top=PER_SITE))
-        root["volumes"] = {key: encode(digest_tree(mount / ".volumes" / directory))
+        root = encode(digest_tree(mount, skip_top=PER_SITE, on_entry=unless_stopped))
+        root["volumes"] = {key: encode(digest_tree(mount / ".volumes" / directory, on_entry=unless_stopped))
                            for key, directory in sorted(volumes.items())}
         return root
-    return await trio.to_thread.run_sync(digest_all)
+    try:
+        return await trio.to_thread.run_sync(digest_all, abandon_on_cancel=True)
+    finally:
+        stop.set()
 
 
 @dataclass(frozen=True)

@@ -175,3 +175,46 @@ def test_planted_bug_attributes_left_out_hide_a_changed_xattr(two_trees: tuple[P
     os.setxattr(second / "dir" / "a.txt", "user.origin", b"site-b")
     monkeypatch.setattr(d, "_xattrs", lambda path: ())
     assert differences(digest_tree(first), digest_tree(second)) == []  # so the real check above has teeth
+
+
+
+async def test_a_digest_cancelled_while_a_request_of_its_walk_hangs_ends_at_once_and_walks_no_further(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`local_digest` walks the daemon's own mount: a daemon stopping no longer answers the walk's
+    FUSE requests, and its stop waited for the walk's thread (a minute and more with 50,000 files).
+    One entry's read hangs here as such a request would; the cancelled digest returns at once, and
+    once the read comes back the walk stops instead of reading on."""
+    import threading
+
+    import trio
+
+    from awsomefsd.repl import verify
+
+    for n in range(20):
+        (tmp_path / f"f{n:02}").write_bytes(b"x")
+    hung, release, ended = threading.Event(), threading.Event(), threading.Event()
+    read: list[str] = []
+    record, walk = d._record, verify.digest_tree
+
+    def hanging_record(path: Path, rel: str, *args: object) -> d.Record:
+        read.append(rel)
+        if rel == "f05":
+            hung.set()
+            release.wait(10)
+        return record(path, rel, *args)  # type: ignore[arg-type]
+
+    def walk_noting_its_end(*args: object, **kwargs: object) -> d.TreeDigest:
+        try:
+            return walk(*args, **kwargs)  # type: ignore[arg-type]
+        finally:
+            ended.set()
+    monkeypatch.setattr(d, "_record", hanging_record)
+    monkeypatch.setattr(verify, "digest_tree", walk_noting_its_end)
+    with trio.fail_after(5):  # not the walk's 10 s
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(verify.local_digest, tmp_path, {})
+            await trio.to_thread.run_sync(hung.wait)
+            nursery.cancel_scope.cancel()
+    release.set()
+    assert await trio.to_thread.run_sync(ended.wait, 5)
+    assert read[-1] == "f05", f"the walk read on after it was cancelled: {read}"
