@@ -71,6 +71,10 @@ class ClusterSite:
     name: str
     cluster: DevCluster
     members: list[DevNode]
+    _asked: DevNode | None = None
+    """The member `leader` last found leading, asked again until it dies or says the link runs
+    elsewhere: finding the leader costs a CLI process per member, and the waits that poll
+    `site status` spent most of a two-site test's CPU starting them."""
 
     def running(self) -> list[DevNode]:
         return [n for n in self.members if n.proc is not None and n.proc.poll() is None]
@@ -78,17 +82,28 @@ class ClusterSite:
     @property
     def mount(self) -> Path:
         """The leader's mount (every member's shows the same tree)."""
-        return self.leader().mount
+        return self._leading().mount
 
     def leader(self) -> DevNode:
-        return self.cluster.leader(self.running())
+        """The member that leads now (each running member asked)."""
+        self._asked = self.cluster.leader(self.running())
+        return self._asked
+
+    def _leading(self) -> DevNode:
+        """The member last found leading while it runs, else the one that leads now."""
+        asked = self._asked
+        if asked is not None and asked.proc is not None and asked.proc.poll() is None:
+            return asked
+        return self.leader()
 
     def followers(self) -> list[DevNode]:
         leader = self.leader()
         return [n for n in self.running() if n is not leader]
 
     def cli(self, *args: str, timeout_s: float = 120.0) -> subprocess.CompletedProcess[str]:
-        return self.leader().cli("site", *args, timeout_s=timeout_s)
+        """A `site` command on the member last found leading (`status` finds a new one when it
+        no longer does)."""
+        return self._leading().cli("site", *args, timeout_s=timeout_s)
 
     def status(self) -> dict[str, object]:
         """`site status` of the member that leads, once one does: during an election there is no
@@ -104,6 +119,7 @@ class ClusterSite:
                     result: dict[str, object] = json.loads(done.stdout)
                     if result["elsewhere"] is None:  # asked the leader
                         return result
+                self._asked = None  # it no longer leads: the next try finds who does
             except LookupError as exc:  # no leader among the running members
                 last = str(exc)
             if time.monotonic() > deadline:
