@@ -89,11 +89,20 @@ def differing(tmp_path: Path, workload: Any, seed: int, monkeypatch: pytest.Monk
     return differ, taken
 
 
-def check_seed(tmp_path: Path, seed: int, monkeypatch: pytest.MonkeyPatch) -> None:
+def check_seed(tmp_path: Path, seed: int, monkeypatch: pytest.MonkeyPatch) -> int:
+    """Both workloads of one seed; returns how many first placements of the random one took the
+    short path. The catch-up is made to have some that must; a random workload may have none (seed
+    651534700: 25 asked, each with a later move here or a placement already), so its coverage is
+    asserted over many seeds, not per seed."""
+    taken_in_random = 0
     for name, workload in (("random", run), ("catch-up", catch_up)):
         differ, taken = differing(tmp_path / name, workload, seed, monkeypatch)
         assert not differ, f"seed {seed}, {name} workload: the short paths differ from the full path in {differ}"
-        assert taken, f"seed {seed}, {name} workload: no first placement took the short path"
+        if name == "random":
+            taken_in_random = taken
+        else:
+            assert taken, f"seed {seed}, {name} workload: no first placement took the short path"
+    return taken_in_random
 
 
 @pytest.mark.parametrize("seed", SEEDS)
@@ -106,8 +115,8 @@ def test_the_short_paths_leave_the_tables_the_full_path_leaves(tmp_path: Path, s
 def test_the_short_paths_leave_the_tables_the_full_path_leaves_under_many_more_seeds(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     chosen = seeds.fresh_range("sites-short-path-sweep", 40)
-    for seed in chosen:
-        check_seed(tmp_path / str(seed), seed, monkeypatch)
+    taken = sum(check_seed(tmp_path / str(seed), seed, monkeypatch) for seed in chosen)
+    assert taken, f"seeds {chosen[0]}..: no first placement of any random workload took the short path"
 
 
 def any_seed_differs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, count: int = 6) -> bool:
