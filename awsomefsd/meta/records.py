@@ -14,7 +14,7 @@ import errno
 import stat
 import struct
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from awsomefsd.io.layout import BLOCK_SIZE
@@ -375,3 +375,7 @@ class Applied:
     conflicts: int
     entries: tuple[tuple[int, bytes], ...]
     inodes: tuple[int, ...]
+    apply_s: float = field(default=0.0, compare=False)
+    """How long this replica took to apply the batch: not state (each replica's differs, and only
+    the proposer hears it), the cost the receiver sizes its next slice by on a cluster, where the
+    proposal's wall time is mostly the log's round trip (repl/receiver.py `SliceSizer`)."""

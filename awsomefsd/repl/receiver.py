@@ -93,7 +93,8 @@ class _Staged:
 
 class SliceSizer:
     """How many operations the next slice takes: as many as SLICE_BUDGET_S allows at the cost per
-    operation the slices before it took, wall time (what a waiting request sees). A slice that
+    operation the slices before it took (`Receiver._slice_cost`: wall time on a single node,
+    what a waiting request sees; the apply's own time on a cluster). A slice that
     costs more per operation shrinks the next at once; a cheaper one grows it by half the
     difference, so one quick slice (creates) does not make the next, of renames or contents,
     twice as long. A slice is one command, decided here, so every replica applies the same
@@ -375,7 +376,7 @@ class Receiver(DeltaBases):
                 applied = await self.ops.propose_holding(command, tries=MAX_DELEGATIONS_PER_BATCH,
                                                          inside=functools.partial(self._files_locked, ops))
                 took = time.perf_counter() - began
-                self.sizer.took(end - first, took)
+                self.sizer.took(end - first, self._slice_cost(took, applied))
                 if self.slice_seconds is not None:
                     self.slice_seconds.append(took)
             except Delegated as exc:  # refused, nothing of this slice applied: its stagings stay for the retry
@@ -404,6 +405,15 @@ class Receiver(DeltaBases):
             first = end
         await settle()
         return None
+
+    def _slice_cost(self, took: float, applied: Applied) -> float:
+        """What a slice cost, for the next one's size: on a single node its wall time, which is how
+        long it held the loop (the proposal applies there). On a cluster its wall time is mostly
+        the log's round trip, a fixed cost that sizing by wall time mistook for a cost per
+        operation: the slices shrank to one operation a round trip and a catch-up's backlog never
+        drained (the slow tier's cluster sites). There the apply's own time is the cost: what
+        holds each member's loop (a follower applies on it)."""
+        return took if self.ops.coherence is None else applied.apply_s
 
     def _took_in(self, command: c.ApplyRemote | c.ApplyRemoteSharing, applied: Applied) -> None:
         """A slice committed: the mount's kernel caches hear of it and it counts now, not once the

@@ -13,9 +13,11 @@ Apart because this is the one entry point for what another site did (`ApplyRemot
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import itertools
 import stat
+import time
 from dataclasses import dataclass
 
 import lmdb
@@ -45,11 +47,12 @@ class SiteApply(SiteView):
         """Apply a batch of the peer's operations, all or none (`_all_or_none`): an operation can
         be refused after others wrote (the batch is checked first, but state that breaks an
         invariant shows only when it is met)."""
+        began = time.perf_counter()
         self.reordering = index = self.resume_index(txn)
         try:
             applied = self._all_or_none(txn, lambda nested: self._apply_remote(nested, cmd))
             self.keep_index(txn, index)
-            return applied
+            return dataclasses.replace(applied, apply_s=time.perf_counter() - began)
         finally:
             self.reordering = None  # of this transaction only
             self.clock_later = False
