@@ -378,4 +378,4 @@ class Applied:
     apply_s: float = field(default=0.0, compare=False)
     """How long this replica took to apply the batch: not state (each replica's differs, and only
     the proposer hears it), the cost the receiver sizes its next slice by on a cluster, where the
-    proposal's wall time is mostly the log's round trip (repl/receiver.py `SliceSizer`)."""
+    proposal's wall time is mostly the log's round trip (repl/receiver.py `Receiver._slice_cost`)."""
