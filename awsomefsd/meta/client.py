@@ -355,9 +355,9 @@ class MetaClient:
         """(open conflicts, all conflicts)."""
         return self._sm.sites.conflict_counts(self._view())
 
-    def site_unfolded(self) -> bool:
-        """Does a capture wait for its fold (FoldCapture)?"""
-        return self._sm.sites.unfolded(self._view(), 1) > 0
+    def site_newest_unfolded(self) -> int | None:
+        """The number of the newest capture waiting for its fold (FoldCapture), None if none waits."""
+        return self._sm.sites.newest_unfolded(self._view())
 
     def site_seeding(self) -> dict[str, int] | None:
         """The initial sync's walk (meta/sites/seeding.py): entries seeded and directories left, or

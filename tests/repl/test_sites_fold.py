@@ -91,12 +91,12 @@ def test_a_linked_create_waits_for_its_fold_and_a_remote_batch_folds_it_first(tm
     it was when it was made (it did not see the batch)."""
     a, b = linked_pair(tmp_path)
     a.apply(c.Mknod(ROOT_INO, b"mine", a.new_ino(), stat.S_IFREG | 0o644, 0, 0, a.tick()))
-    assert a.read(lambda txn: a.sm.sites.unfolded(txn)) == 1
+    assert a.read(lambda txn: a.sm.sites.newest_unfolded(txn)) == 0, "one record waits, numbered 0"
     assert a.read(lambda txn: a.sm.sites.outbox(txn, None, 10)) == []
     assert a.read(lambda txn: a.sm.sites.pending_after(txn, None)) == 1, "status counts what waits"
     b.apply(c.Mknod(ROOT_INO, b"theirs", b.new_ino(), stat.S_IFREG | 0o644, 0, 0, b.tick()))
     ship(b, a)  # a applies b's batch: its own create is folded first
-    assert a.read(lambda txn: a.sm.sites.unfolded(txn)) == 0
+    assert a.read(lambda txn: a.sm.sites.newest_unfolded(txn)) is None
     ops = [raw for _, raw in a.outbox_after(None)]
     assert len(ops) == 2 and all(b'"seen":{}' in raw for raw in ops), ops
 
@@ -129,7 +129,7 @@ def test_a_cluster_records_for_a_fold_only_once_every_member_does(tmp_path: Path
     a, _b = linked_pair(tmp_path)
     a.as_cluster_at(level)  # a is a cluster at `level`
     a.apply(c.Mknod(ROOT_INO, b"f", a.new_ino(), stat.S_IFREG | 0o644, 0, 0, a.tick()))
-    waiting = a.read(lambda txn: a.sm.sites.unfolded(txn))
+    waiting = int(a.read(lambda txn: a.sm.sites.newest_unfolded(txn)) is not None)
     shipped = a.read(lambda txn: a.sm.sites.outbox(txn, None, 10))
     assert (waiting, len(shipped)) == ((1, 0) if level >= levels.FOLD_LEVEL else (0, 2))
 

@@ -192,15 +192,6 @@ class SiteCapture(SiteView):
             if held.next_entry is not None:
                 txn.put(b"next_entry", u64(held.next_entry), db=self.meta)
 
-    def unfolded(self, txn: lmdb.Transaction[bytes], limit: int = 1 << 20) -> int:
-        """How many records wait for a fold (at most `limit`)."""
-        count = 0
-        for _ in scan(txn, self.meta, p.PENDING):
-            count += 1
-            if count >= limit:
-                break
-        return count
-
     def _keep_pending(self, txn: lmdb.Transaction[bytes], deferring: Deferring, fact: bytes) -> None:
         """The row goes after the last one waiting (numbered from 0 when none waits: every replica
         numbers alike, whatever it kept in memory)."""

@@ -25,6 +25,7 @@ from awsomefsd.meta import commands as c
 from awsomefsd.meta import levels
 from awsomefsd.meta.errors import FsError
 from awsomefsd.meta.records import ROOT_INO, read_u64, u64
+from awsomefsd.meta.sites import pending as p
 from awsomefsd.meta.sites.bound import SiteBound
 from awsomefsd.meta.sites.forget import SiteForget
 from awsomefsd.meta.sites.resolve import SiteResolve
@@ -186,12 +187,30 @@ class SiteTables(SiteBound, SiteForget, SiteResolve):
             return raw, int(kept)
         return o.encode(o.Superseded(op.stamp, op.object, op.seen)), None
 
+    def newest_unfolded(self, txn: lmdb.Transaction[bytes]) -> int | None:
+        """The number of the newest record waiting for a fold, None when none waits: it moves
+        while local writes go on capturing (repl/folding.py waits for it to stand still)."""
+        cursor = txn.cursor(db=self.meta)
+        if cursor.last() and (last := bytes(cursor.key())).startswith(p.PENDING):
+            return read_u64(last, len(p.PENDING))
+        return None
+
+    def unfolded(self, txn: lmdb.Transaction[bytes]) -> int:
+        """How many records wait for a fold: numbered in a row, and a fold takes the oldest first,
+        so the first and the last tell (a scan of them all was a cost of every count)."""
+        newest = self.newest_unfolded(txn)
+        if newest is None:
+            return 0
+        cursor = txn.cursor(db=self.meta)
+        cursor.set_range(p.PENDING)
+        return newest - read_u64(bytes(cursor.key()), len(p.PENDING)) + 1
+
     def content_base(self, txn: lmdb.Transaction[bytes], obj: bytes) -> tuple[int, Stamp] | None:
         """The regular file that shows `obj` here and the stamp of the content version it shows
         (the register's winner), or None: what a content version shipped as a delta from that
         version may reuse (design note 50). None too while a capture waits for its fold: the file
         may hold bytes of a write its register does not know yet."""
-        if self.unfolded(txn, 1):
+        if self.newest_unfolded(txn) is not None:
             return None
         ino = self._ino(txn, obj)
         versions = self._versions(txn, obj + CONTENT)
