@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from awsomefsd.crdt import ops as o
 from awsomefsd.crdt import wire
-from awsomefsd.repl.receiver import _pieces, _unchanged_ranges
+from awsomefsd.repl.push_fields import pieces, unchanged_ranges
 
 SCALARS = st.none() | st.booleans() | st.integers(min_value=-(1 << 70), max_value=1 << 70) | \
     st.floats(allow_nan=False) | st.text(max_size=30) | st.sampled_from(["00" * 16, "ff" * 26, "0a"])
@@ -47,7 +47,7 @@ def test_bytes_that_are_no_operation_are_refused_as_bad(raw: bytes) -> None:
 @given(st.dictionaries(st.sampled_from(["pieces", "unchanged", "stamp", "after", "ops", "offset", "crc"]), JSON,
                        max_size=5), st.integers(min_value=0, max_value=1 << 20))
 def test_a_push_or_chunk_header_is_read_or_refused_as_malformed(header: dict[str, Any], total: int) -> None:
-    for read in (lambda: _pieces(header, total), lambda: _unchanged_ranges(header),
+    for read in (lambda: pieces(header, total), lambda: unchanged_ranges(header),
                  lambda: wire.stamp_field(header, "stamp"), lambda: wire.hex_list(header, "ops", limit=4096),
                  lambda: wire.int_field(header, "offset", limit=1 << 62)):
         try:
