@@ -116,12 +116,14 @@ class MetaClient:
         renewed in between refuses the mapping (others may have written the file meanwhile)."""
         return self._log.lease_epoch()
 
-    async def barrier(self, inode: int | None = None) -> None:
+    async def barrier(self, inode: int | None = None, *, report: bool = True) -> None:
         """Return once everything proposed or acknowledged ahead before the call is durable; EIO
         if changes acknowledged ahead were lost since the last barrier (a durability point reports
         them, as fsync reports lost writes), or, the fsync of `inode`, lost changes to that file
-        since its last fsync (AheadLog.drain)."""
-        await self.ahead.drain(report=True, inode=inode)
+        since its last fsync (AheadLog.drain). `report=False`: the daemon's own barriers (the
+        link's, tiering's), which must neither fail on an application's lost change nor take
+        the one report of it that the application's next fsync is owed."""
+        await self.ahead.drain(report=report, inode=inode)
         await self._log.barrier()
 
     @property

@@ -171,7 +171,7 @@ class Pairing(Endpoint):
         if kept is not None and not (resume and kept == peer):
             await self.meta.propose(c.UnlinkSite(time.time_ns()))  # unlinked already: drops what was kept
         sent = await self.meta.propose(c.LinkSite(peer, time.time_ns(), ca_pem, addresses))
-        await self.meta.barrier()  # `site link` said linked: a crash now must not take it back
+        await self.meta.barrier(report=False)  # `site link` said linked: a crash now must not take it back
         log.info("%s site %s at %s (fingerprint %s); %d operations to send for the %s",
                  "linked again to" if resume else "linked to", uuid.UUID(bytes=peer), ", ".join(addresses),
                  fingerprint(peer_ca).hex()[:16], sent,
@@ -203,7 +203,7 @@ class Pairing(Endpoint):
     async def _forget_kept(self) -> None:
         """UnlinkSite on an unlinked site: what it kept for a relink goes (deleted files' space too)."""
         await self.meta.propose(c.UnlinkSite(time.time_ns()))
-        await self.meta.barrier()
+        await self.meta.barrier(report=False)
         log.info("dropped what was kept of the link for a relink")
 
     async def _tell_unlinked(self, link: dict[str, Any]) -> str:
@@ -231,7 +231,7 @@ class Pairing(Endpoint):
         """UnlinkSite, durable before anyone is told (a crash must not take it back), and the
         listener and shipper restarted without the link."""
         await self.meta.propose(c.UnlinkSite(time.time_ns()))
-        await self.meta.barrier()
+        await self.meta.barrier(report=False)
         self.relink()
 
     def new_nonce(self) -> bytes:

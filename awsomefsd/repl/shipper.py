@@ -211,7 +211,7 @@ class Shipper(DeltaBases):
             # Only what is durable ships: an operation of a batch not yet committed would be
             # lost here by a crash after the peer applied it, and our clock, restarted from
             # what was committed, would stamp new operations the peer's cursor is already past.
-            await self.meta.barrier()
+            await self.meta.barrier(report=False)
         ops: list[bytes] = []
         inline: list[list[Any]] = []
         unchanged: list[list[Any]] = []

@@ -154,7 +154,7 @@ class TierEngine:
             # A DELETE cannot be taken back: the commands that killed these objects (a repack, a
             # free, an abandonment) must be durable first, or a crash could bring back file maps
             # that point into an object no longer in the store (the local log commits in groups).
-            await self.meta.barrier()
+            await self.meta.barrier(report=False)
         try:
             for obj in due:
                 key = object_key(self.cluster_id, obj.id)

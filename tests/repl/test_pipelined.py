@@ -131,7 +131,7 @@ class Outbox:
     def site_shipping(self, raw: bytes) -> tuple[bytes, int | None]:
         return raw, None
 
-    async def barrier(self) -> None:
+    async def barrier(self, inode: int | None = None, *, report: bool = True) -> None:
         return None
 
     def site_applied_from_peer(self) -> Stamp | None:

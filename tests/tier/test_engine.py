@@ -69,9 +69,9 @@ async def test_an_overwrite_or_a_delete_releases_tiered_data_and_gc_deletes_dead
     events: list[str] = []
     real_barrier, real_delete = node.core.meta.barrier, node.engine.store.delete
 
-    async def barrier() -> None:
+    async def barrier(inode: int | None = None, *, report: bool = True) -> None:
         events.append("barrier")
-        await real_barrier()
+        await real_barrier(inode, report=report)
 
     def delete(key: str) -> None:
         events.append("delete")

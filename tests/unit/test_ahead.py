@@ -213,6 +213,20 @@ async def test_a_refused_change_is_reported_at_the_next_durability_point(tmp_pat
         assert meta.lookup(ROOT_INO, b"x") == first + 1
 
 
+async def test_the_daemons_own_barrier_leaves_the_report_to_the_applications_fsync(tmp_path: Path) -> None:
+    """The link's and tiering's barriers (`report=False`) make everything durable as any barrier
+    does, but a change acknowledged ahead and lost is the application's to hear of: such a
+    barrier neither fails on it nor takes the one report its next durability point is owed (the
+    shipper's barrier took it, failed the push with EIO, and the fsync after it succeeded)."""
+    async with client(tmp_path / "node") as meta:
+        first = await lose_a_create(meta)
+        await meta.barrier(report=False)
+        await meta.barrier(first, report=False)
+        with pytest.raises(FsError) as info:
+            await meta.barrier(first)
+        assert info.value.errno == errno.EIO and "this file" in str(info.value)
+
+
 async def test_an_fsync_of_a_file_whose_change_was_lost_fails_though_another_fsync_took_the_report(
         tmp_path: Path) -> None:
     """A lost change is reported to the next durability point anywhere, and also to the fsync of
