@@ -162,9 +162,7 @@ class Receiver(DeltaBases):
         else:
             pieces = [(wire.int_field(header, "offset", limit=1 << 62), len(data),
                        wire.int_field(header, "crc", limit=1 << 32))]
-        held = sum(s.held for s in self._staged.values())
-        if held + len(data) > MAX_STAGED_BYTES:
-            raise RpcAbort(grpc.StatusCode.RESOURCE_EXHAUSTED, "too many bytes staged and not pushed")
+        self._make_room(len(data))
         cut, at = [], 0
         for offset, length, crc in pieces:  # all checked before any is staged
             piece = data[at:at + length]
@@ -187,8 +185,7 @@ class Receiver(DeltaBases):
         self._refuse_clock_ahead([stamp for stamp, _, _ in small])
         if len({stamp for stamp, _, _ in small}) != len(small):
             raise wire.WireError("a push carries one content version inline twice")
-        if sum(s.held for s in self._staged.values()) + sum(len(b) for _, _, b in small) > MAX_STAGED_BYTES:
-            raise RpcAbort(grpc.StatusCode.RESOURCE_EXHAUSTED, "too many bytes staged and not pushed")
+        self._make_room(sum(len(b) for _, _, b in small))
         for stamp, crc, piece in small:
             if crc != crc32c(piece):
                 raise wire.WireError(f"the inline content of version {stamp} arrived damaged (checksum mismatch)")
@@ -219,6 +216,12 @@ class Receiver(DeltaBases):
             self.state.received_bytes += len(piece)
         if started_over:
             raise RpcAbort(grpc.StatusCode.ABORTED, f"version {started_over[0]} was started over while it was written")
+
+    def _make_room(self, nbytes: int) -> None:
+        """Refuse `nbytes` more to stage when they would take what is staged and not pushed past
+        MAX_STAGED_BYTES (what a sender can make us hold)."""
+        if sum(s.held for s in self._staged.values()) + nbytes > MAX_STAGED_BYTES:
+            raise RpcAbort(grpc.StatusCode.RESOURCE_EXHAUSTED, "too many bytes staged and not pushed")
 
     async def _stage_piece(self, stamp: Stamp, offset: int, data: memoryview, *, starts: bool) -> None:
         """`starts`: the version's first bytes (a sender before deltas always starts at 0)."""
