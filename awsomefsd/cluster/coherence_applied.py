@@ -23,6 +23,8 @@ from awsomefsd.meta.errors import Delegated, FsError
 log = logging.getLogger(__name__)
 
 MAX_STALE_TRACKED = 1 << 20
+MAX_OPENED_TRACKED = 1 << 16
+"""Inodes remembered as opened since the start (`keep_cache`); past it the memory is emptied."""
 ORPHAN_BATCH_S = 0.2
 """How long unlinked inodes accumulate before this node releases them in one command. Every member
 releases every orphan (each may hold it open), so during an unlink burst on one node each member
@@ -146,6 +148,16 @@ class AppliedCommands(CoherenceBase):
         self.invalidator.submit([Target.attr_only(ino)])
 
     def keep_cache(self, ino: int) -> bool:
+        """May an open keep the kernel's pages of the file? Not when another node changed it since
+        the last open here, nor at its first open since this daemon started: the daemon before it,
+        on a mount continued after a hand-over or a crash, may have seen a change this one never
+        will. On a fresh mount that first drop is free (nothing is cached yet)."""
+        if ino not in self._opened:
+            if len(self._opened) >= MAX_OPENED_TRACKED:
+                self._opened.clear()  # those opened again drop their pages once more: only slower
+            self._opened.add(ino)
+            self._stale_data.discard(ino)
+            return False
         if self._all_stale:
             return False
         if ino in self._stale_data:

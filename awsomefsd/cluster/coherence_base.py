@@ -75,6 +75,9 @@ class CoherenceBase:
         self._touched: dict[int, float] = {}  # inode -> when the last change under its lease ended
         self._idle: dict[int, trio.Event] = {}  # set when an inode's last write in progress ends
         self._stale_data: set[int] = set()
+        # inodes opened since this daemon started: a daemon before it (a hand-over, a crash) may
+        # have marked one stale and not told the kernel at an open yet, and its marks are gone
+        self._opened: set[int] = set()
         self._all_stale = False
         self._changed: dict[int, trio.Event] = {}  # set when an inode's lease changes hands
         self._to_release: trio.MemorySendChannel[int]

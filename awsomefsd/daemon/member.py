@@ -372,7 +372,6 @@ async def run_member(member: Member, *, founding: Founding | None = None,
         if on_listening is not None:
             on_listening(member)
         core = _assemble(member)
-        nursery.start_soon(member.invalidator.run)
         assert member.lease is not None and member.groups is not None and member.coherence is not None
         assert member.duties is not None
         await nursery.start(member.lease.run)
@@ -393,7 +392,8 @@ async def run_member(member: Member, *, founding: Founding | None = None,
         if settings.cluster.advertise:
             nursery.start_soon(_advertise, member)
         handed_over = await serve(core, settings, ready=ready, log_running=True, purge_orphans=False,
-                                  successor_first=False,
+                                  successor_first=False, invalidator=member.invalidator,
+                                  before_letting_go=member.coherence.names_leaving,
                                   runs_engines=lambda: member.raft.node.raw.is_leader,
                                   member_site=MemberSite(functools.partial(_link_elsewhere, member), handlers,
                                                          member.creds, functools.partial(_member_hosts, member)))

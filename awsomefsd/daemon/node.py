@@ -351,7 +351,8 @@ class MemberSite:
 async def serve(core: Core, settings: Settings, *, ready: Callable[[str], None] | None = None,
                 log_running: bool = False, purge_orphans: bool = True,
                 runs_engines: Callable[[], bool] = lambda: True, member_site: MemberSite | None = None,
-                successor_first: bool = True) -> bool:
+                successor_first: bool = True, invalidator: Invalidator | None = None,
+                before_letting_go: Callable[[], None] = lambda: None) -> bool:
     """Mount (or continue a kept mount) and serve until unmounted or signalled; then flush,
     commit and unmount, or, on SIGUSR2, hand the mount over to the next daemon: True then.
 
@@ -361,7 +362,11 @@ async def serve(core: Core, settings: Settings, *, ready: Callable[[str], None] 
     does that (a cluster member does not). `runs_engines`: does this node run the cluster-wide
     engines (tiering) now: a single node always, a member while it leads. `successor_first`: under
     systemd SIGUSR2 starts the next daemon before handing over (daemon/handover.py; a cluster
-    member's start cannot take over)."""
+    member's start cannot take over). `invalidator`: a cluster member's (its coherence fills it
+    from the start): run here while the kernel is served, and what it has not sent goes to the
+    next daemon at a hand-over, as a site link's does. `before_letting_go`: called at a hand-over
+    once serving has stopped, while this process can still notify the kernel (a member has it
+    look up again the names it cached for long in directories it is about to give back)."""
     from awsomefsd.daemon.handover import SuccessorFirst, watch_signals
     from awsomefsd.daemon.site_link import start_site
     from awsomefsd.fs.clock import use_kernel_clock
@@ -397,7 +402,6 @@ async def serve(core: Core, settings: Settings, *, ready: Callable[[str], None] 
         transport.mount()
     mounted = True
     handing_over = False
-    invalidator: Invalidator | None = None  # the kernel's caches of what the other site changes
     record = settings.node.state_dir / MOUNT_RECORD
     record.write_text(f"{resolved}\n")
 
@@ -444,8 +448,9 @@ async def serve(core: Core, settings: Settings, *, ready: Callable[[str], None] 
             if tiering is not None:
                 await nursery.start(functools.partial(tiering.run, book=core.duties, runs_engine=runs_engines))
             carried = decode_targets(transport.carried_invalidations())
-            if settings.site.listen or carried:
-                invalidator = Invalidator()
+            if invalidator is None and (settings.site.listen or carried):
+                invalidator = Invalidator()  # the kernel's caches of what the other site changes
+            if invalidator is not None:
                 nursery.start_soon(invalidator.run)
                 invalidator.submit(carried)  # sent once the kernel is served (below)
                 if carried:
@@ -504,6 +509,7 @@ async def serve(core: Core, settings: Settings, *, ready: Callable[[str], None] 
                 # before the next one serves the mount (docs/fuse-transport.md, Restarts).
                 await core.ops.sync_all()
                 log.info("hand-over: what this daemon acknowledged is durable")
+                before_letting_go()
                 transport.hand_over(core.ops.handles.export(),
                                     encode_targets(invalidator.left()) if invalidator is not None else None)
                 log.info("handed the mount at %s over to the next daemon", mount)

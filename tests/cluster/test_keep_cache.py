@@ -1,0 +1,59 @@
+"""When a member's open may keep the kernel's pages of a file (`keep_cache`): not after another
+node changed the file, and not at the file's first open since this daemon started, since the
+daemon before it (on a mount continued after a hand-over or a crash) may have seen a change this
+one never will; the member's kernel drops the pages then (coherence clause 2)."""
+
+from __future__ import annotations
+
+import pytest
+
+from awsomefsd.cluster import coherence_applied
+from awsomefsd.cluster.coherence import ClusterCoherence
+from awsomefsd.fuse.invalidate import Invalidator
+from awsomefsd.meta import commands as c
+
+
+class _NoKernel:
+    def invalidate_inode(self, ino: int, attr_only: bool) -> None:
+        pass
+
+    def invalidate_entry(self, parent: int, name: bytes) -> None:
+        pass
+
+
+def _coherence() -> ClusterCoherence:
+    return ClusterCoherence(2, None, Invalidator(kernel=_NoKernel()), lambda: 1)  # type: ignore[arg-type]
+
+
+def _changed_elsewhere(coherence: ClusterCoherence, ino: int) -> None:
+    """Another node's change to the file's data, applied here."""
+    coherence.observe(c.SetAttr(ino=ino, now_ns=1, size=0), None, False)
+
+
+def test_a_files_first_open_since_the_start_drops_its_pages_then_they_are_kept() -> None:
+    coherence = _coherence()
+    assert not coherence.keep_cache(7), "the daemon before may have seen a change to it"
+    assert coherence.keep_cache(7)
+    assert coherence.keep_cache(7)
+    assert not coherence.keep_cache(8)
+
+
+def test_a_change_elsewhere_drops_the_pages_at_the_next_open_only() -> None:
+    coherence = _coherence()
+    assert not coherence.keep_cache(7)
+    _changed_elsewhere(coherence, 7)
+    assert not coherence.keep_cache(7)
+    assert coherence.keep_cache(7)
+    _changed_elsewhere(coherence, 9)  # before its first open: one drop covers both reasons
+    assert not coherence.keep_cache(9)
+    assert coherence.keep_cache(9)
+
+
+def test_past_the_bound_files_are_dropped_once_more_never_kept_stale(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(coherence_applied, "MAX_OPENED_TRACKED", 3)
+    coherence = _coherence()
+    assert [coherence.keep_cache(ino) for ino in (1, 2, 3)] == [False] * 3
+    assert [coherence.keep_cache(ino) for ino in (1, 2, 3)] == [True] * 3
+    assert not coherence.keep_cache(4)  # the memory is emptied: 1 is opened "first" again
+    assert not coherence.keep_cache(1)
+    assert coherence.keep_cache(4)
