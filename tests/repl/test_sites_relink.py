@@ -352,3 +352,23 @@ def test_a_cluster_keeps_its_tables_at_an_unlink_only_once_every_member_does(tmp
     assert kept == (a.id if level >= levels.RELINK_LEVEL else None)
     ids = b.read(lambda txn: txn.stat(b.store.db["sids"])["entries"])
     assert (ids > 0) == (level >= levels.RELINK_LEVEL)
+
+
+def test_a_name_a_relink_shows_again_is_told_to_the_kernel(tmp_path: Path) -> None:
+    """A name conflict shows one of two files as `x.conflict-…`; the other is deleted while unlinked,
+    and the relink shows the survivor as `x` again: the mount's kernel may cache both names, so
+    the relink tells them as a capture does (`local_side_effects`, the daemon's invalidator)."""
+    a, b = linked_pair(tmp_path)
+    mkfile(a, ROOT_INO, b"x", 1)
+    mkfile(b, ROOT_INO, b"x", 2)
+    settle(a, b)
+    shown = sorted(n for n in names(a) if n.startswith(b"/x"))
+    assert len(shown) == 2 and shown[0] == b"/x" and b".conflict-" in shown[1], shown
+    unlink(a, b)
+    a.apply(c.Unlink(ROOT_INO, b"x", False, a.tick()))
+    heard: list[Any] = []
+    a.sm.sites.local_side_effects = heard.append
+    a.apply(c.LinkSite(b.id, a.tick()))
+    assert sorted(n for n in names(a) if n.startswith(b"/x")) == [b"/x"]
+    told = {entry for applied in heard for entry in applied.entries}
+    assert (ROOT_INO, b"x") in told and (ROOT_INO, shown[1][1:]) in told, told

@@ -30,7 +30,6 @@ import lmdb
 from awsomefsd.crdt import ops as o
 from awsomefsd.crdt.hlc import Stamp
 from awsomefsd.meta.errors import FsError
-from awsomefsd.meta.records import Applied
 from awsomefsd.meta.sites.apply import SiteApply
 from awsomefsd.meta.sites.relink import KEPT_HEAD, SiteRelink
 from awsomefsd.meta.sites.tables import CAPTURE_PAUSED, KEPT_MAP, scan
@@ -72,10 +71,7 @@ class SiteBound(SiteRelink, SiteApply):
             return 0
         before = self.outbox_operations(txn)
         txn.delete(CAPTURE_PAUSED, db=self.meta)
-        self._entries, self._inodes = [], []
         self.relink(txn, now_ns)
-        if self._entries and self.local_side_effects is not None:  # names shown again: as `record`
-            self.local_side_effects(Applied(0, tuple(self._entries), tuple(self._inodes)))
         return self.outbox_operations(txn) - before
 
     def keep_paused_notes(self, txn: lmdb.Transaction[bytes]) -> bool:

@@ -60,8 +60,10 @@ class SiteRelink(SiteSeeding):
         attributes, contents that changed), each stamped at its inode's ctime when the clock
         allows, in that order: the later change wins a conflict, as it would have linked, not
         the site that happened to link second. Then the names, stamped now: what the tables
-        show where the namespace has something else moves, or goes."""
+        show where the namespace has something else moves, or goes. The names it shows again are
+        told as a capture's are (`local_side_effects`): the kernel may cache the ones they replace."""
         txn.delete(KEPT_PEER, db=self.meta)
+        self._entries, self._inodes = [], []
         changed = []
         for _, obj in list(scan(txn, self.db["sinos"], b"")):
             obj = bytes(obj)
@@ -90,6 +92,7 @@ class SiteRelink(SiteSeeding):
                 moves.append((node, 0, b"" if placed is None else placed.name))
         if moves:  # one batch: no name group is shown again half way (`_local_moves`)
             self._local_moves(txn, moves, now_ns)
+        self._tell_side_effects()
 
     def _left_entries(self, txn: lmdb.Transaction[bytes]) -> dict[bytes, list[bytes]]:
         """The entries the tables show where the namespace no longer has their object (renamed,
