@@ -5,9 +5,11 @@ single-node core; the write is counted where the stager hands it to the device l
 
 from __future__ import annotations
 
+import os
 import stat
 from typing import Any
 
+import grpc
 import pytest
 import trio
 
@@ -17,8 +19,10 @@ from awsomefsd.crdt.hlc import Stamp
 from awsomefsd.crdt.tree import ROOT
 from awsomefsd.daemon.node import Core
 from awsomefsd.io.checksum import crc32c
+from awsomefsd.repl import receiver as receiver_module
 from awsomefsd.repl.service import SiteService
-from tests.repl.test_receiving import PEER, Peer, file_bytes, push_header, receiver, small_files  # noqa: F401
+from awsomefsd.rpc.bridge import RpcAbort
+from tests.repl.test_receiving import MIB, PEER, Peer, file_bytes, push_header, receiver, small_files  # noqa: F401
 
 
 def counting_writes(core: Core, monkeypatch: pytest.MonkeyPatch, fail: bool = False) -> list[int]:
@@ -79,3 +83,37 @@ async def test_a_failed_write_stages_none_of_them_and_gives_their_space_back(
     assert Stamp.unpack(bytes.fromhex(reply["applied"])) == ops[-1].stamp
     for name, body in files.items():
         assert await file_bytes(core, name) == body
+
+
+async def test_what_a_sender_can_make_us_hold_staged_is_bounded(
+        receiver: tuple[Core, SiteService], monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
+    """Bytes staged and not yet pushed stay within MAX_STAGED_BYTES, for a Stage call and for a
+    push's inline contents alike: past it RESOURCE_EXHAUSTED, nothing of the refused call is kept,
+    and once a push takes what waits, the same contents are staged and applied."""
+    core, service = receiver
+    monkeypatch.setattr(receiver_module, "MAX_STAGED_BYTES", 3 * MIB)
+    peer = Peer()
+    ops, content = peer.new_file(b"big", 2 * MIB)
+    body = os.urandom(2 * MIB)
+    await service.stage({"stamp": wire.stamp_text(content.stamp), "offset": 0, "crc": crc32c(body)},
+                        memoryview(body))
+    with pytest.raises(RpcAbort) as refused:  # 2 MiB held + 1.5 MiB more
+        other = o.ContentSet(peer.stamp(), o.global_id(PEER, 8), 3 * MIB // 2, peer.wall)
+        chunk = bytes(3 * MIB // 2)
+        await service.stage({"stamp": wire.stamp_text(other.stamp), "offset": 0, "crc": crc32c(chunk)},
+                            memoryview(chunk))
+    assert refused.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    small_ops, inline, data, files = small_files(peer, 400, first=3000)  # 1.2 MiB: fits alone, not beside it
+    assert MIB < len(data) < 2 * MIB
+    with pytest.raises(RpcAbort) as refused:
+        await service.push({**push_header(None, small_ops), "inline": inline}, memoryview(data))
+    assert refused.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert len(service._staged) == 1, "only the big file's staging waits"
+    reply = await service.push(push_header(None, ops), memoryview(b""))
+    assert Stamp.unpack(bytes.fromhex(reply["applied"])) == content.stamp
+    assert not service._staged
+    reply = await service.push({**push_header(content.stamp, small_ops), "inline": inline}, memoryview(data))
+    assert Stamp.unpack(bytes.fromhex(reply["applied"])) == small_ops[-1].stamp
+    assert await file_bytes(core, b"big") == body
+    for name, small in files.items():
+        assert await file_bytes(core, name) == small
