@@ -120,6 +120,10 @@ def test_a_three_node_site_links_syncs_and_survives_its_leader(sites: tuple[Clus
     # kill -9 of the leader while both sites write: the next leader runs the link from the cursors
     mine: list[str] = []
     survivor = follower if follower is not leader else other
+    # one /storm for both: made on a and seen on b first (two made at once are both kept, one under
+    # a derived name, docs/sites.md: b's writes would not meet a's in one directory)
+    (survivor.mount / "storm").mkdir()
+    wait_for(lambda: (b.mount / "storm").is_dir(), 30, "a's /storm on b")
     writers = [threading.Thread(target=write_files, args=(survivor.mount / "storm", "a", FILES_PER_WRITER, mine))]
     writers[0].start()
     wait_for(lambda: len(mine) >= 5, 30, "the survivor's first writes")
