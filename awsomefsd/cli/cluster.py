@@ -40,6 +40,7 @@ CLUSTER_AG_COUNT = 64
 member of a cluster gets groups of its own and claims more as it fills them."""
 MIN_CLUSTER_AG_BYTES = 16 << 20
 CLUSTER_ENTRY_TIMEOUT_S = 1.0
+STATUS_CONTROL_S = 15.0  # how long `status` waits for its member's answer (cluster_status)
 
 
 def _listen(settings: Settings) -> str:
@@ -472,15 +473,18 @@ def node_remove(settings: Settings, node: int) -> int:
 
 
 def cluster_status(settings: Settings) -> dict[str, Any] | None:
-    """The running member's view of the cluster, or None when this is no member or it is stopped."""
+    """The running member's view of the cluster, or None when this is no member or it is stopped.
+    Raises ConnectionError (its message one line for the operator) when the daemon does not answer
+    in STATUS_CONTROL_S: a follower asks the leader for the members' lag (up to STATUS_ASK_S, 3 s)
+    before it answers, which left a busy member 2 s of the 5 s this waited before (too little on a
+    loaded machine to tell a slow daemon from a dead one)."""
     state_dir = settings.node.state_dir
     if MemberState.load(state_dir) is None or not control_socket(state_dir).exists():
         return None
-    try:
-        reply = control_call(str(control_socket(state_dir)), {"op": "status"}, timeout_s=5)
-    except ConnectionError:
-        return None
-    return None if "error" in reply else reply
+    reply = control_call(str(control_socket(state_dir)), {"op": "status"}, timeout_s=STATUS_CONTROL_S)
+    if "error" in reply:
+        raise ConnectionError(f"the daemon refused the status request: {reply['error']}")
+    return reply
 
 
 __all__ = ["cluster_status", "init", "join", "node_remove", "run_member_command", "token",
