@@ -7,7 +7,7 @@ Site a (tests/repl/test_sites_sm.py's `Site`: a real StateMachine on its own LMD
 content (a create is then three operations: the object, its name, its content); then site b
 applies a's whole outbox as the receiver does: pushes of `--push` operations, each applied in
 slices of 128 (one `ApplyRemote` each: the slices the receiver used before it sized them by time, `SliceSizer`), a content's blocks
-given as fresh extents; a build whose receiver decodes a push once (`crdt.ops.decode_remembered`)
+given as fresh extents; a build whose receiver decodes a push once (`crdt.ops.keep_decoded`)
 has each push decoded first, as its receiver does, untimed. Prints the CPU µs per operation
 applied (process time: on a loaded machine wall time also counts the other processes' turns)
 and checks that both sites show the same tree. No wire, staging, barrier or daemon: the floor of the receiver's apply on this core.
@@ -73,14 +73,14 @@ def one_round(files: int, dirs: int, written: float, push: int, profile: bool) -
             elif isinstance(o.decode(sent), o.ContentSet):
                 extents = ()
             shipped.append((sent, extents))
-        remembered = getattr(o, "decode_remembered", None)
+        keep = getattr(o, "keep_decoded", None) or getattr(o, "decode_remembered", None)  # older builds: an LRU
         profiler = cProfile.Profile() if profile else None
         cpu = wall = 0.0
         for first in range(0, len(shipped), push):
             batch = shipped[first:first + push]
-            if remembered is not None:  # its receiver decodes a push to check it, then applies it (not timed)
+            if keep is not None:  # its receiver decodes a push to check it, then applies it (not timed)
                 for raw, _ in batch:
-                    remembered(raw)
+                    keep(raw)
             cpu -= time.process_time()
             wall -= time.perf_counter()
             if profiler is not None:
@@ -96,6 +96,8 @@ def one_round(files: int, dirs: int, written: float, push: int, profile: bool) -
                 profiler.disable()
             cpu += time.process_time()
             wall += time.perf_counter()
+            if hasattr(o, "release_decoded"):
+                o.release_decoded([raw for raw, _ in batch])
         if profiler is not None:
             pstats.Stats(profiler).sort_stats("cumulative").print_stats(40)
             pstats.Stats(profiler).sort_stats("tottime").print_stats(25)

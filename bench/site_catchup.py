@@ -78,7 +78,7 @@ def apply_everything(src: Any, dst: Any, c: Any, ops: Any, batch: int, slice_ops
     for at in range(0, len(pending), batch):
         raws = [src.read(lambda txn, raw=raw: src.sm.sites.shipping(txn, raw))[0] for _, raw in pending[at:at + batch]]
         for raw in raws:
-            ops.decode_remembered(raw)  # the receiver decodes a push before it proposes its slices
+            ops.keep_decoded(raw)  # the receiver decodes a push before it proposes its slices
         first = 0
         # A push's slices and the local creates between them go in one transaction, committed
         # after the push (the receiver's barrier): a single node's open batch (meta/log.py).
@@ -105,6 +105,7 @@ def apply_everything(src: Any, dst: Any, c: Any, ops: Any, batch: int, slice_ops
                 ended = time.perf_counter()
                 slowest = max(slowest, create_started - slice_started)
                 worst = max(worst, ended - slice_started)
+        ops.release_decoded(raws)
     return len(pending), time.perf_counter() - started, slowest, worst
 
 

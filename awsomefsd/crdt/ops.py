@@ -18,7 +18,6 @@ gets `BadOperation`, and nothing of the batch is applied.
 
 from __future__ import annotations
 
-import functools
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -228,20 +227,46 @@ def decode(raw: bytes) -> Operation:
     return op
 
 
-DECODED_KEPT = 4096
-"""Operations `decode_remembered` keeps: a push's worth at most (`[site] batch_operations`)."""
+_kept: dict[bytes, list[Any]] = {}
+"""The operations `keep_decoded` holds: raw bytes -> [operation, how many holders]."""
 
 
-@functools.lru_cache(maxsize=DECODED_KEPT)
-def decode_remembered(raw: bytes) -> Operation:
-    """`decode`, remembered for the last DECODED_KEPT operations. The receiving site decodes a
+def keep_decoded(raw: bytes) -> Operation:
+    """`decode`, and keep the result for `decode_remembered` until `release_decoded` (a holder
+    count: a resend of a push may be taken in while the first is). The receiving site decodes a
     push to check it (stamps, clock, contents) before it proposes it, and its `ApplyRemote`
     decodes the same bytes again to apply them: the JSON parse and every field's check, twice,
-    were a tenth of a draining receiver's time (issue 47). Decoding is a function of the bytes
-    alone and an operation is frozen (nothing changes its `seen` either), so sharing one object
-    changes no outcome; a member that did not receive the push just decodes. A refusal is not
-    remembered: it raises again."""
-    return decode(raw)
+    were a tenth of a draining receiver's time (issue 47). An LRU of 4,096 did not hold them:
+    with the sender's 8 pushes of 512 in flight, each new push evicted the next one to apply
+    (a draining site decoded 4 of 10 operations twice, py-spy). Holding them for as long as
+    their push is in hand bounds the memory by what the receiver holds anyway. Decoding is a
+    function of the bytes alone and an operation is frozen, so sharing one object changes no
+    outcome. A refusal is not kept: it raises."""
+    held = _kept.get(raw)
+    if held is not None:
+        held[1] += 1
+        return held[0]  # type: ignore[no-any-return]
+    op = decode(raw)
+    _kept[raw] = [op, 1]
+    return op
+
+
+def release_decoded(raws: list[bytes]) -> None:
+    """The holder of `raws` (each taken with `keep_decoded`) is done with them."""
+    for raw in raws:
+        held = _kept.get(raw)
+        if held is None:
+            continue
+        held[1] -= 1
+        if held[1] <= 0:
+            del _kept[raw]
+
+
+def decode_remembered(raw: bytes) -> Operation:
+    """`decode`, without the work when a holder keeps the operation decoded (`keep_decoded`):
+    the apply of a push the receiver checked. A member that did not receive the push decodes."""
+    held = _kept.get(raw)
+    return held[0] if held is not None else decode(raw)  # type: ignore[no-any-return]
 
 
 def _stamp(text: Any) -> Stamp:

@@ -262,9 +262,11 @@ class Receiver(DeltaBases):
         several in flight, and one that arrives ahead of its predecessor waits for it (`_in_turn`).
         A push that does not continue the cursor is answered `stale`, applying nothing."""
         key = object()
+        kept: list[bytes] = []  # its operations, decoded once (`o.keep_decoded`) for the checks and the apply
         try:
-            return await self._push(header, data, key)
+            return await self._push(header, data, key, kept)
         finally:
+            o.release_decoded(kept)
             self._receiving.pop(id(key), None)
             self._cursor_moved.set()
             self._cursor_moved = trio.Event()
@@ -284,14 +286,14 @@ class Receiver(DeltaBases):
             with trio.move_on_after(min(0.1, TURN_GRACE_S)):  # a slice applied moves the cursor too
                 await moved.wait()
 
-    async def _push(self, header: dict[str, Any], data: memoryview, key: object) -> dict[str, Any]:
+    async def _push(self, header: dict[str, Any], data: memoryview, key: object, kept: list[bytes]) -> dict[str, Any]:
         link = self.meta.site_link()
         if link is None:
             raise RpcAbort(grpc.StatusCode.FAILED_PRECONDITION, "this site is not linked")
         after = wire.stamp_field(header, "after")
         raws = wire.hex_list(header, "ops", limit=4096)
         try:  # what it continues and where it ends, known before its contents are staged
-            last = o.decode_remembered(raws[-1]).stamp if raws else after
+            last = o.decode(raws[-1]).stamp if raws else after
         except o.BadOperation as exc:
             raise wire.WireError(str(exc)) from None
         self._receiving[id(key)] = (after or EPOCH, last or EPOCH)
@@ -321,9 +323,10 @@ class Receiver(DeltaBases):
                 await trio.sleep(0)
                 yielded = time.perf_counter()
             try:
-                op = o.decode_remembered(raw)
+                op = o.keep_decoded(raw)
             except o.BadOperation as exc:
                 raise wire.WireError(str(exc)) from None
+            kept.append(raw)
             stamps.append(op.stamp)
             if isinstance(op, o.ContentSet):
                 contents.append(op)

@@ -18,6 +18,7 @@ from typing import Any
 import grpc
 import pytest
 import trio
+import trio.testing
 
 from awsomefsd.crdt import ops as o
 from awsomefsd.crdt import wire
@@ -496,3 +497,52 @@ async def test_on_a_cluster_the_logs_round_trip_does_not_shrink_the_slices(
     for name, body in files.items():
         assert await file_bytes(core, name) == body
     assert len(proposed) <= 40 and min(proposed[:-1]) >= 8, f"slices of {proposed} operations"
+
+
+async def test_pushes_held_together_are_decoded_once_each_however_many(
+        receiver: tuple[Core, SiteService], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A sender keeps several pushes in flight; each is decoded when it arrives (its checks) and
+    applied once the one before it is. The apply reuses those decodes for as long as the push is
+    in hand: with an LRU of 4,096 operations, nine pushes of 513 held at once (the sender's 8
+    ahead of the one applying) made each new push evict the next one to apply, whose operations
+    were then all decoded again, evicting the next one's. What was held is let go once the pushes
+    are answered."""
+    core, service = receiver
+    monkeypatch.setattr(service, "_sizer", FixedSlices(SLICE))
+    arrived = trio.Event()  # the first push applies once all nine are in hand, as in a drain
+    propose = core.ops.propose_holding
+
+    async def after_all_arrived(command: Any, **kwargs: Any) -> Any:
+        await arrived.wait()
+        return await propose(command, **kwargs)
+    monkeypatch.setattr(core.ops, "propose_holding", after_all_arrived)
+    decoded: list[bytes] = []
+    decode = o.decode
+
+    def counting(raw: bytes) -> o.Operation:
+        decoded.append(raw)
+        return decode(raw)
+    monkeypatch.setattr(o, "decode", counting)
+    peer = Peer()
+    pushes = [small_files(peer, 171, first=171 * n) for n in range(9)]  # 513 operations each
+    afters = [None] + [ops[-1].stamp for ops, *_ in pushes[:-1]]
+    replies: list[dict[str, Any]] = []
+
+    async def send(after: Stamp | None, ops: list[o.Operation], inline: list[list[Any]], data: bytes) -> None:
+        replies.append(await service.push({**push_header(after, ops), "inline": inline}, memoryview(data)))
+
+    with trio.fail_after(120):
+        async with trio.open_nursery() as nursery:
+            for after, (ops, inline, data, _files) in zip(afters, pushes, strict=True):
+                nursery.start_soon(send, after, ops, inline, data)
+                await trio.testing.wait_all_tasks_blocked()  # in the sender's order, each held before the next
+            arrived.set()
+    assert len(replies) == 9 and not any(reply.get("stale") for reply in replies), replies
+    assert service.cursor() == pushes[-1][0][-1].stamp
+    every = sum(len(ops) for ops, *_ in pushes)
+    # once each, and each push's last once more (where it ends is read before its checks)
+    assert len(decoded) == every + len(pushes), f"{len(decoded) - every - len(pushes)} decoded again"
+    assert not o._kept, "what the pushes held is let go"
+    for _ops, _inline, _data, files in pushes[::4]:
+        for name, body in itertools.islice(files.items(), 3):
+            assert await file_bytes(core, name) == body
