@@ -227,8 +227,8 @@ def decode(raw: bytes) -> Operation:
     return op
 
 
-_kept: dict[bytes, list[Any]] = {}
-"""The operations `keep_decoded` holds: raw bytes -> [operation, how many holders]."""
+_kept: dict[bytes, tuple[Operation, int]] = {}
+"""The operations `keep_decoded` holds: raw bytes -> (the operation, how many holders)."""
 
 
 def keep_decoded(raw: bytes) -> Operation:
@@ -237,17 +237,14 @@ def keep_decoded(raw: bytes) -> Operation:
     push to check it (stamps, clock, contents) before it proposes it, and its `ApplyRemote`
     decodes the same bytes again to apply them: the JSON parse and every field's check, twice,
     were a tenth of a draining receiver's time (issue 47). An LRU of 4,096 did not hold them:
-    with the sender's 8 pushes of 512 in flight, each new push evicted the next one to apply
-    (a draining site decoded 4 of 10 operations twice, py-spy). Holding them for as long as
-    their push is in hand bounds the memory by what the receiver holds anyway. Decoding is a
-    function of the bytes alone and an operation is frozen, so sharing one object changes no
-    outcome. A refusal is not kept: it raises."""
+    with the sender's 8 pushes of 512 in flight, each new push evicted the next one to apply,
+    so every push was decoded twice (design note 120). Holding them for as long as their push is
+    in hand bounds the memory by what the receiver holds anyway. Decoding is a function of the
+    bytes alone and an operation is frozen, so sharing one object changes no outcome. A refusal
+    is not kept: it raises."""
     held = _kept.get(raw)
-    if held is not None:
-        held[1] += 1
-        return held[0]  # type: ignore[no-any-return]
-    op = decode(raw)
-    _kept[raw] = [op, 1]
+    op = decode(raw) if held is None else held[0]
+    _kept[raw] = (op, 1 if held is None else held[1] + 1)
     return op
 
 
@@ -257,16 +254,17 @@ def release_decoded(raws: list[bytes]) -> None:
         held = _kept.get(raw)
         if held is None:
             continue
-        held[1] -= 1
-        if held[1] <= 0:
+        if held[1] <= 1:
             del _kept[raw]
+        else:
+            _kept[raw] = (held[0], held[1] - 1)
 
 
 def decode_remembered(raw: bytes) -> Operation:
     """`decode`, without the work when a holder keeps the operation decoded (`keep_decoded`):
     the apply of a push the receiver checked. A member that did not receive the push decodes."""
     held = _kept.get(raw)
-    return held[0] if held is not None else decode(raw)  # type: ignore[no-any-return]
+    return decode(raw) if held is None else held[0]
 
 
 def _stamp(text: Any) -> Stamp:
