@@ -546,3 +546,19 @@ async def test_pushes_held_together_are_decoded_once_each_however_many(
     for _ops, _inline, _data, files in pushes[::4]:
         for name, body in itertools.islice(files.items(), 3):
             assert await file_bytes(core, name) == body
+
+
+async def test_a_digest_this_site_cannot_make_is_a_one_line_refusal(
+        receiver: tuple[Core, SiteService], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """The other site's `site verify` asks for this site's digest; one this site cannot make (here
+    no mount; in the long tier a mount aborted under the walk) is answered with why, in one line,
+    and logs no traceback (it was an unhandled error in the bridge)."""
+    from awsomefsd.repl.service import _Link
+
+    _core, service = receiver
+    monkeypatch.setattr(service, "check_caller", lambda context: None)  # the TLS handshake's part
+    with pytest.raises(RpcAbort) as refused:
+        await _Link(service).Digest(b"", None)  # type: ignore[arg-type]
+    assert refused.value.code == grpc.StatusCode.UNAVAILABLE
+    assert "could not digest its tree: this site serves no mount" in str(refused.value), refused.value
+    assert not [r for r in caplog.records if r.exc_info], "no traceback logged"
