@@ -440,7 +440,9 @@ async def test_a_dear_push_applies_in_slices_of_a_bounded_time_and_local_request
     slices = sorted(service.slice_seconds[timed:])
     assert len(slices) >= 20 and slices[len(slices) // 2] < 2.5 * SLICE_BUDGET_S, service.slice_seconds
     assert len(waits) >= len(slices) // 2, f"{len(waits)} local creates while {len(slices)} slices applied"
-    assert max(waits) < 10 * SLICE_BUDGET_S, (max(waits), service.slice_seconds)  # 128 at once: 256 ms
+    # 128 at once held the loop 256 ms; 20 slices' budget leaves room for the scheduler of a loaded
+    # machine (at 10: once 102 ms, after a first slice of 69 ms), where 10 did not
+    assert max(waits) < 20 * SLICE_BUDGET_S, (max(waits), service.slice_seconds)
 
 
 async def test_a_push_answer_counts_what_the_peer_has_not_applied_at_most_once_a_second(
