@@ -514,14 +514,14 @@ def status(settings: Settings, *, as_json: bool) -> int:
     if member is not None:
         from awsomefsd.cli.cluster import cluster_status
 
-        silent = "the daemon does not answer on its control socket"
+        unanswered = "the daemon does not answer on its control socket"
         try:
             info["cluster"] = cluster_status(settings) if running else None
         except ConnectionError as exc:
-            info["cluster"], silent = None, f"the daemon's control socket: {exc}"
+            info["cluster"], unanswered = None, f"the daemon's control socket: {exc}"
         info["role"] = _member_role(member.node_id, info["cluster"])
         if running and info["cluster"] is None:
-            info["problems"].append(silent)
+            info["problems"].append(unanswered)
             info["healthy"] = False
         elif not running:  # a member's daemon is its part of the cluster: stopped is not healthy
             info["problems"].append(f"the daemon is not running: node {member.node_id} serves no mount and "
