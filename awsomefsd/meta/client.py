@@ -72,6 +72,8 @@ class MetaClient:
         self.ahead = AheadLog(log, sm)
         self._view = self.ahead.view
         self._proposed: list[Callable[[Command[Any]], None]] = []
+        self._applied_moved: trio.Event | None = None
+        log.applied_listeners.append(self._wake_applied_waiters)
 
     def on_proposed(self, listener: Callable[[Command[Any]], None]) -> None:
         """`listener(command)` once each `propose` has applied its command or failed, before its
@@ -129,6 +131,20 @@ class MetaClient:
     @property
     def applied_index(self) -> int:
         return self._log.applied_index
+
+    async def applied_past(self, index: int) -> None:
+        """Return once a command after `index` was applied on this node: how the daemon's own
+        loops (the site link's) sleep while nothing changes, instead of looking every few
+        milliseconds (each look woke the loop and read LMDB: ~4 % of a core on an idle link)."""
+        while self._log.applied_index <= index:
+            if self._applied_moved is None:
+                self._applied_moved = trio.Event()
+            await self._applied_moved.wait()
+
+    def _wake_applied_waiters(self, _index: int) -> None:
+        moved, self._applied_moved = self._applied_moved, None
+        if moved is not None:
+            moved.set()
 
     @property
     def committed_index(self) -> int:

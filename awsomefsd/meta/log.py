@@ -75,6 +75,10 @@ class ReplicatedLog(Protocol):
         """The last command committed: the local log's in LMDB; Raft's committed in the log."""
         ...
 
+    applied_listeners: list[Callable[[int], None]]
+    """Called with the applied index, on the event loop, after commands were applied (memory only:
+    MetaClient's `applied_past` wakes the waiters)."""
+
 
 class LocalLog:
     def __init__(
@@ -112,6 +116,7 @@ class LocalLog:
         self.commits = 0
         self.batch_sizes: list[int] = []  # drained by metrics
         self._wake = trio.Event()
+        self.applied_listeners: list[Callable[[int], None]] = []
         with store.env.begin() as txn:
             raw = txn.get(b"applied", db=store.db["meta"])
             self._applied = self._committed = 0 if raw is None else int.from_bytes(raw, "big")
@@ -156,6 +161,8 @@ class LocalLog:
             raise FsError(errno.EIO, f"{type(command).__name__} failed: {type(exc).__name__}: {exc}") from exc
         self._batch.append(command)
         self._applied += 1
+        for listener in self.applied_listeners:
+            listener(self._applied)
         if len(self._batch) == 1:
             self._batch_started = _now()
             self._wake.set()

@@ -31,9 +31,9 @@ MAX_FOLD = 512
 a create (bench/capture_cost.py), a fold holds the state machine 18-36 ms at most, so a local
 request never waits behind a long one."""
 FOLD_POLL_S = 0.02
-"""How often the node running the link looks for captures to fold (one read of an LMDB page).
-What a write waits before it can ship once writes stop; the shipper looks at the outbox every
-50 ms."""
+"""How often the node running the link looks for captures to fold (one read of an LMDB page)
+while commands apply: what a write waits before it can ship once writes stop (the shipper looks
+at the outbox every 50 ms). With nothing waiting, the loop sleeps until a command applies."""
 FOLD_DELAY_MAX_S = 0.25
 """How long captures may wait for a fold while writes keep coming: a steady writer's folds come
 this far apart (each of hundreds of records, not tens), and its operations' lag grows by about
@@ -55,7 +55,10 @@ class Folding:
         20 ms cut short the gathering of the writes it folds (as orphan releases did: note 87)."""
         waiting = FoldWait()
         while True:
+            looked_at = self.meta.applied_index
             await trio.sleep(FOLD_POLL_S)
+            if waiting.since is None:  # nothing waited at the last look: none will before a command applies
+                await self.meta.applied_past(looked_at)
             if self.elsewhere() is not None or not waiting.due(self.meta.site_newest_unfolded(), trio.current_time()):
                 continue
             try:

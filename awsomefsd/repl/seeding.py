@@ -28,7 +28,7 @@ SEED_SLICE = 256
 holds the state machine some 25-50 ms, as a fold of 512 captures does."""
 SEED_POLL_S = 0.05
 """How often a walk left waiting (the outbox at half its bound, another member running the link)
-looks again."""
+looks again while commands apply. With no walk, the loop sleeps until a command applies."""
 
 
 class Seeding:
@@ -42,7 +42,10 @@ class Seeding:
     async def _seed_walk(self) -> None:
         """Seed while this node runs the link and the walk has directories left."""
         while True:
+            looked_at = self.meta.applied_index
             await trio.sleep(SEED_POLL_S)
+            if self.meta.site_seeding() is None:  # no walk: none starts before a command (LinkSite) applies
+                await self.meta.applied_past(looked_at)
             if self.elsewhere() is not None or self.meta.site_seeding() is None or not self._may_seed() \
                     or self.meta.site_capture_paused():  # the resume seeds what is left (bound.py)
                 continue

@@ -48,7 +48,8 @@ SLOWEST_LINK_BYTES_S = 128 << 10
 """A call carrying bytes waits for them too, at this rate (1 Mbit/s): a 16 MiB chunk on a slow
 link must not time out, and be sent again, forever."""
 IDLE_POLL_S = 0.05
-"""How often an idle shipper looks at the outbox (a read of one LMDB page)."""
+"""How often an idle shipper looks at the outbox (a read of one LMDB page) while commands apply;
+with none applying, it sleeps until one does or a heartbeat is due."""
 HEARTBEAT_S = 2.0
 """An idle shipper pushes an empty batch this often: the peer's acknowledgement carries its head,
 which moves the horizon on, and the link's state stays current."""
@@ -140,12 +141,14 @@ class Shipper(DeltaBases):
             log.info("link to the other site is up; it applied ours up to %s", cursor)
         self.state.up, self.state.last_error = True, ""
         window: collections.deque[_Push] = collections.deque()
+        looked_at = self.meta.applied_index  # at the last look at the outbox
         sent_upto = cursor  # the last operation put in a push: in flight, or acknowledged
         try:  # one failure ends the pushes in flight: it, not their group, is raised
             async with trio.open_nursery() as calls:
                 while True:
                     # bytes on the way bounded too: a call's time-out counts the bytes ahead of it
                     while len(window) < self.pushes_in_flight and sum(len(p.request) for p in window) < self.batch_bytes:
+                        looked_at = self.meta.applied_index
                         entries = self.meta.site_outbox(sent_upto, self.batch_operations)
                         if not entries and (window or time.monotonic() - last_push < HEARTBEAT_S):
                             break
@@ -155,8 +158,10 @@ class Shipper(DeltaBases):
                         window.append(push)
                         await calls.start(_send, _behind(call, ahead), push)  # issued in order before this goes on
                         sent_upto, last_push = push.last, time.monotonic()
-                    if not window:
+                    if not window:  # idle: look again once a command applied (one may have filled the outbox)
                         await trio.sleep(IDLE_POLL_S)
+                        with trio.move_on_after(max(0.0, last_push + HEARTBEAT_S - time.monotonic())):
+                            await self.meta.applied_past(looked_at)
                         continue
                     oldest = window[0]
                     if len(window) < self.pushes_in_flight and \

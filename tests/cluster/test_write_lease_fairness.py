@@ -73,6 +73,7 @@ class NodeLog:
 
     def __init__(self, sim: SimLog, node: int, epoch: list[int]) -> None:
         self.sim, self.node, self.epoch = sim, node, epoch
+        self.applied_listeners: list[Any] = []
 
     def read_txn(self) -> lmdb.Transaction:
         return self.sim.read_txn()

@@ -124,6 +124,10 @@ class Outbox:
 
     def __init__(self, ops: list[o.Operation]) -> None:
         self.entries = [(op.stamp, o.encode(op)) for op in ops]
+        self.applied_index = 0  # it never changes: nothing applies
+
+    async def applied_past(self, index: int) -> None:
+        await trio.sleep_forever()
 
     def site_outbox(self, after: Stamp | None, limit: int) -> list[tuple[Stamp, bytes]]:
         return [entry for entry in self.entries if after is None or entry[0] > after][:limit]

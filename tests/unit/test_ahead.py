@@ -344,6 +344,7 @@ class ScriptedLog:
         self.batches: list[tuple[object, ...]] = []
         self.release = trio.Event()
         self.proposing = trio.Event()  # a proposal waits for `release`
+        self.applied_listeners: list[Any] = []
 
     def read_txn(self) -> lmdb.Transaction[bytes]:
         return self.reference.store.env.begin()
