@@ -175,6 +175,15 @@ _IDS = {"object", "node", "parent"}
 _FIELDS = {cls: tuple(name for name in cls.__dataclass_fields__ if name not in ("stamp", "seen"))
            for cls in _KINDS.values()}
 _HEADS = {cls: f'{{"v":{FORMAT},"kind":"{kind}","stamp":"' for cls, kind in _KIND_OF.items()}
+_HEAD_BYTES = {cls: head.encode() for cls, head in _HEADS.items()}
+
+
+def encoded_as(raw: bytes, kind: type[Operation]) -> bool:
+    """Did `encode` make `raw` from an operation of `kind`? Its canonical head says, with no parse:
+    the shipper asks it of every operation in its own outbox, and decoding each to learn that
+    was ~7 % of a linked untar's time (issue 47). Only for bytes this site encoded; the other
+    site's are decoded and checked."""
+    return raw.startswith(_HEAD_BYTES[kind])
 
 
 def encode(op: Operation) -> bytes:

@@ -172,9 +172,10 @@ class SiteTables(SiteBound, SiteForget, SiteResolve):
         newest bytes travel; so is one of an object this site no longer has (released after its
         every entry was deleted): there are no bytes to send, and the peer deleted it too; and,
         while capture is paused, one whose file was written since (bound.py: the resume sends it)."""
-        op = o.decode(raw)
-        if not isinstance(op, o.ContentSet):
+        if not o.encoded_as(raw, o.ContentSet):
             return raw, None
+        op = o.decode(raw)
+        assert isinstance(op, o.ContentSet)
         versions = self._versions(txn, op.object + CONTENT)
         ino = self._ino(txn, op.object)
         if versions and versions[0].stamp == op.stamp and ino is not None \
