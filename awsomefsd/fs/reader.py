@@ -134,6 +134,47 @@ class Reader:
             out[start - offset : start - offset + len(data)] = data
         return out
 
+    async def read_files(self, files: list[tuple[Inode, int]]) -> list[bytes | bytearray]:
+        """The first `size` bytes of each file (fewer at its end): the shipper's small contents,
+        a push's worth at once. The files `start_read` would serve (nothing buffered, one written
+        extent on the device holding the bytes) have their maps taken in one step and are read
+        together in one worker thread, those that lie together on the device in one read
+        (`ExtentIO.read_runs`): one by one on the event loop, each small file's synchronous read
+        held up every request (~6 % of a linked untar's time on the sending site). Any other
+        file is read as `read` reads it."""
+        token = self._begin()
+        try:
+            out: list[bytes | bytearray | None] = [None] * len(files)
+            runs: list[tuple[int, bytes]] = []
+            together: list[tuple[int, int]] = []  # (index in files, its size)
+            for i, (inode, size) in enumerate(files):
+                if inode.ino in self.buffer.files:
+                    continue  # its buffered bytes too: read below, as `read` reads it
+                size = min(size, inode.size)
+                if size <= 0:
+                    out[i] = b""
+                    continue
+                end = -(-size // BLOCK_SIZE)
+                extents = self.meta.extents(inode.ino, 0, end)
+                if len(extents) == 1 and extents[0].checksums and extents[0].dev_block < TIER_BASE_BLOCK \
+                        and extents[0].file_block == 0 and extents[0].end_block >= end:
+                    piece = extents[0].slice(0, end)
+                    runs.append((piece.dev_block, piece.checksums))
+                    together.append((i, size))
+            if len(runs) > 1:
+                try:
+                    read = await trio.to_thread.run_sync(self.io.read_runs, runs, limiter=self.io.limiter)
+                except ChecksumMismatch as exc:
+                    raise self._checksum_error(exc) from None
+                for (i, size), blocks in zip(together, read, strict=True):
+                    out[i] = blocks[:size]
+            for i, (inode, size) in enumerate(files):
+                if out[i] is None:
+                    out[i] = await self._read(inode, 0, size)
+            return [b"" if data is None else data for data in out]
+        finally:
+            self._end(token)
+
     def start_read(self, inode: Inode, offset: int, size: int, send: Callable[[memoryview], None],
                    fail: Callable[[], None]) -> bool:
         """The common read, served without a task (the session's reader calls it; design note in

@@ -91,6 +91,43 @@ class ExtentIO:
         finally:
             self.pool.release(buf)
 
+    def read_runs(self, runs: Sequence[tuple[int, bytes]]) -> list[bytes]:
+        """The whole blocks of each run (first device block, one checksum per block), every block
+        verified (ChecksumMismatch names the first bad one); runs that follow each other on the
+        device come in one read of up to a pool buffer, as `write` sends them. Blocking: the
+        caller picks the thread (the shipper's small files, fs/reader.py `read_files`)."""
+        out: list[bytes] = [b""] * len(runs)
+        buf = self.pool.acquire()
+        try:
+            view = memoryview(buf)
+            group: list[int] = []  # indexes of the runs in the read being gathered
+            used = 0
+
+            def read_group() -> None:
+                first_dev = runs[group[0]][0]
+                self.device.read_into(view[:used], first_dev * BLOCK_SIZE)
+                for i in group:
+                    dev, checksums = runs[i]
+                    at = (dev - first_dev) * BLOCK_SIZE
+                    run = view[at : at + len(checksums) // 4 * BLOCK_SIZE]
+                    _verify(run, dev, checksums)
+                    out[i] = bytes(run)
+
+            for i in sorted(range(len(runs)), key=lambda i: runs[i][0]):
+                dev, checksums = runs[i]
+                length = len(checksums) // 4 * BLOCK_SIZE
+                assert 0 < length <= len(buf), length
+                if group and (runs[group[0]][0] + used // BLOCK_SIZE != dev or used + length > len(buf)):
+                    read_group()
+                    group, used = [], 0
+                group.append(i)
+                used += length
+            if group:
+                read_group()
+        finally:
+            self.pool.release(buf)
+        return out
+
     def _run_view(self, buf: mmap.mmap, checksums: bytes, start: int, end: int) -> memoryview:
         """The part of pool buffer `buf` the run that `checksums` cover fills."""
         n = len(checksums) // 4 * BLOCK_SIZE

@@ -226,6 +226,7 @@ class Shipper(DeltaBases):
         data = bytearray()
         budget = self.batch_bytes
         last = after
+        small: list[tuple[o.ContentSet, int]] = []  # read together once the push's operations are chosen
         for stamp, raw in entries:
             sent, ino = self.meta.site_shipping(raw)
             if ino is not None:
@@ -234,10 +235,7 @@ class Shipper(DeltaBases):
                 if ops and op.size > budget:
                     break  # the next push takes it
                 if op.size <= INLINE_BYTES:  # small files travel in the push itself: no round trip each
-                    content = await self._read_content(op, ino, 0, op.size)
-                    inline.append([wire.stamp_text(op.stamp), len(content), crc32c(content)])
-                    data += content
-                    self.state.pushed_bytes += len(content)
+                    small.append((op, ino))
                     shipped[op.object] = (op.stamp, None, ino, 0)
                 else:
                     self._sending.add(ino)
@@ -251,6 +249,10 @@ class Shipper(DeltaBases):
             last = stamp
             if budget <= 0:
                 break
+        for (op, _ino), content in zip(small, await self._read_small_contents(small), strict=True):
+            inline.append([wire.stamp_text(op.stamp), len(content), crc32c(content)])
+            data += content
+            self.state.pushed_bytes += len(content)
         request = wire.frame({"after": wire.stamp_text(after), "inline": inline, "unchanged": unchanged,
                               "ops": [raw.hex() for raw in ops]}, data)
         return _Push(after, last, len(ops), shipped, request)
@@ -286,13 +288,14 @@ class Shipper(DeltaBases):
             await self.meta.propose(c.ForgetSite(stable.pack(), time.time_ns()))
             self.state.forgotten, self._last_forget = stable, time.monotonic()
 
-    async def _read_content(self, op: o.ContentSet, ino: int, offset: int, length: int) -> bytes:
-        """Bytes [offset, offset + length) of a content version (the file, or its kept copy)."""
-        inode = self.meta.inode(ino)
-        if inode is None:
-            return bytes(min(length, max(op.size - offset, 0)))
-        size = min(op.size, self.data.effective_size(ino, inode.size))
-        return bytes(await self.data.reader.read(inode, offset, max(0, min(length, size - offset))))
+    async def _read_small_contents(self, small: list[tuple[o.ContentSet, int]]) -> list[bytes]:
+        """The bytes of small content versions, each from its inode (the file, or its kept copy),
+        read together (`Reader.read_files`); zeros for an inode gone meanwhile."""
+        found = [(op, self.meta.inode(ino)) for op, ino in small]
+        wanted = [(inode, min(op.size, self.data.effective_size(inode.ino, inode.size)))
+                  for op, inode in found if inode is not None]
+        read = iter(await self.data.reader.read_files(wanted))
+        return [bytes(op.size) if inode is None else bytes(next(read)) for op, inode in found]
 
     async def _send_content(self, call: Callable[[str, bytes], Awaitable[bytes]], op: o.ContentSet,
                             ino: int, *, whole: bool) -> tuple[delta.ShippedVersion | None, list[Any] | None]:

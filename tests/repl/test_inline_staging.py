@@ -1,10 +1,12 @@
 """A push's small contents travel inside it and are staged together (repl/receiver.py,
 `_stage_inline`; fs/staging.py, `stage_many`): one write to the device for the lot where their
 space is contiguous, not a synchronous write on the event loop per file. Against a real
-single-node core; the write is counted where the stager hands it to the device layer."""
+single-node core; the write is counted where the stager hands it to the device layer. And the
+sending side's mirror: a push's small contents read together (fs/reader.py, `read_files`)."""
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 from typing import Any
@@ -19,6 +21,9 @@ from awsomefsd.crdt.hlc import Stamp
 from awsomefsd.crdt.tree import ROOT
 from awsomefsd.daemon.node import Core
 from awsomefsd.io.checksum import crc32c
+from awsomefsd.io.layout import BLOCK_SIZE
+from awsomefsd.meta.errors import FsError
+from awsomefsd.meta.records import ROOT_INO
 from awsomefsd.repl import receiver as receiver_module
 from awsomefsd.repl.service import SiteService
 from awsomefsd.rpc.bridge import RpcAbort
@@ -117,3 +122,46 @@ async def test_what_a_sender_can_make_us_hold_staged_is_bounded(
     assert await file_bytes(core, b"big") == body
     for name, small in files.items():
         assert await file_bytes(core, name) == small
+
+
+async def test_the_sender_reads_a_pushs_small_contents_together(receiver: tuple[Core, SiteService],  # noqa: F811
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """The other side (fs/reader.py `read_files`, what the shipper reads a push's small contents
+    with): 60 small files lying together on the device come in one device read, and each reads
+    as `read` reads it, among files it must read the usual way (buffered bytes, empty, a size
+    asked past the end). A bad block is EIO, never bytes."""
+    core, service = receiver
+    peer = Peer()
+    ops, inline, data, files = small_files(peer, 60)
+    await service.push({**push_header(None, ops), "inline": inline}, memoryview(data))
+    fh, buffered = await core.ops.create(ROOT_INO, b"buffered", stat.S_IFREG | 0o644, os.O_RDWR, 0, 0)
+    await core.ops.write(fh, 0, b"still in memory")
+    _, empty = await core.ops.create(ROOT_INO, b"empty", stat.S_IFREG | 0o644, os.O_RDWR, 0, 0)
+    inodes = []
+    for name in files:
+        ino = core.meta.lookup(ROOT_INO, name)
+        assert ino is not None
+        inode = core.meta.inode(ino)
+        assert inode is not None
+        inodes.append(inode)
+    wanted = [(inode, inode.size) for inode in inodes] + [(buffered, 15), (empty, 0), (inodes[0], inodes[0].size + 9)]
+    device = core.data.reader.io.device
+    reads: list[int] = []
+    read_into = device.read_into
+
+    def counted(view: Any, offset: int) -> None:
+        reads.append(len(view))
+        read_into(view, offset)
+    monkeypatch.setattr(device, "read_into", counted)
+    got = await core.data.reader.read_files(wanted)
+    # the 60 in one read; the first file, asked again, is its block again (runs never overlap in a read)
+    assert sorted(reads) == [BLOCK_SIZE, 60 * BLOCK_SIZE], f"device reads of {reads} bytes for 60 files written together"
+    monkeypatch.setattr(device, "read_into", read_into)
+    assert [bytes(g) for g in got] == [bytes(await core.data.reader.read(i, 0, n)) for i, n in wanted]
+    assert [bytes(g) for g in got[:60]] == list(files.values())
+    assert bytes(got[60]) == b"still in memory" and got[61] == b""
+    victim = core.meta.extents(inodes[7].ino, 0, 1)[0]
+    device.write_from(memoryview(bytes(BLOCK_SIZE)), victim.dev_block * BLOCK_SIZE)  # a bad block
+    with pytest.raises(FsError) as failed:
+        await core.data.reader.read_files(wanted[:60])
+    assert failed.value.errno == errno.EIO
