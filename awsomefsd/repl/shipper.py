@@ -291,6 +291,8 @@ class Shipper(DeltaBases):
     async def _read_small_contents(self, small: list[tuple[o.ContentSet, int]]) -> list[bytes]:
         """The bytes of small content versions, each from its inode (the file, or its kept copy),
         read together (`Reader.read_files`); zeros for an inode gone meanwhile."""
+        if not small:
+            return []
         found = [(op, self.meta.inode(ino)) for op, ino in small]
         wanted = [(inode, min(op.size, self.data.effective_size(inode.ino, inode.size)))
                   for op, inode in found if inode is not None]
