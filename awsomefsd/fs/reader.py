@@ -155,10 +155,9 @@ class Reader:
                     out[i] = b""
                     continue
                 end = -(-size // BLOCK_SIZE)
-                extents = self.meta.extents(inode.ino, 0, end)
-                if len(extents) == 1 and extents[0].checksums and extents[0].dev_block < TIER_BASE_BLOCK \
-                        and extents[0].file_block == 0 and extents[0].end_block >= end:
-                    piece = extents[0].slice(0, end)
+                ext = self._one_written_extent(inode.ino, 0, end)
+                if ext is not None:
+                    piece = ext.slice(0, end)
                     runs.append((piece.dev_block, piece.checksums))
                     together.append((i, size))
             if len(runs) > 1:
@@ -190,11 +189,8 @@ class Reader:
         size = min(size, inode.size - offset)
         first = offset // BLOCK_SIZE
         end = (offset + size + BLOCK_SIZE - 1) // BLOCK_SIZE
-        extents = self.meta.extents(inode.ino, first, end)
-        if len(extents) != 1:
-            return False
-        ext = extents[0]
-        if not ext.checksums or ext.dev_block >= TIER_BASE_BLOCK or ext.file_block > first or ext.end_block < end:
+        ext = self._one_written_extent(inode.ino, first, end)
+        if ext is None:
             return False
         pool = self.io.pool
         buf = pool.acquire()
@@ -221,6 +217,17 @@ class Reader:
         self._end(token)
         pool.release(buf)
         return False
+
+    def _one_written_extent(self, ino: int, first: int, end: int) -> Extent | None:
+        """The one written extent on the device (checksummed, not tiered) holding every block of
+        [first, end) of the file, if one does: the reads `start_read` and `read_files` serve."""
+        extents = self.meta.extents(ino, first, end)
+        if len(extents) != 1:
+            return None
+        ext = extents[0]
+        if not ext.checksums or ext.dev_block >= TIER_BASE_BLOCK or ext.file_block > first or ext.end_block < end:
+            return None
+        return ext
 
     def data_ranges(self, inode: Inode, offset: int) -> list[tuple[int, int]]:
         """The file's data from `offset` on, as merged (start, end) byte ranges in whole blocks
