@@ -23,6 +23,8 @@ def collect_member_metrics(member: Member) -> Iterator[Metric]:
     yield gauge("awsomefs_raft_is_leader", "1 while this node leads the metadata group", float(raw.is_leader))
     yield gauge("awsomefs_raft_leader_id", "the leader this node knows of (0: none)", raw.leader_id)
     yield counter("awsomefs_raft_forward_retries", "forwarded proposals sent again", node.forward_retries)
+    yield counter("awsomefs_raft_lease_reads", "read barriers this leader answered from its lease, without a "
+                  "heartbeat round", node.lease_reads)
     yield counter("awsomefs_meta_stalls", "metadata operations that waited for a leader", member.raft.stalls)
     ahead = member.meta.ahead
     yield counter("awsomefs_meta_ran_ahead", "metadata changes acknowledged ahead of the log (directory delegations)",

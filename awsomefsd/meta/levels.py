@@ -9,8 +9,9 @@ every module that checks one (`SiteTables.at_level`, `ClusterStateMachine`) read
 from __future__ import annotations
 
 BASE_LOG_LEVEL = 3  # a cluster that never recorded one: builds before the gate (tags 1-32, format 3)
-LOG_LEVEL = 21
-"""The newest commands this build decodes. 21: five rules of the initial sync's walk mended for names
+LOG_LEVEL = 22
+"""The newest commands this build decodes. 22: a leader answers reads from its lease, which rests on
+every member's promise not to vote for another while it hears from the leader (LEASE_READS_LEVEL). 21: five rules of the initial sync's walk mended for names
 it had not reached yet (UNSEEDED_NAMES_LEVEL). 20: SeedSite (an initial sync in slices: SEED_LEVEL), and a
 linked site stamps a WriteData's content with its writes' time, not its commit's (CONTENT_TIME_LEVEL). 19: a
 WriteData that keeps the times but names one (the kernel's write-back under the writeback cache) is captured by a linked site as the content change
@@ -69,6 +70,10 @@ WRITEBACK_CONTENT_LEVEL = 19
 (`WriteData.changes_content`), not only those that `touch`: the kernel's write-back keeps the times
 and was taken for a compaction, so its bytes never reached the other site (no command of its own:
 what every replica captures changes, so all must capture alike)."""
+LEASE_READS_LEVEL = 22
+"""From this level on, a Raft leader answers read barriers from its lease (docs/raft.md, design note
+123): a member on an older build keeps the promise the lease rests on only while it knows a leader.
+No command of its own: what a leader may answer alone changes."""
 UNLIMITED_SUBDIRS_LEVEL = 12
 """From this cluster log level on, mkdir has no subdirectory limit, as ext4 with `dir_nlink`
 (its default). It changes what an applied Mknod does, so a member on an older build, which

@@ -57,6 +57,14 @@ def levels(node: Node) -> tuple[int, int, int]:
     return int(level["cluster"]), int(level["this_build"]), int(level["rounds_asked"] or 0)
 
 
+def lease_reads(node: Node) -> float:
+    """Read barriers the node answered from its Raft lease (design note 123)."""
+    for line in node.scrape().splitlines():
+        if line.startswith("awsomefs_raft_lease_reads"):
+            return float(line.split()[-1])
+    raise AssertionError("the node exports no awsomefs_raft_lease_reads")
+
+
 def punch(path: Path, offset: int, length: int) -> None:
     with open(path, "r+b") as f:
         fallocate(f.fileno(), FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
@@ -87,6 +95,7 @@ def test_a_rolling_upgrade_gates_the_new_commands_until_every_member_runs_the_ne
         for node in (n for n in nodes if n is not old):
             node.stop()
             on_build(node, None, base)
+            node.metrics_port = 0  # any free port in its namespace: the lease-read counter
             node.start("run")
         lead_from_a_new_build(cluster, old)
         new = cluster.leader()
@@ -112,6 +121,7 @@ def test_a_rolling_upgrade_gates_the_new_commands_until_every_member_runs_the_ne
         for node in nodes:
             assert (node.mount / "copy").read_bytes() == payload  # the old member still applies the log
         assert old.proc is not None and old.proc.poll() is None
+        assert lease_reads(new) == 0, "a read answered from the lease while a member's build breaks the promise"
 
         old.stop()
         on_build(old, None, base)
@@ -125,6 +135,7 @@ def test_a_rolling_upgrade_gates_the_new_commands_until_every_member_runs_the_ne
             assert (node.mount / "f").read_bytes() == expected
             assert (node.mount / "clone").read_bytes() == expected
         assert blocks_of(new.mount / "f") * 512 == len(payload) - 8192
+        assert lease_reads(new) > 0, "every member keeps the lease's promise now: opens read from the lease"
         with open(new.mount / "reserved", "r+b") as fh:
             fallocate(fh.fileno(), 0, 0, 2 << 20)
         assert blocks_of(new.mount / "reserved") * 512 == 2 << 20, "reserved now"

@@ -35,6 +35,7 @@ import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import Any
 
 import trio
@@ -73,6 +74,10 @@ class Scenario:
     catch_up_entries: int
     n_clients: int
     disk_latency_s: tuple[float, float]
+    stalls: bool = False
+    """The leader's disk now and then stalls for several election timeouts while it is cut off: its
+    loop waits, ticks go uncounted, and reads that reach it meanwhile must not be answered from a
+    lease that ran out (a long fsync, or a paused process, in a real cluster)."""
     sync: bool = True
     """False plants a disk that acknowledges writes it has not flushed."""
 
@@ -93,6 +98,7 @@ class Scenario:
             catch_up_entries=rng.choice((0, 3, 10)),
             n_clients=rng.choice((2, 3, 4)),
             disk_latency_s=rng.choice(((0.0002, 0.001), (0.001, 0.005), (0.0005, 0.02))),
+            stalls=rng.random() < 0.5,
         )
 
     def settings(self) -> NodeSettings:
@@ -202,6 +208,7 @@ class Member:
             "snapshots_installed": self.node.snapshots.installed,
             "forward_retries": self.node.forward_retries,
             "pipelined_applies": self.node.pipelined_applies,
+            "lease_reads": self.node.lease_reads,
             "duplicates_suppressed": self.storage.duplicates,
             **{f"crash_{mode}": n for mode, n in self.disk_calls.crash_outcomes.items()},
         }
@@ -374,8 +381,11 @@ class Simulation:
         self.hints: dict[int, int] = {}
         self.applied_ops: dict[tuple[int, int], int] = {}  # (node, client op id) -> index
         self.crashes = 0
+        self.stalls = 0
         self.follower_puts = 0
         self.nursery: trio.Nursery | None = None
+        self.load: trio.Nursery | None = None
+        """The clients' nursery: the run heals once all in it returned."""
         voters = tuple(range(1, self.sc.n_nodes + 1))
         for i in voters:
             self.members[i] = Member(self, i)
@@ -445,6 +455,31 @@ class Simulation:
         for scope in member.attached.values():
             scope.cancel()
         member.scope.cancel()
+
+    def _stall(self, leader: Member, ids: list[int]) -> None:
+        """As the leader's disk stalls, its messages are cut off both ways (delayed, in a real
+        network): nothing from a newer leader reaches it before it looks at its reads again. Once
+        the faults stopped (healing), a stall that only now began cuts nothing off."""
+        if not self.net.faults or self.load is None:
+            return
+        self.stalls += 1
+        self.net.blocked.clear()
+        self.net.blocked |= {(leader.id, i) for i in ids if i != leader.id}
+        self.net.blocked |= {(i, leader.id) for i in ids if i != leader.id}
+        self.load.start_soon(self._read_behind_a_stall, leader, self.sc.n_clients + self.stalls)
+
+    async def _read_behind_a_stall(self, old: Member, client: int) -> None:
+        """A client of its own puts through the leader elected meanwhile, then gets the key from
+        the stalled one: an answer from its expired lease is a stale read the checker sees."""
+        deadline = trio.current_time() + 0.6
+        while (new := self.leader()) is None or new is old:
+            if trio.current_time() > deadline:
+                return
+            await trio.sleep(0.005)
+        key = KEYS[client % len(KEYS)]
+        await self._put(client, new, key)
+        if old.up:
+            await self._get(client, old, key)
 
     def boot(self, member: Member) -> None:
         assert self.nursery is not None and not member.running
@@ -533,6 +568,8 @@ class Simulation:
                                 self.net.blocked.add((b, a))
             elif r < 0.4:
                 self.net.blocked.clear()
+            elif r < 0.65 and sc.stalls and leader is not None and leader.disk_calls is not None:
+                leader.disk_calls.stall_next = (rng.uniform(0.7, 1.1), partial(self._stall, leader, ids))
             elif sc.crashes:
                 if down and (rng.random() < 0.3 or not up):
                     self.boot(rng.choice(down))
@@ -557,6 +594,7 @@ class Simulation:
                 self.boot(member)
             until = trio.current_time() + sc.duration_s
             async with trio.open_nursery() as load:
+                self.load = load
                 for c in range(sc.n_clients):
                     load.start_soon(self.client, c, until)
                 load.start_soon(self.inject_faults, until)
@@ -631,7 +669,8 @@ class Simulation:
     def stats(self) -> dict[str, int]:
         """What the run exercised, over every incarnation of every member."""
         out = {"elections": len(self.inv.leader_of_term), "committed": self.inv.committed_hi,
-               "operations": len(self.operations()), "follower_puts": self.follower_puts, "crashes": self.crashes}
+               "operations": len(self.operations()), "follower_puts": self.follower_puts, "crashes": self.crashes,
+               "stalls": self.stalls}
         for m in self.members.values():
             for name, n in m.totals().items():
                 out[name] = out.get(name, 0) + n

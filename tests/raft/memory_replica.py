@@ -324,6 +324,9 @@ class SimDiskCalls:
         self.crash_outcomes: dict[str, int] = dict.fromkeys(CRASH_MODES, 0)
         self.crash_next: Callable[[], None] | None = None
         """Set by the simulator: called as the next call starts, to crash the node during it."""
+        self.stall_next: tuple[float, Callable[[], None]] | None = None
+        """Set by the simulator: the next call takes this long (a stuck fsync: the node's loop
+        waits), and what to call as it starts."""
 
     async def in_thread(self, fn: Callable[..., T], *args: Any) -> T:
         return await self._call(fn, *args)
@@ -336,7 +339,10 @@ class SimDiskCalls:
         try:
             if crash is not None:
                 crash()
-            await trio.sleep(self.rng.uniform(*self.latency_s))
+            stall, self.stall_next = self.stall_next, None
+            if stall is not None:
+                stall[1]()
+            await trio.sleep(stall[0] if stall is not None else self.rng.uniform(*self.latency_s))
         except trio.Cancelled:
             mode = self.rng.choice(CRASH_MODES)
             self.crash_outcomes[mode] += 1

@@ -8,6 +8,7 @@ A failure prints its seed and the command that replays it alone:
 from __future__ import annotations
 
 import contextlib
+import math
 from collections import Counter
 from collections.abc import Callable
 
@@ -17,6 +18,7 @@ import trio.testing
 
 from awsomefsd.meta.raft import MessageType
 from awsomefsd.meta.replication import driver, proposals
+from awsomefsd.meta.replication.driver import RaftNode
 from awsomefsd.meta.replication.errors import ProposalTimeout
 from awsomefsd.meta.replication.proposals import Proposals
 from tests.support import seeds
@@ -56,6 +58,7 @@ def test_driver_simulation_seeds(driver_seed: int | None, driver_seconds: float 
     assert totals["duplicates_suppressed"] >= 1, totals  # a resent entry found applied already
     assert totals["crashes"] >= 5 and totals["crash_lost"] + totals["crash_torn"] + totals["crash_complete"] >= 3
     assert totals["snapshots_installed"] >= 2 and totals["pipelined_applies"] >= 50, totals
+    assert totals["stalls"] >= 2 and totals["lease_reads"] >= 100, totals  # leases read, and stalled
 
 
 @pytest.mark.slow
@@ -102,12 +105,34 @@ def _acknowledge_appends_before_the_fsync(monkeypatch: pytest.MonkeyPatch) -> No
     monkeypatch.setattr(driver, "_EARLY_TYPES", driver._EARLY_TYPES | {MessageType.APP_RESP})
 
 
+def _reads_before_the_ticks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """After a stall, hand reads to the core before counting the missed ticks: a leader cut off
+    meanwhile still believes its lease."""
+    feed = RaftNode._feed
+
+    def reads_first(self: RaftNode[object]) -> None:
+        due, self._next_tick = self._next_tick, math.inf
+        feed(self)
+        self._next_tick = due
+        self._tick_to_now()
+
+    monkeypatch.setattr(RaftNode, "_feed", reads_first)
+
+
+def _lease_read_with_a_tick_overdue(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The leader answers a read from its lease while its loop is stuck and ticks go uncounted."""
+    monkeypatch.setattr(RaftNode, "_lease_read_point", lambda self: self.raw.lease_read_index())
+
+
 @pytest.mark.parametrize(("plant", "sync", "seeds"), [
     (_skip_deduplication, True, 30),
     (_answer_at_append, True, 30),
     (lambda mp: None, False, 30),  # a disk that acknowledges writes it has not flushed
+    (_reads_before_the_ticks, True, 40),
+    (_lease_read_with_a_tick_overdue, True, 40),
     pytest.param(_acknowledge_appends_before_the_fsync, True, 200, marks=pytest.mark.slow),
-], ids=["no-deduplication", "answer-at-append", "no-sync", "append-ack-before-fsync"])
+], ids=["no-deduplication", "answer-at-append", "no-sync", "reads-before-ticks", "lease-read-tick-overdue",
+        "append-ack-before-fsync"])
 def test_the_driver_simulation_catches_planted_bugs(plant: Callable[[pytest.MonkeyPatch], None], sync: bool,
                                                     seeds: int, monkeypatch: pytest.MonkeyPatch) -> None:
     plant(monkeypatch)

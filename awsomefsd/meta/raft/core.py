@@ -75,6 +75,9 @@ class Raft(Leader):
         self.read_only = ReadOnly(config.max_pending_reads)
         self.pending_read_index_messages: list[Message] = []
         self.lease_disabled = False
+        self.lease_reads_allowed = True
+        """Whether a leader may answer reads from its lease (with LEASE_BASED); the caller turns it
+        off until every member keeps the promise the lease rests on (a rolling upgrade)."""
         self.append_pending = False
         if hs != HardState():
             assert self.log.committed <= hs.commit <= self.log.last_index(), (

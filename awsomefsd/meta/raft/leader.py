@@ -50,6 +50,7 @@ class Leader:
         read_states: list[ReadState]
         pending_read_index_messages: list[Message]
         lease_disabled: bool
+        lease_reads_allowed: bool
         append_pending: bool
         election_elapsed: int
 
@@ -67,7 +68,8 @@ class Leader:
         ticks; we claim only s + lease_ticks of ours. A transfer in this term voids the lease, since
         TimeoutNow makes voters break their promise.
         """
-        if self.cfg.read_only_option != ReadOnlyOption.LEASE_BASED or self.lease_disabled:
+        if (self.cfg.read_only_option != ReadOnlyOption.LEASE_BASED or self.lease_disabled
+                or not self.lease_reads_allowed):
             return False
         if self.state != StateType.LEADER or self.lead_transferee != NONE:
             return False
@@ -175,6 +177,18 @@ class Leader:
             if self.id in self.voters:
                 self.read_only.recv_ack(self.id, m.context)
             self._bcast_heartbeat(m.context)
+
+    def lease_read_point(self) -> int | None:
+        """The commit index, where `_leader_read_index` would answer a local read at once from the
+        lease (an entry of this term committed, the lease valid); None where it would not. The
+        caller must have ticked up to the present: a lease is measured in ticks."""
+        if self.state != StateType.LEADER:
+            return None
+        if self.voters == {self.id}:
+            return self.log.committed
+        if self.log.zero_term_on_compacted(self.log.committed) != self.term or not self.lease_valid():
+            return None
+        return self.log.committed
 
     def _respond_read(self, m: Message, index: int) -> None:
         if m.frm in (NONE, self.id):

@@ -91,6 +91,12 @@ class RawNode:
         """Ask for a linearizable read point; answered by a ReadState with the same (unique) context."""
         self.raft.step(Message(MessageType.READ_INDEX, context=request_ctx))
 
+    def lease_read_index(self) -> int | None:
+        """A leader's read point from its lease, without a Ready: what `read_index` would answer at
+        once, or None where it would need a heartbeat round (or is no leader). Only as current as
+        the last `tick`: the caller ticks up to the present first."""
+        return self.raft.lease_read_point()
+
     def transfer_leader(self, transferee: int) -> None:
         self.raft.step(Message(MessageType.TRANSFER_LEADER, index=transferee))
 

@@ -35,6 +35,7 @@ Everything outside the loop is injected, so the simulator runs this very code
 from __future__ import annotations
 
 import logging
+import math
 import random
 from collections.abc import Callable, Iterator
 from functools import partial
@@ -51,6 +52,7 @@ from awsomefsd.meta.raft import (
     MessageType,
     ProposalDropped,
     RawNode,
+    ReadOnlyOption,
     Ready,
     SnapshotMeta,
     StateType,
@@ -96,12 +98,15 @@ class RaftNode(Generic[TxnT]):
         before_persist: Callable[[Ready], None] | None = None,
         on_applied: Callable[[int], None] | None = None,
         on_member_added: Callable[[int, str], None] | None = None,
+        lease_reads: Callable[[], bool] | None = None,
     ) -> None:
         """`send` queues messages for peers (the transport's; none: a group of one);
         `forward` hands a follower's proposals to the leader (forwarding.py; none: a follower
         answers NotLeader); `before_persist` runs before a Ready is persisted (e.g. flush the
         device: data before the metadata that points at it); `on_applied(index)` after each
-        applied batch; `on_member_added(node, address)` when a ConfChange adds a node."""
+        applied batch; `on_member_added(node, address)` when a ConfChange adds a node;
+        `lease_reads()` says once every member keeps the lease's promise (docs/raft.md), and the
+        leader answers reads from its lease from then on (None: from the start)."""
         self.id = node_id
         self.settings = settings = settings or NodeSettings()
         self.sm = sm
@@ -121,16 +126,23 @@ class RaftNode(Generic[TxnT]):
             max_proposal_batch=settings.max_batch,
             check_quorum=True,
             pre_vote=True,
+            read_only_option=ReadOnlyOption.LEASE_BASED,
         )
         self.raw = RawNode(config, self.storage)
+        self._lease_reads_yet = lease_reads
+        self.raw.raft.lease_reads_allowed = lease_reads is None
         self.send: Callable[[list[Message]], None] = send or self._no_peers
         self.on_member_added: Callable[[int, str], None] = on_member_added or (lambda _id, _addr: None)
         self.before_persist = before_persist
         self.on_applied: Callable[[int], None] = on_applied or (lambda _index: None)
         self.forward = forward
         self.forward_retries = 0
+        self.lease_reads = 0  # read barriers a leader answered from its lease, without the loop
         self.batch_sizes: list[int] = []  # entries per Ready, drained by metrics
         self._wake = trio.Event()
+        self._tick_s = settings.tick_ms / 1000
+        self._next_tick = -math.inf
+        """When the next tick is due (trio's clock); -inf until `run` starts the ticks."""
         nonce = self._rng.getrandbits(63) or 1
         self.proposals = Proposals(node_id, nonce, self._poke)
         self.reads = ReadBarriers(nonce, self._poke)
@@ -208,9 +220,23 @@ class RaftNode(Generic[TxnT]):
 
     async def read_barrier(self, *, timeout_s: float | None = None) -> int:
         """Linearizable read point (reads.py): returns the applied index once it covers the read
-        index."""
+        index. A leader whose lease holds knows the read index without the loop: its commit
+        index, if no tick is overdue (the lease is counted in ticks, and the loop may be stuck in
+        a long fsync or the process was paused: then the loop counts the missed ticks first)."""
+        index = self._lease_read_point()
+        if index is not None:
+            self.lease_reads += 1
+            await self.reads.applied_past(index, self.applied, timeout_s or self.settings.read_timeout_s,
+                                          lambda: self.raw.leader_id)
+            return self.applied
         await self.reads.barrier(timeout_s or self.settings.read_timeout_s, lambda: self.raw.leader_id)
         return self.applied
+
+    def _lease_read_point(self) -> int | None:
+        """The leader's read index from its lease, unless a tick is overdue (then None)."""
+        if trio.current_time() >= self._next_tick:
+            return None
+        return self.raw.lease_read_index()
 
     def campaign(self) -> None:
         """Start an election now (bootstrap of a one-member group, tests)."""
@@ -219,31 +245,19 @@ class RaftNode(Generic[TxnT]):
 
     # --- the loop ---------------------------------------------------------------------------------
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        tick_s = self.settings.tick_ms / 1000
-        next_tick = trio.current_time() + tick_s
+        self._next_tick = trio.current_time() + self._tick_s
         task_status.started()
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
-            await self._loop(next_tick, tick_s)
+            await self._loop()
 
-    async def _loop(self, next_tick: float, tick_s: float) -> None:
+    async def _loop(self) -> None:
         while True:
-            with trio.move_on_at(min(next_tick, self._deferred.until)):
+            with trio.move_on_at(min(self._next_tick, self._deferred.until)):
                 await self._wake.wait()
             self._wake = trio.Event()
-            now = trio.current_time()
-            due = 0
-            while now >= next_tick:
-                due += 1
-                next_tick += tick_s
             await self._gather()
             self._feed()
-            # After a stall, step what arrived first (heartbeat answers keep a leader's quorum
-            # alive), then count every missed tick: ticks must never run slower than real time,
-            # or a leader's lease would outlast the followers' promises (docs/raft.md). Beyond
-            # two election timeouts more ticks change nothing, so that bounds the work.
-            for _ in range(min(due, 2 * self.settings.election_ticks)):
-                self.raw.tick()
             while self.raw.has_ready():
                 await self._handle_ready()
                 await self._gather()
@@ -284,7 +298,9 @@ class RaftNode(Generic[TxnT]):
                 self.raw.report_snapshot(peer, ok)
         inbox, self._inbox = self._inbox, []
         for m in inbox:
-            self.raw.step(m)
+            if m.type != MessageType.READ_INDEX:
+                self.raw.step(m)
+        self._tick_to_now()
         changes, self._conf_changes = self._conf_changes, []
         for cc in changes[:1]:
             try:
@@ -292,7 +308,29 @@ class RaftNode(Generic[TxnT]):
             except ProposalDropped as exc:
                 log.debug("membership change %s refused: %s", cc, exc)
         self.proposals.hand_to(self.raw, self.settings.max_batch)
+        for m in inbox:  # followers' reads, and ours: answered from the lease as measured now
+            if m.type == MessageType.READ_INDEX:
+                self.raw.step(m)
         self.reads.hand_to(self.raw)
+
+    def _tick_to_now(self) -> None:
+        """Count every tick due by now. After a stall (a paused process, a long fsync) the
+        messages that arrived meanwhile are stepped first (heartbeat answers keep a leader's
+        quorum alive), then the ticks: they must never run slower than real time, or a leader's
+        lease would outlast the followers' promises (docs/raft.md). So reads, local or a
+        follower's, are handed to the core only after this. Beyond two election timeouts more
+        ticks change nothing, so that bounds the work."""
+        assert self._next_tick > -math.inf, "ticks are counted once the loop runs"
+        now = trio.current_time()
+        due = 0
+        while now >= self._next_tick:
+            due += 1
+            self._next_tick += self._tick_s
+        for _ in range(min(due, 2 * self.settings.election_ticks)):
+            self.raw.tick()
+        if due and not self.raw.raft.lease_reads_allowed:
+            assert self._lease_reads_yet is not None
+            self.raw.raft.lease_reads_allowed = self._lease_reads_yet()  # once on, on for good
 
     async def _wait_applies(self) -> None:
         """Wait for the apply-only Ready in flight, if any: write transactions stay in Ready order."""

@@ -49,6 +49,7 @@ from awsomefsd.meta import commands as c
 from awsomefsd.meta.commands import R
 from awsomefsd.meta.errors import FsError, LogAheadOfBuild, OutcomeUnknown
 from awsomefsd.meta.isolation import apply_isolated
+from awsomefsd.meta.levels import LEASE_READS_LEVEL
 from awsomefsd.meta.raft import Message, Ready
 from awsomefsd.meta.records import u64
 from awsomefsd.meta.replication.driver import RaftNode
@@ -149,7 +150,8 @@ class ReplicatedFsLog:
         """Called with the applied index after each applied batch (on the trio thread)."""
         self.node = RaftNode(node_id, LmdbRaftStorage(env=store.env), self.commands, settings=settings,
                              bootstrap_voters=voters, send=send, forward=forward,
-                             before_persist=self._before_persist, on_applied=self._on_applied)
+                             before_persist=self._before_persist, on_applied=self._on_applied,
+                             lease_reads=self._every_member_keeps_the_lease)
         self.commands.before_snapshot.append(self._drop_reads)
         self.stall_s = stall_s
         self.stalls = 0
@@ -160,6 +162,11 @@ class ReplicatedFsLog:
         for twice the budget."""
         self._read: lmdb.Transaction[bytes] | None = None
         self.replays = 0
+
+    def _every_member_keeps_the_lease(self) -> bool:
+        """Every member's build keeps the promise lease reads rest on (LEASE_READS_LEVEL)."""
+        level = self.sm.cluster.log_level(self.read_txn())
+        return level is not None and level >= LEASE_READS_LEVEL
 
     # --- ReplicatedLog ----------------------------------------------------------------------------
     @property

@@ -55,6 +55,19 @@ class ReadBarriers:
         if not r.done.is_set():
             raise NotLeader(leader_id())
 
+    async def applied_past(self, index: int, applied: int, timeout_s: float, leader_id: Callable[[], int]) -> None:
+        """For a read index known without the core (a leader's lease): return once `index` is
+        applied (`applied`: the index applied now); a checkpoint either way."""
+        if applied >= index:
+            await trio.lowlevel.checkpoint()
+            return
+        r = _Read(b"", index=index)
+        self._waiting.append(r)
+        with trio.move_on_after(timeout_s):
+            await r.done.wait()
+        if not r.done.is_set():
+            raise NotLeader(leader_id())
+
     def hand_to(self, raw: RawNode) -> None:
         """Give the queued reads to the core, once it knows a leader: a follower without one drops
         a read index request unanswered, so a read handed over then (a member that has just
