@@ -24,7 +24,8 @@ Figures, medians of `--runs` runs with every run's value beside them:
 - untar of a 4,000-file source tree on a unlinked and linked: seconds, and their ratio;
 - a two-sided catch-up (`--only two_sided`, not in the default set): both sites write
   `--two-sided-files` files while cut off, then the link heals; seconds until both have sent
-  everything, and the slowest local create on each side meanwhile (issue 47's ≤ 100 ms);
+  everything, and the slowest local create on each side meanwhile (issue 47's ≤ 100 ms); then
+  the seconds `site verify` takes to compare both trees (`two_sided_verify_s`);
 - the link's rate (issue 47): a backlog of `--drain-files` creates (and `--drain-mib` 1 MiB files)
   made with the link cut, then healed: operations (MiB) per second from b's first applied one to
   a's outbox empty. That is the most the link sustains; set beside what a writes (its linked
@@ -289,7 +290,9 @@ def two_sided(a: Site | ClusterSite, b: Site | ClusterSite, cut: Callable[[], No
     percentile local create on each side meanwhile (issue 47: ≤ 100 ms whatever the backlog),
     beside the slowest of the same creates with the link cut and nothing to apply (`idle`: this
     machine's noise). Nothing else asks the daemons anything meanwhile (a `site status` is a
-    process of its own, a load on these cores)."""
+    process of its own, a load on these cores). Then `site verify` on a, timed: it digests both
+    whole trees, opening every file (on a cluster's leader each open is a read barrier: design
+    note 123)."""
     cut()
     for site in (a, b):
         make_backlog(site.mount / f"two-sided-{site.name}", files, site.name)
@@ -312,7 +315,13 @@ def two_sided(a: Site | ClusterSite, b: Site | ClusterSite, cut: Callable[[], No
         time.sleep(0.05)
     elapsed = time.monotonic() - start
     times_a, times_b = (probe.stop() for probe in probes)
-    return {"two_sided_ops": ops, "two_sided_s": elapsed, "two_sided_ops_per_s": ops / elapsed,
+    wait_drained(a, b)
+    started = time.monotonic()
+    verified = a.cli("verify", timeout_s=3600)
+    verify_s = time.monotonic() - started
+    if verified.returncode != 0:
+        raise AssertionError(f"site verify after the two-sided catch-up: {verified.stdout[:500]} {verified.stderr[-500:]}")
+    return {"two_sided_verify_s": verify_s, "two_sided_ops": ops, "two_sided_s": elapsed, "two_sided_ops_per_s": ops / elapsed,
             "two_sided_max_create_a_ms": max(times_a) * 1000, "two_sided_max_create_b_ms": max(times_b) * 1000,
             "two_sided_p99_create_ms": percentile(times_a + times_b, 0.99) * 1000,
             "two_sided_idle_max_create_ms": max(idle_times) * 1000}
