@@ -162,16 +162,14 @@ class Leader:
             self._respond_read(rs.request, rs.index)
 
     def _leader_read_index(self, m: Message) -> None:
-        if self.voters == {self.id}:
-            self._respond_read(m, self.log.committed)
+        point = self.lease_read_point()
+        if point is not None:
+            self._respond_read(m, point)
             return
         if self.log.zero_term_on_compacted(self.log.committed) != self.term:
             # Until an entry of ours commits we do not know the true commit index (§6.4 step 1).
             if len(self.pending_read_index_messages) < self.cfg.max_pending_reads:
                 self.pending_read_index_messages.append(m)
-            return
-        if self.lease_valid():
-            self._respond_read(m, self.log.committed)
             return
         if self.read_only.add_request(self.log.committed, m):
             if self.id in self.voters:
@@ -179,9 +177,10 @@ class Leader:
             self._bcast_heartbeat(m.context)
 
     def lease_read_point(self) -> int | None:
-        """The commit index, where `_leader_read_index` would answer a local read at once from the
-        lease (an entry of this term committed, the lease valid); None where it would not. The
-        caller must have ticked up to the present: a lease is measured in ticks."""
+        """The commit index where a read may be answered at once: a group of one, or an entry of
+        this term committed and the lease valid; None where it needs a heartbeat round (or this
+        node does not lead). The caller must have ticked up to the present: a lease is measured
+        in ticks."""
         if self.state != StateType.LEADER:
             return None
         if self.voters == {self.id}:
