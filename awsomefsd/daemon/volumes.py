@@ -157,8 +157,9 @@ class CoreVolumes:
             volume_id=csi_id(self.cluster_id, "volume", record.id),
             name=record.name,
             capacity_bytes=record.capacity_bytes,
-            # what the quota check counts too, so `capacity - used` is what a writer can still add
-            used_bytes=record.used_bytes + self.core.data.pending_bytes(record.id),
+            # counted as `df` in the volume counts it (FsOps.statfs): its blocks and the blocks its
+            # buffered writes will take, so kubelet's figures and the pod's `df` agree
+            used_bytes=(record.used_blocks + self.core.data.delayed_blocks(record.id)) * BLOCK_SIZE,
             used_inodes=record.used_inodes,
             inode_limit=record.inode_limit,
             source_kind=source_kind,

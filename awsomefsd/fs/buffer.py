@@ -161,11 +161,6 @@ class WriteBuffer:
         """Dirty bytes of the volume's files (what its quota check adds to its usage)."""
         return sum(f.dirty.dirty_bytes for f in self.files.values() if f.volume == volume)
 
-    def pending_bytes(self, volume: int) -> int:
-        """Bytes written into files of `volume` but still buffered here (dirty or in flight)."""
-        return sum(st.dirty.dirty_bytes + sum(len(data) for _, data in st.inflight)
-                   for st in self.files.values() if st.volume == volume)
-
     # -- writing and taking ---------------------------------------------------------------------
     def put(self, st: FileState, offset: int, data: bytes | memoryview, *, stamp: bool = True) -> None:
         """Buffer a write (no await: atomic) and, with `stamp`, note when it happened."""

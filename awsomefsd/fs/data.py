@@ -174,9 +174,6 @@ class FileData:
     def dirty_blocks(self) -> int:
         return self.buffer.dirty_blocks()
 
-    def pending_bytes(self, volume: int) -> int:
-        return self.buffer.pending_bytes(volume)
-
     def forget(self, ino: int) -> None:
         """Drop buffers of an inode that no longer exists (purged): nothing will read them."""
         self.compactor.forget(ino)
