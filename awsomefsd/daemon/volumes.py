@@ -140,6 +140,15 @@ class CoreVolumes:
     def _number(self, kind: Kind, value: str) -> int | None:
         return parse_csi_id(self.cluster_id, kind, value)
 
+    async def _caught_up(self) -> None:
+        """On a cluster member, first apply everything committed before the call: a volume made
+        or deleted through another node's endpoint a moment ago is then seen here (ListVolumes on
+        the next node missed one just made; a DeleteVolume there would have answered "deleted"
+        for a volume it had not seen yet)."""
+        coherence = self.core.ops.coherence
+        if coherence is not None:
+            await coherence.catch_up(drain=False)  # no kernel cache is read here
+
     def _record(self, kind: Kind, value: str) -> Volume | None:
         """The volume or snapshot a CSI id names, or None."""
         number = self._number(kind, value)
@@ -226,6 +235,7 @@ class CoreVolumes:
         source_id: str = "",
     ) -> VolumeInfo:
         """Create `name`, or return it when it exists with the same capacity, limit and source."""
+        await self._caught_up()
         self._check_fits(capacity_bytes)
         if inode_limit < 0:
             raise CapacityOutOfRange(f"inode limit {inode_limit} must not be negative")
@@ -272,6 +282,7 @@ class CoreVolumes:
 
     async def delete_volume(self, volume_id: str) -> None:
         """Delete the volume's tree; its extents stay while snapshots or clones share them."""
+        await self._caught_up()
         found = self._record("volume", volume_id)
         if found is None:
             return
@@ -282,16 +293,19 @@ class CoreVolumes:
         self._entry_changed(VOLUMES_INO, volume_dir_name(number))
 
     async def get_volume(self, volume_id: str) -> VolumeInfo | None:
+        await self._caught_up()
         found = self._record("volume", volume_id)
         return None if found is None else self._volume_info(found)
 
     async def list_volumes(self) -> list[VolumeInfo]:
         """All volumes by id (the number leads the id, so this is creation order too)."""
+        await self._caught_up()
         infos = [self._volume_info(r) for r in self.core.meta.volumes() if r.kind == "volume"]
         return sorted(infos, key=lambda info: info.volume_id)
 
     async def expand_volume(self, volume_id: str, capacity_bytes: int) -> VolumeInfo:
         """Raise the quota; the same size again is a no-op, a smaller one CapacityOutOfRange."""
+        await self._caught_up()
         record = self._record("volume", volume_id)
         if record is None:
             raise VolumeNotFound(f"volume {volume_id} does not exist")
@@ -304,6 +318,7 @@ class CoreVolumes:
 
     async def create_snapshot(self, name: str, source_volume_id: str) -> SnapshotInfo:
         """Snapshot `source_volume_id` as `name`; the name taken for another volume is ALREADY_EXISTS."""
+        await self._caught_up()
         existing = self.core.meta.volume_by_name("snapshot", name)
         if existing is not None:
             if csi_id(self.cluster_id, "volume", existing.source_id) != source_volume_id:
@@ -322,6 +337,7 @@ class CoreVolumes:
         return self._snapshot_info(result)
 
     async def delete_snapshot(self, snapshot_id: str) -> None:
+        await self._caught_up()
         found = self._record("snapshot", snapshot_id)
         if found is None:
             return
@@ -329,10 +345,12 @@ class CoreVolumes:
         self._entry_changed(SNAPSHOTS_INO, snapshot_dir_name(found.id))
 
     async def get_snapshot(self, snapshot_id: str) -> SnapshotInfo | None:
+        await self._caught_up()
         found = self._record("snapshot", snapshot_id)
         return None if found is None else self._snapshot_info(found)
 
     async def list_snapshots(self) -> list[SnapshotInfo]:
+        await self._caught_up()
         infos = [self._snapshot_info(r) for r in self.core.meta.volumes() if r.kind == "snapshot"]
         return sorted(infos, key=lambda info: info.snapshot_id)
 

@@ -13,6 +13,7 @@ import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -335,3 +336,81 @@ async def test_deleting_a_volume_drops_its_buffered_writes(volumes: CoreVolumes,
     assert inode.ino not in core.data.files and core.data.total_dirty_bytes == 0
     await core.ops.sync_all()  # nothing left that would fail to flush
     await core.ops.release(fh)
+
+
+class LaggingCoherence:
+    """A cluster member's coherence whose node has not applied another node's changes yet: they
+    arrive (`arrive`, run once) at its first catch-up, as a ReadIndex catch-up brings them."""
+
+    strict = False
+
+    def __init__(self, core: Core, arrive: Any) -> None:
+        self.core, self.arrive, self.catch_ups = core, arrive, 0
+
+    async def catch_up(self, *, drain: bool = True) -> None:
+        self.catch_ups += 1
+        arrive, self.arrive = self.arrive, None
+        if arrive is not None:
+            self.core.ops.coherence = None  # what arrives is another node's, not a request of ours
+            try:
+                await arrive()
+            finally:
+                self.core.ops.coherence = self  # type: ignore[assignment]
+
+
+async def test_every_call_on_a_member_sees_what_another_node_committed_before_it(
+        volumes: CoreVolumes, core: Core) -> None:
+    """ListVolumes on the next node missed a volume just made through the first (the dev cluster
+    test caught it): each call reads after a catch-up, so it finds what was committed before it,
+    and a delete on a node that had not applied the create still deletes."""
+    made: dict[str, str] = {}
+
+    async def made_elsewhere(name: str, snapshot: bool = False) -> None:
+        info = await volumes.create_volume(name, 4 * MiB)
+        made[name] = info.volume_id
+        if snapshot:
+            made[name + "-snap"] = (await volumes.create_snapshot(name + "-snap", info.volume_id)).snapshot_id
+
+    async def behind(name: str, snapshot: bool = False) -> LaggingCoherence:
+        coherence = LaggingCoherence(core, lambda: made_elsewhere(name, snapshot))
+        core.ops.coherence = coherence  # type: ignore[assignment]
+        return coherence
+
+    def next_id(volume_id: str) -> str:
+        """The id the next volume made gets (numbers are handed out in order here)."""
+        return csi_id(volumes.cluster_id, "volume", parse_csi_id(volumes.cluster_id, "volume", volume_id) + 1)
+
+    try:
+        await behind("listed")
+        assert [v.volume_id for v in await volumes.list_volumes()] == [made["listed"]]
+        await behind("got")
+        found = await volumes.get_volume(next_id(made["listed"]))
+        assert found is not None and found.name == "got", "the next volume, made elsewhere a moment ago"
+        await behind("expanded")
+        assert (await volumes.expand_volume(next_id(made["got"]), 8 * MiB)).capacity_bytes == 8 * MiB
+        await behind("again")
+        again = await volumes.create_volume("again", 4 * MiB)
+        assert again.volume_id == made["again"], "the retry found the volume, not a second one"
+        await behind("deleted")
+        await volumes.delete_volume(next_id(made["again"]))
+        assert made["deleted"] == next_id(made["again"]) and await volumes.get_volume(made["deleted"]) is None
+        await behind("snapped")  # the source arrives at the snapshot's own catch-up
+        snap = await volumes.create_snapshot("snap", next_id(made["deleted"]))
+        assert snap.source_volume_id == made["snapped"]
+        await behind("snapped-again", snapshot=True)  # its volume takes the next number, the snapshot the one after
+        doomed = csi_id(volumes.cluster_id, "snapshot", parse_csi_id(volumes.cluster_id, "snapshot", snap.snapshot_id) + 2)
+        await volumes.delete_snapshot(doomed)
+        assert made["snapped-again-snap"] == doomed and await volumes.get_snapshot(doomed) is None
+        await behind("listed-snap", snapshot=True)
+        assert [s.snapshot_id for s in await volumes.list_snapshots()] == [snap.snapshot_id, made["listed-snap-snap"]]
+        await behind("got-snap", snapshot=True)
+        got_snap = csi_id(volumes.cluster_id, "snapshot",
+                          parse_csi_id(volumes.cluster_id, "snapshot", made["listed-snap-snap"]) + 2)
+        assert await volumes.get_snapshot(got_snap) is not None and made["got-snap-snap"] == got_snap
+        coherence = await behind("last")
+        await volumes.list_volumes()
+        assert coherence.catch_ups == 1
+    finally:
+        core.ops.coherence = None
+    assert {v.name for v in await volumes.list_volumes()} == {"listed", "got", "expanded", "again", "snapped",
+                                                              "snapped-again", "listed-snap", "got-snap", "last"}
