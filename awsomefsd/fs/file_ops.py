@@ -102,10 +102,11 @@ class FileOperations(OperationsBase):
 
     def flush_is_immediate(self, fh: int) -> bool:
         """Would `flush(fh)` return without waiting: a known handle of a file with nothing
-        buffered, on a single node (a transport may answer it without a task of its own)."""
+        buffered, or on a single node one whose close the batch of closed files takes (a
+        transport may answer it without a task of its own)."""
         h = self.handles.find(fh)
-        return self.coherence is None and h is not None and (not self.data.has_buffered(h.ino)
-                                                             or self.data.close_is_deferred(h.ino))
+        return h is not None and (not self.data.has_buffered(h.ino)
+                                  or (self.coherence is None and self.data.close_is_deferred(h.ino)))
 
     def write_is_immediate(self, fh: int, size: int) -> bool:
         """Would `write(fh, ..., size bytes)` return without waiting: a known handle on a single

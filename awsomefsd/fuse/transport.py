@@ -138,6 +138,7 @@ class KernelTransport:
         from awsomefsd.fuse.kernel.fuse_ring import kick_queues
         from awsomefsd.fuse.kernel.session import (
             INLINE_MEMBER,
+            INLINE_MEMBER_CACHING,
             INLINE_SINGLE_NODE,
             WANTED,
             WANTED_SINGLE_NODE,
@@ -147,10 +148,13 @@ class KernelTransport:
         def report(op: str, header: Header, exc: FsError) -> None:
             self.report_eio(op, f"inode {header.nodeid}" if header.nodeid else "the file system", exc)
 
-        single = self.ops.coherence is None
+        coherence = self.ops.coherence
+        single = coherence is None
+        inline = (INLINE_SINGLE_NODE if coherence is None
+                  else INLINE_MEMBER if coherence.strict else INLINE_MEMBER_CACHING)
         session = Session(self.fd, self.handlers.table, observe=self.observe, report_eio=report,
-                          negotiated=negotiated, inline=INLINE_SINGLE_NODE if single else INLINE_MEMBER,
-                          inline_when=self.handlers.quick if single else None,
+                          negotiated=negotiated, inline=inline,
+                          inline_when=self.handlers.quick if single else self.handlers.member_quick,
                           wanted=(WANTED_SINGLE_NODE | (Init.WRITEBACK_CACHE if self.writeback_cache else 0)
                                   if single else WANTED), uring=self.io_uring,
                           start_read=self.handlers.start_read if single else None)

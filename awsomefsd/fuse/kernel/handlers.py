@@ -85,6 +85,12 @@ class KernelHandlers:
         return {Op.FLUSH: self._flush_is_quick, Op.SETXATTR: self._setxattr_is_quick, Op.WRITE: self._write_is_quick,
                 Op.SETATTR: self._setattr_is_quick, Op.OPEN: self._open_is_quick}
 
+    @property
+    def member_quick(self) -> dict[int, Callable[[bytes], bool]]:
+        """`quick` on a cluster member: a flush with nothing buffered (the others wait for a
+        lease or a delegation there)."""
+        return {Op.FLUSH: self._flush_is_quick}
+
     def _flush_is_quick(self, data: bytes) -> bool:
         try:
             (fh, *_) = Body(data).take(abi.FLUSH_IN)

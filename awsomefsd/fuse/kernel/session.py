@@ -80,11 +80,17 @@ for a page's last WRITE to be answered before it sends the page again).
 On a cluster member most requests get a task: a lookup may wait for a delegation, and a catch-up for
 the invalidator, whose notifications may wait for a request the reader must be free to read."""
 
-INLINE_MEMBER = frozenset({Op.GETXATTR, Op.LISTXATTR, Op.READLINK, Op.STATFS})
-"""What a member's reader answers itself: these read the member's own copy of the metadata and
-wait for nothing (no delegation, no device, no other node). The kernel asks GETXATTR
-(security.capability) before every write() of a FUSE file: an untar on a member sent two a file,
-each a task (design note 114; tests/unit/test_member_inline.py)."""
+INLINE_MEMBER = frozenset({Op.GETXATTR, Op.LISTXATTR, Op.READLINK, Op.STATFS, Op.READDIR, Op.READDIRPLUS,
+                           Op.RELEASEDIR, Op.RELEASE, Op.FORGET, Op.BATCH_FORGET})
+"""What a member's reader answers itself: these read the member's own copy of the metadata, or
+drop a handle or a kernel reference, and wait for nothing (no delegation, no device, no other
+node: a listing's catch-up was its OPENDIR's; an orphan a release or a forget leaves is queued for
+the orphan task, `Coherence.release_orphan`). The kernel asks GETXATTR (security.capability)
+before every write() of a FUSE file: an untar on a member sent two a file, each a task (design
+notes 114 and 124; tests/unit/test_member_inline.py)."""
+INLINE_MEMBER_CACHING = INLINE_MEMBER | {Op.GETATTR}
+"""On a member that lets the kernel cache (not `strict`), a GETATTR answers from its own copy
+too: a change made elsewhere reaches the kernel as an invalidation, not through a catch-up."""
 
 CHANGES_DATA = frozenset({Op.WRITE, Op.SETATTR, Op.FALLOCATE})
 """Requests that may change a file's bytes (SETATTR: a truncate)."""
