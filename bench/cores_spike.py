@@ -53,8 +53,8 @@ from kernelfloor import Node, NullOperations
 from awsomefsd.fuse.kernel import abi, channel
 from awsomefsd.fuse.kernel.abi import Body, Header, Op
 from awsomefsd.fuse.kernel.handlers import KernelHandlers
+from awsomefsd.fuse.kernel.inline import INLINE_SINGLE_NODE
 from awsomefsd.fuse.kernel.session import (
-    INLINE_SINGLE_NODE,
     NO_REPLY,
     READ_BUFFER,
     Handler,

@@ -27,7 +27,8 @@ from awsomefsd.fs.operations import FsStats
 from awsomefsd.fs.ops_base import InGroup
 from awsomefsd.fuse.kernel import channel
 from awsomefsd.fuse.kernel.handlers import KernelHandlers
-from awsomefsd.fuse.kernel.session import INLINE_SINGLE_NODE, Session
+from awsomefsd.fuse.kernel.inline import INLINE_SINGLE_NODE
+from awsomefsd.fuse.kernel.session import Session
 from awsomefsd.fuse.mount import tune_bdi
 from awsomefsd.meta.errors import FsError
 from awsomefsd.meta.records import ROOT_INO, Inode

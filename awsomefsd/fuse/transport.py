@@ -136,10 +136,8 @@ class KernelTransport:
     def _session(self, negotiated: Negotiated | None) -> Session:
         from awsomefsd.fuse.kernel.abi import Init
         from awsomefsd.fuse.kernel.fuse_ring import kick_queues
+        from awsomefsd.fuse.kernel.inline import INLINE_MEMBER, INLINE_MEMBER_CACHING, INLINE_SINGLE_NODE
         from awsomefsd.fuse.kernel.session import (
-            INLINE_MEMBER,
-            INLINE_MEMBER_CACHING,
-            INLINE_SINGLE_NODE,
             WANTED,
             WANTED_SINGLE_NODE,
             Session,

@@ -21,8 +21,8 @@ from awsomefsd.daemon.node import Core
 from awsomefsd.fuse.kernel import abi
 from awsomefsd.fuse.kernel.abi import Body, Header, Init, Op
 from awsomefsd.fuse.kernel.handlers import KernelHandlers
+from awsomefsd.fuse.kernel.inline import INLINE_SINGLE_NODE
 from awsomefsd.fuse.kernel.session import (
-    INLINE_SINGLE_NODE,
     MAX_PAGES,
     MAX_WRITE,
     NO_REPLY,

@@ -1,4 +1,4 @@
-"""The requests a cluster member's reader answers itself (`session.INLINE_MEMBER`,
+"""The requests a cluster member's reader answers itself (`inline.INLINE_MEMBER`,
 `INLINE_MEMBER_CACHING`, `KernelHandlers.member_quick`): the reader must stay free to read (the
 invalidator's notifications may wait for a request it has still to read), so such a request may
 wait for nothing, and it must not need the member's coherence (a delegation may wait for another
@@ -18,7 +18,7 @@ from awsomefsd.daemon.node import Core
 from awsomefsd.fuse.kernel import abi
 from awsomefsd.fuse.kernel.abi import Body, Header, Op
 from awsomefsd.fuse.kernel.handlers import KernelHandlers
-from awsomefsd.fuse.kernel.session import INLINE_MEMBER, INLINE_MEMBER_CACHING
+from awsomefsd.fuse.kernel.inline import INLINE_MEMBER, INLINE_MEMBER_CACHING
 from awsomefsd.meta.records import ROOT_INO
 
 

@@ -62,36 +62,6 @@ handler gives later can be dropped. Not READDIRPLUS: each entry it answers is a 
 the kernel must receive. Not lookup and getattr: on a cluster member they may queue for a
 directory's delegation, and a request left in that queue would be granted to nobody."""
 
-INLINE_SINGLE_NODE = frozenset({
-    Op.LOOKUP, Op.GETATTR, Op.READLINK, Op.OPENDIR, Op.READDIR, Op.READDIRPLUS, Op.RELEASEDIR, Op.STATFS,
-    Op.GETXATTR, Op.LISTXATTR, Op.REMOVEXATTR, Op.MKNOD, Op.MKDIR, Op.SYMLINK, Op.LINK,
-    Op.UNLINK, Op.RMDIR, Op.RENAME, Op.RENAME2, Op.CREATE, Op.TMPFILE, Op.FORGET, Op.BATCH_FORGET, Op.RELEASE,
-})
-"""Requests the reader answers itself on a single node, where they wait for nothing: the metadata
-log applies at once and no other node is asked. A task costs more than such a request (measured
-in docs/fuse-transport.md). Reads and syncs wait for the device: they get tasks; so does a flush
-of a file with buffered data, a write the buffer cannot take at once (it flushes first, or waits
-for room), a SETATTR that truncates or must flush the file first (or wait for a flush holding it),
-an OPEN with O_TRUNC, and a SETXATTR of the tiering attribute, which waits for the object store
-(`KernelHandlers.quick`). An inline write may be applied before a write to the same file that
-arrived earlier and waits in its task, as two tasks may run in either order: the kernel never has
-two writes of the same page in flight (a buffered write holds the inode lock, and writeback waits
-for a page's last WRITE to be answered before it sends the page again).
-On a cluster member most requests get a task: a lookup may wait for a delegation, and a catch-up for
-the invalidator, whose notifications may wait for a request the reader must be free to read."""
-
-INLINE_MEMBER = frozenset({Op.GETXATTR, Op.LISTXATTR, Op.READLINK, Op.STATFS, Op.READDIR, Op.READDIRPLUS,
-                           Op.RELEASEDIR, Op.RELEASE, Op.FORGET, Op.BATCH_FORGET})
-"""What a member's reader answers itself: these read the member's own copy of the metadata, or
-drop a handle or a kernel reference, and wait for nothing (no delegation, no device, no other
-node: a listing's catch-up was its OPENDIR's; an orphan a release or a forget leaves is queued for
-the orphan task, `Coherence.release_orphan`). The kernel asks GETXATTR (security.capability)
-before every write() of a FUSE file: an untar on a member sent two a file, each a task (design
-notes 114 and 124; tests/unit/test_member_inline.py)."""
-INLINE_MEMBER_CACHING = INLINE_MEMBER | {Op.GETATTR}
-"""On a member that lets the kernel cache (not `strict`), a GETATTR answers from its own copy
-too: a change made elsewhere reaches the kernel as an invalidation, not through a catch-up."""
-
 CHANGES_DATA = frozenset({Op.WRITE, Op.SETATTR, Op.FALLOCATE})
 """Requests that may change a file's bytes (SETATTR: a truncate)."""
 READS_DATA = frozenset({Op.READ, Op.LSEEK})
@@ -154,7 +124,7 @@ class Session:
                  start_read: StartRead | None = None) -> None:
         """`negotiated`: the session continues one a daemon before this one began (its INIT is
         answered already: docs/fuse-transport.md, Restarts). `inline`: opcodes the reader handles
-        itself instead of starting a task (`INLINE_SINGLE_NODE`); `inline_when`: opcodes it
+        itself instead of starting a task (fuse/kernel/inline.py); `inline_when`: opcodes it
         handles itself when the request (its bytes) says it will not wait. `wanted`: the
         capabilities to ask for (`WANTED`, or `WANTED_SINGLE_NODE`). `uring`: FUSE over
         io_uring (`UringMode`), with `ring_depth` entries per CPU. `start_read`: READs the
