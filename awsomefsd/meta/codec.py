@@ -200,15 +200,15 @@ _CODECS = {cls: [(name, _value_codec(hint)) for name, hint in fields] for cls, f
 _ENCODERS = {cls: [(name, codec[0]) for name, codec in fields] for cls, fields in _CODECS.items()}
 
 
-def _decoders(added: dict[type, set[str]]) -> Decoders:
-    """The decoders of a format that had neither the fields `added` since nor any added later."""
-    return {cls: [(name, codec[1]) for name, codec in fields if name not in added.get(cls, ())]
+def _decoders(*added_since: dict[type, set[str]]) -> Decoders:
+    """The decoders of a format written before the fields of every `added_since` existed."""
+    return {cls: [(name, codec[1]) for name, codec in fields
+                  if not any(name in added.get(cls, ()) for added in added_since)]
             for cls, fields in _CODECS.items()}
 
 
-_DECODERS_BY_FORMAT = {FORMAT: _decoders({}), 2: _decoders(_ADDED_IN_FORMAT_3),
-                       1: _decoders({cls: _ADDED_IN_FORMAT_3.get(cls, set()) | _ADDED_IN_FORMAT_2.get(cls, set())
-                                     for cls in {*_ADDED_IN_FORMAT_3, *_ADDED_IN_FORMAT_2}})}
+_DECODERS_BY_FORMAT = {FORMAT: _decoders(), 2: _decoders(_ADDED_IN_FORMAT_3),
+                       1: _decoders(_ADDED_IN_FORMAT_3, _ADDED_IN_FORMAT_2)}
 
 
 def encode(command: c.Command[Any]) -> bytes:
