@@ -19,6 +19,7 @@ from pathlib import Path
 
 from awsomefsd.config import Settings
 from awsomefsd.config.addresses import split_host_port
+from awsomefsd.meta.replication.transport import WIRE_PORT_OFFSET
 
 
 class PortInUse(Exception):
@@ -64,7 +65,8 @@ def unix_free(path: Path, setting: str) -> None:
 
 def check_listeners(settings: Settings, *, cluster_listen: str | None = None, control: Path | None = None) -> None:
     """Every address the daemon will listen on is free: metrics (when on, unless port 0), CSI,
-    for a cluster member its cluster listener, its join listener (port + 1) and its control
+    for a cluster member its cluster listener, its join listener (port + 1), its Raft wire
+    (port + 2) and its control
     socket, and with [site] its link listener and its pairing listener (port + 1). Raises
     PortInUse naming the setting."""
     if settings.metrics.enabled:
@@ -75,6 +77,8 @@ def check_listeners(settings: Settings, *, cluster_listen: str | None = None, co
         host, port = split_host_port(cluster_listen)
         tcp_free(host, port, f"[cluster] listen (--listen {cluster_listen})")
         tcp_free(host, port + 1, f"the join listener, [cluster] listen port + 1 ({port + 1})")
+        tcp_free(host, port + WIRE_PORT_OFFSET,
+                 f"the Raft wire, [cluster] listen port + {WIRE_PORT_OFFSET} ({port + WIRE_PORT_OFFSET})")
     if settings.site.listen:
         host, port = split_host_port(settings.site.listen)
         tcp_free(host, port, f"[site] listen ({settings.site.listen})")

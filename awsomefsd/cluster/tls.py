@@ -13,6 +13,10 @@ What each side relies on:
 - A client dials with `channel_credentials` and `channel_options(cluster_id, node_id)`: the
   server's certificate must chain to the cluster CA *and* carry node N's DNS name, so dialling node
   3 cannot end up talking to node 5 with 5's valid certificate.
+- The Raft wire (awsomefsd.rpc.wire, trio's own TLS) holds to the same: `wire_server_context`
+  requires a client certificate of the cluster CA, `wire_client_context` dialled with
+  `server_hostname=node_dns_name(cluster, N)` accepts only node N, and `certificate_identity`
+  gives the verified node (revocation and validity checked on every call, like the guard).
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import ssl
+import tempfile
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -45,6 +51,7 @@ from awsomefsd.cluster.ca import (
     write_private,
 )
 from awsomefsd.rpc.bridge import RpcAbort
+from awsomefsd.rpc.wire import WireSecurity
 
 log = logging.getLogger(__name__)
 
@@ -140,6 +147,49 @@ def secure_channel(target: str, node: NodeCredentials, peer_node_id: int | None 
     return grpc.secure_channel(target, channel_credentials(node), options=channel_options(node.cluster_id, peer_node_id))
 
 
+def wire_server_context(node: NodeCredentials) -> ssl.SSLContext:
+    """The Raft wire's listener: TLS that requires a client certificate of the cluster CA."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.verify_mode = ssl.CERT_REQUIRED
+    return _with_node_keys(context, node)
+
+
+def wire_client_context(node: NodeCredentials) -> ssl.SSLContext:
+    """Dialling the Raft wire: present our certificate, trust only the cluster CA, and (with
+    `server_hostname=node_dns_name(...)`) accept only the node dialled."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # verifies the chain and the name
+    return _with_node_keys(context, node)
+
+
+def wire_security(node: NodeCredentials, revocations: Revocations) -> WireSecurity:
+    """What the Raft transport needs for mutual TLS on its wire, from this node's credentials."""
+    cluster_id = node.cluster_id
+    return WireSecurity(
+        server=wire_server_context(node), client=wire_client_context(node),
+        name_of=lambda peer: node_dns_name(cluster_id, peer),
+        identify=lambda der: certificate_identity(der, node.ca_cert, revocations).node_id,
+    )
+
+
+def _with_node_keys(context: ssl.SSLContext, node: NodeCredentials) -> ssl.SSLContext:
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_verify_locations(cadata=node.ca_pem.decode())
+    with tempfile.TemporaryDirectory(prefix="awsomefs-tls-") as private:  # 0700; ssl reads files only
+        key, chain = Path(private) / KEY_FILE, Path(private) / CERT_FILE
+        write_private(key, node.key_pem)
+        write_private(chain, node.cert_pem + node.ca_pem)
+        context.load_cert_chain(chain, key)
+    return context
+
+
+def certificate_identity(der: bytes | None, ca_cert: x509.Certificate, revocations: Revocations) -> NodeIdentity:
+    """The node a connection's verified certificate (DER, from the Raft wire) names; CertificateError
+    when there is none, or it is revoked, expired or of another cluster."""
+    if not der:
+        raise CertificateError("no client certificate")
+    return _current_identity(der, ca_cert, revocations, x509.load_der_x509_certificate)
+
+
 def authenticated_peer(
     context: grpc.ServicerContext, ca_cert: x509.Certificate, revocations: Revocations
 ) -> NodeIdentity:
@@ -151,10 +201,15 @@ def authenticated_peer(
     pem = context.auth_context().get("x509_pem_cert")
     if not pem:
         raise CertificateError("no client certificate")
-    key = (pem[0], ca_cert.signature)
+    return _current_identity(pem[0], ca_cert, revocations, x509.load_pem_x509_certificate)
+
+
+def _current_identity(encoded: bytes, ca_cert: x509.Certificate, revocations: Revocations,
+                      load: Callable[[bytes], x509.Certificate]) -> NodeIdentity:
+    key = (encoded, ca_cert.signature)
     known = _issued.get(key)
     if known is None:
-        cert = x509.load_pem_x509_certificate(pem[0])
+        cert = load(encoded)
         known = cert, issued_node_identity(cert, ca_cert)
         if len(_issued) >= MAX_CERTS_REMEMBERED:
             _issued.clear()
@@ -166,7 +221,7 @@ def authenticated_peer(
 
 MAX_CERTS_REMEMBERED = 1024
 _issued: dict[tuple[bytes, bytes], tuple[x509.Certificate, NodeIdentity]] = {}
-"""Callers' certificates whose signature and cluster were checked, by (PEM, CA signature): every
+"""Callers' certificates whose signature and cluster were checked, by (PEM or DER, CA signature): every
 forwarded proposal is a call, and checking the signature each time took 6% of a leader's loop.
 Validity dates and revocation are checked on every call still (`check_current`)."""
 

@@ -62,7 +62,7 @@ def _host_port_setting(value: str) -> str:
             _, port = split_host_port(value)
         except ValueError:
             port = -1
-        if not 0 <= port <= 65534:
+        if not 0 <= port <= 65533:
             raise ValueError(f"{value!r} is not host:port (e.g. 10.0.0.5:9450, [fd00::5]:9450, 0.0.0.0:9450)")
     return value
 
@@ -70,7 +70,7 @@ def _host_port_setting(value: str) -> str:
 HostPort = Annotated[str, AfterValidator(_host_port_setting)]
 """A listen or advertised address, host:port (an IPv6 host in brackets), checked when the settings
 load: a malformed one is one line naming the setting, not a traceback when a listener starts. The
-port leaves room for the listener on port + 1."""
+port leaves room for the listeners on port + 1 and port + 2."""
 
 
 class NodeSettings(Section):

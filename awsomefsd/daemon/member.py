@@ -61,6 +61,7 @@ from awsomefsd.cluster.tls import (
     channel_options,
     join_server_credentials,
     server_credentials,
+    wire_security,
 )
 from awsomefsd.cluster.token import JoinToken, TokenVerifier
 from awsomefsd.config import Settings
@@ -89,7 +90,7 @@ from awsomefsd.meta import cluster_commands as cc
 from awsomefsd.meta import commands as c
 from awsomefsd.meta.client import MetaClient
 from awsomefsd.meta.levels import LOG_LEVEL
-from awsomefsd.meta.replication.forwarding import Forwarder
+from awsomefsd.meta.replication.forwarding import Forwarder, accept_forwarded
 from awsomefsd.meta.replication.fs_log import ReplicatedFsLog
 from awsomefsd.meta.replication.settings import NodeSettings
 from awsomefsd.meta.replication.transport import RaftTransport
@@ -317,13 +318,14 @@ def open_member(settings: Settings, state: MemberState, creds: NodeCredentials, 
         channel_options=lambda peer: channel_options(cluster_id, peer),
         peer_identity=lambda ctx: authenticated_peer(ctx, creds.ca_cert, revocations).node_id,
         guard=lambda servicer: RevocationGuard(servicer, lambda: creds.ca_cert, revocations),
+        wire_security=wire_security(creds, revocations),
     )
     epoch = LeaseEpoch(state.node_id)
     raft_settings = replace(RAFT_SETTINGS, snapshot_entries=settings.cluster.snapshot_entries)
     raft = ReplicatedFsLog(storage.store, storage.sm, node_id=state.node_id, settings=raft_settings,
                            bootstrap_voters=(state.node_id,) if founding else (), stall_s=settings.cluster.stall_s,
                            before_commit=storage.device.sync_written, fence_epoch=epoch.fencing,
-                           send=transport.send, forward=Forwarder(transport.channel_to))
+                           send=transport.send, forward=Forwarder(transport.channel_to, wire=transport.forward))
     member = Member(settings, state, creds, storage, raft, MetaClient(raft, storage.sm), transport, revocations,
                     epoch)
     raft.commands.observers.append(member.observe)
@@ -356,7 +358,8 @@ async def run_member(member: Member, *, founding: Founding | None = None,
         service = MemberService(member.raft.node, progress=member.progress)
         bound = await nursery.start(
             lambda task_status=trio.TASK_STATUS_IGNORED: member.transport.run(
-                member.raft.node, member.state.listen, extra_bindings=[service.binding()], task_status=task_status))
+                member.raft.node, member.state.listen, extra_bindings=[service.binding()],
+                accept_forward=functools.partial(accept_forwarded, member.raft.node), task_status=task_status))
         log.info("node %d: cluster listener on %s", member.node_id, bound)
         control = control_socket(member.state_dir)
         handlers = member.control_handlers()  # the site link adds its own ([site] listen)

@@ -20,7 +20,7 @@ from awsomefsd.cluster.rpc import MemberService
 from awsomefsd.meta.raft import Message
 from awsomefsd.meta.replication.driver import RaftNode
 from awsomefsd.meta.replication.errors import NotLeader, ProposalLost, ProposalTimeout
-from awsomefsd.meta.replication.forwarding import Forwarder
+from awsomefsd.meta.replication.forwarding import Forwarder, accept_forwarded
 from awsomefsd.meta.replication.lmdb_storage import LmdbRaftStorage
 from awsomefsd.meta.replication.proposals import FORWARDED, HEADER
 from awsomefsd.meta.replication.settings import NodeSettings
@@ -46,7 +46,8 @@ class Cluster:
         self.nodes = {
             i: RaftNode(i, LmdbRaftStorage(env=self.sms[i].env), self.sms[i], settings=SETTINGS,
                         bootstrap_voters=(1, 2, 3), seed=i, send=self._sender(i),
-                        forward=Forwarder(self.transports[i].channel_to) if forwarding else None)
+                        forward=Forwarder(self.transports[i].channel_to, wire=self.transports[i].forward)
+                        if forwarding else None)
             for i in self.addrs
         }
 
@@ -84,7 +85,9 @@ async def cluster(root: Path, *, forwarding: bool = False) -> AsyncIterator[Clus
     async with trio.open_nursery() as nursery:
         for i in c.addrs:
             bindings = [MemberService(c.nodes[i]).binding()] if forwarding else []
-            await nursery.start(partial(c.transports[i].run, c.nodes[i], c.addrs[i], extra_bindings=bindings))
+            accept = partial(accept_forwarded, c.nodes[i]) if forwarding else None
+            await nursery.start(partial(c.transports[i].run, c.nodes[i], c.addrs[i], extra_bindings=bindings,
+                                        accept_forward=accept))
             await nursery.start(c.nodes[i].run)
         yield c
         nursery.cancel_scope.cancel()
@@ -139,8 +142,7 @@ async def test_cut_off_leader_times_out_loses_and_refuses_reads(tmp_path: Path) 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(propose, "short", 0.2)
             nursery.start_soon(propose, "long", DEADLINE_S)
-            with pytest.raises(NotLeader):
-                await old.read_barrier(timeout_s=0.3)  # no quorum confirms the read
+            await refuses_reads_once_its_lease_ends(old, cut_at=trio.current_time())
             new = await c.leader(exclude=frozenset({old.id}))
             for n in range(5):  # take the indexes the cut-off leader had appended at
                 await new.propose(encode_put("k", f"new{n}"))
@@ -149,6 +151,20 @@ async def test_cut_off_leader_times_out_loses_and_refuses_reads(tmp_path: Path) 
         assert isinstance(outcomes["long"], ProposalLost), outcomes
         await old.read_barrier()
         assert c.sms[old.id].get("k") == "new4"
+
+
+async def refuses_reads_once_its_lease_ends(leader: RaftNode, cut_at: float) -> None:
+    """A leader cut off at `cut_at` answers reads from its lease at most for an election timeout
+    (the lease is shorter), then no quorum confirms one: NotLeader. (Expecting NotLeader at once
+    failed whenever the lease still held: a valid lease read, not a fault.)"""
+    lease_bound_s = 2 * SETTINGS.election_ticks * SETTINGS.tick_ms / 1000  # twice: the loop may be late
+    while True:
+        try:
+            await leader.read_barrier(timeout_s=0.3)
+        except NotLeader:
+            return
+        assert trio.current_time() - cut_at < lease_bound_s, "a cut-off leader answered reads past its lease"
+        await trio.sleep(SETTINGS.tick_ms / 1000)
 
 
 @pytest.mark.serial  # proposals must apply within a wall-clock deadline, elections on wall-clock time
@@ -177,18 +193,24 @@ async def test_concurrent_proposals_apply_everywhere_with_pipelined_and_deferred
             assert [c.sms[i].get(f"p{slot}") for slot in range(16)] == ["39"] * 16
 
 
-async def test_a_follower_forwards_to_the_leader_and_a_resent_entry_applies_once(tmp_path: Path) -> None:
-    """Member.Forward on real gRPC: a follower's proposal is ordered by the leader and answered
-    from the follower's own apply; a Forward that reaches a follower comes back as NotLeader
-    with the hint; an entry sent again after a newer write to the same key is not applied again."""
+@pytest.mark.parametrize("path", ["wire", "grpc"])
+async def test_a_follower_forwards_to_the_leader_and_a_resent_entry_applies_once(tmp_path: Path, path: str) -> None:
+    """Forward on the Raft wire, and Member.Forward on real gRPC (a peer without the wire): a
+    follower's proposal is ordered by the leader and answered from the follower's own apply; a
+    Forward that reaches a follower comes back as NotLeader with the hint; an entry sent again
+    after a newer write to the same key is not applied again."""
     async with cluster(tmp_path, forwarding=True) as c:
+        def forwarder(i: int) -> Forwarder:
+            return Forwarder(c.transports[i].channel_to, wire=c.transports[i].forward if path == "wire" else None)
+
         leader = await c.leader()
         follower = await c.follower_of(leader)
         index = await follower.propose(encode_put("k", "via-follower"))
         assert c.sms[follower.id].get("k") == "via-follower"  # answered from its own apply
         assert index > 0
 
-        to_leader = Forwarder(c.transports[follower.id].channel_to)
+        await connected(c.transports[follower.id], leader.id)
+        to_leader = forwarder(follower.id)
         entry = HEADER.pack(7, FORWARDED | 1) + encode_put("dup", "old")
         first = await to_leader(leader.id, entry)
         await leader.propose(encode_put("dup", "new"))
@@ -197,10 +219,19 @@ async def test_a_follower_forwards_to_the_leader_and_a_resent_entry_applies_once
         await follower.read_barrier()
         assert c.sms[follower.id].get("dup") == c.sms[leader.id].get("dup") == "new"
 
-        to_follower = Forwarder(c.transports[leader.id].channel_to)
+        await connected(c.transports[leader.id], follower.id)
+        to_follower = forwarder(leader.id)
         with pytest.raises(NotLeader) as err:
             await to_follower(follower.id, entry)
         assert err.value.leader_id == leader.id
+        assert (to_leader.over_grpc, to_follower.over_grpc) == ((0, 0) if path == "wire" else (2, 1))
+
+
+async def connected(transport: RaftTransport, peer: int) -> None:
+    """Until `transport` has its wire connection to `peer` open."""
+    with trio.fail_after(DEADLINE_S):
+        while transport.stats()[peer]["sent_frames"] == transport.stats()[peer]["legacy_frames"]:
+            await trio.sleep(0.02)
 
 
 async def test_a_leader_only_proposal_is_never_forwarded(tmp_path: Path) -> None:

@@ -1,5 +1,6 @@
-"""The gRPC Raft transport between two in-process endpoints: batching, order, drops, reconnects,
-malformed input, chunked snapshots and mutual TLS. Real grpc, real sockets on loopback."""
+"""The Raft transport between two in-process endpoints: batching, order, drops, reconnects,
+malformed input, chunked snapshots, mutual TLS on the wire and on gRPC, and the gRPC path an older
+build is sent to. Real grpc, real trio TLS, real sockets on loopback."""
 
 from __future__ import annotations
 
@@ -19,7 +20,9 @@ from awsomefsd.cluster.tls import (
     channel_credentials,
     channel_options,
     server_credentials,
+    wire_security,
 )
+from awsomefsd.config.addresses import split_host_port
 from awsomefsd.meta.raft import (
     CodecError,
     ConfState,
@@ -30,12 +33,13 @@ from awsomefsd.meta.raft import (
     encode_message,
 )
 from awsomefsd.meta.replication.transport import (
-    SERVICE,
+    WIRE_PORT_OFFSET,
+    WIRE_PROBE_S,
     RaftTransport,
     TransportLimits,
-    decode_frame,
-    encode_frame,
 )
+from awsomefsd.meta.replication.transport_grpc import SERVICE, decode_frame, encode_frame
+from awsomefsd.rpc import wire
 from awsomefsd.rpc.bridge import Binding, client_stream, serve_grpc
 from tests.support.raft_cluster import free_port
 
@@ -164,6 +168,114 @@ async def test_malformed_frame_is_refused_and_nothing_delivered(tmp_path: Path) 
         nursery.cancel_scope.cancel()
 
 
+async def test_malformed_wire_frame_is_refused_and_nothing_delivered(tmp_path: Path) -> None:
+    addrs = addresses()
+    _, _, b, rb = pair(tmp_path, addrs, insecure=True)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(b.run, rb, addrs[2])
+        host, port = split_host_port(addrs[2])
+        stream = await wire.dial(host, port + WIRE_PORT_OFFSET, ssl_context=None, server_hostname=None,
+                                 max_frame_bytes=1 << 20)
+        await stream.send_frame(encode_frame([heartbeat(1)])[:-1])  # one byte short of its message
+        with trio.fail_after(DEADLINE_S):
+            while not b.rejected_frames:
+                await trio.sleep(0.01)
+        assert not rb.got
+        await stream.close_now()
+        nursery.cancel_scope.cancel()
+
+
+class OlderBuild(RaftTransport):
+    """A transport as builds from before the wire run it: gRPC only, nothing on the wire port."""
+
+    async def _serve_wire(self, host: str, port: int, *,
+                          task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started(0)
+
+
+async def test_a_peer_without_the_wire_is_sent_to_over_grpc_in_order(tmp_path: Path) -> None:
+    """A rolling upgrade: the new build's messages reach an older build (and the other way round)."""
+    addrs = addresses()
+    ra, rb = Recorder(), Recorder()
+    a = RaftTransport(1, {2: addrs[2]}, staging_dir=tmp_path / "a", limits=FAST, insecure=True)
+    b = OlderBuild(2, {1: addrs[1]}, staging_dir=tmp_path / "b", limits=FAST, insecure=True)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(b.run, rb, addrs[2])
+        await nursery.start(a.run, ra, addrs[1])
+        with trio.fail_after(DEADLINE_S):
+            while not rb.got:
+                a.send([heartbeat(0)])
+                await trio.sleep(0.05)
+        a.send([heartbeat(i) for i in range(1, 500)])
+        await rb.until(lambda: rb.got[-1].index == 499)
+        assert [m.index for m in rb.got if m.index] == list(range(1, 500))
+        assert a.stats()[2]["legacy_frames"] >= 1
+        with trio.fail_after(DEADLINE_S):  # b may still be between attempts: what it queued then is dropped
+            while not ra.got:
+                b.send([Message(MessageType.HEARTBEAT_RESP, to=1, frm=2, term=3, index=5)])
+                await trio.sleep(0.05)
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_sender_that_found_no_wire_moves_to_it_once_the_peer_listens(tmp_path: Path) -> None:
+    """A peer started while its wire was refused is not left on gRPC: the wire is tried again."""
+    addrs = addresses()
+    a, ra, b, rb = pair(tmp_path, addrs, insecure=True)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(a.run, ra, addrs[1])
+        await nursery.start(b.run, rb, addrs[2])
+        with trio.fail_after(DEADLINE_S + WIRE_PROBE_S):
+            while True:
+                a.send([heartbeat(1)])
+                await trio.sleep(0.05)
+                legacy = a.stats()[2]["legacy_frames"]
+                if rb.got and a.stats()[2]["sent_frames"] > legacy:
+                    break
+        a.send([heartbeat(i) for i in range(2, 200)])
+        await rb.until(lambda: rb.got[-1].index == 199)
+        assert a.stats()[2]["legacy_frames"] == legacy, "frames still went over gRPC after the wire answered"
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_forward_whose_connection_ends_fails_at_once(tmp_path: Path) -> None:
+    """A forwarded entry waiting for its answer when the connection to the leader ends fails with
+    OSError (forwarding then sends it again), not at the call's deadline."""
+    addrs = addresses()
+    a, ra, b, rb = pair(tmp_path, addrs, insecure=True)
+    asked = trio.Event()
+
+    async def never_answers(entry: bytes) -> int:
+        asked.set()
+        await trio.sleep_forever()
+        raise AssertionError
+
+    async with trio.open_nursery() as nursery:
+        b_scope = trio.CancelScope()
+
+        async def run_b(task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
+            with b_scope:
+                await b.run(rb, addrs[2], accept_forward=never_answers, task_status=task_status)
+
+        await nursery.start(run_b)  # first: a finds b's wire at once (not gRPC meanwhile)
+        await nursery.start(a.run, ra, addrs[1])
+        with trio.fail_after(DEADLINE_S):
+            while not rb.got:
+                a.send([heartbeat(0)])
+                await trio.sleep(0.02)
+
+        async def forward_and_check() -> None:
+            with trio.fail_after(DEADLINE_S), pytest.raises(OSError):
+                await a.forward(2, b"entry", timeout_s=60)
+            nursery.cancel_scope.cancel()
+
+        nursery.start_soon(forward_and_check)
+        await asked.wait()
+        b_scope.cancel()  # b stops: its end of the connection closes
+        while True:  # Raft's heartbeats: the next send finds the connection gone
+            a.send([heartbeat(1)])
+            await trio.sleep(0.02)
+
+
 def snap_message() -> Message:
     return Message(MessageType.SNAP, to=2, frm=1, term=3,
                    snapshot=Snapshot(SnapshotMeta(40, 3, ConfState((1, 2))), b""))
@@ -225,23 +337,34 @@ async def test_mutual_tls_between_cluster_members(tmp_path: Path) -> None:
             server_credentials=server_credentials(creds[i]), channel_credentials=channel_credentials(creds[i]),
             channel_options=lambda peer: channel_options(ca.cluster_id, peer),
             peer_identity=lambda ctx: authenticated_peer(ctx, ca.cert, revoked).node_id,
+            wire_security=wire_security(creds[i], revoked),
         )
         for i in (1, 2)
     }
     async with trio.open_nursery() as nursery:
-        for i in (1, 2):
+        for i in (2, 1):  # the receiver first: a sender that finds no wire tries gRPC meanwhile
             await nursery.start(ts[i].run, recs[i], addrs[i])
-        with trio.fail_after(DEADLINE_S):  # the first stream may still be in its handshake
+        with trio.fail_after(DEADLINE_S):  # the first connection may still be in its handshake
             while not recs[2].got:
                 ts[1].send([heartbeat(7)])
                 await trio.sleep(0.05)
         assert recs[2].got[0].index == 7 and recs[2].got[0].frm == 1
+        assert ts[1].stats()[2]["legacy_frames"] == 0, "a member of this build is sent to over the wire"
         forged = Message(MessageType.HEARTBEAT, to=2, frm=3, term=3, index=8)
         with trio.fail_after(DEADLINE_S):
             while not ts[2].spoofed_messages:
                 ts[1].send([forged])
                 await trio.sleep(0.05)
         assert all(m.frm == 1 for m in recs[2].got)
+        # Revoking node 1 cuts the connection it already has open: nothing more is delivered.
+        revoked.revoke(creds[1].cert.serial_number)
+        before = len(recs[2].got)
+        ts[1].send([heartbeat(9)])
+        with trio.fail_after(DEADLINE_S):
+            while 2 not in recs[1].unreachable:
+                ts[1].send([heartbeat(9)])
+                await trio.sleep(0.05)
+        assert len(recs[2].got) == before
         nursery.cancel_scope.cancel()
 
 
@@ -266,6 +389,38 @@ class _Reader:
 def _add_reader(servicer: Any, server: grpc.Server) -> None:
     handlers = {"Send": grpc.stream_unary_rpc_method_handler(servicer.Send)}
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("test.Reader", handlers),))
+
+
+async def test_a_member_answering_with_another_nodes_certificate_is_not_sent_to(tmp_path: Path) -> None:
+    """Dialling node 2's wire must reach node 2: a listener with node 3's (valid) certificate fails
+    the handshake, and the sender does not fall back to gRPC for it."""
+    ca = ClusterCA.create(uuid.uuid4())
+    creds = {i: _node(ca, i) for i in (1, 3)}
+    revoked = Revocations()
+    addrs = addresses()
+    recs = {1: Recorder(), 3: Recorder()}
+    impostor_addr = addrs[2]
+
+    def transport(i: int, peers: dict[int, str]) -> RaftTransport:
+        return RaftTransport(
+            i, peers, staging_dir=tmp_path / str(i), limits=FAST,
+            server_credentials=server_credentials(creds[i]), channel_credentials=channel_credentials(creds[i]),
+            channel_options=lambda peer: channel_options(ca.cluster_id, peer),
+            peer_identity=lambda ctx: authenticated_peer(ctx, ca.cert, revoked).node_id,
+            wire_security=wire_security(creds[i], revoked),
+        )
+
+    sender, impostor = transport(1, {2: impostor_addr}), transport(3, {1: addrs[1]})
+    async with trio.open_nursery() as nursery:
+        await nursery.start(impostor.run, recs[3], impostor_addr)
+        await nursery.start(sender.run, recs[1], addrs[1])
+        with trio.fail_after(DEADLINE_S):
+            while sender.stats()[2]["failures"] < 3:
+                sender.send([heartbeat(1)])
+                await trio.sleep(0.05)
+        assert not recs[3].got and impostor.received_messages == 0
+        assert sender.stats()[2]["legacy_frames"] == 0
+        nursery.cancel_scope.cancel()
 
 
 @pytest.mark.parametrize("stop_after", [None, 5])

@@ -19,8 +19,10 @@ applied here or the timeout ends; the id makes a second copy a no-op on every re
 node leads for a while and its own copy is refused (NotLeader, ProposalLost), an earlier copy may
 still be committed, so the loop goes on; a caller only ever hears the result or ProposalTimeout.
 
-On the wire (mutual-TLS gRPC between members), Forward is a unary call of the cluster's Member
-service: the entry in, the leader's index of it out (u64); nothing but the index crosses back.
+On the wire between members of this build, Forward is a request frame and an answer frame on the
+Raft wire (wire_calls.py: the same statuses). To a member without the wire (an older build, or
+none open yet) it is a unary call of the cluster's Member service over mutual-TLS gRPC: the entry
+in, the leader's index of it out (u64); nothing but the index crosses back.
 `Forwarder` is the follower's side, `serve_forward` the leader's (cluster/rpc.py serves it). Errors
 travel as statuses: FAILED_PRECONDITION "leader=N" (NotLeader: certainly not appended, N is where
 to go), ABORTED (ProposalLost), INVALID_ARGUMENT (no header), anything else (fate unknown:
@@ -39,6 +41,7 @@ import trio
 
 from awsomefsd.meta.replication.errors import NotLeader, ProposalLost, ProposalTimeout
 from awsomefsd.meta.replication.proposals import DUPLICATE, HEADER, Proposal
+from awsomefsd.meta.replication.wire_calls import WireUnavailable
 from awsomefsd.rpc.bridge import RpcAbort, unary_call
 
 if TYPE_CHECKING:
@@ -155,14 +158,25 @@ async def _wait_or(event: trio.Event, timeout_s: float) -> None:
 
 # --- on the wire ----------------------------------------------------------------------------------
 class Forwarder:
-    """The follower's side of Forward: one unary call on the channel the transport keeps to the
-    leader, awaited on trio through the bridge (no thread)."""
+    """The follower's side of Forward: on the Raft wire when the transport has a wire connection
+    to the leader (`wire`, RaftTransport.forward; wire_calls.py), else one unary call on the
+    channel the transport keeps to the leader, awaited on trio through the bridge (no thread)."""
 
-    def __init__(self, channel_to: Callable[[int], grpc.Channel | None], timeout_s: float = FORWARD_TIMEOUT_S) -> None:
+    def __init__(self, channel_to: Callable[[int], grpc.Channel | None], timeout_s: float = FORWARD_TIMEOUT_S,
+                 wire: Callable[[int, bytes, float], Awaitable[int]] | None = None) -> None:
         self.channel_to = channel_to
         self.timeout_s = timeout_s
+        self.wire = wire
+        self.over_grpc = 0
+        """Calls that went over gRPC (no wire connection to the leader then)."""
 
     async def __call__(self, leader: int, entry: bytes) -> int:
+        if self.wire is not None:
+            try:
+                return await self.wire(leader, entry, self.timeout_s)
+            except WireUnavailable:
+                pass
+        self.over_grpc += 1
         channel = self.channel_to(leader)
         if channel is None:
             raise NotLeader(0)  # no address for it yet: wait for the next leader or address

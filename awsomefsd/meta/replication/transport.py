@@ -1,58 +1,81 @@
-"""Raft messages between daemons over gRPC: one long-lived client stream per peer, batched frames.
+"""Raft messages between daemons: one long-lived connection per peer, batched frames.
 
 Why this shape: the Raft core produces many small messages (appends, heartbeats, responses) and
 tolerates loss, duplication and reordering, so the transport optimises for never blocking the node
 driver. `send()` is synchronous and non-blocking: it puts messages on a bounded per-peer queue and
-drops them (counted) when the queue is full. A worker thread per peer drains that queue into one
-gRPC client stream, packing whatever is queued into one frame, so a busy leader sends few large
-frames and an idle one sends heartbeats alone. A broken stream is reported to the core as
+drops them (counted) when the queue is full. A task per peer drains that queue into one
+connection, packing whatever is queued into one frame, so a busy leader sends few large frames and
+an idle one sends heartbeats alone. A broken connection is reported to the core as
 `report_unreachable` (the leader then probes instead of pipelining), its queue is discarded (stale
-messages are worthless) and the stream is reopened after a jittered exponential backoff.
+messages are worthless) and the connection is reopened after a jittered exponential backoff.
 
-Snapshots travel on a separate client stream (`Snapshot`), at most one per peer at a time: a
-header frame with the SNAP message (metadata only), then chunks of a compacted copy of the
-state-machine environment, then an end frame with the total length. The receiver stages the copy
-with `SnapshotReceiver`, fsyncs it and hands the driver a SNAP message whose `snapshot.data` is the
-staged directory. A stream that ends without a matching end frame is discarded.
+Two paths (design note 125). The **wire** (awsomefsd.rpc.wire: trio's own sockets and TLS, on the
+cluster port + `WIRE_PORT_OFFSET`) is the one every peer of this build is dialled on: no thread
+hop, a message and its answer in ~0.25 ms between idle daemons against 1-2 ms over gRPC. A peer
+whose wire does not answer (a build from before it, during a rolling upgrade) is sent the same
+frames over gRPC's `Send` stream from a worker thread (transport_grpc.py), which this build also
+serves; its wire is tried again every `WIRE_PROBE_S`, so a peer that was only starting, or was
+upgraded, moves to the wire by itself.
 
-Security: the constructor takes gRPC credential objects (mutual TLS from the cluster layer).
-Plaintext needs `insecure=True`, meant for tests and benchmarks on loopback.
+Snapshots travel on a separate gRPC client stream (`Snapshot`, transport_grpc.py), at most one
+per peer at a time; the receiver stages the copy, fsyncs it and hands the driver a SNAP message
+whose `snapshot.data` is the staged directory. Followers forward entries to the leader on the
+wire too (wire_calls.py), or over gRPC's `Forward` when there is no wire to it.
 
-Wire format of a `Send` frame: u32 message count, then per message u32 length + `encode_message`.
+Security: the constructor takes gRPC credential objects and a `WireSecurity` (mutual TLS from the
+cluster layer, both). Plaintext needs `insecure=True`, meant for tests and benchmarks on loopback.
 """
 
 from __future__ import annotations
 
+import collections
+import errno
 import logging
 import queue
 import random
-import struct
 import time
-import uuid
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 import grpc
 import trio
 
-from awsomefsd.meta.raft import CodecError, Message, MessageType, Snapshot, decode_message, encode_message
-from awsomefsd.meta.replication.lmdb_storage import SnapshotReceiver
-from awsomefsd.rpc.bridge import Binding, BridgeLimits, RpcAbort, client_stream, serve_grpc
+from awsomefsd.config.addresses import join_host_port, split_host_port
+from awsomefsd.meta.raft import CodecError, Message, MessageType
+from awsomefsd.meta.replication.transport_grpc import (
+    MAX_FRAME_MESSAGES,
+    MAX_MESSAGE_BYTES,
+    RaftService,
+    add_raft_service,
+    decode_frame,
+    encode_frame,
+    open_channel,
+    send_snapshot,
+    send_stream,
+)
+from awsomefsd.meta.replication.wire_calls import (
+    KIND_ANSWER,
+    KIND_FORWARD,
+    KIND_RAFT,
+    WireCalls,
+    WireUnavailable,
+    answer_forward,
+    forward_origin,
+)
+from awsomefsd.rpc import wire
+from awsomefsd.rpc.bridge import Binding, BridgeLimits, RpcAbort, serve_grpc
+from awsomefsd.rpc.wire import WireSecurity
 
 log = logging.getLogger(__name__)
 
-SERVICE = "awsomefs.raft.v1.Raft"
-SEND_METHOD = f"/{SERVICE}/Send"
-SNAPSHOT_METHOD = f"/{SERVICE}/Snapshot"
-MAX_FRAME_MESSAGES = 4096
-MAX_MESSAGE_BYTES = 64 << 20
-
-_U32 = struct.Struct("<I")
-_U64 = struct.Struct("<Q")
-_TAG_CHUNK = b"C"
-_TAG_END = b"E"
+WIRE_PORT_OFFSET = 2
+"""The Raft wire listens on the cluster port + 2 (the join listener has + 1)."""
+MAX_FORWARDS_IN_FLIGHT = 256
+"""Forwarded entries being ordered at once (beyond: the wire connection waits, TCP pushes back)."""
+WIRE_PROBE_S = 2.0
+"""While a peer is sent to over gRPC, how often its wire is tried again."""
 
 
 class RaftPeerHandler(Protocol):
@@ -91,42 +114,9 @@ class TransportLimits:
         assert 100 <= self.keepalive_ms <= 600_000
 
 
-def encode_frame(messages: Sequence[Message]) -> bytes:
-    assert 0 < len(messages) <= MAX_FRAME_MESSAGES, len(messages)
-    out = [_U32.pack(len(messages))]
-    for m in messages:
-        raw = encode_message(m)
-        out.append(_U32.pack(len(raw)))
-        out.append(raw)
-    return b"".join(out)
-
-
-def decode_frame(frame: bytes) -> list[Message]:
-    """Inverse of encode_frame; CodecError on anything malformed (counts and lengths are checked)."""
-    view = memoryview(frame)
-    if len(view) < 4:
-        raise CodecError("frame shorter than its header")
-    (count,) = _U32.unpack_from(view, 0)
-    if not 0 < count <= MAX_FRAME_MESSAGES:
-        raise CodecError(f"frame with {count} messages")
-    pos = 4
-    out = []
-    for _ in range(count):
-        if pos + 4 > len(view):
-            raise CodecError("truncated frame")
-        (n,) = _U32.unpack_from(view, pos)
-        pos += 4
-        if pos + n > len(view):
-            raise CodecError("truncated message in frame")
-        out.append(decode_message(bytes(view[pos : pos + n])))
-        pos += n
-    if pos != len(view):
-        raise CodecError(f"{len(view) - pos} trailing bytes in frame")
-    return out
-
-
 class _Peer:
-    """Sending state for one peer; the queue is shared between the trio thread and a grpc thread."""
+    """Sending state for one peer; the queue is shared between the trio thread and, while the peer
+    is sent to over gRPC (an older build), a worker thread."""
 
     def __init__(self, peer_id: int, address: str, limit: int) -> None:
         self.id = peer_id
@@ -139,7 +129,14 @@ class _Peer:
         self.snapshot_in_flight = False
         self.removed = False
         self.channel: grpc.Channel | None = None
-        self.wake = trio.Event()
+        self.queued = trio.Event()
+        """Set by `send` when it queues something: wakes the wire sender."""
+        self.outbox: collections.deque[bytes] = collections.deque()
+        """Wire frames of forwarded entries and their answers (wire_calls.py), sent before Raft's."""
+        self.connection: trio.CancelScope | None = None
+        """The wire connection's scope while one is open: cancelled to drop it (a new address)."""
+        self.legacy_frames = 0
+        """Frames sent over gRPC because the peer's wire did not answer (an older build)."""
 
 
 class RaftTransport:
@@ -157,6 +154,7 @@ class RaftTransport:
         channel_options: Callable[[int], Sequence[tuple[str, Any]]] | None = None,
         peer_identity: Callable[[grpc.ServicerContext], int] | None = None,
         guard: Callable[[object], object] | None = None,
+        wire_security: WireSecurity | None = None,
         limits: TransportLimits = TransportLimits(),
     ) -> None:
         """`channel_options(peer_id)` adds per-peer channel arguments, e.g. the TLS target name
@@ -164,10 +162,12 @@ class RaftTransport:
         `peer_identity(context)` names the node whose verified certificate opened a stream (e.g.
         `authenticated_peer(...).node_id`); messages on it claiming another sender are dropped,
         so one member's key cannot speak for another. It raises to refuse the stream.
-        `guard(servicer)` wraps every servicer served on the listener (e.g. a RevocationGuard)."""
+        `guard(servicer)` wraps every servicer served on the listener (e.g. a RevocationGuard).
+        `wire_security` is the same for the Raft wire."""
         if insecure:
-            assert server_credentials is None and channel_credentials is None, "insecure with credentials"
-        elif server_credentials is None or channel_credentials is None:
+            assert server_credentials is None and channel_credentials is None and wire_security is None, \
+                "insecure with credentials"
+        elif server_credentials is None or channel_credentials is None or wire_security is None:
             raise ValueError("the Raft transport needs TLS credentials (or insecure=True for tests)")
         assert node_id not in peers, "a node is not its own peer"
         self.node_id = node_id
@@ -179,6 +179,10 @@ class RaftTransport:
         self._channel_options = channel_options
         self._peer_identity = peer_identity
         self._guard = guard or (lambda servicer: servicer)
+        self._wire_security = wire_security
+        self._calls = WireCalls(node_id)
+        self._accept_forward: Callable[[bytes], Awaitable[int]] | None = None
+        self._forward_slots = trio.Semaphore(MAX_FORWARDS_IN_FLIGHT)
         self.spoofed_messages = 0
         self._peers: dict[int, _Peer] = {}
         self._nursery: trio.Nursery | None = None
@@ -209,6 +213,7 @@ class RaftTransport:
                 peer.queue.put_nowait(m)
             except queue.Full:
                 peer.dropped += 1
+            peer.queued.set()
 
     def add_peer(self, peer_id: int, address: str) -> None:
         """Learn a new member's address (membership change); starts its sender when running."""
@@ -220,6 +225,8 @@ class RaftTransport:
                 if known.channel is not None:
                     known.channel.close()  # the stream fails and reopens on the new address
                     known.channel = None
+                if known.connection is not None:
+                    known.connection.cancel()
             return
         peer = _Peer(peer_id, address, self.limits.queue_messages)
         self._peers[peer_id] = peer
@@ -229,7 +236,8 @@ class RaftTransport:
     def stats(self) -> dict[int, dict[str, int]]:
         """Per-peer counters for status and tests."""
         return {
-            p.id: {"dropped": p.dropped, "sent_frames": p.sent_frames, "failures": p.failures}
+            p.id: {"dropped": p.dropped, "sent_frames": p.sent_frames, "failures": p.failures,
+                   "legacy_frames": p.legacy_frames}
             for p in self._peers.values()
         }
 
@@ -238,6 +246,7 @@ class RaftTransport:
         peer = self._peers.pop(peer_id, None)
         if peer is not None:
             peer.removed = True
+            peer.queued.set()
             if peer.channel is not None:
                 peer.channel.close()
 
@@ -251,17 +260,27 @@ class RaftTransport:
         return None if peer is None else peer.address
 
     async def run(self, handler: RaftPeerHandler, listen: str, *, extra_bindings: Sequence[Binding] = (),
+                  accept_forward: Callable[[bytes], Awaitable[int]] | None = None,
                   task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
-        """Serve `handler` (the node) on `listen` (the Raft service and `extra_bindings`, each
-        wrapped by the guard) and keep one stream per peer open until cancelled; started(bound
-        address). The node is given here, not when the transport is built: the node is built
-        with the transport's `send`, so the transport comes first."""
+        """Serve `handler` (the node) on `listen` (gRPC: the Raft service and `extra_bindings`, each
+        wrapped by the guard) and on the wire (listen's port + WIRE_PORT_OFFSET), and keep one
+        connection per peer open until cancelled; started(bound gRPC address). The node is given
+        here, not when the transport is built: the node is built with the transport's `send`, so
+        the transport comes first. `accept_forward` (forwarding.accept_forwarded on the node)
+        orders the entries followers forward on the wire. The wire is bound before gRPC, so a dialler that finds gRPC
+        up and the wire refused is talking to an older build (or to a port 0 listener in a test)."""
         assert self._handler is None, "a transport serves one node, once"
         self._handler = handler
+        self._accept_forward = accept_forward
         self.staging_dir.mkdir(parents=True, exist_ok=True)
+        host, port = split_host_port(listen)
         try:
             async with trio.open_nursery() as nursery:
+                if port:
+                    await nursery.start(self._serve_wire, host, port + WIRE_PORT_OFFSET)
                 bound = await nursery.start(self._serve, listen, extra_bindings)
+                if not port:
+                    await nursery.start(self._serve_wire, host, split_host_port(bound)[1] + WIRE_PORT_OFFSET)
                 self._nursery = nursery
                 for peer in self._peers.values():
                     nursery.start_soon(self._run_peer, peer)
@@ -285,83 +304,181 @@ class RaftTransport:
         ]
         await serve_grpc(
             [Binding(b.add_to_server, self._guard(b.servicer))
-             for b in (Binding(_add_raft_service, _RaftService(self)), *extra_bindings)],
+             for b in (Binding(add_raft_service, RaftService(self)), *extra_bindings)],
             listen, limits=limits,
             credentials=self._server_credentials, options=options, task_status=task_status,
         )
 
     def _channel(self, peer: _Peer) -> grpc.Channel:
         if peer.channel is None:
-            options = [
-                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-                ("grpc.keepalive_time_ms", self.limits.keepalive_ms),
-                ("grpc.keepalive_timeout_ms", self.limits.keepalive_ms),
-                ("grpc.keepalive_permit_without_calls", 1),
-                ("grpc.http2.max_pings_without_data", 0),
-                ("grpc.initial_reconnect_backoff_ms", int(self.limits.backoff_min_s * 1000)),
-                ("grpc.min_reconnect_backoff_ms", int(self.limits.backoff_min_s * 1000)),
-                ("grpc.max_reconnect_backoff_ms", int(self.limits.backoff_max_s * 1000)),
-            ]
-            if self._channel_options is not None:
-                options.extend(self._channel_options(peer.id))
-            if self._channel_credentials is None:
-                peer.channel = grpc.insecure_channel(peer.address, options=options)
-            else:
-                peer.channel = grpc.secure_channel(peer.address, self._channel_credentials, options=options)
+            extra = self._channel_options(peer.id) if self._channel_options is not None else ()
+            peer.channel = open_channel(peer.address, self._channel_credentials, self.limits.keepalive_ms,
+                                        (self.limits.backoff_min_s, self.limits.backoff_max_s), extra)
         return peer.channel
 
+    async def _serve_wire(self, host: str, port: int, *,
+                          task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+        security = self._wire_security
+        try:
+            listeners = await trio.open_tcp_listeners(port, host=host or None)
+        except OSError as exc:
+            raise OSError(errno.EADDRINUSE, f"cannot listen on {join_host_port(host, port)} for the Raft wire "
+                                            f"(the cluster port + {WIRE_PORT_OFFSET}): {exc.strerror}") from None
+        await wire.serve(self._receive_wire, listeners, ssl_context=None if security is None else security.server,
+                         max_frame_bytes=MAX_MESSAGE_BYTES, on_error=_log_wire_error, task_status=task_status)
+
     async def _run_peer(self, peer: _Peer) -> None:
-        """Keep a stream to `peer` open; after a failure report it, drop the backlog, back off."""
+        """Keep a connection to `peer` open: the wire, or a gRPC stream while the peer refuses the
+        wire (an older build); after a failure report it, drop the backlog, back off."""
         backoff_s = self.limits.backoff_min_s
         while not self._closing and not peer.removed:
             started = time.monotonic()
             frames_before = peer.sent_frames
-            error = await trio.to_thread.run_sync(self._stream_once, peer, abandon_on_cancel=True)
+            connection = await self._dial_wire(peer)
+            if connection == _WIRE_REFUSED:
+                connection = await self._grpc_until_wire(peer)
+            error = connection if isinstance(connection, str) else await self._send_on_wire(peer, connection)
             if self._closing or peer.removed:
                 return
             peer.failures += 1
             if peer.sent_frames > frames_before or time.monotonic() - started > self.limits.backoff_max_s:
                 backoff_s = self.limits.backoff_min_s
-            log.debug("stream to node %d ended (%s); retrying in %.2fs", peer.id, error, backoff_s)
+            log.debug("connection to node %d ended (%s); retrying in %.2fs", peer.id, error, backoff_s)
             _drain(peer.queue)
             self.handler.report_unreachable(peer.id)
             await trio.sleep(backoff_s * (0.5 + random.random() / 2))
             backoff_s = min(backoff_s * 2, self.limits.backoff_max_s)
 
-    def _stream_once(self, peer: _Peer) -> str:
-        """In a worker thread: one client stream that lives until it fails; returns why it ended."""
-        peer.generation += 1
-        generation = peer.generation
+    async def _dial_wire(self, peer: _Peer) -> wire.FrameStream | str:
+        """A wire connection to `peer`, or why there is none (`_WIRE_REFUSED`: nothing listens)."""
+        host, port = split_host_port(peer.address)
+        security = self._wire_security
         try:
-            call = self._channel(peer).stream_unary(SEND_METHOD)
-            call(self._frames(peer, generation), wait_for_ready=False)
-            return "closed"
-        except grpc.RpcError as exc:
-            code = exc.code() if hasattr(exc, "code") else None
-            return str(code)
-        except ValueError as exc:  # the channel was closed under us (the peer's address changed)
-            return f"channel closed: {exc}"
+            return await wire.dial(host, port + WIRE_PORT_OFFSET,
+                                   ssl_context=None if security is None else security.client,
+                                   server_hostname=None if security is None else security.name_of(peer.id),
+                                   max_frame_bytes=MAX_MESSAGE_BYTES, timeout_s=self.limits.keepalive_ms / 1000)
+        except ConnectionRefusedError:
+            return _WIRE_REFUSED
+        except wire.CONNECTION_ERRORS as exc:  # a TLS refusal arrives as BrokenResourceError
+            return f"dial failed: {exc!r}"
+
+    async def _grpc_until_wire(self, peer: _Peer) -> wire.FrameStream | str:
+        """Send to `peer` over a gRPC stream (in a worker thread) until it fails (why, returned) or
+        the peer's wire answers (the connection, returned; the stream is ended). The wire is tried
+        every WIRE_PROBE_S: a peer that was only starting when its wire was refused, or that was
+        upgraded, is not left on the slow path for as long as a stream lives."""
+        outcome: list[wire.FrameStream | str] = []
+        try:
+            async with trio.open_nursery() as nursery:
+                async def stream() -> None:
+                    ended = await trio.to_thread.run_sync(self._stream_once, peer, abandon_on_cancel=True)
+                    if not outcome:
+                        outcome.append(ended)
+                    nursery.cancel_scope.cancel()
+
+                nursery.start_soon(stream)
+                while not outcome:
+                    await trio.sleep(WIRE_PROBE_S)
+                    connection = await self._dial_wire(peer)
+                    if isinstance(connection, wire.FrameStream):
+                        outcome.append(connection)
+                        # The frame generator stops; what it already took from the queue is still
+                        # sent before the stream closes, so waiting for it loses nothing.
+                        peer.generation += 1
+                        await trio.sleep_forever()
+        except BaseException:
+            if outcome and isinstance(outcome[0], wire.FrameStream):
+                await outcome[0].close_now()
+            raise
+        return outcome[0]
+
+    async def _send_on_wire(self, peer: _Peer, stream: wire.FrameStream) -> str:
+        """Send `peer`'s queue on `stream` until it fails; returns why it ended."""
+        try:
+            with trio.CancelScope() as peer.connection:
+                await self._pump(peer, stream)
+            return "dropped (the peer's address changed)"
+        except wire.CONNECTION_ERRORS as exc:
+            return f"broken: {exc!r}"
+        finally:
+            peer.connection = None
+            peer.outbox.clear()
+            self._calls.lost(peer.id)
+            await stream.close_now()
+
+    async def _pump(self, peer: _Peer, stream: wire.FrameStream) -> None:
+        while not self._closing and not peer.removed:
+            if peer.outbox:
+                await stream.send_frame(peer.outbox.popleft())
+                continue
+            batch = self._batch(peer, None)
+            if not batch:
+                peer.queued = trio.Event()
+                if peer.queue.empty() and not peer.outbox:
+                    await peer.queued.wait()
+                continue
+            await stream.send_frame(encode_frame(batch), prefix=KIND_RAFT)
+            peer.sent_frames += 1
+
+    async def forward(self, leader: int, entry: bytes, timeout_s: float) -> int:
+        """Forward `entry` to `leader` on the wire (forwarding.Forwarder's fast path); raises
+        WireUnavailable when no wire connection to it is open, and what Forward raises."""
+        peer = self._peers.get(leader)
+        if peer is None or peer.connection is None:
+            raise WireUnavailable(leader)
+        return await self._calls.forward(leader, entry, lambda frame: self._post(peer, frame), timeout_s)
+
+    def _post(self, peer: _Peer, frame: bytes) -> None:
+        peer.outbox.append(frame)
+        peer.queued.set()
+
+    async def _answer_forward(self, sender: int, frame: bytes) -> None:
+        assert self._accept_forward is not None
+        try:
+            answer = await answer_forward(frame, self._accept_forward)
+        finally:
+            self._forward_slots.release()
+        peer = self._peers.get(sender)
+        if peer is not None and peer.connection is not None:
+            self._post(peer, answer)
+
+    def _batch(self, peer: _Peer, first: Message | None) -> list[Message]:
+        """`first` and what else is queued for `peer`, up to the frame limits (empty: nothing)."""
+        limits = self.limits
+        if first is None:
+            try:
+                first = peer.queue.get_nowait()
+            except queue.Empty:
+                return []
+        batch = [first]
+        size = sum(e.size_bytes() for e in first.entries)
+        while len(batch) < limits.max_frame_messages and size < limits.max_frame_bytes:
+            try:
+                m = peer.queue.get_nowait()
+            except queue.Empty:
+                break
+            batch.append(m)
+            size += sum(e.size_bytes() for e in m.entries)
+        return batch
+
+    def _stream_once(self, peer: _Peer) -> str:
+        """In a worker thread: one gRPC client stream that lives until it fails; returns why it ended."""
+        peer.generation += 1
+        try:
+            return send_stream(self._channel(peer), self._frames(peer, peer.generation))
         finally:
             peer.generation += 1  # stops the frame generator if grpc still holds it
 
     def _frames(self, peer: _Peer, generation: int) -> Iterator[bytes]:
-        limits = self.limits
         while not self._closing and peer.generation == generation:
             try:
                 first = peer.queue.get(timeout=0.2)
             except queue.Empty:
                 continue
-            batch = [first]
-            size = sum(e.size_bytes() for e in first.entries)
-            while len(batch) < limits.max_frame_messages and size < limits.max_frame_bytes:
-                try:
-                    m = peer.queue.get_nowait()
-                except queue.Empty:
-                    break
-                batch.append(m)
-                size += sum(e.size_bytes() for e in m.entries)
+            batch = self._batch(peer, first)
             peer.sent_frames += 1
+            peer.legacy_frames += 1
             yield encode_frame(batch)
 
     # --- snapshots --------------------------------------------------------------------------------
@@ -382,30 +499,52 @@ class RaftTransport:
                 self.handler.report_snapshot(peer.id, delivered)
 
     def _snapshot_once(self, peer: _Peer, m: Message) -> bool:
-        assert m.snapshot is not None
-        header = encode_message(replace(m, snapshot=Snapshot(m.snapshot.meta, b"")))
+        return send_snapshot(self._channel(peer), peer.id, m, self.handler.snapshot_chunks,
+                             lambda: self._closing, self.limits.snapshot_timeout_s)
 
-        def frames() -> Iterator[bytes]:
-            yield header
-            total = 0
-            for chunk in self.handler.snapshot_chunks():
-                if self._closing:
-                    return
-                total += len(chunk)
-                yield _TAG_CHUNK + chunk
-            yield _TAG_END + _U64.pack(total)
+    # --- receiving (trio thread: the wire, and gRPC through the bridge) ----------------------------
+    async def _receive_wire(self, stream: wire.FrameStream) -> None:
+        """One incoming wire connection: its frames to the node, as long as its certificate holds."""
+        certificate = stream.peer_certificate()
+        sender = self._wire_sender(certificate)
+        if sender == _REFUSED:
+            return
+        while (frame := await stream.receive_frame()) is not None:
+            if self._wire_security is not None and self._wire_sender(certificate) == _REFUSED:
+                return  # revoked since the connection opened
+            kind = frame[:1]
+            try:
+                if kind == KIND_RAFT:
+                    self.accept(decode_frame(frame[1:]), sender)
+                elif kind == KIND_ANSWER:
+                    self._calls.answered(frame, sender)
+                elif kind == KIND_FORWARD and self._accept_forward is not None:
+                    origin = forward_origin(frame)
+                    if sender is not None and origin != sender:
+                        raise CodecError(f"a forwarded entry claiming to come from node {origin}")
+                    assert self._nursery is not None
+                    await self._forward_slots.acquire()
+                    self._nursery.start_soon(self._answer_forward, origin, frame)
+                else:
+                    raise CodecError(f"a frame of kind {kind!r} from node {sender}")
+            except CodecError as exc:
+                self.rejected_frames += 1
+                log.warning("malformed frame on the raft wire from node %s: %s", sender, exc)
+                return
 
+    def _wire_sender(self, certificate: bytes | None) -> int | None:
+        """The node a wire connection's certificate names (None on a plain one); `_REFUSED`,
+        logged, when the certificate is refused."""
+        if self._wire_security is None:
+            return None
         try:
-            call = self._channel(peer).stream_unary(SNAPSHOT_METHOD)
-            call(frames(), timeout=self.limits.snapshot_timeout_s, wait_for_ready=False)
-            log.info("sent snapshot at %d to node %d", m.snapshot.meta.index, peer.id)
-            return True
-        except (grpc.RpcError, ValueError) as exc:  # ValueError: the channel was closed under us
-            log.warning("snapshot to node %d failed: %s", peer.id, exc)
-            return False
+            return self._wire_security.identify(certificate)
+        except Exception as exc:
+            log.warning("refused a raft wire connection: %s", exc)
+            return _REFUSED
 
-    # --- receiving (trio thread, via the bridge) --------------------------------------------------
-    def _identify(self, context: grpc.ServicerContext) -> int | None:
+    def identify(self, context: grpc.ServicerContext) -> int | None:
+        """The node whose certificate opened a gRPC stream (None without `peer_identity`)."""
         if self._peer_identity is None:
             return None
         try:
@@ -414,7 +553,9 @@ class RaftTransport:
             log.warning("refused a raft stream from %s: %s", context.peer(), exc)
             raise RpcAbort(grpc.StatusCode.PERMISSION_DENIED, "peer not authenticated") from None
 
-    def _accept(self, messages: list[Message], sender: int | None = None) -> None:
+    def accept(self, messages: list[Message], sender: int | None = None) -> None:
+        """Hand the messages addressed to this node to it, dropping any that claim a sender other
+        than the node whose certificate brought them."""
         if sender is not None:
             claimed = len(messages)
             messages = [m for m in messages if m.frm == sender]
@@ -434,6 +575,14 @@ _LOCAL_ONLY = frozenset(
 )
 
 
+_WIRE_REFUSED = "the wire was refused"
+_REFUSED = -1  # a certificate refused (node ids are positive)
+
+
+def _log_wire_error(peer: str, exc: BaseException) -> None:
+    log.debug("raft wire connection from %s ended: %r", peer, exc)
+
+
 def _drain(q: queue.Queue[Message]) -> None:
     while True:
         try:
@@ -442,74 +591,9 @@ def _drain(q: queue.Queue[Message]) -> None:
             return
 
 
-class _RaftService:
-    """The gRPC side of the transport; methods run on the trio loop through the bridge."""
-
-    def __init__(self, transport: RaftTransport) -> None:
-        self.t = transport
-
-    @client_stream
-    async def Send(self, requests: trio.MemoryReceiveChannel[bytes], context: grpc.ServicerContext) -> bytes:
-        sender = self.t._identify(context)
-        async for frame in requests:
-            try:
-                messages = decode_frame(frame)
-            except CodecError as exc:
-                self.t.rejected_frames += 1
-                log.warning("malformed raft frame from %s: %s", context.peer(), exc)
-                raise RpcAbort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed frame: {exc}") from None
-            self.t._accept(messages, sender)
-        return b""
-
-    @client_stream
-    async def Snapshot(self, requests: trio.MemoryReceiveChannel[bytes], context: grpc.ServicerContext) -> bytes:
-        sender = self.t._identify(context)
-        try:
-            header = await requests.receive()
-            m = decode_message(header)
-        except trio.EndOfChannel:
-            raise RpcAbort(grpc.StatusCode.INVALID_ARGUMENT, "empty snapshot stream") from None
-        except CodecError as exc:
-            raise RpcAbort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed snapshot header: {exc}") from None
-        if m.type != MessageType.SNAP or m.snapshot is None or m.to != self.t.node_id or (
-            sender is not None and m.frm != sender
-        ):
-            raise RpcAbort(grpc.StatusCode.INVALID_ARGUMENT, "snapshot stream without a SNAP header")
-        receiver = SnapshotReceiver(self.t.staging_dir)
-        target = self.t.staging_dir / f"snap-{m.snapshot.meta.index}-{uuid.uuid4().hex[:8]}"
-        try:
-            total = None
-            async for frame in requests:
-                if frame[:1] == _TAG_CHUNK and total is None:
-                    await trio.to_thread.run_sync(receiver.write, frame[1:])
-                elif frame[:1] == _TAG_END and len(frame) == 1 + _U64.size and total is None:
-                    (total,) = _U64.unpack(frame[1:])
-                else:
-                    raise RpcAbort(grpc.StatusCode.INVALID_ARGUMENT, "malformed snapshot frame")
-            if total is None or total != receiver.received_bytes:
-                raise RpcAbort(grpc.StatusCode.DATA_LOSS, "snapshot stream ended early")
-            await trio.to_thread.run_sync(receiver.finish, target)
-        except BaseException:
-            receiver.abort()
-            raise
-        self.t._accept([replace(m, snapshot=Snapshot(m.snapshot.meta, str(target).encode()))], sender)
-        return b"ok"
-
-
-def _add_raft_service(servicer: Any, server: grpc.Server) -> None:
-    """Register the two client-streaming methods with raw-bytes (de)serialisation."""
-    handlers = {
-        "Send": grpc.stream_unary_rpc_method_handler(servicer.Send),
-        "Snapshot": grpc.stream_unary_rpc_method_handler(servicer.Snapshot),
-    }
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
-
-
 __all__ = [
-    "SERVICE",
+    "WIRE_PORT_OFFSET",
     "RaftPeerHandler",
     "RaftTransport",
     "TransportLimits",
-    "decode_frame",
-    "encode_frame",
 ]
