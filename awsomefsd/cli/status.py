@@ -224,6 +224,11 @@ def _raft_rows(raft: dict[str, Any] | None) -> list[tuple[str, str]]:
                      f"applied {raft['applied_index']}, last {raft['last_index']}, match {matches}")]
 
 
+_LINKS = {"grpc": ", sent to over gRPC (a build without the Raft wire: upgrade it)",
+          "none": ", no connection to it now"}
+"""How this node sends Raft's messages to a member, when it is not the wire (design note 125)."""
+
+
 def _cluster_rows(cluster: dict[str, Any]) -> list[tuple[str, str]]:
     """The running member's view: the group, then one row per node (role, lag, lease, groups)."""
     raft = cluster["raft"]
@@ -232,8 +237,9 @@ def _cluster_rows(cluster: dict[str, Any]) -> list[tuple[str, str]]:
     for node in cluster["nodes"]:
         lag = "-" if node["lag"] is None else f"lag {node['lag']}"
         alive = "removed" if node["state"] == "removed" else ("lease EXPIRED" if node["expired"] else "lease ok")
+        link = _LINKS.get(node.get("link") or "", "")
         rows.append((f"node {node['id']}", f"{node['name']} {node['address']}  {node['role']}, {lag}, {alive} "
-                                           f"(epoch {node['lease_epoch']}), {node['groups']} groups"))
+                                           f"(epoch {node['lease_epoch']}), {node['groups']} groups{link}"))
     level = cluster.get("log_level")
     if level and level["cluster"] < level["this_build"]:
         rows.append(("log level", f"{level['cluster']} (this build: {level['this_build']}): a member runs an older "

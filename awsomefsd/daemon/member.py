@@ -268,6 +268,7 @@ class Member:
                 "role": role, "lease_epoch": record.epoch, "expired": record.expired,
                 "groups": sum(1 for owner in groups.values() if owner == n),
                 "lag": None if match is None else max(0, last - match),
+                "link": None if n == self.node_id else self.transport.link(n),
             })
         return {
             "cluster_id": self.state.cluster_id, "node_id": self.node_id, "listen": self.state.listen,

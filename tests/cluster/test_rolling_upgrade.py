@@ -122,11 +122,18 @@ def test_a_rolling_upgrade_gates_the_new_commands_until_every_member_runs_the_ne
             assert (node.mount / "copy").read_bytes() == payload  # the old member still applies the log
         assert old.proc is not None and old.proc.poll() is None
         assert lease_reads(new) == 0, "a read answered from the lease while a member's build breaks the promise"
+        # The old build has no Raft wire (design note 125): the new ones send to it over gRPC, to each
+        # other over the wire, and their status says so.
+        upgraded = [n for n in nodes if n is not old]
+        wait_for(lambda: all(links(n) == {old.node_id: "grpc", **{m.node_id: "wire" for m in upgraded if m is not n}}
+                             for n in upgraded), LEVEL_RAISED_S, "the upgraded members' links")
 
         old.stop()
         on_build(old, None, base)
         old.start("run")
         wait_for(lambda: levels(new)[0] == LOG_LEVEL, LEVEL_RAISED_S, "the leader raising the cluster's log level")
+        wait_for(lambda: all(set(links(n).values()) == {"wire"} for n in nodes), LEVEL_RAISED_S,
+                 "every member on the wire once the last is upgraded")
 
         punch(new.mount / "f", 4096, 8192)
         expected = payload[:4096] + bytes(8192) + payload[12288:]
@@ -148,6 +155,11 @@ def test_a_rolling_upgrade_gates_the_new_commands_until_every_member_runs_the_ne
         assert (old.mount / "tmp").read_bytes() == b"nameless", "the upgraded member applies LinkTmpfile"
         for node in nodes:
             assert (node.mount / "reserved").read_bytes() == bytes(2 << 20)
+
+
+def links(node: Node) -> dict[int, str]:
+    """How `node` sends Raft's messages to each other member, as its status says."""
+    return {int(m["id"]): m["link"] for m in node.status()["cluster"]["nodes"] if m["link"] is not None}
 
 
 def lead_from_a_new_build(cluster: Cluster, old: Node) -> None:

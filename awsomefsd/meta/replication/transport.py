@@ -28,14 +28,12 @@ cluster layer, both). Plaintext needs `insecure=True`, meant for tests and bench
 
 from __future__ import annotations
 
-import collections
 import errno
 import logging
 import queue
 import random
 import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -45,7 +43,6 @@ import trio
 from awsomefsd.config.addresses import join_host_port, split_host_port
 from awsomefsd.meta.raft import CodecError, Message, MessageType
 from awsomefsd.meta.replication.transport_grpc import (
-    MAX_FRAME_MESSAGES,
     MAX_MESSAGE_BYTES,
     RaftService,
     add_raft_service,
@@ -55,6 +52,7 @@ from awsomefsd.meta.replication.transport_grpc import (
     send_snapshot,
     send_stream,
 )
+from awsomefsd.meta.replication.transport_peer import DEFAULT_LIMITS, PeerLink, TransportLimits
 from awsomefsd.meta.replication.wire_calls import (
     KIND_ANSWER,
     KIND_FORWARD,
@@ -94,51 +92,6 @@ class RaftPeerHandler(Protocol):
         ...
 
 
-@dataclass(frozen=True)
-class TransportLimits:
-    queue_messages: int = 4096
-    """Messages waiting per peer; beyond that new ones are dropped (Raft retransmits)."""
-    max_frame_messages: int = 1024
-    max_frame_bytes: int = 8 << 20
-    backoff_min_s: float = 0.05
-    backoff_max_s: float = 1.0
-    snapshot_timeout_s: float = 300.0
-    keepalive_ms: int = 2000
-
-    def __post_init__(self) -> None:
-        assert 0 < self.queue_messages <= 1 << 20
-        assert 0 < self.max_frame_messages <= MAX_FRAME_MESSAGES
-        assert 0 < self.max_frame_bytes <= MAX_MESSAGE_BYTES // 2
-        assert 0 < self.backoff_min_s <= self.backoff_max_s <= 60
-        assert 0 < self.snapshot_timeout_s <= 3600
-        assert 100 <= self.keepalive_ms <= 600_000
-
-
-class _Peer:
-    """Sending state for one peer; the queue is shared between the trio thread and, while the peer
-    is sent to over gRPC (an older build), a worker thread."""
-
-    def __init__(self, peer_id: int, address: str, limit: int) -> None:
-        self.id = peer_id
-        self.address = address
-        self.queue: queue.Queue[Message] = queue.Queue(maxsize=limit)
-        self.generation = 0
-        self.dropped = 0
-        self.sent_frames = 0
-        self.failures = 0
-        self.snapshot_in_flight = False
-        self.removed = False
-        self.channel: grpc.Channel | None = None
-        self.queued = trio.Event()
-        """Set by `send` when it queues something: wakes the wire sender."""
-        self.outbox: collections.deque[bytes] = collections.deque()
-        """Wire frames of forwarded entries and their answers (wire_calls.py), sent before Raft's."""
-        self.connection: trio.CancelScope | None = None
-        """The wire connection's scope while one is open: cancelled to drop it (a new address)."""
-        self.legacy_frames = 0
-        """Frames sent over gRPC because the peer's wire did not answer (an older build)."""
-
-
 class RaftTransport:
     """Serve incoming Raft traffic and stream outgoing messages to peers; see the module docstring."""
 
@@ -155,7 +108,7 @@ class RaftTransport:
         peer_identity: Callable[[grpc.ServicerContext], int] | None = None,
         guard: Callable[[object], object] | None = None,
         wire_security: WireSecurity | None = None,
-        limits: TransportLimits = TransportLimits(),
+        limits: TransportLimits = DEFAULT_LIMITS,
     ) -> None:
         """`channel_options(peer_id)` adds per-peer channel arguments, e.g. the TLS target name
         that makes the dialled server prove it is that node (awsomefsd.cluster.tls).
@@ -184,13 +137,13 @@ class RaftTransport:
         self._accept_forward: Callable[[bytes], Awaitable[int]] | None = None
         self._forward_slots = trio.Semaphore(MAX_FORWARDS_IN_FLIGHT)
         self.spoofed_messages = 0
-        self._peers: dict[int, _Peer] = {}
+        self._peers: dict[int, PeerLink] = {}
         self._nursery: trio.Nursery | None = None
         self._closing = False
         self.received_messages = 0
         self.rejected_frames = 0
         for peer_id, address in peers.items():
-            self._peers[peer_id] = _Peer(peer_id, address, limits.queue_messages)
+            self._peers[peer_id] = PeerLink(peer_id, address, limits.queue_messages)
 
     @property
     def handler(self) -> RaftPeerHandler:
@@ -228,7 +181,7 @@ class RaftTransport:
                 if known.connection is not None:
                     known.connection.cancel()
             return
-        peer = _Peer(peer_id, address, self.limits.queue_messages)
+        peer = PeerLink(peer_id, address, self.limits.queue_messages)
         self._peers[peer_id] = peer
         if self._nursery is not None:
             self._nursery.start_soon(self._run_peer, peer)
@@ -240,6 +193,12 @@ class RaftTransport:
                    "legacy_frames": p.legacy_frames}
             for p in self._peers.values()
         }
+
+    def link(self, peer_id: int) -> str:
+        """How this node sends to `peer_id` now: "wire", "grpc" (it has no wire: an older build)
+        or "none" (no connection: the peer is down or cut off, or one is being opened)."""
+        peer = self._peers.get(peer_id)
+        return "none" if peer is None else "wire" if peer.connection else "grpc" if peer.on_grpc else "none"
 
     def remove_peer(self, peer_id: int) -> None:
         """Forget a removed member: stop dialling it and drop what is queued for it."""
@@ -309,7 +268,7 @@ class RaftTransport:
             credentials=self._server_credentials, options=options, task_status=task_status,
         )
 
-    def _channel(self, peer: _Peer) -> grpc.Channel:
+    def _channel(self, peer: PeerLink) -> grpc.Channel:
         if peer.channel is None:
             extra = self._channel_options(peer.id) if self._channel_options is not None else ()
             peer.channel = open_channel(peer.address, self._channel_credentials, self.limits.keepalive_ms,
@@ -327,7 +286,7 @@ class RaftTransport:
         await wire.serve(self._receive_wire, listeners, ssl_context=None if security is None else security.server,
                          max_frame_bytes=MAX_MESSAGE_BYTES, on_error=_log_wire_error, task_status=task_status)
 
-    async def _run_peer(self, peer: _Peer) -> None:
+    async def _run_peer(self, peer: PeerLink) -> None:
         """Keep a connection to `peer` open: the wire, or a gRPC stream while the peer refuses the
         wire (an older build); after a failure report it, drop the backlog, back off."""
         backoff_s = self.limits.backoff_min_s
@@ -349,7 +308,7 @@ class RaftTransport:
             await trio.sleep(backoff_s * (0.5 + random.random() / 2))
             backoff_s = min(backoff_s * 2, self.limits.backoff_max_s)
 
-    async def _dial_wire(self, peer: _Peer) -> wire.FrameStream | str:
+    async def _dial_wire(self, peer: PeerLink) -> wire.FrameStream | str:
         """A wire connection to `peer`, or why there is none (`_WIRE_REFUSED`: nothing listens)."""
         host, port = split_host_port(peer.address)
         security = self._wire_security
@@ -363,12 +322,13 @@ class RaftTransport:
         except wire.CONNECTION_ERRORS as exc:  # a TLS refusal arrives as BrokenResourceError
             return f"dial failed: {exc!r}"
 
-    async def _grpc_until_wire(self, peer: _Peer) -> wire.FrameStream | str:
+    async def _grpc_until_wire(self, peer: PeerLink) -> wire.FrameStream | str:
         """Send to `peer` over a gRPC stream (in a worker thread) until it fails (why, returned) or
         the peer's wire answers (the connection, returned; the stream is ended). The wire is tried
         every WIRE_PROBE_S: a peer that was only starting when its wire was refused, or that was
         upgraded, is not left on the slow path for as long as a stream lives."""
         outcome: list[wire.FrameStream | str] = []
+        peer.on_grpc = True
         try:
             async with trio.open_nursery() as nursery:
                 async def stream() -> None:
@@ -391,9 +351,11 @@ class RaftTransport:
             if outcome and isinstance(outcome[0], wire.FrameStream):
                 await outcome[0].close_now()
             raise
+        finally:
+            peer.on_grpc = False
         return outcome[0]
 
-    async def _send_on_wire(self, peer: _Peer, stream: wire.FrameStream) -> str:
+    async def _send_on_wire(self, peer: PeerLink, stream: wire.FrameStream) -> str:
         """Send `peer`'s queue on `stream` until it fails; returns why it ended."""
         try:
             with trio.CancelScope() as peer.connection:
@@ -407,7 +369,7 @@ class RaftTransport:
             self._calls.lost(peer.id)
             await stream.close_now()
 
-    async def _pump(self, peer: _Peer, stream: wire.FrameStream) -> None:
+    async def _pump(self, peer: PeerLink, stream: wire.FrameStream) -> None:
         while not self._closing and not peer.removed:
             if peer.outbox:
                 await stream.send_frame(peer.outbox.popleft())
@@ -429,7 +391,7 @@ class RaftTransport:
             raise WireUnavailable(leader)
         return await self._calls.forward(leader, entry, lambda frame: self._post(peer, frame), timeout_s)
 
-    def _post(self, peer: _Peer, frame: bytes) -> None:
+    def _post(self, peer: PeerLink, frame: bytes) -> None:
         peer.outbox.append(frame)
         peer.queued.set()
 
@@ -443,7 +405,7 @@ class RaftTransport:
         if peer is not None and peer.connection is not None:
             self._post(peer, answer)
 
-    def _batch(self, peer: _Peer, first: Message | None) -> list[Message]:
+    def _batch(self, peer: PeerLink, first: Message | None) -> list[Message]:
         """`first` and what else is queued for `peer`, up to the frame limits (empty: nothing)."""
         limits = self.limits
         if first is None:
@@ -462,7 +424,7 @@ class RaftTransport:
             size += sum(e.size_bytes() for e in m.entries)
         return batch
 
-    def _stream_once(self, peer: _Peer) -> str:
+    def _stream_once(self, peer: PeerLink) -> str:
         """In a worker thread: one gRPC client stream that lives until it fails; returns why it ended."""
         peer.generation += 1
         try:
@@ -470,7 +432,7 @@ class RaftTransport:
         finally:
             peer.generation += 1  # stops the frame generator if grpc still holds it
 
-    def _frames(self, peer: _Peer, generation: int) -> Iterator[bytes]:
+    def _frames(self, peer: PeerLink, generation: int) -> Iterator[bytes]:
         while not self._closing and peer.generation == generation:
             try:
                 first = peer.queue.get(timeout=0.2)
@@ -482,14 +444,14 @@ class RaftTransport:
             yield encode_frame(batch)
 
     # --- snapshots --------------------------------------------------------------------------------
-    def _start_snapshot(self, peer: _Peer, m: Message) -> None:
+    def _start_snapshot(self, peer: PeerLink, m: Message) -> None:
         if peer.snapshot_in_flight or self._nursery is None:
             self.handler.report_snapshot(peer.id, delivered=False)
             return
         peer.snapshot_in_flight = True
         self._nursery.start_soon(self._send_snapshot, peer, m)
 
-    async def _send_snapshot(self, peer: _Peer, m: Message) -> None:
+    async def _send_snapshot(self, peer: PeerLink, m: Message) -> None:
         delivered = False
         try:
             delivered = await trio.to_thread.run_sync(self._snapshot_once, peer, m, abandon_on_cancel=True)
@@ -498,7 +460,7 @@ class RaftTransport:
             if not self._closing:
                 self.handler.report_snapshot(peer.id, delivered)
 
-    def _snapshot_once(self, peer: _Peer, m: Message) -> bool:
+    def _snapshot_once(self, peer: PeerLink, m: Message) -> bool:
         return send_snapshot(self._channel(peer), peer.id, m, self.handler.snapshot_chunks,
                              lambda: self._closing, self.limits.snapshot_timeout_s)
 

@@ -1,0 +1,63 @@
+"""What the Raft transport keeps per peer, and the limits it works within (transport.py)."""
+
+from __future__ import annotations
+
+import collections
+import queue
+from dataclasses import dataclass
+
+import grpc
+import trio
+
+from awsomefsd.meta.raft import Message
+from awsomefsd.meta.replication.transport_grpc import MAX_FRAME_MESSAGES, MAX_MESSAGE_BYTES
+
+
+@dataclass(frozen=True)
+class TransportLimits:
+    queue_messages: int = 4096
+    """Messages waiting per peer; beyond that new ones are dropped (Raft retransmits)."""
+    max_frame_messages: int = 1024
+    max_frame_bytes: int = 8 << 20
+    backoff_min_s: float = 0.05
+    backoff_max_s: float = 1.0
+    snapshot_timeout_s: float = 300.0
+    keepalive_ms: int = 2000
+
+    def __post_init__(self) -> None:
+        assert 0 < self.queue_messages <= 1 << 20
+        assert 0 < self.max_frame_messages <= MAX_FRAME_MESSAGES
+        assert 0 < self.max_frame_bytes <= MAX_MESSAGE_BYTES // 2
+        assert 0 < self.backoff_min_s <= self.backoff_max_s <= 60
+        assert 0 < self.snapshot_timeout_s <= 3600
+        assert 100 <= self.keepalive_ms <= 600_000
+
+
+DEFAULT_LIMITS = TransportLimits()
+
+
+class PeerLink:
+    """Sending state for one peer; the queue is shared between the trio thread and, while the peer
+    is sent to over gRPC (an older build), a worker thread."""
+
+    def __init__(self, peer_id: int, address: str, limit: int) -> None:
+        self.id = peer_id
+        self.address = address
+        self.queue: queue.Queue[Message] = queue.Queue(maxsize=limit)
+        self.generation = 0
+        self.dropped = 0
+        self.sent_frames = 0
+        self.failures = 0
+        self.snapshot_in_flight = False
+        self.removed = False
+        self.channel: grpc.Channel | None = None
+        self.queued = trio.Event()
+        """Set by `send` when it queues something: wakes the wire sender."""
+        self.outbox: collections.deque[bytes] = collections.deque()
+        """Wire frames of forwarded entries and their answers (wire_calls.py), sent before Raft's."""
+        self.connection: trio.CancelScope | None = None
+        """The wire connection's scope while one is open: cancelled to drop it (a new address)."""
+        self.on_grpc = False
+        """True while a gRPC stream (not the wire) carries this peer's messages."""
+        self.legacy_frames = 0
+        """Frames sent over gRPC because the peer's wire did not answer (an older build)."""
