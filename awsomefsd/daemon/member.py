@@ -326,7 +326,8 @@ def open_member(settings: Settings, state: MemberState, creds: NodeCredentials, 
     raft = ReplicatedFsLog(storage.store, storage.sm, node_id=state.node_id, settings=raft_settings,
                            bootstrap_voters=(state.node_id,) if founding else (), stall_s=settings.cluster.stall_s,
                            before_commit=storage.device.sync_written, fence_epoch=epoch.fencing,
-                           send=transport.send, forward=Forwarder(transport.channel_to, wire=transport.forward))
+                           send=transport.send, sent=transport.sent,
+                           forward=Forwarder(transport.channel_to, wire=transport.forward))
     member = Member(settings, state, creds, storage, raft, MetaClient(raft, storage.sm), transport, revocations,
                     epoch)
     raft.commands.observers.append(member.observe)

@@ -276,6 +276,26 @@ async def test_a_forward_whose_connection_ends_fails_at_once(tmp_path: Path) -> 
             await trio.sleep(0.02)
 
 
+async def test_sent_returns_once_the_wire_sender_wrote_what_was_queued(tmp_path: Path) -> None:
+    """The driver calls `sent()` before persisting on the loop (blocking it): the frames queued
+    before must be in the kernel by then, not written by the sender task after the fsync."""
+    addrs = addresses()
+    a, ra, b, rb = pair(tmp_path, addrs, insecure=True)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(b.run, rb, addrs[2])
+        await nursery.start(a.run, ra, addrs[1])
+        with trio.fail_after(DEADLINE_S):
+            while a.link(2) != "wire":
+                await trio.sleep(0.01)
+        for i in range(20):
+            before = a.stats()[2]["sent_frames"]
+            a.send([heartbeat(i)])
+            await a.sent()  # no other checkpoint between the send and the check
+            assert a.stats()[2]["sent_frames"] == before + 1
+        await rb.until(lambda: len(rb.got) == 20)
+        nursery.cancel_scope.cancel()
+
+
 def snap_message() -> Message:
     return Message(MessageType.SNAP, to=2, frm=1, term=3,
                    snapshot=Snapshot(SnapshotMeta(40, 3, ConfState((1, 2))), b""))

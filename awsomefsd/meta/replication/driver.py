@@ -37,7 +37,7 @@ from __future__ import annotations
 import logging
 import math
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from functools import partial
 from typing import Any, Generic
 
@@ -94,13 +94,16 @@ class RaftNode(Generic[TxnT]):
         seed: int | None = None,
         disk: DiskCalls | None = None,
         send: Callable[[list[Message]], None] | None = None,
+        sent: Callable[[], Awaitable[None]] | None = None,
         forward: Forward | None = None,
         before_persist: Callable[[Ready], None] | None = None,
         on_applied: Callable[[int], None] | None = None,
         on_member_added: Callable[[int, str], None] | None = None,
         lease_reads: Callable[[], bool] | None = None,
     ) -> None:
-        """`send` queues messages for peers (the transport's; none: a group of one);
+        """`send` queues messages for peers (the transport's; none: a group of one); `sent()`
+        returns once they are written (RaftTransport.sent: a Ready's early messages leave before
+        its fsync on the loop, not after);
         `forward` hands a follower's proposals to the leader (forwarding.py; none: a follower
         answers NotLeader); `before_persist` runs before a Ready is persisted (e.g. flush the
         device: data before the metadata that points at it); `on_applied(index)` after each
@@ -132,6 +135,7 @@ class RaftNode(Generic[TxnT]):
         self._lease_reads_yet = lease_reads
         self.raw.raft.lease_reads_allowed = lease_reads is None
         self.send: Callable[[list[Message]], None] = send or self._no_peers
+        self.sent = sent
         self.on_member_added: Callable[[int, str], None] = on_member_added or (lambda _id, _addr: None)
         self.before_persist = before_persist
         self.on_applied: Callable[[int], None] = on_applied or (lambda _index: None)
@@ -363,6 +367,8 @@ class RaftNode(Generic[TxnT]):
         # is done, because peers' answers are stepped after it). Everything else waits.
         early, late = _split_early(rd, self.storage.hard_state.term)
         self.send(early)
+        if early and self.sent is not None:
+            await self.sent()  # the transport's senders are tasks: they write before the fsync below
         if (self.settings.persist_in_thread and self._nursery is not None
                 and applies_only(rd, self.storage.hard_state, durable_last)):
             # Nothing in this Ready is new to the log. The rest of the order is unchanged: late

@@ -37,7 +37,7 @@ from __future__ import annotations
 import errno
 import logging
 import shutil
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -132,11 +132,12 @@ class ReplicatedFsLog:
                  settings: NodeSettings | None = None, bootstrap_voters: tuple[int, ...] | None = None,
                  stall_s: float = STALL_S, before_commit: Callable[[], None] | None = None,
                  fence_epoch: Callable[[], int | None] | None = None,
-                 send: Callable[[list[Message]], None] | None = None, forward: Forward | None = None) -> None:
+                 send: Callable[[list[Message]], None] | None = None, forward: Forward | None = None,
+                 sent: Callable[[], Awaitable[None]] | None = None) -> None:
         """`before_commit` flushes the device before metadata that points at new data is durable;
         `fence_epoch` is the liveness-lease epoch every proposal is fenced with (a cluster member's;
-        None from it: not fenced yet, before the member holds the cluster's state); `send` and
-        `forward` connect the group to its peers (RaftNode)."""
+        None from it: not fenced yet, before the member holds the cluster's state); `send`, `sent`
+        and `forward` connect the group to its peers (RaftNode)."""
         self.store = store
         self.sm = sm
         self.commands = FsCommands(store, sm, node_id)
@@ -149,7 +150,7 @@ class ReplicatedFsLog:
         self.applied_listeners: list[Callable[[int], None]] = []
         """Called with the applied index after each applied batch (on the trio thread)."""
         self.node = RaftNode(node_id, LmdbRaftStorage(env=store.env), self.commands, settings=settings,
-                             bootstrap_voters=voters, send=send, forward=forward,
+                             bootstrap_voters=voters, send=send, sent=sent, forward=forward,
                              before_persist=self._before_persist, on_applied=self._on_applied,
                              lease_reads=self._every_member_keeps_the_lease)
         self.commands.before_snapshot.append(self._drop_reads)

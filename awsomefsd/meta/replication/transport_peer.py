@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import collections
+import math
 import queue
+import time
 from dataclasses import dataclass
 
 import grpc
@@ -53,6 +55,12 @@ class PeerLink:
         self.channel: grpc.Channel | None = None
         self.queued = trio.Event()
         """Set by `send` when it queues something: wakes the wire sender."""
+        self.idle = trio.Event()
+        """Set while the wire sender has written everything queued (or is not running)."""
+        self.idle.set()
+        self.writing_since = math.inf
+        """When the wire sender was woken with something to write (inf: it is idle): a sender
+        busy for long is stuck on a full socket, and `RaftTransport.sent` does not wait for it."""
         self.outbox: collections.deque[bytes] = collections.deque()
         """Wire frames of forwarded entries and their answers (wire_calls.py), sent before Raft's."""
         self.connection: trio.CancelScope | None = None
@@ -61,3 +69,10 @@ class PeerLink:
         """True while a gRPC stream (not the wire) carries this peer's messages."""
         self.legacy_frames = 0
         """Frames sent over gRPC because the peer's wire did not answer (an older build)."""
+
+    def wake(self) -> None:
+        """Something was queued: wake the wire sender, which is busy until it has written it."""
+        self.queued.set()
+        if self.idle.is_set():
+            self.idle = trio.Event()
+            self.writing_since = time.monotonic()
