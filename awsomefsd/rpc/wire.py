@@ -156,11 +156,10 @@ async def serve(handle: Callable[[FrameStream], Awaitable[None]], listeners: lis
                 on_error: Callable[[str, BaseException], None],
                 task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
     """Accept connections on `listeners` (trio.open_tcp_listeners) until cancelled; started(the
-    bound port). Each connection
-    that completes the handshake and sends the magic within HANDSHAKE_TIMEOUT_S is given to
-    `handle` in its own task and closed when `handle` returns; one that does not, or whose
-    `handle` fails on the connection (a broken stream, a frame refused), is closed and reported to
-    `on_error(peer, error)`."""
+    bound port). Each connection that completes the handshake and sends the magic within
+    HANDSHAKE_TIMEOUT_S is given to `handle` in its own task and closed when `handle` returns;
+    one that does not, or whose `handle` fails on the connection (a broken stream, a frame
+    refused), is closed and reported to `on_error(peer, error)`."""
     bound = listeners[0].socket.getsockname()[1]
 
     async def accepted(tcp: trio.SocketStream) -> None:

@@ -229,8 +229,9 @@ class RaftTransport:
         connection per peer open until cancelled; started(bound gRPC address). The node is given
         here, not when the transport is built: the node is built with the transport's `send`, so
         the transport comes first. `accept_forward` (forwarding.accept_forwarded on the node)
-        orders the entries followers forward on the wire. The wire is bound before gRPC, so a dialler that finds gRPC
-        up and the wire refused is talking to an older build (or to a port 0 listener in a test)."""
+        orders the entries followers forward on the wire. The wire is bound before gRPC, so a
+        dialler that finds gRPC up and the wire refused is talking to an older build (or to a
+        port 0 listener in a test)."""
         assert self._handler is None, "a transport serves one node, once"
         self._handler = handler
         self._accept_forward = accept_forward
