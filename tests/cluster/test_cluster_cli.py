@@ -100,6 +100,9 @@ def test_a_listener_address_in_use_is_refused_before_anything_is_made(tmp_path: 
         }
         if port_is_free(port - 1):
             cases["[cluster] listen port + 1"] = ["--listen", f"127.0.0.1:{port - 1}", "--metrics-port", "-1"]
+        if port_is_free(port - 2) and port_is_free(port - 1):
+            cases["the Raft wire, [cluster] listen port + 2"] = [
+                "--listen", f"127.0.0.1:{port - 2}", "--metrics-port", "-1"]
         for setting, flags in cases.items():
             image = tmp_path / "dev.img"
             proc = run_cli("init", "--device", str(image), "--size", "256M", "--state", str(tmp_path / "s"),
