@@ -11,7 +11,10 @@ or `bench/compare_commits.py main HEAD --bench workers_bench.py -- --modes 0,1,2
 figure is then "<read_workers> <metric>", the median of that round's runs), or
 `bench/compare_commits.py main HEAD --bench site_bench.py -- --runs 1 --only write,rate,lag` (each
 commit's own site_bench.py and daemons; one run a round), or `bench/compare_commits.py main HEAD
---bench contended_bench.py -- --rounds 1` (this checkout's bench, each commit's daemons).
+--bench contended_bench.py -- --rounds 1` (this checkout's bench, each commit's daemons), or
+`bench/compare_commits.py main HEAD --bench cluster_bench.py -- --metadata --seconds 3 --meta-rounds 1`
+(each commit's own cluster_bench.py and daemons; the follower's figures and their ratio to the
+single node of the same run).
 
 Each commit is checked out in a temporary git worktree and measured with its own bench/ and its
 own daemon (this checkout's .venv); with `--bench workers_bench.py`, with this checkout's bench. Why alternate, and in both orders: on a shared machine the
@@ -80,8 +83,24 @@ def run_contended_bench(tree: Path, out: Path, bench_args: list[str]) -> dict[st
     return dict(json.loads(out.read_text())["figures"])
 
 
+def run_cluster_bench(tree: Path, out: Path, bench_args: list[str]) -> dict[str, float]:
+    """The follower's figures of one run of `tree`'s own cluster_bench.py (its daemons are that
+    tree's), and each next to the single node of the same run ("/single"), e.g. `-- --metadata
+    --seconds 3 --meta-rounds 1 --only creates,untar,names`."""
+    env = {**os.environ, "PYTHONPATH": str(tree)}
+    subprocess.run([sys.executable, "bench/cluster_bench.py", *bench_args, "--json", str(out)], cwd=tree, env=env,
+                   check=False)
+    figures: dict[str, float] = {}
+    for row in json.loads(out.read_text())["rows"]:
+        if row["median"].get("cluster") is not None:
+            figures[row["metric"]] = row["median"]["cluster"]
+        if row.get("cluster_vs_single") is not None:
+            figures[row["metric"] + "/single"] = row["cluster_vs_single"]
+    return figures
+
+
 BENCHES = {"fsbench.py": run_fsbench, "workers_bench.py": run_workers_bench, "site_bench.py": run_site_bench,
-           "contended_bench.py": run_contended_bench}
+           "contended_bench.py": run_contended_bench, "cluster_bench.py": run_cluster_bench}
 
 
 def _ratio(before: list[tuple[int, float]], after: list[tuple[int, float]], rounds: set[int]) -> str:

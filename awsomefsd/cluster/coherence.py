@@ -152,6 +152,11 @@ class ClusterCoherence(LeaseHandOver, AppliedCommands):
         async with self.taking(dirs):
             yield True
 
+    def holds_now(self, inodes: Iterable[int]) -> bool:
+        """`changing`, `holding` and `writing` enter at once (`_acquire` returns before any
+        await) and `changing` yields True."""
+        return not self.strict and all(ino in self.held and ino not in self._releasing for ino in inodes)
+
     @asynccontextmanager
     async def taking(self, dirs: Iterable[int], *, look: bool = False) -> AsyncIterator[None]:
         """Take and hold these directories' delegations for the block (in inode order), in any

@@ -40,6 +40,13 @@ class Coherence(Protocol):
         False: it goes through the log in its turn (docs/delegations.md)."""
         ...
 
+    def holds_now(self, inodes: Iterable[int]) -> bool:
+        """Would `changing(inodes)`, `holding` and `writing` of each, and a look in a directory
+        among them, enter without waiting (and a change run ahead)? This node holds every one of
+        these delegations or write leases, none is being handed over, and the node is not
+        strict. A transport then serves the request without a task of its own."""
+        ...
+
     def taking(self, dirs: Iterable[int]) -> AbstractAsyncContextManager[None]:
         """Hold these directories' delegations for the block, in any coherence mode: a change the
         state machine refused because another node holds one (`Delegated`) goes again inside."""

@@ -109,12 +109,14 @@ class FileOperations(OperationsBase):
                                   or (self.coherence is None and self.data.close_is_deferred(h.ino)))
 
     def write_is_immediate(self, fh: int, size: int) -> bool:
-        """Would `write(fh, ..., size bytes)` return without waiting: a known handle on a single
-        node, a buffer that takes the bytes without a flush, and room on the device for them (a
-        transport may answer it without a task of its own). An error it raises (EDQUOT, EFBIG)
-        comes at once too."""
+        """Would `write(fh, ..., size bytes)` return without waiting: a known handle, a buffer
+        that takes the bytes without a flush, room on the device for them, and on a cluster
+        member the file's write lease held here with no hand-over begun (clearing set-user-ID
+        first runs ahead under it). A transport may then answer it without a task of its own.
+        An error it raises (EDQUOT, EFBIG) comes at once too."""
         h = self.handles.find(fh)
-        return self.coherence is None and h is not None and self.data.buffers_at_once(h.ino, size)
+        return (h is not None and self.data.buffers_at_once(h.ino, size)
+                and (self.coherence is None or self.change_is_immediate(h.ino)))
 
     async def flush(self, fh: int) -> None:
         """close(2): the file's data reaches the device and its mapping the metadata (close-to-open)

@@ -225,14 +225,25 @@ class OperationsBase:
                 result = await self._propose(cmd, ahead)
         return self.data.with_buffered(result)
 
+    def change_is_immediate(self, *inodes: int, new_inode: bool = False) -> bool:
+        """Would a change in these directories (a create: `new_inode`), or of these files'
+        attributes or data, return without waiting on a cluster member (a transport may then
+        serve it without a task)? Only when this node holds their delegations or write leases,
+        none is being handed over (the change runs ahead of the log: `Coherence.holds_now`), the
+        pipeline has room for it, and a create has an inode number left in this node's
+        reservation. A look in such a directory never waits either."""
+        return (self.coherence is not None and self.coherence.holds_now(inodes) and self.meta.runs_ahead_at_once()
+                and (not new_inode or self._ino_next < self._ino_end))
+
     def setattr_is_immediate(self, ino: int, mtime_ns: int | None) -> bool:
         """Would `setattr` of `ino` that changes no size (setting `mtime_ns`, or None) return
-        without waiting, on a single node (a transport may then serve it without a task)? Not
-        when it flushes the file's buffered writes first (a time over them in the future, or at
-        or before 1970), nor while a flush of the file holds its lock (`_set_times_over_buffered`
-        waits for it); any other change is one command the local log applies at once."""
+        without waiting (a transport may then serve it without a task)? Not when it flushes the
+        file's buffered writes first (a time over them in the future, or at or before 1970; on a
+        cluster member any time over them), nor while a flush of the file holds its lock
+        (`_set_times_over_buffered` waits for it); any other change is one command the local log
+        applies at once, or on a member one that runs ahead under the file's lease."""
         if self.coherence is not None:
-            return False
+            return (mtime_ns is None or not self.data.has_buffered(ino)) and self.change_is_immediate(ino)
         if mtime_ns is None or not self.data.has_buffered(ino):
             return True
         return 0 < mtime_ns <= self._now() and not self.data.buffer_busy(ino)

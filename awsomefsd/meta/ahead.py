@@ -163,6 +163,10 @@ class AheadLog:
     def pending(self) -> int:
         return len(self._queue) + len(self._in_flight)
 
+    def has_room(self) -> bool:
+        """Would `run_ahead` apply a command now, without waiting for room in the pipeline?"""
+        return self.pending < MAX_QUEUED
+
     # -- writing ------------------------------------------------------------------------------------
     async def run_ahead(self, command: c.Command[R], *, epoch: int | None = None,
                         still: Callable[[], bool] | None = None) -> R:

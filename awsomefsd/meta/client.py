@@ -108,6 +108,10 @@ class MetaClient:
         epoch = self._log.lease_epoch() if epoch is None else epoch
         return await self.ahead.run_ahead(command, epoch=epoch, still=still)
 
+    def runs_ahead_at_once(self) -> bool:
+        """Would `run_ahead` of a command it can predict return without waiting (room in the pipeline)?"""
+        return self.ahead.has_room()
+
     async def run_pipeline(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """The task that commits what was acknowledged ahead (a cluster member runs it)."""
         await self.ahead.run(task_status=task_status)

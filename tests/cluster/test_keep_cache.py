@@ -11,18 +11,11 @@ from awsomefsd.cluster import coherence_applied
 from awsomefsd.cluster.coherence import ClusterCoherence
 from awsomefsd.fuse.invalidate import Invalidator
 from awsomefsd.meta import commands as c
-
-
-class _NoKernel:
-    def invalidate_inode(self, ino: int, attr_only: bool) -> None:
-        pass
-
-    def invalidate_entry(self, parent: int, name: bytes) -> None:
-        pass
+from tests.support.no_kernel import NoKernel
 
 
 def _coherence() -> ClusterCoherence:
-    return ClusterCoherence(2, None, Invalidator(kernel=_NoKernel()), lambda: 1)  # type: ignore[arg-type]
+    return ClusterCoherence(2, None, Invalidator(kernel=NoKernel()), lambda: 1)  # type: ignore[arg-type]
 
 
 def _changed_elsewhere(coherence: ClusterCoherence, ino: int) -> None:

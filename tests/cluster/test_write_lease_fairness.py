@@ -31,6 +31,7 @@ from awsomefsd.meta import cluster_commands as cc
 from awsomefsd.meta import commands as c
 from awsomefsd.meta.client import MetaClient
 from awsomefsd.meta.errors import FsError
+from tests.support.no_kernel import NoKernel
 from tests.unit.test_state_machine import DATA_START, Harness
 
 INO = 4242
@@ -102,7 +103,7 @@ class Cluster:
         self.flushes: Counter[int] = Counter()
         for k in range(1, n + 1):
             log = NodeLog(self.sim, k, self.epochs[k])
-            co = ClusterCoherence(k, MetaClient(log, self.h.sm), Invalidator(kernel=_NoKernel()),  # type: ignore[arg-type]
+            co = ClusterCoherence(k, MetaClient(log, self.h.sm), Invalidator(kernel=NoKernel()),  # type: ignore[arg-type]
                                   lambda k=k: self.epochs[k][0], flush=self._flusher(k))
             self.sim.members[k] = co
 
@@ -115,14 +116,6 @@ class Cluster:
 
     def co(self, node: int) -> ClusterCoherence:
         return self.sim.members[node]
-
-
-class _NoKernel:
-    def invalidate_inode(self, ino: int, attr_only: bool) -> None:
-        pass
-
-    def invalidate_entry(self, parent: int, name: bytes) -> None:
-        pass
 
 
 async def run_members(cluster: Cluster, body: Any) -> None:

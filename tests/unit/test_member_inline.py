@@ -4,7 +4,8 @@ invalidator's notifications may wait for a request it has still to read), so suc
 wait for nothing, and it must not need the member's coherence (a delegation may wait for another
 node). Each handler of the set runs here in an already cancelled scope, over a core whose
 coherence fails whenever it is asked anything but what never waits: any wait, or any other
-question to it, fails the test."""
+question to it, fails the test. The changes a member serves inline only while it holds the
+delegation or lease they need run the same way over a real `ClusterCoherence` that holds them."""
 
 from __future__ import annotations
 
@@ -14,12 +15,16 @@ from typing import Any
 
 import trio
 
+from awsomefsd.cluster.coherence import ClusterCoherence
 from awsomefsd.daemon.node import Core
+from awsomefsd.fuse.invalidate import Invalidator
 from awsomefsd.fuse.kernel import abi
-from awsomefsd.fuse.kernel.abi import Body, Header, Op
+from awsomefsd.fuse.kernel.abi import Body, Fattr, Header, Op
 from awsomefsd.fuse.kernel.handlers import KernelHandlers
 from awsomefsd.fuse.kernel.inline import INLINE_MEMBER, INLINE_MEMBER_CACHING
+from awsomefsd.meta import ahead as ahead_mod
 from awsomefsd.meta.records import ROOT_INO
+from tests.support.no_kernel import NoKernel
 
 
 class AskedCoherence:
@@ -104,7 +109,6 @@ async def test_a_members_flush_is_answered_inline_only_with_nothing_buffered(cor
     await core.ops.write(written_fh, 0, b"buffered")
     empty_fh, _ = await core.ops.create(ROOT_INO, b"empty", stat.S_IFREG | 0o644, os.O_RDWR, 0, 0)
     handlers = KernelHandlers(core.ops)
-    assert set(handlers.member_quick) == {Op.FLUSH}
     quick = handlers.member_quick[Op.FLUSH]
 
     def flush_of(fh: int) -> bytes:
@@ -122,3 +126,78 @@ async def test_a_members_flush_is_answered_inline_only_with_nothing_buffered(cor
     for fh in (written_fh, empty_fh):
         await core.ops.flush(fh)
         await core.ops.release(fh)
+
+
+def raw_request(opcode: int, nodeid: int, body: bytes) -> bytes:
+    return abi.IN_HEADER.pack(abi.IN_HEADER.size + len(body), opcode, 1, nodeid, 0, 0, 0, 0, 0) + body
+
+
+async def test_a_members_changes_in_what_it_holds_are_answered_inline_without_waiting(
+        core: Core, monkeypatch: Any) -> None:
+    """`KernelHandlers.member_quick` beyond FLUSH: a look, a create (file, node, directory,
+    symlink) and an unlink in a directory whose delegation this node holds, a write and an
+    attribute change of a file whose write lease it holds. Quick only then, and then answered
+    with no wait at all (a real `ClusterCoherence`, so entering its delegations and leases is
+    what runs); not quick in a directory or file it does not hold, during a hand-over, in strict
+    mode, with the pipeline full, for a create with no inode number left, nor for a time set over
+    buffered bytes (a flush first)."""
+    ops = core.ops
+    held_dir = (await ops.mknod(ROOT_INO, b"held", stat.S_IFDIR | 0o755, 0, 0, 0)).ino
+    other_dir = (await ops.mknod(ROOT_INO, b"other", stat.S_IFDIR | 0o755, 0, 0, 0)).ino
+    fh, held_file = await ops.create(held_dir, b"f", stat.S_IFREG | 0o644, os.O_RDWR, 0, 0)
+    other_fh, _ = await ops.create(other_dir, b"g", stat.S_IFREG | 0o644, os.O_RDWR, 0, 0)
+    await ops.mknod(held_dir, b"gone", stat.S_IFREG | 0o644, 0, 0, 0)
+    await ops.new_ino()  # a reservation of inode numbers to create from
+    coherence = ClusterCoherence(1, core.meta, Invalidator(kernel=NoKernel()), lambda: 1)  # type: ignore[arg-type]
+    coherence.held.update({held_dir, held_file.ino})
+    handlers = KernelHandlers(ops)
+    quick = handlers.member_quick
+    chmod = abi.SETATTR_IN.pack(Fattr.MODE, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, stat.S_IFREG | 0o600, 0, 0, 0, 0)
+    data = b"x" * 100
+    in_held = {
+        Op.LOOKUP: (held_dir, b"f\0"),
+        Op.CREATE: (held_dir, abi.CREATE_IN.pack(os.O_RDWR, stat.S_IFREG | 0o644, 0o022, 0) + b"c\0"),
+        Op.MKNOD: (held_dir, abi.MKNOD_IN.pack(stat.S_IFIFO | 0o644, 0, 0o022, 0) + b"p\0"),
+        Op.MKDIR: (held_dir, abi.MKDIR_IN.pack(0o755, 0o022) + b"sub\0"),
+        Op.SYMLINK: (held_dir, b"l\0f\0"),
+        Op.UNLINK: (held_dir, b"gone\0"),
+        Op.WRITE: (held_file.ino, abi.WRITE_IN.pack(fh, 0, len(data), 0, 0, 0, 0) + data),
+        Op.SETATTR: (held_file.ino, chmod),
+    }
+    not_held = {
+        Op.LOOKUP: (other_dir, b"g\0"), Op.CREATE: (other_dir, in_held[Op.CREATE][1]),
+        Op.MKDIR: (other_dir, in_held[Op.MKDIR][1]), Op.UNLINK: (other_dir, b"g\0"),
+        Op.WRITE: (0, abi.WRITE_IN.pack(other_fh, 0, len(data), 0, 0, 0, 0) + data),
+    }
+    assert set(quick) == set(in_held) | {Op.FLUSH}, "a request added to the set needs its case here"
+    ops.coherence = coherence
+    try:
+        for opcode, (nodeid, body) in not_held.items():
+            assert not quick[opcode](raw_request(opcode, nodeid, body)), f"{abi.OP_NAMES[opcode]} outside what is held"
+        coherence.strict = True
+        assert not any(quick[op](raw_request(op, *in_held[op])) for op in in_held), "strict mode: nothing runs ahead"
+        coherence.strict = False
+        coherence._releasing.add(held_dir)
+        assert not quick[Op.CREATE](raw_request(Op.CREATE, *in_held[Op.CREATE])), "a hand-over has begun"
+        assert not quick[Op.LOOKUP](raw_request(Op.LOOKUP, *in_held[Op.LOOKUP])), "a look waits for the hand-over"
+        coherence._releasing.discard(held_dir)
+        monkeypatch.setattr(ahead_mod, "MAX_QUEUED", core.meta.ahead.pending)
+        assert not quick[Op.UNLINK](raw_request(Op.UNLINK, *in_held[Op.UNLINK])), "no room in the pipeline"
+        monkeypatch.undo()
+        next_ino, end = ops._ino_next, ops._ino_end
+        ops._ino_next = end
+        assert not quick[Op.MKDIR](raw_request(Op.MKDIR, *in_held[Op.MKDIR])), "no inode number left to create"
+        assert quick[Op.LOOKUP](raw_request(Op.LOOKUP, *in_held[Op.LOOKUP])), "a look needs no inode number"
+        ops._ino_next = next_ino
+        for opcode, (nodeid, body) in in_held.items():
+            assert quick[opcode](raw_request(opcode, nodeid, body)), abi.OP_NAMES[opcode]
+            await answered_without_waiting(handlers.table[opcode], opcode, nodeid, body)
+        assert core.meta.lookup(held_dir, b"gone") is None and core.meta.lookup(held_dir, b"sub") is not None
+        assert ops.inode(held_file.ino).mode & 0o777 == 0o600
+        stamp = abi.SETATTR_IN.pack(Fattr.MTIME, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0)
+        assert not quick[Op.SETATTR](raw_request(Op.SETATTR, held_file.ino, stamp)), "a time over buffered bytes"
+    finally:
+        ops.coherence = None
+    for handle in (fh, other_fh):
+        await ops.flush(handle)
+        await ops.release(handle)

@@ -87,9 +87,22 @@ class KernelHandlers:
 
     @property
     def member_quick(self) -> dict[int, Callable[[bytes], bool]]:
-        """`quick` on a cluster member: a flush with nothing buffered (the others wait for a
-        lease or a delegation there)."""
-        return {Op.FLUSH: self._flush_is_quick}
+        """`quick` on a cluster member: a flush with nothing buffered; a look, a create or an
+        unlink in a directory whose delegation this node holds, a write or an attribute change
+        of a file whose write lease it holds, when the change runs ahead at once (elsewhere they
+        wait for a delegation, a lease or the log)."""
+        in_held = self._in_held_directory
+        return {Op.FLUSH: self._flush_is_quick, Op.WRITE: self._write_is_quick, Op.SETATTR: self._setattr_is_quick,
+                Op.LOOKUP: in_held, Op.UNLINK: in_held,
+                Op.CREATE: self._creates_in_held_directory, Op.MKNOD: self._creates_in_held_directory,
+                Op.MKDIR: self._creates_in_held_directory, Op.SYMLINK: self._creates_in_held_directory}
+
+    def _in_held_directory(self, data: bytes) -> bool:
+        """A request about a name in the directory the header names (LOOKUP, UNLINK)."""
+        return self.ops.change_is_immediate(abi.IN_HEADER.unpack_from(data)[3])
+
+    def _creates_in_held_directory(self, data: bytes) -> bool:
+        return self.ops.change_is_immediate(abi.IN_HEADER.unpack_from(data)[3], new_inode=True)
 
     def _flush_is_quick(self, data: bytes) -> bool:
         try:
