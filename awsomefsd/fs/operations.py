@@ -199,8 +199,7 @@ class Operations(FileOperations, XattrOperations):
             async with self._changing(old_parent, new_parent, *([replaced_dir] if replaced_dir else [])) as ahead:
                 if self._directory_at(new_parent, new_name) != replaced_dir:
                     continue  # the target changed meanwhile: the delegations to hold changed
-                ahead = ahead and not flags & RENAME_WHITEOUT and not (
-                    old_parent != new_parent and (self._directory_at(old_parent, old_name) or replaced_dir))
+                ahead = ahead and self._rename_runs_ahead(old_parent, old_name, new_parent, flags, replaced_dir)
                 whiteout_ino = await self.new_ino() if flags & RENAME_WHITEOUT else 0
                 cookie = c.delegated_cookie(await self.new_ino()) if ahead else 0
                 if self.coherence is not None and old_parent != new_parent:
@@ -216,6 +215,22 @@ class Operations(FileOperations, XattrOperations):
                                                     self._now(), whiteout_ino, uid, gid), False)
         if replaced:
             await self._purge_if_orphan(replaced)
+
+    def _rename_runs_ahead(self, old_parent: int, old_name: bytes, new_parent: int, flags: int,
+                           replaced_dir: int) -> bool:
+        """May a rename whose delegations are held run ahead: no whiteout (its inode number is the
+        log's to check) and no directory changing parent (`rename`)."""
+        return not flags & RENAME_WHITEOUT and not (
+            old_parent != new_parent and (self._directory_at(old_parent, old_name) or replaced_dir))
+
+    def rename_is_immediate(self, old_parent: int, old_name: bytes, new_parent: int, new_name: bytes,
+                            flags: int) -> bool:
+        """Would `rename` return without waiting on a cluster member (`change_is_immediate`): it
+        runs ahead, and this node holds both parents and a directory it replaces."""
+        replaced_dir = self._directory_at(new_parent, new_name)
+        return (self._rename_runs_ahead(old_parent, old_name, new_parent, flags, replaced_dir)
+                and self.change_is_immediate(old_parent, new_parent, *([replaced_dir] if replaced_dir else []),
+                                             new_inode=True))
 
     def _directory_at(self, parent: int, name: bytes) -> int:
         """The directory `name` names in `parent` (0: none, or not a directory)."""

@@ -23,6 +23,7 @@ from awsomefsd.fuse.kernel.abi import Body, Fattr, Header, Op
 from awsomefsd.fuse.kernel.handlers import KernelHandlers
 from awsomefsd.fuse.kernel.inline import INLINE_MEMBER, INLINE_MEMBER_CACHING
 from awsomefsd.meta import ahead as ahead_mod
+from awsomefsd.meta.commands import RENAME_NOREPLACE, RENAME_WHITEOUT
 from awsomefsd.meta.records import ROOT_INO
 from tests.support.no_kernel import NoKernel
 
@@ -135,21 +136,23 @@ def raw_request(opcode: int, nodeid: int, body: bytes) -> bytes:
 async def test_a_members_changes_in_what_it_holds_are_answered_inline_without_waiting(
         core: Core, monkeypatch: Any) -> None:
     """`KernelHandlers.member_quick` beyond FLUSH: a look, a create (file, node, directory,
-    symlink) and an unlink in a directory whose delegation this node holds, a write and an
-    attribute change of a file whose write lease it holds. Quick only then, and then answered
+    symlink), an unlink and a rename in directories whose delegations this node holds, a write
+    and an attribute change of a file whose write lease it holds. Quick only then, and then answered
     with no wait at all (a real `ClusterCoherence`, so entering its delegations and leases is
     what runs); not quick in a directory or file it does not hold, during a hand-over, in strict
-    mode, with the pipeline full, for a create with no inode number left, nor for a time set over
-    buffered bytes (a flush first)."""
+    mode, with the pipeline full, for a create with no inode number left, for a time set over
+    buffered bytes (a flush first), nor for a rename that moves a directory to another parent or
+    leaves a whiteout (both go through the log)."""
     ops = core.ops
     held_dir = (await ops.mknod(ROOT_INO, b"held", stat.S_IFDIR | 0o755, 0, 0, 0)).ino
     other_dir = (await ops.mknod(ROOT_INO, b"other", stat.S_IFDIR | 0o755, 0, 0, 0)).ino
+    second_dir = (await ops.mknod(ROOT_INO, b"second", stat.S_IFDIR | 0o755, 0, 0, 0)).ino
     fh, held_file = await ops.create(held_dir, b"f", stat.S_IFREG | 0o644, os.O_RDWR, 0, 0)
     other_fh, _ = await ops.create(other_dir, b"g", stat.S_IFREG | 0o644, os.O_RDWR, 0, 0)
     await ops.mknod(held_dir, b"gone", stat.S_IFREG | 0o644, 0, 0, 0)
     await ops.new_ino()  # a reservation of inode numbers to create from
     coherence = ClusterCoherence(1, core.meta, Invalidator(kernel=NoKernel()), lambda: 1)  # type: ignore[arg-type]
-    coherence.held.update({held_dir, held_file.ino})
+    coherence.held.update({held_dir, second_dir, held_file.ino})
     handlers = KernelHandlers(ops)
     quick = handlers.member_quick
     chmod = abi.SETATTR_IN.pack(Fattr.MODE, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, stat.S_IFREG | 0o600, 0, 0, 0, 0)
@@ -163,17 +166,24 @@ async def test_a_members_changes_in_what_it_holds_are_answered_inline_without_wa
         Op.UNLINK: (held_dir, b"gone\0"),
         Op.WRITE: (held_file.ino, abi.WRITE_IN.pack(fh, 0, len(data), 0, 0, 0, 0) + data),
         Op.SETATTR: (held_file.ino, chmod),
+        Op.RENAME: (held_dir, abi.U64.pack(second_dir) + b"f\0moved\0"),
+        Op.RENAME2: (held_dir, abi.RENAME2_IN.pack(held_dir, RENAME_NOREPLACE, 0) + b"c\0c2\0"),
     }
     not_held = {
         Op.LOOKUP: (other_dir, b"g\0"), Op.CREATE: (other_dir, in_held[Op.CREATE][1]),
         Op.MKDIR: (other_dir, in_held[Op.MKDIR][1]), Op.UNLINK: (other_dir, b"g\0"),
         Op.WRITE: (0, abi.WRITE_IN.pack(other_fh, 0, len(data), 0, 0, 0, 0) + data),
+        Op.RENAME: (held_dir, abi.U64.pack(other_dir) + b"f\0f\0"),
+        Op.RENAME2: (held_dir, abi.RENAME2_IN.pack(second_dir, 0, 0) + b"sub\0sub\0"),  # after MKDIR: a directory moving
     }
+    whiteout = abi.RENAME2_IN.pack(held_dir, RENAME_WHITEOUT, 0) + b"f\0w\0"
     assert set(quick) == set(in_held) | {Op.FLUSH}, "a request added to the set needs its case here"
     ops.coherence = coherence
     try:
         for opcode, (nodeid, body) in not_held.items():
-            assert not quick[opcode](raw_request(opcode, nodeid, body)), f"{abi.OP_NAMES[opcode]} outside what is held"
+            if opcode != Op.RENAME2:
+                assert not quick[opcode](raw_request(opcode, nodeid, body)), f"{abi.OP_NAMES[opcode]} outside what is held"
+        assert not quick[Op.RENAME2](raw_request(Op.RENAME2, held_dir, whiteout)), "a whiteout's inode is the log's"
         coherence.strict = True
         assert not any(quick[op](raw_request(op, *in_held[op])) for op in in_held), "strict mode: nothing runs ahead"
         coherence.strict = False
@@ -192,7 +202,10 @@ async def test_a_members_changes_in_what_it_holds_are_answered_inline_without_wa
         for opcode, (nodeid, body) in in_held.items():
             assert quick[opcode](raw_request(opcode, nodeid, body)), abi.OP_NAMES[opcode]
             await answered_without_waiting(handlers.table[opcode], opcode, nodeid, body)
+        assert not quick[Op.RENAME2](raw_request(Op.RENAME2, held_dir, not_held[Op.RENAME2][1])), \
+            "a directory moving to another parent"
         assert core.meta.lookup(held_dir, b"gone") is None and core.meta.lookup(held_dir, b"sub") is not None
+        assert core.meta.lookup(second_dir, b"moved") == held_file.ino and core.meta.lookup(held_dir, b"c2")
         assert ops.inode(held_file.ino).mode & 0o777 == 0o600
         stamp = abi.SETATTR_IN.pack(Fattr.MTIME, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0)
         assert not quick[Op.SETATTR](raw_request(Op.SETATTR, held_file.ino, stamp)), "a time over buffered bytes"

@@ -90,12 +90,14 @@ class KernelHandlers:
         """`quick` on a cluster member: a flush with nothing buffered; a look, a create or an
         unlink in a directory whose delegation this node holds, a write or an attribute change
         of a file whose write lease it holds, when the change runs ahead at once (elsewhere they
-        wait for a delegation, a lease or the log)."""
+        wait for a delegation, a lease or the log); a rename between held directories that moves
+        no directory to another parent."""
         in_held = self._in_held_directory
         return {Op.FLUSH: self._flush_is_quick, Op.WRITE: self._write_is_quick, Op.SETATTR: self._setattr_is_quick,
                 Op.LOOKUP: in_held, Op.UNLINK: in_held,
                 Op.CREATE: self._creates_in_held_directory, Op.MKNOD: self._creates_in_held_directory,
-                Op.MKDIR: self._creates_in_held_directory, Op.SYMLINK: self._creates_in_held_directory}
+                Op.MKDIR: self._creates_in_held_directory, Op.SYMLINK: self._creates_in_held_directory,
+                Op.RENAME: self._rename_is_quick, Op.RENAME2: self._rename_is_quick}
 
     def _in_held_directory(self, data: bytes) -> bool:
         """A request about a name in the directory the header names (LOOKUP, UNLINK)."""
@@ -103,6 +105,20 @@ class KernelHandlers:
 
     def _creates_in_held_directory(self, data: bytes) -> bool:
         return self.ops.change_is_immediate(abi.IN_HEADER.unpack_from(data)[3], new_inode=True)
+
+    def _rename_is_quick(self, data: bytes) -> bool:
+        """RENAME and RENAME2 (a member's: `Operations.rename_is_immediate`)."""
+        try:
+            body = Body(data)
+            opcode, old_parent = (abi.IN_HEADER.unpack_from(data)[i] for i in (1, 3))
+            if opcode == Op.RENAME2:
+                new_parent, flags, _ = body.take(abi.RENAME2_IN)
+            else:
+                (new_parent,), flags = body.take(abi.U64), 0
+            old_name, new_name = body.name(), body.name()
+        except abi.Malformed:
+            return False
+        return self.ops.rename_is_immediate(old_parent, old_name, new_parent, new_name, flags)
 
     def _flush_is_quick(self, data: bytes) -> bool:
         try:
