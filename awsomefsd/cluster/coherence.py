@@ -96,6 +96,19 @@ class ClusterCoherence(LeaseHandOver, AppliedCommands):
         if drain:
             await self.invalidator.drain()
 
+    async def opening(self, ino: int) -> None:
+        """A file whose write lease this node holds (no hand-over begun, and its liveness lease
+        valid: else the cluster may have expired it and given the file to another node) was
+        written nowhere else since the grant this node applied: every close elsewhere came
+        before it (a hand-over commits the holder's flush first), so the open needs no read
+        barrier, only the invalidations those closes queued. A ReadIndex is a round trip to the
+        leader: `git add` or a build opening the files it just wrote paid one each."""
+        if self.holds_now((ino,)) and self.lease_valid():
+            self.opens_held += 1
+            await self.invalidator.drain()
+            return
+        await self.catch_up()
+
     @asynccontextmanager
     async def writing(self, ino: int) -> AsyncIterator[None]:
         """Hold the write lease across a whole write (see Coherence.writing): a hand-over that

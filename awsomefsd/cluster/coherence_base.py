@@ -28,6 +28,7 @@ class CoherenceBase:
                  holds: HoldsInode = lambda _ino: False,
                  wait_lease: Callable[[], Awaitable[None]] | None = None,
                  read_barrier: Callable[..., Awaitable[object]] | None = None,
+                 lease_valid: Callable[[], bool] = lambda: False,
                  strict: bool = False, held_names_s: float = 0.0,
                  forget_names: Callable[[], bool] = MOUNTED.forget_names) -> None:
         self.node_id = node_id
@@ -47,6 +48,11 @@ class CoherenceBase:
         """Until this node's liveness lease is renewed (a writer that finds its epoch expired,
         after a pause, waits for the new one instead of failing at once)."""
         self.read_barrier = read_barrier
+        self.lease_valid = lease_valid
+        """Is this node's liveness lease valid now, by its own conservative count (the device's
+        write fence is open)? Only then does no other node hold what it believes it holds: the
+        cluster expires a node's leases only once its liveness lease has lapsed. False by default:
+        nothing skips a catch-up on its strength."""
         """`async read_barrier(timeout_s=...)`: apply everything committed before the call
         (ReadIndex); without it `catch_up` only drains the invalidations."""
         self.held_names_s = 0.0 if strict else held_names_s
@@ -85,6 +91,8 @@ class CoherenceBase:
         self._to_release, self._release_queue = trio.open_memory_channel(4096)
         self._nursery: trio.Nursery | None = None
         self.catch_ups = 0
+        self.opens_held = 0
+        """Opens that needed no catch-up: the file's write lease was this node's (`opening`)."""
         self.stale_reads = 0
         self.cut_off = False  # the last catch-up ran out of budget and none succeeded since (catch_up)
         self.leases_acquired = 0

@@ -487,7 +487,8 @@ def _assemble(member: Member) -> Core:
     coherence = ClusterCoherence(node_id, meta, member.invalidator, epoch.current, flush=data.flush,
                                  lose_file=data.lose_file,
                                  holds=handles.holds, wait_lease=epoch.wait_renewed,
-                                 read_barrier=raft.node.read_barrier, strict=settings.mount.coherence == "strict",
+                                 read_barrier=raft.node.read_barrier, lease_valid=member.storage.device.fence.is_open,
+                                 strict=settings.mount.coherence == "strict",
                                  held_names_s=settings.mount.held_entry_timeout_s)
     # the one cycle: coherence flushes through data, and data asks coherence what it may do
     data.compactor.may_rewrite = coherence.holding  # compaction and recall

@@ -66,6 +66,8 @@ def collect_member_metrics(member: Member) -> Iterator[Metric]:
         yield counter("awsomefs_orphan_releases", "ReleaseOrphans commands this node proposed (each releases, "
                       "in one log entry, the unlinked inodes nothing here holds)", co.orphan_releases)
         yield counter("awsomefs_catch_ups", "ReadIndex catch-ups (open, lookup)", co.catch_ups)
+        yield counter("awsomefs_opens_held", "opens of files whose write lease this node held: no catch-up",
+                      co.opens_held)
         yield counter("awsomefs_stale_reads", "catch-ups that found no leader and served local state",
                       co.stale_reads)
     yield counter("awsomefs_kernel_invalidations", "kernel cache invalidations", member.invalidator.invalidations)

@@ -29,6 +29,13 @@ class Coherence(Protocol):
         kernel holds an entry invalidation of a directory until a lookup in it is answered."""
         ...
 
+    async def opening(self, ino: int) -> None:
+        """Close-to-open, before an open of `ino`: return once this node has applied every close
+        made elsewhere before the call (a `catch_up`), or knows that no other node can have
+        written the file since it last applied the log (it holds the write lease); the kernel
+        caches such closes made stale are invalidated either way."""
+        ...
+
     def writing(self, ino: int) -> AbstractAsyncContextManager[None]:
         """Hold the file's write lease for the whole of a write or truncate: entered once this
         node holds it; the lease is not handed to another node until every such block is left."""

@@ -242,7 +242,7 @@ class Operations(FileOperations, XattrOperations):
     async def open(self, ino: int, flags: int, *, drop_setid: InGroup | None = None) -> int:
         """`drop_setid`: an O_TRUNC open by a caller without CAP_FSETID, under HANDLE_KILLPRIV_V2."""
         if self.coherence is not None:
-            await self.coherence.catch_up()  # close-to-open: see what was closed elsewhere before
+            await self.coherence.opening(ino)  # close-to-open: see what was closed elsewhere before
         inode = self.inode(ino)
         if inode.is_dir and flags & os.O_ACCMODE != os.O_RDONLY:
             raise FsError(errno.EISDIR)

@@ -50,3 +50,39 @@ def test_past_the_bound_files_are_dropped_once_more_never_kept_stale(monkeypatch
     assert not coherence.keep_cache(4)  # the memory is emptied: 1 is opened "first" again
     assert not coherence.keep_cache(1)
     assert coherence.keep_cache(4)
+
+
+async def test_an_open_catches_up_unless_this_node_holds_the_files_write_lease() -> None:
+    """Close-to-open (`ClusterCoherence.opening`): a file whose write lease this node holds was
+    written nowhere else since the grant it applied, so its open asks the leader nothing; any
+    other open does a read barrier first: a file another node may hold, one whose hand-over has
+    begun (the next holder may write and close before this open answers), any file while this
+    node's liveness lease is not known valid (the cluster may have expired it and moved its
+    leases), and every file in strict mode."""
+    barriers: list[float] = []
+
+    async def read_barrier(*, timeout_s: float) -> None:
+        barriers.append(timeout_s)
+
+    lease = [True]
+    coherence = ClusterCoherence(2, None, Invalidator(kernel=NoKernel()), lambda: 1,  # type: ignore[arg-type]
+                                 read_barrier=read_barrier, lease_valid=lambda: lease[0])
+    coherence.held.add(7)
+    await coherence.opening(7)
+    assert not barriers and coherence.opens_held == 1
+    cases = ("not held", "handing over", "lease lapsed", "strict")
+    for case in cases:
+        coherence.held.add(7)
+        if case == "not held":
+            coherence.held.discard(7)
+        elif case == "handing over":
+            coherence._releasing.add(7)
+        elif case == "lease lapsed":
+            coherence._releasing.discard(7)
+            lease[0] = False
+        else:
+            lease[0] = True
+            coherence.strict = True
+        await coherence.opening(7)
+        assert len(barriers) == cases.index(case) + 1, case
+    assert coherence.opens_held == 1
