@@ -48,13 +48,13 @@ class CoherenceBase:
         """Until this node's liveness lease is renewed (a writer that finds its epoch expired,
         after a pause, waits for the new one instead of failing at once)."""
         self.read_barrier = read_barrier
+        """`async read_barrier(timeout_s=...)`: apply everything committed before the call
+        (ReadIndex); without it `catch_up` only drains the invalidations."""
         self.lease_valid = lease_valid
         """Is this node's liveness lease valid now, by its own conservative count (the device's
         write fence is open)? Only then does no other node hold what it believes it holds: the
         cluster expires a node's leases only once its liveness lease has lapsed. False by default:
         nothing skips a catch-up on its strength."""
-        """`async read_barrier(timeout_s=...)`: apply everything committed before the call
-        (ReadIndex); without it `catch_up` only drains the invalidations."""
         self.held_names_s = 0.0 if strict else held_names_s
         """How long the kernel may cache a name in a directory this node holds (`name_timeout_s`)."""
         self.forget_names = forget_names
