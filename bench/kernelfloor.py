@@ -258,6 +258,13 @@ class NullOperations:
     def setattr_is_immediate(self, ino: int, mtime_ns: int | None) -> bool:
         return True  # nothing is ever buffered here
 
+    def change_is_immediate(self, *inodes: int, new_inode: bool = False) -> bool:
+        return False  # asked only on a cluster member, which the floor never is
+
+    def rename_is_immediate(self, old_parent: int, old_name: bytes, new_parent: int, new_name: bytes,
+                            flags: int) -> bool:
+        return False  # asked only on a cluster member, which the floor never is
+
     async def lseek(self, fh: int, offset: int, whence: int) -> int:
         """The whole file is data (the kernel's own answer without a filesystem's)."""
         size = len(self._node(fh).data)

@@ -57,14 +57,35 @@ async def test_a_time_set_over_buffered_writes_is_immediate_unless_a_flush_holds
     assert (after.mtime_ns, after.atime_ns, stat.S_IMODE(after.mode), after.size) == (past, past, 0o600, 5000)
 
 
-async def test_a_cluster_member_serves_no_setattr_inline(core: Core) -> None:
-    """A member's change may wait for a delegation or a lease: never immediate."""
-    _, inode = await core.ops.create(ROOT_INO, b"g", stat.S_IFREG | 0o644, os.O_RDWR, 0, 0)
-    core.ops.coherence = object()  # type: ignore[assignment]  # only asked whether there is one
+async def test_a_cluster_member_serves_a_setattr_inline_only_under_the_files_lease(core: Core) -> None:
+    """A member's change may wait for a lease: immediate only while this node holds the file's
+    write lease with no hand-over begun (`holds_now`), and then not for a time set over buffered
+    bytes (they are flushed first). tests/unit/test_member_inline.py runs it with a real
+    coherence."""
+    fh, inode = await core.ops.create(ROOT_INO, b"g", stat.S_IFREG | 0o644, os.O_RDWR, 0, 0)
+
+    class Holding:
+        held = False
+
+        def holds_now(self, inodes: object) -> bool:
+            return self.held
+
+    coherence = Holding()
+    core.ops.coherence = coherence  # type: ignore[assignment]
     try:
-        assert not core.ops.setattr_is_immediate(inode.ino, None)
+        assert not core.ops.setattr_is_immediate(inode.ino, None), "not held: it may wait for the lease"
+        coherence.held = True
+        assert core.ops.setattr_is_immediate(inode.ino, None)
+        assert core.ops.setattr_is_immediate(inode.ino, 1_000_000_000)
+        core.ops.coherence = None
+        await core.ops.write(fh, 0, b"buffered")
+        core.ops.coherence = coherence  # type: ignore[assignment]
+        assert not core.ops.setattr_is_immediate(inode.ino, 1_000_000_000), "a time over buffered bytes"
+        assert core.ops.setattr_is_immediate(inode.ino, None)
     finally:
         core.ops.coherence = None
+    await core.ops.flush(fh)
+    await core.ops.release(fh)
 
 
 async def test_the_reader_tells_a_quick_setattr_from_its_bytes(core: Core) -> None:
