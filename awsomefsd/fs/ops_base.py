@@ -242,11 +242,9 @@ class OperationsBase:
         cluster member any time over them), nor while a flush of the file holds its lock
         (`_set_times_over_buffered` waits for it); any other change is one command the local log
         applies at once, or on a member one that runs ahead under the file's lease."""
-        if self.coherence is not None:
-            return (mtime_ns is None or not self.data.has_buffered(ino)) and self.change_is_immediate(ino)
         if mtime_ns is None or not self.data.has_buffered(ino):
-            return True
-        return 0 < mtime_ns <= self._now() and not self.data.buffer_busy(ino)
+            return self.coherence is None or self.change_is_immediate(ino)
+        return self.coherence is None and 0 < mtime_ns <= self._now() and not self.data.buffer_busy(ino)
 
     async def _set_times_over_buffered(self, ino: int, cmd: c.SetAttr) -> Inode:
         """futimens of a file with buffered writes (tar, cp -p, rsync), on a single node: the

@@ -175,8 +175,8 @@ class AheadLog:
         command needs (no other node changes what it reads), or says with `still` whether it may
         still run ahead after a wait for room (if not, it is proposed and waited for)."""
         assert can_run_ahead(command), command
-        if self.pending >= MAX_QUEUED:
-            while self.pending >= MAX_QUEUED:
+        if not self.has_room():
+            while not self.has_room():
                 await self._progress.wait()
             if still is not None and not still():
                 return await self.propose(command, epoch=epoch)
