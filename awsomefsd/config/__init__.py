@@ -122,6 +122,13 @@ class MountSettings(Section):
         "fuse module's enable_uring set) instead of read() on /dev/fuse. 'auto' when the kernel offers it at "
         "INIT, else /dev/fuse; 'on' refuses a kernel that does not; 'off' always /dev/fuse",
     )
+    busy_poll_us: int = Field(
+        100, ge=0, le=10_000,
+        description="the kernel transport, read by /dev/fuse: with nothing in flight, the daemon looks for the "
+        "next request this long before it sleeps. A program that waits for each answer sends the next within "
+        "tens of microseconds, and waking a sleeping daemon costs both sides (half the round trip in a VM). "
+        "At most this much CPU per idle gap; 0: sleep at once. Never polls when the daemon may use one CPU only",
+    )
     read_workers: int = Field(
         0, ge=0, le=64,
         description="a single node on the kernel transport, local metadata log, /dev/fuse (not io_uring): this "

@@ -273,7 +273,7 @@ def _init_or_check_meta(store: MetaStore, sm: StateMachine, device: BlockDevice,
 
 def _transport_metrics(transport: Transport) -> Iterator[Metric]:
     """Which path serves the mount's requests: 1 for it, 0 for the other (none before INIT); what
-    each read worker served and forwarded."""
+    each read worker served and forwarded; how often the reader's busy polls found a request."""
     from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
     per_worker = transport.read_workers_served()
@@ -291,6 +291,12 @@ def _transport_metrics(transport: Transport) -> Iterator[Metric]:
     path = transport.serving_path()
     if path is None:
         return
+    polls, polled = transport.busy_polls()
+    looked = CounterMetricFamily("awsomefs_fuse_busy_polls", "times the reader looked for the next request before "
+                                 "sleeping ([mount] busy_poll_us), by whether one came", labels=["result"])
+    looked.add_metric(["found"], polled)
+    looked.add_metric(["slept"], polls - polled)
+    yield looked
     family = GaugeMetricFamily("awsomefs_fuse_path", "how FUSE requests reach this daemon: io_uring (FUSE over "
                                "io_uring) or read (/dev/fuse by read(), the fallback)", labels=["path"])
     for name in ("io_uring", "read"):
@@ -391,7 +397,7 @@ async def serve(core: Core, settings: Settings, *, ready: Callable[[str], None] 
                                observe=core.metrics.observe_fuse,
                                report_eio=EioReporter(core.duties.node, core.metrics.count_eio),
                                state_dir=settings.node.state_dir, store=store, io_uring=settings.mount.io_uring,
-                               read_workers=worker_config(settings))
+                               read_workers=worker_config(settings), busy_poll_s=settings.mount.busy_poll_us / 1e6)
     core.metrics.add_collector(lambda: _transport_metrics(transport))
     # Only the parent is resolved: a stat of the mount point itself waits for a daemon to answer
     # it (the kernel's INIT, or a mount this daemon is about to continue).

@@ -84,6 +84,9 @@ class Transport(Protocol):
     def read_workers_served(self) -> list[tuple[int, int, int]]:
         """Per read worker (`[mount] read_workers`): (index, reads served, requests forwarded)."""
 
+    def busy_polls(self) -> tuple[int, int]:
+        """(times the reader looked for a request before sleeping, requests it found so)."""
+
     def close(self) -> None:
         """Unmount (if still mounted) and let go of the kernel."""
 
@@ -97,8 +100,9 @@ class KernelTransport:
                  attr_timeout_s: float, negative_timeout_s: float | None, observe: ObserveFn, report_eio: ReportEioFn,
                  writeback_cache: bool = False, state_dir: Path | None = None,
                  store: DescriptorStore | None = None, io_uring: UringMode = "off",
-                 read_workers: WorkerConfig | None = None) -> None:
-        """`read_workers`: worker processes read the requests (fuse/kernel/workers.py), a single node's only."""
+                 read_workers: WorkerConfig | None = None, busy_poll_s: float = 100e-6) -> None:
+        """`read_workers`: worker processes read the requests (fuse/kernel/workers.py), a single node's only.
+        `busy_poll_s`: how long the reader looks for the next request before it sleeps (session.py)."""
         from awsomefsd.fuse.kernel.handlers import KernelHandlers
 
         self.ops = ops
@@ -114,6 +118,7 @@ class KernelTransport:
         self.report_eio = report_eio
         self.io_uring = io_uring
         """FUSE over io_uring (session.UringMode)."""
+        self.busy_poll_s = busy_poll_s
         self.state_dir = state_dir
         self.store = store if state_dir is not None else None
         self.name = descriptor_name(mountpoint)
@@ -155,7 +160,7 @@ class KernelTransport:
                           inline_when=self.handlers.quick if single else self.handlers.member_quick,
                           wanted=(WANTED_SINGLE_NODE | (Init.WRITEBACK_CACHE if self.writeback_cache else 0)
                                   if single else WANTED), uring=self.io_uring,
-                          start_read=self.handlers.start_read if single else None)
+                          start_read=self.handlers.start_read if single else None, busy_poll_s=self.busy_poll_s)
         # entries registered on a ring another session used: each CPU's queue may hold a request
         session.on_ring_started = lambda ring: kick_queues(str(self.mountpoint), ring.queues)
         if self.read_workers is not None and self.hot is not None:
@@ -175,6 +180,10 @@ class KernelTransport:
     def read_workers_served(self) -> list[tuple[int, int, int]]:
         pool = self.pool
         return [] if pool is None or pool.ended else pool.per_worker()
+
+    def busy_polls(self) -> tuple[int, int]:
+        session = self.session
+        return (0, 0) if session is None else (session.poll.polls, session.poll.polled)
 
     def writeback_negotiated(self) -> bool:
         """Does the kernel keep written pages of this mount in its page cache?"""
@@ -407,6 +416,9 @@ class Pyfuse3Transport:
     def read_workers_served(self) -> list[tuple[int, int, int]]:
         return []
 
+    def busy_polls(self) -> tuple[int, int]:
+        return (0, 0)
+
     def can_hand_over(self) -> bool:
         return False
 
@@ -455,7 +467,8 @@ def make_transport(name: TransportName, ops: Operations, mountpoint: Path, *, st
                    store: DescriptorStore | None = None, **kwargs: Any) -> Transport:
     io_uring = kwargs.pop("io_uring", "off")
     read_workers = kwargs.pop("read_workers", None)
+    busy_poll_s = kwargs.pop("busy_poll_s", 100e-6)
     if name == "kernel":
         return KernelTransport(ops, mountpoint, state_dir=state_dir, store=store, io_uring=io_uring,
-                               read_workers=read_workers, **kwargs)
+                               read_workers=read_workers, busy_poll_s=busy_poll_s, **kwargs)
     return Pyfuse3Transport(ops, mountpoint, **kwargs)

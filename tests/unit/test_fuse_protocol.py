@@ -368,6 +368,66 @@ async def test_the_session_ends_when_the_kernel_goes_away() -> None:
     os.close(fd)
 
 
+# -- busy polling ----------------------------------------------------------------------------------
+@pytest.fixture
+async def polling() -> AsyncIterator[tuple[FakeKernel, Session, trio.Event]]:
+    """A session whose reader serves GETATTR itself and polls for up to 0.2 s once nothing is in
+    flight; WRITE gets a task that waits for the yielded event."""
+    kernel, fd = pair()
+    gate = trio.Event()
+
+    async def getattr_(h: Header, body: Body) -> Payload:
+        return struct.pack("<Q", h.nodeid)
+
+    async def write(h: Header, body: Body) -> Payload:
+        await gate.wait()
+        return b"written"
+
+    session = Session(fd, {Op.GETATTR: getattr_, Op.WRITE: write}, inline=frozenset({Op.GETATTR}),
+                      busy_poll_s=0.2)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(session.serve)
+        assert (await kernel.init())[0] == 0
+        yield kernel, session, gate
+        nursery.cancel_scope.cancel()
+    os.close(fd)
+    kernel.sock.close()
+
+
+async def test_a_request_sent_right_after_an_answer_is_found_by_polling(polling) -> None:  # type: ignore[no-untyped-def]
+    kernel, session, _ = polling
+    for nodeid in range(2, 12):
+        assert await kernel.call(Op.GETATTR, nodeid) == (0, struct.pack("<Q", nodeid))
+    assert session.poll.polled >= 9, (session.poll.polls, session.poll.polled)  # the first may follow INIT's own wait
+
+
+async def test_a_poll_ends_in_its_time_and_lets_every_other_task_run(polling) -> None:  # type: ignore[no-untyped-def]
+    kernel, session, _ = polling
+    await kernel.call(Op.GETATTR, 2)
+    polls, polled = session.poll.polls, session.poll.polled
+    with trio.fail_after(0.15):  # a reader that looked without yielding would hold us 0.2 s
+        await trio.sleep(0.01)
+    await trio.sleep(0.5)  # a gap longer than the poll: the reader must have gone to sleep
+    assert await kernel.call(Op.GETATTR, 3) == (0, struct.pack("<Q", 3))
+    assert session.poll.polls == polls + 1 and session.poll.polled == polled, "the poll ended, the reader slept, woke"
+
+
+async def test_the_reader_does_not_poll_while_a_request_it_started_is_in_flight(polling) -> None:  # type: ignore[no-untyped-def]
+    kernel, session, gate = polling
+    write = kernel.send(Op.WRITE, 9)
+    await kernel.call(Op.GETATTR, 2)  # read after the WRITE: its task is in flight now
+    polls = session.poll.polls
+    for nodeid in range(3, 8):
+        assert await kernel.call(Op.GETATTR, nodeid) == (0, struct.pack("<Q", nodeid))
+    assert session.poll.polls == polls, "no looks while an answer is still to come: they would only burn CPU"
+    gate.set()
+    assert await kernel.answer(write) == (0, b"written")
+    with trio.fail_after(2):  # the last answer wakes the reader to look, before any request comes
+        while session.poll.polls == polls:
+            await trio.sleep(0.001)
+    assert await kernel.call(Op.GETATTR, 8) == (0, struct.pack("<Q", 8))
+
+
 # -- the filesystem layer behind the handlers ------------------------------------------------------
 @pytest.fixture
 async def fs(core: Core) -> AsyncIterator[FakeKernel]:

@@ -14,6 +14,8 @@ How requests are served (the reasons, measured, are in docs/design-notes.md):
   carries can end the session.
 - **INTERRUPT** answers the request it names with EINTR at once if that request changes nothing
   (`INTERRUPTIBLE`); its handler's own answer is dropped when it comes. Others finish.
+- **Busy polling** (busypoll.py): with nothing in flight the reader looks for the next request
+  for up to `busy_poll_s` before it sleeps, and the last answer wakes it to look.
 - **The end**: the kernel answers a read with ENODEV once the filesystem is unmounted (by us or
   by `umount`); `serve` then returns.
 - **FUSE over io_uring** (fuse_ring.py), when asked for (`uring`) and offered by the kernel at
@@ -35,6 +37,7 @@ import trio
 
 from awsomefsd.fuse.kernel import abi, fuse_ring
 from awsomefsd.fuse.kernel.abi import Body, Header, Init, Malformed, Op
+from awsomefsd.fuse.kernel.busypoll import BusyPoll
 from awsomefsd.fuse.kernel.inflight import ChangesInFlight
 from awsomefsd.meta.errors import FsError
 
@@ -52,9 +55,8 @@ MAX_IN_FLIGHT = 256
 MAX_BACKGROUND = 64
 """Asynchronous requests (read-ahead, direct I/O) the kernel keeps in flight to us."""
 READS_PER_CHECKPOINT = 64
-PROBE_EVERY = 1
-"""While requests arrive one at a time, the reader tries a read before waiting for the descriptor
-only every this many requests (`_read_requests`)."""
+BUSY_POLL_S = 100e-6
+"""How long the reader looks for the next request before it sleeps (`[mount] busy_poll_us`)."""
 INTERRUPTIBLE = frozenset({Op.READLINK, Op.READ, Op.READDIR, Op.GETXATTR, Op.LISTXATTR, Op.STATFS, Op.ACCESS,
                            Op.LSEEK})
 """Requests an INTERRUPT answers at once with EINTR: they change nothing, so the answer their
@@ -121,14 +123,18 @@ class Session:
                  negotiated: Negotiated | None = None, inline: frozenset[int] = frozenset(),
                  inline_when: dict[int, Callable[[bytes], bool]] | None = None, wanted: int = WANTED,
                  uring: UringMode = "off", ring_depth: int = fuse_ring.DEFAULT_DEPTH,
-                 start_read: StartRead | None = None) -> None:
+                 start_read: StartRead | None = None, busy_poll_s: float = BUSY_POLL_S) -> None:
         """`negotiated`: the session continues one a daemon before this one began (its INIT is
         answered already: docs/fuse-transport.md, Restarts). `inline`: opcodes the reader handles
         itself instead of starting a task (fuse/kernel/inline.py); `inline_when`: opcodes it
         handles itself when the request (its bytes) says it will not wait. `wanted`: the
         capabilities to ask for (`WANTED`, or `WANTED_SINGLE_NODE`). `uring`: FUSE over
         io_uring (`UringMode`), with `ring_depth` entries per CPU. `start_read`: READs the
-        reader starts itself, without a task, when it says it can (`_start_read`)."""
+        reader starts itself, without a task, when it says it can (`_start_read`). `busy_poll_s`:
+        how long the reader looks for a request before it sleeps (busypoll.py; 0: never, and never
+        when this process may use only one CPU, where looking would keep the client off it)."""
+        self.poll = BusyPoll(busy_poll_s if len(os.sched_getaffinity(0)) > 1 else 0.0, self._read,
+                             lambda: bool(self._running or self._reads_started))
         self.uring = uring
         self.ring_depth = ring_depth
         self.ring: fuse_ring.FuseRing | None = None
@@ -336,6 +342,8 @@ class Session:
                 await self._room.wait()
             try:
                 data = self._read()
+                if data is None and self.poll.seconds and self.ring is None:
+                    data = await self.poll.next_request(self.fd)
                 while data is None:  # none queued: wait, then read (not read, fail and wait)
                     read_since_checkpoint = 0
                     await trio.lowlevel.wait_readable(self.fd)
@@ -433,6 +441,8 @@ class Session:
         self._reads_started -= 1
         if not self._reads_started:
             self._reads_ended.set()
+            if not self._running:
+                self.poll.idle()
 
     def _forwarded(self, nursery: trio.Nursery, data: bytes,
                    answer: Callable[[list[Any]], None]) -> Awaitable[None] | None:
@@ -523,6 +533,8 @@ class Session:
             self._interruptible.discard(header.unique)
             self._running -= 1
             self._room.set()
+            if not self._running and not self._reads_started:
+                self.poll.idle()
         if payload is NO_REPLY:
             return
         if self._abandoned and header.unique in self._abandoned:
