@@ -261,6 +261,9 @@ class NullOperations:
     def change_is_immediate(self, *inodes: int, new_inode: bool = False) -> bool:
         return False  # asked only on a cluster member, which the floor never is
 
+    def look_is_immediate(self, directory: int) -> bool:
+        return False  # asked only on a cluster member, which the floor never is
+
     def rename_is_immediate(self, old_parent: int, old_name: bytes, new_parent: int, new_name: bytes,
                             flags: int) -> bool:
         return False  # asked only on a cluster member, which the floor never is

@@ -235,6 +235,12 @@ class OperationsBase:
         return (self.coherence is not None and self.coherence.holds_now(inodes) and self.meta.runs_ahead_at_once()
                 and (not new_inode or self._ino_next < self._ino_end))
 
+    def look_is_immediate(self, directory: int) -> bool:
+        """Would a lookup in `directory` answer without waiting on a cluster member? When this node
+        holds its delegation and no hand-over of it has begun (`Coherence.holds_now`): a look only
+        reads, so room in the pipeline and inode numbers do not matter to it."""
+        return self.coherence is not None and self.coherence.holds_now((directory,))
+
     def setattr_is_immediate(self, ino: int, mtime_ns: int | None) -> bool:
         """Would `setattr` of `ino` that changes no size (setting `mtime_ns`, or None) return
         without waiting (a transport may then serve it without a task)? Not when it flushes the

@@ -87,20 +87,21 @@ class KernelHandlers:
 
     @property
     def member_quick(self) -> dict[int, Callable[[bytes], bool]]:
-        """`quick` on a cluster member: a flush with nothing buffered; a look, a create or an
-        unlink in a directory whose delegation this node holds, a write or an attribute change
-        of a file whose write lease it holds, when the change runs ahead at once (elsewhere they
-        wait for a delegation, a lease or the log); a rename between held directories that moves
-        no directory to another parent."""
-        in_held = self._in_held_directory
+        """`quick` on a cluster member: a flush with nothing buffered; a look in a directory whose
+        delegation this node holds (no hand-over begun); a create or an unlink in such a
+        directory, a write or an attribute change of a file whose write lease it holds, when the
+        change runs ahead at once (elsewhere they wait for a delegation, a lease or the log); a
+        rename between held directories that moves no directory to another parent."""
         return {Op.FLUSH: self._flush_is_quick, Op.WRITE: self._write_is_quick, Op.SETATTR: self._setattr_is_quick,
-                Op.LOOKUP: in_held, Op.UNLINK: in_held,
+                Op.LOOKUP: self._looks_in_held_directory, Op.UNLINK: self._unlinks_in_held_directory,
                 Op.CREATE: self._creates_in_held_directory, Op.MKNOD: self._creates_in_held_directory,
                 Op.MKDIR: self._creates_in_held_directory, Op.SYMLINK: self._creates_in_held_directory,
                 Op.RENAME: self._rename_is_quick, Op.RENAME2: self._rename_is_quick}
 
-    def _in_held_directory(self, data: bytes) -> bool:
-        """A request about a name in the directory the header names (LOOKUP, UNLINK)."""
+    def _looks_in_held_directory(self, data: bytes) -> bool:
+        return self.ops.look_is_immediate(abi.IN_HEADER.unpack_from(data)[3])
+
+    def _unlinks_in_held_directory(self, data: bytes) -> bool:
         return self.ops.change_is_immediate(abi.IN_HEADER.unpack_from(data)[3])
 
     def _creates_in_held_directory(self, data: bytes) -> bool:
