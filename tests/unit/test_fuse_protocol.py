@@ -13,6 +13,7 @@ import socket
 import stat
 import struct
 from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 
 import pytest
 import trio
@@ -114,10 +115,17 @@ async def served() -> AsyncIterator[tuple[FakeKernel, Session, dict[int, trio.Ev
     session = Session(fd, {Op.GETATTR: getattr_, Op.READ: wait_gate, Op.WRITE: wait_gate,
                            Op.FORGET: forget, Op.MKNOD: mknod})
     session.forgotten = forgotten  # type: ignore[attr-defined]
+    async with serving(kernel, fd, session):
+        yield kernel, session, gates
+
+
+@asynccontextmanager
+async def serving(kernel: FakeKernel, fd: int, session: Session) -> AsyncIterator[None]:
+    """`session` serving past INIT until the block ends; then both ends closed."""
     async with trio.open_nursery() as nursery:
         nursery.start_soon(session.serve)
         assert (await kernel.init())[0] == 0
-        yield kernel, session, gates
+        yield
         nursery.cancel_scope.cancel()
     os.close(fd)
     kernel.sock.close()
@@ -385,13 +393,8 @@ async def polling() -> AsyncIterator[tuple[FakeKernel, Session, trio.Event]]:
 
     session = Session(fd, {Op.GETATTR: getattr_, Op.WRITE: write}, inline=frozenset({Op.GETATTR}),
                       busy_poll_s=0.2)
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(session.serve)
-        assert (await kernel.init())[0] == 0
+    async with serving(kernel, fd, session):
         yield kernel, session, gate
-        nursery.cancel_scope.cancel()
-    os.close(fd)
-    kernel.sock.close()
 
 
 async def test_a_request_sent_right_after_an_answer_is_found_by_polling(polling) -> None:  # type: ignore[no-untyped-def]
