@@ -40,6 +40,7 @@ class BusyPoll:
             with trio.CancelScope() as self._sleeping:  # until a request comes or `idle`
                 await trio.lowlevel.wait_readable(fd)
             self._sleeping = None
+            await trio.lowlevel.checkpoint_if_cancelled()  # a stop asked meanwhile: read nothing more
             data = self._read()
             if data is not None or self._in_flight():
                 return data
