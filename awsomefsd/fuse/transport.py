@@ -18,6 +18,7 @@ import trio
 
 from awsomefsd.fs.operations import Operations
 from awsomefsd.fuse.invalidate import MOUNTED
+from awsomefsd.fuse.kernel.busypoll import DEFAULT_POLL_S
 from awsomefsd.fuse.kernel.keeper import DescriptorStore, KeeperStore, descriptor_name, watch_keeper
 from awsomefsd.fuse.mount import mount_device
 from awsomefsd.meta.errors import FsError
@@ -100,7 +101,7 @@ class KernelTransport:
                  attr_timeout_s: float, negative_timeout_s: float | None, observe: ObserveFn, report_eio: ReportEioFn,
                  writeback_cache: bool = False, state_dir: Path | None = None,
                  store: DescriptorStore | None = None, io_uring: UringMode = "off",
-                 read_workers: WorkerConfig | None = None, busy_poll_s: float = 100e-6) -> None:
+                 read_workers: WorkerConfig | None = None, busy_poll_s: float = DEFAULT_POLL_S) -> None:
         """`read_workers`: worker processes read the requests (fuse/kernel/workers.py), a single node's only.
         `busy_poll_s`: how long the reader looks for the next request before it sleeps (session.py)."""
         from awsomefsd.fuse.kernel.handlers import KernelHandlers
@@ -467,7 +468,7 @@ def make_transport(name: TransportName, ops: Operations, mountpoint: Path, *, st
                    store: DescriptorStore | None = None, **kwargs: Any) -> Transport:
     io_uring = kwargs.pop("io_uring", "off")
     read_workers = kwargs.pop("read_workers", None)
-    busy_poll_s = kwargs.pop("busy_poll_s", 100e-6)
+    busy_poll_s = kwargs.pop("busy_poll_s", DEFAULT_POLL_S)
     if name == "kernel":
         return KernelTransport(ops, mountpoint, state_dir=state_dir, store=store, io_uring=io_uring,
                                read_workers=read_workers, busy_poll_s=busy_poll_s, **kwargs)

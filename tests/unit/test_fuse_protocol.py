@@ -378,23 +378,23 @@ async def test_the_session_ends_when_the_kernel_goes_away() -> None:
 
 # -- busy polling ----------------------------------------------------------------------------------
 @pytest.fixture
-async def polling() -> AsyncIterator[tuple[FakeKernel, Session, trio.Event]]:
+async def polling() -> AsyncIterator[tuple[FakeKernel, Session, dict[int, trio.Event]]]:
     """A session whose reader serves GETATTR itself and polls for up to 0.2 s once nothing is in
-    flight; WRITE gets a task that waits for the yielded event."""
+    flight; WRITE gets a task that waits for the event its nodeid names in the yielded gates."""
     kernel, fd = pair()
-    gate = trio.Event()
+    gates: dict[int, trio.Event] = {}
 
     async def getattr_(h: Header, body: Body) -> Payload:
         return struct.pack("<Q", h.nodeid)
 
     async def write(h: Header, body: Body) -> Payload:
-        await gate.wait()
+        await gates.setdefault(h.nodeid, trio.Event()).wait()
         return b"written"
 
     session = Session(fd, {Op.GETATTR: getattr_, Op.WRITE: write}, inline=frozenset({Op.GETATTR}),
                       busy_poll_s=0.2)
     async with serving(kernel, fd, session):
-        yield kernel, session, gate
+        yield kernel, session, gates
 
 
 async def test_a_request_sent_right_after_an_answer_is_found_by_polling(polling) -> None:  # type: ignore[no-untyped-def]
@@ -416,19 +416,22 @@ async def test_a_poll_ends_in_its_time_and_lets_every_other_task_run(polling) ->
 
 
 async def test_the_reader_does_not_poll_while_a_request_it_started_is_in_flight(polling) -> None:  # type: ignore[no-untyped-def]
-    kernel, session, gate = polling
-    write = kernel.send(Op.WRITE, 9)
-    await kernel.call(Op.GETATTR, 2)  # read after the WRITE: its task is in flight now
+    kernel, session, gates = polling
+    writes = [kernel.send(Op.WRITE, 9), kernel.send(Op.WRITE, 10)]
+    await kernel.call(Op.GETATTR, 2)  # read after the WRITEs: their tasks are in flight now
     polls = session.poll.polls
     for nodeid in range(3, 8):
         assert await kernel.call(Op.GETATTR, nodeid) == (0, struct.pack("<Q", nodeid))
     assert session.poll.polls == polls, "no looks while an answer is still to come: they would only burn CPU"
-    gate.set()
-    assert await kernel.answer(write) == (0, b"written")
+    gates.setdefault(9, trio.Event()).set()
+    assert await kernel.answer(writes[0]) == (0, b"written")
+    assert session.poll.polls == polls, "one answer of two: the reader sleeps on for the other"
+    gates.setdefault(10, trio.Event()).set()
+    assert await kernel.answer(writes[1]) == (0, b"written")
     with trio.fail_after(2):  # the last answer wakes the reader to look, before any request comes
         while session.poll.polls == polls:
             await trio.sleep(0.001)
-    assert await kernel.call(Op.GETATTR, 8) == (0, struct.pack("<Q", 8))
+    assert await kernel.call(Op.GETATTR, 11) == (0, struct.pack("<Q", 11))
 
 
 # -- the filesystem layer behind the handlers ------------------------------------------------------

@@ -7,8 +7,8 @@ each time, half of a serial round trip on this machine (design note 128). So onc
 session started is in flight, the reader looks for a request for up to `seconds`, passing through
 trio's scheduler between looks (every other task and every descriptor trio watches is served
 meanwhile), and sleeps only then. While answers are still to come (a request's task, an AIO
-read) looking would only burn CPU: the reader sleeps, and the last answer wakes it (`idle`) to
-look for what the client sends next.
+read) looking would only burn CPU: the reader sleeps, and the last answer wakes it (`answered`)
+to look for what the client sends next.
 """
 
 from __future__ import annotations
@@ -17,6 +17,9 @@ import time
 from collections.abc import Callable
 
 import trio
+
+DEFAULT_POLL_S = 100e-6
+"""How long the reader looks before it sleeps unless told otherwise (`[mount] busy_poll_us`)."""
 
 
 class BusyPoll:
@@ -37,7 +40,7 @@ class BusyPoll:
         in time (the reader then sleeps until the descriptor is readable). Raises EOFError
         once unmounted (from `read`)."""
         if self._in_flight():
-            with trio.CancelScope() as self._sleeping:  # until a request comes or `idle`
+            with trio.CancelScope() as self._sleeping:  # until a request comes or `answered`
                 await trio.lowlevel.wait_readable(fd)
             self._sleeping = None
             await trio.lowlevel.checkpoint_if_cancelled()  # a stop asked meanwhile: read nothing more
@@ -46,9 +49,9 @@ class BusyPoll:
                 return data
         return await self._look()
 
-    def idle(self) -> None:
-        """The last answer in flight went out: wake a reader sleeping for it, to look."""
-        if self._sleeping is not None:
+    def answered(self) -> None:
+        """An answer went out: if it was the last in flight, wake a reader sleeping for it, to look."""
+        if self._sleeping is not None and not self._in_flight():
             self._sleeping.cancel()
 
     async def _look(self) -> bytes | None:

@@ -37,7 +37,7 @@ import trio
 
 from awsomefsd.fuse.kernel import abi, fuse_ring
 from awsomefsd.fuse.kernel.abi import Body, Header, Init, Malformed, Op
-from awsomefsd.fuse.kernel.busypoll import BusyPoll
+from awsomefsd.fuse.kernel.busypoll import DEFAULT_POLL_S, BusyPoll
 from awsomefsd.fuse.kernel.inflight import ChangesInFlight
 from awsomefsd.meta.errors import FsError
 
@@ -55,8 +55,6 @@ MAX_IN_FLIGHT = 256
 MAX_BACKGROUND = 64
 """Asynchronous requests (read-ahead, direct I/O) the kernel keeps in flight to us."""
 READS_PER_CHECKPOINT = 64
-BUSY_POLL_S = 100e-6
-"""How long the reader looks for the next request before it sleeps (`[mount] busy_poll_us`)."""
 INTERRUPTIBLE = frozenset({Op.READLINK, Op.READ, Op.READDIR, Op.GETXATTR, Op.LISTXATTR, Op.STATFS, Op.ACCESS,
                            Op.LSEEK})
 """Requests an INTERRUPT answers at once with EINTR: they change nothing, so the answer their
@@ -123,7 +121,7 @@ class Session:
                  negotiated: Negotiated | None = None, inline: frozenset[int] = frozenset(),
                  inline_when: dict[int, Callable[[bytes], bool]] | None = None, wanted: int = WANTED,
                  uring: UringMode = "off", ring_depth: int = fuse_ring.DEFAULT_DEPTH,
-                 start_read: StartRead | None = None, busy_poll_s: float = BUSY_POLL_S) -> None:
+                 start_read: StartRead | None = None, busy_poll_s: float = DEFAULT_POLL_S) -> None:
         """`negotiated`: the session continues one a daemon before this one began (its INIT is
         answered already: docs/fuse-transport.md, Restarts). `inline`: opcodes the reader handles
         itself instead of starting a task (fuse/kernel/inline.py); `inline_when`: opcodes it
@@ -441,8 +439,7 @@ class Session:
         self._reads_started -= 1
         if not self._reads_started:
             self._reads_ended.set()
-            if not self._running:
-                self.poll.idle()
+        self.poll.answered()
 
     def _forwarded(self, nursery: trio.Nursery, data: bytes,
                    answer: Callable[[list[Any]], None]) -> Awaitable[None] | None:
@@ -533,8 +530,7 @@ class Session:
             self._interruptible.discard(header.unique)
             self._running -= 1
             self._room.set()
-            if not self._running and not self._reads_started:
-                self.poll.idle()
+            self.poll.answered()
         if payload is NO_REPLY:
             return
         if self._abandoned and header.unique in self._abandoned:
