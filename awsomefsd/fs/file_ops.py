@@ -157,7 +157,7 @@ class FileOperations(OperationsBase):
         h = self.handles.pop(fh)
         if h is not None:
             self.data.closed(h.ino)
-            await self._purge_if_orphan(h.ino)
+            await self._purge_if_orphan(h.ino, evicted=self.handles.evicted_unheld(h.ino))
 
     async def fallocate(self, fh: int, offset: int, length: int, mode: int) -> None:
         """fallocate(2): the default mode and KEEP_SIZE reserve the range's holes (unwritten

@@ -93,6 +93,9 @@ class Handles:
         handle (a node with thousands of files open paid that walk on each)."""
         self.lookups: dict[int, int] = {}
         self.looked_up: dict[int, float] = {}  # when each inode was last looked up (track_lookups)
+        self._evicted_open: set[int] = set()
+        """Inodes the kernel forgot while a handle of them was still open here: it sends RELEASE
+        in the background, so the FORGET of an evicted inode may overtake it (`evicted_unheld`)."""
         self._serial = 0
         self.adopted = False
         """This process took over a mount whose handles it was not told about (a crash before)."""
@@ -164,7 +167,8 @@ class Handles:
         """What a daemon taking over this mount needs: every open handle and kernel reference."""
         return {"open": [[fh, h.ino, h.flags, h.seen_loss, h.rebuilt] for fh, h in self.open.items()],
                 "lookups": [[ino, n] for ino, n in self.lookups.items()],
-                "serial": self._serial, "may_purge": self.may_purge, "crash": self.crash.export()}
+                "serial": self._serial, "may_purge": self.may_purge, "crash": self.crash.export(),
+                "evicted_open": sorted(self._evicted_open)}
 
     def take_over(self, state: dict[str, Any] | None) -> None:
         """Continue the mount a daemon before this one served: with its exported state (a planned
@@ -181,6 +185,7 @@ class Handles:
         for fh, ino, flags, seen, *rest in state["open"]:
             self._opened(fh, Handle(ino, flags, seen, bool(rest and rest[0])))
         self.lookups = {ino: n for ino, n in state["lookups"]}
+        self._evicted_open = set(state.get("evicted_open", ()))  # absent: a record from an older build
         self._serial = state["serial"]
         self.may_purge = state["may_purge"]
         self.adopted = not self.may_purge
@@ -207,6 +212,7 @@ class Handles:
     def remember(self, ino: int) -> None:
         """The kernel now holds one more reference (an entry reply was sent for `ino`)."""
         self.lookups[ino] = self.lookups.get(ino, 0) + 1
+        self._evicted_open.discard(ino)
         if self.track_lookups:
             if len(self.looked_up) >= MAX_LOOKED_UP:
                 cutoff = time.monotonic() - LOOKUP_HOLD_S
@@ -227,6 +233,17 @@ class Handles:
             self.lookups[ino] = left
             return False
         self.lookups.pop(ino, None)
+        if ino in self._open_of:
+            self._evicted_open.add(ino)
+        return True
+
+    def evicted_unheld(self, ino: int) -> bool:
+        """Was the handle just released the last one of an inode the kernel had already forgotten?
+        Then nothing holds the inode (the FORGET said so, and it overtook the RELEASE), which after
+        a crash nothing else can tell. True once."""
+        if ino in self._open_of or ino not in self._evicted_open:
+            return False
+        self._evicted_open.discard(ino)
         return True
 
     def holds(self, ino: int) -> bool:

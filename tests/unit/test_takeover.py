@@ -11,16 +11,18 @@ import errno
 import json
 import os
 import socket
+import stat
 import threading
 from pathlib import Path
 
 import pytest
 
+from awsomefsd.daemon.node import Core
 from awsomefsd.fs.handles import CRASH_UNREPORTED, Handles, decode_fh, encode_fh
 from awsomefsd.fuse.kernel import takeover
 from awsomefsd.fuse.kernel.keeper import KeeperStore, SystemdStore, descriptor_name, serve_keeper
 from awsomefsd.meta.errors import FsError
-from awsomefsd.meta.records import Inode
+from awsomefsd.meta.records import ROOT_INO, Inode
 
 
 def test_a_handle_number_names_its_inode_and_flags() -> None:
@@ -223,3 +225,36 @@ def test_the_session_record_survives_and_a_damaged_one_is_ignored(tmp_path: Path
     assert takeover.load(tmp_path) is None
     takeover.forget(tmp_path)
     assert takeover.load(tmp_path) is None
+
+
+@pytest.mark.parametrize("forget_first", [True, False], ids=["forget-overtakes-release", "release-first"])
+async def test_after_a_crash_an_unlinked_file_goes_when_its_last_handle_and_the_kernels_reference_do(
+        core: Core, forget_first: bool) -> None:
+    """After a crash only a FORGET can say the kernel holds an unlinked file no more; the kernel
+    sends RELEASE in the background, so the FORGET of the evicted inode may come first. Either
+    order deletes the file once both have come, and neither deletes it before."""
+    fh, inode = await core.ops.create(ROOT_INO, b"held", stat.S_IFREG | 0o644, os.O_WRONLY, 0, 0)
+    await core.ops.write(fh, 0, b"h" * 10_000)
+    await core.ops.fsync(fh, datasync=False)
+    await core.ops.release(fh)
+    kernels = encode_fh(inode.ino, os.O_RDONLY, 99)  # descriptors the dead daemon opened
+    other = encode_fh(inode.ino, os.O_RDONLY, 98)
+    crashed = Handles(core.meta)
+    crashed.take_over(None)
+    core.ops.handles = crashed
+    assert await core.ops.read(kernels, 0, 3) == b"hhh"  # rebuilt
+    assert await core.ops.read(other, 0, 3) == b"hhh"
+    await core.ops.unlink(ROOT_INO, b"held", is_dir=False)
+    assert core.meta.inode(inode.ino) is not None, "unknown handles may still hold it"
+    if forget_first:
+        await core.ops.forget([(inode.ino, 1)])
+        assert core.meta.inode(inode.ino) is not None, "its descriptors are still open here"
+        await core.ops.release(kernels)
+        assert core.meta.inode(inode.ino) is not None, "one of its descriptors is still open here"
+        await core.ops.release(other)
+    else:
+        await core.ops.release(kernels)
+        await core.ops.release(other)
+        assert core.meta.inode(inode.ino) is not None, "the kernel may hold descriptors not used since"
+        await core.ops.forget([(inode.ino, 1)])
+    assert core.meta.inode(inode.ino) is None and not list(core.meta.orphans())
