@@ -18,6 +18,7 @@ import trio
 
 from awsomefsd.fs.operations import Operations
 from awsomefsd.fuse.invalidate import MOUNTED
+from awsomefsd.fuse.kernel.abi import Init
 from awsomefsd.fuse.kernel.busypoll import DEFAULT_POLL_S
 from awsomefsd.fuse.kernel.keeper import DescriptorStore, KeeperStore, descriptor_name, watch_keeper
 from awsomefsd.fuse.mount import mount_device
@@ -140,7 +141,6 @@ class KernelTransport:
             self.hot = _attach_hot_map(ops)
 
     def _session(self, negotiated: Negotiated | None) -> Session:
-        from awsomefsd.fuse.kernel.abi import Init
         from awsomefsd.fuse.kernel.fuse_ring import kick_queues
         from awsomefsd.fuse.kernel.inline import INLINE_MEMBER, INLINE_MEMBER_CACHING, INLINE_SINGLE_NODE
         from awsomefsd.fuse.kernel.session import (
@@ -187,9 +187,8 @@ class KernelTransport:
         return (0, 0) if session is None else (session.poll.polls, session.poll.polled)
 
     def writeback_negotiated(self) -> bool:
-        """Does the kernel keep written pages of this mount in its page cache?"""
-        from awsomefsd.fuse.kernel.abi import Init
-
+        """Does the kernel keep written pages of this mount in its page cache? (Asked per WRITE
+        and SETATTR: no import here.)"""
         negotiated = None if self.session is None else self.session.negotiated
         return negotiated is not None and negotiated.has(Init.WRITEBACK_CACHE)
 
