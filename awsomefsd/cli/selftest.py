@@ -25,6 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import awsomefsd
+from awsomefsd import program
 
 # Modules whose import has side effects (running the command line) rather than definitions.
 IMPORT_WALK_SKIP = frozenset({"awsomefsd.__main__"})
@@ -234,7 +235,7 @@ def run_self_test() -> int:
     A failing check prints its traceback to stderr and the others still run, so one build shows
     every missing module at once instead of one per compile.
     """
-    compiled = "compiled" if "__compiled__" in globals() else "interpreted"
+    compiled = "compiled" if program.compiled() else "interpreted"
     print(f"awsomefsd {awsomefsd.__version__} self-test ({compiled}, {sys.executable})")
     failed: list[str] = []
     started = time.monotonic()

@@ -26,16 +26,15 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import signal
 import subprocess
 import sys
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 
 import trio
 
 from awsomefsd.fuse.kernel.keeper import HANDED_FD_ENV
+from awsomefsd.program import own_command, own_environment
 
 log = logging.getLogger(__name__)
 
@@ -46,26 +45,6 @@ STALE_ENV = ("LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", "WATCHDOG_PID")
 """What systemd gave the old daemon for itself: the successor gets the descriptor another way, and
 sends the watchdog's pings in the old one's place once it is the main process."""
 MAINPID_BARRIER_S = 5.0
-
-
-def own_command() -> list[str]:
-    """How to start this same awsomefsd again: the compiled binary itself, or this interpreter
-    with this package importable from any working directory (`own_environment`)."""
-    if "__compiled__" not in globals():
-        return [sys.executable, "-m", "awsomefsd"]
-    # a onefile binary runs from a temporary unpacked copy; its bootstrap names the file itself
-    binary = os.environ.get("NUITKA_ONEFILE_BINARY") or sys.argv[0]
-    if os.sep not in binary:  # started through PATH
-        binary = shutil.which(binary) or binary
-    return [os.path.abspath(binary)]
-
-
-def own_environment() -> dict[str, str]:
-    """The environment for `own_command`: the package's parent directory on PYTHONPATH (what it
-    starts runs with `/` as its working directory, so a source checkout must be named)."""
-    package_parent = str(Path(__file__).resolve().parents[2])
-    path = os.environ.get("PYTHONPATH", "")
-    return {**os.environ, "PYTHONPATH": package_parent + (os.pathsep + path if path else "")}
 
 
 class SuccessorFirst:

@@ -304,6 +304,9 @@ def check_binary(binary: Path) -> None:
     selftest = run_compiled(binary, "self-test")
     assert selftest.returncode == 0, selftest.stdout + selftest.stderr
     assert "all" in selftest.stdout and "checks passed" in selftest.stdout
+    # it knows it is the executable (its package modules are bytecode: program.compiled), so a
+    # hand-over or a read worker starts the executable, not a Python that is not there
+    assert "(compiled, " in selftest.stdout, selftest.stdout
 
 
 def check_format_and_mount(binary: Path, base: Path) -> None:

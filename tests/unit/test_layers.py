@@ -62,7 +62,7 @@ ROOT = "__init__"  # awsomefsd/__init__.py: the version, nothing imported
 FLOORS: dict[str, int] = {
     ROOT: 0,
     "config": 1, "io": 1, "rpc": 1, "crdt": 1, "progress": 1, "sdnotify": 1, "sdrestart": 1, "errors": 1,
-    "priority": 1,
+    "priority": 1, "program": 1,
     "meta": 2,
     "fs": 3, "duty": 3, "metrics": 3,
     "fuse": 4, "tier": 4,

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from awsomefsd.cli.devcluster.network import Namespace, PrivateNetwork
-from awsomefsd.daemon.handover import own_command, own_environment
+from awsomefsd.program import own_command, own_environment
 
 PORT = 7470
 """Every node's cluster port: each node has an address (and ports) of its own in its namespace."""

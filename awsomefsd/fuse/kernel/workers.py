@@ -46,7 +46,6 @@ import signal
 import socket
 import struct
 import subprocess
-import sys
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -59,6 +58,7 @@ from awsomefsd.fs.coldread import MAX_READ_BYTES
 from awsomefsd.fuse.kernel import abi
 from awsomefsd.fuse.kernel.abi import Op
 from awsomefsd.fuse.kernel.session import READS_DATA
+from awsomefsd.program import own_command
 
 if TYPE_CHECKING:
     from awsomefsd.config import Settings
@@ -118,13 +118,6 @@ def worker_config(settings: Settings) -> WorkerConfig | None:
         return None
     return WorkerConfig(count, settings.node.state_dir / "meta", str(settings.device.path), settings.device.direct_io,
                         settings.data.delayed_free_ms / 1000)
-
-
-def own_command() -> list[str]:
-    """How to start this same program: the compiled binary, or this interpreter with the package."""
-    if "__compiled__" not in globals():
-        return [sys.executable, "-m", "awsomefsd"]
-    return [os.environ.get("NUITKA_ONEFILE_BINARY") or sys.argv[0]]
 
 
 def clone(session_fd: int) -> int:
