@@ -117,6 +117,18 @@ def _main_pid(sd: systemd.PrivateSystemd) -> str:
     return state["MainPID"] if state["ActiveState"] == "active" else "0"
 
 
+def _daemon_pid(sd: systemd.PrivateSystemd, main_pid: str) -> str:
+    """The daemon's own process: the service's main process, or under the onefile executable its
+    child (systemd's main process is then the onefile bootstrap, which passes SIGINT and SIGTERM
+    on and dies of any other signal; `awsomefsd hand-over` finds the daemon by its state lock)."""
+    children = sd.run("cat", f"/proc/{main_pid}/task/{main_pid}/children").stdout.split()
+    for child in children:
+        environ = sd.run("cat", f"/proc/{child}/environ", check=False).stdout
+        if f"NUITKA_ONEFILE_PARENT={main_pid}" in environ.split("\0"):
+            return child
+    return main_pid
+
+
 def _replaced(sd: systemd.PrivateSystemd, before: str) -> bool:
     return _main_pid(sd) not in ("0", before)
 
@@ -163,7 +175,7 @@ def _exercise(sd: systemd.PrivateSystemd, mnt: Path, log: Path, config: Path) ->
     good = config.read_text()
     config.write_text(good + "this is no TOML\n")
     try:
-        sd.run("kill", "-USR2", third)
+        sd.run("kill", "-USR2", _daemon_pid(sd, third))
         wait_for(lambda: "the next daemon exited before it could take over" in log.read_text(), 60,
                  "the daemon to see its successor fail")
     finally:
