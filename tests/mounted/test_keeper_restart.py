@@ -22,7 +22,16 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.apps import LINES, Lines, Reader, expected, shell_run, start_shell, start_writer
+from tests.support.apps import (
+    LINES,
+    Lines,
+    Reader,
+    expected,
+    shell_run,
+    start_shell,
+    start_writer,
+    write_durably,
+)
 from tests.support.daemon import AWSOMEFSD, REPO, Daemon, is_mounted, run_cli, wait_for
 
 pytestmark = [
@@ -66,21 +75,6 @@ class Keeper:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             self.proc.wait(30)
-
-
-def write_durably(path: Path, data: bytes) -> None:
-    """A new file, fsynced with its directory (sync(1) is no durability point on a FUSE mount)."""
-    fd = os.open(path, os.O_CREAT | os.O_WRONLY, 0o644)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    parent = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(parent)
-    finally:
-        os.close(parent)
 
 
 @dataclass

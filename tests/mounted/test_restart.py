@@ -26,7 +26,17 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.apps import LINE, LINES, Lines, Reader, expected, shell_run, start_shell, start_writer
+from tests.support.apps import (
+    LINE,
+    LINES,
+    Lines,
+    Reader,
+    expected,
+    shell_run,
+    start_shell,
+    start_writer,
+    write_durably,
+)
 from tests.support.daemon import AWSOMEFSD, REPO, Daemon, is_mounted, wait_for
 
 pytestmark = [
@@ -216,8 +226,7 @@ def test_after_a_crash_synced_bytes_survive_and_descriptors_keep_working(rig: Ri
     try:
         work = first.mount / "work"
         work.mkdir()
-        (work / "read-me").write_bytes(b"r" * 10_000)
-        os.sync()  # the setup is durable: the crash below tests the writer's bytes, not these
+        write_durably(work / "read-me", b"r" * 10_000)  # the crash below tests the writer's bytes, not these
         reader = Reader(work / "read-me")
         shell = start_shell(work)
         synced_at = LINES // 4
@@ -458,8 +467,7 @@ def test_after_a_crash_deleted_files_free_their_space_once_nothing_holds_them(ri
         work = first.mount / "work"
         work.mkdir()
         held = work / "held"
-        held.write_bytes(b"h" * size)
-        os.sync()
+        write_durably(held, b"h" * size)
         reader = Reader(held)
         first.kill()
         second = rig.daemon().start()

@@ -7,6 +7,7 @@ the mount (a fork there closes inherited descriptors, each close a FLUSH that wa
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import threading
@@ -139,3 +140,23 @@ def shell_run(shell: subprocess.Popen[str], command: str) -> list[str]:
 
 def expected(count: int) -> bytes:
     return b"".join(LINE % i for i in range(count))
+
+
+def write_durably(path: Path, data: bytes) -> None:
+    """A new file, fsynced with its directory: what must survive a crash of the daemon. sync(1)
+    and syncfs(2) are no durability point on a FUSE mount: the kernel sends the daemon nothing
+    for them (only virtiofs gets FUSE_SYNCFS), and a test that crashed the daemon after os.sync()
+    lost the file now and then."""
+    fd = os.open(path, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o644)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    parent = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(parent)
+    finally:
+        os.close(parent)
