@@ -9,7 +9,7 @@ import errno
 import logging
 import os
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -17,7 +17,13 @@ import trio
 import trio.testing
 
 from awsomefsd.io import device as device_module
-from awsomefsd.io.aio import PROBE_EVERY, SOLO_READS_BEFORE_INLINE, AioReader, AioUnavailableError
+from awsomefsd.io.aio import (
+    PROBE_EVERY,
+    SOLO_READS_BEFORE_INLINE,
+    SUBMIT_TOGETHER,
+    AioReader,
+    AioUnavailableError,
+)
 from awsomefsd.io.device import BlockDevice, BufferPool, aligned_buffer, create_image
 from awsomefsd.io.layout import BLOCK_SIZE
 
@@ -291,3 +297,78 @@ async def test_a_large_read_is_submitted_even_when_reads_come_one_at_a_time(devi
         assert device.reads_asynchronously
         serving.cancel_scope.cancel()
     assert not device.reads_asynchronously
+
+
+async def _until(condition: Callable[[], bool]) -> None:
+    with trio.fail_after(10):
+        while not condition():
+            await trio.sleep(0.001)
+
+
+async def test_reads_started_without_a_task_go_to_the_kernel_together(device: BlockDevice) -> None:
+    """`submit` queues: the queue goes in one io_submit when the task collecting completions next
+    runs (here: at the first checkpoint), or at once when SUBMIT_TOGETHER reads are queued; every
+    read gets its own block, and a read queued while a `read_into` leads completes too."""
+    bufs = [aligned_buffer(BLOCK_SIZE) for _ in range(SUBMIT_TOGETHER + 6)]
+    results: dict[int, tuple[int, bool]] = {}
+
+    def start(reader: AioReader, i: int) -> None:
+        block = (i * 7) % BLOCKS
+        view = memoryview(bufs[i])
+
+        def done(result: int) -> None:
+            results[i] = (result, bytes(view) == _pattern(block))
+
+        assert reader.submit(device._fd, view, block * BLOCK_SIZE, done)
+
+    reader = AioReader()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(reader.run)
+        for i in range(5):  # no checkpoint between: all queued
+            start(reader, i)
+        assert (reader.submit_calls, reader.submitted, reader.in_flight) == (0, 0, 5)
+        await _until(lambda: len(results) == 5)
+        assert (reader.submit_calls, reader.submitted) == (1, 5), "one io_submit for the five"
+        for i in range(5, 5 + SUBMIT_TOGETHER):
+            start(reader, i)
+        assert (reader.submit_calls, reader.submitted) == (2, 5 + SUBMIT_TOGETHER), "a full queue goes at once"
+        await _until(lambda: len(results) == 5 + SUBMIT_TOGETHER)
+
+        leading = aligned_buffer(BLOCK_SIZE)
+        nursery.start_soon(reader.read_into, device._fd, memoryview(leading), 0)
+        await trio.testing.wait_all_tasks_blocked()
+        start(reader, 5 + SUBMIT_TOGETHER)
+        await _until(lambda: len(results) == 6 + SUBMIT_TOGETHER)
+        nursery.cancel_scope.cancel()
+    assert results == {i: (BLOCK_SIZE, True) for i in range(6 + SUBMIT_TOGETHER)}
+    assert reader.in_flight == 0
+
+
+async def test_queued_reads_the_kernel_refuses_fail_free_their_slots_and_leave_nothing_to_wait_for(
+        device: BlockDevice, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    reader = AioReader(max_in_flight=4)
+    results: list[int] = []
+    real_call = reader._sys.call
+
+    def refusing(number: int, *args: object) -> int:
+        if number == reader._sys.nr_submit:
+            raise OSError(errno.EAGAIN, os.strerror(errno.EAGAIN))
+        return real_call(number, *args)
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(reader.run)
+        monkeypatch.setattr(reader._sys, "call", refusing)
+        for block in range(4):
+            assert reader.submit(device._fd, memoryview(aligned_buffer(BLOCK_SIZE)), block * BLOCK_SIZE, results.append)
+        assert not reader.submit(device._fd, memoryview(aligned_buffer(BLOCK_SIZE)), 0, results.append), "no slot left"
+        await _until(lambda: len(results) == 4)
+        assert results == [-errno.EAGAIN] * 4 and reader.in_flight == 0
+        await trio.testing.wait_all_tasks_blocked()
+        assert not reader._leading, "nothing is in flight: no completion to wait for (a stop would hang on it)"
+        assert "io_submit of 4 reads failed" in caplog.text
+        monkeypatch.undo()
+        buf = aligned_buffer(BLOCK_SIZE)
+        assert reader.submit(device._fd, memoryview(buf), 5 * BLOCK_SIZE, results.append), "the slots came back"
+        await _until(lambda: len(results) == 5)
+        assert results[-1] == BLOCK_SIZE and buf[:] == _pattern(5)
+        nursery.cancel_scope.cancel()
