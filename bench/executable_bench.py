@@ -30,19 +30,13 @@ import workloads as wl
 REPO = Path(__file__).resolve().parent.parent
 INTERPRETER = [sys.executable, "-m", "awsomefsd"]
 STANDALONE = REPO / "build" / "nuitka" / "awsomefsd.dist" / "awsomefsd.bin"
-TICK = os.sysconf("SC_CLK_TCK")
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICK
 
 
 def per_call(pid: int, count: int, action: Callable[[], None]) -> tuple[float, float]:
     """Wall and daemon-CPU microseconds per call of `count` calls made by `action`."""
-    cpu, start = cpu_seconds(pid), time.monotonic()
+    cpu, start = tg.cpu_seconds(pid), time.monotonic()
     action()
-    return (time.monotonic() - start) / count * 1e6, (cpu_seconds(pid) - cpu) / count * 1e6
+    return (time.monotonic() - start) / count * 1e6, (tg.cpu_seconds(pid) - cpu) / count * 1e6
 
 
 def serial_calls(pid: int, work: Path, count: int) -> dict[str, tuple[float, float]]:
@@ -85,9 +79,9 @@ def one_run(command: list[str], args: argparse.Namespace, params: wl.Params, tar
         rand = wl.run_rand(target, params, 0)
         out["rand read IOPS"], out["rand write IOPS"] = rand["rand_read"], rand["rand_write_direct"]
         wl.cleanup_fio_files(target)
-        cpu = cpu_seconds(target.pid)
+        cpu = tg.cpu_seconds(target.pid)
         tree = wl.run_untar(target, params, 0, tarball)
-        out["untar+git CPU s"] = cpu_seconds(target.pid) - cpu
+        out["untar+git CPU s"] = tg.cpu_seconds(target.pid) - cpu
         out["untar s"], out["git add s"], out["git status ms"] = tree["untar"], tree["git_add"], tree["git_status"] * 1e3
     return out
 

@@ -61,7 +61,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO / "bench"), str(REPO)]
 
-from targets import ext4_target  # noqa: E402
+from targets import cpu_seconds, ext4_target  # noqa: E402
 from workloads import ensure_tarball  # noqa: E402
 
 from tests.support.sites import (  # noqa: E402
@@ -330,12 +330,6 @@ def two_sided(a: Site | ClusterSite, b: Site | ClusterSite, cut: Callable[[], No
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-
-def cpu_seconds(pid: int) -> float:
-    """User and system CPU seconds of process `pid` so far, all its threads."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def daemons_cpu(a: Site | ClusterSite, b: Site | ClusterSite) -> tuple[float, float]:

@@ -88,6 +88,19 @@ def detach_loops_for(image: Path) -> None:
             run(["losetup", "-d", device], check=False)
 
 
+def cpu_seconds(*pids: int) -> float:
+    """User and system CPU seconds of these processes so far, all their threads (one that has
+    exited counts nothing)."""
+    ticks = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+        except OSError:
+            continue
+        ticks += int(fields[11]) + int(fields[12])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
 def drop_caches() -> None:
     """Write back dirty data, then drop page, dentry and inode caches so the next phase starts cold."""
     os.sync()

@@ -26,23 +26,12 @@ from contextlib import AbstractContextManager
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from targets import Target, awsomefs_target, drop_caches, floor_target
+from targets import Target, awsomefs_target, cpu_seconds, drop_caches, floor_target
 
 REPO = Path(__file__).resolve().parent.parent
 DAEMON = [sys.executable, "-m", "awsomefsd"]
 """This interpreter, with the package of $PYTHONPATH, else of this tree, first on its path
 (`serving`): bench/compare_commits.py measures another commit's daemon with this bench that way."""
-
-
-def cpu_seconds(pids: list[int]) -> float:
-    total = 0
-    for pid in pids:
-        try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        total += int(fields[11]) + int(fields[12])
-    return total / os.sysconf("SC_CLK_TCK")
 
 
 def server_pids(root: int) -> list[int]:
@@ -81,10 +70,10 @@ def measure(mode: str, args: argparse.Namespace) -> dict[str, float]:
                                       "--iodepth=16", "--numjobs=1"]),
                             ("psync16", ["--rw=randread", "--bs=4k", "--direct=1", "--ioengine=psync",
                                          "--numjobs=16", "--thread"])):
-            cpu0 = cpu_seconds(pids)
+            cpu0 = cpu_seconds(*pids)
             got = fio(data, f"{args.mib}M", args.runtime, *extra, "--time_based", f"--runtime={args.runtime}")
             result[f"{name}_iops"] = got["iops"]
-            result[f"{name}_cpu_us"] = 1e6 * (cpu_seconds(pids) - cpu0) / max(got["ios"], 1)
+            result[f"{name}_cpu_us"] = 1e6 * (cpu_seconds(*pids) - cpu0) / max(got["ios"], 1)
         drop_caches()
         got = fio(data, f"{args.mib}M", 0, "--rw=read", "--bs=1M", "--ioengine=psync")
         result["seq_mib_s"] = got["mib_s"]
