@@ -21,22 +21,26 @@ itself then fails its second look and is forwarded). Measured: the lookup it sav
 inode and extent records decoded into objects) was ~10 us of a worker's ~55 us of user CPU per
 4 KiB read. No read transaction outlives its lookup, so no LMDB snapshot is pinned.
 
-**One buffer per reader thread.** The fast path (one written extent covering the read) reads into
-the thread's own aligned buffer and hands back a view of it, which the worker loop writes to the
-kernel as it is: no pool, no lock, no copy. The view is valid until that thread's next read.
+**Reads in two halves.** The fast path (one written extent covering the read) is `prepare`'s
+`RunRead`: where on the device the bytes lie and their checksums. The worker loop reads it (AIO,
+with the other requests' reads: io/aio_batch.py) into a buffer of its own and gives the buffer to
+`finish`, which verifies it, looks at the slot again and hands back a view of it to write to the
+kernel as it is: no copy. `read` does both halves with a blocking read, into the reader's own
+buffer (valid until its next read).
 """
 
 from __future__ import annotations
 
-import copy
 import logging
 import os
-import threading
 import time
 from bisect import bisect_right
 from pathlib import Path
+from typing import NamedTuple
 
 from awsomefsd.fs.hotmap import HotView
+from awsomefsd.io.aio_abi import AioUnavailableError
+from awsomefsd.io.aio_batch import ReadBatch
 from awsomefsd.io.checksum import verify_blocks
 from awsomefsd.io.device import BlockDevice, aligned_buffer
 from awsomefsd.io.extent_io import ExtentIO
@@ -50,7 +54,9 @@ MAX_READ_BYTES = 128 << 10
 """The largest READ a worker serves (fuse/kernel/workers.py, WORKER_READ_MAX, says why larger
 ones are forwarded)."""
 RUN_BYTES = MAX_READ_BYTES + BLOCK_SIZE
-"""A reader thread's buffer: the blocks of the largest READ at an unaligned offset."""
+"""A read's buffer: the blocks of the largest READ at an unaligned offset."""
+READS_IN_FLIGHT = 32
+"""Device reads a worker has in flight at most (`ColdReader.batch`: each with a RUN_BYTES buffer)."""
 CACHED_EXTENTS = 16384
 """The map cache's bound, over all inodes (emptied when reached): 16 GiB of files in 1 MiB
 extents, at most ~18 MiB of records (a 1 MiB extent carries 1 KiB of checksums)."""
@@ -59,8 +65,7 @@ extents, at most ~18 MiB of records (a 1 MiB extent carries 1 KiB of checksums).
 class _Map:
     """What the cache holds of one inode: its size and the extents looked up so far, sorted by
     file block (`runs`: their first blocks, and them), all read under the slot generations
-    `seen`. `runs` is replaced whole, never changed in place: a reader thread looking while
-    another adds sees the lists before or after, never half of each."""
+    `seen`."""
 
     __slots__ = ("runs", "seen", "size")
 
@@ -93,13 +98,11 @@ class _Map:
 
 
 class MapCache:
-    """A worker's map cache (the module's docstring), shared by its reader threads. Lookups take
-    no lock (an entry's `runs` is replaced whole); `remember`, after a lookup in LMDB, takes one."""
+    """A worker's map cache (the module's docstring); the worker's one thread uses it."""
 
     def __init__(self) -> None:
         self.maps: dict[int, _Map] = {}
         self.extents = 0
-        self._lock = threading.Lock()
 
     def get(self, ino: int) -> _Map | None:
         return self.maps.get(ino)
@@ -108,24 +111,41 @@ class MapCache:
         """Add what a lookup found to the inode's entry (a new entry if the generations moved).
         Made before the second look: `read` then forwards the request, and the entry, made under
         generations the slot no longer shows, is never used."""
-        with self._lock:
-            if self.extents + len(extents) > CACHED_EXTENTS:
-                self.maps.clear()
-                self.extents = 0
-            cached = self.maps.get(ino)
-            if cached is None or cached.seen != seen:
-                if cached is not None:
-                    self.extents -= len(cached.runs[1])
-                cached = _Map(seen, size)
-                self.extents += cached.add(extents)
-                self.maps[ino] = cached
-            else:
-                self.extents += cached.add(extents)
+        if self.extents + len(extents) > CACHED_EXTENTS:
+            self.maps.clear()
+            self.extents = 0
+        cached = self.maps.get(ino)
+        if cached is None or cached.seen != seen:
+            if cached is not None:
+                self.extents -= len(cached.runs[1])
+            cached = _Map(seen, size)
+            self.extents += cached.add(extents)
+            self.maps[ino] = cached
+        else:
+            self.extents += cached.add(extents)
+
+
+class RunRead(NamedTuple):
+    """`prepare`'s fast path: `length` bytes at byte `position` of the device, blocks whose
+    checksums are `sums`, the first at device block `first_device_block`; the answer is `size`
+    bytes from `start` of them. `ino`, `seen` and `started` are for `finish`'s checks."""
+
+    ino: int
+    seen: tuple[int, int]
+    started: float
+    position: int
+    length: int
+    sums: bytes
+    first_device_block: int
+    start: int
+    size: int
+
+
+Answer = bytes | bytearray | memoryview
 
 
 class ColdReader:
-    """Reads of cold files for one reader thread of a worker (`sibling` makes the others').
-    `grace_s`: how long superseded blocks stay unused."""
+    """Reads of cold files for a worker. `grace_s`: how long superseded blocks stay unused."""
 
     def __init__(self, meta_path: Path, device_path: str, *, direct: bool, grace_s: float, hot: HotView) -> None:
         self.meta = CommittedReader(meta_path)
@@ -137,41 +157,67 @@ class ColdReader:
         self.maps = MapCache()
         self.served = 0
         self.forwarded = 0
-        self._own_buffer()
+        self._view = memoryview(aligned_buffer(RUN_BYTES))
+        self.batch: ReadBatch | None = None
+        """Where the caller starts `prepare`'s reads together (native AIO); None without it: `read`."""
+        try:
+            self.batch = ReadBatch(READS_IN_FLIGHT, RUN_BYTES)
+        except AioUnavailableError as exc:
+            log.warning("read worker: native AIO unavailable (%s): reads one at a time", exc.strerror)
 
-    def _own_buffer(self) -> None:
-        self._buffer = aligned_buffer(RUN_BYTES)
-        self._view = memoryview(self._buffer)
+    def read(self, ino: int, offset: int, size: int) -> Answer | None:
+        """Up to `size` bytes of `ino` at `offset`, or None: forward the request. Both halves
+        (`prepare`, `finish`) with a blocking read; a memoryview is of this reader's buffer, valid
+        until its next read."""
+        planned = self.prepare(ino, offset, size)
+        if not isinstance(planned, RunRead):
+            return planned
+        try:
+            got = os.preadv(self.fd, [self._view[: planned.length]], planned.position)
+        except OSError:
+            got = -1
+        return self.finish(planned, self._view, got)
 
-    def sibling(self) -> ColdReader:
-        """A reader for another thread of the worker: the same metadata environment (LMDB wants one
-        per process), device, map cache (`MapCache` says how threads share it) and extent pool;
-        a buffer and counters of its own."""
-        twin = copy.copy(self)
-        twin.served = twin.forwarded = 0
-        twin._own_buffer()
-        return twin
-
-    def read(self, ino: int, offset: int, size: int) -> bytes | bytearray | memoryview | None:
-        """Up to `size` bytes of `ino` at `offset`, or None: forward the request. A memoryview is
-        of this reader's buffer: valid until its next read."""
+    def prepare(self, ino: int, offset: int, size: int) -> RunRead | Answer | None:
+        """The first half of a read: R2's first look and the map. A `RunRead` when the bytes are
+        one run of one written extent (the caller reads it, then calls `finish`); otherwise the
+        answer, read here, or None: forward the request."""
         seen = self.hot.look(ino)
         if seen is None:
             self.forwarded += 1
             return None
         started = time.monotonic()
         try:
-            out = self._read(ino, offset, size, seen)
+            out = self._read(ino, offset, size, seen, started)
         except Exception as exc:  # a checksum mismatch, a device or LMDB error: the proposer's to handle
             log.debug("read worker: forwarding a read of inode %d: %s", ino, exc)
             out = None
+        if isinstance(out, RunRead):
+            return out
+        return self._checked(out, ino, seen, started)
+
+    def finish(self, planned: RunRead, buffer: memoryview, got: int) -> Answer | None:
+        """The second half: `got` (the device's byte count, or -errno) bytes of `planned` read into
+        `buffer`; the answer (a view of `buffer`), or None: forward the request."""
+        out = None
+        if got == planned.length:
+            run = buffer[: planned.length]
+            try:
+                verify_blocks(run, planned.sums, first_device_block=planned.first_device_block)
+                out = run[planned.start : planned.start + planned.size]
+            except Exception as exc:
+                log.debug("read worker: forwarding a read of inode %d: %s", planned.ino, exc)
+        return self._checked(out, planned.ino, planned.seen, planned.started)
+
+    def _checked(self, out: Answer | None, ino: int, seen: tuple[int, int], started: float) -> Answer | None:
+        """`out` if the read took less than half the grace period and the slot still shows `seen`."""
         if out is None or time.monotonic() - started > self.deadline_s or not self.hot.still(ino, seen):
             self.forwarded += 1
             return None
         self.served += 1
         return out
 
-    def _read(self, ino: int, offset: int, size: int, seen: tuple[int, int]) -> bytes | bytearray | memoryview | None:
+    def _read(self, ino: int, offset: int, size: int, seen: tuple[int, int], started: float) -> RunRead | Answer | None:
         if size <= 0 or offset < 0:
             return None
         first = offset // BLOCK_SIZE
@@ -184,11 +230,11 @@ class ColdReader:
             end = (offset + size + BLOCK_SIZE - 1) // BLOCK_SIZE
             ext = cached.covering(first, end)
             if ext is not None and ext.checksums and ext.dev_block < TIER_BASE_BLOCK:
-                return self._read_run(ext, first, end, offset, size)
-        return self._look_up_and_read(ino, offset, size, seen)
+                return self._run(ext, first, end, offset, size, ino, seen, started)
+        return self._look_up_and_read(ino, offset, size, seen, started)
 
-    def _look_up_and_read(self, ino: int, offset: int, size: int,
-                          seen: tuple[int, int]) -> bytes | bytearray | memoryview | None:
+    def _look_up_and_read(self, ino: int, offset: int, size: int, seen: tuple[int, int],
+                          started: float) -> RunRead | Answer | None:
         """The map from LMDB (one read transaction), remembered if the read passes its second look."""
         first = offset // BLOCK_SIZE
         end = (offset + size + BLOCK_SIZE - 1) // BLOCK_SIZE
@@ -204,7 +250,7 @@ class ColdReader:
             return None
         if len(extents) == 1 and not extents[0].unwritten and extents[0].file_block <= first \
                 and extents[0].end_block >= end:
-            return self._read_run(extents[0], first, end, offset, size)
+            return self._run(extents[0], first, end, offset, size, ino, seen, started)
         out = bytearray(size)  # holes and unwritten extents read as zeros
         for ext in extents:
             if ext.unwritten:
@@ -217,19 +263,18 @@ class ColdReader:
             out[a - offset : b - offset] = self.io.read_blocking(piece.dev_block, piece.checksums, a - base, b - base)
         return out
 
-    def _read_run(self, ext: Extent, first: int, end: int, offset: int, size: int) -> memoryview:
-        """Bytes [offset, offset + size) of the file from blocks [first, end) of written extent
-        `ext`, read into this reader's buffer and verified (ChecksumMismatch)."""
+    @staticmethod
+    def _run(ext: Extent, first: int, end: int, offset: int, size: int, ino: int, seen: tuple[int, int],
+             started: float) -> RunRead:
+        """Bytes [offset, offset + size) of the file, in blocks [first, end) of written extent `ext`."""
         skip = first - ext.file_block
-        length = (end - first) * BLOCK_SIZE
-        run = self._view[:length]
-        if os.preadv(self.fd, [run], (ext.dev_block + skip) * BLOCK_SIZE) != length:
-            raise OSError("short read from the device")
-        verify_blocks(run, ext.checksums[4 * skip : 4 * (end - ext.file_block)], first_device_block=ext.dev_block + skip)
-        start = offset - first * BLOCK_SIZE
-        return run[start : start + size]
+        return RunRead(ino, seen, started, (ext.dev_block + skip) * BLOCK_SIZE, (end - first) * BLOCK_SIZE,
+                       ext.checksums[4 * skip : 4 * (end - ext.file_block)], ext.dev_block + skip,
+                       offset - first * BLOCK_SIZE, size)
 
     def close(self) -> None:
+        if self.batch is not None:
+            self.batch.close()
         self._view.release()
         self.meta.close()
         self.device.close()

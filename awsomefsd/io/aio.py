@@ -41,13 +41,20 @@ import errno
 import itertools
 import logging
 import os
-import platform
-import sys
 from collections.abc import Callable
 
 import outcome
 import trio
 
+from awsomefsd.io.aio_abi import (
+    IOCB_CMD_PREAD,
+    IOCB_FLAG_RESFD,
+    AioUnavailableError,
+    Iocb,
+    IoEvent,
+    Syscalls,
+    Timespec,
+)
 from awsomefsd.io.layout import BLOCK_SIZE
 
 log = logging.getLogger(__name__)
@@ -67,73 +74,6 @@ SUBMIT_TOGETHER = 16
 so one doorbell of a virtio disk (a VM exit) for them all. One doorbell per 4 KiB read was 12 %
 of the daemon's CPU under random reads (design note 130)."""
 
-# (io_setup, io_destroy, io_getevents, io_submit) per architecture (asm/unistd_64.h, asm-generic)
-_SYSCALLS = {"x86_64": (206, 207, 208, 209), "aarch64": (0, 1, 4, 2)}
-_IOCB_CMD_PREAD = 0
-_IOCB_FLAG_RESFD = 1 << 0
-
-
-class AioUnavailableError(OSError):
-    """This kernel, architecture or process cannot use native AIO (the caller reads inline)."""
-
-
-class _Iocb(ctypes.Structure):
-    """struct iocb (linux/aio_abi.h), little-endian layout."""
-
-    _fields_ = [
-        ("aio_data", ctypes.c_uint64),
-        ("aio_key", ctypes.c_uint32),
-        ("aio_rw_flags", ctypes.c_int32),
-        ("aio_lio_opcode", ctypes.c_uint16),
-        ("aio_reqprio", ctypes.c_int16),
-        ("aio_fildes", ctypes.c_uint32),
-        ("aio_buf", ctypes.c_uint64),
-        ("aio_nbytes", ctypes.c_uint64),
-        ("aio_offset", ctypes.c_int64),
-        ("aio_reserved2", ctypes.c_uint64),
-        ("aio_flags", ctypes.c_uint32),
-        ("aio_resfd", ctypes.c_uint32),
-    ]
-
-
-class _IoEvent(ctypes.Structure):
-    _fields_ = [
-        ("data", ctypes.c_uint64),
-        ("obj", ctypes.c_uint64),
-        ("res", ctypes.c_int64),
-        ("res2", ctypes.c_int64),
-    ]
-
-
-class _Timespec(ctypes.Structure):
-    _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
-
-
-assert ctypes.sizeof(_Iocb) == 64 and ctypes.sizeof(_IoEvent) == 32
-
-
-class _Syscalls:
-    """The raw system calls; errors come back as OSError."""
-
-    def __init__(self) -> None:
-        numbers = _SYSCALLS.get(platform.machine())
-        if numbers is None or sys.byteorder != "little":
-            raise AioUnavailableError(errno.ENOSYS, f"native AIO not wired for {platform.machine()}")
-        self.nr_setup, self.nr_destroy, self.nr_getevents, self.nr_submit = numbers
-        libc = ctypes.CDLL(None, use_errno=True)
-        self._syscall = libc.syscall
-        self._syscall.restype = ctypes.c_long
-
-    def call(self, *args: object) -> int:
-        while True:
-            rc = int(self._syscall(*args))
-            if rc >= 0:
-                return rc
-            err = ctypes.get_errno()
-            if err != errno.EINTR:
-                raise OSError(err, os.strerror(err))
-
-
 class AioReader:
     """One AIO context with an eventfd, `max_in_flight` reads at a time. See the module docstring."""
 
@@ -141,7 +81,7 @@ class AioReader:
         if not 0 < max_in_flight <= 1024:
             raise ValueError(f"max_in_flight {max_in_flight} outside [1, 1024]")
         try:
-            self._sys = _Syscalls()
+            self._sys = Syscalls()
         except OSError as exc:
             raise AioUnavailableError(exc.errno, f"native AIO unavailable: {exc.strerror}") from None
         self.max_in_flight = max_in_flight
@@ -155,19 +95,19 @@ class AioReader:
         except OSError:
             self._sys.call(self._sys.nr_destroy, self._ctx)
             raise
-        self._events = (_IoEvent * max_in_flight)()
+        self._events = (IoEvent * max_in_flight)()
         # One iocb and its one-entry array, filled in per read (`_submit_one`): io_submit copies the
         # iocb before it returns; only the buffer must outlive the read.
-        self._iocb = _Iocb(aio_lio_opcode=_IOCB_CMD_PREAD, aio_flags=_IOCB_FLAG_RESFD, aio_resfd=self._efd)
-        self._batch = (ctypes.POINTER(_Iocb) * 1)(ctypes.pointer(self._iocb))
+        self._iocb = Iocb(aio_lio_opcode=IOCB_CMD_PREAD, aio_flags=IOCB_FLAG_RESFD, aio_resfd=self._efd)
+        self._batch = (ctypes.POINTER(Iocb) * 1)(ctypes.pointer(self._iocb))
         # `submit`'s queue: its iocbs filled in per read, submitted together (`submit_queued`)
-        self._queued_iocbs = (_Iocb * SUBMIT_TOGETHER)()
+        self._queued_iocbs = (Iocb * SUBMIT_TOGETHER)()
         for queued in self._queued_iocbs:
-            queued.aio_lio_opcode, queued.aio_flags, queued.aio_resfd = _IOCB_CMD_PREAD, _IOCB_FLAG_RESFD, self._efd
-        self._queued_batch = (ctypes.POINTER(_Iocb) * SUBMIT_TOGETHER)(*map(ctypes.pointer, self._queued_iocbs))
+            queued.aio_lio_opcode, queued.aio_flags, queued.aio_resfd = IOCB_CMD_PREAD, IOCB_FLAG_RESFD, self._efd
+        self._queued_batch = (ctypes.POINTER(Iocb) * SUBMIT_TOGETHER)(*map(ctypes.pointer, self._queued_iocbs))
         self._queued: list[int] = []  # their request ids, in the queue's order
         self._one = ctypes.c_long(1)
-        self._no_wait = _Timespec(0, 0)
+        self._no_wait = Timespec(0, 0)
         self._no_wait_ref = ctypes.byref(self._no_wait)
         self._zero, self._max = ctypes.c_long(0), ctypes.c_long(max_in_flight)
         self._ids = itertools.count(1)

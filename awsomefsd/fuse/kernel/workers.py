@@ -8,11 +8,11 @@ docs/multicore.md is the design; this is its step 1, behind `[mount] read_worker
   worker never waits for the proposer. A worker is `awsomefsd fuse-worker` (the same program:
   an interpreter, or the compiled binary), given the clone, one end of a SEQPACKET socket pair,
   the hot map (fs/hotmap.py) and the R3 counters.
-- **A worker** (fuse/kernel/worker_loop.py) has no event loop: `THREADS` threads, each a
-  blocking read of the clone (the kernel wakes one blocked reader per request), then a READ of a
-  cold file answered from LMDB and the device (fs/coldread.py), anything else sent whole to the
-  proposer. It stops at ENODEV (unmounted: exit 0) or when told (SIGTERM: each thread finishes
-  the request in hand, then the worker exits).
+- **A worker** (fuse/kernel/worker_loop.py) is one thread without an event loop: it reads every
+  request waiting on its clone, starts the device reads of READs of cold files together (native
+  AIO) and answers each from LMDB and the device as it completes (fs/coldread.py); anything else
+  is sent whole to the proposer. It stops at ENODEV (unmounted: exit 0) or when told (SIGTERM:
+  it answers the reads it started, then exits).
 - **R3, order.** The proposer takes what workers forward through one dispatcher, which drains
   every socket, orders what it got by `unique` (the kernel's queue order) and, before a READ or
   LSEEK with unique u, waits for every worker that read a change (WRITE, SETATTR, FALLOCATE)
@@ -69,16 +69,12 @@ FUSE_DEV_IOC_CLONE = 0x8004E500  # _IOR(229, 0, uint32_t)
 SO_SNDBUFFORCE = 32
 MAX_MESSAGE = 1 << 21
 """A forwarded request: up to 1 MiB of WRITE data and its headers."""
-COUNTERS = struct.Struct("=QQQ")  # a reader thread's last change read (unique), last handed over, reads served
+COUNTERS = struct.Struct("=QQQ")  # a worker's last change read (unique), last handed over, reads served
 MAX_WORKERS = 64
-THREADS = 4
-"""Reader threads per worker, each a blocking read of the clone: a worker has this many device reads
-in flight (the GIL is released in each system call). Measured with one: two workers reached 1.05x
-the daemon alone on random 4 KiB reads at queue depth 16, each worker waiting on the device."""
 WORKER_READ_MAX = MAX_READ_BYTES
-"""Larger READs (sequential reads, read-ahead) are forwarded: a worker has one device read in
-flight at a time, the proposer many (its AIO); measured, sequential 1 MiB reads fell to 0.58x
-with every READ served by two workers."""
+"""Larger READs (sequential reads, read-ahead) are forwarded: they are the proposer's, whose reads
+of large runs go to threads; measured when workers read with one thread each, sequential 1 MiB
+reads fell to 0.58x with every READ served by two workers."""
 ORPHAN_WAIT_S = 120.0
 DEAD_WORKER_ANSWERS_S = 10.0
 """How long a dead worker's forwarded requests may take before its clone is closed anyway."""
@@ -164,8 +160,8 @@ class WorkerPool:
         self.kept = kept
         self.state_dir = state_dir
         self.counters_fd = os.memfd_create("awsomefs-r3", os.MFD_CLOEXEC)
-        os.ftruncate(self.counters_fd, COUNTERS.size * MAX_WORKERS * THREADS)
-        self._counters = mmap.mmap(self.counters_fd, COUNTERS.size * MAX_WORKERS * THREADS)
+        os.ftruncate(self.counters_fd, COUNTERS.size * MAX_WORKERS)
+        self._counters = mmap.mmap(self.counters_fd, COUNTERS.size * MAX_WORKERS)
         self.workers: dict[int, Worker] = {}
         self._stop = trio.Event()
         self._wake = trio.Event()
@@ -188,8 +184,7 @@ class WorkerPool:
             except OSError:
                 s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, MAX_MESSAGE * 2)
         self._served_before[index] = self._served_before.get(index, 0) + self.served_by(index)
-        for slot in range(index * THREADS, (index + 1) * THREADS):
-            COUNTERS.pack_into(self._counters, slot * COUNTERS.size, 0, 0, 0)
+        COUNTERS.pack_into(self._counters, index * COUNTERS.size, 0, 0, 0)
         spec = {"clone": fd, "sock": theirs.fileno(), "hot": self.hot_fd, "counters": self.counters_fd,
                 "index": index, "meta": str(self.config.meta_path), "device": self.config.device_path,
                 "direct": self.config.direct, "grace_s": self.config.grace_s, "parent": os.getpid(),
@@ -241,8 +236,7 @@ class WorkerPool:
                      self.reads_served(), self.forwarded, self.restarts)
 
     def served_by(self, index: int) -> int:
-        return sum(int(COUNTERS.unpack_from(self._counters, slot * COUNTERS.size)[2])
-                   for slot in range(index * THREADS, (index + 1) * THREADS))
+        return int(COUNTERS.unpack_from(self._counters, index * COUNTERS.size)[2])
 
     def per_worker(self) -> list[tuple[int, int, int]]:
         """(index, reads it served, requests it forwarded) per worker since the pool began, the
@@ -366,10 +360,9 @@ class WorkerPool:
             for worker in self.workers.values():
                 if worker is sender or worker.proc.poll() is not None:
                     continue
-                for slot in range(worker.index * THREADS, (worker.index + 1) * THREADS):
-                    last_read, last_handed, _ = COUNTERS.unpack_from(self._counters, slot * COUNTERS.size)
-                    if last_read != last_handed and last_read < unique:
-                        holding = True
+                last_read, last_handed, _ = COUNTERS.unpack_from(self._counters, worker.index * COUNTERS.size)
+                if last_read != last_handed and last_read < unique:
+                    holding = True
             if not holding or trio.current_time() > deadline:
                 return waited
             await trio.sleep(1e-4 if waited else 0)

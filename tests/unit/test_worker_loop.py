@@ -1,0 +1,229 @@
+"""A read worker's loop (fuse/kernel/worker_loop.py) with its real parts: the reads prepared and
+finished by fs/coldread.py, native AIO (io/aio_batch.py) on an image file, the hot map over a
+memfd. Two stand-ins: the session's clone is one end of a SEQPACKET socket pair (a message per
+request and per answer, as /dev/fuse gives and takes them), and the committed metadata is one
+file's inode and extent (the metadata reader is not under test here)."""
+
+from __future__ import annotations
+
+import mmap
+import socket
+import stat
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from awsomefsd.fs import coldread
+from awsomefsd.fs.coldread import READS_IN_FLIGHT, RUN_BYTES, ColdReader
+from awsomefsd.fs.hotmap import HotMap, HotView
+from awsomefsd.fuse.kernel import abi
+from awsomefsd.fuse.kernel.abi import Op
+from awsomefsd.fuse.kernel.worker_loop import _Loop, _State
+from awsomefsd.fuse.kernel.workers import COUNTERS, MAX_WORKERS
+from awsomefsd.io.checksum import block_checksums
+from awsomefsd.io.device import create_image
+from awsomefsd.io.layout import BLOCK_SIZE
+from awsomefsd.meta.records import Extent
+
+INO = 42
+BLOCKS = 64
+FIRST_DEVICE_BLOCK = 16
+WAIT_S = 10.0
+
+
+def _content(block: int) -> bytes:
+    return (block * 7919 % 251).to_bytes(1, "little") * BLOCK_SIZE
+
+
+class _OneFile:
+    """The committed metadata: one regular file of BLOCKS blocks at FIRST_DEVICE_BLOCK."""
+
+    extent: Extent
+
+    def __init__(self, _path: Path) -> None:
+        pass
+
+    def file_map(self, ino: int, first: int, end: int) -> tuple[object, list[Extent]]:
+        if ino != INO:
+            return None, []
+        return SimpleNamespace(size=BLOCKS * BLOCK_SIZE, is_reg=stat.S_ISREG(stat.S_IFREG)), [self.extent]
+
+    def close(self) -> None:
+        pass
+
+
+class Rig:
+    """A worker loop on its own thread; the test plays the kernel on `kernel` and the proposer on
+    `proposer`."""
+
+    def __init__(self, tmp: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        image = tmp / "device.img"
+        create_image(image, (FIRST_DEVICE_BLOCK + BLOCKS) * BLOCK_SIZE)
+        data = b"".join(_content(b) for b in range(BLOCKS))
+        with open(image, "r+b") as f:
+            f.seek(FIRST_DEVICE_BLOCK * BLOCK_SIZE)
+            f.write(data)
+        _OneFile.extent = Extent(0, FIRST_DEVICE_BLOCK, BLOCKS, block_checksums(data))
+        monkeypatch.setattr(coldread, "CommittedReader", _OneFile)
+        self.data = data
+        self.image = image
+        self.hot = HotMap(lambda: 0, lambda: 0, lambda ino: False)
+        reader = ColdReader(tmp / "meta", str(image), direct=False, grace_s=60.0, hot=HotView(self.hot.fd))
+        self.kernel, clone = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.proposer, sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.clone, self.sock = clone, sock
+        self.counters = mmap.mmap(-1, COUNTERS.size * MAX_WORKERS)
+        self.state = _State()
+        assert reader.batch is not None, "native AIO"
+        self.reader, self.batch = reader, reader.batch
+        self.loop = _Loop(clone.fileno(), self.state, sock, self.counters, 0, reader)
+        self.failed: list[BaseException] = []
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        try:
+            self.loop.run()
+        except BaseException as exc:
+            self.failed.append(exc)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.state.stopping = True
+        self.thread.join(WAIT_S)
+        assert not self.thread.is_alive(), "the loop did not stop"
+        assert not self.failed, self.failed
+
+    def close(self) -> None:
+        for s in (self.kernel, self.clone, self.proposer, self.sock):
+            s.close()
+        self.reader.close()
+        self.hot.close()
+
+    def send_read(self, unique: int, offset: int, size: int) -> None:
+        body = abi.READ_IN.pack(1, offset, size, 0, 0, 0, 0)
+        self.kernel.send(abi.IN_HEADER.pack(abi.IN_HEADER.size + len(body), int(Op.READ), unique, INO, 0, 0, 1, 0, 0)
+                         + body)
+
+    def answers(self, count: int) -> dict[int, bytes]:
+        """`count` answers from the loop, by unique."""
+        self.kernel.settimeout(WAIT_S)
+        got = {}
+        for _ in range(count):
+            message = self.kernel.recv(RUN_BYTES + 64)
+            length, error, unique = abi.OUT_HEADER.unpack_from(message)
+            assert error == 0 and length == len(message)
+            got[unique] = message[abi.OUT_HEADER.size:]
+        return got
+
+    def forwarded(self, count: int) -> list[int]:
+        """The uniques of `count` requests the loop forwarded to the proposer."""
+        self.proposer.settimeout(WAIT_S)
+        return [abi.IN_HEADER.unpack_from(self.proposer.recv(1 << 16))[2] for _ in range(count)]
+
+
+@pytest.fixture
+def rig(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Rig]:
+    r = Rig(tmp_path, monkeypatch)
+    yield r
+    r.state.stopping = True
+    if r.thread.is_alive():
+        r.thread.join(WAIT_S)
+    r.close()
+
+
+def test_the_reads_of_waiting_requests_go_to_the_kernel_together_and_are_answered_with_the_files_bytes(
+        rig: Rig, monkeypatch: pytest.MonkeyPatch) -> None:
+    submits: list[int] = []
+    real_submit = rig.batch.submit
+
+    def counted() -> list[tuple[int, int]]:
+        submits.append(rig.batch.in_flight)
+        return real_submit()
+
+    monkeypatch.setattr(rig.batch, "submit", counted)
+    reads = {100 + i: ((i * 5) % BLOCKS * BLOCK_SIZE + i, 3000 + i) for i in range(8)}
+    for unique, (offset, size) in reads.items():  # all waiting before the loop looks
+        rig.send_read(unique, offset, size)
+    rig.start()
+    got = rig.answers(len(reads))
+    for unique, (offset, size) in reads.items():
+        assert got[unique] == rig.data[offset : offset + size]
+    assert submits == [len(reads)], f"one io_submit for the eight reads waiting, got {submits}"
+    rig.send_read(200, BLOCKS * BLOCK_SIZE - 10, 4096)  # the last 10 bytes
+    assert rig.answers(1) == {200: rig.data[-10:]}
+    rig.stop()
+
+
+def test_a_read_during_which_the_file_turned_hot_is_forwarded_not_answered(
+        rig: Rig, monkeypatch: pytest.MonkeyPatch) -> None:
+    real_collect = rig.batch.collect
+
+    def a_write_arrives_meanwhile(wait_s: float = 0.0) -> list[tuple[int, int]]:
+        done = real_collect(wait_s)
+        if done:
+            rig.hot.hold(INO)  # R2: the second look must see this
+        return done
+
+    monkeypatch.setattr(rig.batch, "collect", a_write_arrives_meanwhile)
+    rig.send_read(7, 0, 4096)
+    rig.start()
+    assert rig.forwarded(1) == [7]
+    rig.stop()
+    rig.kernel.setblocking(False)
+    with pytest.raises(BlockingIOError):
+        rig.kernel.recv(1 << 16)
+
+
+def test_a_block_that_fails_its_checksum_is_forwarded(rig: Rig) -> None:
+    with open(rig.image, "r+b") as f:
+        f.seek((FIRST_DEVICE_BLOCK + 3) * BLOCK_SIZE + 100)
+        f.write(b"\xff\xfe")
+    rig.send_read(1, 0, 4096)
+    rig.send_read(2, 3 * BLOCK_SIZE, 4096)
+    rig.start()
+    assert rig.answers(1) == {1: rig.data[:4096]}
+    assert rig.forwarded(1) == [2]
+    rig.stop()
+
+
+def test_a_stop_answers_the_reads_already_started(rig: Rig, monkeypatch: pytest.MonkeyPatch) -> None:
+    real_submit = rig.batch.submit
+
+    def stop_told_meanwhile() -> list[tuple[int, int]]:
+        refused = real_submit()
+        rig.state.stopping = True  # SIGTERM while the reads are in flight
+        return refused
+
+    real_collect = rig.batch.collect
+
+    def not_done_at_a_glance(wait_s: float = 0.0) -> list[tuple[int, int]]:
+        return real_collect(wait_s) if wait_s > 0 else []  # a file's reads complete at once; a device's later
+
+    monkeypatch.setattr(rig.batch, "submit", stop_told_meanwhile)
+    monkeypatch.setattr(rig.batch, "collect", not_done_at_a_glance)
+    for unique in range(1, 6):
+        rig.send_read(unique, unique * BLOCK_SIZE, 4096)
+    rig.start()
+    rig.thread.join(WAIT_S)
+    assert not rig.thread.is_alive() and not rig.failed
+    got = rig.answers(5)
+    assert got == {u: rig.data[u * BLOCK_SIZE : (u + 1) * BLOCK_SIZE] for u in range(1, 6)}
+    assert rig.batch.in_flight == 0
+
+
+def test_reads_the_kernel_refuses_to_start_are_forwarded(rig: Rig) -> None:
+    device_fd = rig.loop.reader.fd
+    rig.loop.reader.fd = 1 << 20  # no such descriptor: io_submit refuses the read (EBADF)
+    rig.send_read(1, 0, 4096)
+    rig.start()
+    assert rig.forwarded(1) == [1]
+    rig.loop.reader.fd = device_fd
+    rig.send_read(2, BLOCK_SIZE, 4096)
+    assert rig.answers(1) == {2: rig.data[BLOCK_SIZE : 2 * BLOCK_SIZE]}
+    rig.stop()
+    assert rig.batch.in_flight == 0 and rig.batch.free == READS_IN_FLIGHT
