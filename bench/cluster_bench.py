@@ -25,6 +25,7 @@ daemon's FUSE requests and CPU per file. See bench/README.md.
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import dataclasses
 import datetime
@@ -104,7 +105,8 @@ def measure_renames(args: argparse.Namespace, name: str, roots: list[Path], roun
     """Renames per second of three workers (one per node on the cluster) moving files between the
     same two directories, and the longest single rename (issue 42: one waited 1.4 s)."""
     base = Path(f"renames-{round_index}")
-    (roots[0] / base / "a").mkdir(parents=True), (roots[0] / base / "b").mkdir()
+    (roots[0] / base / "a").mkdir(parents=True)
+    (roots[0] / base / "b").mkdir()
     rate, longest = at_once(_rename_worker, [(str(root / base / "a"), str(root / base / "b"), f"w{k}", args.seconds)
                                              for k, root in enumerate(roots)], args.seconds)
     return {"renames_shared": rate, "renames_shared_max_ms": longest * 1000}
@@ -358,10 +360,13 @@ def names_phases(directory: Path, files: int, daemon: Daemon | None) -> dict[str
     and with `daemon` the FUSE requests and daemon CPU (µs) per file (which requests: on stderr)."""
     directory.mkdir(parents=True)
     paths = [str(directory / f"f{i}") for i in range(files)]
+
+    def each(action: Callable[[str], object]) -> Callable[[], object]:
+        return lambda: collections.deque(map(action, paths), maxlen=0)
+
     actions: dict[str, Callable[[], object]] = {
-        "create": lambda: [wl.create_file(p) for p in paths], "stat": lambda: [os.stat(p) for p in paths],
-        "stat_hot": lambda: [os.stat(p) for p in paths],
-        "listing": lambda: os.listdir(directory), "unlink": lambda: [os.unlink(p) for p in paths]}
+        "create": each(wl.create_file), "stat": each(os.stat), "stat_hot": each(os.stat),
+        "listing": lambda: os.listdir(directory), "unlink": each(os.unlink)}
     out = {}
     dropped = caches_dropped()
     for phase in NAMES_PHASES:
@@ -457,7 +462,7 @@ def print_metadata_table(args: argparse.Namespace, results: dict[str, fsbench.Ta
              "untar": f"untar: {args.untar_rounds} round(s), {args.tree_files:,} files",
              "fsync": f"fsync after {args.fsync_files:,} creates: {args.fsync_rounds} round(s)",
              "names": f"names: {args.meta_rounds} round(s) of {args.names_files:,} files"}
-    print(f"\ncluster metadata (issue 13), median (min-max); single = a 1-node AwsomeFS; "
+    print(f"\ncluster metadata (issues 13 and 42), median (min-max); single = a 1-node AwsomeFS; "
           f"{'; '.join(setup[f] for f in args.only)}")
     print("\n".join(fsbench.format_table(table)))
     print(f"cluster: lone creator, untar and fsync on node {follower['node']}, a follower (leader: node "
