@@ -168,7 +168,7 @@ class KernelTransport:
             from awsomefsd.fuse.kernel.workers import WorkerPool
 
             self.pool = session.workers = WorkerPool(self.read_workers, self.fd, self.hot.fd, kept=self.store is not None,
-                                                     state_dir=self.state_dir)
+                                                     state_dir=self.state_dir, busy_poll_s=session.poll.seconds)
         MOUNTED.attach(session)
         return session
 

@@ -13,8 +13,9 @@ docs/multicore.md is the design; this is its step 1, behind `[mount] read_worker
   AIO) and answers each from LMDB and the device as it completes (fs/coldread.py); anything else
   is sent whole to the proposer. It stops at ENODEV (unmounted: exit 0) or when told (SIGTERM:
   it answers the reads it started, then exits).
-- **R3, order.** The proposer takes what workers forward through one dispatcher, which drains
-  every socket, orders what it got by `unique` (the kernel's queue order) and, before a READ or
+- **R3, order.** The proposer takes what workers forward one drain at a time (the task watching
+  the socket that became readable drains every socket, then looks again for a while before it
+  sleeps), orders what it got by `unique` (the kernel's queue order) and, before a READ or
   LSEEK with unique u, waits for every worker that read a change (WRITE, SETATTR, FALLOCATE)
   before u and has not handed it over (`last_read`, `last_handed`, published in shared memory):
   the changes the kernel sent before the read are then in `ChangesInFlight`, which makes the read
@@ -153,8 +154,10 @@ class WorkerPool:
     """The proposer's side: starts, feeds on, restarts and stops the workers of one session."""
 
     def __init__(self, config: WorkerConfig, session_fd: int, hot_fd: int, *, kept: bool,
-                 state_dir: Path | None) -> None:
+                 state_dir: Path | None, busy_poll_s: float = 0.0) -> None:
+        """`busy_poll_s`: how long to look for the next forwarded request before sleeping (`_linger`)."""
         self.config = config
+        self.busy_poll_s = busy_poll_s
         self.session_fd = session_fd
         self.hot_fd = hot_fd
         self.kept = kept
@@ -164,8 +167,6 @@ class WorkerPool:
         self._counters = mmap.mmap(self.counters_fd, COUNTERS.size * MAX_WORKERS)
         self.workers: dict[int, Worker] = {}
         self._stop = trio.Event()
-        self._wake = trio.Event()
-        self._drained = trio.Event()
         self._draining = trio.Lock()
         self.ended = False
         self.restarts = 0
@@ -222,7 +223,6 @@ class WorkerPool:
                     self._start(index)
                 for worker in list(self.workers.values()):
                     nursery.start_soon(self._watch, worker, dispatch, nursery)
-                nursery.start_soon(self._dispatcher, dispatch)
                 await self._stop.wait()
                 for worker in self.workers.values():
                     if worker.proc.poll() is None:
@@ -253,19 +253,19 @@ class WorkerPool:
         self._stop.set()
 
     async def _watch(self, worker: Worker, dispatch: Dispatch, nursery: trio.Nursery) -> None:
-        """Wake the dispatcher when the worker forwards; when it exits, end or replace it."""
+        """Serve what the worker forwards (`_drain`: every worker's, in the kernel's order), then
+        look for more a little while before sleeping (`_linger`); when it exits, end or replace it."""
         while True:
             try:
                 await trio.lowlevel.wait_readable(worker.sock)
                 ended = worker.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
             except BlockingIOError:
-                continue  # the dispatcher took it meanwhile
+                continue  # another worker's watcher drained it meanwhile
             except OSError:
                 return
             if not ended:
-                drained = self._drained
-                self._wake.set()
-                await drained.wait()
+                await self._drain(dispatch)
+                await self._linger(dispatch)
                 continue
             await trio.to_thread.run_sync(worker.proc.wait)
             await self._drain(dispatch)  # everything it forwarded
@@ -299,13 +299,17 @@ class WorkerPool:
         os.close(worker.clone)
         worker.clone = -1
 
-    async def _dispatcher(self, dispatch: Dispatch) -> None:
-        while True:
-            await self._wake.wait()
-            self._wake = trio.Event()
-            await self._drain(dispatch)
-            self._drained.set()
-            self._drained = trio.Event()
+    async def _linger(self, dispatch: Dispatch) -> None:
+        """After a drain, while nothing forwarded waits for its answer: look for the next request
+        for up to `busy_poll_s`, passing through trio's scheduler between looks, before going back
+        to sleep. A client that waits for each answer sends its next request within tens of
+        microseconds; a proposer asleep in epoll makes each cost a wake-up besides the worker's
+        (the session's busy poll, fuse/kernel/busypoll.py, says why that matters in a VM)."""
+        until = time.perf_counter() + self.busy_poll_s
+        while time.perf_counter() < until and not any(w.pending for w in self.workers.values()):
+            await trio.lowlevel.checkpoint()
+            if await self._drain(dispatch):
+                until = time.perf_counter() + self.busy_poll_s
 
     def _received(self) -> list[tuple[int, bytes, Worker]]:
         """Every message queued now on every worker's socket, in the kernel's order (`unique`)."""
@@ -326,15 +330,18 @@ class WorkerPool:
         got.sort(key=lambda item: item[0])
         return got
 
-    async def _drain(self, dispatch: Dispatch) -> None:
+    async def _drain(self, dispatch: Dispatch) -> int:
+        """Dispatch everything forwarded until none is queued; how many requests that was."""
         async with self._draining:  # one at a time: what is dispatched keeps the kernel's order
-            await self._drain_now(dispatch)
+            return await self._drain_now(dispatch)
 
-    async def _drain_now(self, dispatch: Dispatch) -> None:
+    async def _drain_now(self, dispatch: Dispatch) -> int:
+        dispatched = 0
         while True:
             batch = self._received()
             if not batch:
-                return
+                return dispatched
+            dispatched += len(batch)
             for i, (unique, data, worker) in enumerate(batch):
                 opcode = abi.IN_HEADER.unpack_from(data)[1]
                 if opcode in READS_DATA and await self._wait_earlier(unique, worker):
