@@ -7,9 +7,11 @@ file's inode and extent (the metadata reader is not under test here)."""
 from __future__ import annotations
 
 import mmap
+import select
 import socket
 import stat
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -19,7 +21,7 @@ import pytest
 from awsomefsd.fs import coldread
 from awsomefsd.fs.coldread import READS_IN_FLIGHT, RUN_BYTES, ColdReader
 from awsomefsd.fs.hotmap import HotMap, HotView
-from awsomefsd.fuse.kernel import abi
+from awsomefsd.fuse.kernel import abi, worker_loop
 from awsomefsd.fuse.kernel.abi import Op
 from awsomefsd.fuse.kernel.worker_loop import _Loop, _State
 from awsomefsd.fuse.kernel.workers import COUNTERS, MAX_WORKERS
@@ -59,7 +61,7 @@ class Rig:
     """A worker loop on its own thread; the test plays the kernel on `kernel` and the proposer on
     `proposer`."""
 
-    def __init__(self, tmp: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def __init__(self, tmp: Path, monkeypatch: pytest.MonkeyPatch, busy_poll_s: float = 0.0) -> None:
         image = tmp / "device.img"
         create_image(image, (FIRST_DEVICE_BLOCK + BLOCKS) * BLOCK_SIZE)
         data = b"".join(_content(b) for b in range(BLOCKS))
@@ -79,7 +81,7 @@ class Rig:
         self.state = _State()
         assert reader.batch is not None, "native AIO"
         self.reader, self.batch = reader, reader.batch
-        self.loop = _Loop(clone.fileno(), self.state, sock, self.counters, 0, reader)
+        self.loop = _Loop(clone.fileno(), self.state, sock, self.counters, 0, reader, busy_poll_s=busy_poll_s)
         self.failed: list[BaseException] = []
         self.thread = threading.Thread(target=self._run, daemon=True)
 
@@ -227,3 +229,39 @@ def test_reads_the_kernel_refuses_to_start_are_forwarded(rig: Rig) -> None:
     assert rig.answers(1) == {2: rig.data[BLOCK_SIZE : 2 * BLOCK_SIZE]}
     rig.stop()
     assert rig.batch.in_flight == 0 and rig.batch.free == READS_IN_FLIGHT
+
+
+def test_after_taking_requests_the_loop_looks_for_the_next_before_it_sleeps(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    sleeps: list[float] = []
+    real_epoll = select.epoll
+
+    class CountedEpoll:
+        def __init__(self) -> None:
+            self._epoll = real_epoll()
+
+        def register(self, fd: int, mask: int) -> None:
+            self._epoll.register(fd, mask)
+
+        def poll(self, timeout: float) -> list[tuple[int, int]]:
+            sleeps.append(timeout)
+            return self._epoll.poll(timeout)
+
+        def close(self) -> None:
+            self._epoll.close()
+
+    monkeypatch.setattr(worker_loop.select, "epoll", CountedEpoll)
+    rig = Rig(tmp_path, monkeypatch, busy_poll_s=5.0)
+    try:
+        getattr_request = abi.IN_HEADER.pack(abi.IN_HEADER.size, int(Op.GETATTR), 1, INO, 0, 0, 1, 0, 0)
+        rig.kernel.send(getattr_request)
+        rig.start()
+        assert rig.forwarded(1) == [1]
+        time.sleep(0.1)  # the loop is past that round by then: looking, or asleep in epoll
+        rig.kernel.send(getattr_request[:8] + (2).to_bytes(8, "little") + getattr_request[16:])
+        assert rig.forwarded(1) == [2]
+        assert len(sleeps) == 1, f"the second request was taken by the look, not after a sleep: {sleeps}"
+        rig.stop()
+    finally:
+        rig.state.stopping = True
+        rig.close()

@@ -189,6 +189,7 @@ class WorkerPool:
         spec = {"clone": fd, "sock": theirs.fileno(), "hot": self.hot_fd, "counters": self.counters_fd,
                 "index": index, "meta": str(self.config.meta_path), "device": self.config.device_path,
                 "direct": self.config.direct, "grace_s": self.config.grace_s, "parent": os.getpid(),
+                "busy_poll_s": self.busy_poll_s,
                 "orphan_wait_s": ORPHAN_WAIT_S if self.kept else 0.0}
         try:
             proc = subprocess.Popen([*own_command(), WORKER_COMMAND, json.dumps(spec)], cwd="/",
