@@ -168,7 +168,7 @@ class _Loop:
         each one found, before sleeping in epoll. A client that waits for each answer sends its
         next request soon after the proposer answered the one forwarded; a worker asleep makes it
         cost a wake-up in this VM besides the proposer's (design note 132: one process's creates
-        with one worker 0.57-0.70x the daemon alone without the look, faster than it with)."""
+        with one worker went from 0.57-0.70x the daemon alone to 1.25x with the look)."""
         if not self.took or self.busy_poll_s <= 0:
             return
         until = time.perf_counter() + self.busy_poll_s
