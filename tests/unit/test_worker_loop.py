@@ -265,3 +265,21 @@ def test_after_taking_requests_the_loop_looks_for_the_next_before_it_sleeps(
     finally:
         rig.state.stopping = True
         rig.close()
+
+
+def test_without_native_aio_the_reads_are_blocking_and_answered_the_same(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    rig = Rig(tmp_path, monkeypatch)
+    try:
+        assert rig.reader.batch is not None
+        rig.reader.batch.close()
+        rig.reader.batch = None  # what ColdReader keeps when io_setup is refused
+        rig.loop = _Loop(rig.clone.fileno(), rig.state, rig.sock, rig.counters, 0, rig.reader)
+        rig.send_read(1, 5 * BLOCK_SIZE + 7, 6000)
+        rig.send_read(2, BLOCKS * BLOCK_SIZE - 100, 4096)
+        rig.start()
+        assert rig.answers(2) == {1: rig.data[5 * BLOCK_SIZE + 7 : 5 * BLOCK_SIZE + 6007], 2: rig.data[-100:]}
+        rig.stop()
+    finally:
+        rig.state.stopping = True
+        rig.close()
