@@ -52,8 +52,8 @@ from awsomefsd.io.aio_abi import (
     AioUnavailableError,
     Iocb,
     IoEvent,
-    Syscalls,
     Timespec,
+    open_context,
 )
 from awsomefsd.io.layout import BLOCK_SIZE
 
@@ -78,18 +78,8 @@ class AioReader:
     """One AIO context with an eventfd, `max_in_flight` reads at a time. See the module docstring."""
 
     def __init__(self, max_in_flight: int = MAX_IN_FLIGHT) -> None:
-        if not 0 < max_in_flight <= 1024:
-            raise ValueError(f"max_in_flight {max_in_flight} outside [1, 1024]")
-        try:
-            self._sys = Syscalls()
-        except OSError as exc:
-            raise AioUnavailableError(exc.errno, f"native AIO unavailable: {exc.strerror}") from None
+        self._sys, self._ctx = open_context(max_in_flight)
         self.max_in_flight = max_in_flight
-        self._ctx = ctypes.c_ulong(0)
-        try:
-            self._sys.call(self._sys.nr_setup, ctypes.c_uint(max_in_flight), ctypes.byref(self._ctx))
-        except OSError as exc:
-            raise AioUnavailableError(exc.errno, f"io_setup: {exc.strerror}") from None
         try:
             self._efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         except OSError:

@@ -10,7 +10,8 @@ import os
 import platform
 import sys
 
-__all__ = ["IOCB_CMD_PREAD", "IOCB_FLAG_RESFD", "AioUnavailableError", "IoEvent", "Iocb", "Syscalls", "Timespec"]
+__all__ = ["IOCB_CMD_PREAD", "IOCB_FLAG_RESFD", "AioUnavailableError", "IoEvent", "Iocb", "Syscalls", "Timespec",
+           "open_context"]
 
 # (io_setup, io_destroy, io_getevents, io_submit) per architecture (asm/unistd_64.h, asm-generic)
 _SYSCALLS = {"x86_64": (206, 207, 208, 209), "aarch64": (0, 1, 4, 2)}
@@ -77,3 +78,20 @@ class Syscalls:
             err = ctypes.get_errno()
             if err != errno.EINTR:
                 raise OSError(err, os.strerror(err))
+
+
+def open_context(in_flight: int) -> tuple[Syscalls, ctypes.c_ulong]:
+    """The system calls and a new AIO context for `in_flight` reads at a time; AioUnavailableError
+    (the caller reads without AIO) when this architecture, kernel or process cannot have one."""
+    if not 0 < in_flight <= 1024:
+        raise ValueError(f"{in_flight} reads in flight: outside [1, 1024]")
+    try:
+        calls = Syscalls()
+    except OSError as exc:
+        raise AioUnavailableError(exc.errno, f"native AIO unavailable: {exc.strerror}") from None
+    context = ctypes.c_ulong(0)
+    try:
+        calls.call(calls.nr_setup, ctypes.c_uint(in_flight), ctypes.byref(context))
+    except OSError as exc:
+        raise AioUnavailableError(exc.errno, f"io_setup: {exc.strerror}") from None
+    return calls, context

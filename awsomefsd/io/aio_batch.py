@@ -26,11 +26,10 @@ import os
 from awsomefsd.io.aio_abi import (
     IOCB_CMD_PREAD,
     IOCB_FLAG_RESFD,
-    AioUnavailableError,
     Iocb,
     IoEvent,
-    Syscalls,
     Timespec,
+    open_context,
 )
 from awsomefsd.io.device import aligned_buffer
 
@@ -41,18 +40,12 @@ class ReadBatch:
     """At most `slots` reads in flight, each with its slot number and buffer (the module docstring)."""
 
     def __init__(self, slots: int, buffer_bytes: int) -> None:
-        if not 0 < slots <= 1024:
-            raise ValueError(f"slots {slots} outside [1, 1024]")
+        self._sys, self._ctx = open_context(slots)
         try:
-            self._sys = Syscalls()
-        except OSError as exc:
-            raise AioUnavailableError(exc.errno, f"native AIO unavailable: {exc.strerror}") from None
-        self._ctx = ctypes.c_ulong(0)
-        try:
-            self._sys.call(self._sys.nr_setup, ctypes.c_uint(slots), ctypes.byref(self._ctx))
-        except OSError as exc:
-            raise AioUnavailableError(exc.errno, f"io_setup: {exc.strerror}") from None
-        self._efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+            self._efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        except OSError:
+            self._sys.call(self._sys.nr_destroy, self._ctx)
+            raise
         self._iocbs = (Iocb * slots)()
         for slot, iocb in enumerate(self._iocbs):
             iocb.aio_data, iocb.aio_lio_opcode = slot, IOCB_CMD_PREAD
