@@ -132,9 +132,10 @@ class MountSettings(Section):
     read_workers: int = Field(
         0, ge=0, le=64,
         description="a single node on the kernel transport, local metadata log, /dev/fuse (not io_uring): this "
-        "many worker processes read requests beside the daemon and answer reads of files nobody has open for "
-        "writing from the committed metadata and the device, on other cores; they forward every other request "
-        "(docs/multicore.md). 0: off, the daemon reads every request itself",
+        "many worker processes read the requests instead of the daemon and answer reads of files nobody has open "
+        "for writing from the committed metadata and the device, on other cores; they forward every other "
+        "request to the daemon, which costs metadata work (one worker, several processes: random reads 1.5x, "
+        "creates 0.66x; design note 132, docs/multicore.md). 0: off, the daemon reads every request itself",
     )
     coherence: Literal["close-to-open", "strict"] = Field(
         "close-to-open",
