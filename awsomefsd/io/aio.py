@@ -78,13 +78,8 @@ class AioReader:
     """One AIO context with an eventfd, `max_in_flight` reads at a time. See the module docstring."""
 
     def __init__(self, max_in_flight: int = MAX_IN_FLIGHT) -> None:
-        self._sys, self._ctx = open_context(max_in_flight)
+        self._sys, self._ctx, self._efd = open_context(max_in_flight)
         self.max_in_flight = max_in_flight
-        try:
-            self._efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        except OSError:
-            self._sys.call(self._sys.nr_destroy, self._ctx)
-            raise
         self._events = (IoEvent * max_in_flight)()
         # One iocb and its one-entry array, filled in per read (`_submit_one`): io_submit copies the
         # iocb before it returns; only the buffer must outlive the read.

@@ -80,9 +80,10 @@ class Syscalls:
                 raise OSError(err, os.strerror(err))
 
 
-def open_context(in_flight: int) -> tuple[Syscalls, ctypes.c_ulong]:
-    """The system calls and a new AIO context for `in_flight` reads at a time; AioUnavailableError
-    (the caller reads without AIO) when this architecture, kernel or process cannot have one."""
+def open_context(in_flight: int) -> tuple[Syscalls, ctypes.c_ulong, int]:
+    """The system calls, a new AIO context for `in_flight` reads at a time and a non-blocking
+    eventfd for the completions to signal (IOCB_FLAG_RESFD); AioUnavailableError (the caller
+    reads without AIO) when this architecture, kernel or process cannot have a context."""
     if not 0 < in_flight <= 1024:
         raise ValueError(f"{in_flight} reads in flight: outside [1, 1024]")
     try:
@@ -94,4 +95,9 @@ def open_context(in_flight: int) -> tuple[Syscalls, ctypes.c_ulong]:
         calls.call(calls.nr_setup, ctypes.c_uint(in_flight), ctypes.byref(context))
     except OSError as exc:
         raise AioUnavailableError(exc.errno, f"io_setup: {exc.strerror}") from None
-    return calls, context
+    try:
+        completions = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+    except OSError:
+        calls.call(calls.nr_destroy, context)
+        raise
+    return calls, context, completions

@@ -40,12 +40,7 @@ class ReadBatch:
     """At most `slots` reads in flight, each with its slot number and buffer (the module docstring)."""
 
     def __init__(self, slots: int, buffer_bytes: int) -> None:
-        self._sys, self._ctx = open_context(slots)
-        try:
-            self._efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        except OSError:
-            self._sys.call(self._sys.nr_destroy, self._ctx)
-            raise
+        self._sys, self._ctx, self._efd = open_context(slots)
         self._iocbs = (Iocb * slots)()
         for slot, iocb in enumerate(self._iocbs):
             iocb.aio_data, iocb.aio_lio_opcode = slot, IOCB_CMD_PREAD
