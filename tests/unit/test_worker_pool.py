@@ -82,3 +82,23 @@ def test_no_look_while_a_forwarded_request_waits_for_its_answer(pool: tuple[Work
 
     trio.run(main)
     assert dispatched == [], "the sleeping reader is woken by the socket, not by a look"
+
+
+def test_one_look_at_a_time(pool: tuple[WorkerPool, socket.socket]) -> None:
+    workers, _ = pool
+    returned: list[float] = []
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            async def look() -> None:
+                await workers._linger(lambda data, answer: None)
+                returned.append(trio.current_time())
+
+            began = trio.current_time()
+            nursery.start_soon(look)
+            await trio.sleep(0.01)  # the first look is under way
+            await workers._linger(lambda data, answer: None)
+            assert trio.current_time() - began < POLL_S / 2, "a second watcher's look returns at once"
+        assert returned and returned[0] - began >= POLL_S * 0.9
+
+    trio.run(main)

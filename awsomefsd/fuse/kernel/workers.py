@@ -168,6 +168,7 @@ class WorkerPool:
         self.workers: dict[int, Worker] = {}
         self._stop = trio.Event()
         self._draining = trio.Lock()
+        self._lingering = False  # a watcher is looking for the next request (`_linger`)
         self.ended = False
         self.restarts = 0
         self._pause = RESTART_PAUSE_S / 2
@@ -305,12 +306,20 @@ class WorkerPool:
         for up to `busy_poll_s`, passing through trio's scheduler between looks, before going back
         to sleep. A client that waits for each answer sends its next request within tens of
         microseconds; a proposer asleep in epoll makes each cost a wake-up besides the worker's
-        (the session's busy poll, fuse/kernel/busypoll.py, says why that matters in a VM)."""
-        until = time.perf_counter() + self.busy_poll_s
-        while time.perf_counter() < until and not any(w.pending for w in self.workers.values()):
-            await trio.lowlevel.checkpoint()
-            if await self._drain(dispatch):
-                until = time.perf_counter() + self.busy_poll_s
+        (the session's busy poll, fuse/kernel/busypoll.py, says why that matters in a VM). One
+        look at a time: each drains every worker's socket, so a second watcher's would only
+        repeat it."""
+        if self._lingering:
+            return
+        self._lingering = True
+        try:
+            until = time.perf_counter() + self.busy_poll_s
+            while time.perf_counter() < until and not any(w.pending for w in self.workers.values()):
+                await trio.lowlevel.checkpoint()
+                if await self._drain(dispatch):
+                    until = time.perf_counter() + self.busy_poll_s
+        finally:
+            self._lingering = False
 
     def _received(self) -> list[tuple[int, bytes, Worker]]:
         """Every message queued now on every worker's socket, in the kernel's order (`unique`)."""
