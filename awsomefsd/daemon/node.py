@@ -273,18 +273,18 @@ def _init_or_check_meta(store: MetaStore, sm: StateMachine, device: BlockDevice,
 
 def _transport_metrics(transport: Transport) -> Iterator[Metric]:
     """Which path serves the mount's requests: 1 for it, 0 for the other (none before INIT); what
-    each read worker served and forwarded; how often the reader's busy polls found a request."""
+    each read worker served and gave back; how often the reader's busy polls found a request."""
     from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
     per_worker = transport.read_workers_served()
     if per_worker:
         served = CounterMetricFamily("awsomefs_read_worker_reads_served", "READs a read worker answered itself "
                                      "(docs/multicore.md)", labels=["worker"])
-        forwarded = CounterMetricFamily("awsomefs_read_worker_requests_forwarded", "requests a read worker "
-                                        "handed to the daemon", labels=["worker"])
-        for index, reads, handed in per_worker:
+        forwarded = CounterMetricFamily("awsomefs_read_worker_requests_forwarded", "READs the daemon handed a "
+                                        "read worker and it gave back for the daemon to serve", labels=["worker"])
+        for index, reads, given_back in per_worker:
             served.add_metric([str(index)], reads)
-            forwarded.add_metric([str(index)], handed)
+            forwarded.add_metric([str(index)], given_back)
         yield served
         yield forwarded
 

@@ -52,7 +52,7 @@ log = logging.getLogger(__name__)
 
 MAX_READ_BYTES = 128 << 10
 """The largest READ a worker serves (fuse/kernel/workers.py, WORKER_READ_MAX, says why larger
-ones are forwarded)."""
+ones are not handed to workers)."""
 RUN_BYTES = MAX_READ_BYTES + BLOCK_SIZE
 """A read's buffer: the blocks of the largest READ at an unaligned offset."""
 READS_IN_FLIGHT = 32

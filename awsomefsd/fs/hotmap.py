@@ -1,10 +1,11 @@
 """Which inodes read workers must not serve (docs/multicore.md, rules R1 and R2): the hot map.
 
-Read workers (fuse/kernel/workers.py) answer READ requests from the metadata as last committed to
-LMDB and from the device. The proposer (this daemon's trio process) knows more than that about
-some inodes: a handle open for writing (the kernel may send WRITEs for it at any moment), bytes
-buffered or being flushed, a metadata command applied in the open, uncommitted batch of the log.
-Those inodes are **hot**; workers forward every request about them.
+Read workers (fuse/kernel/workers.py) answer the READ requests the proposer (this daemon's trio
+process) hands them, from the metadata as last committed to LMDB and from the device. The proposer
+knows more than that about some inodes: a handle open for writing (the kernel may send WRITEs for
+it at any moment), bytes buffered or being flushed, a metadata command applied in the open,
+uncommitted batch of the log. Those inodes are **hot**: the proposer hands no READ of them, and a
+worker that finds one hot (it turned hot after the READ was handed) gives the READ back.
 
 The map is a shared memory segment (a memfd the workers map read-only) of `SLOTS` slots, each
 two 64-bit words: the count of reasons the slot's inodes are hot, and a generation bumped

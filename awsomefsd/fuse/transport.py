@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
@@ -84,7 +84,7 @@ class Transport(Protocol):
         before INIT, and on pyfuse3)."""
 
     def read_workers_served(self) -> list[tuple[int, int, int]]:
-        """Per read worker (`[mount] read_workers`): (index, reads served, requests forwarded)."""
+        """Per read worker (`[mount] read_workers`): (index, reads served, READs given back)."""
 
     def busy_polls(self) -> tuple[int, int]:
         """(times the reader looked for a request before sleeping, requests it found so)."""
@@ -103,7 +103,7 @@ class KernelTransport:
                  writeback_cache: bool = False, state_dir: Path | None = None,
                  store: DescriptorStore | None = None, io_uring: UringMode = "off",
                  read_workers: WorkerConfig | None = None, busy_poll_s: float = DEFAULT_POLL_S) -> None:
-        """`read_workers`: worker processes read the requests (fuse/kernel/workers.py), a single node's only.
+        """`read_workers`: worker processes serve the READs of cold files (fuse/kernel/workers.py), a single node's only.
         `busy_poll_s`: how long the reader looks for the next request before it sleeps (session.py)."""
         from awsomefsd.fuse.kernel.handlers import KernelHandlers
 
@@ -167,8 +167,9 @@ class KernelTransport:
         if self.read_workers is not None and self.hot is not None:
             from awsomefsd.fuse.kernel.workers import WorkerPool
 
-            self.pool = session.workers = WorkerPool(self.read_workers, self.fd, self.hot.fd, kept=self.store is not None,
-                                                     state_dir=self.state_dir, busy_poll_s=session.poll.seconds)
+            self.pool = session.workers = WorkerPool(self.read_workers, self.fd, self.hot, state_dir=self.state_dir,
+                                                     busy_poll_s=session.poll.seconds)
+            self.ops.data.space.reads_drained = _reads_drained(self.ops, self.pool)
         MOUNTED.attach(session)
         return session
 
@@ -227,7 +228,7 @@ class KernelTransport:
 
             self.session.forget_names()  # names the crash took (a rename, a create) must not be shown
             self.session.resend()  # what the crashed daemon (and its read workers) had read and not answered
-            end_orphans(self.state_dir)  # its workers kept their clones open for that resend
+            end_orphans(self.state_dir)  # any worker of it still running
         log.info("continuing the mount at %s (%s; protocol 7.%d)", self.mountpoint, self.adopted, record.minor)
         return True
 
@@ -352,16 +353,26 @@ class KernelTransport:
 
 def _attach_hot_map(ops: Operations) -> HotMap:
     """The hot map read workers consult (fs/hotmap.py), marked by open handles and by every command
-    proposed. A write short of space then waits out the grace period of superseded blocks: the
-    workers' reads, in other processes, are not among the reads `Reader.drained` waits for."""
+    proposed."""
     from awsomefsd.fs.hotmap import HotMap
 
     meta, buffer = ops.meta, ops.data.buffer
     hot = HotMap(lambda: meta.applied_index, lambda: meta.committed_index, lambda ino: ino in buffer.files)
     ops.handles.attach_hot(hot)
     meta.on_proposed(hot.changed)
-    ops.data.space.reads_drained = None
     return hot
+
+
+def _reads_drained(ops: Operations, pool: WorkerPool) -> Callable[[], Awaitable[None]]:
+    """What a write short of space waits for before it takes superseded blocks back early (fs/space.py):
+    the reads this process runs, then those it handed to its read workers."""
+    own = ops.data.reader.drained
+
+    async def drained() -> None:
+        await own()
+        await pool.drained()
+
+    return drained
 
 
 async def _settle_hot_map(hot: HotMap) -> None:

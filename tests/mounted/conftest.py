@@ -19,14 +19,15 @@ _counter = itertools.count()
 
 
 @contextlib.contextmanager
-def running_daemon(prefix: str, env: dict[str, str] | None = None) -> Iterator[Daemon]:
+def running_daemon(prefix: str, env: dict[str, str] | None = None, extra: list[str] | None = None) -> Iterator[Daemon]:
     """A daemon on an 8 GiB image under /var/tmp, stopped cleanly (exit 0) and removed after.
+    `extra`: more arguments for `awsomefsd dev`.
 
     Not under pytest's tmp dir: that is private to root, and tests act as other users too.
     """
     base = Path(tempfile.mkdtemp(prefix=prefix, dir="/var/tmp"))
     os.chmod(base, 0o755)
-    d = Daemon(base / "state", base / "mnt", size="8G", env=env).start()
+    d = Daemon(base / "state", base / "mnt", size="8G", env=env, extra=extra or []).start()
     try:
         yield d
     finally:

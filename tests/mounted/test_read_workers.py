@@ -11,15 +11,14 @@ with two workers, real processes reading and writing.
   served a file written moments ago from the state LMDB committed before the write would return
   old bytes (fs/hotmap.py). Seeded; the seed is in the failure message
   (AWSOMEFS_READ_WORKERS_SEED replays one).
-- A worker killed under a read load: the reads it held fail (ECONNABORTED), nothing hangs, a new
-  worker serves.
+- A worker killed under a read load: no read fails or hangs (the daemon serves the READs the
+  worker held, R6), a new worker serves.
 - A hand-over, and a crash, with workers under a read load: the reader sees every byte and no
   error, and the workers of the daemon before are gone.
 """
 
 from __future__ import annotations
 
-import errno
 import mmap
 import multiprocessing
 import os
@@ -30,6 +29,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -200,12 +200,14 @@ def _child(seed: int, index: int, mount: Path, mirror: Path, lock: multiprocessi
 
 @pytest.fixture(scope="module")
 def workers_daemon() -> Iterator[Daemon]:
-    with running_daemon("awsomefs-workers-", env=WORKERS) as d:
+    with running_daemon("awsomefs-workers-", env=WORKERS, extra=["--metrics-port", "0"]) as d:
         yield d
 
 
 def test_reads_served_by_workers_never_return_bytes_older_than_an_answered_write(workers_daemon: Daemon) -> None:
+    before = served_in_metrics(workers_daemon)
     run_exerciser(workers_daemon.mount)
+    assert served_in_metrics(workers_daemon) > before, "the workers served none of the exerciser's reads"
 
 
 def test_reads_the_daemon_starts_without_a_task_never_return_bytes_older_than_an_answered_write() -> None:
@@ -245,7 +247,7 @@ def run_exerciser(mount: Path) -> None:
         shutil.rmtree(mirror, ignore_errors=True)
 
 
-def test_workers_serve_cold_reads_and_a_killed_worker_fails_only_its_reads(workers_daemon: Daemon) -> None:
+def test_workers_serve_cold_reads_and_a_killed_worker_fails_no_read(workers_daemon: Daemon) -> None:
     path = workers_daemon.mount / "cold"
     data = os.urandom(1 << 20)
     write_cold(path, data)
@@ -260,10 +262,9 @@ def test_workers_serve_cold_reads_and_a_killed_worker_fails_only_its_reads(worke
     wait_for(lambda: len(set(worker_pids(workers_daemon)) - {pids[0]}) == 2, 30, "a new worker")
     out, _ = reader.communicate(timeout=60)  # a hang fails here
     assert reader.returncode == 0, out
-    ok, _failed, errnos = out.split()[0:3]
-    assert int(ok) > 1000, out
-    assert set(errnos.split(",")) <= {"-", str(errno.ECONNABORTED)}, out
-    assert "starting another" in workers_daemon.logs()
+    ok, failed, _errnos = out.split()[0:3]
+    assert int(ok) > 1000 and failed == "0", out
+    assert "the session serves the READs it held; starting another" in workers_daemon.logs()
     # and the reads after it are right, answered by workers
     fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
     try:
@@ -274,26 +275,38 @@ def test_workers_serve_cold_reads_and_a_killed_worker_fails_only_its_reads(worke
 
 
 COLD_READER = """
-import mmap, os, random, sys, time
+import mmap, os, random, sys, threading, time
 path, seconds = sys.argv[1], float(sys.argv[2])
 fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
 want = open(path, "rb").read()
-buf = mmap.mmap(-1, 4096)
 print("reading", flush=True)
-ok, failed, errnos = 0, 0, set()
+ok, failed, errnos, wrong = [0], [0], set(), []
 end = time.monotonic() + seconds
-while time.monotonic() < end:
-    offset = random.randrange(len(want) // 4096) * 4096
-    try:
-        os.preadv(fd, [buf], offset)
-    except OSError as exc:
-        failed += 1
-        errnos.add(str(exc.errno))
-        continue
-    assert buf[:] == want[offset:offset + 4096], offset
-    ok += 1
-print(ok, failed, ",".join(sorted(errnos)) or "-")
-"""
+
+def reader(seed):
+    rng, buf = random.Random(seed), mmap.mmap(-1, 4096)
+    while time.monotonic() < end:
+        offset = rng.randrange(len(want) // 4096) * 4096
+        try:
+            os.preadv(fd, [buf], offset)
+        except OSError as exc:
+            failed[0] += 1
+            errnos.add(str(exc.errno))
+            continue
+        if buf[:] != want[offset:offset + 4096]:
+            wrong.append(offset)
+        ok[0] += 1
+
+threads = [threading.Thread(target=reader, args=(i,)) for i in range(READERS)]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+assert not wrong, wrong[:10]
+print(ok[0], failed[0], ",".join(sorted(errnos)) or "-")
+""".replace("READERS", "8")
+"""Reads from 8 threads at once: the daemon hands a READ to a worker only while another read is in
+flight (a lone reader's reads it serves itself: handing each would only add a hop)."""
 
 
 def write_cold(path: Path, data: bytes) -> None:
@@ -308,14 +321,23 @@ def write_cold(path: Path, data: bytes) -> None:
 
 
 def direct_reads(path: Path, count: int) -> None:
-    """Write a 256 KiB file, make it cold, and read it `count` times 4 KiB at a time with O_DIRECT:
-    each read is one READ request the daemon (or a worker) serves from the device."""
+    """Write a 256 KiB file, make it cold, and read it `count` times 4 KiB at a time with O_DIRECT
+    from 8 threads: each read is one READ request the daemon (or a worker) serves from the device,
+    several in flight at once (a lone reader's are the daemon's)."""
     write_cold(path, os.urandom(1 << 18))
     fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
-    buf = mmap.mmap(-1, 4096)
-    try:
-        for i in range(count):
+
+    def reads(first: int) -> None:
+        buf = mmap.mmap(-1, 4096)
+        for i in range(first, count, 8):
             os.preadv(fd, [buf], (i % 64) * 4096)
+
+    try:
+        threads = [threading.Thread(target=reads, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
     finally:
         os.close(fd)
 
@@ -326,7 +348,7 @@ def test_the_summary_and_the_metrics_count_reads_the_workers_served() -> None:
     try:
         direct_reads(d.mount / "f", 500)
         metrics = scrape(d)
-        served = dict(re.findall(r'^awsomefs_read_worker_reads_served_total\{worker="(\d)"\} (\S+)$', metrics, re.M))
+        served = dict(re.findall(SERVED, metrics, re.M))
         # Most of the 500 reads, not all: under load a worker forwards a read that took over half
         # the grace period (R4) or met the file hot, and the daemon serves it.
         in_metrics = sum(float(v) for v in served.values())
@@ -356,6 +378,14 @@ def test_reads_the_daemon_starts_without_a_task_count_in_the_read_latency_metric
         shutil.rmtree(base, ignore_errors=True)
 
 
+SERVED = r'^awsomefs_read_worker_reads_served_total\{worker="(\d)"\} (\S+)$'
+
+
+def served_in_metrics(d: Daemon) -> float:
+    """Reads the workers served so far, by the metrics (the daemon was started with `--metrics-port 0`)."""
+    return sum(float(v) for _, v in re.findall(SERVED, scrape(d), re.M))
+
+
 def scrape(d: Daemon) -> str:
     """The daemon's /metrics (it was started with `--metrics-port 0`)."""
     port = re.search(r"metrics on http://127.0.0.1:(\d+)/", d.logs())
@@ -365,8 +395,9 @@ def scrape(d: Daemon) -> str:
 
 @pytest.mark.parametrize("how", ["hand-over", "crash"])
 def test_a_restart_with_workers_under_a_read_load_fails_no_read(how: str) -> None:
-    """A hand-over stops the workers first; after a crash they keep their clones until the next
-    daemon's RESEND, then it ends them: either way the reader sees every byte and no error."""
+    """A hand-over stops the workers after the session stopped reading, and what they did not answer
+    is served; a crash takes them with the daemon, and the next daemon's RESEND has the kernel send
+    what they held again: either way the reader sees every byte and no error."""
     base = Path(tempfile.mkdtemp(prefix="awsomefs-workers-restart-", dir="/var/tmp"))
     os.chmod(base, 0o755)
     sock = base / "keeper.sock"

@@ -1,8 +1,9 @@
 """A read worker's loop (fuse/kernel/worker_loop.py) with its real parts: the reads prepared and
 finished by fs/coldread.py, native AIO (io/aio_batch.py) on an image file, the hot map over a
-memfd. Two stand-ins: the session's clone is one end of a SEQPACKET socket pair (a message per
-request and per answer, as /dev/fuse gives and takes them), and the committed metadata is one
-file's inode and extent (the metadata reader is not under test here)."""
+memfd. Two stand-ins: the session's descriptor, where answers go, is one end of a SEQPACKET socket
+pair (a message per answer, as /dev/fuse takes them), and the committed metadata is one file's
+inode and extent (the metadata reader is not under test here). The proposer's end of the worker's
+socket is the test's: it hands READs (a message of one or several) and takes what comes back."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import socket
 import stat
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -24,7 +25,7 @@ from awsomefsd.fs.hotmap import HotMap, HotView
 from awsomefsd.fuse.kernel import abi, worker_loop
 from awsomefsd.fuse.kernel.abi import Op
 from awsomefsd.fuse.kernel.worker_loop import _Loop, _State
-from awsomefsd.fuse.kernel.workers import COUNTERS, MAX_WORKERS
+from awsomefsd.fuse.kernel.workers import COUNTERS, MAX_WORKERS, NONE_HELD
 from awsomefsd.io.checksum import block_checksums
 from awsomefsd.io.device import create_image
 from awsomefsd.io.layout import BLOCK_SIZE
@@ -58,8 +59,8 @@ class _OneFile:
 
 
 class Rig:
-    """A worker loop on its own thread; the test plays the kernel on `kernel` and the proposer on
-    `proposer`."""
+    """A worker loop on its own thread; the test plays the kernel on `kernel` (answers) and the
+    proposer on `proposer` (handed READs, and what comes back)."""
 
     def __init__(self, tmp: Path, monkeypatch: pytest.MonkeyPatch, busy_poll_s: float = 0.0) -> None:
         image = tmp / "device.img"
@@ -74,14 +75,14 @@ class Rig:
         self.image = image
         self.hot = HotMap(lambda: 0, lambda: 0, lambda ino: False)
         reader = ColdReader(tmp / "meta", str(image), direct=False, grace_s=60.0, hot=HotView(self.hot.fd))
-        self.kernel, clone = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.kernel, fuse = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self.proposer, sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        self.clone, self.sock = clone, sock
+        self.fuse, self.sock = fuse, sock
         self.counters = mmap.mmap(-1, COUNTERS.size * MAX_WORKERS)
         self.state = _State()
         assert reader.batch is not None, "native AIO"
         self.reader, self.batch = reader, reader.batch
-        self.loop = _Loop(clone.fileno(), self.state, sock, self.counters, 0, reader, busy_poll_s=busy_poll_s)
+        self.loop = _Loop(fuse.fileno(), self.state, sock, self.counters, 0, reader, busy_poll_s=busy_poll_s)
         self.failed: list[BaseException] = []
         self.thread = threading.Thread(target=self._run, daemon=True)
 
@@ -101,15 +102,22 @@ class Rig:
         assert not self.failed, self.failed
 
     def close(self) -> None:
-        for s in (self.kernel, self.clone, self.proposer, self.sock):
+        for s in (self.kernel, self.fuse, self.proposer, self.sock):
             s.close()
         self.reader.close()
         self.hot.close()
 
     def send_read(self, unique: int, offset: int, size: int) -> None:
-        body = abi.READ_IN.pack(1, offset, size, 0, 0, 0, 0)
-        self.kernel.send(abi.IN_HEADER.pack(abi.IN_HEADER.size + len(body), int(Op.READ), unique, INO, 0, 0, 1, 0, 0)
-                         + body)
+        """Hand one READ, a message of its own."""
+        self.proposer.send(read_request(unique, offset, size))
+
+    def hand(self, reads: dict[int, tuple[int, int]]) -> None:
+        """Hand READs (unique: offset, size) in one message, as the proposer's `flush` does."""
+        self.proposer.send(b"".join(read_request(u, offset, size) for u, (offset, size) in reads.items()))
+
+    def published(self) -> tuple[int, int, int]:
+        """The worker's counters: requests taken, the oldest unique it holds, reads served."""
+        return COUNTERS.unpack_from(self.counters, 0)
 
     def answers(self, count: int) -> dict[int, bytes]:
         """`count` answers from the loop, by unique."""
@@ -122,10 +130,22 @@ class Rig:
             got[unique] = message[abi.OUT_HEADER.size:]
         return got
 
-    def forwarded(self, count: int) -> list[int]:
-        """The uniques of `count` requests the loop forwarded to the proposer."""
+    def given_back(self, count: int) -> list[int]:
+        """The uniques of `count` requests the loop sent back to the proposer."""
         self.proposer.settimeout(WAIT_S)
         return [abi.IN_HEADER.unpack_from(self.proposer.recv(1 << 16))[2] for _ in range(count)]
+
+
+def read_request(unique: int, offset: int, size: int) -> bytes:
+    body = abi.READ_IN.pack(1, offset, size, 0, 0, 0, 0)
+    return abi.IN_HEADER.pack(abi.IN_HEADER.size + len(body), int(Op.READ), unique, INO, 0, 0, 1, 0, 0) + body
+
+
+def wait_until(condition: Callable[[], bool], what: str) -> None:
+    deadline = time.monotonic() + WAIT_S
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.005)
 
 
 @pytest.fixture
@@ -149,7 +169,8 @@ def test_the_reads_of_waiting_requests_go_to_the_kernel_together_and_are_answere
 
     monkeypatch.setattr(rig.batch, "submit", counted)
     reads = {100 + i: ((i * 5) % BLOCKS * BLOCK_SIZE + i, 3000 + i) for i in range(8)}
-    for unique, (offset, size) in reads.items():  # all waiting before the loop looks
+    rig.hand(dict(list(reads.items())[:5]))  # all waiting before the loop looks: a message of five,
+    for unique, (offset, size) in list(reads.items())[5:]:  # and three of one each
         rig.send_read(unique, offset, size)
     rig.start()
     got = rig.answers(len(reads))
@@ -158,10 +179,37 @@ def test_the_reads_of_waiting_requests_go_to_the_kernel_together_and_are_answere
     assert submits == [len(reads)], f"one io_submit for the eight reads waiting, got {submits}"
     rig.send_read(200, BLOCKS * BLOCK_SIZE - 10, 4096)  # the last 10 bytes
     assert rig.answers(1) == {200: rig.data[-10:]}
+    wait_until(lambda: rig.published() == (9, NONE_HELD, 9), "the counters: 9 taken, none held, 9 served")
     rig.stop()
 
 
-def test_a_read_during_which_the_file_turned_hot_is_forwarded_not_answered(
+def test_the_counters_show_the_oldest_read_still_held(rig: Rig, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What the proposer relies on to know which handed READs a dead worker may not have answered."""
+    real_collect = rig.batch.collect
+    release = threading.Event()
+
+    def slow_device(wait_s: float = 0.0) -> list[tuple[int, int]]:
+        return real_collect(wait_s) if release.is_set() else []
+
+    monkeypatch.setattr(rig.batch, "collect", slow_device)
+    rig.hand({11: (0, 4096), 12: (BLOCK_SIZE, 4096)})
+    rig.start()
+    wait_until(lambda: rig.published()[:2] == (2, 11), "two taken, 11 the oldest held")
+    release.set()
+    assert set(rig.answers(2)) == {11, 12}
+    wait_until(lambda: rig.published()[:2] == (2, NONE_HELD), "none held once both are answered")
+    rig.stop()
+
+
+def test_the_loop_ends_when_the_proposer_closes_its_end(rig: Rig) -> None:
+    rig.start()
+    rig.proposer.shutdown(socket.SHUT_RDWR)
+    rig.thread.join(WAIT_S)
+    assert not rig.thread.is_alive() and not rig.failed
+    assert rig.state.proposer_gone
+
+
+def test_a_read_during_which_the_file_turned_hot_is_given_back_not_answered(
         rig: Rig, monkeypatch: pytest.MonkeyPatch) -> None:
     real_collect = rig.batch.collect
 
@@ -174,14 +222,14 @@ def test_a_read_during_which_the_file_turned_hot_is_forwarded_not_answered(
     monkeypatch.setattr(rig.batch, "collect", a_write_arrives_meanwhile)
     rig.send_read(7, 0, 4096)
     rig.start()
-    assert rig.forwarded(1) == [7]
+    assert rig.given_back(1) == [7]
     rig.stop()
     rig.kernel.setblocking(False)
     with pytest.raises(BlockingIOError):
         rig.kernel.recv(1 << 16)
 
 
-def test_a_block_that_fails_its_checksum_is_forwarded(rig: Rig) -> None:
+def test_a_block_that_fails_its_checksum_is_given_back(rig: Rig) -> None:
     with open(rig.image, "r+b") as f:
         f.seek((FIRST_DEVICE_BLOCK + 3) * BLOCK_SIZE + 100)
         f.write(b"\xff\xfe")
@@ -189,7 +237,7 @@ def test_a_block_that_fails_its_checksum_is_forwarded(rig: Rig) -> None:
     rig.send_read(2, 3 * BLOCK_SIZE, 4096)
     rig.start()
     assert rig.answers(1) == {1: rig.data[:4096]}
-    assert rig.forwarded(1) == [2]
+    assert rig.given_back(1) == [2]
     rig.stop()
 
 
@@ -218,12 +266,12 @@ def test_a_stop_answers_the_reads_already_started(rig: Rig, monkeypatch: pytest.
     assert rig.batch.in_flight == 0
 
 
-def test_reads_the_kernel_refuses_to_start_are_forwarded(rig: Rig) -> None:
+def test_reads_the_kernel_refuses_to_start_are_given_back(rig: Rig) -> None:
     device_fd = rig.loop.reader.fd
     rig.loop.reader.fd = 1 << 20  # no such descriptor: io_submit refuses the read (EBADF)
     rig.send_read(1, 0, 4096)
     rig.start()
-    assert rig.forwarded(1) == [1]
+    assert rig.given_back(1) == [1]
     rig.loop.reader.fd = device_fd
     rig.send_read(2, BLOCK_SIZE, 4096)
     assert rig.answers(1) == {2: rig.data[BLOCK_SIZE : 2 * BLOCK_SIZE]}
@@ -233,7 +281,7 @@ def test_reads_the_kernel_refuses_to_start_are_forwarded(rig: Rig) -> None:
 
 def test_after_taking_requests_the_loop_looks_for_the_next_before_it_sleeps(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    sleeps: list[float] = []
+    woken: list[list[int]] = []
     real_epoll = select.epoll
 
     class CountedEpoll:
@@ -244,23 +292,32 @@ def test_after_taking_requests_the_loop_looks_for_the_next_before_it_sleeps(
             self._epoll.register(fd, mask)
 
         def poll(self, timeout: float) -> list[tuple[int, int]]:
-            sleeps.append(timeout)
-            return self._epoll.poll(timeout)
+            events = self._epoll.poll(timeout)
+            woken.append([fd for fd, _ in events])
+            return events
 
         def close(self) -> None:
             self._epoll.close()
 
     monkeypatch.setattr(worker_loop.select, "epoll", CountedEpoll)
     rig = Rig(tmp_path, monkeypatch, busy_poll_s=5.0)
+    real_collect = rig.batch.collect
+    glances: list[float] = []
+
+    def done_later_the_first_time(wait_s: float = 0.0) -> list[tuple[int, int]]:
+        glances.append(wait_s)
+        return [] if len(glances) == 1 else real_collect(wait_s)  # as a device's, not a file's
+
+    monkeypatch.setattr(rig.batch, "collect", done_later_the_first_time)
     try:
-        getattr_request = abi.IN_HEADER.pack(abi.IN_HEADER.size, int(Op.GETATTR), 1, INO, 0, 0, 1, 0, 0)
-        rig.kernel.send(getattr_request)
+        rig.send_read(1, 0, 4096)
         rig.start()
-        assert rig.forwarded(1) == [1]
+        assert rig.answers(1) == {1: rig.data[:4096]}
         time.sleep(0.1)  # the loop is past that round by then: looking, or asleep in epoll
-        rig.kernel.send(getattr_request[:8] + (2).to_bytes(8, "little") + getattr_request[16:])
-        assert rig.forwarded(1) == [2]
-        assert len(sleeps) == 1, f"the second request was taken by the look, not after a sleep: {sleeps}"
+        rig.send_read(2, BLOCK_SIZE, 4096)
+        assert rig.answers(1) == {2: rig.data[BLOCK_SIZE : 2 * BLOCK_SIZE]}
+        by_socket = [fds for fds in woken if rig.sock.fileno() in fds]
+        assert len(by_socket) == 1, f"the second READ was taken by the look, not by a wake-up: {woken}"
         rig.stop()
     finally:
         rig.state.stopping = True
@@ -274,7 +331,7 @@ def test_without_native_aio_the_reads_are_blocking_and_answered_the_same(
         assert rig.reader.batch is not None
         rig.reader.batch.close()
         rig.reader.batch = None  # what ColdReader keeps when io_setup is refused
-        rig.loop = _Loop(rig.clone.fileno(), rig.state, rig.sock, rig.counters, 0, rig.reader)
+        rig.loop = _Loop(rig.fuse.fileno(), rig.state, rig.sock, rig.counters, 0, rig.reader)
         rig.send_read(1, 5 * BLOCK_SIZE + 7, 6000)
         rig.send_read(2, BLOCKS * BLOCK_SIZE - 100, 4096)
         rig.start()

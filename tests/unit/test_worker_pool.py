@@ -1,104 +1,185 @@
-"""The proposer's side of read workers (fuse/kernel/workers.py): after a drain it looks for the next
-forwarded request a while before sleeping, and only while nothing forwarded waits for its answer.
-The worker is its socket pair (what a worker process writes there is all the pool sees); no worker
-process is started."""
+"""The proposer's side of read workers (fuse/kernel/workers.py): which READs it hands, how they
+go (a message per flush), what it forgets once a worker's counters say it is answered, and what
+the session serves when a worker dies. A worker is its socket pair and its counters (all the pool
+sees of one); no worker process is started."""
 
 from __future__ import annotations
 
-import os
 import socket
+import struct
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 import trio
 
+from awsomefsd.fs.hotmap import HotMap
 from awsomefsd.fuse.kernel import abi
 from awsomefsd.fuse.kernel.abi import Op
-from awsomefsd.fuse.kernel.workers import Worker, WorkerConfig, WorkerPool
+from awsomefsd.fuse.kernel.workers import (
+    COUNTERS,
+    HAND_TOGETHER,
+    NONE_HELD,
+    WORKER_READ_MAX,
+    Worker,
+    WorkerConfig,
+    WorkerPool,
+)
 
-POLL_S = 1.0
+COLD, HOT = 7, 8
 
 
 class _Running:
     def poll(self) -> None:
         return None
 
+    def kill(self) -> None:
+        raise AssertionError("a running worker was killed")
 
-def _request(unique: int) -> bytes:
-    return abi.IN_HEADER.pack(abi.IN_HEADER.size, int(Op.GETATTR), unique, 1, 0, 0, 1, 0, 0)
+
+def read_request(unique: int, ino: int = COLD, size: int = 4096) -> bytes:
+    body = abi.READ_IN.pack(1, 0, size, 0, 0, 0, 0)
+    return abi.IN_HEADER.pack(abi.IN_HEADER.size + len(body), int(Op.READ), unique, ino, 0, 0, 1, 0, 0) + body
+
+
+def uniques(message: bytes) -> list[int]:
+    """The uniques of the requests in one message, in order."""
+    found, at = [], 0
+    while at < len(message):
+        length, _opcode, unique = abi.IN_HEADER.unpack_from(message, at)[:3]
+        found.append(unique)
+        at += length
+    return found
+
+
+class Rig:
+    def __init__(self, tmp: Path, workers: int = 1) -> None:
+        self.hot = HotMap(lambda: 0, lambda: 0, lambda ino: False)
+        self.hot.hold(HOT)
+        self.pool = WorkerPool(WorkerConfig(workers, tmp, "/dev/null", False, 1.0), -1, self.hot, state_dir=None)
+        self.ends: list[socket.socket] = []
+        for index in range(workers):
+            mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            mine.setblocking(False)
+            theirs.settimeout(5)
+            worker = Worker(index, _Running(), mine)  # type: ignore[arg-type]
+            self.pool.workers[index] = worker
+            self.pool._ready.append(worker)
+            self.ends.append(theirs)
+            self.publish(index, 0, NONE_HELD)
+
+    def publish(self, index: int, taken: int, oldest: int) -> None:
+        """What a worker's loop publishes (worker_loop._Loop._publish)."""
+        struct.pack_into("=QQ", self.pool._counters, index * COUNTERS.size, taken, oldest)
+
+    def offer(self, unique: int, ino: int = COLD, size: int = 4096) -> bool:
+        return self.pool.offer(ino, unique, read_request(unique, ino, size))
+
+    def close(self) -> None:
+        for end in self.ends:
+            end.close()
+        self.pool._close_workers()  # no processes to stop
+        self.pool.close()
+        self.hot.close()
 
 
 @pytest.fixture
-def pool(tmp_path: Path) -> Iterator[tuple[WorkerPool, socket.socket]]:
-    hot = os.memfd_create("hot")
-    pool = WorkerPool(WorkerConfig(1, tmp_path, "/dev/null", False, 1.0), -1, hot, kept=False, state_dir=None,
-                      busy_poll_s=POLL_S)
-    mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    mine.setblocking(False)
-    pool.workers[0] = Worker(0, _Running(), mine, -1)  # type: ignore[arg-type]
-    yield pool, theirs
-    mine.close()
-    theirs.close()
-    os.close(hot)
+def rig(tmp_path: Path) -> Iterator[Rig]:
+    r = Rig(tmp_path)
+    yield r
+    r.close()
 
 
-def test_after_a_drain_the_next_forwarded_request_is_taken_without_sleeping(
-        pool: tuple[WorkerPool, socket.socket]) -> None:
-    workers, worker_end = pool
-    dispatched: list[tuple[int, float]] = []
+def test_cold_small_reads_are_handed_in_one_message_per_flush(rig: Rig) -> None:
+    assert all(rig.offer(u) for u in (1, 2, 3))
+    rig.ends[0].setblocking(False)
+    with pytest.raises(BlockingIOError):
+        rig.ends[0].recv(1 << 16)  # nothing sent before the flush
+    rig.pool.flush()
+    rig.ends[0].setblocking(True)
+    assert uniques(rig.ends[0].recv(1 << 16)) == [1, 2, 3]
+    assert rig.pool.handed == 3
 
-    def dispatch(data: bytes, answer: Any) -> None:
-        dispatched.append((abi.IN_HEADER.unpack_from(data)[2], trio.current_time()))
-        workers.workers[0].pending -= 1  # answered at once, as an inline request is
 
-    async def main() -> None:
+def test_a_full_message_goes_without_waiting_for_the_flush(rig: Rig) -> None:
+    for unique in range(1, HAND_TOGETHER + 1):
+        assert rig.offer(unique)
+    assert uniques(rig.ends[0].recv(1 << 16)) == list(range(1, HAND_TOGETHER + 1))
+
+
+def test_hot_files_large_reads_and_a_pool_without_workers_are_the_sessions(rig: Rig) -> None:
+    assert not rig.offer(1, ino=HOT)
+    assert not rig.offer(2, size=WORKER_READ_MAX + 4096)
+    assert not rig.pool.offer(COLD, 3, read_request(3)[:-8]), "a READ shorter than its structures"
+    rig.pool._ready.clear()
+    assert not rig.offer(4)
+    assert rig.pool.handed == 0
+
+
+def test_reads_go_round_the_workers(tmp_path: Path) -> None:
+    r = Rig(tmp_path, workers=2)
+    try:
+        for unique in range(1, 5):
+            assert r.offer(unique)
+        r.pool.flush()
+        got = sorted(uniques(end.recv(1 << 16)) for end in r.ends)
+        assert got == [[1, 3], [2, 4]]
+    finally:
+        r.close()
+
+
+def test_what_a_worker_answered_is_forgotten_and_what_it_holds_or_never_took_is_kept(rig: Rig) -> None:
+    for unique in range(10, 16):
+        rig.offer(unique)
+    rig.pool.flush()
+    assert rig.pool.holding()
+    rig.publish(0, taken=4, oldest=12)  # took 10-13; 10 and 11 answered, 12 held (13 answered or held)
+    rig.pool._prune(rig.pool.workers[0])
+    assert [u for u, _ in rig.pool.workers[0].handed] == [12, 13, 14, 15]
+    rig.publish(0, taken=6, oldest=NONE_HELD)
+    assert not rig.pool.holding(), "every READ handed is answered"
+
+
+def test_a_dead_workers_reads_are_served_by_the_session(rig: Rig) -> None:
+    """R6: what it sent back, then every READ it may not have answered; none it did answer."""
+    for unique in range(20, 26):
+        rig.offer(unique)
+    rig.pool.flush()
+    rig.ends[0].recv(1 << 16)
+    rig.ends[0].send(read_request(21))  # sent back: a mismatch, say
+    rig.publish(0, taken=4, oldest=22)  # took 20-23: 20 and 21 done, 22 held; 24 and 25 never taken
+    rig.ends[0].close()
+    served: list[int] = []
+
+    def dispatch(data: bytes) -> None:
+        served.append(abi.IN_HEADER.unpack_from(data)[2])
+
+    trio.run(rig.pool._retire, rig.pool.workers[0], dispatch)
+    assert served == [21, 22, 23, 24, 25]
+    assert rig.pool.given_back == 1 and rig.pool.served_again == 4
+
+
+def test_drained_waits_for_the_reads_handed_before_it_and_no_longer_than_half_the_grace_period(rig: Rig) -> None:
+    """What lets a write short of space take superseded blocks back early (fs/space.py)."""
+    for unique in (30, 31):
+        rig.offer(unique)
+    rig.publish(0, taken=2, oldest=31)  # 30 answered, 31 still read from the device
+
+    async def main() -> tuple[float, float]:
         async with trio.open_nursery() as nursery:
-            async def client() -> None:
-                await trio.sleep(0.01)  # within the look
-                worker_end.send(_request(8))
+            async def answered_later() -> None:
+                await trio.sleep(0.05)
+                rig.publish(0, taken=2, oldest=NONE_HELD)
 
-            nursery.start_soon(client)
+            nursery.start_soon(answered_later)
             began = trio.current_time()
-            await workers._linger(dispatch)
-            ended = trio.current_time()
-        assert [u for u, _ in dispatched] == [8], "the request sent during the look was dispatched by it"
-        assert dispatched[0][1] - began < POLL_S
-        assert ended - dispatched[0][1] >= POLL_S * 0.9, "the look starts again after a request"
+            await rig.pool.drained()
+            waited = trio.current_time() - began
+        rig.offer(32)  # taken by nobody: a worker stuck, say
+        began = trio.current_time()
+        await rig.pool.drained()
+        return waited, trio.current_time() - began
 
-    trio.run(main)
-
-
-def test_no_look_while_a_forwarded_request_waits_for_its_answer(pool: tuple[WorkerPool, socket.socket]) -> None:
-    workers, worker_end = pool
-    workers.workers[0].pending = 1  # a forwarded request's task is still to answer
-    worker_end.send(_request(9))
-    dispatched: list[bytes] = []
-
-    async def main() -> None:
-        with trio.fail_after(POLL_S / 2):
-            await workers._linger(lambda data, answer: dispatched.append(data))
-
-    trio.run(main)
-    assert dispatched == [], "the sleeping reader is woken by the socket, not by a look"
-
-
-def test_one_look_at_a_time(pool: tuple[WorkerPool, socket.socket]) -> None:
-    workers, _ = pool
-    returned: list[float] = []
-
-    async def main() -> None:
-        async with trio.open_nursery() as nursery:
-            async def look() -> None:
-                await workers._linger(lambda data, answer: None)
-                returned.append(trio.current_time())
-
-            began = trio.current_time()
-            nursery.start_soon(look)
-            await trio.sleep(0.01)  # the first look is under way
-            await workers._linger(lambda data, answer: None)
-            assert trio.current_time() - began < POLL_S / 2, "a second watcher's look returns at once"
-        assert returned and returned[0] - began >= POLL_S * 0.9
-
-    trio.run(main)
+    waited, stuck = trio.run(main)
+    assert 0.05 <= waited < 0.4, "until the read handed before it was answered"
+    assert 0.5 <= stuck < 1.0, "half the grace period (1 s) at most: a worker drops a read that took longer"

@@ -7,6 +7,9 @@ How requests are served (the reasons, measured, are in docs/design-notes.md):
   stops reading and the kernel keeps the rest queued. On a single node the common READ of a
   cold file gets no task: the reader submits its device read and the AIO completion
   answers it (`start_read`, `_start_read`).
+- **Read workers** (`[mount] read_workers`, workers.py): a READ of a cold file read while another
+  read is in flight is handed to a worker process, which answers it on this descriptor; the READs
+  of one burst go together when the reader finds no more waiting.
 - **Answers** are one writev each (header and payload, no copy of a read's data). An answer the
   kernel no longer wants (the request was aborted: ENOENT) is dropped silently.
 - **Bad requests** (shorter than their structures, a name without its NUL) are answered EINVAL
@@ -132,7 +135,8 @@ class Session:
         how long the reader looks for a request before it sleeps (busypoll.py; 0: never, and never
         when this process may use only one CPU, where looking would keep the client off it)."""
         self.poll = BusyPoll(busy_poll_s if len(os.sched_getaffinity(0)) > 1 else 0.0, self._read,
-                             lambda: bool(self._running or self._reads_started))
+                             lambda: bool(self._running or self._reads_started
+                                          or (self.workers is not None and self.workers.holding())))
         self.uring = uring
         self.ring_depth = ring_depth
         self.ring: fuse_ring.FuseRing | None = None
@@ -148,9 +152,8 @@ class Session:
         self.negotiated = negotiated
         self._reading = trio.CancelScope()
         self.workers: WorkerPool | None = None
-        """Read workers (`[mount] read_workers`): they read the requests, this session serves
-        what they forward and reads nothing itself (fuse/kernel/workers.py)."""
-        self._stopped = False  # stop_reading was asked while workers read
+        """Read workers (`[mount] read_workers`): the READs of cold files this session reads are
+        handed to them (fuse/kernel/workers.py); what they send back is served here."""
         self._buffer = bytearray(READ_BUFFER)
         self.max_in_flight = max_in_flight
         self._running = 0  # requests being handled
@@ -258,6 +261,9 @@ class Session:
         task_status.started(negotiated)
         try:
             async with trio.open_nursery() as nursery:
+                workers = self.workers if self.ring is None else None
+                if workers is not None:
+                    await nursery.start(workers.serve, lambda data: self._given_back(nursery, data))
                 with self._reading:
                     async with trio.open_nursery() as readers:
                         if self.ring is not None:
@@ -265,11 +271,10 @@ class Session:
                             if continued and self.on_ring_started is not None:
                                 self.on_ring_started(self.ring)
                             readers.start_soon(self.ring.serve, lambda h, d, a: self._start(nursery, h, d, a))
-                        if self.workers is not None and self.ring is None:
-                            await self.workers.serve(lambda data, answer: self._forwarded(nursery, data, answer))
-                        else:
-                            await self._read_requests(nursery)
+                        await self._read_requests(nursery)
                         readers.cancel_scope.cancel()
+                if workers is not None:  # they answer what they took; what they did not is served here
+                    workers.stop()
                 while self._reads_started:  # their answers, or fallback tasks, still to come
                     self._reads_ended = trio.Event()
                     await self._reads_ended.wait()
@@ -281,25 +286,19 @@ class Session:
                 log.info("FUSE session: %d requests served over io_uring, %d by read()", self.ring.served,
                          self.requests - self.ring.served)
                 self.ring = None  # a `serve` after `resume_reading` registers entries anew
-        if self._reading.cancel_called or self._stopped:
+        if self._reading.cancel_called:
             log.info("FUSE session: stopped reading, every request read is answered")
         else:
             log.info("FUSE session ended: the filesystem was unmounted")
 
     def stop_reading(self) -> None:
         """Read no more requests (the kernel keeps them for the next daemon); `serve` returns once
-        the requests in flight are answered. Read workers are stopped first (each finishes the
-        request in hand; what they forwarded is served)."""
-        if self.workers is not None and self.ring is None:
-            self._stopped = True
-            self.workers.stop()
-        else:
-            self._reading.cancel()
+        the requests in flight are answered (those handed to read workers included)."""
+        self._reading.cancel()
 
     def resume_reading(self) -> None:
         """After `stop_reading`: the next `serve` reads again (a hand-over called off)."""
         self._reading = trio.CancelScope()
-        self._stopped = False
 
     def resend(self) -> bool:
         """Ask the kernel to send again every request it sent and saw no answer to (those a
@@ -334,12 +333,17 @@ class Session:
         Waiting first, to spare the read that fails, served one request at a time no cheaper."""
         read_since_checkpoint = 0
         routes = self._routes
+        workers = self.workers if self.ring is None else None
         while True:
             while self._running >= self.max_in_flight:
+                if workers is not None:
+                    workers.flush()
                 self._room = trio.Event()
                 await self._room.wait()
             try:
                 data = self._read()
+                if data is None and workers is not None:
+                    workers.flush()
                 if data is None and self.poll.seconds and self.ring is None:
                     data = await self.poll.next_request(self.fd)
                 while data is None:  # none queued: wait, then read (not read, fail and wait)
@@ -354,6 +358,9 @@ class Session:
                 if route is not None and (route[2] or (route[3] is not None and route[3](data))):
                     self.requests += 1
                     await self._inline(header, data, route[0], route[1])
+                elif header.opcode == Op.READ and workers is not None and (self._reads_started or workers.holding()) \
+                        and not self._changes.any(header.nodeid) and workers.offer(header.nodeid, header.unique, data):
+                    self.requests += 1
                 elif header.opcode == Op.READ and self.start_read is not None \
                         and not self._changes.any(header.nodeid) and self._start_read(nursery, header, data):
                     pass
@@ -364,6 +371,8 @@ class Session:
             read_since_checkpoint += 1
             if read_since_checkpoint >= READS_PER_CHECKPOINT:
                 read_since_checkpoint = 0
+                if workers is not None:
+                    workers.flush()
                 await trio.lowlevel.checkpoint()
 
     async def _inline(self, header: Header, data: bytes, handler: Handler, name: str) -> None:
@@ -441,21 +450,13 @@ class Session:
             self._reads_ended.set()
         self.poll.answered()
 
-    def _forwarded(self, nursery: trio.Nursery, data: bytes,
-                   answer: Callable[[list[Any]], None]) -> Awaitable[None] | None:
-        """A request a read worker forwarded: served as if read here; its answer goes out through
-        the worker's clone (`answer`), the only descriptor the kernel takes it on. Not
-        interruptible (an EINTR could only go out there too): it finishes, as a ring's do."""
-        try:
-            header = abi.parse_header(data)
-        except Malformed as exc:
-            self.malformed += 1
-            log.warning("FUSE: dropped a malformed request: %s", exc)
-            answer([abi.error_reply(abi.IN_HEADER.unpack_from(data)[2], errno.EINVAL)])
-            return None
-        if header.opcode == Op.INTERRUPT:
-            return None
-        return self._start(nursery, header, data, answer)
+    def _given_back(self, nursery: trio.Nursery, data: bytes) -> Awaitable[None] | None:
+        """A READ this session handed to a read worker, served here after all: the worker sent it
+        back, or died or stopped without answering it (then the kernel may refuse this answer:
+        ENOENT, dropped). Counted when it was handed."""
+        header = abi.parse_header(data)  # read and parsed here before it was handed
+        self.requests -= 1  # counted again by `_start`
+        return self._start(nursery, header, data, None)
 
     def _dispatch(self, nursery: trio.Nursery, data: bytes) -> Header | None:
         """The request's header if it is to be handled; malformed ones and INTERRUPT end here."""

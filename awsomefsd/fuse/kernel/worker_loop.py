@@ -1,18 +1,25 @@
 """A read worker process (`awsomefsd fuse-worker SPEC`, started by fuse/kernel/workers.py).
 
-One thread, no event loop: it waits (epoll) for requests on the worker's clone of the session's
-descriptor and for device reads to complete. It reads every request waiting (the clone is
-non-blocking), starts the device read of each READ of a cold file (fs/coldread.py prepares it;
-native AIO, io/aio_batch.py: one io_submit for all of them) and sends anything else whole to the
-proposer; each read's completion is verified and answered from its buffer. After a round that
-took requests it looks for the next one a while before it sleeps (`_linger`). Four threads with
-blocking reads did the same before and spent most of their CPU handing the GIL to each other
-(design note 131). Without native AIO the reads are blocking, one at a time.
+One thread, no event loop: it waits (epoll) for the READs the proposer hands it over a SEQPACKET
+socket (a message holds one request or several, each as the kernel gave it) and for device reads
+to complete. It takes every message waiting, starts the device read of each READ of a cold file
+(fs/coldread.py prepares it; native AIO, io/aio_batch.py: one io_submit for all of them), answers
+each from its buffer once its completion is verified, on its copy of the session's descriptor (the
+proposer's, which read the request: the kernel takes an answer on the descriptor that read it),
+and sends back whole what it cannot serve. After a round that took requests it looks for the next
+one a while before it sleeps (`_linger`). Four threads with blocking reads did the same before and
+spent most of their CPU handing the GIL to each other (design note 131). Without native AIO the
+reads are blocking, one at a time.
 
-To stop (SIGTERM from the proposer: a hand-over; or the proposer died) the worker reads no more
-requests, answers the reads it started and exits: 0 when the session ended (ENODEV) or after a
-stop, 2 when the proposer is gone (after waiting as an orphan, workers.py says why), 1 after an
-error (one line in the daemon's log; the proposer starts another).
+What it holds is published in shared memory for the proposer (`COUNTERS`: requests taken, the
+oldest unique still held, reads served): a worker that dies leaves the proposer the requests it
+took and did not answer, and those it never took (workers.py, R6).
+
+To stop (SIGTERM from the proposer: a hand-over, the session ended) the worker takes no more
+requests, answers the reads it started and exits 0; it exits 2 when the proposer is gone (its end
+of the socket closed), 1 after an error (one line in the daemon's log; the proposer starts
+another). It dies with the proposer (PR_SET_PDEATHSIG): what it held is the proposer's descriptor's,
+which the next daemon has the kernel send again.
 """
 
 from __future__ import annotations
@@ -35,14 +42,14 @@ from awsomefsd.fs.coldread import Answer, ColdReader, RunRead
 from awsomefsd.fs.hotmap import HotView
 from awsomefsd.fuse.kernel import abi
 from awsomefsd.fuse.kernel.abi import Op
-from awsomefsd.fuse.kernel.session import CHANGES_DATA
-from awsomefsd.fuse.kernel.workers import COUNTERS, MAX_WORKERS, WORKER_READ_MAX
+from awsomefsd.fuse.kernel.workers import COUNTERS, HAND_TOGETHER, MAX_WORKERS, NONE_HELD, WORKER_READ_MAX
 
-REQUEST_BYTES = 1 << 20 | 1 << 13
-"""A full 1 MiB WRITE and its headers."""
+MESSAGE_BYTES = 1 << 16
+"""A message of handed READs (workers.HAND_TOGETHER of them at most, 80 bytes each)."""
 STOP_POLL_S = 0.05
 SUBMIT_TOGETHER = 16
 """Reads queued at most before they go to the kernel (one io_submit, one doorbell of a virtio disk)."""
+_LENGTH = struct.Struct("<I")
 _HEAD = struct.Struct("<IQQ")
 """opcode, unique, nodeid: the in-header after its length."""
 _READ_AT = struct.Struct("<QI")
@@ -56,7 +63,6 @@ READ = int(Op.READ)
 class _State:
     def __init__(self) -> None:
         self.stopping = False
-        self.unmounted = False
         self.proposer_gone = False
 
 
@@ -71,9 +77,7 @@ def worker_main(argv: list[str]) -> int:
 
 def _serve(spec: dict[str, Any]) -> int:
     parent = spec["parent"]
-    # Without a descriptor store the mount ends with the proposer, as it does without workers:
-    # at once (SIGKILL: nothing to finish, the requests read are lost with the proposer anyway).
-    _die_with_parent(signal.SIGTERM if spec["orphan_wait_s"] else signal.SIGKILL)
+    _die_with_parent()
     state = _State()
 
     def on_stop(_signum: int, _frame: object) -> None:
@@ -89,21 +93,18 @@ def _serve(spec: dict[str, Any]) -> int:
     reader = ColdReader(Path(spec["meta"]), spec["device"], direct=spec["direct"], grace_s=spec["grace_s"],
                         hot=HotView(spec["hot"]))
     try:
-        _Loop(spec["clone"], state, sock, counters, spec["index"] * COUNTERS.size, reader,
+        _Loop(spec["fuse"], state, sock, counters, spec["index"] * COUNTERS.size, reader,
               busy_poll_s=spec.get("busy_poll_s", 0.0)).run()
     finally:
         reader.close()
-    if state.unmounted:
-        return 0
-    if state.proposer_gone or os.getppid() != parent:
-        _wait_as_orphan(spec["orphan_wait_s"])
-        return 2
-    return 0
+    return 2 if state.proposer_gone or os.getppid() != parent else 0
 
 
 class _Loop:
-    """The worker's one loop (the module's docstring). `at`: where its R3 counters are;
-    `busy_poll_s`: how long it looks for the next request before sleeping (`_linger`)."""
+    """The worker's one loop (the module's docstring). `fd`: where answers go (the session's
+    descriptor); `sock`: the proposer's handed READs come in and what is not served goes back;
+    `at`: where its counters are; `busy_poll_s`: how long it looks for the next request before
+    sleeping (`_linger`)."""
 
     def __init__(self, fd: int, state: _State, sock: socket.socket, counters: mmap.mmap, at: int,
                  reader: ColdReader, *, busy_poll_s: float = 0.0) -> None:
@@ -112,26 +113,22 @@ class _Loop:
         self.busy_poll_s = busy_poll_s
         self.took = 0
         """Requests taken since `_linger` last looked."""
-        libc = ctypes.CDLL(None, use_errno=True)
-        self._read = libc.read
-        self._read.restype = ctypes.c_ssize_t
-        self._read.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t]
-        self.request = bytearray(REQUEST_BYTES)
-        self.address = ctypes.addressof((ctypes.c_char * REQUEST_BYTES).from_buffer(self.request))
+        self.taken = 0
+        """Requests taken since the worker started (published: `COUNTERS`)."""
+        self.message = bytearray(MESSAGE_BYTES)
         self.reading: dict[int, tuple[RunRead, int, bytes]] = {}
-        """slot -> the read, its request's unique, the request (forwarded if the read fails)."""
+        """slot -> the read, its request's unique, the request (sent back if the read fails)."""
         self.queued = 0
 
     def run(self) -> None:
-        os.set_blocking(self.fd, False)
         poller = select.epoll()
-        poller.register(self.fd, select.EPOLLIN | select.EPOLLEXCLUSIVE)
+        poller.register(self.sock.fileno(), select.EPOLLIN)
         if self.batch is not None:
             poller.register(self.batch.fileno(), select.EPOLLIN)
         try:
             while not self.state.stopping:
-                if self.batch is not None and not self.batch.free:
-                    self._answer(self.batch.collect(STOP_POLL_S))  # room first
+                if self.batch is not None and self.batch.free < HAND_TOGETHER:
+                    self._answer(self.batch.collect(STOP_POLL_S))  # room for a message's reads first
                     continue
                 poller.poll(STOP_POLL_S)
                 self._take_requests()
@@ -144,58 +141,73 @@ class _Loop:
             poller.close()
 
     def _take_requests(self) -> None:
-        """Every request waiting on the clone, while there is room for their reads."""
+        """Every message waiting on the socket, while there is room for their reads."""
         batch = self.batch
-        while not self.state.stopping and (batch is None or batch.free):
-            n = self._read(self.fd, self.address, REQUEST_BYTES)
-            if n < 0:
-                err = ctypes.get_errno()
-                if err in (errno.EINTR, errno.ENOENT):  # a signal; a request aborted while read
-                    continue
-                if err == errno.EAGAIN:
-                    break
-                if err == errno.ENODEV:
-                    self.state.unmounted = self.state.stopping = True
-                    break
-                raise OSError(err, os.strerror(err))
-            self._take(n)
+        took = False
+        while not self.state.stopping and (batch is None or batch.free >= HAND_TOGETHER):
+            try:
+                n = self.sock.recv_into(self.message, MESSAGE_BYTES, socket.MSG_DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:
+                n = 0
+            if n == 0:  # the proposer closed its end
+                self.state.proposer_gone = self.state.stopping = True
+                break
+            took = True
+            self._take_message(n)
         if batch is not None and self.queued:
             self._submit()
+        if took:
+            self._publish()
+
+    def _take_message(self, n: int) -> None:
+        """The requests of one message, each as the kernel gave it (its length first)."""
+        message = self.message
+        at = 0
+        while at + READ_REQUEST_BYTES <= n:
+            (length,) = _LENGTH.unpack_from(message, at)
+            if length < READ_REQUEST_BYTES or at + length > n:
+                break  # the proposer sends whole READs only
+            self._take(at, length)
+            at += length
 
     def _linger(self) -> None:
-        """After a round that took requests, while no device read is in flight (its completion
-        wakes the loop anyway): look for the next request for up to `busy_poll_s`, again after
-        each one found, before sleeping in epoll. A client that waits for each answer sends its
-        next request soon after the proposer answered the one forwarded; a worker asleep makes it
-        cost a wake-up in this VM besides the proposer's (design note 132: one process's creates
-        with one worker went from 0.57-0.70x the daemon alone to 1.25x with the look)."""
+        """After a round that took requests, once no device read is in flight (a completion wakes
+        the loop anyway; the look waits for the round that answers it): look for the next request
+        for up to `busy_poll_s`, again after each one found, before sleeping in epoll. A client
+        that waits for each answer sends its next request soon after it got one; a worker asleep
+        makes it cost a wake-up in this VM."""
         if not self.took or self.busy_poll_s <= 0:
             return
         until = time.perf_counter() + self.busy_poll_s
-        while not self.state.stopping and (self.batch is None or not self.batch.in_flight) \
-                and time.perf_counter() < until:
+        while not self.state.stopping and time.perf_counter() < until:
+            if self.batch is not None and self.batch.in_flight:
+                return  # `took` stays: the round that answers looks
             self.took = 0
             self._take_requests()
             if self.took:
                 until = time.perf_counter() + self.busy_poll_s
         self.took = 0
 
-    def _take(self, n: int) -> None:
+    def _take(self, at: int, n: int) -> None:
         self.took += 1
-        request = self.request
-        opcode, unique, nodeid = _HEAD.unpack_from(request, 4)
-        if opcode == READ and n >= READ_REQUEST_BYTES:
-            offset, size = _READ_AT.unpack_from(request, _READ_AT_OFFSET)
+        self.taken += 1
+        message = self.message
+        opcode, unique, nodeid = _HEAD.unpack_from(message, at + 4)
+        request = bytes(memoryview(message)[at : at + n])
+        if opcode == READ:
+            offset, size = _READ_AT.unpack_from(message, at + _READ_AT_OFFSET)
             if size <= WORKER_READ_MAX:
                 planned = self.reader.prepare(nodeid, offset, size) if self.batch is not None \
                     else self.reader.read(nodeid, offset, size)
                 if isinstance(planned, RunRead):
-                    self._start(planned, unique, bytes(memoryview(request)[:n]))
+                    self._start(planned, unique, request)
                     return
                 if planned is not None:  # answered without a device read of its own
                     self._send(unique, planned)
                     return
-        self._forward(bytes(memoryview(request)[:n]), opcode, unique)
+        self._give_back(request, unique)
 
     def _start(self, planned: RunRead, unique: int, request: bytes) -> None:
         """Queue the device read of `planned` (submitted with the others read meanwhile)."""
@@ -209,18 +221,29 @@ class _Loop:
     def _submit(self) -> None:
         assert self.batch is not None
         self.queued = 0
-        self._answer(self.batch.submit())  # refused: -errno, so forwarded
+        self._answer(self.batch.submit())  # refused: -errno, so sent back
 
     def _answer(self, done: list[tuple[int, int]]) -> None:
-        """Answer each read done (slot, the device's byte count or -errno), or forward its request."""
+        """Answer each read done (slot, the device's byte count or -errno), or send its request back."""
+        if not done:
+            return
         assert self.batch is not None
         for slot, got in done:
             planned, unique, request = self.reading.pop(slot)
             out = self.reader.finish(planned, self.batch.buffer(slot), got)
             if out is None:
-                self._forward(request, READ, unique)
+                self._give_back(request, unique)
             else:
                 self._send(unique, out)
+        self._publish()
+
+    def _publish(self) -> None:
+        """What this worker holds, for the proposer (R6): the oldest unique it has taken and not
+        answered, then how many it has taken; the proposer reads them in the other order."""
+        oldest = min((unique for _, unique, _ in self.reading.values()), default=NONE_HELD)
+        struct.pack_into("=Q", self.counters, self.at + 8, oldest)
+        struct.pack_into("=Q", self.counters, self.at, self.taken)
+        struct.pack_into("=Q", self.counters, self.at + 16, self.reader.served)
 
     def _send(self, unique: int, out: Answer) -> None:
         try:
@@ -228,36 +251,23 @@ class _Loop:
         except OSError as exc:
             if exc.errno not in (errno.ENOENT, errno.ENODEV):  # aborted, or the session ended
                 raise
-        struct.pack_into("=Q", self.counters, self.at + 16, self.reader.served)
 
-    def _forward(self, data: bytes, opcode: int, unique: int) -> None:
-        change = opcode in CHANGES_DATA
-        if change:  # R3: the proposer orders reads after it; other requests need no order
-            struct.pack_into("=Q", self.counters, self.at, unique)
+    def _give_back(self, request: bytes, unique: int) -> None:
+        """A request this worker does not serve: the proposer's (its path reads and reports)."""
         try:
-            self.sock.send(data)
+            self.sock.send(request)
         except OSError as exc:
             if exc.errno in (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN):
-                # the request stays in this clone's queue for the next daemon's RESEND
+                # the proposer is gone: the next daemon has the kernel send the request again
                 self.state.proposer_gone = self.state.stopping = True
                 return
-            print(f"awsomefsd: a read worker cannot forward a request of {len(data)} bytes: {exc.strerror}",
+            print(f"awsomefsd: a read worker cannot give back a request of {len(request)} bytes: {exc.strerror}",
                   file=sys.stderr, flush=True)
             os.write(self.fd, abi.error_reply(unique, errno.EIO))
-        if change:
-            struct.pack_into("=Q", self.counters, self.at + 8, unique)
 
 
-def _die_with_parent(signum: int) -> None:
-    """`signum` when the proposer exits (PR_SET_PDEATHSIG)."""
+def _die_with_parent() -> None:
+    """SIGKILL when the proposer exits (PR_SET_PDEATHSIG): nothing to finish, what was taken is
+    the proposer's descriptor's, sent again to the next daemon or failed with the mount."""
     libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(1, signum, 0, 0, 0)  # PR_SET_PDEATHSIG
-
-
-def _wait_as_orphan(wait_s: float) -> None:
-    """Keep the clone (and what this worker read) until the next daemon ends this process after its
-    RESEND, or `wait_s` passed: closing it earlier would fail those requests."""
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    deadline = time.monotonic() + wait_s
-    while time.monotonic() < deadline:
-        time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
+    libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG

@@ -1,44 +1,38 @@
-"""Read workers: processes that read the session's requests from cloned /dev/fuse descriptors,
-answer reads of cold files themselves and forward everything else to this daemon (the proposer).
-docs/multicore.md is the design; this is its step 1, behind `[mount] read_workers`.
+"""Read workers: processes that serve the READs of cold files this daemon (the proposer) reads
+and hands them, beside it, on the other cores. docs/multicore.md is the design; this is its step
+1, behind `[mount] read_workers`.
 
-- **Spawning.** The proposer clones the session's descriptor (`FUSE_DEV_IOC_CLONE`) for each
-  worker and keeps a copy: the kernel takes an answer only on the descriptor that read the
-  request, and with the copy the proposer writes the answers to forwarded requests itself, so a
-  worker never waits for the proposer. A worker is `awsomefsd fuse-worker` (the same program:
-  an interpreter, or the compiled binary), given the clone, one end of a SEQPACKET socket pair,
-  the hot map (fs/hotmap.py) and the R3 counters.
-- **A worker** (fuse/kernel/worker_loop.py) is one thread without an event loop: it reads every
-  request waiting on its clone, starts the device reads of READs of cold files together (native
-  AIO) and answers each from LMDB and the device as it completes (fs/coldread.py); anything else
-  is sent whole to the proposer. It stops at ENODEV (unmounted: exit 0) or when told (SIGTERM:
-  it answers the reads it started, then exits).
-- **R3, order.** The proposer takes what workers forward one drain at a time (the task watching
-  the socket that became readable drains every socket, then looks again for a while before it
-  sleeps), orders what it got by `unique` (the kernel's queue order) and, before a READ or
-  LSEEK with unique u, waits for every worker that read a change (WRITE, SETATTR, FALLOCATE)
-  before u and has not handed it over (`last_read`, `last_handed`, published in shared memory):
-  the changes the kernel sent before the read are then in `ChangesInFlight`, which makes the read
-  wait for them. (Not covered: the instant between a worker's read() returning and its storing
-  the unique.)
-- **R6, a worker dies.** Its forwarded requests are the proposer's already; once they are
-  answered the proposer closes its copy of the clone, and the kernel ends the requests the
-  dead worker was reading itself with ECONNABORTED (reads only: nothing is lost). No RESEND:
-  it would replay requests the other readers are serving. A new worker starts.
-- **The proposer dies.** A worker notices (PR_SET_PDEATHSIG) and stops reading, but keeps its
-  clone open (requests it forwarded are in its clone's queue) until the next daemon has asked
-  the kernel to send those again (FUSE_NOTIFY_RESEND covers every clone) and ends it
-  (`end_orphans`), or `ORPHAN_WAIT_S` passed. Without a descriptor store no daemon continues
-  the mount: the kernel kills the workers with the proposer, and the mount ends as it does
-  without them (a request a worker had read fails with ECONNABORTED, like any in flight).
-- **A hand-over** stops the workers first: each finishes its request, the dispatcher drains
-  their sockets, the session answers everything; the next daemon starts its own workers.
+- **Who reads the kernel.** The session reads every request itself, as without workers. A READ of
+  at most `WORKER_READ_MAX` bytes of a file the hot map says is cold (fs/hotmap.py, R1), with no
+  change to it in flight here (`ChangesInFlight`), is handed to a worker (`offer`), round robin;
+  everything else the session serves itself. Before (design note 133), each worker read its own
+  clone of the descriptor and forwarded all it could not serve: every metadata request then paid
+  a hop through a worker (creates 0.57-0.70x the daemon alone), and reads had to be ordered after
+  changes other workers held (R3, counters and waits). Now the kernel's order is the session's.
+- **Spawning.** A worker is `awsomefsd fuse-worker` (the same program: an interpreter, or the
+  compiled binary), given the session's descriptor (it writes its answers there: the kernel takes
+  an answer on the descriptor that read the request), one end of a SEQPACKET socket pair, the hot
+  map and its counters.
+- **A worker** (fuse/kernel/worker_loop.py) is one thread without an event loop: it takes the
+  handed READs from the socket, starts their device reads together (native AIO) and answers each
+  from LMDB and the device as it completes (fs/coldread.py); one it cannot serve (hot by its
+  second look, a checksum mismatch, a tiered block) it sends back, and the session serves it.
+- **R6, a worker dies.** The requests it took are read from the proposer's descriptor: the kernel
+  ends none of them. The proposer keeps what it handed each worker until the worker's counters
+  (`COUNTERS`: requests taken, the oldest still held) say it is answered; when the worker dies,
+  what it sent back is served, then every request it may not have answered is served again by the
+  session (an answer the worker did give makes the kernel refuse the second one: ENOENT, dropped).
+  A new worker starts.
+- **The proposer dies.** Its workers die with it (PR_SET_PDEATHSIG, SIGKILL): what they held is
+  the proposer's descriptor's, which the next daemon's RESEND covers (or the mount ends with it,
+  without a descriptor store, as without workers).
+- **A stop** (a hand-over, the session's end) stops the session reading first, then the workers:
+  each answers the reads it started and exits; what they sent back and what they never answered
+  is served by the session; the next daemon starts its own workers.
 """
 
 from __future__ import annotations
 
-import errno
-import fcntl
 import json
 import logging
 import mmap
@@ -48,49 +42,56 @@ import socket
 import struct
 import subprocess
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import trio
 
 from awsomefsd.fs.coldread import MAX_READ_BYTES
 from awsomefsd.fuse.kernel import abi
-from awsomefsd.fuse.kernel.abi import Op
-from awsomefsd.fuse.kernel.session import READS_DATA
 from awsomefsd.program import own_command
 
 if TYPE_CHECKING:
     from awsomefsd.config import Settings
+    from awsomefsd.fs.hotmap import HotMap
 
 log = logging.getLogger(__name__)
 
-FUSE_DEV_IOC_CLONE = 0x8004E500  # _IOR(229, 0, uint32_t)
 SO_SNDBUFFORCE = 32
-MAX_MESSAGE = 1 << 21
-"""A forwarded request: up to 1 MiB of WRITE data and its headers."""
-COUNTERS = struct.Struct("=QQQ")  # a worker's last change read (unique), last handed over, reads served
+SOCKET_BUFFER = 1 << 20
+"""Each way of a worker's socket: handed READs (80 bytes each) and what comes back."""
+MAX_MESSAGE = 1 << 16
+COUNTERS = struct.Struct("=QQQ")
+"""Per worker, in shared memory: requests taken, the oldest unique it holds (`NONE_HELD`), reads served."""
+NONE_HELD = (1 << 64) - 1
+_WORD = struct.Struct("=Q")
 MAX_WORKERS = 64
 WORKER_READ_MAX = MAX_READ_BYTES
-"""Larger READs (sequential reads, read-ahead) are forwarded: they are the proposer's, whose reads
+"""Larger READs (sequential reads, read-ahead) stay the session's: they are the proposer's, whose reads
 of large runs go to threads; measured when workers read with one thread each, sequential 1 MiB
 reads fell to 0.58x with every READ served by two workers."""
-ORPHAN_WAIT_S = 120.0
-DEAD_WORKER_ANSWERS_S = 10.0
-"""How long a dead worker's forwarded requests may take before its clone is closed anyway."""
-R3_WAIT_S = 0.05
+HAND_TOGETHER = 16
+"""READs handed to a worker in one message at most."""
+_READ_AT = struct.Struct("<QI")
+"""offset, size: READ_IN after its file handle."""
+_READ_AT_OFFSET = abi.IN_HEADER.size + 8
+READ_REQUEST_BYTES = abi.IN_HEADER.size + abi.READ_IN.size
+PRUNE_EVERY = 64
+"""Handed requests between two looks at what a worker has answered (`_prune`)."""
+DRAIN_LOOK_S = 0.0005
+"""How often `drained` looks at the workers' counters (they tell the proposer nothing themselves)."""
 RESTART_PAUSE_S = 0.5
 MAX_RESTART_PAUSE_S = 30.0
 """A worker that keeps dying early (it cannot open the metadata, say) is restarted ever more slowly."""
 STOP_DEADLINE_S = 5.0
 PIDS_FILE = "fuse-workers"
 WORKER_COMMAND = "fuse-worker"
-NO_ANSWER = frozenset({Op.FORGET, Op.BATCH_FORGET, Op.INTERRUPT})
 
-Answer = Callable[[list[Any]], None]
-Dispatch = Callable[[bytes, Answer], Awaitable[None] | None]
-"""The session's entry for a forwarded request: serves it (a task, or awaited inline)."""
+Dispatch = Callable[[bytes], Awaitable[None] | None]
+"""The session's entry for a request to serve itself (sent back, or not answered by a dead worker)."""
 
 
 @dataclass(frozen=True)
@@ -117,170 +118,232 @@ def worker_config(settings: Settings) -> WorkerConfig | None:
                         settings.data.delayed_free_ms / 1000)
 
 
-def clone(session_fd: int) -> int:
-    """A new /dev/fuse descriptor reading the same session's requests."""
-    fd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
-    try:
-        fcntl.ioctl(fd, FUSE_DEV_IOC_CLONE, struct.pack("I", session_fd))
-    except OSError:
-        os.close(fd)
-        raise
-    return fd
-
-
 @dataclass
 class Worker:
     index: int
     proc: subprocess.Popen[bytes]
     sock: socket.socket
-    clone: int
     started: float = 0.0
-    pending: int = 0
-    """Forwarded requests taken and not answered yet."""
-    answered: trio.Event | None = None
-
-    def answer(self, parts: list[Any]) -> None:
-        try:
-            os.writev(self.clone, parts)
-        except OSError as exc:
-            if exc.errno not in (errno.ENOENT, errno.ENODEV, errno.EBADF):
-                log.error("FUSE: the kernel refused an answer through read worker %d: %s", self.index, exc)
-        self.pending -= 1
-        if self.pending == 0 and self.answered is not None:
-            self.answered.set()
+    alive: bool = True
+    handed: deque[tuple[int, bytes]] = field(default_factory=deque)
+    """(unique, request) handed to it and maybe not answered yet, in the order handed."""
+    pruned: int = 0
+    """Requests taken off the left of `handed` since the worker started."""
+    outbox: list[bytes] = field(default_factory=list)
+    """Requests offered and not sent yet (`flush`)."""
 
 
 class WorkerPool:
-    """The proposer's side: starts, feeds on, restarts and stops the workers of one session."""
+    """The proposer's side: starts, hands READs to, restarts and stops the workers of one session."""
 
-    def __init__(self, config: WorkerConfig, session_fd: int, hot_fd: int, *, kept: bool,
-                 state_dir: Path | None, busy_poll_s: float = 0.0) -> None:
-        """`busy_poll_s`: how long to look for the next forwarded request before sleeping (`_linger`)."""
+    def __init__(self, config: WorkerConfig, session_fd: int, hot: HotMap, *, state_dir: Path | None,
+                 busy_poll_s: float = 0.0) -> None:
+        """`busy_poll_s`: how long a worker looks for the next READ before sleeping (worker_loop.py)."""
         self.config = config
         self.busy_poll_s = busy_poll_s
         self.session_fd = session_fd
-        self.hot_fd = hot_fd
-        self.kept = kept
+        self.hot = hot
         self.state_dir = state_dir
-        self.counters_fd = os.memfd_create("awsomefs-r3", os.MFD_CLOEXEC)
+        self.counters_fd = os.memfd_create("awsomefs-workers", os.MFD_CLOEXEC)
         os.ftruncate(self.counters_fd, COUNTERS.size * MAX_WORKERS)
         self._counters = mmap.mmap(self.counters_fd, COUNTERS.size * MAX_WORKERS)
         self.workers: dict[int, Worker] = {}
+        self._ready: list[Worker] = []
+        """The live workers, in the order `offer` hands to them."""
+        self._next = 0
         self._stop = trio.Event()
-        self._draining = trio.Lock()
-        self._lingering = False  # a watcher is looking for the next request (`_linger`)
         self.ended = False
         self.restarts = 0
         self._pause = RESTART_PAUSE_S / 2
-        self.forwarded = 0
+        self.handed = 0
+        self.given_back = 0
+        self.served_again = 0
+        """Requests a dead or stopped worker may not have answered, served by the session."""
         self._served_before: dict[int, int] = {}  # per worker index, by the processes before the running one
-        self._forwarded_by: dict[int, int] = {}  # per worker index
+        self._given_back_by: dict[int, int] = {}  # per worker index
 
     # -- starting --------------------------------------------------------------------------------
     def _start(self, index: int) -> Worker:
-        fd = clone(self.session_fd)
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         for s in (mine, theirs):
-            try:  # root may pass net.core.wmem_max (212,992 bytes by default: less than a 1 MiB WRITE)
-                s.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, MAX_MESSAGE * 2)
+            try:  # root may pass net.core.wmem_max
+                s.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, SOCKET_BUFFER)
             except OSError:
-                s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, MAX_MESSAGE * 2)
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER)
         self._served_before[index] = self._served_before.get(index, 0) + self.served_by(index)
-        COUNTERS.pack_into(self._counters, index * COUNTERS.size, 0, 0, 0)
-        spec = {"clone": fd, "sock": theirs.fileno(), "hot": self.hot_fd, "counters": self.counters_fd,
+        COUNTERS.pack_into(self._counters, index * COUNTERS.size, 0, NONE_HELD, 0)
+        spec = {"fuse": self.session_fd, "sock": theirs.fileno(), "hot": self.hot.fd, "counters": self.counters_fd,
                 "index": index, "meta": str(self.config.meta_path), "device": self.config.device_path,
                 "direct": self.config.direct, "grace_s": self.config.grace_s, "parent": os.getpid(),
-                "busy_poll_s": self.busy_poll_s,
-                "orphan_wait_s": ORPHAN_WAIT_S if self.kept else 0.0}
+                "busy_poll_s": self.busy_poll_s}
         try:
             proc = subprocess.Popen([*own_command(), WORKER_COMMAND, json.dumps(spec)], cwd="/",
-                                    pass_fds=(fd, theirs.fileno(), self.hot_fd, self.counters_fd))
+                                    pass_fds=(self.session_fd, theirs.fileno(), self.hot.fd, self.counters_fd))
         except BaseException:
-            os.close(fd)
             mine.close()
             raise
         finally:
             theirs.close()
         mine.setblocking(False)
-        worker = Worker(index, proc, mine, fd, started=time.monotonic())
+        worker = Worker(index, proc, mine, started=time.monotonic())
         self.workers[index] = worker
+        self._ready.append(worker)
         self._write_pids()
         return worker
 
     def _write_pids(self) -> None:
-        """Where the next daemon finds the workers a crash of this one leaves (`end_orphans`)."""
+        """Where the next daemon finds workers still running after a crash of this one (`end_orphans`)."""
         if self.state_dir is not None:
             pids = " ".join(str(w.proc.pid) for w in self.workers.values())
             (self.state_dir / PIDS_FILE).write_text(pids + "\n")
 
+    # -- handing READs ---------------------------------------------------------------------------
+    def offer(self, nodeid: int, unique: int, data: bytes) -> bool:
+        """Hand a READ the session read (`data`) to a worker, if one is running, the READ is small
+        enough and the file is cold now; False: the session serves it. Sent at `flush`."""
+        ready = self._ready
+        if not ready or len(data) < READ_REQUEST_BYTES \
+                or _READ_AT.unpack_from(data, _READ_AT_OFFSET)[1] > WORKER_READ_MAX or self.hot.count(nodeid):
+            return False
+        self._next = (self._next + 1) % len(ready)
+        worker = ready[self._next]
+        worker.outbox.append(data)
+        worker.handed.append((unique, data))
+        if len(worker.outbox) >= HAND_TOGETHER:
+            self._send(worker)
+        self.handed += 1
+        if len(worker.handed) > PRUNE_EVERY:
+            self._prune(worker)
+        return True
+
+    def flush(self) -> None:
+        """Send what `offer` took (the session calls it before it waits for the kernel)."""
+        for worker in self._ready:
+            if worker.outbox:
+                self._send(worker)
+
+    def _send(self, worker: Worker) -> None:
+        message = b"".join(worker.outbox)
+        worker.outbox.clear()
+        try:
+            worker.sock.send(message)
+        except OSError as exc:  # full (a worker stuck) or gone: served again when it is retired
+            log.warning("read worker %d: %d READs not handed (%s); served when it is replaced", worker.index,
+                        len(message) // READ_REQUEST_BYTES, exc.strerror)
+            self._lost(worker)
+
+    def _lost(self, worker: Worker) -> None:
+        """A worker that cannot take requests: none is handed to it any more; `_watch` retires it."""
+        worker.alive = False
+        if worker in self._ready:
+            self._ready.remove(worker)
+        if worker.proc.poll() is None:
+            worker.proc.kill()
+
+    def holding(self) -> bool:
+        """Has a worker taken a READ it has not answered, or not taken one handed to it? (The
+        session's busy poll does not look for the next request meanwhile: the answer goes to the
+        kernel from the worker, the next request wakes the session.)"""
+        for worker in self._ready:
+            if worker.handed:
+                self._prune(worker)
+                if worker.handed:
+                    return True
+        return False
+
+    async def drained(self) -> None:
+        """Return once every READ handed so far is answered or given back, or has run for half
+        the grace period (a worker then drops its bytes: `ColdReader._checked`): after this, no
+        worker reads blocks from a map looked up before the call. What lets a write short of space
+        on a single node take superseded blocks back without sitting out the grace period
+        (fs/space.py `reads_drained`), as the daemon's own reads let it (`Reader.drained`)."""
+        self.flush()
+        marks = [(worker, worker.pruned + len(worker.handed)) for worker in self._ready]
+        deadline = trio.current_time() + self.config.grace_s / 2
+        while trio.current_time() < deadline:
+            waiting = False
+            for worker, mark in marks:
+                if worker.alive and worker.pruned < mark:
+                    self._prune(worker)
+                    waiting = waiting or worker.pruned < mark
+            if not waiting:
+                return
+            await trio.sleep(DRAIN_LOOK_S)
+
+    def _prune(self, worker: Worker) -> None:
+        """Forget the requests the worker has answered (or sent back): taken, and older than the
+        oldest it holds. `taken` is read first: the worker publishes `oldest` before it."""
+        at = worker.index * COUNTERS.size
+        (taken,) = _WORD.unpack_from(self._counters, at)
+        (oldest,) = _WORD.unpack_from(self._counters, at + 8)
+        handed = worker.handed
+        while handed and worker.pruned < taken and handed[0][0] < oldest:
+            handed.popleft()
+            worker.pruned += 1
+
     # -- serving ---------------------------------------------------------------------------------
-    async def serve(self, dispatch: Dispatch) -> None:
-        """Start the workers and serve what they forward until the session ends (a worker saw
-        ENODEV) or `stop` (then every worker has exited and all it forwarded is dispatched)."""
+    async def serve(self, dispatch: Dispatch, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Start the workers, serve what they send back until `stop`; then stop them and serve
+        what they did not answer (every worker has exited when this returns)."""
         self._stop = trio.Event()
-        self._close_workers()  # a hand-over called off: those before have exited, all answered
         try:
             async with trio.open_nursery() as nursery:
                 for index in range(self.config.count):
                     self._start(index)
                 for worker in list(self.workers.values()):
                     nursery.start_soon(self._watch, worker, dispatch, nursery)
+                task_status.started()
                 await self._stop.wait()
+                self.flush()
+                self._ready.clear()
                 for worker in self.workers.values():
                     if worker.proc.poll() is None:
                         worker.proc.send_signal(signal.SIGTERM)
                 for worker in list(self.workers.values()):
                     await trio.to_thread.run_sync(worker.proc.wait)
-                await self._drain(dispatch)
-                nursery.cancel_scope.cancel()
+                nursery.cancel_scope.cancel()  # the watchers: `_retire` below reads their sockets
+            for worker in list(self.workers.values()):
+                await self._retire(worker, dispatch)
         finally:
-            log.info("read workers: %d reads served by them, %d requests forwarded, %d restarts",
-                     self.reads_served(), self.forwarded, self.restarts)
+            self._close_workers()
+            log.info("read workers: %d reads served by them, %d sent back, %d served again, %d restarts",
+                     self.reads_served(), self.given_back, self.served_again, self.restarts)
 
     def served_by(self, index: int) -> int:
         return int(COUNTERS.unpack_from(self._counters, index * COUNTERS.size)[2])
 
     def per_worker(self) -> list[tuple[int, int, int]]:
-        """(index, reads it served, requests it forwarded) per worker since the pool began, the
+        """(index, reads it served, requests it sent back) per worker since the pool began, the
         processes a restart replaced included (the metrics endpoint: any thread)."""
-        return [(index, self._served_before.get(index, 0) + self.served_by(index), self._forwarded_by.get(index, 0))
+        return [(index, self._served_before.get(index, 0) + self.served_by(index), self._given_back_by.get(index, 0))
                 for index in range(self.config.count)]
 
     def reads_served(self) -> int:
         """Reads the workers answered themselves, since the pool began."""
-        return sum(served for _index, served, _forwarded in self.per_worker())
+        return sum(served for _index, served, _back in self.per_worker())
 
     def stop(self) -> None:
-        """Stop the workers (a hand-over, or the session ended): `serve` returns once they exited."""
+        """Stop the workers (a hand-over, or the session ended): `serve` returns once they exited
+        and what they did not answer is served."""
         self._stop.set()
 
     async def _watch(self, worker: Worker, dispatch: Dispatch, nursery: trio.Nursery) -> None:
-        """Serve what the worker forwards (`_drain`: every worker's, in the kernel's order), then
-        look for more a little while before sleeping (`_linger`); when it exits, end or replace it."""
+        """Serve what the worker sends back; when it exits, serve what it did not answer and
+        start another."""
         while True:
             try:
                 await trio.lowlevel.wait_readable(worker.sock)
-                ended = worker.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
-            except BlockingIOError:
-                continue  # another worker's watcher drained it meanwhile
             except OSError:
                 return
-            if not ended:
-                await self._drain(dispatch)
-                await self._linger(dispatch)
+            if await self._take_back(worker, dispatch):
                 continue
             await trio.to_thread.run_sync(worker.proc.wait)
-            await self._drain(dispatch)  # everything it forwarded
             if self._stop.is_set():
-                return
-            status = worker.proc.returncode
-            if status == 0:  # ENODEV: the filesystem was unmounted
-                self.ended = True
-                self._stop.set()
-                return
-            log.error("read worker %d (pid %d) exited with status %s: requests it was reading itself fail "
-                      "(ECONNABORTED); starting another", worker.index, worker.proc.pid, status)
-            await self._retire(worker)
+                return  # `serve` retires it
+            self._lost(worker)
+            log.error("read worker %d (pid %d) exited with status %s: the session serves the READs it held; "
+                      "starting another", worker.index, worker.proc.pid, worker.proc.returncode)
+            await self._retire(worker, dispatch)
             self.restarts += 1
             early = time.monotonic() - worker.started < MAX_RESTART_PAUSE_S
             self._pause = min(self._pause * 2, MAX_RESTART_PAUSE_S) if early else RESTART_PAUSE_S
@@ -290,113 +353,46 @@ class WorkerPool:
             nursery.start_soon(self._watch, self._start(worker.index), dispatch, nursery)
             return
 
-    async def _retire(self, worker: Worker) -> None:
-        """Close the proposer's copy of a dead worker's clone once its forwarded requests are
-        answered: the kernel then ends what the worker was reading itself (R6)."""
+    async def _take_back(self, worker: Worker, dispatch: Dispatch) -> bool:
+        """Serve every request the worker sent back now; False once its end is closed."""
+        while True:
+            try:
+                data = worker.sock.recv(MAX_MESSAGE)
+            except BlockingIOError:
+                return True
+            except OSError:
+                return False
+            if not data:
+                return False
+            self.given_back += 1
+            self._given_back_by[worker.index] = self._given_back_by.get(worker.index, 0) + 1
+            pending = dispatch(data)
+            if pending is not None:
+                await pending
+
+    async def _retire(self, worker: Worker, dispatch: Dispatch) -> None:
+        """After the worker exited: serve what it sent back, then every request it may not have
+        answered (R6; a second answer to one it did answer is refused by the kernel, harmlessly)."""
+        await self._take_back(worker, dispatch)
+        worker.outbox.clear()
+        self._prune(worker)
+        while worker.handed:
+            _unique, data = worker.handed.popleft()
+            self.served_again += 1
+            pending = dispatch(data)
+            if pending is not None:
+                await pending
         worker.sock.close()
-        if worker.pending:
-            worker.answered = trio.Event()
-            with trio.move_on_after(DEAD_WORKER_ANSWERS_S):
-                await worker.answered.wait()
-        os.close(worker.clone)
-        worker.clone = -1
-
-    async def _linger(self, dispatch: Dispatch) -> None:
-        """After a drain, while nothing forwarded waits for its answer: look for the next request
-        for up to `busy_poll_s`, passing through trio's scheduler between looks, before going back
-        to sleep. A client that waits for each answer sends its next request within tens of
-        microseconds; a proposer asleep in epoll makes each cost a wake-up besides the worker's
-        (the session's busy poll, fuse/kernel/busypoll.py, says why that matters in a VM). One
-        look at a time: each drains every worker's socket, so a second watcher's would only
-        repeat it."""
-        if self._lingering:
-            return
-        self._lingering = True
-        try:
-            until = time.perf_counter() + self.busy_poll_s
-            while time.perf_counter() < until and not any(w.pending for w in self.workers.values()):
-                await trio.lowlevel.checkpoint()
-                if await self._drain(dispatch):
-                    until = time.perf_counter() + self.busy_poll_s
-        finally:
-            self._lingering = False
-
-    def _received(self) -> list[tuple[int, bytes, Worker]]:
-        """Every message queued now on every worker's socket, in the kernel's order (`unique`)."""
-        got = []
-        for worker in self.workers.values():
-            if worker.sock.fileno() < 0:
-                continue
-            while True:
-                try:
-                    data = worker.sock.recv(MAX_MESSAGE)
-                except (BlockingIOError, OSError):
-                    break
-                if not data:
-                    break
-                if len(data) < abi.IN_HEADER.size:  # the kernel sends none; nothing to answer
-                    continue
-                got.append((abi.IN_HEADER.unpack_from(data)[2], data, worker))
-        got.sort(key=lambda item: item[0])
-        return got
-
-    async def _drain(self, dispatch: Dispatch) -> int:
-        """Dispatch everything forwarded until none is queued; how many requests that was."""
-        async with self._draining:  # one at a time: what is dispatched keeps the kernel's order
-            return await self._drain_now(dispatch)
-
-    async def _drain_now(self, dispatch: Dispatch) -> int:
-        dispatched = 0
-        while True:
-            batch = self._received()
-            if not batch:
-                return dispatched
-            dispatched += len(batch)
-            for i, (unique, data, worker) in enumerate(batch):
-                opcode = abi.IN_HEADER.unpack_from(data)[1]
-                if opcode in READS_DATA and await self._wait_earlier(unique, worker):
-                    rest = batch[i:] + self._received()  # an earlier change arrived: order again
-                    rest.sort(key=lambda item: item[0])
-                    batch[i:] = rest
-                    unique, data, worker = batch[i]
-                self.forwarded += 1
-                self._forwarded_by[worker.index] = self._forwarded_by.get(worker.index, 0) + 1
-                if abi.IN_HEADER.unpack_from(data)[1] not in NO_ANSWER:
-                    worker.pending += 1
-                pending = dispatch(data, worker.answer)
-                if pending is not None:
-                    await pending
-
-    async def _wait_earlier(self, unique: int, sender: Worker) -> bool:
-        """R3: wait until no other worker holds a change (a WRITE, SETATTR or FALLOCATE) read
-        before `unique` and not handed over; True if one was waited for (it may be queued now)."""
-        waited = False
-        deadline = trio.current_time() + R3_WAIT_S
-        while True:
-            holding = False
-            for worker in self.workers.values():
-                if worker is sender or worker.proc.poll() is not None:
-                    continue
-                last_read, last_handed, _ = COUNTERS.unpack_from(self._counters, worker.index * COUNTERS.size)
-                if last_read != last_handed and last_read < unique:
-                    holding = True
-            if not holding or trio.current_time() > deadline:
-                return waited
-            await trio.sleep(1e-4 if waited else 0)
-            waited = True
 
     def _close_workers(self) -> None:
         for worker in self.workers.values():
-            if worker.clone >= 0:
-                os.close(worker.clone)
-                worker.clone = -1
             worker.sock.close()
         self.workers.clear()
+        self._ready.clear()
 
     def close(self) -> None:
-        """Let go of the clones' copies (after the session answered everything) and the counters.
-        Workers still running (the daemon stops, the mount may live on lazily while files are
-        open) are stopped first: none may go on reading for a proposer that is gone."""
+        """Stop workers still running (the daemon stops; the mount may live on lazily while files
+        are open) and let go of the counters."""
         for worker in self.workers.values():
             if worker.proc.poll() is None:
                 worker.proc.send_signal(signal.SIGTERM)
@@ -414,9 +410,10 @@ class WorkerPool:
 
 
 def end_orphans(state_dir: Path) -> int:
-    """After a crash of the daemon before and the RESEND of what it had read: end the workers it
-    left (they kept their clones open so that RESEND reaches what they had read). Only processes
-    that are `awsomefsd fuse-worker` are signalled (a pid may have been reused)."""
+    """After a crash of the daemon before and the RESEND of what it had read: end any worker it
+    left running (its death signal comes with the daemon's exit; a build before this one kept
+    them waiting for that RESEND). Only processes that are `awsomefsd fuse-worker` are signalled
+    (a pid may have been reused)."""
     path = state_dir / PIDS_FILE
     try:
         pids = [int(p) for p in path.read_text().split()]
