@@ -1,6 +1,7 @@
 """How to start this same program again: the executable build.py makes, or this interpreter with
-the package. One answer for the daemon's successor (daemon/handover.py), the read workers
-(fuse/kernel/workers.py) and the dev cluster's members."""
+the package. One answer for the daemon's successor (daemon/handover.py) and the dev cluster's
+members (`own_command`), one for the read workers (fuse/kernel/workers.py), which die with this
+process (`running_command`)."""
 
 from __future__ import annotations
 
@@ -27,6 +28,17 @@ def own_command() -> list[str]:
     if os.sep not in binary:  # started through PATH
         binary = shutil.which(binary) or binary
     return [os.path.abspath(binary)]
+
+
+def running_command() -> list[str]:
+    """The program this process runs, to start a helper that dies with it (the read workers): the
+    interpreter with the package, or the compiled program itself — for a onefile executable its
+    unpacked copy, not the file again (which would unpack itself anew, seconds each time, and put
+    its bootstrap between this process and the helper). Not for a successor that outlives this
+    process: the unpacked copy is removed when it exits (`own_command`)."""
+    if not compiled():
+        return [sys.executable, "-m", "awsomefsd"]
+    return [os.readlink("/proc/self/exe")]
 
 
 def own_environment() -> dict[str, str]:

@@ -129,13 +129,13 @@ class MountSettings(Section):
         "tens of microseconds, and waking a sleeping daemon costs both sides (half the round trip in a VM). "
         "At most this much CPU per idle gap; 0: sleep at once. Never polls when the daemon may use one CPU only",
     )
-    read_workers: int = Field(
-        0, ge=0, le=64,
+    read_workers: int | None = Field(
+        None, ge=0, le=64,
         description="a single node on the kernel transport, local metadata log, /dev/fuse (not io_uring): the "
         "daemon hands small reads of files nobody has open for writing, while other reads are in flight, to this "
         "many worker processes, which answer them from the committed metadata and the device on other cores "
         "(one worker, 2 cores: random 4 KiB reads 1.18-1.32x); every other request the daemon serves as without "
-        "them (design note 133, docs/multicore.md). 0: off",
+        "them (design note 133, docs/multicore.md). Empty: one where the daemon may use more than one CPU. 0: off",
     )
     coherence: Literal["close-to-open", "strict"] = Field(
         "close-to-open",

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -140,6 +141,11 @@ def _replaced_or_failed(sd: systemd.PrivateSystemd, before: str) -> bool:
 def _exercise(sd: systemd.PrivateSystemd, mnt: Path, log: Path, config: Path) -> None:
     sd.systemctl("start", SERVICE)  # Type=notify: returns once the daemon is mounted and serving
     assert sd.mounted(mnt)
+    # the default on more than one CPU: a read worker, under the unit's system-call filter (note 134)
+    daemon = _daemon_pid(sd, _main_pid(sd))
+    wait_for(lambda: any("fuse-worker" in sd.run("cat", f"/proc/{child}/cmdline", check=False).stdout
+                         for child in sd.run("cat", f"/proc/{daemon}/task/{daemon}/children").stdout.split()),
+             30, "the daemon's read worker")
     work = mnt / "work"
     sd.path(work).mkdir()
     sd.path(work / "read-me").write_bytes(b"r" * 100_000)
@@ -221,6 +227,7 @@ def _exercise(sd: systemd.PrivateSystemd, mnt: Path, log: Path, config: Path) ->
     # (one that is not its child it took for "alien", and killed at once: Result "signal").
     sd.systemctl("stop", SERVICE)
     assert not sd.mounted(mnt), "systemctl stop unmounts"
+    assert not re.search(r"read worker \d+ \(pid \d+\) exited", log.read_text()), "a read worker died under the unit"
     assert sd.show(SERVICE, "NFileDescriptorStore", "Result") == {"NFileDescriptorStore": "0", "Result": "success"}
     sd.systemctl("start", SERVICE)
     assert sd.path(work / "log").read_bytes() == expected(WRITER_LINES)

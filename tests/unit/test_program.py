@@ -36,3 +36,16 @@ def test_the_executable_starts_itself_whichever_way_it_was_named(monkeypatch: py
     assert program.own_command() == [str(tmp_path / "awsomefsd")]
     monkeypatch.setenv("NUITKA_ONEFILE_BINARY", "/usr/bin/awsomefsd")  # the onefile bootstrap's name for itself
     assert program.own_command() == ["/usr/bin/awsomefsd"]
+
+
+def test_a_helper_that_dies_with_this_process_runs_what_this_process_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The read workers: from a onefile executable, its unpacked copy (the running file), never the
+    onefile again (that unpacks itself anew and puts its bootstrap between the daemon and the
+    worker, whose parent check then fails: every worker exited 2 and was restarted forever)."""
+    assert program.running_command() == [sys.executable, "-m", "awsomefsd"]
+    entry = types.ModuleType("__main__")
+    entry.__compiled__ = object()  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "__main__", entry)
+    monkeypatch.setenv("NUITKA_ONEFILE_BINARY", "/usr/bin/awsomefsd")
+    assert program.running_command() == [os.readlink("/proc/self/exe")]
+    assert program.running_command() != program.own_command()

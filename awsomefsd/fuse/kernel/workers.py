@@ -52,7 +52,7 @@ import trio
 
 from awsomefsd.fs.coldread import MAX_READ_BYTES
 from awsomefsd.fuse.kernel import abi
-from awsomefsd.program import own_command
+from awsomefsd.program import own_environment, running_command
 
 if TYPE_CHECKING:
     from awsomefsd.config import Settings
@@ -73,6 +73,9 @@ WORKER_READ_MAX = MAX_READ_BYTES
 """Larger READs (sequential reads, read-ahead) stay the session's: they are the proposer's, whose reads
 of large runs go to threads; measured when workers read with one thread each, sequential 1 MiB
 reads fell to 0.58x with every READ served by two workers."""
+DEFAULT_WORKERS = 1
+"""Where `[mount] read_workers` is unset and more than one CPU is there: on 2 cores a second worker
+added nothing (design notes 131, 133)."""
 HAND_TOGETHER = 16
 """READs handed to a worker in one message at most."""
 _READ_AT = struct.Struct("<QI")
@@ -107,12 +110,16 @@ class WorkerConfig:
 
 def worker_config(settings: Settings) -> WorkerConfig | None:
     """`[mount] read_workers` as the kernel transport uses it; None when off, or where step 1 does
-    not apply (logged): only the local log commits to LMDB what a worker may read."""
+    not apply (logged when set): only the local log commits to LMDB what a worker may read. Unset:
+    one worker where the daemon may use more than one CPU (on one, a worker only takes turns with
+    the daemon)."""
     count = settings.mount.read_workers
-    if not count or settings.mount.transport != "kernel" or settings.device.path is None:
-        return None
-    if settings.meta.log != "local":
+    if count is None:
+        count = DEFAULT_WORKERS if len(os.sched_getaffinity(0)) > 1 else 0
+    elif settings.meta.log != "local" and count:
         log.warning("[mount] read_workers applies to a single node with the local metadata log: ignored")
+    if not count or settings.mount.transport != "kernel" or settings.device.path is None \
+            or settings.meta.log != "local":
         return None
     return WorkerConfig(count, settings.node.state_dir / "meta", str(settings.device.path), settings.device.direct_io,
                         settings.data.delayed_free_ms / 1000)
@@ -177,7 +184,7 @@ class WorkerPool:
                 "direct": self.config.direct, "grace_s": self.config.grace_s, "parent": os.getpid(),
                 "busy_poll_s": self.busy_poll_s}
         try:
-            proc = subprocess.Popen([*own_command(), WORKER_COMMAND, json.dumps(spec)], cwd="/",
+            proc = subprocess.Popen([*running_command(), WORKER_COMMAND, json.dumps(spec)], cwd="/", env=own_environment(),
                                     pass_fds=(self.session_fd, theirs.fileno(), self.hot.fd, self.counters_fd))
         except BaseException:
             mine.close()
