@@ -155,10 +155,9 @@ class Reader:
                     out[i] = b""
                     continue
                 end = -(-size // BLOCK_SIZE)
-                ext = self._one_written_extent(inode.ino, 0, end)
-                if ext is not None:
-                    piece = ext.slice(0, end)
-                    runs.append((piece.dev_block, piece.checksums))
+                run = self.meta.written_run(inode.ino, 0, end)
+                if run is not None:
+                    runs.append(run)
                     together.append((i, size))
             if len(runs) > 1:
                 try:
@@ -189,14 +188,13 @@ class Reader:
         size = min(size, inode.size - offset)
         first = offset // BLOCK_SIZE
         end = (offset + size + BLOCK_SIZE - 1) // BLOCK_SIZE
-        ext = self._one_written_extent(inode.ino, first, end)
-        if ext is None:
+        found = self.meta.written_run(inode.ino, first, end)
+        if found is None:
             return False
+        dev_block, sums = found
         pool = self.io.pool
         buf = pool.acquire()
-        skip = first - ext.file_block
         run = memoryview(buf)[: (end - first) * BLOCK_SIZE]
-        sums = ext.checksums[4 * skip : 4 * (end - ext.file_block)]
         start = offset - first * BLOCK_SIZE
         token = self._begin()
 
@@ -212,22 +210,11 @@ class Reader:
                 if not good:  # exactly one of send and fail, whatever happened
                     fail()
 
-        if self.io.device.submit_read(run, (ext.dev_block + skip) * BLOCK_SIZE, done):
+        if self.io.device.submit_read(run, dev_block * BLOCK_SIZE, done):
             return True
         self._end(token)
         pool.release(buf)
         return False
-
-    def _one_written_extent(self, ino: int, first: int, end: int) -> Extent | None:
-        """The one written extent on the device (checksummed, not tiered) holding every block of
-        [first, end) of the file, if one does: the reads `start_read` and `read_files` serve."""
-        extents = self.meta.extents(ino, first, end)
-        if len(extents) != 1:
-            return None
-        ext = extents[0]
-        if not ext.checksums or ext.dev_block >= TIER_BASE_BLOCK or ext.file_block > first or ext.end_block < end:
-            return None
-        return ext
 
     def data_ranges(self, inode: Inode, offset: int) -> list[tuple[int, int]]:
         """The file's data from `offset` on, as merged (start, end) byte ranges in whole blocks

@@ -34,7 +34,7 @@ from awsomefsd.crdt.hlc import Stamp
 from awsomefsd.meta.ahead import AheadLog
 from awsomefsd.meta.cluster_sm import member_from_record
 from awsomefsd.meta.commands import Command, R, level_of
-from awsomefsd.meta.filemap import all_extents, extents_in
+from awsomefsd.meta.filemap import all_extents, extents_in, written_run
 from awsomefsd.meta.freespace import FreeSpaceMap
 from awsomefsd.meta.levels import BASE_LOG_LEVEL, LOG_LEVEL
 from awsomefsd.meta.log import ReplicatedLog
@@ -211,6 +211,11 @@ class MetaClient:
     def extents(self, ino: int, first_block: int, end_block: int) -> list[Extent]:
         """The extents of `ino` overlapping file blocks [first_block, end_block), in order, unclipped."""
         return list(extents_in(self._view(), self._fmap, ino, first_block, end_block))
+
+    def written_run(self, ino: int, first_block: int, end_block: int) -> tuple[int, bytes] | None:
+        """(device block of `first_block`, checksums of [first_block, end_block)) when one written
+        extent on the device holds those blocks of `ino`; None otherwise (meta/filemap.py)."""
+        return written_run(self._view(), self._fmap, ino, first_block, end_block)
 
     def extent_at(self, ino: int, file_block: int) -> Extent | None:
         """The extent holding `file_block`, or None for a hole."""

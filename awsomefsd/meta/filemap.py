@@ -37,6 +37,24 @@ def extents_in(txn: lmdb.Transaction[bytes], db: lmdb._Database, ino: int, first
             return
 
 
+def written_run(txn: lmdb.Transaction[bytes], db: lmdb._Database, ino: int, first_block: int,
+                end_block: int) -> tuple[int, bytes] | None:
+    """Where file blocks [first_block, end_block) of `ino` lie when one written extent on the device
+    holds them all: (the device block of `first_block`, their checksums); None otherwise (a hole,
+    an unwritten or tiered extent, the blocks in more than one). The lookup of the common read
+    (fs/reader.py `start_read`): 2.0 against 4.6 µs for `extents_in` and the extent decoded
+    (/work/scratch/s25/run_micro.py, 100,000 lookups)."""
+    if first_block >= end_block:
+        return None
+    cursor = txn.cursor(db)
+    if not seek_floor(cursor, fmap_key(ino, first_block)):
+        return None
+    rec_ino, rec_block = U64_PAIR.unpack(cursor.key())
+    if rec_ino != ino:
+        return None
+    return Extent.written_run(rec_block, cursor.value(), first_block, end_block)
+
+
 def all_extents(txn: lmdb.Transaction[bytes], db: lmdb._Database, ino: int) -> Iterator[Extent]:
     return extents_in(txn, db, ino, 0, 1 << 62)
 

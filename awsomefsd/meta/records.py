@@ -160,6 +160,18 @@ class Extent:
         dev_block, count = _FMAP_HEAD.unpack_from(value)
         return cls(file_block, dev_block, count, bytes(value[_FMAP_HEAD.size :]))
 
+    @staticmethod
+    def written_run(file_block: int, value: bytes, first: int, end: int) -> tuple[int, bytes] | None:
+        """From the record of the extent starting at `file_block`, when it is written, on the
+        device (not tiered) and holds every block of [first, end): the device block of `first`
+        and those blocks' checksums; None otherwise. `unpack` without the object and the copy
+        of every other block's checksum (the common read looks up one run)."""
+        head = _FMAP_HEAD.size
+        dev_block, count = _FMAP_HEAD.unpack_from(value)
+        if file_block > first or file_block + count < end or dev_block >= TIER_BASE_BLOCK or len(value) <= head:
+            return None
+        return dev_block + first - file_block, bytes(value[head + 4 * (first - file_block) : head + 4 * (end - file_block)])
+
     @property
     def end_block(self) -> int:
         return self.file_block + self.count
