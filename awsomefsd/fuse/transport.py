@@ -106,6 +106,7 @@ class KernelTransport:
         """`read_workers`: worker processes serve the READs of cold files (fuse/kernel/workers.py), a single node's only.
         `busy_poll_s`: how long the reader looks for the next request before it sleeps (session.py)."""
         from awsomefsd.fuse.kernel.handlers import KernelHandlers
+        from awsomefsd.fuse.kernel.workers import for_mount
 
         self.ops = ops
         self.mountpoint = mountpoint
@@ -132,9 +133,7 @@ class KernelTransport:
         self.record: SessionRecord | None = None
         """The session record this daemon keeps (written at INIT or when it continued a mount)."""
         self.carried: list[list[Any]] = []
-        self.read_workers = read_workers if ops.coherence is None else None
-        if read_workers is not None and self.read_workers is None:
-            log.warning("[mount] read_workers applies to a single node (docs/multicore.md, step 1): ignored")
+        self.read_workers = for_mount(read_workers, single_node=ops.coherence is None)
         self.hot: HotMap | None = None
         self.pool: WorkerPool | None = None
         if self.read_workers is not None:

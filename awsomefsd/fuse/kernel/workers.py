@@ -106,6 +106,8 @@ class WorkerConfig:
     device_path: str
     direct: bool
     grace_s: float
+    asked: bool = True
+    """Set in the configuration (False: the default): where workers do not apply, that is logged."""
 
 
 def worker_config(settings: Settings) -> WorkerConfig | None:
@@ -122,7 +124,17 @@ def worker_config(settings: Settings) -> WorkerConfig | None:
             or settings.meta.log != "local":
         return None
     return WorkerConfig(count, settings.node.state_dir / "meta", str(settings.device.path), settings.device.direct_io,
-                        settings.data.delayed_free_ms / 1000)
+                        settings.data.delayed_free_ms / 1000, asked=settings.mount.read_workers is not None)
+
+
+def for_mount(config: WorkerConfig | None, *, single_node: bool) -> WorkerConfig | None:
+    """`config` where the mount is a single node's (a cluster member's reads need its leases:
+    docs/multicore.md, step 4); elsewhere None, logged only when the setting was asked for."""
+    if config is None or single_node:
+        return config
+    if config.asked:
+        log.warning("[mount] read_workers applies to a single node (docs/multicore.md, step 1): ignored")
+    return None
 
 
 @dataclass
