@@ -5,6 +5,7 @@ sees of one); no worker process is started."""
 
 from __future__ import annotations
 
+import os
 import socket
 import struct
 from collections.abc import Iterator
@@ -15,6 +16,7 @@ import trio
 
 from awsomefsd.fs.hotmap import HotMap
 from awsomefsd.fuse.kernel import abi
+from awsomefsd.fuse.kernel import workers as workers_module
 from awsomefsd.fuse.kernel.abi import Op
 from awsomefsd.fuse.kernel.workers import (
     COUNTERS,
@@ -183,3 +185,27 @@ def test_drained_waits_for_the_reads_handed_before_it_and_no_longer_than_half_th
     waited, stuck = trio.run(main)
     assert 0.05 <= waited < 0.4, "until the read handed before it was answered"
     assert 0.5 <= stuck < 1.0, "half the grace period (1 s) at most: a worker drops a read that took longer"
+
+
+def test_a_worker_that_cannot_be_started_leaves_every_read_to_the_session(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """Workers are on by default (note 134): a spawn that fails must not take the mount down."""
+    monkeypatch.setattr(workers_module, "running_command", lambda: [str(tmp_path / "no-such-program")])
+    hot = HotMap(lambda: 0, lambda: 0, lambda ino: False)
+    session = os.open("/dev/null", os.O_RDWR)  # stands for the session's descriptor: never read here
+    pool = WorkerPool(WorkerConfig(1, tmp_path, "/dev/null", False, 1.0), session, hot, state_dir=None)
+
+    async def main() -> None:
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(pool.serve, lambda data: None)
+                assert not pool.offer(COLD, 1, read_request(1)), "no worker runs: the session serves it"
+                pool.stop()
+
+    try:
+        trio.run(main)
+        assert "read worker 0 could not be started" in caplog.text
+    finally:
+        pool.close()
+        hot.close()
+        os.close(session)

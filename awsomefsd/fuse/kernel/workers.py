@@ -308,7 +308,7 @@ class WorkerPool:
         try:
             async with trio.open_nursery() as nursery:
                 for index in range(self.config.count):
-                    self._start(index)
+                    self._try_start(index)
                 for worker in list(self.workers.values()):
                     nursery.start_soon(self._watch, worker, dispatch, nursery)
                 task_status.started()
@@ -369,8 +369,19 @@ class WorkerPool:
             await trio.sleep(self._pause)
             if self._stop.is_set():
                 return
-            nursery.start_soon(self._watch, self._start(worker.index), dispatch, nursery)
+            replacement = self._try_start(worker.index)
+            if replacement is not None:
+                nursery.start_soon(self._watch, replacement, dispatch, nursery)
             return
+
+    def _try_start(self, index: int) -> Worker | None:
+        """`_start`, or None when the process cannot be started (logged): the session then serves
+        the READs that worker would have had (`offer` hands only to workers running)."""
+        try:
+            return self._start(index)
+        except OSError as exc:
+            log.error("read worker %d could not be started (%s): the daemon serves its reads itself", index, exc)
+            return None
 
     async def _take_back(self, worker: Worker, dispatch: Dispatch) -> bool:
         """Serve every request the worker sent back now; False once its end is closed."""
