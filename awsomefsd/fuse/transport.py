@@ -137,7 +137,11 @@ class KernelTransport:
         self.hot: HotMap | None = None
         self.pool: WorkerPool | None = None
         if self.read_workers is not None:
-            self.hot = _attach_hot_map(ops)
+            try:
+                self.hot = _attach_hot_map(ops)
+            except OSError as exc:  # no shared memory for the workers (a sandbox refusing memfd_create)
+                log.warning("read workers off: %s", exc)
+                self.read_workers = None
 
     def _session(self, negotiated: Negotiated | None) -> Session:
         from awsomefsd.fuse.kernel.fuse_ring import kick_queues
@@ -166,9 +170,13 @@ class KernelTransport:
         if self.read_workers is not None and self.hot is not None:
             from awsomefsd.fuse.kernel.workers import WorkerPool
 
-            self.pool = session.workers = WorkerPool(self.read_workers, self.fd, self.hot, state_dir=self.state_dir,
-                                                     busy_poll_s=session.poll.seconds)
-            self.ops.data.space.reads_drained = _reads_drained(self.ops, self.pool)
+            try:
+                self.pool = session.workers = WorkerPool(self.read_workers, self.fd, self.hot,
+                                                         state_dir=self.state_dir, busy_poll_s=session.poll.seconds)
+            except OSError as exc:  # as for the hot map: the mount is served without workers
+                log.warning("read workers off: %s", exc)
+            else:
+                self.ops.data.space.reads_drained = _reads_drained(self.ops, self.pool)
         MOUNTED.attach(session)
         return session
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from awsomefsd.config import load_settings
+from awsomefsd.daemon.node import Core
 from awsomefsd.fuse.kernel import workers
 from awsomefsd.fuse.kernel.workers import for_mount, worker_config
 
@@ -57,3 +58,21 @@ def test_a_cluster_members_mount_has_no_workers_and_says_so_only_when_asked(tmp_
     assert for_mount(default, single_node=False) is None and not caplog.records
     assert for_mount(worker_config(settings(tmp_path, read_workers=1)), single_node=False) is None  # type: ignore[arg-type]
     assert [r.levelno for r in caplog.records] == [logging.WARNING]
+
+
+def test_without_shared_memory_the_mount_is_served_without_workers(core: Core, tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch,
+                                                                    caplog: pytest.LogCaptureFixture) -> None:
+    """Workers are on by default: a sandbox that refuses memfd_create must not stop the mount."""
+    from awsomefsd.fuse.transport import KernelTransport
+
+    def refused(_name: str, _flags: int = 0) -> int:
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "memfd_create", refused)
+    config = worker_config(settings(tmp_path, read_workers=1))  # type: ignore[arg-type]
+    transport = KernelTransport(core.ops, tmp_path / "mnt", allow_other=False, entry_timeout_s=1, attr_timeout_s=1,
+                                negative_timeout_s=None, observe=lambda *_: None, report_eio=lambda *_: None,
+                                read_workers=config)
+    assert transport.read_workers is None and transport.hot is None
+    assert "read workers off" in caplog.text
