@@ -188,7 +188,7 @@ class KernelTransport:
 
     def read_workers_served(self) -> list[tuple[int, int, int]]:
         pool = self.pool
-        return [] if pool is None or pool.ended else pool.per_worker()
+        return [] if pool is None else pool.per_worker()
 
     def busy_polls(self) -> tuple[int, int]:
         session = self.session
@@ -308,6 +308,7 @@ class KernelTransport:
         self.mounted = False
         if self.pool is not None:
             self.pool.close()
+            self.pool = None
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1

@@ -171,7 +171,6 @@ class WorkerPool:
         """The live workers, in the order `offer` hands to them."""
         self._next = 0
         self._stop = trio.Event()
-        self.ended = False
         self.restarts = 0
         self._pause = RESTART_PAUSE_S / 2
         self.handed = 0
