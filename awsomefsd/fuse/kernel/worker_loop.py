@@ -42,7 +42,16 @@ from awsomefsd.fs.coldread import Answer, ColdReader, RunRead
 from awsomefsd.fs.hotmap import HotView
 from awsomefsd.fuse.kernel import abi
 from awsomefsd.fuse.kernel.abi import Op
-from awsomefsd.fuse.kernel.workers import COUNTERS, HAND_TOGETHER, MAX_WORKERS, NONE_HELD, WORKER_READ_MAX
+from awsomefsd.fuse.kernel.workers import (
+    COUNTERS,
+    HAND_TOGETHER,
+    MAX_WORKERS,
+    NONE_HELD,
+    READ_AT,
+    READ_AT_OFFSET,
+    READ_REQUEST_BYTES,
+    WORKER_READ_MAX,
+)
 
 MESSAGE_BYTES = 1 << 16
 """A message of handed READs (workers.HAND_TOGETHER of them at most, 80 bytes each)."""
@@ -52,10 +61,6 @@ SUBMIT_TOGETHER = 16
 _LENGTH = struct.Struct("<I")
 _HEAD = struct.Struct("<IQQ")
 """opcode, unique, nodeid: the in-header after its length."""
-_READ_AT = struct.Struct("<QI")
-"""offset, size: READ_IN after its file handle."""
-_READ_AT_OFFSET = abi.IN_HEADER.size + 8
-READ_REQUEST_BYTES = abi.IN_HEADER.size + abi.READ_IN.size
 OUT_HEADER_BYTES = abi.OUT_HEADER.size
 READ = int(Op.READ)
 
@@ -197,7 +202,7 @@ class _Loop:
         opcode, unique, nodeid = _HEAD.unpack_from(message, at + 4)
         request = bytes(memoryview(message)[at : at + n])
         if opcode == READ:
-            offset, size = _READ_AT.unpack_from(message, at + _READ_AT_OFFSET)
+            offset, size = READ_AT.unpack_from(message, at + READ_AT_OFFSET)
             if size <= WORKER_READ_MAX:
                 planned = self.reader.prepare(nodeid, offset, size) if self.batch is not None \
                     else self.reader.read(nodeid, offset, size)

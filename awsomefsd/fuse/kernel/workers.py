@@ -78,9 +78,9 @@ DEFAULT_WORKERS = 1
 added nothing (design notes 131, 133)."""
 HAND_TOGETHER = 16
 """READs handed to a worker in one message at most."""
-_READ_AT = struct.Struct("<QI")
+READ_AT = struct.Struct("<QI")
 """offset, size: READ_IN after its file handle."""
-_READ_AT_OFFSET = abi.IN_HEADER.size + 8
+READ_AT_OFFSET = abi.IN_HEADER.size + 8
 READ_REQUEST_BYTES = abi.IN_HEADER.size + abi.READ_IN.size
 PRUNE_EVERY = 64
 """Handed requests between two looks at what a worker has answered (`_prune`)."""
@@ -221,7 +221,7 @@ class WorkerPool:
         enough and the file is cold now; False: the session serves it. Sent at `flush`."""
         ready = self._ready
         if not ready or len(data) < READ_REQUEST_BYTES \
-                or _READ_AT.unpack_from(data, _READ_AT_OFFSET)[1] > WORKER_READ_MAX or self.hot.count(nodeid):
+                or READ_AT.unpack_from(data, READ_AT_OFFSET)[1] > WORKER_READ_MAX or self.hot.count(nodeid):
             return False
         self._next = (self._next + 1) % len(ready)
         worker = ready[self._next]
