@@ -113,7 +113,8 @@ class MountSettings(Section):
         False,
         description="a single node on the kernel transport: the kernel keeps written pages in its page cache "
         "and sends them later (FUSE_WRITEBACK_CACHE); close, fsync and syncfs still wait for them. Small writes "
-        "get much faster, but ENOSPC and quota errors then surface at close or fsync, not at write(). Cluster "
+        "get much faster, but ENOSPC and quota errors then come at the writer's next write() after the kernel sent "
+        "the pages, or at close or fsync, not at the write() that went past. Cluster "
         "members never use it (another node's writes would not invalidate those pages)",
     )
     io_uring: Literal["auto", "on", "off"] = Field(

@@ -62,7 +62,10 @@ class Counted:
 @pytest.fixture(scope="module")
 def counted() -> Iterator[Counted]:
     base = Path(tempfile.mkdtemp(prefix="awsomefs-counts-", dir="/var/tmp"))
-    d = Daemon(base / "state", base / "mnt", size="1G", extra=["--metrics-port", "0"]).start()
+    # Write-through, whatever the run's default: under the kernel's writeback cache a reader's
+    # close flushes too and an unlink or rename sends the file's ctime (design note 135).
+    d = Daemon(base / "state", base / "mnt", size="1G", extra=["--metrics-port", "0"],
+               env={"AWSOMEFS_MOUNT__WRITEBACK_CACHE": "false"}).start()
     try:
         yield Counted(d)
     finally:

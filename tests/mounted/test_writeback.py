@@ -114,3 +114,45 @@ def test_a_full_device_under_the_cache_reports_every_write_it_could_not_keep() -
     finally:
         daemon.stop_hard()
         shutil.rmtree(base, ignore_errors=True)
+
+
+WRITE_LOOP_LIMIT = 4 << 30
+"""Far beyond the device (64 MiB) plus the share of the kernel's dirty pages a mount may hold
+(fuse/mount.py, WRITEBACK_MAX_RATIO: about a gigabyte on a machine of 24 GiB)."""
+
+
+def test_a_writer_looping_until_the_device_is_full_hears_enospc_at_write() -> None:
+    """`dd if=/dev/zero of=f bs=1M` fills a disk and stops at its first failed write(). Under
+    the writeback cache the write()s land in the kernel's page cache and the daemon refuses their
+    write-back; the writer must hear that at a later write() (fuse/kernel/refusals.py), not write
+    into the page cache for ever. Once the file is gone the space serves new writes again."""
+    if os.environ.get("AWSOMEFS_MOUNT__TRANSPORT") == "pyfuse3":
+        pytest.skip("the writeback cache is the kernel transport's")
+    base = Path(tempfile.mkdtemp(prefix="awsomefs-writeback-loop-", dir="/var/tmp"))
+    daemon = Daemon(base / "state", base / "mnt", size="64M", env={"AWSOMEFS_MOUNT__WRITEBACK_CACHE": "true"})
+    zeros = bytes(WRITE_BYTES)
+    try:
+        daemon.start()
+        written, refused = 0, None
+        fd = os.open(daemon.mount / "zeros", os.O_CREAT | os.O_WRONLY, 0o644)
+        try:
+            while written < WRITE_LOOP_LIMIT:
+                try:
+                    written += os.write(fd, zeros)
+                except OSError as exc:
+                    refused = exc.errno
+                    break
+        finally:
+            try:
+                os.close(fd)
+            except OSError as exc:  # the kernel reports the refused write-back here too
+                assert exc.errno == errno.ENOSPC, exc
+        assert refused == errno.ENOSPC, f"write() never failed: {written >> 20} MiB taken by a 64 MiB device"
+        os.unlink(daemon.mount / "zeros")
+        payload = os.urandom(8 << 20)
+        (daemon.mount / "after").write_bytes(payload)  # waits out the freed blocks' grace, then fits
+        assert (daemon.mount / "after").read_bytes() == payload
+        assert daemon.stop() == 0, daemon.logs()
+    finally:
+        daemon.stop_hard()
+        shutil.rmtree(base, ignore_errors=True)

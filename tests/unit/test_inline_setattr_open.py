@@ -90,7 +90,8 @@ async def test_a_cluster_member_serves_a_setattr_inline_only_under_the_files_lea
 
 async def test_the_reader_tells_a_quick_setattr_from_its_bytes(core: Core) -> None:
     """KernelHandlers.quick: a truncate never (it may write the tail block), a time or mode
-    change when `setattr_is_immediate` says so, nothing under the kernel's writeback cache."""
+    change when `setattr_is_immediate` says so, under the kernel's writeback cache as without it
+    (the kernel sends each file's times that way at its close, and rsync's rename one more)."""
     from awsomefsd.fuse.kernel import abi
     from awsomefsd.fuse.kernel.abi import Fattr, Op
     from awsomefsd.fuse.kernel.handlers import KernelHandlers
@@ -109,7 +110,9 @@ async def test_the_reader_tells_a_quick_setattr_from_its_bytes(core: Core) -> No
     assert not quick(request(Fattr.SIZE, size=10))
     assert not quick(request(Fattr.MODE)[:-8]), "a short request is the task's to refuse"
     handlers.writeback_cache = lambda: True
-    assert not quick(request(Fattr.MODE))
+    assert quick(request(Fattr.MODE))
+    assert quick(request(Fattr.MTIME | Fattr.CTIME | Fattr.FH | Fattr.LOCKOWNER, mtime_s=1_000_000))
+    assert not quick(request(Fattr.SIZE, size=10))
 
 
 async def test_an_open_that_truncates_nothing_is_quick(core: Core) -> None:

@@ -25,6 +25,7 @@ from awsomefsd.fuse.callers import caller_in_group
 from awsomefsd.fuse.invalidate import MOUNTED
 from awsomefsd.fuse.kernel import abi
 from awsomefsd.fuse.kernel.abi import Body, Fattr, Fopen, Header, Op
+from awsomefsd.fuse.kernel.refusals import RefusedWriteBacks
 from awsomefsd.fuse.kernel.session import NO_REPLY, Handler, Payload
 from awsomefsd.meta.errors import FsError
 from awsomefsd.meta.records import Inode
@@ -45,6 +46,8 @@ class KernelHandlers:
         self.ops = ops
         self.writeback_cache = writeback_cache
         """Does the kernel cache written pages (FUSE_WRITEBACK_CACHE, as negotiated)?"""
+        self.refusals = RefusedWriteBacks(ops.handles, lambda ino: MOUNTED.invalidate_inode(ino, attr_only=True))
+        """Cached pages we refused to write, reported at their writer's next write() (refusals.py)."""
         self.entry_valid = abi.split_seconds(entry_timeout_s)
         self.attr_valid = abi.split_seconds(attr_timeout_s)
         self.negative_valid = abi.split_seconds(entry_timeout_s if negative_timeout_s is None else negative_timeout_s)
@@ -146,11 +149,13 @@ class KernelHandlers:
         return not flags & os.O_TRUNC
 
     def _setattr_is_quick(self, data: bytes) -> bool:
-        """A chmod, chown or utimensat (no truncate) without the kernel's writeback cache: tar,
-        cp -p and rsync send one or two per file, and a task cost more than the change (an
-        untar's SETATTRs took 180 µs each in a task against 130 µs for an inline CREATE). Not
-        when it must flush the file first or wait for a flush of it (`Operations.setattr_is_immediate`)."""
-        if len(data) < abi.IN_HEADER.size + abi.SETATTR_IN.size or self.writeback_cache():
+        """A chmod, chown or utimensat (no truncate), or the times a kernel caching writes sends
+        at a close or after a rename: tar, cp -p and rsync cause one to three per file, and a
+        task cost more than the change (an untar's SETATTRs took 180 µs each in a task against
+        130 µs for an inline CREATE; under the writeback cache rsync ran 2.6x slower with them in
+        tasks). Not when it must flush the file first or wait for a flush of it
+        (`Operations.setattr_is_immediate`)."""
+        if len(data) < abi.IN_HEADER.size + abi.SETATTR_IN.size:
             return False
         nodeid = abi.IN_HEADER.unpack_from(data)[3]
         valid, _, _, _, _, _, mtime, _, _, mtimensec, *_ = abi.SETATTR_IN.unpack_from(data, abi.IN_HEADER.size)
@@ -226,6 +231,10 @@ class KernelHandlers:
         return NO_REPLY
 
     async def getattr(self, h: Header, body: Body) -> Payload:
+        if self.refusals.refused:
+            refused = self.refusals.answer(h.nodeid, body)
+            if refused:
+                raise FsError(refused, "the kernel's cached writes of this file were refused")
         return self.attr_out(await self.ops.getattr(h.nodeid))
 
     async def setattr(self, h: Header, body: Body) -> Payload:
@@ -365,9 +374,15 @@ class KernelHandlers:
     async def write(self, h: Header, body: Body) -> Payload:
         fh, offset, size, write_flags, *_ = body.take(abi.WRITE_IN)
         drop = write_flags & abi.WRITE_KILL_SUIDGID
-        written = await self.ops.write(fh, offset, body.data(size),
-                                       drop_setid=caller_in_group(h.uid, h.gid, h.pid) if drop else None,
-                                       kernel_times=bool(write_flags & abi.WRITE_CACHE) and self.writeback_cache())
+        cached = bool(write_flags & abi.WRITE_CACHE) and self.writeback_cache()
+        try:
+            written = await self.ops.write(fh, offset, body.data(size),
+                                           drop_setid=caller_in_group(h.uid, h.gid, h.pid) if drop else None,
+                                           kernel_times=cached)
+        except FsError as exc:
+            if cached:  # the kernel drops these pages: tell their writer at its next write()
+                self.refusals.refuse(h.nodeid, exc.errno)
+            raise
         return abi.WRITE_OUT.pack(written, 0)
 
     async def fallocate(self, h: Header, body: Body) -> Payload:
