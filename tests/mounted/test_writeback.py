@@ -116,9 +116,17 @@ def test_a_full_device_under_the_cache_reports_every_write_it_could_not_keep() -
         shutil.rmtree(base, ignore_errors=True)
 
 
-WRITE_LOOP_LIMIT = 4 << 30
-"""Far beyond the device (64 MiB) plus the share of the kernel's dirty pages a mount may hold
-(fuse/mount.py, WRITEBACK_MAX_RATIO: about a gigabyte on a machine of 24 GiB)."""
+def _background_dirty_bytes() -> int:
+    """The dirty bytes past which the kernel starts writing back (vm.dirty_background_bytes, or
+    dirty_background_ratio % of the available memory): until then nothing is written back, so no
+    refusal can be heard (2.3 GiB on a machine of 24 GiB)."""
+    vm = Path("/proc/sys/vm")
+    absolute = int((vm / "dirty_background_bytes").read_text())
+    if absolute:
+        return absolute
+    fields = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
+    available = int(fields["MemAvailable"].split()[0]) * 1024
+    return available * int((vm / "dirty_background_ratio").read_text()) // 100
 
 
 def test_a_writer_looping_until_the_device_is_full_hears_enospc_at_write() -> None:
@@ -131,12 +139,13 @@ def test_a_writer_looping_until_the_device_is_full_hears_enospc_at_write() -> No
     base = Path(tempfile.mkdtemp(prefix="awsomefs-writeback-loop-", dir="/var/tmp"))
     daemon = Daemon(base / "state", base / "mnt", size="64M", env={"AWSOMEFS_MOUNT__WRITEBACK_CACHE": "true"})
     zeros = bytes(WRITE_BYTES)
+    limit = 2 * (_background_dirty_bytes() + (64 << 20))  # far past where the first write-back comes
     try:
         daemon.start()
         written, refused = 0, None
         fd = os.open(daemon.mount / "zeros", os.O_CREAT | os.O_WRONLY, 0o644)
         try:
-            while written < WRITE_LOOP_LIMIT:
+            while written < limit:
                 try:
                     written += os.write(fd, zeros)
                 except OSError as exc:
