@@ -234,6 +234,7 @@ class KernelTransport:
             from awsomefsd.fuse.kernel.workers import end_orphans
 
             self.session.forget_names()  # names the crash took (a rename, a create) must not be shown
+            self.handlers.relist_directories()  # nor listings that show them
             self.session.resend()  # what the crashed daemon (and its read workers) had read and not answered
             end_orphans(self.state_dir)  # any worker of it still running
         log.info("continuing the mount at %s (%s; protocol 7.%d)", self.mountpoint, self.adopted, record.minor)

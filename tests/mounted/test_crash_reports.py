@@ -114,6 +114,41 @@ def test_a_directory_fsync_reports_the_rename_a_crash_lost(keeper_rig: Rig, trie
         daemon.stop_hard()
 
 
+SAME_MTIME_REPLACER = r"""
+import os, sys
+os.mkdir(sys.argv[1])
+os.chdir(sys.argv[1])
+fd = os.open("f.tmp", os.O_CREAT | os.O_WRONLY, 0o644)
+os.write(fd, b"new contents")
+os.fsync(fd)  # commits the directory and f.tmp
+os.close(fd)
+before = os.stat(".")
+os.rename("f.tmp", "f")
+# The directory's mtime back to what the crash will leave: two changes within one tick of the
+# clock (as under the writeback cache, whose times are coarse) leave it so without this.
+os.utime(".", ns=(before.st_atime_ns, before.st_mtime_ns))
+assert os.listdir(".") == ["f"]  # the kernel keeps this listing, checked against that mtime
+print("renamed", flush=True)
+sys.stdin.readline()  # the daemon is killed and the next one continues the mount meanwhile
+print("done - -", ",".join(sorted(os.listdir("."))), flush=True)
+"""
+
+
+def test_a_listing_the_crash_took_is_not_shown_though_the_mtime_came_back_equal(keeper_rig: Rig) -> None:
+    """The kernel checks a listing it keeps only against the directory's mtime; after a crash
+    the next daemon has it list every directory afresh once (`relist_directories`)."""
+    rig = keeper_rig
+    env = {**rig.env, **NO_IDLE_COMMIT}
+    daemon = Daemon(rig.base / "state", rig.base / "mnt", size="1G", env=env).start()
+    try:
+        daemon, (_, _, listing) = crash_under(rig, daemon, env, SAME_MTIME_REPLACER, str(daemon.mount / "d"),
+                                              ready="renamed")
+        assert listing == "f.tmp", f"the kernel showed the listing the crash took: {listing}"
+        assert daemon.stop() == 0, daemon.logs()
+    finally:
+        daemon.stop_hard()
+
+
 SYNCER = r"""
 import os, sys, lmdb
 with open(sys.argv[1], "wb") as f:

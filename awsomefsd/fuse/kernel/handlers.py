@@ -61,6 +61,9 @@ class KernelHandlers:
         self.cache_dirs = cache_dirs
         """Let the kernel keep directory listings (FOPEN_CACHE_DIR): only where no other node
         changes directories behind its back (a single node)."""
+        self.listed_since_crash: set[int] | None = None
+        """After a crash of the daemon before (`relist_directories`): the directories whose listing
+        the kernel has read from this daemon; None: every listing the kernel keeps is ours."""
         self.noflush_readers = cache_dirs
         """Answer a read-only OPEN with FOPEN_NOFLUSH, so its close sends no FLUSH (a single node,
         `_open_out`)."""
@@ -418,17 +421,39 @@ class KernelHandlers:
         return None
 
     # -- directories -----------------------------------------------------------------------------
+    def relist_directories(self) -> None:
+        """The daemon before crashed: a listing the kernel keeps may show a change the crash took
+        (a rename), and the kernel checks a kept listing only against the directory's mtime,
+        which can come back equal (two changes within one tick of the coarse clock that stamps
+        times under the writeback cache). Until this daemon has listed a directory, its OPENDIR
+        asks the kernel to drop what it kept (no FOPEN_KEEP_CACHE)."""
+        self.listed_since_crash = set()
+
+    def _keeps_listing(self, ino: int) -> int:
+        """The FOPEN flags of an OPENDIR of `ino`: keep its listing where the kernel may."""
+        if not self.cache_dirs or not self.ops.keep_listing(ino):
+            return 0
+        listed = self.listed_since_crash
+        return Fopen.CACHE_DIR if listed is not None and ino not in listed else Fopen.CACHE_DIR | Fopen.KEEP_CACHE
+
+    def _listing_from_start(self, fh: int, offset: int) -> None:
+        """A READDIR(PLUS) from the start: after a crash, what the kernel now keeps of this
+        directory is this daemon's (`relist_directories`)."""
+        if self.listed_since_crash is not None and offset == 0:
+            self.listed_since_crash.add(self.ops.handle(fh).ino)
+
     async def opendir(self, h: Header, body: Body) -> Payload:
         fh = await self.ops.opendir(h.nodeid)
-        cached = Fopen.CACHE_DIR | Fopen.KEEP_CACHE if self.cache_dirs and self.ops.keep_listing(h.nodeid) else 0
-        return abi.OPEN_OUT.pack(fh, cached, 0)
+        return abi.OPEN_OUT.pack(fh, self._keeps_listing(h.nodeid), 0)
 
     async def readdir(self, h: Header, body: Body) -> Payload:
         fh, offset, size, *_ = body.take(abi.READ_IN)
+        self._listing_from_start(fh, offset)
         return abi.dirents(self.ops.readdir_names(fh, offset), size)
 
     async def readdirplus(self, h: Header, body: Body) -> Payload:
         fh, offset, size, *_ = body.take(abi.READ_IN)
+        self._listing_from_start(fh, offset)
         out = bytearray()
         entry, dirent, remember = self.entry, abi.dirent, self.ops.remember
         valid = self.names_valid(self.ops.handle(fh).ino) if self.name_timeout is not None else None
