@@ -381,7 +381,7 @@ async def serve(core: Core, settings: Settings, *, ready: Callable[[str], None] 
     from awsomefsd.fuse.kernel import takeover
     from awsomefsd.fuse.kernel.keeper import SystemdStore, descriptor_store
     from awsomefsd.fuse.kernel.workers import worker_config
-    from awsomefsd.fuse.mount import prepare_mount_point, tune_bdi
+    from awsomefsd.fuse.mount import bdi_of, prepare_mount_point, tune_bdi
     from awsomefsd.fuse.transport import make_transport
 
     mount = settings.mount.path
@@ -505,6 +505,9 @@ async def serve(core: Core, settings: Settings, *, ready: Callable[[str], None] 
             use_kernel_clock(transport.writeback_negotiated())
             if transport.writeback_negotiated():  # a snapshot must see what the kernel still holds
                 core.data.kernel_writeback = functools.partial(_write_back_kernel_pages, mount)
+                bdi = bdi_of(mount)  # the kernel holds no more written pages than the device takes
+                if bdi is not None:
+                    transport.bound_cached_writes(bdi)
             _notify("READY=1")
             if ready is not None:
                 ready(str(mount))

@@ -190,6 +190,10 @@ class Handles:
         self.may_purge = state["may_purge"]
         self.adopted = not self.may_purge
 
+    def writing(self) -> list[int]:
+        """The inodes open for writing here now."""
+        return list(self._writers_of)
+
     def pop(self, fh: int) -> Handle | None:
         h = self.open.pop(fh, None)
         if h is None:

@@ -47,7 +47,12 @@ class SpaceGuard:
 
     def fits(self, need_blocks: int) -> bool:
         """This node's free blocks, less what the buffer will need, hold `need_blocks` more."""
-        return self.allocator.free_blocks - self.buffer.dirty_blocks() >= need_blocks
+        return self.room_blocks() >= need_blocks
+
+    def room_blocks(self) -> int:
+        """The blocks a write may still be promised: this node's free blocks, less what the
+        buffer will need (blocks in the grace period after a delete not counted)."""
+        return self.allocator.free_blocks - self.buffer.dirty_blocks()
 
     async def claim(self, need_blocks: int) -> bool:
         """Ask for more allocation groups (a cluster member); True when `need_blocks` fit now."""

@@ -79,6 +79,10 @@ class Transport(Protocol):
     def writeback_negotiated(self) -> bool:
         """Does the kernel keep written pages of this mount in its page cache?"""
 
+    def bound_cached_writes(self, bdi: Path) -> None:
+        """Under the writeback cache, keep the kernel's written pages of the mount within the room
+        on the device (`bdi`: the mount's /sys/class/bdi directory; fuse/dirty_bound.py)."""
+
     def serving_path(self) -> str | None:
         """How requests reach this daemon: "io_uring" or "read" on the kernel transport (None
         before INIT, and on pyfuse3)."""
@@ -199,6 +203,22 @@ class KernelTransport:
         and SETATTR: no import here.)"""
         negotiated = None if self.session is None else self.session.negotiated
         return negotiated is not None and negotiated.has(Init.WRITEBACK_CACHE)
+
+    def bound_cached_writes(self, bdi: Path) -> None:
+        from awsomefsd.fs.operations import BLOCK_SIZE
+        from awsomefsd.fuse.dirty_bound import DirtyBound
+
+        refusals = self.handlers.refusals
+
+        def full(near: bool) -> None:
+            refusals.set_full(near, self.ops.handles.writing())
+            log.info("cached writes: the device is %s", "near full (writers hear ENOSPC)" if near else "no longer near full")
+
+        bound = DirtyBound(bdi, lambda: self.ops.data.space.room_blocks() * BLOCK_SIZE, full)
+        if bound.start():
+            self.handlers.cached_write_taken = bound.look
+            refusals.full_now = bound.near_full_now
+            refusals.reserved = self.ops.data.writer.holds_reservations
 
     def adopt(self) -> bool:
         from awsomefsd.fuse.kernel import takeover
@@ -429,6 +449,9 @@ class Pyfuse3Transport:
 
     def writeback_negotiated(self) -> bool:
         return False
+
+    def bound_cached_writes(self, bdi: Path) -> None:
+        pass  # the kernel caches no writes here
 
     def serving_path(self) -> str | None:
         return None

@@ -108,7 +108,8 @@ def test_a_full_device_under_the_cache_reports_every_write_it_could_not_keep() -
             assert held[:durable] == acknowledged[:durable], (
                 f"{name}: bytes write() took, then a successful fsync or close, are missing "
                 f"({len(held)} of {len(acknowledged)} bytes held, {durable} durable, reported {reported})")
-        assert any(reported for _, _, reported in files.values()), "the device never filled"
+        assert any(reported or len(acknowledged) < FILE_BYTES for acknowledged, _, reported in files.values()), \
+            "the device never filled"
         assert not files["f0"][2], "the first file fits"
         assert daemon.stop() == 0
     finally:
@@ -129,35 +130,42 @@ def _background_dirty_bytes() -> int:
     return available * int((vm / "dirty_background_ratio").read_text()) // 100
 
 
-def test_a_writer_looping_until_the_device_is_full_hears_enospc_at_write() -> None:
+def test_a_writer_looping_until_the_device_is_full_hears_enospc_at_write_and_loses_nothing() -> None:
     """`dd if=/dev/zero of=f bs=1M` fills a disk and stops at its first failed write(). Under
-    the writeback cache the write()s land in the kernel's page cache and the daemon refuses their
-    write-back; the writer must hear that at a later write() (fuse/kernel/refusals.py), not write
-    into the page cache for ever. Once the file is gone the space serves new writes again."""
+    the writeback cache the write()s land in the kernel's page cache; the daemon bounds what the
+    kernel may hold by the room left (fuse/dirty_bound.py) and, near a full device, fails the
+    writer's next write() with ENOSPC (fuse/kernel/refusals.py): every byte a write() took is on
+    the device after a restart, and the close reports nothing. Once the file is gone the space
+    serves new writes again."""
     if os.environ.get("AWSOMEFS_MOUNT__TRANSPORT") == "pyfuse3":
         pytest.skip("the writeback cache is the kernel transport's")
     base = Path(tempfile.mkdtemp(prefix="awsomefs-writeback-loop-", dir="/var/tmp"))
     daemon = Daemon(base / "state", base / "mnt", size="64M", env={"AWSOMEFS_MOUNT__WRITEBACK_CACHE": "true"})
-    zeros = bytes(WRITE_BYTES)
     limit = 2 * (_background_dirty_bytes() + (64 << 20))  # far past where the first write-back comes
     try:
         daemon.start()
+        taken: list[bytes] = []
         written, refused = 0, None
-        fd = os.open(daemon.mount / "zeros", os.O_CREAT | os.O_WRONLY, 0o644)
+        fd = os.open(daemon.mount / "filler", os.O_CREAT | os.O_WRONLY, 0o644)
         try:
             while written < limit:
+                chunk = bytes([len(taken) % 251 + 1]) * WRITE_BYTES  # each MiB its own byte
                 try:
-                    written += os.write(fd, zeros)
+                    n = os.write(fd, chunk)
                 except OSError as exc:
                     refused = exc.errno
                     break
+                taken.append(chunk[:n])
+                written += n
         finally:
-            try:
-                os.close(fd)
-            except OSError as exc:  # the kernel reports the refused write-back here too
-                assert exc.errno == errno.ENOSPC, exc
+            os.close(fd)  # raises if a write() took bytes that were then dropped
         assert refused == errno.ENOSPC, f"write() never failed: {written >> 20} MiB taken by a 64 MiB device"
-        os.unlink(daemon.mount / "zeros")
+        assert written > 32 << 20, f"ENOSPC with most of the device free ({written >> 20} MiB taken)"
+        assert daemon.stop() == 0, daemon.logs()
+        daemon.start()
+        held = (daemon.mount / "filler").read_bytes()
+        assert held == b"".join(taken), f"{len(held)} bytes held of {written} taken"
+        os.unlink(daemon.mount / "filler")
         payload = os.urandom(8 << 20)
         (daemon.mount / "after").write_bytes(payload)  # waits out the freed blocks' grace, then fits
         assert (daemon.mount / "after").read_bytes() == payload

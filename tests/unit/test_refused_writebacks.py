@@ -59,3 +59,35 @@ async def test_a_refusal_the_kernel_cannot_hold_is_forgotten(core: Core) -> None
         while refusals.refused:
             await trio.sleep(0.001)
     assert refusals.answer(inode.ino, _getattr_body(writer)) == 0
+
+
+async def test_near_a_full_device_every_writer_hears_enospc_until_room_returns(core: Core) -> None:
+    """`set_full` (fuse/dirty_bound.py says when): each file open for writing is made stale once,
+    and a writer's GETATTR answers ENOSPC for as long as the room is short, not once; answered
+    as always, the file is made stale again by its next cached WRITE."""
+    writer, inode = await core.ops.create(ROOT_INO, b"full", stat.S_IFREG | 0o644, os.O_RDWR, 0, 0)
+    reader = await core.ops.open(inode.ino, os.O_RDONLY)
+    stale: list[int] = []
+    short = [True]
+    refusals = RefusedWriteBacks(core.ops.handles, stale.append)
+    refusals.full_now = lambda: short[0]
+    assert not refusals.asking()
+    refusals.set_full(True, core.ops.handles.writing())
+    with trio.fail_after(5):
+        while not stale:
+            await trio.sleep(0.001)
+    assert stale == [inode.ino] and refusals.asking()
+    assert refusals.answer(inode.ino, _getattr_body(writer)) == errno.ENOSPC
+    assert refusals.answer(inode.ino, _getattr_body(writer)) == errno.ENOSPC, "every write() while short"
+    assert refusals.answer(inode.ino, _getattr_body(reader)) == 0
+    refusals.reserved = lambda ino: True  # fallocated blocks: its write may go there, and fit
+    assert refusals.answer(inode.ino, _getattr_body(writer)) == 0
+    refusals.reserved = lambda ino: False
+    short[0] = False  # a flush ended, a file was deleted: room again before the bound looked
+    assert refusals.answer(inode.ino, _getattr_body(writer)) == 0
+    refusals.written(inode.ino)  # its next cached WRITE, still near full by the bound's last look
+    with trio.fail_after(5):
+        while len(stale) < 2:
+            await trio.sleep(0.001)
+    refusals.set_full(False, [])
+    assert not refusals.asking() and refusals.answer(inode.ino, _getattr_body(writer)) == 0

@@ -48,6 +48,9 @@ class KernelHandlers:
         """Does the kernel cache written pages (FUSE_WRITEBACK_CACHE, as negotiated)?"""
         self.refusals = RefusedWriteBacks(ops.handles, lambda ino: MOUNTED.invalidate_inode(ino, attr_only=True))
         """Cached pages we refused to write, reported at their writer's next write() (refusals.py)."""
+        self.cached_write_taken: Callable[[], None] = lambda: None
+        """After each cached WRITE taken: the bound on the kernel's dirty pages looks again
+        (fuse/dirty_bound.py)."""
         self.entry_valid = abi.split_seconds(entry_timeout_s)
         self.attr_valid = abi.split_seconds(attr_timeout_s)
         self.negative_valid = abi.split_seconds(entry_timeout_s if negative_timeout_s is None else negative_timeout_s)
@@ -234,7 +237,7 @@ class KernelHandlers:
         return NO_REPLY
 
     async def getattr(self, h: Header, body: Body) -> Payload:
-        if self.refusals.refused:
+        if self.refusals.asking():
             refused = self.refusals.answer(h.nodeid, body)
             if refused:
                 raise FsError(refused, "the kernel's cached writes of this file were refused")
@@ -386,6 +389,10 @@ class KernelHandlers:
             if cached:  # the kernel drops these pages: tell their writer at its next write()
                 self.refusals.refuse(h.nodeid, exc.errno)
             raise
+        if cached:
+            self.cached_write_taken()
+            if self.refusals.full:
+                self.refusals.written(h.nodeid)
         return abi.WRITE_OUT.pack(written, 0)
 
     async def fallocate(self, h: Header, body: Body) -> Payload:

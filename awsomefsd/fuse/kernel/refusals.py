@@ -16,6 +16,13 @@ handle open for writing on that inode is answered with the refused write's errno
 or lseek() through a handle open for reading and writing may ask the same way and then hears it
 instead; a stat() carries no handle and never does.
 
+Near a full device (`set_full`, from fuse/dirty_bound.py) the same path refuses before anything
+is lost: every file open for writing, and each file whose cached pages arrive meanwhile, has its
+attributes made stale once, and while the device stays near full a GETATTR naming a handle open
+for writing answers ENOSPC, every time. The kernel then holds at most the little the dirty bound
+lets it, which the room held back still takes: write() fails with ENOSPC while a few MiB remain,
+rather than succeeding for bytes that are then dropped.
+
 Kept in memory only: after a restart the kernel's own report at fsync and close remains.
 """
 
@@ -24,7 +31,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import trio
 
@@ -51,6 +58,35 @@ class RefusedWriteBacks:
         self.make_stale = make_stale
         self.refused: dict[int, int] = {}
         self.reported = 0
+        self.full = False
+        """The device came near full (`set_full`): writers hear ENOSPC at their next write()."""
+        self.full_now: Callable[[], bool] = lambda: self.full
+        """Is it near full at this moment (asked before a GETATTR answers ENOSPC for it)?"""
+        self.reserved: Callable[[int], bool] = lambda ino: False
+        """Has the file blocks reserved for it (fallocate)? Its writes there fit on a full device,
+        and a GETATTR does not say where the write goes: such a writer is not told ENOSPC."""
+        self.warned: set[int] = set()
+        """Inodes whose attributes were made stale since the device came near full."""
+
+    def asking(self) -> bool:
+        """May a GETATTR be answered with an error now (cheap; asked per GETATTR)?"""
+        return self.full or bool(self.refused)
+
+    def set_full(self, full: bool, writing: Iterable[int]) -> None:
+        """The device came near full (`writing`: the inodes open for writing, each made stale
+        once), or has room again (writers see their attributes as before)."""
+        self.full = full
+        if not full:
+            self.warned.clear()
+            return
+        for ino in writing:
+            self.written(ino)
+
+    def written(self, ino: int) -> None:
+        """Cached pages of `ino` arrived: near a full device, its writer's next write() must ask."""
+        if self.full and ino not in self.warned:
+            self.warned.add(ino)
+            trio.lowlevel.spawn_system_task(self._notify, ino, name=f"near full: inode {ino}")
 
     def refuse(self, ino: int, err: int) -> None:
         """A WRITE of cached pages of `ino` was refused with `err`: its writer's next GETATTR says so.
@@ -73,8 +109,9 @@ class RefusedWriteBacks:
 
     def answer(self, ino: int, body: abi.Body) -> int:
         """The errno a GETATTR of `ino` answers instead of its attributes (0: none). Only a GETATTR
-        that names a handle of `ino` open for writing, and only once per refusal."""
-        if ino not in self.refused:
+        that names a handle of `ino` open for writing: once per refusal, and ENOSPC while the
+        device is near full."""
+        if ino not in self.refused and not self.full:
             return 0
         try:
             flags, _, fh = body.take(abi.GETATTR_IN)
@@ -83,5 +120,11 @@ class RefusedWriteBacks:
         h = self.handles.find(fh) if flags & GETATTR_FH else None
         if h is None or h.ino != ino or h.flags & os.O_ACCMODE == os.O_RDONLY:
             return 0
-        self.reported += 1
-        return self.refused.pop(ino)
+        if ino in self.refused:
+            self.reported += 1
+            return self.refused.pop(ino)
+        if self.full_now() and not self.reserved(ino):
+            self.reported += 1
+            return errno.ENOSPC
+        self.warned.discard(ino)  # answered as always: its next cached WRITE makes it stale again
+        return 0
