@@ -206,7 +206,7 @@ class KernelTransport:
 
     def bound_cached_writes(self, bdi: Path) -> None:
         from awsomefsd.fs.operations import BLOCK_SIZE
-        from awsomefsd.fuse.dirty_bound import DirtyBound
+        from awsomefsd.fuse.dirty_bound import DirtyBound, kernel_dirty_limit_bytes
 
         refusals = self.handlers.refusals
 
@@ -214,7 +214,8 @@ class KernelTransport:
             refusals.set_full(near, self.ops.handles.writing())
             log.info("cached writes: the device is %s", "near full (writers hear ENOSPC)" if near else "no longer near full")
 
-        bound = DirtyBound(bdi, lambda: self.ops.data.space.room_blocks() * BLOCK_SIZE, full)
+        bound = DirtyBound(bdi, lambda: self.ops.data.space.room_blocks() * BLOCK_SIZE, full,
+                           lambda: self.ops.meta.pending_free_blocks() * BLOCK_SIZE, kernel_dirty_limit_bytes())
         if bound.start():
             self.handlers.cached_write_taken = bound.look
             refusals.full_now = bound.near_full_now

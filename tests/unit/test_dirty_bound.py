@@ -69,3 +69,21 @@ def test_a_kernel_that_refuses_the_bound_ends_it(tmp_path: Path) -> None:
     bound.room_bytes = lambda: 100 * MiB
     bound.look()
     assert not bound.active
+
+
+def test_room_far_beyond_what_the_kernel_lets_be_dirty_needs_no_bound_of_its_own(tmp_path: Path) -> None:
+    """The device is held to its own limit (strict_limit) only once the room is within twice the
+    kernel's whole dirty limit: before, the kernel cannot hold more than the device takes."""
+    bdi = _bdi(tmp_path)
+    room = [64 * 1024 * MiB]
+    bound = DirtyBound(bdi, lambda: room[0], lambda full: None, kernel_limit_bytes=4 * 1024 * MiB)
+    assert bound.start() and (bdi / "strict_limit").read_text() == "0"
+    room[0] = 8 * 1024 * MiB - 1
+    bound.look()
+    assert (bdi / "strict_limit").read_text() == "1" and int((bdi / "max_bytes").read_text()) == CAP
+    room[0] = 600 * MiB
+    bound.look()
+    assert int((bdi / "max_bytes").read_text()) == (room[0] - MARGIN_BYTES) // 2
+    room[0] = 9 * 1024 * MiB
+    bound.look()
+    assert (bdi / "strict_limit").read_text() == "0" and int((bdi / "max_bytes").read_text()) == CAP
