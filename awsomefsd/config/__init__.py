@@ -113,8 +113,9 @@ class MountSettings(Section):
         False,
         description="a single node on the kernel transport: the kernel keeps written pages in its page cache "
         "and sends them later (FUSE_WRITEBACK_CACHE); close, fsync and syncfs still wait for them. Small writes "
-        "get much faster, but ENOSPC and quota errors then come at the writer's next write() after the kernel sent "
-        "the pages, or at close or fsync, not at the write() that went past. Cluster "
+        "get much faster. Near a full device write() fails with ENOSPC a few MiB early (nothing write() took is "
+        "lost); a volume's quota (EDQUOT) is enforced when the kernel sends the pages, reported at the writer's "
+        "next write(), close or fsync, and the pages past it are dropped. Cluster "
         "members never use it (another node's writes would not invalidate those pages)",
     )
     io_uring: Literal["auto", "on", "off"] = Field(
