@@ -19,6 +19,7 @@ with two workers, real processes reading and writing.
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import multiprocessing
 import os
@@ -274,6 +275,36 @@ def test_workers_serve_cold_reads_and_a_killed_worker_fails_no_read(workers_daem
         os.close(fd)
 
 
+def test_a_stopped_worker_holds_no_read_for_ever() -> None:
+    """A worker stopped with SIGSTOP (a debugger, an operator) keeps the READs handed to it, and
+    the kernel times no FUSE request out: the pool kills a worker that has held a READ for
+    STUCK_S, the session serves what it held and another starts. (A hand-over with a worker
+    stopped: `test_a_restart_with_workers_under_a_read_load_fails_no_read`.)"""
+    from awsomefsd.fuse.kernel.workers import STUCK_S
+
+    with running_daemon("awsomefs-stuck-", env=WORKERS) as d:
+        path = d.mount / "cold"
+        data = os.urandom(1 << 20)
+        write_cold(path, data)
+        pids = worker_pids(d)
+        assert len(pids) == 2, pids
+        reader = subprocess.Popen([sys.executable, "-c", COLD_READER, str(path), str(STUCK_S + 5)],
+                                  stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+        assert reader.stdout is not None
+        assert reader.stdout.readline().strip() == "reading"
+        os.kill(pids[0], signal.SIGSTOP)
+        try:
+            out, _ = reader.communicate(timeout=STUCK_S * 4 + 30)  # a read held for ever fails here
+        finally:
+            with contextlib.suppress(ProcessLookupError):  # killed by then, if the pool did its part
+                os.kill(pids[0], signal.SIGCONT)
+        assert reader.returncode == 0, out
+        ok, failed, _errnos = out.split()[0:3]
+        assert int(ok) > 100 and failed == "0", out
+        assert "stopped or wedged; killed" in d.logs(), d.logs()[-3000:]
+        wait_for(lambda: len(set(worker_pids(d)) - {pids[0]}) == 2, 30, "a new worker")
+
+
 COLD_READER = """
 import mmap, os, random, sys, threading, time
 path, seconds = sys.argv[1], float(sys.argv[2])
@@ -393,11 +424,12 @@ def scrape(d: Daemon) -> str:
     return str(urllib.request.urlopen(f"http://127.0.0.1:{port.group(1)}/metrics", timeout=10).read().decode())
 
 
-@pytest.mark.parametrize("how", ["hand-over", "crash"])
+@pytest.mark.parametrize("how", ["hand-over", "crash", "hand-over, a worker stopped"])
 def test_a_restart_with_workers_under_a_read_load_fails_no_read(how: str) -> None:
     """A hand-over stops the workers after the session stopped reading, and what they did not answer
     is served; a crash takes them with the daemon, and the next daemon's RESEND has the kernel send
-    what they held again: either way the reader sees every byte and no error."""
+    what they held again: either way the reader sees every byte and no error. A worker stopped
+    with SIGSTOP keeps SIGTERM pending: the hand-over kills it after STOP_DEADLINE_S."""
     base = Path(tempfile.mkdtemp(prefix="awsomefs-workers-restart-", dir="/var/tmp"))
     os.chmod(base, 0o755)
     sock = base / "keeper.sock"
@@ -420,8 +452,11 @@ def test_a_restart_with_workers_under_a_read_load_fails_no_read(how: str) -> Non
         if how == "crash":
             first.kill()
         else:
+            if how.endswith("stopped"):
+                os.kill(old_workers[0], signal.SIGSTOP)
             first.proc.send_signal(signal.SIGUSR2)
             assert first.proc.wait(60) == 75, first.logs()
+            assert how.endswith("stopped") == ("did not stop within" in first.logs()), first.logs()
         second = Daemon(base / "state", base / "mnt", size="2G", env=env).start()
         assert ("crash" if how == "crash" else "handed over") in second.logs(), second.logs()
         out, _ = reader.communicate(timeout=60)

@@ -90,6 +90,11 @@ RESTART_PAUSE_S = 0.5
 MAX_RESTART_PAUSE_S = 30.0
 """A worker that keeps dying early (it cannot open the metadata, say) is restarted ever more slowly."""
 STOP_DEADLINE_S = 5.0
+"""How long a stopping worker is waited for before it is killed (one stopped with SIGSTOP, say)."""
+STUCK_S = 10.0
+"""A worker holding the same READ unanswered this long is stuck (stopped, or wedged): it is
+killed, and the session serves what it held (R6) while another starts. The kernel itself never
+times a FUSE request out, so without this an application's read would wait as long as the worker."""
 PIDS_FILE = "fuse-workers"
 WORKER_COMMAND = "fuse-worker"
 
@@ -150,6 +155,9 @@ class Worker:
     """Requests taken off the left of `handed` since the worker started."""
     outbox: list[bytes] = field(default_factory=list)
     """Requests offered and not sent yet (`flush`)."""
+    oldest_seen: int | None = None
+    oldest_since: float = 0.0
+    """The oldest request it held at the last look for stuck workers, and since when (`_look_for_stuck`)."""
 
 
 class WorkerPool:
@@ -310,6 +318,7 @@ class WorkerPool:
                     self._try_start(index)
                 for worker in list(self.workers.values()):
                     nursery.start_soon(self._watch, worker, dispatch, nursery)
+                nursery.start_soon(self._look_for_stuck)
                 task_status.started()
                 await self._stop.wait()
                 self.flush()
@@ -318,7 +327,7 @@ class WorkerPool:
                     if worker.proc.poll() is None:
                         worker.proc.send_signal(signal.SIGTERM)
                 for worker in list(self.workers.values()):
-                    await trio.to_thread.run_sync(worker.proc.wait)
+                    await trio.to_thread.run_sync(_wait_or_kill, worker.proc)
                 nursery.cancel_scope.cancel()  # the watchers: `_retire` below reads their sockets
             for worker in list(self.workers.values()):
                 await self._retire(worker, dispatch)
@@ -344,6 +353,22 @@ class WorkerPool:
         """Stop the workers (a hand-over, or the session ended): `serve` returns once they exited
         and what they did not answer is served."""
         self._stop.set()
+
+    async def _look_for_stuck(self) -> None:
+        """Every STUCK_S / 4, kill a running worker that has held its oldest READ for STUCK_S: its
+        watcher then serves what it held and starts another (`_watch`)."""
+        while True:
+            await trio.sleep(STUCK_S / 4)
+            now = time.monotonic()
+            for worker in list(self._ready):
+                self._prune(worker)
+                oldest = worker.handed[0][0] if worker.handed else None
+                if oldest is None or oldest != worker.oldest_seen:
+                    worker.oldest_seen, worker.oldest_since = oldest, now
+                elif now - worker.oldest_since >= STUCK_S:
+                    log.error("read worker %d (pid %d) has held a READ for %.0f s: stopped or wedged; killed, the "
+                              "session serves what it held", worker.index, worker.proc.pid, now - worker.oldest_since)
+                    self._lost(worker)
 
     async def _watch(self, worker: Worker, dispatch: Dispatch, nursery: trio.Nursery) -> None:
         """Serve what the worker sends back; when it exits, serve what it did not answer and
@@ -426,11 +451,7 @@ class WorkerPool:
             if worker.proc.poll() is None:
                 worker.proc.send_signal(signal.SIGTERM)
         for worker in self.workers.values():
-            try:
-                worker.proc.wait(STOP_DEADLINE_S)
-            except subprocess.TimeoutExpired:
-                worker.proc.kill()
-                worker.proc.wait()
+            _wait_or_kill(worker.proc)
         self._close_workers()
         if self.state_dir is not None:
             (self.state_dir / PIDS_FILE).unlink(missing_ok=True)
@@ -462,3 +483,14 @@ def end_orphans(state_dir: Path) -> int:
                 pass
     path.unlink(missing_ok=True)
     return ended
+
+
+def _wait_or_kill(proc: subprocess.Popen[bytes]) -> None:
+    """Wait for a worker told to stop, STOP_DEADLINE_S at most, then kill it (a stopped process
+    keeps SIGTERM pending; SIGKILL ends it anyway). Blocking: from a thread where the loop runs."""
+    try:
+        proc.wait(STOP_DEADLINE_S)
+    except subprocess.TimeoutExpired:
+        log.error("read worker (pid %d) did not stop within %.0f s: killed", proc.pid, STOP_DEADLINE_S)
+        proc.kill()
+        proc.wait()
