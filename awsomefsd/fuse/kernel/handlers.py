@@ -433,8 +433,10 @@ class KernelHandlers:
         (a rename), and the kernel checks a kept listing only against the directory's mtime,
         which can come back equal (two changes within one tick of the coarse clock that stamps
         times under the writeback cache). Until this daemon has listed a directory, its OPENDIR
-        asks the kernel to drop what it kept (no FOPEN_KEEP_CACHE)."""
-        self.listed_since_crash = set()
+        asks the kernel to drop what it kept (no FOPEN_KEEP_CACHE). Where no listing is kept (a
+        cluster member) there is nothing to drop."""
+        if self.cache_dirs:
+            self.listed_since_crash = set()
 
     def _keeps_listing(self, ino: int) -> int:
         """The FOPEN flags of an OPENDIR of `ino`: keep its listing where the kernel may."""
