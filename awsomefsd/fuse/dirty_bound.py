@@ -117,15 +117,24 @@ class DirtyBound:
         return room + self.pending_bytes() if room < PENDING_BELOW_BYTES else room
 
     def near_full_now(self) -> bool:
-        """Is the room below NEAR_FULL_BYTES now (asked when a writer's GETATTR comes)?"""
-        return self.room() < NEAR_FULL_BYTES
+        """Is the room below NEAR_FULL_BYTES now (asked when a writer's GETATTR comes)? What the
+        bound last saw when the room cannot be read now (logged by `look`)."""
+        try:
+            return self.room() < NEAR_FULL_BYTES
+        except Exception:
+            return self.near_full
 
     def look(self) -> None:
         """Set the limit the room asks for now, and say when the device comes near full or has
         room again. A limit the kernel refuses ends the bound (logged)."""
         if not self.active:
             return
-        room = self.room()
+        try:
+            room = self.room()
+        except Exception:  # asked after a WRITE was taken: its answer must not become an error
+            log.exception("the room on the device cannot be read: the bound on the kernel's cached writes is given up")
+            self.active = False
+            return
         if (not self.near_full and room < NEAR_FULL_BYTES) or (self.near_full and room >= ROOM_AGAIN_BYTES):
             self.near_full = not self.near_full
             self.full(self.near_full)

@@ -87,3 +87,19 @@ def test_room_far_beyond_what_the_kernel_lets_be_dirty_needs_no_bound_of_its_own
     room[0] = 9 * 1024 * MiB
     bound.look()
     assert (bdi / "strict_limit").read_text() == "0" and int((bdi / "max_bytes").read_text()) == CAP
+
+
+def test_a_room_that_cannot_be_read_ends_the_bound_and_fails_no_write(tmp_path: Path) -> None:
+    """`look` runs after a WRITE was taken: an error there would answer that WRITE with EIO, and
+    the kernel would drop the pages. It ends the bound instead (logged)."""
+    bdi = _bdi(tmp_path)
+    bound = DirtyBound(bdi, lambda: 1000 * MiB, lambda full: None)
+    assert bound.start()
+
+    def unreadable() -> int:
+        raise RuntimeError("the metadata store cannot be read")
+
+    bound.room_bytes = unreadable
+    assert not bound.near_full_now()
+    bound.look()
+    assert not bound.active
