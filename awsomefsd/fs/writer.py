@@ -28,7 +28,7 @@ from awsomefsd.io.layout import BLOCK_SIZE
 from awsomefsd.meta import commands as c
 from awsomefsd.meta.client import MetaClient
 from awsomefsd.meta.errors import certainly_not_applied
-from awsomefsd.meta.records import MAX_EXTENT_BLOCKS, MAX_FILE_SIZE_BYTES, Extent
+from awsomefsd.meta.records import MAX_EXTENT_BLOCKS, Extent
 
 Piece = tuple[int, int, int, memoryview]  # (file block, device block, blocks, their bytes)
 Segment = tuple[int, int | None, int, memoryview]  # a Piece whose device block is None until allocated
@@ -194,7 +194,7 @@ class RunWriter:
     def holds_reservations(self, ino: int) -> bool:
         """Has the file any blocks reserved for it (unwritten extents: fallocate)? A write there
         may fit on a full device (asked only near one: it walks the file's map)."""
-        return any(ext.unwritten for ext in self.meta.extents(ino, 0, MAX_FILE_SIZE_BYTES // BLOCK_SIZE))
+        return any(ext.unwritten for ext in self.meta.all_extents(ino))
 
     def short_of_space(self, blocks: int) -> bool:
         """Should a flush of `blocks` write the reservations under it in place? Only when the

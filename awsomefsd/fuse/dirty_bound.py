@@ -53,15 +53,16 @@ RAISE_FACTOR = 1.25
 moves in steps of a write); reaching the cap is always written."""
 
 
-def kernel_dirty_limit_bytes() -> int:
-    """The dirty bytes the whole kernel allows before it makes writers wait (vm.dirty_bytes, or
-    vm.dirty_ratio % of the available memory); 0 when unknown."""
+def kernel_dirty_limit_bytes(threshold: str = "dirty") -> int:
+    """The dirty bytes past which the whole kernel acts: "dirty", where it makes writers wait
+    (vm.dirty_bytes, or vm.dirty_ratio % of the available memory); "dirty_background", where it
+    starts writing back. 0 when unknown."""
     vm = Path("/proc/sys/vm")
     try:
-        absolute = int((vm / "dirty_bytes").read_text())
+        absolute = int((vm / f"{threshold}_bytes").read_text())
         if absolute:
             return absolute
-        ratio = int((vm / "dirty_ratio").read_text())
+        ratio = int((vm / f"{threshold}_ratio").read_text())
         for line in Path("/proc/meminfo").read_text().splitlines():
             if line.startswith("MemAvailable:"):
                 return int(line.split()[1]) * 1024 * ratio // 100

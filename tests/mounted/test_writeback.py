@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from awsomefsd.fuse.dirty_bound import kernel_dirty_limit_bytes
 from tests.support.daemon import Daemon
 
 pytestmark = pytest.mark.mounted
@@ -117,19 +118,6 @@ def test_a_full_device_under_the_cache_reports_every_write_it_could_not_keep() -
         shutil.rmtree(base, ignore_errors=True)
 
 
-def _background_dirty_bytes() -> int:
-    """The dirty bytes past which the kernel starts writing back (vm.dirty_background_bytes, or
-    dirty_background_ratio % of the available memory): until then nothing is written back, so no
-    refusal can be heard (2.3 GiB on a machine of 24 GiB)."""
-    vm = Path("/proc/sys/vm")
-    absolute = int((vm / "dirty_background_bytes").read_text())
-    if absolute:
-        return absolute
-    fields = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
-    available = int(fields["MemAvailable"].split()[0]) * 1024
-    return available * int((vm / "dirty_background_ratio").read_text()) // 100
-
-
 def test_a_writer_looping_until_the_device_is_full_hears_enospc_at_write_and_loses_nothing() -> None:
     """`dd if=/dev/zero of=f bs=1M` fills a disk and stops at its first failed write(). Under
     the writeback cache the write()s land in the kernel's page cache; the daemon bounds what the
@@ -141,7 +129,8 @@ def test_a_writer_looping_until_the_device_is_full_hears_enospc_at_write_and_los
         pytest.skip("the writeback cache is the kernel transport's")
     base = Path(tempfile.mkdtemp(prefix="awsomefs-writeback-loop-", dir="/var/tmp"))
     daemon = Daemon(base / "state", base / "mnt", size="64M", env={"AWSOMEFS_MOUNT__WRITEBACK_CACHE": "true"})
-    limit = 2 * (_background_dirty_bytes() + (64 << 20))  # far past where the first write-back comes
+    # far past where the kernel's first write-back comes (2.3 GiB on a machine of 24 GiB)
+    limit = 2 * (kernel_dirty_limit_bytes("dirty_background") + (64 << 20))
     try:
         daemon.start()
         taken: list[bytes] = []
