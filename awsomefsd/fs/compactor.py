@@ -11,10 +11,13 @@ when the last handle of a file that has some closes, the file is queued here; on
 count waits until the file has been quiet for RECENT_WRITE_S (`check`). Compaction is
 copy-on-write like any write: the merged data goes to fresh extents and one WriteData per MiB
 (with `touch=False`: the bytes, the size and the times do not change) replaces the fragments,
-which are freed after the grace period. Holes stay holes. It runs only while the file has no
-buffered data, under the file's lock, so no flush or truncate interleaves. Extents a snapshot or a
-clone shares are left as they are: rewriting them would un-share them, and the space they share
-would be taken twice.
+which are freed after the grace period. Holes stay holes. Each MiB is rewritten under the file's
+lock, so no flush or truncate interleaves with it, and only while the file has no buffered data:
+a file written again stops its compaction at the next MiB (its writer must not wait for the
+rest: a 1 GiB file of 4 KiB fragments held its lock for the seconds the whole rewrite took,
+which every flush of it, and so every writer once the buffer filled, waited for). Extents a
+snapshot or a clone shares are left as they are: rewriting them would un-share them, and the
+space they share would be taken twice.
 """
 
 from __future__ import annotations
@@ -87,7 +90,8 @@ class Compactor:
         self._request(ino, wait_for_quiet=True)
 
     def closed(self, ino: int) -> None:
-        """A handle was released: a file left fragmented by its last writes is checked now."""
+        """The last handle open for writing was released: a file left fragmented by its last
+        writes is checked now."""
         if self.small_runs.get(ino, 0) >= COMPACT_MIN_EXTENTS:
             self._request(ino)
 
@@ -116,28 +120,47 @@ class Compactor:
         return await self.compact(ino)
 
     async def compact(self, ino: int) -> int:
-        """Rewrite runs of small, file-contiguous extents as large ones; returns extents removed."""
+        """Rewrite runs of small, file-contiguous extents as large ones, a window of at most
+        MAX_EXTENT_BLOCKS at a time (`_compact_window`); returns extents removed."""
         removed = 0
-        async with self.may_rewrite(ino) as allowed, self.buffer.locked(ino) as st:
-            if not allowed or st.dirty or st.inflight:
+        async with self.may_rewrite(ino) as allowed:
+            if not allowed:
                 return 0
-            inode = self.meta.inode(ino)
-            if inode is None or not inode.is_reg:
-                return 0
-            extents = self.meta.all_extents(ino)
             # unwritten extents stay where they are, for the writes they were reserved for; tiered
             # ones stay in their objects (bringing them back is `recall`)
-            for run in _fragmented_runs(extents, lambda ext: ext.unwritten or is_tiered(ext.dev_block)
-                                        or self.meta.shares_blocks(ext)):
-                for lo in range(run[0].file_block, run[-1].end_block, MAX_EXTENT_BLOCKS):
-                    rewritten = await self._rewrite(st, run, lo, min(lo + MAX_EXTENT_BLOCKS, run[-1].end_block),
-                                                    at_least=2)
-                    if rewritten < 0:
-                        return removed
-                    removed += max(rewritten - 1, 0)
+            windows = [(lo, min(lo + MAX_EXTENT_BLOCKS, run[-1].end_block))
+                       for run in _fragmented_runs(self.meta.all_extents(ino), self._stays)
+                       for lo in range(run[0].file_block, run[-1].end_block, MAX_EXTENT_BLOCKS)]
+            for lo, hi in windows:
+                rewritten = await self._compact_window(ino, lo, hi)
+                if rewritten < 0:
+                    break
+                removed += rewritten
         if removed:
             self.compactions += 1
             log.debug("compacted inode %d: %d fewer extents", ino, removed)
+        return removed
+
+    def _stays(self, ext: Extent) -> bool:
+        """An extent compaction leaves where it is: unwritten, tiered, or shared."""
+        return ext.unwritten or is_tiered(ext.dev_block) or self.meta.shares_blocks(ext)
+
+    async def _compact_window(self, ino: int, lo: int, hi: int) -> int:
+        """Rewrite file blocks [lo, hi) as one extent per file-contiguous run of fragments, as the
+        map is now, under the file's lock; returns extents removed (-1: stop, the file is gone or
+        being written again)."""
+        removed = 0
+        async with self.buffer.locked(ino) as st:
+            inode = self.meta.inode(ino)
+            if st.dirty or st.inflight or inode is None or not inode.is_reg:
+                return -1
+            for run in _contiguous_runs(self.meta.extents(ino, lo, hi), self._stays):
+                if _device_contiguous(run):
+                    continue  # as good as one extent
+                rewritten = await self._rewrite(st, run, lo, hi, at_least=2)
+                if rewritten < 0:
+                    return -1
+                removed += max(rewritten - 1, 0)
         return removed
 
     async def recall(self, ino: int) -> int:
@@ -231,19 +254,27 @@ async def _always(_ino: int) -> AsyncIterator[bool]:
     yield True
 
 
-def _fragmented_runs(extents: list[Extent], shared: Callable[[Extent], bool]) -> list[list[Extent]]:
-    """Maximal runs of file-contiguous extents that nothing else `shared` that hold at least
-    COMPACT_MIN_EXTENTS pieces and are not already device-contiguous (those are as good as one
-    extent)."""
+def _contiguous_runs(extents: list[Extent], stays: Callable[[Extent], bool]) -> list[list[Extent]]:
+    """Maximal runs of file-contiguous extents none of which `stays`."""
     runs: list[list[Extent]] = []
     current: list[Extent] = []
     for ext in extents:
-        if shared(ext):  # ends a run, and stays
+        if stays(ext):  # ends a run, and stays
             current = []
         elif current and current[-1].end_block == ext.file_block:
             current.append(ext)
         else:
             current = [ext]
             runs.append(current)
-    return [r for r in runs if len(r) >= COMPACT_MIN_EXTENTS
-            and any(a.dev_block + a.count != b.dev_block for a, b in itertools.pairwise(r))]
+    return runs
+
+
+def _device_contiguous(run: list[Extent]) -> bool:
+    """Do the extents follow each other on the device too (as good as one extent)?"""
+    return all(a.dev_block + a.count == b.dev_block for a, b in itertools.pairwise(run))
+
+
+def _fragmented_runs(extents: list[Extent], stays: Callable[[Extent], bool]) -> list[list[Extent]]:
+    """The `_contiguous_runs` worth compacting: at least COMPACT_MIN_EXTENTS pieces, not already
+    device-contiguous."""
+    return [r for r in _contiguous_runs(extents, stays) if len(r) >= COMPACT_MIN_EXTENTS and not _device_contiguous(r)]

@@ -347,7 +347,8 @@ class FileData:
         return await self.compactor.compact(ino)
 
     def closed(self, ino: int) -> None:
-        """A handle was released: a file left fragmented by its last writes is checked now."""
+        """The last handle open for writing was released: a file left fragmented by its last
+        writes is checked now."""
         self.compactor.closed(ino)
 
     # -- lost writes ------------------------------------------------------------------------------

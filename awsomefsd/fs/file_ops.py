@@ -156,7 +156,8 @@ class FileOperations(OperationsBase):
     async def release(self, fh: int) -> None:
         h = self.handles.pop(fh)
         if h is not None:
-            self.data.closed(h.ino)
+            if not self.handles.open_for_writing(h.ino):
+                self.data.closed(h.ino)  # the last writer: not while others still write (fio's jobs)
             await self._purge_if_orphan(h.ino, evicted=self.handles.evicted_unheld(h.ino))
 
     async def fallocate(self, fh: int, offset: int, length: int, mode: int) -> None:

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
+import trio
 
 from awsomefsd.daemon.node import Core, open_core
 from tests.unit.test_fs_api import settings_for
@@ -20,3 +21,12 @@ def core(tmp_path: Path) -> Iterator[Core]:
         yield core
     finally:
         core.close()
+
+
+@pytest.fixture
+async def running(core: Core) -> AsyncIterator[Core]:
+    """The core with its background flusher and compactor (FileData.run) going."""
+    async with trio.open_nursery() as nursery:
+        await nursery.start(core.data.run)
+        yield core
+        nursery.cancel_scope.cancel()

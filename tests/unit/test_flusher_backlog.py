@@ -14,7 +14,6 @@ import trio
 
 from awsomefsd.daemon.node import Core
 from awsomefsd.meta.records import ROOT_INO
-from tests.unit.test_fs_api import running  # noqa: F401 (the fixture)
 
 FILES = 120
 FLUSH_S = 0.03
@@ -22,7 +21,7 @@ FLUSH_S = 0.03
 
 
 async def test_a_backlog_of_old_files_gets_one_flush_each_not_one_per_tick(
-        running: Core, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
+        running: Core, monkeypatch: pytest.MonkeyPatch) -> None:
     core = running
     flusher = core.data.flusher
     flusher.flush_interval_s = 0.01

@@ -15,7 +15,6 @@ import random
 import stat
 import time
 import uuid
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -45,15 +44,6 @@ def settings_for(tmp_path: Path, *, delayed_free_ms: int = GRACE_MS) -> Settings
     return Settings(node=NodeSettings(state_dir=tmp_path / "state", name="fs-api"),
                     device=DeviceSettings(path=image, shared=False, direct_io=False),
                     data=DataSettings(delayed_free_ms=delayed_free_ms))
-
-
-@pytest.fixture
-async def running(core: Core) -> AsyncIterator[Core]:
-    """The core with its background flusher and compactor (FileData.run) going."""
-    async with trio.open_nursery() as nursery:
-        await nursery.start(core.data.run)
-        yield core
-        nursery.cancel_scope.cancel()
 
 
 async def flushed(core: Core, fh: int) -> None:
@@ -162,66 +152,6 @@ async def test_holes_read_as_zeros_and_take_no_space(core: Core) -> None:
     assert core.ops.statfs().free_blocks == free_before - 2
     assert await core.ops.read(f.fh, 500 * BLOCK_SIZE, BLOCK_SIZE) == bytes(BLOCK_SIZE)
     assert [ext.file_block for ext in core.meta.all_extents(f.ino)] == [0, 1000]
-    await core.ops.release(f.fh)
-
-
-async def test_compaction_merges_fragments_and_keeps_bytes_size_and_times(running: Core) -> None:
-    """Small writes flushed one by one, back to front, leave one extent per block; compaction
-    rewrites them as one extent without changing what a reader or stat sees."""
-    core = running
-    f = await File.create(core, b"fragmented")
-    for block in reversed(range(16)):
-        await f.write(block * BLOCK_SIZE, bytes([block]) * BLOCK_SIZE)
-        await flushed(core, f.fh)
-    assert len(core.meta.all_extents(f.ino)) == 16
-    before = await f.stat()
-    assert await core.data.compact(f.ino) == 15
-    assert len(core.meta.all_extents(f.ino)) == 1
-    after = await f.stat()
-    assert (after.size, after.mtime_ns, after.blocks) == (before.size, before.mtime_ns, before.blocks)
-    await f.check()
-    await core.ops.release(f.fh)
-
-
-async def test_compaction_leaves_blocks_a_clone_shares(running: Core) -> None:
-    """A fragmented file cloned (copy_file_range) shares its blocks with the copy: compacting
-    either would rewrite them into blocks of its own and take the space twice. Only fragments
-    nothing else shares are merged."""
-    core = running
-    f = await File.create(core, b"fragmented")
-    for block in reversed(range(16)):
-        await f.write(block * BLOCK_SIZE, bytes([block]) * BLOCK_SIZE)
-        await flushed(core, f.fh)
-    g = await File.create(core, b"clone")
-    assert await core.ops.copy_file_range(f.fh, 0, g.fh, 0, 8 * BLOCK_SIZE) == 8 * BLOCK_SIZE
-    free = core.ops.statfs().free_blocks
-    assert await core.data.compact(g.ino) == 0  # every block of the clone is shared
-    assert await core.data.compact(f.ino) == 7  # blocks 8-15 are its own: one extent
-    assert [(e.file_block, e.count) for e in core.meta.all_extents(f.ino)] == [(b, 1) for b in range(8)] + [(8, 8)]
-    assert core.ops.statfs().free_blocks == free  # the merged blocks come back after the grace
-    g.model[:] = f.model[: 8 * BLOCK_SIZE]
-    await f.check()
-    await g.check()
-    await core.ops.release(f.fh)
-    await core.ops.release(g.fh)
-
-
-async def test_a_file_still_being_written_is_compacted_only_once_quiet(running: Core) -> None:
-    """A check queued by the small-run count waits for quiet: compacting a file its writer is still
-    writing makes the writer wait on the file's lock and is undone by its next small writes. A
-    check at the last close, or once the file has been quiet, compacts."""
-    core = running
-    f = await File.create(core, b"busy")
-    for block in reversed(range(8)):
-        await f.write(block * BLOCK_SIZE, bytes([block]) * BLOCK_SIZE)
-        await flushed(core, f.fh)
-    compactor = core.data.compactor
-    assert await compactor.check(f.ino, wait_for_quiet=True) == 0, "written just now: not yet"
-    assert len(core.meta.all_extents(f.ino)) == 8
-    compactor.small_written[f.ino] -= 2.0  # as if quiet for two seconds
-    assert await compactor.check(f.ino, wait_for_quiet=True) == 7
-    assert len(core.meta.all_extents(f.ino)) == 1
-    await f.check()
     await core.ops.release(f.fh)
 
 
