@@ -289,7 +289,10 @@ async def serve(mount: Path) -> None:
     fd = channel.open_device()
     channel.mount(fd, mount, allow_other=True)
     try:
-        handlers = KernelHandlers(NullOperations(), cache_dirs=True)  # type: ignore[arg-type]
+        def kernel_has(capability: int) -> bool:  # as the daemon's transport answers it
+            return session.negotiated is not None and session.negotiated.has(capability)
+
+        handlers = KernelHandlers(NullOperations(), cache_dirs=True, kernel_has=kernel_has)  # type: ignore[arg-type]
         session = Session(fd, handlers.table, inline=INLINE_SINGLE_NODE, inline_when=handlers.quick,
                           start_read=handlers.start_read,
                           uring=os.environ.get("AWSOMEFS_MOUNT__IO_URING", "off"))

@@ -120,7 +120,7 @@ class KernelTransport:
         its first daemon negotiated (`writeback_negotiated`)."""
         self.handlers = KernelHandlers(ops, entry_timeout_s=entry_timeout_s, attr_timeout_s=attr_timeout_s,
                                        negative_timeout_s=negative_timeout_s, cache_dirs=ops.coherence is None,
-                                       writeback_cache=self.writeback_negotiated)
+                                       kernel_has=self.kernel_has)
         self.observe = observe
         self.report_eio = report_eio
         self.io_uring = io_uring
@@ -199,10 +199,13 @@ class KernelTransport:
         return (0, 0) if session is None else (session.poll.polls, session.poll.polled)
 
     def writeback_negotiated(self) -> bool:
-        """Does the kernel keep written pages of this mount in its page cache? (Asked per WRITE
-        and SETATTR: no import here.)"""
+        return self.kernel_has(Init.WRITEBACK_CACHE)
+
+    def kernel_has(self, capability: int) -> bool:
+        """Did INIT settle `capability` (abi.Init) with the kernel? (Asked per WRITE, SETATTR and
+        OPEN: no import here.)"""
         negotiated = None if self.session is None else self.session.negotiated
-        return negotiated is not None and negotiated.has(Init.WRITEBACK_CACHE)
+        return negotiated is not None and negotiated.has(capability)
 
     def bound_cached_writes(self, bdi: Path) -> None:
         from awsomefsd.fs.operations import BLOCK_SIZE

@@ -104,6 +104,7 @@ class Init:
     HANDLE_KILLPRIV_V2 = 1 << 28
     SETXATTR_EXT = 1 << 29
     INIT_EXT = 1 << 30
+    DIRECT_IO_ALLOW_MMAP = 1 << 36  # flags2 bit 4 (7.39): a FOPEN_DIRECT_IO file may still be mapped shared
     OVER_IO_URING = 1 << 41  # flags2 bit 9 (7.42): requests over io_uring (fuse_ring.py)
 
 
@@ -127,6 +128,7 @@ class Fopen:
     KEEP_CACHE = 1 << 1
     CACHE_DIR = 1 << 3
     NOFLUSH = 1 << 5  # protocol 7.31: no FLUSH at close (ignored under the writeback cache)
+    PARALLEL_DIRECT_WRITES = 1 << 6  # protocol 7.36: direct writes within the file under a shared inode lock
 
 
 class Notify:

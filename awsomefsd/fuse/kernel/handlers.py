@@ -24,7 +24,7 @@ from awsomefsd.fs.xattr_ops import TIER_XATTR
 from awsomefsd.fuse.callers import caller_in_group
 from awsomefsd.fuse.invalidate import MOUNTED
 from awsomefsd.fuse.kernel import abi
-from awsomefsd.fuse.kernel.abi import Body, Fattr, Fopen, Header, Op
+from awsomefsd.fuse.kernel.abi import Body, Fattr, Fopen, Header, Init, Op
 from awsomefsd.fuse.kernel.refusals import RefusedWriteBacks
 from awsomefsd.fuse.kernel.session import NO_REPLY, Handler, Payload
 from awsomefsd.meta.errors import FsError
@@ -42,10 +42,10 @@ class KernelHandlers:
 
     def __init__(self, ops: Operations, *, entry_timeout_s: float = 60.0, attr_timeout_s: float = 60.0,
                  negative_timeout_s: float | None = None, cache_dirs: bool = False,
-                 writeback_cache: Callable[[], bool] = lambda: False) -> None:
+                 kernel_has: Callable[[int], bool] = lambda _capability: False) -> None:
         self.ops = ops
-        self.writeback_cache = writeback_cache
-        """Does the kernel cache written pages (FUSE_WRITEBACK_CACHE, as negotiated)?"""
+        self.kernel_has = kernel_has
+        """Did INIT settle this capability (abi.Init) with the kernel? (None settled before INIT.)"""
         self.refusals = RefusedWriteBacks(ops.handles, lambda ino: MOUNTED.invalidate_inode(ino, attr_only=True))
         """Cached pages we refused to write, reported at their writer's next write() (refusals.py)."""
         self.cached_write_taken: Callable[[], None] = lambda: None
@@ -70,6 +70,10 @@ class KernelHandlers:
         self.noflush_readers = cache_dirs
         """Answer a read-only OPEN with FOPEN_NOFLUSH, so its close sends no FLUSH (a single node,
         `_open_out`)."""
+
+    def writeback_cache(self) -> bool:
+        """Does the kernel cache written pages (FUSE_WRITEBACK_CACHE, as negotiated)?"""
+        return self.kernel_has(Init.WRITEBACK_CACHE)
 
     @property
     def table(self) -> dict[int, Handler]:
@@ -331,31 +335,43 @@ class KernelHandlers:
         return self.entry_ref(await self.ops.link(old, h.nodeid, body.name()), h.nodeid)
 
     # -- files -----------------------------------------------------------------------------------
-    def _open_out(self, fh: int, *, keep_cache: bool, direct_io: bool, read_only: bool = False) -> bytes:
-        """`read_only`: nothing can be written through the handle, so its close has nothing to
+    def _open_out(self, fh: int, flags: int, *, keep_cache: bool) -> bytes:
+        """The OPEN (CREATE) answer for a handle opened with `flags`.
+
+        A read-only handle: nothing can be written through it, so its close has nothing to
         flush and no lost write to report (`FileOperations.flush`): FOPEN_NOFLUSH spares that
         request (rsync opens each file it copied once more to chmod it; `cat`, `grep`, git read
         each file they open). A flush through a reader would only push other descriptors'
         buffered writes early, which their own close or fsync does. On a cluster member a
         reader's close still flushes, as before (its flush also serves the member's coherence
-        of the file, unmeasured for this)."""
-        flags = (Fopen.KEEP_CACHE if keep_cache else 0) | (Fopen.DIRECT_IO if direct_io else 0)
-        if read_only and self.noflush_readers:
-            flags |= Fopen.NOFLUSH
-        return abi.OPEN_OUT.pack(fh, flags, 0)
+        of the file, unmeasured for this).
+
+        An O_DIRECT handle (where the kernel lets such a file still be mapped shared) bypasses
+        the page cache as FOPEN_DIRECT_IO, with FOPEN_PARALLEL_DIRECT_WRITES: otherwise the
+        kernel serializes every write to a file on its inode lock, direct ones included, so 16
+        threads writing one file (a database, fio) had one WRITE in flight at a time. Writes
+        that extend the file, or while another handle caches the file's pages, still take the
+        lock alone (the kernel's rule); the daemon applies WRITEs to one file in any order, as
+        concurrent direct writes allow."""
+        direct = self.ops.direct_io(flags)
+        parallel = bool(flags & os.O_DIRECT) and self.kernel_has(Init.DIRECT_IO_ALLOW_MMAP)
+        out = ((Fopen.KEEP_CACHE if keep_cache else 0) | (Fopen.DIRECT_IO if direct or parallel else 0)
+               | (Fopen.PARALLEL_DIRECT_WRITES if parallel else 0))
+        if flags & os.O_ACCMODE == os.O_RDONLY and self.noflush_readers:
+            out |= Fopen.NOFLUSH
+        return abi.OPEN_OUT.pack(fh, out, 0)
 
     async def open(self, h: Header, body: Body) -> Payload:
         flags, open_flags = body.take(abi.OPEN_IN)
         drop = open_flags & abi.OPEN_KILL_SUIDGID
         fh = await self.ops.open(h.nodeid, flags, drop_setid=caller_in_group(h.uid, h.gid, h.pid) if drop else None)
-        return self._open_out(fh, keep_cache=self.ops.keep_cache(h.nodeid), direct_io=self.ops.direct_io(flags),
-                              read_only=flags & os.O_ACCMODE == os.O_RDONLY)
+        return self._open_out(fh, flags, keep_cache=self.ops.keep_cache(h.nodeid))
 
     async def create(self, h: Header, body: Body) -> Payload:
         flags, mode, umask, _ = body.take(abi.CREATE_IN)
         name = body.name()
         fh, inode = await self.ops.create(h.nodeid, name, mode & ~umask, flags, h.uid, h.gid)
-        return [self.entry_ref(inode, h.nodeid), self._open_out(fh, keep_cache=True, direct_io=self.ops.direct_io(flags))]
+        return [self.entry_ref(inode, h.nodeid), self._open_out(fh, flags, keep_cache=True)]
 
     async def tmpfile(self, h: Header, body: Body) -> Payload:
         """open(O_TMPFILE): CREATE's body and answer; the name the kernel sends ("/") names nothing.
@@ -363,7 +379,7 @@ class KernelHandlers:
         a file opened without O_EXCL through) is a LINK of this inode."""
         flags, mode, umask, _ = body.take(abi.CREATE_IN)
         fh, inode = await tmpfile(self.ops, h.nodeid, mode & ~umask, flags, h.uid, h.gid)
-        return [self.entry_ref(inode), self._open_out(fh, keep_cache=True, direct_io=self.ops.direct_io(flags))]
+        return [self.entry_ref(inode), self._open_out(fh, flags, keep_cache=True)]
 
     async def read(self, h: Header, body: Body) -> Payload:
         fh, offset, size, *_ = body.take(abi.READ_IN)

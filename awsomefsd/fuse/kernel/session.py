@@ -86,7 +86,8 @@ served the usual way); False: not started (KernelHandlers.start_read)."""
 
 WANTED = (Init.ASYNC_READ | Init.ATOMIC_O_TRUNC | Init.EXPORT_SUPPORT | Init.BIG_WRITES
           | Init.AUTO_INVAL_DATA | Init.DO_READDIRPLUS | Init.READDIRPLUS_AUTO | Init.ASYNC_DIO
-          | Init.PARALLEL_DIROPS | Init.MAX_PAGES | Init.ABORT_ERROR | Init.HANDLE_KILLPRIV_V2 | Init.POSIX_ACL)
+          | Init.PARALLEL_DIROPS | Init.MAX_PAGES | Init.ABORT_ERROR | Init.HANDLE_KILLPRIV_V2 | Init.POSIX_ACL
+          | Init.DIRECT_IO_ALLOW_MMAP)
 """Capabilities we ask for when the kernel offers them (docs/fuse-transport.md says why each)."""
 WANTED_SINGLE_NODE = WANTED & ~Init.AUTO_INVAL_DATA
 """On a single node every change to a file comes through this kernel, which knows it: dropping
