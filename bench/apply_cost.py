@@ -3,7 +3,9 @@
 
 Applies N Mknod, then N Unlink, then N Purge (a closed file's unlink was two commands) and, on a
 build that has it, N Mknod again ("remake") and N UnlinkClosed (the two in one command) to a fresh
-MetaStore/StateMachine, each phase in one LMDB transaction, and prints the CPU µs per command
+MetaStore/StateMachine, then N random 4 KiB overwrites of a 16 MiB file as a flush commits them
+("overwrite": WriteData commands of OVERWRITES_PER_COMMAND single-block extents side by side on
+the device; the figure is per extent), each phase in one LMDB transaction, and prints the CPU µs per command
 (process time: on a loaded machine wall time also counts the other processes' turns). With
 `--src DIR ...` it runs the same workload once per source tree (a checkout's root: e.g. an old
 build unpacked by `git archive`), in turn, `--rounds` times, and prints the medians, so an old
@@ -29,11 +31,30 @@ import tempfile
 import time
 from pathlib import Path
 
+OVERWRITES_PER_COMMAND = 64
+FILE_BLOCKS = 4096
+
+
+def _overwrites(c: object, Extent: type, ino: int, count: int, first_dev: int) -> list[object]:
+    """The file laid out in 1 MiB extents, then `count` random single-block overwrites in WriteData
+    commands of OVERWRITES_PER_COMMAND (file order, fresh device blocks side by side)."""
+    import random
+    rng = random.Random(7)
+    layout = tuple(Extent(b, first_dev + b, 256, bytes(4 * 256)) for b in range(0, FILE_BLOCKS, 256))
+    cmds = [c.WriteData(ino, layout, FILE_BLOCKS * 4096, 60_000_000)]  # type: ignore[attr-defined]
+    dev = first_dev + FILE_BLOCKS
+    for n in range(count // OVERWRITES_PER_COMMAND):
+        blocks = sorted(rng.sample(range(FILE_BLOCKS), OVERWRITES_PER_COMMAND))
+        extents = tuple(Extent(b, dev + i, 1, bytes(4)) for i, b in enumerate(blocks))
+        dev += OVERWRITES_PER_COMMAND
+        cmds.append(c.WriteData(ino, extents, FILE_BLOCKS * 4096, 60_000_001 + n))  # type: ignore[attr-defined]
+    return cmds
+
 
 def one_round(count: int, profile: bool) -> dict[str, float]:
     """µs per command of each phase, on a fresh store (the sources are those on sys.path)."""
     from awsomefsd.meta import commands as c
-    from awsomefsd.meta.records import ROOT_INO
+    from awsomefsd.meta.records import ROOT_INO, Extent
     from awsomefsd.meta.state_machine import StateMachine
     from awsomefsd.meta.store import MetaStore
 
@@ -43,8 +64,10 @@ def one_round(count: int, profile: bool) -> dict[str, float]:
         sm = StateMachine(store, delayed_free_ns=1000)
         with store.env.begin(write=True) as txn:
             sm.bootstrap(txn, cluster_id="00000000-0000-0000-0000-000000000001", device_id="d",
-                         data_extent=(256, 10_000), now_ns=1)
-            start, _ = sm.apply(txn, c.ReserveInodes(2 * count))
+                         data_extent=(256, 4 * count + 4 * FILE_BLOCKS), now_ns=1)
+            start, _ = sm.apply(txn, c.ReserveInodes(2 * count + 1))
+            big = start + 2 * count
+            sm.apply(txn, c.Mknod(ROOT_INO, b"big", big, stat.S_IFREG | 0o644, 0, 0, 5))
         names = [b"f%d" % i for i in range(count)]
         mode = stat.S_IFREG | 0o644
         phases = {
@@ -57,6 +80,11 @@ def one_round(count: int, profile: bool) -> dict[str, float]:
                                 for i in range(count)]
             phases["unlink_closed"] = [c.UnlinkClosed(ROOT_INO, names[i], False, 50_000_000 + i, ino=start + count + i)
                                        for i in range(count)]
+        overwrites = _overwrites(c, Extent, big, count, 256 + 2 * FILE_BLOCKS)
+        with store.env.begin(write=True) as txn:
+            sm.apply(txn, overwrites[0])  # the layout: not timed
+        phases["overwrite"] = overwrites[1:]
+        per = {"overwrite": OVERWRITES_PER_COMMAND}
         result: dict[str, float] = {}
         profiler = cProfile.Profile() if profile else None
         for phase, cmds in phases.items():
@@ -67,7 +95,7 @@ def one_round(count: int, profile: bool) -> dict[str, float]:
                 began = time.process_time()
                 for cmd in cmds:
                     apply(txn, cmd)
-                result[phase] = (time.process_time() - began) / count * 1e6
+                result[phase] = (time.process_time() - began) / (len(cmds) * per.get(phase, 1)) * 1e6
                 if profiler:
                     profiler.disable()
         if profiler:

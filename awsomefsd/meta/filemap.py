@@ -144,6 +144,19 @@ def without(ranges: list[tuple[int, int]], cut: list[tuple[int, int]]) -> list[t
     return out
 
 
+def joined(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The (start, count) `ranges`, in order, with each one that starts where the one before ends
+    folded into it: a flush's scattered writes lie side by side on the device (one allocation),
+    and taking them from free space as one range is one table update instead of one each."""
+    out: list[tuple[int, int]] = []
+    for start, count in ranges:
+        if out and out[-1][0] + out[-1][1] == start:
+            out[-1] = (out[-1][0], out[-1][1] + count)
+        else:
+            out.append((start, count))
+    return out
+
+
 def mapped_blocks(txn: lmdb.Transaction[bytes], db: lmdb._Database, ino: int, first_block: int, end_block: int) -> int:
     """How many of file blocks [first_block, end_block) are mapped (not holes)."""
     total = 0

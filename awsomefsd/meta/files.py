@@ -108,7 +108,7 @@ def apply_write_data(sm: StateMachine, txn: lmdb.Transaction[bytes], cmd: c.Writ
         raise FsError(errno.EINVAL, "WriteData extents carry checksums")
     ranges = filemap.file_ranges(cmd.extents)
     replaced, in_place = filemap.survey(txn, fmap, inode.ino, cmd.extents, ranges)
-    fresh = filemap.without([(ext.dev_block, ext.count) for ext in cmd.extents], in_place)
+    fresh = filemap.joined(filemap.without([(ext.dev_block, ext.count) for ext in cmd.extents], in_place))
     sm.space_check_new(txn, fresh)
     delta = sum(ext.count for ext in cmd.extents) - replaced
     sm.volumes.charge(txn, inode.volume, blocks=delta, inodes=0)

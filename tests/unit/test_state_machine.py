@@ -197,6 +197,15 @@ def test_one_write_maps_scattered_runs(h: Harness) -> None:
         (6, DATA_START + 6, 4), (12, DATA_START + 23, 2)]
     assert h.inode(f).blocks == 12 and h.inode(f).size == 14 * 4096
     assert h.free_blocks() == free0 - 5, "3 blocks superseded wait out the grace, 2 new"
+    # the new blocks lie side by side on the device and are taken as one range (filemap.joined):
+    # the free table and its in-memory mirror must still agree, block for block
+    with h.store.env.begin() as txn:
+        assert list(h.sm.space.free_extents(txn)) == [tuple(e) for e in h.sm.space.mirror]
+    assert not h.sm.space.mirror.contains_free(DATA_START + 20, 1) and h.sm.space.mirror.contains_free(DATA_START + 25, 1)
+    h.apply(c.WriteData(f, (ext(20, DATA_START + 50, 1), ext(22, DATA_START + 52, 1)), 23 * 4096, h.tick()))
+    with h.store.env.begin() as txn:  # not side by side: block 51 between them stays free
+        assert list(h.sm.space.free_extents(txn)) == [tuple(e) for e in h.sm.space.mirror]
+    assert [h.sm.space.mirror.contains_free(DATA_START + b, 1) for b in (50, 51, 52)] == [False, True, False]
     assert h.error(c.WriteData(f, (ext(3, DATA_START + 30, 2), ext(4, DATA_START + 40, 1)), 4096, h.tick())) == errno.EINVAL
     assert h.error(c.WriteData(f, (ext(6, DATA_START + 30, 1), ext(4, DATA_START + 40, 1)), 4096, h.tick())) == errno.EINVAL
 
