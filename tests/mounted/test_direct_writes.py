@@ -29,6 +29,11 @@ THREADS = 16
 TRACING = Path("/sys/kernel/tracing")
 SENT = re.compile(r"fuse_request_send: connection (\d+) req (\d+) opcode 16 ")
 ENDED = re.compile(r"fuse_request_end: connection (\d+) req (\d+) ")
+SIDE_BY_SIDE = (os.environ.get("AWSOMEFS_MOUNT__TRANSPORT", "kernel") == "kernel"
+                and os.environ.get("AWSOMEFS_MOUNT__WRITEBACK_CACHE", "false").lower() in ("false", "0", "no", ""))
+"""Our transport without the writeback cache (where the mount runs with the defaults) answers an
+O_DIRECT open for writes side by side; pyfuse3 does not, and under the cache the kernel's direct
+path would not keep the mtime (handlers.py `_open_out`)."""
 
 
 @pytest.fixture
@@ -104,7 +109,8 @@ def test_direct_writers_of_one_file_are_served_side_by_side_and_keep_every_block
         os.close(fd)
     dev = os.stat(mnt).st_dev
     most = _most_writes_in_flight((fuse_trace / "trace").read_text(), os.major(dev) << 20 | os.minor(dev))
-    assert most > 1, f"{THREADS} direct writers of one file never had two WRITEs in flight (seed {seed})"
+    if SIDE_BY_SIDE:
+        assert most > 1, f"{THREADS} direct writers of one file never had two WRITEs in flight (seed {seed})"
 
 
 def test_a_file_open_for_direct_io_can_still_be_mapped_shared(mnt: Path) -> None:

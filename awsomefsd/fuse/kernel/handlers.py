@@ -352,9 +352,12 @@ class KernelHandlers:
         threads writing one file (a database, fio) had one WRITE in flight at a time. Writes
         that extend the file, or while another handle caches the file's pages, still take the
         lock alone (the kernel's rule); the daemon applies WRITEs to one file in any order, as
-        concurrent direct writes allow."""
+        concurrent direct writes allow. Not under the writeback cache: there the kernel keeps a
+        file's mtime itself and its direct path never stamps one (an O_DIRECT write left the
+        mtime where it was: fsx under the cache)."""
         direct = self.ops.direct_io(flags)
-        parallel = bool(flags & os.O_DIRECT) and self.kernel_has(Init.DIRECT_IO_ALLOW_MMAP)
+        parallel = (bool(flags & os.O_DIRECT) and self.kernel_has(Init.DIRECT_IO_ALLOW_MMAP)
+                    and not self.writeback_cache())
         out = ((Fopen.KEEP_CACHE if keep_cache else 0) | (Fopen.DIRECT_IO if direct or parallel else 0)
                | (Fopen.PARALLEL_DIRECT_WRITES if parallel else 0))
         if flags & os.O_ACCMODE == os.O_RDONLY and self.noflush_readers:
