@@ -8,7 +8,6 @@ from __future__ import annotations
 import hashlib
 import os
 import random
-import socket
 import subprocess
 import threading
 from pathlib import Path
@@ -19,6 +18,7 @@ from awsomefsd.io.device import BlockDevice
 from awsomefsd.io.founding import COPY_BLOCK, PRIMARY_BLOCK, Mode, read_founding
 from awsomefsd.io.layout import BLOCK_SIZE
 from tests.support.daemon import AWSOMEFSD, Daemon, run_cli
+from tests.support.ports import free_port
 
 pytestmark = pytest.mark.mounted
 
@@ -146,9 +146,7 @@ def test_a_cluster_token_for_another_cluster_is_refused_and_the_device_unchanged
     RunDaemon(image, own, mount).start().stop()
     before = image_digest(image)
     token = run_cli("token", "new").stdout.strip()
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     proc = run_cli("run", "--device", str(image), "--state", str(tmp_path / "state-new"), "--mount", str(mount),
                    "--listen", f"127.0.0.1:{port}", "--metrics-port", "-1", env={"AWSOMEFS_CLUSTER__TOKEN": token})
     one_line_refusal(proc, "the cluster token is for cluster")

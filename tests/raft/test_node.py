@@ -25,7 +25,7 @@ from awsomefsd.meta.replication.lmdb_storage import LmdbRaftStorage
 from awsomefsd.meta.replication.proposals import FORWARDED, HEADER
 from awsomefsd.meta.replication.settings import NodeSettings
 from awsomefsd.meta.replication.transport import RaftTransport, TransportLimits
-from tests.support.raft_cluster import free_port
+from tests.support.ports import free_port
 from tests.support.raft_kv import KVStateMachine, encode_put
 
 SETTINGS = NodeSettings(tick_ms=20, election_ticks=10, heartbeat_ticks=2)

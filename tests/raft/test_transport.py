@@ -41,7 +41,7 @@ from awsomefsd.meta.replication.transport import (
 from awsomefsd.meta.replication.transport_grpc import SERVICE, decode_frame, encode_frame
 from awsomefsd.rpc import wire
 from awsomefsd.rpc.bridge import Binding, client_stream, serve_grpc
-from tests.support.raft_cluster import free_port
+from tests.support.ports import free_port
 
 DEADLINE_S = 10.0
 FAST = TransportLimits(backoff_min_s=0.02, backoff_max_s=0.2)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,16 +19,11 @@ from typing import Any, TypeVar
 
 import grpc
 
+from tests.support.ports import free_port
 from tests.support.raft_kv import KV_SERVICE
 
 T = TypeVar("T")
 REPO = Path(__file__).resolve().parents[2]  # the checkout, so children import this tree
-
-
-def free_port(host: str) -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
 
 
 def wait_for(what: str, check: Callable[[], T | None], timeout_s: float, interval_s: float = 0.02) -> T:

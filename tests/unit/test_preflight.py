@@ -11,21 +11,12 @@ import pytest
 
 from awsomefsd.cli.preflight import PortInUse, check_listeners
 from awsomefsd.config import Settings
+from tests.support.ports import free_port
 
 
 def _free_pair() -> int:
     """A port p on 127.0.0.1 with p + 1 also free at the time of asking."""
-    for _ in range(100):
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            port = int(probe.getsockname()[1])
-        try:
-            with socket.socket() as above:
-                above.bind(("127.0.0.1", port + 1))
-        except OSError:
-            continue
-        return port
-    raise AssertionError("no two free neighbouring ports")
+    return free_port(with_next=True)
 
 
 @pytest.fixture
