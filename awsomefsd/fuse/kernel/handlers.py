@@ -45,7 +45,7 @@ class KernelHandlers:
                  kernel_has: Callable[[int], bool] = lambda _capability: False) -> None:
         self.ops = ops
         self.kernel_has = kernel_has
-        """Did INIT settle this capability (abi.Init) with the kernel? (None settled before INIT.)"""
+        """Did INIT settle this capability (abi.Init) with the kernel? (Nothing is, before INIT.)"""
         self.refusals = RefusedWriteBacks(ops.handles, lambda ino: MOUNTED.invalidate_inode(ino, attr_only=True))
         """Cached pages we refused to write, reported at their writer's next write() (refusals.py)."""
         self.cached_write_taken: Callable[[], None] = lambda: None
