@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast, get_args
 
 import trio
 
@@ -28,7 +29,7 @@ from awsomefsd.fs.ops_base import InGroup
 from awsomefsd.fuse.kernel import channel
 from awsomefsd.fuse.kernel.handlers import KernelHandlers
 from awsomefsd.fuse.kernel.inline import INLINE_SINGLE_NODE
-from awsomefsd.fuse.kernel.session import Session
+from awsomefsd.fuse.kernel.session import Session, UringMode
 from awsomefsd.fuse.mount import tune_bdi
 from awsomefsd.meta.errors import FsError
 from awsomefsd.meta.records import ROOT_INO, Inode
@@ -285,6 +286,14 @@ class NullOperations:
         raise FsError(errno.EOPNOTSUPP)  # the kernel copies through reads and writes
 
 
+def uring_mode() -> UringMode:
+    """`[mount] io_uring` from the environment, as the daemon takes it (AWSOMEFS_MOUNT__IO_URING)."""
+    mode = os.environ.get("AWSOMEFS_MOUNT__IO_URING", "off")
+    if mode not in get_args(UringMode):
+        raise SystemExit(f"kernelfloor: AWSOMEFS_MOUNT__IO_URING is one of {', '.join(get_args(UringMode))}, not {mode!r}")
+    return cast(UringMode, mode)
+
+
 async def serve(mount: Path) -> None:
     fd = channel.open_device()
     channel.mount(fd, mount, allow_other=True)
@@ -295,7 +304,7 @@ async def serve(mount: Path) -> None:
         handlers = KernelHandlers(NullOperations(), cache_dirs=True, kernel_has=kernel_has)  # type: ignore[arg-type]
         session = Session(fd, handlers.table, inline=INLINE_SINGLE_NODE, inline_when=handlers.quick,
                           start_read=handlers.start_read,
-                          uring=os.environ.get("AWSOMEFS_MOUNT__IO_URING", "off"))
+                          uring=uring_mode())
         async with trio.open_nursery() as nursery:
             nursery.start_soon(session.serve)
             await trio.to_thread.run_sync(os.stat, mount)  # answered once INIT is done

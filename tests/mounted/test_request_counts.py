@@ -62,10 +62,11 @@ class Counted:
 @pytest.fixture(scope="module")
 def counted() -> Iterator[Counted]:
     base = Path(tempfile.mkdtemp(prefix="awsomefs-counts-", dir="/var/tmp"))
-    # Write-through, whatever the run's default: under the kernel's writeback cache a reader's
-    # close flushes too and an unlink or rename sends the file's ctime (design note 135).
+    # Our transport, write-through, whatever the run's defaults: under the kernel's writeback
+    # cache a reader's close flushes too and an unlink or rename sends the file's ctime (design
+    # note 135), and libfuse (the pyfuse3 fallback) answers no OPEN with FOPEN_NOFLUSH.
     d = Daemon(base / "state", base / "mnt", size="1G", extra=["--metrics-port", "0"],
-               env={"AWSOMEFS_MOUNT__WRITEBACK_CACHE": "false"}).start()
+               env={"AWSOMEFS_MOUNT__WRITEBACK_CACHE": "false", "AWSOMEFS_MOUNT__TRANSPORT": "kernel"}).start()
     try:
         yield Counted(d)
     finally:
