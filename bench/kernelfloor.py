@@ -298,10 +298,8 @@ async def serve(mount: Path) -> None:
     fd = channel.open_device()
     channel.mount(fd, mount, allow_other=True)
     try:
-        def kernel_has(capability: int) -> bool:  # as the daemon's transport answers it
-            return session.negotiated is not None and session.negotiated.has(capability)
-
-        handlers = KernelHandlers(NullOperations(), cache_dirs=True, kernel_has=kernel_has)  # type: ignore[arg-type]
+        handlers = KernelHandlers(NullOperations(), cache_dirs=True,  # type: ignore[arg-type]
+                                  kernel_has=lambda capability: session.kernel_has(capability))
         session = Session(fd, handlers.table, inline=INLINE_SINGLE_NODE, inline_when=handlers.quick,
                           start_read=handlers.start_read,
                           uring=uring_mode())

@@ -156,11 +156,11 @@ class Compactor:
                 return -1
             for run in _contiguous_runs(self.meta.extents(ino, lo, hi), self._stays):
                 if _device_contiguous(run):
-                    continue  # as good as one extent
-                rewritten = await self._rewrite(st, run, lo, hi, at_least=2)
+                    continue  # as good as one extent (a single one too)
+                rewritten = await self._rewrite(st, run, lo, hi)
                 if rewritten < 0:
                     return -1
-                removed += max(rewritten - 1, 0)
+                removed += rewritten - 1
         return removed
 
     async def recall(self, ino: int) -> int:
@@ -181,7 +181,7 @@ class Compactor:
                     continue
                 for lo in range(ext.file_block, ext.end_block, MAX_EXTENT_BLOCKS):
                     hi = min(lo + MAX_EXTENT_BLOCKS, ext.end_block)
-                    if await self._rewrite(st, [ext], lo, hi, at_least=1) < 0:
+                    if await self._rewrite(st, [ext], lo, hi) < 0:
                         return moved
                     moved += hi - lo
             if moved:
@@ -201,13 +201,10 @@ class Compactor:
         if inode is not None:
             await self.meta.propose(c.SetAttr(ino, inode.ctime_ns, atime_ns=max(time.time_ns(), inode.atime_ns)))
 
-    async def _rewrite(self, st: FileState, run: list[Extent], lo: int, hi: int, *, at_least: int) -> int:
-        """Read file blocks [lo, hi) through the extents of `run` that overlap them and write them
-        to fresh device blocks, when at least `at_least` extents do; returns how many did (-1: the
-        file is gone)."""
-        pieces = [e for e in run if e.end_block > lo and e.file_block < hi]
-        if len(pieces) < at_least:
-            return len(pieces)
+    async def _rewrite(self, st: FileState, pieces: list[Extent], lo: int, hi: int) -> int:
+        """Read file blocks [lo, hi) through `pieces` (file-contiguous extents, each overlapping
+        them) and write them to fresh device blocks; returns how many pieces (-1: the file is
+        gone)."""
         data = bytearray()
         with self.reader.holding_map():  # the file may be deleted meanwhile: then its blocks
             current = self.meta.inode(st.ino)  # wait for these reads before reuse

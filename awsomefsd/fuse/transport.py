@@ -204,8 +204,7 @@ class KernelTransport:
     def kernel_has(self, capability: int) -> bool:
         """Did INIT settle `capability` (abi.Init) with the kernel? (Asked per WRITE, SETATTR and
         OPEN: no import here.)"""
-        negotiated = None if self.session is None else self.session.negotiated
-        return negotiated is not None and negotiated.has(capability)
+        return self.session is not None and self.session.kernel_has(capability)
 
     def bound_cached_writes(self, bdi: Path) -> None:
         from awsomefsd.fs.operations import BLOCK_SIZE

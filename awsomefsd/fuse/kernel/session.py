@@ -240,6 +240,10 @@ class Session:
                      agreed, MAX_WRITE >> 10, self.path)
             return self.negotiated
 
+    def kernel_has(self, capability: int) -> bool:
+        """Did INIT settle `capability` (abi.Init)? (Nothing is, before INIT.)"""
+        return self.negotiated is not None and self.negotiated.has(capability)
+
     @property
     def path(self) -> str:
         """Which transport serves the requests: "io_uring" or "read" (/dev/fuse by read())."""
