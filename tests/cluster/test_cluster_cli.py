@@ -13,7 +13,7 @@ from awsomefsd.cluster.ca import ClusterCA
 from awsomefsd.cluster.state import MemberState
 from awsomefsd.cluster.token import JoinToken
 from tests.support.daemon import AWSOMEFSD, REPO, run_cli
-from tests.support.ports import free_port
+from tests.support.ports import free_port, is_free
 
 
 def error_line(proc: subprocess.CompletedProcess[str]) -> str:
@@ -68,15 +68,6 @@ def test_daemon_commands_say_what_is_missing(tmp_path: Path) -> None:
     assert proc.returncode == 1 and "is the daemon running?" in error_line(proc)
 
 
-def port_is_free(port: int) -> bool:
-    with socket.socket() as probe:
-        try:
-            probe.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
 def test_a_listener_address_in_use_is_refused_before_anything_is_made(tmp_path: Path) -> None:
     """init formats and join joins before the listeners are bound: a port that is taken is found
     first, with the setting to change (gRPC would even share a TCP port: SO_REUSEPORT)."""
@@ -89,9 +80,9 @@ def test_a_listener_address_in_use_is_refused_before_anything_is_made(tmp_path: 
             f"[cluster] listen (--listen 127.0.0.1:{port})": ["--listen", f"127.0.0.1:{port}", "--metrics-port", "-1"],
             "[metrics] port (--metrics-port)": ["--listen", f"127.0.0.1:{free_port(with_next=True)}", "--metrics-port", str(port)],
         }
-        if port_is_free(port - 1):
+        if is_free(port - 1):
             cases["[cluster] listen port + 1"] = ["--listen", f"127.0.0.1:{port - 1}", "--metrics-port", "-1"]
-        if port_is_free(port - 2) and port_is_free(port - 1):
+        if is_free(port - 2) and is_free(port - 1):
             cases["the Raft wire, [cluster] listen port + 2"] = [
                 "--listen", f"127.0.0.1:{port - 2}", "--metrics-port", "-1"]
         for setting, flags in cases.items():

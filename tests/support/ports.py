@@ -24,7 +24,7 @@ def free_port(host: str = "127.0.0.1", *, with_next: bool = False) -> int:
     draw = random.SystemRandom()
     for _ in range(1000):
         port = draw.randrange(LOWEST, top) if top - LOWEST > 1000 else _kernel_pick(host)
-        if _bindable(host, port) and (not with_next or _bindable(host, port + 1)):
+        if is_free(port, host) and (not with_next or is_free(port + 1, host)):
             return port
     raise AssertionError(f"no free port on {host}")
 
@@ -43,7 +43,8 @@ def _kernel_pick(host: str) -> int:
         return int(probe.getsockname()[1])
 
 
-def _bindable(host: str, port: int) -> bool:
+def is_free(port: int, host: str = "127.0.0.1") -> bool:
+    """Is nothing bound to `port` on `host` now?"""
     with socket.socket() as probe:
         try:
             probe.bind((host, port))
