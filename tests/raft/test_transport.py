@@ -4,6 +4,7 @@ build is sent to. Real grpc, real trio TLS, real sockets on loopback."""
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -33,6 +34,7 @@ from awsomefsd.meta.raft import (
     encode_message,
 )
 from awsomefsd.meta.replication.transport import (
+    GRPC_POLL_S,
     WIRE_PORT_OFFSET,
     WIRE_PROBE_S,
     RaftTransport,
@@ -215,6 +217,22 @@ async def test_a_peer_without_the_wire_is_sent_to_over_grpc_in_order(tmp_path: P
                 b.send([Message(MessageType.HEARTBEAT_RESP, to=1, frm=2, term=3, index=5)])
                 await trio.sleep(0.05)
         nursery.cancel_scope.cancel()
+
+
+def test_a_failed_grpc_stream_takes_nothing_queued_after_it_ended(tmp_path: Path) -> None:
+    """grpc pulls a stream's frames in a thread of its own, which may still be waiting on the
+    queue when the call has failed; what is queued once the stream has ended (for the connection
+    that follows) must stay for that connection, not vanish into the dead call."""
+    t = RaftTransport(1, {2: f"127.0.0.1:{free_port('127.0.0.1')}"}, staging_dir=tmp_path, insecure=True,
+                      limits=FAST)
+    peer = t._peers[2]
+    for _ in range(5):  # nothing listens: each call fails at once, its generator mid-poll
+        assert t._stream_once(peer) == "StatusCode.UNAVAILABLE"
+        t.send([heartbeat(7)])
+        time.sleep(GRPC_POLL_S * 1.5)  # a left-over generator's poll has ended by now
+        assert peer.queue.qsize() == 1, "a dead stream's generator took a message queued after it"
+        assert peer.queue.get_nowait().index == 7
+    assert t.stats()[2]["legacy_frames"] == 0
 
 
 async def test_a_sender_that_found_no_wire_moves_to_it_once_the_peer_listens(tmp_path: Path) -> None:

@@ -77,6 +77,9 @@ MAX_FORWARDS_IN_FLIGHT = 256
 """Forwarded entries being ordered at once (beyond: the wire connection waits, TCP pushes back)."""
 WIRE_PROBE_S = 2.0
 """While a peer is sent to over gRPC, how often its wire is tried again."""
+GRPC_POLL_S = 0.2
+"""How long a gRPC stream's frame generator waits on the queue before it looks whether its
+stream still lives."""
 
 
 class RaftPeerHandler(Protocol):
@@ -451,17 +454,23 @@ class RaftTransport:
         try:
             return send_stream(self._channel(peer), self._frames(peer, peer.generation))
         finally:
-            peer.generation += 1  # stops the frame generator if grpc still holds it
+            _retire_frames(peer)
 
     def _frames(self, peer: PeerLink, generation: int) -> Iterator[bytes]:
-        while not self._closing and peer.generation == generation:
-            try:
-                first = peer.queue.get(timeout=0.2)
-            except queue.Empty:
-                continue
-            batch = self._batch(peer, first)
-            peer.sent_frames += 1
-            peer.legacy_frames += 1
+        """The frames of one gRPC stream. grpc takes them in a thread of its own, which may still
+        be waiting on the queue when the call has failed: the generation is checked under
+        `peer.taking`, so once `_retire_frames` returns nothing more is taken."""
+        while True:
+            with peer.taking:
+                if self._closing or peer.generation != generation:
+                    return
+                try:
+                    first = peer.queue.get(timeout=GRPC_POLL_S)
+                except queue.Empty:
+                    continue
+                batch = self._batch(peer, first)
+                peer.sent_frames += 1
+                peer.legacy_frames += 1
             yield encode_frame(batch)
 
     # --- snapshots --------------------------------------------------------------------------------
@@ -564,6 +573,15 @@ _REFUSED = -1  # a certificate refused (node ids are positive)
 
 def _log_wire_error(peer: str, exc: BaseException) -> None:
     log.debug("raft wire connection from %s ended: %r", peer, exc)
+
+
+def _retire_frames(peer: PeerLink) -> None:
+    """Stop the frame generator of `peer`'s gRPC stream, waiting (at most one queue poll) for a
+    take it is in the middle of: a failed call's generator, left in grpc's thread, took what was
+    queued after the next connection had opened, and lost it (CI on 8063a35)."""
+    peer.generation += 1
+    with peer.taking:
+        pass
 
 
 def _drain(q: queue.Queue[Message]) -> None:

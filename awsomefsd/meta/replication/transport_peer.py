@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import math
 import queue
+import threading
 import time
 from dataclasses import dataclass
 
@@ -47,6 +48,10 @@ class PeerLink:
         self.address = address
         self.queue: queue.Queue[Message] = queue.Queue(maxsize=limit)
         self.generation = 0
+        """Which gRPC stream's frame generator may take from `queue` (transport.py, `_frames`)."""
+        self.taking = threading.Lock()
+        """Held by a gRPC frame generator while it takes from `queue`: a stream that ended waits
+        for it, so no generator of a dead stream takes (and loses) what a new connection should send."""
         self.dropped = 0
         self.sent_frames = 0
         self.failures = 0
