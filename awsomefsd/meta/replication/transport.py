@@ -454,12 +454,12 @@ class RaftTransport:
         try:
             return send_stream(self._channel(peer), self._frames(peer, peer.generation))
         finally:
-            _retire_frames(peer)
+            peer.retire_grpc_frames()
 
     def _frames(self, peer: PeerLink, generation: int) -> Iterator[bytes]:
         """The frames of one gRPC stream. grpc takes them in a thread of its own, which may still
         be waiting on the queue when the call has failed: the generation is checked under
-        `peer.taking`, so once `_retire_frames` returns nothing more is taken."""
+        `peer.taking`, so once `PeerLink.retire_grpc_frames` returns nothing more is taken."""
         while True:
             with peer.taking:
                 if self._closing or peer.generation != generation:
@@ -573,15 +573,6 @@ _REFUSED = -1  # a certificate refused (node ids are positive)
 
 def _log_wire_error(peer: str, exc: BaseException) -> None:
     log.debug("raft wire connection from %s ended: %r", peer, exc)
-
-
-def _retire_frames(peer: PeerLink) -> None:
-    """Stop the frame generator of `peer`'s gRPC stream, waiting (at most one queue poll) for a
-    take it is in the middle of: a failed call's generator, left in grpc's thread, took what was
-    queued after the next connection had opened, and lost it (CI on 8063a35)."""
-    peer.generation += 1
-    with peer.taking:
-        pass
 
 
 def _drain(q: queue.Queue[Message]) -> None:
