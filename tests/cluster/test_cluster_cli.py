@@ -37,7 +37,7 @@ def test_init_and_join_refuse_the_state_of_an_existing_member(tmp_path: Path) ->
     before = (state / "cluster.json").read_bytes()
     token = JoinToken.generate(uuid.uuid4(), ClusterCA.create(uuid.uuid4()).fingerprint).encode()
     for args in (["init", "--device", str(tmp_path / "d.img"), "--size", "256M"], ["join", token, "--device", "x"]):
-        proc = run_cli(*args, "--state", str(state), "--listen", f"127.0.0.1:{free_port(with_next=True)}")
+        proc = run_cli(*args, "--state", str(state), "--listen", f"127.0.0.1:{free_port()}")
         assert proc.returncode == 1
         assert "already belongs to node 2" in error_line(proc)
     assert (state / "cluster.json").read_bytes() == before
@@ -45,13 +45,13 @@ def test_init_and_join_refuse_the_state_of_an_existing_member(tmp_path: Path) ->
 
 def test_join_refuses_a_damaged_token_and_a_device_of_another_cluster(tmp_path: Path) -> None:
     proc = run_cli("join", "awfs1_not-a-token", "--device", "x", "--state", str(tmp_path / "s"),
-                   "--listen", f"127.0.0.1:{free_port(with_next=True)}")
+                   "--listen", f"127.0.0.1:{free_port()}")
     assert proc.returncode == 1
     assert "bad join token" in error_line(proc)
     image = tmp_path / "other.img"
     assert run_cli("format", str(image), "--size", "256M").returncode == 0
     token = JoinToken.generate(uuid.uuid4(), ClusterCA.create(uuid.uuid4()).fingerprint).encode()
-    proc = run_cli("join", token, "--device", str(image), "--state", str(tmp_path / "s"), "--listen", f"127.0.0.1:{free_port(with_next=True)}")
+    proc = run_cli("join", token, "--device", str(image), "--state", str(tmp_path / "s"), "--listen", f"127.0.0.1:{free_port()}")
     assert proc.returncode == 1
     assert "but the token is for cluster" in error_line(proc)
     assert not (tmp_path / "s" / "cluster.json").exists()
@@ -78,7 +78,7 @@ def test_a_listener_address_in_use_is_refused_before_anything_is_made(tmp_path: 
     try:
         cases = {
             f"[cluster] listen (--listen 127.0.0.1:{port})": ["--listen", f"127.0.0.1:{port}", "--metrics-port", "-1"],
-            "[metrics] port (--metrics-port)": ["--listen", f"127.0.0.1:{free_port(with_next=True)}", "--metrics-port", str(port)],
+            "[metrics] port (--metrics-port)": ["--listen", f"127.0.0.1:{free_port()}", "--metrics-port", str(port)],
         }
         if is_free(port - 1):
             cases["[cluster] listen port + 1"] = ["--listen", f"127.0.0.1:{port - 1}", "--metrics-port", "-1"]
@@ -120,7 +120,7 @@ def test_a_csi_socket_in_use_is_refused(tmp_path: Path) -> None:
 def test_bad_arguments_get_one_line_and_no_traceback(tmp_path: Path) -> None:
     for args in (["fsck", "--device", str(tmp_path), "--state", str(tmp_path / "s")],
                  ["run", "--device", str(tmp_path), "--state", str(tmp_path / "s"), "--mount", str(tmp_path / "m")],
-                 ["init", "--device", str(tmp_path), "--state", str(tmp_path / "s"), "--listen", f"127.0.0.1:{free_port(with_next=True)}"],
+                 ["init", "--device", str(tmp_path), "--state", str(tmp_path / "s"), "--listen", f"127.0.0.1:{free_port()}"],
                  ["format", str(tmp_path)]):
         proc = run_cli(*args)
         assert proc.returncode == 1

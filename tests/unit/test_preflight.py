@@ -14,17 +14,12 @@ from awsomefsd.config import Settings
 from tests.support.ports import free_port
 
 
-def _free_pair() -> int:
-    """A port p on 127.0.0.1 with p + 1 also free at the time of asking."""
-    return free_port(with_next=True)
-
-
 @pytest.fixture
 def held() -> Iterator[tuple[int, socket.socket]]:
-    """A free port pair's base, and a listener holding nothing yet (bind it where a test needs)."""
+    """A free port block's base (tests/support/ports.py), and a listener holding nothing yet (bind it where a test needs)."""
     sock = socket.socket()
     try:
-        yield _free_pair(), sock
+        yield free_port(), sock
     finally:
         sock.close()
 
