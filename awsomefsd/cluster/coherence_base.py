@@ -76,6 +76,7 @@ class CoherenceBase:
         self._writers: dict[int, int] = {}  # inode -> writes in progress under its lease
         self._delegated: set[int] = set()  # directories whose delegation this node asked for
         self._looked_only: set[int] = set()  # delegations taken for a look, nothing changed under them since
+        self._awaiting_change: set[int] = set()  # taken by a lookup that found nothing, no change yet (`looking`)
         self._fresh: dict[int, int] = {}  # file created ahead -> its directory (`fresh`)
         self._fresh_in: dict[int, set[int]] = {}  # directory -> the fresh files created in it
         self._touched: dict[int, float] = {}  # inode -> when the last change under its lease ended
@@ -113,6 +114,7 @@ class CoherenceBase:
         self.names_leaving()  # some may be gone (a snapshot skipped their release, an expiry)
         self._acquired_at = {ino: -math.inf for ino in self.held}
         self._looked_only.clear()
+        self._awaiting_change.clear()
         self._fresh.clear()
         self._fresh_in.clear()
         self._waiting.clear()

@@ -37,6 +37,10 @@ has changed nothing in it for this long: the turn is for changes at local speed,
 came for one rename (or one lookup) would otherwise keep three nodes' clients waiting half a
 second each (renames between two contended directories took 1-1.5 s, and up to 5 s, in the
 nemesis run)."""
+LOOKUP_TURN_S = 0.02
+"""How long a directory's delegation taken by a lookup that found nothing waits for the change
+that most often follows (the kernel's CREATE comes well under a millisecond after its LOOKUP's
+answer): a lookup alone (a build probing for a file) keeps other nodes waiting no longer."""
 DELEGATION_IDLE_S = 2.0
 """Once this node has changed nothing under its delegations for this long, it gives back those
 nobody asked for: lookups in those directories on other nodes then need no hand-over. While it
@@ -86,6 +90,7 @@ class LeaseHandOver(CoherenceBase):
             self._releasing.add(ino)
             self.held.discard(ino)  # from here no new write starts under it (they wait in _acquire)
             self._looked_only.discard(ino)
+            self._awaiting_change.discard(ino)
             self.published(ino)  # another node knows the file
             self._unfresh_directories({ino})
             directory = ino in self._delegated or self._is_directory(ino)
@@ -136,13 +141,19 @@ class LeaseHandOver(CoherenceBase):
     async def _turn(self, ino: int) -> None:
         """Until this node's turn with the lease ends: MIN_HOLD_S after it got it (a file), or
         MIN_HOLD_DIRECTORY_S for a directory, which ends early once nothing here has changed in
-        it for IDLE_TURN_S (no change is in progress and the last one is that old)."""
+        it for IDLE_TURN_S (no change is in progress and the last one is that old). None for a
+        delegation taken for a look; LOOKUP_TURN_S for one taken by a lookup that found nothing,
+        unless a change came meanwhile."""
         acquired = self._acquired_at.get(ino, -math.inf)
         if not self._is_directory(ino):
             await trio.sleep_until(acquired + MIN_HOLD_S)
             return
         if self.strict or ino in self._looked_only:
             return  # nothing here runs ahead under it (strict mode, or taken for a look): a turn buys nothing
+        if ino in self._awaiting_change:  # taken by a lookup that found nothing: a create may follow
+            await trio.sleep_until(acquired + LOOKUP_TURN_S)
+            if ino in self._awaiting_change and ino not in self._writers:
+                return  # it did not come
         end = acquired + MIN_HOLD_DIRECTORY_S
         while (now := trio.current_time()) < end:
             quiet_since = max(acquired, self._touched.get(ino, acquired))
@@ -178,6 +189,7 @@ class LeaseHandOver(CoherenceBase):
     def _forget_delegation(self, ino: int) -> None:
         self._delegated.discard(ino)
         self._looked_only.discard(ino)
+        self._awaiting_change.discard(ino)
         self._touched.pop(ino, None)
 
     async def _give_back(self, inos: list[int]) -> None:

@@ -80,12 +80,15 @@ class Coherence(Protocol):
         """The file is now reachable other than through the directory it was created in."""
         ...
 
-    async def looking(self, ino: int, *, found: int | None = None) -> bool:
+    async def looking(self, ino: int, *, found: int | None = None, change_next: bool = False) -> bool:
         """Before a lookup that found nothing, or a readdir: True when this node holds the
         directory's delegation (its view is complete: no catch-up needed); when another node holds
         it, its acknowledged changes are committed first (the delegation moves here). `found`: the
         inode a lookup found; a directory (a path walk, which seldom changes the directory it
-        passes through) gives a delegation moved here only for the look back at once."""
+        passes through) gives a delegation moved here only for the look back at once.
+        `change_next`: a lookup that found nothing, which a create of the name most often
+        follows: the delegation is kept a moment for it (cluster/coherence_handover.py,
+        LOOKUP_TURN_S)."""
         ...
 
     def release_orphan(self, ino: int) -> None:

@@ -86,20 +86,22 @@ class Operations(FileOperations, XattrOperations):
         return self.inode(child)
 
     async def _look_again(self, parent: int, name: bytes) -> int | None:
-        """A name not found here may have been created elsewhere a moment ago."""
-        await self._look_at_directory(parent)
+        """A name not found here may have been created elsewhere a moment ago. The kernel's
+        create (and mkdir, mknod, symlink, link, rename onto a new name) looks the name up first:
+        a delegation taken for this look is kept for the change that follows."""
+        await self._look_at_directory(parent, change_next=True)
         return self.meta.lookup(parent, name)
 
-    async def _look_at_directory(self, directory: int) -> None:
+    async def _look_at_directory(self, directory: int, *, change_next: bool = False) -> None:
         """Before a look that must see every change acknowledged before it began (a lookup that
         found nothing, a readdir): unless this node holds the directory's delegation (nobody else
         changes it), catch up with the log; if another node holds the delegation (known now, or
         from the caught-up log), let it commit what it acknowledged first."""
         assert self.coherence is not None
-        if await self.coherence.looking(directory):
+        if await self.coherence.looking(directory, change_next=change_next):
             return
         await self.coherence.catch_up(drain=False)
-        await self.coherence.looking(directory)
+        await self.coherence.looking(directory, change_next=change_next)
 
     def direct_io(self, flags: int) -> bool:
         """For the adapter's open reply: a cluster member's O_APPEND descriptors bypass the page
