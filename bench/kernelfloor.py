@@ -79,6 +79,12 @@ class NullOperations:
     def keep_listing(self, ino: int) -> bool:
         return True
 
+    def listing_current(self, ino: int) -> bool:
+        return True
+
+    def listed(self, ino: int) -> None:
+        pass
+
     def direct_io(self, flags: int) -> bool:
         return False
 

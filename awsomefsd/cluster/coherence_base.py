@@ -77,6 +77,7 @@ class CoherenceBase:
         self._delegated: set[int] = set()  # directories whose delegation this node asked for
         self._looked_only: set[int] = set()  # delegations taken for a look, nothing changed under them since
         self._awaiting_change: set[int] = set()  # taken by a lookup that found nothing, no change yet (`looking`)
+        self._listed: set[int] = set()  # directories the kernel keeps a current listing of (`keep_listing`)
         self._fresh: dict[int, int] = {}  # file created ahead -> its directory (`fresh`)
         self._fresh_in: dict[int, set[int]] = {}  # directory -> the fresh files created in it
         self._touched: dict[int, float] = {}  # inode -> when the last change under its lease ended
@@ -115,6 +116,7 @@ class CoherenceBase:
         self._acquired_at = {ino: -math.inf for ino in self.held}
         self._looked_only.clear()
         self._awaiting_change.clear()
+        self._listed.clear()  # a snapshot may have changed any directory unseen
         self._fresh.clear()
         self._fresh_in.clear()
         self._waiting.clear()

@@ -99,6 +99,16 @@ class Coherence(Protocol):
         """This node appended at the cluster's end of file, not the kernel's: its cached size is stale."""
         ...
 
+    def keep_listing(self, ino: int) -> bool:
+        """May the kernel keep the listing of this directory it has, at an OPENDIR (after the
+        open's catch-up)? Only one it read from this daemon since which nothing changed the
+        directory's entries other than through this node's kernel."""
+        ...
+
+    def listed(self, ino: int) -> None:
+        """The kernel read this directory's listing from the start."""
+        ...
+
     def keep_cache(self, ino: int) -> bool:
         """May the kernel keep the file's page cache at this open? No, once another node changed
         its data since the last open here (the one invalidation that cannot block the kernel)."""

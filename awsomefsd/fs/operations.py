@@ -118,6 +118,17 @@ class Operations(FileOperations, XattrOperations):
         another file (its own site overwriting it), which no request about /.conflicts tells."""
         return ino != CONFLICTS_INO
 
+    def listing_current(self, ino: int) -> bool:
+        """Is the listing of this directory the kernel keeps (if any) current, at an OPENDIR after
+        its look? On a single node always (its kernel sees every change); on a cluster member,
+        unless a change made elsewhere was applied since the kernel read it (coherence)."""
+        return self.coherence is None or self.coherence.keep_listing(ino)
+
+    def listed(self, ino: int) -> None:
+        """The kernel read this directory's listing from the start (a READDIR at offset 0)."""
+        if self.coherence is not None:
+            self.coherence.listed(ino)
+
     async def getattr(self, ino: int) -> Inode:
         if self.coherence is not None and self.coherence.strict:
             await self.coherence.catch_up()

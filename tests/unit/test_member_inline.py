@@ -29,18 +29,22 @@ from tests.support.no_kernel import NoKernel
 
 
 class AskedCoherence:
-    """A member's coherence that must not be asked anything by an inline request but the two
-    things that never wait: whether the node is strict (it is not), and to queue the release of
-    an orphan for the orphan task."""
+    """A member's coherence that must not be asked anything by an inline request but the
+    things that never wait: whether the node is strict (it is not), to queue the release of an
+    orphan for the orphan task, and that the kernel read a directory's listing (a set's add)."""
 
     name_timeout_s = None
     strict = False
 
     def __init__(self) -> None:
         self.orphans_released: list[int] = []
+        self.listings: list[int] = []
 
     def release_orphan(self, ino: int) -> None:
         self.orphans_released.append(ino)
+
+    def listed(self, ino: int) -> None:
+        self.listings.append(ino)
 
     def __getattr__(self, name: str) -> object:
         raise AssertionError(f"an inline request asked the coherence for {name!r}")

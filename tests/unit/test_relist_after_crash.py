@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 import stat
 
+import pytest
+
 from awsomefsd.daemon.node import Core
 from awsomefsd.fuse.kernel import abi
 from awsomefsd.fuse.kernel.abi import Body, Fopen, Header, Op
@@ -51,10 +53,21 @@ async def test_after_a_crash_a_listing_is_kept_only_once_this_daemon_listed_it(c
     assert (await _opendir(handlers, b.ino))[1] == Fopen.CACHE_DIR, "every directory on its own"
 
 
-async def test_a_member_keeps_no_listing_crash_or_not(core: Core) -> None:
+async def test_a_member_keeps_a_listing_only_while_it_is_current(core: Core, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a cluster member the coherence layer says whether a kept listing is current (no change
+    made elsewhere applied since the kernel read it: tests/cluster/test_member_listings.py); the
+    handlers ask at each OPENDIR and tell it of every listing read from the start."""
     d = await core.ops.mknod(ROOT_INO, b"d", stat.S_IFDIR | 0o755, 0, 0, 0)
+    current: set[int] = set()
+    monkeypatch.setattr(core.ops, "listing_current", lambda ino: ino in current)
+    monkeypatch.setattr(core.ops, "listed", current.add)
     handlers = KernelHandlers(core.ops, cache_dirs=False)
-    handlers.relist_directories()
+    handlers.relist_directories()  # nothing to do on a member: its coherence starts with no listing
     fh, flags = await _opendir(handlers, d.ino)
+    assert flags == Fopen.CACHE_DIR, "not read yet: whatever the kernel has is dropped"
+    await _list(handlers, d.ino, fh, 1)
+    assert d.ino not in current, "a listing read from the middle is not one"
     await _list(handlers, d.ino, fh, 0)
-    assert flags == 0 and (await _opendir(handlers, d.ino))[1] == 0
+    assert (await _opendir(handlers, d.ino))[1] == Fopen.CACHE_DIR | Fopen.KEEP_CACHE
+    current.clear()  # a change made elsewhere was applied
+    assert (await _opendir(handlers, d.ino))[1] == Fopen.CACHE_DIR

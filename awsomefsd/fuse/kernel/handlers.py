@@ -62,8 +62,9 @@ class KernelHandlers:
         """A cluster member's word on how long the kernel may cache a name in a given directory
         (None from it: `entry_timeout_s`, and negative answers as `negative_timeout_s` says)."""
         self.cache_dirs = cache_dirs
-        """Let the kernel keep directory listings (FOPEN_CACHE_DIR): only where no other node
-        changes directories behind its back (a single node)."""
+        """A single node: no other node changes directories behind the kernel's back (a crash's
+        relisting, `relist_directories`, is needed only here; a member's kept listings are checked
+        at each OPENDIR, `_keeps_listing`)."""
         self.listed_since_crash: set[int] | None = None
         """After a crash of the daemon before (`relist_directories`): the directories whose listing
         the kernel has read from this daemon; None: every listing the kernel keeps is ours."""
@@ -458,17 +459,24 @@ class KernelHandlers:
             self.listed_since_crash = set()
 
     def _keeps_listing(self, ino: int) -> int:
-        """The FOPEN flags of an OPENDIR of `ino`: keep its listing where the kernel may."""
-        if not self.cache_dirs or not self.ops.keep_listing(ino):
+        """The FOPEN flags of an OPENDIR of `ino`: the kernel keeps the listing it reads, and the
+        one it has unless it may be stale (after a crash, or on a cluster member a change made
+        elsewhere since: `Operations.listing_current`); without FOPEN_KEEP_CACHE it drops it."""
+        if not self.ops.keep_listing(ino):
             return 0
         listed = self.listed_since_crash
-        return Fopen.CACHE_DIR if listed is not None and ino not in listed else Fopen.CACHE_DIR | Fopen.KEEP_CACHE
+        if (listed is not None and ino not in listed) or not self.ops.listing_current(ino):
+            return Fopen.CACHE_DIR
+        return Fopen.CACHE_DIR | Fopen.KEEP_CACHE
 
     def _listing_from_start(self, fh: int, offset: int) -> None:
-        """A READDIR(PLUS) from the start: after a crash, what the kernel now keeps of this
-        directory is this daemon's (`relist_directories`)."""
-        if self.listed_since_crash is not None and offset == 0:
-            self.listed_since_crash.add(self.ops.handle(fh).ino)
+        """A READDIR(PLUS) from the start: what the kernel keeps of this directory from now on is
+        this daemon's current view (`relist_directories`, `Operations.listed`)."""
+        if offset == 0:
+            ino = self.ops.handle(fh).ino
+            if self.listed_since_crash is not None:
+                self.listed_since_crash.add(ino)
+            self.ops.listed(ino)
 
     async def opendir(self, h: Header, body: Body) -> Payload:
         fh = await self.ops.opendir(h.nodeid)
