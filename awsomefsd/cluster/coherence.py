@@ -245,9 +245,10 @@ class ClusterCoherence(LeaseHandOver, AppliedCommands):
 
         A lookup that found nothing (`change_next`) is most often a create's first step (the
         kernel looks the name up, then creates it): the delegation is kept LOOKUP_TURN_S for the
-        change, whose turn it then becomes. Handed on at once as a look's, the create that came next waited for every other
-        node's turn a second time: the longest create of three creators in one directory was two
-        whole waits (754-978 ms against a waiter's longest wait of 500 ms, design note 140)."""
+        change, whose turn it then becomes. Handed on at once as a look's, the create that came
+        next waited for every other node's turn a second time: the longest create of three
+        creators in one directory was two whole waits (754-978 ms against a waiter's longest
+        wait of 500 ms, design note 140)."""
         while ino in self._releasing:
             # Our own hand-over (or give-back) is on its way. Once it commits, the next holder may
             # change the directory and answer at once, while this node has not applied the
