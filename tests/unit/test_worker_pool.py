@@ -161,6 +161,44 @@ def test_a_dead_workers_reads_are_served_by_the_session(rig: Rig) -> None:
     assert rig.pool.given_back == 1 and rig.pool.served_again == 4
 
 
+class _Stuck:
+    """A worker process that is alive and takes nothing (stopped, wedged): killed once."""
+
+    def __init__(self) -> None:
+        self.killed = 0
+
+    def poll(self) -> int | None:
+        return -9 if self.killed else None
+
+    def kill(self) -> None:
+        self.killed += 1
+
+
+def test_a_worker_whose_socket_is_full_is_killed_and_its_reads_are_the_sessions(
+        rig: Rig, caplog: pytest.LogCaptureFixture) -> None:
+    """A worker that takes nothing fills its socket; the READ that no longer fits is not dropped:
+    the worker is killed (its watcher then retires it), gets no READ more, and every READ handed
+    to it, those sent and those that did not fit, is served by the session."""
+    stuck = _Stuck()
+    worker = rig.pool.workers[0]
+    worker.proc = stuck  # type: ignore[assignment]
+    offered = []
+    unique = 100
+    while worker.alive:
+        assert rig.offer(unique), "handed while the worker counts as running"
+        offered.append(unique)
+        rig.pool.flush()
+        unique += 1
+        assert unique < 1_000_000, "the socket never filled"
+    assert stuck.killed == 1 and worker not in rig.pool._ready
+    assert "READs not handed" in caplog.text
+    assert not rig.offer(unique), "no READ is handed to it any more: the session serves it"
+    rig.ends[0].close()
+    served: list[int] = []
+    trio.run(rig.pool._retire, worker, lambda data: served.append(abi.IN_HEADER.unpack_from(data)[2]))
+    assert served == offered, "every READ handed to it, sent or not, served once, in order"
+
+
 def test_drained_waits_for_the_reads_handed_before_it_and_no_longer_than_half_the_grace_period(rig: Rig) -> None:
     """What lets a write short of space take superseded blocks back early (fs/space.py)."""
     for unique in (30, 31):
