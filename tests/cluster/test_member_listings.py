@@ -10,10 +10,14 @@ the daemon's answer at OPENDIR is what holds when that refresh has not happened 
 from __future__ import annotations
 
 import os
+import random
 import re
 from pathlib import Path
 
+from tests.support import seeds
 from tests.support.cluster import Cluster, Node
+
+RANDOM_STEPS = 150
 
 
 def readdirs(node: Node) -> float:
@@ -75,3 +79,58 @@ def test_a_member_keeps_its_listings_until_another_node_changes_the_directory(cl
     expected = (expected - {"f000"}) | {"moved"}
     changed_by_b("rename", expected)
     changed_by_b("unlink", expected - {"f001"})
+
+
+def test_every_nodes_listings_follow_a_random_sequence_of_changes(cluster3: Cluster) -> None:
+    """Seeded, replayable (AWSOMEFS_SEED): one change at a time by a random node (create, unlink,
+    rename within or between two directories, mkdir, rmdir), then a listing of both directories on
+    a random node (twice: the second from what its kernel kept), compared with a model. The
+    delegations move at nearly every step, and each node's kernel keeps listings across them.
+    On this kernel it also passes with the daemon's rule planted away, and with the attribute
+    invalidations of other nodes' changes too (the directory's mtime changes at each step, and
+    the kernel compares it at each listing from the start): a guard of the whole, not of the
+    rule, which tests/cluster/test_listing_kept.py checks."""
+    seed = seeds.fresh_one("member-listings")
+    rng = random.Random(seed)
+    nodes = cluster3.form(3)
+    dirs = ("p", "q")
+    (nodes[0].mount / "p").mkdir()
+    (nodes[0].mount / "q").mkdir()
+    model: dict[str, set[str]] = {d: set() for d in dirs}
+    subdirs: set[tuple[str, str]] = set()
+    for step in range(RANDOM_STEPS):
+        node = rng.choice(nodes)
+        d = rng.choice(dirs)
+        files = sorted(model[d] - {name for parent, name in subdirs if parent == d})
+        kind = rng.choice(["create", "create", "unlink", "rename", "mkdir", "rmdir"])
+        where = f"seed {seed} step {step}: node {node.index} {kind} in {d}"
+        if kind == "create" or (kind in ("unlink", "rename") and not files):
+            name = f"f{step}"
+            create(node.mount / d / name)
+            model[d].add(name)
+        elif kind == "unlink":
+            name = rng.choice(files)
+            os.unlink(node.mount / d / name)
+            model[d].discard(name)
+        elif kind == "rename":
+            name, to = rng.choice(files), rng.choice(dirs)
+            new = f"r{step}"
+            os.rename(node.mount / d / name, node.mount / to / new)
+            model[d].discard(name)
+            model[to].add(new)
+        elif kind == "mkdir" or not any(parent == d for parent, _ in subdirs):
+            name = f"d{step}"
+            (node.mount / d / name).mkdir()
+            model[d].add(name)
+            subdirs.add((d, name))
+        else:
+            parent, name = rng.choice(sorted(sd for sd in subdirs if sd[0] == d))
+            (node.mount / parent / name).rmdir()
+            model[parent].discard(name)
+            subdirs.discard((parent, name))
+        looker = rng.choice(nodes)
+        for listed in dirs:
+            for again in ("", " again"):
+                got = set(os.listdir(looker.mount / listed))
+                assert got == model[listed], f"{where}; node {looker.index} lists {listed}{again}: " \
+                    f"extra {sorted(got - model[listed])}, missing {sorted(model[listed] - got)}"
