@@ -144,8 +144,7 @@ class ClusterCoherence(LeaseHandOver, AppliedCommands):
             yield False
             return
         self._writers[ino] = self._writers.get(ino, 0) + 1
-        self._looked_only.discard(ino)
-        self._awaiting_change.discard(ino)
+        self._no_longer_a_look(ino)
         try:
             yield True
         finally:
@@ -186,8 +185,7 @@ class ClusterCoherence(LeaseHandOver, AppliedCommands):
                 self._writers[ino] = self._writers.get(ino, 0) + 1
                 entered.append(ino)
                 if not look:
-                    self._looked_only.discard(ino)
-                    self._awaiting_change.discard(ino)
+                    self._no_longer_a_look(ino)
                 elif not already:
                     self._looked_only.add(ino)
             yield

@@ -151,6 +151,12 @@ class CoherenceBase:
         self._long_names.add(directory)
         return self.held_names_s
 
+    def _no_longer_a_look(self, ino: int) -> None:
+        """A change runs under the delegation (or it goes): it is no longer one taken for a look,
+        nor one waiting for the change a lookup that found nothing announced (`looking`)."""
+        self._looked_only.discard(ino)
+        self._awaiting_change.discard(ino)
+
     def names_leaving(self) -> None:
         """A directory delegation is leaving this node (a hand-over, an expiry, a snapshot, a
         stop): the kernel looks up again every name it caches before using it, so none it was

@@ -89,8 +89,7 @@ class LeaseHandOver(CoherenceBase):
                 return
             self._releasing.add(ino)
             self.held.discard(ino)  # from here no new write starts under it (they wait in _acquire)
-            self._looked_only.discard(ino)
-            self._awaiting_change.discard(ino)
+            self._no_longer_a_look(ino)
             self.published(ino)  # another node knows the file
             self._unfresh_directories({ino})
             directory = ino in self._delegated or self._is_directory(ino)
@@ -188,8 +187,7 @@ class LeaseHandOver(CoherenceBase):
 
     def _forget_delegation(self, ino: int) -> None:
         self._delegated.discard(ino)
-        self._looked_only.discard(ino)
-        self._awaiting_change.discard(ino)
+        self._no_longer_a_look(ino)
         self._touched.pop(ino, None)
 
     async def _give_back(self, inos: list[int]) -> None:
