@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterable
 from typing import Any
 
 import trio
@@ -115,16 +116,21 @@ class AppliedCommands(CoherenceBase):
         elif isinstance(command, c.Purge):
             self._forget_deleted(command.ino)
         elif isinstance(command, cc.ReleaseOrphans) and result:
-            # Some of them were deleted (the last holder released them), with their leases; which,
-            # the next look tells (`_release_orphans`), once this apply is what the node reads.
-            tracked = [ino for ino in command.inos if ino in self.held or ino in self._fresh]
-            if tracked:
-                self._maybe_deleted.update(tracked)
-                self._orphans_wake.set()
+            self._maybe_gone(command.inos)  # the last holder released some of them
         elif isinstance(command, c.Unlink) and isinstance(result, int):
+            if isinstance(command, c.UnlinkAlone) and result == command.ino:
+                self._maybe_gone((result,))  # deleted with its last name, unless the log said otherwise
             self.release_orphan(result)  # checked later: only an orphan we do not hold is released
         elif isinstance(command, c.Rename) and isinstance(result, int) and result:
             self.release_orphan(result)
+
+    def _maybe_gone(self, inos: Iterable[int]) -> None:
+        """Some of these inodes may have been deleted, with their leases; which, the next look
+        tells (`_release_orphans`), once this apply is what the node reads."""
+        tracked = [ino for ino in inos if ino in self.held or ino in self._fresh]
+        if tracked:
+            self._maybe_deleted.update(tracked)
+            self._orphans_wake.set()
 
     def _forget_deleted(self, ino: int) -> None:
         """The inode is gone, and its lease with it: nothing of it is held or fresh any more (else a

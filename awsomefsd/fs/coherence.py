@@ -80,6 +80,11 @@ class Coherence(Protocol):
         """The file is now reachable other than through the directory it was created in."""
         ...
 
+    def fresh(self, ino: int) -> bool:
+        """Can no other node reach the file: created ahead here, reachable only through the
+        directory it was created in, whose delegation has not begun to move since?"""
+        ...
+
     async def looking(self, ino: int, *, found: int | None = None, change_next: bool = False) -> bool:
         """Before a lookup that found nothing, or a readdir: True when this node holds the
         directory's delegation (its view is complete: no catch-up needed); when another node holds

@@ -174,16 +174,34 @@ class Operations(FileOperations, XattrOperations):
         the changes its holder acknowledged, not only by what the log has."""
         if not is_dir and await self._unlink_closed(parent, name):
             return
+        command = c.Unlink(parent, name, is_dir, self._now())
         for _ in range(MAX_DELEGATION_TRIES):
             child = self.meta.lookup(parent, name) if is_dir else None
             async with self._changing(parent, *([child] if child else [])) as ahead:
                 if is_dir and self.meta.lookup(parent, name) != child:
                     continue  # renamed or replaced meanwhile: the delegations to hold changed
-                removed = await self._propose(c.Unlink(parent, name, is_dir, self._now()), ahead)
+                alone = None if is_dir or not ahead else self._alone_here(parent, name)
+                command = c.Unlink(parent, name, is_dir, self._now()) if alone is None else alone
+                removed = await self._propose(command, ahead)
                 break
         else:
-            removed = await self._propose(c.Unlink(parent, name, is_dir, self._now()), False)
+            removed = await self._propose(command, False)
+        if isinstance(command, c.UnlinkAlone) and removed == command.ino and self.meta.inode(removed) is None:
+            self.data.forget(removed)  # deleted with its last name (were the log to refuse that, an
+            return  # orphan: every member's coherence looks at the unlink's result, this one's too)
         await self._purge_if_orphan(removed)
+
+    def _alone_here(self, parent: int, name: bytes) -> c.UnlinkAlone | None:
+        """A member's unlink, run ahead: of a file only this node can reach (fresh: created ahead
+        here, never reachable elsewhere since) and nothing here holds open, it deletes the file at
+        once (UnlinkAlone) instead of leaving an orphan each member releases (three commands each
+        member applies, on three nodes; a follower's unlink cost twice a single node's CPU)."""
+        assert self.coherence is not None
+        ino = self.meta.lookup(parent, name)
+        if (ino is None or not self.handles.may_purge or not self.coherence.fresh(ino)
+                or self.handles.is_open(ino) or not self.meta.may_propose(c.UnlinkAlone)):
+            return None
+        return c.UnlinkAlone(parent, name, False, self._now(), ino=ino)
 
     async def _unlink_closed(self, parent: int, name: bytes) -> bool:
         """A single node's unlink of a file nothing holds open: one command unlinks it and, if

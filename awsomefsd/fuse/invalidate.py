@@ -197,6 +197,7 @@ RULES: dict[type, Rule] = {
     c.MakeTmpfile: _nothing,  # no entry, no change to the directory
     c.Unlink: _unlink,
     c.UnlinkClosed: _unlink_closed,
+    c.UnlinkAlone: _unlink_closed,
     c.Rename: _rename,
     c.SetAttr: _setattr,
     c.WriteData: _write_data,

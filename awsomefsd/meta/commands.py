@@ -125,6 +125,17 @@ class UnlinkClosed(Unlink):
 
 
 @dataclass(frozen=True, slots=True)
+class UnlinkAlone(UnlinkClosed):
+    """A cluster member's unlink of a file no other member can reach (docs/delegations.md: a
+    *fresh* file, created ahead by the proposer in a directory whose delegation never moved since)
+    and nothing on the proposer holds open: when that was its last name it is deleted at once, as
+    an UnlinkClosed on a single node, with no orphan mark for every member to release (a
+    ReleaseOrphans from each, applied by each). The proposer's word is checked as far as the log
+    can: the file's write lease must be the proposer's (a create ahead grants it), else the file is
+    an orphan as after an Unlink. An UnlinkClosed to every observer that knows UnlinkClosed only."""
+
+
+@dataclass(frozen=True, slots=True)
 class Rename(Command[int]):
     old_parent: int
     old_name: bytes
@@ -523,7 +534,7 @@ COMMAND_LEVELS: dict[type, int] = {
     PlanTierObject: 6, CommitTierObject: 6, AbandonTierObjects: 6, ForgetTierObjects: 6,
     LinkSite: 10, UnlinkSite: 7, ApplyRemote: 7, ForgetSite: 7, ResolveConflict: 8, ApplyRemoteSharing: 9,
     UpdateSiteLink: 10, MakeTmpfile: 13, LinkTmpfile: 13, FoldCapture: 15, UnlinkClosed: 17,
-    PauseCapture: 18, ResumeCapture: 18, SeedSite: 20,
+    PauseCapture: 18, ResumeCapture: 18, SeedSite: 20, UnlinkAlone: 23,
 }
 
 

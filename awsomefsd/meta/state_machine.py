@@ -80,6 +80,7 @@ class StateMachine:
         on(c.Link, self._link)
         on(c.Unlink, self._unlink)
         on(c.UnlinkClosed, self._unlink)
+        on(c.UnlinkAlone, self._unlink)
         on(c.Rename, self._rename)
         on(c.SetAttr, lambda txn, cmd: apply_setattr(self, txn, cmd))
         on(c.WriteData, lambda txn, cmd: apply_write_data(self, txn, cmd))
@@ -298,7 +299,8 @@ class StateMachine:
 
     def _unlink(self, txn: lmdb.Transaction[bytes], cmd: c.Unlink) -> int:
         """Returns the inode whose link went away (the caller may purge it once nothing holds it).
-        An UnlinkClosed deletes it at once when it would be an orphan no one holds (`_drop_link`)."""
+        An UnlinkClosed deletes it at once when it would be an orphan no one holds, an UnlinkAlone
+        when only its proposer could hold it (`_drop_link`)."""
         ns = self.ns
         self.check_delegated(txn, cmd.parent)
         parent = ns.dir_for_entry(txn, cmd.parent, cmd.name)
@@ -323,17 +325,27 @@ class StateMachine:
             parent.nlink -= 1
         parent.mtime_ns = parent.ctime_ns = cmd.now_ns
         ns.put_inode(txn, parent)
-        self._drop_link(txn, child, cmd.now_ns, cmd.ino if isinstance(cmd, c.UnlinkClosed) else 0)
+        closed = cmd.ino if isinstance(cmd, c.UnlinkClosed) else 0
+        alone = isinstance(cmd, c.UnlinkAlone) and self._alone(txn, closed)
+        self._drop_link(txn, child, cmd.now_ns, closed, alone=alone)
         return child_ino
 
-    def _drop_link(self, txn: lmdb.Transaction[bytes], child: Inode, now_ns: int, closed: int = 0) -> None:
+    def _alone(self, txn: lmdb.Transaction[bytes], ino: int) -> bool:
+        """May an UnlinkAlone's proposer speak for every member: does it hold the file's write lease
+        (granted by its create ahead; any other writer took it since)? A prediction runs bare: its
+        proposer is the node predicting, which checked that itself."""
+        return not self._proposer or self.cluster.lease_holder(txn, ino) == self._proposer
+
+    def _drop_link(self, txn: lmdb.Transaction[bytes], child: Inode, now_ns: int, closed: int = 0, *,
+                   alone: bool = False) -> None:
         """The inode is written once: by `orphan` when it is left with no name, else here.
         `closed`: the inode an UnlinkClosed names; left with no name and held by no member (the
-        orphan mark would name none), it is deleted now, as the Purge after an Unlink did."""
+        orphan mark would name none), it is deleted now, as the Purge after an Unlink did. `alone`:
+        the proposer of an UnlinkAlone answers for every member (none other can reach it)."""
         child.nlink = 0 if child.is_dir else child.nlink - 1
         child.ctime_ns = now_ns
         if child.nlink == 0 and not self.sites.keeps(txn, child.ino):
-            if child.ino == closed and not self.cluster.active_members(txn):
+            if child.ino == closed and (alone or not self.cluster.active_members(txn)):
                 self.delete_inode(txn, child, now_ns)
             else:
                 self.orphan(txn, child)

@@ -326,6 +326,10 @@ def test_an_unlink_burst_costs_each_member_one_release_a_second(cluster3: Cluste
         create(directory / name)
     held = remover.status()["cluster"]["write_leases"]["held"]
     assert held >= len(names), held
+    # Another node lists them: each could now be open there, so each unlink leaves an orphan every
+    # member releases (one the creator alone knew would go at once: the test below).
+    lister = next(node for node in nodes if node is not remover)
+    assert len(os.listdir(lister.mount / "gone")) == len(names)
     releases = {node.index: metric(node, "awsomefs_orphan_releases_total") for node in nodes}
     started = time.monotonic()
     removed = 0
@@ -341,3 +345,37 @@ def test_an_unlink_burst_costs_each_member_one_release_a_second(cluster3: Cluste
     # One a second while the stream lasts, the rest after it; and those a recent lookup kept
     # (released again 2.5 s later). The old pacing made 16-22 each here.
     assert all(1 <= count <= streamed + 4 for count in made.values()), (made, f"{streamed:.1f} s", removed)
+
+
+def test_files_only_their_creator_reached_go_at_their_unlink_with_no_release(cluster3: Cluster) -> None:
+    """A follower's unlink of files it created ahead and nobody else reached (fresh) deletes each
+    at once (UnlinkAlone): no orphan waits for three releases, no member proposes one, and their
+    write leases go with them. A file another node has open is still an orphan that node reads."""
+    nodes = cluster3.form(3)
+    remover, _ = followers(cluster3, nodes)
+    reader = next(node for node in nodes if node is not remover)
+    directory = remover.mount / "fresh"
+    directory.mkdir()
+    names = [f"f{i:03d}" for i in range(300)]
+    releases = {node.index: metric(node, "awsomefs_orphan_releases_total") for node in nodes}
+    held = remover.status()["cluster"]["write_leases"]["held"]
+    for name in names:
+        create(directory / name, b"x" * 5000)
+    create(directory / "seen", b"still here")
+    with open(reader.mount / "fresh" / "seen", "rb") as seen:  # the directory's delegation moves there
+        for name in names:
+            create(directory / ("again-" + name), b"y" * 100)  # created after the move: fresh again
+        for name in names:
+            os.unlink(directory / ("again-" + name))
+        os.unlink(directory / "seen")
+        assert seen.read() == b"still here", "unlinked while open on another node: still readable there"
+        wait_for(lambda: remover.status()["metadata"]["orphans"] >= 1, 10, "the seen file an orphan")
+        orphans = remover.status()["metadata"]["orphans"]
+        assert orphans == 1, f"{orphans} orphans: only the file the reader reached waits for releases"
+    wait_for(lambda: remover.status()["cluster"]["write_leases"]["held"] <= held + len(names) + 1, 10,
+             "the fresh files deleted with their leases")
+    made = {node.index: metric(node, "awsomefs_orphan_releases_total") - releases[node.index] for node in nodes}
+    assert all(count <= 2 for count in made.values()), made  # the seen file's release, once or twice
+    for name in names:
+        os.unlink(directory / name)  # not fresh (the reader's look moved the delegation): orphans
+    wait_for(lambda: remover.status()["metadata"]["orphans"] == 0, 30, "every orphan released and deleted")

@@ -132,6 +132,41 @@ def test_an_orphan_is_deleted_when_every_member_released_it(h: Harness) -> None:
         assert h.sm.ns.get_inode(txn, ino) is None
 
 
+def orphan_mark(h: Harness, ino: int) -> bytes | None:
+    with h.store.env.begin() as txn:
+        raw = txn.get(ino.to_bytes(8, "big"), db=h.sm.db["orphans"])
+    return None if raw is None else bytes(raw)
+
+
+def test_a_file_only_its_creator_can_reach_goes_with_its_last_name(h: Harness) -> None:
+    """UnlinkAlone: the proposer, holding the file's write lease (its create ahead granted it),
+    answers for every member: the file is deleted at once, data and lease with it, and no orphan
+    mark waits for three releases. Anyone else's word, or a file with a name left, is an Unlink's."""
+    h.apply(cc.AddMember("n2", "b:1", "b:2", 6))
+    h.apply(cc.AddMember("n3", "c:1", "c:2", 7))
+    h.apply(cc.ClaimGroups(2, 1, 1))  # group 0: blocks 256..1255
+    mine, theirs, linked = h.ino, h.ino + 1, h.ino + 2
+    for ino, name in ((mine, b"mine"), (theirs, b"theirs"), (linked, b"linked")):
+        h.apply(fenced(2, 1, c.Mknod(ROOT_INO, name, ino, stat.S_IFREG | 0o644, 0, 0, 10, lease_to=2)))
+    h.apply(fenced(2, 1, c.WriteData(mine, (Extent(0, DATA_START, 2, b"\0" * 8),), 8192, 11)))
+    h.apply(fenced(2, 1, c.Link(linked, ROOT_INO, b"other-name", 11)))
+    free = h.free_blocks()
+
+    assert h.apply(fenced(2, 1, c.UnlinkAlone(ROOT_INO, b"mine", False, 12, ino=mine))) == mine
+    assert h.inode(mine) is None and orphan_mark(h, mine) is None
+    with h.store.env.begin() as txn:
+        assert h.sm.cluster.lease_holder(txn, mine) == 0
+    h.apply(c.ReclaimFrees(10**18))
+    assert h.free_blocks() == free + 2, "its blocks come back after the grace period"
+
+    assert h.apply(fenced(3, 1, c.UnlinkAlone(ROOT_INO, b"theirs", False, 12, ino=theirs))) == theirs
+    assert h.inode(theirs).nlink == 0 and orphan_mark(h, theirs) == b"[1, 2, 3]", \
+        "node 3 does not hold its lease: every member may hold it open"
+
+    assert h.apply(fenced(2, 1, c.UnlinkAlone(ROOT_INO, b"linked", False, 12, ino=linked))) == linked
+    assert h.inode(linked).nlink == 1 and orphan_mark(h, linked) is None, "a name is left: only unlinked"
+
+
 def test_a_delegated_directory_is_changed_only_by_its_holder(h: Harness) -> None:
     """A member that does not hold a directory's delegation may not change its entries while
     another does: the holder may have acknowledged changes the log has not seen (Delegated)."""

@@ -39,6 +39,7 @@ CASES: list[tuple[object, object, list[Target]]] = [
     (c.Unlink(D, b"f", False, 1), None, [entry(D, b"f"), attr(D)]),
     (c.UnlinkClosed(D, b"f", False, 1, ino=F), F, [entry(D, b"f"), attr(D), full(F)]),  # maybe deleted
     (c.UnlinkClosed(D, b"f", False, 1, ino=F), G, [entry(D, b"f"), attr(D), attr(G)]),  # another was there
+    (c.UnlinkAlone(D, b"f", False, 1, ino=F), F, [entry(D, b"f"), attr(D), full(F)]),  # maybe deleted
     (c.Rename(D, b"a", E, b"b", 0, 1), 0, [entry(D, b"a"), entry(E, b"b"), attr(D), attr(E)]),
     (c.Rename(D, b"a", D, b"b", 0, 1), G, [entry(D, b"a"), entry(D, b"b"), attr(D), attr(G)]),
     (c.Rename(D, b"a", E, b"b", RENAME_EXCHANGE, 1), 0, [entry(D, b"a"), entry(E, b"b"), attr(D), attr(E)]),
