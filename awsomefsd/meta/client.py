@@ -22,8 +22,7 @@ memory.
 
 from __future__ import annotations
 
-import json
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +53,7 @@ from awsomefsd.meta.records import (
     object_of,
     read_u64,
     u64,
+    unpack_holders,
 )
 from awsomefsd.meta.state_machine import StateMachine
 from awsomefsd.meta.store import MetaStore
@@ -476,6 +476,5 @@ class CommittedReader:
 
 
 def _orphan(key: bytes, value: bytes) -> Orphan:
-    holders: Iterable[int] = json.loads(bytes(value)) if value else ()
-    return Orphan(int.from_bytes(key, "big"), tuple(holders))
+    return Orphan(int.from_bytes(key, "big"), unpack_holders(bytes(value)))
 

@@ -11,6 +11,8 @@ there never sees a key, a packed value or a JSON record.
 from __future__ import annotations
 
 import errno
+import functools
+import json
 import stat
 import struct
 from collections.abc import Callable
@@ -352,6 +354,21 @@ class Orphan:
 
     ino: int
     holders: tuple[int, ...]
+
+
+@functools.lru_cache(maxsize=1024)
+def pack_holders(holders: tuple[int, ...]) -> bytes:
+    """An orphan mark's value: its holders as a JSON list, b"" for none (the format every replica
+    stores). Memoized, as `unpack_holders`: a cluster has few distinct holder lists, and each
+    unlink on a 3-node cluster encoded one and decoded and re-encoded three per member (about a
+    tenth of a follower's apply during an unlink burst)."""
+    return json.dumps(list(holders)).encode() if holders else b""
+
+
+@functools.lru_cache(maxsize=1024)
+def unpack_holders(raw: bytes) -> tuple[int, ...]:
+    """The holders an orphan mark's value lists (`pack_holders`)."""
+    return tuple(json.loads(raw)) if raw else ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,7 +11,6 @@ Rules every handler follows:
 from __future__ import annotations
 
 import errno
-import json
 import logging
 import stat
 from collections.abc import Callable
@@ -36,7 +35,9 @@ from awsomefsd.meta.records import (
     check_new_inode,
     check_times,
     cookie_key,
+    pack_holders,
     u64,
+    unpack_holders,
     xattr_key,
 )
 from awsomefsd.meta.sites.capture import REPLICATED, UNFOLDED
@@ -356,8 +357,7 @@ class StateMachine:
         """Mark an inode with no name left for deletion once nothing holds it open. In a cluster
         every active member may hold it open: each must release it (ReleaseOrphans)."""
         self.ns.put_inode(txn, inode)
-        holders = self.cluster.active_members(txn)
-        txn.put(u64(inode.ino), json.dumps(holders).encode() if holders else b"", db=self.db["orphans"])
+        txn.put(u64(inode.ino), pack_holders(tuple(self.cluster.active_members(txn))), db=self.db["orphans"])
 
     def _rename(self, txn: lmdb.Transaction[bytes], cmd: c.Rename) -> int:
         """Returns the inode that lost its name to the rename (0 when none)."""
@@ -471,9 +471,9 @@ class StateMachine:
         raw = txn.get(u64(ino), db=self.db["orphans"])
         if raw is None:
             return False
-        holders = [n for n in (json.loads(bytes(raw)) if raw else []) if n != node]
+        holders = tuple(n for n in unpack_holders(bytes(raw)) if n != node)
         if holders:
-            txn.put(u64(ino), json.dumps(holders).encode(), db=self.db["orphans"])
+            txn.put(u64(ino), pack_holders(holders), db=self.db["orphans"])
             return False
         return self._purge(txn, c.Purge(ino, now_ns))
 
@@ -481,7 +481,7 @@ class StateMachine:
         """A node that is gone holds nothing open any more: its orphan holds go with its groups."""
         groups = self.cluster.expire_node(txn, cmd)
         held = [int.from_bytes(k, "big") for k, v in txn.cursor(self.db["orphans"])
-                if v and cmd.node in json.loads(bytes(v))]
+                if cmd.node in unpack_holders(bytes(v))]
         for ino in held:
             self.release_orphan(txn, ino, cmd.node, cmd.now_ns)
         return groups

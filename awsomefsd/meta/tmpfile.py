@@ -15,7 +15,6 @@ cannot decode them, so no member proposes them before every member's build can.
 from __future__ import annotations
 
 import errno
-import json
 import stat
 from typing import TYPE_CHECKING
 
@@ -24,7 +23,7 @@ import lmdb
 from awsomefsd.meta import commands as c
 from awsomefsd.meta.cluster_sm import LINK_MAX
 from awsomefsd.meta.errors import FsError
-from awsomefsd.meta.records import Inode, check_new_inode, check_times, u64
+from awsomefsd.meta.records import Inode, check_new_inode, check_times, pack_holders, u64
 
 if TYPE_CHECKING:
     from awsomefsd.meta.state_machine import StateMachine
@@ -57,7 +56,7 @@ def make_tmpfile(sm: StateMachine, txn: lmdb.Transaction[bytes], cmd: c.MakeTmpf
     gid = parent.gid if parent.mode & stat.S_ISGID else cmd.gid
     inode = Inode(cmd.ino, cmd.mode, cmd.uid, gid, 0, 0, cmd.now_ns, cmd.now_ns, cmd.now_ns, volume=parent.volume)
     ns.put_inode(txn, inode)
-    txn.put(u64(cmd.ino), json.dumps([cmd.node]).encode() if cmd.node else b"", db=sm.db["orphans"])
+    txn.put(u64(cmd.ino), pack_holders((cmd.node,) if cmd.node else ()), db=sm.db["orphans"])
     if cmd.linkable:
         txn.put(u64(cmd.ino), b"", db=sm.db[TMPFILES])
     return inode

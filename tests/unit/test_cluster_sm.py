@@ -14,7 +14,7 @@ from awsomefsd.meta import commands as c
 from awsomefsd.meta.cluster_sm import LINK_MAX
 from awsomefsd.meta.errors import Delegated, FsError
 from awsomefsd.meta.levels import UNLIMITED_SUBDIRS_LEVEL
-from awsomefsd.meta.records import ROOT_INO, Extent
+from awsomefsd.meta.records import ROOT_INO, Extent, pack_holders, unpack_holders
 from tests.unit.test_state_machine import DATA_START, Harness
 
 AG_BLOCKS = 1000  # the harness's 10,000 data blocks make 10 groups
@@ -165,6 +165,13 @@ def test_a_file_only_its_creator_can_reach_goes_with_its_last_name(h: Harness) -
 
     assert h.apply(fenced(2, 1, c.UnlinkAlone(ROOT_INO, b"linked", False, 12, ino=linked))) == linked
     assert h.inode(linked).nlink == 1 and orphan_mark(h, linked) is None, "a name is left: only unlinked"
+
+
+def test_an_orphan_mark_keeps_the_format_every_replica_stores() -> None:
+    """Its holders as a JSON list (b"" for none): replicas of older builds decode it (the memoized
+    codec must write the same bytes)."""
+    assert pack_holders((1, 2, 3)) == b"[1, 2, 3]" and pack_holders((7,)) == b"[7]" and pack_holders(()) == b""
+    assert unpack_holders(b"[1, 2, 3]") == (1, 2, 3) and unpack_holders(b"") == ()
 
 
 def test_a_delegated_directory_is_changed_only_by_its_holder(h: Harness) -> None:
