@@ -20,6 +20,7 @@ from awsomefsd.fs.clock import file_time_ns
 from awsomefsd.fs.coherence import Coherence
 from awsomefsd.fs.data import FileData
 from awsomefsd.fs.handles import Handle, Handles
+from awsomefsd.fs.inode_numbers import RESERVATION, InodeNumbers
 from awsomefsd.fs.tiered import EvictFile
 from awsomefsd.meta import commands as c
 from awsomefsd.meta.client import MetaClient
@@ -27,7 +28,6 @@ from awsomefsd.meta.commands import R
 from awsomefsd.meta.errors import Delegated, FsError
 from awsomefsd.meta.records import Inode, check_owner, clamp_time_ns
 
-INODE_RESERVATION = 1024
 MAX_DELEGATION_TRIES = 8
 """A change whose target moved while its delegations were being acquired tries again, then goes
 through the log without running ahead."""
@@ -60,8 +60,7 @@ class OperationsBase:
         self.handles = handles
         self.total_blocks = total_blocks
         self.coherence = coherence
-        self._ino_next = 0
-        self._ino_end = 0
+        self.numbers = InodeNumbers(self._reserve_inodes, self.handles.crash.made)
         self.evict = evict
         self._tier_failed: dict[int, str] = {}
         """Why the last `tier evict|recall` of a file failed: its errno reaches the command, the
@@ -85,14 +84,11 @@ class OperationsBase:
         return self.data.with_buffered(inode)
 
     async def new_ino(self) -> int:
-        if self._ino_next >= self._ino_end:
-            # Nothing between the assignment and the increment awaits, so concurrent callers that
-            # both reserved still hand out distinct numbers (the loser's range is simply unused).
-            self._ino_next, self._ino_end = await self.meta.propose(c.ReserveInodes(INODE_RESERVATION))
-            self.handles.crash.made(self._ino_next)
-        ino = self._ino_next
-        self._ino_next += 1
-        return ino
+        return await self.numbers.take()
+
+    async def _reserve_inodes(self, hurry: bool) -> tuple[int, int]:
+        """A range of inode numbers for `numbers` (fs/inode_numbers.py)."""
+        return await self.meta.propose(c.ReserveInodes(RESERVATION), hurry=hurry)
 
     def remember(self, ino: int) -> None:
         """The kernel now holds one more reference (an entry reply was sent for `ino`)."""
@@ -233,7 +229,7 @@ class OperationsBase:
         pipeline has room for it, and a create has an inode number left in this node's
         reservation. A look in such a directory never waits either."""
         return (self.coherence is not None and self.coherence.holds_now(inodes) and self.meta.runs_ahead_at_once()
-                and (not new_inode or self._ino_next < self._ino_end))
+                and (not new_inode or self.numbers.at_once()))
 
     def look_is_immediate(self, directory: int) -> bool:
         """Would a lookup in `directory` answer without waiting on a cluster member? When this node

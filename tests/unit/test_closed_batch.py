@@ -162,10 +162,10 @@ async def test_a_time_set_over_a_closed_files_data_is_kept_and_its_write_names_w
     proposed: list[c.WriteData] = []
     real_propose = core.meta.propose
 
-    async def recording(command: object, *, epoch: int | None = None) -> object:
+    async def recording(command: object, *, epoch: int | None = None, hurry: bool = True) -> object:
         if isinstance(command, c.WriteData):
             proposed.append(command)
-        return await real_propose(command, epoch=epoch)
+        return await real_propose(command, epoch=epoch, hurry=hurry)
 
     monkeypatch.setattr(core.meta, "propose", recording)
     before = core.data.buffer.clock_ns()
