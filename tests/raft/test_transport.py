@@ -4,6 +4,7 @@ build is sent to. Real grpc, real trio TLS, real sockets on loopback."""
 
 from __future__ import annotations
 
+import functools
 import time
 import uuid
 from collections.abc import Iterator
@@ -33,6 +34,7 @@ from awsomefsd.meta.raft import (
     SnapshotMeta,
     encode_message,
 )
+from awsomefsd.meta.replication.errors import ProposalTimeout
 from awsomefsd.meta.replication.transport import (
     GRPC_POLL_S,
     WIRE_PORT_OFFSET,
@@ -41,6 +43,7 @@ from awsomefsd.meta.replication.transport import (
     TransportLimits,
 )
 from awsomefsd.meta.replication.transport_grpc import SERVICE, decode_frame, encode_frame
+from awsomefsd.meta.replication.wire_calls import WireUnavailable
 from awsomefsd.rpc import wire
 from awsomefsd.rpc.bridge import Binding, client_stream, serve_grpc
 from tests.support.ports import free_port
@@ -292,6 +295,38 @@ async def test_a_forward_whose_connection_ends_fails_at_once(tmp_path: Path) -> 
         while True:  # Raft's heartbeats: the next send finds the connection gone
             a.send([heartbeat(1)])
             await trio.sleep(0.02)
+
+
+async def test_a_forward_that_comes_before_grpc_serves_is_answered(tmp_path: Path) -> None:
+    """A node's wire listens before its gRPC server is up; a peer that forwards an entry in that
+    moment is answered. (The nemesis restarted a node whose first forward came then: the transport
+    had no nursery for it yet, and the daemon stopped on an AssertionError.)"""
+    addrs = addresses()
+    a, ra, b, rb = pair(tmp_path, addrs, insecure=True)
+    grpc_may_start = trio.Event()
+    serve_grpc_now = b._serve
+
+    async def grpc_later(*args: Any, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
+        await grpc_may_start.wait()
+        await serve_grpc_now(*args, task_status=task_status)
+
+    b._serve = grpc_later  # type: ignore[method-assign]
+
+    async def answers(entry: bytes) -> int:
+        return len(entry)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(functools.partial(b.run, rb, addrs[2], accept_forward=answers))
+        await nursery.start(a.run, ra, addrs[1])
+        with trio.fail_after(DEADLINE_S):
+            while True:  # b's wire is up (its gRPC is not): the forward goes on the wire
+                try:
+                    assert await a.forward(2, b"entry", timeout_s=1) == 5
+                    break
+                except (WireUnavailable, ProposalTimeout, OSError):  # a's wire to b, b's to a: not yet
+                    await trio.sleep(0.02)
+        grpc_may_start.set()
+        nursery.cancel_scope.cancel()
 
 
 async def test_sent_returns_once_the_wire_sender_wrote_what_was_queued(tmp_path: Path) -> None:

@@ -242,14 +242,18 @@ class RaftTransport:
         host, port = split_host_port(listen)
         try:
             async with trio.open_nursery() as nursery:
+                # Before anything listens: a peer may forward an entry on the wire the moment it
+                # accepts (a restarted node's wire was up while gRPC still started, and the first
+                # forward crashed it: the nemesis, session 30). The peers' senders start with it,
+                # so a peer added from here on gets one sender (`add_peer`), never two.
+                self._nursery = nursery
+                for peer in self._peers.values():
+                    nursery.start_soon(self._run_peer, peer)
                 if port:
                     await nursery.start(self._serve_wire, host, port + WIRE_PORT_OFFSET)
                 bound = await nursery.start(self._serve, listen, extra_bindings)
                 if not port:
                     await nursery.start(self._serve_wire, host, split_host_port(bound)[1] + WIRE_PORT_OFFSET)
-                self._nursery = nursery
-                for peer in self._peers.values():
-                    nursery.start_soon(self._run_peer, peer)
                 task_status.started(bound)
         finally:
             self._closing = True
