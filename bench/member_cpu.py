@@ -27,6 +27,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 VENV_PYTHON = Path(__file__).resolve().parent.parent / ".venv" / "bin" / "python"
@@ -57,11 +58,11 @@ def start(tree: Path, base: Path) -> tuple[subprocess.Popen[bytes], dict[str, ob
     return proc, json.loads(described.read_text())
 
 
-def phase(pids: list[int], files: int, settle_s: float, work: object) -> tuple[float, list[float]]:
+def phase(pids: list[int], files: int, settle_s: float, work: Callable[[], None]) -> tuple[float, list[float]]:
     """(operations per second, CPU µs per operation of each daemon) of `work()`."""
     before = [cpu_s(pid) for pid in pids]
     started = time.perf_counter()
-    work()  # type: ignore[operator]
+    work()
     elapsed = time.perf_counter() - started
     time.sleep(settle_s)
     return files / elapsed, [(cpu_s(pid) - was) / files * 1e6 for pid, was in zip(pids, before)]

@@ -186,10 +186,10 @@ class Operations(FileOperations, XattrOperations):
                 break
         else:
             removed = await self._propose(command, False)
-        if isinstance(command, c.UnlinkAlone) and removed == command.ino and self.meta.inode(removed) is None:
-            self.data.forget(removed)  # deleted with its last name (were the log to refuse that, an
-            return  # orphan: every member's coherence looks at the unlink's result, this one's too)
-        await self._purge_if_orphan(removed)
+        if isinstance(command, c.UnlinkAlone):
+            await self._after_unlink_closed(command.ino, removed)
+        else:
+            await self._purge_if_orphan(removed)
 
     def _alone_here(self, parent: int, name: bytes) -> c.UnlinkAlone | None:
         """A member's unlink, run ahead: of a file only this node can reach (fresh: created ahead
@@ -214,11 +214,17 @@ class Operations(FileOperations, XattrOperations):
         if ino is None or self.handles.is_open(ino):
             return False
         removed = await self._propose(c.UnlinkClosed(parent, name, False, self._now(), ino=ino), False)
+        await self._after_unlink_closed(ino, removed)
+        return True
+
+    async def _after_unlink_closed(self, ino: int, removed: int) -> None:
+        """After an UnlinkClosed (or UnlinkAlone) of `ino` that took the link of `removed`: the
+        file went with its last name (its buffered state goes too), or it is an orphan as after an
+        Unlink (another name left, another inode at the name, the log kept it)."""
         if removed == ino and self.meta.inode(ino) is None:
             self.data.forget(ino)
         else:
             await self._purge_if_orphan(removed)
-        return True
 
     async def rename(self, old_parent: int, old_name: bytes, new_parent: int, new_name: bytes, flags: int,
                      uid: int = 0, gid: int = 0) -> None:
