@@ -7,6 +7,7 @@ handing back the device ranges they superseded so the caller can free them after
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import lmdb
 
@@ -97,36 +98,127 @@ def map_extent(txn: lmdb.Transaction[bytes], db: lmdb._Database, ino: int, ext: 
     txn.put(fmap_key(ino, ext.file_block), ext.pack_value(), db=db)
 
 
-def file_ranges(extents: tuple[Extent, ...]) -> list[tuple[int, int]]:
-    """The file block ranges [first, end) that ordered, disjoint extents cover, adjacent ones joined."""
-    ranges: list[tuple[int, int]] = []
-    for ext in extents:
-        if ranges and ranges[-1][1] == ext.file_block:
-            ranges[-1] = (ranges[-1][0], ext.end_block)
-        else:
-            ranges.append((ext.file_block, ext.end_block))
-    return ranges
+@dataclass(frozen=True, slots=True)
+class Window:
+    """What one look at the block map found for a run of adjacent new extents (a write's range
+    [first, end)): the extents overlapping it, in order and unclipped, and `before`, the extent
+    that ends exactly at `first` (what the run's first extent may merge with), if any."""
+
+    first: int
+    end: int
+    extents: tuple[Extent, ...]
+    overlapping: list[Extent]
+    before: Extent | None
 
 
-def survey(txn: lmdb.Transaction[bytes], db: lmdb._Database, ino: int, extents: tuple[Extent, ...],
-           ranges: list[tuple[int, int]]) -> tuple[int, list[tuple[int, int]]]:
-    """What new `extents` (in file order, disjoint; `ranges` is their `file_ranges`) would
-    replace, in one look per range: how many file blocks they cover that are mapped now, and the
-    device ranges (start, count) of theirs that lie exactly on an unwritten extent of the file
-    (same file blocks, same device blocks): reserved blocks written in place, the file's already.
-    The rest is fresh."""
+def windows(txn: lmdb.Transaction[bytes], db: lmdb._Database, ino: int,
+            extents: tuple[Extent, ...]) -> list[Window]:
+    """One look per run of adjacent `extents` (in file order, disjoint), on one cursor: what
+    `survey` and `rewrite` need, so a write reads each record once (it read each range three
+    times: to survey, to unmap, and for the merge's predecessor; issue 40)."""
+    found: list[Window] = []
+    cursor = txn.cursor(db)
+    unpack_key, unpack, pack_key = U64_PAIR.unpack, Extent.unpack, U64_PAIR.pack
+    at, total = 0, len(extents)
+    while at < total:
+        first = extents[at].file_block
+        end = first + extents[at].count
+        run_end = at + 1
+        while run_end < total and extents[run_end].file_block == end:
+            end += extents[run_end].count
+            run_end += 1
+        overlapping: list[Extent] = []
+        before: Extent | None = None
+        if seek_floor(cursor, pack_key(ino, first - 1 if first else 0)):
+            key = cursor.key()
+            while key:
+                rec_ino, rec_block = unpack_key(key)
+                if rec_ino > ino or (rec_ino == ino and rec_block >= end):
+                    break
+                if rec_ino == ino:
+                    ext = unpack(rec_block, cursor.value())
+                    rec_end = rec_block + ext.count
+                    if rec_end > first:
+                        overlapping.append(ext)
+                    elif rec_end == first:
+                        before = ext
+                key = cursor.key() if cursor.next() else b""
+        found.append(Window(first, end, extents[at:run_end], overlapping, before))
+        at = run_end
+    return found
+
+
+def survey(found: list[Window]) -> tuple[int, list[tuple[int, int]]]:
+    """What the new extents of `found` would replace: how many file blocks they cover that are
+    mapped now, and the device ranges (start, count) of theirs that lie exactly on an unwritten
+    extent of the file (same file blocks, same device blocks): reserved blocks written in place,
+    the file's already. The rest is fresh."""
     replaced = 0
     in_place: list[tuple[int, int]] = []
-    for first, end in ranges:
-        for cur in extents_in(txn, db, ino, first, end):
+    for window in found:
+        first, end = window.first, window.end
+        for cur in window.overlapping:
             replaced += min(cur.end_block, end) - max(cur.file_block, first)
             if not cur.unwritten:
                 continue
-            for ext in extents:
+            for ext in window.extents:
                 lo, hi = max(cur.file_block, ext.file_block), min(cur.end_block, ext.end_block)
                 if lo < hi and cur.dev_block - cur.file_block == ext.dev_block - ext.file_block:
                     in_place.append((cur.dev_block + lo - cur.file_block, hi - lo))
     return replaced, in_place
+
+
+def rewrite(txn: lmdb.Transaction[bytes], db: lmdb._Database, ino: int, found: list[Window]) -> list[tuple[int, int]]:
+    """Put each window's new extents in place of what overlaps it, as `unmap_range` of every
+    window and then `map_extent` of every new extent would, record for record; return the device
+    ranges (start, count) superseded, in the same order. An extent the previous window cut and
+    that reaches into this one was read before that cut: the part left of it (`carry`) stands in
+    for it. The windows must come from `windows` in this transaction, with nothing written since."""
+    superseded: list[tuple[int, int]] = []
+    carry: Extent | None = None
+    carry_from = 0
+    put, delete = txn.put, txn.delete
+    for window in found:
+        first, end = window.first, window.end
+        overlapping = window.overlapping
+        before = window.before
+        if carry is not None and overlapping and overlapping[0].file_block < carry_from:
+            overlapping = [carry, *overlapping[1:]]
+        elif carry is not None and before is not None and before.file_block < carry_from:
+            before = carry
+        carry = None
+        head: Extent | None = None
+        for ext in overlapping:
+            cut_start = max(ext.file_block, first)
+            cut_end = min(ext.end_block, end)
+            superseded.append((ext.dev_block + cut_start - ext.file_block, cut_end - cut_start))
+            if ext.file_block < cut_start:
+                head = ext.slice(ext.file_block, cut_start)
+            else:
+                delete(fmap_key(ino, ext.file_block), db=db)
+            if cut_end < ext.end_block:
+                carry = ext.slice(cut_end, ext.end_block)
+                carry_from = cut_end
+                put(fmap_key(ino, cut_end), carry.pack_value(), db=db)
+        prev = head if head is not None else (before if first > 0 else None)
+        pending = prev is not None and prev is head  # the head's record must be written either way
+        for ext in window.extents:
+            assert len(ext.checksums) in (0, 4 * ext.count) and 0 < ext.count <= MAX_EXTENT_BLOCKS, ext
+            if (
+                prev is not None
+                and prev.dev_block + prev.count == ext.dev_block
+                and prev.count + ext.count <= MAX_EXTENT_BLOCKS
+                and prev.unwritten == ext.unwritten
+            ):
+                prev = Extent(prev.file_block, prev.dev_block, prev.count + ext.count, prev.checksums + ext.checksums)
+                pending = True
+                continue
+            if prev is not None and pending:
+                put(fmap_key(ino, prev.file_block), prev.pack_value(), db=db)
+            prev, pending = ext, True
+        if prev is not None and pending:
+            put(fmap_key(ino, prev.file_block), prev.pack_value(), db=db)
+    return superseded
 
 
 def without(ranges: list[tuple[int, int]], cut: list[tuple[int, int]]) -> list[tuple[int, int]]:

@@ -106,17 +106,15 @@ def apply_write_data(sm: StateMachine, txn: lmdb.Transaction[bytes], cmd: c.Writ
             raise FsError(errno.EINVAL, "WriteData extents must be in file order and disjoint")
     if any(ext.unwritten for ext in cmd.extents):
         raise FsError(errno.EINVAL, "WriteData extents carry checksums")
-    ranges = filemap.file_ranges(cmd.extents)
-    replaced, in_place = filemap.survey(txn, fmap, inode.ino, cmd.extents, ranges)
+    found = filemap.windows(txn, fmap, inode.ino, cmd.extents)
+    replaced, in_place = filemap.survey(found)
     fresh = filemap.joined(filemap.without([(ext.dev_block, ext.count) for ext in cmd.extents], in_place))
     sm.space_check_new(txn, fresh)
     delta = sum(ext.count for ext in cmd.extents) - replaced
     sm.volumes.charge(txn, inode.volume, blocks=delta, inodes=0)
-    superseded = [piece for first, end in ranges for piece in filemap.unmap_range(txn, fmap, inode.ino, first, end)]
     for start, count in fresh:
         sm.space.take(txn, start, count)
-    for ext in cmd.extents:
-        filemap.map_extent(txn, fmap, inode.ino, ext)
+    superseded = filemap.rewrite(txn, fmap, inode.ino, found)
     sm.defer_free(txn, filemap.without(superseded, in_place), cmd.now_ns)
     inode.blocks += delta
     inode.size = max(inode.size, cmd.size)
