@@ -64,9 +64,6 @@ class Overlay:
         """Is any change's write still pending (reads need the overlay)?"""
         return bool(self._written)
 
-    def table(self, db: Any) -> _Table | None:
-        return self._tables.get(db)
-
     def record(self, entry: int, writes: dict[tuple[Any, bytes], bytes | None]) -> None:
         """Keep `writes` ((table, key) -> value or TOMBSTONE) as those of pending entry `entry`."""
         for (db, key), value in writes.items():
@@ -91,7 +88,7 @@ class OverlayTxn:
         self.base = base
         self.overlay = overlay
         self.scratch = scratch
-        self._tables = overlay._tables
+        self._tables = overlay._tables  # this module's own: a read looks a table up without a call
         self._scratch_dbs = {db for db, _ in scratch} if scratch else set()
         """The tables the scratch holds a write of: `layers` of any other needs no look at it."""
 
