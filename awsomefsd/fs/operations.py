@@ -174,7 +174,7 @@ class Operations(FileOperations, XattrOperations):
         the changes its holder acknowledged, not only by what the log has."""
         if not is_dir and await self._unlink_closed(parent, name):
             return
-        command = c.Unlink(parent, name, is_dir, self._now())
+        command: c.Unlink | None = None
         for _ in range(MAX_DELEGATION_TRIES):
             child = self.meta.lookup(parent, name) if is_dir else None
             async with self._changing(parent, *([child] if child else [])) as ahead:
@@ -185,7 +185,7 @@ class Operations(FileOperations, XattrOperations):
                 removed = await self._propose(command, ahead)
                 break
         else:
-            removed = await self._propose(command, False)
+            removed = await self._propose(c.Unlink(parent, name, is_dir, self._now()), False)
         if isinstance(command, c.UnlinkAlone):
             await self._after_unlink_closed(command.ino, removed)
         else:
