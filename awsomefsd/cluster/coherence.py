@@ -62,6 +62,11 @@ lost the queue, and sees the repeated request as a new one."""
 MAX_FRESH_TRACKED = 1 << 16
 
 
+TURN_AFTER_S = 0.1
+"""Creates sent to a directory's holder this close together are a run: the next asks for the turn."""
+MAX_SENT_TRACKED = 4096
+
+
 class ClusterCoherence(LeaseHandOver, AppliedCommands):
     """The `Coherence` hooks (awsomefsd/fs/coherence.py) of one member (the constructor is
     CoherenceBase's: cluster/coherence_base.py)."""
@@ -211,6 +216,53 @@ class ClusterCoherence(LeaseHandOver, AppliedCommands):
         elif len(self._fresh) < MAX_FRESH_TRACKED:
             self._fresh[ino] = parent
             self._fresh_in.setdefault(parent, set()).add(ino)
+
+    # --- creates and looks another member sends here, or this node sends (design note 145) -----
+    def holder_elsewhere(self, directory: int) -> int:
+        if self.strict or directory in self.held or directory in self._releasing:
+            return 0
+        holder = self.meta.lease_holder(directory)
+        return 0 if holder == self.node_id else holder
+
+    async def holder_to_ask(self, directory: int) -> int:
+        while directory in self._releasing:
+            await self._changed.setdefault(directory, trio.Event()).wait()
+        return self.holder_elsewhere(directory)
+
+    def ask_for_turn(self, directory: int) -> None:
+        """Only at the second create sent within TURN_AFTER_S: a lone create (a log file, a lock
+        file) leaves the holder its turn, and a run of them (an untar, a build) gets its own."""
+        now = trio.current_time()
+        last = self._sent_at.pop(directory, -math.inf)
+        if len(self._sent_at) >= MAX_SENT_TRACKED:
+            self._sent_at.clear()
+        self._sent_at[directory] = now
+        if now - last > TURN_AFTER_S:
+            return
+        if self._nursery is not None and directory not in self._asking:
+            self._asking.add(directory)
+            self._nursery.start_soon(self._take_turn, directory)
+
+    async def _take_turn(self, directory: int) -> None:
+        """The delegation, taken as for a change (a turn that ends after IDLE_TURN_S of quiet):
+        the create that asked for it is still on its way through the holder when it comes, and
+        the next one runs here."""
+        try:
+            async with self.taking([directory]):
+                pass
+        except FsError as exc:
+            log.debug("node %d: no turn with directory %d: %s", self.node_id, directory, one_line(exc))
+        finally:
+            self._asking.discard(directory)
+
+    def serves_for_another(self, directory: int) -> bool:
+        return self.holds_now((directory,)) and directory not in self._looked_only
+
+    def held_for_a_look(self, directory: int) -> bool:
+        return self.holds_now((directory,)) and directory in self._looked_only
+
+    def granted_epoch(self) -> int:
+        return self.epoch()
 
     def delegations_held(self) -> int:
         """Directory delegations this node holds now (those it asked for and still has)."""

@@ -44,7 +44,8 @@ MAX_ORPHANS_PER_COMMAND = 4096
 NOT_FROM_OUR_KERNEL = (c.ApplyRemote, c.ApplyRemoteSharing, c.ResolveConflict, c.CreateVolume, c.DeleteVolume,
                        c.CreateSnapshot, c.DeleteSnapshot)
 """Changes to names this node proposes that no request of its kernel made (another site's batch, a
-conflict's resolution, a volume or a snapshot): its kernel may cache the names they change."""
+conflict's resolution, a volume or a snapshot): its kernel may cache the names they change. (A
+create run for another member, MknodFor, changes one name: `changed_for_another`.)"""
 
 
 class AppliedCommands(CoherenceBase):
@@ -64,6 +65,20 @@ class AppliedCommands(CoherenceBase):
             self.invalidator.submit(self._safe(stale))
         elif (self._long_names or self._listed) and isinstance(command, NOT_FROM_OUR_KERNEL):
             self._entries_changed_elsewhere({t.ino for t in targets(command, result) if t.kind is Kind.ENTRY})
+        elif isinstance(command, c.MknodFor):  # made here for another member, not through our kernel
+            self.changed_for_another(command.parent, command.name)  # again: an answer computed before
+            self.invalidator.submit(self._safe(targets(command, result)))  # the directory's times
+
+    def changed_for_another(self, directory: int, name: bytes) -> None:
+        """This node made `name` in `directory` for another member (when it ran ahead, and again
+        when applied). Every name the kernel caches is dropped only when this one may be among
+        them, as absent: a holder busy in the directory answers its own creates' lookups "no such
+        name" for long, and dropping every name at each create it made for another (its kernel
+        then walked the path again, taking the parents' delegations for the look) cost more than
+        the create."""
+        self._listed.discard(directory)
+        if self._told_absent_unknown or (directory, name) in self._told_absent:
+            self.names_leaving()
 
     def _entries_changed_elsewhere(self, directories: set[int]) -> None:
         """Entries of these directories changed other than through this node's kernel: the names
@@ -113,6 +128,10 @@ class AppliedCommands(CoherenceBase):
                     del self._waiting[ino]
             for ino in list(self._changed):
                 self._wake(ino)
+        elif isinstance(command, c.MknodFor) and command.lease_to == self.node_id:
+            if command.lease_epoch == self.epoch():  # granted, as the state machine checked (an expiry reloads)
+                self.held.add(command.ino)
+                self._acquired_at[command.ino] = trio.current_time()
         elif isinstance(command, c.Purge):
             self._forget_deleted(command.ino)
         elif isinstance(command, cc.ReleaseOrphans) and result:

@@ -18,6 +18,10 @@ from awsomefsd.meta.client import MetaClient
 
 log = logging.getLogger(__name__)
 
+MAX_TOLD_ABSENT = 4096
+"""Answers "no such name" given the kernel for long that are remembered one by one; past that,
+any name may be cached as absent until the next drop."""
+
 
 class CoherenceBase:
     """What this member holds, who waits for what, and the counters `status` and the metrics show."""
@@ -75,6 +79,10 @@ class CoherenceBase:
         self._handing: set[int] = set()  # hand-over task scheduled or running
         self._writers: dict[int, int] = {}  # inode -> writes in progress under its lease
         self._delegated: set[int] = set()  # directories whose delegation this node asked for
+        self._asking: set[int] = set()  # directories whose delegation a background task asks for (`ask_for_turn`)
+        self._sent_at: dict[int, float] = {}  # directory -> when this node last sent a create to its holder
+        self._told_absent: set[tuple[int, bytes]] = set()  # "no such name" told the kernel for long since the last drop
+        self._told_absent_unknown = False  # more than MAX_TOLD_ABSENT were: any may be cached
         self._looked_only: set[int] = set()  # delegations taken for a look, nothing changed under them since
         self._awaiting_change: set[int] = set()  # taken by a lookup that found nothing, no change yet (`looking`)
         self._listed: set[int] = set()  # directories the kernel keeps a current listing of (`keep_listing`)
@@ -157,6 +165,16 @@ class CoherenceBase:
         self._looked_only.discard(ino)
         self._awaiting_change.discard(ino)
 
+    def absent_timeout_s(self, directory: int, name: bytes) -> float | None:
+        seconds = self.name_timeout_s(directory)
+        if seconds is not None and not self._told_absent_unknown:
+            if len(self._told_absent) >= MAX_TOLD_ABSENT:
+                self._told_absent_unknown = True
+                self._told_absent.clear()
+            else:
+                self._told_absent.add((directory, name))
+        return seconds
+
     def names_leaving(self) -> None:
         """A directory delegation is leaving this node (a hand-over, an expiry, a snapshot, a
         stop): the kernel looks up again every name it caches before using it, so none it was
@@ -165,6 +183,8 @@ class CoherenceBase:
         are short from then on) and again once its release is applied (an answer computed just
         before may have reached the kernel after the first call)."""
         self._long_names.clear()
+        self._told_absent.clear()
+        self._told_absent_unknown = False
         if self._names_forgettable and self.forget_names():
             self.names_forgotten += 1
 

@@ -20,6 +20,7 @@ from typing import Any
 
 import grpc
 
+from awsomefsd.duty import one_line
 from awsomefsd.meta.levels import BASE_LOG_LEVEL, LOG_LEVEL
 from awsomefsd.meta.replication.driver import RaftNode
 from awsomefsd.meta.replication.forwarding import FORWARD_METHOD, serve_forward
@@ -40,6 +41,13 @@ CONTROL_LIMITS = BridgeLimits(max_call_s=3600.0)
 more than 60 s: the server cut it off while the CLI still waited); the CLI gives each request the
 deadline it expects (cli/repl.py VERIFY_TIMEOUT_S)."""
 assert f"/{MEMBER_SERVICE}/Forward" == FORWARD_METHOD, "Forward is served by MemberService"
+HOLDER_METHODS = {"look": f"/{MEMBER_SERVICE}/LookFor", "create": f"/{MEMBER_SERVICE}/CreateFor"}
+"""A look that found nothing, or a create, in a directory another member holds, sent to that member
+(fs/forwarding.py, whose kinds these are; design note 145)."""
+HOLDER_TIMEOUT_S = 2.0
+"""A holder that has not answered by then is taken for slow or gone: the create goes the usual
+way (with the same inode number), the look takes the delegation."""
+ServeForwarded = Callable[[str, bytes], Awaitable[bytes]]
 
 
 class MemberService:
@@ -47,11 +55,30 @@ class MemberService:
         self.node = node
         self.progress = progress
         self.forwarded = 0
+        self.serve_forwarded: ServeForwarded | None = None
+        """`serve(kind, request)`: this member's file system answering another's look or create
+        (set once it is up; until then such a call is answered UNAVAILABLE and the caller goes
+        the usual way). A ValueError: a request that does not decode."""
 
     async def Forward(self, request: bytes, context: grpc.ServicerContext) -> bytes:
         reply = await serve_forward(self.node, request)
         self.forwarded += 1
         return reply
+
+    async def LookFor(self, request: bytes, context: grpc.ServicerContext) -> bytes:
+        return await self._for_another("look", request)
+
+    async def CreateFor(self, request: bytes, context: grpc.ServicerContext) -> bytes:
+        return await self._for_another("create", request)
+
+    async def _for_another(self, kind: str, request: bytes) -> bytes:
+        serve = self.serve_forwarded
+        if serve is None:
+            raise RpcAbort(grpc.StatusCode.UNAVAILABLE, "this member's file system is not up")
+        try:
+            return await serve(kind, request)
+        except ValueError as exc:
+            raise RpcAbort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed {kind} request: {exc}") from None
 
     async def Progress(self, request: bytes, context: grpc.ServicerContext) -> bytes:
         """The leader's view of replication (each member's match index), for `status` on a follower."""
@@ -65,7 +92,7 @@ class MemberService:
         return LOG_LEVEL.to_bytes(4, "big")
 
     def binding(self) -> Binding:
-        return Binding(generic_adder(MEMBER_SERVICE, ("Forward", "Progress", "LogLevel")), self)
+        return Binding(generic_adder(MEMBER_SERVICE, ("Forward", "Progress", "LogLevel", "LookFor", "CreateFor")), self)
 
 
 async def ask_progress(channel_to: Callable[[int], grpc.Channel | None], leader: int,
@@ -100,6 +127,19 @@ async def ask_log_level(channel_to: Callable[[int], grpc.Channel | None], node: 
     if len(reply) != 4:
         raise ConnectionError(f"node {node} answered LogLevel with {len(reply)} bytes")
     return int.from_bytes(reply, "big")
+
+
+async def ask_holder(channel_to: Callable[[int], grpc.Channel | None], node: int, kind: str, request: bytes,
+                     timeout_s: float = HOLDER_TIMEOUT_S) -> bytes:
+    """Send a look or a create (`kind`, fs/forwarding.py) to the member holding its directory:
+    its answer, or ConnectionError when it cannot be asked or did not answer in time."""
+    channel = channel_to(node)
+    if channel is None:
+        raise ConnectionError(f"no address for node {node}")
+    try:
+        return await unary_call(channel, HOLDER_METHODS[kind], request, timeout_s)
+    except (grpc.RpcError, ValueError) as exc:
+        raise ConnectionError(one_line(exc)) from None
 
 
 # --- the control socket ---------------------------------------------------------------------------

@@ -39,9 +39,11 @@ from awsomefsd.cluster.join_service import JoinService
 from awsomefsd.cluster.record_keeper import keep_founding_record
 from awsomefsd.cluster.rpc import (
     CONTROL_LIMITS,
+    HOLDER_METHODS,
     ControlError,
     ControlService,
     MemberService,
+    ask_holder,
     ask_log_level,
     ask_progress,
 )
@@ -81,6 +83,7 @@ from awsomefsd.daemon.node import (
     tiering_over,
 )
 from awsomefsd.duty import DutyBook, is_fatal, one_line, retry_until_done, supervise
+from awsomefsd.fs import forwarding
 from awsomefsd.fs.data import FileData
 from awsomefsd.fs.handles import Handles
 from awsomefsd.fs.operations import Operations
@@ -342,6 +345,9 @@ def open_member(settings: Settings, state: MemberState, creds: NodeCredentials, 
     return member
 
 
+assert set(HOLDER_METHODS) == set(forwarding.KINDS), "every kind fs/forwarding.py sends has a Member method"
+
+
 def downgrade_refused(cluster_level: int) -> str:
     """Why a member does not start on this build: its state records a cluster log level above the
     one this build decodes, so it would stop at the first command it cannot decode."""
@@ -377,6 +383,8 @@ async def run_member(member: Member, *, founding: Founding | None = None,
         if on_listening is not None:
             on_listening(member)
         core = _assemble(member)
+        service.serve_forwarded = core.ops.serve_forwarded  # another member's look or create (note 145)
+        core.ops.forward = functools.partial(ask_holder, member.transport.channel_to)
         assert member.lease is not None and member.groups is not None and member.coherence is not None
         assert member.duties is not None
         await nursery.start(member.lease.run)

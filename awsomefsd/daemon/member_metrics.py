@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-from prometheus_client.metrics_core import Metric
+from prometheus_client.metrics_core import CounterMetricFamily, Metric
 
 from awsomefsd.metrics import counter, gauge
 
@@ -70,6 +70,16 @@ def collect_member_metrics(member: Member) -> Iterator[Metric]:
                       co.opens_held)
         yield counter("awsomefs_stale_reads", "catch-ups that found no leader and served local state",
                       co.stale_reads)
+    if member.core is not None:
+        sent = member.core.ops.forward_counts
+        forwarded = CounterMetricFamily("awsomefs_forwarded", "looks and creates in directories other members hold, "
+                                        "sent to those members (design note 145): answered no such name (look), made "
+                                        "there (create), unanswered (failed: the usual way followed), made here for "
+                                        "others (served)", labels=["kind"])
+        for kind, value in (("look", sent.looks), ("create", sent.creates), ("failed", sent.failed),
+                            ("served", sent.served)):
+            forwarded.add_metric([kind], value)
+        yield forwarded
     yield counter("awsomefs_kernel_invalidations", "kernel cache invalidations", member.invalidator.invalidations)
     if member.duties is not None:
         yield counter("awsomefs_nodes_expired", "nodes this node expired as leader", member.duties.expired)

@@ -96,6 +96,45 @@ class Coherence(Protocol):
         LOOKUP_TURN_S)."""
         ...
 
+    def holder_elsewhere(self, directory: int) -> int:
+        """The other member whose delegation of `directory` this node reads as committed, to which
+        a create or a look that found nothing may go instead of the delegation coming here
+        (design note 145); 0: none (nobody holds it, this node does or is handing it over, or
+        strict mode, which runs nothing for others and asks nobody to)."""
+        ...
+
+    async def holder_to_ask(self, directory: int) -> int:
+        """`holder_elsewhere`, once a hand-over of the directory by this node (if one is under
+        way) has committed: the holder it went to."""
+        ...
+
+    def ask_for_turn(self, directory: int) -> None:
+        """Ask for the directory's delegation without waiting for it: the creates sent to its
+        holder meanwhile answer in milliseconds, and the turn comes as for any request."""
+        ...
+
+    def serves_for_another(self, directory: int) -> bool:
+        """May this node change `directory` or answer a look in it for another member now: it
+        holds the delegation and no hand-over of it has begun (a change entered with `changing`
+        right after, with no await between, runs ahead under it)?"""
+        ...
+
+    def held_for_a_look(self, directory: int) -> bool:
+        """Does this node hold the directory's delegation only because a look took it (nothing
+        changed under it since)? Such a delegation makes nothing for others: it goes to a node
+        that asks at once, and the node that changes the directory should have it."""
+        ...
+
+    def changed_for_another(self, directory: int, name: bytes) -> None:
+        """This node made `name` in the directory for another member: a listing its kernel keeps
+        is no longer current, nor an answer "no such name" it gave for that name for long."""
+        ...
+
+    def granted_epoch(self) -> int:
+        """This node's liveness-lease epoch, which a create run for it by another member names
+        for the new file's write lease (`MknodFor.lease_epoch`)."""
+        ...
+
     def release_orphan(self, ino: int) -> None:
         """Nothing on this node reaches the unlinked inode any more (queued, batched)."""
         ...
@@ -122,6 +161,12 @@ class Coherence(Protocol):
     def name_timeout_s(self, directory: int) -> float | None:
         """How long the kernel may cache a name answered now in `directory` (None: the mount's
         entry timeout): long where this node holds the directory's delegation."""
+        ...
+
+    def absent_timeout_s(self, directory: int, name: bytes) -> float | None:
+        """`name_timeout_s` for "no such name" answered now for `name`: this node then knows its
+        kernel may hold that answer for long (a create it runs there for another member must
+        make the kernel drop it: `changed_for_another`)."""
         ...
 
     @property

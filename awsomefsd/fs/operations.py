@@ -23,6 +23,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from awsomefsd.fs.file_ops import FileOperations
+from awsomefsd.fs.forwarded_ops import ForwardedOperations
 from awsomefsd.fs.ops_base import MAX_DELEGATION_TRIES, InGroup
 from awsomefsd.fs.tmpfile import link_tmpfile
 from awsomefsd.fs.xattr_ops import XattrOperations
@@ -36,8 +37,6 @@ from awsomefsd.meta.records import (
     MAX_SYMLINK_BYTES,
     ROOT_INO,
     Inode,
-    check_name,
-    check_new_inode,
 )
 
 FILES_ADVERTISED = 1 << 32
@@ -53,7 +52,7 @@ class FsStats:
     name_max: int
 
 
-class Operations(FileOperations, XattrOperations):
+class Operations(FileOperations, XattrOperations, ForwardedOperations):
     """The POSIX operations of one node (the constructor is OperationsBase's: fs/ops_base.py)."""
 
     # -- namespace ------------------------------------------------------------------------------
@@ -89,6 +88,8 @@ class Operations(FileOperations, XattrOperations):
         """A name not found here may have been created elsewhere a moment ago. The kernel's
         create (and mkdir, mknod, symlink, link, rename onto a new name) looks the name up first:
         a delegation taken for this look is kept for the change that follows."""
+        if await self._absent_at_holder(parent, name):  # its holder answers: the delegation stays
+            return None
         await self._look_at_directory(parent, change_next=True)
         return self.meta.lookup(parent, name)
 
@@ -136,18 +137,7 @@ class Operations(FileOperations, XattrOperations):
 
     async def mknod(self, parent: int, name: bytes, mode: int, rdev: int, uid: int, gid: int,
                     target: bytes = b"") -> Inode:
-        check_name(name)
-        check_new_inode(mode, uid, gid, rdev)
-        async with self._changing(parent) as ahead:
-            ino = await self.new_ino()
-            leased = ahead and (stat.S_ISREG(mode) or stat.S_ISDIR(mode))
-            lease_to = self.coherence.node_id if leased and self.coherence is not None else 0
-            cmd = c.Mknod(parent, name, ino, mode, uid, gid, self._now(), rdev, target,
-                          cookie=c.delegated_cookie(ino) if ahead else 0, lease_to=lease_to)
-            inode: Inode = await self._propose(cmd, ahead)
-            if lease_to and self.coherence is not None:
-                self.coherence.created_ahead(ino, parent, is_dir=stat.S_ISDIR(mode))
-        return inode
+        return await self.mknod_numbered(parent, name, mode, rdev, uid, gid, target)
 
     async def symlink(self, parent: int, name: bytes, target: bytes, uid: int, gid: int) -> Inode:
         if len(target) > MAX_SYMLINK_BYTES:
@@ -295,8 +285,11 @@ class Operations(FileOperations, XattrOperations):
         have created it since: without O_EXCL that is no error (POSIX opens the existing file).
         ESTALE makes the kernel walk the path again with LOOKUP_REVAL, find the file and open it
         itself, with the permission checks and O_TRUNC an open of an existing file gets."""
+        mode = stat.S_IFREG | (mode & 0o7777)
         try:
-            inode = await self.mknod(parent, name, stat.S_IFREG | (mode & 0o7777), 0, uid, gid)
+            inode = await self._create_at_holder(parent, name, mode, uid, gid)
+            if inode is None:
+                inode = await self.mknod(parent, name, mode, 0, uid, gid)
         except FsError as exc:
             if exc.errno == errno.EEXIST and not flags & os.O_EXCL:
                 raise FsError(errno.ESTALE, "created elsewhere since the lookup: look it up again") from None

@@ -19,6 +19,7 @@ from typing import Any
 from awsomefsd.fs.clock import file_time_ns
 from awsomefsd.fs.coherence import Coherence
 from awsomefsd.fs.data import FileData
+from awsomefsd.fs.forwarding import Forward, ForwardCounts
 from awsomefsd.fs.handles import Handle, Handles
 from awsomefsd.fs.inode_numbers import RESERVATION, InodeNumbers
 from awsomefsd.fs.tiered import EvictFile
@@ -62,6 +63,10 @@ class OperationsBase:
         self.coherence = coherence
         self.numbers = InodeNumbers(self._reserve_inodes, self.handles.crash.made)
         self.evict = evict
+        self.forward: Forward | None = None
+        """How a cluster member sends a look or a create to a directory's holder (fs/forwarding.py;
+        set by the daemon's wiring); None: never sent."""
+        self.forward_counts = ForwardCounts()
         self._tier_failed: dict[int, str] = {}
         """Why the last `tier evict|recall` of a file failed: its errno reaches the command, the
         reason comes back in the attribute the command reads next (`error`)."""

@@ -192,6 +192,7 @@ def _carried(cmd: c.Batch | c.Fenced, result: Any) -> list[Target]:
 
 RULES: dict[type, Rule] = {
     c.Mknod: _mknod,
+    c.MknodFor: _mknod,
     c.Link: _link,
     c.LinkTmpfile: _link,
     c.MakeTmpfile: _nothing,  # no entry, no change to the directory

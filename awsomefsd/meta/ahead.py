@@ -29,7 +29,7 @@ from __future__ import annotations
 import errno
 import logging
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -126,6 +126,10 @@ class _Entry:
     outcome: Any = None  # the result, or the FsError the log refused it with
 
 
+async def _nothing_to_wait_for() -> None:
+    """`run_ahead_told`'s `decided` for a command that was proposed and waited for already."""
+
+
 class AheadLog:
     """The node's pipeline in front of the replicated log; see the module docstring."""
 
@@ -193,6 +197,39 @@ class AheadLog:
         self._wake.set()
         return result
 
+    async def run_ahead_told(self, command: c.Command[R], *,
+                             epoch: int | None = None) -> tuple[R, Callable[[], Awaitable[None]]]:
+        """`run_ahead` for a caller that must also learn the log's decision: a create this node
+        runs for another member (design note 145), which answers that member only once the log
+        committed it. Returns the result and `decided()`, which returns once the log committed the
+        command (sent at once: the caller waits) or raises the FsError it was refused with: the
+        caller is told, so the refusal is not also counted against this node's next durability
+        point. The caller holds the delegations, as for `run_ahead`."""
+        assert can_run_ahead(command), command
+        while not self.has_room():
+            await self._progress.wait()
+        scratch: dict[tuple[Any, bytes], bytes | None] = {}
+        try:
+            result = self._predictor.apply(OverlayTxn(self._log.read_txn(), self._overlay, scratch), command)  # type: ignore[arg-type]
+        except Unpredictable:
+            self.unpredictable += 1
+            committed = await self.propose(command, epoch=epoch)
+            return committed, _nothing_to_wait_for
+        self._seq += 1
+        self._overlay.record(self._seq, scratch)
+        entry = _Entry(self._seq, command, epoch, ahead=True, done=trio.Event())
+        self._queue.append(entry)
+        self.ran_ahead += 1
+        self._wake.set()
+
+        async def decided() -> None:
+            assert entry.done is not None
+            await entry.done.wait()
+            if isinstance(entry.outcome, FsError):
+                raise entry.outcome
+
+        return result, decided
+
     async def propose(self, command: c.Command[R], *, epoch: int | None = None, hurry: bool = True) -> R:
         """Propose and wait for the result, after everything acknowledged before (directly when
         nothing is queued). `hurry=False`: a background command whose result nobody waits for
@@ -237,7 +274,7 @@ class AheadLog:
         entry.outcome = outcome
         self._overlay.resolve(entry.seq)
         self._decided = max(self._decided, entry.seq)
-        if entry.ahead and isinstance(outcome, FsError):
+        if entry.ahead and isinstance(outcome, FsError) and entry.done is None:  # else its caller is told
             self.losses += 1
             what = f"{type(entry.command).__name__} refused: {outcome}"
             self.last_loss = what

@@ -22,7 +22,7 @@ memory.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -107,6 +107,24 @@ class MetaClient:
         when the call had to wait for room in the pipeline; if not, the command is proposed)."""
         epoch = self._log.lease_epoch() if epoch is None else epoch
         return await self.ahead.run_ahead(command, epoch=epoch, still=still)
+
+    async def run_ahead_committed(self, command: Command[R]) -> tuple[R, Callable[[], Awaitable[int]]]:
+        """`run_ahead`, for a change this node makes for another member (design note 145): the
+        result now, and `committed()`, which returns once the log committed the change and this
+        node applied it, with the log index the other member waits to apply (or raises the
+        FsError the log refused it with)."""
+        result, decided = await self.ahead.run_ahead_told(command, epoch=self._log.lease_epoch())
+
+        async def committed() -> int:
+            await decided()
+            return self._log.applied_index
+
+        return result, committed
+
+    async def applied_up_to(self, index: int) -> None:
+        """Return once this node applied the log up to `index` (a change another member made for it)."""
+        if self._log.applied_index < index:
+            await self.applied_past(index - 1)
 
     def runs_ahead_at_once(self) -> bool:
         """Would `run_ahead` of a command it can predict return without waiting (room in the pipeline)?"""

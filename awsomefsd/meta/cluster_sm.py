@@ -250,6 +250,11 @@ class ClusterTables:
             if not mine.issuperset(groups):
                 raise FsError(errno.EIO, f"extent {start}+{count} is outside node {node}'s groups")
 
+    def epoch_is_current(self, txn: lmdb.Transaction[bytes], node: int, epoch: int) -> bool:
+        """Is `node` an active member whose liveness lease is `epoch` and not expired?"""
+        record = self.member(txn, node)
+        return record is not None and record["state"] == "active" and record["epoch"] == epoch and not record["expired"]
+
     def _check_epoch(self, txn: lmdb.Transaction[bytes], node: int, epoch: int) -> None:
         record = self.member(txn, node)
         if record is None or record["state"] != "active":

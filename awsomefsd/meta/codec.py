@@ -40,7 +40,7 @@ COMMAND_TAGS: dict[type, int] = {
     c.ForgetTierObjects: 40, c.LinkSite: 41, c.UnlinkSite: 42, c.ApplyRemote: 43, c.ForgetSite: 44,
     c.ResolveConflict: 45, c.ApplyRemoteSharing: 46, c.UpdateSiteLink: 47, c.MakeTmpfile: 48,
     c.LinkTmpfile: 49, c.FoldCapture: 50, c.UnlinkClosed: 51, c.PauseCapture: 52, c.ResumeCapture: 53,
-    c.SeedSite: 54, c.UnlinkAlone: 55,
+    c.SeedSite: 54, c.UnlinkAlone: 55, c.MknodFor: 56,
 }
 
 TAG_COMMANDS = {tag: cls for cls, tag in COMMAND_TAGS.items()}

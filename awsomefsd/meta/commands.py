@@ -65,6 +65,20 @@ class Mknod(Command[Inode]):
 
 
 @dataclass(frozen=True, slots=True)
+class MknodFor(Mknod):
+    """A create the directory's holder runs for another member that asked it to (design note 145:
+    a create in a directory another node holds goes to that node, instead of the delegation
+    coming to the creator). `ino` is from the requester's reserved numbers, so a requester that
+    lost the answer knows the file as its own; `lease_to` is the requester, whose write lease on
+    the new file needs its liveness lease still current (`lease_epoch`): it may have expired while
+    the command was on its way, and a lease granted to an expired member would stay held by no
+    one able to hand it over. Then the file is made without a lease holder. A Mknod to every
+    observer that knows Mknod only."""
+
+    lease_epoch: int = 0
+
+
+@dataclass(frozen=True, slots=True)
 class Link(Command[Inode]):
     ino: int
     new_parent: int
@@ -534,7 +548,7 @@ COMMAND_LEVELS: dict[type, int] = {
     PlanTierObject: 6, CommitTierObject: 6, AbandonTierObjects: 6, ForgetTierObjects: 6,
     LinkSite: 10, UnlinkSite: 7, ApplyRemote: 7, ForgetSite: 7, ResolveConflict: 8, ApplyRemoteSharing: 9,
     UpdateSiteLink: 10, MakeTmpfile: 13, LinkTmpfile: 13, FoldCapture: 15, UnlinkClosed: 17,
-    PauseCapture: 18, ResumeCapture: 18, SeedSite: 20, UnlinkAlone: 23,
+    PauseCapture: 18, ResumeCapture: 18, SeedSite: 20, UnlinkAlone: 23, MknodFor: 24,
 }
 
 

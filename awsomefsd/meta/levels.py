@@ -9,8 +9,9 @@ every module that checks one (`SiteTables.at_level`, `ClusterStateMachine`) read
 from __future__ import annotations
 
 BASE_LOG_LEVEL = 3  # a cluster that never recorded one: builds before the gate (tags 1-32, format 3)
-LOG_LEVEL = 23
-"""The newest commands this build decodes. 23: UnlinkAlone (a member's unlink of a file only it can
+LOG_LEVEL = 24
+"""The newest commands this build decodes. 24: MknodFor (a create a directory's holder runs for the
+member that asked it to, whose write lease on the file needs a current liveness lease). 23: UnlinkAlone (a member's unlink of a file only it can
 reach deletes it at once, without an orphan mark every member releases). 22: a leader answers
 reads from its lease, which rests on every member's promise not to vote for another while it hears from the leader (LEASE_READS_LEVEL). 21: five rules of the initial sync's walk mended for names
 it had not reached yet (UNSEEDED_NAMES_LEVEL). 20: SeedSite (an initial sync in slices: SEED_LEVEL), and a

@@ -78,6 +78,7 @@ class StateMachine:
         self._handlers: dict[type, Handler] = {}  # filled by `_on`
         on = self._on
         on(c.Mknod, self._mknod)
+        on(c.MknodFor, self._mknod)
         on(c.Link, self._link)
         on(c.Unlink, self._unlink)
         on(c.UnlinkClosed, self._unlink)
@@ -264,7 +265,8 @@ class StateMachine:
         ns.put_inode(txn, inode)
         if stat.S_ISLNK(mode):
             txn.put(u64(cmd.ino), cmd.target, db=self.db["symlinks"])
-        if cmd.lease_to and (stat.S_ISREG(mode) or is_dir):
+        if cmd.lease_to and (stat.S_ISREG(mode) or is_dir) and (
+                not isinstance(cmd, c.MknodFor) or self.cluster.epoch_is_current(txn, cmd.lease_to, cmd.lease_epoch)):
             self.cluster.grant_new_lease(txn, cmd.ino, cmd.lease_to)
         ns.add_entry(txn, cmd.parent, cmd.name, cmd.ino, self.new_cookie(txn, cmd.cookie))
         if is_dir:

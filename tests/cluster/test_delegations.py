@@ -28,6 +28,15 @@ def metric(node: Node, name: str) -> float:
     raise AssertionError(f"node {node.index} exports no {name}")
 
 
+def forwarded(node: Node, kind: str) -> float:
+    """`awsomefs_forwarded_total` of `kind` (creates and looks sent to a directory's holder)."""
+    prefix = f'awsomefs_forwarded_total{{kind="{kind}"}} '
+    for line in node.scrape().splitlines():
+        if line.startswith(prefix):
+            return float(line.split()[1])
+    raise AssertionError(f"node {node.index} exports no forwarded {kind}")
+
+
 def create(path: Path, content: bytes = b"") -> None:
     fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
     try:

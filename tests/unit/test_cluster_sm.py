@@ -167,6 +167,37 @@ def test_a_file_only_its_creator_can_reach_goes_with_its_last_name(h: Harness) -
     assert h.inode(linked).nlink == 1 and orphan_mark(h, linked) is None, "a name is left: only unlinked"
 
 
+def test_a_create_run_for_another_member_leases_the_file_to_it_only_while_its_epoch_holds(h: Harness) -> None:
+    """MknodFor: the directory's holder (node 2) creates for node 3, in node 3's inode number; the
+    file's write lease goes to node 3 when node 3's liveness lease is the epoch the command names,
+    and to nobody when it expired meanwhile (a lease granted to an expired member would stay with
+    no one able to hand it over). The holder's delegation is what lets it change the directory."""
+    h.apply(cc.AddMember("n2", "b:1", "b:2", 6))
+    h.apply(cc.AddMember("n3", "c:1", "c:2", 7))
+    directory = h.ino
+    h.apply(fenced(2, 1, c.Mknod(ROOT_INO, b"d", directory, stat.S_IFDIR | 0o755, 0, 0, 9, lease_to=2)))
+    current, stale = h.ino + 1, h.ino + 2
+    made = h.apply(fenced(2, 1, c.MknodFor(directory, b"current", current, stat.S_IFREG | 0o644, 5, 6, 10,
+                                           cookie=c.delegated_cookie(current), lease_to=3, lease_epoch=1)))
+    assert made.ino == current and made.uid == 5
+    h.apply(cc.ExpireNode(3, 11))  # node 3's epoch becomes 2
+    h.apply(fenced(2, 1, c.MknodFor(directory, b"stale", stale, stat.S_IFREG | 0o644, 5, 6, 12,
+                                    cookie=c.delegated_cookie(stale), lease_to=3, lease_epoch=1)))
+    with h.store.env.begin() as txn:
+        assert h.sm.cluster.lease_holder(txn, current) == 0, "node 3's expiry freed the lease it had"
+        assert h.sm.cluster.lease_holder(txn, stale) == 0, "not granted to an expired epoch"
+        assert h.sm.ns.lookup(txn, directory, b"stale") == stale, "the file is made all the same"
+    again = h.ino + 3
+    assert h.apply(cc.RenewLease(3, 2)) is True
+    h.apply(fenced(2, 1, c.MknodFor(directory, b"again", again, stat.S_IFREG | 0o644, 5, 6, 14,
+                                    cookie=c.delegated_cookie(again), lease_to=3, lease_epoch=2)))
+    with h.store.env.begin() as txn:
+        assert h.sm.cluster.lease_holder(txn, again) == 3
+    with pytest.raises(Delegated):  # only the holder changes its directory
+        h.apply(fenced(3, 2, c.MknodFor(directory, b"x", h.ino + 4, stat.S_IFREG | 0o644, 5, 6, 15,
+                                        lease_to=3, lease_epoch=2)))
+
+
 def test_an_orphan_mark_keeps_the_format_every_replica_stores() -> None:
     """Its holders as a JSON list (b"" for none): replicas of older builds decode it (the memoized
     codec must write the same bytes)."""

@@ -49,6 +49,7 @@ EXAMPLES = [
     c.MakeTmpfile(1, 17, 0o100600, 1000, 1000, 39, True, 3), c.LinkTmpfile(17, 1, b"named", 40),
     c.FoldCapture(4096), c.PauseCapture(41), c.ResumeCapture(42), c.SeedSite(256, 43),
     c.UnlinkAlone(1, b"z", False, 44, 1000, 18),
+    c.MknodFor(1, b"for", 19, 0o100644, 1000, 1000, 45, 0, b"", 1 << 62 | 19, 3, 7),
 ]
 
 
@@ -130,4 +131,4 @@ def test_the_bytes_of_every_example_are_pinned() -> None:
     import hashlib
 
     digest = hashlib.sha256(b"".join(encode(command) for command in EXAMPLES)).hexdigest()
-    assert digest == "9c4ff344c2da5c2c62193f882df6c9db0574b931e38c764af3601019b2a6fe7f"
+    assert digest == "9f92f2ecac302ef3f1d7b76ae15a89720ac5a699c8524ef20bccc548e05ce91c"

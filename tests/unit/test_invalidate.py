@@ -32,6 +32,7 @@ entry, attr, full = Target.entry, Target.attr_only, Target.inode
 # (command, result the state machine returned, targets) — at least one row per command type
 CASES: list[tuple[object, object, list[Target]]] = [
     (c.Mknod(D, b"f", F, stat.S_IFREG | 0o644, 0, 0, 1), None, [entry(D, b"f"), attr(D)]),
+    (c.MknodFor(D, b"f", F, stat.S_IFREG | 0o644, 0, 0, 1, lease_to=2, lease_epoch=1), None, [entry(D, b"f"), attr(D)]),
     (c.Link(F, E, b"g", 1), None, [entry(E, b"g"), attr(E), attr(F)]),
     (c.MakeTmpfile(D, F, stat.S_IFREG | 0o600, 0, 0, 1, True), None, []),
     (c.LinkTmpfile(F, E, b"g", 1), None, [entry(E, b"g"), attr(E), attr(F)]),

@@ -59,6 +59,7 @@ class KernelHandlers:
         """'No such name', cached for the negative timeout (nodeid 0): every create begins with one."""
         coherence = ops.coherence
         self.name_timeout = None if coherence is None else coherence.name_timeout_s
+        self.absent_timeout = None if coherence is None else coherence.absent_timeout_s
         """A cluster member's word on how long the kernel may cache a name in a given directory
         (None from it: `entry_timeout_s`, and negative answers as `negative_timeout_s` says)."""
         self.cache_dirs = cache_dirs
@@ -222,8 +223,9 @@ class KernelHandlers:
         except FsError as exc:
             if exc.errno != errno.ENOENT:
                 raise
-            valid = self.names_valid(h.nodeid)
-            if valid is not None:
+            seconds = None if self.absent_timeout is None else self.absent_timeout(h.nodeid, name)
+            if seconds is not None:
+                valid = abi.split_seconds(seconds)
                 return abi.ENTRY_OUT.pack(0, 0, valid[0], 0, valid[1], 0) + bytes(abi.ATTR.size)
             if not self.negative_valid[0] and not self.negative_valid[1]:
                 raise

@@ -111,7 +111,7 @@ class SiteCapture(SiteView):
             if not deferring.capturing:
                 return
             if deferring.later:
-                if type(cmd) is c.Mknod:  # the commonest, and one row whatever it made
+                if type(cmd) is c.Mknod or type(cmd) is c.MknodFor:  # the commonest, and one row whatever it made
                     target = cmd.target  # a symlink's (any other type's is its size only)
                     if target and not stat.S_ISLNK(result.mode):
                         target = b""

@@ -1,0 +1,198 @@
+"""Creates and looks in a directory another member holds, sent to that member, and those another
+member sends here (fs/forwarding.py says why and how; design note 145)."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import stat
+from collections.abc import Callable
+
+import trio
+
+from awsomefsd.fs import forwarding as fw
+from awsomefsd.fs.ops_base import OperationsBase
+from awsomefsd.meta import commands as c
+from awsomefsd.meta.errors import FsError
+from awsomefsd.meta.records import Inode, check_name, check_new_inode
+
+log = logging.getLogger(__name__)
+
+SEND_TRIES = 5
+"""Holders a look or a create is sent to before it goes the usual way (each one that answered
+NOT_HOLDER was handing the directory over)."""
+HANDOVER_WAIT_S = 0.5
+"""How long a look or a create waits for a hand-over of the directory to show before it goes the
+usual way (a hand-over is a drain of the holder's pipeline and a round of the log: 30-80 ms)."""
+APPLY_WAIT_S = 10.0
+"""How long a create the holder made waits for this node to apply it: as long as a change
+proposed here would wait for the log (a node cut off from the leader learns nothing)."""
+
+
+class ForwardedOperations(OperationsBase):
+    """The requester's side (`_absent_at_holder`, `_create_at_holder`) and the holder's
+    (`serve_forwarded`)."""
+
+    # -- sent to the holder -----------------------------------------------------------------------
+    async def _send(self, directory: int, kind: str,
+                    request: Callable[[int], bytes]) -> tuple[int, fw.Status, int, int] | None:
+        """Send a look or a create (`request(seen)`) to the directory's holder: (the holder, its
+        status, errno, value), or None to go the usual way (nobody else holds it, this node cannot
+        send, or no holder answered). A node that no longer holds the directory answers
+        NOT_HOLDER with the holder it reads (it handed the directory over) and the log index it
+        applied: the request goes there next, and that holder catches up to the index first. One
+        that holds it for a look only answers TAKE: the usual way takes it from there at once.
+        One that names itself (or nobody) has not applied its own hand-over yet: the next holder
+        is then the one this node reads once it moved."""
+        if self.forward is None or self.coherence is None or not self.meta.may_propose(c.MknodFor):
+            return None
+        holder = await self.coherence.holder_to_ask(directory)
+        seen = self.meta.applied_index
+        for _ in range(SEND_TRIES):
+            if not holder or holder == self.coherence.node_id:
+                return None
+            try:
+                status, error, value, applied = fw.decode_answer(await self.forward(holder, kind, request(seen)))
+            except ConnectionError as exc:
+                self.forward_counts.failed += 1
+                log.debug("a %s in directory %d at node %d: %s", kind, directory, holder, exc)
+                return None
+            if status is fw.Status.TAKE:
+                return None
+            if status is not fw.Status.NOT_HOLDER:
+                return holder, status, error, value
+            seen = max(seen, applied)
+            if value in (holder, 0):  # it has not applied its own hand-over yet: this node's view will say
+                await self._holder_moves(directory, holder)
+                value = await self.coherence.holder_to_ask(directory)
+            holder = value
+        return None
+
+    async def _holder_moves(self, directory: int, holder: int) -> None:
+        """Until this node reads another holder of the directory than `holder` (at most
+        HANDOVER_WAIT_S: a hand-over is a drain and a round of the log)."""
+        with trio.move_on_after(HANDOVER_WAIT_S):
+            while self.meta.lease_holder(directory) == holder:
+                await self.meta.applied_past(self.meta.applied_index)
+
+    async def _absent_at_holder(self, directory: int, name: bytes) -> bool:
+        """True when the directory's holder says the name is not there (answer ENOENT); False:
+        look the usual way (the holder found it, or none answered)."""
+        sent = await self._send(directory, fw.LOOK, lambda seen: fw.look_request(directory, name, seen))
+        if sent is None or sent[1] is not fw.Status.ABSENT:
+            return False
+        self.forward_counts.looks += 1
+        return True
+
+    async def _create_at_holder(self, parent: int, name: bytes, mode: int, uid: int, gid: int) -> Inode | None:
+        """A regular file made by the directory's holder for this node; None: not sent (the
+        caller creates it the usual way)."""
+        coherence = self.coherence
+        if self.forward is None or coherence is None or not await coherence.holder_to_ask(parent):
+            return None
+        check_name(name)
+        check_new_inode(mode, uid, gid, 0)
+        ino = await self.new_ino()
+        node, epoch = coherence.node_id, coherence.granted_epoch()
+        coherence.ask_for_turn(parent)
+        sent = await self._send(parent, fw.CREATE,
+                                lambda seen: fw.create_request(parent, name, ino, mode, uid, gid, node, epoch, seen))
+        if sent is not None and sent[1] is fw.Status.FAILED:
+            fw.raise_failed(sent[2])
+        if sent is None or sent[1] is not fw.Status.DONE:
+            return await self.mknod_numbered(parent, name, mode, 0, uid, gid, b"", ino)
+        holder, _, _, index = sent
+        with trio.move_on_after(APPLY_WAIT_S):
+            await self.meta.applied_up_to(index)
+        if self.meta.applied_index < index:
+            raise FsError(errno.EIO, f"node {holder} made the file, and this node did not apply it in "
+                          f"{APPLY_WAIT_S:.0f} s")
+        self.forward_counts.creates += 1
+        inode = self.meta.inode(ino)
+        if inode is None:  # made and removed elsewhere since: the kernel looks the name up again
+            raise FsError(errno.ESTALE, "created and removed again meanwhile")
+        return self.data.with_buffered(inode)
+
+    async def mknod_numbered(self, parent: int, name: bytes, mode: int, rdev: int, uid: int, gid: int,
+                             target: bytes = b"", ino: int = 0) -> Inode:
+        """`mknod` (fs/operations.py), with inode number `ino` when a create sent to the
+        directory's holder came back unanswered or refused: taking the delegation commits what
+        the holder acknowledged, so a file the holder did make with that number is there now,
+        and is this create's own."""
+        check_name(name)
+        check_new_inode(mode, uid, gid, rdev)
+        async with self._changing(parent) as ahead:
+            if ino and self.meta.inode(ino) is not None:
+                if self.meta.lookup(parent, name) == ino:
+                    return self.inode(ino)
+                raise FsError(errno.ESTALE, "made by the directory's holder and moved meanwhile")
+            ino = ino or await self.new_ino()
+            leased = ahead and (stat.S_ISREG(mode) or stat.S_ISDIR(mode))
+            lease_to = self.coherence.node_id if leased and self.coherence is not None else 0
+            cmd = c.Mknod(parent, name, ino, mode, uid, gid, self._now(), rdev, target,
+                          cookie=c.delegated_cookie(ino) if ahead else 0, lease_to=lease_to)
+            inode: Inode = await self._propose(cmd, ahead)
+            if lease_to and self.coherence is not None:
+                self.coherence.created_ahead(ino, parent, is_dir=stat.S_ISDIR(mode))
+        return inode
+
+    # -- served here for another member ----------------------------------------------------------
+    async def serve_forwarded(self, kind: str, request: bytes) -> bytes:
+        """Another member's look or create in a directory this node holds (raises
+        fw.BadRequest for one that does not decode)."""
+        if kind == fw.LOOK:
+            directory, name, seen = fw.decode_look(request)
+            if not await self._serves_others(directory, seen):
+                return self._not_holder(directory)
+            found = self.meta.lookup(directory, name)
+            return fw.answer(fw.Status.ABSENT) if found is None else fw.answer(fw.Status.FOUND, value=found)
+        if kind == fw.CREATE:
+            return await self._serve_create(*fw.decode_create(request))
+        raise fw.BadRequest(f"unknown kind {kind!r}")
+
+    def _not_holder(self, directory: int) -> bytes:
+        if self.coherence is not None and self.coherence.held_for_a_look(directory):
+            return fw.answer(fw.Status.TAKE)
+        return fw.answer(fw.Status.NOT_HOLDER, value=self.meta.lease_holder(directory), applied=self.meta.applied_index)
+
+    async def _serves_others(self, directory: int, seen: int) -> bool:
+        """Does this node hold the directory for others now? When not, and the requester applied
+        more of the log than this node (where it read that this node holds it), not before
+        catching up that far: the grant may be on its way here. True only with no await after
+        the last look, so that a change entered right after runs ahead under the delegation."""
+        if self.coherence is None or not self.meta.may_propose(c.MknodFor):
+            return False
+        if not self.coherence.serves_for_another(directory) and self.meta.applied_index < seen:
+            with trio.move_on_after(HANDOVER_WAIT_S):
+                await self.meta.applied_up_to(seen)
+        return self.coherence.serves_for_another(directory)
+
+    async def _serve_create(self, directory: int, name: bytes, ino: int, mode: int, uid: int, gid: int,
+                            requester: int, epoch: int, seen: int) -> bytes:
+        if not stat.S_ISREG(mode):
+            raise fw.BadRequest("only regular files are created for another member")
+        try:
+            check_name(name)
+            check_new_inode(mode, uid, gid, 0)
+        except FsError as exc:
+            return fw.answer(fw.Status.FAILED, error=exc.errno)
+        if not await self._serves_others(directory, seen):
+            return self._not_holder(directory)
+        assert self.coherence is not None
+        async with self._changing(directory) as ahead:  # held and not moving: entered at once
+            if not ahead:
+                return self._not_holder(directory)
+            cmd = c.MknodFor(directory, name, ino, mode, uid, gid, self._now(), cookie=c.delegated_cookie(ino),
+                             lease_to=requester, lease_epoch=epoch)
+            try:
+                _, committed = await self.meta.run_ahead_committed(cmd)
+            except FsError as exc:  # the create's own error, from this node's view (EEXIST, EDQUOT)
+                return fw.answer(fw.Status.FAILED, error=exc.errno)
+        self.coherence.changed_for_another(directory, name)
+        try:
+            index = await committed()
+        except FsError as exc:  # the log refused it (this node's delegation went with its lease)
+            log.info("a create for node %d in directory %d was refused: %s", requester, directory, exc)
+            return self._not_holder(directory)
+        self.forward_counts.served += 1
+        return fw.answer(fw.Status.DONE, value=index)
