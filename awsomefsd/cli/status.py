@@ -251,6 +251,8 @@ def _cluster_rows(cluster: dict[str, Any]) -> list[tuple[str, str]]:
     ahead = cluster.get("ahead")
     if ahead:
         held = "" if ahead["delegations"] is None else f", {ahead['delegations']} directory delegations held"
+        if ahead.get("sent") or ahead.get("served"):  # design note 145
+            held += f"; creates made by other holders {ahead['sent']}, made here for others {ahead['served']}"
         rows.append(("ahead", f"{ahead['pending']} changes waiting for the log, {ahead['acknowledged']} acknowledged "
                               f"ahead since start, {ahead['lost']} lost{held}"))
     lease = cluster.get("lease")

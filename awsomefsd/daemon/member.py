@@ -299,6 +299,8 @@ class Member:
                 "pending": self.meta.ahead.pending, "acknowledged": self.meta.ahead.ran_ahead,
                 "lost": self.meta.ahead.losses,
                 "delegations": None if self.coherence is None else self.coherence.delegations_held(),
+                "sent": None if self.core is None else self.core.ops.forward_counts.creates,
+                "served": None if self.core is None else self.core.ops.forward_counts.served,
             },
         }
 

@@ -37,3 +37,16 @@ def test_without_a_known_mount_point_no_mount_is_called_ours(tmp_path: Path) -> 
     show other nodes' mounts as this one's."""
     settings = Settings(node=NodeSettings(state_dir=tmp_path))
     assert collect_status(settings, running=False)["mounts"] == []
+
+
+def test_the_ahead_row_counts_creates_made_by_other_holders_and_for_others() -> None:
+    """design note 145: a member's creates in directories other members held are made there, and
+    this one makes theirs: `status` says how many, and says nothing of them while there are none."""
+    from awsomefsd.cli.status import _cluster_rows
+
+    raft = {"term": 2, "leader": 1, "commit_index": 9, "applied_index": 9, "last_index": 9}
+    ahead = {"pending": 0, "acknowledged": 40, "lost": 0, "delegations": 1, "sent": 0, "served": 0}
+    rows = dict(_cluster_rows({"raft": raft, "nodes": [], "ahead": ahead}))
+    assert "holders" not in rows["ahead"]
+    rows = dict(_cluster_rows({"raft": raft, "nodes": [], "ahead": {**ahead, "sent": 12, "served": 3}}))
+    assert rows["ahead"].endswith("; creates made by other holders 12, made here for others 3")
