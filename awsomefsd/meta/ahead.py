@@ -184,43 +184,45 @@ class AheadLog:
                 await self._progress.wait()
             if still is not None and not still():
                 return await self.propose(command, epoch=epoch)
+        queued = self._queue_ahead(command, epoch, told=False)
+        if queued is None:
+            return await self.propose(command, epoch=epoch)
+        return queued[0]
+
+    def _queue_ahead(self, command: c.Command[R], epoch: int | None, *, told: bool) -> tuple[R, _Entry] | None:
+        """Apply `command` to this node's view and queue it for the log: its result and its entry
+        (`told`: with an event its caller waits on), or None when its prediction needs the log
+        (`Unpredictable`: nothing was recorded, the scratch goes). Raises the command's FsError."""
         scratch: dict[tuple[Any, bytes], bytes | None] = {}
         try:
             result = self._predictor.apply(OverlayTxn(self._log.read_txn(), self._overlay, scratch), command)  # type: ignore[arg-type]
-        except Unpredictable:  # nothing was recorded: the scratch goes
+        except Unpredictable:
             self.unpredictable += 1
-            return await self.propose(command, epoch=epoch)
+            return None
         self._seq += 1
         self._overlay.record(self._seq, scratch)
-        self._queue.append(_Entry(self._seq, command, epoch, ahead=True))
+        entry = _Entry(self._seq, command, epoch, ahead=True, done=trio.Event() if told else None)
+        self._queue.append(entry)
         self.ran_ahead += 1
         self._wake.set()
-        return result
+        return result, entry
 
     async def run_ahead_told(self, command: c.Command[R], *,
                              epoch: int | None = None) -> tuple[R, Callable[[], Awaitable[None]]]:
         """`run_ahead` for a caller that must also learn the log's decision: a create this node
         runs for another member (design note 145), which answers that member only once the log
         committed it. Returns the result and `decided()`, which returns once the log committed the
-        command (sent at once: the caller waits) or raises the FsError it was refused with: the
-        caller is told, so the refusal is not also counted against this node's next durability
-        point. The caller holds the delegations, as for `run_ahead`."""
+        command (it rides the batch being gathered: sending it at once cut the node's own batches
+        short) or raises the FsError it was refused with: the caller is told, so the refusal is
+        not also counted against this node's next durability point. The caller holds the
+        delegations, as for `run_ahead`."""
         assert can_run_ahead(command), command
         while not self.has_room():
             await self._progress.wait()
-        scratch: dict[tuple[Any, bytes], bytes | None] = {}
-        try:
-            result = self._predictor.apply(OverlayTxn(self._log.read_txn(), self._overlay, scratch), command)  # type: ignore[arg-type]
-        except Unpredictable:
-            self.unpredictable += 1
-            committed = await self.propose(command, epoch=epoch)
-            return committed, _nothing_to_wait_for
-        self._seq += 1
-        self._overlay.record(self._seq, scratch)
-        entry = _Entry(self._seq, command, epoch, ahead=True, done=trio.Event())
-        self._queue.append(entry)
-        self.ran_ahead += 1
-        self._wake.set()
+        queued = self._queue_ahead(command, epoch, told=True)
+        if queued is None:
+            return await self.propose(command, epoch=epoch), _nothing_to_wait_for
+        result, entry = queued
 
         async def decided() -> None:
             assert entry.done is not None
