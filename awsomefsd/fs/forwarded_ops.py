@@ -34,11 +34,11 @@ class ForwardedOperations(OperationsBase):
     (`serve_forwarded`)."""
 
     # -- sent to the holder -----------------------------------------------------------------------
-    async def _send(self, directory: int, kind: str,
+    async def _send(self, directory: int, holder: int, kind: str,
                     request: Callable[[int], bytes]) -> tuple[int, fw.Status, int, int] | None:
-        """Send a look or a create (`request(seen)`) to the directory's holder: (the holder, its
-        status, errno, value), or None to go the usual way (nobody else holds it, this node cannot
-        send, or no holder answered). A node that no longer holds the directory answers
+        """Send a look or a create (`request(seen)`) to the directory's holder (`holder`, from
+        `holder_to_ask`): (the holder that answered, its status, errno, value), or None to go the
+        usual way (this node cannot send, or no holder answered). A node that no longer holds the directory answers
         NOT_HOLDER with the holder it reads (it handed the directory over) and the log index it
         applied: the request goes there next, and that holder catches up to the index first. One
         that holds it for a look only answers TAKE: the usual way takes it from there at once.
@@ -46,7 +46,6 @@ class ForwardedOperations(OperationsBase):
         is then the one this node reads once it moved."""
         if self.forward is None or self.coherence is None or not self.meta.may_propose(c.MknodFor):
             return None
-        holder = await self.coherence.holder_to_ask(directory)
         seen = self.meta.applied_index
         for _ in range(SEND_TRIES):
             if not holder or holder == self.coherence.node_id:
@@ -78,29 +77,35 @@ class ForwardedOperations(OperationsBase):
     async def _absent_at_holder(self, directory: int, name: bytes) -> bool:
         """True when the directory's holder says the name is not there (answer ENOENT); False:
         look the usual way (the holder found it, or none answered)."""
-        sent = await self._send(directory, fw.LOOK, lambda seen: fw.look_request(directory, name, seen))
+        holder = 0 if self.coherence is None else await self.coherence.holder_to_ask(directory)
+        sent = await self._send(directory, holder, fw.LOOK, lambda seen: fw.look_request(directory, name, seen))
         if sent is None or sent[1] is not fw.Status.ABSENT:
             return False
         self.forward_counts.looks += 1
         return True
 
-    async def _create_at_holder(self, parent: int, name: bytes, mode: int, uid: int, gid: int) -> Inode | None:
-        """A regular file made by the directory's holder for this node; None: not sent (the
-        caller creates it the usual way)."""
+    async def _create_at_holder(self, parent: int, name: bytes, mode: int, uid: int,
+                                gid: int) -> tuple[Inode | None, int]:
+        """A regular file made by the directory's holder for this node: (the file, its inode
+        number); (None, the number) when it must be made the usual way with the number sent
+        (`Operations._make_node`'s `ino`: the holder may have made it after all); (None, 0) when
+        nothing was sent."""
         coherence = self.coherence
-        if self.forward is None or coherence is None or not await coherence.holder_to_ask(parent):
-            return None
+        holder = 0 if self.forward is None or coherence is None else await coherence.holder_to_ask(parent)
+        if not holder:
+            return None, 0
+        assert coherence is not None
         check_name(name)
         check_new_inode(mode, uid, gid, 0)
         ino = await self.new_ino()
         node, epoch = coherence.node_id, coherence.granted_epoch()
         coherence.ask_for_turn(parent)
-        sent = await self._send(parent, fw.CREATE,
+        sent = await self._send(parent, holder, fw.CREATE,
                                 lambda seen: fw.create_request(parent, name, ino, mode, uid, gid, node, epoch, seen))
         if sent is not None and sent[1] is fw.Status.FAILED:
             fw.raise_failed(sent[2])
         if sent is None or sent[1] is not fw.Status.DONE:
-            return await self.mknod_numbered(parent, name, mode, 0, uid, gid, b"", ino)
+            return None, ino
         holder, _, _, index = sent
         with trio.move_on_after(APPLY_WAIT_S):
             await self.meta.applied_up_to(index)
@@ -111,30 +116,7 @@ class ForwardedOperations(OperationsBase):
         inode = self.meta.inode(ino)
         if inode is None:  # made and removed elsewhere since: the kernel looks the name up again
             raise FsError(errno.ESTALE, "created and removed again meanwhile")
-        return self.data.with_buffered(inode)
-
-    async def mknod_numbered(self, parent: int, name: bytes, mode: int, rdev: int, uid: int, gid: int,
-                             target: bytes = b"", ino: int = 0) -> Inode:
-        """`mknod` (fs/operations.py), with inode number `ino` when a create sent to the
-        directory's holder came back unanswered or refused: taking the delegation commits what
-        the holder acknowledged, so a file the holder did make with that number is there now,
-        and is this create's own."""
-        check_name(name)
-        check_new_inode(mode, uid, gid, rdev)
-        async with self._changing(parent) as ahead:
-            if ino and self.meta.inode(ino) is not None:
-                if self.meta.lookup(parent, name) == ino:
-                    return self.inode(ino)
-                raise FsError(errno.ESTALE, "made by the directory's holder and moved meanwhile")
-            ino = ino or await self.new_ino()
-            leased = ahead and (stat.S_ISREG(mode) or stat.S_ISDIR(mode))
-            lease_to = self.coherence.node_id if leased and self.coherence is not None else 0
-            cmd = c.Mknod(parent, name, ino, mode, uid, gid, self._now(), rdev, target,
-                          cookie=c.delegated_cookie(ino) if ahead else 0, lease_to=lease_to)
-            inode: Inode = await self._propose(cmd, ahead)
-            if lease_to and self.coherence is not None:
-                self.coherence.created_ahead(ino, parent, is_dir=stat.S_ISDIR(mode))
-        return inode
+        return self.data.with_buffered(inode), ino
 
     # -- served here for another member ----------------------------------------------------------
     async def serve_forwarded(self, kind: str, request: bytes) -> bytes:

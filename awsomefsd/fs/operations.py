@@ -37,6 +37,8 @@ from awsomefsd.meta.records import (
     MAX_SYMLINK_BYTES,
     ROOT_INO,
     Inode,
+    check_name,
+    check_new_inode,
 )
 
 FILES_ADVERTISED = 1 << 32
@@ -137,7 +139,30 @@ class Operations(FileOperations, XattrOperations, ForwardedOperations):
 
     async def mknod(self, parent: int, name: bytes, mode: int, rdev: int, uid: int, gid: int,
                     target: bytes = b"") -> Inode:
-        return await self.mknod_numbered(parent, name, mode, rdev, uid, gid, target)
+        return await self._make_node(parent, name, mode, rdev, uid, gid, target)
+
+    async def _make_node(self, parent: int, name: bytes, mode: int, rdev: int, uid: int, gid: int,
+                         target: bytes = b"", *, ino: int = 0) -> Inode:
+        """`mknod`; `ino`: the number a create sent to the directory's holder came back unanswered or
+        refused with (fs/forwarded_ops.py): taking the delegation commits what the holder
+        acknowledged, so a file the holder did make with that number is there now, and is this
+        create's own."""
+        check_name(name)
+        check_new_inode(mode, uid, gid, rdev)
+        async with self._changing(parent) as ahead:
+            if ino and self.meta.inode(ino) is not None:
+                if self.meta.lookup(parent, name) == ino:
+                    return self.inode(ino)
+                raise FsError(errno.ESTALE, "made by the directory's holder and moved meanwhile")
+            ino = ino or await self.new_ino()
+            leased = ahead and (stat.S_ISREG(mode) or stat.S_ISDIR(mode))
+            lease_to = self.coherence.node_id if leased and self.coherence is not None else 0
+            cmd = c.Mknod(parent, name, ino, mode, uid, gid, self._now(), rdev, target,
+                          cookie=c.delegated_cookie(ino) if ahead else 0, lease_to=lease_to)
+            inode: Inode = await self._propose(cmd, ahead)
+            if lease_to and self.coherence is not None:
+                self.coherence.created_ahead(ino, parent, is_dir=stat.S_ISDIR(mode))
+        return inode
 
     async def symlink(self, parent: int, name: bytes, target: bytes, uid: int, gid: int) -> Inode:
         if len(target) > MAX_SYMLINK_BYTES:
@@ -287,9 +312,9 @@ class Operations(FileOperations, XattrOperations, ForwardedOperations):
         itself, with the permission checks and O_TRUNC an open of an existing file gets."""
         mode = stat.S_IFREG | (mode & 0o7777)
         try:
-            inode = await self._create_at_holder(parent, name, mode, uid, gid)
+            inode, ino = await self._create_at_holder(parent, name, mode, uid, gid)
             if inode is None:
-                inode = await self.mknod(parent, name, mode, 0, uid, gid)
+                inode = await self._make_node(parent, name, mode, 0, uid, gid, ino=ino)
         except FsError as exc:
             if exc.errno == errno.EEXIST and not flags & os.O_EXCL:
                 raise FsError(errno.ESTALE, "created elsewhere since the lookup: look it up again") from None

@@ -253,14 +253,19 @@ class ClusterTables:
     def epoch_is_current(self, txn: lmdb.Transaction[bytes], node: int, epoch: int) -> bool:
         """Is `node` an active member whose liveness lease is `epoch` and not expired?"""
         record = self.member(txn, node)
-        return record is not None and record["state"] == "active" and record["epoch"] == epoch and not record["expired"]
+        return record is not None and record["state"] == "active" and _lease_current(record, epoch)
 
     def _check_epoch(self, txn: lmdb.Transaction[bytes], node: int, epoch: int) -> None:
         record = self.member(txn, node)
         if record is None or record["state"] != "active":
             raise FsError(errno.EIO, f"node {node} is not a member")
-        if record["epoch"] != epoch or record["expired"]:
+        if not _lease_current(record, epoch):
             raise FsError(errno.EIO, f"node {node}'s lease epoch {epoch} has expired", cause="lease")
+
+
+def _lease_current(record: dict[str, Any], epoch: int) -> bool:
+    """A member record's liveness lease is `epoch` and not expired."""
+    return bool(record["epoch"] == epoch and not record["expired"])
 
 
 def _record(name: str, address: str, join_address: str, now_ns: int) -> dict[str, Any]:
