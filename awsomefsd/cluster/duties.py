@@ -28,6 +28,7 @@ from typing import Any
 
 import trio
 
+from awsomefsd.cluster.voters import CAUGHT_UP_ENTRIES, MembershipView, next_changes
 from awsomefsd.duty import DutyBook, run_duty
 from awsomefsd.fs.allocator import NodeAllocator
 from awsomefsd.io.fence import WriteFence
@@ -36,7 +37,7 @@ from awsomefsd.meta import commands as c
 from awsomefsd.meta.client import MetaClient
 from awsomefsd.meta.errors import FsError, certainly_not_applied
 from awsomefsd.meta.levels import LOG_LEVEL
-from awsomefsd.meta.raft import ConfChange, ConfChangeType
+from awsomefsd.meta.raft import ConfChangeType
 from awsomefsd.meta.replication.fs_log import ReplicatedFsLog
 
 log = logging.getLogger(__name__)
@@ -370,6 +371,8 @@ class LeaderDuties:
         self.leading_since: float | None = None
         self.expired = 0
         self.conf_changes = 0
+        self.caught_up_at: dict[int, float] = {}
+        """When each learner's log came within reach of this leader's (the promotion order)."""
         self.leader_seen = 0
         self.leader_changes = 0
 
@@ -442,31 +445,28 @@ class LeaderDuties:
             self.leader_seen = leader
 
     def _reconcile_membership(self) -> None:
+        """One change towards the member table per tick (awsomefsd/cluster/voters.py decides which)."""
         node = self.log.node
         status = node.raw.status()
         conf = status.conf_state
-        voters, learners = set(conf.voters), set(conf.learners)
-        members = self.meta.members()
+        learners = frozenset(conf.learners)
+        now = time.monotonic()
+        caught_up = {n for n in learners
+                     if (progress := status.progress.get(n)) is not None
+                     and progress.match + CAUGHT_UP_ENTRIES >= status.last_index}
+        self.caught_up_at = {n: self.caught_up_at.get(n, now) for n in caught_up}
         info = self.meta.cluster_info()
-        target = 3 if info is None else info.voters_target
-        active = {n for n, m in members.items() if m.active}
-        for n in sorted((voters | learners) - active):
-            if n in members:  # removed: take it out (one change at a time; the core refuses more)
-                node.change_membership(ConfChange(ConfChangeType.REMOVE_NODE, n))
-                self.conf_changes += 1
-                return
-        for n in sorted(active - voters - learners):
-            node.change_membership(ConfChange(ConfChangeType.ADD_LEARNER, n, members[n].address.encode()))
+        view = MembershipView(me=self.node_id, voters=frozenset(conf.voters), learners=learners,
+                              members=self.meta.members(), target=3 if info is None else info.voters_target,
+                              caught_up_s={n: now - since for n, since in self.caught_up_at.items()})
+        changes = next_changes(view)
+        for change in changes:
+            if change.type == ConfChangeType.REMOVE_NODE and change.node_id in view.voters:
+                log.info("node %d leaves the voters (%s)", change.node_id,
+                         "removed" if not view.members[change.node_id].active else "joined again at its address")
+        if changes:
+            node.change_membership(*changes)
             self.conf_changes += 1
-            return
-        if len(voters) < target:
-            last = status.last_index
-            for n in sorted(learners & active):
-                progress = status.progress.get(n)
-                if progress is not None and progress.match + 64 >= last and not members[n].expired:
-                    node.change_membership(ConfChange(ConfChangeType.ADD_NODE, n))
-                    self.conf_changes += 1
-                    return
 
     async def _remove_replaced(self) -> None:
         """A node that lost its state directory joins again (one-token formation,

@@ -457,23 +457,26 @@ class Simulation:
         raft = leader.raw.raft
         voters, learners = sorted(raft.voters), sorted(raft.learners)
         choice = self.rng.random()
-        cc: ConfChange | None = None
+        changes: list[ConfChange] = []
         if choice < 0.35 and len(voters) + len(learners) < MAX_MEMBERS and self.next_id <= MAX_NODE_IDS:
-            cc = ConfChange(ConfChangeType.ADD_LEARNER, self.next_id)
+            changes = [ConfChange(ConfChangeType.ADD_LEARNER, self.next_id)]
+        elif choice < 0.65 and len(learners) >= 2 and (len(voters) == 1 or self.rng.random() < 0.1):
+            # several voters at once: the core takes them from a lone leader only (design note 146)
+            changes = [ConfChange(ConfChangeType.ADD_NODE, n) for n in self.rng.sample(learners, 2)]
         elif choice < 0.65 and learners:
-            cc = ConfChange(ConfChangeType.ADD_NODE, self.rng.choice(learners))
+            changes = [ConfChange(ConfChangeType.ADD_NODE, self.rng.choice(learners))]
         elif len(voters) > 1 or learners:
             target = self.rng.choice(voters + learners)
             if target in voters and len(voters) == 1:
                 return
-            cc = ConfChange(ConfChangeType.REMOVE_NODE, target)
-        if cc is None:
+            changes = [ConfChange(ConfChangeType.REMOVE_NODE, target)]
+        if not changes:
             return
         try:
-            leader.raw.propose_conf_change(cc)
+            leader.raw.propose_conf_change(*changes)
         except ProposalDropped:
             return
-        if cc.type == ConfChangeType.ADD_LEARNER:
+        if changes[0].type == ConfChangeType.ADD_LEARNER:
             self._start_new_node(bootstrap=None)
         self._handle_ready(leader)
 

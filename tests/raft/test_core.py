@@ -22,6 +22,7 @@ from awsomefsd.meta.raft import (
 )
 from awsomefsd.meta.raft.codec import encode_conf_change
 from awsomefsd.meta.raft.messages import EntryType
+from awsomefsd.meta.replication.driver import _split_early
 
 MT = MessageType
 
@@ -29,14 +30,15 @@ MT = MessageType
 class Cluster:
     """Cores wired through a queue; the test decides what gets delivered."""
 
-    def __init__(self, n: int, **cfg: object) -> None:
+    def __init__(self, n: int, learners: int = 0, **cfg: object) -> None:
         self.nodes: dict[int, RawNode] = {}
         self.storage: dict[int, MemoryStorage] = {}
         self.dropped: set[int] = set()
         voters = tuple(range(1, n + 1))
-        for i in voters:
+        conf = ConfState(voters, tuple(range(n + 1, n + learners + 1)))
+        for i in range(1, n + learners + 1):
             st = MemoryStorage()
-            st.apply_snapshot(Snapshot(SnapshotMeta(1, 1, ConfState(voters))))
+            st.apply_snapshot(Snapshot(SnapshotMeta(1, 1, conf)))
             st.set_hard_state(HardState(1, 0, 1))
             self.storage[i] = st
             self.nodes[i] = RawNode(Config(id=i, random_below=lambda n: 0, applied=1, **cfg), st)  # type: ignore[arg-type]
@@ -166,6 +168,43 @@ def test_membership_follows_the_log_and_reverts_on_truncation() -> None:
     f.step(Message(MT.APP, to=3, frm=2, term=3, index=2, log_term=2, entries=(Entry(3, 3),), commit=2))
     assert f.voters == {1, 2, 3}
     assert c.nodes[3].conf_state_at(2) == ConfState((1, 2, 3))
+
+
+def test_a_lone_leader_adds_two_voters_in_one_proposal_and_nobody_else_adds_several() -> None:
+    """Design note 146: a forming cluster goes from one voter to three without resting at two."""
+    c = Cluster(1, learners=3)
+    c.elect(1)
+    add = [ConfChange(ConfChangeType.ADD_NODE, n) for n in (2, 3)]
+    with pytest.raises(ProposalDropped, match="only voter"):
+        c.nodes[1].propose_conf_change(add[0], ConfChange(ConfChangeType.REMOVE_NODE, 4))
+    c.nodes[1].propose_conf_change(*add)
+    assert c.nodes[1].raft.voters == {1, 2, 3}  # in force on append
+    c.dropped = {2}
+    c.stabilize()  # node 3's acknowledgement with the leader's own is a quorum of three
+    assert c.nodes[1].raft.log.committed == c.nodes[1].raft.log.last_index()
+    assert c.nodes[3].raft.voters == {1, 2, 3} and c.nodes[3].raft.learners == {4}
+    with pytest.raises(ProposalDropped, match="only voter"):  # three voters: one change at a time
+        c.nodes[1].propose_conf_change(ConfChange(ConfChangeType.ADD_NODE, 4), ConfChange(ConfChangeType.REMOVE_NODE, 2))
+    c.nodes[1].propose_conf_change(ConfChange(ConfChangeType.ADD_NODE, 4))
+    assert c.nodes[1].raft.voters == {1, 2, 3, 4}
+
+
+def test_the_driver_sends_no_append_before_a_new_configuration_is_durable() -> None:
+    """The lone leader's batch is safe only if it is on the leader's disk before any follower can
+    use it: the driver's early appends (sent while the leader persists) wait for a change."""
+    c = Cluster(1, learners=2)
+    c.elect(1)
+    term = c.nodes[1].raft.term
+    c.nodes[1].propose(b"x")
+    rd = c.nodes[1].ready()
+    early, _late = _split_early(rd, term)
+    assert {m.to for m in early if m.type == MT.APP} == {2, 3}
+    c.storage[1].append(rd.entries)
+    c.nodes[1].advance(rd)
+    c.nodes[1].propose_conf_change(*(ConfChange(ConfChangeType.ADD_NODE, n) for n in (2, 3)))
+    rd = c.nodes[1].ready()
+    early, late = _split_early(rd, term)
+    assert early == [] and {m.to for m in late if m.type == MT.APP} == {2, 3}
 
 
 def test_learners_never_campaign() -> None:

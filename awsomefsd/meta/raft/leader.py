@@ -10,8 +10,8 @@ from typing import TYPE_CHECKING
 
 from .codec import decode_conf_change
 from .config import ReadOnlyOption
-from .membership import InvalidConfChange, validate_conf_change
-from .messages import NONE, Entry, EntryType, Message, ReadState, StateType
+from .membership import InvalidConfChange, apply_conf_change, validate_conf_change
+from .messages import NONE, ConfChange, ConfChangeType, Entry, EntryType, Message, ReadState, StateType
 from .messages import MessageType as MT
 from .progress import NEVER_TICK, Progress, ProgressState
 from .quorum import VoteResult, committed_index, vote_result
@@ -220,19 +220,34 @@ class Leader:
         assert 0 < len(entries) <= self.cfg.max_proposal_batch, len(entries)
         if self.log.last_index() - self.log.committed + len(entries) > self.cfg.max_uncommitted_entries:
             raise ProposalDropped("too many uncommitted entries", self.id)
-        confs = [e for e in entries if e.type == EntryType.CONF_CHANGE]
+        confs = [decode_conf_change(e.data) for e in entries if e.type == EntryType.CONF_CHANGE]
         if confs:
-            if len(confs) > 1 or self.pending_conf_index > self.log.committed:
+            if self.pending_conf_index > self.log.committed:
                 raise ProposalDropped("a membership change is pending", self.id)
-            try:
-                validate_conf_change(self.conf.current(), decode_conf_change(confs[0].data))
-            except InvalidConfChange as e:
-                raise ProposalDropped(str(e), self.id) from None
+            self._validate_conf_changes(confs)
         last = self._append_entries(entries)
         if confs:
             self.pending_conf_index = last
         self.append_pending = True
         return last
+
+    def _validate_conf_changes(self, confs: list[ConfChange]) -> None:
+        """One change at a time (thesis §4.1), with one exception: a leader that is the only voter
+        may add several voters in one proposal. Its configuration's one quorum is itself, and it
+        holds the whole batch durably before any follower sees any of it (the driver sends no
+        append early for a Ready that carries a change), so no node can use the old configuration
+        once a node uses a newer one. What it saves: a forming cluster never rests at two voters,
+        which one wiped disk leaves without a quorum for good (design note 146)."""
+        cs = self.conf.current()
+        if len(confs) > 1 and (set(cs.voters) != {self.id}
+                               or any(cc.type != ConfChangeType.ADD_NODE for cc in confs)):
+            raise ProposalDropped("only a leader that is the only voter adds several voters at once", self.id)
+        for cc in confs:
+            try:
+                validate_conf_change(cs, cc)
+            except InvalidConfChange as e:
+                raise ProposalDropped(str(e), self.id) from None
+            cs = apply_conf_change(cs, cc)
 
     def _append_entries(self, entries: list[Entry]) -> int:
         li = self.log.last_index()

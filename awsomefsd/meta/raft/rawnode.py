@@ -77,9 +77,10 @@ class RawNode:
         """Append several commands at once (at most Config.max_proposal_batch); returns the last index."""
         return self.raft.propose([Entry(0, 0, EntryType.NORMAL, d) for d in commands])
 
-    def propose_conf_change(self, cc: ConfChange) -> int:
-        """Propose one membership change; in force on every node as soon as it is appended there."""
-        return self.raft.propose([Entry(0, 0, EntryType.CONF_CHANGE, encode_conf_change(cc))])
+    def propose_conf_change(self, *changes: ConfChange) -> int:
+        """Propose a membership change (several only to add voters to a leader that is the only
+        one); in force on every node as soon as it is appended there."""
+        return self.raft.propose([Entry(0, 0, EntryType.CONF_CHANGE, encode_conf_change(cc)) for cc in changes])
 
     def step(self, m: Message) -> None:
         """Hand over a message from a peer. Local-only kinds are refused: they come from our calls."""

@@ -47,6 +47,7 @@ from awsomefsd.meta.raft import (
     ConfChange,
     Config,
     ConfState,
+    EntryType,
     HardState,
     Message,
     MessageType,
@@ -153,7 +154,7 @@ class RaftNode(Generic[TxnT]):
         self.snapshots = Snapshots(storage, sm, settings, self.disk)
         self._inbox: list[Message] = []
         self._reports: list[tuple[str, int, bool]] = []
-        self._conf_changes: list[ConfChange] = []
+        self._conf_changes: list[tuple[ConfChange, ...]] = []
         self.applied = self.storage.applied_index()
         self.readies = 0
         self.dropped_messages = 0
@@ -215,11 +216,12 @@ class RaftNode(Generic[TxnT]):
         """Queue a proposal whose id is already set, for the loop to hand to the core."""
         return await self.proposals.submit(p, timeout_s or self.settings.proposal_timeout_s)
 
-    def change_membership(self, cc: ConfChange) -> None:
-        """Leader only: queue one membership change for the loop to append. The core refuses it
-        (silently, here) while another is uncommitted; the caller watches the configuration and
-        asks again, which is how the cluster's reconciler works anyway."""
-        self._conf_changes.append(cc)
+    def change_membership(self, *changes: ConfChange) -> None:
+        """Leader only: queue one membership change (several: voters added to a lone leader at
+        once) for the loop to append. The core refuses it (silently, here) while another is
+        uncommitted; the caller watches the configuration and asks again, which is how the
+        cluster's reconciler works anyway."""
+        self._conf_changes.append(changes)
         self._wake.set()
 
     async def read_barrier(self, *, timeout_s: float | None = None) -> int:
@@ -306,11 +308,11 @@ class RaftNode(Generic[TxnT]):
                 self.raw.step(m)
         self._tick_to_now()
         changes, self._conf_changes = self._conf_changes, []
-        for cc in changes[:1]:
+        for change in changes[:1]:
             try:
-                self.raw.propose_conf_change(cc)
+                self.raw.propose_conf_change(*change)
             except ProposalDropped as exc:
-                log.debug("membership change %s refused: %s", cc, exc)
+                log.debug("membership change %s refused: %s", change, exc)
         self.proposals.hand_to(self.raw, self.settings.max_batch)
         for m in inbox:  # followers' reads, and ours: answered from the lease as measured now
             if m.type == MessageType.READ_INDEX:
@@ -491,8 +493,12 @@ _EARLY_TYPES = frozenset({MessageType.APP, MessageType.HEARTBEAT, MessageType.SN
 
 
 def _split_early(rd: Ready, durable_term: int) -> tuple[list[Message], list[Message]]:
-    """Messages that may be sent before the Ready is persisted, and those that must wait."""
+    """Messages that may be sent before the Ready is persisted, and those that must wait. A new
+    configuration waits: voters added to a lone leader at once are safe only if the leader holds
+    them durably before any follower can use them (Raft._validate_conf_changes)."""
     if rd.hard_state is not None and rd.hard_state.term != durable_term:
+        return [], rd.messages
+    if any(e.type == EntryType.CONF_CHANGE for e in rd.entries):
         return [], rd.messages
     early = [m for m in rd.messages if m.type in _EARLY_TYPES]
     if not early:
