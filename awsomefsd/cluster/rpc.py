@@ -24,6 +24,8 @@ from awsomefsd.duty import one_line
 from awsomefsd.meta.levels import BASE_LOG_LEVEL, LOG_LEVEL
 from awsomefsd.meta.replication.driver import RaftNode
 from awsomefsd.meta.replication.forwarding import FORWARD_METHOD, serve_forward
+from awsomefsd.meta.replication.transport import RaftTransport
+from awsomefsd.meta.replication.wire_calls import WireUnavailable
 from awsomefsd.rpc.bridge import Binding, BridgeLimits, RpcAbort, unary_call
 
 log = logging.getLogger(__name__)
@@ -129,11 +131,18 @@ async def ask_log_level(channel_to: Callable[[int], grpc.Channel | None], node: 
     return int.from_bytes(reply, "big")
 
 
-async def ask_holder(channel_to: Callable[[int], grpc.Channel | None], node: int, kind: str, request: bytes,
+async def ask_holder(transport: RaftTransport, on_wire: Callable[[], bool], node: int, kind: str, request: bytes,
                      timeout_s: float = HOLDER_TIMEOUT_S) -> bytes:
     """Send a look or a create (`kind`, fs/forwarding.py) to the member holding its directory:
-    its answer, or ConnectionError when it cannot be asked or did not answer in time."""
-    channel = channel_to(node)
+    its answer, or ConnectionError when it cannot be asked or did not answer in time. On the Raft
+    wire when `on_wire()` (every member's build knows the call there: HOLDER_WIRE_LEVEL) and a wire
+    connection to it is open, else over gRPC."""
+    if on_wire():
+        try:
+            return await transport.ask_holder(node, kind, request, timeout_s)
+        except WireUnavailable:
+            pass  # no wire connection to it now (it is starting, or cut off): gRPC may still reach it
+    channel = transport.channel_to(node)
     if channel is None:
         raise ConnectionError(f"no address for node {node}")
     try:

@@ -92,7 +92,7 @@ from awsomefsd.io.fence import WriteFence
 from awsomefsd.meta import cluster_commands as cc
 from awsomefsd.meta import commands as c
 from awsomefsd.meta.client import MetaClient
-from awsomefsd.meta.levels import LOG_LEVEL
+from awsomefsd.meta.levels import HOLDER_WIRE_LEVEL, LOG_LEVEL
 from awsomefsd.meta.replication.forwarding import Forwarder, accept_forwarded
 from awsomefsd.meta.replication.fs_log import ReplicatedFsLog
 from awsomefsd.meta.replication.settings import NodeSettings
@@ -385,8 +385,10 @@ async def run_member(member: Member, *, founding: Founding | None = None,
         if on_listening is not None:
             on_listening(member)
         core = _assemble(member)
-        service.serve_forwarded = core.ops.serve_forwarded  # another member's look or create (note 145)
-        core.ops.forward = functools.partial(ask_holder, member.transport.channel_to)
+        # another member's look or create (note 145), on gRPC and on the wire (note 147)
+        service.serve_forwarded = member.transport.serve_holder = core.ops.serve_forwarded
+        core.ops.forward = functools.partial(ask_holder, member.transport,
+                                             lambda: member.meta.log_level() >= HOLDER_WIRE_LEVEL)
         assert member.lease is not None and member.groups is not None and member.coherence is not None
         assert member.duties is not None
         await nursery.start(member.lease.run)

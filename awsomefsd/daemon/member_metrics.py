@@ -80,6 +80,9 @@ def collect_member_metrics(member: Member) -> Iterator[Metric]:
                             ("served", sent.served)):
             forwarded.add_metric([kind], value)
         yield forwarded
+        yield counter("awsomefs_holder_calls_on_wire", "looks and creates sent to a directory's holder on the Raft "
+                      "wire (design note 147; the others went over gRPC: a member on an older build, or no wire "
+                      "connection open)", member.transport.calls.holder_calls)
     yield counter("awsomefs_kernel_invalidations", "kernel cache invalidations", member.invalidator.invalidations)
     if member.duties is not None:
         yield counter("awsomefs_nodes_expired", "nodes this node expired as leader", member.duties.expired)

@@ -31,6 +31,7 @@ def test_a_create_in_a_directory_another_node_holds_is_made_there_for_the_creato
     looks, made, served = forwarded(requester, "look"), forwarded(requester, "create"), forwarded(holder, "served")
     waits = metric(requester, "awsomefs_write_lease_waits_total")
     handed = metric(holder, "awsomefs_write_leases_released_total")
+    on_wire = metric(requester, "awsomefs_holder_calls_on_wire_total")
 
     assert not (requester.mount / "d" / "absent").exists()
     fd = os.open(requester.mount / "d" / "r0", os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o640)
@@ -42,6 +43,7 @@ def test_a_create_in_a_directory_another_node_holds_is_made_there_for_the_creato
     assert forwarded(requester, "create") == made + 1, "the create went to the holder"
     assert forwarded(requester, "look") >= looks + 2, "the missing names were looked up at the holder"
     assert forwarded(holder, "served") == served + 1
+    assert metric(requester, "awsomefs_holder_calls_on_wire_total") >= on_wire + 3, "not on the Raft wire (note 147)"
     assert metric(requester, "awsomefs_write_lease_waits_total") == waits, "the file's lease came with it"
     assert metric(holder, "awsomefs_write_leases_released_total") == handed, "the holder kept its delegation"
     assert (requester.mount / "d" / "r0").read_bytes() == b"written by the requester"

@@ -5,6 +5,7 @@ build is sent to. Real grpc, real trio TLS, real sockets on loopback."""
 from __future__ import annotations
 
 import functools
+import struct
 import time
 import uuid
 from collections.abc import Iterator
@@ -43,7 +44,7 @@ from awsomefsd.meta.replication.transport import (
     TransportLimits,
 )
 from awsomefsd.meta.replication.transport_grpc import SERVICE, decode_frame, encode_frame
-from awsomefsd.meta.replication.wire_calls import WireUnavailable
+from awsomefsd.meta.replication.wire_calls import KIND_HOLDER, WireUnavailable
 from awsomefsd.rpc import wire
 from awsomefsd.rpc.bridge import Binding, client_stream, serve_grpc
 from tests.support.ports import free_port
@@ -397,13 +398,12 @@ def _node(ca: ClusterCA, node_id: int) -> NodeCredentials:
     return NodeCredentials(key, ca.issue(make_csr(key), node_id), ca.cert)
 
 
-async def test_mutual_tls_between_cluster_members(tmp_path: Path) -> None:
-    """Over mutual TLS, and a member's certificate cannot speak for another member."""
+def members_over_mtls(tmp_path: Path, revoked: Revocations
+                      ) -> tuple[dict[int, NodeCredentials], dict[int, str], dict[int, RaftTransport]]:
+    """Nodes 1 and 2 of one cluster CA: their credentials, addresses and transports."""
     ca = ClusterCA.create(uuid.uuid4())
     creds = {i: _node(ca, i) for i in (1, 2)}
-    revoked = Revocations()
     addrs = addresses()
-    recs = {1: Recorder(), 2: Recorder()}
     ts = {
         i: RaftTransport(
             i, {3 - i: addrs[3 - i]}, staging_dir=tmp_path / str(i), limits=FAST,
@@ -414,6 +414,14 @@ async def test_mutual_tls_between_cluster_members(tmp_path: Path) -> None:
         )
         for i in (1, 2)
     }
+    return creds, addrs, ts
+
+
+async def test_mutual_tls_between_cluster_members(tmp_path: Path) -> None:
+    """Over mutual TLS, and a member's certificate cannot speak for another member."""
+    revoked = Revocations()
+    creds, addrs, ts = members_over_mtls(tmp_path, revoked)
+    recs = {1: Recorder(), 2: Recorder()}
     async with trio.open_nursery() as nursery:
         for i in (2, 1):  # the receiver first: a sender that finds no wire tries gRPC meanwhile
             await nursery.start(ts[i].run, recs[i], addrs[i])
@@ -438,6 +446,45 @@ async def test_mutual_tls_between_cluster_members(tmp_path: Path) -> None:
                 ts[1].send([heartbeat(9)])
                 await trio.sleep(0.05)
         assert len(recs[2].got) == before
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_holder_is_asked_on_the_wire_and_an_asker_cannot_speak_for_another_member(tmp_path: Path) -> None:
+    """A look or create for a directory's holder (design note 147): answered unavailable until the
+    holder's file system is up, then its reply comes back; a request it cannot decode is refused in
+    one line; a frame claiming another asker than its certificate ends the connection."""
+    revoked = Revocations()
+    _creds, addrs, ts = members_over_mtls(tmp_path, revoked)
+    recs = {1: Recorder(), 2: Recorder()}
+
+    async def serve(kind: str, request: bytes) -> bytes:
+        if request == b"garbled":
+            raise ValueError("no directory")
+        return kind.encode() + b" " + request
+
+    async with trio.open_nursery() as nursery:
+        for i in (2, 1):
+            await nursery.start(ts[i].run, recs[i], addrs[i])
+        with trio.fail_after(DEADLINE_S):
+            while True:  # the wire connections may still be in their handshakes
+                try:
+                    await ts[1].ask_holder(2, "create", b"f1", timeout_s=1)
+                except WireUnavailable:
+                    await trio.sleep(0.02)
+                except ConnectionError as exc:
+                    if "no answer" in str(exc):  # answers go on 2's connection to 1: not open yet
+                        continue
+                    assert "not up" in str(exc)
+                    break
+        ts[2].serve_holder = serve
+        assert await ts[1].ask_holder(2, "look", b"f2", timeout_s=DEADLINE_S) == b"look f2"
+        assert await ts[1].ask_holder(2, "create", b"f3", timeout_s=DEADLINE_S) == b"create f3"
+        with pytest.raises(ConnectionError, match="malformed request: no directory"):
+            await ts[1].ask_holder(2, "look", b"garbled", timeout_s=DEADLINE_S)
+        ts[1]._post(ts[1]._peers[2], KIND_HOLDER + struct.pack("<QIB", 99, 3, 0) + b"f4")  # node 3's call?
+        with trio.fail_after(DEADLINE_S):
+            while not ts[2].rejected_frames:
+                await trio.sleep(0.02)
         nursery.cancel_scope.cancel()
 
 

@@ -1,24 +1,35 @@
 """Forward's framing on the Raft wire (wire_calls.py) without sockets: every outcome the leader
 can give reaches the follower as the exception the gRPC Forwarder raises, an answer from a node
-other than the one asked is ignored, and a connection that ends fails its calls at once."""
+other than the one asked is ignored, and a connection that ends fails its calls at once. The same
+for a member's look or create sent to a directory's holder."""
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Awaitable, Callable
 
 import pytest
 import trio
 import trio.testing
 
+from awsomefsd.meta.raft import CodecError
 from awsomefsd.meta.replication.errors import NotLeader, ProposalLost, ProposalTimeout
-from awsomefsd.meta.replication.wire_calls import KIND_FORWARD, WireCalls, answer_forward, forward_origin
+from awsomefsd.meta.replication.wire_calls import (
+    KIND_FORWARD,
+    KIND_HOLDER,
+    ServeHolder,
+    WireCalls,
+    answer_forward,
+    answer_holder,
+    call_origin,
+)
 
 
 def leader_that(outcome: Callable[[bytes], Awaitable[int]], calls: WireCalls, *, answer_from: int = 2
                 ) -> Callable[[bytes], None]:
     """A `send` for `calls.forward` that has `outcome` order the entry and answers as `answer_from`."""
     def send(frame: bytes) -> None:
-        assert frame[:1] == KIND_FORWARD and forward_origin(frame) == calls.node_id
+        assert frame[:1] == KIND_FORWARD and call_origin(frame) == calls.node_id
 
         async def answer() -> None:
             calls.answered(await answer_forward(frame, outcome), answer_from)
@@ -79,3 +90,50 @@ async def test_a_connection_that_ends_fails_its_calls_at_once() -> None:
             nursery.start_soon(lose_it)
             with pytest.raises(OSError):
                 await calls.forward(2, b"entry", lambda frame: None, timeout_s=60)
+
+
+def holder_that(serve: ServeHolder | None, calls: WireCalls, *, answer_from: int = 2) -> Callable[[bytes], None]:
+    """A `send` for `calls.ask_holder` that has `serve` answer as the holder `answer_from`."""
+    def send(frame: bytes) -> None:
+        assert frame[:1] == KIND_HOLDER and call_origin(frame) == calls.node_id
+
+        async def answer() -> None:
+            calls.answered(await answer_holder(frame, serve), answer_from)
+
+        trio.lowlevel.spawn_system_task(answer)
+
+    return send
+
+
+async def test_a_holder_call_brings_its_reply_back_and_every_failure_is_a_connection_error() -> None:
+    """What the asker's file system expects of `ask_holder` (fs/forwarded_ops.py): the holder's
+    reply, or ConnectionError (then it goes the usual way), never another exception."""
+    calls = WireCalls(node_id=3)
+
+    async def serve(kind: str, request: bytes) -> bytes:
+        if request == b"garbled":
+            raise ValueError("no directory")
+        return kind.encode() + b" " + request
+
+    assert await calls.ask_holder(2, "create", b"f", holder_that(serve, calls), timeout_s=5) == b"create f"
+    with pytest.raises(ConnectionError, match="not up"):
+        await calls.ask_holder(2, "look", b"f", holder_that(None, calls), timeout_s=5)
+    with pytest.raises(ConnectionError, match="malformed request: no directory"):
+        await calls.ask_holder(2, "look", b"garbled", holder_that(serve, calls), timeout_s=5)
+    with pytest.raises(ConnectionError, match="no answer"):
+        await calls.ask_holder(2, "look", b"f", holder_that(serve, calls, answer_from=4), timeout_s=0.2)
+    async with trio.open_nursery() as nursery:
+        async def lose_it() -> None:
+            await trio.testing.wait_all_tasks_blocked()
+            calls.lost(2)
+
+        nursery.start_soon(lose_it)
+        with pytest.raises(ConnectionError, match="ended"):
+            await calls.ask_holder(2, "look", b"f", lambda frame: None, timeout_s=60)
+
+
+def test_a_holder_frame_of_an_unknown_kind_or_cut_short_is_malformed() -> None:
+    with pytest.raises(CodecError, match="unknown kind"):
+        call_origin(KIND_HOLDER + struct.pack("<QIB", 1, 3, 9) + b"request")
+    with pytest.raises(CodecError, match="shorter"):
+        call_origin(KIND_HOLDER + struct.pack("<QI", 1, 3))

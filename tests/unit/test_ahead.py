@@ -10,7 +10,7 @@ import errno
 import random
 import stat
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -18,6 +18,7 @@ from typing import Any
 import lmdb
 import pytest
 import trio
+import trio.testing
 
 from awsomefsd.meta import ahead
 from awsomefsd.meta import cluster_commands as cc
@@ -370,13 +371,21 @@ class ScriptedLog:
         return self.reference.apply(command)
 
 
-async def test_a_failed_batch_fails_everything_queued_after_it_and_nothing_after_it_is_sent(tmp_path: Path) -> None:
-    log = ScriptedLog(tmp_path / "log", fail_batches={2})
+def scripted(tmp_path: Path, fail_batches: set[int], **kw: Any) -> tuple[ScriptedLog, MetaClient, Callable[[int], c.Mknod]]:
+    """A ScriptedLog, a client on it, and `mk(i)`: the create of file f<i> with the i-th inode of a
+    reservation (a create that runs ahead)."""
+    log = ScriptedLog(tmp_path / "log", fail_batches, **kw)
     first, _ = log.reference.apply(c.ReserveInodes(1000))
-    meta = MetaClient(log, log.reference.sm)  # type: ignore[arg-type]
 
     def mk(i: int) -> c.Mknod:
         return c.Mknod(ROOT_INO, b"f%d" % i, first + i, stat.S_IFREG | 0o644, 0, 0, 5, cookie=c.delegated_cookie(first + i))
+
+    return log, MetaClient(log, log.reference.sm), mk  # type: ignore[arg-type]
+
+
+async def test_a_failed_batch_fails_everything_queued_after_it_and_nothing_after_it_is_sent(tmp_path: Path) -> None:
+    log, meta, mk = scripted(tmp_path, fail_batches={2})
+    first = mk(0).ino
 
     async with trio.open_nursery() as nursery:
         await nursery.start(meta.run_pipeline)
@@ -407,13 +416,8 @@ async def test_a_background_command_rides_the_batch_being_gathered(tmp_path: Pat
     """An orphan release (hurry=False) joins the changes queued ahead and goes with the batch being
     gathered; a command someone waits for sends the queue at once."""
     monkeypatch.setattr(ahead, "GATHER_S", 60.0)  # only a hurry sends before a minute
-    log = ScriptedLog(tmp_path / "log", fail_batches=set())
-    first, _ = log.reference.apply(c.ReserveInodes(1000))
-    meta = MetaClient(log, log.reference.sm)  # type: ignore[arg-type]
-
-    def mk(i: int) -> c.Mknod:
-        return c.Mknod(ROOT_INO, b"f%d" % i, first + i, stat.S_IFREG | 0o644, 0, 0, 5, cookie=c.delegated_cookie(first + i))
-
+    log, meta, mk = scripted(tmp_path, fail_batches=set())
+    first = mk(0).ino
     release = cc.ReleaseOrphans(2, (first + 500,), 5)
     async with trio.open_nursery() as nursery:
         await nursery.start(meta.run_pipeline)
@@ -432,13 +436,46 @@ async def test_a_background_command_rides_the_batch_being_gathered(tmp_path: Pat
         nursery.cancel_scope.cancel()
 
 
+async def test_a_create_made_for_another_member_cuts_the_gathering_short(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """The other member's kernel waits for the commit (design note 147): a create made for it
+    sends the batch being gathered after TOLD_GATHER_S, whether it comes during the gathering or
+    before it began, and the holder's own changes go in the same batch; unless the holder is busy
+    with its own (its last batch held BUSY_BATCH changes)."""
+    monkeypatch.setattr(ahead, "GATHER_S", 60.0)
+    log, meta, mk = scripted(tmp_path, fail_batches=set())
+    log.release.set()
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(meta.run_pipeline)
+        await meta.run_ahead(mk(0))
+        await trio.testing.wait_all_tasks_blocked()  # the pipeline gathers, for a minute
+        with trio.fail_after(5):
+            _, committed = await meta.run_ahead_committed(mk(1))
+            await committed()
+            _, committed = await meta.run_ahead_committed(mk(2))  # before any gathering began
+            await meta.run_ahead(mk(3))
+            await committed()
+        assert log.batches == [(mk(0), mk(1)), (mk(2), mk(3))]
+        # A node whose last batch was a full one is busy with its own changes: the create made for
+        # another member rides the whole gathering, and the batch does not go within seconds.
+        for i in range(4, 4 + ahead.BUSY_BATCH):
+            await meta.run_ahead(mk(i))
+        await meta.barrier()
+        assert len(log.batches[-1]) == ahead.BUSY_BATCH
+        proposing = log.proposing
+        await meta.run_ahead_committed(mk(99))
+        with trio.move_on_after(2):
+            await proposing.wait()
+        assert not proposing.is_set(), "a busy holder's gathering was cut short"
+        nursery.cancel_scope.cancel()
+
+
 async def test_only_the_batch_whose_outcome_is_unknown_may_have_committed(tmp_path: Path) -> None:
     """A batch whose proposal timed out may still commit: its own changes hear OutcomeUnknown (a
     flush then keeps its blocks from reuse). What was queued behind it was never sent: those hear
     a failure that is certain, and may give back what they reserved."""
-    log = ScriptedLog(tmp_path / "log", fail_batches={1}, failure=OutcomeUnknown("test: timed out"))
-    first, _ = log.reference.apply(c.ReserveInodes(1000))
-    meta = MetaClient(log, log.reference.sm)  # type: ignore[arg-type]
+    log, meta, mk = scripted(tmp_path, fail_batches={1}, failure=OutcomeUnknown("test: timed out"))
     outcomes: dict[str, BaseException] = {}
 
     async def propose(name: str, command: object) -> None:
@@ -449,8 +486,7 @@ async def test_only_the_batch_whose_outcome_is_unknown_may_have_committed(tmp_pa
 
     async with trio.open_nursery() as nursery:
         await nursery.start(meta.run_pipeline)
-        await meta.run_ahead(c.Mknod(ROOT_INO, b"a", first, stat.S_IFREG | 0o644, 0, 0, 5,
-                                     cookie=c.delegated_cookie(first)))
+        await meta.run_ahead(mk(0))
         with trio.fail_after(5):
             await log.proposing.wait()  # batch 1 is on its way
         nursery.start_soon(propose, "queued", c.SetAttr(ROOT_INO, 6, mode=0o755))

@@ -20,7 +20,8 @@ upgraded, moves to the wire by itself.
 Snapshots travel on a separate gRPC client stream (`Snapshot`, transport_grpc.py), at most one
 per peer at a time; the receiver stages the copy, fsyncs it and hands the driver a SNAP message
 whose `snapshot.data` is the staged directory. Followers forward entries to the leader on the
-wire too (wire_calls.py), or over gRPC's `Forward` when there is no wire to it.
+wire too (wire_calls.py), or over gRPC's `Forward` when there is no wire to it; so do members
+ask a directory's holder to look or create (`ask_holder`; gRPC's `LookFor`, `CreateFor`).
 
 Security: the constructor takes gRPC credential objects and a `WireSecurity` (mutual TLS from the
 cluster layer, both). Plaintext needs `insecure=True`, meant for tests and benchmarks on loopback.
@@ -57,11 +58,14 @@ from awsomefsd.meta.replication.transport_peer import DEFAULT_LIMITS, PeerLink, 
 from awsomefsd.meta.replication.wire_calls import (
     KIND_ANSWER,
     KIND_FORWARD,
+    KIND_HOLDER,
     KIND_RAFT,
+    ServeHolder,
     WireCalls,
     WireUnavailable,
     answer_forward,
-    forward_origin,
+    answer_holder,
+    call_origin,
 )
 from awsomefsd.rpc import wire
 from awsomefsd.rpc.bridge import Binding, BridgeLimits, RpcAbort, serve_grpc
@@ -74,7 +78,7 @@ WIRE_PORT_OFFSET = 2
 SENT_WAIT_S = 0.002
 """The longest `sent` waits for the wire senders before the driver's fsync."""
 MAX_FORWARDS_IN_FLIGHT = 256
-"""Forwarded entries being ordered at once (beyond: the wire connection waits, TCP pushes back)."""
+"""Forwarded entries and holder calls served at once (beyond: the wire connection waits, TCP pushes back)."""
 WIRE_PROBE_S = 2.0
 """While a peer is sent to over gRPC, how often its wire is tried again."""
 GRPC_POLL_S = 0.2
@@ -139,8 +143,12 @@ class RaftTransport:
         self._peer_identity = peer_identity
         self._guard = guard or (lambda servicer: servicer)
         self._wire_security = wire_security
-        self._calls = WireCalls(node_id)
+        self.calls = WireCalls(node_id)
+        """This node's calls on the wire waiting for an answer (and how many it made)."""
         self._accept_forward: Callable[[bytes], Awaitable[int]] | None = None
+        self.serve_holder: ServeHolder | None = None
+        """Another member's look or create in a directory this node holds, asked on the wire (set
+        once the file system is up; until then such a call is answered unavailable)."""
         self._forward_slots = trio.Semaphore(MAX_FORWARDS_IN_FLIGHT)
         self.spoofed_messages = 0
         self._peers: dict[int, PeerLink] = {}
@@ -194,11 +202,8 @@ class RaftTransport:
 
     def stats(self) -> dict[int, dict[str, int]]:
         """Per-peer counters for status and tests."""
-        return {
-            p.id: {"dropped": p.dropped, "sent_frames": p.sent_frames, "failures": p.failures,
-                   "legacy_frames": p.legacy_frames}
-            for p in self._peers.values()
-        }
+        return {p.id: {"dropped": p.dropped, "sent_frames": p.sent_frames, "failures": p.failures,
+                       "legacy_frames": p.legacy_frames} for p in self._peers.values()}
 
     def link(self, peer_id: int) -> str:
         """How this node sends to `peer_id` now: "wire", "grpc" (it has no wire: an older build)
@@ -314,7 +319,7 @@ class RaftTransport:
             if peer.sent_frames > frames_before or time.monotonic() - started > self.limits.backoff_max_s:
                 backoff_s = self.limits.backoff_min_s
             log.debug("connection to node %d ended (%s); retrying in %.2fs", peer.id, error, backoff_s)
-            _drain(peer.queue)
+            peer.discard_queued()
             self.handler.report_unreachable(peer.id)
             await trio.sleep(backoff_s * (0.5 + random.random() / 2))
             backoff_s = min(backoff_s * 2, self.limits.backoff_max_s)
@@ -377,7 +382,7 @@ class RaftTransport:
         finally:
             peer.connection = None
             peer.outbox.clear()
-            self._calls.lost(peer.id)
+            self.calls.lost(peer.id)
             await stream.close_now()
 
     async def _pump(self, peer: PeerLink, stream: wire.FrameStream) -> None:
@@ -402,10 +407,19 @@ class RaftTransport:
     async def forward(self, leader: int, entry: bytes, timeout_s: float) -> int:
         """Forward `entry` to `leader` on the wire (forwarding.Forwarder's fast path); raises
         WireUnavailable when no wire connection to it is open, and what Forward raises."""
-        peer = self._peers.get(leader)
+        return await self.calls.forward(leader, entry, self._poster(leader), timeout_s)
+
+    async def ask_holder(self, node: int, kind: str, request: bytes, timeout_s: float) -> bytes:
+        """A look or a create for the member holding its directory, on the wire; WireUnavailable
+        as `forward`, ConnectionError when it did not answer."""
+        return await self.calls.ask_holder(node, kind, request, self._poster(node), timeout_s)
+
+    def _poster(self, node: int) -> Callable[[bytes], None]:
+        """What queues a frame on the wire connection to `node` (WireUnavailable: none open)."""
+        peer = self._peers.get(node)
         if peer is None or peer.connection is None:
-            raise WireUnavailable(leader)
-        return await self._calls.forward(leader, entry, lambda frame: self._post(peer, frame), timeout_s)
+            raise WireUnavailable(node)
+        return lambda frame: self._post(peer, frame)
 
     def _post(self, peer: PeerLink, frame: bytes) -> None:
         peer.outbox.append(frame)
@@ -423,10 +437,13 @@ class RaftTransport:
                 if peer.connection is not None and now - peer.writing_since < SENT_WAIT_S:
                     await peer.idle.wait()
 
-    async def _answer_forward(self, sender: int, frame: bytes) -> None:
-        assert self._accept_forward is not None
+    async def _answer_call(self, sender: int, frame: bytes) -> None:
         try:
-            answer = await answer_forward(frame, self._accept_forward)
+            if frame[:1] == KIND_HOLDER:
+                answer = await answer_holder(frame, self.serve_holder)
+            else:
+                assert self._accept_forward is not None
+                answer = await answer_forward(frame, self._accept_forward)
         finally:
             self._forward_slots.release()
         peer = self._peers.get(sender)
@@ -513,14 +530,14 @@ class RaftTransport:
                 if kind == KIND_RAFT:
                     self.accept(decode_frame(frame[1:]), sender)
                 elif kind == KIND_ANSWER:
-                    self._calls.answered(frame, sender)
-                elif kind == KIND_FORWARD and self._accept_forward is not None:
-                    origin = forward_origin(frame)
+                    self.calls.answered(frame, sender)
+                elif (kind == KIND_FORWARD and self._accept_forward is not None) or kind == KIND_HOLDER:
+                    origin = call_origin(frame)
                     if sender is not None and origin != sender:
-                        raise CodecError(f"a forwarded entry claiming to come from node {origin}")
+                        raise CodecError(f"a call claiming to come from node {origin}")
                     assert self._nursery is not None
                     await self._forward_slots.acquire()
-                    self._nursery.start_soon(self._answer_forward, origin, frame)
+                    self._nursery.start_soon(self._answer_call, origin, frame)
                 else:
                     raise CodecError(f"a frame of kind {kind!r} from node {sender}")
             except CodecError as exc:
@@ -579,17 +596,4 @@ def _log_wire_error(peer: str, exc: BaseException) -> None:
     log.debug("raft wire connection from %s ended: %r", peer, exc)
 
 
-def _drain(q: queue.Queue[Message]) -> None:
-    while True:
-        try:
-            q.get_nowait()
-        except queue.Empty:
-            return
-
-
-__all__ = [
-    "WIRE_PORT_OFFSET",
-    "RaftPeerHandler",
-    "RaftTransport",
-    "TransportLimits",
-]
+__all__ = ["WIRE_PORT_OFFSET", "RaftPeerHandler", "RaftTransport", "TransportLimits"]

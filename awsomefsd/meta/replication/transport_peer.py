@@ -82,6 +82,14 @@ class PeerLink:
             self.idle = trio.Event()
             self.writing_since = time.monotonic()
 
+    def discard_queued(self) -> None:
+        """The connection ended: what was queued for it is stale (the core resends what matters)."""
+        while True:
+            try:
+                self.queue.get_nowait()
+            except queue.Empty:
+                return
+
     def retire_grpc_frames(self) -> None:
         """Stop the frame generator of this peer's gRPC stream, waiting (at most one queue poll)
         for a take it is in the middle of: a failed call's generator, left in grpc's thread, took

@@ -13,14 +13,23 @@ refusal (NotLeader, ProposalLost) that never arrives waits for the call's deadli
 request may not have left (the connection to the leader ended) fails at once with OSError, and
 forwarding sends the entry again (the proposal id makes a second copy a no-op).
 
+The same calls carry a member's look or create to the member holding its directory (fs/forwarding.py
+says what they mean; design note 147): the wire's round trip is a fraction of a gRPC call's
+(note 125), and the asker's kernel waits for it.
+
 Frames: every wire frame starts with its kind: `KIND_RAFT` (then transport_grpc's frame of Raft
 messages), `KIND_FORWARD` (u64 call id, u32 the asking node, then the entry with its header; the node is
-checked against the connection's certificate, and names where to answer on a plain connection), `KIND_ANSWER` (u64 call
-id, u8 outcome, then the outcome's payload: the index, the leader to try, or a reason).
+checked against the connection's certificate, and names where to answer on a plain connection),
+`KIND_HOLDER` (u64 call id, u32 the asking node, u8 what: 0 look, 1 create, then the request),
+`KIND_ANSWER` (u64 call id, u8 outcome, then the outcome's payload: the index, the leader to try,
+a reason, or a holder's reply). A build before level 25 (HOLDER_WIRE_LEVEL) takes a KIND_HOLDER
+frame for a malformed one and closes the connection, so none is sent before every member's build
+knows it.
 """
 
 from __future__ import annotations
 
+import logging
 import struct
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -30,16 +39,25 @@ import trio
 from awsomefsd.meta.raft import CodecError
 from awsomefsd.meta.replication.errors import NotLeader, ProposalLost, ProposalTimeout
 
+log = logging.getLogger(__name__)
+
 KIND_RAFT = b"R"
 KIND_FORWARD = b"F"
 KIND_ANSWER = b"A"
+KIND_HOLDER = b"H"
+HOLDER_KINDS = ("look", "create")
+"""What a KIND_HOLDER frame asks, by its code (fs/forwarding.py's kinds)."""
 MAX_PENDING_CALLS = 65_536
 
 _CALL = struct.Struct("<Q")
 _REQUEST = struct.Struct("<QI")
+_HOLDER = struct.Struct("<QIB")
 _ANSWER = struct.Struct("<QB")
 _U64 = struct.Struct("<Q")
-_APPLIED, _NOT_LEADER, _LOST, _UNKNOWN, _INVALID = range(5)
+_APPLIED, _NOT_LEADER, _LOST, _UNKNOWN, _INVALID, _REPLY, _UNAVAILABLE = range(7)
+ServeHolder = Callable[[str, bytes], Awaitable[bytes]]
+"""`await serve(kind, request)`: this member's file system answering another's look or create (a
+ValueError: a request that does not decode)."""
 
 
 class WireUnavailable(Exception):
@@ -61,28 +79,57 @@ class WireCalls:
         self.node_id = node_id
         self._calls: dict[int, _Call] = {}
         self._next_id = 1
+        self.holder_calls = 0
+        """Looks and creates this node sent to a holder here (awsomefs_holder_calls_on_wire_total)."""
 
     async def forward(self, peer_id: int, entry: bytes, send: Callable[[bytes], None], timeout_s: float) -> int:
         """Send `entry` to `peer_id` (through `send`, which queues a frame on the connection to it)
         and wait for its answer: the leader's index of it, or NotLeader, ProposalLost,
         ProposalTimeout, OSError as the gRPC Forwarder raises them."""
+        answer = await self._call(peer_id, lambda call_id: KIND_FORWARD + _REQUEST.pack(call_id, self.node_id) + entry,
+                                  send, timeout_s)
+        if answer is None:
+            raise ProposalTimeout(f"no answer from node {peer_id} in {timeout_s:.0f} s")
+        return _outcome(answer, peer_id)
+
+    async def ask_holder(self, peer_id: int, kind: str, request: bytes, send: Callable[[bytes], None],
+                         timeout_s: float) -> bytes:
+        """Send a look or a create to the member holding its directory and return its reply;
+        ConnectionError when it did not answer in time, could not serve it, or the connection
+        ended."""
+        code = HOLDER_KINDS.index(kind)
+        self.holder_calls += 1
+        try:
+            answer = await self._call(
+                peer_id, lambda call_id: KIND_HOLDER + _HOLDER.pack(call_id, self.node_id, code) + request,
+                send, timeout_s)
+        except (OSError, ProposalTimeout) as exc:
+            raise ConnectionError(str(exc)) from None
+        if answer is None:
+            raise ConnectionError(f"no answer from node {peer_id} in {timeout_s:.1f} s")
+        if answer[:1] == bytes([_REPLY]):
+            return answer[1:]
+        raise ConnectionError(f"node {peer_id} did not serve the {kind}: {answer[1:].decode(errors='replace')}")
+
+    async def _call(self, peer_id: int, frame_for: Callable[[int], bytes], send: Callable[[bytes], None],
+                    timeout_s: float) -> bytes | None:
+        """Send the frame `frame_for(call_id)` and wait for its answer's payload (None: none in
+        time); OSError when the connection ended first."""
         if len(self._calls) >= MAX_PENDING_CALLS:
-            raise ProposalTimeout("too many forwarded entries waiting for an answer")
+            raise ProposalTimeout("too many calls waiting for an answer")
         call_id = self._next_id
         self._next_id += 1
         call = _Call(peer_id)
         self._calls[call_id] = call
         try:
-            send(KIND_FORWARD + _REQUEST.pack(call_id, self.node_id) + entry)
+            send(frame_for(call_id))
             with trio.move_on_after(timeout_s):
                 await call.done.wait()
         finally:
             self._calls.pop(call_id, None)
         if call.failure is not None:
             raise call.failure
-        if not call.done.is_set():
-            raise ProposalTimeout(f"no answer from node {peer_id} in {timeout_s:.0f} s")
-        return _outcome(call.answer, peer_id)
+        return call.answer if call.done.is_set() else None
 
     def answered(self, frame: bytes, sender: int | None) -> None:
         """A KIND_ANSWER frame arrived (from `sender`, when the connection names one)."""
@@ -104,11 +151,34 @@ class WireCalls:
                 call.done.set()
 
 
-def forward_origin(frame: bytes) -> int:
-    """The node a KIND_FORWARD frame says it comes from (CodecError when it is too short)."""
-    if len(frame) < 1 + _REQUEST.size:
-        raise CodecError("a forward frame shorter than its header")
-    return int(_REQUEST.unpack_from(frame, 1)[1])
+def call_origin(frame: bytes) -> int:
+    """The node a KIND_FORWARD or KIND_HOLDER frame says it comes from (CodecError when it is too
+    short, or asks for something unknown)."""
+    header = _HOLDER if frame[:1] == KIND_HOLDER else _REQUEST
+    if len(frame) < 1 + header.size:
+        raise CodecError("a call frame shorter than its header")
+    fields = header.unpack_from(frame, 1)
+    if header is _HOLDER and fields[2] >= len(HOLDER_KINDS):
+        raise CodecError(f"a holder call of unknown kind {fields[2]}")
+    return int(fields[1])
+
+
+async def answer_holder(frame: bytes, serve: ServeHolder | None) -> bytes:
+    """The holder's side: the KIND_ANSWER frame for a KIND_HOLDER frame (checked by `call_origin`),
+    served by `serve` (None: this member's file system is not up yet, and the asker goes the usual
+    way)."""
+    (call_id, origin, code) = _HOLDER.unpack_from(frame, 1)
+    if serve is None:
+        outcome, payload = _UNAVAILABLE, b"this member's file system is not up"
+    else:
+        try:
+            outcome, payload = _REPLY, await serve(HOLDER_KINDS[code], frame[1 + _HOLDER.size:])
+        except ValueError as exc:
+            outcome, payload = _INVALID, f"malformed request: {exc}".encode()
+        except Exception as exc:  # a bug here must not end the transport's nursery (and the daemon)
+            log.exception("serving node %d's %s failed", origin, HOLDER_KINDS[code])
+            outcome, payload = _UNAVAILABLE, f"the holder failed: {exc!r}".encode()
+    return KIND_ANSWER + _ANSWER.pack(call_id, outcome) + payload
 
 
 async def answer_forward(frame: bytes, accept: Callable[[bytes], Awaitable[int]]) -> bytes:
@@ -143,5 +213,5 @@ def _outcome(answer: bytes, peer_id: int) -> int:
     raise ProposalTimeout(f"forwarding to node {peer_id}: {payload.decode(errors='replace')}")
 
 
-__all__ = ["KIND_ANSWER", "KIND_FORWARD", "KIND_RAFT", "WireCalls", "WireUnavailable", "answer_forward",
-           "forward_origin"]
+__all__ = ["HOLDER_KINDS", "KIND_ANSWER", "KIND_FORWARD", "KIND_HOLDER", "KIND_RAFT", "ServeHolder", "WireCalls",
+           "WireUnavailable", "answer_forward", "answer_holder", "call_origin"]
