@@ -372,6 +372,8 @@ class LeaderDuties:
         self.expired = 0
         self.conf_changes = 0
         self.caught_up_at: dict[int, float] = {}
+        self.voters_seen: tuple[int, ...] = ()
+        """The voters this leader last logged (a change of them is logged once)."""
         """When each learner's log came within reach of this leader's (the promotion order)."""
         self.leader_seen = 0
         self.leader_changes = 0
@@ -450,6 +452,9 @@ class LeaderDuties:
         status = node.raw.status()
         conf = status.conf_state
         learners = frozenset(conf.learners)
+        if conf.voters != self.voters_seen:
+            log.info("node %d: voters are now %s (learners %s)", self.node_id, list(conf.voters), list(conf.learners))
+            self.voters_seen = conf.voters
         now = time.monotonic()
         caught_up = {n for n in learners
                      if (progress := status.progress.get(n)) is not None

@@ -28,6 +28,11 @@ def read(path: Path) -> bytes:
 def test_three_nodes_by_zeroconf_share_one_namespace(cluster3: Cluster) -> None:
     cluster3.nodes[0].metrics_port = 0  # any free port in its namespace
     a, b, c = cluster3.form(3)
+    # The founder went from one voter to three in one change: never two, which one wiped disk
+    # leaves without a quorum for good (design note 146).
+    voters = [line for line in a.logs(10_000).splitlines() if "voters are now" in line]
+    assert any(line.endswith("voters are now [1, 2, 3] (learners [])") for line in voters), voters
+    assert not any("voters are now [1, 2] " in line for line in voters), voters
     payload = os.urandom(3 * 1024 * 1024 + 123)
     (a.mount / "dir").mkdir()
     with open(a.mount / "dir" / "f", "wb") as f:
