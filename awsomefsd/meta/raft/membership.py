@@ -1,4 +1,6 @@
-"""Membership: single-server changes, in force from the moment they are appended (thesis §4.1).
+"""Membership: single-server changes, in force from the moment they are appended (thesis §4.1);
+the one exception, several voters added at once to a leader that is the only one, is checked where
+proposals are (leader.py `_validate_conf_changes`, design note 146).
 
 A node uses the latest configuration in its log, committed or not. That is what keeps quorums of
 consecutive configurations overlapping, so a node that is slow to *apply* a change can never use an

@@ -145,7 +145,8 @@ class ConfChangeType(enum.IntEnum):
 
 @dataclass(frozen=True, slots=True)
 class ConfChange:
-    """One membership change; only one may be uncommitted at a time (single-server changes)."""
+    """One membership change; only one proposal of changes may be uncommitted at a time, and it
+    holds one change unless it adds voters to a leader that is the only one (design note 146)."""
 
     type: ConfChangeType
     node_id: int
