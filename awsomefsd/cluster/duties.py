@@ -28,7 +28,7 @@ from typing import Any
 
 import trio
 
-from awsomefsd.cluster.voters import CAUGHT_UP_ENTRIES, MembershipView, next_changes
+from awsomefsd.cluster.voters import CAUGHT_UP_ENTRIES, MembershipView, next_changes, successors
 from awsomefsd.duty import DutyBook, run_duty
 from awsomefsd.fs.allocator import NodeAllocator
 from awsomefsd.io.fence import WriteFence
@@ -372,9 +372,9 @@ class LeaderDuties:
         self.expired = 0
         self.conf_changes = 0
         self.caught_up_at: dict[int, float] = {}
+        """When each learner's log came within reach of this leader's (the promotion order)."""
         self.voters_seen: tuple[int, ...] = ()
         """The voters this leader last logged (a change of them is logged once)."""
-        """When each learner's log came within reach of this leader's (the promotion order)."""
         self.leader_seen = 0
         self.leader_changes = 0
 
@@ -477,17 +477,12 @@ class LeaderDuties:
         """A node that lost its state directory joins again (one-token formation,
         awsomefsd/daemon/formation.py) at its old address: once the cluster has expired the
         member it was, that member is removed (its certificate revoked; its fence epoch stays
-        expired). Two live members never share an address; names may be shared (hosts cloned,
-        namespaces on one host), so a name says nothing. A node that comes back at another
+        expired; its vote went at once: cluster/voters.py). A node that comes back at another
         address leaves its old member expired, for `node remove`."""
         members = self.meta.members()
-        newest: dict[str, int] = {}
-        for n, record in members.items():
-            if record.active and record.address:
-                newest[record.address] = max(newest.get(record.address, 0), n)
-        for n, record in sorted(members.items()):
-            successor = newest.get(record.address, 0)
-            if record.active and record.expired and successor > n:
+        for n, successor in sorted(successors(members).items()):
+            record = members[n]
+            if record.active and record.expired:
                 log.info("node %d (%s) joined again as node %d at %s: removing its old member", n, record.name,
                          successor, record.address)
                 await self.log.propose_outcome(cc.RemoveMember(n, time.time_ns()), fenced=False, leader_only=True)

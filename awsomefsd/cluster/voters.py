@@ -47,15 +47,20 @@ class MembershipView:
     """For each learner whose log is within CAUGHT_UP_ENTRIES of the leader's: for how long."""
 
 
-def replaced(view: MembershipView) -> frozenset[int]:
-    """Members (not this leader) whose address a newer active member joined at: the same node after
-    it lost its state. Two live members never share an address (design note 53)."""
+def successors(members: Mapping[int, Member]) -> dict[int, int]:
+    """Each member that a newer active member joined at the address of (the same node after it lost
+    its state), with the newest such member. Two live members never share an address (design note
+    53); names may be shared (hosts cloned, namespaces on one host), so a name says nothing."""
     newest: dict[str, int] = {}
-    for n, record in view.members.items():
+    for n, record in members.items():
         if record.active and record.address:
             newest[record.address] = max(newest.get(record.address, 0), n)
-    return frozenset(n for n, record in view.members.items()
-                     if n != view.me and newest.get(record.address, 0) > n)
+    return {n: newest[record.address] for n, record in members.items() if newest.get(record.address, 0) > n}
+
+
+def replaced(view: MembershipView) -> frozenset[int]:
+    """Members (not this leader) that a newer member replaced: `successors`."""
+    return frozenset(n for n in successors(view.members) if n != view.me)
 
 
 def promotable(view: MembershipView) -> list[int]:
