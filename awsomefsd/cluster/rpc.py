@@ -43,9 +43,10 @@ CONTROL_LIMITS = BridgeLimits(max_call_s=3600.0)
 more than 60 s: the server cut it off while the CLI still waited); the CLI gives each request the
 deadline it expects (cli/repl.py VERIFY_TIMEOUT_S)."""
 assert f"/{MEMBER_SERVICE}/Forward" == FORWARD_METHOD, "Forward is served by MemberService"
-HOLDER_METHODS = {"look": f"/{MEMBER_SERVICE}/LookFor", "create": f"/{MEMBER_SERVICE}/CreateFor"}
-"""A look that found nothing, or a create, in a directory another member holds, sent to that member
-(fs/forwarding.py, whose kinds these are; design note 145)."""
+HOLDER_METHODS = {"look": f"/{MEMBER_SERVICE}/LookFor", "create": f"/{MEMBER_SERVICE}/CreateFor",
+                  "rename": f"/{MEMBER_SERVICE}/RenameFor"}
+"""A look, a create or a rename in directories another member holds, sent to that member
+(fs/forwarding.py, whose kinds these are; design notes 145, 148)."""
 HOLDER_TIMEOUT_S = 2.0
 """A holder that has not answered by then is taken for slow or gone: the create goes the usual
 way (with the same inode number), the look takes the delegation."""
@@ -73,6 +74,9 @@ class MemberService:
     async def CreateFor(self, request: bytes, context: grpc.ServicerContext) -> bytes:
         return await self._for_another("create", request)
 
+    async def RenameFor(self, request: bytes, context: grpc.ServicerContext) -> bytes:
+        return await self._for_another("rename", request)
+
     async def _for_another(self, kind: str, request: bytes) -> bytes:
         serve = self.serve_forwarded
         if serve is None:
@@ -94,7 +98,8 @@ class MemberService:
         return LOG_LEVEL.to_bytes(4, "big")
 
     def binding(self) -> Binding:
-        return Binding(generic_adder(MEMBER_SERVICE, ("Forward", "Progress", "LogLevel", "LookFor", "CreateFor")), self)
+        return Binding(generic_adder(MEMBER_SERVICE, ("Forward", "Progress", "LogLevel", "LookFor", "CreateFor",
+                                                             "RenameFor")), self)
 
 
 async def ask_progress(channel_to: Callable[[int], grpc.Channel | None], leader: int,
@@ -133,7 +138,7 @@ async def ask_log_level(channel_to: Callable[[int], grpc.Channel | None], node: 
 
 async def ask_holder(transport: RaftTransport, on_wire: Callable[[], bool], node: int, kind: str, request: bytes,
                      timeout_s: float = HOLDER_TIMEOUT_S) -> bytes:
-    """Send a look or a create (`kind`, fs/forwarding.py) to the member holding its directory:
+    """Send a look, a create or a rename (`kind`, fs/forwarding.py) to the member holding its directory:
     its answer, or ConnectionError when it cannot be asked or did not answer in time. On the Raft
     wire when `on_wire()` (every member's build knows the call there: HOLDER_WIRE_LEVEL) and a wire
     connection to it is open, else over gRPC."""

@@ -75,6 +75,8 @@ class Operations(FileOperations, XattrOperations, ForwardedOperations):
             if self.coherence is not None and not strict:
                 if found is None:
                     found = await self._look_again(parent, name)
+                elif (told := await self._look_at_holder(parent, name)) is not None:
+                    found = told[1] or None  # another node holds the directory and answered: it stays there
                 elif await self.coherence.looking(parent, found=found):
                     # Ours now: another node's acknowledged changes to it (an unlink, a rename
                     # away) are committed, and nobody else changes it while we answer. A path
@@ -89,9 +91,11 @@ class Operations(FileOperations, XattrOperations, ForwardedOperations):
     async def _look_again(self, parent: int, name: bytes) -> int | None:
         """A name not found here may have been created elsewhere a moment ago. The kernel's
         create (and mkdir, mknod, symlink, link, rename onto a new name) looks the name up first:
-        a delegation taken for this look is kept for the change that follows."""
-        if await self._absent_at_holder(parent, name):  # its holder answers: the delegation stays
-            return None
+        a delegation taken for this look is kept for the change that follows. Another node that
+        holds the directory answers instead (`_look_at_holder`), and the delegation stays there."""
+        told = await self._look_at_holder(parent, name)
+        if told is not None:
+            return told[1] or None
         await self._look_at_directory(parent, change_next=True)
         return self.meta.lookup(parent, name)
 
@@ -245,7 +249,23 @@ class Operations(FileOperations, XattrOperations, ForwardedOperations):
                      uid: int = 0, gid: int = 0) -> None:
         """Runs ahead only when no directory changes parent (the loop check reads the parents of
         directories that other nodes may be moving) and every directory whose entries it reads or
-        changes is held: both parents and a directory it replaces."""
+        changes is held: both parents and a directory it replaces. On a member, a file's rename
+        between directories another member holds is made by that member (`_rename_at_holder`)."""
+        unanswered = await self._rename_at_holder(old_parent, old_name, new_parent, new_name, flags)
+        if unanswered is None:
+            return
+        try:
+            replaced = await self._rename_here(old_parent, old_name, new_parent, new_name, flags, uid, gid)
+        except FsError as exc:
+            if exc.errno == errno.ENOENT and unanswered and self.meta.lookup(new_parent, new_name) == unanswered:
+                return  # the holder renamed it after all, and its answer did not come
+            raise
+        if replaced:
+            await self._purge_if_orphan(replaced)
+
+    async def _rename_here(self, old_parent: int, old_name: bytes, new_parent: int, new_name: bytes, flags: int,
+                           uid: int, gid: int) -> int:
+        """The rename made by this node, holding the delegations it needs: the inode it replaced."""
         for _ in range(MAX_DELEGATION_TRIES):
             replaced_dir = self._directory_at(new_parent, new_name)
             async with self._changing(old_parent, new_parent, *([replaced_dir] if replaced_dir else [])) as ahead:
@@ -265,8 +285,7 @@ class Operations(FileOperations, XattrOperations, ForwardedOperations):
             whiteout_ino = await self.new_ino() if flags & RENAME_WHITEOUT else 0
             replaced = await self._propose(c.Rename(old_parent, old_name, new_parent, new_name, flags,
                                                     self._now(), whiteout_ino, uid, gid), False)
-        if replaced:
-            await self._purge_if_orphan(replaced)
+        return replaced
 
     def _rename_runs_ahead(self, old_parent: int, old_name: bytes, new_parent: int, flags: int,
                            replaced_dir: int) -> bool:
@@ -283,12 +302,6 @@ class Operations(FileOperations, XattrOperations, ForwardedOperations):
         return (self._rename_runs_ahead(old_parent, old_name, new_parent, flags, replaced_dir)
                 and self.change_is_immediate(old_parent, new_parent, *([replaced_dir] if replaced_dir else []),
                                              new_inode=True))
-
-    def _directory_at(self, parent: int, name: bytes) -> int:
-        """The directory `name` names in `parent` (0: none, or not a directory)."""
-        ino = self.meta.lookup(parent, name)
-        inode = None if ino is None else self.meta.inode(ino)
-        return inode.ino if inode is not None and inode.is_dir else 0
 
     # -- opening --------------------------------------------------------------------------------
     async def open(self, ino: int, flags: int, *, drop_setid: InGroup | None = None) -> int:

@@ -121,6 +121,13 @@ class MetaClient:
 
         return result, committed
 
+    async def acknowledged_applied(self) -> int:
+        """Return once every change this node acknowledged ahead before the call is decided (applied
+        here, or refused), with the log index applied then: another member that applies up to it
+        sees all of them (a look answered for it, design note 148)."""
+        await self.ahead.drain()
+        return self._log.applied_index
+
     async def applied_up_to(self, index: int) -> None:
         """Return once this node applied the log up to `index` (a change another member made for it)."""
         if self._log.applied_index < index:

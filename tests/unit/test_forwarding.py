@@ -1,8 +1,10 @@
-"""The messages a create or a look in another member's directory travels in (fs/forwarding.py,
-design note 145): they decode to what was encoded, and a malformed one is refused whole, as the
+"""The messages a create, a look or a rename in another member's directories travels in
+(fs/forwarding.py, design notes 145, 148): they decode to what was encoded, and a malformed one is refused whole, as the
 Member service answers it (INVALID_ARGUMENT, nothing run)."""
 
 from __future__ import annotations
+
+import struct
 
 import grpc
 import pytest
@@ -10,6 +12,7 @@ import trio
 
 from awsomefsd.cluster.rpc import HOLDER_METHODS, MemberService
 from awsomefsd.fs import forwarding as fw
+from awsomefsd.meta.replication.wire_calls import HOLDER_KINDS
 from awsomefsd.rpc.bridge import RpcAbort
 
 
@@ -19,7 +22,12 @@ def test_requests_and_answers_round_trip() -> None:
     assert fw.decode_create(request) == (17, b"f", 1 << 40, 0o100640, 1000, 1001, 3, 7, 123)
     assert fw.decode_answer(fw.answer(fw.Status.DONE, value=555, applied=9)) == (fw.Status.DONE, 0, 555, 9)
     assert fw.decode_answer(fw.answer(fw.Status.FAILED, error=17)) == (fw.Status.FAILED, 17, 0, 0)
+    request = fw.rename_request(17, b"old", 18, b"a new name", 1, 321)
+    assert fw.decode_rename(request) == (17, b"old", 18, b"a new name", 1, 321)
+    longest = fw.rename_request(17, b"o" * 255, 17, b"n" * 255, 0, 1)
+    assert fw.decode_rename(longest) == (17, b"o" * 255, 17, b"n" * 255, 0, 1)
     assert set(HOLDER_METHODS) == set(fw.KINDS)
+    assert HOLDER_KINDS == fw.KINDS, "the Raft wire numbers the kinds in this order"
 
 
 @pytest.mark.parametrize("request_bytes", [b"", b"\0" * 7, fw.look_request(1, b"", 0)[:16],
@@ -34,6 +42,18 @@ def test_a_malformed_look_is_refused(request_bytes: bytes) -> None:
 def test_a_malformed_create_is_refused(request_bytes: bytes) -> None:
     with pytest.raises(fw.BadRequest):
         fw.decode_create(request_bytes)
+
+
+@pytest.mark.parametrize("request_bytes", [b"", fw.rename_request(1, b"o", 2, b"n", 0, 0)[:27],
+                                           fw.rename_request(1, b"", 2, b"n", 0, 0),
+                                           fw.rename_request(1, b"o", 2, b"", 0, 0),
+                                           fw.rename_request(1, b"o" * 256, 2, b"n", 0, 0),
+                                           fw.rename_request(1, b"o", 2, b"n" * 256, 0, 0),
+                                           # an old name's length past the end of the request
+                                           struct.pack(">QQIHQ", 1, 2, 0, 9, 0) + b"on"])
+def test_a_malformed_rename_is_refused(request_bytes: bytes) -> None:
+    with pytest.raises(fw.BadRequest):
+        fw.decode_rename(request_bytes)
 
 
 def test_an_answer_that_does_not_decode_is_no_answer() -> None:
