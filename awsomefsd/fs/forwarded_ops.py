@@ -148,7 +148,8 @@ class ForwardedOperations(OperationsBase):
         note 148). Else rename the usual way (this node holds one of them, nobody holds them, they
         stay with two members, a directory is moved or replaced, NOT_SENT_RENAMES, an older build,
         no answer): the inode this node sent a rename of and got no answer for (the holder may have
-        made it: `Operations.rename` then takes ENOENT with the file at the new name as done), or 0."""
+        made it: `Operations.rename` then takes ENOENT with the file at the new name as done, and
+        any other ENOENT as an unknown outcome, EIO), or 0."""
         coherence = self.coherence
         if (coherence is None or self.forward is None or flags & NOT_SENT_RENAMES or not self.forwards_renames()
                 or self._directory_at(old_parent, old_name) or self._directory_at(new_parent, new_name)):

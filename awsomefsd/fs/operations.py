@@ -257,9 +257,13 @@ class Operations(FileOperations, XattrOperations, ForwardedOperations):
         try:
             replaced = await self._rename_here(old_parent, old_name, new_parent, new_name, flags, uid, gid)
         except FsError as exc:
-            if exc.errno == errno.ENOENT and unanswered and self.meta.lookup(new_parent, new_name) == unanswered:
+            if exc.errno != errno.ENOENT or not unanswered:
+                raise
+            if self.meta.lookup(new_parent, new_name) == unanswered:
                 return  # the holder renamed it after all, and its answer did not come
-            raise
+            # Gone from its name, and not (or no longer) at the new one: the holder's rename may
+            # be what moved it (another rename over the new name since): the outcome is unknown.
+            raise FsError(errno.EIO, "the directories' holder did not answer, and may have made the rename") from None
         if replaced:
             await self._purge_if_orphan(replaced)
 
