@@ -96,6 +96,8 @@ class ForwardedOperations(OperationsBase):
         before it answered; None: look the usual way (nobody else holds the directory, no answer,
         or the name moved again meanwhile)."""
         holder = 0 if self.coherence is None else await self.coherence.holder_to_ask(directory)
+        if not holder:  # the common case (this node holds it, or nobody does): nothing more to read
+            return None
         sent = await self._send(directory, holder, fw.LOOK, lambda seen: fw.look_request(directory, name, seen))
         if sent is None or sent.status not in (fw.Status.ABSENT, fw.Status.FOUND):
             return None

@@ -255,7 +255,8 @@ class Operations(FileOperations, XattrOperations, ForwardedOperations):
         if unanswered is None:
             return
         try:
-            replaced = await self._rename_here(old_parent, old_name, new_parent, new_name, flags, uid, gid)
+            replaced = await self._rename_here(old_parent, old_name, new_parent, new_name, flags, uid, gid,
+                                               unanswered=unanswered)
         except FsError as exc:
             if exc.errno != errno.ENOENT or not unanswered:
                 raise
@@ -268,13 +269,18 @@ class Operations(FileOperations, XattrOperations, ForwardedOperations):
             await self._purge_if_orphan(replaced)
 
     async def _rename_here(self, old_parent: int, old_name: bytes, new_parent: int, new_name: bytes, flags: int,
-                           uid: int, gid: int) -> int:
-        """The rename made by this node, holding the delegations it needs: the inode it replaced."""
+                           uid: int, gid: int, *, unanswered: int = 0) -> int:
+        """The rename made by this node, holding the delegations it needs: the inode it replaced.
+        `unanswered`: the file a rename sent to the directories' holder got no answer for; made
+        here only if the old name still names it (ENOENT otherwise: whoever moved it, this rename
+        is not made a second time over a name given to another file since)."""
         for _ in range(MAX_DELEGATION_TRIES):
             replaced_dir = self._directory_at(new_parent, new_name)
             async with self._changing(old_parent, new_parent, *([replaced_dir] if replaced_dir else [])) as ahead:
                 if self._directory_at(new_parent, new_name) != replaced_dir:
                     continue  # the target changed meanwhile: the delegations to hold changed
+                if unanswered and ahead and self.meta.lookup(old_parent, old_name) != unanswered:
+                    raise FsError(errno.ENOENT, "the file sent to be renamed is no longer at its name")
                 ahead = ahead and self._rename_runs_ahead(old_parent, old_name, new_parent, flags, replaced_dir)
                 whiteout_ino = await self.new_ino() if flags & RENAME_WHITEOUT else 0
                 cookie = c.delegated_cookie(await self.new_ino()) if ahead else 0
