@@ -46,6 +46,7 @@ from awsomefsd.cluster.rpc import (
     ask_holder,
     ask_log_level,
     ask_progress,
+    holder_timeouts,
 )
 from awsomefsd.cluster.state import (
     MemberState,
@@ -389,8 +390,9 @@ async def run_member(member: Member, *, founding: Founding | None = None,
         core = _assemble(member)
         # another member's look, create or rename (notes 145, 148), on gRPC and on the wire (note 147)
         service.serve_forwarded = member.transport.serve_holder = core.ops.serve_forwarded
-        core.ops.forward = functools.partial(ask_holder, member.transport,
-                                             lambda: member.meta.log_level() >= HOLDER_WIRE_LEVEL)
+        core.ops.forward = functools.partial(
+            ask_holder, member.transport, lambda: member.meta.log_level() >= HOLDER_WIRE_LEVEL,
+            timeouts=holder_timeouts(settings.cluster.lease_s, settings.cluster.lease_margin_s))
         core.ops.forwards_renames = lambda: member.meta.log_level() >= FORWARDED_RENAME_LEVEL  # note 148
         assert member.lease is not None and member.groups is not None and member.coherence is not None
         assert member.duties is not None
