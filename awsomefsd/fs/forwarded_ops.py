@@ -29,6 +29,11 @@ NOT_SENT_RENAMES = c.RENAME_WHITEOUT | c.RENAME_EXCHANGE
 """Renames a member makes itself: a whiteout's inode number is the log's to check, and an exchange
 made twice (sent, unanswered, then made the usual way) would undo itself, where a rename made
 twice fails the second time and is seen to be done (`Operations.rename`)."""
+RENAMES_OWN_ERRORS = frozenset({errno.ENOENT, errno.EEXIST, errno.ENOTEMPTY, errno.EISDIR, errno.ENOTDIR,
+                                errno.EINVAL, errno.ENAMETOOLONG, errno.EMLINK, errno.EPERM, errno.EACCES,
+                                errno.EBUSY, errno.EXDEV, errno.ENOSPC, errno.EDQUOT})
+"""What a rename made for another member answers as the rename's own outcome; any other error is the
+holder's (EIO: its lease expired, the log stalled), and the requester then goes the usual way."""
 PAIR_WAIT_S = 0.1
 """How long a rename waits for its two directories, held by two members, to come together at one
 of them before it goes the usual way (the second hand-over of a pair comes 5-60 ms after the first)."""
@@ -162,7 +167,7 @@ class ForwardedOperations(OperationsBase):
         while holder := await self._holder_of_both(old_parent, new_parent):
             coherence.ask_for_turn(old_parent, new_parent)
             moved = self.meta.lookup(old_parent, old_name) or 0
-            sent = await self._send(old_parent, holder, fw.RENAME, lambda seen: fw.rename_request(
+            sent = await self._send_while_live(old_parent, holder, fw.RENAME, lambda seen: fw.rename_request(
                 old_parent, old_name, new_parent, new_name, flags, seen))
             if sent is None:
                 return moved  # no answer: the usual way
@@ -177,6 +182,31 @@ class ForwardedOperations(OperationsBase):
             if trio.current_time() >= deadline:
                 break
         return 0
+
+    async def _send_while_live(self, directory: int, holder: int, kind: str,
+                               request: Callable[[int], bytes]) -> Sent | None:
+        """`_send`, given up (None: no answer) once this node applies the holder's expiry: a holder
+        paused or cut off cannot answer, and its delegations are free only then (its changes not
+        committed by then refused), which is what the usual way would have waited for. Waiting
+        out the call's own deadline instead (lease and margin, `rpc.holder_timeouts`) kept a
+        rename blocked into the quiet time after such a fault (the delegation nemesis, seed
+        566712063: 6 and 10 s)."""
+        member = self.meta.member(holder)
+        if member is None or not member.active or member.expired:
+            return await self._send(directory, holder, kind, request)
+        epoch = member.epoch
+        sent: Sent | None = None
+        async with trio.open_nursery() as nursery:
+
+            async def give_up_at_expiry() -> None:
+                while (now := self.meta.member(holder)) is not None and not now.expired and now.epoch == epoch:
+                    await self.meta.applied_past(self.meta.applied_index)
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(give_up_at_expiry)
+            sent = await self._send(directory, holder, kind, request)
+            nursery.cancel_scope.cancel()
+        return sent
 
     async def _holder_of_both(self, old_parent: int, new_parent: int) -> int:
         """The other member that holds both directories of a rename, once they are together there;
@@ -304,8 +334,11 @@ class ForwardedOperations(OperationsBase):
             cmd = c.Rename(old_parent, old_name, new_parent, new_name, flags, self._now(), cookie=cookie)
             try:
                 replaced, committed = await self.meta.run_ahead_committed(cmd)
-            except FsError as exc:  # the rename's own error, from this node's view (ENOENT, EEXIST)
-                return fw.answer(fw.Status.FAILED, error=exc.errno)
+            except FsError as exc:  # nothing queued: the rename's own error, from this node's view
+                if exc.errno in RENAMES_OWN_ERRORS:
+                    return fw.answer(fw.Status.FAILED, error=exc.errno)
+                log.info("a rename for another member in directory %d did not run here: %s", old_parent, exc)
+                return fw.answer(fw.Status.TAKE)  # this node's (EIO: its lease, the log): the usual way
         self._renamed_for_another(cmd, replaced)
         try:
             index = await committed()
