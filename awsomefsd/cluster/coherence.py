@@ -229,33 +229,31 @@ class ClusterCoherence(LeaseHandOver, AppliedCommands):
             await self._changed.setdefault(directory, trio.Event()).wait()
         return self.holder_elsewhere(directory)
 
-    def ask_for_turn(self, *directories: int) -> None:
-        """Only at the second create (or rename) sent within TURN_AFTER_S: a lone create (a log
-        file, a lock file) leaves the holder its turn, and a run of them (an untar, a build) gets
-        its own. A rename's two directories are asked for together, as its change takes them."""
-        key = tuple(sorted(set(directories)))
+    def ask_for_turn(self, directory: int) -> None:
+        """Only at the second create sent within TURN_AFTER_S: a lone create (a log file, a lock
+        file) leaves the holder its turn, and a run of them (an untar, a build) gets its own."""
         now = trio.current_time()
-        last = self._sent_at.pop(key, -math.inf)
+        last = self._sent_at.pop(directory, -math.inf)
         if len(self._sent_at) >= MAX_SENT_TRACKED:
             self._sent_at.clear()
-        self._sent_at[key] = now
+        self._sent_at[directory] = now
         if now - last > TURN_AFTER_S:
             return
-        if self._nursery is not None and key not in self._asking:
-            self._asking.add(key)
-            self._nursery.start_soon(self._take_turn, key)
+        if self._nursery is not None and directory not in self._asking:
+            self._asking.add(directory)
+            self._nursery.start_soon(self._take_turn, directory)
 
-    async def _take_turn(self, directories: tuple[int, ...]) -> None:
-        """The delegations, taken as for a change (a turn that ends after IDLE_TURN_S of quiet):
-        the create that asked for them is still on its way through the holder when they come, and
+    async def _take_turn(self, directory: int) -> None:
+        """The delegation, taken as for a change (a turn that ends after IDLE_TURN_S of quiet):
+        the create that asked for it is still on its way through the holder when it comes, and
         the next one runs here."""
         try:
-            async with self.taking(directories):
+            async with self.taking([directory]):
                 pass
         except FsError as exc:
-            log.debug("node %d: no turn with directories %s: %s", self.node_id, directories, one_line(exc))
+            log.debug("node %d: no turn with directory %d: %s", self.node_id, directory, one_line(exc))
         finally:
-            self._asking.discard(directories)
+            self._asking.discard(directory)
 
     def serves_for_another(self, directory: int) -> bool:
         return self.holds_now((directory,)) and directory not in self._looked_only

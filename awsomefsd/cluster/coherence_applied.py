@@ -80,20 +80,6 @@ class AppliedCommands(CoherenceBase):
         if self._told_absent_unknown or (directory, name) in self._told_absent:
             self.names_leaving()
 
-    def renamed_for_another(self, command: c.Rename, result: Any, *, known_here: bool) -> None:
-        """This node ran `command` for another member (fs/forwarding.py RENAME), not through its
-        kernel: when it ran ahead, and again once applied (an answer computed before). Its kernel
-        may cache the names for long (it holds both directories): the new name's "no such name"
-        as `changed_for_another` says, and the old one naming the file, which only a kernel that
-        holds a reference to the moved or the replaced inode can (`known_here`): then every name
-        goes, as at a hand-over. The directories' and the file's attributes are invalidated as
-        for another node's rename."""
-        self.changed_for_another(command.old_parent, command.old_name)
-        self.changed_for_another(command.new_parent, command.new_name)
-        if known_here:
-            self.names_leaving()
-        self.invalidator.submit(self._safe(targets(command, result)))
-
     def _entries_changed_elsewhere(self, directories: set[int]) -> None:
         """Entries of these directories changed other than through this node's kernel: the names
         it caches for long go, and a listing it keeps is not current any more."""

@@ -79,8 +79,8 @@ class CoherenceBase:
         self._handing: set[int] = set()  # hand-over task scheduled or running
         self._writers: dict[int, int] = {}  # inode -> writes in progress under its lease
         self._delegated: set[int] = set()  # directories whose delegation this node asked for
-        self._asking: set[tuple[int, ...]] = set()  # directories whose delegations a background task asks for (`ask_for_turn`)
-        self._sent_at: dict[tuple[int, ...], float] = {}  # directories -> when this node last sent a change to their holder
+        self._asking: set[int] = set()  # directories whose delegation a background task asks for (`ask_for_turn`)
+        self._sent_at: dict[int, float] = {}  # directory -> when this node last sent a create to its holder
         self._told_absent: set[tuple[int, bytes]] = set()  # "no such name" told the kernel for long since the last drop
         self._told_absent_unknown = False  # more than MAX_TOLD_ABSENT were: any may be cached
         self._looked_only: set[int] = set()  # delegations taken for a look, nothing changed under them since

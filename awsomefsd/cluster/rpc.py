@@ -15,8 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping
-from types import MappingProxyType
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -44,27 +43,12 @@ CONTROL_LIMITS = BridgeLimits(max_call_s=3600.0)
 more than 60 s: the server cut it off while the CLI still waited); the CLI gives each request the
 deadline it expects (cli/repl.py VERIFY_TIMEOUT_S)."""
 assert f"/{MEMBER_SERVICE}/Forward" == FORWARD_METHOD, "Forward is served by MemberService"
-HOLDER_METHODS = {"look": f"/{MEMBER_SERVICE}/LookFor", "create": f"/{MEMBER_SERVICE}/CreateFor",
-                  "rename": f"/{MEMBER_SERVICE}/RenameFor"}
-"""A look, a create or a rename in directories another member holds, sent to that member
-(fs/forwarding.py, whose kinds these are; design notes 145, 148)."""
+HOLDER_METHODS = {"look": f"/{MEMBER_SERVICE}/LookFor", "create": f"/{MEMBER_SERVICE}/CreateFor"}
+"""A look that found nothing, or a create, in a directory another member holds, sent to that member
+(fs/forwarding.py, whose kinds these are; design note 145)."""
 HOLDER_TIMEOUT_S = 2.0
 """A holder that has not answered by then is taken for slow or gone: the create goes the usual
-way (with the same inode number), the look takes the delegation. A rename waits longer
-(`holder_timeouts`)."""
-
-
-def holder_timeouts(lease_s: float, lease_margin_s: float) -> dict[str, float]:
-    """How long each kind waits for the holder's answer, where not HOLDER_TIMEOUT_S. A rename the
-    holder may have made cannot be made again safely (a create can: it carries its inode number),
-    and its outcome is unknown (EIO) when the file left its name and another took the new one
-    meanwhile; the holder answers unless it is gone, and a holder cut off or paused past its lease
-    and margin is expired, its changes not committed by then refused: so the rename waits that
-    long. A rename made the usual way would wait as long for that holder's delegations anyway.
-    (The delegation nemesis, seed 575865226: a holder just back from a 5.6 s partition answered a
-    rename after 2 s, another rename took the new name meanwhile, and the first got EIO in a quiet
-    window.)"""
-    return {"rename": lease_s + lease_margin_s + HOLDER_TIMEOUT_S}
+way (with the same inode number), the look takes the delegation."""
 ServeForwarded = Callable[[str, bytes], Awaitable[bytes]]
 
 
@@ -89,9 +73,6 @@ class MemberService:
     async def CreateFor(self, request: bytes, context: grpc.ServicerContext) -> bytes:
         return await self._for_another("create", request)
 
-    async def RenameFor(self, request: bytes, context: grpc.ServicerContext) -> bytes:
-        return await self._for_another("rename", request)
-
     async def _for_another(self, kind: str, request: bytes) -> bytes:
         serve = self.serve_forwarded
         if serve is None:
@@ -113,8 +94,7 @@ class MemberService:
         return LOG_LEVEL.to_bytes(4, "big")
 
     def binding(self) -> Binding:
-        return Binding(generic_adder(MEMBER_SERVICE, ("Forward", "Progress", "LogLevel", "LookFor", "CreateFor",
-                                                             "RenameFor")), self)
+        return Binding(generic_adder(MEMBER_SERVICE, ("Forward", "Progress", "LogLevel", "LookFor", "CreateFor")), self)
 
 
 async def ask_progress(channel_to: Callable[[int], grpc.Channel | None], leader: int,
@@ -152,12 +132,11 @@ async def ask_log_level(channel_to: Callable[[int], grpc.Channel | None], node: 
 
 
 async def ask_holder(transport: RaftTransport, on_wire: Callable[[], bool], node: int, kind: str, request: bytes,
-                     timeouts: Mapping[str, float] = MappingProxyType({})) -> bytes:
-    """Send a look, a create or a rename (`kind`, fs/forwarding.py) to the member holding its directory:
-    its answer, or ConnectionError when it cannot be asked or did not answer in time (`timeouts` of
-    the kind, else HOLDER_TIMEOUT_S). On the Raft wire when `on_wire()` (every member's build knows
-    the call there: HOLDER_WIRE_LEVEL) and a wire connection to it is open, else over gRPC."""
-    timeout_s = timeouts.get(kind, HOLDER_TIMEOUT_S)
+                     timeout_s: float = HOLDER_TIMEOUT_S) -> bytes:
+    """Send a look or a create (`kind`, fs/forwarding.py) to the member holding its directory:
+    its answer, or ConnectionError when it cannot be asked or did not answer in time. On the Raft
+    wire when `on_wire()` (every member's build knows the call there: HOLDER_WIRE_LEVEL) and a wire
+    connection to it is open, else over gRPC."""
     if on_wire():
         try:
             return await transport.ask_holder(node, kind, request, timeout_s)

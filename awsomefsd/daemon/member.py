@@ -46,7 +46,6 @@ from awsomefsd.cluster.rpc import (
     ask_holder,
     ask_log_level,
     ask_progress,
-    holder_timeouts,
 )
 from awsomefsd.cluster.state import (
     MemberState,
@@ -93,12 +92,11 @@ from awsomefsd.io.fence import WriteFence
 from awsomefsd.meta import cluster_commands as cc
 from awsomefsd.meta import commands as c
 from awsomefsd.meta.client import MetaClient
-from awsomefsd.meta.levels import FORWARDED_RENAME_LEVEL, HOLDER_WIRE_LEVEL, LOG_LEVEL
+from awsomefsd.meta.levels import HOLDER_WIRE_LEVEL, LOG_LEVEL
 from awsomefsd.meta.replication.forwarding import Forwarder, accept_forwarded
 from awsomefsd.meta.replication.fs_log import ReplicatedFsLog
 from awsomefsd.meta.replication.settings import NodeSettings
 from awsomefsd.meta.replication.transport import RaftTransport
-from awsomefsd.meta.replication.wire_calls import HOLDER_KINDS
 from awsomefsd.metrics import Metrics
 from awsomefsd.rpc.bridge import serve_grpc
 
@@ -350,7 +348,6 @@ def open_member(settings: Settings, state: MemberState, creds: NodeCredentials, 
 
 
 assert set(HOLDER_METHODS) == set(forwarding.KINDS), "every kind fs/forwarding.py sends has a Member method"
-assert HOLDER_KINDS == forwarding.KINDS, "the Raft wire numbers the kinds fs/forwarding.py sends"
 
 
 def downgrade_refused(cluster_level: int) -> str:
@@ -388,12 +385,10 @@ async def run_member(member: Member, *, founding: Founding | None = None,
         if on_listening is not None:
             on_listening(member)
         core = _assemble(member)
-        # another member's look, create or rename (notes 145, 148), on gRPC and on the wire (note 147)
+        # another member's look or create (note 145), on gRPC and on the wire (note 147)
         service.serve_forwarded = member.transport.serve_holder = core.ops.serve_forwarded
-        core.ops.forward = functools.partial(
-            ask_holder, member.transport, lambda: member.meta.log_level() >= HOLDER_WIRE_LEVEL,
-            timeouts=holder_timeouts(settings.cluster.lease_s, settings.cluster.lease_margin_s))
-        core.ops.forwards_renames = lambda: member.meta.log_level() >= FORWARDED_RENAME_LEVEL  # note 148
+        core.ops.forward = functools.partial(ask_holder, member.transport,
+                                             lambda: member.meta.log_level() >= HOLDER_WIRE_LEVEL)
         assert member.lease is not None and member.groups is not None and member.coherence is not None
         assert member.duties is not None
         await nursery.start(member.lease.run)

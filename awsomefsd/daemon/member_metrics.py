@@ -72,12 +72,12 @@ def collect_member_metrics(member: Member) -> Iterator[Metric]:
                       co.stale_reads)
     if member.core is not None:
         sent = member.core.ops.forward_counts
-        forwarded = CounterMetricFamily("awsomefs_forwarded", "looks, creates and renames in directories other "
-                                        "members hold, sent to those members (design notes 145, 148): answered there "
-                                        "(look), made there (create, rename), unanswered (failed: the usual way "
-                                        "followed), made here for others (served)", labels=["kind"])
-        for kind, value in (("look", sent.looks), ("create", sent.creates), ("rename", sent.renames),
-                            ("failed", sent.failed), ("served", sent.served)):
+        forwarded = CounterMetricFamily("awsomefs_forwarded", "looks and creates in directories other members hold, "
+                                        "sent to those members (design note 145): answered no such name (look), made "
+                                        "there (create), unanswered (failed: the usual way followed), made here for "
+                                        "others (served)", labels=["kind"])
+        for kind, value in (("look", sent.looks), ("create", sent.creates), ("failed", sent.failed),
+                            ("served", sent.served)):
             forwarded.add_metric([kind], value)
         yield forwarded
         yield counter("awsomefs_holder_calls_on_wire", "looks and creates sent to a directory's holder on the Raft "

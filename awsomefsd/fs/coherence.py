@@ -13,8 +13,6 @@ from collections.abc import Awaitable, Callable, Iterable
 from contextlib import AbstractAsyncContextManager
 from typing import Protocol
 
-from awsomefsd.meta.commands import Rename
-
 FlushFile = Callable[[int], Awaitable[None]]
 """`await flush(ino)`: this node's buffered data of the file to the device, its mapping to the log."""
 HoldsInode = Callable[[int], bool]
@@ -110,10 +108,9 @@ class Coherence(Protocol):
         way) has committed: the holder it went to."""
         ...
 
-    def ask_for_turn(self, *directories: int) -> None:
-        """Ask for the directories' delegations (all of them, for one change) without waiting: the
-        creates or renames sent to their holder meanwhile answer in milliseconds, and the turn comes
-        as for any request."""
+    def ask_for_turn(self, directory: int) -> None:
+        """Ask for the directory's delegation without waiting for it: the creates sent to its
+        holder meanwhile answer in milliseconds, and the turn comes as for any request."""
         ...
 
     def serves_for_another(self, directory: int) -> bool:
@@ -131,13 +128,6 @@ class Coherence(Protocol):
     def changed_for_another(self, directory: int, name: bytes) -> None:
         """This node made `name` in the directory for another member: a listing its kernel keeps
         is no longer current, nor an answer "no such name" it gave for that name for long."""
-        ...
-
-    def renamed_for_another(self, command: Rename, result: int, *, known_here: bool) -> None:
-        """This node ran `command` for another member (when it ran ahead, and again once applied):
-        the names and attributes its kernel may cache that it changed are dropped; `known_here`:
-        its kernel holds a reference to the moved or the replaced inode (a name of it may be cached
-        for long)."""
         ...
 
     def granted_epoch(self) -> int:

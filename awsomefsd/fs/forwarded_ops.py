@@ -1,5 +1,5 @@
-"""Creates, looks and renames in directories another member holds, sent to that member, and those
-another member sends here (fs/forwarding.py says why and how; design notes 145, 148)."""
+"""Creates and looks in a directory another member holds, sent to that member, and those another
+member sends here (fs/forwarding.py says why and how; design notes 145, 148)."""
 
 from __future__ import annotations
 
@@ -25,18 +25,6 @@ NOT_HOLDER was handing the directory over)."""
 HANDOVER_WAIT_S = 0.5
 """How long a look or a create waits for a hand-over of the directory to show before it goes the
 usual way (a hand-over is a drain of the holder's pipeline and a round of the log: 30-80 ms)."""
-NOT_SENT_RENAMES = c.RENAME_WHITEOUT | c.RENAME_EXCHANGE
-"""Renames a member makes itself: a whiteout's inode number is the log's to check, and an exchange
-made twice (sent, unanswered, then made the usual way) would undo itself, where a rename made
-twice fails the second time and is seen to be done (`Operations.rename`)."""
-RENAMES_OWN_ERRORS = frozenset({errno.ENOENT, errno.EEXIST, errno.ENOTEMPTY, errno.EISDIR, errno.ENOTDIR,
-                                errno.EINVAL, errno.ENAMETOOLONG, errno.EMLINK, errno.EPERM, errno.EACCES,
-                                errno.EBUSY, errno.EXDEV, errno.ENOSPC, errno.EDQUOT})
-"""What a rename made for another member answers as the rename's own outcome; any other error is the
-holder's (EIO: its lease expired, the log stalled), and the requester then goes the usual way."""
-PAIR_WAIT_S = 0.1
-"""How long a rename waits for its two directories, held by two members, to come together at one
-of them before it goes the usual way (the second hand-over of a pair comes 5-60 ms after the first)."""
 APPLY_WAIT_S = 10.0
 """How long a create the holder made waits for this node to apply it: as long as a change
 proposed here would wait for the log (a node cut off from the leader learns nothing)."""
@@ -53,20 +41,19 @@ class Sent(NamedTuple):
 
 
 class ForwardedOperations(OperationsBase):
-    """The requester's side (`_look_at_holder`, `_create_at_holder`, `_rename_at_holder`) and the holder's
+    """The requester's side (`_look_at_holder`, `_create_at_holder`) and the holder's
     (`serve_forwarded`)."""
 
     # -- sent to the holder -----------------------------------------------------------------------
     async def _send(self, directory: int, holder: int, kind: str,
                     request: Callable[[int], bytes]) -> Sent | None:
-        """Send a look, a create or a rename (`request(seen)`) to the directory's holder (`holder`,
-        from `holder_to_ask`): what the holder that answered said, or None to go the usual way
-        (this node cannot send, or no holder answered). A node that no longer holds the directory
-        answers NOT_HOLDER with the holder it reads (it handed the directory over) and the log
-        index it applied: the request goes there next, and that holder catches up to the index
-        first. One that holds it for a look only answers TAKE (a look or a create then takes it the
-        usual way). One that names itself (or nobody) has not applied its own hand-over yet: the
-        next holder is then the one this node reads once it moved."""
+        """Send a look or a create (`request(seen)`) to the directory's holder (`holder`, from
+        `holder_to_ask`): what the holder that answered said, or None to go the usual way (this node cannot send, or no holder answered). A node that no longer holds the directory answers
+        NOT_HOLDER with the holder it reads (it handed the directory over) and the log index it
+        applied: the request goes there next, and that holder catches up to the index first. One
+        that holds it for a look only answers TAKE: the usual way takes it from there at once.
+        One that names itself (or nobody) has not applied its own hand-over yet: the next holder
+        is then the one this node reads once it moved."""
         if self.forward is None or self.coherence is None or not self.meta.may_propose(c.MknodFor):
             return None
         seen = self.meta.applied_index
@@ -78,6 +65,8 @@ class ForwardedOperations(OperationsBase):
             except ConnectionError as exc:
                 self.forward_counts.failed += 1
                 log.debug("a %s in directory %d at node %d: %s", kind, directory, holder, exc)
+                return None
+            if status is fw.Status.TAKE:
                 return None
             if status is not fw.Status.NOT_HOLDER:
                 return Sent(holder, status, error, value, applied)
@@ -97,9 +86,9 @@ class ForwardedOperations(OperationsBase):
 
     async def _look_at_holder(self, directory: int, name: bytes) -> tuple[fw.Status, int] | None:
         """Ask the directory's holder whether `name` is there: (ABSENT, 0): answer ENOENT; (FOUND,
-        the inode): answer with it, applied here with every change the holder acknowledged
+        the inode): answer with it, applied here with every change the holder acknowledged to it
         before it answered; None: look the usual way (nobody else holds the directory, no answer,
-        or the name moved again meanwhile)."""
+        or this node's view has another inode at that name once applied that far)."""
         holder = 0 if self.coherence is None else await self.coherence.holder_to_ask(directory)
         if not holder:  # the common case (this node holds it, or nobody does): nothing more to read
             return None
@@ -143,93 +132,15 @@ class ForwardedOperations(OperationsBase):
         return self.data.with_buffered(inode), ino
 
     async def _apply_holders(self, holder: int, index: int, what: str) -> None:
-        """Apply the log up to `index`, where the holder's change made for this node is."""
+        """Apply the log up to `index`, where the holder's change or look made for this node is."""
         with trio.move_on_after(APPLY_WAIT_S):
             await self.meta.applied_up_to(index)
         if self.meta.applied_index < index:
             raise FsError(errno.EIO, f"node {holder} {what}, and this node did not apply it in {APPLY_WAIT_S:.0f} s")
 
-    async def _rename_at_holder(self, old_parent: int, old_name: bytes, new_parent: int, new_name: bytes,
-                                flags: int) -> int | None:
-        """None when the member holding both directories renamed the file for this node (design
-        note 148). Else rename the usual way (this node holds one of them, nobody holds them, they
-        stay with two members, a directory is moved or replaced, NOT_SENT_RENAMES, an older build,
-        no answer): the inode this node sent a rename of and got no answer for (the holder may have
-        made it: `Operations.rename` then takes ENOENT with the file at the new name as done, and
-        any other ENOENT as an unknown outcome, EIO), or 0."""
-        coherence = self.coherence
-        if (coherence is None or self.forward is None or flags & NOT_SENT_RENAMES or not self.forwards_renames()
-                or self._directory_at(old_parent, old_name) or self._directory_at(new_parent, new_name)):
-            return 0
-        check_name(old_name)
-        check_name(new_name)
-        deadline = trio.current_time() + HANDOVER_WAIT_S
-        while holder := await self._holder_of_both(old_parent, new_parent):
-            coherence.ask_for_turn(old_parent, new_parent)
-            moved = self.meta.lookup(old_parent, old_name) or 0
-            sent = await self._send_while_live(old_parent, holder, fw.RENAME, lambda seen: fw.rename_request(
-                old_parent, old_name, new_parent, new_name, flags, seen))
-            if sent is None:
-                return moved  # no answer: the usual way
-            if sent.status is fw.Status.FAILED:
-                fw.raise_failed(sent.error)
-            if sent.status is fw.Status.DONE:
-                await self._apply_holders(sent.holder, sent.value, "renamed the file")
-                self.forward_counts.renames += 1
-                return None
-            with trio.move_on_after(deadline - trio.current_time()):  # TAKE: a hand-over under way there
-                await self.meta.applied_past(self.meta.applied_index)
-            if trio.current_time() >= deadline:
-                break
-        return 0
-
-    async def _send_while_live(self, directory: int, holder: int, kind: str,
-                               request: Callable[[int], bytes]) -> Sent | None:
-        """`_send`, given up (None: no answer) once this node applies the holder's expiry: a holder
-        paused or cut off cannot answer, and its delegations are free only then (its changes not
-        committed by then refused), which is what the usual way would have waited for. Waiting
-        out the call's own deadline instead (lease and margin, `rpc.holder_timeouts`) kept a
-        rename blocked into the quiet time after such a fault (the delegation nemesis, seed
-        566712063: 6 and 10 s)."""
-        member = self.meta.member(holder)
-        if member is None or not member.active or member.expired:
-            return await self._send(directory, holder, kind, request)
-        epoch = member.epoch
-        sent: Sent | None = None
-        async with trio.open_nursery() as nursery:
-
-            async def give_up_at_expiry() -> None:
-                while (now := self.meta.member(holder)) is not None and not now.expired and now.epoch == epoch:
-                    await self.meta.applied_past(self.meta.applied_index)
-                nursery.cancel_scope.cancel()
-
-            nursery.start_soon(give_up_at_expiry)
-            sent = await self._send(directory, holder, kind, request)
-            nursery.cancel_scope.cancel()
-        return sent
-
-    async def _holder_of_both(self, old_parent: int, new_parent: int) -> int:
-        """The other member that holds both directories of a rename, once they are together there;
-        0: go the usual way (this node holds both, nobody holds either, one is free, or they stayed
-        split for PAIR_WAIT_S). Split between two members they are most often on their way to one
-        of them: each is handed over on its own, a few milliseconds apart, and a rename that went
-        the usual way meanwhile waited a whole round of the others' turns (0.5-1 s with three
-        renamers)."""
-        assert self.coherence is not None
-        dirs = (old_parent, new_parent)
-        with trio.move_on_after(PAIR_WAIT_S):
-            while True:
-                holders = {await self.coherence.holder_to_ask(directory) for directory in dirs}
-                if len(holders) == 1 and 0 not in holders:
-                    return holders.pop()
-                if self.coherence.holds_now(dirs) or not all(self.meta.lease_holder(directory) for directory in dirs):
-                    return 0
-                await self.meta.applied_past(self.meta.applied_index)
-        return 0
-
     # -- served here for another member ----------------------------------------------------------
     async def serve_forwarded(self, kind: str, request: bytes) -> bytes:
-        """Another member's look, create or rename in directories this node holds (raises
+        """Another member's look or create in a directory this node holds (raises
         fw.BadRequest for one that does not decode)."""
         if kind == fw.LOOK:
             directory, name, seen = fw.decode_look(request)
@@ -241,18 +152,17 @@ class ForwardedOperations(OperationsBase):
             return fw.answer(fw.Status.FOUND, value=found, applied=await self._reached_by_another(found))
         if kind == fw.CREATE:
             return await self._serve_create(*fw.decode_create(request))
-        if kind == fw.RENAME:
-            return await self._serve_rename(*fw.decode_rename(request))
         raise fw.BadRequest(f"unknown kind {kind!r}")
 
     async def _reached_by_another(self, ino: int) -> int:
         """Another member found `ino` here and will read it: the log index up to which it applies
         first. A fresh file (created ahead here: its data mappings and its very name may still be
-        in the pipeline) is fresh no more (its mappings wait for the log from now on), and
-        everything acknowledged before is decided first; anything else has no change of its own
-        ahead of the log but its attributes, which a member's GETATTR answers from what it
-        applied anyway. (A name given to it ahead of the log, by a rename within a directory, is
-        not at that name in the requester's view yet: the requester then takes the delegation.)"""
+        in the pipeline) is fresh no more (its mappings wait for the log from now on, and its
+        unlink is no longer one only its creator could see), and everything acknowledged before
+        is decided first; anything else has no change of its own ahead of the log but its
+        attributes, which a member's GETATTR answers from what it applied anyway. (A name given to
+        it ahead of the log, by a rename within a directory, is not at that name in the
+        requester's view yet: the requester then takes the delegation.)"""
         assert self.coherence is not None
         if not self.coherence.fresh(ino):
             return self.meta.applied_index
@@ -305,55 +215,3 @@ class ForwardedOperations(OperationsBase):
             return self._not_holder(directory)
         self.forward_counts.served += 1
         return fw.answer(fw.Status.DONE, value=index)
-
-    async def _serve_rename(self, old_parent: int, old_name: bytes, new_parent: int, new_name: bytes, flags: int,
-                            seen: int) -> bytes:
-        """Run another member's rename ahead under this node's delegations, as its own renames run,
-        and answer once the log committed it (TAKE when this node cannot: it does not hold both
-        directories, a directory would move or be replaced)."""
-        if flags & NOT_SENT_RENAMES:
-            raise fw.BadRequest("an exchange, or a rename leaving a whiteout, is not made for another member")
-        try:
-            check_name(old_name)
-            check_name(new_name)
-        except FsError as exc:
-            return fw.answer(fw.Status.FAILED, error=exc.errno)
-        cookie = c.delegated_cookie(await self.new_ino())  # before the look: nothing awaits after it
-        if not await self._serves_others(old_parent, seen):
-            return self._not_holder(old_parent)
-        assert self.coherence is not None
-        if (not self.coherence.serves_for_another(new_parent) or self._directory_at(old_parent, old_name)
-                or self._directory_at(new_parent, new_name)):
-            return fw.answer(fw.Status.TAKE)
-        async with self._changing(old_parent, new_parent) as ahead:  # held and not moving: entered at once
-            if not ahead:
-                return fw.answer(fw.Status.TAKE)
-            for moved in (self.meta.lookup(old_parent, old_name), self.meta.lookup(new_parent, new_name)):
-                if moved is not None:  # another member reaches it now (an exchange moves both)
-                    self.coherence.published(moved)
-            cmd = c.Rename(old_parent, old_name, new_parent, new_name, flags, self._now(), cookie=cookie)
-            try:
-                replaced, committed = await self.meta.run_ahead_committed(cmd)
-            except FsError as exc:  # nothing queued: the rename's own error, from this node's view
-                if exc.errno in RENAMES_OWN_ERRORS:
-                    return fw.answer(fw.Status.FAILED, error=exc.errno)
-                log.info("a rename for another member in directory %d did not run here: %s", old_parent, exc)
-                return fw.answer(fw.Status.TAKE)  # this node's (EIO: its lease, the log): the usual way
-        self._renamed_for_another(cmd, replaced)
-        try:
-            index = await committed()
-        except FsError as exc:  # the log refused it (this node's delegation went with its lease)
-            log.info("a rename for another member in directory %d was refused: %s", old_parent, exc)
-            return self._not_holder(old_parent)
-        self._renamed_for_another(cmd, replaced)  # again: an answer computed before may have reached the kernel
-        if replaced:
-            await self._purge_if_orphan(replaced)
-        self.forward_counts.served += 1
-        return fw.answer(fw.Status.DONE, value=index)
-
-    def _renamed_for_another(self, cmd: c.Rename, replaced: int) -> None:
-        """What this node's kernel may cache of the names a rename made for another changed goes."""
-        assert self.coherence is not None
-        moved = (self.meta.lookup(cmd.new_parent, cmd.new_name), self.meta.lookup(cmd.old_parent, cmd.old_name))
-        known = any(ino is not None and ino in self.handles.lookups for ino in (*moved, replaced or None))
-        self.coherence.renamed_for_another(cmd, replaced, known_here=known)

@@ -6,28 +6,16 @@ for its turn waited for the others' turns and hand-overs: the longest create of 
 one directory was 0.5 s. The holder's view of the directory is complete (no other node changes
 it), so it can answer a look there, and run a create there, for another member at once:
 
-- **look** (`LOOK`): the kernel's LOOKUP of a name. The holder answers from its view whether the
-  name is there, and which inode it names. Absent: this node answers "no such name" as it is (it
+- **look** (`LOOK`): the kernel's LOOKUP of a name this node does not find. The holder answers
+  from its view whether the name is there. Absent: this node answers "no such name" as it is (it
   was absent when the holder answered, and every change acknowledged before the look is in that
-  view). Present, naming the inode this node's own view has at that name: this node answers with
-  its inode (the name is committed as the holder sees it; the attributes are this node's, as for
-  any GETATTR a member answers). Present with another inode, or no answer: the delegation comes
-  here as before, and the name is read here.
+  view). Present, or no answer: the delegation comes here as before, and the name is read here.
 - **create** (`CREATE`): open(O_CREAT) of a regular file. The requester reserves the inode number
   from its own range and sends it with the name, the mode, the owner and its liveness-lease epoch;
   the holder runs a `MknodFor` ahead of the log under its delegation (its view has the file at
   once, as for its own creates), with the file's write lease going to the requester, and answers
   once the log committed it, with the index to apply. The requester applies up to that index and
   answers the kernel: the file is in its view, with the lease its writes need.
-
-- **rename** (`RENAME`): rename(2) of a file (not a directory; no exchange, no whiteout) between
-  directories one other member holds both of. The holder runs the `Rename` ahead of the log under its
-  delegations, as for its own renames, and answers once the log committed it, with the index to
-  apply; its kernel's entries for both names are dropped (the change did not go through it). The
-  requester applies up to that index and answers the kernel. The holder answers TAKE when it does
-  not hold every directory the rename reads or changes, or cannot run it ahead: the usual way.
-  (design note 148: the longest rename between two directories three nodes renamed in was 0.9-1 s
-  of waiting for the others' turns.)
 
 Whatever goes wrong (the holder handed the directory over meanwhile, is slow, unreachable, or an
 older build) the create goes the usual way, taking the delegation, **with the same inode
@@ -54,8 +42,7 @@ from awsomefsd.meta.records import MAX_NAME_BYTES
 
 LOOK = "look"
 CREATE = "create"
-RENAME = "rename"
-KINDS = (LOOK, CREATE, RENAME)
+KINDS = (LOOK, CREATE)
 
 Forward = Callable[[int, str, bytes], Awaitable[bytes]]
 """`forward(node, kind, request)`: the holder's answer; raises ConnectionError when it cannot be
@@ -63,7 +50,6 @@ asked or did not answer in time (the daemon's wiring: the Member service, cluste
 
 _LOOK = struct.Struct(">QQ")  # directory, the log index the requester applied; the name follows
 _CREATE = struct.Struct(">QQIIIIQQ")  # directory, inode, mode, uid, gid, requester, its epoch, the index it applied
-_RENAME = struct.Struct(">QQIHQ")  # old directory, new directory, flags, old name's length, the index applied
 _ANSWER = struct.Struct(">BHQQ")  # status, errno, value, the index the holder applied
 """`value`: the inode found (a look's FOUND), the log index to apply (a create's DONE), or the
 member the answering node reads as the holder (NOT_HOLDER: it handed the directory over, and the
@@ -75,19 +61,18 @@ class Status(enum.IntEnum):
     ABSENT = 1  # no such name in the holder's view
     FOUND = 2  # the name is there
     NOT_HOLDER = 3  # the holder does not hold the directory (any more), or runs nothing for others
-    FAILED = 4  # the create's or rename's own error (EEXIST, EDQUOT, ...): the errno says
-    TAKE = 5  # held for a look only (a stat, an open), or a rename it cannot run: the usual way, as before
+    FAILED = 4  # the create's own error (EEXIST, EDQUOT, ...): the errno says
+    TAKE = 5  # held for a look only (a stat, an open): the requester takes it the usual way, as before
 
 
 @dataclass
 class ForwardCounts:
     """What this node sent to holders and served for others (`awsomefs_forwarded_total`)."""
 
-    looks: int = 0  # looks a holder answered "no such name", or found the inode this node reads there
+    looks: int = 0  # looks a holder answered "no such name"
     creates: int = 0  # creates a holder made for this node
-    renames: int = 0  # renames a holder made for this node
     failed: int = 0  # sends that got no answer (the usual way followed)
-    served: int = 0  # creates and renames this node made for others
+    served: int = 0  # creates this node made for others
 
 
 class BadRequest(ValueError):
@@ -124,23 +109,6 @@ def decode_create(request: bytes) -> tuple[int, bytes, int, int, int, int, int, 
     return directory, name, ino, mode, uid, gid, requester, epoch, seen
 
 
-def rename_request(old_parent: int, old_name: bytes, new_parent: int, new_name: bytes, flags: int,
-                   seen: int) -> bytes:
-    return _RENAME.pack(old_parent, new_parent, flags, len(old_name), seen) + old_name + new_name
-
-
-def decode_rename(request: bytes) -> tuple[int, bytes, int, bytes, int, int]:
-    """(old directory, old name, new directory, new name, flags, index the requester applied)."""
-    if len(request) < _RENAME.size:
-        raise BadRequest("a rename needs its fields and two names")
-    old_parent, new_parent, flags, old_length, seen = _RENAME.unpack_from(request)
-    names = request[_RENAME.size:]
-    old_name, new_name = names[:old_length], names[old_length:]
-    if not 0 < len(old_name) <= MAX_NAME_BYTES or not 0 < len(new_name) <= MAX_NAME_BYTES:
-        raise BadRequest("a rename needs two names")
-    return old_parent, old_name, new_parent, new_name, flags, seen
-
-
 def answer(status: Status, *, error: int = 0, value: int = 0, applied: int = 0) -> bytes:
     return _ANSWER.pack(status, error, value, applied)
 
@@ -161,5 +129,5 @@ def _status(value: int) -> Status:
 
 
 def raise_failed(error: int) -> NoReturn:
-    """A create's or a rename's own error, as the holder's state machine gave it."""
+    """A create's own error, as the holder's state machine gave it."""
     raise FsError(error if 0 < error < 4096 else errno.EIO, "refused by the directory's holder")

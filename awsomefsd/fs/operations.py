@@ -249,38 +249,12 @@ class Operations(FileOperations, XattrOperations, ForwardedOperations):
                      uid: int = 0, gid: int = 0) -> None:
         """Runs ahead only when no directory changes parent (the loop check reads the parents of
         directories that other nodes may be moving) and every directory whose entries it reads or
-        changes is held: both parents and a directory it replaces. On a member, a file's rename
-        between directories another member holds is made by that member (`_rename_at_holder`)."""
-        unanswered = await self._rename_at_holder(old_parent, old_name, new_parent, new_name, flags)
-        if unanswered is None:
-            return
-        try:
-            replaced = await self._rename_here(old_parent, old_name, new_parent, new_name, flags, uid, gid,
-                                               unanswered=unanswered)
-        except FsError as exc:
-            if exc.errno != errno.ENOENT or not unanswered:
-                raise
-            if self.meta.lookup(new_parent, new_name) == unanswered:
-                return  # the holder renamed it after all, and its answer did not come
-            # Gone from its name, and not (or no longer) at the new one: the holder's rename may
-            # be what moved it (another rename over the new name since): the outcome is unknown.
-            raise FsError(errno.EIO, "the directories' holder did not answer, and may have made the rename") from None
-        if replaced:
-            await self._purge_if_orphan(replaced)
-
-    async def _rename_here(self, old_parent: int, old_name: bytes, new_parent: int, new_name: bytes, flags: int,
-                           uid: int, gid: int, *, unanswered: int = 0) -> int:
-        """The rename made by this node, holding the delegations it needs: the inode it replaced.
-        `unanswered`: the file a rename sent to the directories' holder got no answer for; made
-        here only if the old name still names it (ENOENT otherwise: whoever moved it, this rename
-        is not made a second time over a name given to another file since)."""
+        changes is held: both parents and a directory it replaces."""
         for _ in range(MAX_DELEGATION_TRIES):
             replaced_dir = self._directory_at(new_parent, new_name)
             async with self._changing(old_parent, new_parent, *([replaced_dir] if replaced_dir else [])) as ahead:
                 if self._directory_at(new_parent, new_name) != replaced_dir:
                     continue  # the target changed meanwhile: the delegations to hold changed
-                if unanswered and ahead and self.meta.lookup(old_parent, old_name) != unanswered:
-                    raise FsError(errno.ENOENT, "the file sent to be renamed is no longer at its name")
                 ahead = ahead and self._rename_runs_ahead(old_parent, old_name, new_parent, flags, replaced_dir)
                 whiteout_ino = await self.new_ino() if flags & RENAME_WHITEOUT else 0
                 cookie = c.delegated_cookie(await self.new_ino()) if ahead else 0
@@ -295,7 +269,8 @@ class Operations(FileOperations, XattrOperations, ForwardedOperations):
             whiteout_ino = await self.new_ino() if flags & RENAME_WHITEOUT else 0
             replaced = await self._propose(c.Rename(old_parent, old_name, new_parent, new_name, flags,
                                                     self._now(), whiteout_ino, uid, gid), False)
-        return replaced
+        if replaced:
+            await self._purge_if_orphan(replaced)
 
     def _rename_runs_ahead(self, old_parent: int, old_name: bytes, new_parent: int, flags: int,
                            replaced_dir: int) -> bool:
@@ -312,6 +287,12 @@ class Operations(FileOperations, XattrOperations, ForwardedOperations):
         return (self._rename_runs_ahead(old_parent, old_name, new_parent, flags, replaced_dir)
                 and self.change_is_immediate(old_parent, new_parent, *([replaced_dir] if replaced_dir else []),
                                              new_inode=True))
+
+    def _directory_at(self, parent: int, name: bytes) -> int:
+        """The directory `name` names in `parent` (0: none, or not a directory)."""
+        ino = self.meta.lookup(parent, name)
+        inode = None if ino is None else self.meta.inode(ino)
+        return inode.ino if inode is not None and inode.is_dir else 0
 
     # -- opening --------------------------------------------------------------------------------
     async def open(self, ino: int, flags: int, *, drop_setid: InGroup | None = None) -> int:

@@ -67,9 +67,6 @@ class OperationsBase:
         """How a cluster member sends a look or a create to a directory's holder (fs/forwarding.py;
         set by the daemon's wiring); None: never sent."""
         self.forward_counts = ForwardCounts()
-        self.forwards_renames: Callable[[], bool] = lambda: False
-        """Does every member's build take a rename sent to a directory's holder (set by the daemon's
-        wiring: the cluster's log level)?"""
         self._tier_failed: dict[int, str] = {}
         """Why the last `tier evict|recall` of a file failed: its errno reaches the command, the
         reason comes back in the attribute the command reads next (`error`)."""
@@ -182,12 +179,6 @@ class OperationsBase:
                     if self.coherence is None or exc.directory in taken or len(taken) >= tries:
                         raise
                     taken.add(exc.directory)  # held from the next try on
-
-    def _directory_at(self, parent: int, name: bytes) -> int:
-        """The directory `name` names in `parent` (0: none, or not a directory)."""
-        ino = self.meta.lookup(parent, name)
-        inode = None if ino is None else self.meta.inode(ino)
-        return inode.ino if inode is not None and inode.is_dir else 0
 
     # -- attributes and handles ------------------------------------------------------------------
     async def setattr(self, ino: int, *, mode: int | None = None, uid: int | None = None, gid: int | None = None,

@@ -104,9 +104,9 @@ def test_held_names_stay_cached_and_another_nodes_changes_show_at_once(cluster3:
     assert not seen_errors, seen_errors[:3]
     assert sorted(os.listdir(d)) == sorted(["g002", "late", *(n for n in names if n not in ("f001", "f002", "f003"))])
 
-    # b takes the directory (an unlink is made where its delegation is; b's rename and create above
-    # may have been made by a for b, design notes 145 and 148) and caches "late" for long; a takes
-    # it back for a change, and b's kernel forgets b's names then.
+    # b takes the directory (an unlink is made where its delegation is; b's create above may have
+    # been made by a for b, and its looks answered by a: design notes 145 and 148) and caches "late"
+    # for long; a takes it back for a change, and b's kernel forgets b's names then.
     os.unlink(b.mount / "d" / "f006")
     assert (b.mount / "d" / "late").exists()
     os.unlink(d / "late")

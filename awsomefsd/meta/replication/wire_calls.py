@@ -13,18 +13,18 @@ refusal (NotLeader, ProposalLost) that never arrives waits for the call's deadli
 request may not have left (the connection to the leader ended) fails at once with OSError, and
 forwarding sends the entry again (the proposal id makes a second copy a no-op).
 
-The same calls carry a member's look, create or rename to the member holding its directory (fs/forwarding.py
+The same calls carry a member's look or create to the member holding its directory (fs/forwarding.py
 says what they mean; design note 147): the wire's round trip is a fraction of a gRPC call's
 (note 125), and the asker's kernel waits for it.
 
 Frames: every wire frame starts with its kind: `KIND_RAFT` (then transport_grpc's frame of Raft
 messages), `KIND_FORWARD` (u64 call id, u32 the asking node, then the entry with its header; the node is
 checked against the connection's certificate, and names where to answer on a plain connection),
-`KIND_HOLDER` (u64 call id, u32 the asking node, u8 what: 0 look, 1 create, 2 rename, then the request),
+`KIND_HOLDER` (u64 call id, u32 the asking node, u8 what: 0 look, 1 create, then the request),
 `KIND_ANSWER` (u64 call id, u8 outcome, then the outcome's payload: the index, the leader to try,
 a reason, or a holder's reply). A build before level 25 (HOLDER_WIRE_LEVEL) takes a KIND_HOLDER
 frame for a malformed one and closes the connection, so none is sent before every member's build
-knows it; a build before level 26 (FORWARDED_RENAME_LEVEL) does so with a rename's, which waits the same way.
+knows it.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ KIND_RAFT = b"R"
 KIND_FORWARD = b"F"
 KIND_ANSWER = b"A"
 KIND_HOLDER = b"H"
-HOLDER_KINDS = ("look", "create", "rename")
+HOLDER_KINDS = ("look", "create")
 """What a KIND_HOLDER frame asks, by its code (fs/forwarding.py's kinds)."""
 MAX_PENDING_CALLS = 65_536
 
