@@ -48,7 +48,8 @@ class ForwardedOperations(OperationsBase):
     async def _send(self, directory: int, holder: int, kind: str,
                     request: Callable[[int], bytes]) -> Sent | None:
         """Send a look or a create (`request(seen)`) to the directory's holder (`holder`, from
-        `holder_to_ask`): what the holder that answered said, or None to go the usual way (this node cannot send, or no holder answered). A node that no longer holds the directory answers
+        `holder_to_ask`): what the holder that answered said, or None to go the usual way (this
+        node cannot send, or no holder answered). A node that no longer holds the directory answers
         NOT_HOLDER with the holder it reads (it handed the directory over) and the log index it
         applied: the request goes there next, and that holder catches up to the index first. One
         that holds it for a look only answers TAKE: the usual way takes it from there at once.

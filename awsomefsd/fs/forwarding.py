@@ -6,10 +6,13 @@ for its turn waited for the others' turns and hand-overs: the longest create of 
 one directory was 0.5 s. The holder's view of the directory is complete (no other node changes
 it), so it can answer a look there, and run a create there, for another member at once:
 
-- **look** (`LOOK`): the kernel's LOOKUP of a name this node does not find. The holder answers
-  from its view whether the name is there. Absent: this node answers "no such name" as it is (it
-  was absent when the holder answered, and every change acknowledged before the look is in that
-  view). Present, or no answer: the delegation comes here as before, and the name is read here.
+- **look** (`LOOK`): the kernel's LOOKUP of a name. The holder answers from its view whether the
+  name is there. Absent: this node answers "no such name" as it is (it was absent when the holder
+  answered, and every change acknowledged before the look is in that view). Present: the holder
+  names the inode and the log index to apply first (past every change it acknowledged, for a file
+  it created ahead: design note 148), and this node answers with its own inode if its view has
+  that one at that name once applied that far. Otherwise, or with no answer, the delegation comes
+  here as before, and the name is read here.
 - **create** (`CREATE`): open(O_CREAT) of a regular file. The requester reserves the inode number
   from its own range and sends it with the name, the mode, the owner and its liveness-lease epoch;
   the holder runs a `MknodFor` ahead of the log under its delegation (its view has the file at
@@ -51,9 +54,10 @@ asked or did not answer in time (the daemon's wiring: the Member service, cluste
 _LOOK = struct.Struct(">QQ")  # directory, the log index the requester applied; the name follows
 _CREATE = struct.Struct(">QQIIIIQQ")  # directory, inode, mode, uid, gid, requester, its epoch, the index it applied
 _ANSWER = struct.Struct(">BHQQ")  # status, errno, value, the index the holder applied
-"""`value`: the inode found (a look's FOUND), the log index to apply (a create's DONE), or the
-member the answering node reads as the holder (NOT_HOLDER: it handed the directory over, and the
-request goes there next, with the answering node's applied index to catch up to)."""
+"""`value`: the inode found (a look's FOUND, whose index is the one to apply first), the log index to
+apply (a create's DONE), or the member the answering node reads as the holder (NOT_HOLDER: it
+handed the directory over, and the request goes there next, with the answering node's applied
+index to catch up to)."""
 
 
 class Status(enum.IntEnum):
