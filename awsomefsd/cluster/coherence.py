@@ -110,9 +110,15 @@ class ClusterCoherence(LeaseHandOver, AppliedCommands):
         leader: `git add` or a build opening the files it just wrote paid one each."""
         if self.holds_now((ino,)) and self.lease_valid():
             self.opens_held += 1
-            await self.invalidator.drain()
+            if not self.invalidator.settled():
+                await self.invalidator.drain()
             return
         await self.catch_up()
+
+    def opens_at_once(self, ino: int) -> bool:
+        """Would `opening(ino)` return without a wait, or even a checkpoint: the node holds the
+        file's write lease, its liveness lease is valid, and no invalidation waits to be sent?"""
+        return self.holds_now((ino,)) and self.lease_valid() and self.invalidator.settled()
 
     @asynccontextmanager
     async def writing(self, ino: int) -> AsyncIterator[None]:

@@ -36,6 +36,12 @@ class Coherence(Protocol):
         caches such closes made stale are invalidated either way."""
         ...
 
+    def opens_at_once(self, ino: int) -> bool:
+        """Would `opening(ino)` return at once, without even a checkpoint (this node holds the
+        file's write lease and its own liveness lease, and no kernel invalidation is pending)? A
+        transport then serves the OPEN without a task of its own."""
+        ...
+
     def writing(self, ino: int) -> AbstractAsyncContextManager[None]:
         """Hold the file's write lease for the whole of a write or truncate: entered once this
         node holds it; the lease is not handed to another node until every such block is left."""

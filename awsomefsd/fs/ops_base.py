@@ -242,6 +242,11 @@ class OperationsBase:
         reads, so room in the pipeline and inode numbers do not matter to it."""
         return self.coherence is not None and self.coherence.holds_now((directory,))
 
+    def open_is_immediate(self, ino: int) -> bool:
+        """Would an open of `ino` that truncates nothing answer without waiting? Always on a single
+        node; on a cluster member when no read barrier is needed (`Coherence.opens_at_once`)."""
+        return self.coherence is None or self.coherence.opens_at_once(ino)
+
     def setattr_is_immediate(self, ino: int, mtime_ns: int | None) -> bool:
         """Would `setattr` of `ino` that changes no size (setting `mtime_ns`, or None) return
         without waiting (a transport may then serve it without a task)? Not when it flushes the

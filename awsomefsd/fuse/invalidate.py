@@ -374,6 +374,10 @@ class Invalidator:
     def pending(self) -> int:
         return len(self._pending)
 
+    def settled(self) -> bool:
+        """Is everything submitted processed (a `drain` now would not wait)?"""
+        return self._done >= self._submitted
+
     def submit(self, items: Iterable[Target]) -> None:
         """Queue targets for the worker. After run() ended they are kept for `left()`."""
         if self._closed:

@@ -17,7 +17,7 @@ import trio
 
 from awsomefsd.cluster.coherence import ClusterCoherence
 from awsomefsd.daemon.node import Core
-from awsomefsd.fuse.invalidate import Invalidator
+from awsomefsd.fuse.invalidate import Invalidator, Target
 from awsomefsd.fuse.kernel import abi
 from awsomefsd.fuse.kernel.abi import Body, Fattr, Header, Op
 from awsomefsd.fuse.kernel.handlers import KernelHandlers
@@ -140,8 +140,11 @@ def raw_request(opcode: int, nodeid: int, body: bytes) -> bytes:
 async def test_a_members_changes_in_what_it_holds_are_answered_inline_without_waiting(
         core: Core, monkeypatch: Any) -> None:
     """`KernelHandlers.member_quick` beyond FLUSH: a look, a create (file, node, directory,
-    symlink), an unlink and a rename in directories whose delegations this node holds, a write
-    and an attribute change of a file whose write lease it holds. Quick only then, and then answered
+    symlink), an unlink and a rename in directories whose delegations this node holds, an OPENDIR
+    of such a directory, a write, an attribute change and an OPEN of a file whose write lease it
+    holds (the OPEN with its liveness lease valid and no kernel invalidation pending, else it
+    would wait for the invalidator, whose notifications may wait for a request the reader has
+    still to read; nor with O_TRUNC). Quick only then, and then answered
     with no wait at all (a real `ClusterCoherence`, so entering its delegations and leases is
     what runs); not quick in a directory or file it does not hold, during a hand-over, in strict
     mode, with the pipeline full (a look excepted: it only reads), for a create with no inode number left, for a time set over
@@ -152,10 +155,14 @@ async def test_a_members_changes_in_what_it_holds_are_answered_inline_without_wa
     other_dir = (await ops.mknod(ROOT_INO, b"other", stat.S_IFDIR | 0o755, 0, 0, 0)).ino
     second_dir = (await ops.mknod(ROOT_INO, b"second", stat.S_IFDIR | 0o755, 0, 0, 0)).ino
     fh, held_file = await ops.create(held_dir, b"f", stat.S_IFREG | 0o644, os.O_RDWR, 0, 0)
-    other_fh, _ = await ops.create(other_dir, b"g", stat.S_IFREG | 0o644, os.O_RDWR, 0, 0)
+    other_fh, other_file = await ops.create(other_dir, b"g", stat.S_IFREG | 0o644, os.O_RDWR, 0, 0)
+    other_fh_ino = other_file.ino
     await ops.mknod(held_dir, b"gone", stat.S_IFREG | 0o644, 0, 0, 0)
     await ops.new_ino()  # a reservation of inode numbers to create from
-    coherence = ClusterCoherence(1, core.meta, Invalidator(kernel=NoKernel()), lambda: 1)  # type: ignore[arg-type]
+    invalidator = Invalidator(kernel=NoKernel())
+    lease = {"valid": True}
+    coherence = ClusterCoherence(1, core.meta, invalidator, lambda: 1,  # type: ignore[arg-type]
+                                 lease_valid=lambda: lease["valid"])
     coherence.held.update({held_dir, second_dir, held_file.ino})
     handlers = KernelHandlers(ops)
     quick = handlers.member_quick
@@ -172,8 +179,11 @@ async def test_a_members_changes_in_what_it_holds_are_answered_inline_without_wa
         Op.SETATTR: (held_file.ino, chmod),
         Op.RENAME: (held_dir, abi.U64.pack(second_dir) + b"f\0moved\0"),
         Op.RENAME2: (held_dir, abi.RENAME2_IN.pack(held_dir, RENAME_NOREPLACE, 0) + b"c\0c2\0"),
+        Op.OPEN: (held_file.ino, abi.OPEN_IN.pack(os.O_RDONLY, 0)),
+        Op.OPENDIR: (held_dir, abi.OPEN_IN.pack(os.O_RDONLY, 0)),
     }
     not_held = {
+        Op.OPEN: (other_fh_ino, abi.OPEN_IN.pack(os.O_RDONLY, 0)), Op.OPENDIR: (other_dir, abi.OPEN_IN.pack(os.O_RDONLY, 0)),
         Op.LOOKUP: (other_dir, b"g\0"), Op.CREATE: (other_dir, in_held[Op.CREATE][1]),
         Op.MKDIR: (other_dir, in_held[Op.MKDIR][1]), Op.UNLINK: (other_dir, b"g\0"),
         Op.WRITE: (0, abi.WRITE_IN.pack(other_fh, 0, len(data), 0, 0, 0, 0) + data),
@@ -188,6 +198,16 @@ async def test_a_members_changes_in_what_it_holds_are_answered_inline_without_wa
             if opcode != Op.RENAME2:
                 assert not quick[opcode](raw_request(opcode, nodeid, body)), f"{abi.OP_NAMES[opcode]} outside what is held"
         assert not quick[Op.RENAME2](raw_request(Op.RENAME2, held_dir, whiteout)), "a whiteout's inode is the log's"
+        truncating = abi.OPEN_IN.pack(os.O_WRONLY | os.O_TRUNC, 0)
+        assert not quick[Op.OPEN](raw_request(Op.OPEN, held_file.ino, truncating)), "O_TRUNC truncates"
+        lease["valid"] = False
+        assert not quick[Op.OPEN](raw_request(Op.OPEN, *in_held[Op.OPEN])), "an expired node catches up first"
+        lease["valid"] = True
+        behind = Invalidator(kernel=NoKernel())
+        behind.submit([Target.inode(held_file.ino)])
+        coherence.invalidator = behind
+        assert not quick[Op.OPEN](raw_request(Op.OPEN, *in_held[Op.OPEN])), "an invalidation to send first"
+        coherence.invalidator = invalidator
         coherence.strict = True
         assert not any(quick[op](raw_request(op, *in_held[op])) for op in in_held), "strict mode: nothing runs ahead"
         coherence.strict = False

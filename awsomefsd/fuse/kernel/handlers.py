@@ -100,11 +100,14 @@ class KernelHandlers:
     @property
     def member_quick(self) -> dict[int, Callable[[bytes], bool]]:
         """`quick` on a cluster member: a flush with nothing buffered; a look in a directory whose
-        delegation this node holds (no hand-over begun); a create or an unlink in such a
-        directory, a write or an attribute change of a file whose write lease it holds, when the
-        change runs ahead at once (elsewhere they wait for a delegation, a lease or the log); a
-        rename between held directories that moves no directory to another parent."""
+        delegation this node holds (no hand-over begun), and an OPENDIR of such a directory; a
+        create or an unlink in such a directory, a write or an attribute change of a file whose
+        write lease it holds, when the change runs ahead at once (elsewhere they wait for a
+        delegation, a lease or the log); an OPEN of such a file that truncates nothing, with no
+        kernel invalidation pending (design note 150); a rename between held directories that
+        moves no directory to another parent."""
         return {Op.FLUSH: self._flush_is_quick, Op.WRITE: self._write_is_quick, Op.SETATTR: self._setattr_is_quick,
+                Op.OPEN: self._open_is_quick, Op.OPENDIR: self._looks_in_held_directory,
                 Op.LOOKUP: self._looks_in_held_directory, Op.UNLINK: self._unlinks_in_held_directory,
                 Op.CREATE: self._creates_in_held_directory, Op.MKNOD: self._creates_in_held_directory,
                 Op.MKDIR: self._creates_in_held_directory, Op.SYMLINK: self._creates_in_held_directory,
@@ -150,12 +153,13 @@ class KernelHandlers:
         return self.ops.write_is_immediate(fh, size)
 
     def _open_is_quick(self, data: bytes) -> bool:
-        """An open that truncates nothing: a new handle on a single node, nothing to wait for
-        (cat, grep, git and rsync open every file they read). O_TRUNC truncates: a task."""
-        if len(data) < abi.IN_HEADER.size + abi.OPEN_IN.size or self.ops.coherence is not None:
+        """An open that truncates nothing: a new handle, nothing to wait for (cat, grep, git and
+        rsync open every file they read) on a single node, and on a member when it needs no read
+        barrier (`Operations.open_is_immediate`). O_TRUNC truncates: a task."""
+        if len(data) < abi.IN_HEADER.size + abi.OPEN_IN.size:
             return False
         flags, _ = abi.OPEN_IN.unpack_from(data, abi.IN_HEADER.size)
-        return not flags & os.O_TRUNC
+        return not flags & os.O_TRUNC and self.ops.open_is_immediate(abi.IN_HEADER.unpack_from(data)[3])
 
     def _setattr_is_quick(self, data: bytes) -> bool:
         """A chmod, chown or utimensat (no truncate), or the times a kernel caching writes sends

@@ -28,7 +28,8 @@ On a cluster member most requests get a task: a lookup may wait for a delegation
 the invalidator, whose notifications may wait for a request the reader must be free to read. There
 the reader serves only these sets, and the requests `KernelHandlers.member_quick` finds waiting for
 nothing this time: a look, a create, an unlink or a rename in directories whose delegations the
-node holds, a write or an attribute change of a file whose write lease it holds (design note 126)."""
+node holds, a write or an attribute change of a file whose write lease it holds (design note 126),
+an OPENDIR of such a directory and an OPEN of such a file with no invalidation pending (note 150)."""
 
 INLINE_MEMBER = frozenset({Op.GETXATTR, Op.LISTXATTR, Op.READLINK, Op.STATFS, Op.READDIR, Op.READDIRPLUS,
                            Op.RELEASEDIR, Op.RELEASE, Op.FORGET, Op.BATCH_FORGET})
