@@ -268,6 +268,9 @@ class NullOperations:
     def setattr_is_immediate(self, ino: int, mtime_ns: int | None) -> bool:
         return True  # nothing is ever buffered here
 
+    def open_is_immediate(self, ino: int) -> bool:
+        return True  # a single node's open waits for nothing
+
     def change_is_immediate(self, *inodes: int, new_inode: bool = False) -> bool:
         return False  # asked only on a cluster member, which the floor never is
 
