@@ -536,3 +536,24 @@ async def test_on_a_linked_site_a_change_whose_capture_needs_the_log_is_proposed
         assert meta.lookup(ROOT_INO, b"x") == other, "the other file has its name back"
         await meta.barrier()
         assert meta.ahead.losses == 0
+
+
+async def test_a_command_someone_waits_for_is_not_gathered_behind_a_batch_of_another_epoch(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A batch holds one epoch: a change run ahead under the node's lease epoch and a command
+    proposed without one (a lease's acquisition) go in two batches. The second is sent as soon as
+    the first is decided, not after a gathering: its caller waits (design note 152: the first
+    create in each directory a member did not hold took 32 ms instead of 8)."""
+    monkeypatch.setattr(ahead, "GATHER_S", 60.0)  # a gathering would outlast the test
+    log, meta, mk = scripted(tmp_path, fail_batches=set())
+    log.release.set()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(meta.run_pipeline)
+        await meta.run_ahead(mk(0), epoch=1)
+        with trio.fail_after(5):
+            await meta.propose(cc.ReleaseOrphans(2, (mk(0).ino + 500,), 5))
+        assert [len(b) for b in log.batches] == [1, 1]
+        await meta.run_ahead(mk(1), epoch=1)  # nobody waits: this one is gathered again
+        await trio.testing.wait_all_tasks_blocked()
+        assert [len(b) for b in log.batches] == [1, 1], "a change nobody waits for was sent at once"
+        nursery.cancel_scope.cancel()
