@@ -108,17 +108,20 @@ class ClusterCoherence(LeaseHandOver, AppliedCommands):
         before it (a hand-over commits the holder's flush first), so the open needs no read
         barrier, only the invalidations those closes queued. A ReadIndex is a round trip to the
         leader: `git add` or a build opening the files it just wrote paid one each."""
-        if self.holds_now((ino,)) and self.lease_valid():
+        if self._opens_without_barrier(ino):
             self.opens_held += 1
             if not self.invalidator.settled():
                 await self.invalidator.drain()
             return
         await self.catch_up()
 
+    def _opens_without_barrier(self, ino: int) -> bool:
+        return self.holds_now((ino,)) and self.lease_valid()
+
     def opens_at_once(self, ino: int) -> bool:
-        """Would `opening(ino)` return without a wait, or even a checkpoint: the node holds the
-        file's write lease, its liveness lease is valid, and no invalidation waits to be sent?"""
-        return self.holds_now((ino,)) and self.lease_valid() and self.invalidator.settled()
+        """Would `opening(ino)` return without a wait, or even a checkpoint: it needs no read
+        barrier (`_opens_without_barrier`) and no invalidation waits to be sent?"""
+        return self._opens_without_barrier(ino) and self.invalidator.settled()
 
     @asynccontextmanager
     async def writing(self, ino: int) -> AsyncIterator[None]:
