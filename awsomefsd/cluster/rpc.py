@@ -151,6 +151,18 @@ async def ask_holder(transport: RaftTransport, on_wire: Callable[[], bool], node
         raise ConnectionError(one_line(exc)) from None
 
 
+async def ask_read_point(transport: RaftTransport, on_wire: Callable[[], bool], leader: int, timeout_s: float) -> int:
+    """The leader's read point from its lease, asked on the Raft wire (RaftNode.read_barrier's
+    fast path): only once `on_wire()` (every member's build answers it: READ_POINT_WIRE_LEVEL);
+    ConnectionError when it cannot be asked now or gave none (the read then goes through Raft)."""
+    if not on_wire():
+        raise ConnectionError("not every member's build answers a read point on the wire yet")
+    try:
+        return await transport.ask_read_point(leader, timeout_s)
+    except WireUnavailable:
+        raise ConnectionError(f"no wire connection to node {leader} now") from None
+
+
 # --- the control socket ---------------------------------------------------------------------------
 ControlHandler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
 

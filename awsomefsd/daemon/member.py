@@ -46,6 +46,7 @@ from awsomefsd.cluster.rpc import (
     ask_holder,
     ask_log_level,
     ask_progress,
+    ask_read_point,
 )
 from awsomefsd.cluster.state import (
     MemberState,
@@ -92,7 +93,7 @@ from awsomefsd.io.fence import WriteFence
 from awsomefsd.meta import cluster_commands as cc
 from awsomefsd.meta import commands as c
 from awsomefsd.meta.client import MetaClient
-from awsomefsd.meta.levels import HOLDER_WIRE_LEVEL, LOG_LEVEL
+from awsomefsd.meta.levels import HOLDER_WIRE_LEVEL, LOG_LEVEL, READ_POINT_WIRE_LEVEL
 from awsomefsd.meta.replication.forwarding import Forwarder, accept_forwarded
 from awsomefsd.meta.replication.fs_log import ReplicatedFsLog
 from awsomefsd.meta.replication.settings import NodeSettings
@@ -336,6 +337,9 @@ def open_member(settings: Settings, state: MemberState, creds: NodeCredentials, 
     member = Member(settings, state, creds, storage, raft, MetaClient(raft, storage.sm), transport, revocations,
                     epoch)
     raft.commands.observers.append(member.observe)
+    transport.read_point = raft.node.lease_read_point  # a follower's read barrier (design note 153)
+    raft.node.ask_read_point = functools.partial(ask_read_point, transport,
+                                                 lambda: member.meta.log_level() >= READ_POINT_WIRE_LEVEL)
     raft.applied_listeners.append(member.after_apply)
     raft.commands.on_snapshot.append(member.mark_membership_changed)
     if member.meta.cluster_info() is not None:

@@ -25,6 +25,11 @@ def collect_member_metrics(member: Member) -> Iterator[Metric]:
     yield counter("awsomefs_raft_forward_retries", "forwarded proposals sent again", node.forward_retries)
     yield counter("awsomefs_raft_lease_reads", "read barriers this leader answered from its lease, without a "
                   "heartbeat round", node.lease_reads)
+    transport = member.transport
+    yield counter("awsomefs_raft_read_points_asked", "read barriers this follower asked the leader's lease for on the "
+                  "wire (design note 153)", transport.calls.read_points_asked)
+    yield counter("awsomefs_raft_read_points_answered", "read points this leader gave followers from its lease on "
+                  "the wire", transport.read_points_answered)
     yield counter("awsomefs_meta_stalls", "metadata operations that waited for a leader", member.raft.stalls)
     ahead = member.meta.ahead
     yield counter("awsomefs_meta_ran_ahead", "metadata changes acknowledged ahead of the log (directory delegations)",

@@ -9,8 +9,9 @@ every module that checks one (`SiteTables.at_level`, `ClusterStateMachine`) read
 from __future__ import annotations
 
 BASE_LOG_LEVEL = 3  # a cluster that never recorded one: builds before the gate (tags 1-32, format 3)
-LOG_LEVEL = 25
-"""The newest commands this build decodes. 25: a member's look or create for a directory's holder
+LOG_LEVEL = 26
+"""The newest commands this build decodes. 26: a follower asks the leader for a read point on the
+Raft wire (READ_POINT_WIRE_LEVEL). 25: a member's look or create for a directory's holder
 travels on the Raft wire (HOLDER_WIRE_LEVEL). 24: MknodFor (a create a directory's holder runs for the
 member that asked it to, whose write lease on the file needs a current liveness lease). 23: UnlinkAlone (a member's unlink of a file only it can
 reach deletes it at once, without an orphan mark every member releases). 22: a leader answers
@@ -81,6 +82,11 @@ HOLDER_WIRE_LEVEL = 25
 """From this level on, a member asks a directory's holder to look or create on the Raft wire
 (meta/replication/wire_calls.py, design note 147), not over gRPC: a build before it closes a wire
 connection that carries a frame of a kind it does not know. No command of its own."""
+READ_POINT_WIRE_LEVEL = 26
+"""From this level on, a follower asks the leader for a read point on the Raft wire (KIND_READ_POINT,
+meta/replication/wire_calls.py, design note 153) before it falls back to Raft's ReadIndex: a build
+before it closes a wire connection that carries a frame of a kind it does not know. No command of
+its own."""
 UNLIMITED_SUBDIRS_LEVEL = 12
 """From this cluster log level on, mkdir has no subdirectory limit, as ext4 with `dir_nlink`
 (its default). It changes what an applied Mknod does, so a member on an older build, which

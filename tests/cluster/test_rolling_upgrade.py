@@ -59,10 +59,14 @@ def levels(node: Node) -> tuple[int, int, int]:
 
 def lease_reads(node: Node) -> float:
     """Read barriers the node answered from its Raft lease (design note 123)."""
+    return counter(node, "awsomefs_raft_lease_reads")
+
+
+def counter(node: Node, name: str) -> float:
     for line in node.scrape().splitlines():
-        if line.startswith("awsomefs_raft_lease_reads"):
+        if line.startswith(name):
             return float(line.split()[-1])
-    raise AssertionError("the node exports no awsomefs_raft_lease_reads")
+    raise AssertionError(f"the node exports no {name}")
 
 
 def punch(path: Path, offset: int, length: int) -> None:
@@ -122,6 +126,8 @@ def test_a_rolling_upgrade_gates_the_new_commands_until_every_member_runs_the_ne
             assert (node.mount / "copy").read_bytes() == payload  # the old member still applies the log
         assert old.proc is not None and old.proc.poll() is None
         assert lease_reads(new) == 0, "a read answered from the lease while a member's build breaks the promise"
+        follower = next(n for n in nodes if n is not old and n is not new)
+        assert counter(follower, "awsomefs_raft_read_points_asked") == 0, "a read point asked before level 26"
         # The old build has no Raft wire (design note 125): the new ones send to it over gRPC, to each
         # other over the wire, and their status says so.
         upgraded = [n for n in nodes if n is not old]
@@ -143,6 +149,7 @@ def test_a_rolling_upgrade_gates_the_new_commands_until_every_member_runs_the_ne
             assert (node.mount / "clone").read_bytes() == expected
         assert blocks_of(new.mount / "f") * 512 == len(payload) - 8192
         assert lease_reads(new) > 0, "every member keeps the lease's promise now: opens read from the lease"
+        assert counter(follower, "awsomefs_raft_read_points_asked") > 0, "a follower's opens ask the leader's lease"
         with open(new.mount / "reserved", "r+b") as fh:
             fallocate(fh.fileno(), 0, 0, 2 << 20)
         assert blocks_of(new.mount / "reserved") * 512 == 2 << 20, "reserved now"

@@ -80,6 +80,9 @@ class Scenario:
     lease that ran out (a long fsync, or a paused process, in a real cluster)."""
     sync: bool = True
     """False plants a disk that acknowledges writes it has not flushed."""
+    wire_reads: bool = False
+    """Followers ask the leader for its lease's read point (RaftNode.ask_read_point, as the daemon's
+    wire does), across the same faults as the Raft messages; else every read is a ReadIndex."""
 
     @staticmethod
     def draw(rng: random.Random, duration_s: float) -> Scenario:
@@ -99,6 +102,7 @@ class Scenario:
             n_clients=rng.choice((2, 3, 4)),
             disk_latency_s=rng.choice(((0.0002, 0.001), (0.001, 0.005), (0.0005, 0.02))),
             stalls=rng.random() < 0.5,
+            wire_reads=rng.random() < 0.7,
         )
 
     def settings(self) -> NodeSettings:
@@ -243,6 +247,8 @@ class SimNetwork:
         self._snapshots_in_flight: set[tuple[int, int]] = set()
         self.delivered = 0
         self.snapshots_sent = 0
+        self.read_points = 0
+        """Read points a leader gave a follower's `ask_read_point`."""
 
     def _push(self, delay_s: float, kind: str, payload: Any) -> None:
         self._seq += 1
@@ -365,6 +371,22 @@ class SimNetwork:
         raise ProposalTimeout(f"forwarding to node {leader}: {error or 'no answer'}")
 
 
+    async def read_point(self, frm: int, leader: int, timeout_s: float) -> int:
+        """A follower's `ask_read_point`: the leader's read point from its lease, taken when the
+        call arrives (as its wire reader does), or ConnectionError (lost, down, no lease now)."""
+        try:
+            await self.leg(frm, leader, timeout_s)
+            target = self.sim.members.get(leader)
+            point = None if target is None or not target.up or target.node is None else target.node.lease_read_point()
+            await self.leg(leader, frm, timeout_s)
+        except ProposalTimeout as exc:
+            raise ConnectionError(str(exc)) from None
+        if point is None:
+            raise ConnectionError(f"node {leader} gave no read point")
+        self.read_points += 1
+        return point
+
+
 class Simulation:
     def __init__(self, seed: int, duration_s: float, *, sync: bool = True, scenario: Scenario | None = None) -> None:
         self.seed = seed
@@ -429,6 +451,8 @@ class Simulation:
                         seed=self.rng.getrandbits(32), disk=member.disk_calls,
                         send=lambda messages: self.net.send(member.id, incarnation, messages),
                         forward=lambda leader, entry: self.net.forward(member.id, leader, entry))
+        if self.sc.wire_reads:
+            node.ask_read_point = partial(self.net.read_point, member.id)
         self._observe_readys(member, node)
         member.node = node
         member.applied = member.storage.applied_index()
@@ -652,7 +676,7 @@ class Simulation:
         sc = self.sc
         return (f"scenario: {sc.n_nodes} nodes, drop {sc.p_drop}, dup {sc.p_dup}, delay <= {sc.max_delay_s}s, "
                 f"crashes {sc.crashes}, partitions {sc.partitions}, persist_in_thread {sc.persist_in_thread}, "
-                f"snapshot every {sc.snapshot_entries} (+{sc.catch_up_entries}), sync {sc.sync}")
+                f"snapshot every {sc.snapshot_entries} (+{sc.catch_up_entries}), sync {sc.sync}, wire reads {sc.wire_reads}")
 
     def describe(self) -> str:
         parts = []
@@ -670,7 +694,7 @@ class Simulation:
         """What the run exercised, over every incarnation of every member."""
         out = {"elections": len(self.inv.leader_of_term), "committed": self.inv.committed_hi,
                "operations": len(self.operations()), "follower_puts": self.follower_puts, "crashes": self.crashes,
-               "stalls": self.stalls}
+               "stalls": self.stalls, "wire_read_points": self.net.read_points}
         for m in self.members.values():
             for name, n in m.totals().items():
                 out[name] = out.get(name, 0) + n

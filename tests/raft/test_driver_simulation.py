@@ -59,6 +59,7 @@ def test_driver_simulation_seeds(driver_seed: int | None, driver_seconds: float 
     assert totals["crashes"] >= 5 and totals["crash_lost"] + totals["crash_torn"] + totals["crash_complete"] >= 3
     assert totals["snapshots_installed"] >= 2 and totals["pipelined_applies"] >= 50, totals
     assert totals["stalls"] >= 2 and totals["lease_reads"] >= 100, totals  # leases read, and stalled
+    assert totals["wire_read_points"] >= 100, totals  # followers read at the leader's lease point
 
 
 @pytest.mark.slow
@@ -121,7 +122,26 @@ def _reads_before_the_ticks(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def _lease_read_with_a_tick_overdue(monkeypatch: pytest.MonkeyPatch) -> None:
     """The leader answers a read from its lease while its loop is stuck and ticks go uncounted."""
-    monkeypatch.setattr(RaftNode, "_lease_read_point", lambda self: self.raw.lease_read_index())
+    monkeypatch.setattr(RaftNode, "lease_read_point", lambda self: self.raw.lease_read_index())
+
+
+def _read_point_without_a_lease(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A leader gives its commit index as a read point whether or not its lease holds (a leader
+    cut off by a partition still answers the followers on its side)."""
+    def committed_if_leading(self: RaftNode[object]) -> int | None:
+        return self.raw.raft.log.committed if self.raw.is_leader else None
+
+    monkeypatch.setattr(RaftNode, "lease_read_point", committed_if_leading)
+
+
+def _follower_reads_without_asking(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A follower takes its own applied index for the read point where it would ask the leader."""
+    async def own_point(self: RaftNode[object], timeout_s: float) -> int | None:
+        if self.ask_read_point is None or self.raw.leader_id in (0, self.id):
+            return None
+        return self.applied
+
+    monkeypatch.setattr(RaftNode, "_leader_read_point", own_point)
 
 
 @pytest.mark.parametrize(("plant", "sync", "seeds"), [
@@ -130,9 +150,11 @@ def _lease_read_with_a_tick_overdue(monkeypatch: pytest.MonkeyPatch) -> None:
     (lambda mp: None, False, 30),  # a disk that acknowledges writes it has not flushed
     (_reads_before_the_ticks, True, 40),
     (_lease_read_with_a_tick_overdue, True, 40),
+    (_read_point_without_a_lease, True, 40),
+    (_follower_reads_without_asking, True, 40),
     pytest.param(_acknowledge_appends_before_the_fsync, True, 200, marks=pytest.mark.slow),
 ], ids=["no-deduplication", "answer-at-append", "no-sync", "reads-before-ticks", "lease-read-tick-overdue",
-        "append-ack-before-fsync"])
+        "read-point-without-lease", "follower-reads-without-asking", "append-ack-before-fsync"])
 def test_the_driver_simulation_catches_planted_bugs(plant: Callable[[pytest.MonkeyPatch], None], sync: bool,
                                                     seeds: int, monkeypatch: pytest.MonkeyPatch) -> None:
     plant(monkeypatch)

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from awsomefsd.cluster.rpc import MemberService
+from awsomefsd.cluster.rpc import MemberService, ask_read_point
 from awsomefsd.meta.raft import Message
 from awsomefsd.meta.replication.driver import RaftNode
 from awsomefsd.meta.replication.errors import NotLeader, ProposalLost, ProposalTimeout
@@ -33,7 +33,7 @@ DEADLINE_S = 15.0
 
 
 class Cluster:
-    def __init__(self, root: Path, *, forwarding: bool = False) -> None:
+    def __init__(self, root: Path, *, forwarding: bool = False, wire_reads: bool = False) -> None:
         self.addrs = {i: f"127.0.0.1:{free_port('127.0.0.1')}" for i in (1, 2, 3)}
         self.isolated: set[int] = set()
         self.sms = {i: KVStateMachine(root / f"n{i}") for i in self.addrs}
@@ -50,6 +50,10 @@ class Cluster:
                         if forwarding else None)
             for i in self.addrs
         }
+        if wire_reads:  # as the daemon wires them (daemon/member.py)
+            for i, node in self.nodes.items():
+                self.transports[i].read_point = node.lease_read_point
+                node.ask_read_point = partial(ask_read_point, self.transports[i], lambda: True)
 
     def _sender(self, i: int) -> Callable[[Sequence[Message]], None]:
         transport = self.transports[i]
@@ -80,8 +84,8 @@ class Cluster:
 
 
 @asynccontextmanager
-async def cluster(root: Path, *, forwarding: bool = False) -> AsyncIterator[Cluster]:
-    c = Cluster(root, forwarding=forwarding)
+async def cluster(root: Path, *, forwarding: bool = False, wire_reads: bool = False) -> AsyncIterator[Cluster]:
+    c = Cluster(root, forwarding=forwarding, wire_reads=wire_reads)
     async with trio.open_nursery() as nursery:
         for i in c.addrs:
             bindings = [MemberService(c.nodes[i]).binding()] if forwarding else []
@@ -105,6 +109,36 @@ async def test_follower_refuses_with_the_leader_hint(tmp_path: Path) -> None:
         assert err.value.leader_id == leader.id
         await follower.read_barrier()  # forwarded to the leader, answered, applied locally
         assert c.sms[follower.id].get("k") == "v"
+
+
+async def test_a_follower_reads_at_the_leaders_lease_point_asked_on_the_wire(tmp_path: Path) -> None:
+    """A follower's read barrier asks the leader for its read point on the wire (design note 153),
+    which the leader's wire reader answers from its lease: every write the leader acknowledged
+    before the read is applied on the follower when the barrier returns (the follower may not even
+    have heard of its commit yet). A leader that has no lease to answer from says so, and the
+    read goes through Raft's ReadIndex, still seeing every acknowledged write."""
+    async with cluster(tmp_path, wire_reads=True) as c:
+        leader = await c.leader()
+        follower = await c.follower_of(leader)
+        with trio.fail_after(DEADLINE_S):  # the wire connections open after the first Raft frames
+            while leader.lease_read_point() is None or not c.transports[leader.id].read_points_answered:
+                await follower.read_barrier()
+        asked, answered = c.transports[follower.id].calls.read_points_asked, c.transports[leader.id].read_points_answered
+        for n in range(30):
+            await leader.propose(encode_put("k", f"v{n}"))
+            await follower.read_barrier()
+            assert c.sms[follower.id].get("k") == f"v{n}", "a read on the follower missed an acknowledged write"
+        assert c.transports[follower.id].calls.read_points_asked - asked == 30
+        assert c.transports[leader.id].read_points_answered - answered == 30
+
+        leader._lease_reads_yet = lambda: False  # as before every member's build keeps the lease's promise
+        leader.raw.raft.lease_reads_allowed = False
+        answered = c.transports[leader.id].read_points_answered
+        for n in range(5):
+            await leader.propose(encode_put("k", f"w{n}"))
+            await follower.read_barrier()
+            assert c.sms[follower.id].get("k") == f"w{n}"
+        assert c.transports[leader.id].read_points_answered == answered, "a read point without a lease"
 
 
 async def test_a_read_asked_before_any_leader_is_known_completes_once_one_is(tmp_path: Path) -> None:

@@ -1,7 +1,7 @@
 """Forward's framing on the Raft wire (wire_calls.py) without sockets: every outcome the leader
 can give reaches the follower as the exception the gRPC Forwarder raises, an answer from a node
 other than the one asked is ignored, and a connection that ends fails its calls at once. The same
-for a member's look or create sent to a directory's holder."""
+for a member's look or create sent to a directory's holder, and a follower's read point."""
 
 from __future__ import annotations
 
@@ -17,10 +17,12 @@ from awsomefsd.meta.replication.errors import NotLeader, ProposalLost, ProposalT
 from awsomefsd.meta.replication.wire_calls import (
     KIND_FORWARD,
     KIND_HOLDER,
+    KIND_READ_POINT,
     ServeHolder,
     WireCalls,
     answer_forward,
     answer_holder,
+    answer_read_point,
     call_origin,
 )
 
@@ -137,3 +139,34 @@ def test_a_holder_frame_of_an_unknown_kind_or_cut_short_is_malformed() -> None:
         call_origin(KIND_HOLDER + struct.pack("<QIB", 1, 3, 9) + b"request")
     with pytest.raises(CodecError, match="shorter"):
         call_origin(KIND_HOLDER + struct.pack("<QI", 1, 3))
+
+
+async def test_a_read_point_comes_back_or_the_read_goes_through_raft() -> None:
+    """`read_point` (RaftNode.read_barrier's fast path): the leader's point, or ConnectionError —
+    no lease there now, an answer from another node, a connection that ended — and then the
+    driver asks through ReadIndex."""
+    calls = WireCalls(node_id=3)
+
+    def leader_with(point: int | None, answer_from: int = 2) -> Callable[[bytes], None]:
+        def send(frame: bytes) -> None:
+            assert frame[:1] == KIND_READ_POINT and call_origin(frame) == 3
+            calls.answered(answer_read_point(frame, point), answer_from)
+
+        return send
+
+    assert await calls.read_point(2, leader_with(1 << 40), timeout_s=5) == 1 << 40
+    with pytest.raises(ConnectionError, match="no leader's lease"):
+        await calls.read_point(2, leader_with(None), timeout_s=5)
+    with pytest.raises(ConnectionError, match="no read point"):
+        await calls.read_point(2, leader_with(7, answer_from=4), timeout_s=0.2)
+    async with trio.open_nursery() as nursery:
+        async def lose_it() -> None:
+            await trio.testing.wait_all_tasks_blocked()
+            calls.lost(2)
+
+        nursery.start_soon(lose_it)
+        with pytest.raises(ConnectionError, match="ended"):
+            await calls.read_point(2, lambda frame: None, timeout_s=60)
+    assert calls.read_points_asked == 4
+    with pytest.raises(CodecError, match="shorter"):
+        call_origin(KIND_READ_POINT + struct.pack("<Q", 1))

@@ -145,6 +145,9 @@ class RaftNode(Generic[TxnT]):
         self.on_applied: Callable[[int], None] = on_applied or (lambda _index: None)
         self.forward = forward
         self.forward_retries = 0
+        self.ask_read_point: Callable[[int, float], Awaitable[int]] | None = None
+        """`await ask_read_point(leader, timeout_s)`: the leader's read point from its lease, asked
+        on the wire (the daemon sets it: cluster/rpc.py); ConnectionError when it gave none."""
         self.lease_reads = 0  # read barriers a leader answered from its lease, without the loop
         self.batch_sizes: list[int] = []  # entries per Ready, drained by metrics
         self._wake = trio.Event()
@@ -231,21 +234,44 @@ class RaftNode(Generic[TxnT]):
         """Linearizable read point (reads.py): returns the applied index once it covers the read
         index. A leader whose lease holds knows the read index without the loop: its commit
         index, if no tick is overdue (the lease is counted in ticks, and the loop may be stuck in
-        a long fsync or the process was paused: then the loop counts the missed ticks first)."""
-        index = self._lease_read_point()
+        a long fsync or the process was paused: then the loop counts the missed ticks first). A
+        follower asks the leader for that same read point on the wire (`ask_read_point`, design
+        note 153), which its wire reader answers without a turn of either loop; only when it
+        gives none (no lease now, not the leader, no wire) does the read go through Raft's
+        ReadIndex."""
+        timeout_s = timeout_s or self.settings.read_timeout_s
+        start = trio.current_time()
+        index = self.lease_read_point()
         if index is not None:
             self.lease_reads += 1
-            await self.reads.applied_past(index, self.applied, timeout_s or self.settings.read_timeout_s,
-                                          lambda: self.raw.leader_id)
+        else:
+            index = await self._leader_read_point(timeout_s)
+        if index is not None:
+            await self.reads.applied_past(index, self.applied, timeout_s, lambda: self.raw.leader_id)
             return self.applied
-        await self.reads.barrier(timeout_s or self.settings.read_timeout_s, lambda: self.raw.leader_id)
+        remaining = max(timeout_s - (trio.current_time() - start), self._tick_s)
+        await self.reads.barrier(remaining, lambda: self.raw.leader_id)
         return self.applied
 
-    def _lease_read_point(self) -> int | None:
-        """The leader's read index from its lease, unless a tick is overdue (then None)."""
+    def lease_read_point(self) -> int | None:
+        """This node's read index from its leader's lease, unless a tick is overdue (then None);
+        None on a follower. Also what the transport answers a follower that asks on the wire."""
         if trio.current_time() >= self._next_tick:
             return None
         return self.raw.lease_read_index()
+
+    async def _leader_read_point(self, timeout_s: float) -> int | None:
+        """A follower's read point from the leader's lease, asked on the wire (at most half the
+        read's time: the rest is left to Raft's ReadIndex); None when there is no one to ask or
+        the leader gave none."""
+        leader = self.raw.leader_id
+        if self.ask_read_point is None or leader in (0, self.id):
+            return None
+        try:
+            return await self.ask_read_point(leader, timeout_s / 2)
+        except ConnectionError as exc:
+            log.debug("read point from node %d: %s", leader, exc)
+            return None
 
     def campaign(self) -> None:
         """Start an election now (bootstrap of a one-member group, tests)."""

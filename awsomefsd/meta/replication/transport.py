@@ -21,7 +21,8 @@ Snapshots travel on a separate gRPC client stream (`Snapshot`, transport_grpc.py
 per peer at a time; the receiver stages the copy, fsyncs it and hands the driver a SNAP message
 whose `snapshot.data` is the staged directory. Followers forward entries to the leader on the
 wire too (wire_calls.py), or over gRPC's `Forward` when there is no wire to it; so do members
-ask a directory's holder to look or create (`ask_holder`; gRPC's `LookFor`, `CreateFor`).
+ask a directory's holder to look or create (`ask_holder`; gRPC's `LookFor`, `CreateFor`), and
+followers the leader for a read point (`ask_read_point`; Raft's ReadIndex without the wire).
 
 Security: the constructor takes gRPC credential objects and a `WireSecurity` (mutual TLS from the
 cluster layer, both). Plaintext needs `insecure=True`, meant for tests and benchmarks on loopback.
@@ -44,6 +45,7 @@ import trio
 
 from awsomefsd.config.addresses import join_host_port, split_host_port
 from awsomefsd.meta.raft import CodecError, Message, MessageType
+from awsomefsd.meta.raft.messages import LOCAL_MESSAGES
 from awsomefsd.meta.replication.transport_grpc import (
     MAX_MESSAGE_BYTES,
     RaftService,
@@ -60,11 +62,13 @@ from awsomefsd.meta.replication.wire_calls import (
     KIND_FORWARD,
     KIND_HOLDER,
     KIND_RAFT,
+    KIND_READ_POINT,
     ServeHolder,
     WireCalls,
     WireUnavailable,
     answer_forward,
     answer_holder,
+    answer_read_point,
     call_origin,
 )
 from awsomefsd.rpc import wire
@@ -149,6 +153,11 @@ class RaftTransport:
         self.serve_holder: ServeHolder | None = None
         """Another member's look or create in a directory this node holds, asked on the wire (set
         once the file system is up; until then such a call is answered unavailable)."""
+        self.read_point: Callable[[], int | None] = lambda: None
+        """This node's read point from its leader's lease now, for a follower that asks on the wire
+        (RaftNode.lease_read_point; None: it has none, the follower asks through Raft)."""
+        self.read_points_answered = 0
+        """Read points this node gave followers on the wire (awsomefs_raft_read_points_answered_total)."""
         self._forward_slots = trio.Semaphore(MAX_FORWARDS_IN_FLIGHT)
         self.spoofed_messages = 0
         self._peers: dict[int, PeerLink] = {}
@@ -391,7 +400,7 @@ class RaftTransport:
                 if peer.outbox:
                     await stream.send_frame(peer.outbox.popleft())
                     continue
-                batch = self._batch(peer, None)
+                batch = peer.take_batch(self.limits, None)
                 if not batch:
                     peer.queued = trio.Event()
                     if peer.queue.empty() and not peer.outbox:
@@ -413,6 +422,11 @@ class RaftTransport:
         """A look or a create for the member holding its directory, on the wire; WireUnavailable
         as `forward`, ConnectionError when it did not answer."""
         return await self.calls.ask_holder(node, kind, request, self._poster(node), timeout_s)
+
+    async def ask_read_point(self, leader: int, timeout_s: float) -> int:
+        """The leader's read point from its lease, asked on the wire (WireCalls.read_point);
+        WireUnavailable as `forward`, ConnectionError when it gave none."""
+        return await self.calls.read_point(leader, self._poster(leader), timeout_s)
 
     def _poster(self, node: int) -> Callable[[bytes], None]:
         """What queues a frame on the wire connection to `node` (WireUnavailable: none open)."""
@@ -446,28 +460,14 @@ class RaftTransport:
                 answer = await answer_forward(frame, self._accept_forward)
         finally:
             self._forward_slots.release()
-        peer = self._peers.get(sender)
+        self._answer_now(sender, answer)
+
+    def _answer_now(self, node: int, answer: bytes) -> None:
+        """Queue `answer` on the connection to `node` (dropped when none is open: the asker's call
+        fails when its own connection ends, or at its deadline)."""
+        peer = self._peers.get(node)
         if peer is not None and peer.connection is not None:
             self._post(peer, answer)
-
-    def _batch(self, peer: PeerLink, first: Message | None) -> list[Message]:
-        """`first` and what else is queued for `peer`, up to the frame limits (empty: nothing)."""
-        limits = self.limits
-        if first is None:
-            try:
-                first = peer.queue.get_nowait()
-            except queue.Empty:
-                return []
-        batch = [first]
-        size = sum(e.size_bytes() for e in first.entries)
-        while len(batch) < limits.max_frame_messages and size < limits.max_frame_bytes:
-            try:
-                m = peer.queue.get_nowait()
-            except queue.Empty:
-                break
-            batch.append(m)
-            size += sum(e.size_bytes() for e in m.entries)
-        return batch
 
     def _stream_once(self, peer: PeerLink) -> str:
         """In a worker thread: one gRPC client stream that lives until it fails; returns why it ended."""
@@ -489,7 +489,7 @@ class RaftTransport:
                     first = peer.queue.get(timeout=GRPC_POLL_S)
                 except queue.Empty:
                     continue
-                batch = self._batch(peer, first)
+                batch = peer.take_batch(self.limits, first)
                 peer.sent_frames += 1
                 peer.legacy_frames += 1
             yield encode_frame(batch)
@@ -538,6 +538,13 @@ class RaftTransport:
                     assert self._nursery is not None
                     await self._forward_slots.acquire()
                     self._nursery.start_soon(self._answer_call, origin, frame)
+                elif kind == KIND_READ_POINT:  # answered here: no task, no turn of the Raft loop
+                    origin = call_origin(frame)
+                    if sender is not None and origin != sender:
+                        raise CodecError(f"a call claiming to come from node {origin}")
+                    point = self.read_point()
+                    self.read_points_answered += point is not None
+                    self._answer_now(origin, answer_read_point(frame, point))
                 else:
                     raise CodecError(f"a frame of kind {kind!r} from node {sender}")
             except CodecError as exc:
@@ -576,16 +583,10 @@ class RaftTransport:
                 self.spoofed_messages += claimed - len(messages)
                 log.warning("dropped %d raft messages claiming a sender other than node %d",
                             claimed - len(messages), sender)
-        mine = [m for m in messages if m.to == self.node_id and m.type not in _LOCAL_ONLY]
+        mine = [m for m in messages if m.to == self.node_id and m.type not in LOCAL_MESSAGES]
         self.received_messages += len(mine)
         if mine:
             self.handler.deliver(mine)
-
-
-_LOCAL_ONLY = frozenset(
-    {MessageType.HUP, MessageType.BEAT, MessageType.UNREACHABLE, MessageType.SNAP_STATUS,
-     MessageType.CHECK_QUORUM}
-)
 
 
 _WIRE_REFUSED = "the wire was refused"

@@ -82,6 +82,24 @@ class PeerLink:
             self.idle = trio.Event()
             self.writing_since = time.monotonic()
 
+    def take_batch(self, limits: TransportLimits, first: Message | None) -> list[Message]:
+        """`first` and what else is queued, up to the frame limits (empty: nothing queued)."""
+        if first is None:
+            try:
+                first = self.queue.get_nowait()
+            except queue.Empty:
+                return []
+        batch = [first]
+        size = sum(e.size_bytes() for e in first.entries)
+        while len(batch) < limits.max_frame_messages and size < limits.max_frame_bytes:
+            try:
+                m = self.queue.get_nowait()
+            except queue.Empty:
+                break
+            batch.append(m)
+            size += sum(e.size_bytes() for e in m.entries)
+        return batch
+
     def discard_queued(self) -> None:
         """The connection ended: what was queued for it is stale (the core resends what matters)."""
         while True:

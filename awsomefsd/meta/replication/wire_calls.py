@@ -13,6 +13,11 @@ refusal (NotLeader, ProposalLost) that never arrives waits for the call's deadli
 request may not have left (the connection to the leader ended) fails at once with OSError, and
 forwarding sends the entry again (the proposal id makes a second copy a no-op).
 
+A follower's read point travels the same way (`KIND_READ_POINT`, design note 153): the leader's
+wire reader answers it from its lease at once, without a task or a turn of either Raft loop, where a
+ReadIndex crossed three of them; a leader that cannot (no lease now, not leading) says so and the
+follower asks through Raft.
+
 The same calls carry a member's look or create to the member holding its directory (fs/forwarding.py
 says what they mean; design note 147): the wire's round trip is a fraction of a gRPC call's
 (note 125), and the asker's kernel waits for it.
@@ -21,10 +26,11 @@ Frames: every wire frame starts with its kind: `KIND_RAFT` (then transport_grpc'
 messages), `KIND_FORWARD` (u64 call id, u32 the asking node, then the entry with its header; the node is
 checked against the connection's certificate, and names where to answer on a plain connection),
 `KIND_HOLDER` (u64 call id, u32 the asking node, u8 what: 0 look, 1 create, then the request),
-`KIND_ANSWER` (u64 call id, u8 outcome, then the outcome's payload: the index, the leader to try,
-a reason, or a holder's reply). A build before level 25 (HOLDER_WIRE_LEVEL) takes a KIND_HOLDER
+`KIND_READ_POINT` (u64 call id, u32 the asking node), `KIND_ANSWER` (u64 call id, u8 outcome,
+then the outcome's payload: the index or read point, the leader to try, a reason, or a holder's
+reply). A build before level 25 (HOLDER_WIRE_LEVEL) takes a KIND_HOLDER
 frame for a malformed one and closes the connection, so none is sent before every member's build
-knows it.
+knows it; nor a KIND_READ_POINT frame before level 26 (READ_POINT_WIRE_LEVEL).
 """
 
 from __future__ import annotations
@@ -45,6 +51,7 @@ KIND_RAFT = b"R"
 KIND_FORWARD = b"F"
 KIND_ANSWER = b"A"
 KIND_HOLDER = b"H"
+KIND_READ_POINT = b"P"
 HOLDER_KINDS = ("look", "create")
 """What a KIND_HOLDER frame asks, by its code (fs/forwarding.py's kinds)."""
 MAX_PENDING_CALLS = 65_536
@@ -81,6 +88,8 @@ class WireCalls:
         self._next_id = 1
         self.holder_calls = 0
         """Looks and creates this node sent to a holder here (awsomefs_holder_calls_on_wire_total)."""
+        self.read_points_asked = 0
+        """Read points this node asked the leader for on the wire (awsomefs_raft_read_points_asked_total)."""
 
     async def forward(self, peer_id: int, entry: bytes, send: Callable[[bytes], None], timeout_s: float) -> int:
         """Send `entry` to `peer_id` (through `send`, which queues a frame on the connection to it)
@@ -110,6 +119,21 @@ class WireCalls:
         if answer[:1] == bytes([_REPLY]):
             return answer[1:]
         raise ConnectionError(f"node {peer_id} did not serve the {kind}: {answer[1:].decode(errors='replace')}")
+
+    async def read_point(self, peer_id: int, send: Callable[[bytes], None], timeout_s: float) -> int:
+        """Ask the leader `peer_id` for a read point (its commit index while its lease holds);
+        ConnectionError when it cannot answer so now, did not answer in time, or the connection ended."""
+        self.read_points_asked += 1
+        try:
+            answer = await self._call(
+                peer_id, lambda call_id: KIND_READ_POINT + _REQUEST.pack(call_id, self.node_id), send, timeout_s)
+        except (OSError, ProposalTimeout) as exc:
+            raise ConnectionError(str(exc)) from None
+        if answer is None:
+            raise ConnectionError(f"no read point from node {peer_id} in {timeout_s:.1f} s")
+        if answer[:1] == bytes([_APPLIED]) and len(answer) == 1 + _U64.size:
+            return int(_U64.unpack_from(answer, 1)[0])
+        raise ConnectionError(f"node {peer_id} gave no read point: {answer[1:].decode(errors='replace')}")
 
     async def _call(self, peer_id: int, frame_for: Callable[[int], bytes], send: Callable[[bytes], None],
                     timeout_s: float) -> bytes | None:
@@ -152,7 +176,7 @@ class WireCalls:
 
 
 def call_origin(frame: bytes) -> int:
-    """The node a KIND_FORWARD or KIND_HOLDER frame says it comes from (CodecError when it is too
+    """The node a KIND_FORWARD, KIND_HOLDER or KIND_READ_POINT frame says it comes from (CodecError when it is too
     short, or asks for something unknown)."""
     header = _HOLDER if frame[:1] == KIND_HOLDER else _REQUEST
     if len(frame) < 1 + header.size:
@@ -179,6 +203,15 @@ async def answer_holder(frame: bytes, serve: ServeHolder | None) -> bytes:
             log.exception("serving node %d's %s failed", origin, HOLDER_KINDS[code])
             outcome, payload = _UNAVAILABLE, f"the holder failed: {exc!r}".encode()
     return KIND_ANSWER + _ANSWER.pack(call_id, outcome) + payload
+
+
+def answer_read_point(frame: bytes, point: int | None) -> bytes:
+    """The leader's side: the KIND_ANSWER frame for a KIND_READ_POINT frame (checked by
+    `call_origin`), given this node's read point from its lease now (None: it has none)."""
+    (call_id, _) = _REQUEST.unpack_from(frame, 1)
+    if point is None:
+        return KIND_ANSWER + _ANSWER.pack(call_id, _UNAVAILABLE) + b"no leader's lease here now"
+    return KIND_ANSWER + _ANSWER.pack(call_id, _APPLIED) + _U64.pack(point)
 
 
 async def answer_forward(frame: bytes, accept: Callable[[bytes], Awaitable[int]]) -> bytes:
@@ -213,5 +246,5 @@ def _outcome(answer: bytes, peer_id: int) -> int:
     raise ProposalTimeout(f"forwarding to node {peer_id}: {payload.decode(errors='replace')}")
 
 
-__all__ = ["HOLDER_KINDS", "KIND_ANSWER", "KIND_FORWARD", "KIND_HOLDER", "KIND_RAFT", "ServeHolder", "WireCalls",
-           "WireUnavailable", "answer_forward", "answer_holder", "call_origin"]
+__all__ = ["HOLDER_KINDS", "KIND_ANSWER", "KIND_FORWARD", "KIND_HOLDER", "KIND_RAFT", "KIND_READ_POINT", "ServeHolder",
+           "WireCalls", "WireUnavailable", "answer_forward", "answer_holder", "answer_read_point", "call_origin"]
