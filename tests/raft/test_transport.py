@@ -298,6 +298,38 @@ async def test_a_forward_whose_connection_ends_fails_at_once(tmp_path: Path) -> 
             await trio.sleep(0.02)
 
 
+async def test_an_answer_made_while_the_connection_back_is_redialled_still_arrives(tmp_path: Path) -> None:
+    """A read point (any call) comes on the asker's connection; the answer goes on ours, which may
+    be down while it is redialled (the asker restarted). It waits for the next connection, as
+    Raft's messages do: dropped, the asker waited out its whole call (a nemesis run, 2 s)."""
+    addrs = addresses()
+    slow = TransportLimits(backoff_min_s=2.0, backoff_max_s=2.0)  # (jittered: 1-2 s down)
+    a = RaftTransport(1, {2: addrs[2]}, staging_dir=tmp_path / "a", limits=FAST, insecure=True)
+    b = RaftTransport(2, {1: addrs[1]}, staging_dir=tmp_path / "b", limits=slow, insecure=True)
+    ra, rb = Recorder(), Recorder()
+    b.read_point = lambda: 42
+    async with trio.open_nursery() as nursery:
+        await nursery.start(b.run, rb, addrs[2])
+        await nursery.start(a.run, ra, addrs[1])
+        with trio.fail_after(DEADLINE_S):
+            while True:  # both wire connections open
+                try:
+                    assert await a.ask_read_point(2, timeout_s=1) == 42
+                    break
+                except (WireUnavailable, ConnectionError):
+                    await trio.sleep(0.02)
+            connection = b._peers[1].connection
+            assert connection is not None
+            connection.cancel()  # b's connection to a drops; b redials after its back-off
+            while b._peers[1].connection is not None:
+                await trio.sleep(0.001)
+            started = trio.current_time()
+            assert await a.ask_read_point(2, timeout_s=DEADLINE_S) == 42
+            assert b._peers[1].connection is not None, "answered before b's connection came back?"
+        assert trio.current_time() - started < DEADLINE_S / 2
+        nursery.cancel_scope.cancel()
+
+
 async def test_a_forward_that_comes_before_grpc_serves_is_answered(tmp_path: Path) -> None:
     """A node's wire listens before its gRPC server is up; a peer that forwards an entry in that
     moment is answered. (The nemesis restarted a node whose first forward came then: the transport

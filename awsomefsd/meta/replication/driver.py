@@ -82,6 +82,10 @@ GATHER_QUIET_ROUNDS = 3
 NOTHING_TO_GATHER = frozenset({MessageType.READ_INDEX, MessageType.READ_INDEX_RESP, MessageType.HEARTBEAT,
                                MessageType.HEARTBEAT_RESP})
 """Messages whose turn of the loop writes nothing (`_gather` lets such a turn go at once)."""
+READ_POINT_WAIT_S = 1.0
+"""The longest a follower waits for the leader's read point on the wire before it asks through
+Raft: an idle leader answers in under a millisecond, and its answer is late only while its
+connection back is redialled (an election timeout at most)."""
 
 
 class RaftNode(Generic[TxnT]):
@@ -262,13 +266,13 @@ class RaftNode(Generic[TxnT]):
 
     async def _leader_read_point(self, timeout_s: float) -> int | None:
         """A follower's read point from the leader's lease, asked on the wire (at most half the
-        read's time: the rest is left to Raft's ReadIndex); None when there is no one to ask or
-        the leader gave none."""
+        read's time, and READ_POINT_WAIT_S: the rest is left to Raft's ReadIndex); None when
+        there is no one to ask or the leader gave none."""
         leader = self.raw.leader_id
         if self.ask_read_point is None or leader in (0, self.id):
             return None
         try:
-            return await self.ask_read_point(leader, timeout_s / 2)
+            return await self.ask_read_point(leader, min(timeout_s / 2, READ_POINT_WAIT_S))
         except ConnectionError as exc:
             log.debug("read point from node %d: %s", leader, exc)
             return None

@@ -83,6 +83,7 @@ SENT_WAIT_S = 0.002
 """The longest `sent` waits for the wire senders before the driver's fsync."""
 MAX_FORWARDS_IN_FLIGHT = 256
 """Forwarded entries and holder calls served at once (beyond: the wire connection waits, TCP pushes back)."""
+MAX_QUEUED_ANSWERS = 4 * MAX_FORWARDS_IN_FLIGHT  # for a peer while no connection to it is open
 WIRE_PROBE_S = 2.0
 """While a peer is sent to over gRPC, how often its wire is tried again."""
 GRPC_POLL_S = 0.2
@@ -424,8 +425,7 @@ class RaftTransport:
         return await self.calls.ask_holder(node, kind, request, self._poster(node), timeout_s)
 
     async def ask_read_point(self, leader: int, timeout_s: float) -> int:
-        """The leader's read point from its lease, asked on the wire (WireCalls.read_point);
-        WireUnavailable as `forward`, ConnectionError when it gave none."""
+        """WireCalls.read_point of `leader`; WireUnavailable as `forward`."""
         return await self.calls.read_point(leader, self._poster(leader), timeout_s)
 
     def _poster(self, node: int) -> Callable[[bytes], None]:
@@ -463,10 +463,10 @@ class RaftTransport:
         self._answer_now(sender, answer)
 
     def _answer_now(self, node: int, answer: bytes) -> None:
-        """Queue `answer` on the connection to `node` (dropped when none is open: the asker's call
-        fails when its own connection ends, or at its deadline)."""
+        """Queue `answer` for `node`, also while ours to it is redialled (it restarted): the next
+        connection sends it first. Dropped, it left the asker waiting out its call (a nemesis run)."""
         peer = self._peers.get(node)
-        if peer is not None and peer.connection is not None:
+        if peer is not None and not peer.removed and len(peer.outbox) < MAX_QUEUED_ANSWERS:
             self._post(peer, answer)
 
     def _stream_once(self, peer: PeerLink) -> str:

@@ -11,7 +11,9 @@ A lost answer costs little: the follower waits for its own apply of the entry, n
 (forwarding.propose_via_leader cancels the call once the entry is applied there), so only a
 refusal (NotLeader, ProposalLost) that never arrives waits for the call's deadline. A call whose
 request may not have left (the connection to the leader ended) fails at once with OSError, and
-forwarding sends the entry again (the proposal id makes a second copy a no-op).
+forwarding sends the entry again (the proposal id makes a second copy a no-op). An answer made
+while the connection back to the asker is being redialled waits for the next one (transport.py
+`_answer_now`); call ids start at random, so it cannot match a call of the asker's next process.
 
 A follower's read point travels the same way (`KIND_READ_POINT`, design note 153): the leader's
 wire reader answers it from its lease at once, without a task or a turn of either Raft loop, where a
@@ -36,6 +38,7 @@ knows it; nor a KIND_READ_POINT frame before level 26 (READ_POINT_WIRE_LEVEL).
 from __future__ import annotations
 
 import logging
+import os
 import struct
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -85,7 +88,9 @@ class WireCalls:
     def __init__(self, node_id: int) -> None:
         self.node_id = node_id
         self._calls: dict[int, _Call] = {}
-        self._next_id = 1
+        self._next_id = int.from_bytes(os.urandom(7), "little") + 1
+        """Call ids start at random: an answer the peer queued for this node's previous process (it
+        sends answers on its next connection when none is open) cannot match a call of this one."""
         self.holder_calls = 0
         """Looks and creates this node sent to a holder here (awsomefs_holder_calls_on_wire_total)."""
         self.read_points_asked = 0
