@@ -66,8 +66,12 @@ class Overlay:
 
     def record(self, entry: int, writes: dict[tuple[Any, bytes], bytes | None]) -> None:
         """Keep `writes` ((table, key) -> value or TOMBSTONE) as those of pending entry `entry`."""
+        tables = self._tables
         for (db, key), value in writes.items():
-            self._tables.setdefault(db, _Table()).set(key, value, entry)
+            table = tables.get(db)
+            if table is None:  # (not setdefault: that built a table to throw away at every write)
+                table = tables[db] = _Table()
+            table.set(key, value, entry)
         self._written.setdefault(entry, []).extend(writes)
 
     def resolve(self, entry: int) -> None:

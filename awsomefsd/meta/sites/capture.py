@@ -107,7 +107,8 @@ class SiteCapture(SiteView):
         if isinstance(cmd, DEFERRED):
             deferring = self._deferring
             if deferring is None or deferring.txn is not txn:
-                deferring = self._deferring = Deferring(txn, self._capturing(txn), self.folds_later(txn))
+                capturing = self._capturing(txn)  # (the level is read only where it matters)
+                deferring = self._deferring = Deferring(txn, capturing, capturing and self.folds_later(txn))
             if not deferring.capturing:
                 return
             if deferring.later:
