@@ -36,14 +36,9 @@ from awsomefsd.meta.raft import (
     encode_message,
 )
 from awsomefsd.meta.replication.errors import ProposalTimeout
-from awsomefsd.meta.replication.transport import (
-    GRPC_POLL_S,
-    WIRE_PORT_OFFSET,
-    WIRE_PROBE_S,
-    RaftTransport,
-    TransportLimits,
-)
+from awsomefsd.meta.replication.transport import WIRE_PORT_OFFSET, RaftTransport, TransportLimits
 from awsomefsd.meta.replication.transport_grpc import SERVICE, decode_frame, encode_frame
+from awsomefsd.meta.replication.transport_peer import GRPC_POLL_S, WIRE_PROBE_S
 from awsomefsd.meta.replication.wire_calls import KIND_HOLDER, WireUnavailable
 from awsomefsd.rpc import wire
 from awsomefsd.rpc.bridge import Binding, client_stream, serve_grpc
@@ -223,6 +218,40 @@ async def test_a_peer_without_the_wire_is_sent_to_over_grpc_in_order(tmp_path: P
         nursery.cancel_scope.cancel()
 
 
+async def test_a_peer_on_grpc_has_its_wire_probed_soon_then_ever_less_often(tmp_path: Path) -> None:
+    """A refused wire is mostly a member of this build restarting (its gRPC listener may answer
+    before its wire's): the sender tries the wire again within a fraction of a second, where it
+    waited WIRE_PROBE_S (2 s) and every wire call to the member (a look, a read point, their
+    answers) waited with it; an older build, which never answers on the wire, is probed ever
+    less often, at most every WIRE_PROBE_S."""
+    addrs = addresses()
+    a = RaftTransport(1, {2: addrs[2]}, staging_dir=tmp_path / "a", limits=FAST, insecure=True)
+    b = OlderBuild(2, {1: addrs[1]}, staging_dir=tmp_path / "b", limits=FAST, insecure=True)
+    ra, rb = Recorder(), Recorder()
+    probes: list[float] = []
+    dial = a._dial_wire
+
+    async def counted(peer: Any) -> Any:
+        if a._peers[2].on_grpc:
+            probes.append(trio.current_time())
+        return await dial(peer)
+
+    a._dial_wire = counted  # type: ignore[method-assign]
+    async with trio.open_nursery() as nursery:
+        await nursery.start(b.run, rb, addrs[2])
+        await nursery.start(a.run, ra, addrs[1])
+        with trio.fail_after(DEADLINE_S):
+            while not rb.got:  # on gRPC, the stream open
+                a.send([heartbeat(0)])
+                await trio.sleep(0.05)
+        since = trio.current_time()
+        await trio.sleep(3.0)  # (how often the wire is tried over a span of time)
+        during = [t - since for t in probes if t >= since]
+        assert any(t < 1.0 for t in during), f"no probe of the wire in the first second on gRPC: {during}"
+        assert len(during) <= 10, f"the wire of an older build probed {len(during)} times in 3 s"
+        nursery.cancel_scope.cancel()
+
+
 def test_a_failed_grpc_stream_takes_nothing_queued_after_it_ended(tmp_path: Path) -> None:
     """grpc pulls a stream's frames in a thread of its own, which may still be waiting on the
     queue when the call has failed; what is queued once the stream has ended (for the connection
@@ -299,22 +328,27 @@ async def test_a_forward_whose_connection_ends_fails_at_once(tmp_path: Path) -> 
 
 
 async def test_an_answer_made_while_the_connection_back_is_redialled_still_arrives(tmp_path: Path) -> None:
-    """A read point (any call) comes on the asker's connection; the answer goes on ours, which may
-    be down while it is redialled (the asker restarted). It waits for the next connection, as
-    Raft's messages do: dropped, the asker waited out its whole call (a nemesis run, 2 s)."""
+    """A call (a holder's look here; a read point alike) comes on the asker's connection; the
+    answer goes on ours, which may be down while it is redialled (the asker restarted). It waits
+    for the next connection, as Raft's messages do: dropped, the asker waited out its whole call
+    (a nemesis run, 2 s)."""
     addrs = addresses()
     slow = TransportLimits(backoff_min_s=2.0, backoff_max_s=2.0)  # (jittered: 1-2 s down)
     a = RaftTransport(1, {2: addrs[2]}, staging_dir=tmp_path / "a", limits=FAST, insecure=True)
     b = RaftTransport(2, {1: addrs[1]}, staging_dir=tmp_path / "b", limits=slow, insecure=True)
     ra, rb = Recorder(), Recorder()
-    b.read_point = lambda: 42
+
+    async def serve(kind: str, request: bytes) -> bytes:
+        return b"served " + request
+
+    b.serve_holder = serve
     async with trio.open_nursery() as nursery:
         await nursery.start(b.run, rb, addrs[2])
         await nursery.start(a.run, ra, addrs[1])
         with trio.fail_after(DEADLINE_S):
             while True:  # both wire connections open
                 try:
-                    assert await a.ask_read_point(2, timeout_s=1) == 42
+                    assert await a.ask_holder(2, "look", b"x", timeout_s=1) == b"served x"
                     break
                 except (WireUnavailable, ConnectionError):
                     await trio.sleep(0.02)
@@ -323,10 +357,33 @@ async def test_an_answer_made_while_the_connection_back_is_redialled_still_arriv
             connection.cancel()  # b's connection to a drops; b redials after its back-off
             while b._peers[1].connection is not None:
                 await trio.sleep(0.001)
-            started = trio.current_time()
-            assert await a.ask_read_point(2, timeout_s=DEADLINE_S) == 42
+            assert await a.ask_holder(2, "look", b"y", timeout_s=DEADLINE_S) == b"served y"
             assert b._peers[1].connection is not None, "answered before b's connection came back?"
-        assert trio.current_time() - started < DEADLINE_S / 2
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_leader_is_asked_for_a_read_point_on_the_wire_only_while_its_messages_arrive_there(
+        tmp_path: Path) -> None:
+    """The leader's answer goes on its own connection to us: while none of its Raft messages
+    reach us on the wire (that connection is down, or the leader sends to us over gRPC, as it
+    does for a while to a member that was restarting), the read goes through Raft's ReadIndex at
+    once (WireUnavailable) instead of waiting for an answer that cannot come."""
+    addrs = addresses()
+    a, ra, b, rb = pair(tmp_path, addrs, insecure=True)
+    b.read_point = lambda: 42
+    async with trio.open_nursery() as nursery:
+        await nursery.start(b.run, rb, addrs[2])
+        await nursery.start(a.run, ra, addrs[1])
+        with trio.fail_after(DEADLINE_S):
+            while b._peers[1].connection is None or a._peers[2].connection is None:
+                await trio.sleep(0.02)
+        with pytest.raises(WireUnavailable):  # nothing heard from b on the wire yet
+            await a.ask_read_point(2, timeout_s=DEADLINE_S)
+        with trio.fail_after(DEADLINE_S):
+            while not ra.got:
+                b.send([Message(MessageType.HEARTBEAT, to=1, frm=2, term=3)])
+                await trio.sleep(0.02)
+        assert await a.ask_read_point(2, timeout_s=DEADLINE_S) == 42
         nursery.cancel_scope.cancel()
 
 

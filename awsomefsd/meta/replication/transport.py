@@ -38,7 +38,7 @@ import random
 import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import grpc
 import trio
@@ -56,7 +56,16 @@ from awsomefsd.meta.replication.transport_grpc import (
     send_snapshot,
     send_stream,
 )
-from awsomefsd.meta.replication.transport_peer import DEFAULT_LIMITS, PeerLink, TransportLimits
+from awsomefsd.meta.replication.transport_peer import (
+    DEFAULT_LIMITS,
+    GRPC_POLL_S,
+    WIRE_HEARD_S,
+    WIRE_PROBE_FIRST_S,
+    WIRE_PROBE_S,
+    PeerLink,
+    RaftPeerHandler,
+    TransportLimits,
+)
 from awsomefsd.meta.replication.wire_calls import (
     KIND_ANSWER,
     KIND_FORWARD,
@@ -84,27 +93,6 @@ SENT_WAIT_S = 0.002
 MAX_FORWARDS_IN_FLIGHT = 256
 """Forwarded entries and holder calls served at once (beyond: the wire connection waits, TCP pushes back)."""
 MAX_QUEUED_ANSWERS = 4 * MAX_FORWARDS_IN_FLIGHT  # for a peer while no connection to it is open
-WIRE_PROBE_S = 2.0
-"""While a peer is sent to over gRPC, how often its wire is tried again."""
-GRPC_POLL_S = 0.2
-"""How long a gRPC stream's frame generator waits on the queue before it looks whether its
-stream still lives."""
-
-
-class RaftPeerHandler(Protocol):
-    """What the transport needs from the node driver. All but `snapshot_chunks` run on trio."""
-
-    def deliver(self, messages: list[Message]) -> None:
-        """Accept messages from a peer without blocking (the driver queues them)."""
-        ...
-
-    def report_unreachable(self, peer_id: int) -> None: ...
-
-    def report_snapshot(self, peer_id: int, delivered: bool) -> None: ...
-
-    def snapshot_chunks(self) -> Iterator[bytes]:
-        """A consistent copy of the state machine in bounded chunks; runs in a worker thread."""
-        ...
 
 
 class RaftTransport:
@@ -159,6 +147,7 @@ class RaftTransport:
         (RaftNode.lease_read_point; None: it has none, the follower asks through Raft)."""
         self.read_points_answered = 0
         """Read points this node gave followers on the wire (awsomefs_raft_read_points_answered_total)."""
+        self._heard_on_wire: dict[int, float] = {}  # node -> when a Raft frame from it came on the wire
         self._forward_slots = trio.Semaphore(MAX_FORWARDS_IN_FLIGHT)
         self.spoofed_messages = 0
         self._peers: dict[int, PeerLink] = {}
@@ -351,8 +340,8 @@ class RaftTransport:
     async def _grpc_until_wire(self, peer: PeerLink) -> wire.FrameStream | str:
         """Send to `peer` over a gRPC stream (in a worker thread) until it fails (why, returned) or
         the peer's wire answers (the connection, returned; the stream is ended). The wire is tried
-        every WIRE_PROBE_S: a peer that was only starting when its wire was refused, or that was
-        upgraded, is not left on the slow path for as long as a stream lives."""
+        again and again (WIRE_PROBE_S): a peer that was only starting when its wire was refused,
+        or that was upgraded, is not left on the slow path for as long as a stream lives."""
         outcome: list[wire.FrameStream | str] = []
         peer.on_grpc = True
         try:
@@ -364,8 +353,10 @@ class RaftTransport:
                     nursery.cancel_scope.cancel()
 
                 nursery.start_soon(stream)
+                probe_s = WIRE_PROBE_FIRST_S
                 while not outcome:
-                    await trio.sleep(WIRE_PROBE_S)
+                    await trio.sleep(probe_s)
+                    probe_s = min(probe_s * 1.5, WIRE_PROBE_S)
                     connection = await self._dial_wire(peer)
                     if isinstance(connection, wire.FrameStream):
                         outcome.append(connection)
@@ -425,7 +416,11 @@ class RaftTransport:
         return await self.calls.ask_holder(node, kind, request, self._poster(node), timeout_s)
 
     async def ask_read_point(self, leader: int, timeout_s: float) -> int:
-        """WireCalls.read_point of `leader`; WireUnavailable as `forward`."""
+        """WireCalls.read_point of `leader`; WireUnavailable as `forward`, and while the leader's
+        own messages do not reach us on the wire (its connection to us is down or on gRPC: its
+        answer would wait for the wire, where Raft's ReadIndex answer goes at once)."""
+        if trio.current_time() - self._heard_on_wire.get(leader, -math.inf) > WIRE_HEARD_S:
+            raise WireUnavailable(leader)
         return await self.calls.read_point(leader, self._poster(leader), timeout_s)
 
     def _poster(self, node: int) -> Callable[[bytes], None]:
@@ -528,7 +523,10 @@ class RaftTransport:
             kind = frame[:1]
             try:
                 if kind == KIND_RAFT:
-                    self.accept(decode_frame(frame[1:]), sender)
+                    messages = decode_frame(frame[1:])
+                    if messages:
+                        self._heard_on_wire[messages[0].frm] = trio.current_time()
+                    self.accept(messages, sender)
                 elif kind == KIND_ANSWER:
                     self.calls.answered(frame, sender)
                 elif (kind == KIND_FORWARD and self._accept_forward is not None) or kind == KIND_HOLDER:

@@ -1,4 +1,5 @@
-"""What the Raft transport keeps per peer, and the limits it works within (transport.py)."""
+"""What the Raft transport keeps per peer, the limits it works within, and what it needs from the
+node driver (transport.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,9 @@ import math
 import queue
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Protocol
 
 import grpc
 import trio
@@ -37,6 +40,33 @@ class TransportLimits:
 
 
 DEFAULT_LIMITS = TransportLimits()
+WIRE_PROBE_S = 2.0
+"""While a peer is sent to over gRPC, how often its wire is tried again: first after
+WIRE_PROBE_FIRST_S, then 1.5 times as long each time, up to this. A refused wire is mostly a
+member of this build restarting (its gRPC listener may answer first): every wire call to it waited
+out the probe (a nemesis run: a restarted member's open took 2 s)."""
+WIRE_PROBE_FIRST_S = 0.1
+WIRE_HEARD_S = 0.5
+"""A leader heard on the wire this recently (its heartbeats come every 0.1 s) is asked for read points there."""
+GRPC_POLL_S = 0.2
+"""How long a gRPC stream's frame generator waits on the queue before it looks whether its
+stream still lives."""
+
+
+class RaftPeerHandler(Protocol):
+    """What the transport needs from the node driver. All but `snapshot_chunks` run on trio."""
+
+    def deliver(self, messages: list[Message]) -> None:
+        """Accept messages from a peer without blocking (the driver queues them)."""
+        ...
+
+    def report_unreachable(self, peer_id: int) -> None: ...
+
+    def report_snapshot(self, peer_id: int, delivered: bool) -> None: ...
+
+    def snapshot_chunks(self) -> Iterator[bytes]:
+        """A consistent copy of the state machine in bounded chunks; runs in a worker thread."""
+        ...
 
 
 class PeerLink:
