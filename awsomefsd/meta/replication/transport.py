@@ -524,8 +524,8 @@ class RaftTransport:
             try:
                 if kind == KIND_RAFT:
                     messages = decode_frame(frame[1:])
-                    if messages:
-                        self._heard_on_wire[messages[0].frm] = trio.current_time()
+                    if messages:  # (by the certificate's node where there is one)
+                        self._heard_on_wire[messages[0].frm if sender is None else sender] = trio.current_time()
                     self.accept(messages, sender)
                 elif kind == KIND_ANSWER:
                     self.calls.answered(frame, sender)
