@@ -17,8 +17,9 @@ import pytest
 
 from awsomefsd.repl.digest import TreeDigest, differences, digest_tree
 from tests.support import seeds
-from tests.support.cluster import Cluster, Node
+from tests.support.cluster import Cluster
 from tests.support.daemon import wait_for
+from tests.support.monitoring import counter_value
 from tests.support.sqlite_wal import run_wal_writers
 from tests.support.trees import make_source_tree
 
@@ -32,13 +33,6 @@ GIT_ENV = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.invalid", "GIT
 def listing(root: Path, *, ns: bool) -> TreeDigest:
     """Every entry's type, mode, owner, mtime, size, content, link target, xattrs and hard links."""
     return digest_tree(root, mtime_resolution_ns=1 if ns else 10**9)
-
-
-def counter(node: Node, name: str) -> float:
-    for line in node.scrape().splitlines():
-        if line.startswith(name + " ") or line.startswith(name + "_total "):
-            return float(line.split()[-1])
-    raise AssertionError(f"node {node.node_id} exports no {name}")
 
 
 def git(where: Path, *args: str) -> str:
@@ -78,7 +72,7 @@ def test_real_programs_on_a_member_match_ext4_and_read_the_same_on_another(clust
     # The other member: what a's programs closed, whether a still holds its directories (b's
     # looks and listings go to a, or take them over) or gave them back after being idle (b reads
     # at the leader's read point).
-    asked = counter(b, "awsomefs_raft_read_points_asked")
+    asked = counter_value(b.scrape(), "awsomefs_raft_read_points_asked")
     for name, digest in want.items():
         assert differences(digest, listing(b.mount / name, ns=name != "tar")) == [], f"{name} read on {b.node_id}"
     db = sqlite3.connect(b.mount / "wal.db")
@@ -95,5 +89,5 @@ def test_real_programs_on_a_member_match_ext4_and_read_the_same_on_another(clust
     assert git(b.mount / "tar", "log", "--format=%s") == "the tree\n"
     assert git(b.mount / "tar", "status", "--porcelain") == "", "b sees a's tree as a's commit left it"
     if b is not cluster3.leader(nodes):  # (a leader reads from its own lease)
-        wait_for(lambda: counter(b, "awsomefs_raft_read_points_asked") > asked, 30,
+        wait_for(lambda: counter_value(b.scrape(), "awsomefs_raft_read_points_asked") > asked, 30,
                  "b's reads asking the leader's read point")

@@ -28,6 +28,7 @@ from awsomefsd.meta.levels import LOG_LEVEL
 from tests.support.cluster import Cluster, Node, cluster_in
 from tests.support.daemon import REPO, wait_for
 from tests.support.fsx import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, fallocate
+from tests.support.monitoring import counter_value
 
 BEFORE_GATE = "0acc6e3eab267727e5d28958169ae689e965626f"
 LEVEL_RAISED_S = 60.0
@@ -59,14 +60,12 @@ def levels(node: Node) -> tuple[int, int, int]:
 
 def lease_reads(node: Node) -> float:
     """Read barriers the node answered from its Raft lease (design note 123)."""
-    return counter(node, "awsomefs_raft_lease_reads")
+    return counter_value(node.scrape(), "awsomefs_raft_lease_reads")
 
 
-def counter(node: Node, name: str) -> float:
-    for line in node.scrape().splitlines():
-        if line.startswith(name):
-            return float(line.split()[-1])
-    raise AssertionError(f"the node exports no {name}")
+def read_points_asked(node: Node) -> float:
+    """Read barriers the node asked the leader's lease for on the wire (design note 153)."""
+    return counter_value(node.scrape(), "awsomefs_raft_read_points_asked")
 
 
 def punch(path: Path, offset: int, length: int) -> None:
@@ -127,7 +126,7 @@ def test_a_rolling_upgrade_gates_the_new_commands_until_every_member_runs_the_ne
         assert old.proc is not None and old.proc.poll() is None
         assert lease_reads(new) == 0, "a read answered from the lease while a member's build breaks the promise"
         follower = next(n for n in nodes if n is not old and n is not new)
-        assert counter(follower, "awsomefs_raft_read_points_asked") == 0, "a read point asked before level 26"
+        assert read_points_asked(follower) == 0, "a read point asked before level 26"
         # The old build has no Raft wire (design note 125): the new ones send to it over gRPC, to each
         # other over the wire, and their status says so.
         upgraded = [n for n in nodes if n is not old]
@@ -149,7 +148,7 @@ def test_a_rolling_upgrade_gates_the_new_commands_until_every_member_runs_the_ne
             assert (node.mount / "clone").read_bytes() == expected
         assert blocks_of(new.mount / "f") * 512 == len(payload) - 8192
         assert lease_reads(new) > 0, "every member keeps the lease's promise now: opens read from the lease"
-        assert counter(follower, "awsomefs_raft_read_points_asked") > 0, "a follower's opens ask the leader's lease"
+        assert read_points_asked(follower) > 0, "a follower's opens ask the leader's lease"
         with open(new.mount / "reserved", "r+b") as fh:
             fallocate(fh.fileno(), 0, 0, 2 << 20)
         assert blocks_of(new.mount / "reserved") * 512 == 2 << 20, "reserved now"

@@ -124,6 +124,13 @@ async def test_a_holder_call_brings_its_reply_back_and_every_failure_is_a_connec
         await calls.ask_holder(2, "look", b"garbled", holder_that(serve, calls), timeout_s=5)
     with pytest.raises(ConnectionError, match="no answer"):
         await calls.ask_holder(2, "look", b"f", holder_that(serve, calls, answer_from=4), timeout_s=0.2)
+    await fails_at_once_when_the_connection_ends(
+        calls, lambda: calls.ask_holder(2, "look", b"f", lambda frame: None, timeout_s=60))
+
+
+async def fails_at_once_when_the_connection_ends(calls: WireCalls, call: Callable[[], Awaitable[object]]) -> None:
+    """`call` waits for node 2's answer when the connection to node 2 ends: ConnectionError, not
+    its deadline."""
     async with trio.open_nursery() as nursery:
         async def lose_it() -> None:
             await trio.testing.wait_all_tasks_blocked()
@@ -131,7 +138,7 @@ async def test_a_holder_call_brings_its_reply_back_and_every_failure_is_a_connec
 
         nursery.start_soon(lose_it)
         with pytest.raises(ConnectionError, match="ended"):
-            await calls.ask_holder(2, "look", b"f", lambda frame: None, timeout_s=60)
+            await call()
 
 
 def test_a_holder_frame_of_an_unknown_kind_or_cut_short_is_malformed() -> None:
@@ -159,14 +166,7 @@ async def test_a_read_point_comes_back_or_the_read_goes_through_raft() -> None:
         await calls.read_point(2, leader_with(None), timeout_s=5)
     with pytest.raises(ConnectionError, match="no read point"):
         await calls.read_point(2, leader_with(7, answer_from=4), timeout_s=0.2)
-    async with trio.open_nursery() as nursery:
-        async def lose_it() -> None:
-            await trio.testing.wait_all_tasks_blocked()
-            calls.lost(2)
-
-        nursery.start_soon(lose_it)
-        with pytest.raises(ConnectionError, match="ended"):
-            await calls.read_point(2, lambda frame: None, timeout_s=60)
+    await fails_at_once_when_the_connection_ends(calls, lambda: calls.read_point(2, lambda frame: None, timeout_s=60))
     assert calls.read_points_asked == 4
     with pytest.raises(CodecError, match="shorter"):
         call_origin(KIND_READ_POINT + struct.pack("<Q", 1))

@@ -58,3 +58,12 @@ def exported_metric_names(scrape: str) -> set[str]:
             if kind == "histogram":
                 names.update(name + suffix for suffix in _HISTOGRAM_SERIES)
     return names
+
+
+def counter_value(scrape: str, name: str) -> float:
+    """The value of counter `name` (with or without its `_total`) on a /metrics page without labels
+    on it; AssertionError when the page does not carry it."""
+    for line in scrape.splitlines():
+        if line.startswith((name + " ", name + "_total ")):
+            return float(line.split()[-1])
+    raise AssertionError(f"/metrics carries no {name}")
