@@ -530,16 +530,12 @@ class RaftTransport:
                 elif kind == KIND_ANSWER:
                     self.calls.answered(frame, sender)
                 elif (kind == KIND_FORWARD and self._accept_forward is not None) or kind == KIND_HOLDER:
-                    origin = call_origin(frame)
-                    if sender is not None and origin != sender:
-                        raise CodecError(f"a call claiming to come from node {origin}")
+                    origin = call_origin(frame, sender)
                     assert self._nursery is not None
                     await self._forward_slots.acquire()
                     self._nursery.start_soon(self._answer_call, origin, frame)
                 elif kind == KIND_READ_POINT:  # answered here: no task, no turn of the Raft loop
-                    origin = call_origin(frame)
-                    if sender is not None and origin != sender:
-                        raise CodecError(f"a call claiming to come from node {origin}")
+                    origin = call_origin(frame, sender)
                     point = self.read_point()
                     self.read_points_answered += point is not None
                     self._answer_now(origin, answer_read_point(frame, point))

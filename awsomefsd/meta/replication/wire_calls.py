@@ -113,14 +113,8 @@ class WireCalls:
         ended."""
         code = HOLDER_KINDS.index(kind)
         self.holder_calls += 1
-        try:
-            answer = await self._call(
-                peer_id, lambda call_id: KIND_HOLDER + _HOLDER.pack(call_id, self.node_id, code) + request,
-                send, timeout_s)
-        except (OSError, ProposalTimeout) as exc:
-            raise ConnectionError(str(exc)) from None
-        if answer is None:
-            raise ConnectionError(f"no answer from node {peer_id} in {timeout_s:.1f} s")
+        answer = await self._ask(peer_id, lambda call_id: KIND_HOLDER + _HOLDER.pack(call_id, self.node_id, code)
+                                 + request, send, timeout_s, "answer")
         if answer[:1] == bytes([_REPLY]):
             return answer[1:]
         raise ConnectionError(f"node {peer_id} did not serve the {kind}: {answer[1:].decode(errors='replace')}")
@@ -129,16 +123,23 @@ class WireCalls:
         """Ask the leader `peer_id` for a read point (its commit index while its lease holds);
         ConnectionError when it cannot answer so now, did not answer in time, or the connection ended."""
         self.read_points_asked += 1
-        try:
-            answer = await self._call(
-                peer_id, lambda call_id: KIND_READ_POINT + _REQUEST.pack(call_id, self.node_id), send, timeout_s)
-        except (OSError, ProposalTimeout) as exc:
-            raise ConnectionError(str(exc)) from None
-        if answer is None:
-            raise ConnectionError(f"no read point from node {peer_id} in {timeout_s:.1f} s")
+        answer = await self._ask(peer_id, lambda call_id: KIND_READ_POINT + _REQUEST.pack(call_id, self.node_id),
+                                 send, timeout_s, "read point")
         if answer[:1] == bytes([_APPLIED]) and len(answer) == 1 + _U64.size:
             return int(_U64.unpack_from(answer, 1)[0])
         raise ConnectionError(f"node {peer_id} gave no read point: {answer[1:].decode(errors='replace')}")
+
+    async def _ask(self, peer_id: int, frame_for: Callable[[int], bytes], send: Callable[[bytes], None],
+                   timeout_s: float, what: str) -> bytes:
+        """`_call` for a caller that has another way to go: every failure (no `what` in time, the
+        connection ended, too many calls waiting) is a ConnectionError."""
+        try:
+            answer = await self._call(peer_id, frame_for, send, timeout_s)
+        except (OSError, ProposalTimeout) as exc:
+            raise ConnectionError(str(exc)) from None
+        if answer is None:
+            raise ConnectionError(f"no {what} from node {peer_id} in {timeout_s:.1f} s")
+        return answer
 
     async def _call(self, peer_id: int, frame_for: Callable[[int], bytes], send: Callable[[bytes], None],
                     timeout_s: float) -> bytes | None:
@@ -180,15 +181,18 @@ class WireCalls:
                 call.done.set()
 
 
-def call_origin(frame: bytes) -> int:
-    """The node a KIND_FORWARD, KIND_HOLDER or KIND_READ_POINT frame says it comes from (CodecError when it is too
-    short, or asks for something unknown)."""
+def call_origin(frame: bytes, sender: int | None = None) -> int:
+    """The node a KIND_FORWARD, KIND_HOLDER or KIND_READ_POINT frame says it comes from (CodecError
+    when it is too short, asks for something unknown, or claims another node than `sender`, the
+    one its connection's certificate names)."""
     header = _HOLDER if frame[:1] == KIND_HOLDER else _REQUEST
     if len(frame) < 1 + header.size:
         raise CodecError("a call frame shorter than its header")
     fields = header.unpack_from(frame, 1)
     if header is _HOLDER and fields[2] >= len(HOLDER_KINDS):
         raise CodecError(f"a holder call of unknown kind {fields[2]}")
+    if sender is not None and fields[1] != sender:
+        raise CodecError(f"a call claiming to come from node {fields[1]}")
     return int(fields[1])
 
 
