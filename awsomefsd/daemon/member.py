@@ -509,6 +509,7 @@ def _assemble(member: Member) -> Core:
     # the one cycle: coherence flushes through data, and data asks coherence what it may do
     data.compactor.may_rewrite = coherence.holding  # compaction and recall
     data.writer.may_run_ahead = coherence.fresh
+    meta.ahead.before_propose = data.writer.settle_behind  # held blocks reach the device first
     tiering = tiering_over(reads, data)
     ops = Operations(meta, data, handles, coherence=coherence, total_blocks=layout.data_blocks,
                      evict=None if tiering is None else tiering.evict)

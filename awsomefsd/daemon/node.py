@@ -316,6 +316,12 @@ def _collect(core: Core) -> Iterator[Metric]:
                   "reuse until the allocator is rebuilt", core.allocator.withheld_blocks)
     yield gauge("awsomefs_dirty_bytes", "buffered bytes not yet written", core.data.total_dirty_bytes)
     yield counter("awsomefs_closed_batch_files", "closed files written in batches", core.data.batch.batched_files)
+    behind = core.data.writer.io.behind
+    yield counter("awsomefs_write_behind_runs", "flushed block runs a cluster member held for its next proposal "
+                  "instead of writing them on the request's path (io/write_behind.py)", behind.held)
+    yield counter("awsomefs_write_behind_dropped", "held block runs dropped unwritten: the lease they were "
+                  "allocated under ended", behind.dropped)
+    yield gauge("awsomefs_write_behind_bytes", "bytes held for the next proposal now", behind.bytes)
     yield gauge("awsomefs_meta_applied_index", "last applied metadata command", core.log.applied_index)
     yield gauge("awsomefs_meta_committed_index", "last durable metadata command", core.log.committed_index)
     sizes, core.log.batch_sizes[:] = list(core.log.batch_sizes), []

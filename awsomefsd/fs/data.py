@@ -353,6 +353,10 @@ class FileData:
 
     # -- lost writes ------------------------------------------------------------------------------
     def lose_buffers(self, reason: str) -> int:
+        """The node's lease expired: drop every buffered write, and every block held for the
+        pipeline (io/write_behind.py): their mappings carry the lost epoch and will be refused,
+        and their blocks may belong to another node by now."""
+        self.writer.io.drop_behind()
         return self.lost_writes.lose_buffers(reason)
 
     def lose_file(self, ino: int, reason: str) -> None:

@@ -24,6 +24,7 @@ from awsomefsd.fs.tiered import TieredBlocks
 from awsomefsd.io.checksum import first_bad_block
 from awsomefsd.io.extent_io import ChecksumMismatch, ExtentIO
 from awsomefsd.io.layout import BLOCK_SIZE
+from awsomefsd.io.write_behind import overlaps
 from awsomefsd.meta.client import MetaClient
 from awsomefsd.meta.errors import FsError
 from awsomefsd.meta.records import TIER_BASE_BLOCK, Extent, Inode, is_tiered
@@ -192,6 +193,8 @@ class Reader:
         if found is None:
             return False
         dev_block, sums = found
+        if self.io.behind and overlaps(self.io.behind.runs, dev_block, end - first):
+            return False  # blocks not written yet (io/write_behind.py): `read` sees them
         pool = self.io.pool
         buf = pool.acquire()
         run = memoryview(buf)[: (end - first) * BLOCK_SIZE]

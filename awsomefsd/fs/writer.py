@@ -13,22 +13,35 @@ path that puts file data on the device ends in `write_runs` or in a truncate's t
 caller holds the file's lock, so no flush, truncate or compaction of the same file interleaves.
 Scattered small runs cost one allocation, a few device writes (the runs lie side by side on the
 device) and one command, not one of each per run.
+
+On a cluster member, a small flush whose mapping runs ahead of the log (a file only this node can
+reach yet: an untar's, a git object's) does not write its blocks itself: they are held
+(io/write_behind.py) and the pipeline writes everything held, in one go, right before the proposal
+that may carry the mapping (`settle_behind`). The flush answers without a device write on its
+path, and many small files' blocks go out together.
 """
 
 from __future__ import annotations
 
 import bisect
+import errno
 from collections.abc import Callable
 
 from awsomefsd.fs.buffer import FileState, Run
 from awsomefsd.fs.reader import Reader
 from awsomefsd.fs.space import SpaceGuard
 from awsomefsd.io.extent_io import ExtentIO
+from awsomefsd.io.fence import WriteFencedError
 from awsomefsd.io.layout import BLOCK_SIZE
 from awsomefsd.meta import commands as c
 from awsomefsd.meta.client import MetaClient
-from awsomefsd.meta.errors import certainly_not_applied
+from awsomefsd.meta.errors import FsError, certainly_not_applied
 from awsomefsd.meta.records import MAX_EXTENT_BLOCKS, Extent
+
+BEHIND_FILE_MAX_BYTES = 256 << 10
+"""A flush run ahead with at most this much is held for the pipeline's next proposal
+(write-behind, io/write_behind.py) rather than written on the request's path; a larger one makes
+a device write of a useful size by itself."""
 
 Piece = tuple[int, int, int, memoryview]  # (file block, device block, blocks, their bytes)
 Segment = tuple[int, int | None, int, memoryview]  # a Piece whose device block is None until allocated
@@ -74,19 +87,24 @@ class RunWriter:
         nblocks = sum(n for _, dev, n, _ in segments if dev is None)
         extents = await self.space.allocate(nblocks, self._hint(st.ino, block_runs[0][0])) if nblocks else []
         pieces = _lay_out(segments, extents)
+        ahead = self.may_run_ahead(st.ino)
+        block_runs_out = [(dev, data) for _, dev, _, data in pieces]
+        held = self._write_behind(block_runs_out, epoch, nblocks == total) if ahead else None
         try:
-            checksums = await self.io.write_async([(dev, data) for _, dev, _, data in pieces])
+            checksums = held if held is not None else await self.io.write_async(block_runs_out)
         except BaseException:
             self.space.release(extents)  # nothing refers to them
             raise
         records = tuple(Extent(fb, dev, n, cs) for (fb, dev, n, _), cs in zip(pieces, checksums))
         command = c.WriteData(st.ino, records, end, self.clock_ns(), touch=not keep_mtime, mtime_ns=mtime_ns)
         try:
-            if self.may_run_ahead(st.ino):
+            if ahead:
                 await self.meta.run_ahead(command, epoch=epoch, still=lambda: self.may_run_ahead(st.ino))
             else:
                 await self.meta.propose(command, epoch=epoch)
         except BaseException as exc:
+            if held is not None and certainly_not_applied(exc):
+                self.io.discard_behind(extents)  # given back below: never to be written now
             self.space.release_after_failure(extents, exc)  # a mapping that may commit keeps them
             if not certainly_not_applied(exc):
                 self.unsure.add(st.ino)
@@ -178,6 +196,25 @@ class RunWriter:
                     buf[end - base * BLOCK_SIZE :] = old[end % BLOCK_SIZE :]
             buf[start - base * BLOCK_SIZE : end - base * BLOCK_SIZE] = data
         return out
+
+    def _write_behind(self, runs: list[tuple[int, memoryview]], epoch: int | None, all_fresh: bool) -> list[bytes] | None:
+        """Checksums of `runs` held for the pipeline's next proposal (io/write_behind.py), or None:
+        write them now. Only a mapping run ahead on a cluster member (the pipeline writes what is
+        held before each proposal: `settle_behind`), of small runs all on freshly allocated
+        blocks (blocks written in place may be read by another node's committed map)."""
+        if epoch is None or not all_fresh or sum(len(data) for _, data in runs) > BEHIND_FILE_MAX_BYTES:
+            return None
+        return self.io.write_behind(runs, epoch)
+
+    async def settle_behind(self) -> None:
+        """The pipeline's hook before each proposal (meta/ahead.py `before_propose`): write every
+        held run first, so no mapping commits before its blocks are on the device. A write that
+        fails fails the proposal (EIO: the batch and everything after it are lost, and reported)."""
+        try:
+            await self.io.settle(self.meta.lease_epoch())
+        except OSError as exc:
+            raise FsError(errno.EIO, f"writing file data held for this proposal failed: {exc}",
+                          cause="fence" if isinstance(exc, WriteFencedError) else "") from exc
 
     def on_reserved(self, ino: int, start: int, end: int) -> bool:
         """Do bytes [start, end) of the file lie on blocks reserved for them (unwritten extents a

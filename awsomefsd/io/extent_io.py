@@ -21,6 +21,7 @@ from awsomefsd.io.checksum import block_checksums, first_bad_block
 from awsomefsd.io.device import BlockDevice, BufferPool
 from awsomefsd.io.errors import DeviceError
 from awsomefsd.io.layout import BLOCK_SIZE
+from awsomefsd.io.write_behind import WriteBehind, overlay
 
 INLINE_IO_MAX_BYTES = 64 * 1024  # larger writes (and reads without AIO) go to a worker thread
 IO_THREADS = 8
@@ -47,6 +48,9 @@ class ExtentIO:
         self.device = device
         self.pool = BufferPool(max_run_bytes, POOL_BUFFERS)
         self.limiter = trio.CapacityLimiter(IO_THREADS)
+        self.behind = WriteBehind()
+        """Runs whose write waits for the proposal that maps them (io/write_behind.py)."""
+        self._settling = trio.Lock()
 
     async def read(self, dev_block: int, checksums: bytes, start: int, end: int) -> bytes:
         """Bytes [start, end) of the run of blocks at `dev_block` that `checksums` (one CRC32C per
@@ -54,6 +58,7 @@ class ExtentIO:
 
         `read` and `read_into` spell the same steps out rather than await a shared helper: one
         coroutine more per read cost random 4 KiB reads 10 % (docs/design-notes.md, note 37)."""
+        held = self.behind.runs.copy() if self.behind else None  # before the read: see io/write_behind.py
         buf = self.pool.acquire()
         try:
             view = self._run_view(buf, checksums, start, end)
@@ -61,6 +66,8 @@ class ExtentIO:
                 await trio.to_thread.run_sync(self.device.read_into, view, dev_block * BLOCK_SIZE, limiter=self.limiter)
             else:
                 await self.device.read_into_async(view, dev_block * BLOCK_SIZE)
+            if held:
+                overlay(held, view, dev_block)
             _verify(view, dev_block, checksums)
             return bytes(view[start:end])
         finally:
@@ -68,6 +75,7 @@ class ExtentIO:
 
     async def read_into(self, dev_block: int, checksums: bytes, start: int, end: int, dest: memoryview) -> None:
         """`read`, into `dest` (end - start bytes) rather than a bytes of its own."""
+        held = self.behind.runs.copy() if self.behind else None
         buf = self.pool.acquire()
         try:
             view = self._run_view(buf, checksums, start, end)
@@ -75,6 +83,8 @@ class ExtentIO:
                 await trio.to_thread.run_sync(self.device.read_into, view, dev_block * BLOCK_SIZE, limiter=self.limiter)
             else:
                 await self.device.read_into_async(view, dev_block * BLOCK_SIZE)
+            if held:
+                overlay(held, view, dev_block)
             _verify(view, dev_block, checksums)
             dest[:] = view[start:end]
         finally:
@@ -82,10 +92,13 @@ class ExtentIO:
 
     def read_blocking(self, dev_block: int, checksums: bytes, start: int, end: int) -> bytes:
         """`read` for a process without an event loop (a read worker): the calling thread waits."""
+        held = self.behind.runs.copy() if self.behind else None
         buf = self.pool.acquire()
         try:
             view = self._run_view(buf, checksums, start, end)
             self.device.read_into(view, dev_block * BLOCK_SIZE)
+            if held:
+                overlay(held, view, dev_block)
             _verify(view, dev_block, checksums)
             return bytes(view[start:end])
         finally:
@@ -97,6 +110,7 @@ class ExtentIO:
         device come in one read of up to a pool buffer, as `write` sends them. Blocking: the
         caller picks the thread (the shipper's small files, fs/reader.py `read_files`)."""
         out: list[bytes] = [b""] * len(runs)
+        held = self.behind.runs.copy() if self.behind else None  # atomic under the GIL
         buf = self.pool.acquire()
         try:
             view = memoryview(buf)
@@ -106,6 +120,8 @@ class ExtentIO:
             def read_group() -> None:
                 first_dev = runs[group[0]][0]
                 self.device.read_into(view[:used], first_dev * BLOCK_SIZE)
+                if held:
+                    overlay(held, view[:used], first_dev)
                 for i in group:
                     dev, checksums = runs[i]
                     at = (dev - first_dev) * BLOCK_SIZE
@@ -165,6 +181,48 @@ class ExtentIO:
         if sum(len(data) for _, data in runs) > INLINE_IO_MAX_BYTES:
             return await trio.to_thread.run_sync(self.write, runs, limiter=self.limiter)
         return self.write(runs)
+
+    def write_behind(self, runs: Sequence[BlockRun], epoch: int) -> list[bytes] | None:
+        """The checksums `write` would return, with the runs held to be written by the next
+        `settle` (io/write_behind.py); None, with nothing held, when they would pass BEHIND_MAX_BYTES
+        (the caller then writes them). Each run must be of blocks freshly allocated under `epoch`."""
+        if not self.behind.fits(sum(len(data) for _, data in runs)):
+            return None
+        out = []
+        for dev, data in runs:
+            copy = bytes(data)
+            out.append(block_checksums(copy))
+            self.behind.add(dev, copy, epoch)
+        return out
+
+    async def settle(self, epoch: int | None) -> None:
+        """Write every run held under `epoch` (the lease's now) and drop the others unwritten
+        (their mappings are refused: io/write_behind.py); a failed write leaves its runs held and
+        raises (OSError, WriteFencedError). Called before each proposal that may map them."""
+        if not self.behind:
+            return  # nothing held, and no settle under way (its runs stay held until written)
+        async with self._settling:
+            runs = self.behind.take_all()
+            if not runs:
+                return
+            stale = [run for run in runs if run[2] != epoch]
+            if stale:
+                self.behind.dropped += len(stale)
+                self.behind.written(stale)
+            current = [(dev, memoryview(data)) for dev, data, keep in runs if keep == epoch]
+            if current:
+                await self.write_async(current)
+            self.behind.written(run for run in runs if run[2] == epoch)
+
+    def drop_behind(self) -> None:
+        """Drop every held run unwritten: the lease they were allocated under ended."""
+        self.behind.dropped += len(self.behind.runs)
+        self.behind.written(self.behind.take_all())
+
+    def discard_behind(self, extents: Sequence[tuple[int, int]]) -> None:
+        """Extents given back unmapped: their held runs are not written (io/write_behind.py)."""
+        if self.behind:
+            self.behind.discard(extents)
 
 
 def _verify(run: memoryview, dev_block: int, checksums: bytes) -> None:

@@ -164,6 +164,10 @@ class AheadLog:
         self.last_batch = 0
         """Changes in the last batch proposed (BUSY_BATCH)."""
         self._progress = trio.Event()
+        self.before_propose: Callable[[], Awaitable[None]] | None = None
+        """Awaited right before each proposal this pipeline makes (a batch, or a command proposed
+        with nothing queued): the node writes the data blocks that changes run ahead map
+        (fs/writer.py `settle_behind`). An FsError it raises fails that proposal."""
         self.proposals = 0
         self.ran_ahead = 0
         self.unpredictable = 0
@@ -262,6 +266,8 @@ class AheadLog:
         soon (the release of orphans this node unlinked) rides the batch being gathered instead of
         sending it at once: during an unlink burst each release cut the gathering short."""
         if not self.pending:
+            if self.before_propose is not None:
+                await self.before_propose()
             return await self._log.propose(command, epoch=epoch)
         self._seq += 1
         entry = _Entry(self._seq, command, epoch, ahead=False, done=trio.Event(), hurry=hurry)
@@ -339,6 +345,8 @@ class AheadLog:
         self.proposals += 1
         self.last_batch = len(batch)
         try:
+            if self.before_propose is not None:
+                await self.before_propose()
             results = await self._log.propose(c.Batch(tuple(e.command for e in batch)), epoch=epoch)
         except FsError as exc:
             # The whole batch failed (or its fate is unknown): nothing after it may go, or a later

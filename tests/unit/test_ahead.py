@@ -557,3 +557,38 @@ async def test_a_command_someone_waits_for_is_not_gathered_behind_a_batch_of_ano
         await trio.testing.wait_all_tasks_blocked()
         assert [len(b) for b in log.batches] == [1, 1], "a change nobody waits for was sent at once"
         nursery.cancel_scope.cancel()
+
+
+async def test_every_proposal_waits_for_the_hook_and_a_failed_hook_fails_it_like_the_log(tmp_path: Path) -> None:
+    """`before_propose` (a member writes the data blocks its changes map: io/write_behind.py) runs
+    before each batch and before a command proposed with nothing queued; when it fails, nothing
+    is proposed and the batch and everything queued behind it fail, as a refused batch does."""
+    log, meta, mk = scripted(tmp_path, fail_batches=set())
+    log.release.set()
+    hooked: list[int] = []
+    failing = [False]
+
+    async def hook() -> None:
+        hooked.append(len(log.batches))
+        if failing[0]:
+            raise FsError(errno.EIO, "writing held file data failed")
+
+    meta.ahead.before_propose = hook
+    async with trio.open_nursery() as nursery:
+        await nursery.start(meta.run_pipeline)
+        await meta.run_ahead(mk(0))
+        await meta.barrier()
+        assert hooked == [0] and len(log.batches) == 1, "the hook ran before the batch, once"
+        failing[0] = True
+        for i in (1, 2):
+            await meta.run_ahead(mk(i))
+        with pytest.raises(FsError):
+            await meta.barrier()
+        assert len(log.batches) == 1 and meta.ahead.losses == 2 and meta.lookup(ROOT_INO, b"f1") is None
+        with pytest.raises(FsError):  # nothing queued: proposed directly, after the hook
+            await meta.propose(c.Batch((mk(3),)))
+        assert len(log.batches) == 1
+        failing[0] = False
+        await meta.propose(c.Batch((mk(4),)))
+        assert hooked[-1] == 1 and len(log.batches) == 2 and meta.lookup(ROOT_INO, b"f4") == mk(4).ino
+        nursery.cancel_scope.cancel()
