@@ -118,9 +118,18 @@ class WriteBuffer:
 
     @asynccontextmanager
     async def locked(self, ino: int, volume: int = 0) -> AsyncIterator[FileState]:
-        """The file's state, pinned and locked: no flush, truncate or compaction of it meanwhile."""
-        async with self.pinned(ino, volume) as st, st.lock:
-            yield st
+        """The file's state, pinned and locked: no flush, truncate or compaction of it meanwhile.
+        A free lock is taken without a checkpoint: a cluster member's reader flushes a small fresh
+        file inline (fs/data.py `flushes_at_once`), where nothing may yield."""
+        async with self.pinned(ino, volume) as st:
+            try:
+                st.lock.acquire_nowait()
+            except trio.WouldBlock:
+                await st.lock.acquire()
+            try:
+                yield st
+            finally:
+                st.lock.release()
 
     def drop_if_idle(self, st: FileState) -> None:
         if st.idle() and self.files.get(st.ino) is st:

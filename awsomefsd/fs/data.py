@@ -30,7 +30,7 @@ from awsomefsd.fs.buffer import FileState, WriteBuffer
 from awsomefsd.fs.clock import file_time_ns
 from awsomefsd.fs.compactor import Compactor
 from awsomefsd.fs.dirty import MAX_RUNS
-from awsomefsd.fs.flusher import Flusher
+from awsomefsd.fs.flusher import FLUSH_BATCH_RUNS, Flusher
 from awsomefsd.fs.losses import LossLedger
 from awsomefsd.fs.ranges import RangeEditor
 from awsomefsd.fs.reader import Reader
@@ -285,6 +285,16 @@ class FileData:
     async def flush(self, ino: int) -> None:
         """Write the file's dirty bytes and commit their mapping; raise a deferred write error."""
         await self.flusher.flush(ino)
+
+    def flushes_at_once(self, ino: int) -> bool:
+        """Would `flush(ino)` await nothing: on a cluster member, a small fresh file's whose blocks
+        are held for the pipeline (io/write_behind.py) and whose mapping runs ahead at once
+        (`RunWriter.writes_behind_at_once`), no flush or error of the file in the way. A
+        transport may then serve the close or futimens that flushes it without a task."""
+        st = self.buffer.files.get(ino)
+        return (st is not None and not st.lock.locked() and st.error is None and not st.inflight
+                and st.dirty.run_count <= FLUSH_BATCH_RUNS
+                and self.writer.writes_behind_at_once(ino, st.dirty.dirty_bytes))
 
     async def commit_before_peer(self, st: FileState) -> None:
         """Commit the file's buffered writes (a file still open, a close left to the batch), its

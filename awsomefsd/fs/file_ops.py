@@ -102,11 +102,15 @@ class FileOperations(OperationsBase):
 
     def flush_is_immediate(self, fh: int) -> bool:
         """Would `flush(fh)` return without waiting: a known handle of a file with nothing
-        buffered, or on a single node one whose close the batch of closed files takes (a
+        buffered, on a single node one whose close the batch of closed files takes, on a cluster
+        member a small fresh file whose blocks are held for the pipeline (`flushes_at_once`; a
         transport may answer it without a task of its own)."""
         h = self.handles.find(fh)
-        return h is not None and (not self.data.has_buffered(h.ino)
-                                  or (self.coherence is None and self.data.close_is_deferred(h.ino)))
+        if h is None:
+            return False
+        if self.coherence is None:
+            return not self.data.has_buffered(h.ino) or self.data.close_is_deferred(h.ino)
+        return not self.data.has_buffered(h.ino) or self.data.flushes_at_once(h.ino)
 
     def write_is_immediate(self, fh: int, size: int) -> bool:
         """Would `write(fh, ..., size bytes)` return without waiting: a known handle, a buffer

@@ -127,6 +127,7 @@ class Flusher:
     async def flush_all(self) -> None:
         errors = []
         for ino in list(self.buffer.files):
+            await trio.lowlevel.checkpoint()  # a member's flush of a small fresh file may not yield
             try:
                 await self.flush(ino)
             except FsError as exc:

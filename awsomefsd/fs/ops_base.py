@@ -251,12 +251,15 @@ class OperationsBase:
         """Would `setattr` of `ino` that changes no size (setting `mtime_ns`, or None) return
         without waiting (a transport may then serve it without a task)? Not when it flushes the
         file's buffered writes first (a time over them in the future, or at or before 1970; on a
-        cluster member any time over them), nor while a flush of the file holds its lock
-        (`_set_times_over_buffered` waits for it); any other change is one command the local log
-        applies at once, or on a member one that runs ahead under the file's lease."""
+        cluster member any time over them, unless the flush holds its blocks behind and runs its
+        mapping ahead at once: `FileData.flushes_at_once`), nor while a flush of the file holds
+        its lock (`_set_times_over_buffered` waits for it); any other change is one command the
+        local log applies at once, or on a member one that runs ahead under the file's lease."""
         if mtime_ns is None or not self.data.has_buffered(ino):
             return self.coherence is None or self.change_is_immediate(ino)
-        return self.coherence is None and 0 < mtime_ns <= self._now() and not self.data.buffer_busy(ino)
+        if self.coherence is not None:  # the flush first: at once when its blocks are held behind
+            return self.change_is_immediate(ino) and self.data.flushes_at_once(ino)
+        return 0 < mtime_ns <= self._now() and not self.data.buffer_busy(ino)
 
     async def _set_times_over_buffered(self, ino: int, cmd: c.SetAttr) -> Inode:
         """futimens of a file with buffered writes (tar, cp -p, rsync), on a single node: the

@@ -206,6 +206,20 @@ class RunWriter:
             return None
         return self.io.write_behind(runs, epoch)
 
+    def writes_behind_at_once(self, ino: int, dirty_bytes: int) -> bool:
+        """Would `write_runs` of the file's `dirty_bytes` (one flush batch) await nothing: its
+        blocks held behind (`_write_behind`), no old bytes to read around them (the file is empty
+        in this node's view), space in this node's groups and room in the pipeline for the
+        mapping run ahead. A member's reader may then flush it inline (fs/data.py)."""
+        if not 0 < dirty_bytes <= BEHIND_FILE_MAX_BYTES or self.meta.lease_epoch() is None:
+            return False
+        if not (self.may_run_ahead(ino) and self.meta.runs_ahead_at_once()):
+            return False
+        inode = self.meta.inode(ino)
+        blocks = -(-dirty_bytes // BLOCK_SIZE) + 1  # an unaligned run may straddle one block more
+        return (inode is not None and inode.size == 0 and self.space.fits(0)
+                and self.space.allocator.free_blocks >= blocks and self.io.behind.fits(blocks * BLOCK_SIZE))
+
     async def settle_behind(self) -> None:
         """The pipeline's hook before each proposal (meta/ahead.py `before_propose`): write every
         held run first, so no mapping commits before its blocks are on the device. A write that

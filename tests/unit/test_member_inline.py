@@ -238,3 +238,70 @@ async def test_a_members_changes_in_what_it_holds_are_answered_inline_without_wa
     for handle in (fh, other_fh):
         await ops.flush(handle)
         await ops.release(handle)
+
+
+async def test_a_members_flush_of_a_small_fresh_file_is_answered_inline_its_blocks_held_behind(
+        core: Core, monkeypatch: Any) -> None:
+    """A close (FLUSH) or a futimens (SETATTR) over a small fresh file's buffered bytes is quick on
+    a member, and answered with no wait at all: the blocks are held for the pipeline's next
+    proposal (io/write_behind.py), the mapping runs ahead. The file reads back as written while
+    its blocks are held, and from the device once the pipeline proposed. Not quick for a file
+    that may not run ahead, one too large to hold, one whose flush must read a block it mapped
+    before, one whose flush is under way, or with the pipeline full."""
+    ops, data = core.ops, core.data
+    held_dir = (await ops.mknod(ROOT_INO, b"held", stat.S_IFDIR | 0o755, 0, 0, 0)).ino
+    small = os.urandom(5000)
+    files = {}
+    for name, size in ((b"closed", len(small)), (b"stamped", len(small)), (b"big", 300 << 10), (b"stale", 10)):
+        fh, inode = await ops.create(held_dir, name, stat.S_IFREG | 0o644, os.O_RDWR, 0, 0)
+        await ops.write(fh, 0, small if size == len(small) else os.urandom(size))
+        files[name] = (fh, inode.ino)
+    grown_fh, grown = await ops.create(held_dir, b"grown", stat.S_IFREG | 0o644, os.O_RDWR, 0, 0)
+    await ops.write(grown_fh, 0, small)
+    await data.flush(grown.ino)  # mapped: its last block is partly written
+    await ops.write(grown_fh, len(small), b"more")
+    fresh = {ino for name, (_, ino) in files.items() if name != b"stale"} | {grown.ino}
+    monkeypatch.setattr(data.writer, "may_run_ahead", lambda ino: ino in fresh)
+    monkeypatch.setattr(core.meta, "lease_epoch", lambda: 1)
+    core.meta.ahead.before_propose = data.writer.settle_behind
+    coherence = ClusterCoherence(1, core.meta, Invalidator(kernel=NoKernel()), lambda: 1,  # type: ignore[arg-type]
+                                 lease_valid=lambda: True)
+    coherence.held.update({held_dir, *fresh, files[b"stale"][1]})
+    handlers = KernelHandlers(ops)
+    quick = handlers.member_quick
+    closed_fh, closed = files[b"closed"]
+    stamp = abi.SETATTR_IN.pack(Fattr.MTIME, 0, 0, 0, 0, 0, 1_600_000_000, 0, 0, 7, 0, 0, 0, 0, 0, 0)
+    ops.coherence = coherence
+    try:
+        assert not quick[Op.FLUSH](raw_request(Op.FLUSH, closed, abi.FLUSH_IN.pack(files[b"big"][0], 0, 0, 0))), \
+            "too large to hold: it writes its own blocks"
+        assert not quick[Op.FLUSH](raw_request(Op.FLUSH, 0, abi.FLUSH_IN.pack(files[b"stale"][0], 0, 0, 0))), \
+            "a file that may not run ahead waits for its mapping to commit"
+        assert not quick[Op.FLUSH](raw_request(Op.FLUSH, 0, abi.FLUSH_IN.pack(grown_fh, 0, 0, 0))), \
+            "its mapped tail block is to be read first"
+        st = data.buffer.files[closed]
+        st.lock.acquire_nowait()
+        assert not quick[Op.FLUSH](raw_request(Op.FLUSH, closed, abi.FLUSH_IN.pack(closed_fh, 0, 0, 0))), "a flush under way"
+        st.lock.release()
+        monkeypatch.setattr(ahead_mod, "MAX_QUEUED", core.meta.ahead.pending)
+        assert not quick[Op.FLUSH](raw_request(Op.FLUSH, closed, abi.FLUSH_IN.pack(closed_fh, 0, 0, 0))), "no room"
+        monkeypatch.setattr(ahead_mod, "MAX_QUEUED", 8192)
+        assert quick[Op.FLUSH](raw_request(Op.FLUSH, closed, abi.FLUSH_IN.pack(closed_fh, 0, 0, 0)))
+        await answered_without_waiting(handlers.table[Op.FLUSH], Op.FLUSH, closed, abi.FLUSH_IN.pack(closed_fh, 0, 0, 0))
+        stamped = files[b"stamped"][1]
+        assert quick[Op.SETATTR](raw_request(Op.SETATTR, stamped, stamp)), "a time over a small fresh file's bytes"
+        await answered_without_waiting(handlers.table[Op.SETATTR], Op.SETATTR, stamped, stamp)
+    finally:
+        ops.coherence = None
+    assert not data.has_buffered(closed) and len(data.writer.io.behind.runs) == 2, "both flushed, blocks held"
+    assert ops.inode(stamped).mtime_ns == 1_600_000_000_000_000_007
+    for ino in (closed, stamped):
+        assert await data.reader.read(ops.inode(ino), 0, 8192) == small, "held blocks read as written"
+    async with trio.open_nursery() as nursery:
+        await nursery.start(core.meta.run_pipeline)
+        await core.meta.barrier()
+        nursery.cancel_scope.cancel()
+    assert not data.writer.io.behind, "the pipeline wrote them before it proposed"
+    for ino in (closed, stamped):
+        [extent] = core.meta.extents(ino, 0, 2)
+        assert await data.writer.io.read(extent.dev_block, extent.checksums, 0, len(small)) == small
