@@ -5,6 +5,7 @@ real image file, through a real BlockDevice and its write fence."""
 
 from __future__ import annotations
 
+import errno
 import os
 import random
 from pathlib import Path
@@ -12,12 +13,14 @@ from pathlib import Path
 import pytest
 import trio
 
+from awsomefsd.daemon.node import Core
 from awsomefsd.io import write_behind
 from awsomefsd.io.checksum import block_checksums
 from awsomefsd.io.device import BlockDevice, create_image
 from awsomefsd.io.extent_io import ChecksumMismatch, ExtentIO
 from awsomefsd.io.fence import WriteFence, WriteFencedError
 from awsomefsd.io.layout import BLOCK_SIZE
+from awsomefsd.meta.errors import FsError
 from tests.support import seeds
 
 MiB = 1 << 20
@@ -134,3 +137,29 @@ async def test_a_read_of_blocks_neither_held_nor_written_still_fails_its_checksu
         [sums] = io.write_behind([(600, memoryview(data))], epoch=1)
         with pytest.raises(ChecksumMismatch):
             await io.read(601, sums, 0, BLOCK_SIZE)
+
+
+async def test_an_expired_lease_drops_what_the_node_held(core: Core) -> None:
+    """`FileData.lose_buffers` (the cluster expired this node's lease) drops the held runs with the
+    buffered writes: their blocks may be another node's, and a read must not overlay them."""
+    io = core.data.writer.io
+    io.write_behind([(4096, memoryview(os.urandom(BLOCK_SIZE)))], epoch=1)
+    core.data.lose_buffers("the lease expired (test)")
+    assert not io.behind and io.behind.dropped == 1
+
+
+async def test_a_fenced_settle_fails_the_proposal_with_eio_naming_the_fence(core: Core, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The pipeline's hook (`RunWriter.settle_behind`) turns a refused write into the EIO the
+    proposal fails with, its cause the fence; the runs stay held for the next settle."""
+    writer = core.data.writer
+    monkeypatch.setattr(core.meta, "lease_epoch", lambda: 1)
+    writer.io.write_behind([(4096, memoryview(os.urandom(BLOCK_SIZE)))], epoch=1)
+
+    async def fenced(runs: object) -> list[bytes]:
+        raise WriteFencedError("the lease is about to end (test)")
+
+    monkeypatch.setattr(writer.io, "write_async", fenced)
+    with pytest.raises(FsError) as info:
+        await writer.settle_behind()
+    assert info.value.errno == errno.EIO and info.value.cause == "fence"
+    assert writer.io.behind, "kept for the next settle"
