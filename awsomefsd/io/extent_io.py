@@ -205,19 +205,15 @@ class ExtentIO:
             runs = self.behind.take_all()
             if not runs:
                 return
-            stale = [run for run in runs if run[2] != epoch]
-            if stale:
-                self.behind.dropped += len(stale)
-                self.behind.written(stale)
+            self.behind.drop(run for run in runs if run[2] != epoch)
             current = [(dev, memoryview(data)) for dev, data, keep in runs if keep == epoch]
             if current:
                 await self.write_async(current)
-            self.behind.written(run for run in runs if run[2] == epoch)
+            self.behind.written(runs)  # (the stale ones are gone already)
 
     def drop_behind(self) -> None:
         """Drop every held run unwritten: the lease they were allocated under ended."""
-        self.behind.dropped += len(self.behind.runs)
-        self.behind.written(self.behind.take_all())
+        self.behind.drop(self.behind.runs.values())
 
     def discard_behind(self, extents: Sequence[tuple[int, int]]) -> None:
         """Extents given back unmapped: their held runs are not written (io/write_behind.py)."""

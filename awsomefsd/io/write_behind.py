@@ -24,7 +24,6 @@ looks at a copy of the index, taken atomically under the GIL.
 
 from __future__ import annotations
 
-from bisect import bisect_right
 from collections.abc import Iterable
 
 from awsomefsd.io.layout import BLOCK_SIZE
@@ -67,10 +66,16 @@ class WriteBehind:
         return [self.runs[dev] for dev in sorted(self.runs)]
 
     def written(self, runs: Iterable[HeldRun]) -> None:
-        """These runs are on the device now (or dropped): reads find them there."""
+        """These runs are on the device now: reads find them there."""
         for dev, data, _ in runs:
             if self.runs.pop(dev, None) is not None:
                 self.bytes -= len(data)
+
+    def drop(self, runs: Iterable[HeldRun]) -> None:
+        """These runs go unwritten: the lease epoch they were allocated under ended."""
+        runs = list(runs)
+        self.dropped += len(runs)
+        self.written(runs)
 
     def discard(self, extents: Iterable[tuple[int, int]]) -> None:
         """The blocks of these extents are given back unmapped: any run held at their first block
@@ -86,19 +91,12 @@ def overlay(runs: dict[int, HeldRun], view: memoryview, dev_block: int) -> None:
     """Copy into `view` (the device's bytes from `dev_block` on, whole blocks) every held byte
     it covers: what a read must see instead of the device's old contents. `runs` may be a copy
     of `WriteBehind.runs`."""
-    if not runs:
-        return
     end = dev_block + len(view) // BLOCK_SIZE
-    starts = sorted(runs)
-    i = max(bisect_right(starts, dev_block) - 1, 0)
-    while i < len(starts) and starts[i] < end:
-        first, data, _ = runs[starts[i]]
-        last = first + len(data) // BLOCK_SIZE
-        lo, hi = max(first, dev_block), min(last, end)
+    for first, data, _ in runs.values():
+        lo, hi = max(first, dev_block), min(first + len(data) // BLOCK_SIZE, end)
         if lo < hi:
             view[(lo - dev_block) * BLOCK_SIZE : (hi - dev_block) * BLOCK_SIZE] = \
                 data[(lo - first) * BLOCK_SIZE : (hi - first) * BLOCK_SIZE]
-        i += 1
 
 
 def overlaps(runs: dict[int, HeldRun], dev_block: int, count: int) -> bool:
