@@ -244,10 +244,13 @@ class ClusterTables:
             return
         first = self.number(txn, b"ag_first_block")
         size = self.number(txn, b"ag_blocks")
-        mine = set(self.groups_of(txn, node))
+        owner = u64(node)
         for start, count in ranges:
-            groups = range((start - first) // size, (start + count - 1 - first) // size + 1)
-            if not mine.issuperset(groups):
+            # each group the range touches, looked up: listing the node's groups scanned the whole
+            # table at every WriteData on every member, a cost that grew with the device
+            lowest, highest = (start - first) // size, (start + count - 1 - first) // size
+            if lowest < 0 or highest >= 1 << 32 or any(
+                    txn.get(group.to_bytes(4, "big"), db=self.groups_db) != owner for group in range(lowest, highest + 1)):
                 raise FsError(errno.EIO, f"extent {start}+{count} is outside node {node}'s groups")
 
     def epoch_is_current(self, txn: lmdb.Transaction[bytes], node: int, epoch: int) -> bool:

@@ -115,11 +115,17 @@ def windows(txn: lmdb.Transaction[bytes], db: lmdb._Database, ino: int,
             extents: tuple[Extent, ...]) -> list[Window]:
     """One look per run of adjacent `extents` (in file order, disjoint), on one cursor: what
     `survey` and `rewrite` need, so a write reads each record once (it read each range three
-    times: to survey, to unmap, and for the merge's predecessor; issue 40)."""
+    times: to survey, to unmap, and for the merge's predecessor; issue 40). A file whose records
+    all start at or after the write's end (a fresh file has none) takes one seek for the whole
+    write: no run can overlap a record then, nor follow one. That is the common WriteData, of a
+    small new file; in a member's prediction every seek on the merged view of committed and
+    predicted records costs several (issue 42)."""
     found: list[Window] = []
     cursor = txn.cursor(db)
     unpack_key, unpack, pack_key = U64_PAIR.unpack, Extent.unpack, U64_PAIR.pack
     at, total = 0, len(extents)
+    if total and not _has_record_before(cursor, ino, extents[-1].end_block):
+        return _bare_windows(extents)
     while at < total:
         first = extents[at].file_block
         end = first + extents[at].count
@@ -144,6 +150,29 @@ def windows(txn: lmdb.Transaction[bytes], db: lmdb._Database, ino: int,
                         before = ext
                 key = cursor.key() if cursor.next() else b""
         found.append(Window(first, end, extents[at:run_end], overlapping, before))
+        at = run_end
+    return found
+
+
+def _has_record_before(cursor: lmdb.Cursor[bytes], ino: int, end: int) -> bool:
+    """Does `ino` have a block-map record starting before file block `end`? One seek, to its first."""
+    if not cursor.set_range(U64_PAIR.pack(ino, 0)):
+        return False
+    rec_ino, rec_block = U64_PAIR.unpack(cursor.key())
+    return bool(rec_ino == ino and rec_block < end)
+
+
+def _bare_windows(extents: tuple[Extent, ...]) -> list[Window]:
+    """`windows` of extents over a range of the file that no record maps or ends against."""
+    found: list[Window] = []
+    at, total = 0, len(extents)
+    while at < total:
+        first = end = extents[at].file_block
+        run_end = at
+        while run_end < total and extents[run_end].file_block == end:
+            end += extents[run_end].count
+            run_end += 1
+        found.append(Window(first, end, extents[at:run_end], [], None))
         at = run_end
     return found
 

@@ -34,10 +34,12 @@ def stores(tmp_path: Path) -> Iterator[tuple[MetaStore, MetaStore]]:
 
 
 def random_map(rng: random.Random) -> list[tuple[int, Extent]]:
-    """Records of three inodes: runs of written and unwritten extents with holes between."""
+    """Records of three inodes: runs of written and unwritten extents with holes between; the
+    written file's start at its beginning, or later (a write may end before its first record),
+    or nowhere (a new file: `windows` takes one seek for either)."""
     records = []
     for ino in (INO - 1, INO, INO + 1):
-        block = rng.randrange(0, 3)
+        block = rng.randrange(0, 3) if ino != INO else rng.choice([0, 1, 2, 2, 40, 300, FILE_BLOCKS])
         while block < FILE_BLOCKS:
             count = rng.choice([1, 1, 2, rng.randrange(1, 40), MAX_EXTENT_BLOCKS])
             dev = rng.randrange(1, 1 << 20) * 1024
@@ -54,7 +56,8 @@ def random_write(rng: random.Random, old: list[Extent]) -> tuple[Extent, ...]:
     extents: list[Extent] = []
     block = rng.randrange(0, 50)
     dev = rng.randrange(1, 1 << 20) * 1024 + 7
-    while block < FILE_BLOCKS + 50 and len(extents) < 64:
+    most = rng.choice([1, 2, 3, 64])  # a short write may end just before, at or after a file's first record
+    while block < FILE_BLOCKS + 50 and len(extents) < most:
         count = rng.choice([1, 1, 1, 2, rng.randrange(1, 30), rng.randrange(1, MAX_EXTENT_BLOCKS + 1)])
         holder = next((e for e in old if e.file_block <= block < e.end_block), None)
         if holder is not None and holder.unwritten and rng.random() < 0.5:  # in place
