@@ -36,12 +36,13 @@ from __future__ import annotations
 import errno
 import logging
 import math
-from collections.abc import AsyncIterator, Iterable
-from contextlib import asynccontextmanager
+from collections.abc import Iterable
+from contextlib import AbstractAsyncContextManager, nullcontext
 
 import trio
 
 from awsomefsd.cluster.coherence_applied import AppliedCommands
+from awsomefsd.cluster.coherence_blocks import Changing, Holding, Taking, Writing
 from awsomefsd.cluster.coherence_handover import LeaseHandOver
 from awsomefsd.duty import one_line
 from awsomefsd.meta import cluster_commands as cc
@@ -123,8 +124,7 @@ class ClusterCoherence(LeaseHandOver, AppliedCommands):
         barrier (`_opens_without_barrier`) and no invalidation waits to be sent?"""
         return self._opens_without_barrier(ino) and self.invalidator.settled()
 
-    @asynccontextmanager
-    async def writing(self, ino: int) -> AsyncIterator[None]:
+    def writing(self, ino: int) -> AbstractAsyncContextManager[None]:
         """Hold the write lease across a whole write (see Coherence.writing): a hand-over that
         starts meanwhile waits for the block to end, so no byte is buffered, and no append
         offset computed, under a lease that is already someone else's.
@@ -134,81 +134,36 @@ class ClusterCoherence(LeaseHandOver, AppliedCommands):
         may have computed its offset under the old lease and buffered after the buffers were
         dropped; it fails with EIO and its file's buffered bytes are dropped and reported lost
         (another node may have written the same offsets since)."""
-        await self._acquire(ino)
-        expiries = self.expiries
-        self._writers[ino] = self._writers.get(ino, 0) + 1
-        try:
-            yield
-        finally:
-            self._writer_done(ino)
-        if self.expiries != expiries:
-            reason = f"node {self.node_id}'s lease expired during a write to inode {ino}"
-            if self.lose_file is not None:
-                self.lose_file(ino, reason)
-            raise FsError(errno.EIO, reason, cause="lease")
+        return Writing(self, ino)
 
-    @asynccontextmanager
-    async def holding(self, ino: int) -> AsyncIterator[bool]:
+    def holding(self, ino: int) -> AbstractAsyncContextManager[bool]:
         """For work that needs the lease only if this node has it anyway: True while this node
         holds the inode's write lease (or directory's delegation), which it then keeps until the
         block is left, as for a write. It never asks for the lease: False when it is not ours.
         Compaction rewrites a file's committed blocks only then; an attribute change runs ahead of
         the log only then (docs/delegations.md)."""
-        if ino not in self.held or ino in self._releasing:
-            yield False
-            return
-        self._writers[ino] = self._writers.get(ino, 0) + 1
-        self._no_longer_a_look(ino)
-        try:
-            yield True
-        finally:
-            self._writer_done(ino)
-            if ino in self._delegated:
-                self._touched[ino] = trio.current_time()
+        return Holding(self, ino)
 
-    @asynccontextmanager
-    async def changing(self, dirs: Iterable[int]) -> AsyncIterator[bool]:
+    def changing(self, dirs: Iterable[int]) -> AbstractAsyncContextManager[bool]:
         """Hold the delegation of each directory for a whole namespace change in them
         (docs/delegations.md): acquired in inode order (two changes that need the same two
         directories never wait for each other in a cycle), then kept until the block is left, as
         a write keeps a file's lease. True: the change may run ahead of the log. False in strict
         mode, where every change goes through the log in its turn and nothing is delegated."""
-        if self.strict:
-            yield False
-            return
-        async with self.taking(dirs):
-            yield True
+        return nullcontext(False) if self.strict else Changing(self, dirs)
 
     def holds_now(self, inodes: Iterable[int]) -> bool:
         """`changing`, `holding` and `writing` enter at once (`_acquire` returns before any
         await) and `changing` yields True."""
         return not self.strict and all(ino in self.held and ino not in self._releasing for ino in inodes)
 
-    @asynccontextmanager
-    async def taking(self, dirs: Iterable[int], *, look: bool = False) -> AsyncIterator[None]:
+    def taking(self, dirs: Iterable[int], *, look: bool = False) -> AbstractAsyncContextManager[None]:
         """Take and hold these directories' delegations for the block (in inode order), in any
         mode: `changing`'s acquisition, and what a change proposed through the log does when the
         state machine refused it because another node holds one (`Delegated`). They are kept
         afterwards like any delegation: until asked for, or idle. `look`: for a look alone
         (`looking`): one taken that way stays `_looked_only` until a change takes it."""
-        entered: list[int] = []
-        try:
-            for ino in sorted(set(dirs)):
-                already = ino in self.held and ino not in self._releasing
-                await self._acquire(ino)
-                self._writers[ino] = self._writers.get(ino, 0) + 1
-                entered.append(ino)
-                if not look:
-                    self._no_longer_a_look(ino)
-                elif not already:
-                    self._looked_only.add(ino)
-            yield
-        finally:
-            now = trio.current_time()
-            for ino in entered:
-                self._writer_done(ino)
-                self._touched[ino] = now
-                self._delegated.add(ino)
+        return Taking(self, dirs, look=look)
 
     def created_ahead(self, ino: int, parent: int, *, is_dir: bool) -> None:
         """A file or directory this node just created ahead of the log, in a directory it holds,
