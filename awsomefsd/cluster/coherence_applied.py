@@ -62,12 +62,17 @@ class AppliedCommands(CoherenceBase):
             stale = targets(command, result)
             if self._long_names or self._listed:
                 self._entries_changed_elsewhere({t.ino for t in stale if t.kind is Kind.ENTRY})
-            self.invalidator.submit(self._safe(stale))
+            self._tell_kernel(stale)
         elif (self._long_names or self._listed) and isinstance(command, NOT_FROM_OUR_KERNEL):
             self._entries_changed_elsewhere({t.ino for t in targets(command, result) if t.kind is Kind.ENTRY})
         elif isinstance(command, c.MknodFor):  # made here for another member, not through our kernel
             self.changed_for_another(command.parent, command.name)  # again: an answer computed before
-            self.invalidator.submit(self._safe(targets(command, result)))  # the directory's times
+            self._tell_kernel(targets(command, result))  # the directory's times
+
+    def _tell_kernel(self, stale: list[Target]) -> None:
+        """Send the kernel what it may cache of what another node changed (`_safe`: attributes)."""
+        may_cache = self.kernel_may_cache
+        self.invalidator.submit([target for target in self._safe(stale) if may_cache(target.ino)])
 
     def changed_for_another(self, directory: int, name: bytes) -> None:
         """This node made `name` in `directory` for another member (when it ran ahead, and again

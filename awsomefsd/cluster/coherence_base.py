@@ -30,6 +30,7 @@ class CoherenceBase:
                  flush: FlushFile | None = None,
                  lose_file: Callable[[int, str], None] | None = None,
                  holds: HoldsInode = lambda _ino: False,
+                 kernel_may_cache: HoldsInode = lambda _ino: True,
                  wait_lease: Callable[[], Awaitable[None]] | None = None,
                  read_barrier: Callable[..., Awaitable[object]] | None = None,
                  lease_valid: Callable[[], bool] = lambda: False,
@@ -44,6 +45,9 @@ class CoherenceBase:
         self.flush = flush
         """`async flush(ino)`: this node's buffered data of the file to the device and the log."""
         self.holds = holds
+        self.kernel_may_cache = kernel_may_cache
+        """May the kernel cache anything of this inode (`Handles.kernel_may_cache`)? Invalidations of
+        an inode it may not are never sent."""
         self.lose_file = lose_file
         """`lose_file(ino, reason)`: drop the file's buffered bytes; its descriptors report EIO."""
         self.expiries = 0  # times the cluster expired this node's liveness lease (ExpireNode applied)

@@ -502,7 +502,8 @@ def _assemble(member: Member) -> Core:
     handles = Handles(meta, track_lookups=True, kernel_caches=kernel_caches)
     coherence = ClusterCoherence(node_id, meta, member.invalidator, epoch.current, flush=data.flush,
                                  lose_file=data.lose_file,
-                                 holds=handles.holds, wait_lease=epoch.wait_renewed,
+                                 holds=handles.holds, kernel_may_cache=handles.kernel_may_cache,
+                                 wait_lease=epoch.wait_renewed,
                                  read_barrier=raft.node.read_barrier, lease_valid=member.storage.device.fence.is_open,
                                  strict=settings.mount.coherence == "strict",
                                  held_names_s=settings.mount.held_entry_timeout_s)

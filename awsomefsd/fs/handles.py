@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 from awsomefsd.fs.losses import CrashReports
 from awsomefsd.meta.client import MetaClient
 from awsomefsd.meta.errors import FsError
+from awsomefsd.meta.records import ROOT_INO
 
 if TYPE_CHECKING:
     from awsomefsd.fs.hotmap import HotMap
@@ -249,6 +250,15 @@ class Handles:
             return False
         self._evicted_open.discard(ino)
         return True
+
+    def kernel_may_cache(self, ino: int) -> bool:
+        """May the kernel cache anything of `ino`: its attributes, its pages, names in it? Only of
+        an inode it holds a reference to (an entry answer this process gave and the kernel has not
+        forgotten; its eviction drops its pages and names), and of the root, which it always holds.
+        After a crash the dead daemon's references were never counted here: any inode then.
+        Another node's change of an inode no process here looked up need not reach the kernel
+        (issue 42: a follower's unlink burst cost the leader a kernel notification per unlink)."""
+        return ino in self.lookups or ino == ROOT_INO or self.adopted
 
     def holds(self, ino: int) -> bool:
         """Does anything on this node still reach the inode: an open handle; for a directory, a

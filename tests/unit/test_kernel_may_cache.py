@@ -1,0 +1,69 @@
+"""Another node's change reaches the kernel only where the kernel may cache something of it
+(`Handles.kernel_may_cache`, `ClusterCoherence._tell_kernel`): an inode this process gave the kernel
+a reference to and it has not forgotten, the root, or anything after a crash (the dead daemon's
+references were never counted). A real `Invalidator` runs with a kernel that records what it is
+told; a real `Handles` keeps the references."""
+
+from __future__ import annotations
+
+import trio
+
+from awsomefsd.cluster.coherence import ClusterCoherence
+from awsomefsd.daemon.node import Core
+from awsomefsd.fs.handles import Handles
+from awsomefsd.fuse.invalidate import Invalidator
+from awsomefsd.meta import commands as c
+from awsomefsd.meta.records import ROOT_INO
+
+KNOWN_DIR, UNKNOWN_DIR, FILE = 100, 101, 200
+
+
+class RecordingKernel:
+    def __init__(self) -> None:
+        self.told: list[tuple[str, int]] = []
+
+    def invalidate_inode(self, ino: int, attr_only: bool) -> None:
+        self.told.append(("inode", ino))
+
+    def invalidate_entry(self, parent: int, name: bytes) -> None:
+        self.told.append(("entry", parent))
+
+
+async def told_after(core: Core, handles: Handles, *commands: tuple[c.Command[object], object]) -> list[tuple[str, int]]:
+    """What the kernel was told after other nodes' `commands` (with their results) were applied."""
+    kernel = RecordingKernel()
+    invalidator = Invalidator(kernel=kernel)
+    coherence = ClusterCoherence(1, core.meta, invalidator, lambda: 1,  # type: ignore[arg-type]
+                                 kernel_may_cache=handles.kernel_may_cache)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(invalidator.run)
+        for command, result in commands:
+            coherence.observe(command, result, False)
+        await invalidator.drain()
+        nursery.cancel_scope.cancel()
+    return kernel.told
+
+
+async def test_a_change_elsewhere_reaches_the_kernel_only_for_what_it_holds(core: Core) -> None:
+    handles = Handles(core.meta)
+    handles.remember(KNOWN_DIR)
+    told = await told_after(core, handles,
+                            (c.Unlink(KNOWN_DIR, b"a", False, 1), FILE),
+                            (c.Unlink(UNKNOWN_DIR, b"b", False, 1), FILE + 1),
+                            (c.Mknod(ROOT_INO, b"c", FILE + 2, 0o100644, 0, 0, 1), None))
+    assert ("inode", KNOWN_DIR) in told  # its attributes (the entry itself waits for its timeout: `_safe`)
+    assert ("inode", ROOT_INO) in told
+    assert not {UNKNOWN_DIR, FILE, FILE + 1, FILE + 2} & {ino for _, ino in told}
+
+
+async def test_forgotten_inodes_are_not_told_and_after_a_crash_everything_is(core: Core) -> None:
+    handles = Handles(core.meta)
+    handles.remember(FILE)
+    handles.remember(FILE)
+    assert handles.forget(FILE, 1) is False
+    assert await told_after(core, handles, (c.SetAttr(FILE, mode=0o600, now_ns=1), None)) == [("inode", FILE)]
+    assert handles.forget(FILE, 1) is True
+    assert await told_after(core, handles, (c.SetAttr(FILE, mode=0o600, now_ns=1), None)) == []
+    handles.adopted = True  # a start after a crash: references of the dead daemon are unknown
+    assert await told_after(core, handles, (c.SetAttr(UNKNOWN_DIR, mode=0o700, now_ns=1), None)) == [
+        ("inode", UNKNOWN_DIR)]
