@@ -124,8 +124,7 @@ def windows(txn: lmdb.Transaction[bytes], db: lmdb._Database, ino: int,
     cursor = txn.cursor(db)
     unpack_key, unpack, pack_key = U64_PAIR.unpack, Extent.unpack, U64_PAIR.pack
     at, total = 0, len(extents)
-    if total and not _has_record_before(cursor, ino, extents[-1].end_block):
-        return _bare_windows(extents)
+    mapped = bool(total) and _has_record_before(cursor, ino, extents[-1].end_block)
     while at < total:
         first = extents[at].file_block
         end = first + extents[at].count
@@ -135,7 +134,7 @@ def windows(txn: lmdb.Transaction[bytes], db: lmdb._Database, ino: int,
             run_end += 1
         overlapping: list[Extent] = []
         before: Extent | None = None
-        if seek_floor(cursor, pack_key(ino, first - 1 if first else 0)):
+        if mapped and seek_floor(cursor, pack_key(ino, first - 1 if first else 0)):
             key = cursor.key()
             while key:
                 rec_ino, rec_block = unpack_key(key)
@@ -160,21 +159,6 @@ def _has_record_before(cursor: lmdb.Cursor[bytes], ino: int, end: int) -> bool:
         return False
     rec_ino, rec_block = U64_PAIR.unpack(cursor.key())
     return bool(rec_ino == ino and rec_block < end)
-
-
-def _bare_windows(extents: tuple[Extent, ...]) -> list[Window]:
-    """`windows` of extents over a range of the file that no record maps or ends against."""
-    found: list[Window] = []
-    at, total = 0, len(extents)
-    while at < total:
-        first = end = extents[at].file_block
-        run_end = at
-        while run_end < total and extents[run_end].file_block == end:
-            end += extents[run_end].count
-            run_end += 1
-        found.append(Window(first, end, extents[at:run_end], [], None))
-        at = run_end
-    return found
 
 
 def survey(found: list[Window]) -> tuple[int, list[tuple[int, int]]]:
