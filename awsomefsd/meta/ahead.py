@@ -41,6 +41,7 @@ from awsomefsd.meta.commands import R
 from awsomefsd.meta.errors import FsError
 from awsomefsd.meta.log import ReplicatedLog
 from awsomefsd.meta.overlay import Overlay, OverlayTxn
+from awsomefsd.meta.replays import SpaceEffect
 from awsomefsd.meta.state_machine import StateMachine
 from awsomefsd.meta.store import MetaStore
 
@@ -88,19 +89,24 @@ def _inodes_touched(command: object) -> list[int]:
 
 
 class _UntrackedSpace:
-    """Free space as a prediction sees it: not at all."""
+    """Free space as a prediction sees it: not at all. What the handler asked of it is noted
+    (`Predictor.effects`), for the real apply of a prediction written as it is (meta/replays.py)."""
+
+    def __init__(self, effects: list[SpaceEffect]) -> None:
+        self.effects = effects
 
     def take(self, txn: object, start: int, count: int) -> None:
-        pass
+        self.effects.append(("take", start, count))
 
 
 class Predictor(StateMachine):
     """The state machine's handlers, for predictions: a second instance over the same tables,
     whose in-memory state the real apply never sees.
 
-    Free space is not tracked: the extents a WriteData maps are the node's own, allocated from its
-    groups and written already; the real apply checks that they are free and takes them (and
-    defers what they supersede). The log's counters must not be used: a prediction of a cookie or
+    Free space is not tracked, only noted (`effects`): the extents a WriteData maps are the node's
+    own, allocated from its groups and written already; the real apply checks that they are free
+    and takes them (and defers what they supersede), or does what was noted when it writes the
+    prediction as it is (meta/replays.py). The log's counters must not be used: a prediction of a cookie or
     a sequence number would differ from the log's. `can_run_ahead` rules out the commands whose
     own handler uses one; on a site linked to another, what the command's capture does besides
     may need one too (a copy kept in /.conflicts, an entry shown again under its own name:
@@ -108,13 +114,22 @@ class Predictor(StateMachine):
 
     def __init__(self, store: MetaStore) -> None:
         super().__init__(store)
-        self.space = _UntrackedSpace()  # type: ignore[assignment]
+        self.effects: list[SpaceEffect] = []
+        """What the last prediction (`predict`) asked of free space, in order: the real apply
+        checks, takes and defers those (meta/replays.py)."""
+        self.space = _UntrackedSpace(self.effects)  # type: ignore[assignment]
+
+    def predict(self, txn: OverlayTxn, command: c.Command[R]) -> tuple[R, list[SpaceEffect]]:
+        """The command's result on `txn`, and what it asked of free space."""
+        self.effects.clear()
+        result = self.apply(txn, command)  # type: ignore[arg-type]
+        return result, list(self.effects)
 
     def space_check_new(self, txn: lmdb.Transaction[bytes], extents: Any) -> None:
-        pass
+        self.effects.append(("check", list(extents)))
 
     def defer_free(self, txn: lmdb.Transaction[bytes], extents: list[tuple[int, int]], now_ns: int) -> None:
-        pass
+        self.effects.append(("defer", list(extents), now_ns))
 
     def _next(self, txn: lmdb.Transaction[bytes], name: bytes, count: int = 1) -> int:
         raise Unpredictable(name)
@@ -145,6 +160,7 @@ class AheadLog:
     def __init__(self, log: ReplicatedLog, sm: StateMachine) -> None:
         self._log = log
         self._predictor = Predictor(sm.store)
+        self._replays = sm.replays
         self._overlay = Overlay()
         self._queue: deque[_Entry] = deque()
         self._in_flight: list[_Entry] = []
@@ -218,13 +234,15 @@ class AheadLog:
         (`told`: with an event its caller waits on), or None when its prediction needs the log
         (`Unpredictable`: nothing was recorded, the scratch goes). Raises the command's FsError."""
         scratch: dict[tuple[Any, bytes], bytes | None] = {}
+        predictor = self._predictor
         try:
-            result = self._predictor.apply(OverlayTxn(self._log.read_txn(), self._overlay, scratch), command)  # type: ignore[arg-type]
+            result, effects = predictor.predict(OverlayTxn(self._log.read_txn(), self._overlay, scratch), command)
         except Unpredictable:
             self.unpredictable += 1
             return None
         self._seq += 1
         self._overlay.record(self._seq, scratch)
+        self._replays.record(command, scratch, result, effects)
         entry = _Entry(self._seq, command, epoch, ahead=True, done=trio.Event() if told else None)
         self._queue.append(entry)
         self.ran_ahead += 1
@@ -306,6 +324,8 @@ class AheadLog:
     def _decide(self, entry: _Entry, outcome: Any) -> None:
         entry.outcome = outcome
         self._overlay.resolve(entry.seq)
+        if entry.ahead:
+            self._replays.forget(entry.command)  # (written as predicted: no longer there)
         self._decided = max(self._decided, entry.seq)
         if entry.ahead and isinstance(outcome, FsError) and entry.done is None:  # else its caller is told
             self.losses += 1
