@@ -41,7 +41,7 @@ from awsomefsd.meta.commands import R
 from awsomefsd.meta.errors import FsError
 from awsomefsd.meta.log import ReplicatedLog
 from awsomefsd.meta.overlay import Overlay, OverlayTxn
-from awsomefsd.meta.replays import SpaceEffect
+from awsomefsd.meta.replays import SpaceEffect, Writes
 from awsomefsd.meta.state_machine import StateMachine
 from awsomefsd.meta.store import MetaStore
 
@@ -119,10 +119,16 @@ class Predictor(StateMachine):
         checks, takes and defers those (meta/replays.py)."""
         self.space = _UntrackedSpace(self.effects)  # type: ignore[assignment]
 
-    def predict(self, txn: OverlayTxn, command: c.Command[R]) -> tuple[R, list[SpaceEffect]]:
-        """The command's result on `txn`, and what it asked of free space."""
+    def predict(self, txn: OverlayTxn, command: c.Command[R], proposer: int = 0) -> tuple[R, list[SpaceEffect]]:
+        """The command's result on `txn`, and what it asked of free space. `proposer`: checked as
+        that member's Fenced command (its delegations, its leases); 0: run bare, as the node
+        predicting, which checked those itself."""
         self.effects.clear()
-        result = self.apply(txn, command)  # type: ignore[arg-type]
+        self._proposer = proposer
+        try:
+            result = self.apply(txn, command)  # type: ignore[arg-type]
+        finally:
+            self._proposer = 0
         return result, list(self.effects)
 
     def space_check_new(self, txn: lmdb.Transaction[bytes], extents: Any) -> None:
@@ -161,6 +167,7 @@ class AheadLog:
         self._log = log
         self._predictor = Predictor(sm.store)
         self._replays = sm.replays
+        self._replays.predict_again = self._predict_again
         self._overlay = Overlay()
         self._queue: deque[_Entry] = deque()
         self._in_flight: list[_Entry] = []
@@ -248,6 +255,17 @@ class AheadLog:
         self.ran_ahead += 1
         self._wake.set()
         return result, entry
+
+    def _predict_again(self, txn: lmdb.Transaction[bytes], command: Any, proposer: int
+                       ) -> tuple[Any, Writes, list[SpaceEffect]] | None:
+        """`command` predicted on `txn` itself (the log's apply of it: meta/replays.py), as
+        `proposer` proposed it; None if it needs a counter. Raises its refusal (FsError)."""
+        scratch: Writes = {}
+        try:
+            result, effects = self._predictor.predict(OverlayTxn(txn, Overlay(), scratch), command, proposer)
+        except Unpredictable:
+            return None
+        return result, scratch, effects
 
     async def run_ahead_told(self, command: c.Command[R], *,
                              epoch: int | None = None) -> tuple[R, Callable[[], Awaitable[None]]]:

@@ -12,17 +12,20 @@ the records the prediction wrote. `Replays` keeps each prediction's writes and r
 moment, and `generation` tells whether the moment came.
 
 - Every command the state machine applies in full while predictions wait (another node's, one
-  proposed the usual way, one whose prediction could not stand) moves `generation` on: no
-  prediction made before it is written as it is; they are applied in full as before, and those
-  made after it are again exact.
-- A prediction's command that is decided without being applied as predicted (refused with its
-  batch, its outcome unknown) moves it on too: later predictions assumed its writes.
-- Only the oldest waiting prediction may be written as it is: the log applies this node's commands
-  in the order they were queued, so any other order means one was skipped.
+  proposed the usual way) moves `generation` on, unless it writes nothing a prediction reads
+  (`state_machine.UNSEEN_BY_PREDICTIONS`: lease renewals, inode reservations). A prediction made
+  before that is no longer exact: it is predicted again on the state the log applies it to
+  (`predict_again`: as its proposer's command, delegations and leases checked) and written so.
+  If that writes what it wrote before (the command in between touched none of its records), the
+  predictions made on it stay exact; else `generation` moves on again.
+- A prediction's command that is decided without being applied (refused with its batch, its
+  outcome unknown) moves it on too: later predictions assumed its writes.
+- Only the oldest waiting prediction may be exact: the log applies this node's commands in the
+  order they were queued, so any other order means one was skipped.
 
 A prediction does not track free space; it notes what its handler asked of it (`SpaceEffect`: a
 check that new extents are free and the proposer's, a take, a deferred free), and the state machine
-does those for real around the writes (`StateMachine._replay`): the checks first (a refusal there
+does those for real around the writes (`write_as_predicted`): the checks first (a refusal there
 is the full apply's, which then runs), the takes and deferred frees after, in order. Counters are
 never predicted (`Unpredictable`), and on a site linked to another nothing is written as predicted
 (capture tells listeners what it kept, which a prediction does not).
@@ -31,6 +34,7 @@ never predicted (`Unpredictable`), and on a site linked to another nothing is wr
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeAlias
 
@@ -46,6 +50,10 @@ log = logging.getLogger(__name__)
 SpaceEffect: TypeAlias = tuple[Any, ...]
 """("check", [(start, count), ...]), ("take", start, count) or ("defer", [(start, count), ...], now_ns)."""
 
+Writes: TypeAlias = dict[tuple[Any, bytes], bytes | None]
+"""(table, key) -> the record's value, None for a delete."""
+PredictAgain: TypeAlias = Callable[["lmdb.Transaction[bytes]", Any, int], "tuple[Any, Writes, list[SpaceEffect]] | None"]
+
 MAX_KEY_BYTES = 511
 """LMDB's longest key: a write past it fails in the store, which a full apply reports as the
 command's bug (isolation.py); such a prediction is applied in full instead."""
@@ -58,7 +66,7 @@ class Replay:
     `generation` it was made in."""
 
     command: object
-    writes: dict[tuple[Any, bytes], bytes | None]
+    writes: Writes
     result: Any
     effects: list[SpaceEffect]
     generation: int
@@ -80,11 +88,16 @@ class Replays:
         self._waiting: dict[int, Replay] = {}  # id(command) -> its prediction, in the order made
         self.replayed = 0
         """Commands written as predicted (not run again)."""
+        self.predicted_again = 0
+        """Predictions no longer exact, made again on the state they were applied to."""
+        self.predict_again: PredictAgain | None = None
+        """Runs a command's prediction on a given transaction as a given member proposed it:
+        (result, writes, effects), or None when it cannot be predicted (meta/ahead.py sets it)."""
 
     def __len__(self) -> int:
         return len(self._waiting)
 
-    def record(self, command: object, writes: dict[tuple[Any, bytes], bytes | None], result: Any,
+    def record(self, command: object, writes: Writes, result: Any,
                effects: list[SpaceEffect]) -> None:
         """`command` was predicted now: `writes`, `result` and `effects` stand for its apply if
         nothing else is applied before it. They are kept, not copied: the caller must not change
@@ -105,21 +118,46 @@ class Replays:
             del self._waiting[id(command)]
             self.applied_in_full()
 
-    def take(self, command: object) -> Replay | None:
-        """The prediction that may be written for `command`'s apply now, or None: apply it in
-        full (which moves `generation` on). Either way its prediction no longer waits."""
+    def take(self, command: object) -> tuple[Replay | None, bool]:
+        """`command`'s prediction, if it was one of this node's (it no longer waits), and whether it
+        is exact now: nothing but earlier predictions, written as predicted, was applied since it
+        was made. An exact one is written as it is; one that is not is made again on the state
+        it is applied to (`predict_again`)."""
         waiting = self._waiting
         if not waiting:
-            return None
+            return None, False
         key = id(command)
         replay = waiting.get(key)
         if replay is None or replay.command is not command:
-            return None
+            return None, False
         oldest = next(iter(waiting)) == key
         del waiting[key]
-        if not oldest or replay.generation != self.generation:
-            return None
-        return replay
+        return replay, oldest and replay.generation == self.generation
+
+
+def predict_again(sm: StateMachine, txn: lmdb.Transaction[bytes], stale: Replay, proposer: int) -> Replay | None:
+    """`stale`'s command predicted again on the state the log applies it to, as `proposer` proposed
+    it (delegations and leases are checked as the full apply checks them), for writing as its
+    apply; None when it is refused now or cannot be predicted (the full apply then runs). Why not
+    the full apply at once: the predictions made after this one read what it was predicted to
+    write. If it writes just that (the command applied in between touched none of its records, the
+    common case), they are still exact, and a member that keeps changing as fast as the log
+    commits is not left running every later change twice (each full apply would make every
+    prediction waiting behind it inexact, for as long as the pipeline never empties)."""
+    again = sm.replays.predict_again
+    if again is None:
+        return None
+    try:
+        made = again(txn, stale.command, proposer)
+    except FsError:
+        return None
+    if made is None:
+        return None
+    result, writes, effects = made
+    if writes != stale.writes or effects != stale.effects:
+        sm.replays.applied_in_full()  # what was predicted after it read other records
+    sm.replays.predicted_again += 1
+    return Replay(stale.command, writes, result, effects, sm.replays.generation)
 
 
 def write_as_predicted(sm: StateMachine, txn: lmdb.Transaction[bytes], replay: Replay) -> bool:
@@ -161,7 +199,7 @@ def write_as_predicted(sm: StateMachine, txn: lmdb.Transaction[bytes], replay: R
     return True
 
 
-def _write(txn: lmdb.Transaction[bytes], writes: dict[tuple[Any, bytes], bytes | None]) -> None:
+def _write(txn: lmdb.Transaction[bytes], writes: Writes) -> None:
     for (db, key), value in writes.items():
         if value is None:
             txn.delete(key, db=db)

@@ -40,7 +40,7 @@ from awsomefsd.meta.records import (
     unpack_holders,
     xattr_key,
 )
-from awsomefsd.meta.replays import Replays, write_as_predicted
+from awsomefsd.meta.replays import Replays, predict_again, write_as_predicted
 from awsomefsd.meta.sites.capture import REPLICATED, UNFOLDED
 from awsomefsd.meta.sites.link import SiteTables
 from awsomefsd.meta.space import SpaceMap
@@ -61,9 +61,9 @@ UNSEEN_BY_PREDICTIONS = frozenset({c.Batch, c.Fenced, cc.RenewLease, c.ReserveIn
 is its commands, each applied (or written as predicted) in turn; a RenewLease changes at most a
 member's `expired` flag, and a prediction reads members only for their state (`active_members`);
 a ReserveInodes moves the inode counter, which no prediction reads (`Unpredictable`). Every other
-command applied in full while predictions wait makes them run in full too. Members renew their
-leases and a creating node reserves numbers all the time: without these two, almost no prediction
-of a busy member was exact when the log applied it."""
+command applied in full while predictions wait makes them inexact (predicted again at their
+apply). Members renew their leases and a creating node reserves numbers all the time: without these
+two, almost no prediction of a busy member was exact when the log applied it."""
 
 FreedListener = Callable[[list[tuple[int, int]]], None]
 Handler: TypeAlias = "Callable[[lmdb.Transaction[bytes], Any], Any]"
@@ -540,7 +540,9 @@ class StateMachine:
         results: list[object] = []
         replays = self.replays
         for sub in cmd.commands:
-            replay = replays.take(sub)
+            replay, exact = replays.take(sub)
+            if replay is not None and not exact:
+                replay = predict_again(self, txn, replay, self._proposer)
             if replay is not None and write_as_predicted(self, txn, replay):
                 results.append(replay.result)
                 continue
