@@ -109,6 +109,30 @@ async def test_a_change_applied_in_between_has_the_waiting_predictions_made_agai
         assert left is None or left.nlink == 0, left  # an orphan, or gone: no link without a name
 
 
+async def test_a_bug_met_predicting_again_leaves_the_command_to_its_full_apply(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A command's bug (COMMAND_BUGS) met while predicting it again must not fail the log's
+    transaction: the full apply runs, and keeps the bug that command's."""
+    monkeypatch.setattr(ahead, "GATHER_S", 30.0)
+    reference = Reference(tmp_path / "ref")
+    async with client(tmp_path / "node") as meta:
+        directory, ino = await setup_directory(meta, reference)
+        mine = c.Mknod(directory, b"f", ino, FILE, 0, 0, 100, cookie=c.delegated_cookie(ino + 1))
+        theirs = c.Mknod(ROOT_INO, b"other", ino + 2, FILE, 0, 0, 101)
+        await meta.run_ahead(mine)
+        await meta.ahead._log.propose(theirs)
+
+        def buggy(*_: object) -> None:
+            raise ValueError("planted")
+
+        meta._sm.replays.predict_again = buggy
+        await meta.barrier()
+        for command in (theirs, mine):
+            reference.apply(command)
+        assert (meta._sm.replays.predicted_again, meta._sm.replays.replayed) == (0, 0)
+        assert_same_tables(meta, reference)
+
+
 async def test_writes_take_and_free_space_as_the_full_apply_does(tmp_path: Path) -> None:
     """A WriteData's new extents are checked and taken from free space by the real apply, and the
     extents an overwrite supersedes are deferred, in the tables and in memory; a prediction only
