@@ -106,11 +106,11 @@ class Predictor(StateMachine):
     Free space is not tracked, only noted (`effects`): the extents a WriteData maps are the node's
     own, allocated from its groups and written already; the real apply checks that they are free
     and takes them (and defers what they supersede), or does what was noted when it writes the
-    prediction as it is (meta/replays.py). The log's counters must not be used: a prediction of a cookie or
-    a sequence number would differ from the log's. `can_run_ahead` rules out the commands whose
-    own handler uses one; on a site linked to another, what the command's capture does besides
-    may need one too (a copy kept in /.conflicts, an entry shown again under its own name:
-    meta/sites/), which only trying tells: `Unpredictable`, and the command is proposed."""
+    prediction as it is (meta/replays.py). The log's counters must not be used: a prediction of a
+    cookie or a sequence number would differ from the log's. `can_run_ahead` rules out the
+    commands whose own handler uses one; on a site linked to another, what the command's capture
+    does besides may need one too (a copy kept in /.conflicts, an entry shown again under its own
+    name: meta/sites/), which only trying tells: `Unpredictable`, and the command is proposed."""
 
     def __init__(self, store: MetaStore) -> None:
         super().__init__(store)
@@ -240,7 +240,7 @@ class AheadLog:
         """Apply `command` to this node's view and queue it for the log: its result and its entry
         (`told`: with an event its caller waits on), or None when its prediction needs the log
         (`Unpredictable`: nothing was recorded, the scratch goes). Raises the command's FsError."""
-        scratch: dict[tuple[Any, bytes], bytes | None] = {}
+        scratch: Writes = {}
         predictor = self._predictor
         try:
             result, effects = predictor.predict(OverlayTxn(self._log.read_txn(), self._overlay, scratch), command)

@@ -134,6 +134,11 @@ class Replays:
         del waiting[key]
         return replay, oldest and replay.generation == self.generation
 
+    def any_exact(self) -> bool:
+        """Does a prediction made since the last full apply wait? Only those can stay exact."""
+        waiting = self._waiting
+        return bool(waiting) and next(reversed(waiting.values())).generation == self.generation
+
 
 def predict_again(sm: StateMachine, txn: lmdb.Transaction[bytes], stale: Replay, proposer: int) -> Replay | None:
     """`stale`'s command predicted again on the state the log applies it to, as `proposer` proposed
@@ -143,9 +148,11 @@ def predict_again(sm: StateMachine, txn: lmdb.Transaction[bytes], stale: Replay,
     write. If it writes just that (the command applied in between touched none of its records, the
     common case), they are still exact, and a member that keeps changing as fast as the log
     commits is not left running every later change twice (each full apply would make every
-    prediction waiting behind it inexact, for as long as the pipeline never empties)."""
+    prediction waiting behind it inexact, for as long as the pipeline never empties). When no
+    prediction that could stay exact waits (`any_exact`: another member's changes keep arriving
+    between this node's batches), the full apply is the cheaper of the two: None."""
     again = sm.replays.predict_again
-    if again is None:
+    if again is None or not sm.replays.any_exact():
         return None
     try:
         made = again(txn, stale.command, proposer)

@@ -551,4 +551,3 @@ class StateMachine:
             except FsError as exc:
                 results.append(exc)
         return results
-
