@@ -250,3 +250,33 @@ def test_only_the_oldest_prediction_of_its_generation_is_exact() -> None:
     assert replay is not None and not exact  # d was skipped
     assert replays.take(c.SetAttr(2, 1)) == (None, False)  # an equal command, not the one predicted
     assert len(replays) == 1
+
+
+def test_predicting_again_stops_when_exact_predictions_do_not_follow() -> None:
+    """Predicting again costs a second apply: it goes on only while, lately, enough exact
+    predictions were written per prediction made again (and one made since the last full apply
+    waits); past the probes without exact ones it stops, and starts again once exact ones come."""
+    from awsomefsd.meta import replays as r
+
+    replays = Replays()
+    commands = [c.SetAttr(n, 1) for n in range(4 * r.PAYOFF_WINDOW)]
+    stale, fresh = commands[0], commands[1]
+    replays.record(stale, {}, None, [])
+    replays.applied_in_full()
+    assert not replays.worth_predicting_again()  # nothing made since waits: the full apply is cheaper
+    replays.record(fresh, {}, None, [])
+    made_again = 0
+    while replays.worth_predicting_again():
+        replays.predicting_again()
+        made_again += 1
+        assert made_again <= r.PROBE
+    assert made_again == r.PROBE
+    for command in commands[2:]:  # a long run of exact ones, as after a lone change elsewhere
+        replays.record(command, {}, None, [])
+    assert not replays.take(stale)[1]  # made again: it wrote what it had, nothing moved on
+    for command in [fresh, *commands[2:]]:
+        assert replays.take(command)[1]
+    replays.record(commands[2], {}, None, [])
+    replays.applied_in_full()
+    replays.record(commands[3], {}, None, [])
+    assert replays.worth_predicting_again()
