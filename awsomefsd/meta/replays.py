@@ -102,7 +102,6 @@ class Replays:
         self.predict_again: PredictAgain | None = None
         """Runs a command's prediction on a given transaction as a given member proposed it:
         (result, writes, effects), or None when it cannot be predicted (meta/ahead.py sets it)."""
-
         self._recent_exact = 0.0  # exact predictions taken lately (halved every PAYOFF_WINDOW taken)
         self._recent_again = 0.0  # predictions made again lately
         self._taken = 0
@@ -135,7 +134,7 @@ class Replays:
         """`command`'s prediction, if it was one of this node's (it no longer waits), and whether it
         is exact now: nothing but earlier predictions, written as predicted, was applied since it
         was made. An exact one is written as it is; one that is not is made again on the state
-        it is applied to (`predict_again`)."""
+        it is applied to (`predict_again`), or applied in full where that does not pay."""
         waiting = self._waiting
         if not waiting:
             return None, False
