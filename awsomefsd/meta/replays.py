@@ -179,8 +179,8 @@ def predict_again(sm: StateMachine, txn: lmdb.Transaction[bytes], stale: Replay,
     prediction waiting behind it inexact, for as long as the pipeline never empties). When that
     does not pay (`worth_predicting_again`), the full apply is the cheaper of the two: None."""
     again = sm.replays.predict_again
-    if again is None or not sm.replays.worth_predicting_again():
-        return None
+    if again is None or not sm.replays.worth_predicting_again() or sm.sites.peer(txn) is not None:
+        return None  # (on a linked site nothing is written as predicted: `write_as_predicted`)
     sm.replays.predicting_again()
     try:
         made = again(txn, stale.command, proposer)
