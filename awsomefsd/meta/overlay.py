@@ -167,15 +167,28 @@ class Layer:
 
 class MergedCursor:
     """An LMDB-like cursor over an OverlayTxn: the committed records and the overlay's, in key
-    order, tombstones hidden. It keeps only its current key; each step seeks afresh in every layer
-    (bisection in the overlay's sorted keys, `set_range` in the base), so making one costs nothing
-    however large the overlay is."""
+    order, tombstones hidden. Making one costs nothing however large the overlay is: a seek
+    bisects each layer's sorted keys and `set_range`s the base.
+
+    Walking forward (what a listing does) keeps both candidates of the last landing: the base
+    cursor stays on the first committed record no layer hides, and the first live layer record is
+    remembered, so a step moves only the side it landed from (one `next` of the base, or one
+    bisection of the layers) instead of seeking afresh on both. A listing of a directory with
+    creates still pending cost 6-7 µs an entry seeking afresh, against 1-2 with nothing pending
+    (design note 157). An exact `set_key` looks the layers' dictionaries up and then the base
+    only: the point reads of a listing (the entry, then the inode) need no merge."""
 
     def __init__(self, txn: OverlayTxn, db: Any, layers: list[Layer] | None = None) -> None:
         self._base = txn.base.cursor(db)
         self._layers = txn.layers(db) if layers is None else layers
         self._key: bytes | None = None
         self._value: bytes | None = None
+        self._ahead = False
+        """Are the two candidates below those of a forward landing at `_key` (`next` may use them)?"""
+        self._base_next: tuple[bytes, bytes] | None = None
+        """The first committed record at or after `_key` no layer hides (the base cursor is on it)."""
+        self._above_next: tuple[bytes, bytes] | None = None
+        """The first live layer record at or after `_key`."""
 
     def _above(self, key: bytes) -> tuple[bool, bytes | None]:
         """(some layer above the base has `key`, the top one's value or TOMBSTONE)."""
@@ -205,10 +218,15 @@ class MergedCursor:
     def _base_walk(self, found: bool, step: Callable[[], bool]) -> tuple[bytes, bytes] | None:
         """From where the base cursor stands (if `found`), stepping with `step`: the first committed
         record that no layer above hides or replaces."""
+        base = self._base
+        layers = self._layers
         while found:
-            k = bytes(self._base.key())
-            if not self._above(k)[0]:
-                return k, bytes(self._base.value())
+            k = bytes(base.key())
+            for layer in layers:
+                if layer.value_of(k) is not _ABSENT:
+                    break
+            else:
+                return k, bytes(base.value())
             found = step()
         return None
 
@@ -237,39 +255,79 @@ class MergedCursor:
                 return last, value
             key, cut = last, bisect.bisect_left
 
-    def _land(self, a: tuple[bytes, bytes] | None, b: tuple[bytes, bytes] | None, *, lowest: bool) -> bool:
-        candidates = [x for x in (a, b) if x is not None]
-        if not candidates:
+    def _land_forward(self, base: tuple[bytes, bytes] | None, above: tuple[bytes, bytes] | None) -> bool:
+        """On the lower of the two candidates, keeping both for the next step forward."""
+        self._base_next, self._above_next = base, above
+        if base is None and above is None:
+            self._ahead = False
             self._key = self._value = None
             return False
-        chosen = (min if lowest else max)(candidates, key=lambda kv: kv[0])
-        self._key, self._value = chosen
+        self._ahead = True
+        if above is None or (base is not None and base[0] < above[0]):
+            self._key, self._value = base  # type: ignore[misc]
+        else:
+            self._key, self._value = above
+        return True
+
+    def _land_backward(self, a: tuple[bytes, bytes] | None, b: tuple[bytes, bytes] | None) -> bool:
+        """On the higher of the two candidates (the base cursor is left where the walk stopped, so
+        the next step forward seeks afresh)."""
+        self._ahead = False
+        if a is None and b is None:
+            self._key = self._value = None
+            return False
+        if b is None or (a is not None and a[0] > b[0]):
+            self._key, self._value = a  # type: ignore[misc]
+        else:
+            self._key, self._value = b
         return True
 
     def set_range(self, key: bytes) -> bool:
         key = bytes(key)
-        return self._land(self._base_ge(key), self._above_ge(key), lowest=True)
+        return self._land_forward(self._base_ge(key), self._above_ge(key))
 
     def set_key(self, key: bytes) -> bool:
-        """On `key` itself when the merged view holds it, as LMDB's set_key."""
-        return self.set_range(key) and self._key == key
+        """On `key` itself when the merged view holds it, as LMDB's set_key (unpositioned when not)."""
+        key = bytes(key)
+        self._ahead = False
+        for layer in self._layers:
+            value = layer.value_of(key)
+            if value is not _ABSENT:
+                if value is TOMBSTONE:
+                    self._key = self._value = None
+                    return False
+                self._key, self._value = key, value
+                return True
+        if self._base.set_key(key):
+            self._key, self._value = key, bytes(self._base.value())
+            return True
+        self._key = self._value = None
+        return False
 
     def first(self) -> bool:
         return self.set_range(b"")
 
     def last(self) -> bool:
-        return self._land(self._base_le(_MAX_KEY), self._above_le(_MAX_KEY), lowest=False)
+        return self._land_backward(self._base_le(_MAX_KEY), self._above_le(_MAX_KEY))
 
     def next(self) -> bool:
-        if self._key is None:
+        key = self._key
+        if key is None:
             return self.first()
-        successor = self._key + b"\x00"
-        return self._land(self._base_ge(successor), self._above_ge(successor), lowest=True)
+        if not self._ahead:
+            successor = key + b"\x00"
+            return self._land_forward(self._base_ge(successor), self._above_ge(successor))
+        base, above = self._base_next, self._above_next
+        if base is not None and base[0] == key:  # landed from the base: step it, the layers' stands
+            base = self._base_walk(self._base.next(), self._base.next)
+        else:  # landed from a layer: the base's candidate (higher) stands
+            above = self._above_ge(key + b"\x00")
+        return self._land_forward(base, above)
 
     def prev(self) -> bool:
         if self._key is None:
             return self.last()
-        return self._land(self._base_lt(self._key), self._above_le(self._key, strictly=True), lowest=False)
+        return self._land_backward(self._base_lt(self._key), self._above_le(self._key, strictly=True))
 
     # -- reading -------------------------------------------------------------------------------------
     def key(self) -> bytes:
