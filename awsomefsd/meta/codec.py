@@ -9,6 +9,7 @@ adding a command means adding it to COMMAND_TAGS with a new tag, never reusing o
 from __future__ import annotations
 
 import dataclasses
+import operator
 import struct
 import types
 import typing
@@ -211,6 +212,41 @@ _DECODERS_BY_FORMAT = {FORMAT: _decoders(), 2: _decoders(_ADDED_IN_FORMAT_3),
                        1: _decoders(_ADDED_IN_FORMAT_3, _ADDED_IN_FORMAT_2)}
 
 
+def _plan(cls: type) -> list[tuple[struct.Struct | None, Any, Any]]:
+    """A command type's fields as steps: each run of integer fields one Struct (with the getter
+    of those fields, for encoding), every other field its own codec. Decoding a member's batch
+    field by field, a function call and a dictionary entry each, cost 3.2 µs a create (4-5 in a
+    member's loop, where every other member's batch is decoded); in runs, 1.2 (design note 157)."""
+    steps: list[tuple[struct.Struct | None, Any, Any]] = []
+    run: list[str] = []
+
+    def close_run() -> None:
+        if run:
+            steps.append((struct.Struct(">" + "q" * len(run)), operator.attrgetter(*run) if len(run) > 1
+                          else _one_field(run[0]), None))
+            run.clear()
+
+    for (name, hint), (_, (encode_field, decode_field)) in zip(_FIELDS[cls], _CODECS[cls], strict=True):
+        if hint is int:
+            run.append(name)
+        else:
+            close_run()
+            steps.append((None, (name, encode_field), decode_field))
+    close_run()
+    return steps
+
+
+def _one_field(name: str) -> Callable[[Any], tuple[Any]]:
+    """attrgetter of one name gives the value, not a 1-tuple: what Struct.pack(*...) needs."""
+    get = operator.attrgetter(name)
+    return lambda command: (get(command),)
+
+
+_PLANS = {cls: _plan(cls) for cls in COMMAND_TAGS}
+"""How each command type's fields are encoded and (in this FORMAT) decoded, in declaration order:
+the same bytes field by field (tests/unit/test_codec.py compares both ways)."""
+
+
 def encode(command: c.Command[Any]) -> bytes:
     out = bytearray((FORMAT,))
     _encode_command(out, command, 0)
@@ -235,8 +271,12 @@ def _encode_command(out: bytearray, command: c.Command[Any], depth: int) -> None
     if tag is None or depth > MAX_NESTING:
         raise CodecError(f"cannot encode {type(command).__name__}")
     out.append(tag)
-    for name, encode_field in _ENCODERS[type(command)]:
-        encode_field(out, getattr(command, name), depth)
+    for fixed, field, _ in _PLANS[type(command)]:
+        if fixed is not None:
+            out += fixed.pack(*field(command))
+        else:
+            name, encode_field = field
+            encode_field(out, getattr(command, name), depth)
 
 
 def _decode_command(data: memoryview, pos: int, depth: int, decoders: Decoders) -> tuple[c.Command[Any], int]:
@@ -246,10 +286,23 @@ def _decode_command(data: memoryview, pos: int, depth: int, decoders: Decoders) 
     if cls is None:
         raise UnknownCommand(f"unknown command tag {data[pos]}")
     pos += 1
-    values = {}
+    if decoders is _CURRENT:  # every field there, in order: positional, in runs
+        values: list[Any] = []
+        for fixed, _, decode_field in _PLANS[cls]:
+            if fixed is not None:
+                values += fixed.unpack_from(data, pos)
+                pos += fixed.size
+            else:
+                value, pos = decode_field(data, pos, depth, decoders)
+                values.append(value)
+        return cls(*values), pos
+    named = {}  # an older format: the fields added since take their defaults
     for name, decode_field in decoders[cls]:
-        values[name], pos = decode_field(data, pos, depth, decoders)
-    return cls(**values), pos
+        named[name], pos = decode_field(data, pos, depth, decoders)
+    return cls(**named), pos
+
+
+_CURRENT = _DECODERS_BY_FORMAT[FORMAT]
 
 
 def _encode_bytes(out: bytearray, value: bytes) -> None:
