@@ -16,7 +16,7 @@ from typing import Any
 import trio
 
 from awsomefsd.cluster.coherence_base import CoherenceBase
-from awsomefsd.fuse.invalidate import Kind, Target, targets
+from awsomefsd.fuse.invalidate import Kind, Target, compact, targets
 from awsomefsd.meta import cluster_commands as cc
 from awsomefsd.meta import commands as c
 from awsomefsd.meta.errors import Delegated, FsError
@@ -59,7 +59,7 @@ class AppliedCommands(CoherenceBase):
             return
         self._observe_one(command, result)
         if not mine:
-            stale = targets(command, result)
+            stale = targets(command, result, merged=False)  # merged once `_tell_kernel` has kept some
             if self._long_names or self._listed:
                 self._entries_changed_elsewhere({t.ino for t in stale if t.kind is Kind.ENTRY})
             self._tell_kernel(stale)
@@ -70,9 +70,14 @@ class AppliedCommands(CoherenceBase):
             self._tell_kernel(targets(command, result))  # the directory's times
 
     def _tell_kernel(self, stale: list[Target]) -> None:
-        """Send the kernel what it may cache of what another node changed (`_safe`: attributes)."""
+        """Send the kernel what it may cache of what another node changed (`_safe`: attributes).
+        Of an inode the kernel holds nothing of, no page can be stale either: its next open finds
+        none cached, so it is not remembered as stale (`_safe`) and costs nothing more here (most
+        of what a member applies is another member's, in directories its kernel never saw)."""
         may_cache = self.kernel_may_cache
-        self.invalidator.submit([target for target in self._safe(stale) if may_cache(target.ino)])
+        held = [target for target in stale if may_cache(target.ino)]
+        if held:
+            self.invalidator.submit(compact(self._safe(held)))
 
     def changed_for_another(self, directory: int, name: bytes) -> None:
         """This node made `name` in `directory` for another member (when it ran ahead, and again

@@ -67,3 +67,29 @@ async def test_forgotten_inodes_are_not_told_and_after_a_crash_everything_is(cor
     handles.adopted = True  # a start after a crash: references of the dead daemon are unknown
     assert await told_after(core, handles, (c.SetAttr(UNKNOWN_DIR, mode=0o700, now_ns=1), None)) == [
         ("inode", UNKNOWN_DIR)]
+
+
+async def test_pages_of_a_file_the_kernel_holds_are_dropped_at_its_next_open_after_a_change_elsewhere(core: Core) -> None:
+    """A size change elsewhere (a truncate) makes the pages the kernel holds stale: its attributes
+    are told now, the pages dropped at the next open (`keep_cache` False once). A file the kernel
+    holds nothing of has no pages to drop; it is not told, and an attributes-only change drops no
+    pages of a held one."""
+    handles = Handles(core.meta)
+    handles.remember(FILE)
+    kernel = RecordingKernel()
+    invalidator = Invalidator(kernel=kernel)
+    coherence = ClusterCoherence(1, core.meta, invalidator, lambda: 1,  # type: ignore[arg-type]
+                                 kernel_may_cache=handles.kernel_may_cache)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(invalidator.run)
+        assert coherence.keep_cache(FILE) is False  # its first open since the start
+        assert coherence.keep_cache(FILE) is True
+        coherence.observe(c.SetAttr(FILE, mode=0o600, now_ns=1), None, False)
+        assert coherence.keep_cache(FILE) is True  # attributes only: the pages still hold
+        coherence.observe(c.SetAttr(FILE, size=0, now_ns=2), None, False)
+        coherence.observe(c.SetAttr(FILE + 1, size=0, now_ns=2), None, False)
+        await invalidator.drain()
+        nursery.cancel_scope.cancel()
+    assert set(kernel.told) == {("inode", FILE)}  # (one queued invalidation covers the next)
+    assert coherence.keep_cache(FILE) is False
+    assert coherence.keep_cache(FILE) is True
