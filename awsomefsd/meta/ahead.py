@@ -65,8 +65,15 @@ is not busy itself: that member's kernel waits for the commit, and 20 ms of gath
 thirds of its create (28 ms on an idle cluster, design note 147)."""
 BUSY_BATCH = 32
 """A node whose last batch held this many changes is busy with its own: a create it makes for
-another member rides the full gathering. Cutting it to 2 ms cut a busy holder's batches to a tenth
-and three creators in one directory made a fifth fewer files (note 147)."""
+another member cuts the gathering to BUSY_TOLD_GATHER_S only. Cutting it to 2 ms cut a busy
+holder's batches to a tenth and three creators in one directory made a fifth fewer files (note
+147)."""
+BUSY_TOLD_GATHER_S = 0.008
+"""The gathering of a busy node while a create made for another member is queued: that member's
+kernel waits for the batch's commit, behind the batch in flight. With the whole gathering (20 ms)
+such creates took 40-80 ms each after every hand-over, p99 25 ms and the longest 88-103 ms with
+three nodes creating in one directory; with 8 ms p99 20 and the longest 81-117 (most under 100),
+at the same creates per second; 4 ms cost 7 % of them (design note 158)."""
 
 
 def can_run_ahead(command: object) -> bool:
@@ -176,7 +183,7 @@ class AheadLog:
         self._wake = trio.Event()
         self._urgent = trio.Event()  # someone waits: propose what is queued without gathering
         self._gathering: trio.CancelScope | None = None  # the gathering under way, if any
-        self._told_queued = False  # a create made for another member waits in the queue
+        self._told_gather = GATHER_S  # shorter while a create made for another member waits in the queue
         self._hurried = 0
         """Commands queued that a caller waits for (`propose`, hurry): while one is, nothing is
         gathered. Their `_urgent` alone did not say it: a batch holds one epoch, so such a command
@@ -272,8 +279,9 @@ class AheadLog:
         """`run_ahead` for a caller that must also learn the log's decision: a create this node
         runs for another member (design note 145), which answers that member only once the log
         committed it. Returns the result and `decided()`, which returns once the log committed the
-        command (it rides the batch being gathered, whose gathering it cuts to TOLD_GATHER_S unless
-        this node is busy: BUSY_BATCH) or raises the FsError it was refused with: the caller is
+        command (it rides the batch being gathered, whose gathering it cuts to TOLD_GATHER_S, or
+        to BUSY_TOLD_GATHER_S when this node is busy: BUSY_BATCH) or raises the FsError it was
+        refused with: the caller is
         told, so the refusal is not also counted against this node's next durability point. The
         caller holds the delegations, as for `run_ahead`."""
         assert can_run_ahead(command), command
@@ -283,10 +291,10 @@ class AheadLog:
         if queued is None:
             return await self.propose(command, epoch=epoch), _nothing_to_wait_for
         result, entry = queued
-        if self.last_batch < BUSY_BATCH:
-            self._told_queued = True
-            if self._gathering is not None:
-                self._gathering.deadline = min(self._gathering.deadline, trio.current_time() + TOLD_GATHER_S)
+        gather = TOLD_GATHER_S if self.last_batch < BUSY_BATCH else BUSY_TOLD_GATHER_S
+        self._told_gather = min(self._told_gather, gather)
+        if self._gathering is not None:
+            self._gathering.deadline = min(self._gathering.deadline, trio.current_time() + gather)
 
         async def decided() -> None:
             assert entry.done is not None
@@ -366,11 +374,11 @@ class AheadLog:
             self._wake = trio.Event()
             while self._queue:
                 if len(self._queue) < MAX_BATCH_COMMANDS and not self._urgent.is_set() and not self._hurried:
-                    with trio.move_on_after(TOLD_GATHER_S if self._told_queued else GATHER_S) as self._gathering:
+                    with trio.move_on_after(self._told_gather) as self._gathering:
                         await self._urgent.wait()
                     self._gathering = None
                 self._urgent = trio.Event()
-                self._told_queued = False
+                self._told_gather = GATHER_S
                 await self._send_one_batch()
 
     async def _send_one_batch(self) -> None:

@@ -444,9 +444,10 @@ async def test_a_create_made_for_another_member_cuts_the_gathering_short(tmp_pat
                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """The other member's kernel waits for the commit (design note 147): a create made for it
     sends the batch being gathered after TOLD_GATHER_S, whether it comes during the gathering or
-    before it began, and the holder's own changes go in the same batch; unless the holder is busy
-    with its own (its last batch held BUSY_BATCH changes)."""
+    before it began, and the holder's own changes go in the same batch; after BUSY_TOLD_GATHER_S
+    when the holder is busy with its own (its last batch held BUSY_BATCH changes: note 158)."""
     monkeypatch.setattr(ahead, "GATHER_S", 60.0)
+    monkeypatch.setattr(ahead, "BUSY_TOLD_GATHER_S", 1.0)
     log, meta, mk = scripted(tmp_path, fail_batches=set())
     log.release.set()
 
@@ -462,16 +463,22 @@ async def test_a_create_made_for_another_member_cuts_the_gathering_short(tmp_pat
             await committed()
         assert log.batches == [(mk(0), mk(1)), (mk(2), mk(3))]
         # A node whose last batch was a full one is busy with its own changes: the create made for
-        # another member rides the whole gathering, and the batch does not go within seconds.
+        # another member cuts the gathering to BUSY_TOLD_GATHER_S (here a second), not to
+        # TOLD_GATHER_S, and not to nothing.
         for i in range(4, 4 + ahead.BUSY_BATCH):
             await meta.run_ahead(mk(i))
         await meta.barrier()
         assert len(log.batches[-1]) == ahead.BUSY_BATCH
         proposing = log.proposing
-        await meta.run_ahead_committed(mk(99))
-        with trio.move_on_after(2):
+        await meta.run_ahead(mk(98))
+        await trio.testing.wait_all_tasks_blocked()  # the pipeline gathers, for a minute
+        _, committed = await meta.run_ahead_committed(mk(99))
+        with trio.move_on_after(0.3):
             await proposing.wait()
-        assert not proposing.is_set(), "a busy holder's gathering was cut short"
+        assert not proposing.is_set(), "a busy holder's gathering was cut to the idle holder's"
+        with trio.fail_after(5):  # not the minute of GATHER_S
+            await committed()
+        assert log.batches[-1] == (mk(98), mk(99))
         nursery.cancel_scope.cancel()
 
 
