@@ -402,10 +402,18 @@ def _resume_founding(settings: Settings, state: MemberState, founding: Any) -> A
     return founding
 
 
+def _serving(mount: str) -> None:
+    """A member serves its mount: say so, and keep what it loaded out of later collections."""
+    from awsomefsd import priority
+    from awsomefsd.daemon.node import print_ready
+
+    print_ready(mount)
+    priority.freeze_loaded()
+
+
 def _run(settings: Settings, state: MemberState, *, founding: Any = None, peers: dict[int, str] | None = None) -> int:
     from awsomefsd.cli.actions import EXIT_HANDED_OVER, daemon_failure, device_errors
     from awsomefsd.daemon.member import open_member, run_member
-    from awsomefsd.daemon.node import print_ready
     from awsomefsd.fuse.mount import MountError
 
     logging.getLogger().setLevel(settings.log.level.upper())
@@ -415,7 +423,7 @@ def _run(settings: Settings, state: MemberState, *, founding: Any = None, peers:
     except device_errors() as exc:
         raise OperatorError(str(exc)) from None
     try:
-        handed_over = trio.run(functools.partial(run_member, member, founding=founding, ready=print_ready))
+        handed_over = trio.run(functools.partial(run_member, member, founding=founding, ready=_serving))
     except MountError as exc:
         raise OperatorError(str(exc)) from None
     except Exception as exc:

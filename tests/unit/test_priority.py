@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import gc
 
+import pytest
+
 from awsomefsd import priority
 
 
@@ -21,3 +23,18 @@ def test_the_start_runs_without_the_collector_and_serving_with_it() -> None:
         priority.restore()
         gc.unfreeze()
         gc.enable()
+
+
+def test_a_member_that_serves_leaves_what_it_loaded_out_of_later_collections(capsys: pytest.CaptureFixture[str]) -> None:
+    """A member starts without `raise_for_start` (awsomefsd/cli/cluster.py): once its mount
+    serves, its objects are frozen all the same, and the collector still runs for what comes after."""
+    from awsomefsd.cli import cluster
+
+    gc.unfreeze()
+    try:
+        cluster._serving("/mnt/x")
+        assert capsys.readouterr().out == "awsomefsd: mounted /mnt/x\n"
+        assert gc.get_freeze_count() > 0
+        assert gc.isenabled()
+    finally:
+        gc.unfreeze()
