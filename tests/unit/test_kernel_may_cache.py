@@ -6,6 +6,9 @@ told; a real `Handles` keeps the references."""
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
 import trio
 
 from awsomefsd.cluster.coherence import ClusterCoherence
@@ -29,18 +32,26 @@ class RecordingKernel:
         self.told.append(("entry", parent))
 
 
-async def told_after(core: Core, handles: Handles, *commands: tuple[c.Command[object], object]) -> list[tuple[str, int]]:
-    """What the kernel was told after other nodes' `commands` (with their results) were applied."""
+@asynccontextmanager
+async def observing(core: Core, handles: Handles) -> AsyncIterator[tuple[ClusterCoherence, RecordingKernel]]:
+    """A member's coherence whose invalidations reach a recording kernel; all of them sent on the
+    way out."""
     kernel = RecordingKernel()
     invalidator = Invalidator(kernel=kernel)
     coherence = ClusterCoherence(1, core.meta, invalidator, lambda: 1,  # type: ignore[arg-type]
                                  kernel_may_cache=handles.kernel_may_cache)
     async with trio.open_nursery() as nursery:
         await nursery.start(invalidator.run)
-        for command, result in commands:
-            coherence.observe(command, result, False)
+        yield coherence, kernel
         await invalidator.drain()
         nursery.cancel_scope.cancel()
+
+
+async def told_after(core: Core, handles: Handles, *commands: tuple[c.Command[object], object]) -> list[tuple[str, int]]:
+    """What the kernel was told after other nodes' `commands` (with their results) were applied."""
+    async with observing(core, handles) as (coherence, kernel):
+        for command, result in commands:
+            coherence.observe(command, result, False)
     return kernel.told
 
 
@@ -76,20 +87,13 @@ async def test_pages_of_a_file_the_kernel_holds_are_dropped_at_its_next_open_aft
     pages of a held one."""
     handles = Handles(core.meta)
     handles.remember(FILE)
-    kernel = RecordingKernel()
-    invalidator = Invalidator(kernel=kernel)
-    coherence = ClusterCoherence(1, core.meta, invalidator, lambda: 1,  # type: ignore[arg-type]
-                                 kernel_may_cache=handles.kernel_may_cache)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(invalidator.run)
+    async with observing(core, handles) as (coherence, kernel):
         assert coherence.keep_cache(FILE) is False  # its first open since the start
         assert coherence.keep_cache(FILE) is True
         coherence.observe(c.SetAttr(FILE, mode=0o600, now_ns=1), None, False)
         assert coherence.keep_cache(FILE) is True  # attributes only: the pages still hold
         coherence.observe(c.SetAttr(FILE, size=0, now_ns=2), None, False)
         coherence.observe(c.SetAttr(FILE + 1, size=0, now_ns=2), None, False)
-        await invalidator.drain()
-        nursery.cancel_scope.cancel()
     assert set(kernel.told) == {("inode", FILE)}  # (one queued invalidation covers the next)
     assert coherence.keep_cache(FILE) is False
     assert coherence.keep_cache(FILE) is True

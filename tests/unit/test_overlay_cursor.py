@@ -60,6 +60,20 @@ def _walk(rng: random.Random, cursor: Any, model: dict[bytes, bytes]) -> None:
             at = None  # past the end: unpositioned (the next step starts from the first)
 
 
+def _write(rng: random.Random, view: OverlayTxn, db: Any, model: dict[bytes, bytes], count: int, *,
+           deletes: float) -> None:
+    """`count` random puts and deletes (a `deletes` share) through `view`, mirrored in `model`."""
+    for _ in range(count):
+        key = _key(rng)
+        if rng.random() < deletes:
+            view.delete(key, db=db)
+            model.pop(key, None)
+        else:
+            value = bytes([rng.randrange(256)])
+            view.put(key, value, db=db)
+            model[key] = value
+
+
 @pytest.mark.parametrize("seed", seeds.params("overlay-cursor", 4, replay_var="AWSOMEFS_OVERLAY_SEED"))
 def test_merged_cursor_moves_like_the_merged_records(tmp_path: Path, seed: int) -> None:
     rng = random.Random(seed)
@@ -76,27 +90,11 @@ def test_merged_cursor_moves_like_the_merged_records(tmp_path: Path, seed: int) 
     with env.begin() as base:
         for entry in range(1, rng.randrange(2, 12)):
             scratch: dict[tuple[Any, bytes], bytes | None] = {}
-            view = OverlayTxn(base, overlay, scratch)
-            for _ in range(rng.randrange(1, 8)):
-                key = _key(rng)
-                if rng.random() < 0.4:
-                    view.delete(key, db=db)
-                    model.pop(key, None)
-                else:
-                    view.put(key, bytes([rng.randrange(256)]), db=db)
-                    model[key] = scratch[(db, key)]  # type: ignore[assignment]
+            _write(rng, OverlayTxn(base, overlay, scratch), db, model, rng.randrange(1, 8), deletes=0.4)
             overlay.record(entry, scratch)
             pending.append(entry)
         _walk(rng, OverlayTxn(base, overlay).cursor(db), model)
         # the running command's own writes on top (a prediction's reads)
-        scratch = {}
-        running = OverlayTxn(base, overlay, scratch)
-        for _ in range(rng.randrange(1, 10)):
-            key = _key(rng)
-            if rng.random() < 0.5:
-                running.delete(key, db=db)
-                model.pop(key, None)
-            else:
-                running.put(key, b"mine", db=db)
-                model[key] = b"mine"
+        running = OverlayTxn(base, overlay, {})
+        _write(rng, running, db, model, rng.randrange(1, 10), deletes=0.5)
         _walk(rng, running.cursor(db), model)
