@@ -114,10 +114,10 @@ def restore(serve_nice: int | None = None) -> None:
 
 def freeze_loaded() -> None:
     """Move every object this process has now out of later collections (`gc.freeze`): once it
-    serves, what it loaded lives as long as it does. A cluster member starts without
-    `raise_for_start` (its start waits for the cluster more than for a CPU), so it freezes when it
-    serves: unfrozen, a member's full collections walked its whole code at every one, 14-20 ms
-    each, during which no request was answered (design note 158)."""
+    serves, what it loaded lives as long as it does. A cluster member's start is not raised
+    (`cli/cluster.py` gives the start back before the member opens), so nothing froze its objects
+    and its full collections walked all of them: about 19 ms each, during which no request was
+    answered; it freezes when its mount serves (design note 158)."""
     gc.freeze()
 
 
