@@ -218,15 +218,10 @@ class MergedCursor:
     def _base_walk(self, found: bool, step: Callable[[], bool]) -> tuple[bytes, bytes] | None:
         """From where the base cursor stands (if `found`), stepping with `step`: the first committed
         record that no layer above hides or replaces."""
-        base = self._base
-        layers = self._layers
         while found:
-            k = bytes(base.key())
-            for layer in layers:
-                if layer.value_of(k) is not _ABSENT:
-                    break
-            else:
-                return k, bytes(base.value())
+            k = bytes(self._base.key())
+            if not self._above(k)[0]:
+                return k, bytes(self._base.value())
             found = step()
         return None
 
