@@ -388,3 +388,30 @@ def test_files_only_their_creator_reached_go_at_their_unlink_with_no_release(clu
     for name in names:
         os.unlink(directory / name)  # not fresh (the reader's look moved the delegation): orphans
     wait_for(lambda: remover.status()["metadata"]["orphans"] == 0, 30, "every orphan released and deleted")
+
+
+def test_a_directory_with_fresh_files_stays_held_past_the_idle_give_back(cluster3: Cluster) -> None:
+    """Idle delegations go back after 2 s, but not one whose directory holds files created ahead
+    that nobody else reached (fresh): given back, each of them unlinked later would be an orphan
+    every member releases. So a follower that creates files, pauses (a listing, a stat, a build
+    step) and removes them still deletes each at its unlink, with no release."""
+    nodes = cluster3.form(3)
+    remover, _ = followers(cluster3, nodes)
+    (remover.mount / "walked" / "sub").mkdir(parents=True)  # held, with no fresh file in them
+    directory = remover.mount / "kept"
+    directory.mkdir()
+    names = [f"k{i:03d}" for i in range(200)]
+    held = remover.status()["cluster"]["write_leases"]["held"]
+    releases = {node.index: metric(node, "awsomefs_orphan_releases_total") for node in nodes}
+    for name in names:
+        create(directory / name, b"k")
+    wait_for(lambda: remover.status()["cluster"]["ahead"]["delegations"] == 1, 15,
+             "the idle delegations given back, all but the one whose directory has fresh files")
+    for name in names:
+        os.unlink(directory / name)
+    assert remover.status()["metadata"]["orphans"] == 0
+    wait_for(lambda: remover.status()["cluster"]["write_leases"]["held"] <= held, 10,
+             "the removed files deleted with their leases")
+    made = {node.index: metric(node, "awsomefs_orphan_releases_total") - releases[node.index] for node in nodes}
+    assert all(count == 0 for count in made.values()), made
+    assert not os.listdir(directory)
