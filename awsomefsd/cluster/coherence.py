@@ -235,9 +235,11 @@ class ClusterCoherence(LeaseHandOver, AppliedCommands):
     def fresh(self, ino: int) -> bool:
         """May the file's data mapping be acknowledged ahead of the log? Only while no other node
         can reach the file: created ahead here, reachable only through the directory it was created
-        in, whose delegation has not begun to move since. (Close-to-open: an open elsewhere
-        of a file it already knows only catches up with the log.)"""
-        return ino in self._fresh and ino in self.held and ino not in self._releasing
+        in, whose delegation has not begun to move since, and this node's liveness lease valid
+        (lapsed, the cluster may have expired the node and given the directory away; it renews
+        only after applying that expiry, which drops what it held). (Close-to-open: an open
+        elsewhere of a file it already knows only catches up with the log.)"""
+        return ino in self._fresh and ino in self.held and ino not in self._releasing and self.lease_valid()
 
     async def looking(self, ino: int, *, found: int | None = None, change_next: bool = False) -> bool:
         """Before a lookup that found nothing, or a readdir: True when this node holds the
