@@ -55,6 +55,8 @@ def slot_of(ino: int) -> int:
 
 def inodes_of(command: Any) -> Iterable[int] | None:
     """The inodes whose data `command` may change; None: not known here (every inode)."""
+    if isinstance(command, c.SetAttr):  # chmod, chown, utimensat: no byte, size or map; a truncate: all
+        return () if command.size is None else (command.ino,)
     if isinstance(command, c.UnlinkClosed):  # may purge, as Purge does
         return (command.ino,)
     if isinstance(command, NO_DATA):
@@ -67,7 +69,7 @@ def inodes_of(command: Any) -> Iterable[int] | None:
                 return None
             found.extend(some)
         return found
-    if isinstance(command, (c.SetAttr, c.WriteData, c.PunchHole, c.Preallocate, c.Purge)):
+    if isinstance(command, (c.WriteData, c.PunchHole, c.Preallocate, c.Purge)):
         return (command.ino,)
     if isinstance(command, c.CloneRange):
         return (command.src_ino, command.dst_ino)

@@ -87,6 +87,8 @@ def test_which_commands_name_which_inodes() -> None:
     assert list(inodes_of(c.WriteData(3, (ext,), 4096, 0)) or []) == [3]
     assert list(inodes_of(c.CloneRange(3, 0, 4, 0, 1, 4096, 0)) or []) == [3, 4]
     assert inodes_of(c.Rename(1, b"a", 1, b"b", 0, 0)) == ()
+    assert list(inodes_of(c.SetAttr(3, 0, size=100)) or []) == [3], "a truncate changes what reads return"
+    assert inodes_of(c.SetAttr(3, 0, mode=0o600, mtime_ns=5)) == (), "chmod and utimensat change no byte"
     assert list(inodes_of(c.Batch((c.WriteData(3, (ext,), 4096, 0), c.Purge(8, 0)))) or []) == [3, 8]
     assert list(inodes_of(c.UnlinkClosed(1, b"f", False, 0, ino=8)) or []) == [8], "it may purge, as Purge does"
     assert inodes_of(c.Batch((c.WriteData(3, (ext,), 4096, 0), c.DeleteVolume(1, 0)))) is None
