@@ -233,13 +233,19 @@ class ClusterCoherence(LeaseHandOver, AppliedCommands):
         return len(self._delegated & self.held)
 
     def fresh(self, ino: int) -> bool:
-        """May the file's data mapping be acknowledged ahead of the log? Only while no other node
-        can reach the file: created ahead here, reachable only through the directory it was created
-        in, whose delegation has not begun to move since, and this node's liveness lease valid
-        (lapsed, the cluster may have expired the node and given the directory away; it renews
-        only after applying that expiry, which drops what it held). (Close-to-open: an open
+        """May the file's data mapping, or its unlink as UnlinkAlone, be acknowledged ahead of the
+        log? While only this node can reach it (`only_here`) and this node's liveness lease is
+        valid: lapsed, the cluster may have expired the node and given the directory away (it
+        renews only after applying that expiry, which drops what it held)."""
+        return self.only_here(ino) and self.lease_valid()
+
+    def only_here(self, ino: int) -> bool:
+        """Can no other node have reached the file: created ahead here, reachable only through the
+        directory it was created in, whose delegation has not begun to move since? Whatever the
+        liveness lease says: another node's look ends it (`published`) even while the lease is
+        lapsed, so that the file is not fresh again once it is renewed. (Close-to-open: an open
         elsewhere of a file it already knows only catches up with the log.)"""
-        return ino in self._fresh and ino in self.held and ino not in self._releasing and self.lease_valid()
+        return ino in self._fresh and ino in self.held and ino not in self._releasing
 
     async def looking(self, ino: int, *, found: int | None = None, change_next: bool = False) -> bool:
         """Before a lookup that found nothing, or a readdir: True when this node holds the

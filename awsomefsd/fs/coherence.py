@@ -87,6 +87,11 @@ class Coherence(Protocol):
         ...
 
     def fresh(self, ino: int) -> bool:
+        """May the file's mappings and unlink run ahead of the log: `only_here`, and this node's
+        liveness lease valid?"""
+        ...
+
+    def only_here(self, ino: int) -> bool:
         """Can no other node reach the file: created ahead here, reachable only through the
         directory it was created in, whose delegation has not begun to move since?"""
         ...

@@ -165,7 +165,7 @@ class ForwardedOperations(OperationsBase):
         it ahead of the log, by a rename within a directory, is not at that name in the
         requester's view yet: the requester then takes the delegation.)"""
         assert self.coherence is not None
-        if not self.coherence.fresh(ino):
+        if not self.coherence.only_here(ino):
             return self.meta.applied_index
         self.coherence.published(ino)
         return await self.meta.acknowledged_applied()

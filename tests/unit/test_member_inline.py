@@ -323,5 +323,30 @@ async def test_a_file_is_fresh_only_while_this_nodes_liveness_lease_is_valid(cor
     assert coherence.fresh(ino)
     lease["valid"] = False
     assert not coherence.fresh(ino), "fresh with the liveness lease lapsed"
+    assert coherence.only_here(ino), "still reachable only here: another node's look must end it"
     lease["valid"] = True
     assert coherence.fresh(ino)
+    lease["valid"] = False
+    coherence.published(ino)  # another node looked it up meanwhile
+    lease["valid"] = True
+    assert not coherence.fresh(ino), "fresh again after another node reached it while the lease was lapsed"
+
+
+async def test_another_nodes_look_ends_freshness_even_while_the_lease_is_lapsed(core: Core) -> None:
+    """A look another member sends here (`_reached_by_another`, design note 148) publishes a file
+    created ahead here whether or not this node's liveness lease is valid at that moment: were
+    it skipped while the lease was lapsed, the file would be fresh again after the renewal, and its
+    unlink (UnlinkAlone) or its mappings would run ahead while the other node holds it."""
+    lease = {"valid": False}
+    coherence = ClusterCoherence(1, core.meta, Invalidator(kernel=NoKernel()), lambda: 1,  # type: ignore[arg-type]
+                                 lease_valid=lambda: lease["valid"])
+    directory, ino = 1000, 1001
+    coherence.held.add(directory)
+    coherence.created_ahead(ino, directory, is_dir=False)
+    core.ops.coherence = coherence
+    try:
+        await core.ops._reached_by_another(ino)
+    finally:
+        core.ops.coherence = None
+    lease["valid"] = True
+    assert not coherence.only_here(ino) and not coherence.fresh(ino), "fresh again after another node's look"
