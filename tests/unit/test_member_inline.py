@@ -307,6 +307,17 @@ async def test_a_members_flush_of_a_small_fresh_file_is_answered_inline_its_bloc
         assert await data.writer.io.read(extent.dev_block, extent.checksums, 0, len(small)) == small
 
 
+def file_created_ahead(core: Core, lease: dict[str, bool]) -> tuple[ClusterCoherence, int]:
+    """A member's coherence whose liveness lease is `lease["valid"]`, and a file it created ahead
+    in a directory it holds (fresh while the lease is valid)."""
+    coherence = ClusterCoherence(1, core.meta, Invalidator(kernel=NoKernel()), lambda: 1,  # type: ignore[arg-type]
+                                 lease_valid=lambda: lease["valid"])
+    directory, ino = 1000, 1001
+    coherence.held.add(directory)
+    coherence.created_ahead(ino, directory, is_dir=False)
+    return coherence, ino
+
+
 async def test_a_file_is_fresh_only_while_this_nodes_liveness_lease_is_valid(core: Core) -> None:
     """`fresh` lets a file's flush be acknowledged ahead of the log. A node paused past its
     liveness lease (SIGSTOP, a stalled VM) may have been expired meanwhile and the directory given
@@ -315,11 +326,7 @@ async def test_a_file_is_fresh_only_while_this_nodes_liveness_lease_is_valid(cor
     (tests/cluster/test_cluster_faults.py::test_stale_writer_after_sigstop_gets_eio, with
     delegations kept while their files are fresh, failed 2 of 3 runs without this.)"""
     lease = {"valid": True}
-    coherence = ClusterCoherence(1, core.meta, Invalidator(kernel=NoKernel()), lambda: 1,  # type: ignore[arg-type]
-                                 lease_valid=lambda: lease["valid"])
-    directory, ino = 1000, 1001
-    coherence.held.add(directory)
-    coherence.created_ahead(ino, directory, is_dir=False)
+    coherence, ino = file_created_ahead(core, lease)
     assert coherence.fresh(ino)
     lease["valid"] = False
     assert not coherence.fresh(ino), "fresh with the liveness lease lapsed"
@@ -338,11 +345,7 @@ async def test_another_nodes_look_ends_freshness_even_while_the_lease_is_lapsed(
     it skipped while the lease was lapsed, the file would be fresh again after the renewal, and its
     unlink (UnlinkAlone) or its mappings would run ahead while the other node holds it."""
     lease = {"valid": False}
-    coherence = ClusterCoherence(1, core.meta, Invalidator(kernel=NoKernel()), lambda: 1,  # type: ignore[arg-type]
-                                 lease_valid=lambda: lease["valid"])
-    directory, ino = 1000, 1001
-    coherence.held.add(directory)
-    coherence.created_ahead(ino, directory, is_dir=False)
+    coherence, ino = file_created_ahead(core, lease)
     core.ops.coherence = coherence
     try:
         await core.ops._reached_by_another(ino)
